@@ -1,0 +1,26 @@
+"""Paged attention kernels: one API, one layout, several backends.
+
+``kernels`` imports nothing from ``paxcache`` or flax, so a Flax model (or any JAX
+code) can use it on its own.
+"""
+
+from kernels._api import (
+    BACKENDS,
+    BackendUnavailableError,
+    paged_attention,
+    resolve_backend,
+    validate_inputs,
+)
+from kernels._write import INVALID_SLOT, write_kv
+from kernels.reference import INVALID_BLOCK
+
+__all__ = [
+    "BACKENDS",
+    "INVALID_BLOCK",
+    "INVALID_SLOT",
+    "BackendUnavailableError",
+    "paged_attention",
+    "resolve_backend",
+    "validate_inputs",
+    "write_kv",
+]

@@ -1,0 +1,149 @@
+"""The one public paged-attention entry point and its backend switch.
+
+Every backend takes the same arguments in the same order, with the layout
+documented in :mod:`kernels.reference`. ``backend="auto"`` picks the Pallas
+kernel on GPU and TPU and the reference on CPU; asking for a backend that cannot
+run raises :class:`BackendUnavailableError` with the reason, never a silent
+fallback to the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels import reference
+
+BACKENDS = ("auto", "reference", "gpu", "tpu")
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class BackendUnavailableError(RuntimeError):
+  """The requested backend cannot run here (and we never fall back in silence)."""
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def resolve_backend(backend: str, *, interpret: bool = False) -> str:
+  """Maps ``backend`` to the concrete backend that will run, or raises with the reason."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  platform = _platform()
+  if backend == "auto":
+    return {"gpu": "gpu", "tpu": "tpu"}.get(platform, "reference")
+  if backend in ("gpu", "tpu") and not interpret and platform != backend:
+    raise BackendUnavailableError(
+        f"backend={backend!r} needs a {backend.upper()} but JAX's default backend is "
+        f"{platform!r}; pass interpret=True to run the Pallas kernel in interpret mode, or "
+        "backend='reference'")
+  return backend
+
+
+def _shape_str(x) -> str:
+  return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+
+
+def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None) -> None:
+  """Static (shape and dtype) checks shared by every backend; raises ValueError."""
+  if k_blocks.ndim != 4:
+    raise ValueError(
+        "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
+        f"{_shape_str(k_blocks)}")
+  if v_blocks.shape != k_blocks.shape or v_blocks.dtype != k_blocks.dtype:
+    raise ValueError(
+        f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
+  num_kv_heads, _, _, head_dim = k_blocks.shape
+  if q.ndim != 3:
+    raise ValueError(
+        f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
+  if q.shape[2] != head_dim:
+    raise ValueError(
+        f"q head_dim {q.shape[2]} (q {_shape_str(q)}) != k_blocks head_dim {head_dim} "
+        f"(k_blocks {_shape_str(k_blocks)})")
+  if q.shape[1] % num_kv_heads:
+    raise ValueError(
+        f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
+        f"{num_kv_heads} (k_blocks {_shape_str(k_blocks)})")
+  for name, x in (("q", q), ("k_blocks", k_blocks)):
+    if x.dtype not in _FLOAT_DTYPES:
+      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_shape_str(x)}")
+  if block_table.ndim != 2 or block_table.dtype != jnp.int32:
+    raise ValueError(
+        f"block_table must be int32 [batch, max_blocks], got {_shape_str(block_table)}")
+  if lengths.ndim != 1 or lengths.dtype != jnp.int32:
+    raise ValueError(f"lengths must be int32 [batch], got {_shape_str(lengths)}")
+  batch = block_table.shape[0]
+  if lengths.shape[0] != batch:
+    raise ValueError(
+        f"lengths {_shape_str(lengths)} and block_table {_shape_str(block_table)} disagree "
+        "on batch")
+  if cu_q_lens is None:
+    if q.shape[0] != batch:
+      raise ValueError(
+          f"decode (cu_q_lens=None) needs one query per sequence: q {_shape_str(q)} vs "
+          f"block_table {_shape_str(block_table)}")
+  else:
+    if cu_q_lens.ndim != 1 or cu_q_lens.dtype != jnp.int32 or cu_q_lens.shape[0] != batch + 1:
+      raise ValueError(
+          f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}")
+
+
+def paged_attention(
+    q: jax.Array,
+    k_blocks: jax.Array,
+    v_blocks: jax.Array,
+    block_table: jax.Array,
+    lengths: jax.Array,
+    cu_q_lens: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_soft_cap: float | None = None,
+    backend: str = "auto",
+    block_sizes: Any = None,
+    interpret: bool = False,
+) -> jax.Array:
+  """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
+
+  Args:
+    q: ``[batch, num_q_heads, head_dim]`` (decode) or ``[num_tokens, num_q_heads,
+      head_dim]`` (ragged prefill / mixed batch, rows split by ``cu_q_lens``).
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
+    lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
+    cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.
+    scale: softmax scale, default ``head_dim ** -0.5``.
+    sliding_window: if set, a query at position p sees keys in ``(p - window, p]``.
+    logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (after scale).
+    backend: ``"auto" | "reference" | "gpu" | "tpu"``.
+    block_sizes: backend tuning dataclass (frozen, hashable); None picks defaults per shape.
+    interpret: run the Pallas kernel in interpret mode (tests on CPU).
+
+  Returns:
+    Array shaped like ``q`` with ``q.dtype``.
+  """
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  if sliding_window is not None and sliding_window < 1:
+    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+  if logit_soft_cap is not None and logit_soft_cap <= 0:
+    raise ValueError(f"logit_soft_cap must be > 0, got {logit_soft_cap}")
+  chosen = resolve_backend(backend, interpret=interpret)
+  kwargs = dict(scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap)
+  if chosen == "reference":
+    if block_sizes is not None:
+      raise ValueError("block_sizes tunes a Pallas kernel; the reference backend takes none")
+    return reference.paged_attention(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
+                                     **kwargs)
+  if chosen == "gpu":
+    from kernels import gpu  # imported lazily: Pallas GPU lowering is heavy
+
+    return gpu.paged_attention(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
+                               block_sizes=block_sizes, interpret=interpret, **kwargs)
+  from kernels import tpu
+
+  return tpu.paged_attention(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
+                             block_sizes=block_sizes, interpret=interpret, **kwargs)

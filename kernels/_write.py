@@ -1,0 +1,46 @@
+"""Writing new tokens' K/V into their slots: one scatter, one pass over the new tokens."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+INVALID_SLOT = -1
+
+
+def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
+  """Scatters new K/V rows into the block pools.
+
+  Args:
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``.
+    slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``; ``-1`` (padding
+      rows) writes nothing.
+
+  Returns:
+    The updated ``(k_blocks, v_blocks)``. Under ``jit`` with the pools donated the
+    scatter happens in place.
+  """
+  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
+  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads,
+                                                                           head_dim):
+    raise ValueError(
+        f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
+        f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+  if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
+    raise ValueError(
+        f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
+        f"{jnp.dtype(slot_mapping.dtype).name}")
+  total = num_blocks * block_size
+  # Padding rows go to an index past the end and are dropped by the scatter.
+  slots = jnp.where(slot_mapping >= 0, slot_mapping, total)
+
+  def scatter(pool, new):
+    flat = pool.reshape(num_kv_heads, total, head_dim)
+    flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
+    return flat.reshape(pool.shape)
+
+  return scatter(k_blocks, k_new), scatter(v_blocks, v_new)
+
+
+write_kv_jit = jax.jit(write_kv, donate_argnums=(0, 1))
