@@ -5,22 +5,22 @@ code) can use it on its own.
 """
 
 from kernels._api import (
-    BACKENDS,
-    BackendUnavailableError,
-    paged_attention,
-    resolve_backend,
-    validate_inputs,
+  BACKENDS,
+  BackendUnavailableError,
+  paged_attention,
+  resolve_backend,
+  validate_inputs,
 )
 from kernels._write import INVALID_SLOT, write_kv
 from kernels.reference import INVALID_BLOCK
 
 __all__ = [
-    "BACKENDS",
-    "INVALID_BLOCK",
-    "INVALID_SLOT",
-    "BackendUnavailableError",
-    "paged_attention",
-    "resolve_backend",
-    "validate_inputs",
-    "write_kv",
+  "BACKENDS",
+  "INVALID_BLOCK",
+  "INVALID_SLOT",
+  "BackendUnavailableError",
+  "paged_attention",
+  "resolve_backend",
+  "validate_inputs",
+  "write_kv",
 ]

@@ -37,9 +37,10 @@ def resolve_backend(backend: str, *, interpret: bool = False) -> str:
     return {"gpu": "gpu", "tpu": "tpu"}.get(platform, "reference")
   if backend in ("gpu", "tpu") and not interpret and platform != backend:
     raise BackendUnavailableError(
-        f"backend={backend!r} needs a {backend.upper()} but JAX's default backend is "
-        f"{platform!r}; pass interpret=True to run the Pallas kernel in interpret mode, or "
-        "backend='reference'")
+      f"backend={backend!r} needs a {backend.upper()} but JAX's default backend is "
+      f"{platform!r}; pass interpret=True to run the Pallas kernel in interpret mode, or "
+      "backend='reference'"
+    )
   return backend
 
 
@@ -51,61 +52,65 @@ def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None)
   """Static (shape and dtype) checks shared by every backend; raises ValueError."""
   if k_blocks.ndim != 4:
     raise ValueError(
-        "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
-        f"{_shape_str(k_blocks)}")
+      "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
+      f"{_shape_str(k_blocks)}"
+    )
   if v_blocks.shape != k_blocks.shape or v_blocks.dtype != k_blocks.dtype:
-    raise ValueError(
-        f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
+    raise ValueError(f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
   num_kv_heads, _, _, head_dim = k_blocks.shape
   if q.ndim != 3:
-    raise ValueError(
-        f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
+    raise ValueError(f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
   if q.shape[2] != head_dim:
     raise ValueError(
-        f"q head_dim {q.shape[2]} (q {_shape_str(q)}) != k_blocks head_dim {head_dim} "
-        f"(k_blocks {_shape_str(k_blocks)})")
+      f"q head_dim {q.shape[2]} (q {_shape_str(q)}) != k_blocks head_dim {head_dim} "
+      f"(k_blocks {_shape_str(k_blocks)})"
+    )
   if q.shape[1] % num_kv_heads:
     raise ValueError(
-        f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
-        f"{num_kv_heads} (k_blocks {_shape_str(k_blocks)})")
+      f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
+      f"{num_kv_heads} (k_blocks {_shape_str(k_blocks)})"
+    )
   for name, x in (("q", q), ("k_blocks", k_blocks)):
     if x.dtype not in _FLOAT_DTYPES:
       raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_shape_str(x)}")
   if block_table.ndim != 2 or block_table.dtype != jnp.int32:
     raise ValueError(
-        f"block_table must be int32 [batch, max_blocks], got {_shape_str(block_table)}")
+      f"block_table must be int32 [batch, max_blocks], got {_shape_str(block_table)}"
+    )
   if lengths.ndim != 1 or lengths.dtype != jnp.int32:
     raise ValueError(f"lengths must be int32 [batch], got {_shape_str(lengths)}")
   batch = block_table.shape[0]
   if lengths.shape[0] != batch:
     raise ValueError(
-        f"lengths {_shape_str(lengths)} and block_table {_shape_str(block_table)} disagree "
-        "on batch")
+      f"lengths {_shape_str(lengths)} and block_table {_shape_str(block_table)} disagree on batch"
+    )
   if cu_q_lens is None:
     if q.shape[0] != batch:
       raise ValueError(
-          f"decode (cu_q_lens=None) needs one query per sequence: q {_shape_str(q)} vs "
-          f"block_table {_shape_str(block_table)}")
+        f"decode (cu_q_lens=None) needs one query per sequence: q {_shape_str(q)} vs "
+        f"block_table {_shape_str(block_table)}"
+      )
   else:
     if cu_q_lens.ndim != 1 or cu_q_lens.dtype != jnp.int32 or cu_q_lens.shape[0] != batch + 1:
       raise ValueError(
-          f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}")
+        f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}"
+      )
 
 
 def paged_attention(
-    q: jax.Array,
-    k_blocks: jax.Array,
-    v_blocks: jax.Array,
-    block_table: jax.Array,
-    lengths: jax.Array,
-    cu_q_lens: jax.Array | None = None,
-    *,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    logit_soft_cap: float | None = None,
-    backend: str = "auto",
-    block_sizes: Any = None,
-    interpret: bool = False,
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  cu_q_lens: jax.Array | None = None,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  block_sizes: Any = None,
+  interpret: bool = False,
 ) -> jax.Array:
   """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
 
@@ -136,14 +141,33 @@ def paged_attention(
   if chosen == "reference":
     if block_sizes is not None:
       raise ValueError("block_sizes tunes a Pallas kernel; the reference backend takes none")
-    return reference.paged_attention(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
-                                     **kwargs)
+    return reference.paged_attention(
+      q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs
+    )
   if chosen == "gpu":
     from kernels import gpu  # imported lazily: Pallas GPU lowering is heavy
 
-    return gpu.paged_attention(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
-                               block_sizes=block_sizes, interpret=interpret, **kwargs)
+    return gpu.paged_attention(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      cu_q_lens,
+      block_sizes=block_sizes,
+      interpret=interpret,
+      **kwargs,
+    )
   from kernels import tpu
 
-  return tpu.paged_attention(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
-                             block_sizes=block_sizes, interpret=interpret, **kwargs)
+  return tpu.paged_attention(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    cu_q_lens,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    **kwargs,
+  )

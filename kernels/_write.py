@@ -22,15 +22,16 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
     scatter happens in place.
   """
   num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
-  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads,
-                                                                           head_dim):
+  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
     raise ValueError(
-        f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
-        f"{tuple(k_new.shape)} and {tuple(v_new.shape)}")
+      f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
+      f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
+    )
   if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
     raise ValueError(
-        f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
-        f"{jnp.dtype(slot_mapping.dtype).name}")
+      f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
+      f"{jnp.dtype(slot_mapping.dtype).name}"
+    )
   total = num_blocks * block_size
   # Padding rows go to an index past the end and are dropped by the scatter.
   slots = jnp.where(slot_mapping >= 0, slot_mapping, total)

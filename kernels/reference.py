@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 INVALID_BLOCK = -1
-_MASK_VALUE = -1e30  # finite, so a fully masked row gives exp(0 - 0)=... never NaN
+_MASK_VALUE = -1e30  # finite: a fully masked row stays finite (no inf - inf = NaN)
 
 
 def _positions(lengths, cu_q_lens, num_tokens):
@@ -45,8 +45,9 @@ def _positions(lengths, cu_q_lens, num_tokens):
   return seq, pos, valid
 
 
-def _attend_rows(q, k_blocks, v_blocks, row_table, pos, valid, *, scale, sliding_window,
-                 logit_soft_cap):
+def _attend_rows(
+  q, k_blocks, v_blocks, row_table, pos, valid, *, scale, sliding_window, logit_soft_cap
+):
   """Attention for a chunk of query rows, each with its own block-table row.
 
   q: [T, Hq, D]; row_table: i32[T, max_blocks]; pos, valid: [T].
@@ -86,20 +87,20 @@ def _attend_rows(q, k_blocks, v_blocks, row_table, pos, valid, *, scale, sliding
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "rows_per_chunk")
+  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "rows_per_chunk")
 )
 def paged_attention(
-    q: jax.Array,
-    k_blocks: jax.Array,
-    v_blocks: jax.Array,
-    block_table: jax.Array,
-    lengths: jax.Array,
-    cu_q_lens: jax.Array | None = None,
-    *,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    logit_soft_cap: float | None = None,
-    rows_per_chunk: int = 64,
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  cu_q_lens: jax.Array | None = None,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  rows_per_chunk: int = 64,
 ) -> jax.Array:
   """Reference paged attention (decode when ``cu_q_lens`` is None, else ragged prefill).
 
@@ -112,22 +113,31 @@ def paged_attention(
     scale = head_dim**-0.5
   if cu_q_lens is None:
     cu_q_lens = jnp.arange(lengths.shape[0] + 1, dtype=jnp.int32)
-  seq, pos, valid = _positions(lengths.astype(jnp.int32), cu_q_lens.astype(jnp.int32),
-                               num_tokens)
+  seq, pos, valid = _positions(lengths.astype(jnp.int32), cu_q_lens.astype(jnp.int32), num_tokens)
   row_table = block_table[seq]
 
   attend = functools.partial(
-      _attend_rows, k_blocks=k_blocks, v_blocks=v_blocks, scale=scale,
-      sliding_window=sliding_window, logit_soft_cap=logit_soft_cap)
+    _attend_rows,
+    k_blocks=k_blocks,
+    v_blocks=v_blocks,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+  )
   chunk = min(rows_per_chunk, num_tokens) if num_tokens else 1
   pad = (-num_tokens) % chunk
+
   def padded(x):
     return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+
   n = (num_tokens + pad) // chunk
+
   def chunked(x):
     return padded(x).reshape((n, chunk) + x.shape[1:])
+
   out = jax.lax.map(
-      lambda xs: attend(xs[0], row_table=xs[1], pos=xs[2], valid=xs[3]),
-      (chunked(q), chunked(row_table), chunked(pos), chunked(valid)))
+    lambda xs: attend(xs[0], row_table=xs[1], pos=xs[2], valid=xs[3]),
+    (chunked(q), chunked(row_table), chunked(pos), chunked(valid)),
+  )
   out = out.reshape((n * chunk, num_q_heads, head_dim))[:num_tokens]
   return out.astype(q.dtype)
