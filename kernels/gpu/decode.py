@@ -1,0 +1,271 @@
+"""Paged decode attention on GPU in Pallas Triton: split-K (flash-decoding) plus a combine.
+
+Grid ``(num_kv_heads, num_splits, batch)``. One program owns one KV head of one
+sequence and one chunk of its context; all ``group = num_q_heads // num_kv_heads``
+query heads of that KV head are rows of one ``[rows, head_dim]`` tile (rows = group
+padded to >= 16 for the tensor cores), so each K/V slot is read from HBM once.
+
+Each inner step covers ``kv_tile`` consecutive token positions whatever the cache's
+``block_size``: the rows of the step are gathered through the block table
+(``row = block_id * block_size + offset`` in the pool seen as ``[heads * blocks *
+block_size, head_dim]``), so block sizes 1..512 share one code path and a step may
+span many small blocks or a slice of one big block. Every gathered load is masked
+by ``0 <= block_id < num_blocks`` (an unused ``-1`` entry is never dereferenced) and
+by the position being visible (``< length``, inside the sliding window); masked rows
+load as zeros and their logits are ``-inf``, so NaN in unused slots cannot leak.
+
+With one split the program writes the normalised output in ``q.dtype``; with more
+it writes unnormalised float32 partial sums and the running max / denominator, and
+``_combine`` (XLA, a few MB at most) merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.gpu.tuning import GpuBlockSizes
+
+
+def compute_dtype(q_dtype, kv_dtype):
+  """Operand dtype of the kernels' dots: the common dtype, float32 when they differ."""
+  q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
+  return q_dtype if q_dtype == kv_dtype else jnp.dtype(jnp.float32)
+
+
+def dot_precision(dtype):
+  # Triton's default for a float32 dot is tf32 (~1e-3 relative error); the API
+  # promises float32 accuracy, so float32 operands ask for IEEE products.
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _num_sms() -> int:
+  try:
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+      return int(getattr(dev, "core_count", 132) or 132)
+  except Exception:  # noqa: BLE001 - no device info: assume an H100
+    pass
+  return 132
+
+
+def choose_num_splits(
+  batch: int, num_kv_heads: int, max_context: int, kv_tile: int, requested: int | None
+) -> int:
+  """Splits per (sequence, KV head): enough programs to fill every SM about twice."""
+  max_tiles = max(1, -(-max_context // kv_tile))
+  if requested is not None:
+    return max(1, min(requested, max_tiles))
+  target = 2 * _num_sms()
+  splits = -(-target // max(1, batch * num_kv_heads))
+  # A split shorter than 4 steps spends more on its prologue and combine than it saves.
+  splits = min(splits, max(1, max_tiles // 4))
+  return max(1, splits)
+
+
+def _decode_kernel(
+  lengths_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  *out_refs,
+  num_q_heads,
+  group,
+  rows,
+  head_dim,
+  block_size,
+  num_blocks,
+  max_blocks,
+  kv_tile,
+  chunk,
+  num_splits,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  cdtype,
+):
+  h = pl.program_id(0)
+  split = pl.program_id(1)
+  b = pl.program_id(2)
+  length = lengths_ref[b]
+  row_ids = jnp.arange(rows, dtype=jnp.int32)
+  row_ok = row_ids < group
+  q_row0 = b * num_q_heads + h * group
+  q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+  q = q.astype(cdtype)
+  prec = dot_precision(cdtype)
+
+  start = split * chunk
+  end = jnp.minimum(start + chunk, length)
+  lo = start
+  if sliding_window is not None:
+    # Position length-1 sees keys > length-1-window, i.e. >= length-window.
+    lo = jnp.maximum(start, length - sliding_window)
+  first = lo // kv_tile
+  last = (end + kv_tile - 1) // kv_tile
+  head_base = h * (num_blocks * block_size)
+  offs = jnp.arange(kv_tile, dtype=jnp.int32)
+  # Gathers index every dimension with an array (rows x columns): that is what both
+  # the Triton lowering and interpret mode accept for a row gather.
+  cols = jnp.arange(head_dim, dtype=jnp.int32)
+  shift = int(math.log2(block_size))
+
+  def body(j, carry):
+    acc, m, den = carry
+    tok = j * kv_tile + offs
+    lblk = jnp.right_shift(tok, shift)
+    in_table = lblk < max_blocks
+    blk = plgpu.load(
+      table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
+    )
+    valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok < length)
+    if sliding_window is not None:
+      valid &= tok >= length - sliding_window
+    kv_rows = (
+      head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
+    )
+    idx = (kv_rows[:, None], cols[None, :])
+    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec) * scale
+    if logit_soft_cap is not None:
+      s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+    s = jnp.where(valid[None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[:, None])
+    den = den * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m_new, den
+
+  acc = jnp.zeros((rows, head_dim), jnp.float32)
+  m = jnp.full((rows,), -jnp.inf, jnp.float32)
+  den = jnp.zeros((rows,), jnp.float32)
+  acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+
+  if num_splits == 1:
+    (o_ref,) = out_refs
+    out = acc / jnp.where(den > 0, den, 1.0)[:, None]
+    plgpu.store(o_ref.at[pl.ds(q_row0, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+  else:
+    o_ref, m_ref, den_ref = out_refs
+    part_rows = (q_row0 + row_ids) * num_splits + split
+    plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=row_ok[:, None])
+    plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
+    plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
+
+
+def _combine(o, m, den, out_dtype):
+  """Merges split partials: o [B, Hq, S, D], m/den [B, Hq, S] -> [B, Hq, D]."""
+  m_max = jnp.max(m, axis=-1, keepdims=True)
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+  w = jnp.exp(m - m_max)  # 0 for empty splits (m = -inf)
+  num = jnp.sum(o * w[..., None], axis=2)
+  den = jnp.sum(den * w, axis=-1)
+  out = num / jnp.where(den > 0, den, 1.0)[..., None]
+  return out.astype(out_dtype)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+)
+def paged_decode(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  *,
+  scale: float,
+  sliding_window: int | None,
+  logit_soft_cap: float | None,
+  block_sizes: GpuBlockSizes,
+  interpret: bool = False,
+):
+  """Decode attention, one query per sequence.
+
+  Args:
+    q: [batch, num_q_heads, head_dim].
+    k_blocks, v_blocks: [num_kv_heads, num_blocks, block_size, head_dim].
+    block_table: i32[batch, max_blocks] (-1 where unused).
+    lengths: i32[batch].
+
+  Returns:
+    [batch, num_q_heads, head_dim] in q.dtype.
+  """
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  max_blocks = block_table.shape[1]
+  group = num_q_heads // num_kv_heads
+  rows = max(16, 1 << (group - 1).bit_length())
+  kv_tile = block_sizes.decode_kv_tile
+  max_context = max_blocks * block_size
+  num_splits = choose_num_splits(
+    batch, num_kv_heads, max_context, kv_tile, block_sizes.decode_num_splits
+  )
+  tiles = -(-max_context // kv_tile)
+  chunk = -(-tiles // num_splits) * kv_tile
+  num_splits = -(-max_context // chunk)
+  cdtype = compute_dtype(q.dtype, k_blocks.dtype)
+
+  kernel = functools.partial(
+    _decode_kernel,
+    num_q_heads=num_q_heads,
+    group=group,
+    rows=rows,
+    head_dim=head_dim,
+    block_size=block_size,
+    num_blocks=num_blocks,
+    max_blocks=max_blocks,
+    kv_tile=kv_tile,
+    chunk=chunk,
+    num_splits=num_splits,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    cdtype=cdtype,
+  )
+  flat_rows = num_kv_heads * num_blocks * block_size
+  args = (
+    lengths,
+    block_table.reshape(-1),
+    q.reshape(batch * num_q_heads, head_dim),
+    k_blocks.reshape(flat_rows, head_dim),
+    v_blocks.reshape(flat_rows, head_dim),
+  )
+  if num_splits == 1:
+    out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype)
+  else:
+    n = batch * num_q_heads * num_splits
+    out_shape = (
+      jax.ShapeDtypeStruct((n, head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.float32),
+    )
+  outs = pl.pallas_call(
+    kernel,
+    grid=(num_kv_heads, num_splits, batch),
+    out_shape=out_shape,
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
+    ),
+    interpret=interpret,
+    name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}",
+  )(*args)
+  if num_splits == 1:
+    return outs.reshape(batch, num_q_heads, head_dim)
+  o, m, den = outs
+  return _combine(
+    o.reshape(batch, num_q_heads, num_splits, head_dim),
+    m.reshape(batch, num_q_heads, num_splits),
+    den.reshape(batch, num_q_heads, num_splits),
+    q.dtype,
+  )

@@ -1,0 +1,257 @@
+"""Ragged (chunked) prefill / mixed-batch paged attention on GPU in Pallas Triton.
+
+The ragged batch is cut, in XLA, into a schedule of query tiles: each tile is up to
+``q_tile`` consecutive query rows of one sequence (or of the padding before
+``cu_q_lens[0]`` / after ``cu_q_lens[-1]``, whose rows are written as zeros). Grid
+``(num_q_heads, num_tiles)``: the query heads run fastest, so the programs of one
+GQA group, which read the same K/V, run side by side and share them in L2. Tiles
+are ordered by work, longest first, so the causal tail does not straggle.
+
+A tile's queries sit at positions ``pos0 .. pos0 + rows - 1`` and attend to keys
+``<= pos`` (and ``> pos - window``). K/V tiles of ``kv_tile`` positions are gathered
+through the block table as in the decode kernel. K/V tiles that every row of the
+tile sees entirely run without any mask; only the tiles on the causal diagonal and
+the window's edge (and the tail past the length) are masked. Every gathered load is
+masked by the block id being a real block, so ``-1`` entries are never read.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.gpu.decode import compute_dtype, dot_precision
+from kernels.gpu.tuning import GpuBlockSizes
+
+# Schedule columns (int32 [num_tiles, _NCOL]).
+_START, _END, _POS0, _SEQ, _KLEN = range(5)
+_NCOL = 8
+
+
+def build_schedule(cu_q_lens, lengths, num_tokens: int, q_tile: int, sliding_window):
+  """Query tiles of a ragged batch, heaviest first.
+
+  Returns int32 [max_tiles, 8]: row start, row end (exclusive), position of the
+  first row, sequence id, key length (0 for padding tiles, which only write zeros).
+  """
+  batch = lengths.shape[0]
+  cu = jnp.clip(cu_q_lens.astype(jnp.int32), 0, num_tokens)
+  cu = lax.cummax(cu)  # a malformed (decreasing) cu_q_lens cannot make rows overlap
+  seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), cu])
+  seg_end = jnp.concatenate([cu, jnp.full((1,), num_tokens, jnp.int32)])
+  seg_len = seg_end - seg_start
+  seg_tiles = (seg_len + q_tile - 1) // q_tile
+  cum = jnp.cumsum(seg_tiles)
+  max_tiles = -(-num_tokens // q_tile) + batch + 2
+  tile = jnp.arange(max_tiles, dtype=jnp.int32)
+  seg = jnp.searchsorted(cum, tile, side="right").astype(jnp.int32)
+  real = seg < batch + 2
+  seg = jnp.minimum(seg, batch + 1)
+  local = tile - (cum[seg] - seg_tiles[seg])
+  start = seg_start[seg] + local * q_tile
+  end = jnp.minimum(start + q_tile, seg_end[seg])
+  is_seq = real & (seg >= 1) & (seg <= batch)
+  b = jnp.clip(seg - 1, 0, batch - 1)
+  q_len = cu[b + 1] - cu[b]
+  pos0 = lengths[b] - q_len + (start - cu[b])
+  klen = jnp.where(is_seq, lengths[b], 0)
+  start = jnp.where(real, start, 0)
+  end = jnp.where(real, end, 0)
+  pos0 = jnp.where(is_seq, pos0, 0)
+  # Work of a tile ~ keys its last row sees; heaviest first.
+  pos_last = pos0 + (end - start) - 1
+  hi = jnp.clip(pos_last + 1, 0, klen)
+  lo = jnp.zeros_like(hi) if sliding_window is None else jnp.clip(pos0 - sliding_window + 1, 0, hi)
+  order = jnp.argsort(-(hi - lo), stable=True)
+  cols = [start, end, pos0, b, klen]
+  sched = jnp.stack(cols + [jnp.zeros_like(start)] * (_NCOL - len(cols)), axis=1)
+  return sched[order]
+
+
+def _prefill_kernel(
+  sched_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  o_ref,
+  *,
+  num_q_heads,
+  group,
+  head_dim,
+  block_size,
+  num_blocks,
+  max_blocks,
+  q_tile,
+  kv_tile,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  cdtype,
+):
+  h = pl.program_id(0)
+  i = pl.program_id(1)
+  start = sched_ref[i * _NCOL + _START]
+  end = sched_ref[i * _NCOL + _END]
+  pos0 = sched_ref[i * _NCOL + _POS0]
+  b = sched_ref[i * _NCOL + _SEQ]
+  klen = sched_ref[i * _NCOL + _KLEN]
+  kvh = h // group
+
+  cols = jnp.arange(head_dim, dtype=jnp.int32)
+  r = jnp.arange(q_tile, dtype=jnp.int32)
+  row_ok = start + r < end
+  q_rows = (start + r) * num_q_heads + h
+  q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
+  q = q.astype(cdtype)
+  prec = dot_precision(cdtype)
+  pos = pos0 + r
+  pos_last = pos0 + (end - start) - 1
+
+  hi = jnp.clip(pos_last + 1, 0, klen)  # keys [lo, hi) are seen by some row
+  full_hi = jnp.clip(pos0 + 1, 0, hi)  # keys < full_hi are seen by every row ...
+  if sliding_window is None:
+    lo = jnp.zeros_like(hi)
+    full_lo = lo
+  else:
+    lo = jnp.clip(pos0 - sliding_window + 1, 0, hi)
+    full_lo = jnp.clip(pos_last - sliding_window + 1, 0, hi)  # ... and keys >= full_lo
+  j0 = lo // kv_tile
+  j3 = (hi + kv_tile - 1) // kv_tile
+  j1 = jnp.clip((full_lo + kv_tile - 1) // kv_tile, j0, j3)
+  j2 = jnp.clip(full_hi // kv_tile, j1, j3)
+
+  head_base = kvh * (num_blocks * block_size)
+  offs = jnp.arange(kv_tile, dtype=jnp.int32)
+  shift = int(math.log2(block_size))
+
+  def step(j, carry, masked):
+    acc, m, den = carry
+    tok = j * kv_tile + offs
+    lblk = jnp.right_shift(tok, shift)
+    in_table = lblk < max_blocks
+    blk = plgpu.load(
+      table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
+    )
+    blk_ok = in_table & (blk >= 0) & (blk < num_blocks)
+    if masked:
+      # Slots past the length may hold anything (NaN): never load them, or 0 * NaN
+      # would reach the output through p @ v.
+      blk_ok &= tok < klen
+    kv_rows = (
+      head_base + jnp.where(blk_ok, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
+    )
+    idx = (kv_rows[:, None], cols[None, :])
+    k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
+    v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec) * scale
+    if logit_soft_cap is not None:
+      s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+    if masked:
+      vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
+      if sliding_window is not None:
+        vis &= tok[None, :] > pos[:, None] - sliding_window
+      s = jnp.where(vis, s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    else:
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      m_safe = m_new
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[:, None])
+    den = den * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m_new, den
+
+  carry = (
+    jnp.zeros((q_tile, head_dim), jnp.float32),
+    jnp.full((q_tile,), -jnp.inf, jnp.float32),
+    jnp.zeros((q_tile,), jnp.float32),
+  )
+  carry = lax.fori_loop(j0, j1, functools.partial(step, masked=True), carry)
+  carry = lax.fori_loop(j1, j2, functools.partial(step, masked=False), carry)
+  carry = lax.fori_loop(j2, j3, functools.partial(step, masked=True), carry)
+  acc, _, den = carry
+  out = acc / jnp.where(den > 0, den, 1.0)[:, None]
+  plgpu.store(
+    o_ref.at[q_rows[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=row_ok[:, None]
+  )
+
+
+@functools.partial(
+  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+)
+def paged_prefill(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens,
+  *,
+  scale: float,
+  sliding_window: int | None,
+  logit_soft_cap: float | None,
+  block_sizes: GpuBlockSizes,
+  interpret: bool = False,
+):
+  """Ragged prefill / chunked prefill / mixed batch.
+
+  Args:
+    q: [num_tokens, num_q_heads, head_dim]; rows of sequence b are
+      q[cu_q_lens[b]:cu_q_lens[b + 1]].
+    k_blocks, v_blocks: [num_kv_heads, num_blocks, block_size, head_dim].
+    block_table: i32[batch, max_blocks] (-1 where unused).
+    lengths: i32[batch], including this call's queries.
+    cu_q_lens: i32[batch + 1].
+
+  Returns:
+    [num_tokens, num_q_heads, head_dim] in q.dtype; rows outside every sequence are 0.
+  """
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  max_blocks = block_table.shape[1]
+  group = num_q_heads // num_kv_heads
+  q_tile = block_sizes.prefill_q_tile
+  kv_tile = block_sizes.prefill_kv_tile
+  sched = build_schedule(cu_q_lens, lengths.astype(jnp.int32), num_tokens, q_tile, sliding_window)
+  num_tiles = sched.shape[0]
+  kernel = functools.partial(
+    _prefill_kernel,
+    num_q_heads=num_q_heads,
+    group=group,
+    head_dim=head_dim,
+    block_size=block_size,
+    num_blocks=num_blocks,
+    max_blocks=max_blocks,
+    q_tile=q_tile,
+    kv_tile=kv_tile,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    cdtype=compute_dtype(q.dtype, k_blocks.dtype),
+  )
+  flat_rows = num_kv_heads * num_blocks * block_size
+  out = pl.pallas_call(
+    kernel,
+    grid=(num_q_heads, num_tiles),
+    out_shape=jax.ShapeDtypeStruct((num_tokens * num_q_heads, head_dim), q.dtype),
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.prefill_num_warps, num_stages=block_sizes.prefill_num_stages
+    ),
+    interpret=interpret,
+    name=f"paxcache_paged_prefill_bs{block_size}_q{q_tile}_k{kv_tile}",
+  )(
+    sched.reshape(-1),
+    block_table.reshape(-1),
+    q.reshape(num_tokens * num_q_heads, head_dim),
+    k_blocks.reshape(flat_rows, head_dim),
+    v_blocks.reshape(flat_rows, head_dim),
+  )
+  return out.reshape(num_tokens, num_q_heads, head_dim)

@@ -1,0 +1,110 @@
+"""Tuning knobs of the GPU paged-attention kernels: one frozen, hashable dataclass.
+
+``GpuBlockSizes`` is what ``kernels.paged_attention(..., block_sizes=...)`` takes on the
+GPU backend. It is hashable so it can be a static jit argument; every field is
+checked in ``__post_init__``, so a bad setting fails before anything compiles.
+``default_block_sizes`` picks the settings per shape (the ones measured best on an
+H100, see docs/gpu_notes.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+# Shared memory one pipeline stage of K plus V may take. Triton keeps `num_stages`
+# such stages in flight; 3 x 48 KiB leaves room for a second program per SM on an
+# H100 (227 KiB per SM) for the usual bf16 / head_dim 128 case at 64 tokens a step.
+_STAGE_BYTES = 48 * 1024
+
+
+def _is_pow2(x: int) -> bool:
+  return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuBlockSizes:
+  """Tile sizes and launch settings of the Pallas GPU kernels.
+
+  Attributes:
+    decode_kv_tile: K/V tokens one decode program reads per inner step (power of
+      two, 16..512). Independent of the cache's block_size: a step gathers
+      ``decode_kv_tile // block_size`` blocks, or a slice of one block.
+    decode_num_splits: split-K factor (flash-decoding): each (sequence, KV head) is
+      cut into this many chunks run by separate programs and merged afterwards.
+      None picks one per shape so that the grid fills the GPU.
+    decode_num_warps, decode_num_stages: Triton warps per program and software
+      pipeline depth of the decode kernel.
+    prefill_q_tile: query rows (of one query head, one sequence) per prefill program.
+    prefill_kv_tile: K/V tokens per prefill inner step.
+    prefill_num_warps, prefill_num_stages: as for decode, for the prefill kernel.
+  """
+
+  decode_kv_tile: int = 64
+  decode_num_splits: int | None = None
+  decode_num_warps: int = 4
+  decode_num_stages: int = 3
+  prefill_q_tile: int = 128
+  prefill_kv_tile: int = 64
+  prefill_num_warps: int = 8
+  prefill_num_stages: int = 3
+
+  def __post_init__(self):
+    pow2_fields = {
+      "decode_kv_tile": (16, 512),
+      "prefill_q_tile": (16, 256),
+      "prefill_kv_tile": (16, 256),
+      "decode_num_warps": (1, 16),
+      "prefill_num_warps": (1, 16),
+    }
+    for name, (lo, hi) in pow2_fields.items():
+      value = getattr(self, name)
+      if not (_is_pow2(value) and lo <= value <= hi):
+        raise ValueError(
+          f"GpuBlockSizes.{name} must be a power of two in [{lo}, {hi}], got {value!r}"
+        )
+    for name in ("decode_num_stages", "prefill_num_stages"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and 1 <= value <= 8):
+        raise ValueError(f"GpuBlockSizes.{name} must be an int in [1, 8], got {value!r}")
+    splits = self.decode_num_splits
+    if splits is not None and not (isinstance(splits, int) and splits >= 1):
+      raise ValueError(
+        f"GpuBlockSizes.decode_num_splits must be None or an int >= 1, got {splits!r}"
+      )
+
+
+def _floor_pow2(x: int) -> int:
+  return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def default_block_sizes(
+  *, head_dim: int, kv_dtype, num_tokens: int | None = None, decode: bool = True
+) -> GpuBlockSizes:
+  """Per-shape defaults: the decode K/V tile is as large as one stage budget allows.
+
+  Args:
+    head_dim: D of q and K/V.
+    kv_dtype: dtype of the K/V pools.
+    num_tokens: query rows of a prefill call (None for decode); a short call gets a
+      smaller query tile so that fewer rows are padding.
+    decode: whether the call is a decode step.
+  """
+  itemsize = jnp.dtype(kv_dtype).itemsize
+  # K and V tiles of one stage: 2 * tile * head_dim * itemsize bytes.
+  kv_tile = max(16, min(128, _floor_pow2(_STAGE_BYTES // (2 * head_dim * itemsize))))
+  big = head_dim * itemsize > 256  # head_dim 256 bf16 or >= 128 f32: registers run out
+  prefill_q = 64 if big else 128
+  if num_tokens is not None and not decode:
+    prefill_q = max(16, min(prefill_q, _floor_pow2(max(num_tokens, 16))))
+  return GpuBlockSizes(
+    decode_kv_tile=kv_tile,
+    decode_num_splits=None,
+    decode_num_warps=4,
+    decode_num_stages=3 if kv_tile * head_dim * itemsize <= 16 * 1024 else 2,
+    prefill_q_tile=prefill_q,
+    prefill_kv_tile=32 if big else 64,
+    prefill_num_warps=4 if prefill_q <= 64 else 8,
+    prefill_num_stages=2 if big else 3,
+  )
