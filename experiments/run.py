@@ -1,0 +1,210 @@
+r"""Runs one experiment config and writes its tables, results and plots to a workdir.
+
+Usage::
+
+  python -m experiments.run --config=configs/memory_waste.py:quick --workdir=/tmp/paxcache_run
+  python -m experiments.run --config=configs/memory_waste.py \
+      --config.block_sizes='(8, 16, 32)' --config.num_requests=500 --workdir=/tmp/mw
+
+Every config file exposes ``get_config(arg=None)`` (``arg`` is the ``:variant`` after the
+file name) and names the experiment in ``config.experiment``. Fields are overridden with
+``--config.<field>=<value>``; tuple fields (the sweeps, e.g. ``block_sizes``) take
+``--config.block_sizes='(1, 2, 4)'``. ``--sweep=<field>=<v1>,<v2>,...`` runs the experiment
+once per value of any scalar field and stacks the tables, with the field as first column.
+
+Written to the workdir: ``config.json`` (the resolved config), ``run_info.json`` (date,
+versions, git commit, command, seconds), ``results.jsonl`` (every table row, with a
+``"table"`` key), per table ``<name>.csv``, ``<name>.md``, ``<name>.tex`` (booktabs),
+``summary.md``, and per plot ``<name>.png`` and ``<name>.pdf``.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import datetime
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from absl import app, flags, logging
+from ml_collections import ConfigDict, config_flags
+
+from experiments import _outputs
+
+# name in ``config.experiment`` -> "module:function"
+EXPERIMENTS = {
+  "memory_waste": "experiments.memory_waste:run",
+  "prefix_sharing": "experiments.prefix_sharing:run",
+  "batch_capacity": "experiments.batch_capacity:run",
+  "block_size_ablation": "experiments.block_size_ablation:run",
+  "swap_vs_recompute": "experiments.swap_vs_recompute:run",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file, e.g. configs/memory_waste.py:quick.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the outputs (created if missing).")
+_SWEEP = flags.DEFINE_string(
+  "sweep", None, "Optional '<field>=<v1>,<v2>,...': run once per value of a scalar field."
+)
+
+
+def resolve_experiment(name: str) -> Callable[[ConfigDict], _outputs.Result]:
+  """``name`` is a key of :data:`EXPERIMENTS` or a ``"package.module:function"`` path."""
+  target = EXPERIMENTS.get(name, name)
+  if ":" not in target:
+    raise ValueError(
+      f"config.experiment={name!r} is neither one of {sorted(EXPERIMENTS)} nor a "
+      "'package.module:function' path"
+    )
+  module_name, fn_name = target.split(":", 1)
+  module = importlib.import_module(module_name)
+  try:
+    return getattr(module, fn_name)
+  except AttributeError:
+    raise ValueError(f"config.experiment={name!r}: {module_name} has no {fn_name!r}") from None
+
+
+def parse_sweep(spec: str) -> tuple[str, list]:
+  """``"block_size=8,16,32"`` -> ``("block_size", [8, 16, 32])``; non-literals stay strings."""
+  field, sep, values = spec.partition("=")
+  field = field.strip()
+  if not sep or not field or not values.strip():
+    raise ValueError(f"--sweep must look like '<field>=<v1>,<v2>,...', got {spec!r}")
+  parsed = []
+  for text in values.split(","):
+    text = text.strip()
+    try:
+      parsed.append(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      parsed.append(text)
+  return field, parsed
+
+
+def _set_field(config: ConfigDict, path: str, value) -> None:
+  *parents, leaf = path.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"--sweep field {path!r} is not in the config (fields: {sorted(node)})")
+  node[leaf] = value  # ConfigDict type-checks: an int field rejects a str
+
+
+def _sweep_value_str(value) -> str:
+  return str(value).replace("/", "_").replace(" ", "")
+
+
+def run_experiment(config: ConfigDict, workdir: str, sweep: str | None = None) -> _outputs.Result:
+  """Runs ``config.experiment`` (once, or once per ``--sweep`` value) and writes the workdir."""
+  start = time.perf_counter()
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  fn = resolve_experiment(config.experiment)
+
+  if sweep:
+    field, values = parse_sweep(sweep)
+    results = []
+    for value in values:
+      cfg = copy.deepcopy(config)
+      _set_field(cfg, field, value)
+      logging.info("sweep %s=%r", field, value)
+      results.append((value, fn(cfg)))
+    result = _stack_sweep(field, results)
+  else:
+    result = fn(config)
+
+  written = _outputs.write_result(result, workdir)
+  seconds = time.perf_counter() - start
+  _write_run_info(workdir, config, sweep, seconds)
+  for table in result.tables:
+    logging.info("\n%s", _outputs.to_markdown(table))
+  logging.info("wrote %d files to %s in %.1f s", len(written) + 2, workdir, seconds)
+  return result
+
+
+def _stack_sweep(field: str, results: list) -> _outputs.Result:
+  """One table per name, rows of every sweep value with ``field`` as the first column."""
+  stacked: dict[str, _outputs.Table] = {}
+  plots, notes = [], []
+  for value, result in results:
+    for table in result.tables:
+      if table.name not in stacked:
+        columns = [_outputs.Column(field)] + [c for c in table.columns if c.key != field]
+        stacked[table.name] = _outputs.Table(table.name, columns, [], table.caption)
+      stacked[table.name].rows += [{field: value, **row} for row in table.rows]
+    for plot in result.plots:
+      name = f"{plot.name}__{field.replace('.', '_')}-{_sweep_value_str(value)}"
+      plots.append(_outputs.Plot(name, plot.draw, plot.figsize))
+    notes += [f"### {field} = {value!r}", ""] + result.notes + [""]
+  return _outputs.Result(list(stacked.values()), plots, notes)
+
+
+def _git_commit() -> str | None:
+  try:
+    out = subprocess.run(
+      ["git", "rev-parse", "HEAD"],
+      capture_output=True,
+      text=True,
+      timeout=10,
+      cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _version(pkg: str) -> str | None:
+  try:
+    return importlib.metadata.version(pkg)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def _write_run_info(workdir: str, config: ConfigDict, sweep: str | None, seconds: float) -> None:
+  info = {
+    "experiment": config.experiment,
+    "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "argv": sys.argv,
+    "sweep": sweep,
+    "seconds": round(seconds, 3),
+    "git_commit": _git_commit(),
+    "python": platform.python_version(),
+    "machine": platform.machine(),
+    "versions": {p: _version(p) for p in ("paxcache", "jax", "jaxlib", "numpy", "matplotlib")},
+  }
+  # Only ask JAX for its device if the experiment already imported it (the memory
+  # experiments never do, which keeps them fast on CPU).
+  if "jax" in sys.modules:
+    jax = sys.modules["jax"]
+    dev = jax.devices()[0]
+    info["device"] = {
+      "platform": dev.platform,
+      "kind": dev.device_kind,
+      "count": jax.device_count(),
+    }
+  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+    json.dump(info, f, indent=2)
+    f.write("\n")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<name>.py[:variant] is required")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir=DIR is required")
+  run_experiment(_CONFIG.value, _WORKDIR.value, _SWEEP.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
