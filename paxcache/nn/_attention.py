@@ -1,0 +1,209 @@
+"""A Flax NNX attention layer over a paged KV cache.
+
+Flax's own attention (``nnx.MultiHeadAttention``) keeps a dense ``[batch, max_len,
+heads, dim]`` decode cache with one shared index, so a paged cache cannot plug in
+through ``attention_fn``. :class:`PagedAttention` takes the layer's K/V block pools
+and the block table explicitly, writes the new tokens' K/V with
+:func:`kernels.write_kv`, runs :func:`kernels.paged_attention` and returns the
+output together with the updated pools. Nothing is stored on the module but
+parameters, so the same module runs under ``jit`` with the pools donated.
+
+The same module also runs without paging (:meth:`PagedAttention.dense`): causal
+attention over the whole sequence, or over a plain contiguous cache; the decoder's
+no-cache path uses it as the parity oracle for the paged path.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import kernels
+from paxcache.nn._layers import apply_rope
+
+_MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
+
+
+def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None):
+  """Plain (unpaged) attention: each query sees keys at positions ``<= its own``.
+
+  Args:
+    q: ``[batch, q_len, num_q_heads, head_dim]``.
+    k, v: ``[batch, kv_len, num_kv_heads, head_dim]``; key ``j`` sits at position ``j``.
+    q_positions: ``i32[batch, q_len]``.
+    scale: softmax scale.
+    k_length: optional ``i32[batch]``; keys at positions ``>= k_length`` are ignored.
+
+  Returns:
+    ``[batch, q_len, num_q_heads, head_dim]`` in ``q.dtype``; float32 accumulation.
+  """
+  b, s, num_q_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_q_heads // num_kv_heads
+  qf = q.astype(jnp.float32).reshape(b, s, num_kv_heads, group, head_dim)
+  hi = jax.lax.Precision.HIGHEST
+  logits = jnp.einsum("bskgd,btkd->bkgst", qf, k.astype(jnp.float32), precision=hi) * scale
+  key_pos = jnp.arange(kv_len, dtype=jnp.int32)
+  mask = key_pos[None, None, :] <= q_positions[:, :, None]  # [b, s, t]
+  if k_length is not None:
+    mask &= key_pos[None, None, :] < k_length[:, None, None]
+  mask = mask[:, None, None]
+  logits = jnp.where(mask, logits, _MASK_VALUE)
+  p = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
+  denom = p.sum(-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bkgst,btkd->bskgd", p, v.astype(jnp.float32), precision=hi)
+  return out.reshape(b, s, num_q_heads, head_dim).astype(q.dtype)
+
+
+class PagedAttention(nnx.Module):
+  """Multi-head attention (MHA / GQA / MQA) with RoPE over a paged KV cache.
+
+  Query head ``h`` reads KV head ``h // (num_q_heads // num_kv_heads)``, the
+  grouping ``kernels.paged_attention`` uses.
+
+  Args:
+    d_model: input and output width.
+    num_q_heads, num_kv_heads, head_dim: head layout; ``num_q_heads`` must be a
+      multiple of ``num_kv_heads``.
+    rope_theta: RoPE base; None disables RoPE.
+    backend: ``kernels.paged_attention`` backend (``"auto"`` picks the Pallas kernel on
+      GPU/TPU and the reference on CPU; there is no silent fallback).
+    interpret: run a Pallas backend in interpret mode (tests on CPU).
+    sliding_window, logit_soft_cap: passed to the kernel.
+    dtype: activation dtype of the projections.
+    rngs: parameter initialisation.
+  """
+
+  def __init__(
+    self,
+    d_model: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    *,
+    rope_theta: float | None = 10_000.0,
+    backend: str = "auto",
+    interpret: bool = False,
+    sliding_window: int | None = None,
+    logit_soft_cap: float | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    if num_q_heads % num_kv_heads:
+      raise ValueError(
+        f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads {num_kv_heads}"
+      )
+    if backend not in kernels.BACKENDS:
+      raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.q_proj = nnx.Linear(d_model, num_q_heads * head_dim, **kw)
+    self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
+    self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
+    self.o_proj = nnx.Linear(num_q_heads * head_dim, d_model, **kw)
+    self.num_q_heads = num_q_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
+    self.rope_theta = rope_theta
+    self.backend = backend
+    self.interpret = interpret
+    self.sliding_window = sliding_window
+    self.logit_soft_cap = logit_soft_cap
+
+  def _qkv(self, x, positions):
+    """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k."""
+    lead = x.shape[:-1]
+    q = self.q_proj(x).reshape(*lead, self.num_q_heads, self.head_dim)
+    k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+    if self.rope_theta is not None:
+      q = apply_rope(q, positions, self.rope_theta)
+      k = apply_rope(k, positions, self.rope_theta)
+    return q, k, v
+
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    k_blocks: jax.Array,
+    v_blocks: jax.Array,
+    *,
+    block_table: jax.Array,
+    lengths: jax.Array,
+    slot_mapping: jax.Array,
+    cu_q_lens: jax.Array | None = None,
+  ):
+    """Attention for a ragged batch of new tokens over the paged cache.
+
+    Args:
+      x: ``[num_tokens, d_model]``, the new tokens of every sequence, concatenated
+        (rows past ``cu_q_lens[-1]`` are bucket padding).
+      positions: ``i32[num_tokens]``, each token's position in its sequence.
+      k_blocks, v_blocks: this layer's pools, ``[num_kv_heads, num_blocks, block_size,
+        head_dim]``.
+      block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
+      lengths: ``i32[batch]``, tokens in each sequence including this call's.
+      slot_mapping: ``i32[num_tokens]``, where each new token's K/V goes; ``-1`` for
+        padding rows.
+      cu_q_lens: ``i32[batch + 1]``; None means decode (one token per sequence,
+        ``num_tokens == batch``).
+
+    Returns:
+      ``(out [num_tokens, d_model], k_blocks, v_blocks)`` with the new K/V written.
+    """
+    if x.ndim != 2:
+      raise ValueError(f"x must be [num_tokens, d_model], got {x.shape}")
+    if positions.shape != x.shape[:1]:
+      raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
+    q, k, v = self._qkv(x, positions)
+    k_blocks, v_blocks = kernels.write_kv(k_blocks, v_blocks, k, v, slot_mapping)
+    out = kernels.paged_attention(
+      q.astype(k_blocks.dtype),
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      cu_q_lens,
+      sliding_window=self.sliding_window,
+      logit_soft_cap=self.logit_soft_cap,
+      backend=self.backend,
+      interpret=self.interpret,
+    )
+    out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
+    return out, k_blocks, v_blocks
+
+  def dense(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: tuple | None = None,
+    cache_index: jax.Array | int = 0,
+  ):
+    """The same attention without paging.
+
+    Args:
+      x: ``[batch, seq, d_model]``.
+      positions: ``i32[batch, seq]``.
+      cache: None for full recomputation (causal attention over ``x`` alone), or a
+        contiguous cache ``(k, v)``, each ``[batch, max_len, num_kv_heads, head_dim]``,
+        into which this call's K/V are written at ``[cache_index, cache_index + seq)``.
+      cache_index: where this call's tokens start in the contiguous cache (shared by
+        the batch, as in Flax's own decode cache).
+
+    Returns:
+      ``out [batch, seq, d_model]``, and the updated ``(k, v)`` cache when one was given.
+    """
+    if self.sliding_window is not None or self.logit_soft_cap is not None:
+      raise NotImplementedError("dense path: no sliding window / soft cap")
+    q, k, v = self._qkv(x, positions)
+    scale = self.head_dim**-0.5
+    if cache is None:
+      out = dense_causal_attention(q, k, v, positions, scale=scale)
+      return self.o_proj(out.reshape(*x.shape[:2], -1))
+    k_cache, v_cache = cache
+    start = (0, cache_index, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+    out = dense_causal_attention(q, k_cache, v_cache, positions, scale=scale)
+    return self.o_proj(out.astype(x.dtype).reshape(*x.shape[:2], -1)), (k_cache, v_cache)

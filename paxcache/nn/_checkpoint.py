@@ -1,0 +1,46 @@
+"""Saving and loading a decoder: ``config.json`` plus ``params.msgpack`` (flax serialization)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx, serialization
+
+from paxcache.nn._config import DecoderConfig
+from paxcache.nn._decoder import Decoder
+
+CONFIG_FILE = "config.json"
+PARAMS_FILE = "params.msgpack"
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_CHECKPOINT = os.path.join(_REPO_ROOT, "checkpoints", "tiny")
+
+
+def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> None:
+  """Writes ``config.json`` (with ``extra`` under key ``"extra"``) and ``params.msgpack``."""
+  os.makedirs(directory, exist_ok=True)
+  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = jax.tree.map(np.asarray, params)
+  with open(os.path.join(directory, PARAMS_FILE), "wb") as f:
+    f.write(serialization.msgpack_serialize(params))
+  meta = json.loads(model.config.to_json())
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump({"config": meta, "extra": extra or {}}, f, indent=2, sort_keys=True)
+
+
+def load_decoder(
+  directory: str = TINY_CHECKPOINT, *, backend: str = "auto", interpret: bool = False
+) -> Decoder:
+  """Builds a :class:`Decoder` from ``directory`` (default: the committed tiny model)."""
+  with open(os.path.join(directory, CONFIG_FILE)) as f:
+    meta = json.load(f)
+  config = DecoderConfig.from_dict(meta["config"])
+  model = Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
+  with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
+    params = serialization.msgpack_restore(f.read())
+  state = nnx.state(model, nnx.Param)
+  nnx.replace_by_pure_dict(state, params)
+  nnx.update(model, state)
+  return model

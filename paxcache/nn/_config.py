@@ -1,0 +1,62 @@
+"""Model configuration for the small Llama-style decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Shape of a Llama-style decoder (RMSNorm, SwiGLU MLP, RoPE, GQA).
+
+  Frozen and hashable so that it can be a static argument of a jitted function.
+  """
+
+  vocab_size: int = 256  # byte-level tokenizer: one token per byte
+  d_model: int = 64  # residual stream width
+  num_layers: int = 2
+  num_q_heads: int = 4
+  num_kv_heads: int = 2  # < num_q_heads is GQA; 1 is MQA
+  head_dim: int = 16
+  mlp_dim: int = 192  # SwiGLU hidden width
+  max_seq_len: int = 512  # longest sequence (prompt + output) the model accepts
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True  # the output projection reuses the embedding matrix
+  dtype: str = "float32"  # activation / KV dtype; parameters stay float32
+
+  def __post_init__(self):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_q_heads",
+      "num_kv_heads",
+      "head_dim",
+      "mlp_dim",
+      "max_seq_len",
+    ):
+      if getattr(self, name) < 1:
+        raise ValueError(f"DecoderConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_q_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_q_heads {self.num_q_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
+      )
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+    return cls(**d)

@@ -1,0 +1,171 @@
+"""A small Llama-style decoder over the paged cache, and the same model without paging."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paxcache.nn._attention import PagedAttention
+from paxcache.nn._config import DecoderConfig
+from paxcache.nn._layers import RMSNorm, SwiGLU
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+  def __init__(
+    self, config: DecoderConfig, *, backend: str = "auto", interpret: bool = False, rngs: nnx.Rngs
+  ):
+    c = config
+    self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+    self.attn = PagedAttention(
+      c.d_model,
+      c.num_q_heads,
+      c.num_kv_heads,
+      c.head_dim,
+      rope_theta=c.rope_theta,
+      backend=backend,
+      interpret=interpret,
+      dtype=c.jnp_dtype,
+      rngs=rngs,
+    )
+    self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+    self.mlp = SwiGLU(c.d_model, c.mlp_dim, dtype=c.jnp_dtype, rngs=rngs)
+
+  def __call__(self, x, positions, k_blocks, v_blocks, **paged):
+    h, k_blocks, v_blocks = self.attn(self.attn_norm(x), positions, k_blocks, v_blocks, **paged)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), k_blocks, v_blocks
+
+  def dense(self, x, positions, cache=None, cache_index=0):
+    if cache is None:
+      x = x + self.attn.dense(self.attn_norm(x), positions)
+    else:
+      h, cache = self.attn.dense(self.attn_norm(x), positions, cache, cache_index)
+      x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Decoder(nnx.Module):
+  """Llama-style decoder: embed, ``num_layers`` x (RMSNorm, attention, RMSNorm, SwiGLU), norm.
+
+  Three ways to run the same parameters:
+
+  * :meth:`__call__`: a ragged batch of new tokens over a paged KV cache (what the
+    engine runs; prefill chunks and decode steps mixed in one call);
+  * :meth:`forward`: no cache, causal attention over whole sequences (the parity
+    oracle: full recomputation);
+  * :meth:`forward_cached`: a plain contiguous cache, for comparison with paging.
+  """
+
+  def __init__(
+    self, config: DecoderConfig, *, backend: str = "auto", interpret: bool = False, rngs: nnx.Rngs
+  ):
+    c = config
+    self.config = c
+    self.embed = nnx.Embed(
+      c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=jnp.float32, rngs=rngs
+    )
+    self.layers = nnx.List(
+      [
+        DecoderLayer(c, backend=backend, interpret=interpret, rngs=rngs)
+        for _ in range(c.num_layers)
+      ]
+    )
+    self.final_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+    if not c.tie_embeddings:
+      self.lm_head = nnx.Linear(
+        c.d_model,
+        c.vocab_size,
+        use_bias=False,
+        dtype=c.jnp_dtype,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+      )
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """``[..., d_model] -> float32 [..., vocab_size]``."""
+    h = self.final_norm(h)
+    out = self.embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
+    return out.astype(jnp.float32)
+
+  def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """Shape of one of the paged pools ``k``/``v``:
+    ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``."""
+    c = self.config
+    return (c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim)
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    block_table: jax.Array,
+    lengths: jax.Array,
+    slot_mapping: jax.Array,
+    cu_q_lens: jax.Array | None = None,
+    logit_rows: jax.Array | None = None,
+  ):
+    """Runs new tokens through the model over the paged cache.
+
+    Args:
+      tokens: ``i32[num_tokens]``, new tokens of every sequence concatenated.
+      positions: ``i32[num_tokens]``.
+      k, v: ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``.
+      block_table, lengths, slot_mapping, cu_q_lens: as in
+        :class:`paxcache.nn.PagedAttention`.
+      logit_rows: optional ``i32[rows]``: compute logits only for these token rows
+        (e.g. each sequence's last new token); None computes all rows.
+
+    Returns:
+      ``(logits f32[rows or num_tokens, vocab_size], k, v)`` with the new K/V written.
+    """
+    paged = dict(
+      block_table=block_table, lengths=lengths, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens
+    )
+    x = self.embed(tokens)
+    for i, layer in enumerate(self.layers):
+      x, k_i, v_i = layer(x, positions, k[i], v[i], **paged)
+      k = k.at[i].set(k_i)
+      v = v.at[i].set(v_i)
+    if logit_rows is not None:
+      x = x[logit_rows]
+    return self.logits(x), k, v
+
+  def forward(self, tokens: jax.Array) -> jax.Array:
+    """No cache: ``i32[batch, seq] -> f32[batch, seq, vocab_size]``, causal.
+
+    Right padding never changes earlier rows (causality), so sequences of mixed
+    lengths can share one padded batch.
+    """
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x, _ = layer.dense(x, positions)
+    return self.logits(x)
+
+  def init_dense_cache(self, batch: int, max_len: int):
+    """A contiguous cache: per layer ``(k, v)``, each ``[batch, max_len, num_kv_heads,
+    head_dim]``, zero-filled."""
+    c = self.config
+    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    return [
+      (jnp.zeros(shape, c.jnp_dtype), jnp.zeros(shape, c.jnp_dtype)) for _ in range(c.num_layers)
+    ]
+
+  def forward_cached(self, tokens: jax.Array, cache, cache_index):
+    """Contiguous cache: ``tokens i32[batch, seq]`` at positions ``cache_index + j``.
+
+    Returns ``(logits f32[batch, seq, vocab_size], new cache)``.
+    """
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(cache_index + jnp.arange(s, dtype=jnp.int32), (b, s))
+    x = self.embed(tokens)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache, strict=True):
+      x, layer_cache = layer.dense(x, positions, layer_cache, cache_index)
+      new_cache.append(layer_cache)
+    return self.logits(x), new_cache

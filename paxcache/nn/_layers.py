@@ -1,0 +1,57 @@
+"""Building blocks of the decoder: RMSNorm, SwiGLU MLP and rotary position embeddings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form, as in Llama).
+
+  Args:
+    x: ``[..., num_heads, head_dim]``.
+    positions: integer positions broadcastable to ``x.shape[:-2]``.
+    theta: RoPE base.
+
+  Returns:
+    ``x`` rotated, same shape and dtype. Angles are computed in float32 so that
+    long positions (thousands of tokens) keep their precision.
+  """
+  head_dim = x.shape[-1]
+  half = head_dim // 2
+  inv_freq = theta ** (-jnp.arange(0, half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [..., 1, half]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  xf = x.astype(jnp.float32)
+  x1, x2 = xf[..., :half], xf[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale; statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs | None = None):
+    del rngs  # no random initialisation; taken for a uniform constructor signature
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """``down(silu(gate(x)) * up(x))``, no biases."""
+
+  def __init__(self, d_model: int, mlp_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.gate = nnx.Linear(d_model, mlp_dim, **kw)
+    self.up = nnx.Linear(d_model, mlp_dim, **kw)
+    self.down = nnx.Linear(mlp_dim, d_model, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
