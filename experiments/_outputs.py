@@ -179,9 +179,12 @@ def write_result(result: Result, workdir: str) -> list[str]:
   """Writes tables, results.jsonl, summary.md and plots into ``workdir``; returns the paths."""
   os.makedirs(workdir, exist_ok=True)
   written = []
-  names = [t.name for t in result.tables] + [p.name for p in result.plots]
-  if len(set(names)) != len(names):
-    raise ValueError(f"table and plot names must be unique, got {names}")
+  for kind, names in (
+    ("table", [t.name for t in result.tables]),
+    ("plot", [p.name for p in result.plots]),
+  ):
+    if len(set(names)) != len(names):
+      raise ValueError(f"{kind} names must be unique (they name files), got {names}")
 
   jsonl_path = os.path.join(workdir, "results.jsonl")
   with open(jsonl_path, "w") as f:
