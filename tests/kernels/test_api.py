@@ -1,0 +1,208 @@
+"""kernels.paged_attention's backend switch and its static input checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import _api
+
+# ---------------------------------------------------------------------------------------------
+# Backend resolution.
+
+
+@pytest.mark.parametrize(
+  "platform,expected", [("cpu", "reference"), ("gpu", "gpu"), ("tpu", "tpu")]
+)
+def test_auto_picks_the_kernel_of_the_platform(monkeypatch, platform, expected):
+  monkeypatch.setattr(_api, "_platform", lambda: platform)
+  assert kernels.resolve_backend("auto") == expected
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the real CPU platform")
+def test_auto_on_this_cpu_is_the_reference():
+  assert kernels.resolve_backend("auto") == "reference"
+  assert kernels.resolve_backend("reference") == "reference"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_pallas_backend_on_cpu_without_interpret_raises_with_the_reason(monkeypatch, backend):
+  monkeypatch.setattr(_api, "_platform", lambda: "cpu")
+  with pytest.raises(kernels.BackendUnavailableError, match=rf"needs a {backend.upper()}.*'cpu'"):
+    kernels.resolve_backend(backend)
+  # The error says how to get a result instead: interpret mode or the reference.
+  with pytest.raises(kernels.BackendUnavailableError, match="interpret=True"):
+    kernels.resolve_backend(backend)
+  # With interpret mode the Pallas backend is allowed on CPU.
+  assert kernels.resolve_backend(backend, interpret=True) == backend
+
+
+def test_other_accelerator_is_unavailable_too(monkeypatch):
+  monkeypatch.setattr(_api, "_platform", lambda: "gpu")
+  with pytest.raises(kernels.BackendUnavailableError, match="needs a TPU"):
+    kernels.resolve_backend("tpu")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs a platform without GPU")
+def test_paged_attention_never_falls_back_silently():
+  with pytest.raises(kernels.BackendUnavailableError, match="needs a GPU"):
+    kernels.paged_attention(*valid_inputs(), backend="gpu")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "Reference", "", "pallas"])
+def test_unknown_backend_is_a_value_error(backend):
+  with pytest.raises(ValueError, match=r"backend must be one of .*"):
+    kernels.resolve_backend(backend)
+  with pytest.raises(ValueError, match="backend must be one of"):
+    kernels.paged_attention(*valid_inputs(), backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# validate_inputs: every static error names the argument.
+
+BATCH, HQ, HKV, NUM_BLOCKS, BS, D, MAX_BLOCKS = 3, 4, 2, 6, 4, 8, 2
+
+
+def valid_inputs(num_tokens=None):
+  """Decode inputs (or ragged ones with ``num_tokens`` rows) that pass every check."""
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((num_tokens or BATCH, HQ, D)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((HKV, NUM_BLOCKS, BS, D)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((HKV, NUM_BLOCKS, BS, D)), jnp.float32)
+  block_table = jnp.asarray([[0, 1], [2, -1], [3, 4]], jnp.int32)
+  lengths = jnp.asarray([5, 2, 8], jnp.int32)
+  return q, k, v, block_table, lengths
+
+
+def test_valid_inputs_pass():
+  """The base case of every error test below is itself valid, in both modes."""
+  assert kernels.validate_inputs(*valid_inputs()) is None
+  cu_q_lens = jnp.asarray([0, 2, 3, 7], jnp.int32)
+  assert kernels.validate_inputs(*valid_inputs(num_tokens=9), cu_q_lens) is None
+
+
+def _replace(index, value, num_tokens=None):
+  args = list(valid_inputs(num_tokens))
+  args[index] = value
+  return args
+
+
+Q, K, V, TABLE, LENGTHS = range(5)
+f32 = jnp.float32
+CASES = [
+  # (id, args index, replacement, match)
+  ("k_blocks_not_4d", K, jnp.zeros((HKV, NUM_BLOCKS * BS, D), f32), r"k_blocks must be"),
+  (
+    "v_shape_differs",
+    V,
+    jnp.zeros((HKV, NUM_BLOCKS, BS + 1, D), f32),
+    r"v_blocks \(2, 6, 5, 8\) float32 must match k_blocks \(2, 6, 4, 8\)",
+  ),
+  (
+    "v_dtype_differs",
+    V,
+    jnp.zeros((HKV, NUM_BLOCKS, BS, D), jnp.bfloat16),
+    r"v_blocks .*bfloat16 must match k_blocks .*float32",
+  ),
+  ("q_not_3d", Q, jnp.zeros((BATCH, HQ * D), f32), r"q must be \[num_tokens or batch"),
+  (
+    "head_dim_mismatch",
+    Q,
+    jnp.zeros((BATCH, HQ, D + 8), f32),
+    r"q head_dim 16 .* != k_blocks head_dim 8",
+  ),
+  (
+    "heads_not_dividing",
+    Q,
+    jnp.zeros((BATCH, 3, D), f32),
+    r"num_q_heads 3 .* not a multiple of num_kv_heads 2",
+  ),
+  ("q_int", Q, jnp.zeros((BATCH, HQ, D), jnp.int32), r"q must be float32, bfloat16 or float16"),
+  ("k_v_int", None, None, r"k_blocks must be float32, bfloat16 or float16"),
+  (
+    "block_table_int64",
+    TABLE,
+    np.zeros((BATCH, MAX_BLOCKS), np.int64),
+    r"block_table must be int32 .*int64",
+  ),
+  (
+    "block_table_float",
+    TABLE,
+    jnp.zeros((BATCH, MAX_BLOCKS), f32),
+    r"block_table must be int32 .*float32",
+  ),
+  (
+    "block_table_1d",
+    TABLE,
+    jnp.zeros((BATCH * MAX_BLOCKS,), jnp.int32),
+    r"block_table must be int32 \[batch, max_blocks\]",
+  ),
+  ("lengths_int64", LENGTHS, np.zeros((BATCH,), np.int64), r"lengths must be int32 .*int64"),
+  ("lengths_uint32", LENGTHS, np.zeros((BATCH,), np.uint32), r"lengths must be int32"),
+  ("lengths_2d", LENGTHS, jnp.zeros((BATCH, 1), jnp.int32), r"lengths must be int32 \[batch\]"),
+  (
+    "lengths_batch_mismatch",
+    LENGTHS,
+    jnp.zeros((BATCH + 1,), jnp.int32),
+    r"lengths \(4,\) int32 and block_table \(3, 2\) int32 disagree on batch",
+  ),
+  (
+    "decode_q_batch_mismatch",
+    Q,
+    jnp.zeros((BATCH + 2, HQ, D), f32),
+    r"decode \(cu_q_lens=None\) needs one query per sequence: q \(5, 4, 8\)",
+  ),
+]
+
+
+@pytest.mark.parametrize("index,value,match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_validate_inputs_names_the_argument(index, value, match):
+  if index is None:  # integer K and V together, so the v-matches-k check passes first
+    args = list(valid_inputs())
+    args[K] = args[V] = jnp.zeros((HKV, NUM_BLOCKS, BS, D), jnp.int32)
+  else:
+    args = _replace(index, value)
+  with pytest.raises(ValueError, match=match):
+    kernels.validate_inputs(*args)
+  # The public entry point runs the same checks before anything compiles.
+  with pytest.raises(ValueError, match=match):
+    kernels.paged_attention(*args, backend="reference")
+
+
+@pytest.mark.parametrize(
+  "cu_q_lens,match",
+  [
+    (
+      jnp.asarray([0, 2, 9], jnp.int32),
+      r"cu_q_lens must be int32 \[batch \+ 1\] = \[4\], "
+      r"got \(3,\) int32",
+    ),
+    (jnp.asarray([0, 2, 3, 7, 9], jnp.int32), r"= \[4\], got \(5,\) int32"),
+    (np.asarray([0, 2, 3, 9], np.int64), r"cu_q_lens must be int32 .*int64"),
+    (jnp.asarray([[0, 2, 3, 9]], jnp.int32), r"cu_q_lens must be int32 .*\(1, 4\)"),
+  ],
+  ids=["too_short", "too_long", "int64", "2d"],
+)
+def test_bad_cu_q_lens_is_named(cu_q_lens, match):
+  args = valid_inputs(num_tokens=9)
+  with pytest.raises(ValueError, match=match):
+    kernels.validate_inputs(*args, cu_q_lens)
+  with pytest.raises(ValueError, match=match):
+    kernels.paged_attention(*args, cu_q_lens, backend="reference")
+
+
+@pytest.mark.parametrize(
+  "options,match",
+  [
+    (dict(sliding_window=0), r"sliding_window must be >= 1, got 0"),
+    (dict(logit_soft_cap=0.0), r"logit_soft_cap must be > 0, got 0.0"),
+    (dict(logit_soft_cap=-3.0), r"logit_soft_cap must be > 0, got -3.0"),
+    (dict(block_sizes=(8, 8)), r"block_sizes tunes a Pallas kernel"),
+  ],
+)
+def test_bad_options_are_named(options, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.paged_attention(*valid_inputs(), backend="reference", **options)
