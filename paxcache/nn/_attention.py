@@ -2,11 +2,14 @@
 
 Flax's own attention (``nnx.MultiHeadAttention``) keeps a dense ``[batch, max_len,
 heads, dim]`` decode cache with one shared index, so a paged cache cannot plug in
-through ``attention_fn``. :class:`PagedAttention` takes the layer's K/V block pools
-and the block table explicitly, writes the new tokens' K/V with
+through ``attention_fn``. :class:`PagedAttention` takes the K/V block pools and the
+block table explicitly, writes the new tokens' K/V with
 :func:`kernels.write_kv`, runs :func:`kernels.paged_attention` and returns the
 output together with the updated pools. Nothing is stored on the module but
 parameters, so the same module runs under ``jit`` with the pools donated.
+
+The cache is either one layer's ``(k_blocks, v_blocks)`` or a whole
+:class:`paxcache.cache.PagedKVCache` with a layer index (what the decoder uses).
 
 The same module also runs without paging (:meth:`PagedAttention.dense`): causal
 attention over the whole sequence, or over a plain contiguous cache; the decoder's
@@ -20,6 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from paxcache import cache as cache_ops
+from paxcache.cache import PagedKVCache
 from paxcache.nn._layers import apply_rope
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
@@ -126,13 +131,13 @@ class PagedAttention(nnx.Module):
     self,
     x: jax.Array,
     positions: jax.Array,
-    k_blocks: jax.Array,
-    v_blocks: jax.Array,
+    cache,
     *,
     block_table: jax.Array,
     lengths: jax.Array,
     slot_mapping: jax.Array,
     cu_q_lens: jax.Array | None = None,
+    layer=None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -140,24 +145,38 @@ class PagedAttention(nnx.Module):
       x: ``[num_tokens, d_model]``, the new tokens of every sequence, concatenated
         (rows past ``cu_q_lens[-1]`` are bucket padding).
       positions: ``i32[num_tokens]``, each token's position in its sequence.
-      k_blocks, v_blocks: this layer's pools, ``[num_kv_heads, num_blocks, block_size,
-        head_dim]``.
+      cache: either this layer's pools ``(k_blocks, v_blocks)``, each ``[num_kv_heads,
+        num_blocks, block_size, head_dim]`` (written with ``kernels.write_kv``), or a whole
+        :class:`paxcache.cache.PagedKVCache` together with ``layer`` (written with
+        ``paxcache.cache.write``: one scatter into the 5-D pool, so that a jitted model
+        never copies a whole layer).
       block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
       lengths: ``i32[batch]``, tokens in each sequence including this call's.
       slot_mapping: ``i32[num_tokens]``, where each new token's K/V goes; ``-1`` for
         padding rows.
       cu_q_lens: ``i32[batch + 1]``; None means decode (one token per sequence,
         ``num_tokens == batch``).
+      layer: the layer index when ``cache`` is a ``PagedKVCache``.
 
     Returns:
-      ``(out [num_tokens, d_model], k_blocks, v_blocks)`` with the new K/V written.
+      ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
+      the new tokens' K/V written.
     """
     if x.ndim != 2:
       raise ValueError(f"x must be [num_tokens, d_model], got {x.shape}")
     if positions.shape != x.shape[:1]:
       raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
     q, k, v = self._qkv(x, positions)
-    k_blocks, v_blocks = kernels.write_kv(k_blocks, v_blocks, k, v, slot_mapping)
+    if isinstance(cache, PagedKVCache):
+      if layer is None:
+        raise ValueError("a PagedKVCache needs the layer index: pass layer=")
+      cache = cache_ops.write(cache, layer, k, v, slot_mapping)
+      k_blocks, v_blocks = cache.layer(layer)
+    else:
+      if layer is not None:
+        raise ValueError("layer= is only for a PagedKVCache; got per-layer (k_blocks, v_blocks)")
+      k_blocks, v_blocks = kernels.write_kv(*cache, k, v, slot_mapping)
+      cache = (k_blocks, v_blocks)
     out = kernels.paged_attention(
       q.astype(k_blocks.dtype),
       k_blocks,
@@ -171,7 +190,7 @@ class PagedAttention(nnx.Module):
       interpret=self.interpret,
     )
     out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
-    return out, k_blocks, v_blocks
+    return out, cache
 
   def dense(
     self,
@@ -179,6 +198,7 @@ class PagedAttention(nnx.Module):
     positions: jax.Array,
     cache: tuple | None = None,
     cache_index: jax.Array | int = 0,
+    query_rows: jax.Array | None = None,
   ):
     """The same attention without paging.
 
@@ -190,17 +210,23 @@ class PagedAttention(nnx.Module):
         into which this call's K/V are written at ``[cache_index, cache_index + seq)``.
       cache_index: where this call's tokens start in the contiguous cache (shared by
         the batch, as in Flax's own decode cache).
+      query_rows: no-cache path only: ``i32[batch, rows]``, compute the output only for
+        these rows (keys and values still cover the whole sequence).
 
     Returns:
-      ``out [batch, seq, d_model]``, and the updated ``(k, v)`` cache when one was given.
+      ``out [batch, seq or rows, d_model]``, and the updated ``(k, v)`` cache when one was
+      given.
     """
     if self.sliding_window is not None or self.logit_soft_cap is not None:
       raise NotImplementedError("dense path: no sliding window / soft cap")
     q, k, v = self._qkv(x, positions)
     scale = self.head_dim**-0.5
     if cache is None:
+      if query_rows is not None:
+        q = jnp.take_along_axis(q, query_rows[:, :, None, None], axis=1)
+        positions = jnp.take_along_axis(positions, query_rows, axis=1)
       out = dense_causal_attention(q, k, v, positions, scale=scale)
-      return self.o_proj(out.reshape(*x.shape[:2], -1))
+      return self.o_proj(out.astype(x.dtype).reshape(*q.shape[:2], -1))
     k_cache, v_cache = cache
     start = (0, cache_index, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)

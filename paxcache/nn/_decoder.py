@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from paxcache.cache import PagedKVCache
 from paxcache.nn._attention import PagedAttention
 from paxcache.nn._config import DecoderConfig
 from paxcache.nn._layers import RMSNorm, SwiGLU
@@ -33,14 +34,18 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
     self.mlp = SwiGLU(c.d_model, c.mlp_dim, dtype=c.jnp_dtype, rngs=rngs)
 
-  def __call__(self, x, positions, k_blocks, v_blocks, **paged):
-    h, k_blocks, v_blocks = self.attn(self.attn_norm(x), positions, k_blocks, v_blocks, **paged)
+  def __call__(self, x, positions, cache, **paged):
+    h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), k_blocks, v_blocks
+    return x + self.mlp(self.mlp_norm(x)), cache
 
-  def dense(self, x, positions, cache=None, cache_index=0):
+  def dense(self, x, positions, cache=None, cache_index=0, query_rows=None):
+    """Unpaged block; ``query_rows`` (no-cache path only) keeps just those rows' outputs."""
     if cache is None:
-      x = x + self.attn.dense(self.attn_norm(x), positions)
+      h = self.attn.dense(self.attn_norm(x), positions, query_rows=query_rows)
+      if query_rows is not None:
+        x = jnp.take_along_axis(x, query_rows[:, :, None], axis=1)
+      x = x + h
     else:
       h, cache = self.attn.dense(self.attn_norm(x), positions, cache, cache_index)
       x = x + h
@@ -90,18 +95,19 @@ class Decoder(nnx.Module):
     out = self.embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
     return out.astype(jnp.float32)
 
-  def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    """Shape of one of the paged pools ``k``/``v``:
-    ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``."""
+  def init_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+    """A zero-filled paged cache for this model: ``k, v [num_layers, num_kv_heads,
+    num_blocks, block_size, head_dim]`` in the config's dtype."""
     c = self.config
-    return (c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim)
+    return PagedKVCache.create(
+      c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim, c.jnp_dtype
+    )
 
   def __call__(
     self,
     tokens: jax.Array,
     positions: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
+    cache: PagedKVCache,
     *,
     block_table: jax.Array,
     lengths: jax.Array,
@@ -114,37 +120,45 @@ class Decoder(nnx.Module):
     Args:
       tokens: ``i32[num_tokens]``, new tokens of every sequence concatenated.
       positions: ``i32[num_tokens]``.
-      k, v: ``[num_layers, num_kv_heads, num_blocks, block_size, head_dim]``.
+      cache: the paged cache, ``k, v [num_layers, num_kv_heads, num_blocks, block_size,
+        head_dim]``.
       block_table, lengths, slot_mapping, cu_q_lens: as in
         :class:`paxcache.nn.PagedAttention`.
       logit_rows: optional ``i32[rows]``: compute logits only for these token rows
         (e.g. each sequence's last new token); None computes all rows.
 
     Returns:
-      ``(logits f32[rows or num_tokens, vocab_size], k, v)`` with the new K/V written.
+      ``(logits f32[rows or num_tokens, vocab_size], cache)`` with the new K/V written.
     """
     paged = dict(
       block_table=block_table, lengths=lengths, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens
     )
     x = self.embed(tokens)
     for i, layer in enumerate(self.layers):
-      x, k_i, v_i = layer(x, positions, k[i], v[i], **paged)
-      k = k.at[i].set(k_i)
-      v = v.at[i].set(v_i)
+      x, cache = layer(x, positions, cache, layer=i, **paged)
     if logit_rows is not None:
       x = x[logit_rows]
-    return self.logits(x), k, v
+    return self.logits(x), cache
 
-  def forward(self, tokens: jax.Array) -> jax.Array:
-    """No cache: ``i32[batch, seq] -> f32[batch, seq, vocab_size]``, causal.
+  def forward(self, tokens: jax.Array, logit_rows: jax.Array | None = None) -> jax.Array:
+    """No cache: full causal recomputation over whole sequences.
 
-    Right padding never changes earlier rows (causality), so sequences of mixed
-    lengths can share one padded batch.
+    Args:
+      tokens: ``i32[batch, seq]``. Right padding never changes earlier rows
+        (causality), so sequences of mixed lengths can share one padded batch.
+      logit_rows: optional ``i32[batch, rows]``: only these positions' logits are
+        wanted. The last layer then computes queries only there (its other rows feed
+        nothing), which makes long no-cache oracles affordable; earlier layers still
+        run every row.
+
+    Returns:
+      ``f32[batch, seq or rows, vocab_size]``.
     """
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = self.embed(tokens)
-    for layer in self.layers:
-      x, _ = layer.dense(x, positions)
+    last = len(self.layers) - 1
+    for i, layer in enumerate(self.layers):
+      x, _ = layer.dense(x, positions, query_rows=logit_rows if i == last else None)
     return self.logits(x)
 
   def init_dense_cache(self, batch: int, max_len: int):

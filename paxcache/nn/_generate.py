@@ -19,8 +19,8 @@ def _round_up(n: int, multiple: int) -> int:
 @functools.lru_cache(maxsize=16)
 def _jitted_forward(graphdef):
   def fwd(state, tokens, rows):
-    logits = nnx.merge(graphdef, state).forward(tokens)  # [b, s, V]
-    return jnp.argmax(jnp.take_along_axis(logits, rows[:, None, None], axis=1)[:, 0], axis=-1)
+    logits = nnx.merge(graphdef, state).forward(tokens, logit_rows=rows[:, None])  # [b, 1, V]
+    return jnp.argmax(logits[:, 0], axis=-1)
 
   return jax.jit(fwd)
 
