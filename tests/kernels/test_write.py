@@ -1,0 +1,119 @@
+"""kernels.write_kv against a Python loop over the new tokens."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import _write
+
+H, NUM_BLOCKS, BS, D = 2, 5, 4, 8
+
+
+def write_loop(k_blocks, v_blocks, k_new, v_new, slot_mapping):
+  """One token at a time: token t goes to block slot // block_size, offset slot % block_size."""
+  k_out = np.array(k_blocks)
+  v_out = np.array(v_blocks)
+  block_size = k_out.shape[2]
+  for t, slot in enumerate(np.asarray(slot_mapping)):
+    if slot == kernels.INVALID_SLOT:
+      continue
+    block, offset = divmod(int(slot), block_size)
+    k_out[:, block, offset] = np.asarray(k_new[t]).astype(k_out.dtype)
+    v_out[:, block, offset] = np.asarray(v_new[t]).astype(v_out.dtype)
+  return k_out, v_out
+
+
+def _bits(x):
+  """Raw bits, so that equality is exact (NaN payloads, -0.0) rather than numeric."""
+  x = np.asarray(x)
+  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def _inputs(rng, num_tokens, pool_dtype=jnp.float32, new_dtype=jnp.float32):
+  shape = (H, NUM_BLOCKS, BS, D)
+  k = jnp.asarray(rng.standard_normal(shape), pool_dtype)
+  v = jnp.asarray(rng.standard_normal(shape), pool_dtype)
+  k_new = jnp.asarray(rng.standard_normal((num_tokens, H, D)), new_dtype)
+  v_new = jnp.asarray(rng.standard_normal((num_tokens, H, D)), new_dtype)
+  return k, v, k_new, v_new
+
+
+@pytest.mark.parametrize(
+  "pool_dtype,new_dtype",
+  [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.bfloat16), (jnp.bfloat16, jnp.float32)],
+  ids=["f32", "bf16", "f32_into_bf16"],
+)
+def test_write_kv_matches_loop(pool_dtype, new_dtype):
+  rng = np.random.default_rng(10)
+  num_tokens = 9
+  # Distinct slots, in random order, crossing blocks; some rows are padding.
+  slots = rng.choice(NUM_BLOCKS * BS, size=num_tokens, replace=False).astype(np.int32)
+  slots[[1, 4, 8]] = kernels.INVALID_SLOT
+  k, v, k_new, v_new = _inputs(rng, num_tokens, pool_dtype, new_dtype)
+  want_k, want_v = write_loop(k, v, k_new, v_new, slots)
+  got_k, got_v = kernels.write_kv(k, v, k_new, v_new, jnp.asarray(slots))
+  assert got_k.dtype == pool_dtype and got_k.shape == k.shape
+  np.testing.assert_array_equal(_bits(got_k), _bits(want_k))
+  np.testing.assert_array_equal(_bits(got_v), _bits(want_v))
+  # The write really changed the pool where slots are valid (guards the loop itself).
+  assert not np.array_equal(np.asarray(got_k), np.asarray(k))
+
+
+def test_padding_rows_write_nothing():
+  rng = np.random.default_rng(11)
+  k, v, k_new, v_new = _inputs(rng, 4)
+  slots = jnp.full((4,), kernels.INVALID_SLOT, jnp.int32)
+  got_k, got_v = kernels.write_kv(k, v, k_new, v_new, slots)
+  np.testing.assert_array_equal(_bits(got_k), _bits(k))
+  np.testing.assert_array_equal(_bits(got_v), _bits(v))
+
+
+def test_whole_block_and_single_slot_edges():
+  """First and last slot of the pool, and one whole block in order."""
+  rng = np.random.default_rng(12)
+  last = NUM_BLOCKS * BS - 1
+  slots = np.array([0, last] + list(range(2 * BS, 3 * BS)), np.int32)
+  k, v, k_new, v_new = _inputs(rng, len(slots))
+  got_k, got_v = kernels.write_kv(k, v, k_new, v_new, jnp.asarray(slots))
+  np.testing.assert_array_equal(np.asarray(got_k[:, 0, 0]), np.asarray(k_new[0]))
+  np.testing.assert_array_equal(np.asarray(got_v[:, NUM_BLOCKS - 1, BS - 1]), np.asarray(v_new[1]))
+  np.testing.assert_array_equal(np.asarray(got_k[:, 2]), np.swapaxes(np.asarray(k_new[2:]), 0, 1))
+
+
+def test_donated_write_matches_and_consumes_the_pools():
+  rng = np.random.default_rng(13)
+  slots = np.array([3, -1, 17, 6], np.int32)
+  k, v, k_new, v_new = _inputs(rng, 4)
+  want_k, want_v = write_loop(k, v, k_new, v_new, slots)
+  got_k, got_v = _write.write_kv_jit(k, v, k_new, v_new, jnp.asarray(slots))
+  np.testing.assert_array_equal(_bits(got_k), _bits(want_k))
+  np.testing.assert_array_equal(_bits(got_v), _bits(want_v))
+  assert k.is_deleted() and v.is_deleted()  # written in place, not copied
+
+
+@pytest.mark.parametrize(
+  "which,match",
+  [
+    ("k_heads", r"k_new/v_new must be \[num_tokens, 2, 8\], got \(3, 1, 8\)"),
+    ("v_shape", r"k_new/v_new must be .* got \(3, 2, 8\) and \(2, 2, 8\)"),
+    ("slots_len", r"slot_mapping must be int32 \[3\], got \(4,\)"),
+    ("slots_int64", r"slot_mapping must be int32 \[3\], got \(3,\) int64"),
+  ],
+)
+def test_bad_inputs_are_named(which, match):
+  rng = np.random.default_rng(14)
+  k, v, k_new, v_new = _inputs(rng, 3)
+  slots = jnp.asarray([0, 1, 2], jnp.int32)
+  if which == "k_heads":
+    k_new = k_new[:, :1]
+  elif which == "v_shape":
+    v_new = v_new[:2]
+  elif which == "slots_len":
+    slots = jnp.asarray([0, 1, 2, 3], jnp.int32)
+  else:
+    slots = np.asarray([0, 1, 2], np.int64)
+  with pytest.raises(ValueError, match=match):
+    kernels.write_kv(k, v, k_new, v_new, slots)
