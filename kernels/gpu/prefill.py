@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gpu.decode import compute_dtype, dot_precision
+from kernels.gpu.decode import LOG2E, compute_dtype, dot_precision
 from kernels.gpu.tuning import GpuBlockSizes
 
 # Schedule columns (int32 [num_tiles, _NCOL]).
@@ -150,9 +150,13 @@ def _prefill_kernel(
     idx = (kv_rows[:, None], cols[None, :])
     k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
-    s = plgpu.dot(q, k, trans_b=True, precision=prec) * scale
-    if logit_soft_cap is not None:
-      s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec)
+    # Logits in log2 units (times log2(e)), so the softmax uses exp2: one ex2
+    # instruction per element instead of libdevice's longer expf.
+    if logit_soft_cap is None:
+      s = s * (scale * LOG2E)
+    else:
+      s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
     if masked:
       vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
       if sliding_window is not None:
@@ -163,8 +167,8 @@ def _prefill_kernel(
     else:
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       m_safe = m_new
-    alpha = jnp.exp(m - m_safe)
-    p = jnp.exp(s - m_safe[:, None])
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
     den = den * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
     return acc, m_new, den

@@ -1,0 +1,262 @@
+"""Correctness of the Pallas GPU kernels on the GPU at benchmark shapes, against kernels.reference.
+
+Fresh random inputs per case; unused blocks and the slots past each length are NaN;
+block tables shuffled. Each case reports the relative error
+``|out - ref|_2 / |ref|_2`` (the reference accumulates in float32 at HIGHEST
+precision) and fails on any NaN or an error over the dtype's bound. Writes
+``OUT/check.jsonl``; exits 1 if any case fails.
+
+  PYTHONPATH=. python benchmarks/gpu_check.py --out /tmp/check [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._gpu_common import env_info, make_paged, write_jsonl
+from kernels import gpu, reference
+
+# Relative L2 error bounds. bf16: the kernels round p to bf16 before the p @ V product
+# (as every bf16 flash kernel does), ~2^-8 relative per term; 1e-2 leaves margin.
+# float32: IEEE float32 dots, differences are accumulation order only.
+TOL = {"bfloat16": 1e-2, "float16": 5e-3, "float32": 1e-4}
+
+
+def decode_case(
+  rng,
+  *,
+  batch,
+  context,
+  block_size,
+  hq=32,
+  hkv=8,
+  d=128,
+  dtype=jnp.bfloat16,
+  lengths="full",
+  window=None,
+  cap=None,
+  block_sizes=None,
+  interpret=False,
+):
+  if lengths == "full":
+    lens = np.full((batch,), context, np.int32)
+  else:  # a mix: 0, 1, a non-multiple of the block size, random, full
+    lens = rng.integers(1, context + 1, size=batch).astype(np.int32)
+    special = [0, 1, block_size + 1, context - 1, context]
+    lens[: min(batch, len(special))] = special[: min(batch, len(special))]
+  kb, vb, table, lens, _, _ = make_paged(
+    rng,
+    batch=batch,
+    context=context,
+    block_size=block_size,
+    num_kv_heads=hkv,
+    head_dim=d,
+    dtype=dtype,
+    lengths=lens,
+    extra_blocks=7,
+  )
+  q = jax.random.normal(
+    jax.random.key(int(rng.integers(1 << 30))), (batch, hq, d), jnp.float32
+  ).astype(dtype)
+  kw = dict(scale=d**-0.5, sliding_window=window, logit_soft_cap=cap)
+  out = gpu.paged_attention(
+    q, kb, vb, table, lens, block_sizes=block_sizes, interpret=interpret, **kw
+  )
+  ref = reference.paged_attention(q, kb, vb, table, lens, **kw)
+  return out, ref
+
+
+def prefill_case(
+  rng,
+  *,
+  q_lens,
+  ctx_lens,
+  block_size,
+  hq=32,
+  hkv=8,
+  d=128,
+  dtype=jnp.bfloat16,
+  pad_rows=5,
+  window=None,
+  cap=None,
+  interpret=False,
+):
+  q_lens = np.asarray(q_lens, np.int32)
+  lens = np.asarray(ctx_lens, np.int32) + q_lens
+  batch = len(q_lens)
+  context = int(lens.max())
+  kb, vb, table, lens, _, _ = make_paged(
+    rng,
+    batch=batch,
+    context=context,
+    block_size=block_size,
+    num_kv_heads=hkv,
+    head_dim=d,
+    dtype=dtype,
+    lengths=lens,
+    extra_blocks=5,
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  num_tokens = int(q_lens.sum()) + pad_rows
+  q = jax.random.normal(
+    jax.random.key(int(rng.integers(1 << 30))), (num_tokens, hq, d), jnp.float32
+  ).astype(dtype)
+  kw = dict(scale=d**-0.5, sliding_window=window, logit_soft_cap=cap)
+  out = gpu.paged_attention(q, kb, vb, table, lens, cu, interpret=interpret, **kw)
+  ref = reference.paged_attention(q, kb, vb, table, lens, cu, rows_per_chunk=32, **kw)
+  return out, ref
+
+
+def cases(smoke: bool):
+  """(name, fn) pairs; smoke shrinks every shape so the script itself runs on CPU."""
+  if smoke:
+    s = dict(hq=4, hkv=2, d=32)
+    yield (
+      "decode smoke",
+      lambda r: decode_case(
+        r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, **s
+      ),
+    )
+    yield (
+      "prefill smoke",
+      lambda r: prefill_case(
+        r, q_lens=[5, 1, 9], ctx_lens=[3, 20, 0], block_size=8, interpret=True, **s
+      ),
+    )
+    return
+  for bs in (8, 16, 32, 64, 128, 256):
+    yield (
+      f"decode 8x4096 bf16 bs{bs} full",
+      lambda r, bs=bs: decode_case(r, batch=8, context=4096, block_size=bs),
+    )
+    yield (
+      f"decode 32x4096 bf16 bs{bs} mixed lengths",
+      lambda r, bs=bs: decode_case(r, batch=32, context=4096, block_size=bs, lengths="mixed"),
+    )
+  yield (
+    "decode 64x8192 bf16 bs16 full",
+    lambda r: decode_case(r, batch=64, context=8192, block_size=16),
+  )
+  yield (
+    "decode 128x4096 bf16 bs32 full",
+    lambda r: decode_case(r, batch=128, context=4096, block_size=32),
+  )
+  for cfg in (
+    dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3),
+    dict(decode_kv_tile=32, decode_num_stages=4),
+    dict(decode_num_splits=16),
+  ):
+    bsz = gpu.GpuBlockSizes(**cfg)
+    yield (
+      f"decode 8x4096 bf16 bs16 {cfg}",
+      lambda r, bsz=bsz: decode_case(
+        r, batch=8, context=4096, block_size=16, lengths="mixed", block_sizes=bsz
+      ),
+    )
+  yield (
+    "decode f32 D64 bs16 window 300 cap 30",
+    lambda r: decode_case(
+      r,
+      batch=16,
+      context=2048,
+      block_size=16,
+      d=64,
+      dtype=jnp.float32,
+      lengths="mixed",
+      window=300,
+      cap=30.0,
+    ),
+  )
+  yield (
+    "decode bf16 D256 16/2 heads bs128",
+    lambda r: decode_case(
+      r, batch=16, context=2048, block_size=128, hq=16, hkv=2, d=256, lengths="mixed"
+    ),
+  )
+  yield (
+    "decode f32 D256 8/8 heads bs8",
+    lambda r: decode_case(
+      r, batch=8, context=1024, block_size=8, hq=8, hkv=8, d=256, dtype=jnp.float32, lengths="mixed"
+    ),
+  )
+  yield (
+    "prefill 4x4096 causal bf16 bs64",
+    lambda r: prefill_case(r, q_lens=[4096] * 4, ctx_lens=[0] * 4, block_size=64, pad_rows=0),
+  )
+  yield (
+    "prefill 4x4096 causal bf16 bs16",
+    lambda r: prefill_case(r, q_lens=[4096] * 4, ctx_lens=[0] * 4, block_size=16, pad_rows=0),
+  )
+  yield (
+    "mixed chunked prefill + decode bf16 bs16",
+    lambda r: prefill_case(
+      r, q_lens=[512, 1, 37, 1, 0, 300], ctx_lens=[1000, 4000, 129, 0, 50, 0], block_size=16
+    ),
+  )
+  yield (
+    "mixed chunked prefill bf16 bs256 window 200 cap 20",
+    lambda r: prefill_case(
+      r, q_lens=[300, 1, 64], ctx_lens=[700, 900, 0], block_size=256, window=200, cap=20.0
+    ),
+  )
+  yield (
+    "mixed chunked prefill f32 D64 bs8",
+    lambda r: prefill_case(
+      r, q_lens=[100, 1, 33], ctx_lens=[200, 77, 0], block_size=8, d=64, dtype=jnp.float32
+    ),
+  )
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
+  p.add_argument("--smoke", action="store_true")
+  args = p.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  env = env_info()
+  print(env, flush=True)
+  rng = np.random.default_rng(1234)
+  failed = 0
+  rows = []
+  for name, fn in cases(args.smoke):
+    t0 = time.time()
+    try:
+      out, ref = fn(rng)
+      out = np.asarray(out.astype(jnp.float32), np.float64)
+      ref = np.asarray(ref.astype(jnp.float32), np.float64)
+      nan = bool(np.isnan(out).any())
+      rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+      dtype = "float32" if "f32" in name else "bfloat16"
+      ok = (not nan) and rel <= TOL[dtype]
+      row = dict(
+        case=name,
+        rel_err=rel,
+        max_abs_err=float(np.nanmax(np.abs(out - ref))),
+        nan=nan,
+        ok=ok,
+        seconds=time.time() - t0,
+        **env,
+      )
+    except Exception as e:  # noqa: BLE001 - report and go on
+      row = dict(case=name, ok=False, error=f"{type(e).__name__}: {str(e)[:400]}", **env)
+    failed += not row["ok"]
+    rows.append(row)
+    write_jsonl(os.path.join(args.out, "check.jsonl"), [row])
+    print(
+      ("PASS " if row["ok"] else "FAIL ") + name,
+      {k: row[k] for k in row if k in ("rel_err", "max_abs_err", "nan", "error", "seconds")},
+      flush=True,
+    )
+  print(f"\n{len(rows) - failed}/{len(rows)} checks passed on {env['device']}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

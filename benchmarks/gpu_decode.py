@@ -1,0 +1,421 @@
+"""H100 benchmark of the Pallas GPU paged-attention kernels against the read ceiling and peers.
+
+In one process: the HBM read ceiling (torch ``x.sum()`` and ``jnp.sum`` over 2 GiB of
+bf16), our decode kernel at the shapes of BENCHMARKS.md (32 q heads, 8 KV heads,
+head_dim 128, bf16, full-length sequences, blocks scattered at random) for block
+sizes 16/32/64/128, the same kernel on an identity (contiguous) block table, JAX's
+built-in ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
+1/4/16), an XLA gather + einsum paged decode, and our prefill (causal, 4 x 4096 into
+paged K/V). Prints a table last; writes every measurement to ``OUT/raw.jsonl`` and
+summary rows to ``OUT/gpu_decode.jsonl`` / ``OUT/gpu_prefill.jsonl``.
+
+  PYTHONPATH=. python benchmarks/gpu_decode.py --out /tmp/bench [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks._gpu_common import env_info, make_paged, time_fn, write_jsonl
+from kernels import gpu
+
+HQ, HKV, D = 32, 8, 128
+DECODE_SHAPES = ((8, 4096), (32, 4096), (64, 8192), (128, 4096))
+BLOCK_SIZES = (16, 32, 64, 128)
+PREFILL_LEN = 4096
+
+# Sweep of decode settings (kv_tile, warps, stages, splits); the first is the default.
+DECODE_SWEEP = (
+  dict(),
+  dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2),
+  dict(decode_kv_tile=64, decode_num_warps=8, decode_num_stages=3),
+  dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=4),
+  dict(decode_kv_tile=32, decode_num_warps=4, decode_num_stages=4),
+  dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3),
+)
+SPLIT_SWEEP = (4, 8, 16)  # extra explicit split counts tried at small batch
+PREFILL_SWEEP = (
+  dict(),
+  dict(prefill_q_tile=128, prefill_kv_tile=64, prefill_num_warps=4, prefill_num_stages=3),
+  dict(prefill_q_tile=128, prefill_kv_tile=128, prefill_num_warps=8, prefill_num_stages=2),
+  dict(prefill_q_tile=64, prefill_kv_tile=64, prefill_num_warps=4, prefill_num_stages=3),
+  dict(prefill_q_tile=128, prefill_kv_tile=32, prefill_num_warps=4, prefill_num_stages=4),
+)
+
+
+def hbm_read_ceiling(n=1 << 30):
+  """TB/s of a plain read of 2 GiB of bf16: torch x.sum() (if torch is there) and jnp.sum."""
+  out = {}
+  try:
+    import torch
+
+    x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+      x.sum()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(21):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      x.sum()
+      end.record()
+      torch.cuda.synchronize()
+      times.append(start.elapsed_time(end) / 1e3)
+    out["torch_sum_tbps"] = 2 * n / float(np.median(times)) / 1e12
+    del x
+    torch.cuda.empty_cache()
+  except Exception as e:  # noqa: BLE001 - torch missing or no CUDA: keep the JAX figure
+    out["torch_error"] = repr(e)[:200]
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  t, _ = time_fn(f, x)
+  out["jax_sum_tbps"] = 2 * n / t / 1e12
+  del x
+  out["ceiling_tbps"] = max(out.get("torch_sum_tbps", 0.0), out["jax_sum_tbps"])
+  return out
+
+
+def xla_paged_decode(q, k_blocks, v_blocks, table, lengths):
+  """XLA peer: gather the blocks, einsum, softmax, einsum (bf16 in, float32 accumulate)."""
+  b, hq, d = q.shape
+  hkv, _, bs, _ = k_blocks.shape
+  mb = table.shape[1]
+  k = k_blocks[:, jnp.maximum(table, 0)].reshape(hkv, b, mb * bs, d)
+  v = v_blocks[:, jnp.maximum(table, 0)].reshape(hkv, b, mb * bs, d)
+  qg = q.reshape(b, hkv, hq // hkv, d)
+  s = jnp.einsum("bkgd,kbsd->bkgs", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+  mask = jnp.arange(mb * bs)[None, :] < lengths[:, None]
+  s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgs,kbsd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.reshape(b, hq, d).astype(q.dtype)
+
+
+INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU, to test this script
+
+
+def ours_fn(block_sizes, **kw):
+  return jax.jit(
+    functools.partial(gpu.paged_attention, block_sizes=block_sizes, interpret=INTERPRET, **kw)
+  )
+
+
+class Runner:
+  def __init__(self, out_dir, budget_s):
+    self.out_dir = out_dir
+    self.t0 = time.time()
+    self.budget_s = budget_s
+    self.env = env_info()
+    self.raw = os.path.join(out_dir, "raw.jsonl")
+
+  def left(self):
+    return self.budget_s - (time.time() - self.t0)
+
+  def record(self, **row):
+    row = {**row, **self.env}
+    write_jsonl(self.raw, [row])
+    print(
+      "  ",
+      {
+        k: (round(v, 4) if isinstance(v, float) else v)
+        for k, v in row.items()
+        if k not in ("device", "jax_version", "date")
+      },
+      flush=True,
+    )
+    return row
+
+
+def measure(runner, name, fn, args, nbytes=None, flops=None, **meta):
+  try:
+    t, t_sync = time_fn(fn, *args)
+  except Exception as e:  # noqa: BLE001 - a failing peer is a result, recorded as such
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    return runner.record(impl=name, error=msg, **meta)
+  row = dict(impl=name, time_ms=t * 1e3, sync_time_ms=t_sync * 1e3, **meta)
+  if nbytes is not None:
+    row["tbps"] = nbytes / t / 1e12
+  if flops is not None:
+    row["tflops"] = flops / t / 1e12
+  return runner.record(**row)
+
+
+def decode_bench(runner, shapes, block_sizes, sweep, builtin):
+  rng = np.random.default_rng(0)
+  results = {}
+  for batch, context in shapes:
+    for bs in block_sizes:
+      meta = dict(
+        kind="decode",
+        batch=batch,
+        context=context,
+        block_size=bs,
+        num_q_heads=HQ,
+        num_kv_heads=HKV,
+        head_dim=D,
+        dtype="bfloat16",
+      )
+      print(f"decode {batch}x{context} block {bs}  ({runner.left():.0f}s left)", flush=True)
+      kb, vb, table, lengths, _, _ = make_paged(
+        rng,
+        batch=batch,
+        context=context,
+        block_size=bs,
+        num_kv_heads=HKV,
+        head_dim=D,
+        dtype=jnp.bfloat16,
+        poison=False,
+      )
+      q = jax.random.normal(jax.random.key(1), (batch, HQ, D), jnp.float32).astype(jnp.bfloat16)
+      nbytes = batch * context * 2 * HKV * D * 2
+      args = (q, kb, vb, table, lengths)
+      ident = jnp.arange(table.size, dtype=jnp.int32).reshape(table.shape)
+      args_c = (q, kb, vb, ident, lengths)
+      r = {"ours": [], "contig": [], "builtin": [], "xla": None}
+      default = gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16)
+      row = measure(runner, "ours", ours_fn(default), args, nbytes, config="default", **meta)
+      r["ours"].append((row, default))
+      r["contig"].append(
+        measure(
+          runner, "ours_contiguous", ours_fn(default), args_c, nbytes, config="default", **meta
+        )
+      )
+      if builtin is not None and runner.left() > 30:
+        for ks in (1, 4, 16):
+          if table.shape[1] % ks:
+            continue
+          fn = jax.jit(functools.partial(builtin, k_splits=ks))
+          r["builtin"].append(measure(runner, "builtin", fn, args, nbytes, k_splits=ks, **meta))
+      if runner.left() > 30:
+        r["xla"] = measure(
+          runner, "xla_gather_einsum", jax.jit(xla_paged_decode), args, nbytes, **meta
+        )
+      else:
+        r["xla"] = {"error": "skipped: time budget"}
+      results[(batch, context, bs)] = (r, args, args_c, nbytes, meta)
+  # Second pass: the sweep, while the time budget lasts; issue 4's shapes first.
+  priority = {(64, 8192): 0, (128, 4096): 1, (8, 4096): 2}
+  for key, (r, args, _args_c, nbytes, meta) in sorted(
+    results.items(), key=lambda kv: (priority.get(kv[0][:2], 3), kv[0][2])
+  ):
+    configs = [dict(c) for c in sweep[1:]]
+    if key[0] * HKV < 264:
+      configs += [dict(decode_num_splits=s) for s in SPLIT_SWEEP]
+    for c in configs:
+      if runner.left() < 60:
+        print("time budget spent: sweep cut short", flush=True)
+        break
+      base = dataclasses.asdict(gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16))
+      bsz = gpu.GpuBlockSizes(**{**base, **c})
+      row = measure(runner, "ours", ours_fn(bsz), args, nbytes, config=c, **meta)
+      r["ours"].append((row, bsz))
+  # Contiguous table with each shape's best config, so paging overhead compares like with like.
+  for r, _args, args_c, nbytes, meta in results.values():
+    best_row, best_cfg = max(r["ours"], key=lambda rc: rc[0].get("tbps", 0.0))
+    if best_row.get("config") != "default" and runner.left() > 20:
+      r["contig"].append(
+        measure(
+          runner,
+          "ours_contiguous",
+          ours_fn(best_cfg),
+          args_c,
+          nbytes,
+          config=best_row.get("config"),
+          **meta,
+        )
+      )
+  return results
+
+
+def prefill_bench(runner, block_sizes, sweep):
+  rng = np.random.default_rng(1)
+  batch, length = 4, PREFILL_LEN
+  pairs = batch * length * length / 2
+  flops = 4 * D * HQ * pairs
+  rows = []
+  for bs in block_sizes:
+    print(f"prefill {batch}x{length} block {bs}  ({runner.left():.0f}s left)", flush=True)
+    kb, vb, table, lengths, _, _ = make_paged(
+      rng,
+      batch=batch,
+      context=length,
+      block_size=bs,
+      num_kv_heads=HKV,
+      head_dim=D,
+      dtype=jnp.bfloat16,
+      poison=False,
+    )
+    q = jax.random.normal(jax.random.key(2), (batch * length, HQ, D), jnp.bfloat16)
+    cu = jnp.arange(batch + 1, dtype=jnp.int32) * length
+    args = (q, kb, vb, table, lengths, cu)
+    meta = dict(
+      kind="prefill",
+      batch=batch,
+      q_len=length,
+      context=length,
+      block_size=bs,
+      num_q_heads=HQ,
+      num_kv_heads=HKV,
+      head_dim=D,
+      dtype="bfloat16",
+    )
+    configs = sweep if bs == 64 else sweep[:1]
+    for c in configs:
+      if runner.left() < 30:
+        break
+      base = dataclasses.asdict(
+        gpu.default_block_sizes(
+          head_dim=D, kv_dtype=jnp.bfloat16, num_tokens=q.shape[0], decode=False
+        )
+      )
+      bsz = gpu.GpuBlockSizes(**{**base, **c})
+      rows.append(
+        measure(
+          runner,
+          "ours_prefill",
+          ours_fn(bsz, scale=D**-0.5),
+          args,
+          flops=flops,
+          config=c or "default",
+          **meta,
+        )
+      )
+  # Dense peer on contiguous K/V (the no-paging limit).
+  try:
+    qd = jax.random.normal(jax.random.key(3), (batch, length, HQ, D), jnp.bfloat16)
+    kd = jax.random.normal(jax.random.key(4), (batch, length, HKV, D), jnp.bfloat16)
+    fn = jax.jit(
+      functools.partial(
+        jax.nn.dot_product_attention, is_causal=True, implementation=None if INTERPRET else "cudnn"
+      )
+    )
+    rows.append(
+      measure(runner, "cudnn_dense", fn, (qd, kd, kd), flops=flops, **dict(meta, block_size=None))
+    )
+  except Exception:  # noqa: BLE001
+    traceback.print_exc()
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
+  p.add_argument("--quick", action="store_true", help="one shape, one block size, no sweep")
+  p.add_argument("--budget-s", type=float, default=420.0, help="stop the sweeps after this")
+  p.add_argument("--no-builtin", action="store_true")
+  p.add_argument("--no-prefill", action="store_true")
+  p.add_argument("--no-sweep", action="store_true")
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
+  args = p.parse_args(argv)
+  global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN
+  if args.smoke:
+    HQ, HKV, D, INTERPRET, PREFILL_LEN = 4, 2, 32, True, 32
+    DECODE_SHAPES, BLOCK_SIZES = ((2, 64),), (16,)
+    args.no_builtin = True
+  os.makedirs(args.out, exist_ok=True)
+  runner = Runner(args.out, args.budget_s)
+  print(runner.env, flush=True)
+
+  ceiling = hbm_read_ceiling(1 << 16 if args.smoke else 1 << 30)
+  runner.record(impl="ceiling", **ceiling)
+  builtin = None
+  if not args.no_builtin:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", DeprecationWarning)
+      from jax.experimental.pallas.ops.gpu import paged_attention as builtin_mod
+    builtin = builtin_mod.paged_attention
+
+  shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
+  bss = BLOCK_SIZES[:1] if args.quick else BLOCK_SIZES
+  sweep = DECODE_SWEEP[:1] if (args.quick or args.no_sweep) else DECODE_SWEEP
+  # Prefill before the decode sweep so its default rows exist even if the budget runs out.
+  prefill_rows = []
+  if not args.no_prefill:
+    psweep = PREFILL_SWEEP[:1] if (args.quick or args.no_sweep) else PREFILL_SWEEP
+    prefill_rows = prefill_bench(runner, bss, psweep)
+  results = decode_bench(runner, shapes, bss, sweep, builtin)
+
+  summary = []
+  for r, _, _, _, meta in results.values():
+    best_row, _ = max(r["ours"], key=lambda rc: rc[0].get("tbps", 0.0))
+    contig = max((c.get("tbps", 0.0) for c in r["contig"]), default=None)
+    builtin_ok = [b for b in r["builtin"] if "tbps" in b]
+    best_builtin = max(builtin_ok, key=lambda b: b["tbps"]) if builtin_ok else None
+    summary.append(
+      dict(
+        **meta,
+        time_ms=best_row.get("time_ms"),
+        tbps=best_row.get("tbps"),
+        ceiling_tbps=ceiling["ceiling_tbps"],
+        fraction_of_ceiling=(best_row.get("tbps", 0) / ceiling["ceiling_tbps"]),
+        builtin_tbps=best_builtin["tbps"] if best_builtin else None,
+        builtin_k_splits=best_builtin["k_splits"] if best_builtin else None,
+        builtin_error=None
+        if best_builtin
+        else (r["builtin"][0].get("error") if r["builtin"] else "not run"),
+        contiguous_tbps=contig,
+        xla_tbps=r["xla"].get("tbps"),
+        config=best_row.get("config"),
+        **runner.env,
+      )
+    )
+  write_jsonl(os.path.join(args.out, "gpu_decode.jsonl"), summary)
+  pre_summary = []
+  ours_pre = [r for r in prefill_rows if r.get("impl") == "ours_prefill" and "tflops" in r]
+  for bs in sorted({r["block_size"] for r in ours_pre}):
+    best = max((r for r in ours_pre if r["block_size"] == bs), key=lambda r: r["tflops"])
+    pre_summary.append(
+      {
+        k: best[k]
+        for k in (
+          "batch",
+          "q_len",
+          "context",
+          "block_size",
+          "time_ms",
+          "tflops",
+          "config",
+          "device",
+          "jax_version",
+          "date",
+        )
+      }
+    )
+  write_jsonl(os.path.join(args.out, "gpu_prefill.jsonl"), pre_summary)
+
+  print(f"\n{runner.env}  ceiling {ceiling}")
+  print(
+    f"{'shape':>12} {'blk':>4} {'ours':>6} {'%ceil':>6} {'contig':>6} {'builtin':>8} "
+    f"{'xla':>6}  config"
+  )
+  for s in summary:
+
+    def f(x):
+      return f"{x:.2f}" if isinstance(x, float) else "fail"
+
+    print(
+      f"{s['batch']:>5}x{s['context']:<6} {s['block_size']:>4} {f(s['tbps']):>6} "
+      f"{100 * s['fraction_of_ceiling']:>5.1f}% {f(s['contiguous_tbps']):>6} "
+      f"{f(s['builtin_tbps']):>8} {f(s['xla_tbps']):>6}  {s['config']}"
+    )
+  for s in prefill_rows:
+    print(
+      f"prefill {s.get('impl')} block {s.get('block_size')} cfg {s.get('config')}: "
+      f"{s.get('tflops', float('nan')):.1f} TFLOP/s {s.get('error', '')}"
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
