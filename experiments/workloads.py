@@ -14,8 +14,10 @@ The spread is our choice, read by eye from the shape of the paper's histograms:
 ``sigma = 1.0`` (inputs) and ``0.8`` (outputs) for ShareGPT, whose inputs range from a
 few words to pasted documents; ``0.6`` and ``0.8`` for Alpaca, whose instructions are
 short and uniform. Each ``mu`` is then *calibrated* so that the mean after rounding and
-redrawing equals the published mean (within 1% on 100,000 draws; the calibration uses
-its own fixed random numbers, so it does not depend on the experiment's seed). Memory
+redrawing at the paper's ``max_seq_len`` of 2048 equals the published mean (within 1% on
+100,000 draws; the calibration uses its own fixed random numbers, so it does not depend
+on the experiment's seed). A different ``max_seq_len`` keeps that distribution and only
+changes which pairs are redrawn, so a shorter one lowers the means. Memory
 waste depends mostly on the means and on ``max_seq_len``; the spread matters for the
 ``pow2`` reservation and for the tail.
 
@@ -68,8 +70,13 @@ def _draw(dist: LengthDistribution, mu_in, mu_out, z_in, z_out) -> tuple[np.ndar
   return prompt, output
 
 
+CALIBRATION_MAX_SEQ_LEN = 2048  # the context of the OPT models the paper's traces were cut to
+
+
 @functools.cache
-def calibrated_mu(dist: LengthDistribution, max_seq_len: int) -> tuple[float, float]:
+def calibrated_mu(
+  dist: LengthDistribution, max_seq_len: int = CALIBRATION_MAX_SEQ_LEN
+) -> tuple[float, float]:
   """Log-space means such that the kept (total <= max_seq_len) draws have the published means."""
   rng = np.random.default_rng(_CALIBRATION_SEED)
   z_in = rng.standard_normal(_CALIBRATION_SAMPLES)
@@ -96,7 +103,7 @@ def sample_synthetic(
     raise ValueError(f"num_requests must be >= 0, got {num_requests}")
   if max_seq_len < 2:
     raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
-  mu_in, mu_out = calibrated_mu(dist, max_seq_len)
+  mu_in, mu_out = calibrated_mu(dist)
   rng = np.random.default_rng(seed)
   rows = []
   have = 0
@@ -104,6 +111,10 @@ def sample_synthetic(
     n = max(16, 2 * (num_requests - have))
     prompt, output = _draw(dist, mu_in, mu_out, rng.standard_normal(n), rng.standard_normal(n))
     keep = prompt + output <= max_seq_len
+    if keep.mean() < 0.01:
+      raise ValueError(
+        f"max_seq_len={max_seq_len} keeps under 1% of {dist.name!r} requests; raise it"
+      )
     batch = np.stack([prompt[keep], output[keep]], axis=1)
     rows.append(batch)
     have += len(batch)

@@ -1,0 +1,197 @@
+"""The serving simulation and the memory-waste and prefix-sharing experiments, hand-worked."""
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from experiments import _serving, memory_waste, prefix_sharing
+
+
+def test_pow2_reservation_follows_the_papers_example():
+  # Kwon et al. §6: "if the true output length is 25, it reserves 32 positions for outputs".
+  assert _serving.contiguous_reservation("pow2", 10, 25, 2048) == 10 + 32
+  assert _serving.contiguous_reservation("pow2", 10, 32, 2048) == 10 + 32
+  assert _serving.contiguous_reservation("pow2", 2000, 100, 2048) == 2048  # capped
+  assert _serving.contiguous_reservation("max", 10, 25, 2048) == 2048
+  assert _serving.contiguous_reservation("oracle", 10, 25, 2048) == 35
+  with pytest.raises(ValueError, match="policy must be one of"):
+    _serving.contiguous_reservation("best", 1, 1, 8)
+
+
+def test_first_fit_matches_a_slot_array_reference():
+  rng = np.random.default_rng(0)
+  space = _serving.FirstFitSpace(64)
+  owner = np.full(64, -1)  # reference: which reservation holds each slot
+  live = {}
+  for step in range(400):
+    if live and rng.random() < 0.45:
+      rid = int(rng.choice(list(live)))
+      start, size = live.pop(rid)
+      space.release(start, size)
+      owner[start : start + size] = -1
+    else:
+      size = int(rng.integers(1, 20))
+      start = space.reserve(size)
+      # Reference first fit: the lowest start of `size` consecutive free slots.
+      free = owner == -1
+      expected = next((s for s in range(64 - size + 1) if free[s : s + size].all()), None)
+      assert start == expected, (step, size)
+      if start is not None:
+        owner[start : start + size] = step
+        live[step] = (start, size)
+    assert space.free_slots == int((owner == -1).sum())
+
+
+def test_contiguous_oracle_serving_hand_worked():
+  # Pool of 8 slots, three requests of 2 prompt + 2 output tokens, Oracle reserves 4 each.
+  # Steps 0-2: A and B run (C waits): tokens 4, 6, 8 of 8 slots, reservation 4, 2, 0.
+  # Steps 3-5: C alone, nothing waits.
+  lengths = np.array([[2, 2]] * 3)
+  stats = _serving.simulate(_serving.ContiguousPool("oracle", 8, 16), lengths)
+  assert (stats.steps, stats.saturated_steps, stats.preemptions) == (6, 3, 0)
+  shares = stats.shares()
+  assert shares["token_share_of_pool"] == pytest.approx(18 / 24)
+  assert shares["reserved_future_of_pool"] == pytest.approx(6 / 24)
+  assert shares["internal_frag_of_pool"] == 0
+  assert shares["external_frag_free_of_pool"] == 0
+  assert shares["token_share_of_reserved"] == pytest.approx((18 + 2 + 3 + 4) / (24 + 12))
+  assert shares["mean_batch"] == 2
+
+
+def test_paged_serving_hand_worked_with_a_preemption():
+  # 4 blocks of 2 slots, watermark 0. Step 0 admits A, B, C (one block each). Step 1 all
+  # three need a new block, one is free: C is preempted (recompute), A and B grow to 3.
+  # Step 2: A and B reach 4 and finish, C still waits (no free block). Steps 3-5: C.
+  lengths = np.array([[2, 2]] * 3)
+  stats = _serving.simulate(_serving.PagedPool(2, 8, watermark=0.0), lengths)
+  assert (stats.steps, stats.saturated_steps, stats.preemptions) == (6, 2, 1)
+  shares = stats.shares()
+  assert shares["token_share_of_pool"] == pytest.approx((6 + 8) / 16)
+  assert shares["internal_frag_of_pool"] == pytest.approx(2 / 16)
+  assert shares["reserved_future_of_pool"] == 0
+  assert shares["token_share_of_reserved"] == pytest.approx(29 / 32)
+
+
+def test_serving_rejects_a_request_larger_than_the_pool():
+  with pytest.raises(ValueError, match="more than the pool"):
+    _serving.simulate(_serving.ContiguousPool("max", 100, 200), np.array([[1, 1]]))
+  with pytest.raises(ValueError, match="more than the pool's 4"):
+    _serving.simulate(_serving.PagedPool(4, 16), np.array([[10, 10]]))
+
+
+def _mw_config(**kw):
+  config = ConfigDict(
+    dict(
+      workloads=("alpaca",),
+      num_requests=60,
+      max_seq_len=256,
+      pool_tokens=1024,
+      block_sizes=(1, 8),
+      contiguous_policies=("max", "pow2", "oracle"),
+      arrival_rate=0.0,
+      max_batch=0,
+      watermark=0.01,
+      seed=0,
+    )
+  )
+  config.update(kw)
+  return config
+
+
+def test_memory_waste_snapshot_matches_hand_arithmetic():
+  config = _mw_config()
+  lengths = np.array([[3, 4], [10, 7], [1, 1]])
+  rows = {r["system"]: r for r in memory_waste.snapshot_rows(config, "alpaca", lengths)}
+  tokens = 7 + 17 + 2
+  assert rows["Orca (Max)"]["reserved_slots"] == 3 * 256
+  assert rows["Orca (Oracle)"]["reserved_slots"] == tokens
+  assert rows["Orca (Pow2)"]["reserved_slots"] == (3 + 4) + (10 + 8) + (1 + 1)
+  assert rows["paged (block 1)"]["waste_pct"] == 0
+  # Block 8: 7 -> 8, 17 -> 24, 2 -> 8 slots.
+  assert rows["paged (block 8)"]["reserved_slots"] == 40
+  assert rows["paged (block 8)"]["token_of_reserved_pct"] == pytest.approx(100 * 26 / 40, abs=0.01)
+
+
+def test_memory_waste_run_orders_systems_and_prints_the_paper():
+  result = memory_waste.run(_mw_config())
+  serving = next(t for t in result.tables if t.name == "serving")
+  systems = [r["system"] for r in serving.rows]
+  assert systems == [
+    "Orca (Max)",
+    "Orca (Pow2)",
+    "Orca (Oracle)",
+    "paged (block 1)",
+    "paged (block 8)",
+  ]
+  paper = [r["paper_token_pct"] for r in serving.rows]
+  assert paper == [20.4, 26.8, 38.2, None, None]
+  by = {r["system"]: r for r in serving.rows}
+  # Paged at block 1 wastes nothing inside blocks; contiguous Max holds the fewest tokens.
+  assert by["paged (block 1)"]["internal_frag_pct"] == 0
+  assert by["Orca (Max)"]["token_pct"] < by["Orca (Oracle)"]["token_pct"]
+  assert by["Orca (Oracle)"]["token_pct"] < by["paged (block 1)"]["token_pct"]
+  for r in serving.rows:
+    parts = [r["token_pct"], r["reservation_pct"], r["internal_frag_pct"], r["external_free_pct"]]
+    assert sum(parts) == pytest.approx(100, abs=0.05)
+
+
+def _ps_config(**kw):
+  config = ConfigDict(
+    dict(
+      block_sizes=(16,),
+      seed=0,
+      num_users=4,
+      system_prompt_len=40,
+      user_prompt_len=3,
+      output_len=5,
+      workload="alpaca",
+      num_requests=5,
+      widths=(1, 2),
+      max_seq_len=256,
+    )
+  )
+  config.update(kw)
+  return config
+
+
+def test_system_prompt_block_counts_hand_worked():
+  # Each user holds 40 + 3 + 5 = 48 tokens = 3 blocks of 16. The system prompt has 2 full
+  # blocks and 8 tokens in a third.
+  rows = {r["mode"]: r for r in prefix_sharing.system_prompt_rows(_ps_config(), 16)}
+  assert rows["no sharing"]["reserved_slots"] == 4 * 48
+  # Prefix cache: the first user takes 3 blocks; the others hit the 2 full system blocks
+  # and take 1 block of their own.
+  assert rows["prefix cache"]["blocks_used"] == 3 + 3 * 1
+  assert rows["prefix cache"]["prefix_hit_tokens"] == 3 * 32
+  assert rows["prefix cache"]["shared_blocks"] == 2
+  # Fork: every user copies the shared partial block once (copy-on-write) and fills it.
+  assert rows["fork"]["blocks_used"] == 2 + 4
+  assert rows["fork"]["cow_copies"] == 4
+  assert rows["ideal"]["reserved_slots"] == 40 + 4 * 8
+  assert rows["no sharing"]["seed_slots"] == 4 * 48
+  assert rows["fork"]["seed_slots"] == 40 + 4 * 8
+
+
+def test_fork_savings_hand_worked():
+  from paxcache.allocator import BlockAllocator
+
+  # One request, a 16-token prompt (one full block), two samples of one token each: the
+  # samples share the prompt block and each take a block: 3 used against 2 x 2 alone.
+  lengths = np.array([[16, 1]])
+  rng = np.random.default_rng(0)
+  alloc = BlockAllocator(num_blocks=8, block_size=16, enable_prefix_caching=False)
+  sums, cow = prefix_sharing.parallel_sampling(alloc, lengths, 2, rng, np.array([[1, 1]]))
+  assert (sums.shared, sums.alone, cow) == (3, 4, 0)
+  alloc = BlockAllocator(num_blocks=8, block_size=16, enable_prefix_caching=False)
+  sums, cow = prefix_sharing.beam_search(alloc, lengths, 2, rng)
+  assert (sums.shared, sums.alone) == (3, 4)
+  assert alloc.num_used_blocks == 0
+
+
+def test_width_one_shares_nothing_and_wider_forks_save_memory():
+  rows = prefix_sharing.fork_rows(_ps_config(), 16, np.array([[19, 30], [40, 12], [5, 60]]))
+  by = {(r["kind"], r["width"]): r["saved_pct"] for r in rows}
+  assert by[("parallel sampling", 1)] == 0
+  assert by[("beam search", 1)] == 0
+  assert by[("parallel sampling", 2)] > 0
+  assert by[("beam search", 2)] > by[("parallel sampling", 2)]

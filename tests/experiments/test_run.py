@@ -1,0 +1,217 @@
+"""The experiment runner: config files, variants, overrides, sweeps and every output file."""
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import _outputs, run
+
+# ml_collections loads config files with the deprecated load_module(); not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def _parse(argv):
+  """Parses ``--config...`` flags the way experiments.run does, into a fresh flag registry."""
+  argv = ["prog", *argv]
+  fv = flags.FlagValues()
+  # config_flags finds the --config.<field> overrides in sys_argv (sys.argv by default).
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=fv, lock_config=True, sys_argv=argv
+  )
+  fv(argv)
+  return fv.config
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_there_is_one_config_per_experiment():
+  names = {os.path.basename(p)[:-3] for p in CONFIGS}
+  assert {"memory_waste", "prefix_sharing"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_names_a_known_experiment_and_documents_its_command(path):
+  module = _load(path)
+  name = os.path.basename(path)
+  doc = module.__doc__
+  assert f"python -m experiments.run --config=configs/{name}" in doc
+  assert "minute" in doc or "second" in doc, "the docstring gives the expected runtime"
+  for variant in (None, "quick"):
+    config = module.get_config(variant)
+    assert config.experiment in run.EXPERIMENTS
+    assert callable(run.resolve_experiment(config.experiment))
+  with pytest.raises(ValueError, match="unknown variant"):
+    module.get_config("nope")
+
+
+def test_variant_and_overrides_parse_through_config_flags():
+  path = os.path.join(REPO, "configs", "memory_waste.py")
+  base = _parse([f"--config={path}"])
+  quick = _parse([f"--config={path}:quick"])
+  assert quick.num_requests < base.num_requests
+  over = _parse(
+    [
+      f"--config={path}:quick",
+      "--config.num_requests=17",
+      "--config.block_sizes=(4, 8)",
+      "--config.workloads=('alpaca',)",
+    ]
+  )
+  assert over.num_requests == 17
+  assert over.block_sizes == (4, 8)
+  assert over.workloads == ("alpaca",)
+  # Repeated flags also set a tuple field: a sweep is one flag per value or one tuple.
+  rep = _parse([f"--config={path}", "--config.block_sizes=2", "--config.block_sizes=32"])
+  assert rep.block_sizes == (2, 32)
+
+
+def test_unknown_field_or_wrong_type_is_rejected():
+  path = os.path.join(REPO, "configs", "memory_waste.py")
+  # ml_collections raises AttributeError for a field that is not in the config.
+  with pytest.raises((flags.Error, AttributeError), match="no_such_field"):
+    _parse([f"--config={path}", "--config.no_such_field=1"])
+  with pytest.raises(flags.Error):
+    _parse([f"--config={path}", "--config.num_requests=many"])
+
+
+def test_resolve_experiment_errors_name_the_choices():
+  with pytest.raises(ValueError, match="neither one of.*memory_waste"):
+    run.resolve_experiment("nonsense")
+  with pytest.raises(ValueError, match="has no 'nope'"):
+    run.resolve_experiment("experiments.memory_waste:nope")
+
+
+def test_parse_sweep():
+  assert run.parse_sweep("pool_tokens=1024, 2048") == ("pool_tokens", [1024, 2048])
+  assert run.parse_sweep("workload=alpaca,sharegpt") == ("workload", ["alpaca", "sharegpt"])
+  with pytest.raises(ValueError, match="--sweep must look like"):
+    run.parse_sweep("pool_tokens")
+
+
+def _tiny_memory_config():
+  path = os.path.join(REPO, "configs", "memory_waste.py")
+  return _parse(
+    [
+      f"--config={path}:quick",
+      "--config.num_requests=40",
+      "--config.pool_tokens=1024",
+      "--config.max_seq_len=256",
+      "--config.block_sizes=(4, 16)",
+      "--config.workloads=('alpaca',)",
+    ]
+  )
+
+
+def _read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_run_writes_every_output_with_the_right_rows(tmp_path):
+  result = run.run_experiment(_tiny_memory_config(), str(tmp_path))
+  tables = {t.name: t for t in result.tables}
+  assert set(tables) == {"serving", "snapshot", "workloads"}
+  assert len(tables["serving"].rows) == 3 + 2  # Orca x 3 + two block sizes
+
+  for name in ("config.json", "run_info.json", "results.jsonl", "summary.md"):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["num_requests"] == 40 and config["block_sizes"] == [4, 16]
+  info = json.loads((tmp_path / "run_info.json").read_text())
+  assert info["experiment"] == "memory_waste" and info["seconds"] > 0
+
+  lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert len(lines) == sum(len(t.rows) for t in result.tables)
+  assert [x["system"] for x in lines if x["table"] == "serving"] == [
+    r["system"] for r in tables["serving"].rows
+  ]
+
+  for name, table in tables.items():
+    rows = _read_csv(tmp_path / f"{name}.csv")
+    assert len(rows) == len(table.rows)
+    assert list(rows[0])[: len(table.columns)] == [c.key for c in table.columns]
+    md = (tmp_path / f"{name}.md").read_text().splitlines()
+    table_lines = [x for x in md if x.startswith("|")]
+    assert len(table_lines) == 2 + len(table.rows)  # header, rule, rows
+    tex = (tmp_path / f"{name}.tex").read_text()
+    for token in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}"):
+      assert token in tex
+    assert tex.count(r" \\") == 1 + len(table.rows)
+
+  for plot in result.plots:
+    png = (tmp_path / f"{plot.name}.png").read_bytes()
+    pdf = (tmp_path / f"{plot.name}.pdf").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert pdf.startswith(b"%PDF") and len(pdf) > 1000
+
+
+def test_sweep_stacks_rows_with_the_field_first(tmp_path):
+  config = _tiny_memory_config()
+  result = run.run_experiment(config, str(tmp_path), sweep="pool_tokens=512,1024")
+  serving = next(t for t in result.tables if t.name == "serving")
+  assert serving.columns[0].key == "pool_tokens"
+  assert [r["pool_tokens"] for r in serving.rows] == [512] * 5 + [1024] * 5
+  rows = _read_csv(tmp_path / "serving.csv")
+  assert [int(r["pool_tokens"]) for r in rows] == [512] * 5 + [1024] * 5
+  assert (tmp_path / "memory_breakdown__pool_tokens-512.png").exists()
+  assert (tmp_path / "memory_breakdown__pool_tokens-1024.pdf").exists()
+  with pytest.raises(ValueError, match="not in the config"):
+    run.run_experiment(config, str(tmp_path / "bad"), sweep="nope=1,2")
+
+
+def test_latex_escapes_and_markdown_formats():
+  table = _outputs.Table(
+    "t_1",
+    [_outputs.Column("name"), _outputs.Column("pct", "share %", ".1f")],
+    [{"name": "a_b & c", "pct": 12.345}, {"name": "x", "pct": float("nan")}],
+    caption="50% of #1",
+  )
+  tex = _outputs.to_latex(table)
+  assert r"a\_b \& c & 12.3 \\" in tex
+  assert r"\caption{50\% of \#1}" in tex and r"\label{tab:t-1}" in tex
+  assert r"{lr}" in tex  # text left, numbers right
+  md = _outputs.to_markdown(table)
+  assert "| a_b & c | 12.3 |" in md and "| x | - |" in md
+
+
+def test_command_line_end_to_end(tmp_path):
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.run",
+    "--config=configs/memory_waste.py:quick",
+    "--config.num_requests=20",
+    "--config.pool_tokens=1024",
+    "--config.max_seq_len=256",
+    "--config.block_sizes=(16,)",
+    "--config.workloads=('alpaca',)",
+    f"--workdir={tmp_path}",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "wrote" in out.stderr
+  assert len(_read_csv(tmp_path / "serving.csv")) == 4
+  missing = subprocess.run(
+    [sys.executable, "-m", "experiments.run", f"--workdir={tmp_path}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
+  assert missing.returncode != 0 and "--config" in missing.stderr
