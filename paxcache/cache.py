@@ -328,7 +328,7 @@ def swap_out(cache: PagedKVCache, host_pool: HostKVPool, device_ids, host_ids) -
   allocator's job. ``host_pool`` is written in place. Ids are checked on the host first;
   after an error nothing has been read or written.
   """
-  device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "device_ids")
+  device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "host_ids")
   if device_ids.size == 0:
     return
   blocks = np.asarray(_gather_blocks(cache, device_ids))  # the one device -> host transfer
@@ -344,7 +344,7 @@ def swap_in(cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids) ->
   is donated (use the returned one). Ids are checked on the host first; after an error the
   cache is untouched and still valid.
   """
-  device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "host_ids")
+  device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "device_ids")
   if device_ids.size == 0:
     return cache
   blocks = np.stack([host_pool.k[:, :, host_ids], host_pool.v[:, :, host_ids]])

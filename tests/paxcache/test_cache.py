@@ -1,0 +1,405 @@
+"""PagedKVCache and the host pool: write, copy-on-write and swap, checked bit for bit."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from paxcache.cache import HostKVPool, PagedKVCache, copy_blocks, swap_in, swap_out, write
+
+L, H, NUM_BLOCKS, BS, D = 3, 2, 8, 4, 8
+NUM_HOST_BLOCKS = 6
+
+
+def _bits(x):
+  """Raw bits, so that equality is exact (NaN payloads, -0.0) rather than numeric."""
+  x = np.asarray(x)
+  return x.view({2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+
+
+def assert_bits_equal(a, b):
+  np.testing.assert_array_equal(_bits(a), _bits(b))
+
+
+def random_cache(rng, dtype=jnp.float32) -> PagedKVCache:
+  shape = (L, H, NUM_BLOCKS, BS, D)
+  return PagedKVCache(
+    k=jnp.asarray(rng.standard_normal(shape), dtype),
+    v=jnp.asarray(rng.standard_normal(shape), dtype),
+  )
+
+
+def host_copy(cache):
+  """NumPy copies of k and v (taken before a donating call consumes the cache)."""
+  return np.array(cache.k), np.array(cache.v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pytree.
+
+
+def test_create_has_the_documented_layout():
+  cache = PagedKVCache.create(L, H, NUM_BLOCKS, BS, D, jnp.bfloat16)
+  assert cache.k.shape == cache.v.shape == (L, H, NUM_BLOCKS, BS, D)
+  assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
+  sizes = (cache.num_layers, cache.num_kv_heads, cache.num_blocks, cache.block_size)
+  assert sizes + (cache.head_dim,) == (L, H, NUM_BLOCKS, BS, D)
+  k1, v1 = cache.layer(1)
+  assert k1.shape == (H, NUM_BLOCKS, BS, D) and v1.shape == k1.shape
+
+
+@pytest.mark.parametrize(
+  "args,match",
+  [
+    ((0, H, NUM_BLOCKS, BS, D, jnp.float32), r"num_layers must be a positive int, got 0"),
+    ((L, H, -1, BS, D, jnp.float32), r"num_blocks must be a positive int, got -1"),
+    ((L, H, NUM_BLOCKS, 2.0, D, jnp.float32), r"block_size must be a positive int, got 2.0"),
+    ((L, H, NUM_BLOCKS, BS, D, jnp.int32), r"dtype must be a floating dtype, got int32"),
+  ],
+)
+def test_create_rejects_bad_sizes(args, match):
+  with pytest.raises(ValueError, match=match):
+    PagedKVCache.create(*args)
+
+
+def test_cache_is_a_pytree_of_two_arrays_through_jit():
+  rng = np.random.default_rng(20)
+  cache = random_cache(rng)
+  assert len(jax.tree.leaves(cache)) == 2
+  doubled = jax.jit(lambda c: jax.tree.map(lambda x: 2 * x, c))(cache)
+  assert isinstance(doubled, PagedKVCache)
+  np.testing.assert_array_equal(np.asarray(doubled.v), 2 * np.asarray(cache.v))
+
+
+# ---------------------------------------------------------------------------------------------
+# write.
+
+
+def write_loop(k, v, layer, k_new, v_new, slot_mapping):
+  """Float NumPy model of a write: one token at a time into ``layer`` only."""
+  k, v = np.array(k), np.array(v)
+  for t, slot in enumerate(np.asarray(slot_mapping)):
+    if slot == kernels.INVALID_SLOT:
+      continue
+    block, offset = divmod(int(slot), BS)
+    k[layer, :, block, offset] = np.asarray(k_new[t]).astype(k.dtype)
+    v[layer, :, block, offset] = np.asarray(v_new[t]).astype(v.dtype)
+  return k, v
+
+
+def _new_tokens(rng, num_tokens, dtype=jnp.float32):
+  k_new = jnp.asarray(rng.standard_normal((num_tokens, H, D)), dtype)
+  v_new = jnp.asarray(rng.standard_normal((num_tokens, H, D)), dtype)
+  slots = rng.choice(NUM_BLOCKS * BS, size=num_tokens, replace=False).astype(np.int32)
+  slots[::3] = kernels.INVALID_SLOT
+  return k_new, v_new, jnp.asarray(slots)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("layer", [0, L - 1])
+def test_write_matches_loop_and_write_kv_on_the_layer(layer, dtype):
+  rng = np.random.default_rng(21)
+  cache = random_cache(rng, dtype)
+  k_new, v_new, slots = _new_tokens(rng, 7, jnp.float32)  # float32 into the pool's dtype
+  k0, v0 = host_copy(cache)
+  # The kernel-level write of the same layer: write must agree with it exactly.
+  kernel_k, kernel_v = kernels.write_kv(cache.k[layer], cache.v[layer], k_new, v_new, slots)
+  want_k, want_v = write_loop(k0, v0, layer, k_new, v_new, slots)
+
+  new = write(cache, layer, k_new, v_new, slots)
+  assert new.k.dtype == dtype
+  assert_bits_equal(new.k, want_k)
+  assert_bits_equal(new.v, want_v)
+  assert_bits_equal(new.k[layer], kernel_k)
+  assert_bits_equal(new.v[layer], kernel_v)
+  others = [i for i in range(L) if i != layer]
+  assert_bits_equal(new.k[np.array(others)], k0[others])  # other layers untouched
+
+
+def test_write_with_a_traced_layer_inside_jit_and_scan():
+  """A model scanning over layers passes the layer index as a traced int32."""
+  rng = np.random.default_rng(22)
+  cache = random_cache(rng)
+  k_new = jnp.asarray(rng.standard_normal((L, 5, H, D)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((L, 5, H, D)), jnp.float32)
+  slots = jnp.asarray([9, -1, 0, 31, 14], jnp.int32)
+  want_k, want_v = host_copy(cache)
+  for layer in range(L):
+    want_k, want_v = write_loop(want_k, want_v, layer, k_new[layer], v_new[layer], slots)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(cache):
+    def body(cache, xs):
+      layer, kn, vn = xs
+      return write(cache, layer, kn, vn, slots), None
+
+    return jax.lax.scan(body, cache, (jnp.arange(L, dtype=jnp.int32), k_new, v_new))[0]
+
+  new = step(cache)
+  assert_bits_equal(new.k, want_k)
+  assert_bits_equal(new.v, want_v)
+
+
+def test_write_padding_only_changes_nothing():
+  rng = np.random.default_rng(23)
+  cache = random_cache(rng)
+  k0, v0 = host_copy(cache)
+  k_new, v_new, _ = _new_tokens(rng, 3)
+  new = write(cache, 1, k_new, v_new, jnp.full((3,), kernels.INVALID_SLOT, jnp.int32))
+  assert_bits_equal(new.k, k0)
+  assert_bits_equal(new.v, v0)
+
+
+@pytest.mark.parametrize(
+  "change,match",
+  [
+    (dict(layer=L), rf"layer {L} out of range for a cache of {L} layers"),
+    (dict(layer=-1), r"layer -1 out of range"),
+    (dict(layer=1.0), r"layer must be an int"),
+    (dict(k_new=jnp.zeros((3, H + 1, D))), r"k_new must be \[num_tokens, 2, 8\].*\(3, 3, 8\)"),
+    (dict(v_new=jnp.zeros((3, H, D + 1))), r"v_new must be \[num_tokens, 2, 8\].*\(3, 2, 9\)"),
+    (dict(v_new=jnp.zeros((2, H, D))), r"k_new \(3, 2, 8\) float32 and v_new \(2, 2, 8\)"),
+    (dict(k_new=jnp.zeros((3, H, D), jnp.int32)), r"k_new must be a float array"),
+    (dict(slot_mapping=jnp.zeros((4,), jnp.int32)), r"slot_mapping must be int32 \[3\]"),
+    (dict(slot_mapping=np.zeros((3,), np.int64)), r"slot_mapping must be int32 .*int64"),
+  ],
+  ids=lambda x: "-".join(x) if isinstance(x, dict) else None,
+)
+def test_write_rejects_bad_inputs_and_leaves_the_cache_valid(change, match):
+  rng = np.random.default_rng(24)
+  cache = random_cache(rng)
+  k0, _ = host_copy(cache)
+  args = dict(layer=1, k_new=jnp.zeros((3, H, D)), v_new=jnp.zeros((3, H, D)))
+  args["slot_mapping"] = jnp.asarray([0, 1, 2], jnp.int32)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    write(cache, **args)
+  assert not cache.k.is_deleted()  # nothing was donated before the check
+  assert_bits_equal(cache.k, k0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Copy-on-write.
+
+
+def test_copy_on_write_leaves_the_sharer_bit_identical():
+  """Two sequences share block a; the writer gets a copy b, writes its token there, and the
+  sharer's block a (every layer, every head) does not change by a single bit."""
+  rng = np.random.default_rng(25)
+  cache = random_cache(rng, jnp.bfloat16)
+  a, b = 5, 2
+  k0, v0 = host_copy(cache)
+  cache = copy_blocks(cache, np.array([a, -1], np.int32), np.array([b, -1], np.int32))
+  assert_bits_equal(cache.k[:, :, b], k0[:, :, a])  # the copy is exact
+  assert_bits_equal(cache.v[:, :, b], v0[:, :, a])
+  # The writer appends its token at offset 3 of its copy, in every layer.
+  k_new = jnp.asarray(rng.standard_normal((1, H, D)), jnp.bfloat16)
+  slot = jnp.asarray([b * BS + 3], jnp.int32)
+  for layer in range(L):
+    cache = write(cache, layer, k_new, k_new, slot)
+  assert_bits_equal(cache.k[:, :, a], k0[:, :, a])
+  assert_bits_equal(cache.v[:, :, a], v0[:, :, a])
+  assert_bits_equal(cache.k[:, :, b, :3], k0[:, :, a, :3])  # shared prefix still shared
+  assert_bits_equal(cache.k[:, :, b, 3], np.broadcast_to(np.asarray(k_new[0]), (L, H, D)))
+  # Nothing else moved.
+  rest = [i for i in range(NUM_BLOCKS) if i != b]
+  assert_bits_equal(cache.k[:, :, np.array(rest)], k0[:, :, rest])
+  assert_bits_equal(cache.v[:, :, np.array(rest)], v0[:, :, rest])
+
+
+def copy_loop(k, v, src, dst):
+  """Reads every source first, then writes: the documented (order-free) semantics."""
+  k, v = np.array(k), np.array(v)
+  pairs = [(s, d) for s, d in zip(src, dst, strict=True) if s >= 0 and d >= 0]
+  blocks = [(k[:, :, s].copy(), v[:, :, s].copy()) for s, _ in pairs]
+  for (_, d), (kb, vb) in zip(pairs, blocks, strict=True):
+    k[:, :, d], v[:, :, d] = kb, vb
+  return k, v
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host_ids", "device_ids"])
+def test_copy_blocks_padding_and_chains(on_device):
+  """Padded pairs copy nothing; a swap (a->b, b->a) and a chain read the old contents."""
+  rng = np.random.default_rng(26)
+  cache = random_cache(rng)
+  src = np.array([1, -1, 4, 0, -1, 6], np.int32)
+  dst = np.array([4, -1, 1, 6, -1, 3], np.int32)
+  want_k, want_v = copy_loop(*host_copy(cache), src, dst)
+  if on_device:
+    src, dst = jnp.asarray(src), jnp.asarray(dst)
+  new = copy_blocks(cache, src, dst)
+  assert_bits_equal(new.k, want_k)
+  assert_bits_equal(new.v, want_v)
+
+
+def test_copy_blocks_all_padding_is_a_no_op():
+  rng = np.random.default_rng(27)
+  cache = random_cache(rng)
+  k0, v0 = host_copy(cache)
+  pad = np.full((4,), kernels.INVALID_BLOCK, np.int32)
+  new = copy_blocks(cache, pad, pad)
+  assert_bits_equal(new.k, k0)
+  assert_bits_equal(new.v, v0)
+
+
+@pytest.mark.parametrize(
+  "src,dst,match",
+  [
+    ([0, 8], [1, 2], r"src \[8\] out of range \[0, 8\) or -1"),
+    ([0, 1], [-2, 2], r"dst \[-2\] out of range"),
+    ([0, -1], [1, 2], r"half-padded pairs at positions \[1\]: src \[-1\], dst \[2\]"),
+    ([0, 1, 2], [3, 4, 3], r"dst names blocks more than once: \[3\]"),
+    ([0, 1], [2], r"src \(2,\) int32 and dst \(1,\) int32 must have one shape"),
+    (np.array([0.0]), [1], r"src must be a 1-D integer array"),
+    ([[0]], [[1]], r"src must be a 1-D integer array"),
+  ],
+)
+def test_copy_blocks_rejects_bad_ids_before_touching_the_cache(src, dst, match):
+  rng = np.random.default_rng(28)
+  cache = random_cache(rng)
+  k0, _ = host_copy(cache)
+  with pytest.raises(ValueError, match=match):
+    copy_blocks(cache, src, dst)
+  assert not cache.k.is_deleted()
+  assert_bits_equal(cache.k, k0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap to host and back.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swap_out_and_back_in_to_other_blocks_is_bit_exact(dtype):
+  rng = np.random.default_rng(29)
+  cache = random_cache(rng, dtype)
+  # Special values too: the copy must move bits, not numbers.
+  cache = PagedKVCache(
+    k=cache.k.at[0, 0, 3, 0, :3].set(jnp.array([np.nan, -0.0, np.inf], dtype)), v=cache.v
+  )
+  host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
+  host.k[:] = rng.standard_normal(host.k.shape).astype(host.k.dtype)  # stale host contents
+  host_k0 = host.k.copy()
+  k0, v0 = host_copy(cache)
+  out_ids, host_ids, in_ids = [3, 7, 1], [0, 4, 2], [5, 0, 6]
+
+  swap_out(cache, host, np.array(out_ids), np.array(host_ids))
+  assert not cache.k.is_deleted()  # swap_out reads the cache; it does not consume it
+  assert_bits_equal(host.k[:, :, host_ids], k0[:, :, out_ids])
+  assert_bits_equal(host.v[:, :, host_ids], v0[:, :, out_ids])
+  untouched = [1, 3, 5]
+  assert_bits_equal(host.k[:, :, untouched], host_k0[:, :, untouched])
+
+  new = swap_in(cache, host, host_ids, in_ids)
+  assert_bits_equal(new.k[:, :, in_ids], k0[:, :, out_ids])
+  assert_bits_equal(new.v[:, :, in_ids], v0[:, :, out_ids])
+  rest = [i for i in range(NUM_BLOCKS) if i not in in_ids]
+  assert_bits_equal(new.k[:, :, np.array(rest)], k0[:, :, rest])
+  assert_bits_equal(new.v[:, :, np.array(rest)], v0[:, :, rest])
+
+
+def test_swap_with_no_ids_is_a_no_op():
+  rng = np.random.default_rng(30)
+  cache = random_cache(rng)
+  host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
+  host_k0 = host.k.copy()
+  swap_out(cache, host, [], [])
+  assert_bits_equal(host.k, host_k0)
+  assert swap_in(cache, host, [], []) is cache
+
+
+SWAP_ERRORS = [
+  # (device_ids, host_ids, match)
+  ([1, NUM_BLOCKS], [0, 1], rf"device_ids \[{NUM_BLOCKS}\] out of range \[0, {NUM_BLOCKS}\)"),
+  ([1, -1], [0, 1], r"device_ids \[-1\] out of range"),
+  ([1, 2], [0, NUM_HOST_BLOCKS + 3], rf"host_ids \[{NUM_HOST_BLOCKS + 3}\] out of range"),
+  ([1, 2, 3], [0, 1], r"device_ids \(3,\) int32 and host_ids \(2,\) int32 must have one shape"),
+  (np.array([1.0]), [0], r"device_ids must be a 1-D integer array"),
+]
+
+
+@pytest.mark.parametrize("device_ids,host_ids,match", SWAP_ERRORS)
+def test_swap_rejects_bad_ids_before_touching_anything(device_ids, host_ids, match):
+  rng = np.random.default_rng(31)
+  cache = random_cache(rng)
+  k0, _ = host_copy(cache)
+  host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
+  host_k0 = host.k.copy()
+  with pytest.raises(ValueError, match=match):
+    swap_out(cache, host, device_ids, host_ids)
+  with pytest.raises(ValueError, match=match):
+    swap_in(cache, host, host_ids, device_ids)
+  assert_bits_equal(host.k, host_k0)
+  assert not cache.k.is_deleted()
+  assert_bits_equal(cache.k, k0)
+
+
+def test_swap_rejects_duplicate_destinations():
+  rng = np.random.default_rng(32)
+  cache = random_cache(rng)
+  host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
+  with pytest.raises(ValueError, match=r"host_ids names blocks more than once: \[2\]"):
+    swap_out(cache, host, [0, 1], [2, 2])
+  with pytest.raises(ValueError, match=r"device_ids names blocks more than once: \[4\]"):
+    swap_in(cache, host, [0, 1], [4, 4])
+  # Reading one block into two places is fine.
+  swap_out(cache, host, [3, 3], [0, 1])
+  assert_bits_equal(host.k[:, :, 0], host.k[:, :, 1])
+
+
+def test_swap_rejects_a_host_pool_that_does_not_fit():
+  rng = np.random.default_rng(33)
+  cache = random_cache(rng)
+  for host in (
+    HostKVPool.create(L, H, NUM_HOST_BLOCKS, BS + 1, D),
+    HostKVPool.create(L + 1, H, NUM_HOST_BLOCKS, BS, D),
+    HostKVPool.create(L, H, NUM_HOST_BLOCKS, BS, D, jnp.bfloat16),
+  ):
+    with pytest.raises(ValueError, match=r"host_pool blocks .* do not fit the cache's"):
+      swap_out(cache, host, [0], [0])
+    with pytest.raises(ValueError, match=r"host_pool blocks .* do not fit the cache's"):
+      swap_in(cache, host, [0], [0])
+
+
+def test_host_pool_rejects_bad_arrays():
+  with pytest.raises(ValueError, match=r"HostKVPool needs NumPy arrays"):
+    HostKVPool(jnp.zeros((L, H, 2, BS, D)), jnp.zeros((L, H, 2, BS, D)))
+  with pytest.raises(ValueError, match=r"host k and v must both be"):
+    HostKVPool(np.zeros((L, H, 2, BS, D)), np.zeros((L, H, 3, BS, D)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Donation.
+
+
+def test_donating_functions_consume_their_input_and_stay_correct():
+  """write, copy_blocks and swap_in donate the cache (updated in place); chaining them must
+  give what a NumPy model of the same steps gives."""
+  rng = np.random.default_rng(34)
+  cache = random_cache(rng)
+  host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
+  k, v = host_copy(cache)
+
+  k_new, v_new, slots = _new_tokens(rng, 4)
+  old = cache
+  cache = write(cache, 2, k_new, v_new, slots)
+  assert old.k.is_deleted() and old.v.is_deleted()
+  k, v = write_loop(k, v, 2, k_new, v_new, slots)
+
+  old = cache
+  cache = copy_blocks(cache, np.array([2, 5]), np.array([0, 7]))
+  assert old.k.is_deleted()
+  k, v = copy_loop(k, v, [2, 5], [0, 7])
+
+  swap_out(cache, host, [0, 1], [3, 4])
+  old = cache
+  cache = swap_in(cache, host, [4, 3], [6, 2])
+  assert old.k.is_deleted()
+  k[:, :, [6, 2]], v[:, :, [6, 2]] = k[:, :, [1, 0]], v[:, :, [1, 0]]
+
+  assert_bits_equal(cache.k, k)
+  assert_bits_equal(cache.v, v)
