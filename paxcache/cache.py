@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import INVALID_BLOCK
+from kernels import INVALID_BLOCK, INVALID_SLOT
 
 # ---------------------------------------------------------------------------------------------
 # The device cache.
@@ -160,7 +160,8 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype (cast to the
       cache dtype).
     slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``;
-      ``kernels.INVALID_SLOT`` (-1) marks padding rows, which write nothing.
+      ``kernels.INVALID_SLOT`` (-1) marks padding rows, which write nothing. A NumPy
+      slot_mapping is checked (in range, no slot twice); a device one is trusted.
 
   Same semantics as ``kernels.write_kv`` on ``cache.k[layer]`` (the tests check that), but
   done as one scatter into the 5-D pool: slicing the layer out, scattering and writing it
@@ -185,6 +186,11 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
       f"slot_mapping must be int32 [{k_new.shape[0]}] (one per new token), got "
       f"{_shape_str(slot_mapping)}"
     )
+  if _on_host(slot_mapping):
+    slots = np.asarray(slot_mapping)
+    num_slots = cache.num_blocks * cache.block_size
+    _check_range(slots, "slot_mapping", num_slots, allow_invalid=True)
+    _check_unique(slots[slots != INVALID_SLOT], "slot_mapping")
   return _write(cache, jnp.asarray(layer, jnp.int32), k_new, v_new, slot_mapping)
 
 
@@ -411,6 +417,7 @@ def _as_ids(ids, name: str):
 
 
 def _check_range(ids: np.ndarray, name: str, limit: int, *, allow_invalid: bool) -> None:
+  # INVALID_BLOCK == INVALID_SLOT == -1: one padding value for block and slot ids.
   ok = (ids >= 0) & (ids < limit)
   if allow_invalid:
     ok |= ids == INVALID_BLOCK
@@ -422,4 +429,4 @@ def _check_range(ids: np.ndarray, name: str, limit: int, *, allow_invalid: bool)
 def _check_unique(ids: np.ndarray, name: str) -> None:
   values, counts = np.unique(ids, return_counts=True)
   if (counts > 1).any():
-    raise ValueError(f"{name} names blocks more than once: {values[counts > 1].tolist()}")
+    raise ValueError(f"{name} has repeated ids {values[counts > 1].tolist()}")

@@ -167,6 +167,8 @@ def test_write_padding_only_changes_nothing():
     (dict(k_new=jnp.zeros((3, H, D), jnp.int32)), r"k_new must be a float array"),
     (dict(slot_mapping=jnp.zeros((4,), jnp.int32)), r"slot_mapping must be int32 \[3\]"),
     (dict(slot_mapping=np.zeros((3,), np.int64)), r"slot_mapping must be int32 .*int64"),
+    (dict(slot_mapping=np.array([0, 32, -1], np.int32)), r"slot_mapping \[32\] out of range"),
+    (dict(slot_mapping=np.array([5, -1, 5], np.int32)), r"slot_mapping has repeated ids \[5\]"),
   ],
   ids=lambda x: "-".join(x) if isinstance(x, dict) else None,
 )
@@ -253,7 +255,7 @@ def test_copy_blocks_all_padding_is_a_no_op():
     ([0, 8], [1, 2], r"src \[8\] out of range \[0, 8\) or -1"),
     ([0, 1], [-2, 2], r"dst \[-2\] out of range"),
     ([0, -1], [1, 2], r"half-padded pairs at positions \[1\]: src \[-1\], dst \[2\]"),
-    ([0, 1, 2], [3, 4, 3], r"dst names blocks more than once: \[3\]"),
+    ([0, 1, 2], [3, 4, 3], r"dst has repeated ids \[3\]"),
     ([0, 1], [2], r"src \(2,\) int32 and dst \(1,\) int32 must have one shape"),
     (np.array([0.0]), [1], r"src must be a 1-D integer array"),
     ([[0]], [[1]], r"src must be a 1-D integer array"),
@@ -342,9 +344,9 @@ def test_swap_rejects_duplicate_destinations():
   rng = np.random.default_rng(32)
   cache = random_cache(rng)
   host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
-  with pytest.raises(ValueError, match=r"host_ids names blocks more than once: \[2\]"):
+  with pytest.raises(ValueError, match=r"host_ids has repeated ids \[2\]"):
     swap_out(cache, host, [0, 1], [2, 2])
-  with pytest.raises(ValueError, match=r"device_ids names blocks more than once: \[4\]"):
+  with pytest.raises(ValueError, match=r"device_ids has repeated ids \[4\]"):
     swap_in(cache, host, [0, 1], [4, 4])
   # Reading one block into two places is fine.
   swap_out(cache, host, [3, 3], [0, 1])
