@@ -227,6 +227,7 @@ class ServingStats:
   steps: int = 0
   saturated_steps: int = 0
   preemptions: int = 0
+  max_batch: int = 0  # most requests running at once
   # over all steps
   tokens_all: int = 0
   reserved_all: int = 0
@@ -314,6 +315,7 @@ def simulate(
     if not running and queue:
       raise RuntimeError(f"{desc}: request {queue[0]} can never be admitted to an empty pool")
 
+    stats.max_batch = max(stats.max_batch, len(running))
     tokens = sum(held[r] for r in running)
     reserved = pool.reserved_slots()
     stats.steps += 1
