@@ -319,3 +319,14 @@ def test_nan_in_unused_blocks_and_slots_never_changes_output(mode, options, dtyp
   assert np.isfinite(out_nan.astype(np.float32)).all()
   np.testing.assert_array_equal(out_nan, out_noise)
   check_against_loop(with_nan, out_nan, **options)
+
+
+def test_no_query_rows_and_only_padding_rows():
+  """A step with no real query (all rows are bucket padding) returns zeros of q's shape."""
+  rng = np.random.default_rng(7)
+  case, _ = make_case(rng, [5, 9], [0, 0], block_size=BS, pad_rows=3)
+  out = run_both(case)
+  assert out.shape == (3, 4, 16)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  case, _ = make_case(rng, [5, 9], [0, 0], block_size=BS, pad_rows=0)
+  assert run_both(case).shape == (0, 4, 16)
