@@ -1,0 +1,59 @@
+r"""Experiment 2d: per block size, memory waste, batch and decode kernel time per backend.
+
+Full run (block sizes 1..256, 1,000 requests per workload, kernel at 32 x 2,048 tokens; a
+few minutes on CPU, most of it the reference kernel at small blocks)::
+
+  python -m experiments.run --config=configs/block_size_ablation.py --workdir=/tmp/ablation
+
+Quick run (about 20 seconds on CPU)::
+
+  python -m experiments.run --config=configs/block_size_ablation.py:quick --workdir=/tmp/abl_q
+
+On a GPU the Pallas kernel is timed beside the reference (bfloat16, the shapes of
+shared/BENCHMARKS.md)::
+
+  python -m experiments.run --config=configs/block_size_ablation.py:gpu --workdir=/tmp/abl_gpu
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  config = ConfigDict()
+  config.experiment = "block_size_ablation"  # experiments.run looks the function up by this name
+  config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the sweep
+  config.seed = 0  # seeds lengths and kernel inputs
+  # Memory: the serving simulation (see configs/memory_waste.py).
+  config.workloads = ("sharegpt", "alpaca")  # synthetic names or ShareGPT JSON paths
+  config.num_requests = 1000  # requests per workload
+  config.max_seq_len = 2048  # prompt + output cap
+  config.pool_tokens = 15360  # KV pool in token slots
+  config.watermark = 0.01  # paged admission keeps this share of blocks free
+  # Kernel: one decode call, every sequence at kernel_context tokens.
+  config.backends = ("reference", "gpu", "tpu")  # timed where they run natively
+  config.kernel_batch = 32  # sequences per call
+  config.kernel_context = 2048  # tokens per sequence
+  config.num_q_heads = 32  # query heads
+  config.num_kv_heads = 8  # KV heads (GQA 4:1)
+  config.head_dim = 128  # dims per head
+  config.kernel_dtype = "float32"  # K/V and q dtype
+  config.kernel_iters = 5  # timed calls after the compile; the median is reported
+  # End to end (0 skips; needs paxcache.engine).
+  config.engine_requests = 0  # requests through the engine per block size
+
+  if arg == "quick":
+    config.block_sizes = (1, 4, 16, 64, 256)
+    config.num_requests = 500
+    config.kernel_batch = 4
+    config.kernel_context = 512
+    config.num_q_heads = 8
+    config.num_kv_heads = 2
+    config.head_dim = 64
+    config.kernel_iters = 3
+  elif arg == "gpu":
+    config.block_sizes = (8, 16, 32, 64, 128, 256)
+    config.kernel_dtype = "bfloat16"
+    config.kernel_iters = 20
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'gpu'")
+  return config

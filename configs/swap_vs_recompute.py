@@ -1,0 +1,56 @@
+r"""Experiment 2e: preemption cost per block size, swapping against recomputation.
+
+Full run (block sizes 1..256, sequences of 512 and 2,048 tokens, a 4-layer model; a few
+minutes on CPU)::
+
+  python -m experiments.run --config=configs/swap_vs_recompute.py --workdir=/tmp/swap
+
+Quick run (about 20 seconds on CPU)::
+
+  python -m experiments.run --config=configs/swap_vs_recompute.py:quick --workdir=/tmp/swap_q
+
+On a GPU, a larger bfloat16 model::
+
+  python -m experiments.run --config=configs/swap_vs_recompute.py:gpu --workdir=/tmp/swap_gpu
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(arg: str | None = None) -> ConfigDict:
+  config = ConfigDict()
+  config.experiment = "swap_vs_recompute"  # experiments.run looks the function up by this name
+  config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the sweep
+  config.seq_lens = (512, 2048)  # tokens of the preempted sequence
+  config.iters = 5  # timed calls after a warm-up; the median is reported
+  config.seed = 0  # seeds parameters, tokens and block placement
+  # The model that recomputes (paxcache.nn.Decoder); its K/V shape is what swaps.
+  config.vocab_size = 256  # tokens
+  config.d_model = 256  # residual width
+  config.num_layers = 4  # decoder layers
+  config.num_q_heads = 8  # query heads
+  config.num_kv_heads = 2  # KV heads
+  config.head_dim = 32  # dims per head
+  config.mlp_dim = 768  # SwiGLU hidden width
+  config.dtype = "float32"  # activations and K/V
+  config.engine_requests = 0  # end-to-end run with each preemption mode (needs the engine)
+
+  if arg == "quick":
+    config.block_sizes = (1, 4, 16, 64, 256)
+    config.seq_lens = (256,)
+    config.num_layers = 2
+    config.iters = 3
+  elif arg == "gpu":
+    config.seq_lens = (1024, 4096)
+    config.d_model = 2048
+    config.num_layers = 16
+    config.num_q_heads = 16
+    config.num_kv_heads = 8
+    config.head_dim = 128
+    config.mlp_dim = 5632
+    config.dtype = "bfloat16"
+    config.vocab_size = 32000
+    config.iters = 10
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'gpu'")
+  return config

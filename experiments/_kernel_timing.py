@@ -1,0 +1,86 @@
+"""Times ``kernels.paged_attention`` decode per backend and block size on the device present."""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import numpy as np
+
+
+def available_backends(requested) -> list[tuple[str, str | None]]:
+  """``(backend, None)`` if it runs here natively, else ``(backend, reason)``.
+
+  Pallas interpret mode is never used for timing: it measures the interpreter.
+  """
+  import kernels
+
+  out = []
+  for backend in requested:
+    try:
+      kernels.resolve_backend(backend)
+      out.append((backend, None))
+    except kernels.BackendUnavailableError as e:
+      out.append((backend, str(e).split(";")[0]))
+  return out
+
+
+def device_label() -> str:
+  import jax
+
+  dev = jax.devices()[0]
+  return f"{dev.platform}:{dev.device_kind}"
+
+
+def time_decode(
+  backend: str,
+  block_size: int,
+  *,
+  batch: int,
+  context: int,
+  num_q_heads: int,
+  num_kv_heads: int,
+  head_dim: int,
+  dtype: str,
+  iters: int,
+  seed: int = 0,
+) -> dict:
+  """Median wall time of one jitted decode call, with blocks scattered over the pool.
+
+  Returns a dict with ``time_ms`` and ``gbps`` (K/V bytes read over time), or with
+  ``status`` set to the error's message when the backend rejects the shape.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  import kernels
+
+  blocks_per_seq = -(-context // block_size)
+  num_blocks = batch * blocks_per_seq
+  rng = np.random.default_rng(seed)
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  dt = jnp.dtype(dtype)
+  q = jax.random.normal(kq, (batch, num_q_heads, head_dim), dt)
+  k_blocks = jax.random.normal(kk, (num_kv_heads, num_blocks, block_size, head_dim), dt)
+  v_blocks = jax.random.normal(kv, (num_kv_heads, num_blocks, block_size, head_dim), dt)
+  table = rng.permutation(num_blocks).reshape(batch, blocks_per_seq).astype(np.int32)
+  block_table = jnp.asarray(table)
+  lengths = jnp.full((batch,), context, jnp.int32)
+  fn = jax.jit(functools.partial(kernels.paged_attention, backend=backend))
+  try:
+    fn(q, k_blocks, v_blocks, block_table, lengths).block_until_ready()  # compile
+  except ValueError as e:  # a shape this backend does not support (e.g. a block size)
+    return {"time_ms": None, "gbps": None, "status": f"unsupported: {e}"[:200]}
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn(q, k_blocks, v_blocks, block_table, lengths).block_until_ready()
+    times.append(time.perf_counter() - start)
+  seconds = statistics.median(times)
+  kv_bytes = 2 * batch * context * num_kv_heads * head_dim * dt.itemsize
+  return {
+    "time_ms": round(seconds * 1e3, 4),
+    "gbps": round(kv_bytes / seconds / 1e9, 2),
+    "status": "ok",
+  }

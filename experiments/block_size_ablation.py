@@ -1,0 +1,226 @@
+"""Experiment 2d: the block-size table -- memory waste, batch, kernel time per backend.
+
+Per block size:
+
+* memory (per workload): share of the KV pool holding tokens and mean batch while
+  requests wait, and tokens generated per step, from the serving simulation of
+  :mod:`experiments._serving` with the real allocator (the same numbers as the
+  memory-waste experiment's paged rows);
+* kernel: median time of one ``kernels.paged_attention`` decode call at a fixed shape
+  (every sequence at ``kernel_context`` tokens, blocks scattered over the pool) for each
+  backend in ``config.backends`` that runs natively here (CPU: the reference; GPU: the
+  Pallas GPU kernel and the reference; TPU likewise), and the K/V bytes read per second;
+* end to end (when ``config.engine_requests > 0`` and :mod:`paxcache.engine` is present):
+  the engine's tokens/s.
+
+Small blocks waste no memory but cost more per block in the kernel (more block-table
+entries, smaller tiles); large blocks waste the tail of every sequence. The paper
+(Figure 18, OPT-13B) finds 16-128 best on ShareGPT and 16-32 on Alpaca.
+"""
+
+from __future__ import annotations
+
+import math
+
+from absl import logging
+from ml_collections import ConfigDict
+
+from experiments import _kernel_timing, _serving, workloads
+from experiments._outputs import Column, Plot, Result, Table
+
+
+def memory_rows(config: ConfigDict) -> list[dict]:
+  rows = []
+  for workload in config.workloads:
+    lengths = workloads.workload_lengths(
+      workload, config.num_requests, max_seq_len=config.max_seq_len, seed=config.seed
+    )
+    label = workloads.workload_label(workload)
+    generated = int(lengths[:, 1].sum())
+    for bs in config.block_sizes:
+      pool = _serving.PagedPool(bs, config.pool_tokens, config.watermark)
+      stats = _serving.simulate(pool, lengths, desc=f"{label} paged (block {bs})")
+      shares = stats.shares()
+      rows.append(
+        {
+          "workload": label,
+          "block_size": bs,
+          "token_pct": _pct(shares["token_share_of_pool"]),
+          "token_of_reserved_pct": _pct(shares["token_share_of_reserved"]),
+          "mean_batch": _round(shares["mean_batch"], 1),
+          "tokens_per_step": round(generated / stats.steps, 2),
+          "preemptions": stats.preemptions,
+        }
+      )
+  return rows
+
+
+def kernel_rows(config: ConfigDict) -> tuple[list[dict], list[str]]:
+  rows, notes = [], []
+  device = _kernel_timing.device_label()
+  for backend, reason in _kernel_timing.available_backends(config.backends):
+    if reason is not None:
+      notes.append(f"Backend {backend!r} not timed here: {reason}.")
+      continue
+    for bs in config.block_sizes:
+      res = _kernel_timing.time_decode(
+        backend,
+        bs,
+        batch=config.kernel_batch,
+        context=config.kernel_context,
+        num_q_heads=config.num_q_heads,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        dtype=config.kernel_dtype,
+        iters=config.kernel_iters,
+        seed=config.seed,
+      )
+      rows.append({"backend": backend, "block_size": bs, **res, "device": device})
+      logging.info("kernel %s block %d: %s", backend, bs, res)
+  return rows, notes
+
+
+def run(config: ConfigDict) -> Result:
+  memory = memory_rows(config)
+  kernel, notes = kernel_rows(config)
+  # The wide table a paper prints: one row per block size.
+  wide = []
+  labels = [workloads.workload_label(w) for w in config.workloads]
+  backends = sorted({r["backend"] for r in kernel})
+  for bs in config.block_sizes:
+    row = {"block_size": bs}
+    for r in memory:
+      if r["block_size"] == bs:
+        row[f"{r['workload']}_token_pct"] = r["token_pct"]
+        row[f"{r['workload']}_mean_batch"] = r["mean_batch"]
+    for r in kernel:
+      if r["block_size"] == bs:
+        row[f"{r['backend']}_ms"] = r["time_ms"]
+    wide.append(row)
+  columns = [Column("block_size", "block")]
+  for wl in labels:
+    columns += [
+      Column(f"{wl}_token_pct", f"{wl} tokens %", ".1f"),
+      Column(f"{wl}_mean_batch", f"{wl} batch", ".1f"),
+    ]
+  columns += [Column(f"{b}_ms", f"{b} decode ms", ".3f") for b in backends]
+  shape = (
+    f"batch {config.kernel_batch} x {config.kernel_context} tokens, {config.num_q_heads}/"
+    f"{config.num_kv_heads} heads, head_dim {config.head_dim}, {config.kernel_dtype}"
+  )
+  tables = [
+    Table(
+      "ablation",
+      columns,
+      wide,
+      caption=(
+        f"Per block size: share of a {config.pool_tokens}-slot pool holding tokens and mean "
+        f"batch while serving; decode kernel time ({shape}) on "
+        f"{kernel[0]['device'] if kernel else 'no backend'}."
+      ),
+    ),
+    Table(
+      "memory",
+      [
+        Column("workload"),
+        Column("block_size", "block"),
+        Column("token_pct", "tokens % of pool", ".1f"),
+        Column("token_of_reserved_pct", "tokens % of reserved", ".1f"),
+        Column("mean_batch", "mean batch", ".1f"),
+        Column("tokens_per_step", "tokens / step", ".2f"),
+        Column("preemptions", "preempted"),
+      ],
+      memory,
+      caption="Paged allocation per block size in the serving simulation.",
+    ),
+    Table(
+      "kernel_time",
+      [
+        Column("backend"),
+        Column("block_size", "block"),
+        Column("time_ms", "ms", ".3f"),
+        Column("gbps", "K/V GB/s", ".1f"),
+        Column("status"),
+        Column("device"),
+      ],
+      kernel,
+      caption=f"Median decode time per call ({shape}), blocks scattered.",
+    ),
+  ]
+  engine_rows = _engine_rows(config)
+  if engine_rows:
+    tables.append(
+      Table(
+        "engine_throughput",
+        [Column("block_size", "block"), Column("tokens_per_s", "tokens/s", ".1f")]
+        + [Column("device")],
+        engine_rows,
+        caption="Engine throughput per block size.",
+      )
+    )
+  else:
+    notes.append(
+      "End-to-end throughput: not measured in this run (set config.engine_requests > 0 "
+      "once paxcache.engine is available)."
+    )
+  plots = [
+    Plot("memory_vs_block_size", lambda ax: _plot_memory(ax, memory)),
+    Plot("kernel_time_vs_block_size", lambda ax: _plot_kernel(ax, kernel)),
+  ]
+  notes.append("Paper (Figure 18, OPT-13B): block sizes 16-128 best on ShareGPT, 16-32 on Alpaca.")
+  return Result(tables, plots, notes)
+
+
+def _engine_rows(config: ConfigDict) -> list[dict]:
+  if config.engine_requests <= 0:
+    return []
+  try:
+    from experiments import _engine_bench
+  except ImportError as e:
+    logging.warning("engine throughput skipped: %s", e)
+    return []
+  return _engine_bench.block_size_throughput(config)
+
+
+def _pct(x: float) -> float | None:
+  return None if math.isnan(x) else round(100 * x, 2)
+
+
+def _round(x: float, nd: int) -> float | None:
+  return None if math.isnan(x) else round(x, nd)
+
+
+def _plot_memory(ax, rows: list[dict]) -> None:
+  for i, wl in enumerate(dict.fromkeys(r["workload"] for r in rows)):
+    sel = [r for r in rows if r["workload"] == wl]
+    ax.plot(
+      [r["block_size"] for r in sel],
+      [r["token_pct"] for r in sel],
+      "o-",
+      color=f"C{i}",
+      label=f"{wl}: tokens % of pool",
+    )
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("block size (tokens)")
+  ax.set_ylabel("KV pool holding tokens (%)")
+  ax.set_ylim(0, 102)
+  ax.legend(fontsize=8)
+  ax.set_title("Memory per block size (serving simulation)")
+
+
+def _plot_kernel(ax, rows: list[dict]) -> None:
+  for i, backend in enumerate(dict.fromkeys(r["backend"] for r in rows)):
+    sel = [r for r in rows if r["backend"] == backend and r["time_ms"] is not None]
+    ax.plot(
+      [r["block_size"] for r in sel],
+      [r["time_ms"] for r in sel],
+      "o-",
+      color=f"C{i}",
+      label=f"{backend} ({sel[0]['device'] if sel else ''})",
+    )
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("block size (tokens)")
+  ax.set_ylabel("decode call (ms)")
+  ax.legend(fontsize=8)
+  ax.set_title("Paged attention decode time per block size")

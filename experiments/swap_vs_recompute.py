@@ -1,0 +1,195 @@
+"""Experiment 2e: the cost of preempting a sequence, by swapping against recomputing.
+
+Microbenchmark (the paper's Figure 19a), on the device present, per block size and per
+sequence length ``L``:
+
+* ``swap out``: ``paxcache.cache.swap_out`` of the sequence's ``ceil(L / block_size)``
+  blocks (scattered over the pool) to a host pool; ``swap in``: ``paxcache.cache.swap_in``
+  back to fresh device blocks. Both move every layer's K and V.
+* ``recompute``: one jitted prefill of the ``L`` tokens through ``paxcache.nn.Decoder``
+  over the paged cache (what the engine runs to rebuild a preempted sequence's K/V).
+
+Each time is the median of ``iters`` calls after a warm-up. The paper found swapping
+expensive at small block sizes (many small PCIe copies) and recomputation flat in the
+block size, crossing over around block sizes 16-64. paxcache's swap gathers all the
+blocks of one sequence into a single array and crosses once, so small blocks cost it
+index work, not extra transfers; on CPU "host" and "device" memory are the same RAM.
+
+End to end (the paper's Figure 19b: serving throughput with each preemption mode) needs
+:mod:`paxcache.engine`; ``config.engine_requests > 0`` runs it when the engine is present.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+from experiments._outputs import Column, Plot, Result, Table
+
+
+def _median_seconds(fn, iters: int) -> float:
+  fn()  # warm-up (compiles)
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _model(config: ConfigDict, max_seq_len: int):
+  from flax import nnx
+
+  from paxcache.nn import Decoder, DecoderConfig
+
+  model_config = DecoderConfig(
+    vocab_size=config.vocab_size,
+    d_model=config.d_model,
+    num_layers=config.num_layers,
+    num_q_heads=config.num_q_heads,
+    num_kv_heads=config.num_kv_heads,
+    head_dim=config.head_dim,
+    mlp_dim=config.mlp_dim,
+    max_seq_len=max_seq_len,
+    dtype=config.dtype,
+  )
+  return Decoder(model_config, rngs=nnx.Rngs(config.seed))
+
+
+def measure(config: ConfigDict, block_size: int, seq_len: int, model) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from paxcache import cache as cache_ops
+
+  rng = np.random.default_rng([config.seed, block_size, seq_len])
+  nb = -(-seq_len // block_size)
+  num_blocks = 2 * nb + 8  # room for a second copy (swap in) and some spread
+  kv_cache = model.init_cache(num_blocks, block_size)
+  host = cache_ops.HostKVPool.like(kv_cache, nb)
+  ids = rng.permutation(num_blocks)
+  src, dst = ids[:nb].astype(np.int32), ids[nb : 2 * nb].astype(np.int32)
+  host_ids = np.arange(nb)
+
+  def swap_out():
+    cache_ops.swap_out(kv_cache, host, src, host_ids)
+
+  state = {"cache": kv_cache}
+
+  def swap_in():
+    state["cache"] = cache_ops.swap_in(state["cache"], host, host_ids, dst)
+    jax.block_until_ready(state["cache"])
+
+  t_out = _median_seconds(swap_out, config.iters)
+  t_in = _median_seconds(swap_in, config.iters)
+
+  graphdef, params = nnx.split(model)
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def prefill(params, kv, tokens, positions, block_table, lengths, slots, cu, last):
+    m = nnx.merge(graphdef, params)
+    return m(
+      tokens,
+      positions,
+      kv,
+      block_table=block_table,
+      lengths=lengths,
+      slot_mapping=slots,
+      cu_q_lens=cu,
+      logit_rows=last,
+    )
+
+  pos = np.arange(seq_len)
+  table = src
+  args = (
+    jnp.asarray(rng.integers(0, config.vocab_size, seq_len), jnp.int32),
+    jnp.asarray(pos, jnp.int32),
+    jnp.asarray(table[None, :]),
+    jnp.asarray([seq_len], jnp.int32),
+    jnp.asarray(table[pos // block_size] * block_size + pos % block_size, jnp.int32),
+    jnp.asarray([0, seq_len], jnp.int32),
+    jnp.asarray([seq_len - 1], jnp.int32),
+  )
+
+  def recompute():
+    logits, state["cache"] = prefill(params, state["cache"], *args)
+    jax.block_until_ready(logits)
+
+  t_re = _median_seconds(recompute, config.iters)
+  itemsize = jnp.dtype(config.dtype).itemsize
+  kv_bytes = 2 * config.num_layers * config.num_kv_heads * nb * block_size * config.head_dim
+  return {
+    "block_size": block_size,
+    "seq_len": seq_len,
+    "blocks": nb,
+    "swap_out_ms": round(t_out * 1e3, 3),
+    "swap_in_ms": round(t_in * 1e3, 3),
+    "swap_ms": round((t_out + t_in) * 1e3, 3),
+    "recompute_ms": round(t_re * 1e3, 3),
+    "swap_over_recompute": round((t_out + t_in) / t_re, 3),
+    "kv_mib": round(kv_bytes * itemsize / 2**20, 2),
+  }
+
+
+def run(config: ConfigDict) -> Result:
+  from experiments._kernel_timing import device_label
+
+  device = device_label()
+  model = _model(config, max(config.seq_lens))
+  rows = []
+  for seq_len in config.seq_lens:
+    for bs in config.block_sizes:
+      row = measure(config, bs, seq_len, model)
+      row["device"] = device
+      rows.append(row)
+      logging.info("swap vs recompute: %s", row)
+  tables = [
+    Table(
+      "preemption_cost",
+      [
+        Column("seq_len", "tokens"),
+        Column("block_size", "block"),
+        Column("blocks"),
+        Column("swap_out_ms", "swap out ms", ".3f"),
+        Column("swap_in_ms", "swap in ms", ".3f"),
+        Column("recompute_ms", "recompute ms", ".3f"),
+        Column("swap_over_recompute", "swap / recompute", ".2f"),
+        Column("kv_mib", "K/V MiB", ".2f"),
+      ],
+      rows,
+      caption=(
+        f"Preempting one sequence on {device}: swap out + in of its blocks against a "
+        f"prefill of its tokens (model d_model {config.d_model}, {config.num_layers} layers, "
+        f"{config.num_q_heads}/{config.num_kv_heads} heads x {config.head_dim}, {config.dtype})."
+      ),
+    )
+  ]
+  notes = [
+    "Paper (Figure 19a, OPT-13B on an A100 over PCIe): swap latency falls with the block "
+    "size, recomputation is flat, and they cross between block sizes 16 and 64.",
+    "End-to-end throughput with each preemption mode: not measured in this run (needs "
+    "paxcache.engine; set config.engine_requests > 0).",
+  ]
+  return Result(tables, [Plot("preemption_cost", lambda ax: _plot(ax, rows))], notes)
+
+
+def _plot(ax, rows: list[dict]) -> None:
+  for i, seq_len in enumerate(dict.fromkeys(r["seq_len"] for r in rows)):
+    sel = [r for r in rows if r["seq_len"] == seq_len]
+    bs = [r["block_size"] for r in sel]
+    ax.plot(bs, [r["swap_ms"] for r in sel], "o-", color=f"C{i}", label=f"swap out+in, {seq_len}")
+    ax.plot(
+      bs, [r["recompute_ms"] for r in sel], "s--", color=f"C{i}", label=f"recompute, {seq_len}"
+    )
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("block size (tokens)")
+  ax.set_ylabel("latency (ms)")
+  ax.set_title("Preemption cost per sequence")
+  ax.legend(fontsize=7)
