@@ -59,7 +59,8 @@ def greedy_generate_no_cache(
   while not all(done):
     live = [i for i, d in enumerate(done) if not d]
     width = _round_up(max(len(seqs[i]) for i in live), pad_multiple)
-    batch = np.zeros((_round_up(len(live), 8), width), np.int32)
+    # A fixed batch size (finished rows are dropped, not shrunk) keeps recompiles few.
+    batch = np.zeros((_round_up(len(prompts), 8), width), np.int32)
     rows = np.zeros((batch.shape[0],), np.int32)
     for j, i in enumerate(live):
       batch[j, : len(seqs[i])] = seqs[i]

@@ -1,0 +1,451 @@
+"""The continuous-batching engine: host scheduling, then one jitted device call per step."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import time
+from collections.abc import Hashable, Iterable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kernels import INVALID_BLOCK, INVALID_SLOT
+from paxcache import cache as cache_ops
+from paxcache.allocator import BlockAllocator
+from paxcache.block_table import BlockTable, bucket_size
+from paxcache.engine._metrics import RunMetrics, StepMetrics
+from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
+from paxcache.engine._sampling import sample_tokens
+from paxcache.engine._scheduler import Plan, Scheduler
+from paxcache.nn import Decoder
+
+PREEMPTION_MODES = ("swap", "recompute")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Pool sizes and scheduling knobs.
+
+  Attributes:
+    num_blocks: device KV blocks (every layer has this many).
+    block_size: token slots per block.
+    num_host_blocks: host pool blocks for swapping (``"swap"`` mode needs > 0).
+    preemption_mode: ``"swap"`` (blocks to host memory and back) or ``"recompute"``
+      (free the blocks, recompute prompt + output later).
+    enable_prefix_caching: share full prompt blocks across requests (allocator hashes).
+    max_num_seqs: resident live sequences at most (block-table rows per step).
+    max_num_batched_tokens: query tokens per step at most; longer prompts are prefilled
+      in chunks.
+    watermark_blocks: free blocks admission keeps in reserve while others run.
+    min_batch_bucket, min_token_bucket, min_blocks_bucket, min_copy_bucket: smallest
+      padded sizes (batch rows, query tokens, block-table columns, copy-on-write pairs);
+      sizes grow by powers of two, so few shapes ever compile.
+    seed: base PRNG seed for sampling.
+    metrics_history: per-step metrics kept (a bounded deque: host memory stays flat).
+    check_invariants: run the allocator's full consistency check after every step
+      (tests only: O(pool)).
+  """
+
+  num_blocks: int = 256
+  block_size: int = 16
+  num_host_blocks: int = 256
+  preemption_mode: str = "swap"
+  enable_prefix_caching: bool = True
+  max_num_seqs: int = 32
+  max_num_batched_tokens: int = 256
+  watermark_blocks: int = 0
+  min_batch_bucket: int = 8
+  min_token_bucket: int = 8
+  min_blocks_bucket: int = 8
+  min_copy_bucket: int = 8
+  seed: int = 0
+  metrics_history: int = 4096
+  check_invariants: bool = False
+
+  def __post_init__(self):
+    if self.preemption_mode not in PREEMPTION_MODES:
+      raise ValueError(
+        f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
+      )
+    if self.preemption_mode == "swap" and self.num_host_blocks < 1:
+      raise ValueError("preemption_mode='swap' needs num_host_blocks >= 1")
+    for name in (
+      "num_blocks",
+      "block_size",
+      "max_num_seqs",
+      "max_num_batched_tokens",
+      "min_batch_bucket",
+      "min_token_bucket",
+      "min_blocks_bucket",
+      "min_copy_bucket",
+      "metrics_history",
+    ):
+      if getattr(self, name) < 1:
+        raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_host_blocks < 0 or self.watermark_blocks < 0:
+      raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
+
+
+def _device_step(graphdef, state, cache, batch, key, *, decode_only: bool):
+  """The one jitted call of an iteration: copy-on-write copies, model, sampling.
+
+  ``batch`` holds padded arrays (see ``Engine._build_batch``); returns the sampled
+  tokens ``i32[num_sample_rows]`` and the new cache (donated, updated in place).
+  """
+  model = nnx.merge(graphdef, state)
+  cache = cache_ops.copy_blocks(cache, batch["cow_src"], batch["cow_dst"])
+  logits, cache = model(
+    batch["tokens"],
+    batch["positions"],
+    cache,
+    block_table=batch["block_table"],
+    lengths=batch["lengths"],
+    slot_mapping=batch["slot_mapping"],
+    cu_q_lens=None if decode_only else batch["cu_q_lens"],
+    logit_rows=batch["logit_rows"],
+  )
+  tokens = sample_tokens(
+    logits,
+    batch["temperature"],
+    batch["top_k"],
+    key,
+    batch["seeds"],
+    batch["sample_index"],
+    batch["sample_positions"],
+  )
+  return tokens, cache
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_step(graphdef):
+  # Keyed on the (hashable) graph definition, so that engines over the same model share
+  # compiled steps instead of compiling every bucket again.
+  return jax.jit(
+    functools.partial(_device_step, graphdef), static_argnames=("decode_only",), donate_argnums=(1,)
+  )
+
+
+class Engine:
+  """Serves :class:`Request` s with a paged KV cache.
+
+  Every :meth:`step` does the host work (scheduler and allocator: admission,
+  preemption, swaps, appends, forks), then one jitted device call with bucketed
+  shapes that copies the copy-on-write blocks, writes the new tokens' K/V, runs
+  paged attention and samples. The sampled tokens are the only device -> host copy
+  (swap-outs, when a preemption swaps, are the preemption's own transfer).
+
+  Args:
+    model: the decoder (its ``backend`` picks the attention kernel).
+    config: pool and scheduling configuration.
+  """
+
+  def __init__(self, model: Decoder, config: EngineConfig = EngineConfig()):
+    self.model = model
+    self.config = config
+    self.max_seq_len = model.config.max_seq_len
+    self.vocab_size = model.config.vocab_size
+    self.allocator = BlockAllocator(
+      config.num_blocks,
+      config.block_size,
+      num_host_blocks=config.num_host_blocks,
+      enable_prefix_caching=config.enable_prefix_caching,
+      max_seq_len=self.max_seq_len,
+    )
+    self.cache = model.init_cache(config.num_blocks, config.block_size)
+    self.host_pool = (
+      cache_ops.HostKVPool.like(self.cache, config.num_host_blocks)
+      if config.num_host_blocks
+      else None
+    )
+    self.scheduler = Scheduler(
+      self.allocator,
+      preemption_mode=config.preemption_mode,
+      max_num_seqs=config.max_num_seqs,
+      max_num_batched_tokens=config.max_num_batched_tokens,
+      watermark_blocks=config.watermark_blocks,
+    )
+    graphdef, self._state = nnx.split(model)
+    self._step_fn = _jitted_step(graphdef)
+    self._key = jax.random.key(config.seed)
+    self._groups: dict[Hashable, Group] = {}
+    self._arrivals = itertools.count()
+    self._shapes: set[tuple] = set()
+    self.step_metrics: collections.deque[StepMetrics] = collections.deque(
+      maxlen=config.metrics_history
+    )
+    self.metrics = RunMetrics()
+
+  # ------------------------------------------------------------------ requests
+
+  def blocks_needed(self, request: Request) -> int:
+    """Device blocks a request may need at once, assuming no sharing (a preempted group
+    can lose its sharing): ``n * ceil((len(prompt) + max_new_tokens) / block_size)``."""
+    per_seq = -(-(len(request.prompt) + request.max_new_tokens) // self.config.block_size)
+    return request.n * per_seq
+
+  def add_request(self, request: Request) -> None:
+    """Queues ``request``; raises :class:`RequestError` (changing nothing) if it is bad."""
+    self._validate(request)
+    arrival = next(self._arrivals)
+    seed = arrival if request.seed is None else int(request.seed)
+    seq = Seq(
+      seq_id=(request.request_id, 0),
+      index=0,
+      tokens=[int(t) for t in request.prompt],
+      prompt_len=len(request.prompt),
+    )
+    group = Group(request=request, arrival=arrival, seed=seed, seqs=[seq])
+    self._groups[request.request_id] = group
+    self.scheduler.add(group)
+
+  def _validate(self, r: Request) -> None:
+    if not isinstance(r, Request):
+      raise RequestError(f"expected a Request, got {type(r).__name__}")
+    rid = r.request_id
+    if rid in self._groups:
+      raise RequestError(f"request id {rid!r} is already in the engine")
+    prompt = list(r.prompt)
+    if not prompt:
+      raise RequestError(f"request {rid!r}: empty prompt (need at least one token)")
+    bad = [
+      t for t in prompt if not isinstance(t, int | np.integer) or not 0 <= int(t) < self.vocab_size
+    ]
+    if bad:
+      raise RequestError(
+        f"request {rid!r}: prompt tokens {bad[:8]} are not ints in [0, {self.vocab_size})"
+      )
+    if r.max_new_tokens < 1 or r.n < 1 or r.temperature < 0 or r.top_k < 0:
+      raise RequestError(
+        f"request {rid!r}: need max_new_tokens >= 1, n >= 1, temperature >= 0, top_k >= 0; "
+        f"got max_new_tokens={r.max_new_tokens}, n={r.n}, temperature={r.temperature}, "
+        f"top_k={r.top_k}"
+      )
+    if r.end_token is not None and not 0 <= r.end_token < self.vocab_size:
+      raise RequestError(f"request {rid!r}: end_token {r.end_token} not in [0, {self.vocab_size})")
+    if len(prompt) + r.max_new_tokens > self.max_seq_len:
+      raise RequestError(
+        f"request {rid!r}: prompt of {len(prompt)} tokens + max_new_tokens "
+        f"{r.max_new_tokens} exceeds the model's max_seq_len {self.max_seq_len}"
+      )
+    need = self.blocks_needed(r)
+    if need > self.config.num_blocks:
+      raise RequestError(
+        f"request {rid!r} can never fit the pool: n={r.n} x ceil(({len(prompt)} + "
+        f"{r.max_new_tokens}) / block_size {self.config.block_size}) = {need} blocks > "
+        f"num_blocks {self.config.num_blocks}"
+      )
+
+  def abort(self, request_id: Hashable) -> RequestOutput:
+    """Stops ``request_id`` now and frees its blocks; returns what it produced so far."""
+    group = self._groups.get(request_id)
+    if group is None:
+      raise RequestError(f"abort: unknown request id {request_id!r} (finished or never added)")
+    self.scheduler.remove(group)
+    for s in group.seqs:
+      if not s.finished:
+        s.finish_reason = "abort"
+    del self._groups[request_id]
+    self.metrics.aborted_requests += 1
+    return group.output()
+
+  def has_unfinished(self) -> bool:
+    return bool(self._groups)
+
+  def num_unfinished(self) -> int:
+    return len(self._groups)
+
+  # ------------------------------------------------------------------ one iteration
+
+  def step(self) -> list[RequestOutput]:
+    """One iteration: schedule, swap, one device call; returns requests finished in it."""
+    t0 = time.perf_counter()
+    plan = self.scheduler.schedule()
+    for pairs in plan.swap_out:  # before any device write of this iteration
+      cache_ops.swap_out(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
+    for pairs in plan.swap_in:
+      self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
+    finished: list[RequestOutput] = []
+    num_tokens = prefill = sampled = 0
+    shape = (0, 0, 0)
+    if plan.rows:
+      batch, shape, decode_only = self._build_batch(plan)
+      self._shapes.add(shape + (decode_only, len(batch["cow_src"]), len(batch["logit_rows"])))
+      # One fixed key: each row folds in its own (seed, sample, position).
+      tokens, self.cache = self._step_fn(
+        self._state, self.cache, batch, self._key, decode_only=decode_only
+      )
+      tokens = np.asarray(tokens)  # the one device -> host copy of the step
+      num_tokens = sum(r.stop - r.start for r in plan.rows)
+      prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
+      finished, sampled = self._apply(plan, tokens)
+    if self.config.check_invariants:
+      self.allocator.check_invariants()
+    self._record(plan, t0, num_tokens, prefill, sampled, shape)
+    return finished
+
+  def run(
+    self, requests: Iterable[Request] = (), max_steps: int | None = None
+  ) -> dict[Hashable, RequestOutput]:
+    """Adds ``requests`` and steps until every request finished; returns outputs by id."""
+    for r in requests:
+      self.add_request(r)
+    outputs: dict[Hashable, RequestOutput] = {}
+    steps = 0
+    while self.has_unfinished():
+      for out in self.step():
+        outputs[out.request_id] = out
+      steps += 1
+      if max_steps is not None and steps >= max_steps:
+        break
+    return outputs
+
+  # ------------------------------------------------------------------ internals
+
+  def _build_batch(self, plan: Plan):
+    cfg = self.config
+    rows = plan.rows
+    b = len(rows)
+    table = BlockTable.from_allocator(
+      self.allocator,
+      [r.seq.seq_id for r in rows],
+      min_batch=cfg.min_batch_bucket,
+      min_blocks=cfg.min_blocks_bucket,
+    )
+    batch_pad = table.batch_size
+    q_lens = np.array([r.stop - r.start for r in rows], np.int32)
+    total = int(q_lens.sum())
+    decode_only = bool((q_lens == 1).all())
+    num_tokens = (
+      batch_pad if decode_only else bucket_size(total, minimum=max(cfg.min_token_bucket, batch_pad))
+    )
+    tokens = np.zeros(num_tokens, np.int32)
+    positions = np.zeros(num_tokens, np.int32)
+    slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
+    cu = np.full(batch_pad + 1, total, np.int32)
+    cu[0] = 0
+    cu[1 : b + 1] = np.cumsum(q_lens)
+    samplers = [(s, int(cu[i + 1]) - 1, r.seq) for i, r in enumerate(rows) for s in r.samplers]
+    num_rows = bucket_size(len(samplers), minimum=batch_pad)
+    logit_rows = np.zeros(num_rows, np.int32)
+    temperature = np.zeros(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    seeds = np.zeros(num_rows, np.int32)
+    sample_index = np.zeros(num_rows, np.int32)
+    sample_positions = np.zeros(num_rows, np.int32)
+    for i, r in enumerate(rows):
+      lo = int(cu[i])
+      tokens[lo : lo + q_lens[i]] = r.seq.tokens[r.start : r.stop]
+      positions[lo : lo + q_lens[i]] = np.arange(r.start, r.stop, dtype=np.int32)
+      slot_mapping[lo : lo + q_lens[i]] = r.slots
+    for j, (s, row, _) in enumerate(samplers):
+      g = self._groups[s.seq_id[0]]
+      logit_rows[j] = row
+      temperature[j] = g.request.temperature
+      top_k[j] = g.request.top_k
+      seeds[j] = g.seed % (2**31)
+      sample_index[j] = s.index
+      sample_positions[j] = len(s.tokens)
+    pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)
+    num_copies = bucket_size(len(pairs), minimum=cfg.min_copy_bucket)
+    cow_src = np.full(num_copies, INVALID_BLOCK, np.int32)
+    cow_dst = np.full(num_copies, INVALID_BLOCK, np.int32)
+    cow_src[: len(pairs)] = pairs[:, 0]
+    cow_dst[: len(pairs)] = pairs[:, 1]
+    batch = dict(
+      tokens=tokens,
+      positions=positions,
+      slot_mapping=slot_mapping,
+      cu_q_lens=cu,
+      block_table=np.asarray(table.block_ids),
+      lengths=np.asarray(table.lengths),
+      logit_rows=logit_rows,
+      temperature=temperature,
+      top_k=top_k,
+      seeds=seeds,
+      sample_index=sample_index,
+      sample_positions=sample_positions,
+      cow_src=cow_src,
+      cow_dst=cow_dst,
+    )
+    return batch, (num_tokens, batch_pad, table.max_blocks), decode_only
+
+  def _apply(self, plan: Plan, tokens: np.ndarray) -> tuple[list[RequestOutput], int]:
+    """Host update after the device step: computed counts, new tokens, stops, frees."""
+    j = 0
+    done_groups: list[Group] = []
+    for r in plan.rows:
+      r.seq.num_computed = r.stop
+      for s in r.samplers:
+        s.num_computed = r.stop
+    for r in plan.rows:
+      for s in r.samplers:
+        t = int(tokens[j])
+        j += 1
+        s.tokens.append(t)
+        g = self._groups[s.seq_id[0]]
+        req = g.request
+        if req.end_token is not None and t == req.end_token:
+          s.finish_reason = "stop"
+        elif len(s.output) >= req.max_new_tokens or len(s.tokens) >= self.max_seq_len:
+          s.finish_reason = "length"
+        if s.finished:
+          self.allocator.free(s.seq_id)
+          if not g.live and g not in done_groups:
+            done_groups.append(g)
+    outs = []
+    for g in done_groups:
+      self.scheduler.running.remove(g)
+      g.status = Status.FINISHED
+      del self._groups[g.request.request_id]
+      outs.append(g.output())
+    self.metrics.finished_requests += len(outs)
+    self.metrics.generated_tokens += j
+    return outs, j
+
+  def _record(
+    self, plan: Plan, t0: float, num_tokens: int, prefill: int, sampled: int, shape
+  ) -> None:
+    m = self.metrics
+    alloc = self.allocator
+    seconds = time.perf_counter() - t0
+    swapped_out = sum(len(p) for p in plan.swap_out)
+    swapped_in = sum(len(p) for p in plan.swap_in)
+    sm = StepMetrics(
+      step=m.steps,
+      num_seqs=len(plan.rows),
+      num_tokens=num_tokens,
+      num_prefill_tokens=prefill,
+      num_sampled=sampled,
+      padded_shape=shape,
+      blocks_used=alloc.num_used_blocks,
+      blocks_cached=alloc.num_cached_blocks,
+      blocks_free=alloc.num_free_blocks - alloc.num_cached_blocks,
+      host_blocks_used=alloc.num_host_blocks - alloc.num_free_host_blocks,
+      prefix_hit_tokens=plan.prefix_hit_tokens,
+      preemptions_swap=plan.preemptions_swap,
+      preemptions_recompute=plan.preemptions_recompute,
+      swapped_out_blocks=swapped_out,
+      swapped_in_blocks=swapped_in,
+      cow_copies=len(plan.cow_pairs),
+      seconds=seconds,
+      tokens_per_s=num_tokens / seconds if seconds else 0.0,
+    )
+    self.step_metrics.append(sm)
+    m.steps += 1
+    m.seconds += seconds
+    m.computed_tokens += num_tokens
+    m.prefill_tokens += prefill
+    m.prefix_hit_tokens += plan.prefix_hit_tokens
+    m.prompt_tokens += plan.admitted_prompt_tokens
+    m.preemptions_swap += plan.preemptions_swap
+    m.preemptions_recompute += plan.preemptions_recompute
+    m.swapped_out_blocks += swapped_out
+    m.swapped_in_blocks += swapped_in
+    m.cow_copies += len(plan.cow_pairs)
+    m.max_batch = max(m.max_batch, len(plan.rows))
+    m.max_blocks_used = max(m.max_blocks_used, alloc.num_used_blocks)
+    m.compiled_shapes = len(self._shapes)

@@ -1,0 +1,73 @@
+"""Per-step and per-run engine metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMetrics:
+  """One engine iteration (host scheduling + one device step)."""
+
+  step: int
+  num_seqs: int  # block-table rows with query tokens this step (the batch size)
+  num_tokens: int  # query tokens computed (prefill chunks + decode tokens)
+  num_prefill_tokens: int  # of those, tokens of sequences with more than one new token
+  num_sampled: int  # tokens sampled (forks sample several from one row)
+  padded_shape: tuple[int, int, int]  # (num_tokens, batch, max_blocks) bucket given to jit
+  blocks_used: int
+  blocks_cached: int
+  blocks_free: int
+  host_blocks_used: int
+  prefix_hit_tokens: int  # prompt tokens served from the prefix cache at admission
+  preemptions_swap: int
+  preemptions_recompute: int
+  swapped_out_blocks: int
+  swapped_in_blocks: int
+  cow_copies: int
+  seconds: float  # wall time of the whole iteration
+  tokens_per_s: float  # num_tokens / seconds
+
+
+@dataclasses.dataclass
+class RunMetrics:
+  """Totals since the engine was created."""
+
+  steps: int = 0
+  seconds: float = 0.0
+  computed_tokens: int = 0
+  prefill_tokens: int = 0
+  generated_tokens: int = 0
+  prefix_hit_tokens: int = 0
+  prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
+  preemptions_swap: int = 0
+  preemptions_recompute: int = 0
+  swapped_out_blocks: int = 0
+  swapped_in_blocks: int = 0
+  cow_copies: int = 0
+  max_batch: int = 0
+  max_blocks_used: int = 0
+  finished_requests: int = 0
+  aborted_requests: int = 0
+  compiled_shapes: int = 0  # distinct padded shapes the step was called with
+
+  @property
+  def preemptions(self) -> int:
+    return self.preemptions_swap + self.preemptions_recompute
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.computed_tokens / self.seconds if self.seconds else 0.0
+
+  @property
+  def generated_tokens_per_s(self) -> float:
+    return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+  def as_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d.update(
+      preemptions=self.preemptions,
+      tokens_per_s=self.tokens_per_s,
+      generated_tokens_per_s=self.generated_tokens_per_s,
+    )
+    return d

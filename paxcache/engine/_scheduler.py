@@ -1,0 +1,296 @@
+"""The host side of one engine iteration: which sequences run, which are preempted.
+
+Policy (first come, first served by arrival, as in the paper and vLLM):
+
+1. **Plan the running groups.** Every running sequence with one pending token (a
+   decode) gets one token of the step's budget first; sequences still computing their
+   prompt share what is left, in arrival order (chunked prefill).
+2. **Preempt when blocks run out.** Groups are checked in arrival order; while the
+   blocks the next group needs exceed the free blocks, the latest-arrived running
+   group is preempted, by swapping its blocks to the host pool (``"swap"``) or by
+   freeing them and recomputing later (``"recompute"``). A swap that does not fit in
+   the host pool falls back to recomputation. A group is preempted as a whole.
+3. **Swap in** swapped groups, oldest first, only in an iteration without preemption
+   and while their blocks fit.
+4. **Append** the planned tokens to the allocator (copy-on-write pairs come out here).
+5. **Admit** waiting groups, oldest first, only when nothing is swapped out and no
+   group was preempted in this iteration, while rows, budget and blocks allow;
+   the first group that does not fit stops admission (no overtaking).
+6. **Fork** a request's ``n - 1`` extra samples in the step that computes the last
+   prompt token; they share every block (copy-on-write at their first own token).
+
+Blocks are taken lazily: a sequence holds exactly the tokens computed by the end of
+the current step. So every block the prefix cache has registered holds K/V that are
+written no later than this step, and appends (4) come before admissions (5) so a new
+request can hit blocks filled in this very step: each layer writes all the step's
+K/V before its attention reads them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from paxcache.allocator import BlockAllocator
+from paxcache.engine._request import Group, Seq, Status
+
+
+@dataclasses.dataclass(eq=False)
+class ScheduledSeq:
+  """Tokens ``seq.tokens[start:stop]`` computed this step for ``seq``.
+
+  ``samplers``: the sequences that sample their next token from this row's last
+  logits (empty for a prefill chunk that does not reach the last token; more than one
+  when the request is forked in this step).
+  """
+
+  seq: Seq
+  start: int
+  stop: int
+  slots: np.ndarray  # i32[stop - start]
+  samplers: list[Seq]
+
+
+@dataclasses.dataclass
+class Plan:
+  rows: list[ScheduledSeq] = dataclasses.field(default_factory=list)
+  cow_pairs: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+  swap_out: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[n, 2] (dev, host)
+  swap_in: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[n, 2] (host, dev)
+  prefix_hit_tokens: int = 0
+  admitted_prompt_tokens: int = 0
+  preemptions_swap: int = 0
+  preemptions_recompute: int = 0
+  forked: list[Seq] = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+  """Waiting / running / swapped queues over one :class:`BlockAllocator`.
+
+  Args:
+    allocator: the block allocator (its ``num_host_blocks`` is the swap space).
+    preemption_mode: ``"swap"`` or ``"recompute"``.
+    max_num_seqs: resident live sequences at most (block-table rows per step).
+    max_num_batched_tokens: query tokens per step at most (the chunked-prefill budget).
+    watermark_blocks: blocks admission leaves free while other groups run, so that
+      running sequences can grow without an immediate preemption.
+  """
+
+  def __init__(
+    self,
+    allocator: BlockAllocator,
+    *,
+    preemption_mode: str,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    watermark_blocks: int = 0,
+  ):
+    self.allocator = allocator
+    self.preemption_mode = preemption_mode
+    self.max_num_seqs = max_num_seqs
+    self.max_num_batched_tokens = max_num_batched_tokens
+    self.watermark_blocks = watermark_blocks
+    self.waiting: collections.deque[Group] = collections.deque()
+    self.running: list[Group] = []  # arrival order
+    self.swapped: collections.deque[Group] = collections.deque()
+
+  # ------------------------------------------------------------------ queues
+
+  def add(self, group: Group) -> None:
+    group.status = Status.WAITING
+    self.waiting.append(group)
+
+  def remove(self, group: Group) -> None:
+    """Takes ``group`` out of its queue and frees its blocks (abort or finish)."""
+    queue = {
+      Status.WAITING: self.waiting,
+      Status.RUNNING: self.running,
+      Status.SWAPPED: self.swapped,
+    }.get(group.status)
+    if queue is not None:
+      queue.remove(group)
+    for s in group.seqs:
+      if s.seq_id in self.allocator:
+        self.allocator.free(s.seq_id)
+    group.status = Status.FINISHED
+
+  def num_resident_seqs(self) -> int:
+    return sum(len(g.live) for g in self.running)
+
+  def has_work(self) -> bool:
+    return bool(self.waiting or self.running or self.swapped)
+
+  # ------------------------------------------------------------------ one iteration
+
+  def schedule(self) -> Plan:
+    plan = Plan()
+    alloc = self.allocator
+    budget = self.max_num_batched_tokens
+
+    # 1. Token budget for the running groups: decodes first, then prefill chunks.
+    chunks: dict[Seq, int] = {}
+    for g in self.running:
+      for s in g.live:
+        if s.num_pending == 1 and budget > 0:
+          chunks[s] = 1
+          budget -= 1
+    for g in self.running:
+      for s in g.live:
+        if s.num_pending > 1 and budget > 0:
+          chunks[s] = min(s.num_pending, budget)
+          budget -= chunks[s]
+
+    # 2. Blocks, in arrival order; preempt the latest-arrived group while short.
+    order = list(self.running)
+    kept: list[Group] = []
+    need_total = 0
+    while order:
+      g = order.pop(0)
+      need = self._blocks_to_append(g, chunks)
+      while need_total + need > alloc.num_free_blocks and order:
+        victim = order.pop()
+        budget += self._preempt(victim, plan, chunks)
+      if need_total + need > alloc.num_free_blocks:
+        budget += self._preempt(g, plan, chunks)
+        continue
+      need_total += need
+      kept.append(g)
+    preempted = plan.preemptions_swap + plan.preemptions_recompute > 0
+
+    # 3. Swap in, oldest first, while the blocks fit (never in an iteration that preempted).
+    while self.swapped and not preempted:
+      g = self.swapped[0]
+      live = g.live
+      if self.num_resident_seqs() + len(live) > self.max_num_seqs:
+        break
+      need = sum(alloc.blocks_needed_to_swap_in(s.seq_id) for s in live)
+      # +1 per sequence: its next token may need a block (or a copy-on-write copy).
+      if need + len(live) + need_total > alloc.num_free_blocks:
+        break
+      self.swapped.popleft()
+      for s in live:
+        plan.swap_in.append(alloc.swap_in(s.seq_id))
+      g.status = Status.RUNNING
+      self.running.append(g)
+      self.running.sort(key=lambda x: x.arrival)
+      for s in live:
+        if budget > 0:
+          chunks[s] = min(s.num_pending, budget)
+          budget -= chunks[s]
+      extra = self._blocks_to_append(g, chunks)
+      if need_total + extra > alloc.num_free_blocks:
+        for s in live:  # swapped in, but it computes from the next step on
+          budget += chunks.pop(s, 0)
+      else:
+        need_total += extra
+
+    # 4. Appends (copy-on-write pairs appear here).
+    for g in self.running:
+      decodes = [s for s in g.live if chunks.get(s) == 1 and s.num_pending == 1]
+      if decodes:
+        res = alloc.append_batch(
+          [s.seq_id for s in decodes], [s.tokens[s.num_computed] for s in decodes]
+        )
+        plan.cow_pairs.extend(map(tuple, res.cow_pairs.tolist()))
+        for s, slot in zip(decodes, res.slots, strict=True):
+          self._add_row(plan, g, s, s.num_computed, s.num_computed + 1, np.array([slot]))
+      for s in g.live:
+        c = chunks.get(s, 0)
+        if c and s not in decodes:
+          res = alloc.append_tokens(s.seq_id, s.tokens[s.num_computed : s.num_computed + c])
+          if res.cow is not None:
+            plan.cow_pairs.append(res.cow)
+          self._add_row(plan, g, s, s.num_computed, s.num_computed + c, res.slots)
+
+    # 5. Admission. The appends above have already taken their blocks.
+    need_total = 0
+    while self.waiting and not self.swapped and not preempted and budget > 0:
+      g = self.waiting[0]
+      live = g.live
+      rows = len(live) if g.forked else g.request.n
+      if self.num_resident_seqs() + rows > self.max_num_seqs or budget < len(live):
+        break
+      need = sum(alloc.blocks_needed_to_add(s.tokens) for s in live)
+      watermark = self.watermark_blocks if self.running else 0
+      if need + need_total + watermark > alloc.num_free_blocks:
+        break
+      self.waiting.popleft()
+      for s in live:
+        hit = alloc.num_cached_tokens(s.tokens)
+        stop = min(len(s.tokens), hit + max(budget, 1))
+        got = alloc.add_sequence(s.seq_id, s.tokens[:stop])
+        plan.prefix_hit_tokens += got
+        budget -= stop - got
+        s.num_computed = got
+        self._add_row(plan, g, s, got, stop, alloc.slots(s.seq_id, got, stop))
+      if not g.admitted:
+        plan.admitted_prompt_tokens += len(g.request.prompt)
+        g.admitted = True
+      g.status = Status.RUNNING
+      self.running.append(g)
+    return plan
+
+  # ------------------------------------------------------------------ helpers
+
+  def _add_row(self, plan: Plan, g: Group, s: Seq, start: int, stop: int, slots) -> None:
+    samplers = []
+    if stop == len(s.tokens):
+      samplers = [s]
+      if not g.forked:
+        # The last prompt token is computed now: fork the other samples off it.
+        for i in range(1, g.request.n):
+          child = Seq(
+            seq_id=(g.request.request_id, i),
+            index=i,
+            tokens=list(s.tokens),
+            prompt_len=s.prompt_len,
+          )
+          self.allocator.fork(s.seq_id, child.seq_id)
+          g.seqs.append(child)
+          samplers.append(child)
+          plan.forked.append(child)
+        g.forked = True
+    plan.rows.append(ScheduledSeq(s, start, stop, np.asarray(slots, np.int32), samplers))
+
+  def _blocks_to_append(self, g: Group, chunks: dict[Seq, int]) -> int:
+    alloc = self.allocator
+    decodes = [s.seq_id for s in g.live if chunks.get(s) == 1 and s.num_pending == 1]
+    need = alloc.blocks_needed_to_append(decodes, 1) if decodes else 0
+    for s in g.live:
+      c = chunks.get(s, 0)
+      if c and not (c == 1 and s.num_pending == 1):
+        need += alloc.blocks_needed_to_append([s.seq_id], c)
+    return need
+
+  def _preempt(self, g: Group, plan: Plan, chunks: dict[Seq, int]) -> int:
+    """Preempts ``g`` (swap, or recompute when swapping is off or does not fit); returns
+    the token budget its planned chunks held."""
+    alloc = self.allocator
+    live = g.live
+    freed_budget = sum(chunks.pop(s, 0) for s in live)
+    self.running.remove(g)
+    host_need = sum(alloc.sequence(s.seq_id).num_blocks for s in live)
+    if self.preemption_mode == "swap" and host_need <= alloc.num_free_host_blocks:
+      for s in live:
+        plan.swap_out.append(alloc.swap_out(s.seq_id))
+      g.status = Status.SWAPPED
+      _insert_by_arrival(self.swapped, g)
+      plan.preemptions_swap += 1
+    else:
+      for s in live:
+        alloc.free(s.seq_id)
+        s.num_computed = 0
+      g.status = Status.WAITING
+      _insert_by_arrival(self.waiting, g)
+      plan.preemptions_recompute += 1
+    return freed_budget
+
+
+def _insert_by_arrival(queue: collections.deque, g: Group) -> None:
+  """Puts a preempted group back in arrival order (it may be older than queued ones)."""
+  i = 0
+  while i < len(queue) and queue[i].arrival < g.arrival:
+    i += 1
+  queue.insert(i, g)
