@@ -82,7 +82,10 @@ def _attend_rows(
   p = jnp.where(mask, jnp.exp(logits - m), 0.0)
   denom = jnp.sum(p, axis=-1, keepdims=True)
   out = jnp.einsum("tkgs,ktsd->tkgd", p, v, precision=jax.lax.Precision.HIGHEST)
-  out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
+  # "No visible key" comes from the mask, not from denom: a NaN in a *visible* slot
+  # must surface as NaN (denom > 0 is False for NaN and would hide it as zeros).
+  has_key = jnp.any(mask, axis=-1, keepdims=True)
+  out = jnp.where(has_key, out / jnp.where(has_key, denom, 1.0), 0.0)
   return out.reshape(t, num_q_heads, head_dim)
 
 

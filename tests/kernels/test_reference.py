@@ -330,3 +330,16 @@ def test_no_query_rows_and_only_padding_rows():
   np.testing.assert_array_equal(np.asarray(out), 0.0)
   case, _ = make_case(rng, [5, 9], [0, 0], block_size=BS, pad_rows=0)
   assert run_both(case).shape == (0, 4, 16)
+
+
+def test_nan_in_a_visible_slot_surfaces_as_nan():
+  """A NaN a query can see (a model gone wrong, a bad kernel write) must not be hidden as
+  a zero output: only the rows that see it turn NaN, like the float64 loop."""
+  rng = np.random.default_rng(8)
+  case, used = make_case(rng, [9, 6], block_size=BS)
+  table = np.asarray(case["block_table"])
+  k = np.asarray(case["k_blocks"]).copy()
+  k[:, table[0, 0], 2, :] = np.nan  # position 2 of sequence 0, visible to its query
+  out = np.asarray(run_both({**case, "k_blocks": jnp.asarray(k)}))
+  assert np.isnan(out[0]).all()
+  assert np.isfinite(out[1]).all()
