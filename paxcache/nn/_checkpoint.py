@@ -21,7 +21,7 @@ TINY_CHECKPOINT = os.path.join(_REPO_ROOT, "checkpoints", "tiny")
 def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> None:
   """Writes ``config.json`` (with ``extra`` under key ``"extra"``) and ``params.msgpack``."""
   os.makedirs(directory, exist_ok=True)
-  params = nnx.state(model, nnx.Param).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params = jax.tree.map(np.asarray, params)
   with open(os.path.join(directory, PARAMS_FILE), "wb") as f:
     f.write(serialization.msgpack_serialize(params))

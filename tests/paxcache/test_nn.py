@@ -1,0 +1,266 @@
+"""Tests for paxcache.nn: the paged attention layer and the decoder against independent oracles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import kernels
+from paxcache.cache import PagedKVCache
+from paxcache.nn import (
+  Decoder,
+  DecoderConfig,
+  PagedAttention,
+  apply_rope,
+  greedy_generate_dense_cache,
+  greedy_generate_no_cache,
+  load_decoder,
+  save_decoder,
+)
+
+# One tolerance table. float32: the model's matmuls reduce over <= 192 terms, so rounding
+# differences between the paged, dense and float64 paths stay near 1e-6; 2e-5 leaves 10x room.
+TOL = {"float32": dict(rtol=2e-5, atol=2e-5)}
+
+
+def _np_rope(x, pos, theta):
+  half = x.shape[-1] // 2
+  inv = theta ** (-np.arange(half, dtype=np.float64) / half)
+  ang = pos.astype(np.float64)[:, None, None] * inv
+  x1, x2 = x[..., :half], x[..., half:]
+  return np.concatenate(
+    [x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1
+  )
+
+
+def _np_layer(layer: PagedAttention, xs, theta):
+  """Float64 NumPy oracle: each sequence's causal attention over its full token list."""
+  w = {
+    n: np.asarray(getattr(layer, n).kernel[...], np.float64)
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+  }
+  hq, hkv, d = layer.num_q_heads, layer.num_kv_heads, layer.head_dim
+  outs = []
+  for x in xs:
+    x = np.asarray(x, np.float64)
+    t = x.shape[0]
+    pos = np.arange(t)
+    q = _np_rope((x @ w["q_proj"]).reshape(t, hq, d), pos, theta)
+    k = _np_rope((x @ w["k_proj"]).reshape(t, hkv, d), pos, theta)
+    v = (x @ w["v_proj"]).reshape(t, hkv, d)
+    o = np.zeros((t, hq, d))
+    for h in range(hq):
+      kh = h // (hq // hkv)
+      logits = q[:, h] @ k[:, kh].T / np.sqrt(d)
+      logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      o[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, kh]
+    outs.append(o.reshape(t, hq * d) @ w["o_proj"])
+  return outs
+
+
+def test_rope_matches_numpy_float64():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((7, 3, 8)).astype(np.float32)
+  pos = np.array([0, 1, 5, 17, 100, 1000, 4999], np.int32)
+  got = apply_rope(jnp.asarray(x), jnp.asarray(pos), 10_000.0)
+  np.testing.assert_allclose(got, _np_rope(x.astype(np.float64), pos, 10_000.0), **TOL["float32"])
+
+
+def _scatter_table(rng, lengths, block_size, num_blocks, max_blocks):
+  """Shuffled block tables: sequence b gets distinct random physical blocks."""
+  perm = rng.permutation(num_blocks)
+  table = np.full((len(lengths), max_blocks), kernels.INVALID_BLOCK, np.int32)
+  used = 0
+  for b, n in enumerate(lengths):
+    nb = -(-n // block_size)
+    table[b, :nb] = perm[used : used + nb]
+    used += nb
+  return table
+
+
+def _slots(table, b, positions, block_size):
+  return np.array(
+    [table[b, p // block_size] * block_size + p % block_size for p in positions], np.int32
+  )
+
+
+@pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_paged_layer_matches_numpy_over_chunked_prefill_and_decode(num_kv_heads):
+  """Two sequences: a ragged prefill chunk, a second chunk after cached context, then a
+  decode step; unused blocks hold NaN. Every output row matches the float64 oracle."""
+  rng = np.random.default_rng(1)
+  d_model, bs, num_blocks, theta = 32, 4, 16, 10_000.0
+  layer = PagedAttention(d_model, 4, num_kv_heads, 8, rope_theta=theta, rngs=nnx.Rngs(3))
+  lengths = [11, 6]
+  xs = [rng.standard_normal((n, d_model)).astype(np.float32) for n in lengths]
+  want = _np_layer(layer, xs, theta)
+  table = _scatter_table(rng, lengths, bs, num_blocks, 4)
+  nan = np.full((num_kv_heads, num_blocks, bs, 8), np.nan, np.float32)
+  pools = (jnp.asarray(nan), jnp.asarray(nan))
+  # (start, stop) per sequence for each call: prefill chunk, second chunk, decode.
+  calls = [[(0, 5), (0, 3)], [(5, 10), (3, 5)], [(10, 11), (5, 6)]]
+  for call in calls:
+    x = np.concatenate([xs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
+    q_lens = [hi - lo for lo, hi in call]
+    decode = all(q == 1 for q in q_lens)
+    cu = None if decode else jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
+    out, pools = layer(
+      jnp.asarray(x),
+      jnp.asarray(pos),
+      pools,
+      block_table=jnp.asarray(table),
+      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+      slot_mapping=jnp.asarray(slots),
+      cu_q_lens=cu,
+    )
+    got = np.split(np.asarray(out), np.cumsum(q_lens)[:-1])
+    for b, (lo, hi) in enumerate(call):
+      np.testing.assert_allclose(got[b], want[b][lo:hi], **TOL["float32"])
+
+
+def test_whole_cache_with_layer_index_matches_per_layer_pools():
+  """The PagedKVCache form writes only its layer and gives the same output."""
+  rng = np.random.default_rng(2)
+  layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))
+  cache = PagedKVCache(
+    k=jnp.asarray(rng.standard_normal((3, 1, 8, 4, 8)), jnp.float32),
+    v=jnp.asarray(rng.standard_normal((3, 1, 8, 4, 8)), jnp.float32),
+  )
+  before = jax.tree.map(np.asarray, cache)
+  x = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
+  args = dict(
+    block_table=jnp.asarray([[6, 2, -1]], jnp.int32),
+    lengths=jnp.asarray([5], jnp.int32),
+    slot_mapping=jnp.asarray([24, 25, 26, 27, 8], jnp.int32),
+    cu_q_lens=jnp.asarray([0, 5], jnp.int32),
+  )
+  pos = jnp.arange(5, dtype=jnp.int32)
+  out_pools, (k1, v1) = layer(x, pos, (cache.k[1], cache.v[1]), **args)
+  out_cache, new = layer(x, pos, cache, layer=1, **args)
+  np.testing.assert_array_equal(out_pools, out_cache)
+  np.testing.assert_array_equal(new.k[1], k1)
+  np.testing.assert_array_equal(new.v[1], v1)
+  for other in (0, 2):
+    np.testing.assert_array_equal(new.k[other], before.k[other])
+
+
+def test_decoder_paged_chunks_match_no_cache_forward():
+  config = DecoderConfig(
+    d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=64
+  )
+  model = Decoder(config, rngs=nnx.Rngs(5))
+  rng = np.random.default_rng(3)
+  seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (13, 7)]
+  want = [np.asarray(model.forward(jnp.asarray(s)[None]))[0] for s in seqs]
+  bs = 4
+  table = _scatter_table(rng, [13, 7], bs, 12, 4)
+  cache = model.init_cache(12, bs)
+  for call in ([(0, 9), (0, 7)], [(9, 13)]):
+    tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
+    q_lens = [hi - lo for lo, hi in call]
+    logits, cache = model(
+      jnp.asarray(tok),
+      jnp.asarray(pos),
+      cache,
+      block_table=jnp.asarray(table[: len(call)]),
+      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+      slot_mapping=jnp.asarray(slots),
+      cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+    )
+    got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
+    for b, (lo, hi) in enumerate(call):
+      np.testing.assert_allclose(got[b], want[b][lo:hi], **TOL["float32"])
+
+
+def test_forward_logit_rows_equals_full_forward_rows():
+  model = Decoder(DecoderConfig(d_model=32, num_layers=2, head_dim=8, mlp_dim=64), rngs=nnx.Rngs(0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 20)), jnp.int32)
+  rows = jnp.asarray([[19, 3], [0, 11]], jnp.int32)
+  full = np.asarray(model.forward(tokens))
+  got = np.asarray(model.forward(tokens, logit_rows=rows))
+  np.testing.assert_allclose(
+    got, np.take_along_axis(full, np.asarray(rows)[:, :, None], 1), **TOL["float32"]
+  )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return load_decoder()
+
+
+def test_trained_checkpoint_writes_corpus_like_text(tiny):
+  """The committed model learned the corpus: low loss on it and greedy text made of its words."""
+  with open("data/tiny_corpus.txt") as f:
+    text = f.read()
+  chunk = np.frombuffer(text[1000:1129].encode(), np.uint8).astype(np.int32)
+  logits = tiny.forward(jnp.asarray(chunk[None, :-1]))
+  nll = -np.mean(np.asarray(jax.nn.log_softmax(logits))[0, np.arange(128), chunk[1:]])
+  assert nll < 0.7, f"{nll:.3f} nats/byte; uniform would be {np.log(256):.2f}"
+  out = bytes(greedy_generate_no_cache(tiny, [list(b"the old man ")], 60)[0]).decode()
+  words = set(text.replace(".", " ").split())
+  got = out.replace(".", " ").split()[:-1]  # the last word may be cut off
+  assert got and all(w in words for w in got), out
+
+
+def test_contiguous_cache_generation_equals_no_cache_generation(tiny):
+  prompts = [list(b"a young girl "), list(b"in the spring")]
+  assert greedy_generate_dense_cache(tiny, prompts, 24) == greedy_generate_no_cache(
+    tiny, prompts, 24
+  )
+
+
+def test_checkpoint_round_trip(tmp_path):
+  config = DecoderConfig(
+    d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32
+  )
+  model = Decoder(config, rngs=nnx.Rngs(9))
+  save_decoder(model, str(tmp_path), {"note": "x"})
+  loaded = load_decoder(str(tmp_path))
+  assert loaded.config == config
+  tokens = jnp.asarray([[1, 2, 3, 250]], jnp.int32)
+  np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
+
+
+def test_bad_inputs_raise_clear_errors():
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    PagedAttention(16, 3, 2, 8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="backend"):
+    PagedAttention(16, 2, 1, 8, backend="cuda", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="num_q_heads"):
+    DecoderConfig(num_q_heads=4, num_kv_heads=3)
+  layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))
+  cache = PagedKVCache.create(2, 1, 4, 4, 8)
+  args = dict(
+    block_table=jnp.zeros((1, 2), jnp.int32),
+    lengths=jnp.ones((1,), jnp.int32),
+    slot_mapping=jnp.zeros((1,), jnp.int32),
+  )
+  x, pos = jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32)
+  with pytest.raises(ValueError, match="layer"):
+    layer(x, pos, cache, **args)
+  with pytest.raises(ValueError, match=r"x must be \[num_tokens, d_model\]"):
+    layer(jnp.zeros((1, 1, 16)), pos, cache, layer=0, **args)
+
+
+def test_unavailable_backend_raises_instead_of_falling_back():
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  layer = PagedAttention(16, 2, 1, 8, backend="gpu", rngs=nnx.Rngs(0))
+  with pytest.raises(kernels.BackendUnavailableError):
+    layer(
+      jnp.zeros((1, 16)),
+      jnp.zeros((1,), jnp.int32),
+      PagedKVCache.create(1, 1, 4, 4, 8),
+      layer=0,
+      block_table=jnp.zeros((1, 2), jnp.int32),
+      lengths=jnp.ones((1,), jnp.int32),
+      slot_mapping=jnp.zeros((1,), jnp.int32),
+    )
