@@ -86,6 +86,7 @@ def prefill_case(
   pad_rows=5,
   window=None,
   cap=None,
+  block_sizes=None,
   interpret=False,
 ):
   q_lens = np.asarray(q_lens, np.int32)
@@ -109,7 +110,9 @@ def prefill_case(
     jax.random.key(int(rng.integers(1 << 30))), (num_tokens, hq, d), jnp.float32
   ).astype(dtype)
   kw = dict(scale=d**-0.5, sliding_window=window, logit_soft_cap=cap)
-  out = gpu.paged_attention(q, kb, vb, table, lens, cu, interpret=interpret, **kw)
+  out = gpu.paged_attention(
+    q, kb, vb, table, lens, cu, block_sizes=block_sizes, interpret=interpret, **kw
+  )
   ref = reference.paged_attention(q, kb, vb, table, lens, cu, rows_per_chunk=32, **kw)
   return out, ref
 
@@ -194,6 +197,21 @@ def cases(smoke: bool):
     "prefill 4x4096 causal bf16 bs16",
     lambda r: prefill_case(r, q_lens=[4096] * 4, ctx_lens=[0] * 4, block_size=16, pad_rows=0),
   )
+  for cfg in (
+    dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=2),
+    dict(prefill_q_tile=128, prefill_num_warps=4, prefill_heads_per_program=1),
+  ):
+    bsz = gpu.GpuBlockSizes(**cfg)
+    yield (
+      f"mixed chunked prefill + decode bf16 bs32 {cfg}",
+      lambda r, bsz=bsz: prefill_case(
+        r,
+        q_lens=[700, 1, 37, 1, 0, 300],
+        ctx_lens=[1000, 4000, 129, 0, 50, 0],
+        block_size=32,
+        block_sizes=bsz,
+      ),
+    )
   yield (
     "mixed chunked prefill + decode bf16 bs16",
     lambda r: prefill_case(

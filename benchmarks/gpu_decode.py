@@ -35,21 +35,26 @@ DECODE_SHAPES = ((8, 4096), (32, 4096), (64, 8192), (128, 4096))
 BLOCK_SIZES = (16, 32, 64, 128)
 PREFILL_LEN = 4096
 
-# Sweep of decode settings (kv_tile, warps, stages, splits); the first is the default.
-DECODE_SWEEP = (
-  dict(),
-  dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2),
-  dict(decode_kv_tile=64, decode_num_warps=8, decode_num_stages=3),
-  dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=4),
-  dict(decode_kv_tile=32, decode_num_warps=4, decode_num_stages=4),
-  dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3),
+# Extra decode settings timed with --decode-sweep (the defaults come from tuning.py).
+SWEEP_CONFIGS = (
+  dict(decode_kv_tile=128, decode_num_stages=2),
+  dict(decode_kv_tile=64, decode_num_stages=4),
+  dict(decode_num_splits=8),
 )
-SPLIT_SWEEP = (4, 8, 16)  # extra explicit split counts tried at small batch
-PREFILL_SWEEP = (
+PREFILL_SWEEP = (  # the first is the default
   dict(),
   dict(prefill_q_tile=128, prefill_kv_tile=64, prefill_num_warps=4, prefill_num_stages=3),
+  dict(
+    prefill_q_tile=128,
+    prefill_kv_tile=64,
+    prefill_num_warps=4,
+    prefill_num_stages=3,
+    prefill_heads_per_program=1,
+  ),
+  dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=2),
+  dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=3),
+  dict(prefill_q_tile=256, prefill_kv_tile=32, prefill_num_warps=8, prefill_num_stages=3),
   dict(prefill_q_tile=128, prefill_kv_tile=128, prefill_num_warps=8, prefill_num_stages=2),
-  dict(prefill_q_tile=64, prefill_kv_tile=64, prefill_num_warps=4, prefill_num_stages=3),
   dict(prefill_q_tile=128, prefill_kv_tile=32, prefill_num_warps=4, prefill_num_stages=4),
 )
 
@@ -151,9 +156,16 @@ def measure(runner, name, fn, args, nbytes=None, flops=None, **meta):
   return runner.record(**row)
 
 
-def decode_bench(runner, shapes, block_sizes, sweep, builtin):
+def decode_bench(runner, shapes, block_sizes, builtin, passes, sweep):
+  """Every shape x block size: ours (scattered, contiguous), built-in, XLA.
+
+  Pass 1 compiles and times everything; passes 2.. re-time the same compiled
+  functions, interleaved over the shapes, so drift of the card shows as spread.
+  """
   rng = np.random.default_rng(0)
-  results = {}
+  cases = []
+  default = gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16)
+  ours = ours_fn(default)
   for batch, context in shapes:
     for bs in block_sizes:
       meta = dict(
@@ -181,71 +193,56 @@ def decode_bench(runner, shapes, block_sizes, sweep, builtin):
       nbytes = batch * context * 2 * HKV * D * 2
       args = (q, kb, vb, table, lengths)
       ident = jnp.arange(table.size, dtype=jnp.int32).reshape(table.shape)
-      args_c = (q, kb, vb, ident, lengths)
-      r = {"ours": [], "contig": [], "builtin": [], "xla": None}
-      default = gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16)
-      row = measure(runner, "ours", ours_fn(default), args, nbytes, config="default", **meta)
-      r["ours"].append((row, default))
-      r["contig"].append(
-        measure(
-          runner, "ours_contiguous", ours_fn(default), args_c, nbytes, config="default", **meta
-        )
-      )
-      if builtin is not None and runner.left() > 30:
+      timers = [
+        ("ours", ours, args, dict(config="default")),
+        ("ours_contiguous", ours, (q, kb, vb, ident, lengths), dict(config="default")),
+      ]
+      if builtin is not None:
         for ks in (1, 4, 16):
-          if table.shape[1] % ks:
-            continue
-          fn = jax.jit(functools.partial(builtin, k_splits=ks))
-          r["builtin"].append(measure(runner, "builtin", fn, args, nbytes, k_splits=ks, **meta))
-      if runner.left() > 30:
-        r["xla"] = measure(
-          runner, "xla_gather_einsum", jax.jit(xla_paged_decode), args, nbytes, **meta
-        )
-      else:
-        r["xla"] = {"error": "skipped: time budget"}
-      results[(batch, context, bs)] = (r, args, args_c, nbytes, meta)
-  # Second pass: the sweep, while the time budget lasts; issue 4's shapes first.
-  priority = {(64, 8192): 0, (128, 4096): 1, (8, 4096): 2}
-  for key, (r, args, _args_c, nbytes, meta) in sorted(
-    results.items(), key=lambda kv: (priority.get(kv[0][:2], 3), kv[0][2])
-  ):
-    configs = [dict(c) for c in sweep[1:]]
-    if key[0] * HKV < 264:
-      configs += [dict(decode_num_splits=s) for s in SPLIT_SWEEP]
-    for c in configs:
-      if runner.left() < 60:
-        print("time budget spent: sweep cut short", flush=True)
-        break
-      base = dataclasses.asdict(gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16))
-      bsz = gpu.GpuBlockSizes(**{**base, **c})
-      row = measure(runner, "ours", ours_fn(bsz), args, nbytes, config=c, **meta)
-      r["ours"].append((row, bsz))
-  # Contiguous table with each shape's best config, so paging overhead compares like with like.
-  for r, _args, args_c, nbytes, meta in results.values():
-    best_row, best_cfg = max(r["ours"], key=lambda rc: rc[0].get("tbps", 0.0))
-    if best_row.get("config") != "default" and runner.left() > 20:
-      r["contig"].append(
-        measure(
-          runner,
-          "ours_contiguous",
-          ours_fn(best_cfg),
-          args_c,
-          nbytes,
-          config=best_row.get("config"),
-          **meta,
-        )
+          if table.shape[1] % ks == 0:
+            timers.append(
+              ("builtin", jax.jit(functools.partial(builtin, k_splits=ks)), args, dict(k_splits=ks))
+            )
+      if sweep:
+        for c in SWEEP_CONFIGS:
+          bsz = dataclasses.replace(default, **c)
+          timers.append(("ours_sweep", ours_fn(bsz), args, dict(config=c)))
+      rows = {}
+      for i, (name, fn, a, extra) in enumerate(timers):
+        rows[i] = [measure(runner, name, fn, a, nbytes, **extra, **meta, rep=0)]
+      xla = measure(
+        runner, "xla_gather_einsum", jax.jit(xla_paged_decode), args, nbytes, **meta, rep=0
       )
-  return results
+      cases.append(dict(meta=meta, nbytes=nbytes, timers=timers, rows=rows, xla=xla))
+  for rep in range(1, passes):
+    print(f"re-timing pass {rep}  ({runner.left():.0f}s left)", flush=True)
+    for c in cases:
+      for i, (name, fn, a, extra) in enumerate(c["timers"]):
+        if "error" in c["rows"][i][0] or runner.left() < 15:
+          continue
+        c["rows"][i].append(
+          measure(runner, name, fn, a, c["nbytes"], **extra, **c["meta"], rep=rep)
+        )
+  return cases
+
+
+def _median_tbps(rows):
+  vals = [r["tbps"] for r in rows if "tbps" in r]
+  return (float(np.median(vals)), min(vals), max(vals)) if vals else (None, None, None)
 
 
 def prefill_bench(runner, block_sizes, sweep):
+  """Causal 4 x 4096 into paged K/V: the sweep at block 64, then its best at every block size."""
   rng = np.random.default_rng(1)
   batch, length = 4, PREFILL_LEN
   pairs = batch * length * length / 2
   flops = 4 * D * HQ * pairs
   rows = []
-  for bs in block_sizes:
-    print(f"prefill {batch}x{length} block {bs}  ({runner.left():.0f}s left)", flush=True)
+  base = gpu.default_block_sizes(
+    head_dim=D, kv_dtype=jnp.bfloat16, num_tokens=batch * length, decode=False
+  )
+
+  def run(bs, configs):
     kb, vb, table, lengths, _, _ = make_paged(
       rng,
       batch=batch,
@@ -270,17 +267,16 @@ def prefill_bench(runner, block_sizes, sweep):
       head_dim=D,
       dtype="bfloat16",
     )
-    configs = sweep if bs == 64 else sweep[:1]
+    out = []
     for c in configs:
       if runner.left() < 30:
         break
-      base = dataclasses.asdict(
-        gpu.default_block_sizes(
-          head_dim=D, kv_dtype=jnp.bfloat16, num_tokens=q.shape[0], decode=False
-        )
+      print(
+        f"prefill {batch}x{length} block {bs} {c or 'default'}  ({runner.left():.0f}s left)",
+        flush=True,
       )
-      bsz = gpu.GpuBlockSizes(**{**base, **c})
-      rows.append(
+      bsz = dataclasses.replace(base, **c)
+      out.append(
         measure(
           runner,
           "ours_prefill",
@@ -291,6 +287,17 @@ def prefill_bench(runner, block_sizes, sweep):
           **meta,
         )
       )
+    return out
+
+  ref_bs = 64 if 64 in block_sizes else block_sizes[0]
+  swept = run(ref_bs, sweep)
+  rows += swept
+  ok = [r for r in swept if "tflops" in r]
+  best = max(ok, key=lambda r: r["tflops"])["config"] if ok else "default"
+  best = {} if best == "default" else best
+  for bs in block_sizes:
+    if bs != ref_bs:
+      rows += run(bs, [best])
   # Dense peer on contiguous K/V (the no-paging limit).
   try:
     qd = jax.random.normal(jax.random.key(3), (batch, length, HQ, D), jnp.bfloat16)
@@ -301,7 +308,14 @@ def prefill_bench(runner, block_sizes, sweep):
       )
     )
     rows.append(
-      measure(runner, "cudnn_dense", fn, (qd, kd, kd), flops=flops, **dict(meta, block_size=None))
+      measure(
+        runner,
+        "cudnn_dense",
+        fn,
+        (qd, kd, kd),
+        flops=flops,
+        **dict(kind="prefill", batch=batch, q_len=length, context=length, block_size=None),
+      )
     )
   except Exception:  # noqa: BLE001
     traceback.print_exc()
@@ -315,7 +329,9 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=420.0, help="stop the sweeps after this")
   p.add_argument("--no-builtin", action="store_true")
   p.add_argument("--no-prefill", action="store_true")
-  p.add_argument("--no-sweep", action="store_true")
+  p.add_argument("--no-sweep", action="store_true", help="prefill: default config only")
+  p.add_argument("--decode-sweep", action="store_true", help="also time SWEEP_CONFIGS")
+  p.add_argument("--passes", type=int, default=3, help="timing passes over the decode cases")
   p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
   args = p.parse_args(argv)
   global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN
@@ -338,35 +354,45 @@ def main(argv=None):
 
   shapes = DECODE_SHAPES[:1] if args.quick else DECODE_SHAPES
   bss = BLOCK_SIZES[:1] if args.quick else BLOCK_SIZES
-  sweep = DECODE_SWEEP[:1] if (args.quick or args.no_sweep) else DECODE_SWEEP
-  # Prefill before the decode sweep so its default rows exist even if the budget runs out.
   prefill_rows = []
   if not args.no_prefill:
     psweep = PREFILL_SWEEP[:1] if (args.quick or args.no_sweep) else PREFILL_SWEEP
     prefill_rows = prefill_bench(runner, bss, psweep)
-  results = decode_bench(runner, shapes, bss, sweep, builtin)
+  cases = decode_bench(runner, shapes, bss, builtin, args.passes, args.decode_sweep)
 
   summary = []
-  for r, _, _, _, meta in results.values():
-    best_row, _ = max(r["ours"], key=lambda rc: rc[0].get("tbps", 0.0))
-    contig = max((c.get("tbps", 0.0) for c in r["contig"]), default=None)
-    builtin_ok = [b for b in r["builtin"] if "tbps" in b]
-    best_builtin = max(builtin_ok, key=lambda b: b["tbps"]) if builtin_ok else None
+  for c in cases:
+    meta, rows = c["meta"], c["rows"]
+    by_name = {}
+    for i, (name, _, _, extra) in enumerate(c["timers"]):
+      by_name.setdefault(name, []).append((extra, rows[i]))
+    ours_med, ours_min, ours_max = _median_tbps(by_name["ours"][0][1])
+    contig_med, _, _ = _median_tbps(by_name["ours_contiguous"][0][1])
+    best_builtin, best_ks, builtin_err = None, None, "not run"
+    for extra, brows in by_name.get("builtin", []):
+      med, _, _ = _median_tbps(brows)
+      if med is None:
+        builtin_err = builtin_err if best_builtin else brows[0].get("error")
+      elif best_builtin is None or med > best_builtin:
+        best_builtin, best_ks, builtin_err = med, extra["k_splits"], None
+    ceil = ceiling["ceiling_tbps"]
     summary.append(
       dict(
         **meta,
-        time_ms=best_row.get("time_ms"),
-        tbps=best_row.get("tbps"),
-        ceiling_tbps=ceiling["ceiling_tbps"],
-        fraction_of_ceiling=(best_row.get("tbps", 0) / ceiling["ceiling_tbps"]),
-        builtin_tbps=best_builtin["tbps"] if best_builtin else None,
-        builtin_k_splits=best_builtin["k_splits"] if best_builtin else None,
-        builtin_error=None
-        if best_builtin
-        else (r["builtin"][0].get("error") if r["builtin"] else "not run"),
-        contiguous_tbps=contig,
-        xla_tbps=r["xla"].get("tbps"),
-        config=best_row.get("config"),
+        time_ms=(c["nbytes"] / ours_med / 1e9) if ours_med else None,
+        tbps=ours_med,
+        tbps_min=ours_min,
+        tbps_max=ours_max,
+        passes=len(by_name["ours"][0][1]),
+        ceiling_tbps=ceil,
+        fraction_of_ceiling=ours_med / ceil if ours_med else None,
+        builtin_tbps=best_builtin,
+        builtin_k_splits=best_ks,
+        builtin_error=builtin_err,
+        contiguous_tbps=contig_med,
+        paging_overhead=(1 - ours_med / contig_med) if (ours_med and contig_med) else None,
+        xla_tbps=c["xla"].get("tbps"),
+        config="default",
         **runner.env,
       )
     )
@@ -396,18 +422,19 @@ def main(argv=None):
 
   print(f"\n{runner.env}  ceiling {ceiling}")
   print(
-    f"{'shape':>12} {'blk':>4} {'ours':>6} {'%ceil':>6} {'contig':>6} {'builtin':>8} "
-    f"{'xla':>6}  config"
+    f"{'shape':>12} {'blk':>4} {'ours':>6} {'min-max':>11} {'%ceil':>6} {'contig':>6} "
+    f"{'builtin':>8} {'xla':>6}"
   )
+
+  def f(x):
+    return f"{x:.2f}" if isinstance(x, float) else "fail"
+
   for s in summary:
-
-    def f(x):
-      return f"{x:.2f}" if isinstance(x, float) else "fail"
-
     print(
       f"{s['batch']:>5}x{s['context']:<6} {s['block_size']:>4} {f(s['tbps']):>6} "
-      f"{100 * s['fraction_of_ceiling']:>5.1f}% {f(s['contiguous_tbps']):>6} "
-      f"{f(s['builtin_tbps']):>8} {f(s['xla_tbps']):>6}  {s['config']}"
+      f"{f(s['tbps_min'])}-{f(s['tbps_max'])} "
+      f"{100 * (s['fraction_of_ceiling'] or 0):>5.1f}% {f(s['contiguous_tbps']):>6} "
+      f"{f(s['builtin_tbps']):>8} {f(s['xla_tbps']):>6}"
     )
   for s in prefill_rows:
     print(

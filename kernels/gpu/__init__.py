@@ -68,6 +68,12 @@ def validate_gpu_inputs(
       f"k_blocks {_shape_str(k_blocks)} has >= 2**31 token slots; the GPU kernels index "
       "slots with int32"
     )
+  hp = getattr(block_sizes, "prefill_heads_per_program", None)
+  if hp is not None and group % hp:
+    raise ValueError(
+      f"block_sizes.prefill_heads_per_program {hp} must divide the {group} query heads per "
+      f"KV head (q {_shape_str(q)}, k_blocks {_shape_str(k_blocks)})"
+    )
   if block_sizes is not None and not isinstance(block_sizes, GpuBlockSizes):
     raise ValueError(
       f"block_sizes for the GPU backend must be a kernels.gpu.GpuBlockSizes, got "

@@ -34,6 +34,21 @@ _START, _END, _POS0, _SEQ, _KLEN = range(5)
 _NCOL = 8
 
 
+def heads_per_program(group: int, q_tile: int, requested: int | None) -> int:
+  """Query heads of one GQA group that share a prefill program (a power of two).
+
+  Auto: the largest power of two dividing ``group`` that leaves >= 16 tokens per tile;
+  more heads per program means each K/V tile feeds more rows (higher arithmetic
+  intensity, fewer L2 reads) and a decode row fills ``hp`` rows instead of one.
+  """
+  if requested is not None:
+    return requested
+  hp = 1
+  while group % (2 * hp) == 0 and q_tile // (2 * hp) >= 16:
+    hp *= 2
+  return hp
+
+
 def build_schedule(cu_q_lens, lengths, num_tokens: int, q_tile: int, sliding_window):
   """Query tiles of a ragged batch, heaviest first.
 
@@ -84,6 +99,7 @@ def _prefill_kernel(
   *,
   num_q_heads,
   group,
+  heads_per_program,
   head_dim,
   block_size,
   num_blocks,
@@ -95,23 +111,29 @@ def _prefill_kernel(
   logit_soft_cap,
   cdtype,
 ):
-  h = pl.program_id(0)
+  hg = pl.program_id(0)  # heads hg * heads_per_program + [0, heads_per_program)
   i = pl.program_id(1)
   start = sched_ref[i * _NCOL + _START]
   end = sched_ref[i * _NCOL + _END]
   pos0 = sched_ref[i * _NCOL + _POS0]
   b = sched_ref[i * _NCOL + _SEQ]
   klen = sched_ref[i * _NCOL + _KLEN]
-  kvh = h // group
+  kvh = (hg * heads_per_program) // group
 
   cols = jnp.arange(head_dim, dtype=jnp.int32)
+  # Row r of the tile is token r // heads_per_program, query head r % heads_per_program
+  # (of this program's heads): the heads of one GQA group share every K/V load.
   r = jnp.arange(q_tile, dtype=jnp.int32)
-  row_ok = start + r < end
-  q_rows = (start + r) * num_q_heads + h
+  hp_shift = int(math.log2(heads_per_program))
+  t = jnp.right_shift(r, hp_shift)
+  row_ok = start + t < end
+  q_rows = (
+    (start + t) * num_q_heads + hg * heads_per_program + jnp.bitwise_and(r, heads_per_program - 1)
+  )
   q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
-  pos = pos0 + r
+  pos = pos0 + t
   pos_last = pos0 + (end - start) - 1
 
   hi = jnp.clip(pos_last + 1, 0, klen)  # keys [lo, hi) are seen by some row
@@ -224,12 +246,16 @@ def paged_prefill(
   group = num_q_heads // num_kv_heads
   q_tile = block_sizes.prefill_q_tile
   kv_tile = block_sizes.prefill_kv_tile
-  sched = build_schedule(cu_q_lens, lengths.astype(jnp.int32), num_tokens, q_tile, sliding_window)
+  hp = heads_per_program(group, q_tile, block_sizes.prefill_heads_per_program)
+  sched = build_schedule(
+    cu_q_lens, lengths.astype(jnp.int32), num_tokens, q_tile // hp, sliding_window
+  )
   num_tiles = sched.shape[0]
   kernel = functools.partial(
     _prefill_kernel,
     num_q_heads=num_q_heads,
     group=group,
+    heads_per_program=hp,
     head_dim=head_dim,
     block_size=block_size,
     num_blocks=num_blocks,
@@ -244,7 +270,7 @@ def paged_prefill(
   flat_rows = num_kv_heads * num_blocks * block_size
   out = pl.pallas_call(
     kernel,
-    grid=(num_q_heads, num_tiles),
+    grid=(num_q_heads // hp, num_tiles),
     out_shape=jax.ShapeDtypeStruct((num_tokens * num_q_heads, head_dim), q.dtype),
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.prefill_num_warps, num_stages=block_sizes.prefill_num_stages

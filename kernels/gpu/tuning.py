@@ -38,6 +38,9 @@ class GpuBlockSizes:
       pipeline depth of the decode kernel.
     prefill_q_tile: query rows (of one query head, one sequence) per prefill program.
     prefill_kv_tile: K/V tokens per prefill inner step.
+    prefill_heads_per_program: query heads of one GQA group that one prefill program
+      takes together (rows = q_tile // heads tokens x heads); must divide the group.
+      None: the largest power of two dividing the group with >= 16 tokens per tile.
     prefill_num_warps, prefill_num_stages: as for decode, for the prefill kernel.
   """
 
@@ -47,6 +50,7 @@ class GpuBlockSizes:
   decode_num_stages: int = 3
   prefill_q_tile: int = 128
   prefill_kv_tile: int = 64
+  prefill_heads_per_program: int | None = None
   prefill_num_warps: int = 8
   prefill_num_stages: int = 3
 
@@ -68,6 +72,12 @@ class GpuBlockSizes:
       value = getattr(self, name)
       if not (isinstance(value, int) and 1 <= value <= 8):
         raise ValueError(f"GpuBlockSizes.{name} must be an int in [1, 8], got {value!r}")
+    hp = self.prefill_heads_per_program
+    if hp is not None and not (_is_pow2(hp) and hp <= self.prefill_q_tile):
+      raise ValueError(
+        "GpuBlockSizes.prefill_heads_per_program must be None or a power of two <= "
+        f"prefill_q_tile ({self.prefill_q_tile}), got {hp!r}"
+      )
     splits = self.decode_num_splits
     if splits is not None and not (isinstance(splits, int) and splits >= 1):
       raise ValueError(
