@@ -1,10 +1,11 @@
 r"""Experiment 2c: requests that fit one KV memory budget, contiguous against paged.
 
-Full run (1,000 ShareGPT-like requests; about 10 seconds on one CPU core)::
+Full run (1,000 ShareGPT-like requests, and 128 scaled-down requests through the engine;
+about 2-3 minutes on CPU, most of it compiling the engine's step shapes)::
 
   python -m experiments.run --config=configs/batch_capacity.py --workdir=/tmp/batch_capacity
 
-Quick run (300 requests; a few seconds)::
+Quick run (300 requests, no engine run; a few seconds)::
 
   python -m experiments.run --config=configs/batch_capacity.py:quick --workdir=/tmp/capacity_quick
 
@@ -14,6 +15,8 @@ The seed's setting (8,192-token reservations in a budget of four of them)::
 """
 
 from ml_collections import ConfigDict
+
+from experiments import _engine_bench
 
 
 def get_config(arg: str | None = None) -> ConfigDict:
@@ -32,12 +35,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.block_size = 16  # paged block size (vLLM's default)
   config.contiguous_policies = ("max", "pow2", "oracle")  # Orca (Max), (Pow2), (Oracle)
   config.watermark = 0.01  # paged admission keeps this share of blocks free, as vLLM does
-  # Engine throughput on the device present (0 skips; needs paxcache.engine).
-  config.engine_requests = 0  # requests pushed through the engine per system
-  config.engine_pool_tokens = 4096  # scaled-down KV pool for the engine run
+  # Engine throughput on the device present (fields: experiments/_engine_bench.py).
+  config.engine = _engine_bench.default_engine_config(requests=128)
 
   if arg == "quick":
     config.num_requests = 300
+    config.engine.requests = 0  # compiling the engine's step shapes takes ~1 min on CPU
   elif arg == "seed":
     config.max_seq_len = 8192  # the seed's example reservation
     config.kv_budget_gib = 4 * 8192 * 819200 / 2**30  # exactly four such reservations

@@ -17,6 +17,8 @@ shared/BENCHMARKS.md)::
 
 from ml_collections import ConfigDict
 
+from experiments import _engine_bench
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
   config = ConfigDict()
@@ -38,8 +40,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.head_dim = 128  # dims per head
   config.kernel_dtype = "float32"  # K/V and q dtype
   config.kernel_iters = 5  # timed calls after the compile; the median is reported
-  # End to end (0 skips; needs paxcache.engine).
-  config.engine_requests = 0  # requests through the engine per block size
+  # End to end through the engine (fields: experiments/_engine_bench.py); 0 requests skips.
+  config.engine = _engine_bench.default_engine_config(requests=0)
 
   if arg == "quick":
     config.block_sizes = (1, 4, 16, 64, 256)

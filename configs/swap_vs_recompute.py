@@ -16,6 +16,8 @@ On a GPU, a larger bfloat16 model::
 
 from ml_collections import ConfigDict
 
+from experiments import _engine_bench
+
 
 def get_config(arg: str | None = None) -> ConfigDict:
   config = ConfigDict()
@@ -33,7 +35,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.head_dim = 32  # dims per head
   config.mlp_dim = 768  # SwiGLU hidden width
   config.dtype = "float32"  # activations and K/V
-  config.engine_requests = 0  # end-to-end run with each preemption mode (needs the engine)
+  # End to end through the engine (fields: experiments/_engine_bench.py); 0 requests skips.
+  config.workload = "sharegpt"  # request lengths for the engine run
+  config.engine = _engine_bench.default_engine_config(requests=0)
+  config.engine.pool_tokens = 512  # small, so that requests are preempted
 
   if arg == "quick":
     config.block_sizes = (1, 4, 16, 64, 256)

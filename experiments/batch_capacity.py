@@ -12,10 +12,10 @@ turned into token slots. Per system (Orca's three contiguous policies, paged at
   simulation of :mod:`experiments._serving` while requests wait for memory, and the
   tokens generated per step over the whole run (one per running request per step: the
   throughput a memory-bound server gets, before step time grows with the batch);
-* ``engine`` (only when ``config.engine_requests > 0`` and :mod:`paxcache.engine` is
-  present): measured tokens/s of the real engine on the device present, with a small
-  model and a pool scaled down to ``engine_pool_tokens``, paged against a batch capped
-  at what contiguous ``max_seq_len`` reservation would fit.
+* ``engine`` (when ``config.engine.requests > 0``): measured tokens/s of the real engine
+  (:mod:`experiments._engine_bench`) on the device present, with a small model, lengths
+  scaled down and a pool of ``config.engine.pool_tokens``: paged against the same engine
+  with its batch capped at what contiguous ``max_seq_len`` reservation would fit.
 
 The seed claims "4 requests" contiguous against "20-30" paged; the paper reports 2-4x
 more requests batched (and 2-4x throughput at the same latency) than Orca.
@@ -133,41 +133,35 @@ def run(config: ConfigDict) -> Result:
     "Seed: 4 requests contiguous against 20-30 paged. Paper: vLLM batches 2-4x more "
     "requests than Orca and serves 2-4x the throughput at the same latency.",
   ]
-  engine_rows = _engine_rows(config, lengths)
-  if engine_rows:
+  if config.engine.requests > 0:
+    from experiments import _engine_bench
+
+    engine_rows = _engine_bench.capacity_throughput(config, lengths)
     tables.append(
       Table(
         "engine_throughput",
         [
           Column("system"),
-          Column("max_batch", "batch cap"),
-          Column("tokens_per_s", "tokens/s", ".1f"),
-          Column("mean_batch", "mean batch", ".1f"),
+          Column("batch_cap", "batch cap"),
+          Column("tokens_per_s", "generated tokens/s", ".1f"),
+          Column("mean_batch", "tokens / step", ".1f"),
+          Column("max_batch", "max batch"),
+          Column("preemptions", "preempted"),
+          Column("requests"),
           Column("device"),
         ],
         engine_rows,
-        caption="Measured engine throughput at one scaled-down KV pool.",
+        caption=(
+          f"Engine throughput in a {config.engine.pool_tokens}-slot pool, lengths / "
+          f"{config.engine.length_scale:g}, model max_seq_len {config.engine.max_seq_len}; the "
+          "contiguous row is the paged engine with its batch capped at pool // max_seq_len."
+        ),
       )
     )
   else:
-    notes.append(
-      "Engine throughput: not measured in this run (set config.engine_requests > 0 once "
-      "paxcache.engine is available)."
-    )
+    notes.append("Engine throughput: not measured in this run (config.engine.requests = 0).")
   plots = [Plot("capacity", lambda ax: _plot(ax, rows))]
   return Result(tables, plots, notes)
-
-
-def _engine_rows(config: ConfigDict, lengths: np.ndarray) -> list[dict]:
-  """Hook for the engine measurement; empty when not requested or the engine is absent."""
-  if config.engine_requests <= 0:
-    return []
-  try:
-    from experiments import _engine_bench
-  except ImportError as e:  # the engine is not in this tree yet
-    logging.warning("engine throughput skipped: %s", e)
-    return []
-  return _engine_bench.capacity_throughput(config, lengths)
 
 
 def _plot(ax, rows: list[dict]) -> None:

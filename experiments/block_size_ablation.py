@@ -10,8 +10,8 @@ Per block size:
   (every sequence at ``kernel_context`` tokens, blocks scattered over the pool) for each
   backend in ``config.backends`` that runs natively here (CPU: the reference; GPU: the
   Pallas GPU kernel and the reference; TPU likewise), and the K/V bytes read per second;
-* end to end (when ``config.engine_requests > 0`` and :mod:`paxcache.engine` is present):
-  the engine's tokens/s.
+* end to end (when ``config.engine.requests > 0``): the engine's generated tokens/s on
+  the device present (:mod:`experiments._engine_bench`).
 
 Small blocks waste no memory but cost more per block in the kernel (more block-table
 entries, smaller tiles); large blocks waste the tail of every sequence. The paper
@@ -147,21 +147,37 @@ def run(config: ConfigDict) -> Result:
       caption=f"Median decode time per call ({shape}), blocks scattered.",
     ),
   ]
-  engine_rows = _engine_rows(config)
-  if engine_rows:
+  if config.engine.requests > 0:
+    from experiments import _engine_bench
+
+    lengths = workloads.workload_lengths(
+      config.workloads[0],
+      4 * config.engine.requests,
+      max_seq_len=config.max_seq_len,
+      seed=config.seed,
+    )
+    engine_rows = _engine_bench.block_size_throughput(config, lengths)
     tables.append(
       Table(
         "engine_throughput",
-        [Column("block_size", "block"), Column("tokens_per_s", "tokens/s", ".1f")]
-        + [Column("device")],
+        [
+          Column("block_size", "block"),
+          Column("tokens_per_s", "generated tokens/s", ".1f"),
+          Column("mean_batch", "tokens / step", ".1f"),
+          Column("preemptions", "preempted"),
+          Column("requests"),
+          Column("device"),
+        ],
         engine_rows,
-        caption="Engine throughput per block size.",
+        caption=(
+          f"Engine throughput per block size ({labels[0]} lengths / "
+          f"{config.engine.length_scale:g}, {config.engine.pool_tokens}-slot pool)."
+        ),
       )
     )
   else:
     notes.append(
-      "End-to-end throughput: not measured in this run (set config.engine_requests > 0 "
-      "once paxcache.engine is available)."
+      "End-to-end throughput: not measured in this run (set --config.engine.requests=N)."
     )
   plots = [
     Plot("memory_vs_block_size", lambda ax: _plot_memory(ax, memory)),
@@ -169,17 +185,6 @@ def run(config: ConfigDict) -> Result:
   ]
   notes.append("Paper (Figure 18, OPT-13B): block sizes 16-128 best on ShareGPT, 16-32 on Alpaca.")
   return Result(tables, plots, notes)
-
-
-def _engine_rows(config: ConfigDict) -> list[dict]:
-  if config.engine_requests <= 0:
-    return []
-  try:
-    from experiments import _engine_bench
-  except ImportError as e:
-    logging.warning("engine throughput skipped: %s", e)
-    return []
-  return _engine_bench.block_size_throughput(config)
 
 
 def _pct(x: float) -> float | None:

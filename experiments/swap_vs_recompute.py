@@ -15,8 +15,9 @@ block size, crossing over around block sizes 16-64. paxcache's swap gathers all 
 blocks of one sequence into a single array and crosses once, so small blocks cost it
 index work, not extra transfers; on CPU "host" and "device" memory are the same RAM.
 
-End to end (the paper's Figure 19b: serving throughput with each preemption mode) needs
-:mod:`paxcache.engine`; ``config.engine_requests > 0`` runs it when the engine is present.
+End to end (the paper's Figure 19b: serving throughput with each preemption mode):
+``config.engine.requests > 0`` pushes scaled-down workload requests through the engine
+in a pool small enough to preempt, once per block size and mode.
 """
 
 from __future__ import annotations
@@ -173,10 +174,40 @@ def run(config: ConfigDict) -> Result:
   notes = [
     "Paper (Figure 19a, OPT-13B on an A100 over PCIe): swap latency falls with the block "
     "size, recomputation is flat, and they cross between block sizes 16 and 64.",
-    "End-to-end throughput with each preemption mode: not measured in this run (needs "
-    "paxcache.engine; set config.engine_requests > 0).",
   ]
-  return Result(tables, [Plot("preemption_cost", lambda ax: _plot(ax, rows))], notes)
+  plots = [Plot("preemption_cost", lambda ax: _plot(ax, rows))]
+  if config.engine.requests > 0:
+    from experiments import _engine_bench, workloads
+
+    lengths = workloads.workload_lengths(
+      config.workload, 4 * config.engine.requests, max_seq_len=2048, seed=config.seed
+    )
+    engine_rows = _engine_bench.preemption_throughput(config, lengths)
+    tables.append(
+      Table(
+        "engine_preemption",
+        [
+          Column("block_size", "block"),
+          Column("mode"),
+          Column("tokens_per_s", "generated tokens/s", ".1f"),
+          Column("preemptions", "preempted"),
+          Column("swapped_blocks", "blocks swapped"),
+          Column("steps"),
+          Column("device"),
+        ],
+        engine_rows,
+        caption=(
+          f"Engine throughput with each preemption mode ({config.workload} lengths / "
+          f"{config.engine.length_scale:g}, {config.engine.pool_tokens}-slot pool)."
+        ),
+      )
+    )
+  else:
+    notes.append(
+      "End-to-end throughput with each preemption mode: not measured in this run (set "
+      "--config.engine.requests=N)."
+    )
+  return Result(tables, plots, notes)
 
 
 def _plot(ax, rows: list[dict]) -> None:
