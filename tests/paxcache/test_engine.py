@@ -1,0 +1,314 @@
+"""Engine tests: greedy parity with full recomputation under preemption, the seed's shared
+system prompt scenario, bad input, aborts, stops and sampling."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from paxcache.engine import Engine, EngineConfig, Request, RequestError, sample_tokens
+from paxcache.nn import Decoder, DecoderConfig, greedy_generate_no_cache, load_decoder
+
+PERIOD = ord(".")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return load_decoder()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  with open("data/tiny_corpus.txt", "rb") as f:
+    return f.read()
+
+
+def _mixed_requests(corpus: bytes) -> list[Request]:
+  """Mixed prompt (2-150 tokens) and output (4-40) lengths; four prompts share a 48-token
+  prefix (6 blocks of 8); forks with n = 2 and 3; half stop at the first period."""
+  rng = np.random.default_rng(7)
+  shared = list(corpus[100:148])
+  spec = [  # (prompt length, max_new_tokens, n)
+    (2, 30, 1),
+    (150, 12, 1),
+    (17, 40, 2),
+    (60, 25, 1),
+    (5, 8, 3),
+    (90, 20, 1),
+    (33, 35, 1),
+    (120, 6, 2),
+    (9, 40, 1),
+    (70, 4, 1),
+    (48, 30, 1),
+    (100, 16, 1),
+  ]
+  reqs = []
+  for i, (p, g, n) in enumerate(spec):
+    start = int(rng.integers(0, len(corpus) - 200))
+    prompt = list(corpus[start : start + p])
+    if i % 3 == 0:
+      prompt = shared + prompt[:10]
+    reqs.append(Request(i, prompt, max_new_tokens=g, n=n, end_token=PERIOD if i % 2 else None))
+  return reqs
+
+
+@pytest.fixture(scope="module")
+def parity_case(tiny, corpus):
+  reqs = _mixed_requests(corpus)
+  want = greedy_generate_no_cache(
+    tiny, [r.prompt for r in reqs], [r.max_new_tokens for r in reqs], end_token=PERIOD
+  )
+  # Requests without an end token must not stop at it: recompute those without one.
+  free = [i for i, r in enumerate(reqs) if r.end_token is None]
+  unstopped = greedy_generate_no_cache(
+    tiny, [reqs[i].prompt for i in free], [reqs[i].max_new_tokens for i in free]
+  )
+  for i, out in zip(free, unstopped, strict=True):
+    want[i] = out
+  return reqs, want
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
+  tiny, parity_case, mode
+):
+  reqs, want = parity_case
+  config = EngineConfig(
+    num_blocks=40,
+    block_size=8,
+    num_host_blocks=256,
+    preemption_mode=mode,
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    check_invariants=True,
+  )
+  engine = Engine(tiny, config)
+  outs = engine.run(reqs)
+  m = engine.metrics
+  assert sorted(outs) == [r.request_id for r in reqs]
+  for r, w in zip(reqs, want, strict=True):
+    assert len(outs[r.request_id].samples) == r.n
+    for sample in outs[r.request_id].samples:
+      assert sample == w, (r.request_id, bytes(sample), bytes(w))
+  if mode == "swap":
+    assert m.preemptions_swap > 0 and m.swapped_out_blocks > 0 and m.swapped_in_blocks > 0
+    assert m.preemptions_recompute == 0
+  else:
+    assert m.preemptions_recompute > 0 and m.preemptions_swap == 0 and m.swapped_out_blocks == 0
+  assert m.prefix_hit_tokens >= 3 * 48  # the three later sharers hit the 6 shared blocks
+  # A fork's samples share a partly filled last prompt block: all but the last writer copy it
+  # (no copy when the prompt ends on a block boundary; a preempted fork may lose its sharing).
+  max_copies = sum(r.n - 1 for r in reqs if len(r.prompt) % config.block_size)
+  assert 0 < m.cow_copies <= max_copies
+  assert m.max_blocks_used <= config.num_blocks
+  assert engine.allocator.num_used_blocks == 0
+  assert engine.allocator.num_free_host_blocks == config.num_host_blocks
+  steps = list(engine.step_metrics)
+  assert sum(s.preemptions_swap + s.preemptions_recompute for s in steps) == m.preemptions
+  assert (
+    sum(s.num_sampled for s in steps)
+    == m.generated_tokens
+    == sum(len(s) for o in outs.values() for s in o.samples)
+  )
+  assert all(s.tokens_per_s > 0 and s.blocks_used <= config.num_blocks for s in steps)
+
+
+def test_seed_scenario_100_requests_share_a_5000_token_system_prompt():
+  """100 requests = one 5,000-token system prompt + 4 own tokens; 10 of them fork (n=2).
+
+  The prompt's 312 full blocks are stored once; each request's own tokens start a fresh
+  block (the 313th), each fork's samples copy it on write; outputs equal a no-sharing
+  full recomputation. A 1-layer model keeps the no-cache oracle affordable on CPU.
+  """
+  t0 = time.perf_counter()
+  bs, system_len, num_req, new_tokens = 16, 5000, 100, 3
+  config = DecoderConfig(
+    d_model=32,
+    num_layers=1,
+    num_q_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    mlp_dim=64,
+    max_seq_len=5120,
+  )
+  model = Decoder(config, rngs=nnx.Rngs(11))
+  rng = np.random.default_rng(0)
+  system = rng.integers(0, 256, system_len).tolist()
+  reqs = [
+    Request(
+      i,
+      system + rng.integers(0, 256, 4).tolist(),
+      max_new_tokens=new_tokens,
+      n=2 if i % 10 == 0 else 1,
+    )
+    for i in range(num_req)
+  ]
+  engine = Engine(
+    model,
+    EngineConfig(
+      num_blocks=700,
+      block_size=bs,
+      num_host_blocks=0,
+      preemption_mode="recompute",
+      max_num_seqs=128,
+      max_num_batched_tokens=1024,
+    ),
+  )
+  for r in reqs:
+    engine.add_request(r)
+  outs = {}
+  checked = False
+  while engine.has_unfinished():
+    for o in engine.step():
+      outs[o.request_id] = o
+    sched = engine.scheduler
+    if not checked and not sched.waiting and len(sched.running) == num_req:
+      checked = True
+      alloc = engine.allocator
+      shared = system_len // bs  # 312 full blocks
+      views = [alloc.sequence((i, 0)) for i in range(num_req)]
+      first = views[0].block_ids[:shared]
+      for v in views:
+        np.testing.assert_array_equal(v.block_ids[:shared], first)
+      seqs = sum(len(g.live) for g in sched.running)
+      assert all(alloc.ref_count(int(b)) == seqs for b in first)
+      own = {int(v.block_ids[shared]) for v in views}
+      assert len(own) == num_req  # the first divergent token starts a fresh block
+      # Stored once: 312 shared + one own block per sample (a fork's samples each copied it).
+      assert alloc.num_used_blocks == shared + seqs
+  assert checked
+  m = engine.metrics
+  assert m.prefix_hit_tokens == (num_req - 1) * (system_len // bs) * bs
+  assert m.cow_copies >= 10  # every fork copies its shared last block on its first own token
+  want = greedy_generate_no_cache(model, [r.prompt for r in reqs], new_tokens)
+  for r, w in zip(reqs, want, strict=True):
+    assert outs[r.request_id].samples == [w] * r.n
+  elapsed = time.perf_counter() - t0
+  print(
+    f"seed scenario: {elapsed:.1f} s, {m.steps} steps, blocks used max {m.max_blocks_used} "
+    f"(no sharing would need {num_req * -(-(system_len + 4 + new_tokens) // bs)})"
+  )
+
+
+def _snapshot(engine: Engine):
+  s = engine.scheduler
+  return (
+    len(s.waiting),
+    len(s.running),
+    len(s.swapped),
+    engine.num_unfinished(),
+    engine.allocator.metrics(),
+    engine.metrics.as_dict(),
+  )
+
+
+def test_bad_input_raises_and_changes_nothing(tiny):
+  engine = Engine(tiny, EngineConfig(num_blocks=16, block_size=8, num_host_blocks=16))
+  engine.add_request(Request("ok", list(b"the cat "), max_new_tokens=4))
+  engine.step()
+  before = _snapshot(engine)
+  max_len = tiny.config.max_seq_len
+  bad = {
+    "empty prompt": Request("a", [], max_new_tokens=4),
+    "max_seq_len": Request("b", [1] * (max_len + 1), max_new_tokens=1),
+    "never fit": Request("c", [1] * 100, max_new_tokens=40),  # 18 blocks > 16
+    "already in the engine": Request("ok", [1, 2], max_new_tokens=1),
+    "not ints in": Request("d", [1, 256], max_new_tokens=1),
+    "max_new_tokens >= 1": Request("e", [1], max_new_tokens=0),
+  }
+  for match, req in bad.items():
+    with pytest.raises(RequestError, match=match):
+      engine.add_request(req)
+    assert _snapshot(engine) == before
+  with pytest.raises(RequestError, match="unknown request id 'nope'"):
+    engine.abort("nope")
+  assert _snapshot(engine) == before
+  out = engine.run()
+  assert list(out) == ["ok"] and len(out["ok"].samples[0]) == 4
+
+
+def test_abort_frees_blocks_and_keeps_other_requests_exact(tiny):
+  engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, num_host_blocks=32))
+  keep = Request("keep", list(b"the farmer "), max_new_tokens=12)
+  engine.add_request(keep)
+  engine.add_request(Request("drop", list(b"a small boy "), max_new_tokens=30, n=2))
+  for _ in range(4):
+    engine.step()
+  out = engine.abort("drop")
+  assert out.finish_reasons == ["abort", "abort"] and all(out.samples)
+  assert ("drop", 0) not in engine.allocator and ("drop", 1) not in engine.allocator
+  rest = engine.run()
+  assert list(rest) == ["keep"]
+  assert rest["keep"].samples[0] == greedy_generate_no_cache(tiny, [keep.prompt], 12)[0]
+  assert engine.allocator.num_used_blocks == 0
+  with pytest.raises(RequestError, match="unknown request id"):
+    engine.abort("drop")  # already gone: never answered twice
+
+
+def test_stops_at_end_token_or_max_tokens(tiny):
+  engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, num_host_blocks=8))
+  prompt = list(b"the king ")
+  full = greedy_generate_no_cache(tiny, [prompt], 40)[0]
+  assert PERIOD in full
+  out = engine.run(
+    [
+      Request("stop", prompt, max_new_tokens=40, end_token=PERIOD),
+      Request("len", prompt, max_new_tokens=5),
+    ]
+  )
+  assert out["stop"].samples[0] == full[: full.index(PERIOD) + 1]
+  assert out["stop"].finish_reasons == ["stop"]
+  assert out["len"].samples[0] == full[:5] and out["len"].finish_reasons == ["length"]
+
+
+def test_sampled_outputs_do_not_depend_on_batching_or_swapping(tiny, corpus):
+  """Each token's key is (seed, sample, position): a roomy pool and a tiny swapping pool
+  give the same samples; top_k=1 is greedy at any temperature."""
+  reqs = [
+    Request(
+      i,
+      list(corpus[50 * i : 50 * i + 20]),
+      max_new_tokens=20,
+      n=2,
+      temperature=0.9,
+      top_k=8 if i % 2 else 0,
+    )
+    for i in range(5)
+  ]
+  roomy = Engine(tiny, EngineConfig(num_blocks=128, block_size=8, num_host_blocks=8)).run(reqs)
+  small = Engine(
+    tiny, EngineConfig(num_blocks=16, block_size=8, num_host_blocks=64, max_num_batched_tokens=32)
+  )
+  tight = small.run(reqs)
+  assert small.metrics.preemptions_swap > 0
+  for r in reqs:
+    assert roomy[r.request_id].samples == tight[r.request_id].samples
+  assert any(len(set(map(tuple, o.samples))) > 1 for o in roomy.values())  # samples differ
+  greedy = greedy_generate_no_cache(tiny, [reqs[0].prompt], 20)[0]
+  out = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, num_host_blocks=8)).run(
+    [Request("k1", reqs[0].prompt, max_new_tokens=20, temperature=2.0, top_k=1)]
+  )
+  assert out["k1"].samples[0] == greedy
+
+
+def test_sample_tokens_follows_softmax_and_top_k():
+  logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05], jnp.float32))
+  rows = 4000
+  tile = jnp.tile(logits, (rows, 1))
+  key = jax.random.key(0)
+  zeros = jnp.zeros(rows, jnp.int32)
+  pos = jnp.arange(rows, dtype=jnp.int32)
+  got = np.asarray(sample_tokens(tile, jnp.ones(rows), zeros, key, zeros, zeros, pos))
+  freq = np.bincount(got, minlength=4) / rows
+  # 4000 draws: the standard error of a frequency is <= 0.008; 0.03 is ~4 sigma.
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+  top2 = np.asarray(sample_tokens(tile, jnp.ones(rows), zeros + 2, key, zeros, zeros, pos))
+  assert set(top2.tolist()) == {0, 1}
+  np.testing.assert_allclose(np.mean(top2 == 0), 0.5 / 0.8, atol=0.03)
+  greedy = np.asarray(sample_tokens(tile, jnp.zeros(rows), zeros, key, zeros, zeros, pos))
+  assert (greedy == 0).all()
