@@ -1,0 +1,153 @@
+"""Pieces shared by the decode and ragged TPU kernels: block DMAs, masks, online softmax.
+
+Everything here runs inside a Pallas TPU kernel body. Masks are built from iotas and
+comparisons only (no vector integer division), and no ref is ever reshaped, so the same
+code lowers with Mosaic and runs in TPU interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+MASK_VALUE = -1e30  # finite, as in the reference: a fully masked row stays finite
+
+
+def cdiv(a, b):
+  return lax.div(a + b - 1, b)
+
+
+def interpret_params(interpret):
+  """``interpret`` as pallas_call wants it: False, or TPU ``InterpretParams``."""
+  if interpret is True:
+    # The TPU interpreter (simulated DMAs, semaphores and memory spaces); its defaults raise
+    # on out-of-bounds reads and fill fresh buffers with NaN.
+    return pltpu.InterpretParams()
+  return interpret or False
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """DMAs of one chunk of ``blocks_per_chunk`` consecutive logical blocks of one sequence.
+
+  Block ``j`` of the chunk is logical block ``first + j``. It is copied only when it is
+  below ``end`` (blocks the queries can see) and its table entry is not -1, so unused
+  entries are never DMA'd; the physical id is clamped so that even a corrupt table cannot
+  address outside the pool.
+  """
+
+  copies: tuple  # per block j: (fetched: bool scalar, k copy, v copy)
+
+  @classmethod
+  def make(cls, k_hbm, v_hbm, k_buf, v_buf, sems, table_ref, *, row, head, first, end, slot,
+           blocks_per_chunk, max_blocks):
+    num_blocks, block_size = k_hbm.shape[1], k_hbm.shape[2]
+    copies = []
+    for j in range(blocks_per_chunk):
+      logical = first + j
+      # Clamped so the SMEM read stays in bounds even for blocks we will not fetch.
+      entry = table_ref[row * max_blocks + jnp.minimum(logical, max_blocks - 1)]
+      fetched = (logical < end) & (entry >= 0)
+      phys = jnp.clip(entry, 0, num_blocks - 1)
+      rows = pl.ds(j * block_size, block_size)
+      k_copy = pltpu.make_async_copy(k_hbm.at[head, phys], k_buf.at[slot, rows], sems.at[0, slot])
+      v_copy = pltpu.make_async_copy(v_hbm.at[head, phys], v_buf.at[slot, rows], sems.at[1, slot])
+      copies.append((fetched, k_copy, v_copy))
+    return cls(tuple(copies))
+
+  def start(self):
+    for fetched, k_copy, v_copy in self.copies:
+
+      @pl.when(fetched)
+      def _(k_copy=k_copy, v_copy=v_copy):
+        k_copy.start()
+        v_copy.start()
+
+  def wait(self):
+    for fetched, k_copy, v_copy in self.copies:
+
+      @pl.when(fetched)
+      def _(k_copy=k_copy, v_copy=v_copy):
+        k_copy.wait()
+        v_copy.wait()
+
+  def key_ok(self, shape, axis, block_size):
+    """Bool mask over the chunk's key slots (along ``axis`` of ``shape``): block fetched."""
+    slot = lax.broadcasted_iota(jnp.int32, shape, axis)
+    ok = jnp.zeros(shape, jnp.bool_)
+    for j, (fetched, _, _) in enumerate(self.copies):
+      in_block = (slot >= j * block_size) & (slot < (j + 1) * block_size)
+      ok = ok | (jnp.where(in_block, fetched.astype(jnp.int32), 0) > 0)
+    return ok
+
+
+def _matmul_operands(a, b):
+  """Same-dtype operands for the MXU, never narrower than either input.
+
+  bf16 x bf16 stays bf16 (products are exact in the f32 accumulator); any mix with f32
+  widens to f32 at HIGHEST precision, so K/V are never silently rounded to bf16.
+  """
+  if a.dtype == b.dtype and a.dtype != jnp.float32:
+    return a, b, None
+  return a.astype(jnp.float32), b.astype(jnp.float32), lax.Precision.HIGHEST
+
+
+def scores(q, k, *, scale, logit_soft_cap):
+  """f32 logits ``[rows, keys]`` = scale * q @ k.T, soft-capped when asked."""
+  q, k, precision = _matmul_operands(q, k)
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                      precision=precision)
+  s = s * scale
+  if logit_soft_cap is not None:
+    s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+  return s
+
+
+def online_softmax_step(carry, s, visible, v, v_ok):
+  """One flash-attention update of (max, sum, accumulator) with a chunk of keys.
+
+  carry: (m f32[rows, 1], l f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
+  visible: bool[rows, keys]; v: [keys, head_dim]; v_ok: bool[keys, 1]. Values outside
+  ``v_ok`` (slots never DMA'd, or past the sequence) are zeroed, not multiplied by zero,
+  so NaN in a stale buffer cannot reach the output.
+  """
+  m, l, acc = carry
+  s = jnp.where(visible, s, MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+  alpha = jnp.exp(m - m_new)
+  l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+  # p stays f32: V is widened (never p narrowed) so bf16 V costs no precision here.
+  v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
+  pv = lax.dot_general(p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                       precision=lax.Precision.HIGHEST)
+  return m_new, l_new, alpha * acc + pv
+
+
+def init_carry(rows, head_dim):
+  return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
+          jnp.zeros((rows, head_dim), jnp.float32))
+
+
+def finish(carry, dtype):
+  """acc / l, and zeros for rows that saw no key."""
+  _, l, acc = carry
+  return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(dtype)
+
+
+def mosaic_params(semantics):
+  return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def kv_scratch(chunk_tokens, head_dim, dtype):
+  """Two slots (double buffer) of one chunk of K and of V, and their DMA semaphores."""
+  return [
+      pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
+      pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
+      pltpu.SemaphoreType.DMA((2, 2)),  # [K or V, slot]
+  ]
+

@@ -1,0 +1,127 @@
+"""Tuning knobs of the TPU kernels, their per-shape defaults, and static shape checks.
+
+TPU constraints (why each check exists):
+
+- ``head_dim`` must be a multiple of 128: it is the lane axis of every VMEM tile (the
+  (8, 128) f32 / (16, 128) bf16 tile). A model with a smaller head_dim should allocate its
+  cache with head_dim zero-padded to 128 (zero columns change neither q.k nor the first
+  head_dim output columns); padding inside the kernel call would copy the whole pool.
+- ``block_size`` must be a multiple of the sublane tile of the K/V dtype (8 rows of 32-bit,
+  16 rows of 16-bit): each block is DMA'd into its own row range of one VMEM buffer, and
+  a DMA destination must start on a tile boundary.
+- ``queries_per_tile`` (ragged kernel) must be a power of two and a multiple of the
+  sublane tile of ``q.dtype``: a q tile ``[group, queries_per_tile, head_dim]`` is
+  flattened to ``[group * queries_per_tile, head_dim]`` (a tile-aligned collapse on
+  Mosaic), and a row's token index is ``row & (queries_per_tile - 1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+LANES = 128
+# SMEM is 1 MiB on TPU v4 through v6e and holds every scalar-prefetch operand at once
+# (vllm-project/vllm#16871; a 1.125 MiB table fails with "Allocation ... would exceed
+# memory (size=1048576)" in vllm-project/tpu-inference#3316). Half of it is left to
+# Mosaic's own scalars and to the per-tile metadata.
+DEFAULT_SMEM_BUDGET_BYTES = 512 * 1024
+# Tokens of K (and of V) one compute step of the decode kernel covers. Two such chunks are
+# in flight per (sequence, KV head) step, 2 * 2 * 512 * 128 * 2 B = 512 KiB of bf16 K/V in
+# VMEM: enough bytes in flight to cover HBM latency (Little's law: 819 GB/s x ~0.5 us),
+# far below the 16 MiB default scoped VMEM.
+DECODE_CHUNK_TOKENS = 512
+# The ragged kernel's logits tile is [group * queries_per_tile, chunk]: 128 x 256 f32 is
+# 128 KiB, a few MXU passes per step, and keeps VMEM under 2 MiB with double-buffered K/V.
+RAGGED_CHUNK_TOKENS = 256
+RAGGED_ROWS = 128
+
+
+def sublane_tile(dtype) -> int:
+  """Rows of one VMEM tile for ``dtype``: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit."""
+  return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tuning of the TPU paged-attention kernels (frozen and hashable: a static jit argument).
+
+  Attributes:
+    blocks_per_chunk: KV blocks DMA'd together and handled in one compute step; None picks
+      ``DECODE_CHUNK_TOKENS`` (decode) or ``RAGGED_CHUNK_TOKENS`` (ragged) worth of blocks,
+      at most ``max_blocks``.
+    queries_per_tile: ragged kernel only: query tokens per grid step (times the query
+      heads of one KV head); a power of two, a multiple of the sublane tile of q's dtype.
+      None picks about ``RAGGED_ROWS // group`` rows.
+    smem_budget_bytes: bytes of scalar-prefetch operands (block table, lengths, cu_q_lens,
+      tile metadata) one kernel call may use; larger batches are split into several calls.
+  """
+
+  blocks_per_chunk: int | None = None
+  queries_per_tile: int | None = None
+  smem_budget_bytes: int = DEFAULT_SMEM_BUDGET_BYTES
+
+  def __post_init__(self):
+    if self.blocks_per_chunk is not None and (
+        not isinstance(self.blocks_per_chunk, int) or self.blocks_per_chunk < 1):
+      raise ValueError(f"blocks_per_chunk must be a positive int, got {self.blocks_per_chunk!r}")
+    if self.queries_per_tile is not None:
+      t = self.queries_per_tile
+      if not isinstance(t, int) or t < 1 or t & (t - 1):
+        raise ValueError(f"queries_per_tile must be a power of two, got {t!r}")
+    if not isinstance(self.smem_budget_bytes, int) or self.smem_budget_bytes < 16:
+      raise ValueError(
+          f"smem_budget_bytes must be an int >= 16, got {self.smem_budget_bytes!r}")
+
+
+def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
+  """TPU-specific static checks (the generic ones are in ``kernels.validate_inputs``)."""
+  _, _, block_size, head_dim = k_blocks.shape
+  if head_dim % LANES:
+    raise ValueError(
+        f"TPU backend: head_dim must be a multiple of {LANES} (the lane width), got k_blocks "
+        f"{tuple(k_blocks.shape)}; allocate the cache with head_dim zero-padded to 128")
+  tile = sublane_tile(k_blocks.dtype)
+  if block_size % tile:
+    raise ValueError(
+        f"TPU backend: block_size must be a multiple of {tile} for {k_blocks.dtype} K/V "
+        f"(one VMEM sublane tile), got k_blocks {tuple(k_blocks.shape)}")
+  if block_sizes is not None and block_sizes.queries_per_tile is not None:
+    q_tile = sublane_tile(q.dtype)
+    if block_sizes.queries_per_tile % q_tile:
+      raise ValueError(
+          f"block_sizes.queries_per_tile must be a multiple of {q_tile} for {q.dtype} q, got "
+          f"{block_sizes.queries_per_tile}")
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(0, (x - 1).bit_length())
+
+
+def resolve(block_sizes: BlockSizes | None, *, q_dtype, block_size: int, max_blocks: int,
+            group: int, ragged: bool) -> BlockSizes:
+  """Fills the None fields of ``block_sizes`` with defaults for this shape."""
+  bs = block_sizes if block_sizes is not None else BlockSizes()
+  bpc = bs.blocks_per_chunk
+  if bpc is None:
+    tokens = RAGGED_CHUNK_TOKENS if ragged else DECODE_CHUNK_TOKENS
+    bpc = max(1, min(max_blocks, tokens // block_size))
+  bpc = max(1, min(bpc, max_blocks))
+  tq = bs.queries_per_tile
+  if tq is None:
+    tq = max(sublane_tile(q_dtype), _next_pow2(-(-RAGGED_ROWS // group)))
+  return dataclasses.replace(bs, blocks_per_chunk=bpc, queries_per_tile=tq)
+
+
+def sequences_per_call(*, smem_budget_bytes: int, words_per_sequence: int,
+                       fixed_words: int, batch: int, what: str) -> int:
+  """How many sequences' scalar-prefetch data fit the SMEM budget in one kernel call."""
+  free = smem_budget_bytes // 4 - fixed_words
+  n = free // words_per_sequence if free > 0 else 0
+  if n < 1:
+    raise ValueError(
+        f"{what}: one sequence needs {4 * (words_per_sequence + fixed_words)} bytes of SMEM "
+        f"(block_table row and metadata) but block_sizes.smem_budget_bytes is "
+        f"{smem_budget_bytes}; use a larger block_size (fewer blocks per sequence) or budget")
+  return min(n, batch)

@@ -1,0 +1,216 @@
+"""Pallas TPU (Mosaic) paged-attention decode kernel: one query per sequence.
+
+Grid ``(batch, num_kv_heads)``; one grid step is one sequence and one KV head, and its
+``group = num_q_heads // num_kv_heads`` query heads are handled together as the rows of
+one ``[group, head_dim]`` tile, so each K/V block is read from HBM once per KV head.
+
+- ``lengths`` and the flattened ``block_table`` are scalar-prefetch operands (SMEM); the
+  K/V pools stay in HBM (``memory_space=pl.ANY``) and the kernel copies blocks into VMEM
+  itself with async DMAs, one DMA per ``[block_size, head_dim]`` block slab.
+- A compute step covers ``blocks_per_chunk`` blocks. Two VMEM slots alternate: while a
+  chunk is computed, the next chunk's DMAs are in flight. The last chunk of a step starts
+  the first chunk of the *next* grid step (the grid axes are "arbitrary", so the order is
+  sequential and known), so no step waits on a cold DMA except the very first.
+- Only blocks ``[first, ceil(length / block_size))`` are fetched (``first`` skips blocks
+  wholly outside a sliding window); ``-1`` table entries are never DMA'd.
+- Scores and the softmax state are float32; bf16 K/V go to the MXU as bf16 only when q is
+  bf16 too (exact products, f32 accumulation), otherwise they are widened to f32.
+- A batch whose block table does not fit the SMEM budget is split into several calls.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.tpu import _common, _config
+
+
+def _visible_range(length, *, block_size, max_blocks, sliding_window):
+  """Keys ``[lo, length)`` the decode query at ``length - 1`` sees, and their blocks."""
+  lo = jnp.maximum(length - sliding_window, 0) if sliding_window is not None else 0
+  end = jnp.clip(_common.cdiv(length, block_size), 0, max_blocks)
+  first = lax.div(lo, block_size) if sliding_window is not None else jnp.int32(0)
+  return lo, first, end
+
+
+def _decode_kernel(
+    lengths_ref,  # SMEM i32[batch]
+    table_ref,  # SMEM i32[batch * max_blocks]
+    q_ref,  # VMEM [group, head_dim]
+    k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+    v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+    o_ref,  # VMEM [group, head_dim]
+    k_buf,  # VMEM [2, chunk_tokens, head_dim]
+    v_buf,  # VMEM [2, chunk_tokens, head_dim]
+    sems,  # DMA semaphores [2 (K, V), 2 (slot)]
+    state_ref,  # SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
+    *,
+    scale,
+    sliding_window,
+    logit_soft_cap,
+    blocks_per_chunk,
+    max_blocks,
+):
+  b, h = pl.program_id(0), pl.program_id(1)
+  batch, num_kv_heads = pl.num_programs(0), pl.num_programs(1)
+  block_size = k_hbm.shape[2]
+  chunk_tokens = blocks_per_chunk * block_size
+  group, head_dim = q_ref.shape
+
+  def steps(seq):
+    lo, first, end = _visible_range(lengths_ref[seq], block_size=block_size,
+                                    max_blocks=max_blocks, sliding_window=sliding_window)
+    return lo, first, end, _common.cdiv(jnp.maximum(end - first, 0), blocks_per_chunk)
+
+  def chunk(seq, head, first, end, c, slot):
+    return _common.Chunk.make(
+        k_hbm, v_hbm, k_buf, v_buf, sems, table_ref, row=seq, head=head,
+        first=first + c * blocks_per_chunk, end=end, slot=slot,
+        blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+
+  @pl.when((b == 0) & (h == 0))
+  def _():
+    state_ref[0] = 0
+    state_ref[1] = 0
+
+  length = lengths_ref[b]
+  lo, first, end, n = steps(b)
+  base_slot = state_ref[0]
+
+  @pl.when((n > 0) & (state_ref[1] == 0))
+  def _():
+    chunk(b, h, first, end, 0, base_slot).start()
+
+  # The grid step after this one, in the sequential order of the grid.
+  last_head = h + 1 == num_kv_heads
+  next_b = jnp.where(last_head, b + 1, b)
+  next_h = jnp.where(last_head, 0, h + 1)
+  next_b_safe = jnp.minimum(next_b, batch - 1)
+  _, next_first, next_end, next_n = steps(next_b_safe)
+  prefetch_next = (next_b < batch) & (next_n > 0)
+
+  q = q_ref[...]
+  key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
+  key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
+
+  def body(c, carry):
+    slot = lax.rem(base_slot + c, 2)
+
+    @pl.when(c + 1 < n)
+    def _():
+      chunk(b, h, first, end, c + 1, 1 - slot).start()
+
+    @pl.when((c + 1 == n) & prefetch_next)
+    def _():
+      chunk(next_b_safe, next_h, next_first, next_end, 0, 1 - slot).start()
+
+    cur = chunk(b, h, first, end, c, slot)
+    cur.wait()
+    key0 = (first + c * blocks_per_chunk) * block_size
+    # Keys the query sees: inside [lo, length) and in a block that was fetched.
+    kp = key0 + key_iota_row
+    visible = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= lo) & (kp < length)
+    kp_col = key0 + key_iota_col
+    v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= lo) & (kp_col < length)
+    s = _common.scores(q, k_buf[slot], scale=scale, logit_soft_cap=logit_soft_cap)
+    return _common.online_softmax_step(carry, s, jnp.broadcast_to(visible, s.shape),
+                                       v_buf[slot], v_ok)
+
+  carry = lax.fori_loop(0, n, body, _common.init_carry(group, head_dim))
+  o_ref[...] = _common.finish(carry, o_ref.dtype)
+  state_ref[0] = lax.rem(base_slot + n, 2)
+  # Only a step with chunks of its own reaches the loop iteration that prefetches.
+  state_ref[1] = (prefetch_next & (n > 0)).astype(jnp.int32)
+
+
+def _decode_call(q, k_blocks, v_blocks, table_flat, lengths, *, scale, sliding_window,
+                 logit_soft_cap, blocks_per_chunk, max_blocks, interpret):
+  """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``."""
+  batch, num_kv_heads, group, head_dim = q.shape
+  block_size = k_blocks.shape[2]
+  kernel = functools.partial(
+      _decode_kernel, scale=scale, sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap, blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+  # The full (group, head_dim) tail of q: legal for any group (a block dim equal to the
+  # array dim), so GQA groups of 1..32 need no padding of q.
+  q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, h, *_: (b, h, 0, 0))
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2,
+          grid=(batch, num_kv_heads),
+          in_specs=[q_spec, any_spec, any_spec],
+          out_specs=q_spec,
+          scratch_shapes=[
+              *_common.kv_scratch(blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+              pltpu.SMEM((2,), jnp.int32),
+          ],
+      ),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      # Sequential on purpose: each step prefetches the next step's first chunk.
+      compiler_params=_common.mosaic_params(("arbitrary", "arbitrary")),
+      interpret=_common.interpret_params(interpret),
+  )(lengths, table_flat, q, k_blocks, v_blocks)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret"))
+def paged_attention_decode(
+    q: jax.Array,
+    k_blocks: jax.Array,
+    v_blocks: jax.Array,
+    block_table: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_soft_cap: float | None = None,
+    block_sizes: _config.BlockSizes | None = None,
+    interpret=False,
+) -> jax.Array:
+  """Decode paged attention on TPU.
+
+  Args:
+    q: ``[batch, num_q_heads, head_dim]``, one query per sequence at position
+      ``lengths[b] - 1``.
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
+    lengths: ``i32[batch]``, tokens in each sequence including this step's.
+    scale, sliding_window, logit_soft_cap: as in :func:`kernels.paged_attention`.
+    block_sizes: :class:`BlockSizes`; None picks defaults for the shape.
+    interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
+
+  Returns:
+    ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
+  """
+  _config.check_shapes(q, k_blocks, block_sizes)
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, _, block_size, _ = k_blocks.shape
+  max_blocks = block_table.shape[1]
+  group = num_q_heads // num_kv_heads
+  if batch == 0 or max_blocks == 0:
+    return jnp.zeros_like(q)
+  tuned = _config.resolve(block_sizes, q_dtype=q.dtype, block_size=block_size,
+                          max_blocks=max_blocks, group=group, ragged=False)
+  per_call = _config.sequences_per_call(
+      smem_budget_bytes=tuned.smem_budget_bytes, words_per_sequence=max_blocks + 1,
+      fixed_words=2, batch=batch, what=f"decode with block_table {tuple(block_table.shape)}")
+  scale = head_dim**-0.5 if scale is None else scale
+  qg = q.reshape(batch, num_kv_heads, group, head_dim)
+  outs = []
+  for s0 in range(0, batch, per_call):
+    s1 = min(batch, s0 + per_call)
+    outs.append(_decode_call(
+        qg[s0:s1], k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1],
+        scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap,
+        blocks_per_chunk=tuned.blocks_per_chunk, max_blocks=max_blocks, interpret=interpret))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  return out.reshape(batch, num_q_heads, head_dim)

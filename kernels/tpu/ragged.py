@@ -1,0 +1,239 @@
+"""Pallas TPU (Mosaic) ragged paged attention: chunked prefill and decode in one call.
+
+Sequence ``b`` owns query rows ``q[cu_q_lens[b]:cu_q_lens[b + 1]]``; its query ``i`` sits at
+position ``lengths[b] - q_len_b + i`` and attends causally to its cached context and to the
+queries before it (a decode is a sequence with one query). Rows past ``cu_q_lens[-1]``
+return zeros.
+
+Grid ``(num_tiles, num_kv_heads)``. A tile is ``queries_per_tile`` consecutive query rows
+(aligned, so q and the output move through the ordinary BlockSpec pipeline) times the
+``group`` query heads of one KV head: the wrapper lays q out as
+``[num_kv_heads, group, num_tokens, head_dim]`` and the kernel flattens the
+``[group, queries_per_tile, head_dim]`` tile into ``group * queries_per_tile`` matmul rows.
+A tile may hold the rows of several sequences: for each sequence that overlaps it (the
+range is precomputed per tile and prefetched to SMEM), the kernel walks the blocks that
+sequence's rows can see in chunks of ``blocks_per_chunk`` blocks, double-buffered
+through two VMEM slots exactly as the decode kernel does, and masks rows of other
+sequences out of the online softmax. Only blocks up to the tile's last visible position
+(and from the sliding window's first) are fetched; ``-1`` entries never are.
+
+No ref is reshaped (JAX's own ragged kernel needs ``ref.reshape``, which TPU interpret
+mode does not support); the only reshapes are of values, and they collapse or split a
+tile-aligned leading axis.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.tpu import _common, _config
+
+
+def _ragged_kernel(
+    lengths_ref,  # SMEM i32[batch]
+    table_ref,  # SMEM i32[batch * max_blocks]
+    cu_ref,  # SMEM i32[batch + 1]
+    seq_lo_ref,  # SMEM i32[num_tiles]: first sequence overlapping the tile
+    seq_hi_ref,  # SMEM i32[num_tiles]: last one (seq_hi < seq_lo: none)
+    q_ref,  # VMEM [group, queries_per_tile, head_dim]
+    k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+    v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+    o_ref,  # VMEM [group, queries_per_tile, head_dim]
+    k_buf,  # VMEM [2, chunk_tokens, head_dim]
+    v_buf,  # VMEM [2, chunk_tokens, head_dim]
+    sems,  # DMA semaphores [2 (K, V), 2 (slot)]
+    *,
+    scale,
+    sliding_window,
+    logit_soft_cap,
+    blocks_per_chunk,
+    max_blocks,
+):
+  t, h = pl.program_id(0), pl.program_id(1)
+  group, tile, head_dim = q_ref.shape
+  rows = group * tile
+  block_size = k_hbm.shape[2]
+  chunk_tokens = blocks_per_chunk * block_size
+  t0 = t * tile
+
+  q = q_ref[...].reshape(rows, head_dim)
+  # Row r of the flattened tile is head r // tile, token t0 + r % tile (tile: power of 2).
+  row_token = t0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (tile - 1))
+  key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
+  key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
+
+  def sequence(s, carry):
+    cs, ce = cu_ref[s], cu_ref[s + 1]
+    offset = lengths_ref[s] - (ce - cs)  # position of the sequence's first query
+    r0, r1 = jnp.maximum(cs, t0), jnp.minimum(ce, t0 + tile)
+    pos_first, pos_last = offset + r0 - cs, offset + r1 - 1 - cs
+    # Keys any row of this sequence in this tile can see: [key_lo, key_hi].
+    key_hi = pos_last
+    if sliding_window is not None:
+      key_lo = jnp.maximum(pos_first - sliding_window + 1, 0)
+    else:
+      key_lo = jnp.int32(0)
+    first = lax.div(key_lo, block_size)
+    end = jnp.clip(_common.cdiv(jnp.maximum(pos_last + 1, 0), block_size), 0, max_blocks)
+    n = jnp.where(r1 > r0, _common.cdiv(jnp.maximum(end - first, 0), blocks_per_chunk), 0)
+    row_in = (row_token >= cs) & (row_token < ce)
+    row_pos = offset + row_token - cs
+
+    def chunk(c, slot):
+      return _common.Chunk.make(
+          k_hbm, v_hbm, k_buf, v_buf, sems, table_ref, row=s, head=h,
+          first=first + c * blocks_per_chunk, end=end, slot=slot,
+          blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+
+    @pl.when(n > 0)
+    def _():
+      chunk(0, 0).start()
+
+    def body(c, carry):
+      slot = lax.rem(c, 2)
+
+      @pl.when(c + 1 < n)
+      def _():
+        chunk(c + 1, 1 - slot).start()
+
+      cur = chunk(c, slot)
+      cur.wait()
+      key0 = (first + c * blocks_per_chunk) * block_size
+      kp = key0 + key_iota_row
+      visible = row_in & cur.key_ok((1, chunk_tokens), 1, block_size) & (kp <= row_pos)
+      if sliding_window is not None:
+        visible = visible & (kp > row_pos - sliding_window)
+      kp_col = key0 + key_iota_col
+      v_ok = (cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo)
+              & (kp_col <= key_hi))
+      s_ = _common.scores(q, k_buf[slot], scale=scale, logit_soft_cap=logit_soft_cap)
+      return _common.online_softmax_step(carry, s_, visible, v_buf[slot], v_ok)
+
+    return lax.fori_loop(0, n, body, carry)
+
+  carry = lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence,
+                        _common.init_carry(rows, head_dim))
+  o_ref[...] = _common.finish(carry, o_ref.dtype).reshape(group, tile, head_dim)
+
+
+def _tile_sequences(cu_q_lens, num_tiles, tile):
+  """Per tile: first and last sequence whose rows overlap it (last < first: none)."""
+  batch = cu_q_lens.shape[0] - 1
+  t0 = jnp.arange(num_tiles, dtype=jnp.int32) * tile
+  t_last = jnp.minimum(t0 + tile, cu_q_lens[-1]) - 1
+  lo = jnp.searchsorted(cu_q_lens, t0, side="right").astype(jnp.int32) - 1
+  hi = jnp.searchsorted(cu_q_lens, t_last, side="right").astype(jnp.int32) - 1
+  valid = (t0 < cu_q_lens[-1]) & (t0 + tile > cu_q_lens[0])
+  lo = jnp.clip(lo, 0, batch - 1)
+  hi = jnp.where(valid, jnp.clip(hi, 0, batch - 1), lo - 1)
+  return lo, hi
+
+
+def _ragged_call(qt, k_blocks, v_blocks, table_flat, lengths, cu_q_lens, *, scale,
+                 sliding_window, logit_soft_cap, blocks_per_chunk, max_blocks, tile,
+                 interpret):
+  """One pallas_call over ``qt: [num_kv_heads, group, num_tiles * tile, head_dim]``."""
+  num_kv_heads, group, padded_tokens, head_dim = qt.shape
+  block_size = k_blocks.shape[2]
+  num_tiles = padded_tokens // tile
+  seq_lo, seq_hi = _tile_sequences(cu_q_lens, num_tiles, tile)
+  kernel = functools.partial(
+      _ragged_kernel, scale=scale, sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap, blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+  q_spec = pl.BlockSpec((None, group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=5,
+          grid=(num_tiles, num_kv_heads),
+          in_specs=[q_spec, any_spec, any_spec],
+          out_specs=q_spec,
+          scratch_shapes=_common.kv_scratch(blocks_per_chunk * block_size, head_dim,
+                                            k_blocks.dtype),
+      ),
+      out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+      # Every step starts and drains its own DMAs, so steps are independent (megacore can
+      # split them).
+      compiler_params=_common.mosaic_params(("parallel", "parallel")),
+      interpret=_common.interpret_params(interpret),
+  )(lengths, table_flat, cu_q_lens, seq_lo, seq_hi, qt, k_blocks, v_blocks)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret"))
+def paged_attention_ragged(
+    q: jax.Array,
+    k_blocks: jax.Array,
+    v_blocks: jax.Array,
+    block_table: jax.Array,
+    lengths: jax.Array,
+    cu_q_lens: jax.Array,
+    *,
+    scale: float | None = None,
+    sliding_window: int | None = None,
+    logit_soft_cap: float | None = None,
+    block_sizes: _config.BlockSizes | None = None,
+    interpret=False,
+) -> jax.Array:
+  """Ragged (chunked prefill / mixed prefill and decode) paged attention on TPU.
+
+  Args:
+    q: ``[num_tokens, num_q_heads, head_dim]``, the rows of every sequence back to back.
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
+    lengths: ``i32[batch]``, tokens in each sequence including this call's queries.
+    cu_q_lens: ``i32[batch + 1]``, cumulative query rows per sequence.
+    scale, sliding_window, logit_soft_cap: as in :func:`kernels.paged_attention`.
+    block_sizes: :class:`BlockSizes`; None picks defaults for the shape.
+    interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
+
+  Returns:
+    ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
+  """
+  _config.check_shapes(q, k_blocks, block_sizes)
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads, _, block_size, _ = k_blocks.shape
+  batch, max_blocks = block_table.shape
+  group = num_q_heads // num_kv_heads
+  if num_tokens == 0 or batch == 0 or max_blocks == 0:
+    return jnp.zeros_like(q)
+  tuned = _config.resolve(block_sizes, q_dtype=q.dtype, block_size=block_size,
+                          max_blocks=max_blocks, group=group, ragged=True)
+  tile = tuned.queries_per_tile
+  num_tiles = -(-num_tokens // tile)
+  padded = num_tiles * tile
+  per_call = _config.sequences_per_call(
+      smem_budget_bytes=tuned.smem_budget_bytes, words_per_sequence=max_blocks + 2,
+      fixed_words=2 * num_tiles + 1, batch=batch,
+      what=f"ragged attention with block_table {tuple(block_table.shape)} and "
+      f"{num_tiles} query tiles")
+  scale = head_dim**-0.5 if scale is None else scale
+  # [T, Hq, D] -> [Hkv, group, T_padded, D]: a tile's rows of one KV head are one block.
+  qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
+  qt = qt.reshape(padded, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+  call = functools.partial(
+      _ragged_call, scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap,
+      blocks_per_chunk=tuned.blocks_per_chunk, max_blocks=max_blocks, tile=tile,
+      interpret=interpret)
+  out = None
+  row = jnp.arange(padded, dtype=jnp.int32)[None, None, :, None]
+  for s0 in range(0, batch, per_call):
+    s1 = min(batch, s0 + per_call)
+    part = call(qt, k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1],
+                cu_q_lens[s0:s1 + 1])
+    if out is None:
+      out = part
+    else:
+      # Each call leaves the rows of other calls' sequences at zero; keep its own rows.
+      mine = (row >= cu_q_lens[s0]) & (row < cu_q_lens[s1])
+      out = jnp.where(mine, part, out)
+  out = out.transpose(2, 0, 1, 3).reshape(padded, num_q_heads, head_dim)
+  return out[:num_tokens]
