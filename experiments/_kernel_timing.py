@@ -80,7 +80,7 @@ def time_decode(
   seconds = statistics.median(times)
   kv_bytes = 2 * batch * context * num_kv_heads * head_dim * dt.itemsize
   return {
-    "time_ms": round(seconds * 1e3, 4),
-    "gbps": round(kv_bytes / seconds / 1e9, 2),
+    "time_ms": float(f"{seconds * 1e3:.4g}"),
+    "gbps": float(f"{kv_bytes / seconds / 1e9:.4g}"),
     "status": "ok",
   }

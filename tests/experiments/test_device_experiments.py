@@ -1,0 +1,118 @@
+"""Block-size ablation, swap vs recompute and the engine bench, at tiny sizes on CPU."""
+
+import numpy as np
+import pytest
+from ml_collections import ConfigDict
+
+from experiments import (
+  _engine_bench,
+  _kernel_timing,
+  block_size_ablation,
+  swap_vs_recompute,
+)
+
+
+def _ablation_config():
+  return ConfigDict(
+    dict(
+      block_sizes=(4, 16),
+      seed=0,
+      workloads=("alpaca",),
+      num_requests=30,
+      max_seq_len=256,
+      pool_tokens=512,
+      watermark=0.01,
+      backends=("reference", "gpu"),
+      kernel_batch=2,
+      kernel_context=40,
+      num_q_heads=2,
+      num_kv_heads=1,
+      head_dim=8,
+      kernel_dtype="float32",
+      kernel_iters=1,
+      engine=_engine_bench.default_engine_config(requests=0),
+    )
+  )
+
+
+def test_block_size_ablation_rows_per_block_size_and_native_backends_only():
+  result = block_size_ablation.run(_ablation_config())
+  tables = {t.name: t for t in result.tables}
+  wide = tables["ablation"].rows
+  assert [r["block_size"] for r in wide] == [4, 16]
+  assert all(r["reference_ms"] > 0 for r in wide)
+  kernel = tables["kernel_time"].rows
+  assert {r["backend"] for r in kernel} == {"reference"}  # the GPU kernel never runs on CPU
+  assert all(r["status"] == "ok" and r["gbps"] > 0 for r in kernel)
+  assert any("Backend 'gpu' not timed here" in n for n in result.notes)
+  # Smaller blocks never hold fewer tokens per reserved slot.
+  mem = tables["memory"].rows
+  assert mem[0]["token_of_reserved_pct"] >= mem[1]["token_of_reserved_pct"]
+
+
+def test_kernel_timing_bytes_per_second_arithmetic():
+  res = _kernel_timing.time_decode(
+    "reference",
+    8,
+    batch=2,
+    context=24,
+    num_q_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    dtype="float32",
+    iters=2,
+  )
+  kv_bytes = 2 * 2 * 24 * 1 * 8 * 4  # K and V, batch x context x heads x dim x 4 bytes
+  # Both are rounded to 4 significant digits.
+  assert res["gbps"] == pytest.approx(kv_bytes / (res["time_ms"] * 1e-3) / 1e9, rel=1e-3)
+
+
+def test_swap_vs_recompute_counts_blocks_and_bytes():
+  config = ConfigDict(
+    dict(
+      block_sizes=(4, 32),
+      seq_lens=(20,),
+      iters=1,
+      seed=0,
+      vocab_size=32,
+      d_model=16,
+      num_layers=1,
+      num_q_heads=2,
+      num_kv_heads=1,
+      head_dim=8,
+      mlp_dim=32,
+      dtype="float32",
+      workload="alpaca",
+      engine=_engine_bench.default_engine_config(requests=0),
+    )
+  )
+  rows = swap_vs_recompute.run(config).tables[0].rows
+  assert [(r["block_size"], r["blocks"]) for r in rows] == [(4, 5), (32, 1)]
+  # K and V x 1 layer x 1 KV head x blocks x block_size x 8 dims x 4 bytes.
+  assert rows[0]["kv_mib"] == round(2 * 5 * 4 * 8 * 4 / 2**20, 2)
+  for r in rows:
+    assert r["swap_out_ms"] > 0 and r["swap_in_ms"] > 0 and r["recompute_ms"] > 0
+    assert r["swap_ms"] == pytest.approx(r["swap_out_ms"] + r["swap_in_ms"], abs=2e-3)
+
+
+def test_scaled_lengths_divide_round_and_drop_what_the_model_cannot_hold():
+  ec = _engine_bench.default_engine_config(requests=3)
+  ec.length_scale = 10.0
+  ec.max_seq_len = 30
+  lengths = np.array([[4, 96], [100, 250], [15, 24], [1, 1], [50, 50]])
+  np.testing.assert_array_equal(
+    _engine_bench.scaled_lengths(ec, lengths), [[1, 10], [2, 2], [1, 1]]
+  )
+
+
+@pytest.mark.slow
+def test_engine_bench_generates_every_token_and_respects_the_batch_cap():
+  ec = _engine_bench.default_engine_config(requests=6)
+  ec.pool_tokens = 256
+  ec.max_seq_len = 64
+  model = _engine_bench.make_model(ec)
+  lengths = np.array([[5, 7], [3, 12], [9, 4], [2, 9], [6, 6], [4, 10]])
+  row = _engine_bench.measure(model, ec, lengths, block_size=16, max_num_seqs=2)
+  assert row["generated_tokens"] == int(lengths[:, 1].sum())
+  assert row["max_batch"] <= 2
+  assert row["tokens_per_s"] > 0 and row["requests"] == 6
