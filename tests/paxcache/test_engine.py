@@ -126,7 +126,7 @@ def test_seed_scenario_100_requests_share_a_5000_token_system_prompt():
   full recomputation. A 1-layer model keeps the no-cache oracle affordable on CPU.
   """
   t0 = time.perf_counter()
-  bs, system_len, num_req, new_tokens = 16, 5000, 100, 3
+  bs, system_len, num_req, new_tokens = 16, 5000, 100, 4
   config = DecoderConfig(
     d_model=32,
     num_layers=1,
