@@ -15,18 +15,18 @@ from kernels.tpu.ragged import paged_attention_ragged
 
 
 def paged_attention(
-    q: jax.Array,
-    k_blocks: jax.Array,
-    v_blocks: jax.Array,
-    block_table: jax.Array,
-    lengths: jax.Array,
-    cu_q_lens: jax.Array | None = None,
-    *,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    logit_soft_cap: float | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret=False,
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  cu_q_lens: jax.Array | None = None,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret=False,
 ) -> jax.Array:
   """TPU paged attention: decode when ``cu_q_lens`` is None, else ragged.
 
@@ -39,13 +39,18 @@ def paged_attention(
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(
-        f"block_sizes must be a kernels.tpu.BlockSizes or None, got {type(block_sizes)}")
-  kwargs = dict(scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap,
-                block_sizes=block_sizes, interpret=interpret)
+      f"block_sizes must be a kernels.tpu.BlockSizes or None, got {type(block_sizes)}"
+    )
+  kwargs = dict(
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+  )
   if cu_q_lens is None:
     return paged_attention_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)
-  return paged_attention_ragged(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
-                                **kwargs)
+  return paged_attention_ragged(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs)
 
 
 __all__ = ["BlockSizes", "paged_attention", "paged_attention_decode", "paged_attention_ragged"]

@@ -43,8 +43,23 @@ class Chunk:
   copies: tuple  # per block j: (fetched: bool scalar, k copy, v copy)
 
   @classmethod
-  def make(cls, k_hbm, v_hbm, k_buf, v_buf, sems, table_ref, *, row, head, first, end, slot,
-           blocks_per_chunk, max_blocks):
+  def make(
+    cls,
+    k_hbm,
+    v_hbm,
+    k_buf,
+    v_buf,
+    sems,
+    table_ref,
+    *,
+    row,
+    head,
+    first,
+    end,
+    slot,
+    blocks_per_chunk,
+    max_blocks,
+  ):
     num_blocks, block_size = k_hbm.shape[1], k_hbm.shape[2]
     copies = []
     for j in range(blocks_per_chunk):
@@ -99,8 +114,9 @@ def _matmul_operands(a, b):
 def scores(q, k, *, scale, logit_soft_cap):
   """f32 logits ``[rows, keys]`` = scale * q @ k.T, soft-capped when asked."""
   q, k, precision = _matmul_operands(q, k)
-  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                      precision=precision)
+  s = lax.dot_general(
+    q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+  )
   s = s * scale
   if logit_soft_cap is not None:
     s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
@@ -123,14 +139,22 @@ def online_softmax_step(carry, s, visible, v, v_ok):
   l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
   # p stays f32: V is widened (never p narrowed) so bf16 V costs no precision here.
   v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
-  pv = lax.dot_general(p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-                       precision=lax.Precision.HIGHEST)
+  pv = lax.dot_general(
+    p,
+    v,
+    (((1,), (0,)), ((), ())),
+    preferred_element_type=jnp.float32,
+    precision=lax.Precision.HIGHEST,
+  )
   return m_new, l_new, alpha * acc + pv
 
 
 def init_carry(rows, head_dim):
-  return (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-          jnp.zeros((rows, head_dim), jnp.float32))
+  return (
+    jnp.full((rows, 1), MASK_VALUE, jnp.float32),
+    jnp.zeros((rows, 1), jnp.float32),
+    jnp.zeros((rows, head_dim), jnp.float32),
+  )
 
 
 def finish(carry, dtype):
@@ -146,8 +170,7 @@ def mosaic_params(semantics):
 def kv_scratch(chunk_tokens, head_dim, dtype):
   """Two slots (double buffer) of one chunk of K and of V, and their DMA semaphores."""
   return [
-      pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
-      pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
-      pltpu.SemaphoreType.DMA((2, 2)),  # [K or V, slot]
+    pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
+    pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
+    pltpu.SemaphoreType.DMA((2, 2)),  # [K or V, slot]
   ]
-

@@ -64,15 +64,15 @@ class BlockSizes:
 
   def __post_init__(self):
     if self.blocks_per_chunk is not None and (
-        not isinstance(self.blocks_per_chunk, int) or self.blocks_per_chunk < 1):
+      not isinstance(self.blocks_per_chunk, int) or self.blocks_per_chunk < 1
+    ):
       raise ValueError(f"blocks_per_chunk must be a positive int, got {self.blocks_per_chunk!r}")
     if self.queries_per_tile is not None:
       t = self.queries_per_tile
       if not isinstance(t, int) or t < 1 or t & (t - 1):
         raise ValueError(f"queries_per_tile must be a power of two, got {t!r}")
     if not isinstance(self.smem_budget_bytes, int) or self.smem_budget_bytes < 16:
-      raise ValueError(
-          f"smem_budget_bytes must be an int >= 16, got {self.smem_budget_bytes!r}")
+      raise ValueError(f"smem_budget_bytes must be an int >= 16, got {self.smem_budget_bytes!r}")
 
 
 def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
@@ -80,27 +80,37 @@ def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
   _, _, block_size, head_dim = k_blocks.shape
   if head_dim % LANES:
     raise ValueError(
-        f"TPU backend: head_dim must be a multiple of {LANES} (the lane width), got k_blocks "
-        f"{tuple(k_blocks.shape)}; allocate the cache with head_dim zero-padded to 128")
+      f"TPU backend: head_dim must be a multiple of {LANES} (the lane width), got k_blocks "
+      f"{tuple(k_blocks.shape)}; allocate the cache with head_dim zero-padded to 128"
+    )
   tile = sublane_tile(k_blocks.dtype)
   if block_size % tile:
     raise ValueError(
-        f"TPU backend: block_size must be a multiple of {tile} for {k_blocks.dtype} K/V "
-        f"(one VMEM sublane tile), got k_blocks {tuple(k_blocks.shape)}")
+      f"TPU backend: block_size must be a multiple of {tile} for {k_blocks.dtype} K/V "
+      f"(one VMEM sublane tile), got k_blocks {tuple(k_blocks.shape)}"
+    )
   if block_sizes is not None and block_sizes.queries_per_tile is not None:
     q_tile = sublane_tile(q.dtype)
     if block_sizes.queries_per_tile % q_tile:
       raise ValueError(
-          f"block_sizes.queries_per_tile must be a multiple of {q_tile} for {q.dtype} q, got "
-          f"{block_sizes.queries_per_tile}")
+        f"block_sizes.queries_per_tile must be a multiple of {q_tile} for {q.dtype} q, got "
+        f"{block_sizes.queries_per_tile}"
+      )
 
 
 def _next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
 
-def resolve(block_sizes: BlockSizes | None, *, q_dtype, block_size: int, max_blocks: int,
-            group: int, ragged: bool) -> BlockSizes:
+def resolve(
+  block_sizes: BlockSizes | None,
+  *,
+  q_dtype,
+  block_size: int,
+  max_blocks: int,
+  group: int,
+  ragged: bool,
+) -> BlockSizes:
   """Fills the None fields of ``block_sizes`` with defaults for this shape."""
   bs = block_sizes if block_sizes is not None else BlockSizes()
   bpc = bs.blocks_per_chunk
@@ -114,14 +124,16 @@ def resolve(block_sizes: BlockSizes | None, *, q_dtype, block_size: int, max_blo
   return dataclasses.replace(bs, blocks_per_chunk=bpc, queries_per_tile=tq)
 
 
-def sequences_per_call(*, smem_budget_bytes: int, words_per_sequence: int,
-                       fixed_words: int, batch: int, what: str) -> int:
+def sequences_per_call(
+  *, smem_budget_bytes: int, words_per_sequence: int, fixed_words: int, batch: int, what: str
+) -> int:
   """How many sequences' scalar-prefetch data fit the SMEM budget in one kernel call."""
   free = smem_budget_bytes // 4 - fixed_words
   n = free // words_per_sequence if free > 0 else 0
   if n < 1:
     raise ValueError(
-        f"{what}: one sequence needs {4 * (words_per_sequence + fixed_words)} bytes of SMEM "
-        f"(block_table row and metadata) but block_sizes.smem_budget_bytes is "
-        f"{smem_budget_bytes}; use a larger block_size (fewer blocks per sequence) or budget")
+      f"{what}: one sequence needs {4 * (words_per_sequence + fixed_words)} bytes of SMEM "
+      f"(block_table row and metadata) but block_sizes.smem_budget_bytes is "
+      f"{smem_budget_bytes}; use a larger block_size (fewer blocks per sequence) or budget"
+    )
   return min(n, batch)

@@ -40,22 +40,22 @@ def _visible_range(length, *, block_size, max_blocks, sliding_window):
 
 
 def _decode_kernel(
-    lengths_ref,  # SMEM i32[batch]
-    table_ref,  # SMEM i32[batch * max_blocks]
-    q_ref,  # VMEM [group, head_dim]
-    k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-    v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-    o_ref,  # VMEM [group, head_dim]
-    k_buf,  # VMEM [2, chunk_tokens, head_dim]
-    v_buf,  # VMEM [2, chunk_tokens, head_dim]
-    sems,  # DMA semaphores [2 (K, V), 2 (slot)]
-    state_ref,  # SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
-    *,
-    scale,
-    sliding_window,
-    logit_soft_cap,
-    blocks_per_chunk,
-    max_blocks,
+  lengths_ref,  # SMEM i32[batch]
+  table_ref,  # SMEM i32[batch * max_blocks]
+  q_ref,  # VMEM [group, head_dim]
+  k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+  v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+  o_ref,  # VMEM [group, head_dim]
+  k_buf,  # VMEM [2, chunk_tokens, head_dim]
+  v_buf,  # VMEM [2, chunk_tokens, head_dim]
+  sems,  # DMA semaphores [2 (K, V), 2 (slot)]
+  state_ref,  # SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
+  *,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  blocks_per_chunk,
+  max_blocks,
 ):
   b, h = pl.program_id(0), pl.program_id(1)
   batch, num_kv_heads = pl.num_programs(0), pl.num_programs(1)
@@ -64,15 +64,27 @@ def _decode_kernel(
   group, head_dim = q_ref.shape
 
   def steps(seq):
-    lo, first, end = _visible_range(lengths_ref[seq], block_size=block_size,
-                                    max_blocks=max_blocks, sliding_window=sliding_window)
+    lo, first, end = _visible_range(
+      lengths_ref[seq], block_size=block_size, max_blocks=max_blocks, sliding_window=sliding_window
+    )
     return lo, first, end, _common.cdiv(jnp.maximum(end - first, 0), blocks_per_chunk)
 
   def chunk(seq, head, first, end, c, slot):
     return _common.Chunk.make(
-        k_hbm, v_hbm, k_buf, v_buf, sems, table_ref, row=seq, head=head,
-        first=first + c * blocks_per_chunk, end=end, slot=slot,
-        blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+      k_hbm,
+      v_hbm,
+      k_buf,
+      v_buf,
+      sems,
+      table_ref,
+      row=seq,
+      head=head,
+      first=first + c * blocks_per_chunk,
+      end=end,
+      slot=slot,
+      blocks_per_chunk=blocks_per_chunk,
+      max_blocks=max_blocks,
+    )
 
   @pl.when((b == 0) & (h == 0))
   def _():
@@ -119,8 +131,9 @@ def _decode_kernel(
     kp_col = key0 + key_iota_col
     v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= lo) & (kp_col < length)
     s = _common.scores(q, k_buf[slot], scale=scale, logit_soft_cap=logit_soft_cap)
-    return _common.online_softmax_step(carry, s, jnp.broadcast_to(visible, s.shape),
-                                       v_buf[slot], v_ok)
+    return _common.online_softmax_step(
+      carry, s, jnp.broadcast_to(visible, s.shape), v_buf[slot], v_ok
+    )
 
   carry = lax.fori_loop(0, n, body, _common.init_carry(group, head_dim))
   o_ref[...] = _common.finish(carry, o_ref.dtype)
@@ -129,52 +142,69 @@ def _decode_kernel(
   state_ref[1] = (prefetch_next & (n > 0)).astype(jnp.int32)
 
 
-def _decode_call(q, k_blocks, v_blocks, table_flat, lengths, *, scale, sliding_window,
-                 logit_soft_cap, blocks_per_chunk, max_blocks, interpret):
+def _decode_call(
+  q,
+  k_blocks,
+  v_blocks,
+  table_flat,
+  lengths,
+  *,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  blocks_per_chunk,
+  max_blocks,
+  interpret,
+):
   """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``."""
   batch, num_kv_heads, group, head_dim = q.shape
   block_size = k_blocks.shape[2]
   kernel = functools.partial(
-      _decode_kernel, scale=scale, sliding_window=sliding_window,
-      logit_soft_cap=logit_soft_cap, blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+    _decode_kernel,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    blocks_per_chunk=blocks_per_chunk,
+    max_blocks=max_blocks,
+  )
   # The full (group, head_dim) tail of q: legal for any group (a block dim equal to the
   # array dim), so GQA groups of 1..32 need no padding of q.
   q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, h, *_: (b, h, 0, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(batch, num_kv_heads),
-          in_specs=[q_spec, any_spec, any_spec],
-          out_specs=q_spec,
-          scratch_shapes=[
-              *_common.kv_scratch(blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
-              pltpu.SMEM((2,), jnp.int32),
-          ],
-      ),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      # Sequential on purpose: each step prefetches the next step's first chunk.
-      compiler_params=_common.mosaic_params(("arbitrary", "arbitrary")),
-      interpret=_common.interpret_params(interpret),
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(batch, num_kv_heads),
+      in_specs=[q_spec, any_spec, any_spec],
+      out_specs=q_spec,
+      scratch_shapes=[
+        *_common.kv_scratch(blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+        pltpu.SMEM((2,), jnp.int32),
+      ],
+    ),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    # Sequential on purpose: each step prefetches the next step's first chunk.
+    compiler_params=_common.mosaic_params(("arbitrary", "arbitrary")),
+    interpret=_common.interpret_params(interpret),
   )(lengths, table_flat, q, k_blocks, v_blocks)
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret"))
+  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+)
 def paged_attention_decode(
-    q: jax.Array,
-    k_blocks: jax.Array,
-    v_blocks: jax.Array,
-    block_table: jax.Array,
-    lengths: jax.Array,
-    *,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    logit_soft_cap: float | None = None,
-    block_sizes: _config.BlockSizes | None = None,
-    interpret=False,
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  block_sizes: _config.BlockSizes | None = None,
+  interpret=False,
 ) -> jax.Array:
   """Decode paged attention on TPU.
 
@@ -198,19 +228,40 @@ def paged_attention_decode(
   group = num_q_heads // num_kv_heads
   if batch == 0 or max_blocks == 0:
     return jnp.zeros_like(q)
-  tuned = _config.resolve(block_sizes, q_dtype=q.dtype, block_size=block_size,
-                          max_blocks=max_blocks, group=group, ragged=False)
+  tuned = _config.resolve(
+    block_sizes,
+    q_dtype=q.dtype,
+    block_size=block_size,
+    max_blocks=max_blocks,
+    group=group,
+    ragged=False,
+  )
   per_call = _config.sequences_per_call(
-      smem_budget_bytes=tuned.smem_budget_bytes, words_per_sequence=max_blocks + 1,
-      fixed_words=2, batch=batch, what=f"decode with block_table {tuple(block_table.shape)}")
+    smem_budget_bytes=tuned.smem_budget_bytes,
+    words_per_sequence=max_blocks + 1,
+    fixed_words=2,
+    batch=batch,
+    what=f"decode with block_table {tuple(block_table.shape)}",
+  )
   scale = head_dim**-0.5 if scale is None else scale
   qg = q.reshape(batch, num_kv_heads, group, head_dim)
   outs = []
   for s0 in range(0, batch, per_call):
     s1 = min(batch, s0 + per_call)
-    outs.append(_decode_call(
-        qg[s0:s1], k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1],
-        scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap,
-        blocks_per_chunk=tuned.blocks_per_chunk, max_blocks=max_blocks, interpret=interpret))
+    outs.append(
+      _decode_call(
+        qg[s0:s1],
+        k_blocks,
+        v_blocks,
+        block_table[s0:s1].reshape(-1),
+        lengths[s0:s1],
+        scale=scale,
+        sliding_window=sliding_window,
+        logit_soft_cap=logit_soft_cap,
+        blocks_per_chunk=tuned.blocks_per_chunk,
+        max_blocks=max_blocks,
+        interpret=interpret,
+      )
+    )
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
   return out.reshape(batch, num_q_heads, head_dim)

@@ -36,24 +36,24 @@ from kernels.tpu import _common, _config
 
 
 def _ragged_kernel(
-    lengths_ref,  # SMEM i32[batch]
-    table_ref,  # SMEM i32[batch * max_blocks]
-    cu_ref,  # SMEM i32[batch + 1]
-    seq_lo_ref,  # SMEM i32[num_tiles]: first sequence overlapping the tile
-    seq_hi_ref,  # SMEM i32[num_tiles]: last one (seq_hi < seq_lo: none)
-    q_ref,  # VMEM [group, queries_per_tile, head_dim]
-    k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-    v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-    o_ref,  # VMEM [group, queries_per_tile, head_dim]
-    k_buf,  # VMEM [2, chunk_tokens, head_dim]
-    v_buf,  # VMEM [2, chunk_tokens, head_dim]
-    sems,  # DMA semaphores [2 (K, V), 2 (slot)]
-    *,
-    scale,
-    sliding_window,
-    logit_soft_cap,
-    blocks_per_chunk,
-    max_blocks,
+  lengths_ref,  # SMEM i32[batch]
+  table_ref,  # SMEM i32[batch * max_blocks]
+  cu_ref,  # SMEM i32[batch + 1]
+  seq_lo_ref,  # SMEM i32[num_tiles]: first sequence overlapping the tile
+  seq_hi_ref,  # SMEM i32[num_tiles]: last one (seq_hi < seq_lo: none)
+  q_ref,  # VMEM [group, queries_per_tile, head_dim]
+  k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+  v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+  o_ref,  # VMEM [group, queries_per_tile, head_dim]
+  k_buf,  # VMEM [2, chunk_tokens, head_dim]
+  v_buf,  # VMEM [2, chunk_tokens, head_dim]
+  sems,  # DMA semaphores [2 (K, V), 2 (slot)]
+  *,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  blocks_per_chunk,
+  max_blocks,
 ):
   t, h = pl.program_id(0), pl.program_id(1)
   group, tile, head_dim = q_ref.shape
@@ -87,9 +87,20 @@ def _ragged_kernel(
 
     def chunk(c, slot):
       return _common.Chunk.make(
-          k_hbm, v_hbm, k_buf, v_buf, sems, table_ref, row=s, head=h,
-          first=first + c * blocks_per_chunk, end=end, slot=slot,
-          blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+        k_hbm,
+        v_hbm,
+        k_buf,
+        v_buf,
+        sems,
+        table_ref,
+        row=s,
+        head=h,
+        first=first + c * blocks_per_chunk,
+        end=end,
+        slot=slot,
+        blocks_per_chunk=blocks_per_chunk,
+        max_blocks=max_blocks,
+      )
 
     @pl.when(n > 0)
     def _():
@@ -110,15 +121,15 @@ def _ragged_kernel(
       if sliding_window is not None:
         visible = visible & (kp > row_pos - sliding_window)
       kp_col = key0 + key_iota_col
-      v_ok = (cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo)
-              & (kp_col <= key_hi))
+      v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo) & (kp_col <= key_hi)
       s_ = _common.scores(q, k_buf[slot], scale=scale, logit_soft_cap=logit_soft_cap)
       return _common.online_softmax_step(carry, s_, visible, v_buf[slot], v_ok)
 
     return lax.fori_loop(0, n, body, carry)
 
-  carry = lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence,
-                        _common.init_carry(rows, head_dim))
+  carry = lax.fori_loop(
+    seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, _common.init_carry(rows, head_dim)
+  )
   o_ref[...] = _common.finish(carry, o_ref.dtype).reshape(group, tile, head_dim)
 
 
@@ -135,53 +146,70 @@ def _tile_sequences(cu_q_lens, num_tiles, tile):
   return lo, hi
 
 
-def _ragged_call(qt, k_blocks, v_blocks, table_flat, lengths, cu_q_lens, *, scale,
-                 sliding_window, logit_soft_cap, blocks_per_chunk, max_blocks, tile,
-                 interpret):
+def _ragged_call(
+  qt,
+  k_blocks,
+  v_blocks,
+  table_flat,
+  lengths,
+  cu_q_lens,
+  *,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  blocks_per_chunk,
+  max_blocks,
+  tile,
+  interpret,
+):
   """One pallas_call over ``qt: [num_kv_heads, group, num_tiles * tile, head_dim]``."""
   num_kv_heads, group, padded_tokens, head_dim = qt.shape
   block_size = k_blocks.shape[2]
   num_tiles = padded_tokens // tile
   seq_lo, seq_hi = _tile_sequences(cu_q_lens, num_tiles, tile)
   kernel = functools.partial(
-      _ragged_kernel, scale=scale, sliding_window=sliding_window,
-      logit_soft_cap=logit_soft_cap, blocks_per_chunk=blocks_per_chunk, max_blocks=max_blocks)
+    _ragged_kernel,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    blocks_per_chunk=blocks_per_chunk,
+    max_blocks=max_blocks,
+  )
   q_spec = pl.BlockSpec((None, group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(num_tiles, num_kv_heads),
-          in_specs=[q_spec, any_spec, any_spec],
-          out_specs=q_spec,
-          scratch_shapes=_common.kv_scratch(blocks_per_chunk * block_size, head_dim,
-                                            k_blocks.dtype),
-      ),
-      out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
-      # Every step starts and drains its own DMAs, so steps are independent (megacore can
-      # split them).
-      compiler_params=_common.mosaic_params(("parallel", "parallel")),
-      interpret=_common.interpret_params(interpret),
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=5,
+      grid=(num_tiles, num_kv_heads),
+      in_specs=[q_spec, any_spec, any_spec],
+      out_specs=q_spec,
+      scratch_shapes=_common.kv_scratch(blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+    ),
+    out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+    # Every step starts and drains its own DMAs, so steps are independent (megacore can
+    # split them).
+    compiler_params=_common.mosaic_params(("parallel", "parallel")),
+    interpret=_common.interpret_params(interpret),
   )(lengths, table_flat, cu_q_lens, seq_lo, seq_hi, qt, k_blocks, v_blocks)
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret"))
+  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+)
 def paged_attention_ragged(
-    q: jax.Array,
-    k_blocks: jax.Array,
-    v_blocks: jax.Array,
-    block_table: jax.Array,
-    lengths: jax.Array,
-    cu_q_lens: jax.Array,
-    *,
-    scale: float | None = None,
-    sliding_window: int | None = None,
-    logit_soft_cap: float | None = None,
-    block_sizes: _config.BlockSizes | None = None,
-    interpret=False,
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  cu_q_lens: jax.Array,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  block_sizes: _config.BlockSizes | None = None,
+  interpret=False,
 ) -> jax.Array:
   """Ragged (chunked prefill / mixed prefill and decode) paged attention on TPU.
 
@@ -205,30 +233,46 @@ def paged_attention_ragged(
   group = num_q_heads // num_kv_heads
   if num_tokens == 0 or batch == 0 or max_blocks == 0:
     return jnp.zeros_like(q)
-  tuned = _config.resolve(block_sizes, q_dtype=q.dtype, block_size=block_size,
-                          max_blocks=max_blocks, group=group, ragged=True)
+  tuned = _config.resolve(
+    block_sizes,
+    q_dtype=q.dtype,
+    block_size=block_size,
+    max_blocks=max_blocks,
+    group=group,
+    ragged=True,
+  )
   tile = tuned.queries_per_tile
   num_tiles = -(-num_tokens // tile)
   padded = num_tiles * tile
   per_call = _config.sequences_per_call(
-      smem_budget_bytes=tuned.smem_budget_bytes, words_per_sequence=max_blocks + 2,
-      fixed_words=2 * num_tiles + 1, batch=batch,
-      what=f"ragged attention with block_table {tuple(block_table.shape)} and "
-      f"{num_tiles} query tiles")
+    smem_budget_bytes=tuned.smem_budget_bytes,
+    words_per_sequence=max_blocks + 2,
+    fixed_words=2 * num_tiles + 1,
+    batch=batch,
+    what=f"ragged attention with block_table {tuple(block_table.shape)} and "
+    f"{num_tiles} query tiles",
+  )
   scale = head_dim**-0.5 if scale is None else scale
   # [T, Hq, D] -> [Hkv, group, T_padded, D]: a tile's rows of one KV head are one block.
   qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
   qt = qt.reshape(padded, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
   call = functools.partial(
-      _ragged_call, scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap,
-      blocks_per_chunk=tuned.blocks_per_chunk, max_blocks=max_blocks, tile=tile,
-      interpret=interpret)
+    _ragged_call,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    blocks_per_chunk=tuned.blocks_per_chunk,
+    max_blocks=max_blocks,
+    tile=tile,
+    interpret=interpret,
+  )
   out = None
   row = jnp.arange(padded, dtype=jnp.int32)[None, None, :, None]
   for s0 in range(0, batch, per_call):
     s1 = min(batch, s0 + per_call)
-    part = call(qt, k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1],
-                cu_q_lens[s0:s1 + 1])
+    part = call(
+      qt, k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1], cu_q_lens[s0 : s1 + 1]
+    )
     if out is None:
       out = part
     else:

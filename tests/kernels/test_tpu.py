@@ -1,0 +1,438 @@
+"""The Pallas TPU paged-attention kernels, run in TPU interpret mode on CPU.
+
+TPU interpret mode simulates HBM, VMEM, SMEM, DMAs and semaphores. Every call here
+raises on an out-of-bounds read, fills fresh VMEM with NaN, and runs the happens-before
+race detector; each test checks that no race was found. Results are compared with a
+float64 NumPy loop (independent of kernels.reference) on caches whose unused blocks and
+slots past each length are NaN, with block tables shuffled over the pool.
+
+Interpret mode is slow (each DMA and grid step is a host callback), so shapes are tiny
+and each kernel call packs many cases (lengths 0, 1, bs - 1, bs, bs + 1, random) into
+one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpret_state
+from jax.experimental.pallas import tpu as pltpu
+
+import kernels
+from kernels import tpu
+
+INTERPRET = pltpu.InterpretParams(
+  detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan"
+)
+HEAD_DIM = 128  # the lane width: the natural TPU head_dim (smaller ones are rejected)
+
+# Allowed |kernel - float64 oracle|, relative to outputs of order 1 (used as rtol and atol),
+# per output dtype.
+TOLERANCE = {
+  # f32 accumulation in a different order than the oracle (online softmax over chunks):
+  # a few f32 ulps of accumulated rounding, far below 1e-5. No K/V cast to bf16 happens
+  # anywhere, so bf16 K/V with f32 q are held to this too.
+  jnp.float32: 1e-5,
+  # The output itself is rounded to bf16 (8 significant bits: half an ulp is 2^-9
+  # relative); 2^-7 leaves room for a value near a rounding tie to round the other way.
+  jnp.bfloat16: 2.0**-7,
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_interpreter():
+  """An exception inside an interpreted kernel leaves its simulated state behind."""
+  pltpu.reset_tpu_interpret_mode_state()
+  yield
+  pltpu.reset_tpu_interpret_mode_state()
+
+
+def _assert_no_races():
+  races = _interpret_state.races
+  assert races is not None and not races.races_found, "TPU interpret mode found a data race"
+
+
+def _oracle(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens=None,
+  *,
+  scale=None,
+  sliding_window=None,
+  logit_soft_cap=None,
+):
+  """Paged attention in float64 NumPy, one query row and head at a time."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k_blocks, v_blocks))
+  block_table, lengths = np.asarray(block_table), np.asarray(lengths)
+  num_kv_heads, _, block_size, head_dim = k.shape
+  num_tokens, num_q_heads, _ = q.shape
+  group = num_q_heads // num_kv_heads
+  scale = head_dim**-0.5 if scale is None else scale
+  batch, max_blocks = block_table.shape
+  cu = np.arange(batch + 1) if cu_q_lens is None else np.asarray(cu_q_lens)
+  out = np.zeros(q.shape)
+  for b in range(batch):
+    q_len = cu[b + 1] - cu[b]
+    for i in range(q_len):
+      row, pos = cu[b] + i, lengths[b] - q_len + i
+      keys = [
+        p
+        for p in range(min(pos + 1, max_blocks * block_size))
+        if block_table[b, p // block_size] >= 0
+        and (sliding_window is None or p > pos - sliding_window)
+      ]
+      if not keys:
+        continue
+      blocks = block_table[b, [p // block_size for p in keys]]
+      slots = [p % block_size for p in keys]
+      for h in range(num_q_heads):
+        kk, vv = k[h // group, blocks, slots], v[h // group, blocks, slots]
+        s = scale * (kk @ q[row, h])
+        if logit_soft_cap is not None:
+          s = logit_soft_cap * np.tanh(s / logit_soft_cap)
+        p = np.exp(s - s.max())
+        out[row, h] = p @ vv / p.sum()
+  return out
+
+
+def _cache(rng, lengths, *, num_kv_heads, block_size, max_blocks, dtype, spare_blocks=3, holes=()):
+  """K/V pools and a shuffled block table; unused blocks and slots past length are NaN.
+
+  ``holes``: (sequence, logical block) entries set to -1 although below the length (the
+  kernels must treat them as absent, like the reference does).
+  """
+  lengths = np.asarray(lengths, np.int32)
+  need = [-(-int(n) // block_size) for n in lengths]
+  num_blocks = sum(need) + spare_blocks
+  k = rng.standard_normal((num_kv_heads, num_blocks, block_size, HEAD_DIM))
+  v = rng.standard_normal((num_kv_heads, num_blocks, block_size, HEAD_DIM))
+  table = np.full((len(lengths), max_blocks), -1, np.int32)
+  perm = rng.permutation(num_blocks)
+  used = 0
+  for b, n in enumerate(need):
+    table[b, :n] = perm[used : used + n]
+    used += n
+    # Slots past the length in the last block hold garbage in a real cache.
+    tail = int(lengths[b]) % block_size
+    if n and tail:
+      k[:, table[b, n - 1], tail:] = np.nan
+      v[:, table[b, n - 1], tail:] = np.nan
+  k[:, perm[used:]] = np.nan
+  v[:, perm[used:]] = np.nan
+  for b, j in holes:
+    k[:, table[b, j]] = np.nan
+    v[:, table[b, j]] = np.nan
+    table[b, j] = -1
+  return (jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table), jnp.asarray(lengths))
+
+
+def _check(out, want, dtype):
+  out = np.asarray(jnp.asarray(out, jnp.float32))
+  assert not np.isnan(out).any(), "NaN leaked into the output"
+  tol = TOLERANCE[dtype]
+  np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+
+
+BS = 8  # f32 sublane tile; bf16 tests use 16
+EDGE_LENGTHS = [0, 1, BS - 1, BS, BS + 1, 29]  # 29: a random length spanning 4 blocks
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize(
+  "num_q_heads,num_kv_heads,blocks_per_chunk",
+  [(4, 2, 2), (4, 1, 3), (2, 2, 1)],
+  ids=["gqa-2chunks", "mqa-3chunks", "mha-1block-chunks"],
+)
+def test_decode_matches_oracle_on_edge_lengths(num_q_heads, num_kv_heads, blocks_per_chunk):
+  rng = np.random.default_rng(0)
+  k, v, table, lengths = _cache(
+    rng, EDGE_LENGTHS, num_kv_heads=num_kv_heads, block_size=BS, max_blocks=5, dtype=jnp.float32
+  )
+  q = jnp.asarray(rng.standard_normal((len(EDGE_LENGTHS), num_q_heads, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_decode(
+    q,
+    k,
+    v,
+    table,
+    lengths,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=blocks_per_chunk),
+    interpret=INTERPRET,
+  )
+  _assert_no_races()
+  assert out.shape == q.shape and out.dtype == q.dtype
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+  assert np.all(np.asarray(out)[0] == 0), "a length-0 sequence must return zeros"
+
+
+@pytest.mark.parametrize("q_dtype", [jnp.float32, jnp.bfloat16], ids=["q-f32", "q-bf16"])
+def test_decode_bf16_kv_is_not_rounded_further(q_dtype):
+  # With f32 q, bf16 K/V are widened (never q narrowed): the f32 tolerance must hold.
+  rng = np.random.default_rng(1)
+  lengths = [1, 15, 16, 17, 40]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=2, block_size=16, max_blocks=3, dtype=jnp.bfloat16
+  )
+  q = jnp.asarray(rng.standard_normal((5, 4, HEAD_DIM)), q_dtype)
+  out = tpu.paged_attention_decode(
+    q, k, v, table, lengths, interpret=INTERPRET, block_sizes=tpu.BlockSizes(blocks_per_chunk=2)
+  )
+  _assert_no_races()
+  assert out.dtype == q_dtype
+  _check(out, _oracle(q, k, v, table, lengths), q_dtype)
+
+
+def test_decode_sliding_window_and_soft_cap_skip_blocks_outside_window():
+  rng = np.random.default_rng(2)
+  k, v, table, lengths = _cache(
+    rng, [3, 20, 33], num_kv_heads=1, block_size=BS, max_blocks=5, dtype=jnp.float32
+  )
+  # Blocks wholly before the window are never fetched: poison them to prove it.
+  table_np = np.asarray(table)
+  k = k.at[:, table_np[2, 0]].set(jnp.nan)
+  q = jnp.asarray(rng.standard_normal((3, 2, HEAD_DIM)) * 4, jnp.float32)
+  kw = dict(scale=0.2, sliding_window=12, logit_soft_cap=3.0)
+  out = tpu.paged_attention_decode(
+    q,
+    k,
+    v,
+    table,
+    lengths,
+    interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2),
+    **kw,
+  )
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, **kw), jnp.float32)
+
+
+def _count_pallas_calls(fn, *args):
+  return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+
+
+def test_decode_splits_batch_whose_block_table_exceeds_smem_budget():
+  rng = np.random.default_rng(3)
+  k, v, table, lengths = _cache(
+    rng, [5, 17, 0, 9, 24], num_kv_heads=2, block_size=BS, max_blocks=4, dtype=jnp.float32
+  )
+  q = jnp.asarray(rng.standard_normal((5, 2, HEAD_DIM)), jnp.float32)
+  # 2 sequences of (4 table entries + 1 length) and 2 words of kernel state per call.
+  tiny = tpu.BlockSizes(blocks_per_chunk=2, smem_budget_bytes=4 * (2 * 5 + 2))
+  fn = lambda *a: tpu.paged_attention_decode(*a, block_sizes=tiny, interpret=INTERPRET)
+  assert _count_pallas_calls(fn, q, k, v, table, lengths) == 3
+  out = fn(q, k, v, table, lengths)
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
+def test_smem_budget_below_one_sequence_raises():
+  rng = np.random.default_rng(4)
+  k, v, table, lengths = _cache(
+    rng, [5], num_kv_heads=1, block_size=BS, max_blocks=4, dtype=jnp.float32
+  )
+  q = jnp.zeros((1, 1, HEAD_DIM), jnp.float32)
+  with pytest.raises(ValueError, match="smem_budget_bytes"):
+    tpu.paged_attention_decode(
+      q, k, v, table, lengths, interpret=INTERPRET, block_sizes=tpu.BlockSizes(smem_budget_bytes=16)
+    )
+
+
+def test_corrupt_table_entries_are_clamped_not_read_out_of_bounds():
+  # An entry past the pool (a caller bug) must not make the DMA leave the pool: interpret
+  # mode raises on any out-of-bounds read, so finishing at all is the check.
+  rng = np.random.default_rng(5)
+  k, v, table, lengths = _cache(
+    rng, [12], num_kv_heads=1, block_size=BS, max_blocks=2, dtype=jnp.float32, spare_blocks=0
+  )
+  k = jnp.nan_to_num(k)
+  v = jnp.nan_to_num(v)
+  table = table.at[0, 1].set(k.shape[1] + 7)
+  q = jnp.asarray(rng.standard_normal((1, 1, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_decode(q, k, v, table, lengths, interpret=INTERPRET)
+  _assert_no_races()
+  assert np.isfinite(np.asarray(out)).all()
+
+
+# ----------------------------------------------------------------------------- ragged
+
+
+def _ragged_case(rng, *, dtype, num_q_heads=4, num_kv_heads=2, block_size=BS, pad_rows=5):
+  # Prefill from scratch, prefill of a chunk after cached context, decodes of edge lengths,
+  # an empty sequence, then padding rows past cu_q_lens[-1].
+  lengths = [11, 0, 21, 1, block_size, block_size + 1, 30]
+  q_lens = [11, 0, 6, 1, 1, 1, 3]
+  holes = [(6, 1)]  # a -1 entry below the length: treated as absent
+  k, v, table, lengths = _cache(
+    rng,
+    lengths,
+    num_kv_heads=num_kv_heads,
+    block_size=block_size,
+    max_blocks=5,
+    dtype=dtype,
+    holes=holes,
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  num_tokens = int(cu[-1]) + pad_rows
+  q = jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, HEAD_DIM)), dtype)
+  return q, k, v, table, lengths, cu
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [{}, dict(sliding_window=5, logit_soft_cap=2.0, scale=0.3)],
+  ids=["causal", "window-softcap"],
+)
+def test_ragged_mixed_prefill_and_decode_matches_oracle(kw):
+  rng = np.random.default_rng(6)
+  q, k, v, table, lengths, cu = _ragged_case(rng, dtype=jnp.float32)
+  if kw:
+    q = q * 4  # large logits, so the soft cap matters
+  out = tpu.paged_attention_ragged(
+    q,
+    k,
+    v,
+    table,
+    lengths,
+    cu,
+    interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8),
+    **kw,
+  )
+  _assert_no_races()
+  assert out.shape == q.shape
+  _check(out, _oracle(q, k, v, table, lengths, cu, **kw), jnp.float32)
+  assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+
+
+def test_ragged_mqa_bf16_with_smem_split():
+  rng = np.random.default_rng(7)
+  q, k, v, table, lengths, cu = _ragged_case(
+    rng, dtype=jnp.bfloat16, num_q_heads=2, num_kv_heads=1, block_size=16
+  )
+  q = q.astype(jnp.float32)
+  # 7 sequences: 3 calls of at most 3 sequences (5 entries + length + cu each), plus the
+  # per-tile metadata (2 tiles of 16 rows: 2 * 2 + 1 words).
+  tiny = tpu.BlockSizes(blocks_per_chunk=1, queries_per_tile=16, smem_budget_bytes=4 * (3 * 7 + 5))
+  fn = lambda *a: tpu.paged_attention_ragged(*a, block_sizes=tiny, interpret=INTERPRET)
+  assert _count_pallas_calls(fn, q, k, v, table, lengths, cu) == 3
+  out = fn(q, k, v, table, lengths, cu)
+  _assert_no_races()
+  # f32 q with bf16 K/V: no narrowing anywhere, so the f32 tolerance holds.
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
+
+
+def test_public_api_runs_tpu_backend_in_interpret_mode():
+  rng = np.random.default_rng(8)
+  k, v, table, lengths = _cache(
+    rng, [9, 2], num_kv_heads=1, block_size=BS, max_blocks=2, dtype=jnp.float32
+  )
+  q = jnp.asarray(rng.standard_normal((2, 2, HEAD_DIM)), jnp.float32)
+  out = kernels.paged_attention(q, k, v, table, lengths, backend="tpu", interpret=True)
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
+# ------------------------------------------------------- JAX's built-in TPU paged_attention
+
+
+def test_builtin_tpu_paged_attention_differs_only_by_its_bf16_cast():
+  """JAX's kernel takes (q, k, v, lengths, page_indices), applies no softmax scale (q must
+  come pre-scaled), needs every table entry valid and max_blocks divisible by
+  pages_per_compute_block, and casts K/V to bf16 before its matmuls. On K/V that are exactly bf16-representable (stored as f32) the cast is lossless
+  and the two kernels agree to f32 precision; on general f32 K/V only ours stays within
+  1e-5 of the float64 oracle."""
+  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as builtin
+
+  rng = np.random.default_rng(9)
+  lengths = jnp.asarray([7, 16, 27], jnp.int32)
+  num_blocks, max_blocks = 12, 4
+  table = jnp.asarray(
+    rng.permutation(num_blocks)[: 3 * max_blocks].reshape(3, max_blocks), jnp.int32
+  )
+  k = rng.standard_normal((2, num_blocks, BS, HEAD_DIM)).astype(np.float32)
+  v = rng.standard_normal((2, num_blocks, BS, HEAD_DIM)).astype(np.float32)
+  q = jnp.asarray(rng.standard_normal((3, 4, HEAD_DIM)), jnp.float32)
+  k_bf = jnp.asarray(k).astype(jnp.bfloat16).astype(jnp.float32)
+  v_bf = jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32)
+
+  def theirs(kk, vv):
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+      return np.asarray(
+        builtin(q * HEAD_DIM**-0.5, kk, vv, lengths, table, pages_per_compute_block=2)
+      )
+
+  def ours(kk, vv):
+    return np.asarray(
+      tpu.paged_attention_decode(
+        q,
+        kk,
+        vv,
+        table,
+        lengths,
+        block_sizes=tpu.BlockSizes(blocks_per_chunk=2),
+        interpret=INTERPRET,
+      )
+    )
+
+  np.testing.assert_allclose(theirs(k_bf, v_bf), ours(k_bf, v_bf), rtol=1e-5, atol=1e-5)
+  want = _oracle(q, k, v, table, lengths)
+  _check(ours(jnp.asarray(k), jnp.asarray(v)), want, jnp.float32)
+  their_err = np.abs(theirs(jnp.asarray(k), jnp.asarray(v)) - want).max()
+  assert their_err > 1e-4, f"built-in kernel now within {their_err}: update docs/tpu.md"
+
+
+# ------------------------------------------------------------------- configuration errors
+
+
+def test_block_sizes_is_frozen_hashable_and_validated():
+  bs = tpu.BlockSizes(blocks_per_chunk=4, queries_per_tile=16)
+  assert hash(bs) == hash(tpu.BlockSizes(blocks_per_chunk=4, queries_per_tile=16))
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    bs.blocks_per_chunk = 2
+  with pytest.raises(ValueError, match="blocks_per_chunk"):
+    tpu.BlockSizes(blocks_per_chunk=0)
+  with pytest.raises(ValueError, match="queries_per_tile"):
+    tpu.BlockSizes(queries_per_tile=24)
+  with pytest.raises(ValueError, match="smem_budget_bytes"):
+    tpu.BlockSizes(smem_budget_bytes=0)
+
+
+@pytest.mark.parametrize(
+  "head_dim,block_size,kv_dtype,match",
+  [
+    (64, 8, jnp.float32, "head_dim"),
+    (128, 4, jnp.float32, "block_size"),
+    (128, 8, jnp.bfloat16, "block_size"),
+  ],
+)
+def test_unsupported_tpu_shapes_raise_naming_the_argument(head_dim, block_size, kv_dtype, match):
+  k = jnp.zeros((1, 2, block_size, head_dim), kv_dtype)
+  q = jnp.zeros((1, 1, head_dim), jnp.float32)
+  table = jnp.zeros((1, 1), jnp.int32)
+  lengths = jnp.ones((1,), jnp.int32)
+  with pytest.raises(ValueError, match=match):
+    tpu.paged_attention(q, k, k, table, lengths, interpret=True)
+
+
+def test_queries_per_tile_must_fit_q_dtype_tile():
+  k = jnp.zeros((1, 2, 16, HEAD_DIM), jnp.bfloat16)
+  q = jnp.zeros((4, 1, HEAD_DIM), jnp.bfloat16)
+  cu = jnp.asarray([0, 4], jnp.int32)
+  with pytest.raises(ValueError, match="queries_per_tile"):
+    tpu.paged_attention(
+      q,
+      k,
+      k,
+      jnp.zeros((1, 1), jnp.int32),
+      jnp.full((1,), 4, jnp.int32),
+      cu,
+      block_sizes=tpu.BlockSizes(queries_per_tile=8),
+      interpret=True,
+    )
