@@ -197,6 +197,12 @@ def cases(smoke: bool):
     "prefill 4x4096 causal bf16 bs16",
     lambda r: prefill_case(r, q_lens=[4096] * 4, ctx_lens=[0] * 4, block_size=16, pad_rows=0),
   )
+  yield (
+    "mixed chunked prefill bf16 D256 16/2 heads bs64",
+    lambda r: prefill_case(
+      r, q_lens=[300, 1, 70], ctx_lens=[500, 1000, 0], block_size=64, hq=16, hkv=2, d=256
+    ),
+  )
   for cfg in (
     dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=2),
     dict(prefill_q_tile=128, prefill_num_warps=4, prefill_heads_per_program=1),

@@ -37,9 +37,8 @@ PREFILL_LEN = 4096
 
 # Extra decode settings timed with --decode-sweep (the defaults come from tuning.py).
 SWEEP_CONFIGS = (
+  dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3),
   dict(decode_kv_tile=128, decode_num_stages=2),
-  dict(decode_kv_tile=64, decode_num_stages=4),
-  dict(decode_num_splits=8),
 )
 PREFILL_SWEEP = (  # the first is the default
   dict(),
@@ -107,6 +106,7 @@ def xla_paged_decode(q, k_blocks, v_blocks, table, lengths):
   return o.reshape(b, hq, d).astype(q.dtype)
 
 
+DEFAULT_CONFIG = None  # decode fields of the default GpuBlockSizes, recorded with each row
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU, to test this script
 
 
@@ -276,25 +276,26 @@ def prefill_bench(runner, block_sizes, sweep):
         flush=True,
       )
       bsz = dataclasses.replace(base, **c)
-      out.append(
-        measure(
-          runner,
-          "ours_prefill",
-          ours_fn(bsz, scale=D**-0.5),
-          args,
-          flops=flops,
-          config=c or "default",
-          **meta,
-        )
+      cfg = {k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith("prefill")}
+      row = measure(
+        runner,
+        "ours_prefill",
+        ours_fn(bsz, scale=D**-0.5),
+        args,
+        flops=flops,
+        config=cfg,
+        is_default=not c,
+        **meta,
       )
+      row["_override"] = c
+      out.append(row)
     return out
 
   ref_bs = 64 if 64 in block_sizes else block_sizes[0]
   swept = run(ref_bs, sweep)
   rows += swept
   ok = [r for r in swept if "tflops" in r]
-  best = max(ok, key=lambda r: r["tflops"])["config"] if ok else "default"
-  best = {} if best == "default" else best
+  best = max(ok, key=lambda r: r["tflops"])["_override"] if ok else {}
   for bs in block_sizes:
     if bs != ref_bs:
       rows += run(bs, [best])
@@ -359,6 +360,9 @@ def main(argv=None):
     psweep = PREFILL_SWEEP[:1] if (args.quick or args.no_sweep) else PREFILL_SWEEP
     prefill_rows = prefill_bench(runner, bss, psweep)
   cases = decode_bench(runner, shapes, bss, builtin, args.passes, args.decode_sweep)
+  global DEFAULT_CONFIG
+  DEFAULT_CONFIG = dataclasses.asdict(gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16))
+  DEFAULT_CONFIG = {k: v for k, v in DEFAULT_CONFIG.items() if k.startswith("decode")}
 
   summary = []
   for c in cases:
@@ -367,6 +371,11 @@ def main(argv=None):
     for i, (name, _, _, extra) in enumerate(c["timers"]):
       by_name.setdefault(name, []).append((extra, rows[i]))
     ours_med, ours_min, ours_max = _median_tbps(by_name["ours"][0][1])
+    sweep_best, sweep_cfg = None, None
+    for extra, srows in by_name.get("ours_sweep", []):
+      med, _, _ = _median_tbps(srows)
+      if med is not None and (sweep_best is None or med > sweep_best):
+        sweep_best, sweep_cfg = med, extra["config"]
     contig_med, _, _ = _median_tbps(by_name["ours_contiguous"][0][1])
     best_builtin, best_ks, builtin_err = None, None, "not run"
     for extra, brows in by_name.get("builtin", []):
@@ -392,7 +401,9 @@ def main(argv=None):
         contiguous_tbps=contig_med,
         paging_overhead=(1 - ours_med / contig_med) if (ours_med and contig_med) else None,
         xla_tbps=c["xla"].get("tbps"),
-        config="default",
+        config=DEFAULT_CONFIG,
+        sweep_best_tbps=sweep_best,
+        sweep_best_config=sweep_cfg,
         **runner.env,
       )
     )
@@ -412,6 +423,7 @@ def main(argv=None):
           "time_ms",
           "tflops",
           "config",
+          "is_default",
           "device",
           "jax_version",
           "date",
