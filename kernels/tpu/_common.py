@@ -126,17 +126,17 @@ def scores(q, k, *, scale, logit_soft_cap):
 def online_softmax_step(carry, s, visible, v, v_ok):
   """One flash-attention update of (max, sum, accumulator) with a chunk of keys.
 
-  carry: (m f32[rows, 1], l f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
+  carry: (m f32[rows, 1], denom f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
   visible: bool[rows, keys]; v: [keys, head_dim]; v_ok: bool[keys, 1]. Values outside
   ``v_ok`` (slots never DMA'd, or past the sequence) are zeroed, not multiplied by zero,
   so NaN in a stale buffer cannot reach the output.
   """
-  m, l, acc = carry
+  m, denom, acc = carry
   s = jnp.where(visible, s, MASK_VALUE)
   m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
   p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
   alpha = jnp.exp(m - m_new)
-  l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+  denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
   # p stays f32: V is widened (never p narrowed) so bf16 V costs no precision here.
   v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
   pv = lax.dot_general(
@@ -146,7 +146,7 @@ def online_softmax_step(carry, s, visible, v, v_ok):
     preferred_element_type=jnp.float32,
     precision=lax.Precision.HIGHEST,
   )
-  return m_new, l_new, alpha * acc + pv
+  return m_new, denom_new, alpha * acc + pv
 
 
 def init_carry(rows, head_dim):
@@ -158,9 +158,9 @@ def init_carry(rows, head_dim):
 
 
 def finish(carry, dtype):
-  """acc / l, and zeros for rows that saw no key."""
-  _, l, acc = carry
-  return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(dtype)
+  """acc / denom, and zeros for rows that saw no key."""
+  _, denom, acc = carry
+  return jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0).astype(dtype)
 
 
 def mosaic_params(semantics):

@@ -345,9 +345,10 @@ def test_public_api_runs_tpu_backend_in_interpret_mode():
 def test_builtin_tpu_paged_attention_differs_only_by_its_bf16_cast():
   """JAX's kernel takes (q, k, v, lengths, page_indices), applies no softmax scale (q must
   come pre-scaled), needs every table entry valid and max_blocks divisible by
-  pages_per_compute_block, and casts K/V to bf16 before its matmuls. On K/V that are exactly bf16-representable (stored as f32) the cast is lossless
-  and the two kernels agree to f32 precision; on general f32 K/V only ours stays within
-  1e-5 of the float64 oracle."""
+  pages_per_compute_block, and casts K/V to bf16 before its matmuls. On K/V that are
+  exactly bf16-representable (stored as f32) the cast is lossless and the two kernels
+  agree to f32 precision; on general f32 K/V only ours stays within 1e-5 of the float64
+  oracle."""
   from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as builtin
 
   rng = np.random.default_rng(9)
