@@ -1,0 +1,940 @@
+"""Host-side block allocator: free blocks, reference counts, copy-on-write, prefix cache, host pool.
+
+Pure Python and NumPy, outside ``jit``. The allocator only hands out block ids and slots; the
+device-side copies it asks for (copy-on-write pairs, swap pairs) are done by the caller.
+
+State per sequence lives in rows of preallocated NumPy arrays (``_table[row]`` is the sequence's
+block table, ``-1`` past its last block), so a decode step's appends and the block-table build are
+a handful of vectorised NumPy operations, with Python work only for the few sequences that need a
+new block, a copy-on-write copy or a new prefix-cache hash in that step.
+
+Words: a block is *used* (reference count > 0), *cached* (reference count 0 but it holds a full
+block whose hash is in the prefix cache, so a later sequence may reuse it; evicted least recently
+used first) or *free*. ``used + cached + free == num_blocks`` always. See ``docs/allocator.md``.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import operator
+from collections.abc import Hashable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+# Same value as ``kernels.INVALID_BLOCK`` / ``kernels.INVALID_SLOT``; repeated here so that the
+# allocator stays free of jax (a test checks they agree).
+INVALID_BLOCK = -1
+
+_HASH_BYTES = 32  # blake2b-256: collisions are not a practical concern.
+_ROOT_HASH = b"paxcache.prefix.root"
+_FORGOTTEN_LIMIT = 1 << 16  # how many freed ids we remember, only to word error messages better
+
+
+class AllocatorError(Exception):
+  """Base class of the allocator's errors; after any of them the allocator is unchanged."""
+
+
+class OutOfBlocksError(AllocatorError):
+  """Not enough free (device or host) blocks; nothing was changed.
+
+  Attributes:
+    pool: ``"device"`` or ``"host"``.
+    needed: blocks the operation needed.
+    available: blocks that could have been given (free plus evictable cached ones).
+  """
+
+  def __init__(self, message: str, *, pool: str, needed: int, available: int):
+    super().__init__(message)
+    self.pool = pool
+    self.needed = needed
+    self.available = available
+
+
+class SequenceError(AllocatorError, ValueError):
+  """Misuse naming a sequence: unknown or freed id, duplicate id, wrong state (e.g. swapped)."""
+
+
+class AppendResult(NamedTuple):
+  """What one sequence's append asks of the device.
+
+  slots: ``i32[num_new_tokens]``, ``block_id * block_size + offset`` of each new token.
+  cow: ``(src_block, dst_block)`` to copy before writing the new tokens, or ``None``.
+  """
+
+  slots: np.ndarray
+  cow: tuple[int, int] | None
+
+
+class BatchAppendResult(NamedTuple):
+  """What a batched one-token-per-sequence append asks of the device.
+
+  slots: ``i32[batch]``, the slot of each sequence's new token, in the order given.
+  cow_pairs: ``i32[num_copies, 2]`` of ``(src_block, dst_block)``; copy before writing.
+  """
+
+  slots: np.ndarray
+  cow_pairs: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceView:
+  """Read-only snapshot of one sequence.
+
+  block_ids: ``i32[num_seq_blocks]``, device blocks in logical order (empty while swapped out).
+  host_block_ids: ``i32[num_seq_blocks]`` while swapped out, else empty.
+  """
+
+  seq_id: Hashable
+  num_tokens: int
+  num_blocks: int
+  block_ids: np.ndarray
+  host_block_ids: np.ndarray
+  swapped: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocatorMetrics:
+  """Pool occupancy and waste at one moment, plus running totals.
+
+  Waste is reserved slots holding no token over reserved slots. Paged: reserved slots are the
+  used device blocks times ``block_size`` (a shared block counts once). Contiguous: each resident
+  sequence reserves ``max_seq_len`` slots and holds its own tokens (nothing is shared).
+  """
+
+  num_blocks: int
+  block_size: int
+  num_used_blocks: int
+  num_free_blocks: int
+  num_cached_blocks: int
+  num_host_blocks: int
+  num_host_used_blocks: int
+  num_host_free_blocks: int
+  num_sequences: int  # resident on device
+  num_swapped_sequences: int
+  num_tokens: int  # sum over resident sequences (shared tokens counted once per sequence)
+  filled_slots: int  # slots of used blocks that hold a token (a shared block counts once)
+  reserved_slots: int  # num_used_blocks * block_size
+  waste: float  # paged: 1 - filled_slots / reserved_slots (0.0 when nothing is reserved)
+  max_seq_len: int | None
+  contiguous_reserved_slots: int | None  # num_sequences * max_seq_len
+  contiguous_waste: float | None  # 1 - num_tokens / contiguous_reserved_slots
+  prefix_query_tokens: int  # prompt tokens given to add_sequence so far
+  prefix_hit_tokens: int  # of those, tokens served from the prefix cache
+  num_evictions: int
+  num_cow_copies: int
+  num_swapped_out_blocks: int
+  num_swapped_in_blocks: int  # blocks copied host -> device (prefix-cache reuses not counted)
+
+
+class _Seq:
+  """Python-side per-sequence state that does not vectorise (hash chain, host blocks)."""
+
+  __slots__ = ("seq_id", "row", "hashes", "host_blocks")
+
+  def __init__(self, seq_id: Hashable, row: int):
+    self.seq_id = seq_id
+    self.row = row
+    self.hashes: list[bytes] = []  # hash of each full block, in logical order
+    self.host_blocks: list[int] | None = None  # set while swapped out
+
+
+def block_hash(parent: bytes | None, tokens: np.ndarray) -> bytes:
+  """Chained hash of one full block: blake2b-256 over the parent block's hash and its token ids.
+
+  Args:
+    parent: hash of the previous block of the sequence, ``None`` for the first block.
+    tokens: ``[block_size]`` integer token ids.
+  """
+  h = hashlib.blake2b(parent if parent is not None else _ROOT_HASH, digest_size=_HASH_BYTES)
+  h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
+  return h.digest()
+
+
+class BlockAllocator:
+  """Block allocator for one paged KV pool of ``num_blocks`` blocks of ``block_size`` slots.
+
+  Args:
+    num_blocks: device blocks in the pool (ids ``0 .. num_blocks - 1``, all usable).
+    block_size: token slots per block.
+    num_host_blocks: host (CPU) blocks for swapping; 0 disables swapping.
+    enable_prefix_caching: hash full blocks and reuse them across sequences.
+    max_seq_len: if set, adding or appending past it raises ``ValueError``, and metrics report
+      contiguous reservation of ``max_seq_len`` slots per sequence.
+
+  Every method costs O(blocks it touches) (plus O(tokens) for hashing); none scans the pool.
+  Every error leaves the allocator exactly as before the call.
+  """
+
+  def __init__(
+    self,
+    num_blocks: int,
+    block_size: int,
+    *,
+    num_host_blocks: int = 0,
+    enable_prefix_caching: bool = True,
+    max_seq_len: int | None = None,
+  ):
+    for name, value, low in (
+      ("num_blocks", num_blocks, 1),
+      ("block_size", block_size, 1),
+      ("num_host_blocks", num_host_blocks, 0),
+    ):
+      if not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if max_seq_len is not None and (
+      not isinstance(max_seq_len, int | np.integer) or max_seq_len < 1
+    ):
+      raise ValueError(f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}")
+    self.num_blocks = int(num_blocks)
+    self.block_size = int(block_size)
+    self.num_host_blocks = int(num_host_blocks)
+    self.enable_prefix_caching = bool(enable_prefix_caching)
+    self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
+
+    # Device blocks.
+    self._ref = np.zeros(self.num_blocks, np.int32)
+    self._fill = np.zeros(self.num_blocks, np.int32)  # tokens held, meaningful for used blocks
+    self._free: collections.deque[int] = collections.deque(range(self.num_blocks))
+    self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, LRU first
+    self._hash_of_block: list[bytes | None] = [None] * self.num_blocks  # registered hash only
+    self._block_of_hash: dict[bytes, int] = {}
+    # Host blocks (each owned by exactly one swapped-out sequence).
+    self._host_free: collections.deque[int] = collections.deque(range(self.num_host_blocks))
+
+    # Per-sequence rows; grown by doubling.
+    rows = 16
+    width = 8 if self.max_seq_len is None else -(-self.max_seq_len // self.block_size)
+    self._table = np.full((rows, width), INVALID_BLOCK, np.int32)
+    self._ntok = np.zeros(rows, np.int32)
+    self._nblk = np.zeros(rows, np.int32)
+    self._swapped = np.zeros(rows, np.bool_)
+    # Tokens of each sequence's partly filled last block, needed to hash it once it fills.
+    self._partial = np.zeros((rows, self.block_size), np.int64)
+    self._free_rows: list[int] = list(range(rows - 1, -1, -1))
+    self._seqs: dict[Hashable, _Seq] = {}
+    self._row_of: dict[Hashable, int] = {}
+    self._forgotten: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+
+    # Running totals.
+    self._filled_slots = 0
+    self._resident_tokens = 0
+    self._num_resident = 0
+    self._prefix_query_tokens = 0
+    self._prefix_hit_tokens = 0
+    self._num_evictions = 0
+    self._num_cow_copies = 0
+    self._num_swapped_out_blocks = 0
+    self._num_swapped_in_blocks = 0
+
+  # ------------------------------------------------------------------ queries
+
+  @property
+  def num_free_blocks(self) -> int:
+    """Blocks a new allocation can take now: free ones plus evictable cached ones."""
+    return len(self._free) + len(self._lru)
+
+  @property
+  def num_cached_blocks(self) -> int:
+    return len(self._lru)
+
+  @property
+  def num_used_blocks(self) -> int:
+    return self.num_blocks - len(self._free) - len(self._lru)
+
+  @property
+  def num_free_host_blocks(self) -> int:
+    return len(self._host_free)
+
+  def __contains__(self, seq_id: Hashable) -> bool:
+    return seq_id in self._seqs
+
+  def __len__(self) -> int:
+    return len(self._seqs)
+
+  def seq_ids(self) -> Iterator[Hashable]:
+    return iter(list(self._seqs))
+
+  def num_tokens(self, seq_id: Hashable) -> int:
+    return int(self._ntok[self._get(seq_id).row])
+
+  def is_swapped(self, seq_id: Hashable) -> bool:
+    return bool(self._swapped[self._get(seq_id).row])
+
+  def ref_count(self, block_id: int) -> int:
+    """Number of sequences whose block table holds ``block_id`` (0 for free or cached blocks)."""
+    if not 0 <= block_id < self.num_blocks:
+      raise ValueError(f"block_id must be in [0, {self.num_blocks}), got {block_id}")
+    return int(self._ref[block_id])
+
+  def sequence(self, seq_id: Hashable) -> SequenceView:
+    """A read-only snapshot of ``seq_id``'s blocks and token count."""
+    seq = self._get(seq_id)
+    row = seq.row
+    nb = int(self._nblk[row])
+    empty = np.zeros(0, np.int32)
+    if seq.host_blocks is not None:
+      dev, host = empty, np.array(seq.host_blocks, np.int32)
+    else:
+      dev, host = self._table[row, :nb].copy(), empty
+    dev.flags.writeable = False
+    host.flags.writeable = False
+    return SequenceView(
+      seq_id=seq_id,
+      num_tokens=int(self._ntok[row]),
+      num_blocks=nb,
+      block_ids=dev,
+      host_block_ids=host,
+      swapped=seq.host_blocks is not None,
+    )
+
+  def num_cached_tokens(self, prompt: Sequence[int] | np.ndarray) -> int:
+    """Tokens of ``prompt`` that ``add_sequence`` would take from the prefix cache now."""
+    prompt = self._as_tokens(prompt, "prompt")
+    return len(self._prefix_hits(self._prompt_hashes(prompt), len(prompt))[0]) * self.block_size
+
+  def blocks_needed_to_add(self, prompt: Sequence[int] | np.ndarray) -> int:
+    """Blocks ``add_sequence(prompt)`` takes from ``num_free_blocks`` (prefix hits counted)."""
+    prompt = self._as_tokens(prompt, "prompt")
+    hits, hits_cached = self._prefix_hits(self._prompt_hashes(prompt), len(prompt))
+    return self._cdiv(len(prompt)) - len(hits) + hits_cached
+
+  def can_add(self, prompt: Sequence[int] | np.ndarray) -> bool:
+    return self.blocks_needed_to_add(prompt) <= self.num_free_blocks
+
+  def blocks_needed_to_append(self, seq_ids: Sequence[Hashable], num_tokens: int = 1) -> int:
+    """New blocks that appending ``num_tokens`` to each of ``seq_ids`` needs (copy-on-write too)."""
+    rows = self._rows(seq_ids, "append to")
+    n = self._ntok[rows].astype(np.int64)
+    nb = self._nblk[rows]
+    grow = -(-(n + num_tokens) // self.block_size) - nb
+    if num_tokens <= 0:
+      return 0
+    return int(grow.sum()) + self._num_copies(rows, nb, self._shared_partial(rows, n, nb))
+
+  def can_append(self, seq_ids: Sequence[Hashable], num_tokens: int = 1) -> bool:
+    return self.blocks_needed_to_append(seq_ids, num_tokens) <= self.num_free_blocks
+
+  def blocks_needed_to_swap_in(self, seq_id: Hashable) -> int:
+    seq = self._get(seq_id)
+    if seq.host_blocks is None:
+      raise SequenceError(f"sequence {seq_id!r} is not swapped out")
+    reuse, reuse_cached = self._swap_in_reuse(seq)
+    return len(seq.host_blocks) - len(reuse) + reuse_cached
+
+  def can_swap_in(self, seq_id: Hashable) -> bool:
+    return self.blocks_needed_to_swap_in(seq_id) <= self.num_free_blocks
+
+  def can_swap_out(self, seq_id: Hashable) -> bool:
+    seq = self._resident(seq_id, "swap out")
+    return int(self._nblk[seq.row]) <= len(self._host_free)
+
+  def slots(self, seq_id: Hashable, start: int, stop: int) -> np.ndarray:
+    """Slots of tokens ``start .. stop - 1`` of ``seq_id``: ``i32[stop - start]`` (for prefill)."""
+    seq = self._resident(seq_id, "get slots of")
+    n = int(self._ntok[seq.row])
+    if not 0 <= start <= stop <= n:
+      raise ValueError(
+        f"slots of sequence {seq_id!r}: need 0 <= start <= stop <= num_tokens={n}, "
+        f"got start={start}, stop={stop}"
+      )
+    pos = np.arange(start, stop, dtype=np.int64)
+    blocks = self._table[seq.row, pos // self.block_size].astype(np.int64)
+    return (blocks * self.block_size + pos % self.block_size).astype(np.int32)
+
+  def gather(
+    self, seq_ids: Sequence[Hashable], batch_size: int, max_blocks: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Block ids ``i32[batch_size, max_blocks]`` (-1 unused) and lengths ``i32[batch_size]``.
+
+    One vectorised gather over the sequences' rows; rows past ``len(seq_ids)`` are padding
+    (all -1, length 0). Used by ``BlockTable.from_allocator``.
+    """
+    k = len(seq_ids)
+    if k > batch_size:
+      raise ValueError(f"batch_size={batch_size} is smaller than len(seq_ids)={k}")
+    block_ids = np.full((batch_size, max_blocks), INVALID_BLOCK, np.int32)
+    lengths = np.zeros(batch_size, np.int32)
+    if k == 0:
+      return block_ids, lengths
+    rows = self._rows(seq_ids, "build a block table for")
+    need = int(self._nblk[rows].max())
+    if need > max_blocks:
+      raise ValueError(f"max_blocks={max_blocks} is smaller than the longest block list ({need})")
+    w = min(max_blocks, self._table.shape[1])
+    # take() on a C-contiguous table copies whole row prefixes.
+    block_ids[:k, :w] = self._table[rows, :w]
+    lengths[:k] = self._ntok[rows]
+    return block_ids, lengths
+
+  def max_num_blocks(self, seq_ids: Sequence[Hashable]) -> int:
+    if len(seq_ids) == 0:
+      return 0
+    return int(self._nblk[self._rows(seq_ids, "build a block table for")].max())
+
+  def metrics(self, max_seq_len: int | None = None) -> AllocatorMetrics:
+    """Occupancy, waste (paged and contiguous at ``max_seq_len``) and running totals; O(1)."""
+    max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
+    used = self.num_used_blocks
+    reserved = used * self.block_size
+    waste = 1.0 - self._filled_slots / reserved if reserved else 0.0
+    contiguous_reserved = contiguous_waste = None
+    if max_seq_len is not None:
+      contiguous_reserved = self._num_resident * max_seq_len
+      if contiguous_reserved:
+        contiguous_waste = 1.0 - self._resident_tokens / contiguous_reserved
+      else:
+        contiguous_waste = 0.0
+    return AllocatorMetrics(
+      num_blocks=self.num_blocks,
+      block_size=self.block_size,
+      num_used_blocks=used,
+      num_free_blocks=len(self._free),
+      num_cached_blocks=len(self._lru),
+      num_host_blocks=self.num_host_blocks,
+      num_host_used_blocks=self.num_host_blocks - len(self._host_free),
+      num_host_free_blocks=len(self._host_free),
+      num_sequences=self._num_resident,
+      num_swapped_sequences=len(self._seqs) - self._num_resident,
+      num_tokens=self._resident_tokens,
+      filled_slots=self._filled_slots,
+      reserved_slots=reserved,
+      waste=waste,
+      max_seq_len=max_seq_len,
+      contiguous_reserved_slots=contiguous_reserved,
+      contiguous_waste=contiguous_waste,
+      prefix_query_tokens=self._prefix_query_tokens,
+      prefix_hit_tokens=self._prefix_hit_tokens,
+      num_evictions=self._num_evictions,
+      num_cow_copies=self._num_cow_copies,
+      num_swapped_out_blocks=self._num_swapped_out_blocks,
+      num_swapped_in_blocks=self._num_swapped_in_blocks,
+    )
+
+  # ------------------------------------------------------------------ mutations
+
+  def add_sequence(self, seq_id: Hashable, prompt: Sequence[int] | np.ndarray) -> int:
+    """Adds ``seq_id`` holding ``prompt``'s tokens; returns how many of them are cached.
+
+    The first ``num_cached`` tokens (a multiple of ``block_size``) reuse blocks from the prefix
+    cache and already hold K/V; the caller computes tokens ``num_cached .. len(prompt) - 1``
+    and writes them at ``slots(seq_id, num_cached, len(prompt))``. The hit is capped at
+    ``len(prompt) - 1`` rounded down to a block boundary, so that at least the last prompt token
+    is always computed (its logits are needed), and no shared cached block is ever written.
+
+    Full prompt blocks are entered in the prefix cache at once: the caller must write their K/V
+    no later than the device step in which another sequence first reads them as a hit.
+
+    Raises:
+      SequenceError: ``seq_id`` already exists.
+      OutOfBlocksError: not enough device blocks (nothing changed).
+      ValueError: bad ``prompt`` or longer than ``max_seq_len``.
+    """
+    if seq_id in self._seqs:
+      raise SequenceError(f"sequence {seq_id!r} already exists")
+    prompt = self._as_tokens(prompt, "prompt")
+    length = len(prompt)
+    self._check_max_len(seq_id, length)
+    hashes = self._prompt_hashes(prompt)
+    hits, hits_cached = self._prefix_hits(hashes, length)
+    total = self._cdiv(length)
+    self._require(total - len(hits) + hits_cached, f"add sequence {seq_id!r} ({length} tokens)")
+    self._ensure_width(total)
+
+    seq = self._new_seq(seq_id)
+    row = seq.row
+    bs = self.block_size
+    for b in hits:
+      self._reuse_cached(b)
+    blocks = hits + [self._take_block() for _ in range(total - len(hits))]
+    self._table[row, :total] = blocks
+    for j in range(len(hits), total):
+      fill = min(bs, length - j * bs)
+      self._fill[blocks[j]] = fill
+      self._filled_slots += fill
+    for j in range(len(hits), len(hashes)):
+      self._register(hashes[j], blocks[j])
+    seq.hashes = hashes
+    rem = length - len(hashes) * bs
+    if self.enable_prefix_caching and rem:
+      self._partial[row, :rem] = prompt[length - rem :]
+    self._ntok[row] = length
+    self._nblk[row] = total
+    self._resident_tokens += length
+    self._prefix_query_tokens += length
+    hit_tokens = len(hits) * bs
+    self._prefix_hit_tokens += hit_tokens
+    return hit_tokens
+
+  def append_tokens(self, seq_id: Hashable, tokens: Sequence[int] | np.ndarray) -> AppendResult:
+    """Appends ``tokens`` to ``seq_id``; returns their slots and a copy-on-write pair if any.
+
+    A new block is taken only when the last one is full. If the partly filled last block is
+    shared (after ``fork``), a fresh block replaces it in this sequence's table and
+    ``cow=(src, dst)`` asks the device to copy ``src`` to ``dst`` before writing; other sharers
+    keep ``src`` untouched.
+    """
+    seq = self._resident(seq_id, "append to")
+    tokens = self._as_tokens(tokens, "tokens")
+    k = len(tokens)
+    if k == 0:
+      return AppendResult(np.zeros(0, np.int32), None)
+    row, bs = seq.row, self.block_size
+    n, nb = int(self._ntok[row]), int(self._nblk[row])
+    self._check_max_len(seq_id, n + k)
+    off = n % bs
+    last = int(self._table[row, nb - 1]) if nb else INVALID_BLOCK
+    cow = off != 0 and self._ref[last] > 1
+    new_nb = self._cdiv(n + k)
+    self._require(new_nb - nb + int(cow), f"append {k} tokens to sequence {seq_id!r}")
+    self._ensure_width(new_nb)
+
+    pair = None
+    if cow:
+      dst = self._copy_on_write(row, nb - 1, last, off)
+      pair = (last, dst)
+    for j in range(nb, new_nb):
+      self._table[row, j] = self._take_block()
+    first = n // bs
+    for j in range(first, new_nb):
+      b = int(self._table[row, j])
+      fill = min(bs, n + k - j * bs)
+      self._filled_slots += fill - int(self._fill[b])
+      self._fill[b] = fill
+    pos = np.arange(n, n + k, dtype=np.int64)
+    slots = (self._table[row, pos // bs].astype(np.int64) * bs + pos % bs).astype(np.int32)
+
+    if self.enable_prefix_caching:
+      combined = np.concatenate([self._partial[row, :off], tokens])
+      for j in range(first, (n + k) // bs):
+        chunk = combined[(j - first) * bs : (j - first + 1) * bs]
+        h = block_hash(seq.hashes[-1] if seq.hashes else None, chunk)
+        seq.hashes.append(h)
+        self._register(h, int(self._table[row, j]))
+      rem = (n + k) % bs
+      if rem:
+        self._partial[row, :rem] = combined[len(combined) - rem :]
+    self._ntok[row] = n + k
+    self._nblk[row] = new_nb
+    self._resident_tokens += k
+    return AppendResult(slots, pair)
+
+  def append_batch(
+    self, seq_ids: Sequence[Hashable], tokens: Sequence[int] | np.ndarray
+  ) -> BatchAppendResult:
+    """Appends one token to each of ``seq_ids`` (a decode step), vectorised.
+
+    Args:
+      seq_ids: distinct resident sequences.
+      tokens: ``[len(seq_ids)]`` the token each sequence appends (hashed into the prefix cache
+        when it fills a block).
+
+    Returns:
+      ``BatchAppendResult(slots i32[len(seq_ids)], cow_pairs i32[num_copies, 2])``.
+    """
+    k = len(seq_ids)
+    tokens = self._as_tokens(tokens, "tokens")
+    if len(tokens) != k:
+      raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {k}")
+    if k == 0:
+      return BatchAppendResult(np.zeros(0, np.int32), np.zeros((0, 2), np.int32))
+    bs = self.block_size
+    rows = self._rows(seq_ids, "append to")
+    n = self._ntok[rows]
+    nb = self._nblk[rows]
+    if self.max_seq_len is not None and int(n.max()) + 1 > self.max_seq_len:
+      i = int(np.argmax(n))
+      self._check_max_len(seq_ids[i], int(n[i]) + 1)
+    off = n % bs
+    new_block = off == 0
+    shared = self._shared_partial(rows, n, nb)
+    special = np.flatnonzero(new_block | shared)
+    needed = int(new_block.sum()) + self._num_copies(rows, nb, shared)
+    self._require(needed, f"append one token to each of {k} sequences")
+    if len(special) and int(nb.max()) + 1 > self._table.shape[1]:
+      self._ensure_width(int(nb.max()) + 1)
+
+    pairs = []
+    for i in special.tolist():
+      row, nbi = int(rows[i]), int(nb[i])
+      if shared[i]:
+        src = int(self._table[row, nbi - 1])
+        # When every holder of src is in the batch, the last one to come writes in place.
+        if self._ref[src] > 1:
+          pairs.append((src, self._copy_on_write(row, nbi - 1, src, int(off[i]))))
+      else:
+        self._table[row, nbi] = self._take_block()
+        self._nblk[row] = nbi + 1
+    nb = nb + new_block
+    last = self._table[rows, nb - 1]
+    # Every row's last block is now exclusive to it, so these fancy-index updates never collide.
+    self._fill[last] += 1
+    self._filled_slots += k
+    slots = (last.astype(np.int64) * bs + off).astype(np.int32)
+    self._ntok[rows] = n + 1
+    self._resident_tokens += k
+    if self.enable_prefix_caching:
+      self._partial[rows, off] = tokens
+      for i in np.flatnonzero(off == bs - 1).tolist():
+        row = int(rows[i])
+        seq = self._seqs[seq_ids[i]]
+        h = block_hash(seq.hashes[-1] if seq.hashes else None, self._partial[row])
+        seq.hashes.append(h)
+        self._register(h, int(last[i]))
+    cow_pairs = np.array(pairs, np.int32).reshape(-1, 2)
+    return BatchAppendResult(slots, cow_pairs)
+
+  def fork(self, parent: Hashable, child: Hashable) -> None:
+    """Makes ``child`` share every block of ``parent`` (reference counts + 1; no copy now)."""
+    pseq = self._resident(parent, "fork")
+    if child in self._seqs:
+      raise SequenceError(f"cannot fork sequence {parent!r} into {child!r}: {child!r} exists")
+    prow = pseq.row
+    nb = int(self._nblk[prow])
+    cseq = self._new_seq(child)
+    # _new_seq may have grown the row arrays; read the parent's row only now.
+    crow = cseq.row
+    blocks = self._table[prow, :nb]
+    self._table[crow, :nb] = blocks
+    # A sequence never holds the same block twice, so this fancy-index add does not collide.
+    self._ref[blocks] += 1
+    self._ntok[crow] = self._ntok[prow]
+    self._nblk[crow] = nb
+    self._partial[crow] = self._partial[prow]
+    cseq.hashes = list(pseq.hashes)
+    self._resident_tokens += int(self._ntok[prow])
+
+  def free(self, seq_id: Hashable) -> None:
+    """Frees ``seq_id``: its device blocks lose a reference (or its host blocks are freed).
+
+    Blocks whose count drops to 0 become cached if they hold a prefix-cache block, else free.
+    They are released last block first, so the tail of a sequence is evicted before its head.
+    """
+    seq = self._get(seq_id, "free")
+    row = seq.row
+    if seq.host_blocks is not None:
+      self._host_free.extend(seq.host_blocks)
+    else:
+      self._release_blocks(row)
+      self._resident_tokens -= int(self._ntok[row])
+      self._num_resident -= 1
+    self._ntok[row] = 0
+    self._nblk[row] = 0
+    self._swapped[row] = False
+    self._free_rows.append(row)
+    del self._seqs[seq_id]
+    del self._row_of[seq_id]
+    self._forgotten[seq_id] = None
+    if len(self._forgotten) > _FORGOTTEN_LIMIT:
+      self._forgotten.popitem(last=False)
+
+  def swap_out(self, seq_id: Hashable) -> np.ndarray:
+    """Moves ``seq_id`` to host blocks; returns ``i32[num_seq_blocks, 2]`` (device, host) pairs.
+
+    Every block is copied, shared ones included (the sequence then owns its host copies alone);
+    the device blocks lose this sequence's reference, exactly as in ``free``. The caller must
+    copy the pairs before any write of the same step, since the device blocks may be reused.
+    """
+    seq = self._resident(seq_id, "swap out")
+    row = seq.row
+    nb = int(self._nblk[row])
+    if nb > len(self._host_free):
+      raise OutOfBlocksError(
+        f"swap out sequence {seq_id!r}: needs {nb} host blocks, {len(self._host_free)} free of "
+        f"{self.num_host_blocks}",
+        pool="host",
+        needed=nb,
+        available=len(self._host_free),
+      )
+    host = [self._host_free.popleft() for _ in range(nb)]
+    pairs = np.empty((nb, 2), np.int32)
+    pairs[:, 0] = self._table[row, :nb]
+    pairs[:, 1] = host
+    self._release_blocks(row)
+    seq.host_blocks = host
+    self._swapped[row] = True
+    self._resident_tokens -= int(self._ntok[row])
+    self._num_resident -= 1
+    self._num_swapped_out_blocks += nb
+    return pairs
+
+  def swap_in(self, seq_id: Hashable) -> np.ndarray:
+    """Brings ``seq_id`` back to device; returns ``i32[num_copies, 2]`` (host, device) pairs.
+
+    Full blocks whose hash is still in the prefix cache are reused without a copy; the others
+    get fresh device blocks. The sequence's host blocks are freed.
+    """
+    seq = self._get(seq_id, "swap in")
+    if seq.host_blocks is None:
+      raise SequenceError(f"cannot swap in sequence {seq_id!r}: it is not swapped out")
+    reuse, reuse_cached = self._swap_in_reuse(seq)
+    nb = len(seq.host_blocks)
+    self._require(nb - len(reuse) + reuse_cached, f"swap in sequence {seq_id!r} ({nb} blocks)")
+    row = seq.row
+    n = int(self._ntok[row])
+    bs = self.block_size
+    # Take the reused blocks first, so that taking fresh ones cannot evict them.
+    for b in reuse.values():
+      self._reuse_cached(b)
+    pairs = []
+    for j, hb in enumerate(seq.host_blocks):
+      b = reuse.get(j)
+      if b is None:
+        b = self._take_block()
+        fill = min(bs, n - j * bs)
+        self._fill[b] = fill
+        self._filled_slots += fill
+        if j < len(seq.hashes):
+          self._register(seq.hashes[j], b)
+        pairs.append((hb, b))
+      self._table[row, j] = b
+    self._host_free.extend(seq.host_blocks)
+    seq.host_blocks = None
+    self._swapped[row] = False
+    self._resident_tokens += n
+    self._num_resident += 1
+    self._num_swapped_in_blocks += len(pairs)
+    return np.array(pairs, np.int32).reshape(-1, 2)
+
+  def check_invariants(self) -> None:
+    """Full consistency check, O(pool + tokens): for tests and debugging only."""
+    owners = np.zeros(self.num_blocks, np.int64)
+    filled = 0
+    host_owned = []
+    tokens = 0
+    for seq_id, seq in self._seqs.items():
+      row = seq.row
+      assert self._row_of[seq_id] == row
+      n, nb = int(self._ntok[row]), int(self._nblk[row])
+      assert nb == self._cdiv(n), (seq_id, n, nb)
+      assert len(seq.hashes) == (n // self.block_size if self.enable_prefix_caching else 0)
+      if seq.host_blocks is not None:
+        assert self._swapped[row] and len(seq.host_blocks) == nb
+        assert (self._table[row] == INVALID_BLOCK).all()
+        host_owned += seq.host_blocks
+        continue
+      assert not self._swapped[row]
+      blocks = self._table[row, :nb]
+      assert (blocks >= 0).all() and len(set(blocks.tolist())) == nb, (seq_id, blocks)
+      assert (self._table[row, nb:] == INVALID_BLOCK).all()
+      owners[blocks] += 1
+      tokens += n
+    assert (owners == self._ref).all()
+    used = set(np.flatnonzero(owners).tolist())
+    free, lru = set(self._free), set(self._lru)
+    assert len(free) == len(self._free) and not (free & lru) and not (free & used)
+    assert not (lru & used) and len(free) + len(lru) + len(used) == self.num_blocks
+    for b in used:
+      filled += int(self._fill[b])
+    assert filled == self._filled_slots
+    assert tokens == self._resident_tokens
+    for b in lru:
+      h = self._hash_of_block[b]
+      assert h is not None and self._block_of_hash[h] == b
+    for h, b in self._block_of_hash.items():
+      assert self._hash_of_block[b] == h and b not in free
+    assert len(set(host_owned)) == len(host_owned)
+    assert not (set(host_owned) & set(self._host_free))
+    assert len(host_owned) + len(self._host_free) == self.num_host_blocks
+
+  # ------------------------------------------------------------------ internals
+
+  def _cdiv(self, n: int) -> int:
+    return -(-n // self.block_size)
+
+  def _as_tokens(self, tokens, name: str) -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+      raise ValueError(
+        f"{name} must be a 1-D sequence of integer token ids, got {arr.dtype} {arr.shape}"
+      )
+    return arr.astype(np.int64, copy=False)
+
+  def _check_max_len(self, seq_id: Hashable, length: int) -> None:
+    if self.max_seq_len is not None and length > self.max_seq_len:
+      raise ValueError(
+        f"sequence {seq_id!r} would hold {length} tokens > max_seq_len={self.max_seq_len}"
+      )
+
+  def _get(self, seq_id: Hashable, action: str | None = None) -> _Seq:
+    seq = self._seqs.get(seq_id)
+    if seq is None:
+      what = f"cannot {action} sequence {seq_id!r}: " if action else f"sequence {seq_id!r} "
+      if seq_id in self._forgotten:
+        raise SequenceError(f"{what}it was already freed")
+      raise SequenceError(f"{what}it is unknown (never added)")
+    return seq
+
+  def _resident(self, seq_id: Hashable, action: str) -> _Seq:
+    seq = self._get(seq_id, action)
+    if seq.host_blocks is not None:
+      raise SequenceError(f"cannot {action} sequence {seq_id!r}: it is swapped out to host")
+    return seq
+
+  def _rows(self, seq_ids: Sequence[Hashable], action: str) -> np.ndarray:
+    """Rows of distinct resident ``seq_ids`` as ``intp[k]``; raises naming the bad id."""
+    k = len(seq_ids)
+    try:
+      rows = (self._row_of[seq_ids[0]],) if k == 1 else operator.itemgetter(*seq_ids)(self._row_of)
+    except (KeyError, TypeError):
+      for s in seq_ids:
+        self._get(s, action)
+      raise
+    if len(set(rows)) != k:
+      dup = [s for s, c in collections.Counter(seq_ids).items() if c > 1]
+      raise SequenceError(f"cannot {action} sequences: ids repeated in the batch: {dup!r}")
+    rows = np.array(rows, np.intp)
+    if self._swapped[rows].any():
+      for s in seq_ids:
+        self._resident(s, action)
+    return rows
+
+  def _shared_partial(self, rows: np.ndarray, n: np.ndarray, nb: np.ndarray) -> np.ndarray:
+    """bool[k]: the row's last block is partly filled and shared, so a write must copy it."""
+    partial = (n % self.block_size) != 0
+    last = self._table[rows, np.maximum(nb - 1, 0)]
+    return partial & (self._ref[np.maximum(last, 0)] > 1)
+
+  def _num_copies(self, rows: np.ndarray, nb: np.ndarray, shared: np.ndarray) -> int:
+    """Copy-on-write copies needed when each ``shared`` row writes its last block once: one per
+    row, except that a block whose holders are all in the batch is left to the last of them."""
+    if not shared.any():
+      return 0
+    blocks, counts = np.unique(self._table[rows[shared], nb[shared] - 1], return_counts=True)
+    return int(shared.sum()) - int(np.count_nonzero(self._ref[blocks] == counts))
+
+  def _require(self, needed: int, what: str) -> None:
+    available = len(self._free) + len(self._lru)
+    if needed > available:
+      raise OutOfBlocksError(
+        f"{what}: needs {needed} device blocks, {available} available ({len(self._free)} free + "
+        f"{len(self._lru)} cached) of {self.num_blocks}",
+        pool="device",
+        needed=needed,
+        available=available,
+      )
+
+  def _new_seq(self, seq_id: Hashable) -> _Seq:
+    if not self._free_rows:
+      self._grow_rows()
+    row = self._free_rows.pop()
+    seq = _Seq(seq_id, row)
+    self._seqs[seq_id] = seq
+    self._row_of[seq_id] = row
+    self._forgotten.pop(seq_id, None)
+    self._num_resident += 1
+    return seq
+
+  def _grow_rows(self) -> None:
+    old = self._table.shape[0]
+    new = 2 * old
+
+    def grow(a, fill):
+      b = np.full((new,) + a.shape[1:], fill, a.dtype)
+      b[:old] = a
+      return b
+
+    self._table = grow(self._table, INVALID_BLOCK)
+    self._ntok = grow(self._ntok, 0)
+    self._nblk = grow(self._nblk, 0)
+    self._swapped = grow(self._swapped, False)
+    self._partial = grow(self._partial, 0)
+    self._free_rows.extend(range(new - 1, old - 1, -1))
+
+  def _ensure_width(self, width: int) -> None:
+    old = self._table.shape[1]
+    if width <= old:
+      return
+    table = np.full((self._table.shape[0], max(width, 2 * old)), INVALID_BLOCK, np.int32)
+    table[:, :old] = self._table
+    self._table = table
+
+  def _take_block(self) -> int:
+    """A block for exclusive use (reference count 1, empty): free first, else evict LRU."""
+    if self._free:
+      b = self._free.popleft()
+    else:
+      b, _ = self._lru.popitem(last=False)
+      del self._block_of_hash[self._hash_of_block[b]]
+      self._hash_of_block[b] = None
+      self._num_evictions += 1
+    self._ref[b] = 1
+    self._fill[b] = 0
+    return b
+
+  def _reuse_cached(self, b: int) -> None:
+    """Takes one more reference on a prefix-cache block (used or cached)."""
+    if self._ref[b] == 0:
+      del self._lru[b]
+      self._filled_slots += int(self._fill[b])
+    self._ref[b] += 1
+
+  def _register(self, h: bytes, b: int) -> None:
+    # An equal block computed independently (e.g. two forks writing the same tokens) keeps the
+    # first registration; the duplicate is an ordinary block and returns to the free list.
+    if h not in self._block_of_hash:
+      self._block_of_hash[h] = b
+      self._hash_of_block[b] = h
+
+  def _copy_on_write(self, row: int, j: int, src: int, fill: int) -> int:
+    dst = self._take_block()
+    self._ref[src] -= 1  # stays >= 1: src was shared
+    self._fill[dst] = fill
+    self._filled_slots += fill
+    self._table[row, j] = dst
+    self._num_cow_copies += 1
+    return dst
+
+  def _release_blocks(self, row: int) -> None:
+    """Drops this row's reference on each of its blocks, last first, and clears the row."""
+    nb = int(self._nblk[row])
+    for b in reversed(self._table[row, :nb].tolist()):
+      r = int(self._ref[b]) - 1
+      self._ref[b] = r
+      if r == 0:
+        self._filled_slots -= int(self._fill[b])
+        if self._hash_of_block[b] is not None:
+          self._lru[b] = None
+        else:
+          self._free.append(b)
+    self._table[row, :nb] = INVALID_BLOCK
+
+  def _prompt_hashes(self, prompt: np.ndarray) -> list[bytes]:
+    if not self.enable_prefix_caching:
+      return []
+    bs = self.block_size
+    hashes: list[bytes] = []
+    parent = None
+    for j in range(len(prompt) // bs):
+      parent = block_hash(parent, prompt[j * bs : (j + 1) * bs])
+      hashes.append(parent)
+    return hashes
+
+  def _prefix_hits(self, hashes: list[bytes], length: int) -> tuple[list[int], int]:
+    """Blocks of the longest cached prefix (capped so one token is left to compute) and how
+    many of them are cached (reference count 0), i.e. taken out of the evictable pool."""
+    if not hashes:
+      return [], 0
+    hits: list[int] = []
+    cached = 0
+    # hashes covers length // bs full blocks; the cap (length - 1) // bs is one block fewer
+    # exactly when the prompt ends on a block boundary.
+    for h in hashes[: (length - 1) // self.block_size]:
+      b = self._block_of_hash.get(h)
+      if b is None:
+        break
+      hits.append(b)
+      cached += self._ref[b] == 0
+    return hits, int(cached)
+
+  def _swap_in_reuse(self, seq: _Seq) -> tuple[dict[int, int], int]:
+    reuse: dict[int, int] = {}
+    cached = 0
+    for j, h in enumerate(seq.hashes):
+      b = self._block_of_hash.get(h)
+      if b is not None:
+        reuse[j] = b
+        cached += self._ref[b] == 0
+    return reuse, int(cached)

@@ -1,0 +1,366 @@
+"""Hand-worked unit tests of BlockAllocator: every expected value below is worked out by hand.
+
+Blocks are handed out from a FIFO free list starting at block 0, so the ids are predictable.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import kernels
+from paxcache import allocator as allocator_lib
+from paxcache.allocator import BlockAllocator, OutOfBlocksError, SequenceError, block_hash
+
+
+def _same_state(a, b):
+  """Deep equality of two ``vars(allocator)`` snapshots (arrays compared exactly)."""
+  assert a.keys() == b.keys()
+  for key in a:
+    x, y = a[key], b[key]
+    if isinstance(x, np.ndarray):
+      assert np.array_equal(x, y) and x.dtype == y.dtype, key
+    elif key == "_seqs":
+      assert list(x) == list(y), key
+      for s in x:
+        for name in allocator_lib._Seq.__slots__:
+          assert getattr(x[s], name) == getattr(y[s], name), (key, s, name)
+    else:
+      assert type(x) is type(y) and x == y, key
+
+
+def test_sentinel_matches_kernels():
+  assert allocator_lib.INVALID_BLOCK == kernels.INVALID_BLOCK == kernels.INVALID_SLOT == -1
+
+
+def test_add_append_allocates_a_block_only_when_the_last_is_full():
+  a = BlockAllocator(8, 4)
+  assert a.add_sequence("s", [1, 2, 3, 4, 5, 6]) == 0
+  view = a.sequence("s")
+  assert view.block_ids.tolist() == [0, 1] and view.num_tokens == 6
+  # Slots are block_id * block_size + offset.
+  assert a.slots("s", 0, 6).tolist() == [0, 1, 2, 3, 4, 5]
+  assert a.slots("s", 4, 6).tolist() == [4, 5]
+  res = a.append_tokens("s", [7, 8])
+  assert res.slots.tolist() == [6, 7] and res.cow is None
+  assert a.sequence("s").block_ids.tolist() == [0, 1]
+  res = a.append_tokens("s", [9])
+  assert res.slots.tolist() == [8] and res.cow is None
+  assert a.sequence("s").block_ids.tolist() == [0, 1, 2]
+  assert a.num_free_blocks == 5
+  res = a.append_batch(["s"], [10])
+  assert res.slots.tolist() == [9] and res.cow_pairs.shape == (0, 2)
+
+
+def test_fork_then_append_returns_a_copy_on_write_pair():
+  a = BlockAllocator(8, 4)
+  a.add_sequence(0, [1, 2, 3, 4, 5, 6])  # blocks [0, 1]; block 1 holds 2 tokens
+  a.fork(0, 1)
+  assert a.ref_count(0) == a.ref_count(1) == 2
+  assert a.num_free_blocks == 6  # a fork takes no block
+  res = a.append_tokens(1, [7])
+  # The child gets block 2, a copy of block 1, and writes offset 2 of it.
+  assert res.cow == (1, 2) and res.slots.tolist() == [2 * 4 + 2]
+  assert a.sequence(1).block_ids.tolist() == [0, 2]
+  assert a.sequence(0).block_ids.tolist() == [0, 1]  # the parent's table is untouched
+  assert (a.ref_count(0), a.ref_count(1), a.ref_count(2)) == (2, 1, 1)
+  # Block 1 is now the parent's alone: no copy, it writes in place.
+  res = a.append_tokens(0, [8])
+  assert res.cow is None and res.slots.tolist() == [1 * 4 + 2]
+  assert a.metrics().num_cow_copies == 1
+
+
+def test_fork_full_last_block_needs_no_copy():
+  a = BlockAllocator(8, 2)
+  a.add_sequence(0, [1, 2, 3, 4])  # blocks [0, 1], both full
+  a.fork(0, 1)
+  res = a.append_tokens(1, [5])
+  assert res.cow is None and res.slots.tolist() == [2 * 2]
+  assert a.sequence(0).block_ids.tolist() == [0, 1]
+  assert a.sequence(1).block_ids.tolist() == [0, 1, 2]
+
+
+def test_batch_append_when_every_sharer_writes_copies_all_but_the_last():
+  a = BlockAllocator(8, 4)
+  a.add_sequence(0, [1, 2, 3])  # block 0 holds 3 tokens
+  a.fork(0, 1)
+  a.fork(0, 2)
+  assert a.blocks_needed_to_append([0, 1, 2]) == 2
+  res = a.append_batch([0, 1, 2], [7, 8, 9])
+  # Sequences 0 and 1 copy block 0 to blocks 1 and 2; sequence 2, the last holder, keeps it.
+  assert res.cow_pairs.tolist() == [[0, 1], [0, 2]]
+  assert res.slots.tolist() == [1 * 4 + 3, 2 * 4 + 3, 0 * 4 + 3]
+  assert [a.sequence(s).block_ids.tolist() for s in range(3)] == [[1], [2], [0]]
+  assert [a.ref_count(b) for b in range(3)] == [1, 1, 1]
+  a.check_invariants()
+
+
+def test_prefix_hits_count_full_blocks_of_the_longest_cached_prefix():
+  a = BlockAllocator(32, 4)
+  assert a.add_sequence("a", list(range(10))) == 0  # full blocks [0..3], [4..7] are cached
+  assert a.num_cached_tokens(list(range(8)) + [99]) == 8
+  assert a.add_sequence("b", list(range(8)) + [99]) == 8
+  assert a.sequence("b").block_ids.tolist()[:2] == a.sequence("a").block_ids.tolist()[:2]
+  assert a.ref_count(int(a.sequence("a").block_ids[0])) == 2
+  # The second block differs in its last token: only the first block hits.
+  assert a.add_sequence("c", [0, 1, 2, 3, 4, 5, 6, 99, 1]) == 4
+  # The same tokens at another position do not hit: the hash chains over the prefix.
+  assert a.add_sequence("d", [4, 5, 6, 7, 1]) == 0
+  # A prompt shorter than one block hits nothing.
+  assert a.add_sequence("e", [0, 1, 2]) == 0
+  m = a.metrics()
+  assert m.prefix_hit_tokens == 12 and m.prefix_query_tokens == 10 + 9 + 9 + 5 + 3
+
+
+def test_fully_cached_prompt_still_leaves_its_last_token_to_compute():
+  a = BlockAllocator(16, 4)
+  a.add_sequence("a", list(range(8)))
+  # All 8 tokens are cached, but the hit stops at (8 - 1) // 4 = 1 block: the engine must
+  # compute token 7 (it needs its logits), and it may not write into a shared cached block.
+  assert a.add_sequence("b", list(range(8))) == 4
+  ids_a, ids_b = a.sequence("a").block_ids, a.sequence("b").block_ids
+  assert ids_b[0] == ids_a[0] and ids_b[1] != ids_a[1]
+  assert a.slots("b", 4, 8).tolist() == [int(ids_b[1]) * 4 + i for i in range(4)]
+  assert a.ref_count(int(ids_b[1])) == 1
+  # 9 tokens: two full cached blocks hit and only token 8 is computed.
+  assert a.add_sequence("c", list(range(9))) == 8
+
+
+def test_prefix_hits_on_generated_blocks():
+  a = BlockAllocator(16, 2)
+  a.add_sequence("a", [1, 2, 3])
+  a.append_tokens("a", [4])
+  a.append_batch(["a"], [5])
+  a.append_batch(["a"], [6])  # blocks [1, 2], [3, 4], [5, 6] are full and hashed
+  assert a.add_sequence("b", [1, 2, 3, 4, 5, 6, 7]) == 6
+  assert a.sequence("b").block_ids.tolist()[:3] == a.sequence("a").block_ids.tolist()
+
+
+def test_freed_prefix_blocks_stay_cached_and_are_evicted_lru_first():
+  a = BlockAllocator(4, 2)
+  a.add_sequence("a", [1, 2, 3, 4, 5])  # blocks [0, 1, 2]; 0 and 1 full and hashed
+  a.free("a")
+  # Released last block first: 2 (not hashed) is free; 1 then 0 become cached, so 1 is the
+  # least recently used and goes first.
+  m = a.metrics()
+  assert (m.num_used_blocks, m.num_free_blocks, m.num_cached_blocks) == (0, 2, 2)
+  assert a.num_free_blocks == 4
+  # Free blocks are taken before cached ones are evicted: 3, 2, then evict 1.
+  a.add_sequence("b", [9, 9, 9, 9, 9, 9])
+  assert a.sequence("b").block_ids.tolist() == [3, 2, 1]
+  assert a.metrics().num_evictions == 1
+  # Block 0 still holds [1, 2]; the evicted block 1 held [3, 4].
+  assert a.num_cached_tokens([1, 2, 3, 4, 5]) == 2
+  a.free("b")
+  # b's three blocks are all full and hashed; released 1, 2, 3 after 0 was: LRU is 0, 1, 2, 3.
+  m = a.metrics()
+  assert (m.num_free_blocks, m.num_cached_blocks) == (0, 4)
+  a.add_sequence("c", [8, 8, 8, 8, 8, 8, 8, 8])
+  assert a.sequence("c").block_ids.tolist() == [0, 1, 2, 3]
+  assert a.metrics().num_evictions == 5
+  assert a.num_cached_tokens([1, 2, 3]) == 0
+
+
+def test_lru_recency_follows_release_order():
+  a = BlockAllocator(4, 1)
+  a.add_sequence("x", [1, 1])  # block 0 ([1] at position 0) hashed; block 1 too
+  a.add_sequence("y", [7, 7])  # blocks 2, 3
+  a.free("y")  # 3 then 2 cached
+  a.free("x")  # 1 then 0 cached: LRU order is now 3, 2, 1, 0
+  a.add_sequence("z", [5, 5, 5])  # evicts 3, 2, 1
+  assert a.sequence("z").block_ids.tolist() == [3, 2, 1]
+  assert a.num_cached_tokens([1, 1]) == 1  # block 0 survived
+  assert a.num_cached_tokens([7, 7]) == 0
+
+
+def test_prefix_caching_disabled_never_hits_and_frees_to_the_free_list():
+  a = BlockAllocator(8, 2, enable_prefix_caching=False)
+  a.add_sequence("a", [1, 2, 3, 4])
+  assert a.add_sequence("b", [1, 2, 3, 4, 5]) == 0
+  a.free("a")
+  assert a.metrics().num_cached_blocks == 0 and a.num_free_blocks == 5
+
+
+def test_waste_by_hand():
+  a = BlockAllocator(10, 4, max_seq_len=16)
+  a.add_sequence("a", [1, 2, 3, 4, 5])  # 2 blocks holding 4 + 1 tokens
+  a.add_sequence("b", [6, 7])  # 1 block holding 2 tokens
+  m = a.metrics()
+  assert (m.reserved_slots, m.filled_slots) == (12, 7)
+  assert m.waste == pytest.approx(5 / 12)
+  # Contiguous: 2 requests x 16 slots reserved, 7 tokens held.
+  assert (m.contiguous_reserved_slots, m.num_tokens) == (32, 7)
+  assert m.contiguous_waste == pytest.approx(25 / 32)
+  a.fork("a", "c")  # shares 2 blocks: paged unchanged, contiguous reserves 16 more for 5 tokens
+  m = a.metrics()
+  assert m.waste == pytest.approx(5 / 12)
+  assert m.contiguous_waste == pytest.approx(1 - 12 / 48)
+  assert a.metrics(max_seq_len=64).contiguous_waste == pytest.approx(1 - 12 / 192)
+  a.append_tokens("c", [8])  # copy of block 1 (1 token) plus the new one: 4 blocks, 9 tokens
+  m = a.metrics()
+  assert (m.reserved_slots, m.filled_slots) == (16, 9)
+  assert m.waste == pytest.approx(7 / 16)
+  for s in ("a", "b", "c"):
+    a.free(s)
+  m = a.metrics()
+  assert (m.waste, m.contiguous_waste, m.reserved_slots) == (0.0, 0.0, 0)
+
+
+def test_swap_out_and_in_returns_pairs_and_reuses_cached_blocks():
+  a = BlockAllocator(6, 2, num_host_blocks=4)
+  a.add_sequence("a", [1, 2, 3])  # blocks [0, 1]; block 0 full and hashed
+  a.add_sequence("b", [1, 2, 9])  # hits block 0; own block 2
+  assert a.can_swap_out("a")
+  pairs = a.swap_out("a")
+  assert pairs.tolist() == [[0, 0], [1, 1]]  # (device, host); shared block 0 copied too
+  assert a.is_swapped("a") and a.sequence("a").host_block_ids.tolist() == [0, 1]
+  assert a.sequence("a").block_ids.size == 0
+  assert a.ref_count(0) == 1 and a.ref_count(1) == 0
+  assert a.metrics().num_host_used_blocks == 2
+  assert a.blocks_needed_to_swap_in("a") == 1
+  pairs = a.swap_in("a")
+  # Block 0 is still on device (b holds it) and in the prefix cache: no copy, only host 1.
+  assert pairs.tolist() == [[1, 3]]
+  assert a.sequence("a").block_ids.tolist() == [0, 3]
+  assert a.ref_count(0) == 2
+  assert a.metrics().num_host_free_blocks == 4
+  assert a.append_tokens("a", [4]).slots.tolist() == [3 * 2 + 1]
+
+
+def test_swap_without_prefix_caching_copies_every_block_back():
+  a = BlockAllocator(4, 2, num_host_blocks=2, enable_prefix_caching=False)
+  a.add_sequence("a", [1, 2, 3])
+  assert a.swap_out("a").tolist() == [[0, 0], [1, 1]]
+  assert a.swap_in("a").tolist() == [[0, 2], [1, 3]]
+
+
+def test_freeing_a_swapped_sequence_frees_its_host_blocks():
+  a = BlockAllocator(4, 2, num_host_blocks=2)
+  a.add_sequence("a", [1, 2, 3])
+  a.swap_out("a")
+  a.free("a")
+  m = a.metrics()
+  assert m.num_host_free_blocks == 2 and m.num_swapped_sequences == 0 and m.num_sequences == 0
+  a.check_invariants()
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda a: a.add_sequence("new", list(range(9))),
+    lambda a: a.append_tokens("a", [1, 2, 3, 4, 5, 6]),
+    lambda a: a.append_batch(["a", "b", "f"], [1, 1, 1]),
+    lambda a: a.swap_in("s"),
+  ],
+)
+def test_out_of_blocks_leaves_everything_unchanged(call):
+  a = BlockAllocator(6, 2, num_host_blocks=3)
+  a.add_sequence("a", [1, 2, 3])  # blocks 0, 1
+  a.add_sequence("b", [4, 5])  # block 2
+  a.fork("b", "f")
+  a.add_sequence("s", [6, 7, 8, 9, 10])  # blocks 3, 4, 5
+  a.swap_out("s")
+  # s's blocks went 5 -> free, 4 and 3 (hashed) -> cached. c hits block 0, takes 5, evicts 4.
+  a.add_sequence("c", [1, 2, 3, 4, 5, 6])
+  # Left: block 3, cached. swap_in("s") can reuse it but needs 2 more.
+  assert a.num_free_blocks == 1
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(OutOfBlocksError) as info:
+    call(a)
+  assert info.value.pool == "device" and info.value.available == 1
+  assert info.value.needed > 1
+  assert "device blocks" in str(info.value)
+  _same_state(before, vars(a))
+  a.check_invariants()
+
+
+def test_out_of_host_blocks_leaves_everything_unchanged():
+  a = BlockAllocator(8, 2, num_host_blocks=1)
+  a.add_sequence("a", [1, 2, 3])
+  before = copy.deepcopy(vars(a))
+  assert not a.can_swap_out("a")
+  with pytest.raises(OutOfBlocksError, match="'a'.*2 host blocks, 1 free") as info:
+    a.swap_out("a")
+  assert (info.value.pool, info.value.needed, info.value.available) == ("host", 2, 1)
+  _same_state(before, vars(a))
+
+
+def test_admission_queries_match_what_add_takes():
+  a = BlockAllocator(5, 2)
+  a.add_sequence("a", [1, 2, 3, 4, 5])  # 3 blocks; two hashed
+  a.free("a")  # 2 cached + 3 free
+  prompt = [1, 2, 3, 4, 9, 9, 9, 9, 9, 9]  # 5 blocks, 2 hit (both cached)
+  assert a.blocks_needed_to_add(prompt) == 5
+  assert a.can_add(prompt)
+  assert a.add_sequence("b", prompt) == 4
+  assert a.num_free_blocks == 0
+  assert not a.can_add([1])
+  assert not a.can_append(["b"]) and a.blocks_needed_to_append(["b"]) == 1
+
+
+def test_errors_name_the_sequence():
+  a = BlockAllocator(8, 2, num_host_blocks=4)
+  a.add_sequence("alive", [1, 2])
+  a.add_sequence("gone", [3])
+  a.free("gone")
+  a.add_sequence("away", [4])
+  a.swap_out("away")
+  with pytest.raises(SequenceError, match="'gone'.*already freed"):
+    a.free("gone")
+  with pytest.raises(SequenceError, match="'gone'.*already freed"):
+    a.append_tokens("gone", [1])
+  with pytest.raises(SequenceError, match="'gone'.*already freed"):
+    a.append_batch(["alive", "gone"], [1, 1])
+  with pytest.raises(SequenceError, match="'nobody'.*unknown"):
+    a.free("nobody")
+  with pytest.raises(SequenceError, match="'nobody'.*unknown"):
+    a.sequence("nobody")
+  with pytest.raises(SequenceError, match="'alive' already exists"):
+    a.add_sequence("alive", [1])
+  with pytest.raises(SequenceError, match="'alive'.*exists"):
+    a.fork("alive", "alive")
+  with pytest.raises(SequenceError, match="'away'.*swapped out"):
+    a.append_tokens("away", [1])
+  with pytest.raises(SequenceError, match="'away'.*swapped out"):
+    a.append_batch(["alive", "away"], [1, 1])
+  with pytest.raises(SequenceError, match="'away'.*swapped out"):
+    a.fork("away", "child")
+  with pytest.raises(SequenceError, match="'alive'.*not swapped out"):
+    a.swap_in("alive")
+  with pytest.raises(SequenceError, match="repeated.*'alive'"):
+    a.append_batch(["alive", "alive"], [1, 1])
+  # A freed id can be used again.
+  a.add_sequence("gone", [5])
+  assert a.num_tokens("gone") == 1
+
+
+def test_bad_arguments_raise_value_error():
+  with pytest.raises(ValueError, match="num_blocks"):
+    BlockAllocator(0, 4)
+  with pytest.raises(ValueError, match="block_size"):
+    BlockAllocator(4, 0)
+  a = BlockAllocator(8, 2, max_seq_len=4)
+  with pytest.raises(ValueError, match="prompt"):
+    a.add_sequence("a", [[1, 2]])
+  with pytest.raises(ValueError, match="prompt"):
+    a.add_sequence("a", [1.5])
+  with pytest.raises(ValueError, match="'a'.*5 tokens > max_seq_len=4"):
+    a.add_sequence("a", [1, 2, 3, 4, 5])
+  a.add_sequence("a", [1, 2, 3])
+  with pytest.raises(ValueError, match="'a'.*5 tokens > max_seq_len=4"):
+    a.append_tokens("a", [1, 2])
+  with pytest.raises(ValueError, match="tokens has 2 entries but seq_ids has 1"):
+    a.append_batch(["a"], [1, 2])
+  with pytest.raises(ValueError, match="start <= stop"):
+    a.slots("a", 2, 4)
+
+
+def test_block_hash_is_chained_and_content_addressed():
+  t = np.array([1, 2, 3, 4])
+  h = block_hash(None, t)
+  assert len(h) == 32 and h == block_hash(None, t.tolist())
+  assert h != block_hash(None, np.array([1, 2, 3, 5]))
+  assert block_hash(h, t) != h  # same tokens, different parent
+  assert block_hash(h, t) != block_hash(block_hash(None, np.array([0, 0, 0, 0])), t)
