@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.num_q_heads = 8
     config.num_kv_heads = 2
     config.head_dim = 64
-    config.kernel_iters = 3
+    config.kernel_iters = 15
   elif arg == "gpu":
     config.block_sizes = (8, 16, 32, 64, 128, 256)
     config.kernel_dtype = "bfloat16"

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.block_sizes = (1, 4, 16, 64, 256)
     config.seq_lens = (256,)
     config.num_layers = 2
-    config.iters = 3
+    config.iters = 7
   elif arg == "gpu":
     config.seq_lens = (1024, 4096)
     config.d_model = 2048

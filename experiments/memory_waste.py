@@ -214,8 +214,12 @@ def run(config: ConfigDict) -> Result:
     ),
   ]
   plots = [
-    Plot("token_share_vs_block_size", lambda ax: _plot_block_sizes(ax, serving, snapshot)),
-    Plot("memory_breakdown", lambda ax: _plot_breakdown(ax, serving), figsize=(7.0, 4.0)),
+    Plot(
+      "token_share_vs_block_size",
+      lambda ax: _plot_block_sizes(ax, serving, snapshot),
+      figsize=(8.0, 4.0),
+    ),
+    Plot("memory_breakdown", lambda ax: _plot_breakdown(ax, serving), figsize=(9.0, 4.0)),
   ]
   return Result(tables, plots, notes=_notes(config))
 
@@ -224,7 +228,9 @@ def _plot_block_sizes(ax, serving: list[dict], snapshot: list[dict]) -> None:
   colors = {}
   for row in serving:
     colors.setdefault(row["workload"], f"C{len(colors)}")
-  for wl, color in colors.items():
+  block_sizes = [r["block_size"] for r in serving if r["policy"] == "paged"]
+  right = max(block_sizes) if block_sizes else 1
+  for k, (wl, color) in enumerate(colors.items()):
     paged = [r for r in serving if r["workload"] == wl and r["policy"] == "paged"]
     ax.plot(
       [r["block_size"] for r in paged],
@@ -245,14 +251,19 @@ def _plot_block_sizes(ax, serving: list[dict], snapshot: list[dict]) -> None:
       if r["workload"] == wl and r["policy"] != "paged" and r["token_pct"] is not None:
         ax.axhline(r["token_pct"], color=color, lw=0.8, ls="--")
         ax.annotate(
-          r["system"], (1, r["token_pct"]), fontsize=6, color=color, va="bottom", ha="left"
+          r["system"].removeprefix("Orca (").removesuffix(")"),
+          (right, r["token_pct"]),
+          fontsize=6,
+          color=color,
+          va="bottom" if k % 2 == 0 else "top",
+          ha="right",
         )
   ax.set_xscale("log", base=2)
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("KV memory holding tokens (%)")
   ax.set_ylim(0, 102)
-  ax.set_title("Paged vs contiguous (dashed: Orca policies, serving)")
-  ax.legend(fontsize=7, loc="lower left")
+  ax.set_title("Paged per block size; dashed: Orca's contiguous policies (serving)")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _plot_breakdown(ax, serving: list[dict]) -> None:
@@ -277,12 +288,12 @@ def _plot_breakdown(ax, serving: list[dict]) -> None:
     ax.text(i, 101, f"{r['token_pct']:.1f}", ha="center", fontsize=6)
     if r["paper_token_pct"] is not None:
       ax.plot(i, r["paper_token_pct"], "k_", ms=14, mew=2)
-  labels = [r["system"].replace("paged (block ", "paged ").rstrip(")") for r in rows]
+  labels = [f"paged {r['block_size']}" if r["policy"] == "paged" else r["system"] for r in rows]
   ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
   ax.set_ylabel("share of KV pool (%)")
   ax.set_ylim(0, 108)
   ax.set_title(f"{wl}: where the KV pool goes (black bars: paper's token share)")
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _notes(config: ConfigDict) -> list[str]:

@@ -353,6 +353,7 @@ def _plot_forks(ax, rows: list[dict]) -> None:
     )
     lo, hi = PAPER_SAVING[kind]
     ax.axhspan(lo, hi, color=f"C{i}", alpha=0.15, label=f"{kind}, paper")
+  ax.set_xticks(sorted({r["width"] for r in rows}))
   ax.set_xlabel("parallel samples / beam width")
   ax.set_ylabel("memory saved by sharing (%)")
   ax.set_title(f"Fork savings (block {block})")
