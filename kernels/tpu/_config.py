@@ -56,11 +56,15 @@ class BlockSizes:
       None picks about ``RAGGED_ROWS // group`` rows.
     smem_budget_bytes: bytes of scalar-prefetch operands (block table, lengths, cu_q_lens,
       tile metadata) one kernel call may use; larger batches are split into several calls.
+    num_cores: decode kernel only: TensorCores the batch is split over (a "parallel" grid
+      axis). 2 on megacore chips (v4, v5p); 1 on v5e and v6e (one TensorCore per chip).
+      Any value is correct on any chip; a wrong one only costs speed.
   """
 
   blocks_per_chunk: int | None = None
   queries_per_tile: int | None = None
   smem_budget_bytes: int = DEFAULT_SMEM_BUDGET_BYTES
+  num_cores: int = 1
 
   def __post_init__(self):
     if self.blocks_per_chunk is not None and (
@@ -71,6 +75,8 @@ class BlockSizes:
       t = self.queries_per_tile
       if not isinstance(t, int) or t < 1 or t & (t - 1):
         raise ValueError(f"queries_per_tile must be a power of two, got {t!r}")
+    if not isinstance(self.num_cores, int) or self.num_cores < 1:
+      raise ValueError(f"num_cores must be a positive int, got {self.num_cores!r}")
     if not isinstance(self.smem_budget_bytes, int) or self.smem_budget_bytes < 16:
       raise ValueError(f"smem_budget_bytes must be an int >= 16, got {self.smem_budget_bytes!r}")
 

@@ -1,6 +1,8 @@
 """Pallas TPU (Mosaic) paged-attention decode kernel: one query per sequence.
 
-Grid ``(batch, num_kv_heads)``; one grid step is one sequence and one KV head, and its
+Grid ``(num_cores, batch / num_cores, num_kv_heads)``; one grid step is one sequence and
+one KV head (the leading axis splits the batch over the two TensorCores of a megacore chip
+such as v5p; it is 1 on v5e and v6e), and its
 ``group = num_q_heads // num_kv_heads`` query heads are handled together as the rows of
 one ``[group, head_dim]`` tile, so each K/V block is read from HBM once per KV head.
 
@@ -57,8 +59,9 @@ def _decode_kernel(
   blocks_per_chunk,
   max_blocks,
 ):
-  b, h = pl.program_id(0), pl.program_id(1)
-  batch, num_kv_heads = pl.num_programs(0), pl.num_programs(1)
+  core, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  per_core, num_kv_heads = pl.num_programs(1), pl.num_programs(2)
+  b = core * per_core + i  # each core walks its own contiguous run of sequences
   block_size = k_hbm.shape[2]
   chunk_tokens = blocks_per_chunk * block_size
   group, head_dim = q_ref.shape
@@ -86,7 +89,7 @@ def _decode_kernel(
       max_blocks=max_blocks,
     )
 
-  @pl.when((b == 0) & (h == 0))
+  @pl.when((i == 0) & (h == 0))
   def _():
     state_ref[0] = 0
     state_ref[1] = 0
@@ -99,13 +102,13 @@ def _decode_kernel(
   def _():
     chunk(b, h, first, end, 0, base_slot).start()
 
-  # The grid step after this one, in the sequential order of the grid.
+  # The step this core runs next: the (i, h) axes are "arbitrary", so sequential.
   last_head = h + 1 == num_kv_heads
-  next_b = jnp.where(last_head, b + 1, b)
+  next_i = jnp.where(last_head, i + 1, i)
   next_h = jnp.where(last_head, 0, h + 1)
-  next_b_safe = jnp.minimum(next_b, batch - 1)
+  next_b_safe = core * per_core + jnp.minimum(next_i, per_core - 1)
   _, next_first, next_end, next_n = steps(next_b_safe)
-  prefetch_next = (next_b < batch) & (next_n > 0)
+  prefetch_next = (next_i < per_core) & (next_n > 0)
 
   q = q_ref[...]
   key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
@@ -154,10 +157,15 @@ def _decode_call(
   logit_soft_cap,
   blocks_per_chunk,
   max_blocks,
+  num_cores,
   interpret,
 ):
-  """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``."""
+  """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``.
+
+  ``batch`` must be a multiple of ``num_cores``.
+  """
   batch, num_kv_heads, group, head_dim = q.shape
+  per_core = batch // num_cores
   block_size = k_blocks.shape[2]
   kernel = functools.partial(
     _decode_kernel,
@@ -169,13 +177,15 @@ def _decode_call(
   )
   # The full (group, head_dim) tail of q: legal for any group (a block dim equal to the
   # array dim), so GQA groups of 1..32 need no padding of q.
-  q_spec = pl.BlockSpec((None, None, group, head_dim), lambda b, h, *_: (b, h, 0, 0))
+  q_spec = pl.BlockSpec(
+    (None, None, group, head_dim), lambda c, i, h, *_: (c * per_core + i, h, 0, 0)
+  )
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(batch, num_kv_heads),
+      grid=(num_cores, per_core, num_kv_heads),
       in_specs=[q_spec, any_spec, any_spec],
       out_specs=q_spec,
       scratch_shapes=[
@@ -184,8 +194,9 @@ def _decode_call(
       ],
     ),
     out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-    # Sequential on purpose: each step prefetches the next step's first chunk.
-    compiler_params=_common.mosaic_params(("arbitrary", "arbitrary")),
+    # Only the core axis is parallel: within a core, each step prefetches the first chunk
+    # of the step that follows it, so their order must be the grid's.
+    compiler_params=_common.mosaic_params(("parallel", "arbitrary", "arbitrary")),
     interpret=_common.interpret_params(interpret),
   )(lengths, table_flat, q, k_blocks, v_blocks)
 
@@ -244,24 +255,29 @@ def paged_attention_decode(
     what=f"decode with block_table {tuple(block_table.shape)}",
   )
   scale = head_dim**-0.5 if scale is None else scale
+  cores = tuned.num_cores
+  if per_call >= cores:
+    per_call -= per_call % cores
   qg = q.reshape(batch, num_kv_heads, group, head_dim)
   outs = []
   for s0 in range(0, batch, per_call):
     s1 = min(batch, s0 + per_call)
+    pad = -(s1 - s0) % cores  # idle sequences (length 0) so every core gets as many
     outs.append(
       _decode_call(
-        qg[s0:s1],
+        jnp.pad(qg[s0:s1], ((0, pad), (0, 0), (0, 0), (0, 0))),
         k_blocks,
         v_blocks,
-        block_table[s0:s1].reshape(-1),
-        lengths[s0:s1],
+        jnp.pad(block_table[s0:s1], ((0, pad), (0, 0)), constant_values=-1).reshape(-1),
+        jnp.pad(lengths[s0:s1], (0, pad)),
         scale=scale,
         sliding_window=sliding_window,
         logit_soft_cap=logit_soft_cap,
         blocks_per_chunk=tuned.blocks_per_chunk,
         max_blocks=max_blocks,
+        num_cores=cores,
         interpret=interpret,
-      )
+      )[: s1 - s0]
     )
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
   return out.reshape(batch, num_q_heads, head_dim)

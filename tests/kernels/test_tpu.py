@@ -214,6 +214,28 @@ def test_decode_sliding_window_and_soft_cap_skip_blocks_outside_window():
   _check(out, _oracle(q, k, v, table, lengths, **kw), jnp.float32)
 
 
+def test_decode_megacore_split_over_two_simulated_cores():
+  # 5 sequences over 2 cores: padded with an idle sequence; each core prefetches across its
+  # own steps only, checked by two simulated cores running concurrently.
+  rng = np.random.default_rng(10)
+  k, v, table, lengths = _cache(
+    rng, [9, 0, 17, 1, 24], num_kv_heads=2, block_size=BS, max_blocks=3, dtype=jnp.float32
+  )
+  q = jnp.asarray(rng.standard_normal((5, 2, HEAD_DIM)), jnp.float32)
+  two_cores = dataclasses.replace(INTERPRET, num_cores_or_threads=2)
+  out = tpu.paged_attention_decode(
+    q,
+    k,
+    v,
+    table,
+    lengths,
+    interpret=two_cores,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, num_cores=2),
+  )
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
 def _count_pallas_calls(fn, *args):
   return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
 
@@ -403,6 +425,8 @@ def test_block_sizes_is_frozen_hashable_and_validated():
     tpu.BlockSizes(queries_per_tile=24)
   with pytest.raises(ValueError, match="smem_budget_bytes"):
     tpu.BlockSizes(smem_budget_bytes=0)
+  with pytest.raises(ValueError, match="num_cores"):
+    tpu.BlockSizes(num_cores=0)
 
 
 @pytest.mark.parametrize(
