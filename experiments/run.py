@@ -148,18 +148,23 @@ def _stack_sweep(field: str, results: list) -> _outputs.Result:
   return _outputs.Result(list(stacked.values()), plots, notes)
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
   try:
     out = subprocess.run(
-      ["git", "rev-parse", "HEAD"],
+      ["git", *args],
       capture_output=True,
       text=True,
       timeout=10,
       cwd=os.path.dirname(os.path.abspath(__file__)),
     )
-    return out.stdout.strip() or None
   except (OSError, subprocess.SubprocessError):
     return None
+  return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _dirty() -> bool | None:
+  status = _git("status", "--porcelain", "--", "experiments", "configs", "paxcache", "kernels")
+  return None if status is None else bool(status)
 
 
 def _version(pkg: str) -> str | None:
@@ -176,7 +181,9 @@ def _write_run_info(workdir: str, config: ConfigDict, sweep: str | None, seconds
     "argv": sys.argv,
     "sweep": sweep,
     "seconds": round(seconds, 3),
-    "git_commit": _git_commit(),
+    "git_commit": _git("rev-parse", "HEAD"),
+    # Uncommitted changes to the code that produced these numbers (None: not a git tree).
+    "git_dirty": _dirty(),
     "python": platform.python_version(),
     "machine": platform.machine(),
     "versions": {p: _version(p) for p in ("paxcache", "jax", "jaxlib", "numpy", "matplotlib")},
