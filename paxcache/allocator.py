@@ -476,46 +476,59 @@ class BlockAllocator:
     ``cow=(src, dst)`` asks the device to copy ``src`` to ``dst`` before writing; other sharers
     keep ``src`` untouched.
     """
-    seq = self._resident(seq_id, "append to")
+    seq = self._seqs.get(seq_id)
+    if seq is None or seq.host_blocks is not None:
+      seq = self._resident(seq_id, "append to")  # raises, naming the sequence
     tokens = self._as_tokens(tokens, "tokens")
     k = len(tokens)
     if k == 0:
       return AppendResult(np.zeros(0, np.int32), None)
     row, bs = seq.row, self.block_size
-    n, nb = int(self._ntok[row]), int(self._nblk[row])
-    self._check_max_len(seq_id, n + k)
+    n, nb = self._ntok.item(row), self._nblk.item(row)
+    if self.max_seq_len is not None:
+      self._check_max_len(seq_id, n + k)
     off = n % bs
-    last = int(self._table[row, nb - 1]) if nb else INVALID_BLOCK
-    cow = off != 0 and self._ref[last] > 1
-    new_nb = self._cdiv(n + k)
-    self._require(new_nb - nb + int(cow), f"append {k} tokens to sequence {seq_id!r}")
-    self._ensure_width(new_nb)
+    last = self._table.item(row, nb - 1) if nb else INVALID_BLOCK
+    cow = off != 0 and self._ref.item(last) > 1
+    new_nb = -(-(n + k) // bs)
+    needed = new_nb - nb + cow
+    if needed > len(self._free) + len(self._lru):
+      self._require(needed, f"append {k} tokens to sequence {seq_id!r}")
+    if new_nb > self._table.shape[1]:
+      self._ensure_width(new_nb)
 
     pair = None
     if cow:
-      dst = self._copy_on_write(row, nb - 1, last, off)
-      pair = (last, dst)
+      pair = (last, self._copy_on_write(row, nb - 1, last, off))
+    table_row = self._table[row]
     for j in range(nb, new_nb):
-      self._table[row, j] = self._take_block()
+      table_row[j] = self._take_block()
     first = n // bs
+    fill = self._fill
     for j in range(first, new_nb):
-      b = int(self._table[row, j])
-      fill = min(bs, n + k - j * bs)
-      self._filled_slots += fill - int(self._fill[b])
-      self._fill[b] = fill
-    pos = np.arange(n, n + k, dtype=np.int64)
-    slots = (self._table[row, pos // bs].astype(np.int64) * bs + pos % bs).astype(np.int32)
+      b = table_row.item(j)
+      f = min(bs, n + k - j * bs)
+      self._filled_slots += f - fill.item(b)
+      fill[b] = f
+    if k <= 8:
+      slots = np.array([table_row.item(p // bs) * bs + p % bs for p in range(n, n + k)], np.int32)
+    else:
+      pos = np.arange(n, n + k, dtype=np.int64)
+      slots = (table_row[pos // bs].astype(np.int64) * bs + pos % bs).astype(np.int32)
 
     if self.enable_prefix_caching:
-      combined = np.concatenate([self._partial[row, :off], tokens])
-      for j in range(first, (n + k) // bs):
-        chunk = combined[(j - first) * bs : (j - first + 1) * bs]
-        h = block_hash(seq.hashes[-1] if seq.hashes else None, chunk)
-        seq.hashes.append(h)
-        self._register(h, int(self._table[row, j]))
-      rem = (n + k) % bs
-      if rem:
-        self._partial[row, :rem] = combined[len(combined) - rem :]
+      if off + k < bs:  # no block fills: just remember the tokens
+        self._partial[row, off : off + k] = tokens
+      else:
+        combined = np.concatenate([self._partial[row, :off], tokens])
+        for j in range(first, (n + k) // bs):
+          chunk = combined[(j - first) * bs : (j - first + 1) * bs]
+          h = block_hash(seq.hashes[-1] if seq.hashes else None, chunk)
+          seq.hashes.append(h)
+          self._register(h, table_row.item(j))
+        rem = (n + k) % bs
+        if rem:
+          self._partial[row, :rem] = combined[len(combined) - rem :]
     self._ntok[row] = n + k
     self._nblk[row] = new_nb
     self._resident_tokens += k
@@ -746,7 +759,7 @@ class BlockAllocator:
 
   def _as_tokens(self, tokens, name: str) -> np.ndarray:
     arr = np.asarray(tokens)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
       raise ValueError(
         f"{name} must be a 1-D sequence of integer token ids, got {arr.dtype} {arr.shape}"
       )
