@@ -409,6 +409,12 @@ def test_builtin_tpu_paged_attention_differs_only_by_its_bf16_cast():
   _check(ours(jnp.asarray(k), jnp.asarray(v)), want, jnp.float32)
   their_err = np.abs(theirs(jnp.asarray(k), jnp.asarray(v)) - want).max()
   assert their_err > 1e-4, f"built-in kernel now within {their_err}: update docs/tpu.md"
+  # It also adds its mask to the logits instead of selecting, so NaN in the slots past a
+  # length (garbage a real cache may hold there) reaches its output; ours zeroes them.
+  tail = int(lengths[0]) % BS
+  k_nan = jnp.asarray(k).at[:, table[0, 0], tail:].set(jnp.nan)
+  assert np.isnan(theirs(k_nan, jnp.asarray(v))[0]).any(), "built-in now masks: update docs"
+  _check(ours(k_nan, jnp.asarray(v)), want, jnp.float32)
 
 
 # ------------------------------------------------------------------- configuration errors
