@@ -195,3 +195,35 @@ def test_width_one_shares_nothing_and_wider_forks_save_memory():
   assert by[("beam search", 1)] == 0
   assert by[("parallel sampling", 2)] > 0
   assert by[("beam search", 2)] > by[("parallel sampling", 2)]
+
+
+def test_poisson_arrivals_are_non_decreasing_with_the_requested_rate():
+  assert _serving.poisson_arrivals(10, 0.0, seed=0) is None
+  arrivals = _serving.poisson_arrivals(4000, 0.5, seed=0)
+  assert all(a <= b for a, b in zip(arrivals, arrivals[1:], strict=False))
+  # 4000 arrivals at 0.5 per step span about 8000 steps (standard deviation ~126).
+  assert 7500 < arrivals[-1] < 8500
+
+
+def test_a_pool_that_never_fills_reports_no_pool_share():
+  # One request at a time into a large pool: nothing ever waits, so the "while requests
+  # wait" averages are undefined (None in the tables), the all-steps share is not.
+  config = _mw_config(arrival_rate=0.001, num_requests=5, block_sizes=(4,))
+  serving = next(t for t in memory_waste.run(config).tables if t.name == "serving").rows
+  for row in serving:
+    assert row["token_pct"] is None and row["mean_batch"] is None
+    assert row["token_of_reserved_pct"] > 0
+
+
+def test_memory_waste_reads_a_sharegpt_json_workload():
+  import os
+
+  path = os.path.join(os.path.dirname(__file__), "data", "sharegpt_tiny.json")
+  config = _mw_config(workloads=(path,), pool_tokens=64, max_seq_len=32, block_sizes=(4,))
+  tables = {t.name: t for t in memory_waste.run(config).tables}
+  # max_seq_len 32 keeps the three pairs of 26, 8 and 16 tokens (50 tokens in all).
+  (stats,) = tables["workloads"].rows
+  assert stats["workload"] == "sharegpt_tiny.json" and stats["requests"] == 3
+  snap = {r["system"]: r for r in tables["snapshot"].rows}
+  assert snap["Orca (Oracle)"]["tokens"] == 50
+  assert snap["paged (block 4)"]["reserved_slots"] == 28 + 8 + 16
