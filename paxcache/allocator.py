@@ -33,6 +33,11 @@ _ROOT_HASH = b"paxcache.prefix.root"
 _FORGOTTEN_LIMIT = 1 << 16  # how many freed ids we remember, only to word error messages better
 
 
+def _expect(condition, what) -> None:
+  if not condition:
+    raise AssertionError(f"allocator invariant broken: {what}")
+
+
 class AllocatorError(Exception):
   """Base class of the allocator's errors; after any of them the allocator is unchanged."""
 
@@ -712,45 +717,62 @@ class BlockAllocator:
     return np.array(pairs, np.int32).reshape(-1, 2)
 
   def check_invariants(self) -> None:
-    """Full consistency check, O(pool + tokens): for tests and debugging only."""
+    """Full consistency check, O(pool + tokens), for tests and debug runs.
+
+    Raises:
+      AssertionError: naming the first broken invariant (raised even under ``python -O``).
+    """
     owners = np.zeros(self.num_blocks, np.int64)
-    filled = 0
-    host_owned = []
+    host_owned: list[int] = []
     tokens = 0
     for seq_id, seq in self._seqs.items():
       row = seq.row
-      assert self._row_of[seq_id] == row
+      what = f"sequence {seq_id!r}"
+      _expect(self._row_of[seq_id] == row, f"{what}: row index disagrees")
       n, nb = int(self._ntok[row]), int(self._nblk[row])
-      assert nb == self._cdiv(n), (seq_id, n, nb)
-      assert len(seq.hashes) == (n // self.block_size if self.enable_prefix_caching else 0)
+      _expect(nb == self._cdiv(n), f"{what}: {n} tokens in {nb} blocks")
+      full = n // self.block_size if self.enable_prefix_caching else 0
+      _expect(len(seq.hashes) == full, f"{what}: {len(seq.hashes)} hashes for {full} full blocks")
       if seq.host_blocks is not None:
-        assert self._swapped[row] and len(seq.host_blocks) == nb
-        assert (self._table[row] == INVALID_BLOCK).all()
+        _expect(self._swapped[row], f"{what}: has host blocks but is not marked swapped")
+        _expect(len(seq.host_blocks) == nb, f"{what}: {len(seq.host_blocks)} host blocks != {nb}")
+        _expect((self._table[row] == INVALID_BLOCK).all(), f"{what}: swapped but has a table")
         host_owned += seq.host_blocks
         continue
-      assert not self._swapped[row]
+      _expect(not self._swapped[row], f"{what}: marked swapped without host blocks")
       blocks = self._table[row, :nb]
-      assert (blocks >= 0).all() and len(set(blocks.tolist())) == nb, (seq_id, blocks)
-      assert (self._table[row, nb:] == INVALID_BLOCK).all()
+      _expect((blocks >= 0).all(), f"{what}: invalid block in {blocks.tolist()}")
+      _expect(len(set(blocks.tolist())) == nb, f"{what}: a block twice in {blocks.tolist()}")
+      _expect((self._table[row, nb:] == INVALID_BLOCK).all(), f"{what}: entries past its blocks")
       owners[blocks] += 1
       tokens += n
-    assert (owners == self._ref).all()
+    bad = np.flatnonzero(owners != self._ref)
+    _expect(not bad.size, f"reference counts != owners for blocks {bad[:8].tolist()}")
     used = set(np.flatnonzero(owners).tolist())
     free, lru = set(self._free), set(self._lru)
-    assert len(free) == len(self._free) and not (free & lru) and not (free & used)
-    assert not (lru & used) and len(free) + len(lru) + len(used) == self.num_blocks
-    for b in used:
-      filled += int(self._fill[b])
-    assert filled == self._filled_slots
-    assert tokens == self._resident_tokens
+    _expect(len(free) == len(self._free), "a block is twice in the free list")
+    _expect(not (free & lru), f"blocks both free and cached: {sorted(free & lru)[:8]}")
+    _expect(not (free & used), f"blocks both free and used: {sorted(free & used)[:8]}")
+    _expect(not (lru & used), f"blocks both cached and used: {sorted(lru & used)[:8]}")
+    leaked = self.num_blocks - len(free) - len(lru) - len(used)
+    _expect(leaked == 0, f"{leaked} blocks are neither used, cached nor free")
+    filled = sum(int(self._fill[b]) for b in used)
+    _expect(filled == self._filled_slots, f"filled slots {self._filled_slots} != {filled}")
+    _expect(tokens == self._resident_tokens, f"token total {self._resident_tokens} != {tokens}")
     for b in lru:
       h = self._hash_of_block[b]
-      assert h is not None and self._block_of_hash[h] == b
+      _expect(h is not None, f"cached block {b} has no prefix-cache entry")
+      _expect(self._block_of_hash.get(h) == b, f"cached block {b}: its entry points elsewhere")
     for h, b in self._block_of_hash.items():
-      assert self._hash_of_block[b] == h and b not in free
-    assert len(set(host_owned)) == len(host_owned)
-    assert not (set(host_owned) & set(self._host_free))
-    assert len(host_owned) + len(self._host_free) == self.num_host_blocks
+      _expect(self._hash_of_block[b] == h, f"prefix-cache entry for block {b} disagrees")
+      _expect(b not in free, f"free block {b} is still in the prefix cache")
+    host_set, host_free = set(host_owned), set(self._host_free)
+    _expect(len(host_set) == len(host_owned), "a host block is owned twice")
+    _expect(
+      not (host_set & host_free), f"host blocks owned and free: {sorted(host_set & host_free)}"
+    )
+    host_leaked = self.num_host_blocks - len(host_owned) - len(self._host_free)
+    _expect(host_leaked == 0, f"{host_leaked} host blocks are neither owned nor free")
 
   # ------------------------------------------------------------------ internals
 

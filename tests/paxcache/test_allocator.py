@@ -229,6 +229,19 @@ def test_swap_out_and_in_returns_pairs_and_reuses_cached_blocks():
   assert a.append_tokens("a", [4]).slots.tolist() == [3 * 2 + 1]
 
 
+def test_swap_in_copies_are_entered_in_the_prefix_cache():
+  a = BlockAllocator(4, 2, num_host_blocks=4)
+  a.add_sequence("a", [1, 2, 3, 4, 5])  # blocks 0, 1, 2; 0 and 1 hashed
+  a.swap_out("a")  # 2 -> free; 1, 0 -> cached
+  a.add_sequence("b", [9] * 8)  # takes 3, 2, evicts 1, 0: a's prefix is gone from device
+  a.free("b")  # all four blocks hashed: cached in order 0, 1, 2, 3
+  assert a.num_cached_tokens([1, 2, 3, 4, 7]) == 0
+  assert a.swap_in("a").tolist() == [[0, 0], [1, 1], [2, 2]]
+  # The fresh copies of a's two full blocks are cache entries again.
+  assert a.add_sequence("c", [1, 2, 3, 4, 7]) == 4
+  assert a.sequence("c").block_ids.tolist()[:2] == [0, 1]
+
+
 def test_swap_without_prefix_caching_copies_every_block_back():
   a = BlockAllocator(4, 2, num_host_blocks=2, enable_prefix_caching=False)
   a.add_sequence("a", [1, 2, 3])

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from paxcache.allocator import BlockAllocator, OutOfBlocksError, SequenceError
+from paxcache.allocator import BlockAllocator, OutOfBlocksError, SequenceError, block_hash
 
 MAX_SEQ_LEN = 48  # for the contiguous-waste metric; prompts and appends stay below it
 # Prompts start with a prefix of one of these, so prefix-cache hits are frequent.
@@ -71,6 +71,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     self.swapped: set[int] = set()
     self.next_id = 0
     self.freed: list[int] = []
+    # Chained hash of every full block any sequence has held -> that block's tokens.
+    self.known_blocks: dict[bytes, list[int]] = {}
 
   # -- helpers
 
@@ -315,6 +317,23 @@ class AllocatorMachine(RuleBasedStateMachine):
     if m.num_sequences:
       expect = 1 - total_tokens / (m.num_sequences * MAX_SEQ_LEN)
       assert m.contiguous_waste == pytest.approx(expect)
+
+  @invariant()
+  def prefix_cache_maps_real_prefixes_to_their_content(self):
+    """Every prefix-cache entry is the hash of a prefix some sequence really held, and its block
+    still holds that prefix's last block (so stale hashes and evicted entries both fail)."""
+    if not self.alloc.enable_prefix_caching:
+      return
+    bs = self.bs
+    for toks in self.tokens.values():
+      parent = None
+      for j in range(len(toks) // bs):
+        parent = block_hash(parent, np.array(toks[j * bs : (j + 1) * bs]))
+        self.known_blocks[parent] = toks[j * bs : (j + 1) * bs]
+    # The allocator has no public listing of its cache entries; read the dict directly.
+    for h, b in self.alloc._block_of_hash.items():
+      assert h in self.known_blocks, f"block {b} registered under a hash of no real prefix"
+      assert self.dev[b].tolist() == self.known_blocks[h], b
 
 
 AllocatorMachine.TestCase.settings = settings(
