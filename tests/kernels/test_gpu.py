@@ -1,0 +1,336 @@
+"""The Pallas GPU kernels (kernels.gpu) in Pallas interpret mode on CPU, against kernels.reference.
+
+Every case draws fresh random inputs, shuffles the block table, and fills unused blocks
+and the slots past each length with NaN, so a kernel that reads them (or multiplies a
+masked probability by them) fails. Shapes are tiny: interpret mode runs the grid one
+program at a time. Tile sizes are set small (16) so that even tiny sequences take many
+inner steps, several splits, and both the masked and the unmasked prefill loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import gpu, reference
+
+# Relative L2 error ||out - ref|| / ||ref|| allowed, by q dtype.
+TOLERANCES = {
+  # Interpret mode computes the kernels' float32 dots exactly like XLA on CPU; what differs
+  # from the reference is the order of the online-softmax accumulation (split-K, tiles):
+  # a few float32 ulps over a few hundred keys, ~1e-7. 1e-5 leaves two orders of margin.
+  jnp.float32: 1e-5,
+  # bf16 q/K/V: the kernels round the softmax probabilities to bf16 before the p @ V dot
+  # (as every bf16 flash kernel does; 2**-9 relative per term) and round the output to
+  # bf16 (another 2**-9). 1e-2 is ~5x the worst seen.
+  jnp.bfloat16: 1e-2,
+}
+
+SMALL = gpu.GpuBlockSizes(
+  decode_kv_tile=16,
+  decode_num_stages=2,
+  prefill_q_tile=16,
+  prefill_kv_tile=16,
+  prefill_num_warps=4,
+  prefill_num_stages=2,
+)
+
+
+def _rel_err(out, ref):
+  out = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
+  ref = np.asarray(jnp.asarray(ref, jnp.float32), np.float64)
+  assert not np.isnan(out).any(), "NaN in the kernel output"
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def make_cache(rng, *, lengths, block_size, num_kv_heads, head_dim, kv_dtype, extra_blocks=3):
+  """Shuffled block table for ``lengths``; unused blocks and slots past the lengths are NaN."""
+  lengths = np.asarray(lengths, np.int32)
+  need = -(-lengths // block_size)
+  max_blocks = max(1, int(need.max()) + 1)  # one spare column stays -1 everywhere
+  num_blocks = int(need.sum()) + extra_blocks
+  perm = rng.permutation(num_blocks)
+  table = np.full((len(lengths), max_blocks), kernels.INVALID_BLOCK, np.int32)
+  k = rng.standard_normal((num_kv_heads, num_blocks, block_size, head_dim)).astype(np.float32)
+  v = rng.standard_normal((num_kv_heads, num_blocks, block_size, head_dim)).astype(np.float32)
+  live = np.zeros((num_blocks, block_size), bool)
+  used = 0
+  for b, n in enumerate(need):
+    table[b, :n] = perm[used : used + n]
+    used += n
+    for i in range(n):
+      live[table[b, i], : min(block_size, lengths[b] - i * block_size)] = True
+  k[:, ~live] = np.nan
+  v[:, ~live] = np.nan
+  return (
+    jnp.asarray(k, kv_dtype),
+    jnp.asarray(v, kv_dtype),
+    jnp.asarray(table),
+    jnp.asarray(lengths),
+  )
+
+
+def run_both(q, k, v, table, lengths, cu_q_lens=None, *, block_sizes=SMALL, **kw):
+  out = gpu.paged_attention(
+    q, k, v, table, lengths, cu_q_lens, block_sizes=block_sizes, interpret=True, **kw
+  )
+  ref = reference.paged_attention(q, k, v, table, lengths, cu_q_lens, **kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  return out, ref
+
+
+def decode_inputs(
+  seed,
+  *,
+  lengths,
+  block_size=16,
+  num_q_heads=4,
+  num_kv_heads=2,
+  head_dim=64,
+  q_dtype=jnp.float32,
+  kv_dtype=jnp.float32,
+):
+  rng = np.random.default_rng(seed)
+  k, v, table, lens = make_cache(
+    rng,
+    lengths=lengths,
+    block_size=block_size,
+    num_kv_heads=num_kv_heads,
+    head_dim=head_dim,
+    kv_dtype=kv_dtype,
+  )
+  q = jnp.asarray(rng.standard_normal((len(lengths), num_q_heads, head_dim)), q_dtype)
+  return q, k, v, table, lens
+
+
+# ------------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128, 256])
+def test_decode_every_block_size(block_size):
+  # Lengths 0 and 1, one short of / one past a block, and a longer one.
+  lengths = [0, 1, block_size - 1, block_size + 1, 3 * block_size + 5]
+  q, k, v, table, lens = decode_inputs(block_size, lengths=lengths, block_size=block_size)
+  out, ref = run_both(q, k, v, table, lens)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+  np.testing.assert_array_equal(np.asarray(out[0]), 0.0)  # length 0 sees nothing
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize(
+  "q_dtype,kv_dtype,head_dim",
+  [
+    (jnp.bfloat16, jnp.bfloat16, 128),
+    (jnp.float32, jnp.bfloat16, 64),
+    (jnp.bfloat16, jnp.float32, 64),
+  ],
+)
+def test_decode_dtypes_and_splits(q_dtype, kv_dtype, head_dim, splits):
+  # splits=1 takes the path that normalises in the kernel; 3 the split-K + combine path.
+  q, k, v, table, lens = decode_inputs(
+    7 + splits, lengths=[37, 0, 70, 1], head_dim=head_dim, q_dtype=q_dtype, kv_dtype=kv_dtype
+  )
+  bsz = dataclasses.replace(SMALL, decode_num_splits=splits)
+  out, ref = run_both(q, k, v, table, lens, block_sizes=bsz)
+  assert _rel_err(out, ref) < TOLERANCES[q_dtype]
+
+
+@pytest.mark.parametrize("window,cap", [(5, None), (None, 2.0), (20, 5.0)])
+def test_decode_window_and_soft_cap(window, cap):
+  q, k, v, table, lens = decode_inputs(11, lengths=[45, 3, 17, 64], block_size=8)
+  out, ref = run_both(q, k, v, table, lens, sliding_window=window, logit_soft_cap=cap, scale=0.3)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(8, 1, 64), (6, 2, 64), (2, 2, 256)])
+def test_decode_head_layouts(num_q_heads, num_kv_heads, head_dim):
+  # MQA, a group of 3 (not a power of two: masked rows of the 16-row tile), plain MHA
+  # at head_dim 256.
+  q, k, v, table, lens = decode_inputs(
+    13, lengths=[20, 33], num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim
+  )
+  out, ref = run_both(q, k, v, table, lens)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+
+
+def test_decode_default_block_sizes_and_float64_loop():
+  # Default tuning (no block_sizes) against an independent float64 loop over positions.
+  q, k, v, table, lens = decode_inputs(
+    17, lengths=[9, 40], block_size=8, num_q_heads=4, num_kv_heads=2, head_dim=64
+  )
+  out = gpu.paged_attention(q, k, v, table, lens, interpret=True)
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+  want = np.zeros(qn.shape)
+  for b, length in enumerate(np.asarray(lens)):
+    rows = [int(table[b, p // 8]) for p in range(length)]
+    for h in range(4):
+      kk = np.stack([kn[h // 2, rows[p], p % 8] for p in range(length)])
+      vv = np.stack([vn[h // 2, rows[p], p % 8] for p in range(length)])
+      s = kk @ qn[b, h] / math.sqrt(64)
+      p = np.exp(s - s.max())
+      want[b, h] = p @ vv / p.sum()
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ prefill
+
+
+def prefill_inputs(
+  seed,
+  *,
+  q_lens,
+  ctx_lens,
+  block_size=16,
+  num_q_heads=4,
+  num_kv_heads=2,
+  head_dim=64,
+  dtype=jnp.float32,
+  pad_rows=3,
+):
+  rng = np.random.default_rng(seed)
+  q_lens = np.asarray(q_lens, np.int32)
+  lengths = np.asarray(ctx_lens, np.int32) + q_lens
+  k, v, table, lens = make_cache(
+    rng,
+    lengths=lengths,
+    block_size=block_size,
+    num_kv_heads=num_kv_heads,
+    head_dim=head_dim,
+    kv_dtype=dtype,
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  num_tokens = int(q_lens.sum()) + pad_rows
+  q = jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, head_dim)), dtype)
+  return q, k, v, table, lens, cu
+
+
+@pytest.mark.parametrize("block_size", [8, 256])
+def test_mixed_batch_every_kind_of_sequence(block_size):
+  # A full prefill, a chunk after cached context, decode steps (q_len 1), an empty
+  # sequence (q_len 0, context 0) and one with context but no queries; then padding rows.
+  q, k, v, table, lens, cu = prefill_inputs(
+    block_size, q_lens=[40, 21, 1, 0, 1, 0], ctx_lens=[0, 37, 50, 0, 0, 9], block_size=block_size
+  )
+  out, ref = run_both(q, k, v, table, lens, cu)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+  np.testing.assert_array_equal(np.asarray(out[int(cu[-1]) :]), 0.0)  # padding rows
+
+
+@pytest.mark.parametrize("window,cap", [(7, None), (None, 3.0), (30, 10.0)])
+def test_prefill_window_and_soft_cap(window, cap):
+  q, k, v, table, lens, cu = prefill_inputs(23, q_lens=[50, 1, 19], ctx_lens=[12, 60, 0])
+  out, ref = run_both(q, k, v, table, lens, cu, sliding_window=window, logit_soft_cap=cap)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
+def test_prefill_heads_per_program(heads_per_program):
+  # 8 q heads on 2 KV heads: programs take 1, 2 or 4 heads of a group together.
+  q, k, v, table, lens, cu = prefill_inputs(
+    29, q_lens=[33, 1, 8], ctx_lens=[5, 20, 0], num_q_heads=8, num_kv_heads=2
+  )
+  bsz = dataclasses.replace(SMALL, prefill_q_tile=32, prefill_heads_per_program=heads_per_program)
+  out, ref = run_both(q, k, v, table, lens, cu, block_sizes=bsz)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+
+
+def test_prefill_bf16_head_dim_128_defaults():
+  q, k, v, table, lens, cu = prefill_inputs(
+    31, q_lens=[24, 1, 9], ctx_lens=[8, 30, 0], head_dim=128, dtype=jnp.bfloat16
+  )
+  out, ref = run_both(q, k, v, table, lens, cu, block_sizes=None)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.bfloat16]
+
+
+def test_public_api_routes_to_gpu_kernel():
+  q, k, v, table, lens = decode_inputs(37, lengths=[10, 30])
+  out = kernels.paged_attention(
+    q, k, v, table, lens, backend="gpu", interpret=True, block_sizes=SMALL
+  )
+  ref = reference.paged_attention(q, k, v, table, lens)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+
+
+def test_nothing_to_attend_is_zero():
+  q, k, v, table, lens = decode_inputs(41, lengths=[0, 0])
+  out = gpu.paged_attention(q, k, v, table, lens, interpret=True, block_sizes=SMALL)
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+# ---------------------------------------------------------------------- bad input, tuning
+
+
+def _args(head_dim=64, block_size=16, num_q_heads=4, num_kv_heads=2):
+  q = jnp.zeros((2, num_q_heads, head_dim), jnp.float32)
+  k = jnp.zeros((num_kv_heads, 4, block_size, head_dim), jnp.float32)
+  return q, k, k, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,), jnp.int32)
+
+
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(head_dim=48), r"head_dim .*48"),
+    (dict(head_dim=512), r"head_dim .*512"),
+    (dict(block_size=12), r"block_size .*12"),
+    (dict(block_size=1024), r"block_size .*1024"),
+  ],
+)
+def test_unsupported_shapes_raise_before_compiling(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    gpu.paged_attention(*_args(**kwargs), interpret=True)
+
+
+def test_bad_block_sizes_raise():
+  with pytest.raises(ValueError, match="GpuBlockSizes"):
+    gpu.paged_attention(*_args(), block_sizes={"decode_kv_tile": 16}, interpret=True)
+  with pytest.raises(ValueError, match="prefill_heads_per_program 4 must divide the 2"):
+    gpu.paged_attention(
+      *_args(), block_sizes=gpu.GpuBlockSizes(prefill_heads_per_program=4), interpret=True
+    )
+  with pytest.raises(ValueError, match="k_blocks"):  # generic checks still run first
+    q, k, v, t, n = _args()
+    gpu.paged_attention(q, k[:1], v, t, n, interpret=True)
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("decode_kv_tile", 24),
+    ("decode_kv_tile", 8),
+    ("prefill_q_tile", 512),
+    ("decode_num_warps", 3),
+    ("decode_num_stages", 0),
+    ("decode_num_splits", 0),
+    ("prefill_heads_per_program", 3),
+  ],
+)
+def test_block_sizes_validated_on_construction(field, value):
+  with pytest.raises(ValueError, match=field):
+    gpu.GpuBlockSizes(**{field: value})
+
+
+def test_block_sizes_frozen_hashable_and_chosen_per_shape():
+  a = gpu.GpuBlockSizes()
+  assert hash(a) == hash(gpu.GpuBlockSizes()) and a == gpu.GpuBlockSizes()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    a.decode_kv_tile = 32  # type: ignore[misc]
+  small = gpu.default_block_sizes(head_dim=256, kv_dtype=jnp.float32)
+  big = gpu.default_block_sizes(head_dim=64, kv_dtype=jnp.bfloat16)
+  # One pipeline stage of K+V stays within the shared-memory budget in both.
+  assert small.decode_kv_tile < big.decode_kv_tile
+  assert small.decode_kv_tile * 256 * 4 * 2 <= 48 * 1024
+  short = gpu.default_block_sizes(head_dim=64, kv_dtype=jnp.bfloat16, num_tokens=20, decode=False)
+  assert short.prefill_q_tile == 16
+
+
+def test_backend_is_named_in_one_place():
+  assert gpu.kernel_backend() == "triton"
+  if jax.default_backend() == "cpu":
+    with pytest.raises(kernels.BackendUnavailableError):
+      kernels.paged_attention(*_args(), backend="gpu")
