@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpret_state
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
@@ -54,6 +55,26 @@ def _fresh_interpreter():
 def _assert_no_races():
   races = _interpret_state.races
   assert races is not None and not races.races_found, "TPU interpret mode found a data race"
+
+
+def test_race_detector_catches_a_read_while_its_dma_is_in_flight():
+  """So that ``_assert_no_races`` in the other tests can fail."""
+
+  def kernel(x_hbm, o_ref, buf, sem):
+    copy = pltpu.make_async_copy(x_hbm, buf, sem)
+    copy.start()
+    o_ref[...] = buf[...]  # the bug: read before waiting on the DMA
+    copy.wait()
+
+  x = jnp.ones((8, HEAD_DIM), jnp.float32)
+  pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+    scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA(())],
+    interpret=INTERPRET,
+  )(x).block_until_ready()
+  assert _interpret_state.races.races_found
 
 
 def _oracle(
@@ -332,6 +353,40 @@ def test_ragged_mixed_prefill_and_decode_matches_oracle(kw):
   assert out.shape == q.shape
   _check(out, _oracle(q, k, v, table, lengths, cu, **kw), jnp.float32)
   assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_ragged_random_batches_match_oracle(seed):
+  # Random lengths, query counts, GQA ratio, chunk and tile sizes: what the fixed cases miss.
+  rng = np.random.default_rng(seed)
+  batch = int(rng.integers(2, 5))
+  lengths = rng.integers(0, 40, batch)
+  q_lens = np.minimum(lengths, rng.integers(0, 12, batch))
+  num_kv_heads = int(rng.choice([1, 2]))
+  num_q_heads = num_kv_heads * int(rng.choice([1, 2, 4]))
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=num_kv_heads, block_size=BS, max_blocks=5, dtype=jnp.float32
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  num_tokens = int(cu[-1]) + int(rng.integers(0, 4)) + 1
+  q = jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, HEAD_DIM)), jnp.float32)
+  window = int(rng.integers(1, 20)) if rng.random() < 0.5 else None
+  block_sizes = tpu.BlockSizes(
+    blocks_per_chunk=int(rng.integers(1, 4)), queries_per_tile=int(rng.choice([8, 16]))
+  )
+  out = tpu.paged_attention_ragged(
+    q,
+    k,
+    v,
+    table,
+    lengths,
+    cu,
+    sliding_window=window,
+    block_sizes=block_sizes,
+    interpret=INTERPRET,
+  )
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
 
 
 def test_ragged_mqa_bf16_with_smem_split():
