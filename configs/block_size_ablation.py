@@ -9,6 +9,11 @@ Quick run (about 20 seconds on CPU)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:quick --workdir=/tmp/abl_q
 
+Quick run plus the engine's end-to-end tokens/s per block size on CPU (64 scaled-down
+requests per block size; about 5 minutes, most of it compiling the engine's steps)::
+
+  python -m experiments.run --config=configs/block_size_ablation.py:engine_cpu --workdir=/tmp/abl_e
+
 On a GPU the Pallas kernel is timed beside the reference (bfloat16, the shapes of
 shared/BENCHMARKS.md)::
 
@@ -43,7 +48,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # End to end through the engine (fields: experiments/_engine_bench.py); 0 requests skips.
   config.engine = _engine_bench.default_engine_config(requests=0)
 
-  if arg == "quick":
+  if arg in ("quick", "engine_cpu"):
     config.block_sizes = (1, 4, 16, 64, 256)
     config.num_requests = 500
     config.kernel_batch = 4
@@ -52,10 +57,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.num_kv_heads = 2
     config.head_dim = 64
     config.kernel_iters = 15
+    if arg == "engine_cpu":
+      config.block_sizes = (8, 16, 32, 64, 128)
+      config.engine.requests = 64
   elif arg == "gpu":
     config.block_sizes = (8, 16, 32, 64, 128, 256)
     config.kernel_dtype = "bfloat16"
     config.kernel_iters = 20
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'gpu'")
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'engine_cpu', 'gpu'")
   return config

@@ -9,6 +9,11 @@ Quick run (about 20 seconds on CPU)::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:quick --workdir=/tmp/swap_q
 
+Quick run plus end-to-end engine throughput with each preemption mode on CPU (48
+scaled-down requests in a 512-slot pool; about 5 minutes, mostly compiling)::
+
+  python -m experiments.run --config=configs/swap_vs_recompute.py:engine_cpu --workdir=/tmp/swap_e
+
 On a GPU, a larger bfloat16 model::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:gpu --workdir=/tmp/swap_gpu
@@ -40,11 +45,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.engine = _engine_bench.default_engine_config(requests=0)
   config.engine.pool_tokens = 512  # small, so that requests are preempted
 
-  if arg == "quick":
+  if arg in ("quick", "engine_cpu"):
     config.block_sizes = (1, 4, 16, 64, 256)
     config.seq_lens = (256,)
     config.num_layers = 2
     config.iters = 7
+    if arg == "engine_cpu":
+      config.block_sizes = (8, 32, 128)
+      config.engine.requests = 48
   elif arg == "gpu":
     config.seq_lens = (1024, 4096)
     config.d_model = 2048
@@ -57,5 +65,5 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.vocab_size = 32000
     config.iters = 10
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'gpu'")
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'engine_cpu', 'gpu'")
   return config
