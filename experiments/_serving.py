@@ -198,7 +198,10 @@ class PagedPool:
   def admit(self, rid: int, context_len: int, prompt_len: int, output_len: int) -> bool:
     del prompt_len, output_len
     blocks = -(-context_len // self.block_size)
-    if self.allocator.num_free_blocks - blocks < self._watermark:
+    # The watermark keeps room for running requests to grow; with none running it would
+    # only lock out a request that fits.
+    watermark = self._watermark if self.allocator.num_used_blocks else 0
+    if self.allocator.num_free_blocks - blocks < watermark:
       return False
     self.allocator.add_sequence(rid, np.zeros(context_len, np.int64))
     return True

@@ -227,3 +227,10 @@ def test_memory_waste_reads_a_sharegpt_json_workload():
   snap = {r["system"]: r for r in tables["snapshot"].rows}
   assert snap["Orca (Oracle)"]["tokens"] == 50
   assert snap["paged (block 4)"]["reserved_slots"] == 28 + 8 + 16
+
+
+def test_a_request_as_large_as_the_pool_is_admitted_despite_the_watermark():
+  # 100 blocks of 1 with a 10% watermark: one request needs every block; with nothing
+  # running the watermark must not lock it out.
+  stats = _serving.simulate(_serving.PagedPool(1, 100, watermark=0.1), np.array([[60, 40]]))
+  assert stats.steps == 41 and stats.preemptions == 0
