@@ -106,7 +106,6 @@ def xla_paged_decode(q, k_blocks, v_blocks, table, lengths):
   return o.reshape(b, hq, d).astype(q.dtype)
 
 
-DEFAULT_CONFIG = None  # decode fields of the default GpuBlockSizes, recorded with each row
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU, to test this script
 
 
@@ -164,8 +163,7 @@ def decode_bench(runner, shapes, block_sizes, builtin, passes, sweep):
   """
   rng = np.random.default_rng(0)
   cases = []
-  default = gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16)
-  ours = ours_fn(default)
+  ours = ours_fn(None)  # per-shape defaults, as a caller gets them
   for batch, context in shapes:
     for bs in block_sizes:
       meta = dict(
@@ -193,9 +191,15 @@ def decode_bench(runner, shapes, block_sizes, builtin, passes, sweep):
       nbytes = batch * context * 2 * HKV * D * 2
       args = (q, kb, vb, table, lengths)
       ident = jnp.arange(table.size, dtype=jnp.int32).reshape(table.shape)
+      default = gpu.default_block_sizes(
+        head_dim=D, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=HKV
+      )
+      meta["config"] = {
+        k: v for k, v in dataclasses.asdict(default).items() if k.startswith("decode")
+      }
       timers = [
-        ("ours", ours, args, dict(config="default")),
-        ("ours_contiguous", ours, (q, kb, vb, ident, lengths), dict(config="default")),
+        ("ours", ours, args, {}),
+        ("ours_contiguous", ours, (q, kb, vb, ident, lengths), {}),
       ]
       if builtin is not None:
         for ks in (1, 4, 16):
@@ -206,7 +210,7 @@ def decode_bench(runner, shapes, block_sizes, builtin, passes, sweep):
       if sweep:
         for c in SWEEP_CONFIGS:
           bsz = dataclasses.replace(default, **c)
-          timers.append(("ours_sweep", ours_fn(bsz), args, dict(config=c)))
+          timers.append(("ours_sweep", ours_fn(bsz), args, dict(sweep_config=c)))
       rows = {}
       for i, (name, fn, a, extra) in enumerate(timers):
         rows[i] = [measure(runner, name, fn, a, nbytes, **extra, **meta, rep=0)]
@@ -360,9 +364,6 @@ def main(argv=None):
     psweep = PREFILL_SWEEP[:1] if (args.quick or args.no_sweep) else PREFILL_SWEEP
     prefill_rows = prefill_bench(runner, bss, psweep)
   cases = decode_bench(runner, shapes, bss, builtin, args.passes, args.decode_sweep)
-  global DEFAULT_CONFIG
-  DEFAULT_CONFIG = dataclasses.asdict(gpu.default_block_sizes(head_dim=D, kv_dtype=jnp.bfloat16))
-  DEFAULT_CONFIG = {k: v for k, v in DEFAULT_CONFIG.items() if k.startswith("decode")}
 
   summary = []
   for c in cases:
@@ -375,7 +376,7 @@ def main(argv=None):
     for extra, srows in by_name.get("ours_sweep", []):
       med, _, _ = _median_tbps(srows)
       if med is not None and (sweep_best is None or med > sweep_best):
-        sweep_best, sweep_cfg = med, extra["config"]
+        sweep_best, sweep_cfg = med, extra["sweep_config"]
     contig_med, _, _ = _median_tbps(by_name["ours_contiguous"][0][1])
     best_builtin, best_ks, builtin_err = None, None, "not run"
     for extra, brows in by_name.get("builtin", []):
@@ -401,7 +402,6 @@ def main(argv=None):
         contiguous_tbps=contig_med,
         paging_overhead=(1 - ours_med / contig_med) if (ours_med and contig_med) else None,
         xla_tbps=c["xla"].get("tbps"),
-        config=DEFAULT_CONFIG,
         sweep_best_tbps=sweep_best,
         sweep_best_config=sweep_cfg,
         **runner.env,

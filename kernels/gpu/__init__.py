@@ -122,7 +122,12 @@ def paged_attention(
   decode = cu_q_lens is None
   if block_sizes is None:
     block_sizes = default_block_sizes(
-      head_dim=head_dim, kv_dtype=k_blocks.dtype, num_tokens=q.shape[0], decode=decode
+      head_dim=head_dim,
+      kv_dtype=k_blocks.dtype,
+      num_tokens=q.shape[0],
+      decode=decode,
+      batch=block_table.shape[0],
+      num_kv_heads=k_blocks.shape[0],
     )
   scale = float(head_dim**-0.5 if scale is None else scale)
   sliding_window = None if sliding_window is None else int(sliding_window)

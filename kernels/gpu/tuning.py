@@ -17,6 +17,8 @@ import jax.numpy as jnp
 # such stages in flight; 3 x 48 KiB leaves room for a second program per SM on an
 # H100 (227 KiB per SM) for the usual bf16 / head_dim 128 case at 64 tokens a step.
 _STAGE_BYTES = 48 * 1024
+# Large decode batches: one program per SM, 3 stages of 64 KiB (192 of the 227 KiB).
+_LARGE_STAGE_BYTES = 64 * 1024
 
 
 def _is_pow2(x: int) -> bool:
@@ -90,9 +92,20 @@ def _floor_pow2(x: int) -> int:
 
 
 def default_block_sizes(
-  *, head_dim: int, kv_dtype, num_tokens: int | None = None, decode: bool = True
+  *,
+  head_dim: int,
+  kv_dtype,
+  num_tokens: int | None = None,
+  decode: bool = True,
+  batch: int | None = None,
+  num_kv_heads: int | None = None,
 ) -> GpuBlockSizes:
-  """Per-shape defaults: the decode K/V tile is as large as one stage budget allows.
+  """Per-shape defaults (measured on an H100, docs/gpu_notes.md).
+
+  Decode: with at least 128 (sequence, KV head) pairs the grid is several waves deep
+  and one program per SM with large steps (64 KiB of K+V per stage, 3 stages, 8 warps)
+  reads fastest and least variably; smaller batches keep 2 programs per SM (32 KiB
+  stages) so split-K has more programs in flight.
 
   Args:
     head_dim: D of q and K/V.
@@ -100,10 +113,17 @@ def default_block_sizes(
     num_tokens: query rows of a prefill call (None for decode); a short call gets a
       smaller query tile so that fewer rows are padding.
     decode: whether the call is a decode step.
+    batch, num_kv_heads: decode batch and KV heads (None: treated as a small batch).
   """
   itemsize = jnp.dtype(kv_dtype).itemsize
-  # K and V tiles of one stage: 2 * tile * head_dim * itemsize bytes.
-  kv_tile = max(16, min(128, _floor_pow2(_STAGE_BYTES // (2 * head_dim * itemsize))))
+  row_bytes = 2 * head_dim * itemsize  # one token of K plus V
+  large = batch is not None and num_kv_heads is not None and batch * num_kv_heads >= 128
+  if large:
+    kv_tile = max(16, min(128, _floor_pow2(_LARGE_STAGE_BYTES // row_bytes)))
+    warps, stages = 8, 3
+  else:
+    kv_tile = max(16, min(128, _floor_pow2(_STAGE_BYTES // row_bytes)))
+    warps, stages = 4, 3 if kv_tile * row_bytes <= 32 * 1024 else 2
   big = head_dim * itemsize > 256  # head_dim 256 bf16 or >= 128 f32: registers run out
   prefill_q = 64 if big else 128
   if num_tokens is not None and not decode:
@@ -111,8 +131,8 @@ def default_block_sizes(
   return GpuBlockSizes(
     decode_kv_tile=kv_tile,
     decode_num_splits=None,
-    decode_num_warps=4,
-    decode_num_stages=3 if kv_tile * head_dim * itemsize <= 16 * 1024 else 2,
+    decode_num_warps=warps,
+    decode_num_stages=stages,
     prefill_q_tile=prefill_q,
     prefill_kv_tile=32 if big else 64,
     # 4 warps measured best on the H100 for 128-row tiles too (289 vs 231 TFLOP/s with 8,
