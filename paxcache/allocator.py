@@ -19,7 +19,7 @@ import collections
 import dataclasses
 import hashlib
 import operator
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -350,22 +350,28 @@ class BlockAllocator:
     return (blocks * self.block_size + pos % self.block_size).astype(np.int32)
 
   def gather(
-    self, seq_ids: Sequence[Hashable], batch_size: int, max_blocks: int
+    self,
+    seq_ids: Sequence[Hashable],
+    batch_size: int,
+    max_blocks: int | Callable[[int], int],
   ) -> tuple[np.ndarray, np.ndarray]:
     """Block ids ``i32[batch_size, max_blocks]`` (-1 unused) and lengths ``i32[batch_size]``.
 
     One vectorised gather over the sequences' rows; rows past ``len(seq_ids)`` are padding
-    (all -1, length 0). Used by ``BlockTable.from_allocator``.
+    (all -1, length 0). ``max_blocks`` may be a function of the longest block list (e.g. a
+    bucketing function). Used by ``BlockTable.from_allocator``.
     """
     k = len(seq_ids)
     if k > batch_size:
       raise ValueError(f"batch_size={batch_size} is smaller than len(seq_ids)={k}")
+    rows = self._rows(seq_ids, "build a block table for") if k else np.zeros(0, np.intp)
+    need = int(self._nblk[rows].max()) if k else 0
+    if callable(max_blocks):
+      max_blocks = max_blocks(need)
     block_ids = np.full((batch_size, max_blocks), INVALID_BLOCK, np.int32)
     lengths = np.zeros(batch_size, np.int32)
     if k == 0:
       return block_ids, lengths
-    rows = self._rows(seq_ids, "build a block table for")
-    need = int(self._nblk[rows].max())
     if need > max_blocks:
       raise ValueError(f"max_blocks={max_blocks} is smaller than the longest block list ({need})")
     w = min(max_blocks, self._table.shape[1])

@@ -8,6 +8,7 @@ are all -1 with length 0, so they read nothing and write nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
@@ -81,7 +82,8 @@ class BlockTable:
     if batch_size is None:
       batch_size = bucket_size(len(seq_ids), minimum=min_batch)
     if max_blocks is None:
-      max_blocks = bucket_size(allocator.max_num_blocks(seq_ids), minimum=min_blocks)
+      # Bucketed inside the gather, so the sequences are looked up once.
+      max_blocks = functools.partial(bucket_size, minimum=min_blocks)
     block_ids, lengths = allocator.gather(seq_ids, batch_size, max_blocks)
     block_ids.flags.writeable = False
     lengths.flags.writeable = False
