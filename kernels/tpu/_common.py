@@ -32,25 +32,28 @@ def interpret_params(interpret):
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-  """DMAs of one chunk of ``blocks_per_chunk`` consecutive logical blocks of one sequence.
+  """DMAs of one chunk of ``blocks_per_chunk`` consecutive logical blocks of one sequence,
+  for ``k_buf.shape[1]`` consecutive KV heads starting at ``head``.
 
   Block ``j`` of the chunk is logical block ``first + j``. It is copied only when it is
   below ``end`` (blocks the queries can see) and its table entry is not -1, so unused
   entries are never DMA'd; the physical id is clamped so that even a corrupt table cannot
-  address outside the pool.
+  address outside the pool. Each (KV head, block) slab is one DMA into rows
+  ``[j * block_size, (j + 1) * block_size)`` of that head's slot buffer.
   """
 
-  copies: tuple  # per block j: (fetched: bool scalar, k copy, v copy)
+  fetched: tuple  # per block j: bool scalar
+  copies: tuple  # per block j: tuple over heads of (k copy, v copy)
 
   @classmethod
   def make(
     cls,
-    k_hbm,
+    k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
     v_hbm,
-    k_buf,
+    k_buf,  # VMEM [2 (slot), heads, chunk_tokens, head_dim]
     v_buf,
-    sems,
-    table_ref,
+    sems,  # DMA [2 (K, V), 2 (slot)]
+    table_ref,  # SMEM i32[batch * max_blocks]
     *,
     row,
     head,
@@ -61,40 +64,50 @@ class Chunk:
     max_blocks,
   ):
     num_blocks, block_size = k_hbm.shape[1], k_hbm.shape[2]
-    copies = []
+    heads = k_buf.shape[1]
+    fetched, copies = [], []
     for j in range(blocks_per_chunk):
       logical = first + j
       # Clamped so the SMEM read stays in bounds even for blocks we will not fetch.
       entry = table_ref[row * max_blocks + jnp.minimum(logical, max_blocks - 1)]
-      fetched = (logical < end) & (entry >= 0)
+      fetched.append((logical < end) & (entry >= 0))
       phys = jnp.clip(entry, 0, num_blocks - 1)
       rows = pl.ds(j * block_size, block_size)
-      k_copy = pltpu.make_async_copy(k_hbm.at[head, phys], k_buf.at[slot, rows], sems.at[0, slot])
-      v_copy = pltpu.make_async_copy(v_hbm.at[head, phys], v_buf.at[slot, rows], sems.at[1, slot])
-      copies.append((fetched, k_copy, v_copy))
-    return cls(tuple(copies))
+      copies.append(
+        tuple(
+          (
+            pltpu.make_async_copy(
+              k_hbm.at[head + hh, phys], k_buf.at[slot, hh, rows], sems.at[0, slot]
+            ),
+            pltpu.make_async_copy(
+              v_hbm.at[head + hh, phys], v_buf.at[slot, hh, rows], sems.at[1, slot]
+            ),
+          )
+          for hh in range(heads)
+        )
+      )
+    return cls(tuple(fetched), tuple(copies))
+
+  def _each(self, method):
+    for fetched, per_head in zip(self.fetched, self.copies, strict=True):
+
+      @pl.when(fetched)
+      def _(per_head=per_head):
+        for k_copy, v_copy in per_head:
+          getattr(k_copy, method)()
+          getattr(v_copy, method)()
 
   def start(self):
-    for fetched, k_copy, v_copy in self.copies:
-
-      @pl.when(fetched)
-      def _(k_copy=k_copy, v_copy=v_copy):
-        k_copy.start()
-        v_copy.start()
+    self._each("start")
 
   def wait(self):
-    for fetched, k_copy, v_copy in self.copies:
-
-      @pl.when(fetched)
-      def _(k_copy=k_copy, v_copy=v_copy):
-        k_copy.wait()
-        v_copy.wait()
+    self._each("wait")
 
   def key_ok(self, shape, axis, block_size):
     """Bool mask over the chunk's key slots (along ``axis`` of ``shape``): block fetched."""
     slot = lax.broadcasted_iota(jnp.int32, shape, axis)
     ok = jnp.zeros(shape, jnp.bool_)
-    for j, (fetched, _, _) in enumerate(self.copies):
+    for j, fetched in enumerate(self.fetched):
       in_block = (slot >= j * block_size) & (slot < (j + 1) * block_size)
       ok = ok | (jnp.where(in_block, fetched.astype(jnp.int32), 0) > 0)
     return ok
@@ -167,10 +180,10 @@ def mosaic_params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def kv_scratch(chunk_tokens, head_dim, dtype):
+def kv_scratch(heads, chunk_tokens, head_dim, dtype):
   """Two slots (double buffer) of one chunk of K and of V, and their DMA semaphores."""
   return [
-    pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
-    pltpu.VMEM((2, chunk_tokens, head_dim), dtype),
+    pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
+    pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
     pltpu.SemaphoreType.DMA((2, 2)),  # [K or V, slot]
   ]

@@ -35,6 +35,9 @@ DECODE_CHUNK_TOKENS = 512
 # The ragged kernel's logits tile is [group * queries_per_tile, chunk]: 128 x 256 f32 is
 # 128 KiB, a few MXU passes per step, and keeps VMEM under 2 MiB with double-buffered K/V.
 RAGGED_CHUNK_TOKENS = 256
+# VMEM for the decode kernel's double-buffered K/V chunks when choosing kv_heads_per_step:
+# all 8 KV heads of the benchmark shape at 512 bf16 tokens (2 x 2 x 8 x 512 x 128 x 2 B).
+DECODE_KV_VMEM_BYTES = 4 * 1024 * 1024
 RAGGED_ROWS = 128
 
 
@@ -56,6 +59,9 @@ class BlockSizes:
       None picks about ``RAGGED_ROWS // group`` rows.
     smem_budget_bytes: bytes of scalar-prefetch operands (block table, lengths, cu_q_lens,
       tile metadata) one kernel call may use; larger batches are split into several calls.
+    kv_heads_per_step: decode kernel only: KV heads one grid step handles (a divisor of
+      num_kv_heads). Fewer, larger steps amortize the fixed cost of a grid step; None
+      picks the most heads whose double-buffered K/V chunks fit ``DECODE_KV_VMEM_BYTES``.
     num_cores: decode kernel only: TensorCores the batch is split over (a "parallel" grid
       axis). 2 on megacore chips (v4, v5p); 1 on v5e and v6e (one TensorCore per chip).
       Any value is correct on any chip; a wrong one only costs speed.
@@ -63,6 +69,7 @@ class BlockSizes:
 
   blocks_per_chunk: int | None = None
   queries_per_tile: int | None = None
+  kv_heads_per_step: int | None = None
   smem_budget_bytes: int = DEFAULT_SMEM_BUDGET_BYTES
   num_cores: int = 1
 
@@ -71,6 +78,10 @@ class BlockSizes:
       not isinstance(self.blocks_per_chunk, int) or self.blocks_per_chunk < 1
     ):
       raise ValueError(f"blocks_per_chunk must be a positive int, got {self.blocks_per_chunk!r}")
+    if self.kv_heads_per_step is not None and (
+      not isinstance(self.kv_heads_per_step, int) or self.kv_heads_per_step < 1
+    ):
+      raise ValueError(f"kv_heads_per_step must be a positive int, got {self.kv_heads_per_step!r}")
     if self.queries_per_tile is not None:
       t = self.queries_per_tile
       if not isinstance(t, int) or t < 1 or t & (t - 1):
@@ -112,7 +123,10 @@ def resolve(
   block_sizes: BlockSizes | None,
   *,
   q_dtype,
+  kv_dtype,
+  num_kv_heads: int,
   block_size: int,
+  head_dim: int,
   max_blocks: int,
   group: int,
   ragged: bool,
@@ -127,7 +141,20 @@ def resolve(
   tq = bs.queries_per_tile
   if tq is None:
     tq = max(sublane_tile(q_dtype), _next_pow2(-(-RAGGED_ROWS // group)))
-  return dataclasses.replace(bs, blocks_per_chunk=bpc, queries_per_tile=tq)
+  heads = bs.kv_heads_per_step
+  if heads is None:
+    per_head = 2 * 2 * bpc * block_size * head_dim * jnp.dtype(kv_dtype).itemsize
+    fits = [
+      d
+      for d in range(1, num_kv_heads + 1)
+      if num_kv_heads % d == 0 and d * per_head <= DECODE_KV_VMEM_BYTES
+    ]
+    heads = max(fits, default=1)
+  elif num_kv_heads % heads:
+    raise ValueError(
+      f"block_sizes.kv_heads_per_step={heads} must divide num_kv_heads={num_kv_heads}"
+    )
+  return dataclasses.replace(bs, blocks_per_chunk=bpc, queries_per_tile=tq, kv_heads_per_step=heads)
 
 
 def sequences_per_call(

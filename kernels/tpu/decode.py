@@ -44,12 +44,12 @@ def _visible_range(length, *, block_size, max_blocks, sliding_window):
 def _decode_kernel(
   lengths_ref,  # SMEM i32[batch]
   table_ref,  # SMEM i32[batch * max_blocks]
-  q_ref,  # VMEM [group, head_dim]
+  q_ref,  # VMEM [heads_per_step, group, head_dim]
   k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-  o_ref,  # VMEM [group, head_dim]
-  k_buf,  # VMEM [2, chunk_tokens, head_dim]
-  v_buf,  # VMEM [2, chunk_tokens, head_dim]
+  o_ref,  # VMEM [heads_per_step, group, head_dim]
+  k_buf,  # VMEM [2, heads_per_step, chunk_tokens, head_dim]
+  v_buf,  # VMEM [2, heads_per_step, chunk_tokens, head_dim]
   sems,  # DMA semaphores [2 (K, V), 2 (slot)]
   state_ref,  # SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
   *,
@@ -59,12 +59,13 @@ def _decode_kernel(
   blocks_per_chunk,
   max_blocks,
 ):
+  # h indexes groups of heads_per_step consecutive KV heads.
   core, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  per_core, num_kv_heads = pl.num_programs(1), pl.num_programs(2)
+  per_core, head_groups = pl.num_programs(1), pl.num_programs(2)
   b = core * per_core + i  # each core walks its own contiguous run of sequences
   block_size = k_hbm.shape[2]
   chunk_tokens = blocks_per_chunk * block_size
-  group, head_dim = q_ref.shape
+  heads, group, head_dim = q_ref.shape
 
   def steps(seq):
     lo, first, end = _visible_range(
@@ -81,7 +82,7 @@ def _decode_kernel(
       sems,
       table_ref,
       row=seq,
-      head=head,
+      head=head * heads,
       first=first + c * blocks_per_chunk,
       end=end,
       slot=slot,
@@ -103,14 +104,14 @@ def _decode_kernel(
     chunk(b, h, first, end, 0, base_slot).start()
 
   # The step this core runs next: the (i, h) axes are "arbitrary", so sequential.
-  last_head = h + 1 == num_kv_heads
+  last_head = h + 1 == head_groups
   next_i = jnp.where(last_head, i + 1, i)
   next_h = jnp.where(last_head, 0, h + 1)
   next_b_safe = core * per_core + jnp.minimum(next_i, per_core - 1)
   _, next_first, next_end, next_n = steps(next_b_safe)
   prefetch_next = (next_i < per_core) & (next_n > 0)
 
-  q = q_ref[...]
+  qs = [q_ref[hh] for hh in range(heads)]
   key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
   key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
 
@@ -133,13 +134,22 @@ def _decode_kernel(
     visible = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= lo) & (kp < length)
     kp_col = key0 + key_iota_col
     v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= lo) & (kp_col < length)
-    s = _common.scores(q, k_buf[slot], scale=scale, logit_soft_cap=logit_soft_cap)
-    return _common.online_softmax_step(
-      carry, s, jnp.broadcast_to(visible, s.shape), v_buf[slot], v_ok
+    visible = jnp.broadcast_to(visible, (group, chunk_tokens))
+    return tuple(
+      _common.online_softmax_step(
+        carry[hh],
+        _common.scores(qs[hh], k_buf[slot, hh], scale=scale, logit_soft_cap=logit_soft_cap),
+        visible,
+        v_buf[slot, hh],
+        v_ok,
+      )
+      for hh in range(heads)
     )
 
-  carry = lax.fori_loop(0, n, body, _common.init_carry(group, head_dim))
-  o_ref[...] = _common.finish(carry, o_ref.dtype)
+  init = tuple(_common.init_carry(group, head_dim) for _ in range(heads))
+  carry = lax.fori_loop(0, n, body, init)
+  for hh in range(heads):
+    o_ref[hh] = _common.finish(carry[hh], o_ref.dtype)
   state_ref[0] = lax.rem(base_slot + n, 2)
   # Only a step with chunks of its own reaches the loop iteration that prefetches.
   state_ref[1] = (prefetch_next & (n > 0)).astype(jnp.int32)
@@ -158,6 +168,7 @@ def _decode_call(
   blocks_per_chunk,
   max_blocks,
   num_cores,
+  heads_per_step,
   interpret,
 ):
   """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``.
@@ -178,18 +189,20 @@ def _decode_call(
   # The full (group, head_dim) tail of q: legal for any group (a block dim equal to the
   # array dim), so GQA groups of 1..32 need no padding of q.
   q_spec = pl.BlockSpec(
-    (None, None, group, head_dim), lambda c, i, h, *_: (c * per_core + i, h, 0, 0)
+    (None, heads_per_step, group, head_dim), lambda c, i, h, *_: (c * per_core + i, h, 0, 0)
   )
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(num_cores, per_core, num_kv_heads),
+      grid=(num_cores, per_core, num_kv_heads // heads_per_step),
       in_specs=[q_spec, any_spec, any_spec],
       out_specs=q_spec,
       scratch_shapes=[
-        *_common.kv_scratch(blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+        *_common.kv_scratch(
+          heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
+        ),
         pltpu.SMEM((2,), jnp.int32),
       ],
     ),
@@ -242,7 +255,10 @@ def paged_attention_decode(
   tuned = _config.resolve(
     block_sizes,
     q_dtype=q.dtype,
+    kv_dtype=k_blocks.dtype,
+    num_kv_heads=num_kv_heads,
     block_size=block_size,
+    head_dim=head_dim,
     max_blocks=max_blocks,
     group=group,
     ragged=False,
@@ -276,6 +292,7 @@ def paged_attention_decode(
         blocks_per_chunk=tuned.blocks_per_chunk,
         max_blocks=max_blocks,
         num_cores=cores,
+        heads_per_step=tuned.kv_heads_per_step,
         interpret=interpret,
       )[: s1 - s0]
     )

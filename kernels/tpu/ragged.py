@@ -45,8 +45,8 @@ def _ragged_kernel(
   k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   o_ref,  # VMEM [group, queries_per_tile, head_dim]
-  k_buf,  # VMEM [2, chunk_tokens, head_dim]
-  v_buf,  # VMEM [2, chunk_tokens, head_dim]
+  k_buf,  # VMEM [2, 1, chunk_tokens, head_dim]
+  v_buf,  # VMEM [2, 1, chunk_tokens, head_dim]
   sems,  # DMA semaphores [2 (K, V), 2 (slot)]
   *,
   scale,
@@ -122,8 +122,8 @@ def _ragged_kernel(
         visible = visible & (kp > row_pos - sliding_window)
       kp_col = key0 + key_iota_col
       v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo) & (kp_col <= key_hi)
-      s_ = _common.scores(q, k_buf[slot], scale=scale, logit_soft_cap=logit_soft_cap)
-      return _common.online_softmax_step(carry, s_, visible, v_buf[slot], v_ok)
+      s_ = _common.scores(q, k_buf[slot, 0], scale=scale, logit_soft_cap=logit_soft_cap)
+      return _common.online_softmax_step(carry, s_, visible, v_buf[slot, 0], v_ok)
 
     return lax.fori_loop(0, n, body, carry)
 
@@ -184,7 +184,7 @@ def _ragged_call(
       grid=(num_tiles, num_kv_heads),
       in_specs=[q_spec, any_spec, any_spec],
       out_specs=q_spec,
-      scratch_shapes=_common.kv_scratch(blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+      scratch_shapes=_common.kv_scratch(1, blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
     ),
     out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
     # Every step starts and drains its own DMAs, so steps are independent (megacore can
@@ -236,7 +236,10 @@ def paged_attention_ragged(
   tuned = _config.resolve(
     block_sizes,
     q_dtype=q.dtype,
+    kv_dtype=k_blocks.dtype,
+    num_kv_heads=num_kv_heads,
     block_size=block_size,
+    head_dim=head_dim,
     max_blocks=max_blocks,
     group=group,
     ragged=True,

@@ -169,11 +169,13 @@ EDGE_LENGTHS = [0, 1, BS - 1, BS, BS + 1, 29]  # 29: a random length spanning 4 
 
 
 @pytest.mark.parametrize(
-  "num_q_heads,num_kv_heads,blocks_per_chunk",
-  [(4, 2, 2), (4, 1, 3), (2, 2, 1)],
-  ids=["gqa-2chunks", "mqa-3chunks", "mha-1block-chunks"],
+  "num_q_heads,num_kv_heads,blocks_per_chunk,kv_heads_per_step",
+  [(4, 2, 2, 2), (4, 1, 3, 1), (2, 2, 1, 1)],
+  ids=["gqa-2chunks-2heads", "mqa-3chunks", "mha-1block-chunks-1head"],
 )
-def test_decode_matches_oracle_on_edge_lengths(num_q_heads, num_kv_heads, blocks_per_chunk):
+def test_decode_matches_oracle_on_edge_lengths(
+  num_q_heads, num_kv_heads, blocks_per_chunk, kv_heads_per_step
+):
   rng = np.random.default_rng(0)
   k, v, table, lengths = _cache(
     rng, EDGE_LENGTHS, num_kv_heads=num_kv_heads, block_size=BS, max_blocks=5, dtype=jnp.float32
@@ -185,7 +187,9 @@ def test_decode_matches_oracle_on_edge_lengths(num_q_heads, num_kv_heads, blocks
     v,
     table,
     lengths,
-    block_sizes=tpu.BlockSizes(blocks_per_chunk=blocks_per_chunk),
+    block_sizes=tpu.BlockSizes(
+      blocks_per_chunk=blocks_per_chunk, kv_heads_per_step=kv_heads_per_step
+    ),
     interpret=INTERPRET,
   )
   _assert_no_races()
@@ -251,7 +255,7 @@ def test_decode_megacore_split_over_two_simulated_cores():
     table,
     lengths,
     interpret=two_cores,
-    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, num_cores=2),
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, num_cores=2, kv_heads_per_step=1),
   )
   _assert_no_races()
   _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
@@ -488,6 +492,23 @@ def test_block_sizes_is_frozen_hashable_and_validated():
     tpu.BlockSizes(smem_budget_bytes=0)
   with pytest.raises(ValueError, match="num_cores"):
     tpu.BlockSizes(num_cores=0)
+  with pytest.raises(ValueError, match="kv_heads_per_step"):
+    tpu.BlockSizes(kv_heads_per_step=0)
+
+
+def test_kv_heads_per_step_must_divide_num_kv_heads():
+  k = jnp.zeros((2, 2, BS, HEAD_DIM), jnp.float32)
+  q = jnp.zeros((1, 2, HEAD_DIM), jnp.float32)
+  with pytest.raises(ValueError, match="kv_heads_per_step"):
+    tpu.paged_attention(
+      q,
+      k,
+      k,
+      jnp.zeros((1, 1), jnp.int32),
+      jnp.ones((1,), jnp.int32),
+      block_sizes=tpu.BlockSizes(kv_heads_per_step=3),
+      interpret=True,
+    )
 
 
 @pytest.mark.parametrize(
