@@ -441,7 +441,7 @@ def load_gguf_llama(
     lambda: Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
   )
   state = nnx.state(model, nnx.Param)
-  expected = jax.tree.map(lambda x: x.shape, state.to_pure_dict())
+  expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))
   got = jax.tree.map(lambda x: x.shape, params)
   if expected != got:
     raise GGUFError(f"converted parameter tree does not match the decoder:\n{got}\n!=\n{expected}")
