@@ -1,18 +1,20 @@
 """Pallas TPU (Mosaic) paged-attention decode kernel: one query per sequence.
 
-Grid ``(num_cores, batch / num_cores, num_kv_heads)``; one grid step is one sequence and
-one KV head (the leading axis splits the batch over the two TensorCores of a megacore chip
-such as v5p; it is 1 on v5e and v6e), and its
-``group = num_q_heads // num_kv_heads`` query heads are handled together as the rows of
-one ``[group, head_dim]`` tile, so each K/V block is read from HBM once per KV head.
+Grid ``(num_cores, batch / num_cores, num_kv_heads / kv_heads_per_step)``. One grid step is
+one sequence and ``kv_heads_per_step`` KV heads (the leading axis splits the batch over the
+two TensorCores of a megacore chip such as v5p; it is 1 on v5e and v6e). The
+``group = num_q_heads // num_kv_heads`` query heads of each KV head are handled together as
+the rows of one ``[group, head_dim]`` tile, so each K/V block is read from HBM once per KV
+head.
 
 - ``lengths`` and the flattened ``block_table`` are scalar-prefetch operands (SMEM); the
   K/V pools stay in HBM (``memory_space=pl.ANY``) and the kernel copies blocks into VMEM
   itself with async DMAs, one DMA per ``[block_size, head_dim]`` block slab.
 - A compute step covers ``blocks_per_chunk`` blocks. Two VMEM slots alternate: while a
   chunk is computed, the next chunk's DMAs are in flight. The last chunk of a step starts
-  the first chunk of the *next* grid step (the grid axes are "arbitrary", so the order is
-  sequential and known), so no step waits on a cold DMA except the very first.
+  the first chunk of the *next* grid step of the same core (the other grid axes are
+  "arbitrary", so the order is sequential and known): only a core's first step waits on a
+  cold DMA.
 - Only blocks ``[first, ceil(length / block_size))`` are fetched (``first`` skips blocks
   wholly outside a sliding window); ``-1`` table entries are never DMA'd.
 - Scores and the softmax state are float32; bf16 K/V go to the MXU as bf16 only when q is
