@@ -120,7 +120,7 @@ def prefill_case(
 def cases(smoke: bool):
   """(name, fn) pairs; smoke shrinks every shape so the script itself runs on CPU."""
   if smoke:
-    s = dict(hq=4, hkv=2, d=32)
+    s = dict(hq=4, hkv=2, d=64)
     yield (
       "decode smoke",
       lambda r: decode_case(

@@ -341,7 +341,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN
   if args.smoke:
-    HQ, HKV, D, INTERPRET, PREFILL_LEN = 4, 2, 32, True, 32
+    HQ, HKV, D, INTERPRET, PREFILL_LEN = 4, 2, 64, True, 32
     DECODE_SHAPES, BLOCK_SIZES = ((2, 64),), (16,)
     args.no_builtin = True
   os.makedirs(args.out, exist_ok=True)

@@ -4,14 +4,13 @@ Which Pallas GPU backend runs is decided in one place, :func:`kernel_backend`.
 Today it is Pallas Triton (``jax.experimental.pallas.triton``) everywhere: it runs
 on every CUDA GPU JAX supports (Ampere, Hopper, ...) and in interpret mode on CPU,
 which is how CI checks it. A Mosaic GPU (Hopper TMA / wgmma) kernel can replace it
-behind the same function without any caller changing (see docs/ARCHITECTURE.md).
+behind the same function without any caller changing (see docs/gpu_notes.md).
 
 This package imports nothing from paxcache or flax.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from kernels._api import validate_inputs
@@ -27,7 +26,8 @@ __all__ = [
   "validate_gpu_inputs",
 ]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+# The head dims checked on an H100 (benchmarks/gpu_check.py) and in interpret mode.
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 MAX_BLOCK_SIZE = 512
 MAX_GROUP = 128  # query heads per KV head in one decode tile
 
@@ -152,6 +152,3 @@ def paged_attention(
   if decode:
     return paged_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)
   return paged_prefill(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs)
-
-
-del jax

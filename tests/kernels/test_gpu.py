@@ -222,6 +222,24 @@ def test_mixed_batch_every_kind_of_sequence(block_size):
   np.testing.assert_array_equal(np.asarray(out[int(cu[-1]) :]), 0.0)  # padding rows
 
 
+def test_prefill_rows_outside_every_sequence_and_overlong_chunks():
+  # Rows before cu_q_lens[0] belong to no sequence (zeros, like the reference); a chunk
+  # longer than its sequence puts its first queries at negative positions, which see no
+  # key and return zeros.
+  rng = np.random.default_rng(43)
+  lengths = np.array([30, 5], np.int32)
+  k, v, table, lens = make_cache(
+    rng, lengths=lengths, block_size=8, num_kv_heads=2, head_dim=64, kv_dtype=jnp.float32
+  )
+  cu = jnp.asarray([4, 24, 32], jnp.int32)  # 20 queries into 30 tokens, 8 into 5
+  q = jnp.asarray(rng.standard_normal((36, 4, 64)), jnp.float32)
+  out, ref = run_both(q, k, v, table, lens, cu)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.float32]
+  np.testing.assert_array_equal(np.asarray(out[:4]), 0.0)
+  np.testing.assert_array_equal(np.asarray(out[24:27]), 0.0)  # positions -3..-1
+  assert np.abs(np.asarray(out[27:32])).max() > 0
+
+
 @pytest.mark.parametrize("window,cap", [(7, None), (None, 3.0), (30, 10.0)])
 def test_prefill_window_and_soft_cap(window, cap):
   q, k, v, table, lens, cu = prefill_inputs(23, q_lens=[50, 1, 19], ctx_lens=[12, 60, 0])
@@ -276,6 +294,7 @@ def _args(head_dim=64, block_size=16, num_q_heads=4, num_kv_heads=2):
   "kwargs,match",
   [
     (dict(head_dim=48), r"head_dim .*48"),
+    (dict(head_dim=32), r"head_dim .*32"),
     (dict(head_dim=512), r"head_dim .*512"),
     (dict(block_size=12), r"block_size .*12"),
     (dict(block_size=1024), r"block_size .*1024"),
