@@ -1,0 +1,545 @@
+"""Tensor parallelism over KV heads: K/V block pools sharded on a ``model`` mesh axis.
+
+Only JAX's own SPMD machinery is used: a :class:`jax.sharding.Mesh`, ``NamedSharding``
+placements, and ``jax.shard_map`` around the per-device kernels of :mod:`kernels`. The
+allocator, block tables, lengths, slot mappings and ``cu_q_lens`` are unchanged and
+replicated: a block id names the same block on every device, each device holding that
+block's slab for its own KV heads. docs/scaling.md says what shards where and how to run
+on several hosts.
+
+Head layout (:class:`HeadLayout`). With ``S`` devices on the axis and ``Hkv`` KV heads
+the pools hold ``E = S * ceil(Hkv / S)`` *pool heads*, ``ceil(Hkv / S)`` per device, so
+every device holds whole heads and the same number of them:
+
+* ``Hkv`` a multiple of ``S``: ``E == Hkv``, the plain split (no copy, nothing changes);
+* ``Hkv < S`` or not a multiple: pool head ``x`` holds KV head ``x * Hkv // E``; each
+  KV head gets one or more copies, on consecutive devices. This is replication, as
+  vLLM does when the tensor-parallel size exceeds the KV heads: a device never holds
+  part of a head, and per device memory is ``ceil(Hkv / S)`` heads, the least possible
+  with whole heads. (Sharding only a divisor of ``S`` would need a second mesh axis
+  and leaves the same per-device memory.)
+
+The query heads of a KV head are split over its copies, ``q_per_pool_head`` each (padded
+with a duplicate query when they do not split evenly; the duplicate's output is dropped).
+When every KV head's query group splits evenly over its copies (``Hq % S == 0`` and
+``Hkv`` a multiple or divisor of ``S``) the query layout is the identity: ``q`` is simply
+sharded over its head axis, which is what column-parallel q/k/v projections produce, and
+no data moves between devices before or after attention. Otherwise ``q`` is gathered
+into pool-head order and the output gathered back (a small all-to-all over heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import kernels
+from paxcache import cache as cache_ops
+from paxcache.cache import HostKVPool, PagedKVCache
+from paxcache.nn._attention import PagedAttention
+from paxcache.nn._layers import apply_rope
+
+MODEL_AXIS = "model"
+
+__all__ = [
+  "MODEL_AXIS",
+  "HeadLayout",
+  "KVSharding",
+  "ShardedPagedAttention",
+  "head_layout",
+  "kv_sharding",
+  "make_mesh",
+  "shard_cache",
+  "shard_engine_cache",
+  "shard_model",
+  "sharded_cache_write",
+  "sharded_paged_attention",
+  "sharded_write_kv",
+  "unshard_cache",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh and head layout.
+
+
+def make_mesh(num_devices: int | None = None, axis: str = MODEL_AXIS, *, devices=None) -> Mesh:
+  """A 1-D mesh ``(axis,)`` over the first ``num_devices`` devices (default: all).
+
+  With ``jax.distributed`` initialised, ``jax.devices()`` lists every host's devices, so
+  the default mesh spans all hosts.
+  """
+  devs = list(jax.devices() if devices is None else devices)
+  n = len(devs) if num_devices is None else num_devices
+  if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= len(devs):
+    raise ValueError(f"num_devices must be an int in [1, {len(devs)}], got {num_devices!r}")
+  return Mesh(np.array(devs[: int(n)]), (axis,))
+
+
+def _axis_size(mesh: Mesh, axis: str) -> int:
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if axis not in mesh.axis_names:
+    raise ValueError(f"mesh has axes {mesh.axis_names}, not {axis!r}")
+  return mesh.shape[axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadLayout:
+  """Where KV and query heads sit when sharded over ``num_shards`` devices (hashable).
+
+  Attributes:
+    num_shards: devices on the ``model`` axis.
+    num_q_heads, num_kv_heads: the model's head counts.
+  """
+
+  num_shards: int
+  num_q_heads: int
+  num_kv_heads: int
+
+  def __post_init__(self):
+    for name in ("num_shards", "num_q_heads", "num_kv_heads"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if self.num_q_heads % self.num_kv_heads:
+      raise ValueError(
+        f"num_q_heads {self.num_q_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+      )
+
+  @property
+  def kv_per_shard(self) -> int:
+    """Pool heads on each device: ``ceil(num_kv_heads / num_shards)``."""
+    return -(-self.num_kv_heads // self.num_shards)
+
+  @property
+  def pool_heads(self) -> int:
+    """``E``: heads in the sharded pools (``num_kv_heads`` when it divides evenly)."""
+    return self.num_shards * self.kv_per_shard
+
+  @property
+  def group(self) -> int:
+    return self.num_q_heads // self.num_kv_heads
+
+  @functools.cached_property
+  def kv_heads(self) -> tuple[int, ...]:
+    """For each pool head, the model KV head it holds (``[pool_heads]``, non-decreasing)."""
+    e, h = self.pool_heads, self.num_kv_heads
+    return tuple(x * h // e for x in range(e))
+
+  @functools.cached_property
+  def _copies(self) -> tuple[tuple[int, int], ...]:
+    """Per KV head: (first pool head, number of copies)."""
+    counts = np.bincount(self.kv_heads, minlength=self.num_kv_heads)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return tuple((int(s), int(c)) for s, c in zip(starts, counts, strict=True))
+
+  @property
+  def q_per_pool_head(self) -> int:
+    """Query slots per pool head: the largest ``ceil(group / copies)`` over KV heads."""
+    return max(-(-self.group // c) for _, c in self._copies)
+
+  @functools.cached_property
+  def q_heads(self) -> tuple[int, ...]:
+    """For each query slot (``[pool_heads * q_per_pool_head]``) the model query head it
+    computes; a padding slot repeats its group's first query head (output dropped)."""
+    gq, g = self.q_per_pool_head, self.group
+    out = []
+    for x, h in enumerate(self.kv_heads):
+      copy = x - self._copies[h][0]
+      for j in range(gq):
+        k = copy * gq + j
+        out.append(h * g + (k if k < g else 0))
+    return tuple(out)
+
+  @functools.cached_property
+  def q_source(self) -> tuple[int, ...]:
+    """For each model query head (``[num_q_heads]``) the query slot whose output it takes."""
+    gq, g = self.q_per_pool_head, self.group
+    out = []
+    for i in range(self.num_q_heads):
+      h, k = divmod(i, g)
+      out.append((self._copies[h][0] + k // gq) * gq + k % gq)
+    return tuple(out)
+
+  @property
+  def kv_identity(self) -> bool:
+    """The pools are the model's heads, split evenly (no copies)."""
+    return self.pool_heads == self.num_kv_heads
+
+  @property
+  def q_identity(self) -> bool:
+    """Query slots are the model's query heads in order: ``q`` is sharded as is."""
+    return self.q_heads == tuple(range(self.num_q_heads))
+
+  @property
+  def kv_first_copy(self) -> tuple[int, ...]:
+    """For each model KV head the pool head of its first copy (``[num_kv_heads]``)."""
+    return tuple(s for s, _ in self._copies)
+
+
+def head_layout(num_shards: int, num_kv_heads: int, num_q_heads: int | None = None) -> HeadLayout:
+  """The :class:`HeadLayout` for ``num_shards`` devices (``num_q_heads`` defaults to MHA)."""
+  return HeadLayout(
+    int(num_shards), int(num_q_heads if num_q_heads else num_kv_heads), int(num_kv_heads)
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSharding:
+  """Shardings of the paged-attention arrays on one mesh.
+
+  Attributes:
+    mesh, axis: the mesh and its tensor-parallel axis.
+    layout: the head layout (which KV head each pool head holds, query slots).
+    pool: ``PagedKVCache.k/.v [num_layers, pool_heads, num_blocks, block_size, head_dim]``,
+      heads (axis 1) over ``axis``.
+    layer_pool: one layer's ``k_blocks [pool_heads, num_blocks, block_size, head_dim]``.
+    heads: ``q`` / attention output ``[tokens, query slots, head_dim]`` and new K/V
+      ``[tokens, pool_heads, head_dim]``, heads (axis 1) over ``axis``; with an identity
+      query layout this is also the sharding of the model's own ``q [tokens, num_q_heads,
+      head_dim]``.
+    replicated: block tables, lengths, slot mappings, ``cu_q_lens``.
+  """
+
+  mesh: Mesh
+  axis: str
+  layout: HeadLayout
+  pool: NamedSharding
+  layer_pool: NamedSharding
+  heads: NamedSharding
+  replicated: NamedSharding
+
+
+def kv_sharding(
+  mesh: Mesh, num_kv_heads: int, num_q_heads: int | None = None, *, axis: str = MODEL_AXIS
+) -> KVSharding:
+  """Shardings for the pools, queries and metadata (see :class:`KVSharding`)."""
+  layout = head_layout(_axis_size(mesh, axis), num_kv_heads, num_q_heads)
+  return KVSharding(
+    mesh=mesh,
+    axis=axis,
+    layout=layout,
+    pool=NamedSharding(mesh, P(None, axis)),
+    layer_pool=NamedSharding(mesh, P(axis)),
+    heads=NamedSharding(mesh, P(None, axis)),
+    replicated=NamedSharding(mesh, P()),
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Placing the cache.
+
+
+def shard_cache(cache: PagedKVCache, mesh: Mesh, *, axis: str = MODEL_AXIS) -> PagedKVCache:
+  """Places an unsharded cache on ``mesh``, KV heads over ``axis``.
+
+  Args:
+    cache: ``k, v [num_layers, num_kv_heads, num_blocks, block_size, head_dim]`` with the
+      model's KV heads.
+
+  Returns:
+    A cache of ``layout.pool_heads`` heads (copies where ``num_kv_heads`` does not split
+    evenly), sharded with ``kv_sharding(...).pool``: each device holds ``kv_per_shard``
+    whole heads of every block.
+  """
+  cache_ops._check_cache(cache)
+  spec = kv_sharding(mesh, cache.num_kv_heads, axis=axis)
+  if spec.layout.kv_identity:
+    return jax.device_put(cache, spec.pool)
+  idx = np.asarray(spec.layout.kv_heads, np.int32)
+  expand = jax.jit(lambda c: jax.tree.map(lambda a: a[:, idx], c), out_shardings=spec.pool)
+  return expand(cache)
+
+
+def unshard_cache(cache: PagedKVCache, num_kv_heads: int, num_shards: int) -> PagedKVCache:
+  """The model-head view of a sharded cache (first copy of each KV head), as one array
+  ``[num_layers, num_kv_heads, ...]`` (for checks and for moving to another mesh)."""
+  cache_ops._check_cache(cache)
+  layout = head_layout(num_shards, num_kv_heads)
+  if cache.num_kv_heads != layout.pool_heads:
+    raise ValueError(
+      f"cache has {cache.num_kv_heads} heads, but {num_kv_heads} KV heads on {num_shards} "
+      f"shards make {layout.pool_heads} pool heads"
+    )
+  idx = np.asarray(layout.kv_first_copy, np.int32)
+  return PagedKVCache(k=jnp.asarray(cache.k)[:, idx], v=jnp.asarray(cache.v)[:, idx])
+
+
+def _pool_layout(mesh, axis, pool_heads: int, num_kv_heads: int, num_q_heads=None) -> HeadLayout:
+  layout = head_layout(_axis_size(mesh, axis), num_kv_heads, num_q_heads)
+  if layout.pool_heads != pool_heads:
+    raise ValueError(
+      f"the pools have {pool_heads} heads, but {num_kv_heads} KV heads on "
+      f"{layout.num_shards} shards make {layout.pool_heads} pool heads (place the cache with "
+      "shard_cache)"
+    )
+  return layout
+
+
+def _expand_kv(x, layout: HeadLayout):
+  """``[tokens, num_kv_heads, head_dim] -> [tokens, pool_heads, head_dim]``."""
+  if layout.kv_identity:
+    return x
+  return x[:, np.asarray(layout.kv_heads, np.int32)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing new K/V.
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis"), donate_argnums=(1, 2))
+def sharded_write_kv(mesh, k_blocks, v_blocks, k_new, v_new, slot_mapping, *, axis=MODEL_AXIS):
+  """``kernels.write_kv`` on pools sharded over heads, each device writing its own heads.
+
+  Args:
+    mesh: the mesh.
+    k_blocks, v_blocks: ``[pool_heads, num_blocks, block_size, head_dim]``, heads over
+      ``axis``; donated.
+    k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]`` in the model's KV heads (copied
+      to every pool head that holds them).
+    slot_mapping: ``i32[num_tokens]``, replicated; ``-1`` writes nothing.
+
+  Returns:
+    The updated ``(k_blocks, v_blocks)``, sharded as given.
+  """
+  layout = _pool_layout(mesh, axis, k_blocks.shape[0], k_new.shape[1])
+  k_new, v_new = _expand_kv(k_new, layout), _expand_kv(v_new, layout)
+  heads = P(None, axis)
+  return jax.shard_map(
+    kernels.write_kv,
+    mesh=mesh,
+    in_specs=(P(axis), P(axis), heads, heads, P()),
+    out_specs=(P(axis), P(axis)),
+  )(k_blocks, v_blocks, k_new, v_new, slot_mapping)
+
+
+def sharded_cache_write(
+  mesh, cache: PagedKVCache, layer, k_new, v_new, slot_mapping, *, axis=MODEL_AXIS
+) -> PagedKVCache:
+  """``paxcache.cache.write`` on a cache placed by :func:`shard_cache`.
+
+  ``k_new, v_new: [num_tokens, num_kv_heads, head_dim]`` in the model's KV heads; ``layer``
+  a Python int or an int32 scalar; ``slot_mapping`` replicated. Each device scatters into
+  its own heads of the 5-D pool (one scatter, no per-layer copy). Call it inside ``jit``
+  with the cache donated, as the model does.
+  """
+  cache_ops._check_cache(cache)
+  layout = _pool_layout(mesh, axis, cache.num_kv_heads, k_new.shape[1])
+  k_new, v_new = _expand_kv(k_new, layout), _expand_kv(v_new, layout)
+  layer = jnp.asarray(layer, jnp.int32)
+  heads = P(None, axis)
+
+  def body(k, v, layer, k_new, v_new, slots):
+    return cache_ops.write(PagedKVCache(k=k, v=v), layer, k_new, v_new, slots)
+
+  pool = P(None, axis)
+  out = jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(pool, pool, P(), heads, heads, P()),
+    out_specs=PagedKVCache(k=pool, v=pool),
+  )(cache.k, cache.v, layer, k_new, v_new, jnp.asarray(slot_mapping))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention.
+
+
+def sharded_paged_attention(
+  mesh: Mesh,
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  cu_q_lens: jax.Array | None = None,
+  *,
+  num_kv_heads: int | None = None,
+  axis: str = MODEL_AXIS,
+  **kwargs,
+) -> jax.Array:
+  """``kernels.paged_attention`` with heads over ``axis``: each device runs the kernel on
+  its own KV heads and their query heads; no communication inside.
+
+  Args:
+    mesh: the mesh.
+    q: ``[batch or num_tokens, num_q_heads, head_dim]`` in the model's query heads.
+    k_blocks, v_blocks: ``[pool_heads, num_blocks, block_size, head_dim]`` sharded over
+      ``axis`` (one layer of a cache placed by :func:`shard_cache`).
+    block_table, lengths, cu_q_lens: as for ``kernels.paged_attention``, replicated.
+    num_kv_heads: the model's KV heads; needed only when the pools hold copies and the
+      query layout is not the identity (default: ``pool_heads``, i.e. treat every pool
+      head as a KV head, which is exact whenever the query layout is the identity).
+    axis: the mesh axis.
+    **kwargs: passed to ``kernels.paged_attention`` (``scale``, ``sliding_window``,
+      ``logit_soft_cap``, ``backend``, ``block_sizes``, ``interpret``). ``scale`` defaults
+      to ``head_dim ** -0.5`` on every device, as unsharded.
+
+  Returns:
+    ``[batch or num_tokens, num_q_heads, head_dim]`` in ``q.dtype``; sharded over heads
+    when the query layout is the identity.
+  """
+  if q.ndim != 3 or k_blocks.ndim != 4:
+    raise ValueError(
+      f"q must be [tokens, num_q_heads, head_dim] and k_blocks [pool_heads, num_blocks, "
+      f"block_size, head_dim], got q {tuple(q.shape)} and k_blocks {tuple(k_blocks.shape)}"
+    )
+  pool_heads = k_blocks.shape[0]
+  if num_kv_heads is None:
+    num_kv_heads = pool_heads
+  layout = _pool_layout(mesh, axis, pool_heads, num_kv_heads, q.shape[1])
+  if not layout.q_identity:
+    q = q[:, np.asarray(layout.q_heads, np.int32)]
+  # On the pool-head view: the same checks every device's kernel call would make.
+  kernels.validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  heads = P(None, axis)
+  args = [q, k_blocks, v_blocks, block_table, lengths]
+  specs = [heads, P(axis), P(axis), P(), P()]
+  if cu_q_lens is not None:
+    args.append(cu_q_lens)
+    specs.append(P())
+
+  def body(q, k, v, table, lens, cu=None):
+    return kernels.paged_attention(q, k, v, table, lens, cu, **kwargs)
+
+  # check_vma=False: the Pallas kernels carry no varying-manual-axes rules; the output
+  # spec claims no replication, so the check would prove nothing here.
+  out = jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=heads, check_vma=False)(
+    *args
+  )
+  if not layout.q_identity:
+    out = out[:, np.asarray(layout.q_source, np.int32)]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and engine glue (until paxcache.nn / paxcache.engine take a mesh themselves).
+
+
+class ShardedPagedAttention(nnx.Module):
+  """Wraps a :class:`paxcache.nn.PagedAttention`: the same parameters and call, with the
+  K/V write and the kernel run per device under ``shard_map``.
+
+  Projections run under GSPMD with the shardings :func:`shard_model` gives them; the
+  cache must have been placed with :func:`shard_cache`. :meth:`dense` (the unpaged oracle)
+  is the wrapped module's.
+  """
+
+  def __init__(self, attn: PagedAttention, mesh: Mesh, *, axis: str = MODEL_AXIS):
+    if not isinstance(attn, PagedAttention):
+      raise ValueError(f"attn must be a PagedAttention, got {type(attn).__name__}")
+    self.attn = attn
+    self.mesh = mesh
+    self.axis = axis
+    self.layout = head_layout(_axis_size(mesh, axis), attn.num_kv_heads, attn.num_q_heads)
+
+  def __call__(
+    self,
+    x,
+    positions,
+    cache,
+    *,
+    block_table,
+    lengths,
+    slot_mapping,
+    cu_q_lens=None,
+    layer=None,
+  ):
+    """Same arguments and results as :meth:`paxcache.nn.PagedAttention.__call__`."""
+    a = self.attn
+    if x.ndim != 2:
+      raise ValueError(f"x must be [num_tokens, d_model], got {x.shape}")
+    t = x.shape[0]
+    q = a.q_proj(x).reshape(t, a.num_q_heads, a.head_dim)
+    k = a.k_proj(x).reshape(t, a.num_kv_heads, a.head_dim)
+    v = a.v_proj(x).reshape(t, a.num_kv_heads, a.head_dim)
+    if a.rope_theta is not None:
+      q = apply_rope(q, positions, a.rope_theta)
+      k = apply_rope(k, positions, a.rope_theta)
+    if isinstance(cache, PagedKVCache):
+      if layer is None:
+        raise ValueError("a PagedKVCache needs the layer index: pass layer=")
+      cache = sharded_cache_write(self.mesh, cache, layer, k, v, slot_mapping, axis=self.axis)
+      k_blocks, v_blocks = cache.layer(layer)
+    else:
+      k_blocks, v_blocks = sharded_write_kv(self.mesh, *cache, k, v, slot_mapping, axis=self.axis)
+      cache = (k_blocks, v_blocks)
+    out = sharded_paged_attention(
+      self.mesh,
+      q.astype(k_blocks.dtype),
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      cu_q_lens,
+      num_kv_heads=a.num_kv_heads,
+      axis=self.axis,
+      sliding_window=a.sliding_window,
+      logit_soft_cap=a.logit_soft_cap,
+      backend=a.backend,
+      interpret=a.interpret,
+    )
+    return a.o_proj(out.astype(x.dtype).reshape(t, -1)), cache
+
+  def dense(self, *args, **kwargs):
+    return self.attn.dense(*args, **kwargs)
+
+
+def _put(variable, sharding) -> None:
+  variable.value = jax.device_put(variable.value, sharding)
+
+
+def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
+  """Shards a :class:`paxcache.nn.Decoder` in place for tensor parallelism; returns it.
+
+  Each layer's attention becomes a :class:`ShardedPagedAttention` (same parameters).
+  Parameters are placed Megatron-style where the head layout allows it: q/k/v and
+  gate/up projections split by output columns (whole heads per device), o/down
+  projections by input rows (GSPMD adds the all-reduce after them); k/v projections are
+  replicated when KV heads are copied, q/o when the query layout is not the identity;
+  everything else (embedding, norms) is replicated. Do this before building an
+  ``Engine`` (it splits the model once, when built).
+  """
+  n = _axis_size(mesh, axis)
+  rep = NamedSharding(mesh, P())
+  cols, rows = NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P(axis, None))
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      _put(node, rep)
+  for layer in model.layers:
+    if not isinstance(layer.attn, ShardedPagedAttention):
+      layer.attn = ShardedPagedAttention(layer.attn, mesh, axis=axis)
+    wrapped = layer.attn
+    a, layout = wrapped.attn, wrapped.layout
+    if layout.q_identity:
+      _put(a.q_proj.kernel, cols)
+      _put(a.o_proj.kernel, rows)
+    if a.num_kv_heads % n == 0:
+      _put(a.k_proj.kernel, cols)
+      _put(a.v_proj.kernel, cols)
+    mlp = layer.mlp
+    if mlp.gate.kernel.value.shape[1] % n == 0:
+      _put(mlp.gate.kernel, cols)
+      _put(mlp.up.kernel, cols)
+      _put(mlp.down.kernel, rows)
+  return model
+
+
+def shard_engine_cache(engine, mesh: Mesh, *, axis: str = MODEL_AXIS) -> None:
+  """Replaces a fresh ``Engine``'s cache with a sharded one (and its host pool with one of
+  the pool heads' shape). A stopgap until ``EngineConfig`` takes a mesh: the engine first
+  allocates the whole pool on one device. Call before the first step."""
+  if engine.has_unfinished() or engine.allocator.num_used_blocks:
+    raise ValueError("shard_engine_cache must run on a fresh engine (no requests yet)")
+  engine.cache = shard_cache(engine.cache, mesh, axis=axis)
+  if engine.host_pool is not None:
+    engine.host_pool = HostKVPool.like(engine.cache, engine.host_pool.num_host_blocks)
