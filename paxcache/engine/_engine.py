@@ -264,10 +264,15 @@ class Engine:
     """One iteration: schedule, swap, one device call; returns requests finished in it."""
     t0 = time.perf_counter()
     plan = self.scheduler.schedule()
-    for pairs in plan.swap_out:  # before any device write of this iteration
+    # Swaps are the preemption's own transfers, one call each way per iteration; swap-outs
+    # read the device blocks before anything of this iteration writes them.
+    if plan.swap_out:
+      pairs = np.concatenate(plan.swap_out)
       cache_ops.swap_out(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
-    for pairs in plan.swap_in:
-      self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
+    if plan.swap_in:
+      pairs = np.concatenate(plan.swap_in)
+      if len(pairs):
+        self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
     finished: list[RequestOutput] = []
     num_tokens = prefill = sampled = 0
     shape = (0, 0, 0)

@@ -264,3 +264,35 @@ def test_unavailable_backend_raises_instead_of_falling_back():
       lengths=jnp.ones((1,), jnp.int32),
       slot_mapping=jnp.zeros((1,), jnp.int32),
     )
+
+
+def test_readme_snippet_user_block_with_paged_attention():
+  """The README's drop-in example, checked against the no-cache path of the same layer."""
+
+  class MyBlock(nnx.Module):
+    def __init__(self, rngs):
+      self.attn = PagedAttention(d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=16, rngs=rngs)
+      self.mlp = nnx.Linear(64, 64, rngs=rngs)
+
+    def __call__(self, x, positions, kv, **paged):  # kv: this layer's (k_blocks, v_blocks)
+      h, kv = self.attn(x, positions, kv, **paged)  # writes the new K/V, runs paged attention
+      return x + self.mlp(x + h), kv
+
+  block = MyBlock(nnx.Rngs(0))
+  kv = (jnp.zeros((2, 16, 8, 16)),) * 2  # [num_kv_heads, num_blocks, block_size, head_dim]
+  x = jax.random.normal(jax.random.key(1), (5, 64))
+  y, kv = block(
+    x,
+    jnp.arange(5),
+    kv,  # 5 prompt tokens of one sequence, blocks 3 and 7
+    block_table=jnp.array([[3, 7]]),
+    lengths=jnp.array([5]),
+    slot_mapping=jnp.array([24, 25, 26, 27, 28]),
+    cu_q_lens=jnp.array([0, 5]),
+  )
+  h = block.attn.dense(x[None], jnp.arange(5)[None])[0]
+  np.testing.assert_allclose(y, x + block.mlp(x + h), **TOL["float32"])
+  k = np.asarray(kv[0])
+  # Slots 24..28 are offsets 0..4 of block 3 (block_size 8); nothing else is written.
+  assert np.abs(k[:, 3, :5]).sum(-1).all()
+  assert not k[:, 3, 5:].any() and not np.delete(k, 3, axis=1).any()
