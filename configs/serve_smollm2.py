@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # The chat batch.
   config.prompts = (  # user messages, one request each
     "What is the capital of France?",
-    "What is the largest planet in the solar system?",
+    "Who wrote Romeo and Juliet?",
     "Name the three primary colors.",
     "Write a haiku about the sea.",
   )
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # 0.5 GiB of bfloat16 KV = 23,040 bytes/token -> ~23k token slots: 11 max-length
     # reservations of 2,048 against ~46 ShareGPT-like requests at their mean length.
     config.dtype = "bfloat16"
-    config.capacity.requests = 256
+    config.capacity.requests = 128
   elif arg == "capacity_cpu":
     config.capacity.requests = 24
     config.capacity.kv_budget_gib = 0.05  # float32 K/V: 46,080 bytes/token -> 1,165 slots

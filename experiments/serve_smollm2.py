@@ -99,10 +99,12 @@ def serve(gm, questions, config: ConfigDict) -> tuple[list[dict], dict]:
   rows = []
   for r, q in zip(requests, questions, strict=True):
     out = outputs[r.request_id]
+    text = gm.decode(out.samples[0]).strip()
     rows.append(
       {
         "prompt": q,
-        "answer": gm.decode(out.samples[0]).strip(),
+        "answer": " ".join(text.split()),  # one line for the Markdown / LaTeX tables
+        "answer_text": text,
         "prompt_tokens": out.prompt_len,
         "new_tokens": len(out.samples[0]),
         "finish": out.finish_reasons[0],
@@ -243,7 +245,7 @@ def run(config: ConfigDict) -> Result:
           Column("batch_cap", "batch cap"),
           Column("max_batch", "largest batch"),
           Column("mean_batch", "tokens / step", ".1f"),
-          Column("tokens_per_s", "decode tokens/s", ".1f"),
+          Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("preemptions", "preempted"),
           Column("requests"),
           Column("pool_tokens", "pool tokens"),
@@ -296,7 +298,7 @@ def main(argv=None) -> None:
   print(f"loaded {gm.meta.name} from {gm.path} in {time.perf_counter() - t0:.1f} s")
   rows, metrics = serve(gm, list(config.prompts), config)
   for row in rows:
-    print(f"\n> {row['prompt']}\n{row['answer']}")
+    print(f"\n> {row['prompt']}\n{row['answer_text']}")
   print(
     f"\n{metrics['requests']} requests, {metrics['generated_tokens']} tokens in "
     f"{metrics['engine_seconds']} s of engine steps: {metrics['generated_tokens_per_s']} "
