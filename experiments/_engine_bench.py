@@ -180,8 +180,10 @@ def preemption_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]
   model = make_model(ec)
   scaled = scaled_lengths(ec, lengths)
   rows = []
-  for bs in config.block_sizes:
-    for mode in ("swap", "recompute"):
+  for i, bs in enumerate(config.block_sizes):
+    # Alternate which mode runs first, so that drift in a shared machine's load does not
+    # always favour the same mode.
+    for mode in ("swap", "recompute")[:: 1 if i % 2 == 0 else -1]:
       row = measure(
         model, ec, scaled, block_size=bs, max_num_seqs=ec.max_num_seqs, preemption_mode=mode
       )
