@@ -116,6 +116,11 @@ def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
     == sum(len(s) for o in outs.values() for s in o.samples)
   )
   assert all(s.tokens_per_s > 0 and s.blocks_used <= config.num_blocks for s in steps)
+  print(
+    f"parity[{mode}]: {m.steps} steps, {m.preemptions_swap} swap + {m.preemptions_recompute} "
+    f"recompute preemptions, {m.prefix_hit_tokens} prefix-hit tokens, {m.cow_copies} copies, "
+    f"{m.compiled_shapes} shapes"
+  )
 
 
 def test_seed_scenario_100_requests_share_a_5000_token_system_prompt():
