@@ -231,6 +231,12 @@ class Engine:
         f"request {rid!r}: prompt of {len(prompt)} tokens + max_new_tokens "
         f"{r.max_new_tokens} exceeds the model's max_seq_len {self.max_seq_len}"
       )
+    cfg = self.config
+    if r.n > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):
+      raise RequestError(
+        f"request {rid!r}: n={r.n} samples can never be resident at once (max_num_seqs "
+        f"{cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens})"
+      )
     need = self.blocks_needed(r)
     if need > self.config.num_blocks:
       raise RequestError(
@@ -287,6 +293,15 @@ class Engine:
       num_tokens = sum(r.stop - r.start for r in plan.rows)
       prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
       finished, sampled = self._apply(plan, tokens)
+    elif not (plan.swap_in or plan.swap_out or plan.preemptions_recompute):
+      if self.scheduler.has_work():
+        # Cannot happen by construction (the oldest group always fits alone); fail loudly
+        # rather than spin.
+        raise RuntimeError(
+          f"engine made no progress: {len(self.scheduler.waiting)} waiting, "
+          f"{len(self.scheduler.running)} running, {len(self.scheduler.swapped)} swapped, "
+          f"{self.allocator.num_free_blocks} free blocks"
+        )
     if self.config.check_invariants:
       self.allocator.check_invariants()
     self._record(plan, t0, num_tokens, prefill, sampled, shape)

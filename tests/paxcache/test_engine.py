@@ -225,6 +225,7 @@ def test_bad_input_raises_and_changes_nothing(tiny):
     "already in the engine": Request("ok", [1, 2], max_new_tokens=1),
     "not ints in": Request("d", [1, 256], max_new_tokens=1),
     "max_new_tokens >= 1": Request("e", [1], max_new_tokens=0),
+    "can never be resident": Request("f", [1], max_new_tokens=1, n=33),  # max_num_seqs 32
   }
   for match, req in bad.items():
     with pytest.raises(RequestError, match=match):
