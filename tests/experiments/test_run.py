@@ -5,6 +5,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,6 +67,15 @@ def test_every_config_names_its_experiment_and_documents_its_command(path):
   assert experiment in run.EXPERIMENTS or ":" in experiment
   with pytest.raises(ValueError, match="unknown variant"):
     module.get_config("nope")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_variant_named_in_a_config_docstring_exists(path):
+  module = _load(path)
+  name = os.path.basename(path)
+  variants = set(re.findall(rf"configs/{re.escape(name)}:(\w+)", module.__doc__))
+  for variant in variants:
+    assert module.get_config(variant).experiment, variant
 
 
 @pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
