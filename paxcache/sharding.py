@@ -495,7 +495,7 @@ class ShardedPagedAttention(nnx.Module):
 
 
 def _put(variable, sharding) -> None:
-  variable.value = jax.device_put(variable.value, sharding)
+  variable.set_value(jax.device_put(variable.get_value(), sharding))
 
 
 def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
@@ -527,7 +527,7 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
       _put(a.k_proj.kernel, cols)
       _put(a.v_proj.kernel, cols)
     mlp = layer.mlp
-    if mlp.gate.kernel.value.shape[1] % n == 0:
+    if mlp.gate.kernel.get_value().shape[1] % n == 0:
       _put(mlp.gate.kernel, cols)
       _put(mlp.up.kernel, cols)
       _put(mlp.down.kernel, rows)

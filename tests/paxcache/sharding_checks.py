@@ -1,11 +1,12 @@
-"""Sharded-vs-single-device checks on N simulated CPU devices, run in a subprocess.
+"""Sharded-vs-single-device checks on simulated CPU devices, run in a subprocess.
 
-``python tests/paxcache/sharding_checks.py N`` sets ``XLA_FLAGS`` before jax starts (the
-device count is fixed when jax initialises, so it cannot be changed inside a pytest
-process that already imported jax), runs every check and prints one JSON object on the
-last line of stdout. ``tests/paxcache/test_sharding.py`` runs it for N = 4 and 8 and
-asserts on the numbers; the script itself asserts nothing, so that a failing comparison
-reaches pytest with its values.
+``python tests/paxcache/sharding_checks.py 4 8`` starts jax with 8 host devices
+(``XLA_FLAGS`` must be set before jax initialises, so this cannot run inside a pytest
+process that already imported jax) and runs every check on a ``model`` mesh of 4 devices
+(the first four) and one of 8, against single-device results computed once. It prints
+one JSON object on the last line of stdout; ``tests/paxcache/test_sharding.py`` asserts
+on it. The script itself asserts nothing, so that a failing comparison reaches pytest
+with its values.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import functools
 import json
 import os
 import sys
+import time
 
-NUM_DEVICES = int(sys.argv[1])
+MESH_SIZES = [int(a) for a in sys.argv[1:]] or [4, 8]
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={max(MESH_SIZES)}"
 )
 
 import jax  # noqa: E402
@@ -32,15 +34,17 @@ from paxcache.cache import PagedKVCache  # noqa: E402
 NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM = 24, 4, 8
 
 
-def _cases(n: int) -> list[tuple[int, int, tuple[str, ...]]]:
-  """(num_q_heads, num_kv_heads, modes): KV heads a multiple of the devices (2 per device),
-  fewer than the devices (GQA, and MQA), and a count that does not divide (3)."""
-  return [
-    (4 * n, 2 * n, ("decode", "prefill")),
-    (4, 2, ("decode", "prefill")),
-    (4, 1, ("decode",)),
-    (9, 3, ("decode", "prefill_window_softcap")),
-  ]
+# (num_q_heads, num_kv_heads, modes). On 4 and 8 devices: 8 KV heads are a multiple of the
+# devices (2 per device) or one each; 2 and 1 (GQA, MQA) are fewer than the devices (on 8
+# devices the 4 query heads of 2 KV heads do not split over the copies: padded query
+# slots); 3 neither divides nor is divided by the devices.
+CASES = [
+  (16, 8, ("decode", "prefill")),
+  (4, 2, ("decode", "prefill")),
+  (4, 1, ("decode",)),
+  (9, 3, ("prefill_window_softcap",)),
+]
+WRITE_CASES = [(16, 8), (4, 2), (9, 3)]
 
 
 def _pools(rng, hkv, head_dim=HEAD_DIM):
@@ -66,19 +70,27 @@ def _batch(rng):
   return table, lengths, np.setdiff1d(np.arange(NUM_BLOCKS), used)
 
 
-def check_attention(mesh, rng) -> list[dict]:
-  rows = []
+def _shard_info(x) -> dict:
+  shards = x.addressable_shards
+  return dict(
+    shard_shapes=sorted({tuple(sh_.data.shape) for sh_ in shards}),
+    shard_devices=len({sh_.device for sh_ in shards}),
+  )
+
+
+def check_attention(meshes, rng) -> list[dict]:
   modes = {
-    "decode": (3, None, {}),
+    "decode": (3, False, {}),
     "prefill": (12, True, {}),  # 9 real rows + 3 bucket-padding rows
     "prefill_window_softcap": (12, True, dict(sliding_window=6, logit_soft_cap=5.0)),
   }
-  for hq, hkv, names in _cases(NUM_DEVICES):
+  rows = []
+  for hq, hkv, names in CASES:
     k, v = _pools(rng, hkv)
     table, lengths, unused = _batch(rng)
     k[:, unused], v[:, unused] = np.nan, np.nan
-    cache = sh.shard_cache(PagedKVCache(k=jnp.asarray(k)[None], v=jnp.asarray(v)[None]), mesh)
-    ks, vs = cache.k[0], cache.v[0]
+    pools = PagedKVCache(k=jnp.asarray(k)[None], v=jnp.asarray(v)[None])
+    placed = {n: sh.shard_cache(pools, mesh) for n, mesh in meshes.items()}
     q_lens = np.array([1, 5, 3], np.int32)  # a decode row and two prefill chunks
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
     for mode in names:
@@ -86,30 +98,34 @@ def check_attention(mesh, rng) -> list[dict]:
       q = jnp.asarray(rng.standard_normal((num_q, hq, HEAD_DIM)).astype(np.float32))
       args = (jnp.asarray(table), jnp.asarray(lengths), cu if ragged else None)
       single = jax.jit(functools.partial(kernels.paged_attention, **extra))
-      want = single(q, jnp.asarray(k), jnp.asarray(v), *args)
-      sharded = jax.jit(
-        functools.partial(sh.sharded_paged_attention, mesh, num_kv_heads=hkv, **extra)
-      )
-      got = sharded(q, ks, vs, *args)
-      got_np, want_np = np.asarray(got), np.asarray(want)
-      rows.append(
-        dict(
-          num_q_heads=hq,
-          num_kv_heads=hkv,
-          mode=mode,
-          max_abs_err=float(np.nanmax(np.abs(got_np - want_np))),
-          finite=bool(np.isfinite(got_np).all()),
-          want_finite=bool(np.isfinite(want_np).all()),
-          q_identity=sh.head_layout(NUM_DEVICES, hkv, hq).q_identity,
-          out_sharded=len({s.device for s in got.addressable_shards}) == NUM_DEVICES,
+      want = np.asarray(single(q, jnp.asarray(k), jnp.asarray(v), *args))
+      for n, mesh in meshes.items():
+        sharded = jax.jit(
+          functools.partial(sh.sharded_paged_attention, mesh, num_kv_heads=hkv, **extra)
         )
-      )
+        got = sharded(q, placed[n].k[0], placed[n].v[0], *args)
+        got_np = np.asarray(got)
+        rows.append(
+          dict(
+            mesh=n,
+            num_q_heads=hq,
+            num_kv_heads=hkv,
+            mode=mode,
+            max_abs_err=float(np.max(np.abs(got_np - want))),
+            finite=bool(np.isfinite(got_np).all()),
+            want_finite=bool(np.isfinite(want).all()),
+            q_identity=sh.head_layout(n, hkv, hq).q_identity,
+            out_devices=len({s.device for s in got.addressable_shards}),
+            pool=_shard_info(placed[n].k),
+          )
+        )
   return rows
 
 
 def check_pallas_under_shard_map(mesh, rng) -> dict:
   """The GPU Pallas decode kernel (interpret mode) as the per-device kernel."""
-  hq, hkv = 2 * NUM_DEVICES, NUM_DEVICES
+  n = mesh.shape[sh.MODEL_AXIS]
+  hq, hkv = 2 * n, n
   k, v = _pools(rng, hkv, head_dim=64)  # the smallest head_dim the GPU kernel takes
   table, lengths, _ = _batch(rng)
   cache = sh.shard_cache(PagedKVCache(k=jnp.asarray(k)[None], v=jnp.asarray(v)[None]), mesh)
@@ -119,81 +135,72 @@ def check_pallas_under_shard_map(mesh, rng) -> dict:
   got = sh.sharded_paged_attention(
     mesh, q, cache.k[0], cache.v[0], *args, backend="gpu", interpret=True
   )
-  return dict(max_abs_err=float(np.abs(np.asarray(got) - np.asarray(want)).max()))
+  return dict(mesh=n, max_abs_err=float(np.abs(np.asarray(got) - np.asarray(want)).max()))
 
 
-def check_writes(mesh, rng) -> list[dict]:
+def check_writes(meshes, rng) -> list[dict]:
   rows = []
-  for hq, hkv, _ in _cases(NUM_DEVICES):
-    layout = sh.head_layout(NUM_DEVICES, hkv, hq)
-    num_layers = 2
+  num_layers = 2
+  for hq, hkv in WRITE_CASES:
     k = rng.standard_normal((num_layers, hkv, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)).astype(np.float32)
     v = rng.standard_normal(k.shape).astype(np.float32)
     slots = np.array([5, 17, -1, 40, 95, 0, -1], np.int32)  # -1: padding rows
-    k_new = rng.standard_normal((len(slots), hkv, HEAD_DIM)).astype(np.float32)
-    v_new = rng.standard_normal(k_new.shape).astype(np.float32)
-
-    # One layer's pools, kernels.write_kv.
-    want_k, want_v = kernels.write_kv(
-      jnp.asarray(k[1]), jnp.asarray(v[1]), jnp.asarray(k_new), jnp.asarray(v_new), slots
+    k_new = jnp.asarray(rng.standard_normal((len(slots), hkv, HEAD_DIM)).astype(np.float32))
+    v_new = jnp.asarray(rng.standard_normal(k_new.shape).astype(np.float32))
+    # Oracles: one layer with kernels.write_kv, the 5-D cache with paxcache.cache.write.
+    want_k, want_v = (
+      np.asarray(x)
+      for x in kernels.write_kv(jnp.asarray(k[1]), jnp.asarray(v[1]), k_new, v_new, slots)
     )
-    sc = sh.shard_cache(PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), mesh)
-    got_k, got_v = sh.sharded_write_kv(
-      mesh, sc.k[1], sc.v[1], jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(slots)
-    )
-    view = sh.unshard_cache(PagedKVCache(k=got_k[None], v=got_v[None]), hkv, NUM_DEVICES)
-    layer_equal = bool(
-      np.array_equal(np.asarray(view.k[0]), np.asarray(want_k))
-      and np.array_equal(np.asarray(view.v[0]), np.asarray(want_v))
-    )
-    # Every copy of a KV head holds the same bytes as the model's head.
-    copies_equal = bool(
-      np.array_equal(np.asarray(got_k), np.asarray(want_k)[np.asarray(layout.kv_heads)])
-    )
-    layer_sharding = got_k.sharding.is_equivalent_to(
-      sh.kv_sharding(mesh, hkv).layer_pool, got_k.ndim
-    )
-
-    # The whole 5-D cache, paxcache.cache.write semantics, inside jit with donation.
     want_cache = cache_ops.write(
-      PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)),
-      1,
-      jnp.asarray(k_new),
-      jnp.asarray(v_new),
-      slots,
+      PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), 1, k_new, v_new, slots
     )
-    sc = sh.shard_cache(PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), mesh)
-    step = jax.jit(
-      lambda c, kn, vn, s: sh.sharded_cache_write(mesh, c, 1, kn, vn, s), donate_argnums=0
-    )
-    got_cache = step(sc, jnp.asarray(k_new), jnp.asarray(v_new), jnp.asarray(slots))
-    view = sh.unshard_cache(got_cache, hkv, NUM_DEVICES)
-    spec = sh.kv_sharding(mesh, hkv, hq)
-    shards = got_cache.k.addressable_shards
-    rows.append(
-      dict(
-        num_q_heads=hq,
-        num_kv_heads=hkv,
-        pool_heads=layout.pool_heads,
-        layer_equal=layer_equal,
-        copies_equal=copies_equal,
-        layer_sharding=bool(layer_sharding),
-        cache_equal=bool(
-          np.array_equal(np.asarray(view.k), np.asarray(want_cache.k))
-          and np.array_equal(np.asarray(view.v), np.asarray(want_cache.v))
-        ),
-        cache_sharding=bool(got_cache.k.sharding.is_equivalent_to(spec.pool, 5)),
-        shard_shapes=sorted({tuple(s.data.shape) for s in shards}),
-        shard_devices=len({s.device for s in shards}),
-        kv_per_shard=layout.kv_per_shard,
+    want_ck, want_cv = np.asarray(want_cache.k), np.asarray(want_cache.v)
+    for n, mesh in meshes.items():
+      layout = sh.head_layout(n, hkv, hq)
+      spec = sh.kv_sharding(mesh, hkv, hq)
+      sc = sh.shard_cache(PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), mesh)
+      got_k, got_v = sh.sharded_write_kv(mesh, sc.k[1], sc.v[1], k_new, v_new, jnp.asarray(slots))
+      view = sh.unshard_cache(PagedKVCache(k=got_k[None], v=got_v[None]), hkv, n)
+      copies = np.asarray(layout.kv_heads)
+      sc = sh.shard_cache(PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), mesh)
+      step = jax.jit(
+        lambda c, kn, vn, s, mesh=mesh: sh.sharded_cache_write(mesh, c, 1, kn, vn, s),
+        donate_argnums=0,
       )
-    )
+      got_cache = step(sc, k_new, v_new, jnp.asarray(slots))
+      cview = sh.unshard_cache(got_cache, hkv, n)
+      rows.append(
+        dict(
+          mesh=n,
+          num_q_heads=hq,
+          num_kv_heads=hkv,
+          pool_heads=layout.pool_heads,
+          kv_per_shard=layout.kv_per_shard,
+          layer_equal=bool(
+            np.array_equal(np.asarray(view.k[0]), want_k)
+            and np.array_equal(np.asarray(view.v[0]), want_v)
+          ),
+          # Every copy of a KV head holds the same bytes as the model's head.
+          copies_equal=bool(
+            np.array_equal(np.asarray(got_k), want_k[copies])
+            and np.array_equal(np.asarray(got_v), want_v[copies])
+          ),
+          layer_sharding=bool(got_k.sharding.is_equivalent_to(spec.layer_pool, 4)),
+          cache_equal=bool(
+            np.array_equal(np.asarray(cview.k), want_ck)
+            and np.array_equal(np.asarray(cview.v), want_cv)
+          ),
+          cache_sharding=bool(got_cache.k.sharding.is_equivalent_to(spec.pool, 5)),
+          pool=_shard_info(got_cache.k),
+        )
+      )
   return rows
 
 
-def check_engine(mesh) -> dict:
+def check_engine(meshes) -> list[dict]:
   """Greedy outputs of the trained tiny model (4 query heads, 2 KV heads) through the
-  engine, sharded against one device, with swap preemptions and a fork."""
+  engine, sharded against one device, with a swap preemption and a fork."""
   from paxcache.engine import Engine, EngineConfig, Request
   from paxcache.nn import load_decoder
 
@@ -204,6 +211,7 @@ def check_engine(mesh) -> dict:
   for i, (p, g, n) in enumerate(spec):
     start = 37 * i + 11
     reqs.append(Request(i, list(corpus[start : start + p]), max_new_tokens=g, n=n))
+  # Large minimum buckets: two step shapes (prefill, decode) compile, not a dozen.
   config = EngineConfig(
     num_blocks=14,
     block_size=8,
@@ -211,41 +219,53 @@ def check_engine(mesh) -> dict:
     preemption_mode="swap",
     max_num_seqs=4,
     max_num_batched_tokens=32,
+    min_batch_bucket=4,
+    min_token_bucket=32,
     check_invariants=True,
   )
   single = Engine(load_decoder(), config)
   want = single.run(list(reqs))
-
-  model = sh.shard_model(load_decoder(), mesh)
-  engine = Engine(model, config)
-  sh.shard_engine_cache(engine, mesh)
-  got = engine.run(list(reqs))
-  spec_kv = sh.kv_sharding(mesh, model.config.num_kv_heads)
-  q_kernel = model.layers[0].attn.attn.q_proj.kernel.value
-  return dict(
-    equal=all(got[r.request_id].samples == want[r.request_id].samples for r in reqs),
-    num_requests=len(got),
-    generated=int(engine.metrics.generated_tokens),
-    preemptions_swap=int(engine.metrics.preemptions_swap),
-    cow_copies=int(engine.metrics.cow_copies),
-    single_preemptions_swap=int(single.metrics.preemptions_swap),
-    cache_sharded=bool(engine.cache.k.sharding.is_equivalent_to(spec_kv.pool, 5)),
-    cache_shard_heads=sorted({s.data.shape[1] for s in engine.cache.k.addressable_shards}),
-    q_proj_shard_shapes=sorted({tuple(s.data.shape) for s in q_kernel.addressable_shards}),
-  )
+  rows = []
+  for n, mesh in meshes.items():
+    model = sh.shard_model(load_decoder(), mesh)
+    engine = Engine(model, config)
+    sh.shard_engine_cache(engine, mesh)
+    got = engine.run(list(reqs))
+    spec_kv = sh.kv_sharding(mesh, model.config.num_kv_heads)
+    q_kernel = model.layers[0].attn.attn.q_proj.kernel.get_value()
+    m = engine.metrics
+    rows.append(
+      dict(
+        mesh=n,
+        equal=all(got[r.request_id].samples == want[r.request_id].samples for r in reqs),
+        num_outputs=len(got),
+        generated=int(m.generated_tokens),
+        want_generated=int(single.metrics.generated_tokens),
+        preemptions_swap=int(m.preemptions_swap),
+        cow_copies=int(m.cow_copies),
+        cache_sharding=bool(engine.cache.k.sharding.is_equivalent_to(spec_kv.pool, 5)),
+        pool=_shard_info(engine.cache.k),
+        q_proj=_shard_info(q_kernel),
+        used_blocks_after=int(engine.allocator.num_used_blocks),
+      )
+    )
+  return rows
 
 
 def main():
-  assert jax.device_count() == NUM_DEVICES, jax.devices()
-  mesh = sh.make_mesh()
-  rng = np.random.default_rng(NUM_DEVICES)
-  out = dict(
-    num_devices=jax.device_count(),
-    attention=check_attention(mesh, rng),
-    pallas=check_pallas_under_shard_map(mesh, rng),
-    writes=check_writes(mesh, rng),
-    engine=check_engine(mesh),
-  )
+  meshes = {n: sh.make_mesh(n) for n in MESH_SIZES}
+  rng = np.random.default_rng(0)
+  out = dict(device_count=jax.device_count(), seconds={})
+  checks = [
+    ("attention", lambda: check_attention(meshes, rng)),
+    ("pallas", lambda: check_pallas_under_shard_map(meshes[max(MESH_SIZES)], rng)),
+    ("writes", lambda: check_writes(meshes, rng)),
+    ("engine", lambda: check_engine(meshes)),
+  ]
+  for name, check in checks:
+    t0 = time.perf_counter()
+    out[name] = check()
+    out["seconds"][name] = round(time.perf_counter() - t0, 1)
   print(json.dumps(out))
 
 

@@ -1,0 +1,200 @@
+"""Sharding over KV heads: head layouts by hand and by brute force (in process, one device),
+and sharded attention, K/V writes and the engine against one device on meshes of 4 and 8
+simulated CPU devices (in a subprocess: the device count is fixed when jax starts)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from paxcache import sharding as sh
+from paxcache.cache import PagedKVCache
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CHECKS = os.path.join(REPO, "tests", "paxcache", "sharding_checks.py")
+
+# Allowed |sharded - single device| in float32. Each device runs the same per-head math as
+# the single-device call, but XLA fuses and vectorises [tokens, heads/devices, ...] arrays
+# differently from [tokens, heads, ...] ones, which moves the last bits of the softmax
+# sums (measured: <= 2.4e-7 on O(1) outputs); 2e-6 leaves room and would still catch a
+# wrong head, block or mask. The Pallas kernel in interpret mode is held to the kernel
+# tests' own bound against the reference (1e-5, float32).
+TOL = {"sharded_vs_single": 2e-6, "pallas_vs_reference": 1e-5}
+
+
+# ---------------------------------------------------------------------------------------------
+# Head layout.
+
+
+def test_head_layout_by_hand():
+  # 2 KV heads on 8 devices: 4 copies each; 2 query heads per KV head fill 2 of the 4
+  # copies, the other two compute a duplicate whose output is dropped.
+  lay = sh.head_layout(8, num_kv_heads=2, num_q_heads=4)
+  assert (lay.pool_heads, lay.kv_per_shard, lay.q_per_pool_head) == (8, 1, 1)
+  assert lay.kv_heads == (0, 0, 0, 0, 1, 1, 1, 1)
+  assert lay.q_heads == (0, 1, 0, 0, 2, 3, 2, 2)
+  assert lay.q_source == (0, 1, 4, 5)
+  assert not lay.q_identity and not lay.kv_identity
+  # 3 KV heads (9 query heads) on 2 devices: 2 pool heads per device, KV head 0 twice.
+  lay = sh.head_layout(2, num_kv_heads=3, num_q_heads=9)
+  assert (lay.pool_heads, lay.kv_per_shard, lay.q_per_pool_head) == (4, 2, 3)
+  assert lay.kv_heads == (0, 0, 1, 2)
+  assert lay.q_heads == (0, 1, 2, 0, 0, 0, 3, 4, 5, 6, 7, 8)
+  assert lay.q_source == (0, 1, 2, 6, 7, 8, 9, 10, 11)
+  # 2 KV heads, 4 query heads on 4 devices: one KV head copy and one query head per device.
+  lay = sh.head_layout(4, num_kv_heads=2, num_q_heads=4)
+  assert lay.kv_heads == (0, 0, 1, 1) and lay.q_identity
+  # 8 KV heads on 4 devices: the plain split.
+  lay = sh.head_layout(4, num_kv_heads=8, num_q_heads=32)
+  assert lay.kv_identity and lay.q_identity and lay.kv_per_shard == 2
+
+
+@pytest.mark.parametrize(
+  "shards, kv, group", list(itertools.product([1, 2, 3, 4, 8], [1, 2, 3, 5, 8, 12], [1, 2, 3, 7]))
+)
+def test_head_layout_invariants(shards, kv, group):
+  lay = sh.head_layout(shards, kv, kv * group)
+  e, gq = lay.pool_heads, lay.q_per_pool_head
+  # Whole heads, the same number on every device, the fewest that hold every head once.
+  assert e % shards == 0 and e // shards == -(-kv // shards) == lay.kv_per_shard
+  assert sorted(set(lay.kv_heads)) == list(range(kv))
+  assert list(lay.kv_heads) == sorted(lay.kv_heads)  # copies are neighbours
+  for h in range(kv):
+    assert lay.kv_heads[lay.kv_first_copy[h]] == h
+  # Every query slot computes a query head of its pool head's KV head.
+  assert len(lay.q_heads) == e * gq
+  for slot, qh in enumerate(lay.q_heads):
+    assert qh // group == lay.kv_heads[slot // gq]
+  # Every query head is taken from one slot that computes it.
+  assert len(lay.q_source) == kv * group == len(set(lay.q_source))
+  for qh, slot in enumerate(lay.q_source):
+    assert lay.q_heads[slot] == qh
+  # The identity (no data movement) exactly when the documented condition holds.
+  documented = (kv * group) % shards == 0 and (kv % shards == 0 or shards % kv == 0)
+  assert lay.q_identity == documented
+  assert lay.kv_identity == (kv % shards == 0)
+  hash(lay)  # a static argument of jit
+
+
+def test_layout_and_mesh_errors():
+  with pytest.raises(ValueError, match="num_q_heads 6 is not a multiple of num_kv_heads 4"):
+    sh.head_layout(2, 4, 6)
+  with pytest.raises(ValueError, match="num_shards"):
+    sh.head_layout(0, 4, 4)
+  with pytest.raises(ValueError, match=r"num_devices must be an int in \[1, "):
+    sh.make_mesh(jax.device_count() + 1)
+  mesh = sh.make_mesh(1, axis="tp")
+  with pytest.raises(ValueError, match="not 'model'"):
+    sh.kv_sharding(mesh, 2)
+  spec = sh.kv_sharding(mesh, 2, 4, axis="tp")
+  assert spec.pool.spec == jax.sharding.PartitionSpec(None, "tp")
+  assert spec.layer_pool.spec == jax.sharding.PartitionSpec("tp")
+
+
+def _small_case(rng, hq=4, hkv=2, num_blocks=6, block_size=4, head_dim=8):
+  k = jnp.asarray(rng.standard_normal((hkv, num_blocks, block_size, head_dim)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((hkv, num_blocks, block_size, head_dim)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((2, hq, head_dim)), jnp.float32)
+  table = jnp.asarray([[3, 1], [0, -1]], jnp.int32)
+  lengths = jnp.asarray([7, 2], jnp.int32)
+  return q, k, v, table, lengths
+
+
+def test_one_device_mesh_matches_and_bad_pools_raise():
+  rng = np.random.default_rng(0)
+  q, k, v, table, lengths = _small_case(rng)
+  mesh = sh.make_mesh(1)
+  cache = sh.shard_cache(PagedKVCache(k=k[None], v=v[None]), mesh)
+  want = kernels.paged_attention(q, k, v, table, lengths)
+  got = sh.sharded_paged_attention(mesh, q, cache.k[0], cache.v[0], table, lengths)
+  np.testing.assert_allclose(got, want, rtol=0, atol=TOL["sharded_vs_single"])
+  # Pools that are not a shard_cache layout of the claimed KV heads.
+  with pytest.raises(ValueError, match=r"the pools have 2 heads, but 3 KV heads on 1 shards"):
+    sh.sharded_paged_attention(mesh, q[:, :3], k, v, table, lengths, num_kv_heads=3)
+  with pytest.raises(ValueError, match="q must be"):
+    sh.sharded_paged_attention(mesh, q[0], k, v, table, lengths)
+  with pytest.raises(ValueError, match="cache has 2 heads, but 3 KV heads"):
+    sh.unshard_cache(cache, 3, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4 and 8 simulated devices (one subprocess with 8 host devices; meshes of 4 and 8).
+
+
+@pytest.fixture(scope="module")
+def multi_device():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, CHECKS, "4", "8"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["device_count"] == 8
+  return out
+
+
+def test_sharded_attention_equals_single_device(multi_device):
+  rows = multi_device["attention"]
+  seen = {(r["mesh"], r["num_kv_heads"], r["mode"]) for r in rows}
+  # Both meshes, decode and ragged prefill, KV heads >= and < the devices.
+  for n in (4, 8):
+    assert {(n, 8, "decode"), (n, 8, "prefill"), (n, 2, "decode"), (n, 2, "prefill")} <= seen
+    assert (n, 1, "decode") in seen and (n, 3, "prefill_window_softcap") in seen
+  for r in rows:
+    assert r["want_finite"] and r["finite"], r  # NaN in unused blocks never leaks
+    assert r["max_abs_err"] <= TOL["sharded_vs_single"], r
+    # The pool is really split: one shard per device, kv_per_shard whole heads each.
+    lay = sh.head_layout(r["mesh"], r["num_kv_heads"], r["num_q_heads"])
+    assert r["pool"]["shard_devices"] == r["mesh"]
+    assert r["pool"]["shard_shapes"] == [[1, lay.kv_per_shard, 24, 4, 8]]
+    assert r["out_devices"] == r["mesh"]
+  # Both query layouts ran: plain head sharding and gathered query slots.
+  assert {r["q_identity"] for r in rows} == {True, False}
+
+
+def test_pallas_kernel_runs_per_device(multi_device):
+  r = multi_device["pallas"]
+  assert r["mesh"] == 8 and r["max_abs_err"] <= TOL["pallas_vs_reference"], r
+
+
+def test_sharded_writes_equal_unsharded(multi_device):
+  rows = multi_device["writes"]
+  assert {(r["mesh"], r["num_kv_heads"]) for r in rows} >= {(4, 8), (8, 8), (4, 2), (8, 2)}
+  for r in rows:
+    # Scatters are exact: bit-identical to the single-device write, in every copy.
+    assert r["layer_equal"] and r["copies_equal"] and r["cache_equal"], r
+    assert r["layer_sharding"] and r["cache_sharding"], r
+    assert r["pool"]["shard_devices"] == r["mesh"]
+    assert r["pool"]["shard_shapes"] == [[2, r["kv_per_shard"], 24, 4, 8]]
+    assert r["pool_heads"] == r["mesh"] * r["kv_per_shard"]
+
+
+def test_sharded_engine_equals_single_device(multi_device):
+  rows = multi_device["engine"]
+  assert [r["mesh"] for r in rows] == [4, 8]
+  for r in rows:
+    assert r["equal"] and r["num_outputs"] == 5, r
+    assert r["generated"] == r["want_generated"] > 0
+    assert r["preemptions_swap"] > 0 and r["cow_copies"] > 0  # swaps and a fork ran sharded
+    assert r["used_blocks_after"] == 0
+    # The tiny model has 2 KV heads: one whole KV head copy per device, 14 blocks each.
+    assert r["cache_sharding"] and r["pool"]["shard_devices"] == r["mesh"]
+    assert r["pool"]["shard_shapes"] == [[2, 1, 14, 8, 16]]
+  # 4 query heads of 16: column-sharded q projection on 4 devices; replicated on 8 (its
+  # query layout is not the identity there).
+  assert rows[0]["q_proj"]["shard_shapes"] == [[64, 16]]
+  assert rows[1]["q_proj"]["shard_shapes"] == [[64, 64]]
