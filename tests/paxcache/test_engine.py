@@ -318,3 +318,30 @@ def test_sample_tokens_follows_softmax_and_top_k():
   np.testing.assert_allclose(np.mean(top2 == 0), 0.5 / 0.8, atol=0.03)
   greedy = np.asarray(sample_tokens(tile, jnp.zeros(rows), zeros, key, zeros, zeros, pos))
   assert (greedy == 0).all()
+
+
+@pytest.mark.parametrize("backend,head_dim", [("gpu", 64), ("tpu", 128)])
+def test_engine_on_pallas_kernels_in_interpret_mode_matches_no_cache(backend, head_dim):
+  """The engine's padded batches (ragged prefill and decode-only steps, a fork) through the
+  Pallas GPU and TPU kernels in interpret mode give the greedy no-cache tokens."""
+  config = DecoderConfig(
+    d_model=32,
+    num_layers=1,
+    num_q_heads=2,
+    num_kv_heads=1,
+    head_dim=head_dim,
+    mlp_dim=64,
+    max_seq_len=64,
+  )
+  model = Decoder(config, backend=backend, interpret=True, rngs=nnx.Rngs(0))
+  oracle = Decoder(config, rngs=nnx.Rngs(0))  # same parameters, reference backend
+  reqs = [
+    Request(0, list(range(3, 13)), max_new_tokens=4),
+    Request(1, list(range(40, 59)), max_new_tokens=4, n=2),
+  ]
+  engine = Engine(model, EngineConfig(num_blocks=16, block_size=8, num_host_blocks=16))
+  outs = engine.run(reqs)
+  want = greedy_generate_no_cache(oracle, [r.prompt for r in reqs], 4)
+  for r, w in zip(reqs, want, strict=True):
+    assert outs[r.request_id].samples == [w] * r.n
+  assert engine.metrics.cow_copies == 1
