@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -35,14 +36,14 @@ NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM = 24, 4, 8
 
 
 # (num_q_heads, num_kv_heads, modes). On 4 and 8 devices: 8 KV heads are a multiple of the
-# devices (2 per device) or one each; 2 and 1 (GQA, MQA) are fewer than the devices (on 8
-# devices the 4 query heads of 2 KV heads do not split over the copies: padded query
-# slots); 3 neither divides nor is divided by the devices.
+# devices (2 per device) or one each; 2 are fewer than the devices (on 8 devices the 4
+# query heads of 2 KV heads do not split over the 4 copies each: padded query slots); 3
+# neither divides nor is divided by the devices. (MQA takes the same paths as 2 KV heads;
+# test_head_layout_invariants covers its layout.)
 CASES = [
   (16, 8, ("decode", "prefill")),
   (4, 2, ("decode", "prefill")),
-  (4, 1, ("decode",)),
-  (9, 3, ("prefill_window_softcap",)),
+  (9, 3, ("decode", "prefill_window_softcap")),
 ]
 WRITE_CASES = [(16, 8), (4, 2), (9, 3)]
 
@@ -78,6 +79,17 @@ def _shard_info(x) -> dict:
   )
 
 
+_COLLECTIVE = re.compile(
+  r"= (\w+)\[([\d,]*)\][^=]*? (all-gather|all-reduce|all-to-all|collective-permute|"
+  r"reduce-scatter)(?:-start)?\("
+)
+
+
+def _collectives(hlo: str) -> list[list]:
+  """``[op, shape]`` of every cross-device collective in compiled HLO text."""
+  return [[op, [int(d) for d in dims.split(",") if d]] for _, dims, op in _COLLECTIVE.findall(hlo)]
+
+
 def check_attention(meshes, rng) -> list[dict]:
   modes = {
     "decode": (3, False, {}),
@@ -103,7 +115,8 @@ def check_attention(meshes, rng) -> list[dict]:
         sharded = jax.jit(
           functools.partial(sh.sharded_paged_attention, mesh, num_kv_heads=hkv, **extra)
         )
-        got = sharded(q, placed[n].k[0], placed[n].v[0], *args)
+        compiled = sharded.lower(q, placed[n].k[0], placed[n].v[0], *args).compile()
+        got = compiled(q, placed[n].k[0], placed[n].v[0], *args)
         got_np = np.asarray(got)
         rows.append(
           dict(
@@ -116,6 +129,7 @@ def check_attention(meshes, rng) -> list[dict]:
             want_finite=bool(np.isfinite(want).all()),
             q_identity=sh.head_layout(n, hkv, hq).q_identity,
             out_devices=len({s.device for s in got.addressable_shards}),
+            collectives=_collectives(compiled.as_text()),
             pool=_shard_info(placed[n].k),
           )
         )
@@ -198,6 +212,49 @@ def check_writes(meshes, rng) -> list[dict]:
   return rows
 
 
+def check_model_collectives(meshes) -> list[dict]:
+  """What crosses devices in one sharded model call (a 32-token ragged step of the tiny
+  model): the collectives of the compiled HLO, with their shapes."""
+  from flax import nnx
+
+  from paxcache.nn import load_decoder
+
+  rows = []
+  tokens = 32
+  for n, mesh in meshes.items():
+    model = sh.shard_model(load_decoder(), mesh)
+    cache = sh.shard_cache(model.init_cache(14, 8), mesh)
+    graphdef, state = nnx.split(model)
+
+    def step(state, cache, *batch, graphdef=graphdef):
+      toks, pos, table, lens, slots, cu = batch
+      m = nnx.merge(graphdef, state)
+      return m(toks, pos, cache, block_table=table, lengths=lens, slot_mapping=slots, cu_q_lens=cu)
+
+    batch = (
+      jnp.zeros(tokens, jnp.int32),
+      jnp.zeros(tokens, jnp.int32),
+      jnp.zeros((4, 8), jnp.int32),
+      jnp.ones(4, jnp.int32),
+      jnp.arange(tokens, dtype=jnp.int32),
+      jnp.asarray([0, 8, 16, 24, 32], jnp.int32),
+    )
+    hlo = jax.jit(step, donate_argnums=1).lower(state, cache, *batch).compile().as_text()
+    c = model.config
+    rows.append(
+      dict(
+        mesh=n,
+        tokens=tokens,
+        d_model=c.d_model,
+        num_layers=c.num_layers,
+        num_q_heads=c.num_q_heads,
+        head_dim=c.head_dim,
+        collectives=_collectives(hlo),
+      )
+    )
+  return rows
+
+
 def check_engine(meshes) -> list[dict]:
   """Greedy outputs of the trained tiny model (4 query heads, 2 KV heads) through the
   engine, sharded against one device, with a swap preemption and a fork."""
@@ -260,6 +317,8 @@ def main():
     ("attention", lambda: check_attention(meshes, rng)),
     ("pallas", lambda: check_pallas_under_shard_map(meshes[max(MESH_SIZES)], rng)),
     ("writes", lambda: check_writes(meshes, rng)),
+    # One mesh suffices to see the pattern (and each compile costs seconds).
+    ("model_collectives", lambda: check_model_collectives({4: meshes[4]})),
     ("engine", lambda: check_engine(meshes)),
   ]
   for name, check in checks:
