@@ -151,12 +151,14 @@ def capacity_rows(gm, config: ConfigDict) -> list[dict]:
   lengths = workloads.workload_lengths(
     cc.workload, cc.requests * 4, max_seq_len=cc.max_seq_len, seed=cc.seed
   )
+  # Contiguous reservation per request after scaling; longer scaled requests are dropped.
+  scaled_max = max(1, int(round(cc.max_seq_len / cc.length_scale)))
   ec = ConfigDict(
     dict(
       requests=cc.requests,
       pool_tokens=pool_tokens,
       length_scale=cc.length_scale,
-      max_seq_len=cc.max_seq_len,
+      max_seq_len=scaled_max,
       max_num_batched_tokens=cc.max_num_batched_tokens,
       num_host_blocks_share=1.0,
       vocab_size=gm.meta.vocab_size,
@@ -164,7 +166,6 @@ def capacity_rows(gm, config: ConfigDict) -> list[dict]:
     )
   )
   scaled = _engine_bench.scaled_lengths(ec, lengths)
-  scaled_max = max(1, int(round(cc.max_seq_len / cc.length_scale)))
   contiguous_cap = max(1, pool_tokens // scaled_max)
   rows = []
   for system, cap in (
