@@ -54,6 +54,7 @@ __all__ = [
   "KVSharding",
   "ShardedPagedAttention",
   "head_layout",
+  "init_sharded_cache",
   "kv_sharding",
   "make_mesh",
   "shard_cache",
@@ -257,6 +258,33 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, *, axis: str = MODEL_AXIS) -> P
   idx = np.asarray(spec.layout.kv_heads, np.int32)
   expand = jax.jit(lambda c: jax.tree.map(lambda a: a[:, idx], c), out_shardings=spec.pool)
   return expand(cache)
+
+
+def init_sharded_cache(
+  mesh: Mesh,
+  num_layers: int,
+  num_kv_heads: int,
+  num_blocks: int,
+  block_size: int,
+  head_dim: int,
+  dtype=jnp.float32,
+  *,
+  axis: str = MODEL_AXIS,
+) -> PagedKVCache:
+  """A zero-filled cache laid out as :func:`shard_cache` lays one out, allocated in place:
+  each device allocates only its own ``kv_per_shard`` heads (nothing is built on one device
+  first, so a pool sized for several devices never has to fit on one)."""
+  spec = kv_sharding(mesh, num_kv_heads, axis=axis)
+  create = functools.partial(
+    PagedKVCache.create,
+    num_layers,
+    spec.layout.pool_heads,
+    num_blocks,
+    block_size,
+    head_dim,
+    dtype,
+  )
+  return jax.jit(create, out_shardings=PagedKVCache(k=spec.pool, v=spec.pool))()
 
 
 def unshard_cache(cache: PagedKVCache, num_kv_heads: int, num_shards: int) -> PagedKVCache:
@@ -540,6 +568,10 @@ def shard_engine_cache(engine, mesh: Mesh, *, axis: str = MODEL_AXIS) -> None:
   allocates the whole pool on one device. Call before the first step."""
   if engine.has_unfinished() or engine.allocator.num_used_blocks:
     raise ValueError("shard_engine_cache must run on a fresh engine (no requests yet)")
-  engine.cache = shard_cache(engine.cache, mesh, axis=axis)
+  c = engine.cache
+  # A fresh engine's pool holds no token yet: allocate the sharded one in place.
+  engine.cache = init_sharded_cache(
+    mesh, c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim, c.dtype, axis=axis
+  )
   if engine.host_pool is not None:
     engine.host_pool = HostKVPool.like(engine.cache, engine.host_pool.num_host_blocks)

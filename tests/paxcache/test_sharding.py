@@ -124,6 +124,11 @@ def test_one_device_mesh_matches_and_bad_pools_raise():
     sh.sharded_paged_attention(mesh, q[0], k, v, table, lengths)
   with pytest.raises(ValueError, match="cache has 2 heads, but 3 KV heads"):
     sh.unshard_cache(cache, 3, 1)
+  fresh = sh.init_sharded_cache(mesh, 2, 3, 5, 4, 8, jnp.bfloat16)
+  assert fresh.k.shape == (2, 3, 5, 4, 8) and fresh.k.dtype == jnp.bfloat16
+  assert not np.asarray(fresh.v, np.float32).any()
+  with pytest.raises(ValueError, match="num_blocks must be a positive int"):
+    sh.init_sharded_cache(mesh, 2, 3, 0, 4, 8)
 
 
 # ---------------------------------------------------------------------------------------------
