@@ -142,21 +142,22 @@ class Scheduler:
           chunks[s] = min(s.num_pending, budget)
           budget -= chunks[s]
 
-    # 2. Blocks, in arrival order; preempt the latest-arrived group while short.
-    order = list(self.running)
-    kept: list[Group] = []
-    need_total = 0
-    while order:
-      g = order.pop(0)
-      need = self._blocks_to_append(g, chunks)
-      while need_total + need > alloc.num_free_blocks and order:
-        victim = order.pop()
-        budget += self._preempt(victim, plan, chunks)
-      if need_total + need > alloc.num_free_blocks:
-        budget += self._preempt(g, plan, chunks)
-        continue
-      need_total += need
-      kept.append(g)
+    # 2. Blocks. The common case (everything fits) costs one vectorised query; when short,
+    # groups are checked in arrival order and the latest-arrived is preempted while short.
+    need_total = self._blocks_to_append(self.running, chunks)
+    if need_total > alloc.num_free_blocks:
+      order = list(self.running)
+      need_total = 0
+      while order:
+        g = order.pop(0)
+        need = self._blocks_to_append([g], chunks)
+        while need_total + need > alloc.num_free_blocks and order:
+          victim = order.pop()
+          budget += self._preempt(victim, plan, chunks)
+        if need_total + need > alloc.num_free_blocks:
+          budget += self._preempt(g, plan, chunks)
+          continue
+        need_total += need
     preempted = plan.preemptions_swap + plan.preemptions_recompute > 0
 
     # 3. Swap in, oldest first, while the blocks fit (never in an iteration that preempted).
@@ -179,26 +180,26 @@ class Scheduler:
         if budget > 0:
           chunks[s] = min(s.num_pending, budget)
           budget -= chunks[s]
-      extra = self._blocks_to_append(g, chunks)
+      extra = self._blocks_to_append([g], chunks)
       if need_total + extra > alloc.num_free_blocks:
         for s in live:  # swapped in, but it computes from the next step on
           budget += chunks.pop(s, 0)
       else:
         need_total += extra
 
-    # 4. Appends (copy-on-write pairs appear here).
+    # 4. Appends (copy-on-write pairs appear here): all decodes in one vectorised call.
+    decodes = [(g, s) for g in self.running for s in g.live if _is_decode(s, chunks)]
+    if decodes:
+      res = alloc.append_batch(
+        [s.seq_id for _, s in decodes], [s.tokens[s.num_computed] for _, s in decodes]
+      )
+      plan.cow_pairs.extend(map(tuple, res.cow_pairs.tolist()))
+      for (g, s), slot in zip(decodes, res.slots.tolist(), strict=True):
+        self._add_row(plan, g, s, s.num_computed, s.num_computed + 1, [slot])
     for g in self.running:
-      decodes = [s for s in g.live if chunks.get(s) == 1 and s.num_pending == 1]
-      if decodes:
-        res = alloc.append_batch(
-          [s.seq_id for s in decodes], [s.tokens[s.num_computed] for s in decodes]
-        )
-        plan.cow_pairs.extend(map(tuple, res.cow_pairs.tolist()))
-        for s, slot in zip(decodes, res.slots, strict=True):
-          self._add_row(plan, g, s, s.num_computed, s.num_computed + 1, np.array([slot]))
       for s in g.live:
         c = chunks.get(s, 0)
-        if c and s not in decodes:
+        if c and not _is_decode(s, chunks):
           res = alloc.append_tokens(s.seq_id, s.tokens[s.num_computed : s.num_computed + c])
           if res.cow is not None:
             plan.cow_pairs.append(res.cow)
@@ -254,15 +255,17 @@ class Scheduler:
         g.forked = True
     plan.rows.append(ScheduledSeq(s, start, stop, np.asarray(slots, np.int32), samplers))
 
-  def _blocks_to_append(self, g: Group, chunks: dict[Seq, int]) -> int:
+  def _blocks_to_append(self, groups: list[Group], chunks: dict[Seq, int]) -> int:
+    """Blocks the planned tokens of ``groups`` take (new blocks and copy-on-write copies)."""
     alloc = self.allocator
-    decodes = [s.seq_id for s in g.live if chunks.get(s) == 1 and s.num_pending == 1]
-    need = alloc.blocks_needed_to_append(decodes, 1) if decodes else 0
-    for s in g.live:
-      c = chunks.get(s, 0)
-      if c and not (c == 1 and s.num_pending == 1):
-        need += alloc.blocks_needed_to_append([s.seq_id], c)
-    return need
+    decodes, need = [], 0
+    for g in groups:
+      for s in g.live:
+        if _is_decode(s, chunks):
+          decodes.append(s.seq_id)
+        elif chunks.get(s, 0):
+          need += alloc.blocks_needed_to_append([s.seq_id], chunks[s])
+    return need + (alloc.blocks_needed_to_append(decodes, 1) if decodes else 0)
 
   def _preempt(self, g: Group, plan: Plan, chunks: dict[Seq, int]) -> int:
     """Preempts ``g`` (swap, or recompute when swapping is off or does not fit); returns
@@ -294,3 +297,8 @@ def _insert_by_arrival(queue: collections.deque, g: Group) -> None:
   while i < len(queue) and queue[i].arrival < g.arrival:
     i += 1
   queue.insert(i, g)
+
+
+def _is_decode(s: Seq, chunks: dict[Seq, int]) -> bool:
+  """Planned for exactly its one pending token (a decode, or a prompt's last token)."""
+  return chunks.get(s) == 1 and s.num_pending == 1
