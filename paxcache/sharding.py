@@ -43,8 +43,7 @@ from jax.sharding import PartitionSpec as P
 import kernels
 from paxcache import cache as cache_ops
 from paxcache.cache import HostKVPool, PagedKVCache
-from paxcache.nn._attention import PagedAttention
-from paxcache.nn._layers import apply_rope
+from paxcache.nn import PagedAttention, apply_rope
 
 MODEL_AXIS = "model"
 
@@ -288,7 +287,7 @@ def init_sharded_cache(
 
 
 def unshard_cache(cache: PagedKVCache, num_kv_heads: int, num_shards: int) -> PagedKVCache:
-  """The model-head view of a sharded cache (first copy of each KV head), as one array
+  """The model-head view of a sharded cache: the first copy of each KV head,
   ``[num_layers, num_kv_heads, ...]`` (for checks and for moving to another mesh)."""
   cache_ops._check_cache(cache)
   layout = head_layout(num_shards, num_kv_heads)
