@@ -171,9 +171,13 @@ def init_carry(rows, head_dim):
 
 
 def finish(carry, dtype):
-  """acc / denom, and zeros for rows that saw no key."""
+  """acc / denom; rows that saw no key have acc == 0 and denom == 0, so they give zeros.
+
+  The guard is only on the divisor: a NaN reached through a *visible* slot leaves denom
+  NaN, and must surface as NaN (as in the reference), not be turned into zeros.
+  """
   _, denom, acc = carry
-  return jnp.where(denom > 0, acc / jnp.where(denom > 0, denom, 1.0), 0.0).astype(dtype)
+  return (acc / jnp.where(denom > 0, denom, 1.0)).astype(dtype)
 
 
 def mosaic_params(semantics):

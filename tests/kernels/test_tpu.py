@@ -420,6 +420,23 @@ def test_public_api_runs_tpu_backend_in_interpret_mode():
   _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
 
 
+def test_nan_in_a_visible_slot_surfaces_as_nan_in_both_kernels():
+  """A NaN that a query can see (a model gone wrong) must come out as NaN, as in the
+  reference, not be hidden as a zero row; the other sequence stays finite."""
+  rng = np.random.default_rng(9)
+  k, v, table, lengths = _cache(
+    rng, [9, 5], num_kv_heads=1, block_size=BS, max_blocks=2, dtype=jnp.float32
+  )
+  k = k.at[:, int(table[0, 0]), 3].set(jnp.nan)  # position 3 of sequence 0
+  q = jnp.asarray(rng.standard_normal((2, 2, HEAD_DIM)), jnp.float32)
+  out = np.asarray(tpu.paged_attention_decode(q, k, v, table, lengths, interpret=INTERPRET))
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+  cu = jnp.asarray([0, 2, 3], jnp.int32)  # last 2 tokens of sequence 0, 1 of sequence 1
+  qr = jnp.asarray(rng.standard_normal((3, 2, HEAD_DIM)), jnp.float32)
+  out = np.asarray(tpu.paged_attention_ragged(qr, k, v, table, lengths, cu, interpret=INTERPRET))
+  assert np.isnan(out[:2]).all() and np.isfinite(out[2]).all()
+
+
 # ------------------------------------------------------- JAX's built-in TPU paged_attention
 
 
