@@ -380,11 +380,6 @@ class BlockAllocator:
     lengths[:k] = self._ntok[rows]
     return block_ids, lengths
 
-  def max_num_blocks(self, seq_ids: Sequence[Hashable]) -> int:
-    if len(seq_ids) == 0:
-      return 0
-    return int(self._nblk[self._rows(seq_ids, "build a block table for")].max())
-
   def metrics(self, max_seq_len: int | None = None) -> AllocatorMetrics:
     """Occupancy, waste (paged and contiguous at ``max_seq_len``) and running totals; O(1)."""
     max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
@@ -445,7 +440,7 @@ class BlockAllocator:
     """
     if seq_id in self._seqs:
       raise SequenceError(f"sequence {seq_id!r} already exists")
-    prompt = self._as_tokens(prompt, "prompt")
+    prompt = self._as_tokens(prompt, "prompt", (seq_id,))
     length = len(prompt)
     self._check_max_len(seq_id, length)
     hashes = self._prompt_hashes(prompt)
@@ -490,7 +485,7 @@ class BlockAllocator:
     seq = self._seqs.get(seq_id)
     if seq is None or seq.host_blocks is not None:
       seq = self._resident(seq_id, "append to")  # raises, naming the sequence
-    tokens = self._as_tokens(tokens, "tokens")
+    tokens = self._as_tokens(tokens, "tokens", (seq_id,))
     k = len(tokens)
     if k == 0:
       return AppendResult(np.zeros(0, np.int32), None)
@@ -559,7 +554,7 @@ class BlockAllocator:
       ``BatchAppendResult(slots i32[len(seq_ids)], cow_pairs i32[num_copies, 2])``.
     """
     k = len(seq_ids)
-    tokens = self._as_tokens(tokens, "tokens")
+    tokens = self._as_tokens(tokens, "tokens", seq_ids)
     if len(tokens) != k:
       raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {k}")
     if k == 0:
@@ -664,6 +659,13 @@ class BlockAllocator:
     seq = self._resident(seq_id, "swap out")
     row = seq.row
     nb = int(self._nblk[row])
+    if nb and self.num_host_blocks == 0:
+      raise OutOfBlocksError(
+        f"cannot swap out sequence {seq_id!r}: this allocator has no host pool (num_host_blocks=0)",
+        pool="host",
+        needed=nb,
+        available=0,
+      )
     if nb > len(self._host_free):
       raise OutOfBlocksError(
         f"swap out sequence {seq_id!r}: needs {nb} host blocks, {len(self._host_free)} free of "
@@ -785,13 +787,22 @@ class BlockAllocator:
   def _cdiv(self, n: int) -> int:
     return -(-n // self.block_size)
 
-  def _as_tokens(self, tokens, name: str) -> np.ndarray:
+  def _as_tokens(self, tokens, name: str, seq_ids: Sequence[Hashable] = ()) -> np.ndarray:
+    """``tokens`` as ``int64[k]``; ``seq_ids`` (one, or one per token) name the owner in errors."""
     arr = np.asarray(tokens)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
       raise ValueError(
         f"{name} must be a 1-D sequence of integer token ids, got {arr.dtype} {arr.shape}"
       )
-    return arr.astype(np.int64, copy=False)
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and int(arr.min()) < 0:
+      i = int(np.argmin(arr))
+      if len(seq_ids) in (1, len(arr)):
+        where = f"sequence {seq_ids[i if len(seq_ids) > 1 else 0]!r}: "
+      else:
+        where = ""
+      raise ValueError(f"{where}{name} holds a negative token id {int(arr[i])} at index {i}")
+    return arr
 
   def _check_max_len(self, seq_id: Hashable, length: int) -> None:
     if self.max_seq_len is not None and length > self.max_seq_len:

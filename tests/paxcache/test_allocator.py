@@ -377,3 +377,31 @@ def test_block_hash_is_chained_and_content_addressed():
   assert h != block_hash(None, np.array([1, 2, 3, 5]))
   assert block_hash(h, t) != h  # same tokens, different parent
   assert block_hash(h, t) != block_hash(block_hash(None, np.array([0, 0, 0, 0])), t)
+
+
+def test_negative_token_ids_are_rejected_naming_the_sequence():
+  a = BlockAllocator(8, 2, num_host_blocks=2)
+  a.add_sequence("a", [1, 2, 3])
+  a.add_sequence("b", [4])
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(ValueError, match="'c'.*prompt.*negative.*-1"):
+    a.add_sequence("c", [5, -1])
+  with pytest.raises(ValueError, match="'a'.*tokens.*negative.*-7"):
+    a.append_tokens("a", [-7])
+  with pytest.raises(ValueError, match="'b'.*tokens.*negative.*-2"):
+    a.append_batch(["a", "b"], [3, -2])
+  with pytest.raises(ValueError, match="prompt.*negative.*-3"):
+    a.blocks_needed_to_add([1, -3])
+  _same_state(before, vars(a))
+  a.check_invariants()
+
+
+def test_swap_out_without_a_host_pool_says_so():
+  a = BlockAllocator(8, 2)  # num_host_blocks=0
+  a.add_sequence("a", [1, 2, 3])
+  before = copy.deepcopy(vars(a))
+  assert not a.can_swap_out("a")
+  with pytest.raises(OutOfBlocksError, match=r"'a'.*no host pool \(num_host_blocks=0\)") as info:
+    a.swap_out("a")
+  assert (info.value.pool, info.value.needed, info.value.available) == ("host", 2, 0)
+  _same_state(before, vars(a))
