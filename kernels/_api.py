@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import reference
 
@@ -49,7 +50,17 @@ def _shape_str(x) -> str:
 
 
 def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None) -> None:
-  """Static (shape and dtype) checks shared by every backend; raises ValueError."""
+  """Checks shared by every backend; raises ValueError naming the argument.
+
+  Shapes and dtypes are always checked (static). Values of ``block_table``, ``lengths``
+  and ``cu_q_lens`` are checked when they are host (NumPy) arrays — what
+  ``paxcache.BlockTable.from_allocator`` builds — since that costs no device transfer;
+  device arrays and tracers are trusted (a kernel cannot raise on a bad id at run time).
+  """
+  names = ("q", "k_blocks", "v_blocks", "block_table", "lengths", "cu_q_lens")
+  for name, x in zip(names, (q, k_blocks, v_blocks, block_table, lengths, cu_q_lens), strict=True):
+    if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
   if k_blocks.ndim != 4:
     raise ValueError(
       "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
@@ -94,6 +105,43 @@ def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None)
     if cu_q_lens.ndim != 1 or cu_q_lens.dtype != jnp.int32 or cu_q_lens.shape[0] != batch + 1:
       raise ValueError(
         f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}"
+      )
+  _validate_host_values(q.shape[0], k_blocks.shape, block_table, lengths, cu_q_lens)
+
+
+def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens) -> None:
+  """Value checks of host (NumPy) metadata: an out-of-range block id would otherwise be
+  clamped by a gather and silently read another request's block."""
+  _, num_blocks, block_size, _ = pool_shape
+  if isinstance(block_table, np.ndarray):
+    bad = (block_table < reference.INVALID_BLOCK) | (block_table >= num_blocks)
+    if bad.any():
+      rows, cols = np.nonzero(bad)
+      raise ValueError(
+        f"block_table holds ids outside [0, {num_blocks}) and != {reference.INVALID_BLOCK} "
+        f"(unused): {block_table[rows, cols][:8].tolist()} at (row, entry) "
+        f"{list(zip(rows[:8].tolist(), cols[:8].tolist(), strict=True))}"
+      )
+  if isinstance(lengths, np.ndarray):
+    capacity = block_table.shape[1] * block_size
+    bad = (lengths < 0) | (lengths > capacity)
+    if bad.any():
+      raise ValueError(
+        f"lengths must be in [0, max_blocks * block_size] = [0, {capacity}]; rows "
+        f"{np.nonzero(bad)[0][:8].tolist()} hold {lengths[bad][:8].tolist()}"
+      )
+  if isinstance(cu_q_lens, np.ndarray):
+    q_lens = np.diff(cu_q_lens)
+    if cu_q_lens[0] < 0 or (q_lens < 0).any() or cu_q_lens[-1] > num_rows:
+      raise ValueError(
+        f"cu_q_lens must be non-decreasing, start >= 0 and end <= the {num_rows} query rows "
+        f"of q; got {cu_q_lens.tolist()}"
+      )
+    if isinstance(lengths, np.ndarray) and (q_lens > lengths).any():
+      rows = np.nonzero(q_lens > lengths)[0][:8].tolist()
+      raise ValueError(
+        f"sequences {rows} have more queries than tokens (cu_q_lens {cu_q_lens.tolist()}, "
+        f"lengths {lengths.tolist()}): lengths must count this call's queries"
       )
 
 

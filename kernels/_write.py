@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 
 INVALID_SLOT = -1
 
@@ -19,7 +19,8 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
 
   Returns:
     The updated ``(k_blocks, v_blocks)``. Under ``jit`` with the pools donated the
-    scatter happens in place.
+    scatter happens in place. A NumPy ``slot_mapping`` is checked (range, no slot twice)
+    and raises ValueError; a device one is trusted.
   """
   num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
   if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
@@ -33,6 +34,18 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
       f"{jnp.dtype(slot_mapping.dtype).name}"
     )
   total = num_blocks * block_size
+  if isinstance(slot_mapping, np.ndarray):
+    # Host slots are checked (no device transfer needed): the scatter would silently drop
+    # an out-of-range slot and lose that token's K/V, and a repeated slot is a race.
+    bad = (slot_mapping < INVALID_SLOT) | (slot_mapping >= total)
+    if bad.any():
+      raise ValueError(
+        f"slot_mapping holds slots outside [0, {total}) and != {INVALID_SLOT} (padding): "
+        f"{slot_mapping[bad][:8].tolist()}"
+      )
+    real = slot_mapping[slot_mapping != INVALID_SLOT]
+    if np.unique(real).size != real.size:
+      raise ValueError("slot_mapping writes the same slot twice")
   # Padding rows go to an index past the end and are dropped by the scatter.
   slots = jnp.where(slot_mapping >= 0, slot_mapping, total)
 
@@ -42,6 +55,3 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
     return flat.reshape(pool.shape)
 
   return scatter(k_blocks, k_new), scatter(v_blocks, v_new)
-
-
-write_kv_jit = jax.jit(write_kv, donate_argnums=(0, 1))

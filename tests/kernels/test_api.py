@@ -206,3 +206,58 @@ def test_bad_cu_q_lens_is_named(cu_q_lens, match):
 def test_bad_options_are_named(options, match):
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*valid_inputs(), backend="reference", **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host (NumPy) metadata is value-checked: a gather would clamp a bad block id and silently
+# read another request's block.
+
+
+def _host(num_tokens=None, **replace):
+  q, k, v, table, lengths = valid_inputs(num_tokens)
+  table, lengths = np.asarray(table), np.asarray(lengths)
+  return [q, k, v, replace.get("block_table", table), replace.get("lengths", lengths)]
+
+
+def test_valid_host_metadata_passes_and_matches_device_metadata():
+  out_host = kernels.paged_attention(*_host(), backend="reference")
+  out_device = kernels.paged_attention(*valid_inputs(), backend="reference")
+  np.testing.assert_array_equal(np.asarray(out_host), np.asarray(out_device))
+
+
+@pytest.mark.parametrize(
+  "replace,match",
+  [
+    (
+      dict(block_table=np.asarray([[0, 1], [2, -1], [3, NUM_BLOCKS]], np.int32)),
+      rf"block_table holds ids outside \[0, {NUM_BLOCKS}\).*\[{NUM_BLOCKS}\] at \(row, entry\) "
+      r"\[\(2, 1\)\]",
+    ),
+    (dict(block_table=np.asarray([[0, 1], [2, -2], [3, 4]], np.int32)), r"\[-2\]"),
+    (
+      dict(lengths=np.asarray([5, -3, 8], np.int32)),
+      r"lengths must be in \[0, max_blocks \* block_size\] = \[0, 8\]; rows \[1\] hold \[-3\]",
+    ),
+    (dict(lengths=np.asarray([5, 2, 9], np.int32)), r"rows \[2\] hold \[9\]"),
+    (dict(block_table=[[0, 1], [2, -1], [3, 4]]), r"block_table must be a JAX or NumPy array"),
+  ],
+  ids=["id_past_pool", "negative_id", "negative_length", "length_past_table", "list"],
+)
+def test_bad_host_metadata_values_are_named(replace, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.paged_attention(*_host(**replace), backend="reference")
+
+
+@pytest.mark.parametrize(
+  "cu_q_lens,match",
+  [
+    ([0, 2, 3, 10], r"end <= the 9 query rows"),
+    ([0, 3, 2, 7], r"non-decreasing"),
+    ([0, 2, 5, 7], r"sequences \[1\] have more queries than tokens"),
+  ],
+  ids=["past_q_rows", "decreasing", "more_queries_than_tokens"],
+)
+def test_bad_host_cu_q_lens_values_are_named(cu_q_lens, match):
+  args = _host(num_tokens=9)
+  with pytest.raises(ValueError, match=match):
+    kernels.paged_attention(*args, np.asarray(cu_q_lens, np.int32), backend="reference")

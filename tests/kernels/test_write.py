@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernels
-from kernels import _write
 
 H, NUM_BLOCKS, BS, D = 2, 5, 4, 8
 
@@ -88,7 +88,8 @@ def test_donated_write_matches_and_consumes_the_pools():
   slots = np.array([3, -1, 17, 6], np.int32)
   k, v, k_new, v_new = _inputs(rng, 4)
   want_k, want_v = write_loop(k, v, k_new, v_new, slots)
-  got_k, got_v = _write.write_kv_jit(k, v, k_new, v_new, jnp.asarray(slots))
+  donated = jax.jit(kernels.write_kv, donate_argnums=(0, 1))
+  got_k, got_v = donated(k, v, k_new, v_new, jnp.asarray(slots))
   np.testing.assert_array_equal(_bits(got_k), _bits(want_k))
   np.testing.assert_array_equal(_bits(got_v), _bits(want_v))
   assert k.is_deleted() and v.is_deleted()  # written in place, not copied
@@ -117,3 +118,21 @@ def test_bad_inputs_are_named(which, match):
     slots = np.asarray([0, 1, 2], np.int64)
   with pytest.raises(ValueError, match=match):
     kernels.write_kv(k, v, k_new, v_new, slots)
+
+
+@pytest.mark.parametrize(
+  "slots,match",
+  [
+    ([3, NUM_BLOCKS * BS, 5], r"outside \[0, \d+\) and != -1 \(padding\): \[\d+\]"),
+    ([3, -7, 5], r"outside .*: \[-7\]"),
+    ([3, 5, 3], "same slot twice"),
+  ],
+  ids=["past-the-pool", "negative-not-padding", "repeated"],
+)
+def test_host_slot_mapping_is_checked_not_silently_dropped(slots, match):
+  """A NumPy slot mapping with a slot the scatter would drop (or write twice) raises,
+  instead of losing that token's K/V."""
+  rng = np.random.default_rng(14)
+  k, v, k_new, v_new = _inputs(rng, 3)
+  with pytest.raises(ValueError, match=match):
+    kernels.write_kv(k, v, k_new, v_new, np.asarray(slots, np.int32))
