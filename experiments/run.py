@@ -28,6 +28,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -203,15 +204,106 @@ def _write_run_info(workdir: str, config: ConfigDict, sweep: str | None, seconds
     f.write("\n")
 
 
+def _config_spec_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
+  """The ``--config`` value (``path[:variant]``) and the ``--config.<path>`` fields in argv."""
+  spec, overrides = None, []
+  for i, arg in enumerate(argv):
+    if m := re.match(r"^--?config(?:=(.*))?$", arg):
+      spec = m.group(1) if m.group(1) is not None else (argv[i + 1] if i + 1 < len(argv) else None)
+    elif m := re.match(r"^--?(?:no)?config\.([^=]+)", arg):
+      overrides.append(m.group(1))
+  return spec, overrides
+
+
+def unknown_field_message(config: ConfigDict, overrides: list[str]) -> str | None:
+  """Names the first override that is not a field of ``config``, with the fields there."""
+  for path in overrides:
+    node, walked = config, "config"
+    for key in path.split("."):
+      if not isinstance(node, ConfigDict) or key not in node:
+        fields = sorted(node) if isinstance(node, ConfigDict) else []
+        return f"--config.{path}: {walked} has no field {key!r}" + (
+          f" (fields: {', '.join(fields)})" if fields else f" ({walked} is not a ConfigDict)"
+        )
+      node, walked = node[key], f"{walked}.{key}"
+  return None
+
+
+def _fits(value, default) -> bool:
+  """``value`` may replace ``default``: same type, an int for a float, never a bool for an int."""
+  if isinstance(default, bool) or isinstance(value, bool):
+    return type(value) is type(default)
+  if isinstance(default, float):
+    return isinstance(value, int | float)
+  return isinstance(value, type(default))
+
+
+def check_field_types(config: ConfigDict, default: ConfigDict, prefix: str = "config") -> None:
+  """Raises ``app.UsageError`` naming the first field whose type is not its default's.
+
+  ConfigDict checks scalar overrides itself, but a tuple field takes any tuple: a tuple of
+  ints (``block_sizes``) must stay a tuple of ints, or the run dies halfway through.
+  """
+  for key, want in default.items():
+    if key not in config or want is None:
+      continue
+    got, path = config[key], f"{prefix}.{key}"
+    if isinstance(want, ConfigDict):
+      if not isinstance(got, ConfigDict):
+        raise app.UsageError(f"--{path}={got!r}: expected a ConfigDict")
+      check_field_types(got, want, path)
+      continue
+    if isinstance(want, tuple | list):
+      if type(got) is not type(want):
+        raise app.UsageError(
+          f"--{path}={got!r}: expected a {type(want).__name__} like the default {want!r}"
+        )
+      for item in got:
+        if want and not any(_fits(item, w) for w in want):
+          kinds = sorted({type(w).__name__ for w in want})
+          raise app.UsageError(
+            f"--{path}={got!r}: element {item!r} has type {type(item).__name__}, expected "
+            f"{' or '.join(kinds)} like the default {want!r}"
+          )
+    elif not _fits(got, want):
+      raise app.UsageError(
+        f"--{path}={got!r}: expected a {type(want).__name__} like the default {want!r}"
+      )
+
+
+# Set by _parse_flags when ml_collections fails on an override; main turns it into a UsageError.
+_OVERRIDE_ERROR: list[Exception] = []
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """app.run's flag parser: an override naming no field reaches main as an error to explain,
+  instead of ml_collections' chained tracebacks."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, IndexError, TypeError) as e:
+    _OVERRIDE_ERROR.append(e)
+    flags.FLAGS.mark_as_parsed()
+    return argv[:1]
+
+
 def main(argv):
+  if _OVERRIDE_ERROR:
+    spec, overrides = _config_spec_and_overrides(sys.argv)
+    message = None
+    if spec is not None:
+      message = unknown_field_message(flags.FLAGS["config"].parser.parse(spec), overrides)
+    raise app.UsageError(message or f"bad --config override: {_OVERRIDE_ERROR[0]}")
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py[:variant] is required")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir=DIR is required")
+  # Before the workdir or config.json exist: a bad override must leave nothing behind.
+  config_flag = flags.FLAGS["config"]
+  check_field_types(_CONFIG.value, config_flag.parser.parse(config_flag.config_filename))
   run_experiment(_CONFIG.value, _WORKDIR.value, _SWEEP.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

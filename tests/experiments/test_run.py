@@ -1,5 +1,6 @@
 """The experiment runner: config files, variants, overrides, sweeps and every output file."""
 
+import copy
 import csv
 import glob
 import importlib.util
@@ -10,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
-from ml_collections import config_flags
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
 
 from experiments import _outputs, run
 
@@ -116,6 +117,75 @@ def test_unknown_field_or_wrong_type_is_rejected():
     _parse([f"--config={path}", "--config.no_such_field=1"])
   with pytest.raises(flags.Error):
     _parse([f"--config={path}", "--config.num_requests=many"])
+
+
+def test_unknown_override_field_is_named_with_the_fields_there():
+  config = _parse([f"--config={os.path.join(REPO, 'configs', 'memory_waste.py')}"])
+  assert run.unknown_field_message(config, ["num_requests", "block_sizes"]) is None
+  message = run.unknown_field_message(config, ["seed", "nonexistent"])
+  assert message.startswith("--config.nonexistent: config has no field 'nonexistent'")
+  assert "block_sizes, contiguous_policies" in message
+  nested = ConfigDict({"model": {"width": 8}, "seed": 0})
+  assert "config.model has no field 'depth' (fields: width)" in run.unknown_field_message(
+    nested, ["model.depth"]
+  )
+  assert "config.seed is not a ConfigDict" in run.unknown_field_message(nested, ["seed.x"])
+
+
+def test_field_types_must_match_the_default_config():
+  path = os.path.join(REPO, "configs", "memory_waste.py")
+  default = _parse([f"--config={path}"])
+  ok = _parse(
+    [
+      f"--config={path}",
+      "--config.block_sizes=(4, 8)",
+      "--config.workloads=('alpaca',)",
+      "--config.arrival_rate=2",  # an int for a float field is fine
+    ]
+  )
+  run.check_field_types(ok, default)
+  bad = {
+    "block_sizes": "--config.block_sizes=abc",  # ml_collections makes it ('abc',)
+    "block_sizes ": "--config.block_sizes=(1, 2.5)",
+    "workloads": "--config.workloads=(1,)",
+  }
+  for field, override in bad.items():
+    config = _parse([f"--config={path}", override])
+    with pytest.raises(app.UsageError, match=rf"^--config\.{field.strip()}="):
+      run.check_field_types(config, default)
+  # Nested fields are checked too; a bool is not an int.
+  nested_default = ConfigDict({"model": {"sizes": (1, 2)}})
+  for value in ((1, True), (1, "2")):
+    nested = copy.deepcopy(nested_default)
+    nested.model.sizes = value
+    with pytest.raises(app.UsageError, match=r"--config\.model\.sizes=.*has type (bool|str)"):
+      run.check_field_types(nested, nested_default)
+
+
+@pytest.mark.parametrize(
+  "override, wanted",
+  [
+    ("--config.nonexistent=1", r"no field 'nonexistent' \(fields: arrival_rate, block_sizes"),
+    ("--config.block_sizes=abc", r"--config.block_sizes=\('abc',\): element 'abc' has type str"),
+  ],
+)
+def test_bad_override_on_the_command_line_is_a_usage_error_and_writes_nothing(
+  tmp_path, override, wanted
+):
+  workdir = tmp_path / "out"
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.run",
+    "--config=configs/memory_waste.py:quick",
+    override,
+    f"--workdir={workdir}",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert re.search(wanted, out.stderr), out.stderr[-3000:]
+  assert not workdir.exists()
 
 
 def test_resolve_experiment_errors_name_the_choices():
