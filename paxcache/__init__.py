@@ -5,9 +5,13 @@ Device side (immutable pytrees and pure functions): :class:`BlockTable`,
 :class:`PagedKVCache` and the functions in :mod:`paxcache.cache`.
 Model and serving: :mod:`paxcache.nn` (Flax NNX) and :mod:`paxcache.engine`.
 Kernels live in the top-level :mod:`kernels` package.
+
+The allocator's names are imported eagerly; the device-side ones load JAX and Flax, so
+they are imported on first use (``import paxcache.allocator`` stays JAX-free).
 """
 
-from paxcache import cache
+import importlib
+
 from paxcache.allocator import (
   INVALID_BLOCK,
   AllocatorError,
@@ -20,10 +24,25 @@ from paxcache.allocator import (
   SequenceView,
   block_hash,
 )
-from paxcache.block_table import BlockTable, bucket_size, build_slot_mapping
-from paxcache.cache import HostKVPool, PagedKVCache
 
 __version__ = "0.1.0"
+
+_LAZY = {
+  "BlockTable": "paxcache.block_table",
+  "bucket_size": "paxcache.block_table",
+  "build_slot_mapping": "paxcache.block_table",
+  "HostKVPool": "paxcache.cache",
+  "PagedKVCache": "paxcache.cache",
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  if name == "cache":
+    return importlib.import_module("paxcache.cache")
+  raise AttributeError(f"module 'paxcache' has no attribute {name!r}")
+
 
 __all__ = [
   "INVALID_BLOCK",

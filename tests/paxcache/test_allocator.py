@@ -405,3 +405,14 @@ def test_swap_out_without_a_host_pool_says_so():
     a.swap_out("a")
   assert (info.value.pool, info.value.needed, info.value.available) == ("host", 2, 0)
   _same_state(before, vars(a))
+
+
+def test_allocator_import_does_not_load_jax():
+  """The host-side allocator is pure Python + NumPy: importing it (and paxcache) must not
+  pull in JAX or Flax, so host-only tools and experiments stay light."""
+  import subprocess
+  import sys
+
+  code = "import sys, paxcache.allocator; print('jax' in sys.modules or 'flax' in sys.modules)"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "False"
