@@ -6,6 +6,8 @@ import collections
 import dataclasses
 import functools
 import itertools
+import math
+import numbers
 import time
 from collections.abc import Hashable, Iterable
 
@@ -24,6 +26,11 @@ from paxcache.engine._scheduler import Plan, Scheduler
 from paxcache.nn import Decoder
 
 PREEMPTION_MODES = ("swap", "recompute")
+
+
+def _is_int(x) -> bool:
+  """A Python or NumPy integer, but not a bool (``True`` as a token count is a bug)."""
+  return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,43 +196,72 @@ class Engine:
 
   def add_request(self, request: Request) -> None:
     """Queues ``request``; raises :class:`RequestError` (changing nothing) if it is bad."""
-    self._validate(request)
+    request = self._validate(request)
     arrival = next(self._arrivals)
     seed = arrival if request.seed is None else int(request.seed)
     seq = Seq(
       seq_id=(request.request_id, 0),
       index=0,
-      tokens=[int(t) for t in request.prompt],
+      tokens=list(request.prompt),
       prompt_len=len(request.prompt),
     )
     group = Group(request=request, arrival=arrival, seed=seed, seqs=[seq])
     self._groups[request.request_id] = group
     self.scheduler.add(group)
 
-  def _validate(self, r: Request) -> None:
+  def _validate(self, r: Request) -> Request:
+    """Returns ``r`` with its prompt as a tuple of ints and its int fields as ints; raises
+    :class:`RequestError` naming the first bad field."""
     if not isinstance(r, Request):
       raise RequestError(f"expected a Request, got {type(r).__name__}")
     rid = r.request_id
     if rid in self._groups:
       raise RequestError(f"request id {rid!r} is already in the engine")
-    prompt = list(r.prompt)
+    if isinstance(r.prompt, str):
+      raise RequestError(f"request {rid!r}: prompt is a str; pass token ids, not text")
+    try:
+      # Read once: a generator prompt would be empty on a second pass.
+      prompt = tuple(r.prompt)
+    except TypeError:
+      raise RequestError(
+        f"request {rid!r}: prompt must be an iterable of token ids, got {type(r.prompt).__name__}"
+      ) from None
     if not prompt:
       raise RequestError(f"request {rid!r}: empty prompt (need at least one token)")
-    bad = [
-      t for t in prompt if not isinstance(t, int | np.integer) or not 0 <= int(t) < self.vocab_size
-    ]
+    bad = [t for t in prompt if not _is_int(t) or not 0 <= int(t) < self.vocab_size]
     if bad:
       raise RequestError(
         f"request {rid!r}: prompt tokens {bad[:8]} are not ints in [0, {self.vocab_size})"
       )
-    if r.max_new_tokens < 1 or r.n < 1 or r.temperature < 0 or r.top_k < 0:
+    for name in ("max_new_tokens", "n", "top_k"):
+      value = getattr(r, name)
+      if not _is_int(value):
+        raise RequestError(
+          f"request {rid!r}: {name} must be an int, got {value!r} ({type(value).__name__})"
+        )
+    t = r.temperature
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+      raise RequestError(f"request {rid!r}: temperature must be a finite number >= 0, got {t!r}")
+    if r.max_new_tokens < 1 or r.n < 1 or r.top_k < 0:
       raise RequestError(
-        f"request {rid!r}: need max_new_tokens >= 1, n >= 1, temperature >= 0, top_k >= 0; "
-        f"got max_new_tokens={r.max_new_tokens}, n={r.n}, temperature={r.temperature}, "
-        f"top_k={r.top_k}"
+        f"request {rid!r}: need max_new_tokens >= 1, n >= 1, top_k >= 0; "
+        f"got max_new_tokens={r.max_new_tokens}, n={r.n}, top_k={r.top_k}"
       )
-    if r.end_token is not None and not 0 <= r.end_token < self.vocab_size:
-      raise RequestError(f"request {rid!r}: end_token {r.end_token} not in [0, {self.vocab_size})")
+    if r.end_token is not None and (
+      not _is_int(r.end_token) or not 0 <= r.end_token < self.vocab_size
+    ):
+      raise RequestError(
+        f"request {rid!r}: end_token {r.end_token!r} is not an int in [0, {self.vocab_size})"
+      )
+    r = dataclasses.replace(
+      r,
+      prompt=tuple(int(t) for t in prompt),
+      max_new_tokens=int(r.max_new_tokens),
+      n=int(r.n),
+      temperature=float(t),
+      top_k=int(r.top_k),
+      end_token=None if r.end_token is None else int(r.end_token),
+    )
     if len(prompt) + r.max_new_tokens > self.max_seq_len:
       raise RequestError(
         f"request {rid!r}: prompt of {len(prompt)} tokens + max_new_tokens "
@@ -244,6 +280,7 @@ class Engine:
         f"{r.max_new_tokens}) / block_size {self.config.block_size}) = {need} blocks > "
         f"num_blocks {self.config.num_blocks}"
       )
+    return r
 
   def abort(self, request_id: Hashable) -> RequestOutput:
     """Stops ``request_id`` now and frees its blocks; returns what it produced so far."""

@@ -238,6 +238,37 @@ def test_bad_input_raises_and_changes_nothing(tiny):
   assert list(out) == ["ok"] and len(out["ok"].samples[0]) == 4
 
 
+def test_request_fields_are_type_checked_and_the_prompt_is_copied(tiny):
+  engine = Engine(tiny, EngineConfig(num_blocks=16, block_size=8))
+  before = _snapshot(engine)
+  nan, inf = float("nan"), float("inf")
+  bad = {  # field the message must name -> a request wrong only in that field
+    "max_new_tokens": Request("a", [1, 2], max_new_tokens=2.5),
+    "n": Request("b", [1, 2], max_new_tokens=2, n=True),
+    "top_k": Request("c", [1, 2], max_new_tokens=2, top_k=1.0),
+    "temperature": Request("d", [1, 2], max_new_tokens=2, temperature=nan),
+    "temperature ": Request("e", [1, 2], max_new_tokens=2, temperature=inf),
+    "end_token": Request("f", [1, 2], max_new_tokens=2, end_token=256),
+    "prompt": Request("g", [1, -2], max_new_tokens=2),
+    "prompt ": Request("h", [1, 2.0], max_new_tokens=2),
+    "prompt  ": Request("i", [1, True], max_new_tokens=2),
+    "prompt   ": Request("j", 12, max_new_tokens=2),
+    "prompt    ": Request("k", "ab", max_new_tokens=2),
+  }
+  for field, req in bad.items():
+    with pytest.raises(RequestError, match=rf"{req.request_id!r}.*\b{field.strip()}\b"):
+      engine.add_request(req)
+    assert _snapshot(engine) == before
+  # A one-shot iterable is read once; NumPy integers are taken as ints.
+  words = list(b"the cat ")
+  engine.add_request(Request("gen", (t for t in words), max_new_tokens=3))
+  engine.add_request(Request("np", np.array(words), max_new_tokens=np.int64(3), top_k=np.int32(0)))
+  out = engine.run()
+  want = greedy_generate_no_cache(tiny, [words], 3)[0]
+  assert out["gen"].samples == [want] and out["np"].samples == [want]
+  assert out["gen"].prompt_len == len(words)
+
+
 def test_abort_frees_blocks_and_keeps_other_requests_exact(tiny):
   engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, num_host_blocks=32))
   keep = Request("keep", list(b"the farmer "), max_new_tokens=12)
