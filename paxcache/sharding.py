@@ -43,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 import kernels
 from paxcache import cache as cache_ops
 from paxcache.cache import HostKVPool, PagedKVCache
-from paxcache.nn import PagedAttention, apply_rope
+from paxcache.nn import PagedAttention
 
 MODEL_AXIS = "model"
 
@@ -449,73 +449,28 @@ def sharded_paged_attention(
 
 
 # ---------------------------------------------------------------------------------------------
-# Model and engine glue (until paxcache.nn / paxcache.engine take a mesh themselves).
+# Model and engine: placing parameters (the layers and the engine take the mesh themselves).
 
 
 class ShardedPagedAttention(nnx.Module):
-  """Wraps a :class:`paxcache.nn.PagedAttention`: the same parameters and call, with the
-  K/V write and the kernel run per device under ``shard_map``.
+  """A :class:`paxcache.nn.PagedAttention` set to run on ``mesh`` (kept for older callers).
 
-  Projections run under GSPMD with the shardings :func:`shard_model` gives them; the
-  cache must have been placed with :func:`shard_cache`. :meth:`dense` (the unpaged oracle)
-  is the wrapped module's.
+  ``PagedAttention(..., mesh=mesh)`` does the sharded write and attention itself; this
+  wrapper only sets the wrapped layer's mesh and forwards the call and :meth:`dense`.
   """
 
   def __init__(self, attn: PagedAttention, mesh: Mesh, *, axis: str = MODEL_AXIS):
     if not isinstance(attn, PagedAttention):
       raise ValueError(f"attn must be a PagedAttention, got {type(attn).__name__}")
+    attn.set_mesh(mesh, axis)
     self.attn = attn
     self.mesh = mesh
     self.axis = axis
     self.layout = head_layout(_axis_size(mesh, axis), attn.num_kv_heads, attn.num_q_heads)
 
-  def __call__(
-    self,
-    x,
-    positions,
-    cache,
-    *,
-    block_table,
-    lengths,
-    slot_mapping,
-    cu_q_lens=None,
-    layer=None,
-  ):
+  def __call__(self, *args, **kwargs):
     """Same arguments and results as :meth:`paxcache.nn.PagedAttention.__call__`."""
-    a = self.attn
-    if x.ndim != 2:
-      raise ValueError(f"x must be [num_tokens, d_model], got {x.shape}")
-    t = x.shape[0]
-    q = a.q_proj(x).reshape(t, a.num_q_heads, a.head_dim)
-    k = a.k_proj(x).reshape(t, a.num_kv_heads, a.head_dim)
-    v = a.v_proj(x).reshape(t, a.num_kv_heads, a.head_dim)
-    if a.rope_theta is not None:
-      q = apply_rope(q, positions, a.rope_theta)
-      k = apply_rope(k, positions, a.rope_theta)
-    if isinstance(cache, PagedKVCache):
-      if layer is None:
-        raise ValueError("a PagedKVCache needs the layer index: pass layer=")
-      cache = sharded_cache_write(self.mesh, cache, layer, k, v, slot_mapping, axis=self.axis)
-      k_blocks, v_blocks = cache.layer(layer)
-    else:
-      k_blocks, v_blocks = sharded_write_kv(self.mesh, *cache, k, v, slot_mapping, axis=self.axis)
-      cache = (k_blocks, v_blocks)
-    out = sharded_paged_attention(
-      self.mesh,
-      q.astype(k_blocks.dtype),
-      k_blocks,
-      v_blocks,
-      block_table,
-      lengths,
-      cu_q_lens,
-      num_kv_heads=a.num_kv_heads,
-      axis=self.axis,
-      sliding_window=a.sliding_window,
-      logit_soft_cap=a.logit_soft_cap,
-      backend=a.backend,
-      interpret=a.interpret,
-    )
-    return a.o_proj(out.astype(x.dtype).reshape(t, -1)), cache
+    return self.attn(*args, **kwargs)
 
   def dense(self, *args, **kwargs):
     return self.attn.dense(*args, **kwargs)
@@ -528,25 +483,29 @@ def _put(variable, sharding) -> None:
 def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
   """Shards a :class:`paxcache.nn.Decoder` in place for tensor parallelism; returns it.
 
-  Each layer's attention becomes a :class:`ShardedPagedAttention` (same parameters).
-  Parameters are placed Megatron-style where the head layout allows it: q/k/v and
-  gate/up projections split by output columns (whole heads per device), o/down
-  projections by input rows (GSPMD adds the all-reduce after them); k/v projections are
-  replicated when KV heads are copied, q/o when the query layout is not the identity;
-  everything else (embedding, norms) is replicated. Do this before building an
-  ``Engine`` (it splits the model once, when built).
+  Sets every layer's :class:`paxcache.nn.PagedAttention` to run on ``mesh`` (K/V write and
+  attention per device under ``shard_map``) and places the parameters Megatron-style
+  where the head layout allows it: q/k/v and gate/up projections split by output columns
+  (whole heads per device), o/down projections by input rows (GSPMD adds the all-reduce
+  after them); k/v projections are replicated when KV heads are copied, q/o when the
+  query layout is not the identity; everything else (embedding, norms) is replicated.
+  ``model.init_cache`` then returns a sharded pool. ``Engine`` does this itself when
+  ``EngineConfig.mesh`` is set.
   """
   n = _axis_size(mesh, axis)
   rep = NamedSharding(mesh, P())
   cols, rows = NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P(axis, None))
+  for layer in model.layers:
+    # An older model may carry the wrapper: unwrap it, the layer runs the mesh itself.
+    if isinstance(layer.attn, ShardedPagedAttention):
+      layer.attn = layer.attn.attn
+    layer.attn.set_mesh(mesh, axis)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Variable):
       _put(node, rep)
   for layer in model.layers:
-    if not isinstance(layer.attn, ShardedPagedAttention):
-      layer.attn = ShardedPagedAttention(layer.attn, mesh, axis=axis)
-    wrapped = layer.attn
-    a, layout = wrapped.attn, wrapped.layout
+    a = layer.attn
+    layout = head_layout(n, a.num_kv_heads, a.num_q_heads)
     if layout.q_identity:
       _put(a.q_proj.kernel, cols)
       _put(a.o_proj.kernel, rows)
@@ -562,15 +521,28 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
 
 
 def shard_engine_cache(engine, mesh: Mesh, *, axis: str = MODEL_AXIS) -> None:
-  """Replaces a fresh ``Engine``'s cache with a sharded one (and its host pool with one of
-  the pool heads' shape). A stopgap until ``EngineConfig`` takes a mesh: the engine first
-  allocates the whole pool on one device. Call before the first step."""
+  """Gives a fresh ``Engine`` a sharded pool (and a host pool of the pool heads' shape).
+
+  Kept for older callers: ``Engine(model, EngineConfig(mesh=mesh))`` builds the sharded
+  pool itself, as does an engine over a model already passed through :func:`shard_model`;
+  then this changes nothing. Call before the first step.
+  """
   if engine.has_unfinished() or engine.allocator.num_used_blocks:
     raise ValueError("shard_engine_cache must run on a fresh engine (no requests yet)")
   c = engine.cache
+  spec = kv_sharding(mesh, engine.model.config.num_kv_heads, axis=axis)
+  if c.num_kv_heads == spec.layout.pool_heads and c.k.sharding.is_equivalent_to(spec.pool, 5):
+    return
   # A fresh engine's pool holds no token yet: allocate the sharded one in place.
   engine.cache = init_sharded_cache(
-    mesh, c.num_layers, c.num_kv_heads, c.num_blocks, c.block_size, c.head_dim, c.dtype, axis=axis
+    mesh,
+    c.num_layers,
+    engine.model.config.num_kv_heads,
+    c.num_blocks,
+    c.block_size,
+    c.head_dim,
+    c.dtype,
+    axis=axis,
   )
   if engine.host_pool is not None:
     engine.host_pool = HostKVPool.like(engine.cache, engine.host_pool.num_host_blocks)

@@ -14,9 +14,11 @@ from collections.abc import Hashable, Iterable
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from kernels import INVALID_BLOCK, INVALID_SLOT
 from paxcache import cache as cache_ops
+from paxcache import sharding
 from paxcache.allocator import BlockAllocator
 from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine._metrics import RunMetrics, StepMetrics
@@ -24,6 +26,7 @@ from paxcache.engine._request import Group, Request, RequestError, RequestOutput
 from paxcache.engine._sampling import sample_tokens
 from paxcache.engine._scheduler import Plan, Scheduler
 from paxcache.nn import Decoder
+from paxcache.sharding import MODEL_AXIS
 
 PREEMPTION_MODES = ("swap", "recompute")
 
@@ -55,6 +58,13 @@ class EngineConfig:
     metrics_history: per-step metrics kept (a bounded deque: host memory stays flat).
     check_invariants: run the allocator's full consistency check after every step
       (tests only: O(pool)).
+    mesh: a ``jax.sharding.Mesh`` for tensor parallelism over KV heads (e.g.
+      ``paxcache.sharding.make_mesh(2)``), or None for one device. The engine shards the
+      model it is given in place (``paxcache.sharding.shard_model``) and allocates the
+      device pool sharded (``num_blocks`` blocks, each device holding its own heads of
+      every block); block ids, the allocator and the host pool (all the pool heads, on
+      this host) work as on one device. Single host only.
+    mesh_axis: the tensor-parallel axis of ``mesh``.
   """
 
   num_blocks: int = 256
@@ -72,8 +82,19 @@ class EngineConfig:
   seed: int = 0
   metrics_history: int = 4096
   check_invariants: bool = False
+  mesh: Mesh | None = None
+  mesh_axis: str = MODEL_AXIS
 
   def __post_init__(self):
+    if self.mesh is not None:
+      if not isinstance(self.mesh, Mesh):
+        raise ValueError(
+          f"EngineConfig.mesh must be a jax.sharding.Mesh or None, got {type(self.mesh).__name__}"
+        )
+      if self.mesh_axis not in self.mesh.axis_names:
+        raise ValueError(
+          f"EngineConfig.mesh has axes {self.mesh.axis_names}, not mesh_axis {self.mesh_axis!r}"
+        )
     if self.preemption_mode not in PREEMPTION_MODES:
       raise ValueError(
         f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
@@ -162,6 +183,10 @@ class Engine:
       enable_prefix_caching=config.enable_prefix_caching,
       max_seq_len=self.max_seq_len,
     )
+    if config.mesh is not None:
+      # Before nnx.split: the step is compiled for the sharded layers and parameters.
+      sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
+    # Sharded when the model's layers carry a mesh: no device ever holds the whole pool.
     self.cache = model.init_cache(config.num_blocks, config.block_size)
     self.host_pool = (
       cache_ops.HostKVPool.like(self.cache, config.num_host_blocks)

@@ -11,6 +11,11 @@ parameters, so the same module runs under ``jit`` with the pools donated.
 The cache is either one layer's ``(k_blocks, v_blocks)`` or a whole
 :class:`paxcache.cache.PagedKVCache` with a layer index (what the decoder uses).
 
+With ``mesh`` set, the same module runs tensor-parallel over KV heads: the K/V write and
+the kernel run per device under ``shard_map`` (:mod:`paxcache.sharding`), on a cache
+placed by ``paxcache.sharding.init_sharded_cache`` / ``shard_cache``. With ``mesh=None``
+(the default) the single-device code path runs, unchanged.
+
 The same module also runs without paging (:meth:`PagedAttention.dense`): causal
 attention over the whole sequence, or over a plain contiguous cache; the decoder's
 no-cache path uses it as the parity oracle for the paged path.
@@ -78,6 +83,10 @@ class PagedAttention(nnx.Module):
     interpret: run a Pallas backend in interpret mode (tests on CPU).
     sliding_window, logit_soft_cap: passed to the kernel.
     dtype: activation dtype of the projections.
+    mesh: a ``jax.sharding.Mesh`` with a ``mesh_axis`` axis: write and attend per device,
+      KV heads over that axis (``paxcache.sharding.shard_model`` sets it on a built model
+      and places the parameters). None: one device.
+    mesh_axis: the tensor-parallel axis of ``mesh``.
     rngs: parameter initialisation.
   """
 
@@ -94,6 +103,8 @@ class PagedAttention(nnx.Module):
     sliding_window: int | None = None,
     logit_soft_cap: float | None = None,
     dtype=jnp.float32,
+    mesh=None,
+    mesh_axis: str = "model",
     rngs: nnx.Rngs,
   ):
     if num_q_heads % num_kv_heads:
@@ -115,6 +126,17 @@ class PagedAttention(nnx.Module):
     self.interpret = interpret
     self.sliding_window = sliding_window
     self.logit_soft_cap = logit_soft_cap
+    self.set_mesh(mesh, mesh_axis)
+
+  def set_mesh(self, mesh, mesh_axis: str = "model") -> None:
+    """Sets (or with None clears) the mesh; checks it has ``mesh_axis``. Placing the
+    parameters and the cache is the caller's (``paxcache.sharding.shard_model``)."""
+    if mesh is not None:
+      from paxcache import sharding  # paxcache.sharding imports this module
+
+      sharding.head_layout(sharding._axis_size(mesh, mesh_axis), self.num_kv_heads)
+    self.mesh = mesh
+    self.mesh_axis = mesh_axis
 
   def _qkv(self, x, positions):
     """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k."""
@@ -170,25 +192,52 @@ class PagedAttention(nnx.Module):
     if isinstance(cache, PagedKVCache):
       if layer is None:
         raise ValueError("a PagedKVCache needs the layer index: pass layer=")
-      cache = cache_ops.write(cache, layer, k, v, slot_mapping)
-      k_blocks, v_blocks = cache.layer(layer)
-    else:
-      if layer is not None:
-        raise ValueError("layer= is only for a PagedKVCache; got per-layer (k_blocks, v_blocks)")
-      k_blocks, v_blocks = kernels.write_kv(*cache, k, v, slot_mapping)
-      cache = (k_blocks, v_blocks)
-    out = kernels.paged_attention(
-      q.astype(k_blocks.dtype),
-      k_blocks,
-      v_blocks,
-      block_table,
-      lengths,
-      cu_q_lens,
+    elif layer is not None:
+      raise ValueError("layer= is only for a PagedKVCache; got per-layer (k_blocks, v_blocks)")
+    kernel_kwargs = dict(
       sliding_window=self.sliding_window,
       logit_soft_cap=self.logit_soft_cap,
       backend=self.backend,
       interpret=self.interpret,
     )
+    if self.mesh is None:
+      if isinstance(cache, PagedKVCache):
+        cache = cache_ops.write(cache, layer, k, v, slot_mapping)
+        k_blocks, v_blocks = cache.layer(layer)
+      else:
+        k_blocks, v_blocks = kernels.write_kv(*cache, k, v, slot_mapping)
+        cache = (k_blocks, v_blocks)
+      out = kernels.paged_attention(
+        q.astype(k_blocks.dtype),
+        k_blocks,
+        v_blocks,
+        block_table,
+        lengths,
+        cu_q_lens,
+        **kernel_kwargs,
+      )
+    else:
+      from paxcache import sharding  # paxcache.sharding imports this module
+
+      mesh, axis = self.mesh, self.mesh_axis
+      if isinstance(cache, PagedKVCache):
+        cache = sharding.sharded_cache_write(mesh, cache, layer, k, v, slot_mapping, axis=axis)
+        k_blocks, v_blocks = cache.layer(layer)
+      else:
+        k_blocks, v_blocks = sharding.sharded_write_kv(mesh, *cache, k, v, slot_mapping, axis=axis)
+        cache = (k_blocks, v_blocks)
+      out = sharding.sharded_paged_attention(
+        mesh,
+        q.astype(k_blocks.dtype),
+        k_blocks,
+        v_blocks,
+        block_table,
+        lengths,
+        cu_q_lens,
+        num_kv_heads=self.num_kv_heads,
+        axis=axis,
+        **kernel_kwargs,
+      )
     out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
 

@@ -16,7 +16,14 @@ class DecoderLayer(nnx.Module):
   """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
   def __init__(
-    self, config: DecoderConfig, *, backend: str = "auto", interpret: bool = False, rngs: nnx.Rngs
+    self,
+    config: DecoderConfig,
+    *,
+    backend: str = "auto",
+    interpret: bool = False,
+    mesh=None,
+    mesh_axis: str = "model",
+    rngs: nnx.Rngs,
   ):
     c = config
     self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
@@ -29,6 +36,8 @@ class DecoderLayer(nnx.Module):
       backend=backend,
       interpret=interpret,
       dtype=c.jnp_dtype,
+      mesh=mesh,
+      mesh_axis=mesh_axis,
       rngs=rngs,
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
@@ -62,10 +71,21 @@ class Decoder(nnx.Module):
   * :meth:`forward`: no cache, causal attention over whole sequences (the parity
     oracle: full recomputation);
   * :meth:`forward_cached`: a plain contiguous cache, for comparison with paging.
+
+  ``mesh`` / ``mesh_axis`` are passed to every layer's :class:`PagedAttention` (tensor
+  parallelism over KV heads); ``paxcache.sharding.shard_model`` sets them on a built model
+  and also places the parameters, which is what the engine does with ``EngineConfig.mesh``.
   """
 
   def __init__(
-    self, config: DecoderConfig, *, backend: str = "auto", interpret: bool = False, rngs: nnx.Rngs
+    self,
+    config: DecoderConfig,
+    *,
+    backend: str = "auto",
+    interpret: bool = False,
+    mesh=None,
+    mesh_axis: str = "model",
+    rngs: nnx.Rngs,
   ):
     c = config
     self.config = c
@@ -74,7 +94,9 @@ class Decoder(nnx.Module):
     )
     self.layers = nnx.List(
       [
-        DecoderLayer(c, backend=backend, interpret=interpret, rngs=rngs)
+        DecoderLayer(
+          c, backend=backend, interpret=interpret, mesh=mesh, mesh_axis=mesh_axis, rngs=rngs
+        )
         for _ in range(c.num_layers)
       ]
     )
@@ -95,10 +117,38 @@ class Decoder(nnx.Module):
     out = self.embed.attend(h) if self.config.tie_embeddings else self.lm_head(h)
     return out.astype(jnp.float32)
 
+  @property
+  def mesh(self):
+    """``(mesh, mesh_axis)`` of the attention layers, or ``(None, None)`` on one device."""
+    meshes = {(layer.attn.mesh, layer.attn.mesh_axis) for layer in self.layers}
+    if len(meshes) > 1:
+      raise ValueError(f"the layers' attention runs on {len(meshes)} different meshes")
+    mesh, axis = meshes.pop() if meshes else (None, None)
+    return (None, None) if mesh is None else (mesh, axis)
+
   def init_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
     """A zero-filled paged cache for this model: ``k, v [num_layers, num_kv_heads,
-    num_blocks, block_size, head_dim]`` in the config's dtype."""
+    num_blocks, block_size, head_dim]`` in the config's dtype.
+
+    With a mesh on the layers, the cache is ``paxcache.sharding.init_sharded_cache``'s:
+    ``pool_heads`` heads sharded over the mesh axis, each device allocating only its own
+    (the whole pool never exists on one device).
+    """
     c = self.config
+    mesh, axis = self.mesh
+    if mesh is not None:
+      from paxcache import sharding  # paxcache.sharding imports paxcache.nn
+
+      return sharding.init_sharded_cache(
+        mesh,
+        c.num_layers,
+        c.num_kv_heads,
+        num_blocks,
+        block_size,
+        c.head_dim,
+        c.jnp_dtype,
+        axis=axis,
+      )
     return PagedKVCache.create(
       c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim, c.jnp_dtype
     )

@@ -11,6 +11,7 @@ with its values.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -284,12 +285,12 @@ def check_engine(meshes) -> list[dict]:
   want = single.run(list(reqs))
   rows = []
   for n, mesh in meshes.items():
-    model = sh.shard_model(load_decoder(), mesh)
-    engine = Engine(model, config)
-    sh.shard_engine_cache(engine, mesh)
+    # The mesh is only an engine option: the engine shards the model and builds the pool.
+    model = load_decoder()
+    engine = Engine(model, dataclasses.replace(config, mesh=mesh))
     got = engine.run(list(reqs))
     spec_kv = sh.kv_sharding(mesh, model.config.num_kv_heads)
-    q_kernel = model.layers[0].attn.attn.q_proj.kernel.get_value()
+    q_kernel = model.layers[0].attn.q_proj.kernel.get_value()
     m = engine.metrics
     rows.append(
       dict(
@@ -301,6 +302,10 @@ def check_engine(meshes) -> list[dict]:
         preemptions_swap=int(m.preemptions_swap),
         cow_copies=int(m.cow_copies),
         cache_sharding=bool(engine.cache.k.sharding.is_equivalent_to(spec_kv.pool, 5)),
+        pool_heads=int(engine.cache.num_kv_heads),
+        want_pool_heads=spec_kv.layout.pool_heads,
+        host_pool_heads=int(engine.host_pool.k.shape[1]),
+        attn_mesh=all(layer.attn.mesh is mesh for layer in model.layers),
         pool=_shard_info(engine.cache.k),
         q_proj=_shard_info(q_kernel),
         used_blocks_after=int(engine.allocator.num_used_blocks),

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import kernels
 from paxcache import sharding as sh
@@ -216,7 +217,53 @@ def test_sharded_engine_equals_single_device(multi_device):
     # The tiny model has 2 KV heads: one whole KV head copy per device, 14 blocks each.
     assert r["cache_sharding"] and r["pool"]["shard_devices"] == r["mesh"]
     assert r["pool"]["shard_shapes"] == [[2, 1, 14, 8, 16]]
+    # EngineConfig.mesh alone did it: the layers run on the mesh, the pools have the pool
+    # heads (2 KV heads copied to one per device), the host pool matches the device pool.
+    assert r["attn_mesh"], r
+    assert r["pool_heads"] == r["want_pool_heads"] == r["host_pool_heads"] == r["mesh"], r
   # 4 query heads of 16: column-sharded q projection on 4 devices; replicated on 8 (its
   # query layout is not the identity there).
   assert rows[0]["q_proj"]["shard_shapes"] == [[64, 16]]
   assert rows[1]["q_proj"]["shard_shapes"] == [[64, 64]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh option, in process (one device).
+
+
+def test_mesh_option_checks_its_input():
+  from paxcache.engine import EngineConfig
+  from paxcache.nn import PagedAttention
+
+  mesh = sh.make_mesh(1)
+  with pytest.raises(ValueError, match="jax.sharding.Mesh"):
+    EngineConfig(mesh="model")
+  with pytest.raises(ValueError, match="mesh_axis 'data'"):
+    EngineConfig(mesh=mesh, mesh_axis="data")
+  with pytest.raises(ValueError, match="not 'data'"):
+    PagedAttention(8, 2, 1, 4, mesh=mesh, mesh_axis="data", rngs=nnx.Rngs(0))
+
+
+def test_paged_attention_on_a_one_device_mesh_equals_no_mesh():
+  """The mesh path (shard_map write and kernel) against the plain path, same parameters,
+  on a 1-device mesh: the subprocess checks cover 4 and 8 devices."""
+  from paxcache.nn import PagedAttention
+
+  rng = np.random.default_rng(3)
+  attn = PagedAttention(16, 4, 2, 8, rngs=nnx.Rngs(0))
+  x = jnp.asarray(rng.standard_normal((5, 16)).astype(np.float32))
+  positions = jnp.asarray([0, 1, 2, 0, 1], jnp.int32)
+  paged = dict(
+    block_table=jnp.asarray([[2, -1], [0, -1]], jnp.int32),
+    lengths=jnp.asarray([3, 2], jnp.int32),
+    slot_mapping=jnp.asarray([8, 9, 10, 0, 1], jnp.int32),
+    cu_q_lens=jnp.asarray([0, 3, 5], jnp.int32),
+  )
+  # Two fresh caches: the write donates its cache.
+  want, want_cache = attn(x, positions, PagedKVCache.create(2, 2, 4, 4, 8), layer=1, **paged)
+  attn.set_mesh(sh.make_mesh(1))
+  assert attn.mesh is not None
+  got, got_cache = attn(x, positions, PagedKVCache.create(2, 2, 4, 4, 8), layer=1, **paged)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL["sharded_vs_single"])
+  np.testing.assert_array_equal(np.asarray(got_cache.k), np.asarray(want_cache.k))
+  np.testing.assert_array_equal(np.asarray(got_cache.v), np.asarray(want_cache.v))
