@@ -11,7 +11,7 @@ from kernels._api import (
   resolve_backend,
   validate_inputs,
 )
-from kernels._write import INVALID_SLOT, write_kv
+from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv
 from kernels.reference import INVALID_BLOCK
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
   "INVALID_BLOCK",
   "INVALID_SLOT",
   "BackendUnavailableError",
+  "check_host_slot_mapping",
   "paged_attention",
   "resolve_backend",
   "validate_inputs",

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import INVALID_BLOCK, INVALID_SLOT
+from kernels import INVALID_BLOCK, check_host_slot_mapping, write_kv
 
 # ---------------------------------------------------------------------------------------------
 # The device cache.
@@ -163,10 +163,9 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
       ``kernels.INVALID_SLOT`` (-1) marks padding rows, which write nothing. A NumPy
       slot_mapping is checked (in range, no slot twice); a device one is trusted.
 
-  Same semantics as ``kernels.write_kv`` on ``cache.k[layer]`` (the tests check that), but
-  done as one scatter into the 5-D pool: slicing the layer out, scattering and writing it
-  back makes XLA copy the whole layer (measured on CPU: 18.7 ms vs 66 us for 4 tokens in a
-  16 MiB layer), while this touches only the new tokens' slots.
+  ``kernels.write_kv(..., layer=layer)`` on the 5-D pools: one scatter into the pool, since
+  slicing the layer out, scattering and writing it back makes XLA copy the whole layer
+  (measured on CPU: 18.7 ms vs 66 us for 4 tokens in a 16 MiB layer).
   """
   _check_cache(cache)
   _check_layer(layer, cache.num_layers)
@@ -186,27 +185,14 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
       f"slot_mapping must be int32 [{k_new.shape[0]}] (one per new token), got "
       f"{_shape_str(slot_mapping)}"
     )
-  if _on_host(slot_mapping):
-    slots = np.asarray(slot_mapping)
-    num_slots = cache.num_blocks * cache.block_size
-    _check_range(slots, "slot_mapping", num_slots, allow_invalid=True)
-    _check_unique(slots[slots != INVALID_SLOT], "slot_mapping")
+  check_host_slot_mapping(slot_mapping, cache.num_blocks * cache.block_size)
   return _write(cache, jnp.asarray(layer, jnp.int32), k_new, v_new, slot_mapping)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write(cache, layer, k_new, v_new, slot_mapping):
-  num_blocks, block_size = cache.num_blocks, cache.block_size
-  # Padding (negative) slots get an out-of-range block id and the scatter drops them; a
-  # negative index would instead wrap around to the last block.
-  block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)
-  offset = slot_mapping % block_size
-
-  def scatter(pool, new):
-    # Advanced indices split by a slice: the update is laid out [num_tokens, heads, dim].
-    return pool.at[layer, :, block, offset].set(new.astype(pool.dtype), mode="drop")
-
-  return PagedKVCache(k=scatter(cache.k, k_new), v=scatter(cache.v, v_new))
+  k, v = write_kv(cache.k, cache.v, k_new, v_new, slot_mapping, layer=layer)
+  return PagedKVCache(k=k, v=v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +403,6 @@ def _as_ids(ids, name: str):
 
 
 def _check_range(ids: np.ndarray, name: str, limit: int, *, allow_invalid: bool) -> None:
-  # INVALID_BLOCK == INVALID_SLOT == -1: one padding value for block and slot ids.
   ok = (ids >= 0) & (ids < limit)
   if allow_invalid:
     ok |= ids == INVALID_BLOCK

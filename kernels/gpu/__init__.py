@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kernels._api import validate_inputs
+from kernels._api import _shape_str, validate_inputs
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.tuning import GpuBlockSizes, default_block_sizes
@@ -35,10 +35,6 @@ MAX_GROUP = 128  # query heads per KV head in one decode tile
 def kernel_backend() -> str:
   """The Pallas GPU backend the public functions run: "triton" (see module docstring)."""
   return "triton"
-
-
-def _shape_str(x) -> str:
-  return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
 
 
 def validate_gpu_inputs(

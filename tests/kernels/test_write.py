@@ -123,9 +123,9 @@ def test_bad_inputs_are_named(which, match):
 @pytest.mark.parametrize(
   "slots,match",
   [
-    ([3, NUM_BLOCKS * BS, 5], r"outside \[0, \d+\) and != -1 \(padding\): \[\d+\]"),
-    ([3, -7, 5], r"outside .*: \[-7\]"),
-    ([3, 5, 3], "same slot twice"),
+    ([3, NUM_BLOCKS * BS, 5], rf"slot_mapping \[{NUM_BLOCKS * BS}\] out of range \[0, \d+\) or -1"),
+    ([3, -7, 5], r"slot_mapping \[-7\] out of range"),
+    ([3, 5, 3], r"slot_mapping has repeated ids \[3\]"),
   ],
   ids=["past-the-pool", "negative-not-padding", "repeated"],
 )
