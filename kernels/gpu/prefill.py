@@ -49,8 +49,15 @@ def heads_per_program(group: int, q_tile: int, requested: int | None) -> int:
   return hp
 
 
-def build_schedule(cu_q_lens, lengths, num_tokens: int, q_tile: int, sliding_window):
+def build_schedule(
+  cu_q_lens, lengths, num_tokens: int, q_tile: int, sliding_window, align: int = 1
+):
   """Query tiles of a ragged batch, heaviest first.
+
+  With ``align > 1`` a segment's tiles are laid on the grid of multiples of ``align``:
+  tile ``k`` of a segment starting at row ``s`` covers ``[a + k * q_tile, a + (k + 1) *
+  q_tile)`` clipped to the segment, ``a = s - s % align`` (so every tile lies in one
+  aligned ``q_tile``-row window; only a segment's first tile is shortened).
 
   Returns int32 [max_tiles, 8]: row start, row end (exclusive), position of the
   first row, sequence id, key length (0 for padding tiles, which only write zeros).
@@ -60,17 +67,20 @@ def build_schedule(cu_q_lens, lengths, num_tokens: int, q_tile: int, sliding_win
   cu = lax.cummax(cu)  # a malformed (decreasing) cu_q_lens cannot make rows overlap
   seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), cu])
   seg_end = jnp.concatenate([cu, jnp.full((1,), num_tokens, jnp.int32)])
-  seg_len = seg_end - seg_start
-  seg_tiles = (seg_len + q_tile - 1) // q_tile
+  seg_base = seg_start - seg_start % align
+  seg_len = seg_end - seg_base
+  seg_tiles = jnp.where(seg_end > seg_start, (seg_len + q_tile - 1) // q_tile, 0)
   cum = jnp.cumsum(seg_tiles)
-  max_tiles = -(-num_tokens // q_tile) + batch + 2
+  # Each segment adds at most one tile beyond ceil(rows / q_tile) (two with alignment).
+  max_tiles = -(-num_tokens // q_tile) + (batch + 2) * (2 if align > 1 else 1)
   tile = jnp.arange(max_tiles, dtype=jnp.int32)
   seg = jnp.searchsorted(cum, tile, side="right").astype(jnp.int32)
   real = seg < batch + 2
   seg = jnp.minimum(seg, batch + 1)
   local = tile - (cum[seg] - seg_tiles[seg])
-  start = seg_start[seg] + local * q_tile
+  start = seg_base[seg] + local * q_tile
   end = jnp.minimum(start + q_tile, seg_end[seg])
+  start = jnp.maximum(start, seg_start[seg])
   is_seq = real & (seg >= 1) & (seg <= batch)
   b = jnp.clip(seg - 1, 0, batch - 1)
   q_len = cu[b + 1] - cu[b]

@@ -1,0 +1,419 @@
+"""Ragged (chunked) prefill paged attention for Hopper in Pallas Mosaic GPU.
+
+The compute-bound half of ``kernels.paged_attention`` on H100-class GPUs (sm_90): TMA
+copies of whole K/V blocks into shared memory, warpgroup matrix products (wgmma) and warp
+specialisation. :func:`kernels.gpu.kernel_backend` decides when it runs; the Pallas
+Triton kernel in ``prefill.py`` stays the portable one (older GPUs, CPU interpret tests of
+every option).
+
+Work split. The ragged batch is cut into tiles of up to 128 consecutive query tokens of
+one sequence (``prefill.build_schedule``, heaviest first); one CUDA block takes one
+(query head, tile) pair. The grid runs the query heads fastest, so the blocks of one GQA
+group, which read the same K/V, run side by side and share them in L2.
+
+Inside a block three warpgroups work on one tile:
+
+* warpgroup 2, the producer, walks the tile's K/V steps (``kv_tile`` tokens each). For a
+  step it reads the block ids from the block table and issues one TMA copy per cache
+  block (or per ``kv_tile`` slice of a block larger than the step) into a ring of
+  ``num_slots`` shared-memory slots; K and V have their own "full" barriers, so the
+  score product starts as soon as K is in.
+* warpgroups 0 and 1, the consumers, take 64 query rows each and run the online softmax
+  over the same steps. Each computes ``S = Q K^T`` (wgmma, Q and K from shared memory),
+  masks and exponentiates in registers, and accumulates ``P V`` (wgmma, P from
+  registers). After a step each arrives on the slot's "free" barriers, which the
+  producer waits for before reusing the slot. The two consumers take turns on the tensor
+  cores through a two-party rendezvous barrier: while one runs its softmax the other's
+  matrix products run, so neither the tensor cores nor the exponentials wait.
+
+Memory safety without masked loads. A TMA copy moves a whole block; it cannot zero the
+slots past a sequence's length. Those slots may hold anything (stale values, NaN), and a
+NaN there would reach the output through ``0 * NaN`` in ``P V``. So the one K/V step that
+contains a sequence's end is not read from the pool: XLA gathers it beforehand into a
+small ``tail`` buffer ``[num_kv_heads, batch, kv_tile, head_dim]`` with every slot at or
+past the length (and every slot behind an invalid block id) set to zero, and the producer
+copies that step from there. Every other step lies wholly inside the sequence, where all
+block ids are real. Block ids are clamped into ``[0, num_blocks)`` before they address a
+copy, so even a malformed traced table cannot make the kernel read outside the pool
+(concrete tables are checked on the host by ``kernels.validate_inputs``).
+
+Query rows are read through TMA as two 64-row windows starting at the tile's first row
+rounded down to a multiple of 8 (the tiles are laid out so, by ``build_schedule(align=8)``,
+because the swizzled shared-memory layout needs 8-row-aligned copies); rows outside the
+tile are computed and dropped, and TMA reads rows past the end of ``q`` as zeros. Only a
+warpgroup's own rows are stored: a full 64-row window in one TMA store, a partial one as a
+ladder of power-of-two stores (64, 32, ..., 1 rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels.gpu.prefill import build_schedule
+
+LOG2E = math.log2(math.e)
+ROWS = 64  # query rows of one consumer warpgroup (the wgmma M dimension)
+NUM_CONSUMERS = 2
+TILE = ROWS * NUM_CONSUMERS  # query tokens of one CUDA block
+# Schedule columns written by prefill.build_schedule.
+_START, _END, _POS0, _SEQ, _KLEN = range(5)
+
+# The shapes this kernel is built for (kernel_backend() sends everything else to Triton).
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+MIN_BLOCK_SIZE = 8  # one 8-row tile of the swizzled shared-memory layout
+
+
+def supports(q_dtype, kv_dtype, head_dim: int, block_size: int) -> bool:
+  """Whether this kernel handles the dtypes and sizes (the device is checked elsewhere)."""
+  return (
+    jnp.dtype(q_dtype) == jnp.dtype(kv_dtype)
+    and any(jnp.dtype(q_dtype) == jnp.dtype(d) for d in SUPPORTED_DTYPES)
+    and head_dim in SUPPORTED_HEAD_DIMS
+    and block_size >= MIN_BLOCK_SIZE
+    and block_size & (block_size - 1) == 0
+  )
+
+
+def build_tail(k_blocks, block_table, lengths, kv_tile: int):
+  """K (or V) of the K/V step that holds each sequence's end, zero at/past the end.
+
+  Returns [num_kv_heads, batch, kv_tile, head_dim]: row ``r`` of sequence ``b`` is token
+  ``(lengths[b] // kv_tile) * kv_tile + r``; rows at or past ``lengths[b]``, or behind a
+  block id outside ``[0, num_blocks)`` or past the table, are zero.
+  """
+  _, num_blocks, block_size, _ = k_blocks.shape
+  max_blocks = block_table.shape[1]
+  lengths = lengths.astype(jnp.int32)
+  tok = (lengths // kv_tile * kv_tile)[:, None] + jnp.arange(kv_tile, dtype=jnp.int32)
+  lblk = tok // block_size
+  blk = jnp.take_along_axis(block_table, jnp.minimum(lblk, max_blocks - 1), axis=1)
+  ok = (tok < lengths[:, None]) & (lblk < max_blocks) & (blk >= 0) & (blk < num_blocks)
+  rows = k_blocks[:, jnp.where(ok, blk, 0), tok % block_size]  # [Hkv, B, kv_tile, D]
+  return jnp.where(ok[None, :, :, None], rows, jnp.zeros((), k_blocks.dtype))
+
+
+def _copy_when(pred, src, dst, barrier):
+  pl.when(pred)(lambda: plgpu.copy_gmem_to_smem(src, dst, barrier))
+
+
+def _store_when(pred, src, dst):
+  pl.when(pred)(lambda: plgpu.copy_smem_to_gmem(src, dst))
+
+
+def _kernel(
+  sched_ref,
+  table_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  tail_k_ref,
+  tail_v_ref,
+  o_ref,
+  *,
+  group,
+  kv_tile,
+  num_slots,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  pv_via_smem,
+):
+  head_dim = q_ref.shape[2]
+  num_blocks, block_size = k_ref.shape[1], k_ref.shape[2]
+  max_blocks = table_ref.shape[1]
+  dtype = q_ref.dtype
+  copies_per_step = max(1, kv_tile // block_size)  # cache-block copies filling one slot
+
+  h = lax.axis_index("heads")
+  tile = lax.axis_index("tiles")
+  wg = lax.axis_index("wg")
+  start = sched_ref[tile, _START]
+  end = sched_ref[tile, _END]
+  pos0 = sched_ref[tile, _POS0]
+  seq = sched_ref[tile, _SEQ]
+  klen = sched_ref[tile, _KLEN]
+  kvh = lax.div(h, jnp.int32(group))
+
+  # Keys [lo, hi) are seen by some row of the tile; [full_lo, full_hi) by every row.
+  pos_last = pos0 + (end - start) - 1
+  hi = jnp.clip(pos_last + 1, 0, klen)
+  full_hi = jnp.clip(pos0 + 1, 0, hi)
+  if sliding_window is None:
+    lo = jnp.zeros_like(hi)
+    full_lo = lo
+  else:
+    lo = jnp.clip(pos0 - sliding_window + 1, 0, hi)
+    full_lo = jnp.clip(pos_last - sliding_window + 1, 0, hi)
+  kv_t = jnp.int32(kv_tile)
+  j0 = lax.div(lo, kv_t)
+  j3 = lax.div(hi + kv_t - 1, kv_t)
+  j1 = jnp.clip(lax.div(full_lo + kv_t - 1, kv_t), j0, j3)
+  j2 = jnp.clip(lax.div(full_hi, kv_t), j1, j3)
+  num_steps = j3 - j0
+  tail_step = jnp.where(lax.rem(klen, kv_t) != 0, lax.div(klen, kv_t), jnp.int32(-1))
+
+  def body(q_smem, k_smem, v_smem, o_smem, p_smem, q_full, k_full, v_full, k_free, v_free, turn):
+    def rendezvous():
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    @pl.when(wg == NUM_CONSUMERS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def block_ids(j):
+        ids = []
+        for c in range(copies_per_step):
+          lblk = lax.div(j * kv_t, jnp.int32(block_size)) + c
+          blk = table_ref[seq, jnp.minimum(lblk, max_blocks - 1)]
+          ids.append(jnp.clip(blk, 0, num_blocks - 1))
+        return ids
+
+      def issue(ref, tail_ref, smem, barrier, j, ids):
+        # Exactly one copy per piece whichever source it takes, so the barrier always
+        # counts copies_per_step arrivals.
+        is_tail = j == tail_step
+        for c, blk in enumerate(ids):
+          if block_size >= kv_tile:
+            off = pl.multiple_of(lax.rem(j, jnp.int32(block_size // kv_tile)) * kv_t, kv_tile)
+            src = ref.at[kvh, blk, pl.ds(off, kv_tile)]
+            tail_src = tail_ref.at[kvh, seq]
+            dst = smem
+          else:
+            src = ref.at[kvh, blk]
+            tail_src = tail_ref.at[kvh, seq, pl.ds(c * block_size, block_size)]
+            dst = smem.at[pl.ds(c * block_size, block_size)]
+          _copy_when(is_tail, tail_src, dst, barrier)
+          _copy_when(~is_tail, src, dst, barrier)
+
+      @pl.loop(0, num_steps)
+      def _step(i):
+        j = j0 + i
+        slot = lax.rem(i, jnp.int32(num_slots))
+        ids = block_ids(j)  # loaded before the waits, so their latency hides behind them
+
+        @pl.when(i >= num_slots)
+        def _():
+          plgpu.barrier_wait(k_free.at[slot])
+
+        issue(k_ref, tail_k_ref, k_smem.at[slot], k_full.at[slot], j, ids)
+
+        @pl.when(i >= num_slots)
+        def _():
+          plgpu.barrier_wait(v_free.at[slot])
+
+        issue(v_ref, tail_v_ref, v_smem.at[slot], v_full.at[slot], j, ids)
+
+      # Wait for the consumers to release the last slots: the block's shared memory must
+      # outlive every read of it (and each barrier phase is observed once).
+      @pl.loop(jnp.maximum(num_steps - num_slots, 0), num_steps)
+      def _drain(i):
+        slot = lax.rem(i, jnp.int32(num_slots))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+
+    @pl.when(wg < NUM_CONSUMERS)
+    def _consumer():
+      plgpu.set_max_registers(232, action="increase")
+      # The tile lies in the 128-row window from `start` rounded down to a multiple of 8
+      # (build_schedule(align=8)); this warpgroup takes its 64-row half. TMA reads past
+      # the end of q as zeros; those rows are never stored.
+      win = pl.multiple_of(start - lax.rem(start, jnp.int32(8)) + wg * ROWS, 8)
+      row0 = jnp.maximum(start, win)  # this warpgroup's rows: [row0, row_end)
+      row_end = jnp.minimum(end, win + ROWS)
+      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(win, ROWS), h], q_smem.at[wg], q_full.at[wg])
+      plgpu.barrier_wait(q_full.at[wg])
+      # Query position of each window row (rows outside [row0, row_end) are dropped).
+      row_pos = (pos0 + win - start) + plgpu.broadcasted_iota(
+        jnp.int32, (ROWS, kv_tile), 0, layout=plgpu.Layout.WGMMA
+      )
+      col = plgpu.broadcasted_iota(jnp.int32, (ROWS, kv_tile), 1, layout=plgpu.Layout.WGMMA)
+
+      def step(j, carry, masked):
+        acc, m, den = carry
+        i = j - j0
+        slot = lax.rem(i, jnp.int32(num_slots))
+        plgpu.barrier_wait(k_full.at[slot])
+
+        def scores(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem.at[wg], k_smem.at[slot].transpose((1, 0)))
+          rendezvous()  # the other consumer's softmax runs while this product does
+          return acc_ref[...]
+
+        s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        # Logits in log2 units, so the softmax needs one exp2 per element.
+        if logit_soft_cap is None:
+          s = s * (scale * LOG2E)
+        else:
+          s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
+        if masked:
+          key = j * kv_t + col
+          vis = (key <= row_pos) & (key < klen)
+          if sliding_window is not None:
+            vis &= key > row_pos - sliding_window
+          s = jnp.where(vis, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        # A row that has seen no key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        den = den * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p = p.astype(dtype)
+        plgpu.barrier_arrive(turn)  # softmax done: hand the tensor cores over
+        plgpu.barrier_wait(v_full.at[slot])
+        plgpu.barrier_wait(turn)
+
+        if pv_via_smem:  # P through shared memory into a fresh accumulator, then added
+
+          def values(acc_ref):
+            plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
+            return acc_ref[...]
+
+          p_smem.at[wg][...] = p
+          plgpu.commit_smem()
+          acc = acc + pl.run_scoped(values, plgpu.ACC((ROWS, head_dim), jnp.float32))
+        else:  # P from registers, accumulating into acc's registers
+
+          def values(acc_ref):
+            plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+          acc = pl.run_state(values)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, den
+
+      acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+      m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      # Consumer 1 starts one rendezvous behind consumer 0, so their turns alternate.
+      pl.when(wg == 1)(rendezvous)
+      carry = (acc, m, den)
+      carry = lax.fori_loop(j0, j1, functools.partial(step, masked=True), carry)
+      carry = lax.fori_loop(j1, j2, functools.partial(step, masked=False), carry)
+      carry = lax.fori_loop(j2, j3, functools.partial(step, masked=True), carry)
+      pl.when(wg == 0)(rendezvous)
+      acc, _, den = carry
+      den = jnp.where(den > 0, den, 1.0)
+      out = acc / lax.broadcast_in_dim(den, acc.shape, [0])
+      o_smem.at[wg][...] = out.astype(dtype)
+      plgpu.commit_smem()
+      # Store rows [row0, row_end): the window's rows from row0 - win on.
+      n = jnp.maximum(row_end - row0, 0)
+      off = row0 - win
+      size = ROWS
+      while size >= 1:
+        piece = lax.bitwise_and(n, jnp.int32(size))  # size rows, or none
+        _store_when(piece != 0, o_smem.at[wg, pl.ds(off, size)], o_ref.at[pl.ds(row0, size), h])
+        off = off + piece
+        row0 = row0 + piece
+        size //= 2
+      plgpu.wait_smem_to_gmem(0)
+
+  swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  pl.run_scoped(
+    body,
+    plgpu.SMEM((NUM_CONSUMERS, ROWS, head_dim), dtype, transforms=swizzled),
+    plgpu.SMEM((num_slots, kv_tile, head_dim), dtype, transforms=swizzled),
+    plgpu.SMEM((num_slots, kv_tile, head_dim), dtype, transforms=swizzled),
+    plgpu.SMEM((NUM_CONSUMERS, ROWS, head_dim), dtype),
+    plgpu.SMEM((NUM_CONSUMERS, ROWS, kv_tile), dtype, transforms=swizzled) if pv_via_smem else None,
+    plgpu.Barrier(num_barriers=NUM_CONSUMERS),
+    plgpu.Barrier(num_arrivals=copies_per_step, num_barriers=num_slots),
+    plgpu.Barrier(num_arrivals=copies_per_step, num_barriers=num_slots),
+    plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=num_slots),
+    plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=num_slots),
+    plgpu.Barrier(num_arrivals=NUM_CONSUMERS),
+    collective_axes="wg",
+  )
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "sliding_window",
+    "logit_soft_cap",
+    "kv_tile",
+    "num_slots",
+    "pv_via_smem",
+    "interpret",
+  ),
+)
+def paged_prefill_mosaic(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens,
+  *,
+  scale: float,
+  sliding_window: int | None,
+  logit_soft_cap: float | None,
+  kv_tile: int = 128,
+  num_slots: int = 2,
+  pv_via_smem: bool | None = None,
+  interpret=False,
+):
+  """Same arguments and result as ``prefill.paged_prefill`` (no GpuBlockSizes).
+
+  Args:
+    q: [num_tokens, num_q_heads, head_dim], bf16 or f16.
+    k_blocks, v_blocks: [num_kv_heads, num_blocks, block_size, head_dim], q's dtype.
+    block_table: i32[batch, max_blocks] (-1 where unused).
+    lengths: i32[batch], including this call's queries.
+    cu_q_lens: i32[batch + 1].
+    kv_tile: K/V tokens per step (64 or 128).
+    num_slots: shared-memory ring depth of the K/V steps (>= 2).
+    pv_via_smem: how ``P V`` is issued. False (the GPU default): P stays in registers
+      as the wgmma A operand and the product accumulates into the output's registers.
+      True: P is written to shared memory and multiplied into a fresh accumulator that
+      is then added. GPU interpret mode supports only the second (its wgmma reads A
+      from shared memory and it cannot run ``pl.run_state``), so None picks True there.
+      Both are checked on the H100 (benchmarks/gpu_check.py).
+    interpret: False, or ``plgpu.InterpretGPUParams()`` to run on CPU.
+
+  Returns:
+    [num_tokens, num_q_heads, head_dim] in q.dtype; rows outside every sequence are 0.
+  """
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads = k_blocks.shape[0]
+  block_table = block_table.astype(jnp.int32)
+  lengths = lengths.astype(jnp.int32)
+  sched = build_schedule(cu_q_lens, lengths, num_tokens, TILE, sliding_window, align=8)
+  tail_k = build_tail(k_blocks, block_table, lengths, kv_tile)
+  tail_v = build_tail(v_blocks, block_table, lengths, kv_tile)
+  kernel = functools.partial(
+    _kernel,
+    group=num_q_heads // num_kv_heads,
+    kv_tile=kv_tile,
+    num_slots=num_slots,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    pv_via_smem=bool(interpret) if pv_via_smem is None else pv_via_smem,
+  )
+  # The TMA descriptors of q and the output need their row count a multiple of the
+  # 8-row tile; other counts get a few zero rows (the engine's token buckets never do).
+  pad = -num_tokens % 8
+  q_in = jnp.pad(q, ((0, pad), (0, 0), (0, 0))) if pad else q
+  out = plgpu.kernel(
+    kernel,
+    out_type=jax.ShapeDtypeStruct(q_in.shape, q.dtype),
+    grid=(num_q_heads, sched.shape[0]),
+    grid_names=("heads", "tiles"),
+    num_threads=NUM_CONSUMERS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=interpret or None,
+  )(sched, block_table, q_in, k_blocks, v_blocks, tail_k, tail_v)
+  return out[:num_tokens] if pad else out
