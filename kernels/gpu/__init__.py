@@ -1,26 +1,39 @@
 """Pallas GPU backend of ``kernels.paged_attention``: decode and ragged (chunked) prefill.
 
-Which Pallas GPU backend runs is decided in one place, :func:`kernel_backend`.
-Today it is Pallas Triton (``jax.experimental.pallas.triton``) everywhere: it runs
-on every CUDA GPU JAX supports (Ampere, Hopper, ...) and in interpret mode on CPU,
-which is how CI checks it. A Mosaic GPU (Hopper TMA / wgmma) kernel can replace it
-behind the same function without any caller changing (see docs/gpu_notes.md).
+Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
+
+* decode (one query per sequence, memory-bound): Pallas Triton (``decode.py``) on every
+  GPU; it reads K/V at 94.5-95.4% of an H100's measured bandwidth (docs/benchmarks.md).
+* prefill / chunked prefill / mixed batches (compute-bound): on Hopper (sm_90) the Pallas
+  Mosaic GPU kernel (``prefill_mosaic.py``: TMA, wgmma, warp specialisation) for the calls
+  it supports and that are prefill-heavy; Pallas Triton (``prefill.py``) everywhere else
+  (Ampere, other dtypes or head dims, decode-heavy mixed batches).
+
+Both run on CPU in interpret mode, which is how CI checks them: Triton kernels with
+``interpret=True``; the Mosaic GPU kernel in GPU interpret mode when asked for explicitly
+(``GpuBlockSizes(prefill_kernel="mosaic")``). Interpret mode never picks Mosaic by itself.
 
 This package imports nothing from paxcache or flax.
 """
 
 from __future__ import annotations
 
+import os
+
+import jax
 import jax.numpy as jnp
 
 from kernels._api import _shape_str, validate_inputs
+from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.prefill import paged_prefill
+from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
 from kernels.gpu.tuning import GpuBlockSizes, default_block_sizes
 
 __all__ = [
   "GpuBlockSizes",
   "default_block_sizes",
+  "is_hopper",
   "kernel_backend",
   "paged_attention",
   "validate_gpu_inputs",
@@ -32,9 +45,81 @@ MAX_BLOCK_SIZE = 512
 MAX_GROUP = 128  # query heads per KV head in one decode tile
 
 
-def kernel_backend() -> str:
-  """The Pallas GPU backend the public functions run: "triton" (see module docstring)."""
-  return "triton"
+# "auto" takes the Mosaic GPU prefill only when the call averages at least this many query
+# rows per sequence: it gives each sequence whole 128-row tiles, so decode-heavy mixed
+# batches run better on the Triton kernel, which packs a GQA group's heads into one tile.
+MOSAIC_MIN_ROWS_PER_SEQ = 64
+# GPU interpret mode runs each warpgroup as a thread blocked in XLA callbacks; XLA's CPU
+# thread pool (its size is the core count, or $NPROC) must hold all three at once.
+MOSAIC_INTERPRET_MIN_THREADS = 4
+
+
+def is_hopper(device=None) -> bool:
+  """Whether ``device`` (default: JAX's first device) is an sm_90 GPU (H100, H200)."""
+  try:
+    device = jax.devices()[0] if device is None else device
+  except RuntimeError:
+    return False
+  cc = getattr(device, "compute_capability", None)
+  return device.platform == "gpu" and isinstance(cc, str) and cc.split(".")[0] == "9"
+
+
+def kernel_backend(
+  kind: str = "decode",
+  *,
+  q_dtype=None,
+  kv_dtype=None,
+  head_dim: int | None = None,
+  block_size: int | None = None,
+  num_tokens: int | None = None,
+  batch: int | None = None,
+  requested: str = "auto",
+  interpret: bool = False,
+) -> str:
+  """The Pallas GPU kernel family that runs a call: ``"triton"`` or ``"mosaic"``.
+
+  The one switch point (module docstring). Decode is always ``"triton"``. For prefill,
+  ``requested`` ("triton" / "mosaic", from ``GpuBlockSizes.prefill_kernel``) is honoured;
+  ``"auto"`` gives ``"mosaic"`` when not interpreting, the device is Hopper, the Mosaic
+  kernel supports the dtypes, head dim and block size, and the call averages at least
+  ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per sequence; ``"triton"`` otherwise.
+
+  Raises:
+    ValueError: ``requested="mosaic"`` for a call the Mosaic kernel does not support.
+  """
+  if kind not in ("decode", "prefill"):
+    raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
+  if kind == "decode" or requested == "triton":
+    return "triton"
+  ok = prefill_mosaic.supports(q_dtype, kv_dtype, head_dim, block_size)
+  if requested == "mosaic":
+    if not ok:
+      raise ValueError(
+        "the Mosaic GPU prefill supports q and K/V of one dtype in "
+        f"{[jnp.dtype(d).name for d in prefill_mosaic.SUPPORTED_DTYPES]}, head_dim in "
+        f"{prefill_mosaic.SUPPORTED_HEAD_DIMS} and a power-of-two block_size >= "
+        f"{prefill_mosaic.MIN_BLOCK_SIZE}; got q {jnp.dtype(q_dtype).name}, K/V "
+        f"{jnp.dtype(kv_dtype).name}, head_dim {head_dim}, block_size {block_size}"
+      )
+    return "mosaic"
+  if requested != "auto":
+    raise ValueError(f"requested must be 'auto', 'triton' or 'mosaic', got {requested!r}")
+  heavy = num_tokens is not None and batch and num_tokens >= MOSAIC_MIN_ROWS_PER_SEQ * batch
+  return "mosaic" if (ok and heavy and not interpret and is_hopper()) else "triton"
+
+
+def _mosaic_interpret_params():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  threads = int(os.environ.get("NPROC") or os.cpu_count() or 1)
+  if threads < MOSAIC_INTERPRET_MIN_THREADS:
+    raise RuntimeError(
+      f"GPU interpret mode of the Mosaic GPU prefill needs XLA's CPU thread pool to hold "
+      f"{MOSAIC_INTERPRET_MIN_THREADS} threads (one per warpgroup plus the kernel), but "
+      f"this machine has {threads}; set NPROC={MOSAIC_INTERPRET_MIN_THREADS * 2} in the "
+      "environment before JAX starts (tests/conftest.py does), or it deadlocks"
+    )
+  return plgpu.InterpretGPUParams()
 
 
 def validate_gpu_inputs(
@@ -143,8 +228,32 @@ def paged_attention(
     block_sizes=block_sizes,
     interpret=interpret,
   )
-  if kernel_backend() != "triton":  # pragma: no cover - the one switch point
-    raise NotImplementedError(kernel_backend())
   if decode:
     return paged_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)
+  backend = kernel_backend(
+    "prefill",
+    q_dtype=q.dtype,
+    kv_dtype=k_blocks.dtype,
+    head_dim=head_dim,
+    block_size=k_blocks.shape[2],
+    num_tokens=q.shape[0],
+    batch=block_table.shape[0],
+    requested=block_sizes.prefill_kernel,
+    interpret=interpret,
+  )
+  if backend == "mosaic":
+    return paged_prefill_mosaic(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      cu_q_lens,
+      scale=scale,
+      sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap,
+      kv_tile=block_sizes.mosaic_kv_tile,
+      num_slots=block_sizes.mosaic_num_slots,
+      interpret=_mosaic_interpret_params() if interpret else False,
+    )
   return paged_prefill(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs)

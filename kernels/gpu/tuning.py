@@ -21,6 +21,9 @@ _STAGE_BYTES = 48 * 1024
 _LARGE_STAGE_BYTES = 64 * 1024
 
 
+PREFILL_KERNELS = ("auto", "triton", "mosaic")
+
+
 def _is_pow2(x: int) -> bool:
   return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
 
@@ -43,7 +46,13 @@ class GpuBlockSizes:
     prefill_heads_per_program: query heads of one GQA group that one prefill program
       takes together (rows = q_tile // heads tokens x heads); must divide the group.
       None: the largest power of two dividing the group with >= 16 tokens per tile.
-    prefill_num_warps, prefill_num_stages: as for decode, for the prefill kernel.
+    prefill_num_warps, prefill_num_stages: as for decode, for the (Triton) prefill kernel.
+    prefill_kernel: which prefill kernel runs: "auto" (``kernels.gpu.kernel_backend``
+      decides: the Mosaic GPU kernel on Hopper for prefill-heavy calls it supports, the
+      Triton one otherwise), "triton" or "mosaic" (an error where Mosaic does not apply).
+    mosaic_kv_tile: K/V tokens per step of the Mosaic GPU prefill (64 or 128).
+    mosaic_num_slots: shared-memory ring depth (K/V steps in flight) of the Mosaic GPU
+      prefill, 2..4; K, V and the query/output tiles must fit the 227 KiB of an SM.
   """
 
   decode_kv_tile: int = 64
@@ -55,6 +64,9 @@ class GpuBlockSizes:
   prefill_heads_per_program: int | None = None
   prefill_num_warps: int = 8
   prefill_num_stages: int = 3
+  prefill_kernel: str = "auto"
+  mosaic_kv_tile: int = 128
+  mosaic_num_slots: int = 2
 
   def __post_init__(self):
     pow2_fields = {
@@ -79,6 +91,19 @@ class GpuBlockSizes:
       raise ValueError(
         "GpuBlockSizes.prefill_heads_per_program must be None or a power of two <= "
         f"prefill_q_tile ({self.prefill_q_tile}), got {hp!r}"
+      )
+    if self.prefill_kernel not in PREFILL_KERNELS:
+      raise ValueError(
+        f"GpuBlockSizes.prefill_kernel must be one of {PREFILL_KERNELS}, got "
+        f"{self.prefill_kernel!r}"
+      )
+    if self.mosaic_kv_tile not in (64, 128):
+      raise ValueError(
+        f"GpuBlockSizes.mosaic_kv_tile must be 64 or 128, got {self.mosaic_kv_tile!r}"
+      )
+    if not (isinstance(self.mosaic_num_slots, int) and 2 <= self.mosaic_num_slots <= 4):
+      raise ValueError(
+        f"GpuBlockSizes.mosaic_num_slots must be an int in [2, 4], got {self.mosaic_num_slots!r}"
       )
     splits = self.decode_num_splits
     if splits is not None and not (isinstance(splits, int) and splits >= 1):

@@ -353,3 +353,144 @@ def test_backend_is_named_in_one_place():
   if jax.default_backend() == "cpu":
     with pytest.raises(kernels.BackendUnavailableError):
       kernels.paged_attention(*_args(), backend="gpu")
+
+
+# ------------------------------------------------------------- Mosaic GPU prefill (Hopper)
+#
+# kernels/gpu/prefill_mosaic.py in GPU interpret mode: the three warpgroups run as
+# threads with simulated shared memory, barriers, TMA copies and wgmma (tests/conftest.py
+# gives XLA the threads this needs). bf16 / f16 only, like the kernel.
+
+MOSAIC = dataclasses.replace(SMALL, prefill_kernel="mosaic", mosaic_kv_tile=64)
+
+
+@pytest.mark.parametrize(
+  "block_size,kv_tile,num_slots",
+  [(16, 64, 2), (64, 64, 3), (128, 64, 2), (8, 128, 2)],
+)
+def test_mosaic_prefill_every_kind_of_sequence(block_size, kv_tile, num_slots):
+  # Several blocks per K/V step (16, 8), one (64), a slice of one (128 > 64); a full
+  # prefill longer than one 128-row tile, a chunk after cached context, decode rows, an
+  # empty sequence, one with context and no queries, then padding rows (98 rows: not a
+  # multiple of 8). Unused blocks and slots past each length are NaN (make_cache).
+  q, k, v, table, lens, cu = prefill_inputs(
+    block_size,
+    q_lens=[70, 21, 1, 0, 1, 0],
+    ctx_lens=[0, 37, 50, 0, 0, 9],
+    block_size=block_size,
+    dtype=jnp.bfloat16,
+    pad_rows=5,
+  )
+  bsz = dataclasses.replace(MOSAIC, mosaic_kv_tile=kv_tile, mosaic_num_slots=num_slots)
+  out, ref = run_both(q, k, v, table, lens, cu, block_sizes=bsz)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.bfloat16]
+  np.testing.assert_array_equal(np.asarray(out[int(cu[-1]) :], np.float32), 0.0)
+
+
+@pytest.mark.parametrize("window,cap", [(9, None), (40, 5.0)])
+def test_mosaic_prefill_window_and_soft_cap(window, cap):
+  q, k, v, table, lens, cu = prefill_inputs(
+    31, q_lens=[150, 3], ctx_lens=[20, 90], dtype=jnp.bfloat16, pad_rows=0
+  )
+  out, ref = run_both(
+    q, k, v, table, lens, cu, block_sizes=MOSAIC, sliding_window=window, logit_soft_cap=cap
+  )
+  assert _rel_err(out, ref) < TOLERANCES[jnp.bfloat16]
+
+
+def test_mosaic_prefill_gqa_f16_and_rows_outside_sequences():
+  # 8 query heads on 2 KV heads (each CUDA block is one query head); float16; rows before
+  # cu_q_lens[0] belong to no sequence, and a chunk longer than its sequence puts its first
+  # queries at negative positions: both are zeros, as in the reference.
+  rng = np.random.default_rng(47)
+  lengths = np.array([75, 5], np.int32)
+  k, v, table, lens = make_cache(
+    rng, lengths=lengths, block_size=16, num_kv_heads=2, head_dim=64, kv_dtype=jnp.float16
+  )
+  cu = jnp.asarray([4, 79, 87], jnp.int32)  # 75 queries into 75 tokens, 8 into 5
+  q = jnp.asarray(rng.standard_normal((88, 8, 64)), jnp.float16)
+  out, ref = run_both(q, k, v, table, lens, cu, block_sizes=MOSAIC)
+  assert _rel_err(out, ref) < TOLERANCES[jnp.bfloat16]  # f16 rounds finer than bf16
+  np.testing.assert_array_equal(np.asarray(out[:4], np.float32), 0.0)
+  np.testing.assert_array_equal(np.asarray(out[79:82], np.float32), 0.0)  # positions -3..-1
+  assert np.abs(np.asarray(out[82:87], np.float32)).max() > 0
+
+
+def test_mosaic_schedule_tiles_are_aligned_and_cover_every_row_once():
+  from kernels.gpu.prefill import build_schedule
+
+  cu = jnp.asarray([3, 140, 141, 141, 300], jnp.int32)
+  lengths = jnp.asarray([137, 10, 4, 200], jnp.int32)
+  sched = np.asarray(build_schedule(cu, lengths, 305, 128, None, align=8))
+  seen = np.zeros(305, int)
+  for start, end, pos0, seq, klen, *_ in sched:
+    if end <= start:
+      continue
+    base = start - start % 8
+    assert end <= base + 128  # inside one aligned 128-row window
+    seen[start:end] += 1
+    if klen:  # a sequence's tile: positions continue the cached context
+      b = int(seq)
+      assert pos0 == int(lengths[b]) - int(cu[b + 1] - cu[b]) + (start - int(cu[b]))
+  np.testing.assert_array_equal(seen, 1)
+
+
+def test_mosaic_tail_buffer_zeroes_past_the_length():
+  from kernels.gpu.prefill_mosaic import build_tail
+
+  k = jnp.arange(2 * 6 * 8 * 1, dtype=jnp.float32).reshape(2, 6, 8, 1)
+  table = jnp.asarray([[4, 1, -1], [2, -1, -1]], jnp.int32)
+  lengths = jnp.asarray([13, 16], jnp.int32)  # 13: tail step [0, 16) ends mid-block 1
+  tail = np.asarray(build_tail(k, table, lengths, kv_tile=16))
+  assert tail.shape == (2, 2, 16, 1)
+  for h in range(2):
+    want0 = [float(k[h, 4, t, 0]) for t in range(8)] + [float(k[h, 1, t, 0]) for t in range(5)]
+    np.testing.assert_array_equal(tail[h, 0, :13, 0], want0)
+    np.testing.assert_array_equal(tail[h, 0, 13:], 0.0)
+    # lengths 16 is a multiple of kv_tile: its tail step [16, 32) is all past the end.
+    np.testing.assert_array_equal(tail[h, 1], 0.0)
+
+
+def test_mosaic_backend_choice():
+  kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, head_dim=128, block_size=16)
+  assert gpu.kernel_backend("decode", requested="mosaic", **kw) == "triton"
+  assert gpu.kernel_backend("prefill", requested="mosaic", **kw) == "mosaic"
+  assert gpu.kernel_backend("prefill", requested="triton", **kw) == "triton"
+  # "auto" never picks Mosaic off Hopper or when interpreting, nor for decode-heavy calls.
+  heavy = dict(num_tokens=4096, batch=4)
+  assert not gpu.is_hopper() or jax.default_backend() == "gpu"
+  if not gpu.is_hopper():
+    assert gpu.kernel_backend("prefill", **kw, **heavy) == "triton"
+  assert gpu.kernel_backend("prefill", **kw, **heavy, interpret=True) == "triton"
+  assert gpu.kernel_backend("prefill", **kw, num_tokens=64, batch=32) == "triton"
+  for bad in (
+    dict(kw, q_dtype=jnp.float32, kv_dtype=jnp.float32),
+    dict(kw, head_dim=256),
+    dict(kw, block_size=4),
+    dict(kw, kv_dtype=jnp.float16),
+  ):
+    assert gpu.kernel_backend("prefill", **bad, **heavy) == "triton"
+    with pytest.raises(ValueError, match="Mosaic GPU prefill supports"):
+      gpu.kernel_backend("prefill", requested="mosaic", **bad)
+  with pytest.raises(ValueError, match="kind"):
+    gpu.kernel_backend("verify")
+
+
+def test_mosaic_requested_for_float32_raises_before_compiling():
+  q, k, v, table, lens, cu = prefill_inputs(3, q_lens=[10], ctx_lens=[0])
+  with pytest.raises(ValueError, match="Mosaic GPU prefill supports"):
+    gpu.paged_attention(q, k, v, table, lens, cu, block_sizes=MOSAIC, interpret=True)
+
+
+def test_mosaic_interpret_needs_threads(monkeypatch):
+  monkeypatch.setenv("NPROC", "2")
+  with pytest.raises(RuntimeError, match="NPROC"):
+    gpu._mosaic_interpret_params()
+
+
+@pytest.mark.parametrize(
+  "field,value", [("prefill_kernel", "cuda"), ("mosaic_kv_tile", 32), ("mosaic_num_slots", 5)]
+)
+def test_mosaic_block_sizes_validated(field, value):
+  with pytest.raises(ValueError, match=field):
+    gpu.GpuBlockSizes(**{field: value})
