@@ -22,6 +22,7 @@ import numpy as np
 
 from benchmarks._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu, reference
+from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
 
 # Relative L2 error bounds. bf16: the kernels round p to bf16 before the p @ V product
 # (as every bf16 flash kernel does), ~2^-8 relative per term; 1e-2 leaves margin.
@@ -88,6 +89,7 @@ def prefill_case(
   cap=None,
   block_sizes=None,
   interpret=False,
+  pv_via_smem=None,
 ):
   q_lens = np.asarray(q_lens, np.int32)
   lens = np.asarray(ctx_lens, np.int32) + q_lens
@@ -110,9 +112,12 @@ def prefill_case(
     jax.random.key(int(rng.integers(1 << 30))), (num_tokens, hq, d), jnp.float32
   ).astype(dtype)
   kw = dict(scale=d**-0.5, sliding_window=window, logit_soft_cap=cap)
-  out = gpu.paged_attention(
-    q, kb, vb, table, lens, cu, block_sizes=block_sizes, interpret=interpret, **kw
-  )
+  if pv_via_smem is None:
+    out = gpu.paged_attention(
+      q, kb, vb, table, lens, cu, block_sizes=block_sizes, interpret=interpret, **kw
+    )
+  else:  # the Mosaic kernel directly, with the P V variant interpret mode runs
+    out = paged_prefill_mosaic(q, kb, vb, table, lens, cu, pv_via_smem=pv_via_smem, **kw)
   ref = reference.paged_attention(q, kb, vb, table, lens, cu, rows_per_chunk=32, **kw)
   return out, ref
 
@@ -203,10 +208,53 @@ def cases(smoke: bool):
       r, q_lens=[300, 1, 70], ctx_lens=[500, 1000, 0], block_size=64, hq=16, hkv=2, d=256
     ),
   )
+  yield (
+    "prefill 4x4096 causal bf16 bs64 triton",
+    lambda r: prefill_case(
+      r,
+      q_lens=[4096] * 4,
+      ctx_lens=[0] * 4,
+      block_size=64,
+      pad_rows=0,
+      block_sizes=gpu.GpuBlockSizes(prefill_kernel="triton"),
+    ),
+  )
+  # The Mosaic GPU prefill (what "auto" picks on Hopper above) in its other settings.
+  mixed = dict(q_lens=[700, 1, 37, 1, 0, 300], ctx_lens=[1000, 4000, 129, 0, 50, 0])
+  for bs, cfg in (
+    (16, dict(mosaic_kv_tile=64, mosaic_num_slots=3)),
+    (128, dict(mosaic_kv_tile=64, mosaic_num_slots=4)),
+    (256, dict(mosaic_kv_tile=128, mosaic_num_slots=2)),
+  ):
+    bsz = gpu.GpuBlockSizes(prefill_kernel="mosaic", **cfg)
+    yield (
+      f"mosaic mixed chunked prefill + decode bf16 bs{bs} {cfg}",
+      lambda r, bs=bs, bsz=bsz: prefill_case(r, **mixed, block_size=bs, block_sizes=bsz),
+    )
+  yield (
+    "mosaic mixed chunked prefill bf16 bs32 P via shared memory (the interpret-mode variant)",
+    lambda r: prefill_case(r, **mixed, block_size=32, pv_via_smem=True),
+  )
+  yield (
+    "mosaic mixed chunked prefill f16 D64 16/2 heads bs8 window 100 cap 30",
+    lambda r: prefill_case(
+      r,
+      **mixed,
+      block_size=8,
+      hq=16,
+      hkv=2,
+      d=64,
+      dtype=jnp.float16,
+      window=100,
+      cap=30.0,
+      block_sizes=gpu.GpuBlockSizes(prefill_kernel="mosaic"),
+    ),
+  )
   for cfg in (
     dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=2),
     dict(prefill_q_tile=128, prefill_num_warps=4, prefill_heads_per_program=1),
   ):
+    cfg = dict(cfg, prefill_kernel="triton")
     bsz = gpu.GpuBlockSizes(**cfg)
     yield (
       f"mixed chunked prefill + decode bf16 bs32 {cfg}",
@@ -257,7 +305,7 @@ def main(argv=None):
       ref = np.asarray(ref.astype(jnp.float32), np.float64)
       nan = bool(np.isnan(out).any())
       rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-      dtype = "float32" if "f32" in name else "bfloat16"
+      dtype = "float32" if "f32" in name else "float16" if "f16" in name else "bfloat16"
       ok = (not nan) and rel <= TOL[dtype]
       row = dict(
         case=name,

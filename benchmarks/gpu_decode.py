@@ -6,7 +6,9 @@ head_dim 128, bf16, full-length sequences, blocks scattered at random) for block
 sizes 16/32/64/128, the same kernel on an identity (contiguous) block table, JAX's
 built-in ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
 1/4/16), an XLA gather + einsum paged decode, and our prefill (causal, 4 x 4096 into
-paged K/V). Prints a table last; writes every measurement to ``OUT/raw.jsonl`` and
+paged K/V: the default, which is the Mosaic GPU kernel on Hopper, two other Mosaic
+settings and the Triton kernel) beside cuDNN and JAX's Mosaic GPU flash attention on
+contiguous K/V. Prints a table last; writes every measurement to ``OUT/raw.jsonl`` and
 summary rows to ``OUT/gpu_decode.jsonl`` / ``OUT/gpu_prefill.jsonl``.
 
   PYTHONPATH=. python benchmarks/gpu_decode.py --out /tmp/bench [--quick]
@@ -40,22 +42,15 @@ SWEEP_CONFIGS = (
   dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3),
   dict(decode_kv_tile=128, decode_num_stages=2),
 )
-PREFILL_SWEEP = (  # the first is the default
+# Prefill settings timed at block 64 (the first is the default: kernel_backend picks the
+# Mosaic GPU kernel on Hopper); the default and the Triton kernel run at every block size.
+PREFILL_SWEEP = (
   dict(),
-  dict(prefill_q_tile=128, prefill_kv_tile=64, prefill_num_warps=4, prefill_num_stages=3),
-  dict(
-    prefill_q_tile=128,
-    prefill_kv_tile=64,
-    prefill_num_warps=4,
-    prefill_num_stages=3,
-    prefill_heads_per_program=1,
-  ),
-  dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=2),
-  dict(prefill_q_tile=256, prefill_kv_tile=64, prefill_num_warps=8, prefill_num_stages=3),
-  dict(prefill_q_tile=256, prefill_kv_tile=32, prefill_num_warps=8, prefill_num_stages=3),
-  dict(prefill_q_tile=128, prefill_kv_tile=128, prefill_num_warps=8, prefill_num_stages=2),
-  dict(prefill_q_tile=128, prefill_kv_tile=32, prefill_num_warps=4, prefill_num_stages=4),
+  dict(mosaic_kv_tile=64, mosaic_num_slots=3),
+  dict(mosaic_kv_tile=64, mosaic_num_slots=4),
+  dict(prefill_kernel="triton"),
 )
+PREFILL_EVERY_BLOCK = (dict(), dict(prefill_kernel="triton"))
 
 
 def hbm_read_ceiling(n=1 << 30):
@@ -280,7 +275,20 @@ def prefill_bench(runner, block_sizes, sweep):
         flush=True,
       )
       bsz = dataclasses.replace(base, **c)
-      cfg = {k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith("prefill")}
+      cfg = {
+        k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith(("prefill", "mosaic"))
+      }
+      kernel = gpu.kernel_backend(
+        "prefill",
+        q_dtype=jnp.bfloat16,
+        kv_dtype=jnp.bfloat16,
+        head_dim=D,
+        block_size=bs,
+        num_tokens=batch * length,
+        batch=batch,
+        requested=bsz.prefill_kernel,
+        interpret=INTERPRET,
+      )
       row = measure(
         runner,
         "ours_prefill",
@@ -288,6 +296,7 @@ def prefill_bench(runner, block_sizes, sweep):
         args,
         flops=flops,
         config=cfg,
+        kernel=kernel,
         is_default=not c,
         **meta,
       )
@@ -296,13 +305,8 @@ def prefill_bench(runner, block_sizes, sweep):
     return out
 
   ref_bs = 64 if 64 in block_sizes else block_sizes[0]
-  swept = run(ref_bs, sweep)
-  rows += swept
-  ok = [r for r in swept if "tflops" in r]
-  best = max(ok, key=lambda r: r["tflops"])["_override"] if ok else {}
   for bs in block_sizes:
-    if bs != ref_bs:
-      rows += run(bs, [best])
+    rows += run(bs, sweep if bs == ref_bs else [c for c in PREFILL_EVERY_BLOCK if c in sweep])
   # Dense peer on contiguous K/V (the no-paging limit).
   try:
     qd = jax.random.normal(jax.random.key(3), (batch, length, HQ, D), jnp.bfloat16)
@@ -324,6 +328,30 @@ def prefill_bench(runner, block_sizes, sweep):
     )
   except Exception:  # noqa: BLE001
     traceback.print_exc()
+  # JAX's own Mosaic GPU flash attention (FlashAttention-3 design) on contiguous K/V: its
+  # shared-memory scratch is float16-only, so it runs in float16 (same speed class as bf16).
+  if not INTERPRET:
+    try:
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+      cfg = attention_mgpu.TuningConfig(
+        block_q=64, block_kv=128, max_concurrent_steps=2, causal=True
+      )
+      fn = jax.jit(functools.partial(attention_mgpu.attention, config=cfg))
+      q16, k16 = qd.astype(jnp.float16), kd.astype(jnp.float16)
+      rows.append(
+        measure(
+          runner,
+          "builtin_mosaic_dense_f16",
+          fn,
+          (q16, k16, k16),
+          flops=flops,
+          **dict(kind="prefill", batch=batch, q_len=length, context=length, block_size=None),
+        )
+      )
+    except Exception:  # noqa: BLE001
+      traceback.print_exc()
   return rows
 
 
@@ -334,6 +362,7 @@ def main(argv=None):
   p.add_argument("--budget-s", type=float, default=420.0, help="stop the sweeps after this")
   p.add_argument("--no-builtin", action="store_true")
   p.add_argument("--no-prefill", action="store_true")
+  p.add_argument("--no-decode", action="store_true", help="prefill (and the ceiling) only")
   p.add_argument("--no-sweep", action="store_true", help="prefill: default config only")
   p.add_argument("--decode-sweep", action="store_true", help="also time SWEEP_CONFIGS")
   p.add_argument("--passes", type=int, default=3, help="timing passes over the decode cases")
@@ -363,7 +392,11 @@ def main(argv=None):
   if not args.no_prefill:
     psweep = PREFILL_SWEEP[:1] if (args.quick or args.no_sweep) else PREFILL_SWEEP
     prefill_rows = prefill_bench(runner, bss, psweep)
-  cases = decode_bench(runner, shapes, bss, builtin, args.passes, args.decode_sweep)
+  cases = (
+    []
+    if args.no_decode
+    else decode_bench(runner, shapes, bss, builtin, args.passes, args.decode_sweep)
+  )
 
   summary = []
   for c in cases:
@@ -407,27 +440,33 @@ def main(argv=None):
         **runner.env,
       )
     )
-  write_jsonl(os.path.join(args.out, "gpu_decode.jsonl"), summary)
+  if summary:
+    write_jsonl(os.path.join(args.out, "gpu_decode.jsonl"), summary)
   pre_summary = []
   ours_pre = [r for r in prefill_rows if r.get("impl") == "ours_prefill" and "tflops" in r]
-  for bs in sorted({r["block_size"] for r in ours_pre}):
-    best = max((r for r in ours_pre if r["block_size"] == bs), key=lambda r: r["tflops"])
+  peers = {r["impl"]: r.get("tflops") for r in prefill_rows if r.get("impl") != "ours_prefill"}
+  for r in ours_pre:
     pre_summary.append(
       {
-        k: best[k]
-        for k in (
-          "batch",
-          "q_len",
-          "context",
-          "block_size",
-          "time_ms",
-          "tflops",
-          "config",
-          "is_default",
-          "device",
-          "jax_version",
-          "date",
-        )
+        **{
+          k: r[k]
+          for k in (
+            "batch",
+            "q_len",
+            "context",
+            "block_size",
+            "time_ms",
+            "tflops",
+            "kernel",
+            "config",
+            "is_default",
+            "device",
+            "jax_version",
+            "date",
+          )
+        },
+        "cudnn_dense_tflops": peers.get("cudnn_dense"),
+        "builtin_mosaic_dense_f16_tflops": peers.get("builtin_mosaic_dense_f16"),
       }
     )
   write_jsonl(os.path.join(args.out, "gpu_prefill.jsonl"), pre_summary)
