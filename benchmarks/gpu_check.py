@@ -119,7 +119,22 @@ def prefill_case(
   else:  # the Mosaic kernel directly, with the P V variant interpret mode runs
     out = paged_prefill_mosaic(q, kb, vb, table, lens, cu, pv_via_smem=pv_via_smem, **kw)
   ref = reference.paged_attention(q, kb, vb, table, lens, cu, rows_per_chunk=32, **kw)
-  return out, ref
+  kernel = (
+    "mosaic"
+    if pv_via_smem is not None
+    else gpu.kernel_backend(
+      "prefill",
+      q_dtype=q.dtype,
+      kv_dtype=kb.dtype,
+      head_dim=d,
+      block_size=block_size,
+      num_tokens=num_tokens,
+      batch=batch,
+      requested=(block_sizes or gpu.GpuBlockSizes()).prefill_kernel,
+      interpret=interpret,
+    )
+  )
+  return out, ref, {"kernel": kernel}
 
 
 def cases(smoke: bool):
@@ -279,6 +294,18 @@ def cases(smoke: bool):
     ),
   )
   yield (
+    "mixed chunked prefill bf16 bs256 window 200 cap 20 triton",
+    lambda r: prefill_case(
+      r,
+      q_lens=[300, 1, 64],
+      ctx_lens=[700, 900, 0],
+      block_size=256,
+      window=200,
+      cap=20.0,
+      block_sizes=gpu.GpuBlockSizes(prefill_kernel="triton"),
+    ),
+  )
+  yield (
     "mixed chunked prefill f32 D64 bs8",
     lambda r: prefill_case(
       r, q_lens=[100, 1, 33], ctx_lens=[200, 77, 0], block_size=8, d=64, dtype=jnp.float32
@@ -300,7 +327,8 @@ def main(argv=None):
   for name, fn in cases(args.smoke):
     t0 = time.time()
     try:
-      out, ref = fn(rng)
+      out, ref, *extra = fn(rng)
+      extra = extra[0] if extra else {"kernel": "triton"}  # decode cases
       out = np.asarray(out.astype(jnp.float32), np.float64)
       ref = np.asarray(ref.astype(jnp.float32), np.float64)
       nan = bool(np.isnan(out).any())
@@ -314,6 +342,7 @@ def main(argv=None):
         nan=nan,
         ok=ok,
         seconds=time.time() - t0,
+        **extra,
         **env,
       )
     except Exception as e:  # noqa: BLE001 - report and go on
@@ -323,7 +352,11 @@ def main(argv=None):
     write_jsonl(os.path.join(args.out, "check.jsonl"), [row])
     print(
       ("PASS " if row["ok"] else "FAIL ") + name,
-      {k: row[k] for k in row if k in ("rel_err", "max_abs_err", "nan", "error", "seconds")},
+      {
+        k: row[k]
+        for k in row
+        if k in ("kernel", "rel_err", "max_abs_err", "nan", "error", "seconds")
+      },
       flush=True,
     )
   print(f"\n{len(rows) - failed}/{len(rows)} checks passed on {env['device']}")

@@ -28,7 +28,7 @@ from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
-from kernels.gpu.tuning import GpuBlockSizes, default_block_sizes
+from kernels.gpu.tuning import PREFILL_KERNELS, GpuBlockSizes, default_block_sizes
 
 __all__ = [
   "GpuBlockSizes",
@@ -85,14 +85,25 @@ def kernel_backend(
   ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per sequence; ``"triton"`` otherwise.
 
   Raises:
-    ValueError: ``requested="mosaic"`` for a call the Mosaic kernel does not support.
+    ValueError: an unknown ``kind`` or ``requested``; a prefill without the dtypes and
+      sizes; ``requested="mosaic"`` off Hopper (unless interpreting) or for dtypes or
+      sizes the Mosaic kernel does not support.
   """
   if kind not in ("decode", "prefill"):
     raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
+  if requested not in PREFILL_KERNELS:
+    raise ValueError(f"requested must be one of {PREFILL_KERNELS}, got {requested!r}")
   if kind == "decode" or requested == "triton":
     return "triton"
+  if None in (q_dtype, kv_dtype, head_dim, block_size):
+    raise ValueError("kernel_backend('prefill') needs q_dtype, kv_dtype, head_dim and block_size")
   ok = prefill_mosaic.supports(q_dtype, kv_dtype, head_dim, block_size)
   if requested == "mosaic":
+    if not interpret and not is_hopper():
+      raise ValueError(
+        "the Mosaic GPU prefill needs a Hopper GPU (sm_90: H100, H200) or interpret=True; "
+        f"the default device is {jax.devices()[0].device_kind!r}"
+      )
     if not ok:
       raise ValueError(
         "the Mosaic GPU prefill supports q and K/V of one dtype in "
@@ -102,8 +113,6 @@ def kernel_backend(
         f"{jnp.dtype(kv_dtype).name}, head_dim {head_dim}, block_size {block_size}"
       )
     return "mosaic"
-  if requested != "auto":
-    raise ValueError(f"requested must be 'auto', 'triton' or 'mosaic', got {requested!r}")
   heavy = num_tokens is not None and batch and num_tokens >= MOSAIC_MIN_ROWS_PER_SEQ * batch
   return "mosaic" if (ok and heavy and not interpret and is_hopper()) else "triton"
 
@@ -116,8 +125,9 @@ def _mosaic_interpret_params():
     raise RuntimeError(
       f"GPU interpret mode of the Mosaic GPU prefill needs XLA's CPU thread pool to hold "
       f"{MOSAIC_INTERPRET_MIN_THREADS} threads (one per warpgroup plus the kernel), but "
-      f"this machine has {threads}; set NPROC={MOSAIC_INTERPRET_MIN_THREADS * 2} in the "
-      "environment before JAX starts (tests/conftest.py does), or it deadlocks"
+      f"this machine has {threads}; set NPROC={MOSAIC_INTERPRET_MIN_THREADS} (or more) in "
+      "the environment before JAX starts (tests/conftest.py does): XLA reads it once, when "
+      "it creates its CPU client, so setting it later does not help and the run deadlocks"
     )
   return plgpu.InterpretGPUParams()
 

@@ -82,6 +82,18 @@ def supports(q_dtype, kv_dtype, head_dim: int, block_size: int) -> bool:
   )
 
 
+# Shared memory of one SM on sm_90 that a CUDA block may take (227 KiB).
+SMEM_LIMIT_BYTES = 232448
+
+
+def smem_bytes(head_dim: int, itemsize: int, kv_tile: int, num_slots: int, pv_via_smem: bool):
+  """Shared memory one CUDA block of the kernel takes (tiles only; barriers are bytes)."""
+  q_and_o = 2 * NUM_CONSUMERS * ROWS * head_dim * itemsize
+  kv = 2 * num_slots * kv_tile * head_dim * itemsize
+  p = NUM_CONSUMERS * ROWS * kv_tile * itemsize if pv_via_smem else 0
+  return q_and_o + kv + p
+
+
 def build_tail(k_blocks, block_table, lengths, kv_tile: int):
   """K (or V) of the K/V step that holds each sequence's end, zero at/past the end.
 
@@ -387,6 +399,14 @@ def paged_prefill_mosaic(
   """
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads = k_blocks.shape[0]
+  pv_via_smem = bool(interpret) if pv_via_smem is None else pv_via_smem
+  need = smem_bytes(head_dim, q.dtype.itemsize, kv_tile, num_slots, pv_via_smem)
+  if need > SMEM_LIMIT_BYTES:  # (barriers add ~2 KiB; Mosaic's own check catches the edge)
+    raise ValueError(
+      f"the Mosaic GPU prefill with head_dim {head_dim}, {q.dtype.name}, kv_tile {kv_tile} "
+      f"and {num_slots} slots needs {need} bytes of shared memory, more than the "
+      f"{SMEM_LIMIT_BYTES} of an sm_90 SM; use fewer slots or 64-key steps"
+    )
   block_table = block_table.astype(jnp.int32)
   lengths = lengths.astype(jnp.int32)
   sched = build_schedule(cu_q_lens, lengths, num_tokens, TILE, sliding_window, align=8)
@@ -400,7 +420,7 @@ def paged_prefill_mosaic(
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
-    pv_via_smem=bool(interpret) if pv_via_smem is None else pv_via_smem,
+    pv_via_smem=pv_via_smem,
   )
   # The TMA descriptors of q and the output need their row count a multiple of the
   # 8-row tile; other counts get a few zero rows (the engine's token buckets never do).

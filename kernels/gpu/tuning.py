@@ -52,7 +52,9 @@ class GpuBlockSizes:
       Triton one otherwise), "triton" or "mosaic" (an error where Mosaic does not apply).
     mosaic_kv_tile: K/V tokens per step of the Mosaic GPU prefill (64 or 128).
     mosaic_num_slots: shared-memory ring depth (K/V steps in flight) of the Mosaic GPU
-      prefill, 2..4; K, V and the query/output tiles must fit the 227 KiB of an SM.
+      prefill, 2..4; K, V and the query/output tiles must fit the 227 KiB of an SM
+      (bf16 head_dim 128: 128-key steps take 2 slots, 64-key steps up to 4), which the
+      kernel checks per call, before compiling.
   """
 
   decode_kv_tile: int = 64
@@ -97,7 +99,7 @@ class GpuBlockSizes:
         f"GpuBlockSizes.prefill_kernel must be one of {PREFILL_KERNELS}, got "
         f"{self.prefill_kernel!r}"
       )
-    if self.mosaic_kv_tile not in (64, 128):
+    if not (isinstance(self.mosaic_kv_tile, int) and self.mosaic_kv_tile in (64, 128)):
       raise ValueError(
         f"GpuBlockSizes.mosaic_kv_tile must be 64 or 128, got {self.mosaic_kv_tile!r}"
       )

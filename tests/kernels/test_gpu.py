@@ -454,8 +454,11 @@ def test_mosaic_tail_buffer_zeroes_past_the_length():
 def test_mosaic_backend_choice():
   kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, head_dim=128, block_size=16)
   assert gpu.kernel_backend("decode", requested="mosaic", **kw) == "triton"
-  assert gpu.kernel_backend("prefill", requested="mosaic", **kw) == "mosaic"
+  assert gpu.kernel_backend("prefill", requested="mosaic", interpret=True, **kw) == "mosaic"
   assert gpu.kernel_backend("prefill", requested="triton", **kw) == "triton"
+  if not gpu.is_hopper():  # asked for, off Hopper and not interpreting: a clear error
+    with pytest.raises(ValueError, match="Hopper"):
+      gpu.kernel_backend("prefill", requested="mosaic", **kw)
   # "auto" never picks Mosaic off Hopper or when interpreting, nor for decode-heavy calls.
   heavy = dict(num_tokens=4096, batch=4)
   assert not gpu.is_hopper() or jax.default_backend() == "gpu"
@@ -471,9 +474,38 @@ def test_mosaic_backend_choice():
   ):
     assert gpu.kernel_backend("prefill", **bad, **heavy) == "triton"
     with pytest.raises(ValueError, match="Mosaic GPU prefill supports"):
-      gpu.kernel_backend("prefill", requested="mosaic", **bad)
+      gpu.kernel_backend("prefill", requested="mosaic", interpret=True, **bad)
   with pytest.raises(ValueError, match="kind"):
     gpu.kernel_backend("verify")
+  with pytest.raises(ValueError, match="requested"):
+    gpu.kernel_backend("decode", requested="bogus")
+  with pytest.raises(ValueError, match="needs q_dtype"):
+    gpu.kernel_backend("prefill", requested="mosaic", interpret=True)
+
+
+def test_mosaic_shared_memory_budget_checked_before_compiling():
+  from kernels.gpu.prefill_mosaic import SMEM_LIMIT_BYTES, paged_prefill_mosaic, smem_bytes
+
+  # bf16 head_dim 128: 128-key steps fit 2 slots (the default), not 3.
+  assert smem_bytes(128, 2, 128, 2, False) <= SMEM_LIMIT_BYTES < smem_bytes(128, 2, 128, 3, False)
+  q, k, v, table, lens, cu = prefill_inputs(
+    5, q_lens=[10], ctx_lens=[0], head_dim=128, dtype=jnp.bfloat16
+  )
+  with pytest.raises(ValueError, match="shared memory"):
+    paged_prefill_mosaic(
+      q,
+      k,
+      v,
+      table,
+      lens,
+      cu,
+      scale=0.1,
+      sliding_window=None,
+      logit_soft_cap=None,
+      kv_tile=128,
+      num_slots=3,
+      pv_via_smem=False,
+    )
 
 
 def test_mosaic_requested_for_float32_raises_before_compiling():
@@ -489,7 +521,13 @@ def test_mosaic_interpret_needs_threads(monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "field,value", [("prefill_kernel", "cuda"), ("mosaic_kv_tile", 32), ("mosaic_num_slots", 5)]
+  "field,value",
+  [
+    ("prefill_kernel", "cuda"),
+    ("mosaic_kv_tile", 32),
+    ("mosaic_kv_tile", 64.0),
+    ("mosaic_num_slots", 5),
+  ],
 )
 def test_mosaic_block_sizes_validated(field, value):
   with pytest.raises(ValueError, match=field):
