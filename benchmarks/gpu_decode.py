@@ -307,50 +307,38 @@ def prefill_bench(runner, block_sizes, sweep):
   ref_bs = 64 if 64 in block_sizes else block_sizes[0]
   for bs in block_sizes:
     rows += run(bs, sweep if bs == ref_bs else [c for c in PREFILL_EVERY_BLOCK if c in sweep])
-  # Dense peer on contiguous K/V (the no-paging limit).
-  try:
-    qd = jax.random.normal(jax.random.key(3), (batch, length, HQ, D), jnp.bfloat16)
-    kd = jax.random.normal(jax.random.key(4), (batch, length, HKV, D), jnp.bfloat16)
-    fn = jax.jit(
-      functools.partial(
+  # Dense peers on contiguous K/V (the no-paging limit): cuDNN, and on the GPU JAX's own
+  # Mosaic GPU flash attention (FlashAttention-3 design), whose shared-memory scratch is
+  # float16-only, so it runs in float16 (the same speed class as bf16).
+  qd = jax.random.normal(jax.random.key(3), (batch, length, HQ, D), jnp.bfloat16)
+  kd = jax.random.normal(jax.random.key(4), (batch, length, HKV, D), jnp.bfloat16)
+  peers = [
+    (
+      "cudnn_dense",
+      lambda: functools.partial(
         jax.nn.dot_product_attention, is_causal=True, implementation=None if INTERPRET else "cudnn"
-      )
+      ),
+      (qd, kd, kd),
     )
-    rows.append(
-      measure(
-        runner,
-        "cudnn_dense",
-        fn,
-        (qd, kd, kd),
-        flops=flops,
-        **dict(kind="prefill", batch=batch, q_len=length, context=length, block_size=None),
-      )
-    )
-  except Exception:  # noqa: BLE001
-    traceback.print_exc()
-  # JAX's own Mosaic GPU flash attention (FlashAttention-3 design) on contiguous K/V: its
-  # shared-memory scratch is float16-only, so it runs in float16 (same speed class as bf16).
+  ]
   if not INTERPRET:
-    try:
+
+    def mosaic_fa3():
       with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from jax.experimental.pallas.ops.gpu import attention_mgpu
       cfg = attention_mgpu.TuningConfig(
         block_q=64, block_kv=128, max_concurrent_steps=2, causal=True
       )
-      fn = jax.jit(functools.partial(attention_mgpu.attention, config=cfg))
-      q16, k16 = qd.astype(jnp.float16), kd.astype(jnp.float16)
-      rows.append(
-        measure(
-          runner,
-          "builtin_mosaic_dense_f16",
-          fn,
-          (q16, k16, k16),
-          flops=flops,
-          **dict(kind="prefill", batch=batch, q_len=length, context=length, block_size=None),
-        )
-      )
-    except Exception:  # noqa: BLE001
+      return functools.partial(attention_mgpu.attention, config=cfg)
+
+    q16, k16 = qd.astype(jnp.float16), kd.astype(jnp.float16)
+    peers.append(("builtin_mosaic_dense_f16", mosaic_fa3, (q16, k16, k16)))
+  dense = dict(kind="prefill", batch=batch, q_len=length, context=length, block_size=None)
+  for name, make_fn, args in peers:
+    try:
+      rows.append(measure(runner, name, jax.jit(make_fn()), args, flops=flops, **dense))
+    except Exception:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
       traceback.print_exc()
   return rows
 

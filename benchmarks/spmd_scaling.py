@@ -169,7 +169,7 @@ def main():
     visible_devices=len(devs),
     jax_version=jax.__version__,
     date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
-    setup={k: v for k, v in dataclasses.asdict(s).items()},
+    setup=dataclasses.asdict(s),
     kv_bytes_per_token=kv_bytes_per_token(s),
     mean_prompt=float(lengths[:, 0].mean()),
     mean_output=float(lengths[:, 1].mean()),

@@ -82,7 +82,8 @@ def kernel_backend(
   ``requested`` ("triton" / "mosaic", from ``GpuBlockSizes.prefill_kernel``) is honoured;
   ``"auto"`` gives ``"mosaic"`` when not interpreting, the device is Hopper, the Mosaic
   kernel supports the dtypes, head dim and block size, and the call averages at least
-  ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per sequence; ``"triton"`` otherwise.
+  ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per block-table row (``batch``: sequences, padding
+  rows included); ``"triton"`` otherwise.
 
   Raises:
     ValueError: an unknown ``kind`` or ``requested``; a prefill without the dtypes and
