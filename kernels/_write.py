@@ -28,32 +28,26 @@ def check_host_slot_mapping(slot_mapping, num_slots: int) -> None:
     raise ValueError(f"slot_mapping has repeated ids {values[counts > 1][:8].tolist()}")
 
 
-def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, *, layer=None):
-  """Scatters new K/V rows into the block pools.
+def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
+  """Scatters new K/V rows into one layer's block pools.
 
   Args:
-    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, or with
-      ``layer`` given the whole cache ``[num_layers, num_kv_heads, num_blocks, block_size,
-      head_dim]`` (written in place at that layer: slicing a layer out and back would
-      make XLA copy the whole layer).
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``.
     slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``; ``-1`` (padding
       rows) writes nothing.
-    layer: None, or the layer index (int or int32 scalar) into 5-D pools.
 
   Returns:
     The updated ``(k_blocks, v_blocks)``. Under ``jit`` with the pools donated the
     scatter happens in place. A NumPy ``slot_mapping`` is checked (range, no slot twice)
     and raises ValueError; a device one is trusted.
   """
-  want_ndim = 4 if layer is None else 5
-  if k_blocks.ndim != want_ndim or v_blocks.shape != k_blocks.shape:
+  if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
     raise ValueError(
-      f"k_blocks/v_blocks must be {want_ndim}-D and alike "
-      f"({'per-layer' if layer is None else 'whole-cache, with layer='} pools), got "
+      "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
       f"{tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}"
     )
-  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape[-4:]
+  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
   if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
     raise ValueError(
       f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
@@ -67,23 +61,12 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, *, layer=None):
   total = num_blocks * block_size
   check_host_slot_mapping(slot_mapping, total)
 
-  if layer is not None:
-    # Padding rows get an out-of-range block id, dropped by the scatter (a negative index
-    # would wrap around to the last block). The advanced indices are split by a slice, so
-    # the update is laid out [num_tokens, heads, dim], like k_new.
-    block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)
-    offset = slot_mapping % block_size
+  # Padding rows go to an index past the end and are dropped by the scatter.
+  slots = jnp.where(slot_mapping >= 0, slot_mapping, total)
 
-    def scatter(pool, new):
-      return pool.at[layer, :, block, offset].set(new.astype(pool.dtype), mode="drop")
-
-  else:
-    # Padding rows go to an index past the end and are dropped by the scatter.
-    slots = jnp.where(slot_mapping >= 0, slot_mapping, total)
-
-    def scatter(pool, new):
-      flat = pool.reshape(num_kv_heads, total, head_dim)
-      flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
-      return flat.reshape(pool.shape)
+  def scatter(pool, new):
+    flat = pool.reshape(num_kv_heads, total, head_dim)
+    flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
+    return flat.reshape(pool.shape)
 
   return scatter(k_blocks, k_new), scatter(v_blocks, v_new)

@@ -2,9 +2,16 @@
 
 Layout (one for every backend; docs/ARCHITECTURE.md says why heads come first)::
 
-  PagedKVCache.k, .v   [num_layers, num_kv_heads, num_blocks, block_size, head_dim]
+  PagedKVCache.k, .v   tuples of num_layers arrays, one buffer per layer:
   cache.k[layer]       [num_kv_heads, num_blocks, block_size, head_dim]   what the kernels take
   HostKVPool.k, .v     [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]  NumPy
+
+Each layer's pool is its own buffer, not a slice of one 5-D array, because a Pallas
+kernel is a custom call: XLA must hand it a whole buffer, so a layer sliced out of a 5-D
+pool is first copied, and a jitted model step then copies the entire pool every step
+(measured on an H200: a step's time grew with the pool, 2.2 ms at 2,056 blocks to 16.4 ms
+at 81,920, docs/benchmarks.md). With one buffer per layer the kernels read the pool in
+place and a step costs what its live tokens cost, whatever the pool's size.
 
 Every function here is pure on the device side: it returns a new ``PagedKVCache``.
 ``write``, ``copy_blocks`` and ``swap_in`` donate the cache they are given (jit
@@ -47,8 +54,8 @@ class PagedKVCache:
   never disagree with the arrays and the treedef stays the same for every pool size.
   """
 
-  k: jax.Array  # [num_layers, num_kv_heads, num_blocks, block_size, head_dim]
-  v: jax.Array  # [num_layers, num_kv_heads, num_blocks, block_size, head_dim]
+  k: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
+  v: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
 
   @classmethod
   def create(
@@ -70,37 +77,66 @@ class PagedKVCache:
     )
     shape = _check_dims(dims)
     dtype = _check_float_dtype(dtype, "dtype")
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+    num_layers, layer_shape = shape[0], shape[1:]
+    return cls(
+      k=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
+      v=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
+    )
+
+  @classmethod
+  def from_stacked(cls, k, v) -> PagedKVCache:
+    """A cache from 5-D ``k, v [num_layers, num_kv_heads, num_blocks, block_size, head_dim]``
+    (JAX or NumPy), one buffer per layer (copies the layers apart)."""
+    k, v = jnp.asarray(k), jnp.asarray(v)
+    if k.ndim != 5 or v.shape != k.shape or v.dtype != k.dtype:
+      raise ValueError(
+        "k and v must both be [num_layers, num_kv_heads, num_blocks, block_size, head_dim] of "
+        f"one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
+      )
+    return cls(k=tuple(k[i] for i in range(k.shape[0])), v=tuple(v[i] for i in range(v.shape[0])))
+
+  def stacked(self) -> tuple[jax.Array, jax.Array]:
+    """``(k, v)`` as 5-D arrays ``[num_layers, num_kv_heads, num_blocks, block_size,
+    head_dim]``: a copy of the whole pool, for checks and inspection (never in a step)."""
+    return jnp.stack(self.k), jnp.stack(self.v)
 
   @property
   def num_layers(self) -> int:
-    return self.k.shape[0]
+    return len(self.k)
 
   @property
   def num_kv_heads(self) -> int:
-    return self.k.shape[1]
+    return self.k[0].shape[0]
 
   @property
   def num_blocks(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1]
 
   @property
   def block_size(self) -> int:
-    return self.k.shape[3]
+    return self.k[0].shape[2]
 
   @property
   def head_dim(self) -> int:
-    return self.k.shape[4]
+    return self.k[0].shape[3]
 
   @property
   def dtype(self):
-    return self.k.dtype
+    return self.k[0].dtype
 
-  def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+  def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
     """``(k_blocks, v_blocks)`` of one layer, each ``[num_kv_heads, num_blocks, block_size,
-    head_dim]``: the arguments ``kernels.paged_attention`` takes."""
+    head_dim]``: the arguments ``kernels.paged_attention`` takes (the layer's own buffers,
+    not a copy)."""
     _check_layer(layer, self.num_layers)
     return self.k[layer], self.v[layer]
+
+  def replace_layer(self, layer: int, k_blocks, v_blocks) -> PagedKVCache:
+    """The cache with ``layer``'s pools replaced (the other layers' buffers are shared)."""
+    _check_layer(layer, self.num_layers)
+    k, v = list(self.k), list(self.v)
+    k[layer], v[layer] = k_blocks, v_blocks
+    return PagedKVCache(k=tuple(k), v=tuple(v))
 
 
 def _check_dims(dims: dict[str, int]) -> tuple[int, ...]:
@@ -127,23 +163,31 @@ def _shape_str(x) -> str:
 def _check_cache(cache) -> None:
   if not isinstance(cache, PagedKVCache):
     raise ValueError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-  if cache.k.ndim != 5 or cache.v.shape != cache.k.shape or cache.v.dtype != cache.k.dtype:
+  k, v = cache.k, cache.v
+  if not isinstance(k, tuple) or not isinstance(v, tuple) or not k or len(k) != len(v):
     raise ValueError(
-      "cache.k and cache.v must both be [num_layers, num_kv_heads, num_blocks, block_size, "
-      f"head_dim] of one dtype, got k {_shape_str(cache.k)} and v {_shape_str(cache.v)}"
+      "cache.k and cache.v must be tuples of one array per layer (build a cache from 5-D "
+      f"arrays with PagedKVCache.from_stacked), got {type(k).__name__} and {type(v).__name__}"
     )
+  first = k[0]
+  for name, pools in (("k", k), ("v", v)):
+    for i, x in enumerate(pools):
+      if getattr(x, "ndim", None) != 4 or x.shape != first.shape or x.dtype != first.dtype:
+        raise ValueError(
+          f"cache.{name}[{i}] must be [num_kv_heads, num_blocks, block_size, head_dim] like "
+          f"cache.k[0] {_shape_str(first)}, got "
+          f"{_shape_str(x) if hasattr(x, 'shape') else type(x).__name__}"
+        )
 
 
 def _check_layer(layer, num_layers: int) -> None:
-  """Python ints are range-checked; a traced or device layer index must be an int scalar."""
-  if isinstance(layer, bool):
-    raise ValueError(f"layer must be an int, got {layer!r}")
-  if isinstance(layer, int | np.integer):
-    if not 0 <= layer < num_layers:
-      raise ValueError(f"layer {layer} out of range for a cache of {num_layers} layers")
-    return
-  if getattr(layer, "ndim", None) != 0 or not jnp.issubdtype(layer.dtype, jnp.integer):
-    raise ValueError(f"layer must be an int or an integer scalar array, got {layer!r}")
+  """A layer is a Python int in range: each layer is its own buffer, chosen at trace time."""
+  if isinstance(layer, bool) or not isinstance(layer, int | np.integer):
+    raise ValueError(
+      f"layer must be a Python int (each layer's pool is its own buffer), got {layer!r}"
+    )
+  if not 0 <= layer < num_layers:
+    raise ValueError(f"layer {layer} out of range for a cache of {num_layers} layers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,17 +199,14 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
 
   Args:
     cache: the cache; donated (use the returned one).
-    layer: layer index, a Python int (range-checked) or an int32 scalar array (e.g. the
-      index of a ``lax.scan`` over layers; not checked).
+    layer: layer index, a Python int (range-checked).
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype (cast to the
       cache dtype).
     slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``;
       ``kernels.INVALID_SLOT`` (-1) marks padding rows, which write nothing. A NumPy
       slot_mapping is checked (in range, no slot twice); a device one is trusted.
 
-  ``kernels.write_kv(..., layer=layer)`` on the 5-D pools: one scatter into the pool, since
-  slicing the layer out, scattering and writing it back makes XLA copy the whole layer
-  (measured on CPU: 18.7 ms vs 66 us for 4 tokens in a 16 MiB layer).
+  ``kernels.write_kv`` on that layer's own buffers: one scatter, in place when donated.
   """
   _check_cache(cache)
   _check_layer(layer, cache.num_layers)
@@ -186,13 +227,13 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
       f"{_shape_str(slot_mapping)}"
     )
   check_host_slot_mapping(slot_mapping, cache.num_blocks * cache.block_size)
-  return _write(cache, jnp.asarray(layer, jnp.int32), k_new, v_new, slot_mapping)
+  k, v = _write_layer(*cache.layer(int(layer)), k_new, v_new, slot_mapping)
+  return cache.replace_layer(int(layer), k, v)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write(cache, layer, k_new, v_new, slot_mapping):
-  k, v = write_kv(cache.k, cache.v, k_new, v_new, slot_mapping, layer=layer)
-  return PagedKVCache(k=k, v=v)
+@functools.partial(jax.jit, donate_argnums=(0, 1))
+def _write_layer(k_blocks, v_blocks, k_new, v_new, slot_mapping):
+  return write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +280,10 @@ def _copy_blocks(cache, src, dst):
   src = jnp.where(pad, 0, src)
   dst = jnp.where(pad, cache.num_blocks, dst)  # out of range: dropped by the scatter
 
-  def copy(pool):
-    return pool.at[:, :, dst].set(pool[:, :, src], mode="drop")
+  def copy(pool):  # one layer: [num_kv_heads, num_blocks, block_size, head_dim]
+    return pool.at[:, dst].set(pool[:, src], mode="drop")
 
-  return PagedKVCache(k=copy(cache.k), v=copy(cache.v))
+  return PagedKVCache(k=tuple(map(copy, cache.k)), v=tuple(map(copy, cache.v)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,25 +387,31 @@ def swap_in(cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids) ->
 @jax.jit
 def _gather_blocks(cache, ids):
   # One array, so that the device -> host copy is a single transfer.
-  return jnp.stack([cache.k[:, :, ids], cache.v[:, :, ids]])  # [2, L, H, n, bs, D]
+  def gather(pools):
+    return jnp.stack([pool[:, ids] for pool in pools])  # [L, H, n, bs, D]
+
+  return jnp.stack([gather(cache.k), gather(cache.v)])  # [2, L, H, n, bs, D]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _scatter_blocks(cache, blocks, ids):
-  return PagedKVCache(
-    k=cache.k.at[:, :, ids].set(blocks[0]), v=cache.v.at[:, :, ids].set(blocks[1])
-  )
+  def scatter(pools, new):
+    return tuple(pool.at[:, ids].set(new[i]) for i, pool in enumerate(pools))
+
+  return PagedKVCache(k=scatter(cache.k, blocks[0]), v=scatter(cache.v, blocks[1]))
 
 
 def _check_swap(cache, host_pool, device_ids, host_ids, dst_name):
   _check_cache(cache)
   if not isinstance(host_pool, HostKVPool):
     raise ValueError(f"host_pool must be a HostKVPool, got {type(host_pool).__name__}")
-  dev, host = cache.k.shape, host_pool.k.shape
-  if dev[:2] + dev[3:] != host[:2] + host[3:] or jnp.dtype(cache.dtype) != host_pool.k.dtype:
+  dev = (cache.num_layers, cache.num_kv_heads, cache.block_size, cache.head_dim)
+  host = host_pool.k.shape
+  if dev != host[:2] + host[3:] or jnp.dtype(cache.dtype) != host_pool.k.dtype:
     raise ValueError(
-      f"host_pool blocks {_shape_str(host_pool.k)} do not fit the cache's {_shape_str(cache.k)}"
-      " (layers, kv heads, block_size, head_dim and dtype must match)"
+      f"host_pool blocks {_shape_str(host_pool.k)} do not fit the cache's {cache.num_layers} "
+      f"layers of {_shape_str(cache.k[0])} (layers, kv heads, block_size, head_dim and dtype "
+      "must match)"
     )
   device_ids = np.asarray(_as_ids(device_ids, "device_ids"))
   host_ids = np.asarray(_as_ids(host_ids, "host_ids"))

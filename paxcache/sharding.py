@@ -42,8 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from paxcache import cache as cache_ops
-from paxcache.cache import HostKVPool, PagedKVCache
-from paxcache.nn import PagedAttention
+from paxcache.cache import PagedKVCache
 
 MODEL_AXIS = "model"
 
@@ -51,13 +50,11 @@ __all__ = [
   "MODEL_AXIS",
   "HeadLayout",
   "KVSharding",
-  "ShardedPagedAttention",
   "head_layout",
   "init_sharded_cache",
   "kv_sharding",
   "make_mesh",
   "shard_cache",
-  "shard_engine_cache",
   "shard_model",
   "sharded_cache_write",
   "sharded_paged_attention",
@@ -199,9 +196,8 @@ class KVSharding:
   Attributes:
     mesh, axis: the mesh and its tensor-parallel axis.
     layout: the head layout (which KV head each pool head holds, query slots).
-    pool: ``PagedKVCache.k/.v [num_layers, pool_heads, num_blocks, block_size, head_dim]``,
-      heads (axis 1) over ``axis``.
-    layer_pool: one layer's ``k_blocks [pool_heads, num_blocks, block_size, head_dim]``.
+    pool: each layer's pool, ``PagedKVCache.k[layer] [pool_heads, num_blocks, block_size,
+      head_dim]``, heads (axis 0) over ``axis``.
     heads: ``q`` / attention output ``[tokens, query slots, head_dim]`` and new K/V
       ``[tokens, pool_heads, head_dim]``, heads (axis 1) over ``axis``; with an identity
       query layout this is also the sharding of the model's own ``q [tokens, num_q_heads,
@@ -213,7 +209,6 @@ class KVSharding:
   axis: str
   layout: HeadLayout
   pool: NamedSharding
-  layer_pool: NamedSharding
   heads: NamedSharding
   replicated: NamedSharding
 
@@ -227,8 +222,7 @@ def kv_sharding(
     mesh=mesh,
     axis=axis,
     layout=layout,
-    pool=NamedSharding(mesh, P(None, axis)),
-    layer_pool=NamedSharding(mesh, P(axis)),
+    pool=NamedSharding(mesh, P(axis)),
     heads=NamedSharding(mesh, P(None, axis)),
     replicated=NamedSharding(mesh, P()),
   )
@@ -242,8 +236,8 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, *, axis: str = MODEL_AXIS) -> P
   """Places an unsharded cache on ``mesh``, KV heads over ``axis``.
 
   Args:
-    cache: ``k, v [num_layers, num_kv_heads, num_blocks, block_size, head_dim]`` with the
-      model's KV heads.
+    cache: per layer ``[num_kv_heads, num_blocks, block_size, head_dim]`` with the model's
+      KV heads.
 
   Returns:
     A cache of ``layout.pool_heads`` heads (copies where ``num_kv_heads`` does not split
@@ -255,7 +249,7 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, *, axis: str = MODEL_AXIS) -> P
   if spec.layout.kv_identity:
     return jax.device_put(cache, spec.pool)
   idx = np.asarray(spec.layout.kv_heads, np.int32)
-  expand = jax.jit(lambda c: jax.tree.map(lambda a: a[:, idx], c), out_shardings=spec.pool)
+  expand = jax.jit(lambda c: jax.tree.map(lambda a: a[idx], c), out_shardings=spec.pool)
   return expand(cache)
 
 
@@ -283,12 +277,12 @@ def init_sharded_cache(
     head_dim,
     dtype,
   )
-  return jax.jit(create, out_shardings=PagedKVCache(k=spec.pool, v=spec.pool))()
+  return jax.jit(create, out_shardings=spec.pool)()
 
 
 def unshard_cache(cache: PagedKVCache, num_kv_heads: int, num_shards: int) -> PagedKVCache:
   """The model-head view of a sharded cache: the first copy of each KV head,
-  ``[num_layers, num_kv_heads, ...]`` (for checks and for moving to another mesh)."""
+  per layer ``[num_kv_heads, ...]`` (for checks and for moving to another mesh)."""
   cache_ops._check_cache(cache)
   layout = head_layout(num_shards, num_kv_heads)
   if cache.num_kv_heads != layout.pool_heads:
@@ -297,7 +291,7 @@ def unshard_cache(cache: PagedKVCache, num_kv_heads: int, num_shards: int) -> Pa
       f"shards make {layout.pool_heads} pool heads"
     )
   idx = np.asarray(layout.kv_first_copy, np.int32)
-  return PagedKVCache(k=jnp.asarray(cache.k)[:, idx], v=jnp.asarray(cache.v)[:, idx])
+  return PagedKVCache(k=tuple(a[idx] for a in cache.k), v=tuple(a[idx] for a in cache.v))
 
 
 def _pool_layout(mesh, axis, pool_heads: int, num_kv_heads: int, num_q_heads=None) -> HeadLayout:
@@ -349,32 +343,20 @@ def sharded_write_kv(mesh, k_blocks, v_blocks, k_new, v_new, slot_mapping, *, ax
 
 
 def sharded_cache_write(
-  mesh, cache: PagedKVCache, layer, k_new, v_new, slot_mapping, *, axis=MODEL_AXIS
+  mesh, cache: PagedKVCache, layer: int, k_new, v_new, slot_mapping, *, axis=MODEL_AXIS
 ) -> PagedKVCache:
   """``paxcache.cache.write`` on a cache placed by :func:`shard_cache`.
 
   ``k_new, v_new: [num_tokens, num_kv_heads, head_dim]`` in the model's KV heads; ``layer``
-  a Python int or an int32 scalar; ``slot_mapping`` replicated. Each device scatters into
-  its own heads of the 5-D pool (one scatter, no per-layer copy). Call it inside ``jit``
-  with the cache donated, as the model does.
+  a Python int; ``slot_mapping`` replicated. Each device scatters into its own heads of
+  that layer's pool (:func:`sharded_write_kv`). Call it inside ``jit`` with the cache
+  donated, as the model does.
   """
   cache_ops._check_cache(cache)
-  layout = _pool_layout(mesh, axis, cache.num_kv_heads, k_new.shape[1])
-  k_new, v_new = _expand_kv(k_new, layout), _expand_kv(v_new, layout)
-  layer = jnp.asarray(layer, jnp.int32)
-  heads = P(None, axis)
-
-  def body(k, v, layer, k_new, v_new, slots):
-    return cache_ops.write(PagedKVCache(k=k, v=v), layer, k_new, v_new, slots)
-
-  pool = P(None, axis)
-  out = jax.shard_map(
-    body,
-    mesh=mesh,
-    in_specs=(pool, pool, P(), heads, heads, P()),
-    out_specs=PagedKVCache(k=pool, v=pool),
-  )(cache.k, cache.v, layer, k_new, v_new, jnp.asarray(slot_mapping))
-  return out
+  k_blocks, v_blocks = sharded_write_kv(
+    mesh, *cache.layer(layer), k_new, v_new, jnp.asarray(slot_mapping), axis=axis
+  )
+  return cache.replace_layer(layer, k_blocks, v_blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,30 +434,6 @@ def sharded_paged_attention(
 # Model and engine: placing parameters (the layers and the engine take the mesh themselves).
 
 
-class ShardedPagedAttention(nnx.Module):
-  """A :class:`paxcache.nn.PagedAttention` set to run on ``mesh`` (kept for older callers).
-
-  ``PagedAttention(..., mesh=mesh)`` does the sharded write and attention itself; this
-  wrapper only sets the wrapped layer's mesh and forwards the call and :meth:`dense`.
-  """
-
-  def __init__(self, attn: PagedAttention, mesh: Mesh, *, axis: str = MODEL_AXIS):
-    if not isinstance(attn, PagedAttention):
-      raise ValueError(f"attn must be a PagedAttention, got {type(attn).__name__}")
-    attn.set_mesh(mesh, axis)
-    self.attn = attn
-    self.mesh = mesh
-    self.axis = axis
-    self.layout = head_layout(_axis_size(mesh, axis), attn.num_kv_heads, attn.num_q_heads)
-
-  def __call__(self, *args, **kwargs):
-    """Same arguments and results as :meth:`paxcache.nn.PagedAttention.__call__`."""
-    return self.attn(*args, **kwargs)
-
-  def dense(self, *args, **kwargs):
-    return self.attn.dense(*args, **kwargs)
-
-
 def _put(variable, sharding) -> None:
   variable.set_value(jax.device_put(variable.get_value(), sharding))
 
@@ -496,9 +454,6 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
   rep = NamedSharding(mesh, P())
   cols, rows = NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P(axis, None))
   for layer in model.layers:
-    # An older model may carry the wrapper: unwrap it, the layer runs the mesh itself.
-    if isinstance(layer.attn, ShardedPagedAttention):
-      layer.attn = layer.attn.attn
     layer.attn.set_mesh(mesh, axis)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Variable):
@@ -518,31 +473,3 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
       _put(mlp.up.kernel, cols)
       _put(mlp.down.kernel, rows)
   return model
-
-
-def shard_engine_cache(engine, mesh: Mesh, *, axis: str = MODEL_AXIS) -> None:
-  """Gives a fresh ``Engine`` a sharded pool (and a host pool of the pool heads' shape).
-
-  Kept for older callers: ``Engine(model, EngineConfig(mesh=mesh))`` builds the sharded
-  pool itself, as does an engine over a model already passed through :func:`shard_model`;
-  then this changes nothing. Call before the first step.
-  """
-  if engine.has_unfinished() or engine.allocator.num_used_blocks:
-    raise ValueError("shard_engine_cache must run on a fresh engine (no requests yet)")
-  c = engine.cache
-  spec = kv_sharding(mesh, engine.model.config.num_kv_heads, axis=axis)
-  if c.num_kv_heads == spec.layout.pool_heads and c.k.sharding.is_equivalent_to(spec.pool, 5):
-    return
-  # A fresh engine's pool holds no token yet: allocate the sharded one in place.
-  engine.cache = init_sharded_cache(
-    mesh,
-    c.num_layers,
-    engine.model.config.num_kv_heads,
-    c.num_blocks,
-    c.block_size,
-    c.head_dim,
-    c.dtype,
-    axis=axis,
-  )
-  if engine.host_pool is not None:
-    engine.host_pool = HostKVPool.like(engine.cache, engine.host_pool.num_host_blocks)

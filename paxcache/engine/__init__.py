@@ -4,6 +4,7 @@ See docs/engine.md for the step as data, the scheduling policy, preemption modes
 metrics.
 """
 
+from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._engine import PREEMPTION_MODES, Engine, EngineConfig
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Request, RequestError, RequestOutput
@@ -19,6 +20,8 @@ __all__ = [
   "RequestOutput",
   "RunMetrics",
   "Scheduler",
+  "StepBatch",
   "StepMetrics",
+  "build_step_batch",
   "sample_tokens",
 ]

@@ -12,15 +12,16 @@ import time
 from collections.abc import Hashable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from kernels import INVALID_BLOCK, INVALID_SLOT
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.allocator import BlockAllocator
-from paxcache.block_table import BlockTable, bucket_size
+from paxcache.block_table import BlockTable
+from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
 from paxcache.engine._sampling import sample_tokens
@@ -118,32 +119,34 @@ class EngineConfig:
       raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
 
 
-def _device_step(graphdef, state, cache, batch, key, *, decode_only: bool):
+def _device_step(graphdef, state, cache, batch: StepBatch, key):
   """The one jitted call of an iteration: copy-on-write copies, model, sampling.
 
-  ``batch`` holds padded arrays (see ``Engine._build_batch``); returns the sampled
-  tokens ``i32[num_sample_rows]`` and the new cache (donated, updated in place).
+  Returns the sampled tokens ``i32[rows]`` and the new cache (donated: every layer's pool
+  is updated in place, and nothing in the step copies a pool).
   """
   model = nnx.merge(graphdef, state)
-  cache = cache_ops.copy_blocks(cache, batch["cow_src"], batch["cow_dst"])
+  cache = cache_ops.copy_blocks(cache, batch.cow_src, batch.cow_dst)
   logits, cache = model(
-    batch["tokens"],
-    batch["positions"],
+    batch.tokens,
+    batch.positions,
     cache,
-    block_table=batch["block_table"],
-    lengths=batch["lengths"],
-    slot_mapping=batch["slot_mapping"],
-    cu_q_lens=None if decode_only else batch["cu_q_lens"],
-    logit_rows=batch["logit_rows"],
+    block_table=batch.block_table,
+    lengths=batch.lengths,
+    slot_mapping=batch.slot_mapping,
+    cu_q_lens=None if batch.decode_only else batch.cu_q_lens,
+    logit_rows=batch.logit_rows,
   )
+  if not batch.any_sampled:  # static: an all-greedy step needs no sort of the vocabulary
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
   tokens = sample_tokens(
     logits,
-    batch["temperature"],
-    batch["top_k"],
+    batch.temperature,
+    batch.top_k,
     key,
-    batch["seeds"],
-    batch["sample_index"],
-    batch["sample_positions"],
+    batch.seeds,
+    batch.sample_index,
+    batch.sample_positions,
   )
   return tokens, cache
 
@@ -152,9 +155,7 @@ def _device_step(graphdef, state, cache, batch, key, *, decode_only: bool):
 def _jitted_step(graphdef):
   # Keyed on the (hashable) graph definition, so that engines over the same model share
   # compiled steps instead of compiling every bucket again.
-  return jax.jit(
-    functools.partial(_device_step, graphdef), static_argnames=("decode_only",), donate_argnums=(1,)
-  )
+  return jax.jit(functools.partial(_device_step, graphdef), donate_argnums=(1,))
 
 
 class Engine:
@@ -345,12 +346,11 @@ class Engine:
     num_tokens = prefill = sampled = 0
     shape = (0, 0, 0)
     if plan.rows:
-      batch, shape, decode_only = self._build_batch(plan)
-      self._shapes.add(shape + (decode_only, len(batch["cow_src"]), len(batch["logit_rows"])))
+      batch = self._build_batch(plan)
+      shape = batch.shape_key[:3]
+      self._shapes.add(batch.shape_key)
       # One fixed key: each row folds in its own (seed, sample, position).
-      tokens, self.cache = self._step_fn(
-        self._state, self.cache, batch, self._key, decode_only=decode_only
-      )
+      tokens, self.cache = self._step_fn(self._state, self.cache, batch, self._key)
       tokens = np.asarray(tokens)  # the one device -> host copy of the step
       num_tokens = sum(r.stop - r.start for r in plan.rows)
       prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
@@ -387,73 +387,22 @@ class Engine:
 
   # ------------------------------------------------------------------ internals
 
-  def _build_batch(self, plan: Plan):
+  def _build_batch(self, plan: Plan) -> StepBatch:
     cfg = self.config
-    rows = plan.rows
-    b = len(rows)
     table = BlockTable.from_allocator(
       self.allocator,
-      [r.seq.seq_id for r in rows],
+      [r.seq.seq_id for r in plan.rows],
       min_batch=cfg.min_batch_bucket,
       min_blocks=cfg.min_blocks_bucket,
     )
-    batch_pad = table.batch_size
-    q_lens = np.array([r.stop - r.start for r in rows], np.int32)
-    total = int(q_lens.sum())
-    decode_only = bool((q_lens == 1).all())
-    num_tokens = (
-      batch_pad if decode_only else bucket_size(total, minimum=max(cfg.min_token_bucket, batch_pad))
+    sampling = {}
+    for r in plan.rows:
+      for s in r.samplers:
+        g = self._groups[s.seq_id[0]]
+        sampling[s.seq_id[0]] = (g.request.temperature, g.request.top_k, g.seed)
+    return build_step_batch(
+      plan, table, sampling, min_tokens=cfg.min_token_bucket, min_copies=cfg.min_copy_bucket
     )
-    tokens = np.zeros(num_tokens, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
-    cu = np.full(batch_pad + 1, total, np.int32)
-    cu[0] = 0
-    cu[1 : b + 1] = np.cumsum(q_lens)
-    samplers = [(s, int(cu[i + 1]) - 1, r.seq) for i, r in enumerate(rows) for s in r.samplers]
-    num_rows = bucket_size(len(samplers), minimum=batch_pad)
-    logit_rows = np.zeros(num_rows, np.int32)
-    temperature = np.zeros(num_rows, np.float32)
-    top_k = np.zeros(num_rows, np.int32)
-    seeds = np.zeros(num_rows, np.int32)
-    sample_index = np.zeros(num_rows, np.int32)
-    sample_positions = np.zeros(num_rows, np.int32)
-    for i, r in enumerate(rows):
-      lo = int(cu[i])
-      tokens[lo : lo + q_lens[i]] = r.seq.tokens[r.start : r.stop]
-      positions[lo : lo + q_lens[i]] = np.arange(r.start, r.stop, dtype=np.int32)
-      slot_mapping[lo : lo + q_lens[i]] = r.slots
-    for j, (s, row, _) in enumerate(samplers):
-      g = self._groups[s.seq_id[0]]
-      logit_rows[j] = row
-      temperature[j] = g.request.temperature
-      top_k[j] = g.request.top_k
-      seeds[j] = g.seed % (2**31)
-      sample_index[j] = s.index
-      sample_positions[j] = len(s.tokens)
-    pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)
-    num_copies = bucket_size(len(pairs), minimum=cfg.min_copy_bucket)
-    cow_src = np.full(num_copies, INVALID_BLOCK, np.int32)
-    cow_dst = np.full(num_copies, INVALID_BLOCK, np.int32)
-    cow_src[: len(pairs)] = pairs[:, 0]
-    cow_dst[: len(pairs)] = pairs[:, 1]
-    batch = dict(
-      tokens=tokens,
-      positions=positions,
-      slot_mapping=slot_mapping,
-      cu_q_lens=cu,
-      block_table=np.asarray(table.block_ids),
-      lengths=np.asarray(table.lengths),
-      logit_rows=logit_rows,
-      temperature=temperature,
-      top_k=top_k,
-      seeds=seeds,
-      sample_index=sample_index,
-      sample_positions=sample_positions,
-      cow_src=cow_src,
-      cow_dst=cow_dst,
-    )
-    return batch, (num_tokens, batch_pad, table.max_blocks), decode_only
 
   def _apply(self, plan: Plan, tokens: np.ndarray) -> tuple[list[RequestOutput], int]:
     """Host update after the device step: computed counts, new tokens, stops, frees."""

@@ -434,6 +434,7 @@ def load_gguf_llama(
     norm_eps=meta.norm_eps,
     tie_embeddings=tied,
     dtype=dtype,
+    param_dtype=param_dtype,
   )
   # Build the module abstractly (no random initialisation of 100M+ parameters), then put
   # the file's weights in.

@@ -23,19 +23,22 @@ no-cache path uses it as the parity oracle for the paged path.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import kernels
 from paxcache import cache as cache_ops
+from paxcache import sharding
 from paxcache.cache import PagedKVCache
 from paxcache.nn._layers import apply_rope
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
 
 
-def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None):
+def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None, exact=True):
   """Plain (unpaged) attention: each query sees keys at positions ``<= its own``.
 
   Args:
@@ -44,6 +47,9 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None):
     q_positions: ``i32[batch, q_len]``.
     scale: softmax scale.
     k_length: optional ``i32[batch]``; keys at positions ``>= k_length`` are ignored.
+    exact: float32 operands at HIGHEST precision (the parity oracle); False multiplies in
+      the K/V dtype with float32 accumulation, as a serving kernel does (the contiguous
+      cache of :meth:`Decoder.forward_cached`, a fair no-paging peer in benchmarks).
 
   Returns:
     ``[batch, q_len, num_q_heads, head_dim]`` in ``q.dtype``; float32 accumulation.
@@ -51,9 +57,13 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None):
   b, s, num_q_heads, head_dim = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   group = num_q_heads // num_kv_heads
-  qf = q.astype(jnp.float32).reshape(b, s, num_kv_heads, group, head_dim)
-  hi = jax.lax.Precision.HIGHEST
-  logits = jnp.einsum("bskgd,btkd->bkgst", qf, k.astype(jnp.float32), precision=hi) * scale
+  if exact:
+    cdtype, prec = jnp.float32, jax.lax.Precision.HIGHEST
+  else:
+    cdtype, prec = k.dtype, None
+  qf = q.astype(cdtype).reshape(b, s, num_kv_heads, group, head_dim)
+  einsum = functools.partial(jnp.einsum, precision=prec, preferred_element_type=jnp.float32)
+  logits = einsum("bskgd,btkd->bkgst", qf, k.astype(cdtype)) * scale
   key_pos = jnp.arange(kv_len, dtype=jnp.int32)
   mask = key_pos[None, None, :] <= q_positions[:, :, None]  # [b, s, t]
   if k_length is not None:
@@ -63,7 +73,7 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None):
   p = jnp.where(mask, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
   denom = p.sum(-1, keepdims=True)
   p = p / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bkgst,btkd->bskgd", p, v.astype(jnp.float32), precision=hi)
+  out = einsum("bkgst,btkd->bskgd", p.astype(cdtype), v.astype(cdtype))
   return out.reshape(b, s, num_q_heads, head_dim).astype(q.dtype)
 
 
@@ -83,6 +93,7 @@ class PagedAttention(nnx.Module):
     interpret: run a Pallas backend in interpret mode (tests on CPU).
     sliding_window, logit_soft_cap: passed to the kernel.
     dtype: activation dtype of the projections.
+    param_dtype: dtype of the projection weights.
     mesh: a ``jax.sharding.Mesh`` with a ``mesh_axis`` axis: write and attend per device,
       KV heads over that axis (``paxcache.sharding.shard_model`` sets it on a built model
       and places the parameters). None: one device.
@@ -103,6 +114,7 @@ class PagedAttention(nnx.Module):
     sliding_window: int | None = None,
     logit_soft_cap: float | None = None,
     dtype=jnp.float32,
+    param_dtype=jnp.float32,
     mesh=None,
     mesh_axis: str = "model",
     rngs: nnx.Rngs,
@@ -113,7 +125,7 @@ class PagedAttention(nnx.Module):
       )
     if backend not in kernels.BACKENDS:
       raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = nnx.Linear(d_model, num_q_heads * head_dim, **kw)
     self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
     self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
@@ -132,8 +144,6 @@ class PagedAttention(nnx.Module):
     """Sets (or with None clears) the mesh; checks it has ``mesh_axis``. Placing the
     parameters and the cache is the caller's (``paxcache.sharding.shard_model``)."""
     if mesh is not None:
-      from paxcache import sharding  # paxcache.sharding imports this module
-
       sharding.head_layout(sharding._axis_size(mesh, mesh_axis), self.num_kv_heads)
     self.mesh = mesh
     self.mesh_axis = mesh_axis
@@ -170,8 +180,8 @@ class PagedAttention(nnx.Module):
       cache: either this layer's pools ``(k_blocks, v_blocks)``, each ``[num_kv_heads,
         num_blocks, block_size, head_dim]`` (written with ``kernels.write_kv``), or a whole
         :class:`paxcache.cache.PagedKVCache` together with ``layer`` (written with
-        ``paxcache.cache.write``: one scatter into the 5-D pool, so that a jitted model
-        never copies a whole layer).
+        ``paxcache.cache.write`` into that layer's own buffers: the kernel then reads the
+        pool in place, never a copy of it).
       block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
       lengths: ``i32[batch]``, tokens in each sequence including this call's.
       slot_mapping: ``i32[num_tokens]``, where each new token's K/V goes; ``-1`` for
@@ -217,8 +227,6 @@ class PagedAttention(nnx.Module):
         **kernel_kwargs,
       )
     else:
-      from paxcache import sharding  # paxcache.sharding imports this module
-
       mesh, axis = self.mesh, self.mesh_axis
       if isinstance(cache, PagedKVCache):
         cache = sharding.sharded_cache_write(mesh, cache, layer, k, v, slot_mapping, axis=axis)
@@ -280,5 +288,5 @@ class PagedAttention(nnx.Module):
     start = (0, cache_index, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-    out = dense_causal_attention(q, k_cache, v_cache, positions, scale=scale)
+    out = dense_causal_attention(q, k_cache, v_cache, positions, scale=scale, exact=False)
     return self.o_proj(out.astype(x.dtype).reshape(*x.shape[:2], -1)), (k_cache, v_cache)

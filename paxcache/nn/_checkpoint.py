@@ -41,6 +41,9 @@ def load_decoder(
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())
   state = nnx.state(model, nnx.Param)
+  # The file holds float32; a config with param_dtype="bfloat16" keeps its own dtype.
+  like = nnx.to_pure_dict(state)
+  params = jax.tree.map(lambda a, ref: np.asarray(a).astype(ref.dtype), params, like)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model

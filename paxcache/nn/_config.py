@@ -27,7 +27,10 @@ class DecoderConfig:
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = True  # the output projection reuses the embedding matrix
-  dtype: str = "float32"  # activation / KV dtype; parameters stay float32
+  dtype: str = "float32"  # activation / KV dtype
+  # Weights of the projections and the embedding; "bfloat16" halves the bytes a
+  # memory-bound decode step reads (norm scales stay float32: they are d_model floats).
+  param_dtype: str = "float32"
 
   def __post_init__(self):
     for name in (
@@ -48,11 +51,22 @@ class DecoderConfig:
       )
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-    jnp.dtype(self.dtype)  # raises on an unknown dtype name
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        dt = jnp.dtype(value)
+      except TypeError as e:
+        raise ValueError(f"DecoderConfig.{name} must be a dtype name, got {value!r}") from e
+      if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"DecoderConfig.{name} must be a floating dtype, got {value!r}")
 
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

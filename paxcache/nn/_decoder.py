@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from paxcache import sharding
 from paxcache.cache import PagedKVCache
 from paxcache.nn._attention import PagedAttention
 from paxcache.nn._config import DecoderConfig
@@ -36,12 +37,15 @@ class DecoderLayer(nnx.Module):
       backend=backend,
       interpret=interpret,
       dtype=c.jnp_dtype,
+      param_dtype=c.jnp_param_dtype,
       mesh=mesh,
       mesh_axis=mesh_axis,
       rngs=rngs,
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
-    self.mlp = SwiGLU(c.d_model, c.mlp_dim, dtype=c.jnp_dtype, rngs=rngs)
+    self.mlp = SwiGLU(
+      c.d_model, c.mlp_dim, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, positions, cache, **paged):
     h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
@@ -90,7 +94,7 @@ class Decoder(nnx.Module):
     c = config
     self.config = c
     self.embed = nnx.Embed(
-      c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=jnp.float32, rngs=rngs
+      c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, rngs=rngs
     )
     self.layers = nnx.List(
       [
@@ -107,7 +111,7 @@ class Decoder(nnx.Module):
         c.vocab_size,
         use_bias=False,
         dtype=c.jnp_dtype,
-        param_dtype=jnp.float32,
+        param_dtype=c.jnp_param_dtype,
         rngs=rngs,
       )
 
@@ -127,8 +131,8 @@ class Decoder(nnx.Module):
     return (None, None) if mesh is None else (mesh, axis)
 
   def init_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-    """A zero-filled paged cache for this model: ``k, v [num_layers, num_kv_heads,
-    num_blocks, block_size, head_dim]`` in the config's dtype.
+    """A zero-filled paged cache for this model: per layer ``[num_kv_heads, num_blocks,
+    block_size, head_dim]`` in the config's dtype.
 
     With a mesh on the layers, the cache is ``paxcache.sharding.init_sharded_cache``'s:
     ``pool_heads`` heads sharded over the mesh axis, each device allocating only its own
@@ -137,8 +141,6 @@ class Decoder(nnx.Module):
     c = self.config
     mesh, axis = self.mesh
     if mesh is not None:
-      from paxcache import sharding  # paxcache.sharding imports paxcache.nn
-
       return sharding.init_sharded_cache(
         mesh,
         c.num_layers,
@@ -170,8 +172,7 @@ class Decoder(nnx.Module):
     Args:
       tokens: ``i32[num_tokens]``, new tokens of every sequence concatenated.
       positions: ``i32[num_tokens]``.
-      cache: the paged cache, ``k, v [num_layers, num_kv_heads, num_blocks, block_size,
-        head_dim]``.
+      cache: the paged cache, per layer ``[num_kv_heads, num_blocks, block_size, head_dim]``.
       block_table, lengths, slot_mapping, cu_q_lens: as in
         :class:`paxcache.nn.PagedAttention`.
       logit_rows: optional ``i32[rows]``: compute logits only for these token rows

@@ -47,8 +47,16 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
   """``down(silu(gate(x)) * up(x))``, no biases."""
 
-  def __init__(self, d_model: int, mlp_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+  def __init__(
+    self,
+    d_model: int,
+    mlp_dim: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = nnx.Linear(d_model, mlp_dim, **kw)
     self.up = nnx.Linear(d_model, mlp_dim, **kw)
     self.down = nnx.Linear(mlp_dim, d_model, **kw)

@@ -102,7 +102,7 @@ def check_attention(meshes, rng) -> list[dict]:
     k, v = _pools(rng, hkv)
     table, lengths, unused = _batch(rng)
     k[:, unused], v[:, unused] = np.nan, np.nan
-    pools = PagedKVCache(k=jnp.asarray(k)[None], v=jnp.asarray(v)[None])
+    pools = PagedKVCache(k=(jnp.asarray(k),), v=(jnp.asarray(v),))
     placed = {n: sh.shard_cache(pools, mesh) for n, mesh in meshes.items()}
     q_lens = np.array([1, 5, 3], np.int32)  # a decode row and two prefill chunks
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
@@ -131,7 +131,7 @@ def check_attention(meshes, rng) -> list[dict]:
             q_identity=sh.head_layout(n, hkv, hq).q_identity,
             out_devices=len({s.device for s in got.addressable_shards}),
             collectives=_collectives(compiled.as_text()),
-            pool=_shard_info(placed[n].k),
+            pool=_shard_info(placed[n].k[0]),
           )
         )
   return rows
@@ -143,7 +143,7 @@ def check_pallas_under_shard_map(mesh, rng) -> dict:
   hq, hkv = 2 * n, n
   k, v = _pools(rng, hkv, head_dim=64)  # the smallest head_dim the GPU kernel takes
   table, lengths, _ = _batch(rng)
-  cache = sh.shard_cache(PagedKVCache(k=jnp.asarray(k)[None], v=jnp.asarray(v)[None]), mesh)
+  cache = sh.shard_cache(PagedKVCache(k=(jnp.asarray(k),), v=(jnp.asarray(v),)), mesh)
   q = jnp.asarray(rng.standard_normal((3, hq, 64)).astype(np.float32))
   args = (jnp.asarray(table), jnp.asarray(lengths))
   want = kernels.paged_attention(q, jnp.asarray(k), jnp.asarray(v), *args)
@@ -167,18 +167,16 @@ def check_writes(meshes, rng) -> list[dict]:
       np.asarray(x)
       for x in kernels.write_kv(jnp.asarray(k[1]), jnp.asarray(v[1]), k_new, v_new, slots)
     )
-    want_cache = cache_ops.write(
-      PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), 1, k_new, v_new, slots
-    )
-    want_ck, want_cv = np.asarray(want_cache.k), np.asarray(want_cache.v)
+    want_cache = cache_ops.write(PagedKVCache.from_stacked(k, v), 1, k_new, v_new, slots)
+    want_ck, want_cv = (np.asarray(x) for x in want_cache.stacked())
     for n, mesh in meshes.items():
       layout = sh.head_layout(n, hkv, hq)
       spec = sh.kv_sharding(mesh, hkv, hq)
-      sc = sh.shard_cache(PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), mesh)
+      sc = sh.shard_cache(PagedKVCache.from_stacked(k, v), mesh)
       got_k, got_v = sh.sharded_write_kv(mesh, sc.k[1], sc.v[1], k_new, v_new, jnp.asarray(slots))
-      view = sh.unshard_cache(PagedKVCache(k=got_k[None], v=got_v[None]), hkv, n)
+      view = sh.unshard_cache(PagedKVCache(k=(got_k,), v=(got_v,)), hkv, n)
       copies = np.asarray(layout.kv_heads)
-      sc = sh.shard_cache(PagedKVCache(k=jnp.asarray(k), v=jnp.asarray(v)), mesh)
+      sc = sh.shard_cache(PagedKVCache.from_stacked(k, v), mesh)
       step = jax.jit(
         lambda c, kn, vn, s, mesh=mesh: sh.sharded_cache_write(mesh, c, 1, kn, vn, s),
         donate_argnums=0,
@@ -201,13 +199,13 @@ def check_writes(meshes, rng) -> list[dict]:
             np.array_equal(np.asarray(got_k), want_k[copies])
             and np.array_equal(np.asarray(got_v), want_v[copies])
           ),
-          layer_sharding=bool(got_k.sharding.is_equivalent_to(spec.layer_pool, 4)),
+          layer_sharding=bool(got_k.sharding.is_equivalent_to(spec.pool, 4)),
           cache_equal=bool(
-            np.array_equal(np.asarray(cview.k), want_ck)
-            and np.array_equal(np.asarray(cview.v), want_cv)
+            np.array_equal(np.asarray(cview.stacked()[0]), want_ck)
+            and np.array_equal(np.asarray(cview.stacked()[1]), want_cv)
           ),
-          cache_sharding=bool(got_cache.k.sharding.is_equivalent_to(spec.pool, 5)),
-          pool=_shard_info(got_cache.k),
+          cache_sharding=all(p.sharding.is_equivalent_to(spec.pool, 4) for p in got_cache.k),
+          pool=_shard_info(got_cache.k[0]),
         )
       )
   return rows
@@ -301,12 +299,12 @@ def check_engine(meshes) -> list[dict]:
         want_generated=int(single.metrics.generated_tokens),
         preemptions_swap=int(m.preemptions_swap),
         cow_copies=int(m.cow_copies),
-        cache_sharding=bool(engine.cache.k.sharding.is_equivalent_to(spec_kv.pool, 5)),
+        cache_sharding=all(p.sharding.is_equivalent_to(spec_kv.pool, 4) for p in engine.cache.k),
         pool_heads=int(engine.cache.num_kv_heads),
         want_pool_heads=spec_kv.layout.pool_heads,
         host_pool_heads=int(engine.host_pool.k.shape[1]),
         attn_mesh=all(layer.attn.mesh is mesh for layer in model.layers),
-        pool=_shard_info(engine.cache.k),
+        pool=_shard_info(engine.cache.k[0]),
         q_proj=_shard_info(q_kernel),
         used_blocks_after=int(engine.allocator.num_used_blocks),
       )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +27,23 @@ def assert_bits_equal(a, b):
 
 def random_cache(rng, dtype=jnp.float32) -> PagedKVCache:
   shape = (L, H, NUM_BLOCKS, BS, D)
-  return PagedKVCache(
-    k=jnp.asarray(rng.standard_normal(shape), dtype),
-    v=jnp.asarray(rng.standard_normal(shape), dtype),
+  return PagedKVCache.from_stacked(
+    jnp.asarray(rng.standard_normal(shape), dtype), jnp.asarray(rng.standard_normal(shape), dtype)
   )
+
+
+def stk(pools) -> np.ndarray:
+  """One 5-D NumPy array ``[L, H, blocks, BS, D]`` from a cache's per-layer pools."""
+  return np.stack([np.asarray(p) for p in pools])
 
 
 def host_copy(cache):
   """NumPy copies of k and v (taken before a donating call consumes the cache)."""
-  return np.array(cache.k), np.array(cache.v)
+  return stk(cache.k), stk(cache.v)
+
+
+def deleted(pools) -> bool:
+  return any(p.is_deleted() for p in pools)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,8 +52,10 @@ def host_copy(cache):
 
 def test_create_has_the_documented_layout():
   cache = PagedKVCache.create(L, H, NUM_BLOCKS, BS, D, jnp.bfloat16)
-  assert cache.k.shape == cache.v.shape == (L, H, NUM_BLOCKS, BS, D)
-  assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
+  assert len(cache.k) == len(cache.v) == L  # one buffer per layer
+  for pool in cache.k + cache.v:
+    assert pool.shape == (H, NUM_BLOCKS, BS, D) and pool.dtype == jnp.bfloat16
+  assert len({p.unsafe_buffer_pointer() for p in cache.k + cache.v}) == 2 * L  # not views
   sizes = (cache.num_layers, cache.num_kv_heads, cache.num_blocks, cache.block_size)
   assert sizes + (cache.head_dim,) == (L, H, NUM_BLOCKS, BS, D)
   k1, v1 = cache.layer(1)
@@ -67,13 +76,27 @@ def test_create_rejects_bad_sizes(args, match):
     PagedKVCache.create(*args)
 
 
-def test_cache_is_a_pytree_of_two_arrays_through_jit():
+def test_cache_is_a_pytree_of_two_arrays_per_layer_through_jit():
   rng = np.random.default_rng(20)
   cache = random_cache(rng)
-  assert len(jax.tree.leaves(cache)) == 2
+  assert len(jax.tree.leaves(cache)) == 2 * L
   doubled = jax.jit(lambda c: jax.tree.map(lambda x: 2 * x, c))(cache)
   assert isinstance(doubled, PagedKVCache)
-  np.testing.assert_array_equal(np.asarray(doubled.v), 2 * np.asarray(cache.v))
+  np.testing.assert_array_equal(stk(doubled.v), 2 * stk(cache.v))
+  k, v = doubled.stacked()
+  assert k.shape == (L, H, NUM_BLOCKS, BS, D)
+  np.testing.assert_array_equal(np.asarray(k), stk(doubled.k))
+
+
+def test_from_stacked_and_check_reject_bad_layouts():
+  with pytest.raises(ValueError, match=r"k and v must both be \[num_layers"):
+    PagedKVCache.from_stacked(np.zeros((H, NUM_BLOCKS, BS, D)), np.zeros((H, NUM_BLOCKS, BS, D)))
+  k = jnp.zeros((H, NUM_BLOCKS, BS, D))
+  bad = PagedKVCache(k=(k, jnp.zeros((H, NUM_BLOCKS + 1, BS, D))), v=(k, k))
+  with pytest.raises(ValueError, match=r"cache.k\[1\] must be .* like cache.k\[0\]"):
+    write(bad, 0, jnp.zeros((1, H, D)), jnp.zeros((1, H, D)), np.zeros(1, np.int32))
+  with pytest.raises(ValueError, match=r"tuples of one array per layer"):
+    write(PagedKVCache(k=jnp.zeros((L, H, NUM_BLOCKS, BS, D)), v=k), 0, k, k, k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,37 +135,28 @@ def test_write_matches_loop_and_write_kv_on_the_layer(layer, dtype):
   want_k, want_v = write_loop(k0, v0, layer, k_new, v_new, slots)
 
   new = write(cache, layer, k_new, v_new, slots)
-  assert new.k.dtype == dtype
+  assert new.dtype == dtype
   assert_bits_equal(new.k, want_k)
   assert_bits_equal(new.v, want_v)
   assert_bits_equal(new.k[layer], kernel_k)
   assert_bits_equal(new.v[layer], kernel_v)
   others = [i for i in range(L) if i != layer]
-  assert_bits_equal(new.k[np.array(others)], k0[others])  # other layers untouched
+  assert_bits_equal(stk(new.k)[others], k0[others])  # other layers untouched
 
 
-def test_write_with_a_traced_layer_inside_jit_and_scan():
-  """A model scanning over layers passes the layer index as a traced int32."""
+def test_write_refuses_a_traced_layer():
+  """Each layer is its own buffer, picked at trace time: a traced index cannot pick one."""
   rng = np.random.default_rng(22)
   cache = random_cache(rng)
-  k_new = jnp.asarray(rng.standard_normal((L, 5, H, D)), jnp.float32)
-  v_new = jnp.asarray(rng.standard_normal((L, 5, H, D)), jnp.float32)
-  slots = jnp.asarray([9, -1, 0, 31, 14], jnp.int32)
-  want_k, want_v = host_copy(cache)
-  for layer in range(L):
-    want_k, want_v = write_loop(want_k, want_v, layer, k_new[layer], v_new[layer], slots)
+  k_new = jnp.zeros((2, H, D))
+  slots = jnp.asarray([9, -1], jnp.int32)
 
-  @functools.partial(jax.jit, donate_argnums=0)
-  def step(cache):
-    def body(cache, xs):
-      layer, kn, vn = xs
-      return write(cache, layer, kn, vn, slots), None
+  @jax.jit
+  def step(cache, layer):
+    return write(cache, layer, k_new, k_new, slots)
 
-    return jax.lax.scan(body, cache, (jnp.arange(L, dtype=jnp.int32), k_new, v_new))[0]
-
-  new = step(cache)
-  assert_bits_equal(new.k, want_k)
-  assert_bits_equal(new.v, want_v)
+  with pytest.raises(ValueError, match=r"layer must be a Python int"):
+    step(cache, jnp.int32(1))
 
 
 def test_write_padding_only_changes_nothing():
@@ -160,7 +174,7 @@ def test_write_padding_only_changes_nothing():
   [
     (dict(layer=L), rf"layer {L} out of range for a cache of {L} layers"),
     (dict(layer=-1), r"layer -1 out of range"),
-    (dict(layer=1.0), r"layer must be an int"),
+    (dict(layer=1.0), r"layer must be a Python int"),
     (dict(k_new=jnp.zeros((3, H + 1, D))), r"k_new must be \[num_tokens, 2, 8\].*\(3, 3, 8\)"),
     (dict(v_new=jnp.zeros((3, H, D + 1))), r"v_new must be \[num_tokens, 2, 8\].*\(3, 2, 9\)"),
     (dict(v_new=jnp.zeros((2, H, D))), r"k_new \(3, 2, 8\) float32 and v_new \(2, 2, 8\)"),
@@ -181,7 +195,7 @@ def test_write_rejects_bad_inputs_and_leaves_the_cache_valid(change, match):
   args.update(change)
   with pytest.raises(ValueError, match=match):
     write(cache, **args)
-  assert not cache.k.is_deleted()  # nothing was donated before the check
+  assert not deleted(cache.k)  # nothing was donated before the check
   assert_bits_equal(cache.k, k0)
 
 
@@ -197,21 +211,21 @@ def test_copy_on_write_leaves_the_sharer_bit_identical():
   a, b = 5, 2
   k0, v0 = host_copy(cache)
   cache = copy_blocks(cache, np.array([a, -1], np.int32), np.array([b, -1], np.int32))
-  assert_bits_equal(cache.k[:, :, b], k0[:, :, a])  # the copy is exact
-  assert_bits_equal(cache.v[:, :, b], v0[:, :, a])
+  assert_bits_equal(stk(cache.k)[:, :, b], k0[:, :, a])  # the copy is exact
+  assert_bits_equal(stk(cache.v)[:, :, b], v0[:, :, a])
   # The writer appends its token at offset 3 of its copy, in every layer.
   k_new = jnp.asarray(rng.standard_normal((1, H, D)), jnp.bfloat16)
   slot = jnp.asarray([b * BS + 3], jnp.int32)
   for layer in range(L):
     cache = write(cache, layer, k_new, k_new, slot)
-  assert_bits_equal(cache.k[:, :, a], k0[:, :, a])
-  assert_bits_equal(cache.v[:, :, a], v0[:, :, a])
-  assert_bits_equal(cache.k[:, :, b, :3], k0[:, :, a, :3])  # shared prefix still shared
-  assert_bits_equal(cache.k[:, :, b, 3], np.broadcast_to(np.asarray(k_new[0]), (L, H, D)))
+  assert_bits_equal(stk(cache.k)[:, :, a], k0[:, :, a])
+  assert_bits_equal(stk(cache.v)[:, :, a], v0[:, :, a])
+  assert_bits_equal(stk(cache.k)[:, :, b, :3], k0[:, :, a, :3])  # shared prefix still shared
+  assert_bits_equal(stk(cache.k)[:, :, b, 3], np.broadcast_to(np.asarray(k_new[0]), (L, H, D)))
   # Nothing else moved.
   rest = [i for i in range(NUM_BLOCKS) if i != b]
-  assert_bits_equal(cache.k[:, :, np.array(rest)], k0[:, :, rest])
-  assert_bits_equal(cache.v[:, :, np.array(rest)], v0[:, :, rest])
+  assert_bits_equal(stk(cache.k)[:, :, np.array(rest)], k0[:, :, rest])
+  assert_bits_equal(stk(cache.v)[:, :, np.array(rest)], v0[:, :, rest])
 
 
 def copy_loop(k, v, src, dst):
@@ -267,7 +281,7 @@ def test_copy_blocks_rejects_bad_ids_before_touching_the_cache(src, dst, match):
   k0, _ = host_copy(cache)
   with pytest.raises(ValueError, match=match):
     copy_blocks(cache, src, dst)
-  assert not cache.k.is_deleted()
+  assert not deleted(cache.k)
   assert_bits_equal(cache.k, k0)
 
 
@@ -280,9 +294,8 @@ def test_swap_out_and_back_in_to_other_blocks_is_bit_exact(dtype):
   rng = np.random.default_rng(29)
   cache = random_cache(rng, dtype)
   # Special values too: the copy must move bits, not numbers.
-  cache = PagedKVCache(
-    k=cache.k.at[0, 0, 3, 0, :3].set(jnp.array([np.nan, -0.0, np.inf], dtype)), v=cache.v
-  )
+  special = jnp.array([np.nan, -0.0, np.inf], dtype)
+  cache = cache.replace_layer(0, cache.k[0].at[0, 3, 0, :3].set(special), cache.v[0])
   host = HostKVPool.like(cache, NUM_HOST_BLOCKS)
   host.k[:] = rng.standard_normal(host.k.shape).astype(host.k.dtype)  # stale host contents
   host_k0 = host.k.copy()
@@ -290,18 +303,18 @@ def test_swap_out_and_back_in_to_other_blocks_is_bit_exact(dtype):
   out_ids, host_ids, in_ids = [3, 7, 1], [0, 4, 2], [5, 0, 6]
 
   swap_out(cache, host, np.array(out_ids), np.array(host_ids))
-  assert not cache.k.is_deleted()  # swap_out reads the cache; it does not consume it
+  assert not deleted(cache.k)  # swap_out reads the cache; it does not consume it
   assert_bits_equal(host.k[:, :, host_ids], k0[:, :, out_ids])
   assert_bits_equal(host.v[:, :, host_ids], v0[:, :, out_ids])
   untouched = [1, 3, 5]
   assert_bits_equal(host.k[:, :, untouched], host_k0[:, :, untouched])
 
   new = swap_in(cache, host, host_ids, in_ids)
-  assert_bits_equal(new.k[:, :, in_ids], k0[:, :, out_ids])
-  assert_bits_equal(new.v[:, :, in_ids], v0[:, :, out_ids])
+  assert_bits_equal(stk(new.k)[:, :, in_ids], k0[:, :, out_ids])
+  assert_bits_equal(stk(new.v)[:, :, in_ids], v0[:, :, out_ids])
   rest = [i for i in range(NUM_BLOCKS) if i not in in_ids]
-  assert_bits_equal(new.k[:, :, np.array(rest)], k0[:, :, rest])
-  assert_bits_equal(new.v[:, :, np.array(rest)], v0[:, :, rest])
+  assert_bits_equal(stk(new.k)[:, :, np.array(rest)], k0[:, :, rest])
+  assert_bits_equal(stk(new.v)[:, :, np.array(rest)], v0[:, :, rest])
 
 
 def test_swap_with_no_ids_is_a_no_op():
@@ -336,7 +349,7 @@ def test_swap_rejects_bad_ids_before_touching_anything(device_ids, host_ids, mat
   with pytest.raises(ValueError, match=match):
     swap_in(cache, host, host_ids, device_ids)
   assert_bits_equal(host.k, host_k0)
-  assert not cache.k.is_deleted()
+  assert not deleted(cache.k)
   assert_bits_equal(cache.k, k0)
 
 
@@ -389,18 +402,19 @@ def test_donating_functions_consume_their_input_and_stay_correct():
   k_new, v_new, slots = _new_tokens(rng, 4)
   old = cache
   cache = write(cache, 2, k_new, v_new, slots)
-  assert old.k.is_deleted() and old.v.is_deleted()
+  assert old.k[2].is_deleted() and old.v[2].is_deleted()  # that layer's buffers, in place
+  assert cache.k[0] is old.k[0]  # the other layers' buffers are shared, not copied
   k, v = write_loop(k, v, 2, k_new, v_new, slots)
 
   old = cache
   cache = copy_blocks(cache, np.array([2, 5]), np.array([0, 7]))
-  assert old.k.is_deleted()
+  assert all(p.is_deleted() for p in old.k + old.v)
   k, v = copy_loop(k, v, [2, 5], [0, 7])
 
   swap_out(cache, host, [0, 1], [3, 4])
   old = cache
   cache = swap_in(cache, host, [4, 3], [6, 2])
-  assert old.k.is_deleted()
+  assert all(p.is_deleted() for p in old.k + old.v)
   k[:, :, [6, 2]], v[:, :, [6, 2]] = k[:, :, [1, 0]], v[:, :, [1, 0]]
 
   assert_bits_equal(cache.k, k)

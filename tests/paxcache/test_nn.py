@@ -128,9 +128,9 @@ def test_whole_cache_with_layer_index_matches_per_layer_pools():
   """The PagedKVCache form writes only its layer and gives the same output."""
   rng = np.random.default_rng(2)
   layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))
-  cache = PagedKVCache(
-    k=jnp.asarray(rng.standard_normal((3, 1, 8, 4, 8)), jnp.float32),
-    v=jnp.asarray(rng.standard_normal((3, 1, 8, 4, 8)), jnp.float32),
+  cache = PagedKVCache.from_stacked(
+    jnp.asarray(rng.standard_normal((3, 1, 8, 4, 8)), jnp.float32),
+    jnp.asarray(rng.standard_normal((3, 1, 8, 4, 8)), jnp.float32),
   )
   before = jax.tree.map(np.asarray, cache)
   x = jnp.asarray(rng.standard_normal((5, 16)), jnp.float32)
@@ -311,3 +311,25 @@ def test_train_tiny_script_learns():
   _, losses = train(config, data, steps=40, batch_size=8, seq_len=32, learning_rate=1e-2, seed=0)
   assert losses[0] > 5.0  # ~log(256) at initialisation
   assert np.mean(losses[-5:]) < 3.2, losses[-5:]
+
+
+def test_param_dtype_bfloat16_stores_weights_in_bf16_and_computes_like_rounded_float32():
+  """param_dtype="bfloat16" keeps every projection and the embedding in bf16 (half the bytes
+  a decode step reads); with float32 activations it computes exactly what the float32 model
+  computes on the same weights rounded to bf16."""
+  base = dict(
+    d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=32
+  )
+  bf16 = Decoder(DecoderConfig(**base, param_dtype="bfloat16"), rngs=nnx.Rngs(3))
+  f32 = Decoder(DecoderConfig(**base), rngs=nnx.Rngs(3))
+  params = nnx.state(bf16, nnx.Param)
+  kinds = {leaf.dtype for leaf in jax.tree.leaves(params) if leaf.ndim == 2}
+  assert kinds == {jnp.dtype(jnp.bfloat16)}  # every matrix (norm scales are vectors)
+  rounded = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  nnx.update(f32, rounded)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 9)), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(bf16.forward(tokens)), np.asarray(f32.forward(tokens)))
+  with pytest.raises(ValueError, match=r"param_dtype must be a floating dtype, got 'int8'"):
+    DecoderConfig(**base, param_dtype="int8")
+  with pytest.raises(ValueError, match=r"param_dtype must be a dtype name, got 'bf17'"):
+    DecoderConfig(**base, param_dtype="bf17")

@@ -97,8 +97,7 @@ def test_layout_and_mesh_errors():
   with pytest.raises(ValueError, match="not 'model'"):
     sh.kv_sharding(mesh, 2)
   spec = sh.kv_sharding(mesh, 2, 4, axis="tp")
-  assert spec.pool.spec == jax.sharding.PartitionSpec(None, "tp")
-  assert spec.layer_pool.spec == jax.sharding.PartitionSpec("tp")
+  assert spec.pool.spec == jax.sharding.PartitionSpec("tp")  # each layer's pool, heads first
 
 
 def _small_case(rng, hq=4, hkv=2, num_blocks=6, block_size=4, head_dim=8):
@@ -114,7 +113,7 @@ def test_one_device_mesh_matches_and_bad_pools_raise():
   rng = np.random.default_rng(0)
   q, k, v, table, lengths = _small_case(rng)
   mesh = sh.make_mesh(1)
-  cache = sh.shard_cache(PagedKVCache(k=k[None], v=v[None]), mesh)
+  cache = sh.shard_cache(PagedKVCache(k=(k,), v=(v,)), mesh)
   want = kernels.paged_attention(q, k, v, table, lengths)
   got = sh.sharded_paged_attention(mesh, q, cache.k[0], cache.v[0], table, lengths)
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL["sharded_vs_single"])
@@ -126,8 +125,9 @@ def test_one_device_mesh_matches_and_bad_pools_raise():
   with pytest.raises(ValueError, match="cache has 2 heads, but 3 KV heads"):
     sh.unshard_cache(cache, 3, 1)
   fresh = sh.init_sharded_cache(mesh, 2, 3, 5, 4, 8, jnp.bfloat16)
-  assert fresh.k.shape == (2, 3, 5, 4, 8) and fresh.k.dtype == jnp.bfloat16
-  assert not np.asarray(fresh.v, np.float32).any()
+  assert len(fresh.k) == 2 and fresh.k[1].shape == (3, 5, 4, 8)
+  assert fresh.dtype == jnp.bfloat16
+  assert not np.asarray(fresh.stacked()[1], np.float32).any()
   with pytest.raises(ValueError, match="num_blocks must be a positive int"):
     sh.init_sharded_cache(mesh, 2, 3, 0, 4, 8)
 
@@ -166,7 +166,7 @@ def test_sharded_attention_equals_single_device(multi_device):
     # The pool is really split: one shard per device, kv_per_shard whole heads each.
     lay = sh.head_layout(r["mesh"], r["num_kv_heads"], r["num_q_heads"])
     assert r["pool"]["shard_devices"] == r["mesh"]
-    assert r["pool"]["shard_shapes"] == [[1, lay.kv_per_shard, 24, 4, 8]]
+    assert r["pool"]["shard_shapes"] == [[lay.kv_per_shard, 24, 4, 8]]
     assert r["out_devices"] == r["mesh"]
     # Nothing crosses devices when q is sharded as is; otherwise only the output, once,
     # to put the query heads back in order (never a K/V pool).
@@ -202,7 +202,7 @@ def test_sharded_writes_equal_unsharded(multi_device):
     assert r["layer_equal"] and r["copies_equal"] and r["cache_equal"], r
     assert r["layer_sharding"] and r["cache_sharding"], r
     assert r["pool"]["shard_devices"] == r["mesh"]
-    assert r["pool"]["shard_shapes"] == [[2, r["kv_per_shard"], 24, 4, 8]]
+    assert r["pool"]["shard_shapes"] == [[r["kv_per_shard"], 24, 4, 8]]
     assert r["pool_heads"] == r["mesh"] * r["kv_per_shard"]
 
 
@@ -216,7 +216,7 @@ def test_sharded_engine_equals_single_device(multi_device):
     assert r["used_blocks_after"] == 0
     # The tiny model has 2 KV heads: one whole KV head copy per device, 14 blocks each.
     assert r["cache_sharding"] and r["pool"]["shard_devices"] == r["mesh"]
-    assert r["pool"]["shard_shapes"] == [[2, 1, 14, 8, 16]]
+    assert r["pool"]["shard_shapes"] == [[1, 14, 8, 16]]
     # EngineConfig.mesh alone did it: the layers run on the mesh, the pools have the pool
     # heads (2 KV heads copied to one per device), the host pool matches the device pool.
     assert r["attn_mesh"], r
@@ -265,5 +265,5 @@ def test_paged_attention_on_a_one_device_mesh_equals_no_mesh():
   assert attn.mesh is not None
   got, got_cache = attn(x, positions, PagedKVCache.create(2, 2, 4, 4, 8), layer=1, **paged)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL["sharded_vs_single"])
-  np.testing.assert_array_equal(np.asarray(got_cache.k), np.asarray(want_cache.k))
-  np.testing.assert_array_equal(np.asarray(got_cache.v), np.asarray(want_cache.v))
+  for got_pools, want_pools in zip(got_cache.stacked(), want_cache.stacked(), strict=True):
+    np.testing.assert_array_equal(np.asarray(got_pools), np.asarray(want_pools))

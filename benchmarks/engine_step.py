@@ -1,0 +1,413 @@
+"""One engine decode step against its bytes, its pool size and a contiguous cache.
+
+For a random-weight decoder of SmolLM2-135M's shape and of Llama-3.2-1B's shape (bf16
+activations, K/V and parameters; the weights do not change the speed), at each
+``batch x context`` every sequence is decoded one token at full context:
+
+* **paged**: the engine's own jitted step (``paxcache.engine._engine._jitted_step``: the
+  copy-on-write copies, the model over the paged cache, greedy sampling), the cache
+  donated as the engine does, blocks scattered at random over pools of several sizes:
+  just the live blocks, 40x the live blocks, and at least ``--big-pool-gb`` GB;
+* **dense**: the same model over a contiguous ``[batch, context]`` cache
+  (``Decoder.forward_cached``, cache donated), the no-paging peer;
+* **roofline**: parameter bytes plus the K/V bytes the step reads, over the read rate
+  (``jnp.sum`` of 4 GiB of bf16) measured in the same process.
+
+Times are device time: ``--inner`` steps dispatched back to back, then one block; the
+median over ``--repeats`` samples with the spread (min, max). Live K/V is random (never
+zeros). With ``--e2e`` the same models also serve ShareGPT-like requests through
+:class:`paxcache.engine.Engine` (first pass compiles, and is timed as such; the second
+pass, same lengths, other tokens, is reported).
+
+  PYTHONPATH=. python benchmarks/engine_step.py --out /tmp/engine_step [--e2e]
+
+Writes ``OUT/engine_step.jsonl`` (and ``OUT/engine_e2e.jsonl``) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gpu_common import env_info  # noqa: E402
+
+MODELS = {
+  # SmolLM2-135M: 30 layers, 9/3 heads of 64, tied embeddings.
+  "smollm2-135m": dict(
+    vocab_size=49152,
+    d_model=576,
+    num_layers=30,
+    num_q_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    mlp_dim=1536,
+    tie_embeddings=True,
+    rope_theta=100_000.0,
+  ),  # fmt: skip
+  # Llama-3.2-1B: 16 layers, 32/8 heads of 64, tied embeddings.
+  "llama-1b": dict(
+    vocab_size=128256,
+    d_model=2048,
+    num_layers=16,
+    num_q_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    mlp_dim=8192,
+    tie_embeddings=True,
+    rope_theta=500_000.0,
+  ),  # fmt: skip
+}
+
+
+def build_model(name: str, *, max_seq_len: int, param_dtype: str = "bfloat16", seed: int = 0):
+  from flax import nnx
+
+  from paxcache.nn import Decoder, DecoderConfig
+
+  config = DecoderConfig(
+    **MODELS[name], max_seq_len=max_seq_len, dtype="bfloat16", param_dtype=param_dtype
+  )
+  return Decoder(config, rngs=nnx.Rngs(seed))
+
+
+def param_bytes(model) -> int:
+  from flax import nnx
+
+  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def kv_bytes(config, batch: int, context: int) -> int:
+  itemsize = jnp.dtype(config.dtype).itemsize
+  return batch * context * config.num_layers * 2 * config.num_kv_heads * config.head_dim * itemsize
+
+
+def read_rate(gib: float) -> float:
+  """Bytes/s of ``jnp.sum`` over ``gib`` GiB of bf16 (median of 21)."""
+  n = int(gib * 2**29)
+  x = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.bfloat16)
+  f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  med, _, _ = timed(lambda: f(x), inner=5)
+  nbytes = x.nbytes
+  del x
+  return nbytes / med
+
+
+def timed(call, *, repeats: int = 21, inner: int = 10, warmup: int = 2):
+  """(median, min, max) seconds per call of ``call()``, ``inner`` calls per sample."""
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = call()
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  return statistics.median(samples), min(samples), max(samples)
+
+
+def _fill_random(pool, ids, key):
+  """Random bf16 values in blocks ``ids`` of one layer's pool (the rest stays as is)."""
+  shape = (pool.shape[0], ids.shape[0]) + pool.shape[2:]
+  return pool.at[:, ids].set(jax.random.normal(key, shape, jnp.float32).astype(pool.dtype))
+
+
+def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -> dict:
+  from flax import nnx
+
+  from paxcache.engine._batch import StepBatch
+  from paxcache.engine._engine import _jitted_step
+
+  c = model.config
+  per_seq = -(-context // block_size)
+  live = batch * per_seq
+  ids = rng.permutation(num_blocks)[:live].astype(np.int32)
+  table = ids.reshape(batch, per_seq)
+  cache = model.init_cache(num_blocks, block_size)
+  fill = jax.jit(_fill_random, donate_argnums=0)
+  key = jax.random.key(1)
+  k = list(cache.k)
+  v = list(cache.v)
+  for i in range(c.num_layers):
+    k[i] = fill(k[i], jnp.asarray(ids), jax.random.fold_in(key, 2 * i))
+    v[i] = fill(v[i], jnp.asarray(ids), jax.random.fold_in(key, 2 * i + 1))
+  cache = type(cache)(k=tuple(k), v=tuple(v))
+  last = context - 1
+  slots = table[:, last // block_size] * block_size + last % block_size
+  pad = np.full(8, -1, np.int32)
+  zeros = np.zeros(batch, np.int32)
+  step_batch = StepBatch(
+    tokens=rng.integers(0, c.vocab_size, batch).astype(np.int32),
+    positions=np.full(batch, last, np.int32),
+    slot_mapping=slots.astype(np.int32),
+    cu_q_lens=np.arange(batch + 1, dtype=np.int32),
+    block_table=table,
+    lengths=np.full(batch, context, np.int32),
+    logit_rows=np.arange(batch, dtype=np.int32),
+    temperature=np.zeros(batch, np.float32),
+    top_k=zeros,
+    seeds=zeros,
+    sample_index=zeros,
+    sample_positions=zeros,
+    cow_src=pad,
+    cow_dst=pad,
+    decode_only=True,
+    any_sampled=False,
+  )
+  graphdef, state = nnx.split(model)
+  step = _jitted_step(graphdef)
+  step_batch = jax.device_put(step_batch)
+  holder = {"cache": cache}
+
+  def call():
+    tokens, holder["cache"] = step(state, holder["cache"], step_batch, key)
+    return tokens
+
+  t0 = time.perf_counter()
+  jax.block_until_ready(call())
+  compile_s = time.perf_counter() - t0
+  med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
+  del holder, cache, k, v
+  gc.collect()
+  return dict(
+    paged_step_ms=med * 1e3,
+    paged_min_ms=lo * 1e3,
+    paged_max_ms=hi * 1e3,
+    live_blocks=live,
+    compile_s=compile_s,
+  )
+
+
+def dense_step_ms(model, *, batch, context, rng, args) -> dict:
+  c = model.config
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  key = jax.random.key(2)
+  shape = (batch, context, c.num_kv_heads, c.head_dim)
+  cache = [
+    tuple(
+      jax.random.normal(jax.random.fold_in(key, 2 * i + j), shape, jnp.float32).astype(c.jnp_dtype)
+      for j in range(2)
+    )
+    for i in range(c.num_layers)
+  ]
+
+  @jax.jit
+  def step(state, cache, tokens):
+    m = nnx.merge(graphdef, state)
+    logits, cache = m.forward_cached(tokens, cache, context - 1)
+    return jnp.argmax(logits[:, -1], axis=-1), cache
+
+  step = jax.jit(step, donate_argnums=1)
+  tokens = jnp.asarray(rng.integers(0, c.vocab_size, (batch, 1)).astype(np.int32))
+  holder = {"cache": cache}
+
+  def call():
+    out, holder["cache"] = step(state, holder["cache"], tokens)
+    return out
+
+  med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
+  del holder, cache
+  gc.collect()
+  return dict(dense_step_ms=med * 1e3, dense_min_ms=lo * 1e3, dense_max_ms=hi * 1e3)
+
+
+def step_rows(args, rate: float) -> list[dict]:
+  rows = []
+  env = env_info()
+  rng = np.random.default_rng(0)
+  for name in args.models:
+    for batch, context in args.shapes:
+      model = build_model(name, max_seq_len=max(2048, context))
+      c = model.config
+      pbytes = param_bytes(model)
+      kbytes = kv_bytes(c, batch, context)
+      roofline_ms = (pbytes + kbytes) / rate * 1e3
+      dense = dense_step_ms(model, batch=batch, context=context, rng=rng, args=args)
+      per_seq = -(-context // args.block_size)
+      live = batch * per_seq
+      block_bytes = kv_bytes(c, 1, args.block_size)
+      big = int(args.big_pool_gb * 1e9 // block_bytes)
+      for pool in (live + 8, 40 * live, max(big, 40 * live)):
+        if pool in [r["pool_blocks"] for r in rows if r["model"] == name and r["batch"] == batch]:
+          continue
+        paged = paged_step_ms(
+          model,
+          batch=batch,
+          context=context,
+          block_size=args.block_size,
+          num_blocks=pool,
+          rng=rng,
+          args=args,
+        )
+        row = dict(
+          device=env["device"],
+          jax_version=env["jax_version"],
+          commit=args.commit,
+          model=name,
+          param_dtype=c.param_dtype,
+          kv_dtype=c.dtype,
+          batch=batch,
+          context=context,
+          block_size=args.block_size,
+          pool_blocks=pool,
+          pool_gb=pool * block_bytes / 1e9,
+          param_bytes=pbytes,
+          kv_bytes=kbytes,
+          roofline_ms=roofline_ms,
+          read_tbs=rate / 1e12,
+          **paged,
+          **dense,
+          date=env["date"],
+        )
+        row["paged_over_dense"] = row["paged_step_ms"] / row["dense_step_ms"]
+        row["paged_over_roofline"] = row["paged_step_ms"] / roofline_ms
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+      del model
+      gc.collect()
+  return rows
+
+
+def e2e_rows(args) -> list[dict]:
+  from experiments.workloads import workload_lengths
+  from paxcache.engine import Engine, EngineConfig, Request
+
+  env = env_info()
+  rows = []
+  for name, requests in zip(args.models, args.e2e_requests, strict=True):
+    lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
+    for block_size in args.e2e_block_sizes:
+      model = build_model(name, max_seq_len=1024)
+      c = model.config
+      pool_tokens = int(args.e2e_pool_gb * 1e9 // kv_bytes(c, 1, 1))
+      config = EngineConfig(
+        num_blocks=pool_tokens // block_size,
+        block_size=block_size,
+        num_host_blocks=0,
+        preemption_mode="recompute",
+        max_num_seqs=256,
+        max_num_batched_tokens=2048,
+      )
+      rng = np.random.default_rng(0)
+      result = {}
+      for rep in ("compile", "measured"):
+        engine = Engine(model, config)
+        reqs = [
+          Request((rep, i), rng.integers(0, c.vocab_size, int(p)).tolist(), max_new_tokens=int(o))
+          for i, (p, o) in enumerate(lengths)
+        ]
+        t0 = time.perf_counter()
+        engine.run(reqs)
+        seconds = time.perf_counter() - t0
+        steps = list(engine.step_metrics)
+        decode = [s for s in steps if s.num_prefill_tokens == 0 and s.num_seqs]
+        result[rep] = dict(
+          seconds=seconds,
+          generated=engine.metrics.generated_tokens,
+          decode_ms=statistics.median(s.seconds for s in decode) * 1e3 if decode else None,
+          mean_batch=statistics.mean(s.num_seqs for s in decode) if decode else None,
+          shapes=engine.metrics.compiled_shapes,
+        )
+        del engine
+        gc.collect()
+      m = result["measured"]
+      row = dict(
+        device=env["device"],
+        jax_version=env["jax_version"],
+        commit=args.commit,
+        model=name,
+        param_dtype=c.param_dtype,
+        block_size=block_size,
+        requests=requests,
+        prompt_mean=float(lengths[:, 0].mean()),
+        output_mean=float(lengths[:, 1].mean()),
+        pool_gb=args.e2e_pool_gb,
+        generated_tokens=int(m["generated"]),
+        tokens_per_s=m["generated"] / m["seconds"],
+        decode_step_ms=m["decode_ms"],
+        decode_device_ms=None,
+        mean_decode_batch=m["mean_batch"],
+        compile_s=result["compile"]["seconds"] - m["seconds"],
+        first_pass_s=result["compile"]["seconds"],
+        compiled_shapes=m["shapes"],
+        async_scheduling=False,
+        date=env["date"],
+      )
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+      del model
+      gc.collect()
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--models", default="smollm2-135m,llama-1b")
+  p.add_argument("--shapes", default="64x512,256x1024", help="batch x context, comma separated")
+  p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--big-pool-gb", type=float, default=100.0)
+  p.add_argument("--read-gib", type=float, default=4.0, help="array size of the read ceiling")
+  p.add_argument("--repeats", type=int, default=21)
+  p.add_argument("--inner", type=int, default=10)
+  p.add_argument("--commit", default=os.environ.get("PAXCACHE_COMMIT", "unknown"))
+  p.add_argument("--no-step", action="store_true", help="skip the step table")
+  p.add_argument("--e2e", action="store_true", help="also serve requests through the Engine")
+  p.add_argument("--e2e-requests", default="192,128", help="requests per model")
+  p.add_argument("--e2e-block-sizes", default="16")
+  p.add_argument("--e2e-pool-gb", type=float, default=40.0)
+  args = p.parse_args()
+  args.models = args.models.split(",")
+  args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
+  args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
+  os.makedirs(args.out, exist_ok=True)
+  rows = []
+  if not args.no_step:
+    rate = read_rate(args.read_gib)
+    print(f"read rate {rate / 1e12:.2f} TB/s", flush=True)
+    rows = step_rows(args, rate)
+    with open(os.path.join(args.out, "engine_step.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
+  e2e = []
+  if args.e2e:
+    e2e = e2e_rows(args)
+    with open(os.path.join(args.out, "engine_e2e.jsonl"), "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in e2e)
+  print()
+  print(
+    f"{'model':<13} {'BxL':>9} {'pool GB':>8} {'paged ms (min-max)':>22} {'dense ms':>9} "
+    f"{'roof ms':>8} {'p/d':>5} {'p/roof':>6}"
+  )
+  for r in rows:
+    print(
+      f"{r['model']:<13} {r['batch']}x{r['context']:<5} {r['pool_gb']:>8.1f} "
+      f"{r['paged_step_ms']:>8.3f} ({r['paged_min_ms']:.3f}-{r['paged_max_ms']:.3f}) "
+      f"{r['dense_step_ms']:>9.3f} {r['roofline_ms']:>8.3f} {r['paged_over_dense']:>5.2f} "
+      f"{r['paged_over_roofline']:>6.2f}"
+    )
+  for r in e2e:
+    print(
+      f"e2e {r['model']:<13} bs={r['block_size']:<4} {r['tokens_per_s']:>8.0f} tok/s  "
+      f"decode {r['decode_step_ms']:.2f} ms @ {r['mean_decode_batch']:.1f}  "
+      f"compile {r['compile_s']:.0f} s ({r['compiled_shapes']} shapes)"
+    )
+
+
+if __name__ == "__main__":
+  main()

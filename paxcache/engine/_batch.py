@@ -1,0 +1,130 @@
+"""What crosses the jit boundary each engine step: one typed, frozen pytree.
+
+:func:`build_step_batch` turns the scheduler's :class:`~paxcache.engine._scheduler.Plan`
+into a :class:`StepBatch` of host (NumPy) arrays padded to bucket sizes; the jitted step
+reads nothing else. Sizes grow by powers of two from the ``min_*_bucket`` of
+``EngineConfig``, so few shapes ever compile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import flax.struct
+import jax
+import numpy as np
+
+from kernels import INVALID_BLOCK, INVALID_SLOT
+from paxcache.block_table import BlockTable, bucket_size
+
+
+@flax.struct.dataclass
+class StepBatch:
+  """The padded inputs of one device step (``rows``: sampled rows, bucketed).
+
+  Padding: token rows past ``cu_q_lens[-1]`` carry ``slot_mapping = -1`` (they write
+  nothing); block-table rows past the batch have length 0; sample rows past the real ones
+  are greedy samples of row 0 whose tokens the host ignores; copy pairs of ``-1`` copy
+  nothing.
+  """
+
+  tokens: jax.Array  # i32[num_tokens]        new tokens of every row, concatenated
+  positions: jax.Array  # i32[num_tokens]     each token's position in its sequence
+  slot_mapping: jax.Array  # i32[num_tokens]  where its K/V goes; -1 for padding
+  cu_q_lens: jax.Array  # i32[batch + 1]      row b's tokens: [cu_q_lens[b], cu_q_lens[b+1])
+  block_table: jax.Array  # i32[batch, max_blocks]  physical block ids, -1 unused
+  lengths: jax.Array  # i32[batch]            tokens in each row's cache after this step
+  logit_rows: jax.Array  # i32[rows]          token row whose logits each sample reads
+  temperature: jax.Array  # f32[rows]         0 = greedy
+  top_k: jax.Array  # i32[rows]               0 = whole vocabulary
+  seeds: jax.Array  # i32[rows]               request seed (mod 2**31)
+  sample_index: jax.Array  # i32[rows]        sample index within the request
+  sample_positions: jax.Array  # i32[rows]    position of the token being sampled
+  cow_src: jax.Array  # i32[num_copies]       copy-on-write source blocks, -1 padding
+  cow_dst: jax.Array  # i32[num_copies]       copy-on-write destination blocks
+  decode_only: bool = flax.struct.field(pytree_node=False)  # one token per row: no cu_q_lens
+  any_sampled: bool = flax.struct.field(pytree_node=False)  # some row has temperature > 0
+
+  @property
+  def shape_key(self) -> tuple:
+    """What the jitted step is compiled for: the padded sizes and the static flags."""
+    return (
+      self.tokens.shape[0],
+      self.block_table.shape[0],
+      self.block_table.shape[1],
+      self.cow_src.shape[0],
+      self.logit_rows.shape[0],
+      self.decode_only,
+      self.any_sampled,
+    )
+
+
+def build_step_batch(
+  plan, table: BlockTable, sampling: Mapping, *, min_tokens: int, min_copies: int
+) -> StepBatch:
+  """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
+
+  Args:
+    plan: the scheduler's plan; its ``rows`` are the block-table rows, in order.
+    table: the block table of those rows (``BlockTable.from_allocator``), already padded.
+    sampling: request id -> ``(temperature, top_k, seed)`` for every sampled request.
+    min_tokens, min_copies: smallest bucket sizes of the token rows and copy pairs.
+  """
+  rows = plan.rows
+  b = len(rows)
+  batch_pad = table.batch_size
+  q_lens = np.array([r.stop - r.start for r in rows], np.int32)
+  total = int(q_lens.sum())
+  decode_only = bool((q_lens == 1).all())
+  num_tokens = batch_pad if decode_only else bucket_size(total, minimum=max(min_tokens, batch_pad))
+  tokens = np.zeros(num_tokens, np.int32)
+  positions = np.zeros(num_tokens, np.int32)
+  slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
+  cu = np.full(batch_pad + 1, total, np.int32)
+  cu[0] = 0
+  cu[1 : b + 1] = np.cumsum(q_lens)
+  for i, r in enumerate(rows):
+    lo = int(cu[i])
+    tokens[lo : lo + q_lens[i]] = r.seq.tokens[r.start : r.stop]
+    positions[lo : lo + q_lens[i]] = np.arange(r.start, r.stop, dtype=np.int32)
+    slot_mapping[lo : lo + q_lens[i]] = r.slots
+  samplers = [(s, int(cu[i + 1]) - 1) for i, r in enumerate(rows) for s in r.samplers]
+  num_rows = bucket_size(len(samplers), minimum=batch_pad)
+  logit_rows = np.zeros(num_rows, np.int32)
+  temperature = np.zeros(num_rows, np.float32)
+  top_k = np.zeros(num_rows, np.int32)
+  seeds = np.zeros(num_rows, np.int32)
+  sample_index = np.zeros(num_rows, np.int32)
+  sample_positions = np.zeros(num_rows, np.int32)
+  for j, (s, row) in enumerate(samplers):
+    t, k, seed = sampling[s.seq_id[0]]
+    logit_rows[j] = row
+    temperature[j] = t
+    top_k[j] = k
+    seeds[j] = seed % (2**31)
+    sample_index[j] = s.index
+    sample_positions[j] = len(s.tokens)
+  pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)
+  num_copies = bucket_size(len(pairs), minimum=min_copies)
+  cow_src = np.full(num_copies, INVALID_BLOCK, np.int32)
+  cow_dst = np.full(num_copies, INVALID_BLOCK, np.int32)
+  cow_src[: len(pairs)] = pairs[:, 0]
+  cow_dst[: len(pairs)] = pairs[:, 1]
+  return StepBatch(
+    tokens=tokens,
+    positions=positions,
+    slot_mapping=slot_mapping,
+    cu_q_lens=cu,
+    block_table=np.asarray(table.block_ids),
+    lengths=np.asarray(table.lengths),
+    logit_rows=logit_rows,
+    temperature=temperature,
+    top_k=top_k,
+    seeds=seeds,
+    sample_index=sample_index,
+    sample_positions=sample_positions,
+    cow_src=cow_src,
+    cow_dst=cow_dst,
+    decode_only=decode_only,
+    any_sampled=bool((temperature > 0).any()),
+  )
