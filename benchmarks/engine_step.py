@@ -27,7 +27,6 @@ Writes ``OUT/engine_step.jsonl`` (and ``OUT/engine_e2e.jsonl``) and prints a tab
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -100,9 +99,7 @@ def read_rate(gib: float) -> float:
   x = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.bfloat16)
   f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
   med, _, _ = timed(lambda: f(x), inner=5)
-  nbytes = x.nbytes
-  del x
-  return nbytes / med
+  return x.nbytes / med
 
 
 def timed(call, *, repeats: int = 21, inner: int = 10, warmup: int = 2):
@@ -180,7 +177,8 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
   jax.block_until_ready(call())
   compile_s = time.perf_counter() - t0
   med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
-  del holder, cache, k, v
+  holder.clear()
+  del cache, k, v
   gc.collect()
   return dict(
     paged_step_ms=med * 1e3,
@@ -221,7 +219,8 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
     return out
 
   med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
-  del holder, cache
+  holder.clear()
+  del cache
   gc.collect()
   return dict(dense_step_ms=med * 1e3, dense_min_ms=lo * 1e3, dense_max_ms=hi * 1e3)
 
