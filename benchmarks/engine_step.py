@@ -43,6 +43,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _gpu_common import env_info  # noqa: E402
 
+T0 = time.perf_counter()
+
 MODELS = {
   # SmolLM2-135M: 30 layers, 9/3 heads of 64, tied embeddings.
   "smollm2-135m": dict(
@@ -241,9 +243,9 @@ def step_rows(args, rate: float) -> list[dict]:
       live = batch * per_seq
       block_bytes = kv_bytes(c, 1, args.block_size)
       big = int(args.big_pool_gb * 1e9 // block_bytes)
-      for pool in (live + 8, 40 * live, max(big, 40 * live)):
-        if pool in [r["pool_blocks"] for r in rows if r["model"] == name and r["batch"] == batch]:
-          continue
+      # Just the live blocks, 40x them, and >= --big-pool-gb; none above --max-pool-gb.
+      cap = int(args.max_pool_gb * 1e9 // block_bytes)
+      for pool in sorted({live + 8, min(40 * live, cap), min(max(big, 40 * live), cap)}):
         paged = paged_step_ms(
           model,
           batch=batch,
@@ -275,7 +277,7 @@ def step_rows(args, rate: float) -> list[dict]:
         )
         row["paged_over_dense"] = row["paged_step_ms"] / row["dense_step_ms"]
         row["paged_over_roofline"] = row["paged_step_ms"] / roofline_ms
-        print(json.dumps(row), flush=True)
+        print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
         rows.append(row)
       del model
       gc.collect()
@@ -361,6 +363,7 @@ def main():
   p.add_argument("--shapes", default="64x512,256x1024", help="batch x context, comma separated")
   p.add_argument("--block-size", type=int, default=16)
   p.add_argument("--big-pool-gb", type=float, default=100.0)
+  p.add_argument("--max-pool-gb", type=float, default=110.0, help="largest pool (H200: 139 GiB)")
   p.add_argument("--read-gib", type=float, default=4.0, help="array size of the read ceiling")
   p.add_argument("--repeats", type=int, default=21)
   p.add_argument("--inner", type=int, default=10)
