@@ -4,7 +4,7 @@ For a random-weight decoder of SmolLM2-135M's shape and of Llama-3.2-1B's shape 
 activations, K/V and parameters; the weights do not change the speed), at each
 ``batch x context`` every sequence is decoded one token at full context:
 
-* **paged**: the engine's own jitted step (``paxcache.engine._engine._jitted_step``: the
+* **paged**: the engine's own jitted step (``paxcache.engine._engine.device_step``: the
   copy-on-write copies, the model over the paged cache, greedy sampling), the cache
   donated as the engine does, blocks scattered at random over pools of several sizes:
   just the live blocks, 40x the live blocks, and at least ``--big-pool-gb`` GB;
@@ -128,10 +128,9 @@ def _fill_random(pool, ids, key):
 
 
 def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -> dict:
-  from flax import nnx
 
   from paxcache.engine._batch import StepBatch
-  from paxcache.engine._engine import _jitted_step
+  from paxcache.engine._engine import device_step
 
   c = model.config
   per_seq = -(-context // block_size)
@@ -169,13 +168,12 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
     decode_only=True,
     any_sampled=False,
   )
-  graphdef, state = nnx.split(model)
-  step = _jitted_step(graphdef)
+  step, params = device_step(model)
   step_batch = jax.device_put(step_batch)
   holder = {"cache": cache}
 
   def call():
-    tokens, holder["cache"] = step(state, holder["cache"], step_batch, key)
+    tokens, holder["cache"] = step(params, holder["cache"], step_batch, key)
     return tokens
 
   t0 = time.perf_counter()
@@ -199,6 +197,8 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
   from flax import nnx
 
   graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)  # a flat tuple dispatches fast, as in the engine
+  params = tuple(leaves)
   key = jax.random.key(2)
   shape = (batch, context, c.num_kv_heads, c.head_dim)
   cache = [
@@ -209,9 +209,8 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
     for i in range(c.num_layers)
   ]
 
-  @jax.jit
-  def step(state, cache, tokens):
-    m = nnx.merge(graphdef, state)
+  def step(params, cache, tokens):
+    m = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
     logits, cache = m.forward_cached(tokens, cache, context - 1)
     return jnp.argmax(logits[:, -1], axis=-1), cache
 
@@ -220,7 +219,7 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
   holder = {"cache": cache}
 
   def call():
-    out, holder["cache"] = step(state, holder["cache"], tokens)
+    out, holder["cache"] = step(params, holder["cache"], tokens)
     return out
 
   med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
