@@ -152,6 +152,7 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
   zeros = np.zeros(batch, np.int32)
   step_batch = StepBatch(
     tokens=rng.integers(0, c.vocab_size, batch).astype(np.int32),
+    prev_index=np.full(batch, -1, np.int32),
     positions=np.full(batch, last, np.int32),
     slot_mapping=slots.astype(np.int32),
     cu_q_lens=np.arange(batch + 1, dtype=np.int32),
@@ -171,9 +172,10 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
   step, params = device_step(model)
   step_batch = jax.device_put(step_batch)
   holder = {"cache": cache}
+  prev = jnp.zeros(batch, jnp.int32)  # the engine's previous tokens (unused: prev_index -1)
 
   def call():
-    tokens, holder["cache"] = step(params, holder["cache"], step_batch, key)
+    tokens, holder["cache"] = step(params, holder["cache"], step_batch, key, prev)
     return tokens
 
   t0 = time.perf_counter()
@@ -305,6 +307,7 @@ def e2e_rows(args) -> list[dict]:
         preemption_mode="recompute",
         max_num_seqs=256,
         max_num_batched_tokens=2048,
+        async_scheduling=args.async_scheduling,
       )
       rng = np.random.default_rng(0)
       result = {}
@@ -348,7 +351,7 @@ def e2e_rows(args) -> list[dict]:
         compile_s=result["compile"]["seconds"] - m["seconds"],
         first_pass_s=result["compile"]["seconds"],
         compiled_shapes=m["shapes"],
-        async_scheduling=False,
+        async_scheduling=args.async_scheduling,
         date=env["date"],
       )
       print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
@@ -375,6 +378,7 @@ def main():
   p.add_argument("--e2e-requests", default="192,128", help="requests per model")
   p.add_argument("--e2e-block-sizes", default="16")
   p.add_argument("--e2e-pool-gb", type=float, default=40.0)
+  p.add_argument("--async-scheduling", action="store_true", help="EngineConfig.async_scheduling")
   args = p.parse_args()
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]

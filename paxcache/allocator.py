@@ -27,6 +27,7 @@ import numpy as np
 # Same value as ``kernels.INVALID_BLOCK`` / ``kernels.INVALID_SLOT``; repeated here so that the
 # allocator stays free of jax (a test checks they agree).
 INVALID_BLOCK = -1
+PENDING_TOKEN = -1  # a token appended before its id is known (see append_batch)
 
 _HASH_BYTES = 32  # blake2b-256: collisions are not a practical concern.
 _ROOT_HASH = b"paxcache.prefix.root"
@@ -222,6 +223,10 @@ class BlockAllocator:
     self._seqs: dict[Hashable, _Seq] = {}
     self._row_of: dict[Hashable, int] = {}
     self._forgotten: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+    # Sequences whose last appended token is PENDING_TOKEN (an engine that schedules step
+    # n + 1 before step n's token is back): row, offset in the last block, and whether that
+    # token filled the block, whose hash then waits for resolve_tokens.
+    self._pending: dict[Hashable, tuple[int, int, bool]] = {}
 
     # Running totals.
     self._filled_slots = 0
@@ -334,6 +339,8 @@ class BlockAllocator:
 
   def can_swap_out(self, seq_id: Hashable) -> bool:
     seq = self._resident(seq_id, "swap out")
+    if seq_id in self._pending:
+      raise SequenceError(f"cannot swap out sequence {seq_id!r}: its last token is still pending")
     return int(self._nblk[seq.row]) <= len(self._host_free)
 
   def slots(self, seq_id: Hashable, start: int, stop: int) -> np.ndarray:
@@ -548,13 +555,22 @@ class BlockAllocator:
     Args:
       seq_ids: distinct resident sequences.
       tokens: ``[len(seq_ids)]`` the token each sequence appends (hashed into the prefix cache
-        when it fills a block).
+        when it fills a block). ``PENDING_TOKEN`` (-1) appends a token whose id is not known
+        yet (still being sampled on the device): its slot is taken now, and a block it fills
+        is hashed when :meth:`resolve_tokens` gives the id. A sequence with a pending token
+        takes no other append, fork or swap until it is resolved.
 
     Returns:
       ``BatchAppendResult(slots i32[len(seq_ids)], cow_pairs i32[num_copies, 2])``.
     """
     k = len(seq_ids)
-    tokens = self._as_tokens(tokens, "tokens", seq_ids)
+    tokens = self._as_tokens(tokens, "tokens", seq_ids, allow_pending=True)
+    for seq_id in seq_ids:
+      if seq_id in self._pending:
+        raise SequenceError(
+          f"cannot append to sequence {seq_id!r}: its last token is still pending "
+          "(resolve_tokens first)"
+        )
     if len(tokens) != k:
       raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {k}")
     if k == 0:
@@ -594,20 +610,51 @@ class BlockAllocator:
     slots = (last.astype(np.int64) * bs + off).astype(np.int32)
     self._ntok[rows] = n + 1
     self._resident_tokens += k
+    pending = tokens == PENDING_TOKEN
+    for i in np.flatnonzero(pending).tolist():
+      self._pending[seq_ids[i]] = (int(rows[i]), int(off[i]), bool(off[i] == bs - 1))
     if self.enable_prefix_caching:
       self._partial[rows, off] = tokens
-      for i in np.flatnonzero(off == bs - 1).tolist():
-        row = int(rows[i])
-        seq = self._seqs[seq_ids[i]]
-        h = block_hash(seq.hashes[-1] if seq.hashes else None, self._partial[row])
-        seq.hashes.append(h)
-        self._register(h, int(last[i]))
+      for i in np.flatnonzero((off == bs - 1) & ~pending).tolist():
+        self._hash_last_block(seq_ids[i], int(rows[i]), int(last[i]))
     cow_pairs = np.array(pairs, np.int32).reshape(-1, 2)
     return BatchAppendResult(slots, cow_pairs)
+
+  def resolve_tokens(self, seq_ids: Sequence[Hashable], tokens: Sequence[int] | np.ndarray):
+    """Gives the ids of tokens appended as ``PENDING_TOKEN``; hashes the blocks they filled.
+
+    Args:
+      seq_ids: sequences whose last token is pending.
+      tokens: ``[len(seq_ids)]`` their ids (>= 0).
+    """
+    tokens = self._as_tokens(tokens, "tokens", seq_ids)
+    if len(tokens) != len(seq_ids):
+      raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {len(seq_ids)}")
+    missing = [s for s in seq_ids if s not in self._pending]
+    if missing:
+      raise SequenceError(f"resolve_tokens: sequences {missing[:8]!r} have no pending token")
+    for seq_id, token in zip(seq_ids, tokens.tolist(), strict=True):
+      row, off, filled = self._pending.pop(seq_id)
+      if self.enable_prefix_caching:
+        self._partial[row, off] = token
+        if filled:
+          nb = int(self._nblk[row])
+          self._hash_last_block(seq_id, row, int(self._table[row, nb - 1]))
+
+  def has_pending_token(self, seq_id: Hashable) -> bool:
+    return seq_id in self._pending
+
+  def _hash_last_block(self, seq_id: Hashable, row: int, block: int) -> None:
+    seq = self._seqs[seq_id]
+    h = block_hash(seq.hashes[-1] if seq.hashes else None, self._partial[row])
+    seq.hashes.append(h)
+    self._register(h, block)
 
   def fork(self, parent: Hashable, child: Hashable) -> None:
     """Makes ``child`` share every block of ``parent`` (reference counts + 1; no copy now)."""
     pseq = self._resident(parent, "fork")
+    if parent in self._pending:
+      raise SequenceError(f"cannot fork sequence {parent!r}: its last token is still pending")
     if child in self._seqs:
       raise SequenceError(f"cannot fork sequence {parent!r} into {child!r}: {child!r} exists")
     prow = pseq.row
@@ -633,6 +680,7 @@ class BlockAllocator:
     """
     seq = self._get(seq_id, "free")
     row = seq.row
+    self._pending.pop(seq_id, None)  # its block is released unhashed
     if seq.host_blocks is not None:
       self._host_free.extend(seq.host_blocks)
     else:
@@ -740,6 +788,8 @@ class BlockAllocator:
       n, nb = int(self._ntok[row]), int(self._nblk[row])
       _expect(nb == self._cdiv(n), f"{what}: {n} tokens in {nb} blocks")
       full = n // self.block_size if self.enable_prefix_caching else 0
+      if seq_id in self._pending and self._pending[seq_id][2]:
+        full -= 1  # the block its pending token filled is hashed on resolve_tokens
       _expect(len(seq.hashes) == full, f"{what}: {len(seq.hashes)} hashes for {full} full blocks")
       if seq.host_blocks is not None:
         _expect(self._swapped[row], f"{what}: has host blocks but is not marked swapped")
@@ -787,7 +837,9 @@ class BlockAllocator:
   def _cdiv(self, n: int) -> int:
     return -(-n // self.block_size)
 
-  def _as_tokens(self, tokens, name: str, seq_ids: Sequence[Hashable] = ()) -> np.ndarray:
+  def _as_tokens(
+    self, tokens, name: str, seq_ids: Sequence[Hashable] = (), *, allow_pending: bool = False
+  ) -> np.ndarray:
     """``tokens`` as ``int64[k]``; ``seq_ids`` (one, or one per token) name the owner in errors."""
     arr = np.asarray(tokens)
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
@@ -795,7 +847,8 @@ class BlockAllocator:
         f"{name} must be a 1-D sequence of integer token ids, got {arr.dtype} {arr.shape}"
       )
     arr = arr.astype(np.int64, copy=False)
-    if arr.size and int(arr.min()) < 0:
+    low = PENDING_TOKEN if allow_pending else 0
+    if arr.size and int(arr.min()) < low:
       i = int(np.argmin(arr))
       if len(seq_ids) in (1, len(arr)):
         where = f"sequence {seq_ids[i if len(seq_ids) > 1 else 0]!r}: "

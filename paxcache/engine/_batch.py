@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from kernels import INVALID_BLOCK, INVALID_SLOT
+from paxcache.allocator import PENDING_TOKEN
 from paxcache.block_table import BlockTable, bucket_size
 
 
@@ -29,6 +30,8 @@ class StepBatch:
   """
 
   tokens: jax.Array  # i32[num_tokens]        new tokens of every row, concatenated
+  prev_index: jax.Array  # i32[num_tokens]    >= 0: the token is that sample row of the step
+  #                                             before (still on the device); -1: use tokens
   positions: jax.Array  # i32[num_tokens]     each token's position in its sequence
   slot_mapping: jax.Array  # i32[num_tokens]  where its K/V goes; -1 for padding
   cu_q_lens: jax.Array  # i32[batch + 1]      row b's tokens: [cu_q_lens[b], cu_q_lens[b+1])
@@ -60,7 +63,13 @@ class StepBatch:
 
 
 def build_step_batch(
-  plan, table: BlockTable, sampling: Mapping, *, min_tokens: int, min_copies: int
+  plan,
+  table: BlockTable,
+  sampling: Mapping,
+  *,
+  min_tokens: int,
+  min_copies: int,
+  pending_rows: Mapping | None = None,
 ) -> StepBatch:
   """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
 
@@ -69,6 +78,8 @@ def build_step_batch(
     table: the block table of those rows (``BlockTable.from_allocator``), already padded.
     sampling: request id -> ``(temperature, top_k, seed)`` for every sampled request.
     min_tokens, min_copies: smallest bucket sizes of the token rows and copy pairs.
+    pending_rows: sequence -> its sample row in the step still running on the device, for
+      sequences whose next input token (``PENDING_TOKEN`` on the host) that step samples.
   """
   rows = plan.rows
   b = len(rows)
@@ -78,6 +89,7 @@ def build_step_batch(
   decode_only = bool((q_lens == 1).all())
   num_tokens = batch_pad if decode_only else bucket_size(total, minimum=max(min_tokens, batch_pad))
   tokens = np.zeros(num_tokens, np.int32)
+  prev_index = np.full(num_tokens, -1, np.int32)
   positions = np.zeros(num_tokens, np.int32)
   slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
   cu = np.full(batch_pad + 1, total, np.int32)
@@ -85,7 +97,11 @@ def build_step_batch(
   cu[1 : b + 1] = np.cumsum(q_lens)
   for i, r in enumerate(rows):
     lo = int(cu[i])
-    tokens[lo : lo + q_lens[i]] = r.seq.tokens[r.start : r.stop]
+    ids = r.seq.tokens[r.start : r.stop]
+    if ids[-1] == PENDING_TOKEN:  # only a decode's one token can be pending
+      prev_index[lo] = pending_rows[r.seq]
+      ids = [0]
+    tokens[lo : lo + q_lens[i]] = ids
     positions[lo : lo + q_lens[i]] = np.arange(r.start, r.stop, dtype=np.int32)
     slot_mapping[lo : lo + q_lens[i]] = r.slots
   samplers = [(s, int(cu[i + 1]) - 1) for i, r in enumerate(rows) for s in r.samplers]
@@ -112,6 +128,7 @@ def build_step_batch(
   cow_dst[: len(pairs)] = pairs[:, 1]
   return StepBatch(
     tokens=tokens,
+    prev_index=prev_index,
     positions=positions,
     slot_mapping=slot_mapping,
     cu_q_lens=cu,

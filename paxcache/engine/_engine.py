@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from paxcache import cache as cache_ops
 from paxcache import sharding
-from paxcache.allocator import BlockAllocator
-from paxcache.block_table import BlockTable
+from paxcache.allocator import PENDING_TOKEN, BlockAllocator
+from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
@@ -30,6 +30,15 @@ from paxcache.nn import Decoder
 from paxcache.sharding import MODEL_AXIS
 
 PREEMPTION_MODES = ("swap", "recompute")
+
+
+@dataclasses.dataclass
+class _InFlight:
+  """A dispatched step: its device tokens and, per sample row, (sequence, index of the
+  row's ``PENDING_TOKEN`` in ``sequence.tokens``)."""
+
+  tokens: jax.Array  # i32[cap]
+  entries: list[tuple[Seq, int]]
 
 
 def _is_int(x) -> bool:
@@ -66,6 +75,11 @@ class EngineConfig:
       every block); block ids, the allocator and the host pool (all the pool heads, on
       this host) work as on one device. Single host only.
     mesh_axis: the tensor-parallel axis of ``mesh``.
+    async_scheduling: schedule step n + 1 on the host while step n runs on the device
+      (vLLM v1's and SGLang's overlap scheduling). Step n + 1 reads the tokens step n
+      samples on the device; the host learns them one iteration later, so a sample that
+      stops at its end token runs one extra (discarded) row, and a request is returned by
+      the ``step`` after the one that finished it. Outputs are the same as without it.
   """
 
   num_blocks: int = 256
@@ -85,6 +99,7 @@ class EngineConfig:
   check_invariants: bool = False
   mesh: Mesh | None = None
   mesh_axis: str = MODEL_AXIS
+  async_scheduling: bool = False
 
   def __post_init__(self):
     if self.mesh is not None:
@@ -119,18 +134,22 @@ class EngineConfig:
       raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
 
 
-def _device_step(graphdef, treedef, params, cache, batch: StepBatch, key):
+def _device_step(graphdef, treedef, params, cache, batch: StepBatch, key, prev_tokens):
   """The one jitted call of an iteration: copy-on-write copies, model, sampling.
 
   ``params`` is the model state's flat tuple of leaves (``treedef`` rebuilds it): flattening
   an ``nnx.State`` on every call costs Python time per node, a tuple of arrays does not.
-  Returns the sampled tokens ``i32[rows]`` and the new cache (donated: every layer's pool
-  is updated in place, and nothing in the step copies a pool).
+  ``prev_tokens i32[cap]`` are the previous step's sampled tokens, still on the device:
+  rows with ``batch.prev_index >= 0`` take their input token from there.
+  Returns the sampled tokens ``i32[cap]`` (rows past the batch's sample rows are 0) and
+  the new cache (donated: every layer's pool is updated in place, and nothing in the step
+  copies a pool).
   """
   model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
   cache = cache_ops.copy_blocks(cache, batch.cow_src, batch.cow_dst)
+  fed = prev_tokens[jnp.maximum(batch.prev_index, 0)]
   logits, cache = model(
-    batch.tokens,
+    jnp.where(batch.prev_index >= 0, fed, batch.tokens),
     batch.positions,
     cache,
     block_table=batch.block_table,
@@ -139,8 +158,9 @@ def _device_step(graphdef, treedef, params, cache, batch: StepBatch, key):
     cu_q_lens=None if batch.decode_only else batch.cu_q_lens,
     logit_rows=batch.logit_rows,
   )
+  pad = prev_tokens.shape[0] - logits.shape[0]
   if not batch.any_sampled:  # static: an all-greedy step needs no sort of the vocabulary
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+    return jnp.pad(jnp.argmax(logits, axis=-1).astype(jnp.int32), (0, pad)), cache
   tokens = sample_tokens(
     logits,
     batch.temperature,
@@ -150,7 +170,7 @@ def _device_step(graphdef, treedef, params, cache, batch: StepBatch, key):
     batch.sample_index,
     batch.sample_positions,
   )
-  return tokens, cache
+  return jnp.pad(tokens, (0, pad)), cache
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,9 +183,11 @@ def _jitted_step(graphdef, treedef):
 def device_step(model: Decoder):
   """The engine's jitted step for ``model`` and the parameters it takes.
 
-  Returns ``(step, params)``: ``step(params, cache, batch, key) -> (tokens i32[rows],
-  cache)`` with ``batch`` a :class:`StepBatch` and ``cache`` donated; ``params`` the model
-  state as a flat tuple of arrays (benchmarks time the engine's step through this).
+  Returns ``(step, params)``: ``step(params, cache, batch, key, prev_tokens) -> (tokens
+  i32[cap], cache)`` with ``batch`` a :class:`StepBatch`, ``cache`` donated and
+  ``prev_tokens`` the previous step's tokens (any ``i32[cap]`` when ``batch.prev_index`` is
+  all -1); ``params`` the model state as a flat tuple of arrays (benchmarks time the
+  engine's step through this).
   """
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
@@ -216,6 +238,14 @@ class Engine:
       watermark_blocks=config.watermark_blocks,
     )
     self._step_fn, self._params = device_step(model)
+    # Every step returns this many sampled tokens (the most sample rows a step can have),
+    # so that the next step can read them on the device whatever its own shape.
+    self._token_cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
+    self._prev_tokens = jnp.zeros(self._token_cap, jnp.int32)
+    self._in_flight: _InFlight | None = None
+    self._pending_rows: dict[Seq, int] = {}
+    self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
+    self._ready: list[RequestOutput] = []  # finished while draining (abort)
     self._key = jax.random.key(config.seed)
     self._groups: dict[Hashable, Group] = {}
     self._arrivals = itertools.count()
@@ -326,6 +356,12 @@ class Engine:
     group = self._groups.get(request_id)
     if group is None:
       raise RequestError(f"abort: unknown request id {request_id!r} (finished or never added)")
+    self._drain()
+    if request_id not in self._groups:  # it finished in the step just drained
+      out = next(o for o in self._ready if o.request_id == request_id)
+      self._ready.remove(out)
+      self.metrics.aborted_requests += 1
+      return out
     self.scheduler.remove(group)
     for s in group.seqs:
       if not s.finished:
@@ -343,7 +379,8 @@ class Engine:
   # ------------------------------------------------------------------ one iteration
 
   def step(self) -> list[RequestOutput]:
-    """One iteration: schedule, swap, one device call; returns requests finished in it."""
+    """One iteration: schedule, swap, one device call; returns requests finished in it
+    (with ``async_scheduling``, those whose last token came back in it)."""
     t0 = time.perf_counter()
     plan = self.scheduler.schedule()
     # Swaps are the preemption's own transfers, one call each way per iteration; swap-outs
@@ -355,28 +392,41 @@ class Engine:
       pairs = np.concatenate(plan.swap_in)
       if len(pairs):
         self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
-    finished: list[RequestOutput] = []
     num_tokens = prefill = sampled = 0
     shape = (0, 0, 0)
+    dispatched = None
     if plan.rows:
       batch = self._build_batch(plan)
       shape = batch.shape_key[:3]
       self._shapes.add(batch.shape_key)
       # One fixed key: each row folds in its own (seed, sample, position).
-      tokens, self.cache = self._step_fn(self._params, self.cache, batch, self._key)
-      tokens = np.asarray(tokens)  # the one device -> host copy of the step
+      tokens, self.cache = self._step_fn(
+        self._params, self.cache, batch, self._key, self._prev_tokens
+      )
+      self._prev_tokens = tokens
+      dispatched = self._commit(plan, tokens)
       num_tokens = sum(r.stop - r.start for r in plan.rows)
       prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
-      finished, sampled = self._apply(plan, tokens)
-    elif not (plan.swap_in or plan.swap_out or plan.preemptions_recompute):
-      if self.scheduler.has_work():
-        # Cannot happen by construction (the oldest group always fits alone); fail loudly
-        # rather than spin.
-        raise RuntimeError(
-          f"engine made no progress: {len(self.scheduler.waiting)} waiting, "
-          f"{len(self.scheduler.running)} running, {len(self.scheduler.swapped)} swapped, "
-          f"{self.allocator.num_free_blocks} free blocks"
-        )
+    previous, self._in_flight = self._in_flight, dispatched
+    finished, self._ready = self._ready, []
+    if self.config.async_scheduling:
+      # Step n + 1 is queued on the device; now read step n's tokens (the one device ->
+      # host copy), which overlaps with step n + 1's device time.
+      if previous is not None:
+        sampled = self._resolve(previous, finished)
+    elif dispatched is not None:
+      self._in_flight = None
+      sampled = self._resolve(dispatched, finished)
+    if not plan.rows and previous is None:
+      if not (plan.swap_in or plan.swap_out or plan.preemptions_recompute):
+        if self.scheduler.has_work():
+          # Cannot happen by construction (the oldest group always fits alone); fail
+          # loudly rather than spin.
+          raise RuntimeError(
+            f"engine made no progress: {len(self.scheduler.waiting)} waiting, "
+            f"{len(self.scheduler.running)} running, {len(self.scheduler.swapped)} swapped, "
+            f"{self.allocator.num_free_blocks} free blocks"
+          )
     if self.config.check_invariants:
       self.allocator.check_invariants()
     self._record(plan, t0, num_tokens, prefill, sampled, shape)
@@ -414,41 +464,91 @@ class Engine:
         g = self._groups[s.seq_id[0]]
         sampling[s.seq_id[0]] = (g.request.temperature, g.request.top_k, g.seed)
     return build_step_batch(
-      plan, table, sampling, min_tokens=cfg.min_token_bucket, min_copies=cfg.min_copy_bucket
+      plan,
+      table,
+      sampling,
+      min_tokens=cfg.min_token_bucket,
+      min_copies=cfg.min_copy_bucket,
+      pending_rows=self._pending_rows,
     )
 
-  def _apply(self, plan: Plan, tokens: np.ndarray) -> tuple[list[RequestOutput], int]:
-    """Host update after the device step: computed counts, new tokens, stops, frees."""
-    j = 0
-    done_groups: list[Group] = []
+  def _commit(self, plan: Plan, tokens) -> _InFlight:
+    """Host update right after the device call, before its tokens are known: computed
+    counts, a ``PENDING_TOKEN`` placeholder per sample, stops by length (known now)."""
     for r in plan.rows:
       r.seq.num_computed = r.stop
       for s in r.samplers:
         s.num_computed = r.stop
+    entries = []
     for r in plan.rows:
       for s in r.samplers:
-        t = int(tokens[j])
-        j += 1
-        s.tokens.append(t)
+        entries.append((s, len(s.tokens)))
+        s.tokens.append(PENDING_TOKEN)
         g = self._groups[s.seq_id[0]]
-        req = g.request
-        if req.end_token is not None and t == req.end_token:
-          s.finish_reason = "stop"
-        elif len(s.output) >= req.max_new_tokens or len(s.tokens) >= self.max_seq_len:
+        if len(s.output) >= g.request.max_new_tokens or len(s.tokens) >= self.max_seq_len:
+          # Freed now: the device runs this step before any later step that reuses them.
           s.finish_reason = "length"
-        if s.finished:
           self.allocator.free(s.seq_id)
-          if not g.live and g not in done_groups:
-            done_groups.append(g)
+          if not g.live and g.status is Status.RUNNING:
+            self.scheduler.running.remove(g)
+            g.status = Status.FINISHED
+    self._pending_rows = {s: j for j, (s, _) in enumerate(entries)}
+    return _InFlight(tokens=tokens, entries=entries)
+
+  def _resolve(self, step: _InFlight, finished: list[RequestOutput]) -> int:
+    """Host update once a step's tokens are back: token ids, stops at an end token, the
+    allocator's pending tokens, finished requests (appended to ``finished``). Returns the
+    number of tokens sampled."""
+    tokens = np.asarray(step.tokens)  # the one device -> host copy of the step
+    resolve_ids, resolve_tokens, stopped, groups = [], [], [], []
+    sampled = 0
+    for j, (s, pos) in enumerate(step.entries):
+      if s in self._ignore:  # stopped at its end token after this row was dispatched
+        self._ignore.discard(s)
+        continue
+      t = int(tokens[j])
+      s.tokens[pos] = t
+      sampled += 1
+      g = self._groups[s.seq_id[0]]
+      req = g.request
+      if req.end_token is not None and t == req.end_token:
+        if pos != len(s.tokens) - 1:  # its next row is already on the device: drop it
+          s.tokens.pop()
+          self._ignore.add(s)
+        if s.finish_reason is None:
+          stopped.append(s)
+        s.finish_reason = "stop"
+      elif self.allocator.has_pending_token(s.seq_id):
+        resolve_ids.append(s.seq_id)
+        resolve_tokens.append(t)
+      if s.finished and g not in groups:
+        groups.append(g)
+    self.allocator.resolve_tokens(resolve_ids, resolve_tokens)
+    for s in stopped:
+      if s.seq_id in self.allocator:
+        self.allocator.free(s.seq_id)
     outs = []
-    for g in done_groups:
-      self.scheduler.running.remove(g)
+    for g in groups:
+      # A sample that stopped by length at the step still on the device waits for it.
+      if g.live or any(s.tokens[-1] == PENDING_TOKEN for s in g.seqs):
+        continue
+      if g.status is not Status.FINISHED:
+        self.scheduler.remove(g)  # running, or preempted before its stop was known
       g.status = Status.FINISHED
       del self._groups[g.request.request_id]
       outs.append(g.output())
     self.metrics.finished_requests += len(outs)
-    self.metrics.generated_tokens += j
-    return outs, j
+    self.metrics.generated_tokens += sampled
+    finished.extend(outs)
+    return sampled
+
+  def _drain(self) -> None:
+    """Reads the step still on the device (async scheduling), so that the host state is
+    complete; what finishes is returned by the next :meth:`step`."""
+    if self._in_flight is not None:
+      step, self._in_flight = self._in_flight, None
+      self._resolve(step, self._ready)
+      self._pending_rows = {}
 
   def _record(
     self, plan: Plan, t0: float, num_tokens: int, prefill: int, sampled: int, shape

@@ -3,6 +3,7 @@ system prompt scenario, bad input, aborts, stops and sampling."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from paxcache.allocator import PENDING_TOKEN
 from paxcache.engine import Engine, EngineConfig, Request, RequestError, sample_tokens
 from paxcache.nn import Decoder, DecoderConfig, greedy_generate_no_cache, load_decoder
 
@@ -73,9 +75,10 @@ def parity_case(tiny, corpus):
   return reqs, want
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
-  tiny, parity_case, mode
+  tiny, parity_case, mode, async_scheduling
 ):
   reqs, want = parity_case
   config = EngineConfig(
@@ -86,6 +89,7 @@ def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
     max_num_seqs=8,
     max_num_batched_tokens=64,
     check_invariants=True,
+    async_scheduling=async_scheduling,
   )
   engine = Engine(tiny, config)
   outs = engine.run(reqs)
@@ -115,7 +119,9 @@ def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
     == m.generated_tokens
     == sum(len(s) for o in outs.values() for s in o.samples)
   )
-  assert all(s.tokens_per_s > 0 and s.blocks_used <= config.num_blocks for s in steps)
+  # With overlap scheduling the last step only reads the tokens of the one before it.
+  assert all(s.tokens_per_s > 0 or (async_scheduling and s.num_seqs == 0) for s in steps)
+  assert all(s.blocks_used <= config.num_blocks for s in steps)
   print(
     f"parity[{mode}]: {m.steps} steps, {m.preemptions_swap} swap + {m.preemptions_recompute} "
     f"recompute preemptions, {m.prefix_hit_tokens} prefix-hit tokens, {m.cow_copies} copies, "
@@ -376,3 +382,54 @@ def test_engine_on_pallas_kernels_in_interpret_mode_matches_no_cache(backend, he
   for r, w in zip(reqs, want, strict=True):
     assert outs[r.request_id].samples == [w] * r.n
   assert engine.metrics.cow_copies == 1
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_async_scheduling_samples_the_same_tokens_as_the_synchronous_engine(tiny, corpus, mode):
+  """Overlap scheduling (step n + 1 planned while step n runs, its input tokens read on the
+  device) changes when the host learns tokens, not which tokens: sampled and greedy
+  requests, end tokens, forks, prefix hits and preemption give the same outputs."""
+  reqs = [
+    dataclasses.replace(r, temperature=0.0 if i % 3 == 0 else 0.9, top_k=0 if i % 2 else 12)
+    for i, r in enumerate(_mixed_requests(corpus))
+  ]
+  outs, engines = {}, {}
+  for flag in (False, True):
+    config = EngineConfig(
+      num_blocks=40,
+      block_size=8,
+      num_host_blocks=256,
+      preemption_mode=mode,
+      max_num_seqs=8,
+      max_num_batched_tokens=64,
+      check_invariants=True,
+      async_scheduling=flag,
+    )
+    engines[flag] = engine = Engine(tiny, config)
+    if flag:
+      # White box: after the first step its tokens are still on the device, and the host
+      # holds a placeholder for each sample.
+      for r in reqs:
+        engine.add_request(r)
+      engine.step()
+      assert engine._in_flight is not None
+      assert all(s.tokens[-1] == PENDING_TOKEN for s, _ in engine._in_flight.entries)
+    outs[flag] = engine.run([] if flag else reqs)
+  assert outs[True] == outs[False]
+  sync, overlap = engines[False].metrics, engines[True].metrics
+  assert overlap.generated_tokens == sync.generated_tokens
+  assert overlap.preemptions > 0 and sync.preemptions > 0
+  assert engines[True].allocator.num_used_blocks == 0
+
+
+def test_async_abort_returns_what_was_produced_without_placeholders(tiny):
+  engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, async_scheduling=True))
+  engine.add_request(Request("a", list(b"the old man "), max_new_tokens=30))
+  engine.add_request(Request("b", list(b"a young girl "), max_new_tokens=30))
+  for _ in range(4):
+    engine.step()
+  out = engine.abort("a")
+  assert len(out.samples[0]) >= 3 and PENDING_TOKEN not in out.samples[0]
+  rest = engine.run()
+  assert list(rest) == ["b"] and len(rest["b"].samples[0]) == 30
+  assert engine.allocator.num_used_blocks == 0

@@ -44,7 +44,9 @@ def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int):
   engine.step()  # the prefill runs; the step inspected below is the next one, a decode
   batch = engine._build_batch(engine.scheduler.schedule())
   assert batch.decode_only
-  lowered = engine._step_fn.lower(engine._params, engine.cache, batch, engine._key)
+  lowered = engine._step_fn.lower(
+    engine._params, engine.cache, batch, engine._key, engine._prev_tokens
+  )
   return lowered.compile(), engine.cache
 
 
