@@ -351,6 +351,7 @@ def e2e_rows(args) -> list[dict]:
         compile_s=result["compile"]["seconds"] - m["seconds"],
         first_pass_s=result["compile"]["seconds"],
         compiled_shapes=m["shapes"],
+        compilation_cache=bool(args.compilation_cache),
         async_scheduling=args.async_scheduling,
         date=env["date"],
       )
@@ -379,12 +380,21 @@ def main():
   p.add_argument("--e2e-block-sizes", default="16")
   p.add_argument("--e2e-pool-gb", type=float, default=40.0)
   p.add_argument("--async-scheduling", action="store_true", help="EngineConfig.async_scheduling")
+  p.add_argument(
+    "--compilation-cache",
+    default=None,
+    help="JAX's persistent compilation cache folder (a fresh process then loads, not compiles)",
+  )
   args = p.parse_args()
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
   os.makedirs(args.out, exist_ok=True)
+  if args.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   rows = []
   if not args.no_step:
     rate = read_rate(args.read_gib)

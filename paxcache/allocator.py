@@ -339,8 +339,6 @@ class BlockAllocator:
 
   def can_swap_out(self, seq_id: Hashable) -> bool:
     seq = self._resident(seq_id, "swap out")
-    if seq_id in self._pending:
-      raise SequenceError(f"cannot swap out sequence {seq_id!r}: its last token is still pending")
     return int(self._nblk[seq.row]) <= len(self._host_free)
 
   def slots(self, seq_id: Hashable, start: int, stop: int) -> np.ndarray:
@@ -705,6 +703,8 @@ class BlockAllocator:
     copy the pairs before any write of the same step, since the device blocks may be reused.
     """
     seq = self._resident(seq_id, "swap out")
+    if seq_id in self._pending:
+      raise SequenceError(f"cannot swap out sequence {seq_id!r}: its last token is still pending")
     row = seq.row
     nb = int(self._nblk[row])
     if nb and self.num_host_blocks == 0:

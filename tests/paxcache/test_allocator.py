@@ -416,3 +416,41 @@ def test_allocator_import_does_not_load_jax():
   code = "import sys, paxcache.allocator; print('jax' in sys.modules or 'flax' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
+
+
+def test_pending_token_appends_then_resolves_to_the_same_state_as_a_known_token():
+  """An engine that schedules step n + 1 before step n's token is back appends
+  PENDING_TOKEN; once resolve_tokens gives the ids, slots, hashes and prefix hits are what
+  appending the known tokens gives."""
+  bs = 4
+  known = BlockAllocator(16, bs)
+  later = BlockAllocator(16, bs)
+  for a in (known, later):
+    a.add_sequence("x", [1, 2, 3])  # the next token fills block 0
+    a.add_sequence("y", [5, 6])
+  got = later.append_batch(["x", "y"], [allocator_lib.PENDING_TOKEN, allocator_lib.PENDING_TOKEN])
+  want = known.append_batch(["x", "y"], [9, 7])
+  np.testing.assert_array_equal(got.slots, want.slots)
+  assert later.has_pending_token("x") and later.has_pending_token("y")
+  later.check_invariants()  # the filled block waits for its hash
+  assert later.num_cached_tokens([1, 2, 3, 9, 0]) == 0  # not registered while pending
+  with pytest.raises(SequenceError, match=r"sequence 'x'.*still pending"):
+    later.append_batch(["x"], [4])
+  with pytest.raises(SequenceError, match=r"cannot fork sequence 'x'.*still pending"):
+    later.fork("x", "x2")
+  with pytest.raises(SequenceError, match=r"cannot swap out sequence 'x'.*still pending"):
+    later.swap_out("x")
+  later.resolve_tokens(["x", "y"], [9, 7])
+  assert not later.has_pending_token("x")
+  assert later._seqs["x"].hashes == known._seqs["x"].hashes
+  assert later.num_cached_tokens([1, 2, 3, 9, 0]) == known.num_cached_tokens([1, 2, 3, 9, 0]) == 4
+  later.check_invariants()
+  with pytest.raises(SequenceError, match=r"have no pending token"):
+    later.resolve_tokens(["x"], [3])
+  with pytest.raises(ValueError, match=r"negative token id -1"):
+    later.add_sequence("z", [allocator_lib.PENDING_TOKEN])
+  # Freeing a sequence with a pending token releases its block unhashed.
+  later.append_batch(["y"], [allocator_lib.PENDING_TOKEN])
+  later.free("y")
+  assert not later.has_pending_token("y")
+  later.check_invariants()
