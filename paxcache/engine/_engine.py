@@ -111,6 +111,28 @@ class EngineConfig:
         raise ValueError(
           f"EngineConfig.mesh has axes {self.mesh.axis_names}, not mesh_axis {self.mesh_axis!r}"
         )
+    for name in (
+      "num_blocks",
+      "block_size",
+      "num_host_blocks",
+      "max_num_seqs",
+      "max_num_batched_tokens",
+      "watermark_blocks",
+      "min_batch_bucket",
+      "min_token_bucket",
+      "min_blocks_bucket",
+      "min_copy_bucket",
+      "seed",
+      "metrics_history",
+    ):
+      value = getattr(self, name)
+      if not _is_int(value):
+        raise ValueError(
+          f"EngineConfig.{name} must be an int, got {value!r} ({type(value).__name__})"
+        )
+    for name in ("enable_prefix_caching", "check_invariants", "async_scheduling"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.preemption_mode not in PREEMPTION_MODES:
       raise ValueError(
         f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"

@@ -433,3 +433,17 @@ def test_async_abort_returns_what_was_produced_without_placeholders(tiny):
   rest = engine.run()
   assert list(rest) == ["b"] and len(rest["b"].samples[0]) == 30
   assert engine.allocator.num_used_blocks == 0
+
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    ("num_blocks", "8", r"EngineConfig.num_blocks must be an int, got '8' \(str\)"),
+    ("block_size", True, r"EngineConfig.block_size must be an int, got True \(bool\)"),
+    ("seed", 1.5, r"EngineConfig.seed must be an int, got 1.5"),
+    ("async_scheduling", 1, r"EngineConfig.async_scheduling must be a bool, got 1"),
+  ],
+)
+def test_engine_config_rejects_wrongly_typed_fields(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    EngineConfig(**{field: value})
