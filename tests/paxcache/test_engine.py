@@ -75,13 +75,9 @@ def parity_case(tiny, corpus):
   return reqs, want
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-@pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
-  tiny, parity_case, mode, async_scheduling
-):
-  reqs, want = parity_case
-  config = EngineConfig(
+def _pressure_config(mode: str, async_scheduling: bool) -> EngineConfig:
+  """A pool of 40 blocks of 8 for the mixed requests: preemption, forks and prefix hits."""
+  return EngineConfig(
     num_blocks=40,
     block_size=8,
     num_host_blocks=256,
@@ -91,6 +87,15 @@ def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
     check_invariants=True,
     async_scheduling=async_scheduling,
   )
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
+  tiny, parity_case, mode, async_scheduling
+):
+  reqs, want = parity_case
+  config = _pressure_config(mode, async_scheduling)
   engine = Engine(tiny, config)
   outs = engine.run(reqs)
   m = engine.metrics
@@ -395,17 +400,7 @@ def test_async_scheduling_samples_the_same_tokens_as_the_synchronous_engine(tiny
   ]
   outs, engines = {}, {}
   for flag in (False, True):
-    config = EngineConfig(
-      num_blocks=40,
-      block_size=8,
-      num_host_blocks=256,
-      preemption_mode=mode,
-      max_num_seqs=8,
-      max_num_batched_tokens=64,
-      check_invariants=True,
-      async_scheduling=flag,
-    )
-    engines[flag] = engine = Engine(tiny, config)
+    engines[flag] = engine = Engine(tiny, _pressure_config(mode, flag))
     if flag:
       # White box: after the first step its tokens are still on the device, and the host
       # holds a placeholder for each sample.
