@@ -9,7 +9,8 @@ activations, K/V and parameters; the weights do not change the speed), at each
   donated as the engine does, blocks scattered at random over pools of several sizes:
   just the live blocks, 40x the live blocks, and at least ``--big-pool-gb`` GB;
 * **dense**: the same model over a contiguous ``[batch, context]`` cache
-  (``Decoder.forward_cached``, cache donated), the no-paging peer;
+  (``Decoder.forward_cached(..., exact=False)``: bf16 products, float32 accumulation;
+  cache donated), the no-paging peer;
 * **roofline**: parameter bytes plus the K/V bytes the step reads, over the read rate
   (``jnp.sum`` of 4 GiB of bf16) measured in the same process.
 
@@ -213,7 +214,7 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
 
   def step(params, cache, tokens):
     m = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    logits, cache = m.forward_cached(tokens, cache, context - 1)
+    logits, cache = m.forward_cached(tokens, cache, context - 1, exact=False)
     return jnp.argmax(logits[:, -1], axis=-1), cache
 
   step = jax.jit(step, donate_argnums=1)

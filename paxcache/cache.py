@@ -14,10 +14,11 @@ at 81,920, docs/benchmarks.md). With one buffer per layer the kernels read the p
 place and a step costs what its live tokens cost, whatever the pool's size.
 
 Every function here is pure on the device side: it returns a new ``PagedKVCache``.
-``write``, ``copy_blocks`` and ``swap_in`` donate the cache they are given (jit
-``donate_argnums``), so outside an enclosing ``jit`` the update happens in place
-and costs O(tokens or blocks touched) instead of a copy of the pool. The caller
-must use the returned cache: the arrays of the one passed in are deleted. Under
+``write`` (the layer it writes), ``copy_blocks`` and ``swap_in`` (every layer) donate the
+pools they update (jit ``donate_argnums``), so outside an enclosing ``jit`` the update
+happens in place and costs O(tokens or blocks touched) instead of a copy of the pool.
+The caller must use the returned cache: the donated arrays of the one passed in are
+deleted (the returned cache shares the others). Under
 an enclosing ``jit`` the inner jit is inlined and the enclosing function's own
 donation decides (donate the cache there too).
 
@@ -168,6 +169,16 @@ def _check_cache(cache) -> None:
     raise ValueError(
       "cache.k and cache.v must be tuples of one array per layer (build a cache from 5-D "
       f"arrays with PagedKVCache.from_stacked), got {type(k).__name__} and {type(v).__name__}"
+    )
+  # Each pool is donated on its own (write donates its layer's two): one array in two
+  # places would be deleted under the other. Tracers (inside jit) are not buffers.
+  concrete = [
+    id(x) for x in k + v if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+  ]
+  if len(set(concrete)) < len(concrete):
+    raise ValueError(
+      "cache.k and cache.v must hold a distinct array per layer (one array appears twice; "
+      "build the cache with PagedKVCache.create or from_stacked)"
     )
   first = k[0]
   for name, pools in (("k", k), ("v", v)):

@@ -268,6 +268,7 @@ class Engine:
     self._pending_rows: dict[Seq, int] = {}
     self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
     self._ready: list[RequestOutput] = []  # finished while draining (abort)
+    self._to_free: list = []  # samples that stopped by length at the step just dispatched
     self._key = jax.random.key(config.seed)
     self._groups: dict[Hashable, Group] = {}
     self._arrivals = itertools.count()
@@ -374,15 +375,20 @@ class Engine:
     return r
 
   def abort(self, request_id: Hashable) -> RequestOutput:
-    """Stops ``request_id`` now and frees its blocks; returns what it produced so far."""
+    """Stops ``request_id`` now and frees its blocks; returns what it produced so far.
+
+    With ``async_scheduling`` the step still on the device is read first; if that step
+    finished the request, its complete output is returned (finish reasons "stop" or
+    "length", counted as finished, not aborted)."""
     group = self._groups.get(request_id)
     if group is None:
       raise RequestError(f"abort: unknown request id {request_id!r} (finished or never added)")
     self._drain()
-    if request_id not in self._groups:  # it finished in the step just drained
+    if request_id not in self._groups:
+      # Its last token came back in the step just read: it finished (and is counted as
+      # finished, with its own finish reasons), so it is returned here, not by step().
       out = next(o for o in self._ready if o.request_id == request_id)
       self._ready.remove(out)
-      self.metrics.aborted_requests += 1
       return out
     self.scheduler.remove(group)
     for s in group.seqs:
@@ -393,10 +399,11 @@ class Engine:
     return group.output()
 
   def has_unfinished(self) -> bool:
-    return bool(self._groups)
+    """Whether a request is still to be returned by :meth:`step`."""
+    return bool(self._groups or self._ready or self._in_flight)
 
   def num_unfinished(self) -> int:
-    return len(self._groups)
+    return len(self._groups) + len(self._ready)
 
   # ------------------------------------------------------------------ one iteration
 
@@ -439,6 +446,7 @@ class Engine:
     elif dispatched is not None:
       self._in_flight = None
       sampled = self._resolve(dispatched, finished)
+    self._free_finished()
     if not plan.rows and previous is None:
       if not (plan.swap_in or plan.swap_out or plan.preemptions_recompute):
         if self.scheduler.has_work():
@@ -508,9 +516,11 @@ class Engine:
         s.tokens.append(PENDING_TOKEN)
         g = self._groups[s.seq_id[0]]
         if len(s.output) >= g.request.max_new_tokens or len(s.tokens) >= self.max_seq_len:
-          # Freed now: the device runs this step before any later step that reuses them.
+          # Its blocks are freed in this iteration, after the previous step's tokens are
+          # given to the allocator (so that a block they filled is hashed, as without
+          # overlap); the device runs this step before any later step that reuses them.
           s.finish_reason = "length"
-          self.allocator.free(s.seq_id)
+          self._to_free.append(s.seq_id)
           if not g.live and g.status is Status.RUNNING:
             self.scheduler.running.remove(g)
             g.status = Status.FINISHED
@@ -551,18 +561,26 @@ class Engine:
         self.allocator.free(s.seq_id)
     outs = []
     for g in groups:
-      # A sample that stopped by length at the step still on the device waits for it.
-      if g.live or any(s.tokens[-1] == PENDING_TOKEN for s in g.seqs):
+      if g.live:
         continue
       if g.status is not Status.FINISHED:
         self.scheduler.remove(g)  # running, or preempted before its stop was known
-      g.status = Status.FINISHED
+        g.status = Status.FINISHED
+      # A sample that stopped by length at the step still on the device waits for it.
+      if any(s.tokens[-1] == PENDING_TOKEN for s in g.seqs):
+        continue
       del self._groups[g.request.request_id]
       outs.append(g.output())
     self.metrics.finished_requests += len(outs)
     self.metrics.generated_tokens += sampled
     finished.extend(outs)
     return sampled
+
+  def _free_finished(self) -> None:
+    for seq_id in self._to_free:
+      if seq_id in self.allocator:  # not if its request was removed meanwhile
+        self.allocator.free(seq_id)
+    self._to_free = []
 
   def _drain(self) -> None:
     """Reads the step still on the device (async scheduling), so that the host state is
@@ -571,6 +589,7 @@ class Engine:
       step, self._in_flight = self._in_flight, None
       self._resolve(step, self._ready)
       self._pending_rows = {}
+    self._free_finished()
 
   def _record(
     self, plan: Plan, t0: float, num_tokens: int, prefill: int, sampled: int, shape

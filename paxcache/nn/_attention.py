@@ -48,8 +48,8 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None, exact=
     scale: softmax scale.
     k_length: optional ``i32[batch]``; keys at positions ``>= k_length`` are ignored.
     exact: float32 operands at HIGHEST precision (the parity oracle); False multiplies in
-      the K/V dtype with float32 accumulation, as a serving kernel does (the contiguous
-      cache of :meth:`Decoder.forward_cached`, a fair no-paging peer in benchmarks).
+      the K/V dtype with float32 accumulation, as a serving kernel does
+      (``Decoder.forward_cached(..., exact=False)``: the no-paging peer of the benchmarks).
 
   Returns:
     ``[batch, q_len, num_q_heads, head_dim]`` in ``q.dtype``; float32 accumulation.
@@ -256,6 +256,7 @@ class PagedAttention(nnx.Module):
     cache: tuple | None = None,
     cache_index: jax.Array | int = 0,
     query_rows: jax.Array | None = None,
+    exact: bool = True,
   ):
     """The same attention without paging.
 
@@ -269,6 +270,7 @@ class PagedAttention(nnx.Module):
         the batch, as in Flax's own decode cache).
       query_rows: no-cache path only: ``i32[batch, rows]``, compute the output only for
         these rows (keys and values still cover the whole sequence).
+      exact: see :func:`dense_causal_attention` (False: products in the cache dtype).
 
     Returns:
       ``out [batch, seq or rows, d_model]``, and the updated ``(k, v)`` cache when one was
@@ -282,11 +284,11 @@ class PagedAttention(nnx.Module):
       if query_rows is not None:
         q = jnp.take_along_axis(q, query_rows[:, :, None, None], axis=1)
         positions = jnp.take_along_axis(positions, query_rows, axis=1)
-      out = dense_causal_attention(q, k, v, positions, scale=scale)
+      out = dense_causal_attention(q, k, v, positions, scale=scale, exact=exact)
       return self.o_proj(out.astype(x.dtype).reshape(*q.shape[:2], -1))
     k_cache, v_cache = cache
     start = (0, cache_index, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-    out = dense_causal_attention(q, k_cache, v_cache, positions, scale=scale, exact=False)
+    out = dense_causal_attention(q, k_cache, v_cache, positions, scale=scale, exact=exact)
     return self.o_proj(out.astype(x.dtype).reshape(*x.shape[:2], -1)), (k_cache, v_cache)

@@ -52,15 +52,15 @@ class DecoderLayer(nnx.Module):
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
-  def dense(self, x, positions, cache=None, cache_index=0, query_rows=None):
+  def dense(self, x, positions, cache=None, cache_index=0, query_rows=None, exact=True):
     """Unpaged block; ``query_rows`` (no-cache path only) keeps just those rows' outputs."""
     if cache is None:
-      h = self.attn.dense(self.attn_norm(x), positions, query_rows=query_rows)
+      h = self.attn.dense(self.attn_norm(x), positions, query_rows=query_rows, exact=exact)
       if query_rows is not None:
         x = jnp.take_along_axis(x, query_rows[:, :, None], axis=1)
       x = x + h
     else:
-      h, cache = self.attn.dense(self.attn_norm(x), positions, cache, cache_index)
+      h, cache = self.attn.dense(self.attn_norm(x), positions, cache, cache_index, exact=exact)
       x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -221,8 +221,12 @@ class Decoder(nnx.Module):
       (jnp.zeros(shape, c.jnp_dtype), jnp.zeros(shape, c.jnp_dtype)) for _ in range(c.num_layers)
     ]
 
-  def forward_cached(self, tokens: jax.Array, cache, cache_index):
+  def forward_cached(self, tokens: jax.Array, cache, cache_index, *, exact: bool = True):
     """Contiguous cache: ``tokens i32[batch, seq]`` at positions ``cache_index + j``.
+
+    ``exact=False`` multiplies in the cache dtype with float32 accumulation instead of
+    float32 at HIGHEST precision (what a contiguous serving step does; the benchmarks'
+    no-paging peer).
 
     Returns ``(logits f32[batch, seq, vocab_size], new cache)``.
     """
@@ -231,6 +235,6 @@ class Decoder(nnx.Module):
     x = self.embed(tokens)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache, strict=True):
-      x, layer_cache = layer.dense(x, positions, layer_cache, cache_index)
+      x, layer_cache = layer.dense(x, positions, layer_cache, cache_index, exact=exact)
       new_cache.append(layer_cache)
     return self.logits(x), new_cache

@@ -91,7 +91,9 @@ def test_from_stacked_and_check_reject_bad_layouts():
   with pytest.raises(ValueError, match=r"k and v must both be \[num_layers"):
     PagedKVCache.from_stacked(np.zeros((H, NUM_BLOCKS, BS, D)), np.zeros((H, NUM_BLOCKS, BS, D)))
   k = jnp.zeros((H, NUM_BLOCKS, BS, D))
-  bad = PagedKVCache(k=(k, jnp.zeros((H, NUM_BLOCKS + 1, BS, D))), v=(k, k))
+  bad = PagedKVCache(
+    k=(k, jnp.zeros((H, NUM_BLOCKS + 1, BS, D))), v=(jnp.zeros_like(k), jnp.zeros_like(k))
+  )
   with pytest.raises(ValueError, match=r"cache.k\[1\] must be .* like cache.k\[0\]"):
     write(bad, 0, jnp.zeros((1, H, D)), jnp.zeros((1, H, D)), np.zeros(1, np.int32))
   with pytest.raises(ValueError, match=r"tuples of one array per layer"):
@@ -418,3 +420,13 @@ def test_donating_functions_consume_their_input_and_stay_correct():
 
   assert_bits_equal(cache.k, k)
   assert_bits_equal(cache.v, v)
+
+
+def test_a_cache_with_one_array_in_two_places_is_refused():
+  """write donates a layer's pools: an array shared by two layers would be deleted under the
+  other one."""
+  k = jnp.zeros((H, NUM_BLOCKS, BS, D))
+  shared = PagedKVCache(k=(k, k), v=(jnp.zeros_like(k), jnp.zeros_like(k)))
+  with pytest.raises(ValueError, match=r"distinct array per layer"):
+    write(shared, 0, jnp.zeros((1, H, D)), jnp.zeros((1, H, D)), np.zeros(1, np.int32))
+  assert not k.is_deleted()
