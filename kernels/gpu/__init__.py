@@ -23,7 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels._api import _shape_str, validate_inputs
+from kernels._validate import _shape_str, validate_inputs
 from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.prefill import paged_prefill

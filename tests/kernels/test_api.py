@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,3 +265,63 @@ def test_bad_host_cu_q_lens_values_are_named(cu_q_lens, match):
   args = _host(num_tokens=9)
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*args, np.asarray(cu_q_lens, np.int32), backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Module structure: the checks live in a leaf module, the backend switch is one table.
+
+
+def _kernels_imports(path):
+  """Modules a file imports (``from kernels import _api`` counts as ``kernels._api``)."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      found.add(node.module)
+      found |= {f"{node.module}.{alias.name}" for alias in node.names}
+  return found
+
+
+def test_backends_and_checks_do_not_import_the_dispatcher():
+  """kernels._api imports the backends; a backend importing _api back was an import circle."""
+  root = os.path.dirname(kernels.__file__)
+  files = [os.path.join(root, "_validate.py"), os.path.join(root, "reference.py")]
+  for backend in ("gpu", "tpu"):
+    files += glob.glob(os.path.join(root, backend, "*.py"))
+  assert len(files) > 4
+  for path in files:
+    assert "kernels._api" not in _kernels_imports(path), path
+  # The backends take the shared checks from the leaf module, which the public name re-exports.
+  for backend in ("gpu", "tpu"):
+    assert "kernels._validate" in _kernels_imports(os.path.join(root, backend, "__init__.py"))
+  from kernels import _validate
+
+  assert kernels.validate_inputs is _validate.validate_inputs
+
+
+def test_every_concrete_backend_has_one_entry_in_the_switch_table():
+  assert set(_api._BACKEND_FNS) == set(kernels.BACKENDS) - {"auto"}
+
+
+def test_switch_table_routes_to_the_resolved_backend(monkeypatch):
+  calls = []
+  monkeypatch.setitem(
+    _api._BACKEND_FNS, "tpu", lambda *args, **kw: calls.append((len(args), kw)) or "ran"
+  )
+  monkeypatch.setattr(_api, "_platform", lambda: "tpu")
+  assert kernels.paged_attention(*valid_inputs(), backend="auto", sliding_window=3) == "ran"
+  assert calls == [
+    (
+      6,
+      dict(
+        scale=None,
+        sliding_window=3,
+        logit_soft_cap=None,
+        block_sizes=None,
+        interpret=False,
+      ),
+    )
+  ]
