@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from kernels import reference
-from kernels._validate import validate_inputs
+from kernels._validate import validate_inputs, validate_options
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
 
@@ -67,9 +67,11 @@ def paged_attention(
     block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
     lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.
-    scale: softmax scale, default ``head_dim ** -0.5``.
-    sliding_window: if set, a query at position p sees keys in ``(p - window, p]``.
-    logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (after scale).
+    scale: softmax scale (finite), default ``head_dim ** -0.5``.
+    sliding_window: if set (an int >= 1), a query at position p sees keys in
+      ``(p - window, p]``.
+    logit_soft_cap: if set (finite, > 0), logits become ``cap * tanh(logits / cap)``
+      (after scale).
     backend: ``"auto" | "reference" | "gpu" | "tpu"``.
     block_sizes: backend tuning dataclass (frozen, hashable); None picks defaults per shape.
     interpret: run the Pallas kernel in interpret mode (tests on CPU).
@@ -78,10 +80,7 @@ def paged_attention(
     Array shaped like ``q`` with ``q.dtype``.
   """
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-  if logit_soft_cap is not None and logit_soft_cap <= 0:
-    raise ValueError(f"logit_soft_cap must be > 0, got {logit_soft_cap}")
+  scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
   return _BACKEND_FNS[chosen](
     q,

@@ -9,6 +9,9 @@ This module imports nothing from paxcache or flax.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,6 +22,43 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def _shape_str(x) -> str:
   return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
+
+
+def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
+  """Checks the attention options; returns ``(scale, sliding_window, logit_soft_cap)`` as
+  Python ``float``, ``int`` and ``float`` (None stays None). Raises ValueError naming the
+  option.
+
+  * ``scale``: None or a finite real number (a NaN or inf would poison every logit).
+  * ``sliding_window``: None or a Python or NumPy int >= 1 (not a bool): backends used to
+    round a fractional window differently (the reference took 2.5 as 3 keys, the GPU
+    kernels as 2, and the TPU kernels failed inside with a TypeError).
+  * ``logit_soft_cap``: None or a finite real number > 0.
+  """
+  if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
+    raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
+  if sliding_window is not None and (
+    isinstance(sliding_window, bool | np.bool_)
+    or not isinstance(sliding_window, numbers.Integral)
+    or sliding_window < 1
+  ):
+    raise ValueError(
+      f"sliding_window must be None or an int >= 1, got {sliding_window!r} "
+      f"({type(sliding_window).__name__})"
+    )
+  if logit_soft_cap is not None and not (
+    _is_real(logit_soft_cap) and math.isfinite(logit_soft_cap) and logit_soft_cap > 0
+  ):
+    raise ValueError(f"logit_soft_cap must be None or a finite number > 0, got {logit_soft_cap!r}")
+  return (
+    None if scale is None else float(scale),
+    None if sliding_window is None else int(sliding_window),
+    None if logit_soft_cap is None else float(logit_soft_cap),
+  )
 
 
 def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None) -> None:

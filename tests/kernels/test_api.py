@@ -198,18 +198,84 @@ def test_bad_cu_q_lens_is_named(cu_q_lens, match):
     kernels.paged_attention(*args, cu_q_lens, backend="reference")
 
 
+BAD_OPTIONS = [
+  # (id, options, match)
+  (
+    "window_0",
+    dict(sliding_window=0),
+    r"sliding_window must be None or an int >= 1, got 0 \(int\)",
+  ),
+  ("window_negative", dict(sliding_window=-2), r"sliding_window .* got -2"),
+  # Fractional windows used to mean 3 keys on the reference, 2 on GPU, a TypeError on TPU.
+  ("window_fraction", dict(sliding_window=2.5), r"sliding_window .* got 2.5 \(float\)"),
+  ("window_whole_float", dict(sliding_window=3.0), r"sliding_window .* got 3.0 \(float\)"),
+  ("window_bool", dict(sliding_window=True), r"sliding_window .* got True \(bool\)"),
+  ("window_str", dict(sliding_window="4"), r"sliding_window .* got '4' \(str\)"),
+  ("scale_nan", dict(scale=float("nan")), r"scale must be None or a finite real number, got nan"),
+  ("scale_inf", dict(scale=float("inf")), r"scale must be .* got inf"),
+  ("scale_np_nan", dict(scale=np.float32("nan")), r"scale must be .*nan"),
+  ("scale_str", dict(scale="0.5"), r"scale must be .* got '0.5'"),
+  (
+    "cap_0",
+    dict(logit_soft_cap=0.0),
+    r"logit_soft_cap must be None or a finite number > 0, got 0.0",
+  ),
+  ("cap_negative", dict(logit_soft_cap=-3.0), r"logit_soft_cap must be .*> 0, got -3.0"),
+  ("cap_nan", dict(logit_soft_cap=float("nan")), r"logit_soft_cap must be .*got nan"),
+  ("cap_inf", dict(logit_soft_cap=float("inf")), r"logit_soft_cap must be .*got inf"),
+  ("cap_bool", dict(logit_soft_cap=True), r"logit_soft_cap must be .*got True"),
+]
+
+
 @pytest.mark.parametrize(
   "options,match",
-  [
-    (dict(sliding_window=0), r"sliding_window must be >= 1, got 0"),
-    (dict(logit_soft_cap=0.0), r"logit_soft_cap must be > 0, got 0.0"),
-    (dict(logit_soft_cap=-3.0), r"logit_soft_cap must be > 0, got -3.0"),
-    (dict(block_sizes=(8, 8)), r"block_sizes tunes a Pallas kernel"),
-  ],
+  [c[1:] for c in BAD_OPTIONS] + [(dict(block_sizes=(8, 8)), r"block_sizes tunes a Pallas kernel")],
+  ids=[c[0] for c in BAD_OPTIONS] + ["block_sizes_for_reference"],
 )
 def test_bad_options_are_named(options, match):
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*valid_inputs(), backend="reference", **options)
+
+
+def _inputs_every_backend_takes():
+  """Decode inputs that the GPU (head_dim 64/128/256, power-of-two block_size) and the TPU
+  (head_dim a multiple of 128, block_size a multiple of 8 for float32) backends accept."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((2, 2, 128)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 4, 8, 128)), jnp.float32)
+  table = jnp.asarray([[0, 1], [2, -1]], jnp.int32)
+  return q, k, k, table, jnp.asarray([11, 5], jnp.int32)
+
+
+@pytest.mark.parametrize(
+  "options,match", [c[1:] for c in BAD_OPTIONS], ids=[c[0] for c in BAD_OPTIONS]
+)
+def test_bad_options_are_refused_by_every_backend_and_entry_point(options, match):
+  """Every backend refuses the same options, through the dispatcher and called directly."""
+  from kernels import gpu, tpu
+
+  args = _inputs_every_backend_takes()
+  for backend in ("gpu", "tpu"):
+    with pytest.raises(ValueError, match=match):
+      kernels.paged_attention(*args, backend=backend, interpret=True, **options)
+  for entry_point in (gpu.paged_attention, tpu.paged_attention):
+    with pytest.raises(ValueError, match=match):
+      entry_point(*args, interpret=True, **options)
+
+
+def test_numpy_scalar_options_mean_what_python_scalars_mean():
+  args = valid_inputs()
+  want = kernels.paged_attention(
+    *args, backend="reference", scale=0.3, sliding_window=3, logit_soft_cap=2.0
+  )
+  got = kernels.paged_attention(
+    *args,
+    backend="reference",
+    scale=np.float32(0.3),
+    sliding_window=np.int64(3),
+    logit_soft_cap=np.float64(2.0),
+  )
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
