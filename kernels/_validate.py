@@ -142,6 +142,19 @@ def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens)
         f"lengths must be in [0, max_blocks * block_size] = [0, {capacity}]; rows "
         f"{np.nonzero(bad)[0][:8].tolist()} hold {lengths[bad][:8].tolist()}"
       )
+    if isinstance(block_table, np.ndarray):
+      # Entry i of row b holds tokens [i * block_size, (i + 1) * block_size): every entry
+      # below ceil(lengths[b] / block_size) is in use; a -1 there silently skips its keys.
+      need = -(-lengths.astype(np.int64) // max(block_size, 1))
+      hole = (np.arange(block_table.shape[1]) < need[:, None]) & (block_table == INVALID_BLOCK)
+      if hole.any():
+        rows, cols = np.nonzero(hole)
+        raise ValueError(
+          f"block_table holds {INVALID_BLOCK} (unused) inside the blocks that lengths use, "
+          f"at (row, entry) {list(zip(rows[:8].tolist(), cols[:8].tolist(), strict=True))}; "
+          f"those rows' lengths are {lengths[rows[:8]].tolist()}, so entries below "
+          f"ceil(length / {block_size}) must be block ids (their keys would be skipped)"
+        )
   if isinstance(cu_q_lens, np.ndarray):
     q_lens = np.diff(cu_q_lens)
     if cu_q_lens[0] < 0 or (q_lens < 0).any() or cu_q_lens[-1] > num_rows:

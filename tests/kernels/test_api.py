@@ -310,12 +310,47 @@ def test_valid_host_metadata_passes_and_matches_device_metadata():
     ),
     (dict(lengths=np.asarray([5, 2, 9], np.int32)), r"rows \[2\] hold \[9\]"),
     (dict(block_table=[[0, 1], [2, -1], [3, 4]]), r"block_table must be a JAX or NumPy array"),
+    # Length 5 with block_size 4 uses entries 0 and 1 of row 0; length 8 both of row 2.
+    (
+      dict(block_table=np.asarray([[0, -1], [2, -1], [-1, 4]], np.int32)),
+      r"block_table holds -1 \(unused\) inside the blocks that lengths use, at \(row, entry\) "
+      r"\[\(0, 1\), \(2, 0\)\]; those rows' lengths are \[5, 8\], so entries below "
+      r"ceil\(length / 4\)",
+    ),
+    (
+      dict(
+        block_table=np.asarray([[0, 1], [-1, -1], [3, 4]], np.int32),
+        lengths=np.asarray([5, 1, 8], np.int32),
+      ),
+      r"at \(row, entry\) \[\(1, 0\)\]; those rows' lengths are \[1\]",
+    ),
   ],
-  ids=["id_past_pool", "negative_id", "negative_length", "length_past_table", "list"],
+  ids=[
+    "id_past_pool",
+    "negative_id",
+    "negative_length",
+    "length_past_table",
+    "list",
+    "unused_inside_lengths",
+    "unused_first_block",
+  ],
 )
 def test_bad_host_metadata_values_are_named(replace, match):
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*_host(**replace), backend="reference")
+
+
+def test_unused_entries_past_the_lengths_are_fine_and_device_tables_are_trusted():
+  # -1 only past ceil(length / block_size): what BlockTable.from_allocator builds.
+  table = np.asarray([[0, -1], [-1, -1], [3, 4]], np.int32)
+  lengths = np.asarray([4, 0, 5], np.int32)
+  out = kernels.paged_attention(*_host(block_table=table, lengths=lengths), backend="reference")
+  assert np.all(np.asarray(out)[1] == 0)  # length 0: no key, zeros
+  # A hole inside the lengths of a device table is not checked (it would need a transfer;
+  # a kernel cannot raise): its keys are skipped, as documented.
+  hole = jnp.asarray([[0, -1], [2, -1], [3, 4]], jnp.int32)
+  q, k, v, _, _ = valid_inputs()
+  kernels.paged_attention(q, k, v, hole, jnp.asarray([5, 2, 8], jnp.int32), backend="reference")
 
 
 @pytest.mark.parametrize(
