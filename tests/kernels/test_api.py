@@ -426,3 +426,34 @@ def test_switch_table_routes_to_the_resolved_backend(monkeypatch):
       ),
     )
   ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing to attend to: every backend returns zeros.
+
+
+def _nothing_to_read(max_blocks, num_blocks, *, ragged):
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.standard_normal((3, 2, 128)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, num_blocks, 8, 128)), jnp.float32)
+  table = np.full((3, max_blocks), kernels.INVALID_BLOCK, np.int32)
+  lengths = np.zeros(3, np.int32)
+  cu_q_lens = np.zeros(4, np.int32) if ragged else None  # every row is padding
+  return q, k, k, table, lengths, cu_q_lens
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
+@pytest.mark.parametrize(
+  "max_blocks,num_blocks", [(0, 4), (2, 0)], ids=["zero_width_table", "empty_pool"]
+)
+def test_every_backend_returns_zeros_when_there_is_no_block_to_read(max_blocks, num_blocks, ragged):
+  """A [batch, 0] table used to crash the reference ("zero-size array to reduction
+  operation") while the Pallas kernels returned zeros; a pool of 0 blocks crashed the
+  reference and the TPU kernels (ZeroDivisionError) while the GPU kernels returned zeros."""
+  host = _nothing_to_read(max_blocks, num_blocks, ragged=ragged)
+  device = [None if x is None else jnp.asarray(x) for x in host]
+  for backend in ("reference", "gpu", "tpu"):
+    for args in (host, device):
+      out = kernels.paged_attention(*args, backend=backend, interpret=True)
+      assert out.shape == args[0].shape and out.dtype == args[0].dtype, backend
+      np.testing.assert_array_equal(np.asarray(out), 0.0, err_msg=backend)
