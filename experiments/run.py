@@ -96,27 +96,124 @@ def _set_field(config: ConfigDict, path: str, value) -> None:
     node = node[p]
   if leaf not in node:
     raise ValueError(f"--sweep field {path!r} is not in the config (fields: {sorted(node)})")
-  node[leaf] = value  # ConfigDict type-checks: an int field rejects a str
+  try:
+    node[leaf] = value  # ConfigDict type-checks: an int field rejects a str
+  except TypeError as e:
+    raise ValueError(f"--sweep {path}={value!r}: {e}") from None
 
 
 def _sweep_value_str(value) -> str:
   return str(value).replace("/", "_").replace(" ", "")
 
 
-def run_experiment(config: ConfigDict, workdir: str, sweep: str | None = None) -> _outputs.Result:
-  """Runs ``config.experiment`` (once, or once per ``--sweep`` value) and writes the workdir."""
-  start = time.perf_counter()
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-  fn = resolve_experiment(config.experiment)
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
+
+def _is_json_path(workload) -> bool:
+  return isinstance(workload, str) and workload.endswith(".json")
+
+
+def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
+  """Raises ``ValueError`` naming the first field whose value no experiment can run with.
+
+  Types are checked against the default config (:func:`check_field_types`); these are the
+  values that used to end halfway through a run in a NumPy or ZeroDivisionError traceback.
+  Checked wherever the field appears, nested ConfigDicts (``config.engine``) included:
+
+  * ``seed``: ``>= 0`` (NumPy's generators take no negative seed);
+  * ``block_size`` ``>= 1``; ``block_sizes`` not empty, every element ``>= 1``;
+  * ``num_requests`` ``>= 1``, except when every workload beside it (``workload`` or
+    ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations.
+  """
+  for key, value in config.items():
+    path = f"--{prefix}.{key}={value!r}"
+    if isinstance(value, ConfigDict):
+      check_config_values(value, f"{prefix}.{key}")
+    elif key == "seed" and _is_int(value) and value < 0:
+      raise ValueError(f"{path}: seed must be >= 0 (NumPy takes no negative seed)")
+    elif key == "block_size" and _is_int(value) and value < 1:
+      raise ValueError(f"{path}: block_size must be >= 1")
+    elif key == "block_sizes" and isinstance(value, tuple | list):
+      if not value:
+        raise ValueError(f"{path}: block_sizes needs at least one block size")
+      bad = [b for b in value if _is_int(b) and b < 1]
+      if bad:
+        raise ValueError(f"{path}: every block size must be >= 1, got {bad[0]!r}")
+    elif key == "num_requests" and _is_int(value) and value < 1:
+      workloads = config.get("workloads", config.get("workload"))
+      workloads = workloads if isinstance(workloads, tuple | list) else [workloads]
+      if workloads == [None] or not all(_is_json_path(w) for w in workloads):
+        raise ValueError(
+          f"{path}: num_requests must be >= 1 (only a run on ShareGPT JSON files alone "
+          "takes <= 0 as all of their conversations)"
+        )
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ``ValueError`` naming ``--workdir`` when it cannot be created or written; writes
+  nothing itself (the first missing directory is created only once everything checks)."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise ValueError(f"--workdir={workdir!r} exists and is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise ValueError(f"--workdir={workdir!r} is not writable")
+    return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ValueError(f"--workdir={workdir!r} cannot be created: {parent!r} is not a directory")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"--workdir={workdir!r} cannot be created: {parent!r} is not writable")
+
+
+def prepare_run(
+  config: ConfigDict, workdir: str, sweep: str | None = None
+) -> tuple[Callable[[ConfigDict], _outputs.Result], str | None, list]:
+  """Every check that needs no experiment run, before anything is written.
+
+  Returns the experiment function, the swept field (or None) and the ``(value, config)``
+  runs (one ``(None, config)`` without a sweep). Raises ``ValueError`` naming the bad
+  field, ``--sweep`` value or ``--workdir``.
+  """
+  fn = resolve_experiment(config.experiment)
+  field, runs = None, [(None, config)]
   if sweep:
     field, values = parse_sweep(sweep)
-    results = []
+    runs = []
     for value in values:
       cfg = copy.deepcopy(config)
       _set_field(cfg, field, value)
+      runs.append((value, cfg))
+  for value, cfg in runs:
+    try:
+      check_config_values(cfg)
+    except ValueError as e:
+      raise ValueError(f"--sweep {field}={value!r}: {e}" if sweep else str(e)) from None
+  check_workdir(workdir)
+  return fn, field, runs
+
+
+def run_experiment(config: ConfigDict, workdir: str, sweep: str | None = None) -> _outputs.Result:
+  """Runs ``config.experiment`` (once, or once per ``--sweep`` value) and writes the workdir.
+
+  A bad config value, sweep or workdir raises ``ValueError`` (:func:`prepare_run`) before
+  the workdir or anything in it is written.
+  """
+  start = time.perf_counter()
+  fn, field, runs = prepare_run(config, workdir, sweep)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+  except OSError as e:  # what check_workdir cannot see (root on a read-only mount, a race)
+    raise ValueError(f"--workdir={workdir!r} cannot be written: {e}") from e
+
+  if sweep:
+    results = []
+    for value, cfg in runs:
       logging.info("sweep %s=%r", field, value)
       results.append((value, fn(cfg)))
     result = _stack_sweep(field, results)
@@ -302,6 +399,10 @@ def main(argv):
   # Before the workdir or config.json exist: a bad override must leave nothing behind.
   config_flag = flags.FLAGS["config"]
   check_field_types(_CONFIG.value, config_flag.parser.parse(config_flag.config_filename))
+  try:
+    prepare_run(_CONFIG.value, _WORKDIR.value, _SWEEP.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   run_experiment(_CONFIG.value, _WORKDIR.value, _SWEEP.value)
 
 

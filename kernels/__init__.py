@@ -4,13 +4,8 @@
 code) can use it on its own.
 """
 
-from kernels._api import (
-  BACKENDS,
-  BackendUnavailableError,
-  paged_attention,
-  resolve_backend,
-  validate_inputs,
-)
+from kernels._api import BACKENDS, BackendUnavailableError, paged_attention, resolve_backend
+from kernels._validate import validate_inputs
 from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv
 from kernels.reference import INVALID_BLOCK
 

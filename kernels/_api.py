@@ -12,13 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from kernels import reference
+from kernels._validate import validate_inputs, validate_options
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -45,106 +43,6 @@ def resolve_backend(backend: str, *, interpret: bool = False) -> str:
   return backend
 
 
-def _shape_str(x) -> str:
-  return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
-
-
-def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None) -> None:
-  """Checks shared by every backend; raises ValueError naming the argument.
-
-  Shapes and dtypes are always checked (static). Values of ``block_table``, ``lengths``
-  and ``cu_q_lens`` are checked when they are host (NumPy) arrays — what
-  ``paxcache.BlockTable.from_allocator`` builds — since that costs no device transfer;
-  device arrays and tracers are trusted (a kernel cannot raise on a bad id at run time).
-  """
-  names = ("q", "k_blocks", "v_blocks", "block_table", "lengths", "cu_q_lens")
-  for name, x in zip(names, (q, k_blocks, v_blocks, block_table, lengths, cu_q_lens), strict=True):
-    if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
-  if k_blocks.ndim != 4:
-    raise ValueError(
-      "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
-      f"{_shape_str(k_blocks)}"
-    )
-  if v_blocks.shape != k_blocks.shape or v_blocks.dtype != k_blocks.dtype:
-    raise ValueError(f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
-  num_kv_heads, _, _, head_dim = k_blocks.shape
-  if q.ndim != 3:
-    raise ValueError(f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
-  if q.shape[2] != head_dim:
-    raise ValueError(
-      f"q head_dim {q.shape[2]} (q {_shape_str(q)}) != k_blocks head_dim {head_dim} "
-      f"(k_blocks {_shape_str(k_blocks)})"
-    )
-  if q.shape[1] % num_kv_heads:
-    raise ValueError(
-      f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
-      f"{num_kv_heads} (k_blocks {_shape_str(k_blocks)})"
-    )
-  for name, x in (("q", q), ("k_blocks", k_blocks)):
-    if x.dtype not in _FLOAT_DTYPES:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_shape_str(x)}")
-  if block_table.ndim != 2 or block_table.dtype != jnp.int32:
-    raise ValueError(
-      f"block_table must be int32 [batch, max_blocks], got {_shape_str(block_table)}"
-    )
-  if lengths.ndim != 1 or lengths.dtype != jnp.int32:
-    raise ValueError(f"lengths must be int32 [batch], got {_shape_str(lengths)}")
-  batch = block_table.shape[0]
-  if lengths.shape[0] != batch:
-    raise ValueError(
-      f"lengths {_shape_str(lengths)} and block_table {_shape_str(block_table)} disagree on batch"
-    )
-  if cu_q_lens is None:
-    if q.shape[0] != batch:
-      raise ValueError(
-        f"decode (cu_q_lens=None) needs one query per sequence: q {_shape_str(q)} vs "
-        f"block_table {_shape_str(block_table)}"
-      )
-  else:
-    if cu_q_lens.ndim != 1 or cu_q_lens.dtype != jnp.int32 or cu_q_lens.shape[0] != batch + 1:
-      raise ValueError(
-        f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}"
-      )
-  _validate_host_values(q.shape[0], k_blocks.shape, block_table, lengths, cu_q_lens)
-
-
-def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens) -> None:
-  """Value checks of host (NumPy) metadata: an out-of-range block id would otherwise be
-  clamped by a gather and silently read another request's block."""
-  _, num_blocks, block_size, _ = pool_shape
-  if isinstance(block_table, np.ndarray):
-    bad = (block_table < reference.INVALID_BLOCK) | (block_table >= num_blocks)
-    if bad.any():
-      rows, cols = np.nonzero(bad)
-      raise ValueError(
-        f"block_table holds ids outside [0, {num_blocks}) and != {reference.INVALID_BLOCK} "
-        f"(unused): {block_table[rows, cols][:8].tolist()} at (row, entry) "
-        f"{list(zip(rows[:8].tolist(), cols[:8].tolist(), strict=True))}"
-      )
-  if isinstance(lengths, np.ndarray):
-    capacity = block_table.shape[1] * block_size
-    bad = (lengths < 0) | (lengths > capacity)
-    if bad.any():
-      raise ValueError(
-        f"lengths must be in [0, max_blocks * block_size] = [0, {capacity}]; rows "
-        f"{np.nonzero(bad)[0][:8].tolist()} hold {lengths[bad][:8].tolist()}"
-      )
-  if isinstance(cu_q_lens, np.ndarray):
-    q_lens = np.diff(cu_q_lens)
-    if cu_q_lens[0] < 0 or (q_lens < 0).any() or cu_q_lens[-1] > num_rows:
-      raise ValueError(
-        f"cu_q_lens must be non-decreasing, start >= 0 and end <= the {num_rows} query rows "
-        f"of q; got {cu_q_lens.tolist()}"
-      )
-    if isinstance(lengths, np.ndarray) and (q_lens > lengths).any():
-      rows = np.nonzero(q_lens > lengths)[0][:8].tolist()
-      raise ValueError(
-        f"sequences {rows} have more queries than tokens (cu_q_lens {cu_q_lens.tolist()}, "
-        f"lengths {lengths.tolist()}): lengths must count this call's queries"
-      )
-
-
 def paged_attention(
   q: jax.Array,
   k_blocks: jax.Array,
@@ -169,9 +67,11 @@ def paged_attention(
     block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
     lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.
-    scale: softmax scale, default ``head_dim ** -0.5``.
-    sliding_window: if set, a query at position p sees keys in ``(p - window, p]``.
-    logit_soft_cap: if set, logits become ``cap * tanh(logits / cap)`` (after scale).
+    scale: softmax scale (finite), default ``head_dim ** -0.5``.
+    sliding_window: if set (an int >= 1), a query at position p sees keys in
+      ``(p - window, p]``.
+    logit_soft_cap: if set (finite, > 0), logits become ``cap * tanh(logits / cap)``
+      (after scale).
     backend: ``"auto" | "reference" | "gpu" | "tpu"``.
     block_sizes: backend tuning dataclass (frozen, hashable); None picks defaults per shape.
     interpret: run the Pallas kernel in interpret mode (tests on CPU).
@@ -180,42 +80,42 @@ def paged_attention(
     Array shaped like ``q`` with ``q.dtype``.
   """
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-  if logit_soft_cap is not None and logit_soft_cap <= 0:
-    raise ValueError(f"logit_soft_cap must be > 0, got {logit_soft_cap}")
+  scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
-  kwargs = dict(scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap)
-  if chosen == "reference":
-    if block_sizes is not None:
-      raise ValueError("block_sizes tunes a Pallas kernel; the reference backend takes none")
-    return reference.paged_attention(
-      q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs
-    )
-  if chosen == "gpu":
-    from kernels import gpu  # imported lazily: Pallas GPU lowering is heavy
-
-    return gpu.paged_attention(
-      q,
-      k_blocks,
-      v_blocks,
-      block_table,
-      lengths,
-      cu_q_lens,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      **kwargs,
-    )
-  from kernels import tpu
-
-  return tpu.paged_attention(
+  return _BACKEND_FNS[chosen](
     q,
     k_blocks,
     v_blocks,
     block_table,
     lengths,
     cu_q_lens,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
-    **kwargs,
   )
+
+
+def _run_reference(*args, block_sizes, interpret, **options):
+  del interpret  # plain JAX: nothing to interpret
+  if block_sizes is not None:
+    raise ValueError("block_sizes tunes a Pallas kernel; the reference backend takes none")
+  return reference.paged_attention(*args, **options)
+
+
+def _run_gpu(*args, **kwargs):
+  from kernels import gpu  # imported lazily: Pallas GPU lowering is heavy
+
+  return gpu.paged_attention(*args, **kwargs)
+
+
+def _run_tpu(*args, **kwargs):
+  from kernels import tpu  # imported lazily, like the GPU backend
+
+  return tpu.paged_attention(*args, **kwargs)
+
+
+# Concrete backend name (what resolve_backend returns) -> the function that runs it, each
+# taking the arguments of paged_attention less ``backend``.
+_BACKEND_FNS = {"reference": _run_reference, "gpu": _run_gpu, "tpu": _run_tpu}

@@ -17,7 +17,8 @@ Layout shared by every backend (see docs/ARCHITECTURE.md):
 Query i of sequence b (q_len_b = cu_q_lens[b+1] - cu_q_lens[b]) sits at position
 ``lengths[b] - q_len_b + i`` and attends causally to key positions ``p <= pos``
 (and ``p > pos - sliding_window`` when a window is given). A query that sees no
-key (length 0, or rows past ``cu_q_lens[-1]``) returns zeros.
+key (length 0, or rows past ``cu_q_lens[-1]``) returns zeros; so does every row when the
+block table has no columns (``[batch, 0]``) or the pool no blocks.
 
 This module imports nothing from paxcache or flax.
 """
@@ -112,6 +113,10 @@ def paged_attention(
   most that many query rows at a time.
   """
   num_tokens, num_q_heads, head_dim = q.shape
+  if block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
+    # No block to read (a zero-width table or an empty pool): every row sees no key and is
+    # zero, as in the Pallas kernels (the code below would reduce over zero keys).
+    return jnp.zeros(q.shape, q.dtype)
   if scale is None:
     scale = head_dim**-0.5
   if cu_q_lens is None:

@@ -34,6 +34,11 @@ _ROOT_HASH = b"paxcache.prefix.root"
 _FORGOTTEN_LIMIT = 1 << 16  # how many freed ids we remember, only to word error messages better
 
 
+def _is_int(value) -> bool:
+  """A Python or NumPy integer, not a bool (``True`` is an int to Python, never a count here)."""
+  return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _expect(condition, what) -> None:
   if not condition:
     raise AssertionError(f"allocator invariant broken: {what}")
@@ -170,6 +175,9 @@ class BlockAllocator:
     max_seq_len: if set, adding or appending past it raises ``ValueError``, and metrics report
       contiguous reservation of ``max_seq_len`` slots per sequence.
 
+  The sizes are Python or NumPy ints (a bool or a float raises ``ValueError``), as are the
+  token positions given to :meth:`slots`.
+
   Every method costs O(blocks it touches) (plus O(tokens) for hashing); none scans the pool.
   Every error leaves the allocator exactly as before the call.
   """
@@ -188,11 +196,9 @@ class BlockAllocator:
       ("block_size", block_size, 1),
       ("num_host_blocks", num_host_blocks, 0),
     ):
-      if not isinstance(value, int | np.integer) or value < low:
+      if not _is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if max_seq_len is not None and (
-      not isinstance(max_seq_len, int | np.integer) or max_seq_len < 1
-    ):
+    if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):
       raise ValueError(f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}")
     self.num_blocks = int(num_blocks)
     self.block_size = int(block_size)
@@ -275,7 +281,7 @@ class BlockAllocator:
 
   def ref_count(self, block_id: int) -> int:
     """Number of sequences whose block table holds ``block_id`` (0 for free or cached blocks)."""
-    if not 0 <= block_id < self.num_blocks:
+    if not _is_int(block_id) or not 0 <= block_id < self.num_blocks:
       raise ValueError(f"block_id must be in [0, {self.num_blocks}), got {block_id}")
     return int(self._ref[block_id])
 
@@ -343,6 +349,12 @@ class BlockAllocator:
 
   def slots(self, seq_id: Hashable, start: int, stop: int) -> np.ndarray:
     """Slots of tokens ``start .. stop - 1`` of ``seq_id``: ``i32[stop - start]`` (for prefill)."""
+    for name, value in (("start", start), ("stop", stop)):
+      if not _is_int(value):
+        raise ValueError(
+          f"slots of sequence {seq_id!r}: {name} must be an int token position, got "
+          f"{value!r} ({type(value).__name__})"
+        )
     seq = self._resident(seq_id, "get slots of")
     n = int(self._ntok[seq.row])
     if not 0 <= start <= stop <= n:

@@ -23,7 +23,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels._api import _shape_str, validate_inputs
+from kernels._validate import _shape_str, validate_inputs, validate_options
 from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.prefill import paged_prefill
@@ -206,10 +206,7 @@ def paged_attention(
   validate_gpu_inputs(
     q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, block_sizes=block_sizes
   )
-  if sliding_window is not None and sliding_window < 1:
-    raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-  if logit_soft_cap is not None and logit_soft_cap <= 0:
-    raise ValueError(f"logit_soft_cap must be > 0, got {logit_soft_cap}")
+  scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   head_dim = q.shape[2]
   decode = cu_q_lens is None
   if block_sizes is None:
@@ -221,9 +218,7 @@ def paged_attention(
       batch=block_table.shape[0],
       num_kv_heads=k_blocks.shape[0],
     )
-  scale = float(head_dim**-0.5 if scale is None else scale)
-  sliding_window = None if sliding_window is None else int(sliding_window)
-  logit_soft_cap = None if logit_soft_cap is None else float(logit_soft_cap)
+  scale = float(head_dim**-0.5) if scale is None else scale
   if (
     q.shape[0] == 0
     or block_table.shape[0] == 0

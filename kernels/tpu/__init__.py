@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from kernels._validate import validate_inputs, validate_options
 from kernels.tpu._config import BlockSizes
 from kernels.tpu.decode import paged_attention_decode
 from kernels.tpu.ragged import paged_attention_ragged
@@ -34,9 +35,8 @@ def paged_attention(
   ``block_sizes`` is a :class:`BlockSizes` or None, ``interpret`` is False, True or a
   ``pltpu.InterpretParams``.
   """
-  from kernels._api import validate_inputs  # imported here: kernels._api imports us lazily
-
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(
       f"block_sizes must be a kernels.tpu.BlockSizes or None, got {type(block_sizes)}"

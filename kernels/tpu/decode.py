@@ -252,7 +252,7 @@ def paged_attention_decode(
   num_kv_heads, _, block_size, _ = k_blocks.shape
   max_blocks = block_table.shape[1]
   group = num_q_heads // num_kv_heads
-  if batch == 0 or max_blocks == 0:
+  if batch == 0 or max_blocks == 0 or k_blocks.shape[1] == 0:  # no block to read: zeros
     return jnp.zeros_like(q)
   tuned = _config.resolve(
     block_sizes,

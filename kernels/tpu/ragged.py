@@ -231,7 +231,7 @@ def paged_attention_ragged(
   num_kv_heads, _, block_size, _ = k_blocks.shape
   batch, max_blocks = block_table.shape
   group = num_q_heads // num_kv_heads
-  if num_tokens == 0 or batch == 0 or max_blocks == 0:
+  if num_tokens == 0 or batch == 0 or max_blocks == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros_like(q)
   tuned = _config.resolve(
     block_sizes,

@@ -6,7 +6,8 @@ through ``attention_fn``. :class:`PagedAttention` takes the K/V block pools and 
 block table explicitly, writes the new tokens' K/V with
 :func:`kernels.write_kv`, runs :func:`kernels.paged_attention` and returns the
 output together with the updated pools. Nothing is stored on the module but
-parameters, so the same module runs under ``jit`` with the pools donated.
+parameters and static settings (sizes, backend, mesh), so the same module runs under
+``jit`` with the pools donated.
 
 The cache is either one layer's ``(k_blocks, v_blocks)`` or a whole
 :class:`paxcache.cache.PagedKVCache` with a layer index (what the decoder uses).
@@ -130,6 +131,7 @@ class PagedAttention(nnx.Module):
     self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
     self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
     self.o_proj = nnx.Linear(num_q_heads * head_dim, d_model, **kw)
+    self.d_model = d_model
     self.num_q_heads = num_q_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
@@ -194,8 +196,10 @@ class PagedAttention(nnx.Module):
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
       the new tokens' K/V written.
     """
-    if x.ndim != 2:
-      raise ValueError(f"x must be [num_tokens, d_model], got {x.shape}")
+    if x.ndim != 2 or x.shape[1] != self.d_model:
+      raise ValueError(
+        f"x must be [num_tokens, d_model] with d_model={self.d_model}, got x.shape {x.shape}"
+      )
     if positions.shape != x.shape[:1]:
       raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
     q, k, v = self._qkv(x, positions)
@@ -278,6 +282,10 @@ class PagedAttention(nnx.Module):
     """
     if self.sliding_window is not None or self.logit_soft_cap is not None:
       raise NotImplementedError("dense path: no sliding window / soft cap")
+    if x.ndim != 3 or x.shape[2] != self.d_model:
+      raise ValueError(
+        f"x must be [batch, seq, d_model] with d_model={self.d_model}, got x.shape {x.shape}"
+      )
     q, k, v = self._qkv(x, positions)
     scale = self.head_dim**-0.5
     if cache is None:

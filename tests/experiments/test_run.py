@@ -167,6 +167,12 @@ def test_field_types_must_match_the_default_config():
   [
     ("--config.nonexistent=1", r"no field 'nonexistent' \(fields: arrival_rate, block_sizes"),
     ("--config.block_sizes=abc", r"--config.block_sizes=\('abc',\): element 'abc' has type str"),
+    # Values that used to end in a NumPy or ZeroDivisionError traceback mid-run.
+    ("--config.num_requests=0", r"--config.num_requests=0: num_requests must be >= 1"),
+    ("--config.block_sizes=(0,)", r"--config.block_sizes=\(0,\): every block size must be >= 1"),
+    ("--config.block_sizes=()", r"--config.block_sizes=\(\): block_sizes needs at least one"),
+    ("--config.seed=-1", r"--config.seed=-1: seed must be >= 0"),
+    ("--sweep=seed=0,-1", r"--sweep seed=-1: --config.seed=-1: seed must be >= 0"),
   ],
 )
 def test_bad_override_on_the_command_line_is_a_usage_error_and_writes_nothing(
@@ -185,6 +191,112 @@ def test_bad_override_on_the_command_line_is_a_usage_error_and_writes_nothing(
   assert out.returncode == 1, out.stderr[-3000:]
   assert "Traceback" not in out.stderr, out.stderr[-3000:]
   assert re.search(wanted, out.stderr), out.stderr[-3000:]
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+  "make_workdir, wanted",
+  [
+    (
+      lambda tmp: tmp / "file" / "out",
+      r"--workdir='.*/file/out' cannot be created: '.*/file' is not",
+    ),
+    (lambda tmp: tmp / "file", r"--workdir='.*/file' exists and is not a directory"),
+  ],
+  ids=["parent_is_a_file", "workdir_is_a_file"],
+)
+def test_unwritable_workdir_is_a_usage_error_naming_it(tmp_path, make_workdir, wanted):
+  (tmp_path / "file").write_text("not a directory")
+  workdir = make_workdir(tmp_path)
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.run",
+    "--config=configs/memory_waste.py:quick",
+    f"--workdir={workdir}",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert re.search(wanted, out.stderr), out.stderr[-3000:]
+  assert (tmp_path / "file").read_text() == "not a directory"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+  with pytest.raises(ValueError, match=wanted):
+    run.run_experiment(_tiny_memory_config(), str(workdir))
+
+
+def test_unwritable_directory_is_named(tmp_path, monkeypatch):
+  # os.access is what the check asks (root may write anywhere, so it is faked here).
+  monkeypatch.setattr(run.os, "access", lambda path, mode: False)
+  with pytest.raises(ValueError, match=r"--workdir='.*' is not writable"):
+    run.check_workdir(str(tmp_path))
+  missing = tmp_path / "new" / "deeper"
+  with pytest.raises(
+    ValueError,
+    match=rf"--workdir='{re.escape(str(missing))}' cannot be created: "
+    rf"'{re.escape(str(tmp_path))}' is not writable",
+  ):
+    run.check_workdir(str(missing))
+
+
+def test_config_values_no_experiment_can_run_with_are_named():
+  config = ConfigDict(
+    {
+      "seed": 0,
+      "num_requests": 10,
+      "block_sizes": (4, 16),
+      "workloads": ("sharegpt",),
+      "engine": {"seed": 0, "block_size": 16},
+    }
+  )
+  run.check_config_values(config)
+  bad = [
+    ("seed", -1, r"^--config\.seed=-1: seed must be >= 0"),
+    ("num_requests", 0, r"^--config\.num_requests=0: num_requests must be >= 1"),
+    ("num_requests", -5, r"^--config\.num_requests=-5:"),
+    (
+      "block_sizes",
+      (4, 0),
+      r"^--config\.block_sizes=\(4, 0\): every block size must be >= 1, got 0",
+    ),
+    ("block_sizes", (), r"^--config\.block_sizes=\(\): block_sizes needs at least one"),
+    ("engine.seed", -3, r"^--config\.engine\.seed=-3: seed must be >= 0"),
+    ("engine.block_size", 0, r"^--config\.engine\.block_size=0: block_size must be >= 1"),
+  ]
+  for path, value, match in bad:
+    cfg = copy.deepcopy(config)
+    run._set_field(cfg, path, value)
+    with pytest.raises(ValueError, match=match):
+      run.check_config_values(cfg)
+  # A ShareGPT JSON file alone takes num_requests <= 0 as "all of its conversations"
+  # (documented in experiments.workloads); a synthetic workload beside it does not.
+  json_only = copy.deepcopy(config)
+  json_only.workloads = ("a.json", "b.json")
+  json_only.num_requests = 0
+  run.check_config_values(json_only)
+  json_only.workloads = ("a.json", "alpaca")
+  with pytest.raises(ValueError, match="num_requests must be >= 1"):
+    run.check_config_values(json_only)
+  single = ConfigDict({"workload": "a.json", "num_requests": 0})
+  run.check_config_values(single)
+  single.workload = "sharegpt"
+  with pytest.raises(ValueError, match="num_requests must be >= 1"):
+    run.check_config_values(single)
+
+
+def test_bad_values_and_sweeps_raise_before_the_workdir_is_written(tmp_path):
+  config = _tiny_memory_config()
+  workdir = tmp_path / "out"
+  bad = copy.deepcopy(config)
+  bad.seed = -1
+  with pytest.raises(ValueError, match=r"--config\.seed=-1"):
+    run.run_experiment(bad, str(workdir))
+  with pytest.raises(ValueError, match=r"--sweep seed=-1: --config\.seed=-1"):
+    run.run_experiment(config, str(workdir), sweep="seed=3,-1")
+  with pytest.raises(ValueError, match=r"--sweep seed='x': .*seed"):
+    run.run_experiment(config, str(workdir), sweep="seed=3,x")
+  with pytest.raises(ValueError, match="not in the config"):
+    run.run_experiment(config, str(workdir), sweep="nope=1,2")
   assert not workdir.exists()
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import glob
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,18 +198,84 @@ def test_bad_cu_q_lens_is_named(cu_q_lens, match):
     kernels.paged_attention(*args, cu_q_lens, backend="reference")
 
 
+BAD_OPTIONS = [
+  # (id, options, match)
+  (
+    "window_0",
+    dict(sliding_window=0),
+    r"sliding_window must be None or an int >= 1, got 0 \(int\)",
+  ),
+  ("window_negative", dict(sliding_window=-2), r"sliding_window .* got -2"),
+  # Fractional windows used to mean 3 keys on the reference, 2 on GPU, a TypeError on TPU.
+  ("window_fraction", dict(sliding_window=2.5), r"sliding_window .* got 2.5 \(float\)"),
+  ("window_whole_float", dict(sliding_window=3.0), r"sliding_window .* got 3.0 \(float\)"),
+  ("window_bool", dict(sliding_window=True), r"sliding_window .* got True \(bool\)"),
+  ("window_str", dict(sliding_window="4"), r"sliding_window .* got '4' \(str\)"),
+  ("scale_nan", dict(scale=float("nan")), r"scale must be None or a finite real number, got nan"),
+  ("scale_inf", dict(scale=float("inf")), r"scale must be .* got inf"),
+  ("scale_np_nan", dict(scale=np.float32("nan")), r"scale must be .*nan"),
+  ("scale_str", dict(scale="0.5"), r"scale must be .* got '0.5'"),
+  (
+    "cap_0",
+    dict(logit_soft_cap=0.0),
+    r"logit_soft_cap must be None or a finite number > 0, got 0.0",
+  ),
+  ("cap_negative", dict(logit_soft_cap=-3.0), r"logit_soft_cap must be .*> 0, got -3.0"),
+  ("cap_nan", dict(logit_soft_cap=float("nan")), r"logit_soft_cap must be .*got nan"),
+  ("cap_inf", dict(logit_soft_cap=float("inf")), r"logit_soft_cap must be .*got inf"),
+  ("cap_bool", dict(logit_soft_cap=True), r"logit_soft_cap must be .*got True"),
+]
+
+
 @pytest.mark.parametrize(
   "options,match",
-  [
-    (dict(sliding_window=0), r"sliding_window must be >= 1, got 0"),
-    (dict(logit_soft_cap=0.0), r"logit_soft_cap must be > 0, got 0.0"),
-    (dict(logit_soft_cap=-3.0), r"logit_soft_cap must be > 0, got -3.0"),
-    (dict(block_sizes=(8, 8)), r"block_sizes tunes a Pallas kernel"),
-  ],
+  [c[1:] for c in BAD_OPTIONS] + [(dict(block_sizes=(8, 8)), r"block_sizes tunes a Pallas kernel")],
+  ids=[c[0] for c in BAD_OPTIONS] + ["block_sizes_for_reference"],
 )
 def test_bad_options_are_named(options, match):
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*valid_inputs(), backend="reference", **options)
+
+
+def _inputs_every_backend_takes():
+  """Decode inputs that the GPU (head_dim 64/128/256, power-of-two block_size) and the TPU
+  (head_dim a multiple of 128, block_size a multiple of 8 for float32) backends accept."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((2, 2, 128)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, 4, 8, 128)), jnp.float32)
+  table = jnp.asarray([[0, 1], [2, -1]], jnp.int32)
+  return q, k, k, table, jnp.asarray([11, 5], jnp.int32)
+
+
+@pytest.mark.parametrize(
+  "options,match", [c[1:] for c in BAD_OPTIONS], ids=[c[0] for c in BAD_OPTIONS]
+)
+def test_bad_options_are_refused_by_every_backend_and_entry_point(options, match):
+  """Every backend refuses the same options, through the dispatcher and called directly."""
+  from kernels import gpu, tpu
+
+  args = _inputs_every_backend_takes()
+  for backend in ("gpu", "tpu"):
+    with pytest.raises(ValueError, match=match):
+      kernels.paged_attention(*args, backend=backend, interpret=True, **options)
+  for entry_point in (gpu.paged_attention, tpu.paged_attention):
+    with pytest.raises(ValueError, match=match):
+      entry_point(*args, interpret=True, **options)
+
+
+def test_numpy_scalar_options_mean_what_python_scalars_mean():
+  args = valid_inputs()
+  want = kernels.paged_attention(
+    *args, backend="reference", scale=0.3, sliding_window=3, logit_soft_cap=2.0
+  )
+  got = kernels.paged_attention(
+    *args,
+    backend="reference",
+    scale=np.float32(0.3),
+    sliding_window=np.int64(3),
+    logit_soft_cap=np.float64(2.0),
+  )
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,12 +310,47 @@ def test_valid_host_metadata_passes_and_matches_device_metadata():
     ),
     (dict(lengths=np.asarray([5, 2, 9], np.int32)), r"rows \[2\] hold \[9\]"),
     (dict(block_table=[[0, 1], [2, -1], [3, 4]]), r"block_table must be a JAX or NumPy array"),
+    # Length 5 with block_size 4 uses entries 0 and 1 of row 0; length 8 both of row 2.
+    (
+      dict(block_table=np.asarray([[0, -1], [2, -1], [-1, 4]], np.int32)),
+      r"block_table holds -1 \(unused\) inside the blocks that lengths use, at \(row, entry\) "
+      r"\[\(0, 1\), \(2, 0\)\]; those rows' lengths are \[5, 8\], so entries below "
+      r"ceil\(length / 4\)",
+    ),
+    (
+      dict(
+        block_table=np.asarray([[0, 1], [-1, -1], [3, 4]], np.int32),
+        lengths=np.asarray([5, 1, 8], np.int32),
+      ),
+      r"at \(row, entry\) \[\(1, 0\)\]; those rows' lengths are \[1\]",
+    ),
   ],
-  ids=["id_past_pool", "negative_id", "negative_length", "length_past_table", "list"],
+  ids=[
+    "id_past_pool",
+    "negative_id",
+    "negative_length",
+    "length_past_table",
+    "list",
+    "unused_inside_lengths",
+    "unused_first_block",
+  ],
 )
 def test_bad_host_metadata_values_are_named(replace, match):
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*_host(**replace), backend="reference")
+
+
+def test_unused_entries_past_the_lengths_are_fine_and_device_tables_are_trusted():
+  # -1 only past ceil(length / block_size): what BlockTable.from_allocator builds.
+  table = np.asarray([[0, -1], [-1, -1], [3, 4]], np.int32)
+  lengths = np.asarray([4, 0, 5], np.int32)
+  out = kernels.paged_attention(*_host(block_table=table, lengths=lengths), backend="reference")
+  assert np.all(np.asarray(out)[1] == 0)  # length 0: no key, zeros
+  # A hole inside the lengths of a device table is not checked (it would need a transfer;
+  # a kernel cannot raise): its keys are skipped, as documented.
+  hole = jnp.asarray([[0, -1], [2, -1], [3, 4]], jnp.int32)
+  q, k, v, _, _ = valid_inputs()
+  kernels.paged_attention(q, k, v, hole, jnp.asarray([5, 2, 8], jnp.int32), backend="reference")
 
 
 @pytest.mark.parametrize(
@@ -261,3 +366,94 @@ def test_bad_host_cu_q_lens_values_are_named(cu_q_lens, match):
   args = _host(num_tokens=9)
   with pytest.raises(ValueError, match=match):
     kernels.paged_attention(*args, np.asarray(cu_q_lens, np.int32), backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Module structure: the checks live in a leaf module, the backend switch is one table.
+
+
+def _kernels_imports(path):
+  """Modules a file imports (``from kernels import _api`` counts as ``kernels._api``)."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {alias.name for alias in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      found.add(node.module)
+      found |= {f"{node.module}.{alias.name}" for alias in node.names}
+  return found
+
+
+def test_backends_and_checks_do_not_import_the_dispatcher():
+  """kernels._api imports the backends; a backend importing _api back was an import circle."""
+  root = os.path.dirname(kernels.__file__)
+  files = [os.path.join(root, "_validate.py"), os.path.join(root, "reference.py")]
+  for backend in ("gpu", "tpu"):
+    files += glob.glob(os.path.join(root, backend, "*.py"))
+  assert len(files) > 4
+  for path in files:
+    assert "kernels._api" not in _kernels_imports(path), path
+  # The backends take the shared checks from the leaf module, which the public name re-exports.
+  for backend in ("gpu", "tpu"):
+    assert "kernels._validate" in _kernels_imports(os.path.join(root, backend, "__init__.py"))
+  from kernels import _validate
+
+  assert kernels.validate_inputs is _validate.validate_inputs
+
+
+def test_every_concrete_backend_has_one_entry_in_the_switch_table():
+  assert set(_api._BACKEND_FNS) == set(kernels.BACKENDS) - {"auto"}
+
+
+def test_switch_table_routes_to_the_resolved_backend(monkeypatch):
+  calls = []
+  monkeypatch.setitem(
+    _api._BACKEND_FNS, "tpu", lambda *args, **kw: calls.append((len(args), kw)) or "ran"
+  )
+  monkeypatch.setattr(_api, "_platform", lambda: "tpu")
+  assert kernels.paged_attention(*valid_inputs(), backend="auto", sliding_window=3) == "ran"
+  assert calls == [
+    (
+      6,
+      dict(
+        scale=None,
+        sliding_window=3,
+        logit_soft_cap=None,
+        block_sizes=None,
+        interpret=False,
+      ),
+    )
+  ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing to attend to: every backend returns zeros.
+
+
+def _nothing_to_read(max_blocks, num_blocks, *, ragged):
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.standard_normal((3, 2, 128)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((1, num_blocks, 8, 128)), jnp.float32)
+  table = np.full((3, max_blocks), kernels.INVALID_BLOCK, np.int32)
+  lengths = np.zeros(3, np.int32)
+  cu_q_lens = np.zeros(4, np.int32) if ragged else None  # every row is padding
+  return q, k, k, table, lengths, cu_q_lens
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
+@pytest.mark.parametrize(
+  "max_blocks,num_blocks", [(0, 4), (2, 0)], ids=["zero_width_table", "empty_pool"]
+)
+def test_every_backend_returns_zeros_when_there_is_no_block_to_read(max_blocks, num_blocks, ragged):
+  """A [batch, 0] table used to crash the reference ("zero-size array to reduction
+  operation") while the Pallas kernels returned zeros; a pool of 0 blocks crashed the
+  reference and the TPU kernels (ZeroDivisionError) while the GPU kernels returned zeros."""
+  host = _nothing_to_read(max_blocks, num_blocks, ragged=ragged)
+  device = [None if x is None else jnp.asarray(x) for x in host]
+  for backend in ("reference", "gpu", "tpu"):
+    for args in (host, device):
+      out = kernels.paged_attention(*args, backend=backend, interpret=True)
+      assert out.shape == args[0].shape and out.dtype == args[0].dtype, backend
+      np.testing.assert_array_equal(np.asarray(out), 0.0, err_msg=backend)

@@ -370,6 +370,47 @@ def test_bad_arguments_raise_value_error():
     a.slots("a", 2, 4)
 
 
+_SIZES = dict(num_blocks=8, block_size=2, num_host_blocks=2, max_seq_len=6)
+
+
+def _allocator(**sizes):
+  return BlockAllocator(**{**_SIZES, **sizes})
+
+
+@pytest.mark.parametrize("name", list(_SIZES))
+@pytest.mark.parametrize("value", [True, np.True_, 4.0, "4"], ids=repr)
+def test_sizes_must_be_ints_not_bools(name, value):
+  """True passed as an int: BlockAllocator(True, 2) built a one-block pool."""
+  with pytest.raises(ValueError, match=rf"^{name} must be (None or )?an int >= \d, got {value!r}$"):
+    _allocator(**{name: value})
+  # NumPy ints are ints, stored as Python ints.
+  a = _allocator(**{name: np.int64(_SIZES[name])})
+  assert type(getattr(a, name)) is int and getattr(a, name) == _SIZES[name]
+
+
+@pytest.mark.parametrize(
+  "start,stop,match",
+  [
+    (1.5, 3, r"start must be an int token position, got 1.5 \(float\)"),
+    (0, 3.0, r"stop must be an int token position, got 3.0 \(float\)"),
+    (np.float64(1), 2, r"start must be an int .*float64"),
+    (False, 2, r"start must be an int token position, got False \(bool\)"),
+    ("0", 2, r"start must be .* got '0' \(str\)"),
+  ],
+)
+def test_slots_positions_must_be_ints(start, stop, match):
+  a = BlockAllocator(8, 2)
+  a.add_sequence("a", [1, 2, 3])
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(ValueError, match=rf"slots of sequence 'a': {match}"):
+    a.slots("a", start, stop)
+  _same_state(before, vars(a))
+  # NumPy ints are positions; the answer is the same as for Python ints.
+  np.testing.assert_array_equal(a.slots("a", np.int32(1), np.int64(3)), a.slots("a", 1, 3))
+  with pytest.raises(ValueError, match=r"block_id must be in \[0, 8\), got 1.0"):
+    a.ref_count(1.0)
+
+
 def test_block_hash_is_chained_and_content_addressed():
   t = np.array([1, 2, 3, 4])
   h = block_hash(None, t)

@@ -250,6 +250,36 @@ def test_bad_inputs_raise_clear_errors():
     layer(jnp.zeros((1, 1, 16)), pos, cache, layer=0, **args)
 
 
+def test_x_of_the_wrong_width_is_named_before_any_projection():
+  """x's last dim != d_model used to fail deep inside a dot_general of the q projection."""
+  layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))
+  assert layer.d_model == 16
+  cache = PagedKVCache.create(2, 1, 4, 4, 8)
+  args = dict(
+    block_table=jnp.zeros((1, 2), jnp.int32),
+    lengths=jnp.ones((1,), jnp.int32),
+    slot_mapping=jnp.zeros((1,), jnp.int32),
+  )
+  pos = jnp.zeros((1,), jnp.int32)
+  with pytest.raises(
+    ValueError, match=r"x must be \[num_tokens, d_model\] with d_model=16, got x.shape \(1, 12\)"
+  ):
+    layer(jnp.zeros((1, 12)), pos, cache, layer=0, **args)
+  with pytest.raises(ValueError, match=r"with d_model=16, got x.shape \(1, 12\)"):
+    layer(jnp.zeros((1, 12)), pos, (cache.k[0], cache.v[0]), **args)
+  with pytest.raises(
+    ValueError, match=r"x must be \[batch, seq, d_model\] with d_model=16, got x.shape \(1, 3, 8\)"
+  ):
+    layer.dense(jnp.zeros((1, 3, 8)), jnp.zeros((1, 3), jnp.int32))
+  with pytest.raises(ValueError, match=r"x must be \[batch, seq, d_model\] .* \(3, 16\)"):
+    layer.dense(jnp.zeros((3, 16)), jnp.zeros((3,), jnp.int32))
+  # The right width runs (a refused call changed nothing: the module holds no state but
+  # its parameters).
+  out, _ = layer(jnp.ones((1, 16)), pos, cache, layer=0, **args)
+  assert out.shape == (1, 16)
+  assert layer.dense(jnp.ones((1, 3, 16)), jnp.arange(3)[None]).shape == (1, 3, 16)
+
+
 def test_unavailable_backend_raises_instead_of_falling_back():
   if jax.default_backend() == "gpu":
     pytest.skip("a GPU is present")

@@ -1,0 +1,170 @@
+"""Input checks shared by the dispatcher (``kernels._api``) and every backend.
+
+A leaf module: it imports nothing from the dispatcher or the backends, so each of them
+can import it at module level (the backends used to import these checks from
+``kernels._api``, which imports the backends: an import circle).
+
+This module imports nothing from paxcache or flax.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.reference import INVALID_BLOCK
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _shape_str(x) -> str:
+  return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
+
+
+def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
+  """Checks the attention options; returns ``(scale, sliding_window, logit_soft_cap)`` as
+  Python ``float``, ``int`` and ``float`` (None stays None). Raises ValueError naming the
+  option.
+
+  * ``scale``: None or a finite real number (a NaN or inf would poison every logit).
+  * ``sliding_window``: None or a Python or NumPy int >= 1 (not a bool): backends used to
+    round a fractional window differently (the reference took 2.5 as 3 keys, the GPU
+    kernels as 2, and the TPU kernels failed inside with a TypeError).
+  * ``logit_soft_cap``: None or a finite real number > 0.
+  """
+  if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
+    raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
+  if sliding_window is not None and (
+    isinstance(sliding_window, bool | np.bool_)
+    or not isinstance(sliding_window, numbers.Integral)
+    or sliding_window < 1
+  ):
+    raise ValueError(
+      f"sliding_window must be None or an int >= 1, got {sliding_window!r} "
+      f"({type(sliding_window).__name__})"
+    )
+  if logit_soft_cap is not None and not (
+    _is_real(logit_soft_cap) and math.isfinite(logit_soft_cap) and logit_soft_cap > 0
+  ):
+    raise ValueError(f"logit_soft_cap must be None or a finite number > 0, got {logit_soft_cap!r}")
+  return (
+    None if scale is None else float(scale),
+    None if sliding_window is None else int(sliding_window),
+    None if logit_soft_cap is None else float(logit_soft_cap),
+  )
+
+
+def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None) -> None:
+  """Checks shared by every backend; raises ValueError naming the argument.
+
+  Shapes and dtypes are always checked (static). Values of ``block_table``, ``lengths``
+  and ``cu_q_lens`` are checked when they are host (NumPy) arrays — what
+  ``paxcache.BlockTable.from_allocator`` builds — since that costs no device transfer;
+  device arrays and tracers are trusted (a kernel cannot raise on a bad id at run time).
+  """
+  names = ("q", "k_blocks", "v_blocks", "block_table", "lengths", "cu_q_lens")
+  for name, x in zip(names, (q, k_blocks, v_blocks, block_table, lengths, cu_q_lens), strict=True):
+    if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
+  if k_blocks.ndim != 4:
+    raise ValueError(
+      "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
+      f"{_shape_str(k_blocks)}"
+    )
+  if v_blocks.shape != k_blocks.shape or v_blocks.dtype != k_blocks.dtype:
+    raise ValueError(f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
+  num_kv_heads, _, _, head_dim = k_blocks.shape
+  if q.ndim != 3:
+    raise ValueError(f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
+  if q.shape[2] != head_dim:
+    raise ValueError(
+      f"q head_dim {q.shape[2]} (q {_shape_str(q)}) != k_blocks head_dim {head_dim} "
+      f"(k_blocks {_shape_str(k_blocks)})"
+    )
+  if q.shape[1] % num_kv_heads:
+    raise ValueError(
+      f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
+      f"{num_kv_heads} (k_blocks {_shape_str(k_blocks)})"
+    )
+  for name, x in (("q", q), ("k_blocks", k_blocks)):
+    if x.dtype not in _FLOAT_DTYPES:
+      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_shape_str(x)}")
+  if block_table.ndim != 2 or block_table.dtype != jnp.int32:
+    raise ValueError(
+      f"block_table must be int32 [batch, max_blocks], got {_shape_str(block_table)}"
+    )
+  if lengths.ndim != 1 or lengths.dtype != jnp.int32:
+    raise ValueError(f"lengths must be int32 [batch], got {_shape_str(lengths)}")
+  batch = block_table.shape[0]
+  if lengths.shape[0] != batch:
+    raise ValueError(
+      f"lengths {_shape_str(lengths)} and block_table {_shape_str(block_table)} disagree on batch"
+    )
+  if cu_q_lens is None:
+    if q.shape[0] != batch:
+      raise ValueError(
+        f"decode (cu_q_lens=None) needs one query per sequence: q {_shape_str(q)} vs "
+        f"block_table {_shape_str(block_table)}"
+      )
+  else:
+    if cu_q_lens.ndim != 1 or cu_q_lens.dtype != jnp.int32 or cu_q_lens.shape[0] != batch + 1:
+      raise ValueError(
+        f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}"
+      )
+  _validate_host_values(q.shape[0], k_blocks.shape, block_table, lengths, cu_q_lens)
+
+
+def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens) -> None:
+  """Value checks of host (NumPy) metadata: an out-of-range block id would otherwise be
+  clamped by a gather and silently read another request's block."""
+  _, num_blocks, block_size, _ = pool_shape
+  if isinstance(block_table, np.ndarray):
+    bad = (block_table < INVALID_BLOCK) | (block_table >= num_blocks)
+    if bad.any():
+      rows, cols = np.nonzero(bad)
+      raise ValueError(
+        f"block_table holds ids outside [0, {num_blocks}) and != {INVALID_BLOCK} "
+        f"(unused): {block_table[rows, cols][:8].tolist()} at (row, entry) "
+        f"{list(zip(rows[:8].tolist(), cols[:8].tolist(), strict=True))}"
+      )
+  if isinstance(lengths, np.ndarray):
+    capacity = block_table.shape[1] * block_size
+    bad = (lengths < 0) | (lengths > capacity)
+    if bad.any():
+      raise ValueError(
+        f"lengths must be in [0, max_blocks * block_size] = [0, {capacity}]; rows "
+        f"{np.nonzero(bad)[0][:8].tolist()} hold {lengths[bad][:8].tolist()}"
+      )
+    if isinstance(block_table, np.ndarray):
+      # Entry i of row b holds tokens [i * block_size, (i + 1) * block_size): every entry
+      # below ceil(lengths[b] / block_size) is in use; a -1 there silently skips its keys.
+      need = -(-lengths.astype(np.int64) // max(block_size, 1))
+      hole = (np.arange(block_table.shape[1]) < need[:, None]) & (block_table == INVALID_BLOCK)
+      if hole.any():
+        rows, cols = np.nonzero(hole)
+        raise ValueError(
+          f"block_table holds {INVALID_BLOCK} (unused) inside the blocks that lengths use, "
+          f"at (row, entry) {list(zip(rows[:8].tolist(), cols[:8].tolist(), strict=True))}; "
+          f"those rows' lengths are {lengths[rows[:8]].tolist()}, so entries below "
+          f"ceil(length / {block_size}) must be block ids (their keys would be skipped)"
+        )
+  if isinstance(cu_q_lens, np.ndarray):
+    q_lens = np.diff(cu_q_lens)
+    if cu_q_lens[0] < 0 or (q_lens < 0).any() or cu_q_lens[-1] > num_rows:
+      raise ValueError(
+        f"cu_q_lens must be non-decreasing, start >= 0 and end <= the {num_rows} query rows "
+        f"of q; got {cu_q_lens.tolist()}"
+      )
+    if isinstance(lengths, np.ndarray) and (q_lens > lengths).any():
+      rows = np.nonzero(q_lens > lengths)[0][:8].tolist()
+      raise ValueError(
+        f"sequences {rows} have more queries than tokens (cu_q_lens {cu_q_lens.tolist()}, "
+        f"lengths {lengths.tolist()}): lengths must count this call's queries"
+      )
