@@ -4,7 +4,7 @@ For a random-weight decoder of SmolLM2-135M's shape and of Llama-3.2-1B's shape 
 activations, K/V and parameters; the weights do not change the speed), at each
 ``batch x context`` every sequence is decoded one token at full context:
 
-* **paged**: the engine's own jitted step (``paxcache.engine._engine.device_step``: the
+* **paged**: the engine's own jitted step (``paxcache.engine.device_step``: the
   copy-on-write copies, the model over the paged cache, greedy sampling), the cache
   donated as the engine does, blocks scattered at random over pools of several sizes:
   just the live blocks, 40x the live blocks, and at least ``--big-pool-gb`` GB;
@@ -130,8 +130,8 @@ def _fill_random(pool, ids, key):
 
 def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -> dict:
 
+  from paxcache.engine import device_step
   from paxcache.engine._batch import StepBatch
-  from paxcache.engine._engine import device_step
 
   c = model.config
   per_seq = -(-context // block_size)

@@ -5,7 +5,7 @@ metrics.
 """
 
 from paxcache.engine._batch import StepBatch, build_step_batch
-from paxcache.engine._engine import PREEMPTION_MODES, Engine, EngineConfig
+from paxcache.engine._engine import PREEMPTION_MODES, Engine, EngineConfig, device_step
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Request, RequestError, RequestOutput
 from paxcache.engine._sampling import sample_tokens
@@ -23,5 +23,6 @@ __all__ = [
   "StepBatch",
   "StepMetrics",
   "build_step_batch",
+  "device_step",
   "sample_tokens",
 ]

@@ -47,8 +47,12 @@ def _random_request(rng, i, prefixes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_soak_random_requests_aborts_and_forks(mode, monkeypatch):
+@pytest.mark.parametrize(
+  "mode,async_scheduling",
+  [("swap", False), ("recompute", False), ("swap", True)],
+  ids=["swap", "recompute", "swap-async"],
+)
+def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypatch):
   # The allocator remembers the last _FORGOTTEN_LIMIT freed ids (bounded, only to word error
   # messages); shrink the bound so that it fills during warm-up and flatness is measurable
   # within a CI-sized run.
@@ -67,6 +71,7 @@ def test_soak_random_requests_aborts_and_forks(mode, monkeypatch):
       max_num_seqs=16,
       max_num_batched_tokens=64,
       metrics_history=64,
+      async_scheduling=async_scheduling,
     ),
   )
   rng = np.random.default_rng(1 if mode == "swap" else 2)
@@ -89,7 +94,8 @@ def test_soak_random_requests_aborts_and_forks(mode, monkeypatch):
           submitted += 1
       if engine.has_unfinished() and rng.random() < 0.03:
         live = list(engine._groups)
-        record(engine.abort(live[int(rng.integers(len(live)))]))
+        if live:  # with overlap scheduling only finished requests may be left to return
+          record(engine.abort(live[int(rng.integers(len(live)))]))
       for out in engine.step():
         record(out)
       # After warm-up: compiles done, bounded caches full, queues full.
@@ -118,7 +124,7 @@ def test_soak_random_requests_aborts_and_forks(mode, monkeypatch):
   # sequences is ~1 KiB, so 1,000 would be ~1 MiB); 16 KiB allows for small caches.
   assert growth < 16 * 1024, f"paxcache's heap grew by {growth} bytes"
   print(
-    f"soak[{mode}]: {NUM_REQUESTS} requests, {m.steps} steps in {elapsed:.1f} s, "
+    f"soak[{mode}, async={async_scheduling}]: {NUM_REQUESTS} requests, {m.steps} steps in {elapsed:.1f} s, "
     f"{m.preemptions} preemptions, {m.aborted_requests} aborts, {m.cow_copies} copies, "
     f"{m.prefix_hit_tokens} prefix-hit tokens, {m.compiled_shapes} shapes, heap "
     f"{memory['start']} -> {memory['end']} B"
