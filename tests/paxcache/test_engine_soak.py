@@ -124,7 +124,8 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypat
   # sequences is ~1 KiB, so 1,000 would be ~1 MiB); 16 KiB allows for small caches.
   assert growth < 16 * 1024, f"paxcache's heap grew by {growth} bytes"
   print(
-    f"soak[{mode}, async={async_scheduling}]: {NUM_REQUESTS} requests, {m.steps} steps in {elapsed:.1f} s, "
+    f"soak[{mode}, async={async_scheduling}]: {NUM_REQUESTS} requests, {m.steps} steps in "
+    f"{elapsed:.1f} s, "
     f"{m.preemptions} preemptions, {m.aborted_requests} aborts, {m.cow_copies} copies, "
     f"{m.prefix_hit_tokens} prefix-hit tokens, {m.compiled_shapes} shapes, heap "
     f"{memory['start']} -> {memory['end']} B"
