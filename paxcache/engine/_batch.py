@@ -40,7 +40,7 @@ class StepBatch:
   logit_rows: jax.Array  # i32[rows]          token row whose logits each sample reads
   temperature: jax.Array  # f32[rows]         0 = greedy
   top_k: jax.Array  # i32[rows]               0 = whole vocabulary
-  seeds: jax.Array  # i32[rows]               request seed (mod 2**31)
+  seeds: jax.Array  # i32[rows]               request seed, in [0, 2**31)
   sample_index: jax.Array  # i32[rows]        sample index within the request
   sample_positions: jax.Array  # i32[rows]    position of the token being sampled
   cow_src: jax.Array  # i32[num_copies]       copy-on-write source blocks, -1 padding
@@ -117,7 +117,7 @@ def build_step_batch(
     logit_rows[j] = row
     temperature[j] = t
     top_k[j] = k
-    seeds[j] = seed % (2**31)
+    seeds[j] = seed
     sample_index[j] = s.index
     sample_positions[j] = len(s.tokens)
   pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)

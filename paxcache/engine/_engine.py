@@ -30,6 +30,7 @@ from paxcache.nn import Decoder
 from paxcache.sharding import MODEL_AXIS
 
 PREEMPTION_MODES = ("swap", "recompute")
+SEED_LIMIT = 2**31  # request seeds are folded into the sampling key as int32
 
 
 @dataclasses.dataclass
@@ -288,9 +289,11 @@ class Engine:
 
   def add_request(self, request: Request) -> None:
     """Queues ``request``; raises :class:`RequestError` (changing nothing) if it is bad."""
-    request = self._validate(request)
+    self._add(self._validate(request))
+
+  def _add(self, request: Request) -> None:
     arrival = next(self._arrivals)
-    seed = arrival if request.seed is None else int(request.seed)
+    seed = arrival % SEED_LIMIT if request.seed is None else request.seed
     seq = Seq(
       seq_id=(request.request_id, 0),
       index=0,
@@ -339,6 +342,12 @@ class Engine:
         f"request {rid!r}: need max_new_tokens >= 1, n >= 1, top_k >= 0; "
         f"got max_new_tokens={r.max_new_tokens}, n={r.n}, top_k={r.top_k}"
       )
+    if r.seed is not None and (not _is_int(r.seed) or not 0 <= r.seed < SEED_LIMIT):
+      # Sampling keys fold the seed in as a 32-bit integer: a wider seed would collide.
+      raise RequestError(
+        f"request {rid!r}: seed must be None or an int in [0, 2**31), got {r.seed!r} "
+        f"({type(r.seed).__name__})"
+      )
     if r.end_token is not None and (
       not _is_int(r.end_token) or not 0 <= r.end_token < self.vocab_size
     ):
@@ -353,6 +362,7 @@ class Engine:
       temperature=float(t),
       top_k=int(r.top_k),
       end_token=None if r.end_token is None else int(r.end_token),
+      seed=None if r.seed is None else int(r.seed),
     )
     if len(prompt) + r.max_new_tokens > self.max_seq_len:
       raise RequestError(
@@ -465,9 +475,20 @@ class Engine:
   def run(
     self, requests: Iterable[Request] = (), max_steps: int | None = None
   ) -> dict[Hashable, RequestOutput]:
-    """Adds ``requests`` and steps until every request finished; returns outputs by id."""
+    """Adds ``requests`` and steps until every request finished; returns outputs by id.
+
+    Every request is checked before any is queued: one bad request raises
+    :class:`RequestError` and queues none of them.
+    """
+    checked, ids = [], set()
     for r in requests:
-      self.add_request(r)
+      r = self._validate(r)
+      if r.request_id in ids:
+        raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
+      ids.add(r.request_id)
+      checked.append(r)
+    for r in checked:
+      self._add(r)
     outputs: dict[Hashable, RequestOutput] = {}
     steps = 0
     while self.has_unfinished():

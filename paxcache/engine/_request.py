@@ -23,7 +23,8 @@ class Request:
     temperature: 0 means greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
     top_k: sample among the ``top_k`` most likely tokens; 0 means all.
     end_token: a sample stops after emitting this token (it is kept in the output).
-    seed: sampling seed; None derives one from the arrival order. A sample's token at
+    seed: sampling seed, an int in ``[0, 2**31)``; None derives one from the arrival
+      order. A sample's token at
       position ``p`` uses the key ``(engine seed, seed, sample index, p)``, so the output
       does not depend on batching, preemption or which step computed it.
   """

@@ -28,7 +28,10 @@ def sample_tokens(logits, temperature, top_k, key, seeds, sample_index, position
   ascending = jnp.sort(logits, axis=-1)
   threshold = jnp.take_along_axis(ascending, (vocab - k)[:, None], axis=-1)
   safe_t = jnp.where(temperature > 0, temperature, 1.0)
-  scaled = jnp.where(logits >= threshold, logits / safe_t[:, None], -jnp.inf)
+  # Shift by the row's max before dividing: a tiny temperature (1e-38) then sends every
+  # other logit to -inf and the max to 0 (greedy), instead of overflowing to inf - inf.
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  scaled = jnp.where(logits >= threshold, shifted / safe_t[:, None], -jnp.inf)
 
   def one(seed, index, pos, row):
     row_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, seed), index), pos)

@@ -3,6 +3,7 @@ system prompt scenario, bad input, aborts, stops and sampling."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
@@ -265,6 +266,9 @@ def test_request_fields_are_type_checked_and_the_prompt_is_copied(tiny):
     "prompt  ": Request("i", [1, True], max_new_tokens=2),
     "prompt   ": Request("j", 12, max_new_tokens=2),
     "prompt    ": Request("k", "ab", max_new_tokens=2),
+    "seed": Request("l", [1, 2], max_new_tokens=2, temperature=1.0, seed=1.5),
+    "seed ": Request("m", [1, 2], max_new_tokens=2, temperature=1.0, seed=2**31),
+    "seed  ": Request("n", [1, 2], max_new_tokens=2, temperature=1.0, seed=-1),
   }
   for field, req in bad.items():
     with pytest.raises(RequestError, match=rf"{req.request_id!r}.*\b{field.strip()}\b"):
@@ -360,6 +364,32 @@ def test_sample_tokens_follows_softmax_and_top_k():
   np.testing.assert_allclose(np.mean(top2 == 0), 0.5 / 0.8, atol=0.03)
   greedy = np.asarray(sample_tokens(tile, jnp.zeros(rows), zeros, key, zeros, zeros, pos))
   assert (greedy == 0).all()
+  # A tiny positive temperature is greedy in the limit, not garbage from inf - inf.
+  cold = sample_tokens(tile, jnp.full(rows, 1e-38), zeros, key, zeros, zeros, pos)
+  assert (np.asarray(cold) == 0).all()
+
+
+def test_a_refused_request_changes_nothing_later_requests_sample():
+  """A request refused for its seed does not advance the arrival counter (which seeds the
+  requests that bring none), and run() with one bad request queues none of them."""
+
+  def sampled(engine_requests):
+    engine = Engine(load_decoder(), EngineConfig(num_blocks=32, block_size=8))
+    for r in engine_requests[:-1]:
+      with pytest.raises(RequestError, match="seed"):
+        engine.add_request(r)
+    return engine.run([engine_requests[-1]])["x"].samples
+
+  good = Request("x", list(b"the old man "), max_new_tokens=12, temperature=1.0)
+  bad = Request("bad", [1, 2], max_new_tokens=2, temperature=1.0, seed="7")
+  assert sampled([bad, good]) == sampled([good])
+  engine = Engine(load_decoder(), EngineConfig(num_blocks=32, block_size=8))
+  with pytest.raises(RequestError, match="request 'bad'.*seed"):
+    engine.run([Request("y", [1, 2], max_new_tokens=2), bad])
+  assert not engine.has_unfinished() and engine.scheduler.waiting == collections.deque()
+  with pytest.raises(RequestError, match="appears twice"):
+    engine.run([Request("y", [1, 2], max_new_tokens=2), Request("y", [3], max_new_tokens=2)])
+  assert not engine.has_unfinished()
 
 
 @pytest.mark.parametrize("backend,head_dim", [("gpu", 64), ("tpu", 128)])
