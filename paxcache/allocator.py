@@ -575,7 +575,7 @@ class BlockAllocator:
     """
     k = len(seq_ids)
     tokens = self._as_tokens(tokens, "tokens", seq_ids, allow_pending=True)
-    for seq_id in seq_ids:
+    for seq_id in seq_ids if self._pending else ():  # no Python loop in the common case
       if seq_id in self._pending:
         raise SequenceError(
           f"cannot append to sequence {seq_id!r}: its last token is still pending "

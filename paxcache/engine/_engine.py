@@ -19,7 +19,11 @@ from jax.sharding import Mesh
 
 from paxcache import cache as cache_ops
 from paxcache import sharding
-from paxcache.allocator import PENDING_TOKEN, BlockAllocator
+from paxcache.allocator import (
+  PENDING_TOKEN,
+  BlockAllocator,
+  _is_int,  # a Python or NumPy int, not a bool
+)
 from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._metrics import RunMetrics, StepMetrics
@@ -40,11 +44,6 @@ class _InFlight:
 
   tokens: jax.Array  # i32[cap]
   entries: list[tuple[Seq, int]]
-
-
-def _is_int(x) -> bool:
-  """A Python or NumPy integer, but not a bool (``True`` as a token count is a bug)."""
-  return isinstance(x, int | np.integer) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,10 +262,9 @@ class Engine:
     self._step_fn, self._params = device_step(model)
     # Every step returns this many sampled tokens (the most sample rows a step can have),
     # so that the next step can read them on the device whatever its own shape.
-    self._token_cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
-    self._prev_tokens = jnp.zeros(self._token_cap, jnp.int32)
+    cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
+    self._prev_tokens = jnp.zeros(cap, jnp.int32)
     self._in_flight: _InFlight | None = None
-    self._pending_rows: dict[Seq, int] = {}
     self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
     self._ready: list[RequestOutput] = []  # finished while draining (abort)
     self._to_free: list = []  # samples that stopped by length at the step just dispatched
@@ -509,6 +507,10 @@ class Engine:
       min_batch=cfg.min_batch_bucket,
       min_blocks=cfg.min_blocks_bucket,
     )
+    # The step still on the device (overlap scheduling) samples these rows' input tokens.
+    pending_rows = {}
+    if self._in_flight is not None:
+      pending_rows = {s: j for j, (s, _) in enumerate(self._in_flight.entries)}
     sampling = {}
     for r in plan.rows:
       for s in r.samplers:
@@ -520,7 +522,7 @@ class Engine:
       sampling,
       min_tokens=cfg.min_token_bucket,
       min_copies=cfg.min_copy_bucket,
-      pending_rows=self._pending_rows,
+      pending_rows=pending_rows,
     )
 
   def _commit(self, plan: Plan, tokens) -> _InFlight:
@@ -545,7 +547,6 @@ class Engine:
           if not g.live and g.status is Status.RUNNING:
             self.scheduler.running.remove(g)
             g.status = Status.FINISHED
-    self._pending_rows = {s: j for j, (s, _) in enumerate(entries)}
     return _InFlight(tokens=tokens, entries=entries)
 
   def _resolve(self, step: _InFlight, finished: list[RequestOutput]) -> int:
@@ -609,7 +610,6 @@ class Engine:
     if self._in_flight is not None:
       step, self._in_flight = self._in_flight, None
       self._resolve(step, self._ready)
-      self._pending_rows = {}
     self._free_finished()
 
   def _record(
