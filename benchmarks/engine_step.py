@@ -128,8 +128,11 @@ def _fill_random(pool, ids, key):
   return pool.at[:, ids].set(jax.random.normal(key, shape, jnp.float32).astype(pool.dtype))
 
 
-def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -> dict:
-
+def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
+  """The engine's jitted step over a pool of ``num_blocks`` with ``batch`` sequences at
+  ``context`` tokens, blocks scattered at random; returns ``(call, live_blocks, release)``:
+  ``call()`` runs one step (cache donated) and returns its tokens; ``release()`` drops
+  the pool."""
   from paxcache.engine import device_step
   from paxcache.engine._batch import StepBatch
 
@@ -146,7 +149,8 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
   for i in range(c.num_layers):
     k[i] = fill(k[i], jnp.asarray(ids), jax.random.fold_in(key, 2 * i))
     v[i] = fill(v[i], jnp.asarray(ids), jax.random.fold_in(key, 2 * i + 1))
-  cache = type(cache)(k=tuple(k), v=tuple(v))
+  holder = {"cache": type(cache)(k=tuple(k), v=tuple(v))}
+  del cache, k, v
   last = context - 1
   slots = table[:, last // block_size] * block_size + last % block_size
   pad = np.full(8, -1, np.int32)
@@ -172,20 +176,28 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
   )
   step, params = device_step(model)
   step_batch = jax.device_put(step_batch)
-  holder = {"cache": cache}
   prev = jnp.zeros(batch, jnp.int32)  # the engine's previous tokens (unused: prev_index -1)
 
   def call():
     tokens, holder["cache"] = step(params, holder["cache"], step_batch, key, prev)
     return tokens
 
+  def release():
+    holder.clear()
+    gc.collect()
+
+  return call, live, release
+
+
+def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -> dict:
+  call, live, release = paged_step_call(
+    model, batch=batch, context=context, block_size=block_size, num_blocks=num_blocks, rng=rng
+  )
   t0 = time.perf_counter()
   jax.block_until_ready(call())
   compile_s = time.perf_counter() - t0
   med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
-  holder.clear()
-  del cache, k, v
-  gc.collect()
+  release()
   return dict(
     paged_step_ms=med * 1e3,
     paged_min_ms=lo * 1e3,

@@ -1,0 +1,242 @@
+"""Where an engine step's time goes: device kernels by name, and the host's phases.
+
+* ``--device``: for each model and ``batch x context`` of ``engine_step.py`` (the same
+  jitted step, pool just big enough), traces ``--steps`` steps with ``jax.profiler`` and
+  sums the GPU kernels per step by kernel name (``jax.profiler.ProfileData`` reads the
+  trace; no TensorBoard needed): kernel time, launches, and the span from the first
+  kernel's start to the last one's end (the gap between the two is the device idling
+  between launches).
+* ``--host``: serves ShareGPT-like requests through the engine as ``engine_step.py --e2e``
+  does and times the host phases of every decode step (schedule, batch building, the
+  jitted call's dispatch, the post-dispatch bookkeeping, reading the tokens back and the
+  time spent blocked on them).
+
+  PYTHONPATH=. python benchmarks/profile_step.py --out DIR [--device] [--host]
+
+Writes ``OUT/profile_device.json`` and ``OUT/profile_host.json`` and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import engine_step as es  # noqa: E402  (sets the allocator's environment first)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from _gpu_common import env_info  # noqa: E402
+
+
+def _device_events(path: str):
+  """(name, start_ns, duration_ns) of every kernel on the GPU planes of a trace."""
+  from jax.profiler import ProfileData
+
+  data = ProfileData.from_file(path)
+  out = []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      # Stream lines hold the kernels and copies; skip the per-op summary lines.
+      if "Stream" not in line.name:
+        continue
+      for e in line.events:
+        out.append((e.name, e.start_ns, e.duration_ns))
+  return out
+
+
+def device_profile(args) -> list[dict]:
+  rows = []
+  rng = np.random.default_rng(0)
+  for name in args.models:
+    for batch, context in args.shapes:
+      model = es.build_model(name, max_seq_len=max(2048, context))
+      per_seq = -(-context // args.block_size)
+      call, live, release = es.paged_step_call(
+        model,
+        batch=batch,
+        context=context,
+        block_size=args.block_size,
+        num_blocks=batch * per_seq + 8,
+        rng=rng,
+      )
+      for _ in range(3):
+        jax.block_until_ready(call())
+      with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+          for _ in range(args.steps):
+            out = call()
+          jax.block_until_ready(out)
+        path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+        events = _device_events(path)
+      release()
+      if not events:
+        print(f"{name} {batch}x{context}: no GPU events in the trace", flush=True)
+        continue
+      by_name = collections.defaultdict(lambda: [0, 0.0])
+      for n, _, dur in events:
+        by_name[n][0] += 1
+        by_name[n][1] += dur
+      span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+      busy = sum(d for _, _, d in events)
+      top = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+      row = dict(
+        **env_info(),
+        commit=args.commit,
+        model=name,
+        batch=batch,
+        context=context,
+        block_size=args.block_size,
+        steps=args.steps,
+        kernels_per_step=len(events) / args.steps,
+        kernel_ms_per_step=busy / args.steps / 1e6,
+        span_ms_per_step=span / args.steps / 1e6,
+        kernels=[
+          dict(name=n[:160], launches_per_step=c / args.steps, ms_per_step=t / args.steps / 1e6)
+          for n, (c, t) in top[: args.top]
+        ],
+      )
+      rows.append(row)
+      print(
+        f"\n{name} {batch}x{context}: {row['kernels_per_step']:.0f} kernels/step, "
+        f"{row['kernel_ms_per_step']:.3f} ms of kernels, span {row['span_ms_per_step']:.3f} ms"
+      )
+      for k in row["kernels"]:
+        print(f"  {k['ms_per_step']:8.4f} ms  x{k['launches_per_step']:5.1f}  {k['name'][:110]}")
+      sys.stdout.flush()
+  return rows
+
+
+def host_profile(args) -> list[dict]:
+  from experiments.workloads import workload_lengths
+  from paxcache.engine import Engine, EngineConfig, Request
+  from paxcache.engine import _engine as engine_mod
+  from paxcache.engine import _scheduler as scheduler_mod
+
+  phases: dict[str, float] = collections.defaultdict(float)
+
+  def wrap(obj, attr, key):
+    fn = getattr(obj, attr)
+
+    def timed_fn(*a, **k):
+      t0 = time.perf_counter()
+      try:
+        return fn(*a, **k)
+      finally:
+        phases[key] += time.perf_counter() - t0
+
+    setattr(obj, attr, timed_fn)
+    return fn
+
+  originals = [
+    (scheduler_mod.Scheduler, "schedule", wrap(scheduler_mod.Scheduler, "schedule", "schedule")),
+    (engine_mod.Engine, "_build_batch", wrap(engine_mod.Engine, "_build_batch", "build")),
+    (engine_mod.Engine, "_commit", wrap(engine_mod.Engine, "_commit", "commit")),
+    (engine_mod.Engine, "_resolve", wrap(engine_mod.Engine, "_resolve", "resolve")),
+  ]
+  rows = []
+  try:
+    for name, requests in zip(args.models, args.requests, strict=True):
+      lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
+      model = es.build_model(name, max_seq_len=1024)
+      c = model.config
+      config = EngineConfig(
+        num_blocks=int(args.pool_gb * 1e9 // es.kv_bytes(c, 1, 1)) // 16,
+        block_size=16,
+        num_host_blocks=0,
+        preemption_mode="recompute",
+        max_num_seqs=256,
+        max_num_batched_tokens=2048,
+        async_scheduling=True,
+      )
+      rng = np.random.default_rng(0)
+      for rep in ("compile", "measured"):
+        engine = Engine(model, config)
+        step_fn = engine._step_fn
+
+        def dispatch(*a, _fn=step_fn):
+          t0 = time.perf_counter()
+          try:
+            return _fn(*a)
+          finally:
+            phases["dispatch"] += time.perf_counter() - t0
+
+        engine._step_fn = dispatch
+        for i, (p, o) in enumerate(lengths):
+          engine.add_request(
+            Request((rep, i), rng.integers(0, c.vocab_size, int(p)).tolist(), int(o))
+          )
+        per_step = []
+        while engine.has_unfinished():
+          phases.clear()
+          t0 = time.perf_counter()
+          engine.step()
+          wall = time.perf_counter() - t0
+          sm = engine.step_metrics[-1]
+          if sm.num_seqs and not sm.num_prefill_tokens:
+            per_step.append(dict(batch=sm.num_seqs, wall=wall, **phases))
+      bins = [(1, 64), (65, 128), (129, 256)]
+      for lo, hi in bins:
+        sel = [s for s in per_step if lo <= s["batch"] <= hi]
+        if not sel:
+          continue
+        keys = ["wall", "schedule", "build", "dispatch", "commit", "resolve"]
+        row = dict(
+          **env_info(),
+          commit=args.commit,
+          model=name,
+          batch_range=[lo, hi],
+          decode_steps=len(sel),
+          **{f"{k}_ms": statistics.median(s.get(k, 0.0) for s in sel) * 1e3 for k in keys},
+        )
+        rows.append(row)
+        print(
+          f"{name} decode batch {lo}-{hi} ({len(sel)} steps): "
+          + ", ".join(f"{k} {row[k + '_ms']:.3f}" for k in keys)
+          + " ms (medians)",
+          flush=True,
+        )
+  finally:
+    for obj, attr, fn in originals:
+      setattr(obj, attr, fn)
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--models", default="smollm2-135m,llama-1b")
+  p.add_argument("--shapes", default="64x512,256x1024")
+  p.add_argument("--block-size", type=int, default=16)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--requests", default="192,128")
+  p.add_argument("--pool-gb", type=float, default=40.0, help="engine pool of --host")
+  p.add_argument("--device", action="store_true")
+  p.add_argument("--host", action="store_true")
+  p.add_argument("--commit", default=os.environ.get("PAXCACHE_COMMIT", "unknown"))
+  args = p.parse_args()
+  args.models = args.models.split(",")
+  args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
+  os.makedirs(args.out, exist_ok=True)
+  if args.device:
+    rows = device_profile(args)
+    with open(os.path.join(args.out, "profile_device.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+  if args.host:
+    rows = host_profile(args)
+    with open(os.path.join(args.out, "profile_host.json"), "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
