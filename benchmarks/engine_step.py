@@ -153,7 +153,7 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
   del cache, k, v
   last = context - 1
   slots = table[:, last // block_size] * block_size + last % block_size
-  pad = np.full(8, -1, np.int32)
+  pad = np.zeros(0, np.int32)  # no copy-on-write copies, as the engine passes them
   zeros = np.zeros(batch, np.int32)
   step_batch = StepBatch(
     tokens=rng.integers(0, c.vocab_size, batch).astype(np.int32),
@@ -175,7 +175,6 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
     any_sampled=False,
   )
   step, params = device_step(model)
-  step_batch = jax.device_put(step_batch)
   prev = jnp.zeros(batch, jnp.int32)  # the engine's previous tokens (unused: prev_index -1)
 
   def call():
@@ -185,6 +184,8 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
   def release():
     holder.clear()
     gc.collect()
+
+  call.lower = lambda: step.lower(params, holder["cache"], step_batch, key, prev)
 
   return call, live, release
 

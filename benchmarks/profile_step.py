@@ -115,6 +115,56 @@ def device_profile(args) -> list[dict]:
   return rows
 
 
+def dispatch_profile(args) -> list[dict]:
+  """Host time of the step's call (dispatch, the device busy with earlier steps) against
+  its device time, and how much of the compiled step XLA runs as command buffers (CUDA
+  graphs)."""
+  rows = []
+  rng = np.random.default_rng(0)
+  for name in args.models:
+    for batch, context in args.shapes:
+      model = es.build_model(name, max_seq_len=max(2048, context))
+      per_seq = -(-context // args.block_size)
+      call, _, release = es.paged_step_call(
+        model,
+        batch=batch,
+        context=context,
+        block_size=args.block_size,
+        num_blocks=batch * per_seq + 8,
+        rng=rng,
+      )
+      hlo = call.lower().compile().as_text()
+      for _ in range(3):
+        jax.block_until_ready(call())
+      host = []
+      for _ in range(args.repeats):
+        jax.block_until_ready(call())
+        for _ in range(10):
+          t0 = time.perf_counter()
+          out = call()
+          host.append(time.perf_counter() - t0)
+        jax.block_until_ready(out)
+      device, lo, hi = es.timed(call, repeats=args.repeats, inner=10)
+      release()
+      row = dict(
+        **env_info(),
+        commit=args.commit,
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        model=name,
+        batch=batch,
+        context=context,
+        host_call_ms=statistics.median(host) * 1e3,
+        host_call_p90_ms=float(np.percentile(host, 90)) * 1e3,
+        device_ms=device * 1e3,
+        device_min_ms=lo * 1e3,
+        device_max_ms=hi * 1e3,
+        command_buffer_calls=hlo.count("command_buffer"),
+      )
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  return rows
+
+
 def host_profile(args) -> list[dict]:
   from experiments.workloads import workload_lengths
   from paxcache.engine import Engine, EngineConfig, Request
@@ -222,6 +272,8 @@ def main():
   p.add_argument("--pool-gb", type=float, default=40.0, help="engine pool of --host")
   p.add_argument("--device", action="store_true")
   p.add_argument("--host", action="store_true")
+  p.add_argument("--dispatch", action="store_true")
+  p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--commit", default=os.environ.get("PAXCACHE_COMMIT", "unknown"))
   args = p.parse_args()
   args.models = args.models.split(",")
@@ -232,6 +284,10 @@ def main():
     rows = device_profile(args)
     with open(os.path.join(args.out, "profile_device.json"), "w") as f:
       json.dump(rows, f, indent=1)
+  if args.dispatch:
+    rows = dispatch_profile(args)
+    with open(os.path.join(args.out, "profile_dispatch.jsonl"), "a") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows)
   if args.host:
     rows = host_profile(args)
     with open(os.path.join(args.out, "profile_host.json"), "w") as f:

@@ -8,10 +8,13 @@ reads nothing else. Sizes grow by powers of two from the ``min_*_bucket`` of
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kernels import INVALID_BLOCK, INVALID_SLOT
@@ -43,10 +46,37 @@ class StepBatch:
   seeds: jax.Array  # i32[rows]               request seed, in [0, 2**31)
   sample_index: jax.Array  # i32[rows]        sample index within the request
   sample_positions: jax.Array  # i32[rows]    position of the token being sampled
-  cow_src: jax.Array  # i32[num_copies]       copy-on-write source blocks, -1 padding
+  cow_src: jax.Array  # i32[num_copies]       copy-on-write source blocks, -1 padding (none: 0)
   cow_dst: jax.Array  # i32[num_copies]       copy-on-write destination blocks
   decode_only: bool = flax.struct.field(pytree_node=False)  # one token per row: no cu_q_lens
   any_sampled: bool = flax.struct.field(pytree_node=False)  # some row has temperature > 0
+
+  def pack(self) -> tuple[np.ndarray, tuple]:
+    """``(buffer, layout)``: every array field in one host ``i32`` buffer (``f32`` fields
+    bit-cast), so that a step crosses to the device in one transfer instead of one per
+    field; ``layout`` (hashable, static under jit) is what :meth:`unpack` needs."""
+    arrays = [np.asarray(getattr(self, name)) for name in _ARRAY_FIELDS]
+    for name, a in zip(_ARRAY_FIELDS, arrays, strict=True):
+      if a.dtype.itemsize != 4:
+        raise ValueError(f"StepBatch.{name}: 4-byte dtype expected, got {a.dtype}")
+    buffer = np.concatenate([a.view(np.int32).ravel() for a in arrays])
+    layout = tuple((a.shape, a.dtype.name) for a in arrays) + (self.decode_only, self.any_sampled)
+    return buffer, layout
+
+  @classmethod
+  def unpack(cls, buffer: jax.Array, layout: tuple) -> StepBatch:
+    """The :class:`StepBatch` that :meth:`pack` made ``buffer`` and ``layout`` of (traceable:
+    slices of the one buffer)."""
+    *fields, decode_only, any_sampled = layout
+    values, offset = {}, 0
+    for name, (shape, dtype) in zip(_ARRAY_FIELDS, fields, strict=True):
+      size = math.prod(shape)
+      piece = buffer[offset : offset + size].reshape(shape)
+      if dtype != "int32":
+        piece = jax.lax.bitcast_convert_type(piece, jnp.dtype(dtype))
+      values[name] = piece
+      offset += size
+    return cls(**values, decode_only=decode_only, any_sampled=any_sampled)
 
   @property
   def shape_key(self) -> tuple:
@@ -60,6 +90,11 @@ class StepBatch:
       self.decode_only,
       self.any_sampled,
     )
+
+
+_ARRAY_FIELDS = tuple(
+  f.name for f in dataclasses.fields(StepBatch) if f.metadata.get("pytree_node", True)
+)
 
 
 def build_step_batch(
@@ -121,7 +156,9 @@ def build_step_batch(
     sample_index[j] = s.index
     sample_positions[j] = len(s.tokens)
   pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)
-  num_copies = bucket_size(len(pairs), minimum=min_copies)
+  # No copies: zero-length arrays, and the step compiles without the copy (two scatters
+  # per layer that would copy nothing, 60 launches a step for a 30-layer model).
+  num_copies = bucket_size(len(pairs), minimum=min_copies) if len(pairs) else 0
   cow_src = np.full(num_copies, INVALID_BLOCK, np.int32)
   cow_dst = np.full(num_copies, INVALID_BLOCK, np.int32)
   cow_src[: len(pairs)] = pairs[:, 0]

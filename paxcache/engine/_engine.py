@@ -156,19 +156,23 @@ class EngineConfig:
       raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
 
 
-def _device_step(graphdef, treedef, params, cache, batch: StepBatch, key, prev_tokens):
+def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tokens):
   """The one jitted call of an iteration: copy-on-write copies, model, sampling.
 
   ``params`` is the model state's flat tuple of leaves (``treedef`` rebuilds it): flattening
   an ``nnx.State`` on every call costs Python time per node, a tuple of arrays does not.
+  ``packed`` and ``layout`` are a :class:`StepBatch` as :meth:`StepBatch.pack` makes them
+  (one host -> device transfer per step; ``layout`` is static).
   ``prev_tokens i32[cap]`` are the previous step's sampled tokens, still on the device:
   rows with ``batch.prev_index >= 0`` take their input token from there.
   Returns the sampled tokens ``i32[cap]`` (rows past the batch's sample rows are 0) and
   the new cache (donated: every layer's pool is updated in place, and nothing in the step
   copies a pool).
   """
+  batch = StepBatch.unpack(packed, layout)
   model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-  cache = cache_ops.copy_blocks(cache, batch.cow_src, batch.cow_dst)
+  if batch.cow_src.shape[0]:  # static: a step without copies compiles without them
+    cache = cache_ops.copy_blocks(cache, batch.cow_src, batch.cow_dst)
   fed = prev_tokens[jnp.maximum(batch.prev_index, 0)]
   logits, cache = model(
     jnp.where(batch.prev_index >= 0, fed, batch.tokens),
@@ -195,21 +199,40 @@ def _device_step(graphdef, treedef, params, cache, batch: StepBatch, key, prev_t
   return jnp.pad(tokens, (0, pad)), cache
 
 
+class _StepFn:
+  """The jitted step behind a :class:`StepBatch` interface: packs the batch, then calls."""
+
+  def __init__(self, graphdef, treedef):
+    self._jitted = jax.jit(
+      functools.partial(_device_step, graphdef, treedef),
+      static_argnums=(3,),
+      donate_argnums=(1,),
+    )
+
+  def __call__(self, params, cache, batch: StepBatch, key, prev_tokens):
+    packed, layout = batch.pack()
+    return self._jitted(params, cache, packed, layout, key, prev_tokens)
+
+  def lower(self, params, cache, batch: StepBatch, key, prev_tokens):
+    packed, layout = batch.pack()
+    return self._jitted.lower(params, cache, packed, layout, key, prev_tokens)
+
+
 @functools.lru_cache(maxsize=8)
-def _jitted_step(graphdef, treedef):
+def _jitted_step(graphdef, treedef) -> _StepFn:
   # Keyed on the (hashable) graph and state definitions, so that engines over the same
   # model share compiled steps instead of compiling every bucket again.
-  return jax.jit(functools.partial(_device_step, graphdef, treedef), donate_argnums=(1,))
+  return _StepFn(graphdef, treedef)
 
 
 def device_step(model: Decoder):
   """The engine's jitted step for ``model`` and the parameters it takes.
 
   Returns ``(step, params)``: ``step(params, cache, batch, key, prev_tokens) -> (tokens
-  i32[cap], cache)`` with ``batch`` a :class:`StepBatch`, ``cache`` donated and
-  ``prev_tokens`` the previous step's tokens (any ``i32[cap]`` when ``batch.prev_index`` is
-  all -1); ``params`` the model state as a flat tuple of arrays (benchmarks time the
-  engine's step through this).
+  i32[cap], cache)`` with ``batch`` a :class:`StepBatch` (host arrays: it crosses to the
+  device packed in one buffer), ``cache`` donated and ``prev_tokens`` the previous step's
+  tokens (any ``i32[cap]`` when ``batch.prev_index`` is all -1); ``params`` the model
+  state as a flat tuple of arrays (benchmarks time the engine's step through this).
   """
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)

@@ -45,9 +45,12 @@ def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int):
   )
   engine.add_request(Request("a", list(range(11)), max_new_tokens=4))
   engine.add_request(Request("b", list(range(5, 25)), max_new_tokens=4, temperature=0.5))
+  # Two samples sharing a partly filled block: the first decode copies it (copy-on-write).
+  engine.add_request(Request("c", list(range(3, 14)), max_new_tokens=4, n=2))
   engine.step()  # the prefill runs; the step inspected below is the next one, a decode
   batch = engine._build_batch(engine.scheduler.schedule())
   assert batch.decode_only
+  assert (batch.cow_src >= 0).any()  # the copies are part of the step inspected
   lowered = engine._step_fn.lower(
     engine._params, engine.cache, batch, engine._key, engine._prev_tokens
   )
