@@ -119,42 +119,51 @@ def build_step_batch(
   rows = plan.rows
   b = len(rows)
   batch_pad = table.batch_size
-  q_lens = np.array([r.stop - r.start for r in rows], np.int32)
+  # Vectorised over rows (a Python loop of NumPy slice assignments per row cost ~10 us a
+  # row, 2.5 ms a step at batch 256): flat lists first, one array each.
+  starts = np.fromiter((r.start for r in rows), np.int32, b)
+  q_lens = np.fromiter((r.stop - r.start for r in rows), np.int32, b)
   total = int(q_lens.sum())
   decode_only = bool((q_lens == 1).all())
   num_tokens = batch_pad if decode_only else bucket_size(total, minimum=max(min_tokens, batch_pad))
-  tokens = np.zeros(num_tokens, np.int32)
-  prev_index = np.full(num_tokens, -1, np.int32)
-  positions = np.zeros(num_tokens, np.int32)
-  slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
   cu = np.full(batch_pad + 1, total, np.int32)
   cu[0] = 0
-  cu[1 : b + 1] = np.cumsum(q_lens)
-  for i, r in enumerate(rows):
-    lo = int(cu[i])
-    ids = r.seq.tokens[r.start : r.stop]
-    if ids[-1] == PENDING_TOKEN:  # only a decode's one token can be pending
-      prev_index[lo] = pending_rows[r.seq]
-      ids = [0]
-    tokens[lo : lo + q_lens[i]] = ids
-    positions[lo : lo + q_lens[i]] = np.arange(r.start, r.stop, dtype=np.int32)
-    slot_mapping[lo : lo + q_lens[i]] = r.slots
+  np.cumsum(q_lens, out=cu[1 : b + 1])
+  if decode_only:
+    ids = [r.seq.tokens[r.start] for r in rows]
+    row_of = np.arange(b)
+  else:
+    ids = [t for r in rows for t in r.seq.tokens[r.start : r.stop]]
+    row_of = np.repeat(np.arange(b), q_lens)
+  tokens = np.zeros(num_tokens, np.int32)
+  tokens[:total] = ids
+  prev_index = np.full(num_tokens, -1, np.int32)
+  pending = np.flatnonzero(tokens[:total] == PENDING_TOKEN)
+  if len(pending):  # only a decode's one token can be pending
+    prev_index[pending] = [pending_rows[rows[i].seq] for i in row_of[pending].tolist()]
+    tokens[pending] = 0
+  positions = np.zeros(num_tokens, np.int32)
+  positions[:total] = np.arange(total, dtype=np.int32) + np.repeat(starts - cu[:b], q_lens)
+  slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
+  if b:
+    slot_mapping[:total] = np.concatenate([r.slots for r in rows])
   samplers = [(s, int(cu[i + 1]) - 1) for i, r in enumerate(rows) for s in r.samplers]
   num_rows = bucket_size(len(samplers), minimum=batch_pad)
+  n = len(samplers)
   logit_rows = np.zeros(num_rows, np.int32)
   temperature = np.zeros(num_rows, np.float32)
   top_k = np.zeros(num_rows, np.int32)
   seeds = np.zeros(num_rows, np.int32)
   sample_index = np.zeros(num_rows, np.int32)
   sample_positions = np.zeros(num_rows, np.int32)
-  for j, (s, row) in enumerate(samplers):
-    t, k, seed = sampling[s.seq_id[0]]
-    logit_rows[j] = row
-    temperature[j] = t
-    top_k[j] = k
-    seeds[j] = seed
-    sample_index[j] = s.index
-    sample_positions[j] = len(s.tokens)
+  if n:
+    params = [sampling[s.seq_id[0]] for s, _ in samplers]
+    logit_rows[:n] = [row for _, row in samplers]
+    temperature[:n] = [p[0] for p in params]
+    top_k[:n] = [p[1] for p in params]
+    seeds[:n] = [p[2] for p in params]
+    sample_index[:n] = [s.index for s, _ in samplers]
+    sample_positions[:n] = [len(s.tokens) for s, _ in samplers]
   pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)
   # No copies: zero-length arrays, and the step compiles without the copy (two scatters
   # per layer that would copy nothing, 60 launches a step for a 30-layer model).

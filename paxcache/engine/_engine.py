@@ -9,7 +9,7 @@ import itertools
 import math
 import numbers
 import time
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +237,24 @@ def device_step(model: Decoder):
   graphdef, state = nnx.split(model)
   leaves, treedef = jax.tree.flatten(state)
   return _jitted_step(graphdef, treedef), tuple(leaves)
+
+
+class _SamplingView(Mapping):
+  """Request id -> ``(temperature, top_k, seed)``, read from the engine's groups (no
+  per-step dict to build)."""
+
+  def __init__(self, groups: dict[Hashable, Group]):
+    self._groups = groups
+
+  def __getitem__(self, request_id):
+    g = self._groups[request_id]
+    return g.request.temperature, g.request.top_k, g.seed
+
+  def __iter__(self):
+    return iter(self._groups)
+
+  def __len__(self):
+    return len(self._groups)
 
 
 class Engine:
@@ -534,15 +552,10 @@ class Engine:
     pending_rows = {}
     if self._in_flight is not None:
       pending_rows = {s: j for j, (s, _) in enumerate(self._in_flight.entries)}
-    sampling = {}
-    for r in plan.rows:
-      for s in r.samplers:
-        g = self._groups[s.seq_id[0]]
-        sampling[s.seq_id[0]] = (g.request.temperature, g.request.top_k, g.seed)
     return build_step_batch(
       plan,
       table,
-      sampling,
+      _SamplingView(self._groups),
       min_tokens=cfg.min_token_bucket,
       min_copies=cfg.min_copy_bucket,
       pending_rows=pending_rows,
@@ -551,17 +564,17 @@ class Engine:
   def _commit(self, plan: Plan, tokens) -> _InFlight:
     """Host update right after the device call, before its tokens are known: computed
     counts, a ``PENDING_TOKEN`` placeholder per sample, stops by length (known now)."""
+    entries = []
+    groups = self._groups
     for r in plan.rows:
       r.seq.num_computed = r.stop
       for s in r.samplers:
         s.num_computed = r.stop
-    entries = []
-    for r in plan.rows:
-      for s in r.samplers:
         entries.append((s, len(s.tokens)))
         s.tokens.append(PENDING_TOKEN)
-        g = self._groups[s.seq_id[0]]
-        if len(s.output) >= g.request.max_new_tokens or len(s.tokens) >= self.max_seq_len:
+        g = groups[s.seq_id[0]]
+        n = len(s.tokens)
+        if n - s.prompt_len >= g.request.max_new_tokens or n >= self.max_seq_len:
           # Its blocks are freed in this iteration, after the previous step's tokens are
           # given to the allocator (so that a block they filled is hashed, as without
           # overlap); the device runs this step before any later step that reuses them.

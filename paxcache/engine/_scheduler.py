@@ -129,18 +129,25 @@ class Scheduler:
     alloc = self.allocator
     budget = self.max_num_batched_tokens
 
-    # 1. Token budget for the running groups: decodes first, then prefill chunks.
+    # 1. Token budget for the running groups: decodes first, then prefill chunks. (The
+    # loops below run over every resident sequence each step: plain attribute reads, no
+    # properties, keep them cheap at batch 256.)
     chunks: dict[Seq, int] = {}
+    longer = []
     for g in self.running:
-      for s in g.live:
-        if s.num_pending == 1 and budget > 0:
-          chunks[s] = 1
-          budget -= 1
-    for g in self.running:
-      for s in g.live:
-        if s.num_pending > 1 and budget > 0:
-          chunks[s] = min(s.num_pending, budget)
-          budget -= chunks[s]
+      for s in g.seqs:
+        if s.finish_reason is None:
+          pending = len(s.tokens) - s.num_computed
+          if pending == 1:
+            if budget > 0:
+              chunks[s] = 1
+              budget -= 1
+          elif pending > 1:
+            longer.append(s)
+    for s in longer:
+      if budget > 0:
+        chunks[s] = min(s.num_pending, budget)
+        budget -= chunks[s]
 
     # 2. Blocks. The common case (everything fits) costs one vectorised query; when short,
     # groups are checked in arrival order and the latest-arrived is preempted while short.
@@ -188,30 +195,40 @@ class Scheduler:
         need_total += extra
 
     # 4. Appends (copy-on-write pairs appear here): all decodes in one vectorised call.
-    decodes = [(g, s) for g in self.running for s in g.live if _is_decode(s, chunks)]
+    decodes, chunked = [], []
+    for g in self.running:
+      for s in g.seqs:
+        c = chunks.get(s, 0) if s.finish_reason is None else 0
+        if c == 1 and len(s.tokens) - s.num_computed == 1:
+          decodes.append((g, s))
+        elif c:
+          chunked.append((g, s, c))
     if decodes:
       res = alloc.append_batch(
         [s.seq_id for _, s in decodes], [s.tokens[s.num_computed] for _, s in decodes]
       )
       plan.cow_pairs.extend(map(tuple, res.cow_pairs.tolist()))
-      for (g, s), slot in zip(decodes, res.slots.tolist(), strict=True):
-        self._add_row(plan, g, s, s.num_computed, s.num_computed + 1, [slot])
-    for g in self.running:
-      for s in g.live:
-        c = chunks.get(s, 0)
-        if c and not _is_decode(s, chunks):
-          res = alloc.append_tokens(s.seq_id, s.tokens[s.num_computed : s.num_computed + c])
-          if res.cow is not None:
-            plan.cow_pairs.append(res.cow)
-          self._add_row(plan, g, s, s.num_computed, s.num_computed + c, res.slots)
+      slots = res.slots
+      for i, (g, s) in enumerate(decodes):
+        start = s.num_computed
+        if g.forked:  # the common case: one row, sampled by its own sequence
+          plan.rows.append(ScheduledSeq(s, start, start + 1, slots[i : i + 1], [s]))
+        else:
+          self._add_row(plan, g, s, start, start + 1, slots[i : i + 1])
+    for g, s, c in chunked:
+      res = alloc.append_tokens(s.seq_id, s.tokens[s.num_computed : s.num_computed + c])
+      if res.cow is not None:
+        plan.cow_pairs.append(res.cow)
+      self._add_row(plan, g, s, s.num_computed, s.num_computed + c, res.slots)
 
     # 5. Admission. The appends above have already taken their blocks.
     need_total = 0
+    resident = self.num_resident_seqs()
     while self.waiting and not self.swapped and not preempted and budget > 0:
       g = self.waiting[0]
       live = g.live
       rows = len(live) if g.forked else g.request.n
-      if self.num_resident_seqs() + rows > self.max_num_seqs or budget < len(live):
+      if resident + rows > self.max_num_seqs or budget < len(live):
         break
       need = sum(alloc.blocks_needed_to_add(s.tokens) for s in live)
       watermark = self.watermark_blocks if self.running else 0
@@ -231,6 +248,7 @@ class Scheduler:
         g.admitted = True
       g.status = Status.RUNNING
       self.running.append(g)
+      resident += len(g.live)
     return plan
 
   # ------------------------------------------------------------------ helpers
@@ -260,11 +278,12 @@ class Scheduler:
     alloc = self.allocator
     decodes, need = [], 0
     for g in groups:
-      for s in g.live:
-        if _is_decode(s, chunks):
+      for s in g.seqs:
+        c = chunks.get(s, 0) if s.finish_reason is None else 0
+        if c == 1 and len(s.tokens) - s.num_computed == 1:
           decodes.append(s.seq_id)
-        elif chunks.get(s, 0):
-          need += alloc.blocks_needed_to_append([s.seq_id], chunks[s])
+        elif c:
+          need += alloc.blocks_needed_to_append([s.seq_id], c)
     return need + (alloc.blocks_needed_to_append(decodes, 1) if decodes else 0)
 
   def _preempt(self, g: Group, plan: Plan, chunks: dict[Seq, int]) -> int:
@@ -297,8 +316,3 @@ def _insert_by_arrival(queue: collections.deque, g: Group) -> None:
   while i < len(queue) and queue[i].arrival < g.arrival:
     i += 1
   queue.insert(i, g)
-
-
-def _is_decode(s: Seq, chunks: dict[Seq, int]) -> bool:
-  """Planned for exactly its one pending token (a decode, or a prompt's last token)."""
-  return chunks.get(s) == 1 and s.num_pending == 1
