@@ -59,7 +59,14 @@ class StepBatch:
     for name, a in zip(_ARRAY_FIELDS, arrays, strict=True):
       if a.dtype.itemsize != 4:
         raise ValueError(f"StepBatch.{name}: 4-byte dtype expected, got {a.dtype}")
-    buffer = np.concatenate([a.view(np.int32).ravel() for a in arrays])
+    # Every field starts on a 256-byte boundary: kernels take some of them as operands, and
+    # a custom call (Mosaic GPU's) refuses an operand that is not 256-byte aligned.
+    sizes = [-(-a.size // _ALIGN) * _ALIGN for a in arrays]
+    buffer = np.zeros(sum(sizes), np.int32)
+    offset = 0
+    for a, size in zip(arrays, sizes, strict=True):
+      buffer[offset : offset + a.size] = a.view(np.int32).ravel()
+      offset += size
     layout = tuple((a.shape, a.dtype.name) for a in arrays) + (self.decode_only, self.any_sampled)
     return buffer, layout
 
@@ -75,7 +82,7 @@ class StepBatch:
       if dtype != "int32":
         piece = jax.lax.bitcast_convert_type(piece, jnp.dtype(dtype))
       values[name] = piece
-      offset += size
+      offset += -(-size // _ALIGN) * _ALIGN
     return cls(**values, decode_only=decode_only, any_sampled=any_sampled)
 
   @property
@@ -92,6 +99,7 @@ class StepBatch:
     )
 
 
+_ALIGN = 64  # i32 elements: 256 bytes
 _ARRAY_FIELDS = tuple(
   f.name for f in dataclasses.fields(StepBatch) if f.metadata.get("pytree_node", True)
 )

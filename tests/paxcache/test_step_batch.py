@@ -1,0 +1,175 @@
+"""The step's inputs: ``build_step_batch`` against a row-by-row reference, and the packed
+buffer that carries a :class:`StepBatch` to the device in one transfer."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from paxcache.allocator import PENDING_TOKEN
+from paxcache.block_table import BlockTable
+from paxcache.engine._batch import StepBatch, build_step_batch
+from paxcache.engine._request import Seq
+from paxcache.engine._scheduler import Plan, ScheduledSeq
+
+FIELDS = [
+  "tokens",
+  "prev_index",
+  "positions",
+  "slot_mapping",
+  "cu_q_lens",
+  "block_table",
+  "lengths",
+  "logit_rows",
+  "temperature",
+  "top_k",
+  "seeds",
+  "sample_index",
+  "sample_positions",
+  "cow_src",
+  "cow_dst",
+]
+
+
+def _seq(rid, index, tokens, prompt_len):
+  return Seq(seq_id=(rid, index), index=index, tokens=list(tokens), prompt_len=prompt_len)
+
+
+def _mixed_plan():
+  """Decodes (one with its input token still on the device), a prefill chunk that samples
+  nothing, a last chunk sampled by two forked samples, and one copy-on-write pair."""
+  a = _seq("a", 0, [5, 6, 7, 8], 3)  # decode of token 8 at position 3
+  b = _seq("b", 0, [1, 2, 3, PENDING_TOKEN], 3)  # decode whose token the last step samples
+  c = _seq("c", 0, list(range(10, 30)), 20)  # prefill chunk [4, 12): no sample
+  d = _seq("d", 0, [40, 41, 42, 43, 44], 5)  # last chunk [2, 5), forked into d/0 and d/1
+  d1 = _seq("d", 1, [40, 41, 42, 43, 44], 5)
+  rows = [
+    ScheduledSeq(a, 3, 4, np.array([103], np.int32), [a]),
+    ScheduledSeq(b, 3, 4, np.array([211], np.int32), [b]),
+    ScheduledSeq(c, 4, 12, np.arange(304, 312, dtype=np.int32), []),
+    ScheduledSeq(d, 2, 5, np.array([402, 403, 404], np.int32), [d, d1]),
+  ]
+  plan = Plan(rows=rows, cow_pairs=[(7, 9)])
+  sampling = {"a": (0.0, 0, 11), "b": (0.5, 3, 12), "c": (1.0, 0, 13), "d": (0.8, 5, 14)}
+  table = BlockTable(
+    block_ids=np.arange(8 * 8, dtype=np.int32).reshape(8, 8), lengths=np.arange(8, dtype=np.int32)
+  )
+  return plan, table, sampling, {b: 6}
+
+
+def _reference(plan, table, sampling, pending_rows, num_tokens, num_rows, num_copies):
+  """Row by row, in plain Python."""
+  tokens, prev, pos, slots, cu = [], [], [], [], [0]
+  logit_rows, temp, top_k, seeds, index, spos = [], [], [], [], [], []
+  for r in plan.rows:
+    for j, t in enumerate(r.seq.tokens[r.start : r.stop]):
+      if t == PENDING_TOKEN:
+        tokens.append(0)
+        prev.append(pending_rows[r.seq])
+      else:
+        tokens.append(t)
+        prev.append(-1)
+      pos.append(r.start + j)
+      slots.append(int(r.slots[j]))
+    cu.append(len(tokens))
+    for s in r.samplers:
+      t, k, seed = sampling[s.seq_id[0]]
+      logit_rows.append(len(tokens) - 1)
+      temp.append(t)
+      top_k.append(k)
+      seeds.append(seed)
+      index.append(s.index)
+      spos.append(len(s.tokens))
+
+  def pad(xs, n, fill=0):
+    return xs + [fill] * (n - len(xs))
+
+  batch_pad = table.batch_size
+  return dict(
+    tokens=pad(tokens, num_tokens),
+    prev_index=pad(prev, num_tokens, -1),
+    positions=pad(pos, num_tokens),
+    slot_mapping=pad(slots, num_tokens, -1),
+    cu_q_lens=pad(cu, batch_pad + 1, len(tokens)),
+    logit_rows=pad(logit_rows, num_rows),
+    temperature=pad(temp, num_rows, 0.0),
+    top_k=pad(top_k, num_rows),
+    seeds=pad(seeds, num_rows),
+    sample_index=pad(index, num_rows),
+    sample_positions=pad(spos, num_rows),
+    cow_src=pad([s for s, _ in plan.cow_pairs], num_copies, -1),
+    cow_dst=pad([d for _, d in plan.cow_pairs], num_copies, -1),
+  )
+
+
+def test_build_step_batch_matches_a_row_by_row_reference():
+  plan, table, sampling, pending_rows = _mixed_plan()
+  batch = build_step_batch(
+    plan, table, sampling, min_tokens=8, min_copies=4, pending_rows=pending_rows
+  )
+  assert not batch.decode_only and batch.any_sampled
+  # 1 + 1 + 8 + 3 = 13 tokens -> 16; 5 samples -> 8 rows (the table's 8 rows); 1 copy -> 4.
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True)
+  want = _reference(plan, table, sampling, pending_rows, 16, 8, 4)
+  for name, values in want.items():
+    got = np.asarray(getattr(batch, name))
+    np.testing.assert_array_equal(got, np.asarray(values, got.dtype), err_msg=name)
+  np.testing.assert_array_equal(batch.block_table, table.block_ids)
+  np.testing.assert_array_equal(batch.lengths, table.lengths)
+
+
+def test_decode_only_batch_and_a_step_without_copies():
+  a = _seq("a", 0, [5, 6, 7, 8], 3)
+  b = _seq("b", 0, [1, 2, PENDING_TOKEN], 2)
+  plan = Plan(
+    rows=[
+      ScheduledSeq(a, 3, 4, np.array([50], np.int32), [a]),
+      ScheduledSeq(b, 2, 3, np.array([61], np.int32), [b]),
+    ]
+  )
+  table = BlockTable(np.zeros((8, 4), np.int32), np.zeros(8, np.int32))
+  sampling = {"a": (0.0, 0, 1), "b": (0.0, 0, 2)}
+  batch = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=8, pending_rows={b: 3})
+  assert batch.decode_only and not batch.any_sampled
+  # No copy-on-write pairs: zero-length, so the step compiles without the copy.
+  assert batch.cow_src.shape == batch.cow_dst.shape == (0,)
+  want = _reference(plan, table, sampling, {b: 3}, 8, 8, 0)
+  for name, values in want.items():
+    got = np.asarray(getattr(batch, name))
+    np.testing.assert_array_equal(got, np.asarray(values, got.dtype), err_msg=name)
+
+
+def test_pack_unpack_round_trip_with_aligned_fields():
+  plan, table, sampling, pending_rows = _mixed_plan()
+  batch = build_step_batch(
+    plan, table, sampling, min_tokens=8, min_copies=4, pending_rows=pending_rows
+  )
+  packed, layout = batch.pack()
+  assert packed.dtype == np.int32 and packed.ndim == 1
+  hash(layout)  # static under jit
+  # Each field starts at a multiple of 64 elements (256 bytes), in declaration order.
+  offset = 0
+  for name in FIELDS:
+    value = np.asarray(getattr(batch, name))
+    flat = packed[offset : offset + value.size]
+    np.testing.assert_array_equal(flat.view(value.dtype).reshape(value.shape), value, name)
+    offset += -(-value.size // 64) * 64
+  assert offset == packed.size
+  # Unpacked under jit: the same arrays, temperature bit-cast back to float32.
+  out = jax.jit(StepBatch.unpack, static_argnums=1)(packed, layout)
+  for name in FIELDS:
+    got, want = np.asarray(getattr(out, name)), np.asarray(getattr(batch, name))
+    assert got.dtype == want.dtype, name
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  assert (out.decode_only, out.any_sampled) == (batch.decode_only, batch.any_sampled)
+
+
+def test_pack_refuses_wide_dtypes():
+  plan, table, sampling, pending_rows = _mixed_plan()
+  batch = build_step_batch(
+    plan, table, sampling, min_tokens=8, min_copies=4, pending_rows=pending_rows
+  )
+  bad = batch.replace(tokens=np.asarray(batch.tokens, np.int64))
+  with pytest.raises(ValueError, match="StepBatch.tokens: 4-byte dtype"):
+    bad.pack()
