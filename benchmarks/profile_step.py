@@ -145,6 +145,17 @@ def dispatch_profile(args) -> list[dict]:
           host.append(time.perf_counter() - t0)
         jax.block_until_ready(out)
       device, lo, hi = es.timed(call, repeats=args.repeats, inner=10)
+      variants = {}
+      for vname, vcall in call.variants.items():
+        vhost = []
+        for _ in range(args.repeats):
+          jax.block_until_ready(vcall())
+          for _ in range(10):
+            t0 = time.perf_counter()
+            out = vcall()
+            vhost.append(time.perf_counter() - t0)
+          jax.block_until_ready(out)
+        variants[vname] = statistics.median(vhost) * 1e3
       release()
       row = dict(
         **env_info(),
@@ -159,6 +170,7 @@ def dispatch_profile(args) -> list[dict]:
         device_min_ms=lo * 1e3,
         device_max_ms=hi * 1e3,
         command_buffer_calls=hlo.count("command_buffer"),
+        host_call_ms_variants=variants,
       )
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -225,14 +237,43 @@ def host_profile(args) -> list[dict]:
             Request((rep, i), rng.integers(0, c.vocab_size, int(p)).tolist(), int(o))
           )
         per_step = []
+        trace_dir = tempfile.mkdtemp()
+        window = (args.trace_from, args.trace_from + args.trace_steps)
+        n = 0
         while engine.has_unfinished():
+          if rep == "measured" and n == window[0]:
+            jax.profiler.start_trace(trace_dir)
+            t_window = time.perf_counter()
           phases.clear()
           t0 = time.perf_counter()
           engine.step()
           wall = time.perf_counter() - t0
+          n += 1
+          if rep == "measured" and n == window[1]:
+            jax.block_until_ready(engine.cache)
+            t_window = time.perf_counter() - t_window
+            jax.profiler.stop_trace()
           sm = engine.step_metrics[-1]
           if sm.num_seqs and not sm.num_prefill_tokens:
             per_step.append(dict(batch=sm.num_seqs, wall=wall, **phases))
+      # The traced window: the device's kernel time against the wall time of its steps.
+      path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
+      events = _device_events(path[-1]) if path else []
+      busy = sum(d for _, _, d in events) / 1e6
+      window_steps = list(engine.step_metrics)[window[0] : window[1]]
+      rows.append(
+        dict(
+          **env_info(),
+          commit=args.commit,
+          model=name,
+          window_steps=args.trace_steps,
+          window_mean_batch=statistics.mean(m.num_seqs for m in window_steps),
+          window_prefill_steps=sum(1 for m in window_steps if m.num_prefill_tokens),
+          window_wall_ms_per_step=t_window * 1e3 / args.trace_steps,
+          window_kernel_ms_per_step=busy / args.trace_steps,
+        )
+      )
+      print(json.dumps(rows[-1]), flush=True)
       bins = [(1, 64), (65, 128), (129, 256)]
       for lo, hi in bins:
         sel = [s for s in per_step if lo <= s["batch"] <= hi]
@@ -273,6 +314,8 @@ def main():
   p.add_argument("--device", action="store_true")
   p.add_argument("--host", action="store_true")
   p.add_argument("--dispatch", action="store_true")
+  p.add_argument("--trace-from", type=int, default=300, help="--host: first traced step")
+  p.add_argument("--trace-steps", type=int, default=100, help="--host: steps traced")
   p.add_argument("--repeats", type=int, default=15)
   p.add_argument("--commit", default=os.environ.get("PAXCACHE_COMMIT", "unknown"))
   args = p.parse_args()
