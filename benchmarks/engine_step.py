@@ -310,16 +310,46 @@ def step_rows(args, rate: float) -> list[dict]:
   return rows
 
 
+def _replay_ms(engine, batches, args) -> list[float]:
+  """Device time (ms) of each captured step batch, replayed through the engine's own
+  jitted step against its pool (the work depends on the table and lengths, not on the
+  K/V values); ``inner`` steps back to back per sample, median of 5 samples."""
+  holder = {"cache": engine.cache}
+
+  def replay(batch):
+    def call():
+      tokens, holder["cache"] = engine._step_fn(
+        engine._params, holder["cache"], batch, engine._key, engine._prev_tokens
+      )
+      return tokens
+
+    return call
+
+  out = [timed(replay(b), repeats=5, inner=args.inner)[0] * 1e3 for b in batches]
+  engine.cache = holder["cache"]
+  return out
+
+
 def e2e_rows(args) -> list[dict]:
   from experiments.workloads import workload_lengths
   from paxcache.engine import Engine, EngineConfig, Request
 
   env = env_info()
   rows = []
-  for name, requests in zip(args.models, args.e2e_requests, strict=True):
-    lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
+  runs = [(name, "sharegpt", n) for name, n in zip(args.models, args.e2e_requests, strict=True)]
+  if args.e2e_only_steady:
+    runs = []
+  if args.e2e_steady:
+    # Every request decodes at once: prompts of P tokens, O new tokens each, B requests.
+    b, p, o = args.e2e_steady
+    runs += [(name, f"steady{b}x{p}+{o}", b) for name in args.models]
+  for name, workload, requests in runs:
+    if workload == "sharegpt":
+      lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
+    else:
+      lengths = np.array([[args.e2e_steady[1], args.e2e_steady[2]]] * requests)
     for block_size in args.e2e_block_sizes:
-      model = build_model(name, max_seq_len=1024)
+      model = build_model(name, max_seq_len=max(1024, int(lengths.sum(1).max())))
       c = model.config
       pool_tokens = int(args.e2e_pool_gb * 1e9 // kv_bytes(c, 1, 1))
       config = EngineConfig(
@@ -335,6 +365,15 @@ def e2e_rows(args) -> list[dict]:
       result = {}
       for rep in ("compile", "measured"):
         engine = Engine(model, config)
+        captured = []  # (step index, StepBatch) of every --capture-every-th decode step
+        step_fn = engine._step_fn
+
+        def capture(params, cache, batch, key, prev, _fn=step_fn, _engine=engine, _c=captured):
+          if batch.decode_only and _engine.metrics.steps % args.capture_every == 0:
+            _c.append((_engine.metrics.steps, batch))
+          return _fn(params, cache, batch, key, prev)
+
+        engine._step_fn = capture
         reqs = [
           Request((rep, i), rng.integers(0, c.vocab_size, int(p)).tolist(), max_new_tokens=int(o))
           for i, (p, o) in enumerate(lengths)
@@ -342,6 +381,7 @@ def e2e_rows(args) -> list[dict]:
         t0 = time.perf_counter()
         engine.run(reqs)
         seconds = time.perf_counter() - t0
+        engine._step_fn = step_fn
         steps = list(engine.step_metrics)
         decode = [s for s in steps if s.num_prefill_tokens == 0 and s.num_seqs]
         result[rep] = dict(
@@ -351,6 +391,18 @@ def e2e_rows(args) -> list[dict]:
           mean_batch=statistics.mean(s.num_seqs for s in decode) if decode else None,
           shapes=engine.metrics.compiled_shapes,
         )
+        if rep == "measured" and captured:
+          # Each captured step's wall time (the host's, with overlap) beside its device time.
+          by_step = {s.step: s for s in steps}
+          device = _replay_ms(engine, [b for _, b in captured], args)
+          wall = [by_step[i].seconds * 1e3 for i, _ in captured]
+          result[rep].update(
+            decode_device_ms=statistics.median(device),
+            captured_wall_ms=statistics.median(wall),
+            captured_batch=statistics.mean(by_step[i].num_seqs for i, _ in captured),
+            captured_steps=len(captured),
+            wall_over_device=statistics.median(w / d for w, d in zip(wall, device, strict=True)),
+          )
         del engine
         gc.collect()
       m = result["measured"]
@@ -359,6 +411,7 @@ def e2e_rows(args) -> list[dict]:
         jax_version=env["jax_version"],
         commit=args.commit,
         model=name,
+        workload=workload,
         param_dtype=c.param_dtype,
         block_size=block_size,
         requests=requests,
@@ -368,7 +421,11 @@ def e2e_rows(args) -> list[dict]:
         generated_tokens=int(m["generated"]),
         tokens_per_s=m["generated"] / m["seconds"],
         decode_step_ms=m["decode_ms"],
-        decode_device_ms=None,
+        decode_device_ms=m.get("decode_device_ms"),
+        captured_wall_ms=m.get("captured_wall_ms"),
+        captured_batch=m.get("captured_batch"),
+        captured_steps=m.get("captured_steps"),
+        wall_over_device=m.get("wall_over_device"),
         mean_decode_batch=m["mean_batch"],
         compile_s=result["compile"]["seconds"] - m["seconds"],
         first_pass_s=result["compile"]["seconds"],
@@ -401,6 +458,15 @@ def main():
   p.add_argument("--e2e-requests", default="192,128", help="requests per model")
   p.add_argument("--e2e-block-sizes", default="16")
   p.add_argument("--e2e-pool-gb", type=float, default=40.0)
+  p.add_argument(
+    "--e2e-steady",
+    default=None,
+    help="BxP+O: also B requests of P prompt and O new tokens each (all decode together)",
+  )
+  p.add_argument("--e2e-only-steady", action="store_true", help="skip the ShareGPT-like runs")
+  p.add_argument(
+    "--capture-every", type=int, default=25, help="replay every Nth decode step for device time"
+  )
   p.add_argument("--async-scheduling", action="store_true", help="EngineConfig.async_scheduling")
   p.add_argument(
     "--compilation-cache",
@@ -412,6 +478,9 @@ def main():
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
+  if args.e2e_steady:
+    b, rest = args.e2e_steady.split("x")
+    args.e2e_steady = (int(b), *(int(x) for x in rest.split("+")))
   os.makedirs(args.out, exist_ok=True)
   if args.compilation_cache:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
@@ -443,9 +512,16 @@ def main():
     )
   for r in e2e:
     print(
-      f"e2e {r['model']:<13} bs={r['block_size']:<4} {r['tokens_per_s']:>8.0f} tok/s  "
+      f"e2e {r['model']:<13} {r['workload']:<18} bs={r['block_size']:<4} "
+      f"{r['tokens_per_s']:>8.0f} tok/s  "
       f"decode {r['decode_step_ms']:.2f} ms @ {r['mean_decode_batch']:.1f}  "
       f"compile {r['compile_s']:.0f} s ({r['compiled_shapes']} shapes)"
+      + (
+        f"  captured: wall {r['captured_wall_ms']:.2f} ms, device {r['decode_device_ms']:.2f} ms"
+        f" @ {r['captured_batch']:.0f} (wall/device {r['wall_over_device']:.2f})"
+        if r["decode_device_ms"]
+        else ""
+      )
     )
 
 
