@@ -436,6 +436,8 @@ def e2e_rows(args) -> list[dict]:
       )
       print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
       rows.append(row)
+      with open(os.path.join(args.out, "engine_e2e.jsonl"), "a") as f:  # row by row: a run
+        f.write(json.dumps(row) + "\n")  # cut short by a time limit keeps what it measured
       del model
       gc.collect()
   return rows
@@ -496,8 +498,6 @@ def main():
   e2e = []
   if args.e2e:
     e2e = e2e_rows(args)
-    with open(os.path.join(args.out, "engine_e2e.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in e2e)
   print()
   print(
     f"{'model':<13} {'BxL':>9} {'pool GB':>8} {'paged ms (min-max)':>22} {'dense ms':>9} "

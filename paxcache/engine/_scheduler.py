@@ -133,26 +133,35 @@ class Scheduler:
     # loops below run over every resident sequence each step: plain attribute reads, no
     # properties, keep them cheap at batch 256.)
     chunks: dict[Seq, int] = {}
-    longer = []
+    decodes, longer = [], []
+    resident = 0
     for g in self.running:
       for s in g.seqs:
         if s.finish_reason is None:
+          resident += 1
           pending = len(s.tokens) - s.num_computed
           if pending == 1:
             if budget > 0:
               chunks[s] = 1
               budget -= 1
+              decodes.append((g, s))
           elif pending > 1:
-            longer.append(s)
-    for s in longer:
+            longer.append((g, s))
+    chunked = []
+    for g, s in longer:
       if budget > 0:
-        chunks[s] = min(s.num_pending, budget)
-        budget -= chunks[s]
+        chunks[s] = c = min(len(s.tokens) - s.num_computed, budget)
+        budget -= c
+        chunked.append((g, s, c))
 
     # 2. Blocks. The common case (everything fits) costs one vectorised query; when short,
     # groups are checked in arrival order and the latest-arrived is preempted while short.
-    need_total = self._blocks_to_append(self.running, chunks)
+    need_total = sum(alloc.blocks_needed_to_append([s.seq_id], c) for _, s, c in chunked)
+    if decodes:
+      need_total += alloc.blocks_needed_to_append([s.seq_id for _, s in decodes], 1)
+    replanned = False  # preemption or swap-in changed the running set: step 4 re-reads it
     if need_total > alloc.num_free_blocks:
+      replanned = True
       order = list(self.running)
       need_total = 0
       while order:
@@ -178,6 +187,7 @@ class Scheduler:
       if need + len(live) + need_total > alloc.num_free_blocks:
         break
       self.swapped.popleft()
+      replanned = True
       for s in live:
         plan.swap_in.append(alloc.swap_in(s.seq_id))
       g.status = Status.RUNNING
@@ -195,14 +205,15 @@ class Scheduler:
         need_total += extra
 
     # 4. Appends (copy-on-write pairs appear here): all decodes in one vectorised call.
-    decodes, chunked = [], []
-    for g in self.running:
-      for s in g.seqs:
-        c = chunks.get(s, 0) if s.finish_reason is None else 0
-        if c == 1 and len(s.tokens) - s.num_computed == 1:
-          decodes.append((g, s))
-        elif c:
-          chunked.append((g, s, c))
+    if replanned:  # otherwise step 1's lists are still exact
+      decodes, chunked = [], []
+      for g in self.running:
+        for s in g.seqs:
+          c = chunks.get(s, 0) if s.finish_reason is None else 0
+          if c == 1 and len(s.tokens) - s.num_computed == 1:
+            decodes.append((g, s))
+          elif c:
+            chunked.append((g, s, c))
     if decodes:
       res = alloc.append_batch(
         [s.seq_id for _, s in decodes], [s.tokens[s.num_computed] for _, s in decodes]
@@ -223,7 +234,8 @@ class Scheduler:
 
     # 5. Admission. The appends above have already taken their blocks.
     need_total = 0
-    resident = self.num_resident_seqs()
+    if replanned:
+      resident = self.num_resident_seqs()
     while self.waiting and not self.swapped and not preempted and budget > 0:
       g = self.waiting[0]
       live = g.live
