@@ -12,7 +12,9 @@ file name) and names the experiment in ``config.experiment``. Fields are overrid
 ``--config.block_sizes='(1, 2, 4)'``. ``--sweep=<field>=<v1>,<v2>,...`` runs the experiment
 once per value of any scalar field and stacks the tables, with the field as first column.
 
-Written to the workdir: ``config.json`` (the resolved config), ``run_info.json`` (date,
+Written to the workdir: ``config.json`` (the resolved config, with ``"variant"``, the
+``:variant`` picked or null, and ``"sweep"``, ``{"field", "values"}`` or null; a swept field
+holds the list of values run, not the base value), ``run_info.json`` (date,
 versions, git commit, command, seconds), ``results.jsonl`` (every table row, with a
 ``"table"`` key), per table ``<name>.csv``, ``<name>.md``, ``<name>.tex`` (booktabs),
 ``summary.md``, and per plot ``<name>.png`` and ``<name>.pdf``.
@@ -150,6 +152,38 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
         )
 
 
+# Keys config.json adds beside the config's own fields; no config may have a field named so.
+RUN_KEYS = ("variant", "sweep")
+
+
+def config_variant(config_arg: str | None) -> str | None:
+  """``"configs/x.py:quick"`` -> ``"quick"``; no ``:variant`` (or an empty one) -> None.
+
+  Split as ml_collections splits ``--config`` (at the first colon)."""
+  if not config_arg:
+    return None
+  _, sep, variant = config_arg.partition(":")
+  return variant if sep and variant else None
+
+
+def config_record(
+  config: ConfigDict, variant: str | None = None, field: str | None = None, values=None
+) -> dict:
+  """What ``config.json`` holds: the run's variant, its sweep, then the config's fields.
+
+  A swept field holds the list of values the experiment ran with rather than the base
+  value no run used."""
+  fields = json.loads(config.to_json_best_effort(sort_keys=True))
+  if field is not None:
+    *parents, leaf = field.split(".")
+    node = fields
+    for p in parents:
+      node = node[p]
+    node[leaf] = list(values)
+  sweep = None if field is None else {"field": field, "values": list(values)}
+  return {"variant": variant, "sweep": sweep, **fields}
+
+
 def check_workdir(workdir: str) -> None:
   """Raises ``ValueError`` naming ``--workdir`` when it cannot be created or written; writes
   nothing itself (the first missing directory is created only once everything checks)."""
@@ -179,6 +213,9 @@ def prepare_run(
   field, ``--sweep`` value or ``--workdir``.
   """
   fn = resolve_experiment(config.experiment)
+  for key in RUN_KEYS:
+    if key in config:
+      raise ValueError(f"config field {key!r} is reserved: config.json records the run's {key}")
   field, runs = None, [(None, config)]
   if sweep:
     field, values = parse_sweep(sweep)
@@ -196,18 +233,22 @@ def prepare_run(
   return fn, field, runs
 
 
-def run_experiment(config: ConfigDict, workdir: str, sweep: str | None = None) -> _outputs.Result:
+def run_experiment(
+  config: ConfigDict, workdir: str, sweep: str | None = None, *, variant: str | None = None
+) -> _outputs.Result:
   """Runs ``config.experiment`` (once, or once per ``--sweep`` value) and writes the workdir.
 
-  A bad config value, sweep or workdir raises ``ValueError`` (:func:`prepare_run`) before
-  the workdir or anything in it is written.
+  ``variant`` (the ``:variant`` the config came from) is recorded in ``config.json``. A bad
+  config value, sweep or workdir raises ``ValueError`` (:func:`prepare_run`) before the
+  workdir or anything in it is written.
   """
   start = time.perf_counter()
   fn, field, runs = prepare_run(config, workdir, sweep)
+  record = config_record(config, variant, field, [value for value, _ in runs])
   try:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+      f.write(json.dumps(record, indent=2, default=str) + "\n")
   except OSError as e:  # what check_workdir cannot see (root on a read-only mount, a race)
     raise ValueError(f"--workdir={workdir!r} cannot be written: {e}") from e
 
@@ -403,7 +444,8 @@ def main(argv):
     prepare_run(_CONFIG.value, _WORKDIR.value, _SWEEP.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  run_experiment(_CONFIG.value, _WORKDIR.value, _SWEEP.value)
+  variant = config_variant(config_flag.config_filename)
+  run_experiment(_CONFIG.value, _WORKDIR.value, _SWEEP.value, variant=variant)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-r"""Trains the tiny byte-level decoder on data/tiny_corpus.txt and saves checkpoints/tiny/.
+r"""Trains the tiny byte-level decoder on its corpus and saves the packaged checkpoint.
+
+Reads ``paxcache/_fixtures/tiny_corpus.txt`` and writes ``paxcache/_fixtures/tiny/``
+(package data: ``paxcache.nn.TINY_CORPUS`` and ``paxcache.nn.TINY_CHECKPOINT``).
 
 The checkpoint is what the engine demos and the parity tests load, so that they
 run on a trained model (readable text, real logit margins) rather than random
 weights. About a minute on a loaded 2-core CPU:
 
-  python -m experiments.train_tiny --out_dir=checkpoints/tiny
+  python -m experiments.train_tiny --out_dir=paxcache/_fixtures/tiny
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from paxcache.nn import Decoder, DecoderConfig, greedy_generate_no_cache, save_decoder
+import paxcache
+from paxcache.nn import (
+  TINY_CHECKPOINT,
+  TINY_CORPUS,
+  Decoder,
+  DecoderConfig,
+  greedy_generate_no_cache,
+  save_decoder,
+)
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The directory holding the paxcache package: the repo root in a checkout, site-packages
+# in an install. The corpus path saved with the checkpoint is relative to it.
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(paxcache.__file__)))
 
-flags.DEFINE_string("corpus", os.path.join(_REPO, "data", "tiny_corpus.txt"), "Training text.")
-flags.DEFINE_string("out_dir", os.path.join(_REPO, "checkpoints", "tiny"), "Checkpoint dir.")
+flags.DEFINE_string("corpus", TINY_CORPUS, "Training text.")
+flags.DEFINE_string("out_dir", TINY_CHECKPOINT, "Checkpoint dir.")
 flags.DEFINE_integer("steps", 400, "Optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per training sequence.")
@@ -127,7 +140,7 @@ def main(argv):
     seed=FLAGS.seed,
     final_loss=float(np.mean(losses[-20:])),
     train_seconds=round(seconds, 1),
-    corpus=os.path.relpath(FLAGS.corpus, _REPO),
+    corpus=os.path.relpath(FLAGS.corpus, _PACKAGE_PARENT),
     tokenizer="bytes (vocab 256)",
     sample=PROMPT + sample,
     jax_version=jax.__version__,

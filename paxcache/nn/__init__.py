@@ -4,8 +4,9 @@
 is the small model the engine, the tests and the demos run.
 """
 
+from paxcache._fixtures import TINY_CHECKPOINT, TINY_CORPUS
 from paxcache.nn._attention import PagedAttention, dense_causal_attention
-from paxcache.nn._checkpoint import TINY_CHECKPOINT, load_decoder, save_decoder
+from paxcache.nn._checkpoint import load_decoder, save_decoder
 from paxcache.nn._config import DecoderConfig
 from paxcache.nn._decoder import Decoder, DecoderLayer
 from paxcache.nn._generate import greedy_generate_dense_cache, greedy_generate_no_cache
@@ -13,6 +14,7 @@ from paxcache.nn._layers import RMSNorm, SwiGLU, apply_rope
 
 __all__ = [
   "TINY_CHECKPOINT",
+  "TINY_CORPUS",
   "Decoder",
   "DecoderConfig",
   "DecoderLayer",

@@ -9,13 +9,12 @@ import jax
 import numpy as np
 from flax import nnx, serialization
 
+from paxcache._fixtures import TINY_CHECKPOINT
 from paxcache.nn._config import DecoderConfig
 from paxcache.nn._decoder import Decoder
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TINY_CHECKPOINT = os.path.join(_REPO_ROOT, "checkpoints", "tiny")
 
 
 def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> None:
@@ -33,7 +32,7 @@ def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> N
 def load_decoder(
   directory: str = TINY_CHECKPOINT, *, backend: str = "auto", interpret: bool = False
 ) -> Decoder:
-  """Builds a :class:`Decoder` from ``directory`` (default: the committed tiny model)."""
+  """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package)."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     meta = json.load(f)
   config = DecoderConfig.from_dict(meta["config"])

@@ -112,7 +112,7 @@ def test_memory_waste_snapshot_matches_hand_arithmetic():
   assert rows["paged (block 8)"]["token_of_reserved_pct"] == pytest.approx(100 * 26 / 40, abs=0.01)
 
 
-def test_memory_waste_run_orders_systems_and_prints_the_paper():
+def test_memory_waste_run_orders_systems_and_splits_the_whole_pool():
   result = memory_waste.run(_mw_config())
   serving = next(t for t in result.tables if t.name == "serving")
   systems = [r["system"] for r in serving.rows]
@@ -123,8 +123,8 @@ def test_memory_waste_run_orders_systems_and_prints_the_paper():
     "paged (block 1)",
     "paged (block 8)",
   ]
-  paper = [r["paper_token_pct"] for r in serving.rows]
-  assert paper == [20.4, 26.8, 38.2, None, None]
+  # Figure 2's numbers belong to one run, shown beside the ShareGPT-like rows only.
+  assert all(r["paper_token_pct"] is None for r in serving.rows)
   by = {r["system"]: r for r in serving.rows}
   # Paged at block 1 wastes nothing inside blocks; contiguous Max holds the fewest tokens.
   assert by["paged (block 1)"]["internal_frag_pct"] == 0
@@ -203,6 +203,30 @@ def test_poisson_arrivals_are_non_decreasing_with_the_requested_rate():
   assert all(a <= b for a, b in zip(arrivals, arrivals[1:], strict=False))
   # 4000 arrivals at 0.5 per step span about 8000 steps (standard deviation ~126).
   assert 7500 < arrivals[-1] < 8500
+
+
+def test_paper_figures_only_on_the_sharegpt_like_rows():
+  """Figure 2's token shares sit on the ShareGPT-like rows (Orca's three policies and paged
+  at block 16), and are not repeated on the Alpaca-like rows of the same table."""
+  assert memory_waste.paper_token_pct("alpaca", "max", None) is None
+  assert memory_waste.paper_token_pct("sharegpt", "paged", 8) is None
+  config = _mw_config(workloads=("sharegpt", "alpaca"), num_requests=30, block_sizes=(8, 16))
+  result = memory_waste.run(config)
+  serving = next(t for t in result.tables if t.name == "serving")
+  paper = {(r["workload"], r["system"]): r["paper_token_pct"] for r in serving.rows}
+  assert paper == {
+    ("sharegpt", "Orca (Max)"): 20.4,
+    ("sharegpt", "Orca (Pow2)"): 26.8,
+    ("sharegpt", "Orca (Oracle)"): 38.2,
+    ("sharegpt", "paged (block 8)"): None,
+    ("sharegpt", "paged (block 16)"): 96.3,
+    ("alpaca", "Orca (Max)"): None,
+    ("alpaca", "Orca (Pow2)"): None,
+    ("alpaca", "Orca (Oracle)"): None,
+    ("alpaca", "paged (block 8)"): None,
+    ("alpaca", "paged (block 16)"): None,
+  }
+  assert "sharegpt-like rows only" in serving.caption
 
 
 def test_a_pool_that_never_fills_reports_no_pool_share():

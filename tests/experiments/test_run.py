@@ -343,6 +343,7 @@ def test_run_writes_every_output_with_the_right_rows(tmp_path):
     assert os.path.getsize(tmp_path / name) > 0, name
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["num_requests"] == 40 and config["block_sizes"] == [4, 16]
+  assert config["variant"] is None and config["sweep"] is None  # no :variant, no --sweep
   info = json.loads((tmp_path / "run_info.json").read_text())
   assert info["experiment"] == "memory_waste" and info["seconds"] > 0
 
@@ -381,8 +382,30 @@ def test_sweep_stacks_rows_with_the_field_first(tmp_path):
   assert [int(r["pool_tokens"]) for r in rows] == [512] * 5 + [1024] * 5
   assert (tmp_path / "memory_breakdown__pool_tokens-512.png").exists()
   assert (tmp_path / "memory_breakdown__pool_tokens-1024.pdf").exists()
+  # config.json shows the values run, not the base config's single value.
+  written = json.loads((tmp_path / "config.json").read_text())
+  assert config.pool_tokens == 1024 and written["pool_tokens"] == [512, 1024]
+  assert written["sweep"] == {"field": "pool_tokens", "values": [512, 1024]}
   with pytest.raises(ValueError, match="not in the config"):
     run.run_experiment(config, str(tmp_path / "bad"), sweep="nope=1,2")
+
+
+def test_config_json_records_the_variant_and_a_nested_sweep():
+  assert run.config_variant("configs/memory_waste.py:quick") == "quick"
+  assert run.config_variant("configs/memory_waste.py") is None
+  assert run.config_variant("configs/memory_waste.py:") is None
+  config = ConfigDict({"experiment": "x", "engine": {"requests": 8, "seed": 0}, "seed": 1})
+  record = run.config_record(config, "quick", "engine.requests", [16, 32])
+  assert record == {
+    "variant": "quick",
+    "sweep": {"field": "engine.requests", "values": [16, 32]},
+    "engine": {"requests": [16, 32], "seed": 0},
+    "experiment": "x",
+    "seed": 1,
+  }
+  assert config.engine.requests == 8  # the config itself is left alone
+  with pytest.raises(ValueError, match="'variant' is reserved"):
+    run.prepare_run(ConfigDict({"experiment": "memory_waste", "variant": "a"}), "/tmp/unused")
 
 
 def test_latex_escapes_and_markdown_formats():
@@ -417,6 +440,8 @@ def test_command_line_end_to_end(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "wrote" in out.stderr
   assert len(_read_csv(tmp_path / "serving.csv")) == 4
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["variant"] == "quick" and config["num_requests"] == 20
   missing = subprocess.run(
     [sys.executable, "-m", "experiments.run", f"--workdir={tmp_path}"],
     cwd=REPO,

@@ -258,9 +258,9 @@ def check_engine(meshes) -> list[dict]:
   """Greedy outputs of the trained tiny model (4 query heads, 2 KV heads) through the
   engine, sharded against one device, with a swap preemption and a fork."""
   from paxcache.engine import Engine, EngineConfig, Request
-  from paxcache.nn import load_decoder
+  from paxcache.nn import TINY_CORPUS, load_decoder
 
-  with open("data/tiny_corpus.txt", "rb") as f:
+  with open(TINY_CORPUS, "rb") as f:
     corpus = f.read()
   spec = [(3, 14, 1), (40, 10, 1), (21, 12, 2), (9, 16, 1), (30, 8, 1)]
   reqs = []

@@ -15,7 +15,7 @@ from flax import nnx
 
 from paxcache.allocator import PENDING_TOKEN
 from paxcache.engine import Engine, EngineConfig, Request, RequestError, sample_tokens
-from paxcache.nn import Decoder, DecoderConfig, greedy_generate_no_cache, load_decoder
+from paxcache.nn import TINY_CORPUS, Decoder, DecoderConfig, greedy_generate_no_cache, load_decoder
 
 PERIOD = ord(".")
 
@@ -27,7 +27,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def corpus():
-  with open("data/tiny_corpus.txt", "rb") as f:
+  with open(TINY_CORPUS, "rb") as f:
     return f.read()
 
 

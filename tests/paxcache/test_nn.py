@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tomllib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +17,11 @@ import pytest
 from flax import nnx
 
 import kernels
+import paxcache
 from paxcache.cache import PagedKVCache
 from paxcache.nn import (
+  TINY_CHECKPOINT,
+  TINY_CORPUS,
   Decoder,
   DecoderConfig,
   PagedAttention,
@@ -198,7 +209,7 @@ def tiny():
 
 def test_trained_checkpoint_writes_corpus_like_text(tiny):
   """The committed model learned the corpus: low loss on it and greedy text made of its words."""
-  with open("data/tiny_corpus.txt") as f:
+  with open(TINY_CORPUS) as f:
     text = f.read()
   chunk = np.frombuffer(text[1000:1129].encode(), np.uint8).astype(np.int32)
   logits = tiny.forward(jnp.asarray(chunk[None, :-1]))
@@ -227,6 +238,49 @@ def test_checkpoint_round_trip(tmp_path):
   assert loaded.config == config
   tokens = jnp.asarray([[1, 2, 3, 250]], jnp.int32)
   np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
+
+
+def test_tiny_checkpoint_and_corpus_are_declared_package_data():
+  """The default checkpoint and its corpus live inside the paxcache package, and every file
+  there is declared as package data in pyproject.toml, so a wheel carries them."""
+  package = pathlib.Path(paxcache.__file__).resolve().parent
+  fixtures = pathlib.Path(TINY_CHECKPOINT).parent
+  assert fixtures == package / "_fixtures"
+  assert pathlib.Path(TINY_CORPUS).parent == fixtures
+  files = sorted(
+    p.relative_to(fixtures).as_posix()
+    for p in fixtures.rglob("*")
+    if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+  )
+  assert files == ["tiny/config.json", "tiny/params.msgpack", "tiny_corpus.txt"]
+  pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+  assert sorted(pyproject["tool"]["setuptools"]["package-data"]["paxcache._fixtures"]) == files
+
+
+def test_load_decoder_default_works_from_the_packages_alone(tmp_path, tiny):
+  """What a non-editable install holds: the packages and their data, no repo root. A copy
+  of paxcache/ and kernels/ alone, imported from elsewhere, loads the packaged model."""
+  package = pathlib.Path(paxcache.__file__).resolve().parent
+  site = tmp_path / "site"
+  for name in ("paxcache", "kernels"):
+    shutil.copytree(
+      package.parent / name, site / name, ignore=shutil.ignore_patterns("__pycache__")
+    )
+  code = (
+    "import json, paxcache, jax.numpy as jnp\n"
+    "from paxcache.nn import TINY_CHECKPOINT, load_decoder\n"
+    "logits = load_decoder().forward(jnp.asarray([[116, 104, 101, 32]], jnp.int32))\n"
+    "print(json.dumps([paxcache.__file__, TINY_CHECKPOINT, logits[0, -1, :8].tolist()]))\n"
+  )
+  env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  module, checkpoint, logits = json.loads(out.stdout.strip().splitlines()[-1])
+  assert module.startswith(str(site)) and checkpoint.startswith(str(site))
+  want = tiny.forward(jnp.asarray([[116, 104, 101, 32]], jnp.int32))[0, -1, :8]
+  np.testing.assert_allclose(logits, np.asarray(want), **TOL["float32"])
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -330,10 +384,10 @@ def test_readme_snippet_user_block_with_paged_attention():
 
 def test_train_tiny_script_learns():
   """experiments/train_tiny.py's loop (few steps, small model) lowers the loss well below
-  uniform: the script that made checkpoints/tiny still works."""
+  uniform: the script that made the packaged tiny checkpoint still works."""
   from experiments.train_tiny import encode, train
 
-  with open("data/tiny_corpus.txt") as f:
+  with open(TINY_CORPUS) as f:
     data = np.asarray(encode(f.read()[:20_000]), np.int32)
   config = DecoderConfig(
     d_model=32, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=64
