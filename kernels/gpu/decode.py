@@ -30,9 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.tuning import GpuBlockSizes
-
-LOG2E = math.log2(math.e)
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -120,7 +119,6 @@ def _decode_kernel(
   shift = int(math.log2(block_size))
 
   def body(j, carry):
-    acc, m, den = carry
     tok = j * kv_tile + offs
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
@@ -137,20 +135,11 @@ def _decode_kernel(
     k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)
-    # Logits in log2 units (times log2(e)), so the softmax uses exp2: one ex2
-    # instruction per element instead of libdevice's longer expf.
-    if logit_soft_cap is None:
-      s = s * (scale * LOG2E)
-    else:
-      s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    den = den * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
-    return acc, m_new, den
+    (acc, m, den), p = online_softmax_step(
+      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+    )
+    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m, den
 
   acc = jnp.zeros((rows, head_dim), jnp.float32)
   m = jnp.full((rows,), -jnp.inf, jnp.float32)

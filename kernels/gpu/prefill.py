@@ -26,7 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gpu.decode import LOG2E, compute_dtype, dot_precision
+from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu.decode import compute_dtype, dot_precision
 from kernels.gpu.tuning import GpuBlockSizes
 
 # Schedule columns (int32 [num_tiles, _NCOL]).
@@ -164,7 +165,6 @@ def _prefill_kernel(
   shift = int(math.log2(block_size))
 
   def step(j, carry, masked):
-    acc, m, den = carry
     tok = j * kv_tile + offs
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
@@ -183,27 +183,16 @@ def _prefill_kernel(
     k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)
-    # Logits in log2 units (times log2(e)), so the softmax uses exp2: one ex2
-    # instruction per element instead of libdevice's longer expf.
-    if logit_soft_cap is None:
-      s = s * (scale * LOG2E)
-    else:
-      s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
+    vis = None  # a tile every row sees in full
     if masked:
       vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
       if sliding_window is not None:
         vis &= tok[None, :] > pos[:, None] - sliding_window
-      s = jnp.where(vis, s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    else:
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_safe = m_new
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    den = den * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
-    return acc, m_new, den
+    (acc, m, den), p = online_softmax_step(
+      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
+    )
+    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m, den
 
   carry = (
     jnp.zeros((q_tile, head_dim), jnp.float32),

@@ -48,7 +48,6 @@ ladder of power-of-two stores (64, 32, ..., 1 rows).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +55,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.prefill import build_schedule
 
-LOG2E = math.log2(math.e)
 ROWS = 64  # query rows of one consumer warpgroup (the wgmma M dimension)
 NUM_CONSUMERS = 2
 TILE = ROWS * NUM_CONSUMERS  # query tokens of one CUDA block
@@ -250,7 +249,6 @@ def _kernel(
       col = plgpu.broadcasted_iota(jnp.int32, (ROWS, kv_tile), 1, layout=plgpu.Layout.WGMMA)
 
       def step(j, carry, masked):
-        acc, m, den = carry
         i = j - j0
         slot = lax.rem(i, jnp.int32(num_slots))
         plgpu.barrier_wait(k_full.at[slot])
@@ -262,24 +260,15 @@ def _kernel(
 
         s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        # Logits in log2 units, so the softmax needs one exp2 per element.
-        if logit_soft_cap is None:
-          s = s * (scale * LOG2E)
-        else:
-          s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
+        vis = None  # a step every row sees in full
         if masked:
           key = j * kv_t + col
           vis = (key <= row_pos) & (key < klen)
           if sliding_window is not None:
             vis &= key > row_pos - sliding_window
-          s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        # A row that has seen no key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        den = den * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        (acc, m, den), p = online_softmax_step(
+          carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
+        )
         p = p.astype(dtype)
         plgpu.barrier_arrive(turn)  # softmax done: hand the tensor cores over
         plgpu.barrier_wait(v_full.at[slot])
@@ -301,7 +290,7 @@ def _kernel(
 
           acc = pl.run_state(values)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, den
+        return acc, m, den
 
       acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
