@@ -71,11 +71,17 @@ def choose_num_splits(
 
 
 def _decode_kernel(
-  lengths_ref,
-  table_ref,
-  q_ref,
-  k_ref,
-  v_ref,
+  # Each ref is a whole array in GPU global memory (no BlockSpec): the program gathers
+  # its own rows. The pools are seen with one row per token slot.
+  lengths_ref,  # i32[batch]
+  table_ref,  # i32[batch * max_blocks]: block_table flattened, -1 where unused
+  q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head
+  k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
+  v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
+  # One split: o [batch * num_q_heads, head_dim] in q.dtype, normalised. Several: o
+  # f32[batch * num_q_heads * num_splits, head_dim] unnormalised, m and den
+  # f32[batch * num_q_heads * num_splits] (max in log2 units, sum of p); row
+  # (b * num_q_heads + query head) * num_splits + split.
   *out_refs,
   num_q_heads,
   group,
@@ -99,6 +105,7 @@ def _decode_kernel(
   row_ids = jnp.arange(rows, dtype=jnp.int32)
   row_ok = row_ids < group
   q_row0 = b * num_q_heads + h * group
+  # [rows, head_dim]: the group's query heads, zero rows past the group
   q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
@@ -119,7 +126,7 @@ def _decode_kernel(
   shift = int(math.log2(block_size))
 
   def body(j, carry):
-    tok = j * kv_tile + offs
+    tok = j * kv_tile + offs  # i32[kv_tile]: token positions of this step
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
     blk = plgpu.load(
@@ -132,18 +139,19 @@ def _decode_kernel(
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
+    # [kv_tile, head_dim] each; rows of positions the query does not see are zero.
     k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
     (acc, m, den), p = online_softmax_step(
       carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
     )
     acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
     return acc, m, den
 
-  acc = jnp.zeros((rows, head_dim), jnp.float32)
-  m = jnp.full((rows,), -jnp.inf, jnp.float32)
-  den = jnp.zeros((rows,), jnp.float32)
+  acc = jnp.zeros((rows, head_dim), jnp.float32)  # sum of p @ v
+  m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
+  den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
 
   if num_splits == 1:

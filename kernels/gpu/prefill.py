@@ -101,12 +101,14 @@ def build_schedule(
 
 
 def _prefill_kernel(
-  sched_ref,
-  table_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  o_ref,
+  # Each ref is a whole array in GPU global memory (no BlockSpec): the program gathers
+  # its own rows. The pools are seen with one row per token slot.
+  sched_ref,  # i32[num_tiles * _NCOL]: build_schedule's rows, flattened
+  table_ref,  # i32[batch * max_blocks]: block_table flattened, -1 where unused
+  q_ref,  # [num_tokens * num_q_heads, head_dim]: row token * num_q_heads + query head
+  k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
+  v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
+  o_ref,  # [num_tokens * num_q_heads, head_dim] in q.dtype, rows as in q_ref
   *,
   num_q_heads,
   group,
@@ -141,6 +143,7 @@ def _prefill_kernel(
   q_rows = (
     (start + t) * num_q_heads + hg * heads_per_program + jnp.bitwise_and(r, heads_per_program - 1)
   )
+  # [q_tile, head_dim]; rows past the tile's end are zero.
   q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
@@ -165,7 +168,7 @@ def _prefill_kernel(
   shift = int(math.log2(block_size))
 
   def step(j, carry, masked):
-    tok = j * kv_tile + offs
+    tok = j * kv_tile + offs  # i32[kv_tile]: key positions of this step
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
     blk = plgpu.load(
@@ -180,11 +183,12 @@ def _prefill_kernel(
       head_base + jnp.where(blk_ok, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
+    # [kv_tile, head_dim] each; rows not loaded are zero.
     k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[q_tile, kv_tile]
     vis = None  # a tile every row sees in full
-    if masked:
+    if masked:  # bool[q_tile, kv_tile]
       vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
       if sliding_window is not None:
         vis &= tok[None, :] > pos[:, None] - sliding_window
@@ -195,9 +199,9 @@ def _prefill_kernel(
     return acc, m, den
 
   carry = (
-    jnp.zeros((q_tile, head_dim), jnp.float32),
-    jnp.full((q_tile,), -jnp.inf, jnp.float32),
-    jnp.zeros((q_tile,), jnp.float32),
+    jnp.zeros((q_tile, head_dim), jnp.float32),  # acc: sum of p @ v
+    jnp.full((q_tile,), -jnp.inf, jnp.float32),  # m: running max, log2 units
+    jnp.zeros((q_tile,), jnp.float32),  # den: running sum of p
   )
   carry = lax.fori_loop(j0, j1, functools.partial(step, masked=True), carry)
   carry = lax.fori_loop(j1, j2, functools.partial(step, masked=False), carry)

@@ -120,14 +120,15 @@ def _store_when(pred, src, dst):
 
 
 def _kernel(
-  sched_ref,
-  table_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  tail_k_ref,
-  tail_v_ref,
-  o_ref,
+  # GMEM: whole arrays in GPU global memory; the kernel copies tiles into SMEM with TMA.
+  sched_ref,  # GMEM i32[num_tiles, 8]: prefill.build_schedule's rows
+  table_ref,  # GMEM i32[batch, max_blocks], -1 where unused
+  q_ref,  # GMEM [num_tokens (padded to a multiple of 8), num_q_heads, head_dim]
+  k_ref,  # GMEM [num_kv_heads, num_blocks, block_size, head_dim]
+  v_ref,  # GMEM [num_kv_heads, num_blocks, block_size, head_dim]
+  tail_k_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of K
+  tail_v_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of V
+  o_ref,  # GMEM [num_tokens (padded to a multiple of 8), num_q_heads, head_dim]
   *,
   group,
   kv_tile,
@@ -171,7 +172,19 @@ def _kernel(
   num_steps = j3 - j0
   tail_step = jnp.where(lax.rem(klen, kv_t) != 0, lax.div(klen, kv_t), jnp.int32(-1))
 
-  def body(q_smem, k_smem, v_smem, o_smem, p_smem, q_full, k_full, v_full, k_free, v_free, turn):
+  def body(
+    q_smem,  # SMEM [NUM_CONSUMERS, ROWS, head_dim]: each consumer's query window
+    k_smem,  # SMEM [num_slots, kv_tile, head_dim]: ring of K steps
+    v_smem,  # SMEM [num_slots, kv_tile, head_dim]: ring of V steps
+    o_smem,  # SMEM [NUM_CONSUMERS, ROWS, head_dim]: each consumer's output, for TMA stores
+    p_smem,  # SMEM [NUM_CONSUMERS, ROWS, kv_tile]: P for the P V wgmma; None unless pv_via_smem
+    q_full,  # barrier [NUM_CONSUMERS]: consumer wg's query window has landed
+    k_full,  # barrier [num_slots], copies_per_step arrivals: the slot's K has landed
+    v_full,  # barrier [num_slots], copies_per_step arrivals: the slot's V has landed
+    k_free,  # barrier [num_slots], NUM_CONSUMERS arrivals: both consumers are done with K
+    v_free,  # barrier [num_slots], NUM_CONSUMERS arrivals: both consumers are done with V
+    turn,  # barrier, NUM_CONSUMERS arrivals: the consumers' rendezvous on the tensor cores
+  ):
     def rendezvous():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
@@ -258,10 +271,10 @@ def _kernel(
           rendezvous()  # the other consumer's softmax runs while this product does
           return acc_ref[...]
 
-        s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))
+        s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))  # f32[ROWS, kv_tile]
         plgpu.barrier_arrive(k_free.at[slot])
         vis = None  # a step every row sees in full
-        if masked:
+        if masked:  # bool[ROWS, kv_tile]
           key = j * kv_t + col
           vis = (key <= row_pos) & (key < klen)
           if sliding_window is not None:
@@ -292,6 +305,8 @@ def _kernel(
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m, den
 
+      # acc f32[ROWS, head_dim] (sum of p @ v), m and den f32[ROWS] (running max in log2
+      # units, running sum of p), in the registers' wgmma layout.
       acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
