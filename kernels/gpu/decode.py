@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.tuning import GpuBlockSizes
+from kernels.gpu.tuning import BlockSizes
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -190,7 +190,7 @@ def paged_decode(
   scale: float,
   sliding_window: int | None,
   logit_soft_cap: float | None,
-  block_sizes: GpuBlockSizes,
+  block_sizes: BlockSizes,
   interpret: bool = False,
 ):
   """Decode attention, one query per sequence.

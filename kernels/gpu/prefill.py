@@ -28,7 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.decode import compute_dtype, dot_precision
-from kernels.gpu.tuning import GpuBlockSizes
+from kernels.gpu.tuning import BlockSizes
 
 # Schedule columns (int32 [num_tiles, _NCOL]).
 _START, _END, _POS0, _SEQ, _KLEN = range(5)
@@ -227,7 +227,7 @@ def paged_prefill(
   scale: float,
   sliding_window: int | None,
   logit_soft_cap: float | None,
-  block_sizes: GpuBlockSizes,
+  block_sizes: BlockSizes,
   interpret: bool = False,
 ):
   """Ragged prefill / chunked prefill / mixed batch.

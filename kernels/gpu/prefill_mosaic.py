@@ -380,7 +380,7 @@ def paged_prefill_mosaic(
   pv_via_smem: bool | None = None,
   interpret=False,
 ):
-  """Same arguments and result as ``prefill.paged_prefill`` (no GpuBlockSizes).
+  """Same arguments and result as ``prefill.paged_prefill`` (no BlockSizes).
 
   Args:
     q: [num_tokens, num_q_heads, head_dim], bf16 or f16.
