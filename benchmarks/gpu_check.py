@@ -130,7 +130,7 @@ def prefill_case(
       block_size=block_size,
       num_tokens=num_tokens,
       batch=batch,
-      requested=(block_sizes or gpu.GpuBlockSizes()).prefill_kernel,
+      requested=(block_sizes or gpu.BlockSizes()).prefill_kernel,
       interpret=interpret,
     )
   )
@@ -176,7 +176,7 @@ def cases(smoke: bool):
     dict(decode_kv_tile=32, decode_num_stages=4),
     dict(decode_num_splits=16),
   ):
-    bsz = gpu.GpuBlockSizes(**cfg)
+    bsz = gpu.BlockSizes(**cfg)
     yield (
       f"decode 8x4096 bf16 bs16 {cfg}",
       lambda r, bsz=bsz: decode_case(
@@ -231,7 +231,7 @@ def cases(smoke: bool):
       ctx_lens=[0] * 4,
       block_size=64,
       pad_rows=0,
-      block_sizes=gpu.GpuBlockSizes(prefill_kernel="triton"),
+      block_sizes=gpu.BlockSizes(prefill_kernel="triton"),
     ),
   )
   # The Mosaic GPU prefill (what "auto" picks on Hopper above) in its other settings.
@@ -241,7 +241,7 @@ def cases(smoke: bool):
     (128, dict(mosaic_kv_tile=64, mosaic_num_slots=4)),
     (256, dict(mosaic_kv_tile=128, mosaic_num_slots=2)),
   ):
-    bsz = gpu.GpuBlockSizes(prefill_kernel="mosaic", **cfg)
+    bsz = gpu.BlockSizes(prefill_kernel="mosaic", **cfg)
     yield (
       f"mosaic mixed chunked prefill + decode bf16 bs{bs} {cfg}",
       lambda r, bs=bs, bsz=bsz: prefill_case(r, **mixed, block_size=bs, block_sizes=bsz),
@@ -262,7 +262,7 @@ def cases(smoke: bool):
       dtype=jnp.float16,
       window=100,
       cap=30.0,
-      block_sizes=gpu.GpuBlockSizes(prefill_kernel="mosaic"),
+      block_sizes=gpu.BlockSizes(prefill_kernel="mosaic"),
     ),
   )
   for cfg in (
@@ -270,7 +270,7 @@ def cases(smoke: bool):
     dict(prefill_q_tile=128, prefill_num_warps=4, prefill_heads_per_program=1),
   ):
     cfg = dict(cfg, prefill_kernel="triton")
-    bsz = gpu.GpuBlockSizes(**cfg)
+    bsz = gpu.BlockSizes(**cfg)
     yield (
       f"mixed chunked prefill + decode bf16 bs32 {cfg}",
       lambda r, bsz=bsz: prefill_case(
@@ -302,7 +302,7 @@ def cases(smoke: bool):
       block_size=256,
       window=200,
       cap=20.0,
-      block_sizes=gpu.GpuBlockSizes(prefill_kernel="triton"),
+      block_sizes=gpu.BlockSizes(prefill_kernel="triton"),
     ),
   )
   yield (

@@ -11,7 +11,7 @@ Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
 
 Both run on CPU in interpret mode, which is how CI checks them: Triton kernels with
 ``interpret=True``; the Mosaic GPU kernel in GPU interpret mode when asked for explicitly
-(``GpuBlockSizes(prefill_kernel="mosaic")``). Interpret mode never picks Mosaic by itself.
+(``BlockSizes(prefill_kernel="mosaic")``). Interpret mode never picks Mosaic by itself.
 
 This package imports nothing from paxcache or flax.
 """
@@ -28,10 +28,10 @@ from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
-from kernels.gpu.tuning import PREFILL_KERNELS, GpuBlockSizes, default_block_sizes
+from kernels.gpu.tuning import PREFILL_KERNELS, BlockSizes, default_block_sizes
 
 __all__ = [
-  "GpuBlockSizes",
+  "BlockSizes",
   "default_block_sizes",
   "is_hopper",
   "kernel_backend",
@@ -79,7 +79,7 @@ def kernel_backend(
   """The Pallas GPU kernel family that runs a call: ``"triton"`` or ``"mosaic"``.
 
   The one switch point (module docstring). Decode is always ``"triton"``. For prefill,
-  ``requested`` ("triton" / "mosaic", from ``GpuBlockSizes.prefill_kernel``) is honoured;
+  ``requested`` ("triton" / "mosaic", from ``BlockSizes.prefill_kernel``) is honoured;
   ``"auto"`` gives ``"mosaic"`` when not interpreting, the device is Hopper, the Mosaic
   kernel supports the dtypes, head dim and block size, and the call averages at least
   ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per block-table row (``batch``: sequences, padding
@@ -166,10 +166,12 @@ def validate_gpu_inputs(
       f"block_sizes.prefill_heads_per_program {hp} must divide the {group} query heads per "
       f"KV head (q {_shape_str(q)}, k_blocks {_shape_str(k_blocks)})"
     )
-  if block_sizes is not None and not isinstance(block_sizes, GpuBlockSizes):
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    # Module and name: the TPU backend's tuning class is also called BlockSizes.
+    kind = type(block_sizes)
     raise ValueError(
-      f"block_sizes for the GPU backend must be a kernels.gpu.GpuBlockSizes, got "
-      f"{type(block_sizes).__name__}"
+      f"block_sizes for the GPU backend must be a kernels.gpu.BlockSizes, got "
+      f"{kind.__module__}.{kind.__qualname__}"
     )
 
 
@@ -197,7 +199,7 @@ def paged_attention(
     lengths: i32[batch], tokens in each sequence's cache including this call's queries.
     cu_q_lens: i32[batch + 1] or None.
     scale, sliding_window, logit_soft_cap: as in kernels.paged_attention.
-    block_sizes: a GpuBlockSizes, or None for per-shape defaults.
+    block_sizes: a kernels.gpu.BlockSizes, or None for per-shape defaults.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
 
   Returns:

@@ -30,9 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gpu.tuning import GpuBlockSizes
-
-LOG2E = math.log2(math.e)
+from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu.tuning import BlockSizes
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -72,11 +71,17 @@ def choose_num_splits(
 
 
 def _decode_kernel(
-  lengths_ref,
-  table_ref,
-  q_ref,
-  k_ref,
-  v_ref,
+  # Each ref is a whole array in GPU global memory (no BlockSpec): the program gathers
+  # its own rows. The pools are seen with one row per token slot.
+  lengths_ref,  # i32[batch]
+  table_ref,  # i32[batch * max_blocks]: block_table flattened, -1 where unused
+  q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head
+  k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
+  v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
+  # One split: o [batch * num_q_heads, head_dim] in q.dtype, normalised. Several: o
+  # f32[batch * num_q_heads * num_splits, head_dim] unnormalised, m and den
+  # f32[batch * num_q_heads * num_splits] (max in log2 units, sum of p); row
+  # (b * num_q_heads + query head) * num_splits + split.
   *out_refs,
   num_q_heads,
   group,
@@ -100,6 +105,7 @@ def _decode_kernel(
   row_ids = jnp.arange(rows, dtype=jnp.int32)
   row_ok = row_ids < group
   q_row0 = b * num_q_heads + h * group
+  # [rows, head_dim]: the group's query heads, zero rows past the group
   q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
@@ -120,8 +126,7 @@ def _decode_kernel(
   shift = int(math.log2(block_size))
 
   def body(j, carry):
-    acc, m, den = carry
-    tok = j * kv_tile + offs
+    tok = j * kv_tile + offs  # i32[kv_tile]: token positions of this step
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
     blk = plgpu.load(
@@ -134,27 +139,19 @@ def _decode_kernel(
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
+    # [kv_tile, head_dim] each; rows of positions the query does not see are zero.
     k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)
-    # Logits in log2 units (times log2(e)), so the softmax uses exp2: one ex2
-    # instruction per element instead of libdevice's longer expf.
-    if logit_soft_cap is None:
-      s = s * (scale * LOG2E)
-    else:
-      s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    den = den * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
-    return acc, m_new, den
+    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+    (acc, m, den), p = online_softmax_step(
+      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+    )
+    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m, den
 
-  acc = jnp.zeros((rows, head_dim), jnp.float32)
-  m = jnp.full((rows,), -jnp.inf, jnp.float32)
-  den = jnp.zeros((rows,), jnp.float32)
+  acc = jnp.zeros((rows, head_dim), jnp.float32)  # sum of p @ v
+  m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
+  den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
 
   if num_splits == 1:
@@ -193,7 +190,7 @@ def paged_decode(
   scale: float,
   sliding_window: int | None,
   logit_soft_cap: float | None,
-  block_sizes: GpuBlockSizes,
+  block_sizes: BlockSizes,
   interpret: bool = False,
 ):
   """Decode attention, one query per sequence.

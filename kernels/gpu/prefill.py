@@ -26,8 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gpu.decode import LOG2E, compute_dtype, dot_precision
-from kernels.gpu.tuning import GpuBlockSizes
+from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu.decode import compute_dtype, dot_precision
+from kernels.gpu.tuning import BlockSizes
 
 # Schedule columns (int32 [num_tiles, _NCOL]).
 _START, _END, _POS0, _SEQ, _KLEN = range(5)
@@ -100,12 +101,14 @@ def build_schedule(
 
 
 def _prefill_kernel(
-  sched_ref,
-  table_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  o_ref,
+  # Each ref is a whole array in GPU global memory (no BlockSpec): the program gathers
+  # its own rows. The pools are seen with one row per token slot.
+  sched_ref,  # i32[num_tiles * _NCOL]: build_schedule's rows, flattened
+  table_ref,  # i32[batch * max_blocks]: block_table flattened, -1 where unused
+  q_ref,  # [num_tokens * num_q_heads, head_dim]: row token * num_q_heads + query head
+  k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
+  v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
+  o_ref,  # [num_tokens * num_q_heads, head_dim] in q.dtype, rows as in q_ref
   *,
   num_q_heads,
   group,
@@ -140,6 +143,7 @@ def _prefill_kernel(
   q_rows = (
     (start + t) * num_q_heads + hg * heads_per_program + jnp.bitwise_and(r, heads_per_program - 1)
   )
+  # [q_tile, head_dim]; rows past the tile's end are zero.
   q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
@@ -164,8 +168,7 @@ def _prefill_kernel(
   shift = int(math.log2(block_size))
 
   def step(j, carry, masked):
-    acc, m, den = carry
-    tok = j * kv_tile + offs
+    tok = j * kv_tile + offs  # i32[kv_tile]: key positions of this step
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
     blk = plgpu.load(
@@ -180,35 +183,25 @@ def _prefill_kernel(
       head_base + jnp.where(blk_ok, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
+    # [kv_tile, head_dim] each; rows not loaded are zero.
     k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)
-    # Logits in log2 units (times log2(e)), so the softmax uses exp2: one ex2
-    # instruction per element instead of libdevice's longer expf.
-    if logit_soft_cap is None:
-      s = s * (scale * LOG2E)
-    else:
-      s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
-    if masked:
+    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[q_tile, kv_tile]
+    vis = None  # a tile every row sees in full
+    if masked:  # bool[q_tile, kv_tile]
       vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
       if sliding_window is not None:
         vis &= tok[None, :] > pos[:, None] - sliding_window
-      s = jnp.where(vis, s, -jnp.inf)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    else:
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      m_safe = m_new
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    den = den * alpha + jnp.sum(p, axis=1)
-    acc = acc * alpha[:, None] + plgpu.dot(p.astype(cdtype), v, precision=prec)
-    return acc, m_new, den
+    (acc, m, den), p = online_softmax_step(
+      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
+    )
+    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m, den
 
   carry = (
-    jnp.zeros((q_tile, head_dim), jnp.float32),
-    jnp.full((q_tile,), -jnp.inf, jnp.float32),
-    jnp.zeros((q_tile,), jnp.float32),
+    jnp.zeros((q_tile, head_dim), jnp.float32),  # acc: sum of p @ v
+    jnp.full((q_tile,), -jnp.inf, jnp.float32),  # m: running max, log2 units
+    jnp.zeros((q_tile,), jnp.float32),  # den: running sum of p
   )
   carry = lax.fori_loop(j0, j1, functools.partial(step, masked=True), carry)
   carry = lax.fori_loop(j1, j2, functools.partial(step, masked=False), carry)
@@ -234,7 +227,7 @@ def paged_prefill(
   scale: float,
   sliding_window: int | None,
   logit_soft_cap: float | None,
-  block_sizes: GpuBlockSizes,
+  block_sizes: BlockSizes,
   interpret: bool = False,
 ):
   """Ragged prefill / chunked prefill / mixed batch.

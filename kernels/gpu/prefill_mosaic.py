@@ -48,7 +48,6 @@ ladder of power-of-two stores (64, 32, ..., 1 rows).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +55,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.prefill import build_schedule
 
-LOG2E = math.log2(math.e)
 ROWS = 64  # query rows of one consumer warpgroup (the wgmma M dimension)
 NUM_CONSUMERS = 2
 TILE = ROWS * NUM_CONSUMERS  # query tokens of one CUDA block
@@ -121,14 +120,15 @@ def _store_when(pred, src, dst):
 
 
 def _kernel(
-  sched_ref,
-  table_ref,
-  q_ref,
-  k_ref,
-  v_ref,
-  tail_k_ref,
-  tail_v_ref,
-  o_ref,
+  # GMEM: whole arrays in GPU global memory; the kernel copies tiles into SMEM with TMA.
+  sched_ref,  # GMEM i32[num_tiles, 8]: prefill.build_schedule's rows
+  table_ref,  # GMEM i32[batch, max_blocks], -1 where unused
+  q_ref,  # GMEM [num_tokens (padded to a multiple of 8), num_q_heads, head_dim]
+  k_ref,  # GMEM [num_kv_heads, num_blocks, block_size, head_dim]
+  v_ref,  # GMEM [num_kv_heads, num_blocks, block_size, head_dim]
+  tail_k_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of K
+  tail_v_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of V
+  o_ref,  # GMEM [num_tokens (padded to a multiple of 8), num_q_heads, head_dim]
   *,
   group,
   kv_tile,
@@ -172,7 +172,19 @@ def _kernel(
   num_steps = j3 - j0
   tail_step = jnp.where(lax.rem(klen, kv_t) != 0, lax.div(klen, kv_t), jnp.int32(-1))
 
-  def body(q_smem, k_smem, v_smem, o_smem, p_smem, q_full, k_full, v_full, k_free, v_free, turn):
+  def body(
+    q_smem,  # SMEM [NUM_CONSUMERS, ROWS, head_dim]: each consumer's query window
+    k_smem,  # SMEM [num_slots, kv_tile, head_dim]: ring of K steps
+    v_smem,  # SMEM [num_slots, kv_tile, head_dim]: ring of V steps
+    o_smem,  # SMEM [NUM_CONSUMERS, ROWS, head_dim]: each consumer's output, for TMA stores
+    p_smem,  # SMEM [NUM_CONSUMERS, ROWS, kv_tile]: P for the P V wgmma; None unless pv_via_smem
+    q_full,  # barrier [NUM_CONSUMERS]: consumer wg's query window has landed
+    k_full,  # barrier [num_slots], copies_per_step arrivals: the slot's K has landed
+    v_full,  # barrier [num_slots], copies_per_step arrivals: the slot's V has landed
+    k_free,  # barrier [num_slots], NUM_CONSUMERS arrivals: both consumers are done with K
+    v_free,  # barrier [num_slots], NUM_CONSUMERS arrivals: both consumers are done with V
+    turn,  # barrier, NUM_CONSUMERS arrivals: the consumers' rendezvous on the tensor cores
+  ):
     def rendezvous():
       plgpu.barrier_arrive(turn)
       plgpu.barrier_wait(turn)
@@ -250,7 +262,6 @@ def _kernel(
       col = plgpu.broadcasted_iota(jnp.int32, (ROWS, kv_tile), 1, layout=plgpu.Layout.WGMMA)
 
       def step(j, carry, masked):
-        acc, m, den = carry
         i = j - j0
         slot = lax.rem(i, jnp.int32(num_slots))
         plgpu.barrier_wait(k_full.at[slot])
@@ -260,26 +271,17 @@ def _kernel(
           rendezvous()  # the other consumer's softmax runs while this product does
           return acc_ref[...]
 
-        s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))
+        s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))  # f32[ROWS, kv_tile]
         plgpu.barrier_arrive(k_free.at[slot])
-        # Logits in log2 units, so the softmax needs one exp2 per element.
-        if logit_soft_cap is None:
-          s = s * (scale * LOG2E)
-        else:
-          s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
-        if masked:
+        vis = None  # a step every row sees in full
+        if masked:  # bool[ROWS, kv_tile]
           key = j * kv_t + col
           vis = (key <= row_pos) & (key < klen)
           if sliding_window is not None:
             vis &= key > row_pos - sliding_window
-          s = jnp.where(vis, s, -jnp.inf)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        # A row that has seen no key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
-        den = den * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        (acc, m, den), p = online_softmax_step(
+          carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
+        )
         p = p.astype(dtype)
         plgpu.barrier_arrive(turn)  # softmax done: hand the tensor cores over
         plgpu.barrier_wait(v_full.at[slot])
@@ -301,8 +303,10 @@ def _kernel(
 
           acc = pl.run_state(values)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m_new, den
+        return acc, m, den
 
+      # acc f32[ROWS, head_dim] (sum of p @ v), m and den f32[ROWS] (running max in log2
+      # units, running sum of p), in the registers' wgmma layout.
       acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
       m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -376,7 +380,7 @@ def paged_prefill_mosaic(
   pv_via_smem: bool | None = None,
   interpret=False,
 ):
-  """Same arguments and result as ``prefill.paged_prefill`` (no GpuBlockSizes).
+  """Same arguments and result as ``prefill.paged_prefill`` (no BlockSizes).
 
   Args:
     q: [num_tokens, num_q_heads, head_dim], bf16 or f16.

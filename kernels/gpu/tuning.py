@@ -1,6 +1,6 @@
 """Tuning knobs of the GPU paged-attention kernels: one frozen, hashable dataclass.
 
-``GpuBlockSizes`` is what ``kernels.paged_attention(..., block_sizes=...)`` takes on the
+``BlockSizes`` is what ``kernels.paged_attention(..., block_sizes=...)`` takes on the
 GPU backend. It is hashable so it can be a static jit argument; every field is
 checked in ``__post_init__``, so a bad setting fails before anything compiles.
 ``default_block_sizes`` picks the settings per shape (the ones measured best on an
@@ -29,7 +29,7 @@ def _is_pow2(x: int) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class GpuBlockSizes:
+class BlockSizes:
   """Tile sizes and launch settings of the Pallas GPU kernels.
 
   Attributes:
@@ -81,37 +81,30 @@ class GpuBlockSizes:
     for name, (lo, hi) in pow2_fields.items():
       value = getattr(self, name)
       if not (_is_pow2(value) and lo <= value <= hi):
-        raise ValueError(
-          f"GpuBlockSizes.{name} must be a power of two in [{lo}, {hi}], got {value!r}"
-        )
+        raise ValueError(f"BlockSizes.{name} must be a power of two in [{lo}, {hi}], got {value!r}")
     for name in ("decode_num_stages", "prefill_num_stages"):
       value = getattr(self, name)
       if not (isinstance(value, int) and 1 <= value <= 8):
-        raise ValueError(f"GpuBlockSizes.{name} must be an int in [1, 8], got {value!r}")
+        raise ValueError(f"BlockSizes.{name} must be an int in [1, 8], got {value!r}")
     hp = self.prefill_heads_per_program
     if hp is not None and not (_is_pow2(hp) and hp <= self.prefill_q_tile):
       raise ValueError(
-        "GpuBlockSizes.prefill_heads_per_program must be None or a power of two <= "
+        "BlockSizes.prefill_heads_per_program must be None or a power of two <= "
         f"prefill_q_tile ({self.prefill_q_tile}), got {hp!r}"
       )
     if self.prefill_kernel not in PREFILL_KERNELS:
       raise ValueError(
-        f"GpuBlockSizes.prefill_kernel must be one of {PREFILL_KERNELS}, got "
-        f"{self.prefill_kernel!r}"
+        f"BlockSizes.prefill_kernel must be one of {PREFILL_KERNELS}, got {self.prefill_kernel!r}"
       )
     if not (isinstance(self.mosaic_kv_tile, int) and self.mosaic_kv_tile in (64, 128)):
-      raise ValueError(
-        f"GpuBlockSizes.mosaic_kv_tile must be 64 or 128, got {self.mosaic_kv_tile!r}"
-      )
+      raise ValueError(f"BlockSizes.mosaic_kv_tile must be 64 or 128, got {self.mosaic_kv_tile!r}")
     if not (isinstance(self.mosaic_num_slots, int) and 2 <= self.mosaic_num_slots <= 4):
       raise ValueError(
-        f"GpuBlockSizes.mosaic_num_slots must be an int in [2, 4], got {self.mosaic_num_slots!r}"
+        f"BlockSizes.mosaic_num_slots must be an int in [2, 4], got {self.mosaic_num_slots!r}"
       )
     splits = self.decode_num_splits
     if splits is not None and not (isinstance(splits, int) and splits >= 1):
-      raise ValueError(
-        f"GpuBlockSizes.decode_num_splits must be None or an int >= 1, got {splits!r}"
-      )
+      raise ValueError(f"BlockSizes.decode_num_splits must be None or an int >= 1, got {splits!r}")
 
 
 def _floor_pow2(x: int) -> int:
@@ -126,7 +119,7 @@ def default_block_sizes(
   decode: bool = True,
   batch: int | None = None,
   num_kv_heads: int | None = None,
-) -> GpuBlockSizes:
+) -> BlockSizes:
   """Per-shape defaults (measured on an H100, docs/gpu_notes.md).
 
   Decode: with at least 128 (sequence, KV head) pairs the grid is several waves deep
@@ -155,7 +148,7 @@ def default_block_sizes(
   prefill_q = 64 if big else 128
   if num_tokens is not None and not decode:
     prefill_q = max(16, min(prefill_q, _floor_pow2(max(num_tokens, 16))))
-  return GpuBlockSizes(
+  return BlockSizes(
     decode_kv_tile=kv_tile,
     decode_num_splits=None,
     decode_num_warps=warps,

@@ -32,7 +32,7 @@ TOLERANCES = {
   jnp.bfloat16: 1e-2,
 }
 
-SMALL = gpu.GpuBlockSizes(
+SMALL = gpu.BlockSizes(
   decode_kv_tile=16,
   decode_num_stages=2,
   prefill_q_tile=16,
@@ -321,11 +321,11 @@ def test_unsupported_shapes_raise_before_compiling(kwargs, match):
 
 
 def test_bad_block_sizes_raise():
-  with pytest.raises(ValueError, match="GpuBlockSizes"):
+  with pytest.raises(ValueError, match=r"kernels\.gpu\.BlockSizes"):
     gpu.paged_attention(*_args(), block_sizes={"decode_kv_tile": 16}, interpret=True)
   with pytest.raises(ValueError, match="prefill_heads_per_program 4 must divide the 2"):
     gpu.paged_attention(
-      *_args(), block_sizes=gpu.GpuBlockSizes(prefill_heads_per_program=4), interpret=True
+      *_args(), block_sizes=gpu.BlockSizes(prefill_heads_per_program=4), interpret=True
     )
   with pytest.raises(ValueError, match="k_blocks"):  # generic checks still run first
     q, k, v, t, n = _args()
@@ -346,12 +346,12 @@ def test_bad_block_sizes_raise():
 )
 def test_block_sizes_validated_on_construction(field, value):
   with pytest.raises(ValueError, match=field):
-    gpu.GpuBlockSizes(**{field: value})
+    gpu.BlockSizes(**{field: value})
 
 
 def test_block_sizes_frozen_hashable_and_chosen_per_shape():
-  a = gpu.GpuBlockSizes()
-  assert hash(a) == hash(gpu.GpuBlockSizes()) and a == gpu.GpuBlockSizes()
+  a = gpu.BlockSizes()
+  assert hash(a) == hash(gpu.BlockSizes()) and a == gpu.BlockSizes()
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.decode_kv_tile = 32  # type: ignore[misc]
   small = gpu.default_block_sizes(head_dim=256, kv_dtype=jnp.float32)
@@ -527,4 +527,4 @@ def test_mosaic_interpret_needs_threads(monkeypatch):
 )
 def test_mosaic_block_sizes_validated(field, value):
   with pytest.raises(ValueError, match=field):
-    gpu.GpuBlockSizes(**{field: value})
+    gpu.BlockSizes(**{field: value})
