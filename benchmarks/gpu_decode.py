@@ -1,7 +1,7 @@
 """H100 benchmark of the Pallas GPU paged-attention kernels against the read ceiling and peers.
 
 In one process: the HBM read ceiling (torch ``x.sum()`` and ``jnp.sum`` over 2 GiB of
-bf16), our decode kernel at the shapes of BENCHMARKS.md (32 q heads, 8 KV heads,
+bf16), our decode kernel at the standard decode shapes (32 q heads, 8 KV heads,
 head_dim 128, bf16, full-length sequences, blocks scattered at random) for block
 sizes 16/32/64/128, the same kernel on an identity (contiguous) block table, JAX's
 built-in ``jax.experimental.pallas.ops.gpu.paged_attention`` (best of k_splits
