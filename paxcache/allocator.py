@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import operator
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from paxcache.prefix_cache import block_hash as block_hash  # re-exported: paxcache.block_hash
+
 # Same value as ``kernels.INVALID_BLOCK`` / ``kernels.INVALID_SLOT``; repeated here so that the
 # allocator stays free of jax (a test checks they agree).
 INVALID_BLOCK = -1
 PENDING_TOKEN = -1  # a token appended before its id is known (see append_batch)
 
-_HASH_BYTES = 32  # blake2b-256: collisions are not a practical concern.
-_ROOT_HASH = b"paxcache.prefix.root"
 _FORGOTTEN_LIMIT = 1 << 16  # how many freed ids we remember, only to word error messages better
 
 
@@ -150,18 +149,6 @@ class _Seq:
     self.row = row
     self.hashes: list[bytes] = []  # hash of each full block, in logical order
     self.host_blocks: list[int] | None = None  # set while swapped out
-
-
-def block_hash(parent: bytes | None, tokens: np.ndarray) -> bytes:
-  """Chained hash of one full block: blake2b-256 over the parent block's hash and its token ids.
-
-  Args:
-    parent: hash of the previous block of the sequence, ``None`` for the first block.
-    tokens: ``[block_size]`` integer token ids.
-  """
-  h = hashlib.blake2b(parent if parent is not None else _ROOT_HASH, digest_size=_HASH_BYTES)
-  h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
-  return h.digest()
 
 
 class BlockAllocator:
