@@ -512,7 +512,7 @@ class BlockAllocator:
     cow = off != 0 and pool.ref.item(last) > 1
     new_nb = -(-(n + k) // bs)
     needed = new_nb - nb + cow
-    if needed > pool.num_available:
+    if needed and needed > pool.num_available:  # most appends need no block
       self._require(needed, f"append {k} tokens to sequence {seq_id!r}")
     if new_nb > self._table.shape[1]:
       self._ensure_width(new_nb)
@@ -526,7 +526,9 @@ class BlockAllocator:
     first = n // bs
     for j in range(first, new_nb):
       pool.set_fill(table_row.item(j), min(bs, n + k - j * bs))
-    if k <= 8:
+    if k == 1:
+      slots = np.array([table_row.item(first) * bs + off], np.int32)
+    elif k <= 8:
       slots = np.array([table_row.item(p // bs) * bs + p % bs for p in range(n, n + k)], np.int32)
     else:
       pos = np.arange(n, n + k, dtype=np.int64)
@@ -545,7 +547,8 @@ class BlockAllocator:
         if rem:
           self._partial[row, :rem] = combined[len(combined) - rem :]
     self._ntok[row] = n + k
-    self._nblk[row] = new_nb
+    if new_nb != nb:
+      self._nblk[row] = new_nb
     self._resident_tokens += k
     return AppendResult(slots, pair)
 
