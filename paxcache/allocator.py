@@ -1,7 +1,13 @@
-"""Host-side block allocator: free blocks, reference counts, copy-on-write, prefix cache, host pool.
+"""Host-side block allocator: sequences' block tables, copy-on-write, host swap, metrics.
 
 Pure Python and NumPy, outside ``jit``. The allocator only hands out block ids and slots; the
 device-side copies it asks for (copy-on-write pairs, swap pairs) are done by the caller.
+
+It is the sequence-facing manager over two smaller pieces:
+
+- :class:`paxcache.block_pool.BlockPool`: per-block reference counts and fill, the free list;
+- :class:`paxcache.prefix_cache.PrefixCache`: block keys (the one hashing path), the
+  ``key -> block`` map and LRU eviction of cached blocks.
 
 State per sequence lives in rows of preallocated NumPy arrays (``_table[row]`` is the sequence's
 block table, ``-1`` past its last block), so a decode step's appends and the block-table build are
@@ -17,20 +23,21 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import operator
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from paxcache.block_pool import BlockPool
+from paxcache.prefix_cache import PrefixCache
+from paxcache.prefix_cache import block_hash as block_hash  # re-exported: paxcache.block_hash
 
 # Same value as ``kernels.INVALID_BLOCK`` / ``kernels.INVALID_SLOT``; repeated here so that the
 # allocator stays free of jax (a test checks they agree).
 INVALID_BLOCK = -1
 PENDING_TOKEN = -1  # a token appended before its id is known (see append_batch)
 
-_HASH_BYTES = 32  # blake2b-256: collisions are not a practical concern.
-_ROOT_HASH = b"paxcache.prefix.root"
 _FORGOTTEN_LIMIT = 1 << 16  # how many freed ids we remember, only to word error messages better
 
 
@@ -152,18 +159,6 @@ class _Seq:
     self.host_blocks: list[int] | None = None  # set while swapped out
 
 
-def block_hash(parent: bytes | None, tokens: np.ndarray) -> bytes:
-  """Chained hash of one full block: blake2b-256 over the parent block's hash and its token ids.
-
-  Args:
-    parent: hash of the previous block of the sequence, ``None`` for the first block.
-    tokens: ``[block_size]`` integer token ids.
-  """
-  h = hashlib.blake2b(parent if parent is not None else _ROOT_HASH, digest_size=_HASH_BYTES)
-  h.update(np.ascontiguousarray(tokens, dtype="<i8").tobytes())
-  return h.digest()
-
-
 class BlockAllocator:
   """Block allocator for one paged KV pool of ``num_blocks`` blocks of ``block_size`` slots.
 
@@ -206,13 +201,11 @@ class BlockAllocator:
     self.enable_prefix_caching = bool(enable_prefix_caching)
     self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
 
-    # Device blocks.
-    self._ref = np.zeros(self.num_blocks, np.int32)
-    self._fill = np.zeros(self.num_blocks, np.int32)  # tokens held, meaningful for used blocks
-    self._free: collections.deque[int] = collections.deque(range(self.num_blocks))
-    self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, LRU first
-    self._hash_of_block: list[bytes | None] = [None] * self.num_blocks  # registered hash only
-    self._block_of_hash: dict[bytes, int] = {}
+    # Device blocks: the prefix cache (keys, LRU of cached blocks) and the pool (reference
+    # counts, fill, free list) that parks released blocks in it. With prefix caching off the
+    # cache stays empty: nothing is hashed, so nothing is registered or cached.
+    self._cache = PrefixCache(self.num_blocks, self.block_size)
+    self._pool = BlockPool(self.num_blocks, self._cache)
     # Host blocks (each owned by exactly one swapped-out sequence).
     self._host_free: collections.deque[int] = collections.deque(range(self.num_host_blocks))
 
@@ -234,13 +227,11 @@ class BlockAllocator:
     # token filled the block, whose hash then waits for resolve_tokens.
     self._pending: dict[Hashable, tuple[int, int, bool]] = {}
 
-    # Running totals.
-    self._filled_slots = 0
+    # Running totals (filled slots are the pool's, evictions the prefix cache's).
     self._resident_tokens = 0
     self._num_resident = 0
     self._prefix_query_tokens = 0
     self._prefix_hit_tokens = 0
-    self._num_evictions = 0
     self._num_cow_copies = 0
     self._num_swapped_out_blocks = 0
     self._num_swapped_in_blocks = 0
@@ -250,15 +241,20 @@ class BlockAllocator:
   @property
   def num_free_blocks(self) -> int:
     """Blocks a new allocation can take now: free ones plus evictable cached ones."""
-    return len(self._free) + len(self._lru)
+    return self._pool.num_available
 
   @property
   def num_cached_blocks(self) -> int:
-    return len(self._lru)
+    return self._cache.num_cached
 
   @property
   def num_used_blocks(self) -> int:
-    return self.num_blocks - len(self._free) - len(self._lru)
+    return self._pool.num_used
+
+  @property
+  def _block_of_hash(self) -> Mapping[bytes, int]:
+    """Read-only view of the prefix cache's ``key -> block`` map (tests look inside)."""
+    return self._cache.entries
 
   @property
   def num_free_host_blocks(self) -> int:
@@ -283,7 +279,7 @@ class BlockAllocator:
     """Number of sequences whose block table holds ``block_id`` (0 for free or cached blocks)."""
     if not _is_int(block_id) or not 0 <= block_id < self.num_blocks:
       raise ValueError(f"block_id must be in [0, {self.num_blocks}), got {block_id}")
-    return int(self._ref[block_id])
+    return int(self._pool.ref[block_id])
 
   def sequence(self, seq_id: Hashable) -> SequenceView:
     """A read-only snapshot of ``seq_id``'s blocks and token count."""
@@ -309,12 +305,12 @@ class BlockAllocator:
   def num_cached_tokens(self, prompt: Sequence[int] | np.ndarray) -> int:
     """Tokens of ``prompt`` that ``add_sequence`` would take from the prefix cache now."""
     prompt = self._as_tokens(prompt, "prompt")
-    return len(self._prefix_hits(self._prompt_hashes(prompt), len(prompt))[0]) * self.block_size
+    return len(self._prefix_hits(self._prompt_keys(prompt), len(prompt))[0]) * self.block_size
 
   def blocks_needed_to_add(self, prompt: Sequence[int] | np.ndarray) -> int:
     """Blocks ``add_sequence(prompt)`` takes from ``num_free_blocks`` (prefix hits counted)."""
     prompt = self._as_tokens(prompt, "prompt")
-    hits, hits_cached = self._prefix_hits(self._prompt_hashes(prompt), len(prompt))
+    hits, hits_cached = self._prefix_hits(self._prompt_keys(prompt), len(prompt))
     return self._cdiv(len(prompt)) - len(hits) + hits_cached
 
   def can_add(self, prompt: Sequence[int] | np.ndarray) -> bool:
@@ -337,7 +333,7 @@ class BlockAllocator:
     seq = self._get(seq_id)
     if seq.host_blocks is None:
       raise SequenceError(f"sequence {seq_id!r} is not swapped out")
-    reuse, reuse_cached = self._swap_in_reuse(seq)
+    reuse, reuse_cached = self._cache.match_each(seq.hashes)
     return len(seq.host_blocks) - len(reuse) + reuse_cached
 
   def can_swap_in(self, seq_id: Hashable) -> bool:
@@ -402,7 +398,8 @@ class BlockAllocator:
     max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
     used = self.num_used_blocks
     reserved = used * self.block_size
-    waste = 1.0 - self._filled_slots / reserved if reserved else 0.0
+    filled = self._pool.filled_slots
+    waste = 1.0 - filled / reserved if reserved else 0.0
     contiguous_reserved = contiguous_waste = None
     if max_seq_len is not None:
       contiguous_reserved = self._num_resident * max_seq_len
@@ -414,15 +411,15 @@ class BlockAllocator:
       num_blocks=self.num_blocks,
       block_size=self.block_size,
       num_used_blocks=used,
-      num_free_blocks=len(self._free),
-      num_cached_blocks=len(self._lru),
+      num_free_blocks=self._pool.num_free,
+      num_cached_blocks=self._cache.num_cached,
       num_host_blocks=self.num_host_blocks,
       num_host_used_blocks=self.num_host_blocks - len(self._host_free),
       num_host_free_blocks=len(self._host_free),
       num_sequences=self._num_resident,
       num_swapped_sequences=len(self._seqs) - self._num_resident,
       num_tokens=self._resident_tokens,
-      filled_slots=self._filled_slots,
+      filled_slots=filled,
       reserved_slots=reserved,
       waste=waste,
       max_seq_len=max_seq_len,
@@ -430,7 +427,7 @@ class BlockAllocator:
       contiguous_waste=contiguous_waste,
       prefix_query_tokens=self._prefix_query_tokens,
       prefix_hit_tokens=self._prefix_hit_tokens,
-      num_evictions=self._num_evictions,
+      num_evictions=self._cache.num_evictions,
       num_cow_copies=self._num_cow_copies,
       num_swapped_out_blocks=self._num_swapped_out_blocks,
       num_swapped_in_blocks=self._num_swapped_in_blocks,
@@ -460,8 +457,8 @@ class BlockAllocator:
     prompt = self._as_tokens(prompt, "prompt", (seq_id,))
     length = len(prompt)
     self._check_max_len(seq_id, length)
-    hashes = self._prompt_hashes(prompt)
-    hits, hits_cached = self._prefix_hits(hashes, length)
+    keys = self._prompt_keys(prompt)
+    hits, hits_cached = self._prefix_hits(keys, length)
     total = self._cdiv(length)
     self._require(total - len(hits) + hits_cached, f"add sequence {seq_id!r} ({length} tokens)")
     self._ensure_width(total)
@@ -469,18 +466,17 @@ class BlockAllocator:
     seq = self._new_seq(seq_id)
     row = seq.row
     bs = self.block_size
+    pool = self._pool
     for b in hits:
-      self._reuse_cached(b)
-    blocks = hits + [self._take_block() for _ in range(total - len(hits))]
+      pool.acquire(b)
+    blocks = hits + [pool.take() for _ in range(total - len(hits))]
     self._table[row, :total] = blocks
     for j in range(len(hits), total):
-      fill = min(bs, length - j * bs)
-      self._fill[blocks[j]] = fill
-      self._filled_slots += fill
-    for j in range(len(hits), len(hashes)):
-      self._register(hashes[j], blocks[j])
-    seq.hashes = hashes
-    rem = length - len(hashes) * bs
+      pool.set_fill(blocks[j], min(bs, length - j * bs))
+    for j in range(len(hits), len(keys)):
+      self._cache.register(keys[j], blocks[j])
+    seq.hashes = keys
+    rem = length - len(keys) * bs
     if self.enable_prefix_caching and rem:
       self._partial[row, :rem] = prompt[length - rem :]
     self._ntok[row] = length
@@ -512,10 +508,11 @@ class BlockAllocator:
       self._check_max_len(seq_id, n + k)
     off = n % bs
     last = self._table.item(row, nb - 1) if nb else INVALID_BLOCK
-    cow = off != 0 and self._ref.item(last) > 1
+    pool = self._pool
+    cow = off != 0 and pool.ref.item(last) > 1
     new_nb = -(-(n + k) // bs)
     needed = new_nb - nb + cow
-    if needed > len(self._free) + len(self._lru):
+    if needed and needed > pool.num_available:  # most appends need no block
       self._require(needed, f"append {k} tokens to sequence {seq_id!r}")
     if new_nb > self._table.shape[1]:
       self._ensure_width(new_nb)
@@ -525,15 +522,13 @@ class BlockAllocator:
       pair = (last, self._copy_on_write(row, nb - 1, last, off))
     table_row = self._table[row]
     for j in range(nb, new_nb):
-      table_row[j] = self._take_block()
+      table_row[j] = pool.take()
     first = n // bs
-    fill = self._fill
     for j in range(first, new_nb):
-      b = table_row.item(j)
-      f = min(bs, n + k - j * bs)
-      self._filled_slots += f - fill.item(b)
-      fill[b] = f
-    if k <= 8:
+      pool.set_fill(table_row.item(j), min(bs, n + k - j * bs))
+    if k == 1:
+      slots = np.array([table_row.item(first) * bs + off], np.int32)
+    elif k <= 8:
       slots = np.array([table_row.item(p // bs) * bs + p % bs for p in range(n, n + k)], np.int32)
     else:
       pos = np.arange(n, n + k, dtype=np.int64)
@@ -544,16 +539,16 @@ class BlockAllocator:
         self._partial[row, off : off + k] = tokens
       else:
         combined = np.concatenate([self._partial[row, :off], tokens])
-        for j in range(first, (n + k) // bs):
-          chunk = combined[(j - first) * bs : (j - first + 1) * bs]
-          h = block_hash(seq.hashes[-1] if seq.hashes else None, chunk)
-          seq.hashes.append(h)
-          self._register(h, table_row.item(j))
+        full = (n + k) // bs - first  # blocks these tokens filled
+        self._hash_full_blocks(
+          [seq], combined[: full * bs].reshape(1, -1), table_row[first : first + full].tolist()
+        )
         rem = (n + k) % bs
         if rem:
           self._partial[row, :rem] = combined[len(combined) - rem :]
     self._ntok[row] = n + k
-    self._nblk[row] = new_nb
+    if new_nb != nb:
+      self._nblk[row] = new_nb
     self._resident_tokens += k
     return AppendResult(slots, pair)
 
@@ -602,21 +597,21 @@ class BlockAllocator:
       self._ensure_width(int(nb.max()) + 1)
 
     pairs = []
+    pool = self._pool
     for i in special.tolist():
       row, nbi = int(rows[i]), int(nb[i])
       if shared[i]:
         src = int(self._table[row, nbi - 1])
         # When every holder of src is in the batch, the last one to come writes in place.
-        if self._ref[src] > 1:
+        if pool.ref[src] > 1:
           pairs.append((src, self._copy_on_write(row, nbi - 1, src, int(off[i]))))
       else:
-        self._table[row, nbi] = self._take_block()
+        self._table[row, nbi] = pool.take()
         self._nblk[row] = nbi + 1
     nb = nb + new_block
     last = self._table[rows, nb - 1]
-    # Every row's last block is now exclusive to it, so these fancy-index updates never collide.
-    self._fill[last] += 1
-    self._filled_slots += k
+    # Every row's last block is now exclusive to it, so this fancy-index update never collides.
+    pool.add_one_token(last)
     slots = (last.astype(np.int64) * bs + off).astype(np.int32)
     self._ntok[rows] = n + 1
     self._resident_tokens += k
@@ -625,8 +620,14 @@ class BlockAllocator:
       self._pending[seq_ids[i]] = (int(rows[i]), int(off[i]), bool(off[i] == bs - 1))
     if self.enable_prefix_caching:
       self._partial[rows, off] = tokens
-      for i in np.flatnonzero((off == bs - 1) & ~pending).tolist():
-        self._hash_last_block(seq_ids[i], int(rows[i]), int(last[i]))
+      filled = np.flatnonzero((off == bs - 1) & ~pending)
+      if len(filled):
+        seqs = self._seqs
+        self._hash_full_blocks(
+          [seqs[seq_ids[i]] for i in filled.tolist()],
+          self._partial[rows[filled]],
+          last[filled].tolist(),
+        )
     cow_pairs = np.array(pairs, np.int32).reshape(-1, 2)
     return BatchAppendResult(slots, cow_pairs)
 
@@ -643,22 +644,24 @@ class BlockAllocator:
     missing = [s for s in seq_ids if s not in self._pending]
     if missing:
       raise SequenceError(f"resolve_tokens: sequences {missing[:8]!r} have no pending token")
-    for seq_id, token in zip(seq_ids, tokens.tolist(), strict=True):
-      row, off, filled = self._pending.pop(seq_id)
-      if self.enable_prefix_caching:
-        self._partial[row, off] = token
-        if filled:
-          nb = int(self._nblk[row])
-          self._hash_last_block(seq_id, row, int(self._table[row, nb - 1]))
+    filled_seqs: list[_Seq] = []
+    try:
+      for seq_id, token in zip(seq_ids, tokens.tolist(), strict=True):
+        row, off, filled = self._pending.pop(seq_id)
+        if self.enable_prefix_caching:
+          self._partial[row, off] = token
+          if filled:
+            filled_seqs.append(self._seqs[seq_id])
+    finally:
+      # The filled blocks are hashed together, after the loop; a repeated id raises KeyError
+      # from pop above, and the ones resolved before it are still hashed, as one by one.
+      if filled_seqs:
+        rows = np.array([s.row for s in filled_seqs], np.intp)
+        last = self._table[rows, self._nblk[rows] - 1]
+        self._hash_full_blocks(filled_seqs, self._partial[rows], last.tolist())
 
   def has_pending_token(self, seq_id: Hashable) -> bool:
     return seq_id in self._pending
-
-  def _hash_last_block(self, seq_id: Hashable, row: int, block: int) -> None:
-    seq = self._seqs[seq_id]
-    h = block_hash(seq.hashes[-1] if seq.hashes else None, self._partial[row])
-    seq.hashes.append(h)
-    self._register(h, block)
 
   def fork(self, parent: Hashable, child: Hashable) -> None:
     """Makes ``child`` share every block of ``parent`` (reference counts + 1; no copy now)."""
@@ -675,7 +678,7 @@ class BlockAllocator:
     blocks = self._table[prow, :nb]
     self._table[crow, :nb] = blocks
     # A sequence never holds the same block twice, so this fancy-index add does not collide.
-    self._ref[blocks] += 1
+    self._pool.share(blocks)
     self._ntok[crow] = self._ntok[prow]
     self._nblk[crow] = nb
     self._partial[crow] = self._partial[prow]
@@ -755,25 +758,24 @@ class BlockAllocator:
     seq = self._get(seq_id, "swap in")
     if seq.host_blocks is None:
       raise SequenceError(f"cannot swap in sequence {seq_id!r}: it is not swapped out")
-    reuse, reuse_cached = self._swap_in_reuse(seq)
+    reuse, reuse_cached = self._cache.match_each(seq.hashes)
     nb = len(seq.host_blocks)
     self._require(nb - len(reuse) + reuse_cached, f"swap in sequence {seq_id!r} ({nb} blocks)")
     row = seq.row
     n = int(self._ntok[row])
     bs = self.block_size
     # Take the reused blocks first, so that taking fresh ones cannot evict them.
+    pool = self._pool
     for b in reuse.values():
-      self._reuse_cached(b)
+      pool.acquire(b)
     pairs = []
     for j, hb in enumerate(seq.host_blocks):
       b = reuse.get(j)
       if b is None:
-        b = self._take_block()
-        fill = min(bs, n - j * bs)
-        self._fill[b] = fill
-        self._filled_slots += fill
+        b = pool.take()
+        pool.set_fill(b, min(bs, n - j * bs))
         if j < len(seq.hashes):
-          self._register(seq.hashes[j], b)
+          self._cache.register(seq.hashes[j], b)
         pairs.append((hb, b))
       self._table[row, j] = b
     self._host_free.extend(seq.host_blocks)
@@ -816,26 +818,9 @@ class BlockAllocator:
       _expect((self._table[row, nb:] == INVALID_BLOCK).all(), f"{what}: entries past its blocks")
       owners[blocks] += 1
       tokens += n
-    bad = np.flatnonzero(owners != self._ref)
-    _expect(not bad.size, f"reference counts != owners for blocks {bad[:8].tolist()}")
-    used = set(np.flatnonzero(owners).tolist())
-    free, lru = set(self._free), set(self._lru)
-    _expect(len(free) == len(self._free), "a block is twice in the free list")
-    _expect(not (free & lru), f"blocks both free and cached: {sorted(free & lru)[:8]}")
-    _expect(not (free & used), f"blocks both free and used: {sorted(free & used)[:8]}")
-    _expect(not (lru & used), f"blocks both cached and used: {sorted(lru & used)[:8]}")
-    leaked = self.num_blocks - len(free) - len(lru) - len(used)
-    _expect(leaked == 0, f"{leaked} blocks are neither used, cached nor free")
-    filled = sum(int(self._fill[b]) for b in used)
-    _expect(filled == self._filled_slots, f"filled slots {self._filled_slots} != {filled}")
+    # Reference counts, fill, free / cached / used, and the prefix cache's own consistency.
+    self._pool.check_invariants(owners)
     _expect(tokens == self._resident_tokens, f"token total {self._resident_tokens} != {tokens}")
-    for b in lru:
-      h = self._hash_of_block[b]
-      _expect(h is not None, f"cached block {b} has no prefix-cache entry")
-      _expect(self._block_of_hash.get(h) == b, f"cached block {b}: its entry points elsewhere")
-    for h, b in self._block_of_hash.items():
-      _expect(self._hash_of_block[b] == h, f"prefix-cache entry for block {b} disagrees")
-      _expect(b not in free, f"free block {b} is still in the prefix cache")
     host_set, host_free = set(host_owned), set(self._host_free)
     _expect(len(host_set) == len(host_owned), "a host block is owned twice")
     _expect(
@@ -912,7 +897,7 @@ class BlockAllocator:
     """bool[k]: the row's last block is partly filled and shared, so a write must copy it."""
     partial = (n % self.block_size) != 0
     last = self._table[rows, np.maximum(nb - 1, 0)]
-    return partial & (self._ref[np.maximum(last, 0)] > 1)
+    return partial & (self._pool.ref[np.maximum(last, 0)] > 1)
 
   def _num_copies(self, rows: np.ndarray, nb: np.ndarray, shared: np.ndarray) -> int:
     """Copy-on-write copies needed when each ``shared`` row writes its last block once: one per
@@ -920,14 +905,14 @@ class BlockAllocator:
     if not shared.any():
       return 0
     blocks, counts = np.unique(self._table[rows[shared], nb[shared] - 1], return_counts=True)
-    return int(shared.sum()) - int(np.count_nonzero(self._ref[blocks] == counts))
+    return int(shared.sum()) - int(np.count_nonzero(self._pool.ref[blocks] == counts))
 
   def _require(self, needed: int, what: str) -> None:
-    available = len(self._free) + len(self._lru)
+    available = self._pool.num_available
     if needed > available:
       raise OutOfBlocksError(
-        f"{what}: needs {needed} device blocks, {available} available ({len(self._free)} free + "
-        f"{len(self._lru)} cached) of {self.num_blocks}",
+        f"{what}: needs {needed} device blocks, {available} available ({self._pool.num_free} "
+        f"free + {self._cache.num_cached} cached) of {self.num_blocks}",
         pool="device",
         needed=needed,
         available=available,
@@ -968,38 +953,9 @@ class BlockAllocator:
     table[:, :old] = self._table
     self._table = table
 
-  def _take_block(self) -> int:
-    """A block for exclusive use (reference count 1, empty): free first, else evict LRU."""
-    if self._free:
-      b = self._free.popleft()
-    else:
-      b, _ = self._lru.popitem(last=False)
-      del self._block_of_hash[self._hash_of_block[b]]
-      self._hash_of_block[b] = None
-      self._num_evictions += 1
-    self._ref[b] = 1
-    self._fill[b] = 0
-    return b
-
-  def _reuse_cached(self, b: int) -> None:
-    """Takes one more reference on a prefix-cache block (used or cached)."""
-    if self._ref[b] == 0:
-      del self._lru[b]
-      self._filled_slots += int(self._fill[b])
-    self._ref[b] += 1
-
-  def _register(self, h: bytes, b: int) -> None:
-    # An equal block computed independently (e.g. two forks writing the same tokens) keeps the
-    # first registration; the duplicate is an ordinary block and returns to the free list.
-    if h not in self._block_of_hash:
-      self._block_of_hash[h] = b
-      self._hash_of_block[b] = h
-
   def _copy_on_write(self, row: int, j: int, src: int, fill: int) -> int:
-    dst = self._take_block()
-    self._ref[src] -= 1  # stays >= 1: src was shared
-    self._fill[dst] = fill
-    self._filled_slots += fill
+    """Moves this row's block ``j`` (shared ``src``, ``fill`` tokens) to a fresh copy."""
+    dst = self._pool.copy_on_write(src, fill)
     self._table[row, j] = dst
     self._num_cow_copies += 1
     return dst
@@ -1007,51 +963,45 @@ class BlockAllocator:
   def _release_blocks(self, row: int) -> None:
     """Drops this row's reference on each of its blocks, last first, and clears the row."""
     nb = int(self._nblk[row])
-    for b in reversed(self._table[row, :nb].tolist()):
-      r = int(self._ref[b]) - 1
-      self._ref[b] = r
-      if r == 0:
-        self._filled_slots -= int(self._fill[b])
-        if self._hash_of_block[b] is not None:
-          self._lru[b] = None
-        else:
-          self._free.append(b)
+    self._pool.release(reversed(self._table[row, :nb].tolist()))
     self._table[row, :nb] = INVALID_BLOCK
 
-  def _prompt_hashes(self, prompt: np.ndarray) -> list[bytes]:
-    if not self.enable_prefix_caching:
-      return []
-    bs = self.block_size
-    hashes: list[bytes] = []
-    parent = None
-    for j in range(len(prompt) // bs):
-      parent = block_hash(parent, prompt[j * bs : (j + 1) * bs])
-      hashes.append(parent)
-    return hashes
+  def _hash_full_blocks(self, seqs: list[_Seq], tokens: np.ndarray, blocks: list[int]) -> None:
+    """Enters blocks that appends filled in the prefix cache: the one path for every append.
 
-  def _prefix_hits(self, hashes: list[bytes], length: int) -> tuple[list[int], int]:
+    Args:
+      seqs: the sequences, each with ``m`` newly full blocks (the same ``m`` for all).
+      tokens: ``int64[len(seqs), m * block_size]``, those blocks' tokens, each row starting on
+        a block boundary; keyed chained from each sequence's last key.
+      blocks: the ``len(seqs) * m`` blocks holding them, sequence by sequence.
+
+    ``append_tokens`` passes one sequence and any number of blocks; ``append_batch`` and
+    ``resolve_tokens`` every sequence whose token filled its last block, in one call.
+    """
+    if not seqs:
+      return
+    keys = self._cache.hash_blocks([s.hashes[-1] if s.hashes else None for s in seqs], tokens)
+    m = len(keys) // len(seqs)
+    if m == 1:
+      for seq, key in zip(seqs, keys, strict=True):
+        seq.hashes.append(key)
+    else:
+      for i, seq in enumerate(seqs):
+        seq.hashes += keys[i * m : (i + 1) * m]
+    self._cache.register_all(keys, blocks)
+
+  def _prompt_keys(self, prompt: np.ndarray) -> list[bytes]:
+    """Keys of the prompt's full blocks (none with prefix caching off)."""
+    full = len(prompt) // self.block_size * self.block_size
+    if not self.enable_prefix_caching or not full:
+      return []
+    return self._cache.hash_blocks([None], prompt[:full].reshape(1, full))
+
+  def _prefix_hits(self, keys: list[bytes], length: int) -> tuple[list[int], int]:
     """Blocks of the longest cached prefix (capped so one token is left to compute) and how
     many of them are cached (reference count 0), i.e. taken out of the evictable pool."""
-    if not hashes:
-      return [], 0
-    hits: list[int] = []
-    cached = 0
-    # hashes covers length // bs full blocks; the cap (length - 1) // bs is one block fewer
+    # keys covers length // bs full blocks; the cap (length - 1) // bs is one block fewer
     # exactly when the prompt ends on a block boundary.
-    for h in hashes[: (length - 1) // self.block_size]:
-      b = self._block_of_hash.get(h)
-      if b is None:
-        break
-      hits.append(b)
-      cached += self._ref[b] == 0
-    return hits, int(cached)
-
-  def _swap_in_reuse(self, seq: _Seq) -> tuple[dict[int, int], int]:
-    reuse: dict[int, int] = {}
-    cached = 0
-    for j, h in enumerate(seq.hashes):
-      b = self._block_of_hash.get(h)
-      if b is not None:
-        reuse[j] = b
-        cached += self._ref[b] == 0
-    return reuse, int(cached)
+    if not keys:
+      return [], 0
+    return self._cache.match_prefix(keys[: (length - 1) // self.block_size])
