@@ -499,6 +499,12 @@ class BlockAllocator:
     if seq is None or seq.host_blocks is not None:
       seq = self._resident(seq_id, "append to")  # raises, naming the sequence
     tokens = self._as_tokens(tokens, "tokens", (seq_id,))
+    if self._pending and seq_id in self._pending:
+      # Its next blocks' keys chain from the pending token's block, not hashed yet.
+      raise SequenceError(
+        f"cannot append to sequence {seq_id!r}: its last token is still pending "
+        "(resolve_tokens first)"
+      )
     k = len(tokens)
     if k == 0:
       return AppendResult(np.zeros(0, np.int32), None)
@@ -802,7 +808,7 @@ class BlockAllocator:
       n, nb = int(self._ntok[row]), int(self._nblk[row])
       _expect(nb == self._cdiv(n), f"{what}: {n} tokens in {nb} blocks")
       full = n // self.block_size if self.enable_prefix_caching else 0
-      if seq_id in self._pending and self._pending[seq_id][2]:
+      if self.enable_prefix_caching and seq_id in self._pending and self._pending[seq_id][2]:
         full -= 1  # the block its pending token filled is hashed on resolve_tokens
       _expect(len(seq.hashes) == full, f"{what}: {len(seq.hashes)} hashes for {full} full blocks")
       if seq.host_blocks is not None:

@@ -477,6 +477,8 @@ def test_pending_token_appends_then_resolves_to_the_same_state_as_a_known_token(
   assert later.num_cached_tokens([1, 2, 3, 9, 0]) == 0  # not registered while pending
   with pytest.raises(SequenceError, match=r"sequence 'x'.*still pending"):
     later.append_batch(["x"], [4])
+  with pytest.raises(SequenceError, match=r"append to sequence 'x'.*still pending"):
+    later.append_tokens("x", [4, 5])
   with pytest.raises(SequenceError, match=r"cannot fork sequence 'x'.*still pending"):
     later.fork("x", "x2")
   with pytest.raises(SequenceError, match=r"cannot swap out sequence 'x'.*still pending"):
@@ -495,3 +497,15 @@ def test_pending_token_appends_then_resolves_to_the_same_state_as_a_known_token(
   later.free("y")
   assert not later.has_pending_token("y")
   later.check_invariants()
+
+
+def test_pending_token_that_fills_a_block_without_prefix_caching():
+  """With prefix caching off no block is hashed, so a pending token that fills a block
+  leaves nothing to hash later: the invariant check must not expect one."""
+  a = BlockAllocator(8, 4, enable_prefix_caching=False)
+  a.add_sequence("x", [1, 2, 3])
+  a.append_batch(["x"], [allocator_lib.PENDING_TOKEN])
+  a.check_invariants()
+  a.resolve_tokens(["x"], [9])
+  assert a._seqs["x"].hashes == []
+  a.check_invariants()
