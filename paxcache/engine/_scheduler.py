@@ -234,6 +234,7 @@ class Scheduler:
 
     # 5. Admission. The appends above have already taken their blocks.
     need_total = 0
+    resident += len(plan.forked)  # samples forked off a prompt finished in step 4
     if replanned:
       resident = self.num_resident_seqs()
     while self.waiting and not self.swapped and not preempted and budget > 0:

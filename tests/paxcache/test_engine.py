@@ -472,3 +472,40 @@ def test_async_abort_returns_what_was_produced_without_placeholders(tiny):
 def test_engine_config_rejects_wrongly_typed_fields(field, value, match):
   with pytest.raises(ValueError, match=match):
     EngineConfig(**{field: value})
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_fork_counts_against_max_num_seqs_before_admission(tiny, corpus, async_scheduling):
+  """Request 2 (n=2) forks in the step that computes its last prompt token; request 3 may
+  be admitted in that step only if the fork's child still leaves a row under
+  max_num_seqs (4). Counting residents before the fork admitted it: 5 rows, and the step's
+  sample rows overflowed the 4 tokens each step returns."""
+  spec = [(3, 14, 1), (40, 10, 1), (21, 12, 2), (9, 16, 1), (30, 8, 1)]
+  reqs = [
+    Request(i, list(corpus[37 * i + 11 : 37 * i + 11 + p]), max_new_tokens=g, n=n)
+    for i, (p, g, n) in enumerate(spec)
+  ]
+  config = EngineConfig(
+    num_blocks=14,
+    block_size=8,
+    num_host_blocks=32,
+    preemption_mode="swap",
+    max_num_seqs=4,
+    max_num_batched_tokens=32,
+    min_batch_bucket=4,
+    min_token_bucket=32,
+    check_invariants=True,
+    async_scheduling=async_scheduling,
+  )
+  engine = Engine(tiny, config)
+  for r in reqs:
+    engine.add_request(r)
+  outputs = {}
+  while engine.has_unfinished():
+    for out in engine.step():
+      outputs[out.request_id] = out
+    assert engine.scheduler.num_resident_seqs() <= config.max_num_seqs
+  assert sorted(outputs) == list(range(len(spec)))
+  assert [len(outputs[i].samples) for i in range(len(spec))] == [n for _, _, n in spec]
+  for i, (_, g, _) in enumerate(spec):
+    assert all(len(s) == g for s in outputs[i].samples)
