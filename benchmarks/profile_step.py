@@ -53,23 +53,43 @@ def _device_events(path: str):
   return out
 
 
+def _warm_step(name, batch, context, args, rng):
+  """The engine's step for ``name`` at ``batch x context`` (pool just big enough), run
+  three times; returns ``(call, release)``."""
+  model = es.build_model(name, max_seq_len=max(2048, context))
+  per_seq = -(-context // args.block_size)
+  call, _, release = es.paged_step_call(
+    model,
+    batch=batch,
+    context=context,
+    block_size=args.block_size,
+    num_blocks=batch * per_seq + 8,
+    rng=rng,
+  )
+  for _ in range(3):
+    jax.block_until_ready(call())
+  return call, release
+
+
+def _host_call_ms(call, repeats: int) -> list[float]:
+  """Host seconds of each ``call()`` dispatched while earlier calls still run."""
+  host = []
+  for _ in range(repeats):
+    jax.block_until_ready(call())
+    for _ in range(10):
+      t0 = time.perf_counter()
+      out = call()
+      host.append(time.perf_counter() - t0)
+    jax.block_until_ready(out)
+  return host
+
+
 def device_profile(args) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
   for name in args.models:
     for batch, context in args.shapes:
-      model = es.build_model(name, max_seq_len=max(2048, context))
-      per_seq = -(-context // args.block_size)
-      call, live, release = es.paged_step_call(
-        model,
-        batch=batch,
-        context=context,
-        block_size=args.block_size,
-        num_blocks=batch * per_seq + 8,
-        rng=rng,
-      )
-      for _ in range(3):
-        jax.block_until_ready(call())
+      call, release = _warm_step(name, batch, context, args, rng)
       with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
           for _ in range(args.steps):
@@ -122,38 +142,13 @@ def dispatch_profile(args) -> list[dict]:
   rng = np.random.default_rng(0)
   for name in args.models:
     for batch, context in args.shapes:
-      model = es.build_model(name, max_seq_len=max(2048, context))
-      per_seq = -(-context // args.block_size)
-      call, _, release = es.paged_step_call(
-        model,
-        batch=batch,
-        context=context,
-        block_size=args.block_size,
-        num_blocks=batch * per_seq + 8,
-        rng=rng,
-      )
-      for _ in range(3):
-        jax.block_until_ready(call())
-      host = []
-      for _ in range(args.repeats):
-        jax.block_until_ready(call())
-        for _ in range(10):
-          t0 = time.perf_counter()
-          out = call()
-          host.append(time.perf_counter() - t0)
-        jax.block_until_ready(out)
+      call, release = _warm_step(name, batch, context, args, rng)
+      host = _host_call_ms(call, args.repeats)
       device, lo, hi = es.timed(call, repeats=args.repeats, inner=10)
-      variants = {}
-      for vname, vcall in call.variants.items():
-        vhost = []
-        for _ in range(args.repeats):
-          jax.block_until_ready(vcall())
-          for _ in range(10):
-            t0 = time.perf_counter()
-            out = vcall()
-            vhost.append(time.perf_counter() - t0)
-          jax.block_until_ready(out)
-        variants[vname] = statistics.median(vhost) * 1e3
+      variants = {
+        vname: statistics.median(_host_call_ms(vcall, args.repeats)) * 1e3
+        for vname, vcall in call.variants.items()
+      }
       release()
       row = dict(
         **env_info(),
