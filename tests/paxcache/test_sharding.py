@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -263,5 +264,4 @@ def test_paged_attention_on_a_one_device_mesh_equals_no_mesh():
   assert attn.mesh is not None
   got, got_cache = attn(x, positions, PagedKVCache.create(2, 2, 4, 4, 8), layer=1, **paged)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), **SHARDED)
-  for got_pools, want_pools in zip(got_cache.stacked(), want_cache.stacked(), strict=True):
-    np.testing.assert_array_equal(np.asarray(got_pools), np.asarray(want_pools))
+  chex.assert_trees_all_equal(got_cache, want_cache)
