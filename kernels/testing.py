@@ -1,7 +1,8 @@
 """The numerical tolerances of the tests and of ``benchmarks/gpu_check.py``, in one table.
 
-Every comparison of floating-point results in ``tests/`` and in the GPU check script
-looks its bound up here, by *comparison kind* and *dtype*, instead of writing a literal::
+Every comparison of computed floating-point results (against an oracle, or between two
+paths that should agree) in ``tests/`` and in the GPU check script looks its bound up
+here, by *comparison kind* and *dtype*, instead of writing a literal::
 
   from kernels.testing import rel_l2_error, tolerance
 
@@ -20,10 +21,14 @@ Two metrics appear:
 - relative L2 (``*_rel_l2``): ``||got - want||_2 / ||want||_2 <= rtol`` over the whole
   output (:func:`rel_l2_error`); ``atol`` is unused and 0.
 
+Checks of sampled statistics (token frequencies, means of sampled workloads) and of values
+rounded for reporting (experiment tables) are not in the table: their bounds come from the
+sample size or the rounding, and stay beside that reasoning.
+
 The comment of each entry says where its value comes from: the error the arithmetic
-allows, what was measured, and the margin. Tolerances only ever get tighter: where two
-places held the same comparison to different bounds, the table keeps the tighter one
-(noted at the entry). ``docs/tpu.md`` and ``docs/smollm2.md`` quote some of these values.
+allows, what was measured, and the margin. Where two places held the same comparison to
+different bounds, the table keeps the tighter one (noted at the entry). ``docs/tpu.md``
+and ``docs/smollm2.md`` quote some of these values: change them with the table.
 
 This module imports nothing from paxcache or flax (``kernels`` is the bottom layer), so
 ``benchmarks/gpu_check.py`` and every test can import it.
