@@ -98,7 +98,7 @@ def test_config_read_from_the_file(gm):
   assert (c.num_layers, c.d_model, c.mlp_dim) == (30, 576, 1536)
   assert (c.num_q_heads, c.num_kv_heads, c.head_dim) == (9, 3, 64)
   assert c.rope_theta == 100_000.0
-  assert math.isclose(c.norm_eps, 1e-5, rel_tol=1e-6)
+  assert c.norm_eps == float(np.float32(1e-5))  # stored as float32, read back exactly
   assert c.vocab_size == 49152
   assert c.tie_embeddings  # the file has no output.weight: output tied to the embedding
   assert not hasattr(gm.model, "lm_head")
@@ -452,7 +452,7 @@ def test_any_llama_gguf_file_untied_f16_f32(tmp_path):
   m, c = gm.model, gm.model.config
   assert (c.num_layers, c.d_model, c.num_q_heads, c.num_kv_heads, c.head_dim) == (2, 32, 4, 2, 8)
   assert (c.vocab_size, c.max_seq_len, c.rope_theta) == (260, 64, 10_000.0)
-  assert math.isclose(c.norm_eps, 1e-6, rel_tol=1e-6)  # stored as float32
+  assert c.norm_eps == float(np.float32(1e-6))  # stored as float32, read back exactly
   assert not c.tie_embeddings
   np.testing.assert_array_equal(np.asarray(m.lm_head.kernel[...]).T, want["output.weight"])
   np.testing.assert_array_equal(np.asarray(m.embed.embedding[...]), want["token_embd.weight"])
