@@ -127,9 +127,10 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
   },
   # paxcache.nn layers and small decoders against a float64 NumPy oracle, and against
   # another float32 path of the same model (paged vs dense vs no cache, logit_rows vs
-  # the full forward): tests/paxcache/test_nn.py. Projections, RoPE and the MLP add their
-  # own rounding to attention's, hence looser than attention_vs_float64: the matmuls
-  # reduce over <= 192 terms, and the differences stay near 1e-6; 2e-5 leaves 10x room.
+  # the full forward, the packaged model loaded in a fresh process): test_nn.py.
+  # Projections, RoPE and the MLP add their own rounding to attention's, hence looser
+  # than attention_vs_float64: the matmuls reduce over <= 192 terms, and the
+  # differences stay near 1e-6; 2e-5 leaves 10x room.
   "layer_vs_float64": {
     "float32": Tol(rtol=2e-5, atol=2e-5),
   },
