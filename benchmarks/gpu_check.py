@@ -3,8 +3,9 @@
 Fresh random inputs per case; unused blocks and the slots past each length are NaN;
 block tables shuffled. Each case reports the relative error
 ``|out - ref|_2 / |ref|_2`` (the reference accumulates in float32 at HIGHEST
-precision) and fails on any NaN or an error over the dtype's bound. Writes
-``OUT/check.jsonl``; exits 1 if any case fails.
+precision) and fails on any NaN or an error over the bound of its dtype, the same bound
+the interpret-mode tests use (``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py).
+Writes ``OUT/check.jsonl``; exits 1 if any case fails.
 
   PYTHONPATH=. python benchmarks/gpu_check.py --out /tmp/check [--smoke]
 """
@@ -23,11 +24,7 @@ import numpy as np
 from benchmarks._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu, reference
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
-
-# Relative L2 error bounds. bf16: the kernels round p to bf16 before the p @ V product
-# (as every bf16 flash kernel does), ~2^-8 relative per term; 1e-2 leaves margin.
-# float32: IEEE float32 dots, differences are accumulation order only.
-TOL = {"bfloat16": 1e-2, "float16": 5e-3, "float32": 1e-4}
+from kernels.testing import rel_l2_error, tolerance
 
 
 def decode_case(
@@ -329,14 +326,19 @@ def main(argv=None):
     try:
       out, ref, *extra = fn(rng)
       extra = extra[0] if extra else {"kernel": "triton"}  # decode cases
+      # The output's dtype is the case's (q, K and V share it), read rather than parsed
+      # from the name ("f16" is in "bf16").
+      dtype = jnp.dtype(out.dtype).name
+      bound = tolerance("gpu_kernel_vs_reference_rel_l2", dtype).rtol
       out = np.asarray(out.astype(jnp.float32), np.float64)
       ref = np.asarray(ref.astype(jnp.float32), np.float64)
       nan = bool(np.isnan(out).any())
-      rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
-      dtype = "float32" if "f32" in name else "float16" if "f16" in name else "bfloat16"
-      ok = (not nan) and rel <= TOL[dtype]
+      rel = rel_l2_error(out, ref)
+      ok = (not nan) and rel <= bound
       row = dict(
         case=name,
+        dtype=dtype,
+        bound=bound,
         rel_err=rel,
         max_abs_err=float(np.nanmax(np.abs(out - ref))),
         nan=nan,
@@ -355,7 +357,7 @@ def main(argv=None):
       {
         k: row[k]
         for k in row
-        if k in ("kernel", "rel_err", "max_abs_err", "nan", "error", "seconds")
+        if k in ("kernel", "rel_err", "bound", "max_abs_err", "nan", "error", "seconds")
       },
       flush=True,
     )

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import kernels
 from kernels import reference
-
-# Tolerances against the float64 loop, per dtype of q/k/v.
-TOLERANCES = {
-  # The reference accumulates in float32 (HIGHEST-precision einsums) over at most a few
-  # dozen keys: errors are a few float32 ulps (~1e-7 relative); 1e-5 is the bound the
-  # issue asks for. atol: outputs are convex combinations of unit-normal values and can
-  # cancel to ~0, where a relative bound alone would be meaningless.
-  "float32": dict(rtol=1e-5, atol=1e-5),
-  # The loop sees the same bf16-rounded inputs (exact in float64), and the reference
-  # computes in float32; what remains is rounding the float32 output to bf16's 8-bit
-  # significand, at most 2**-8 relative. Doubled so the check does not sit on its exact
-  # bound; atol covers the float32 error for outputs near zero.
-  "bfloat16": dict(rtol=2**-7, atol=1e-5),
-}
+from kernels.testing import tolerance
 
 
 def attention_loop(
@@ -153,9 +141,11 @@ def run_both(case, **options):
 
 
 def check_against_loop(case, out, **options):
-  assert out.shape == case["q"].shape and out.dtype == case["q"].dtype
+  chex.assert_shape(out, case["q"].shape)
+  chex.assert_type(out, case["q"].dtype)
   expected = attention_loop(**case, **options)
-  tol = TOLERANCES[jnp.dtype(out.dtype).name]
+  tol = tolerance("attention_vs_float64", out.dtype)  # per dtype of q/k/v
+  # np.testing rather than chex: equal_nan=False, a NaN in both must still fail.
   np.testing.assert_allclose(np.asarray(out).astype(np.float64), expected, equal_nan=False, **tol)
 
 

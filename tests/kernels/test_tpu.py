@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,23 +26,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 import kernels
 from kernels import tpu
+from kernels.testing import tolerance
 
 INTERPRET = pltpu.InterpretParams(
   detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan"
 )
 HEAD_DIM = 128  # the lane width: the natural TPU head_dim (smaller ones are rejected)
-
-# Allowed |kernel - float64 oracle|, relative to outputs of order 1 (used as rtol and atol),
-# per output dtype.
-TOLERANCE = {
-  # f32 accumulation in a different order than the oracle (online softmax over chunks):
-  # a few f32 ulps of accumulated rounding, far below 1e-5. No K/V cast to bf16 happens
-  # anywhere, so bf16 K/V with f32 q are held to this too.
-  jnp.float32: 1e-5,
-  # The output itself is rounded to bf16 (8 significant bits: half an ulp is 2^-9
-  # relative); 2^-7 leaves room for a value near a rounding tie to round the other way.
-  jnp.bfloat16: 2.0**-7,
-}
 
 
 @pytest.fixture(autouse=True)
@@ -157,8 +147,7 @@ def _cache(rng, lengths, *, num_kv_heads, block_size, max_blocks, dtype, spare_b
 def _check(out, want, dtype):
   out = np.asarray(jnp.asarray(out, jnp.float32))
   assert not np.isnan(out).any(), "NaN leaked into the output"
-  tol = TOLERANCE[dtype]
-  np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+  np.testing.assert_allclose(out, want, **tolerance("attention_vs_float64", dtype))
 
 
 BS = 8  # f32 sublane tile; bf16 tests use 16
@@ -193,7 +182,8 @@ def test_decode_matches_oracle_on_edge_lengths(
     interpret=INTERPRET,
   )
   _assert_no_races()
-  assert out.shape == q.shape and out.dtype == q.dtype
+  chex.assert_equal_shape([out, q])
+  chex.assert_type(out, q.dtype)
   _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
   assert np.all(np.asarray(out)[0] == 0), "a length-0 sequence must return zeros"
 
@@ -211,7 +201,7 @@ def test_decode_bf16_kv_is_not_rounded_further(q_dtype):
     q, k, v, table, lengths, interpret=INTERPRET, block_sizes=tpu.BlockSizes(blocks_per_chunk=2)
   )
   _assert_no_races()
-  assert out.dtype == q_dtype
+  chex.assert_type(out, q_dtype)
   _check(out, _oracle(q, k, v, table, lengths), q_dtype)
 
 
@@ -480,7 +470,9 @@ def test_builtin_tpu_paged_attention_differs_only_by_its_bf16_cast():
       )
     )
 
-  np.testing.assert_allclose(theirs(k_bf, v_bf), ours(k_bf, v_bf), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    theirs(k_bf, v_bf), ours(k_bf, v_bf), **tolerance("builtin_tpu_kernel_vs_ours", "float32")
+  )
   want = _oracle(q, k, v, table, lengths)
   _check(ours(jnp.asarray(k), jnp.asarray(v)), want, jnp.float32)
   their_err = np.abs(theirs(jnp.asarray(k), jnp.asarray(v)) - want).max()

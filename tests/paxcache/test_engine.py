@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -390,6 +391,50 @@ def test_a_refused_request_changes_nothing_later_requests_sample():
   with pytest.raises(RequestError, match="appears twice"):
     engine.run([Request("y", [1, 2], max_new_tokens=2), Request("y", [3], max_new_tokens=2)])
   assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_jitted_step_is_traced_once_per_padded_shape(monkeypatch, async_scheduling):
+  """Steps of one padded shape reuse one trace of the jitted step: a prefill step, then
+  nine decode steps in one bucket, trace it twice in all; a second engine over the same
+  model (which shares the compiled steps) traces it no more.
+
+  The engine's ``jax.jit`` wraps ``_engine._device_step`` when its step function is built,
+  so a ``chex.assert_max_traces`` wrapper put there first sees every trace: the Python
+  body of a jitted function runs once per trace, not per call. The cached step functions
+  are dropped before and after, so that no other test shares the wrapped one."""
+  from paxcache.engine import _engine
+
+  traced = collections.Counter()  # traces per static layout (one per padded shape)
+  device_step = _engine._device_step
+
+  def counted(graphdef, treedef, params, cache, packed, layout, key, prev_tokens):
+    traced[layout] += 1
+    return device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tokens)
+
+  chex.clear_trace_counter()
+  _engine._jitted_step.cache_clear()
+  monkeypatch.setattr(_engine, "_device_step", chex.assert_max_traces(counted, n=2))
+  try:
+    config = DecoderConfig(d_model=32, num_layers=1, head_dim=8, mlp_dim=64, max_seq_len=64)
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    # Prompts of 9 and 10 tokens (no shared prefix), 10 new tokens each: every decode step
+    # has 2 rows and at most 20 tokens a sequence, inside the smallest buckets (8 rows, 8
+    # blocks), and no request stops early (greedy, no end token).
+    prompts = [list(range(3, 12)), list(range(40, 50))]
+    reqs = [Request(i, p, max_new_tokens=10) for i, p in enumerate(prompts)]
+    cfg = EngineConfig(num_blocks=16, block_size=8, async_scheduling=async_scheduling)
+    engine = Engine(model, cfg)
+    outs = engine.run(reqs)
+    assert all(len(outs[r.request_id].samples[0]) == 10 for r in reqs)
+    assert len(engine.step_metrics) >= 10  # 1 prefill + 9 decode steps (async: one more)
+    assert len(engine._shapes) == 2  # the prefill shape and the decode shape
+    assert sorted(traced.values()) == [1, 1]
+    # Same model, same shapes: the second engine reuses both compiled steps.
+    Engine(model, cfg).run(reqs)
+    assert sorted(traced.values()) == [1, 1]
+  finally:
+    _engine._jitted_step.cache_clear()
 
 
 @pytest.mark.parametrize("backend,head_dim", [("gpu", 64), ("tpu", 128)])

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,19 +18,17 @@ import pytest
 from flax import nnx
 
 import kernels
+from kernels.testing import tolerance
 from paxcache import sharding as sh
 from paxcache.cache import PagedKVCache
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKS = os.path.join(REPO, "tests", "paxcache", "sharding_checks.py")
 
-# Allowed |sharded - single device| in float32. Each device runs the same per-head math as
-# the single-device call, but XLA fuses and vectorises [tokens, heads/devices, ...] arrays
-# differently from [tokens, heads, ...] ones, which moves the last bits of the softmax
-# sums (measured: <= 2.4e-7 on O(1) outputs); 2e-6 leaves room and would still catch a
-# wrong head, block or mask. The Pallas kernel in interpret mode is held to the kernel
-# tests' own bound against the reference (1e-5, float32).
-TOL = {"sharded_vs_single": 2e-6, "pallas_vs_reference": 1e-5}
+# float32 bounds (kernels/testing.py says why): |sharded - single device|, and the Pallas
+# kernel under shard_map against the reference.
+SHARDED = tolerance("sharded_vs_single_device", "float32")
+PALLAS = tolerance("sharded_pallas_vs_reference", "float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +115,7 @@ def test_one_device_mesh_matches_and_bad_pools_raise():
   cache = sh.shard_cache(PagedKVCache(k=(k,), v=(v,)), mesh)
   want = kernels.paged_attention(q, k, v, table, lengths)
   got = sh.sharded_paged_attention(mesh, q, cache.k[0], cache.v[0], table, lengths)
-  np.testing.assert_allclose(got, want, rtol=0, atol=TOL["sharded_vs_single"])
+  np.testing.assert_allclose(got, want, **SHARDED)
   # Pools that are not a shard_cache layout of the claimed KV heads.
   with pytest.raises(ValueError, match=r"the pools have 2 heads, but 3 KV heads on 1 shards"):
     sh.sharded_paged_attention(mesh, q[:, :3], k, v, table, lengths, num_kv_heads=3)
@@ -162,7 +161,7 @@ def test_sharded_attention_equals_single_device(multi_device):
     assert {(n, 3, "decode"), (n, 3, "prefill_window_softcap")} <= seen
   for r in rows:
     assert r["want_finite"] and r["finite"], r  # NaN in unused blocks never leaks
-    assert r["max_abs_err"] <= TOL["sharded_vs_single"], r
+    assert r["max_abs_err"] <= SHARDED.atol, r
     # The pool is really split: one shard per device, kv_per_shard whole heads each.
     lay = sh.head_layout(r["mesh"], r["num_kv_heads"], r["num_q_heads"])
     assert r["pool"]["shard_devices"] == r["mesh"]
@@ -191,7 +190,7 @@ def test_sharded_model_step_moves_only_activations(multi_device):
 
 def test_pallas_kernel_runs_per_device(multi_device):
   r = multi_device["pallas"]
-  assert r["mesh"] == 8 and r["max_abs_err"] <= TOL["pallas_vs_reference"], r
+  assert r["mesh"] == 8 and r["max_abs_err"] <= PALLAS.atol, r
 
 
 def test_sharded_writes_equal_unsharded(multi_device):
@@ -264,6 +263,5 @@ def test_paged_attention_on_a_one_device_mesh_equals_no_mesh():
   attn.set_mesh(sh.make_mesh(1))
   assert attn.mesh is not None
   got, got_cache = attn(x, positions, PagedKVCache.create(2, 2, 4, 4, 8), layer=1, **paged)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=TOL["sharded_vs_single"])
-  for got_pools, want_pools in zip(got_cache.stacked(), want_cache.stacked(), strict=True):
-    np.testing.assert_array_equal(np.asarray(got_pools), np.asarray(want_pools))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), **SHARDED)
+  chex.assert_trees_all_equal(got_cache, want_cache)
