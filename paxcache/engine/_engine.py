@@ -63,7 +63,9 @@ class EngineConfig:
     watermark_blocks: free blocks admission keeps in reserve while others run.
     min_batch_bucket, min_token_bucket, min_blocks_bucket, min_copy_bucket: smallest
       padded sizes (batch rows, query tokens, block-table columns, copy-on-write pairs);
-      sizes grow by powers of two, so few shapes ever compile.
+      sizes grow by powers of two, so few shapes ever compile. A step with no
+      copy-on-write pair pads to 0 pairs (and compiles without the copy), not to
+      ``min_copy_bucket``.
     seed: base PRNG seed for sampling.
     metrics_history: per-step metrics kept (a bounded deque: host memory stays flat).
     check_invariants: run the allocator's full consistency check after every step
