@@ -191,7 +191,8 @@ def run(config: ConfigDict) -> Result:
         f"Share of a {config.pool_tokens}-slot KV pool holding token states, averaged over "
         "the steps of a simulated serving run in which requests waited for memory; paper: "
         "Kwon et al. 2023, Figure 2 (OPT-13B, A100; trace not named), on the "
-        f"{PAPER_WORKLOAD}-like rows only."
+        f"{PAPER_WORKLOAD}-like rows only"
+        + ("." if PAPER_WORKLOAD in config.workloads else " (none in this run).")
       ),
     ),
     Table(
