@@ -143,6 +143,7 @@ def run(config: ConfigDict) -> Result:
         [
           Column("system"),
           Column("batch_cap", "batch cap"),
+          Column("engine_block_size", "engine block"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("mean_batch", "tokens / step", ".1f"),
           Column("max_batch", "max batch"),
@@ -152,8 +153,8 @@ def run(config: ConfigDict) -> Result:
         ],
         engine_rows,
         caption=(
-          f"Engine throughput in a {config.engine.pool_tokens}-slot pool, lengths / "
-          f"{config.engine.length_scale:g}, model max_seq_len {config.engine.max_seq_len}; the "
+          f"Engine throughput in a {config.engine.pool_tokens}-slot pool, lengths and block size /"
+          f" {config.engine.length_scale:g}, model max_seq_len {config.engine.max_seq_len}; the "
           "contiguous row is the paged engine with its batch capped at pool // max_seq_len."
         ),
       )

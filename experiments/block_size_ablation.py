@@ -162,6 +162,7 @@ def run(config: ConfigDict) -> Result:
         "engine_throughput",
         [
           Column("block_size", "block"),
+          Column("engine_block_size", "engine block"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("mean_batch", "tokens / step", ".1f"),
           Column("preemptions", "preempted"),
@@ -170,8 +171,9 @@ def run(config: ConfigDict) -> Result:
         ],
         engine_rows,
         caption=(
-          f"Engine throughput per block size ({labels[0]} lengths / "
-          f"{config.engine.length_scale:g}, {config.engine.pool_tokens}-slot pool)."
+          f"Engine throughput per block size ({labels[0]} lengths and block sizes / "
+          f"{config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
+          f"{config.engine.pool_tokens}-slot pool of scaled tokens)."
         ),
       )
     )

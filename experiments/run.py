@@ -127,8 +127,14 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
   * ``seed``: ``>= 0`` (NumPy's generators take no negative seed);
   * ``block_size`` ``>= 1``; ``block_sizes`` not empty, every element ``>= 1``;
   * ``num_requests`` ``>= 1``, except when every workload beside it (``workload`` or
-    ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations.
+    ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations;
+  * with engine runs on, every block size a multiple of ``engine.length_scale``
+    (:func:`experiments._engine_bench.check_scaled_block_sizes`).
   """
+  if prefix == "config":
+    from experiments import _engine_bench
+
+    _engine_bench.check_scaled_block_sizes(config)
   for key, value in config.items():
     path = f"--{prefix}.{key}={value!r}"
     if isinstance(value, ConfigDict):

@@ -188,6 +188,7 @@ def run(config: ConfigDict) -> Result:
         "engine_preemption",
         [
           Column("block_size", "block"),
+          Column("engine_block_size", "engine block"),
           Column("mode"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("preemptions", "preempted"),
@@ -197,8 +198,9 @@ def run(config: ConfigDict) -> Result:
         ],
         engine_rows,
         caption=(
-          f"Engine throughput with each preemption mode ({config.workload} lengths / "
-          f"{config.engine.length_scale:g}, {config.engine.pool_tokens}-slot pool)."
+          f"Engine throughput with each preemption mode ({config.workload} lengths and block "
+          f"sizes / {config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
+          f"{config.engine.pool_tokens}-slot pool of scaled tokens)."
         ),
       )
     )
