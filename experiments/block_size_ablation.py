@@ -26,7 +26,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from experiments import _kernel_timing, _serving, workloads
-from experiments._outputs import Column, Plot, Result, Table
+from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
 def memory_rows(config: ConfigDict) -> list[dict]:
@@ -211,6 +211,7 @@ def _plot_memory(ax, rows: list[dict]) -> None:
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("KV pool holding tokens (%)")
   ax.set_ylim(0, 102)
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.legend(fontsize=8)
   ax.set_title("Memory per block size (serving simulation)")
 
@@ -229,5 +230,6 @@ def _plot_kernel(ax, rows: list[dict]) -> None:
   ax.set_yscale("log")
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("decode call (ms)")
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.legend(fontsize=8)
   ax.set_title("Paged attention decode time per block size")

@@ -42,7 +42,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from experiments import workloads
-from experiments._outputs import Column, Plot, Result, Table
+from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 from experiments._progress import Progress
 
 PARALLEL = "parallel sampling"
@@ -371,6 +371,8 @@ def _plot_system(ax, rows: list[dict], config: ConfigDict) -> None:
   for i, r in enumerate(rows):
     ax.text(i, r["reserved_slots"], f"{r['reserved_slots']:,}", ha="center", va="bottom")
   ax.set_ylabel("KV slots reserved")
+  ax.set_ylim(0, max([r["reserved_slots"] for r in rows], default=1) * 1.1)  # room for labels
+  plain_ticks(ax)
   ax.set_title(
     f"{config.num_users} users x {config.system_prompt_len}-token system prompt (block {block})"
   )
@@ -388,7 +390,7 @@ def _plot_forks(ax, rows: list[dict], workload: str) -> None:
     if paper is not None:
       paper_kind = "beam search" if kind == RANDOM_FORKS else kind
       ax.axhspan(*paper, color=f"C{i}", alpha=0.15, label=f"paper, {paper_kind} ({trace})")
-  ax.set_xticks(sorted({r["width"] for r in rows}))
+  plain_ticks(ax, x=[r["width"] for r in rows])
   ax.set_xlabel("parallel samples n / beams k")
   ax.set_ylabel("memory saved by sharing (%)")
   ax.set_ylim(0, 100)

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from experiments._outputs import Column, Plot, Result, Table
+from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
 def _median_seconds(fn, iters: int) -> float:
@@ -224,5 +224,6 @@ def _plot(ax, rows: list[dict]) -> None:
   ax.set_yscale("log")
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("latency (ms)")
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title("Preemption cost per sequence")
   ax.legend(fontsize=7)

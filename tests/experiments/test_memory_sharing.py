@@ -287,3 +287,25 @@ def test_a_request_as_large_as_the_pool_is_admitted_despite_the_watermark():
   # running the watermark must not lock it out.
   stats = _serving.simulate(_serving.PagedPool(1, 100, watermark=0.1), np.array([[60, 40]]))
   assert stats.steps == 41 and stats.preemptions == 0
+
+
+def test_batch_capacity_says_the_max_row_holds_by_construction():
+  import importlib.util
+  import os
+
+  from experiments import batch_capacity
+
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "batch_capacity.py")
+  spec = importlib.util.spec_from_file_location("config_batch_capacity", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  # The seed's setting: a budget of exactly four 8,192-token reservations at 800 KiB each.
+  config = module.get_config("seed")
+  config.num_requests = 40
+  config.engine.requests = 0
+  result = batch_capacity.run(config)
+  rows = {r["system"]: r for r in result.tables[0].rows}
+  assert rows["Orca (Max)"]["pool_tokens"] == 4 * 8192
+  assert rows["Orca (Max)"]["static_capacity"] == 4
+  assert "Orca (Max) fits 4 = 32768 // 8192 requests by construction" in " ".join(result.notes)
+  assert "(sharegpt lengths)" in result.tables[0].caption
