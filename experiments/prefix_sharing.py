@@ -21,10 +21,11 @@ Three scenarios:
   parent drawn uniformly from the current beams and appends one token, then the old beams
   are freed, so beams share the blocks of their common ancestors (the paper's Figure 9).
   This is not beam search: there are no scores, and no beam is kept or pruned for its
-  probability. It shares more than the paper measured with real beam search: on
-  Alpaca-like lengths it saves 57-63% at widths 4 and 6 against the paper's 37.6-55.2%
-  (docs/experiments.md, 2b), so uniform forks merge histories faster than the paper's
-  beams did; a real beam search in the engine is the check (issue 19).
+  probability. The data say it shares more than the paper measured with real beam search:
+  at widths 4 and 6 it saves 57-63% on Alpaca-like lengths (paper: 37.6-55.2%) and 72-80%
+  on ShareGPT-like ones (paper: 44.3-66.3%; docs/experiments.md, 2b). So uniform forks
+  merge histories faster than the paper's beams did, and overstate the saving; a real beam
+  search in the engine is the check (issue 19).
 
 For the fork scenarios, memory saved is memory-time weighted over each request's
 decode steps: ``1 - sum_t(blocks used with sharing) / sum_t(blocks the same sequences

@@ -161,3 +161,20 @@ def test_engine_bench_generates_every_token_and_respects_the_batch_cap():
   assert row["tokens_per_s"] > 0 and row["requests"] == 6
   # Block 16 on real lengths runs as block 16 / 8 = 2 on the scaled ones: 128 blocks.
   assert (row["block_size"], row["engine_block_size"], row["pool_tokens"]) == (16, 2, 256)
+
+
+def test_memory_notes_say_what_the_memory_columns_show_and_no_more():
+  def rows(wl, pcts):
+    return [{"workload": wl, "block_size": b, "token_pct": p} for b, p in pcts]
+
+  notes = block_size_ablation.memory_notes(
+    rows("sharegpt", [(16, 97.1), (1, 98.7), (256, 77.1)])
+    + rows("odd", [(1, 90.0), (16, 95.0), (64, 80.0)])
+  )
+  assert notes[0].startswith(
+    "Memory alone, sharegpt: most tokens at block 1 (98.7%), falling as blocks grow: memory "
+    "always favours the smallest block."
+  )
+  assert notes[1].startswith("Memory alone, odd: most tokens at block 16 (95.0%), not falling")
+  assert all("lower bound of 16 comes from GPU kernel efficiency" in n for n in notes)
+  assert all("do not confirm Figure 18" in n for n in notes)
