@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from experiments._outputs import Column, Plot, Result, Table
+from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
 def _median_seconds(fn, iters: int) -> float:
@@ -188,6 +188,7 @@ def run(config: ConfigDict) -> Result:
         "engine_preemption",
         [
           Column("block_size", "block"),
+          Column("engine_block_size", "engine block"),
           Column("mode"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("preemptions", "preempted"),
@@ -197,8 +198,9 @@ def run(config: ConfigDict) -> Result:
         ],
         engine_rows,
         caption=(
-          f"Engine throughput with each preemption mode ({config.workload} lengths / "
-          f"{config.engine.length_scale:g}, {config.engine.pool_tokens}-slot pool)."
+          f"Engine throughput with each preemption mode ({config.workload} lengths and block "
+          f"sizes / {config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
+          f"{config.engine.pool_tokens}-slot pool of scaled tokens)."
         ),
       )
     )
@@ -222,5 +224,6 @@ def _plot(ax, rows: list[dict]) -> None:
   ax.set_yscale("log")
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("latency (ms)")
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title("Preemption cost per sequence")
   ax.legend(fontsize=7)
