@@ -1,0 +1,167 @@
+"""Compile the TPU kernels for real TPU chips on a machine without one (ahead of time).
+
+With ``libtpu`` installed (the version ``jax[tpu]`` pins: 0.0.48.* for jax 0.11.2), JAX
+compiles for a TPU topology on any host: ``jax.experimental.topologies`` describes the
+chips, and ``jax.jit(f).trace(<ShapeDtypeStructs on a topology device>).lower(...)
+.compile()`` runs the whole TPU compiler, Mosaic's passes included (layouts, tiling, the
+VMEM and SMEM allocation). ``jax.export`` stops at the MLIR a compile starts from, so a
+kernel that exports can still fail here (a window too big for VMEM, say: the tests keep
+such a kernel as a negative control).
+
+  python -m kernels.tpu.aot --topology v5e:2x2 --topology v6e:2x2
+
+compiles every configuration of :func:`shipped_cases` for each topology, prints one JSON
+line per (topology, case) and exits with status 1 if any fails. Run it in its own process:
+it sets the environment libtpu needs (and ``JAX_PLATFORMS=cpu``, so that libtpu does not
+look for a chip) before JAX starts a backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
+
+_ENV = {
+  # libtpu, on a host with no TPU: one local worker, no metadata server, CPU as JAX's
+  # default platform (the topology is asked for by name, not found).
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "TPU_SKIP_MDS_QUERY": "1",
+  "JAX_PLATFORMS": "cpu",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One kernel configuration: ``batch`` sequences of up to ``context`` tokens (the ragged
+  kernel with 64 query tokens). Shapes, not values, decide what compiles; the context sets
+  the block table's width and so the chunk sizes the kernels pick."""
+
+  name: str
+  kernel: str  # "decode" or "ragged"
+  block_size: int
+  head_dim: int
+  kv_dtype: str
+  num_q_heads: int = 32
+  num_kv_heads: int = 8
+  window_and_cap: bool = False  # sliding_window=64, logit_soft_cap=30.0
+  block_sizes: tuple = ()  # (field, value) pairs of kernels.tpu.BlockSizes
+  batch: int = 8
+  context: int = 4096
+
+
+def shipped_cases() -> list[Case]:
+  """Every configuration the TPU backend accepts, covered value by value: both kernels at
+  each block size (8 only for float32: bf16 blocks are multiples of 16), head_dim 128 and
+  256 (head_dim must be a multiple of 128 on this backend), bf16 and float32 K/V, with and
+  without sliding window + soft cap, MHA / GQA / MQA head layouts, and the
+  ``BlockSizes`` knobs that change the kernel (one KV head per step, two cores, a batch
+  split by the SMEM budget, one-block chunks, a query tile)."""
+  cases = []
+  for kernel in ("decode", "ragged"):
+    cases += [
+      Case(f"{kernel}-bs8-f32-mqa", kernel, 8, 128, "float32", 8, 1),
+      Case(f"{kernel}-bs16-bf16", kernel, 16, 128, "bfloat16"),
+      Case(f"{kernel}-bs16-d256-f32-window", kernel, 16, 256, "float32", window_and_cap=True),
+      Case(f"{kernel}-bs32-bf16-window", kernel, 32, 128, "bfloat16", window_and_cap=True),
+      Case(f"{kernel}-bs64-d256-bf16-gqa2", kernel, 64, 256, "bfloat16", 16, 8),
+      Case(f"{kernel}-bs128-f32-window", kernel, 128, 128, "float32", window_and_cap=True),
+      Case(f"{kernel}-bs256-bf16-mha", kernel, 256, 128, "bfloat16", 8, 8),
+    ]
+  bf16 = dict(block_size=16, head_dim=128, kv_dtype="bfloat16")
+  cases += [
+    # The benchmark shape of docs/tpu.md.
+    Case("decode-bs16-bf16-64x8192", "decode", **bf16, batch=64, context=8192),
+    Case("decode-bs16-bf16-1head-2cores", "decode", **bf16,
+         block_sizes=(("kv_heads_per_step", 1), ("num_cores", 2))),
+    # A budget of two sequences' table rows: the batch of 8 runs as 4 calls.
+    Case("decode-bs16-bf16-smem-split", "decode", **bf16,
+         block_sizes=(("smem_budget_bytes", 2 * 1100),)),
+    Case("decode-bs16-bf16-1block-chunks", "decode", **bf16,
+         block_sizes=(("blocks_per_chunk", 1),)),
+    Case("ragged-bs16-bf16-qtile32", "ragged", **bf16, block_sizes=(("queries_per_tile", 32),)),
+  ]  # fmt: skip
+  return cases
+
+
+def _prepare_env() -> None:
+  for key, value in _ENV.items():
+    os.environ.setdefault(key, value)
+
+
+def topology_device(topology: str):
+  """The first device of a TPU ``topology`` ("v5e:2x2", ...), described, not attached."""
+  _prepare_env()
+  from jax.experimental import topologies
+
+  return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+
+
+def compile_case(case: Case, device) -> dict:
+  """Compiles ``case`` for ``device``; returns a JSON-able row (``ok``, ``seconds``,
+  ``error``, whether the compiled module holds the Mosaic custom call)."""
+  import jax
+  import jax.numpy as jnp
+
+  from kernels import tpu
+
+  batch, tokens = case.batch, 64
+  blocks_per_seq = -(-case.context // case.block_size)
+  sharding = jax.sharding.SingleDeviceSharding(device)
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+  num_blocks = batch * blocks_per_seq
+  k = spec((case.num_kv_heads, num_blocks, case.block_size, case.head_dim), case.kv_dtype)
+  table = spec((batch, blocks_per_seq), jnp.int32)
+  lengths = spec((batch,), jnp.int32)
+  kw = dict(block_sizes=tpu.BlockSizes(**dict(case.block_sizes)) if case.block_sizes else None)
+  if case.window_and_cap:
+    kw.update(sliding_window=64, logit_soft_cap=30.0)
+  rows = tokens if case.kernel == "ragged" else batch
+  q = spec((rows, case.num_q_heads, case.head_dim), case.kv_dtype)
+  args = [q, k, k, table, lengths]
+  if case.kernel == "ragged":
+    args.append(spec((batch + 1,), jnp.int32))
+  fn = jax.jit(lambda *a: tpu.paged_attention(*a, **kw))
+  row = dict(case=case.name, topology=str(getattr(device, "device_kind", device)))
+  t0 = time.perf_counter()
+  try:
+    compiled = fn.trace(*args).lower(lowering_platforms=("tpu",)).compile()
+  except Exception as e:  # noqa: BLE001  (every failure is reported, not raised)
+    return dict(row, ok=False, seconds=time.perf_counter() - t0, error=str(e)[:2000])
+  text = compiled.as_text()
+  return dict(
+    row,
+    ok=True,
+    seconds=time.perf_counter() - t0,
+    mosaic="tpu_custom_call" in text,
+    error=None,
+  )
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--topology", action="append", help=f"default: {', '.join(TOPOLOGIES)}")
+  p.add_argument("--case", action="append", help="only these case names")
+  args = p.parse_args(argv)
+  _prepare_env()
+  cases = [c for c in shipped_cases() if not args.case or c.name in args.case]
+  failed = 0
+  for topology in args.topology or TOPOLOGIES:
+    device = topology_device(topology)
+    for case in cases:
+      row = dict(compile_case(case, device), topology_name=topology)
+      failed += not row["ok"]
+      print(json.dumps(row), flush=True)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,132 @@
+"""The TPU kernels compiled for real chips (v5e, v6e) through libtpu, on this CPU machine.
+
+``kernels.tpu.aot`` runs in a subprocess with libtpu on its path: libtpu is installed
+beside the test environment, not in it (README: ``pip install --target .venv/libtpu``),
+so that no other JAX process here loads it and looks for a chip. Where it is installed
+in the environment itself (``pip install .[tpu]``), that copy is used.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kernels.tpu import aot
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _libtpu_requirement() -> str:
+  """The libtpu pin of jax's ``tpu`` extra (``libtpu==0.0.48.*`` for jax 0.11.2)."""
+  for req in importlib.metadata.requires("jax") or ():
+    if req.startswith("libtpu") and 'extra == "tpu"' in req:
+      return req.split(";")[0].strip()
+  return "libtpu"
+
+
+def _libtpu_path() -> str:
+  """'' when libtpu is importable here; else the --target folder holding it; else skip."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return ""
+  folder = pathlib.Path(os.environ.get("PAXCACHE_LIBTPU_DIR", pathlib.Path(sys.prefix) / "libtpu"))
+  if (folder / "libtpu").is_dir():
+    return str(folder)
+  pytest.skip(
+    f"libtpu is not installed, so nothing can be compiled for a TPU: run "
+    f"`{sys.executable} -m pip install --target {folder} '{_libtpu_requirement()}'` "
+    "(the README's set-up does) or set PAXCACHE_LIBTPU_DIR"
+  )
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+  extra = _libtpu_path()
+  path = os.pathsep.join(p for p in (extra, str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, PYTHONPATH=path)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+@pytest.mark.slow
+def test_every_shipped_tpu_kernel_configuration_compiles_for_v5e_and_v6e():
+  proc = _run(["-m", "kernels.tpu.aot"], timeout=1200)
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  cases = aot.shipped_cases()
+  failed = [(r["topology_name"], r["case"], r["error"][:300]) for r in rows if not r["ok"]]
+  assert not failed, failed
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = {(r["topology_name"], r["case"]) for r in rows}
+  assert got == {(t, c.name) for t in aot.TOPOLOGIES for c in cases}, proc.stderr[-3000:]
+  # A Mosaic kernel in every compiled module: the Pallas call reached the TPU compiler.
+  assert all(r["mosaic"] for r in rows)
+  kinds = {r["topology_name"]: r["topology"] for r in rows}
+  assert "v5" in kinds["v5e:2x2"].lower() and "v6" in kinds["v6e:2x2"].lower(), kinds
+
+
+def test_shipped_cases_cover_every_accepted_value():
+  cases = aot.shipped_cases()
+  assert len({c.name for c in cases}) == len(cases)
+  for kernel in ("decode", "ragged"):
+    mine = [c for c in cases if c.kernel == kernel]
+    assert {c.block_size for c in mine} == {8, 16, 32, 64, 128, 256}
+    assert {c.head_dim for c in mine} == {128, 256}
+    assert {c.kv_dtype for c in mine} == {"bfloat16", "float32"}
+    assert {c.window_and_cap for c in mine} == {True, False}
+    assert {c.num_q_heads // c.num_kv_heads for c in mine} >= {1, 2, 4, 8}
+  knobs = {k for c in cases for k, _ in c.block_sizes}
+  assert knobs == {
+    "kv_heads_per_step",
+    "num_cores",
+    "smem_budget_bytes",
+    "blocks_per_chunk",
+    "queries_per_tile",
+  }
+
+
+@pytest.mark.slow
+def test_compile_runs_the_tpu_compiler_not_only_the_lowering():
+  # Negative control: a kernel whose window needs 256 MiB of VMEM exports (lowering
+  # only), but the TPU compiler's VMEM allocation refuses it.
+  code = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from kernels.tpu import aot
+
+    device = aot.topology_device("v5e:2x2")
+
+    def kernel(x_ref, o_ref):
+      o_ref[...] = x_ref[...] * 2
+
+    def f(x):
+      spec = pl.BlockSpec((4096, 8192), lambda i: (i, 0))
+      out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+      return pl.pallas_call(kernel, out_shape=out, grid=(2,), in_specs=[spec], out_specs=spec)(x)
+
+    shape = (8192, 8192)
+    jax.export.export(jax.jit(f), platforms=["tpu"])(jax.ShapeDtypeStruct(shape, jnp.float32))
+    print("exported", flush=True)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+    try:
+      jax.jit(f).trace(x).lower(lowering_platforms=("tpu",)).compile()
+      print("compiled")
+    except Exception as e:
+      print("refused:", str(e)[:300])
+    """
+  )
+  proc = _run(["-c", code], timeout=600)
+  assert "exported" in proc.stdout, proc.stderr[-3000:]
+  assert "refused:" in proc.stdout and "vmem" in proc.stdout.lower(), proc.stdout + proc.stderr
