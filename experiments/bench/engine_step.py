@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -44,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import env_info  # noqa: E402
+from experiments.bench._gpu_common import env_info  # noqa: E402
 
 T0 = time.perf_counter()
 

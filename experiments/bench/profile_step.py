@@ -28,11 +28,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import engine_step as es  # noqa: E402  (sets the allocator's environment first)
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from _gpu_common import env_info  # noqa: E402
+import jax
+import numpy as np
+
+import experiments.bench.engine_step as es  # sets the allocator's environment before JAX starts
+from experiments.bench._gpu_common import env_info
 
 
 def _device_events(path: str):

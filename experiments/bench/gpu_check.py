@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._gpu_common import env_info, make_paged, write_jsonl
+from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu, reference
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
 from kernels.testing import rel_l2_error, tolerance

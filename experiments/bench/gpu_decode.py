@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks._gpu_common import env_info, make_paged, time_fn, write_jsonl
+from experiments.bench._gpu_common import env_info, make_paged, time_fn, write_jsonl
 from kernels import gpu
 
 HQ, HKV, D = 32, 8, 128
