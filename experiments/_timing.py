@@ -1,0 +1,133 @@
+"""One timing helper for every measurement: repeated samples, their median and their spread.
+
+:func:`time_calls` runs a call ``repeats`` times (each sample ``inner`` calls back to back,
+then one ``sync`` on the last result, divided by ``inner``) and returns a :class:`Timing`:
+the samples, their median, min and max. Every timing figure an experiment or benchmark
+reports is such a median, with its min-max spread beside it (a table column, an error bar).
+
+The range ``[min, max]`` of ``n`` independent samples holds the median of their
+distribution with probability ``1 - 2**(1 - n)`` whatever that distribution is (93.8% at
+5 samples, 96.9% at 6, 98.4% at 7): the spread is a distribution-free interval for the
+median. :func:`compare` calls one timing faster or slower than another only where the two
+intervals do not overlap; text that claims a difference uses it.
+
+Nothing here imports ml_collections (the GPU machine has only absl-py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+
+MIN_REPEATS = 5  # the fewest repeats behind a reported timing (issue 19, item 5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """Seconds per call over repeated samples: their median, min and max, and the samples."""
+
+  median: float
+  min: float
+  max: float
+  samples: tuple[float, ...]
+
+  @classmethod
+  def of(cls, samples: Iterable[float]) -> Timing:
+    """The timing of already measured ``samples`` (seconds), in the order taken."""
+    s = tuple(float(x) for x in samples)
+    if not s:
+      raise ValueError("a Timing needs at least one sample")
+    return cls(median=statistics.median(s), min=min(s), max=max(s), samples=s)
+
+  @property
+  def repeats(self) -> int:
+    return len(self.samples)
+
+  @property
+  def spread(self) -> float:
+    """``max - min``: the width of the interval."""
+    return self.max - self.min
+
+  @property
+  def coverage(self) -> float:
+    """Probability that ``[min, max]`` holds the distribution's median (independent samples)."""
+    return 1.0 - 2.0 ** (1 - self.repeats)
+
+  def map(self, fn: Callable[[float], float]) -> Timing:
+    """The timing of ``fn`` applied to every sample (e.g. seconds to tokens/s). For a
+    monotone ``fn`` the median maps to the median (odd counts) and min/max to the ends."""
+    return Timing.of(fn(x) for x in self.samples)
+
+  def fields(self, name: str, scale: float = 1e3, suffix: str = "_ms", digits: int | None = None):
+    """JSON fields ``{name}{suffix}`` (median), ``{name}_min{suffix}``, ``{name}_max{suffix}``
+    and ``{name}_repeats``, values times ``scale`` (ms by default), rounded to ``digits``
+    significant digits when given."""
+
+    def r(x: float) -> float:
+      x = x * scale
+      return float(f"{x:.{digits}g}") if digits else x
+
+    return {
+      f"{name}{suffix}": r(self.median),
+      f"{name}_min{suffix}": r(self.min),
+      f"{name}_max{suffix}": r(self.max),
+      f"{name}_repeats": self.repeats,
+    }
+
+
+def time_calls(
+  call: Callable[[], Any],
+  *,
+  repeats: int = MIN_REPEATS,
+  inner: int = 1,
+  warmup: int = 1,
+  sync: Callable[[Any], Any] = jax.block_until_ready,
+) -> Timing:
+  """Seconds per ``call()``: ``warmup`` synced calls, then ``repeats`` samples.
+
+  Each sample dispatches ``inner`` calls back to back and runs ``sync`` on the last
+  result inside the timed region: with ``inner > 1`` on an accelerator, host dispatch
+  overlaps device work and the sample is device time; with ``inner=1`` it includes the
+  dispatch latency. ``sync`` is ``jax.block_until_ready``; pass ``lambda out: out`` for
+  host-only work, or for the host time of dispatching alone.
+  """
+  if repeats < 1 or inner < 1 or warmup < 0:
+    raise ValueError(
+      f"need repeats >= 1, inner >= 1, warmup >= 0; got {repeats}, {inner}, {warmup}"
+    )
+  for _ in range(warmup):
+    sync(call())
+  samples = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = call()
+    sync(out)
+    samples.append((time.perf_counter() - t0) / inner)
+  return Timing.of(samples)
+
+
+def separated(a: Timing, b: Timing) -> bool:
+  """Whether the intervals ``[min, max]`` of ``a`` and ``b`` do not overlap."""
+  return a.max < b.min or b.max < a.min
+
+
+def compare(a: Timing, b: Timing) -> str:
+  """``"faster"`` or ``"slower"`` (``a`` against ``b``, smaller is faster) where the
+  intervals separate, else ``"indistinguishable"``. For rates (larger is better), compare
+  the inverse timings or read the answer reversed."""
+  if a.max < b.min:
+    return "faster"
+  if b.max < a.min:
+    return "slower"
+  return "indistinguishable"
+
+
+def spread_text(t: Timing, scale: float = 1e3, fmt: str = ".3f") -> str:
+  """``"median (min-max)"`` of ``t`` times ``scale``, e.g. ``"1.234 (1.200-1.301)"``."""
+  return f"{t.median * scale:{fmt}} ({t.min * scale:{fmt}}-{t.max * scale:{fmt}})"
