@@ -5,21 +5,23 @@ different 1/block_size of them crosses a block boundary each step, as in a stead
 many decode steps; each step appends one token to every sequence with
 ``BlockAllocator.append_batch``, builds the ``BlockTable`` and pads the slot mapping. Prefix
 caching is on, so blocks that fill are hashed. Prints the median, 10th and 90th percentile per
-step in milliseconds, and for comparison the appends alone done as one ``append_tokens`` call
-per sequence.
+step in milliseconds with the min-max spread, and for comparison the appends alone done as one
+``append_tokens`` call per sequence (median and spread of ``max(steps // 10, 5)`` steps). All
+times come from :func:`experiments._timing.time_calls`, one step per sample.
 
-  python benchmarks/host_step.py                # 256 and 1024 sequences, block size 16
-  python benchmarks/host_step.py --batch 64 256 --steps 100 --block-size 32
+  python -m experiments.bench.host_step               # 256 and 1024 sequences, block size 16
+  python -m experiments.bench.host_step --batch 64,256 --steps 100 --block-size 32
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
-import time
 
 import numpy as np
+from absl import flags
 
+from experiments._timing import Timing, spread_text, time_calls
+from experiments.bench import _flags
 from paxcache.allocator import BlockAllocator
 from paxcache.block_table import BlockTable, build_slot_mapping
 
@@ -31,7 +33,14 @@ def decode_step(allocator, seq_ids, tokens):
   return table, slot_mapping, res.cow_pairs
 
 
-def run(batch: int, seq_len: int, block_size: int, steps: int, warmup: int, seed: int):
+def _no_sync(out):
+  return out  # host work: nothing to wait for
+
+
+def run(
+  batch: int, seq_len: int, block_size: int, steps: int, warmup: int, seed: int
+) -> tuple[Timing, Timing]:
+  """Timings of one decode step (``steps`` samples) and of the per-sequence append loop."""
   rng = np.random.default_rng(seed)
   loop_steps = max(steps // 10, 5)
   blocks_per_seq = -(-(seq_len + steps + warmup + loop_steps + block_size) // block_size)
@@ -41,48 +50,56 @@ def run(batch: int, seq_len: int, block_size: int, steps: int, warmup: int, seed
     # Unique prompts (no prefix hits) with lengths seq_len - block_size + 1 .. seq_len.
     length = seq_len - (s % block_size)
     allocator.add_sequence(s, rng.integers(0, 32_000, length))
-  times = []
-  for step in range(warmup + steps):
-    tokens = rng.integers(0, 32_000, batch)
-    t0 = time.perf_counter()
-    decode_step(allocator, seq_ids, tokens)
-    t1 = time.perf_counter()
-    if step >= warmup:
-      times.append(t1 - t0)
+  # Each step's tokens are drawn before the timed call; every sample is one step.
+  step_tokens = iter(rng.integers(0, 32_000, (warmup + steps, batch)))
+  step = time_calls(
+    lambda: decode_step(allocator, seq_ids, next(step_tokens)),
+    repeats=steps,
+    warmup=warmup,
+    sync=_no_sync,
+  )
+
   # For comparison: the same appends as one append_tokens call per sequence.
-  loop_times = []
-  for _ in range(loop_steps):
-    tokens = rng.integers(0, 32_000, (batch, 1))
-    t0 = time.perf_counter()
+  loop_tokens = iter(rng.integers(0, 32_000, (loop_steps, batch, 1)))
+
+  def loop():
+    tokens = next(loop_tokens)
     for s in seq_ids:
       allocator.append_tokens(s, tokens[s])
-    loop_times.append(time.perf_counter() - t0)
+
+  loop_timing = time_calls(loop, repeats=loop_steps, warmup=0, sync=_no_sync)
   allocator.check_invariants()
-  ms = np.array(times) * 1e3
-  return np.median(ms), np.percentile(ms, 10), np.percentile(ms, 90), np.median(loop_times) * 1e3
+  return step, loop_timing
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024])
-  parser.add_argument("--seq-len", type=int, default=4096)
-  parser.add_argument("--block-size", type=int, default=16)
-  parser.add_argument("--steps", type=int, default=300)
-  parser.add_argument("--warmup", type=int, default=20)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args()
+def define_flags():
+  flags.DEFINE_list("batch", ["256", "1024"], "sequences per step, comma separated")
+  flags.DEFINE_integer("seq-len", 4096, "tokens per sequence")
+  flags.DEFINE_integer("block-size", 16, "tokens per block")
+  flags.DEFINE_integer("steps", 300, "timed decode steps")
+  flags.DEFINE_integer("warmup", 20, "untimed decode steps first")
+  flags.DEFINE_integer("seed", 0, "prompt and token seed")
+
+
+def main(args):
   print(
     f"# host decode step, block_size={args.block_size}, ~{args.seq_len} tokens/sequence, "
     f"{args.steps} steps, numpy {np.__version__}, {platform.processor() or platform.machine()}"
   )
-  print("| sequences | median ms | p10 ms | p90 ms | appends as a per-sequence loop, median ms |")
-  print("| ---: | ---: | ---: | ---: | ---: |")
-  for batch in args.batch:
-    med, p10, p90, loop = run(
-      batch, args.seq_len, args.block_size, args.steps, args.warmup, args.seed
+  print(
+    "| sequences | median ms | p10 ms | p90 ms | min-max ms "
+    "| appends as a per-sequence loop, median (min-max) ms |"
+  )
+  print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+  for batch in (int(b) for b in args.batch):
+    step, loop = run(batch, args.seq_len, args.block_size, args.steps, args.warmup, args.seed)
+    p10, p90 = np.percentile(step.samples, [10, 90]) * 1e3
+    print(
+      f"| {batch} | {step.median * 1e3:.3f} | {p10:.3f} | {p90:.3f} "
+      f"| {step.min * 1e3:.3f}-{step.max * 1e3:.3f} | {spread_text(loop)} |",
+      flush=True,
     )
-    print(f"| {batch} | {med:.3f} | {p10:.3f} | {p90:.3f} | {loop:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  _flags.run(define_flags, main)
