@@ -11,7 +11,8 @@ distribution with probability ``1 - 2**(1 - n)`` whatever that distribution is (
 median. :func:`compare` calls one timing faster or slower than another only where the two
 intervals do not overlap; text that claims a difference uses it.
 
-Nothing here imports ml_collections (the GPU machine has only absl-py).
+Nothing here imports ml_collections (the GPU machine has only absl-py), nor JAX until a
+call is synced with its default.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import jax
+import numpy as np
 
 MIN_REPEATS = 5  # the fewest repeats behind a reported timing (issue 19, item 5)
 
@@ -86,16 +87,20 @@ def time_calls(
   repeats: int = MIN_REPEATS,
   inner: int = 1,
   warmup: int = 1,
-  sync: Callable[[Any], Any] = jax.block_until_ready,
+  sync: Callable[[Any], Any] | None = None,
 ) -> Timing:
   """Seconds per ``call()``: ``warmup`` synced calls, then ``repeats`` samples.
 
   Each sample dispatches ``inner`` calls back to back and runs ``sync`` on the last
   result inside the timed region: with ``inner > 1`` on an accelerator, host dispatch
   overlaps device work and the sample is device time; with ``inner=1`` it includes the
-  dispatch latency. ``sync`` is ``jax.block_until_ready``; pass ``lambda out: out`` for
-  host-only work, or for the host time of dispatching alone.
+  dispatch latency. ``sync`` defaults to ``jax.block_until_ready``; pass
+  ``lambda out: out`` for host-only work, or for the host time of dispatching alone.
   """
+  if sync is None:
+    import jax  # here, so that importing this module stays light
+
+    sync = jax.block_until_ready
   if repeats < 1 or inner < 1 or warmup < 0:
     raise ValueError(
       f"need repeats >= 1, inner >= 1, warmup >= 0; got {repeats}, {inner}, {warmup}"
@@ -112,18 +117,27 @@ def time_calls(
   return Timing.of(samples)
 
 
-def separated(a: Timing, b: Timing) -> bool:
+Interval = Timing | tuple[float, float]  # a Timing, or (min, max) as rows record them
+
+
+def _ends(x: Interval) -> tuple[float, float]:
+  return (x.min, x.max) if isinstance(x, Timing) else (float(x[0]), float(x[1]))
+
+
+def separated(a: Interval, b: Interval) -> bool:
   """Whether the intervals ``[min, max]`` of ``a`` and ``b`` do not overlap."""
-  return a.max < b.min or b.max < a.min
+  (a_lo, a_hi), (b_lo, b_hi) = _ends(a), _ends(b)
+  return a_hi < b_lo or b_hi < a_lo
 
 
-def compare(a: Timing, b: Timing) -> str:
+def compare(a: Interval, b: Interval) -> str:
   """``"faster"`` or ``"slower"`` (``a`` against ``b``, smaller is faster) where the
   intervals separate, else ``"indistinguishable"``. For rates (larger is better), compare
   the inverse timings or read the answer reversed."""
-  if a.max < b.min:
+  (a_lo, a_hi), (b_lo, b_hi) = _ends(a), _ends(b)
+  if a_hi < b_lo:
     return "faster"
-  if b.max < a.min:
+  if b_hi < a_lo:
     return "slower"
   return "indistinguishable"
 
@@ -131,3 +145,15 @@ def compare(a: Timing, b: Timing) -> str:
 def spread_text(t: Timing, scale: float = 1e3, fmt: str = ".3f") -> str:
   """``"median (min-max)"`` of ``t`` times ``scale``, e.g. ``"1.234 (1.200-1.301)"``."""
   return f"{t.median * scale:{fmt}} ({t.min * scale:{fmt}}-{t.max * scale:{fmt}})"
+
+
+def range_text(lo: float, hi: float, fmt: str = ".4g") -> str:
+  """``"lo-hi"``: the cell of a table's spread column."""
+  return f"{lo:{fmt}}-{hi:{fmt}}"
+
+
+def errorbar(ax, x, median, lo, hi, fmt: str = "o-", **kwargs):
+  """Medians as a line on matplotlib Axes ``ax``, with error bars from min to max."""
+  med = np.asarray(median, float)
+  yerr = np.stack([med - np.asarray(lo, float), np.asarray(hi, float) - med])
+  return ax.errorbar(x, med, yerr=yerr, fmt=fmt, capsize=3, **kwargs)

@@ -94,3 +94,23 @@ def test_separated_and_compare():
   assert compare(overlapping, slow) == "indistinguishable"
   # Touching ends overlap: a shared value is not a separation.
   assert not separated(Timing.of([1.0, 2.0]), Timing.of([2.0, 3.0]))
+  # (min, max) pairs, as table rows record them, compare the same way.
+  assert compare((1.0, 1.2), slow) == "faster"
+  assert compare((1.0, 1.4), (1.3, 2.0)) == "indistinguishable"
+
+
+def test_range_text_and_errorbar_ends():
+  assert _timing.range_text(0.25134, 0.5) == "0.2513-0.5"
+
+  class Ax:
+    def errorbar(self, x, y, yerr, **kw):
+      self.got = (list(x), y.tolist(), yerr.tolist(), kw)
+
+  ax = Ax()
+  _timing.errorbar(ax, [1, 2], [2.0, 5.0], [1.0, 4.5], [3.5, 6.0], label="t")
+  assert ax.got == (
+    [1, 2],
+    [2.0, 5.0],
+    [[1.0, 0.5], [1.5, 1.0]],
+    {"fmt": "o-", "capsize": 3, "label": "t"},
+  )
