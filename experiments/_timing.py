@@ -8,8 +8,11 @@ reports is such a median, with its min-max spread beside it (a table column, an 
 The range ``[min, max]`` of ``n`` independent samples holds the median of their
 distribution with probability ``1 - 2**(1 - n)`` whatever that distribution is (93.8% at
 5 samples, 96.9% at 6, 98.4% at 7): the spread is a distribution-free interval for the
-median. :func:`compare` calls one timing faster or slower than another only where the two
-intervals do not overlap; text that claims a difference uses it.
+median. With many samples it grows with every outlier, so :attr:`Timing.interval` narrows
+it to the order statistics ``[x_(k), x_(n+1-k)]`` with the largest ``k`` that still covers
+the median with probability >= 95% (the min-max range up to 8 samples). :func:`compare`
+calls one timing faster or slower than another only where those intervals do not
+overlap; text that claims a difference uses it.
 
 Nothing here imports ml_collections (the GPU machine has only absl-py), nor JAX until a
 call is synced with its default.
@@ -18,6 +21,7 @@ call is synced with its default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +30,22 @@ from typing import Any
 import numpy as np
 
 MIN_REPEATS = 5  # the fewest repeats behind a reported timing (issue 19, item 5)
+LEVEL = 0.95  # the coverage :attr:`Timing.interval` aims at
+
+
+def median_interval_rank(n: int, level: float = LEVEL) -> tuple[int, float]:
+  """``(k, coverage)``: the largest ``k`` for which the ``k``-th smallest and ``k``-th largest
+  of ``n`` independent samples hold their distribution's median with probability
+  ``coverage >= level`` (binomial tails); ``k = 1`` (min-max) when no ``k`` reaches it."""
+  best = (1, 1.0 - 2.0 ** (1 - n))
+  below = 1  # C(n, 0): the ways fewer than k samples fall below the median, k = 1
+  for k in range(2, (n + 1) // 2 + 1):
+    below += math.comb(n, k - 1)
+    coverage = 1.0 - 2.0 * below / 2.0**n
+    if coverage < level:
+      break
+    best = (k, coverage)
+  return best
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +78,14 @@ class Timing:
   def coverage(self) -> float:
     """Probability that ``[min, max]`` holds the distribution's median (independent samples)."""
     return 1.0 - 2.0 ** (1 - self.repeats)
+
+  @property
+  def interval(self) -> tuple[float, float]:
+    """A distribution-free interval for the median, at >= 95% where the samples allow
+    (:func:`median_interval_rank`); ``(min, max)`` up to 8 samples."""
+    k, _ = median_interval_rank(self.repeats)
+    s = sorted(self.samples)
+    return s[k - 1], s[-k]
 
   def map(self, fn: Callable[[float], float]) -> Timing:
     """The timing of ``fn`` applied to every sample (e.g. seconds to tokens/s). For a
@@ -121,11 +149,12 @@ Interval = Timing | tuple[float, float]  # a Timing, or (min, max) as rows recor
 
 
 def _ends(x: Interval) -> tuple[float, float]:
-  return (x.min, x.max) if isinstance(x, Timing) else (float(x[0]), float(x[1]))
+  return x.interval if isinstance(x, Timing) else (float(x[0]), float(x[1]))
 
 
 def separated(a: Interval, b: Interval) -> bool:
-  """Whether the intervals ``[min, max]`` of ``a`` and ``b`` do not overlap."""
+  """Whether the intervals of ``a`` and ``b`` do not overlap (a Timing's
+  :attr:`~Timing.interval`, or ``(lo, hi)`` as given)."""
   (a_lo, a_hi), (b_lo, b_hi) = _ends(a), _ends(b)
   return a_hi < b_lo or b_hi < a_lo
 

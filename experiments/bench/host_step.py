@@ -5,9 +5,11 @@ different 1/block_size of them crosses a block boundary each step, as in a stead
 many decode steps; each step appends one token to every sequence with
 ``BlockAllocator.append_batch``, builds the ``BlockTable`` and pads the slot mapping. Prefix
 caching is on, so blocks that fill are hashed. Prints the median, 10th and 90th percentile per
-step in milliseconds with the min-max spread, and for comparison the appends alone done as one
-``append_tokens`` call per sequence (median and spread of ``max(steps // 10, 5)`` steps). All
-times come from :func:`experiments._timing.time_calls`, one step per sample.
+step in milliseconds with the min-max spread and the 95% interval of the median, and for
+comparison the appends alone done as one ``append_tokens`` call per sequence (median and
+spread of ``max(steps // 10, 5)`` steps); the last column says whether the batched step is
+faster than that loop by those intervals (:func:`experiments._timing.compare`). All times
+come from :func:`experiments._timing.time_calls`, one step per sample.
 
   python -m experiments.bench.host_step               # 256 and 1024 sequences, block size 16
   python -m experiments.bench.host_step --batch 64,256 --steps 100 --block-size 32
@@ -20,7 +22,7 @@ import platform
 import numpy as np
 from absl import flags
 
-from experiments._timing import Timing, spread_text, time_calls
+from experiments._timing import Timing, compare, spread_text, time_calls
 from experiments.bench import _flags
 from paxcache.allocator import BlockAllocator
 from paxcache.block_table import BlockTable, build_slot_mapping
@@ -87,16 +89,19 @@ def main(args):
     f"{args.steps} steps, numpy {np.__version__}, {platform.processor() or platform.machine()}"
   )
   print(
-    "| sequences | median ms | p10 ms | p90 ms | min-max ms "
-    "| appends as a per-sequence loop, median (min-max) ms |"
+    "| sequences | median ms | p10 ms | p90 ms | min-max ms | 95% interval ms "
+    "| appends as a per-sequence loop, median (min-max) ms | loop's 95% interval ms "
+    "| batched step vs loop |"
   )
-  print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
   for batch in (int(b) for b in args.batch):
     step, loop = run(batch, args.seq_len, args.block_size, args.steps, args.warmup, args.seed)
     p10, p90 = np.percentile(step.samples, [10, 90]) * 1e3
+    (s_lo, s_hi), (l_lo, l_hi) = step.interval, loop.interval
     print(
       f"| {batch} | {step.median * 1e3:.3f} | {p10:.3f} | {p90:.3f} "
-      f"| {step.min * 1e3:.3f}-{step.max * 1e3:.3f} | {spread_text(loop)} |",
+      f"| {step.min * 1e3:.3f}-{step.max * 1e3:.3f} | {s_lo * 1e3:.3f}-{s_hi * 1e3:.3f} "
+      f"| {spread_text(loop)} | {l_lo * 1e3:.3f}-{l_hi * 1e3:.3f} | {compare(step, loop)} |",
       flush=True,
     )
 

@@ -99,6 +99,20 @@ def test_separated_and_compare():
   assert compare((1.0, 1.4), (1.3, 2.0)) == "indistinguishable"
 
 
+def test_median_interval_by_hand():
+  # Up to 8 samples no narrower interval reaches 95%: min-max, 1 - 2**(1 - n).
+  assert _timing.median_interval_rank(5) == (1, 1 - 2**-4)
+  assert _timing.median_interval_rank(8)[0] == 1  # k=2 would cover 1 - 2*9/256 = 93.0%
+  # 9 samples: the 2nd smallest to the 2nd largest cover 1 - 2*(1 + 9)/512 = 96.1%.
+  assert _timing.median_interval_rank(9) == (2, pytest.approx(1 - 20 / 512))
+  t = Timing.of([5.0, 1.0, 9.0, 2.0, 3.0, 4.0, 100.0, 6.0, 7.0])  # one outlier
+  assert t.interval == (2.0, 9.0)  # the outlier widens min-max, not the interval
+  assert (t.min, t.max) == (1.0, 100.0)
+  assert Timing.of([3.0, 1.0, 2.0, 5.0, 4.0]).interval == (1.0, 5.0)
+  # Compared by intervals: [2, 9] against [10, 12] separates although 100 > 10.
+  assert compare(t, Timing.of([10.0, 11.0, 12.0])) == "faster"
+
+
 def test_range_text_and_errorbar_ends():
   assert _timing.range_text(0.25134, 0.5) == "0.2513-0.5"
 
