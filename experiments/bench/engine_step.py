@@ -445,22 +445,28 @@ def define_flags():
   flags.DEFINE_float("big-pool-gb", 100.0, "the big pool")
   flags.DEFINE_float("max-pool-gb", 110.0, "largest pool (H200: 139 GiB)")
   flags.DEFINE_float("read-gib", 4.0, "array size of the read ceiling")
-  flags.DEFINE_integer("repeats", 21, "timed samples per step time (median and min-max)")
-  flags.DEFINE_integer("inner", 10, "steps back to back per sample")
+  flags.DEFINE_integer(
+    "repeats", 21, "timed samples per step time (median and min-max)", lower_bound=1
+  )
+  flags.DEFINE_integer("inner", 10, "steps back to back per sample", lower_bound=1)
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
   flags.DEFINE_bool("no-step", False, "skip the step table")
   flags.DEFINE_bool("e2e", False, "also serve requests through the Engine")
   flags.DEFINE_string("e2e-requests", "192,128", "requests per model")
   flags.DEFINE_string("e2e-block-sizes", "16", "block sizes, comma separated")
   flags.DEFINE_float("e2e-pool-gb", 40.0, "engine pool")
-  flags.DEFINE_integer("e2e-repeats", 5, "measured passes per run (median tokens/s, min-max)")
+  flags.DEFINE_integer(
+    "e2e-repeats", 5, "measured passes per run (median tokens/s, min-max)", lower_bound=1
+  )
   flags.DEFINE_string(
     "e2e-steady",
     None,
     "BxP+O: also B requests of P prompt and O new tokens each (all decode together)",
   )
   flags.DEFINE_bool("e2e-only-steady", False, "skip the ShareGPT-like runs")
-  flags.DEFINE_integer("capture-every", 25, "replay every Nth decode step for device time")
+  flags.DEFINE_integer(
+    "capture-every", 25, "replay every Nth decode step for device time", lower_bound=1
+  )
   flags.DEFINE_bool("async-scheduling", False, "EngineConfig.async_scheduling")
   flags.DEFINE_string(
     "compilation-cache",

@@ -360,7 +360,7 @@ def define_flags():
   flags.DEFINE_bool("no-decode", False, "prefill (and the ceiling) only")
   flags.DEFINE_bool("no-sweep", False, "prefill: default config only")
   flags.DEFINE_bool("decode-sweep", False, "also time SWEEP_CONFIGS")
-  flags.DEFINE_integer("passes", 3, "timing passes over the decode cases")
+  flags.DEFINE_integer("passes", 3, "timing passes over the decode cases", lower_bound=1)
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
 
 

@@ -78,7 +78,7 @@ def define_flags():
   flags.DEFINE_list("batch", ["256", "1024"], "sequences per step, comma separated")
   flags.DEFINE_integer("seq-len", 4096, "tokens per sequence")
   flags.DEFINE_integer("block-size", 16, "tokens per block")
-  flags.DEFINE_integer("steps", 300, "timed decode steps")
+  flags.DEFINE_integer("steps", 300, "timed decode steps", lower_bound=1)
   flags.DEFINE_integer("warmup", 20, "untimed decode steps first")
   flags.DEFINE_integer("seed", 0, "prompt and token seed")
 

@@ -302,7 +302,7 @@ def define_flags():
   flags.DEFINE_string("models", "smollm2-135m,llama-1b", "model names, comma separated")
   flags.DEFINE_string("shapes", "64x512,256x1024", "batch x context, comma separated")
   flags.DEFINE_integer("block-size", 16, "tokens per block")
-  flags.DEFINE_integer("steps", 5, "--device: steps traced")
+  flags.DEFINE_integer("steps", 5, "--device: steps traced", lower_bound=1)
   flags.DEFINE_integer("top", 25, "--device: kernels listed")
   flags.DEFINE_string("requests", "192,128", "--host: requests per model")
   flags.DEFINE_float("pool-gb", 40.0, "engine pool of --host")
@@ -311,7 +311,9 @@ def define_flags():
   flags.DEFINE_bool("dispatch", False, "host time of the step's call against its device time")
   flags.DEFINE_integer("trace-from", 300, "--host: first traced step")
   flags.DEFINE_integer("trace-steps", 100, "--host: steps traced")
-  flags.DEFINE_integer("repeats", 15, "--dispatch: timed samples (median and min-max)")
+  flags.DEFINE_integer(
+    "repeats", 15, "--dispatch: timed samples (median and min-max)", lower_bound=1
+  )
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
 
 

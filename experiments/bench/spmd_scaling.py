@@ -193,7 +193,9 @@ def define_flags():
   flags.DEFINE_string("devices", "1,2", "comma-separated device counts")
   flags.DEFINE_integer("requests", Setup.requests, "requests per pass")
   flags.DEFINE_integer("blocks-per-gpu", Setup.blocks_per_gpu, "KV blocks per device")
-  flags.DEFINE_integer("repeats", 5, "measured passes per device count (median and spread)")
+  flags.DEFINE_integer(
+    "repeats", 5, "measured passes per device count (median and spread)", lower_bound=1
+  )
 
 
 def main(args):
