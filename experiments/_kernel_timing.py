@@ -48,9 +48,10 @@ def time_decode(
 
   ``iters`` synchronous calls after the compile (:func:`experiments._timing.time_calls`).
   Returns a dict with ``time_ms`` (the median), ``time_min_ms``, ``time_max_ms``,
-  ``time_spread_ms`` (the two as text), ``time_repeats`` and ``gbps`` (K/V bytes read over
-  the median time), or with ``status`` set to the error's message when the backend rejects
-  the shape.
+  ``time_spread_ms`` (the two as text), the median's 95% interval ``time_ci_lo_ms``,
+  ``time_ci_hi_ms`` (:attr:`experiments._timing.Timing.interval`), ``time_repeats`` and
+  ``gbps`` (K/V bytes read over the median time), or with ``status`` set to the error's
+  message when the backend rejects the shape.
   """
   import jax
   import jax.numpy as jnp

@@ -93,8 +93,9 @@ class Timing:
     return Timing.of(fn(x) for x in self.samples)
 
   def fields(self, name: str, scale: float = 1e3, suffix: str = "_ms", digits: int | None = None):
-    """JSON fields ``{name}{suffix}`` (median), ``{name}_min{suffix}``, ``{name}_max{suffix}``
-    and ``{name}_repeats``, values times ``scale`` (ms by default), rounded to ``digits``
+    """JSON fields ``{name}{suffix}`` (median), ``{name}_min{suffix}``, ``{name}_max{suffix}``,
+    the interval of the median ``{name}_ci_lo{suffix}``, ``{name}_ci_hi{suffix}`` and
+    ``{name}_repeats``, values times ``scale`` (ms by default), rounded to ``digits``
     significant digits when given."""
 
     def r(x: float) -> float:
@@ -105,6 +106,8 @@ class Timing:
       f"{name}{suffix}": r(self.median),
       f"{name}_min{suffix}": r(self.min),
       f"{name}_max{suffix}": r(self.max),
+      f"{name}_ci_lo{suffix}": r(self.interval[0]),
+      f"{name}_ci_hi{suffix}": r(self.interval[1]),
       f"{name}_repeats": self.repeats,
     }
 

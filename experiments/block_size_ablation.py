@@ -11,7 +11,8 @@ Per block size:
   ``kernel_iters`` calls, with its min-max spread, for each backend in ``config.backends``
   that runs natively here (CPU: the reference; GPU: the Pallas GPU kernel and the
   reference; TPU likewise), and the K/V bytes read per second; a note says whether the
-  smallest and the largest block's intervals separate (:func:`experiments._timing.compare`);
+  smallest and the largest block's 95% intervals of the median separate
+  (:func:`experiments._timing.compare`);
 * end to end (when ``config.engine.requests > 0``): the engine's generated tokens/s on
   the device present (:mod:`experiments._engine_bench`).
 
@@ -84,23 +85,22 @@ def kernel_rows(config: ConfigDict) -> tuple[list[dict], list[str]]:
 
 
 def _kernel_claims(backend: str, rows: list[dict]) -> list[str]:
-  """Smallest against largest block: a difference only where the min-max intervals separate."""
+  """Smallest against largest block: a difference only where the intervals of the median
+  (``time_ci_lo_ms``-``time_ci_hi_ms``: min-max up to 8 calls) separate."""
   timed = [r for r in rows if r.get("time_ms") is not None]
   if len(timed) < 2:
     return []
   a, b = timed[0], timed[-1]
-  verdict = _timing.compare(
-    (a["time_min_ms"], a["time_max_ms"]), (b["time_min_ms"], b["time_max_ms"])
-  )
+  ci_a, ci_b = (a["time_ci_lo_ms"], a["time_ci_hi_ms"]), (b["time_ci_lo_ms"], b["time_ci_hi_ms"])
   text = {
     "faster": "faster than",
     "slower": "slower than",
-    "indistinguishable": "not distinguishable from (min-max intervals overlap)",
-  }[verdict]
+    "indistinguishable": "not distinguishable from (the intervals overlap)",
+  }[_timing.compare(ci_a, ci_b)]
   return [
-    f"Decode kernel ({backend}): block {a['block_size']} ({a['time_ms']:.4g} ms, "
-    f"{a['time_spread_ms']}) is {text} block {b['block_size']} ({b['time_ms']:.4g} ms, "
-    f"{b['time_spread_ms']}), over {a['time_repeats']} calls each."
+    f"Decode kernel ({backend}): block {a['block_size']} (median {a['time_ms']:.4g} ms, 95% "
+    f"interval {_timing.range_text(*ci_a)}) is {text} block {b['block_size']} (median "
+    f"{b['time_ms']:.4g} ms, {_timing.range_text(*ci_b)}), over {a['time_repeats']} calls each."
   ]
 
 

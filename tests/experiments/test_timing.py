@@ -69,12 +69,16 @@ def test_fields_map_and_text():
     "step_ms": pytest.approx(2.0),
     "step_min_ms": pytest.approx(1.0),
     "step_max_ms": pytest.approx(3.0),
+    "step_ci_lo_ms": pytest.approx(1.0),  # 3 samples: the interval is min-max
+    "step_ci_hi_ms": pytest.approx(3.0),
     "step_repeats": 3,
   }
   assert t.fields("x", digits=2, scale=1.0, suffix="_s") == {
     "x_s": 0.002,
     "x_min_s": 0.001,
     "x_max_s": 0.003,
+    "x_ci_lo_s": 0.001,
+    "x_ci_hi_s": 0.003,
     "x_repeats": 3,
   }
   rate = t.map(lambda s: 6.0 / s)  # seconds -> calls/s: min and max swap ends
