@@ -19,16 +19,26 @@ from collections.abc import Callable
 from absl import app, flags
 
 
-def run(define_flags: Callable[[], None], main: Callable[[types.SimpleNamespace], int | None]):
-  """Defines the script's flags, parses the command line and exits with ``main(args)``."""
+def run(
+  define_flags: Callable[[], None],
+  main: Callable[[types.SimpleNamespace], int | None],
+  positional: bool = False,
+):
+  """Defines the script's flags, parses the command line and exits with ``main(args)``.
+
+  Arguments that are not flags are refused, unless ``positional``: then they are
+  ``args.positional`` (a list) for ``main`` to check.
+  """
   before = set(flags.FLAGS)
   define_flags()
   names = sorted(set(flags.FLAGS) - before)
 
   def _main(argv):
-    if len(argv) > 1:
+    if len(argv) > 1 and not positional:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     values = {name.replace("-", "_"): flags.FLAGS[name].value for name in names}
+    if positional:
+      values["positional"] = list(argv[1:])
     return main(types.SimpleNamespace(**values))
 
   app.run(_main)

@@ -350,15 +350,22 @@ def e2e_rows(args) -> list[dict]:
       )
       rng = np.random.default_rng(0)
       result = {}
-      passes = ["compile", "measured"] + [f"measured{i}" for i in range(1, args.e2e_repeats)]
+      passes = ["compile"]
+      if not args.e2e_compile_only:
+        passes += ["measured"] + [f"measured{i}" for i in range(1, args.e2e_repeats)]
       for rep in passes:
         engine = Engine(model, config)
         captured = []  # (step index, StepBatch) of every --capture-every-th decode step
+        kv_tokens = {}  # step index -> K/V tokens the step's rows attend over
         step_fn = engine._step_fn
 
-        def capture(params, cache, batch, key, prev, _fn=step_fn, _engine=engine, _c=captured):
-          if batch.decode_only and _engine.metrics.steps % args.capture_every == 0:
-            _c.append((_engine.metrics.steps, batch))
+        def capture(
+          params, cache, batch, key, prev, _fn=step_fn, _engine=engine, _c=captured, _kv=kv_tokens
+        ):
+          i = _engine.metrics.steps
+          _kv[i] = int(np.asarray(batch.lengths).sum())
+          if batch.decode_only and i % args.capture_every == 0:
+            _c.append((i, batch))
           return _fn(params, cache, batch, key, prev)
 
         engine._step_fn = capture
@@ -367,6 +374,9 @@ def e2e_rows(args) -> list[dict]:
           for i, (p, o) in enumerate(lengths)
         ]
         t0 = time.perf_counter()
+        # From the process's start to this pass (imports, model, earlier runs' passes): for
+        # the first run of a fresh process, the time until its first measured step.
+        result.setdefault("startup_s", {})[rep] = t0 - T0
         engine.run(reqs)
         seconds = time.perf_counter() - t0
         engine._step_fn = step_fn
@@ -383,6 +393,32 @@ def e2e_rows(args) -> list[dict]:
           # Each captured step's wall time (the host's, with overlap) beside its device time.
           by_step = {s.step: s for s in steps}
           device = _replay_ms(engine, [b for _, b in captured], args)
+          if args.e2e_steps_out:
+            # Every step as the engine ran it (a step-cost model's training data; the
+            # captured ones with their replayed device time).
+            dev = {i: d for (i, _), d in zip(captured, device, strict=True)}
+            with open(os.path.join(args.out, "engine_steps.jsonl"), "a") as f:
+              for s in steps:
+                f.write(
+                  json.dumps(
+                    dict(
+                      commit=args.commit,
+                      model=name,
+                      workload=workload,
+                      block_size=block_size,
+                      step=s.step,
+                      prefill_tokens=s.num_prefill_tokens,
+                      decode_batch=s.num_tokens - s.num_prefill_tokens,
+                      rows=s.num_seqs,
+                      num_tokens=s.num_tokens,
+                      kv_tokens=kv_tokens.get(s.step, 0),
+                      step_ms=s.seconds * 1e3,
+                      device_ms=dev.get(s.step),
+                      async_scheduling=args.async_scheduling,
+                    )
+                  )
+                  + "\n"
+                )
           wall = [by_step[i].seconds * 1e3 for i, _ in captured]
           result[rep].update(
             decode_device_ms=statistics.median(device),
@@ -393,6 +429,9 @@ def e2e_rows(args) -> list[dict]:
           )
         del engine
         gc.collect()
+      if args.e2e_compile_only:
+        print(f"[{time.perf_counter() - T0:.0f} s] compiled {name} {workload} bs={block_size}")
+        continue
       m = result["measured"]
       # Tokens/s: the median over the measured passes (same lengths, same count) and spread.
       wall = Timing.of(result[rep]["seconds"] for rep in passes[1:])
@@ -423,6 +462,7 @@ def e2e_rows(args) -> list[dict]:
         mean_decode_batch=m["mean_batch"],
         compile_s=result["compile"]["seconds"] - wall.median,
         first_pass_s=result["compile"]["seconds"],
+        startup_s=result["startup_s"]["measured"],
         compiled_shapes=m["shapes"],
         compilation_cache=bool(args.compilation_cache),
         async_scheduling=args.async_scheduling,
@@ -464,14 +504,21 @@ def define_flags():
     "BxP+O: also B requests of P prompt and O new tokens each (all decode together)",
   )
   flags.DEFINE_bool("e2e-only-steady", False, "skip the ShareGPT-like runs")
+  flags.DEFINE_bool(
+    "e2e-compile-only",
+    False,
+    "run the first (compiling) pass only and record nothing: fills --compilation-cache",
+  )
+  flags.DEFINE_bool("e2e-steps-out", False, "also write every step to engine_steps.jsonl")
   flags.DEFINE_integer(
     "capture-every", 25, "replay every Nth decode step for device time", lower_bound=1
   )
   flags.DEFINE_bool("async-scheduling", False, "EngineConfig.async_scheduling")
   flags.DEFINE_string(
     "compilation-cache",
-    None,
-    "JAX's persistent compilation cache folder (a fresh process then loads, not compiles)",
+    os.path.expanduser("~/.cache/paxcache/jax"),
+    "JAX's persistent compilation cache folder (a fresh process then loads, not compiles; "
+    "issue 13 item 4); '' compiles every shape anew",
   )
 
 

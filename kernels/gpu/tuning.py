@@ -123,8 +123,9 @@ def default_block_sizes(
   """Per-shape defaults (measured on an H100, docs/gpu_notes.md).
 
   Decode: with at least 128 (sequence, KV head) pairs the grid is several waves deep
-  and one program per SM with large steps (64 KiB of K+V per stage, 3 stages, 8 warps)
-  reads fastest and least variably; smaller batches keep 2 programs per SM (32 KiB
+  and one program per SM with large steps (64 KiB of K+V per stage, 3 stages, 8 warps;
+  4 warps where a token of K plus V is under 512 bytes, e.g. bf16 head_dim 64) reads
+  fastest and least variably; smaller batches keep 2 programs per SM (32 KiB
   stages) so split-K has more programs in flight.
 
   Args:
@@ -140,7 +141,10 @@ def default_block_sizes(
   large = batch is not None and num_kv_heads is not None and batch * num_kv_heads >= 128
   if large:
     kv_tile = max(16, min(128, _floor_pow2(_LARGE_STAGE_BYTES // row_bytes)))
-    warps, stages = 8, 3
+    # 8 warps were measured best at head_dim 128 (H100); at head_dim 64 (bf16) a 128-token
+    # step is half the bytes and 4 warps read faster: on an H200 at 256 x 1024, 32/8 heads
+    # 3.63 against 3.19 TB/s with 8, 9/3 heads 3.15 against 2.71 (docs/gpu_notes.md).
+    warps, stages = (8 if row_bytes >= 512 else 4), 3
   else:
     kv_tile = max(16, min(128, _floor_pow2(_STAGE_BYTES // row_bytes)))
     warps, stages = 4, 3 if kv_tile * row_bytes <= 32 * 1024 else 2

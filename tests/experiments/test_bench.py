@@ -40,12 +40,13 @@ def documented_commands(script: str) -> list[list[str]]:
   """The flags of every ``python -m experiments.bench.<script> ...`` in the README, the
   docs and the script's docstring (optional ``[--flag]`` parts included, text after a
   pipe or a redirection dropped)."""
-  texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-  texts.append(ROOT / "experiments" / "bench" / f"{script}.py")
+  texts = [p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
+  source = (ROOT / "experiments" / "bench" / f"{script}.py").read_text()
+  texts.append(ast.get_docstring(ast.parse(source)))
   pattern = re.compile(rf"python -m experiments\.bench\.{script}\b([^`\n]*)")
   out = []
-  for path in texts:
-    for match in pattern.finditer(path.read_text()):
+  for text in texts:
+    for match in pattern.finditer(text):
       args = match.group(1).split("#")[0]
       args = re.split(r"\s(?:\||&&|;|>|2>)", args)[0]
       tokens = [t.strip("[]") for t in shlex.split(args.replace("[", " ").replace("]", " "))]
@@ -59,6 +60,7 @@ def test_bench_package_lists_the_scripts():
     "gpu_check",
     "gpu_decode",
     "host_step",
+    "probe_step",
     "profile_step",
     "spmd_scaling",
   ]
@@ -102,10 +104,12 @@ def test_documented_commands_parse_with_the_scripts_absl_flags(script):
     "from absl import flags\n"
     f"from experiments.bench import {script} as m\n"
     "m.define_flags()\n"
+    "parts = set(getattr(m, 'PARTS', ()))  # probe_step's one positional argument\n"
     f"for argv in {commands!r}:\n"
     "  flags.FLAGS.unparse_flags()\n"
     "  rest = flags.FLAGS([m.__name__] + argv)\n"
-    "  assert rest == [m.__name__], (argv, rest)\n"
+    "  words = [w for r in rest[1:] for w in r.split('|')]\n"
+    "  assert rest[0] == m.__name__ and set(words) <= parts, (argv, rest)\n"
     "print('ok')\n"
   )
   proc = _python(code)

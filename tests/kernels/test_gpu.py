@@ -354,6 +354,12 @@ def test_block_sizes_frozen_hashable_and_chosen_per_shape():
   assert small.decode_kv_tile * 256 * 4 * 2 <= 48 * 1024
   short = gpu.default_block_sizes(head_dim=64, kv_dtype=jnp.bfloat16, num_tokens=20, decode=False)
   assert short.prefill_q_tile == 16
+  # Large decode batches (>= 128 sequence x KV head pairs): 128-token steps, 8 warps where
+  # a token of K+V is 512 bytes (bf16 head_dim 128), 4 below (head_dim 64: measured faster).
+  kw = dict(kv_dtype=jnp.bfloat16, batch=256, num_kv_heads=8)
+  wide, narrow = (gpu.default_block_sizes(head_dim=d, **kw) for d in (128, 64))
+  assert (wide.decode_kv_tile, wide.decode_num_warps) == (128, 8)
+  assert (narrow.decode_kv_tile, narrow.decode_num_warps) == (128, 4)
 
 
 def test_backend_is_named_in_one_place():
