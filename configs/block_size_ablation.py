@@ -9,8 +9,9 @@ Quick run (about 20 seconds on CPU)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:quick --workdir=/tmp/abl_q
 
-Quick run plus the engine's end-to-end tokens/s per block size on CPU (64 scaled-down
-requests per block size; about 5 minutes, most of it compiling the engine's steps)::
+Quick run plus the engine's end-to-end tokens/s per block size on CPU (64 requests per
+block size, lengths and block sizes divided by config.engine.length_scale = 8, so blocks
+8-128 run as 1-16; 1-4 minutes, most of it compiling the engine's steps)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:engine_cpu --workdir=/tmp/abl_e
 

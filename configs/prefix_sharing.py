@@ -1,4 +1,4 @@
-r"""Experiment 2b: memory saved by sharing KV blocks (system prompt, parallel sampling, beams).
+r"""Experiment 2b: memory saved by sharing KV blocks (system prompt, parallel sampling, forks).
 
 Full run (block sizes 16 and 32, 1,000 Alpaca-like requests; about a minute on one CPU core)::
 
@@ -13,6 +13,11 @@ The seed's scenario alone, with other sizes::
   python -m experiments.run --config=configs/prefix_sharing.py:quick \
       --config.num_users=100 --config.system_prompt_len=5000 --config.widths='(2,)' \
       --workdir=/tmp/prefix_seed
+
+ShareGPT-like lengths, beside the paper's ShareGPT figures::
+
+  python -m experiments.run --config=configs/prefix_sharing.py:quick --config.workload=sharegpt \
+      --workdir=/tmp/prefix_sharegpt
 """
 
 from ml_collections import ConfigDict
@@ -22,16 +27,17 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config = ConfigDict()
   config.experiment = "prefix_sharing"  # experiments.run looks the function up by this name
   config.block_sizes = (16, 32)  # block sizes to sweep (vLLM's default is 16)
-  config.seed = 0  # seeds token ids, lengths and beam parents
+  config.seed = 0  # seeds token ids, lengths and the forks' parents
   # The seed's scenario: users sharing one system prompt.
   config.num_users = 100  # users resident at once
   config.system_prompt_len = 5000  # tokens of the shared system prompt
   config.user_prompt_len = 32  # each user's own prompt tokens after the system prompt
   config.output_len = 64  # tokens each user generates
-  # Parallel sampling and beam search on a length workload (the paper uses Alpaca).
+  # Parallel sampling and random (beam-search-like) forks on a length workload; the paper
+  # reports Alpaca and ShareGPT, and each workload is shown beside its own figures only.
   config.workload = "alpaca"  # "sharegpt", "alpaca" or a ShareGPT-format JSON path
   config.num_requests = 1000  # requests per width
-  config.widths = (2, 4, 6)  # parallel samples n / beam widths k (the paper's values)
+  config.widths = (2, 4, 6)  # parallel samples n / forked beams k (the paper's n and k)
   config.max_seq_len = 2048  # prompt + output cap for drawn lengths
 
   if arg == "quick":

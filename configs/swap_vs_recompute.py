@@ -9,8 +9,9 @@ Quick run (about 20 seconds on CPU)::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:quick --workdir=/tmp/swap_q
 
-Quick run plus end-to-end engine throughput with each preemption mode on CPU (48
-scaled-down requests in a 512-slot pool; about 5 minutes, mostly compiling)::
+Quick run plus end-to-end engine throughput with each preemption mode on CPU (48 requests,
+lengths and block sizes divided by config.engine.length_scale = 8, in a 512-slot pool of
+scaled tokens; 2-5 minutes, mostly compiling)::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:engine_cpu --workdir=/tmp/swap_e
 

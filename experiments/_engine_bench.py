@@ -5,7 +5,12 @@ Used by the batch-capacity, block-size and swap-vs-recompute experiments when th
 ``paxcache.nn.Decoder`` (throughput does not depend on the weights; greedy decoding
 with no end token makes every request generate exactly its drawn output length).
 Request lengths come from the experiment's workload divided by ``length_scale`` so that
-a CPU run stays short.
+a CPU run stays short, and so do block sizes: a block of ``b`` tokens on real lengths runs
+as a block of ``b / length_scale`` on the scaled ones (:func:`engine_block_size`), so that
+a block holds the same share of a request as it would unscaled (block 128 at scale 8 runs
+as 16, not as 128, which on real lengths would be a block of 1,024). Pool sizes
+(``pool_tokens``) are slots for scaled tokens: 2,048 at scale 8 stand for 16,384 real ones.
+Rows report both ``block_size`` (real lengths) and ``engine_block_size``.
 
 Every measurement first runs the same request lengths once with other prompt tokens
 (no prefix hits carry over) to compile the step's bucketed shapes, then ``repeats``
@@ -27,9 +32,9 @@ def default_engine_config(requests: int = 0) -> ConfigDict:
   """The ``config.engine`` block shared by the experiment configs (one field per line)."""
   c = ConfigDict()
   c.requests = requests  # requests per measurement; 0 skips the engine measurements
-  c.pool_tokens = 2048  # KV pool in token slots (num_blocks = pool_tokens // block_size)
-  c.block_size = 16  # block size where the experiment does not sweep it
-  c.length_scale = 8.0  # workload lengths are divided by this (CPU runs stay short)
+  c.pool_tokens = 2048  # KV pool in scaled token slots (pool_tokens * length_scale real ones)
+  c.block_size = 16  # block size (real lengths) where the experiment does not sweep it
+  c.length_scale = 8.0  # lengths and block sizes are divided by this (CPU runs stay short)
   c.max_num_seqs = 64  # the engine's batch cap for paged runs
   c.max_num_batched_tokens = 256  # query tokens per step (longer prompts are chunked)
   c.num_host_blocks_share = 1.0  # host pool blocks as a share of device blocks (swap mode)
@@ -69,6 +74,34 @@ def make_model(ec: ConfigDict):
   )
 
 
+def engine_block_size(length_scale: float, block_size: int) -> int:
+  """The block the engine runs for ``block_size`` on real lengths: ``block_size /
+  length_scale``, which must be a whole number >= 1 (a rounded block would not model the
+  one named)."""
+  scaled = block_size / length_scale
+  if scaled < 1 or scaled != int(scaled):
+    raise ValueError(
+      f"block size {block_size} is not a multiple of length_scale={length_scale:g}: engine "
+      "runs divide lengths and block sizes by it alike"
+    )
+  return int(scaled)
+
+
+def check_scaled_block_sizes(config: ConfigDict) -> None:
+  """Raises ``ValueError`` naming the flag of a block size that an engine run of this config
+  (``config.engine.requests > 0``) could not scale with its lengths."""
+  ec = config.get("engine")
+  if not isinstance(ec, ConfigDict) or ec.get("requests", 0) <= 0 or "length_scale" not in ec:
+    return
+  sizes = [("engine.block_size", ec.block_size)] if "block_size" in ec else []
+  sizes += [("block_sizes", b) for b in config.get("block_sizes", ())]
+  for flag, bs in sizes:
+    try:
+      engine_block_size(ec.length_scale, bs)
+    except ValueError as e:
+      raise ValueError(f"--config.{flag}={bs!r}: {e} (--config.engine.length_scale)") from None
+
+
 def scaled_lengths(ec: ConfigDict, lengths: np.ndarray) -> np.ndarray:
   """The first ``ec.requests`` workload rows divided by ``length_scale`` that fit the model."""
   scaled = np.maximum(1, np.rint(lengths / ec.length_scale)).astype(np.int64)
@@ -101,17 +134,22 @@ def measure(
   preemption_mode: str = "recompute",
   pool_tokens: int | None = None,
 ) -> dict:
-  """Runs ``lengths`` through a fresh engine (after a compile pass); returns metrics deltas."""
+  """Runs ``lengths`` through a fresh engine (after a compile pass); returns metrics deltas.
+
+  ``lengths`` are already scaled (:func:`scaled_lengths`); ``block_size`` is on real lengths
+  and runs as :func:`engine_block_size`; ``pool_tokens`` (default ``ec.pool_tokens``) are
+  scaled slots."""
   from experiments._kernel_timing import device_label
   from experiments._timing import Timing, range_text
   from paxcache.engine import Engine, EngineConfig
 
-  num_blocks = (pool_tokens or ec.pool_tokens) // block_size
+  engine_bs = engine_block_size(ec.length_scale, block_size)
+  num_blocks = (pool_tokens or ec.pool_tokens) // engine_bs
   engine = Engine(
     model,
     EngineConfig(
       num_blocks=num_blocks,
-      block_size=block_size,
+      block_size=engine_bs,
       num_host_blocks=max(1, int(num_blocks * ec.num_host_blocks_share)),
       preemption_mode=preemption_mode,
       enable_prefix_caching=False,
@@ -164,7 +202,8 @@ def measure(
     "preemptions": first["preemptions"],
     "swapped_blocks": first["swapped_blocks"],
     "block_size": block_size,
-    "pool_tokens": num_blocks * block_size,
+    "engine_block_size": engine_bs,
+    "pool_tokens": num_blocks * engine_bs,
     "device": device_label(),
   }
   for key in ("steps", "preemptions", "swapped_blocks"):

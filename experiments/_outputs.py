@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Column:
@@ -170,6 +172,41 @@ def _is_numeric_column(table: Table, key: str) -> bool:
   return bool(values) and all(
     isinstance(v, int | float) and not isinstance(v, bool) for v in values
   )
+
+
+# --- plots -----------------------------------------------------------------------------------
+
+
+def plain_number(value: float) -> str:
+  """A tick label as a paper prints it: ``16``, ``1,024``, ``0.25``; never ``1e+06`` or
+  ``2^4``."""
+  r = round(float(value), 9)
+  if r == int(r):
+    return f"{int(r):,}"
+  return np.format_float_positional(r, precision=6, unique=True, fractional=False, trim="-")
+
+
+def plain_ticks(ax, x: Sequence[float] | None = None) -> None:
+  """Plain tick labels on ``ax``'s y axis, and on its x axis at the values ``x`` (e.g. the
+  block sizes swept) when given: no offset, no scientific notation, no powers of a log
+  axis's base. On a log y axis the minor ticks matplotlib would label (when few decades
+  show) keep their labels, as plain numbers."""
+  import matplotlib.ticker as mt
+
+  class PlainLog(mt.LogFormatter):
+    def __call__(self, value, pos=None):
+      return plain_number(value) if super().__call__(value, pos) else ""
+
+  plain = mt.FuncFormatter(lambda value, _: plain_number(value))
+  if ax.get_yscale() == "log":
+    ax.yaxis.set_major_formatter(PlainLog(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+  else:
+    ax.yaxis.set_major_formatter(plain)
+  if x is not None:
+    ax.set_xticks(sorted(set(x)))
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_locator(mt.NullLocator())
 
 
 # --- writing to the workdir -------------------------------------------------------------------

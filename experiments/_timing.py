@@ -185,7 +185,9 @@ def range_text(lo: float, hi: float, fmt: str = ".4g") -> str:
 
 
 def errorbar(ax, x, median, lo, hi, fmt: str = "o-", **kwargs):
-  """Medians as a line on matplotlib Axes ``ax``, with error bars from min to max."""
-  med = np.asarray(median, float)
-  yerr = np.stack([med - np.asarray(lo, float), np.asarray(hi, float) - med])
-  return ax.errorbar(x, med, yerr=yerr, fmt=fmt, capsize=3, **kwargs)
+  """Medians as a line on matplotlib Axes ``ax`` (``ax.plot(x, median, fmt, **kwargs)``,
+  its legend entry) and a bar from min to max at each point in the line's colour (one
+  ``vlines`` collection: no second legend style); returns the line."""
+  (line,) = ax.plot(x, np.asarray(median, float), fmt, **kwargs)
+  ax.vlines(x, np.asarray(lo, float), np.asarray(hi, float), colors=line.get_color(), lw=1.2)
+  return line

@@ -26,7 +26,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from experiments import _serving, workloads
-from experiments._outputs import Column, Plot, Result, Table
+from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 # Kwon et al. (SOSP 2023), Figure 2: share of KV memory holding token states.
 PAPER_TOKEN_SHARE = {"max": 20.4, "pow2": 26.8, "oracle": 38.2, "paged": 96.3}
@@ -191,7 +191,8 @@ def run(config: ConfigDict) -> Result:
         f"Share of a {config.pool_tokens}-slot KV pool holding token states, averaged over "
         "the steps of a simulated serving run in which requests waited for memory; paper: "
         "Kwon et al. 2023, Figure 2 (OPT-13B, A100; trace not named), on the "
-        f"{PAPER_WORKLOAD}-like rows only."
+        f"{PAPER_WORKLOAD}-like rows only"
+        + ("." if PAPER_WORKLOAD in config.workloads else " (none in this run).")
       ),
     ),
     Table(
@@ -240,8 +241,9 @@ def _plot_block_sizes(ax, serving: list[dict], snapshot: list[dict]) -> None:
   for row in serving:
     colors.setdefault(row["workload"], f"C{len(colors)}")
   block_sizes = [r["block_size"] for r in serving if r["policy"] == "paged"]
-  right = max(block_sizes) if block_sizes else 1
-  for k, (wl, color) in enumerate(colors.items()):
+  left = min(block_sizes) if block_sizes else 1
+  labels = []  # (y, text, color) of Orca's lines, placed apart below
+  for wl, color in colors.items():
     paged = [r for r in serving if r["workload"] == wl and r["policy"] == "paged"]
     ax.plot(
       [r["block_size"] for r in paged],
@@ -258,23 +260,34 @@ def _plot_block_sizes(ax, serving: list[dict], snapshot: list[dict]) -> None:
       color=color,
       label=f"{wl}: paged, snapshot",
     )
-    for r in serving:
-      if r["workload"] == wl and r["policy"] != "paged" and r["token_pct"] is not None:
-        ax.axhline(r["token_pct"], color=color, lw=0.8, ls="--")
-        ax.annotate(
-          r["system"].removeprefix("Orca (").removesuffix(")"),
-          (right, r["token_pct"]),
-          fontsize=6,
-          color=color,
-          va="bottom" if k % 2 == 0 else "top",
-          ha="right",
-        )
+    orca = [r for r in serving if r["workload"] == wl and r["policy"] != "paged" and r["token_pct"]]
+    for i, r in enumerate(orca):
+      label = f"{wl}: Orca, serving (dashed)" if i == 0 else None
+      ax.axhline(r["token_pct"], color=color, lw=0.8, ls="--", label=label)
+      name = r["system"].removeprefix("Orca (").removesuffix(")")
+      labels.append((r["token_pct"], f"{wl} {name}", color))
+  # Close lines (ShareGPT's and Alpaca's Pow2 lie a point apart) get labels moved apart.
+  for y, text, color in _spread(labels, min_gap=4.0):
+    box = {"facecolor": "white", "edgecolor": "none", "pad": 0.5}
+    ax.text(left, y, text, fontsize=6, color=color, va="center", ha="left", bbox=box)
   ax.set_xscale("log", base=2)
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("KV memory holding tokens (%)")
   ax.set_ylim(0, 102)
-  ax.set_title("Paged per block size; dashed: Orca's contiguous policies (serving)")
+  plain_ticks(ax, x=block_sizes)
+  ax.set_title("Paged per block size against Orca's contiguous policies")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _spread(labels: list[tuple], min_gap: float) -> list[tuple]:
+  """``(y, text, color)`` labels sorted by y, each at least ``min_gap`` above the one
+  below it (a label is pushed up, never down)."""
+  placed = []
+  for y, text, color in sorted(labels):
+    if placed and y < placed[-1][0] + min_gap:
+      y = placed[-1][0] + min_gap
+    placed.append((y, text, color))
+  return placed
 
 
 def _plot_breakdown(ax, serving: list[dict]) -> None:
@@ -299,14 +312,16 @@ def _plot_breakdown(ax, serving: list[dict]) -> None:
   for i, r in enumerate(rows):
     ax.text(i, 101, f"{r['token_pct']:.1f}", ha="center", fontsize=6)
     if r["paper_token_pct"] is not None:
-      ax.plot(i, r["paper_token_pct"], "k_", ms=14, mew=2)
+      label = None if marks else "paper's token share (Fig. 2)"
+      ax.plot(i, r["paper_token_pct"], "k_", ms=14, mew=2, label=label)
       marks = True
   labels = [f"paged {r['block_size']}" if r["policy"] == "paged" else r["system"] for r in rows]
   ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
   ax.set_ylabel("share of KV pool (%)")
   ax.set_ylim(0, 108)
-  title = f"{wl}: where the KV pool goes"
-  ax.set_title(title + " (black bars: paper's token share)" if marks else title)
+  ax.set_yticks(range(0, 101, 20))
+  plain_ticks(ax)
+  ax.set_title(f"{wl}-like lengths: where the KV pool goes (serving)")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 

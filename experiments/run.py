@@ -14,10 +14,11 @@ once per value of any scalar field and stacks the tables, with the field as firs
 
 Written to the workdir: ``config.json`` (the resolved config, with ``"variant"``, the
 ``:variant`` picked or null, and ``"sweep"``, ``{"field", "values"}`` or null; a swept field
-holds the list of values run, not the base value), ``run_info.json`` (date,
-versions, git commit, command, seconds), ``results.jsonl`` (every table row, with a
-``"table"`` key), per table ``<name>.csv``, ``<name>.md``, ``<name>.tex`` (booktabs),
-``summary.md``, and per plot ``<name>.png`` and ``<name>.pdf``.
+holds the list of values run, not the base value), ``run_info.json`` (date, versions, git
+commit and whether the tree was clean, command, seconds), ``results.jsonl`` (every table
+row, with a ``"table"`` key), per table ``<name>.csv``, ``<name>.md``, ``<name>.tex`` (booktabs),
+``summary.md``, and per plot ``<name>.png`` and ``<name>.pdf``. A workdir under
+``docs/results/`` is refused while the tree has uncommitted changes.
 """
 
 from __future__ import annotations
@@ -129,8 +130,14 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
   * ``num_requests`` ``>= 1``, except when every workload beside it (``workload`` or
     ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations;
   * the repeats behind a timing (``iters``, ``kernel_iters``, ``repeats``) ``>= 5``
-    (:data:`experiments._timing.MIN_REPEATS`): every reported time is such a median.
+    (:data:`experiments._timing.MIN_REPEATS`): every reported time is such a median;
+  * with engine runs on, every block size a multiple of ``engine.length_scale``
+    (:func:`experiments._engine_bench.check_scaled_block_sizes`).
   """
+  if prefix == "config":
+    from experiments import _engine_bench
+
+    _engine_bench.check_scaled_block_sizes(config)
   for key, value in config.items():
     path = f"--{prefix}.{key}={value!r}"
     if isinstance(value, ConfigDict):
@@ -218,7 +225,8 @@ def prepare_run(
 
   Returns the experiment function, the swept field (or None) and the ``(value, config)``
   runs (one ``(None, config)`` without a sweep). Raises ``ValueError`` naming the bad
-  field, ``--sweep`` value or ``--workdir``.
+  field, ``--sweep`` value or ``--workdir`` (also a workdir under ``docs/results/`` while
+  the tree has uncommitted changes: :func:`check_results_provenance`).
   """
   fn = resolve_experiment(config.experiment)
   for key in RUN_KEYS:
@@ -238,6 +246,7 @@ def prepare_run(
     except ValueError as e:
       raise ValueError(f"--sweep {field}={value!r}: {e}" if sweep else str(e)) from None
   check_workdir(workdir)
+  check_results_provenance(workdir)
   return fn, field, runs
 
 
@@ -252,6 +261,7 @@ def run_experiment(
   """
   start = time.perf_counter()
   fn, field, runs = prepare_run(config, workdir, sweep)
+  git = git_state()  # before this run writes anything into the tree
   record = config_record(config, variant, field, [value for value, _ in runs])
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -271,7 +281,7 @@ def run_experiment(
 
   written = _outputs.write_result(result, workdir)
   seconds = time.perf_counter() - start
-  _write_run_info(workdir, config, sweep, seconds)
+  _write_run_info(workdir, config, sweep, seconds, git)
   for table in result.tables:
     logging.info("\n%s", _outputs.to_markdown(table))
   logging.info("wrote %d files to %s in %.1f s", len(written) + 2, workdir, seconds)
@@ -295,23 +305,53 @@ def _stack_sweep(field: str, results: list) -> _outputs.Result:
   return _outputs.Result(list(stacked.values()), plots, notes)
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: str | None = None) -> str | None:
   try:
     out = subprocess.run(
       ["git", *args],
       capture_output=True,
       text=True,
       timeout=10,
-      cwd=os.path.dirname(os.path.abspath(__file__)),
+      cwd=cwd or os.path.dirname(os.path.abspath(__file__)),
     )
   except (OSError, subprocess.SubprocessError):
     return None
   return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _dirty() -> bool | None:
-  status = _git("status", "--porcelain", "--", "experiments", "configs", "paxcache", "kernels")
-  return None if status is None else bool(status)
+def git_state(cwd: str | None = None) -> dict:
+  """The commit checked out at ``cwd`` (default: this file's tree) and whether the tree is
+  clean: ``git status --porcelain`` empty, untracked files included. ``None`` values: not a
+  git tree (or no git)."""
+  status = _git("status", "--porcelain", cwd=cwd)
+  return {
+    "git_commit": _git("rev-parse", "HEAD", cwd=cwd),
+    "git_clean": None if status is None else not status,
+    "git_uncommitted_files": None if status is None else len(status.splitlines()),
+  }
+
+
+RESULTS_DIR = os.path.join("docs", "results")  # committed results, relative to the repo root
+
+
+def check_results_provenance(workdir: str, cwd: str | None = None) -> dict:
+  """Returns :func:`git_state`; raises ``ValueError`` when ``workdir`` lies in the
+  repository's ``docs/results/`` and the tree is not clean, so that every committed
+  ``run_info.json`` names a commit that holds the code which wrote it."""
+  state = git_state(cwd)
+  top = _git("rev-parse", "--show-toplevel", cwd=cwd)
+  if top is None:
+    return state
+  results = os.path.realpath(os.path.join(top, RESULTS_DIR))
+  path = os.path.realpath(workdir)
+  if (path == results or path.startswith(results + os.sep)) and not state["git_clean"]:
+    raise ValueError(
+      f"--workdir={workdir!r} is under {RESULTS_DIR}/, but the tree has "
+      f"{state['git_uncommitted_files']} uncommitted or untracked file(s) (git status "
+      "--porcelain): commit first, so that run_info.json names a commit holding the code, "
+      f"or write scratch output to a workdir outside {RESULTS_DIR}/"
+    )
+  return state
 
 
 def _version(pkg: str) -> str | None:
@@ -321,16 +361,18 @@ def _version(pkg: str) -> str | None:
     return None
 
 
-def _write_run_info(workdir: str, config: ConfigDict, sweep: str | None, seconds: float) -> None:
+def _write_run_info(
+  workdir: str, config: ConfigDict, sweep: str | None, seconds: float, git: dict
+) -> None:
   info = {
     "experiment": config.experiment,
     "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "argv": sys.argv,
     "sweep": sweep,
     "seconds": round(seconds, 3),
-    "git_commit": _git("rev-parse", "HEAD"),
-    # Uncommitted changes to the code that produced these numbers (None: not a git tree).
-    "git_dirty": _dirty(),
+    # The commit, and whether the tree was clean (git status --porcelain empty) when the
+    # run started; None: not a git tree.
+    **git,
     "python": platform.python_version(),
     "machine": platform.machine(),
     "versions": {p: _version(p) for p in ("paxcache", "jax", "jaxlib", "numpy", "matplotlib")},

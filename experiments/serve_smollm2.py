@@ -285,8 +285,9 @@ def run(config: ConfigDict) -> Result:
         cap_rows,
         caption=(
           f"SmolLM2-135M, {config.capacity.kv_budget_gib} GiB of {config.dtype} KV, "
-          f"{config.capacity.workload} lengths / {config.capacity.length_scale:g}: contiguous "
-          "reservation of max_seq_len per request against paged blocks."
+          f"{config.capacity.workload} lengths and block size / "
+          f"{config.capacity.length_scale:g}: contiguous reservation of max_seq_len per "
+          "request against paged blocks."
         ),
       )
     )

@@ -32,7 +32,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from experiments import _timing
-from experiments._outputs import Column, Plot, Result, Table
+from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
 def _ms_fields(name: str, lo: float, med: float, hi: float) -> dict:
@@ -200,6 +200,7 @@ def run(config: ConfigDict) -> Result:
         "engine_preemption",
         [
           Column("block_size", "block"),
+          Column("engine_block_size", "engine block"),
           Column("mode"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("tokens_per_s_spread", "min-max"),
@@ -210,9 +211,10 @@ def run(config: ConfigDict) -> Result:
         ],
         engine_rows,
         caption=(
-          f"Engine throughput with each preemption mode ({config.workload} lengths / "
-          f"{config.engine.length_scale:g}, {config.engine.pool_tokens}-slot pool; "
-          f"median of {config.engine.repeats} passes, min-max)."
+          f"Engine throughput with each preemption mode ({config.workload} lengths and block "
+          f"sizes / {config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
+          f"{config.engine.pool_tokens}-slot pool of scaled tokens; median of "
+          f"{config.engine.repeats} passes, min-max)."
         ),
       )
     )
@@ -243,5 +245,6 @@ def _plot(ax, rows: list[dict]) -> None:
   ax.set_yscale("log")
   ax.set_xlabel("block size (tokens)")
   ax.set_ylabel("latency (ms; median, min-max bars)")
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title("Preemption cost per sequence")
   ax.legend(fontsize=7)

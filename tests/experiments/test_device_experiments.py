@@ -12,6 +12,18 @@ from experiments import (
 )
 
 
+def run_config(name, variant):
+  """``configs/<name>.py``'s ``get_config(variant)``."""
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
 def _ablation_config():
   return ConfigDict(
     dict(
@@ -119,6 +131,37 @@ def test_scaled_lengths_divide_round_and_drop_what_the_model_cannot_hold():
   )
 
 
+def test_engine_block_sizes_scale_with_the_lengths():
+  # Lengths / 8, so blocks / 8: block 128 holds as much of a request as it would unscaled.
+  assert [_engine_bench.engine_block_size(8.0, b) for b in (8, 16, 32, 64, 128)] == [
+    1,
+    2,
+    4,
+    8,
+    16,
+  ]
+  assert _engine_bench.engine_block_size(1.0, 7) == 7
+  for bad in (4, 12):  # below one token, or not a whole block
+    with pytest.raises(ValueError, match=f"block size {bad} is not a multiple of length_scale=8"):
+      _engine_bench.engine_block_size(8.0, bad)
+
+
+def test_block_sizes_an_engine_run_cannot_scale_are_usage_errors_before_the_run():
+  from experiments import run
+
+  config = run_config("block_size_ablation", "engine_cpu")
+  run.check_config_values(config)  # (8, 16, 32, 64, 128) at scale 8
+  config.block_sizes = (16, 4)
+  with pytest.raises(ValueError, match=r"--config.block_sizes=4: block size 4 .*length_scale"):
+    run.check_config_values(config)
+  config.engine.requests = 0  # no engine run: any block size
+  run.check_config_values(config)
+  config = run_config("batch_capacity", None)
+  config.engine.block_size = 12
+  with pytest.raises(ValueError, match=r"--config.engine.block_size=12"):
+    run.check_config_values(config)
+
+
 @pytest.mark.slow
 def test_engine_bench_generates_every_token_and_respects_the_batch_cap():
   ec = _engine_bench.default_engine_config(requests=6)
@@ -133,3 +176,22 @@ def test_engine_bench_generates_every_token_and_respects_the_batch_cap():
   assert row["repeats"] == 5  # the median of 5 measured passes, with its spread
   assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
   assert "steps_per_pass" not in row  # the same lengths take the same steps every pass
+  # Block 16 on real lengths runs as block 16 / 8 = 2 on the scaled ones: 128 blocks.
+  assert (row["block_size"], row["engine_block_size"], row["pool_tokens"]) == (16, 2, 256)
+
+
+def test_memory_notes_say_what_the_memory_columns_show_and_no_more():
+  def rows(wl, pcts):
+    return [{"workload": wl, "block_size": b, "token_pct": p} for b, p in pcts]
+
+  notes = block_size_ablation.memory_notes(
+    rows("sharegpt", [(16, 97.1), (1, 98.7), (256, 77.1)])
+    + rows("odd", [(1, 90.0), (16, 95.0), (64, 80.0)])
+  )
+  assert notes[0].startswith(
+    "Memory alone, sharegpt: most tokens at block 1 (98.7%), falling as blocks grow: memory "
+    "always favours the smallest block."
+  )
+  assert notes[1].startswith("Memory alone, odd: most tokens at block 16 (95.0%), not falling")
+  assert all("lower bound of 16 comes from GPU kernel efficiency" in n for n in notes)
+  assert all("do not confirm Figure 18" in n for n in notes)

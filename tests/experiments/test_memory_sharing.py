@@ -125,6 +125,7 @@ def test_memory_waste_run_orders_systems_and_splits_the_whole_pool():
   ]
   # Figure 2's numbers belong to one run, shown beside the ShareGPT-like rows only.
   assert all(r["paper_token_pct"] is None for r in serving.rows)
+  assert serving.caption.endswith("on the sharegpt-like rows only (none in this run).")
   by = {r["system"]: r for r in serving.rows}
   # Paged at block 1 wastes nothing inside blocks; contiguous Max holds the fewest tokens.
   assert by["paged (block 1)"]["internal_frag_pct"] == 0
@@ -183,7 +184,7 @@ def test_fork_savings_hand_worked():
   sums, cow = prefix_sharing.parallel_sampling(alloc, lengths, 2, rng, np.array([[1, 1]]))
   assert (sums.shared, sums.alone, cow) == (3, 4, 0)
   alloc = BlockAllocator(num_blocks=8, block_size=16, enable_prefix_caching=False)
-  sums, cow = prefix_sharing.beam_search(alloc, lengths, 2, rng)
+  sums, cow = prefix_sharing.random_forks(alloc, lengths, 2, rng)
   assert (sums.shared, sums.alone) == (3, 4)
   assert alloc.num_used_blocks == 0
 
@@ -191,10 +192,38 @@ def test_fork_savings_hand_worked():
 def test_width_one_shares_nothing_and_wider_forks_save_memory():
   rows = prefix_sharing.fork_rows(_ps_config(), 16, np.array([[19, 30], [40, 12], [5, 60]]))
   by = {(r["kind"], r["width"]): r["saved_pct"] for r in rows}
+  forks = "random forks (beam-search-like)"  # not beam search: no scores
   assert by[("parallel sampling", 1)] == 0
-  assert by[("beam search", 1)] == 0
+  assert by[(forks, 1)] == 0
   assert by[("parallel sampling", 2)] > 0
-  assert by[("beam search", 2)] > by[("parallel sampling", 2)]
+  assert by[(forks, 2)] > by[("parallel sampling", 2)]
+
+
+@pytest.mark.parametrize(
+  "workload, parallel, forks, trace",
+  [
+    # Kwon et al. §6.3: Alpaca 6.1-9.8% (parallel) and 37.6-55.2% (beam search); ShareGPT
+    # 16.2-30.5% and 44.3-66.3%.
+    ("alpaca", "6.1-9.8", "37.6-55.2", "Alpaca trace"),
+    ("sharegpt", "16.2-30.5", "44.3-66.3", "ShareGPT trace"),
+    ("tests/experiments/data/sharegpt_tiny.json", None, None, None),
+  ],
+)
+def test_fork_rows_carry_their_own_workloads_paper_figures(workload, parallel, forks, trace):
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), workload)
+  workload = path if workload.endswith(".json") else workload
+  config = _ps_config(workload=workload, widths=(2,), num_users=2, num_requests=2)
+  result = prefix_sharing.run(config)
+  table = next(t for t in result.tables if t.name == "forks")
+  paper = {r["kind"]: r["paper_saved_pct"] for r in table.rows}
+  assert paper == {"parallel sampling": parallel, "random forks (beam-search-like)": forks}
+  if trace is None:
+    assert "no paper figures for sharegpt_tiny.json" in table.caption
+  else:
+    assert trace in table.caption and "Alpaca" not in table.caption.replace(trace, "")
+  assert f"({os.path.basename(workload)} lengths" in table.caption
 
 
 def test_poisson_arrivals_are_non_decreasing_with_the_requested_rate():
@@ -226,7 +255,7 @@ def test_paper_figures_only_on_the_sharegpt_like_rows():
     ("alpaca", "paged (block 8)"): None,
     ("alpaca", "paged (block 16)"): None,
   }
-  assert "sharegpt-like rows only" in serving.caption
+  assert serving.caption.endswith("on the sharegpt-like rows only.")
 
 
 def test_a_pool_that_never_fills_reports_no_pool_share():
@@ -258,3 +287,25 @@ def test_a_request_as_large_as_the_pool_is_admitted_despite_the_watermark():
   # running the watermark must not lock it out.
   stats = _serving.simulate(_serving.PagedPool(1, 100, watermark=0.1), np.array([[60, 40]]))
   assert stats.steps == 41 and stats.preemptions == 0
+
+
+def test_batch_capacity_says_the_max_row_holds_by_construction():
+  import importlib.util
+  import os
+
+  from experiments import batch_capacity
+
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "batch_capacity.py")
+  spec = importlib.util.spec_from_file_location("config_batch_capacity", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  # The seed's setting: a budget of exactly four 8,192-token reservations at 800 KiB each.
+  config = module.get_config("seed")
+  config.num_requests = 40
+  config.engine.requests = 0
+  result = batch_capacity.run(config)
+  rows = {r["system"]: r for r in result.tables[0].rows}
+  assert rows["Orca (Max)"]["pool_tokens"] == 4 * 8192
+  assert rows["Orca (Max)"]["static_capacity"] == 4
+  assert "Orca (Max) fits 4 = 32768 // 8192 requests by construction" in " ".join(result.notes)
+  assert "(sharegpt lengths)" in result.tables[0].caption

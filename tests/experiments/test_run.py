@@ -350,6 +350,11 @@ def test_run_writes_every_output_with_the_right_rows(tmp_path):
   assert config["variant"] is None and config["sweep"] is None  # no :variant, no --sweep
   info = json.loads((tmp_path / "run_info.json").read_text())
   assert info["experiment"] == "memory_waste" and info["seconds"] > 0
+  # Provenance: the commit checked out here, and whether the tree was clean at the start.
+  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+  assert info["git_commit"] == head.stdout.strip()
+  assert isinstance(info["git_clean"], bool)
+  assert info["git_clean"] == (info["git_uncommitted_files"] == 0)
 
   lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
   assert len(lines) == sum(len(t.rows) for t in result.tables)
@@ -454,3 +459,81 @@ def test_command_line_end_to_end(tmp_path):
     timeout=60,
   )
   assert missing.returncode != 0 and "--config" in missing.stderr
+
+
+def _git(repo, *args):
+  subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def git_repo(tmp_path):
+  """A repository with one commit and a docs/results/ directory holding a tracked file."""
+  repo = tmp_path / "repo"
+  (repo / "docs" / "results").mkdir(parents=True)
+  (repo / "code.py").write_text("x = 1\n")
+  (repo / "docs" / "results" / "old.md").write_text("| a |\n")
+  _git(repo, "init", "-q")
+  _git(repo, "add", ".")
+  _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "init")
+  return repo
+
+
+def test_git_state_records_commit_and_cleanliness(git_repo):
+  head = subprocess.run(
+    ["git", "rev-parse", "HEAD"], cwd=git_repo, capture_output=True, text=True
+  ).stdout.strip()
+  assert run.git_state(str(git_repo)) == {
+    "git_commit": head,
+    "git_clean": True,
+    "git_uncommitted_files": 0,
+  }
+  (git_repo / "code.py").write_text("x = 2\n")  # modified
+  (git_repo / "new.py").write_text("")  # untracked counts too
+  assert run.git_state(str(git_repo)) == {
+    "git_commit": head,
+    "git_clean": False,
+    "git_uncommitted_files": 2,
+  }
+
+
+def test_git_state_outside_a_repository_is_unknown(tmp_path):
+  assert run.git_state(str(tmp_path)) == {
+    "git_commit": None,
+    "git_clean": None,
+    "git_uncommitted_files": None,
+  }
+  run.check_results_provenance(str(tmp_path / "docs" / "results"), cwd=str(tmp_path))
+
+
+def test_dirty_tree_refuses_docs_results_but_not_scratch_dirs(git_repo, tmp_path, monkeypatch):
+  results = git_repo / "docs" / "results"
+  # Clean: docs/results/ and a new directory under it are fine.
+  assert run.check_results_provenance(str(results / "x"), cwd=str(git_repo))["git_clean"]
+  (git_repo / "code.py").write_text("x = 2\n")
+  (git_repo / "scratch.txt").write_text("")
+  (results / "old.md").write_text("| b |\n")
+  for workdir in (results, results / "memory_waste" / "full"):
+    with pytest.raises(ValueError, match=r"under docs/results/.* 3 uncommitted") as e:
+      run.check_results_provenance(str(workdir), cwd=str(git_repo))
+    assert "outside docs/results/" in str(e.value)  # says how to write scratch output
+  # A relative workdir is resolved against the current directory, as the run writes it.
+  monkeypatch.chdir(git_repo / "docs")
+  with pytest.raises(ValueError, match="3 uncommitted"):
+    run.check_results_provenance("results/new", cwd=str(git_repo))
+  # Anywhere else is scratch output, dirty tree or not; a sibling named like it too.
+  for workdir in (tmp_path / "scratch", git_repo / "docs" / "results_old", git_repo / "docs"):
+    state = run.check_results_provenance(str(workdir), cwd=str(git_repo))
+    assert state["git_clean"] is False and state["git_uncommitted_files"] == 3
+
+
+def test_run_into_docs_results_from_a_dirty_tree_writes_nothing(tmp_path, monkeypatch):
+  results = tmp_path / "docs" / "results" / "run"
+  monkeypatch.setattr(
+    run,
+    "git_state",
+    lambda cwd=None: {"git_commit": "abc", "git_clean": False, "git_uncommitted_files": 1},
+  )
+  monkeypatch.setattr(run, "_git", lambda *a, cwd=None: str(tmp_path))  # the "repo root"
+  with pytest.raises(ValueError, match="1 uncommitted"):
+    run.run_experiment(_tiny_memory_config(), str(results))
+  assert not results.exists()

@@ -120,15 +120,18 @@ def test_median_interval_by_hand():
 def test_range_text_and_errorbar_ends():
   assert _timing.range_text(0.25134, 0.5) == "0.2513-0.5"
 
-  class Ax:
-    def errorbar(self, x, y, yerr, **kw):
-      self.got = (list(x), y.tolist(), yerr.tolist(), kw)
+  import matplotlib
 
-  ax = Ax()
-  _timing.errorbar(ax, [1, 2], [2.0, 5.0], [1.0, 4.5], [3.5, 6.0], label="t")
-  assert ax.got == (
-    [1, 2],
-    [2.0, 5.0],
-    [[1.0, 0.5], [1.5, 1.0]],
-    {"fmt": "o-", "capsize": 3, "label": "t"},
-  )
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots()
+  try:
+    line = _timing.errorbar(ax, [1, 2], [2.0, 5.0], [1.0, 4.5], [3.5, 6.0], color="C1", label="t")
+    assert list(ax.lines) == [line] and line.get_label() == "t"  # one legend style per timing
+    assert line.get_ydata().tolist() == [2.0, 5.0]
+    (bars,) = ax.collections
+    segments = [seg.tolist() for seg in bars.get_segments()]
+    assert segments == [[[1, 1.0], [1, 3.5]], [[2, 4.5], [2, 6.0]]]
+  finally:
+    plt.close(fig)
