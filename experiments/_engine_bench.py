@@ -13,9 +13,11 @@ as 16, not as 128, which on real lengths would be a block of 1,024). Pool sizes
 Rows report both ``block_size`` (real lengths) and ``engine_block_size``.
 
 Every measurement first runs the same request lengths once with other prompt tokens
-(no prefix hits carry over) to compile the step's bucketed shapes, then reports the
-differences of the engine's run metrics over the measured pass: compile time is not
-throughput.
+(no prefix hits carry over) to compile the step's bucketed shapes, then ``repeats``
+measured passes (other prompt tokens each) and reports the differences of the engine's run
+metrics over them: compile time is not throughput. Throughputs are the median over the
+passes with their min-max spread (:mod:`experiments._timing`); steps, batches and
+preemptions are the first pass's (they reproduce pass to pass, and a row says so if not).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def default_engine_config(requests: int = 0) -> ConfigDict:
   c.max_num_batched_tokens = 256  # query tokens per step (longer prompts are chunked)
   c.num_host_blocks_share = 1.0  # host pool blocks as a share of device blocks (swap mode)
   c.seed = 0  # prompts and parameters
+  c.repeats = 5  # measured passes per measurement: tokens/s is their median, with min-max
   # The model (paxcache.nn.DecoderConfig fields).
   c.max_seq_len = 256  # longest request after scaling; longer ones are dropped
   c.vocab_size = 256  # tokens
@@ -137,6 +140,7 @@ def measure(
   and runs as :func:`engine_block_size`; ``pool_tokens`` (default ``ec.pool_tokens``) are
   scaled slots."""
   from experiments._kernel_timing import device_label
+  from experiments._timing import Timing, range_text
   from paxcache.engine import Engine, EngineConfig
 
   engine_bs = engine_block_size(ec.length_scale, block_size)
@@ -155,36 +159,57 @@ def measure(
     ),
   )
   engine.run(_requests(lengths, ec, "warmup", ec.seed + 1))
-  before = dataclasses.replace(engine.metrics)
-  outputs = engine.run(_requests(lengths, ec, "measured", ec.seed + 2))
-  m = engine.metrics
   expected = int(lengths[:, 1].sum())
-  generated = m.generated_tokens - before.generated_tokens
-  if len(outputs) != len(lengths) or generated != expected:
-    raise RuntimeError(
-      f"engine finished {len(outputs)} of {len(lengths)} requests and generated "
-      f"{generated} of {expected} tokens"
+  passes = []
+  for rep in range(ec.get("repeats", 5)):
+    before = dataclasses.replace(engine.metrics)
+    tag = "measured" if rep == 0 else f"measured{rep}"
+    outputs = engine.run(_requests(lengths, ec, tag, ec.seed + 2 + rep))
+    m = engine.metrics
+    generated = m.generated_tokens - before.generated_tokens
+    if len(outputs) != len(lengths) or generated != expected:
+      raise RuntimeError(
+        f"engine finished {len(outputs)} of {len(lengths)} requests and generated "
+        f"{generated} of {expected} tokens"
+      )
+    passes.append(
+      {
+        "seconds": m.seconds - before.seconds,
+        "computed": m.computed_tokens - before.computed_tokens,
+        "steps": m.steps - before.steps,
+        "preemptions": m.preemptions - before.preemptions,
+        "swapped_blocks": (m.swapped_out_blocks - before.swapped_out_blocks)
+        + (m.swapped_in_blocks - before.swapped_in_blocks),
+      }
     )
-  seconds = m.seconds - before.seconds
-  steps = m.steps - before.steps
-  computed = m.computed_tokens - before.computed_tokens
-  return {
+  first = passes[0]
+  wall = Timing.of(p["seconds"] for p in passes)
+  rate = wall.map(lambda sec: expected / sec)
+  computed_rate = Timing.of(p["computed"] / p["seconds"] for p in passes)
+  row = {
     "requests": len(lengths),
-    "generated_tokens": generated,
-    "seconds": round(seconds, 3),
-    "tokens_per_s": round(generated / seconds, 1),
-    "computed_tokens_per_s": round(computed / seconds, 1),
-    "steps": steps,
-    "mean_batch": round(generated / steps, 2),
-    "max_batch": m.max_batch,
-    "preemptions": m.preemptions - before.preemptions,
-    "swapped_blocks": (m.swapped_out_blocks - before.swapped_out_blocks)
-    + (m.swapped_in_blocks - before.swapped_in_blocks),
+    "generated_tokens": expected,
+    "seconds": round(wall.median, 3),
+    "tokens_per_s": round(rate.median, 1),
+    "tokens_per_s_min": round(rate.min, 1),
+    "tokens_per_s_max": round(rate.max, 1),
+    "tokens_per_s_spread": range_text(round(rate.min, 1), round(rate.max, 1), ".1f"),
+    "repeats": rate.repeats,
+    "computed_tokens_per_s": round(computed_rate.median, 1),
+    "steps": first["steps"],
+    "mean_batch": round(expected / first["steps"], 2),
+    "max_batch": engine.metrics.max_batch,
+    "preemptions": first["preemptions"],
+    "swapped_blocks": first["swapped_blocks"],
     "block_size": block_size,
     "engine_block_size": engine_bs,
     "pool_tokens": num_blocks * engine_bs,
     "device": device_label(),
   }
+  for key in ("steps", "preemptions", "swapped_blocks"):
+    if any(p[key] != first[key] for p in passes):
+      row[f"{key}_per_pass"] = [p[key] for p in passes]
+  return row
 
 
 def capacity_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]:

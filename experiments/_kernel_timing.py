@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import numpy as np
 
@@ -48,13 +46,18 @@ def time_decode(
 ) -> dict:
   """Median wall time of one jitted decode call, with blocks scattered over the pool.
 
-  Returns a dict with ``time_ms`` and ``gbps`` (K/V bytes read over time), or with
-  ``status`` set to the error's message when the backend rejects the shape.
+  ``iters`` synchronous calls after the compile (:func:`experiments._timing.time_calls`).
+  Returns a dict with ``time_ms`` (the median), ``time_min_ms``, ``time_max_ms``,
+  ``time_spread_ms`` (the two as text), the median's 95% interval ``time_ci_lo_ms``,
+  ``time_ci_hi_ms`` (:attr:`experiments._timing.Timing.interval`), ``time_repeats`` and
+  ``gbps`` (K/V bytes read over the median time), or with ``status`` set to the error's
+  message when the backend rejects the shape.
   """
   import jax
   import jax.numpy as jnp
 
   import kernels
+  from experiments._timing import range_text, time_calls
 
   blocks_per_seq = -(-context // block_size)
   num_blocks = batch * blocks_per_seq
@@ -72,15 +75,12 @@ def time_decode(
     fn(q, k_blocks, v_blocks, block_table, lengths).block_until_ready()  # compile
   except ValueError as e:  # a shape this backend does not support (e.g. a block size)
     return {"time_ms": None, "gbps": None, "status": f"unsupported: {e}"[:200]}
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn(q, k_blocks, v_blocks, block_table, lengths).block_until_ready()
-    times.append(time.perf_counter() - start)
-  seconds = statistics.median(times)
+  t = time_calls(lambda: fn(q, k_blocks, v_blocks, block_table, lengths), repeats=iters, warmup=0)
   kv_bytes = 2 * batch * context * num_kv_heads * head_dim * dt.itemsize
+  fields = t.fields("time", digits=4)
   return {
-    "time_ms": float(f"{seconds * 1e3:.4g}"),
-    "gbps": float(f"{kv_bytes / seconds / 1e9:.4g}"),
+    **fields,
+    "time_spread_ms": range_text(fields["time_min_ms"], fields["time_max_ms"]),
+    "gbps": float(f"{kv_bytes / t.median / 1e9:.4g}"),
     "status": "ok",
   }

@@ -7,9 +7,12 @@ Per block size:
   :mod:`experiments._serving` with the real allocator (the same numbers as the
   memory-waste experiment's paged rows);
 * kernel: median time of one ``kernels.paged_attention`` decode call at a fixed shape
-  (every sequence at ``kernel_context`` tokens, blocks scattered over the pool) for each
-  backend in ``config.backends`` that runs natively here (CPU: the reference; GPU: the
-  Pallas GPU kernel and the reference; TPU likewise), and the K/V bytes read per second;
+  (every sequence at ``kernel_context`` tokens, blocks scattered over the pool) over
+  ``kernel_iters`` calls, with its min-max spread, for each backend in ``config.backends``
+  that runs natively here (CPU: the reference; GPU: the Pallas GPU kernel and the
+  reference; TPU likewise), and the K/V bytes read per second; a note says whether the
+  smallest and the largest block's 95% intervals of the median separate
+  (:func:`experiments._timing.compare`);
 * end to end (when ``config.engine.requests > 0``): the engine's generated tokens/s on
   the device present (:mod:`experiments._engine_bench`).
 
@@ -26,7 +29,7 @@ import math
 from absl import logging
 from ml_collections import ConfigDict
 
-from experiments import _kernel_timing, _serving, workloads
+from experiments import _kernel_timing, _serving, _timing, workloads
 from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
@@ -78,7 +81,28 @@ def kernel_rows(config: ConfigDict) -> tuple[list[dict], list[str]]:
       )
       rows.append({"backend": backend, "block_size": bs, **res, "device": device})
       logging.info("kernel %s block %d: %s", backend, bs, res)
+    notes += _kernel_claims(backend, [r for r in rows if r["backend"] == backend])
   return rows, notes
+
+
+def _kernel_claims(backend: str, rows: list[dict]) -> list[str]:
+  """Smallest against largest block: a difference only where the intervals of the median
+  (``time_ci_lo_ms``-``time_ci_hi_ms``: min-max up to 8 calls) separate."""
+  timed = [r for r in rows if r.get("time_ms") is not None]
+  if len(timed) < 2:
+    return []
+  a, b = timed[0], timed[-1]
+  ci_a, ci_b = (a["time_ci_lo_ms"], a["time_ci_hi_ms"]), (b["time_ci_lo_ms"], b["time_ci_hi_ms"])
+  text = {
+    "faster": "faster than",
+    "slower": "slower than",
+    "indistinguishable": "not distinguishable from (the intervals overlap)",
+  }[_timing.compare(ci_a, ci_b)]
+  return [
+    f"Decode kernel ({backend}): block {a['block_size']} (median {a['time_ms']:.4g} ms, 95% "
+    f"interval {_timing.range_text(*ci_a)}) is {text} block {b['block_size']} (median "
+    f"{b['time_ms']:.4g} ms, {_timing.range_text(*ci_b)}), over {a['time_repeats']} calls each."
+  ]
 
 
 def run(config: ConfigDict) -> Result:
@@ -97,6 +121,7 @@ def run(config: ConfigDict) -> Result:
     for r in kernel:
       if r["block_size"] == bs:
         row[f"{r['backend']}_ms"] = r["time_ms"]
+        row[f"{r['backend']}_spread_ms"] = r.get("time_spread_ms")
     wide.append(row)
   columns = [Column("block_size", "block")]
   for wl in labels:
@@ -104,7 +129,11 @@ def run(config: ConfigDict) -> Result:
       Column(f"{wl}_token_pct", f"{wl} tokens %", ".1f"),
       Column(f"{wl}_mean_batch", f"{wl} batch", ".1f"),
     ]
-  columns += [Column(f"{b}_ms", f"{b} decode ms", ".3f") for b in backends]
+  for b in backends:
+    columns += [
+      Column(f"{b}_ms", f"{b} decode ms", ".3f"),
+      Column(f"{b}_spread_ms", f"{b} min-max ms"),
+    ]
   shape = (
     f"batch {config.kernel_batch} x {config.kernel_context} tokens, {config.num_q_heads}/"
     f"{config.num_kv_heads} heads, head_dim {config.head_dim}, {config.kernel_dtype}"
@@ -116,7 +145,8 @@ def run(config: ConfigDict) -> Result:
       wide,
       caption=(
         f"Per block size: share of a {config.pool_tokens}-slot pool holding tokens and mean "
-        f"batch while serving; decode kernel time ({shape}) on "
+        f"batch while serving; decode kernel time ({shape}; median of "
+        f"{config.kernel_iters} calls and min-max) on "
         f"{kernel[0]['device'] if kernel else 'no backend'}."
       ),
     ),
@@ -140,12 +170,17 @@ def run(config: ConfigDict) -> Result:
         Column("backend"),
         Column("block_size", "block"),
         Column("time_ms", "ms", ".3f"),
+        Column("time_spread_ms", "min-max ms"),
+        Column("time_repeats", "calls"),
         Column("gbps", "K/V GB/s", ".1f"),
         Column("status"),
         Column("device"),
       ],
       kernel,
-      caption=f"Median decode time per call ({shape}), blocks scattered.",
+      caption=(
+        f"Median decode time per call over {config.kernel_iters} calls with its min-max "
+        f"spread ({shape}), blocks scattered."
+      ),
     ),
   ]
   if config.engine.requests > 0:
@@ -165,6 +200,7 @@ def run(config: ConfigDict) -> Result:
           Column("block_size", "block"),
           Column("engine_block_size", "engine block"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
+          Column("tokens_per_s_spread", "min-max"),
           Column("mean_batch", "tokens / step", ".1f"),
           Column("preemptions", "preempted"),
           Column("requests"),
@@ -174,7 +210,8 @@ def run(config: ConfigDict) -> Result:
         caption=(
           f"Engine throughput per block size ({labels[0]} lengths and block sizes / "
           f"{config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
-          f"{config.engine.pool_tokens}-slot pool of scaled tokens)."
+          f"{config.engine.pool_tokens}-slot pool of scaled tokens; median of "
+          f"{config.engine.repeats} passes, min-max)."
         ),
       )
     )
@@ -249,17 +286,19 @@ def _plot_memory(ax, rows: list[dict]) -> None:
 def _plot_kernel(ax, rows: list[dict]) -> None:
   for i, backend in enumerate(dict.fromkeys(r["backend"] for r in rows)):
     sel = [r for r in rows if r["backend"] == backend and r["time_ms"] is not None]
-    ax.plot(
+    _timing.errorbar(
+      ax,
       [r["block_size"] for r in sel],
       [r["time_ms"] for r in sel],
-      "o-",
+      [r["time_min_ms"] for r in sel],
+      [r["time_max_ms"] for r in sel],
       color=f"C{i}",
-      label=f"{backend} ({sel[0]['device'] if sel else ''})",
+      label=f"{backend} ({sel[0]['device'] if sel else ''}), median and min-max",
     )
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("block size (tokens)")
-  ax.set_ylabel("decode call (ms)")
+  ax.set_ylabel("decode call (ms; median, min-max bars)")
   plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.legend(fontsize=8)
   ax.set_title("Paged attention decode time per block size")

@@ -41,6 +41,7 @@ from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
 from experiments import _outputs
+from experiments._timing import MIN_REPEATS
 
 # name in ``config.experiment`` -> "module:function"
 EXPERIMENTS = {
@@ -128,6 +129,8 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
   * ``block_size`` ``>= 1``; ``block_sizes`` not empty, every element ``>= 1``;
   * ``num_requests`` ``>= 1``, except when every workload beside it (``workload`` or
     ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations;
+  * the repeats behind a timing (``iters``, ``kernel_iters``, ``repeats``) ``>= 5``
+    (:data:`experiments._timing.MIN_REPEATS`): every reported time is such a median;
   * with engine runs on, every block size a multiple of ``engine.length_scale``
     (:func:`experiments._engine_bench.check_scaled_block_sizes`).
   """
@@ -149,6 +152,11 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
       bad = [b for b in value if _is_int(b) and b < 1]
       if bad:
         raise ValueError(f"{path}: every block size must be >= 1, got {bad[0]!r}")
+    elif key in ("iters", "kernel_iters", "repeats") and _is_int(value) and value < MIN_REPEATS:
+      raise ValueError(
+        f"{path}: {key} must be >= {MIN_REPEATS} (every timing is the median of at least "
+        f"{MIN_REPEATS} repeats, reported with its min-max spread)"
+      )
     elif key == "num_requests" and _is_int(value) and value < 1:
       workloads = config.get("workloads", config.get("workload"))
       workloads = workloads if isinstance(workloads, tuple | list) else [workloads]

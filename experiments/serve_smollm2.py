@@ -88,21 +88,30 @@ def serve(gm, questions, config: ConfigDict) -> tuple[list[dict], dict]:
   """Answers ``questions`` through a fresh engine; returns (answer rows, run metrics).
 
   With ``config.warmup`` the same batch runs once first (other request ids, prefix
-  cache then warm) so that the reported throughput excludes compilation.
+  cache then warm) so that the reported throughput excludes compilation, and then
+  ``config.repeats`` times: tokens/s is the median over those passes with its min-max
+  (:mod:`experiments._timing`); counts and answers are the first pass's (greedy: every
+  pass answers alike). Without a warm-up there is one pass, compilation included.
   """
+  from experiments._timing import Timing, range_text
   from paxcache.engine import Engine
 
   engine = Engine(gm.model, engine_config(config))
   kw = dict(system=config.system_prompt or None, max_new_tokens=config.max_new_tokens)
-  before = dataclasses.replace(engine.metrics)
   if config.warmup:
     engine.run(chat_requests(gm, questions, tag="warmup", **kw))
-    before = dataclasses.replace(engine.metrics)
-  t0 = time.perf_counter()
-  requests = chat_requests(gm, questions, **kw)
-  outputs = engine.run(requests)
-  wall = time.perf_counter() - t0
-  m = engine.metrics
+  repeats = max(1, config.get("repeats", 1)) if config.warmup else 1
+  seconds_per_pass, walls = [], []
+  for rep in range(repeats):
+    before_rep = dataclasses.replace(engine.metrics)
+    t0 = time.perf_counter()
+    reqs = chat_requests(gm, questions, tag="chat" if rep == 0 else f"chat{rep}", **kw)
+    outs = engine.run(reqs)
+    walls.append(time.perf_counter() - t0)
+    seconds_per_pass.append(engine.metrics.seconds - before_rep.seconds)
+    if rep == 0:
+      before, requests, outputs = before_rep, reqs, outs
+      m = dataclasses.replace(engine.metrics)
   rows = []
   for r, q in zip(requests, questions, strict=True):
     out = outputs[r.request_id]
@@ -118,7 +127,10 @@ def serve(gm, questions, config: ConfigDict) -> tuple[list[dict], dict]:
       }
     )
   generated = m.generated_tokens - before.generated_tokens
-  seconds = m.seconds - before.seconds
+  engine_time = Timing.of(seconds_per_pass)
+  seconds = engine_time.median
+  rate = engine_time.map(lambda sec: generated / sec if sec else 0.0)
+  wall = Timing.of(walls).median
   metrics = {
     "requests": len(requests),
     "generated_tokens": generated,
@@ -127,7 +139,11 @@ def serve(gm, questions, config: ConfigDict) -> tuple[list[dict], dict]:
     "steps": m.steps - before.steps,
     "engine_seconds": round(seconds, 3),
     "wall_seconds": round(wall, 3),
-    "generated_tokens_per_s": round(generated / seconds, 2) if seconds else 0.0,
+    "generated_tokens_per_s": round(rate.median, 2),
+    "generated_tokens_per_s_min": round(rate.min, 2),
+    "generated_tokens_per_s_max": round(rate.max, 2),
+    "generated_tokens_per_s_spread": range_text(round(rate.min, 2), round(rate.max, 2), ".2f"),
+    "repeats": repeats,
     "compiled_shapes": m.compiled_shapes,
     "warm": bool(config.warmup),
   }
@@ -234,13 +250,18 @@ def run(config: ConfigDict) -> Result:
         Column("requests"),
         Column("generated_tokens", "generated tokens"),
         Column("generated_tokens_per_s", "generated tokens/s", ".2f"),
+        Column("generated_tokens_per_s_spread", "min-max"),
+        Column("repeats", "passes"),
         Column("steps"),
         Column("prefix_hit_tokens", "prefix-hit tokens"),
         Column("warm"),
         Column("device"),
       ],
       [metrics],
-      caption="Engine throughput of the answers batch (engine step time, host + device).",
+      caption=(
+        "Engine throughput of the answers batch (engine step time, host + device; the "
+        "median over the timed passes, min-max)."
+      ),
     ),
   ]
   notes = []
@@ -255,6 +276,7 @@ def run(config: ConfigDict) -> Result:
           Column("max_batch", "largest batch"),
           Column("mean_batch", "tokens / step", ".1f"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
+          Column("tokens_per_s_spread", "min-max"),
           Column("preemptions", "preempted"),
           Column("requests"),
           Column("pool_tokens", "pool tokens"),
@@ -293,6 +315,9 @@ def main(argv=None) -> None:
   parser.add_argument("--dtype", default="float32", help="activation / KV dtype")
   parser.add_argument("--backend", default="auto", help="attention backend")
   parser.add_argument("--no_warmup", action="store_true", help="time including compilation")
+  parser.add_argument(
+    "--repeats", type=int, default=1, help="timed passes after the warm-up (median, min-max)"
+  )
   args = parser.parse_args(argv)
   config = get_default_config()
   if args.prompt:
@@ -303,6 +328,7 @@ def main(argv=None) -> None:
   config.dtype = args.dtype
   config.backend = args.backend
   config.warmup = not args.no_warmup
+  config.repeats = args.repeats
   print(loading_message(config), flush=True)
   t0 = time.perf_counter()
   gm = load(config)
@@ -310,11 +336,16 @@ def main(argv=None) -> None:
   rows, metrics = serve(gm, list(config.prompts), config)
   for row in rows:
     print(f"\n> {row['prompt']}\n{row['answer_text']}")
+  timed = (
+    f"median of {metrics['repeats']} passes, {metrics['generated_tokens_per_s_spread']}"
+    if metrics["repeats"] > 1
+    else "one pass; --repeats 5 for a median and its spread"
+  )
   print(
     f"\n{metrics['requests']} requests, {metrics['generated_tokens']} tokens in "
     f"{metrics['engine_seconds']} s of engine steps: {metrics['generated_tokens_per_s']} "
-    f"generated tokens/s ({'after a warm-up pass' if metrics['warm'] else 'with compilation'}), "
-    f"{metrics['prefix_hit_tokens']} prefix-hit tokens"
+    f"generated tokens/s ({'after a warm-up pass' if metrics['warm'] else 'with compilation'}"
+    f"; {timed}), {metrics['prefix_hit_tokens']} prefix-hit tokens"
   )
 
 

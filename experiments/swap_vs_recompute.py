@@ -9,7 +9,10 @@ sequence length ``L``:
 * ``recompute``: one jitted prefill of the ``L`` tokens through ``paxcache.nn.Decoder``
   over the paged cache (what the engine runs to rebuild a preempted sequence's K/V).
 
-Each time is the median of ``iters`` calls after a warm-up. The paper found swapping
+Each time is the median of ``iters`` calls after a warm-up, with its min-max spread
+(:func:`experiments._timing.time_calls`); swap's interval adds the ends of swap out's and
+swap in's, and the ``swap vs recompute`` column says ``faster`` or ``slower`` only where the
+intervals of swap and recompute separate (else ``indistinguishable``). The paper found swapping
 expensive at small block sizes (many small PCIe copies) and recomputation flat in the
 block size, crossing over around block sizes 16-64. paxcache's swap gathers all the
 blocks of one sequence into a single array and crosses once, so small blocks cost it
@@ -23,24 +26,24 @@ in a pool small enough to preempt, once per block size and mode.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 
 import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
+from experiments import _timing
 from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
-def _median_seconds(fn, iters: int) -> float:
-  fn()  # warm-up (compiles)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _ms_fields(name: str, lo: float, med: float, hi: float) -> dict:
+  """``{name}_ms`` (median), ``{name}_min_ms``, ``{name}_max_ms`` and the spread's text."""
+  lo, med, hi = (round(x * 1e3, 3) for x in (lo, med, hi))
+  return {
+    f"{name}_ms": med,
+    f"{name}_min_ms": lo,
+    f"{name}_max_ms": hi,
+    f"{name}_spread_ms": _timing.range_text(lo, hi, ".3f"),
+  }
 
 
 def _model(config: ConfigDict, max_seq_len: int):
@@ -87,8 +90,8 @@ def measure(config: ConfigDict, block_size: int, seq_len: int, model) -> dict:
     state["cache"] = cache_ops.swap_in(state["cache"], host, host_ids, dst)
     jax.block_until_ready(state["cache"])
 
-  t_out = _median_seconds(swap_out, config.iters)
-  t_in = _median_seconds(swap_in, config.iters)
+  t_out = _timing.time_calls(swap_out, repeats=config.iters)  # one warm-up call compiles
+  t_in = _timing.time_calls(swap_in, repeats=config.iters)
 
   graphdef, params = nnx.split(model)
 
@@ -122,18 +125,22 @@ def measure(config: ConfigDict, block_size: int, seq_len: int, model) -> dict:
     logits, state["cache"] = prefill(params, state["cache"], *args)
     jax.block_until_ready(logits)
 
-  t_re = _median_seconds(recompute, config.iters)
+  t_re = _timing.time_calls(recompute, repeats=config.iters)
   itemsize = jnp.dtype(config.dtype).itemsize
   kv_bytes = 2 * config.num_layers * config.num_kv_heads * nb * block_size * config.head_dim
+  # Swap out then in: medians add; the interval adds the ends (both at their fastest, slowest).
+  swap = (t_out.min + t_in.min, t_out.median + t_in.median, t_out.max + t_in.max)
   return {
     "block_size": block_size,
     "seq_len": seq_len,
     "blocks": nb,
-    "swap_out_ms": round(t_out * 1e3, 3),
-    "swap_in_ms": round(t_in * 1e3, 3),
-    "swap_ms": round((t_out + t_in) * 1e3, 3),
-    "recompute_ms": round(t_re * 1e3, 3),
-    "swap_over_recompute": round((t_out + t_in) / t_re, 3),
+    **_ms_fields("swap_out", t_out.min, t_out.median, t_out.max),
+    **_ms_fields("swap_in", t_in.min, t_in.median, t_in.max),
+    **_ms_fields("swap", *swap),
+    **_ms_fields("recompute", t_re.min, t_re.median, t_re.max),
+    "swap_over_recompute": round(swap[1] / t_re.median, 3),
+    "swap_vs_recompute": _timing.compare((swap[0], swap[2]), t_re),
+    "repeats": config.iters,
     "kv_mib": round(kv_bytes * itemsize / 2**20, 2),
   }
 
@@ -159,15 +166,20 @@ def run(config: ConfigDict) -> Result:
         Column("blocks"),
         Column("swap_out_ms", "swap out ms", ".3f"),
         Column("swap_in_ms", "swap in ms", ".3f"),
+        Column("swap_spread_ms", "swap min-max ms"),
         Column("recompute_ms", "recompute ms", ".3f"),
+        Column("recompute_spread_ms", "recompute min-max ms"),
         Column("swap_over_recompute", "swap / recompute", ".2f"),
+        Column("swap_vs_recompute", "swap vs recompute"),
         Column("kv_mib", "K/V MiB", ".2f"),
       ],
       rows,
       caption=(
         f"Preempting one sequence on {device}: swap out + in of its blocks against a "
         f"prefill of its tokens (model d_model {config.d_model}, {config.num_layers} layers, "
-        f"{config.num_q_heads}/{config.num_kv_heads} heads x {config.head_dim}, {config.dtype})."
+        f"{config.num_q_heads}/{config.num_kv_heads} heads x {config.head_dim}, {config.dtype}); "
+        f"medians of {config.iters} calls with min-max; swap is faster or slower than "
+        f"recompute only where the two intervals separate."
       ),
     )
   ]
@@ -191,6 +203,7 @@ def run(config: ConfigDict) -> Result:
           Column("engine_block_size", "engine block"),
           Column("mode"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
+          Column("tokens_per_s_spread", "min-max"),
           Column("preemptions", "preempted"),
           Column("swapped_blocks", "blocks swapped"),
           Column("steps"),
@@ -200,7 +213,8 @@ def run(config: ConfigDict) -> Result:
         caption=(
           f"Engine throughput with each preemption mode ({config.workload} lengths and block "
           f"sizes / {config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
-          f"{config.engine.pool_tokens}-slot pool of scaled tokens)."
+          f"{config.engine.pool_tokens}-slot pool of scaled tokens; median of "
+          f"{config.engine.repeats} passes, min-max)."
         ),
       )
     )
@@ -216,14 +230,21 @@ def _plot(ax, rows: list[dict]) -> None:
   for i, seq_len in enumerate(dict.fromkeys(r["seq_len"] for r in rows)):
     sel = [r for r in rows if r["seq_len"] == seq_len]
     bs = [r["block_size"] for r in sel]
-    ax.plot(bs, [r["swap_ms"] for r in sel], "o-", color=f"C{i}", label=f"swap out+in, {seq_len}")
-    ax.plot(
-      bs, [r["recompute_ms"] for r in sel], "s--", color=f"C{i}", label=f"recompute, {seq_len}"
-    )
+    for name, fmt, label in (("swap", "o-", "swap out+in"), ("recompute", "s--", "recompute")):
+      _timing.errorbar(
+        ax,
+        bs,
+        [r[f"{name}_ms"] for r in sel],
+        [r[f"{name}_min_ms"] for r in sel],
+        [r[f"{name}_max_ms"] for r in sel],
+        fmt=fmt,
+        color=f"C{i}",
+        label=f"{label}, {seq_len}",
+      )
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("block size (tokens)")
-  ax.set_ylabel("latency (ms)")
+  ax.set_ylabel("latency (ms; median, min-max bars)")
   plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title("Preemption cost per sequence")
   ax.legend(fontsize=7)

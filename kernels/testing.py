@@ -1,4 +1,4 @@
-"""The numerical tolerances of the tests and of ``benchmarks/gpu_check.py``, in one table.
+"""The numerical tolerances of the tests and of ``experiments/bench/gpu_check.py``, in one table.
 
 Every comparison of computed floating-point results (against an oracle, or between two
 paths that should agree) in ``tests/`` and in the GPU check script looks its bound up
@@ -31,7 +31,7 @@ different bounds, the table keeps the tighter one (noted at the entry). ``docs/t
 and ``docs/smollm2.md`` quote some of these values: change them with the table.
 
 This module imports nothing from paxcache or flax (``kernels`` is the bottom layer), so
-``benchmarks/gpu_check.py`` and every test can import it.
+``experiments/bench/gpu_check.py`` and every test can import it.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
   # Relative L2 error of the Pallas GPU kernels (Triton decode and prefill, Mosaic GPU
   # prefill) against kernels.reference: in interpret mode on CPU in
   # tests/kernels/test_gpu.py, and on the GPU at benchmark shapes (up to 8192 keys) in
-  # benchmarks/gpu_check.py. A NaN in the output fails separately.
+  # experiments/bench/gpu_check.py. A NaN in the output fails separately.
   "gpu_kernel_vs_reference_rel_l2": {
     # Interpret mode computes the kernels' float32 dots as XLA on CPU does, and on the GPU
     # they are IEEE float32 dots (HIGHEST precision, not tf32); only the accumulation

@@ -39,7 +39,7 @@ __all__ = [
   "validate_gpu_inputs",
 ]
 
-# The head dims checked on an H100 (benchmarks/gpu_check.py) and in interpret mode.
+# The head dims checked on an H100 (experiments/bench/gpu_check.py) and in interpret mode.
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 MAX_BLOCK_SIZE = 512
 MAX_GROUP = 128  # query heads per KV head in one decode tile

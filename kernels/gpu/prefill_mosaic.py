@@ -395,7 +395,7 @@ def paged_prefill_mosaic(
       True: P is written to shared memory and multiplied into a fresh accumulator that
       is then added. GPU interpret mode supports only the second (its wgmma reads A
       from shared memory and it cannot run ``pl.run_state``), so None picks True there.
-      Both are checked on the H100 (benchmarks/gpu_check.py).
+      Both are checked on the H100 (experiments/bench/gpu_check.py).
     interpret: False, or ``plgpu.InterpretGPUParams()`` to run on CPU.
 
   Returns:

@@ -41,7 +41,7 @@ def _ablation_config():
       num_kv_heads=1,
       head_dim=8,
       kernel_dtype="float32",
-      kernel_iters=1,
+      kernel_iters=3,
       engine=_engine_bench.default_engine_config(requests=0),
     )
   )
@@ -56,6 +56,13 @@ def test_block_size_ablation_rows_per_block_size_and_native_backends_only():
   kernel = tables["kernel_time"].rows
   assert {r["backend"] for r in kernel} == {"reference"}  # the GPU kernel never runs on CPU
   assert all(r["status"] == "ok" and r["gbps"] > 0 for r in kernel)
+  for r in kernel:  # the median of 3 calls, with its spread
+    assert r["time_repeats"] == 3
+    assert r["time_min_ms"] <= r["time_ms"] <= r["time_max_ms"]
+    assert r["time_spread_ms"] == f"{r['time_min_ms']:.4g}-{r['time_max_ms']:.4g}"
+  assert all(r["reference_spread_ms"] for r in wide)
+  # The smallest block against the largest: a verdict from the intervals, not the medians.
+  assert any(n.startswith("Decode kernel (reference): block 4 ") for n in result.notes)
   assert any("Backend 'gpu' not timed here" in n for n in result.notes)
   # Smaller blocks never hold fewer tokens per reserved slot.
   mem = tables["memory"].rows
@@ -105,6 +112,13 @@ def test_swap_vs_recompute_counts_blocks_and_bytes():
   for r in rows:
     assert r["swap_out_ms"] > 0 and r["swap_in_ms"] > 0 and r["recompute_ms"] > 0
     assert r["swap_ms"] == pytest.approx(r["swap_out_ms"] + r["swap_in_ms"], abs=2e-3)
+    for name in ("swap_out", "swap_in", "swap", "recompute"):
+      assert r[f"{name}_min_ms"] <= r[f"{name}_ms"] <= r[f"{name}_max_ms"]
+    assert r["swap_min_ms"] == pytest.approx(r["swap_out_min_ms"] + r["swap_in_min_ms"], abs=2e-3)
+    # A verdict only where the intervals separate.
+    swap, re = (r["swap_min_ms"], r["swap_max_ms"]), (r["recompute_min_ms"], r["recompute_max_ms"])
+    expected = "faster" if swap[1] < re[0] else "slower" if re[1] < swap[0] else "indistinguishable"
+    assert r["swap_vs_recompute"] == expected
 
 
 def test_scaled_lengths_divide_round_and_drop_what_the_model_cannot_hold():
@@ -159,6 +173,9 @@ def test_engine_bench_generates_every_token_and_respects_the_batch_cap():
   assert row["generated_tokens"] == int(lengths[:, 1].sum())
   assert row["max_batch"] <= 2
   assert row["tokens_per_s"] > 0 and row["requests"] == 6
+  assert row["repeats"] == 5  # the median of 5 measured passes, with its spread
+  assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+  assert "steps_per_pass" not in row  # the same lengths take the same steps every pass
   # Block 16 on real lengths runs as block 16 / 8 = 2 on the scaled ones: 128 blocks.
   assert (row["block_size"], row["engine_block_size"], row["pool_tokens"]) == (16, 2, 256)
 

@@ -246,7 +246,8 @@ def test_config_values_no_experiment_can_run_with_are_named():
       "num_requests": 10,
       "block_sizes": (4, 16),
       "workloads": ("sharegpt",),
-      "engine": {"seed": 0, "block_size": 16},
+      "kernel_iters": 5,
+      "engine": {"seed": 0, "block_size": 16, "repeats": 5},
     }
   )
   run.check_config_values(config)
@@ -262,6 +263,9 @@ def test_config_values_no_experiment_can_run_with_are_named():
     ("block_sizes", (), r"^--config\.block_sizes=\(\): block_sizes needs at least one"),
     ("engine.seed", -3, r"^--config\.engine\.seed=-3: seed must be >= 0"),
     ("engine.block_size", 0, r"^--config\.engine\.block_size=0: block_size must be >= 1"),
+    # Every timing is the median of at least 5 repeats (issue 19, item 5).
+    ("kernel_iters", 1, r"^--config\.kernel_iters=1: kernel_iters must be >= 5"),
+    ("engine.repeats", 4, r"^--config\.engine\.repeats=4: repeats must be >= 5"),
   ]
   for path, value, match in bad:
     cfg = copy.deepcopy(config)

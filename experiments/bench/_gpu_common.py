@@ -1,6 +1,7 @@
-"""Shared helpers of the GPU benchmark and check scripts (inputs, timing, environment).
+"""Shared helpers of the GPU benchmark and check scripts (inputs, environment).
 
-Run the scripts from the repository root with ``PYTHONPATH=.``.
+Run the scripts from the repository root as ``python -m experiments.bench.<name>``; they
+time with :func:`experiments._timing.time_calls`.
 """
 
 from __future__ import annotations
@@ -8,8 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
-import time
 
 # Let torch (ceiling) and JAX share the GPU; JAX would otherwise take 75% up front. Read
 # when JAX's backend starts, so importing this module before any computation suffices.
@@ -31,31 +30,6 @@ def env_info() -> dict:
     jax_version=jax.__version__,
     date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
   )
-
-
-def time_fn(fn, *args, repeats: int = 21, inner: int = 10, warmup: int = 2):
-  """Median seconds per call of a jitted ``fn(*args)``.
-
-  Each of ``repeats`` samples dispatches ``inner`` calls back to back and blocks on
-  the last (jax.block_until_ready), so host dispatch overlaps device work and the
-  figure is device time; the median of the samples is returned together with the
-  median of single synchronous calls (dispatch latency included).
-  """
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / inner)
-  sync = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    sync.append(time.perf_counter() - t0)
-  return statistics.median(samples), statistics.median(sync)
 
 
 def make_paged(

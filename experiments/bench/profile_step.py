@@ -11,14 +11,17 @@
   jitted call's dispatch, the post-dispatch bookkeeping, reading the tokens back and the
   time spent blocked on them).
 
-  PYTHONPATH=. python benchmarks/profile_step.py --out DIR [--device] [--host]
+* ``--dispatch``: the host time of the step's call (dispatched while earlier steps run)
+  against its device time, each a median with its min-max spread
+  (:func:`experiments._timing.time_calls`).
+
+  python -m experiments.bench.profile_step --out DIR [--device] [--host] [--dispatch]
 
 Writes ``OUT/profile_device.json`` and ``OUT/profile_host.json`` and prints tables.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import json
@@ -28,11 +31,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import engine_step as es  # noqa: E402  (sets the allocator's environment first)
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from _gpu_common import env_info  # noqa: E402
+import jax
+import numpy as np
+from absl import flags
+
+import experiments.bench.engine_step as es  # sets the allocator's environment before JAX starts
+from experiments._timing import Timing, time_calls
+from experiments.bench import _flags
+from experiments.bench._gpu_common import env_info
 
 
 def _device_events(path: str):
@@ -71,17 +77,15 @@ def _warm_step(name, batch, context, args, rng):
   return call, release
 
 
-def _host_call_ms(call, repeats: int) -> list[float]:
-  """Host seconds of each ``call()`` dispatched while earlier calls still run."""
-  host = []
+def _host_call(call, repeats: int) -> Timing:
+  """Host seconds of each ``call()`` dispatched while earlier calls still run: ``repeats``
+  rounds of 10 calls, each round after the device caught up (10 samples a round)."""
+  samples = []
   for _ in range(repeats):
-    jax.block_until_ready(call())
-    for _ in range(10):
-      t0 = time.perf_counter()
-      out = call()
-      host.append(time.perf_counter() - t0)
-    jax.block_until_ready(out)
-  return host
+    jax.block_until_ready(call())  # waits for the round before; the 10 timed calls do not wait
+    samples += time_calls(call, repeats=10, warmup=0, sync=lambda out: out).samples
+  jax.block_until_ready(call())
+  return Timing.of(samples)
 
 
 def device_profile(args) -> list[dict]:
@@ -143,12 +147,9 @@ def dispatch_profile(args) -> list[dict]:
   for name in args.models:
     for batch, context in args.shapes:
       call, release = _warm_step(name, batch, context, args, rng)
-      host = _host_call_ms(call, args.repeats)
-      device, lo, hi = es.timed(call, repeats=args.repeats, inner=10)
-      variants = {
-        vname: statistics.median(_host_call_ms(vcall, args.repeats)) * 1e3
-        for vname, vcall in call.variants.items()
-      }
+      host = _host_call(call, args.repeats)
+      device = time_calls(call, repeats=args.repeats, inner=10, warmup=2)
+      variants = {vname: _host_call(vcall, args.repeats) for vname, vcall in call.variants.items()}
       release()
       row = dict(
         **env_info(),
@@ -157,12 +158,15 @@ def dispatch_profile(args) -> list[dict]:
         model=name,
         batch=batch,
         context=context,
-        host_call_ms=statistics.median(host) * 1e3,
-        host_call_p90_ms=float(np.percentile(host, 90)) * 1e3,
-        device_ms=device * 1e3,
-        device_min_ms=lo * 1e3,
-        device_max_ms=hi * 1e3,
-        host_call_ms_variants=variants,
+        host_call_ms=host.median * 1e3,
+        host_call_p90_ms=float(np.percentile(host.samples, 90)) * 1e3,
+        host_call_min_ms=host.min * 1e3,
+        host_call_max_ms=host.max * 1e3,
+        device_ms=device.median * 1e3,
+        device_min_ms=device.min * 1e3,
+        device_max_ms=device.max * 1e3,
+        host_call_ms_variants={k: t.median * 1e3 for k, t in variants.items()},
+        host_call_ms_variants_min_max={k: [t.min * 1e3, t.max * 1e3] for k, t in variants.items()},
       )
       rows.append(row)
       print(json.dumps(row), flush=True)
@@ -293,24 +297,27 @@ def host_profile(args) -> list[dict]:
   return rows
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--models", default="smollm2-135m,llama-1b")
-  p.add_argument("--shapes", default="64x512,256x1024")
-  p.add_argument("--block-size", type=int, default=16)
-  p.add_argument("--steps", type=int, default=5)
-  p.add_argument("--top", type=int, default=25)
-  p.add_argument("--requests", default="192,128")
-  p.add_argument("--pool-gb", type=float, default=40.0, help="engine pool of --host")
-  p.add_argument("--device", action="store_true")
-  p.add_argument("--host", action="store_true")
-  p.add_argument("--dispatch", action="store_true")
-  p.add_argument("--trace-from", type=int, default=300, help="--host: first traced step")
-  p.add_argument("--trace-steps", type=int, default=100, help="--host: steps traced")
-  p.add_argument("--repeats", type=int, default=15)
-  p.add_argument("--commit", default=os.environ.get("PAXCACHE_COMMIT", "unknown"))
-  args = p.parse_args()
+def define_flags():
+  flags.DEFINE_string("out", None, "output folder", required=True)
+  flags.DEFINE_string("models", "smollm2-135m,llama-1b", "model names, comma separated")
+  flags.DEFINE_string("shapes", "64x512,256x1024", "batch x context, comma separated")
+  flags.DEFINE_integer("block-size", 16, "tokens per block")
+  flags.DEFINE_integer("steps", 5, "--device: steps traced", lower_bound=1)
+  flags.DEFINE_integer("top", 25, "--device: kernels listed")
+  flags.DEFINE_string("requests", "192,128", "--host: requests per model")
+  flags.DEFINE_float("pool-gb", 40.0, "engine pool of --host")
+  flags.DEFINE_bool("device", False, "profile the device kernels of one step")
+  flags.DEFINE_bool("host", False, "time the host phases of the engine's decode steps")
+  flags.DEFINE_bool("dispatch", False, "host time of the step's call against its device time")
+  flags.DEFINE_integer("trace-from", 300, "--host: first traced step")
+  flags.DEFINE_integer("trace-steps", 100, "--host: steps traced")
+  flags.DEFINE_integer(
+    "repeats", 15, "--dispatch: timed samples (median and min-max)", lower_bound=1
+  )
+  flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
+
+
+def main(args):
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
@@ -330,4 +337,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  _flags.run(define_flags, main)

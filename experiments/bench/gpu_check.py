@@ -7,21 +7,21 @@ precision) and fails on any NaN or an error over the bound of its dtype, the sam
 the interpret-mode tests use (``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py).
 Writes ``OUT/check.jsonl``; exits 1 if any case fails.
 
-  PYTHONPATH=. python benchmarks/gpu_check.py --out /tmp/check [--smoke]
+  python -m experiments.bench.gpu_check --out /tmp/check [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from benchmarks._gpu_common import env_info, make_paged, write_jsonl
+from experiments.bench import _flags
+from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu, reference
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
 from kernels.testing import rel_l2_error, tolerance
@@ -310,11 +310,12 @@ def cases(smoke: bool):
   )
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpu_check"))
-  p.add_argument("--smoke", action="store_true")
-  args = p.parse_args(argv)
+def define_flags():
+  flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_check"), "output folder")
+  flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
+
+
+def main(args):
   os.makedirs(args.out, exist_ok=True)
   env = env_info()
   print(env, flush=True)
@@ -366,4 +367,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  _flags.run(define_flags, main)

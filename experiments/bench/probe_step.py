@@ -1,6 +1,8 @@
 """Probes behind issue 13's dispatch and head_dim-64 findings (H200, 2026-12-02).
 
-  PYTHONPATH=. python benchmarks/probe_step.py dispatch|attn|step   (writes $OUT/probe_*.jsonl)
+  python -m experiments.bench.probe_step dispatch|attn|step [--out DIR]
+
+writes ``DIR/probe_<part>_<pid>.jsonl`` (``--out`` defaults to ``$OUT``).
 
 * ``dispatch``: the engine's jitted step (64 x 512, pool just big enough) for both model
   shapes: its host call time; whether a thread issuing the call overlaps with Python work
@@ -13,87 +15,103 @@
 * ``step``: the engine's step at both shapes and models, pool just big enough, against
   the bytes' roofline; run under different ``XLA_FLAGS`` to compare XLA options.
 
-Exploratory: it ran as tmp/probe.py at 30c8381 before being committed here, reformatted.
+Exploratory: it ran as tmp/probe.py at 30c8381 before being committed as
+benchmarks/probe_step.py, reformatted; moved to experiments/bench with the other scripts
+(absl flags, :func:`experiments._timing.time_calls`; rows gain ``*_min``/``*_max``).
 Rows: docs/results/engine_probe.jsonl.
 """
+
+from __future__ import annotations
 
 import collections
 import dataclasses
 import glob
 import json
 import os
-import statistics
-import sys
 import tempfile
 import threading
 import time
 
-sys.path.insert(0, "benchmarks")
-import engine_step as es
 import jax
 import jax.numpy as jnp
 import numpy as np
-import profile_step as ps
-from _gpu_common import make_paged, time_fn
+from absl import flags
 
-OUT = os.environ.get("OUT", "/tmp/out")
-part = sys.argv[1]
-rows = []
+import experiments.bench.engine_step as es  # sets the allocator's environment before JAX starts
+import experiments.bench.profile_step as ps
+from experiments._timing import Timing, time_calls
+from experiments.bench import _flags
+from experiments.bench._gpu_common import make_paged
 
-
-def rec(**r):
-  print(json.dumps(r), flush=True)
-  rows.append(r)
+PARTS = ("dispatch", "attn", "step")
 
 
 class A:
   block_size = 16
 
 
-if part == "dispatch":
+def _unsynced(fn, rounds: int = 6, per_round: int = 5) -> Timing:
+  """Host seconds of each ``fn()``: ``rounds`` of ``per_round`` timed calls that do not
+  wait for the device, each round followed (untimed) by a wait for its last result."""
+  holder = {}
+
+  def call():
+    holder["out"] = fn()
+    return holder["out"]
+
+  samples = []
+  for _ in range(rounds):
+    samples += time_calls(call, repeats=per_round, warmup=0, sync=lambda out: out).samples
+    jax.block_until_ready(holder["out"])
+  return Timing.of(samples)
+
+
+def _ms(name: str, t: Timing) -> dict:
+  return {
+    f"{name}_ms": t.median * 1e3,
+    f"{name}_min_ms": t.min * 1e3,
+    f"{name}_max_ms": t.max * 1e3,
+  }
+
+
+def pywork(ms):
+  t = time.perf_counter()
+  n = 0
+  while time.perf_counter() - t < ms / 1e3:
+    n += 1
+  return n
+
+
+def probe_dispatch(rec) -> None:
   rng = np.random.default_rng(0)
   for name in ("smollm2-135m", "llama-1b"):
     call, release = ps._warm_step(name, 64, 512, A, rng)
     # 1) plain host call time (device busy)
-    host = ps._host_call_ms(call, 10)
+    host = ps._host_call(call, 10)
 
     # 2) Python work W while a dispatcher thread issues the call
-    def pywork(ms):
-      t = time.perf_counter()
-      n = 0
-      while time.perf_counter() - t < ms / 1e3:
-        n += 1
-      return n
-
     for W in (0.5, 1.0, 2.0):
-      seq = []
-      for _ in range(30):
-        t = time.perf_counter()
+
+      def sequential(W=W, call=call):
         out = call()
         pywork(W)
-        seq.append(time.perf_counter() - t)
-        if _ % 5 == 4:
-          jax.block_until_ready(out)
-      jax.block_until_ready(out)
-      ov = []
-      for _ in range(30):
-        t = time.perf_counter()
+        return out
+
+      def threaded(W=W, call=call):
         res = {}
-        th = threading.Thread(target=lambda r=res, c=call: r.setdefault("o", c()))
+        th = threading.Thread(target=lambda: res.setdefault("o", call()))
         th.start()
         pywork(W)
         th.join()
-        ov.append(time.perf_counter() - t)
-        if _ % 5 == 4:
-          jax.block_until_ready(res["o"])
-      jax.block_until_ready(res["o"])
+        return res["o"]
+
       rec(
         part="gil",
         model=name,
         work_ms=W,
-        host_call_ms=statistics.median(host) * 1e3,
-        sequential_ms=statistics.median(seq) * 1e3,
-        threaded_ms=statistics.median(ov) * 1e3,
+        **_ms("host_call", host),
+        **_ms("sequential", _unsynced(sequential)),
+        **_ms("threaded", _unsynced(threaded)),
       )
     # 3) host trace events
     with tempfile.TemporaryDirectory() as d:
@@ -128,7 +146,9 @@ if part == "dispatch":
           ms_per_call=t / 20 / 1e6,
         )
     release()
-elif part == "attn":
+
+
+def probe_attn(rec) -> None:
   import functools
 
   import kernels
@@ -177,19 +197,25 @@ elif part == "attn":
       bs = dataclasses.replace(default, **c)
       fn = jax.jit(functools.partial(kernels.paged_attention, backend="gpu", block_sizes=bs))
       try:
-        dev, _ = time_fn(fn, q, kb, vb, table, lengths, repeats=7, inner=10)
+        t = time_calls(
+          functools.partial(fn, q, kb, vb, table, lengths), repeats=7, inner=10, warmup=2
+        )
         rec(
           part="attn",
           heads=f"{hq}/{hkv}",
           batch=batch,
           context=ctx,
           cfg=c,
-          ms=dev * 1e3,
-          tbs=nbytes / dev / 1e12,
+          ms=t.median * 1e3,
+          min_ms=t.min * 1e3,
+          max_ms=t.max * 1e3,
+          tbs=nbytes / t.median / 1e12,
         )
-      except Exception as e:
+      except Exception as e:  # noqa: BLE001 - a config the kernel refuses is a result
         rec(part="attn", heads=f"{hq}/{hkv}", batch=batch, context=ctx, cfg=c, error=str(e)[:200])
-elif part == "step":
+
+
+def probe_step(rec) -> None:
   rng = np.random.default_rng(0)
 
   class Args:
@@ -218,5 +244,27 @@ elif part == "step":
         ratio=r["paged_step_ms"] / roof,
         read_tbs=rate / 1e12,
       )
-with open(os.path.join(OUT, f"probe_{part}_{os.getpid()}.jsonl"), "w") as f:
-  f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def define_flags():
+  flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/out"), "output folder")
+
+
+def main(args):
+  if len(args.positional) != 1 or args.positional[0] not in PARTS:
+    raise SystemExit(f"usage: python -m experiments.bench.probe_step {'|'.join(PARTS)}")
+  part = args.positional[0]
+  rows = []
+
+  def rec(**r):
+    print(json.dumps(r), flush=True)
+    rows.append(r)
+
+  {"dispatch": probe_dispatch, "attn": probe_attn, "step": probe_step}[part](rec)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"probe_{part}_{os.getpid()}.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+  _flags.run(define_flags, main, positional=True)
