@@ -38,12 +38,13 @@ class Chunk:
   Block ``j`` of the chunk is logical block ``first + j``. It is copied only when it is
   below ``end`` (blocks the queries can see) and its table entry is not -1, so unused
   entries are never DMA'd; the physical id is clamped so that even a corrupt table cannot
-  address outside the pool. Each (KV head, block) slab is one DMA into rows
-  ``[j * block_size, (j + 1) * block_size)`` of that head's slot buffer.
+  address outside the pool. Each block is one DMA for K and one for V, covering all the
+  ``heads`` KV heads: rows ``[j * block_size, (j + 1) * block_size)`` of every head's
+  slot buffer.
   """
 
   fetched: tuple  # per block j: bool scalar
-  copies: tuple  # per block j: tuple over heads of (k copy, v copy)
+  copies: tuple  # per block j: (k copy, v copy), each over all the heads
 
   @classmethod
   def make(
@@ -73,29 +74,28 @@ class Chunk:
       fetched.append((logical < end) & (entry >= 0))
       phys = jnp.clip(entry, 0, num_blocks - 1)
       rows = pl.ds(j * block_size, block_size)
+      # One DMA per block for all the step's heads (a strided copy: the heads' slabs of a
+      # block are num_blocks * block_size rows apart in HBM), K and V separately.
+      heads_hbm = pl.ds(head, heads)
       copies.append(
-        tuple(
-          (
-            pltpu.make_async_copy(
-              k_hbm.at[head + hh, phys], k_buf.at[slot, hh, rows], sems.at[0, slot]
-            ),
-            pltpu.make_async_copy(
-              v_hbm.at[head + hh, phys], v_buf.at[slot, hh, rows], sems.at[1, slot]
-            ),
-          )
-          for hh in range(heads)
+        (
+          pltpu.make_async_copy(
+            k_hbm.at[heads_hbm, phys], k_buf.at[slot, :, rows], sems.at[0, slot]
+          ),
+          pltpu.make_async_copy(
+            v_hbm.at[heads_hbm, phys], v_buf.at[slot, :, rows], sems.at[1, slot]
+          ),
         )
       )
     return cls(tuple(fetched), tuple(copies))
 
   def _each(self, method):
-    for fetched, per_head in zip(self.fetched, self.copies, strict=True):
+    for fetched, (k_copy, v_copy) in zip(self.fetched, self.copies, strict=True):
 
       @pl.when(fetched)
-      def _(per_head=per_head):
-        for k_copy, v_copy in per_head:
-          getattr(k_copy, method)()
-          getattr(v_copy, method)()
+      def _(k_copy=k_copy, v_copy=v_copy):
+        getattr(k_copy, method)()
+        getattr(v_copy, method)()
 
   def start(self):
     self._each("start")

@@ -170,3 +170,47 @@ def sequences_per_call(
       f"{smem_budget_bytes}; use a larger block_size (fewer blocks per sequence) or budget"
     )
   return min(n, batch)
+
+
+# HBM read rates the roofline figures of docs/tpu.md use (vendor figures, bytes/s).
+HBM_BYTES_PER_S = {"v5e": 819e9, "v6e": 1640e9}
+
+
+@dataclasses.dataclass(frozen=True)
+class DmaPlan:
+  """What the kernels' DMAs look like for one configuration (tests count the same numbers
+  in the kernel's jaxpr).
+
+  Attributes:
+    heads_per_dma: KV heads one DMA copies (all the heads of a grid step).
+    dmas_per_chunk: DMAs that fill one chunk (K and V of each block).
+    dmas_in_flight: at most this many at once (two chunk slots).
+    bytes_per_dma: bytes one DMA moves.
+    chunk_tokens: tokens of one chunk.
+  """
+
+  heads_per_dma: int
+  dmas_per_chunk: int
+  dmas_in_flight: int
+  bytes_per_dma: int
+  chunk_tokens: int
+
+  def ns_per_dma(self, chip: str) -> float:
+    """Nanoseconds one DMA may take, issue to completion, for the kernel to read at the
+    chip's HBM rate (``HBM_BYTES_PER_S``) with one DMA in flight at a time; with
+    ``dmas_in_flight`` of them overlapping, each may take that many times longer."""
+    return self.bytes_per_dma / HBM_BYTES_PER_S[chip] * 1e9
+
+
+def dma_plan(tuned: BlockSizes, *, block_size: int, head_dim: int, kv_dtype, ragged: bool):
+  """The :class:`DmaPlan` of a resolved :class:`BlockSizes` (see :func:`resolve`). The
+  ragged kernel's grid steps hold one KV head each."""
+  heads = 1 if ragged else tuned.kv_heads_per_step
+  bpc = tuned.blocks_per_chunk
+  return DmaPlan(
+    heads_per_dma=heads,
+    dmas_per_chunk=2 * bpc,
+    dmas_in_flight=2 * 2 * bpc,
+    bytes_per_dma=heads * block_size * head_dim * jnp.dtype(kv_dtype).itemsize,
+    chunk_tokens=bpc * block_size,
+  )

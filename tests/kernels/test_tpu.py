@@ -255,6 +255,99 @@ def _count_pallas_calls(fn, *args):
   return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
 
 
+def _kernel_dma_windows(fn, *args) -> list[tuple[int, ...]]:
+  """The VMEM window shape of every ``dma_start`` site inside the Pallas kernels that
+  ``fn(*args)`` traces to (each site is one DMA each time it runs)."""
+  windows = []
+
+  def walk(jaxpr, in_kernel):
+    for eqn in jaxpr.eqns:
+      if in_kernel and eqn.primitive.name == "dma_start":
+        _, dst = jax.tree_util.tree_unflatten(eqn.params["tree"], eqn.invars)[:2]
+        (indexer,) = dst.transforms
+        windows.append(tuple(i.size for i in indexer.indices if isinstance(i, pl.Slice)))
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner, in_kernel or eqn.primitive.name == "pallas_call")
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, False)
+  return windows
+
+
+@pytest.mark.parametrize(
+  "ragged,heads_per_step",
+  [(False, None), (False, 2), (True, None)],
+  ids=["decode", "decode-2", "ragged"],
+)
+def test_dma_sites_match_the_plan_one_dma_per_block_for_all_heads(ragged, heads_per_step):
+  from kernels.tpu import _config
+
+  block_size, max_blocks, bpc = 16, 16, 4
+  kv = jax.ShapeDtypeStruct((8, 64, block_size, HEAD_DIM), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((4, max_blocks), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
+  bs = tpu.BlockSizes(blocks_per_chunk=bpc, kv_heads_per_step=heads_per_step)
+  tuned = _config.resolve(
+    bs,
+    q_dtype=jnp.bfloat16,
+    kv_dtype=jnp.bfloat16,
+    num_kv_heads=8,
+    block_size=block_size,
+    head_dim=HEAD_DIM,
+    max_blocks=max_blocks,
+    group=4,
+    ragged=ragged,
+  )
+  plan = _config.dma_plan(
+    tuned, block_size=block_size, head_dim=HEAD_DIM, kv_dtype=jnp.bfloat16, ragged=ragged
+  )
+  if ragged:
+    q = jax.ShapeDtypeStruct((32, 32, HEAD_DIM), jnp.bfloat16)
+    cu = jax.ShapeDtypeStruct((5,), jnp.int32)
+    windows = _kernel_dma_windows(
+      lambda q, k, v, t, n, c: tpu.paged_attention(q, k, v, t, n, c, block_sizes=bs),
+      q, kv, kv, table, lengths, cu,
+    )  # fmt: skip
+    sites = 2  # the first chunk, and the next chunk inside the loop
+  else:
+    q = jax.ShapeDtypeStruct((4, 32, HEAD_DIM), jnp.bfloat16)
+    windows = _kernel_dma_windows(
+      lambda q, k, v, t, n: tpu.paged_attention(q, k, v, t, n, block_sizes=bs),
+      q, kv, kv, table, lengths,
+    )  # fmt: skip
+    sites = 3  # the first chunk, the next one, and the next grid step's first
+  assert len(windows) == sites * plan.dmas_per_chunk == sites * 2 * bpc
+  want_heads = 1 if ragged else (heads_per_step or 8)
+  assert plan.heads_per_dma == want_heads
+  assert set(windows) == {(want_heads, block_size, HEAD_DIM)}
+  assert plan.bytes_per_dma == want_heads * block_size * HEAD_DIM * 2
+
+
+def test_dma_plan_of_the_benchmark_shape():
+  # 64 x 8192, 32/8 heads of 128, bf16, block 16, defaults: 512-token chunks (32 blocks),
+  # all 8 KV heads per step (2 x 2 x 8 x 512 x 128 x 2 B = 4 MiB of K/V slots).
+  from kernels.tpu import _config
+
+  tuned = _config.resolve(
+    None,
+    q_dtype=jnp.bfloat16,
+    kv_dtype=jnp.bfloat16,
+    num_kv_heads=8,
+    block_size=16,
+    head_dim=128,
+    max_blocks=512,
+    group=4,
+    ragged=False,
+  )
+  plan = _config.dma_plan(tuned, block_size=16, head_dim=128, kv_dtype=jnp.bfloat16, ragged=False)
+  assert (plan.heads_per_dma, plan.dmas_per_chunk, plan.dmas_in_flight) == (8, 64, 128)
+  assert (plan.bytes_per_dma, plan.chunk_tokens) == (32768, 512)
+  assert plan.ns_per_dma("v5e") == pytest.approx(32768 / 819e9 * 1e9)  # 40 ns
+  assert plan.ns_per_dma("v6e") == pytest.approx(32768 / 1640e9 * 1e9)  # 20 ns
+
+
 def test_decode_splits_batch_whose_block_table_exceeds_smem_budget():
   rng = np.random.default_rng(3)
   k, v, table, lengths = _cache(
