@@ -34,7 +34,8 @@ def _libtpu_requirement() -> str:
 
 def _libtpu_path() -> str:
   """'' when libtpu is importable here; else the --target folder holding it; else skip."""
-  if importlib.util.find_spec("libtpu") is not None:
+  spec = importlib.util.find_spec("libtpu")
+  if spec is not None and spec.origin is not None:  # not a stray folder named libtpu
     return ""
   folder = pathlib.Path(os.environ.get("PAXCACHE_LIBTPU_DIR", pathlib.Path(sys.prefix) / "libtpu"))
   if (folder / "libtpu").is_dir():
