@@ -34,7 +34,7 @@ class WallClock:
     if delay > 0:
       time.sleep(delay)
 
-  def on_step(self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_blocks: int):
+  def on_step(self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_tokens: int):
     """Real time passes by itself."""
 
 
@@ -53,5 +53,5 @@ class SimulatedClock:
   def wait_until(self, t: float) -> None:
     self._now = max(self._now, float(t))
 
-  def on_step(self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_blocks: int):
-    self._now += self.cost.seconds(prefill_tokens, decode_batch, kv_tokens, swap_blocks)
+  def on_step(self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_tokens: int):
+    self._now += self.cost.seconds(prefill_tokens, decode_batch, kv_tokens, swap_tokens)

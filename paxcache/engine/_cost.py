@@ -1,15 +1,16 @@
 """A linear step-cost model: how long one engine step takes, from what the step computes.
 
 ``step_ms = base_ms + prefill_ms * prefill_tokens + decode_ms * decode_batch
-+ kv_ms * kv_tokens + swap_ms * swap_blocks``
++ kv_ms * kv_tokens + swap_ms * swap_tokens``
 
 * ``prefill_tokens``: query tokens of rows with more than one new token (prompt chunks,
   recomputation of preempted requests);
 * ``decode_batch``: rows with exactly one new token;
 * ``kv_tokens``: K/V tokens the step's attention reads (the sum over rows of each row's
   context length after the step);
-* ``swap_blocks``: blocks copied between the device and the host pool (not fitted: the
-  measured steps of a run without preemption do not determine it; set it by hand).
+* ``swap_tokens``: token slots of the blocks copied between the device and the host pool
+  (blocks times block size: the bytes moved; not fitted, since the measured steps of a
+  run without preemption do not determine it; set it by hand).
 
 The first four coefficients are fitted by least squares (:func:`fit_step_cost`) to
 measured steps, records ``{"prefill_tokens", "decode_batch", "kv_tokens", "step_ms"}``
@@ -60,20 +61,20 @@ class StepCostModel:
         raise ValueError(f"StepCostModel.{f} must be a finite number >= 0, got {v!r}")
 
   def step_ms(
-    self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_blocks: int = 0
+    self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_tokens: int = 0
   ) -> float:
     return (
       self.base_ms
       + self.prefill_ms * prefill_tokens
       + self.decode_ms * decode_batch
       + self.kv_ms * kv_tokens
-      + self.swap_ms * swap_blocks
+      + self.swap_ms * swap_tokens
     )
 
   def seconds(
-    self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_blocks: int = 0
+    self, prefill_tokens: int, decode_batch: int, kv_tokens: int, swap_tokens: int = 0
   ) -> float:
-    return self.step_ms(prefill_tokens, decode_batch, kv_tokens, swap_blocks) / 1e3
+    return self.step_ms(prefill_tokens, decode_batch, kv_tokens, swap_tokens) / 1e3
 
   def as_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -85,14 +86,14 @@ CPU_DEFAULT = StepCostModel()
 # setting): 26 GB of weights read once per step at ~1.5 TB/s (~17 ms); 2 x 13e9 FLOPs per
 # token at ~200 TFLOP/s sustained (~0.13 ms per token, prefill or decode); 800 KB of K/V
 # per token (40 layers x 2 x 5120 x 2 bytes) read at ~1.5 TB/s (~0.53 us per token read);
-# a swapped block of 16 tokens (12.8 MB) over PCIe 4 at ~25 GB/s (~0.5 ms). Summing the
+# a swapped token (800 KB) over PCIe 4 at ~25 GB/s (~0.032 ms). Summing the
 # terms instead of taking the roofline's max overestimates mid-size batches.
 OPT13B_A100_ROOFLINE = StepCostModel(
   base_ms=17.0,
   prefill_ms=0.13,
   decode_ms=0.13,
   kv_ms=0.00053,
-  swap_ms=0.5,
+  swap_ms=0.032,
   name="opt13b_a100_roofline",
 )
 

@@ -564,7 +564,7 @@ class Engine:
       kv_tokens = sum(r.stop for r in plan.rows)
     swapped = sum(len(p) for p in plan.swap_out) + sum(len(p) for p in plan.swap_in)
     if plan.rows or swapped:
-      self.clock.on_step(prefill, decodes, kv_tokens, swapped)
+      self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
     previous, self._in_flight = self._in_flight, dispatched
     finished, self._ready = self._ready, []
     if self.config.async_scheduling:
