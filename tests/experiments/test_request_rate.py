@@ -140,3 +140,20 @@ def test_quick_variant_end_to_end(tmp_path):
   assert sus["paged"] > sus["orca_max"]
   assert os.path.exists(tmp_path / "latency_vs_rate_sharegpt_bs16_recompute.png")
   assert result.tables[1].name == "sustainable_rate"
+
+
+def test_wall_clock_variant_runs_the_real_engine():
+  config = get_config("wall")
+  config.num_requests = 6
+  config.warmup_requests = 6
+  config.max_seq_len = 64
+  config.rates = (50.0,)
+  config.systems = ("paged", "orca_oracle")
+  result = rr.run(config)
+  rows = result.tables[0].rows
+  assert [r["system"] for r in rows] == ["paged", "orca_oracle"]
+  assert all(r["clock"] == "wall" and r["requests"] == 6 for r in rows)
+  assert all(r["normalized_latency"] > 0 and r["cost_model"] is None for r in rows)
+  config.max_seq_len = 1024
+  with pytest.raises(ValueError, match="tiny model"):
+    rr.run(config)
