@@ -17,7 +17,7 @@ Other variants (``--config=configs/request_rate.py:<name>``; a few minutes each 
 * ``file``: a ShareGPT-format JSON file, ``--config.workloads='("path/to/file.json",)'``.
 * ``fig18``: block sizes 1-256 at a fixed rate (Alpaca-like at 30.1 req/s, as the paper).
 * ``fig19``: swap against recompute over block sizes at a fixed rate (ShareGPT-like at
-  2.01 req/s, as the paper).
+  5 req/s: the paper's 2.01 req/s preempts nothing under our cost model).
 * ``wall``: the real engine on the packaged tiny model and the wall clock (short lengths).
 
 A step-cost model fitted to measured steps replaces the preset with
@@ -56,8 +56,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.warmup_requests = 8  # clock="wall": first requests run once before timing (compiling)
   config.seed = 0  # lengths, prompts and arrivals
 
-  sharegpt_rates = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
-  alpaca_rates = (2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 50.0, 60.0)
+  # Around where each system's curve turns up under the default cost model and pool.
+  sharegpt_rates = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
+  alpaca_rates = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0)
   if arg == "quick":
     config.workloads = ("sharegpt",)
     config.num_requests = 120
@@ -71,6 +72,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif arg == "alpaca":
     config.workloads = ("alpaca",)
     config.rates = alpaca_rates
+    config.num_requests = 2000  # short requests: a longer trace at the same cost
   elif arg == "file":
     config.workloads = ("sharegpt.json",)  # override with the file's path
     config.num_requests = 1000
@@ -83,7 +85,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif arg == "fig19":
     config.workloads = ("sharegpt",)
     config.systems = ("paged",)
-    config.rates = (2.01,)
+    # The paper's 2.01 req/s is near vLLM's limit in its setting; here paged sustains
+    # more (faster steps), and at 2.01 nothing is preempted: 5 req/s is near our limit.
+    config.rates = (5.0,)
     config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     config.preemption_modes = ("swap", "recompute")
   elif arg == "wall":
