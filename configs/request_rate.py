@@ -57,8 +57,12 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.seed = 0  # lengths, prompts and arrivals
 
   # Around where each system's curve turns up under the default cost model and pool.
-  sharegpt_rates = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
-  alpaca_rates = (5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0, 120.0)
+  # Around where each system's curve turns up under the default cost model and pool,
+  # finer where they do (Orca (Max) turns up early).
+  sharegpt_rates = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0,
+                    5.0, 6.0, 8.0, 10.0)  # fmt: skip
+  alpaca_rates = (2.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0, 20.0, 30.0, 40.0, 45.0, 50.0, 55.0, 60.0,
+                  65.0, 70.0, 80.0, 100.0, 120.0)  # fmt: skip
   if arg == "quick":
     config.workloads = ("sharegpt",)
     config.num_requests = 120

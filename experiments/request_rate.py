@@ -473,7 +473,8 @@ def _draw_block(rows):
         for r in rows
         if (r["system"], r["preemption_mode"]) == (s, mode)
       )
-      ax.plot(*zip(*pts, strict=True), marker="o", label=f"{LABELS[s]}, {mode}")
+      style = "--" if mode == "swap" else "-"  # the modes can coincide: both stay visible
+      ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{LABELS[s]}, {mode}")
     ax.set_xscale("log", base=2)
     ax.set_xticks([p for p in dict.fromkeys(r["block_size"] for r in rows)])
     ax.get_xaxis().set_major_formatter("{x:.0f}")
