@@ -15,9 +15,10 @@ Other variants (``--config=configs/request_rate.py:<name>``; a few minutes each 
 
 * ``sharegpt`` / ``alpaca``: one workload, the rates around the paper's.
 * ``file``: a ShareGPT-format JSON file, ``--config.workloads='("path/to/file.json",)'``.
-* ``fig18``: block sizes 1-256 at a fixed rate (Alpaca-like at 30.1 req/s, as the paper).
+* ``fig18``: block sizes 1-256 at a fixed rate (Alpaca-like at 65 req/s, near paged's
+  limit here as the paper's 30.1 req/s was there).
 * ``fig19``: swap against recompute over block sizes at a fixed rate (ShareGPT-like at
-  5 req/s: the paper's 2.01 req/s preempts nothing under our cost model).
+  3.25 req/s, near paged's limit here as the paper's 2.01 req/s was there).
 * ``wall``: the real engine on the packaged tiny model and the wall clock (short lengths).
 
 A step-cost model fitted to measured steps replaces the preset with
@@ -84,14 +85,16 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif arg == "fig18":
     config.workloads = ("alpaca",)
     config.systems = ("paged",)
-    config.rates = (30.1,)
+    # The paper's 30.1 req/s is near vLLM's Alpaca limit in its setting; here paged
+    # sustains ~71 (faster steps) and 30.1 never fills the pool: 65 is near our knee.
+    config.rates = (65.0,)
     config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
   elif arg == "fig19":
     config.workloads = ("sharegpt",)
     config.systems = ("paged",)
     # The paper's 2.01 req/s is near vLLM's limit in its setting; here paged sustains
-    # more (faster steps), and at 2.01 nothing is preempted: 5 req/s is near our limit.
-    config.rates = (5.0,)
+    # ~3.4 (faster steps), and at 2.01 almost nothing is preempted: 3.25 is near our knee.
+    config.rates = (3.25,)
     config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     config.preemption_modes = ("swap", "recompute")
   elif arg == "wall":
