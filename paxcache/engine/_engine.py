@@ -372,11 +372,20 @@ class Engine:
     self._add(self._validate(request))
 
   def _add(self, request: Request) -> None:
-    if request.arrival_time is not None and request.arrival_time > self.clock.now():
+    now = self.clock.now()
+    if request.arrival_time is not None and request.arrival_time > now:
       heapq.heappush(self._pending, (request.arrival_time, next(self._pending_order), request))
       self._pending_ids.add(request.request_id)
       return
+    # It has arrived: requests still set aside that arrived before it go first (FCFS).
+    self._release_due(now if request.arrival_time is None else request.arrival_time)
     self._enqueue(request)
+
+  def _release_due(self, t: float) -> None:
+    while self._pending and self._pending[0][0] <= t:
+      _, _, request = heapq.heappop(self._pending)
+      self._pending_ids.discard(request.request_id)
+      self._enqueue(request)
 
   def _admit_arrivals(self) -> None:
     """Moves the requests whose arrival time has come to the scheduler's queue, in arrival
@@ -385,11 +394,7 @@ class Engine:
       return
     if not self.scheduler.has_work() and self._in_flight is None and not self._ready:
       self.clock.wait_until(self._pending[0][0])
-    now = self.clock.now()
-    while self._pending and self._pending[0][0] <= now:
-      _, _, request = heapq.heappop(self._pending)
-      self._pending_ids.discard(request.request_id)
-      self._enqueue(request)
+    self._release_due(self.clock.now())
 
   def _enqueue(self, request: Request) -> None:
     arrival = next(self._arrivals)

@@ -285,3 +285,19 @@ def test_step_record_reads_engine_step_metrics():
   assert recs[0]["prefill_tokens"] == 8 and recs[0]["decode_batch"] == 0
   assert recs[0]["kv_tokens"] == 8
   assert recs[1]["decode_batch"] == 2 and recs[1]["kv_tokens"] == 4 + 6
+
+
+def test_requests_are_queued_in_arrival_order_whenever_they_are_added():
+  """A request added after the clock passed its arrival still queues behind one that
+  arrived earlier but was set aside (not yet reached by a step)."""
+  engine = SimulatedEngine(_config(), max_seq_len=64)
+  engine.add_request(Request("y", [1, 2], max_new_tokens=2, arrival_time=0.003))
+  engine.add_request(Request("w", [3, 4, 5, 6, 7], max_new_tokens=2))  # arrives at 0
+  engine.step()  # 5 prefill tokens: the clock reaches 5 ms; "y" still set aside
+  engine.add_request(Request("x", [5, 6], max_new_tokens=2, arrival_time=0.004))
+  engine.add_request(Request("z", [7, 8], max_new_tokens=2, arrival_time=0.0045))
+  order = [g.request.request_id for g in engine.scheduler.waiting]
+  assert order == ["y", "x", "z"]
+  assert [g.arrival for g in engine.scheduler.waiting] == sorted(
+    g.arrival for g in engine.scheduler.waiting
+  )
