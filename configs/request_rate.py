@@ -20,6 +20,10 @@ Other variants (``--config=configs/request_rate.py:<name>``; a few minutes each 
 * ``fig19``: swap against recompute over block sizes at a fixed rate (ShareGPT-like at
   3.25 req/s, near paged's limit here as the paper's 2.01 req/s was there).
 * ``wall``: the real engine on the packaged tiny model and the wall clock (short lengths).
+* ``gpu``: the real engine on SmolLM2-135M's shape (random weights) and the wall clock, a
+  0.38 GB pool, ShareGPT-like lengths; run it on a GPU.
+* ``gpu_sim``: the same sweep on the simulated clock, with the cost model fitted to the
+  H200's measured steps (``docs/results/engine_steps.jsonl``, SmolLM2 shape, block 16).
 
 A step-cost model fitted to measured steps replaces the preset with
 ``--config.step_records=steps.jsonl`` (JSON lines ``{"prefill_tokens", "decode_batch",
@@ -42,6 +46,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.clock = "simulated"  # "simulated" (SimulatedEngine + cost model) or "wall"
   config.cost_model = "opt13b_a100_roofline"  # a preset of paxcache/engine/_cost.py
   config.step_records = ""  # JSON lines of measured steps: fit the cost model to them
+  config.step_records_where = ""  # only the records matching "key=value[,key=value]"
+  config.model = "tiny"  # clock="wall": "tiny" (packaged) or "smollm2-135m" / "llama-1b" shapes
+  config.async_scheduling = False  # clock="wall": EngineConfig.async_scheduling
   config.heldout_fraction = 0.2  # of step_records, held out to report the fit's error
   config.swap_ms = 0.032  # ms per swapped token for a fitted model (not fitted)
   # s/token: the sustainable rate is the highest rate within it (our choice: about 5x the
@@ -111,9 +118,37 @@ def get_config(arg: str | None = None) -> ConfigDict:
     # Run the whole trace once, all at once, before timing: it compiles most of the step
     # shapes the timed run meets (a shape compiled during the run counts as latency).
     config.warmup_requests = config.num_requests
+  elif arg in ("gpu", "gpu_sim"):
+    # SmolLM2-135M's shape on one GPU, ShareGPT-like lengths up to 1,024 tokens, a pool of
+    # 16,384 token slots (0.38 GB of bf16 K/V: small on purpose, so that memory, not
+    # max_num_seqs, limits the batch, as the paper's 13B model on a 40 GB card was).
+    # "gpu": the real engine and the wall clock (run it on the GPU); "gpu_sim": the same
+    # sweep on the simulated clock with the cost model fitted to the H200 steps of
+    # docs/results/engine_steps.jsonl (runs anywhere; compares the two clocks).
+    config.workloads = ("sharegpt",)
+    config.max_seq_len = 1024
+    config.pool_tokens = 16384
+    config.host_pool_tokens = 65536
+    config.max_num_batched_tokens = 2048
+    config.rates = (4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0)
+    # s/token, about 5x the unloaded normalized latency of ~2 ms steps.
+    config.latency_bound = 0.01
+    if arg == "gpu":
+      config.clock = "wall"
+      config.async_scheduling = True  # as the engine serves best (docs/engine.md)
+      config.model = "smollm2-135m"
+      # Traces of 200 requests (a 200 / rate s window) keep the sweep within one device
+      # call; below 16 req/s nothing queues (the simulated run shows flat latency there).
+      config.num_requests = 200
+      config.rates = (16.0, 32.0, 48.0, 64.0, 96.0, 128.0)
+      config.warmup_requests = 64
+    else:
+      config.num_requests = 1000
+      config.step_records = "docs/results/engine_steps.jsonl"
+      config.step_records_where = "model=smollm2-135m,block_size=16"
   elif arg not in (None, ""):
     raise ValueError(
       f"unknown variant {arg!r}; known: 'quick', 'sharegpt', 'alpaca', 'file', 'fig18', "
-      "'fig19', 'wall'"
+      "'fig19', 'wall', 'gpu', 'gpu_sim'"
     )
   return config

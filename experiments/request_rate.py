@@ -168,19 +168,37 @@ def check_config(config: ConfigDict) -> None:
       )
 
 
+def _records_where(records: list[dict], where: str) -> list[dict]:
+  """The records whose fields match every ``key=value`` of ``where`` (comma separated;
+  values compared as text, so ``block_size=16`` matches 16)."""
+  if not where:
+    return records
+  conds = []
+  for part in where.split(","):
+    key, sep, value = part.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"--config.step_records_where={where!r}: expected key=value[,key=value]")
+    conds.append((key.strip(), value.strip()))
+  kept = [r for r in records if all(str(r.get(k)) == v for k, v in conds)]
+  if not kept:
+    raise ValueError(f"--config.step_records_where={where!r} keeps none of the step records")
+  return kept
+
+
 def step_cost(config: ConfigDict) -> tuple[StepCostModel, dict | None]:
   """The simulated clock's cost model and, when fitted, its fit report as a dict."""
   if not config.step_records:
     return PRESETS[config.cost_model], None
+  where = config.get("step_records_where", "")
   report = fit_step_cost(
-    load_step_records(config.step_records),
+    _records_where(load_step_records(config.step_records), where),
     heldout_fraction=config.heldout_fraction,
     seed=config.seed,
     swap_ms=config.swap_ms,
-    name=f"fitted:{config.step_records}",
+    name=f"fitted:{config.step_records}" + (f" [{where}]" if where else ""),
   )
   fit = {
-    "step_records": config.step_records,
+    "step_records": config.step_records + (f" [{where}]" if where else ""),
     "train_records": report.train_records,
     "heldout_records": report.heldout_records,
     "median_rel_error": report.median_rel_error,
@@ -204,6 +222,7 @@ def engine_config(config: ConfigDict, system: str, block_size: int, mode: str) -
     watermark_blocks=int(config.watermark * num_blocks) if paged else 0,
     reservation=SYSTEMS[system],
     metrics_history=1,
+    async_scheduling=bool(config.get("async_scheduling", False)),
   )
 
 
@@ -237,15 +256,25 @@ def serve(engine, requests: list[Request], progress: Progress) -> tuple[list, di
 
 
 def _wall_engine_factory(config: ConfigDict):
-  """A real engine over the packaged tiny model, compiled on a warm-up trace."""
+  """A real engine over ``config.model`` (the packaged tiny model, or a random-weight
+  decoder of a named shape of ``experiments.bench.engine_step``), compiled on a warm-up
+  trace."""
   import jax
 
-  from paxcache.nn import load_decoder
+  name = config.get("model", "tiny")
+  if name == "tiny":
+    from paxcache.nn import load_decoder
 
-  model = load_decoder()
+    model = load_decoder()
+  else:
+    from experiments.bench import engine_step
+
+    if name not in engine_step.MODELS:
+      raise ValueError(f"--config.model={name!r}: 'tiny' or one of {sorted(engine_step.MODELS)}")
+    model = engine_step.build_model(name, max_seq_len=max(1024, config.max_seq_len))
   if config.max_seq_len > model.config.max_seq_len:
     raise ValueError(
-      f"--config.max_seq_len={config.max_seq_len} exceeds the tiny model's "
+      f"--config.max_seq_len={config.max_seq_len} exceeds the model's "
       f"{model.config.max_seq_len} (clock='wall' runs the real model)"
     )
   device = jax.devices()[0].device_kind

@@ -155,5 +155,24 @@ def test_wall_clock_variant_runs_the_real_engine():
   assert all(r["clock"] == "wall" and r["requests"] == 6 for r in rows)
   assert all(r["normalized_latency"] > 0 and r["cost_model"] is None for r in rows)
   config.max_seq_len = 1024
-  with pytest.raises(ValueError, match="tiny model"):
+  with pytest.raises(ValueError, match="max_seq_len=1024 exceeds the model's 512"):
     rr.run(config)
+  config.model = "gpt-5"
+  with pytest.raises(ValueError, match="config.model='gpt-5'"):
+    rr.run(config)
+
+
+def test_step_records_where_keeps_matching_records(tmp_path):
+  path = tmp_path / "steps.jsonl"
+  recs = [
+    {"model": m, "block_size": b, "prefill_tokens": 0, "decode_batch": d, "kv_tokens": 10 * d,
+     "step_ms": 1.0 + 0.5 * d}
+    for m in ("a", "b") for b in (16, 32) for d in range(1, 9)
+  ]  # fmt: skip
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  kept = rr._records_where(rr.load_step_records(str(path)), "model=a,block_size=16")
+  assert len(kept) == 8 and {(r["model"], r["block_size"]) for r in kept} == {("a", 16)}
+  with pytest.raises(ValueError, match="keeps none"):
+    rr._records_where(recs, "model=c")
+  with pytest.raises(ValueError, match="key=value"):
+    rr._records_where(recs, "model")
