@@ -27,6 +27,11 @@ class Request:
       order. A sample's token at
       position ``p`` uses the key ``(engine seed, seed, sample index, p)``, so the output
       does not depend on batching, preemption or which step computed it.
+    beam_width: 0 (the default) samples as above; ``k >= 1`` runs beam search with ``k``
+      beams scored by cumulative log-probability (``paxcache/engine/_beam.py``; needs
+      ``n == 1``, ``temperature == 0``, ``top_k == 0`` and an engine without
+      ``async_scheduling``). The output then holds the ``k`` best hypotheses, best first,
+      with their scores.
   """
 
   request_id: Hashable
@@ -37,6 +42,7 @@ class Request:
   top_k: int = 0
   end_token: int | None = None
   seed: int | None = None
+  beam_width: int = 0
 
 
 @dataclasses.dataclass
@@ -44,13 +50,16 @@ class RequestOutput:
   """What a request produced: one token list and one finish reason per sample.
 
   ``finish_reasons[i]`` is ``"stop"`` (end token), ``"length"`` (``max_new_tokens`` or the
-  model's ``max_seq_len``) or ``"abort"``.
+  model's ``max_seq_len``) or ``"abort"``. ``scores`` (beam search only, else None): each
+  hypothesis' cumulative log-probability (natural log), in the order of ``samples`` (best
+  first).
   """
 
   request_id: Hashable
   prompt_len: int
   samples: list[list[int]]
   finish_reasons: list[str]
+  scores: list[float] | None = None
 
 
 class Status(enum.Enum):
@@ -100,12 +109,19 @@ class Group:
   status: Status = Status.WAITING
   forked: bool = False  # children created (set when the prompt's last token is computed)
   admitted: bool = False  # admitted at least once (prompt tokens counted once in metrics)
+  # Beam search (paxcache/engine/_beam.py): its state, and the rows the group may still
+  # grow by (``beam_width - 1`` until the first beams are forked), which the scheduler
+  # counts as resident so that forking never exceeds ``max_num_seqs``.
+  beam: object | None = None
+  reserve: int = 0
 
   @property
   def live(self) -> list[Seq]:
     return [s for s in self.seqs if not s.finished]
 
   def output(self) -> RequestOutput:
+    if self.beam is not None:
+      return self.beam.output(self)
     seqs = sorted(self.seqs, key=lambda s: s.index)
     return RequestOutput(
       request_id=self.request.request_id,
