@@ -39,6 +39,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.num_requests = 1000  # requests per width
   config.widths = (2, 4, 6)  # parallel samples n / forked beams k (the paper's n and k)
   config.max_seq_len = 2048  # prompt + output cap for drawn lengths
+  # Real beam search through the engine on the packaged tiny model (experiments.prefix_sharing
+  # beam_rows); lengths and block sizes divided by length_scale, as in the other engine runs.
+  config.engine = ConfigDict()
+  config.engine.requests = 200  # beam requests per width (the first drawn ones); 0 skips
+  config.engine.length_scale = 8.0  # lengths and block sizes are divided by this
+  config.engine.max_seq_len = 512  # the tiny model's; longer scaled requests are dropped
+  config.engine.max_num_seqs = 48  # beams resident at once (requests run concurrently)
+  config.engine.max_num_batched_tokens = 256  # query tokens per step
 
   if arg == "quick":
     config.block_sizes = (16,)

@@ -143,6 +143,7 @@ class BeamState:
     self.candidates: dict[Seq, tuple[np.ndarray, np.ndarray]] = {}  # beams that have them
     self.finished: list[Hypothesis] = []
     self.ids = itertools.count(1)  # sequence ids of forked beams (0 is the prompt's)
+    self.steps = 0  # selections made
 
   def best(self, hyps: list[Hypothesis]) -> list[Hypothesis]:
     # sorted() is stable: among equal scores the one finished first comes first.
@@ -186,9 +187,14 @@ class BeamSearch:
     if group.beam is not None:
       self.active -= 1
 
-  def live_seq_ids(self, request_id: Hashable) -> list:
-    """The allocator ids of a beam request's live beams, best first."""
-    return [s.seq_id for s in self.groups[request_id].seqs]
+  def live_beams(self) -> dict[Hashable, list]:
+    """Request id -> the allocator ids of its live beams (best first), for every beam
+    request past its first selection (before it, the request is one prompt sequence)."""
+    return {
+      rid: [s.seq_id for s in g.seqs]
+      for rid, g in self.groups.items()
+      if g.beam is not None and g.beam.steps
+    }
 
   def num_candidates(self, plan) -> int:
     """Candidates per sample row the step must return for ``plan`` (0: no beam row)."""
@@ -231,6 +237,7 @@ class BeamSearch:
       req.end_token,
     )
     state.candidates.clear()
+    state.steps += 1
     for b, t, score in ended:
       state.finished.append(Hypothesis(list(beams[b].output) + [t], score, "stop"))
     length = len(beams[0].tokens) + 1  # every live beam has the same length

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from kernels.testing import tolerance
 from paxcache.engine import Engine, EngineConfig, Request, RequestError
@@ -31,6 +32,11 @@ def _config(**kw) -> EngineConfig:
   return EngineConfig(**(base | kw))
 
 
+@nnx.jit
+def _forward(model, tokens, rows):
+  return model.forward(tokens, logit_rows=rows)
+
+
 def brute_force_beam_search(model, prompt, width, max_new_tokens, end_token):
   """The beam search of ``paxcache/engine/_beam.py``, written out independently: every step
   reruns each live beam through ``Decoder.forward`` (no cache), takes the float64
@@ -38,10 +44,16 @@ def brute_force_beam_search(model, prompt, width, max_new_tokens, end_token):
   token). Returns the ``width`` best ``(output tokens, score, finish reason)``."""
   live = [(list(prompt), 0.0)]  # (tokens, score), best first
   finished = []
+  # One padded shape for every step (right padding never changes earlier positions:
+  # causality), so that the forward pass is traced once, not once per length.
+  pad = len(prompt) + max_new_tokens
   for step in range(max_new_tokens):
-    tokens = jnp.asarray([t for t, _ in live], jnp.int32)
-    rows = jnp.full((len(live), 1), tokens.shape[1] - 1, jnp.int32)
-    logits = np.asarray(model.forward(tokens, logit_rows=rows))[:, 0].astype(np.float64)
+    tokens = np.zeros((width, pad), np.int32)
+    for b, (t, _) in enumerate(live):
+      tokens[b, : len(t)] = t
+    rows = np.full((width, 1), len(live[0][0]) - 1, np.int32)
+    logits = np.asarray(_forward(model, jnp.asarray(tokens), jnp.asarray(rows)))
+    logits = logits[: len(live), 0].astype(np.float64)
     top = logits.max(axis=1, keepdims=True)
     logp = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
     cands = sorted(
@@ -136,7 +148,7 @@ def test_pruned_beams_are_freed_and_beams_share_blocks(tiny):
     engine.step()  # check_invariants=True: the allocator's full check after every step
     if not engine.has_unfinished():
       break
-    live = engine.beams.live_seq_ids("a")
+    live = engine.beams.live_beams()["a"]
     assert len(live) == width
     # Exactly the live beams hold blocks: every pruned beam was freed.
     assert sorted(alloc.seq_ids(), key=str) == sorted(live, key=str)
