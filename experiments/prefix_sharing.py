@@ -313,7 +313,9 @@ def fork_rows(config: ConfigDict, block_size: int, lengths: np.ndarray) -> list[
 def _beam_engine_sums(model, ec, scaled: np.ndarray, bs: int, width: int, corpus: bytes, seed):
   """Runs every request of ``scaled`` (prompt, output) lengths as a beam search of ``width``
   through one engine (``ec.max_num_seqs`` rows at a time, no preemption); returns the
-  block-time sums over the steps and the copy-on-write copies made."""
+  block-time sums over the steps, the copy-on-write copies made, and the mean share of
+  the output that a request's final ``width`` beams have in common (their longest common
+  prefix over the output length: how early the surviving beams branched)."""
   from paxcache.engine import Engine, EngineConfig, Request
 
   rng = np.random.default_rng(seed)
@@ -338,8 +340,16 @@ def _beam_engine_sums(model, ec, scaled: np.ndarray, bs: int, width: int, corpus
     engine.add_request(Request(i, prompt, max_new_tokens=o, beam_width=width))
   alloc = engine.allocator
   sums = _BlockTimeSums()
+  common = []
   while engine.has_unfinished():
-    engine.step()
+    for out in engine.step():
+      # No end token: every hypothesis has the request's output length.
+      first, n = out.samples[0], len(out.samples[0])
+      same = min(
+        next((i for i, (a, b) in enumerate(zip(first, s, strict=True)) if a != b), n)
+        for s in out.samples
+      )
+      common.append(same / n)
     ids = [sid for beams in engine.beams.live_beams().values() for sid in beams]
     if not ids:
       continue
@@ -357,7 +367,7 @@ def _beam_engine_sums(model, ec, scaled: np.ndarray, bs: int, width: int, corpus
       f"beam run: {m.preemptions} preemptions, {m.finished_requests} of {len(scaled)} finished"
     )
   assert alloc.num_used_blocks == 0 and len(alloc) == 0, "a beam run leaked blocks"
-  return sums, m.cow_copies
+  return sums, m.cow_copies, float(np.mean(common))
 
 
 def _random_fork_steps(alloc, scaled: np.ndarray, width: int, rng) -> tuple[_BlockTimeSums, int]:
@@ -392,8 +402,8 @@ def beam_rows(config: ConfigDict, block_size: int, lengths: np.ndarray) -> list[
       enable_prefix_caching=False,
     )
     rng = np.random.default_rng([config.seed, width, block_size, 1])
-    forks = _random_fork_steps(alloc, scaled, width, rng)
-    for kind, (sums, cow) in ((BEAM, beam), (RANDOM_SCALED, forks)):
+    forks = (*_random_fork_steps(alloc, scaled, width, rng), None)
+    for kind, (sums, cow, common) in ((BEAM, beam), (RANDOM_SCALED, forks)):
       paper = paper_saving(config.workload, kind)
       rows.append(
         {
@@ -411,6 +421,7 @@ def beam_rows(config: ConfigDict, block_size: int, lengths: np.ndarray) -> list[
           "block_steps_shared": sums.shared,
           "block_steps_alone": sums.alone,
           "cow_copies_per_request": round(cow / len(scaled), 2),
+          "common_prefix_pct": None if common is None else round(100.0 * common, 1),
         }
       )
       logging.info("%s width %d block %d: %.1f%% saved", kind, width, block_size, 100 * sums.saving)
@@ -492,6 +503,7 @@ def run(config: ConfigDict) -> Result:
           Column("saved_pct", "saved %", ".1f"),
           Column("paper_saved_pct", "paper beam search % (k = 2..6)"),
           Column("cow_copies_per_request", "CoW copies / request", ".1f"),
+          Column("common_prefix_pct", "final beams' common prefix, % of output", ".1f"),
         ],
         beams,
         caption=(
