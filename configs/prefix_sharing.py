@@ -1,11 +1,11 @@
 r"""Experiment 2b: memory saved by sharing KV blocks (system prompt, parallel sampling, forks).
 
 Full run (block sizes 16 and 32, 1,000 Alpaca-like requests, 200 of them through the engine's
-beam search; about 10 minutes on the shared 2-core machine)::
+beam search; about 3 minutes on the shared 2-core machine)::
 
   python -m experiments.run --config=configs/prefix_sharing.py --workdir=/tmp/prefix_sharing
 
-Quick run (block 16, 200 requests, 100 through the engine's beam search; 3-4 minutes)::
+Quick run (block 16, 200 requests, 100 through the engine's beam search; 2-4 minutes)::
 
   python -m experiments.run --config=configs/prefix_sharing.py:quick --workdir=/tmp/prefix_quick
 
@@ -15,7 +15,7 @@ The seed's scenario alone, with other sizes::
       --config.num_users=100 --config.system_prompt_len=5000 --config.widths='(2,)' \
       --workdir=/tmp/prefix_seed
 
-ShareGPT-like lengths, beside the paper's ShareGPT figures (about 6 minutes)::
+ShareGPT-like lengths, beside the paper's ShareGPT figures (3-6 minutes)::
 
   python -m experiments.run --config=configs/prefix_sharing.py:quick --config.workload=sharegpt \
       --workdir=/tmp/prefix_sharegpt
