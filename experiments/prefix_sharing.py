@@ -379,8 +379,8 @@ def _random_fork_steps(alloc, scaled: np.ndarray, width: int, rng) -> tuple[_Blo
 
 def beam_rows(config: ConfigDict, block_size: int, lengths: np.ndarray) -> list[dict]:
   """Real beam search through the engine beside random forks on the same scaled lengths."""
-  ec = config.engine
-  if ec.requests <= 0:
+  ec = config.get("engine")
+  if ec is None or ec.requests <= 0:  # a config without engine runs (or with them off)
     return []
   from experiments._engine_bench import engine_block_size, scaled_lengths
   from paxcache.allocator import BlockAllocator
