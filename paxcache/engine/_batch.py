@@ -50,6 +50,9 @@ class StepBatch:
   cow_dst: jax.Array  # i32[num_copies]       copy-on-write destination blocks
   decode_only: bool = flax.struct.field(pytree_node=False)  # one token per row: no cu_q_lens
   any_sampled: bool = flax.struct.field(pytree_node=False)  # some row has temperature > 0
+  # > 0: the step also returns each sample row's num_candidates best (log-prob, token)
+  # pairs, for beam search (paxcache/engine/_beam.py); 0 compiles the step without them.
+  num_candidates: int = flax.struct.field(pytree_node=False, default=0)
 
   def pack(self) -> tuple[np.ndarray, tuple]:
     """``(buffer, layout)``: every array field in one host ``i32`` buffer (``f32`` fields
@@ -67,14 +70,18 @@ class StepBatch:
     for a, size in zip(arrays, sizes, strict=True):
       buffer[offset : offset + a.size] = a.view(np.int32).ravel()
       offset += size
-    layout = tuple((a.shape, a.dtype.name) for a in arrays) + (self.decode_only, self.any_sampled)
+    layout = tuple((a.shape, a.dtype.name) for a in arrays) + (
+      self.decode_only,
+      self.any_sampled,
+      self.num_candidates,
+    )
     return buffer, layout
 
   @classmethod
   def unpack(cls, buffer: jax.Array, layout: tuple) -> StepBatch:
     """The :class:`StepBatch` that :meth:`pack` made ``buffer`` and ``layout`` of (traceable:
     slices of the one buffer)."""
-    *fields, decode_only, any_sampled = layout
+    *fields, decode_only, any_sampled, num_candidates = layout
     values, offset = {}, 0
     for name, (shape, dtype) in zip(_ARRAY_FIELDS, fields, strict=True):
       size = math.prod(shape)
@@ -83,7 +90,9 @@ class StepBatch:
         piece = jax.lax.bitcast_convert_type(piece, jnp.dtype(dtype))
       values[name] = piece
       offset += -(-size // _ALIGN) * _ALIGN
-    return cls(**values, decode_only=decode_only, any_sampled=any_sampled)
+    return cls(
+      **values, decode_only=decode_only, any_sampled=any_sampled, num_candidates=num_candidates
+    )
 
   @property
   def shape_key(self) -> tuple:
@@ -96,6 +105,7 @@ class StepBatch:
       self.logit_rows.shape[0],
       self.decode_only,
       self.any_sampled,
+      self.num_candidates,
     )
 
 
@@ -113,6 +123,7 @@ def build_step_batch(
   min_tokens: int,
   min_copies: int,
   pending_rows: Mapping | None = None,
+  num_candidates: int = 0,
 ) -> StepBatch:
   """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
 
@@ -123,6 +134,7 @@ def build_step_batch(
     min_tokens, min_copies: smallest bucket sizes of the token rows and copy pairs.
     pending_rows: sequence -> its sample row in the step still running on the device, for
       sequences whose next input token (``PENDING_TOKEN`` on the host) that step samples.
+    num_candidates: candidates per sample row for beam search (0: none; static).
   """
   rows = plan.rows
   b = len(rows)
@@ -198,4 +210,5 @@ def build_step_batch(
     cow_dst=cow_dst,
     decode_only=decode_only,
     any_sampled=bool((temperature > 0).any()),
+    num_candidates=num_candidates,
   )

@@ -26,6 +26,7 @@ from paxcache.allocator import (
   _is_int,  # a Python or NumPy int, not a bool
 )
 from paxcache.block_table import BlockTable, bucket_size
+from paxcache.engine import _beam
 from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._clock import SimulatedClock, WallClock
 from paxcache.engine._metrics import RunMetrics, StepMetrics
@@ -43,10 +44,12 @@ SEED_LIMIT = 2**31  # request seeds are folded into the sampling key as int32
 @dataclasses.dataclass
 class _InFlight:
   """A dispatched step: its device tokens and, per sample row, (sequence, index of the
-  row's ``PENDING_TOKEN`` in ``sequence.tokens``)."""
+  row's ``PENDING_TOKEN`` in ``sequence.tokens``; None for a beam row, whose token
+  ``_beam.py`` picks from ``candidates``)."""
 
   tokens: jax.Array  # i32[cap]
-  entries: list[tuple[Seq, int]]
+  entries: list[tuple[Seq, int | None]]
+  candidates: tuple | None = None  # (f32[S, C] log-probs, i32[S, C] ids) when beam rows ran
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +190,9 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
   rows with ``batch.prev_index >= 0`` take their input token from there.
   Returns the sampled tokens ``i32[cap]`` (rows past the batch's sample rows are 0) and
   the new cache (donated: every layer's pool is updated in place, and nothing in the step
-  copies a pool).
+  copies a pool). With ``batch.num_candidates = C > 0`` (static: a step with beam rows)
+  the first output is ``(tokens, f32[S, C], i32[S, C])``: each sample row's ``C`` largest
+  log-softmax values and their token ids, for beam search on the host.
   """
   batch = StepBatch.unpack(packed, layout)
   model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
@@ -205,8 +210,19 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
     logit_rows=batch.logit_rows,
   )
   pad = prev_tokens.shape[0] - logits.shape[0]
+  if batch.num_candidates:  # static: only a step with beam rows computes candidates
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    values, ids = jax.lax.top_k(logprobs, batch.num_candidates)
+    tokens = jnp.pad(ids[:, 0], (0, pad))  # greedy; only non-beam rows' tokens are read
+    if batch.any_sampled:
+      tokens = _sampled(batch, logits, key, pad)
+    return (tokens, values, ids.astype(jnp.int32)), cache
   if not batch.any_sampled:  # static: an all-greedy step needs no sort of the vocabulary
     return jnp.pad(jnp.argmax(logits, axis=-1).astype(jnp.int32), (0, pad)), cache
+  return _sampled(batch, logits, key, pad), cache
+
+
+def _sampled(batch: StepBatch, logits, key, pad):
   tokens = sample_tokens(
     logits,
     batch.temperature,
@@ -216,7 +232,7 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
     batch.sample_index,
     batch.sample_positions,
   )
-  return jnp.pad(tokens, (0, pad)), cache
+  return jnp.pad(tokens, (0, pad))
 
 
 class _StepFn:
@@ -351,6 +367,10 @@ class Engine:
     self._pending: list[tuple[float, int, Request]] = []
     self._pending_ids: set[Hashable] = set()
     self._pending_order = itertools.count()
+    # Beam search's host side (paxcache/engine/_beam.py), reading and updating the groups.
+    self.beams = _beam.BeamSearch(
+      self.allocator, self.scheduler, self._groups, self.max_seq_len, self.vocab_size
+    )
     self._arrivals = itertools.count()
     self._shapes: set[tuple] = set()
     self.step_metrics: collections.deque[StepMetrics] = collections.deque(
@@ -362,9 +382,10 @@ class Engine:
 
   def blocks_needed(self, request: Request) -> int:
     """Device blocks a request may need at once, assuming no sharing (a preempted group
-    can lose its sharing): ``n * ceil((len(prompt) + max_new_tokens) / block_size)``."""
+    can lose its sharing): ``n * ceil((len(prompt) + max_new_tokens) / block_size)``, with
+    ``beam_width`` in place of ``n`` for beam search."""
     per_seq = -(-(len(request.prompt) + request.max_new_tokens) // self.config.block_size)
-    return request.n * per_seq
+    return max(request.n, request.beam_width) * per_seq
 
   def add_request(self, request: Request) -> None:
     """Queues ``request`` (at its ``arrival_time``, if it has one); raises
@@ -413,6 +434,8 @@ class Engine:
       arrival_time=self.clock.now() if request.arrival_time is None else request.arrival_time,
     )
     self._groups[request.request_id] = group
+    if request.beam_width:
+      self.beams.start(group)
     self.scheduler.add(group)
 
   def _validate(self, r: Request) -> Request:
@@ -439,7 +462,7 @@ class Engine:
       raise RequestError(
         f"request {rid!r}: prompt tokens {bad[:8]} are not ints in [0, {self.vocab_size})"
       )
-    for name in ("max_new_tokens", "n", "top_k"):
+    for name in ("max_new_tokens", "n", "top_k", "beam_width"):
       value = getattr(r, name)
       if not _is_int(value):
         raise RequestError(
@@ -482,6 +505,7 @@ class Engine:
       end_token=None if r.end_token is None else int(r.end_token),
       seed=None if r.seed is None else int(r.seed),
       arrival_time=None if a is None else float(a),
+      beam_width=int(r.beam_width),
     )
     if len(prompt) + r.max_new_tokens > self.max_seq_len:
       raise RequestError(
@@ -489,6 +513,12 @@ class Engine:
         f"{r.max_new_tokens} exceeds the model's max_seq_len {self.max_seq_len}"
       )
     cfg = self.config
+    _beam.check_request(
+      r,
+      async_scheduling=cfg.async_scheduling,
+      max_rows=min(cfg.max_num_seqs, cfg.max_num_batched_tokens),
+      vocab_size=self.vocab_size,
+    )
     if r.n > min(cfg.max_num_seqs, cfg.max_num_batched_tokens):
       raise RequestError(
         f"request {rid!r}: n={r.n} samples can never be resident at once (max_num_seqs "
@@ -497,7 +527,8 @@ class Engine:
     need = self.blocks_needed(r)
     if need > self.config.num_blocks:
       raise RequestError(
-        f"request {rid!r} can never fit the pool: n={r.n} x ceil(({len(prompt)} + "
+        f"request {rid!r} can never fit the pool: n={max(r.n, r.beam_width)} x ceil(("
+        f"{len(prompt)} + "
         f"{r.max_new_tokens}) / block_size {self.config.block_size}) = {need} blocks > "
         f"num_blocks {self.config.num_blocks}"
       )
@@ -538,6 +569,7 @@ class Engine:
       if not s.finished:
         s.finish_reason = "abort"
     del self._groups[request_id]
+    self.beams.forget(group)
     self.metrics.aborted_requests += 1
     return group.output()
 
@@ -561,8 +593,9 @@ class Engine:
     shape = (0, 0, 0)
     dispatched = None
     if plan.rows:
-      tokens, shape = self._execute(plan)
+      tokens, shape, candidates = self._execute(plan)
       dispatched = self._commit(plan, tokens)
+      dispatched.candidates = candidates
       num_tokens = sum(r.stop - r.start for r in plan.rows)
       prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
       decodes = sum(1 for r in plan.rows if r.stop - r.start == 1)
@@ -637,16 +670,19 @@ class Engine:
         self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
 
   def _execute(self, plan: Plan):
-    """Dispatches the device step; returns its sampled tokens (on the device) and the
-    padded shape."""
+    """Dispatches the device step; returns its sampled tokens (on the device), the padded
+    shape and, when the batch has beam rows, their top candidates (log-probs, ids)."""
     batch = self._build_batch(plan)
     self._shapes.add(batch.shape_key)
     # One fixed key: each row folds in its own (seed, sample, position).
     tokens, self.cache = self._step_fn(
       self._params, self.cache, batch, self._key, self._prev_tokens
     )
+    candidates = None
+    if batch.num_candidates:  # beam rows: (tokens, log-probs, ids)
+      tokens, *candidates = tokens
     self._prev_tokens = tokens
-    return tokens, batch.shape_key[:3]
+    return tokens, batch.shape_key[:3], candidates
 
   def _build_batch(self, plan: Plan) -> StepBatch:
     cfg = self.config
@@ -667,6 +703,7 @@ class Engine:
       min_tokens=cfg.min_token_bucket,
       min_copies=cfg.min_copy_bucket,
       pending_rows=pending_rows,
+      num_candidates=self.beams.num_candidates(plan),
     )
 
   def _commit(self, plan: Plan, tokens) -> _InFlight:
@@ -678,9 +715,12 @@ class Engine:
       r.seq.num_computed = r.stop
       for s in r.samplers:
         s.num_computed = r.stop
+        g = groups[s.seq_id[0]]
+        if g.beam is not None:  # beam search picks its token on the host (_beam.py)
+          entries.append((s, None))
+          continue
         entries.append((s, len(s.tokens)))
         s.tokens.append(PENDING_TOKEN)
-        g = groups[s.seq_id[0]]
         n = len(s.tokens)
         if n - s.prompt_len >= g.request.max_new_tokens or n >= self.max_seq_len:
           # Its blocks are freed in this iteration, after the previous step's tokens are
@@ -701,6 +741,8 @@ class Engine:
     resolve_ids, resolve_tokens, stopped, groups = [], [], [], []
     sampled = 0
     for j, (s, pos) in enumerate(step.entries):
+      if pos is None:  # a beam row: read below
+        continue
       if s in self._ignore:  # stopped at its end token after this row was dispatched
         self._ignore.discard(s)
         continue
@@ -740,6 +782,8 @@ class Engine:
       del self._groups[g.request.request_id]
       g.finish_time = now
       outs.append(g.output())
+    if step.candidates is not None:
+      sampled += self.beams.advance(step.entries, step.candidates, outs)
     self.metrics.finished_requests += len(outs)
     self.metrics.generated_tokens += sampled
     finished.extend(outs)
@@ -855,8 +899,18 @@ class SimulatedEngine(Engine):
     self.model = None
     self._init_host(config, max_seq_len, vocab_size, clock or SimulatedClock())
 
+  def _validate(self, r: Request) -> Request:
+    r = super()._validate(r)
+    if r.beam_width:
+      # Beams are chosen from the model's log-probabilities, which a simulated step has not.
+      raise RequestError(
+        f"request {r.request_id!r}: SimulatedEngine runs no model, so it cannot beam search "
+        f"(beam_width={r.beam_width}); simulate beams as forks of a sampled request (n > 1)"
+      )
+    return r
+
   def _swap(self, plan: Plan) -> None:
     """No device pool: the allocator has already moved the blocks' bookkeeping."""
 
   def _execute(self, plan: Plan):
-    return np.full(self._cap, self.forced_token, np.int32), (0, 0, 0)
+    return np.full(self._cap, self.forced_token, np.int32), (0, 0, 0), None

@@ -30,6 +30,11 @@ class Request:
     arrival_time: seconds on the engine's clock (``paxcache.engine.WallClock`` or
       ``SimulatedClock``) at which the request arrives; the engine admits it to its
       queue only once the clock reaches it. None: it arrives when it is added.
+    beam_width: 0 (the default) samples as above; ``k >= 1`` runs beam search with ``k``
+      beams scored by cumulative log-probability (``paxcache/engine/_beam.py``; needs
+      ``n == 1``, ``temperature == 0``, ``top_k == 0`` and an engine without
+      ``async_scheduling``). The output then holds the ``k`` best hypotheses, best first,
+      with their scores.
   """
 
   request_id: Hashable
@@ -41,6 +46,7 @@ class Request:
   end_token: int | None = None
   seed: int | None = None
   arrival_time: float | None = None
+  beam_width: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +90,9 @@ class RequestOutput:
   """What a request produced: one token list and one finish reason per sample.
 
   ``finish_reasons[i]`` is ``"stop"`` (end token), ``"length"`` (``max_new_tokens`` or the
-  model's ``max_seq_len``) or ``"abort"``.
+  model's ``max_seq_len``) or ``"abort"``. ``scores`` (beam search only, else None): each
+  hypothesis' cumulative log-probability (natural log), in the order of ``samples`` (best
+  first).
   """
 
   request_id: Hashable
@@ -93,6 +101,7 @@ class RequestOutput:
   finish_reasons: list[str]
   # Timeline and preemptions (None for an aborted request); not part of equality.
   metrics: RequestMetrics | None = dataclasses.field(default=None, compare=False)
+  scores: list[float] | None = None
 
 
 class Status(enum.Enum):
@@ -148,6 +157,11 @@ class Group:
   preemptions_swap: int = 0
   preemptions_recompute: int = 0
   reserved: tuple[int, int] | None = None  # (first block, blocks) under a reservation policy
+  # Beam search (paxcache/engine/_beam.py): its state, and the rows the group may still
+  # grow by (``beam_width - 1`` until the first beams are forked), which the scheduler
+  # counts as resident so that forking never exceeds ``max_num_seqs``.
+  beam: object | None = None
+  reserve: int = 0
 
   @property
   def live(self) -> list[Seq]:
@@ -155,22 +169,24 @@ class Group:
 
   def output(self) -> RequestOutput:
     seqs = sorted(self.seqs, key=lambda s: s.index)
-    metrics = None
+    if self.beam is not None:  # the k best hypotheses (paxcache/engine/_beam.py)
+      out = self.beam.output(self)
+    else:
+      out = RequestOutput(
+        request_id=self.request.request_id,
+        prompt_len=len(self.request.prompt),
+        samples=[list(s.output) for s in seqs],
+        finish_reasons=[s.finish_reason or "abort" for s in seqs],
+      )
     if self.finish_time is not None:
-      metrics = RequestMetrics(
+      out.metrics = RequestMetrics(
         arrival_time=self.arrival_time,
         first_token_time=self.finish_time
         if self.first_token_time is None
         else self.first_token_time,
         finish_time=self.finish_time,
-        output_tokens=sum(len(s.output) for s in seqs),
+        output_tokens=sum(len(t) for t in out.samples),
         preemptions_swap=self.preemptions_swap,
         preemptions_recompute=self.preemptions_recompute,
       )
-    return RequestOutput(
-      request_id=self.request.request_id,
-      prompt_len=len(self.request.prompt),
-      samples=[list(s.output) for s in seqs],
-      finish_reasons=[s.finish_reason or "abort" for s in seqs],
-      metrics=metrics,
-    )
+    return out

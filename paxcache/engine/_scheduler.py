@@ -167,7 +167,8 @@ class Scheduler:
       group.reserved = None
 
   def num_resident_seqs(self) -> int:
-    return sum(len(g.live) for g in self.running)
+    """Live sequences of running groups, plus the rows beam requests may still fork."""
+    return sum(len(g.live) + g.reserve for g in self.running)
 
   def has_work(self) -> bool:
     return bool(self.waiting or self.running or self.swapped)
@@ -186,6 +187,7 @@ class Scheduler:
     decodes, longer = [], []
     resident = 0
     for g in self.running:
+      resident += g.reserve  # rows a beam request forks after its prompt (0 otherwise)
       for s in g.seqs:
         if s.finish_reason is None:
           resident += 1
@@ -230,7 +232,7 @@ class Scheduler:
     while self.swapped and not preempted:
       g = self.swapped[0]
       live = g.live
-      if self.num_resident_seqs() + len(live) > self.max_num_seqs:
+      if self.num_resident_seqs() + len(live) + g.reserve > self.max_num_seqs:
         break
       need = sum(alloc.blocks_needed_to_swap_in(s.seq_id) for s in live)
       # +1 per sequence: its next token may need a block (or a copy-on-write copy).
@@ -290,7 +292,7 @@ class Scheduler:
     while self.waiting and not self.swapped and not preempted and budget > 0:
       g = self.waiting[0]
       live = g.live
-      rows = len(live) if g.forked else g.request.n
+      rows = (len(live) if g.forked else g.request.n) + g.reserve
       if resident + rows > self.max_num_seqs or budget < len(live):
         break
       need = sum(alloc.blocks_needed_to_add(s.tokens) for s in live)
@@ -311,7 +313,7 @@ class Scheduler:
         g.admitted = True
       g.status = Status.RUNNING
       self.running.append(g)
-      resident += len(g.live)
+      resident += len(g.live) + g.reserve
     return plan
 
   # ------------------------------------------------------------------ helpers

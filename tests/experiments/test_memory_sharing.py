@@ -199,6 +199,24 @@ def test_width_one_shares_nothing_and_wider_forks_save_memory():
   assert by[(forks, 2)] > by[("parallel sampling", 2)]
 
 
+def test_beam_search_through_the_engine_shares_blocks_and_width_one_shares_none():
+  engine = ConfigDict(
+    dict(requests=4, length_scale=8.0, max_seq_len=512, max_num_seqs=8, max_num_batched_tokens=64)
+  )
+  lengths = np.array([[19, 60], [40, 48], [8, 80], [30, 40]])
+  rows = prefix_sharing.beam_rows(_ps_config(engine=engine), 16, lengths)
+  by = {(r["kind"], r["width"]): r for r in rows}
+  beam, forks = prefix_sharing.BEAM, prefix_sharing.RANDOM_SCALED
+  assert by[(beam, 1)]["saved_pct"] == 0 and by[(forks, 1)]["saved_pct"] == 0
+  assert by[(beam, 2)]["saved_pct"] > 0 and by[(beam, 2)]["cow_copies_per_request"] > 0
+  assert by[(beam, 1)]["common_prefix_pct"] == 100  # one hypothesis shares all of itself
+  # The same scaled lengths and block (16 / 8 = 2) for both kinds.
+  assert by[(beam, 2)]["block_steps_alone"] == by[(forks, 2)]["block_steps_alone"]
+  assert {r["engine_block_size"] for r in rows} == {2}
+  # Without an engine block, or with requests = 0, there are no beam rows.
+  assert prefix_sharing.beam_rows(_ps_config(), 16, lengths) == []
+
+
 @pytest.mark.parametrize(
   "workload, parallel, forks, trace",
   [
