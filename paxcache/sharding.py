@@ -245,12 +245,21 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, *, axis: str = MODEL_AXIS) -> P
     whole heads of every block.
   """
   cache_ops._check_cache(cache)
+  _refuse_8bit(cache.dtype)
   spec = kv_sharding(mesh, cache.num_kv_heads, axis=axis)
   if spec.layout.kv_identity:
     return jax.device_put(cache, spec.pool)
   idx = np.asarray(spec.layout.kv_heads, np.int32)
   expand = jax.jit(lambda c: jax.tree.map(lambda a: a[idx], c), out_shardings=spec.pool)
   return expand(cache)
+
+
+def _refuse_8bit(dtype) -> None:
+  if kernels.is_quantized(dtype):
+    raise NotImplementedError(
+      f"8-bit ({jnp.dtype(dtype).name}) K/V caches are not sharded yet: their scale pools "
+      "would need the same head layout; run an 8-bit cache on one device"
+    )
 
 
 def init_sharded_cache(
@@ -267,6 +276,7 @@ def init_sharded_cache(
   """A zero-filled cache laid out as :func:`shard_cache` lays one out, allocated in place:
   each device allocates only its own ``kv_per_shard`` heads (nothing is built on one device
   first, so a pool sized for several devices never has to fit on one)."""
+  _refuse_8bit(dtype)
   spec = kv_sharding(mesh, num_kv_heads, axis=axis)
   create = functools.partial(
     PagedKVCache.create,
