@@ -1,7 +1,8 @@
 """Accuracy of 8-bit K/V caches (issue 16 part 2): logits and greedy tokens against a float cache.
 
-Two measurements per model and ``kv_dtype`` (int8, float8_e4m3fn), each against the same
-model with its float cache (``DecoderConfig.dtype``):
+Two measurements per model and ``kv_dtype`` (bfloat16, int8, float8_e4m3fn), each against
+the same model with its float32 cache (``DecoderConfig.dtype``; the bf16 row is the
+baseline the 8-bit rows are read against):
 
 * teacher-forced: one token stream run through the paged model in chunks of ``--chunk``
   tokens (chunked prefill: each chunk's K/V are written, quantized, before it attends), the
@@ -136,7 +137,9 @@ def main(argv=None):
   ap.add_argument("--tokens", type=int, default=512, help="teacher-forced tokens (max)")
   ap.add_argument("--chunk", type=int, default=64)
   ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens through the engine")
-  ap.add_argument("--kv-dtypes", default="int8,float8_e4m3fn")
+  # bfloat16 too: the error a bf16 cache makes against the float32 one is the baseline the
+  # 8-bit errors are read against.
+  ap.add_argument("--kv-dtypes", default="bfloat16,int8,float8_e4m3fn")
   ap.add_argument("--backend", default="auto")
   ap.add_argument("--record", action="store_true", help="append to docs/results/kv_quant.jsonl")
   args = ap.parse_args(argv)
@@ -156,7 +159,8 @@ def main(argv=None):
   rows = []
   for kv in args.kv_dtypes.split(","):
     model, _ = _load(args.model, kv, backend=args.backend)
-    assert isinstance(model.init_cache(2, 16), PagedKVCache) and model.init_cache(2, 16).quantized
+    probe = model.init_cache(2, 16)
+    assert isinstance(probe, PagedKVCache) and probe.dtype == jnp.dtype(kv), probe.dtype
     logits = teacher_forced_logits(model, tokens, chunk=args.chunk)
     agree = float(np.mean(logits.argmax(-1) == ref_logits.argmax(-1)))
     err = float(np.mean(np.abs(logits - ref_logits)))

@@ -5,7 +5,7 @@ code) can use it on its own.
 """
 
 from kernels._api import BACKENDS, BackendUnavailableError, paged_attention, resolve_backend
-from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, quantize
+from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, kv_bytes_per_token, quantize
 from kernels._validate import validate_inputs
 from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv, write_kv_quantized
 from kernels.reference import INVALID_BLOCK
@@ -19,6 +19,7 @@ __all__ = [
   "check_host_slot_mapping",
   "dequantize",
   "is_quantized",
+  "kv_bytes_per_token",
   "paged_attention",
   "quantize",
   "resolve_backend",

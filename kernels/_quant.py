@@ -60,3 +60,12 @@ def quantize(x, dtype):
 def dequantize(q, scale):
   """``q [..., head_dim]`` 8-bit and ``scale f32[...]`` -> float32 ``q * scale``."""
   return q.astype(jnp.float32) * scale[..., None].astype(jnp.float32)
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+  """Bytes one token's K and V take in a paged cache of ``dtype``, scales counted:
+  ``2 * layers * kv_heads * (head_dim * itemsize + 4 if 8-bit else 0)`` (a float32 K
+  scale and V scale per KV head for 8-bit dtypes)."""
+  dtype = jnp.dtype(dtype)
+  per_head = head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if dtype in QUANT_DTYPES else 0)
+  return 2 * num_layers * num_kv_heads * per_head
