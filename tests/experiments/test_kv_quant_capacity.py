@@ -36,3 +36,18 @@ def test_batch_capacity_kv_dtype_axis_fits_1_9x_the_bf16_tokens():
   for kv in ("int8", "float8_e4m3fn"):
     assert rows[kv]["tokens_vs_bfloat16"] >= 1.9
     assert rows[kv]["pool_tokens"] == int(12 * 2**30 // 422_400)
+
+
+def test_memory_waste_and_ablation_pools_keep_their_bytes_at_another_kv_dtype():
+  from ml_collections import ConfigDict
+
+  from experiments import _kv_dtype
+
+  config = ConfigDict(dict(pool_tokens=15360, kv_dtype="float16", kv_shape=(40, 40, 128)))
+  assert _kv_dtype.pool_tokens(config) == 15360
+  config.kv_dtype = "int8"
+  # 15360 slots x 819,200 bytes (float16) hold 15360 * 819200 // 422400 int8 slots.
+  assert _kv_dtype.pool_tokens(config) == 29789
+  config.kv_dtype = "float32"
+  assert _kv_dtype.pool_tokens(config) == 7680
+  assert _kv_dtype.pool_tokens(ConfigDict(dict(pool_tokens=100))) == 100  # field absent
