@@ -87,11 +87,34 @@ def _load(model_name: str, kv_dtype, *, backend: str):
 
     model = load_decoder(backend=backend, kv_dtype=kv_dtype)
     encode = lambda s: list(s.encode("utf-8"))  # the tiny model is byte-level
-    return model, encode
+    return model, encode, None
   from paxcache.models import load_gguf_llama
 
   g = load_gguf_llama(max_seq_len=4096, backend=backend, kv_dtype=kv_dtype)
-  return g.model, g.encode
+  return g.model, g.encode, g
+
+
+# The chat prompts of docs/smollm2.md's answers table (and the README's France example).
+CHAT_PROMPTS = (
+  "What is the capital of France?",
+  "What is the chemical symbol for water?",
+  "How many days are in a week?",
+  "Name the three primary colors.",
+  "What is the largest planet in the solar system?",
+  "Who wrote Romeo and Juliet?",
+)
+
+
+def chat_answers(gm, model, *, new_tokens: int) -> list[str]:
+  """Greedy answers to CHAT_PROMPTS through the engine (one batch)."""
+  from paxcache.engine import Engine, EngineConfig, Request
+
+  reqs = [
+    Request(i, gm.chat_prompt(p), max_new_tokens=new_tokens, end_token=gm.eos_id)
+    for i, p in enumerate(CHAT_PROMPTS)
+  ]
+  out = Engine(model, EngineConfig(num_blocks=64, block_size=16)).run(reqs)
+  return [gm.decode(out[i].samples[0]) for i in range(len(reqs))]
 
 
 def teacher_forced_logits(model, tokens, *, chunk: int, block_size: int = 16):
@@ -141,10 +164,15 @@ def main(argv=None):
   # 8-bit errors are read against.
   ap.add_argument("--kv-dtypes", default="bfloat16,int8,float8_e4m3fn")
   ap.add_argument("--backend", default="auto")
+  ap.add_argument("--ref-kv-dtype", default=None, help="reference cache dtype (default: dtype)")
+  ap.add_argument(
+    "--answers", type=int, default=0, help="smollm2: also compare greedy chat answers (tokens)"
+  )
   ap.add_argument("--record", action="store_true", help="append to docs/results/kv_quant.jsonl")
   args = ap.parse_args(argv)
 
-  ref_model, encode = _load(args.model, None, backend=args.backend)
+  ref_model, encode, gm = _load(args.model, args.ref_kv_dtype, backend=args.backend)
+  ref_answers = chat_answers(gm, ref_model, new_tokens=args.answers) if args.answers else None
   text = TEXT
   tokens = encode(text)
   while len(tokens) < args.tokens:  # repeat the conversation to reach the length asked
@@ -158,7 +186,7 @@ def main(argv=None):
   device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
   rows = []
   for kv in args.kv_dtypes.split(","):
-    model, _ = _load(args.model, kv, backend=args.backend)
+    model, _, gm = _load(args.model, kv, backend=args.backend)
     probe = model.init_cache(2, 16)
     assert isinstance(probe, PagedKVCache) and probe.dtype == jnp.dtype(kv), probe.dtype
     logits = teacher_forced_logits(model, tokens, chunk=args.chunk)
@@ -182,6 +210,12 @@ def main(argv=None):
       greedy_identical_prefix=same,
       date=datetime.date.today().isoformat(),
     )
+    if ref_answers is not None:
+      answers = chat_answers(gm, model, new_tokens=args.answers)
+      row["chat_answers_identical"] = sum(a == b for a, b in zip(answers, ref_answers, strict=True))
+      row["chat_answers"] = len(answers)
+      for p, a, b in zip(CHAT_PROMPTS, answers, ref_answers, strict=True):
+        print(f"{kv}: {p!r}: {a!r}" + ("" if a == b else f"  (reference: {b!r})"))
     rows.append(row)
     print(json.dumps(row))
   if args.record:
