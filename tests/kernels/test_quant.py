@@ -296,11 +296,20 @@ def test_tpu_interpret(dtype, ragged, q_dtype):
     detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan"
   )
   rng = np.random.default_rng(5)
-  # block_size 32: the sublane tile of 8-bit K/V on TPU. Lengths cover 0, one slot, a
-  # block edge, and more blocks than one chunk of 2 blocks.
-  lengths, q_lens = ([40, 7, 0, 70], [9, 7, 0, 1]) if ragged else ([0, 1, 32, 33, 95], None)
-  case = make_case(rng, lengths, q_lens, dtype=dtype, block_size=32, head_dim=128, q_dtype=q_dtype)
+  # block_size 128: the smallest an 8-bit TPU pool takes (kernels/tpu/_config.py). Lengths
+  # cover 0, one slot, a block edge, and more blocks than one chunk of 2 blocks.
+  lengths, q_lens = ([140, 7, 0, 300], [9, 7, 0, 1]) if ragged else ([0, 1, 128, 129, 300], None)
+  case = make_case(rng, lengths, q_lens, dtype=dtype, block_size=128, head_dim=128, q_dtype=q_dtype)
   bs = tpu.BlockSizes(blocks_per_chunk=2, kv_heads_per_step=None if ragged else 2)
   out = kernels.paged_attention(**case, backend="tpu", interpret=params, block_sizes=bs)
   check(out, case, q_dtype)
   assert not state.races.races_found
+
+
+def test_tpu_refuses_8bit_blocks_whose_scales_are_not_one_512_byte_dma():
+  from kernels import tpu
+
+  rng = np.random.default_rng(6)
+  case = make_case(rng, [5], dtype=jnp.int8, block_size=32, head_dim=128, q_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="block_size must be a multiple of 128 for 8-bit"):
+    tpu.paged_attention(**case, interpret=True)
