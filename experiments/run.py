@@ -50,6 +50,7 @@ EXPERIMENTS = {
   "batch_capacity": "experiments.batch_capacity:run",
   "block_size_ablation": "experiments.block_size_ablation:run",
   "swap_vs_recompute": "experiments.swap_vs_recompute:run",
+  "request_rate": "experiments.request_rate:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -127,6 +128,7 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
 
   * ``seed``: ``>= 0`` (NumPy's generators take no negative seed);
   * ``block_size`` ``>= 1``; ``block_sizes`` not empty, every element ``>= 1``;
+  * ``rates`` (requests/s) not empty, every element a finite number ``> 0``;
   * ``num_requests`` ``>= 1``, except when every workload beside it (``workload`` or
     ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations;
   * the repeats behind a timing (``iters``, ``kernel_iters``, ``repeats``) ``>= 5``
@@ -157,6 +159,12 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
         f"{path}: {key} must be >= {MIN_REPEATS} (every timing is the median of at least "
         f"{MIN_REPEATS} repeats, reported with its min-max spread)"
       )
+    elif key == "rates" and isinstance(value, tuple | list):
+      if not value:
+        raise ValueError(f"{path}: rates needs at least one request rate")
+      bad = [r for r in value if not isinstance(r, int | float) or not r > 0 or r == float("inf")]
+      if bad:
+        raise ValueError(f"{path}: every rate must be a finite number > 0 (req/s), got {bad[0]!r}")
     elif key == "num_requests" and _is_int(value) and value < 1:
       workloads = config.get("workloads", config.get("workload"))
       workloads = workloads if isinstance(workloads, tuple | list) else [workloads]

@@ -5,14 +5,44 @@ metrics.
 """
 
 from paxcache.engine._batch import StepBatch, build_step_batch
-from paxcache.engine._engine import PREEMPTION_MODES, Engine, EngineConfig, device_step
+from paxcache.engine._clock import SimulatedClock, WallClock
+from paxcache.engine._cost import (
+  CPU_DEFAULT,
+  OPT13B_A100_ROOFLINE,
+  FitReport,
+  StepCostModel,
+  fit_step_cost,
+  load_step_records,
+  step_record,
+)
+from paxcache.engine._engine import (
+  PREEMPTION_MODES,
+  Engine,
+  EngineConfig,
+  SimulatedEngine,
+  device_step,
+)
 from paxcache.engine._metrics import RunMetrics, StepMetrics
-from paxcache.engine._request import Request, RequestError, RequestOutput
+from paxcache.engine._request import Request, RequestError, RequestMetrics, RequestOutput
+from paxcache.engine._reservation import RESERVATION_POLICIES, reservation_blocks
 from paxcache.engine._sampling import sample_tokens
 from paxcache.engine._scheduler import Scheduler
 
 __all__ = [
+  "CPU_DEFAULT",
+  "OPT13B_A100_ROOFLINE",
   "PREEMPTION_MODES",
+  "RESERVATION_POLICIES",
+  "FitReport",
+  "RequestMetrics",
+  "SimulatedClock",
+  "SimulatedEngine",
+  "StepCostModel",
+  "WallClock",
+  "fit_step_cost",
+  "load_step_records",
+  "reservation_blocks",
+  "step_record",
   "Engine",
   "EngineConfig",
   "Request",

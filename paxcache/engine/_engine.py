@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import heapq
 import itertools
 import math
 import numbers
@@ -26,8 +27,10 @@ from paxcache.allocator import (
 )
 from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine._batch import StepBatch, build_step_batch
+from paxcache.engine._clock import SimulatedClock, WallClock
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
+from paxcache.engine._reservation import RESERVATION_POLICIES
 from paxcache.engine._sampling import sample_tokens
 from paxcache.engine._scheduler import Plan, Scheduler
 from paxcache.nn import Decoder
@@ -82,6 +85,11 @@ class EngineConfig:
       samples on the device; the host learns them one iteration later, so a sample that
       stops at its end token runs one extra (discarded) row, and a request is returned by
       the ``step`` after the one that finished it. Outputs are the same as without it.
+    reservation: memory management: ``"paged"`` (blocks on demand, the default) or an
+      Orca baseline that reserves each request's blocks contiguously at admission:
+      ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
+      to a power of two) or ``"oracle"`` (prompt + max_new_tokens). The Orca policies
+      need ``enable_prefix_caching=False`` (no sharing). See ``_reservation.py``.
   """
 
   num_blocks: int = 256
@@ -102,6 +110,7 @@ class EngineConfig:
   mesh: Mesh | None = None
   mesh_axis: str = MODEL_AXIS
   async_scheduling: bool = False
+  reservation: str = "paged"
 
   def __post_init__(self):
     if self.mesh is not None:
@@ -138,6 +147,15 @@ class EngineConfig:
     if self.preemption_mode not in PREEMPTION_MODES:
       raise ValueError(
         f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
+      )
+    if self.reservation not in RESERVATION_POLICIES:
+      raise ValueError(
+        f"EngineConfig.reservation must be one of {RESERVATION_POLICIES}, got {self.reservation!r}"
+      )
+    if self.reservation != "paged" and self.enable_prefix_caching:
+      raise ValueError(
+        f"EngineConfig.reservation={self.reservation!r} (an Orca baseline) shares nothing: "
+        "set enable_prefix_caching=False"
       )
     if self.preemption_mode == "swap" and self.num_host_blocks < 1:
       raise ValueError("preemption_mode='swap' needs num_host_blocks >= 1")
@@ -271,20 +289,20 @@ class Engine:
   Args:
     model: the decoder (its ``backend`` picks the attention kernel).
     config: pool and scheduling configuration.
+    clock: what request arrivals and per-request times are read on: a
+      :class:`WallClock` (the default, started now) or a :class:`SimulatedClock` (advanced
+      by its step-cost model each step).
   """
 
-  def __init__(self, model: Decoder, config: EngineConfig = EngineConfig()):
+  def __init__(
+    self,
+    model: Decoder,
+    config: EngineConfig = EngineConfig(),
+    *,
+    clock: WallClock | SimulatedClock | None = None,
+  ):
     self.model = model
-    self.config = config
-    self.max_seq_len = model.config.max_seq_len
-    self.vocab_size = model.config.vocab_size
-    self.allocator = BlockAllocator(
-      config.num_blocks,
-      config.block_size,
-      num_host_blocks=config.num_host_blocks,
-      enable_prefix_caching=config.enable_prefix_caching,
-      max_seq_len=self.max_seq_len,
-    )
+    self._init_host(config, model.config.max_seq_len, model.config.vocab_size, clock)
     if config.mesh is not None:
       # Before nnx.split: the step is compiled for the sharded layers and parameters.
       sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
@@ -295,24 +313,44 @@ class Engine:
       if config.num_host_blocks
       else None
     )
+    self._step_fn, self._params = device_step(model)
+    self._prev_tokens = jnp.zeros(self._cap, jnp.int32)
+    self._key = jax.random.key(config.seed)
+
+  def _init_host(self, config: EngineConfig, max_seq_len: int, vocab_size: int, clock) -> None:
+    """Everything but the model and the device pool: allocator, scheduler, queues, clock."""
+    self.config = config
+    self.max_seq_len = max_seq_len
+    self.vocab_size = vocab_size
+    self.clock = clock if clock is not None else WallClock()
+    self.allocator = BlockAllocator(
+      config.num_blocks,
+      config.block_size,
+      num_host_blocks=config.num_host_blocks,
+      enable_prefix_caching=config.enable_prefix_caching,
+      max_seq_len=self.max_seq_len,
+    )
     self.scheduler = Scheduler(
       self.allocator,
       preemption_mode=config.preemption_mode,
       max_num_seqs=config.max_num_seqs,
       max_num_batched_tokens=config.max_num_batched_tokens,
       watermark_blocks=config.watermark_blocks,
+      reservation=config.reservation,
+      max_seq_len=self.max_seq_len,
     )
-    self._step_fn, self._params = device_step(model)
     # Every step returns this many sampled tokens (the most sample rows a step can have),
     # so that the next step can read them on the device whatever its own shape.
-    cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
-    self._prev_tokens = jnp.zeros(cap, jnp.int32)
+    self._cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
     self._in_flight: _InFlight | None = None
     self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
     self._ready: list[RequestOutput] = []  # finished while draining (abort)
     self._to_free: list = []  # samples that stopped by length at the step just dispatched
-    self._key = jax.random.key(config.seed)
     self._groups: dict[Hashable, Group] = {}
+    # Requests added with an arrival_time the clock has not reached: (time, order, request).
+    self._pending: list[tuple[float, int, Request]] = []
+    self._pending_ids: set[Hashable] = set()
+    self._pending_order = itertools.count()
     self._arrivals = itertools.count()
     self._shapes: set[tuple] = set()
     self.step_metrics: collections.deque[StepMetrics] = collections.deque(
@@ -329,10 +367,36 @@ class Engine:
     return request.n * per_seq
 
   def add_request(self, request: Request) -> None:
-    """Queues ``request``; raises :class:`RequestError` (changing nothing) if it is bad."""
+    """Queues ``request`` (at its ``arrival_time``, if it has one); raises
+    :class:`RequestError` (changing nothing) if it is bad."""
     self._add(self._validate(request))
 
   def _add(self, request: Request) -> None:
+    now = self.clock.now()
+    if request.arrival_time is not None and request.arrival_time > now:
+      heapq.heappush(self._pending, (request.arrival_time, next(self._pending_order), request))
+      self._pending_ids.add(request.request_id)
+      return
+    # It has arrived: requests still set aside that arrived before it go first (FCFS).
+    self._release_due(now if request.arrival_time is None else request.arrival_time)
+    self._enqueue(request)
+
+  def _release_due(self, t: float) -> None:
+    while self._pending and self._pending[0][0] <= t:
+      _, _, request = heapq.heappop(self._pending)
+      self._pending_ids.discard(request.request_id)
+      self._enqueue(request)
+
+  def _admit_arrivals(self) -> None:
+    """Moves the requests whose arrival time has come to the scheduler's queue, in arrival
+    order; an idle engine first waits (or, simulated, jumps) to the next arrival."""
+    if not self._pending:
+      return
+    if not self.scheduler.has_work() and self._in_flight is None and not self._ready:
+      self.clock.wait_until(self._pending[0][0])
+    self._release_due(self.clock.now())
+
+  def _enqueue(self, request: Request) -> None:
     arrival = next(self._arrivals)
     seed = arrival % SEED_LIMIT if request.seed is None else request.seed
     seq = Seq(
@@ -341,7 +405,13 @@ class Engine:
       tokens=list(request.prompt),
       prompt_len=len(request.prompt),
     )
-    group = Group(request=request, arrival=arrival, seed=seed, seqs=[seq])
+    group = Group(
+      request=request,
+      arrival=arrival,
+      seed=seed,
+      seqs=[seq],
+      arrival_time=self.clock.now() if request.arrival_time is None else request.arrival_time,
+    )
     self._groups[request.request_id] = group
     self.scheduler.add(group)
 
@@ -351,7 +421,7 @@ class Engine:
     if not isinstance(r, Request):
       raise RequestError(f"expected a Request, got {type(r).__name__}")
     rid = r.request_id
-    if rid in self._groups:
+    if rid in self._groups or rid in self._pending_ids:
       raise RequestError(f"request id {rid!r} is already in the engine")
     if isinstance(r.prompt, str):
       raise RequestError(f"request {rid!r}: prompt is a str; pass token ids, not text")
@@ -383,6 +453,13 @@ class Engine:
         f"request {rid!r}: need max_new_tokens >= 1, n >= 1, top_k >= 0; "
         f"got max_new_tokens={r.max_new_tokens}, n={r.n}, top_k={r.top_k}"
       )
+    a = r.arrival_time
+    if a is not None and (
+      isinstance(a, bool) or not isinstance(a, numbers.Real) or not math.isfinite(a) or a < 0
+    ):
+      raise RequestError(
+        f"request {rid!r}: arrival_time must be None or a finite number of seconds >= 0, got {a!r}"
+      )
     if r.seed is not None and (not _is_int(r.seed) or not 0 <= r.seed < SEED_LIMIT):
       # Sampling keys fold the seed in as a 32-bit integer: a wider seed would collide.
       raise RequestError(
@@ -404,6 +481,7 @@ class Engine:
       top_k=int(r.top_k),
       end_token=None if r.end_token is None else int(r.end_token),
       seed=None if r.seed is None else int(r.seed),
+      arrival_time=None if a is None else float(a),
     )
     if len(prompt) + r.max_new_tokens > self.max_seq_len:
       raise RequestError(
@@ -423,6 +501,12 @@ class Engine:
         f"{r.max_new_tokens}) / block_size {self.config.block_size}) = {need} blocks > "
         f"num_blocks {self.config.num_blocks}"
       )
+    reserve = self.scheduler.reservation_size(Group(r, 0, 0, []))
+    if reserve > self.config.num_blocks:
+      raise RequestError(
+        f"request {rid!r} reserves {reserve} blocks under reservation="
+        f"{cfg.reservation!r}, more than num_blocks {cfg.num_blocks}: it could never run"
+      )
     return r
 
   def abort(self, request_id: Hashable) -> RequestOutput:
@@ -432,6 +516,14 @@ class Engine:
     finished the request, its complete output is returned (finish reasons "stop" or
     "length", counted as finished, not aborted)."""
     group = self._groups.get(request_id)
+    if group is None and request_id in self._pending_ids:  # not arrived yet
+      entry = next(e for e in self._pending if e[2].request_id == request_id)
+      self._pending.remove(entry)
+      heapq.heapify(self._pending)
+      self._pending_ids.discard(request_id)
+      self.metrics.aborted_requests += 1
+      r = entry[2]
+      return RequestOutput(r.request_id, len(r.prompt), [[] for _ in range(r.n)], ["abort"] * r.n)
     if group is None:
       raise RequestError(f"abort: unknown request id {request_id!r} (finished or never added)")
     self._drain()
@@ -451,42 +543,33 @@ class Engine:
 
   def has_unfinished(self) -> bool:
     """Whether a request is still to be returned by :meth:`step`."""
-    return bool(self._groups or self._ready or self._in_flight)
+    return bool(self._groups or self._ready or self._in_flight or self._pending)
 
   def num_unfinished(self) -> int:
-    return len(self._groups) + len(self._ready)
+    return len(self._groups) + len(self._ready) + len(self._pending)
 
   # ------------------------------------------------------------------ one iteration
 
   def step(self) -> list[RequestOutput]:
     """One iteration: schedule, swap, one device call; returns requests finished in it
     (with ``async_scheduling``, those whose last token came back in it)."""
+    self._admit_arrivals()
     t0 = time.perf_counter()
     plan = self.scheduler.schedule()
-    # Swaps are the preemption's own transfers, one call each way per iteration; swap-outs
-    # read the device blocks before anything of this iteration writes them.
-    if plan.swap_out:
-      pairs = np.concatenate(plan.swap_out)
-      cache_ops.swap_out(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
-    if plan.swap_in:
-      pairs = np.concatenate(plan.swap_in)
-      if len(pairs):
-        self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
-    num_tokens = prefill = sampled = 0
+    self._swap(plan)
+    num_tokens = prefill = sampled = decodes = kv_tokens = 0
     shape = (0, 0, 0)
     dispatched = None
     if plan.rows:
-      batch = self._build_batch(plan)
-      shape = batch.shape_key[:3]
-      self._shapes.add(batch.shape_key)
-      # One fixed key: each row folds in its own (seed, sample, position).
-      tokens, self.cache = self._step_fn(
-        self._params, self.cache, batch, self._key, self._prev_tokens
-      )
-      self._prev_tokens = tokens
+      tokens, shape = self._execute(plan)
       dispatched = self._commit(plan, tokens)
       num_tokens = sum(r.stop - r.start for r in plan.rows)
       prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
+      decodes = sum(1 for r in plan.rows if r.stop - r.start == 1)
+      kv_tokens = sum(r.stop for r in plan.rows)
+    swapped = sum(len(p) for p in plan.swap_out) + sum(len(p) for p in plan.swap_in)
+    if plan.rows or swapped:
+      self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
     previous, self._in_flight = self._in_flight, dispatched
     finished, self._ready = self._ready, []
     if self.config.async_scheduling:
@@ -510,7 +593,7 @@ class Engine:
           )
     if self.config.check_invariants:
       self.allocator.check_invariants()
-    self._record(plan, t0, num_tokens, prefill, sampled, shape)
+    self._record(plan, t0, num_tokens, prefill, sampled, shape, decodes, kv_tokens)
     return finished
 
   def run(
@@ -541,6 +624,29 @@ class Engine:
     return outputs
 
   # ------------------------------------------------------------------ internals
+
+  def _swap(self, plan: Plan) -> None:
+    # Swaps are the preemption's own transfers, one call each way per iteration; swap-outs
+    # read the device blocks before anything of this iteration writes them.
+    if plan.swap_out:
+      pairs = np.concatenate(plan.swap_out)
+      cache_ops.swap_out(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
+    if plan.swap_in:
+      pairs = np.concatenate(plan.swap_in)
+      if len(pairs):
+        self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
+
+  def _execute(self, plan: Plan):
+    """Dispatches the device step; returns its sampled tokens (on the device) and the
+    padded shape."""
+    batch = self._build_batch(plan)
+    self._shapes.add(batch.shape_key)
+    # One fixed key: each row folds in its own (seed, sample, position).
+    tokens, self.cache = self._step_fn(
+      self._params, self.cache, batch, self._key, self._prev_tokens
+    )
+    self._prev_tokens = tokens
+    return tokens, batch.shape_key[:3]
 
   def _build_batch(self, plan: Plan) -> StepBatch:
     cfg = self.config
@@ -583,8 +689,7 @@ class Engine:
           s.finish_reason = "length"
           self._to_free.append(s.seq_id)
           if not g.live and g.status is Status.RUNNING:
-            self.scheduler.running.remove(g)
-            g.status = Status.FINISHED
+            self.scheduler.finish(g)
     return _InFlight(tokens=tokens, entries=entries)
 
   def _resolve(self, step: _InFlight, finished: list[RequestOutput]) -> int:
@@ -592,6 +697,7 @@ class Engine:
     allocator's pending tokens, finished requests (appended to ``finished``). Returns the
     number of tokens sampled."""
     tokens = np.asarray(step.tokens)  # the one device -> host copy of the step
+    now = self.clock.now()
     resolve_ids, resolve_tokens, stopped, groups = [], [], [], []
     sampled = 0
     for j, (s, pos) in enumerate(step.entries):
@@ -602,6 +708,8 @@ class Engine:
       s.tokens[pos] = t
       sampled += 1
       g = self._groups[s.seq_id[0]]
+      if g.first_token_time is None:
+        g.first_token_time = now
       req = g.request
       if req.end_token is not None and t == req.end_token:
         if pos != len(s.tokens) - 1:  # its next row is already on the device: drop it
@@ -630,6 +738,7 @@ class Engine:
       if any(s.tokens[-1] == PENDING_TOKEN for s in g.seqs):
         continue
       del self._groups[g.request.request_id]
+      g.finish_time = now
       outs.append(g.output())
     self.metrics.finished_requests += len(outs)
     self.metrics.generated_tokens += sampled
@@ -651,7 +760,15 @@ class Engine:
     self._free_finished()
 
   def _record(
-    self, plan: Plan, t0: float, num_tokens: int, prefill: int, sampled: int, shape
+    self,
+    plan: Plan,
+    t0: float,
+    num_tokens: int,
+    prefill: int,
+    sampled: int,
+    shape,
+    decodes: int = 0,
+    kv_tokens: int = 0,
   ) -> None:
     m = self.metrics
     alloc = self.allocator
@@ -677,6 +794,9 @@ class Engine:
       cow_copies=len(plan.cow_pairs),
       seconds=seconds,
       tokens_per_s=num_tokens / seconds if seconds else 0.0,
+      decode_batch=decodes,
+      kv_tokens=kv_tokens,
+      clock=self.clock.now(),
     )
     self.step_metrics.append(sm)
     m.steps += 1
@@ -693,3 +813,50 @@ class Engine:
     m.max_batch = max(m.max_batch, len(plan.rows))
     m.max_blocks_used = max(m.max_blocks_used, alloc.num_used_blocks)
     m.compiled_shapes = len(self._shapes)
+
+
+class SimulatedEngine(Engine):
+  """The engine's host side with the device step simulated: for sweeps of thousands of
+  requests on a CPU.
+
+  Scheduling, admission, reservation, preemption, swaps and block allocation run for real
+  (the same :class:`Scheduler` and :class:`BlockAllocator` as :class:`Engine`); no model
+  runs and no K/V is stored. Every sampled token is ``forced_token`` (0), so a request
+  generates exactly ``max_new_tokens`` tokens (give requests no ``end_token``): a trace's
+  output lengths go in as ``max_new_tokens``. The clock is a :class:`SimulatedClock`
+  advanced by its step-cost model each step, so a run is deterministic.
+
+  Args:
+    config: as for :class:`Engine` (``async_scheduling`` must be off).
+    max_seq_len: the simulated model's maximum sequence length.
+    vocab_size: the simulated model's vocabulary (prompt token ids must lie below it).
+    clock: a :class:`SimulatedClock` (default: the CPU-default cost model).
+  """
+
+  forced_token = 0
+
+  def __init__(
+    self,
+    config: EngineConfig = EngineConfig(),
+    *,
+    max_seq_len: int,
+    vocab_size: int = 256,
+    clock: SimulatedClock | None = None,
+  ):
+    if config.async_scheduling:
+      raise ValueError("SimulatedEngine runs steps synchronously: set async_scheduling=False")
+    if config.mesh is not None:
+      raise ValueError("SimulatedEngine has no device pool to shard: set mesh=None")
+    for name, value in (("max_seq_len", max_seq_len), ("vocab_size", vocab_size)):
+      if not _is_int(value) or value < 1:
+        raise ValueError(f"SimulatedEngine {name} must be an int >= 1, got {value!r}")
+    if clock is not None and not isinstance(clock, SimulatedClock):
+      raise ValueError(f"SimulatedEngine needs a SimulatedClock, got {type(clock).__name__}")
+    self.model = None
+    self._init_host(config, max_seq_len, vocab_size, clock or SimulatedClock())
+
+  def _swap(self, plan: Plan) -> None:
+    """No device pool: the allocator has already moved the blocks' bookkeeping."""
+
+  def _execute(self, plan: Plan):
+    return np.full(self._cap, self.forced_token, np.int32), (0, 0, 0)

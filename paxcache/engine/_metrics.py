@@ -27,6 +27,9 @@ class StepMetrics:
   cow_copies: int
   seconds: float  # wall time of the whole iteration
   tokens_per_s: float  # num_tokens / seconds
+  decode_batch: int = 0  # rows with exactly one query token
+  kv_tokens: int = 0  # K/V tokens attention reads: the sum of the rows' context lengths
+  clock: float = 0.0  # the engine clock's time after the step (seconds)
 
 
 @dataclasses.dataclass

@@ -27,6 +27,9 @@ class Request:
       order. A sample's token at
       position ``p`` uses the key ``(engine seed, seed, sample index, p)``, so the output
       does not depend on batching, preemption or which step computed it.
+    arrival_time: seconds on the engine's clock (``paxcache.engine.WallClock`` or
+      ``SimulatedClock``) at which the request arrives; the engine admits it to its
+      queue only once the clock reaches it. None: it arrives when it is added.
   """
 
   request_id: Hashable
@@ -37,6 +40,43 @@ class Request:
   top_k: int = 0
   end_token: int | None = None
   seed: int | None = None
+  arrival_time: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestMetrics:
+  """One request's timeline on the engine's clock (seconds) and its preemptions.
+
+  ``first_token_time`` is when the first output token was known on the host (the end of
+  the step that sampled it), ``finish_time`` when the last one was.
+  """
+
+  arrival_time: float
+  first_token_time: float
+  finish_time: float
+  output_tokens: int  # generated tokens over all samples
+  preemptions_swap: int
+  preemptions_recompute: int
+
+  @property
+  def latency(self) -> float:
+    return self.finish_time - self.arrival_time
+
+  @property
+  def normalized_latency(self) -> float:
+    """The vLLM paper's per-request latency over output length (s/token)."""
+    return self.latency / max(self.output_tokens, 1)
+
+  @property
+  def ttft(self) -> float:
+    return self.first_token_time - self.arrival_time
+
+  @property
+  def tpot(self) -> float:
+    """Time per output token after the first; 0 for a single-token output."""
+    if self.output_tokens <= 1:
+      return 0.0
+    return (self.finish_time - self.first_token_time) / (self.output_tokens - 1)
 
 
 @dataclasses.dataclass
@@ -51,6 +91,8 @@ class RequestOutput:
   prompt_len: int
   samples: list[list[int]]
   finish_reasons: list[str]
+  # Timeline and preemptions (None for an aborted request); not part of equality.
+  metrics: RequestMetrics | None = dataclasses.field(default=None, compare=False)
 
 
 class Status(enum.Enum):
@@ -100,6 +142,12 @@ class Group:
   status: Status = Status.WAITING
   forked: bool = False  # children created (set when the prompt's last token is computed)
   admitted: bool = False  # admitted at least once (prompt tokens counted once in metrics)
+  arrival_time: float = 0.0  # on the engine's clock
+  first_token_time: float | None = None
+  finish_time: float | None = None
+  preemptions_swap: int = 0
+  preemptions_recompute: int = 0
+  reserved: tuple[int, int] | None = None  # (first block, blocks) under a reservation policy
 
   @property
   def live(self) -> list[Seq]:
@@ -107,9 +155,22 @@ class Group:
 
   def output(self) -> RequestOutput:
     seqs = sorted(self.seqs, key=lambda s: s.index)
+    metrics = None
+    if self.finish_time is not None:
+      metrics = RequestMetrics(
+        arrival_time=self.arrival_time,
+        first_token_time=self.finish_time
+        if self.first_token_time is None
+        else self.first_token_time,
+        finish_time=self.finish_time,
+        output_tokens=sum(len(s.output) for s in seqs),
+        preemptions_swap=self.preemptions_swap,
+        preemptions_recompute=self.preemptions_recompute,
+      )
     return RequestOutput(
       request_id=self.request.request_id,
       prompt_len=len(self.request.prompt),
       samples=[list(s.output) for s in seqs],
       finish_reasons=[s.finish_reason or "abort" for s in seqs],
+      metrics=metrics,
     )

@@ -16,6 +16,9 @@ Policy (first come, first served by arrival, as in the paper and vLLM):
 5. **Admit** waiting groups, oldest first, only when nothing is swapped out and no
    group was preempted in this iteration, while rows, budget and blocks allow;
    the first group that does not fit stops admission (no overtaking).
+   Under a reservation policy (Orca (Max), (Pow2), (Oracle); see ``_reservation.py``) a
+   group is admitted only when its whole reservation fits one contiguous free range of
+   the reservation space; it holds the range until it finishes (or is preempted).
 6. **Fork** a request's ``n - 1`` extra samples in the step that computes the last
    prompt token; they share every block (copy-on-write at their first own token).
 
@@ -35,6 +38,7 @@ import numpy as np
 
 from paxcache.allocator import BlockAllocator
 from paxcache.engine._request import Group, Seq, Status
+from paxcache.engine._reservation import FirstFitRanges, reservation_blocks
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,6 +80,9 @@ class Scheduler:
     max_num_batched_tokens: query tokens per step at most (the chunked-prefill budget).
     watermark_blocks: blocks admission leaves free while other groups run, so that
       running sequences can grow without an immediate preemption.
+    reservation: ``"paged"`` (blocks on demand) or an Orca policy ``"max"``, ``"pow2"``,
+      ``"oracle"`` (contiguous reservation at admission; see ``_reservation.py``).
+    max_seq_len: the model's maximum length (what ``"max"`` reserves).
   """
 
   def __init__(
@@ -86,8 +93,14 @@ class Scheduler:
     max_num_seqs: int,
     max_num_batched_tokens: int,
     watermark_blocks: int = 0,
+    reservation: str = "paged",
+    max_seq_len: int | None = None,
   ):
     self.allocator = allocator
+    self.reservation = reservation
+    self.max_seq_len = max_seq_len
+    # The reservation space, in blocks (None when paged).
+    self.reserved_space = None if reservation == "paged" else FirstFitRanges(allocator.num_blocks)
     self.preemption_mode = preemption_mode
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
@@ -114,7 +127,44 @@ class Scheduler:
     for s in group.seqs:
       if s.seq_id in self.allocator:
         self.allocator.free(s.seq_id)
+    self._release(group)
     group.status = Status.FINISHED
+
+  def finish(self, group: Group) -> None:
+    """A running group whose last sample stopped by length: out of the running queue, its
+    reservation released (its blocks are freed by the engine in the same iteration)."""
+    self.running.remove(group)
+    self._release(group)
+    group.status = Status.FINISHED
+
+  def reservation_size(self, group: Group) -> int:
+    """Blocks ``group`` reserves under the reservation policy (0 when paged)."""
+    if self.reserved_space is None:
+      return 0
+    r = group.request
+    return reservation_blocks(
+      self.reservation,
+      len(r.prompt),
+      r.max_new_tokens,
+      r.n,
+      self.max_seq_len,
+      self.allocator.block_size,
+    )
+
+  def _reserve(self, group: Group) -> bool:
+    if self.reserved_space is None or group.reserved is not None:
+      return True
+    size = self.reservation_size(group)
+    start = self.reserved_space.reserve(size)
+    if start is None:
+      return False
+    group.reserved = (start, size)
+    return True
+
+  def _release(self, group: Group) -> None:
+    if group.reserved is not None:
+      self.reserved_space.release(*group.reserved)
+      group.reserved = None
 
   def num_resident_seqs(self) -> int:
     return sum(len(g.live) for g in self.running)
@@ -184,7 +234,7 @@ class Scheduler:
         break
       need = sum(alloc.blocks_needed_to_swap_in(s.seq_id) for s in live)
       # +1 per sequence: its next token may need a block (or a copy-on-write copy).
-      if need + len(live) + need_total > alloc.num_free_blocks:
+      if need + len(live) + need_total > alloc.num_free_blocks or not self._reserve(g):
         break
       self.swapped.popleft()
       replanned = True
@@ -245,7 +295,7 @@ class Scheduler:
         break
       need = sum(alloc.blocks_needed_to_add(s.tokens) for s in live)
       watermark = self.watermark_blocks if self.running else 0
-      if need + need_total + watermark > alloc.num_free_blocks:
+      if need + need_total + watermark > alloc.num_free_blocks or not self._reserve(g):
         break
       self.waiting.popleft()
       for s in live:
@@ -306,6 +356,7 @@ class Scheduler:
     live = g.live
     freed_budget = sum(chunks.pop(s, 0) for s in live)
     self.running.remove(g)
+    self._release(g)
     host_need = sum(alloc.sequence(s.seq_id).num_blocks for s in live)
     if self.preemption_mode == "swap" and host_need <= alloc.num_free_host_blocks:
       for s in live:
@@ -313,6 +364,7 @@ class Scheduler:
       g.status = Status.SWAPPED
       _insert_by_arrival(self.swapped, g)
       plan.preemptions_swap += 1
+      g.preemptions_swap += 1
     else:
       for s in live:
         alloc.free(s.seq_id)
@@ -320,6 +372,7 @@ class Scheduler:
       g.status = Status.WAITING
       _insert_by_arrival(self.waiting, g)
       plan.preemptions_recompute += 1
+      g.preemptions_recompute += 1
     return freed_budget
 
 

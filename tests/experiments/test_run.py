@@ -29,6 +29,7 @@ PAPER_EXPERIMENTS = (
   "batch_capacity",
   "block_size_ablation",
   "swap_vs_recompute",
+  "request_rate",
 )
 
 

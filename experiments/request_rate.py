@@ -1,0 +1,515 @@
+"""Experiment 2f: latency against request rate, paged against the Orca baselines (issue 14).
+
+The vLLM paper's headline result (Kwon et al., SOSP 2023, Figs. 12-13): requests arrive as
+a Poisson process; the figure plots **normalized latency**, the mean over requests of
+``(finish - arrival) / output tokens`` (s/token), against the request rate, one line per
+system. Here every system is the same engine (:mod:`paxcache.engine`) with a different
+``EngineConfig.reservation``: ``paged`` (blocks on demand), ``orca_max``, ``orca_pow2``,
+``orca_oracle`` (contiguous reservation of the max length, prompt + next power of two of
+the output, or the exact final length, at admission; no sharing). They differ only in
+memory management.
+
+Arrivals
+--------
+As in the paper's artifact, time is cut in 10 ms slots and each slot receives a Poisson
+number of arrivals with mean ``rate * 0.01`` (all at the slot's start), until
+``num_requests`` have arrived; seeded, so every system sees the same trace at a rate.
+Lengths come from :mod:`experiments.workloads` (``sharegpt``, ``alpaca`` or a ShareGPT
+JSON file); a request's output length is its ``max_new_tokens`` with no end token.
+
+Clocks
+------
+``clock="simulated"``: :class:`paxcache.engine.SimulatedEngine` runs the scheduler and the
+allocator for real but no model; the clock advances by a step-cost model per step
+(``cost_model``: a preset of :mod:`paxcache.engine._cost`, or a fit to the measured step
+records of ``step_records``, JSON lines ``{prefill_tokens, decode_batch, kv_tokens,
+step_ms}``, whose held-out median relative error is reported). ``clock="wall"``: the real
+engine over the tiny packaged model (its 512-token context bounds ``max_seq_len``), after
+a warm-up; meant for a device run.
+
+Outputs
+-------
+Table ``request_rate`` (one row per workload, system, block size, preemption mode and
+rate): normalized latency, TTFT and time-per-output-token p50/p99, preemptions, batch.
+Table ``sustainable_rate``: each system's highest rate whose normalized latency stays
+within ``latency_bound`` (linear interpolation between the swept rates; ``censored`` when
+even the highest swept rate stays within it) and its ratio to every other system.
+Plots: normalized latency against rate, one line per system (one plot per workload, block
+size and preemption mode); with one rate and several block sizes (Figs. 18-19) against
+block size instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from experiments import _outputs
+from experiments._progress import Progress
+from experiments.workloads import workload_label, workload_lengths
+from paxcache.engine import (
+  PREEMPTION_MODES,
+  Engine,
+  EngineConfig,
+  Request,
+  RequestMetrics,
+  SimulatedClock,
+  SimulatedEngine,
+  StepCostModel,
+  WallClock,
+  fit_step_cost,
+  load_step_records,
+)
+from paxcache.engine._cost import PRESETS
+
+SYSTEMS = {"paged": "paged", "orca_max": "max", "orca_pow2": "pow2", "orca_oracle": "oracle"}
+LABELS = {
+  "paged": "paged (vLLM)",
+  "orca_max": "Orca (Max)",
+  "orca_pow2": "Orca (Pow2)",
+  "orca_oracle": "Orca (Oracle)",
+}
+CLOCKS = ("simulated", "wall")
+SLOT_S = 0.01  # the paper's artifact draws arrivals per 10 ms slot
+
+
+def poisson_arrivals(rate: float, num_requests: int, rng: np.random.Generator) -> np.ndarray:
+  """Arrival times (s) of ``num_requests`` requests: Poisson counts per 10 ms slot."""
+  if isinstance(rate, bool) or not isinstance(rate, int | float) or not math.isfinite(rate):
+    raise ValueError(f"rate must be a finite number of requests/s, got {rate!r}")
+  if rate <= 0:
+    raise ValueError(f"rate must be > 0 requests/s, got {rate!r}")
+  if num_requests < 0:
+    raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+  times, have, slot0 = [], 0, 0
+  while have < num_requests:
+    n_slots = max(1024, int(2 * (num_requests - have) / (rate * SLOT_S)) + 1)
+    counts = rng.poisson(rate * SLOT_S, size=n_slots)
+    slots = np.repeat(np.arange(slot0, slot0 + n_slots), counts)
+    times.append(slots * SLOT_S)
+    have += len(slots)
+    slot0 += n_slots
+  return np.concatenate(times + [np.zeros(0)])[:num_requests]
+
+
+def percentile(values, q: float) -> float:
+  return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def summarize(metrics: list[RequestMetrics], warmup_s: float = 0.0) -> dict:
+  """The paper's normalized latency and the serving benchmarks' TTFT / TPOT percentiles
+  over the requests that arrived at or after ``warmup_s``."""
+  kept = [m for m in metrics if m.arrival_time >= warmup_s]
+  if not kept:
+    raise ValueError(f"no request arrived after warmup_s={warmup_s}: lower it")
+  ttft = [m.ttft for m in kept]
+  tpot = [m.tpot for m in kept if m.output_tokens > 1]
+  return {
+    "normalized_latency": float(np.mean([m.normalized_latency for m in kept])),
+    "ttft_p50": percentile(ttft, 50),
+    "ttft_p99": percentile(ttft, 99),
+    "tpot_p50": percentile(tpot, 50),
+    "tpot_p99": percentile(tpot, 99),
+    "requests": len(kept),
+    "preemptions": sum(m.preemptions_swap + m.preemptions_recompute for m in kept),
+  }
+
+
+def sustainable_rate(rates, latencies, bound: float) -> tuple[float, bool]:
+  """The highest rate with normalized latency <= ``bound``, interpolated linearly where the
+  latency curve crosses the bound; ``(rate, censored)`` with ``censored`` True when the
+  highest swept rate is still within the bound (the true rate is higher) and 0.0 when even
+  the lowest is over it."""
+  pts = sorted(zip(rates, latencies, strict=True))
+  if pts[0][1] > bound:
+    return 0.0, False
+  for (r0, l0), (r1, l1) in zip(pts, pts[1:], strict=False):
+    if l1 > bound:
+      return r0 + (r1 - r0) * (bound - l0) / (l1 - l0), False
+  return pts[-1][0], True
+
+
+def check_config(config: ConfigDict) -> None:
+  """Raises ``ValueError`` naming the first bad field."""
+  rates = tuple(config.rates)
+  if not rates:
+    raise ValueError("--config.rates needs at least one rate (requests/s)")
+  for r in rates:
+    if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
+      raise ValueError(f"--config.rates={rates!r}: every rate must be a finite number > 0")
+  bad = [s for s in config.systems if s not in SYSTEMS]
+  if not config.systems or bad:
+    raise ValueError(f"--config.systems={config.systems!r}: pick from {sorted(SYSTEMS)}")
+  bad = [m for m in config.preemption_modes if m not in PREEMPTION_MODES]
+  if not config.preemption_modes or bad:
+    raise ValueError(
+      f"--config.preemption_modes={config.preemption_modes!r}: pick from {PREEMPTION_MODES}"
+    )
+  if not config.workloads:
+    raise ValueError("--config.workloads needs at least one workload")
+  if config.clock not in CLOCKS:
+    raise ValueError(f"--config.clock={config.clock!r}: one of {CLOCKS}")
+  if not config.latency_bound > 0:
+    raise ValueError(f"--config.latency_bound={config.latency_bound!r} must be > 0 s/token")
+  if config.warmup_s < 0:
+    raise ValueError(f"--config.warmup_s={config.warmup_s!r} must be >= 0")
+  if config.max_seq_len < 2:
+    raise ValueError(f"--config.max_seq_len={config.max_seq_len!r} must be >= 2")
+  if not config.step_records and config.cost_model not in PRESETS:
+    raise ValueError(f"--config.cost_model={config.cost_model!r}: one of {sorted(PRESETS)}")
+  for b in config.block_sizes:
+    if config.pool_tokens // b < -(-config.max_seq_len // b):
+      raise ValueError(
+        f"--config.pool_tokens={config.pool_tokens} holds {config.pool_tokens // b} blocks of "
+        f"{b}, fewer than one max_seq_len={config.max_seq_len} request needs"
+      )
+
+
+def _records_where(records: list[dict], where: str) -> list[dict]:
+  """The records whose fields match every ``key=value`` of ``where`` (comma separated;
+  values compared as text, so ``block_size=16`` matches 16)."""
+  if not where:
+    return records
+  conds = []
+  for part in where.split(","):
+    key, sep, value = part.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"--config.step_records_where={where!r}: expected key=value[,key=value]")
+    conds.append((key.strip(), value.strip()))
+  kept = [r for r in records if all(str(r.get(k)) == v for k, v in conds)]
+  if not kept:
+    raise ValueError(f"--config.step_records_where={where!r} keeps none of the step records")
+  return kept
+
+
+def step_cost(config: ConfigDict) -> tuple[StepCostModel, dict | None]:
+  """The simulated clock's cost model and, when fitted, its fit report as a dict."""
+  if not config.step_records:
+    return PRESETS[config.cost_model], None
+  where = config.get("step_records_where", "")
+  report = fit_step_cost(
+    _records_where(load_step_records(config.step_records), where),
+    heldout_fraction=config.heldout_fraction,
+    seed=config.seed,
+    swap_ms=config.swap_ms,
+    name=f"fitted:{config.step_records}" + (f" [{where}]" if where else ""),
+  )
+  fit = {
+    "step_records": config.step_records + (f" [{where}]" if where else ""),
+    "train_records": report.train_records,
+    "heldout_records": report.heldout_records,
+    "median_rel_error": report.median_rel_error,
+    **report.model.as_dict(),
+  }
+  return report.model, fit
+
+
+def engine_config(config: ConfigDict, system: str, block_size: int, mode: str) -> EngineConfig:
+  num_blocks = config.pool_tokens // block_size
+  paged = system == "paged"
+  return EngineConfig(
+    num_blocks=num_blocks,
+    block_size=block_size,
+    num_host_blocks=max(1, config.host_pool_tokens // block_size),
+    preemption_mode=mode,
+    enable_prefix_caching=False,
+    max_num_seqs=config.max_num_seqs,
+    max_num_batched_tokens=config.max_num_batched_tokens,
+    # vLLM's 1% watermark for the paged system; a reservation already holds every block.
+    watermark_blocks=int(config.watermark * num_blocks) if paged else 0,
+    reservation=SYSTEMS[system],
+    metrics_history=1,
+    async_scheduling=bool(config.get("async_scheduling", False)),
+  )
+
+
+def make_requests(lengths: np.ndarray, arrivals: np.ndarray, vocab: int, seed: int):
+  rng = np.random.default_rng(seed)
+  reqs = []
+  for i, ((p, o), t) in enumerate(zip(lengths, arrivals, strict=True)):
+    prompt = rng.integers(1, vocab, size=int(p)).tolist()
+    reqs.append(Request(i, prompt, max_new_tokens=int(o), arrival_time=float(t)))
+  return reqs
+
+
+def serve(engine, requests: list[Request], progress: Progress) -> tuple[list, dict]:
+  """Runs ``requests`` to completion; returns per-request metrics and engine totals."""
+  for r in requests:
+    engine.add_request(r)
+  out, batches = [], []
+  while engine.has_unfinished():
+    done = engine.step()
+    batches.append(engine.step_metrics[-1].num_seqs)
+    out += [o.metrics for o in done]
+    progress.update(len(done))
+  batches = [b for b in batches if b]
+  totals = {
+    "steps": engine.metrics.steps,
+    "mean_batch": float(np.mean(batches)) if batches else 0.0,
+    "max_batch": engine.metrics.max_batch,
+    "duration_s": engine.clock.now(),
+  }
+  return out, totals
+
+
+def _wall_engine_factory(config: ConfigDict):
+  """A real engine over ``config.model`` (the packaged tiny model, or a random-weight
+  decoder of a named shape of ``experiments.bench.engine_step``), compiled on a warm-up
+  trace."""
+  import jax
+
+  name = config.get("model", "tiny")
+  if name == "tiny":
+    from paxcache.nn import load_decoder
+
+    model = load_decoder()
+  else:
+    from experiments.bench import engine_step
+
+    if name not in engine_step.MODELS:
+      raise ValueError(f"--config.model={name!r}: 'tiny' or one of {sorted(engine_step.MODELS)}")
+    model = engine_step.build_model(name, max_seq_len=max(1024, config.max_seq_len))
+  if config.max_seq_len > model.config.max_seq_len:
+    raise ValueError(
+      f"--config.max_seq_len={config.max_seq_len} exceeds the model's "
+      f"{model.config.max_seq_len} (clock='wall' runs the real model)"
+    )
+  device = jax.devices()[0].device_kind
+
+  def make(cfg: EngineConfig, requests: list[Request]):
+    clock = WallClock()
+    engine = Engine(model, cfg, clock=clock)
+    warm = [dataclasses.replace(r, request_id=("warm", r.request_id), arrival_time=None) for r in
+            requests[: config.warmup_requests]]  # fmt: skip
+    engine.run(warm)
+    clock.reset()
+    return engine
+
+  return make, model.config.vocab_size, device
+
+
+def run(config: ConfigDict) -> _outputs.Result:
+  check_config(config)
+  cost, fit = step_cost(config)
+  if config.clock == "simulated":
+    vocab = 256
+    device = f"cpu (simulated clock: {cost.name})"
+
+    def make(cfg, requests):
+      return SimulatedEngine(cfg, max_seq_len=config.max_seq_len, clock=SimulatedClock(cost))
+  else:
+    make, vocab, device = _wall_engine_factory(config)
+
+  traces = []
+  for w in config.workloads:
+    lengths = workload_lengths(
+      w, config.num_requests, max_seq_len=config.max_seq_len, seed=config.seed
+    )
+    traces.append((workload_label(w), lengths))
+  combos = [
+    (label, lengths, system, bs, mode, rate)
+    for label, lengths in traces
+    for bs in config.block_sizes
+    for mode in config.preemption_modes
+    for system in config.systems
+    for rate in config.rates
+  ]
+  progress = Progress("request_rate", total=sum(len(c[1]) for c in combos))
+  rows = []
+  for label, lengths, system, bs, mode, rate in combos:
+    arrivals = poisson_arrivals(float(rate), len(lengths), np.random.default_rng(config.seed))
+    requests = make_requests(lengths, arrivals, vocab, config.seed)
+    engine = make(engine_config(config, system, bs, mode), requests)
+    metrics, totals = serve(engine, requests, progress)
+    rows.append(
+      {
+        "workload": label,
+        "system": system,
+        "block_size": bs,
+        "preemption_mode": mode,
+        "rate": float(rate),
+        "clock": config.clock,
+        **summarize(metrics, config.warmup_s),
+        **totals,
+        "cost_model": cost.name if config.clock == "simulated" else None,
+        "device": device,
+      }
+    )
+  progress.done()
+  return _result(config, rows, cost, fit)
+
+
+# ------------------------------------------------------------------ outputs
+
+ROW_COLUMNS = [
+  _outputs.Column("workload"),
+  _outputs.Column("system"),
+  _outputs.Column("block_size", "block"),
+  _outputs.Column("preemption_mode", "preemption"),
+  _outputs.Column("rate", "rate (req/s)", ".3g"),
+  _outputs.Column("normalized_latency", "norm. latency (s/token)", ".4f"),
+  _outputs.Column("ttft_p50", "TTFT p50 (s)", ".3f"),
+  _outputs.Column("ttft_p99", "TTFT p99 (s)", ".3f"),
+  _outputs.Column("tpot_p50", "TPOT p50 (s)", ".4f"),
+  _outputs.Column("tpot_p99", "TPOT p99 (s)", ".4f"),
+  _outputs.Column("mean_batch", "mean batch", ".1f"),
+  _outputs.Column("preemptions"),
+  _outputs.Column("requests"),
+]
+
+
+def _groups(rows):
+  keys = []
+  for r in rows:
+    k = (r["workload"], r["block_size"], r["preemption_mode"])
+    if k not in keys:
+      keys.append(k)
+  return keys
+
+
+def sustainable_rows(rows: list[dict], bound: float, systems) -> list[dict]:
+  out = []
+  for w, bs, mode in _groups(rows):
+    rates = {}
+    for s in systems:
+      pts = [r for r in _select(rows, w, bs, mode) if r["system"] == s]
+      if len({r["rate"] for r in pts}) < 2:
+        continue
+      rates[s] = sustainable_rate(
+        [r["rate"] for r in pts], [r["normalized_latency"] for r in pts], bound
+      )
+    for s, (rate, censored) in rates.items():
+      row = {
+        "workload": w,
+        "block_size": bs,
+        "preemption_mode": mode,
+        "system": s,
+        "latency_bound": bound,
+        "sustainable_rate": rate,
+        "censored": censored,
+      }
+      for other, (r2, _) in rates.items():
+        if other != s:
+          row[f"x_{other}"] = rate / r2 if r2 > 0 else float("nan")
+      out.append(row)
+  return out
+
+
+def _result(
+  config: ConfigDict, rows: list[dict], cost: StepCostModel, fit: dict | None
+) -> _outputs.Result:
+  bound = config.latency_bound
+  tables = [
+    _outputs.Table(
+      "request_rate",
+      ROW_COLUMNS,
+      rows,
+      caption=(
+        f"Normalized latency (mean over requests of (finish - arrival) / output tokens), "
+        f"TTFT and time per output token against the Poisson request rate; {config.clock} "
+        "clock."
+      ),
+    )
+  ]
+  sus = sustainable_rows(rows, bound, config.systems)
+  if sus:
+    ratio_cols = [
+      _outputs.Column(f"x_{s}", f"x {LABELS[s]}", ".2f")
+      for s in config.systems
+      if any(f"x_{s}" in r for r in sus)
+    ]
+    tables.append(
+      _outputs.Table(
+        "sustainable_rate",
+        [
+          _outputs.Column("workload"),
+          _outputs.Column("block_size", "block"),
+          _outputs.Column("preemption_mode", "preemption"),
+          _outputs.Column("system"),
+          _outputs.Column("sustainable_rate", "rate at bound (req/s)", ".3g"),
+          _outputs.Column("censored", "beyond sweep"),
+          *ratio_cols,
+        ],
+        sus,
+        caption=(
+          f"Highest request rate whose normalized latency stays within {bound} s/token "
+          "(interpolated between swept rates; 'beyond sweep': even the highest rate "
+          "stayed within it, so the rate is a lower bound), and its ratio to each system's."
+        ),
+      )
+    )
+  notes = [
+    f"Latency bound for the sustainable rate: {bound} s/token; {config.num_requests} "
+    f"requests per rate; requests arriving before {config.warmup_s} s are not counted.",
+  ]
+  if config.clock == "simulated":
+    notes.append(f"Simulated clock, step-cost model: {cost.as_dict()}.")
+  if fit is not None:
+    notes.append(
+      f"Cost model fitted to {fit['train_records']} steps of {fit['step_records']}; median "
+      f"relative error on {fit['heldout_records']} held-out steps: "
+      f"{100 * fit['median_rel_error']:.1f}%."
+    )
+  return _outputs.Result(tables, _plots(config, rows), notes)
+
+
+def _select(rows, w, bs, mode):
+  key = (w, bs, mode)
+  return [r for r in rows if (r["workload"], r["block_size"], r["preemption_mode"]) == key]
+
+
+def _plots(config: ConfigDict, rows: list[dict]) -> list[_outputs.Plot]:
+  plots = []
+  by_block = len(config.rates) == 1 and len(config.block_sizes) > 1
+  if by_block:
+    for w in dict.fromkeys(r["workload"] for r in rows):
+      sub = [r for r in rows if r["workload"] == w]
+      plots.append(_outputs.Plot(f"latency_vs_block_size_{w}", _draw_block(sub)))
+    return plots
+  for w, bs, mode in _groups(rows):
+    sub = _select(rows, w, bs, mode)
+    name = f"latency_vs_rate_{w}_bs{bs}_{mode}".replace(".", "_")
+    plots.append(_outputs.Plot(name, _draw_rate(sub, f"{w}, block {bs}, {mode}", config)))
+  return plots
+
+
+def _draw_rate(rows, title, config):
+  def draw(ax):
+    for s in config.systems:
+      pts = sorted((r["rate"], r["normalized_latency"]) for r in rows if r["system"] == s)
+      if pts:
+        ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS[s])
+    ax.axhline(config.latency_bound, color="grey", linestyle=":", label="latency bound")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("normalized latency (s/token)")
+    top = max([r["normalized_latency"] for r in rows] + [config.latency_bound])
+    ax.set_ylim(0, min(top, 4 * config.latency_bound) * 1.05)
+    ax.set_title(title)
+    ax.legend()
+
+  return draw
+
+
+def _draw_block(rows):
+  def draw(ax):
+    keys = list(dict.fromkeys((r["system"], r["preemption_mode"]) for r in rows))
+    for s, mode in keys:
+      pts = sorted(
+        (r["block_size"], r["normalized_latency"])
+        for r in rows
+        if (r["system"], r["preemption_mode"]) == (s, mode)
+      )
+      style = "--" if mode == "swap" else "-"  # the modes can coincide: both stay visible
+      ax.plot(*zip(*pts, strict=True), style, marker="o", label=f"{LABELS[s]}, {mode}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p for p in dict.fromkeys(r["block_size"] for r in rows)])
+    ax.get_xaxis().set_major_formatter("{x:.0f}")
+    ax.set_xlabel("block size (tokens)")
+    ax.set_ylabel("normalized latency (s/token)")
+    ax.set_title(f"{rows[0]['workload']} at {rows[0]['rate']:g} req/s")
+    ax.legend()
+
+  return draw

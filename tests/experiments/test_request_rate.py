@@ -1,0 +1,178 @@
+"""The request-rate experiment (issue 14): arrivals, summaries, sustainable rates, configs,
+and the quick variant end to end."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from configs.request_rate import get_config
+from experiments import request_rate as rr
+from experiments import run
+from paxcache.engine import CPU_DEFAULT, Request, SimulatedEngine, StepCostModel
+
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
+
+FIELDS = (
+  "workload",
+  "system",
+  "block_size",
+  "rate",
+  "clock",
+  "normalized_latency",
+  "ttft_p50",
+  "ttft_p99",
+  "tpot_p50",
+  "tpot_p99",
+  "requests",
+  "device",
+)
+
+
+def test_poisson_arrivals_come_in_10ms_slots_at_the_rate():
+  t = rr.poisson_arrivals(5.0, 4000, np.random.default_rng(0))
+  assert len(t) == 4000 and (np.diff(t) >= 0).all()
+  assert np.allclose(t / 0.01, np.round(t / 0.01))
+  assert 4000 / t[-1] == pytest.approx(5.0, rel=0.05)
+  again = rr.poisson_arrivals(5.0, 4000, np.random.default_rng(0))
+  assert (t == again).all()
+
+
+@pytest.mark.parametrize("rate", [0, -1.0, math.nan, math.inf, True])
+def test_bad_rates_raise(rate):
+  with pytest.raises(ValueError, match="rate"):
+    rr.poisson_arrivals(rate, 10, np.random.default_rng(0))
+
+
+def test_hand_worked_normalized_latency_under_a_constant_cost_model():
+  """1 ms per computed token. Step 1 (0 -> 3 ms): A's 3-token prefill (B, arriving at
+  1 ms, is not there yet); A's first token at 3 ms. Step 2 (3 -> 6 ms): A's decode and B's
+  2-token prefill; A finishes (2 tokens), B's first token. Steps 3-5 (6 -> 9 ms): B decodes
+  alone. A: 6 ms / 2 tokens = 3 ms/token; B: (9 - 1) ms / 4 tokens = 2 ms/token; mean 2.5."""
+  engine = SimulatedEngine(rr.EngineConfig(enable_prefix_caching=False), max_seq_len=64)
+  assert engine.clock.cost == CPU_DEFAULT
+  reqs = [
+    Request("A", [1, 2, 3], max_new_tokens=2, arrival_time=0.0),
+    Request("B", [4, 5], max_new_tokens=4, arrival_time=0.001),
+  ]
+  metrics, totals = rr.serve(engine, reqs, rr.Progress("t"))
+  by_arrival = sorted(metrics, key=lambda m: m.arrival_time)
+  assert [m.finish_time for m in by_arrival] == pytest.approx([0.006, 0.009])
+  s = rr.summarize(metrics)
+  assert s["normalized_latency"] == pytest.approx((0.006 / 2 + 0.008 / 4) / 2)
+  assert s["ttft_p50"] == pytest.approx((0.003 + 0.005) / 2)  # A at 3 ms, B at 6 - 1 ms
+  assert s["requests"] == 2 and totals["steps"] == 5
+  with pytest.raises(ValueError, match="warmup_s"):
+    rr.summarize(metrics, warmup_s=1.0)
+
+
+def test_sustainable_rate_interpolates_and_flags_censored_sweeps():
+  assert rr.sustainable_rate([1, 2, 3], [0.1, 0.2, 0.6], 0.4) == (2.5, False)
+  assert rr.sustainable_rate([3, 1, 2], [0.6, 0.1, 0.2], 0.4) == (2.5, False)
+  assert rr.sustainable_rate([1, 2], [0.1, 0.2], 0.4) == (2, True)
+  assert rr.sustainable_rate([1, 2], [0.5, 0.6], 0.4) == (0.0, False)
+
+
+def _small(**kw):
+  config = get_config("quick")
+  config.num_requests = 30
+  config.rates = (1.0, 8.0)
+  config.update(kw)
+  return config
+
+
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
+    ("rates", (), "rates needs at least one"),
+    ("rates", (1.0, -2.0), "finite number > 0"),
+    ("systems", ("paged", "orca"), "pick from"),
+    ("preemption_modes", ("drop",), "pick from"),
+    ("clock", "sundial", "clock"),
+    ("latency_bound", 0.0, "latency_bound"),
+    ("warmup_s", -1.0, "warmup_s"),
+    ("cost_model", "gpu", "cost_model"),
+    ("pool_tokens", 512, "fewer than one max_seq_len"),
+  ],
+)
+def test_bad_config_values_raise_naming_the_field(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    rr.run(_small(**{field: value}))
+
+
+def test_the_runner_rejects_bad_rates_before_writing(tmp_path):
+  config = _small(rates=(0.0,))
+  with pytest.raises(ValueError, match="rates"):
+    run.prepare_run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_cost_model_fitted_from_step_records_reports_its_error(tmp_path):
+  true = StepCostModel(base_ms=10.0, prefill_ms=0.1, decode_ms=0.2, kv_ms=0.001)
+  rng = np.random.default_rng(1)
+  with open(tmp_path / "steps.jsonl", "w") as f:
+    for _ in range(50):
+      p, d, kv = (int(x) for x in rng.integers(0, 300, size=3))
+      ms = true.step_ms(p, d, kv)
+      f.write(json.dumps(dict(prefill_tokens=p, decode_batch=d, kv_tokens=kv, step_ms=ms)))
+      f.write("\n")
+  result = rr.run(_small(step_records=str(tmp_path / "steps.jsonl"), systems=("paged",)))
+  note = next(n for n in result.notes if "held-out" in n)
+  assert "40 steps" in note and "0.0%" in note
+  assert result.tables[0].rows[0]["cost_model"].startswith("fitted:")
+
+
+def test_quick_variant_end_to_end(tmp_path):
+  config = get_config("quick")
+  result = run.run_experiment(config, str(tmp_path), variant="quick")
+  with open(tmp_path / "results.jsonl") as f:
+    rows = [json.loads(line) for line in f]
+  latency = [r for r in rows if r["table"] == "request_rate"]
+  assert len(latency) == len(config.rates) * 4
+  for r in latency:
+    assert all(k in r for k in FIELDS), r
+    assert r["clock"] == "simulated" and r["requests"] == config.num_requests
+  assert {r["system"] for r in latency} == {"paged", "orca_max", "orca_pow2", "orca_oracle"}
+  sus = {r["system"]: r["sustainable_rate"] for r in rows if r["table"] == "sustainable_rate"}
+  assert sus["paged"] >= sus["orca_oracle"] >= sus["orca_max"] > 0
+  assert sus["paged"] > sus["orca_max"]
+  assert os.path.exists(tmp_path / "latency_vs_rate_sharegpt_bs16_recompute.png")
+  assert result.tables[1].name == "sustainable_rate"
+
+
+def test_wall_clock_variant_runs_the_real_engine():
+  config = get_config("wall")
+  config.num_requests = 6
+  config.warmup_requests = 6
+  config.max_seq_len = 64
+  config.rates = (50.0,)
+  config.systems = ("paged", "orca_oracle")
+  result = rr.run(config)
+  rows = result.tables[0].rows
+  assert [r["system"] for r in rows] == ["paged", "orca_oracle"]
+  assert all(r["clock"] == "wall" and r["requests"] == 6 for r in rows)
+  assert all(r["normalized_latency"] > 0 and r["cost_model"] is None for r in rows)
+  config.max_seq_len = 1024
+  with pytest.raises(ValueError, match="max_seq_len=1024 exceeds the model's 512"):
+    rr.run(config)
+  config.model = "gpt-5"
+  with pytest.raises(ValueError, match="config.model='gpt-5'"):
+    rr.run(config)
+
+
+def test_step_records_where_keeps_matching_records(tmp_path):
+  path = tmp_path / "steps.jsonl"
+  recs = [
+    {"model": m, "block_size": b, "prefill_tokens": 0, "decode_batch": d, "kv_tokens": 10 * d,
+     "step_ms": 1.0 + 0.5 * d}
+    for m in ("a", "b") for b in (16, 32) for d in range(1, 9)
+  ]  # fmt: skip
+  path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+  kept = rr._records_where(rr.load_step_records(str(path)), "model=a,block_size=16")
+  assert len(kept) == 8 and {(r["model"], r["block_size"]) for r in kept} == {("a", 16)}
+  with pytest.raises(ValueError, match="keeps none"):
+    rr._records_where(recs, "model=c")
+  with pytest.raises(ValueError, match="key=value"):
+    rr._records_where(recs, "model")
