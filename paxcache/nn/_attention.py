@@ -241,15 +241,17 @@ class PagedAttention(nnx.Module):
       )
     else:
       mesh, axis = self.mesh, self.mesh_axis
+      scales = {}
       if isinstance(cache, PagedKVCache):
         cache = sharding.sharded_cache_write(mesh, cache, layer, k, v, slot_mapping, axis=axis)
         k_blocks, v_blocks = cache.layer(layer)
+        scales = cache.scales(layer)
       else:
         k_blocks, v_blocks = sharding.sharded_write_kv(mesh, *cache, k, v, slot_mapping, axis=axis)
         cache = (k_blocks, v_blocks)
       out = sharding.sharded_paged_attention(
         mesh,
-        q.astype(k_blocks.dtype),
+        q.astype(_query_dtype(q.dtype, k_blocks.dtype)),
         k_blocks,
         v_blocks,
         block_table,
@@ -258,6 +260,7 @@ class PagedAttention(nnx.Module):
         num_kv_heads=self.num_kv_heads,
         axis=axis,
         **kernel_kwargs,
+        **scales,
       )
     out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
