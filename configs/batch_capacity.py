@@ -30,7 +30,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.num_layers = 40  # decoder layers
   config.num_kv_heads = 40  # KV heads per layer
   config.head_dim = 128  # dims per head
-  config.dtype = "float16"  # KV dtype: float32, bfloat16, float16 or int8
+  config.kv_dtype = "float16"  # KV dtype: float32, bfloat16, float16, int8, float8_e4m3fn
+  # Paged in the same bytes at each of these K/V dtypes (the kv_dtype table; 8-bit with
+  # scales counted). Empty: no such table.
+  config.kv_dtype_axis = ("bfloat16", "int8", "float8_e4m3fn")
   config.kv_budget_gib = 12.0  # GiB for KV: a 40 GB A100 after OPT-13B's 26 GB of weights
   config.block_size = 16  # paged block size (vLLM's default)
   config.contiguous_policies = ("max", "pow2", "oracle")  # Orca (Max), (Pow2), (Oracle)

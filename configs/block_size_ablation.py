@@ -36,6 +36,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.num_requests = 1000  # requests per workload
   config.max_seq_len = 2048  # prompt + output cap
   config.pool_tokens = 15360  # KV pool in token slots
+  # K/V dtype of the pool: pool_tokens counts float16 slots of a kv_shape model (layers, KV
+  # heads, head_dim); another dtype keeps those bytes (int8 / float8_e4m3fn: 1.94x the
+  # slots at head_dim 128, scales counted; experiments/_kv_dtype.py).
+  config.kv_dtype = "float16"
+  config.kv_shape = (40, 40, 128)  # OPT-13B
   config.watermark = 0.01  # paged admission keeps this share of blocks free
   # Kernel: one decode call, every sequence at kernel_context tokens.
   config.backends = ("reference", "gpu", "tpu")  # timed where they run natively
@@ -45,6 +50,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.num_kv_heads = 8  # KV heads (GQA 4:1)
   config.head_dim = 128  # dims per head
   config.kernel_dtype = "float32"  # K/V and q dtype
+  # K/V dtype of the timed kernel when it differs from kernel_dtype: "int8" or
+  # "float8_e4m3fn" (8-bit pools with float32 scales, quantized before timing); "" = same.
+  config.kernel_kv_dtype = ""
   config.kernel_iters = 5  # timed calls after the compile (>= 5): median and min-max reported
   # End to end through the engine (fields: experiments/_engine_bench.py); 0 requests skips.
   config.engine = _engine_bench.default_engine_config(requests=0)

@@ -33,6 +33,11 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.max_seq_len = 2048  # context of the paper's OPT models; Orca (Max) reserves this
   # ~12 GiB of KV at OPT-13B's 800 KiB per token: what a 40 GB A100 leaves after the weights.
   config.pool_tokens = 15360
+  # K/V dtype of the pool: pool_tokens counts float16 slots of a kv_shape model (layers, KV
+  # heads, head_dim); another dtype keeps those bytes (int8 / float8_e4m3fn: 1.94x the
+  # slots at head_dim 128, scales counted; experiments/_kv_dtype.py).
+  config.kv_dtype = "float16"
+  config.kv_shape = (40, 40, 128)  # OPT-13B
   config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # paged block sizes to sweep
   config.contiguous_policies = ("max", "pow2", "oracle")  # Orca (Max), (Pow2), (Oracle)
   config.arrival_rate = 0.0  # Poisson requests per step; 0: all arrive at step 0 (saturated)

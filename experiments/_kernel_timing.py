@@ -43,6 +43,7 @@ def time_decode(
   dtype: str,
   iters: int,
   seed: int = 0,
+  kv_dtype: str | None = None,
 ) -> dict:
   """Median wall time of one jitted decode call, with blocks scattered over the pool.
 
@@ -51,7 +52,9 @@ def time_decode(
   ``time_spread_ms`` (the two as text), the median's 95% interval ``time_ci_lo_ms``,
   ``time_ci_hi_ms`` (:attr:`experiments._timing.Timing.interval`), ``time_repeats`` and
   ``gbps`` (K/V bytes read over the median time), or with ``status`` set to the error's
-  message when the backend rejects the shape.
+  message when the backend rejects the shape. ``kv_dtype`` "int8" / "float8_e4m3fn": K/V
+  pools quantized (before timing) with their float32 scales passed to the kernel; the
+  bytes read then count the scales.
   """
   import jax
   import jax.numpy as jnp
@@ -70,13 +73,23 @@ def time_decode(
   table = rng.permutation(num_blocks).reshape(batch, blocks_per_seq).astype(np.int32)
   block_table = jnp.asarray(table)
   lengths = jnp.full((batch,), context, jnp.int32)
-  fn = jax.jit(functools.partial(kernels.paged_attention, backend=backend))
+  per_token = kernels.kv_bytes_per_token(1, num_kv_heads, head_dim, dt)
+  scales = {}
+  if kv_dtype and kernels.is_quantized(kv_dtype):
+    k_blocks, ks = kernels.quantize(k_blocks, jnp.dtype(kv_dtype))
+    v_blocks, vs = kernels.quantize(v_blocks, jnp.dtype(kv_dtype))
+    scales = dict(k_scales=ks, v_scales=vs)
+    per_token = kernels.kv_bytes_per_token(1, num_kv_heads, head_dim, kv_dtype)
+  elif kv_dtype:
+    k_blocks, v_blocks = k_blocks.astype(kv_dtype), v_blocks.astype(kv_dtype)
+    per_token = kernels.kv_bytes_per_token(1, num_kv_heads, head_dim, kv_dtype)
+  fn = jax.jit(functools.partial(kernels.paged_attention, backend=backend, **scales))
   try:
     fn(q, k_blocks, v_blocks, block_table, lengths).block_until_ready()  # compile
   except ValueError as e:  # a shape this backend does not support (e.g. a block size)
     return {"time_ms": None, "gbps": None, "status": f"unsupported: {e}"[:200]}
   t = time_calls(lambda: fn(q, k_blocks, v_blocks, block_table, lengths), repeats=iters, warmup=0)
-  kv_bytes = 2 * batch * context * num_kv_heads * head_dim * dt.itemsize
+  kv_bytes = batch * context * per_token
   fields = t.fields("time", digits=4)
   return {
     **fields,

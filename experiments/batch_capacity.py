@@ -17,6 +17,10 @@ turned into token slots. Per system (Orca's three contiguous policies, paged at
   scaled down and a pool of ``config.engine.pool_tokens``: paged against the same engine
   with its batch capped at what contiguous ``max_seq_len`` reservation would fit.
 
+With ``config.kv_dtype_axis`` (default bfloat16, int8, float8_e4m3fn) the paged system is
+also simulated in the same bytes at each of those K/V dtypes (8-bit: scales counted, a
+float32 K and V scale per token and KV head): the ``kv_dtype`` table.
+
 The seed claims "4 requests" contiguous against "20-30" paged; the paper reports 2-4x
 more requests batched (and 2-4x throughput at the same latency) than Orca.
 """
@@ -29,19 +33,22 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
+import kernels
 from experiments import _serving, workloads
 from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+def kv_bytes_per_token(config: ConfigDict, kv_dtype: str | None = None) -> int:
+  """K and V for every layer and KV head: ``2 * layers * kv_heads * head_dim * bytes``,
+  plus ``2 * layers * kv_heads * 4`` of scales for 8-bit dtypes (``kernels.kv_bytes_per_token``);
+  ``kv_dtype`` None: ``config.kv_dtype``."""
+  return kernels.kv_bytes_per_token(
+    config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype or config.kv_dtype
+  )
 
 
-def kv_bytes_per_token(config: ConfigDict) -> int:
-  """K and V for every layer and KV head: ``2 * layers * kv_heads * head_dim * bytes``."""
-  return 2 * config.num_layers * config.num_kv_heads * config.head_dim * _DTYPE_BYTES[config.dtype]
-
-
-def pool_tokens(config: ConfigDict) -> int:
-  return int(config.kv_budget_gib * 2**30 // kv_bytes_per_token(config))
+def pool_tokens(config: ConfigDict, kv_dtype: str | None = None) -> int:
+  return int(config.kv_budget_gib * 2**30 // kv_bytes_per_token(config, kv_dtype))
 
 
 def static_capacity(policy: str, lengths: np.ndarray, pool: int, config: ConfigDict) -> int:
@@ -168,8 +175,54 @@ def run(config: ConfigDict) -> Result:
     )
   else:
     notes.append("Engine throughput: not measured in this run (config.engine.requests = 0).")
+  if config.get("kv_dtype_axis"):
+    tables.append(_kv_dtype_table(config, lengths, label))
   plots = [Plot("capacity", lambda ax: _plot(ax, rows, f"{config.kv_budget_gib:g} GiB", label))]
   return Result(tables, plots, notes)
+
+
+def _kv_dtype_table(config: ConfigDict, lengths: np.ndarray, label: str) -> Table:
+  """Paged at ``config.block_size`` in the same bytes at each K/V dtype of the axis."""
+  rows = []
+  for kv_dtype in config.kv_dtype_axis:
+    pool = pool_tokens(config, kv_dtype)
+    sim_pool = _serving.PagedPool(config.block_size, pool, config.watermark)
+    stats = _serving.simulate(sim_pool, lengths, desc=f"{label} paged {kv_dtype}")
+    shares = stats.shares()
+    rows.append(
+      {
+        "kv_dtype": kv_dtype,
+        "bytes_per_token": kv_bytes_per_token(config, kv_dtype),
+        "pool_tokens": pool,
+        "mean_batch": None if math.isnan(shares["mean_batch"]) else round(shares["mean_batch"], 1),
+        "max_batch": stats.max_batch,
+        "tokens_per_step": round(int(lengths[:, 1].sum()) / stats.steps, 2),
+        "preemptions": stats.preemptions,
+      }
+    )
+  base = next((r for r in rows if r["kv_dtype"] == "bfloat16"), rows[0])
+  for row in rows:
+    row["tokens_vs_" + base["kv_dtype"]] = round(row["pool_tokens"] / base["pool_tokens"], 3)
+  return Table(
+    "kv_dtype",
+    [
+      Column("kv_dtype", "K/V dtype"),
+      Column("bytes_per_token", "bytes / token"),
+      Column("pool_tokens", "token slots"),
+      Column("tokens_vs_" + base["kv_dtype"], f"x {base['kv_dtype']} slots", ".3f"),
+      Column("mean_batch", "mean batch (serving)", ".1f"),
+      Column("max_batch", "max batch"),
+      Column("tokens_per_step", "tokens / step", ".2f"),
+      Column("preemptions", "preempted"),
+    ],
+    rows,
+    caption=(
+      f"Paged (block {config.block_size}) in the same {config.kv_budget_gib} GiB at each K/V "
+      "dtype; 8-bit bytes count a float32 K and V scale per token and KV head "
+      f"(head_dim {config.head_dim}: {config.head_dim} data bytes + 4 scale bytes per head "
+      "for each of K and V)."
+    ),
+  )
 
 
 def _plot(ax, rows: list[dict], budget: str, workload: str) -> None:

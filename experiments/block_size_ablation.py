@@ -29,7 +29,7 @@ import math
 from absl import logging
 from ml_collections import ConfigDict
 
-from experiments import _kernel_timing, _serving, _timing, workloads
+from experiments import _kernel_timing, _kv_dtype, _serving, _timing, workloads
 from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
@@ -42,7 +42,7 @@ def memory_rows(config: ConfigDict) -> list[dict]:
     label = workloads.workload_label(workload)
     generated = int(lengths[:, 1].sum())
     for bs in config.block_sizes:
-      pool = _serving.PagedPool(bs, config.pool_tokens, config.watermark)
+      pool = _serving.PagedPool(bs, _kv_dtype.pool_tokens(config), config.watermark)
       stats = _serving.simulate(pool, lengths, desc=f"{label} paged (block {bs})")
       shares = stats.shares()
       rows.append(
@@ -76,6 +76,7 @@ def kernel_rows(config: ConfigDict) -> tuple[list[dict], list[str]]:
         num_kv_heads=config.num_kv_heads,
         head_dim=config.head_dim,
         dtype=config.kernel_dtype,
+        kv_dtype=config.get("kernel_kv_dtype") or None,
         iters=config.kernel_iters,
         seed=config.seed,
       )
@@ -137,6 +138,7 @@ def run(config: ConfigDict) -> Result:
   shape = (
     f"batch {config.kernel_batch} x {config.kernel_context} tokens, {config.num_q_heads}/"
     f"{config.num_kv_heads} heads, head_dim {config.head_dim}, {config.kernel_dtype}"
+    + (f" q, {config.kernel_kv_dtype} K/V" if config.get("kernel_kv_dtype") else "")
   )
   tables = [
     Table(
@@ -144,8 +146,8 @@ def run(config: ConfigDict) -> Result:
       columns,
       wide,
       caption=(
-        f"Per block size: share of a {config.pool_tokens}-slot pool holding tokens and mean "
-        f"batch while serving; decode kernel time ({shape}; median of "
+        f"Per block size: share of a pool of {_kv_dtype.pool_label(config)} holding tokens and "
+        f"mean batch while serving; decode kernel time ({shape}; median of "
         f"{config.kernel_iters} calls and min-max) on "
         f"{kernel[0]['device'] if kernel else 'no backend'}."
       ),

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from ml_collections import ConfigDict
 
-from experiments import _serving, workloads
+from experiments import _kv_dtype, _serving, workloads
 from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 # Kwon et al. (SOSP 2023), Figure 2: share of KV memory holding token states.
@@ -66,9 +66,9 @@ def serving_rows(config: ConfigDict, workload: str, lengths: np.ndarray) -> list
   systems += [("paged", bs) for bs in config.block_sizes]
   for policy, block_size in systems:
     if policy == "paged":
-      pool = _serving.PagedPool(block_size, config.pool_tokens, config.watermark)
+      pool = _serving.PagedPool(block_size, _kv_dtype.pool_tokens(config), config.watermark)
     else:
-      pool = _serving.ContiguousPool(policy, config.pool_tokens, config.max_seq_len)
+      pool = _serving.ContiguousPool(policy, _kv_dtype.pool_tokens(config), config.max_seq_len)
     name = _system_name(policy, block_size)
     stats = _serving.simulate(
       pool, lengths, arrivals, max_batch=config.max_batch, desc=f"{label} {name}"
@@ -188,7 +188,7 @@ def run(config: ConfigDict) -> Result:
       ],
       serving,
       caption=(
-        f"Share of a {config.pool_tokens}-slot KV pool holding token states, averaged over "
+        f"Share of a KV pool of {_kv_dtype.pool_label(config)} holding token states, averaged over "
         "the steps of a simulated serving run in which requests waited for memory; paper: "
         "Kwon et al. 2023, Figure 2 (OPT-13B, A100; trace not named), on the "
         f"{PAPER_WORKLOAD}-like rows only"
@@ -328,7 +328,7 @@ def _plot_breakdown(ax, serving: list[dict]) -> None:
 def _notes(config: ConfigDict) -> list[str]:
   return [
     "What we measure: `serving` splits a fixed pool of "
-    f"{config.pool_tokens} token slots at the end of every step of a simulated serving run "
+    f"{_kv_dtype.pool_label(config)} at the end of every step of a simulated serving run "
     "and averages over the steps in which requests waited for memory (memory-time weighted). "
     "The paper's Figure 2 reports the same split for OPT-13B on an A100 during its §6.2 "
     "experiment; its pool size, request rate and trace differ from ours, so the numbers are "

@@ -5,18 +5,25 @@ code) can use it on its own.
 """
 
 from kernels._api import BACKENDS, BackendUnavailableError, paged_attention, resolve_backend
+from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, kv_bytes_per_token, quantize
 from kernels._validate import validate_inputs
-from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv
+from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv, write_kv_quantized
 from kernels.reference import INVALID_BLOCK
 
 __all__ = [
   "BACKENDS",
   "INVALID_BLOCK",
   "INVALID_SLOT",
+  "QUANT_DTYPES",
   "BackendUnavailableError",
   "check_host_slot_mapping",
+  "dequantize",
+  "is_quantized",
+  "kv_bytes_per_token",
   "paged_attention",
+  "quantize",
   "resolve_backend",
   "validate_inputs",
   "write_kv",
+  "write_kv_quantized",
 ]

@@ -57,13 +57,16 @@ def paged_attention(
   backend: str = "auto",
   block_sizes: Any = None,
   interpret: bool = False,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
 ) -> jax.Array:
   """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
 
   Args:
     q: ``[batch, num_q_heads, head_dim]`` (decode) or ``[num_tokens, num_q_heads,
       head_dim]`` (ragged prefill / mixed batch, rows split by ``cu_q_lens``).
-    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``; float32,
+      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales.
     block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
     lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.
@@ -75,13 +78,17 @@ def paged_attention(
     backend: ``"auto" | "reference" | "gpu" | "tpu"``.
     block_sizes: backend tuning dataclass (frozen, hashable); None picks defaults per shape.
     interpret: run the Pallas kernel in interpret mode (tests on CPU).
+    k_scales, v_scales: 8-bit K/V only (None otherwise): ``f32[num_kv_heads, num_blocks,
+      block_size]``, the scale of each slot's row (``kernels.quantize``); every backend
+      multiplies them in inside its kernel.
 
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
   """
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
+  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
   return _BACKEND_FNS[chosen](
     q,
     k_blocks,
@@ -94,6 +101,7 @@ def paged_attention(
     logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
+    **quant,
   )
 
 

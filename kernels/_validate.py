@@ -15,6 +15,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
+from kernels._quant import QUANT_DTYPES, SCALE_DTYPE, is_quantized
 from kernels.reference import INVALID_BLOCK
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -61,8 +62,13 @@ def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
   )
 
 
-def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None) -> None:
+def validate_inputs(
+  q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, k_scales=None, v_scales=None
+) -> None:
   """Checks shared by every backend; raises ValueError naming the argument.
+
+  K/V are float32, bfloat16 or float16, or 8-bit (int8, float8_e4m3fn) with ``k_scales``
+  and ``v_scales`` ``f32[num_kv_heads, num_blocks, block_size]`` (given iff K/V are 8-bit).
 
   Shapes and dtypes are always checked (static). Values of ``block_table``, ``lengths``
   and ``cu_q_lens`` are checked when they are host (NumPy) arrays — what
@@ -93,9 +99,14 @@ def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None)
       f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
       f"{num_kv_heads} (k_blocks {_shape_str(k_blocks)})"
     )
-  for name, x in (("q", q), ("k_blocks", k_blocks)):
-    if x.dtype not in _FLOAT_DTYPES:
-      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {_shape_str(x)}")
+  if q.dtype not in _FLOAT_DTYPES:
+    raise ValueError(f"q must be float32, bfloat16 or float16, got {_shape_str(q)}")
+  if k_blocks.dtype not in _FLOAT_DTYPES and not is_quantized(k_blocks.dtype):
+    raise ValueError(
+      "k_blocks must be float32, bfloat16, float16 or 8-bit "
+      f"({', '.join(d.name for d in QUANT_DTYPES)}), got {_shape_str(k_blocks)}"
+    )
+  validate_scales(k_blocks, k_scales, v_scales)
   if block_table.ndim != 2 or block_table.dtype != jnp.int32:
     raise ValueError(
       f"block_table must be int32 [batch, max_blocks], got {_shape_str(block_table)}"
@@ -119,6 +130,33 @@ def validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None)
         f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}"
       )
   _validate_host_values(q.shape[0], k_blocks.shape, block_table, lengths, cu_q_lens)
+
+
+def validate_scales(k_blocks, k_scales, v_scales) -> None:
+  """``k_scales``/``v_scales``: None for float K/V, ``f32[num_kv_heads, num_blocks,
+  block_size]`` for 8-bit K/V; raises ValueError naming the argument."""
+  quantized = is_quantized(k_blocks.dtype)
+  want = tuple(k_blocks.shape[:3])
+  for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if not quantized:
+      if s is not None:
+        raise ValueError(
+          f"{name} given with {jnp.dtype(k_blocks.dtype).name} k_blocks: scales are only for "
+          f"8-bit K/V ({', '.join(d.name for d in QUANT_DTYPES)}); pass {name}=None"
+        )
+      continue
+    if s is None:
+      raise ValueError(
+        f"{name} is required with {jnp.dtype(k_blocks.dtype).name} k_blocks (8-bit K/V are "
+        f"read as q * scale): pass float32 {want} [num_kv_heads, num_blocks, block_size]"
+      )
+    if not (hasattr(s, "shape") and hasattr(s, "dtype")):
+      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(s).__name__}")
+    if tuple(s.shape) != want or jnp.dtype(s.dtype) != SCALE_DTYPE:
+      raise ValueError(
+        f"{name} must be float32 {want} ([num_kv_heads, num_blocks, block_size] of k_blocks "
+        f"{_shape_str(k_blocks)}), got {_shape_str(s)}"
+      )
 
 
 def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from kernels._quant import SCALE_DTYPE, is_quantized, quantize
+
 INVALID_SLOT = -1
 
 
@@ -61,12 +63,80 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
   total = num_blocks * block_size
   check_host_slot_mapping(slot_mapping, total)
 
+  if is_quantized(k_blocks.dtype):
+    raise ValueError(
+      f"k_blocks are {jnp.dtype(k_blocks.dtype).name}: an 8-bit pool needs its scales; use "
+      "kernels.write_kv_quantized"
+    )
+  slots = _slots(slot_mapping, total)
+  return _scatter_rows(k_blocks, k_new, slots), _scatter_rows(v_blocks, v_new, slots)
+
+
+def _slots(slot_mapping, total):
   # Padding rows go to an index past the end and are dropped by the scatter.
-  slots = jnp.where(slot_mapping >= 0, slot_mapping, total)
+  return jnp.where(slot_mapping >= 0, slot_mapping, total)
 
-  def scatter(pool, new):
-    flat = pool.reshape(num_kv_heads, total, head_dim)
-    flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
-    return flat.reshape(pool.shape)
 
-  return scatter(k_blocks, k_new), scatter(v_blocks, v_new)
+def _scatter_rows(pool, new, slots):
+  """``new [num_tokens, num_kv_heads, *rest]`` into ``pool [num_kv_heads, num_blocks,
+  block_size, *rest]`` at flat ``slots``."""
+  num_kv_heads = pool.shape[0]
+  total = pool.shape[1] * pool.shape[2]
+  flat = pool.reshape(num_kv_heads, total, *pool.shape[3:])
+  flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
+  return flat.reshape(pool.shape)
+
+
+def write_kv_quantized(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping):
+  """Quantizes new K/V rows (``kernels._quant.quantize``) and scatters them and their
+  scales into one layer's 8-bit pools.
+
+  Args:
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, int8 or
+      float8_e4m3fn.
+    k_scales, v_scales: ``f32[num_kv_heads, num_blocks, block_size]``.
+    k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype.
+    slot_mapping: as in :func:`write_kv`.
+
+  Returns:
+    The updated ``(k_blocks, v_blocks, k_scales, v_scales)``: each row and its scale go
+    to the same slot in one pass over the new tokens.
+  """
+  if not is_quantized(k_blocks.dtype) or v_blocks.dtype != k_blocks.dtype:
+    raise ValueError(
+      "write_kv_quantized needs int8 or float8_e4m3fn k_blocks and v_blocks of one dtype, got "
+      f"{jnp.dtype(k_blocks.dtype).name} and {jnp.dtype(v_blocks.dtype).name}"
+    )
+  if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
+    raise ValueError(
+      "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
+      f"{tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}"
+    )
+  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
+  for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if s.shape != k_blocks.shape[:3] or s.dtype != SCALE_DTYPE:
+      raise ValueError(
+        f"{name} must be float32 {tuple(k_blocks.shape[:3])} ([num_kv_heads, num_blocks, "
+        f"block_size] of k_blocks), got {tuple(s.shape)} {jnp.dtype(s.dtype).name}"
+      )
+  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
+    raise ValueError(
+      f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
+      f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
+    )
+  if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
+    raise ValueError(
+      f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
+      f"{jnp.dtype(slot_mapping.dtype).name}"
+    )
+  total = num_blocks * block_size
+  check_host_slot_mapping(slot_mapping, total)
+  slots = _slots(slot_mapping, total)
+  kq, ks = quantize(k_new, k_blocks.dtype)
+  vq, vs = quantize(v_new, v_blocks.dtype)
+  return (
+    _scatter_rows(k_blocks, kq, slots),
+    _scatter_rows(v_blocks, vq, slots),
+    _scatter_rows(k_scales, ks, slots),
+    _scatter_rows(v_scales, vs, slots),
+  )

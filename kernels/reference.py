@@ -6,6 +6,8 @@ Layout shared by every backend (see docs/ARCHITECTURE.md):
                [batch, num_q_heads, head_dim]        one decode query per sequence
   k_blocks     [num_kv_heads, num_blocks, block_size, head_dim]
   v_blocks     [num_kv_heads, num_blocks, block_size, head_dim]
+  k_scales     f32[num_kv_heads, num_blocks, block_size]   8-bit K/V only (else None): slot
+  v_scales     f32[num_kv_heads, num_blocks, block_size]   (h, b, i) holds row * scale
   block_table  i32[batch, max_blocks]   physical block of logical block i; INVALID_BLOCK (-1)
                                         where unused
   lengths      i32[batch]               tokens in each sequence's cache, *including* the
@@ -47,7 +49,18 @@ def _positions(lengths, cu_q_lens, num_tokens):
 
 
 def _attend_rows(
-  q, k_blocks, v_blocks, row_table, pos, valid, *, scale, sliding_window, logit_soft_cap
+  q,
+  k_blocks,
+  v_blocks,
+  k_scales,
+  v_scales,
+  row_table,
+  pos,
+  valid,
+  *,
+  scale,
+  sliding_window,
+  logit_soft_cap,
 ):
   """Attention for a chunk of query rows, each with its own block-table row.
 
@@ -63,6 +76,10 @@ def _attend_rows(
   # [Hkv, T, max_blocks, bs, D] -> [Hkv, T, span, D]
   k = k_blocks[:, safe_table].reshape(num_kv_heads, t, span, head_dim).astype(jnp.float32)
   v = v_blocks[:, safe_table].reshape(num_kv_heads, t, span, head_dim).astype(jnp.float32)
+  if k_scales is not None:
+    # 8-bit K/V: the gathered rows (never the pool) are read as q * scale.
+    k = k * k_scales[:, safe_table].reshape(num_kv_heads, t, span, 1)
+    v = v * v_scales[:, safe_table].reshape(num_kv_heads, t, span, 1)
 
   key_pos = jnp.arange(span, dtype=jnp.int32)
   block_ok = jnp.repeat(row_table >= 0, block_size, axis=1)  # [T, span]
@@ -105,10 +122,14 @@ def paged_attention(
   sliding_window: int | None = None,
   logit_soft_cap: float | None = None,
   rows_per_chunk: int = 64,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
 ) -> jax.Array:
   """Reference paged attention (decode when ``cu_q_lens`` is None, else ragged prefill).
 
-  Shapes and meaning are in the module docstring. Accumulates in float32 and
+  Shapes and meaning are in the module docstring; 8-bit (int8, float8_e4m3fn) K/V come with
+  ``k_scales``/``v_scales f32[num_kv_heads, num_blocks, block_size]`` and are read as
+  ``row * scale`` (``kernels._quant``). Accumulates in float32 and
   returns ``q.dtype``. ``rows_per_chunk`` bounds memory: K/V are gathered for at
   most that many query rows at a time.
   """
@@ -128,6 +149,8 @@ def paged_attention(
     _attend_rows,
     k_blocks=k_blocks,
     v_blocks=v_blocks,
+    k_scales=k_scales,
+    v_scales=v_scales,
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,

@@ -86,6 +86,30 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
     # atol 2**-7 here, test_reference.py 1e-5; the tighter 1e-5 holds for both.
     "bfloat16": Tol(rtol=2**-7, atol=1e-5),
   },
+  # Attention over 8-bit K/V (int8, float8 e4m3; tests/kernels/test_quant.py): every path
+  # (reference, Pallas GPU and TPU in interpret mode) against dequantise-then-attend in
+  # float64 NumPy on the same 8-bit rows and float32 scales. The quantization error itself
+  # is not in this comparison (the oracle sees the same rounded rows); what remains is how
+  # the kernel folds the scales in: (q . k_row) * k_scale and (p * v_scale) @ v instead of
+  # q . (k_row * k_scale), one more float32 rounding per product, and the int8/e4m3 -> q
+  # dtype widening, which is exact. So the bounds of attention_vs_float64 apply, on the
+  # same O(1) outputs (the tests' rows have magnitudes e**-1..e, so scales differ 7x).
+  # Measured, as a share of what the bound allows (|err| / (atol + rtol |want|)): float32
+  # q <= 0.03 (reference), <= 0.32 (TPU, 300 keys), max |err| 4.7e-6 (GPU); bf16 q (reference,
+  # TPU: only the output is rounded to bf16) <= 0.50, as for attention_vs_float64.
+  "quantized_attention_vs_float64": {
+    "float32": Tol(rtol=1e-5, atol=1e-5),
+    "bfloat16": Tol(rtol=2**-7, atol=1e-5),
+  },
+  # The Pallas GPU kernels with bf16 q over 8-bit K/V against the same float64 oracle,
+  # as a relative L2 error: K/V are widened to bf16 exactly, but p * v_scale is rounded to
+  # bf16 before the p @ v dot and the output to bf16, as in gpu_kernel_vs_reference_rel_l2
+  # (2**-8 relative each, partly averaging out). Measured: <= 2.7e-3 (int8 and fp8,
+  # decode and ragged) in interpret mode: the bf16 bound of gpu_kernel_vs_reference_rel_l2
+  # (5e-3) holds here too, with 1.8x room.
+  "quantized_gpu_vs_float64_rel_l2": {
+    "bfloat16": Tol(rtol=5e-3, atol=0.0),
+  },
   # Relative L2 error of the Pallas GPU kernels (Triton decode and prefill, Mosaic GPU
   # prefill) against kernels.reference: in interpret mode on CPU in
   # tests/kernels/test_gpu.py, and on the GPU at benchmark shapes (up to 8192 keys) in

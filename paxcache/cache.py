@@ -4,7 +4,15 @@ Layout (one for every backend; docs/ARCHITECTURE.md says why heads come first)::
 
   PagedKVCache.k, .v   tuples of num_layers arrays, one buffer per layer:
   cache.k[layer]       [num_kv_heads, num_blocks, block_size, head_dim]   what the kernels take
+  cache.k_scale[layer] f32[num_kv_heads, num_blocks, block_size]   8-bit caches only (else ())
   HostKVPool.k, .v     [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]  NumPy
+  HostKVPool.k_scale   f32[num_layers, num_kv_heads, num_host_blocks, block_size] (8-bit only)
+
+An 8-bit cache (``dtype`` int8 or float8_e4m3fn) stores each token's K (and V) row of each
+KV head quantized with its own float32 scale (``kernels.quantize``); the scales sit in
+pools of the K/V pools' shape without head_dim, so a block's scales are block ``b`` of
+the scale pool, and every function here that moves a block (write, copy_blocks,
+swap_out, swap_in) moves its scales with it.
 
 Each layer's pool is its own buffer, not a slice of one 5-D array, because a Pallas
 kernel is a custom call: XLA must hand it a whole buffer, so a layer sliced out of a 5-D
@@ -41,7 +49,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import INVALID_BLOCK, check_host_slot_mapping, write_kv
+from kernels import (
+  INVALID_BLOCK,
+  check_host_slot_mapping,
+  is_quantized,
+  write_kv,
+  write_kv_quantized,
+)
+from kernels._quant import QUANT_DTYPES, SCALE_DTYPE
 
 # ---------------------------------------------------------------------------------------------
 # The device cache.
@@ -57,6 +72,9 @@ class PagedKVCache:
 
   k: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
   v: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
+  # 8-bit caches: num_layers x f32[num_kv_heads, num_blocks, block_size]; () otherwise.
+  k_scale: tuple[jax.Array, ...] = ()
+  v_scale: tuple[jax.Array, ...] = ()
 
   @classmethod
   def create(
@@ -68,7 +86,10 @@ class PagedKVCache:
     head_dim: int,
     dtype=jnp.float32,
   ) -> PagedKVCache:
-    """Allocates the pools (zero-filled, but callers must not rely on unused slots' values)."""
+    """Allocates the pools (zero-filled, but callers must not rely on unused slots' values).
+
+    ``dtype``: a float dtype, or int8 / float8_e4m3fn for an 8-bit cache (with float32
+    scale pools, one scale per KV head and slot)."""
     dims = dict(
       num_layers=num_layers,
       num_kv_heads=num_kv_heads,
@@ -77,17 +98,33 @@ class PagedKVCache:
       head_dim=head_dim,
     )
     shape = _check_dims(dims)
-    dtype = _check_float_dtype(dtype, "dtype")
+    dtype = _check_kv_dtype(dtype, "dtype")
     num_layers, layer_shape = shape[0], shape[1:]
+    scales = {}
+    if is_quantized(dtype):
+      scales = {
+        name: tuple(jnp.zeros(layer_shape[:3], SCALE_DTYPE) for _ in range(num_layers))
+        for name in ("k_scale", "v_scale")
+      }
     return cls(
       k=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
       v=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
+      **scales,
     )
 
   @classmethod
-  def from_stacked(cls, k, v) -> PagedKVCache:
+  def from_stacked(cls, k, v, k_scale=None, v_scale=None) -> PagedKVCache:
     """A cache from 5-D ``k, v [num_layers, num_kv_heads, num_blocks, block_size, head_dim]``
-    (JAX or NumPy), one buffer per layer (copies the layers apart)."""
+    (JAX or NumPy), one buffer per layer (copies the layers apart). 8-bit ``k, v`` need
+    ``k_scale, v_scale f32[num_layers, num_kv_heads, num_blocks, block_size]``."""
+    if k_scale is not None or v_scale is not None:
+      cache = cls.from_stacked(k, v)
+      cache = cache.replace(
+        k_scale=tuple(jnp.asarray(k_scale)[i] for i in range(cache.num_layers)),
+        v_scale=tuple(jnp.asarray(v_scale)[i] for i in range(cache.num_layers)),
+      )
+      _check_cache(cache)
+      return cache
     k, v = jnp.asarray(k), jnp.asarray(v)
     if k.ndim != 5 or v.shape != k.shape or v.dtype != k.dtype:
       raise ValueError(
@@ -125,6 +162,20 @@ class PagedKVCache:
   def dtype(self):
     return self.k[0].dtype
 
+  @property
+  def quantized(self) -> bool:
+    """Whether K/V are 8-bit (with ``k_scale``/``v_scale`` pools)."""
+    return is_quantized(self.dtype)
+
+  def scales(self, layer: int) -> dict:
+    """``{"k_scales": ..., "v_scales": ...}`` of one layer for ``kernels.paged_attention``
+    (an empty dict for a float cache): ``kernels.paged_attention(q, *cache.layer(i), ...,
+    **cache.scales(i))``."""
+    _check_layer(layer, self.num_layers)
+    if not self.quantized:
+      return {}
+    return {"k_scales": self.k_scale[layer], "v_scales": self.v_scale[layer]}
+
   def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
     """``(k_blocks, v_blocks)`` of one layer, each ``[num_kv_heads, num_blocks, block_size,
     head_dim]``: the arguments ``kernels.paged_attention`` takes (the layer's own buffers,
@@ -132,12 +183,16 @@ class PagedKVCache:
     _check_layer(layer, self.num_layers)
     return self.k[layer], self.v[layer]
 
-  def replace_layer(self, layer: int, k_blocks, v_blocks) -> PagedKVCache:
-    """The cache with ``layer``'s pools replaced (the other layers' buffers are shared)."""
+  def replace_layer(self, layer: int, k_blocks, v_blocks, k_scale=None, v_scale=None):
+    """The cache with ``layer``'s pools (and, 8-bit, scale pools) replaced; the other
+    layers' buffers are shared."""
     _check_layer(layer, self.num_layers)
     k, v = list(self.k), list(self.v)
     k[layer], v[layer] = k_blocks, v_blocks
-    return PagedKVCache(k=tuple(k), v=tuple(v))
+    ks, vs = list(self.k_scale), list(self.v_scale)
+    if k_scale is not None:
+      ks[layer], vs[layer] = k_scale, v_scale
+    return PagedKVCache(k=tuple(k), v=tuple(v), k_scale=tuple(ks), v_scale=tuple(vs))
 
 
 def _check_dims(dims: dict[str, int]) -> tuple[int, ...]:
@@ -145,6 +200,19 @@ def _check_dims(dims: dict[str, int]) -> tuple[int, ...]:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
   return tuple(int(x) for x in dims.values())
+
+
+def _check_kv_dtype(dtype, name: str):
+  """A float dtype, or one of the 8-bit K/V dtypes."""
+  try:
+    if is_quantized(dtype):
+      return jnp.dtype(dtype)
+  except TypeError:
+    pass
+  try:
+    return _check_float_dtype(dtype, name)
+  except ValueError as e:
+    raise ValueError(f"{e} or 8-bit ({', '.join(d.name for d in QUANT_DTYPES)})") from None
 
 
 def _check_float_dtype(dtype, name: str):
@@ -173,7 +241,9 @@ def _check_cache(cache) -> None:
   # Each pool is donated on its own (write donates its layer's two): one array in two
   # places would be deleted under the other. Tracers (inside jit) are not buffers.
   concrete = [
-    id(x) for x in k + v if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    id(x)
+    for x in k + v + tuple(cache.k_scale) + tuple(cache.v_scale)
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
   ]
   if len(set(concrete)) < len(concrete):
     raise ValueError(
@@ -187,6 +257,28 @@ def _check_cache(cache) -> None:
         raise ValueError(
           f"cache.{name}[{i}] must be [num_kv_heads, num_blocks, block_size, head_dim] like "
           f"cache.k[0] {_shape_str(first)}, got "
+          f"{_shape_str(x) if hasattr(x, 'shape') else type(x).__name__}"
+        )
+  scale_shape = tuple(first.shape[:3])
+  for name in ("k_scale", "v_scale"):
+    pools = getattr(cache, name)
+    if not is_quantized(first.dtype):
+      if pools:
+        raise ValueError(
+          f"cache.{name} must be () for a {jnp.dtype(first.dtype).name} cache (scales are "
+          "for 8-bit K/V only)"
+        )
+      continue
+    if not isinstance(pools, tuple) or len(pools) != len(k):
+      raise ValueError(
+        f"an 8-bit cache needs cache.{name}: a tuple of one float32 {scale_shape} array per "
+        f"layer ({len(k)}), got {type(pools).__name__} of {len(pools)}"
+      )
+    for i, x in enumerate(pools):
+      if getattr(x, "shape", None) != scale_shape or x.dtype != SCALE_DTYPE:
+        raise ValueError(
+          f"cache.{name}[{i}] must be float32 {scale_shape} ([num_kv_heads, num_blocks, "
+          f"block_size] of cache.k[0]), got "
           f"{_shape_str(x) if hasattr(x, 'shape') else type(x).__name__}"
         )
 
@@ -212,7 +304,7 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
     cache: the cache; donated (use the returned one).
     layer: layer index, a Python int (range-checked).
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype (cast to the
-      cache dtype).
+      cache dtype; an 8-bit cache quantizes each row and writes its scale to the same slot).
     slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``;
       ``kernels.INVALID_SLOT`` (-1) marks padding rows, which write nothing. A NumPy
       slot_mapping is checked (in range, no slot twice); a device one is trusted.
@@ -238,13 +330,23 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
       f"{_shape_str(slot_mapping)}"
     )
   check_host_slot_mapping(slot_mapping, cache.num_blocks * cache.block_size)
-  k, v = _write_layer(*cache.layer(int(layer)), k_new, v_new, slot_mapping)
-  return cache.replace_layer(int(layer), k, v)
+  layer = int(layer)
+  if cache.quantized:
+    scales = (cache.k_scale[layer], cache.v_scale[layer])
+    k, v, ks, vs = _write_layer_quantized(*cache.layer(layer), *scales, k_new, v_new, slot_mapping)
+    return cache.replace_layer(layer, k, v, ks, vs)
+  k, v = _write_layer(*cache.layer(layer), k_new, v_new, slot_mapping)
+  return cache.replace_layer(layer, k, v)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _write_layer(k_blocks, v_blocks, k_new, v_new, slot_mapping):
   return write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3))
+def _write_layer_quantized(k_blocks, v_blocks, k_scale, v_scale, k_new, v_new, slot_mapping):
+  return write_kv_quantized(k_blocks, v_blocks, k_scale, v_scale, k_new, v_new, slot_mapping)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,10 +393,16 @@ def _copy_blocks(cache, src, dst):
   src = jnp.where(pad, 0, src)
   dst = jnp.where(pad, cache.num_blocks, dst)  # out of range: dropped by the scatter
 
-  def copy(pool):  # one layer: [num_kv_heads, num_blocks, block_size, head_dim]
+  def copy(pool):  # one layer: [num_kv_heads, num_blocks, block_size, ...]
     return pool.at[:, dst].set(pool[:, src], mode="drop")
 
-  return PagedKVCache(k=tuple(map(copy, cache.k)), v=tuple(map(copy, cache.v)))
+  # An 8-bit block's scales are block dst of the scale pools: copied with it.
+  return PagedKVCache(
+    k=tuple(map(copy, cache.k)),
+    v=tuple(map(copy, cache.v)),
+    k_scale=tuple(map(copy, cache.k_scale)),
+    v_scale=tuple(map(copy, cache.v_scale)),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +412,13 @@ def _copy_blocks(cache, src, dst):
 class HostKVPool:
   """Host (CPU) memory for swapped-out blocks: plain NumPy arrays, mutated in place.
 
-  ``k, v: [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]``. Which host
-  block holds what is the allocator's business; this class only holds the bytes.
+  ``k, v: [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]``; for an
+  8-bit pool also ``k_scale, v_scale: f32[num_layers, num_kv_heads, num_host_blocks,
+  block_size]`` (None otherwise). Which host block holds what is the allocator's
+  business; this class only holds the bytes.
   """
 
-  def __init__(self, k: np.ndarray, v: np.ndarray):
+  def __init__(self, k: np.ndarray, v: np.ndarray, k_scale=None, v_scale=None):
     if not isinstance(k, np.ndarray) or not isinstance(v, np.ndarray):
       raise ValueError(
         f"HostKVPool needs NumPy arrays, got {type(k).__name__} and {type(v).__name__}"
@@ -318,8 +428,21 @@ class HostKVPool:
         "host k and v must both be [num_layers, num_kv_heads, num_host_blocks, block_size, "
         f"head_dim] of one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
       )
+    quantized = is_quantized(k.dtype)
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+      if not quantized and s is not None:
+        raise ValueError(f"host {name} given with {k.dtype.name} k (scales are for 8-bit)")
+      if quantized and (
+        not isinstance(s, np.ndarray) or s.shape != k.shape[:4] or s.dtype != SCALE_DTYPE
+      ):
+        raise ValueError(
+          f"an 8-bit host pool needs {name}: a float32 NumPy array {k.shape[:4]}, got "
+          f"{_shape_str(s) if hasattr(s, 'shape') else type(s).__name__}"
+        )
     self.k = k
     self.v = v
+    self.k_scale = k_scale
+    self.v_scale = v_scale
 
   @classmethod
   def create(
@@ -340,8 +463,11 @@ class HostKVPool:
       head_dim=head_dim,
     )
     shape = _check_dims(dims)
-    dtype = _check_float_dtype(dtype, "dtype")
-    return cls(np.zeros(shape, dtype), np.zeros(shape, dtype))
+    dtype = _check_kv_dtype(dtype, "dtype")
+    scales = ()
+    if is_quantized(dtype):
+      scales = (np.zeros(shape[:4], SCALE_DTYPE), np.zeros(shape[:4], SCALE_DTYPE))
+    return cls(np.zeros(shape, dtype), np.zeros(shape, dtype), *scales)
 
   @classmethod
   def like(cls, cache: PagedKVCache, num_host_blocks: int) -> HostKVPool:
@@ -375,9 +501,12 @@ def swap_out(cache: PagedKVCache, host_pool: HostKVPool, device_ids, host_ids) -
   device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "host_ids")
   if device_ids.size == 0:
     return
-  blocks = np.asarray(_gather_blocks(cache, device_ids))  # the one device -> host transfer
+  blocks, scales = jax.device_get(_gather_blocks(cache, device_ids))  # one transfer
   host_pool.k[:, :, host_ids] = blocks[0]
   host_pool.v[:, :, host_ids] = blocks[1]
+  if scales is not None:  # 8-bit: the blocks' scales travel with them
+    host_pool.k_scale[:, :, host_ids] = scales[0]
+    host_pool.v_scale[:, :, host_ids] = scales[1]
 
 
 def swap_in(cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids) -> PagedKVCache:
@@ -392,24 +521,37 @@ def swap_in(cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids) ->
   if device_ids.size == 0:
     return cache
   blocks = np.stack([host_pool.k[:, :, host_ids], host_pool.v[:, :, host_ids]])
-  return _scatter_blocks(cache, blocks, device_ids)  # the array crosses once, into the jit
+  scales = None
+  if cache.quantized:
+    scales = np.stack([host_pool.k_scale[:, :, host_ids], host_pool.v_scale[:, :, host_ids]])
+  return _scatter_blocks(cache, blocks, scales, device_ids)  # the arrays cross once
 
 
 @jax.jit
 def _gather_blocks(cache, ids):
-  # One array, so that the device -> host copy is a single transfer.
+  # One array per dtype, so that the device -> host copy is one transfer of each.
   def gather(pools):
-    return jnp.stack([pool[:, ids] for pool in pools])  # [L, H, n, bs, D]
+    return jnp.stack([pool[:, ids] for pool in pools])  # [L, H, n, bs, (D)]
 
-  return jnp.stack([gather(cache.k), gather(cache.v)])  # [2, L, H, n, bs, D]
+  blocks = jnp.stack([gather(cache.k), gather(cache.v)])  # [2, L, H, n, bs, D]
+  if not cache.k_scale:
+    return blocks, None
+  return blocks, jnp.stack([gather(cache.k_scale), gather(cache.v_scale)])  # [2, L, H, n, bs]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _scatter_blocks(cache, blocks, ids):
+def _scatter_blocks(cache, blocks, scales, ids):
   def scatter(pools, new):
     return tuple(pool.at[:, ids].set(new[i]) for i, pool in enumerate(pools))
 
-  return PagedKVCache(k=scatter(cache.k, blocks[0]), v=scatter(cache.v, blocks[1]))
+  if scales is None:
+    return PagedKVCache(k=scatter(cache.k, blocks[0]), v=scatter(cache.v, blocks[1]))
+  return PagedKVCache(
+    k=scatter(cache.k, blocks[0]),
+    v=scatter(cache.v, blocks[1]),
+    k_scale=scatter(cache.k_scale, scales[0]),
+    v_scale=scatter(cache.v_scale, scales[1]),
+  )
 
 
 def _check_swap(cache, host_pool, device_ids, host_ids, dst_name):

@@ -291,7 +291,8 @@ def unshard_cache(cache: PagedKVCache, num_kv_heads: int, num_shards: int) -> Pa
       f"shards make {layout.pool_heads} pool heads"
     )
   idx = np.asarray(layout.kv_first_copy, np.int32)
-  return PagedKVCache(k=tuple(a[idx] for a in cache.k), v=tuple(a[idx] for a in cache.v))
+  # Scale pools (8-bit caches) lead with the same pool heads: the same rows of them.
+  return jax.tree.map(lambda a: a[idx], cache)
 
 
 def _pool_layout(mesh, axis, pool_heads: int, num_kv_heads: int, num_q_heads=None) -> HeadLayout:
@@ -342,6 +343,30 @@ def sharded_write_kv(mesh, k_blocks, v_blocks, k_new, v_new, slot_mapping, *, ax
   )(k_blocks, v_blocks, k_new, v_new, slot_mapping)
 
 
+@functools.partial(jax.jit, static_argnames=("mesh", "axis"), donate_argnums=(1, 2, 3, 4))
+def sharded_write_kv_quantized(
+  mesh, k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping, *, axis=MODEL_AXIS
+):
+  """``kernels.write_kv_quantized`` on 8-bit pools and their scale pools sharded over heads:
+  each device quantizes and writes its own heads (a row's scale depends on that row
+  alone, so no device needs another's). Arguments as :func:`sharded_write_kv`, plus the
+  scale pools ``f32[pool_heads, num_blocks, block_size]`` (heads over ``axis``; donated).
+
+  Returns:
+    The updated ``(k_blocks, v_blocks, k_scales, v_scales)``, sharded as given.
+  """
+  layout = _pool_layout(mesh, axis, k_blocks.shape[0], k_new.shape[1])
+  k_new, v_new = _expand_kv(k_new, layout), _expand_kv(v_new, layout)
+  heads = P(None, axis)
+  pools = (P(axis),) * 4
+  return jax.shard_map(
+    kernels.write_kv_quantized,
+    mesh=mesh,
+    in_specs=(*pools, heads, heads, P()),
+    out_specs=pools,
+  )(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping)
+
+
 def sharded_cache_write(
   mesh, cache: PagedKVCache, layer: int, k_new, v_new, slot_mapping, *, axis=MODEL_AXIS
 ) -> PagedKVCache:
@@ -353,6 +378,12 @@ def sharded_cache_write(
   donated, as the model does.
   """
   cache_ops._check_cache(cache)
+  if cache.quantized:
+    scales = (cache.k_scale[layer], cache.v_scale[layer])
+    out = sharded_write_kv_quantized(
+      mesh, *cache.layer(layer), *scales, k_new, v_new, jnp.asarray(slot_mapping), axis=axis
+    )
+    return cache.replace_layer(layer, *out)
   k_blocks, v_blocks = sharded_write_kv(
     mesh, *cache.layer(layer), k_new, v_new, jnp.asarray(slot_mapping), axis=axis
   )
@@ -374,6 +405,8 @@ def sharded_paged_attention(
   *,
   num_kv_heads: int | None = None,
   axis: str = MODEL_AXIS,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
   **kwargs,
 ) -> jax.Array:
   """``kernels.paged_attention`` with heads over ``axis``: each device runs the kernel on
@@ -389,6 +422,8 @@ def sharded_paged_attention(
       query layout is not the identity (default: ``pool_heads``, i.e. treat every pool
       head as a KV head, which is exact whenever the query layout is the identity).
     axis: the mesh axis.
+    k_scales, v_scales: 8-bit pools only: ``f32[pool_heads, num_blocks, block_size]``,
+      heads over ``axis`` like the pools.
     **kwargs: passed to ``kernels.paged_attention`` (``scale``, ``sliding_window``,
       ``logit_soft_cap``, ``backend``, ``block_sizes``, ``interpret``). ``scale`` defaults
       to ``head_dim ** -0.5`` on every device, as unsharded.
@@ -409,16 +444,27 @@ def sharded_paged_attention(
   if not layout.q_identity:
     q = q[:, np.asarray(layout.q_heads, np.int32)]
   # On the pool-head view: the same checks every device's kernel call would make.
-  kernels.validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  kernels.validate_inputs(
+    q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales
+  )
   heads = P(None, axis)
   args = [q, k_blocks, v_blocks, block_table, lengths]
   specs = [heads, P(axis), P(axis), P(), P()]
+  quantized = k_scales is not None
+  if quantized:
+    args += [k_scales, v_scales]
+    specs += [P(axis), P(axis)]
   if cu_q_lens is not None:
     args.append(cu_q_lens)
     specs.append(P())
 
-  def body(q, k, v, table, lens, cu=None):
-    return kernels.paged_attention(q, k, v, table, lens, cu, **kwargs)
+  def body(q, k, v, table, lens, *rest):
+    scales = {}
+    if quantized:
+      ks, vs, *rest = rest
+      scales = dict(k_scales=ks, v_scales=vs)
+    cu = rest[0] if rest else None
+    return kernels.paged_attention(q, k, v, table, lens, cu, **kwargs, **scales)
 
   # check_vma=False: the Pallas kernels carry no varying-manual-axes rules; the output
   # spec claims no replication, so the check would prove nothing here.

@@ -13,6 +13,14 @@ summary rows to ``OUT/gpu_decode.jsonl`` / ``OUT/gpu_prefill.jsonl``.
 
   python -m experiments.bench.gpu_decode --out /tmp/bench [--quick]
 
+With ``--kv-quant``: 8-bit K/V decode (int8 and float8 e4m3, a float32 scale per token
+and KV head) against bf16 decode on the same tokens, at 64 x 8192 and 128 x 4096 (32/8
+heads, head_dim 128, block 16), in the same process; rows ``OUT/kv_quant.jsonl``
+(``ours_tbs``: bytes read, scales counted, per second; ``speedup``: bf16 time / 8-bit
+time). Only that comparison (and the ceiling)::
+
+  python -m experiments.bench.gpu_decode --kv-quant --no-decode --no-prefill --out /tmp/q
+
 Every time is the median of 21 samples (10 calls back to back each, then one block) with
 its min-max spread (``time_min_ms``, ``time_max_ms``); ``sync_time_ms`` is the median of
 21 single synchronous calls (dispatch latency included).
@@ -32,15 +40,21 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+import kernels
 from experiments._timing import time_calls
 from experiments.bench import _flags
 from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu
+from kernels.testing import rel_l2_error
 
 HQ, HKV, D = 32, 8, 128
 DECODE_SHAPES = ((8, 4096), (32, 4096), (64, 8192), (128, 4096))
 BLOCK_SIZES = (16, 32, 64, 128)
 PREFILL_LEN = 4096
+# --kv-quant: the shapes issue 16 names for the 8-bit decode speedup, and its block size.
+QUANT_SHAPES = ((64, 8192), (128, 4096))
+QUANT_BLOCK_SIZE = 16
+QUANT_DTYPES = ("int8", "float8_e4m3fn")
 
 # Extra decode settings timed with --decode-sweep (the defaults come from tuning.py).
 SWEEP_CONFIGS = (
@@ -351,6 +365,93 @@ def prefill_bench(runner, block_sizes, sweep):
   return rows
 
 
+def kv_quant_bench(runner, shapes, passes):
+  """bf16 against 8-bit decode on the same tokens, per shape; rows for kv_quant.jsonl.
+
+  The 8-bit pools are quantized from the bf16 ones once, before timing (that is the
+  cache write's job, not the kernel's). Bytes read: bf16 ``2 * B * T * Hkv * D * 2``;
+  8-bit ``2 * B * T * Hkv * (D + 4)`` (rows and their float32 scales).
+  """
+  rng = np.random.default_rng(2)
+  ours = ours_fn(None)
+  summary = []
+  for batch, context in shapes:
+    print(f"kv-quant decode {batch}x{context}  ({runner.left():.0f}s left)", flush=True)
+    kb, vb, table, lengths, _, _ = make_paged(
+      rng,
+      batch=batch,
+      context=context,
+      block_size=QUANT_BLOCK_SIZE,
+      num_kv_heads=HKV,
+      head_dim=D,
+      dtype=jnp.bfloat16,
+      poison=False,
+    )
+    q = jax.random.normal(jax.random.key(5), (batch, HQ, D), jnp.float32).astype(jnp.bfloat16)
+    meta = dict(
+      kind="decode_kv_quant",
+      batch=batch,
+      context=context,
+      block_size=QUANT_BLOCK_SIZE,
+      num_q_heads=HQ,
+      num_kv_heads=HKV,
+      head_dim=D,
+    )
+    tokens = batch * context
+    cases = [("bfloat16", (q, kb, vb, table, lengths), {}, tokens * 2 * HKV * D * 2)]
+    for name in QUANT_DTYPES:
+      kq, ks = jax.jit(kernels.quantize, static_argnums=1)(kb, jnp.dtype(name))
+      vq, vs = jax.jit(kernels.quantize, static_argnums=1)(vb, jnp.dtype(name))
+      nbytes = tokens * 2 * HKV * (D + 4)
+      cases.append((name, (q, kq, vq, table, lengths), dict(k_scales=ks, v_scales=vs), nbytes))
+    times = {name: [] for name, *_ in cases}
+    for rep_ in range(passes):  # interleaved, so drift of the card hits every dtype alike
+      for name, args, kw, nbytes in cases:
+        if runner.left() < 15 and times[name]:
+          continue
+        row = measure(
+          runner,
+          "ours_kv_quant",
+          functools.partial(ours, **kw),
+          args,
+          nbytes,
+          kv_dtype=name,
+          rep=rep_,
+          **meta,
+        )
+        if "time_ms" in row:
+          times[name].append(row["time_ms"])
+    # Correctness on the GPU, cheaply: each 8-bit kernel against the reference on the same
+    # 8-bit pools, for the first two sequences (relative L2 error; tolerance table kind
+    # quantized_gpu_vs_float64_rel_l2, bf16 q).
+    errs = {}
+    for name, args, kw, _ in cases[1:]:
+      q2, kq, vq, t2, l2 = args[0][:2], args[1], args[2], args[3][:2], args[4][:2]
+      got = ours(q2, kq, vq, t2, l2, **kw)
+      want = kernels.paged_attention(q2, kq, vq, t2, l2, backend="reference", **kw)
+      errs[name] = rel_l2_error(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    bf16_ms = float(np.median(times["bfloat16"])) if times["bfloat16"] else None
+    for name, _, _, nbytes in cases:
+      if name == "bfloat16" or not times[name]:
+        continue
+      ms = float(np.median(times[name]))
+      summary.append(
+        dict(
+          kv_dtype=name,
+          case=f"decode_{batch}x{context}_bs{QUANT_BLOCK_SIZE}_h{HQ}/{HKV}_d{D}",
+          ours_ms=ms,
+          bf16_ms=bf16_ms,
+          ours_tbs=nbytes / ms / 1e9,
+          bf16_tbs=(tokens * 2 * HKV * D * 2) / bf16_ms / 1e9 if bf16_ms else None,
+          speedup=bf16_ms / ms if bf16_ms else None,
+          passes=len(times[name]),
+          rel_l2_vs_reference=errs[name],
+          **runner.env,
+        )
+      )
+  return summary
+
+
 def define_flags():
   flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_bench"), "output folder")
   flags.DEFINE_bool("quick", False, "one shape, one block size, no sweep")
@@ -362,13 +463,17 @@ def define_flags():
   flags.DEFINE_bool("decode-sweep", False, "also time SWEEP_CONFIGS")
   flags.DEFINE_integer("passes", 3, "timing passes over the decode cases", lower_bound=1)
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
+  flags.DEFINE_bool(
+    "kv-quant", False, "also time 8-bit (int8, fp8) decode against bf16 at QUANT_SHAPES"
+  )
 
 
 def main(args):
-  global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN
+  global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN, QUANT_SHAPES
   if args.smoke:
     HQ, HKV, D, INTERPRET, PREFILL_LEN = 4, 2, 64, True, 32
     DECODE_SHAPES, BLOCK_SIZES = ((2, 64),), (16,)
+    QUANT_SHAPES = ((2, 64),)
     args.no_builtin = True
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args.out, args.budget_s)
@@ -394,6 +499,15 @@ def main(args):
     if args.no_decode
     else decode_bench(runner, shapes, bss, builtin, args.passes, args.decode_sweep)
   )
+
+  if args.kv_quant:
+    quant_rows = kv_quant_bench(runner, QUANT_SHAPES, args.passes)
+    write_jsonl(os.path.join(args.out, "kv_quant.jsonl"), quant_rows)
+    for r in quant_rows:
+      print(
+        f"kv-quant {r['case']} {r['kv_dtype']}: {r['ours_tbs']:.2f} TB/s vs bf16 "
+        f"{r['bf16_tbs']:.2f} TB/s, speedup {r['speedup']:.2f}x"
+      )
 
   summary = []
   for c in cases:

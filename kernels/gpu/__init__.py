@@ -108,6 +108,7 @@ def kernel_backend(
     if not ok:
       raise ValueError(
         "the Mosaic GPU prefill supports q and K/V of one dtype in "
+        "(8-bit K/V run on the Triton prefill) "
         f"{[jnp.dtype(d).name for d in prefill_mosaic.SUPPORTED_DTYPES]}, head_dim in "
         f"{prefill_mosaic.SUPPORTED_HEAD_DIMS} and a power-of-two block_size >= "
         f"{prefill_mosaic.MIN_BLOCK_SIZE}; got q {jnp.dtype(q_dtype).name}, K/V "
@@ -134,10 +135,19 @@ def _mosaic_interpret_params():
 
 
 def validate_gpu_inputs(
-  q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, *, block_sizes=None
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens=None,
+  *,
+  block_sizes=None,
+  k_scales=None,
+  v_scales=None,
 ) -> None:
   """Static checks of what the GPU kernels support; raises ValueError before compiling."""
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
   if head_dim not in SUPPORTED_HEAD_DIMS:
     raise ValueError(
@@ -188,6 +198,8 @@ def paged_attention(
   logit_soft_cap=None,
   block_sizes=None,
   interpret=False,
+  k_scales=None,
+  v_scales=None,
 ):
   """Paged attention on GPU (Pallas); same arguments and result as kernels.reference.
 
@@ -201,12 +213,23 @@ def paged_attention(
     scale, sliding_window, logit_soft_cap: as in kernels.paged_attention.
     block_sizes: a kernels.gpu.BlockSizes, or None for per-shape defaults.
     interpret: run the Pallas kernels in interpret mode (CPU tests).
+    k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit (int8,
+      float8_e4m3fn) K/V, else None; the Triton kernels multiply them into the scores and
+      the probabilities (8-bit prefill always runs on Triton).
 
   Returns:
     Array shaped like q, q.dtype.
   """
   validate_gpu_inputs(
-    q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, block_sizes=block_sizes
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    cu_q_lens,
+    block_sizes=block_sizes,
+    k_scales=k_scales,
+    v_scales=v_scales,
   )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   head_dim = q.shape[2]
@@ -235,6 +258,8 @@ def paged_attention(
     logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
   )
   if decode:
     return paged_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)
@@ -250,6 +275,11 @@ def paged_attention(
     interpret=interpret,
   )
   if backend == "mosaic":
+    if k_scales is not None:  # kernel_backend never picks it for 8-bit K/V; a request can
+      raise ValueError(
+        "the Mosaic GPU prefill does not read 8-bit K/V; use BlockSizes(prefill_kernel="
+        "'triton' or 'auto')"
+      )
     return paged_prefill_mosaic(
       q,
       k_blocks,

@@ -30,13 +30,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._quant import is_quantized
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.tuning import BlockSizes
 
 
 def compute_dtype(q_dtype, kv_dtype):
-  """Operand dtype of the kernels' dots: the common dtype, float32 when they differ."""
+  """Operand dtype of the kernels' dots: the common dtype, float32 when they differ.
+
+  8-bit K/V (int8, float8_e4m3fn) are widened to q's dtype: their values are exact in
+  bf16, f16 and f32, so the dot runs at q's precision and loses nothing to the widening.
+  """
   q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
+  if is_quantized(kv_dtype):
+    return q_dtype
   return q_dtype if q_dtype == kv_dtype else jnp.dtype(jnp.float32)
 
 
@@ -78,6 +85,8 @@ def _decode_kernel(
   q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head
   k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
   v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
+  # 8-bit K/V only (quantized=True): ks_ref, vs_ref f32[num_kv_heads * num_blocks *
+  # block_size], the scale of each slot's row; then the outputs.
   # One split: o [batch * num_q_heads, head_dim] in q.dtype, normalised. Several: o
   # f32[batch * num_q_heads * num_splits, head_dim] unnormalised, m and den
   # f32[batch * num_q_heads * num_splits] (max in log2 units, sum of p); row
@@ -97,7 +106,10 @@ def _decode_kernel(
   sliding_window,
   logit_soft_cap,
   cdtype,
+  quantized=False,
 ):
+  if quantized:
+    ks_ref, vs_ref, *out_refs = out_refs
   h = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -143,9 +155,17 @@ def _decode_kernel(
     k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+    if quantized:
+      # Dequantise in the kernel: q . (k_row * k_scale) = (q . k_row) * k_scale per key.
+      ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
+      s = s * ks[None, :]
     (acc, m, den), p = online_softmax_step(
       carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
     )
+    if quantized:
+      # sum_j p_j (v_j * s_j) = sum_j (p_j * s_j) v_j: the V scales go on p.
+      vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
+      p = p * vs[None, :]
     acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
     return acc, m, den
 
@@ -192,6 +212,8 @@ def paged_decode(
   logit_soft_cap: float | None,
   block_sizes: BlockSizes,
   interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
 ):
   """Decode attention, one query per sequence.
 
@@ -200,6 +222,7 @@ def paged_decode(
     k_blocks, v_blocks: [num_kv_heads, num_blocks, block_size, head_dim].
     block_table: i32[batch, max_blocks] (-1 where unused).
     lengths: i32[batch].
+    k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
 
   Returns:
     [batch, num_q_heads, head_dim] in q.dtype.
@@ -235,6 +258,7 @@ def paged_decode(
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
     cdtype=cdtype,
+    quantized=k_scales is not None,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -244,6 +268,8 @@ def paged_decode(
     k_blocks.reshape(flat_rows, head_dim),
     v_blocks.reshape(flat_rows, head_dim),
   )
+  if k_scales is not None:
+    args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
   if num_splits == 1:
     out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype)
   else:

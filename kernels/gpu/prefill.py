@@ -108,8 +108,10 @@ def _prefill_kernel(
   q_ref,  # [num_tokens * num_q_heads, head_dim]: row token * num_q_heads + query head
   k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
   v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
-  o_ref,  # [num_tokens * num_q_heads, head_dim] in q.dtype, rows as in q_ref
-  *,
+  # 8-bit K/V only (quantized=True): ks_ref, vs_ref f32[num_kv_heads * num_blocks *
+  # block_size], the scale of each slot's row; then the output:
+  # o_ref [num_tokens * num_q_heads, head_dim] in q.dtype, rows as in q_ref
+  *refs,
   num_q_heads,
   group,
   heads_per_program,
@@ -123,7 +125,12 @@ def _prefill_kernel(
   sliding_window,
   logit_soft_cap,
   cdtype,
+  quantized=False,
 ):
+  if quantized:
+    ks_ref, vs_ref, o_ref = refs
+  else:
+    (o_ref,) = refs
   hg = pl.program_id(0)  # heads hg * heads_per_program + [0, heads_per_program)
   i = pl.program_id(1)
   start = sched_ref[i * _NCOL + _START]
@@ -187,6 +194,10 @@ def _prefill_kernel(
     k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[q_tile, kv_tile]
+    if quantized:
+      # Dequantise in the kernel: (q . k_row) * k_scale per key, and p * v_scale below.
+      ks = plgpu.load(ks_ref.at[kv_rows], mask=blk_ok, other=0.0)
+      s = s * ks[None, :]
     vis = None  # a tile every row sees in full
     if masked:  # bool[q_tile, kv_tile]
       vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
@@ -195,6 +206,9 @@ def _prefill_kernel(
     (acc, m, den), p = online_softmax_step(
       carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
     )
+    if quantized:
+      vs = plgpu.load(vs_ref.at[kv_rows], mask=blk_ok, other=0.0)
+      p = p * vs[None, :]
     acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
     return acc, m, den
 
@@ -229,6 +243,8 @@ def paged_prefill(
   logit_soft_cap: float | None,
   block_sizes: BlockSizes,
   interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
 ):
   """Ragged prefill / chunked prefill / mixed batch.
 
@@ -239,6 +255,7 @@ def paged_prefill(
     block_table: i32[batch, max_blocks] (-1 where unused).
     lengths: i32[batch], including this call's queries.
     cu_q_lens: i32[batch + 1].
+    k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
 
   Returns:
     [num_tokens, num_q_heads, head_dim] in q.dtype; rows outside every sequence are 0.
@@ -269,8 +286,10 @@ def paged_prefill(
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
     cdtype=compute_dtype(q.dtype, k_blocks.dtype),
+    quantized=k_scales is not None,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
+  scales = () if k_scales is None else (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
   out = pl.pallas_call(
     kernel,
     grid=(num_q_heads // hp, num_tiles),
@@ -286,5 +305,6 @@ def paged_prefill(
     q.reshape(num_tokens * num_q_heads, head_dim),
     k_blocks.reshape(flat_rows, head_dim),
     v_blocks.reshape(flat_rows, head_dim),
+    *scales,
   )
   return out.reshape(num_tokens, num_q_heads, head_dim)

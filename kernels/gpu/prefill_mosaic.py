@@ -55,6 +55,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from kernels._quant import is_quantized
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.prefill import build_schedule
 
@@ -401,6 +402,12 @@ def paged_prefill_mosaic(
   Returns:
     [num_tokens, num_q_heads, head_dim] in q.dtype; rows outside every sequence are 0.
   """
+  if is_quantized(k_blocks.dtype):
+    raise ValueError(
+      f"the Mosaic GPU prefill does not read 8-bit K/V (k_blocks "
+      f"{jnp.dtype(k_blocks.dtype).name}); kernels.gpu.kernel_backend sends them to the "
+      "Triton prefill (BlockSizes(prefill_kernel='triton' or 'auto'))"
+    )
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads = k_blocks.shape[0]
   pv_via_smem = bool(interpret) if pv_via_smem is None else pv_via_smem

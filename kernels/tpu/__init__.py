@@ -28,14 +28,18 @@ def paged_attention(
   logit_soft_cap: float | None = None,
   block_sizes: BlockSizes | None = None,
   interpret=False,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
 ) -> jax.Array:
   """TPU paged attention: decode when ``cu_q_lens`` is None, else ragged.
 
   Args and result as :func:`kernels.paged_attention` (shapes in :mod:`kernels.reference`);
   ``block_sizes`` is a :class:`BlockSizes` or None, ``interpret`` is False, True or a
-  ``pltpu.InterpretParams``.
+  ``pltpu.InterpretParams``. 8-bit K/V (int8, float8_e4m3fn; block_size a multiple of 32)
+  come with ``k_scales``/``v_scales f32[num_kv_heads, num_blocks, block_size]``: each
+  block's scales are DMA'd with it and multiplied into the scores and probabilities.
   """
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens)
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(
@@ -47,6 +51,8 @@ def paged_attention(
     logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
   )
   if cu_q_lens is None:
     return paged_attention_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)

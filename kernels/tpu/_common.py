@@ -14,6 +14,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels._quant import SCALE_DTYPE, is_quantized
+
 MASK_VALUE = -1e30  # finite, as in the reference: a fully masked row stays finite
 
 
@@ -40,11 +42,13 @@ class Chunk:
   entries are never DMA'd; the physical id is clamped so that even a corrupt table cannot
   address outside the pool. Each block is one DMA for K and one for V, covering all the
   ``heads`` KV heads: rows ``[j * block_size, (j + 1) * block_size)`` of every head's
-  slot buffer.
+  slot buffer. With 8-bit K/V (``scales`` given) each block also copies its K and V
+  scales ``[heads, block_size]`` into the slot's scale buffers (two more small DMAs on
+  their own semaphores): a block's scales always arrive with its rows.
   """
 
   fetched: tuple  # per block j: bool scalar
-  copies: tuple  # per block j: (k copy, v copy), each over all the heads
+  copies: tuple  # per block j: (k copy, v copy[, k scale copy, v scale copy]), all heads
 
   @classmethod
   def make(
@@ -56,6 +60,8 @@ class Chunk:
     sems,  # DMA [2 (K, V), 2 (slot)]
     table_ref,  # SMEM i32[batch * max_blocks]
     *,
+    scales=None,  # 8-bit: (ks_hbm, vs_hbm, ks_buf, vs_buf); HBM f32[heads, blocks, bs],
+    # VMEM f32[2 (slot), heads, chunk_tokens]; sems is then [4 (K, V, KS, VS), 2]
     row,
     head,
     first,
@@ -77,25 +83,30 @@ class Chunk:
       # One DMA per block for all the step's heads (a strided copy: the heads' slabs of a
       # block are num_blocks * block_size rows apart in HBM), K and V separately.
       heads_hbm = pl.ds(head, heads)
-      copies.append(
-        (
+      block = (
+        pltpu.make_async_copy(k_hbm.at[heads_hbm, phys], k_buf.at[slot, :, rows], sems.at[0, slot]),
+        pltpu.make_async_copy(v_hbm.at[heads_hbm, phys], v_buf.at[slot, :, rows], sems.at[1, slot]),
+      )
+      if scales is not None:
+        ks_hbm, vs_hbm, ks_buf, vs_buf = scales
+        block += (
           pltpu.make_async_copy(
-            k_hbm.at[heads_hbm, phys], k_buf.at[slot, :, rows], sems.at[0, slot]
+            ks_hbm.at[heads_hbm, phys], ks_buf.at[slot, :, rows], sems.at[2, slot]
           ),
           pltpu.make_async_copy(
-            v_hbm.at[heads_hbm, phys], v_buf.at[slot, :, rows], sems.at[1, slot]
+            vs_hbm.at[heads_hbm, phys], vs_buf.at[slot, :, rows], sems.at[3, slot]
           ),
         )
-      )
+      copies.append(block)
     return cls(tuple(fetched), tuple(copies))
 
   def _each(self, method):
-    for fetched, (k_copy, v_copy) in zip(self.fetched, self.copies, strict=True):
+    for fetched, block in zip(self.fetched, self.copies, strict=True):
 
       @pl.when(fetched)
-      def _(k_copy=k_copy, v_copy=v_copy):
-        getattr(k_copy, method)()
-        getattr(v_copy, method)()
+      def _(block=block):
+        for copy in block:
+          getattr(copy, method)()
 
   def start(self):
     self._each("start")
@@ -117,32 +128,42 @@ def _matmul_operands(a, b):
   """Same-dtype operands for the MXU, never narrower than either input.
 
   bf16 x bf16 stays bf16 (products are exact in the f32 accumulator); any mix with f32
-  widens to f32 at HIGHEST precision, so K/V are never silently rounded to bf16.
+  widens to f32 at HIGHEST precision, so K/V are never silently rounded to bf16. 8-bit K
+  (int8, e4m3) is first widened to q's dtype, which holds every 8-bit value exactly.
   """
+  if is_quantized(b.dtype):
+    b = b.astype(a.dtype)
   if a.dtype == b.dtype and a.dtype != jnp.float32:
     return a, b, None
   return a.astype(jnp.float32), b.astype(jnp.float32), lax.Precision.HIGHEST
 
 
-def scores(q, k, *, scale, logit_soft_cap):
-  """f32 logits ``[rows, keys]`` = scale * q @ k.T, soft-capped when asked."""
+def scores(q, k, *, scale, logit_soft_cap, k_scale=None):
+  """f32 logits ``[rows, keys]`` = scale * q @ k.T, soft-capped when asked.
+
+  ``k_scale`` f32[1, keys] (8-bit K): the per-key scale, folded into the scores
+  (``q . (k_row * s) = (q . k_row) * s``), so K is never dequantised in VMEM either.
+  """
   q, k, precision = _matmul_operands(q, k)
   s = lax.dot_general(
     q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
   )
+  if k_scale is not None:
+    s = s * k_scale
   s = s * scale
   if logit_soft_cap is not None:
     s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
   return s
 
 
-def online_softmax_step(carry, s, visible, v, v_ok):
+def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None):
   """One flash-attention update of (max, sum, accumulator) with a chunk of keys.
 
   carry: (m f32[rows, 1], denom f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
   visible: bool[rows, keys]; v: [keys, head_dim]; v_ok: bool[keys, 1]. Values outside
   ``v_ok`` (slots never DMA'd, or past the sequence) are zeroed, not multiplied by zero,
-  so NaN in a stale buffer cannot reach the output.
+  so NaN in a stale buffer cannot reach the output. ``v_scale`` f32[1, keys] (8-bit V,
+  already zero outside the keys in use): ``p * v_scale`` goes into the ``p @ v`` product.
   """
   m, denom, acc = carry
   s = jnp.where(visible, s, MASK_VALUE)
@@ -153,7 +174,7 @@ def online_softmax_step(carry, s, visible, v, v_ok):
   # p stays f32: V is widened (never p narrowed) so bf16 V costs no precision here.
   v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
   pv = lax.dot_general(
-    p,
+    p if v_scale is None else p * v_scale,
     v,
     (((1,), (0,)), ((), ())),
     preferred_element_type=jnp.float32,
@@ -185,7 +206,17 @@ def mosaic_params(semantics):
 
 
 def kv_scratch(heads, chunk_tokens, head_dim, dtype):
-  """Two slots (double buffer) of one chunk of K and of V, and their DMA semaphores."""
+  """Two slots (double buffer) of one chunk of K and of V, and their DMA semaphores; for
+  8-bit K/V also the chunk's K and V scales (``[2, heads, chunk_tokens]`` float32, keys
+  along the lanes, as the scores are) and two more semaphores."""
+  if is_quantized(dtype):
+    return [
+      pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
+      pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
+      pltpu.VMEM((2, heads, chunk_tokens), SCALE_DTYPE),
+      pltpu.VMEM((2, heads, chunk_tokens), SCALE_DTYPE),
+      pltpu.SemaphoreType.DMA((4, 2)),  # [K, V, K scale, V scale; slot]
+    ]
   return [
     pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
     pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),

@@ -9,6 +9,12 @@ TPU constraints (why each check exists):
 - ``block_size`` must be a multiple of the sublane tile of the K/V dtype (8 rows of 32-bit,
   16 rows of 16-bit): each block is DMA'd into its own row range of one VMEM buffer, and
   a DMA destination must start on a tile boundary.
+- 8-bit K/V (int8, float8 e4m3): ``block_size`` must be a multiple of 128
+  (``QUANT_BLOCK_MULTIPLE``). Each block's float32 scales ``[heads, block_size]`` are DMA'd
+  with it, and Mosaic requires the contiguous inner slice of a DMA to be a multiple of 512
+  bytes: ``block_size * 4`` bytes per head. Found by compiling for v5e and v6e
+  (``kernels.tpu.aot``): block 32 and 64 fail with "The contiguous inner slice in the DMA
+  transfer must be divisible by 512 bytes"; 128 and 256 compile.
 - ``queries_per_tile`` (ragged kernel) must be a power of two and a multiple of the
   sublane tile of ``q.dtype``: a q tile ``[group, queries_per_tile, head_dim]`` is
   flattened to ``[group * queries_per_tile, head_dim]`` (a tile-aligned collapse on
@@ -20,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+
+from kernels._quant import SCALE_DTYPE, is_quantized
 
 LANES = 128
 # SMEM is 1 MiB on TPU v4 through v6e and holds every scalar-prefetch operand at once
@@ -39,6 +47,9 @@ RAGGED_CHUNK_TOKENS = 256
 # all 8 KV heads of the benchmark shape at 512 bf16 tokens (2 x 2 x 8 x 512 x 128 x 2 B).
 DECODE_KV_VMEM_BYTES = 4 * 1024 * 1024
 RAGGED_ROWS = 128
+# 8-bit K/V: block_size a multiple of this, so that a block's scales (block_size float32
+# per head) are one DMA of a multiple of 512 bytes (see the module docstring).
+QUANT_BLOCK_MULTIPLE = 512 // SCALE_DTYPE.itemsize
 
 
 def sublane_tile(dtype) -> int:
@@ -105,6 +116,13 @@ def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
     raise ValueError(
       f"TPU backend: block_size must be a multiple of {tile} for {k_blocks.dtype} K/V "
       f"(one VMEM sublane tile), got k_blocks {tuple(k_blocks.shape)}"
+    )
+  if is_quantized(k_blocks.dtype) and block_size % QUANT_BLOCK_MULTIPLE:
+    raise ValueError(
+      f"TPU backend: block_size must be a multiple of {QUANT_BLOCK_MULTIPLE} for 8-bit "
+      f"({k_blocks.dtype}) K/V: each block's float32 scales are one DMA of block_size * 4 "
+      f"bytes, which Mosaic needs to be a multiple of 512; got k_blocks "
+      f"{tuple(k_blocks.shape)}"
     )
   if block_sizes is not None and block_sizes.queries_per_tile is not None:
     q_tile = sublane_tile(q.dtype)

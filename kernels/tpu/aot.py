@@ -53,6 +53,7 @@ class Case:
   block_sizes: tuple = ()  # (field, value) pairs of kernels.tpu.BlockSizes
   batch: int = 8
   context: int = 4096
+  q_dtype: str | None = None  # None: kv_dtype (8-bit K/V need a float q)
 
 
 def shipped_cases() -> list[Case]:
@@ -86,6 +87,14 @@ def shipped_cases() -> list[Case]:
          block_sizes=(("blocks_per_chunk", 1),)),
     Case("ragged-bs16-bf16-qtile32", "ragged", **bf16, block_sizes=(("queries_per_tile", 32),)),
   ]  # fmt: skip
+  # 8-bit K/V with float32 scales (block_size a multiple of 32, the 8-bit sublane tile):
+  # bf16 q over int8 and e4m3 pools, and f32 q with a window and soft cap.
+  for kernel in ("decode", "ragged"):
+    cases += [
+      Case(f"{kernel}-bs128-int8", kernel, 128, 128, "int8", q_dtype="bfloat16"),
+      Case(f"{kernel}-bs256-fp8-window", kernel, 256, 128, "float8_e4m3fn", q_dtype="float32",
+           window_and_cap=True),
+    ]  # fmt: skip
   return cases
 
 
@@ -125,11 +134,22 @@ def compile_case(case: Case, device) -> dict:
   if case.window_and_cap:
     kw.update(sliding_window=64, logit_soft_cap=30.0)
   rows = tokens if case.kernel == "ragged" else batch
-  q = spec((rows, case.num_q_heads, case.head_dim), case.kv_dtype)
+  q = spec((rows, case.num_q_heads, case.head_dim), case.q_dtype or case.kv_dtype)
   args = [q, k, k, table, lengths]
   if case.kernel == "ragged":
     args.append(spec((batch + 1,), jnp.int32))
-  fn = jax.jit(lambda *a: tpu.paged_attention(*a, **kw))
+  scales = ()
+  if case.kv_dtype in ("int8", "float8_e4m3fn"):
+    s = spec((case.num_kv_heads, num_blocks, case.block_size), jnp.float32)
+    scales = (s, s)
+
+  def fn_body(*a):
+    if scales:  # the last two arguments: k_scales, v_scales
+      return tpu.paged_attention(*a[:-2], k_scales=a[-2], v_scales=a[-1], **kw)
+    return tpu.paged_attention(*a, **kw)
+
+  args += list(scales)
+  fn = jax.jit(fn_body)
   row = dict(case=case.name, topology=str(getattr(device, "device_kind", device)))
   t0 = time.perf_counter()
   try:

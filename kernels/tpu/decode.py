@@ -49,18 +49,27 @@ def _decode_kernel(
   q_ref,  # VMEM [heads_per_step, group, head_dim]
   k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-  o_ref,  # VMEM [heads_per_step, group, head_dim]
-  k_buf,  # VMEM [2, heads_per_step, chunk_tokens, head_dim]
-  v_buf,  # VMEM [2, heads_per_step, chunk_tokens, head_dim]
-  sems,  # DMA semaphores [2 (K, V), 2 (slot)]
-  state_ref,  # SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
-  *,
+  # 8-bit K/V (quantized=True) only: ks_hbm, vs_hbm HBM f32[num_kv_heads, num_blocks,
+  # block_size]. Then:
+  # o_ref VMEM [heads_per_step, group, head_dim]
+  # k_buf, v_buf VMEM [2, heads_per_step, chunk_tokens, head_dim]
+  # 8-bit only: ks_buf, vs_buf VMEM f32[2, heads_per_step, chunk_tokens]
+  # sems DMA semaphores [2 (K, V) or 4 (K, V, K scale, V scale), 2 (slot)]
+  # state_ref SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
+  *refs,
   scale,
   sliding_window,
   logit_soft_cap,
   blocks_per_chunk,
   max_blocks,
+  quantized=False,
 ):
+  if quantized:
+    ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems, state_ref = refs
+    scales = (ks_hbm, vs_hbm, ks_buf, vs_buf)
+  else:
+    o_ref, k_buf, v_buf, sems, state_ref = refs
+    scales = None
   # h indexes groups of heads_per_step consecutive KV heads.
   core, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   per_core, head_groups = pl.num_programs(1), pl.num_programs(2)
@@ -83,6 +92,7 @@ def _decode_kernel(
       v_buf,
       sems,
       table_ref,
+      scales=scales,
       row=seq,
       head=head * heads,
       first=first + c * blocks_per_chunk,
@@ -136,17 +146,26 @@ def _decode_kernel(
     visible = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= lo) & (kp < length)
     kp_col = key0 + key_iota_col
     v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= lo) & (kp_col < length)
+    key_visible = visible  # [1, chunk_tokens]
     visible = jnp.broadcast_to(visible, (group, chunk_tokens))
-    return tuple(
-      _common.online_softmax_step(
-        carry[hh],
-        _common.scores(qs[hh], k_buf[slot, hh], scale=scale, logit_soft_cap=logit_soft_cap),
-        visible,
-        v_buf[slot, hh],
-        v_ok,
+
+    def head_scales(hh):
+      """8-bit: this head's K scales and V scales (zero where no key is in use: a slot
+      never DMA'd holds anything, NaN included), each f32[1, chunk_tokens]."""
+      if not quantized:
+        return None, None
+      ks = ks_buf[slot, pl.ds(hh, 1)]
+      vs = jnp.where(key_visible, vs_buf[slot, pl.ds(hh, 1)], 0.0)
+      return ks, vs
+
+    out = []
+    for hh in range(heads):
+      ks, vs = head_scales(hh)
+      s = _common.scores(
+        qs[hh], k_buf[slot, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
       )
-      for hh in range(heads)
-    )
+      out.append(_common.online_softmax_step(carry[hh], s, visible, v_buf[slot, hh], v_ok, vs))
+    return tuple(out)
 
   init = tuple(_common.init_carry(group, head_dim) for _ in range(heads))
   carry = lax.fori_loop(0, n, body, init)
@@ -172,6 +191,8 @@ def _decode_call(
   num_cores,
   heads_per_step,
   interpret,
+  k_scales=None,
+  v_scales=None,
 ):
   """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``.
 
@@ -187,7 +208,9 @@ def _decode_call(
     logit_soft_cap=logit_soft_cap,
     blocks_per_chunk=blocks_per_chunk,
     max_blocks=max_blocks,
+    quantized=k_scales is not None,
   )
+  scales = () if k_scales is None else (k_scales, v_scales)
   # The full (group, head_dim) tail of q: legal for any group (a block dim equal to the
   # array dim), so GQA groups of 1..32 need no padding of q.
   q_spec = pl.BlockSpec(
@@ -199,7 +222,7 @@ def _decode_call(
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
       grid=(num_cores, per_core, num_kv_heads // heads_per_step),
-      in_specs=[q_spec, any_spec, any_spec],
+      in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
       out_specs=q_spec,
       scratch_shapes=[
         *_common.kv_scratch(
@@ -213,7 +236,7 @@ def _decode_call(
     # of the step that follows it, so their order must be the grid's.
     compiler_params=_common.mosaic_params(("parallel", "arbitrary", "arbitrary")),
     interpret=_common.interpret_params(interpret),
-  )(lengths, table_flat, q, k_blocks, v_blocks)
+  )(lengths, table_flat, q, k_blocks, v_blocks, *scales)
 
 
 @functools.partial(
@@ -231,6 +254,8 @@ def paged_attention_decode(
   logit_soft_cap: float | None = None,
   block_sizes: _config.BlockSizes | None = None,
   interpret=False,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
 ) -> jax.Array:
   """Decode paged attention on TPU.
 
@@ -243,6 +268,8 @@ def paged_attention_decode(
     scale, sliding_window, logit_soft_cap: as in :func:`kernels.paged_attention`.
     block_sizes: :class:`BlockSizes`; None picks defaults for the shape.
     interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
+    k_scales, v_scales: 8-bit K/V only: ``f32[num_kv_heads, num_blocks, block_size]``,
+      DMA'd with their blocks and folded into the scores and probabilities.
 
   Returns:
     ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -296,6 +323,8 @@ def paged_attention_decode(
         num_cores=cores,
         heads_per_step=tuned.kv_heads_per_step,
         interpret=interpret,
+        k_scales=k_scales,
+        v_scales=v_scales,
       )[: s1 - s0]
     )
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)

@@ -44,17 +44,26 @@ def _ragged_kernel(
   q_ref,  # VMEM [group, queries_per_tile, head_dim]
   k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-  o_ref,  # VMEM [group, queries_per_tile, head_dim]
-  k_buf,  # VMEM [2, 1, chunk_tokens, head_dim]
-  v_buf,  # VMEM [2, 1, chunk_tokens, head_dim]
-  sems,  # DMA semaphores [2 (K, V), 2 (slot)]
-  *,
+  # 8-bit K/V (quantized=True) only: ks_hbm, vs_hbm HBM f32[num_kv_heads, num_blocks,
+  # block_size]. Then:
+  # o_ref VMEM [group, queries_per_tile, head_dim]
+  # k_buf, v_buf VMEM [2, 1, chunk_tokens, head_dim]
+  # 8-bit only: ks_buf, vs_buf VMEM f32[2, 1, chunk_tokens]
+  # sems DMA semaphores [2 (K, V) or 4 (K, V, K scale, V scale), 2 (slot)]
+  *refs,
   scale,
   sliding_window,
   logit_soft_cap,
   blocks_per_chunk,
   max_blocks,
+  quantized=False,
 ):
+  if quantized:
+    ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems = refs
+    scales = (ks_hbm, vs_hbm, ks_buf, vs_buf)
+  else:
+    o_ref, k_buf, v_buf, sems = refs
+    scales = None
   t, h = pl.program_id(0), pl.program_id(1)
   group, tile, head_dim = q_ref.shape
   rows = group * tile
@@ -93,6 +102,7 @@ def _ragged_kernel(
         v_buf,
         sems,
         table_ref,
+        scales=scales,
         row=s,
         head=h,
         first=first + c * blocks_per_chunk,
@@ -122,8 +132,15 @@ def _ragged_kernel(
         visible = visible & (kp > row_pos - sliding_window)
       kp_col = key0 + key_iota_col
       v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo) & (kp_col <= key_hi)
-      s_ = _common.scores(q, k_buf[slot, 0], scale=scale, logit_soft_cap=logit_soft_cap)
-      return _common.online_softmax_step(carry, s_, visible, v_buf[slot, 0], v_ok)
+      ks = vs = None
+      if quantized:
+        # The same keys as v_ok, along the lanes: V scales of slots not in use are zeroed
+        # (a slot never DMA'd holds anything, NaN included).
+        key_ok = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= key_lo) & (kp <= key_hi)
+        ks = ks_buf[slot, pl.ds(0, 1)]
+        vs = jnp.where(key_ok, vs_buf[slot, pl.ds(0, 1)], 0.0)
+      s_ = _common.scores(q, k_buf[slot, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks)
+      return _common.online_softmax_step(carry, s_, visible, v_buf[slot, 0], v_ok, vs)
 
     return lax.fori_loop(0, n, body, carry)
 
@@ -161,6 +178,8 @@ def _ragged_call(
   max_blocks,
   tile,
   interpret,
+  k_scales=None,
+  v_scales=None,
 ):
   """One pallas_call over ``qt: [num_kv_heads, group, num_tiles * tile, head_dim]``."""
   num_kv_heads, group, padded_tokens, head_dim = qt.shape
@@ -174,7 +193,9 @@ def _ragged_call(
     logit_soft_cap=logit_soft_cap,
     blocks_per_chunk=blocks_per_chunk,
     max_blocks=max_blocks,
+    quantized=k_scales is not None,
   )
+  scales = () if k_scales is None else (k_scales, v_scales)
   q_spec = pl.BlockSpec((None, group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
@@ -182,7 +203,7 @@ def _ragged_call(
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=5,
       grid=(num_tiles, num_kv_heads),
-      in_specs=[q_spec, any_spec, any_spec],
+      in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
       out_specs=q_spec,
       scratch_shapes=_common.kv_scratch(1, blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
     ),
@@ -191,7 +212,7 @@ def _ragged_call(
     # split them).
     compiler_params=_common.mosaic_params(("parallel", "parallel")),
     interpret=_common.interpret_params(interpret),
-  )(lengths, table_flat, cu_q_lens, seq_lo, seq_hi, qt, k_blocks, v_blocks)
+  )(lengths, table_flat, cu_q_lens, seq_lo, seq_hi, qt, k_blocks, v_blocks, *scales)
 
 
 @functools.partial(
@@ -210,6 +231,8 @@ def paged_attention_ragged(
   logit_soft_cap: float | None = None,
   block_sizes: _config.BlockSizes | None = None,
   interpret=False,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
 ) -> jax.Array:
   """Ragged (chunked prefill / mixed prefill and decode) paged attention on TPU.
 
@@ -222,6 +245,8 @@ def paged_attention_ragged(
     scale, sliding_window, logit_soft_cap: as in :func:`kernels.paged_attention`.
     block_sizes: :class:`BlockSizes`; None picks defaults for the shape.
     interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
+    k_scales, v_scales: 8-bit K/V only: ``f32[num_kv_heads, num_blocks, block_size]``,
+      DMA'd with their blocks and folded into the scores and probabilities.
 
   Returns:
     ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -268,6 +293,8 @@ def paged_attention_ragged(
     max_blocks=max_blocks,
     tile=tile,
     interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
   )
   out = None
   row = jnp.arange(padded, dtype=jnp.int32)[None, None, :, None]

@@ -390,6 +390,7 @@ def load_gguf_llama(
   backend: str = "auto",
   interpret: bool = False,
   unpermute_rope: bool = True,
+  kv_dtype: str | None = None,
 ) -> GGUFModel:
   """Loads a Llama GGUF file into :class:`paxcache.nn.Decoder`, with tokenizer and chat template.
 
@@ -400,6 +401,8 @@ def load_gguf_llama(
     max_seq_len: longest sequence the decoder accepts; default the file's context length.
     backend, interpret: passed to the decoder's paged attention.
     unpermute_rope: undo llama.cpp's Q/K permutation (see the module docstring).
+    kv_dtype: the paged cache's dtype (``DecoderConfig.kv_dtype``; None: ``dtype``;
+      "int8" / "float8_e4m3fn": 8-bit K/V with scales).
 
   Returns:
     A :class:`GGUFModel`.
@@ -435,6 +438,7 @@ def load_gguf_llama(
     tie_embeddings=tied,
     dtype=dtype,
     param_dtype=param_dtype,
+    kv_dtype=kv_dtype,
   )
   # Build the module abstractly (no random initialisation of 100M+ parameters), then put
   # the file's weights in.

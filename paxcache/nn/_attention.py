@@ -78,6 +78,12 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None, exact=
   return out.reshape(b, s, num_q_heads, head_dim).astype(q.dtype)
 
 
+def _query_dtype(q_dtype, kv_dtype):
+  """q goes to the kernel in the cache's dtype (as before), but never in an 8-bit one:
+  with an 8-bit cache it keeps the activation dtype."""
+  return q_dtype if kernels.is_quantized(kv_dtype) else kv_dtype
+
+
 class PagedAttention(nnx.Module):
   """Multi-head attention (MHA / GQA / MQA) with RoPE over a paged KV cache.
 
@@ -215,32 +221,37 @@ class PagedAttention(nnx.Module):
       interpret=self.interpret,
     )
     if self.mesh is None:
+      scales = {}
       if isinstance(cache, PagedKVCache):
         cache = cache_ops.write(cache, layer, k, v, slot_mapping)
         k_blocks, v_blocks = cache.layer(layer)
+        scales = cache.scales(layer)  # 8-bit: the kernel multiplies them in
       else:
         k_blocks, v_blocks = kernels.write_kv(*cache, k, v, slot_mapping)
         cache = (k_blocks, v_blocks)
       out = kernels.paged_attention(
-        q.astype(k_blocks.dtype),
+        q.astype(_query_dtype(q.dtype, k_blocks.dtype)),
         k_blocks,
         v_blocks,
         block_table,
         lengths,
         cu_q_lens,
         **kernel_kwargs,
+        **scales,
       )
     else:
       mesh, axis = self.mesh, self.mesh_axis
+      scales = {}
       if isinstance(cache, PagedKVCache):
         cache = sharding.sharded_cache_write(mesh, cache, layer, k, v, slot_mapping, axis=axis)
         k_blocks, v_blocks = cache.layer(layer)
+        scales = cache.scales(layer)
       else:
         k_blocks, v_blocks = sharding.sharded_write_kv(mesh, *cache, k, v, slot_mapping, axis=axis)
         cache = (k_blocks, v_blocks)
       out = sharding.sharded_paged_attention(
         mesh,
-        q.astype(k_blocks.dtype),
+        q.astype(_query_dtype(q.dtype, k_blocks.dtype)),
         k_blocks,
         v_blocks,
         block_table,
@@ -249,6 +260,7 @@ class PagedAttention(nnx.Module):
         num_kv_heads=self.num_kv_heads,
         axis=axis,
         **kernel_kwargs,
+        **scales,
       )
     out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -30,12 +31,21 @@ def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> N
 
 
 def load_decoder(
-  directory: str = TINY_CHECKPOINT, *, backend: str = "auto", interpret: bool = False
+  directory: str = TINY_CHECKPOINT,
+  *,
+  backend: str = "auto",
+  interpret: bool = False,
+  kv_dtype: str | None = None,
 ) -> Decoder:
-  """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package)."""
+  """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package).
+
+  ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
+  8-bit paged cache); None keeps it."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     meta = json.load(f)
   config = DecoderConfig.from_dict(meta["config"])
+  if kv_dtype is not None:
+    config = dataclasses.replace(config, kv_dtype=kv_dtype)
   model = Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())

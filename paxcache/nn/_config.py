@@ -8,6 +8,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from kernels import QUANT_DTYPES
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
@@ -31,6 +33,10 @@ class DecoderConfig:
   # Weights of the projections and the embedding; "bfloat16" halves the bytes a
   # memory-bound decode step reads (norm scales stay float32: they are d_model floats).
   param_dtype: str = "float32"
+  # Dtype of the paged K/V cache; None: ``dtype`` (as before this option existed).
+  # "int8" or "float8_e4m3fn" makes an 8-bit cache with a float32 scale per (KV head,
+  # token): about half the bytes of a bf16 cache (kernels._quant, docs/engine.md).
+  kv_dtype: str | None = None
 
   def __post_init__(self):
     for name in (
@@ -60,9 +66,27 @@ class DecoderConfig:
       if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"DecoderConfig.{name} must be a floating dtype, got {value!r}")
 
+    if self.kv_dtype is not None:
+      try:
+        kv = jnp.dtype(self.kv_dtype)
+      except TypeError as e:
+        raise ValueError(
+          f"DecoderConfig.kv_dtype must be a dtype name, got {self.kv_dtype!r}"
+        ) from e
+      if not (jnp.issubdtype(kv, jnp.floating) or kv in QUANT_DTYPES):
+        raise ValueError(
+          "DecoderConfig.kv_dtype must be None, a floating dtype, int8 or float8_e4m3fn, got "
+          f"{self.kv_dtype!r}"
+        )
+
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_kv_dtype(self):
+    """The paged cache's dtype: ``kv_dtype``, or ``dtype`` when it is None."""
+    return jnp.dtype(self.dtype if self.kv_dtype is None else self.kv_dtype)
 
   @property
   def jnp_param_dtype(self):

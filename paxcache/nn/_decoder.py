@@ -132,7 +132,8 @@ class Decoder(nnx.Module):
 
   def init_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
     """A zero-filled paged cache for this model: per layer ``[num_kv_heads, num_blocks,
-    block_size, head_dim]`` in the config's dtype.
+    block_size, head_dim]`` in the config's ``kv_dtype`` (default: its ``dtype``); 8-bit
+    with float32 scale pools.
 
     With a mesh on the layers, the cache is ``paxcache.sharding.init_sharded_cache``'s:
     ``pool_heads`` heads sharded over the mesh axis, each device allocating only its own
@@ -148,11 +149,11 @@ class Decoder(nnx.Module):
         num_blocks,
         block_size,
         c.head_dim,
-        c.jnp_dtype,
+        c.jnp_kv_dtype,
         axis=axis,
       )
     return PagedKVCache.create(
-      c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim, c.jnp_dtype
+      c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim, c.jnp_kv_dtype
     )
 
   def __call__(

@@ -126,7 +126,7 @@ CASES = [
     r"num_q_heads 3 .* not a multiple of num_kv_heads 2",
   ),
   ("q_int", Q, jnp.zeros((BATCH, HQ, D), jnp.int32), r"q must be float32, bfloat16 or float16"),
-  ("k_v_int", None, None, r"k_blocks must be float32, bfloat16 or float16"),
+  ("k_v_int", None, None, r"k_blocks must be float32, bfloat16, float16 or 8-bit"),
   (
     "block_table_int64",
     TABLE,

@@ -84,7 +84,7 @@ def test_shipped_cases_cover_every_accepted_value():
     mine = [c for c in cases if c.kernel == kernel]
     assert {c.block_size for c in mine} == {8, 16, 32, 64, 128, 256}
     assert {c.head_dim for c in mine} == {128, 256}
-    assert {c.kv_dtype for c in mine} == {"bfloat16", "float32"}
+    assert {c.kv_dtype for c in mine} == {"bfloat16", "float32", "int8", "float8_e4m3fn"}
     assert {c.window_and_cap for c in mine} == {True, False}
     assert {c.num_q_heads // c.num_kv_heads for c in mine} >= {1, 2, 4, 8}
   knobs = {k for c in cases for k, _ in c.block_sizes}

@@ -22,8 +22,9 @@ from paxcache.nn import Decoder, DecoderConfig
 SMALL_POOL, LARGE_POOL = 64, 1024  # blocks; the large pool's layer is 16x the small one's
 
 
-def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int):
+def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int, kv_dtype=None):
   config = DecoderConfig(
+    kv_dtype=kv_dtype,
     vocab_size=64,
     d_model=32,
     num_layers=2,
@@ -74,3 +75,27 @@ def test_compiled_step_never_copies_the_pool(backend, head_dim):
   dtype = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[cache.dtype.type]
   copies = re.findall(rf"= {dtype}\[{layer_shape}\][^ ]* copy\(", large.as_text())
   assert not copies
+
+
+@pytest.mark.parametrize("backend,head_dim", [("reference", 16), ("gpu", 64)])
+def test_compiled_step_never_copies_an_8bit_pool_or_its_scales(backend, head_dim):
+  """The same with an int8 cache: the quantizing write and copy-on-write update the int8
+  pools and the float32 scale pools in place. (The TPU backend takes 8-bit blocks of 128
+  slots or more; this engine uses 8.)"""
+  small, _ = _compiled_decode_step(backend, head_dim, SMALL_POOL, "int8")
+  large, cache = _compiled_decode_step(backend, head_dim, LARGE_POOL, "int8")
+  assert cache.quantized
+  layer_bytes = cache.k[0].nbytes
+  scale_bytes = cache.k_scale[0].nbytes
+  pool_bytes = 2 * cache.num_layers * (layer_bytes + scale_bytes)
+  mem_small, mem = small.memory_analysis(), large.memory_analysis()
+  assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
+  # The float32 test's bound, a quarter of a float32 layer: one int8 layer's bytes.
+  assert mem.temp_size_in_bytes < layer_bytes
+  assert mem.alias_size_in_bytes >= pool_bytes
+  assert mem.output_size_in_bytes - mem.alias_size_in_bytes < layer_bytes
+  text = large.as_text()
+  pool_shape = ",".join(map(str, cache.k[0].shape))
+  scale_shape = ",".join(map(str, cache.k_scale[0].shape))
+  assert not re.findall(rf"= s8\[{pool_shape}\][^ ]* copy\(", text)
+  assert not re.findall(rf"= f32\[{scale_shape}\][^ ]* copy\(", text)
