@@ -42,6 +42,7 @@ block size instead.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -338,6 +339,10 @@ def run(config: ConfigDict) -> _outputs.Result:
         "device": device,
       }
     )
+    if config.get("partial_path", ""):
+      # Each row as soon as it is measured: a run cut short by a time limit keeps them.
+      with open(config.partial_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rows[-1]) + "\n")
   progress.done()
   return _result(config, rows, cost, fit)
 

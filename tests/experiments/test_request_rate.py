@@ -176,3 +176,17 @@ def test_step_records_where_keeps_matching_records(tmp_path):
     rr._records_where(recs, "model=c")
   with pytest.raises(ValueError, match="key=value"):
     rr._records_where(recs, "model")
+
+
+def test_partial_path_gets_each_row_as_it_is_measured(tmp_path):
+  from configs.request_rate import get_config
+
+  config = get_config("quick")
+  config.rates = (1.0, 4.0)
+  config.systems = ("paged",)
+  config.num_requests = 12
+  config.partial_path = str(tmp_path / "partial.jsonl")
+  rows = rr.run(config).tables[0].rows
+  written = [json.loads(line) for line in open(config.partial_path)]
+  assert [(r["system"], r["rate"]) for r in written] == [("paged", 1.0), ("paged", 4.0)]
+  assert written == json.loads(json.dumps(rows))
