@@ -179,8 +179,6 @@ def test_step_records_where_keeps_matching_records(tmp_path):
 
 
 def test_partial_path_gets_each_row_as_it_is_measured(tmp_path):
-  from configs.request_rate import get_config
-
   config = get_config("quick")
   config.rates = (1.0, 4.0)
   config.systems = ("paged",)
