@@ -45,7 +45,6 @@ same split of KV memory, averaged over a serving run of OPT-13B on an A100.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import dataclasses
 from collections.abc import Sequence
@@ -53,6 +52,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments._progress import Progress
+from paxcache.engine._reservation import FirstFitRanges
 
 CONTIGUOUS_POLICIES = ("max", "pow2", "oracle")
 PAPER_NAMES = {"max": "Orca (Max)", "pow2": "Orca (Pow2)", "oracle": "Orca (Oracle)"}
@@ -73,52 +73,9 @@ def contiguous_reservation(policy: str, prompt_len: int, output_len: int, max_se
   raise ValueError(f"policy must be one of {CONTIGUOUS_POLICIES}, got {policy!r}")
 
 
-class FirstFitSpace:
-  """A linear address space of ``capacity`` slots: first-fit reserve, release with merging.
-
-  Free ranges are kept sorted by start; O(free ranges) per call, which stays small (at
-  most one more than the number of live reservations).
-  """
-
-  def __init__(self, capacity: int):
-    self.capacity = capacity
-    self._starts = [0]
-    self._sizes = [capacity]
-
-  def reserve(self, size: int) -> int | None:
-    for i, free in enumerate(self._sizes):
-      if free >= size:
-        start = self._starts[i]
-        if free == size:
-          del self._starts[i], self._sizes[i]
-        else:
-          self._starts[i] += size
-          self._sizes[i] -= size
-        return start
-    return None
-
-  def release(self, start: int, size: int) -> None:
-    i = bisect.bisect_left(self._starts, start)
-    if i > 0 and self._starts[i - 1] + self._sizes[i - 1] > start:
-      raise ValueError(f"release({start}, {size}) overlaps a free range")
-    # Merge with the free neighbours so that freed space is reusable as one range.
-    if i > 0 and self._starts[i - 1] + self._sizes[i - 1] == start:
-      i -= 1
-      self._sizes[i] += size
-    else:
-      self._starts.insert(i, start)
-      self._sizes.insert(i, size)
-    if i + 1 < len(self._starts) and self._starts[i] + self._sizes[i] == self._starts[i + 1]:
-      self._sizes[i] += self._sizes[i + 1]
-      del self._starts[i + 1], self._sizes[i + 1]
-
-  @property
-  def free_slots(self) -> int:
-    return sum(self._sizes)
-
-
 class ContiguousPool:
-  """Per-request contiguous reservations in a :class:`FirstFitSpace`."""
+  """Per-request contiguous reservations in a first-fit space (the engine's own
+  :class:`paxcache.engine._reservation.FirstFitRanges`, which its Orca policies use)."""
 
   def __init__(self, policy: str, pool_tokens: int, max_seq_len: int):
     if policy not in CONTIGUOUS_POLICIES:
@@ -126,7 +83,7 @@ class ContiguousPool:
     self.policy = policy
     self.max_seq_len = max_seq_len
     self.capacity = pool_tokens
-    self._space = FirstFitSpace(pool_tokens)
+    self._space = FirstFitRanges(pool_tokens)
     self._ranges: dict[int, tuple[int, int]] = {}
     self.reserved = 0
 

@@ -30,6 +30,33 @@ def check_host_slot_mapping(slot_mapping, num_slots: int) -> None:
     raise ValueError(f"slot_mapping has repeated ids {values[counts > 1][:8].tolist()}")
 
 
+def _check_pools(k_blocks, v_blocks) -> None:
+  if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
+    raise ValueError(
+      "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
+      f"{tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}"
+    )
+
+
+def _check_rows(k_new, v_new, slot_mapping, pool_shape) -> int:
+  """Checks the new rows and their slots against a pool ``[H, N, bs, D]``; returns the
+  pool's slot count."""
+  num_kv_heads, num_blocks, block_size, head_dim = pool_shape
+  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
+    raise ValueError(
+      f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
+      f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
+    )
+  if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
+    raise ValueError(
+      f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
+      f"{jnp.dtype(slot_mapping.dtype).name}"
+    )
+  total = num_blocks * block_size
+  check_host_slot_mapping(slot_mapping, total)
+  return total
+
+
 def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
   """Scatters new K/V rows into one layer's block pools.
 
@@ -44,24 +71,8 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
     scatter happens in place. A NumPy ``slot_mapping`` is checked (range, no slot twice)
     and raises ValueError; a device one is trusted.
   """
-  if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
-    raise ValueError(
-      "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
-      f"{tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}"
-    )
-  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
-  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
-    raise ValueError(
-      f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
-      f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
-    )
-  if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
-    raise ValueError(
-      f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
-      f"{jnp.dtype(slot_mapping.dtype).name}"
-    )
-  total = num_blocks * block_size
-  check_host_slot_mapping(slot_mapping, total)
+  _check_pools(k_blocks, v_blocks)
+  total = _check_rows(k_new, v_new, slot_mapping, k_blocks.shape)
 
   if is_quantized(k_blocks.dtype):
     raise ValueError(
@@ -107,30 +118,14 @@ def write_kv_quantized(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slo
       "write_kv_quantized needs int8 or float8_e4m3fn k_blocks and v_blocks of one dtype, got "
       f"{jnp.dtype(k_blocks.dtype).name} and {jnp.dtype(v_blocks.dtype).name}"
     )
-  if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
-    raise ValueError(
-      "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
-      f"{tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}"
-    )
-  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
+  _check_pools(k_blocks, v_blocks)
   for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
     if s.shape != k_blocks.shape[:3] or s.dtype != SCALE_DTYPE:
       raise ValueError(
         f"{name} must be float32 {tuple(k_blocks.shape[:3])} ([num_kv_heads, num_blocks, "
         f"block_size] of k_blocks), got {tuple(s.shape)} {jnp.dtype(s.dtype).name}"
       )
-  if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
-    raise ValueError(
-      f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
-      f"{tuple(k_new.shape)} and {tuple(v_new.shape)}"
-    )
-  if slot_mapping.shape != (k_new.shape[0],) or slot_mapping.dtype != jnp.int32:
-    raise ValueError(
-      f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
-      f"{jnp.dtype(slot_mapping.dtype).name}"
-    )
-  total = num_blocks * block_size
-  check_host_slot_mapping(slot_mapping, total)
+  total = _check_rows(k_new, v_new, slot_mapping, k_blocks.shape)
   slots = _slots(slot_mapping, total)
   kq, ks = quantize(k_new, k_blocks.dtype)
   vq, vs = quantize(v_new, v_blocks.dtype)

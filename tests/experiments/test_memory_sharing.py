@@ -5,6 +5,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from experiments import _serving, memory_waste, prefix_sharing
+from paxcache.engine._reservation import FirstFitRanges
 
 
 def test_pow2_reservation_follows_the_papers_example():
@@ -20,7 +21,7 @@ def test_pow2_reservation_follows_the_papers_example():
 
 def test_first_fit_matches_a_slot_array_reference():
   rng = np.random.default_rng(0)
-  space = _serving.FirstFitSpace(64)
+  space = FirstFitRanges(64)  # the one first-fit space (engine and serving simulation)
   owner = np.full(64, -1)  # reference: which reservation holds each slot
   live = {}
   for step in range(400):
@@ -39,7 +40,7 @@ def test_first_fit_matches_a_slot_array_reference():
       if start is not None:
         owner[start : start + size] = step
         live[step] = (start, size)
-    assert space.free_slots == int((owner == -1).sum())
+    assert space.free == int((owner == -1).sum())
 
 
 def test_contiguous_oracle_serving_hand_worked():
