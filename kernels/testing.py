@@ -75,7 +75,7 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
     # a few float32 ulps. Measured max |err| 1.9e-6 (TPU ragged, window + soft cap), at
     # most 0.16 of what this allows; 1e-5 is the bound the kernels' issue asked for. f32 q
     # with bf16 K/V is held to this too: the reference and the TPU kernels widen K/V and
-    # never narrow q (nor the probabilities).
+    # never narrow q (nor, with f32 q, the probabilities).
     "float32": Tol(rtol=1e-5, atol=1e-5),
     # The loop sees the same bf16 inputs (exact in float64); the reference and the TPU
     # kernels keep scores and probabilities in float32 (bf16 x bf16 products are exact);
@@ -108,6 +108,17 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
   # decode and ragged) in interpret mode: the bf16 bound of gpu_kernel_vs_reference_rel_l2
   # (5e-3) holds here too, with 1.8x room.
   "quantized_gpu_vs_float64_rel_l2": {
+    "bfloat16": Tol(rtol=5e-3, atol=0.0),
+  },
+  # Relative L2 error of the Pallas TPU kernels with bf16 q and bf16 K/V against the float64
+  # loop (tests/kernels/test_tpu.py). Since issue 18's item 3 the p @ V product runs in bf16
+  # with a float32 accumulator (one MXU pass instead of a float32 product at HIGHEST
+  # precision), so the probabilities are rounded to bf16 as in the GPU kernels; outputs
+  # near zero then miss an elementwise bound (max abs error 1.5e-3 where atol was 1e-5),
+  # and the comparison is over the whole output, as for the GPU kernels below. Measured:
+  # 1.18e-3 (TPU decode, interpret mode, 5 sequences up to 40 keys); the GPU kernels' bf16
+  # bound of 5e-3 leaves 4.2x room.
+  "attention_bf16_probs_rel_l2": {
     "bfloat16": Tol(rtol=5e-3, atol=0.0),
   },
   # Relative L2 error of the Pallas GPU kernels (Triton decode and prefill, Mosaic GPU

@@ -156,7 +156,7 @@ def scores(q, k, *, scale, logit_soft_cap, k_scale=None):
   return s
 
 
-def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None):
+def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp.float32):
   """One flash-attention update of (max, sum, accumulator) with a chunk of keys.
 
   carry: (m f32[rows, 1], denom f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
@@ -164,6 +164,12 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None):
   ``v_ok`` (slots never DMA'd, or past the sequence) are zeroed, not multiplied by zero,
   so NaN in a stale buffer cannot reach the output. ``v_scale`` f32[1, keys] (8-bit V,
   already zero outside the keys in use): ``p * v_scale`` goes into the ``p @ v`` product.
+
+  ``p @ v`` runs in V's dtype with a float32 accumulator when q and V share a 16-bit
+  dtype (as ``q @ k.T`` does, and as the GPU kernels do): one MXU pass instead of the
+  several of a float32 product at HIGHEST precision, at the cost of rounding p to bf16.
+  Any other mix (float32 q or V, 8-bit V) keeps p in float32 and widens V, so nothing is
+  rounded. The softmax state (m, denom, acc) is float32 either way.
   """
   m, denom, acc = carry
   s = jnp.where(visible, s, MASK_VALUE)
@@ -171,14 +177,17 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None):
   p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
   alpha = jnp.exp(m - m_new)
   denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
-  # p stays f32: V is widened (never p narrowed) so bf16 V costs no precision here.
-  v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
+  if v_scale is not None:
+    p = p * v_scale
+  narrow = jnp.dtype(q_dtype) == jnp.dtype(v.dtype) and jnp.dtype(v.dtype).itemsize == 2
+  if narrow:
+    v = jnp.where(v_ok, v, jnp.zeros((), v.dtype))
+    p, precision = p.astype(v.dtype), None
+  else:
+    v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
+    precision = lax.Precision.HIGHEST
   pv = lax.dot_general(
-    p if v_scale is None else p * v_scale,
-    v,
-    (((1,), (0,)), ((), ())),
-    preferred_element_type=jnp.float32,
-    precision=lax.Precision.HIGHEST,
+    p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
   )
   return m_new, denom_new, alpha * acc + pv
 

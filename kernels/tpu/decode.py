@@ -18,7 +18,8 @@ head.
 - Only blocks ``[first, ceil(length / block_size))`` are fetched (``first`` skips blocks
   wholly outside a sliding window); ``-1`` table entries are never DMA'd.
 - Scores and the softmax state are float32; bf16 K/V go to the MXU as bf16 only when q is
-  bf16 too (exact products, f32 accumulation), otherwise they are widened to f32.
+  bf16 too (exact products, f32 accumulation; ``p @ V`` then rounds p to bf16, one MXU
+  pass), otherwise they are widened to f32 and p stays f32.
 - A batch whose block table does not fit the SMEM budget is split into several calls.
 """
 
@@ -164,7 +165,11 @@ def _decode_kernel(
       s = _common.scores(
         qs[hh], k_buf[slot, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
       )
-      out.append(_common.online_softmax_step(carry[hh], s, visible, v_buf[slot, hh], v_ok, vs))
+      out.append(
+        _common.online_softmax_step(
+          carry[hh], s, visible, v_buf[slot, hh], v_ok, vs, q_dtype=qs[hh].dtype
+        )
+      )
     return tuple(out)
 
   init = tuple(_common.init_carry(group, head_dim) for _ in range(heads))

@@ -140,7 +140,9 @@ def _ragged_kernel(
         ks = ks_buf[slot, pl.ds(0, 1)]
         vs = jnp.where(key_ok, vs_buf[slot, pl.ds(0, 1)], 0.0)
       s_ = _common.scores(q, k_buf[slot, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks)
-      return _common.online_softmax_step(carry, s_, visible, v_buf[slot, 0], v_ok, vs)
+      return _common.online_softmax_step(
+        carry, s_, visible, v_buf[slot, 0], v_ok, vs, q_dtype=q.dtype
+      )
 
     return lax.fori_loop(0, n, body, carry)
 
