@@ -14,6 +14,11 @@ Quick run (300 requests, no engine run; a few seconds)::
 
   python -m experiments.run --config=configs/batch_capacity.py:quick --workdir=/tmp/capacity_quick
 
+The quick run with steps charged by the OPT-13B-on-A100 roofline estimate (the model shape
+of the default KV budget) instead of the CPU default::
+
+  python -m experiments.run --config=configs/batch_capacity.py:roofline --workdir=/tmp/cap_roof
+
 The seed's setting (8,192-token reservations in a budget of four of them)::
 
   python -m experiments.run --config=configs/batch_capacity.py:seed --workdir=/tmp/capacity_seed
@@ -54,12 +59,14 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # Engine throughput on the device present (fields: experiments/_engine_bench.py).
   config.engine = _engine_bench.default_engine_config(requests=128)
 
-  if arg == "quick":
+  if arg in ("quick", "roofline"):
     config.num_requests = 300
     config.engine.requests = 0  # compiling the engine's step shapes takes ~1 min on CPU
+    if arg == "roofline":
+      config.cost_model = "opt13b_a100_roofline"  # not fitted: paxcache/engine/_cost.py
   elif arg == "seed":
     config.max_seq_len = 8192  # the seed's example reservation
     config.kv_budget_gib = 4 * 8192 * 819200 / 2**30  # exactly four such reservations
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'seed'")
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'roofline', 'seed'")
   return config
