@@ -5,9 +5,19 @@ about 2-3 minutes on CPU, most of it compiling the engine's step shapes)::
 
   python -m experiments.run --config=configs/batch_capacity.py --workdir=/tmp/batch_capacity
 
+Steps charged by another step-cost model (default: the CPU default, 1 ms per computed
+token): ``--config.cost_model=opt13b_a100_roofline``, or a fit to the H200 steps measured
+for request_rate, ``--config.step_records=docs/results/engine_steps.jsonl
+--config.step_records_where=model=smollm2-135m,block_size=16``.
+
 Quick run (300 requests, no engine run; a few seconds)::
 
   python -m experiments.run --config=configs/batch_capacity.py:quick --workdir=/tmp/capacity_quick
+
+The quick run with steps charged by the OPT-13B-on-A100 roofline estimate (the model shape
+of the default KV budget) instead of the CPU default::
+
+  python -m experiments.run --config=configs/batch_capacity.py:roofline --workdir=/tmp/cap_roof
 
 The seed's setting (8,192-token reservations in a budget of four of them)::
 
@@ -38,15 +48,25 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.block_size = 16  # paged block size (vLLM's default)
   config.contiguous_policies = ("max", "pow2", "oracle")  # Orca (Max), (Pow2), (Oracle)
   config.watermark = 0.01  # paged admission keeps this share of blocks free, as vLLM does
+  # Step-cost model charging the serving simulation's steps (experiments/_cost_config.py):
+  # a preset of paxcache/engine/_cost.py ("cpu_default": 1 ms per computed token, a stated
+  # assumption; "opt13b_a100_roofline"), or a fit to measured steps in step_records.
+  config.cost_model = "cpu_default"
+  config.step_records = ""  # JSON lines of measured steps: fit the cost model to them
+  config.step_records_where = ""  # only the records matching "key=value[,key=value]"
+  config.heldout_fraction = 0.2  # of step_records, held out to report the fit's error
+  config.swap_ms = 0.0  # ms per swapped token of a fitted model (the simulation never swaps)
   # Engine throughput on the device present (fields: experiments/_engine_bench.py).
   config.engine = _engine_bench.default_engine_config(requests=128)
 
-  if arg == "quick":
+  if arg in ("quick", "roofline"):
     config.num_requests = 300
     config.engine.requests = 0  # compiling the engine's step shapes takes ~1 min on CPU
+    if arg == "roofline":
+      config.cost_model = "opt13b_a100_roofline"  # not fitted: paxcache/engine/_cost.py
   elif arg == "seed":
     config.max_seq_len = 8192  # the seed's example reservation
     config.kv_budget_gib = 4 * 8192 * 819200 / 2**30  # exactly four such reservations
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'seed'")
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'roofline', 'seed'")
   return config

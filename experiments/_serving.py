@@ -36,6 +36,15 @@ requests release memory) the pool's slots are split into
 * ``external_frag_free``: everything else -- gaps between contiguous ranges, and free
   memory (the paper's "external fragmentation & others").
 
+Every step is also charged through a step-cost model
+(:class:`paxcache.engine._cost.StepCostModel`; default the CPU default, 1 ms per computed
+token): its prefill tokens (``prompt_tokens`` of first admissions, and ``recomputed_tokens``,
+the prompt and generated tokens a request preempted by recomputation prefills again), its
+decode rows (requests writing one token), the K/V tokens it reads (the context of every
+running request after the step) and swapped tokens (always 0: this simulation preempts by
+recomputation only). ``sim_ms`` sums the step costs; a step with nothing to compute (every
+request still to arrive) costs nothing.
+
 Shares are memory-time weighted: the sum over steps of each part, over the sum over
 steps of the pool (``*_of_pool``, over the steps where a request was waiting, i.e.
 while memory, not demand, limited the batch) or of the reserved slots
@@ -52,6 +61,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments._progress import Progress
+from paxcache.engine._cost import CPU_DEFAULT, StepCostModel
 from paxcache.engine._reservation import FirstFitRanges
 
 CONTIGUOUS_POLICIES = ("max", "pow2", "oracle")
@@ -197,6 +207,14 @@ class ServingStats:
   internal_frag: int = 0
   pool: int = 0
   batch: int = 0
+  # charged work, over all steps
+  prompt_tokens: int = 0  # prefill of requests admitted for the first time
+  recomputed_tokens: int = 0  # prompt + generated tokens prefilled again after a preemption
+  decode_rows: int = 0  # requests writing one token (one generated token each)
+  kv_tokens: int = 0  # K/V tokens read: context of every running request after the step
+  swap_tokens: int = 0  # always 0: preemption is by recomputation
+  sim_ms: float = 0.0  # the step-cost model's time for every step
+  cost_model: str = CPU_DEFAULT.name
 
   def shares(self) -> dict[str, float]:
     """Memory-time weighted shares; the ``*_of_pool`` ones are NaN if no step was saturated."""
@@ -219,6 +237,7 @@ def simulate(
   arrivals: Sequence[int] | None = None,
   *,
   max_batch: int = 0,
+  cost: StepCostModel = CPU_DEFAULT,
   desc: str = "serving",
 ) -> ServingStats:
   """Serves every request of ``lengths`` (i64[n, 2]: prompt_len, output_len) on ``pool``.
@@ -229,6 +248,7 @@ def simulate(
     arrivals: step at which each request arrives (non-decreasing); None: all at step 0.
     max_batch: most requests running at once (vLLM's ``max_num_seqs``); 0: no limit, so
       memory alone limits the batch.
+    cost: charges each step (``ServingStats.sim_ms``); default the CPU default.
     desc: label for the progress lines.
   """
   n = len(lengths)
@@ -239,10 +259,11 @@ def simulate(
     pool.check_fits(prompt[r], output[r])
   generated = [0] * n
   held = [0] * n
+  admitted_before = [False] * n  # a later admission recomputes what the request held
   queue: collections.deque[int] = collections.deque()
   next_arrival = 0
   running: list[int] = []  # admission order
-  stats = ServingStats()
+  stats = ServingStats(cost_model=cost.name)
   finished = 0
   step = 0
   progress = Progress(desc, total=n)
@@ -258,11 +279,13 @@ def simulate(
       held[victim] = 0
       queue.appendleft(victim)
       stats.preemptions += 1
+    decode_rows = len(running)
     if running:
       pool.grow(running)
       for r in running:
         held[r] += 1
         generated[r] += 1
+    prompt_tokens = recomputed_tokens = 0
     # Admission (prefill) in FCFS order; stop at the first request that does not fit.
     while queue and (max_batch <= 0 or len(running) < max_batch):
       r = queue[0]
@@ -272,6 +295,11 @@ def simulate(
       queue.popleft()
       running.append(r)
       held[r] = context
+      if admitted_before[r]:
+        recomputed_tokens += context
+      else:
+        prompt_tokens += context
+        admitted_before[r] = True
     if not running and queue:
       raise RuntimeError(f"{desc}: request {queue[0]} can never be admitted to an empty pool")
 
@@ -279,6 +307,12 @@ def simulate(
     tokens = sum(held[r] for r in running)
     reserved = pool.reserved_slots()
     stats.steps += 1
+    stats.prompt_tokens += prompt_tokens
+    stats.recomputed_tokens += recomputed_tokens
+    stats.decode_rows += decode_rows
+    stats.kv_tokens += tokens
+    if running:
+      stats.sim_ms += cost.step_ms(prompt_tokens + recomputed_tokens, decode_rows, tokens, 0)
     stats.tokens_all += tokens
     stats.reserved_all += reserved
     if queue:  # memory (or max_batch), not demand, limits the batch at this step

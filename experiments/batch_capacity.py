@@ -12,6 +12,10 @@ turned into token slots. Per system (Orca's three contiguous policies, paged at
   simulation of :mod:`experiments._serving` while requests wait for memory, and the
   tokens generated per step over the whole run (one per running request per step: the
   throughput a memory-bound server gets, before step time grows with the batch);
+* ``charged``: the same run with every step charged by the config's step-cost model
+  (:mod:`experiments._cost_config`; default the CPU default, 1 ms per computed token):
+  prompt tokens prefilled, tokens recomputed after preemptions (count and share of the
+  prompt tokens), simulated seconds and generated tokens per simulated second;
 * ``engine`` (when ``config.engine.requests > 0``): measured tokens/s of the real engine
   (:mod:`experiments._engine_bench`) on the device present, with a small model, lengths
   scaled down and a pool of ``config.engine.pool_tokens``: paged against the same engine
@@ -35,6 +39,7 @@ from ml_collections import ConfigDict
 
 import kernels
 from experiments import _serving, workloads
+from experiments._cost_config import describe, step_cost
 from experiments._outputs import Column, Plot, Result, Table, plain_ticks
 
 
@@ -75,7 +80,31 @@ def static_capacity(policy: str, lengths: np.ndarray, pool: int, config: ConfigD
   return len(lengths)
 
 
+def _serving_row(stats: _serving.ServingStats, lengths: np.ndarray) -> dict:
+  """The counts and charged time every serving table reports."""
+  shares = stats.shares()
+  generated = int(lengths[:, 1].sum())
+  prompt = int(lengths[:, 0].sum())
+  sim_s = stats.sim_ms / 1e3
+  return {
+    "mean_batch": None if math.isnan(shares["mean_batch"]) else round(shares["mean_batch"], 1),
+    "max_batch": stats.max_batch,
+    "tokens_per_step": round(generated / stats.steps, 2),
+    "steps": stats.steps,
+    "preemptions": stats.preemptions,
+    "generated_tokens": generated,
+    "prompt_tokens": prompt,
+    "recomputed_tokens": stats.recomputed_tokens,
+    "recomputed_share": round(stats.recomputed_tokens / prompt, 3) if prompt else None,
+    "kv_tokens_read": stats.kv_tokens,
+    "sim_s": round(sim_s, 3),
+    "tokens_per_sim_s": round(generated / sim_s, 1) if sim_s else None,
+    "cost_model": stats.cost_model,
+  }
+
+
 def run(config: ConfigDict) -> Result:
+  cost, fit = step_cost(config)
   pool = pool_tokens(config)
   lengths = workloads.workload_lengths(
     config.workload, config.num_requests, max_seq_len=config.max_seq_len, seed=config.seed
@@ -95,26 +124,22 @@ def run(config: ConfigDict) -> Result:
     else:
       sim_pool = _serving.ContiguousPool(policy, pool, config.max_seq_len)
       name = _serving.PAPER_NAMES[policy]
-    stats = _serving.simulate(sim_pool, lengths, desc=f"{label} {name}")
-    shares = stats.shares()
-    generated = int(lengths[:, 1].sum())
+    stats = _serving.simulate(sim_pool, lengths, cost=cost, desc=f"{label} {name}")
     rows.append(
       {
         "workload": label,
         "system": name,
         "policy": policy,
         "static_capacity": static_capacity(policy, lengths, pool, config),
-        "mean_batch": None if math.isnan(shares["mean_batch"]) else round(shares["mean_batch"], 1),
-        "max_batch": stats.max_batch,
-        "tokens_per_step": round(generated / stats.steps, 2),
-        "steps": stats.steps,
-        "preemptions": stats.preemptions,
+        **_serving_row(stats, lengths),
         "pool_tokens": pool,
       }
     )
-  base = rows[0]["tokens_per_step"]
+  base = rows[0]
   for row in rows:
-    row["speedup_vs_first"] = round(row["tokens_per_step"] / base, 2)
+    row["speedup_vs_first"] = round(row["tokens_per_step"] / base["tokens_per_step"], 2)
+    row["speedup_vs_first_per_sim_s"] = round(row["tokens_per_sim_s"] / base["tokens_per_sim_s"], 2)
+  charged = describe(cost, fit)
 
   tables = [
     Table(
@@ -126,18 +151,26 @@ def run(config: ConfigDict) -> Result:
         Column("mean_batch", "mean batch (serving)", ".1f"),
         Column("max_batch", "max batch"),
         Column("tokens_per_step", "tokens / step", ".2f"),
-        Column("speedup_vs_first", f"x {rows[0]['system']}", ".2f"),
+        Column("speedup_vs_first", f"x {rows[0]['system']} (per step)", ".2f"),
         Column("preemptions", "preempted"),
+        Column("recomputed_tokens", "recomputed tokens"),
+        Column("recomputed_share", "recomputed / prompt", ".3f"),
+        Column("sim_s", "simulated s", ".1f"),
+        Column("tokens_per_sim_s", "tokens / simulated s", ".1f"),
+        Column("speedup_vs_first_per_sim_s", f"x {rows[0]['system']} (per sim. s)", ".2f"),
       ],
       rows,
       caption=(
         f"Requests ({label} lengths) that fit {config.kv_budget_gib} GiB of KV ({pool} token "
         f"slots at {kv_bytes_per_token(config)} bytes per token), max_seq_len "
-        f"{config.max_seq_len}."
+        f"{config.max_seq_len}; {rows[0]['prompt_tokens']} prompt and "
+        f"{rows[0]['generated_tokens']} generated tokens. Simulated seconds charge every step "
+        f"(prompt prefill, recomputation after preemption, decode) by {charged}."
       ),
     )
   ]
   notes = [
+    f"Step-cost model charging the serving simulation: {cost.as_dict()}.",
     "Seed: 4 requests contiguous against 20-30 paged. Paper: vLLM batches 2-4x more "
     "requests than Orca and serves 2-4x the throughput at the same latency.",
   ]
@@ -176,28 +209,26 @@ def run(config: ConfigDict) -> Result:
   else:
     notes.append("Engine throughput: not measured in this run (config.engine.requests = 0).")
   if config.get("kv_dtype_axis"):
-    tables.append(_kv_dtype_table(config, lengths, label))
+    tables.append(_kv_dtype_table(config, lengths, label, cost, charged))
   plots = [Plot("capacity", lambda ax: _plot(ax, rows, f"{config.kv_budget_gib:g} GiB", label))]
   return Result(tables, plots, notes)
 
 
-def _kv_dtype_table(config: ConfigDict, lengths: np.ndarray, label: str) -> Table:
+def _kv_dtype_table(
+  config: ConfigDict, lengths: np.ndarray, label: str, cost, charged: str
+) -> Table:
   """Paged at ``config.block_size`` in the same bytes at each K/V dtype of the axis."""
   rows = []
   for kv_dtype in config.kv_dtype_axis:
     pool = pool_tokens(config, kv_dtype)
     sim_pool = _serving.PagedPool(config.block_size, pool, config.watermark)
-    stats = _serving.simulate(sim_pool, lengths, desc=f"{label} paged {kv_dtype}")
-    shares = stats.shares()
+    stats = _serving.simulate(sim_pool, lengths, cost=cost, desc=f"{label} paged {kv_dtype}")
     rows.append(
       {
         "kv_dtype": kv_dtype,
         "bytes_per_token": kv_bytes_per_token(config, kv_dtype),
         "pool_tokens": pool,
-        "mean_batch": None if math.isnan(shares["mean_batch"]) else round(shares["mean_batch"], 1),
-        "max_batch": stats.max_batch,
-        "tokens_per_step": round(int(lengths[:, 1].sum()) / stats.steps, 2),
-        "preemptions": stats.preemptions,
+        **_serving_row(stats, lengths),
       }
     )
   base = next((r for r in rows if r["kv_dtype"] == "bfloat16"), rows[0])
@@ -214,13 +245,17 @@ def _kv_dtype_table(config: ConfigDict, lengths: np.ndarray, label: str) -> Tabl
       Column("max_batch", "max batch"),
       Column("tokens_per_step", "tokens / step", ".2f"),
       Column("preemptions", "preempted"),
+      Column("recomputed_tokens", "recomputed tokens"),
+      Column("recomputed_share", "recomputed / prompt", ".3f"),
+      Column("sim_s", "simulated s", ".1f"),
+      Column("tokens_per_sim_s", "tokens / simulated s", ".1f"),
     ],
     rows,
     caption=(
       f"Paged (block {config.block_size}) in the same {config.kv_budget_gib} GiB at each K/V "
       "dtype; 8-bit bytes count a float32 K and V scale per token and KV head "
       f"(head_dim {config.head_dim}: {config.head_dim} data bytes + 4 scale bytes per head "
-      "for each of K and V)."
+      f"for each of K and V). Simulated seconds charge every step by {charged}."
     ),
   )
 

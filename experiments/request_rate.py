@@ -49,6 +49,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import _outputs
+from experiments._cost_config import check_cost_config, step_cost
 from experiments._progress import Progress
 from experiments.workloads import workload_label, workload_lengths
 from paxcache.engine import (
@@ -61,10 +62,7 @@ from paxcache.engine import (
   SimulatedEngine,
   StepCostModel,
   WallClock,
-  fit_step_cost,
-  load_step_records,
 )
-from paxcache.engine._cost import PRESETS
 
 SYSTEMS = {"paged": "paged", "orca_max": "max", "orca_pow2": "pow2", "orca_oracle": "oracle"}
 LABELS = {
@@ -159,53 +157,13 @@ def check_config(config: ConfigDict) -> None:
     raise ValueError(f"--config.warmup_s={config.warmup_s!r} must be >= 0")
   if config.max_seq_len < 2:
     raise ValueError(f"--config.max_seq_len={config.max_seq_len!r} must be >= 2")
-  if not config.step_records and config.cost_model not in PRESETS:
-    raise ValueError(f"--config.cost_model={config.cost_model!r}: one of {sorted(PRESETS)}")
+  check_cost_config(config)
   for b in config.block_sizes:
     if config.pool_tokens // b < -(-config.max_seq_len // b):
       raise ValueError(
         f"--config.pool_tokens={config.pool_tokens} holds {config.pool_tokens // b} blocks of "
         f"{b}, fewer than one max_seq_len={config.max_seq_len} request needs"
       )
-
-
-def _records_where(records: list[dict], where: str) -> list[dict]:
-  """The records whose fields match every ``key=value`` of ``where`` (comma separated;
-  values compared as text, so ``block_size=16`` matches 16)."""
-  if not where:
-    return records
-  conds = []
-  for part in where.split(","):
-    key, sep, value = part.partition("=")
-    if not sep or not key.strip():
-      raise ValueError(f"--config.step_records_where={where!r}: expected key=value[,key=value]")
-    conds.append((key.strip(), value.strip()))
-  kept = [r for r in records if all(str(r.get(k)) == v for k, v in conds)]
-  if not kept:
-    raise ValueError(f"--config.step_records_where={where!r} keeps none of the step records")
-  return kept
-
-
-def step_cost(config: ConfigDict) -> tuple[StepCostModel, dict | None]:
-  """The simulated clock's cost model and, when fitted, its fit report as a dict."""
-  if not config.step_records:
-    return PRESETS[config.cost_model], None
-  where = config.get("step_records_where", "")
-  report = fit_step_cost(
-    _records_where(load_step_records(config.step_records), where),
-    heldout_fraction=config.heldout_fraction,
-    seed=config.seed,
-    swap_ms=config.swap_ms,
-    name=f"fitted:{config.step_records}" + (f" [{where}]" if where else ""),
-  )
-  fit = {
-    "step_records": config.step_records + (f" [{where}]" if where else ""),
-    "train_records": report.train_records,
-    "heldout_records": report.heldout_records,
-    "median_rel_error": report.median_rel_error,
-    **report.model.as_dict(),
-  }
-  return report.model, fit
 
 
 def engine_config(config: ConfigDict, system: str, block_size: int, mode: str) -> EngineConfig:

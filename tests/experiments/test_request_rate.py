@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from configs.request_rate import get_config
+from experiments import _cost_config, run
 from experiments import request_rate as rr
-from experiments import run
-from paxcache.engine import CPU_DEFAULT, Request, SimulatedEngine, StepCostModel
+from paxcache.engine import CPU_DEFAULT, Request, SimulatedEngine, StepCostModel, load_step_records
 
 pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
@@ -170,12 +170,12 @@ def test_step_records_where_keeps_matching_records(tmp_path):
     for m in ("a", "b") for b in (16, 32) for d in range(1, 9)
   ]  # fmt: skip
   path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-  kept = rr._records_where(rr.load_step_records(str(path)), "model=a,block_size=16")
+  kept = _cost_config.records_where(load_step_records(str(path)), "model=a,block_size=16")
   assert len(kept) == 8 and {(r["model"], r["block_size"]) for r in kept} == {("a", 16)}
   with pytest.raises(ValueError, match="keeps none"):
-    rr._records_where(recs, "model=c")
+    _cost_config.records_where(recs, "model=c")
   with pytest.raises(ValueError, match="key=value"):
-    rr._records_where(recs, "model")
+    _cost_config.records_where(recs, "model")
 
 
 def test_partial_path_gets_each_row_as_it_is_measured(tmp_path):
