@@ -319,7 +319,7 @@ def _replay_ms(engine, batches, args) -> list[float]:
 
 def e2e_rows(args) -> list[dict]:
   from experiments.workloads import workload_lengths
-  from paxcache.engine import Engine, EngineConfig, Request
+  from paxcache.engine import Engine, EngineConfig, Request, step_record
 
   env = env_info()
   rows = []
@@ -356,14 +356,10 @@ def e2e_rows(args) -> list[dict]:
       for rep in passes:
         engine = Engine(model, config)
         captured = []  # (step index, StepBatch) of every --capture-every-th decode step
-        kv_tokens = {}  # step index -> K/V tokens the step's rows attend over
         step_fn = engine._step_fn
 
-        def capture(
-          params, cache, batch, key, prev, _fn=step_fn, _engine=engine, _c=captured, _kv=kv_tokens
-        ):
+        def capture(params, cache, batch, key, prev, _fn=step_fn, _engine=engine, _c=captured):
           i = _engine.metrics.steps
-          _kv[i] = int(np.asarray(batch.lengths).sum())
           if batch.decode_only and i % args.capture_every == 0:
             _c.append((i, batch))
           return _fn(params, cache, batch, key, prev)
@@ -399,26 +395,21 @@ def e2e_rows(args) -> list[dict]:
             dev = {i: d for (i, _), d in zip(captured, device, strict=True)}
             with open(os.path.join(args.out, "engine_steps.jsonl"), "a") as f:
               for s in steps:
-                f.write(
-                  json.dumps(
-                    dict(
-                      commit=args.commit,
-                      model=name,
-                      workload=workload,
-                      block_size=block_size,
-                      step=s.step,
-                      prefill_tokens=s.num_prefill_tokens,
-                      decode_batch=s.num_tokens - s.num_prefill_tokens,
-                      rows=s.num_seqs,
-                      num_tokens=s.num_tokens,
-                      kv_tokens=kv_tokens.get(s.step, 0),
-                      step_ms=s.seconds * 1e3,
-                      device_ms=dev.get(s.step),
-                      async_scheduling=args.async_scheduling,
-                    )
-                  )
-                  + "\n"
+                # step_record: the fields a step-cost model is fitted to (the engine
+                # counts them per step); the rest says which run the step came from.
+                row = dict(
+                  commit=args.commit,
+                  model=name,
+                  workload=workload,
+                  block_size=block_size,
+                  step=s.step,
+                  rows=s.num_seqs,
+                  num_tokens=s.num_tokens,
+                  **step_record(s),
+                  device_ms=dev.get(s.step),
+                  async_scheduling=args.async_scheduling,
                 )
+                f.write(json.dumps(row) + "\n")
           wall = [by_step[i].seconds * 1e3 for i, _ in captured]
           result[rep].update(
             decode_device_ms=statistics.median(device),

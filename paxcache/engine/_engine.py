@@ -596,10 +596,14 @@ class Engine:
       tokens, shape, candidates = self._execute(plan)
       dispatched = self._commit(plan, tokens)
       dispatched.candidates = candidates
-      num_tokens = sum(r.stop - r.start for r in plan.rows)
-      prefill = sum(r.stop - r.start for r in plan.rows if r.stop - r.start > 1)
-      decodes = sum(1 for r in plan.rows if r.stop - r.start == 1)
-      kv_tokens = sum(r.stop for r in plan.rows)
+      for r in plan.rows:  # one pass: this runs on the host every step
+        n = r.stop - r.start
+        num_tokens += n
+        kv_tokens += r.stop
+        if n > 1:
+          prefill += n
+        elif n == 1:
+          decodes += 1
     swapped = sum(len(p) for p in plan.swap_out) + sum(len(p) for p in plan.swap_in)
     if plan.rows or swapped:
       self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
