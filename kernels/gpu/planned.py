@@ -12,9 +12,11 @@ sliding window; masked rows load as zeros with ``-inf`` logits, so NaN in unused
 cannot leak. Each program writes unnormalised float32 partials, the running max (log2
 units) and the denominator; padding chunks (``start = end``) write nothing.
 
-The merge (``_merge_kernel``, grid ``(num_kv_heads, batch)``) walks each sequence's
-chunks ``seq_first_chunk .. + seq_num_chunks`` and writes the normalised output in
-``q.dtype``; a sequence with no chunk (length 0) gets zeros, as from the reference.
+The merge (``_merge_kernel``, grid ``(num_q_heads, batch)``) reads each sequence's
+chunks ``seq_first_chunk .. + seq_num_chunks`` for one query head, ``MERGE_TILE`` chunks
+a step (a long row cut into 100 chunks merges in 7 steps, not 100 dependent loads), and
+writes the normalised output in ``q.dtype``; a sequence with no chunk (length 0) gets
+zeros, as from the reference.
 
 The partial arrays are ``[num_padded_chunks * num_q_heads, head_dim]`` float32: a
 single-chunk row also goes through them (one write and one read of 16 KiB per row at 32
@@ -131,48 +133,52 @@ def _chunk_kernel(
   plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=keep)
 
 
+MERGE_TILE = 16  # chunks one merge step reads at once
+
+
 def _merge_kernel(
   first_ref,  # i32[batch]: seq_first_chunk
   count_ref,  # i32[batch]: seq_num_chunks
   o_ref,  # f32[C * num_q_heads, head_dim]
   m_ref,  # f32[C * num_q_heads]
   den_ref,  # f32[C * num_q_heads]
-  out_ref,  # [batch * num_q_heads, head_dim], q.dtype
+  out_ref,  # [batch * num_q_heads * head_dim], q.dtype
   *,
   num_q_heads,
-  group,
-  rows,
   head_dim,
 ):
-  h = pl.program_id(0)
+  hq = pl.program_id(0)
   b = pl.program_id(1)
-  row_ok = jnp.arange(rows, dtype=jnp.int32) < group
   first = first_ref[b]
+  count = count_ref[b]
+  offs = jnp.arange(MERGE_TILE, dtype=jnp.int32)
+  cols = jnp.arange(head_dim, dtype=jnp.int32)
 
-  def body(i, carry):
+  def body(t, carry):
     acc, mx, den = carry
-    r0 = (first + i) * num_q_heads + h * group
-    m_i = plgpu.load(m_ref.at[pl.ds(r0, rows)], mask=row_ok, other=-jnp.inf)
-    d_i = plgpu.load(den_ref.at[pl.ds(r0, rows)], mask=row_ok, other=0.0)
-    o_i = plgpu.load(o_ref.at[pl.ds(r0, rows), :], mask=row_ok[:, None], other=0.0)
-    m_new = jnp.maximum(mx, m_i)
-    # A chunk whose keys were all masked keeps m = -inf; weigh it (and the empty start)
-    # by exp2(-inf) = 0 against 0 instead of NaN from (-inf) - (-inf).
+    i = t * MERGE_TILE + offs  # chunk numbers within the sequence
+    ok = i < count
+    part = (first + jnp.where(ok, i, 0)) * num_q_heads + hq
+    m_i = plgpu.load(m_ref.at[part], mask=ok, other=-jnp.inf)
+    d_i = plgpu.load(den_ref.at[part], mask=ok, other=0.0)
+    o_i = plgpu.load(o_ref.at[part[:, None], cols[None, :]], mask=ok[:, None], other=0.0)
+    m_new = jnp.maximum(mx, jnp.max(m_i))
+    # Chunks whose keys were all masked (and the start) have m = -inf; weigh them by
+    # exp2(-inf) = 0 against 0 instead of NaN from (-inf) - (-inf).
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(mx - m_use)
     w = jnp.exp2(m_i - m_use)
-    acc = acc * alpha[:, None] + o_i * w[:, None]
-    return acc, m_new, den * alpha + d_i * w
+    acc = acc * alpha + jnp.sum(o_i * w[:, None], axis=0)
+    return acc, m_new, den * alpha + jnp.sum(d_i * w)
 
-  acc = jnp.zeros((rows, head_dim), jnp.float32)
-  mx = jnp.full((rows,), -jnp.inf, jnp.float32)
-  den = jnp.zeros((rows,), jnp.float32)
-  acc, mx, den = lax.fori_loop(0, count_ref[b], body, (acc, mx, den))
-  out = acc / jnp.where(den > 0, den, 1.0)[:, None]
+  acc = jnp.zeros((head_dim,), jnp.float32)
+  mx = jnp.float32(-jnp.inf)
+  den = jnp.float32(0.0)
+  tiles = (count + MERGE_TILE - 1) // MERGE_TILE
+  acc, mx, den = lax.fori_loop(0, tiles, body, (acc, mx, den))
+  out = acc / jnp.where(den > 0, den, 1.0)
   plgpu.store(
-    out_ref.at[pl.ds(b * num_q_heads + h * group, rows), :],
-    out.astype(out_ref.dtype),
-    mask=row_ok[:, None],
+    out_ref.at[pl.ds((b * num_q_heads + hq) * head_dim, head_dim)], out.astype(out_ref.dtype)
   )
 
 
@@ -262,11 +268,9 @@ def planned_decode(
     name=f"paxcache_planned_decode_bs{block_size}_t{block_sizes.decode_kv_tile}",
   )(*args)
   out = pl.pallas_call(
-    functools.partial(
-      _merge_kernel, num_q_heads=num_q_heads, group=group, rows=rows, head_dim=head_dim
-    ),
-    grid=(num_kv_heads, batch),
-    out_shape=jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype),
+    functools.partial(_merge_kernel, num_q_heads=num_q_heads, head_dim=head_dim),
+    grid=(num_q_heads, batch),
+    out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
     compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     interpret=interpret,
     name="paxcache_planned_decode_merge",
