@@ -68,12 +68,16 @@ FULL = {
   "full8x4096_b16": (8, 4096, 16),
 }
 CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
-# --sweep: planned settings beside the default ones: (BlockSizes overrides, programs per SM).
+# --sweep: planned settings beside the default ones: (BlockSizes overrides, programs per
+# SM, padded chunk counts per doubling); None keeps plan_decode's default.
+SMALL_STEPS = dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=3)
 SWEEP = (
-  (dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=3), None),
-  (dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2), None),
-  ({}, 16),
-  (dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=3), 16),
+  (SMALL_STEPS, None, None),
+  (dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2), None, None),
+  ({}, 16, None),
+  (SMALL_STEPS, 16, None),
+  ({}, None, 4),
+  (SMALL_STEPS, None, 4),
 )
 
 
@@ -302,13 +306,15 @@ def run_case(name, args, ceiling, env, peer_ok):
     default_bs = gpu.default_block_sizes(
       head_dim=D, kv_dtype=DTYPE, batch=plan.num_padded_chunks, num_kv_heads=HKV
     )
-    for overrides, per_sm in SWEEP:
+    for overrides, per_sm, per_octave in SWEEP:
       if time.time() > args.deadline:
         break
       try:
         bsz = dataclasses.replace(default_bs, **overrides)
         target = None if per_sm is None else per_sm * plan_mod.num_sms()
-        p = plan_mod.plan_decode(lengths, block_size, HKV, target_programs=target)
+        p = plan_mod.plan_decode(
+          lengths, block_size, HKV, target_programs=target, buckets_per_octave=per_octave or 1
+        )
         t, out = measure(p.device_put(), bsz)
         tb = t.map(lambda s: nbytes / s / 1e12)
         sweep_rows.append(
@@ -317,6 +323,7 @@ def run_case(name, args, ceiling, env, peer_ok):
             variant="planned_sweep",
             config={k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith("decode")},
             programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
+            buckets_per_octave=per_octave or 1,
             ours_tbs=tb.median,
             ours_tbs_min=tb.min,
             ours_tbs_max=tb.max,

@@ -8,8 +8,9 @@ planned kernel (``planned.py``) runs one program per (KV head, chunk) and a seco
 kernel merges each sequence's chunks.
 
 :func:`plan_decode` is NumPy only and runs outside jit (in the engine's host step, where
-the lengths are known). Its chunk arrays are padded to a power-of-two count, so the jitted
-kernel sees one of a few shapes whatever the lengths: no shape depends on a length.
+the lengths are known). Its chunk arrays are padded to a bucketed count (a power of two by
+default, see :func:`bucket`), so the jitted kernel sees one of a few shapes whatever the
+lengths: no shape depends on a length.
 
 How the chunk size is chosen: the batch holds ``T`` visible tokens per KV head, so
 ``T * num_kv_heads`` token-heads of work; cut into ``target_programs`` (default
@@ -42,7 +43,7 @@ MIN_CHUNK_TOKENS = 256
 # divide it (16..128 do), else a step straddles two chunks and is read twice (still
 # correct: the kernel masks by the chunk's range).
 DEFAULT_KV_TILE = 128
-# The padded chunk count is a power of two, at least this.
+# The padded chunk count is at least this (and by default a power of two; see bucket()).
 MIN_CHUNK_BUCKET = 16
 
 
@@ -67,7 +68,7 @@ def num_sms() -> int:
 class DecodePlan:
   """The work of one decode call, cut into chunks: a pytree (arrays are its leaves).
 
-  ``C`` (the padded chunk count) is a power of two >= ``MIN_CHUNK_BUCKET``; chunks
+  ``C`` (the padded chunk count) is a :func:`bucket` size >= ``MIN_CHUNK_BUCKET``; chunks
   ``num_chunks ..  C - 1`` are padding (``chunk_seq = 0``, ``start = end = 0``: they
   read nothing and no sequence merges them).
 
@@ -109,8 +110,16 @@ class DecodePlan:
     return jax.device_put(self, device)
 
 
-def _bucket(n: int) -> int:
-  return max(MIN_CHUNK_BUCKET, 1 << max(n - 1, 0).bit_length())
+def bucket(n: int, per_octave: int = 1) -> int:
+  """The padded chunk count for ``n`` chunks: the smallest ``p * (1 + k / per_octave)``
+  (``p`` a power of two, ``k`` in 1..per_octave) that holds ``n``, at least
+  ``MIN_CHUNK_BUCKET``. ``per_octave=1`` gives powers of two (up to 2x padding, one shape
+  per doubling); 2 or 4 pad at most 1.5x or 1.25x for 2 or 4 shapes per doubling."""
+  if n <= MIN_CHUNK_BUCKET:
+    return MIN_CHUNK_BUCKET
+  p = 1 << ((n - 1).bit_length() - 1)  # p < n <= 2p
+  step = p // per_octave
+  return p + -(-(n - p) // step) * step
 
 
 def chunk_tokens_for(
@@ -139,6 +148,7 @@ def plan_decode(
   target_programs: int | None = None,
   min_chunk_tokens: int = MIN_CHUNK_TOKENS,
   chunk_tokens: int | None = None,
+  buckets_per_octave: int = 1,
 ) -> DecodePlan:
   """Cuts a decode batch into balanced chunks over (sequence, key range); NumPy only.
 
@@ -153,6 +163,8 @@ def plan_decode(
       SM of the first GPU (132 SMs off a GPU).
     min_chunk_tokens: the smallest chunk size chosen.
     chunk_tokens: the chunk size itself (a multiple of ``kv_tile``), overriding the choice.
+    buckets_per_octave: 1 (powers of two), 2, 4 or 8 padded chunk counts per doubling
+      (:func:`bucket`): more shapes to compile, fewer empty padding programs.
 
   Returns:
     A :class:`DecodePlan` with NumPy int32 arrays (``jit`` moves them to the device; or
@@ -160,7 +172,7 @@ def plan_decode(
 
   Raises:
     ValueError: on a negative length, a bad ``kv_tile`` / ``block_size`` /
-      ``sliding_window`` / ``chunk_tokens``.
+      ``sliding_window`` / ``chunk_tokens`` / ``buckets_per_octave``.
   """
   lengths = np.asarray(lengths)
   if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
@@ -173,6 +185,8 @@ def plan_decode(
     raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
   if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
     raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+  if buckets_per_octave not in (1, 2, 4, 8):
+    raise ValueError(f"buckets_per_octave must be 1, 2, 4 or 8, got {buckets_per_octave!r}")
   if lengths.size and lengths.min() < 0:
     raise ValueError(f"lengths must be >= 0, got {lengths[lengths < 0][:8].tolist()}")
   length = lengths.astype(np.int64)
@@ -204,7 +218,7 @@ def plan_decode(
   base = lo_aligned[seq] + k * size[seq]
   start = np.maximum(base, lo[seq])
   end = np.minimum(base + size[seq], length[seq])
-  padded = _bucket(num)
+  padded = bucket(num, buckets_per_octave)
   chunk_seq = np.zeros(padded, np.int32)
   chunk_start = np.zeros(padded, np.int32)
   chunk_end = np.zeros(padded, np.int32)

@@ -10,7 +10,8 @@ block_size, head_dim]``). Every gathered load is masked by ``0 <= block_id <
 num_blocks`` and by the position being in the chunk, below the length and inside the
 sliding window; masked rows load as zeros with ``-inf`` logits, so NaN in unused slots
 cannot leak. Each program writes unnormalised float32 partials, the running max (log2
-units) and the denominator; padding chunks (``start = end``) write nothing.
+units) and the denominator; padding chunks (``start = end``) return at once, reading and
+writing nothing.
 
 The merge (``_merge_kernel``, grid ``(num_q_heads, batch)``) reads each sequence's
 chunks ``seq_first_chunk .. + seq_num_chunks`` for one query head, ``MERGE_TILE`` chunks
@@ -74,63 +75,67 @@ def _chunk_kernel(
     o_ref, m_ref, den_ref = refs
   h = pl.program_id(0)
   c = pl.program_id(1)
-  b = chunk_seq_ref[c]
-  length = lengths_ref[b]
-  start = chunk_start_ref[c]
-  end = jnp.minimum(chunk_end_ref[c], length)
-  if sliding_window is not None:
-    # Position length-1 sees keys >= length - window.
-    start = jnp.maximum(start, length - sliding_window)
-  row_ids = jnp.arange(rows, dtype=jnp.int32)
-  row_ok = row_ids < group
-  q_row0 = b * num_q_heads + h * group
-  q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
-  q = q.astype(cdtype)
-  prec = dot_precision(cdtype)
-  head_base = h * (num_blocks * block_size)
-  offs = jnp.arange(kv_tile, dtype=jnp.int32)
-  cols = jnp.arange(head_dim, dtype=jnp.int32)
-  shift = int(math.log2(block_size))
+  chunk_start, chunk_end = chunk_start_ref[c], chunk_end_ref[c]
 
-  def body(j, carry):
-    tok = j * kv_tile + offs
-    lblk = jnp.right_shift(tok, shift)
-    in_table = lblk < max_blocks
-    blk = plgpu.load(
-      table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
-    )
-    valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok >= start) & (tok < end)
-    kv_rows = (
-      head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
-    )
-    idx = (kv_rows[:, None], cols[None, :])
-    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
-    if quantized:
-      ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
-      s = s * ks[None, :]
-    (acc, m, den), p = online_softmax_step(
-      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
-    )
-    if quantized:
-      vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
-      p = p * vs[None, :]
-    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
-    return acc, m, den
+  # Padding chunks (start == end) read and write nothing (no sequence merges them): they
+  # leave as soon as they have read their range, before the query tile.
+  @pl.when(chunk_end > chunk_start)
+  def _():
+    b = chunk_seq_ref[c]
+    length = lengths_ref[b]
+    start = chunk_start
+    end = jnp.minimum(chunk_end, length)
+    if sliding_window is not None:
+      # Position length-1 sees keys >= length - window.
+      start = jnp.maximum(start, length - sliding_window)
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    row_ok = row_ids < group
+    q_row0 = b * num_q_heads + h * group
+    q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+    q = q.astype(cdtype)
+    prec = dot_precision(cdtype)
+    head_base = h * (num_blocks * block_size)
+    offs = jnp.arange(kv_tile, dtype=jnp.int32)
+    cols = jnp.arange(head_dim, dtype=jnp.int32)
+    shift = int(math.log2(block_size))
 
-  acc = jnp.zeros((rows, head_dim), jnp.float32)
-  m = jnp.full((rows,), -jnp.inf, jnp.float32)
-  den = jnp.zeros((rows,), jnp.float32)
-  first = start // kv_tile
-  last = jnp.where(end > start, (end + kv_tile - 1) // kv_tile, first)
-  acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
-  # Padding chunks (start == end) write nothing: no sequence merges them.
-  keep = row_ok & (chunk_end_ref[c] > chunk_start_ref[c])
-  part0 = c * num_q_heads + h * group
-  plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=keep[:, None])
-  plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=keep)
-  plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=keep)
+    def body(j, carry):
+      tok = j * kv_tile + offs
+      lblk = jnp.right_shift(tok, shift)
+      in_table = lblk < max_blocks
+      blk = plgpu.load(
+        table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
+      )
+      valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok >= start) & (tok < end)
+      kv_rows = (
+        head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
+      )
+      idx = (kv_rows[:, None], cols[None, :])
+      k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+      v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+      s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+      if quantized:
+        ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
+        s = s * ks[None, :]
+      (acc, m, den), p = online_softmax_step(
+        carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+      )
+      if quantized:
+        vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
+        p = p * vs[None, :]
+      acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+      return acc, m, den
+
+    acc = jnp.zeros((rows, head_dim), jnp.float32)
+    m = jnp.full((rows,), -jnp.inf, jnp.float32)
+    den = jnp.zeros((rows,), jnp.float32)
+    first = start // kv_tile
+    last = jnp.where(end > start, (end + kv_tile - 1) // kv_tile, first)
+    acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+    part0 = c * num_q_heads + h * group
+    plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=row_ok[:, None])
+    plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=row_ok)
+    plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=row_ok)
 
 
 MERGE_TILE = 16  # chunks one merge step reads at once

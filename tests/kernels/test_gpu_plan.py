@@ -63,7 +63,11 @@ def _check_plan(p: DecodePlan, lengths, window, chunk_tokens):
   c = p.num_padded_chunks
   num = int(p.seq_num_chunks.sum())
   assert c >= plan_mod.MIN_CHUNK_BUCKET and c & (c - 1) == 0 and c >= num
-  assert c == max(plan_mod.MIN_CHUNK_BUCKET, 1 << max(num - 1, 0).bit_length())
+  # The smallest power of two >= num (at least MIN_CHUNK_BUCKET), by a loop.
+  want = plan_mod.MIN_CHUNK_BUCKET
+  while want < num:
+    want *= 2
+  assert c == want
   for name in ("chunk_seq", "chunk_start", "chunk_end"):
     arr = getattr(p, name)
     assert arr.dtype == np.int32 and arr.shape == (c,)
@@ -158,6 +162,25 @@ def test_plan_is_deterministic_and_its_shapes_are_bucketed():
   assert len(traces) == 1
 
 
+def test_finer_buckets_pad_less():
+  # Hand-worked: 17 chunks -> 32 (powers of two), 24 (2 per octave: 16, 24, 32), 20
+  # (4 per octave: 16, 20, 24, 28, 32); 16 stays 16; 100 -> 128, 128, 112.
+  assert [plan_mod.bucket(17, k) for k in (1, 2, 4)] == [32, 24, 20]
+  assert [plan_mod.bucket(16, k) for k in (1, 2, 4)] == [16, 16, 16]
+  assert [plan_mod.bucket(100, k) for k in (1, 2, 4)] == [128, 128, 112]
+  for n in range(1, 300):
+    for k in (1, 2, 4, 8):
+      b = plan_mod.bucket(n, k)
+      assert b >= max(n, plan_mod.MIN_CHUNK_BUCKET) and b <= max(16, n * (1 + 1 / k))
+  lengths = np.random.default_rng(2).integers(1, 3000, size=50)
+  p4 = plan_decode(lengths, 16, 8, buckets_per_octave=4)
+  p1 = plan_decode(lengths, 16, 8)
+  assert p4.num_padded_chunks <= p1.num_padded_chunks
+  for f in ("chunk_seq", "chunk_start", "chunk_end"):
+    n = p1.num_chunks()
+    np.testing.assert_array_equal(getattr(p4, f)[:n], getattr(p1, f)[:n])
+
+
 def test_plan_refuses_bad_input():
   with pytest.raises(ValueError, match="lengths must be >= 0"):
     plan_decode(np.array([3, -1]), 16, 2)
@@ -165,6 +188,8 @@ def test_plan_refuses_bad_input():
     plan_decode(np.array([3]), 16, 2, kv_tile=48)
   with pytest.raises(ValueError, match="chunk_tokens"):
     plan_decode(np.array([3]), 16, 2, kv_tile=64, chunk_tokens=100)
+  with pytest.raises(ValueError, match="buckets_per_octave"):
+    plan_decode(np.array([3]), 16, 2, buckets_per_octave=3)
   with pytest.raises(ValueError, match="1-D integer"):
     plan_decode(np.array([[3.0]]), 16, 2)
 
