@@ -404,3 +404,40 @@ def test_bad_plans_are_refused(make_plan, kwargs, match):
     kernels.paged_attention(
       q, k, v, table, lens, cu, backend="gpu", interpret=True, decode_plan=make_plan(lens)
     )
+
+
+@pytest.mark.parametrize(
+  "kv_dtype, options",
+  [("bfloat16", {}), ("bfloat16", dict(sliding_window=100, logit_soft_cap=30.0)), ("int8", {})],
+)
+def test_planned_kernels_lower_to_triton_ir_for_an_h200(monkeypatch, kv_dtype, options):
+  # No GPU here: Pallas asks the device for its compute capability before lowering, so
+  # give it an H200's (a private JAX module, pinned to jax 0.11). This lowers both
+  # kernels to Triton IR, which checks every primitive they use has a Triton lowering
+  # (interpret mode does not); the PTX compile itself happens only on a GPU.
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  lengths = np.array([300, 5, 1000, 0], np.int32)
+  need = -(-lengths // 16)
+  table = np.full((4, int(need.max())), -1, np.int32)
+  table[np.arange(table.shape[1])[None] < need[:, None]] = np.arange(int(need.sum()))
+  kv = jax.ShapeDtypeStruct((8, int(need.sum()) + 1, 16, 128), jnp.dtype(kv_dtype))
+  q = jax.ShapeDtypeStruct((4, 32, 128), jnp.bfloat16)
+  scales = {}
+  if kv_dtype == "int8":
+    s = jax.ShapeDtypeStruct(kv.shape[:3], jnp.float32)
+    scales = dict(k_scales=s, v_scales=s)
+  p = plan_decode(lengths, 16, 8, sliding_window=options.get("sliding_window"))
+
+  def call(q, k, v, table, lengths, plan, scales):
+    return gpu.paged_attention(q, k, v, table, lengths, decode_plan=plan, **options, **scales)
+
+  lowered = (
+    jax.jit(call)
+    .trace(q, kv, kv, jnp.asarray(table), jnp.asarray(lengths), p, scales)
+    .lower(lowering_platforms=("cuda",))
+  )
+  text = lowered.as_text()
+  assert "paxcache_planned_decode_bs16" in text and "paxcache_planned_decode_merge" in text
