@@ -343,6 +343,27 @@ def test_planned_decode_8bit(kv_dtype, q_dtype):
     assert rel_l2_error(got, want) < tolerance("quantized_gpu_vs_float64_rel_l2", q_dtype).rtol
 
 
+@pytest.mark.parametrize(
+  "q_dtype, kv_dtype, head_dim", [("float16", "float16", 128), ("float32", "bfloat16", 64)]
+)
+def test_planned_decode_against_the_reference_backend(q_dtype, kv_dtype, head_dim):
+  # float16, and float32 q over bf16 K/V (dots in float32), at head_dim 128 / 64.
+  rng = np.random.default_rng(5)
+  lengths = [90, 1, 257, 16]
+  k, v, table, lens = make_cache(
+    rng, lengths=lengths, block_size=16, num_kv_heads=HKV, head_dim=head_dim, kv_dtype=kv_dtype
+  )
+  q = jnp.asarray(rng.standard_normal((4, HQ, head_dim)), q_dtype)
+  p = plan_decode(lens, 16, HKV, kv_tile=16, chunk_tokens=64)
+  out = kernels.paged_attention(
+    q, k, v, table, lens, backend="gpu", interpret=True, block_sizes=SMALL, decode_plan=p
+  )
+  ref = kernels.paged_attention(q, k, v, table, lens, backend="reference")
+  assert out.dtype == q.dtype and not np.isnan(np.asarray(out, np.float32)).any()
+  err = rel_l2_error(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+  assert err < tolerance("gpu_kernel_vs_reference_rel_l2", q_dtype).rtol
+
+
 def test_planned_decode_default_block_sizes_and_plan():
   # No block_sizes and a plan with its default chunking: the call's own defaults.
   rng = np.random.default_rng(3)
