@@ -296,6 +296,7 @@ def _run(
     # MERGE_TILE), an empty row.
     ([700, 3, 5, 1, 9, 0], 64, 32),
     ([1, 20, 45], 1, 16),  # block size 1: every key its own block
+    ([600, 1, 2], 512, 64),  # block size 512: chunks are slices of one block
   ],
 )
 def test_planned_decode_float32_matches_float64_loop(lengths, block_size, chunk_tokens):
