@@ -24,7 +24,8 @@ queries (no Python dispatch between them), dispatched 3 times back to back per s
 21 samples (``experiments._timing.time_calls``); the peer runs ``--calls`` calls captured
 in one CUDA graph (plain back-to-back launches if capture fails). TB/s = K/V bytes the
 lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Every output is checked
-against the default kernel's (relative L2, ``check_rel_l2``). Rows go to
+against the default kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
+bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
 ``OUT/gpu_decode_ragged.jsonl`` as each case finishes (one failing case or peer loses
 nothing else); ``--sweep`` also times a few planned settings into
 ``OUT/gpu_decode_ragged_sweep.jsonl``::
@@ -55,7 +56,7 @@ from experiments.bench import _flags
 from experiments.bench._gpu_common import env_info, write_jsonl
 from kernels import gpu
 from kernels.gpu import plan as plan_mod
-from kernels.testing import rel_l2_error
+from kernels.testing import rel_l2_error, tolerance
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = jnp.bfloat16
@@ -208,6 +209,16 @@ def vllm_peer(q, kb, vb, table, lengths, num_calls, repeats):
   return t.map(lambda s: s / num_calls), out.float().cpu().numpy(), how
 
 
+def check(out, want) -> dict:
+  err = rel_l2_error(out, want)
+  ok = (
+    bool(np.isfinite(out).all()) and err < tolerance("gpu_kernel_vs_reference_rel_l2", DTYPE).rtol
+  )
+  if not ok:
+    print(f"CHECK FAILED: relative L2 {err:.3g} against the default kernel", flush=True)
+  return dict(check_rel_l2=err, check_ok=ok)
+
+
 def commit_of(default: str) -> str:
   if default != "unknown":
     return default
@@ -289,7 +300,7 @@ def run_case(name, args, ceiling, env, peer_ok):
       ours_tbs_max=tbs[variant].max,
       **t.fields("time", digits=5),
       fraction_of_ceiling=tbs[variant].median / ceiling if ceiling else None,
-      check_rel_l2=rel_l2_error(out, out_def),
+      **check(out, out_def),
       **peer,
     )
     if variant == "planned":
@@ -330,7 +341,7 @@ def run_case(name, args, ceiling, env, peer_ok):
             fraction_of_ceiling=tb.median / ceiling if ceiling else None,
             num_chunks=p.num_chunks(),
             padded_chunks=p.num_padded_chunks,
-            check_rel_l2=rel_l2_error(out, out_def),
+            **check(out, out_def),
           )
         )
       except Exception as e:  # noqa: BLE001 - one setting failing loses no other

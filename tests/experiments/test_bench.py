@@ -157,6 +157,7 @@ def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
     assert r["kernel"] == "triton" and r["vllm_tbs"] is None and r["ceiling_tbs"] > 0
     # Two bf16 kernels that sum in other orders: the GPU kernels' bf16 bound.
     assert r["check_rel_l2"] < tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+    assert r["check_ok"] is True
   assert rows[1]["num_chunks"] >= 2 and rows[1]["plan_us"] > 0
 
 

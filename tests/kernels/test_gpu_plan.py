@@ -134,6 +134,10 @@ def test_plan_hand_worked_example():
   np.testing.assert_array_equal(w.chunk_start[:3], [700, 768, 896])
   np.testing.assert_array_equal(w.chunk_end[:3], [768, 896, 1000])
   assert w.seq_num_chunks.tolist() == [3]
+  # Nothing to read: no chunks, the smallest bucket, all padding.
+  e = plan_decode(np.array([0, 0, 0]), 16, 2)
+  assert e.num_chunks() == 0 and e.num_padded_chunks == plan_mod.MIN_CHUNK_BUCKET
+  assert not e.chunk_end.any() and not e.seq_num_chunks.any()
 
 
 def test_plan_is_deterministic_and_its_shapes_are_bucketed():
