@@ -13,15 +13,13 @@ cannot leak. Each program writes unnormalised float32 partials, the running max 
 units) and the denominator; padding chunks (``start = end``) return at once, reading and
 writing nothing.
 
-The merge (``_merge_kernel``, grid ``(num_q_heads, batch)``) reads each sequence's
-chunks ``seq_first_chunk .. + seq_num_chunks`` for one query head, ``MERGE_TILE`` chunks
-a step (a long row cut into 100 chunks merges in 7 steps, not 100 dependent loads), and
-writes the normalised output in ``q.dtype``; a sequence with no chunk (length 0) gets
-zeros, as from the reference.
-
-The partial arrays are ``[num_padded_chunks * num_q_heads, head_dim]`` float32: a
-single-chunk row also goes through them (one write and one read of 16 KiB per row at 32
-query heads and head_dim 128, against its K/V).
+A sequence in one chunk (most rows of a ragged batch) is finished by its chunk's
+programs: they write its normalised output in ``q.dtype`` directly. For the others, the
+merge (``_merge_kernel``, grid ``(num_q_heads, batch)``, writing into the same output
+buffer) reads the sequence's chunks ``seq_first_chunk .. + seq_num_chunks`` for one query
+head, ``MERGE_TILE`` chunks a step (a long row cut into 100 chunks merges in 7 steps, not
+100 dependent loads); its programs for one-chunk sequences only read the count and
+return. A sequence with no chunk (length 0) gets zeros, as from the reference.
 """
 
 from __future__ import annotations
@@ -46,6 +44,7 @@ def _chunk_kernel(
   chunk_seq_ref,  # i32[C]
   chunk_start_ref,  # i32[C]
   chunk_end_ref,  # i32[C]
+  seq_chunks_ref,  # i32[batch]: seq_num_chunks
   lengths_ref,  # i32[batch]
   table_ref,  # i32[batch * max_blocks]
   q_ref,  # [batch * num_q_heads, head_dim]
@@ -53,7 +52,8 @@ def _chunk_kernel(
   v_ref,  # same
   # 8-bit K/V only: ks_ref, vs_ref f32[num_kv_heads * num_blocks * block_size]. Then the
   # outputs: o f32[C * num_q_heads, head_dim], m and den f32[C * num_q_heads], row
-  # chunk * num_q_heads + query head.
+  # chunk * num_q_heads + query head (chunks of sequences cut into several); out
+  # [batch * num_q_heads, head_dim] in q.dtype (sequences in one chunk).
   *refs,
   num_q_heads,
   group,
@@ -70,9 +70,9 @@ def _chunk_kernel(
   quantized,
 ):
   if quantized:
-    ks_ref, vs_ref, o_ref, m_ref, den_ref = refs
+    ks_ref, vs_ref, o_ref, m_ref, den_ref, out_ref = refs
   else:
-    o_ref, m_ref, den_ref = refs
+    o_ref, m_ref, den_ref, out_ref = refs
   h = pl.program_id(0)
   c = pl.program_id(1)
   chunk_start, chunk_end = chunk_start_ref[c], chunk_end_ref[c]
@@ -132,10 +132,17 @@ def _chunk_kernel(
     first = start // kv_tile
     last = jnp.where(end > start, (end + kv_tile - 1) // kv_tile, first)
     acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+    # A sequence in one chunk is done here: its output, normalised, with no partial
+    # written and none merged. Otherwise the partials, for the merge.
+    single = seq_chunks_ref[b] == 1
+    whole = row_ok & single
+    out = acc / jnp.where(den > 0, den, 1.0)[:, None]
+    plgpu.store(out_ref.at[pl.ds(q_row0, rows), :], out.astype(out_ref.dtype), mask=whole[:, None])
+    part = row_ok & jnp.logical_not(single)
     part0 = c * num_q_heads + h * group
-    plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=row_ok[:, None])
-    plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=row_ok)
-    plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=row_ok)
+    plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=part[:, None])
+    plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=part)
+    plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=part)
 
 
 MERGE_TILE = 16  # chunks one merge step reads at once
@@ -147,15 +154,24 @@ def _merge_kernel(
   o_ref,  # f32[C * num_q_heads, head_dim]
   m_ref,  # f32[C * num_q_heads]
   den_ref,  # f32[C * num_q_heads]
-  out_ref,  # [batch * num_q_heads * head_dim], q.dtype
+  out_in_ref,  # [batch * num_q_heads * head_dim], q.dtype: the chunk kernel's out
+  out_ref,  # the same buffer (aliased): rows of sequences in one chunk are already there
   *,
   num_q_heads,
   head_dim,
 ):
+  del out_in_ref  # written through out_ref
   hq = pl.program_id(0)
   b = pl.program_id(1)
-  first = first_ref[b]
   count = count_ref[b]
+
+  @pl.when(count != 1)
+  def _():
+    _merge_row(first_ref[b], count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim)
+
+
+def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim):
+  """Merges the ``count`` chunks of sequence ``b`` for query head ``hq`` (0 chunks: zeros)."""
   offs = jnp.arange(MERGE_TILE, dtype=jnp.int32)
   cols = jnp.arange(head_dim, dtype=jnp.int32)
 
@@ -249,6 +265,7 @@ def planned_decode(
     plan.chunk_seq,
     plan.chunk_start,
     plan.chunk_end,
+    plan.seq_num_chunks,
     lengths,
     block_table.reshape(-1),
     q.reshape(batch * num_q_heads, head_dim),
@@ -258,13 +275,14 @@ def planned_decode(
   if quantized:
     args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
   n = num_chunks * num_q_heads
-  o, m, den = pl.pallas_call(
+  o, m, den, out = pl.pallas_call(
     kernel,
     grid=(num_kv_heads, num_chunks),
     out_shape=(
       jax.ShapeDtypeStruct((n, head_dim), jnp.float32),
       jax.ShapeDtypeStruct((n,), jnp.float32),
       jax.ShapeDtypeStruct((n,), jnp.float32),
+      jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype),
     ),
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
@@ -277,7 +295,8 @@ def planned_decode(
     grid=(num_q_heads, batch),
     out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
     compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    input_output_aliases={5: 0},  # out: the chunk kernel's rows stay, the merge adds its own
     interpret=interpret,
     name="paxcache_planned_decode_merge",
-  )(plan.seq_first_chunk, plan.seq_num_chunks, o, m, den)
+  )(plan.seq_first_chunk, plan.seq_num_chunks, o, m, den, out.reshape(-1))
   return out.reshape(batch, num_q_heads, head_dim)
