@@ -71,14 +71,16 @@ FULL = {
 CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
 # --sweep: planned settings beside the default ones: (BlockSizes overrides, programs per
 # SM, padded chunk counts per doubling); None keeps plan_decode's default.
-SMALL_STEPS = dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=3)
+# The default is planned_block_sizes (64-token steps, 4 warps, 3 stages: two programs per
+# SM at bf16 head_dim 128); LARGE_STEPS is the large-batch decode's (one program per SM).
+LARGE_STEPS = dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3)
 SWEEP = (
-  (SMALL_STEPS, None, None),
+  (LARGE_STEPS, None, None),
   (dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2), None, None),
   ({}, 16, None),
-  (SMALL_STEPS, 16, None),
+  (LARGE_STEPS, 16, None),
   ({}, None, 4),
-  (SMALL_STEPS, None, 4),
+  ({}, 4, None),
 )
 
 
@@ -314,9 +316,7 @@ def run_case(name, args, ceiling, env, peer_ok):
     rows.append(row)
   sweep_rows = []
   if args.sweep:
-    default_bs = gpu.default_block_sizes(
-      head_dim=D, kv_dtype=DTYPE, batch=plan.num_padded_chunks, num_kv_heads=HKV
-    )
+    default_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
     for overrides, per_sm, per_octave in SWEEP:
       if time.time() > args.deadline:
         break

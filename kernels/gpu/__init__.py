@@ -38,7 +38,12 @@ from kernels.gpu.plan import DecodePlan, plan_decode
 from kernels.gpu.planned import planned_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
-from kernels.gpu.tuning import PREFILL_KERNELS, BlockSizes, default_block_sizes
+from kernels.gpu.tuning import (
+  PREFILL_KERNELS,
+  BlockSizes,
+  default_block_sizes,
+  planned_block_sizes,
+)
 
 __all__ = [
   "BlockSizes",
@@ -48,6 +53,7 @@ __all__ = [
   "kernel_backend",
   "paged_attention",
   "plan_decode",
+  "planned_block_sizes",
   "validate_gpu_inputs",
 ]
 
@@ -231,8 +237,8 @@ def paged_attention(
       the probabilities (8-bit prefill always runs on Triton).
     decode_plan: a :class:`kernels.gpu.plan.DecodePlan` from ``plan_decode`` on this
       call's lengths (decode only), or None for the default split-K decode. With a plan,
-      ``block_sizes`` defaults as for a batch of ``plan.num_padded_chunks`` rows and its
-      ``decode_num_splits`` is not used.
+      ``block_sizes`` defaults to ``planned_block_sizes`` and its ``decode_num_splits`` is
+      not used.
 
   Returns:
     Array shaped like q, q.dtype.
@@ -253,13 +259,15 @@ def paged_attention(
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
   head_dim = q.shape[2]
   decode = cu_q_lens is None
-  if block_sizes is None:
+  if block_sizes is None and decode_plan is not None:
+    block_sizes = planned_block_sizes(head_dim=head_dim, kv_dtype=k_blocks.dtype)
+  elif block_sizes is None:
     block_sizes = default_block_sizes(
       head_dim=head_dim,
       kv_dtype=k_blocks.dtype,
       num_tokens=q.shape[0],
       decode=decode,
-      batch=block_table.shape[0] if decode_plan is None else decode_plan.num_padded_chunks,
+      batch=block_table.shape[0],
       num_kv_heads=k_blocks.shape[0],
     )
   scale = float(head_dim**-0.5) if scale is None else scale
