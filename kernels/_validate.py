@@ -62,6 +62,53 @@ def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
   )
 
 
+# Head sizes of the Pallas backends (the reference backend takes any head_dim >= 1).
+# GPU: a multiple of 16 up to 256; a size that is not a power of two (80, 96, 112, 192, ...)
+# runs in tiles of the next power of two, its extra columns masked in the kernels
+# (kernels/gpu/decode.py). Above 256 the tiles no longer fit the registers.
+GPU_HEAD_DIM_MULTIPLE = 16
+GPU_MAX_HEAD_DIM = 256
+# TPU: a multiple of 128, the lane width. The kernels themselves compile for other sizes
+# (Mosaic pads VMEM tiles to 128 lanes), but XLA's default TPU layout of a pool whose
+# head_dim is not a multiple of 128 is not row-major at real sizes (bf16 [8, 4096, 16, 64]
+# is laid out {1,3,2,0}: num_blocks along the lanes), while the Mosaic kernels take their
+# HBM operands row-major, so every call would relayout (copy) the whole pool (issue 13:
+# no step may touch the whole pool); kernels.tpu.aot.pool_relayout checks it. docs/tpu.md.
+TPU_LANES = 128
+
+
+def head_dim_supported(head_dim: int, backend: str) -> bool:
+  """Whether ``backend`` ("reference", "gpu" or "tpu") takes this head_dim."""
+  if backend == "gpu":
+    return head_dim % GPU_HEAD_DIM_MULTIPLE == 0 and 0 < head_dim <= GPU_MAX_HEAD_DIM
+  if backend == "tpu":
+    return head_dim > 0 and head_dim % TPU_LANES == 0
+  if backend == "reference":
+    return head_dim >= 1
+  raise ValueError(f"backend must be 'reference', 'gpu' or 'tpu', got {backend!r}")
+
+
+HEAD_DIM_RULES = {
+  "reference": "any head_dim >= 1",
+  "gpu": f"head_dim a multiple of {GPU_HEAD_DIM_MULTIPLE} up to {GPU_MAX_HEAD_DIM} (e.g. 64, 80, "
+  "96, 112, 128, 192, 256)",
+  "tpu": f"head_dim a multiple of {TPU_LANES} (the lane width: 128, 256, ...; a smaller or "
+  "unaligned head_dim would make XLA copy the whole pool into the kernel's row-major layout "
+  "every call; allocate the cache with head_dim zero-padded to a multiple of 128 and pass "
+  "scale, docs/tpu.md)",
+}
+
+
+def validate_head_dim(q, k_blocks, backend: str) -> None:
+  """Raises ValueError when ``backend`` does not take the head_dim of ``k_blocks``."""
+  head_dim = k_blocks.shape[3]
+  if not head_dim_supported(head_dim, backend):
+    raise ValueError(
+      f"the {backend.upper()} backend supports {HEAD_DIM_RULES[backend]}; got head_dim "
+      f"{head_dim} (k_blocks {_shape_str(k_blocks)}, q {_shape_str(q)})"
+    )
+
+
 def validate_inputs(
   q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, k_scales=None, v_scales=None
 ) -> None:

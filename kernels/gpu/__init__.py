@@ -10,7 +10,14 @@ Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
 * prefill / chunked prefill / mixed batches (compute-bound): on Hopper (sm_90) the Pallas
   Mosaic GPU kernel (``prefill_mosaic.py``: TMA, wgmma, warp specialisation) for the calls
   it supports and that are prefill-heavy; Pallas Triton (``prefill.py``) everywhere else
-  (Ampere, other dtypes or head dims, decode-heavy mixed batches).
+  (Ampere, other dtypes or head dims, decode-heavy mixed batches). The Mosaic kernel takes
+  head_dim 64 and 128 only; every other head size runs on Triton.
+
+Head sizes: any multiple of 16 up to 256 (``kernels._validate.head_dim_supported``). One
+that is not a power of two (80, 96, 112, 192) runs in tiles of the next power of two,
+the extra columns masked inside the kernels: q, K/V and the output keep their real
+head_dim in HBM, so no extra byte is read; the tile is as wide as the next power of two's
+in shared memory and registers (``tuning.default_block_sizes`` sizes it so).
 
 Both run on CPU in interpret mode, which is how CI checks them: Triton kernels with
 ``interpret=True``; the Mosaic GPU kernel in GPU interpret mode when asked for explicitly
@@ -29,6 +36,7 @@ import jax.numpy as jnp
 from kernels._validate import (
   _shape_str,
   validate_decode_plan,
+  validate_head_dim,
   validate_inputs,
   validate_options,
 )
@@ -42,6 +50,7 @@ from kernels.gpu.tuning import (
   PREFILL_KERNELS,
   BlockSizes,
   default_block_sizes,
+  padded_head_dim,
   planned_block_sizes,
 )
 
@@ -51,14 +60,17 @@ __all__ = [
   "default_block_sizes",
   "is_hopper",
   "kernel_backend",
+  "padded_head_dim",
   "paged_attention",
   "plan_decode",
   "planned_block_sizes",
   "validate_gpu_inputs",
 ]
 
-# The head dims checked on an H100 (experiments/bench/gpu_check.py) and in interpret mode.
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Head dims: kernels._validate.head_dim_supported(d, "gpu"), any multiple of 16 up to 256.
+# 64, 128 and 256 were checked on an H100 (experiments/bench/gpu_check.py); 80, 96, 112 and
+# 192 (masked tiles of the next power of two) in interpret mode and lowered to Triton IR
+# (tests/kernels/test_gpu_head_sizes.py), on a GPU by gpu_check.py --head-dims.
 MAX_BLOCK_SIZE = 512
 MAX_GROUP = 128  # query heads per KV head in one decode tile
 
@@ -166,12 +178,8 @@ def validate_gpu_inputs(
 ) -> None:
   """Static checks of what the GPU kernels support; raises ValueError before compiling."""
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
-  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
-  if head_dim not in SUPPORTED_HEAD_DIMS:
-    raise ValueError(
-      f"the GPU backend supports head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim "
-      f"{head_dim} (k_blocks {_shape_str(k_blocks)}, q {_shape_str(q)})"
-    )
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  validate_head_dim(q, k_blocks, "gpu")
   if block_size < 1 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
     raise ValueError(
       f"the GPU backend supports block_size a power of two in [1, {MAX_BLOCK_SIZE}], got "

@@ -14,6 +14,12 @@ by ``0 <= block_id < num_blocks`` (an unused ``-1`` entry is never dereferenced)
 by the position being visible (``< length``, inside the sliding window); masked rows
 load as zeros and their logits are ``-inf``, so NaN in unused slots cannot leak.
 
+A head_dim that is not a power of two (80, 96, 112, 192, ...: any multiple of 16 up
+to 256) is computed in tiles of the next power of two (``padded_head_dim``): every load
+and store masks the columns past head_dim, so arrays keep their real width in HBM and
+no extra byte is read or written; a power-of-two head_dim takes the same code with no
+column mask.
+
 With one split the program writes the normalised output in ``q.dtype``; with more
 it writes unnormalised float32 partial sums and the running max / denominator, and
 ``_combine`` (XLA, a few MB at most) merges them.
@@ -32,7 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels._quant import is_quantized
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.tuning import BlockSizes
+from kernels.gpu.tuning import BlockSizes, padded_head_dim
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -51,6 +57,23 @@ def dot_precision(dtype):
   # Triton's default for a float32 dot is tf32 (~1e-3 relative error); the API
   # promises float32 accuracy, so float32 operands ask for IEEE products.
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def head_cols(head_dim: int):
+  """``(cols, col_ok)``: i32[width] column ids of a head-dim tile (width =
+  ``tuning.padded_head_dim``) and bool[width] ``cols < head_dim``, or None where the width
+  is ``head_dim`` (the static branch that keeps power-of-two head sizes mask-free)."""
+  width = padded_head_dim(head_dim)
+  cols = jnp.arange(width, dtype=jnp.int32)
+  return cols, (None if width == head_dim else cols < head_dim)
+
+
+def tile_mask(row_mask, col_ok):
+  """Mask of a ``[rows, width]`` tile: ``row_mask`` bool[rows] on every column, and only
+  the real columns where the head dim is padded (``col_ok`` not None)."""
+  if col_ok is None:
+    return row_mask[:, None]
+  return row_mask[:, None] & col_ok[None, :]
 
 
 def _num_sms() -> int:
@@ -82,7 +105,8 @@ def _decode_kernel(
   # its own rows. The pools are seen with one row per token slot.
   lengths_ref,  # i32[batch]
   table_ref,  # i32[batch * max_blocks]: block_table flattened, -1 where unused
-  q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head
+  q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head. head_dim is
+  # the real one (any multiple of 16 up to 256): tiles are padded_head_dim wide, masked.
   k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
   v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
   # 8-bit K/V only (quantized=True): ks_ref, vs_ref f32[num_kv_heads * num_blocks *
@@ -117,8 +141,18 @@ def _decode_kernel(
   row_ids = jnp.arange(rows, dtype=jnp.int32)
   row_ok = row_ids < group
   q_row0 = b * num_q_heads + h * group
-  # [rows, head_dim]: the group's query heads, zero rows past the group
-  q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+  # Gathers index every dimension with an array (rows x columns): that is what both
+  # the Triton lowering and interpret mode accept for a row gather. Tiles are `width`
+  # columns wide (head_dim padded to a power of two; col_ok None when it is head_dim).
+  cols, col_ok = head_cols(head_dim)
+  width = cols.shape[0]
+  # [rows, width]: the group's query heads, zero rows past the group (and zero columns
+  # past head_dim)
+  if col_ok is None:
+    q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+  else:
+    q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
+    q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
 
@@ -132,9 +166,6 @@ def _decode_kernel(
   last = (end + kv_tile - 1) // kv_tile
   head_base = h * (num_blocks * block_size)
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
-  # Gathers index every dimension with an array (rows x columns): that is what both
-  # the Triton lowering and interpret mode accept for a row gather.
-  cols = jnp.arange(head_dim, dtype=jnp.int32)
   shift = int(math.log2(block_size))
 
   def body(j, carry):
@@ -151,9 +182,10 @@ def _decode_kernel(
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
-    # [kv_tile, head_dim] each; rows of positions the query does not see are zero.
-    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    # [kv_tile, width] each; rows of positions the query does not see are zero.
+    kv_mask = tile_mask(valid, col_ok)
+    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+    v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
     if quantized:
       # Dequantise in the kernel: q . (k_row * k_scale) = (q . k_row) * k_scale per key.
@@ -169,19 +201,22 @@ def _decode_kernel(
     acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
     return acc, m, den
 
-  acc = jnp.zeros((rows, head_dim), jnp.float32)  # sum of p @ v
+  acc = jnp.zeros((rows, width), jnp.float32)  # sum of p @ v
   m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
 
   if num_splits == 1:
     (o_ref,) = out_refs
-    out = acc / jnp.where(den > 0, den, 1.0)[:, None]
-    plgpu.store(o_ref.at[pl.ds(q_row0, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+    out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(o_ref.dtype)
+    if col_ok is None:
+      plgpu.store(o_ref.at[pl.ds(q_row0, rows), :], out, mask=row_ok[:, None])
+    else:
+      plgpu.store(o_ref.at[q_idx], out, mask=tile_mask(row_ok, col_ok))
   else:
     o_ref, m_ref, den_ref = out_refs
     part_rows = (q_row0 + row_ids) * num_splits + split
-    plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=row_ok[:, None])
+    plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=tile_mask(row_ok, col_ok))
     plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
 

@@ -20,6 +20,10 @@ buffer) reads the sequence's chunks ``seq_first_chunk .. + seq_num_chunks`` for 
 head, ``MERGE_TILE`` chunks a step (a long row cut into 100 chunks merges in 7 steps, not
 100 dependent loads); its programs for one-chunk sequences only read the count and
 return. A sequence with no chunk (length 0) gets zeros, as from the reference.
+
+A head_dim that is not a power of two is computed in tiles of the next power of two, its
+extra columns masked on every load and store of both kernels (as in ``decode.py``:
+arrays keep their real head_dim in HBM); a power-of-two head_dim emits no column mask.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.decode import compute_dtype, dot_precision
+from kernels.gpu.decode import compute_dtype, dot_precision, head_cols, tile_mask
 from kernels.gpu.plan import DecodePlan
 from kernels.gpu.tuning import BlockSizes
 
@@ -91,12 +95,19 @@ def _chunk_kernel(
     row_ids = jnp.arange(rows, dtype=jnp.int32)
     row_ok = row_ids < group
     q_row0 = b * num_q_heads + h * group
-    q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+    # Tiles are head_dim padded to a power of two wide; col_ok (None when nothing is
+    # padded) masks the columns past head_dim on every load and store.
+    cols, col_ok = head_cols(head_dim)
+    width = cols.shape[0]
+    if col_ok is None:
+      q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+    else:
+      q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
+      q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
     q = q.astype(cdtype)
     prec = dot_precision(cdtype)
     head_base = h * (num_blocks * block_size)
     offs = jnp.arange(kv_tile, dtype=jnp.int32)
-    cols = jnp.arange(head_dim, dtype=jnp.int32)
     shift = int(math.log2(block_size))
 
     def body(j, carry):
@@ -111,8 +122,9 @@ def _chunk_kernel(
         head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
       )
       idx = (kv_rows[:, None], cols[None, :])
-      k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-      v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+      kv_mask = tile_mask(valid, col_ok)
+      k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+      v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
       s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
       if quantized:
         ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
@@ -126,7 +138,7 @@ def _chunk_kernel(
       acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
       return acc, m, den
 
-    acc = jnp.zeros((rows, head_dim), jnp.float32)
+    acc = jnp.zeros((rows, width), jnp.float32)
     m = jnp.full((rows,), -jnp.inf, jnp.float32)
     den = jnp.zeros((rows,), jnp.float32)
     first = start // kv_tile
@@ -136,11 +148,16 @@ def _chunk_kernel(
     # written and none merged. Otherwise the partials, for the merge.
     single = seq_chunks_ref[b] == 1
     whole = row_ok & single
-    out = acc / jnp.where(den > 0, den, 1.0)[:, None]
-    plgpu.store(out_ref.at[pl.ds(q_row0, rows), :], out.astype(out_ref.dtype), mask=whole[:, None])
+    out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
     part = row_ok & jnp.logical_not(single)
     part0 = c * num_q_heads + h * group
-    plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=part[:, None])
+    if col_ok is None:
+      plgpu.store(out_ref.at[pl.ds(q_row0, rows), :], out, mask=whole[:, None])
+      plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=part[:, None])
+    else:
+      plgpu.store(out_ref.at[q_idx], out, mask=tile_mask(whole, col_ok))
+      part_idx = ((part0 + row_ids)[:, None], cols[None, :])
+      plgpu.store(o_ref.at[part_idx], acc, mask=tile_mask(part, col_ok))
     plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=part)
     plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=part)
 
@@ -173,7 +190,7 @@ def _merge_kernel(
 def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim):
   """Merges the ``count`` chunks of sequence ``b`` for query head ``hq`` (0 chunks: zeros)."""
   offs = jnp.arange(MERGE_TILE, dtype=jnp.int32)
-  cols = jnp.arange(head_dim, dtype=jnp.int32)
+  cols, col_ok = head_cols(head_dim)  # as in the chunk kernel
 
   def body(t, carry):
     acc, mx, den = carry
@@ -182,7 +199,7 @@ def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads,
     part = (first + jnp.where(ok, i, 0)) * num_q_heads + hq
     m_i = plgpu.load(m_ref.at[part], mask=ok, other=-jnp.inf)
     d_i = plgpu.load(den_ref.at[part], mask=ok, other=0.0)
-    o_i = plgpu.load(o_ref.at[part[:, None], cols[None, :]], mask=ok[:, None], other=0.0)
+    o_i = plgpu.load(o_ref.at[part[:, None], cols[None, :]], mask=tile_mask(ok, col_ok), other=0.0)
     m_new = jnp.maximum(mx, jnp.max(m_i))
     # Chunks whose keys were all masked (and the start) have m = -inf; weigh them by
     # exp2(-inf) = 0 against 0 instead of NaN from (-inf) - (-inf).
@@ -192,15 +209,17 @@ def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads,
     acc = acc * alpha + jnp.sum(o_i * w[:, None], axis=0)
     return acc, m_new, den * alpha + jnp.sum(d_i * w)
 
-  acc = jnp.zeros((head_dim,), jnp.float32)
+  acc = jnp.zeros(cols.shape, jnp.float32)
   mx = jnp.float32(-jnp.inf)
   den = jnp.float32(0.0)
   tiles = (count + MERGE_TILE - 1) // MERGE_TILE
   acc, mx, den = lax.fori_loop(0, tiles, body, (acc, mx, den))
-  out = acc / jnp.where(den > 0, den, 1.0)
-  plgpu.store(
-    out_ref.at[pl.ds((b * num_q_heads + hq) * head_dim, head_dim)], out.astype(out_ref.dtype)
-  )
+  out = (acc / jnp.where(den > 0, den, 1.0)).astype(out_ref.dtype)
+  row0 = (b * num_q_heads + hq) * head_dim
+  if col_ok is None:
+    plgpu.store(out_ref.at[pl.ds(row0, head_dim)], out)
+  else:
+    plgpu.store(out_ref.at[row0 + cols], out, mask=col_ok)
 
 
 @functools.partial(
