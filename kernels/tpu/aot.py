@@ -166,6 +166,44 @@ def compile_case(case: Case, device) -> dict:
   )
 
 
+def pool_relayout(device, *, head_dim: int, num_blocks: int = 4096, kv_dtype="bfloat16") -> dict:
+  """Why the TPU backend takes only head_dim multiples of 128: compiles one decode call on
+  a pool ``[8, num_blocks, 16, head_dim]`` (32 query heads, batch 8) with the backend's
+  head_dim check bypassed, and reports XLA's default layout of the pool (the layout any
+  array of that shape has on the device, hence the layout a cache would have) and whether
+  the compiled module copies the pool before the kernel (a whole-pool relayout on every
+  call: the Mosaic kernel takes its HBM operands row-major).
+
+  Returns ``{"layout": "{3,2,1,0:T(8,128)(2,1)}" ..., "row_major": bool, "pool_copies":
+  int}``: ``pool_copies`` counts copy instructions whose result has the pool's shape.
+  """
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  from kernels.tpu import decode
+
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  kv = jax.ShapeDtypeStruct((8, num_blocks, 16, head_dim), jnp.dtype(kv_dtype), sharding=sharding)
+  q = jax.ShapeDtypeStruct((8, 32, head_dim), jnp.dtype(kv_dtype), sharding=sharding)
+  table = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=sharding)
+  lengths = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=sharding)
+  check = decode._config.check_shapes
+  decode._config.check_shapes = lambda *a, **k: None  # the head_dim check, for this trace
+  try:
+    lowered = jax.jit(decode.paged_attention_decode).trace(q, kv, kv, table, lengths)
+  finally:
+    decode._config.check_shapes = check
+  text = lowered.lower(lowering_platforms=("tpu",)).compile().as_text()
+  dims = rf"\[8,{num_blocks},16,{head_dim}\]"
+  layout = re.search(dims + r"(\{[^}]*\})", text.splitlines()[0]).group(1)
+  copies = sum(
+    1 for line in text.splitlines() if re.search(r"= \S*" + dims + r"\S* copy(-start)?\(", line)
+  )
+  return dict(layout=layout, row_major=layout.startswith("{3,2,1,0"), pool_copies=copies)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--topology", action="append", help=f"default: {', '.join(TOPOLOGIES)}")
