@@ -161,6 +161,25 @@ def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
   assert rows[1]["num_chunks"] >= 2 and rows[1]["plan_us"] > 0
 
 
+def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path):
+  # Interpret mode on CPU: head_dim 96 (128-wide tiles) through the three kernels against
+  # the reference, then the decode timing; one JSON row and one table row.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['gpu_check', '--smoke', '--head-dims', '96', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_check', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in (tmp_path / "head_dims.jsonl").read_text().splitlines()]
+  assert row["head_dim"] == 96 and row["tile_width"] == 128 and row["ok"] is True
+  bound = tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+  for kernel in ("decode", "planned", "prefill"):
+    assert row[f"{kernel}_ok"] is True and row[f"{kernel}_rel_err"] < bound
+  assert row["decode_time_min_us"] <= row["decode_time_us"] <= row["decode_time_max_us"]
+  assert re.search(r"^\| 96 \| 128 \| .* \| yes \|$", proc.stdout, re.M), proc.stdout
+
+
 @pytest.mark.slow
 def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
   from experiments.bench import spmd_scaling
