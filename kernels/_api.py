@@ -67,7 +67,13 @@ def paged_attention(
     q: ``[batch, num_q_heads, head_dim]`` (decode) or ``[num_tokens, num_q_heads,
       head_dim]`` (ragged prefill / mixed batch, rows split by ``cu_q_lens``).
     k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``; float32,
-      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales.
+      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales. The head_dim each
+      backend takes (``kernels._validate.head_dim_supported``; any other raises
+      ValueError naming the rule before compiling): ``"reference"`` any; ``"gpu"`` a
+      multiple of 16 up to 256 (64, 80, 96, 112, 128, 192, 256, ...; one that is not a
+      power of two runs in masked tiles of the next power of two, reading only its real
+      bytes); ``"tpu"`` a multiple of 128 (128, 256, ...: XLA would copy a pool of any
+      other head_dim into the kernels' layout on every call; pad the cache, docs/tpu.md).
     block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
     lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.

@@ -1,4 +1,4 @@
-"""Head sizes that are not powers of two (80, 96, 112, 192) on the Pallas GPU kernels.
+"""Head sizes that are not powers of two (80, 96, 112, 192; 48) on the Pallas GPU kernels.
 
 The kernels compute them in tiles of the next power of two with the columns past head_dim
 masked on every load and store (kernels/gpu/decode.py). Each kernel (split-K decode with
@@ -119,6 +119,7 @@ def check(out, q, want, *, q_dtype, quantized=False):
   "head_dim, q_dtype, kv_dtype, splits, window, cap",
   [
     (80, jnp.float32, jnp.float32, 1, None, None),
+    (48, jnp.float32, jnp.float32, 2, None, None),  # any multiple of 16: 48 in 64-wide tiles
     (96, jnp.bfloat16, jnp.bfloat16, 3, None, None),
     (112, jnp.float32, jnp.bfloat16, 3, 20, 5.0),  # f32 q over bf16 K/V: f32 dots
     (192, jnp.bfloat16, jnp.bfloat16, 1, None, None),
