@@ -176,7 +176,8 @@ def _shared_kernel(
   first = c * per_chunk
   last = jnp.minimum(first + per_chunk, tiles)
   # A tile without a member row (padding of the plan) reads nothing.
-  last = jnp.where(jnp.any(row_ok), last, first)
+  # (A max over int32: a plain reduction that the Triton lowering takes.)
+  last = jnp.where(jnp.max(row_ok.astype(jnp.int32)) > 0, last, first)
   head_base = h * (num_blocks * block_size)
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
   shift = int(math.log2(block_size))
@@ -224,10 +225,17 @@ def _shared_kernel(
 
 
 def choose_num_chunks(programs_per_chunk: int, max_tiles: int, requested: int | None) -> int:
-  """Chunks per group: about four programs per SM in all, at most one per kv tile."""
+  """Chunks per group: 2 to 4 programs per SM in all, the count whose last wave is fullest
+  (fewest chunks on ties; a 128-row program of the shared kernel takes about 128 KiB of
+  shared memory at bf16 head_dim 128, so one runs per SM), and at least 4 kv tiles of the
+  plan's width per chunk, so that the partials (``B * Hq * chunks * D`` floats) stay small."""
   if requested is not None:
     return max(1, min(requested, max_tiles))
-  return max(1, min(-(-4 * _num_sms() // max(1, programs_per_chunk)), max_tiles))
+  sms, per = _num_sms(), max(1, programs_per_chunk)
+  cap = max(1, max_tiles // 4)
+  lo = min(cap, max(1, -(-2 * sms // per)))
+  hi = min(cap, max(lo, -(-4 * sms // per)))
+  return max(range(lo, hi + 1), key=lambda c: (c * per / (-(-c * per // sms) * sms), -c))
 
 
 def shared_partials(
