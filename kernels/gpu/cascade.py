@@ -182,14 +182,21 @@ def _shared_kernel(
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
   shift = int(math.log2(block_size))
 
-  def body(j, carry):
+  # Tiles below glen // kv_tile hold only shared keys: their logits need no mask (the
+  # loads stay masked by the block id, so a -1 is never dereferenced); the chunk's tiles
+  # from there on (the group's last, partial tile) are masked by position.
+  mid = jnp.clip(glen // kv_tile, first, last)
+
+  def step(j, carry, masked):
     tok = j * kv_tile + offs
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < width
     blk = plgpu.load(
       gtable_ref.at[g * width + jnp.minimum(lblk, width - 1)], mask=in_table, other=-1
     )
-    valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok < glen)
+    valid = in_table & (blk >= 0) & (blk < num_blocks)
+    if masked:
+      valid &= tok < glen  # slots past the shared length may hold anything (NaN)
     kv_rows = (
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
@@ -201,7 +208,7 @@ def _shared_kernel(
       ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
       s = s * ks[None, :]
     (acc, m, den), p = online_softmax_step(
-      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :] if masked else None
     )
     if quantized:
       vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
@@ -212,7 +219,8 @@ def _shared_kernel(
   acc = jnp.zeros((rows, head_dim), jnp.float32)
   m = jnp.full((rows,), -jnp.inf, jnp.float32)
   den = jnp.zeros((rows,), jnp.float32)
-  acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+  carry = lax.fori_loop(first, mid, functools.partial(step, masked=False), (acc, m, den))
+  acc, m, den = lax.fori_loop(mid, last, functools.partial(step, masked=True), carry)
 
   # Rows without a member go to a scratch tail past the n real rows, one row each: the
   # stores are masked, but interpret mode writes a masked lane back as read, and must not

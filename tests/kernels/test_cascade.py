@@ -48,8 +48,21 @@ CASES = {
     [["A", "B", "u"], ["A", "B", "v"], ["C", "D", "E", "w"], ["C", "D", "E"], ["z"]],
     [10, 9, 15, 11, 3],
   ),
+  # A longer prefix (11 blocks, 44 keys, all shared: the shortest row has 45): with 16-key
+  # tiles and 2 chunks, chunk 0's two full tiles run the shared kernel's unmasked loop and
+  # chunk 1's partial tile the masked one. Rows 0 and 2 (1 and 3) also share their last
+  # blocks, which the group leaves to the own part.
+  "long": (
+    [[f"s{i}" for i in range(11)] + ["a"], [f"s{i}" for i in range(11)] + ["b", "c"]] * 2,
+    [46, 51, 45, 52],
+  ),
 }
-HEADS = {"prefix": (4, 2), "forks": (8, 1), "mid_block": (6, 2)}  # (q heads, KV heads)
+HEADS = {
+  "prefix": (4, 2),
+  "forks": (8, 1),
+  "mid_block": (6, 2),
+  "long": (4, 1),
+}  # (q heads, KV heads)
 
 
 def build(seed, labels, lengths, *, heads, head_dim=64, kv_dtype=jnp.float32, q_dtype=None):
@@ -216,6 +229,45 @@ def test_dtypes_and_soft_cap(backend, kv_dtype, q_dtype, cap):
   plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
   out = run(case, plan, backend, logit_soft_cap=cap)
   check(out, case, cap=cap, gpu_bf16=backend == "gpu" and q_dtype == jnp.bfloat16)
+
+
+def test_gpu_kernels_lower_to_triton_for_an_h200(monkeypatch):
+  # Lowering to Triton IR needs no GPU once Pallas is told which one (a private hook of
+  # jax 0.11: the test names it so that a change there fails here, loudly). It catches
+  # what interpret mode cannot: an operation the Triton lowering does not take. It does not
+  # compile the IR to PTX; the H200 run (experiments/bench/cascade.py) does.
+  import functools
+
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+  from kernels.gpu import cascade as gpu_cascade
+
+  h200 = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: h200)
+  sds = jax.ShapeDtypeStruct
+  batch, width, num_blocks = 256, 2080, 10240
+  for kv_dtype in (jnp.bfloat16, jnp.int8):
+    quant = kernels.is_quantized(kv_dtype)
+    scales = sds((8, num_blocks, 16), jnp.float32) if quant else None
+    plan = kernels.CascadePlan(
+      sds((1, 2048), jnp.int32),
+      sds((1,), jnp.int32),
+      sds((1, 256), jnp.int32),
+      sds((batch,), jnp.int32),
+    )
+    sizes = gpu_cascade.default_cascade_block_sizes(
+      head_dim=128, q_dtype=jnp.bfloat16, kv_dtype=kv_dtype
+    )
+    fn = functools.partial(
+      gpu_cascade._cascade, scale=0.1, logit_soft_cap=None, block_sizes=sizes, interpret=False
+    )
+    pool = sds((8, num_blocks, 16, 128), kv_dtype)
+    args = (sds((batch, 32, 128), jnp.bfloat16), pool, pool)
+    args += (sds((batch, width), jnp.int32), sds((batch,), jnp.int32), plan)
+    traced = jax.jit(fn).trace(*args, k_scales=scales, v_scales=scales)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("triton") >= 2, kv_dtype  # the shared kernel and the own (decode) one
+    assert "paxcache_cascade_shared" in text and "paxcache_paged_decode" in text
 
 
 def test_plan_passes_into_jit_as_device_arrays():
