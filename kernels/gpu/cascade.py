@@ -232,18 +232,29 @@ def _shared_kernel(
   plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
 
 
-def choose_num_chunks(programs_per_chunk: int, max_tiles: int, requested: int | None) -> int:
-  """Chunks per group: 2 to 4 programs per SM in all, the count whose last wave is fullest
-  (fewest chunks on ties; a 128-row program of the shared kernel takes about 128 KiB of
-  shared memory at bf16 head_dim 128, so one runs per SM), and at least 4 kv tiles of the
-  plan's width per chunk, so that the partials (``B * Hq * chunks * D`` floats) stay small."""
+_SMEM_PER_SM = 227 * 1024  # usable shared memory of an H100 / H200 SM
+
+
+def choose_num_chunks(
+  programs_per_chunk: int, max_tiles: int, requested: int | None, *, program_smem: int = 0
+) -> int:
+  """Chunks per group's shared keys, so that the programs fill the GPU in whole waves.
+
+  The shared kernel is compute-bound and its programs are of equal work, so one full wave
+  is as good as many, and every extra chunk costs partials (``B * Hq * chunks * D`` floats
+  written and read back). Slots = SMs x programs per SM (from ``program_smem``, the
+  program's shared memory: its query tile plus ``stages`` K/V steps). The count is the one
+  in ``[lo, 4 lo]`` whose last wave is fullest, fewest on ties, where ``lo`` makes at least
+  90% of one wave; at most one chunk per 4 kv tiles of the plan's width.
+  """
   if requested is not None:
     return max(1, min(requested, max_tiles))
-  sms, per = _num_sms(), max(1, programs_per_chunk)
+  per = max(1, programs_per_chunk)
+  slots = _num_sms() * max(1, _SMEM_PER_SM // max(1, program_smem))
   cap = max(1, max_tiles // 4)
-  lo = min(cap, max(1, -(-2 * sms // per)))
-  hi = min(cap, max(lo, -(-4 * sms // per)))
-  return max(range(lo, hi + 1), key=lambda c: (c * per / (-(-c * per // sms) * sms), -c))
+  lo = min(cap, max(1, -(-9 * slots // (10 * per))))
+  hi = min(cap, 4 * lo)
+  return max(range(lo, hi + 1), key=lambda c: (c * per / (-(-c * per // slots) * slots), -c))
 
 
 def shared_partials(
@@ -271,10 +282,14 @@ def shared_partials(
   row_tiles = -(-members // per_tile)
   kv_tile = block_sizes.shared_kv_tile
   max_tiles = max(1, -(-(width * block_size) // kv_tile))
-  num_chunks = choose_num_chunks(
-    row_tiles * num_groups * num_kv_heads, max_tiles, block_sizes.shared_num_chunks
-  )
   cdtype = compute_dtype(q.dtype, k_blocks.dtype)
+  smem = (rows + 2 * block_sizes.shared_num_stages * kv_tile) * head_dim * cdtype.itemsize
+  num_chunks = choose_num_chunks(
+    row_tiles * num_groups * num_kv_heads,
+    max_tiles,
+    block_sizes.shared_num_chunks,
+    program_smem=smem,
+  )
   quantized = k_scales is not None
   kernel = functools.partial(
     _shared_kernel,

@@ -488,3 +488,18 @@ def test_block_sizes_belong_to_the_gpu_backend():
     )
   with pytest.raises(ValueError, match="shared_rows"):
     CascadeBlockSizes(shared_rows=12)
+
+
+def test_shared_chunks_fill_whole_waves():
+  from kernels.gpu.cascade import _num_sms, choose_num_chunks
+
+  sms = _num_sms()  # 132 (H100 / H200) off the GPU
+  one = 200 * 1024  # one program per SM
+  for per in (8, 32, 64, 100, 256):
+    c = choose_num_chunks(per, 4096, None, program_smem=one)
+    waves = -(-c * per // sms)
+    assert c * per >= 0.9 * sms and c * per / (waves * sms) >= 0.9, (per, c)
+    assert choose_num_chunks(per, 4096, None, program_smem=one // 2) >= c  # 2 per SM
+  assert choose_num_chunks(64, 8, None, program_smem=one) == 2  # <= one chunk per 4 tiles
+  assert choose_num_chunks(64, 8, 5, program_smem=one) == 5  # asked for: kept
+  assert choose_num_chunks(64, 3, 5, program_smem=one) == 3  # but not past the tiles
