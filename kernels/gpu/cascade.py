@@ -13,8 +13,8 @@
    sees each shared slot about once per group per step.
 2. the decode kernel (``kernels.gpu.decode``) with ``row_starts`` and ``return_partials``:
    each row against its own keys ``[row_starts[b], lengths[b])``, split-K partials.
-3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group
-   take the own part alone).
+3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group,
+   ``row_starts[b] == 0``, take the own part alone).
 
 K/V loads are masked (``0 <= block < num_blocks``, inside the group's length and the
 chunk), masked rows load as zeros and their logits are -inf, so NaN in unused slots
@@ -418,10 +418,11 @@ def _cascade(
       k_scales=k_scales,
       v_scales=v_scales,
     )
-    rows = plan.group_rows.reshape(-1)
-    in_group = (
-      jnp.zeros((batch,), bool).at[jnp.where(rows >= 0, rows, batch)].set(True, mode="drop")
-    )
+    # Rows whose shared partials were written: row_starts[b] > 0 only for members of a
+    # group with keys (the plan's invariant, checked on the host). A member of a group of
+    # length 0 has partials that add nothing (m = -inf, den = 0), so it may be left out;
+    # rows in no group (row_starts 0) must be. No scatter over group_rows: one launch less.
+    in_group = plan.row_starts > 0
   return _merge(shared, own, in_group, q.dtype)
 
 

@@ -198,16 +198,19 @@ def test_groups_of_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hand_plan_ending_mid_block_with_a_single_and_an_empty_group(backend):
+def test_hand_plan_ending_mid_block_with_single_and_empty_groups(backend):
   labels, lengths = CASES["prefix"]
   case = build(3, labels, lengths, heads=(4, 2))
   table = case["block_table"]
   a, b = table[0, :2].tolist()
   plan = kernels.CascadePlan(
-    # Rows 0-2 share 6 tokens (1.5 blocks); row 3 alone shares 5 of its 7; a padding group.
-    group_table=np.array([[a, b, -1], [table[3, 0], table[3, 1], -1], [-1, -1, -1]], np.int32),
-    group_lens=np.array([6, 5, 0], np.int32),
-    group_rows=np.array([[1, 0, 2], [3, -1, -1], [-1, -1, -1]], np.int32),
+    # Rows 0-2 share 6 tokens (1.5 blocks); row 3 alone shares 5 of its 7; row 5 sits in a
+    # group of length 0 (it reads its one key in its own part); a padding group.
+    group_table=np.array(
+      [[a, b, -1], [table[3, 0], table[3, 1], -1], [-1, -1, -1], [-1, -1, -1]], np.int32
+    ),
+    group_lens=np.array([6, 5, 0, 0], np.int32),
+    group_rows=np.array([[1, 0, 2], [3, -1, -1], [5, -1, -1], [-1, -1, -1]], np.int32),
     row_starts=np.array([6, 6, 6, 5, 0, 0], np.int32),
   )
   check(run(case, plan, backend), case)
