@@ -185,6 +185,25 @@ def test_matches_plain_attention(name, backend):
   check(run(case, plan, backend), case)
 
 
+def test_reference_own_part_in_row_chunks():
+  # 6 rows in chunks of 4: the second chunk is half padding (length 0), cut off after.
+  from kernels.cascade import _cascade_reference
+
+  labels, lengths = CASES["prefix"]
+  case = build(7, labels, lengths, heads=(4, 2))
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
+  out = _cascade_reference(
+    **case,
+    plan=plan,
+    scale=64**-0.5,
+    logit_soft_cap=None,
+    k_scales=None,
+    v_scales=None,
+    rows_per_chunk=4,
+  )
+  check(out, case)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_of_one(backend):
   labels, lengths = CASES["prefix"]
