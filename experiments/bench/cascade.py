@@ -14,11 +14,13 @@ device time: each sample is 10 calls of one jitted function back to back, then o
 (``experiments/_timing.py``), median of 15 samples with the min-max spread. The two outputs
 must agree (relative L2 within twice the bf16 kernel bound: each is within that bound of
 the exact result) and hold no NaN (unused pool slots are NaN). Prints a table and appends
-one JSON line per case to ``OUT/cascade.jsonl`` as soon as it is measured (fields
+one JSON line per case and cascade config to ``OUT/cascade.jsonl`` as soon as it is
+measured (fields
 ``device``, ``case``, ``batch``, ``shared_len``, ``own_len`` (mean; ``own_len_min``/``max``),
 ``plain_ms``, ``cascade_ms``, ``speedup``, ``date``, ``commit``, ``jax``, ``block_size``,
-``dtype``, spreads, ``plan_ms``, ``rel_l2``, the block sizes used); a case that fails is
-printed and written to ``OUT/cascade_errors.jsonl`` and the others still run.
+``dtype``, spreads, ``plan_ms``, ``rel_l2``, ``config`` and the block sizes used); a case
+or config that fails is printed and written to ``OUT/cascade_errors.jsonl`` and the others
+still run (the exit status is then 1).
 
   PYTHONPATH=. python -m experiments.bench.cascade --out /tmp/cascade
   python -m experiments.bench.cascade --cases 256x32768 --sweep --out /tmp/cascade
@@ -122,9 +124,14 @@ def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype):
   return q, k, v, table, lengths
 
 
-def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim, block_size):
-  """Times plain and cascade decode of one case; returns one row per cascade config."""
-  from kernels.gpu.cascade import CascadeBlockSizes, default_cascade_block_sizes
+def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim, block_size, emit):
+  """Times plain and cascade decode of one case; ``emit(row)`` as each config is measured.
+
+  Returns ``(config, message)`` for each config that failed (a sweep setting that does not
+  compile must not lose the default's row). A failure before the cascade configs
+  (building, planning, the plain kernel) raises.
+  """
+  from kernels.gpu.cascade import default_cascade_block_sizes
 
   dtype = jnp.bfloat16
   q, k, v, table_np, lengths_np = build(
@@ -148,62 +155,69 @@ def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim,
   )
   out_plain = np.asarray(plain(q, k, v, table, lengths).astype(jnp.float32))
   assert not np.isnan(out_plain).any(), "NaN in the plain output"
+  own_read = lengths_np - plan_np.row_starts  # what each row reads in the own part
+  common = dict(
+    case=case.label,
+    batch=case.batch,
+    shared_len=case.shared_len,
+    own_len=float(np.mean(lengths_np - case.shared_len)),
+    own_len_min=int((lengths_np - case.shared_len).min()),
+    own_len_max=int((lengths_np - case.shared_len).max()),
+    plain_ms=t_plain.median * 1e3,
+    **{k_: v_ for k_, v_ in t_plain.fields("plain").items() if k_ != "plain_ms"},
+    plan_ms=float(np.median(plan_times)) * 1e3,
+    plan_first_ms=plan_times[0] * 1e3,
+    planned_shared_len=int(plan_np.group_lens.max()),
+    planned_own_len_max=int(own_read.max()),
+    groups=int((plan_np.group_lens > 0).sum()),
+    block_size=block_size,
+    dtype=jnp.dtype(dtype).name,
+    num_q_heads=heads[0],
+    num_kv_heads=heads[1],
+    head_dim=head_dim,
+    plain_text=spread_text(t_plain),
+  )
 
   base = default_cascade_block_sizes(head_dim=head_dim, q_dtype=dtype, kv_dtype=dtype)
-  rows = []
+  errors = []
   for name, cfg in configs:
-    bs = dataclasses.replace(base, **cfg) if cfg else base
-    assert isinstance(bs, CascadeBlockSizes)
-    casc = jax.jit(
-      functools.partial(
-        kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
+    try:
+      bs = dataclasses.replace(base, **cfg)
+      casc = jax.jit(
+        functools.partial(
+          kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
+        )
       )
-    )
-    t_casc = time_calls(
-      lambda casc=casc: casc(q, k, v, table, lengths, plan),
-      repeats=repeats,
-      inner=inner,
-      warmup=2,
-    )
-    out = np.asarray(casc(q, k, v, table, lengths, plan).astype(jnp.float32))
-    assert not np.isnan(out).any(), "NaN in the cascade output"
-    err = rel_l2_error(out, out_plain)
-    # Each bf16 GPU kernel is within the bf16 bound of the exact result, so the two are
-    # within twice that of each other (triangle inequality).
-    bound = 2 * tolerance("gpu_kernel_vs_reference_rel_l2", dtype).rtol
-    assert err < bound, f"cascade and plain disagree: relative L2 {err:.2e} >= {bound:.1e}"
-    own = lengths_np - plan_np.row_starts  # what each row reads in the own part
-    rows.append(
+      t_casc = time_calls(
+        lambda casc=casc: casc(q, k, v, table, lengths, plan),
+        repeats=repeats,
+        inner=inner,
+        warmup=2,
+      )
+      out = np.asarray(casc(q, k, v, table, lengths, plan).astype(jnp.float32))
+      assert not np.isnan(out).any(), "NaN in the cascade output"
+      err = rel_l2_error(out, out_plain)
+      # Each bf16 GPU kernel is within the bf16 bound of the exact result, so the two are
+      # within twice that of each other (triangle inequality).
+      bound = 2 * tolerance("gpu_kernel_vs_reference_rel_l2", dtype).rtol
+      assert err < bound, f"cascade and plain disagree: relative L2 {err:.2e} >= {bound:.1e}"
+    except Exception as e:  # noqa: BLE001 - a failing setting is a result; the others go on
+      traceback.print_exc()
+      errors.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"))
+      continue
+    emit(
       dict(
-        case=case.label,
-        batch=case.batch,
-        shared_len=case.shared_len,
-        own_len=float(np.mean(lengths_np - case.shared_len)),
-        own_len_min=int((lengths_np - case.shared_len).min()),
-        own_len_max=int((lengths_np - case.shared_len).max()),
-        plain_ms=t_plain.median * 1e3,
+        common,
         cascade_ms=t_casc.median * 1e3,
         speedup=t_plain.median / t_casc.median,
-        **{k_: v_ for k_, v_ in t_plain.fields("plain").items() if k_ != "plain_ms"},
         **{k_: v_ for k_, v_ in t_casc.fields("cascade").items() if k_ != "cascade_ms"},
-        plan_ms=float(np.median(plan_times)) * 1e3,
-        plan_first_ms=plan_times[0] * 1e3,
-        planned_shared_len=int(plan_np.group_lens.max()),
-        planned_own_len_max=int(own.max()),
-        groups=int((plan_np.group_lens > 0).sum()),
         rel_l2=err,
         config=name,
         block_sizes=str(bs),
-        block_size=block_size,
-        dtype=jnp.dtype(dtype).name,
-        num_q_heads=heads[0],
-        num_kv_heads=heads[1],
-        head_dim=head_dim,
-        plain_text=spread_text(t_plain),
         cascade_text=spread_text(t_casc),
       )
     )
-  return rows
+  return errors
 
 
 def define_flags():
@@ -238,19 +252,24 @@ def main(args):
   rows, failed = [], []
   for case in cases:
     print(f"case {case.label} ...", flush=True)
+
+    def emit(row):
+      row = {**env, **row}
+      write_jsonl(path, [{k: v for k, v in row.items() if not k.endswith("_text")}])
+      rows.append(row)
+      print(f"  {row['config']}: {row['speedup']:.1f}x", flush=True)
+
     try:
-      got = run_case(case, configs=configs, **kw)
+      errors = run_case(case, configs=configs, emit=emit, **kw)
     except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' rows
       traceback.print_exc()
-      msg = f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"
-      failed.append(case.label)
+      errors = [("all", f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}")]
+    if errors:
+      failed += [f"{case.label} {name}" for name, _ in errors]
       write_jsonl(
-        os.path.join(args.out, "cascade_errors.jsonl"), [dict(case=case.label, error=msg, **env)]
+        os.path.join(args.out, "cascade_errors.jsonl"),
+        [dict(case=case.label, config=name, error=msg, **env) for name, msg in errors],
       )
-      continue
-    got = [{**env, **r} for r in got]
-    write_jsonl(path, [{k: v for k, v in r.items() if not k.endswith("_text")} for r in got])
-    rows += got
   print()
   print(
     "| case | config | plain ms (min-max) | cascade ms (min-max) | speedup | plan ms | rel L2 |"

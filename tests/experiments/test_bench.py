@@ -157,6 +157,23 @@ def test_cascade_smoke_runs_without_ml_collections(tmp_path):
   assert "| 3x(40+U[4,12]) | default |" in proc.stdout
 
 
+def test_cascade_keeps_the_rows_of_settings_that_ran(tmp_path):
+  # A sweep setting that fails (here: refused by CascadeBlockSizes) is written to
+  # cascade_errors.jsonl and makes the exit status 1; the default's row is still there.
+  code = (
+    "from experiments.bench import _flags, cascade as m\n"
+    "m.SWEEP = (dict(shared_num_stages=0),)\n"
+    f"sys.argv = ['cascade', '--smoke', '--sweep', '--out', {str(tmp_path)!r}]\n"
+    "_flags.run(m.define_flags, m.main)\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  rows = [json.loads(x) for x in (tmp_path / "cascade.jsonl").read_text().splitlines()]
+  assert [r["config"] for r in rows] == ["default"]
+  errors = [json.loads(x) for x in (tmp_path / "cascade_errors.jsonl").read_text().splitlines()]
+  assert [e["config"] for e in errors] == ["sweep0"] and "shared_num_stages" in errors[0]["error"]
+
+
 @pytest.mark.slow
 def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
   from experiments.bench import spmd_scaling
