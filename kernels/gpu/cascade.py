@@ -65,7 +65,7 @@ class CascadeBlockSizes:
   shared_rows: int = 128
   shared_kv_tile: int = 64
   shared_num_chunks: int | None = None
-  shared_num_warps: int = 8
+  shared_num_warps: int = 4
   shared_num_stages: int = 3
   own: BlockSizes | None = None
 
@@ -98,16 +98,17 @@ class CascadeBlockSizes:
 
 
 def default_cascade_block_sizes(*, head_dim: int, q_dtype, kv_dtype) -> CascadeBlockSizes:
-  """Per-shape defaults: 128-row tiles of 64-key steps, 8 warps, 3 stages where the dots'
+  """Per-shape defaults, those of the Triton prefill kernel (the same tile loop; on the H100
+  its 128-row tiles ran best with 4 warps: 289 against 231 TFLOP/s with 8,
+  docs/gpu_notes.md): 128-row tiles of 64-key steps, 4 warps, 3 stages where the dots'
   operand row (head_dim x the compute dtype's bytes) is at most 256 bytes (bf16 / f16 q at
-  head_dim <= 128); 64-row tiles of 32-key steps, 4 warps, 2 stages where registers would
-  run out (head_dim 256 in bf16, float32 dots at head_dim >= 128). Not yet tuned on an
-  H200 (docs/gpu_notes.md)."""
+  head_dim <= 128); 64-row tiles of 32-key steps, 2 stages where registers would run out
+  (head_dim 256 in bf16, float32 dots at head_dim >= 128). Not yet timed on a GPU."""
   big = head_dim * compute_dtype(q_dtype, kv_dtype).itemsize > 256
   return CascadeBlockSizes(
     shared_rows=64 if big else 128,
     shared_kv_tile=32 if big else 64,
-    shared_num_warps=4 if big else 8,
+    shared_num_warps=4,
     shared_num_stages=2 if big else 3,
   )
 
