@@ -55,7 +55,7 @@ class CascadeBlockSizes:
       group`` (at least 1; the tile is padded to a power of two).
     shared_kv_tile: shared keys per inner step (power of two in [16, 256]).
     shared_num_chunks: chunks of each group's shared keys, run by separate programs and
-      merged by LSE; None picks enough to fill the GPU about four programs per SM.
+      merged by LSE; None: :func:`choose_num_chunks` (whole waves, fewest chunks).
     shared_num_warps, shared_num_stages: Triton warps and pipeline depth of the shared
       kernel.
     own: the decode kernel's ``kernels.gpu.BlockSizes`` for the own part (None: the
