@@ -20,9 +20,14 @@ jit). Backends: ``"reference"`` (plain JAX, below), ``"gpu"`` (Pallas Triton,
 ``kernels.gpu.cascade``), ``"tpu"`` (Pallas TPU, ``kernels.tpu.cascade``); never a silent
 fallback.
 
-API change against the agreed sketch: :func:`cascade_attention` also takes
+Changes against the agreed sketch (both additions): :func:`cascade_attention` also takes
 ``sliding_window=None``, so that a window is refused with a ValueError naming cascade
-(instead of a TypeError for an unknown keyword).
+(instead of a TypeError for an unknown keyword); :func:`plan_cascade`'s buckets are
+``group_bucket``, ``member_bucket`` and ``block_bucket`` (the least G, M and S). The
+dispatcher validates everything and hands the Pallas backends (``kernels.gpu.cascade`` /
+``kernels.tpu.cascade``, ``cascade_attention(q, k_blocks, v_blocks, block_table, lengths,
+plan, *, scale, logit_soft_cap, interpret, k_scales, v_scales, block_sizes)``) ``scale`` as
+a Python float (``head_dim ** -0.5`` when None was given).
 
 This module imports nothing from paxcache or flax.
 """
