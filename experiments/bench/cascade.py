@@ -18,7 +18,8 @@ one JSON line per case and cascade config to ``OUT/cascade.jsonl`` as soon as it
 measured (fields
 ``device``, ``case``, ``batch``, ``shared_len``, ``own_len`` (mean; ``own_len_min``/``max``),
 ``plain_ms``, ``cascade_ms``, ``speedup``, ``date``, ``commit``, ``jax``, ``block_size``,
-``dtype``, spreads, ``plan_ms``, ``rel_l2``, ``config`` and the block sizes used); a case
+``dtype`` (q's), ``kv_dtype``, spreads, ``plan_ms``, ``rel_l2``, ``config`` and the block
+sizes used); a case
 or config that fails is printed and written to ``OUT/cascade_errors.jsonl`` and the others
 still run (the exit status is then 1).
 
@@ -27,7 +28,12 @@ still run (the exit status is then 1).
   python -m experiments.bench.cascade --smoke --out /tmp/cascade_smoke
 
 ``--sweep`` also times the shared kernel with the settings in ``SWEEP`` (rows with their
-``config``); ``--smoke`` runs a tiny case in interpret mode on CPU (to test this script).
+``config``); ``--kv-dtype int8`` (or ``float8_e4m3fn``) runs both kernels on 8-bit pools
+with scales (the first compiled run of the cascade 8-bit path)::
+
+  python -m experiments.bench.cascade --kv-dtype int8 --out /tmp/cascade_int8
+
+``--smoke`` runs a tiny case in interpret mode on CPU (to test this script).
 """
 
 from __future__ import annotations
@@ -92,8 +98,9 @@ def git_commit() -> str:
     return "unknown"
 
 
-def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype):
-  """Pools, block table, lengths and q of a case; slots no row reads are NaN."""
+def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype, kv_dtype=None):
+  """Pools, block table, lengths, q and scales (None unless ``kv_dtype`` is 8-bit) of a
+  case; slots no row reads are NaN (8-bit pools: NaN scales)."""
   num_q_heads, num_kv_heads = heads
   rng = np.random.default_rng(seed)
   own = rng.integers(case.own_lo, case.own_hi + 1, size=case.batch)
@@ -119,13 +126,19 @@ def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype):
   kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
   shape = (num_kv_heads, num_blocks, block_size, head_dim)
   mask = jnp.asarray(live)[None, :, :, None]
-  k = jnp.where(mask, jax.random.normal(kk, shape, jnp.float32), jnp.nan).astype(dtype)
-  v = jnp.where(mask, jax.random.normal(kv, shape, jnp.float32), jnp.nan).astype(dtype)
+  k = jnp.where(mask, jax.random.normal(kk, shape, jnp.float32), jnp.nan)
+  v = jnp.where(mask, jax.random.normal(kv, shape, jnp.float32), jnp.nan)
   q = jax.random.normal(kq, (case.batch, num_q_heads, head_dim), jnp.float32).astype(dtype)
-  return q, k, v, table, lengths
+  kv_dtype = dtype if kv_dtype is None else kv_dtype
+  if kernels.is_quantized(kv_dtype):
+    (k, ks), (v, vs) = kernels.quantize(k, kv_dtype), kernels.quantize(v, kv_dtype)
+    return q, k, v, table, lengths, dict(k_scales=ks, v_scales=vs)
+  return q, k.astype(kv_dtype), v.astype(kv_dtype), table, lengths, {}
 
 
-def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim, block_size, emit):
+def run_case(
+  case: Case, *, interpret, configs, repeats, inner, heads, head_dim, block_size, emit, kv_dtype
+):
   """Times plain and cascade decode of one case; ``emit(row)`` as each config is measured.
 
   Returns ``(config, message)`` for each config that failed (a sweep setting that does not
@@ -134,9 +147,9 @@ def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim,
   """
   from kernels.gpu.cascade import default_cascade_block_sizes
 
-  dtype = jnp.bfloat16
-  q, k, v, table_np, lengths_np = build(
-    case, 0, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype
+  dtype, kv_dtype = jnp.dtype(jnp.bfloat16), jnp.dtype(kv_dtype)
+  q, k, v, table_np, lengths_np, scales = build(
+    case, 0, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype, kv_dtype=kv_dtype
   )
   t0 = time.perf_counter()
   plan_np = kernels.plan_cascade(table_np, lengths_np, block_size)
@@ -152,9 +165,9 @@ def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim,
 
   plain = jax.jit(functools.partial(kernels.paged_attention, backend="gpu", interpret=interpret))
   t_plain = time_calls(
-    lambda: plain(q, k, v, table, lengths), repeats=repeats, inner=inner, warmup=2
+    lambda: plain(q, k, v, table, lengths, **scales), repeats=repeats, inner=inner, warmup=2
   )
-  out_plain = np.asarray(plain(q, k, v, table, lengths).astype(jnp.float32))
+  out_plain = np.asarray(plain(q, k, v, table, lengths, **scales).astype(jnp.float32))
   assert not np.isnan(out_plain).any(), "NaN in the plain output"
   own_read = lengths_np - plan_np.row_starts  # what each row reads in the own part
   common = dict(
@@ -172,14 +185,19 @@ def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim,
     planned_own_len_max=int(own_read.max()),
     groups=int((plan_np.group_lens > 0).sum()),
     block_size=block_size,
-    dtype=jnp.dtype(dtype).name,
+    dtype=dtype.name,
+    kv_dtype=kv_dtype.name,
     num_q_heads=heads[0],
     num_kv_heads=heads[1],
     head_dim=head_dim,
     plain_text=spread_text(t_plain),
   )
 
-  base = default_cascade_block_sizes(head_dim=head_dim, q_dtype=dtype, kv_dtype=dtype)
+  base = default_cascade_block_sizes(head_dim=head_dim, q_dtype=dtype, kv_dtype=kv_dtype)
+  # Each bf16 GPU kernel is within the bf16 bound of the exact result (for 8-bit K/V: of
+  # dequantise-then-attend), so the two are within twice that of each other.
+  kind = "quantized_gpu_vs_float64_rel_l2" if scales else "gpu_kernel_vs_reference_rel_l2"
+  bound = 2 * tolerance(kind, dtype).rtol
   errors = []
   for name, cfg in configs:
     try:
@@ -190,17 +208,14 @@ def run_case(case: Case, *, interpret, configs, repeats, inner, heads, head_dim,
         )
       )
       t_casc = time_calls(
-        lambda casc=casc: casc(q, k, v, table, lengths, plan),
+        lambda casc=casc: casc(q, k, v, table, lengths, plan, **scales),
         repeats=repeats,
         inner=inner,
         warmup=2,
       )
-      out = np.asarray(casc(q, k, v, table, lengths, plan).astype(jnp.float32))
+      out = np.asarray(casc(q, k, v, table, lengths, plan, **scales).astype(jnp.float32))
       assert not np.isnan(out).any(), "NaN in the cascade output"
       err = rel_l2_error(out, out_plain)
-      # Each bf16 GPU kernel is within the bf16 bound of the exact result, so the two are
-      # within twice that of each other (triangle inequality).
-      bound = 2 * tolerance("gpu_kernel_vs_reference_rel_l2", dtype).rtol
       assert err < bound, f"cascade and plain disagree: relative L2 {err:.2e} >= {bound:.1e}"
     except Exception as e:  # noqa: BLE001 - a failing setting is a result; the others go on
       traceback.print_exc()
@@ -227,6 +242,9 @@ def define_flags():
   flags.DEFINE_bool("sweep", False, "also time the shared-kernel settings in SWEEP")
   flags.DEFINE_integer("repeats", 15, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("smoke", False, "one tiny case in interpret mode on CPU (tests this script)")
+  flags.DEFINE_enum(
+    "kv-dtype", "bfloat16", ["bfloat16", "int8", "float8_e4m3fn"], "K/V pool dtype (q is bf16)"
+  )
 
 
 def main(args):
@@ -240,6 +258,7 @@ def main(args):
   if args.smoke:
     cases = [SMOKE]
     kw = dict(interpret=True, repeats=5, inner=1, heads=(4, 2), head_dim=64, block_size=16)
+    kw["kv_dtype"] = args.kv_dtype
     configs = [(n, {**c, "shared_rows": 16, "shared_kv_tile": 16}) for n, c in configs]
   else:
     unknown = [c for c in args.cases if c not in CASES]
@@ -247,7 +266,13 @@ def main(args):
       raise SystemExit(f"unknown --cases {unknown}; choose from {list(CASES)}")
     cases = [CASES[c] for c in args.cases]
     kw = dict(
-      interpret=False, repeats=args.repeats, inner=10, heads=(HQ, HKV), head_dim=D, block_size=BLOCK
+      interpret=False,
+      repeats=args.repeats,
+      inner=10,
+      heads=(HQ, HKV),
+      head_dim=D,
+      block_size=BLOCK,
+      kv_dtype=args.kv_dtype,
     )
   path = os.path.join(args.out, "cascade.jsonl")
   rows, failed = [], []
@@ -273,13 +298,14 @@ def main(args):
       )
   print()
   print(
-    "| case | config | plain ms (min-max) | cascade ms (min-max) | speedup | plan ms | rel L2 |"
+    "| case | K/V | config | plain ms (min-max) | cascade ms (min-max) | speedup | plan ms "
+    "| rel L2 |"
   )
-  print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
     print(
-      f"| {r['case']} | {r['config']} | {r['plain_text']} | {r['cascade_text']} | "
-      f"{r['speedup']:.1f}x | {r['plan_ms']:.3f} | {r['rel_l2']:.1e} |"
+      f"| {r['case']} | {r['kv_dtype']} | {r['config']} | {r['plain_text']} | "
+      f"{r['cascade_text']} | {r['speedup']:.1f}x | {r['plan_ms']:.3f} | {r['rel_l2']:.1e} |"
     )
   print(f"rows -> {path}" + (f"; FAILED: {failed}" if failed else ""))
   return 1 if failed else 0

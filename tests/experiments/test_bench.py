@@ -154,7 +154,7 @@ def test_cascade_smoke_runs_without_ml_collections(tmp_path):
   assert row["speedup"] == pytest.approx(row["plain_ms"] / row["cascade_ms"])
   assert row["batch"] == 3 and row["shared_len"] == 40 and row["planned_shared_len"] == 32
   assert not (tmp_path / "cascade_errors.jsonl").exists()
-  assert "| 3x(40+U[4,12]) | default |" in proc.stdout
+  assert "| 3x(40+U[4,12]) | bfloat16 | default |" in proc.stdout
 
 
 def test_cascade_keeps_the_rows_of_settings_that_ran(tmp_path):
