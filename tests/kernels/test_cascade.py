@@ -292,6 +292,16 @@ def test_gpu_kernels_lower_to_triton_for_an_h200(monkeypatch):
     assert "paxcache_cascade_shared" in text and "paxcache_paged_decode" in text
 
 
+def test_gpu_default_block_sizes():
+  # block_sizes=None: the per-shape defaults (128-row tiles, 64-key steps) and the chunk
+  # count choose_num_chunks picks, as on the GPU.
+  labels, lengths = CASES["long"]
+  case = build(8, labels, lengths, heads=(8, 2), kv_dtype=jnp.bfloat16)
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
+  out = kernels.cascade_attention(**case, plan=plan, backend="gpu", interpret=True)
+  check(out, case, gpu_bf16=True)
+
+
 def test_plan_passes_into_jit_as_device_arrays():
   labels, lengths = CASES["mid_block"]
   case = build(5, labels, lengths, heads=(6, 2))
