@@ -136,6 +136,33 @@ def test_host_step_runs_without_ml_collections():
   assert all(c[-1] in ("faster", "slower", "indistinguishable") for c in cells), rows
 
 
+@pytest.mark.slow
+def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
+  from experiments.bench import spmd_scaling
+
+  s = spmd_scaling.Setup(
+    d_model=32,
+    num_layers=1,
+    num_q_heads=2,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=64,
+    vocab_size=64,
+    dtype="float32",
+    blocks_per_gpu=32,
+    requests=3,
+    prompt_range=(4, 8),
+    output_range=(2, 4),
+    max_num_seqs=4,
+    max_num_batched_tokens=32,
+  )
+  lengths = spmd_scaling.make_lengths(s)
+  row = spmd_scaling.run_config(s, lengths, 1, repeats=3)
+  assert row["repeats"] == 3 and row["generated_tokens"] == int(lengths[:, 1].sum())
+  assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+  assert "steps_per_pass" not in row  # the same lengths take the same steps every pass
+
+
 def test_cascade_smoke_runs_without_ml_collections(tmp_path):
   # One tiny case in interpret mode on CPU: plain and cascade outputs must agree (the
   # script asserts it), and one JSON line per config carries the fields.
@@ -172,30 +199,3 @@ def test_cascade_keeps_the_rows_of_settings_that_ran(tmp_path):
   assert [r["config"] for r in rows] == ["default"]
   errors = [json.loads(x) for x in (tmp_path / "cascade_errors.jsonl").read_text().splitlines()]
   assert [e["config"] for e in errors] == ["sweep0"] and "shared_num_stages" in errors[0]["error"]
-
-
-@pytest.mark.slow
-def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
-  from experiments.bench import spmd_scaling
-
-  s = spmd_scaling.Setup(
-    d_model=32,
-    num_layers=1,
-    num_q_heads=2,
-    num_kv_heads=2,
-    head_dim=8,
-    mlp_dim=64,
-    vocab_size=64,
-    dtype="float32",
-    blocks_per_gpu=32,
-    requests=3,
-    prompt_range=(4, 8),
-    output_range=(2, 4),
-    max_num_seqs=4,
-    max_num_batched_tokens=32,
-  )
-  lengths = spmd_scaling.make_lengths(s)
-  row = spmd_scaling.run_config(s, lengths, 1, repeats=3)
-  assert row["repeats"] == 3 and row["generated_tokens"] == int(lengths[:, 1].sum())
-  assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
-  assert "steps_per_pass" not in row  # the same lengths take the same steps every pass
