@@ -334,3 +334,15 @@ def test_cascade_lowers_to_mosaic_for_tpu():
   args = (q, k, k, i32(4, 8), i32(4), i32(2, 4), i32(2), i32(2, 2), i32(4))
   text = jax.export.export(fn, platforms=["tpu"])(*args).mlir_module()
   assert text.count("tpu_custom_call") >= 2
+
+
+def test_public_api_with_the_host_planner_runs_the_tpu_kernels():
+  case = _shared_case(np.random.default_rng(8), block_size=8)
+  table, lengths = np.asarray(case["table"]), np.asarray(case["lengths"])
+  plan = kernels.plan_cascade(table, lengths, 8, min_shared_blocks=2)
+  assert plan is not None and sorted(plan.group_rows[plan.group_rows >= 0].tolist()) == [0, 2, 3]
+  out = kernels.cascade_attention(
+    case["q"], case["k"], case["v"], table, lengths, plan, backend="tpu", interpret=INTERPRET
+  )
+  _assert_no_races()
+  _check(out, _oracle(case["q"], case["k"], case["v"], table, lengths), jnp.float32)
