@@ -5,6 +5,7 @@ and parses the commands the docs give for it; host_step (CPU only) runs end to e
 """
 
 import ast
+import json
 import os
 import pathlib
 import pkgutil
@@ -56,6 +57,7 @@ def documented_commands(script: str) -> list[list[str]]:
 
 def test_bench_package_lists_the_scripts():
   assert SCRIPTS == [
+    "cascade",
     "engine_step",
     "gpu_check",
     "gpu_decode",
@@ -146,8 +148,6 @@ def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):
   )
   proc = _python(code)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  import json
-
   rows = [json.loads(line) for line in (tmp_path / "prefix_time.jsonl").read_text().splitlines()]
   assert [r["block_size"] for r in rows] == [8, 16]
   for r in rows:
@@ -163,6 +163,27 @@ def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):
     sum(line.startswith("| 8 |") or line.startswith("| 16 |") for line in proc.stdout.splitlines())
     == 2
   )
+
+
+def test_cascade_smoke_runs_without_ml_collections(tmp_path):
+  # One tiny case in interpret mode on CPU: plain and cascade outputs must agree (the
+  # script asserts it), and one JSON line per config carries the issue's fields.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['cascade', '--smoke', '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.cascade', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = (tmp_path / "cascade.jsonl").read_text().splitlines()
+  assert len(lines) == 1
+  row = json.loads(lines[0])
+  for field in ("device", "case", "batch", "shared_len", "own_len", "plain_ms", "cascade_ms"):
+    assert field in row, field
+  assert row["speedup"] == pytest.approx(row["plain_ms"] / row["cascade_ms"])
+  assert row["batch"] == 3 and row["shared_len"] == 40 and row["planned_shared_len"] == 32
+  assert not (tmp_path / "cascade_errors.jsonl").exists()
+  assert "| 3x(40+U[4,12]) | default |" in proc.stdout
 
 
 @pytest.mark.slow
