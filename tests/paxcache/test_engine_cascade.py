@@ -251,3 +251,37 @@ def test_decoder_logits_with_a_cascade_plan_equal_plain_paged_attention(tiny, co
     tiny, corpus, lambda t, n: jax.tree.map(jnp.asarray, prefix_twice(t, n))
   )
   assert np.abs(wrong - plain).max() > 1e-3, "the comparison above could not fail"
+
+
+@pytest.mark.parametrize("backend,head_dim", [("gpu", 64), ("tpu", 128)])
+def test_engine_cascade_on_pallas_kernels_in_interpret_mode_matches_no_cache(backend, head_dim):
+  """Decode steps with a plan through the Pallas GPU and TPU cascade kernels (interpret
+  mode): a fork and a prefix-cache hit share a 16-token prefix (2 blocks of 8)."""
+  from flax import nnx
+
+  from paxcache.nn import Decoder, DecoderConfig
+
+  config = DecoderConfig(
+    d_model=32, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=head_dim, mlp_dim=64,
+    max_seq_len=64,
+  )  # fmt: skip
+  model = Decoder(config, backend=backend, interpret=True, rngs=nnx.Rngs(0))
+  oracle = Decoder(config, rngs=nnx.Rngs(0))  # same parameters, reference backend
+  prefix = list(range(40, 56))
+  reqs = [
+    Request(0, prefix + [7, 9, 11], max_new_tokens=4, n=2),
+    Request(1, prefix + [60, 61], max_new_tokens=4),
+  ]
+  engine = Engine(
+    model,
+    EngineConfig(
+      num_blocks=16, block_size=8, num_host_blocks=16, cascade_min_shared_blocks=2,
+      max_num_batched_tokens=19,  # request 1 is admitted a step later: a prefix-cache hit
+    ),
+  )  # fmt: skip
+  outs = engine.run(reqs)
+  want = greedy_generate_no_cache(oracle, [r.prompt for r in reqs], 4)
+  for r, w in zip(reqs, want, strict=True):
+    assert outs[r.request_id].samples == [w] * r.n
+  assert engine.metrics.cascade_steps > 0
+  assert engine.metrics.prefix_hit_tokens == 16
