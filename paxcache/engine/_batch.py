@@ -235,10 +235,14 @@ def build_step_batch(
   if decode_only and cascade_min_shared_blocks > 0 and b > 1:
     if block_size is None:
       raise ValueError("build_step_batch: cascade_min_shared_blocks > 0 needs block_size")
-    # Padded rows have length 0 and take no part; G, M and S are powers of two.
-    cascade = kernels.plan_cascade(
-      block_ids, lengths, block_size, min_shared_blocks=cascade_min_shared_blocks
-    )
+    # A group's rows share their first block: when no two rows do (one unique over the
+    # first column, ~0.01 ms at 256 rows), skip the planner (0.04-0.2 ms a step).
+    first = block_ids[:b, 0]
+    if len(np.unique(first)) < b:
+      # Padded rows have length 0 and take no part; G, M and S are powers of two.
+      cascade = kernels.plan_cascade(
+        block_ids, lengths, block_size, min_shared_blocks=cascade_min_shared_blocks
+      )
   if cascade is None:
     cascade = kernels.CascadePlan(
       np.zeros((0, 0), np.int32),
