@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from kernels import reference
-from kernels._validate import validate_inputs, validate_options
+from kernels._validate import validate_decode_plan, validate_inputs, validate_options
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
 
@@ -59,6 +59,7 @@ def paged_attention(
   interpret: bool = False,
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
+  decode_plan: Any = None,
 ) -> jax.Array:
   """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
 
@@ -81,6 +82,11 @@ def paged_attention(
     k_scales, v_scales: 8-bit K/V only (None otherwise): ``f32[num_kv_heads, num_blocks,
       block_size]``, the scale of each slot's row (``kernels.quantize``); every backend
       multiplies them in inside its kernel.
+    decode_plan: decode only: a ``kernels.gpu.plan.DecodePlan`` built on the host from
+      this call's lengths (``kernels.gpu.plan_decode``), or None. A plan is a schedule,
+      not a change of the result: the GPU backend runs its planned kernel by it; the
+      reference checks it and ignores it (same result, so tests pass the same arguments
+      to both); the TPU backend refuses it (it has no planned kernel: pass None there).
 
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
@@ -88,7 +94,16 @@ def paged_attention(
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
-  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  extra = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  if decode_plan is not None:
+    validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
+    if chosen == "tpu":
+      raise ValueError(
+        "decode_plan is for the GPU backend's planned decode; the TPU backend has none: "
+        "pass decode_plan=None"
+      )
+    if chosen == "gpu":
+      extra["decode_plan"] = decode_plan
   return _BACKEND_FNS[chosen](
     q,
     k_blocks,
@@ -101,7 +116,7 @@ def paged_attention(
     logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
-    **quant,
+    **extra,
   )
 
 

@@ -206,3 +206,90 @@ def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens)
         f"sequences {rows} have more queries than tokens (cu_q_lens {cu_q_lens.tolist()}, "
         f"lengths {lengths.tolist()}): lengths must count this call's queries"
       )
+
+
+def validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window):
+  """Checks a ``kernels.gpu.plan.DecodePlan`` against the call; raises ValueError.
+
+  Static: a decode call (``cu_q_lens`` None), int32 1-D arrays, ``[batch]`` per-sequence
+  arrays, equal chunk-array lengths, the cache's ``num_kv_heads`` and ``block_size``, and a
+  window the plan may cut by (None, or the call's). Values, when the plan and ``lengths``
+  are host (NumPy) arrays: every sequence's chunks tile ``[max(length - window, 0),
+  length)`` exactly (``[0, length)`` for a plan without a window), in order, so a plan
+  built for other lengths cannot skip or repeat keys. Device arrays are trusted, as the
+  block table is.
+  """
+  from kernels.gpu.plan import DecodePlan  # here: the GPU package is heavy to import
+
+  if not isinstance(decode_plan, DecodePlan):
+    raise ValueError(
+      f"decode_plan must be a kernels.gpu.plan.DecodePlan (from plan_decode), got "
+      f"{type(decode_plan).__name__}"
+    )
+  if cu_q_lens is not None:
+    raise ValueError("decode_plan is for decode calls only (cu_q_lens=None)")
+  p = decode_plan
+  batch = block_table.shape[0]
+  for name in ("chunk_seq", "chunk_start", "chunk_end", "seq_first_chunk", "seq_num_chunks"):
+    x = getattr(p, name)
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")) or x.ndim != 1 or x.dtype != jnp.int32:
+      raise ValueError(f"decode_plan.{name} must be a 1-D int32 array, got {x!r:.80}")
+  if p.seq_first_chunk.shape[0] != batch or p.seq_num_chunks.shape[0] != batch:
+    raise ValueError(
+      f"decode_plan is for a batch of {p.seq_first_chunk.shape[0]} sequences, the call has "
+      f"{batch} (block_table {_shape_str(block_table)})"
+    )
+  if not p.chunk_seq.shape == p.chunk_start.shape == p.chunk_end.shape:
+    raise ValueError(
+      f"decode_plan chunk arrays disagree: chunk_seq {p.chunk_seq.shape}, chunk_start "
+      f"{p.chunk_start.shape}, chunk_end {p.chunk_end.shape}"
+    )
+  num_kv_heads, _, block_size, _ = k_blocks.shape
+  if (p.num_kv_heads, p.block_size) != (num_kv_heads, block_size):
+    raise ValueError(
+      f"decode_plan was built for num_kv_heads {p.num_kv_heads}, block_size {p.block_size}; "
+      f"the cache has {num_kv_heads}, {block_size} (k_blocks {_shape_str(k_blocks)})"
+    )
+  if p.sliding_window is not None and p.sliding_window != sliding_window:
+    raise ValueError(
+      f"decode_plan covers only the last {p.sliding_window} keys of each sequence "
+      f"(built with sliding_window={p.sliding_window}) but the call has sliding_window="
+      f"{sliding_window}; build the plan with the call's window (or None)"
+    )
+  arrays = (p.chunk_seq, p.chunk_start, p.chunk_end, p.seq_first_chunk, p.seq_num_chunks, lengths)
+  if all(isinstance(x, np.ndarray) for x in arrays):
+    _validate_plan_values(p, lengths)
+
+
+def _validate_plan_values(p, lengths) -> None:
+  num_padded = p.chunk_seq.shape[0]
+  first = p.seq_first_chunk.astype(np.int64)
+  count = p.seq_num_chunks.astype(np.int64)
+  if (count < 0).any() or (first < 0).any() or (first + count > num_padded).any():
+    raise ValueError(
+      f"decode_plan's seq_first_chunk / seq_num_chunks point outside its {num_padded} chunks"
+    )
+  length = lengths.astype(np.int64)
+  lo = length * 0 if p.sliding_window is None else np.maximum(length - p.sliding_window, 0)
+  seqs = np.nonzero(count)[0]
+  idx = np.repeat(first[seqs], count[seqs]) + (
+    np.arange(int(count.sum())) - np.repeat(np.cumsum(count[seqs]) - count[seqs], count[seqs])
+  )
+  owner = np.repeat(seqs, count[seqs])
+  start, end = p.chunk_start[idx].astype(np.int64), p.chunk_end[idx].astype(np.int64)
+  head = np.r_[True, owner[1:] != owner[:-1]] if idx.size else np.zeros(0, bool)
+  tail = np.r_[owner[1:] != owner[:-1], True] if idx.size else np.zeros(0, bool)
+  ok = (
+    (p.chunk_seq[idx] == owner).all()
+    and (start < end).all()
+    and (start[head] == lo[owner[head]]).all()
+    and (end[tail] == length[owner[tail]]).all()
+    and (end[~tail] == start[1:][~tail[:-1]]).all()
+    and (length[count == 0] == lo[count == 0]).all()
+  )
+  if not ok:
+    raise ValueError(
+      "decode_plan does not tile each sequence's keys exactly once for these lengths "
+      f"({lengths[:8].tolist()}...): it was built for other lengths; build it from the "
+      "call's lengths (kernels.gpu.plan.plan_decode)"
+    )

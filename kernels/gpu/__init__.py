@@ -4,6 +4,9 @@ Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
 
 * decode (one query per sequence, memory-bound): Pallas Triton (``decode.py``) on every
   GPU; it reads K/V at 94.5-95.4% of an H100's measured bandwidth (docs/benchmarks.md).
+  With a ``decode_plan`` (``plan.py``: chunks of about equal tokens cut on the host from
+  the real lengths) the planned Triton kernel (``planned.py``) runs instead, for ragged
+  batches where one long row would serialise the default kernel.
 * prefill / chunked prefill / mixed batches (compute-bound): on Hopper (sm_90) the Pallas
   Mosaic GPU kernel (``prefill_mosaic.py``: TMA, wgmma, warp specialisation) for the calls
   it supports and that are prefill-heavy; Pallas Triton (``prefill.py``) everywhere else
@@ -23,19 +26,34 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels._validate import _shape_str, validate_inputs, validate_options
+from kernels._validate import (
+  _shape_str,
+  validate_decode_plan,
+  validate_inputs,
+  validate_options,
+)
 from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
+from kernels.gpu.plan import DecodePlan, plan_decode
+from kernels.gpu.planned import planned_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
-from kernels.gpu.tuning import PREFILL_KERNELS, BlockSizes, default_block_sizes
+from kernels.gpu.tuning import (
+  PREFILL_KERNELS,
+  BlockSizes,
+  default_block_sizes,
+  planned_block_sizes,
+)
 
 __all__ = [
   "BlockSizes",
+  "DecodePlan",
   "default_block_sizes",
   "is_hopper",
   "kernel_backend",
   "paged_attention",
+  "plan_decode",
+  "planned_block_sizes",
   "validate_gpu_inputs",
 ]
 
@@ -200,6 +218,7 @@ def paged_attention(
   interpret=False,
   k_scales=None,
   v_scales=None,
+  decode_plan=None,
 ):
   """Paged attention on GPU (Pallas); same arguments and result as kernels.reference.
 
@@ -216,6 +235,10 @@ def paged_attention(
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit (int8,
       float8_e4m3fn) K/V, else None; the Triton kernels multiply them into the scores and
       the probabilities (8-bit prefill always runs on Triton).
+    decode_plan: a :class:`kernels.gpu.plan.DecodePlan` from ``plan_decode`` on this
+      call's lengths (decode only), or None for the default split-K decode. With a plan,
+      ``block_sizes`` defaults to ``planned_block_sizes`` and its ``decode_num_splits`` is
+      not used.
 
   Returns:
     Array shaped like q, q.dtype.
@@ -232,9 +255,13 @@ def paged_attention(
     v_scales=v_scales,
   )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
+  if decode_plan is not None:
+    validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
   head_dim = q.shape[2]
   decode = cu_q_lens is None
-  if block_sizes is None:
+  if block_sizes is None and decode_plan is not None:
+    block_sizes = planned_block_sizes(head_dim=head_dim, kv_dtype=k_blocks.dtype)
+  elif block_sizes is None:
     block_sizes = default_block_sizes(
       head_dim=head_dim,
       kv_dtype=k_blocks.dtype,
@@ -261,6 +288,8 @@ def paged_attention(
     k_scales=k_scales,
     v_scales=v_scales,
   )
+  if decode_plan is not None:
+    return planned_decode(q, k_blocks, v_blocks, block_table, lengths, decode_plan, **kwargs)
   if decode:
     return paged_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)
   backend = kernel_backend(

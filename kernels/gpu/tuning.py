@@ -164,3 +164,17 @@ def default_block_sizes(
     prefill_num_warps=4,
     prefill_num_stages=2 if big else 3,
   )
+
+
+def planned_block_sizes(*, head_dim: int, kv_dtype) -> BlockSizes:
+  """Defaults of the planned decode (``kernels/gpu/planned.py``): the small-batch decode
+  settings whatever the batch (steps of at most 48 KiB of K plus V, 4 warps; at bf16
+  head_dim 128, 64-token steps, 3 stages of 32 KiB: two programs resident per SM).
+
+  A plan cuts the work into about ``PROGRAMS_PER_SM`` short chunks per SM; with two
+  programs per SM one program's start (plan entries, query tile, first K/V steps) overlaps
+  the other's reads, where the large-batch settings (one program per SM) would leave the
+  SM's reads idle at every program's start and end. A choice by that reasoning, not yet
+  measured: ``experiments/bench/gpu_ragged.py --sweep`` times the alternatives.
+  """
+  return default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype)

@@ -878,6 +878,7 @@ class Engine:
     m.prompt_tokens += plan.admitted_prompt_tokens
     m.preemptions_swap += plan.preemptions_swap
     m.preemptions_recompute += plan.preemptions_recompute
+    m.recomputed_tokens += plan.recomputed_tokens
     m.swapped_out_blocks += swapped_out
     m.swapped_in_blocks += swapped_in
     m.cow_copies += len(plan.cow_pairs)

@@ -51,6 +51,8 @@ class RunMetrics:
   prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
   preemptions_swap: int = 0
   preemptions_recompute: int = 0
+  # Computed tokens thrown away by recompute preemptions, to be computed again.
+  recomputed_tokens: int = 0
   swapped_out_blocks: int = 0
   swapped_in_blocks: int = 0
   cow_copies: int = 0

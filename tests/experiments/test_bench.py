@@ -17,6 +17,7 @@ import sys
 import pytest
 
 import experiments.bench
+from kernels.testing import tolerance
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODULES = sorted(m.name for m in pkgutil.iter_modules(experiments.bench.__path__))
@@ -61,6 +62,7 @@ def test_bench_package_lists_the_scripts():
     "engine_step",
     "gpu_check",
     "gpu_decode",
+    "gpu_ragged",
     "host_step",
     "prefix_time",
     "probe_step",
@@ -184,6 +186,30 @@ def test_cascade_smoke_runs_without_ml_collections(tmp_path):
   assert row["batch"] == 3 and row["shared_len"] == 40 and row["planned_shared_len"] == 32
   assert not (tmp_path / "cascade_errors.jsonl").exists()
   assert "| 3x(40+U[4,12]) | default |" in proc.stdout
+
+
+def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
+  # Interpret mode on CPU, one ragged case: both variants timed on the same data, the
+  # planned output checked against the default kernel's, the plan's host time recorded.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['gpu_ragged', '--smoke', '--cases', 'long1_short63_b16', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_ragged', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = (tmp_path / "gpu_decode_ragged.jsonl").read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert [r["variant"] for r in rows] == ["default", "planned"]
+  for r in rows:
+    for key in ("device", "case", "batch", "block_size", "head_dim", "mean_len", "max_len"):
+      assert key in r
+    assert r["ours_tbs_min"] <= r["ours_tbs"] <= r["ours_tbs_max"]
+    assert r["kernel"] == "triton" and r["vllm_tbs"] is None and r["ceiling_tbs"] > 0
+    # Two bf16 kernels that sum in other orders: the GPU kernels' bf16 bound.
+    assert r["check_rel_l2"] < tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+    assert r["check_ok"] is True
+  assert rows[1]["num_chunks"] >= 2 and rows[1]["plan_us"] > 0
 
 
 @pytest.mark.slow
