@@ -20,9 +20,14 @@ jit). Backends: ``"reference"`` (plain JAX, below), ``"gpu"`` (Pallas Triton,
 ``kernels.gpu.cascade``), ``"tpu"`` (Pallas TPU, ``kernels.tpu.cascade``); never a silent
 fallback.
 
-API change against the agreed sketch: :func:`cascade_attention` also takes
+Changes against the agreed sketch (both additions): :func:`cascade_attention` also takes
 ``sliding_window=None``, so that a window is refused with a ValueError naming cascade
-(instead of a TypeError for an unknown keyword).
+(instead of a TypeError for an unknown keyword); :func:`plan_cascade`'s buckets are
+``group_bucket``, ``member_bucket`` and ``block_bucket`` (the least G, M and S). The
+dispatcher validates everything and hands the Pallas backends (``kernels.gpu.cascade`` /
+``kernels.tpu.cascade``, ``cascade_attention(q, k_blocks, v_blocks, block_table, lengths,
+plan, *, scale, logit_soft_cap, interpret, k_scales, v_scales, block_sizes)``) ``scale`` as
+a Python float (``head_dim ** -0.5`` when None was given).
 
 This module imports nothing from paxcache or flax.
 """
@@ -376,9 +381,20 @@ def merge_lse(o1, lse1, o2, lse2, out_dtype):
   return out.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "logit_soft_cap"))
+@functools.partial(jax.jit, static_argnames=("scale", "logit_soft_cap", "rows_per_chunk"))
 def _cascade_reference(
-  q, k_blocks, v_blocks, block_table, lengths, plan, *, scale, logit_soft_cap, k_scales, v_scales
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  k_scales,
+  v_scales,
+  rows_per_chunk=64,
 ):
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
@@ -416,26 +432,41 @@ def _cascade_reference(
       lse.reshape(num_groups * members, num_q_heads), mode="drop"
     )
 
-  # (2) own part: each row's keys [row_starts, lengths) through its own block table.
+  # (2) own part: each row's keys [row_starts, lengths) through its own block table, for
+  # at most rows_per_chunk rows at a time (the gather is rows x the table's width).
   max_blocks = block_table.shape[1]
   own_o = jnp.zeros((batch, num_q_heads, head_dim), jnp.float32)
   own_lse = jnp.full((batch, num_q_heads), -jnp.inf, jnp.float32)
-  if max_blocks and num_blocks:
+  if max_blocks and num_blocks and batch:
     span = max_blocks * block_size
-    pos = jnp.arange(span)[None, :]
-    block_ok = jnp.repeat(block_table >= 0, block_size, axis=1)
-    visible = (pos >= plan.row_starts[:, None]) & (pos < lengths[:, None]) & block_ok
-    k, v = _gather_kv(k_blocks, v_blocks, k_scales, v_scales, block_table, visible)
-    qb = qf.reshape(batch, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("bkhd,kbsd->bkhs", qb, k, precision=hi) * scale
-    own_o, own_lse = _softmax_lse(
-      _cap(logits, logit_soft_cap),
-      visible[:, None, None, :],
-      lambda p, prec: jnp.einsum("bkhs,kbsd->bkhd", p, v, precision=prec),
-      hi,
-    )
-    own_o = own_o.reshape(batch, num_q_heads, head_dim)
-    own_lse = own_lse.reshape(batch, num_q_heads)
+
+    def own(xs):
+      qc, table, start, length = xs
+      pos = jnp.arange(span)[None, :]
+      block_ok = jnp.repeat(table >= 0, block_size, axis=1)
+      visible = (pos >= start[:, None]) & (pos < length[:, None]) & block_ok
+      k, v = _gather_kv(k_blocks, v_blocks, k_scales, v_scales, table, visible)
+      qb = qc.reshape(qc.shape[0], num_kv_heads, group, head_dim)
+      logits = jnp.einsum("bkhd,kbsd->bkhs", qb, k, precision=hi) * scale
+      return _softmax_lse(
+        _cap(logits, logit_soft_cap),
+        visible[:, None, None, :],
+        lambda p, prec: jnp.einsum("bkhs,kbsd->bkhd", p, v, precision=prec),
+        hi,
+      )
+
+    chunk = min(rows_per_chunk, batch)
+    n = -(-batch // chunk)
+    pad = n * chunk - batch
+
+    def chunked(x):
+      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      return x.reshape((n, chunk) + x.shape[1:])
+
+    xs = (chunked(qf), chunked(block_table), chunked(plan.row_starts), chunked(lengths))
+    own_o, own_lse = jax.lax.map(own, xs)
+    own_o = own_o.reshape(n * chunk, num_q_heads, head_dim)[:batch]
+    own_lse = own_lse.reshape(n * chunk, num_q_heads)[:batch]
 
   # (3) merge by log-sum-exp.
   return merge_lse(shared_o, shared_lse, own_o, own_lse, q.dtype)

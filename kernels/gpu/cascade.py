@@ -13,8 +13,8 @@
    sees each shared slot about once per group per step.
 2. the decode kernel (``kernels.gpu.decode``) with ``row_starts`` and ``return_partials``:
    each row against its own keys ``[row_starts[b], lengths[b])``, split-K partials.
-3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group
-   take the own part alone).
+3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group,
+   ``row_starts[b] == 0``, take the own part alone).
 
 K/V loads are masked (``0 <= block < num_blocks``, inside the group's length and the
 chunk), masked rows load as zeros and their logits are -inf, so NaN in unused slots
@@ -55,7 +55,7 @@ class CascadeBlockSizes:
       group`` (at least 1; the tile is padded to a power of two).
     shared_kv_tile: shared keys per inner step (power of two in [16, 256]).
     shared_num_chunks: chunks of each group's shared keys, run by separate programs and
-      merged by LSE; None picks enough to fill the GPU about four programs per SM.
+      merged by LSE; None: :func:`choose_num_chunks` (whole waves, fewest chunks).
     shared_num_warps, shared_num_stages: Triton warps and pipeline depth of the shared
       kernel.
     own: the decode kernel's ``kernels.gpu.BlockSizes`` for the own part (None: the
@@ -65,7 +65,7 @@ class CascadeBlockSizes:
   shared_rows: int = 128
   shared_kv_tile: int = 64
   shared_num_chunks: int | None = None
-  shared_num_warps: int = 8
+  shared_num_warps: int = 4
   shared_num_stages: int = 3
   own: BlockSizes | None = None
 
@@ -98,16 +98,17 @@ class CascadeBlockSizes:
 
 
 def default_cascade_block_sizes(*, head_dim: int, q_dtype, kv_dtype) -> CascadeBlockSizes:
-  """Per-shape defaults: 128-row tiles of 64-key steps, 8 warps, 3 stages where the dots'
+  """Per-shape defaults, those of the Triton prefill kernel (the same tile loop; on the H100
+  its 128-row tiles ran best with 4 warps: 289 against 231 TFLOP/s with 8,
+  docs/gpu_notes.md): 128-row tiles of 64-key steps, 4 warps, 3 stages where the dots'
   operand row (head_dim x the compute dtype's bytes) is at most 256 bytes (bf16 / f16 q at
-  head_dim <= 128); 64-row tiles of 32-key steps, 4 warps, 2 stages where registers would
-  run out (head_dim 256 in bf16, float32 dots at head_dim >= 128). Not yet tuned on an
-  H200 (docs/gpu_notes.md)."""
+  head_dim <= 128); 64-row tiles of 32-key steps, 2 stages where registers would run out
+  (head_dim 256 in bf16, float32 dots at head_dim >= 128). Not yet timed on a GPU."""
   big = head_dim * compute_dtype(q_dtype, kv_dtype).itemsize > 256
   return CascadeBlockSizes(
     shared_rows=64 if big else 128,
     shared_kv_tile=32 if big else 64,
-    shared_num_warps=4 if big else 8,
+    shared_num_warps=4,
     shared_num_stages=2 if big else 3,
   )
 
@@ -418,10 +419,11 @@ def _cascade(
       k_scales=k_scales,
       v_scales=v_scales,
     )
-    rows = plan.group_rows.reshape(-1)
-    in_group = (
-      jnp.zeros((batch,), bool).at[jnp.where(rows >= 0, rows, batch)].set(True, mode="drop")
-    )
+    # Rows whose shared partials were written: row_starts[b] > 0 only for members of a
+    # group with keys (the plan's invariant, checked on the host). A member of a group of
+    # length 0 has partials that add nothing (m = -inf, den = 0), so it may be left out;
+    # rows in no group (row_starts 0) must be. No scatter over group_rows: one launch less.
+    in_group = plan.row_starts > 0
   return _merge(shared, own, in_group, q.dtype)
 
 

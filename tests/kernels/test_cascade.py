@@ -185,6 +185,25 @@ def test_matches_plain_attention(name, backend):
   check(run(case, plan, backend), case)
 
 
+def test_reference_own_part_in_row_chunks():
+  # 6 rows in chunks of 4: the second chunk is half padding (length 0), cut off after.
+  from kernels.cascade import _cascade_reference
+
+  labels, lengths = CASES["prefix"]
+  case = build(7, labels, lengths, heads=(4, 2))
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
+  out = _cascade_reference(
+    **case,
+    plan=plan,
+    scale=64**-0.5,
+    logit_soft_cap=None,
+    k_scales=None,
+    v_scales=None,
+    rows_per_chunk=4,
+  )
+  check(out, case)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_of_one(backend):
   labels, lengths = CASES["prefix"]
@@ -198,16 +217,19 @@ def test_groups_of_one(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_hand_plan_ending_mid_block_with_a_single_and_an_empty_group(backend):
+def test_hand_plan_ending_mid_block_with_single_and_empty_groups(backend):
   labels, lengths = CASES["prefix"]
   case = build(3, labels, lengths, heads=(4, 2))
   table = case["block_table"]
   a, b = table[0, :2].tolist()
   plan = kernels.CascadePlan(
-    # Rows 0-2 share 6 tokens (1.5 blocks); row 3 alone shares 5 of its 7; a padding group.
-    group_table=np.array([[a, b, -1], [table[3, 0], table[3, 1], -1], [-1, -1, -1]], np.int32),
-    group_lens=np.array([6, 5, 0], np.int32),
-    group_rows=np.array([[1, 0, 2], [3, -1, -1], [-1, -1, -1]], np.int32),
+    # Rows 0-2 share 6 tokens (1.5 blocks); row 3 alone shares 5 of its 7; row 5 sits in a
+    # group of length 0 (it reads its one key in its own part); a padding group.
+    group_table=np.array(
+      [[a, b, -1], [table[3, 0], table[3, 1], -1], [-1, -1, -1], [-1, -1, -1]], np.int32
+    ),
+    group_lens=np.array([6, 5, 0, 0], np.int32),
+    group_rows=np.array([[1, 0, 2], [3, -1, -1], [5, -1, -1], [-1, -1, -1]], np.int32),
     row_starts=np.array([6, 6, 6, 5, 0, 0], np.int32),
   )
   check(run(case, plan, backend), case)
@@ -268,6 +290,16 @@ def test_gpu_kernels_lower_to_triton_for_an_h200(monkeypatch):
     text = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("triton") >= 2, kv_dtype  # the shared kernel and the own (decode) one
     assert "paxcache_cascade_shared" in text and "paxcache_paged_decode" in text
+
+
+def test_gpu_default_block_sizes():
+  # block_sizes=None: the per-shape defaults (128-row tiles, 64-key steps) and the chunk
+  # count choose_num_chunks picks, as on the GPU.
+  labels, lengths = CASES["long"]
+  case = build(8, labels, lengths, heads=(8, 2), kv_dtype=jnp.bfloat16)
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
+  out = kernels.cascade_attention(**case, plan=plan, backend="gpu", interpret=True)
+  check(out, case, gpu_bf16=True)
 
 
 def test_plan_passes_into_jit_as_device_arrays():
