@@ -64,6 +64,7 @@ def test_bench_package_lists_the_scripts():
     "gpu_decode",
     "gpu_ragged",
     "host_step",
+    "prefix_time",
     "probe_step",
     "profile_step",
     "spmd_scaling",
@@ -136,6 +137,34 @@ def test_host_step_runs_without_ml_collections():
   cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
   assert all(len(c) == 9 for c in cells), rows
   assert all(c[-1] in ("faster", "slower", "indistinguishable") for c in cells), rows
+
+
+def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):
+  code = (
+    "import runpy\n"
+    "sys.argv = ['prefix_time', '--users', '3', '--shared-len', '40', '--own-len', '5',\n"
+    "            '--block-sizes', '8,16', '--num-q-heads', '4', '--num-kv-heads', '2',\n"
+    "            '--head-dim', '16', '--dtype', 'float32', '--repeats', '5', '--inner', '1',\n"
+    f"            '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.prefix_time', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "prefix_time.jsonl").read_text().splitlines()]
+  assert [r["block_size"] for r in rows] == [8, 16]
+  for r in rows:
+    assert r["backend"] == "reference" and r["groups"] == 1 and r["plain_repeats"] == 5
+    assert r["max_abs_diff"] < 1e-5  # the two paths agree (float32, 45 keys)
+    # Hand-worked bytes: (K + V) x 2 heads x 16 x 4 B = 256 B a token; plain reads 3 rows x
+    # 45 tokens; cascade reads the prompt's full blocks once (40 at block 8, 32 at block
+    # 16), then each row's other 5 or 13 tokens.
+    assert r["plain_kv_bytes"] == 3 * 45 * 256 == 34_560
+    own = {8: 5, 16: 13}[r["block_size"]]
+    assert r["cascade_kv_bytes"] == (45 - own + 3 * own) * 256
+  assert (
+    sum(line.startswith("| 8 |") or line.startswith("| 16 |") for line in proc.stdout.splitlines())
+    == 2
+  )
 
 
 def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
