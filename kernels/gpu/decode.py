@@ -23,6 +23,12 @@ column mask.
 With one split the program writes the normalised output in ``q.dtype``; with more
 it writes unnormalised float32 partial sums and the running max / denominator, and
 ``_combine`` (XLA, a few MB at most) merges them.
+
+Two options, off by default (the plain decode path compiles to the same kernel without
+them), serve cascade attention (``kernels.gpu.cascade``): ``row_starts`` (each row reads
+only keys ``[row_starts[b], lengths[b])``) and ``return_partials`` (the float32 partial
+sums, max and denominator are returned, even with one split, for a merge with other
+partials).
 """
 
 from __future__ import annotations
@@ -131,9 +137,13 @@ def _decode_kernel(
   logit_soft_cap,
   cdtype,
   quantized=False,
+  has_starts=False,
+  partials=False,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
+  if has_starts:
+    starts_ref, *out_refs = out_refs  # i32[batch]: the first key position each row reads
   h = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -162,6 +172,9 @@ def _decode_kernel(
   if sliding_window is not None:
     # Position length-1 sees keys > length-1-window, i.e. >= length-window.
     lo = jnp.maximum(start, length - sliding_window)
+  if has_starts:
+    row_start = starts_ref[b]
+    lo = jnp.maximum(lo, row_start)
   first = lo // kv_tile
   last = (end + kv_tile - 1) // kv_tile
   head_base = h * (num_blocks * block_size)
@@ -178,6 +191,8 @@ def _decode_kernel(
     valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok < length)
     if sliding_window is not None:
       valid &= tok >= length - sliding_window
+    if has_starts:
+      valid &= tok >= row_start
     kv_rows = (
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
@@ -206,7 +221,7 @@ def _decode_kernel(
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
 
-  if num_splits == 1:
+  if num_splits == 1 and not partials:
     (o_ref,) = out_refs
     out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(o_ref.dtype)
     if col_ok is None:
@@ -233,7 +248,15 @@ def _combine(o, m, den, out_dtype):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "sliding_window",
+    "logit_soft_cap",
+    "block_sizes",
+    "interpret",
+    "return_partials",
+  ),
 )
 def paged_decode(
   q,
@@ -249,6 +272,8 @@ def paged_decode(
   interpret: bool = False,
   k_scales=None,
   v_scales=None,
+  row_starts=None,
+  return_partials: bool = False,
 ):
   """Decode attention, one query per sequence.
 
@@ -258,9 +283,16 @@ def paged_decode(
     block_table: i32[batch, max_blocks] (-1 where unused).
     lengths: i32[batch].
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
+    row_starts: None (default: every row reads keys from position 0), or i32[batch]: row b
+      reads only keys [row_starts[b], lengths[b]) (cascade attention's own part).
+    return_partials: False (default): the normalised output. True: the unnormalised
+      float32 split partials, for a merge elsewhere (cascade attention).
 
   Returns:
-    [batch, num_q_heads, head_dim] in q.dtype.
+    [batch, num_q_heads, head_dim] in q.dtype; with ``return_partials``, ``(o f32[batch,
+    num_q_heads, splits, head_dim], m f32[batch, num_q_heads, splits], den f32[batch,
+    num_q_heads, splits])``: per split the sum of p @ v, the max logit in log2 units (-inf
+    where the split saw no key) and the sum of p, with p = exp2(logit * log2(e) - m).
   """
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
@@ -294,6 +326,8 @@ def paged_decode(
     logit_soft_cap=logit_soft_cap,
     cdtype=cdtype,
     quantized=k_scales is not None,
+    has_starts=row_starts is not None,
+    partials=return_partials,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -305,7 +339,9 @@ def paged_decode(
   )
   if k_scales is not None:
     args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
-  if num_splits == 1:
+  if row_starts is not None:
+    args += (row_starts.astype(jnp.int32),)
+  if num_splits == 1 and not return_partials:
     out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype)
   else:
     n = batch * num_q_heads * num_splits
@@ -322,11 +358,18 @@ def paged_decode(
       num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
     ),
     interpret=interpret,
-    name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}",
+    name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}"
+    + ("_partials" if return_partials else ""),
   )(*args)
-  if num_splits == 1:
+  if num_splits == 1 and not return_partials:
     return outs.reshape(batch, num_q_heads, head_dim)
   o, m, den = outs
+  if return_partials:
+    return (
+      o.reshape(batch, num_q_heads, num_splits, head_dim),
+      m.reshape(batch, num_q_heads, num_splits),
+      den.reshape(batch, num_q_heads, num_splits),
+    )
   return _combine(
     o.reshape(batch, num_q_heads, num_splits, head_dim),
     m.reshape(batch, num_q_heads, num_splits),
