@@ -77,21 +77,31 @@ GPU_MAX_HEAD_DIM = 256
 TPU_LANES = 128
 
 
+# GPU kernels that do not mask a padded head dim (kernels.gpu.cascade's shared-prefix
+# kernel) keep the head sizes checked before the padding: "gpu-unpadded".
+GPU_UNPADDED_HEAD_DIMS = (64, 128, 256)
+
+
 def head_dim_supported(head_dim: int, backend: str) -> bool:
-  """Whether ``backend`` ("reference", "gpu" or "tpu") takes this head_dim."""
+  """Whether ``backend`` ("reference", "gpu", "gpu-unpadded" or "tpu") takes this
+  head_dim; "gpu-unpadded" is the rule of GPU kernels that do not pad the head dim."""
   if backend == "gpu":
     return head_dim % GPU_HEAD_DIM_MULTIPLE == 0 and 0 < head_dim <= GPU_MAX_HEAD_DIM
+  if backend == "gpu-unpadded":
+    return head_dim in GPU_UNPADDED_HEAD_DIMS
   if backend == "tpu":
     return head_dim > 0 and head_dim % TPU_LANES == 0
   if backend == "reference":
     return head_dim >= 1
-  raise ValueError(f"backend must be 'reference', 'gpu' or 'tpu', got {backend!r}")
+  raise ValueError(f"backend must be 'reference', 'gpu', 'gpu-unpadded' or 'tpu', got {backend!r}")
 
 
 HEAD_DIM_RULES = {
   "reference": "any head_dim >= 1",
   "gpu": f"head_dim a multiple of {GPU_HEAD_DIM_MULTIPLE} up to {GPU_MAX_HEAD_DIM} (e.g. 64, 80, "
   "96, 112, 128, 192, 256)",
+  "gpu-unpadded": f"head_dim in {GPU_UNPADDED_HEAD_DIMS} for this kernel (it does not pad "
+  "the head dim to a power of two as paged_attention's kernels do)",
   "tpu": f"head_dim a multiple of {TPU_LANES} (the lane width: 128, 256, ...; a smaller or "
   "unaligned head_dim would make XLA copy the whole pool into the kernel's row-major layout "
   "every call; allocate the cache with head_dim zero-padded to a multiple of 128 and pass "
@@ -103,8 +113,9 @@ def validate_head_dim(q, k_blocks, backend: str) -> None:
   """Raises ValueError when ``backend`` does not take the head_dim of ``k_blocks``."""
   head_dim = k_blocks.shape[3]
   if not head_dim_supported(head_dim, backend):
+    name = backend.split("-")[0].upper()
     raise ValueError(
-      f"the {backend.upper()} backend supports {HEAD_DIM_RULES[backend]}; got head_dim "
+      f"the {name} backend supports {HEAD_DIM_RULES[backend]}; got head_dim "
       f"{head_dim} (k_blocks {_shape_str(k_blocks)}, q {_shape_str(q)})"
     )
 

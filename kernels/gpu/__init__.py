@@ -175,11 +175,18 @@ def validate_gpu_inputs(
   block_sizes=None,
   k_scales=None,
   v_scales=None,
+  pads_head_dim=False,
 ) -> None:
-  """Static checks of what the GPU kernels support; raises ValueError before compiling."""
+  """Static checks of what the GPU kernels support; raises ValueError before compiling.
+
+  ``pads_head_dim``: whether the kernels that will run mask a head dim padded to a power of
+  two (``paged_attention``'s decode, planned decode and prefill do: any multiple of 16 up
+  to 256). Other callers (the cascade kernels) keep the head sizes checked before that,
+  ``kernels._validate.GPU_UNPADDED_HEAD_DIMS``.
+  """
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
-  validate_head_dim(q, k_blocks, "gpu")
+  validate_head_dim(q, k_blocks, "gpu" if pads_head_dim else "gpu-unpadded")
   if block_size < 1 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
     raise ValueError(
       f"the GPU backend supports block_size a power of two in [1, {MAX_BLOCK_SIZE}], got "
@@ -261,6 +268,7 @@ def paged_attention(
     block_sizes=block_sizes,
     k_scales=k_scales,
     v_scales=v_scales,
+    pads_head_dim=True,
   )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   if decode_plan is not None:

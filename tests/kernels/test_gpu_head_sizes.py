@@ -275,3 +275,26 @@ def test_tiles_are_sized_by_the_padded_width_and_mosaic_is_not_chosen():
   assert gpu.kernel_backend("prefill", head_dim=96, **kw) == "triton"
   with pytest.raises(ValueError, match="Mosaic GPU prefill supports .*head_dim 96"):
     gpu.kernel_backend("prefill", head_dim=96, requested="mosaic", interpret=True, **kw)
+
+
+def test_cascade_keeps_the_unpadded_head_sizes_on_gpu():
+  # The GPU cascade's shared-prefix kernel does not pad the head dim (kernels/gpu/cascade.py
+  # builds its tiles head_dim wide): it keeps 64, 128 and 256 and refuses 96 by name, where
+  # paged_attention takes 96.
+  rng = np.random.default_rng(9)
+  table = np.array([[0, 1], [0, 2]], np.int32)
+  lengths = np.array([6, 7], np.int32)
+  plan = kernels.plan_cascade(table, lengths, 4)
+  for d, ok in ((96, False), (64, True)):
+    pool = jnp.asarray(rng.standard_normal((1, 3, 4, d)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((2, 2, d)), jnp.float32)
+    args = dict(q=q, k_blocks=pool, v_blocks=pool, block_table=table, lengths=lengths)
+    if ok:
+      out = kernels.cascade_attention(**args, plan=plan, backend="gpu", interpret=True)
+      assert out.shape == q.shape
+    else:
+      with pytest.raises(ValueError, match=r"head_dim in \(64, 128, 256\) .*head_dim 96"):
+        kernels.cascade_attention(**args, plan=plan, backend="gpu", interpret=True)
+      out = kernels.paged_attention(**args, backend="gpu", interpret=True)
+      want = attention_float64(q, pool, pool, table, lengths)
+      check(out, q, want, q_dtype=jnp.float32)
