@@ -96,16 +96,16 @@ def head_dim_supported(head_dim: int, backend: str) -> bool:
   raise ValueError(f"backend must be 'reference', 'gpu', 'gpu-unpadded' or 'tpu', got {backend!r}")
 
 
+# What each rule asks, as the error says it: "the GPU backend: head_dim must be <rule>".
 HEAD_DIM_RULES = {
-  "reference": "any head_dim >= 1",
-  "gpu": f"head_dim a multiple of {GPU_HEAD_DIM_MULTIPLE} up to {GPU_MAX_HEAD_DIM} (e.g. 64, 80, "
-  "96, 112, 128, 192, 256)",
-  "gpu-unpadded": f"head_dim in {GPU_UNPADDED_HEAD_DIMS} for this kernel (it does not pad "
-  "the head dim to a power of two as paged_attention's kernels do)",
-  "tpu": f"head_dim a multiple of {TPU_LANES} (the lane width: 128, 256, ...; a smaller or "
-  "unaligned head_dim would make XLA copy the whole pool into the kernel's row-major layout "
-  "every call; allocate the cache with head_dim zero-padded to a multiple of 128 and pass "
-  "scale, docs/tpu.md)",
+  "reference": "at least 1",
+  "gpu": f"a multiple of {GPU_HEAD_DIM_MULTIPLE} up to {GPU_MAX_HEAD_DIM} (e.g. 64, 80, 96, 112, "
+  "128, 192, 256)",
+  "gpu-unpadded": f"one of {GPU_UNPADDED_HEAD_DIMS} for this kernel (it does not pad the head "
+  "dim to a power of two as paged_attention's kernels do)",
+  "tpu": f"a multiple of {TPU_LANES} (the lane width: 128, 256, ...; XLA would copy a pool of "
+  "any other head_dim into the kernels' row-major layout on every call; allocate the cache "
+  "with head_dim zero-padded to a multiple of 128 and pass scale, docs/tpu.md)",
 }
 
 
@@ -115,7 +115,7 @@ def validate_head_dim(q, k_blocks, backend: str) -> None:
   if not head_dim_supported(head_dim, backend):
     name = backend.split("-")[0].upper()
     raise ValueError(
-      f"the {name} backend supports {HEAD_DIM_RULES[backend]}; got head_dim "
+      f"the {name} backend: head_dim must be {HEAD_DIM_RULES[backend]}; got head_dim "
       f"{head_dim} (k_blocks {_shape_str(k_blocks)}, q {_shape_str(q)})"
     )
 

@@ -246,16 +246,16 @@ def test_head_size_rules_of_each_backend():
   assert all(head_dim_supported(d, "reference") for d in (1, 7, 64, 80, 1000))
   # The errors name the head_dim and the rule, before anything compiles.
   for backend, d, rule in [
-    ("gpu", 72, "multiple of 16 up to 256"),
-    ("gpu", 512, "multiple of 16 up to 256"),
-    ("tpu", 64, "multiple of 128"),
-    ("tpu", 192, "multiple of 128"),
+    ("gpu", 72, "a multiple of 16 up to 256"),
+    ("gpu", 512, "a multiple of 16 up to 256"),
+    ("tpu", 64, "a multiple of 128"),
+    ("tpu", 192, "a multiple of 128"),
   ]:
     q = jnp.zeros((2, 4, d), jnp.float32)
     k = jnp.zeros((2, 4, 16, d), jnp.float32)
     args = (q, k, k, jnp.zeros((2, 2), jnp.int32), jnp.zeros((2,), jnp.int32))
     with pytest.raises(
-      ValueError, match=rf"{backend.upper()} backend supports .*{rule}.*head_dim {d}"
+      ValueError, match=rf"{backend.upper()} backend: head_dim must be {rule}.*head_dim {d}"
     ):
       kernels.paged_attention(*args, backend=backend, interpret=True)
 
@@ -293,7 +293,9 @@ def test_cascade_keeps_the_unpadded_head_sizes_on_gpu():
       out = kernels.cascade_attention(**args, plan=plan, backend="gpu", interpret=True)
       assert out.shape == q.shape
     else:
-      with pytest.raises(ValueError, match=r"head_dim in \(64, 128, 256\) .*head_dim 96"):
+      with pytest.raises(
+        ValueError, match=r"head_dim must be one of \(64, 128, 256\) .*head_dim 96"
+      ):
         kernels.cascade_attention(**args, plan=plan, backend="gpu", interpret=True)
       out = kernels.paged_attention(**args, backend="gpu", interpret=True)
       want = attention_float64(q, pool, pool, table, lengths)
