@@ -65,7 +65,8 @@ def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
 # Head sizes of the Pallas backends (the reference backend takes any head_dim >= 1).
 # GPU: a multiple of 16 up to 256; a size that is not a power of two (80, 96, 112, 192, ...)
 # runs in tiles of the next power of two, its extra columns masked in the kernels
-# (kernels/gpu/decode.py). Above 256 the tiles no longer fit the registers.
+# (kernels/gpu/decode.py). Above 256: refused, as before (never tested; the default tiles
+# are sized for at most 256).
 GPU_HEAD_DIM_MULTIPLE = 16
 GPU_MAX_HEAD_DIM = 256
 # TPU: a multiple of 128, the lane width. The kernels themselves compile for other sizes
