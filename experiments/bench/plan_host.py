@@ -8,13 +8,16 @@ of 256 decode rows (ShareGPT-like lengths, the draw of ``gpu_ragged``; 256 x 204
   machine's first GPU, 132 off a GPU);
 * ``build_step_batch`` of the decode-only step without a planner (``decode_plan="off"``),
   with the ``"auto"`` planner (which declines a level batch after its ragged test), and with
-  ``"on"`` (a plan every step): the last minus the first is what the plan adds to a step;
-* ``StepBatch.pack`` of the planned step (the one buffer that crosses to the device).
+  ``"on"`` (a plan every step): the last minus the first is what the plan adds to a step
+  (the difference of the medians, and of the minima, which a loaded host disturbs less);
+* ``StepBatch.pack`` of the step without and with the plan (the one buffer that crosses
+  to the device; the plan adds five arrays to it).
 
 Each figure is the median of ``--repeats`` samples of one call
-(:func:`experiments._timing.time_calls`, host work: nothing to sync) with its min-max and
-the 95% interval of the median. Prints a table and appends one JSON line per case to
-``OUT/plan_host.jsonl``. Nothing here needs a GPU.
+(:func:`experiments._timing.time_calls`, host work: nothing to sync; taken in ``ROUNDS``
+interleaved rounds over the figures) with its min-max and the 95% interval of the median.
+Prints a table and appends one JSON line per case to ``OUT/plan_host.jsonl``. Nothing here
+needs a GPU.
 
   python -m experiments.bench.plan_host --out /tmp/plan_host
   python -m experiments.bench.plan_host --cases sharegpt256 --repeats 50 --out /tmp/plan_host
@@ -34,6 +37,7 @@ from experiments.bench import _flags
 
 CASES = ("sharegpt256", "full256x2048", "long1_short255")
 BLOCK_SIZE = 16
+ROUNDS = 10
 
 
 def case_lengths(name: str) -> np.ndarray:
@@ -94,23 +98,24 @@ def run_case(name: str, num_kv_heads: int, repeats: int, warmup: int) -> dict:
     "auto": DecodePlanner("auto", BLOCK_SIZE, num_kv_heads),
     "on": DecodePlanner("on", BLOCK_SIZE, num_kv_heads),
   }
-  timings: dict[str, Timing] = {
-    "plan": time_calls(
-      lambda: plan_decode(table.lengths, BLOCK_SIZE, num_kv_heads),
-      repeats=repeats,
-      warmup=warmup,
-      sync=_host,
-    )
-  }
-  for mode, planner in planners.items():
-    timings[f"build_{mode}"] = time_calls(
-      lambda p=planner: build_step_batch(plan, table, sampling, **kw, decode_planner=p),
-      repeats=repeats,
-      warmup=warmup,
-      sync=_host,
-    )
   batch = build_step_batch(plan, table, sampling, **kw, decode_planner=planners["on"])
-  timings["pack_on"] = time_calls(batch.pack, repeats=repeats, warmup=warmup, sync=_host)
+  calls = {"plan": lambda: plan_decode(table.lengths, BLOCK_SIZE, num_kv_heads)}
+  for mode, planner in planners.items():
+    calls[f"build_{mode}"] = functools.partial(
+      build_step_batch, plan, table, sampling, **kw, decode_planner=planner
+    )
+  calls["pack_off"] = build_step_batch(plan, table, sampling, **kw).pack
+  calls["pack_on"] = batch.pack
+  # In ROUNDS interleaved rounds, so that a change of load on a shared host (this one has
+  # other users) shifts every figure alike and "on - off" stays a difference of the same
+  # conditions; each figure is then the Timing of all its rounds' samples.
+  samples: dict[str, list[float]] = {key: [] for key in calls}
+  per_round = max(repeats // ROUNDS, 1)
+  for _ in range(ROUNDS):
+    for key, call in calls.items():
+      t = time_calls(call, repeats=per_round, warmup=warmup, sync=_host)
+      samples[key].extend(t.samples)
+  timings = {key: Timing.of(s) for key, s in samples.items()}
   auto = build_step_batch(plan, table, sampling, **kw, decode_planner=planners["auto"])
   row = dict(
     case=name,
@@ -148,7 +153,7 @@ def define_flags():
   flags.DEFINE_list("cases", list(CASES), f"comma separated, of {', '.join(CASES)}")
   flags.DEFINE_integer("num-kv-heads", 8, "KV heads of the cache the plan is for")
   flags.DEFINE_integer("repeats", 200, "timed calls per figure", lower_bound=5)
-  flags.DEFINE_integer("warmup", 20, "untimed calls first", lower_bound=0)
+  flags.DEFINE_integer("warmup", 5, "untimed calls before each round", lower_bound=0)
   flags.DEFINE_string("out", None, "directory for plan_host.jsonl", required=True)
 
 
@@ -166,9 +171,9 @@ def main(args):
   )
   print(
     "| case | mean / max len | chunks (padded) | plan_decode us | step build off us "
-    "| auto us (plans?) | on us | on - off us | pack (on) us |"
+    "| auto us (plans?) | on us | on - off us: medians (minima) | pack off us | pack on us |"
   )
-  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   path = os.path.join(args.out, "plan_host.jsonl")
   for name in args.cases:
     row = run_case(name, args.num_kv_heads, args.repeats, args.warmup)
@@ -178,7 +183,9 @@ def main(args):
       f"| {name} | {row['mean_len']:.0f} / {row['max_len']} | {row['num_chunks']} "
       f"({row['padded_chunks']}) | {cell('plan')} | {cell('build_off')} "
       f"| {cell('build_auto')} ({'yes' if row['auto_plans'] else 'no'}) | {cell('build_on')} "
-      f"| {row['build_on_us'] - row['build_off_us']:.1f} | {cell('pack_on')} |",
+      f"| {row['build_on_us'] - row['build_off_us']:.1f} "
+      f"({row['build_on_us_min'] - row['build_off_us_min']:.1f}) "
+      f"| {cell('pack_off')} | {cell('pack_on')} |",
       flush=True,
     )
 

@@ -153,7 +153,7 @@ def test_plan_host_times_the_plan_and_the_step_build_per_case(tmp_path):
   assert [r["case"] for r in rows] == ["full256x2048", "long1_short255"]
   for r in rows:
     assert r["batch"] == 256 and r["repeats"] == 5
-    for key in ("plan", "build_off", "build_auto", "build_on", "pack_on"):
+    for key in ("plan", "build_off", "build_auto", "build_on", "pack_off", "pack_on"):
       assert 0 < r[f"{key}_us_min"] <= r[f"{key}_us"] <= r[f"{key}_us_max"], key
   # A level batch: "auto" declines it, "on" plans it anyway; one long row among short ones
   # is ragged (max 32,768 over mean 256) and is cut into many chunks.
