@@ -66,12 +66,12 @@ class StepBatch:
   # pairs, for beam search (paxcache/engine/_beam.py); 0 compiles the step without them.
   num_candidates: int = flax.struct.field(pytree_node=False, default=0)
   # The planned GPU decode's work plan (kernels.gpu.plan.DecodePlan's arrays; decode-only
-  # steps that EngineConfig.decode_plan plans, else zero-size: C = 0 compiles the step with
+  # steps that EngineConfig.decode_plan plans, else zero-size: K = 0 compiles the step with
   # the default decode); decode_plan_meta is its static part (block_size, num_kv_heads,
   # kv_tile, sliding_window), () without a plan.
-  decode_plan_chunk_seq: jax.Array = _no_plan()  # i32[C]    block-table row of each chunk
-  decode_plan_chunk_start: jax.Array = _no_plan()  # i32[C]  its keys: [start, end)
-  decode_plan_chunk_end: jax.Array = _no_plan()  # i32[C]
+  decode_plan_chunk_seq: jax.Array = _no_plan()  # i32[K]    block-table row of each chunk
+  decode_plan_chunk_start: jax.Array = _no_plan()  # i32[K]  its keys: [start, end)
+  decode_plan_chunk_end: jax.Array = _no_plan()  # i32[K]
   decode_plan_seq_first: jax.Array = _no_plan()  # i32[batch or 0]  each row's first chunk
   decode_plan_seq_chunks: jax.Array = _no_plan()  # i32[batch or 0] its number of chunks
   decode_plan_meta: tuple = flax.struct.field(pytree_node=False, default=())
