@@ -134,7 +134,8 @@ def test_auto_plans_ragged_decode_steps_only(models):
     Request(0, rng.integers(1, 256, 36).tolist(), max_new_tokens=4),
     Request(1, rng.integers(1, 256, 3).tolist(), max_new_tokens=4),
   ]
-  engine = Engine(gpu, _config(num_blocks=16))
+  # With overlap scheduling: the plan needs only lengths, known before the tokens are.
+  engine = Engine(gpu, _config(num_blocks=16, async_scheduling=True))
   assert engine.config.decode_plan == "auto" and engine.decode_planner.mode == "auto"
   outs = engine.run(ragged)
   want = greedy_generate_no_cache(ref, [r.prompt for r in ragged], 4)
