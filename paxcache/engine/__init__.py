@@ -15,6 +15,7 @@ from paxcache.engine._cost import (
   load_step_records,
   step_record,
 )
+from paxcache.engine._decode_plan import DECODE_PLAN_MODES, DecodePlanner
 from paxcache.engine._engine import (
   PREEMPTION_MODES,
   Engine,
@@ -30,6 +31,7 @@ from paxcache.engine._scheduler import Scheduler
 
 __all__ = [
   "CPU_DEFAULT",
+  "DECODE_PLAN_MODES",
   "OPT13B_A100_ROOFLINE",
   "PREEMPTION_MODES",
   "RESERVATION_POLICIES",
@@ -43,6 +45,7 @@ __all__ = [
   "load_step_records",
   "reservation_blocks",
   "step_record",
+  "DecodePlanner",
   "Engine",
   "EngineConfig",
   "Request",

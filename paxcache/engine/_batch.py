@@ -23,6 +23,11 @@ from paxcache.allocator import PENDING_TOKEN
 from paxcache.block_table import BlockTable, bucket_size
 
 
+def _no_plan():
+  """A zero-size plan field (a step without a decode plan)."""
+  return flax.struct.field(default_factory=lambda: np.zeros(0, np.int32))
+
+
 @flax.struct.dataclass
 class StepBatch:
   """The padded inputs of one device step (``rows``: sampled rows, bucketed).
@@ -60,6 +65,16 @@ class StepBatch:
   # > 0: the step also returns each sample row's num_candidates best (log-prob, token)
   # pairs, for beam search (paxcache/engine/_beam.py); 0 compiles the step without them.
   num_candidates: int = flax.struct.field(pytree_node=False, default=0)
+  # The planned GPU decode's work plan (kernels.gpu.plan.DecodePlan's arrays; decode-only
+  # steps that EngineConfig.decode_plan plans, else zero-size: K = 0 compiles the step with
+  # the default decode); decode_plan_meta is its static part (block_size, num_kv_heads,
+  # kv_tile, sliding_window), () without a plan.
+  decode_plan_chunk_seq: jax.Array = _no_plan()  # i32[K]    block-table row of each chunk
+  decode_plan_chunk_start: jax.Array = _no_plan()  # i32[K]  its keys: [start, end)
+  decode_plan_chunk_end: jax.Array = _no_plan()  # i32[K]
+  decode_plan_seq_first: jax.Array = _no_plan()  # i32[batch or 0]  each row's first chunk
+  decode_plan_seq_chunks: jax.Array = _no_plan()  # i32[batch or 0] its number of chunks
+  decode_plan_meta: tuple = flax.struct.field(pytree_node=False, default=())
 
   def pack(self) -> tuple[np.ndarray, tuple]:
     """``(buffer, layout)``: every array field in one host ``i32`` buffer (``f32`` fields
@@ -81,6 +96,7 @@ class StepBatch:
       self.decode_only,
       self.any_sampled,
       self.num_candidates,
+      self.decode_plan_meta,
     )
     return buffer, layout
 
@@ -88,7 +104,7 @@ class StepBatch:
   def unpack(cls, buffer: jax.Array, layout: tuple) -> StepBatch:
     """The :class:`StepBatch` that :meth:`pack` made ``buffer`` and ``layout`` of (traceable:
     slices of the one buffer)."""
-    *fields, decode_only, any_sampled, num_candidates = layout
+    *fields, decode_only, any_sampled, num_candidates, decode_plan_meta = layout
     values, offset = {}, 0
     for name, (shape, dtype) in zip(_ARRAY_FIELDS, fields, strict=True):
       size = math.prod(shape)
@@ -98,7 +114,11 @@ class StepBatch:
       values[name] = piece
       offset += -(-size // _ALIGN) * _ALIGN
     return cls(
-      **values, decode_only=decode_only, any_sampled=any_sampled, num_candidates=num_candidates
+      **values,
+      decode_only=decode_only,
+      any_sampled=any_sampled,
+      num_candidates=num_candidates,
+      decode_plan_meta=decode_plan_meta,
     )
 
   @property
@@ -115,6 +135,7 @@ class StepBatch:
       self.num_candidates,
       self.cascade_group_table.shape,
       self.cascade_group_rows.shape[1],
+      self.decode_plan_chunk_seq.shape[0],
     )
 
   def cascade_plan(self) -> kernels.CascadePlan | None:
@@ -140,6 +161,30 @@ class StepBatch:
     saved = int((np.maximum(members - 1, 0) * lens).sum())
     return int((members > 0).sum()), int(members.sum()), saved
 
+  def decode_plan(self):
+    """The step's ``kernels.gpu.plan.DecodePlan``, or None (static: zero chunks) when the
+    step runs the default decode. Traceable."""
+    if not self.decode_plan_chunk_seq.shape[0]:
+      return None
+    from kernels.gpu.plan import DecodePlan  # only a planned (GPU) step loads the package
+
+    block_size, num_kv_heads, kv_tile, sliding_window = self.decode_plan_meta
+    return DecodePlan(
+      chunk_seq=self.decode_plan_chunk_seq,
+      chunk_start=self.decode_plan_chunk_start,
+      chunk_end=self.decode_plan_chunk_end,
+      seq_first_chunk=self.decode_plan_seq_first,
+      seq_num_chunks=self.decode_plan_seq_chunks,
+      block_size=block_size,
+      num_kv_heads=num_kv_heads,
+      kv_tile=kv_tile,
+      sliding_window=sliding_window,
+    )
+
+  def decode_plan_chunks(self) -> int:
+    """Host: the real (unpadded) chunks of the step's decode plan; 0 without one."""
+    return int(np.asarray(self.decode_plan_seq_chunks).sum())
+
 
 _ALIGN = 64  # i32 elements: 256 bytes
 _ARRAY_FIELDS = tuple(
@@ -158,6 +203,7 @@ def build_step_batch(
   num_candidates: int = 0,
   cascade_min_shared_blocks: int = 0,
   block_size: int | None = None,
+  decode_planner=None,
 ) -> StepBatch:
   """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
 
@@ -173,6 +219,9 @@ def build_step_batch(
       (``kernels.plan_cascade``) for groups of rows sharing at least this many leading
       blocks; 0, or no such group: the step carries a zero-size plan (plain attention).
     block_size: the pool's block size (needed when ``cascade_min_shared_blocks > 0``).
+    decode_planner: a :class:`~paxcache.engine._decode_plan.DecodePlanner` or None. In a
+      decode-only step without a cascade plan (the cascade path wins; the two are never
+      combined), ``decode_planner(lengths, rows)`` gives the step's decode plan or None.
   """
   rows = plan.rows
   b = len(rows)
@@ -250,6 +299,19 @@ def build_step_batch(
       np.zeros((0, 0), np.int32),
       np.zeros(0, np.int32),
     )
+  plan_fields = {}
+  if decode_only and decode_planner is not None and not cascade.group_rows.shape[0]:
+    decode_plan = decode_planner(lengths, b)
+    if decode_plan is not None:
+      p = decode_plan
+      plan_fields = dict(
+        decode_plan_chunk_seq=p.chunk_seq,
+        decode_plan_chunk_start=p.chunk_start,
+        decode_plan_chunk_end=p.chunk_end,
+        decode_plan_seq_first=p.seq_first_chunk,
+        decode_plan_seq_chunks=p.seq_num_chunks,
+        decode_plan_meta=(p.block_size, p.num_kv_heads, p.kv_tile, p.sliding_window),
+      )
   return StepBatch(
     tokens=tokens,
     prev_index=prev_index,
@@ -273,4 +335,5 @@ def build_step_batch(
     decode_only=decode_only,
     any_sampled=bool((temperature > 0).any()),
     num_candidates=num_candidates,
+    **plan_fields,
   )

@@ -29,6 +29,7 @@ from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine import _beam
 from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._clock import SimulatedClock, WallClock
+from paxcache.engine._decode_plan import DECODE_PLAN_MODES, decode_planner
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
 from paxcache.engine._reservation import RESERVATION_POLICIES
@@ -100,6 +101,16 @@ class EngineConfig:
       prefix once for the whole group instead of once per row. 0 turns it off. Decode-only
       steps only: a step with a prefill chunk, and an engine with a ``mesh``, run plain
       paged attention. Outputs are the plain path's up to float rounding.
+    decode_plan: the planned GPU decode (``kernels.gpu.plan_decode``: the step's keys cut
+      into chunks of about equal tokens on the host, from the real lengths, outside jit,
+      passed to every layer's ``kernels.paged_attention``). ``"auto"`` (default) plans a
+      decode-only step when the model's attention runs on the GPU backend and the step is
+      ragged (longest row > 1.5x the mean, ``_decode_plan.RAGGED_MAX_OVER_MEAN``);
+      ``"on"`` plans every decode-only step (ValueError at construction where the plan
+      cannot run: another backend, or a ``mesh``); ``"off"`` never. A step with a cascade
+      plan runs cascade attention instead; a mixed prefill/decode step, and every step of
+      an engine with a ``mesh``, run the default kernels. Outputs are the same up to float
+      rounding (docs/engine.md, "Planned decode").
   """
 
   num_blocks: int = 256
@@ -122,6 +133,7 @@ class EngineConfig:
   async_scheduling: bool = False
   reservation: str = "paged"
   cascade_min_shared_blocks: int = 8
+  decode_plan: str = "auto"
 
   def __post_init__(self):
     if self.mesh is not None:
@@ -159,6 +171,10 @@ class EngineConfig:
     if self.preemption_mode not in PREEMPTION_MODES:
       raise ValueError(
         f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
+      )
+    if not isinstance(self.decode_plan, str) or self.decode_plan not in DECODE_PLAN_MODES:
+      raise ValueError(
+        f"EngineConfig.decode_plan must be one of {DECODE_PLAN_MODES}, got {self.decode_plan!r}"
       )
     if self.reservation not in RESERVATION_POLICIES:
       raise ValueError(
@@ -223,6 +239,7 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
     cu_q_lens=None if batch.decode_only else batch.cu_q_lens,
     logit_rows=batch.logit_rows,
     cascade=batch.cascade_plan(),
+    decode_plan=batch.decode_plan(),
   )
   pad = prev_tokens.shape[0] - logits.shape[0]
   if batch.num_candidates:  # static: only a step with beam rows computes candidates
@@ -334,6 +351,9 @@ class Engine:
   ):
     self.model = model
     self._init_host(config, model.config.max_seq_len, model.config.vocab_size, clock)
+    # The host planner of decode steps (EngineConfig.decode_plan), or None: no step is
+    # planned. A DecodePlanner; tests replace it to cut smaller plans.
+    self.decode_planner = decode_planner(model, config)
     if config.mesh is not None:
       # Before nnx.split: the step is compiled for the sharded layers and parameters.
       sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
@@ -389,6 +409,8 @@ class Engine:
     self._arrivals = itertools.count()
     self._shapes: set[tuple] = set()
     self._cascade = (0, 0, 0)  # the current step's cascade (groups, rows, saved tokens)
+    self._plan_chunks = 0  # the current step's decode-plan chunks (0: no plan)
+    self.decode_planner = None  # Engine sets it from the model
     self.step_metrics: collections.deque[StepMetrics] = collections.deque(
       maxlen=config.metrics_history
     )
@@ -604,6 +626,7 @@ class Engine:
     self._admit_arrivals()
     t0 = time.perf_counter()
     self._cascade = (0, 0, 0)  # (groups, rows, saved tokens): set by _execute's batch
+    self._plan_chunks = 0  # set by _execute's batch
     plan = self.scheduler.schedule()
     self._swap(plan)
     num_tokens = prefill = sampled = decodes = kv_tokens = 0
@@ -696,6 +719,7 @@ class Engine:
     batch = self._build_batch(plan)
     self._shapes.add(batch.shape_key)
     self._cascade = batch.cascade_counts()
+    self._plan_chunks = batch.decode_plan_chunks()
     # One fixed key: each row folds in its own (seed, sample, position).
     tokens, self.cache = self._step_fn(
       self._params, self.cache, batch, self._key, self._prev_tokens
@@ -728,6 +752,7 @@ class Engine:
       num_candidates=self.beams.num_candidates(plan),
       cascade_min_shared_blocks=0 if cfg.mesh is not None else cfg.cascade_min_shared_blocks,
       block_size=cfg.block_size,
+      decode_planner=self.decode_planner,
     )
 
   def _commit(self, plan: Plan, tokens) -> _InFlight:
@@ -868,6 +893,7 @@ class Engine:
       cascade_groups=self._cascade[0],
       cascade_rows=self._cascade[1],
       cascade_saved_tokens=self._cascade[2],
+      decode_plan_chunks=self._plan_chunks,
     )
     self.step_metrics.append(sm)
     m.steps += 1
@@ -889,6 +915,9 @@ class Engine:
       m.cascade_steps += 1
       m.cascade_groups += self._cascade[0]
       m.cascade_saved_tokens += self._cascade[2]
+    if self._plan_chunks:
+      m.planned_steps += 1
+      m.decode_plan_chunks += self._plan_chunks
 
 
 class SimulatedEngine(Engine):

@@ -36,6 +36,9 @@ class StepMetrics:
   cascade_groups: int = 0
   cascade_rows: int = 0
   cascade_saved_tokens: int = 0
+  # The planned GPU decode (EngineConfig.decode_plan): real chunks of the step's plan
+  # (sequence x key-range pieces, before padding to a bucket); 0 on a step without one.
+  decode_plan_chunks: int = 0
 
 
 @dataclasses.dataclass
@@ -64,6 +67,8 @@ class RunMetrics:
   cascade_steps: int = 0  # steps that ran cascade attention (a plan with >= 1 group)
   cascade_groups: int = 0  # groups over those steps
   cascade_saved_tokens: int = 0  # K/V token reads saved per layer and KV head, summed
+  planned_steps: int = 0  # steps that ran the planned GPU decode (EngineConfig.decode_plan)
+  decode_plan_chunks: int = 0  # real plan chunks over those steps
 
   @property
   def preemptions(self) -> int:

@@ -179,6 +179,7 @@ class PagedAttention(nnx.Module):
     cu_q_lens: jax.Array | None = None,
     layer=None,
     cascade: kernels.CascadePlan | None = None,
+    decode_plan=None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -203,6 +204,11 @@ class PagedAttention(nnx.Module):
         layer then runs :func:`kernels.cascade_attention` (each group's shared prefix read
         once for the group) instead of :func:`kernels.paged_attention`: the same result
         up to float rounding. Not with ``mesh`` or ``sliding_window`` (ValueError).
+      decode_plan: decode only: a ``kernels.gpu.plan.DecodePlan`` of this step's lengths
+        (``kernels.gpu.plan_decode``, built on the host), passed to
+        :func:`kernels.paged_attention`: the GPU backend runs its planned decode by it
+        (the same result: a plan is a schedule), the reference ignores it, the TPU backend
+        refuses it. Not with ``cascade`` or ``mesh`` (ValueError).
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -231,6 +237,14 @@ class PagedAttention(nnx.Module):
         raise ValueError("cascade is for decode steps only: pass cu_q_lens=None with a plan")
       if self.mesh is not None:
         raise ValueError("cascade attention does not run under a mesh yet: pass cascade=None")
+    if decode_plan is not None:
+      if cu_q_lens is not None:
+        raise ValueError("decode_plan is for decode steps only: pass cu_q_lens=None with a plan")
+      if cascade is not None:
+        raise ValueError("pass a cascade plan or a decode_plan, not both (cascade runs its own)")
+      if self.mesh is not None:
+        raise ValueError("the planned decode does not run under a mesh: pass decode_plan=None")
+      kernel_kwargs["decode_plan"] = decode_plan
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):

@@ -168,6 +168,7 @@ class Decoder(nnx.Module):
     cu_q_lens: jax.Array | None = None,
     logit_rows: jax.Array | None = None,
     cascade=None,
+    decode_plan=None,
   ):
     """Runs new tokens through the model over the paged cache.
 
@@ -182,6 +183,9 @@ class Decoder(nnx.Module):
       cascade: decode only: a :class:`kernels.CascadePlan` for this step's block table and
         lengths; every layer then runs :func:`kernels.cascade_attention` (see
         :class:`paxcache.nn.PagedAttention`). None: plain paged attention.
+      decode_plan: decode only: a ``kernels.gpu.plan.DecodePlan`` of this step's lengths,
+        passed to every layer's :func:`kernels.paged_attention` (the GPU backend's planned
+        decode; see :class:`paxcache.nn.PagedAttention`). None: the default decode.
 
     Returns:
       ``(logits f32[rows or num_tokens, vocab_size], cache)`` with the new K/V written.
@@ -191,6 +195,8 @@ class Decoder(nnx.Module):
     )
     if cascade is not None:
       paged["cascade"] = cascade
+    if decode_plan is not None:
+      paged["decode_plan"] = decode_plan
     x = self.embed(tokens)
     for i, layer in enumerate(self.layers):
       x, cache = layer(x, positions, cache, layer=i, **paged)

@@ -64,6 +64,7 @@ def test_bench_package_lists_the_scripts():
     "gpu_decode",
     "gpu_ragged",
     "host_step",
+    "plan_host",
     "prefix_time",
     "probe_step",
     "profile_step",
@@ -137,6 +138,29 @@ def test_host_step_runs_without_ml_collections():
   cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
   assert all(len(c) == 9 for c in cells), rows
   assert all(c[-1] in ("faster", "slower", "indistinguishable") for c in cells), rows
+
+
+def test_plan_host_times_the_plan_and_the_step_build_per_case(tmp_path):
+  code = (
+    "import runpy\n"
+    "sys.argv = ['plan_host', '--cases', 'full256x2048,long1_short255', '--repeats', '5',\n"
+    f"            '--warmup', '0', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.plan_host', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "plan_host.jsonl").read_text().splitlines()]
+  assert [r["case"] for r in rows] == ["full256x2048", "long1_short255"]
+  for r in rows:
+    assert r["batch"] == 256 and r["repeats"] == 5
+    for key in ("plan", "build_off", "build_auto", "build_on", "pack_off", "pack_on"):
+      assert 0 < r[f"{key}_us_min"] <= r[f"{key}_us"] <= r[f"{key}_us_max"], key
+  # A level batch: "auto" declines it, "on" plans it anyway; one long row among short ones
+  # is ragged (max 32,768 over mean 256) and is cut into many chunks.
+  assert rows[0]["auto_plans"] is False and rows[1]["auto_plans"] is True
+  assert rows[1]["num_chunks"] > 256 and rows[1]["padded_chunks"] >= rows[1]["num_chunks"]
+  table = [line for line in proc.stdout.splitlines() if line.startswith("| full256x2048 |")]
+  assert len(table) == 1, proc.stdout
 
 
 def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):

@@ -110,8 +110,9 @@ def test_build_step_batch_matches_a_row_by_row_reference():
   )
   assert not batch.decode_only and batch.any_sampled
   # 1 + 1 + 8 + 3 = 13 tokens -> 16; 5 samples -> 8 rows (the table's 8 rows); 1 copy -> 4.
-  # The last two: no cascade plan (a mixed step): group table (0, 0), 0 members.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, (0, 0), 0)
+  # The last three: no cascade plan (a mixed step): group table (0, 0), 0 members; no
+  # decode plan: 0 chunks.
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, (0, 0), 0, 0)
   want = _reference(plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))

@@ -22,7 +22,9 @@ from paxcache.nn import Decoder, DecoderConfig
 SMALL_POOL, LARGE_POOL = 64, 1024  # blocks; the large pool's layer is 16x the small one's
 
 
-def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int, kv_dtype=None):
+def _compiled_decode_step(
+  backend: str, head_dim: int, num_blocks: int, kv_dtype=None, decode_plan: str = "auto"
+):
   config = DecoderConfig(
     kv_dtype=kv_dtype,
     vocab_size=64,
@@ -41,7 +43,11 @@ def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int, kv_dtype
   engine = Engine(
     model,
     EngineConfig(
-      num_blocks=num_blocks, block_size=8, num_host_blocks=0, preemption_mode="recompute"
+      num_blocks=num_blocks,
+      block_size=8,
+      num_host_blocks=0,
+      preemption_mode="recompute",
+      decode_plan=decode_plan,
     ),
   )
   engine.add_request(Request("a", list(range(11)), max_new_tokens=4))
@@ -52,6 +58,8 @@ def _compiled_decode_step(backend: str, head_dim: int, num_blocks: int, kv_dtype
   batch = engine._build_batch(engine.scheduler.schedule())
   assert batch.decode_only
   assert (batch.cow_src >= 0).any()  # the copies are part of the step inspected
+  # "on" plans this level decode step; "auto" leaves it to the default decode.
+  assert (batch.decode_plan() is not None) == (decode_plan == "on")
   lowered = engine._step_fn.lower(
     engine._params, engine.cache, batch, engine._key, engine._prev_tokens
   )
@@ -75,6 +83,21 @@ def test_compiled_step_never_copies_the_pool(backend, head_dim):
   dtype = {jnp.float32: "f32", jnp.bfloat16: "bf16"}[cache.dtype.type]
   copies = re.findall(rf"= {dtype}\[{layer_shape}\][^ ]* copy\(", large.as_text())
   assert not copies
+
+
+def test_compiled_step_with_a_decode_plan_never_copies_the_pool():
+  """The GPU step with the planned decode (EngineConfig.decode_plan="on"): its float32
+  partials are per chunk, not per pool, and the pools are still updated in place."""
+  small, _ = _compiled_decode_step("gpu", 64, SMALL_POOL, decode_plan="on")
+  large, cache = _compiled_decode_step("gpu", 64, LARGE_POOL, decode_plan="on")
+  layer_bytes = cache.k[0].nbytes
+  mem_small, mem = small.memory_analysis(), large.memory_analysis()
+  assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
+  assert mem.temp_size_in_bytes < layer_bytes / 4
+  assert mem.alias_size_in_bytes >= 2 * cache.num_layers * layer_bytes
+  assert mem.output_size_in_bytes - mem.alias_size_in_bytes < layer_bytes / 4
+  layer_shape = ",".join(map(str, cache.k[0].shape))
+  assert not re.findall(rf"= f32\[{layer_shape}\][^ ]* copy\(", large.as_text())
 
 
 @pytest.mark.parametrize("backend,head_dim", [("reference", 16), ("gpu", 64)])
