@@ -88,35 +88,138 @@ def _pow2_at_least(n: int, lo: int) -> int:
   return 1 << (n - 1).bit_length()
 
 
-def _split_runs(lcp, lo, hi, min_group_size, min_tokens, out):
+def _byte_key(ids: np.ndarray) -> np.ndarray:
+  """``uint32`` keys whose numeric order is the byte (memcmp) order of the int32 ``ids``."""
+  ids = np.ascontiguousarray(ids, np.int32)
+  if np.little_endian:
+    ids = ids.byteswap()
+  return ids.view(np.uint32)
+
+
+def _first_true(neq: np.ndarray, none: int) -> np.ndarray:
+  """Column of each row's first True in ``neq [P, W]``; ``none`` for rows with none."""
+  first = neq.argmax(axis=1)
+  return np.where(neq[np.arange(len(first)), first], first, none)
+
+
+def _pair_common(table: np.ndarray, a: np.ndarray, b: np.ndarray, lo: int) -> np.ndarray:
+  """Common leading blocks of table rows ``a[j]`` and ``b[j]``, which agree on ``[0, lo)``."""
+  width = table.shape[1]
+  if not len(a) or lo >= width:
+    return np.full(len(a), width, np.int64)
+  return lo + _first_true(table[a, lo:] != table[b, lo:], width - lo)
+
+
+def _trie_order(table: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``rows`` sorted by the bytes of their table rows, and each neighbour pair's common
+  leading blocks (``table.shape[1]`` for identical rows).
+
+  The order is the stable byte (memcmp) order of whole rows, so rows with a common leading
+  run of ids are contiguous. It is built most-significant column first, without comparing
+  whole rows in a sort: sort by the first id; then, while a bucket (rows known to agree on
+  a prefix) holds two rows that differ, find the first column where it is not uniform
+  (the minimum of its neighbours' common blocks), sort the bucket by that column and split
+  it there. Each neighbour pair's common length is compared once (from the column up to
+  which the pair is known to agree) or known from the split; rows that sit next to each
+  other in the table are compared in place, without a gather. Each round splits every
+  bucket it sorts, so there are at most ``len(rows) - 1`` rounds (one when the rows share
+  one prefix and then differ).
+  """
+  width = table.shape[1]
+  order = rows[np.argsort(_byte_key(table[rows, 0]), kind="stable")]
+  n = len(order)
+  if n < 2:
+    return order, np.zeros(0, np.int64)
+  a, b = order[:-1], order[1:]
+  if (b == a + 1).all():  # neighbours in the table too: compare the slice in place
+    s, e = int(order[0]), int(order[-1]) + 1
+    common = _first_true(table[s + 1 : e] != table[s : e - 1], width)
+  else:
+    common = np.zeros(n - 1, np.int64)
+    same = table[a, 0] == table[b, 0]
+    common[same] = _pair_common(table, a[same], b[same], 1)
+  brk = common == 0  # bucket boundaries: the pair's order is final
+  while True:
+    inner = ~brk & (common < width)  # pairs in one bucket that still differ somewhere
+    if not inner.any():
+      return order, common
+    if not brk.any():  # one bucket (rows on one prefix): try the one-sort finish first
+      col = int(common.min())
+      key = _byte_key(table[order, col])
+      perm = np.argsort(key, kind="stable")
+      key = key[perm]
+      if (key[1:] != key[:-1]).all():  # all differ there: neighbours share exactly col
+        return order[perm], np.full(n - 1, col, np.int64)
+    bucket = np.concatenate(([0], np.cumsum(brk)))
+    col = np.full(int(bucket[-1]) + 1, width, np.int64)
+    np.minimum.at(col, bucket[1:][inner], common[inner])
+    col = col[bucket]  # per row: its bucket's first non-uniform column (width: none)
+    active = col < width
+    key = np.where(active, _byte_key(table[order, np.where(active, col, 0)]), 0)
+    perm = np.lexsort((key, bucket))  # stable; bucket sizes and places do not change
+    order, key = order[perm], key[perm]
+    kept = perm[1:] == perm[:-1] + 1  # the same neighbours as before
+    new = np.where(kept, common[np.minimum(perm[:-1], n - 2)], 0)
+    new[brk] = common[brk]  # rows of two buckets share exactly what the bucket ends did
+    act = ~brk & active[1:]
+    split = act & (key[1:] != key[:-1])
+    new[split] = col[1:][split]
+    todo = act & ~split & ~kept
+    if todo.any():
+      new[todo] = _pair_common(table, order[:-1][todo], order[1:][todo], int(col[1:][todo].min()))
+    common, brk = new, brk | split
+
+
+def _best_runs(shared: np.ndarray, lo: int, hi: int, min_group_size: int) -> list:
   """Best partition of sorted rows ``[lo, hi]`` (inclusive) into groups, by saved reads.
 
-  ``lcp[i]`` is the usable shared length (tokens) of sorted rows i and i + 1. A run's shared
-  length is the minimum of its adjacent ``lcp``; grouping ``m`` rows that share ``s``
-  tokens saves ``(m - 1) * s`` token reads. The run is either one group or split at its
-  weakest link (a Cartesian-tree recursion). Appends ``(lo, hi, shared)`` to ``out`` and
-  returns the saving.
+  ``shared[i]`` is the usable shared length (tokens) of sorted rows i and i + 1, at least
+  the least a group may share. A run's shared length is the minimum of its ``shared``;
+  grouping ``m`` rows that share ``s`` tokens saves ``(m - 1) * s`` token reads. A run is
+  either one group or split at its weakest link (its first minimum), whichever saves more
+  (a Cartesian-tree dynamic programme, evaluated with a work list: no recursion). A run
+  where one group saves at least ``(m - 2) *`` its longest link is taken whole without
+  looking inside (no split can save more). Returns ``[(lo, hi, shared)]`` of the chosen
+  groups.
   """
-  m = hi - lo + 1
-  if m == 1:
-    return 0
-  seg = lcp[lo:hi]
-  cut = lo + int(np.argmin(seg))
-  shared = int(lcp[cut])
-  whole = (m - 1) * shared if (m >= min_group_size and shared >= min_tokens) else -1
-  if whole >= 0 and whole >= (m - 2) * int(seg.max()):
-    # No split can save more: its two runs save at most (m - 2) * the longest link.
-    out.append((lo, hi, shared))
-    return whole
-  left, right = [], []
-  split = _split_runs(lcp, lo, cut, min_group_size, min_tokens, left)
-  split += _split_runs(lcp, cut + 1, hi, min_group_size, min_tokens, right)
-  if whole >= 0 and whole >= split:
-    out.append((lo, hi, shared))
-    return whole
-  out.extend(left)
-  out.extend(right)
-  return split
+  spans = [(lo, hi)]
+  nodes = []  # per span: (whole saving or -1, shared, left child, right child)
+  k = 0
+  while k < len(spans):
+    lo, hi = spans[k]
+    k += 1
+    m = hi - lo + 1
+    if m == 1:
+      nodes.append((-1, 0, -1, -1))
+      continue
+    seg = shared[lo:hi]
+    cut = int(seg.argmin())
+    s = int(seg[cut])
+    whole = (m - 1) * s if m >= min_group_size else -1
+    if whole >= 0 and whole >= (m - 2) * int(seg.max()):
+      nodes.append((whole, s, -1, -1))
+      continue
+    nodes.append((whole, s, len(spans), len(spans) + 1))
+    spans += [(lo, lo + cut), (lo + cut + 1, hi)]
+  # Children come after their parent: one backward pass picks whole or split everywhere.
+  best = [0] * len(nodes)
+  split_it = [False] * len(nodes)
+  for k in range(len(nodes) - 1, -1, -1):
+    whole, _, left, right = nodes[k]
+    split = best[left] + best[right] if left >= 0 else -1
+    if whole >= 0 and whole >= split:
+      best[k] = whole
+    elif split >= 0:
+      best[k], split_it[k] = split, True
+  out, todo = [], [0]
+  while todo:
+    k = todo.pop()
+    whole, s, left, right = nodes[k]
+    if split_it[k]:
+      todo += [right, left]
+    elif whole >= 0:
+      out.append((spans[k][0], spans[k][1], s))
+  return out
 
 
 def plan_cascade(
@@ -133,11 +236,13 @@ def plan_cascade(
   """Groups decode rows whose block tables start with the same physical blocks (host, NumPy).
 
   Rows are sorted by their block-table rows (byte order of the int32 entries, which keeps
-  rows with a common leading run of ids next to each other); neighbours share
-  ``min(common leading blocks * block_size, length_a - 1, length_b - 1)`` tokens (each
-  member keeps at least its newest token in its own part). Contiguous runs of sorted rows
-  become groups where that maximises the saved reads ``(members - 1) * shared tokens``; a
-  group's shared length is the minimum over its members, and may end mid-block.
+  rows with a common leading run of ids next to each other; :func:`_trie_order`);
+  neighbours share ``min(common leading blocks * block_size, length_a - 1, length_b - 1)``
+  tokens (each member keeps at least its newest token in its own part). Contiguous runs of
+  sorted rows become groups: a run is one group or is split at its weakest link, whichever
+  saves more reads ``(members - 1) * shared tokens`` (:func:`_best_runs`); a group's shared
+  length is the minimum over its members, and may end mid-block. Vectorised NumPy apart
+  from one step per run it looks inside (one when all rows share one prefix); no recursion.
 
   Args:
     block_table: ``i32[B, max_blocks]`` on the host, -1 where unused.
@@ -182,56 +287,69 @@ def plan_cascade(
     )
   min_tokens = (min_shared_blocks - 1) * block_size + 1
   # Only rows that could put min_tokens keys in a shared part take part.
-  cand = lengths - 1 >= min_tokens
-  if int(cand.sum()) < min_group_size:
+  rows = np.flatnonzero(lengths > min_tokens)
+  if len(rows) < min_group_size:
     return None
-  cols = int(-(-(int(lengths[cand].max()) - 1) // block_size))  # blocks any shared part touches
   table = np.ascontiguousarray(block_table)
-  # Sort rows by the bytes of their whole table row (memcmp order): any order in which rows
-  # with a common leading run of ids are contiguous will do, and this one is one argsort of
-  # a view (no copy); taking the candidates in that order keeps it.
-  order = np.argsort(table.view(np.dtype((np.void, 4 * max_blocks))).ravel(), kind="stable")
-  rows = order[cand[order]]
-  srt = table[rows][:, :cols]
+  rows, common = _trie_order(table, rows)
   lens = lengths[rows].astype(np.int64)
-  if len(rows) > 1:
-    eq = srt[1:] == srt[:-1]
-    common = np.where(eq.all(axis=1), cols, eq.argmin(axis=1)).astype(np.int64)
-    lcp = np.minimum(common * block_size, np.minimum(lens[1:], lens[:-1]) - 1)
-  else:
-    lcp = np.zeros(0, np.int64)
+  shared = np.minimum(common * block_size, np.minimum(lens[1:], lens[:-1]) - 1)
   runs: list[tuple[int, int, int]] = []
   # Links too short for any group cut the sorted rows into independent segments.
-  cuts = np.nonzero(lcp < min_tokens)[0].tolist()
-  for lo, hi in zip([0] + [c + 1 for c in cuts], cuts + [len(rows) - 1], strict=True):
-    _split_runs(lcp, lo, hi, min_group_size, min_tokens, runs)
+  cuts = np.flatnonzero(shared < min_tokens)
+  seg_lo = np.concatenate(([0], cuts + 1))
+  seg_hi = np.concatenate((cuts, [len(rows) - 1]))
+  for lo, hi in zip(seg_lo.tolist(), seg_hi.tolist(), strict=True):
+    if hi > lo:
+      runs += _best_runs(shared, lo, hi, min_group_size)
+  lo, hi, sh = np.array(runs, np.int64).reshape(-1, 3).T
   if min_group_size == 1:
     # Rows left alone become groups of one with their whole prefix (len - 1) shared.
-    taken = np.zeros(len(rows), bool)
-    for lo, hi, _ in runs:
-      taken[lo : hi + 1] = True
-    runs += [(i, i, int(lens[i]) - 1) for i in np.nonzero(~taken)[0]]
-  if not runs:
+    edge = np.zeros(len(rows) + 1, np.int64)
+    np.add.at(edge, lo, 1)
+    np.add.at(edge, hi + 1, -1)
+    alone = np.flatnonzero(np.cumsum(edge[:-1]) == 0)
+    lo, hi, sh = (
+      np.concatenate((lo, alone)),
+      np.concatenate((hi, alone)),
+      np.concatenate((sh, lens[alone] - 1)),
+    )
+  if not len(lo):
     return None
-  num_groups = _pow2_at_least(len(runs), group_bucket)
-  members = _pow2_at_least(max(hi - lo + 1 for lo, hi, _ in runs), member_bucket)
-  shared_blocks = max(-(-s // block_size) for _, _, s in runs)
-  width = _pow2_at_least(shared_blocks, block_bucket)
+  size = hi - lo + 1
+  need = -(-sh // block_size)  # shared blocks of each group
+  num_groups = _pow2_at_least(len(lo), group_bucket)
+  members = _pow2_at_least(int(size.max()), member_bucket)
+  width = _pow2_at_least(int(need.max()), block_bucket)
+  used = min(width, max_blocks)
+  ids = table[rows[lo], :used]
+  inside = np.arange(used) < need[:, None]
+  hole = (inside & (ids < 0)).any(axis=1)
+  if hole.any():
+    g = int(np.argmax(hole))
+    raise ValueError(
+      f"block_table row {int(rows[lo[g]])} holds -1 inside its length {int(lens[lo[g]])} "
+      f"(block_size {block_size}): the planner cannot tell what it shares"
+    )
   group_table = np.full((num_groups, width), INVALID_BLOCK, np.int32)
   group_lens = np.zeros((num_groups,), np.int32)
   group_rows = np.full((num_groups, members), -1, np.int32)
   row_starts = np.zeros((batch,), np.int32)
-  for g, (lo, hi, shared) in enumerate(runs):
-    nb = -(-shared // block_size)
-    if (srt[lo, :nb] < 0).any():
-      raise ValueError(
-        f"block_table row {int(rows[lo])} holds -1 inside its length {int(lens[lo])} "
-        f"(block_size {block_size}): the planner cannot tell what it shares"
-      )
-    group_table[g, :nb] = srt[lo, :nb]
-    group_lens[g] = shared
-    group_rows[g, : hi - lo + 1] = rows[lo : hi + 1]
-    row_starts[rows[lo : hi + 1]] = shared
+  if len(lo) <= 4:  # few groups: a loop is fewer NumPy calls than the vectorised fill
+    for g, (a, b, s, nb) in enumerate(
+      zip(lo.tolist(), hi.tolist(), sh.tolist(), need.tolist(), strict=True)
+    ):
+      group_table[g, :nb] = table[rows[a], :nb]
+      group_lens[g] = s
+      group_rows[g, : b - a + 1] = rows[a : b + 1]
+      row_starts[rows[a : b + 1]] = s
+  else:
+    group_table[: len(lo), :used] = np.where(inside, ids, INVALID_BLOCK)
+    group_lens[: len(lo)] = sh
+    pos = lo[:, None] + np.arange(members)
+    member = pos <= hi[:, None]
+    group_rows[: len(lo)] = np.where(member, rows[np.minimum(pos, len(rows) - 1)], -1)
+    row_starts[group_rows[: len(lo)][member]] = np.repeat(sh, size)
   return CascadePlan(group_table, group_lens, group_rows, row_starts)
 
 
