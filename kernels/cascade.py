@@ -83,6 +83,10 @@ class CascadePlan:
 # ------------------------------------------------------------------------------ planning
 
 
+_BOOLS = (bool, np.bool_)
+_INTS = (int, np.integer)
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
   n = max(int(n), int(lo), 1)
   return 1 << (n - 1).bit_length()
@@ -102,15 +106,23 @@ def _first_true(neq: np.ndarray, none: int) -> np.ndarray:
   return np.where(neq[np.arange(len(first)), first], first, none)
 
 
-def _pair_common(table: np.ndarray, a: np.ndarray, b: np.ndarray, lo: int) -> np.ndarray:
-  """Common leading blocks of table rows ``a[j]`` and ``b[j]``, which agree on ``[0, lo)``."""
+def _pair_common(table: np.ndarray, a, b, lo: int, cols: int) -> np.ndarray:
+  """Common leading blocks of table rows ``a[j]`` and ``b[j]``, which agree on ``[0, lo)``:
+  compared over ``[lo, cols)`` first, past ``cols`` only for the pairs equal up to it."""
   width = table.shape[1]
   if not len(a) or lo >= width:
     return np.full(len(a), width, np.int64)
-  return lo + _first_true(table[a, lo:] != table[b, lo:], width - lo)
+  if lo >= cols:
+    return lo + _first_true(table[a, lo:] != table[b, lo:], width - lo)
+  common = lo + _first_true(table[a, lo:cols] != table[b, lo:cols], cols - lo)
+  if cols < width:
+    more = np.flatnonzero(common == cols)
+    if len(more):
+      common[more] = _pair_common(table, a[more], b[more], cols, width)
+  return common
 
 
-def _trie_order(table: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _trie_order(table: np.ndarray, rows: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
   """``rows`` sorted by the bytes of their table rows, and each neighbour pair's common
   leading blocks (``table.shape[1]`` for identical rows).
 
@@ -123,33 +135,44 @@ def _trie_order(table: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
   which the pair is known to agree) or known from the split; rows that sit next to each
   other in the table are compared in place, without a gather. Each round splits every
   bucket it sorts, so there are at most ``len(rows) - 1`` rounds (one when the rows share
-  one prefix and then differ).
+  one prefix and then differ). Compares cover the first ``cols`` columns (those a shared
+  part can touch; the table may be much wider), and go past them only for pairs equal there.
   """
   width = table.shape[1]
-  order = rows[np.argsort(_byte_key(table[rows, 0]), kind="stable")]
-  n = len(order)
+  n = len(rows)
   if n < 2:
-    return order, np.zeros(0, np.int64)
-  a, b = order[:-1], order[1:]
-  if (b == a + 1).all():  # neighbours in the table too: compare the slice in place
-    s, e = int(order[0]), int(order[-1]) + 1
-    common = _first_true(table[s + 1 : e] != table[s : e - 1], width)
+    return rows, np.zeros(0, np.int64)
+  first = table[rows, 0]
+  order = rows  # rows is increasing; a stable sort by the first id
+  if not (first == first[0]).all():
+    order = rows[np.argsort(_byte_key(first), kind="stable")]
+  s, e = int(order[0]), int(order[-1]) + 1
+  if e - s == n and (order is rows or (order[1:] > order[:-1]).all()):
+    # Neighbours in the table too: compare the slice in place (no gather), first over
+    # the columns a shared part can touch, then past them only for rows equal there.
+    common = _first_true(table[s + 1 : e, :cols] != table[s : e - 1, :cols], cols)
+    if cols < width:
+      more = np.flatnonzero(common == cols)
+      common[more] = _pair_common(table, s + more, s + more + 1, cols, width)
   else:
+    a, b = order[:-1], order[1:]
     common = np.zeros(n - 1, np.int64)
     same = table[a, 0] == table[b, 0]
-    common[same] = _pair_common(table, a[same], b[same], 1)
+    common[same] = _pair_common(table, a[same], b[same], 1, cols)
   brk = common == 0  # bucket boundaries: the pair's order is final
   while True:
-    inner = ~brk & (common < width)  # pairs in one bucket that still differ somewhere
-    if not inner.any():
-      return order, common
-    if not brk.any():  # one bucket (rows on one prefix): try the one-sort finish first
+    if not brk.any():  # one bucket (rows on one prefix): try a one-sort finish first
       col = int(common.min())
+      if col == width:  # identical rows
+        return order, common
       key = _byte_key(table[order, col])
       perm = np.argsort(key, kind="stable")
       key = key[perm]
       if (key[1:] != key[:-1]).all():  # all differ there: neighbours share exactly col
         return order[perm], np.full(n - 1, col, np.int64)
+    inner = ~brk & (common < width)  # pairs in one bucket that still differ somewhere
+    if not inner.any():
+      return order, common
     bucket = np.concatenate(([0], np.cumsum(brk)))
     col = np.full(int(bucket[-1]) + 1, width, np.int64)
     np.minimum.at(col, bucket[1:][inner], common[inner])
@@ -166,7 +189,8 @@ def _trie_order(table: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     new[split] = col[1:][split]
     todo = act & ~split & ~kept
     if todo.any():
-      new[todo] = _pair_common(table, order[:-1][todo], order[1:][todo], int(col[1:][todo].min()))
+      lo = int(col[1:][todo].min()) + 1  # the pairs agree up to their column, and on it
+      new[todo] = _pair_common(table, order[:-1][todo], order[1:][todo], lo, cols)
     common, brk = new, brk | split
 
 
@@ -277,10 +301,12 @@ def plan_cascade(
     ("member_bucket", member_bucket, 1),
     ("block_bucket", block_bucket, 1),
   ):
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < lo:
+    if type(value) is not int and (isinstance(value, _BOOLS) or not isinstance(value, _INTS)):
+      raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if value < lo:
       raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
   batch, max_blocks = block_table.shape
-  if ((lengths < 0) | (lengths > max_blocks * block_size)).any():
+  if batch and (lengths.min() < 0 or lengths.max() > max_blocks * block_size):
     raise ValueError(
       f"lengths must be in [0, max_blocks * block_size] = [0, {max_blocks * block_size}], "
       f"got {lengths.tolist()}"
@@ -291,65 +317,65 @@ def plan_cascade(
   if len(rows) < min_group_size:
     return None
   table = np.ascontiguousarray(block_table)
-  rows, common = _trie_order(table, rows)
-  lens = lengths[rows].astype(np.int64)
+  cols = -(-(int(lengths[rows].max()) - 1) // block_size)  # blocks a shared part can touch
+  rows, common = _trie_order(table, rows, min(cols, max_blocks))
+  lens = lengths[rows]
   shared = np.minimum(common * block_size, np.minimum(lens[1:], lens[:-1]) - 1)
-  runs: list[tuple[int, int, int]] = []
+  n = len(rows)
   # Links too short for any group cut the sorted rows into independent segments.
-  cuts = np.flatnonzero(shared < min_tokens)
-  seg_lo = np.concatenate(([0], cuts + 1))
-  seg_hi = np.concatenate((cuts, [len(rows) - 1]))
-  for lo, hi in zip(seg_lo.tolist(), seg_hi.tolist(), strict=True):
+  cuts = np.flatnonzero(shared < min_tokens).tolist()
+  runs: list[tuple[int, int, int]] = []
+  for lo, hi in zip([0] + [c + 1 for c in cuts], cuts + [n - 1], strict=True):
     if hi > lo:
       runs += _best_runs(shared, lo, hi, min_group_size)
-  lo, hi, sh = np.array(runs, np.int64).reshape(-1, 3).T
   if min_group_size == 1:
     # Rows left alone become groups of one with their whole prefix (len - 1) shared.
-    edge = np.zeros(len(rows) + 1, np.int64)
-    np.add.at(edge, lo, 1)
-    np.add.at(edge, hi + 1, -1)
+    edge = np.zeros(n + 1, np.int64)
+    for lo, hi, _ in runs:
+      edge[lo] += 1
+      edge[hi + 1] -= 1
     alone = np.flatnonzero(np.cumsum(edge[:-1]) == 0)
-    lo, hi, sh = (
-      np.concatenate((lo, alone)),
-      np.concatenate((hi, alone)),
-      np.concatenate((sh, lens[alone] - 1)),
-    )
-  if not len(lo):
+    runs += zip(alone.tolist(), alone.tolist(), (lens[alone] - 1).tolist(), strict=True)
+  if not runs:
     return None
-  size = hi - lo + 1
-  need = -(-sh // block_size)  # shared blocks of each group
-  num_groups = _pow2_at_least(len(lo), group_bucket)
-  members = _pow2_at_least(int(size.max()), member_bucket)
-  width = _pow2_at_least(int(need.max()), block_bucket)
-  used = min(width, max_blocks)
-  ids = table[rows[lo], :used]
-  inside = np.arange(used) < need[:, None]
-  hole = (inside & (ids < 0)).any(axis=1)
-  if hole.any():
-    g = int(np.argmax(hole))
-    raise ValueError(
-      f"block_table row {int(rows[lo[g]])} holds -1 inside its length {int(lens[lo[g]])} "
+
+  def hole(lo):
+    return ValueError(
+      f"block_table row {int(rows[lo])} holds -1 inside its length {int(lens[lo])} "
       f"(block_size {block_size}): the planner cannot tell what it shares"
     )
+
+  num_groups = _pow2_at_least(len(runs), group_bucket)
+  members = _pow2_at_least(max(hi - lo + 1 for lo, hi, _ in runs), member_bucket)
+  width = _pow2_at_least(max(-(-s // block_size) for _, _, s in runs), block_bucket)
   group_table = np.full((num_groups, width), INVALID_BLOCK, np.int32)
   group_lens = np.zeros((num_groups,), np.int32)
   group_rows = np.full((num_groups, members), -1, np.int32)
   row_starts = np.zeros((batch,), np.int32)
-  if len(lo) <= 4:  # few groups: a loop is fewer NumPy calls than the vectorised fill
-    for g, (a, b, s, nb) in enumerate(
-      zip(lo.tolist(), hi.tolist(), sh.tolist(), need.tolist(), strict=True)
-    ):
-      group_table[g, :nb] = table[rows[a], :nb]
+  if len(runs) <= 4:  # few groups: a loop is fewer NumPy calls than the vectorised fill
+    for g, (lo, hi, s) in enumerate(runs):
+      ids = table[rows[lo], : -(-s // block_size)]
+      if (ids < 0).any():
+        raise hole(lo)
+      group_table[g, : len(ids)] = ids
       group_lens[g] = s
-      group_rows[g, : b - a + 1] = rows[a : b + 1]
-      row_starts[rows[a : b + 1]] = s
-  else:
-    group_table[: len(lo), :used] = np.where(inside, ids, INVALID_BLOCK)
-    group_lens[: len(lo)] = sh
-    pos = lo[:, None] + np.arange(members)
-    member = pos <= hi[:, None]
-    group_rows[: len(lo)] = np.where(member, rows[np.minimum(pos, len(rows) - 1)], -1)
-    row_starts[group_rows[: len(lo)][member]] = np.repeat(sh, size)
+      group_rows[g, : hi - lo + 1] = rows[lo : hi + 1]
+      row_starts[rows[lo : hi + 1]] = s
+    return CascadePlan(group_table, group_lens, group_rows, row_starts)
+  lo, hi, sh = np.array(runs, np.int64).T
+  used = min(width, max_blocks)
+  ids = table[rows[lo], :used]
+  inside = np.arange(used) < -(-sh[:, None] // block_size)
+  bad = (inside & (ids < 0)).any(axis=1)
+  if bad.any():
+    g = int(np.argmax(bad))
+    raise hole(int(lo[g]))
+  group_table[: len(lo), :used] = np.where(inside, ids, INVALID_BLOCK)
+  group_lens[: len(lo)] = sh
+  pos = lo[:, None] + np.arange(members)
+  member = pos <= hi[:, None]
+  group_rows[: len(lo)] = np.where(member, rows[np.minimum(pos, n - 1)], -1)
+  row_starts[group_rows[: len(lo)][member]] = np.repeat(sh, hi - lo + 1)
   return CascadePlan(group_table, group_lens, group_rows, row_starts)
 
 
