@@ -103,7 +103,10 @@ def _byte_key(ids: np.ndarray) -> np.ndarray:
 def _first_true(neq: np.ndarray, none: int) -> np.ndarray:
   """Column of each row's first True in ``neq [P, W]``; ``none`` for rows with none."""
   first = neq.argmax(axis=1)
-  return np.where(neq[np.arange(len(first)), first], first, none)
+  zero = np.flatnonzero(first == 0)  # a True in column 0, or none at all
+  if len(zero):
+    first[zero[~neq[zero, 0]]] = none
+  return first
 
 
 def _pair_common(table: np.ndarray, a, b, lo: int, cols: int) -> np.ndarray:
@@ -142,7 +145,7 @@ def _trie_order(table: np.ndarray, rows: np.ndarray, cols: int) -> tuple[np.ndar
   n = len(rows)
   if n < 2:
     return rows, np.zeros(0, np.int64)
-  first = table[rows, 0]
+  first = table[rows, 0] if n < len(table) else table[:, 0]
   order = rows  # rows is increasing; a stable sort by the first id
   if not (first == first[0]).all():
     order = rows[np.argsort(_byte_key(first), kind="stable")]
@@ -306,7 +309,8 @@ def plan_cascade(
     if value < lo:
       raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
   batch, max_blocks = block_table.shape
-  if batch and (lengths.min() < 0 or lengths.max() > max_blocks * block_size):
+  longest = int(lengths.max()) if batch else 0
+  if longest > max_blocks * block_size or (batch and lengths.min() < 0):
     raise ValueError(
       f"lengths must be in [0, max_blocks * block_size] = [0, {max_blocks * block_size}], "
       f"got {lengths.tolist()}"
@@ -317,8 +321,8 @@ def plan_cascade(
   if len(rows) < min_group_size:
     return None
   table = np.ascontiguousarray(block_table)
-  cols = -(-(int(lengths[rows].max()) - 1) // block_size)  # blocks a shared part can touch
-  rows, common = _trie_order(table, rows, min(cols, max_blocks))
+  cols = -(-(longest - 1) // block_size)  # blocks a shared part can touch (longest: a row)
+  rows, common = _trie_order(table, rows, cols)
   lens = lengths[rows]
   shared = np.minimum(common * block_size, np.minimum(lens[1:], lens[:-1]) - 1)
   n = len(rows)
