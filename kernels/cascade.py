@@ -200,14 +200,15 @@ def _trie_order(table: np.ndarray, rows: np.ndarray, cols: int) -> tuple[np.ndar
 def _best_runs(shared: np.ndarray, lo: int, hi: int, min_group_size: int) -> list:
   """Best partition of sorted rows ``[lo, hi]`` (inclusive) into groups, by saved reads.
 
-  ``shared[i]`` is the usable shared length (tokens) of sorted rows i and i + 1, at least
-  the least a group may share. A run's shared length is the minimum of its ``shared``;
-  grouping ``m`` rows that share ``s`` tokens saves ``(m - 1) * s`` token reads. A run is
-  either one group or split at its weakest link (its first minimum), whichever saves more
-  (a Cartesian-tree dynamic programme, evaluated with a work list: no recursion). A run
-  where one group saves at least ``(m - 2) *`` its longest link is taken whole without
-  looking inside (no split can save more). Returns ``[(lo, hi, shared)]`` of the chosen
-  groups.
+  ``shared[i]`` is the usable shared length (tokens) of sorted rows i and i + 1, none of
+  them below the least a group may share (the caller cut the rows at shorter links). A
+  run's shared length is the minimum of its ``shared``; grouping ``m`` rows that share
+  ``s`` tokens saves ``(m - 1) * s`` token reads. A run is either one group or split at
+  its weakest link (its first minimum), whichever saves more (ties: one group), the two
+  halves chosen the same way (a Cartesian-tree dynamic programme, evaluated with a work
+  list: no recursion). A run where one group saves at least ``(m - 2) *`` its longest
+  link is taken whole without looking inside (no split can save more). Returns
+  ``[(lo, hi, shared)]`` of the chosen groups, in row order.
   """
   spans = [(lo, hi)]
   nodes = []  # per span: (whole saving or -1, shared, left child, right child)
@@ -268,8 +269,11 @@ def plan_cascade(
   tokens (each member keeps at least its newest token in its own part). Contiguous runs of
   sorted rows become groups: a run is one group or is split at its weakest link, whichever
   saves more reads ``(members - 1) * shared tokens`` (:func:`_best_runs`); a group's shared
-  length is the minimum over its members, and may end mid-block. Vectorised NumPy apart
-  from one step per run it looks inside (one when all rows share one prefix); no recursion.
+  length is the minimum over its members, and may end mid-block. NumPy throughout, apart
+  from a Python step per run the grouping looks inside (one when all rows share one
+  prefix) and a fill loop for at most four groups; no recursion, so any batch size works.
+  About 0.1 ms for 256 rows on one 2,048-block prefix (``experiments/bench/cascade.py
+  --plan-only``; docs/benchmarks.md), most of it one compare of neighbouring rows.
 
   Args:
     block_table: ``i32[B, max_blocks]`` on the host, -1 where unused.
