@@ -313,15 +313,18 @@ def plan_cascade(
     if value < lo:
       raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
   batch, max_blocks = block_table.shape
-  longest = int(lengths.max()) if batch else 0
-  if longest > max_blocks * block_size or (batch and lengths.min() < 0):
+  longest, shortest = (int(lengths.max()), int(lengths.min())) if batch else (0, 0)
+  if longest > max_blocks * block_size or shortest < 0:
     raise ValueError(
       f"lengths must be in [0, max_blocks * block_size] = [0, {max_blocks * block_size}], "
       f"got {lengths.tolist()}"
     )
   min_tokens = (min_shared_blocks - 1) * block_size + 1
   # Only rows that could put min_tokens keys in a shared part take part.
-  rows = np.flatnonzero(lengths > min_tokens)
+  if shortest > min_tokens:
+    rows = np.arange(batch)
+  else:
+    rows = np.flatnonzero(lengths > min_tokens)
   if len(rows) < min_group_size:
     return None
   table = np.ascontiguousarray(block_table)
