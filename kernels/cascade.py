@@ -83,40 +83,171 @@ class CascadePlan:
 # ------------------------------------------------------------------------------ planning
 
 
+_BOOLS = (bool, np.bool_)
+_INTS = (int, np.integer)
+
+
 def _pow2_at_least(n: int, lo: int) -> int:
   n = max(int(n), int(lo), 1)
   return 1 << (n - 1).bit_length()
 
 
-def _split_runs(lcp, lo, hi, min_group_size, min_tokens, out):
+def _byte_key(ids: np.ndarray) -> np.ndarray:
+  """``uint32`` keys whose numeric order is the byte (memcmp) order of the int32 ``ids``."""
+  ids = np.ascontiguousarray(ids, np.int32)
+  if np.little_endian:
+    ids = ids.byteswap()
+  return ids.view(np.uint32)
+
+
+def _first_true(neq: np.ndarray, none: int) -> np.ndarray:
+  """Column of each row's first True in ``neq [P, W]``; ``none`` for rows with none."""
+  first = neq.argmax(axis=1)
+  zero = np.flatnonzero(first == 0)  # a True in column 0, or none at all
+  if len(zero):
+    first[zero[~neq[zero, 0]]] = none
+  return first
+
+
+def _pair_common(table: np.ndarray, a, b, lo: int, cols: int) -> np.ndarray:
+  """Common leading blocks of table rows ``a[j]`` and ``b[j]``, which agree on ``[0, lo)``:
+  compared over ``[lo, cols)`` first, past ``cols`` only for the pairs equal up to it."""
+  width = table.shape[1]
+  if not len(a) or lo >= width:
+    return np.full(len(a), width, np.int64)
+  if lo >= cols:
+    return lo + _first_true(table[a, lo:] != table[b, lo:], width - lo)
+  common = lo + _first_true(table[a, lo:cols] != table[b, lo:cols], cols - lo)
+  if cols < width:
+    more = np.flatnonzero(common == cols)
+    if len(more):
+      common[more] = _pair_common(table, a[more], b[more], cols, width)
+  return common
+
+
+def _trie_order(table: np.ndarray, rows: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+  """``rows`` sorted by the bytes of their table rows, and each neighbour pair's common
+  leading blocks (``table.shape[1]`` for identical rows).
+
+  The order is the stable byte (memcmp) order of whole rows, so rows with a common leading
+  run of ids are contiguous. It is built most-significant column first, without comparing
+  whole rows in a sort: sort by the first id; then, while a bucket (rows known to agree on
+  a prefix) holds two rows that differ, find the first column where it is not uniform
+  (the minimum of its neighbours' common blocks), sort the bucket by that column and split
+  it there. Each neighbour pair's common length is compared once (from the column up to
+  which the pair is known to agree) or known from the split; rows that sit next to each
+  other in the table are compared in place, without a gather. Each round splits every
+  bucket it sorts, so there are at most ``len(rows) - 1`` rounds (one when the rows share
+  one prefix and then differ). Compares cover the first ``cols`` columns (those a shared
+  part can touch; the table may be much wider), and go past them only for pairs equal there.
+  """
+  width = table.shape[1]
+  n = len(rows)
+  if n < 2:
+    return rows, np.zeros(0, np.int64)
+  first = table[rows, 0] if n < len(table) else table[:, 0]
+  order = rows  # rows is increasing; a stable sort by the first id
+  if not (first == first[0]).all():
+    order = rows[np.argsort(_byte_key(first), kind="stable")]
+  s, e = int(order[0]), int(order[-1]) + 1
+  if e - s == n and (order is rows or (order[1:] > order[:-1]).all()):
+    # Neighbours in the table too: compare the slice in place (no gather), first over
+    # the columns a shared part can touch, then past them only for rows equal there.
+    common = _first_true(table[s + 1 : e, :cols] != table[s : e - 1, :cols], cols)
+    if cols < width:
+      more = np.flatnonzero(common == cols)
+      common[more] = _pair_common(table, s + more, s + more + 1, cols, width)
+  else:
+    a, b = order[:-1], order[1:]
+    common = np.zeros(n - 1, np.int64)
+    same = table[a, 0] == table[b, 0]
+    common[same] = _pair_common(table, a[same], b[same], 1, cols)
+  brk = common == 0  # bucket boundaries: the pair's order is final
+  while True:
+    if not brk.any():  # one bucket (rows on one prefix): try a one-sort finish first
+      col = int(common.min())
+      if col == width:  # identical rows
+        return order, common
+      key = _byte_key(table[order, col])
+      perm = np.argsort(key, kind="stable")
+      key = key[perm]
+      if (key[1:] != key[:-1]).all():  # all differ there: neighbours share exactly col
+        return order[perm], np.full(n - 1, col, np.int64)
+    inner = ~brk & (common < width)  # pairs in one bucket that still differ somewhere
+    if not inner.any():
+      return order, common
+    bucket = np.concatenate(([0], np.cumsum(brk)))
+    col = np.full(int(bucket[-1]) + 1, width, np.int64)
+    np.minimum.at(col, bucket[1:][inner], common[inner])
+    col = col[bucket]  # per row: its bucket's first non-uniform column (width: none)
+    active = col < width
+    key = np.where(active, _byte_key(table[order, np.where(active, col, 0)]), 0)
+    perm = np.lexsort((key, bucket))  # stable; bucket sizes and places do not change
+    order, key = order[perm], key[perm]
+    kept = perm[1:] == perm[:-1] + 1  # the same neighbours as before
+    new = np.where(kept, common[np.minimum(perm[:-1], n - 2)], 0)
+    new[brk] = common[brk]  # rows of two buckets share exactly what the bucket ends did
+    act = ~brk & active[1:]
+    split = act & (key[1:] != key[:-1])
+    new[split] = col[1:][split]
+    todo = act & ~split & ~kept
+    if todo.any():
+      lo = int(col[1:][todo].min()) + 1  # the pairs agree up to their column, and on it
+      new[todo] = _pair_common(table, order[:-1][todo], order[1:][todo], lo, cols)
+    common, brk = new, brk | split
+
+
+def _best_runs(shared: np.ndarray, lo: int, hi: int, min_group_size: int) -> list:
   """Best partition of sorted rows ``[lo, hi]`` (inclusive) into groups, by saved reads.
 
-  ``lcp[i]`` is the usable shared length (tokens) of sorted rows i and i + 1. A run's shared
-  length is the minimum of its adjacent ``lcp``; grouping ``m`` rows that share ``s``
-  tokens saves ``(m - 1) * s`` token reads. The run is either one group or split at its
-  weakest link (a Cartesian-tree recursion). Appends ``(lo, hi, shared)`` to ``out`` and
-  returns the saving.
+  ``shared[i]`` is the usable shared length (tokens) of sorted rows i and i + 1, none of
+  them below the least a group may share (the caller cut the rows at shorter links). A
+  run's shared length is the minimum of its ``shared``; grouping ``m`` rows that share
+  ``s`` tokens saves ``(m - 1) * s`` token reads. A run is either one group or split at
+  its weakest link (its first minimum), whichever saves more (ties: one group), the two
+  halves chosen the same way (a Cartesian-tree dynamic programme, evaluated with a work
+  list: no recursion). A run where one group saves at least ``(m - 2) *`` its longest
+  link is taken whole without looking inside (no split can save more). Returns
+  ``[(lo, hi, shared)]`` of the chosen groups, in row order.
   """
-  m = hi - lo + 1
-  if m == 1:
-    return 0
-  seg = lcp[lo:hi]
-  cut = lo + int(np.argmin(seg))
-  shared = int(lcp[cut])
-  whole = (m - 1) * shared if (m >= min_group_size and shared >= min_tokens) else -1
-  if whole >= 0 and whole >= (m - 2) * int(seg.max()):
-    # No split can save more: its two runs save at most (m - 2) * the longest link.
-    out.append((lo, hi, shared))
-    return whole
-  left, right = [], []
-  split = _split_runs(lcp, lo, cut, min_group_size, min_tokens, left)
-  split += _split_runs(lcp, cut + 1, hi, min_group_size, min_tokens, right)
-  if whole >= 0 and whole >= split:
-    out.append((lo, hi, shared))
-    return whole
-  out.extend(left)
-  out.extend(right)
-  return split
+  spans = [(lo, hi)]
+  nodes = []  # per span: (whole saving or -1, shared, left child, right child)
+  k = 0
+  while k < len(spans):
+    lo, hi = spans[k]
+    k += 1
+    m = hi - lo + 1
+    if m == 1:
+      nodes.append((-1, 0, -1, -1))
+      continue
+    seg = shared[lo:hi]
+    cut = int(seg.argmin())
+    s = int(seg[cut])
+    whole = (m - 1) * s if m >= min_group_size else -1
+    if whole >= 0 and whole >= (m - 2) * int(seg.max()):
+      nodes.append((whole, s, -1, -1))
+      continue
+    nodes.append((whole, s, len(spans), len(spans) + 1))
+    spans += [(lo, lo + cut), (lo + cut + 1, hi)]
+  # Children come after their parent: one backward pass picks whole or split everywhere.
+  best = [0] * len(nodes)
+  split_it = [False] * len(nodes)
+  for k in range(len(nodes) - 1, -1, -1):
+    whole, _, left, right = nodes[k]
+    split = best[left] + best[right] if left >= 0 else -1
+    if whole >= 0 and whole >= split:
+      best[k] = whole
+    elif split >= 0:
+      best[k], split_it[k] = split, True
+  out, todo = [], [0]
+  while todo:
+    k = todo.pop()
+    whole, s, left, right = nodes[k]
+    if split_it[k]:
+      todo += [right, left]
+    elif whole >= 0:
+      out.append((spans[k][0], spans[k][1], s))
+  return out
 
 
 def plan_cascade(
@@ -133,11 +264,16 @@ def plan_cascade(
   """Groups decode rows whose block tables start with the same physical blocks (host, NumPy).
 
   Rows are sorted by their block-table rows (byte order of the int32 entries, which keeps
-  rows with a common leading run of ids next to each other); neighbours share
-  ``min(common leading blocks * block_size, length_a - 1, length_b - 1)`` tokens (each
-  member keeps at least its newest token in its own part). Contiguous runs of sorted rows
-  become groups where that maximises the saved reads ``(members - 1) * shared tokens``; a
-  group's shared length is the minimum over its members, and may end mid-block.
+  rows with a common leading run of ids next to each other; :func:`_trie_order`);
+  neighbours share ``min(common leading blocks * block_size, length_a - 1, length_b - 1)``
+  tokens (each member keeps at least its newest token in its own part). Contiguous runs of
+  sorted rows become groups: a run is one group or is split at its weakest link, whichever
+  saves more reads ``(members - 1) * shared tokens`` (:func:`_best_runs`); a group's shared
+  length is the minimum over its members, and may end mid-block. NumPy throughout, apart
+  from a Python step per run the grouping looks inside (one when all rows share one
+  prefix) and a fill loop for at most four groups; no recursion, so any batch size works.
+  About 0.1 ms for 256 rows on one 2,048-block prefix (``experiments/bench/cascade.py
+  --plan-only``; docs/benchmarks.md), most of it one compare of neighbouring rows.
 
   Args:
     block_table: ``i32[B, max_blocks]`` on the host, -1 where unused.
@@ -172,66 +308,85 @@ def plan_cascade(
     ("member_bucket", member_bucket, 1),
     ("block_bucket", block_bucket, 1),
   ):
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < lo:
+    if type(value) is not int and (isinstance(value, _BOOLS) or not isinstance(value, _INTS)):
+      raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if value < lo:
       raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
   batch, max_blocks = block_table.shape
-  if ((lengths < 0) | (lengths > max_blocks * block_size)).any():
+  longest, shortest = (int(lengths.max()), int(lengths.min())) if batch else (0, 0)
+  if longest > max_blocks * block_size or shortest < 0:
     raise ValueError(
       f"lengths must be in [0, max_blocks * block_size] = [0, {max_blocks * block_size}], "
       f"got {lengths.tolist()}"
     )
   min_tokens = (min_shared_blocks - 1) * block_size + 1
   # Only rows that could put min_tokens keys in a shared part take part.
-  cand = lengths - 1 >= min_tokens
-  if int(cand.sum()) < min_group_size:
-    return None
-  cols = int(-(-(int(lengths[cand].max()) - 1) // block_size))  # blocks any shared part touches
-  table = np.ascontiguousarray(block_table)
-  # Sort rows by the bytes of their whole table row (memcmp order): any order in which rows
-  # with a common leading run of ids are contiguous will do, and this one is one argsort of
-  # a view (no copy); taking the candidates in that order keeps it.
-  order = np.argsort(table.view(np.dtype((np.void, 4 * max_blocks))).ravel(), kind="stable")
-  rows = order[cand[order]]
-  srt = table[rows][:, :cols]
-  lens = lengths[rows].astype(np.int64)
-  if len(rows) > 1:
-    eq = srt[1:] == srt[:-1]
-    common = np.where(eq.all(axis=1), cols, eq.argmin(axis=1)).astype(np.int64)
-    lcp = np.minimum(common * block_size, np.minimum(lens[1:], lens[:-1]) - 1)
+  if shortest > min_tokens:
+    rows = np.arange(batch)
   else:
-    lcp = np.zeros(0, np.int64)
-  runs: list[tuple[int, int, int]] = []
+    rows = np.flatnonzero(lengths > min_tokens)
+  if len(rows) < min_group_size:
+    return None
+  table = np.ascontiguousarray(block_table)
+  cols = -(-(longest - 1) // block_size)  # blocks a shared part can touch (longest: a row)
+  rows, common = _trie_order(table, rows, cols)
+  lens = lengths[rows]
+  shared = np.minimum(common * block_size, np.minimum(lens[1:], lens[:-1]) - 1)
+  n = len(rows)
   # Links too short for any group cut the sorted rows into independent segments.
-  cuts = np.nonzero(lcp < min_tokens)[0].tolist()
-  for lo, hi in zip([0] + [c + 1 for c in cuts], cuts + [len(rows) - 1], strict=True):
-    _split_runs(lcp, lo, hi, min_group_size, min_tokens, runs)
+  cuts = np.flatnonzero(shared < min_tokens).tolist()
+  runs: list[tuple[int, int, int]] = []
+  for lo, hi in zip([0] + [c + 1 for c in cuts], cuts + [n - 1], strict=True):
+    if hi > lo:
+      runs += _best_runs(shared, lo, hi, min_group_size)
   if min_group_size == 1:
     # Rows left alone become groups of one with their whole prefix (len - 1) shared.
-    taken = np.zeros(len(rows), bool)
+    edge = np.zeros(n + 1, np.int64)
     for lo, hi, _ in runs:
-      taken[lo : hi + 1] = True
-    runs += [(i, i, int(lens[i]) - 1) for i in np.nonzero(~taken)[0]]
+      edge[lo] += 1
+      edge[hi + 1] -= 1
+    alone = np.flatnonzero(np.cumsum(edge[:-1]) == 0)
+    runs += zip(alone.tolist(), alone.tolist(), (lens[alone] - 1).tolist(), strict=True)
   if not runs:
     return None
+
+  def hole(lo):
+    return ValueError(
+      f"block_table row {int(rows[lo])} holds -1 inside its length {int(lens[lo])} "
+      f"(block_size {block_size}): the planner cannot tell what it shares"
+    )
+
   num_groups = _pow2_at_least(len(runs), group_bucket)
   members = _pow2_at_least(max(hi - lo + 1 for lo, hi, _ in runs), member_bucket)
-  shared_blocks = max(-(-s // block_size) for _, _, s in runs)
-  width = _pow2_at_least(shared_blocks, block_bucket)
+  width = _pow2_at_least(max(-(-s // block_size) for _, _, s in runs), block_bucket)
   group_table = np.full((num_groups, width), INVALID_BLOCK, np.int32)
   group_lens = np.zeros((num_groups,), np.int32)
   group_rows = np.full((num_groups, members), -1, np.int32)
   row_starts = np.zeros((batch,), np.int32)
-  for g, (lo, hi, shared) in enumerate(runs):
-    nb = -(-shared // block_size)
-    if (srt[lo, :nb] < 0).any():
-      raise ValueError(
-        f"block_table row {int(rows[lo])} holds -1 inside its length {int(lens[lo])} "
-        f"(block_size {block_size}): the planner cannot tell what it shares"
-      )
-    group_table[g, :nb] = srt[lo, :nb]
-    group_lens[g] = shared
-    group_rows[g, : hi - lo + 1] = rows[lo : hi + 1]
-    row_starts[rows[lo : hi + 1]] = shared
+  if len(runs) <= 4:  # few groups: a loop is fewer NumPy calls than the vectorised fill
+    for g, (lo, hi, s) in enumerate(runs):
+      ids = table[rows[lo], : -(-s // block_size)]
+      if (ids < 0).any():
+        raise hole(lo)
+      group_table[g, : len(ids)] = ids
+      group_lens[g] = s
+      group_rows[g, : hi - lo + 1] = rows[lo : hi + 1]
+      row_starts[rows[lo : hi + 1]] = s
+    return CascadePlan(group_table, group_lens, group_rows, row_starts)
+  lo, hi, sh = np.array(runs, np.int64).T
+  used = min(width, max_blocks)
+  ids = table[rows[lo], :used]
+  inside = np.arange(used) < -(-sh[:, None] // block_size)
+  bad = (inside & (ids < 0)).any(axis=1)
+  if bad.any():
+    g = int(np.argmax(bad))
+    raise hole(int(lo[g]))
+  group_table[: len(lo), :used] = np.where(inside, ids, INVALID_BLOCK)
+  group_lens[: len(lo)] = sh
+  pos = lo[:, None] + np.arange(members)
+  member = pos <= hi[:, None]
+  group_rows[: len(lo)] = np.where(member, rows[np.minimum(pos, n - 1)], -1)
+  row_starts[group_rows[: len(lo)][member]] = np.repeat(sh, hi - lo + 1)
   return CascadePlan(group_table, group_lens, group_rows, row_starts)
 
 

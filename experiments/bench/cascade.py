@@ -34,6 +34,14 @@ with scales (the first compiled run of the cascade 8-bit path)::
   python -m experiments.bench.cascade --kv-dtype int8 --out /tmp/cascade_int8
 
 ``--smoke`` runs a tiny case in interpret mode on CPU (to test this script).
+
+``--plan-only`` times ``kernels.plan_cascade`` alone on each case's block table, on the
+host (no pools, no device; any machine): the first call, then the median and min-max of
+``20 * --repeats`` samples of one call; prints a table and appends one JSON line per case to
+``OUT/cascade_plan.jsonl`` (``plan_ms``, its spread, ``plan_first_ms``, ``groups``,
+``table_blocks``, the 1-minute load average, ``commit``, ``date``)::
+
+  PYTHONPATH=. python -m experiments.bench.cascade --plan-only --out /tmp/cascade_plan
 """
 
 from __future__ import annotations
@@ -98,10 +106,9 @@ def git_commit() -> str:
     return "unknown"
 
 
-def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype, kv_dtype=None):
-  """Pools, block table, lengths, q and scales (None unless ``kv_dtype`` is 8-bit) of a
-  case; slots no row reads are NaN (8-bit pools: NaN scales)."""
-  num_q_heads, num_kv_heads = heads
+def build_table(case: Case, seed: int, *, block_size):
+  """Block table, lengths and the live ``[num_blocks, block_size]`` slots of a case (NumPy:
+  what the host planner sees; :func:`build` adds the pools)."""
   rng = np.random.default_rng(seed)
   own = rng.integers(case.own_lo, case.own_hi + 1, size=case.batch)
   lengths = (case.shared_len + own).astype(np.int32)
@@ -123,6 +130,15 @@ def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype, kv_dtype
     live[ids] = True
     last = lengths[b] - (need[b] - 1) * block_size  # tokens in the row's last block
     live[ids[-1], last:] = False
+  return table, lengths, live
+
+
+def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype, kv_dtype=None):
+  """Pools, block table, lengths, q and scales (None unless ``kv_dtype`` is 8-bit) of a
+  case; slots no row reads are NaN (8-bit pools: NaN scales)."""
+  num_q_heads, num_kv_heads = heads
+  table, lengths, live = build_table(case, seed, block_size=block_size)
+  num_blocks = live.shape[0]
   kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
   shape = (num_kv_heads, num_blocks, block_size, head_dim)
   mask = jnp.asarray(live)[None, :, :, None]
@@ -236,12 +252,74 @@ def run_case(
   return errors
 
 
+def _cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo, or "unknown"."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown"
+
+
+def plan_only(cases, *, repeats, out, env) -> list[dict]:
+  """Host time of ``kernels.plan_cascade`` alone on each case's table (no pools, no
+  device): the first call, then ``repeats`` samples of one call each (median, min-max):
+  single calls, so that on a shared, loaded host few samples hold a context switch.
+  Appends one row per case to ``OUT/cascade_plan.jsonl``."""
+  path = os.path.join(out, "cascade_plan.jsonl")
+  rows = []
+  for case in cases:
+    table, lengths, _ = build_table(case, 0, block_size=BLOCK)
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    plan = kernels.plan_cascade(table, lengths, BLOCK)
+    first = time.perf_counter() - t0
+    if plan is None:
+      raise RuntimeError(f"plan_cascade found no group in case {case.label}")
+    timing = time_calls(
+      lambda table=table, lengths=lengths: kernels.plan_cascade(table, lengths, BLOCK),
+      repeats=repeats,
+      sync=lambda o: o,
+    )
+    row = dict(
+      env,
+      case=case.label,
+      batch=case.batch,
+      table_blocks=table.shape[1],
+      block_size=BLOCK,
+      **timing.fields("plan"),
+      plan_first_ms=first * 1e3,
+      groups=int((plan.group_lens > 0).sum()),
+      planned_shared_len=int(plan.group_lens.max()),
+      load_avg_1min=load,
+      cpu_count=os.cpu_count(),
+    )
+    write_jsonl(path, [row])
+    rows.append(dict(row, plan_text=spread_text(timing)))
+  print()
+  print("| case | table | plan ms (min-max) | first call ms | groups | load avg |")
+  print("| --- | --- | ---: | ---: | ---: | ---: |")
+  for r in rows:
+    print(
+      f"| {r['case']} | {r['batch']} x {r['table_blocks']} | {r['plan_text']} | "
+      f"{r['plan_first_ms']:.3f} | {r['groups']} | {r['load_avg_1min']:.1f} |"
+    )
+  print(f"rows -> {path}")
+  return rows
+
+
 def define_flags():
   flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/cascade"), "output folder")
   flags.DEFINE_list("cases", list(CASES), f"cases to run, from {list(CASES)}")
   flags.DEFINE_bool("sweep", False, "also time the shared-kernel settings in SWEEP")
   flags.DEFINE_integer("repeats", 15, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("smoke", False, "one tiny case in interpret mode on CPU (tests this script)")
+  flags.DEFINE_bool(
+    "plan-only", False, "time the host planner alone on each case's table (any machine)"
+  )
   flags.DEFINE_enum(
     "kv-dtype", "bfloat16", ["bfloat16", "int8", "float8_e4m3fn"], "K/V pool dtype (q is bf16)"
   )
@@ -252,6 +330,14 @@ def main(args):
   env = env_info()
   env = dict(device=env["device"], jax=env["jax_version"], date=env["date"], commit=git_commit())
   print(env, flush=True)
+  if args.plan_only:
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+      raise SystemExit(f"unknown --cases {unknown}; choose from {list(CASES)}")
+    env["device"] = f"host CPU: {_cpu_model()}, {os.cpu_count()} cores"
+    cases = [CASES[c] for c in args.cases]
+    plan_only(cases, repeats=20 * args.repeats, out=args.out, env=env)
+    return 0
   configs = [("default", {})]
   if args.sweep:
     configs += [(f"sweep{i}", cfg) for i, cfg in enumerate(SWEEP)]

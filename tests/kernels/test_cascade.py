@@ -535,3 +535,199 @@ def test_shared_chunks_fill_whole_waves():
   assert choose_num_chunks(64, 8, None, program_smem=one) == 2  # <= one chunk per 4 tiles
   assert choose_num_chunks(64, 8, 5, program_smem=one) == 5  # asked for: kept
   assert choose_num_chunks(64, 3, 5, program_smem=one) == 3  # but not past the tiles
+
+
+# -------------------------------------------------------- planner against a Python loop
+
+
+def reference_groups(table, lengths, bs, *, min_shared_blocks=1, min_group_size=2):
+  """The planner's documented rule as Python loops: [(member rows in order, shared)].
+
+  Candidate rows (length - 1 >= the least shared length) sorted by the bytes of their
+  table rows (Python's stable sort); neighbours share min(common leading blocks * bs,
+  each length - 1); links below the least shared length cut the order into segments; a
+  run is one group (if it has min_group_size rows) or split at its first weakest link,
+  whichever saves more (ties: one group), recursively; with min_group_size 1, rows in no
+  group become groups of one sharing length - 1.
+  """
+  min_tokens = (min_shared_blocks - 1) * bs + 1
+  rows = [b for b in range(len(lengths)) if lengths[b] - 1 >= min_tokens]
+  if len(rows) < min_group_size:
+    return []
+  rows.sort(key=lambda b: table[b].tobytes())
+  links = []
+  for x, y in zip(rows[:-1], rows[1:], strict=True):
+    common = 0
+    while common < table.shape[1] and table[x, common] == table[y, common]:
+      common += 1
+    links.append(min(common * bs, int(lengths[x]) - 1, int(lengths[y]) - 1))
+
+  def best(lo, hi):  # rows[lo..hi] -> (saving, [(lo, hi, shared)])
+    if lo == hi:
+      return 0, []
+    cut = min(range(lo, hi), key=lambda i: (links[i], i))
+    m, s = hi - lo + 1, links[cut]
+    left, right = best(lo, cut), best(cut + 1, hi)
+    split = (left[0] + right[0], left[1] + right[1])
+    if m >= min_group_size and (m - 1) * s >= split[0]:
+      return (m - 1) * s, [(lo, hi, s)]
+    return split
+
+  runs, lo = [], 0
+  for i in range(len(rows)):
+    if i == len(rows) - 1 or links[i] < min_tokens:
+      runs += best(lo, i)[1]
+      lo = i + 1
+  groups = [(rows[lo : hi + 1], s) for lo, hi, s in runs]
+  if min_group_size == 1:
+    taken = {b for members, _ in groups for b in members}
+    groups += [([b], int(lengths[b]) - 1) for b in rows if b not in taken]
+  return groups
+
+
+def plan_groups(plan):
+  """[(member rows in order, shared)] of a plan's real groups, in the plan's order."""
+  if plan is None:
+    return []
+  out = []
+  for g in range(plan.group_table.shape[0]):
+    members = plan.group_rows[g][plan.group_rows[g] >= 0].tolist()
+    if members:
+      out.append((members, int(plan.group_lens[g])))
+  return out
+
+
+def random_fork_table(rng, *, batch, width, bs, stale=False):
+  """Block tables of fork trees (each row copies a random earlier row's first k blocks,
+  then continues in blocks of its own; some rows start a tree of their own) and lengths
+  whose last block holds 1..bs tokens; some rows empty. With ``stale``, columns past a
+  row's blocks hold old ids (0..2) instead of -1, and the table is 3 columns wider."""
+  rows, nxt = [], 3
+  for b in range(batch):
+    row = []
+    if b and rng.random() < 0.8:
+      parent = rows[rng.integers(b)]
+      row = parent[: int(rng.integers(0, len(parent) + 1))]
+    own = int(rng.integers(max(len(row), 1), width + 1)) - len(row)
+    if rng.random() < 0.1:
+      row, own = [], 0
+    rows.append(row + list(range(nxt, nxt + own)))
+    nxt += own
+  extra = 3 if stale else 0
+  table = np.full((batch, width + extra), -1, np.int32)
+  for b, r in enumerate(rows):
+    table[b, : len(r)] = r
+    if stale:
+      table[b, len(r) :] = rng.integers(-1, 3, width + extra - len(r))
+  lengths = np.array([len(r) * bs - int(rng.integers(0, bs)) if r else 0 for r in rows])
+  return table, lengths.astype(np.int32), nxt
+
+
+def check_plan_invariants(plan, table, lengths, bs, min_shared_blocks, min_group_size):
+  """What every plan must satisfy, checked one group and member at a time."""
+  seen = set()
+  for members, shared in plan_groups(plan):
+    assert len(members) >= min_group_size
+    assert -(-shared // bs) >= min_shared_blocks and shared >= 1
+    g = [tuple(r[r >= 0]) for r in plan.group_rows].index(tuple(members))
+    nb = -(-shared // bs)
+    assert (plan.group_table[g, nb:] == -1).all()
+    for b in members:
+      assert b not in seen, f"row {b} in two groups"
+      seen.add(b)
+      assert shared <= lengths[b] - 1  # each member keeps its newest token
+      assert (table[b, :nb] == plan.group_table[g, :nb]).all()
+      assert plan.row_starts[b] == shared
+  others = [b for b in range(len(lengths)) if b not in seen]
+  assert (plan.row_starts[others] == 0).all()
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["clean", "stale-ids"])
+def test_plan_equals_the_python_rule_and_plain_attention_on_random_forks(stale):
+  # 200 random fork tables per parameter: the plan is exactly the one the Python loop
+  # above builds (groups, their order, member order, shared lengths), satisfies the
+  # invariants, and cascade attention with it (reference backend) equals plain paged
+  # attention. Shapes are fixed (buckets at their largest) so that each path compiles once.
+  rng = np.random.default_rng(11 if stale else 12)
+  batch, width, bs, heads, head_dim = 10, 6, 4, (2, 1), 8
+  num_blocks = 3 + batch * width
+  buckets = dict(group_bucket=16, member_bucket=16, block_bucket=8)
+  cascade = jax.jit(lambda c, p: kernels.cascade_attention(**c, plan=p, backend="reference"))
+  plain = jax.jit(lambda c: kernels.paged_attention(**c, backend="reference"))
+  planned = 0
+  for _ in range(200):
+    table, lengths, _ = random_fork_table(rng, batch=batch, width=width, bs=bs, stale=stale)
+    kw = dict(min_shared_blocks=int(rng.integers(1, 3)), min_group_size=int(rng.integers(1, 4)))
+    plan = kernels.plan_cascade(table, lengths, bs, **kw, **buckets)
+    assert plan_groups(plan) == reference_groups(table, lengths, bs, **kw)
+    if plan is None:
+      continue
+    planned += 1
+    check_plan_invariants(plan, table, lengths, bs, **kw)
+    # Pools: NaN in every slot no row reads (so a plan that reads a wrong key fails).
+    live = np.zeros((num_blocks, bs), bool)
+    for b in range(batch):
+      for p in range(lengths[b]):
+        live[table[b, p // bs], p % bs] = True
+    k = np.where(live[None, :, :, None], rng.standard_normal((1, num_blocks, bs, head_dim)), np.nan)
+    v = np.where(live[None, :, :, None], rng.standard_normal((1, num_blocks, bs, head_dim)), np.nan)
+    case = dict(
+      q=jnp.asarray(rng.standard_normal((batch, heads[0], head_dim)), jnp.float32),
+      k_blocks=jnp.asarray(k, jnp.float32),
+      v_blocks=jnp.asarray(v, jnp.float32),
+      block_table=table,
+      lengths=lengths,
+    )
+    validate_plan(plan, case["q"], case["k_blocks"], case["block_table"], lengths)
+    got = np.asarray(cascade(case, plan))
+    want = np.asarray(plain(case))
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, want, **tolerance("attention_vs_float64", jnp.float32))
+  assert planned >= 100  # most tables share something
+  assert cascade._cache_size() == 1 and plain._cache_size() == 1
+
+
+def test_plan_of_a_deep_fork_chain_needs_no_recursion():
+  # Row i holds the chain's first i + 1 blocks, then one of its own: neighbours share
+  # more and more, so no run is taken whole early and the old recursion went one level
+  # per row (1,500 rows: past Python's default limit of 1,000).
+  bs = 2
+
+  def chain(n):
+    table = np.full((n, n + 1), -1, np.int32)
+    for i in range(n):
+      table[i, : i + 1] = np.arange(i + 1)
+      table[i, i + 1] = n + i
+    return table, np.full(n, 0, np.int32) + (np.arange(n, dtype=np.int32) + 2) * bs
+
+  table, lengths = chain(300)
+  plan = kernels.plan_cascade(table, lengths, bs)
+  assert plan_groups(plan) == reference_groups(table, lengths, bs)  # recursion depth 300
+  check_plan_invariants(plan, table, lengths, bs, 1, 2)
+  table, lengths = chain(1500)
+  plan = kernels.plan_cascade(table, lengths, bs)
+  check_plan_invariants(plan, table, lengths, bs, 1, 2)
+  assert sum((len(m) - 1) * s for m, s in plan_groups(plan)) > 0
+
+
+def test_plan_of_rows_on_one_prefix_in_any_row_order():
+  # 64 rows on one 40-block prefix, then own blocks, in a scrambled row order and with
+  # rows of other prefixes and empty rows between them (the planner's gather path), and
+  # in a table four times wider than the rows: one group of the 64.
+  rng = np.random.default_rng(5)
+  bs, shared_blocks, n = 4, 40, 64
+  table = np.full((n + 16, 4 * (shared_blocks + 3)), -1, np.int32)
+  ids = rng.permutation(10_000).astype(np.int32)
+  table[:n, :shared_blocks] = ids[:shared_blocks]
+  table[:n, shared_blocks : shared_blocks + 2] = ids[100 : 100 + 2 * n].reshape(n, 2)
+  table[n:, :3] = ids[1000 : 1000 + 48].reshape(16, 3)
+  lengths = np.concatenate([np.full(n, (shared_blocks + 2) * bs, np.int32), np.full(16, 9)])
+  lengths[n::2] = 0
+  perm = rng.permutation(n + 16)
+  table, lengths = table[perm], lengths[perm].astype(np.int32)
+  plan = kernels.plan_cascade(table, lengths, bs)
+  assert plan_groups(plan) == reference_groups(table, lengths, bs)
+  ((members, shared),) = plan_groups(plan)
+  assert sorted(members) == sorted(np.flatnonzero(perm < n).tolist())
+  assert shared == shared_blocks * bs
+  np.testing.assert_array_equal(plan.group_table[0, :shared_blocks], ids[:shared_blocks])
