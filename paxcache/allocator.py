@@ -229,6 +229,11 @@ class BlockAllocator:
     # so that a decode step adds and resolves a whole batch without a per-sequence Python
     # loop.
     self._pending: set[Hashable] = set()
+    # The rows of the last batch of ids looked up, while no sequence was added, freed or
+    # swapped since (``_epoch`` counts those): an engine step passes the same decoding
+    # sequences to several batched calls, and consecutive steps mostly the same ones.
+    self._epoch = 0
+    self._memo_rows: tuple[int, list, np.ndarray] = (-1, [], np.zeros(0, np.intp))
 
     # Running totals (filled slots are the pool's, evictions the prefix cache's).
     self._resident_tokens = 0
@@ -723,6 +728,7 @@ class BlockAllocator:
     self._ntok[row] = 0
     self._nblk[row] = 0
     self._swapped[row] = False
+    self._epoch += 1
     self._free_rows.append(row)
     del self._seqs[seq_id]
     del self._row_of[seq_id]
@@ -764,6 +770,7 @@ class BlockAllocator:
     self._release_blocks(row)
     seq.host_blocks = host
     self._swapped[row] = True
+    self._epoch += 1
     self._resident_tokens -= int(self._ntok[row])
     self._num_resident -= 1
     self._num_swapped_out_blocks += nb
@@ -801,6 +808,7 @@ class BlockAllocator:
     self._host_free.extend(seq.host_blocks)
     seq.host_blocks = None
     self._swapped[row] = False
+    self._epoch += 1
     self._resident_tokens += n
     self._num_resident += 1
     self._num_swapped_in_blocks += len(pairs)
@@ -896,7 +904,12 @@ class BlockAllocator:
     return seq
 
   def _rows(self, seq_ids: Sequence[Hashable], action: str) -> np.ndarray:
-    """Rows of distinct resident ``seq_ids`` as ``intp[k]``; raises naming the bad id."""
+    """Rows of distinct resident ``seq_ids`` as ``intp[k]`` (read-only); raises naming the
+    bad id."""
+    epoch, ids, rows = self._memo_rows
+    # A list compares element by element, identical ids by identity: no hashing.
+    if epoch == self._epoch and type(seq_ids) is list and seq_ids == ids:
+      return rows
     k = len(seq_ids)
     try:
       rows = (self._row_of[seq_ids[0]],) if k == 1 else operator.itemgetter(*seq_ids)(self._row_of)
@@ -911,6 +924,9 @@ class BlockAllocator:
     if self._swapped[rows].any():
       for s in seq_ids:
         self._resident(s, action)
+    rows.flags.writeable = False
+    if type(seq_ids) is list:
+      self._memo_rows = (self._epoch, list(seq_ids), rows)
     return rows
 
   def _shared_partial(self, rows: np.ndarray, n: np.ndarray, nb: np.ndarray) -> np.ndarray:
@@ -945,6 +961,7 @@ class BlockAllocator:
     seq = _Seq(seq_id, row)
     self._seqs[seq_id] = seq
     self._row_of[seq_id] = row
+    self._epoch += 1
     self._forgotten.pop(seq_id, None)
     self._num_resident += 1
     return seq
