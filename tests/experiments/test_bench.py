@@ -5,6 +5,7 @@ and parses the commands the docs give for it; host_step (CPU only) runs end to e
 """
 
 import ast
+import json
 import os
 import pathlib
 import pkgutil
@@ -56,6 +57,7 @@ def documented_commands(script: str) -> list[list[str]]:
 
 def test_bench_package_lists_the_scripts():
   assert SCRIPTS == [
+    "engine_host",
     "engine_step",
     "gpu_check",
     "gpu_decode",
@@ -132,6 +134,25 @@ def test_host_step_runs_without_ml_collections():
   cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
   assert all(len(c) == 9 for c in cells), rows
   assert all(c[-1] in ("faster", "slower", "indistinguishable") for c in cells), rows
+
+
+def test_engine_host_runs_without_ml_collections(tmp_path):
+  code = (
+    "import runpy\n"
+    "sys.argv = ['engine_host', '--batch', '2,4', '--steps', '5', '--warmup', '1',\n"
+    f"            '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.engine_host', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line for line in proc.stdout.splitlines() if re.match(r"\| [24] \|", line)]
+  assert len(rows) == 2, proc.stdout
+  records = [json.loads(line) for line in (tmp_path / "engine_host.jsonl").read_text().splitlines()]
+  assert [r["batch"] for r in records] == [2, 4]
+  for r in records:
+    # Host work is the step less its jitted call (waited for): both positive.
+    assert r["host_repeats"] == 5 and 0 < r["host_ms"] and 0 < r["jit_ms"]
+    assert r["host_min_ms"] <= r["host_ms"] <= r["host_max_ms"]
 
 
 @pytest.mark.slow
