@@ -55,6 +55,9 @@ class _InFlight:
   facts: _DecodeFacts | None = None  # of ``decodes``
   pending_pos: list[int] = dataclasses.field(default_factory=list)  # each decode's new token
   done: list[int] = dataclasses.field(default_factory=list)  # decodes stopped by length
+  # The decodes' tokens once read, when the next step's commit has already written them
+  # into the sequences (overlap scheduling's steady state: see Engine._commit).
+  values: list[int] | None = None
 
 
 class _DecodeFacts:
@@ -814,9 +817,22 @@ class Engine:
     # The plain decodes, as columns: per row only the two updates the scheduler reads.
     self._facts = facts = self._facts.update(plan, self.max_seq_len)
     decodes = plan.decodes
-    for s in decodes:
-      s.num_computed += 1
-      s.tokens.append(PENDING_TOKEN)
+    prev = self._in_flight
+    if prev is not None and decodes and not self._ignore and prev.decodes == decodes:
+      # Overlap scheduling's steady state: the same sequences decoded in the step still on
+      # the device. Read its tokens now (this step is queued behind it) and write them
+      # with this step's placeholders in one pass over the rows; _resolve then only reads
+      # them. The same writes as placeholders now and tokens in _resolve, one pass fewer.
+      values = np.asarray(prev.tokens)[: len(decodes)].tolist()
+      for s, p, t in zip(decodes, prev.pending_pos, values, strict=True):
+        s.tokens[p] = t
+        s.num_computed += 1
+        s.tokens.append(PENDING_TOKEN)
+      prev.values = values
+    else:
+      for s in decodes:
+        s.num_computed += 1
+        s.tokens.append(PENDING_TOKEN)
     done = []
     if decodes:
       # Stops by length: the sequence now holds start + 2 tokens (input and pending).
@@ -929,7 +945,10 @@ class Engine:
     pending tokens found with NumPy. Appends to the lists as the per-row loop would;
     returns the number of tokens sampled."""
     seqs, facts = step.decodes, step.facts
-    values = tokens.tolist()
+    if step.values is not None:  # already written by the next step's commit
+      values = step.values
+    else:
+      values = tokens.tolist()
     skip = ()
     if self._ignore:  # stopped at an end token after these rows were dispatched
       ignore = self._ignore
@@ -941,7 +960,7 @@ class Engine:
       for i, (s, p, t) in enumerate(zip(seqs, step.pending_pos, values, strict=True)):
         if i not in skipped:
           s.tokens[p] = t
-    else:
+    elif step.values is None:
       for s, p, t in zip(seqs, step.pending_pos, values, strict=True):
         s.tokens[p] = t
     if not facts.all_first:
