@@ -178,6 +178,7 @@ def measure(
         "computed": m.computed_tokens - before.computed_tokens,
         "steps": m.steps - before.steps,
         "preemptions": m.preemptions - before.preemptions,
+        "recomputed_tokens": m.recomputed_tokens - before.recomputed_tokens,
         "swapped_blocks": (m.swapped_out_blocks - before.swapped_out_blocks)
         + (m.swapped_in_blocks - before.swapped_in_blocks),
       }
@@ -200,13 +201,14 @@ def measure(
     "mean_batch": round(expected / first["steps"], 2),
     "max_batch": engine.metrics.max_batch,
     "preemptions": first["preemptions"],
+    "recomputed_tokens": first["recomputed_tokens"],
     "swapped_blocks": first["swapped_blocks"],
     "block_size": block_size,
     "engine_block_size": engine_bs,
     "pool_tokens": num_blocks * engine_bs,
     "device": device_label(),
   }
-  for key in ("steps", "preemptions", "swapped_blocks"):
+  for key in ("steps", "preemptions", "recomputed_tokens", "swapped_blocks"):
     if any(p[key] != first[key] for p in passes):
       row[f"{key}_per_pass"] = [p[key] for p in passes]
   return row

@@ -195,6 +195,7 @@ def run(config: ConfigDict) -> Result:
           Column("mean_batch", "tokens / step", ".1f"),
           Column("max_batch", "max batch"),
           Column("preemptions", "preempted"),
+          Column("recomputed_tokens", "recomputed tokens"),
           Column("requests"),
           Column("device"),
         ],

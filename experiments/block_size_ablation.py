@@ -54,6 +54,7 @@ def memory_rows(config: ConfigDict) -> list[dict]:
           "mean_batch": _round(shares["mean_batch"], 1),
           "tokens_per_step": round(generated / stats.steps, 2),
           "preemptions": stats.preemptions,
+          "recomputed_tokens": stats.recomputed_tokens,
         }
       )
   return rows
@@ -162,6 +163,7 @@ def run(config: ConfigDict) -> Result:
         Column("mean_batch", "mean batch", ".1f"),
         Column("tokens_per_step", "tokens / step", ".2f"),
         Column("preemptions", "preempted"),
+        Column("recomputed_tokens", "recomputed tokens"),
       ],
       memory,
       caption="Paged allocation per block size in the serving simulation.",
@@ -205,6 +207,7 @@ def run(config: ConfigDict) -> Result:
           Column("tokens_per_s_spread", "min-max"),
           Column("mean_batch", "tokens / step", ".1f"),
           Column("preemptions", "preempted"),
+          Column("recomputed_tokens", "recomputed tokens"),
           Column("requests"),
           Column("device"),
         ],

@@ -88,6 +88,7 @@ def serving_rows(config: ConfigDict, workload: str, lengths: np.ndarray) -> list
         "token_of_reserved_pct": _pct(shares["token_share_of_reserved"]),
         "mean_batch": None if math.isnan(shares["mean_batch"]) else round(shares["mean_batch"], 2),
         "preemptions": stats.preemptions,
+        "recomputed_tokens": stats.recomputed_tokens,
         "steps": stats.steps,
         "saturated_steps": stats.saturated_steps,
         "pool_tokens": pool.capacity,
@@ -185,6 +186,7 @@ def run(config: ConfigDict) -> Result:
         Column("token_of_reserved_pct", "tokens / reserved %", ".1f"),
         Column("mean_batch", "batch", ".1f"),
         Column("preemptions", "preempted"),
+        Column("recomputed_tokens", "recomputed tokens"),
       ],
       serving,
       caption=(

@@ -26,6 +26,14 @@ Three scenarios:
   on ShareGPT-like ones (paper: 44.3-66.3%; docs/experiments.md, 2b). So uniform forks
   merge histories faster than the paper's beams did, and overstate the saving; the beam
   search below is the check (issue 19). Kept as a labelled ablation.
+* ``decode time`` (the seed's scenario on the time axis, issue 16): one decode step's
+  attention over the same users (``config.timing``: the system prompt's full blocks
+  shared, as after prefix-cache hits, each user's own tokens in blocks of its own), timed
+  with plain paged attention (``kernels.paged_attention``) and with cascade attention
+  (``kernels.cascade_attention`` with a ``kernels.plan_cascade`` plan, built on the host
+  outside the timed call, its own time reported beside), on the current backend (the
+  reference on CPU, the Pallas kernels on GPU and TPU); medians of ``repeats`` samples
+  with their spread (:mod:`experiments._timing`).
 * ``beam search (engine, tiny model)``: real beam search (``Request.beam_width``) through
   :class:`paxcache.engine.Engine` on the packaged tiny byte-level model, with the
   workload's lengths and the block size both divided by ``config.engine.length_scale``
@@ -164,6 +172,38 @@ def system_prompt_rows(config: ConfigDict, block_size: int) -> list[dict]:
     {r["mode"]: r["reserved_slots"] for r in rows},
   )
   return rows
+
+
+# --- the seed's system prompt on the time axis: plain against cascade decode attention -------
+
+
+def decode_time_rows(config: ConfigDict, block_size: int) -> list[dict]:
+  """Plain against cascade decode attention for the system-prompt scenario (one layer;
+  :func:`experiments._cascade_timing.time_shared_prefix_decode`)."""
+  t = config.get("timing")
+  if t is None or t.repeats <= 0:
+    return []
+  from experiments._cascade_timing import time_shared_prefix_decode
+
+  row = time_shared_prefix_decode(
+    users=t.users or config.num_users,
+    shared_len=t.shared_len or config.system_prompt_len,
+    own_len=t.own_len or config.user_prompt_len + config.output_len,
+    block_size=block_size,
+    num_q_heads=t.num_q_heads,
+    num_kv_heads=t.num_kv_heads,
+    head_dim=t.head_dim,
+    dtype=t.dtype,
+    backend=t.backend,
+    repeats=t.repeats,
+    inner=t.inner,
+    seed=config.seed,
+  )
+  logging.info(
+    "decode time, block %d: plain %.3f ms, cascade %.3f ms (%.2fx)",
+    block_size, row["plain_ms"], row["cascade_ms"], row["speedup"],
+  )  # fmt: skip
+  return [row]
 
 
 # --- parallel sampling and random (beam-search-like) forks ------------------------------------
@@ -442,7 +482,7 @@ def _paper_source(workload: str) -> str:
 
 def run(config: ConfigDict) -> Result:
   label = workloads.workload_label(config.workload)
-  system, forks, beams = [], [], []
+  system, forks, beams, times = [], [], [], []
   lengths = workloads.workload_lengths(
     config.workload, config.num_requests, max_seq_len=config.max_seq_len, seed=config.seed
   )
@@ -450,6 +490,7 @@ def run(config: ConfigDict) -> Result:
     system += system_prompt_rows(config, block_size)
     forks += fork_rows(config, block_size, lengths)
     beams += beam_rows(config, block_size, lengths)
+    times += decode_time_rows(config, block_size)
 
   tables = [
     Table(
@@ -512,6 +553,38 @@ def run(config: ConfigDict) -> Result:
           f"({beams[0]['requests']} requests, mean prompt {beams[0]['mean_prompt_len']} and "
           f"output {beams[0]['mean_output_len']} tokens after scaling) with the block size "
           f"divided alike; memory-time weighted; no end token. {_paper_source(config.workload)}"
+        ),
+      )
+    )
+  if times:
+    t0 = times[0]
+    tables.append(
+      Table(
+        "decode_time",
+        [
+          Column("block_size", "block"),
+          Column("backend"),
+          Column("users"),
+          Column("shared_len", "shared"),
+          Column("own_len", "own"),
+          Column("plain_ms", "plain ms", ".3f"),
+          Column("plain_range_ms", "plain min-max"),
+          Column("cascade_ms", "cascade ms", ".3f"),
+          Column("cascade_range_ms", "cascade min-max"),
+          Column("speedup", "plain / cascade", ".2f"),
+          Column("cascade_vs_plain", "cascade is"),
+          Column("plain_kv_mb", "plain K/V MB", ".1f"),
+          Column("cascade_kv_mb", "cascade K/V MB", ".1f"),
+          Column("plan_ms", "host plan ms", ".3f"),
+        ],
+        times,
+        caption=(
+          f"One decode step's attention (one layer, {t0['heads']} heads, {t0['dtype']}) for "
+          f"the system-prompt scenario on {t0['device']}: plain paged attention against "
+          "cascade attention (the shared prefix's full blocks read once per step), medians of "
+          f"{config.timing.repeats} samples with min-max; 'cascade is' says faster or slower "
+          "only where the intervals of the medians part. K/V MB: bytes each reads; host "
+          "plan: kernels.plan_cascade on the host, outside the timed call."
         ),
       )
     )

@@ -210,6 +210,8 @@ def serve(engine, requests: list[Request], progress: Progress) -> tuple[list, di
     "mean_batch": float(np.mean(batches)) if batches else 0.0,
     "max_batch": engine.metrics.max_batch,
     "duration_s": engine.clock.now(),
+    # Wall clock only: compile seconds left off the clock (config.exclude_compile).
+    "compile_excluded_s": getattr(engine.clock, "excluded_s", 0.0),
   }
   return out, totals
 
@@ -239,7 +241,7 @@ def _wall_engine_factory(config: ConfigDict):
   device = jax.devices()[0].device_kind
 
   def make(cfg: EngineConfig, requests: list[Request]):
-    clock = WallClock()
+    clock = WallClock(exclude_compile=config.get("exclude_compile", True))
     engine = Engine(model, cfg, clock=clock)
     warm = [dataclasses.replace(r, request_id=("warm", r.request_id), arrival_time=None) for r in
             requests[: config.warmup_requests]]  # fmt: skip

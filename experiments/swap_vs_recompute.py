@@ -205,6 +205,7 @@ def run(config: ConfigDict) -> Result:
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("tokens_per_s_spread", "min-max"),
           Column("preemptions", "preempted"),
+          Column("recomputed_tokens", "recomputed tokens"),
           Column("swapped_blocks", "blocks swapped"),
           Column("steps"),
           Column("device"),

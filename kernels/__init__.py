@@ -8,6 +8,7 @@ from kernels._api import BACKENDS, BackendUnavailableError, paged_attention, res
 from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, kv_bytes_per_token, quantize
 from kernels._validate import validate_inputs
 from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv, write_kv_quantized
+from kernels.cascade import CascadePlan, cascade_attention, plan_cascade
 from kernels.reference import INVALID_BLOCK
 
 __all__ = [
@@ -16,11 +17,14 @@ __all__ = [
   "INVALID_SLOT",
   "QUANT_DTYPES",
   "BackendUnavailableError",
+  "CascadePlan",
+  "cascade_attention",
   "check_host_slot_mapping",
   "dequantize",
   "is_quantized",
   "kv_bytes_per_token",
   "paged_attention",
+  "plan_cascade",
   "quantize",
   "resolve_backend",
   "validate_inputs",

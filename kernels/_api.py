@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from kernels import reference
-from kernels._validate import validate_inputs, validate_options
+from kernels._validate import validate_decode_plan, validate_inputs, validate_options
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
 
@@ -59,6 +59,7 @@ def paged_attention(
   interpret: bool = False,
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
+  decode_plan: Any = None,
 ) -> jax.Array:
   """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
 
@@ -66,7 +67,13 @@ def paged_attention(
     q: ``[batch, num_q_heads, head_dim]`` (decode) or ``[num_tokens, num_q_heads,
       head_dim]`` (ragged prefill / mixed batch, rows split by ``cu_q_lens``).
     k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``; float32,
-      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales.
+      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales. The head_dim each
+      backend takes (``kernels._validate.head_dim_supported``; any other raises
+      ValueError naming the rule before compiling): ``"reference"`` any; ``"gpu"`` a
+      multiple of 16 up to 256 (64, 80, 96, 112, 128, 192, 256, ...; one that is not a
+      power of two runs in masked tiles of the next power of two, reading only its real
+      bytes); ``"tpu"`` a multiple of 128 (128, 256, ...: XLA would copy a pool of any
+      other head_dim into the kernels' layout on every call; pad the cache, docs/tpu.md).
     block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
     lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.
@@ -81,6 +88,11 @@ def paged_attention(
     k_scales, v_scales: 8-bit K/V only (None otherwise): ``f32[num_kv_heads, num_blocks,
       block_size]``, the scale of each slot's row (``kernels.quantize``); every backend
       multiplies them in inside its kernel.
+    decode_plan: decode only: a ``kernels.gpu.plan.DecodePlan`` built on the host from
+      this call's lengths (``kernels.gpu.plan_decode``), or None. A plan is a schedule,
+      not a change of the result: the GPU backend runs its planned kernel by it; the
+      reference checks it and ignores it (same result, so tests pass the same arguments
+      to both); the TPU backend refuses it (it has no planned kernel: pass None there).
 
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
@@ -88,7 +100,16 @@ def paged_attention(
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
-  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  extra = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  if decode_plan is not None:
+    validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
+    if chosen == "tpu":
+      raise ValueError(
+        "decode_plan is for the GPU backend's planned decode; the TPU backend has none: "
+        "pass decode_plan=None"
+      )
+    if chosen == "gpu":
+      extra["decode_plan"] = decode_plan
   return _BACKEND_FNS[chosen](
     q,
     k_blocks,
@@ -101,7 +122,7 @@ def paged_attention(
     logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
-    **quant,
+    **extra,
   )
 
 

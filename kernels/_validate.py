@@ -62,6 +62,65 @@ def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
   )
 
 
+# Head sizes of the Pallas backends (the reference backend takes any head_dim >= 1).
+# GPU: a multiple of 16 up to 256; a size that is not a power of two (80, 96, 112, 192, ...)
+# runs in tiles of the next power of two, its extra columns masked in the kernels
+# (kernels/gpu/decode.py). Above 256: refused, as before (never tested; the default tiles
+# are sized for at most 256).
+GPU_HEAD_DIM_MULTIPLE = 16
+GPU_MAX_HEAD_DIM = 256
+# TPU: a multiple of 128, the lane width. The kernels themselves compile for other sizes
+# (Mosaic pads VMEM tiles to 128 lanes), but XLA's default TPU layout of a pool whose
+# head_dim is not a multiple of 128 is not row-major at real sizes (bf16 [8, 4096, 16, 64]
+# is laid out {1,3,2,0}: num_blocks along the lanes), while the Mosaic kernels take their
+# HBM operands row-major, so every call would relayout (copy) the whole pool (issue 13:
+# no step may touch the whole pool); kernels.tpu.aot.pool_relayout checks it. docs/tpu.md.
+TPU_LANES = 128
+
+
+# GPU kernels that do not mask a padded head dim (kernels.gpu.cascade's shared-prefix
+# kernel) keep the head sizes checked before the padding: "gpu-unpadded".
+GPU_UNPADDED_HEAD_DIMS = (64, 128, 256)
+
+
+def head_dim_supported(head_dim: int, backend: str) -> bool:
+  """Whether ``backend`` ("reference", "gpu", "gpu-unpadded" or "tpu") takes this
+  head_dim; "gpu-unpadded" is the rule of GPU kernels that do not pad the head dim."""
+  if backend == "gpu":
+    return head_dim % GPU_HEAD_DIM_MULTIPLE == 0 and 0 < head_dim <= GPU_MAX_HEAD_DIM
+  if backend == "gpu-unpadded":
+    return head_dim in GPU_UNPADDED_HEAD_DIMS
+  if backend == "tpu":
+    return head_dim > 0 and head_dim % TPU_LANES == 0
+  if backend == "reference":
+    return head_dim >= 1
+  raise ValueError(f"backend must be 'reference', 'gpu', 'gpu-unpadded' or 'tpu', got {backend!r}")
+
+
+# What each rule asks, as the error says it: "the GPU backend: head_dim must be <rule>".
+HEAD_DIM_RULES = {
+  "reference": "at least 1",
+  "gpu": f"a multiple of {GPU_HEAD_DIM_MULTIPLE} up to {GPU_MAX_HEAD_DIM} (e.g. 64, 80, 96, 112, "
+  "128, 192, 256)",
+  "gpu-unpadded": f"one of {GPU_UNPADDED_HEAD_DIMS} for this kernel (it does not pad the head "
+  "dim to a power of two as paged_attention's kernels do)",
+  "tpu": f"a multiple of {TPU_LANES} (the lane width: 128, 256, ...; XLA would copy a pool of "
+  "any other head_dim into the kernels' row-major layout on every call; allocate the cache "
+  "with head_dim zero-padded to a multiple of 128 and pass scale, docs/tpu.md)",
+}
+
+
+def validate_head_dim(q, k_blocks, backend: str) -> None:
+  """Raises ValueError when ``backend`` does not take the head_dim of ``k_blocks``."""
+  head_dim = k_blocks.shape[3]
+  if not head_dim_supported(head_dim, backend):
+    name = backend.split("-")[0].upper()
+    raise ValueError(
+      f"the {name} backend: head_dim must be {HEAD_DIM_RULES[backend]}; got head_dim "
+      f"{head_dim} (k_blocks {_shape_str(k_blocks)}, q {_shape_str(q)})"
+    )
+
+
 def validate_inputs(
   q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, k_scales=None, v_scales=None
 ) -> None:
@@ -206,3 +265,90 @@ def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens)
         f"sequences {rows} have more queries than tokens (cu_q_lens {cu_q_lens.tolist()}, "
         f"lengths {lengths.tolist()}): lengths must count this call's queries"
       )
+
+
+def validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window):
+  """Checks a ``kernels.gpu.plan.DecodePlan`` against the call; raises ValueError.
+
+  Static: a decode call (``cu_q_lens`` None), int32 1-D arrays, ``[batch]`` per-sequence
+  arrays, equal chunk-array lengths, the cache's ``num_kv_heads`` and ``block_size``, and a
+  window the plan may cut by (None, or the call's). Values, when the plan and ``lengths``
+  are host (NumPy) arrays: every sequence's chunks tile ``[max(length - window, 0),
+  length)`` exactly (``[0, length)`` for a plan without a window), in order, so a plan
+  built for other lengths cannot skip or repeat keys. Device arrays are trusted, as the
+  block table is.
+  """
+  from kernels.gpu.plan import DecodePlan  # here: the GPU package is heavy to import
+
+  if not isinstance(decode_plan, DecodePlan):
+    raise ValueError(
+      f"decode_plan must be a kernels.gpu.plan.DecodePlan (from plan_decode), got "
+      f"{type(decode_plan).__name__}"
+    )
+  if cu_q_lens is not None:
+    raise ValueError("decode_plan is for decode calls only (cu_q_lens=None)")
+  p = decode_plan
+  batch = block_table.shape[0]
+  for name in ("chunk_seq", "chunk_start", "chunk_end", "seq_first_chunk", "seq_num_chunks"):
+    x = getattr(p, name)
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")) or x.ndim != 1 or x.dtype != jnp.int32:
+      raise ValueError(f"decode_plan.{name} must be a 1-D int32 array, got {x!r:.80}")
+  if p.seq_first_chunk.shape[0] != batch or p.seq_num_chunks.shape[0] != batch:
+    raise ValueError(
+      f"decode_plan is for a batch of {p.seq_first_chunk.shape[0]} sequences, the call has "
+      f"{batch} (block_table {_shape_str(block_table)})"
+    )
+  if not p.chunk_seq.shape == p.chunk_start.shape == p.chunk_end.shape:
+    raise ValueError(
+      f"decode_plan chunk arrays disagree: chunk_seq {p.chunk_seq.shape}, chunk_start "
+      f"{p.chunk_start.shape}, chunk_end {p.chunk_end.shape}"
+    )
+  num_kv_heads, _, block_size, _ = k_blocks.shape
+  if (p.num_kv_heads, p.block_size) != (num_kv_heads, block_size):
+    raise ValueError(
+      f"decode_plan was built for num_kv_heads {p.num_kv_heads}, block_size {p.block_size}; "
+      f"the cache has {num_kv_heads}, {block_size} (k_blocks {_shape_str(k_blocks)})"
+    )
+  if p.sliding_window is not None and p.sliding_window != sliding_window:
+    raise ValueError(
+      f"decode_plan covers only the last {p.sliding_window} keys of each sequence "
+      f"(built with sliding_window={p.sliding_window}) but the call has sliding_window="
+      f"{sliding_window}; build the plan with the call's window (or None)"
+    )
+  arrays = (p.chunk_seq, p.chunk_start, p.chunk_end, p.seq_first_chunk, p.seq_num_chunks, lengths)
+  if all(isinstance(x, np.ndarray) for x in arrays):
+    _validate_plan_values(p, lengths)
+
+
+def _validate_plan_values(p, lengths) -> None:
+  num_padded = p.chunk_seq.shape[0]
+  first = p.seq_first_chunk.astype(np.int64)
+  count = p.seq_num_chunks.astype(np.int64)
+  if (count < 0).any() or (first < 0).any() or (first + count > num_padded).any():
+    raise ValueError(
+      f"decode_plan's seq_first_chunk / seq_num_chunks point outside its {num_padded} chunks"
+    )
+  length = lengths.astype(np.int64)
+  lo = length * 0 if p.sliding_window is None else np.maximum(length - p.sliding_window, 0)
+  seqs = np.nonzero(count)[0]
+  idx = np.repeat(first[seqs], count[seqs]) + (
+    np.arange(int(count.sum())) - np.repeat(np.cumsum(count[seqs]) - count[seqs], count[seqs])
+  )
+  owner = np.repeat(seqs, count[seqs])
+  start, end = p.chunk_start[idx].astype(np.int64), p.chunk_end[idx].astype(np.int64)
+  head = np.r_[True, owner[1:] != owner[:-1]] if idx.size else np.zeros(0, bool)
+  tail = np.r_[owner[1:] != owner[:-1], True] if idx.size else np.zeros(0, bool)
+  ok = (
+    (p.chunk_seq[idx] == owner).all()
+    and (start < end).all()
+    and (start[head] == lo[owner[head]]).all()
+    and (end[tail] == length[owner[tail]]).all()
+    and (end[~tail] == start[1:][~tail[:-1]]).all()
+    and (length[count == 0] == lo[count == 0]).all()
+  )
+  if not ok:
+    raise ValueError(
+      "decode_plan does not tile each sequence's keys exactly once for these lengths "
+      f"({lengths[:8].tolist()}...): it was built for other lengths; build it from the "
+      "call's lengths (kernels.gpu.plan.plan_decode)"
+    )

@@ -157,6 +157,11 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
     sample_positions=zeros,
     cow_src=pad,
     cow_dst=pad,
+    # No cascade plan (distinct random blocks per row: nothing is shared).
+    cascade_group_table=np.zeros((0, 0), np.int32),
+    cascade_group_lens=pad,
+    cascade_group_rows=np.zeros((0, 0), np.int32),
+    cascade_row_starts=pad,
     decode_only=True,
     any_sampled=False,
   )

@@ -8,6 +8,15 @@ the interpret-mode tests use (``gpu_kernel_vs_reference_rel_l2`` in kernels/test
 Writes ``OUT/check.jsonl``; exits 1 if any case fails.
 
   python -m experiments.bench.gpu_check --out /tmp/check [--smoke]
+
+With ``--head-dims`` it checks head sizes instead (issue 15 item 3): for each head_dim,
+the split-K decode, the planned decode and a mixed chunked prefill once against the
+reference, then the default decode timed at one shape (``HEAD_DIM_DECODE_SHAPE``,
+bf16) with its read rate over the real K/V bytes; prints a table and writes
+``OUT/head_dims.jsonl``. 64, 128 and 256 beside the others give the power-of-two
+baseline the padded sizes (80, 96, 112 in 128-wide tiles, 192 in 256-wide) compare to:
+
+  python -m experiments.bench.gpu_check --head-dims 64,80,96,112,128,192,256 --out /tmp/hd
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from experiments._timing import time_calls
 from experiments.bench import _flags
 from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu, reference
@@ -310,15 +320,172 @@ def cases(smoke: bool):
   )
 
 
+def planned_case(
+  rng, *, batch, context, block_size, hq=32, hkv=8, d=128, dtype=jnp.bfloat16, interpret=False
+):
+  """Planned decode (a host plan from the lengths) on mixed lengths, and the reference."""
+  lens = rng.integers(1, context + 1, size=batch).astype(np.int32)
+  lens[: min(batch, 3)] = [context, 1, 0][: min(batch, 3)]  # one full row: several chunks
+  kb, vb, table, lens, _, _ = make_paged(
+    rng,
+    batch=batch,
+    context=context,
+    block_size=block_size,
+    num_kv_heads=hkv,
+    head_dim=d,
+    dtype=dtype,
+    lengths=lens,
+    extra_blocks=7,
+  )
+  q = jax.random.normal(
+    jax.random.key(int(rng.integers(1 << 30))), (batch, hq, d), jnp.float32
+  ).astype(dtype)
+  host_lens, host_table = np.asarray(lens), np.asarray(table)
+  if interpret:  # 16-token steps, so that the tiny smoke rows still take several chunks
+    plan = gpu.plan_decode(host_lens, block_size, hkv, kv_tile=16, chunk_tokens=32)
+    bsz = gpu.BlockSizes(decode_kv_tile=16)
+  else:
+    plan, bsz = gpu.plan_decode(host_lens, block_size, hkv), None
+  out = gpu.paged_attention(
+    q, kb, vb, host_table, host_lens, decode_plan=plan, block_sizes=bsz, interpret=interpret
+  )
+  return out, reference.paged_attention(q, kb, vb, table, lens)
+
+
+# Batch, context, query heads, KV heads, block size of the --head-dims decode timing.
+HEAD_DIM_DECODE_SHAPE = (64, 4096, 32, 8, 16)
+
+
+def _check_row(out, ref) -> dict:
+  dtype = jnp.dtype(out.dtype).name
+  bound = tolerance("gpu_kernel_vs_reference_rel_l2", dtype).rtol
+  out = np.asarray(out.astype(jnp.float32), np.float64)
+  ref = np.asarray(ref.astype(jnp.float32), np.float64)
+  nan = bool(np.isnan(out).any())
+  rel = rel_l2_error(out, ref)
+  return dict(rel_err=rel, bound=bound, nan=nan, ok=(not nan) and rel <= bound)
+
+
+def _head_dim_cases(rng, d, smoke):
+  """(name, fn) of the three kernel checks of one head_dim, bf16."""
+  if smoke:
+    kw = dict(d=d, hq=4, hkv=2, block_size=8, interpret=True)
+    small = gpu.BlockSizes(decode_kv_tile=16, prefill_q_tile=16, prefill_kv_tile=16)
+    dec = dict(batch=3, context=40)
+    pre = dict(q_lens=[5, 1, 9], ctx_lens=[3, 20, 0], block_sizes=small)
+    dec_bsz = dict(block_sizes=small)
+  else:
+    kw = dict(d=d, block_size=16)
+    dec = dict(batch=16, context=2048)
+    pre = dict(q_lens=[300, 1, 70], ctx_lens=[500, 1000, 0])
+    dec_bsz = {}
+  return [
+    ("decode", lambda: decode_case(rng, lengths="mixed", **dec, **dec_bsz, **kw)),
+    ("planned", lambda: planned_case(rng, **dec, **kw)),
+    ("prefill", lambda: prefill_case(rng, **pre, **kw)),
+  ]
+
+
+def _time_decode(rng, d, smoke) -> dict:
+  """The default decode at HEAD_DIM_DECODE_SHAPE (bf16, full lengths), timed as device time
+  of 10 calls per sample; its read rate counts the real K/V bytes (no padding)."""
+  batch, context, hq, hkv, bs = (3, 48, 4, 2, 8) if smoke else HEAD_DIM_DECODE_SHAPE
+  kb, vb, table, lens, _, _ = make_paged(
+    rng,
+    batch=batch,
+    context=context,
+    block_size=bs,
+    num_kv_heads=hkv,
+    head_dim=d,
+    dtype=jnp.bfloat16,
+    poison=False,
+  )
+  q = jnp.full((batch, hq, d), 0.5, jnp.bfloat16)
+  bsz = gpu.BlockSizes(decode_kv_tile=16) if smoke else None
+  fn = jax.jit(
+    lambda q, k, v, t, n: gpu.paged_attention(q, k, v, t, n, block_sizes=bsz, interpret=smoke)
+  )
+  if smoke:
+    t = time_calls(lambda: fn(q, kb, vb, table, lens), repeats=3, inner=1, warmup=1)
+  else:
+    t = time_calls(lambda: fn(q, kb, vb, table, lens), repeats=21, inner=10, warmup=2)
+  real_bytes = 2 * batch * context * hkv * d * 2  # K and V, bf16, the real head_dim
+  return dict(
+    decode_shape=f"{batch}x{context} {hq}/{hkv} heads bs{bs}",
+    **t.fields("decode_time", scale=1e6, suffix="_us"),
+    decode_tbps=real_bytes / t.median / 1e12,
+  )
+
+
+def head_dim_checks(head_dims, *, smoke: bool, out_dir: str, env: dict) -> int:
+  """The --head-dims mode (module docstring); returns the number of failed head sizes."""
+  rng = np.random.default_rng(4321)
+  rows, failed = [], 0
+  for d in head_dims:
+    row = dict(head_dim=d, tile_width=gpu.padded_head_dim(d), dtype="bfloat16")
+    cases = _head_dim_cases(rng, d, smoke)
+    for name, fn in cases:
+      try:
+        out, ref, *extra = fn()
+        row.update({f"{name}_{k}": v for k, v in _check_row(out, ref).items()})
+        if extra:  # prefill: which kernel "auto" ran (Mosaic takes head_dim 64 and 128 only)
+          row[f"{name}_kernel"] = extra[0]["kernel"]
+      except Exception as e:  # noqa: BLE001 - report and go on
+        row.update({f"{name}_ok": False, f"{name}_error": f"{type(e).__name__}: {str(e)[:300]}"})
+    try:
+      row.update(_time_decode(rng, d, smoke))
+    except Exception as e:  # noqa: BLE001
+      row["timing_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    row["ok"] = all(row.get(f"{n}_ok", False) for n, _ in cases) and "timing_error" not in row
+    failed += not row["ok"]
+    rows.append(row)
+    write_jsonl(os.path.join(out_dir, "head_dims.jsonl"), [{**row, **env}])
+    print(("PASS " if row["ok"] else "FAIL ") + f"head_dim {d}", flush=True)
+  print_head_dim_table(rows, env["device"])
+  return failed
+
+
+def print_head_dim_table(rows, device):
+  def err(r, name):
+    return f"{r[name + '_rel_err']:.2e}" if name + "_rel_err" in r else "error"
+
+  print(f"\nHead sizes on {device}, bf16 (errors: relative L2 against the reference)")
+  print(
+    "| head_dim | tile | decode err | planned err | prefill err (kernel) | decode us (min-max) "
+    "| TB/s | ok |"
+  )
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    timing, tbps = "error", "-"
+    if "decode_time_us" in r:
+      lo, hi = r["decode_time_min_us"], r["decode_time_max_us"]
+      timing, tbps = f"{r['decode_time_us']:.1f} ({lo:.1f}-{hi:.1f})", f"{r['decode_tbps']:.2f}"
+    print(
+      f"| {r['head_dim']} | {r['tile_width']} | {err(r, 'decode')} | {err(r, 'planned')} | "
+      f"{err(r, 'prefill')} ({r.get('prefill_kernel', '?')}) | {timing} | {tbps} | "
+      f"{'yes' if r['ok'] else 'NO'} |"
+    )
+  for r in rows:
+    for k, v in r.items():
+      if k.endswith("error"):
+        print(f"head_dim {r['head_dim']} {k}: {v}")
+
+
 def define_flags():
   flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_check"), "output folder")
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
+  flags.DEFINE_list(
+    "head-dims", [], "check these head sizes (e.g. 64,80,96,112,128,192,256) instead"
+  )
 
 
 def main(args):
   os.makedirs(args.out, exist_ok=True)
   env = env_info()
   print(env, flush=True)
+  if args.head_dims:
+    head_dims = [int(d) for d in args.head_dims]
+    return 1 if head_dim_checks(head_dims, smoke=args.smoke, out_dir=args.out, env=env) else 0
   rng = np.random.default_rng(1234)
   failed = 0
   rows = []

@@ -55,6 +55,11 @@ PREFILL_LEN = 4096
 QUANT_SHAPES = ((64, 8192), (128, 4096))
 QUANT_BLOCK_SIZE = 16
 QUANT_DTYPES = ("int8", "float8_e4m3fn")
+# --kv-quant-sweep: decode settings tried for 8-bit K/V at the first of QUANT_SHAPES (the
+# default for a 256-byte token of K plus V is a 128-token step, 4 warps, 3 stages).
+QUANT_SWEEP = tuple(
+  (tile, warps, stages) for tile in (128, 256) for warps in (4, 8) for stages in (3, 4)
+)
 
 # Extra decode settings timed with --decode-sweep (the defaults come from tuning.py).
 SWEEP_CONFIGS = (
@@ -365,6 +370,60 @@ def prefill_bench(runner, block_sizes, sweep):
   return rows
 
 
+def kv_quant_sweep(runner, shape):
+  """Times 8-bit decode at ``shape`` under each QUANT_SWEEP setting; one row per (dtype,
+  setting) with its median and spread, bytes counted as in :func:`kv_quant_bench`."""
+  from kernels.gpu.tuning import BlockSizes
+
+  rng = np.random.default_rng(3)
+  batch, context = shape
+  kb, vb, table, lengths, _, _ = make_paged(
+    rng,
+    batch=batch,
+    context=context,
+    block_size=QUANT_BLOCK_SIZE,
+    num_kv_heads=HKV,
+    head_dim=D,
+    dtype=jnp.bfloat16,
+    poison=False,
+  )
+  q = jax.random.normal(jax.random.key(5), (batch, HQ, D), jnp.float32).astype(jnp.bfloat16)
+  nbytes = batch * context * 2 * HKV * (D + 4)
+  rows = []
+  for name in QUANT_DTYPES:
+    kq, ks = jax.jit(kernels.quantize, static_argnums=1)(kb, jnp.dtype(name))
+    vq, vs = jax.jit(kernels.quantize, static_argnums=1)(vb, jnp.dtype(name))
+    for tile, warps, stages in QUANT_SWEEP:
+      if runner.left() < 15:
+        break
+      bs = BlockSizes(decode_kv_tile=tile, decode_num_warps=warps, decode_num_stages=stages)
+      try:
+        row = measure(
+          runner,
+          "ours_kv_quant_sweep",
+          ours_fn(bs, k_scales=ks, v_scales=vs),
+          (q, kq, vq, table, lengths),
+          nbytes,
+          kv_dtype=name,
+          kv_tile=tile,
+          num_warps=warps,
+          num_stages=stages,
+          batch=batch,
+          context=context,
+        )
+      except Exception:  # noqa: BLE001 - a setting that does not compile is reported
+        traceback.print_exc()
+        continue
+      if "time_ms" in row:
+        print(
+          f"  sweep {name} tile {tile} warps {warps} stages {stages}: {row['time_ms']:.4f} ms "
+          f"({row['time_min_ms']:.4f}-{row['time_max_ms']:.4f}), {row['tbps']:.2f} TB/s",
+          flush=True,
+        )
+        rows.append({**row, **runner.env})
+  return rows
+
+
 def kv_quant_bench(runner, shapes, passes):
   """bf16 against 8-bit decode on the same tokens, per shape; rows for kv_quant.jsonl.
 
@@ -466,14 +525,20 @@ def define_flags():
   flags.DEFINE_bool(
     "kv-quant", False, "also time 8-bit (int8, fp8) decode against bf16 at QUANT_SHAPES"
   )
+  flags.DEFINE_bool(
+    "kv-quant-sweep",
+    False,
+    "also time 8-bit decode under each QUANT_SWEEP setting (OUT/kv_quant_sweep.jsonl)",
+  )
 
 
 def main(args):
   global HQ, HKV, D, DECODE_SHAPES, BLOCK_SIZES, INTERPRET, PREFILL_LEN, QUANT_SHAPES
+  global QUANT_SWEEP
   if args.smoke:
     HQ, HKV, D, INTERPRET, PREFILL_LEN = 4, 2, 64, True, 32
     DECODE_SHAPES, BLOCK_SIZES = ((2, 64),), (16,)
-    QUANT_SHAPES = ((2, 64),)
+    QUANT_SHAPES, QUANT_SWEEP = ((2, 64),), QUANT_SWEEP[:1]
     args.no_builtin = True
   os.makedirs(args.out, exist_ok=True)
   runner = Runner(args.out, args.budget_s)
@@ -508,6 +573,9 @@ def main(args):
         f"kv-quant {r['case']} {r['kv_dtype']}: {r['ours_tbs']:.2f} TB/s vs bf16 "
         f"{r['bf16_tbs']:.2f} TB/s, speedup {r['speedup']:.2f}x"
       )
+  if args.kv_quant_sweep:
+    sweep_rows = kv_quant_sweep(runner, QUANT_SHAPES[0])
+    write_jsonl(os.path.join(args.out, "kv_quant_sweep.jsonl"), sweep_rows)
 
   summary = []
   for c in cases:

@@ -4,10 +4,20 @@ Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
 
 * decode (one query per sequence, memory-bound): Pallas Triton (``decode.py``) on every
   GPU; it reads K/V at 94.5-95.4% of an H100's measured bandwidth (docs/benchmarks.md).
+  With a ``decode_plan`` (``plan.py``: chunks of about equal tokens cut on the host from
+  the real lengths) the planned Triton kernel (``planned.py``) runs instead, for ragged
+  batches where one long row would serialise the default kernel.
 * prefill / chunked prefill / mixed batches (compute-bound): on Hopper (sm_90) the Pallas
   Mosaic GPU kernel (``prefill_mosaic.py``: TMA, wgmma, warp specialisation) for the calls
   it supports and that are prefill-heavy; Pallas Triton (``prefill.py``) everywhere else
-  (Ampere, other dtypes or head dims, decode-heavy mixed batches).
+  (Ampere, other dtypes or head dims, decode-heavy mixed batches). The Mosaic kernel takes
+  head_dim 64 and 128 only; every other head size runs on Triton.
+
+Head sizes: any multiple of 16 up to 256 (``kernels._validate.head_dim_supported``). One
+that is not a power of two (80, 96, 112, 192) runs in tiles of the next power of two,
+the extra columns masked inside the kernels: q, K/V and the output keep their real
+head_dim in HBM, so no extra byte is read; the tile is as wide as the next power of two's
+in shared memory and registers (``tuning.default_block_sizes`` sizes it so).
 
 Both run on CPU in interpret mode, which is how CI checks them: Triton kernels with
 ``interpret=True``; the Mosaic GPU kernel in GPU interpret mode when asked for explicitly
@@ -23,24 +33,44 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels._validate import _shape_str, validate_inputs, validate_options
+from kernels._validate import (
+  _shape_str,
+  validate_decode_plan,
+  validate_head_dim,
+  validate_inputs,
+  validate_options,
+)
 from kernels.gpu import prefill_mosaic
 from kernels.gpu.decode import paged_decode
+from kernels.gpu.plan import DecodePlan, plan_decode
+from kernels.gpu.planned import planned_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
-from kernels.gpu.tuning import PREFILL_KERNELS, BlockSizes, default_block_sizes
+from kernels.gpu.tuning import (
+  PREFILL_KERNELS,
+  BlockSizes,
+  default_block_sizes,
+  padded_head_dim,
+  planned_block_sizes,
+)
 
 __all__ = [
   "BlockSizes",
+  "DecodePlan",
   "default_block_sizes",
   "is_hopper",
   "kernel_backend",
+  "padded_head_dim",
   "paged_attention",
+  "plan_decode",
+  "planned_block_sizes",
   "validate_gpu_inputs",
 ]
 
-# The head dims checked on an H100 (experiments/bench/gpu_check.py) and in interpret mode.
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
+# Head dims: kernels._validate.head_dim_supported(d, "gpu"), any multiple of 16 up to 256.
+# 64, 128 and 256 were checked on an H100 (experiments/bench/gpu_check.py); 80, 96, 112 and
+# 192 (masked tiles of the next power of two) in interpret mode and lowered to Triton IR
+# (tests/kernels/test_gpu_head_sizes.py), on a GPU by gpu_check.py --head-dims.
 MAX_BLOCK_SIZE = 512
 MAX_GROUP = 128  # query heads per KV head in one decode tile
 
@@ -145,15 +175,18 @@ def validate_gpu_inputs(
   block_sizes=None,
   k_scales=None,
   v_scales=None,
+  pads_head_dim=False,
 ) -> None:
-  """Static checks of what the GPU kernels support; raises ValueError before compiling."""
+  """Static checks of what the GPU kernels support; raises ValueError before compiling.
+
+  ``pads_head_dim``: whether the kernels that will run mask a head dim padded to a power of
+  two (``paged_attention``'s decode, planned decode and prefill do: any multiple of 16 up
+  to 256). Other callers (the cascade kernels) keep the head sizes checked before that,
+  ``kernels._validate.GPU_UNPADDED_HEAD_DIMS``.
+  """
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
-  num_kv_heads, num_blocks, block_size, head_dim = k_blocks.shape
-  if head_dim not in SUPPORTED_HEAD_DIMS:
-    raise ValueError(
-      f"the GPU backend supports head_dim in {SUPPORTED_HEAD_DIMS}, got head_dim "
-      f"{head_dim} (k_blocks {_shape_str(k_blocks)}, q {_shape_str(q)})"
-    )
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  validate_head_dim(q, k_blocks, "gpu" if pads_head_dim else "gpu-unpadded")
   if block_size < 1 or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
     raise ValueError(
       f"the GPU backend supports block_size a power of two in [1, {MAX_BLOCK_SIZE}], got "
@@ -200,6 +233,7 @@ def paged_attention(
   interpret=False,
   k_scales=None,
   v_scales=None,
+  decode_plan=None,
 ):
   """Paged attention on GPU (Pallas); same arguments and result as kernels.reference.
 
@@ -216,6 +250,10 @@ def paged_attention(
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit (int8,
       float8_e4m3fn) K/V, else None; the Triton kernels multiply them into the scores and
       the probabilities (8-bit prefill always runs on Triton).
+    decode_plan: a :class:`kernels.gpu.plan.DecodePlan` from ``plan_decode`` on this
+      call's lengths (decode only), or None for the default split-K decode. With a plan,
+      ``block_sizes`` defaults to ``planned_block_sizes`` and its ``decode_num_splits`` is
+      not used.
 
   Returns:
     Array shaped like q, q.dtype.
@@ -230,11 +268,16 @@ def paged_attention(
     block_sizes=block_sizes,
     k_scales=k_scales,
     v_scales=v_scales,
+    pads_head_dim=True,
   )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
+  if decode_plan is not None:
+    validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
   head_dim = q.shape[2]
   decode = cu_q_lens is None
-  if block_sizes is None:
+  if block_sizes is None and decode_plan is not None:
+    block_sizes = planned_block_sizes(head_dim=head_dim, kv_dtype=k_blocks.dtype)
+  elif block_sizes is None:
     block_sizes = default_block_sizes(
       head_dim=head_dim,
       kv_dtype=k_blocks.dtype,
@@ -261,6 +304,8 @@ def paged_attention(
     k_scales=k_scales,
     v_scales=v_scales,
   )
+  if decode_plan is not None:
+    return planned_decode(q, k_blocks, v_blocks, block_table, lengths, decode_plan, **kwargs)
   if decode:
     return paged_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)
   backend = kernel_backend(

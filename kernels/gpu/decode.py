@@ -14,9 +14,21 @@ by ``0 <= block_id < num_blocks`` (an unused ``-1`` entry is never dereferenced)
 by the position being visible (``< length``, inside the sliding window); masked rows
 load as zeros and their logits are ``-inf``, so NaN in unused slots cannot leak.
 
+A head_dim that is not a power of two (80, 96, 112, 192, ...: any multiple of 16 up
+to 256) is computed in tiles of the next power of two (``padded_head_dim``): every load
+and store masks the columns past head_dim, so arrays keep their real width in HBM and
+no extra byte is read or written; a power-of-two head_dim takes the same code with no
+column mask.
+
 With one split the program writes the normalised output in ``q.dtype``; with more
 it writes unnormalised float32 partial sums and the running max / denominator, and
 ``_combine`` (XLA, a few MB at most) merges them.
+
+Two options, off by default (the plain decode path compiles to the same kernel without
+them), serve cascade attention (``kernels.gpu.cascade``): ``row_starts`` (each row reads
+only keys ``[row_starts[b], lengths[b])``) and ``return_partials`` (the float32 partial
+sums, max and denominator are returned, even with one split, for a merge with other
+partials).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels._quant import is_quantized
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.tuning import BlockSizes
+from kernels.gpu.tuning import BlockSizes, padded_head_dim
 
 
 def compute_dtype(q_dtype, kv_dtype):
@@ -51,6 +63,23 @@ def dot_precision(dtype):
   # Triton's default for a float32 dot is tf32 (~1e-3 relative error); the API
   # promises float32 accuracy, so float32 operands ask for IEEE products.
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def head_cols(head_dim: int):
+  """``(cols, col_ok)``: i32[width] column ids of a head-dim tile (width =
+  ``tuning.padded_head_dim``) and bool[width] ``cols < head_dim``, or None where the width
+  is ``head_dim`` (the static branch that keeps power-of-two head sizes mask-free)."""
+  width = padded_head_dim(head_dim)
+  cols = jnp.arange(width, dtype=jnp.int32)
+  return cols, (None if width == head_dim else cols < head_dim)
+
+
+def tile_mask(row_mask, col_ok):
+  """Mask of a ``[rows, width]`` tile: ``row_mask`` bool[rows] on every column, and only
+  the real columns where the head dim is padded (``col_ok`` not None)."""
+  if col_ok is None:
+    return row_mask[:, None]
+  return row_mask[:, None] & col_ok[None, :]
 
 
 def _num_sms() -> int:
@@ -82,7 +111,8 @@ def _decode_kernel(
   # its own rows. The pools are seen with one row per token slot.
   lengths_ref,  # i32[batch]
   table_ref,  # i32[batch * max_blocks]: block_table flattened, -1 where unused
-  q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head
+  q_ref,  # [batch * num_q_heads, head_dim]: row b * num_q_heads + query head. head_dim is
+  # the real one (any multiple of 16 up to 256): tiles are padded_head_dim wide, masked.
   k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: K pool, row = slot
   v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
   # 8-bit K/V only (quantized=True): ks_ref, vs_ref f32[num_kv_heads * num_blocks *
@@ -107,9 +137,13 @@ def _decode_kernel(
   logit_soft_cap,
   cdtype,
   quantized=False,
+  has_starts=False,
+  partials=False,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
+  if has_starts:
+    starts_ref, *out_refs = out_refs  # i32[batch]: the first key position each row reads
   h = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -117,8 +151,18 @@ def _decode_kernel(
   row_ids = jnp.arange(rows, dtype=jnp.int32)
   row_ok = row_ids < group
   q_row0 = b * num_q_heads + h * group
-  # [rows, head_dim]: the group's query heads, zero rows past the group
-  q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+  # Gathers index every dimension with an array (rows x columns): that is what both
+  # the Triton lowering and interpret mode accept for a row gather. Tiles are `width`
+  # columns wide (head_dim padded to a power of two; col_ok None when it is head_dim).
+  cols, col_ok = head_cols(head_dim)
+  width = cols.shape[0]
+  # [rows, width]: the group's query heads, zero rows past the group (and zero columns
+  # past head_dim)
+  if col_ok is None:
+    q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+  else:
+    q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
+    q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
 
@@ -128,13 +172,13 @@ def _decode_kernel(
   if sliding_window is not None:
     # Position length-1 sees keys > length-1-window, i.e. >= length-window.
     lo = jnp.maximum(start, length - sliding_window)
+  if has_starts:
+    row_start = starts_ref[b]
+    lo = jnp.maximum(lo, row_start)
   first = lo // kv_tile
   last = (end + kv_tile - 1) // kv_tile
   head_base = h * (num_blocks * block_size)
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
-  # Gathers index every dimension with an array (rows x columns): that is what both
-  # the Triton lowering and interpret mode accept for a row gather.
-  cols = jnp.arange(head_dim, dtype=jnp.int32)
   shift = int(math.log2(block_size))
 
   def body(j, carry):
@@ -147,13 +191,16 @@ def _decode_kernel(
     valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok < length)
     if sliding_window is not None:
       valid &= tok >= length - sliding_window
+    if has_starts:
+      valid &= tok >= row_start
     kv_rows = (
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
-    # [kv_tile, head_dim] each; rows of positions the query does not see are zero.
-    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    # [kv_tile, width] each; rows of positions the query does not see are zero.
+    kv_mask = tile_mask(valid, col_ok)
+    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+    v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
     if quantized:
       # Dequantise in the kernel: q . (k_row * k_scale) = (q . k_row) * k_scale per key.
@@ -169,19 +216,22 @@ def _decode_kernel(
     acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
     return acc, m, den
 
-  acc = jnp.zeros((rows, head_dim), jnp.float32)  # sum of p @ v
+  acc = jnp.zeros((rows, width), jnp.float32)  # sum of p @ v
   m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
 
-  if num_splits == 1:
+  if num_splits == 1 and not partials:
     (o_ref,) = out_refs
-    out = acc / jnp.where(den > 0, den, 1.0)[:, None]
-    plgpu.store(o_ref.at[pl.ds(q_row0, rows), :], out.astype(o_ref.dtype), mask=row_ok[:, None])
+    out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(o_ref.dtype)
+    if col_ok is None:
+      plgpu.store(o_ref.at[pl.ds(q_row0, rows), :], out, mask=row_ok[:, None])
+    else:
+      plgpu.store(o_ref.at[q_idx], out, mask=tile_mask(row_ok, col_ok))
   else:
     o_ref, m_ref, den_ref = out_refs
     part_rows = (q_row0 + row_ids) * num_splits + split
-    plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=row_ok[:, None])
+    plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=tile_mask(row_ok, col_ok))
     plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
 
@@ -198,7 +248,15 @@ def _combine(o, m, den, out_dtype):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "sliding_window",
+    "logit_soft_cap",
+    "block_sizes",
+    "interpret",
+    "return_partials",
+  ),
 )
 def paged_decode(
   q,
@@ -214,6 +272,8 @@ def paged_decode(
   interpret: bool = False,
   k_scales=None,
   v_scales=None,
+  row_starts=None,
+  return_partials: bool = False,
 ):
   """Decode attention, one query per sequence.
 
@@ -223,9 +283,16 @@ def paged_decode(
     block_table: i32[batch, max_blocks] (-1 where unused).
     lengths: i32[batch].
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
+    row_starts: None (default: every row reads keys from position 0), or i32[batch]: row b
+      reads only keys [row_starts[b], lengths[b]) (cascade attention's own part).
+    return_partials: False (default): the normalised output. True: the unnormalised
+      float32 split partials, for a merge elsewhere (cascade attention).
 
   Returns:
-    [batch, num_q_heads, head_dim] in q.dtype.
+    [batch, num_q_heads, head_dim] in q.dtype; with ``return_partials``, ``(o f32[batch,
+    num_q_heads, splits, head_dim], m f32[batch, num_q_heads, splits], den f32[batch,
+    num_q_heads, splits])``: per split the sum of p @ v, the max logit in log2 units (-inf
+    where the split saw no key) and the sum of p, with p = exp2(logit * log2(e) - m).
   """
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
@@ -259,6 +326,8 @@ def paged_decode(
     logit_soft_cap=logit_soft_cap,
     cdtype=cdtype,
     quantized=k_scales is not None,
+    has_starts=row_starts is not None,
+    partials=return_partials,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -270,7 +339,9 @@ def paged_decode(
   )
   if k_scales is not None:
     args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
-  if num_splits == 1:
+  if row_starts is not None:
+    args += (row_starts.astype(jnp.int32),)
+  if num_splits == 1 and not return_partials:
     out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype)
   else:
     n = batch * num_q_heads * num_splits
@@ -287,11 +358,18 @@ def paged_decode(
       num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
     ),
     interpret=interpret,
-    name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}",
+    name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}"
+    + ("_partials" if return_partials else ""),
   )(*args)
-  if num_splits == 1:
+  if num_splits == 1 and not return_partials:
     return outs.reshape(batch, num_q_heads, head_dim)
   o, m, den = outs
+  if return_partials:
+    return (
+      o.reshape(batch, num_q_heads, num_splits, head_dim),
+      m.reshape(batch, num_q_heads, num_splits),
+      den.reshape(batch, num_q_heads, num_splits),
+    )
   return _combine(
     o.reshape(batch, num_q_heads, num_splits, head_dim),
     m.reshape(batch, num_q_heads, num_splits),

@@ -13,6 +13,10 @@ through the block table as in the decode kernel. K/V tiles that every row of the
 tile sees entirely run without any mask; only the tiles on the causal diagonal and
 the window's edge (and the tail past the length) are masked. Every gathered load is
 masked by the block id being a real block, so ``-1`` entries are never read.
+
+A head_dim that is not a power of two is computed in tiles of the next power of two, its
+extra columns masked on every load and store (as in ``decode.py``: arrays keep their real
+head_dim in HBM); a power-of-two head_dim emits no column mask.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.decode import compute_dtype, dot_precision
+from kernels.gpu.decode import compute_dtype, dot_precision, head_cols, tile_mask
 from kernels.gpu.tuning import BlockSizes
 
 # Schedule columns (int32 [num_tiles, _NCOL]).
@@ -140,7 +144,10 @@ def _prefill_kernel(
   klen = sched_ref[i * _NCOL + _KLEN]
   kvh = (hg * heads_per_program) // group
 
-  cols = jnp.arange(head_dim, dtype=jnp.int32)
+  # Tiles are `width` = head_dim padded to a power of two columns wide; col_ok masks the
+  # columns past head_dim (None when there are none).
+  cols, col_ok = head_cols(head_dim)
+  width = cols.shape[0]
   # Row r of the tile is token r // heads_per_program, query head r % heads_per_program
   # (of this program's heads): the heads of one GQA group share every K/V load.
   r = jnp.arange(q_tile, dtype=jnp.int32)
@@ -150,8 +157,9 @@ def _prefill_kernel(
   q_rows = (
     (start + t) * num_q_heads + hg * heads_per_program + jnp.bitwise_and(r, heads_per_program - 1)
   )
-  # [q_tile, head_dim]; rows past the tile's end are zero.
-  q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
+  # [q_tile, width]; rows past the tile's end (and columns past head_dim) are zero.
+  q_idx = (q_rows[:, None], cols[None, :])
+  q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
   q = q.astype(cdtype)
   prec = dot_precision(cdtype)
   pos = pos0 + t
@@ -190,9 +198,10 @@ def _prefill_kernel(
       head_base + jnp.where(blk_ok, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
-    # [kv_tile, head_dim] each; rows not loaded are zero.
-    k = plgpu.load(k_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=blk_ok[:, None], other=0.0).astype(cdtype)
+    # [kv_tile, width] each; rows not loaded are zero.
+    kv_mask = tile_mask(blk_ok, col_ok)
+    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+    v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[q_tile, kv_tile]
     if quantized:
       # Dequantise in the kernel: (q . k_row) * k_scale per key, and p * v_scale below.
@@ -213,7 +222,7 @@ def _prefill_kernel(
     return acc, m, den
 
   carry = (
-    jnp.zeros((q_tile, head_dim), jnp.float32),  # acc: sum of p @ v
+    jnp.zeros((q_tile, width), jnp.float32),  # acc: sum of p @ v
     jnp.full((q_tile,), -jnp.inf, jnp.float32),  # m: running max, log2 units
     jnp.zeros((q_tile,), jnp.float32),  # den: running sum of p
   )
@@ -222,9 +231,7 @@ def _prefill_kernel(
   carry = lax.fori_loop(j2, j3, functools.partial(step, masked=True), carry)
   acc, _, den = carry
   out = acc / jnp.where(den > 0, den, 1.0)[:, None]
-  plgpu.store(
-    o_ref.at[q_rows[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=row_ok[:, None]
-  )
+  plgpu.store(o_ref.at[q_idx], out.astype(o_ref.dtype), mask=tile_mask(row_ok, col_ok))
 
 
 @functools.partial(

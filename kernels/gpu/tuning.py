@@ -24,6 +24,18 @@ _LARGE_STAGE_BYTES = 64 * 1024
 PREFILL_KERNELS = ("auto", "triton", "mosaic")
 
 
+def padded_head_dim(head_dim: int) -> int:
+  """Width of the kernels' head-dim tiles: ``head_dim`` rounded up to a power of two.
+
+  Triton block shapes must be powers of two, so a head_dim of 80, 96 or 112 is computed
+  in 128-wide tiles and 192 in 256-wide ones. Only the tiles are wider: q, K/V and the
+  output keep their real head_dim in memory, and the kernels mask the columns past it on
+  every load (read as zeros, which add nothing to ``q . k`` and give zero output columns)
+  and every store, so no extra byte moves (``kernels.gpu.decode.head_cols``).
+  """
+  return 1 << (int(head_dim) - 1).bit_length()
+
+
 def _is_pow2(x: int) -> bool:
   return isinstance(x, int) and x > 0 and (x & (x - 1)) == 0
 
@@ -128,8 +140,12 @@ def default_block_sizes(
   fastest and least variably; smaller batches keep 2 programs per SM (32 KiB
   stages) so split-K has more programs in flight.
 
+  Sizes are of the kernels' tiles, whose head dim is ``head_dim`` rounded up to a power of
+  two (80, 96, 112 -> 128; 192 -> 256): the tiles in shared memory and registers are that
+  wide, whatever the bytes read, so head_dim 96 gets the settings of 128.
+
   Args:
-    head_dim: D of q and K/V.
+    head_dim: D of q and K/V (its padded width sets the tiles).
     kv_dtype: dtype of the K/V pools.
     num_tokens: query rows of a prefill call (None for decode); a short call gets a
       smaller query tile so that fewer rows are padding.
@@ -137,7 +153,8 @@ def default_block_sizes(
     batch, num_kv_heads: decode batch and KV heads (None: treated as a small batch).
   """
   itemsize = jnp.dtype(kv_dtype).itemsize
-  row_bytes = 2 * head_dim * itemsize  # one token of K plus V
+  width = padded_head_dim(head_dim)
+  row_bytes = 2 * width * itemsize  # one token of K plus V, as tiled
   large = batch is not None and num_kv_heads is not None and batch * num_kv_heads >= 128
   if large:
     kv_tile = max(16, min(128, _floor_pow2(_LARGE_STAGE_BYTES // row_bytes)))
@@ -148,7 +165,7 @@ def default_block_sizes(
   else:
     kv_tile = max(16, min(128, _floor_pow2(_STAGE_BYTES // row_bytes)))
     warps, stages = 4, 3 if kv_tile * row_bytes <= 32 * 1024 else 2
-  big = head_dim * itemsize > 256  # head_dim 256 bf16 or >= 128 f32: registers run out
+  big = width * itemsize > 256  # head_dim 256 bf16 or >= 128 f32: registers run out
   prefill_q = 64 if big else 128
   if num_tokens is not None and not decode:
     prefill_q = max(16, min(prefill_q, _floor_pow2(max(num_tokens, 16))))
@@ -164,3 +181,17 @@ def default_block_sizes(
     prefill_num_warps=4,
     prefill_num_stages=2 if big else 3,
   )
+
+
+def planned_block_sizes(*, head_dim: int, kv_dtype) -> BlockSizes:
+  """Defaults of the planned decode (``kernels/gpu/planned.py``): the small-batch decode
+  settings whatever the batch (steps of at most 48 KiB of K plus V, 4 warps; at bf16
+  head_dim 128, 64-token steps, 3 stages of 32 KiB: two programs resident per SM).
+
+  A plan cuts the work into about ``PROGRAMS_PER_SM`` short chunks per SM; with two
+  programs per SM one program's start (plan entries, query tile, first K/V steps) overlaps
+  the other's reads, where the large-batch settings (one program per SM) would leave the
+  SM's reads idle at every program's start and end. A choice by that reasoning, not yet
+  measured: ``experiments/bench/gpu_ragged.py --sweep`` times the alternatives.
+  """
+  return default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype)

@@ -210,6 +210,16 @@ def finish(carry, dtype):
   return (acc / jnp.where(denom > 0, denom, 1.0)).astype(dtype)
 
 
+def log_sum_exp(carry):
+  """f32[rows, 1]: ``m + log(denom)``, the log of the row's softmax normaliser over the keys
+  seen, to merge partial attentions (cascade attention); ``MASK_VALUE`` (finite) for a row
+  that saw no key, so that merging it gives it weight ``exp(MASK_VALUE - lse) == 0``.
+  A NaN denom stays NaN."""
+  m, denom, _ = carry
+  saw = ~(denom <= 0)  # NaN compares False both ways: it must stay NaN, not be masked
+  return jnp.where(saw, m + jnp.log(jnp.where(saw, denom, 1.0)), MASK_VALUE)
+
+
 def mosaic_params(semantics):
   return pltpu.CompilerParams(dimension_semantics=semantics)
 

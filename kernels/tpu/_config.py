@@ -2,10 +2,16 @@
 
 TPU constraints (why each check exists):
 
-- ``head_dim`` must be a multiple of 128: it is the lane axis of every VMEM tile (the
-  (8, 128) f32 / (16, 128) bf16 tile). A model with a smaller head_dim should allocate its
-  cache with head_dim zero-padded to 128 (zero columns change neither q.k nor the first
-  head_dim output columns); padding inside the kernel call would copy the whole pool.
+- ``head_dim`` must be a multiple of 128 (``kernels._validate.head_dim_supported``): it is
+  the lane axis of every VMEM tile (the (8, 128) f32 / (16, 128) bf16 tile). The kernels
+  compile for other sizes (Mosaic pads the VMEM tiles to 128 lanes; ``[block_size,
+  head_dim]`` DMAs of the real width), but at real pool sizes XLA's default TPU layout of
+  such a pool is not row-major (bf16 ``[8, 4096, 16, 64]``: ``{1,3,2,0}``, num_blocks along
+  the lanes) and the kernels take their HBM operands row-major, so XLA would copy the
+  whole pool into that layout on every call (``kernels.tpu.aot.pool_relayout`` shows it).
+  Padding K/V in the wrapper would copy the pool as well. A model with head_dim 64 or 192
+  should allocate its cache with head_dim zero-padded to the next multiple of 128 (zero
+  columns change neither q.k nor the first head_dim output columns) and pass ``scale``.
 - ``block_size`` must be a multiple of the sublane tile of the K/V dtype (8 rows of 32-bit,
   16 rows of 16-bit): each block is DMA'd into its own row range of one VMEM buffer, and
   a DMA destination must start on a tile boundary.
@@ -28,6 +34,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kernels._quant import SCALE_DTYPE, is_quantized
+from kernels._validate import validate_head_dim
 
 LANES = 128
 # SMEM is 1 MiB on TPU v4 through v6e and holds every scalar-prefetch operand at once
@@ -105,12 +112,8 @@ class BlockSizes:
 
 def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
   """TPU-specific static checks (the generic ones are in ``kernels.validate_inputs``)."""
-  _, _, block_size, head_dim = k_blocks.shape
-  if head_dim % LANES:
-    raise ValueError(
-      f"TPU backend: head_dim must be a multiple of {LANES} (the lane width), got k_blocks "
-      f"{tuple(k_blocks.shape)}; allocate the cache with head_dim zero-padded to 128"
-    )
+  _, _, block_size, _ = k_blocks.shape
+  validate_head_dim(q, k_blocks, "tpu")
   tile = sublane_tile(k_blocks.dtype)
   if block_size % tile:
     raise ValueError(

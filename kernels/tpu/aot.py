@@ -43,7 +43,8 @@ class Case:
   the block table's width and so the chunk sizes the kernels pick."""
 
   name: str
-  kernel: str  # "decode" or "ragged"
+  kernel: str  # "decode", "ragged" or "cascade" (kernels.tpu.cascade: batch / 4 groups of 4
+  # rows sharing half the context)
   block_size: int
   head_dim: int
   kv_dtype: str
@@ -95,6 +96,14 @@ def shipped_cases() -> list[Case]:
       Case(f"{kernel}-bs256-fp8-window", kernel, 256, 128, "float8_e4m3fn", q_dtype="float32",
            window_and_cap=True),
     ]  # fmt: skip
+  # Cascade attention (decode with a shared prefix): its two decode-kernel calls (the shared
+  # part with members x query heads as the q tile's rows, the own part from a first key)
+  # and the merge. The window is refused for cascade; the cap is kept.
+  cases += [
+    Case("cascade-bs16-bf16", "cascade", **bf16),
+    Case("cascade-bs8-f32-mqa-cap", "cascade", 8, 128, "float32", 8, 1, window_and_cap=True),
+    Case("cascade-bs128-int8", "cascade", 128, 128, "int8", q_dtype="bfloat16"),
+  ]
   return cases
 
 
@@ -132,7 +141,9 @@ def compile_case(case: Case, device) -> dict:
   lengths = spec((batch,), jnp.int32)
   kw = dict(block_sizes=tpu.BlockSizes(**dict(case.block_sizes)) if case.block_sizes else None)
   if case.window_and_cap:
-    kw.update(sliding_window=64, logit_soft_cap=30.0)
+    kw.update(logit_soft_cap=30.0)
+    if case.kernel != "cascade":
+      kw.update(sliding_window=64)
   rows = tokens if case.kernel == "ragged" else batch
   q = spec((rows, case.num_q_heads, case.head_dim), case.q_dtype or case.kv_dtype)
   args = [q, k, k, table, lengths]
@@ -143,10 +154,29 @@ def compile_case(case: Case, device) -> dict:
     s = spec((case.num_kv_heads, num_blocks, case.block_size), jnp.float32)
     scales = (s, s)
 
+  attention = tpu.paged_attention
+  if case.kernel == "cascade":
+    from types import SimpleNamespace
+
+    from kernels.tpu.cascade import cascade_attention
+
+    groups = batch // 4
+    # The plan's arrays (group_table, group_lens, group_rows, row_starts) as four arguments.
+    args += [
+      spec((groups, blocks_per_seq // 2), jnp.int32),
+      spec((groups,), jnp.int32),
+      spec((groups, 4), jnp.int32),
+      spec((batch,), jnp.int32),
+    ]
+
+    def attention(q, k, v, t, n, gt, gl, gr, rs, **options):
+      plan = SimpleNamespace(group_table=gt, group_lens=gl, group_rows=gr, row_starts=rs)
+      return cascade_attention(q, k, v, t, n, plan, **options)
+
   def fn_body(*a):
     if scales:  # the last two arguments: k_scales, v_scales
-      return tpu.paged_attention(*a[:-2], k_scales=a[-2], v_scales=a[-1], **kw)
-    return tpu.paged_attention(*a, **kw)
+      return attention(*a[:-2], k_scales=a[-2], v_scales=a[-1], **kw)
+    return attention(*a, **kw)
 
   args += list(scales)
   fn = jax.jit(fn_body)
@@ -164,6 +194,44 @@ def compile_case(case: Case, device) -> dict:
     mosaic="tpu_custom_call" in text,
     error=None,
   )
+
+
+def pool_relayout(device, *, head_dim: int, num_blocks: int = 4096, kv_dtype="bfloat16") -> dict:
+  """Why the TPU backend takes only head_dim multiples of 128: compiles one decode call on
+  a pool ``[8, num_blocks, 16, head_dim]`` (32 query heads, batch 8) with the backend's
+  head_dim check bypassed, and reports XLA's default layout of the pool (the layout any
+  array of that shape has on the device, hence the layout a cache would have) and whether
+  the compiled module copies the pool before the kernel (a whole-pool relayout on every
+  call: the Mosaic kernel takes its HBM operands row-major).
+
+  Returns ``{"layout": "{3,2,1,0:T(8,128)(2,1)}" ..., "row_major": bool, "pool_copies":
+  int}``: ``pool_copies`` counts copy instructions whose result has the pool's shape.
+  """
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  from kernels.tpu import decode
+
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  kv = jax.ShapeDtypeStruct((8, num_blocks, 16, head_dim), jnp.dtype(kv_dtype), sharding=sharding)
+  q = jax.ShapeDtypeStruct((8, 32, head_dim), jnp.dtype(kv_dtype), sharding=sharding)
+  table = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=sharding)
+  lengths = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=sharding)
+  check = decode._config.check_shapes
+  decode._config.check_shapes = lambda *a, **k: None  # the head_dim check, for this trace
+  try:
+    lowered = jax.jit(decode.paged_attention_decode).trace(q, kv, kv, table, lengths)
+  finally:
+    decode._config.check_shapes = check
+  text = lowered.lower(lowering_platforms=("tpu",)).compile().as_text()
+  dims = rf"\[8,{num_blocks},16,{head_dim}\]"
+  layout = re.search(dims + r"(\{[^}]*\})", text.splitlines()[0]).group(1)
+  copies = sum(
+    1 for line in text.splitlines() if re.search(r"= \S*" + dims + r"\S* copy(-start)?\(", line)
+  )
+  return dict(layout=layout, row_major=layout.startswith("{3,2,1,0"), pool_copies=copies)
 
 
 def main(argv=None) -> int:

@@ -36,8 +36,15 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.tpu import _common, _config
 
 
-def _visible_range(length, *, block_size, max_blocks, sliding_window):
-  """Keys ``[lo, length)`` the decode query at ``length - 1`` sees, and their blocks."""
+def _visible_range(length, *, block_size, max_blocks, sliding_window, start=None):
+  """Keys ``[lo, length)`` the decode query at ``length - 1`` sees, and their blocks.
+
+  ``start`` (cascade attention's own part): the row reads only keys from ``start`` on,
+  the ones before it being read by the shared part; blocks wholly before it are skipped.
+  """
+  if start is not None:
+    lo = jnp.clip(start, 0, length)
+    return lo, lax.div(lo, block_size), jnp.clip(_common.cdiv(length, block_size), 0, max_blocks)
   lo = jnp.maximum(length - sliding_window, 0) if sliding_window is not None else 0
   end = jnp.clip(_common.cdiv(length, block_size), 0, max_blocks)
   first = lax.div(lo, block_size) if sliding_window is not None else jnp.int32(0)
@@ -47,12 +54,13 @@ def _visible_range(length, *, block_size, max_blocks, sliding_window):
 def _decode_kernel(
   lengths_ref,  # SMEM i32[batch]
   table_ref,  # SMEM i32[batch * max_blocks]
-  q_ref,  # VMEM [heads_per_step, group, head_dim]
-  k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-  v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+  # with_starts only: starts_ref SMEM i32[batch]. Then:
+  # q_ref VMEM [heads_per_step, group, head_dim]
+  # k_hbm, v_hbm HBM [num_kv_heads, num_blocks, block_size, head_dim]
   # 8-bit K/V (quantized=True) only: ks_hbm, vs_hbm HBM f32[num_kv_heads, num_blocks,
   # block_size]. Then:
   # o_ref VMEM [heads_per_step, group, head_dim]
+  # with_lse only: lse_ref VMEM f32[heads_per_step, group, LANES]
   # k_buf, v_buf VMEM [2, heads_per_step, chunk_tokens, head_dim]
   # 8-bit only: ks_buf, vs_buf VMEM f32[2, heads_per_step, chunk_tokens]
   # sems DMA semaphores [2 (K, V) or 4 (K, V, K scale, V scale), 2 (slot)]
@@ -64,12 +72,21 @@ def _decode_kernel(
   blocks_per_chunk,
   max_blocks,
   quantized=False,
+  with_starts=False,
+  with_lse=False,
 ):
+  refs = list(refs)
+  starts_ref = refs.pop(0) if with_starts else None
+  q_ref, k_hbm, v_hbm = refs.pop(0), refs.pop(0), refs.pop(0)
   if quantized:
-    ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems, state_ref = refs
+    ks_hbm, vs_hbm = refs.pop(0), refs.pop(0)
+  o_ref = refs.pop(0)
+  lse_ref = refs.pop(0) if with_lse else None
+  if quantized:
+    k_buf, v_buf, ks_buf, vs_buf, sems, state_ref = refs
     scales = (ks_hbm, vs_hbm, ks_buf, vs_buf)
   else:
-    o_ref, k_buf, v_buf, sems, state_ref = refs
+    k_buf, v_buf, sems, state_ref = refs
     scales = None
   # h indexes groups of heads_per_step consecutive KV heads.
   core, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -81,7 +98,11 @@ def _decode_kernel(
 
   def steps(seq):
     lo, first, end = _visible_range(
-      lengths_ref[seq], block_size=block_size, max_blocks=max_blocks, sliding_window=sliding_window
+      lengths_ref[seq],
+      block_size=block_size,
+      max_blocks=max_blocks,
+      sliding_window=sliding_window,
+      start=starts_ref[seq] if with_starts else None,
     )
     return lo, first, end, _common.cdiv(jnp.maximum(end - first, 0), blocks_per_chunk)
 
@@ -176,6 +197,8 @@ def _decode_kernel(
   carry = lax.fori_loop(0, n, body, init)
   for hh in range(heads):
     o_ref[hh] = _common.finish(carry[hh], o_ref.dtype)
+    if with_lse:
+      lse_ref[hh] = jnp.broadcast_to(_common.log_sum_exp(carry[hh]), lse_ref.shape[1:])
   state_ref[0] = lax.rem(base_slot + n, 2)
   # Only a step with chunks of its own reaches the loop iteration that prefetches.
   state_ref[1] = (prefetch_next & (n > 0)).astype(jnp.int32)
@@ -198,10 +221,13 @@ def _decode_call(
   interpret,
   k_scales=None,
   v_scales=None,
+  starts=None,
+  with_lse=False,
 ):
   """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``.
 
-  ``batch`` must be a multiple of ``num_cores``.
+  ``batch`` must be a multiple of ``num_cores``. ``starts`` (i32[batch]) and ``with_lse``:
+  see :func:`decode_rows`. Returns the output, or (output, lse) with ``with_lse``.
   """
   batch, num_kv_heads, group, head_dim = q.shape
   per_core = batch // num_cores
@@ -214,21 +240,36 @@ def _decode_call(
     blocks_per_chunk=blocks_per_chunk,
     max_blocks=max_blocks,
     quantized=k_scales is not None,
+    with_starts=starts is not None,
+    with_lse=with_lse,
   )
   scales = () if k_scales is None else (k_scales, v_scales)
+  prefetch = (lengths, table_flat) + (() if starts is None else (starts,))
   # The full (group, head_dim) tail of q: legal for any group (a block dim equal to the
   # array dim), so GQA groups of 1..32 need no padding of q.
   q_spec = pl.BlockSpec(
     (None, heads_per_step, group, head_dim), lambda c, i, h, *_: (c * per_core + i, h, 0, 0)
   )
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  # Partial outputs to be merged (with_lse) stay float32: rounding them to a 16-bit q dtype
+  # before the merge would round twice.
+  out_shape = jax.ShapeDtypeStruct(q.shape, jnp.float32 if with_lse else q.dtype)
+  out_specs = q_spec
+  if with_lse:
+    # The log-sum-exp of each (row, head), repeated along the 128 lanes: a lane-dense tile.
+    lse_spec = pl.BlockSpec(
+      (None, heads_per_step, group, _config.LANES),
+      lambda c, i, h, *_: (c * per_core + i, h, 0, 0),
+    )
+    lse_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, group, _config.LANES), jnp.float32)
+    out_shape, out_specs = (out_shape, lse_shape), (q_spec, lse_spec)
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
+      num_scalar_prefetch=len(prefetch),
       grid=(num_cores, per_core, num_kv_heads // heads_per_step),
       in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
-      out_specs=q_spec,
+      out_specs=out_specs,
       scratch_shapes=[
         *_common.kv_scratch(
           heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
@@ -236,12 +277,85 @@ def _decode_call(
         pltpu.SMEM((2,), jnp.int32),
       ],
     ),
-    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    out_shape=out_shape,
     # Only the core axis is parallel: within a core, each step prefetches the first chunk
     # of the step that follows it, so their order must be the grid's.
     compiler_params=_common.mosaic_params(("parallel", "arbitrary", "arbitrary")),
     interpret=_common.interpret_params(interpret),
-  )(lengths, table_flat, q, k_blocks, v_blocks, *scales)
+  )(*prefetch, q, k_blocks, v_blocks, *scales)
+
+
+def decode_rows(
+  qg,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  *,
+  tuned: _config.BlockSizes,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  interpret,
+  k_scales=None,
+  v_scales=None,
+  starts=None,
+  with_lse=False,
+):
+  """The decode kernel over ``qg [batch, num_kv_heads, rows, head_dim]``: each batch entry's
+  ``rows`` query rows of a KV head (its query heads; for cascade attention's shared part,
+  every member's query heads) against the keys ``[lo, lengths[b])`` of block-table row
+  ``b``, in as many kernel calls as the SMEM budget needs. Call inside jit.
+
+  ``tuned`` is a resolved :class:`BlockSizes`. ``starts`` (i32[batch], or None): the first
+  key each entry reads (``lo``; blocks before it are not fetched). ``with_lse``: also
+  return ``f32[batch, num_kv_heads, rows]``, the log-sum-exp of each row's scaled logits
+  over the keys it saw, ``MASK_VALUE`` for a row that saw none; the output is then float32
+  (a partial result, to be merged).
+  """
+  batch, num_kv_heads, rows, head_dim = qg.shape
+  max_blocks = block_table.shape[1]
+  per_call = _config.sequences_per_call(
+    smem_budget_bytes=tuned.smem_budget_bytes,
+    words_per_sequence=max_blocks + 1 + (starts is not None),
+    fixed_words=2,
+    batch=batch,
+    what=f"decode with block_table {tuple(block_table.shape)}",
+  )
+  cores = tuned.num_cores
+  if per_call >= cores:
+    per_call -= per_call % cores
+  outs, lses = [], []
+  for s0 in range(0, batch, per_call):
+    s1 = min(batch, s0 + per_call)
+    pad = -(s1 - s0) % cores  # idle sequences (length 0) so every core gets as many
+    got = _decode_call(
+      jnp.pad(qg[s0:s1], ((0, pad), (0, 0), (0, 0), (0, 0))),
+      k_blocks,
+      v_blocks,
+      jnp.pad(block_table[s0:s1], ((0, pad), (0, 0)), constant_values=-1).reshape(-1),
+      jnp.pad(lengths[s0:s1], (0, pad)),
+      scale=scale,
+      sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap,
+      blocks_per_chunk=tuned.blocks_per_chunk,
+      max_blocks=max_blocks,
+      num_cores=cores,
+      heads_per_step=tuned.kv_heads_per_step,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
+      starts=None if starts is None else jnp.pad(starts[s0:s1], (0, pad)),
+      with_lse=with_lse,
+    )
+    out, lse = got if with_lse else (got, None)
+    outs.append(out[: s1 - s0])
+    if with_lse:
+      lses.append(lse[: s1 - s0, :, :, 0])
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  if not with_lse:
+    return out
+  return out, (lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=0))
 
 
 @functools.partial(
@@ -297,40 +411,19 @@ def paged_attention_decode(
     group=group,
     ragged=False,
   )
-  per_call = _config.sequences_per_call(
-    smem_budget_bytes=tuned.smem_budget_bytes,
-    words_per_sequence=max_blocks + 1,
-    fixed_words=2,
-    batch=batch,
-    what=f"decode with block_table {tuple(block_table.shape)}",
-  )
   scale = head_dim**-0.5 if scale is None else scale
-  cores = tuned.num_cores
-  if per_call >= cores:
-    per_call -= per_call % cores
-  qg = q.reshape(batch, num_kv_heads, group, head_dim)
-  outs = []
-  for s0 in range(0, batch, per_call):
-    s1 = min(batch, s0 + per_call)
-    pad = -(s1 - s0) % cores  # idle sequences (length 0) so every core gets as many
-    outs.append(
-      _decode_call(
-        jnp.pad(qg[s0:s1], ((0, pad), (0, 0), (0, 0), (0, 0))),
-        k_blocks,
-        v_blocks,
-        jnp.pad(block_table[s0:s1], ((0, pad), (0, 0)), constant_values=-1).reshape(-1),
-        jnp.pad(lengths[s0:s1], (0, pad)),
-        scale=scale,
-        sliding_window=sliding_window,
-        logit_soft_cap=logit_soft_cap,
-        blocks_per_chunk=tuned.blocks_per_chunk,
-        max_blocks=max_blocks,
-        num_cores=cores,
-        heads_per_step=tuned.kv_heads_per_step,
-        interpret=interpret,
-        k_scales=k_scales,
-        v_scales=v_scales,
-      )[: s1 - s0]
-    )
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
+  out = decode_rows(
+    q.reshape(batch, num_kv_heads, group, head_dim),
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    tuned=tuned,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
+  )
   return out.reshape(batch, num_q_heads, head_dim)

@@ -185,6 +185,13 @@ class EngineConfig:
       ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
       to a power of two) or ``"oracle"`` (prompt + max_new_tokens). The Orca policies
       need ``enable_prefix_caching=False`` (no sharing). See ``_reservation.py``.
+    cascade_min_shared_blocks: cascade attention (``kernels.cascade_attention``) for decode
+      steps: when a group of at least two decode rows shares at least this many leading
+      blocks (prefix-cache hits, forks), the host plans the step's groups
+      (``kernels.plan_cascade``, outside jit) and every layer reads each group's shared
+      prefix once for the whole group instead of once per row. 0 turns it off. Decode-only
+      steps only: a step with a prefill chunk, and an engine with a ``mesh``, run plain
+      paged attention. Outputs are the plain path's up to float rounding.
   """
 
   num_blocks: int = 256
@@ -206,6 +213,7 @@ class EngineConfig:
   mesh_axis: str = MODEL_AXIS
   async_scheduling: bool = False
   reservation: str = "paged"
+  cascade_min_shared_blocks: int = 8
 
   def __post_init__(self):
     if self.mesh is not None:
@@ -230,6 +238,7 @@ class EngineConfig:
       "min_copy_bucket",
       "seed",
       "metrics_history",
+      "cascade_min_shared_blocks",
     ):
       value = getattr(self, name)
       if not _is_int(value):
@@ -269,6 +278,11 @@ class EngineConfig:
         raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.num_host_blocks < 0 or self.watermark_blocks < 0:
       raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
+    if self.cascade_min_shared_blocks < 0:
+      raise ValueError(
+        f"EngineConfig.cascade_min_shared_blocks must be >= 0 (0 = off), got "
+        f"{self.cascade_min_shared_blocks}"
+      )
 
 
 def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tokens):
@@ -300,6 +314,7 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
     slot_mapping=batch.slot_mapping,
     cu_q_lens=None if batch.decode_only else batch.cu_q_lens,
     logit_rows=batch.logit_rows,
+    cascade=batch.cascade_plan(),
   )
   pad = prev_tokens.shape[0] - logits.shape[0]
   if batch.num_candidates:  # static: only a step with beam rows computes candidates
@@ -466,6 +481,7 @@ class Engine:
     )
     self._arrivals = itertools.count()
     self._shapes: set[tuple] = set()
+    self._cascade = (0, 0, 0)  # the current step's cascade (groups, rows, saved tokens)
     self.step_metrics: collections.deque[StepMetrics] = collections.deque(
       maxlen=config.metrics_history
     )
@@ -680,6 +696,7 @@ class Engine:
     (with ``async_scheduling``, those whose last token came back in it)."""
     self._admit_arrivals()
     t0 = time.perf_counter()
+    self._cascade = (0, 0, 0)  # (groups, rows, saved tokens): set by _execute's batch
     plan = self.scheduler.schedule()
     self._swap(plan)
     num_tokens = prefill = sampled = decodes = kv_tokens = 0
@@ -775,6 +792,7 @@ class Engine:
     shape and, when the batch has beam rows, their top candidates (log-probs, ids)."""
     batch = self._build_batch(plan)
     self._shapes.add(batch.shape_key)
+    self._cascade = batch.cascade_counts()
     # One fixed key: each row folds in its own (seed, sample, position).
     tokens, self.cache = self._step_fn(
       self._params, self.cache, batch, self._key, self._prev_tokens
@@ -809,6 +827,8 @@ class Engine:
       num_candidates=self.beams.num_candidates(plan),
       prev_decodes=None if in_flight is None else in_flight.decodes,
       decode_sampling=facts.sampling,
+      cascade_min_shared_blocks=0 if cfg.mesh is not None else cfg.cascade_min_shared_blocks,
+      block_size=cfg.block_size,
     )
 
   def _commit(self, plan: Plan, tokens) -> _InFlight:
@@ -1057,6 +1077,9 @@ class Engine:
       decode_batch=decodes,
       kv_tokens=kv_tokens,
       clock=self.clock.now(),
+      cascade_groups=self._cascade[0],
+      cascade_rows=self._cascade[1],
+      cascade_saved_tokens=self._cascade[2],
     )
     self.step_metrics.append(sm)
     m.steps += 1
@@ -1067,12 +1090,17 @@ class Engine:
     m.prompt_tokens += plan.admitted_prompt_tokens
     m.preemptions_swap += plan.preemptions_swap
     m.preemptions_recompute += plan.preemptions_recompute
+    m.recomputed_tokens += plan.recomputed_tokens
     m.swapped_out_blocks += swapped_out
     m.swapped_in_blocks += swapped_in
     m.cow_copies += len(plan.cow_pairs)
     m.max_batch = max(m.max_batch, plan.num_rows)
     m.max_blocks_used = max(m.max_blocks_used, alloc.num_used_blocks)
     m.compiled_shapes = len(self._shapes)
+    if self._cascade[0]:
+      m.cascade_steps += 1
+      m.cascade_groups += self._cascade[0]
+      m.cascade_saved_tokens += self._cascade[2]
 
 
 class SimulatedEngine(Engine):

@@ -30,6 +30,12 @@ class StepMetrics:
   decode_batch: int = 0  # rows with exactly one query token
   kv_tokens: int = 0  # K/V tokens attention reads: the sum of the rows' context lengths
   clock: float = 0.0  # the engine clock's time after the step (seconds)
+  # Cascade attention (EngineConfig.cascade_min_shared_blocks): groups planned this step,
+  # their member rows, and the K/V token reads saved per layer and KV head
+  # (sum over groups of (members - 1) * shared tokens); all 0 on a plain step.
+  cascade_groups: int = 0
+  cascade_rows: int = 0
+  cascade_saved_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -45,6 +51,8 @@ class RunMetrics:
   prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
   preemptions_swap: int = 0
   preemptions_recompute: int = 0
+  # Computed tokens thrown away by recompute preemptions, to be computed again.
+  recomputed_tokens: int = 0
   swapped_out_blocks: int = 0
   swapped_in_blocks: int = 0
   cow_copies: int = 0
@@ -53,6 +61,9 @@ class RunMetrics:
   finished_requests: int = 0
   aborted_requests: int = 0
   compiled_shapes: int = 0  # distinct padded shapes the step was called with
+  cascade_steps: int = 0  # steps that ran cascade attention (a plan with >= 1 group)
+  cascade_groups: int = 0  # groups over those steps
+  cascade_saved_tokens: int = 0  # K/V token reads saved per layer and KV head, summed
 
   @property
   def preemptions(self) -> int:

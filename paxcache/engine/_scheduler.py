@@ -81,6 +81,9 @@ class Plan:
   admitted_prompt_tokens: int = 0
   preemptions_swap: int = 0
   preemptions_recompute: int = 0
+  # Computed tokens freed by recompute preemptions (each is computed again on re-admission,
+  # less any prefix-cache hit then).
+  recomputed_tokens: int = 0
   forked: list[Seq] = dataclasses.field(default_factory=list)
 
   @property
@@ -422,6 +425,7 @@ class Scheduler:
     else:
       for s in live:
         alloc.free(s.seq_id)
+        plan.recomputed_tokens += s.num_computed
         s.num_computed = 0
       g.status = Status.WAITING
       _insert_by_arrival(self.waiting, g)

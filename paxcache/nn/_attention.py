@@ -178,6 +178,7 @@ class PagedAttention(nnx.Module):
     slot_mapping: jax.Array,
     cu_q_lens: jax.Array | None = None,
     layer=None,
+    cascade: kernels.CascadePlan | None = None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -197,6 +198,11 @@ class PagedAttention(nnx.Module):
       cu_q_lens: ``i32[batch + 1]``; None means decode (one token per sequence,
         ``num_tokens == batch``).
       layer: the layer index when ``cache`` is a ``PagedKVCache``.
+      cascade: decode only (``cu_q_lens`` None): a :class:`kernels.CascadePlan` of this
+        step's block table and lengths (``kernels.plan_cascade``, built on the host); the
+        layer then runs :func:`kernels.cascade_attention` (each group's shared prefix read
+        once for the group) instead of :func:`kernels.paged_attention`: the same result
+        up to float rounding. Not with ``mesh`` or ``sliding_window`` (ValueError).
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -220,6 +226,11 @@ class PagedAttention(nnx.Module):
       backend=self.backend,
       interpret=self.interpret,
     )
+    if cascade is not None:
+      if cu_q_lens is not None:
+        raise ValueError("cascade is for decode steps only: pass cu_q_lens=None with a plan")
+      if self.mesh is not None:
+        raise ValueError("cascade attention does not run under a mesh yet: pass cascade=None")
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
@@ -229,16 +240,15 @@ class PagedAttention(nnx.Module):
       else:
         k_blocks, v_blocks = kernels.write_kv(*cache, k, v, slot_mapping)
         cache = (k_blocks, v_blocks)
-      out = kernels.paged_attention(
-        q.astype(_query_dtype(q.dtype, k_blocks.dtype)),
-        k_blocks,
-        v_blocks,
-        block_table,
-        lengths,
-        cu_q_lens,
-        **kernel_kwargs,
-        **scales,
-      )
+      q_in = q.astype(_query_dtype(q.dtype, k_blocks.dtype))
+      if cascade is None:
+        out = kernels.paged_attention(
+          q_in, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kernel_kwargs, **scales
+        )
+      else:  # (kernels.cascade_attention refuses a sliding_window with a ValueError)
+        out = kernels.cascade_attention(
+          q_in, k_blocks, v_blocks, block_table, lengths, cascade, **kernel_kwargs, **scales
+        )
     else:
       mesh, axis = self.mesh, self.mesh_axis
       scales = {}

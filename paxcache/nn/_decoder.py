@@ -167,6 +167,7 @@ class Decoder(nnx.Module):
     slot_mapping: jax.Array,
     cu_q_lens: jax.Array | None = None,
     logit_rows: jax.Array | None = None,
+    cascade=None,
   ):
     """Runs new tokens through the model over the paged cache.
 
@@ -178,6 +179,9 @@ class Decoder(nnx.Module):
         :class:`paxcache.nn.PagedAttention`.
       logit_rows: optional ``i32[rows]``: compute logits only for these token rows
         (e.g. each sequence's last new token); None computes all rows.
+      cascade: decode only: a :class:`kernels.CascadePlan` for this step's block table and
+        lengths; every layer then runs :func:`kernels.cascade_attention` (see
+        :class:`paxcache.nn.PagedAttention`). None: plain paged attention.
 
     Returns:
       ``(logits f32[rows or num_tokens, vocab_size], cache)`` with the new K/V written.
@@ -185,6 +189,8 @@ class Decoder(nnx.Module):
     paged = dict(
       block_table=block_table, lengths=lengths, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens
     )
+    if cascade is not None:
+      paged["cascade"] = cascade
     x = self.embed(tokens)
     for i, layer in enumerate(self.layers):
       x, cache = layer(x, positions, cache, layer=i, **paged)

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 import experiments.bench
+from kernels.testing import tolerance
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODULES = sorted(m.name for m in pkgutil.iter_modules(experiments.bench.__path__))
@@ -57,11 +58,14 @@ def documented_commands(script: str) -> list[list[str]]:
 
 def test_bench_package_lists_the_scripts():
   assert SCRIPTS == [
+    "cascade",
     "engine_host",
     "engine_step",
     "gpu_check",
     "gpu_decode",
+    "gpu_ragged",
     "host_step",
+    "prefix_time",
     "probe_step",
     "profile_step",
     "spmd_scaling",
@@ -155,6 +159,77 @@ def test_engine_host_runs_without_ml_collections(tmp_path):
     assert r["host_min_ms"] <= r["host_ms"] <= r["host_max_ms"]
 
 
+def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):
+  code = (
+    "import runpy\n"
+    "sys.argv = ['prefix_time', '--users', '3', '--shared-len', '40', '--own-len', '5',\n"
+    "            '--block-sizes', '8,16', '--num-q-heads', '4', '--num-kv-heads', '2',\n"
+    "            '--head-dim', '16', '--dtype', 'float32', '--repeats', '5', '--inner', '1',\n"
+    f"            '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.prefix_time', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "prefix_time.jsonl").read_text().splitlines()]
+  assert [r["block_size"] for r in rows] == [8, 16]
+  for r in rows:
+    assert r["backend"] == "reference" and r["groups"] == 1 and r["plain_repeats"] == 5
+    assert r["max_abs_diff"] < 1e-5  # the two paths agree (float32, 45 keys)
+    # Hand-worked bytes: (K + V) x 2 heads x 16 x 4 B = 256 B a token; plain reads 3 rows x
+    # 45 tokens; cascade reads the prompt's full blocks once (40 at block 8, 32 at block
+    # 16), then each row's other 5 or 13 tokens.
+    assert r["plain_kv_bytes"] == 3 * 45 * 256 == 34_560
+    own = {8: 5, 16: 13}[r["block_size"]]
+    assert r["cascade_kv_bytes"] == (45 - own + 3 * own) * 256
+  assert (
+    sum(line.startswith("| 8 |") or line.startswith("| 16 |") for line in proc.stdout.splitlines())
+    == 2
+  )
+
+
+def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
+  # Interpret mode on CPU, one ragged case: both variants timed on the same data, the
+  # planned output checked against the default kernel's, the plan's host time recorded.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['gpu_ragged', '--smoke', '--cases', 'long1_short63_b16', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_ragged', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = (tmp_path / "gpu_decode_ragged.jsonl").read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert [r["variant"] for r in rows] == ["default", "planned"]
+  for r in rows:
+    for key in ("device", "case", "batch", "block_size", "head_dim", "mean_len", "max_len"):
+      assert key in r
+    assert r["ours_tbs_min"] <= r["ours_tbs"] <= r["ours_tbs_max"]
+    assert r["kernel"] == "triton" and r["vllm_tbs"] is None and r["ceiling_tbs"] > 0
+    # Two bf16 kernels that sum in other orders: the GPU kernels' bf16 bound.
+    assert r["check_rel_l2"] < tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+    assert r["check_ok"] is True
+  assert rows[1]["num_chunks"] >= 2 and rows[1]["plan_us"] > 0
+
+
+def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path):
+  # Interpret mode on CPU: head_dim 96 (128-wide tiles) through the three kernels against
+  # the reference, then the decode timing; one JSON row and one table row.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['gpu_check', '--smoke', '--head-dims', '96', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_check', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  (row,) = [json.loads(line) for line in (tmp_path / "head_dims.jsonl").read_text().splitlines()]
+  assert row["head_dim"] == 96 and row["tile_width"] == 128 and row["ok"] is True
+  bound = tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+  for kernel in ("decode", "planned", "prefill"):
+    assert row[f"{kernel}_ok"] is True and row[f"{kernel}_rel_err"] < bound
+  assert row["decode_time_min_us"] <= row["decode_time_us"] <= row["decode_time_max_us"]
+  assert re.search(r"^\| 96 \| 128 \| .* \| yes \|$", proc.stdout, re.M), proc.stdout
+
+
 @pytest.mark.slow
 def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
   from experiments.bench import spmd_scaling
@@ -180,3 +255,41 @@ def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
   assert row["repeats"] == 3 and row["generated_tokens"] == int(lengths[:, 1].sum())
   assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
   assert "steps_per_pass" not in row  # the same lengths take the same steps every pass
+
+
+def test_cascade_smoke_runs_without_ml_collections(tmp_path):
+  # One tiny case in interpret mode on CPU: plain and cascade outputs must agree (the
+  # script asserts it), and one JSON line per config carries the issue's fields.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['cascade', '--smoke', '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.cascade', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = (tmp_path / "cascade.jsonl").read_text().splitlines()
+  assert len(lines) == 1
+  row = json.loads(lines[0])
+  for field in ("device", "case", "batch", "shared_len", "own_len", "plain_ms", "cascade_ms"):
+    assert field in row, field
+  assert row["speedup"] == pytest.approx(row["plain_ms"] / row["cascade_ms"])
+  assert row["batch"] == 3 and row["shared_len"] == 40 and row["planned_shared_len"] == 32
+  assert not (tmp_path / "cascade_errors.jsonl").exists()
+  assert "| 3x(40+U[4,12]) | bfloat16 | default |" in proc.stdout
+
+
+def test_cascade_keeps_the_rows_of_settings_that_ran(tmp_path):
+  # A sweep setting that fails (here: refused by CascadeBlockSizes) is written to
+  # cascade_errors.jsonl and makes the exit status 1; the default's row is still there.
+  code = (
+    "from experiments.bench import _flags, cascade as m\n"
+    "m.SWEEP = (dict(shared_num_stages=0),)\n"
+    f"sys.argv = ['cascade', '--smoke', '--sweep', '--out', {str(tmp_path)!r}]\n"
+    "_flags.run(m.define_flags, m.main)\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  rows = [json.loads(x) for x in (tmp_path / "cascade.jsonl").read_text().splitlines()]
+  assert [r["config"] for r in rows] == ["default"]
+  errors = [json.loads(x) for x in (tmp_path / "cascade_errors.jsonl").read_text().splitlines()]
+  assert [e["config"] for e in errors] == ["sweep0"] and "shared_num_stages" in errors[0]["error"]

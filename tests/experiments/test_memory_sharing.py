@@ -328,3 +328,33 @@ def test_batch_capacity_says_the_max_row_holds_by_construction():
   assert rows["Orca (Max)"]["static_capacity"] == 4
   assert "Orca (Max) fits 4 = 32768 // 8192 requests by construction" in " ".join(result.notes)
   assert "(sharegpt lengths)" in result.tables[0].caption
+
+
+def test_decode_time_rows_time_plain_and_cascade_on_the_config_scenario():
+  timing = ConfigDict(
+    dict(
+      repeats=5,
+      inner=1,
+      backend="auto",
+      users=0,
+      shared_len=0,
+      own_len=0,
+      num_q_heads=4,
+      num_kv_heads=2,
+      head_dim=16,
+      dtype="float32",
+    )
+  )
+  (row,) = prefix_sharing.decode_time_rows(_ps_config(timing=timing), 16)
+  # users, shared and own tokens from the scenario (4 users, 40 + (3 + 5)); on CPU the
+  # reference backend; one group of all 4 users on the prompt's 2 full blocks.
+  assert (row["users"], row["shared_len"], row["own_len"]) == (4, 40, 8)
+  assert row["backend"] == "reference" and row["groups"] == 1
+  assert row["max_abs_diff"] < 1e-5
+  assert row["plain_repeats"] == row["cascade_repeats"] == 5
+  assert row["plain_min_ms"] <= row["plain_ms"] <= row["plain_max_ms"]
+  assert row["cascade_vs_plain"] in ("faster", "slower", "indistinguishable")
+  # Without a timing block (or with repeats 0) there is no time axis.
+  assert prefix_sharing.decode_time_rows(_ps_config(), 16) == []
+  timing.repeats = 0
+  assert prefix_sharing.decode_time_rows(_ps_config(timing=timing), 16) == []

@@ -239,8 +239,9 @@ def test_bad_options_are_named(options, match):
 
 
 def _inputs_every_backend_takes():
-  """Decode inputs that the GPU (head_dim 64/128/256, power-of-two block_size) and the TPU
-  (head_dim a multiple of 128, block_size a multiple of 8 for float32) backends accept."""
+  """Decode inputs that the GPU (head_dim a multiple of 16 up to 256, power-of-two
+  block_size) and the TPU (head_dim a multiple of 128, block_size a multiple of 8 for
+  float32) backends accept."""
   rng = np.random.default_rng(1)
   q = jnp.asarray(rng.standard_normal((2, 2, 128)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((1, 4, 8, 128)), jnp.float32)

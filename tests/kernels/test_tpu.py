@@ -31,7 +31,7 @@ from kernels.testing import rel_l2_error, tolerance
 INTERPRET = pltpu.InterpretParams(
   detect_races=True, out_of_bounds_reads="raise", uninitialized_memory="nan"
 )
-HEAD_DIM = 128  # the lane width: the natural TPU head_dim (smaller ones are rejected)
+HEAD_DIM = 128  # the lane width: the natural TPU head_dim (others must be multiples of it)
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +113,18 @@ def _oracle(
   return out
 
 
-def _cache(rng, lengths, *, num_kv_heads, block_size, max_blocks, dtype, spare_blocks=3, holes=()):
+def _cache(
+  rng,
+  lengths,
+  *,
+  num_kv_heads,
+  block_size,
+  max_blocks,
+  dtype,
+  spare_blocks=3,
+  holes=(),
+  head_dim=HEAD_DIM,
+):
   """K/V pools and a shuffled block table; unused blocks and slots past length are NaN.
 
   ``holes``: (sequence, logical block) entries set to -1 although below the length (the
@@ -122,8 +133,8 @@ def _cache(rng, lengths, *, num_kv_heads, block_size, max_blocks, dtype, spare_b
   lengths = np.asarray(lengths, np.int32)
   need = [-(-int(n) // block_size) for n in lengths]
   num_blocks = sum(need) + spare_blocks
-  k = rng.standard_normal((num_kv_heads, num_blocks, block_size, HEAD_DIM))
-  v = rng.standard_normal((num_kv_heads, num_blocks, block_size, HEAD_DIM))
+  k = rng.standard_normal((num_kv_heads, num_blocks, block_size, head_dim))
+  v = rng.standard_normal((num_kv_heads, num_blocks, block_size, head_dim))
   table = np.full((len(lengths), max_blocks), -1, np.int32)
   perm = rng.permutation(num_blocks)
   used = 0
@@ -397,6 +408,34 @@ def test_corrupt_table_entries_are_clamped_not_read_out_of_bounds():
   assert np.isfinite(np.asarray(out)).all()
 
 
+def test_both_kernels_at_head_dim_256():
+  # Two 128-lane tiles per row: decode (bf16, two KV heads a step) and ragged (float32).
+  rng = np.random.default_rng(21)
+  k, v, table, lengths = _cache(
+    rng, [1, 20, 33], num_kv_heads=2, block_size=16, max_blocks=3, dtype=jnp.bfloat16,
+    head_dim=256,
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((3, 4, 256)), jnp.bfloat16)
+  out = tpu.paged_attention_decode(
+    q, k, v, table, lengths, interpret=INTERPRET, block_sizes=tpu.BlockSizes(blocks_per_chunk=2)
+  )
+  _assert_no_races()
+  assert out.shape == q.shape
+  _check(out, _oracle(q, k, v, table, lengths), jnp.bfloat16)
+  k, v, table, lengths = _cache(
+    rng, [9, 14], num_kv_heads=1, block_size=8, max_blocks=2, dtype=jnp.float32, head_dim=256
+  )
+  cu = jnp.asarray([0, 9, 10], jnp.int32)
+  q = jnp.asarray(rng.standard_normal((12, 2, 256)), jnp.float32)
+  out = tpu.paged_attention_ragged(
+    q, k, v, table, lengths, cu, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=1, queries_per_tile=8),
+  )  # fmt: skip
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
+  assert np.all(np.asarray(out)[10:] == 0), "padding rows must return zeros"
+
+
 # ----------------------------------------------------------------------------- ragged
 
 
@@ -647,6 +686,8 @@ def test_kv_heads_per_step_must_divide_num_kv_heads():
   "head_dim,block_size,kv_dtype,match",
   [
     (64, 8, jnp.float32, "head_dim"),
+    # Compiles, but XLA would copy the pool every call (docs/tpu.md): refused too.
+    (192, 8, jnp.float32, r"multiple of 128 .*head_dim 192"),
     (128, 4, jnp.float32, "block_size"),
     (128, 8, jnp.bfloat16, "block_size"),
   ],

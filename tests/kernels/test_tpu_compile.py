@@ -131,3 +131,33 @@ def test_compile_runs_the_tpu_compiler_not_only_the_lowering():
   proc = _run(["-c", code], timeout=600)
   assert "exported" in proc.stdout, proc.stderr[-3000:]
   assert "refused:" in proc.stdout and "vmem" in proc.stdout.lower(), proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_head_dim_64_and_192_pools_would_be_copied_every_call():
+  # Why the TPU backend refuses head_dim that is not a multiple of 128 (docs/tpu.md): the
+  # kernels compile for 64 and 192, but XLA's default layout of such a pool at a real size
+  # is not row-major, so the compiled call copies the whole pool into the kernel's layout.
+  # 128 and 256 (row-major, no copy) are the control; a small pool of head_dim 64 gets the
+  # row-major layout, which is why the check is by head_dim and not left to the sizes that
+  # a test happens to use. If XLA ever keeps these pools row-major, this fails: the check
+  # can then be relaxed.
+  code = textwrap.dedent(
+    """
+    import json
+    from kernels.tpu import aot
+
+    device = aot.topology_device("v5e:2x2")
+    rows = {str(d): aot.pool_relayout(device, head_dim=d) for d in (64, 128, 192, 256)}
+    rows["64-small"] = aot.pool_relayout(device, head_dim=64, num_blocks=64)
+    print(json.dumps(rows))
+    """
+  )
+  proc = _run(["-c", code], timeout=600)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert lines, proc.stderr[-3000:]
+  rows = json.loads(lines[-1])
+  for d in ("128", "256", "64-small"):
+    assert rows[d]["row_major"] and rows[d]["pool_copies"] == 0, rows
+  for d in ("64", "192"):
+    assert not rows[d]["row_major"] and rows[d]["pool_copies"] >= 2, rows  # K and V

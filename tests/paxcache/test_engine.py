@@ -91,6 +91,31 @@ def _pressure_config(mode: str, async_scheduling: bool) -> EngineConfig:
   )
 
 
+def test_recomputed_tokens_account_for_every_token_computed_twice(tiny, corpus):
+  # Without prefix caching, forks or end tokens a request of prompt P and G outputs costs
+  # P + G - 1 computed tokens (the last output is never fed back); whatever a recompute
+  # preemption throws away is computed again, and is what recomputed_tokens counts.
+  reqs = [
+    Request(i, list(corpus[40 * i : 40 * i + 20 + 3 * i]), max_new_tokens=30 + 5 * i)
+    for i in range(6)
+  ]
+  config = EngineConfig(
+    num_blocks=24,
+    block_size=8,
+    preemption_mode="recompute",
+    enable_prefix_caching=False,
+    max_num_seqs=6,
+    max_num_batched_tokens=32,
+    check_invariants=True,
+  )
+  engine = Engine(tiny, config)
+  engine.run(reqs)
+  m = engine.metrics
+  assert m.preemptions_recompute > 0 and m.recomputed_tokens > 0
+  base = sum(len(r.prompt) + r.max_new_tokens - 1 for r in reqs)
+  assert m.computed_tokens == base + m.recomputed_tokens
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(

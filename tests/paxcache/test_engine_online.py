@@ -18,6 +18,7 @@ from paxcache.engine import (
   SimulatedClock,
   SimulatedEngine,
   StepCostModel,
+  WallClock,
   fit_step_cost,
   load_step_records,
   reservation_blocks,
@@ -301,3 +302,28 @@ def test_requests_are_queued_in_arrival_order_whenever_they_are_added():
   assert [g.arrival for g in engine.scheduler.waiting] == sorted(
     g.arrival for g in engine.scheduler.waiting
   )
+
+
+def test_wall_clock_can_leave_compiles_off():
+  import time
+
+  import jax
+  import jax.numpy as jnp
+
+  plain, excluding = WallClock(), WallClock(exclude_compile=True)
+  t_real = time.perf_counter()
+  # A function never compiled before (a fresh closure): tracing, lowering and compiling it
+  # take real time, which JAX reports through jax.monitoring.
+  n = int(time.time_ns() % 1000) + 7
+  jax.jit(lambda x: jnp.sin(x) * n + jnp.cumsum(x))(jnp.arange(float(n))).block_until_ready()
+  elapsed = time.perf_counter() - t_real
+  assert plain.excluded_s == 0.0
+  assert 0.0 < excluding.excluded_s <= elapsed
+  # The excluding clock is behind the plain one by what it left off (both read real time).
+  gap = plain.now() - excluding.now()
+  assert gap == pytest.approx(excluding.excluded_s, abs=0.05)
+  # A compiled call costs no compile time: the gap stays.
+  excluding.reset()
+  assert excluding.excluded_s == 0.0 and excluding.now() >= 0.0
+  a, b = excluding.now(), excluding.now()
+  assert b >= a

@@ -1,0 +1,315 @@
+"""Cascade (shared-prefix) decode attention against plain paged decode on the GPU (issue 16).
+
+Cases (32 query / 8 KV heads, head_dim 128, bf16, block 16; every row's table starts with
+the shared prompt's full blocks, then blocks of its own scattered at random in the pool;
+the prompt's tokens past its last full block sit in each row's first own block):
+
+* ``100x5000``: 100 rows x (5,000 shared + U[100, 500] own tokens), case
+  ``100x(5000+U[100,500])``;
+* ``256x32768``: 256 rows x (32,768 shared + 512 own), case ``256x(32768+512)``.
+
+For each case: ``kernels.plan_cascade`` on the host (its time is ``plan_ms``), then plain
+``kernels.paged_attention`` (gpu backend) and ``kernels.cascade_attention`` (gpu) as
+device time: each sample is 10 calls of one jitted function back to back, then one block
+(``experiments/_timing.py``), median of 15 samples with the min-max spread. The two outputs
+must agree (relative L2 within twice the bf16 kernel bound: each is within that bound of
+the exact result) and hold no NaN (unused pool slots are NaN). Prints a table and appends
+one JSON line per case and cascade config to ``OUT/cascade.jsonl`` as soon as it is
+measured (fields
+``device``, ``case``, ``batch``, ``shared_len``, ``own_len`` (mean; ``own_len_min``/``max``),
+``plain_ms``, ``cascade_ms``, ``speedup``, ``date``, ``commit``, ``jax``, ``block_size``,
+``dtype`` (q's), ``kv_dtype``, spreads, ``plan_ms``, ``rel_l2``, ``config`` and the block
+sizes used); a case
+or config that fails is printed and written to ``OUT/cascade_errors.jsonl`` and the others
+still run (the exit status is then 1).
+
+  PYTHONPATH=. python -m experiments.bench.cascade --out /tmp/cascade
+  python -m experiments.bench.cascade --cases 256x32768 --sweep --out /tmp/cascade
+  python -m experiments.bench.cascade --smoke --out /tmp/cascade_smoke
+
+``--sweep`` also times the shared kernel with the settings in ``SWEEP`` (rows with their
+``config``); ``--kv-dtype int8`` (or ``float8_e4m3fn``) runs both kernels on 8-bit pools
+with scales (the first compiled run of the cascade 8-bit path)::
+
+  python -m experiments.bench.cascade --kv-dtype int8 --out /tmp/cascade_int8
+
+``--smoke`` runs a tiny case in interpret mode on CPU (to test this script).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import subprocess
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import kernels
+from experiments._timing import spread_text, time_calls
+from experiments.bench import _flags
+from experiments.bench._gpu_common import env_info, write_jsonl
+from kernels.testing import rel_l2_error, tolerance
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str  # the --cases name
+  label: str  # the recorded ``case``
+  batch: int
+  shared_len: int
+  own_lo: int
+  own_hi: int  # own lengths drawn uniformly from [own_lo, own_hi]
+
+
+CASES = {
+  c.name: c
+  for c in (
+    Case("100x5000", "100x(5000+U[100,500])", 100, 5000, 100, 500),
+    Case("256x32768", "256x(32768+512)", 256, 32768, 512, 512),
+  )
+}
+SMOKE = Case("smoke", "3x(40+U[4,12])", 3, 40, 4, 12)
+HQ, HKV, D, BLOCK = 32, 8, 128, 16
+# --sweep: shared-kernel settings timed beside the default (kernels.gpu.cascade).
+SWEEP = (
+  dict(shared_num_warps=8),
+  dict(shared_rows=128, shared_kv_tile=128, shared_num_warps=8, shared_num_stages=2),
+  dict(shared_rows=64, shared_kv_tile=64, shared_num_warps=4, shared_num_stages=3),
+  dict(shared_num_chunks=8),  # more, shorter programs than the wave-filling default
+)
+
+
+def git_commit() -> str:
+  """$PAXCACHE_COMMIT, else ``git rev-parse --short HEAD``, else "unknown"."""
+  if os.environ.get("PAXCACHE_COMMIT"):
+    return os.environ["PAXCACHE_COMMIT"]
+  try:
+    out = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+    )
+    return out.stdout.strip() or "unknown"
+  except Exception:  # noqa: BLE001 - no git on the machine: say so
+    return "unknown"
+
+
+def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype, kv_dtype=None):
+  """Pools, block table, lengths, q and scales (None unless ``kv_dtype`` is 8-bit) of a
+  case; slots no row reads are NaN (8-bit pools: NaN scales)."""
+  num_q_heads, num_kv_heads = heads
+  rng = np.random.default_rng(seed)
+  own = rng.integers(case.own_lo, case.own_hi + 1, size=case.batch)
+  lengths = (case.shared_len + own).astype(np.int32)
+  full = case.shared_len // block_size  # the prompt's full blocks: shared
+  need = -(-lengths // block_size)
+  own_blocks = need - full
+  num_blocks = full + int(own_blocks.sum())
+  perm = rng.permutation(num_blocks).astype(np.int32)
+  shared_ids, own_ids = perm[:full], perm[full:]
+  table = np.full((case.batch, int(need.max())), -1, np.int32)
+  table[:, :full] = shared_ids
+  live = np.zeros((num_blocks, block_size), bool)
+  live[shared_ids] = True
+  taken = 0
+  for b in range(case.batch):
+    ids = own_ids[taken : taken + own_blocks[b]]
+    taken += own_blocks[b]
+    table[b, full : need[b]] = ids
+    live[ids] = True
+    last = lengths[b] - (need[b] - 1) * block_size  # tokens in the row's last block
+    live[ids[-1], last:] = False
+  kk, kv, kq = jax.random.split(jax.random.key(seed), 3)
+  shape = (num_kv_heads, num_blocks, block_size, head_dim)
+  mask = jnp.asarray(live)[None, :, :, None]
+  k = jnp.where(mask, jax.random.normal(kk, shape, jnp.float32), jnp.nan)
+  v = jnp.where(mask, jax.random.normal(kv, shape, jnp.float32), jnp.nan)
+  q = jax.random.normal(kq, (case.batch, num_q_heads, head_dim), jnp.float32).astype(dtype)
+  kv_dtype = dtype if kv_dtype is None else kv_dtype
+  if kernels.is_quantized(kv_dtype):
+    (k, ks), (v, vs) = kernels.quantize(k, kv_dtype), kernels.quantize(v, kv_dtype)
+    return q, k, v, table, lengths, dict(k_scales=ks, v_scales=vs)
+  return q, k.astype(kv_dtype), v.astype(kv_dtype), table, lengths, {}
+
+
+def run_case(
+  case: Case, *, interpret, configs, repeats, inner, heads, head_dim, block_size, emit, kv_dtype
+):
+  """Times plain and cascade decode of one case; ``emit(row)`` as each config is measured.
+
+  Returns ``(config, message)`` for each config that failed (a sweep setting that does not
+  compile must not lose the default's row). A failure before the cascade configs
+  (building, planning, the plain kernel) raises.
+  """
+  from kernels.gpu.cascade import default_cascade_block_sizes
+
+  dtype, kv_dtype = jnp.dtype(jnp.bfloat16), jnp.dtype(kv_dtype)
+  q, k, v, table_np, lengths_np, scales = build(
+    case, 0, heads=heads, head_dim=head_dim, block_size=block_size, dtype=dtype, kv_dtype=kv_dtype
+  )
+  t0 = time.perf_counter()
+  plan_np = kernels.plan_cascade(table_np, lengths_np, block_size)
+  plan_times = [time.perf_counter() - t0]
+  for _ in range(20):
+    t0 = time.perf_counter()
+    kernels.plan_cascade(table_np, lengths_np, block_size)
+    plan_times.append(time.perf_counter() - t0)
+  if plan_np is None:
+    raise RuntimeError(f"plan_cascade found no group in case {case.label}")
+  kernels.cascade.validate_plan(plan_np, q, k, table_np, lengths_np)  # host checks, once
+  table, lengths, plan = jax.device_put((table_np, lengths_np, plan_np))
+
+  plain = jax.jit(functools.partial(kernels.paged_attention, backend="gpu", interpret=interpret))
+  t_plain = time_calls(
+    lambda: plain(q, k, v, table, lengths, **scales), repeats=repeats, inner=inner, warmup=2
+  )
+  out_plain = np.asarray(plain(q, k, v, table, lengths, **scales).astype(jnp.float32))
+  assert not np.isnan(out_plain).any(), "NaN in the plain output"
+  own_read = lengths_np - plan_np.row_starts  # what each row reads in the own part
+  common = dict(
+    case=case.label,
+    batch=case.batch,
+    shared_len=case.shared_len,
+    own_len=float(np.mean(lengths_np - case.shared_len)),
+    own_len_min=int((lengths_np - case.shared_len).min()),
+    own_len_max=int((lengths_np - case.shared_len).max()),
+    plain_ms=t_plain.median * 1e3,
+    **{k_: v_ for k_, v_ in t_plain.fields("plain").items() if k_ != "plain_ms"},
+    plan_ms=float(np.median(plan_times)) * 1e3,
+    plan_first_ms=plan_times[0] * 1e3,
+    planned_shared_len=int(plan_np.group_lens.max()),
+    planned_own_len_max=int(own_read.max()),
+    groups=int((plan_np.group_lens > 0).sum()),
+    block_size=block_size,
+    dtype=dtype.name,
+    kv_dtype=kv_dtype.name,
+    num_q_heads=heads[0],
+    num_kv_heads=heads[1],
+    head_dim=head_dim,
+    plain_text=spread_text(t_plain),
+  )
+
+  base = default_cascade_block_sizes(head_dim=head_dim, q_dtype=dtype, kv_dtype=kv_dtype)
+  # Each bf16 GPU kernel is within the bf16 bound of the exact result (for 8-bit K/V: of
+  # dequantise-then-attend), so the two are within twice that of each other.
+  kind = "quantized_gpu_vs_float64_rel_l2" if scales else "gpu_kernel_vs_reference_rel_l2"
+  bound = 2 * tolerance(kind, dtype).rtol
+  errors = []
+  for name, cfg in configs:
+    try:
+      bs = dataclasses.replace(base, **cfg)
+      casc = jax.jit(
+        functools.partial(
+          kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
+        )
+      )
+      t_casc = time_calls(
+        lambda casc=casc: casc(q, k, v, table, lengths, plan, **scales),
+        repeats=repeats,
+        inner=inner,
+        warmup=2,
+      )
+      out = np.asarray(casc(q, k, v, table, lengths, plan, **scales).astype(jnp.float32))
+      assert not np.isnan(out).any(), "NaN in the cascade output"
+      err = rel_l2_error(out, out_plain)
+      assert err < bound, f"cascade and plain disagree: relative L2 {err:.2e} >= {bound:.1e}"
+    except Exception as e:  # noqa: BLE001 - a failing setting is a result; the others go on
+      traceback.print_exc()
+      errors.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}"))
+      continue
+    emit(
+      dict(
+        common,
+        cascade_ms=t_casc.median * 1e3,
+        speedup=t_plain.median / t_casc.median,
+        **{k_: v_ for k_, v_ in t_casc.fields("cascade").items() if k_ != "cascade_ms"},
+        rel_l2=err,
+        config=name,
+        block_sizes=str(bs),
+        cascade_text=spread_text(t_casc),
+      )
+    )
+  return errors
+
+
+def define_flags():
+  flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/cascade"), "output folder")
+  flags.DEFINE_list("cases", list(CASES), f"cases to run, from {list(CASES)}")
+  flags.DEFINE_bool("sweep", False, "also time the shared-kernel settings in SWEEP")
+  flags.DEFINE_integer("repeats", 15, "timing samples per measurement", lower_bound=5)
+  flags.DEFINE_bool("smoke", False, "one tiny case in interpret mode on CPU (tests this script)")
+  flags.DEFINE_enum(
+    "kv-dtype", "bfloat16", ["bfloat16", "int8", "float8_e4m3fn"], "K/V pool dtype (q is bf16)"
+  )
+
+
+def main(args):
+  os.makedirs(args.out, exist_ok=True)
+  env = env_info()
+  env = dict(device=env["device"], jax=env["jax_version"], date=env["date"], commit=git_commit())
+  print(env, flush=True)
+  configs = [("default", {})]
+  if args.sweep:
+    configs += [(f"sweep{i}", cfg) for i, cfg in enumerate(SWEEP)]
+  if args.smoke:
+    cases = [SMOKE]
+    kw = dict(interpret=True, repeats=5, inner=1, heads=(4, 2), head_dim=64, block_size=16)
+    kw["kv_dtype"] = args.kv_dtype
+    configs = [(n, {**c, "shared_rows": 16, "shared_kv_tile": 16}) for n, c in configs]
+  else:
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+      raise SystemExit(f"unknown --cases {unknown}; choose from {list(CASES)}")
+    cases = [CASES[c] for c in args.cases]
+    kw = dict(
+      interpret=False,
+      repeats=args.repeats,
+      inner=10,
+      heads=(HQ, HKV),
+      head_dim=D,
+      block_size=BLOCK,
+      kv_dtype=args.kv_dtype,
+    )
+  path = os.path.join(args.out, "cascade.jsonl")
+  rows, failed = [], []
+  for case in cases:
+    print(f"case {case.label} ...", flush=True)
+
+    def emit(row):
+      row = {**env, **row}
+      write_jsonl(path, [{k: v for k, v in row.items() if not k.endswith("_text")}])
+      rows.append(row)
+      print(f"  {row['config']}: {row['speedup']:.1f}x", flush=True)
+
+    try:
+      errors = run_case(case, configs=configs, emit=emit, **kw)
+    except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' rows
+      traceback.print_exc()
+      errors = [("all", f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}")]
+    if errors:
+      failed += [f"{case.label} {name}" for name, _ in errors]
+      write_jsonl(
+        os.path.join(args.out, "cascade_errors.jsonl"),
+        [dict(case=case.label, config=name, error=msg, **env) for name, msg in errors],
+      )
+  print()
+  print(
+    "| case | K/V | config | plain ms (min-max) | cascade ms (min-max) | speedup | plan ms "
+    "| rel L2 |"
+  )
+  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  for r in rows:
+    print(
+      f"| {r['case']} | {r['kv_dtype']} | {r['config']} | {r['plain_text']} | "
+      f"{r['cascade_text']} | {r['speedup']:.1f}x | {r['plan_ms']:.3f} | {r['rel_l2']:.1e} |"
+    )
+  print(f"rows -> {path}" + (f"; FAILED: {failed}" if failed else ""))
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  _flags.run(define_flags, main)

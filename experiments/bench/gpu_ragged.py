@@ -1,0 +1,424 @@
+"""GPU decode on ragged batches: the default kernel, the planned kernel and vLLM's Triton kernel.
+
+Issue 15, item 1. One process, one GPU: the HBM read ceiling (as ``gpu_decode`` measures
+it), then per case the same K/V, block table and queries timed through
+
+* ``default``: ``kernels.gpu.paged_attention`` with no plan (split-K from static shapes);
+* ``planned``: the same call with ``decode_plan=plan_decode(lengths, ...)`` (built on the
+  host before timing; its host time is recorded as ``plan_us``);
+* the peer: vLLM's Triton "unified attention" kernel as vendored in the PyPI package
+  ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens copied
+  into its ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout before timing.
+
+32 query / 8 KV heads, head_dim 128, bf16, blocks at shuffled ids. Cases (``--cases``
+picks some, comma-separated)::
+
+  sharegpt256_b16   256 lengths drawn as experiments/workloads.py draws ShareGPT-like
+                    requests (prompt + output, seed 0, <= 8192), block 16
+  uniform64_b16     64 lengths uniform in [1, 8192], block 16
+  long1_short63_b16 one sequence of 32,768 and 63 of 128, block 16
+  full64x8192_b16, full128x4096_b32, full64x8192_b128, full256x2048_b16, full8x4096_b16
+
+Device time: each timed function is one jit running ``--calls`` kernel calls on distinct
+queries (no Python dispatch between them), dispatched 3 times back to back per sample,
+21 samples (``experiments._timing.time_calls``); the peer runs ``--calls`` calls captured
+in one CUDA graph (plain back-to-back launches if capture fails). TB/s = K/V bytes the
+lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Every output is checked
+against the default kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
+bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
+``OUT/gpu_decode_ragged.jsonl`` as each case finishes (one failing case or peer loses
+nothing else); ``--sweep`` also times a few planned settings into
+``OUT/gpu_decode_ragged_sweep.jsonl``::
+
+  python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep]
+  python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
+  python -m experiments.bench.gpu_ragged --smoke --out /tmp/ragged_smoke
+
+The peer needs ``pip install conch-triton-kernels`` (and torch); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+import traceback
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from experiments._timing import time_calls
+from experiments.bench import _flags
+from experiments.bench._gpu_common import env_info, write_jsonl
+from kernels import gpu
+from kernels.gpu import plan as plan_mod
+from kernels.testing import rel_l2_error, tolerance
+
+HQ, HKV, D = 32, 8, 128
+DTYPE = jnp.bfloat16
+INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU
+FULL = {
+  "full64x8192_b16": (64, 8192, 16),
+  "full128x4096_b32": (128, 4096, 32),
+  "full64x8192_b128": (64, 8192, 128),
+  "full256x2048_b16": (256, 2048, 16),
+  "full8x4096_b16": (8, 4096, 16),
+}
+CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
+# --sweep: planned settings beside the default ones: (BlockSizes overrides, programs per
+# SM, padded chunk counts per doubling); None keeps plan_decode's default.
+# The default is planned_block_sizes (64-token steps, 4 warps, 3 stages: two programs per
+# SM at bf16 head_dim 128); LARGE_STEPS is the large-batch decode's (one program per SM).
+LARGE_STEPS = dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3)
+SWEEP = (
+  (LARGE_STEPS, None, None),
+  (dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2), None, None),
+  ({}, 16, None),
+  (LARGE_STEPS, 16, None),
+  ({}, None, 4),
+  ({}, 4, None),
+)
+
+
+def case_lengths(name: str) -> tuple[np.ndarray, int]:
+  """``(lengths i32[batch], block_size)`` of a case."""
+  if name == "sharegpt256_b16":
+    from experiments import workloads
+
+    pairs = workloads.sample_synthetic(workloads.SHAREGPT, 256, max_seq_len=8192, seed=0)
+    return pairs.sum(axis=1).astype(np.int32), 16
+  if name == "uniform64_b16":
+    return np.random.default_rng(0).integers(1, 8193, size=64).astype(np.int32), 16
+  if name == "long1_short63_b16":
+    return np.array([32768] + [128] * 63, np.int32), 16
+  if name in FULL:
+    batch, context, bs = FULL[name]
+    return np.full((batch,), context, np.int32), bs
+  raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES)}")
+
+
+def smoke_lengths(name: str) -> tuple[np.ndarray, int]:
+  """--smoke: each case shrunk to a few short rows (same shape of raggedness)."""
+  if name == "long1_short63_b16":
+    return np.array([300, 5, 5, 5], np.int32), 16
+  if name in FULL:
+    return np.full((2,), 64, np.int32), 16
+  return np.random.default_rng(0).integers(1, 120, size=4).astype(np.int32), 16
+
+
+def make_pool(rng, lengths, block_size):
+  """Pools holding exactly the blocks the lengths use (plus one spare), at shuffled ids."""
+  need = -(-lengths.astype(np.int64) // block_size)
+  max_blocks = max(1, int(need.max()))
+  num_blocks = int(need.sum()) + 1
+  ids = rng.permutation(num_blocks)[: int(need.sum())]
+  table = np.full((len(lengths), max_blocks), -1, np.int32)
+  table[np.arange(max_blocks)[None, :] < need[:, None]] = ids
+  k1, k2 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
+  shape = (HKV, num_blocks, block_size, D)
+  kb = jax.random.normal(k1, shape, jnp.float32).astype(DTYPE)
+  vb = jax.random.normal(k2, shape, jnp.float32).astype(DTYPE)
+  return kb, vb, table
+
+
+def many_calls(num_calls, **kw):
+  """One jit running ``num_calls`` decode calls, one per query array: device time per jit."""
+  fn = functools.partial(gpu.paged_attention, interpret=INTERPRET, **kw)
+
+  def run(qs, kb, vb, table, lengths, plan):
+    return [fn(q, kb, vb, table, lengths, decode_plan=plan) for q in qs]
+
+  return jax.jit(run)
+
+
+def time_ours(fn, args, num_calls, repeats):
+  t = time_calls(lambda: fn(*args), repeats=repeats, inner=3, warmup=2)
+  return t.map(lambda s: s / num_calls)
+
+
+def vllm_peer(q, kb, vb, table, lengths, num_calls, repeats):
+  """vLLM's unified-attention Triton kernel (conch-triton-kernels) on the same tokens:
+  ``(seconds per call Timing, output as a NumPy float32 array, how it was timed)``."""
+  import torch
+  from conch.third_party.vllm.unified_attention import unified_attention
+
+  def to_torch(x):
+    return torch.from_dlpack(jax.block_until_ready(x))
+
+  # Our pools are [kv_heads, blocks, block_size, head_dim]; the peer reads
+  # [blocks, block_size, kv_heads, head_dim]. Copied once, outside the timing.
+  k_t = to_torch(jnp.transpose(kb, (1, 2, 0, 3))).contiguous()
+  v_t = to_torch(jnp.transpose(vb, (1, 2, 0, 3))).contiguous()
+  q_t = to_torch(q).contiguous()
+  table_t = torch.as_tensor(np.asarray(table), device="cuda")
+  lens_t = torch.as_tensor(np.asarray(lengths), device="cuda")
+  batch = q_t.shape[0]
+  cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+  out = torch.empty_like(q_t)
+  ones = torch.ones(1, dtype=torch.float32, device="cuda")
+
+  def call():
+    unified_attention(
+      q=q_t,
+      k=k_t,
+      v=v_t,
+      out=out,
+      cu_seqlens_q=cu_q,
+      max_seqlen_q=1,
+      seqused_k=lens_t,
+      max_seqlen_k=int(np.max(lengths)),
+      softmax_scale=D**-0.5,
+      causal=True,
+      window_size=(-1, -1),
+      block_table=table_t,
+      softcap=0,
+      q_descale=None,
+      k_descale=ones,
+      v_descale=ones,
+    )
+
+  call()  # compiles
+  torch.cuda.synchronize()
+  how = "cuda_graph"
+  try:
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+      call()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+      for _ in range(num_calls):
+        call()
+
+    def run():
+      graph.replay()
+
+  except Exception:  # noqa: BLE001 - capture refused: plain back-to-back launches
+    traceback.print_exc()
+    how = "launch_loop"
+
+    def run():
+      for _ in range(num_calls):
+        call()
+
+  t = time_calls(run, repeats=repeats, inner=3, warmup=2, sync=lambda _: torch.cuda.synchronize())
+  call()
+  torch.cuda.synchronize()
+  return t.map(lambda s: s / num_calls), out.float().cpu().numpy(), how
+
+
+def check(out, want) -> dict:
+  err = rel_l2_error(out, want)
+  ok = (
+    bool(np.isfinite(out).all()) and err < tolerance("gpu_kernel_vs_reference_rel_l2", DTYPE).rtol
+  )
+  if not ok:
+    print(f"CHECK FAILED: relative L2 {err:.3g} against the default kernel", flush=True)
+  return dict(check_rel_l2=err, check_ok=ok)
+
+
+def commit_of(default: str) -> str:
+  if default != "unknown":
+    return default
+  try:
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+      ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip() or default
+  except Exception:  # noqa: BLE001 - no git on the machine: keep "unknown"
+    return default
+
+
+def run_case(name, args, ceiling, env, peer_ok):
+  """Times one case; returns (rows for gpu_decode_ragged.jsonl, sweep rows)."""
+  lengths, block_size = smoke_lengths(name) if args.smoke else case_lengths(name)
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  kb, vb, table = make_pool(rng, lengths, block_size)
+  keys = jax.random.split(jax.random.key(7), args.calls)
+  qs = [jax.random.normal(k, (len(lengths), HQ, D), jnp.float32).astype(DTYPE) for k in keys]
+  lens_dev, table_dev = jnp.asarray(lengths), jnp.asarray(table)
+  nbytes = int(lengths.astype(np.int64).sum()) * 2 * HKV * D * jnp.dtype(DTYPE).itemsize
+  base = dict(
+    case=name,
+    batch=len(lengths),
+    block_size=block_size,
+    head_dim=D,
+    num_q_heads=HQ,
+    num_kv_heads=HKV,
+    dtype=jnp.dtype(DTYPE).name,
+    mean_len=float(lengths.mean()),
+    max_len=int(lengths.max()),
+    kernel="triton",
+    ceiling_tbs=ceiling,
+    commit=args.commit,
+    **env,
+  )
+
+  def measure(plan, block_sizes):
+    fn = many_calls(args.calls, block_sizes=block_sizes)
+    call_args = (qs, kb, vb, table_dev, lens_dev, plan)
+    t = time_ours(fn, call_args, args.calls, args.repeats)
+    return t, np.asarray(jnp.asarray(fn(*call_args)[0], jnp.float32))
+
+  print(f"{name}: batch {len(lengths)}, mean {lengths.mean():.0f}, max {lengths.max()}", flush=True)
+  t_def, out_def = measure(None, None)
+  plan = plan_mod.plan_decode(lengths, block_size, HKV)
+  plan_t = time_calls(
+    lambda: plan_mod.plan_decode(lengths, block_size, HKV), repeats=21, inner=20, sync=lambda x: x
+  )
+  dev_plan = plan.device_put()
+  t_plan, out_plan = measure(dev_plan, None)
+  tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
+  tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
+  peer = dict(vllm_tbs=None)
+  if peer_ok and not args.smoke:
+    try:
+      t_v, out_v, how = vllm_peer(qs[0], kb, vb, table, lengths, args.calls, args.repeats)
+      tv = t_v.map(lambda s: nbytes / s / 1e12)
+      peer = dict(
+        vllm_tbs=tv.median,
+        vllm_tbs_min=tv.min,
+        vllm_tbs_max=tv.max,
+        vllm_timing=how,
+        vllm_rel_l2_vs_default=rel_l2_error(out_v, out_def),
+      )
+    except Exception as e:  # noqa: BLE001 - a failing peer is recorded, not fatal
+      traceback.print_exc()
+      peer = dict(vllm_tbs=None, vllm_error=f"{type(e).__name__}: {str(e)[:300]}")
+  rows = []
+  for variant, t, out in (("default", t_def, out_def), ("planned", t_plan, out_plan)):
+    row = dict(
+      base,
+      variant=variant,
+      ours_tbs=tbs[variant].median,
+      ours_tbs_min=tbs[variant].min,
+      ours_tbs_max=tbs[variant].max,
+      **t.fields("time", digits=5),
+      fraction_of_ceiling=tbs[variant].median / ceiling if ceiling else None,
+      **check(out, out_def),
+      **peer,
+    )
+    if variant == "planned":
+      row.update(
+        plan_us=plan_t.median * 1e6,
+        plan_us_max=plan_t.max * 1e6,
+        num_chunks=plan.num_chunks(),
+        padded_chunks=plan.num_padded_chunks,
+        max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
+      )
+    rows.append(row)
+  sweep_rows = []
+  if args.sweep:
+    default_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
+    for overrides, per_sm, per_octave in SWEEP:
+      if time.time() > args.deadline:
+        break
+      try:
+        bsz = dataclasses.replace(default_bs, **overrides)
+        target = None if per_sm is None else per_sm * plan_mod.num_sms()
+        p = plan_mod.plan_decode(
+          lengths, block_size, HKV, target_programs=target, buckets_per_octave=per_octave or 1
+        )
+        t, out = measure(p.device_put(), bsz)
+        tb = t.map(lambda s: nbytes / s / 1e12)
+        sweep_rows.append(
+          dict(
+            base,
+            variant="planned_sweep",
+            config={k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith("decode")},
+            programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
+            buckets_per_octave=per_octave or 1,
+            ours_tbs=tb.median,
+            ours_tbs_min=tb.min,
+            ours_tbs_max=tb.max,
+            fraction_of_ceiling=tb.median / ceiling if ceiling else None,
+            num_chunks=p.num_chunks(),
+            padded_chunks=p.num_padded_chunks,
+            **check(out, out_def),
+          )
+        )
+      except Exception as e:  # noqa: BLE001 - one setting failing loses no other
+        traceback.print_exc()
+        sweep_rows.append(dict(base, variant="planned_sweep", config=overrides, error=repr(e)))
+  return rows, sweep_rows
+
+
+def define_flags():
+  flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_ragged"), "output folder")
+  flags.DEFINE_list("cases", list(CASES), f"cases to run, of {', '.join(CASES)}")
+  flags.DEFINE_integer("calls", 8, "kernel calls per timed jit (and per CUDA graph)", lower_bound=1)
+  flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
+  flags.DEFINE_bool("sweep", False, "also time SWEEP's planned settings")
+  flags.DEFINE_bool("no-peer", False, "skip vLLM's Triton kernel")
+  flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
+  flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
+  flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU), no peer")
+
+
+def main(args):
+  global HQ, HKV, D, INTERPRET
+  unknown = [c for c in args.cases if c not in CASES]
+  if unknown:
+    raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES)}")
+  if args.smoke:
+    HQ, HKV, D, INTERPRET = 4, 2, 64, True
+    args.calls, args.repeats = min(args.calls, 2), 5
+  args.commit = commit_of(args.commit)
+  args.deadline = time.time() + args.budget_s
+  os.makedirs(args.out, exist_ok=True)
+  env = env_info()
+  print(env, flush=True)
+  from experiments.bench.gpu_decode import hbm_read_ceiling
+
+  ceiling = hbm_read_ceiling(1 << 16 if args.smoke else 1 << 30)
+  print("ceiling", ceiling, flush=True)
+  peer_ok = not (args.no_peer or args.smoke)
+  if peer_ok:
+    try:
+      import conch.third_party.vllm.unified_attention  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the peer is optional
+      print(f"vLLM peer not importable ({type(e).__name__}: {e}); timing ours only")
+      peer_ok = False
+  out_path = os.path.join(args.out, "gpu_decode_ragged.jsonl")
+  sweep_path = os.path.join(args.out, "gpu_decode_ragged_sweep.jsonl")
+  rows = []
+  for name in args.cases:
+    try:
+      case_rows, sweep_rows = run_case(name, args, ceiling["ceiling_tbps"], env, peer_ok)
+    except Exception as e:  # noqa: BLE001 - one failing case loses no other row
+      traceback.print_exc()
+      case_rows = [dict(case=name, error=f"{type(e).__name__}: {str(e)[:300]}", **env)]
+      sweep_rows = []
+    write_jsonl(out_path, case_rows)
+    if sweep_rows:
+      write_jsonl(sweep_path, sweep_rows)
+    rows += case_rows
+
+  def f(x, fmt=".2f"):
+    return format(x, fmt) if isinstance(x, float) else "-"
+
+  print(f"\nceiling {ceiling['ceiling_tbps']:.2f} TB/s; {env}")
+  print("| case | variant | mean len | TB/s (min-max) | % ceiling | vLLM TB/s | plan us |")
+  print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['case']} | error | {r['error'][:60]} | | | | |")
+      continue
+    print(
+      f"| {r['case']} | {r['variant']} | {r['mean_len']:.0f} | {f(r['ours_tbs'])} "
+      f"({f(r['ours_tbs_min'])}-{f(r['ours_tbs_max'])}) | "
+      f"{f(100 * r['fraction_of_ceiling'] if r['fraction_of_ceiling'] else None, '.1f')} | "
+      f"{f(r.get('vllm_tbs'))} | {f(r.get('plan_us'), '.0f')} |"
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  _flags.run(define_flags, main)

@@ -1,0 +1,481 @@
+"""Cascade (shared-prefix) decode attention on GPU in Pallas Triton: three launches.
+
+1. ``_shared_kernel`` (this module): grid ``(row_tiles, num_chunks, num_groups *
+   num_kv_heads)``. A program takes one KV head of one group and a tile of ``rows`` query
+   rows: ``rows // group`` member rows x the ``group = num_q_heads // num_kv_heads`` query
+   heads of that KV head, gathered from ``q`` through ``plan.group_rows``. It runs them
+   against one chunk of the group's shared keys ``[0, group_lens[g])`` (the chunk's length
+   is set per group at run time, so a group's chunks are even whatever the plan's padded
+   width) as tensor-core tiles ``[rows, head_dim] x [head_dim, kv_tile]``, and writes the
+   unnormalised float32 partial sums, max and denominator of each (member row, query
+   head, chunk) at the member's batch row. Row tiles are the fastest grid axis, so the
+   programs that read the same K/V chunk start together and share it through L2: HBM
+   sees each shared slot about once per group per step.
+2. the decode kernel (``kernels.gpu.decode``) with ``row_starts`` and ``return_partials``:
+   each row against its own keys ``[row_starts[b], lengths[b])``, split-K partials.
+3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group,
+   ``row_starts[b] == 0``, take the own part alone).
+
+K/V loads are masked (``0 <= block < num_blocks``, inside the group's length and the
+chunk), masked rows load as zeros and their logits are -inf, so NaN in unused slots
+cannot leak; 8-bit K/V fold their scales into the scores and into p as in the decode
+kernel. The partial outputs of rows in no group are never written: the merge selects
+them away (``jnp.where``, never a product with garbage).
+
+This module imports nothing from paxcache or flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.gpu import validate_gpu_inputs
+from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu.decode import _num_sms, compute_dtype, dot_precision, paged_decode
+from kernels.gpu.tuning import BlockSizes, _is_pow2, default_block_sizes
+
+__all__ = ["CascadeBlockSizes", "cascade_attention", "default_cascade_block_sizes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeBlockSizes:
+  """Tiles and launch settings of the GPU cascade kernels (frozen, hashable: a static arg).
+
+  Attributes:
+    shared_rows: query rows (member rows x query heads of one KV head) per program of the
+      shared kernel; a power of two in [16, 256]. Members per tile are ``shared_rows //
+      group`` (at least 1; the tile is padded to a power of two).
+    shared_kv_tile: shared keys per inner step (power of two in [16, 256]).
+    shared_num_chunks: chunks of each group's shared keys, run by separate programs and
+      merged by LSE; None: :func:`choose_num_chunks` (whole waves, fewest chunks).
+    shared_num_warps, shared_num_stages: Triton warps and pipeline depth of the shared
+      kernel.
+    own: the decode kernel's ``kernels.gpu.BlockSizes`` for the own part (None: the
+      decode defaults for the shape).
+  """
+
+  shared_rows: int = 128
+  shared_kv_tile: int = 64
+  shared_num_chunks: int | None = None
+  shared_num_warps: int = 4
+  shared_num_stages: int = 3
+  own: BlockSizes | None = None
+
+  def __post_init__(self):
+    for name, (lo, hi) in {
+      "shared_rows": (16, 256),
+      "shared_kv_tile": (16, 256),
+      "shared_num_warps": (1, 16),
+    }.items():
+      value = getattr(self, name)
+      if not (_is_pow2(value) and lo <= value <= hi):
+        raise ValueError(
+          f"CascadeBlockSizes.{name} must be a power of two in [{lo}, {hi}], got {value!r}"
+        )
+    if not (isinstance(self.shared_num_stages, int) and 1 <= self.shared_num_stages <= 8):
+      raise ValueError(
+        f"CascadeBlockSizes.shared_num_stages must be an int in [1, 8], got "
+        f"{self.shared_num_stages!r}"
+      )
+    c = self.shared_num_chunks
+    if c is not None and not (isinstance(c, int) and not isinstance(c, bool) and c >= 1):
+      raise ValueError(
+        f"CascadeBlockSizes.shared_num_chunks must be None or an int >= 1, got {c!r}"
+      )
+    if self.own is not None and not isinstance(self.own, BlockSizes):
+      raise ValueError(
+        f"CascadeBlockSizes.own must be None or a kernels.gpu.BlockSizes, got "
+        f"{type(self.own).__name__}"
+      )
+
+
+def default_cascade_block_sizes(*, head_dim: int, q_dtype, kv_dtype) -> CascadeBlockSizes:
+  """Per-shape defaults, those of the Triton prefill kernel (the same tile loop; on the H100
+  its 128-row tiles ran best with 4 warps: 289 against 231 TFLOP/s with 8,
+  docs/gpu_notes.md): 128-row tiles of 64-key steps, 4 warps, 3 stages where the dots'
+  operand row (head_dim x the compute dtype's bytes) is at most 256 bytes (bf16 / f16 q at
+  head_dim <= 128); 64-row tiles of 32-key steps, 2 stages where registers would run out
+  (head_dim 256 in bf16, float32 dots at head_dim >= 128). Not yet timed on a GPU."""
+  big = head_dim * compute_dtype(q_dtype, kv_dtype).itemsize > 256
+  return CascadeBlockSizes(
+    shared_rows=64 if big else 128,
+    shared_kv_tile=32 if big else 64,
+    shared_num_warps=4,
+    shared_num_stages=2 if big else 3,
+  )
+
+
+def _shared_kernel(
+  # Whole arrays in GPU global memory; the program gathers its rows.
+  glens_ref,  # i32[G]: shared tokens of each group
+  gtable_ref,  # i32[G * width]: group_table flattened, -1 where unused
+  grows_ref,  # i32[G * M]: group_rows flattened, -1 where unused
+  q_ref,  # [batch * num_q_heads, head_dim]
+  k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]
+  v_ref,
+  # 8-bit K/V only: ks_ref, vs_ref f32[num_kv_heads * num_blocks * block_size]. Then the
+  # outputs: o f32[batch * num_q_heads * num_chunks, head_dim] (sum of p @ v), m and den
+  # f32[batch * num_q_heads * num_chunks] (max in log2 units, sum of p); row
+  # (b * num_q_heads + query head) * num_chunks + chunk, written for member rows only,
+  # then ``rows`` scratch rows.
+  *refs,
+  num_q_heads,
+  num_kv_heads,
+  group,
+  members,
+  per_tile,
+  rows,
+  head_dim,
+  block_size,
+  num_blocks,
+  width,
+  kv_tile,
+  num_chunks,
+  batch,
+  scale,
+  logit_soft_cap,
+  cdtype,
+  quantized,
+):
+  if quantized:
+    ks_ref, vs_ref, o_ref, m_ref, den_ref = refs
+  else:
+    o_ref, m_ref, den_ref = refs
+  t = pl.program_id(0)
+  c = pl.program_id(1)
+  gh = pl.program_id(2)
+  g = gh // num_kv_heads
+  h = gh - g * num_kv_heads
+  glen = glens_ref[g]
+
+  # Query rows of this tile: row i is member t * per_tile + i // group, head i % group.
+  row_ids = jnp.arange(rows, dtype=jnp.int32)
+  member = t * per_tile + row_ids // group
+  head = h * group + row_ids % group
+  in_tile = (row_ids < per_tile * group) & (member < members)
+  batch_row = plgpu.load(
+    grows_ref.at[g * members + jnp.minimum(member, members - 1)], mask=in_tile, other=-1
+  )
+  row_ok = in_tile & (batch_row >= 0)
+  q_rows = jnp.where(row_ok, batch_row, 0) * num_q_heads + head
+  cols = jnp.arange(head_dim, dtype=jnp.int32)
+  q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
+  q = q.astype(cdtype)
+  prec = dot_precision(cdtype)
+
+  # This program's keys: chunk c of the group's [0, glen), in whole kv tiles.
+  tiles = (glen + kv_tile - 1) // kv_tile
+  per_chunk = (tiles + num_chunks - 1) // num_chunks
+  first = c * per_chunk
+  last = jnp.minimum(first + per_chunk, tiles)
+  # A tile without a member row (padding of the plan) reads nothing.
+  # (A max over int32: a plain reduction that the Triton lowering takes.)
+  last = jnp.where(jnp.max(row_ok.astype(jnp.int32)) > 0, last, first)
+  head_base = h * (num_blocks * block_size)
+  offs = jnp.arange(kv_tile, dtype=jnp.int32)
+  shift = int(math.log2(block_size))
+
+  # Tiles below glen // kv_tile hold only shared keys: their logits need no mask (the
+  # loads stay masked by the block id, so a -1 is never dereferenced); the chunk's tiles
+  # from there on (the group's last, partial tile) are masked by position.
+  mid = jnp.clip(glen // kv_tile, first, last)
+
+  def step(j, carry, masked):
+    tok = j * kv_tile + offs
+    lblk = jnp.right_shift(tok, shift)
+    in_table = lblk < width
+    blk = plgpu.load(
+      gtable_ref.at[g * width + jnp.minimum(lblk, width - 1)], mask=in_table, other=-1
+    )
+    valid = in_table & (blk >= 0) & (blk < num_blocks)
+    if masked:
+      valid &= tok < glen  # slots past the shared length may hold anything (NaN)
+    kv_rows = (
+      head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
+    )
+    idx = (kv_rows[:, None], cols[None, :])
+    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+    if quantized:
+      ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
+      s = s * ks[None, :]
+    (acc, m, den), p = online_softmax_step(
+      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :] if masked else None
+    )
+    if quantized:
+      vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
+      p = p * vs[None, :]
+    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+    return acc, m, den
+
+  acc = jnp.zeros((rows, head_dim), jnp.float32)
+  m = jnp.full((rows,), -jnp.inf, jnp.float32)
+  den = jnp.zeros((rows,), jnp.float32)
+  carry = lax.fori_loop(first, mid, functools.partial(step, masked=False), (acc, m, den))
+  acc, m, den = lax.fori_loop(mid, last, functools.partial(step, masked=True), carry)
+
+  # Rows without a member go to a scratch tail past the n real rows, one row each: the
+  # stores are masked, but interpret mode writes a masked lane back as read, and must not
+  # collide with a real row of the same store.
+  n = num_q_heads * num_chunks * batch
+  part_rows = jnp.where(row_ok, (batch_row * num_q_heads + head) * num_chunks + c, n + row_ids)
+  plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=row_ok[:, None])
+  plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
+  plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
+
+
+_SMEM_PER_SM = 227 * 1024  # usable shared memory of an H100 / H200 SM
+
+
+def choose_num_chunks(
+  programs_per_chunk: int, max_tiles: int, requested: int | None, *, program_smem: int = 0
+) -> int:
+  """Chunks per group's shared keys, so that the programs fill the GPU in whole waves.
+
+  The shared kernel is compute-bound and its programs are of equal work, so one full wave
+  is as good as many, and every extra chunk costs partials (``B * Hq * chunks * D`` floats
+  written and read back). Slots = SMs x programs per SM (from ``program_smem``, the
+  program's shared memory: its query tile plus ``stages`` K/V steps). The count is the one
+  in ``[lo, 4 lo]`` whose last wave is fullest, fewest on ties, where ``lo`` makes at least
+  90% of one wave; at most one chunk per 4 kv tiles of the plan's width.
+  """
+  if requested is not None:
+    return max(1, min(requested, max_tiles))
+  per = max(1, programs_per_chunk)
+  slots = _num_sms() * max(1, _SMEM_PER_SM // max(1, program_smem))
+  cap = max(1, max_tiles // 4)
+  lo = min(cap, max(1, -(-9 * slots // (10 * per))))
+  hi = min(cap, 4 * lo)
+  return max(range(lo, hi + 1), key=lambda c: (c * per / (-(-c * per // slots) * slots), -c))
+
+
+def shared_partials(
+  q,
+  k_blocks,
+  v_blocks,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  block_sizes: CascadeBlockSizes,
+  interpret=False,
+  k_scales=None,
+  v_scales=None,
+):
+  """The shared part: ``(o f32[B, Hq, C, D], m f32[B, Hq, C], den f32[B, Hq, C])`` partials
+  at each member's batch row (m in log2 units); rows in no group hold garbage."""
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  num_groups, width = plan.group_table.shape
+  members = plan.group_rows.shape[1]
+  group = num_q_heads // num_kv_heads
+  per_tile = max(1, block_sizes.shared_rows // group)
+  rows = max(16, 1 << (per_tile * group - 1).bit_length())
+  row_tiles = -(-members // per_tile)
+  kv_tile = block_sizes.shared_kv_tile
+  max_tiles = max(1, -(-(width * block_size) // kv_tile))
+  cdtype = compute_dtype(q.dtype, k_blocks.dtype)
+  smem = (rows + 2 * block_sizes.shared_num_stages * kv_tile) * head_dim * cdtype.itemsize
+  num_chunks = choose_num_chunks(
+    row_tiles * num_groups * num_kv_heads,
+    max_tiles,
+    block_sizes.shared_num_chunks,
+    program_smem=smem,
+  )
+  quantized = k_scales is not None
+  kernel = functools.partial(
+    _shared_kernel,
+    num_q_heads=num_q_heads,
+    num_kv_heads=num_kv_heads,
+    group=group,
+    members=members,
+    per_tile=per_tile,
+    rows=rows,
+    head_dim=head_dim,
+    block_size=block_size,
+    num_blocks=num_blocks,
+    width=width,
+    kv_tile=kv_tile,
+    num_chunks=num_chunks,
+    batch=batch,
+    scale=scale,
+    logit_soft_cap=logit_soft_cap,
+    cdtype=cdtype,
+    quantized=quantized,
+  )
+  flat_rows = num_kv_heads * num_blocks * block_size
+  args = (
+    plan.group_lens.astype(jnp.int32),
+    plan.group_table.reshape(-1).astype(jnp.int32),
+    plan.group_rows.reshape(-1).astype(jnp.int32),
+    q.reshape(batch * num_q_heads, head_dim),
+    k_blocks.reshape(flat_rows, head_dim),
+    v_blocks.reshape(flat_rows, head_dim),
+  )
+  if quantized:
+    args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
+  n = batch * num_q_heads * num_chunks
+  n_out = n + rows  # the scratch tail of rows without a member
+  o, m, den = pl.pallas_call(
+    kernel,
+    grid=(row_tiles, num_chunks, num_groups * num_kv_heads),
+    out_shape=(
+      jax.ShapeDtypeStruct((n_out, head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((n_out,), jnp.float32),
+      jax.ShapeDtypeStruct((n_out,), jnp.float32),
+    ),
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.shared_num_warps, num_stages=block_sizes.shared_num_stages
+    ),
+    interpret=interpret,
+    name=f"paxcache_cascade_shared_bs{block_size}_r{rows}_t{kv_tile}_c{num_chunks}",
+  )(*args)
+  return (
+    o[:n].reshape(batch, num_q_heads, num_chunks, head_dim),
+    m[:n].reshape(batch, num_q_heads, num_chunks),
+    den[:n].reshape(batch, num_q_heads, num_chunks),
+  )
+
+
+def _merge(shared, own, in_group, out_dtype):
+  """Merges the shared partials (of rows ``in_group`` only) with the own ones by max-exp2."""
+  o_s, m_s, den_s = shared
+  o_o, m_o, den_o = own
+  sel = in_group[:, None, None]
+  m_s = jnp.where(sel, m_s, -jnp.inf)
+  m_max = jnp.maximum(jnp.max(m_s, axis=-1), jnp.max(m_o, axis=-1))[..., None]
+  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+  w_s = jnp.where(sel, jnp.exp2(m_s - m_max), 0.0)  # 0 for rows in no group, empty chunks
+  w_o = jnp.exp2(m_o - m_max)
+  num = jnp.sum(jnp.where(sel[..., None], o_s, 0.0) * w_s[..., None], axis=2)
+  num = num + jnp.sum(o_o * w_o[..., None], axis=2)
+  den = jnp.sum(jnp.where(sel, den_s, 0.0) * w_s, axis=-1) + jnp.sum(den_o * w_o, axis=-1)
+  out = num / jnp.where(den > 0, den, 1.0)[..., None]
+  return out.astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "logit_soft_cap", "block_sizes", "interpret"))
+def _cascade(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  block_sizes,
+  interpret,
+  k_scales,
+  v_scales,
+):
+  batch = q.shape[0]
+  own_bs = block_sizes.own or default_block_sizes(
+    head_dim=q.shape[2],
+    kv_dtype=k_blocks.dtype,
+    batch=batch,
+    num_kv_heads=k_blocks.shape[0],
+  )
+  own = paged_decode(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    scale=scale,
+    sliding_window=None,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=own_bs,
+    interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
+    row_starts=plan.row_starts,
+    return_partials=True,
+  )
+  num_groups, width = plan.group_table.shape
+  if num_groups == 0 or width == 0 or plan.group_rows.shape[1] == 0:
+    in_group = jnp.zeros((batch,), bool)
+    shared = tuple(jnp.zeros(x.shape[:2] + (1,) + x.shape[3:], jnp.float32) for x in own)
+  else:
+    shared = shared_partials(
+      q,
+      k_blocks,
+      v_blocks,
+      plan,
+      scale=scale,
+      logit_soft_cap=logit_soft_cap,
+      block_sizes=block_sizes,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
+    )
+    # Rows whose shared partials were written: row_starts[b] > 0 only for members of a
+    # group with keys (the plan's invariant, checked on the host). A member of a group of
+    # length 0 has partials that add nothing (m = -inf, den = 0), so it may be left out;
+    # rows in no group (row_starts 0) must be. No scatter over group_rows: one launch less.
+    in_group = plan.row_starts > 0
+  return _merge(shared, own, in_group, q.dtype)
+
+
+def cascade_attention(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  interpret=False,
+  k_scales=None,
+  v_scales=None,
+  block_sizes=None,
+):
+  """Cascade decode attention on GPU (module docstring); called by ``kernels.cascade``.
+
+  Args are those of ``kernels.cascade_attention`` (already validated there, ``scale`` a
+  float); ``block_sizes`` is a :class:`CascadeBlockSizes` or None for per-shape defaults.
+
+  Returns:
+    ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
+  """
+  validate_gpu_inputs(
+    q, k_blocks, v_blocks, block_table, lengths, k_scales=k_scales, v_scales=v_scales
+  )
+  if block_sizes is None:
+    block_sizes = default_cascade_block_sizes(
+      head_dim=q.shape[2], q_dtype=q.dtype, kv_dtype=k_blocks.dtype
+    )
+  elif not isinstance(block_sizes, CascadeBlockSizes):
+    kind = type(block_sizes)
+    raise ValueError(
+      "block_sizes for the GPU cascade backend must be a kernels.gpu.cascade."
+      f"CascadeBlockSizes, got {kind.__module__}.{kind.__qualname__}"
+    )
+  if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
+    return jnp.zeros(q.shape, q.dtype)
+  return _cascade(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    plan,
+    scale=scale,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
+  )

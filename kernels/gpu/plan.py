@@ -1,0 +1,238 @@
+"""A length-aware work plan for GPU decode, built on the host from the real lengths.
+
+The default decode kernel (``decode.py``) sizes its grid by the longest row and picks its
+split-K factor from static shapes, so on a ragged batch one long sequence is read by a
+few programs while the rest of the GPU idles. A plan instead cuts the visible keys of
+every sequence into chunks of about equal tokens, ``(sequence, [start, end))``; the
+planned kernel (``planned.py``) runs one program per (KV head, chunk) and a second, small
+kernel merges each sequence's chunks.
+
+:func:`plan_decode` is NumPy only and runs outside jit (in the engine's host step, where
+the lengths are known). Its chunk arrays are padded to a bucketed count (a power of two by
+default, see :func:`bucket`), so the jitted kernel sees one of a few shapes whatever the
+lengths: no shape depends on a length.
+
+How the chunk size is chosen: the batch holds ``T`` visible tokens per KV head, so
+``T * num_kv_heads`` token-heads of work; cut into ``target_programs`` (default
+``PROGRAMS_PER_SM`` per SM) pieces, rounded up to a multiple of ``kv_tile`` and at least
+``min_chunk_tokens``. A row longer than that is cut into ``ceil(span / chunk)`` pieces of
+equal size (rounded up to ``kv_tile``; the last one may be shorter); a shorter row is one
+chunk. Internal chunk boundaries are multiples of ``kv_tile`` (absolute positions), so no
+kernel step is shared by two chunks. Chunks are ordered longest row first, so the
+largest pieces start first and the short ones fill the tail of the grid; a sequence's
+chunks stay contiguous (``seq_first_chunk`` .. ``+ seq_num_chunks``), which the merge reads.
+
+This module imports nothing from paxcache or flax, and no Pallas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+# Programs (chunk x KV head) aimed at per SM: about four waves of two resident programs,
+# so that the tail of the grid is short against the whole.
+PROGRAMS_PER_SM = 8
+# A chunk shorter than this spends more on its prologue (the q tile) and on writing and
+# merging its float32 partial than it reads.
+MIN_CHUNK_TOKENS = 256
+# Chunk boundaries inside a row are multiples of this; the kernel's decode_kv_tile should
+# divide it (16..128 do), else a step straddles two chunks and is read twice (still
+# correct: the kernel masks by the chunk's range).
+DEFAULT_KV_TILE = 128
+# The padded chunk count is at least this (and by default a power of two; see bucket()).
+MIN_CHUNK_BUCKET = 16
+
+
+@functools.cache
+def num_sms() -> int:
+  """SMs of JAX's first GPU (``core_count``); 132 (an H100 / H200) off a GPU."""
+  try:
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+      return int(getattr(dev, "core_count", 132) or 132)
+  except Exception:  # noqa: BLE001 - no device info: assume an H100 / H200
+    pass
+  return 132
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=("chunk_seq", "chunk_start", "chunk_end", "seq_first_chunk", "seq_num_chunks"),
+  meta_fields=("block_size", "num_kv_heads", "kv_tile", "sliding_window"),
+)
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+  """The work of one decode call, cut into chunks: a pytree (arrays are its leaves).
+
+  ``C`` (the padded chunk count) is a :func:`bucket` size >= ``MIN_CHUNK_BUCKET``; chunks
+  ``num_chunks ..  C - 1`` are padding (``chunk_seq = 0``, ``start = end = 0``: they
+  read nothing and no sequence merges them).
+
+  Attributes:
+    chunk_seq: i32[C], the sequence (block-table row) of each chunk.
+    chunk_start, chunk_end: i32[C], the chunk's key positions ``[start, end)``.
+    seq_first_chunk: i32[batch], index of each sequence's first chunk (0 if it has none).
+    seq_num_chunks: i32[batch], how many chunks each sequence has (0 for length 0).
+    block_size, num_kv_heads: of the cache the plan was built for (checked per call).
+    kv_tile: internal chunk boundaries are multiples of it.
+    sliding_window: the window the plan left out keys for (chunks cover only the last
+      ``window`` positions), or None (all positions; the kernel still masks any window).
+  """
+
+  chunk_seq: np.ndarray
+  chunk_start: np.ndarray
+  chunk_end: np.ndarray
+  seq_first_chunk: np.ndarray
+  seq_num_chunks: np.ndarray
+  block_size: int
+  num_kv_heads: int
+  kv_tile: int
+  sliding_window: int | None
+
+  @property
+  def num_padded_chunks(self) -> int:
+    return int(self.chunk_seq.shape[0])
+
+  @property
+  def batch(self) -> int:
+    return int(self.seq_first_chunk.shape[0])
+
+  def num_chunks(self) -> int:
+    """Real (unpadded) chunks; a host read when the arrays are on the device."""
+    return int(np.asarray(self.seq_num_chunks).sum())
+
+  def device_put(self, device=None) -> DecodePlan:
+    """The plan with its arrays on ``device`` (one transfer of the five small arrays)."""
+    return jax.device_put(self, device)
+
+
+def bucket(n: int, per_octave: int = 1) -> int:
+  """The padded chunk count for ``n`` chunks: the smallest ``p * (1 + k / per_octave)``
+  (``p`` a power of two, ``k`` in 1..per_octave) that holds ``n``, at least
+  ``MIN_CHUNK_BUCKET``. ``per_octave=1`` gives powers of two (up to 2x padding, one shape
+  per doubling); 2 or 4 pad at most 1.5x or 1.25x for 2 or 4 shapes per doubling."""
+  if n <= MIN_CHUNK_BUCKET:
+    return MIN_CHUNK_BUCKET
+  p = 1 << ((n - 1).bit_length() - 1)  # p < n <= 2p
+  step = p // per_octave
+  return p + -(-(n - p) // step) * step
+
+
+def chunk_tokens_for(
+  total_tokens: int,
+  num_kv_heads: int,
+  *,
+  kv_tile: int = DEFAULT_KV_TILE,
+  target_programs: int | None = None,
+  min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+) -> int:
+  """The chunk size a batch of ``total_tokens`` visible tokens per KV head is cut into."""
+  if target_programs is None:
+    target_programs = PROGRAMS_PER_SM * num_sms()
+  per = -(-total_tokens * num_kv_heads // max(target_programs, 1))
+  size = max(per, min_chunk_tokens, 1)
+  return -(-size // kv_tile) * kv_tile
+
+
+def plan_decode(
+  lengths,
+  block_size: int,
+  num_kv_heads: int,
+  *,
+  kv_tile: int = DEFAULT_KV_TILE,
+  sliding_window: int | None = None,
+  target_programs: int | None = None,
+  min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+  chunk_tokens: int | None = None,
+  buckets_per_octave: int = 1,
+) -> DecodePlan:
+  """Cuts a decode batch into balanced chunks over (sequence, key range); NumPy only.
+
+  Args:
+    lengths: int[batch] on the host, the tokens in each sequence's cache (this step's
+      query included), as the call's ``lengths``.
+    block_size, num_kv_heads: of the K/V cache the plan is for.
+    kv_tile: chunk boundaries inside a row are multiples of it (a power of two).
+    sliding_window: if set, each row's chunks cover only ``[length - window, length)``,
+      the keys its query sees; the call must then use the same window.
+    target_programs: (chunk, KV head) programs to aim at; default ``PROGRAMS_PER_SM`` per
+      SM of the first GPU (132 SMs off a GPU).
+    min_chunk_tokens: the smallest chunk size chosen.
+    chunk_tokens: the chunk size itself (a multiple of ``kv_tile``), overriding the choice.
+    buckets_per_octave: 1 (powers of two), 2, 4 or 8 padded chunk counts per doubling
+      (:func:`bucket`): more shapes to compile, fewer empty padding programs.
+
+  Returns:
+    A :class:`DecodePlan` with NumPy int32 arrays (``jit`` moves them to the device; or
+    ``plan.device_put()`` first).
+
+  Raises:
+    ValueError: on a negative length, a bad ``kv_tile`` / ``block_size`` /
+      ``sliding_window`` / ``chunk_tokens`` / ``buckets_per_octave``.
+  """
+  lengths = np.asarray(lengths)
+  if lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.integer):
+    raise ValueError(f"lengths must be a 1-D integer array, got {lengths.shape} {lengths.dtype}")
+  if not (isinstance(kv_tile, int) and kv_tile > 0 and kv_tile & (kv_tile - 1) == 0):
+    raise ValueError(f"kv_tile must be a power of two, got {kv_tile!r}")
+  if not (isinstance(block_size, int) and block_size >= 1):
+    raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+  if not (isinstance(num_kv_heads, int) and num_kv_heads >= 1):
+    raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
+  if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
+    raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+  if buckets_per_octave not in (1, 2, 4, 8):
+    raise ValueError(f"buckets_per_octave must be 1, 2, 4 or 8, got {buckets_per_octave!r}")
+  if lengths.size and lengths.min() < 0:
+    raise ValueError(f"lengths must be >= 0, got {lengths[lengths < 0][:8].tolist()}")
+  length = lengths.astype(np.int64)
+  lo = np.zeros_like(length) if sliding_window is None else np.maximum(length - sliding_window, 0)
+  lo_aligned = lo // kv_tile * kv_tile
+  span = np.where(length > lo, length - lo_aligned, 0)  # tokens from the first aligned tile
+  if chunk_tokens is None:
+    chunk_tokens = chunk_tokens_for(
+      int((length - lo).sum()),
+      num_kv_heads,
+      kv_tile=kv_tile,
+      target_programs=target_programs,
+      min_chunk_tokens=min_chunk_tokens,
+    )
+  elif not (isinstance(chunk_tokens, int) and chunk_tokens > 0 and chunk_tokens % kv_tile == 0):
+    raise ValueError(f"chunk_tokens must be a positive multiple of {kv_tile}, got {chunk_tokens!r}")
+  # Pieces per row, then an equal piece size (a kv_tile multiple, <= chunk_tokens), and
+  # the pieces that size actually needs (never more than the first count).
+  pieces = -(-span // chunk_tokens)
+  size = -(-span // np.maximum(pieces, 1))
+  size = -(-size // kv_tile) * kv_tile
+  count = np.where(span > 0, -(-span // np.maximum(size, 1)), 0)
+  order = np.argsort(-span, kind="stable")  # longest rows first
+  count_o = count[order]
+  num = int(count_o.sum())
+  first_o = np.cumsum(count_o) - count_o
+  seq = np.repeat(order, count_o)
+  k = np.arange(num) - np.repeat(first_o, count_o)  # chunk index within its row
+  base = lo_aligned[seq] + k * size[seq]
+  start = np.maximum(base, lo[seq])
+  end = np.minimum(base + size[seq], length[seq])
+  padded = bucket(num, buckets_per_octave)
+  chunk_seq = np.zeros(padded, np.int32)
+  chunk_start = np.zeros(padded, np.int32)
+  chunk_end = np.zeros(padded, np.int32)
+  chunk_seq[:num], chunk_start[:num], chunk_end[:num] = seq, start, end
+  seq_first = np.zeros(lengths.shape[0], np.int32)
+  seq_first[order] = np.where(count_o > 0, first_o, 0)
+  return DecodePlan(
+    chunk_seq=chunk_seq,
+    chunk_start=chunk_start,
+    chunk_end=chunk_end,
+    seq_first_chunk=seq_first,
+    seq_num_chunks=count.astype(np.int32),
+    block_size=block_size,
+    num_kv_heads=num_kv_heads,
+    kv_tile=kv_tile,
+    sliding_window=sliding_window,
+  )

@@ -1,0 +1,321 @@
+"""Planned paged decode on GPU in Pallas Triton: one program per (KV head, chunk), then a merge.
+
+Runs a :class:`kernels.gpu.plan.DecodePlan` (built on the host from the real lengths).
+Grid ``(num_kv_heads, num_padded_chunks)``: a program reads its chunk's sequence and key
+range ``[start, end)`` from the plan, takes the ``group`` query heads of its KV head as
+rows of one ``[rows, head_dim]`` tile (as ``decode.py`` does), and walks the range in
+steps of ``kv_tile`` tokens, gathering K/V rows through the block table
+(``row = block_id * block_size + offset`` in the pool seen as ``[heads * blocks *
+block_size, head_dim]``). Every gathered load is masked by ``0 <= block_id <
+num_blocks`` and by the position being in the chunk, below the length and inside the
+sliding window; masked rows load as zeros with ``-inf`` logits, so NaN in unused slots
+cannot leak. Each program writes unnormalised float32 partials, the running max (log2
+units) and the denominator; padding chunks (``start = end``) return at once, reading and
+writing nothing.
+
+A sequence in one chunk (most rows of a ragged batch) is finished by its chunk's
+programs: they write its normalised output in ``q.dtype`` directly. For the others, the
+merge (``_merge_kernel``, grid ``(num_q_heads, batch)``, writing into the same output
+buffer) reads the sequence's chunks ``seq_first_chunk .. + seq_num_chunks`` for one query
+head, ``MERGE_TILE`` chunks a step (a long row cut into 100 chunks merges in 7 steps, not
+100 dependent loads); its programs for one-chunk sequences only read the count and
+return. A sequence with no chunk (length 0) gets zeros, as from the reference.
+
+A head_dim that is not a power of two is computed in tiles of the next power of two, its
+extra columns masked on every load and store of both kernels (as in ``decode.py``:
+arrays keep their real head_dim in HBM); a power-of-two head_dim emits no column mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu.decode import compute_dtype, dot_precision, head_cols, tile_mask
+from kernels.gpu.plan import DecodePlan
+from kernels.gpu.tuning import BlockSizes
+
+
+def _chunk_kernel(
+  # Whole arrays in GPU global memory (no BlockSpec), as in decode.py.
+  chunk_seq_ref,  # i32[C]
+  chunk_start_ref,  # i32[C]
+  chunk_end_ref,  # i32[C]
+  seq_chunks_ref,  # i32[batch]: seq_num_chunks
+  lengths_ref,  # i32[batch]
+  table_ref,  # i32[batch * max_blocks]
+  q_ref,  # [batch * num_q_heads, head_dim]
+  k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]
+  v_ref,  # same
+  # 8-bit K/V only: ks_ref, vs_ref f32[num_kv_heads * num_blocks * block_size]. Then the
+  # outputs: o f32[C * num_q_heads, head_dim], m and den f32[C * num_q_heads], row
+  # chunk * num_q_heads + query head (chunks of sequences cut into several); out
+  # [batch * num_q_heads, head_dim] in q.dtype (sequences in one chunk).
+  *refs,
+  num_q_heads,
+  group,
+  rows,
+  head_dim,
+  block_size,
+  num_blocks,
+  max_blocks,
+  kv_tile,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  cdtype,
+  quantized,
+):
+  if quantized:
+    ks_ref, vs_ref, o_ref, m_ref, den_ref, out_ref = refs
+  else:
+    o_ref, m_ref, den_ref, out_ref = refs
+  h = pl.program_id(0)
+  c = pl.program_id(1)
+  chunk_start, chunk_end = chunk_start_ref[c], chunk_end_ref[c]
+
+  # Padding chunks (start == end) read and write nothing (no sequence merges them): they
+  # leave as soon as they have read their range, before the query tile.
+  @pl.when(chunk_end > chunk_start)
+  def _():
+    b = chunk_seq_ref[c]
+    length = lengths_ref[b]
+    start = chunk_start
+    end = jnp.minimum(chunk_end, length)
+    if sliding_window is not None:
+      # Position length-1 sees keys >= length - window.
+      start = jnp.maximum(start, length - sliding_window)
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    row_ok = row_ids < group
+    q_row0 = b * num_q_heads + h * group
+    # Tiles are head_dim padded to a power of two wide; col_ok (None when nothing is
+    # padded) masks the columns past head_dim on every load and store.
+    cols, col_ok = head_cols(head_dim)
+    width = cols.shape[0]
+    if col_ok is None:
+      q = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
+    else:
+      q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
+      q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
+    q = q.astype(cdtype)
+    prec = dot_precision(cdtype)
+    head_base = h * (num_blocks * block_size)
+    offs = jnp.arange(kv_tile, dtype=jnp.int32)
+    shift = int(math.log2(block_size))
+
+    def body(j, carry):
+      tok = j * kv_tile + offs
+      lblk = jnp.right_shift(tok, shift)
+      in_table = lblk < max_blocks
+      blk = plgpu.load(
+        table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
+      )
+      valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok >= start) & (tok < end)
+      kv_rows = (
+        head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
+      )
+      idx = (kv_rows[:, None], cols[None, :])
+      kv_mask = tile_mask(valid, col_ok)
+      k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+      v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+      s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+      if quantized:
+        ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
+        s = s * ks[None, :]
+      (acc, m, den), p = online_softmax_step(
+        carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+      )
+      if quantized:
+        vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
+        p = p * vs[None, :]
+      acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+      return acc, m, den
+
+    acc = jnp.zeros((rows, width), jnp.float32)
+    m = jnp.full((rows,), -jnp.inf, jnp.float32)
+    den = jnp.zeros((rows,), jnp.float32)
+    first = start // kv_tile
+    last = jnp.where(end > start, (end + kv_tile - 1) // kv_tile, first)
+    acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+    # A sequence in one chunk is done here: its output, normalised, with no partial
+    # written and none merged. Otherwise the partials, for the merge.
+    single = seq_chunks_ref[b] == 1
+    whole = row_ok & single
+    out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
+    part = row_ok & jnp.logical_not(single)
+    part0 = c * num_q_heads + h * group
+    if col_ok is None:
+      plgpu.store(out_ref.at[pl.ds(q_row0, rows), :], out, mask=whole[:, None])
+      plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=part[:, None])
+    else:
+      plgpu.store(out_ref.at[q_idx], out, mask=tile_mask(whole, col_ok))
+      part_idx = ((part0 + row_ids)[:, None], cols[None, :])
+      plgpu.store(o_ref.at[part_idx], acc, mask=tile_mask(part, col_ok))
+    plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=part)
+    plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=part)
+
+
+MERGE_TILE = 16  # chunks one merge step reads at once
+
+
+def _merge_kernel(
+  first_ref,  # i32[batch]: seq_first_chunk
+  count_ref,  # i32[batch]: seq_num_chunks
+  o_ref,  # f32[C * num_q_heads, head_dim]
+  m_ref,  # f32[C * num_q_heads]
+  den_ref,  # f32[C * num_q_heads]
+  out_in_ref,  # [batch * num_q_heads * head_dim], q.dtype: the chunk kernel's out
+  out_ref,  # the same buffer (aliased): rows of sequences in one chunk are already there
+  *,
+  num_q_heads,
+  head_dim,
+):
+  del out_in_ref  # written through out_ref
+  hq = pl.program_id(0)
+  b = pl.program_id(1)
+  count = count_ref[b]
+
+  @pl.when(count != 1)
+  def _():
+    _merge_row(first_ref[b], count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim)
+
+
+def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim):
+  """Merges the ``count`` chunks of sequence ``b`` for query head ``hq`` (0 chunks: zeros)."""
+  offs = jnp.arange(MERGE_TILE, dtype=jnp.int32)
+  cols, col_ok = head_cols(head_dim)  # as in the chunk kernel
+
+  def body(t, carry):
+    acc, mx, den = carry
+    i = t * MERGE_TILE + offs  # chunk numbers within the sequence
+    ok = i < count
+    part = (first + jnp.where(ok, i, 0)) * num_q_heads + hq
+    m_i = plgpu.load(m_ref.at[part], mask=ok, other=-jnp.inf)
+    d_i = plgpu.load(den_ref.at[part], mask=ok, other=0.0)
+    o_i = plgpu.load(o_ref.at[part[:, None], cols[None, :]], mask=tile_mask(ok, col_ok), other=0.0)
+    m_new = jnp.maximum(mx, jnp.max(m_i))
+    # Chunks whose keys were all masked (and the start) have m = -inf; weigh them by
+    # exp2(-inf) = 0 against 0 instead of NaN from (-inf) - (-inf).
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(mx - m_use)
+    w = jnp.exp2(m_i - m_use)
+    acc = acc * alpha + jnp.sum(o_i * w[:, None], axis=0)
+    return acc, m_new, den * alpha + jnp.sum(d_i * w)
+
+  acc = jnp.zeros(cols.shape, jnp.float32)
+  mx = jnp.float32(-jnp.inf)
+  den = jnp.float32(0.0)
+  tiles = (count + MERGE_TILE - 1) // MERGE_TILE
+  acc, mx, den = lax.fori_loop(0, tiles, body, (acc, mx, den))
+  out = (acc / jnp.where(den > 0, den, 1.0)).astype(out_ref.dtype)
+  row0 = (b * num_q_heads + hq) * head_dim
+  if col_ok is None:
+    plgpu.store(out_ref.at[pl.ds(row0, head_dim)], out)
+  else:
+    plgpu.store(out_ref.at[row0 + cols], out, mask=col_ok)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+)
+def planned_decode(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan: DecodePlan,
+  *,
+  scale: float,
+  sliding_window: int | None,
+  logit_soft_cap: float | None,
+  block_sizes: BlockSizes,
+  interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
+):
+  """Decode attention, one query per sequence, by the chunks of ``plan``.
+
+  Args:
+    q: [batch, num_q_heads, head_dim].
+    k_blocks, v_blocks: [num_kv_heads, num_blocks, block_size, head_dim].
+    block_table: i32[batch, max_blocks] (-1 where unused).
+    lengths: i32[batch] (the lengths the plan was built from).
+    plan: a DecodePlan for this batch (checked by the caller, kernels.gpu.paged_attention).
+    block_sizes: ``decode_kv_tile``, ``decode_num_warps`` and ``decode_num_stages`` apply
+      to the chunk kernel (``decode_num_splits`` does not: the plan decides).
+    k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
+
+  Returns:
+    [batch, num_q_heads, head_dim] in q.dtype.
+  """
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  max_blocks = block_table.shape[1]
+  group = num_q_heads // num_kv_heads
+  rows = max(16, 1 << (group - 1).bit_length())
+  num_chunks = plan.chunk_seq.shape[0]
+  quantized = k_scales is not None
+  kernel = functools.partial(
+    _chunk_kernel,
+    num_q_heads=num_q_heads,
+    group=group,
+    rows=rows,
+    head_dim=head_dim,
+    block_size=block_size,
+    num_blocks=num_blocks,
+    max_blocks=max_blocks,
+    kv_tile=block_sizes.decode_kv_tile,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    cdtype=compute_dtype(q.dtype, k_blocks.dtype),
+    quantized=quantized,
+  )
+  flat_rows = num_kv_heads * num_blocks * block_size
+  args = (
+    plan.chunk_seq,
+    plan.chunk_start,
+    plan.chunk_end,
+    plan.seq_num_chunks,
+    lengths,
+    block_table.reshape(-1),
+    q.reshape(batch * num_q_heads, head_dim),
+    k_blocks.reshape(flat_rows, head_dim),
+    v_blocks.reshape(flat_rows, head_dim),
+  )
+  if quantized:
+    args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
+  n = num_chunks * num_q_heads
+  o, m, den, out = pl.pallas_call(
+    kernel,
+    grid=(num_kv_heads, num_chunks),
+    out_shape=(
+      jax.ShapeDtypeStruct((n, head_dim), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.float32),
+      jax.ShapeDtypeStruct((n,), jnp.float32),
+      jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype),
+    ),
+    compiler_params=plgpu.CompilerParams(
+      num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
+    ),
+    interpret=interpret,
+    name=f"paxcache_planned_decode_bs{block_size}_t{block_sizes.decode_kv_tile}",
+  )(*args)
+  out = pl.pallas_call(
+    functools.partial(_merge_kernel, num_q_heads=num_q_heads, head_dim=head_dim),
+    grid=(num_q_heads, batch),
+    out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
+    compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    input_output_aliases={5: 0},  # out: the chunk kernel's rows stay, the merge adds its own
+    interpret=interpret,
+    name="paxcache_planned_decode_merge",
+  )(plan.seq_first_chunk, plan.seq_num_chunks, o, m, den, out.reshape(-1))
+  return out.reshape(batch, num_q_heads, head_dim)
