@@ -223,9 +223,17 @@ class BlockAllocator:
     self._row_of: dict[Hashable, int] = {}
     self._forgotten: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
     # Sequences whose last appended token is PENDING_TOKEN (an engine that schedules step
-    # n + 1 before step n's token is back): row, offset in the last block, and whether that
-    # token filled the block, whose hash then waits for resolve_tokens.
-    self._pending: dict[Hashable, tuple[int, int, bool]] = {}
+    # n + 1 before step n's token is back). The pending token is always the sequence's last
+    # (nothing appends, forks or swaps it until it is resolved), so its offset is
+    # ``(num_tokens - 1) % block_size``; a block it filled is hashed by resolve_tokens. A set,
+    # so that a decode step adds and resolves a whole batch without a per-sequence Python
+    # loop.
+    self._pending: set[Hashable] = set()
+    # The rows of the last batch of ids looked up, while no sequence was added, freed or
+    # swapped since (``_epoch`` counts those): an engine step passes the same decoding
+    # sequences to several batched calls, and consecutive steps mostly the same ones.
+    self._epoch = 0
+    self._memo_rows: tuple[int, list, np.ndarray] = (-1, [], np.zeros(0, np.intp))
 
     # Running totals (filled slots are the pool's, evictions the prefix cache's).
     self._resident_tokens = 0
@@ -576,12 +584,12 @@ class BlockAllocator:
     """
     k = len(seq_ids)
     tokens = self._as_tokens(tokens, "tokens", seq_ids, allow_pending=True)
-    for seq_id in seq_ids if self._pending else ():  # no Python loop in the common case
-      if seq_id in self._pending:
-        raise SequenceError(
-          f"cannot append to sequence {seq_id!r}: its last token is still pending "
-          "(resolve_tokens first)"
-        )
+    if self._pending and not self._pending.isdisjoint(seq_ids):
+      seq_id = next(s for s in seq_ids if s in self._pending)
+      raise SequenceError(
+        f"cannot append to sequence {seq_id!r}: its last token is still pending "
+        "(resolve_tokens first)"
+      )
     if len(tokens) != k:
       raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {k}")
     if k == 0:
@@ -622,8 +630,10 @@ class BlockAllocator:
     self._ntok[rows] = n + 1
     self._resident_tokens += k
     pending = tokens == PENDING_TOKEN
-    for i in np.flatnonzero(pending).tolist():
-      self._pending[seq_ids[i]] = (int(rows[i]), int(off[i]), bool(off[i] == bs - 1))
+    if pending.all():  # an engine with overlap scheduling: every decode's token is pending
+      self._pending.update(seq_ids)
+    elif pending.any():
+      self._pending.update(seq_ids[i] for i in np.flatnonzero(pending).tolist())
     if self.enable_prefix_caching:
       self._partial[rows, off] = tokens
       filled = np.flatnonzero((off == bs - 1) & ~pending)
@@ -647,27 +657,36 @@ class BlockAllocator:
     tokens = self._as_tokens(tokens, "tokens", seq_ids)
     if len(tokens) != len(seq_ids):
       raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {len(seq_ids)}")
-    missing = [s for s in seq_ids if s not in self._pending]
-    if missing:
+    if not self._pending.issuperset(seq_ids):
+      missing = [s for s in seq_ids if s not in self._pending]
       raise SequenceError(f"resolve_tokens: sequences {missing[:8]!r} have no pending token")
-    filled_seqs: list[_Seq] = []
-    try:
-      for seq_id, token in zip(seq_ids, tokens.tolist(), strict=True):
-        row, off, filled = self._pending.pop(seq_id)
-        if self.enable_prefix_caching:
-          self._partial[row, off] = token
-          if filled:
-            filled_seqs.append(self._seqs[seq_id])
-    finally:
-      # The filled blocks are hashed together, after the loop; a repeated id raises KeyError
-      # from pop above, and the ones resolved before it are still hashed, as one by one.
-      if filled_seqs:
-        rows = np.array([s.row for s in filled_seqs], np.intp)
-        last = self._table[rows, self._nblk[rows] - 1]
-        self._hash_full_blocks(filled_seqs, self._partial[rows], last.tolist())
+    if not seq_ids:
+      return
+    # Pending sequences are resident (swap_out refuses them), so _rows only looks them up
+    # (and refuses an id given twice, before anything changes).
+    rows = self._rows(seq_ids, "resolve the pending token of")
+    self._pending.difference_update(seq_ids)
+    if not self.enable_prefix_caching:
+      return
+    bs = self.block_size
+    off = (self._ntok[rows] - 1) % bs
+    self._partial[rows, off] = tokens
+    filled = np.flatnonzero(off == bs - 1)
+    if len(filled):
+      rows = rows[filled]
+      last = self._table[rows, self._nblk[rows] - 1]
+      self._hash_full_blocks(
+        [self._seqs[seq_ids[i]] for i in filled.tolist()], self._partial[rows], last.tolist()
+      )
 
   def has_pending_token(self, seq_id: Hashable) -> bool:
     return seq_id in self._pending
+
+  def has_pending_tokens(self, seq_ids: Sequence[Hashable]) -> np.ndarray:
+    """``bool[len(seq_ids)]``: :meth:`has_pending_token` of each (unknown ids: False)."""
+    if self._pending.issuperset(seq_ids):  # overlap scheduling's steady state
+      return np.ones(len(seq_ids), np.bool_)
+    return np.fromiter(map(self._pending.__contains__, seq_ids), np.bool_, len(seq_ids))
 
   def fork(self, parent: Hashable, child: Hashable) -> None:
     """Makes ``child`` share every block of ``parent`` (reference counts + 1; no copy now)."""
@@ -699,7 +718,7 @@ class BlockAllocator:
     """
     seq = self._get(seq_id, "free")
     row = seq.row
-    self._pending.pop(seq_id, None)  # its block is released unhashed
+    self._pending.discard(seq_id)  # its block is released unhashed
     if seq.host_blocks is not None:
       self._host_free.extend(seq.host_blocks)
     else:
@@ -709,6 +728,7 @@ class BlockAllocator:
     self._ntok[row] = 0
     self._nblk[row] = 0
     self._swapped[row] = False
+    self._epoch += 1
     self._free_rows.append(row)
     del self._seqs[seq_id]
     del self._row_of[seq_id]
@@ -750,6 +770,7 @@ class BlockAllocator:
     self._release_blocks(row)
     seq.host_blocks = host
     self._swapped[row] = True
+    self._epoch += 1
     self._resident_tokens -= int(self._ntok[row])
     self._num_resident -= 1
     self._num_swapped_out_blocks += nb
@@ -787,6 +808,7 @@ class BlockAllocator:
     self._host_free.extend(seq.host_blocks)
     seq.host_blocks = None
     self._swapped[row] = False
+    self._epoch += 1
     self._resident_tokens += n
     self._num_resident += 1
     self._num_swapped_in_blocks += len(pairs)
@@ -808,7 +830,7 @@ class BlockAllocator:
       n, nb = int(self._ntok[row]), int(self._nblk[row])
       _expect(nb == self._cdiv(n), f"{what}: {n} tokens in {nb} blocks")
       full = n // self.block_size if self.enable_prefix_caching else 0
-      if self.enable_prefix_caching and seq_id in self._pending and self._pending[seq_id][2]:
+      if self.enable_prefix_caching and seq_id in self._pending and n % self.block_size == 0:
         full -= 1  # the block its pending token filled is hashed on resolve_tokens
       _expect(len(seq.hashes) == full, f"{what}: {len(seq.hashes)} hashes for {full} full blocks")
       if seq.host_blocks is not None:
@@ -882,7 +904,12 @@ class BlockAllocator:
     return seq
 
   def _rows(self, seq_ids: Sequence[Hashable], action: str) -> np.ndarray:
-    """Rows of distinct resident ``seq_ids`` as ``intp[k]``; raises naming the bad id."""
+    """Rows of distinct resident ``seq_ids`` as ``intp[k]`` (read-only); raises naming the
+    bad id."""
+    epoch, ids, rows = self._memo_rows
+    # A list compares element by element, identical ids by identity: no hashing.
+    if epoch == self._epoch and type(seq_ids) is list and seq_ids == ids:
+      return rows
     k = len(seq_ids)
     try:
       rows = (self._row_of[seq_ids[0]],) if k == 1 else operator.itemgetter(*seq_ids)(self._row_of)
@@ -897,6 +924,9 @@ class BlockAllocator:
     if self._swapped[rows].any():
       for s in seq_ids:
         self._resident(s, action)
+    rows.flags.writeable = False
+    if type(seq_ids) is list:
+      self._memo_rows = (self._epoch, list(seq_ids), rows)
     return rows
 
   def _shared_partial(self, rows: np.ndarray, n: np.ndarray, nb: np.ndarray) -> np.ndarray:
@@ -931,6 +961,7 @@ class BlockAllocator:
     seq = _Seq(seq_id, row)
     self._seqs[seq_id] = seq
     self._row_of[seq_id] = row
+    self._epoch += 1
     self._forgotten.pop(seq_id, None)
     self._num_resident += 1
     return seq

@@ -92,7 +92,8 @@ class StepBatch:
     for a, size in zip(arrays, sizes, strict=True):
       buffer[offset : offset + a.size] = a.view(np.int32).ravel()
       offset += size
-    layout = tuple((a.shape, a.dtype.name) for a in arrays) + (
+    # ``dtype.name`` is computed in Python on every read (~5 us a field): look it up.
+    layout = tuple((a.shape, _DTYPE_NAMES.get(a.dtype) or a.dtype.name) for a in arrays) + (
       self.decode_only,
       self.any_sampled,
       self.num_candidates,
@@ -187,6 +188,7 @@ class StepBatch:
 
 
 _ALIGN = 64  # i32 elements: 256 bytes
+_DTYPE_NAMES = {np.dtype(t): np.dtype(t).name for t in (np.int32, np.float32, np.uint32)}
 _ARRAY_FIELDS = tuple(
   f.name for f in dataclasses.fields(StepBatch) if f.metadata.get("pytree_node", True)
 )
@@ -201,6 +203,8 @@ def build_step_batch(
   min_copies: int,
   pending_rows: Mapping | None = None,
   num_candidates: int = 0,
+  prev_decodes: list | None = None,
+  decode_sampling: tuple | None = None,
   cascade_min_shared_blocks: int = 0,
   block_size: int | None = None,
   decode_planner=None,
@@ -208,13 +212,19 @@ def build_step_batch(
   """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
 
   Args:
-    plan: the scheduler's plan; its ``rows`` are the block-table rows, in order.
+    plan: the scheduler's plan; its decodes and then its ``rows`` are the block-table rows,
+      in order.
     table: the block table of those rows (``BlockTable.from_allocator``), already padded.
     sampling: request id -> ``(temperature, top_k, seed)`` for every sampled request.
     min_tokens, min_copies: smallest bucket sizes of the token rows and copy pairs.
     pending_rows: sequence -> its sample row in the step still running on the device, for
       sequences whose next input token (``PENDING_TOKEN`` on the host) that step samples.
     num_candidates: candidates per sample row for beam search (0: none; static).
+    prev_decodes: the plain decodes of the step still on the device (its sample rows
+      ``0 .. len - 1``); when ``plan.decodes`` is the same list (the steady state), a pending
+      decode's sample row is its own row, without a look-up in ``pending_rows``.
+    decode_sampling: ``(temperature f32, top_k i32, seeds i32, sample_index i32)`` of
+      ``plan.decodes``, when the caller keeps them (else read from ``sampling``).
     cascade_min_shared_blocks: > 0: in a decode-only step, plan cascade attention
       (``kernels.plan_cascade``) for groups of rows sharing at least this many leading
       blocks; 0, or no such group: the step carries a zero-size plan (plain attention).
@@ -224,53 +234,89 @@ def build_step_batch(
       combined), ``decode_planner(lengths, rows)`` gives the step's decode plan or None.
   """
   rows = plan.rows
-  b = len(rows)
+  decodes = plan.decodes
+  nd = len(decodes)
+  b = nd + len(rows)
   batch_pad = table.batch_size
   # Vectorised over rows (a Python loop of NumPy slice assignments per row cost ~10 us a
-  # row, 2.5 ms a step at batch 256): flat lists first, one array each.
-  starts = np.fromiter((r.start for r in rows), np.int32, b)
-  q_lens = np.fromiter((r.stop - r.start for r in rows), np.int32, b)
-  total = int(q_lens.sum())
-  decode_only = bool((q_lens == 1).all())
+  # row, 2.5 ms a step at batch 256): the decodes are columns already, the other rows
+  # (few) go through flat lists.
+  starts = np.empty(b, np.int32)
+  q_lens = np.ones(b, np.int32)
+  starts[:nd] = plan.decode_starts
+  if rows:
+    starts[nd:] = [r.start for r in rows]
+    q_lens[nd:] = [r.stop - r.start for r in rows]
+  decode_only = not rows or bool((q_lens[nd:] == 1).all())
+  total = nd + (int(q_lens[nd:].sum()) if rows else 0)
   num_tokens = batch_pad if decode_only else bucket_size(total, minimum=max(min_tokens, batch_pad))
   cu = np.full(batch_pad + 1, total, np.int32)
   cu[0] = 0
   np.cumsum(q_lens, out=cu[1 : b + 1])
+  tokens = np.zeros(num_tokens, np.int32)
+  tokens[:nd] = plan.decode_tokens
   if decode_only:
-    ids = [r.seq.tokens[r.start] for r in rows]
+    tokens[nd:b] = [r.seq.tokens[r.start] for r in rows]
     row_of = np.arange(b)
   else:
-    ids = [t for r in rows for t in r.seq.tokens[r.start : r.stop]]
+    tokens[nd:total] = [t for r in rows for t in r.seq.tokens[r.start : r.stop]]
     row_of = np.repeat(np.arange(b), q_lens)
-  tokens = np.zeros(num_tokens, np.int32)
-  tokens[:total] = ids
   prev_index = np.full(num_tokens, -1, np.int32)
   pending = np.flatnonzero(tokens[:total] == PENDING_TOKEN)
   if len(pending):  # only a decode's one token can be pending
-    prev_index[pending] = [pending_rows[rows[i].seq] for i in row_of[pending].tolist()]
+    rows_pending = row_of[pending]
+    if prev_decodes is not None and nd and prev_decodes == decodes:
+      # The steady state: decode i reads sample row i of the step before.
+      in_block = rows_pending < nd
+      prev_index[pending[in_block]] = rows_pending[in_block]
+      pending_rest, rows_rest = pending[~in_block], rows_pending[~in_block]
+    else:
+      pending_rest, rows_rest = pending, rows_pending
+    if len(pending_rest):
+      prev_index[pending_rest] = [
+        pending_rows[decodes[i] if i < nd else rows[i - nd].seq] for i in rows_rest.tolist()
+      ]
     tokens[pending] = 0
   positions = np.zeros(num_tokens, np.int32)
-  positions[:total] = np.arange(total, dtype=np.int32) + np.repeat(starts - cu[:b], q_lens)
+  if decode_only:
+    positions[:b] = starts
+  else:
+    positions[:total] = np.arange(total, dtype=np.int32) + np.repeat(starts - cu[:b], q_lens)
   slot_mapping = np.full(num_tokens, INVALID_SLOT, np.int32)
-  if b:
-    slot_mapping[:total] = np.concatenate([r.slots for r in rows])
-  samplers = [(s, int(cu[i + 1]) - 1) for i, r in enumerate(rows) for s in r.samplers]
-  num_rows = bucket_size(len(samplers), minimum=batch_pad)
-  n = len(samplers)
+  slot_mapping[:nd] = plan.decode_slots
+  if rows:
+    slot_mapping[nd:total] = np.concatenate([r.slots for r in rows])
+  # Sample rows: the decodes' (row i samples sequence i), then the other rows' samplers.
+  samplers = [(s, int(cu[nd + i + 1]) - 1) for i, r in enumerate(rows) for s in r.samplers]
+  n = nd + len(samplers)
+  num_rows = bucket_size(n, minimum=batch_pad)
   logit_rows = np.zeros(num_rows, np.int32)
   temperature = np.zeros(num_rows, np.float32)
   top_k = np.zeros(num_rows, np.int32)
   seeds = np.zeros(num_rows, np.int32)
   sample_index = np.zeros(num_rows, np.int32)
   sample_positions = np.zeros(num_rows, np.int32)
-  if n:
+  if nd:
+    logit_rows[:nd] = np.arange(nd, dtype=np.int32)
+    if decode_sampling is None:
+      params = [sampling[s.seq_id[0]] for s in decodes]
+      decode_sampling = (
+        [p[0] for p in params],
+        [p[1] for p in params],
+        [p[2] for p in params],
+        [s.index for s in decodes],
+      )
+    temperature[:nd], top_k[:nd], seeds[:nd], sample_index[:nd] = decode_sampling
+    # A decode samples the token after its input: position start + 1 = len(seq.tokens).
+    sample_positions[:nd] = starts[:nd] + 1
+  if samplers:
     params = [sampling[s.seq_id[0]] for s, _ in samplers]
-    logit_rows[:n] = [row for _, row in samplers]
-    temperature[:n] = [p[0] for p in params]
-    top_k[:n] = [p[1] for p in params]
-    seeds[:n] = [p[2] for p in params]
-    sample_index[:n] = [s.index for s, _ in samplers]
-    sample_positions[:n] = [len(s.tokens) for s, _ in samplers]
+    logit_rows[nd:n] = [row for _, row in samplers]
+    temperature[nd:n] = [p[0] for p in params]
+    top_k[nd:n] = [p[1] for p in params]
+    seeds[nd:n] = [p[2] for p in params]
+    sample_index[nd:n] = [s.index for s, _ in samplers]
+    sample_positions[nd:n] = [len(s.tokens) for s, _ in samplers]
   pairs = np.array(plan.cow_pairs, np.int32).reshape(-1, 2)
   # No copies: zero-length arrays, and the step compiles without the copy (two scatters
   # per layer that would copy nothing, 60 launches a step for a 30-layer model).

@@ -44,13 +44,105 @@ SEED_LIMIT = 2**31  # request seeds are folded into the sampling key as int32
 
 @dataclasses.dataclass
 class _InFlight:
-  """A dispatched step: its device tokens and, per sample row, (sequence, index of the
+  """A dispatched step: its device tokens, its plain decodes (sample rows ``0 .. D - 1``,
+  as columns: see :class:`_DecodeFacts`) and, per later sample row, (sequence, index of the
   row's ``PENDING_TOKEN`` in ``sequence.tokens``; None for a beam row, whose token
   ``_beam.py`` picks from ``candidates``)."""
 
   tokens: jax.Array  # i32[cap]
   entries: list[tuple[Seq, int | None]]
   candidates: tuple | None = None  # (f32[S, C] log-probs, i32[S, C] ids) when beam rows ran
+  decodes: list[Seq] = dataclasses.field(default_factory=list)
+  facts: _DecodeFacts | None = None  # of ``decodes``
+  pending_pos: list[int] = dataclasses.field(default_factory=list)  # each decode's new token
+  done: list[int] = dataclasses.field(default_factory=list)  # decodes stopped by length
+  # The decodes' tokens once read, when the next step's commit has already written them
+  # into the sequences (overlap scheduling's steady state: see Engine._commit).
+  values: list[int] | None = None
+
+
+class _DecodeFacts:
+  """What the host reads of each plain decode row (``Plan.decodes``) that does not change
+  while the same sequences keep decoding: sampling parameters, the length at which a
+  sample stops, its request's end token. Kept from step to step; a step whose decodes
+  differ from the last one's gathers the rows of the sequences it already knew and reads
+  only the new ones (one dict look-up per row, no per-row attribute walk)."""
+
+  def __init__(self):
+    self.seqs: list[Seq] = []
+    self.groups: list[Group] = []
+    self.ids: list = []
+    self._where: dict[Seq, int] = {}
+    self.temperature = np.zeros(0, np.float32)
+    # Columns of ints: top_k, seed, sample index, stop length, end token (-1: none).
+    self.ints = np.zeros((0, 5), np.int64)
+    self.any_end = False
+    self.all_first = False  # every group has its first token's time
+
+  def update(self, plan: Plan, max_seq_len: int) -> _DecodeFacts:
+    """These facts for ``plan.decodes`` (self if the decodes are the last step's)."""
+    seqs = plan.decodes
+    if seqs == self.seqs:  # identity per element: the steady state
+      return self
+    facts = _DecodeFacts()
+    facts.seqs, facts.groups, facts.ids = seqs, plan.decode_groups, plan.decode_ids
+    facts._where = {s: i for i, s in enumerate(seqs)}
+    where = self._where
+    idx = np.array([where.get(s, -1) for s in seqs], np.intp).reshape(-1)
+    known = idx >= 0
+    facts.temperature = np.zeros(len(seqs), np.float32)
+    facts.temperature[known] = self.temperature[idx[known]]
+    facts.ints = np.zeros((len(seqs), 5), np.int64)
+    facts.ints[known] = self.ints[idx[known]]
+    new = np.flatnonzero(~known).tolist()
+    if new:
+      groups = plan.decode_groups
+      rows = []
+      for i in new:
+        s, r = seqs[i], groups[i].request
+        rows.append(
+          (
+            r.top_k,
+            groups[i].seed,
+            s.index,
+            min(s.prompt_len + r.max_new_tokens, max_seq_len),
+            -1 if r.end_token is None else r.end_token,
+          )
+        )
+        facts.temperature[i] = r.temperature
+      facts.ints[new] = rows
+    facts.any_end = bool((facts.ints[:, 4] >= 0).any())
+    return facts
+
+  @property
+  def sampling(self) -> tuple:
+    """``(temperature, top_k, seeds, sample_index)`` for ``build_step_batch``."""
+    return self.temperature, self.ints[:, 0], self.ints[:, 1], self.ints[:, 2]
+
+
+class _PendingRows(Mapping):
+  """Sequence -> its sample row in the step still on the device; built on first look-up
+  (the steady state needs none: ``build_step_batch`` matches whole decode lists)."""
+
+  def __init__(self, step: _InFlight):
+    self._step = step
+    self._rows: dict | None = None
+
+  def _map(self) -> dict:
+    if self._rows is None:
+      step = self._step
+      self._rows = {s: i for i, s in enumerate(step.decodes)}
+      self._rows.update((s, j) for j, (s, _) in enumerate(step.entries, len(step.decodes)))
+    return self._rows
+
+  def __getitem__(self, seq):
+    return self._map()[seq]
+
+  def __iter__(self):
+    return iter(self._map())
+
+  def __len__(self):
+    return len(self._map())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +489,7 @@ class Engine:
     self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
     self._ready: list[RequestOutput] = []  # finished while draining (abort)
     self._to_free: list = []  # samples that stopped by length at the step just dispatched
+    self._facts = _DecodeFacts()  # the last step's plain decodes, reused while unchanged
     self._groups: dict[Hashable, Group] = {}
     # Requests added with an arrival_time the clock has not reached: (time, order, request).
     self._pending: list[tuple[float, int, Request]] = []
@@ -632,11 +725,15 @@ class Engine:
     num_tokens = prefill = sampled = decodes = kv_tokens = 0
     shape = (0, 0, 0)
     dispatched = None
-    if plan.rows:
+    has_rows = bool(plan.decodes or plan.rows)
+    if has_rows:
       tokens, shape, candidates = self._execute(plan)
       dispatched = self._commit(plan, tokens)
       dispatched.candidates = candidates
-      for r in plan.rows:  # one pass: this runs on the host every step
+      # The plain decodes: one token each, K/V of start + 1 tokens.
+      num_tokens = decodes = len(plan.decodes)
+      kv_tokens = int(plan.decode_starts.sum()) + decodes
+      for r in plan.rows:  # one pass over the other rows (few)
         n = r.stop - r.start
         num_tokens += n
         kv_tokens += r.stop
@@ -645,7 +742,7 @@ class Engine:
         elif n == 1:
           decodes += 1
     swapped = sum(len(p) for p in plan.swap_out) + sum(len(p) for p in plan.swap_in)
-    if plan.rows or swapped:
+    if has_rows or swapped:
       self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
     previous, self._in_flight = self._in_flight, dispatched
     finished, self._ready = self._ready, []
@@ -658,7 +755,7 @@ class Engine:
       self._in_flight = None
       sampled = self._resolve(dispatched, finished)
     self._free_finished()
-    if not plan.rows and previous is None:
+    if not has_rows and previous is None:
       if not (plan.swap_in or plan.swap_out or plan.preemptions_recompute):
         if self.scheduler.has_work():
           # Cannot happen by construction (the oldest group always fits alone); fail
@@ -732,24 +829,28 @@ class Engine:
 
   def _build_batch(self, plan: Plan) -> StepBatch:
     cfg = self.config
+    seq_ids = plan.decode_ids
+    if plan.rows:
+      seq_ids = seq_ids + [r.seq.seq_id for r in plan.rows]
     table = BlockTable.from_allocator(
       self.allocator,
-      [r.seq.seq_id for r in plan.rows],
+      seq_ids,
       min_batch=cfg.min_batch_bucket,
       min_blocks=cfg.min_blocks_bucket,
     )
+    self._facts = facts = self._facts.update(plan, self.max_seq_len)
     # The step still on the device (overlap scheduling) samples these rows' input tokens.
-    pending_rows = {}
-    if self._in_flight is not None:
-      pending_rows = {s: j for j, (s, _) in enumerate(self._in_flight.entries)}
+    in_flight = self._in_flight
     return build_step_batch(
       plan,
       table,
       _SamplingView(self._groups),
       min_tokens=cfg.min_token_bucket,
       min_copies=cfg.min_copy_bucket,
-      pending_rows=pending_rows,
+      pending_rows={} if in_flight is None else _PendingRows(in_flight),
       num_candidates=self.beams.num_candidates(plan),
+      prev_decodes=None if in_flight is None else in_flight.decodes,
+      decode_sampling=facts.sampling,
       cascade_min_shared_blocks=0 if cfg.mesh is not None else cfg.cascade_min_shared_blocks,
       block_size=cfg.block_size,
       decode_planner=self.decode_planner,
@@ -758,6 +859,35 @@ class Engine:
   def _commit(self, plan: Plan, tokens) -> _InFlight:
     """Host update right after the device call, before its tokens are known: computed
     counts, a ``PENDING_TOKEN`` placeholder per sample, stops by length (known now)."""
+    # The plain decodes, as columns: per row only the two updates the scheduler reads.
+    self._facts = facts = self._facts.update(plan, self.max_seq_len)
+    decodes = plan.decodes
+    prev = self._in_flight
+    if prev is not None and decodes and not self._ignore and prev.decodes == decodes:
+      # Overlap scheduling's steady state: the same sequences decoded in the step still on
+      # the device. Read its tokens now (this step is queued behind it) and write them
+      # with this step's placeholders in one pass over the rows; _resolve then only reads
+      # them. The same writes as placeholders now and tokens in _resolve, one pass fewer.
+      values = np.asarray(prev.tokens)[: len(decodes)].tolist()
+      for s, p, t in zip(decodes, prev.pending_pos, values, strict=True):
+        s.tokens[p] = t
+        s.num_computed += 1
+        s.tokens.append(PENDING_TOKEN)
+      prev.values = values
+    else:
+      for s in decodes:
+        s.num_computed += 1
+        s.tokens.append(PENDING_TOKEN)
+    done = []
+    if decodes:
+      # Stops by length: the sequence now holds start + 2 tokens (input and pending).
+      done = np.flatnonzero(plan.decode_starts + 2 >= facts.ints[:, 3]).tolist()
+      for i in done:
+        s, g = decodes[i], plan.decode_groups[i]
+        s.finish_reason = "length"
+        self._to_free.append(s.seq_id)
+        if not g.live and g.status is Status.RUNNING:
+          self.scheduler.finish(g)
     entries = []
     groups = self._groups
     for r in plan.rows:
@@ -779,7 +909,14 @@ class Engine:
           self._to_free.append(s.seq_id)
           if not g.live and g.status is Status.RUNNING:
             self.scheduler.finish(g)
-    return _InFlight(tokens=tokens, entries=entries)
+    return _InFlight(
+      tokens=tokens,
+      entries=entries,
+      decodes=decodes,
+      facts=facts,
+      pending_pos=(plan.decode_starts + 1).tolist(),
+      done=done,
+    )
 
   def _resolve(self, step: _InFlight, finished: list[RequestOutput]) -> int:
     """Host update once a step's tokens are back: token ids, stops at an end token, the
@@ -789,7 +926,12 @@ class Engine:
     now = self.clock.now()
     resolve_ids, resolve_tokens, stopped, groups = [], [], [], []
     sampled = 0
-    for j, (s, pos) in enumerate(step.entries):
+    nd = len(step.decodes)
+    if nd:
+      sampled += self._resolve_decodes(
+        step, tokens[:nd], now, resolve_ids, resolve_tokens, stopped, groups
+      )
+    for j, (s, pos) in enumerate(step.entries, nd):
       if pos is None:  # a beam row: read below
         continue
       if s in self._ignore:  # stopped at its end token after this row was dispatched
@@ -832,11 +974,81 @@ class Engine:
       g.finish_time = now
       outs.append(g.output())
     if step.candidates is not None:
-      sampled += self.beams.advance(step.entries, step.candidates, outs)
+      # Beam rows are never plain decodes: the entries are sample rows nd, nd + 1, ...
+      candidates = tuple(np.asarray(c)[nd:] for c in step.candidates)
+      sampled += self.beams.advance(step.entries, candidates, outs)
     self.metrics.finished_requests += len(outs)
     self.metrics.generated_tokens += sampled
     finished.extend(outs)
     return sampled
+
+  def _resolve_decodes(
+    self, step: _InFlight, tokens: np.ndarray, now, resolve_ids, resolve_tokens, stopped, groups
+  ) -> int:
+    """:meth:`_resolve` for the plain decodes (sample rows ``0 .. D - 1``): one Python
+    statement per row (its token into its list); stops, first tokens and the allocator's
+    pending tokens found with NumPy. Appends to the lists as the per-row loop would;
+    returns the number of tokens sampled."""
+    seqs, facts = step.decodes, step.facts
+    if step.values is not None:  # already written by the next step's commit
+      values = step.values
+    else:
+      values = tokens.tolist()
+    skip = ()
+    if self._ignore:  # stopped at an end token after these rows were dispatched
+      ignore = self._ignore
+      skip = [i for i, s in enumerate(seqs) if s in ignore]
+      for i in skip:
+        ignore.discard(seqs[i])
+    if skip:
+      skipped = set(skip)
+      for i, (s, p, t) in enumerate(zip(seqs, step.pending_pos, values, strict=True)):
+        if i not in skipped:
+          s.tokens[p] = t
+    elif step.values is None:
+      for s, p, t in zip(seqs, step.pending_pos, values, strict=True):
+        s.tokens[p] = t
+    if not facts.all_first:
+      missing = False
+      for i, g in enumerate(facts.groups):
+        if g.first_token_time is None:
+          if skip and i in skipped:
+            missing = True
+          else:
+            g.first_token_time = now
+      facts.all_first = not missing
+    hits = []
+    if facts.any_end:
+      hits = np.flatnonzero(tokens == facts.ints[:, 4]).tolist()
+      if skip:
+        hits = [i for i in hits if i not in skipped]
+      for i in hits:
+        s = seqs[i]
+        if step.pending_pos[i] != len(s.tokens) - 1:  # its next row is already on the device
+          s.tokens.pop()
+          self._ignore.add(s)
+        if s.finish_reason is None:
+          stopped.append(s)
+        s.finish_reason = "stop"
+    # Finished samples (by length at dispatch, or at their end token now), in row order.
+    for i in sorted(set(hits).union(step.done).difference(skip)):
+      g = facts.groups[i]
+      if g not in groups:
+        groups.append(g)
+    # The allocator's pending tokens (overlap scheduling: each sequence decoding again).
+    ids = facts.ids
+    pending = self.allocator.has_pending_tokens(ids)
+    if hits or skip:
+      pending[hits] = False
+      pending[list(skip)] = False
+    if pending.all():
+      resolve_ids.extend(ids)
+      resolve_tokens.extend(values)
+    elif pending.any():
+      keep = np.flatnonzero(pending).tolist()
+      resolve_ids.extend(ids[i] for i in keep)
+      resolve_tokens.extend(values[i] for i in keep)
+    return len(seqs) - len(skip)
 
   def _free_finished(self) -> None:
     for seq_id in self._to_free:
@@ -870,7 +1082,7 @@ class Engine:
     swapped_in = sum(len(p) for p in plan.swap_in)
     sm = StepMetrics(
       step=m.steps,
-      num_seqs=len(plan.rows),
+      num_seqs=plan.num_rows,
       num_tokens=num_tokens,
       num_prefill_tokens=prefill,
       num_sampled=sampled,
@@ -908,7 +1120,7 @@ class Engine:
     m.swapped_out_blocks += swapped_out
     m.swapped_in_blocks += swapped_in
     m.cow_copies += len(plan.cow_pairs)
-    m.max_batch = max(m.max_batch, len(plan.rows))
+    m.max_batch = max(m.max_batch, plan.num_rows)
     m.max_blocks_used = max(m.max_blocks_used, alloc.num_used_blocks)
     m.compiled_shapes = len(self._shapes)
     if self._cascade[0]:

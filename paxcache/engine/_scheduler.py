@@ -59,7 +59,21 @@ class ScheduledSeq:
 
 @dataclasses.dataclass
 class Plan:
+  """One iteration's work. Its rows, in batch order: first the plain decodes, as columns
+  (``decodes``: one token ``seq.tokens[start]`` each, at ``start = decode_starts[i]``,
+  written at ``decode_slots[i]``, and sampled by the sequence itself, of a request already
+  forked and not beam searching; ``decode_groups[i]`` is its group), then every other row
+  (``rows``: prefill chunks, a request's last prompt token, beam rows). Columns, not one
+  :class:`ScheduledSeq` each: at batch 256 building a row object per decode cost more host
+  time than the rest of the step's bookkeeping."""
+
   rows: list[ScheduledSeq] = dataclasses.field(default_factory=list)
+  decodes: list[Seq] = dataclasses.field(default_factory=list)
+  decode_groups: list[Group] = dataclasses.field(default_factory=list)
+  decode_ids: list = dataclasses.field(default_factory=list)  # each decode's seq_id
+  decode_starts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
+  decode_tokens: list[int] = dataclasses.field(default_factory=list)  # PENDING_TOKEN allowed
+  decode_slots: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
   cow_pairs: list[tuple[int, int]] = dataclasses.field(default_factory=list)
   swap_out: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[n, 2] (dev, host)
   swap_in: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[n, 2] (host, dev)
@@ -71,6 +85,19 @@ class Plan:
   # less any prefix-cache hit then).
   recomputed_tokens: int = 0
   forked: list[Seq] = dataclasses.field(default_factory=list)
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.decodes) + len(self.rows)
+
+  def all_rows(self) -> list[ScheduledSeq]:
+    """Every row as a :class:`ScheduledSeq`, in batch order (the decodes made into rows:
+    for tests and for code off the hot path)."""
+    decodes = [
+      ScheduledSeq(s, start, start + 1, self.decode_slots[i : i + 1], [s])
+      for i, (s, start) in enumerate(zip(self.decodes, self.decode_starts.tolist(), strict=True))
+    ]
+    return decodes + self.rows
 
 
 class Scheduler:
@@ -185,23 +212,32 @@ class Scheduler:
 
     # 1. Token budget for the running groups: decodes first, then prefill chunks. (The
     # loops below run over every resident sequence each step: plain attribute reads, no
-    # properties, keep them cheap at batch 256.)
-    chunks: dict[Seq, int] = {}
-    decodes, longer = [], []
+    # properties, no object per sequence, keep them cheap at batch 256.)
+    # The decodes as parallel lists; ``odd``: indices of decodes that are not plain rows
+    # (an unforked request's last prompt token, a beam row).
+    dec, dec_g, starts, odd = [], [], [], []
+    longer = []
     resident = 0
     for g in self.running:
       resident += g.reserve  # rows a beam request forks after its prompt (0 otherwise)
       for s in g.seqs:
         if s.finish_reason is None:
           resident += 1
-          pending = len(s.tokens) - s.num_computed
+          n = s.num_computed
+          pending = len(s.tokens) - n
           if pending == 1:
-            if budget > 0:
-              chunks[s] = 1
-              budget -= 1
-              decodes.append((g, s))
+            if not g.forked or g.beam is not None:
+              odd.append(len(dec))
+            dec.append(s)
+            dec_g.append(g)
+            starts.append(n)
           elif pending > 1:
             longer.append((g, s))
+    if len(dec) > budget:  # decodes past the budget wait (budget >= 1 here)
+      del dec[budget:], dec_g[budget:], starts[budget:]
+      odd = [i for i in odd if i < budget]
+    budget -= len(dec)
+    chunks: dict[Seq, int] = dict.fromkeys(dec, 1)
     chunked = []
     for g, s in longer:
       if budget > 0:
@@ -212,8 +248,9 @@ class Scheduler:
     # 2. Blocks. The common case (everything fits) costs one vectorised query; when short,
     # groups are checked in arrival order and the latest-arrived is preempted while short.
     need_total = sum(alloc.blocks_needed_to_append([s.seq_id], c) for _, s, c in chunked)
-    if decodes:
-      need_total += alloc.blocks_needed_to_append([s.seq_id for _, s in decodes], 1)
+    dec_ids = [s.seq_id for s in dec]
+    if dec:
+      need_total += alloc.blocks_needed_to_append(dec_ids, 1)
     replanned = False  # preemption or swap-in changed the running set: step 4 re-reads it
     if need_total > alloc.num_free_blocks:
       replanned = True
@@ -261,26 +298,41 @@ class Scheduler:
 
     # 4. Appends (copy-on-write pairs appear here): all decodes in one vectorised call.
     if replanned:  # otherwise step 1's lists are still exact
-      decodes, chunked = [], []
+      dec, dec_g, starts, odd, chunked = [], [], [], [], []
       for g in self.running:
         for s in g.seqs:
           c = chunks.get(s, 0) if s.finish_reason is None else 0
           if c == 1 and len(s.tokens) - s.num_computed == 1:
-            decodes.append((g, s))
+            if not g.forked or g.beam is not None:
+              odd.append(len(dec))
+            dec.append(s)
+            dec_g.append(g)
+            starts.append(s.num_computed)
           elif c:
             chunked.append((g, s, c))
-    if decodes:
-      res = alloc.append_batch(
-        [s.seq_id for _, s in decodes], [s.tokens[s.num_computed] for _, s in decodes]
-      )
+      dec_ids = [s.seq_id for s in dec]
+    if dec:
+      # One vectorised append for every decode; the common rows stay columns of the plan.
+      tokens = [s.tokens[n] for s, n in zip(dec, starts, strict=True)]
+      res = alloc.append_batch(dec_ids, tokens)
       plan.cow_pairs.extend(map(tuple, res.cow_pairs.tolist()))
       slots = res.slots
-      for i, (g, s) in enumerate(decodes):
-        start = s.num_computed
-        if g.forked:  # the common case: one row, sampled by its own sequence
-          plan.rows.append(ScheduledSeq(s, start, start + 1, slots[i : i + 1], [s]))
-        else:
-          self._add_row(plan, g, s, start, start + 1, slots[i : i + 1])
+      if odd:
+        for i in odd:
+          n = starts[i]
+          self._add_row(plan, dec_g[i], dec[i], n, n + 1, slots[i : i + 1])
+        keep = np.ones(len(dec), np.bool_)
+        keep[odd] = False
+        slots = slots[keep]
+        plain = keep.tolist()
+        dec, dec_g, dec_ids, starts, tokens = (
+          [x for x, k in zip(xs, plain, strict=True) if k]
+          for xs in (dec, dec_g, dec_ids, starts, tokens)
+        )
+      plan.decodes, plan.decode_groups, plan.decode_ids = dec, dec_g, dec_ids
+      plan.decode_starts = np.array(starts, np.int32)
+      plan.decode_tokens = tokens
+      plan.decode_slots = slots
     for g, s, c in chunked:
       res = alloc.append_tokens(s.seq_id, s.tokens[s.num_computed : s.num_computed + c])
       if res.cow is not None:

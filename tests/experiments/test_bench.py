@@ -59,6 +59,7 @@ def documented_commands(script: str) -> list[list[str]]:
 def test_bench_package_lists_the_scripts():
   assert SCRIPTS == [
     "cascade",
+    "engine_host",
     "engine_step",
     "gpu_check",
     "gpu_decode",
@@ -161,6 +162,25 @@ def test_plan_host_times_the_plan_and_the_step_build_per_case(tmp_path):
   assert rows[1]["num_chunks"] > 256 and rows[1]["padded_chunks"] >= rows[1]["num_chunks"]
   table = [line for line in proc.stdout.splitlines() if line.startswith("| full256x2048 |")]
   assert len(table) == 1, proc.stdout
+
+
+def test_engine_host_runs_without_ml_collections(tmp_path):
+  code = (
+    "import runpy\n"
+    "sys.argv = ['engine_host', '--batch', '2,4', '--steps', '5', '--warmup', '1',\n"
+    f"            '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.engine_host', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line for line in proc.stdout.splitlines() if re.match(r"\| [24] \|", line)]
+  assert len(rows) == 2, proc.stdout
+  records = [json.loads(line) for line in (tmp_path / "engine_host.jsonl").read_text().splitlines()]
+  assert [r["batch"] for r in records] == [2, 4]
+  for r in records:
+    # Host work is the step less its jitted call (waited for): both positive.
+    assert r["host_repeats"] == 5 and 0 < r["host_ms"] and 0 < r["jit_ms"]
+    assert r["host_min_ms"] <= r["host_ms"] <= r["host_max_ms"]
 
 
 def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):

@@ -175,3 +175,137 @@ def test_pack_refuses_wide_dtypes():
   bad = batch.replace(tokens=np.asarray(batch.tokens, np.int64))
   with pytest.raises(ValueError, match="StepBatch.tokens: 4-byte dtype"):
     bad.pack()
+
+
+def _columnar_plan():
+  """Three plain decodes as columns (two with their input still on the device), then a
+  prefill chunk and a last chunk sampled by two forked samples."""
+  plan, table, sampling, _ = _mixed_plan()
+  a = _seq("e", 0, [5, 6, 7, 8, PENDING_TOKEN], 3)  # decode at position 4, pending
+  b = _seq("f", 0, [1, 2, 3], 2)  # decode of token 3 at position 2
+  c = _seq("g", 1, [9, 9, PENDING_TOKEN], 1)  # second sample of "g", pending
+  plan.decodes, plan.decode_groups = [a, b, c], [None, None, None]
+  plan.decode_ids = [s.seq_id for s in plan.decodes]
+  plan.decode_starts = np.array([4, 2, 2], np.int32)
+  plan.decode_tokens = [PENDING_TOKEN, 3, PENDING_TOKEN]
+  plan.decode_slots = np.array([71, 72, 73], np.int32)
+  plan.rows = [r for r in plan.rows if r.seq.seq_id[0] in ("c", "d")]  # a prefill, a last chunk
+  sampling = {**sampling, "e": (0.7, 2, 21), "f": (0.0, 0, 22), "g": (1.5, 0, 23)}
+  return plan, table, sampling
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["mappings", "columns"])
+def test_columnar_decodes_match_the_row_by_row_reference(fast):
+  plan, table, sampling = _columnar_plan()
+  a, _, c = plan.decodes
+  # The step on the device sampled a at row 0 and c at row 2 (and something else at row 1).
+  prev = [a, _seq("x", 0, [1], 1), c]
+  pending_rows = {s: j for j, s in enumerate(prev)}
+  kwargs = dict(pending_rows=pending_rows)
+  if fast:
+    # The steady state: the same decodes as the step before, with their sampling columns.
+    prev = plan.decodes
+    pending_rows = {s: j for j, s in enumerate(prev)}
+    kwargs = dict(
+      pending_rows={},  # must not be read: the decodes match row for row
+      prev_decodes=prev,
+      decode_sampling=(
+        np.array([0.7, 0.0, 1.5], np.float32),
+        np.array([2, 0, 0]),
+        np.array([21, 22, 23]),
+        np.array([0, 0, 1]),
+      ),
+    )
+  batch = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=4, **kwargs)
+  row_plan = Plan(rows=plan.all_rows(), cow_pairs=plan.cow_pairs)
+  # 3 decodes + 8 prefill + 3 last-chunk tokens = 14 -> 16; 3 + 2 samples -> 8 rows.
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, (0, 0), 0)
+  want = _reference(row_plan, table, sampling, pending_rows, 16, 8, 4)
+  for name, values in want.items():
+    got = np.asarray(getattr(batch, name))
+    np.testing.assert_array_equal(got, np.asarray(values, got.dtype), err_msg=name)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_steady_decode_steps_build_no_row_object_and_read_no_sampling_per_sequence(
+  async_scheduling, monkeypatch
+):
+  """While the same sequences decode, a step makes no ScheduledSeq and looks up no
+  request's sampling parameters (both O(rows) Python work per step); a sequence that joins
+  does both, for its own rows only; outputs match an engine run without the counting."""
+  from flax import nnx
+
+  from paxcache.engine import Engine, EngineConfig, Request
+  from paxcache.engine import _engine as engine_mod
+  from paxcache.engine import _scheduler as scheduler_mod
+  from paxcache.nn import Decoder, DecoderConfig
+
+  config = DecoderConfig(
+    d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=64
+  )
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  engine_config = EngineConfig(
+    num_blocks=64, block_size=4, max_num_seqs=16, async_scheduling=async_scheduling
+  )
+  rng = np.random.default_rng(3)
+  requests = [
+    Request(i, rng.integers(0, 256, 5 + i).tolist(), max_new_tokens=14, n=1 + i % 2,
+            temperature=float(i % 3 == 0), top_k=3 * (i % 2))
+    for i in range(5)
+  ]  # fmt: skip
+  late = Request("late", rng.integers(0, 256, 6).tolist(), max_new_tokens=3, temperature=1.0)
+
+  def run(count):
+    counts = {"rows": 0, "sampling": 0}
+    if count:
+
+      class CountedRow(ScheduledSeq):
+        def __init__(self, *args):
+          counts["rows"] += 1
+          super().__init__(*args)
+
+      view = engine_mod._SamplingView.__getitem__
+
+      def counted_view(self, key):
+        counts["sampling"] += 1
+        return view(self, key)
+
+      monkeypatch.setattr(scheduler_mod, "ScheduledSeq", CountedRow)
+      monkeypatch.setattr(engine_mod._SamplingView, "__getitem__", counted_view)
+    engine = Engine(model, engine_config)
+    outputs = {}
+
+    def step():
+      for out in engine.step():
+        outputs[out.request_id] = out
+
+    for r in requests:
+      engine.add_request(r)
+    rows = sum(r.n for r in requests)  # once every prompt is in, every sample decodes
+    for _ in range(8):
+      step()
+      if engine.step_metrics[-1].decode_batch == rows:
+        break
+    assert engine.step_metrics[-1].decode_batch == rows
+    counts.update(rows=0, sampling=0)
+    for _ in range(4):
+      step()
+      m = engine.step_metrics[-1]
+      assert m.decode_batch == m.num_seqs == rows and m.num_prefill_tokens == 0
+    steady = dict(counts)
+    engine.add_request(late)
+    step()  # its prompt: one row, one sample
+    joined = dict(counts)
+    for _ in range(40):
+      if not engine.has_unfinished():
+        break
+      step()
+    assert not engine.has_unfinished()
+    monkeypatch.undo()
+    return outputs, steady, joined
+
+  outputs, steady, joined = run(count=True)
+  assert steady == {"rows": 0, "sampling": 0}
+  assert joined == {"rows": 1, "sampling": 1}
+  reference, _, _ = run(count=False)
+  assert outputs == reference and len(outputs) == 6

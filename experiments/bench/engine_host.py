@@ -1,0 +1,251 @@
+"""The engine's host work per decode step, without the jitted call's own time.
+
+For each batch size ``B``, ``B`` requests of short prompts and long outputs run through
+:class:`paxcache.engine.Engine` until all ``B`` decode together; then every sample is one
+``Engine.step`` (a pure decode step of ``B`` rows: checked), timed whole with
+:func:`experiments._timing.time_calls`, minus the time of its one call of the jitted step.
+That call is wrapped to wait for its result (``jax.block_until_ready``), so the device's
+work and the launch are both inside it and everything else — scheduling, the allocator's
+appends, the block table and step batch (and packing it), committing the placeholders,
+reading the previous step's tokens back, stops, metrics — is the host work reported.
+With that wait the device never overlaps the host, so ``wall`` here is not the engine's
+step time; the host work is what overlap scheduling must hide behind the device step.
+
+The phases (medians of the same steps) name where the host time goes: ``schedule``
+(``Scheduler.schedule``, the allocator's appends included), ``build`` (block table and
+step batch), ``commit`` and ``resolve`` (the previous step's tokens, with overlap
+scheduling); ``pack`` and the rest of ``step`` are the remainder.
+
+  python -m experiments.bench.engine_host --out DIR                    # 64, 256; micro model
+  python -m experiments.bench.engine_host --batch 64,256 --model smollm2-135m --out DIR
+  python -m experiments.bench.engine_host --batch 256 --noasync-scheduling --commit abc1234
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+from absl import flags
+
+from experiments._timing import Timing, time_calls
+from experiments.bench import _flags
+
+PHASES = ("schedule", "build", "commit", "resolve")
+
+
+class _TimedCall:
+  """Calls ``fn`` and waits for its result; records the seconds of each call."""
+
+  def __init__(self, fn, seconds: list[float]):
+    self.fn = fn
+    self.seconds = seconds
+
+  def __call__(self, *args):
+    import jax
+
+    t0 = time.perf_counter()
+    out = self.fn(*args)
+    jax.block_until_ready(out)
+    self.seconds.append(time.perf_counter() - t0)
+    return out
+
+
+def _timed_phase(fn, key: str, phases: dict):
+  def timed(*args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      phases[key] += time.perf_counter() - t0
+
+  return timed
+
+
+def build_model(name: str, max_seq_len: int):
+  if name == "tiny":
+    from paxcache.nn import load_decoder
+
+    return load_decoder()
+  if name == "micro":
+    # A step with next to no device work (one layer of width 16): on a CPU the jitted
+    # call of a real model also evicts the host's caches, which the next phase then pays.
+    from flax import nnx
+
+    from paxcache.nn import Decoder, DecoderConfig
+
+    config = DecoderConfig(
+      d_model=16,
+      num_layers=1,
+      num_q_heads=2,
+      num_kv_heads=1,
+      head_dim=8,
+      mlp_dim=32,
+      vocab_size=256,
+      max_seq_len=max_seq_len,
+    )
+    return Decoder(config, rngs=nnx.Rngs(0))
+  from experiments.bench import engine_step
+
+  return engine_step.build_model(name, max_seq_len=max_seq_len)
+
+
+def run(model, batch: int, args) -> dict:
+  """Timings of ``args.steps`` decode steps of ``batch`` running sequences: ``host`` (the
+  step less its jitted call), ``jit`` (that call, waited for) and the phase medians."""
+  from paxcache.engine import Engine, EngineConfig, Request
+
+  bs = args.block_size
+  max_new = args.warmup + args.steps + 4  # nothing finishes while measured
+  per_seq = -(-(args.prompt_len + max_new) // bs)
+  if args.prompt_len + max_new > model.config.max_seq_len:
+    raise ValueError(
+      f"prompt {args.prompt_len} + {max_new} new tokens exceed the model's max_seq_len "
+      f"{model.config.max_seq_len}: fewer --steps or --warmup"
+    )
+  config = EngineConfig(
+    num_blocks=batch * per_seq + 8,
+    block_size=bs,
+    num_host_blocks=0,
+    preemption_mode="recompute",
+    max_num_seqs=batch,
+    max_num_batched_tokens=max(batch * args.prompt_len, 256),
+    async_scheduling=args.async_scheduling,
+  )
+  engine = Engine(model, config)
+  jit_seconds: list[float] = []
+  step_fn = copy.copy(engine._step_fn)  # the engines' shared step stays untouched
+  step_fn._jitted = _TimedCall(step_fn._jitted, jit_seconds)
+  engine._step_fn = step_fn
+  phases: dict[str, float] = collections.defaultdict(float)
+  engine.scheduler.schedule = _timed_phase(engine.scheduler.schedule, "schedule", phases)
+  for name, key in (("_build_batch", "build"), ("_commit", "commit"), ("_resolve", "resolve")):
+    setattr(engine, name, _timed_phase(getattr(engine, name), key, phases))
+
+  rng = np.random.default_rng(args.seed)
+  vocab = model.config.vocab_size
+  for i in range(batch):
+    engine.add_request(
+      Request(
+        i,
+        rng.integers(0, vocab, args.prompt_len).tolist(),
+        max_new_tokens=max_new,
+        # Half sampled, half greedy: both paths of the step batch.
+        temperature=1.0 if i % 2 else 0.0,
+        top_k=50 if i % 4 == 1 else 0,
+      )
+    )
+  ramp = 0
+  while not (engine.step_metrics and _decode_of(engine.step_metrics[-1], batch)):
+    engine.step()
+    ramp += 1
+    if ramp > 64:
+      raise RuntimeError(f"{batch} sequences did not all decode after {ramp} steps")
+  for _ in range(args.warmup):
+    engine.step()
+
+  per_step: dict[str, list[float]] = collections.defaultdict(list)
+
+  def one_step():
+    phases.clear()
+    engine.step()
+    for key in PHASES:
+      per_step[key].append(phases[key])
+
+  jit_seconds.clear()
+  wall = time_calls(one_step, repeats=args.steps, warmup=0, sync=lambda out: out)
+  measured = list(engine.step_metrics)[-args.steps :]
+  if len(jit_seconds) != args.steps or not all(_decode_of(m, batch) for m in measured):
+    raise RuntimeError("a measured step was not one pure decode step of every sequence")
+  host = Timing.of(w - j for w, j in zip(wall.samples, jit_seconds, strict=True))
+  return dict(
+    host=host,
+    jit=Timing.of(jit_seconds),
+    wall=wall,
+    phases={k: statistics.median(v) for k, v in per_step.items()},
+  )
+
+
+def _decode_of(m, batch: int) -> bool:
+  return m.num_seqs == batch and m.num_prefill_tokens == 0 and m.decode_batch == batch
+
+
+def define_flags():
+  flags.DEFINE_list("batch", ["64", "256"], "running sequences, comma separated")
+  flags.DEFINE_string(
+    "model",
+    "micro",
+    "micro (one layer of width 16: next to no device work), tiny (the package's checkpoint) "
+    "or one of engine_step's models (smollm2-135m, llama-1b: random weights)",
+  )
+  flags.DEFINE_integer("prompt-len", 16, "prompt tokens per request")
+  flags.DEFINE_integer("block-size", 16, "tokens per block")
+  flags.DEFINE_integer("steps", 200, "timed decode steps", lower_bound=5)
+  flags.DEFINE_integer("warmup", 20, "untimed decode steps first")
+  flags.DEFINE_bool("async-scheduling", True, "overlap scheduling (the engine's fast setting)")
+  flags.DEFINE_integer("seed", 0, "prompt seed")
+  flags.DEFINE_string("commit", "", "commit of the engine measured (recorded in the rows)")
+  flags.DEFINE_string("out", "", "directory for engine_host.jsonl (none: print only)")
+
+
+def main(args):
+  import jax
+
+  model = build_model(args.model, max_seq_len=1024)
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(
+    f"# engine host work per decode step, {args.model} model, block_size={args.block_size}, "
+    f"prompt {args.prompt_len}, async_scheduling={args.async_scheduling}, {args.steps} steps, "
+    f"{jax.devices()[0].platform}, {platform.processor() or platform.machine()}, "
+    f"load average {load:.2f}"
+  )
+  print(
+    "| running sequences | host ms median (min-max) | 95% interval ms | jitted call ms "
+    "| " + " | ".join(f"{p} ms" for p in PHASES) + " |"
+  )
+  print("| ---: | ---: | ---: | ---: |" + " ---: |" * len(PHASES))
+  rows = []
+  for batch in (int(b) for b in args.batch):
+    r = run(model, batch, args)
+    host, jit = r["host"], r["jit"]
+    lo, hi = host.interval
+    print(
+      f"| {batch} | {host.median * 1e3:.3f} ({host.min * 1e3:.3f}-{host.max * 1e3:.3f}) "
+      f"| {lo * 1e3:.3f}-{hi * 1e3:.3f} | {jit.median * 1e3:.3f} | "
+      + " | ".join(f"{r['phases'][p] * 1e3:.3f}" for p in PHASES)
+      + " |",
+      flush=True,
+    )
+    rows.append(
+      dict(
+        bench="engine_host",
+        commit=args.commit,
+        model=args.model,
+        device=jax.devices()[0].device_kind,
+        machine=platform.processor() or platform.machine(),
+        load_average=load,
+        batch=batch,
+        block_size=args.block_size,
+        prompt_len=args.prompt_len,
+        async_scheduling=args.async_scheduling,
+        **host.fields("host"),
+        **jit.fields("jit"),
+        **{f"{p}_ms": r["phases"][p] * 1e3 for p in PHASES},
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+      )
+    )
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "engine_host.jsonl"), "a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  _flags.run(define_flags, main)
