@@ -370,13 +370,8 @@ def prefill_bench(runner, block_sizes, sweep):
   return rows
 
 
-def kv_quant_sweep(runner, shape):
-  """Times 8-bit decode at ``shape`` under each QUANT_SWEEP setting; one row per (dtype,
-  setting) with its median and spread, bytes counted as in :func:`kv_quant_bench`."""
-  from kernels.gpu.tuning import BlockSizes
-
-  rng = np.random.default_rng(3)
-  batch, context = shape
+def _quant_case(rng, batch, context):
+  """bf16 q and pools (blocks scattered, no poison) of the 8-bit benchmarks' shapes."""
   kb, vb, table, lengths, _, _ = make_paged(
     rng,
     batch=batch,
@@ -388,6 +383,16 @@ def kv_quant_sweep(runner, shape):
     poison=False,
   )
   q = jax.random.normal(jax.random.key(5), (batch, HQ, D), jnp.float32).astype(jnp.bfloat16)
+  return q, kb, vb, table, lengths
+
+
+def kv_quant_sweep(runner, shape):
+  """Times 8-bit decode at ``shape`` under each QUANT_SWEEP setting; one row per (dtype,
+  setting) with its median and spread, bytes counted as in :func:`kv_quant_bench`."""
+  from kernels.gpu.tuning import BlockSizes
+
+  batch, context = shape
+  q, kb, vb, table, lengths = _quant_case(np.random.default_rng(3), batch, context)
   nbytes = batch * context * 2 * HKV * (D + 4)
   rows = []
   for name in QUANT_DTYPES:
@@ -436,17 +441,7 @@ def kv_quant_bench(runner, shapes, passes):
   summary = []
   for batch, context in shapes:
     print(f"kv-quant decode {batch}x{context}  ({runner.left():.0f}s left)", flush=True)
-    kb, vb, table, lengths, _, _ = make_paged(
-      rng,
-      batch=batch,
-      context=context,
-      block_size=QUANT_BLOCK_SIZE,
-      num_kv_heads=HKV,
-      head_dim=D,
-      dtype=jnp.bfloat16,
-      poison=False,
-    )
-    q = jax.random.normal(jax.random.key(5), (batch, HQ, D), jnp.float32).astype(jnp.bfloat16)
+    q, kb, vb, table, lengths = _quant_case(rng, batch, context)
     meta = dict(
       kind="decode_kv_quant",
       batch=batch,
