@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 import kernels
+from kernels._validate import GPU_UNPADDED_HEAD_DIMS
 
 DECODE_PLAN_MODES = ("auto", "on", "off")
 
@@ -118,3 +119,31 @@ def decode_planner(model, config) -> DecodePlanner | None:
     num_kv_heads=model.config.num_kv_heads,
     sliding_window=windows.pop() if len(windows) == 1 else None,
   )
+
+
+def cascade_threshold(model, config) -> tuple[int, str | None]:
+  """``EngineConfig.cascade_min_shared_blocks`` as the engine applies it to ``model``.
+
+  Returns ``(blocks, reason)``: the configured value and None where cascade attention can
+  run, else ``(0, why not)``: under a mesh (no cascade under ``shard_map`` yet), with a
+  sliding-window layer (``kernels.cascade_attention`` takes no window), and on the GPU
+  backend at a head_dim its cascade kernel does not take (it does not pad the head dim:
+  ``kernels._validate.GPU_UNPADDED_HEAD_DIMS``). Turning it off changes no output: the
+  plain path computes the same attention.
+  """
+  blocks = config.cascade_min_shared_blocks
+  if blocks == 0:
+    return 0, None
+  layers = [layer.attn for layer in model.layers]
+  if config.mesh is not None:
+    return 0, "a sharded engine (mesh) runs attention under shard_map, which has no cascade yet"
+  if any(a.sliding_window is not None for a in layers):
+    return 0, "a sliding-window layer: kernels.cascade_attention takes no window"
+  backends = {kernels.resolve_backend(a.backend, interpret=a.interpret) for a in layers}
+  head_dim = model.config.head_dim
+  if "gpu" in backends and head_dim not in GPU_UNPADDED_HEAD_DIMS:
+    return 0, (
+      f"head_dim {head_dim} on the GPU backend: its cascade kernel takes head_dim in "
+      f"{GPU_UNPADDED_HEAD_DIMS}"
+    )
+  return blocks, None

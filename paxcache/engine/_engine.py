@@ -29,7 +29,7 @@ from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine import _beam
 from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._clock import SimulatedClock, WallClock
-from paxcache.engine._decode_plan import DECODE_PLAN_MODES, decode_planner
+from paxcache.engine._decode_plan import DECODE_PLAN_MODES, cascade_threshold, decode_planner
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
 from paxcache.engine._reservation import RESERVATION_POLICIES
@@ -446,6 +446,10 @@ class Engine:
     # The host planner of decode steps (EngineConfig.decode_plan), or None: no step is
     # planned. A DecodePlanner; tests replace it to cut smaller plans.
     self.decode_planner = decode_planner(model, config)
+    # EngineConfig.cascade_min_shared_blocks as applied: 0, with the reason, where cascade
+    # attention cannot run for this model (a mesh, a sliding window, a GPU head_dim its
+    # cascade kernel does not take).
+    self.cascade_min_shared_blocks, self.cascade_off_reason = cascade_threshold(model, config)
     if config.mesh is not None:
       # Before nnx.split: the step is compiled for the sharded layers and parameters.
       sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
@@ -504,6 +508,7 @@ class Engine:
     self._cascade = (0, 0, 0)  # the current step's cascade (groups, rows, saved tokens)
     self._plan_chunks = 0  # the current step's decode-plan chunks (0: no plan)
     self.decode_planner = None  # Engine sets it from the model
+    self.cascade_min_shared_blocks, self.cascade_off_reason = 0, "no model"  # Engine sets them
     self.step_metrics: collections.deque[StepMetrics] = collections.deque(
       maxlen=config.metrics_history
     )
@@ -851,7 +856,7 @@ class Engine:
       num_candidates=self.beams.num_candidates(plan),
       prev_decodes=None if in_flight is None else in_flight.decodes,
       decode_sampling=facts.sampling,
-      cascade_min_shared_blocks=0 if cfg.mesh is not None else cfg.cascade_min_shared_blocks,
+      cascade_min_shared_blocks=self.cascade_min_shared_blocks,
       block_size=cfg.block_size,
       decode_planner=self.decode_planner,
     )

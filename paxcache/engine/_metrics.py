@@ -54,7 +54,9 @@ class RunMetrics:
   prompt_tokens: int = 0  # prompt tokens of admitted requests (first admission only)
   preemptions_swap: int = 0
   preemptions_recompute: int = 0
-  # Computed tokens thrown away by recompute preemptions, to be computed again.
+  # Tokens a recompute preemption threw away (computed, or prefix-cache hits), computed
+  # again at re-admission less any prefix-cache hits then: exact without prefix caching,
+  # an upper bound with it.
   recomputed_tokens: int = 0
   swapped_out_blocks: int = 0
   swapped_in_blocks: int = 0

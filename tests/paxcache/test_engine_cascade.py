@@ -12,6 +12,8 @@ vacuously.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -286,3 +288,37 @@ def test_engine_cascade_on_pallas_kernels_in_interpret_mode_matches_no_cache(bac
     assert outs[r.request_id].samples == [w] * r.n
   assert engine.metrics.cascade_steps > 0
   assert engine.metrics.prefix_hit_tokens == 16
+
+
+def test_cascade_is_off_where_its_kernels_cannot_run(corpus):
+  """A sliding-window layer (cascade_attention takes no window) and a GPU head_dim the GPU
+  cascade kernel does not take: the engine runs the plain path and says why, instead of
+  failing in the middle of serving when two rows first share enough blocks."""
+  from flax import nnx
+
+  from paxcache.nn import Decoder, DecoderConfig
+
+  windowed = load_decoder()
+  for layer in windowed.layers:
+    layer.attn.sliding_window = 1_000  # longer than any sequence here: same outputs
+  engine = Engine(windowed, _config(cascade_min_shared_blocks=2))
+  assert engine.cascade_min_shared_blocks == 0 and "sliding-window" in engine.cascade_off_reason
+  reqs = _requests(corpus)[:3]
+  outs = engine.run(reqs)
+  plain = Engine(load_decoder(), _config(cascade_min_shared_blocks=2))
+  want = plain.run(reqs)
+  assert {k: o.samples for k, o in outs.items()} == {k: o.samples for k, o in want.items()}
+  # Without the window these requests do run cascade steps: the windowed engine declined.
+  assert engine.metrics.cascade_steps == 0 and plain.metrics.cascade_steps > 0
+
+  config = DecoderConfig(
+    d_model=32, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=96, mlp_dim=64,
+    max_seq_len=64,
+  )  # fmt: skip
+  gpu96 = Decoder(config, backend="gpu", interpret=True, rngs=nnx.Rngs(0))
+  engine = Engine(gpu96, EngineConfig(num_blocks=16, block_size=8, cascade_min_shared_blocks=2))
+  assert engine.cascade_min_shared_blocks == 0 and "head_dim 96" in engine.cascade_off_reason
+  config64 = dataclasses.replace(config, head_dim=64)
+  gpu64 = Decoder(config64, backend="gpu", interpret=True, rngs=nnx.Rngs(0))
+  engine = Engine(gpu64, EngineConfig(num_blocks=16, block_size=8, cascade_min_shared_blocks=2))
+  assert engine.cascade_min_shared_blocks == 2 and engine.cascade_off_reason is None
