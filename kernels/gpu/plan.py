@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import numpy as np
@@ -138,6 +139,13 @@ def chunk_tokens_for(
   return -(-size // kv_tile) * kv_tile
 
 
+def _int_or_none(value) -> int | None:
+  """``value`` as a Python int if it is an integer (NumPy's too), else None (bools too)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    return None
+  return int(value)
+
+
 def plan_decode(
   lengths,
   block_size: int,
@@ -178,20 +186,29 @@ def plan_decode(
   # dtype.kind, not np.issubdtype: the plan is on the engine's per-step path (~2 us saved).
   if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
     raise ValueError(f"lengths must be a 1-D integer array, got {lengths.shape} {lengths.dtype}")
-  if not (isinstance(kv_tile, int) and kv_tile > 0 and kv_tile & (kv_tile - 1) == 0):
+  # NumPy integers are ints here (a block size read from an array); bools are not.
+  kv_tile = _int_or_none(kv_tile)
+  if kv_tile is None or not (kv_tile > 0 and kv_tile & (kv_tile - 1) == 0):
     raise ValueError(f"kv_tile must be a power of two, got {kv_tile!r}")
-  if not (isinstance(block_size, int) and block_size >= 1):
+  block_size, num_kv_heads = _int_or_none(block_size), _int_or_none(num_kv_heads)
+  if block_size is None or block_size < 1:
     raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-  if not (isinstance(num_kv_heads, int) and num_kv_heads >= 1):
+  if num_kv_heads is None or num_kv_heads < 1:
     raise ValueError(f"num_kv_heads must be an int >= 1, got {num_kv_heads!r}")
-  if sliding_window is not None and not (isinstance(sliding_window, int) and sliding_window >= 1):
-    raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+  if sliding_window is not None:
+    window = _int_or_none(sliding_window)
+    if window is None or window < 1:
+      raise ValueError(f"sliding_window must be None or an int >= 1, got {sliding_window!r}")
+    sliding_window = window
   if buckets_per_octave not in (1, 2, 4, 8):
     raise ValueError(f"buckets_per_octave must be 1, 2, 4 or 8, got {buckets_per_octave!r}")
-  if chunk_tokens is not None and not (
-    isinstance(chunk_tokens, int) and chunk_tokens > 0 and chunk_tokens % kv_tile == 0
-  ):
-    raise ValueError(f"chunk_tokens must be a positive multiple of {kv_tile}, got {chunk_tokens!r}")
+  if chunk_tokens is not None:
+    tokens = _int_or_none(chunk_tokens)
+    if tokens is None or tokens <= 0 or tokens % kv_tile:
+      raise ValueError(
+        f"chunk_tokens must be a positive multiple of {kv_tile}, got {chunk_tokens!r}"
+      )
+    chunk_tokens = tokens
   batch = lengths.shape[0]
   if batch and lengths.min() < 0:
     raise ValueError(f"lengths must be >= 0, got {lengths[lengths < 0][:8].tolist()}")

@@ -196,6 +196,20 @@ def test_plan_refuses_bad_input():
     plan_decode(np.array([3]), 16, 2, buckets_per_octave=3)
   with pytest.raises(ValueError, match="1-D integer"):
     plan_decode(np.array([[3.0]]), 16, 2)
+  with pytest.raises(ValueError, match="block_size"):
+    plan_decode(np.array([3]), True, 2)  # a bool is not a block size
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    plan_decode(np.array([3]), 16, 2.0)
+
+
+def test_plan_takes_numpy_integers_as_ints():
+  lens = np.array([700, 3, 40])
+  want = plan_decode(lens, 16, 2, sliding_window=512)
+  got = plan_decode(lens, np.int64(16), np.int32(2), sliding_window=np.int64(512))
+  assert (got.block_size, got.num_kv_heads, got.sliding_window) == (16, 2, 512)
+  assert all(type(v) is int for v in (got.block_size, got.num_kv_heads, got.sliding_window))
+  for name in ("chunk_seq", "chunk_start", "chunk_end", "seq_first_chunk", "seq_num_chunks"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
 
 
 # --- the planned kernel ------------------------------------------------------------------
