@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels.cascade import merge_lse
 from kernels.tpu import _common, _config
 from kernels.tpu.decode import decode_rows
 
@@ -83,18 +84,6 @@ def _member_tiles(group_table, group_lens, group_rows, group):
     jnp.repeat(group_lens, tiles, axis=0),
     rows.reshape(num_groups * tiles, per_tile),
   )
-
-
-def merge(o1, lse1, o2, lse2):
-  """Log-sum-exp merge of two partial attentions over disjoint keys.
-
-  ``o*``: f32[..., head_dim], each normalised over its own keys; ``lse*``: f32[...], the
-  log of its softmax normaliser (``MASK_VALUE`` where it saw no key: weight 0; where
-  neither saw a key both weigh 1 and the zero outputs stay zero).
-  """
-  m = jnp.maximum(lse1, lse2)
-  w1, w2 = jnp.exp(lse1 - m)[..., None], jnp.exp(lse2 - m)[..., None]
-  return (w1 * o1 + w2 * o2) / (w1 + w2)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "logit_soft_cap", "block_sizes", "interpret"))
@@ -185,8 +174,10 @@ def _cascade(
     .at[target]
     .set(shared_lse.reshape((-1,) + own_lse.shape[1:]), mode="drop")
   )
-  out = merge(own, own_lse, row_out, row_lse)
-  return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+  # The shared LSE merge (kernels.cascade); a part that saw no key has MASK_VALUE, which
+  # weighs exp(MASK_VALUE - m) = 0 beside a part that did, and two such parts give zeros.
+  out = merge_lse(own, own_lse, row_out, row_lse, q.dtype)
+  return out.reshape(batch, num_q_heads, head_dim)
 
 
 def cascade_attention(
@@ -250,4 +241,4 @@ def cascade_attention(
   )
 
 
-__all__ = ["CASCADE_ROWS", "cascade_attention", "merge"]
+__all__ = ["CASCADE_ROWS", "cascade_attention"]

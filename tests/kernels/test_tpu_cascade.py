@@ -21,6 +21,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import kernels
 from kernels import tpu
+from kernels.cascade import merge_lse
 from kernels.testing import rel_l2_error, tolerance
 from kernels.tpu import cascade
 
@@ -253,16 +254,16 @@ def test_cascade_8bit_kv_against_dequantised_float64(kv_dtype):
   )
 
 
-def test_merge_of_two_halves_is_attention_over_both():
+def test_the_lse_merge_the_tpu_kernels_use_is_attention_over_both():
   # Hand-worked: one query, two keys with logits 0 and log 3 split into two parts of one
   # key each; the merged weights are 1/4 and 3/4.
   o1, o2 = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 1.0]])
-  out = cascade.merge(o1, jnp.array([0.0]), o2, jnp.array([np.log(3.0)], jnp.float32))
+  out = merge_lse(o1, jnp.array([0.0]), o2, jnp.array([np.log(3.0)], jnp.float32), jnp.float32)
   np.testing.assert_allclose(np.asarray(out), [[0.25, 0.75]], rtol=1e-6)
   # A part that saw no key (lse = MASK_VALUE) weighs nothing; two such parts give zeros.
   mask = jnp.array([tpu._common.MASK_VALUE])
-  np.testing.assert_allclose(np.asarray(cascade.merge(o1, mask, o2, jnp.array([5.0]))), o2)
-  assert np.all(np.asarray(cascade.merge(o1 * 0, mask, o2 * 0, mask)) == 0)
+  np.testing.assert_allclose(np.asarray(merge_lse(o1, mask, o2, jnp.array([5.0]), jnp.float32)), o2)
+  assert np.all(np.asarray(merge_lse(o1 * 0, mask, o2 * 0, mask, jnp.float32)) == 0)
 
 
 def test_nan_in_a_shared_visible_slot_surfaces_as_nan():
