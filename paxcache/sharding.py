@@ -127,8 +127,8 @@ def replica_meshes(mesh: Mesh, data_axis: str = DATA_AXIS) -> list[Mesh]:
   rest = tuple(a for a in mesh.axis_names if a != data_axis)
   out = []
   for r in range(mesh.devices.shape[i]):
-    devs = np.take(mesh.devices, r, axis=i)
-    out.append(Mesh(devs, rest) if rest else Mesh(np.array([devs.item()]), (MODEL_AXIS,)))
+    devs = np.take(mesh.devices, [r], axis=i)  # keeps the axis: an object array of devices
+    out.append(Mesh(devs.squeeze(axis=i), rest) if rest else Mesh(devs, (MODEL_AXIS,)))
   return out
 
 

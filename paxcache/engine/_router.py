@@ -17,6 +17,12 @@ Routing (:meth:`Router.add_request`, deterministic given the order of requests):
   (``len(prompt) + max(n, beam_width) * max_new_tokens`` summed over the requests routed
   to it and not yet returned), then the fewest outstanding requests, then the lowest index.
 
+Arrival times: a request's ``arrival_time`` is kept by its replica's engine on that
+engine's own clock. With simulated clocks (``SimulatedEngine`` sweeps) each replica's time
+is its own, as for replicas on separate devices; a waiting engine on a :class:`WallClock`
+would sleep and hold up the other replicas of its process, so a router with one refuses
+requests with an ``arrival_time`` (add them as they arrive instead).
+
 A request without a seed gets the router's arrival index as its seed (what one engine
 given all the requests in the same order would pick), so a sampled request's output does
 not depend on its replica.
@@ -45,6 +51,7 @@ from jax.sharding import Mesh
 
 from paxcache import sharding
 from paxcache.allocator import _is_int
+from paxcache.engine._clock import WallClock
 from paxcache.engine._engine import SEED_LIMIT, Engine, EngineConfig
 from paxcache.engine._metrics import RunMetrics
 from paxcache.engine._request import Request, RequestError, RequestOutput
@@ -171,6 +178,7 @@ class Router:
     # Requests are checked by a local engine: every replica has the same model and config,
     # and every process must reject the same requests.
     self._validator = local[0]
+    self._wall_clock = any(isinstance(e.clock, WallClock) for e in local)
     n = len(replicas)
     self.outstanding_tokens = [0] * n
     self.outstanding_requests = [0] * n
@@ -267,6 +275,12 @@ class Router:
       raise RequestError(f"expected a Request, got {type(request).__name__}")
     if request.request_id in self._live:
       raise RequestError(f"request id {request.request_id!r} is already in the router")
+    if request.arrival_time is not None and self._wall_clock:
+      raise RequestError(
+        f"request {request.request_id!r}: a router over engines on a WallClock takes requests "
+        "as they arrive (arrival_time=None): an engine waiting for an arrival would hold up "
+        "the other replicas"
+      )
     # The engine's own checks (a RequestError naming the bad field), without queuing.
     return self._validator._validate(request)
 

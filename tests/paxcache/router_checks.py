@@ -38,9 +38,11 @@ if MODE == "worker":
     f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID, initialization_timeout=60
   )
 
+from jax.sharding import Mesh  # noqa: E402
+
 from paxcache.engine import Engine, EngineConfig, Request, Router  # noqa: E402
 from paxcache.nn import TINY_CORPUS, load_decoder  # noqa: E402
-from paxcache.sharding import make_data_mesh, make_mesh  # noqa: E402
+from paxcache.sharding import make_data_mesh, make_mesh, replica_meshes  # noqa: E402
 
 # A pool of 12 blocks of 8 per replica: the long requests preempt (swap) each other.
 CONFIG = EngineConfig(
@@ -123,9 +125,35 @@ def alone(placed: list[int]) -> dict:
   return dict(outputs=dict(sorted(out.items())), replicas=metrics)
 
 
+def meshes() -> dict:
+  """``replica_meshes`` of a mesh with the data axis second, and ``Router.build`` over a mesh
+  whose replicas span processes (an error with several processes)."""
+  devs = make_data_mesh(2, 2).devices
+  cols = replica_meshes(Mesh(devs, ("model", "data")))
+  out = dict(columns=[[[d.id for d in m.devices.flat], list(m.axis_names)] for m in cols])
+  try:
+    Router.build(load_decoder, CONFIG, Mesh(devs.T, ("data", "model")))
+    out["span_error"] = None
+  except ValueError as e:
+    out["span_error"] = str(e)
+  return out
+
+
 def main():
-  router = Router.build(load_decoder(), CONFIG, router_mesh())
-  result = dict(process_index=jax.process_index(), device_count=jax.device_count(), **serve(router))
+  if MODE == "single":
+    model = load_decoder()
+    router = Router.build(model, CONFIG, router_mesh())  # a copy per replica
+    untouched = all(layer.attn.mesh is None for layer in model.layers)
+  else:
+    router = Router.build(load_decoder, CONFIG, router_mesh())  # a new decoder per replica
+    untouched = None
+  result = dict(
+    process_index=jax.process_index(),
+    device_count=jax.device_count(),
+    model_untouched=untouched,
+    meshes=meshes(),
+    **serve(router),
+  )
   if MODE == "single":
     result["alone"] = alone(result["placed"])
   print(json.dumps(result))

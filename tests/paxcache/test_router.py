@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 from paxcache.engine import (
   Engine,
@@ -16,9 +19,11 @@ from paxcache.engine import (
   RequestError,
   Router,
   SimulatedEngine,
+  allgather_exchange,
 )
 from paxcache.nn import TINY_CORPUS, load_decoder
 from paxcache.prefix_cache import block_hash
+from paxcache.sharding import make_data_mesh, make_mesh, replica_meshes
 
 A, B = [1, 2, 3, 4], [5, 6, 7, 8]
 
@@ -157,8 +162,6 @@ def test_bad_input():
 
 
 def _one_device_mesh():
-  from paxcache.sharding import make_data_mesh
-
   return make_data_mesh(1, 1)
 
 
@@ -254,8 +257,10 @@ def _model_requests():
   return reqs
 
 
-def test_outputs_equal_each_replica_alone():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_outputs_equal_each_replica_alone(async_scheduling):
   config = EngineConfig(
+    async_scheduling=async_scheduling,
     num_blocks=24,
     block_size=8,
     num_host_blocks=8,
@@ -289,3 +294,43 @@ def test_outputs_equal_each_replica_alone():
     assert router.replicas[rep].allocator.num_used_blocks == 0
   # The shared prefix was computed once on its replica: three later requests hit 16 tokens.
   assert router.metrics.replicas[placed[1]].prefix_hit_tokens == 3 * 16
+
+
+def test_arrival_times_on_each_replicas_simulated_clock():
+  router = Router(_sim())
+  reqs = [Request(i, [i + 1] * 3, max_new_tokens=2, arrival_time=0.5 * i) for i in range(4)]
+  outs = router.run(reqs)
+  assert router.metrics.routed == [2, 2]
+  for r in reqs:
+    assert outs[r.request_id].metrics.arrival_time == r.arrival_time
+    assert outs[r.request_id].metrics.first_token_time >= r.arrival_time
+
+
+def test_wall_clock_router_refuses_arrival_times():
+  router = Router([Engine(load_decoder(), _config())])
+  with pytest.raises(RequestError, match="as they arrive"):
+    router.add_request(Request(0, A, arrival_time=1.0))
+  assert router.num_unfinished() == 0
+
+
+def test_allgather_exchange_in_one_process():
+  payload = ([("id", 3)], {0: {"steps": 2}})
+  assert allgather_exchange(payload) == [payload]
+
+
+def test_mesh_helpers_on_one_device():
+  mesh = make_data_mesh(1, 1)
+  assert mesh.axis_names == ("data", "model") and mesh.devices.shape == (1, 1)
+  (sub,) = replica_meshes(mesh)
+  assert sub.axis_names == ("model",) and list(sub.devices.flat) == [jax.devices()[0]]
+  # A data-only mesh: each replica a 1-device "model" mesh.
+  (sub,) = replica_meshes(Mesh(np.array(jax.devices()[:1]), ("data",)))
+  assert sub.axis_names == ("model",) and sub.devices.shape == (1,)
+  with pytest.raises(ValueError, match="only 1 exist"):
+    make_data_mesh(2, 1, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="positive int"):
+    make_data_mesh(0)
+  with pytest.raises(ValueError, match="both 'x'"):
+    make_data_mesh(1, data_axis="x", model_axis="x")
+  with pytest.raises(ValueError, match="not 'data'"):
+    replica_meshes(make_mesh(1))

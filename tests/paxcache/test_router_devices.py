@@ -105,6 +105,10 @@ def test_two_replicas_in_one_process(single):
   # The shared replica ran short of blocks: swap preemptions happened and came back.
   assert single["replicas"][1]["preemptions_swap"] > 0
   assert single["used_blocks"] == [0, 0] and single["used_host_blocks"] == [0, 0]
+  assert single["model_untouched"]  # Router.build shards copies, not the decoder it is given
+  # The data axis second: replica r is column r, with the model axis kept.
+  assert single["meshes"]["columns"] == [[[0, 2], ["model"]], [[1, 3], ["model"]]]
+  assert single["meshes"]["span_error"] is None  # one process owns every replica
   total = single["total"]
   assert total["finished_requests"] == 10
   assert total["generated_tokens"] == sum(r["generated_tokens"] for r in single["replicas"])
@@ -120,6 +124,8 @@ def test_two_replicas_in_two_processes(single):
     # Every process returns every output: those of each replica served alone.
     assert run["outputs"] == single["alone"]["outputs"]
     assert run["used_blocks"] == [0] and run["used_host_blocks"] == [0]
+    # Replicas whose devices lie in two processes are refused, naming them.
+    assert "belong to processes [0, 1]" in run["meshes"]["span_error"]
     for got, want in zip(run["replicas"], single["alone"]["replicas"], strict=True):
       for k in ("steps", "generated_tokens", "prefix_hit_tokens", "preemptions_swap"):
         assert got[k] == want[k], k
