@@ -252,23 +252,15 @@ class Router:
       key=lambda r: (self.outstanding_tokens[r], self.outstanding_requests[r], r),
     )
 
-  def _choose(self, prompt) -> int:
-    m = self._metrics
+  def _choose(self, prompt) -> tuple[int, bytes | None, str]:
+    """``(replica, prefix key, how)``: the decision only (nothing is changed)."""
     key = self.prefix_key(prompt)
     if key is None:
-      m.unkeyed += 1
-      return self._least_loaded()
+      return self._least_loaded(), None, "unkeyed"
     replica = self._affinity.get(key)
     if replica is not None:
-      self._affinity.move_to_end(key)
-      m.affinity_hits += 1
-      return replica
-    replica = self._least_loaded()
-    self._affinity[key] = replica
-    if len(self._affinity) > self.max_affinity_entries:
-      self._affinity.popitem(last=False)
-    m.affinity_new += 1
-    return replica
+      return replica, key, "affinity_hits"
+    return self._least_loaded(), key, "affinity_new"
 
   def _check(self, request: Request) -> Request:
     if not isinstance(request, Request):
@@ -293,16 +285,23 @@ class Router:
   def _add(self, r: Request) -> int:
     if r.seed is None:
       r = dataclasses.replace(r, seed=self._arrivals % SEED_LIMIT)
-    replica = self._choose(r.prompt)
+    replica, key, how = self._choose(r.prompt)
     engine = self.replicas[replica]
     if engine is not None:
-      engine.add_request(r)
+      engine.add_request(r)  # first: if it raised, nothing would have changed
+    if key is not None:
+      self._affinity[key] = replica
+      self._affinity.move_to_end(key)
+      if len(self._affinity) > self.max_affinity_entries:
+        self._affinity.popitem(last=False)
+    m = self._metrics
+    setattr(m, how, getattr(m, how) + 1)
     self._arrivals += 1
     tokens = len(r.prompt) + max(r.n, r.beam_width) * r.max_new_tokens
     self._live[r.request_id] = (replica, tokens)
     self.outstanding_tokens[replica] += tokens
     self.outstanding_requests[replica] += 1
-    self._metrics.routed[replica] += 1
+    m.routed[replica] += 1
     return replica
 
   def replica_of(self, request_id: Hashable) -> int:
