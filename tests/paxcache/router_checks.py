@@ -8,9 +8,12 @@ mesh (one replica at a time: the reference).
 ``python tests/paxcache/router_checks.py worker PROCESS_ID NUM_PROCESSES PORT`` is one
 process of a multi-controller run (``jax.distributed`` with a coordinator on 127.0.0.1:PORT,
 CPU collectives over gloo, 2 devices per process): the same router over the 2 x 2 mesh,
-each process serving the replica on its own devices.
+each process serving the replica on its own devices. Without the three numbers it reads
+them from ``PAXCACHE_COORDINATOR`` (host:port), ``PAXCACHE_PROCESS_ID`` and
+``PAXCACHE_NUM_PROCESSES``, as a launcher may set them.
 
-Each prints one JSON object on the last line of stdout; ``test_router_devices.py``
+Each prints one JSON object on the last line of stdout (and, with ``ROUTER_CHECKS_OUT`` set
+to a folder, writes it to ``MODE<process index>.json`` there); ``test_router_devices.py``
 asserts on it (this script asserts nothing, so that a failed comparison reaches pytest with
 its values).
 """
@@ -32,11 +35,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 if MODE == "worker":
-  PROCESS_ID, NUM_PROCESSES, PORT = (int(a) for a in sys.argv[2:5])
+  if len(sys.argv) >= 5:
+    PROCESS_ID, NUM_PROCESSES, PORT = (int(a) for a in sys.argv[2:5])
+    COORDINATOR = f"127.0.0.1:{PORT}"
+  else:  # started by a launcher that passes the job in the environment
+    COORDINATOR = os.environ["PAXCACHE_COORDINATOR"]
+    PROCESS_ID = int(os.environ["PAXCACHE_PROCESS_ID"])
+    NUM_PROCESSES = int(os.environ["PAXCACHE_NUM_PROCESSES"])
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-    f"127.0.0.1:{PORT}", NUM_PROCESSES, PROCESS_ID, initialization_timeout=60
-  )
+  jax.distributed.initialize(COORDINATOR, NUM_PROCESSES, PROCESS_ID, initialization_timeout=60)
 
 from jax.sharding import Mesh  # noqa: E402
 
@@ -157,6 +164,10 @@ def main():
   if MODE == "single":
     result["alone"] = alone(result["placed"])
   print(json.dumps(result))
+  if os.environ.get("ROUTER_CHECKS_OUT"):  # a folder: one file per process
+    path = os.path.join(os.environ["ROUTER_CHECKS_OUT"], f"{MODE}{jax.process_index()}.json")
+    with open(path, "w") as f:
+      json.dump(result, f)
 
 
 if __name__ == "__main__":
