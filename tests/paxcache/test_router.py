@@ -195,11 +195,24 @@ def _threaded_exchange(n):
   return [make(p) for p in range(n)]
 
 
+def _scenario(router: Router) -> list:
+  """Requests added while others run, two aborts (one on each replica), then to the end;
+  returns what each call returned."""
+  reqs = _hand_requests() + [Request(7 + i, A + [i] * 5, max_new_tokens=3 + i) for i in range(5)]
+  log = [[router.add_request(r) for r in reqs[:7]]]
+  log.append(sorted(o.request_id for o in router.step()))
+  log.append(router.abort(4))  # on replica 1
+  log.append(router.abort(0))  # on replica 0
+  log.append([router.add_request(r) for r in reqs[7:]])
+  log.append(router.run())
+  return log
+
+
 def test_replicas_in_two_processes_agree_with_one_process():
   # Each "process" (a thread) serves one replica; the router runs in both.
-  reqs = _hand_requests() + [Request(7 + i, A + [i] * 5, max_new_tokens=3 + i) for i in range(5)]
   want_router = Router(_sim())
-  want = want_router.run(reqs)
+  want = _scenario(want_router)
+  assert want[2].finish_reasons == ["abort"] * 2 and want[3].finish_reasons == ["abort"]
   exchanges = _threaded_exchange(2)
   engines = _sim()
   routers = [
@@ -210,7 +223,7 @@ def test_replicas_in_two_processes_agree_with_one_process():
 
   def serve(p):
     try:
-      results[p] = routers[p].run(reqs)
+      results[p] = _scenario(routers[p])
     except Exception as e:  # reported below
       errors.append(e)
 
@@ -221,12 +234,14 @@ def test_replicas_in_two_processes_agree_with_one_process():
     t.join(60)
   assert not errors, errors
   for p in range(2):
-    # Every process gets every output, the same ones as one process serving both replicas.
+    # Every process routes the same way and gets every output (aborts included), the same
+    # as one process serving both replicas.
     assert results[p] == want
     m, w = routers[p].metrics, want_router.metrics
     assert m.routed == w.routed and m.replicas == [
       dataclasses.replace(x, seconds=y.seconds) for x, y in zip(w.replicas, m.replicas, strict=True)
     ]
+    assert m.total.aborted_requests == 2
     assert routers[p].outstanding_tokens == [0, 0]
   assert [e.allocator.num_used_blocks for e in engines] == [0, 0]
 
