@@ -51,6 +51,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.async_scheduling = False  # clock="wall": EngineConfig.async_scheduling
   config.partial_path = ""  # if set, each row is appended here (JSON lines) once measured
   config.heldout_fraction = 0.2  # of step_records, held out to report the fit's error
+  config.cost_form = "linear"  # of a fitted model: "linear" or "bucketed" (engine/_cost.py)
+  config.cost_loss = "absolute"  # of a fitted model: "absolute" or "relative" error
   config.swap_ms = 0.032  # ms per swapped token for a fitted model (not fitted)
   # s/token: the sustainable rate is the highest rate within it (our choice: about 5x the
   # unloaded normalized latency of the roofline cost model, where the curves turn up).

@@ -414,7 +414,8 @@ def _result(
     notes.append(f"Simulated clock, step-cost model: {cost.as_dict()}.")
   if fit is not None:
     notes.append(
-      f"Cost model fitted to {fit['train_records']} steps of {fit['step_records']}; median "
+      f"Cost model ({fit['form']} form, {fit['loss']} loss) fitted to {fit['train_records']} "
+      f"steps of {fit['step_records']}; median "
       f"relative error on {fit['heldout_records']} held-out steps: "
       f"{100 * fit['median_rel_error']:.1f}%."
     )
