@@ -31,6 +31,10 @@ from paxcache.engine._cost import (
 
 def check_cost_config(config: ConfigDict) -> None:
   """Raises ``ValueError`` naming the first cost-model field no run can use."""
+  if config.get("cost_form", "linear") not in FORMS:
+    raise ValueError(f"--config.cost_form={config.get('cost_form')!r}: one of {FORMS}")
+  if config.get("cost_loss", "absolute") not in LOSSES:
+    raise ValueError(f"--config.cost_loss={config.get('cost_loss')!r}: one of {LOSSES}")
   if not config.get("step_records", ""):
     if config.get("cost_model") not in PRESETS:
       raise ValueError(
@@ -40,10 +44,6 @@ def check_cost_config(config: ConfigDict) -> None:
   frac = config.get("heldout_fraction", 0.2)
   if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 < frac < 1:
     raise ValueError(f"--config.heldout_fraction={frac!r} must be in (0, 1)")
-  if config.get("cost_form", "linear") not in FORMS:
-    raise ValueError(f"--config.cost_form={config.get('cost_form')!r}: one of {FORMS}")
-  if config.get("cost_loss", "absolute") not in LOSSES:
-    raise ValueError(f"--config.cost_loss={config.get('cost_loss')!r}: one of {LOSSES}")
   swap = config.get("swap_ms", 0.0)
   if isinstance(swap, bool) or not isinstance(swap, int | float) or not swap >= 0:
     raise ValueError(f"--config.swap_ms={swap!r} must be a number >= 0")

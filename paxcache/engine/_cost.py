@@ -68,9 +68,11 @@ class StepCostModel:
   (:func:`fit_step_cost`) for a device whose steps batch.
 
   ``bucket_ms`` (the ``"bucketed"`` form; empty for the linear one): ``(padded rows, ms)``
-  pairs, the fixed cost of a step by its padded batch, added to ``base_ms``. A step whose
-  padded batch has no pair takes the pair of the nearest padded batch that has one (on a
-  log scale; the larger on a tie): sizes the fit never saw are not extrapolated.
+  pairs, the fixed cost of a step by its padded batch (rows padded to a power of two, at
+  least ``min_bucket``), added to ``base_ms``. A step whose padded batch has no pair takes
+  the pair of the nearest padded batch that has one (on a log scale; the larger on a tie):
+  sizes the fit never saw are not extrapolated. Raising ``min_bucket`` above the fit's
+  charges an engine that pads more (``EngineConfig.min_batch_bucket``).
   """
 
   base_ms: float = 0.0
@@ -98,14 +100,14 @@ class StepCostModel:
         len(p) != 2
         or isinstance(size, bool)
         or not isinstance(size, int)
-        or size < m
+        or size < 1
         or size & (size - 1)
         or not _is_number(p[1])
         or p[1] < 0
       ):
         raise ValueError(
-          f"StepCostModel.bucket_ms: each pair must be (a power of two >= min_bucket={m}, "
-          f"a finite ms >= 0), got {p!r}"
+          f"StepCostModel.bucket_ms: each pair must be (a power of two, a finite ms >= 0), "
+          f"got {p!r}"
         )
     if sizes != sorted(set(sizes)):
       raise ValueError(f"StepCostModel.bucket_ms: padded sizes must increase, got {sizes}")

@@ -95,6 +95,12 @@ def _small(**kw):
     ("warmup_s", -1.0, "warmup_s"),
     ("cost_model", "gpu", "cost_model"),
     ("pool_tokens", 512, "fewer than one max_seq_len"),
+    ("system_rates", {"orca": (1.0,)}, "not a system"),
+    ("system_rates", {"paged": ()}, "at least one rate"),
+    ("trace_s", -1.0, "trace_s"),
+    ("max_wall_s", -1.0, "max_wall_s"),
+    ("warmup_threads", 0, "warmup_threads"),
+    ("cost_form", "cubic", "cost_form"),
   ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value, match):
@@ -188,3 +194,67 @@ def test_partial_path_gets_each_row_as_it_is_measured(tmp_path):
   written = [json.loads(line) for line in open(config.partial_path)]
   assert [(r["system"], r["rate"]) for r in written] == [("paged", 1.0), ("paged", 4.0)]
   assert written == json.loads(json.dumps(rows))
+
+
+def test_wall_run_compiles_every_step_shape_before_its_clock_starts():
+  """The CPU smoke test of the GPU run's warm-up: with ``warmup_shapes`` and no warm-up
+  trace, the timed runs meet no shape the enumeration missed and compile nothing."""
+  config = get_config("wall")
+  config.num_requests = 8
+  config.warmup_requests = 0
+  config.max_seq_len = 64
+  config.rates = (50.0,)
+  config.systems = ("paged", "orca_max")
+  config.max_num_seqs = 8
+  config.max_num_batched_tokens = 64
+  config.min_token_bucket = 64
+  config.warmup_shapes = True
+  config.warmup_threads = 2
+  rows = rr.run(config).tables[0].rows
+  assert [r["system"] for r in rows] == ["paged", "orca_max"]
+  for r in rows:
+    # 8 rows; 8, 16 or 32 block-table columns (the tiny model's 512 tokens in blocks of
+    # 16: the engine does not know the trace stops at 64); 64 query tokens: a decode and
+    # a prefill shape per width.
+    assert r["warmup_shapes"] == 6 and r["unwarmed_shapes"] == 0
+    assert r["compile_excluded_s"] == 0.0  # the clock never stopped for a compile
+  assert rows[0]["warmup_compile_s"] == rows[1]["warmup_compile_s"]  # compiled once
+
+
+def test_fixed_duration_traces_per_system_rates_and_stopping_past_the_bound():
+  config = _small(
+    trace_s=3.0,
+    systems=("paged", "orca_max"),
+    system_rates={"paged": (4.0, 1.0, 200.0)},
+    rates=(2.0, 50.0, 400.0),
+    stop_past_bound=True,
+  )
+  result = rr.run(config)
+  rows = result.tables[0].rows
+  got = [(r["system"], r["rate"], r["requests"]) for r in rows]
+  # paged sweeps its own rates in ascending order, orca_max the common ones; each trace
+  # holds rate x 3 s requests; at 1 ms per token (the CPU default) 200 and 50 req/s are
+  # past the 0.1 s/token bound of the quick variant, so the sweeps stop there.
+  assert [g[:2] for g in got] == [
+    ("paged", 1.0), ("paged", 4.0), ("paged", 200.0), ("orca_max", 2.0), ("orca_max", 50.0)
+  ]  # fmt: skip
+  assert all(n == round(rate * 3.0) for _, rate, n in got)
+  assert rows[-1]["normalized_latency"] > config.latency_bound >= rows[-2]["normalized_latency"]
+  assert any("Not run (past the bound)" in n and "400" in n for n in result.notes)
+  assert any("3 s trace per rate" in n for n in result.notes)
+  sus = {r["system"]: r for r in result.tables[1].rows}
+  assert not sus["paged"]["censored"] and 4.0 < sus["paged"]["sustainable_rate"] < 200.0
+
+
+def test_a_time_budget_stops_starting_runs():
+  result = rr.run(_small(max_wall_s=1e-9, systems=("paged",)))
+  assert result.tables[0].rows == []
+  assert any("Not run (time budget)" in n for n in result.notes)
+
+
+def test_gpu_sim_fits_the_committed_h200_steps_within_the_goal():
+  """Issue 14's goal on the committed records, with gpu_sim's form and loss (chosen by
+  cross-validation on the training steps, experiments/step_cost_fit.py)."""
+  cost, fit = _cost_config.step_cost(get_config("gpu_sim"))
+  assert fit["form"] == "bucketed" and fit["loss"] == "relative" and cost.bucket_ms
+  assert fit["median_rel_error"] <= 0.10

@@ -37,6 +37,11 @@ def test_bucketed_model_charges_the_padded_batch_by_hand():
   assert m.seconds(0, 5, 100, swap_tokens=7) == pytest.approx(1.1e-3)
 
 
+def test_a_higher_min_bucket_charges_the_larger_padding():
+  m = StepCostModel(decode_ms=0.0, bucket_ms=((8, 1.0), (16, 2.0), (32, 3.0)), min_bucket=32)
+  assert m.step_ms(0, 3, 0) == pytest.approx(3.0)  # 3 rows pad to 32, not 8
+
+
 def test_linear_model_is_unchanged_by_the_bucket_fields():
   m = StepCostModel(base_ms=2.0, prefill_ms=0.5, decode_ms=0.25, kv_ms=0.125, swap_ms=1.0)
   assert m.step_ms(2, 4, 8, 1) == pytest.approx(2 + 1 + 1 + 1 + 1)
@@ -46,7 +51,7 @@ def test_linear_model_is_unchanged_by_the_bucket_fields():
   "pairs, match",
   [
     (((12, 1.0),), "power of two"),
-    (((4, 1.0),), "min_bucket"),
+    (((0, 1.0),), "power of two"),
     (((8, -1.0),), "ms >= 0"),
     (((16, 1.0), (8, 1.0)), "increase"),
     (((8, 1.0), (8, 2.0)), "increase"),
