@@ -172,3 +172,33 @@ def test_bad_threads_raise(tiny):
   with pytest.raises(ValueError, match="threads"):
     compile_step_shapes(engine, [], threads=0)
   assert dataclasses.is_dataclass(compile_step_shapes(engine, []))
+
+
+def test_shape_batch_packs_like_a_real_planned_decode_batch():
+  """The layout (every field's shape and dtype, the static flags and the plan's static
+  part) of a planned decode step that ``build_step_batch`` makes equals that of the
+  all-padding batch of its shape: the same compiled step serves both."""
+  from paxcache.block_table import BlockTable
+  from paxcache.engine._batch import build_step_batch
+  from paxcache.engine._request import Seq
+  from paxcache.engine._scheduler import Plan, ScheduledSeq
+
+  planner = DecodePlanner(mode="on", block_size=8, num_kv_heads=2, min_chunk_tokens=16)
+  seqs = [
+    Seq(seq_id=(i, 0), index=0, tokens=list(range(1, n + 1)), prompt_len=n - 1)
+    for i, n in enumerate((40, 3, 17))
+  ]
+  rows = [ScheduledSeq(s, len(s.tokens) - 1, len(s.tokens), np.array([5], np.int32), [s])
+          for s in seqs]  # fmt: skip
+  lengths = np.zeros(8, np.int32)
+  lengths[:3] = [40, 3, 17]
+  table = BlockTable(block_ids=np.zeros((8, 8), np.int32), lengths=lengths)
+  sampling = {i: (0.0, 0, 1) for i in range(3)}
+  real = build_step_batch(
+    Plan(rows=rows, cow_pairs=[]), table, sampling, min_tokens=8, min_copies=8,
+    decode_planner=planner, block_size=8,
+  )  # fmt: skip
+  assert real.decode_only and real.decode_plan_chunk_seq.shape[0] > 0
+  shape = StepShape(8, 8, 8, True, plan_chunks=real.decode_plan_chunk_seq.shape[0])
+  assert shape_batch(shape, planner).pack()[1] == real.pack()[1]
+  assert shape in step_shapes(_config(max_num_seqs=8), max_seq_len=64, planner=planner)
