@@ -21,9 +21,16 @@ Other variants (``--config=configs/request_rate.py:<name>``; a few minutes each 
   3.25 req/s, near paged's limit here as the paper's 2.01 req/s was there).
 * ``wall``: the real engine on the packaged tiny model and the wall clock (short lengths).
 * ``gpu``: the real engine on SmolLM2-135M's shape (random weights) and the wall clock, a
-  0.38 GB pool, ShareGPT-like lengths; run it on a GPU.
+  0.38 GB pool, ShareGPT-like lengths, 12 s traces per rate, every step shape compiled
+  before the clock starts, per-system rates; one GPU device call (about 6-7 minutes)::
+
+    PAXCACHE_COMMIT=<commit> PYTHONPATH=. python -m experiments.run \
+        --config=configs/request_rate.py:gpu --workdir=$OUT/rr_gpu \
+        --config.partial_path=$OUT/rr_gpu_partial.jsonl
+
 * ``gpu_sim``: the same sweep on the simulated clock, with the cost model fitted to the
-  H200's measured steps (``docs/results/engine_steps.jsonl``, SmolLM2 shape, block 16).
+  H200's measured steps (``docs/results/engine_steps.jsonl``, SmolLM2 shape, block 16;
+  the bucketed form on the relative error, chosen by ``experiments/step_cost_fit.py``).
 
 A step-cost model fitted to measured steps replaces the preset with
 ``--config.step_records=steps.jsonl`` (JSON lines ``{"prefill_tokens", "decode_batch",

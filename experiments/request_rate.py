@@ -13,9 +13,16 @@ Arrivals
 --------
 As in the paper's artifact, time is cut in 10 ms slots and each slot receives a Poisson
 number of arrivals with mean ``rate * 0.01`` (all at the slot's start), until
-``num_requests`` have arrived; seeded, so every system sees the same trace at a rate.
-Lengths come from :mod:`experiments.workloads` (``sharegpt``, ``alpaca`` or a ShareGPT
-JSON file); a request's output length is its ``max_new_tokens`` with no end token.
+``num_requests`` have arrived, or with ``trace_s > 0`` ``rate * trace_s`` requests (a trace
+of about ``trace_s`` seconds at every rate, as the paper's fixed-duration traces: past
+capacity every system's queue then grows for the same time); seeded, so every system sees
+the same trace at a rate. Lengths come from :mod:`experiments.workloads` (``sharegpt``,
+``alpaca`` or a ShareGPT JSON file; with ``trace_s`` the first ones of one list, the same
+at every rate); a request's output length is its ``max_new_tokens`` with no end token.
+
+Each system sweeps ``rates`` (or its own ``system_rates[system]``) in ascending order;
+``stop_past_bound`` ends a system's sweep at its first rate past ``latency_bound``, and
+``max_wall_s`` starts no new run after that many seconds (both noted in the outputs).
 
 Clocks
 ------
@@ -23,9 +30,15 @@ Clocks
 allocator for real but no model; the clock advances by a step-cost model per step
 (``cost_model``: a preset of :mod:`paxcache.engine._cost`, or a fit to the measured step
 records of ``step_records``, JSON lines ``{prefill_tokens, decode_batch, kv_tokens,
-step_ms}``, whose held-out median relative error is reported). ``clock="wall"``: the real
-engine over the tiny packaged model (its 512-token context bounds ``max_seq_len``), after
-a warm-up; meant for a device run.
+step_ms}``, in the ``cost_form`` and ``cost_loss`` given, whose held-out median relative
+error is reported; a bucketed model charges the padded batch at least
+``min_batch_bucket``, as the engine pads). ``clock="wall"``: the real
+engine over the tiny packaged model (its 512-token context bounds ``max_seq_len``) or a
+named shape (``model``), after a warm-up; meant for a device run. With ``warmup_shapes``
+every padded step shape the engine can meet is compiled before its clock starts
+(:func:`paxcache.engine.compile_step_shapes`, ``warmup_threads`` at a time; the padding
+floors ``min_batch_bucket``, ``min_token_bucket``, ``min_blocks_bucket`` bound their
+number), and each row reports ``unwarmed_shapes``, the shapes met that were not.
 
 Outputs
 -------
