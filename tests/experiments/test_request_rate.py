@@ -258,3 +258,31 @@ def test_gpu_sim_fits_the_committed_h200_steps_within_the_goal():
   cost, fit = _cost_config.step_cost(get_config("gpu_sim"))
   assert fit["form"] == "bucketed" and fit["loss"] == "relative" and cost.bucket_ms
   assert fit["median_rel_error"] <= 0.10
+
+
+def test_step_cost_fit_chooses_by_cross_validation_on_the_training_steps():
+  """Steps whose time is a fixed cost per padded batch: the CV picks a bucketed form, and
+  the choice does not read the held-out steps (changing them changes no CV error)."""
+  from experiments import step_cost_fit
+
+  rng = np.random.default_rng(0)
+  fixed = {8: 1.5, 16: 1.9, 32: 2.1, 64: 2.6}
+  recs = []
+  for i in range(200):
+    d = int(rng.integers(1, 60))
+    ms = fixed[1 << (max(d, 8) - 1).bit_length()] * float(rng.uniform(0.97, 1.03))
+    recs.append(dict(model="m", block_size=16, prefill_tokens=0, decode_batch=d,
+                     kv_tokens=int(rng.integers(0, 9000)), step_ms=ms, i=i))  # fmt: skip
+  report = step_cost_fit.evaluate(recs, ("m", 16))
+  assert report["chosen"].startswith("bucketed/")
+  s = report["slices"][0]
+  assert (s["train"], s["heldout"]) == (160, 40)
+  assert s["heldout_error"][report["chosen"]] < 0.03 < s["heldout_error"]["linear/absolute"]
+  _, held = step_cost_fit.split_records(recs, 0.2, 0)
+  ids = {r["i"] for r in held}
+  changed = [dict(r, step_ms=r["step_ms"] * 5) if r["i"] in ids else r for r in recs]
+  again = step_cost_fit.evaluate(changed, ("m", 16))
+  assert again["slices"][0]["cv_error"] == s["cv_error"]
+  assert again["slices"][0]["heldout_error"] != s["heldout_error"]
+  with pytest.raises(ValueError, match="select"):
+    step_cost_fit.evaluate(recs, ("m", 32))

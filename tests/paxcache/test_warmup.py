@@ -100,10 +100,12 @@ def _small(**kw):
   return _config(max_num_seqs=8, num_blocks=32, min_blocks_bucket=16, **kw)
 
 
-def test_an_online_run_after_the_warmup_compiles_nothing(tiny):
-  cfg = _small()
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_an_online_run_after_the_warmup_compiles_nothing(tiny, async_scheduling):
+  cfg = _small(async_scheduling=async_scheduling)
   assert len(step_shapes(cfg, tiny.config.max_seq_len)) == 6
-  engine = Engine(tiny, cfg, clock=SimulatedClock(StepCostModel()))
+  clock = None if async_scheduling else SimulatedClock(StepCostModel())
+  engine = Engine(tiny, cfg, clock=clock)  # overlap scheduling runs on the wall clock
   report = compile_step_shapes(engine, threads=2)
   assert len(report.shapes) == len(step_shapes(cfg, tiny.config.max_seq_len))
   before = _count_compiles()
