@@ -12,6 +12,8 @@ Two forms (``fit_step_cost(form=...)``):
   ``min_bucket``). The engine compiles one step per padded shape, and a padded shape's
   launches and kernel sizes are fixed whatever the rows inside it: on a GPU, where a small
   model's step is launch- and host-bound, that fixed cost is most of the step.
+  (:class:`StepCostModel` adds ``base_ms`` and ``decode_ms * decode_batch`` to it as well;
+  a bucketed fit sets both to 0.)
 
 * ``prefill_tokens``: query tokens of rows with more than one new token (prompt chunks,
   recomputation of preempted requests);
