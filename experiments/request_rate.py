@@ -468,7 +468,11 @@ def sustainable_rows(rows: list[dict], bound: float, systems) -> list[dict]:
     rates = {}
     for s in systems:
       pts = [r for r in _select(rows, w, bs, mode) if r["system"] == s]
-      if len({r["rate"] for r in pts}) < 2:
+      # One rate says nothing about a crossing, unless it is already past the bound (a
+      # sweep stopped there by stop_past_bound): then the rate is below the sweep, 0.
+      if len({r["rate"] for r in pts}) < 2 and not (
+        pts and all(r["normalized_latency"] > bound for r in pts)
+      ):
         continue
       rates[s] = sustainable_rate(
         [r["rate"] for r in pts], [r["normalized_latency"] for r in pts], bound
@@ -533,7 +537,8 @@ def _result(
         caption=(
           f"Highest request rate whose normalized latency stays within {bound} s/token "
           "(interpolated between swept rates; 'beyond sweep': even the highest rate "
-          "stayed within it, so the rate is a lower bound), and its ratio to each system's."
+          "stayed within it, so the rate is a lower bound; 0: even the lowest was past it), "
+          "and its ratio to each system's."
         ),
       )
     )

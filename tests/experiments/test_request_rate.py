@@ -246,6 +246,20 @@ def test_fixed_duration_traces_per_system_rates_and_stopping_past_the_bound():
   assert not sus["paged"]["censored"] and 4.0 < sus["paged"]["sustainable_rate"] < 200.0
 
 
+def test_a_sweep_stopped_at_its_first_rate_is_below_the_sweep():
+  rows = [
+    dict(workload="w", block_size=16, preemption_mode="recompute", system="paged", rate=r,
+         normalized_latency=lat)
+    for r, lat in ((1.0, 0.05), (2.0, 0.15))
+  ] + [dict(workload="w", block_size=16, preemption_mode="recompute", system="orca_max",
+            rate=1.0, normalized_latency=0.3)]  # fmt: skip
+  sus = {r["system"]: r for r in rr.sustainable_rows(rows, 0.1, ("paged", "orca_max"))}
+  assert sus["paged"]["sustainable_rate"] == pytest.approx(1.5)
+  assert sus["orca_max"]["sustainable_rate"] == 0.0 and not sus["orca_max"]["censored"]
+  one_below = [dict(rows[0])]
+  assert rr.sustainable_rows(one_below, 0.1, ("paged",)) == []
+
+
 def test_a_time_budget_stops_starting_runs():
   result = rr.run(_small(max_wall_s=1e-9, systems=("paged",)))
   assert result.tables[0].rows == []
