@@ -21,9 +21,16 @@ Other variants (``--config=configs/request_rate.py:<name>``; a few minutes each 
   3.25 req/s, near paged's limit here as the paper's 2.01 req/s was there).
 * ``wall``: the real engine on the packaged tiny model and the wall clock (short lengths).
 * ``gpu``: the real engine on SmolLM2-135M's shape (random weights) and the wall clock, a
-  0.38 GB pool, ShareGPT-like lengths; run it on a GPU.
+  0.38 GB pool, ShareGPT-like lengths, 12 s traces per rate, every step shape compiled
+  before the clock starts, per-system rates; one GPU device call (about 6-7 minutes)::
+
+    PAXCACHE_COMMIT=<commit> PYTHONPATH=. python -m experiments.run \
+        --config=configs/request_rate.py:gpu --workdir=$OUT/rr_gpu \
+        --config.partial_path=$OUT/rr_gpu_partial.jsonl
+
 * ``gpu_sim``: the same sweep on the simulated clock, with the cost model fitted to the
-  H200's measured steps (``docs/results/engine_steps.jsonl``, SmolLM2 shape, block 16).
+  H200's measured steps (``docs/results/engine_steps.jsonl``, SmolLM2 shape, block 16;
+  the bucketed form on the relative error, chosen by ``experiments/step_cost_fit.py``).
 
 A step-cost model fitted to measured steps replaces the preset with
 ``--config.step_records=steps.jsonl`` (JSON lines ``{"prefill_tokens", "decode_batch",
@@ -51,6 +58,8 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.async_scheduling = False  # clock="wall": EngineConfig.async_scheduling
   config.partial_path = ""  # if set, each row is appended here (JSON lines) once measured
   config.heldout_fraction = 0.2  # of step_records, held out to report the fit's error
+  config.cost_form = "linear"  # of a fitted model: "linear" or "bucketed" (engine/_cost.py)
+  config.cost_loss = "absolute"  # of a fitted model: "absolute" or "relative" error
   config.swap_ms = 0.032  # ms per swapped token for a fitted model (not fitted)
   # s/token: the sustainable rate is the highest rate within it (our choice: about 5x the
   # unloaded normalized latency of the roofline cost model, where the curves turn up).
@@ -67,6 +76,21 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # compiles are not charged to requests (the seconds left off are reported per row).
   config.exclude_compile = True
   config.seed = 0  # lengths, prompts and arrivals
+  # > 0: each rate runs a trace of this many seconds (rate x trace_s requests, the first
+  # ones of one list of lengths) instead of num_requests.
+  config.trace_s = 0.0
+  # Per-system rates (a ConfigDict: system -> rates) replacing `rates` for those systems.
+  config.system_rates = ConfigDict()
+  config.stop_past_bound = False  # after a system's first rate past latency_bound, stop it
+  config.max_wall_s = 0.0  # > 0: start no new (system, rate) after this many seconds
+  # EngineConfig's padding floors (engine defaults 8): fewer padded shapes to compile.
+  config.min_batch_bucket = 8
+  config.min_token_bucket = 8
+  config.min_blocks_bucket = 8
+  # clock="wall": compile every step shape the engine can meet before the clock starts
+  # (paxcache.engine.compile_step_shapes), on this many threads.
+  config.warmup_shapes = False
+  config.warmup_threads = 1
 
   # Around where each system's curve turns up under the default cost model and pool.
   # Around where each system's curve turns up under the default cost model and pool,
@@ -134,25 +158,52 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.pool_tokens = 16384
     config.host_pool_tokens = 65536
     config.max_num_batched_tokens = 2048
-    config.rates = (4.0, 8.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0)
+    # A trace of a fixed duration per rate (rate x 12 requests), as the paper's artifact
+    # runs fixed-duration traces: past a system's capacity its queue then grows for the
+    # same time whatever the system, so a finite trace shifts every system's crossing of
+    # the bound by about the same factor (a fixed request count favours the faster one).
+    config.trace_s = 12.0
     # s/token, about 5x the unloaded normalized latency of ~2 ms steps.
     config.latency_bound = 0.01
+    # Padding floors of the wall run (a padded batch of >= 32 rows, >= 256 query tokens,
+    # a block table of 64 columns, max_seq_len / block): 30 step shapes instead of ~230,
+    # all compiled before the clock starts; gpu_sim's SimulatedEngine compiles nothing.
+    config.min_batch_bucket = 32
+    config.min_token_bucket = 256
+    config.min_blocks_bucket = 64
     if arg == "gpu":
       config.clock = "wall"
       config.async_scheduling = True  # as the engine serves best (docs/engine.md)
       config.model = "smollm2-135m"
-      # Sized for one 10-minute device call: on an H200 (2026-12-02) 4 systems x 6 rates x
-      # 200 requests ran ~7.7 requests/s of wall time and did not finish in 560 s (Orca at
-      # rates past its capacity drains slowly); 4 x 3 x 150 is ~4 minutes plus compiles.
-      # Below 16 req/s nothing queues (the simulated run shows flat latency there). Pass
-      # --config.partial_path so that a cut run keeps the rows it measured.
-      config.num_requests = 150
-      config.rates = (24.0, 48.0, 96.0)
-      config.warmup_requests = 64
+      # One device call (10 minutes at most; aim at 8). Each system sweeps only the rates
+      # around its crossing of the bound on gpu_sim's curves (docs/experiments.md),
+      # allowing for wall steps 1.0-1.5x the fitted ones, and stops at its first rate past
+      # the bound; Orca (Max) and paged first, so that a cut run keeps the paper's two
+      # headline ratios. No new rate starts after max_wall_s (rows noted as not run).
+      config.systems = ("orca_max", "paged", "orca_oracle", "orca_pow2")
+      config.rates = (16.0, 24.0, 32.0, 48.0, 64.0)
+      config.system_rates = ConfigDict(
+        {
+          "paged": (32.0, 48.0, 64.0, 96.0, 128.0),
+          "orca_oracle": (16.0, 24.0, 32.0, 48.0, 64.0),
+          "orca_pow2": (16.0, 24.0, 32.0, 48.0),
+          "orca_max": (12.0, 16.0, 24.0, 32.0, 48.0),
+        }
+      )
+      config.stop_past_bound = True
+      config.max_wall_s = 400.0
+      # Every step shape compiled up front, 8 at a time (paxcache.engine.compile_step_shapes);
+      # the rows report unwarmed_shapes (shapes met but not compiled up front: 0 expected).
+      config.warmup_shapes = True
+      config.warmup_threads = 8
+      config.warmup_requests = 8
     else:
-      config.num_requests = 1000
+      config.rates = (8.0, 16.0, 24.0, 32.0, 40.0, 48.0, 56.0, 64.0, 80.0, 96.0, 128.0)
       config.step_records = "docs/results/engine_steps.jsonl"
       config.step_records_where = "model=smollm2-135m,block_size=16"
+      # Chosen by experiments/step_cost_fit.py (5-fold CV on the training steps only).
+      config.cost_form = "bucketed"
+      config.cost_loss = "relative"
   elif arg not in (None, ""):
     raise ValueError(
       f"unknown variant {arg!r}; known: 'quick', 'sharegpt', 'alpaca', 'file', 'fig18', "

@@ -5,7 +5,11 @@ A config names a preset of :mod:`paxcache.engine._cost` in ``cost_model`` (``cpu
 estimate), or fits one to measured steps: ``step_records`` (JSON lines ``{prefill_tokens,
 decode_batch, kv_tokens, step_ms}``, e.g. ``docs/results/engine_steps.jsonl``), filtered by
 ``step_records_where`` (``key=value[,key=value]``), with ``heldout_fraction`` of them held
-out to report the fit's error and ``swap_ms`` (not fitted) per swapped token.
+out to report the fit's error and ``swap_ms`` (not fitted) per swapped token;
+``cost_form`` (``"linear"``, the default, or ``"bucketed"``: a fixed cost per padded batch)
+and ``cost_loss`` (``"absolute"``, the default, or ``"relative"``) pick what is fitted
+(:mod:`paxcache.engine._cost`; ``experiments/step_cost_fit.py`` chooses them by
+cross-validation on the training steps).
 
 The request-rate experiment's simulated clock and the serving simulation of the
 batch-capacity experiment both take their model from :func:`step_cost`.
@@ -15,11 +19,22 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from paxcache.engine._cost import PRESETS, StepCostModel, fit_step_cost, load_step_records
+from paxcache.engine._cost import (
+  FORMS,
+  LOSSES,
+  PRESETS,
+  StepCostModel,
+  fit_step_cost,
+  load_step_records,
+)
 
 
 def check_cost_config(config: ConfigDict) -> None:
   """Raises ``ValueError`` naming the first cost-model field no run can use."""
+  if config.get("cost_form", "linear") not in FORMS:
+    raise ValueError(f"--config.cost_form={config.get('cost_form')!r}: one of {FORMS}")
+  if config.get("cost_loss", "absolute") not in LOSSES:
+    raise ValueError(f"--config.cost_loss={config.get('cost_loss')!r}: one of {LOSSES}")
   if not config.get("step_records", ""):
     if config.get("cost_model") not in PRESETS:
       raise ValueError(
@@ -62,6 +77,8 @@ def step_cost(config: ConfigDict) -> tuple[StepCostModel, dict | None]:
     heldout_fraction=config.get("heldout_fraction", 0.2),
     seed=config.get("seed", 0),
     swap_ms=config.get("swap_ms", 0.0),
+    form=config.get("cost_form", "linear"),
+    loss=config.get("cost_loss", "absolute"),
     name=f"fitted:{config.step_records}" + (f" [{where}]" if where else ""),
   )
   fit = {
@@ -69,6 +86,8 @@ def step_cost(config: ConfigDict) -> tuple[StepCostModel, dict | None]:
     "train_records": report.train_records,
     "heldout_records": report.heldout_records,
     "median_rel_error": report.median_rel_error,
+    "form": config.get("cost_form", "linear"),
+    "loss": config.get("cost_loss", "absolute"),
     **report.model.as_dict(),
   }
   return report.model, fit
@@ -81,10 +100,17 @@ def describe(cost: StepCostModel, fit: dict | None) -> str:
       "the CPU default step cost (1 ms per computed token: prompt, recomputed or decode; "
       "nothing per step or per K/V token read; a stated assumption, not a measurement)"
     )
-  terms = (
-    f"{cost.base_ms:.4g} ms per step + {cost.prefill_ms:.4g} ms per prefill token + "
-    f"{cost.decode_ms:.4g} ms per decode row + {cost.kv_ms:.4g} ms per K/V token read"
-  )
+  if cost.bucket_ms:
+    fixed = ", ".join(f"{ms:.3g} ms at {rows}" for rows, ms in cost.bucket_ms)
+    terms = (
+      f"a fixed cost by padded batch ({fixed} rows) + {cost.prefill_ms:.4g} ms per prefill "
+      f"token + {cost.kv_ms:.4g} ms per K/V token read"
+    )
+  else:
+    terms = (
+      f"{cost.base_ms:.4g} ms per step + {cost.prefill_ms:.4g} ms per prefill token + "
+      f"{cost.decode_ms:.4g} ms per decode row + {cost.kv_ms:.4g} ms per K/V token read"
+    )
   if fit is not None:
     return (
       f"a step cost fitted to {fit['train_records']} measured steps of {fit['step_records']} "

@@ -13,9 +13,16 @@ Arrivals
 --------
 As in the paper's artifact, time is cut in 10 ms slots and each slot receives a Poisson
 number of arrivals with mean ``rate * 0.01`` (all at the slot's start), until
-``num_requests`` have arrived; seeded, so every system sees the same trace at a rate.
-Lengths come from :mod:`experiments.workloads` (``sharegpt``, ``alpaca`` or a ShareGPT
-JSON file); a request's output length is its ``max_new_tokens`` with no end token.
+``num_requests`` have arrived, or with ``trace_s > 0`` ``rate * trace_s`` requests (a trace
+of about ``trace_s`` seconds at every rate, as the paper's fixed-duration traces: past
+capacity every system's queue then grows for the same time); seeded, so every system sees
+the same trace at a rate. Lengths come from :mod:`experiments.workloads` (``sharegpt``,
+``alpaca`` or a ShareGPT JSON file; with ``trace_s`` the first ones of one list, the same
+at every rate); a request's output length is its ``max_new_tokens`` with no end token.
+
+Each system sweeps ``rates`` (or its own ``system_rates[system]``) in ascending order;
+``stop_past_bound`` ends a system's sweep at its first rate past ``latency_bound``, and
+``max_wall_s`` starts no new run after that many seconds (both noted in the outputs).
 
 Clocks
 ------
@@ -23,9 +30,15 @@ Clocks
 allocator for real but no model; the clock advances by a step-cost model per step
 (``cost_model``: a preset of :mod:`paxcache.engine._cost`, or a fit to the measured step
 records of ``step_records``, JSON lines ``{prefill_tokens, decode_batch, kv_tokens,
-step_ms}``, whose held-out median relative error is reported). ``clock="wall"``: the real
-engine over the tiny packaged model (its 512-token context bounds ``max_seq_len``), after
-a warm-up; meant for a device run.
+step_ms}``, in the ``cost_form`` and ``cost_loss`` given, whose held-out median relative
+error is reported; a bucketed model charges the padded batch at least
+``min_batch_bucket``, as the engine pads). ``clock="wall"``: the real
+engine over the tiny packaged model (its 512-token context bounds ``max_seq_len``) or a
+named shape (``model``), after a warm-up; meant for a device run. With ``warmup_shapes``
+every padded step shape the engine can meet is compiled before its clock starts
+(:func:`paxcache.engine.compile_step_shapes`, ``warmup_threads`` at a time; the padding
+floors ``min_batch_bucket``, ``min_token_bucket``, ``min_blocks_bucket`` bound their
+number), and each row reports ``unwarmed_shapes``, the shapes met that were not.
 
 Outputs
 -------
@@ -44,6 +57,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import time
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -131,17 +146,44 @@ def sustainable_rate(rates, latencies, bound: float) -> tuple[float, bool]:
   return pts[-1][0], True
 
 
+def _is_rate(r) -> bool:
+  return not isinstance(r, bool) and isinstance(r, int | float) and math.isfinite(r) and r > 0
+
+
 def check_config(config: ConfigDict) -> None:
   """Raises ``ValueError`` naming the first bad field."""
   rates = tuple(config.rates)
   if not rates:
     raise ValueError("--config.rates needs at least one rate (requests/s)")
-  for r in rates:
-    if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0:
-      raise ValueError(f"--config.rates={rates!r}: every rate must be a finite number > 0")
+  if not all(_is_rate(r) for r in rates):
+    raise ValueError(f"--config.rates={rates!r}: every rate must be a finite number > 0")
   bad = [s for s in config.systems if s not in SYSTEMS]
   if not config.systems or bad:
     raise ValueError(f"--config.systems={config.systems!r}: pick from {sorted(SYSTEMS)}")
+  per = config.get("system_rates", None) or {}
+  for system, rs in per.items():
+    if system not in SYSTEMS:
+      raise ValueError(f"--config.system_rates.{system}: not a system; pick from {sorted(SYSTEMS)}")
+    rs = tuple(rs)
+    if not rs or not all(_is_rate(r) for r in rs):
+      raise ValueError(
+        f"--config.system_rates.{system}={rs!r}: at least one rate, each a finite number > 0"
+      )
+  for field in ("stop_past_bound", "warmup_shapes"):
+    if not isinstance(config.get(field, False), bool):
+      raise ValueError(f"--config.{field}={config.get(field)!r} must be True or False")
+  trace_s = config.get("trace_s", 0.0)
+  if (
+    isinstance(trace_s, bool) or not isinstance(trace_s, int | float) or not 0 <= trace_s < math.inf
+  ):
+    raise ValueError(f"--config.trace_s={trace_s!r} must be a number >= 0 (0: num_requests)")
+  budget = config.get("max_wall_s", 0.0)
+  if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget >= 0:
+    raise ValueError(f"--config.max_wall_s={budget!r} must be a number >= 0 (0: no limit)")
+  for field in ("warmup_threads", "min_batch_bucket", "min_token_bucket", "min_blocks_bucket"):
+    v = config.get(field, 1)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"--config.{field}={v!r} must be an int >= 1")
   bad = [m for m in config.preemption_modes if m not in PREEMPTION_MODES]
   if not config.preemption_modes or bad:
     raise ValueError(
@@ -182,6 +224,11 @@ def engine_config(config: ConfigDict, system: str, block_size: int, mode: str) -
     reservation=SYSTEMS[system],
     metrics_history=1,
     async_scheduling=bool(config.get("async_scheduling", False)),
+    # Padding floors (EngineConfig's defaults unless a config raises them): fewer padded
+    # shapes, so that a wall-clock run can compile them all before its clock starts.
+    min_batch_bucket=config.get("min_batch_bucket", 8),
+    min_token_bucket=config.get("min_token_bucket", 8),
+    min_blocks_bucket=config.get("min_blocks_bucket", 8),
   )
 
 
@@ -218,9 +265,14 @@ def serve(engine, requests: list[Request], progress: Progress) -> tuple[list, di
 
 def _wall_engine_factory(config: ConfigDict):
   """A real engine over ``config.model`` (the packaged tiny model, or a random-weight
-  decoder of a named shape of ``experiments.bench.engine_step``), compiled on a warm-up
-  trace."""
+  decoder of a named shape of ``experiments.bench.engine_step``). Before its clock starts,
+  each engine compiles every step shape it can meet (``config.warmup_shapes``:
+  :func:`paxcache.engine.compile_step_shapes`; engines over the same model share the
+  compiled steps, so only the first engine of a configuration pays) and runs
+  ``config.warmup_requests`` requests of the trace once (host-side warm-up)."""
   import jax
+
+  from paxcache.engine import compile_step_shapes, unwarmed_shapes
 
   name = config.get("model", "tiny")
   if name == "tiny":
@@ -240,71 +292,146 @@ def _wall_engine_factory(config: ConfigDict):
     )
   device = jax.devices()[0].device_kind
 
+  warmups = {}  # shape-relevant engine settings -> WarmupReport
+  used = {}  # id(engine) -> the WarmupReport it was warmed with
+
   def make(cfg: EngineConfig, requests: list[Request]):
     clock = WallClock(exclude_compile=config.get("exclude_compile", True))
     engine = Engine(model, cfg, clock=clock)
+    if config.get("warmup_shapes", False):
+      key = dataclasses.replace(cfg, reservation="paged", watermark_blocks=0)
+      if key not in warmups:
+        warmups[key] = compile_step_shapes(engine, threads=config.get("warmup_threads", 1))
+        print(
+          f"request_rate: compiled {len(warmups[key].shapes)} step shapes in "
+          f"{warmups[key].seconds:.1f} s",
+          flush=True,
+        )
+      used[id(engine)] = warmups[key]
     warm = [dataclasses.replace(r, request_id=("warm", r.request_id), arrival_time=None) for r in
             requests[: config.warmup_requests]]  # fmt: skip
     engine.run(warm)
     clock.reset()
     return engine
 
-  return make, model.config.vocab_size, device
+  def check(engine) -> dict:
+    """What a wall row adds: the shape warm-up and whether the run met a shape it missed."""
+    w = used.pop(id(engine), None)
+    if w is None:
+      return {"warmup_shapes": 0, "warmup_compile_s": None, "unwarmed_shapes": None}
+    return {
+      "warmup_shapes": len(w.shapes),
+      "warmup_compile_s": w.seconds,
+      "unwarmed_shapes": len(unwarmed_shapes(engine, w)),
+    }
+
+  return make, check, model.config.vocab_size, device
+
+
+def rates_of(config: ConfigDict, system: str) -> tuple[float, ...]:
+  """The rates swept for ``system``, ascending: ``config.system_rates[system]`` where the
+  config gives one, else ``config.rates``."""
+  per = config.get("system_rates", None) or {}
+  return tuple(sorted(float(r) for r in per.get(system, config.rates)))
 
 
 def run(config: ConfigDict) -> _outputs.Result:
   check_config(config)
   cost, fit = step_cost(config)
+  floor = config.get("min_batch_bucket", 8)
+  if cost.bucket_ms and floor > cost.min_bucket:
+    # A bucketed model charges the padded batch: the one this config's engine pads to.
+    cost = dataclasses.replace(cost, min_bucket=floor)
+  extra = {}
   if config.clock == "simulated":
     vocab = 256
     device = f"cpu (simulated clock: {cost.name})"
 
     def make(cfg, requests):
       return SimulatedEngine(cfg, max_seq_len=config.max_seq_len, clock=SimulatedClock(cost))
-  else:
-    make, vocab, device = _wall_engine_factory(config)
 
+    def check(engine):
+      return {}
+  else:
+    import jax
+
+    make, check, vocab, device = _wall_engine_factory(config)
+    # The GPU host may have no git checkout: the lead passes the commit.
+    extra = {
+      "jax": jax.__version__,
+      "commit": os.environ.get("PAXCACHE_COMMIT"),
+      "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+
+  trace_s = config.get("trace_s", 0.0)
+  top = max(r for system in config.systems for r in rates_of(config, system))
   traces = []
   for w in config.workloads:
-    lengths = workload_lengths(
-      w, config.num_requests, max_seq_len=config.max_seq_len, seed=config.seed
-    )
+    n = math.ceil(top * trace_s) if trace_s else config.num_requests
+    lengths = workload_lengths(w, n, max_seq_len=config.max_seq_len, seed=config.seed)
     traces.append((workload_label(w), lengths))
-  combos = [
-    (label, lengths, system, bs, mode, rate)
+
+  def trace(lengths, rate):
+    """The requests' lengths at ``rate``: all of them, or with ``trace_s`` the first
+    ``rate * trace_s`` (the same lengths in the same order at every rate)."""
+    return lengths[: max(1, round(rate * trace_s))] if trace_s else lengths
+
+  # One sweep per (workload, block size, mode, system): its rates in ascending order.
+  sweeps = [
+    (label, lengths, system, bs, mode)
     for label, lengths in traces
     for bs in config.block_sizes
     for mode in config.preemption_modes
     for system in config.systems
-    for rate in config.rates
   ]
-  progress = Progress("request_rate", total=sum(len(c[1]) for c in combos))
-  rows = []
-  for label, lengths, system, bs, mode, rate in combos:
-    arrivals = poisson_arrivals(float(rate), len(lengths), np.random.default_rng(config.seed))
-    requests = make_requests(lengths, arrivals, vocab, config.seed)
-    engine = make(engine_config(config, system, bs, mode), requests)
-    metrics, totals = serve(engine, requests, progress)
-    rows.append(
-      {
-        "workload": label,
-        "system": system,
-        "block_size": bs,
-        "preemption_mode": mode,
-        "rate": float(rate),
-        "clock": config.clock,
-        **summarize(metrics, config.warmup_s),
-        **totals,
-        "cost_model": cost.name if config.clock == "simulated" else None,
-        "device": device,
-      }
-    )
-    if config.get("partial_path", ""):
-      # Each row as soon as it is measured: a run cut short by a time limit keeps them.
-      with open(config.partial_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rows[-1]) + "\n")
+  progress = Progress(
+    "request_rate",
+    total=sum(len(trace(c[1], r)) for c in sweeps for r in rates_of(config, c[2])),
+  )
+  rows, skipped = [], []
+  t_start = time.perf_counter()
+  budget = config.get("max_wall_s", 0.0)
+  for label, all_lengths, system, bs, mode in sweeps:
+    for i, rate in enumerate(rates_of(config, system)):
+      lengths = trace(all_lengths, rate)
+      if budget and time.perf_counter() - t_start > budget:
+        skipped.append((label, system, bs, mode, rate, "time budget"))
+        progress.update(len(lengths))
+        continue
+      arrivals = poisson_arrivals(rate, len(lengths), np.random.default_rng(config.seed))
+      requests = make_requests(lengths, arrivals, vocab, config.seed)
+      engine = make(engine_config(config, system, bs, mode), requests)
+      metrics, totals = serve(engine, requests, progress)
+      rows.append(
+        {
+          "workload": label,
+          "system": system,
+          "block_size": bs,
+          "preemption_mode": mode,
+          "rate": rate,
+          "clock": config.clock,
+          **summarize(metrics, config.warmup_s),
+          **totals,
+          **check(engine),
+          "cost_model": cost.name if config.clock == "simulated" else None,
+          "device": device,
+          **extra,
+        }
+      )
+      if config.get("partial_path", ""):
+        # Each row as soon as it is measured: a run cut short by a time limit keeps them.
+        with open(config.partial_path, "a", encoding="utf-8") as f:
+          f.write(json.dumps(rows[-1]) + "\n")
+      if config.get("stop_past_bound", False) and rows[-1]["normalized_latency"] > (
+        config.latency_bound
+      ):
+        # Past the bound: the crossing is bracketed, and higher rates only queue longer.
+        rest = rates_of(config, system)[i + 1 :]
+        skipped += [(label, system, bs, mode, r, "past the bound") for r in rest]
+        progress.update(sum(len(trace(all_lengths, r)) for r in rest))
+        break
   progress.done()
-  return _result(config, rows, cost, fit)
+  return _result(config, rows, cost, fit, skipped)
 
 
 # ------------------------------------------------------------------ outputs
@@ -341,7 +468,11 @@ def sustainable_rows(rows: list[dict], bound: float, systems) -> list[dict]:
     rates = {}
     for s in systems:
       pts = [r for r in _select(rows, w, bs, mode) if r["system"] == s]
-      if len({r["rate"] for r in pts}) < 2:
+      # One rate says nothing about a crossing, unless it is already past the bound (a
+      # sweep stopped there by stop_past_bound): then the rate is below the sweep, 0.
+      if len({r["rate"] for r in pts}) < 2 and not (
+        pts and all(r["normalized_latency"] > bound for r in pts)
+      ):
         continue
       rates[s] = sustainable_rate(
         [r["rate"] for r in pts], [r["normalized_latency"] for r in pts], bound
@@ -364,7 +495,11 @@ def sustainable_rows(rows: list[dict], bound: float, systems) -> list[dict]:
 
 
 def _result(
-  config: ConfigDict, rows: list[dict], cost: StepCostModel, fit: dict | None
+  config: ConfigDict,
+  rows: list[dict],
+  cost: StepCostModel,
+  fit: dict | None,
+  skipped: list | None = None,
 ) -> _outputs.Result:
   bound = config.latency_bound
   tables = [
@@ -402,19 +537,34 @@ def _result(
         caption=(
           f"Highest request rate whose normalized latency stays within {bound} s/token "
           "(interpolated between swept rates; 'beyond sweep': even the highest rate "
-          "stayed within it, so the rate is a lower bound), and its ratio to each system's."
+          "stayed within it, so the rate is a lower bound; 0: even the lowest was past it), "
+          "and its ratio to each system's."
         ),
       )
     )
+  per_rate = (
+    f"a {config.trace_s:g} s trace per rate (rate x {config.trace_s:g} requests)"
+    if config.get("trace_s", 0.0)
+    else f"{config.num_requests} requests per rate"
+  )
   notes = [
-    f"Latency bound for the sustainable rate: {bound} s/token; {config.num_requests} "
-    f"requests per rate; requests arriving before {config.warmup_s} s are not counted.",
+    f"Latency bound for the sustainable rate: {bound} s/token; {per_rate}; requests "
+    f"arriving before {config.warmup_s} s are not counted.",
   ]
+  if skipped:
+    why = {}
+    for label, system, bs, mode, rate, reason in skipped:
+      why.setdefault((reason, label, system, bs, mode), []).append(f"{rate:g}")
+    for (reason, label, system, bs, mode), rates in why.items():
+      notes.append(
+        f"Not run ({reason}): {label}, {system}, block {bs}, {mode} at {', '.join(rates)} req/s."
+      )
   if config.clock == "simulated":
     notes.append(f"Simulated clock, step-cost model: {cost.as_dict()}.")
   if fit is not None:
     notes.append(
-      f"Cost model fitted to {fit['train_records']} steps of {fit['step_records']}; median "
+      f"Cost model ({fit['form']} form, {fit['loss']} loss) fitted to {fit['train_records']} "
+      f"steps of {fit['step_records']}; median "
       f"relative error on {fit['heldout_records']} held-out steps: "
       f"{100 * fit['median_rel_error']:.1f}%."
     )

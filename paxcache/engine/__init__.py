@@ -29,6 +29,13 @@ from paxcache.engine._reservation import RESERVATION_POLICIES, reservation_block
 from paxcache.engine._router import Router, RouterMetrics, allgather_exchange
 from paxcache.engine._sampling import sample_tokens
 from paxcache.engine._scheduler import Scheduler
+from paxcache.engine._warmup import (
+  StepShape,
+  WarmupReport,
+  compile_step_shapes,
+  step_shapes,
+  unwarmed_shapes,
+)
 
 __all__ = [
   "CPU_DEFAULT",
@@ -62,4 +69,9 @@ __all__ = [
   "build_step_batch",
   "device_step",
   "sample_tokens",
+  "StepShape",
+  "WarmupReport",
+  "compile_step_shapes",
+  "step_shapes",
+  "unwarmed_shapes",
 ]

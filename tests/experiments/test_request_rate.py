@@ -95,6 +95,12 @@ def _small(**kw):
     ("warmup_s", -1.0, "warmup_s"),
     ("cost_model", "gpu", "cost_model"),
     ("pool_tokens", 512, "fewer than one max_seq_len"),
+    ("system_rates", {"orca": (1.0,)}, "not a system"),
+    ("system_rates", {"paged": ()}, "at least one rate"),
+    ("trace_s", -1.0, "trace_s"),
+    ("max_wall_s", -1.0, "max_wall_s"),
+    ("warmup_threads", 0, "warmup_threads"),
+    ("cost_form", "cubic", "cost_form"),
   ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value, match):
@@ -188,3 +194,109 @@ def test_partial_path_gets_each_row_as_it_is_measured(tmp_path):
   written = [json.loads(line) for line in open(config.partial_path)]
   assert [(r["system"], r["rate"]) for r in written] == [("paged", 1.0), ("paged", 4.0)]
   assert written == json.loads(json.dumps(rows))
+
+
+def test_wall_run_compiles_every_step_shape_before_its_clock_starts():
+  """The CPU smoke test of the GPU run's warm-up: with ``warmup_shapes`` and no warm-up
+  trace, the timed runs meet no shape the enumeration missed and compile nothing."""
+  config = get_config("wall")
+  config.num_requests = 8
+  config.warmup_requests = 0
+  config.max_seq_len = 64
+  config.rates = (50.0,)
+  config.systems = ("paged", "orca_max")
+  config.max_num_seqs = 8
+  config.max_num_batched_tokens = 64
+  config.min_token_bucket = 64
+  config.warmup_shapes = True
+  config.warmup_threads = 2
+  rows = rr.run(config).tables[0].rows
+  assert [r["system"] for r in rows] == ["paged", "orca_max"]
+  for r in rows:
+    # 8 rows; 8, 16 or 32 block-table columns (the tiny model's 512 tokens in blocks of
+    # 16: the engine does not know the trace stops at 64); 64 query tokens: a decode and
+    # a prefill shape per width.
+    assert r["warmup_shapes"] == 6 and r["unwarmed_shapes"] == 0
+    assert r["compile_excluded_s"] == 0.0  # the clock never stopped for a compile
+  assert rows[0]["warmup_compile_s"] == rows[1]["warmup_compile_s"]  # compiled once
+
+
+def test_fixed_duration_traces_per_system_rates_and_stopping_past_the_bound():
+  config = _small(
+    trace_s=3.0,
+    systems=("paged", "orca_max"),
+    system_rates={"paged": (4.0, 1.0, 200.0)},
+    rates=(2.0, 50.0, 400.0),
+    stop_past_bound=True,
+  )
+  result = rr.run(config)
+  rows = result.tables[0].rows
+  got = [(r["system"], r["rate"], r["requests"]) for r in rows]
+  # paged sweeps its own rates in ascending order, orca_max the common ones; each trace
+  # holds rate x 3 s requests; at 1 ms per token (the CPU default) 200 and 50 req/s are
+  # past the 0.1 s/token bound of the quick variant, so the sweeps stop there.
+  assert [g[:2] for g in got] == [
+    ("paged", 1.0), ("paged", 4.0), ("paged", 200.0), ("orca_max", 2.0), ("orca_max", 50.0)
+  ]  # fmt: skip
+  assert all(n == round(rate * 3.0) for _, rate, n in got)
+  assert rows[-1]["normalized_latency"] > config.latency_bound >= rows[-2]["normalized_latency"]
+  assert any("Not run (past the bound)" in n and "400" in n for n in result.notes)
+  assert any("3 s trace per rate" in n for n in result.notes)
+  sus = {r["system"]: r for r in result.tables[1].rows}
+  assert not sus["paged"]["censored"] and 4.0 < sus["paged"]["sustainable_rate"] < 200.0
+
+
+def test_a_sweep_stopped_at_its_first_rate_is_below_the_sweep():
+  rows = [
+    dict(workload="w", block_size=16, preemption_mode="recompute", system="paged", rate=r,
+         normalized_latency=lat)
+    for r, lat in ((1.0, 0.05), (2.0, 0.15))
+  ] + [dict(workload="w", block_size=16, preemption_mode="recompute", system="orca_max",
+            rate=1.0, normalized_latency=0.3)]  # fmt: skip
+  sus = {r["system"]: r for r in rr.sustainable_rows(rows, 0.1, ("paged", "orca_max"))}
+  assert sus["paged"]["sustainable_rate"] == pytest.approx(1.5)
+  assert sus["orca_max"]["sustainable_rate"] == 0.0 and not sus["orca_max"]["censored"]
+  one_below = [dict(rows[0])]
+  assert rr.sustainable_rows(one_below, 0.1, ("paged",)) == []
+
+
+def test_a_time_budget_stops_starting_runs():
+  result = rr.run(_small(max_wall_s=1e-9, systems=("paged",)))
+  assert result.tables[0].rows == []
+  assert any("Not run (time budget)" in n for n in result.notes)
+
+
+def test_gpu_sim_fits_the_committed_h200_steps_within_the_goal():
+  """Issue 14's goal on the committed records, with gpu_sim's form and loss (chosen by
+  cross-validation on the training steps, experiments/step_cost_fit.py)."""
+  cost, fit = _cost_config.step_cost(get_config("gpu_sim"))
+  assert fit["form"] == "bucketed" and fit["loss"] == "relative" and cost.bucket_ms
+  assert fit["median_rel_error"] <= 0.10
+
+
+def test_step_cost_fit_chooses_by_cross_validation_on_the_training_steps():
+  """Steps whose time is a fixed cost per padded batch: the CV picks a bucketed form, and
+  the choice does not read the held-out steps (changing them changes no CV error)."""
+  from experiments import step_cost_fit
+
+  rng = np.random.default_rng(0)
+  fixed = {8: 1.5, 16: 1.9, 32: 2.1, 64: 2.6}
+  recs = []
+  for i in range(200):
+    d = int(rng.integers(1, 60))
+    ms = fixed[1 << (max(d, 8) - 1).bit_length()] * float(rng.uniform(0.97, 1.03))
+    recs.append(dict(model="m", block_size=16, prefill_tokens=0, decode_batch=d,
+                     kv_tokens=int(rng.integers(0, 9000)), step_ms=ms, i=i))  # fmt: skip
+  report = step_cost_fit.evaluate(recs, ("m", 16))
+  assert report["chosen"].startswith("bucketed/")
+  s = report["slices"][0]
+  assert (s["train"], s["heldout"]) == (160, 40)
+  assert s["heldout_error"][report["chosen"]] < 0.03 < s["heldout_error"]["linear/absolute"]
+  _, held = step_cost_fit.split_records(recs, 0.2, 0)
+  ids = {r["i"] for r in held}
+  changed = [dict(r, step_ms=r["step_ms"] * 5) if r["i"] in ids else r for r in recs]
+  again = step_cost_fit.evaluate(changed, ("m", 16))
+  assert again["slices"][0]["cv_error"] == s["cv_error"]
+  assert again["slices"][0]["heldout_error"] != s["heldout_error"]
+  with pytest.raises(ValueError, match="select"):
+    step_cost_fit.evaluate(recs, ("m", 32))
