@@ -84,6 +84,42 @@ def shape_class(kind: str, *, width: int, itemsize: int, pairs: int | None = Non
   return key
 
 
+def parse_class(cls: str) -> tuple[str, int, int, str | None]:
+  """``(kind, width, itemsize, bucket)`` of a class key (bucket None except for decode).
+
+  Raises:
+    ValueError: not a class key.
+  """
+  m = _CLASS_RE.match(cls) if isinstance(cls, str) else None
+  if m is None or (m.group(1) == "decode") != (m.group(4) is not None):
+    raise ValueError(
+      f"class {cls!r} is not KIND/wWIDTH/iITEMSIZE (KIND decode, prefill or mosaic; "
+      "decode with /small or /large)"
+    )
+  return m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+
+
+def rule_fields(cls: str) -> dict:
+  """The fields of ``cls``'s kind that ``tuning.rule_block_sizes`` gives the class (at a
+  representative shape: a decode call with ``LARGE_PAIRS`` pairs or none, a prefill call
+  of unknown length)."""
+  from kernels.gpu.tuning import rule_block_sizes  # tuning imports this module
+
+  kind, width, itemsize, bucket = parse_class(cls)
+  dtypes = {1: "int8", 2: "bfloat16", 4: "float32"}
+  if itemsize not in dtypes:
+    raise ValueError(f"class {cls!r}: no K/V dtype of {itemsize} bytes")
+  large = bucket == "large"
+  bs = rule_block_sizes(
+    head_dim=width,
+    kv_dtype=dtypes[itemsize],
+    decode=kind == "decode",
+    batch=LARGE_PAIRS if large else None,
+    num_kv_heads=1 if large else None,
+  )
+  return {k: getattr(bs, k) for k in KIND_FIELDS[kind]}
+
+
 def _check_entry(path: str, i: int, entry) -> tuple[str, dict]:
   from kernels.gpu.tuning import BlockSizes  # tuning imports this module
 
@@ -94,13 +130,10 @@ def _check_entry(path: str, i: int, entry) -> tuple[str, dict]:
   if missing:
     raise TuningTableError(f"{where} lacks {sorted(missing)}")
   cls = entry["class"]
-  m = _CLASS_RE.match(cls) if isinstance(cls, str) else None
-  if m is None or (m.group(1) == "decode") != (m.group(4) is not None):
-    raise TuningTableError(
-      f"{where}: class {cls!r} is not KIND/wWIDTH/iITEMSIZE (KIND decode, prefill or mosaic; "
-      "decode with /small or /large)"
-    )
-  kind = m.group(1)
+  try:
+    kind = parse_class(cls)[0]
+  except ValueError as e:
+    raise TuningTableError(f"{where}: {e}") from None
   bs = entry["block_sizes"]
   if not isinstance(bs, dict) or not bs:
     raise TuningTableError(f"{where} ({cls}): block_sizes must be a non-empty object")
@@ -200,7 +233,8 @@ def config_key(fields: dict) -> str:
 class Measurement:
   """One timed setting at one shape: ``rate`` (higher is faster; TB/s or TFLOP/s), or
   ``rate=None`` where the setting failed there (e.g. shared memory exceeded). ``lo`` and
-  ``hi``: the rate's min-max over the timing's samples, where the row records them."""
+  ``hi``: an interval for the median rate (``experiments._timing.Timing.interval`` of
+  the timing, as a rate), where the row records one."""
 
   shape: str
   fields: dict
@@ -230,7 +264,7 @@ def select(measurements, rule_fields: dict, margin: float = MARGIN) -> dict | No
 
   At the shapes where the rule's setting was measured, a candidate qualifies where it
   never failed, its median rate beats the rule's at every shape it was tried with its
-  whole min-max range above the rule's (``experiments._timing.compare``'s test: so a
+  whole range above the rule's (``experiments._timing.compare``'s test: so a
   setting timed once, with no range, never replaces the rule), and the geometric mean of
   its speed-ups is at least ``margin``. The qualifying candidate with the largest mean
   wins; with none the rule's setting stays. Repeated measurements of one (shape, setting)
@@ -277,8 +311,11 @@ def select(measurements, rule_fields: dict, margin: float = MARGIN) -> dict | No
   win = max((s for s in scored if s[1]), default=None)
   chosen = rule_key if win is None else win[3]
 
+  def sig(x):  # 5 significant digits: rates in TB/s, TFLOP/s or (interpret mode) far less
+    return float(f"{x:.5g}")
+
   def rng(r):
-    return None if r is None else [round(r[0], 4), round(r[1], 4)]
+    return None if r is None else [sig(r[0]), sig(r[1])]
 
   shapes = sorted(s for (k, s) in stats if k == chosen and s in rule_at)
   return {
@@ -287,9 +324,9 @@ def select(measurements, rule_fields: dict, margin: float = MARGIN) -> dict | No
     "shapes": [
       {
         "shape": s,
-        "rate": round(stats[(chosen, s)][0], 4),
+        "rate": sig(stats[(chosen, s)][0]),
         "range": rng(stats[(chosen, s)][1]),
-        "rule_rate": round(rule_at[s][0], 4),
+        "rule_rate": sig(rule_at[s][0]),
         "rule_range": rng(rule_at[s][1]),
       }
       for s in shapes

@@ -253,7 +253,7 @@ def test_derivation_compares_settings_within_one_run():
   groups = derive.gather(ROOT)
   meas, files = groups[("NVIDIA H100 80GB HBM3", "decode/w128/i2/large")]
   shape = "run3 64x8192 block 64 heads 32/8"
-  rule = derive.rule_fields("decode/w128/i2/large")
+  rule = tuning_table.rule_fields("decode/w128/i2/large")
   assert rule == dict(
     decode_kv_tile=128, decode_num_splits=None, decode_num_warps=8, decode_num_stages=3
   )

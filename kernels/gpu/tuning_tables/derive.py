@@ -11,10 +11,11 @@ least one other were timed at the same shapes in the same process.
 
 Sources, and how their rows are read:
 
-Rates are TB/s (decode) and TFLOP/s (prefill) as the rows give them; their min-max range
-is the spread of a run's repeated passes (H100 runs 2-4), or the row's own ``time_min_ms``
-/ ``time_max_ms`` (kv_quant_sweep). Run 1, run 5 and the engine probe timed each setting
-once with no spread recorded, so no setting of theirs can replace the rule (``select``).
+Rates are TB/s (decode) and TFLOP/s (prefill) as the rows give them; their range is the
+min-max of a run's repeated passes (H100 runs 2-4), or the row's own interval of the
+median, ``time_ci_lo_ms`` / ``time_ci_hi_ms`` (kv_quant_sweep). Run 1, run 5 and the
+engine probe timed each setting once with no spread recorded, so no setting of theirs can
+replace the rule (``select``).
 
 * ``docs/results/gpu_raw/run{1..5}/raw.jsonl`` (H100 80GB HBM3, 2026-11-25; runs of
   docs/gpu_notes.md, made by the benchmark of commits db582ef, 393c9f4, ea413ce, 49d8eef
@@ -48,7 +49,7 @@ import sys
 import jax.numpy as jnp
 
 from kernels.gpu import tuning_table
-from kernels.gpu.tuning import padded_head_dim, rule_block_sizes
+from kernels.gpu.tuning import padded_head_dim
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
@@ -154,33 +155,18 @@ def gather(root):
       f"{r['num_q_heads']}/{r['num_kv_heads']} {r['kv_dtype']}"
     )
     cls = _cls("decode", r["head_dim"], r["kv_dtype"], r["batch"] * r["num_kv_heads"])
-    lo = r["tbps"] * r["time_ms"] / r["time_max_ms"]  # rate range from the time range
-    hi = r["tbps"] * r["time_ms"] / r["time_min_ms"]
+    # The rate's interval from the time's interval of the median (experiments._timing).
+    lo = r["tbps"] * r["time_ms"] / r["time_ci_hi_ms"]
+    hi = r["tbps"] * r["time_ms"] / r["time_ci_lo_ms"]
     add(r["device"], cls, shape, fields, r["tbps"], rel, r["date"], r["commit"], lo, hi)
   return groups
-
-
-def rule_fields(cls):
-  """The rule's fields for a class (``rule_block_sizes`` at a representative shape)."""
-  kind, w, i, *bucket = cls.split("/")
-  width, itemsize = int(w[1:]), int(i[1:])
-  dtype = {1: jnp.int8, 2: jnp.bfloat16, 4: jnp.float32}[itemsize]
-  large = bucket == ["large"]
-  bs = rule_block_sizes(
-    head_dim=width,
-    kv_dtype=dtype,
-    decode=kind == "decode",
-    batch=tuning_table.LARGE_PAIRS if large else None,
-    num_kv_heads=1 if large else None,
-  )
-  return _pick(vars(bs), kind)
 
 
 def derive(root):
   """``{device_kind: table JSON text}`` from the committed rows under ``root``."""
   entries = {}
   for (device, cls), (meas, files) in sorted(gather(root).items()):
-    sel = tuning_table.select(meas, rule_fields(cls))
+    sel = tuning_table.select(meas, tuning_table.rule_fields(cls))
     if sel is None or sel["candidates"] < 2:
       continue
     unit = "TFLOP/s" if cls.startswith(("prefill", "mosaic")) else "TB/s"
