@@ -13,9 +13,11 @@ goes to ``OUT/<card>.json`` in the format ``kernels/gpu/tuning_tables/`` holds::
   python -m experiments.bench.tune_gpu --classes decode/w128/i1/large --out /tmp/tune8
   python -m experiments.bench.tune_gpu --smoke --out /tmp/tune_smoke
 
-To use it, copy ``OUT/<card>.json`` into ``kernels/gpu/tuning_tables/`` (one file per
-device kind) and commit it with the ``OUT/tune_gpu.jsonl`` rows it names
-(docs/gpu_notes.md, "Defaults per card").
+To keep a card's results, append ``OUT/tune_gpu.jsonl`` to
+``docs/results/tune_gpu.jsonl`` and run ``python -m kernels.gpu.tuning_tables.derive``,
+which writes the card's table into ``kernels/gpu/tuning_tables/`` from the committed rows
+(the same choices as ``OUT/<card>.json``; docs/gpu_notes.md, "Defaults per card"). To try
+a table first, ``OUT/<card>.json`` is already in the format the loader takes.
 
 Classes and shapes (``CLASSES``; 32 query / 8 KV heads, block 16, blocks scattered, every
 sequence full length; decode ``batch x context``, prefill ``sequences x tokens`` causal):
@@ -30,7 +32,7 @@ Device time: each timed function is one jit running ``--calls`` kernel calls on 
 queries, dispatched 3 times back to back per sample, ``--repeats`` samples
 (``experiments._timing.time_calls``); the rate is K/V bytes (decode, TB/s) or causal
 FLOPs (prefill, TFLOP/s) per median call, with the interval of the median as its range.
-``--budget-s`` (default 200 s) is shared out over the classes: a class starts no new
+``--budget-s`` (default 180 s) is shared out over the classes: a class starts no new
 setting once its share is spent (the rule's is always timed). With the defaults it
 finishes in about 4 minutes on one H200. Rows go to ``OUT/tune_gpu.jsonl`` as each
 setting finishes.
@@ -212,6 +214,7 @@ def run_class(cls, shapes, args, env, deadline, out_path):
       base = dict(
         **env,
         commit=args.commit,
+        run_id=args.run_id,
         ceiling_tbs=args.ceiling,
         shape_class=cls,
         shape=text,
@@ -252,7 +255,7 @@ def define_flags():
   )
   flags.DEFINE_integer("calls", 8, "kernel calls per timed jit", lower_bound=1)
   flags.DEFINE_integer("repeats", 21, "timing samples per setting", lower_bound=5)
-  flags.DEFINE_float("budget-s", 200.0, "seconds shared out over the classes' sweeps")
+  flags.DEFINE_float("budget-s", 180.0, "seconds shared out over the classes' sweeps")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
   flags.DEFINE_bool("smoke", False, "tiny shapes, two settings per class, interpret mode (CPU)")
 
@@ -276,6 +279,7 @@ def main(args):
     print("mosaic/w128/i2 skipped: the Mosaic GPU prefill runs on Hopper only", flush=True)
     classes.remove("mosaic/w128/i2")
   args.commit = commit_of(args.commit)
+  args.run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # one process's rows
   os.makedirs(args.out, exist_ok=True)
   env = env_info()
   print(env, flush=True)
@@ -285,7 +289,9 @@ def main(args):
   args.ceiling = ceiling["ceiling_tbps"]
   print("ceiling", ceiling, flush=True)
   out_path = os.path.join(args.out, "tune_gpu.jsonl")
-  write_jsonl(out_path, [dict(**env, commit=args.commit, ceiling=True, **ceiling)])
+  write_jsonl(
+    out_path, [dict(**env, commit=args.commit, run_id=args.run_id, ceiling=True, **ceiling)]
+  )
   start, entries, rows = time.time(), [], []
   for n, cls in enumerate(classes):
     share = (args.budget_s - (time.time() - start)) / (len(classes) - n)

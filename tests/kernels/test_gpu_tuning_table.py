@@ -262,6 +262,52 @@ def test_derivation_compares_settings_within_one_run():
   assert "docs/results/gpu_raw/run3/raw.jsonl" in files
 
 
+def test_derivation_reads_committed_tune_rows_for_a_new_card(tmp_path):
+  # A card tuned by experiments/bench/tune_gpu.py enters through its rows: committed to
+  # docs/results/tune_gpu.jsonl, re-derived. Here hand-made rows in the script's format.
+  results = tmp_path / "docs" / "results"
+  (results / "gpu_raw").mkdir(parents=True)
+  real = os.path.join(ROOT, "docs", "results")
+  for name in ("engine_probe.jsonl", "kv_quant_sweep.jsonl"):
+    (results / name).symlink_to(os.path.join(real, name))
+  for run in range(1, 6):
+    (results / "gpu_raw" / f"run{run}").symlink_to(os.path.join(real, "gpu_raw", f"run{run}"))
+  rule = tuning_table.rule_fields("decode/w128/i2/small")
+  other = dict(rule, decode_num_stages=4)
+  common = dict(
+    device=FAKE, date="2026-12-03", commit="abc1234", shape_class="decode/w128/i2/small"
+  )
+  rows = [dict(device=FAKE, ceiling=True, ceiling_tbps=5.0, run_id="r1")]
+  for run, (fast, rate_lo, rate_hi) in {"r1": (2.4, 2.35, 2.45), "r2": (2.3, 2.25, 2.35)}.items():
+    shape = "8x4096 block 16 heads 32/8 d128 bfloat16"
+    rows.append(
+      dict(common, run_id=run, shape=shape, block_sizes=rule, rate=2.0, rate_lo=1.95, rate_hi=2.05)
+    )
+    rows.append(
+      dict(
+        common,
+        run_id=run,
+        shape=shape,
+        block_sizes=other,
+        rate=fast,
+        rate_lo=rate_lo,
+        rate_hi=rate_hi,
+      )
+    )
+  (results / "tune_gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  derived = derive.derive(str(tmp_path))
+  assert set(derived) == {"NVIDIA H100 80GB HBM3", "NVIDIA H200", FAKE}
+  kind, table = tuning_table.parse_table(derived[FAKE])
+  assert kind == FAKE and table == {"decode/w128/i2/small": other}
+  entry = json.loads(derived[FAKE])["entries"][0]
+  assert entry["choice"] == "measured"
+  # Two runs, two sets of shapes: speed-ups 1.2 and 1.15, geometric mean sqrt(1.38).
+  assert math.isclose(entry["source"]["speedup_over_rule"], math.sqrt(1.2 * 1.15), rel_tol=1e-4)
+  assert entry["source"]["files"] == {
+    "docs/results/tune_gpu.jsonl": {"date": "2026-12-03", "commit": "abc1234"}
+  }
+
+
 # ------------------------------------------------------------------ decode results unchanged
 
 

@@ -37,6 +37,10 @@ replace the rule (``select``).
   decode_num_stages)``, splits left to the shape.
 * ``docs/results/gpu_decode_ragged.jsonl`` (H200): its two variants are two kernels
   (split-K and planned), not two settings of one, so it tunes nothing here.
+* ``docs/results/tune_gpu.jsonl``, where it exists: rows of
+  ``experiments/bench/tune_gpu.py`` (any card), read as that script wrote them; each
+  run (``run_id``) is its own set of shapes. Committing a run's rows there and re-running
+  this script is how a card's measured table enters the repository.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ PROBE_COMMIT_DEFAULT = dict(
 PROBE_HEAD_DIM = 64
 PROBE_MIN_CONTEXT = 1024
 MOSAIC_BASE = dict(mosaic_kv_tile=128, mosaic_num_slots=2)
+TUNE_ROWS = "docs/results/tune_gpu.jsonl"
 NOTE = (
   "Derived by python -m kernels.gpu.tuning_tables.derive from the committed rows named in "
   "each entry's source (kernels/gpu/tuning_tables/derive.py says how each file is read); "
@@ -159,6 +164,16 @@ def gather(root):
     lo = r["tbps"] * r["time_ms"] / r["time_ci_hi_ms"]
     hi = r["tbps"] * r["time_ms"] / r["time_ci_lo_ms"]
     add(r["device"], cls, shape, fields, r["tbps"], rel, r["date"], r["commit"], lo, hi)
+
+  if os.path.exists(os.path.join(root, TUNE_ROWS)):
+    for r in _rows(root, TUNE_ROWS):
+      if "shape_class" not in r:  # the ceiling's row
+        continue
+      rate = None if r.get("error") else r["rate"]
+      shape = f"{r['shape']} run {r['run_id']}"
+      lo, hi = r.get("rate_lo"), r.get("rate_hi")
+      args = (TUNE_ROWS, r["date"], r["commit"], lo, hi)
+      add(r["device"], r["shape_class"], shape, r["block_sizes"], rate, *args)
   return groups
 
 
