@@ -259,9 +259,6 @@ def default_block_sizes(
   if "prefill_q_tile" in fields and num_tokens is not None and not decode:
     cap = max(16, _floor_pow2(max(num_tokens, 16)))
     fields["prefill_q_tile"] = max(16, min(fields["prefill_q_tile"], cap))
-    hp = fields.get("prefill_heads_per_program")
-    if hp is not None:
-      fields["prefill_heads_per_program"] = min(hp, fields["prefill_q_tile"])
   return dataclasses.replace(base, **fields)
 
 

@@ -23,8 +23,10 @@ fields), ``prefill`` (the Triton prefill's) or ``mosaic`` (the Mosaic GPU prefil
 ``WIDTH`` the kernels' head-dim tile width (``padded_head_dim``); ``ITEMSIZE`` the K/V
 dtype's bytes; ``BUCKET`` (decode only) ``small`` below ``LARGE_PAIRS`` (sequence, KV head)
 pairs and ``large`` from there, the split today's rule makes. An entry sets only its kind's
-fields (``KIND_FIELDS``); ``tuning.default_block_sizes`` lays the entries of the calling
-card over the rule's settings, so a class without an entry keeps the rule.
+fields (``KIND_FIELDS``; ``prefill_heads_per_program`` only as null, since it must divide
+the model's GQA group, which no class keys); ``tuning.default_block_sizes`` lays the
+entries of the calling card over the rule's settings, so a class without an entry keeps
+the rule.
 
 Selection (``select``), the same for tables derived from committed rows
 (``python -m kernels.gpu.tuning_tables.derive``) and for tables a sweep writes
@@ -141,6 +143,11 @@ def _check_entry(path: str, i: int, entry) -> tuple[str, dict]:
   if stray:
     raise TuningTableError(
       f"{where} ({cls}): a {kind} entry sets only {KIND_FIELDS[kind]}, got {sorted(stray)}"
+    )
+  if bs.get("prefill_heads_per_program") is not None:
+    raise TuningTableError(
+      f"{where} ({cls}): prefill_heads_per_program must be null in a table: it must divide "
+      "the model's GQA group, which a class does not key"
     )
   try:
     BlockSizes(**bs)

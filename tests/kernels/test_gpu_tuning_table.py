@@ -31,7 +31,7 @@ FAKE_DECODE = dict(decode_kv_tile=32, decode_num_splits=2, decode_num_warps=2, d
 FAKE_PREFILL = dict(
   prefill_q_tile=64,
   prefill_kv_tile=32,
-  prefill_heads_per_program=2,
+  prefill_heads_per_program=None,
   prefill_num_warps=8,
   prefill_num_stages=2,
 )
@@ -77,7 +77,7 @@ def test_known_card_gets_its_entry_and_the_rule_elsewhere(fake_tables):
   rule = tuning.rule_block_sizes(**kw)
   assert _decode_fields(got) == FAKE_DECODE != _decode_fields(rule)
   # The prefill entry is laid over too; the fields no entry sets keep the rule's.
-  assert got.prefill_q_tile == 64 and got.prefill_heads_per_program == 2
+  assert (got.prefill_q_tile, got.prefill_kv_tile, got.prefill_num_warps) == (64, 32, 8)
   assert (got.mosaic_kv_tile, got.mosaic_num_slots) == (rule.mosaic_kv_tile, rule.mosaic_num_slots)
   # head_dim 96 is computed in 128-wide tiles: the same class.
   assert gpu.default_block_sizes(device_kind=FAKE, **{**kw, "head_dim": 96}) == got
@@ -95,7 +95,7 @@ def test_short_prefill_still_cuts_the_table_query_tile(fake_tables):
     device_kind=FAKE, head_dim=128, kv_dtype=jnp.bfloat16, num_tokens=20, decode=False
   )
   assert bs.prefill_q_tile == 16  # 20 rows -> 16, as the rule cuts its own tile
-  assert bs.prefill_heads_per_program == 2
+  assert (bs.prefill_kv_tile, bs.prefill_num_warps) == (32, 8)  # the rest from the table
 
 
 def test_packaged_tables_cover_h100_and_h200_with_their_entries():
@@ -177,6 +177,12 @@ def _good():
       "choice must be",
     ),
     (lambda d: _table(FAKE, [{"class": "decode/w128/i2/small"}]), "lacks"),
+    (
+      lambda d: _table(
+        FAKE, [_entry("prefill/w128/i2", dict(FAKE_PREFILL, prefill_heads_per_program=2))]
+      ),
+      "GQA group",
+    ),
   ],
 )
 def test_malformed_table_is_a_clear_error(tmp_path, edit, match):
