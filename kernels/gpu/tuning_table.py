@@ -32,9 +32,10 @@ Selection (``select``), the same for tables derived from committed rows
 (``python -m kernels.gpu.tuning_tables.derive``) and for tables a sweep writes
 (``experiments/bench/tune_gpu.py``): settings are compared only at shapes where the rule's
 setting was timed in the same process; a candidate replaces it only where it ran at every
-shape it was tried (no shared-memory failure), was faster at each with min-max ranges
-apart, and its geometric-mean speed-up is at least ``MARGIN``; otherwise the entry keeps
-the rule's setting (``choice`` "rule").
+shape it was tried (no shared-memory failure), was faster at each, had its range apart
+from the rule's wherever both have one (at least one shape), and its geometric-mean
+speed-up is at least ``MARGIN``; otherwise the entry keeps the rule's setting (``choice``
+"rule").
 
 This module imports nothing from paxcache or flax.
 """
@@ -270,10 +271,11 @@ def select(measurements, rule_fields: dict, margin: float = MARGIN) -> dict | No
   """The selection rule over one class's measurements.
 
   At the shapes where the rule's setting was measured, a candidate qualifies where it
-  never failed, its median rate beats the rule's at every shape it was tried with its
-  whole range above the rule's (``experiments._timing.compare``'s test: so a
-  setting timed once, with no range, never replaces the rule), and the geometric mean of
-  its speed-ups is at least ``margin``. The qualifying candidate with the largest mean
+  never failed, its median rate beats the rule's at every shape it was tried, its range
+  lies wholly above the rule's at every such shape where both have a range and there is
+  at least one (``experiments._timing.compare``'s test: so settings timed once, with no
+  range, never replace the rule), and the geometric mean of its speed-ups is at least
+  ``margin``. The qualifying candidate with the largest mean
   wins; with none the rule's setting stays. Repeated measurements of one (shape, setting)
   count by their median and the range over them.
 
@@ -308,10 +310,8 @@ def select(measurements, rule_fields: dict, margin: float = MARGIN) -> dict | No
       continue
     ratios = [st[0] / rule_at[s][0] for s, st in at.items()]
     gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-    apart = all(
-      st[1] is not None and rule_at[s][1] is not None and st[1][0] > rule_at[s][1][1]
-      for s, st in at.items()
-    )
+    ranged = [s for s, st in at.items() if st[1] is not None and rule_at[s][1] is not None]
+    apart = bool(ranged) and all(at[s][1][0] > rule_at[s][1][1] for s in ranged)
     ok = key not in failed and min(ratios) > 1.0 and apart and gm >= margin
     scored.append((gm, ok, apart, key))
   best = max(scored, default=None)

@@ -227,6 +227,13 @@ def test_select_replaces_the_rule_only_with_a_clear_gain():
   ]:
     sel = tuning_table.select(meas[:2] + bad, RULE)
     assert sel["choice"] == "rule" and sel["block_sizes"] == RULE, bad
+  # A range-less shape (an older single-pass row) counts in the mean but does not veto
+  # the shapes with ranges, which must be apart.
+  mixed = meas + [Measurement("c", RULE, 1.0), Measurement("c", FAST, 1.1)]
+  sel = tuning_table.select(mixed + [_m("a", FAST, 2.2), _m("b", FAST, 3.3)], RULE)
+  assert sel["choice"] == "measured" and [s["shape"] for s in sel["shapes"]] == ["a", "b", "c"]
+  slower_there = mixed + [_m("a", FAST, 2.2), _m("b", FAST, 3.3), Measurement("c", FAST, 0.9)]
+  assert tuning_table.select(slower_there, RULE)["choice"] == "rule"
   # The rule's setting never timed: no entry.
   assert tuning_table.select([_m("a", FAST, 2.0)], RULE) is None
 
