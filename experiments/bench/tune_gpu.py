@@ -22,9 +22,9 @@ a table first, ``OUT/<card>.json`` is already in the format the loader takes.
 Classes and shapes (``CLASSES``; 32 query / 8 KV heads, block 16, blocks scattered, every
 sequence full length; decode ``batch x context``, prefill ``sequences x tokens`` causal):
 decode at tile widths 128 and 64, small (8 x 4096: 64 sequence x KV-head pairs) and large
-(64 x 8192 and 256 x 1024) batches; the Triton prefill and, on Hopper, the Mosaic GPU
-prefill at 4 x 2048; ``decode/w128/i1/large`` (int8 K/V) only when ``--classes`` (a
-comma-separated list that replaces the default one) names it. Grids:
+(64 x 8192 at width 128, 256 x 1024 at width 64) batches; the Triton prefill and, on
+Hopper, the Mosaic GPU prefill at 4 x 2048; ``decode/w128/i1/large`` (int8 K/V) only when
+``--classes`` (a comma-separated list that replaces the default one) names it. Grids:
 ``DECODE_GRID`` (K/V step 32/64/128 tokens x 4/8 warps x 2/3 stages; splits stay chosen
 per shape: a fixed count would apply to every batch of the class), ``PREFILL_GRID``,
 ``MOSAIC_GRID``.
@@ -35,9 +35,9 @@ queries, dispatched 3 times back to back per sample, ``--repeats`` samples
 FLOPs (prefill, TFLOP/s) per median call, with the interval of the median as its range.
 ``--budget-s`` (default 180 s) is shared out over the classes: a class starts no new
 setting once its share is spent (the rule's is always timed). With the defaults it
-should finish in under 4 minutes on one H200 (an estimate from the committed timings:
-compiles of 2-3 s per setting dominate; not yet run on a GPU). Rows go to ``OUT/tune_gpu.jsonl`` as each
-setting finishes.
+should finish in under 4 minutes on one H200: an estimate (58 settings, assuming 2-3 s of
+compiling each; the timed calls take well under a second), not yet run on a GPU. Rows go
+to ``OUT/tune_gpu.jsonl`` as each setting finishes.
 """
 
 from __future__ import annotations
