@@ -253,7 +253,8 @@ def test_select_takes_the_median_and_range_of_repeated_passes():
 
 def test_derivation_reproduces_the_committed_tables():
   derived = derive.derive(ROOT)
-  assert set(derived) == {"NVIDIA H100 80GB HBM3", "NVIDIA H200"}
+  assert {"NVIDIA H100 80GB HBM3", "NVIDIA H200"} <= set(derived)  # and any tuned card
+  assert set(derived) == set(tuning_table.load_tables())  # no table without its rows
   for kind, text in derived.items():
     path = os.path.join(tuning_table.TABLE_DIR, tuning_table.table_slug(kind) + ".json")
     with open(path) as f:
