@@ -52,6 +52,7 @@ from kernels.gpu.tuning import (
   default_block_sizes,
   padded_head_dim,
   planned_block_sizes,
+  rule_block_sizes,
 )
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
   "paged_attention",
   "plan_decode",
   "planned_block_sizes",
+  "rule_block_sizes",
   "validate_gpu_inputs",
 ]
 

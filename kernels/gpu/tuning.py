@@ -3,15 +3,21 @@
 ``BlockSizes`` is what ``kernels.paged_attention(..., block_sizes=...)`` takes on the
 GPU backend. It is hashable so it can be a static jit argument; every field is
 checked in ``__post_init__``, so a bad setting fails before anything compiles.
-``default_block_sizes`` picks the settings per shape (the ones measured best on an
-H100, see docs/gpu_notes.md).
+``default_block_sizes`` picks the settings per shape and per card: the entry of the
+card's tuning table (``kernels/gpu/tuning_tables/``, keyed by
+``jax.devices()[0].device_kind``; ``kernels.gpu.tuning_table``) where one covers the
+shape's class, else ``rule_block_sizes``, a rule by shared-memory bytes measured on an
+H100 (docs/gpu_notes.md, "Defaults per card").
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+
+from kernels.gpu import tuning_table
 
 # Shared memory one pipeline stage of K plus V may take. Triton keeps `num_stages`
 # such stages in flight; 3 x 48 KiB leaves room for a second program per SM on an
@@ -123,7 +129,7 @@ def _floor_pow2(x: int) -> int:
   return 1 << (max(int(x), 1).bit_length() - 1)
 
 
-def default_block_sizes(
+def rule_block_sizes(
   *,
   head_dim: int,
   kv_dtype,
@@ -132,7 +138,10 @@ def default_block_sizes(
   batch: int | None = None,
   num_kv_heads: int | None = None,
 ) -> BlockSizes:
-  """Per-shape defaults (measured on an H100, docs/gpu_notes.md).
+  """The rule: per-shape settings by bytes (measured on an H100, docs/gpu_notes.md).
+
+  What ``default_block_sizes`` gives on a card without a tuning table, and for the shape
+  classes a card's table does not cover.
 
   Decode: with at least 128 (sequence, KV head) pairs the grid is several waves deep
   and one program per SM with large steps (64 KiB of K+V per stage, 3 stages, 8 warps;
@@ -183,10 +192,82 @@ def default_block_sizes(
   )
 
 
-def planned_block_sizes(*, head_dim: int, kv_dtype) -> BlockSizes:
+AUTO = "auto"
+
+
+def current_device_kind() -> str | None:
+  """``jax.devices()[0].device_kind`` where JAX's default device is a GPU, else None."""
+  try:
+    device = jax.devices()[0]
+  except RuntimeError:
+    return None
+  return device.device_kind if device.platform == "gpu" else None
+
+
+def default_block_sizes(
+  *,
+  head_dim: int,
+  kv_dtype,
+  num_tokens: int | None = None,
+  decode: bool = True,
+  batch: int | None = None,
+  num_kv_heads: int | None = None,
+  device_kind: str | None = AUTO,
+) -> BlockSizes:
+  """Per-shape, per-card defaults: the card's tuning table over :func:`rule_block_sizes`.
+
+  Starts from the rule's settings for the shape, then lays over them the fields of the
+  card's table entries for the shape's classes (``tuning_table.shape_class``): the decode
+  entry (``decode_*`` fields; class by tile width, K/V itemsize and whether ``batch *
+  num_kv_heads`` reaches ``tuning_table.LARGE_PAIRS``), the Triton prefill entry
+  (``prefill_*``) and the Mosaic GPU prefill entry (``mosaic_*``). A class the table does
+  not cover, or a card with no table, keeps the rule. A prefill call of ``num_tokens``
+  rows still gets its query tile cut to at most ``num_tokens`` rounded down to a power of
+  two (at least 16), as the rule does. Explicit ``BlockSizes`` passed to
+  ``kernels.paged_attention`` never come here.
+
+  Args:
+    head_dim, kv_dtype, num_tokens, decode, batch, num_kv_heads: as for
+      :func:`rule_block_sizes`.
+    device_kind: the card whose table applies: ``"auto"`` (default) is
+      :func:`current_device_kind` (None off GPU); None applies no table (the rule alone).
+
+  Raises:
+    kernels.gpu.tuning_table.TuningTableError: a malformed table file.
+  """
+  base = rule_block_sizes(
+    head_dim=head_dim,
+    kv_dtype=kv_dtype,
+    num_tokens=num_tokens,
+    decode=decode,
+    batch=batch,
+    num_kv_heads=num_kv_heads,
+  )
+  if device_kind == AUTO:
+    device_kind = current_device_kind()
+  if device_kind is None:
+    return base
+  width = padded_head_dim(head_dim)
+  itemsize = jnp.dtype(kv_dtype).itemsize
+  pairs = batch * num_kv_heads if batch is not None and num_kv_heads is not None else None
+  fields = {}
+  for kind in ("decode", "prefill", "mosaic"):
+    cls = tuning_table.shape_class(kind, width=width, itemsize=itemsize, pairs=pairs)
+    fields.update(tuning_table.lookup(device_kind, cls) or {})
+  if not fields:
+    return base
+  if "prefill_q_tile" in fields and num_tokens is not None and not decode:
+    cap = max(16, _floor_pow2(max(num_tokens, 16)))
+    fields["prefill_q_tile"] = max(16, min(fields["prefill_q_tile"], cap))
+  return dataclasses.replace(base, **fields)
+
+
+def planned_block_sizes(*, head_dim: int, kv_dtype, device_kind: str | None = AUTO) -> BlockSizes:
   """Defaults of the planned decode (``kernels/gpu/planned.py``): the small-batch decode
-  settings whatever the batch (steps of at most 48 KiB of K plus V, 4 warps; at bf16
-  head_dim 128, 64-token steps, 3 stages of 32 KiB: two programs resident per SM).
+  settings whatever the batch (``default_block_sizes`` with no batch: the card's
+  ``decode/.../small`` table entry where it has one, else the rule's steps of at most
+  48 KiB of K plus V, 4 warps; at bf16 head_dim 128, 64-token steps, 3 stages of 32 KiB:
+  two programs resident per SM).
 
   A plan cuts the work into about ``PROGRAMS_PER_SM`` short chunks per SM; with two
   programs per SM one program's start (plan entries, query tile, first K/V steps) overlaps
@@ -194,4 +275,4 @@ def planned_block_sizes(*, head_dim: int, kv_dtype) -> BlockSizes:
   SM's reads idle at every program's start and end. A choice by that reasoning, not yet
   measured: ``experiments/bench/gpu_ragged.py --sweep`` times the alternatives.
   """
-  return default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype)
+  return default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype, device_kind=device_kind)

@@ -71,6 +71,7 @@ def test_bench_package_lists_the_scripts():
     "probe_step",
     "profile_step",
     "spmd_scaling",
+    "tune_gpu",
   ]
   assert not (ROOT / "benchmarks").exists()  # one home for measurements
 
@@ -362,3 +363,48 @@ def test_cascade_keeps_the_rows_of_settings_that_ran(tmp_path):
   assert [r["config"] for r in rows] == ["default"]
   errors = [json.loads(x) for x in (tmp_path / "cascade_errors.jsonl").read_text().splitlines()]
   assert [e["config"] for e in errors] == ["sweep0"] and "shared_num_stages" in errors[0]["error"]
+
+
+def test_tune_gpu_smoke_writes_rows_and_a_table_the_loader_takes(tmp_path):
+  # Interpret mode on CPU: per smoke class the rule's setting and one other, each output
+  # checked against the rule's, then the table for this "card" in the packaged format.
+  from kernels.gpu import tuning_table
+
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['tune_gpu', '--smoke', '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.tune_gpu', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "tune_gpu.jsonl").read_text().splitlines()]
+  assert rows[0]["ceiling"] is True and rows[0]["ceiling_tbps"] > 0
+  timed = rows[1:]
+  assert [(r["shape_class"], r["is_rule"]) for r in timed] == [
+    ("decode/w64/i2/small", True),
+    ("decode/w64/i2/small", False),
+    ("prefill/w64/i2", True),
+    ("prefill/w64/i2", False),
+  ]
+  bound = tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+  for r in timed:
+    assert r["device"] == "cpu" and r["interpret"] is True
+    assert r["rate_lo"] <= r["rate"] <= r["rate_hi"]
+    if r["is_rule"]:
+      assert r["block_sizes"] == tuning_table.rule_fields(r["shape_class"])
+      assert r["check_rel_l2"] is None
+    else:  # another setting's output against the rule's: the GPU kernels' bf16 bound
+      assert r["block_sizes"] != tuning_table.rule_fields(r["shape_class"])
+      assert 0 <= r["check_rel_l2"] < bound
+  tables = tuning_table.load_tables(str(tmp_path))  # the loader's checks pass
+  assert list(tables) == ["cpu"]
+  assert set(tables["cpu"]) == {"decode/w64/i2/small", "prefill/w64/i2"}
+  doc = json.loads((tmp_path / "cpu.json").read_text())
+  for e in doc["entries"]:
+    chosen = [
+      r for r in timed if r["shape_class"] == e["class"] and r["block_sizes"] == e["block_sizes"]
+    ]
+    assert chosen and e["source"]["files"] == {
+      "tune_gpu.jsonl": {"date": rows[0]["date"], "commit": rows[0]["commit"]}
+    }
+    assert e["source"]["shapes"][0]["rate"] == float(f"{chosen[0]['rate']:.5g}")
