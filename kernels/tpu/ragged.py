@@ -47,9 +47,10 @@ def _ragged_kernel(
   # 8-bit K/V (quantized=True) only: ks_hbm, vs_hbm HBM f32[num_kv_heads, num_blocks,
   # block_size]. Then:
   # o_ref VMEM [group, queries_per_tile, head_dim]
-  # k_buf, v_buf VMEM [2, 1, chunk_tokens, head_dim]
-  # 8-bit only: ks_buf, vs_buf VMEM f32[2, 1, chunk_tokens]
-  # sems DMA semaphores [2 (K, V) or 4 (K, V, K scale, V scale), 2 (slot)]
+  # kv_buf VMEM [2 (slot), 2 (K, V), 1, chunk_tokens, head_dim]
+  # 8-bit only: sc_buf VMEM f32[2 (slot), 2 (K, V), 1, chunk_tokens]
+  # sems DMA semaphores [2 (K and V, scales), 2 (slot)]
+  # count_ref SMEM i32[2]: per slot, the blocks in flight into it
   *refs,
   scale,
   sliding_window,
@@ -59,10 +60,10 @@ def _ragged_kernel(
   quantized=False,
 ):
   if quantized:
-    ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems = refs
-    scales = (ks_hbm, vs_hbm, ks_buf, vs_buf)
+    ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref = refs
+    scales = (ks_hbm, vs_hbm, sc_buf)
   else:
-    o_ref, k_buf, v_buf, sems = refs
+    o_ref, kv_buf, sems, count_ref = refs
     scales = None
   t, h = pl.program_id(0), pl.program_id(1)
   group, tile, head_dim = q_ref.shape
@@ -95,14 +96,13 @@ def _ragged_kernel(
     row_pos = offset + row_token - cs
 
     def chunk(c, slot):
-      return _common.Chunk.make(
+      return _common.Chunk(
         k_hbm,
         v_hbm,
-        k_buf,
-        v_buf,
+        kv_buf,
         sems,
         table_ref,
-        scales=scales,
+        scales,
         row=s,
         head=h,
         first=first + c * blocks_per_chunk,
@@ -112,36 +112,48 @@ def _ragged_kernel(
         max_blocks=max_blocks,
       )
 
+    def start(ch):
+      count_ref[ch.slot] = ch.start()  # blocks in flight in that slot, for its wait
+
     @pl.when(n > 0)
     def _():
-      chunk(0, 0).start()
+      start(chunk(0, 0))
 
     def body(c, carry):
       slot = lax.rem(c, 2)
 
       @pl.when(c + 1 < n)
       def _():
-        chunk(c + 1, 1 - slot).start()
+        start(chunk(c + 1, 1 - slot))
 
       cur = chunk(c, slot)
-      cur.wait()
+      fetched = count_ref[slot]
+      cur.wait(fetched)
       key0 = (first + c * blocks_per_chunk) * block_size
       kp = key0 + key_iota_row
-      visible = row_in & cur.key_ok((1, chunk_tokens), 1, block_size) & (kp <= row_pos)
+      kp_col = key0 + key_iota_col
+      # Keys in a fetched block inside [key_lo, last]: blocks past the table (end is at
+      # most max_blocks) are never fetched.
+      last = jnp.minimum(key_hi, end * block_size - 1)
+      key_ok, v_ok = cur.hole_masks(
+        (kp >= key_lo) & (kp <= last),
+        (kp_col >= key_lo) & (kp_col <= last),
+        cur.holes(fetched),
+      )
+      visible = row_in & key_ok & (kp <= row_pos)
       if sliding_window is not None:
         visible = visible & (kp > row_pos - sliding_window)
-      kp_col = key0 + key_iota_col
-      v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo) & (kp_col <= key_hi)
       ks = vs = None
       if quantized:
-        # The same keys as v_ok, along the lanes: V scales of slots not in use are zeroed
-        # (a slot never DMA'd holds anything, NaN included).
-        key_ok = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= key_lo) & (kp <= key_hi)
-        ks = ks_buf[slot, pl.ds(0, 1)]
-        vs = jnp.where(key_ok, vs_buf[slot, pl.ds(0, 1)], 0.0)
-      s_ = _common.scores(q, k_buf[slot, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks)
+        # V scales of slots not in use are zeroed (a slot never DMA'd holds anything, NaN
+        # included).
+        ks = sc_buf[slot, 0, pl.ds(0, 1)]
+        vs = jnp.where(key_ok, sc_buf[slot, 1, pl.ds(0, 1)], 0.0)
+      s_ = _common.scores(
+        q, kv_buf[slot, 0, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+      )
       return _common.online_softmax_step(
-        carry, s_, visible, v_buf[slot, 0], v_ok, vs, q_dtype=q.dtype
+        carry, s_, visible, kv_buf[slot, 1, 0], v_ok, vs, q_dtype=q.dtype
       )
 
     return lax.fori_loop(0, n, body, carry)
@@ -207,7 +219,10 @@ def _ragged_call(
       grid=(num_tiles, num_kv_heads),
       in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
       out_specs=q_spec,
-      scratch_shapes=_common.kv_scratch(1, blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+      scratch_shapes=[
+        *_common.kv_scratch(1, blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+        pltpu.SMEM((2,), jnp.int32),
+      ],
     ),
     out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
     # Every step starts and drains its own DMAs, so steps are independent (megacore can
