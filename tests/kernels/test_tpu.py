@@ -246,6 +246,23 @@ def test_decode_sliding_window_and_soft_cap_skip_blocks_outside_window():
   _check(out, _oracle(q, k, v, table, lengths, **kw), jnp.float32)
 
 
+def test_decode_holes_and_whole_chunks():
+  # -1 entries below the length: one inside a chunk (a partial wait, the per-block mask),
+  # and a chunk that is all holes (no DMA, no wait, every key masked). Lengths 16 and 32
+  # are whole 2-block chunks: every chunk takes the unmasked fast path, next to NaN slots.
+  rng = np.random.default_rng(13)
+  k, v, table, lengths = _cache(
+    rng, [29, 40, 16, 32, 13], num_kv_heads=2, block_size=BS, max_blocks=5,
+    dtype=jnp.float32, holes=[(0, 1), (1, 2), (1, 3), (4, 0)],
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((5, 4, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_decode(
+    q, k, v, table, lengths, interpret=INTERPRET, block_sizes=tpu.BlockSizes(blocks_per_chunk=2)
+  )
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
 def test_decode_megacore_split_over_two_simulated_cores():
   # 5 sequences over 2 cores: padded with an idle sequence; each core prefetches across its
   # own steps only, checked by two simulated cores running concurrently.
