@@ -130,31 +130,53 @@ def _ragged_kernel(
       fetched = count_ref[slot]
       cur.wait(fetched)
       key0 = (first + c * blocks_per_chunk) * block_size
-      kp = key0 + key_iota_row
-      kp_col = key0 + key_iota_col
-      # Keys in a fetched block inside [key_lo, last]: blocks past the table (end is at
-      # most max_blocks) are never fetched.
-      last = jnp.minimum(key_hi, end * block_size - 1)
-      key_ok, v_ok = cur.hole_masks(
-        (kp >= key_lo) & (kp <= last),
-        (kp_col >= key_lo) & (kp_col <= last),
-        cur.holes(fetched),
+
+      def attend(carry, masks):
+        """The online-softmax step over the chunk; ``masks`` None: no key masked."""
+        visible, v_ok, key_ok = masks if masks is not None else (None, None, None)
+        ks = vs = None
+        if quantized:
+          # V scales of slots not in use are zeroed (a slot never DMA'd holds anything,
+          # NaN included).
+          ks = sc_buf[slot, 0, pl.ds(0, 1)]
+          vs = sc_buf[slot, 1, pl.ds(0, 1)]
+          if key_ok is not None:
+            vs = jnp.where(key_ok, vs, 0.0)
+        s_ = _common.scores(
+          q, kv_buf[slot, 0, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+        )
+        return _common.online_softmax_step(
+          carry, s_, visible, kv_buf[slot, 1, 0], v_ok, vs, q_dtype=q.dtype
+        )
+
+      def masked(carry):
+        kp = key0 + key_iota_row
+        kp_col = key0 + key_iota_col
+        # Keys in a fetched block inside [key_lo, last]: blocks past the table (end is at
+        # most max_blocks) are never fetched.
+        last = jnp.minimum(key_hi, end * block_size - 1)
+        key_ok, v_ok = cur.hole_masks(
+          (kp >= key_lo) & (kp <= last),
+          (kp_col >= key_lo) & (kp_col <= last),
+          cur.holes(fetched),
+        )
+        visible = row_in & key_ok & (kp <= row_pos)
+        if sliding_window is not None:
+          visible = visible & (kp > row_pos - sliding_window)
+        return attend(carry, (visible, v_ok, key_ok))
+
+      # Fast path: every block fetched, every row of the tile in this sequence, and every
+      # key seen by every row (before the first row's position, inside the last row's
+      # window): no per-key mask.
+      full = (
+        (fetched == blocks_per_chunk)
+        & (cs <= t0)
+        & (ce >= t0 + tile)
+        & (key0 + chunk_tokens - 1 <= pos_first)
       )
-      visible = row_in & key_ok & (kp <= row_pos)
       if sliding_window is not None:
-        visible = visible & (kp > row_pos - sliding_window)
-      ks = vs = None
-      if quantized:
-        # V scales of slots not in use are zeroed (a slot never DMA'd holds anything, NaN
-        # included).
-        ks = sc_buf[slot, 0, pl.ds(0, 1)]
-        vs = jnp.where(key_ok, sc_buf[slot, 1, pl.ds(0, 1)], 0.0)
-      s_ = _common.scores(
-        q, kv_buf[slot, 0, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
-      )
-      return _common.online_softmax_step(
-        carry, s_, visible, kv_buf[slot, 1, 0], v_ok, vs, q_dtype=q.dtype
-      )
+        full = full & (key0 > pos_last - sliding_window)
+      return lax.cond(full, lambda carry: attend(carry, None), masked, carry)
 
     return lax.fori_loop(0, n, body, carry)
 

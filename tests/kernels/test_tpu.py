@@ -428,8 +428,6 @@ def test_dma_plan_of_the_benchmark_shape():
   assert plan.ns_per_dma("v6e") == pytest.approx(32768 / 1640e9 * 1e9)  # 20 ns
 
 
-
-
 def test_decode_splits_batch_whose_block_table_exceeds_smem_budget():
   rng = np.random.default_rng(3)
   k, v, table, lengths = _cache(
@@ -550,6 +548,27 @@ def test_ragged_mixed_prefill_and_decode_matches_oracle(kw):
   assert out.shape == q.shape
   _check(out, _oracle(q, k, v, table, lengths, cu, **kw), jnp.float32)
   assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+
+
+@pytest.mark.parametrize("window", [None, 30], ids=["causal", "window"])
+def test_ragged_fast_path_chunks_beside_holes_and_nan(window):
+  # Tiles of 8 rows wholly inside one sequence whose early chunks every row sees (the
+  # unmasked fast path; with the window, only chunks inside every row's window), next to
+  # a sequence with a -1 entry, a chunk of only holes, and a decode row sharing a tile.
+  rng = np.random.default_rng(14)
+  lengths, q_lens = [48, 45, 33], [8, 16, 1]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=1, block_size=BS, max_blocks=6, dtype=jnp.float32,
+    holes=[(1, 0), (2, 2), (2, 3)],
+  )  # fmt: skip
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 3, 2, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_ragged(
+    q, k, v, table, lengths, cu, sliding_window=window, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8),
+  )  # fmt: skip
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
 
 
 @pytest.mark.parametrize("seed", [11, 12])
