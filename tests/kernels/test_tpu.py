@@ -427,6 +427,18 @@ def test_dma_plan_of_the_benchmark_shape():
   assert plan.ns_per_dma("v5e") == pytest.approx(32768 / 819e9 * 1e9)  # 40 ns
   assert plan.ns_per_dma("v6e") == pytest.approx(32768 / 1640e9 * 1e9)  # 20 ns
 
+  # The limit follows the slots, capped at 3/4 of the 64 MiB assumed without a TPU: 8
+  # heads of 4,096 tokens (32 MiB of slots) get 48 MiB, not 80; a given limit is kept.
+  def limit(**knobs):
+    bs = tpu.BlockSizes(**knobs)
+    kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, num_kv_heads=8, block_size=16)
+    kw.update(head_dim=128, max_blocks=512, group=4, ragged=False)
+    return _config.resolve(bs, **kw).vmem_limit_bytes
+
+  assert limit(blocks_per_chunk=256, kv_heads_per_step=8) == 48 * 2**20
+  assert limit(blocks_per_chunk=32, kv_heads_per_step=8) == (2 * 4 + 16) * 2**20
+  assert limit(vmem_limit_bytes=100 * 2**20) == 100 * 2**20
+
 
 def test_decode_splits_batch_whose_block_table_exceeds_smem_budget():
   rng = np.random.default_rng(3)
@@ -749,6 +761,8 @@ def test_block_sizes_is_frozen_hashable_and_validated():
     tpu.BlockSizes(num_cores=0)
   with pytest.raises(ValueError, match="kv_heads_per_step"):
     tpu.BlockSizes(kv_heads_per_step=0)
+  with pytest.raises(ValueError, match="vmem_limit_bytes"):
+    tpu.BlockSizes(vmem_limit_bytes=4096)
 
 
 def test_kv_heads_per_step_must_divide_num_kv_heads():
