@@ -263,6 +263,21 @@ def test_decode_holes_and_whole_chunks():
   _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
 
 
+def test_decode_default_block_sizes_one_chunk_of_13_blocks():
+  # Defaults: the 2,048-token chunk is capped at the table's 13 blocks, so every sequence
+  # is one chunk of 13 (not a power of two): a full one (104 tokens, one wait, fast path),
+  # partial ones whose fetched counts are 8 (1000b), 13 - 1 hole = 12 (1100b), 1 and 0.
+  rng = np.random.default_rng(15)
+  k, v, table, lengths = _cache(
+    rng, [104, 57, 100, 1, 0], num_kv_heads=2, block_size=BS, max_blocks=13,
+    dtype=jnp.float32, holes=[(2, 5)],
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((5, 4, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_decode(q, k, v, table, lengths, interpret=INTERPRET)
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
 def test_decode_megacore_split_over_two_simulated_cores():
   # 5 sequences over 2 cores: padded with an idle sequence; each core prefetches across its
   # own steps only, checked by two simulated cores running concurrently.
