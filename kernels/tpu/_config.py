@@ -54,6 +54,10 @@ RAGGED_CHUNK_TOKENS = 256
 # VMEM for the decode kernel's double-buffered K/V chunks when choosing kv_heads_per_step:
 # all 8 KV heads of the benchmark shape at 2048 bf16 tokens (2 x 2 x 8 x 2048 x 128 x 2 B).
 DECODE_KV_VMEM_BYTES = 16 * 1024 * 1024
+# The same for the ragged kernel, which compiles under Mosaic's default scoped VMEM limit
+# (16 MiB on v5e): all 8 KV heads at 256 bf16 tokens (2 x 2 x 8 x 256 x 128 x 2 B), beside
+# each head's [128, 256] f32 logits and probabilities.
+RAGGED_KV_VMEM_BYTES = 2 * 1024 * 1024
 # VMEM per TensorCore (JAX's own table, jax._src.tpu_info): v4 16 MiB, v5e 128 MiB, v5p
 # 64 MiB, v6e 128 MiB, TPU7x 64 MiB. The default scoped limit Mosaic compiles under is
 # lower (16 MiB on v5e, 32 MiB on v6e), so the decode kernel asks for its own.
@@ -91,9 +95,10 @@ class BlockSizes:
       None picks about ``RAGGED_ROWS // group`` rows.
     smem_budget_bytes: bytes of scalar-prefetch operands (block table, lengths, cu_q_lens,
       tile metadata) one kernel call may use; larger batches are split into several calls.
-    kv_heads_per_step: decode kernel only: KV heads one grid step handles (a divisor of
-      num_kv_heads). Fewer, larger steps amortize the fixed cost of a grid step; None
-      picks the most heads whose double-buffered K/V chunks fit ``DECODE_KV_VMEM_BYTES``.
+    kv_heads_per_step: KV heads one grid step handles (a divisor of num_kv_heads); each
+      block is one DMA for K and one for V covering all of them. Fewer, larger steps and
+      DMAs amortize their fixed costs; None picks the most heads whose double-buffered K/V
+      chunks fit ``DECODE_KV_VMEM_BYTES`` (decode) or ``RAGGED_KV_VMEM_BYTES`` (ragged).
     num_cores: decode kernel only: TensorCores the batch is split over (a "parallel" grid
       axis). 2 on megacore chips (v4, v5p); 1 on v5e and v6e (one TensorCore per chip).
       Any value is correct on any chip; a wrong one only costs speed.
@@ -192,7 +197,8 @@ def resolve(
     fits = [
       d
       for d in range(1, num_kv_heads + 1)
-      if num_kv_heads % d == 0 and d * per_head <= DECODE_KV_VMEM_BYTES
+      if num_kv_heads % d == 0
+      and d * per_head <= (RAGGED_KV_VMEM_BYTES if ragged else DECODE_KV_VMEM_BYTES)
     ]
     heads = max(fits, default=1)
   elif num_kv_heads % heads:
@@ -282,10 +288,12 @@ class DmaPlan:
 
 
 def dma_plan(tuned: BlockSizes, *, block_size: int, head_dim: int, kv_dtype, ragged: bool):
-  """The :class:`DmaPlan` of a resolved :class:`BlockSizes` (see :func:`resolve`). The
-  ragged kernel's grid steps hold one KV head each. 8-bit K/V add two scale DMAs per block
-  and one more wait per chunk, not counted here."""
-  heads = 1 if ragged else tuned.kv_heads_per_step
+  """The :class:`DmaPlan` of a resolved :class:`BlockSizes` (see :func:`resolve`), for
+  either kernel (``ragged`` is kept for callers; both DMA a block of all a step's KV heads
+  at once). 8-bit K/V add two scale DMAs per block and one more wait per chunk, not
+  counted here."""
+  del ragged
+  heads = tuned.kv_heads_per_step
   bpc = tuned.blocks_per_chunk
   return DmaPlan(
     heads_per_dma=heads,

@@ -355,8 +355,8 @@ def _kernel_dmas(fn, *args) -> _KernelDmas:
 
 @pytest.mark.parametrize(
   "ragged,heads_per_step,bpc",
-  [(False, None, 4), (False, 2, 4), (False, None, 6), (True, None, 4)],
-  ids=["decode", "decode-2heads", "decode-6blocks", "ragged"],
+  [(False, None, 4), (False, 2, 4), (False, None, 6), (True, None, 4), (True, 2, 4)],
+  ids=["decode", "decode-2heads", "decode-6blocks", "ragged", "ragged-2heads"],
 )
 def test_dma_counts_in_the_kernel_jaxpr_match_the_plan(ragged, heads_per_step, bpc):
   # Counted in the traced kernel: the DMAs that fill one chunk, the bytes each moves, the
@@ -398,7 +398,7 @@ def test_dma_counts_in_the_kernel_jaxpr_match_the_plan(ragged, heads_per_step, b
       q, kv, kv, table, lengths,
     )  # fmt: skip
     sites = 3  # the first chunk, the next one, and the next grid step's first
-  want_heads = 1 if ragged else (heads_per_step or 8)
+  want_heads = heads_per_step or 8  # by default all 8 KV heads in both kernels
   # DMAs: each start site is a loop over the chunk's blocks issuing K and V.
   assert sum(trips for _, trips in got.starts) == sites * plan.dmas_per_chunk == sites * 2 * bpc
   assert {w for w, _ in got.starts} == {(want_heads, block_size, HEAD_DIM)}
@@ -596,6 +596,19 @@ def test_ragged_fast_path_chunks_beside_holes_and_nan(window):
   )  # fmt: skip
   _assert_no_races()
   _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
+
+
+def test_ragged_two_of_four_kv_heads_per_step():
+  # Each block one DMA for K and one for V of the step's 2 KV heads, 2 steps per tile.
+  rng = np.random.default_rng(16)
+  q, k, v, table, lengths, cu = _ragged_case(rng, dtype=jnp.float32, num_q_heads=8, num_kv_heads=4)
+  out = tpu.paged_attention_ragged(
+    q, k, v, table, lengths, cu, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8, kv_heads_per_step=2),
+  )  # fmt: skip
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
+  assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
 
 
 @pytest.mark.parametrize("seed", [11, 12])
