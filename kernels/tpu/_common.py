@@ -35,93 +35,133 @@ def interpret_params(interpret):
 @dataclasses.dataclass(frozen=True)
 class Chunk:
   """DMAs of one chunk of ``blocks_per_chunk`` consecutive logical blocks of one sequence,
-  for ``k_buf.shape[1]`` consecutive KV heads starting at ``head``.
+  for ``kv_buf.shape[2]`` consecutive KV heads starting at ``head``.
 
   Block ``j`` of the chunk is logical block ``first + j``. It is copied only when it is
   below ``end`` (blocks the queries can see) and its table entry is not -1, so unused
   entries are never DMA'd; the physical id is clamped so that even a corrupt table cannot
   address outside the pool. Each block is one DMA for K and one for V, covering all the
-  ``heads`` KV heads: rows ``[j * block_size, (j + 1) * block_size)`` of every head's
-  slot buffer. With 8-bit K/V (``scales`` given) each block also copies its K and V
-  scales ``[heads, block_size]`` into the slot's scale buffers (two more small DMAs on
-  their own semaphores): a block's scales always arrive with its rows.
+  ``heads`` KV heads (a strided copy: the heads' slabs of a block are ``num_blocks *
+  block_size`` rows apart in HBM), into rows ``[j * block_size, (j + 1) * block_size)`` of
+  every head's part of the slot. With 8-bit K/V (``scales`` given) each block also copies
+  its K and V scales ``[heads, block_size]`` into the slot's scale buffer (two more small
+  DMAs, on the slot's second semaphore): a block's scales always arrive with its rows.
+
+  All the K and V DMAs of a slot signal one semaphore, and :meth:`wait` waits on it once
+  for the bytes of every block fetched (a DMA semaphore counts bytes: a wait with a
+  descriptor of ``n`` bytes consumes ``n``, whichever DMAs delivered them): one wait when
+  the whole chunk was fetched, otherwise one per binary digit set in the fetched count
+  (a wait descriptor's size is static; at most ``bit_length(blocks_per_chunk - 1)``).
   """
 
-  fetched: tuple  # per block j: bool scalar
-  copies: tuple  # per block j: (k copy, v copy[, k scale copy, v scale copy]), all heads
+  k_hbm: object  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
+  v_hbm: object
+  kv_buf: object  # VMEM [2 (slot), 2 (K, V), heads, chunk_tokens, head_dim]
+  sems: object  # DMA [2 (K and V, scales), 2 (slot)]
+  table_ref: object  # SMEM i32[batch * max_blocks]
+  # 8-bit only: (ks_hbm, vs_hbm, scale_buf); HBM f32[num_kv_heads, num_blocks, block_size],
+  # VMEM f32[2 (slot), 2 (K, V), heads, chunk_tokens]
+  scales: tuple | None
+  row: object
+  head: object
+  first: object
+  end: object
+  slot: object
+  blocks_per_chunk: int
+  max_blocks: int
 
-  @classmethod
-  def make(
-    cls,
-    k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
-    v_hbm,
-    k_buf,  # VMEM [2 (slot), heads, chunk_tokens, head_dim]
-    v_buf,
-    sems,  # DMA [2 (K, V), 2 (slot)]
-    table_ref,  # SMEM i32[batch * max_blocks]
-    *,
-    scales=None,  # 8-bit: (ks_hbm, vs_hbm, ks_buf, vs_buf); HBM f32[heads, blocks, bs],
-    # VMEM f32[2 (slot), heads, chunk_tokens]; sems is then [4 (K, V, KS, VS), 2]
-    row,
-    head,
-    first,
-    end,
-    slot,
-    blocks_per_chunk,
-    max_blocks,
-  ):
-    num_blocks, block_size = k_hbm.shape[1], k_hbm.shape[2]
-    heads = k_buf.shape[1]
-    fetched, copies = [], []
-    for j in range(blocks_per_chunk):
-      logical = first + j
-      # Clamped so the SMEM read stays in bounds even for blocks we will not fetch.
-      entry = table_ref[row * max_blocks + jnp.minimum(logical, max_blocks - 1)]
-      fetched.append((logical < end) & (entry >= 0))
-      phys = jnp.clip(entry, 0, num_blocks - 1)
-      rows = pl.ds(j * block_size, block_size)
-      # One DMA per block for all the step's heads (a strided copy: the heads' slabs of a
-      # block are num_blocks * block_size rows apart in HBM), K and V separately.
-      heads_hbm = pl.ds(head, heads)
-      block = (
-        pltpu.make_async_copy(k_hbm.at[heads_hbm, phys], k_buf.at[slot, :, rows], sems.at[0, slot]),
-        pltpu.make_async_copy(v_hbm.at[heads_hbm, phys], v_buf.at[slot, :, rows], sems.at[1, slot]),
-      )
-      if scales is not None:
-        ks_hbm, vs_hbm, ks_buf, vs_buf = scales
-        block += (
-          pltpu.make_async_copy(
-            ks_hbm.at[heads_hbm, phys], ks_buf.at[slot, :, rows], sems.at[2, slot]
-          ),
-          pltpu.make_async_copy(
-            vs_hbm.at[heads_hbm, phys], vs_buf.at[slot, :, rows], sems.at[3, slot]
-          ),
-        )
-      copies.append(block)
-    return cls(tuple(fetched), tuple(copies))
+  @property
+  def block_size(self):
+    return self.k_hbm.shape[2]
 
-  def _each(self, method):
-    for fetched, block in zip(self.fetched, self.copies, strict=True):
+  def block(self, j):
+    """(fetched, physical id) of block ``j`` (static or traced) of the chunk."""
+    logical = self.first + j
+    # Clamped so the SMEM read stays in bounds even for blocks we will not fetch.
+    entry = self.table_ref[self.row * self.max_blocks + jnp.minimum(logical, self.max_blocks - 1)]
+    fetched = (logical < self.end) & (entry >= 0)
+    return fetched, jnp.clip(entry, 0, self.k_hbm.shape[1] - 1)
 
-      @pl.when(fetched)
-      def _(block=block):
-        for copy in block:
-          getattr(copy, method)()
+  def _copies(self, j, phys):
+    bs = self.block_size
+    heads = self.kv_buf.shape[2]
+    rows = pl.ds(pl.multiple_of(j * bs, bs), bs)
+    hbm = pl.ds(self.head, heads)
+    sem = self.sems.at[0, self.slot]
+    copies = [
+      pltpu.make_async_copy(self.k_hbm.at[hbm, phys], self.kv_buf.at[self.slot, 0, :, rows], sem),
+      pltpu.make_async_copy(self.v_hbm.at[hbm, phys], self.kv_buf.at[self.slot, 1, :, rows], sem),
+    ]
+    if self.scales is not None:
+      ks_hbm, vs_hbm, sc_buf = self.scales
+      sem = self.sems.at[1, self.slot]
+      copies += [
+        pltpu.make_async_copy(ks_hbm.at[hbm, phys], sc_buf.at[self.slot, 0, :, rows], sem),
+        pltpu.make_async_copy(vs_hbm.at[hbm, phys], sc_buf.at[self.slot, 1, :, rows], sem),
+      ]
+    return copies
 
   def start(self):
-    self._each("start")
+    """Starts the DMAs of every block to fetch; returns how many blocks that is (i32)."""
 
-  def wait(self):
-    self._each("wait")
+    def issue(j, count):
+      fetched, phys = self.block(j)
 
-  def key_ok(self, shape, axis, block_size):
-    """Bool mask over the chunk's key slots (along ``axis`` of ``shape``): block fetched."""
-    slot = lax.broadcasted_iota(jnp.int32, shape, axis)
-    ok = jnp.zeros(shape, jnp.bool_)
-    for j, fetched in enumerate(self.fetched):
-      in_block = (slot >= j * block_size) & (slot < (j + 1) * block_size)
-      ok = ok | (jnp.where(in_block, fetched.astype(jnp.int32), 0) > 0)
-    return ok
+      @pl.when(fetched)
+      def _():
+        for copy in self._copies(j, phys):
+          copy.start()
+
+      return count + fetched.astype(jnp.int32)
+
+    return lax.fori_loop(0, self.blocks_per_chunk, issue, jnp.int32(0))
+
+  def _wait_rows(self, rows):
+    """One wait per semaphore for ``rows`` rows of K and V of every head (and scales)."""
+    view = self.kv_buf.at[self.slot, :, :, pl.ds(0, rows)]
+    pltpu.make_async_copy(view, view, self.sems.at[0, self.slot]).wait()
+    if self.scales is not None:
+      view = self.scales[2].at[self.slot, :, :, pl.ds(0, rows)]
+      pltpu.make_async_copy(view, view, self.sems.at[1, self.slot]).wait()
+
+  def wait(self, fetched):
+    """Waits for the ``fetched`` blocks :meth:`start` returned (i32)."""
+    bpc, bs = self.blocks_per_chunk, self.block_size
+    full = fetched == bpc
+
+    @pl.when(full)
+    def _():
+      self._wait_rows(bpc * bs)
+
+    for bit in range((bpc - 1).bit_length()):  # a partial count is below bpc
+
+      @pl.when(jnp.logical_not(full) & ((fetched & (1 << bit)) != 0))
+      def _(bit=bit):
+        self._wait_rows((1 << bit) * bs)
+
+  def holes(self, fetched):
+    """True when a block below ``end`` in this chunk was not fetched (a -1 entry)."""
+    in_range = jnp.clip(self.end - self.first, 0, self.blocks_per_chunk)
+    return fetched < in_range
+
+  def hole_masks(self, ok_row, ok_col, has_holes):
+    """``ok_row`` [1, chunk] and ``ok_col`` [chunk, 1] (bool) with the keys of blocks not
+    fetched cleared; a loop over the chunk's blocks that runs only when ``has_holes``."""
+    bs = self.block_size
+    slot_row = lax.broadcasted_iota(jnp.int32, ok_row.shape, 1)
+    slot_col = lax.broadcasted_iota(jnp.int32, ok_col.shape, 0)
+
+    def clear(j, oks):
+      fetched, _ = self.block(j)
+      gone = jnp.logical_not(fetched)
+      row, col = oks
+      row = jnp.where(gone & (slot_row >= j * bs) & (slot_row < (j + 1) * bs), 0, row)
+      col = jnp.where(gone & (slot_col >= j * bs) & (slot_col < (j + 1) * bs), 0, col)
+      return row, col
+
+    n = jnp.where(has_holes, self.blocks_per_chunk, 0)
+    row, col = lax.fori_loop(0, n, clear, (ok_row.astype(jnp.int32), ok_col.astype(jnp.int32)))
+    return row > 0, col > 0
 
 
 def _matmul_operands(a, b):
@@ -162,7 +202,9 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp
   carry: (m f32[rows, 1], denom f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
   visible: bool[rows, keys]; v: [keys, head_dim]; v_ok: bool[keys, 1]. Values outside
   ``v_ok`` (slots never DMA'd, or past the sequence) are zeroed, not multiplied by zero,
-  so NaN in a stale buffer cannot reach the output. ``v_scale`` f32[1, keys] (8-bit V,
+  so NaN in a stale buffer cannot reach the output. ``visible`` and ``v_ok`` None (the
+  fast path: a chunk whose every key was fetched and is seen by every row) skip both
+  masks. ``v_scale`` f32[1, keys] (8-bit V,
   already zero outside the keys in use): ``p * v_scale`` goes into the ``p @ v`` product.
 
   ``p @ v`` runs in V's dtype with a float32 accumulator when q and V share a 16-bit
@@ -172,19 +214,25 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp
   rounded. The softmax state (m, denom, acc) is float32 either way.
   """
   m, denom, acc = carry
-  s = jnp.where(visible, s, MASK_VALUE)
+  if visible is not None:
+    s = jnp.where(visible, s, MASK_VALUE)
   m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-  p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
+  p = jnp.exp(s - m_new)
+  if visible is not None:
+    p = jnp.where(visible, p, 0.0)
   alpha = jnp.exp(m - m_new)
   denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
   if v_scale is not None:
     p = p * v_scale
   narrow = jnp.dtype(q_dtype) == jnp.dtype(v.dtype) and jnp.dtype(v.dtype).itemsize == 2
   if narrow:
-    v = jnp.where(v_ok, v, jnp.zeros((), v.dtype))
+    if v_ok is not None:
+      v = jnp.where(v_ok, v, jnp.zeros((), v.dtype))
     p, precision = p.astype(v.dtype), None
   else:
-    v = jnp.where(v_ok, v.astype(jnp.float32), 0.0)
+    v = v.astype(jnp.float32)
+    if v_ok is not None:
+      v = jnp.where(v_ok, v, 0.0)
     precision = lax.Precision.HIGHEST
   pv = lax.dot_general(
     p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
@@ -220,24 +268,17 @@ def log_sum_exp(carry):
   return jnp.where(saw, m + jnp.log(jnp.where(saw, denom, 1.0)), MASK_VALUE)
 
 
-def mosaic_params(semantics):
-  return pltpu.CompilerParams(dimension_semantics=semantics)
+def mosaic_params(semantics, vmem_limit_bytes=None):
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=vmem_limit_bytes)
 
 
 def kv_scratch(heads, chunk_tokens, head_dim, dtype):
-  """Two slots (double buffer) of one chunk of K and of V, and their DMA semaphores; for
-  8-bit K/V also the chunk's K and V scales (``[2, heads, chunk_tokens]`` float32, keys
-  along the lanes, as the scores are) and two more semaphores."""
+  """Two slots (double buffer) of one chunk of K and V, ``[2 (slot), 2 (K, V), heads,
+  chunk_tokens, head_dim]``, and the DMA semaphores ``[2, 2 (slot)]`` (the second one of a
+  slot only used by 8-bit K/V); for 8-bit K/V also the chunk's K and V scales
+  (``[2 (slot), 2 (K, V), heads, chunk_tokens]`` float32, keys along the lanes, as the
+  scores are)."""
+  out = [pltpu.VMEM((2, 2, heads, chunk_tokens, head_dim), dtype)]
   if is_quantized(dtype):
-    return [
-      pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
-      pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
-      pltpu.VMEM((2, heads, chunk_tokens), SCALE_DTYPE),
-      pltpu.VMEM((2, heads, chunk_tokens), SCALE_DTYPE),
-      pltpu.SemaphoreType.DMA((4, 2)),  # [K, V, K scale, V scale; slot]
-    ]
-  return [
-    pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
-    pltpu.VMEM((2, heads, chunk_tokens, head_dim), dtype),
-    pltpu.SemaphoreType.DMA((2, 2)),  # [K or V, slot]
-  ]
+    out.append(pltpu.VMEM((2, 2, heads, chunk_tokens), SCALE_DTYPE))
+  return out + [pltpu.SemaphoreType.DMA((2, 2))]  # [K and V, scales; slot]

@@ -42,17 +42,35 @@ LANES = 128
 # memory (size=1048576)" in vllm-project/tpu-inference#3316). Half of it is left to
 # Mosaic's own scalars and to the per-tile metadata.
 DEFAULT_SMEM_BUDGET_BYTES = 512 * 1024
-# Tokens of K (and of V) one compute step of the decode kernel covers. Two such chunks are
-# in flight per (sequence, KV head) step, 2 * 2 * 512 * 128 * 2 B = 512 KiB of bf16 K/V in
-# VMEM: enough bytes in flight to cover HBM latency (Little's law: 819 GB/s x ~0.5 us),
-# far below the 16 MiB default scoped VMEM.
-DECODE_CHUNK_TOKENS = 512
+# Tokens of K (and of V) one compute step of the decode kernel covers. At the benchmark
+# shape (8 KV heads per step, bf16, head_dim 128) a chunk is 2 x 8 x 2048 x 128 x 2 B =
+# 8 MiB of K and V, 10 us of HBM time on v5e (5 us on v6e): a grid step's fixed cost and
+# the chunk's one semaphore wait are small against it, and two slots (16 MiB) stay far
+# inside the 128 MiB of VMEM of v5e and v6e.
+DECODE_CHUNK_TOKENS = 2048
 # The ragged kernel's logits tile is [group * queries_per_tile, chunk]: 128 x 256 f32 is
 # 128 KiB, a few MXU passes per step, and keeps VMEM under 2 MiB with double-buffered K/V.
 RAGGED_CHUNK_TOKENS = 256
 # VMEM for the decode kernel's double-buffered K/V chunks when choosing kv_heads_per_step:
-# all 8 KV heads of the benchmark shape at 512 bf16 tokens (2 x 2 x 8 x 512 x 128 x 2 B).
-DECODE_KV_VMEM_BYTES = 4 * 1024 * 1024
+# all 8 KV heads of the benchmark shape at 2048 bf16 tokens (2 x 2 x 8 x 2048 x 128 x 2 B).
+DECODE_KV_VMEM_BYTES = 16 * 1024 * 1024
+# The same for the ragged kernel, which compiles under Mosaic's default scoped VMEM limit
+# (16 MiB on v5e): all 8 KV heads at 256 bf16 tokens (2 x 2 x 8 x 256 x 128 x 2 B), beside
+# each head's [128, 256] f32 logits and probabilities.
+RAGGED_KV_VMEM_BYTES = 2 * 1024 * 1024
+# VMEM per TensorCore (JAX's own table, jax._src.tpu_info): v4 16 MiB, v5e 128 MiB, v5p
+# 64 MiB, v6e 128 MiB, TPU7x 64 MiB. The default scoped limit Mosaic compiles under is
+# lower (16 MiB on v5e, 32 MiB on v6e), so the decode kernel asks for its own.
+VMEM_BYTES = {"v4": 16 << 20, "v5e": 128 << 20, "v5p": 64 << 20, "v6e": 128 << 20}
+# The chip assumed when none is attached (compiling ahead of time from a CPU host): the
+# smallest of v5e, v6e and v5p, so a default limit fits all three.
+ASSUMED_VMEM_BYTES = VMEM_BYTES["v5p"]
+# vmem_limit_bytes = slots x DECODE_VMEM_SLOT_FACTOR + DECODE_VMEM_HEADROOM (the q/o tiles,
+# each head's logits, probabilities and masked V, Mosaic's own scratch), at most
+# VMEM_LIMIT_FRACTION of the chip's VMEM: a margin for what the estimate misses.
+DECODE_VMEM_SLOT_FACTOR = 2
+DECODE_VMEM_HEADROOM = 16 << 20
+VMEM_LIMIT_FRACTION = 0.75
 RAGGED_ROWS = 128
 # 8-bit K/V: block_size a multiple of this, so that a block's scales (block_size float32
 # per head) are one DMA of a multiple of 512 bytes (see the module docstring).
@@ -77,12 +95,16 @@ class BlockSizes:
       None picks about ``RAGGED_ROWS // group`` rows.
     smem_budget_bytes: bytes of scalar-prefetch operands (block table, lengths, cu_q_lens,
       tile metadata) one kernel call may use; larger batches are split into several calls.
-    kv_heads_per_step: decode kernel only: KV heads one grid step handles (a divisor of
-      num_kv_heads). Fewer, larger steps amortize the fixed cost of a grid step; None
-      picks the most heads whose double-buffered K/V chunks fit ``DECODE_KV_VMEM_BYTES``.
+    kv_heads_per_step: KV heads one grid step handles (a divisor of num_kv_heads); each
+      block is one DMA for K and one for V covering all of them. Fewer, larger steps and
+      DMAs amortize their fixed costs; None picks the most heads whose double-buffered K/V
+      chunks fit ``DECODE_KV_VMEM_BYTES`` (decode) or ``RAGGED_KV_VMEM_BYTES`` (ragged).
     num_cores: decode kernel only: TensorCores the batch is split over (a "parallel" grid
       axis). 2 on megacore chips (v4, v5p); 1 on v5e and v6e (one TensorCore per chip).
       Any value is correct on any chip; a wrong one only costs speed.
+    vmem_limit_bytes: decode kernel only: the scoped VMEM limit it compiles under; None
+      picks ``DECODE_VMEM_SLOT_FACTOR`` times its K/V slots plus ``DECODE_VMEM_HEADROOM``,
+      at most ``VMEM_LIMIT_FRACTION`` of the chip's VMEM (:func:`vmem_capacity`).
   """
 
   blocks_per_chunk: int | None = None
@@ -90,6 +112,7 @@ class BlockSizes:
   kv_heads_per_step: int | None = None
   smem_budget_bytes: int = DEFAULT_SMEM_BUDGET_BYTES
   num_cores: int = 1
+  vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
     if self.blocks_per_chunk is not None and (
@@ -104,6 +127,12 @@ class BlockSizes:
       t = self.queries_per_tile
       if not isinstance(t, int) or t < 1 or t & (t - 1):
         raise ValueError(f"queries_per_tile must be a power of two, got {t!r}")
+    if self.vmem_limit_bytes is not None and (
+      not isinstance(self.vmem_limit_bytes, int) or self.vmem_limit_bytes < 1 << 20
+    ):
+      raise ValueError(
+        f"vmem_limit_bytes must be an int of at least 1 MiB, got {self.vmem_limit_bytes!r}"
+      )
     if not isinstance(self.num_cores, int) or self.num_cores < 1:
       raise ValueError(f"num_cores must be a positive int, got {self.num_cores!r}")
     if not isinstance(self.smem_budget_bytes, int) or self.smem_budget_bytes < 16:
@@ -164,18 +193,47 @@ def resolve(
     tq = max(sublane_tile(q_dtype), _next_pow2(-(-RAGGED_ROWS // group)))
   heads = bs.kv_heads_per_step
   if heads is None:
-    per_head = 2 * 2 * bpc * block_size * head_dim * jnp.dtype(kv_dtype).itemsize
+    per_head = kv_slot_bytes(1, bpc * block_size, head_dim, kv_dtype)
     fits = [
       d
       for d in range(1, num_kv_heads + 1)
-      if num_kv_heads % d == 0 and d * per_head <= DECODE_KV_VMEM_BYTES
+      if num_kv_heads % d == 0
+      and d * per_head <= (RAGGED_KV_VMEM_BYTES if ragged else DECODE_KV_VMEM_BYTES)
     ]
     heads = max(fits, default=1)
   elif num_kv_heads % heads:
     raise ValueError(
       f"block_sizes.kv_heads_per_step={heads} must divide num_kv_heads={num_kv_heads}"
     )
-  return dataclasses.replace(bs, blocks_per_chunk=bpc, queries_per_tile=tq, kv_heads_per_step=heads)
+  limit = bs.vmem_limit_bytes
+  if limit is None and not ragged:
+    slots = kv_slot_bytes(heads, bpc * block_size, head_dim, kv_dtype)
+    limit = min(
+      DECODE_VMEM_SLOT_FACTOR * slots + DECODE_VMEM_HEADROOM,
+      int(VMEM_LIMIT_FRACTION * vmem_capacity()),
+    )
+  return dataclasses.replace(
+    bs, blocks_per_chunk=bpc, queries_per_tile=tq, kv_heads_per_step=heads, vmem_limit_bytes=limit
+  )
+
+
+def kv_slot_bytes(heads: int, chunk_tokens: int, head_dim: int, kv_dtype) -> int:
+  """VMEM bytes of the two K/V slots (and, 8-bit, their float32 scales)."""
+  rows = 2 * 2 * heads * chunk_tokens
+  scales = rows * SCALE_DTYPE.itemsize if is_quantized(kv_dtype) else 0
+  return rows * head_dim * jnp.dtype(kv_dtype).itemsize + scales
+
+
+def vmem_capacity() -> int:
+  """VMEM bytes of one TensorCore of the attached TPU; ``ASSUMED_VMEM_BYTES`` when JAX's
+  default backend is not a TPU (tests, interpret mode, compiling ahead of time)."""
+  import jax
+
+  if jax.default_backend() != "tpu":
+    return ASSUMED_VMEM_BYTES
+  from jax.experimental.pallas import tpu as pltpu
+
+  return pltpu.get_tpu_info().vmem_capacity_bytes
 
 
 def sequences_per_call(
@@ -208,6 +266,10 @@ class DmaPlan:
     dmas_in_flight: at most this many at once (two chunk slots).
     bytes_per_dma: bytes one DMA moves.
     chunk_tokens: tokens of one chunk.
+    waits_per_chunk: semaphore waits for a chunk whose blocks were all fetched (one, for
+      K and V of every head and block together).
+    max_waits_per_chunk: at most this many for a partly fetched chunk (one wait per binary
+      digit set in the fetched count, which is below ``blocks_per_chunk``).
   """
 
   heads_per_dma: int
@@ -215,6 +277,8 @@ class DmaPlan:
   dmas_in_flight: int
   bytes_per_dma: int
   chunk_tokens: int
+  waits_per_chunk: int
+  max_waits_per_chunk: int
 
   def ns_per_dma(self, chip: str) -> float:
     """Nanoseconds one DMA may take, issue to completion, for the kernel to read at the
@@ -224,9 +288,12 @@ class DmaPlan:
 
 
 def dma_plan(tuned: BlockSizes, *, block_size: int, head_dim: int, kv_dtype, ragged: bool):
-  """The :class:`DmaPlan` of a resolved :class:`BlockSizes` (see :func:`resolve`). The
-  ragged kernel's grid steps hold one KV head each."""
-  heads = 1 if ragged else tuned.kv_heads_per_step
+  """The :class:`DmaPlan` of a resolved :class:`BlockSizes` (see :func:`resolve`), for
+  either kernel (``ragged`` is kept for callers; both DMA a block of all a step's KV heads
+  at once). 8-bit K/V add two scale DMAs per block and one more wait per chunk, not
+  counted here."""
+  del ragged
+  heads = tuned.kv_heads_per_step
   bpc = tuned.blocks_per_chunk
   return DmaPlan(
     heads_per_dma=heads,
@@ -234,4 +301,6 @@ def dma_plan(tuned: BlockSizes, *, block_size: int, head_dim: int, kv_dtype, rag
     dmas_in_flight=2 * 2 * bpc,
     bytes_per_dma=heads * block_size * head_dim * jnp.dtype(kv_dtype).itemsize,
     chunk_tokens=bpc * block_size,
+    waits_per_chunk=1,
+    max_waits_per_chunk=max(bin(count).count("1") for count in range(bpc)),
   )

@@ -9,9 +9,15 @@ head.
 
 - ``lengths`` and the flattened ``block_table`` are scalar-prefetch operands (SMEM); the
   K/V pools stay in HBM (``memory_space=pl.ANY``) and the kernel copies blocks into VMEM
-  itself with async DMAs, one DMA per ``[block_size, head_dim]`` block slab.
-- A compute step covers ``blocks_per_chunk`` blocks. Two VMEM slots alternate: while a
-  chunk is computed, the next chunk's DMAs are in flight. The last chunk of a step starts
+  itself with async DMAs: one DMA per block for K and one for V, each covering all the
+  step's KV heads (``[heads_per_step, block_size, head_dim]``, strided in HBM).
+- A compute step covers ``blocks_per_chunk`` blocks (2,048 tokens by default). Two VMEM
+  slots alternate: while a chunk is computed, the next chunk's DMAs are in flight. All
+  the DMAs into a slot signal one semaphore, waited on once for the bytes of the whole
+  chunk (``_common.Chunk.wait``).
+- A chunk whose every block was fetched and whose every key is visible takes a fast path
+  with no per-key mask; others mask keys outside ``[lo, length)`` and, only when a ``-1``
+  entry lies inside the chunk, the keys of that block. The last chunk of a step starts
   the first chunk of the *next* grid step of the same core (the other grid axes are
   "arbitrary", so the order is sequential and known): only a core's first step waits on a
   cold DMA.
@@ -61,10 +67,11 @@ def _decode_kernel(
   # block_size]. Then:
   # o_ref VMEM [heads_per_step, group, head_dim]
   # with_lse only: lse_ref VMEM f32[heads_per_step, group, LANES]
-  # k_buf, v_buf VMEM [2, heads_per_step, chunk_tokens, head_dim]
-  # 8-bit only: ks_buf, vs_buf VMEM f32[2, heads_per_step, chunk_tokens]
-  # sems DMA semaphores [2 (K, V) or 4 (K, V, K scale, V scale), 2 (slot)]
-  # state_ref SMEM i32[2]: slot of this step's first chunk; 1 if it was prefetched
+  # kv_buf VMEM [2 (slot), 2 (K, V), heads_per_step, chunk_tokens, head_dim]
+  # 8-bit only: sc_buf VMEM f32[2 (slot), 2 (K, V), heads_per_step, chunk_tokens]
+  # sems DMA semaphores [2 (K and V, scales), 2 (slot)]
+  # state_ref SMEM i32[4]: slot of this step's first chunk; 1 if it was prefetched; per
+  # slot, the blocks in flight into it
   *refs,
   scale,
   sliding_window,
@@ -83,10 +90,10 @@ def _decode_kernel(
   o_ref = refs.pop(0)
   lse_ref = refs.pop(0) if with_lse else None
   if quantized:
-    k_buf, v_buf, ks_buf, vs_buf, sems, state_ref = refs
-    scales = (ks_hbm, vs_hbm, ks_buf, vs_buf)
+    kv_buf, sc_buf, sems, state_ref = refs
+    scales = (ks_hbm, vs_hbm, sc_buf)
   else:
-    k_buf, v_buf, sems, state_ref = refs
+    kv_buf, sems, state_ref = refs
     scales = None
   # h indexes groups of heads_per_step consecutive KV heads.
   core, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -107,14 +114,13 @@ def _decode_kernel(
     return lo, first, end, _common.cdiv(jnp.maximum(end - first, 0), blocks_per_chunk)
 
   def chunk(seq, head, first, end, c, slot):
-    return _common.Chunk.make(
+    return _common.Chunk(
       k_hbm,
       v_hbm,
-      k_buf,
-      v_buf,
+      kv_buf,
       sems,
       table_ref,
-      scales=scales,
+      scales,
       row=seq,
       head=head * heads,
       first=first + c * blocks_per_chunk,
@@ -124,6 +130,9 @@ def _decode_kernel(
       max_blocks=max_blocks,
     )
 
+  def start(ch):
+    state_ref[2 + ch.slot] = ch.start()  # blocks in flight in that slot, for its wait
+
   @pl.when((i == 0) & (h == 0))
   def _():
     state_ref[0] = 0
@@ -131,11 +140,13 @@ def _decode_kernel(
 
   length = lengths_ref[b]
   lo, first, end, n = steps(b)
+  # Keys past the last block the table holds are never fetched (end <= max_blocks).
+  hi = jnp.minimum(length, end * block_size)
   base_slot = state_ref[0]
 
   @pl.when((n > 0) & (state_ref[1] == 0))
   def _():
-    chunk(b, h, first, end, 0, base_slot).start()
+    start(chunk(b, h, first, end, 0, base_slot))
 
   # The step this core runs next: the (i, h) axes are "arbitrary", so sequential.
   last_head = h + 1 == head_groups
@@ -154,44 +165,51 @@ def _decode_kernel(
 
     @pl.when(c + 1 < n)
     def _():
-      chunk(b, h, first, end, c + 1, 1 - slot).start()
+      start(chunk(b, h, first, end, c + 1, 1 - slot))
 
     @pl.when((c + 1 == n) & prefetch_next)
     def _():
-      chunk(next_b_safe, next_h, next_first, next_end, 0, 1 - slot).start()
+      start(chunk(next_b_safe, next_h, next_first, next_end, 0, 1 - slot))
 
     cur = chunk(b, h, first, end, c, slot)
-    cur.wait()
+    fetched = state_ref[2 + slot]
+    cur.wait(fetched)
     key0 = (first + c * blocks_per_chunk) * block_size
-    # Keys the query sees: inside [lo, length) and in a block that was fetched.
-    kp = key0 + key_iota_row
-    visible = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= lo) & (kp < length)
-    kp_col = key0 + key_iota_col
-    v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= lo) & (kp_col < length)
-    key_visible = visible  # [1, chunk_tokens]
-    visible = jnp.broadcast_to(visible, (group, chunk_tokens))
 
-    def head_scales(hh):
-      """8-bit: this head's K scales and V scales (zero where no key is in use: a slot
-      never DMA'd holds anything, NaN included), each f32[1, chunk_tokens]."""
-      if not quantized:
-        return None, None
-      ks = ks_buf[slot, pl.ds(hh, 1)]
-      vs = jnp.where(key_visible, vs_buf[slot, pl.ds(hh, 1)], 0.0)
-      return ks, vs
-
-    out = []
-    for hh in range(heads):
-      ks, vs = head_scales(hh)
-      s = _common.scores(
-        qs[hh], k_buf[slot, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
-      )
-      out.append(
-        _common.online_softmax_step(
-          carry[hh], s, visible, v_buf[slot, hh], v_ok, vs, q_dtype=qs[hh].dtype
+    def attend(carry, masks):
+      """Every head's online-softmax step over the chunk; ``masks`` None: no key masked."""
+      visible, v_ok, key_ok = masks if masks is not None else (None, None, None)
+      out = []
+      for hh in range(heads):
+        ks = vs = None
+        if quantized:
+          # 8-bit: this head's K and V scales, f32[1, chunk_tokens]; V scales zeroed where
+          # no key is in use (a slot never DMA'd holds anything, NaN included).
+          ks = sc_buf[slot, 0, pl.ds(hh, 1)]
+          vs = sc_buf[slot, 1, pl.ds(hh, 1)]
+          if key_ok is not None:
+            vs = jnp.where(key_ok, vs, 0.0)
+        s = _common.scores(
+          qs[hh], kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
         )
+        out.append(
+          _common.online_softmax_step(
+            carry[hh], s, visible, kv_buf[slot, 1, hh], v_ok, vs, q_dtype=qs[hh].dtype
+          )
+        )
+      return tuple(out)
+
+    def masked(carry):
+      # Keys the query sees: inside [lo, hi) and in a block that was fetched.
+      kp, kp_col = key0 + key_iota_row, key0 + key_iota_col
+      key_ok, v_ok = cur.hole_masks(
+        (kp >= lo) & (kp < hi), (kp_col >= lo) & (kp_col < hi), cur.holes(fetched)
       )
-    return tuple(out)
+      return attend(carry, (jnp.broadcast_to(key_ok, (group, chunk_tokens)), v_ok, key_ok))
+
+    # Fast path: every block fetched and every key inside [lo, length): no per-key mask.
+    full = (fetched == blocks_per_chunk) & (key0 >= lo) & (key0 + chunk_tokens <= length)
+    return lax.cond(full, lambda carry: attend(carry, None), masked, carry)
 
   init = tuple(_common.init_carry(group, head_dim) for _ in range(heads))
   carry = lax.fori_loop(0, n, body, init)
@@ -219,6 +237,7 @@ def _decode_call(
   num_cores,
   heads_per_step,
   interpret,
+  vmem_limit_bytes=None,
   k_scales=None,
   v_scales=None,
   starts=None,
@@ -274,13 +293,15 @@ def _decode_call(
         *_common.kv_scratch(
           heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
         ),
-        pltpu.SMEM((2,), jnp.int32),
+        pltpu.SMEM((4,), jnp.int32),
       ],
     ),
     out_shape=out_shape,
     # Only the core axis is parallel: within a core, each step prefetches the first chunk
     # of the step that follows it, so their order must be the grid's.
-    compiler_params=_common.mosaic_params(("parallel", "arbitrary", "arbitrary")),
+    compiler_params=_common.mosaic_params(
+      ("parallel", "arbitrary", "arbitrary"), vmem_limit_bytes=vmem_limit_bytes
+    ),
     interpret=_common.interpret_params(interpret),
   )(*prefetch, q, k_blocks, v_blocks, *scales)
 
@@ -343,6 +364,7 @@ def decode_rows(
       num_cores=cores,
       heads_per_step=tuned.kv_heads_per_step,
       interpret=interpret,
+      vmem_limit_bytes=tuned.vmem_limit_bytes,
       k_scales=k_scales,
       v_scales=v_scales,
       starts=None if starts is None else jnp.pad(starts[s0:s1], (0, pad)),

@@ -5,11 +5,13 @@ position ``lengths[b] - q_len_b + i`` and attends causally to its cached context
 queries before it (a decode is a sequence with one query). Rows past ``cu_q_lens[-1]``
 return zeros.
 
-Grid ``(num_tiles, num_kv_heads)``. A tile is ``queries_per_tile`` consecutive query rows
-(aligned, so q and the output move through the ordinary BlockSpec pipeline) times the
-``group`` query heads of one KV head: the wrapper lays q out as
-``[num_kv_heads, group, num_tokens, head_dim]`` and the kernel flattens the
-``[group, queries_per_tile, head_dim]`` tile into ``group * queries_per_tile`` matmul rows.
+Grid ``(num_tiles, num_kv_heads / kv_heads_per_step)``. A tile is ``queries_per_tile``
+consecutive query rows (aligned, so q and the output move through the ordinary BlockSpec
+pipeline) times the ``group`` query heads of each of ``kv_heads_per_step`` KV heads: the
+wrapper lays q out as ``[num_kv_heads, group, num_tokens, head_dim]`` and the kernel
+flattens each head's ``[group, queries_per_tile, head_dim]`` tile into
+``group * queries_per_tile`` matmul rows. Each block is one DMA for K and one for V
+covering all the step's KV heads, as in the decode kernel.
 A tile may hold the rows of several sequences: for each sequence that overlaps it (the
 range is precomputed per tile and prefetched to SMEM), the kernel walks the blocks that
 sequence's rows can see in chunks of ``blocks_per_chunk`` blocks, double-buffered
@@ -41,15 +43,16 @@ def _ragged_kernel(
   cu_ref,  # SMEM i32[batch + 1]
   seq_lo_ref,  # SMEM i32[num_tiles]: first sequence overlapping the tile
   seq_hi_ref,  # SMEM i32[num_tiles]: last one (seq_hi < seq_lo: none)
-  q_ref,  # VMEM [group, queries_per_tile, head_dim]
+  q_ref,  # VMEM [heads_per_step, group, queries_per_tile, head_dim]
   k_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   v_hbm,  # HBM [num_kv_heads, num_blocks, block_size, head_dim]
   # 8-bit K/V (quantized=True) only: ks_hbm, vs_hbm HBM f32[num_kv_heads, num_blocks,
   # block_size]. Then:
-  # o_ref VMEM [group, queries_per_tile, head_dim]
-  # k_buf, v_buf VMEM [2, 1, chunk_tokens, head_dim]
-  # 8-bit only: ks_buf, vs_buf VMEM f32[2, 1, chunk_tokens]
-  # sems DMA semaphores [2 (K, V) or 4 (K, V, K scale, V scale), 2 (slot)]
+  # o_ref VMEM [heads_per_step, group, queries_per_tile, head_dim]
+  # kv_buf VMEM [2 (slot), 2 (K, V), heads_per_step, chunk_tokens, head_dim]
+  # 8-bit only: sc_buf VMEM f32[2 (slot), 2 (K, V), heads_per_step, chunk_tokens]
+  # sems DMA semaphores [2 (K and V, scales), 2 (slot)]
+  # count_ref SMEM i32[2]: per slot, the blocks in flight into it
   *refs,
   scale,
   sliding_window,
@@ -59,19 +62,19 @@ def _ragged_kernel(
   quantized=False,
 ):
   if quantized:
-    ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems = refs
-    scales = (ks_hbm, vs_hbm, ks_buf, vs_buf)
+    ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref = refs
+    scales = (ks_hbm, vs_hbm, sc_buf)
   else:
-    o_ref, k_buf, v_buf, sems = refs
+    o_ref, kv_buf, sems, count_ref = refs
     scales = None
   t, h = pl.program_id(0), pl.program_id(1)
-  group, tile, head_dim = q_ref.shape
+  heads, group, tile, head_dim = q_ref.shape
   rows = group * tile
   block_size = k_hbm.shape[2]
   chunk_tokens = blocks_per_chunk * block_size
   t0 = t * tile
 
-  q = q_ref[...].reshape(rows, head_dim)
+  qs = [q_ref[hh].reshape(rows, head_dim) for hh in range(heads)]
   # Row r of the flattened tile is head r // tile, token t0 + r % tile (tile: power of 2).
   row_token = t0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (tile - 1))
   key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
@@ -95,16 +98,15 @@ def _ragged_kernel(
     row_pos = offset + row_token - cs
 
     def chunk(c, slot):
-      return _common.Chunk.make(
+      return _common.Chunk(
         k_hbm,
         v_hbm,
-        k_buf,
-        v_buf,
+        kv_buf,
         sems,
         table_ref,
-        scales=scales,
+        scales,
         row=s,
-        head=h,
+        head=h * heads,
         first=first + c * blocks_per_chunk,
         end=end,
         slot=slot,
@@ -112,44 +114,83 @@ def _ragged_kernel(
         max_blocks=max_blocks,
       )
 
+    def start(ch):
+      count_ref[ch.slot] = ch.start()  # blocks in flight in that slot, for its wait
+
     @pl.when(n > 0)
     def _():
-      chunk(0, 0).start()
+      start(chunk(0, 0))
 
     def body(c, carry):
       slot = lax.rem(c, 2)
 
       @pl.when(c + 1 < n)
       def _():
-        chunk(c + 1, 1 - slot).start()
+        start(chunk(c + 1, 1 - slot))
 
       cur = chunk(c, slot)
-      cur.wait()
+      fetched = count_ref[slot]
+      cur.wait(fetched)
       key0 = (first + c * blocks_per_chunk) * block_size
-      kp = key0 + key_iota_row
-      visible = row_in & cur.key_ok((1, chunk_tokens), 1, block_size) & (kp <= row_pos)
-      if sliding_window is not None:
-        visible = visible & (kp > row_pos - sliding_window)
-      kp_col = key0 + key_iota_col
-      v_ok = cur.key_ok((chunk_tokens, 1), 0, block_size) & (kp_col >= key_lo) & (kp_col <= key_hi)
-      ks = vs = None
-      if quantized:
-        # The same keys as v_ok, along the lanes: V scales of slots not in use are zeroed
-        # (a slot never DMA'd holds anything, NaN included).
-        key_ok = cur.key_ok((1, chunk_tokens), 1, block_size) & (kp >= key_lo) & (kp <= key_hi)
-        ks = ks_buf[slot, pl.ds(0, 1)]
-        vs = jnp.where(key_ok, vs_buf[slot, pl.ds(0, 1)], 0.0)
-      s_ = _common.scores(q, k_buf[slot, 0], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks)
-      return _common.online_softmax_step(
-        carry, s_, visible, v_buf[slot, 0], v_ok, vs, q_dtype=q.dtype
+
+      def attend(carry, masks):
+        """Every head's online-softmax step over the chunk; ``masks`` None: no key masked."""
+        visible, v_ok, key_ok = masks if masks is not None else (None, None, None)
+        out = []
+        for hh in range(heads):
+          ks = vs = None
+          if quantized:
+            # V scales of slots not in use are zeroed (a slot never DMA'd holds anything,
+            # NaN included).
+            ks = sc_buf[slot, 0, pl.ds(hh, 1)]
+            vs = sc_buf[slot, 1, pl.ds(hh, 1)]
+            if key_ok is not None:
+              vs = jnp.where(key_ok, vs, 0.0)
+          s_ = _common.scores(
+            qs[hh], kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+          )
+          out.append(
+            _common.online_softmax_step(
+              carry[hh], s_, visible, kv_buf[slot, 1, hh], v_ok, vs, q_dtype=qs[hh].dtype
+            )
+          )
+        return tuple(out)
+
+      def masked(carry):
+        kp = key0 + key_iota_row
+        kp_col = key0 + key_iota_col
+        # Keys in a fetched block inside [key_lo, last]: blocks past the table (end is at
+        # most max_blocks) are never fetched.
+        last = jnp.minimum(key_hi, end * block_size - 1)
+        key_ok, v_ok = cur.hole_masks(
+          (kp >= key_lo) & (kp <= last),
+          (kp_col >= key_lo) & (kp_col <= last),
+          cur.holes(fetched),
+        )
+        visible = row_in & key_ok & (kp <= row_pos)
+        if sliding_window is not None:
+          visible = visible & (kp > row_pos - sliding_window)
+        return attend(carry, (visible, v_ok, key_ok))
+
+      # Fast path: every block fetched, every row of the tile in this sequence, and every
+      # key seen by every row (before the first row's position, inside the last row's
+      # window): no per-key mask.
+      full = (
+        (fetched == blocks_per_chunk)
+        & (cs <= t0)
+        & (ce >= t0 + tile)
+        & (key0 + chunk_tokens - 1 <= pos_first)
       )
+      if sliding_window is not None:
+        full = full & (key0 > pos_last - sliding_window)
+      return lax.cond(full, lambda carry: attend(carry, None), masked, carry)
 
     return lax.fori_loop(0, n, body, carry)
 
-  carry = lax.fori_loop(
-    seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, _common.init_carry(rows, head_dim)
-  )
-  o_ref[...] = _common.finish(carry, o_ref.dtype).reshape(group, tile, head_dim)
+  init = tuple(_common.init_carry(rows, head_dim) for _ in range(heads))
+  carry = lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, init)
+  for hh in range(heads):
+    o_ref[hh] = _common.finish(carry[hh], o_ref.dtype).reshape(group, tile, head_dim)
 
 
 def _tile_sequences(cu_q_lens, num_tiles, tile):
@@ -179,6 +220,7 @@ def _ragged_call(
   blocks_per_chunk,
   max_blocks,
   tile,
+  heads_per_step,
   interpret,
   k_scales=None,
   v_scales=None,
@@ -198,16 +240,21 @@ def _ragged_call(
     quantized=k_scales is not None,
   )
   scales = () if k_scales is None else (k_scales, v_scales)
-  q_spec = pl.BlockSpec((None, group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
+  q_spec = pl.BlockSpec((heads_per_step, group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
     kernel,
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=5,
-      grid=(num_tiles, num_kv_heads),
+      grid=(num_tiles, num_kv_heads // heads_per_step),
       in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
       out_specs=q_spec,
-      scratch_shapes=_common.kv_scratch(1, blocks_per_chunk * block_size, head_dim, k_blocks.dtype),
+      scratch_shapes=[
+        *_common.kv_scratch(
+          heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
+        ),
+        pltpu.SMEM((2,), jnp.int32),
+      ],
     ),
     out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
     # Every step starts and drains its own DMAs, so steps are independent (megacore can
@@ -294,6 +341,7 @@ def paged_attention_ragged(
     blocks_per_chunk=tuned.blocks_per_chunk,
     max_blocks=max_blocks,
     tile=tile,
+    heads_per_step=tuned.kv_heads_per_step,
     interpret=interpret,
     k_scales=k_scales,
     v_scales=v_scales,

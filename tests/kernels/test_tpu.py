@@ -246,6 +246,38 @@ def test_decode_sliding_window_and_soft_cap_skip_blocks_outside_window():
   _check(out, _oracle(q, k, v, table, lengths, **kw), jnp.float32)
 
 
+def test_decode_holes_and_whole_chunks():
+  # -1 entries below the length: one inside a chunk (a partial wait, the per-block mask),
+  # and a chunk that is all holes (no DMA, no wait, every key masked). Lengths 16 and 32
+  # are whole 2-block chunks: every chunk takes the unmasked fast path, next to NaN slots.
+  rng = np.random.default_rng(13)
+  k, v, table, lengths = _cache(
+    rng, [29, 40, 16, 32, 13], num_kv_heads=2, block_size=BS, max_blocks=5,
+    dtype=jnp.float32, holes=[(0, 1), (1, 2), (1, 3), (4, 0)],
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((5, 4, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_decode(
+    q, k, v, table, lengths, interpret=INTERPRET, block_sizes=tpu.BlockSizes(blocks_per_chunk=2)
+  )
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
+def test_decode_default_block_sizes_one_chunk_of_13_blocks():
+  # Defaults: the 2,048-token chunk is capped at the table's 13 blocks, so every sequence
+  # is one chunk of 13 (not a power of two): a full one (104 tokens, one wait, fast path),
+  # partial ones whose fetched counts are 8 (1000b), 13 - 1 hole = 12 (1100b), 1 and 0.
+  rng = np.random.default_rng(15)
+  k, v, table, lengths = _cache(
+    rng, [104, 57, 100, 1, 0], num_kv_heads=2, block_size=BS, max_blocks=13,
+    dtype=jnp.float32, holes=[(2, 5)],
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((5, 4, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_decode(q, k, v, table, lengths, interpret=INTERPRET)
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths), jnp.float32)
+
+
 def test_decode_megacore_split_over_two_simulated_cores():
   # 5 sequences over 2 cores: padded with an idle sequence; each core prefetches across its
   # own steps only, checked by two simulated cores running concurrently.
@@ -272,36 +304,67 @@ def _count_pallas_calls(fn, *args):
   return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
 
 
-def _kernel_dma_windows(fn, *args) -> list[tuple[int, ...]]:
-  """The VMEM window shape of every ``dma_start`` site inside the Pallas kernels that
-  ``fn(*args)`` traces to (each site is one DMA each time it runs)."""
-  windows = []
+@dataclasses.dataclass
+class _KernelDmas:
+  """What the ``dma_start`` and ``dma_wait`` sites of a traced Pallas kernel do."""
 
-  def walk(jaxpr, in_kernel):
+  starts: list  # per site: (VMEM window shape, times it runs per pass: static loop trips)
+  waits: list  # per site: bytes the wait consumes from its semaphore
+  scratch: list  # shapes of the kernel's VMEM scratch refs
+
+
+def _kernel_dmas(fn, *args) -> _KernelDmas:
+  """The DMA sites inside the Pallas kernel ``fn(*args)`` traces to (there must be one).
+  A site inside a loop of static trip count (``lax.fori_loop`` over a chunk's blocks)
+  counts once per trip; loops of traced trip count (over chunks) are per chunk anyway."""
+  found = []
+
+  def window(ref_and_transforms):
+    (indexer,) = ref_and_transforms.transforms
+    return tuple(i.size for i in indexer.indices if isinstance(i, pl.Slice))
+
+  def walk(jaxpr, trips, out):
     for eqn in jaxpr.eqns:
-      if in_kernel and eqn.primitive.name == "dma_start":
+      name = eqn.primitive.name
+      if out is not None and name == "dma_start":
         _, dst = jax.tree_util.tree_unflatten(eqn.params["tree"], eqn.invars)[:2]
-        (indexer,) = dst.transforms
-        windows.append(tuple(i.size for i in indexer.indices if isinstance(i, pl.Slice)))
+        out.starts.append((window(dst), trips))
+      if out is not None and name == "dma_wait":
+        src = jax.tree_util.tree_unflatten(eqn.params["tree"], eqn.invars)[0]
+        itemsize = jnp.dtype(src.ref.aval.dtype).itemsize
+        out.waits.append(int(np.prod(window(src))) * itemsize)
+      inner_out = out
+      if name == "pallas_call":
+        kernel = eqn.params["jaxpr"]
+        inner_out = _KernelDmas([], [], [])
+        inner_out.scratch = [
+          v.aval.shape for v in kernel.invars if str(getattr(v.aval, "memory_space", "")) == "vmem"
+        ]
+        found.append(inner_out)
+      inner_trips = trips * eqn.params["length"] if name == "scan" else trips
       for value in eqn.params.values():
         for sub in value if isinstance(value, (list, tuple)) else [value]:
           inner = getattr(sub, "jaxpr", sub)
           if hasattr(inner, "eqns"):
-            walk(inner, in_kernel or eqn.primitive.name == "pallas_call")
+            walk(inner, inner_trips, inner_out)
 
-  walk(jax.make_jaxpr(fn)(*args).jaxpr, False)
-  return windows
+  walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, None)
+  (kernel,) = found
+  return kernel
 
 
 @pytest.mark.parametrize(
-  "ragged,heads_per_step",
-  [(False, None), (False, 2), (True, None)],
-  ids=["decode", "decode-2", "ragged"],
+  "ragged,heads_per_step,bpc",
+  [(False, None, 4), (False, 2, 4), (False, None, 6), (True, None, 4), (True, 2, 4)],
+  ids=["decode", "decode-2heads", "decode-6blocks", "ragged", "ragged-2heads"],
 )
-def test_dma_sites_match_the_plan_one_dma_per_block_for_all_heads(ragged, heads_per_step):
+def test_dma_counts_in_the_kernel_jaxpr_match_the_plan(ragged, heads_per_step, bpc):
+  # Counted in the traced kernel: the DMAs that fill one chunk, the bytes each moves, the
+  # slots in flight, and the waits: one for K and V of the whole chunk (every head, every
+  # block), or one per bit of the fetched count for a partly fetched chunk.
   from kernels.tpu import _config
 
-  block_size, max_blocks, bpc = 16, 16, 4
+  block_size, max_blocks = 16, 16
   kv = jax.ShapeDtypeStruct((8, 64, block_size, HEAD_DIM), jnp.bfloat16)
   table = jax.ShapeDtypeStruct((4, max_blocks), jnp.int32)
   lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
@@ -323,28 +386,41 @@ def test_dma_sites_match_the_plan_one_dma_per_block_for_all_heads(ragged, heads_
   if ragged:
     q = jax.ShapeDtypeStruct((32, 32, HEAD_DIM), jnp.bfloat16)
     cu = jax.ShapeDtypeStruct((5,), jnp.int32)
-    windows = _kernel_dma_windows(
+    got = _kernel_dmas(
       lambda q, k, v, t, n, c: tpu.paged_attention(q, k, v, t, n, c, block_sizes=bs),
       q, kv, kv, table, lengths, cu,
     )  # fmt: skip
     sites = 2  # the first chunk, and the next chunk inside the loop
   else:
     q = jax.ShapeDtypeStruct((4, 32, HEAD_DIM), jnp.bfloat16)
-    windows = _kernel_dma_windows(
+    got = _kernel_dmas(
       lambda q, k, v, t, n: tpu.paged_attention(q, k, v, t, n, block_sizes=bs),
       q, kv, kv, table, lengths,
     )  # fmt: skip
     sites = 3  # the first chunk, the next one, and the next grid step's first
-  assert len(windows) == sites * plan.dmas_per_chunk == sites * 2 * bpc
-  want_heads = 1 if ragged else (heads_per_step or 8)
+  want_heads = heads_per_step or 8  # by default all 8 KV heads in both kernels
+  # DMAs: each start site is a loop over the chunk's blocks issuing K and V.
+  assert sum(trips for _, trips in got.starts) == sites * plan.dmas_per_chunk == sites * 2 * bpc
+  assert {w for w, _ in got.starts} == {(want_heads, block_size, HEAD_DIM)}
   assert plan.heads_per_dma == want_heads
-  assert set(windows) == {(want_heads, block_size, HEAD_DIM)}
   assert plan.bytes_per_dma == want_heads * block_size * HEAD_DIM * 2
+  # In flight: two slots of K and V, each filled by one chunk's DMAs.
+  (kv_slots,) = [shape for shape in got.scratch if len(shape) == 5]
+  assert kv_slots == (2, 2, want_heads, plan.chunk_tokens, HEAD_DIM)
+  assert plan.dmas_in_flight == kv_slots[0] * plan.dmas_per_chunk
+  # Waits: one site consumes the bytes of all of a chunk's DMAs at once; the others the
+  # bytes of 1, 2, 4, ... blocks (the binary digits of a partial count).
+  block_bytes = 2 * plan.bytes_per_dma  # K and V of one block
+  assert got.waits.count(plan.dmas_per_chunk * plan.bytes_per_dma) == plan.waits_per_chunk == 1
+  partial = sorted(w for w in got.waits if w != bpc * block_bytes)
+  assert partial == [block_bytes << bit for bit in range(3 if bpc == 6 else 2)]  # 5 = 101b
+  assert plan.max_waits_per_chunk == 2  # 3 = 011b, 5 = 101b
 
 
 def test_dma_plan_of_the_benchmark_shape():
-  # 64 x 8192, 32/8 heads of 128, bf16, block 16, defaults: 512-token chunks (32 blocks),
-  # all 8 KV heads per step (2 x 2 x 8 x 512 x 128 x 2 B = 4 MiB of K/V slots).
+  # 64 x 8192, 32/8 heads of 128, bf16, block 16, defaults: 2048-token chunks (128 blocks),
+  # all 8 KV heads per step (2 x 2 x 8 x 2048 x 128 x 2 B = 16 MiB of K/V slots), a VMEM
+  # limit of twice that plus 16 MiB.
   from kernels.tpu import _config
 
   tuned = _config.resolve(
@@ -358,11 +434,25 @@ def test_dma_plan_of_the_benchmark_shape():
     group=4,
     ragged=False,
   )
+  assert tuned.vmem_limit_bytes == 48 * 2**20
   plan = _config.dma_plan(tuned, block_size=16, head_dim=128, kv_dtype=jnp.bfloat16, ragged=False)
-  assert (plan.heads_per_dma, plan.dmas_per_chunk, plan.dmas_in_flight) == (8, 64, 128)
-  assert (plan.bytes_per_dma, plan.chunk_tokens) == (32768, 512)
+  assert (plan.heads_per_dma, plan.dmas_per_chunk, plan.dmas_in_flight) == (8, 256, 512)
+  assert (plan.bytes_per_dma, plan.chunk_tokens, plan.waits_per_chunk) == (32768, 2048, 1)
+  assert plan.max_waits_per_chunk == 7  # 127 blocks fetched
   assert plan.ns_per_dma("v5e") == pytest.approx(32768 / 819e9 * 1e9)  # 40 ns
   assert plan.ns_per_dma("v6e") == pytest.approx(32768 / 1640e9 * 1e9)  # 20 ns
+
+  # The limit follows the slots, capped at 3/4 of the 64 MiB assumed without a TPU: 8
+  # heads of 4,096 tokens (32 MiB of slots) get 48 MiB, not 80; a given limit is kept.
+  def limit(**knobs):
+    bs = tpu.BlockSizes(**knobs)
+    kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, num_kv_heads=8, block_size=16)
+    kw.update(head_dim=128, max_blocks=512, group=4, ragged=False)
+    return _config.resolve(bs, **kw).vmem_limit_bytes
+
+  assert limit(blocks_per_chunk=256, kv_heads_per_step=8) == 48 * 2**20
+  assert limit(blocks_per_chunk=32, kv_heads_per_step=8) == (2 * 4 + 16) * 2**20
+  assert limit(vmem_limit_bytes=100 * 2**20) == 100 * 2**20
 
 
 def test_decode_splits_batch_whose_block_table_exceeds_smem_budget():
@@ -484,6 +574,40 @@ def test_ragged_mixed_prefill_and_decode_matches_oracle(kw):
   _assert_no_races()
   assert out.shape == q.shape
   _check(out, _oracle(q, k, v, table, lengths, cu, **kw), jnp.float32)
+  assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+
+
+@pytest.mark.parametrize("window", [None, 30], ids=["causal", "window"])
+def test_ragged_fast_path_chunks_beside_holes_and_nan(window):
+  # Tiles of 8 rows wholly inside one sequence whose early chunks every row sees (the
+  # unmasked fast path; with the window, only chunks inside every row's window), next to
+  # a sequence with a -1 entry, a chunk of only holes, and a decode row sharing a tile.
+  rng = np.random.default_rng(14)
+  lengths, q_lens = [48, 45, 33], [8, 16, 1]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=1, block_size=BS, max_blocks=6, dtype=jnp.float32,
+    holes=[(1, 0), (2, 2), (2, 3)],
+  )  # fmt: skip
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 3, 2, HEAD_DIM)), jnp.float32)
+  out = tpu.paged_attention_ragged(
+    q, k, v, table, lengths, cu, sliding_window=window, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8),
+  )  # fmt: skip
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
+
+
+def test_ragged_two_of_four_kv_heads_per_step():
+  # Each block one DMA for K and one for V of the step's 2 KV heads, 2 steps per tile.
+  rng = np.random.default_rng(16)
+  q, k, v, table, lengths, cu = _ragged_case(rng, dtype=jnp.float32, num_q_heads=8, num_kv_heads=4)
+  out = tpu.paged_attention_ragged(
+    q, k, v, table, lengths, cu, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8, kv_heads_per_step=2),
+  )  # fmt: skip
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
   assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
 
 
@@ -665,6 +789,8 @@ def test_block_sizes_is_frozen_hashable_and_validated():
     tpu.BlockSizes(num_cores=0)
   with pytest.raises(ValueError, match="kv_heads_per_step"):
     tpu.BlockSizes(kv_heads_per_step=0)
+  with pytest.raises(ValueError, match="vmem_limit_bytes"):
+    tpu.BlockSizes(vmem_limit_bytes=4096)
 
 
 def test_kv_heads_per_step_must_divide_num_kv_heads():

@@ -134,6 +134,36 @@ def test_compile_runs_the_tpu_compiler_not_only_the_lowering():
 
 
 @pytest.mark.slow
+def test_decode_needs_the_vmem_limit_it_sets():
+  # The benchmark-shape decode (2,048-token chunks of 8 KV heads: 16 MiB of K/V slots)
+  # compiles for v5e under the limit the kernel sets, and not under v5e's default scoped
+  # limit of 16 MiB: so the limit is passed to Mosaic, and needed. A 4,096-token chunk
+  # (4 heads per step by default) compiles too.
+  code = textwrap.dedent(
+    """
+    import json
+    from kernels.tpu import aot
+
+    device = aot.topology_device("v5e:2x2")
+    base = dict(kernel="decode", block_size=16, head_dim=128, kv_dtype="bfloat16",
+                batch=64, context=8192)
+    rows = {}
+    for name, knobs in [("default", ()), ("16mib", (("vmem_limit_bytes", 16 << 20),)),
+                        ("4096-token-chunks", (("blocks_per_chunk", 256),))]:
+      row = aot.compile_case(aot.Case(name, block_sizes=knobs, **base), device)
+      rows[name] = dict(ok=row["ok"], error=(row["error"] or "")[:300])
+    print(json.dumps(rows))
+    """
+  )
+  proc = _run(["-c", code], timeout=900)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert lines, proc.stderr[-3000:]
+  rows = json.loads(lines[-1])
+  assert rows["default"]["ok"] and rows["4096-token-chunks"]["ok"], rows
+  assert not rows["16mib"]["ok"] and "vmem" in rows["16mib"]["error"].lower(), rows
+
+
+@pytest.mark.slow
 def test_head_dim_64_and_192_pools_would_be_copied_every_call():
   # Why the TPU backend refuses head_dim that is not a multiple of 128 (docs/tpu.md): the
   # kernels compile for 64 and 192, but XLA's default layout of such a pool at a real size
