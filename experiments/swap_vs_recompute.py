@@ -195,6 +195,8 @@ def run(config: ConfigDict) -> Result:
       config.workload, 4 * config.engine.requests, max_seq_len=2048, seed=config.seed
     )
     engine_rows = _engine_bench.preemption_throughput(config, lengths)
+    compare_modes(engine_rows)
+    plots.append(Plot("engine_preemption", lambda ax: _plot_engine(ax, engine_rows)))
     tables.append(
       Table(
         "engine_preemption",
@@ -204,6 +206,7 @@ def run(config: ConfigDict) -> Result:
           Column("mode"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("tokens_per_s_spread", "min-max"),
+          Column("vs_other_mode", "vs the other mode"),
           Column("preemptions", "preempted"),
           Column("recomputed_tokens", "recomputed tokens"),
           Column("swapped_blocks", "blocks swapped"),
@@ -215,7 +218,8 @@ def run(config: ConfigDict) -> Result:
           f"Engine throughput with each preemption mode ({config.workload} lengths and block "
           f"sizes / {config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
           f"{config.engine.pool_tokens}-slot pool of scaled tokens; median of "
-          f"{config.engine.repeats} passes, min-max)."
+          f"{config.engine.repeats} passes, min-max; a mode is faster or slower than the other "
+          "at the same block only where their min-max ranges separate)."
         ),
       )
     )
@@ -225,6 +229,53 @@ def run(config: ConfigDict) -> Result:
       "--config.engine.requests=N)."
     )
   return Result(tables, plots, notes)
+
+
+def compare_modes(rows: list[dict]) -> None:
+  """Sets ``vs_other_mode`` on every engine row: ``"faster"`` or ``"slower"`` (in tokens/s)
+  than the other preemption mode at the same block size where the min-max ranges of their
+  passes separate, else ``"indistinguishable"``."""
+  by_block: dict[int, dict[str, dict]] = {}
+  for r in rows:
+    by_block.setdefault(r["block_size"], {})[r["mode"]] = r
+  for modes in by_block.values():
+    for mode, r in modes.items():
+      other = [o for m, o in modes.items() if m != mode]
+      if not other:
+        r["vs_other_mode"] = None
+        continue
+      o = other[0]
+      # compare() calls the smaller interval "faster"; for a rate the larger is faster.
+      verdict = _timing.compare(
+        (r["tokens_per_s_min"], r["tokens_per_s_max"]),
+        (o["tokens_per_s_min"], o["tokens_per_s_max"]),
+      )
+      r["vs_other_mode"] = {"faster": "slower", "slower": "faster"}.get(verdict, verdict)
+
+
+def _plot_engine(ax, rows: list[dict]) -> None:
+  """Generated tokens/s per block size for each preemption mode (median, min-max bars)."""
+  styles = {"swap": ("o-", "C0"), "recompute": ("s--", "C1")}
+  for mode in dict.fromkeys(r["mode"] for r in rows):
+    sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["block_size"])
+    fmt, color = styles.get(mode, ("^:", "C2"))
+    _timing.errorbar(
+      ax,
+      [r["block_size"] for r in sel],
+      [r["tokens_per_s"] for r in sel],
+      [r["tokens_per_s_min"] for r in sel],
+      [r["tokens_per_s_max"] for r in sel],
+      fmt=fmt,
+      color=color,
+      label=f"{mode}, median and min-max of {sel[0]['repeats']} passes",
+    )
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("block size (tokens, real lengths)")
+  ax.set_ylabel("generated tokens/s")
+  ax.set_ylim(bottom=0)
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
+  ax.set_title(f"Engine throughput per preemption mode ({rows[0]['device'] if rows else ''})")
+  ax.legend(fontsize=8)
 
 
 def _plot(ax, rows: list[dict]) -> None:
