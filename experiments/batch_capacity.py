@@ -205,7 +205,7 @@ def run(config: ConfigDict) -> Result:
           f"Engine throughput in a {config.engine.pool_tokens}-slot pool, lengths and block size /"
           f" {config.engine.length_scale:g}, model max_seq_len {config.engine.max_seq_len}; the "
           "contiguous row is the paged engine with its batch capped at pool // max_seq_len; "
-          f"tokens/s: median of {config.engine.repeats} passes, min-max)."
+          f"tokens/s: median of {config.engine.repeats} passes, with their min-max."
         ),
       )
     )
