@@ -187,7 +187,7 @@ def run(config: ConfigDict) -> Result:
     "Paper (Figure 19a, OPT-13B on an A100 over PCIe): swap latency falls with the block "
     "size, recomputation is flat, and they cross between block sizes 16 and 64.",
   ]
-  plots = [Plot("preemption_cost", lambda ax: _plot(ax, rows))]
+  plots = [Plot("preemption_cost", lambda ax: _plot(ax, rows), (8.0, 4.0))]
   if config.engine.requests > 0:
     from experiments import _engine_bench, workloads
 
@@ -196,7 +196,7 @@ def run(config: ConfigDict) -> Result:
     )
     engine_rows = _engine_bench.preemption_throughput(config, lengths)
     compare_modes(engine_rows)
-    plots.append(Plot("engine_preemption", lambda ax: _plot_engine(ax, engine_rows)))
+    plots.append(Plot("engine_preemption", lambda ax: _plot_engine(ax, engine_rows), (8.5, 4.0)))
     tables.append(
       Table(
         "engine_preemption",
@@ -275,7 +275,7 @@ def _plot_engine(ax, rows: list[dict]) -> None:
   ax.set_ylim(bottom=0)
   plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title(f"Engine throughput per preemption mode ({rows[0]['device'] if rows else ''})")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _plot(ax, rows: list[dict]) -> None:
@@ -291,7 +291,7 @@ def _plot(ax, rows: list[dict]) -> None:
         [r[f"{name}_max_ms"] for r in sel],
         fmt=fmt,
         color=f"C{i}",
-        label=f"{label}, {seq_len}",
+        label=f"{label}, {seq_len} tokens",
       )
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
@@ -299,4 +299,5 @@ def _plot(ax, rows: list[dict]) -> None:
   ax.set_ylabel("latency (ms; median, min-max bars)")
   plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title("Preemption cost per sequence")
-  ax.legend(fontsize=7)
+  # Outside the axes: a min-max bar is no obstacle to matplotlib's "best" placement.
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
