@@ -247,3 +247,34 @@ def test_capacity_engine_claim_is_tokens_per_step_and_separated_rates():
   assert "is faster than it in generated tokens/s (210.0, min-max 200.0-220.0" in text
   paged.update(tokens_per_s_min=115)
   assert "not distinguishable" in batch_capacity.engine_claims([cap, paged])[0]
+
+
+def test_interleaved_passes_alternate_their_order_round_by_round(monkeypatch):
+  order = []
+  monkeypatch.setattr(
+    _engine_bench, "_prepare", lambda model, ec, lengths, **kw: {"name": kw["block_size"]}
+  )
+  monkeypatch.setattr(_engine_bench, "_one_pass", lambda state, ec: order.append(state["name"]))
+  monkeypatch.setattr(_engine_bench, "_row", lambda state: {"block_size": state["name"]})
+  ec = _engine_bench.default_engine_config(requests=1)
+  rows = _engine_bench.measure_interleaved(
+    None, ec, None, [dict(block_size=b, max_num_seqs=1) for b in (8, 16, 32)]
+  )
+  assert order == [8, 16, 32, 32, 16, 8, 8, 16, 32, 32, 16, 8, 8, 16, 32]  # 5 rounds
+  assert rows == [{"block_size": b, "interleaved": True} for b in (8, 16, 32)]
+
+
+@pytest.mark.slow
+def test_interleaved_measurements_count_what_separate_ones_do():
+  ec = _engine_bench.default_engine_config(requests=4)
+  ec.pool_tokens = 64  # small: the 8-token blocks preempt
+  ec.max_seq_len = 64
+  model = _engine_bench.make_model(ec)
+  lengths = np.array([[5, 17], [3, 12], [9, 14], [2, 19]])
+  settings = [dict(block_size=bs, max_num_seqs=4) for bs in (8, 64)]
+  rows = _engine_bench.measure_interleaved(model, ec, lengths, settings)
+  for kw, row in zip(settings, rows, strict=True):
+    alone = _engine_bench.measure(model, ec, lengths, **kw)
+    for key in ("steps", "preemptions", "recomputed_tokens", "generated_tokens", "block_size"):
+      assert row[key] == alone[key], key
+    assert row["repeats"] == 5 and row["interleaved"]
