@@ -19,7 +19,8 @@ of the default KV budget) instead of the CPU default::
 
   python -m experiments.run --config=configs/batch_capacity.py:roofline --workdir=/tmp/cap_roof
 
-The seed's setting (8,192-token reservations in a budget of four of them)::
+The seed's setting (8,192-token reservations in a budget of four of them; no engine run,
+a few seconds)::
 
   python -m experiments.run --config=configs/batch_capacity.py:seed --workdir=/tmp/capacity_seed
 """
@@ -67,6 +68,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
   elif arg == "seed":
     config.max_seq_len = 8192  # the seed's example reservation
     config.kv_budget_gib = 4 * 8192 * 819200 / 2**30  # exactly four such reservations
+    config.engine.requests = 0  # the engine run would repeat the full run's (same pool)
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'roofline', 'seed'")
   return config

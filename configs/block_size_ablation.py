@@ -15,10 +15,22 @@ block size, lengths and block sizes divided by config.engine.length_scale = 8, s
 
   python -m experiments.run --config=configs/block_size_ablation.py:engine_cpu --workdir=/tmp/abl_e
 
-On a GPU the Pallas kernel is timed beside the reference (bfloat16; 32 query heads,
-8 KV heads, head_dim 128, as in docs/benchmarks.md)::
+On a GPU (Fig. 18a) the Pallas kernel is timed beside the reference at block sizes 1..256
+(bfloat16; 32 x 2,048 tokens, 32 query heads, 8 KV heads, head_dim 128, as in
+docs/benchmarks.md; 20 samples of 10 calls each: device time); the memory columns are the
+full run's (1,000 requests per workload). Well under 4 minutes on one H200 (estimated,
+not yet run)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:gpu --workdir=/tmp/abl_gpu
+
+Fig. 18b on a GPU: the engine_cpu run's engine measurement (64 scaled ShareGPT-like
+requests per block size 8..256, 5 measured passes each) on the device present; its
+time is mostly compiling the engine's step shapes (not yet run on a GPU)::
+
+  python -m experiments.run --config=configs/block_size_ablation.py:gpu_engine --workdir=/tmp/abl_ge
+
+Outside a git tree (a copy on a device machine) set PAXCACHE_COMMIT (and PAXCACHE_GIT_CLEAN=1
+for a clean tree) so that run_info.json names the commit (experiments/run.py git_state).
 """
 
 from ml_collections import ConfigDict
@@ -53,7 +65,10 @@ def get_config(arg: str | None = None) -> ConfigDict:
   # K/V dtype of the timed kernel when it differs from kernel_dtype: "int8" or
   # "float8_e4m3fn" (8-bit pools with float32 scales, quantized before timing); "" = same.
   config.kernel_kv_dtype = ""
-  config.kernel_iters = 5  # timed calls after the compile (>= 5): median and min-max reported
+  config.kernel_iters = 5  # timed samples after the compile (>= 5): median and min-max reported
+  # Calls per sample, back to back, synced once (1 on CPU; >= 10 on an accelerator, so that
+  # a sample is device time rather than the dispatch of one short call).
+  config.kernel_inner = 1
   # End to end through the engine (fields: experiments/_engine_bench.py); 0 requests skips.
   config.engine = _engine_bench.default_engine_config(requests=0)
 
@@ -70,9 +85,22 @@ def get_config(arg: str | None = None) -> ConfigDict:
       config.block_sizes = (8, 16, 32, 64, 128)
       config.engine.requests = 64
   elif arg == "gpu":
-    config.block_sizes = (8, 16, 32, 64, 128, 256)
+    # Fig. 18a: every block size 1..256 (the small ones are where kernel efficiency is the
+    # question), the Pallas kernel beside the reference, device time per call.
     config.kernel_dtype = "bfloat16"
     config.kernel_iters = 20
+    config.kernel_inner = 10
+  elif arg == "gpu_engine":
+    # Fig. 18b on a device: the engine_cpu run (64 scaled requests per block size, blocks
+    # 8-256 as engine blocks 1-32) with a small kernel check beside it.
+    config.block_sizes = (8, 16, 32, 64, 128, 256)
+    config.workloads = ("sharegpt",)
+    config.num_requests = 500
+    config.kernel_batch = 4
+    config.kernel_context = 512
+    config.kernel_dtype = "bfloat16"
+    config.kernel_inner = 10
+    config.engine.requests = 64
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'engine_cpu', 'gpu'")
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'engine_cpu', 'gpu', 'gpu_engine'")
   return config

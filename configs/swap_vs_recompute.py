@@ -15,9 +15,19 @@ scaled tokens; 2-5 minutes, mostly compiling)::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:engine_cpu --workdir=/tmp/swap_e
 
-On a GPU, a larger bfloat16 model::
+On a GPU (Fig. 19a), a larger bfloat16 model (d_model 2,048, 16 layers, 16/8 heads x 128)
+and one 2,048-token sequence at block sizes 1..256, 10 samples each; well under 4 minutes
+on one H200 (estimated, not yet run)::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:gpu --workdir=/tmp/swap_gpu
+
+Fig. 19b on a GPU: the engine_cpu engine run on the device present (mostly compiling the
+engine's step shapes; not yet run on a GPU)::
+
+  python -m experiments.run --config=configs/swap_vs_recompute.py:gpu_engine --workdir=/tmp/swap_ge
+
+Outside a git tree (a copy on a device machine) set PAXCACHE_COMMIT (and PAXCACHE_GIT_CLEAN=1
+for a clean tree) so that run_info.json names the commit (experiments/run.py git_state).
 """
 
 from ml_collections import ConfigDict
@@ -55,7 +65,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
       config.block_sizes = (8, 32, 128)
       config.engine.requests = 48
   elif arg == "gpu":
-    config.seq_lens = (1024, 4096)
+    # Fig. 19a: one 2,048-token sequence (one prefill compile per block size, 9 in all, so
+    # that the run stays well under 4 minutes) of a ~0.85B-parameter bf16 model.
+    config.seq_lens = (2048,)
     config.d_model = 2048
     config.num_layers = 16
     config.num_q_heads = 16
@@ -65,6 +77,13 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.dtype = "bfloat16"
     config.vocab_size = 32000
     config.iters = 10
+  elif arg == "gpu_engine":
+    # Fig. 19b on a device: the engine_cpu run (48 scaled requests, blocks 8 / 32 / 128 as
+    # engine blocks 1 / 4 / 16, 5 measured passes per mode) beside the quick microbenchmark.
+    config.block_sizes = (8, 32, 128)
+    config.seq_lens = (256,)
+    config.num_layers = 2
+    config.engine.requests = 48
   elif arg not in (None, ""):
-    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'engine_cpu', 'gpu'")
+    raise ValueError(f"unknown variant {arg!r}; known: 'quick', 'engine_cpu', 'gpu', 'gpu_engine'")
   return config

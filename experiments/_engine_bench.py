@@ -18,6 +18,9 @@ measured passes (other prompt tokens each) and reports the differences of the en
 metrics over them: compile time is not throughput. Throughputs are the median over the
 passes with their min-max spread (:mod:`experiments._timing`); steps, batches and
 preemptions are the first pass's (they reproduce pass to pass, and a row says so if not).
+The experiments compare settings (block sizes, preemption modes, batch caps) with their
+passes interleaved (:func:`measure_interleaved`), so that a shared machine's load drift
+does not fall on whichever setting runs last.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ def _requests(lengths: np.ndarray, ec: ConfigDict, tag: str, seed: int, n: int =
   ]
 
 
-def measure(
+def _prepare(
   model,
   ec: ConfigDict,
   lengths: np.ndarray,
@@ -134,13 +137,8 @@ def measure(
   preemption_mode: str = "recompute",
   pool_tokens: int | None = None,
 ) -> dict:
-  """Runs ``lengths`` through a fresh engine (after a compile pass); returns metrics deltas.
-
-  ``lengths`` are already scaled (:func:`scaled_lengths`); ``block_size`` is on real lengths
-  and runs as :func:`engine_block_size`; ``pool_tokens`` (default ``ec.pool_tokens``) are
-  scaled slots."""
-  from experiments._kernel_timing import device_label
-  from experiments._timing import Timing, range_text
+  """A fresh engine for one measurement, after its compile pass (same lengths, other
+  prompt tokens, so that no prefix hit carries over)."""
   from paxcache.engine import Engine, EngineConfig
 
   engine_bs = engine_block_size(ec.length_scale, block_size)
@@ -159,30 +157,50 @@ def measure(
     ),
   )
   engine.run(_requests(lengths, ec, "warmup", ec.seed + 1))
+  return {
+    "engine": engine,
+    "lengths": lengths,
+    "block_size": block_size,
+    "engine_block_size": engine_bs,
+    "num_blocks": num_blocks,
+    "passes": [],
+  }
+
+
+def _one_pass(state: dict, ec: ConfigDict) -> None:
+  """One measured pass (other prompt tokens each time); appends its metrics' differences."""
+  engine, lengths = state["engine"], state["lengths"]
+  rep = len(state["passes"])
   expected = int(lengths[:, 1].sum())
-  passes = []
-  for rep in range(ec.get("repeats", 5)):
-    before = dataclasses.replace(engine.metrics)
-    tag = "measured" if rep == 0 else f"measured{rep}"
-    outputs = engine.run(_requests(lengths, ec, tag, ec.seed + 2 + rep))
-    m = engine.metrics
-    generated = m.generated_tokens - before.generated_tokens
-    if len(outputs) != len(lengths) or generated != expected:
-      raise RuntimeError(
-        f"engine finished {len(outputs)} of {len(lengths)} requests and generated "
-        f"{generated} of {expected} tokens"
-      )
-    passes.append(
-      {
-        "seconds": m.seconds - before.seconds,
-        "computed": m.computed_tokens - before.computed_tokens,
-        "steps": m.steps - before.steps,
-        "preemptions": m.preemptions - before.preemptions,
-        "recomputed_tokens": m.recomputed_tokens - before.recomputed_tokens,
-        "swapped_blocks": (m.swapped_out_blocks - before.swapped_out_blocks)
-        + (m.swapped_in_blocks - before.swapped_in_blocks),
-      }
+  before = dataclasses.replace(engine.metrics)
+  tag = "measured" if rep == 0 else f"measured{rep}"
+  outputs = engine.run(_requests(lengths, ec, tag, ec.seed + 2 + rep))
+  m = engine.metrics
+  generated = m.generated_tokens - before.generated_tokens
+  if len(outputs) != len(lengths) or generated != expected:
+    raise RuntimeError(
+      f"engine finished {len(outputs)} of {len(lengths)} requests and generated "
+      f"{generated} of {expected} tokens"
     )
+  state["passes"].append(
+    {
+      "seconds": m.seconds - before.seconds,
+      "computed": m.computed_tokens - before.computed_tokens,
+      "steps": m.steps - before.steps,
+      "preemptions": m.preemptions - before.preemptions,
+      "recomputed_tokens": m.recomputed_tokens - before.recomputed_tokens,
+      "swapped_blocks": (m.swapped_out_blocks - before.swapped_out_blocks)
+      + (m.swapped_in_blocks - before.swapped_in_blocks),
+    }
+  )
+
+
+def _row(state: dict) -> dict:
+  from experiments._kernel_timing import device_label
+  from experiments._timing import Timing, range_text
+
+  passes, lengths = state["passes"], state["lengths"]
+  expected = int(lengths[:, 1].sum())
   first = passes[0]
   wall = Timing.of(p["seconds"] for p in passes)
   rate = wall.map(lambda sec: expected / sec)
@@ -199,13 +217,13 @@ def measure(
     "computed_tokens_per_s": round(computed_rate.median, 1),
     "steps": first["steps"],
     "mean_batch": round(expected / first["steps"], 2),
-    "max_batch": engine.metrics.max_batch,
+    "max_batch": state["engine"].metrics.max_batch,
     "preemptions": first["preemptions"],
     "recomputed_tokens": first["recomputed_tokens"],
     "swapped_blocks": first["swapped_blocks"],
-    "block_size": block_size,
-    "engine_block_size": engine_bs,
-    "pool_tokens": num_blocks * engine_bs,
+    "block_size": state["block_size"],
+    "engine_block_size": state["engine_block_size"],
+    "pool_tokens": state["num_blocks"] * state["engine_block_size"],
     "device": device_label(),
   }
   for key in ("steps", "preemptions", "recomputed_tokens", "swapped_blocks"):
@@ -214,44 +232,96 @@ def measure(
   return row
 
 
+def measure(
+  model,
+  ec: ConfigDict,
+  lengths: np.ndarray,
+  *,
+  block_size: int,
+  max_num_seqs: int,
+  preemption_mode: str = "recompute",
+  pool_tokens: int | None = None,
+) -> dict:
+  """Runs ``lengths`` through a fresh engine (after a compile pass); returns metrics deltas.
+
+  ``lengths`` are already scaled (:func:`scaled_lengths`); ``block_size`` is on real lengths
+  and runs as :func:`engine_block_size`; ``pool_tokens`` (default ``ec.pool_tokens``) are
+  scaled slots. ``ec.repeats`` passes back to back; to compare settings, use
+  :func:`measure_interleaved`."""
+  state = _prepare(
+    model,
+    ec,
+    lengths,
+    block_size=block_size,
+    max_num_seqs=max_num_seqs,
+    preemption_mode=preemption_mode,
+    pool_tokens=pool_tokens,
+  )
+  for _ in range(ec.get("repeats", 5)):
+    _one_pass(state, ec)
+  return _row(state)
+
+
+def measure_interleaved(model, ec: ConfigDict, lengths: np.ndarray, settings: list[dict]):
+  """:func:`measure` for each of ``settings`` (its keyword arguments), with the measured
+  passes interleaved: every engine is built and compiled first, then round ``r`` runs one
+  pass of each setting, in the given order on even rounds and reversed on odd ones. On a
+  shared machine whose load drifts, drift then falls on every setting alike instead of on
+  whichever ran last, and each row's min-max spans the same stretch of time. Rows in the
+  order of ``settings``, each with ``"interleaved": True``."""
+  states = [_prepare(model, ec, lengths, **kw) for kw in settings]
+  for rnd in range(ec.get("repeats", 5)):
+    for state in states if rnd % 2 == 0 else states[::-1]:
+      _one_pass(state, ec)
+  return [{**_row(state), "interleaved": True} for state in states]
+
+
 def capacity_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]:
   """Paged (batch cap ``max_num_seqs``) against a batch capped at what contiguous
-  ``max_seq_len`` reservation fits in the same pool (``pool_tokens // max_seq_len``)."""
+  ``max_seq_len`` reservation fits in the same pool (``pool_tokens // max_seq_len``),
+  their passes interleaved (:func:`measure_interleaved`)."""
   ec = config.engine
   model = make_model(ec)
   scaled = scaled_lengths(ec, lengths)
   contiguous_cap = max(1, ec.pool_tokens // ec.max_seq_len)
-  rows = []
-  for system, cap in (
+  systems = (
     (f"contiguous Max (batch cap {contiguous_cap})", contiguous_cap),
     (f"paged (block {ec.block_size})", ec.max_num_seqs),
-  ):
-    row = measure(model, ec, scaled, block_size=ec.block_size, max_num_seqs=cap)
-    rows.append({"system": system, "batch_cap": cap, **row})
-  return rows
-
-
-def block_size_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]:
-  ec = config.engine
-  model = make_model(ec)
-  scaled = scaled_lengths(ec, lengths)
+  )
+  rows = measure_interleaved(
+    model,
+    ec,
+    scaled,
+    [dict(block_size=ec.block_size, max_num_seqs=cap) for _, cap in systems],
+  )
   return [
-    measure(model, ec, scaled, block_size=bs, max_num_seqs=ec.max_num_seqs)
-    for bs in config.block_sizes
+    {"system": system, "batch_cap": cap, **row}
+    for (system, cap), row in zip(systems, rows, strict=True)
   ]
 
 
-def preemption_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]:
+def block_size_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]:
+  """One row per block size of ``config.block_sizes``, passes interleaved."""
   ec = config.engine
   model = make_model(ec)
   scaled = scaled_lengths(ec, lengths)
-  rows = []
-  for i, bs in enumerate(config.block_sizes):
-    # Alternate which mode runs first, so that drift in a shared machine's load does not
-    # always favour the same mode.
-    for mode in ("swap", "recompute")[:: 1 if i % 2 == 0 else -1]:
-      row = measure(
-        model, ec, scaled, block_size=bs, max_num_seqs=ec.max_num_seqs, preemption_mode=mode
-      )
-      rows.append({"mode": mode, **row})
-  return rows
+  return measure_interleaved(
+    model,
+    ec,
+    scaled,
+    [dict(block_size=bs, max_num_seqs=ec.max_num_seqs) for bs in config.block_sizes],
+  )
+
+
+def preemption_throughput(config: ConfigDict, lengths: np.ndarray) -> list[dict]:
+  """One row per block size and preemption mode (swap, recompute), passes interleaved."""
+  ec = config.engine
+  model = make_model(ec)
+  scaled = scaled_lengths(ec, lengths)
+  settings = [
+    dict(block_size=bs, max_num_seqs=ec.max_num_seqs, preemption_mode=mode)
+    for bs in config.block_sizes
+    for mode in ("swap", "recompute")
+  ]
+  rows = measure_interleaved(model, ec, scaled, settings)
+  return [{"mode": kw["preemption_mode"], **row} for kw, row in zip(settings, rows, strict=True)]

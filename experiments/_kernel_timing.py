@@ -44,10 +44,15 @@ def time_decode(
   iters: int,
   seed: int = 0,
   kv_dtype: str | None = None,
+  inner: int = 1,
 ) -> dict:
   """Median wall time of one jitted decode call, with blocks scattered over the pool.
 
-  ``iters`` synchronous calls after the compile (:func:`experiments._timing.time_calls`).
+  ``iters`` samples after the compile (:func:`experiments._timing.time_calls`), each of
+  ``inner`` calls back to back synced once and divided by ``inner``: with ``inner = 1`` a
+  sample includes the call's dispatch (right on CPU, where the call runs on the host
+  thread); on an accelerator ``inner >= 10`` makes it device time, as a decode call of
+  tens of microseconds is otherwise mostly dispatch.
   Returns a dict with ``time_ms`` (the median), ``time_min_ms``, ``time_max_ms``,
   ``time_spread_ms`` (the two as text), the median's 95% interval ``time_ci_lo_ms``,
   ``time_ci_hi_ms`` (:attr:`experiments._timing.Timing.interval`), ``time_repeats`` and
@@ -88,12 +93,15 @@ def time_decode(
     fn(q, k_blocks, v_blocks, block_table, lengths).block_until_ready()  # compile
   except ValueError as e:  # a shape this backend does not support (e.g. a block size)
     return {"time_ms": None, "gbps": None, "status": f"unsupported: {e}"[:200]}
-  t = time_calls(lambda: fn(q, k_blocks, v_blocks, block_table, lengths), repeats=iters, warmup=0)
+  t = time_calls(
+    lambda: fn(q, k_blocks, v_blocks, block_table, lengths), repeats=iters, inner=inner, warmup=0
+  )
   kv_bytes = batch * context * per_token
   fields = t.fields("time", digits=4)
   return {
     **fields,
     "time_spread_ms": range_text(fields["time_min_ms"], fields["time_max_ms"]),
     "gbps": float(f"{kv_bytes / t.median / 1e9:.4g}"),
+    "inner": inner,
     "status": "ok",
   }

@@ -133,6 +133,7 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
     ``workloads``) is a ShareGPT JSON file, where ``<= 0`` takes all its conversations;
   * the repeats behind a timing (``iters``, ``kernel_iters``, ``repeats``) ``>= 5``
     (:data:`experiments._timing.MIN_REPEATS`): every reported time is such a median;
+    ``kernel_inner`` (calls per sample) ``>= 1``;
   * with engine runs on, every block size a multiple of ``engine.length_scale``
     (:func:`experiments._engine_bench.check_scaled_block_sizes`).
   """
@@ -159,6 +160,8 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
         f"{path}: {key} must be >= {MIN_REPEATS} (every timing is the median of at least "
         f"{MIN_REPEATS} repeats, reported with its min-max spread)"
       )
+    elif key == "kernel_inner" and _is_int(value) and value < 1:
+      raise ValueError(f"{path}: kernel_inner (calls per timed sample) must be >= 1")
     elif key == "rates" and isinstance(value, tuple | list):
       if not value:
         raise ValueError(f"{path}: rates needs at least one request rate")
@@ -327,15 +330,34 @@ def _git(*args: str, cwd: str | None = None) -> str | None:
   return out.stdout.strip() if out.returncode == 0 else None
 
 
+COMMIT_ENV = "PAXCACHE_COMMIT"  # the commit of a copy that is not a git tree (a device machine)
+CLEAN_ENV = "PAXCACHE_GIT_CLEAN"  # "1" / "0": whether that commit's tree was clean when copied
+
+
 def git_state(cwd: str | None = None) -> dict:
   """The commit checked out at ``cwd`` (default: this file's tree) and whether the tree is
-  clean: ``git status --porcelain`` empty, untracked files included. ``None`` values: not a
-  git tree (or no git)."""
+  clean: ``git status --porcelain`` empty, untracked files included.
+
+  Outside a git tree (a copy of the tree on a device machine) the commit is
+  ``$PAXCACHE_COMMIT`` and cleanliness ``$PAXCACHE_GIT_CLEAN`` ("1" clean, "0" not), as the
+  person who copied the tree recorded them; ``git_commit_source`` says which
+  (``"git"``, ``"PAXCACHE_COMMIT"``, or ``None`` with every value ``None``: unknown). Inside
+  a git tree the environment is ignored."""
   status = _git("status", "--porcelain", cwd=cwd)
+  commit = _git("rev-parse", "HEAD", cwd=cwd)
+  if commit is None and os.environ.get(COMMIT_ENV):
+    clean = {"1": True, "0": False}.get(os.environ.get(CLEAN_ENV, "").strip())
+    return {
+      "git_commit": os.environ[COMMIT_ENV].strip(),
+      "git_clean": clean,
+      "git_uncommitted_files": None,
+      "git_commit_source": COMMIT_ENV,
+    }
   return {
-    "git_commit": _git("rev-parse", "HEAD", cwd=cwd),
+    "git_commit": commit,
     "git_clean": None if status is None else not status,
     "git_uncommitted_files": None if status is None else len(status.splitlines()),
+    "git_commit_source": None if commit is None else "git",
   }
 
 
@@ -379,7 +401,8 @@ def _write_run_info(
     "sweep": sweep,
     "seconds": round(seconds, 3),
     # The commit, and whether the tree was clean (git status --porcelain empty) when the
-    # run started; None: not a git tree.
+    # run started; outside a git tree from $PAXCACHE_COMMIT / $PAXCACHE_GIT_CLEAN (see
+    # git_state); None: unknown.
     **git,
     "python": platform.python_version(),
     "machine": platform.machine(),

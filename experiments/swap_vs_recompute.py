@@ -187,7 +187,7 @@ def run(config: ConfigDict) -> Result:
     "Paper (Figure 19a, OPT-13B on an A100 over PCIe): swap latency falls with the block "
     "size, recomputation is flat, and they cross between block sizes 16 and 64.",
   ]
-  plots = [Plot("preemption_cost", lambda ax: _plot(ax, rows))]
+  plots = [Plot("preemption_cost", lambda ax: _plot(ax, rows), (8.0, 4.0))]
   if config.engine.requests > 0:
     from experiments import _engine_bench, workloads
 
@@ -195,6 +195,8 @@ def run(config: ConfigDict) -> Result:
       config.workload, 4 * config.engine.requests, max_seq_len=2048, seed=config.seed
     )
     engine_rows = _engine_bench.preemption_throughput(config, lengths)
+    compare_modes(engine_rows)
+    plots.append(Plot("engine_preemption", lambda ax: _plot_engine(ax, engine_rows), (8.5, 4.0)))
     tables.append(
       Table(
         "engine_preemption",
@@ -204,6 +206,7 @@ def run(config: ConfigDict) -> Result:
           Column("mode"),
           Column("tokens_per_s", "generated tokens/s", ".1f"),
           Column("tokens_per_s_spread", "min-max"),
+          Column("vs_other_mode", "vs the other mode"),
           Column("preemptions", "preempted"),
           Column("recomputed_tokens", "recomputed tokens"),
           Column("swapped_blocks", "blocks swapped"),
@@ -215,7 +218,8 @@ def run(config: ConfigDict) -> Result:
           f"Engine throughput with each preemption mode ({config.workload} lengths and block "
           f"sizes / {config.engine.length_scale:g}: 'engine block' runs on the scaled lengths; "
           f"{config.engine.pool_tokens}-slot pool of scaled tokens; median of "
-          f"{config.engine.repeats} passes, min-max)."
+          f"{config.engine.repeats} passes, min-max; a mode is faster or slower than the other "
+          "at the same block only where their min-max ranges separate)."
         ),
       )
     )
@@ -225,6 +229,57 @@ def run(config: ConfigDict) -> Result:
       "--config.engine.requests=N)."
     )
   return Result(tables, plots, notes)
+
+
+def compare_modes(rows: list[dict]) -> None:
+  """Sets ``vs_other_mode`` on every engine row: ``"faster"`` or ``"slower"`` (in tokens/s)
+  than the other preemption mode at the same block size where the min-max ranges of their
+  passes separate, else ``"indistinguishable"``."""
+  by_block: dict[int, dict[str, dict]] = {}
+  for r in rows:
+    by_block.setdefault(r["block_size"], {})[r["mode"]] = r
+  for modes in by_block.values():
+    for mode, r in modes.items():
+      other = [o for m, o in modes.items() if m != mode]
+      if not other:
+        r["vs_other_mode"] = None
+        continue
+      o = other[0]
+      # compare() calls the smaller interval "faster"; for a rate the larger is faster.
+      verdict = _timing.compare(
+        (r["tokens_per_s_min"], r["tokens_per_s_max"]),
+        (o["tokens_per_s_min"], o["tokens_per_s_max"]),
+      )
+      r["vs_other_mode"] = {"faster": "slower", "slower": "faster"}.get(verdict, verdict)
+
+
+def _plot_engine(ax, rows: list[dict]) -> None:
+  """Generated tokens/s per block size for each preemption mode (median, min-max bars)."""
+  styles = {"swap": ("o-", "C0"), "recompute": ("s--", "C1")}
+  modes = list(dict.fromkeys(r["mode"] for r in rows))
+  for i, mode in enumerate(modes):
+    sel = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["block_size"])
+    fmt, color = styles.get(mode, ("^:", "C2"))
+    # Each mode a little left or right of its block size (a log axis: a factor), so that
+    # the two modes' min-max bars at one block size do not hide each other.
+    dodge = 2.0 ** (0.12 * (i - (len(modes) - 1) / 2))
+    _timing.errorbar(
+      ax,
+      [r["block_size"] * dodge for r in sel],
+      [r["tokens_per_s"] for r in sel],
+      [r["tokens_per_s_min"] for r in sel],
+      [r["tokens_per_s_max"] for r in sel],
+      fmt=fmt,
+      color=color,
+      label=f"{mode}, median and min-max of {sel[0]['repeats']} passes",
+    )
+  ax.set_xscale("log", base=2)
+  ax.set_xlabel("block size (tokens, real lengths)")
+  ax.set_ylabel("generated tokens/s")
+  ax.set_ylim(bottom=0)
+  plain_ticks(ax, x=[r["block_size"] for r in rows])
+  ax.set_title(f"Engine throughput per preemption mode ({rows[0]['device'] if rows else ''})")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def _plot(ax, rows: list[dict]) -> None:
@@ -240,7 +295,7 @@ def _plot(ax, rows: list[dict]) -> None:
         [r[f"{name}_max_ms"] for r in sel],
         fmt=fmt,
         color=f"C{i}",
-        label=f"{label}, {seq_len}",
+        label=f"{label}, {seq_len} tokens",
       )
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
@@ -248,4 +303,5 @@ def _plot(ax, rows: list[dict]) -> None:
   ax.set_ylabel("latency (ms; median, min-max bars)")
   plain_ticks(ax, x=[r["block_size"] for r in rows])
   ax.set_title("Preemption cost per sequence")
-  ax.legend(fontsize=7)
+  # Outside the axes: a min-max bar is no obstacle to matplotlib's "best" placement.
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -195,3 +195,86 @@ def test_memory_notes_say_what_the_memory_columns_show_and_no_more():
   assert notes[1].startswith("Memory alone, odd: most tokens at block 16 (95.0%), not falling")
   assert all("lower bound of 16 comes from GPU kernel efficiency" in n for n in notes)
   assert all("do not confirm Figure 18" in n for n in notes)
+
+
+def _rate_row(block_size, mode, lo, median, hi):
+  return dict(
+    block_size=block_size,
+    mode=mode,
+    tokens_per_s=median,
+    tokens_per_s_min=lo,
+    tokens_per_s_max=hi,
+    repeats=5,
+    device="cpu:cpu",
+  )
+
+
+def test_modes_compare_only_where_their_ranges_separate():
+  rows = [
+    _rate_row(8, "swap", 100, 110, 120),
+    _rate_row(8, "recompute", 130, 140, 150),  # above swap's range: recompute faster
+    _rate_row(32, "recompute", 100, 110, 120),
+    _rate_row(32, "swap", 119, 125, 130),  # overlaps
+    _rate_row(128, "swap", 50, 60, 70),  # the other mode missing
+  ]
+  swap_vs_recompute.compare_modes(rows)
+  assert [r["vs_other_mode"] for r in rows] == [
+    "slower",
+    "faster",
+    "indistinguishable",
+    "indistinguishable",
+    None,
+  ]
+
+
+def test_engine_claims_name_a_difference_only_where_the_ranges_separate():
+  small, large = _rate_row(8, None, 100, 110, 120), _rate_row(128, None, 130, 140, 150)
+  (text,) = block_size_ablation.engine_claims([small, large])
+  assert "block 8 (110.0 generated tokens/s, min-max 100.0-120.0 over 5 passes) is slower" in text
+  large.update(tokens_per_s_min=120)  # touching ends overlap
+  (text,) = block_size_ablation.engine_claims([small, large])
+  assert "not distinguishable from" in text
+  assert block_size_ablation.engine_claims([small]) == []
+
+
+def test_capacity_engine_claim_is_tokens_per_step_and_separated_rates():
+  from experiments import batch_capacity
+
+  cap = dict(_rate_row(16, None, 100, 110, 120), system="capped", mean_batch=7.5)
+  paged = dict(_rate_row(16, None, 200, 210, 220), system="paged", mean_batch=26.25)
+  (text,) = batch_capacity.engine_claims([cap, paged])
+  assert text.startswith("Engine: paged serves 3.50x the tokens per step of capped (counts)")
+  assert "is faster than it in generated tokens/s (210.0, min-max 200.0-220.0" in text
+  paged.update(tokens_per_s_min=115)
+  assert "not distinguishable" in batch_capacity.engine_claims([cap, paged])[0]
+
+
+def test_interleaved_passes_alternate_their_order_round_by_round(monkeypatch):
+  order = []
+  monkeypatch.setattr(
+    _engine_bench, "_prepare", lambda model, ec, lengths, **kw: {"name": kw["block_size"]}
+  )
+  monkeypatch.setattr(_engine_bench, "_one_pass", lambda state, ec: order.append(state["name"]))
+  monkeypatch.setattr(_engine_bench, "_row", lambda state: {"block_size": state["name"]})
+  ec = _engine_bench.default_engine_config(requests=1)
+  rows = _engine_bench.measure_interleaved(
+    None, ec, None, [dict(block_size=b, max_num_seqs=1) for b in (8, 16, 32)]
+  )
+  assert order == [8, 16, 32, 32, 16, 8, 8, 16, 32, 32, 16, 8, 8, 16, 32]  # 5 rounds
+  assert rows == [{"block_size": b, "interleaved": True} for b in (8, 16, 32)]
+
+
+@pytest.mark.slow
+def test_interleaved_measurements_count_what_separate_ones_do():
+  ec = _engine_bench.default_engine_config(requests=4)
+  ec.pool_tokens = 64  # small: the 8-token blocks preempt
+  ec.max_seq_len = 64
+  model = _engine_bench.make_model(ec)
+  lengths = np.array([[5, 17], [3, 12], [9, 14], [2, 19]])
+  settings = [dict(block_size=bs, max_num_seqs=4) for bs in (8, 64)]
+  rows = _engine_bench.measure_interleaved(model, ec, lengths, settings)
+  for kw, row in zip(settings, rows, strict=True):
+    alone = _engine_bench.measure(model, ec, lengths, **kw)
+    for key in ("steps", "preemptions", "recomputed_tokens", "generated_tokens", "block_size"):
+      assert row[key] == alone[key], key
+    assert row["repeats"] == 5 and row["interleaved"]

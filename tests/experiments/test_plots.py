@@ -150,3 +150,46 @@ def test_every_plot_lists_its_styles_and_prints_plain_separate_labels(name):
       _check_axes(ax, f"{name}/{plot.name}")
     finally:
       plt.close(fig)
+
+
+def _engine_row(block_size, median, lo, hi, **extra):
+  """An engine row with the keys the engine plots read (experiments._engine_bench.measure)."""
+  return dict(
+    block_size=block_size,
+    tokens_per_s=median,
+    tokens_per_s_min=lo,
+    tokens_per_s_max=hi,
+    repeats=5,
+    device="cpu:cpu",
+    **extra,
+  )
+
+
+def test_engine_plots_have_error_bars_legends_and_plain_labels():
+  from experiments import block_size_ablation, swap_vs_recompute
+
+  ablation = [_engine_row(b, 1000.0 + b, 900.0 + b, 1200.0 + b) for b in (8, 16, 32, 64, 128)]
+  modes = [
+    _engine_row(b, m, m - 100, m + 50, mode=mode)
+    for b in (8, 32, 128)
+    for mode, m in (("swap", 3000.0), ("recompute", 2000.0 + b))
+  ]
+  for name, draw, rows, bars in (
+    ("ablation", block_size_ablation._plot_engine, ablation, 1),
+    ("swap", swap_vs_recompute._plot_engine, modes, 2),
+  ):
+    fig, ax = plt.subplots()
+    try:
+      draw(ax, rows)
+      fig.tight_layout()
+      _check_axes(ax, name)
+      # One min-max bar collection per line, spanning each row's range.
+      assert len(ax.collections) == bars == len(ax.lines)
+      segments = [s for c in ax.collections for s in c.get_segments()]
+      want = sorted((r["tokens_per_s_min"], r["tokens_per_s_max"]) for r in rows)
+      assert sorted((s[0][1], s[1][1]) for s in segments) == want
+      assert [t.get_text() for t in ax.get_xticklabels()] == [
+        str(b) for b in sorted({r["block_size"] for r in rows})
+      ]
+    finally:
+      plt.close(fig)

@@ -248,6 +248,7 @@ def test_config_values_no_experiment_can_run_with_are_named():
       "block_sizes": (4, 16),
       "workloads": ("sharegpt",),
       "kernel_iters": 5,
+      "kernel_inner": 1,
       "engine": {"seed": 0, "block_size": 16, "repeats": 5},
     }
   )
@@ -267,6 +268,7 @@ def test_config_values_no_experiment_can_run_with_are_named():
     # Every timing is the median of at least 5 repeats (issue 19, item 5).
     ("kernel_iters", 1, r"^--config\.kernel_iters=1: kernel_iters must be >= 5"),
     ("engine.repeats", 4, r"^--config\.engine\.repeats=4: repeats must be >= 5"),
+    ("kernel_inner", 0, r"^--config\.kernel_inner=0: kernel_inner \(calls per timed sample\)"),
   ]
   for path, value, match in bad:
     cfg = copy.deepcopy(config)
@@ -487,6 +489,7 @@ def test_git_state_records_commit_and_cleanliness(git_repo):
     "git_commit": head,
     "git_clean": True,
     "git_uncommitted_files": 0,
+    "git_commit_source": "git",
   }
   (git_repo / "code.py").write_text("x = 2\n")  # modified
   (git_repo / "new.py").write_text("")  # untracked counts too
@@ -494,16 +497,42 @@ def test_git_state_records_commit_and_cleanliness(git_repo):
     "git_commit": head,
     "git_clean": False,
     "git_uncommitted_files": 2,
+    "git_commit_source": "git",
   }
 
 
-def test_git_state_outside_a_repository_is_unknown(tmp_path):
+def test_git_state_outside_a_repository_is_unknown(tmp_path, monkeypatch):
+  monkeypatch.delenv("PAXCACHE_COMMIT", raising=False)
   assert run.git_state(str(tmp_path)) == {
     "git_commit": None,
     "git_clean": None,
     "git_uncommitted_files": None,
+    "git_commit_source": None,
   }
   run.check_results_provenance(str(tmp_path / "docs" / "results"), cwd=str(tmp_path))
+
+
+@pytest.mark.parametrize("clean, want", [("1", True), ("0", False), ("", None), ("yes", None)])
+def test_git_state_outside_a_repository_takes_the_commit_from_the_environment(
+  tmp_path, monkeypatch, clean, want
+):
+  # A copy of the tree on a device machine has no .git: whoever copied it names the commit.
+  monkeypatch.setenv("PAXCACHE_COMMIT", " 0123abc\n")
+  monkeypatch.setenv("PAXCACHE_GIT_CLEAN", clean)
+  assert run.git_state(str(tmp_path)) == {
+    "git_commit": "0123abc",
+    "git_clean": want,
+    "git_uncommitted_files": None,
+    "git_commit_source": "PAXCACHE_COMMIT",
+  }
+
+
+def test_git_state_inside_a_repository_ignores_the_environment(git_repo, monkeypatch):
+  monkeypatch.setenv("PAXCACHE_COMMIT", "not-this")
+  monkeypatch.setenv("PAXCACHE_GIT_CLEAN", "0")
+  state = run.git_state(str(git_repo))
+  assert state["git_commit_source"] == "git" and state["git_commit"] != "not-this"
+  assert state["git_clean"] is True
 
 
 def test_dirty_tree_refuses_docs_results_but_not_scratch_dirs(git_repo, tmp_path, monkeypatch):
