@@ -48,13 +48,12 @@ import math
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import _outputs
+from experiments import _engine_bench, _outputs
 from experiments._cost_config import check_cost_config, step_cost
 from experiments._progress import Progress
 from experiments.workloads import workload_label, workload_lengths
 from paxcache.engine import (
   PREEMPTION_MODES,
-  Engine,
   EngineConfig,
   Request,
   RequestMetrics,
@@ -151,6 +150,11 @@ def check_config(config: ConfigDict) -> None:
     raise ValueError("--config.workloads needs at least one workload")
   if config.clock not in CLOCKS:
     raise ValueError(f"--config.clock={config.clock!r}: one of {CLOCKS}")
+  if config.get("distributed", False) and config.clock != "wall":
+    raise ValueError(
+      "--config.distributed=True runs the real engine over several processes: it needs "
+      f"--config.clock=wall, not {config.clock!r}"
+    )
   if not config.latency_bound > 0:
     raise ValueError(f"--config.latency_bound={config.latency_bound!r} must be > 0 s/token")
   if config.warmup_s < 0:
@@ -239,10 +243,14 @@ def _wall_engine_factory(config: ConfigDict):
       f"{model.config.max_seq_len} (clock='wall' runs the real model)"
     )
   device = jax.devices()[0].device_kind
+  distributed = bool(config.get("distributed", False))
+  if distributed:
+    device += f" x {jax.device_count()} over {jax.process_count()} processes"
 
   def make(cfg: EngineConfig, requests: list[Request]):
     clock = WallClock(exclude_compile=config.get("exclude_compile", True))
-    engine = Engine(model, cfg, clock=clock)
+    # Distributed: every process adds the same requests (process 0's are served).
+    engine = _engine_bench.make_engine(model, cfg, distributed, clock=clock)
     warm = [dataclasses.replace(r, request_id=("warm", r.request_id), arrival_time=None) for r in
             requests[: config.warmup_requests]]  # fmt: skip
     engine.run(warm)

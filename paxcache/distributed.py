@@ -45,6 +45,7 @@ __all__ = [
 ENV_COORDINATOR = "PAXCACHE_COORDINATOR"  # host:port of process 0's coordination service
 ENV_NUM_PROCESSES = "PAXCACHE_NUM_PROCESSES"
 ENV_PROCESS_ID = "PAXCACHE_PROCESS_ID"
+_LOOPBACK = ("127.0.0.1", "localhost")
 
 
 def is_initialized() -> bool:
@@ -77,6 +78,8 @@ def initialize(
       devices of several processes; it does not affect GPU or TPU devices); None leaves
       JAX's setting.
     **kwargs: passed to ``jax.distributed.initialize`` (e.g. ``initialization_timeout``).
+      With a ``127.0.0.1`` / ``localhost`` coordinator, ``coordinator_bind_address``
+      defaults to that address (the service listens on loopback only).
 
   Calling it again in an initialised process only returns the indices.
   """
@@ -96,6 +99,10 @@ def initialize(
   given = dict(
     coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
   )
+  if coordinator_address and coordinator_address.rsplit(":", 1)[0] in _LOOPBACK:
+    # A one-machine job: process 0's coordination service listens on loopback only (JAX
+    # binds every interface by default).
+    kwargs.setdefault("coordinator_bind_address", coordinator_address)
   jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None}, **kwargs)
   return jax.process_index(), jax.process_count()
 
