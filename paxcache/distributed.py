@@ -170,6 +170,7 @@ def launch(
   num_processes: int,
   *,
   cpu_devices: int | None = None,
+  gpus_per_process: int | None = None,
   port: int | None = None,
   timeout_s: float | None = None,
   env: dict[str, str] | None = None,
@@ -189,6 +190,8 @@ def launch(
     num_processes: processes to start (>= 1).
     cpu_devices: run on the CPU with this many devices per process (sets ``JAX_PLATFORMS=cpu``
       and ``--xla_force_host_platform_device_count``); None keeps the platform.
+    gpus_per_process: give process ``i`` the GPUs ``i * g .. (i + 1) * g - 1`` of this
+      machine (``CUDA_VISIBLE_DEVICES``); None leaves every GPU visible to every process.
     port: the coordinator's port on 127.0.0.1 (default: a free one).
     timeout_s: stop every process after this many seconds (exit status 124).
     env: extra environment variables for every process.
@@ -206,6 +209,12 @@ def launch(
     isinstance(cpu_devices, bool) or not isinstance(cpu_devices, int) or cpu_devices < 1
   ):
     raise ValueError(f"cpu_devices must be None or an int >= 1, got {cpu_devices!r}")
+  if gpus_per_process is not None and (
+    isinstance(gpus_per_process, bool)
+    or not isinstance(gpus_per_process, int)
+    or gpus_per_process < 1
+  ):
+    raise ValueError(f"gpus_per_process must be None or an int >= 1, got {gpus_per_process!r}")
   if not args:
     raise ValueError("args: nothing to run (give a script or -m module)")
   port = free_port() if port is None else int(port)
@@ -233,6 +242,10 @@ def launch(
   try:
     for i in range(num_processes):
       proc_env = dict(base, **{ENV_PROCESS_ID: str(i)})
+      if gpus_per_process is not None:
+        first = i * gpus_per_process
+        gpus = range(first, first + gpus_per_process)
+        proc_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
       p = subprocess.Popen(
         [sys.executable, *args],
         env=proc_env,

@@ -2,7 +2,8 @@ r"""Starts several processes of one JAX job on this machine (``paxcache.distribu
 
 Usage::
 
-  python -m paxcache.launch --num-processes 2 [--cpu-devices 2] [--port P] [--timeout S] \
+  python -m paxcache.launch --num-processes 2 [--cpu-devices 2 | --gpus-per-process 1] \
+      [--port P] [--timeout S] \
       -- -m experiments.run --config=configs/batch_capacity.py --workdir=/tmp/bc
 
 Everything after ``--`` is what ``python`` runs in every process; the program calls
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     "--cpu-devices", type=int, default=None, help="run on the CPU with this many devices each"
   )
+  parser.add_argument(
+    "--gpus-per-process", type=int, default=None, help="CUDA_VISIBLE_DEVICES split per process"
+  )
   parser.add_argument("--port", type=int, default=None, help="coordinator port (default: free)")
   parser.add_argument("--timeout", type=float, default=None, help="seconds, then stop all")
   opts = parser.parse_args(argv[:split])
@@ -36,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     argv[split + 1 :],
     opts.num_processes,
     cpu_devices=opts.cpu_devices,
+    gpus_per_process=opts.gpus_per_process,
     port=opts.port,
     timeout_s=opts.timeout,
   )

@@ -206,3 +206,10 @@ def test_launch_stops_the_others_and_reports_the_failure():
     distributed.launch(["-c", "pass"], 0)
   with pytest.raises(ValueError, match="nothing to run"):
     distributed.launch([], 1)
+  with pytest.raises(ValueError, match="gpus_per_process must be None or an int >= 1"):
+    distributed.launch(["-c", "pass"], 1, gpus_per_process=0)
+  # Each process sees its own GPUs (the variable is only read here, no GPU is needed).
+  lines = []
+  prog = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+  assert distributed.launch(["-c", prog], 2, gpus_per_process=2, output=lines.append) == 0
+  assert sorted(lines) == ["[p0] 0,1", "[p1] 2,3"]
