@@ -180,7 +180,8 @@ def launch(
   """Runs ``python <args>`` as ``num_processes`` processes of one JAX job on this machine.
 
   Each process gets ``PAXCACHE_COORDINATOR=127.0.0.1:<port>``, ``PAXCACHE_NUM_PROCESSES``
-  and ``PAXCACHE_PROCESS_ID``, which :func:`initialize` reads. Output lines (stdout and
+  and ``PAXCACHE_PROCESS_ID``, which :func:`initialize` reads, and one ``PYTHONHASHSEED``
+  (``0`` unless set). Output lines (stdout and
   stderr together) go to ``output`` (default: this process's stdout), each prefixed with
   ``[p<i>] ``.
 
@@ -223,6 +224,8 @@ def launch(
   base.update(env or {})
   base[ENV_COORDINATOR] = f"127.0.0.1:{port}"
   base[ENV_NUM_PROCESSES] = str(num_processes)
+  # One hash seed for every process, in case host code ever iterates a set of str ids.
+  base.setdefault("PYTHONHASHSEED", "0")
   if cpu_devices is not None:
     base["JAX_PLATFORMS"] = "cpu"
     flags = base.get("XLA_FLAGS", "")
