@@ -22,6 +22,7 @@ block ids stay global.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -30,6 +31,8 @@ from collections.abc import Hashable, Iterable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from paxcache import sharding
 from paxcache.distributed import KeyValueChannel
@@ -218,6 +221,15 @@ class DistributedEngine(Engine):
       if len(pairs):
         self.cache = self.host_pool.swap_in(self.cache, pairs[:, 0], pairs[:, 1])
 
+  def _execute(self, plan: Plan):
+    tokens, shape, candidates = super()._execute(plan)
+    # Read on the host by every process: each must hold a whole copy (GSPMD returns the
+    # step's tokens replicated; if a compiler ever shards them, gather them here).
+    tokens = host_readable(tokens)
+    if candidates is not None:
+      candidates = [host_readable(c) for c in candidates]
+    return tokens, shape, candidates
+
   def _build_batch(self, plan: Plan):
     batch, self._prebuilt = self._prebuilt, None
     return batch if batch is not None else super()._build_batch(plan)
@@ -263,3 +275,17 @@ class DistributedEngine(Engine):
       for key in self._delete_later:
         self._channel.delete(key)
       self._delete_later = [f"guard/{step}/{p}" for p in range(self.process_count)]
+
+
+def host_readable(x: jax.Array) -> jax.Array:
+  """``x`` itself when this process can read all of it (fully addressable, or replicated
+  so that a local copy is whole); else a replicated copy (a collective: every process
+  must call it with its part of the same array)."""
+  if x.is_fully_addressable or x.sharding.is_fully_replicated:
+    return x
+  return _replicate(x.sharding.mesh)(x)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate(mesh):
+  return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))

@@ -137,12 +137,26 @@ def check_swap(mesh, quantized: bool) -> dict:
   )
 
 
+def check_host_readable(mesh) -> dict:
+  """A sharded i32[8] (2 values per device) read whole in every process."""
+  from paxcache.engine._distributed import host_readable
+
+  x = np.arange(8, dtype=np.int32) * 3
+  sharded = _place(x, NamedSharding(mesh, P(sh.MODEL_AXIS)))
+  readable = host_readable(sharded)
+  return dict(
+    was_addressable=sharded.is_fully_addressable,
+    equal=np.asarray(readable).tolist() == x.tolist(),
+  )
+
+
 def serve(out_dir: str) -> dict:
   from paxcache.engine import DistributedEngine
   from paxcache.nn import load_decoder
 
   mesh = sh.make_mesh()
   result = dict(
+    host_readable=check_host_readable(mesh),
     process=jax.process_index(),
     processes=jax.process_count(),
     devices=jax.device_count(),

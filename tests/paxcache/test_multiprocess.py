@@ -71,6 +71,11 @@ def test_two_processes_four_devices(served):
     assert (res["devices"], res["local_devices"]) == (4, 2)
 
 
+def test_tokens_sharded_over_processes_are_read_whole(served):
+  for res in served:
+    assert res["host_readable"] == {"was_addressable": False, "equal": True}
+
+
 def test_per_host_swap_against_numpy(served):
   for p, res in enumerate(served):
     for check in res["swap"]:
