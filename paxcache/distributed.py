@@ -14,7 +14,8 @@ The API is three things:
 * :func:`launch` (and ``python -m paxcache.launch``) starts ``num_processes`` copies of one
   Python command on this machine with a 127.0.0.1 coordinator on a free port, prefixes
   their output with ``[p<i>]``, stops them all when one fails or a time limit passes, and
-  returns the first failure's exit status (0 when all succeed).
+  returns the first failure's exit status (0 when all succeed). On Linux the processes
+  also get SIGTERM if the launching process (the thread that called this) dies.
 * :class:`KeyValueChannel`: small byte messages between the processes through the JAX
   coordination service's key-value store (no device work); what the engine uses to send
   new requests and compare digests at step boundaries.
@@ -257,6 +258,7 @@ def launch(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
       )
       procs.append(p)
       t = threading.Thread(target=pump, args=(i, p.stdout), daemon=True)
@@ -281,6 +283,15 @@ def launch(
     _stop(procs)
     for t in readers:
       t.join(timeout=5)
+
+
+def _die_with_parent() -> None:
+  """In the child, before exec (Linux): SIGTERM when the launching process dies, so that a
+  launcher killed outright (SIGKILL: no ``finally``) leaves no process behind."""
+  import ctypes
+
+  pr_set_pdeathsig = 1
+  ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
