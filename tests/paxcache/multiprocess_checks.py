@@ -29,10 +29,11 @@ from paxcache.cache import PagedKVCache
 DIVERGE_AT = 3
 
 
-def requests():
+def requests(beam: bool = False):
   """Shared with the test (which serves them in one process): prompts from the tiny
   model's corpus; requests 0 and 1 share a 2-block prefix (block_size 8), request 2 forks
-  (n=2) and request 3 samples (temperature 0.8, n=2, a fixed seed)."""
+  (n=2) and request 3 samples (temperature 0.8, n=2, a fixed seed); with ``beam`` also
+  request 5, a beam search of width 2 (not with async scheduling)."""
   from paxcache.engine import Request
   from paxcache.nn import TINY_CORPUS
 
@@ -43,13 +44,16 @@ def requests():
     return list(corpus[start : start + n])
 
   shared = text(100, 16)
-  return [
+  reqs = [
     Request(0, shared + text(300, 5), max_new_tokens=10),
     Request(1, shared + text(400, 9), max_new_tokens=12),
     Request(2, text(500, 21), max_new_tokens=12, n=2),
     Request(3, text(600, 9), max_new_tokens=14, n=2, temperature=0.8, seed=7),
     Request(4, text(700, 30), max_new_tokens=8),
   ]
+  if beam:
+    reqs.append(Request(5, text(800, 7), max_new_tokens=6, beam_width=2))
+  return reqs
 
 
 def engine_config(mode: str, mesh=None, **kw):
@@ -167,11 +171,13 @@ def serve(out_dir: str) -> dict:
   for mode, kw in (("swap", {}), ("recompute", {"async_scheduling": True})):
     engine = DistributedEngine(load_decoder(), engine_config(mode, mesh, **kw), guard_every=2)
     # Process 0's requests are served; the others pass nothing.
-    outs = engine.run(requests() if jax.process_index() == 0 else ())
+    reqs = requests(beam=mode == "swap")
+    outs = engine.run(reqs if jax.process_index() == 0 else ())
     m = engine.metrics
     a = engine.allocator
     result["runs"][mode] = dict(
       samples={str(k): o.samples for k, o in sorted(outs.items())},
+      scores={str(k): o.scores for k, o in sorted(outs.items()) if o.scores is not None},
       preemptions_swap=m.preemptions_swap,
       preemptions_recompute=m.preemptions_recompute,
       swapped_in_blocks=m.swapped_in_blocks,

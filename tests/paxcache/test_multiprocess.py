@@ -26,6 +26,10 @@ import multiprocess_checks as mc  # noqa: E402
 # Seconds for each 2-process job (their sum, 240 s, bounds this file's multi-process part):
 # the serve job took 48-78 s on this shared 2-core machine, the divergence job 16-27 s.
 SERVE_TIMEOUT_S, DIVERGE_TIMEOUT_S = 150, 90
+# |beam score, 4 devices over 2 processes - one device|: each score sums 6 log-softmax
+# values of a whole forward pass whose all-reduces add the 4 devices' parts in another
+# order than one device's matmuls; measured 2.4e-6, so atol 1e-5 leaves 4x.
+BEAM_SCORE_ATOL = 1e-5
 
 
 def _launch(mode: str, out_dir, timeout_s: float) -> list[dict]:
@@ -60,8 +64,12 @@ def reference():
   out = {}
   for mode in ("swap", "recompute"):
     engine = Engine(load_decoder(), mc.engine_config(mode))
-    res = engine.run(mc.requests())
-    out[mode] = ({str(k): o.samples for k, o in sorted(res.items())}, engine.metrics)
+    res = engine.run(mc.requests(beam=mode == "swap"))
+    out[mode] = (
+      {str(k): o.samples for k, o in sorted(res.items())},
+      engine.metrics,
+      {str(k): o.scores for k, o in sorted(res.items()) if o.scores is not None},
+    )
   return out
 
 
@@ -88,10 +96,14 @@ def test_per_host_swap_against_numpy(served):
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_tensor_parallel_outputs_match_one_process(served, reference, mode):
-  want, want_metrics = reference[mode]
+  want, want_metrics, want_scores = reference[mode]
   for p, res in enumerate(served):
     run = res["runs"][mode]
     assert run["samples"] == want, f"process {p}, {mode}"
+    # Beam search (swap run): the same beams, their scores up to float rounding.
+    assert run["scores"].keys() == want_scores.keys() == ({"5"} if mode == "swap" else set())
+    for k, scores in want_scores.items():
+      np.testing.assert_allclose(run["scores"][k], scores, rtol=0, atol=BEAM_SCORE_ATOL)
     # What the run went through (the same decisions as the single process made).
     assert run["preemptions_swap"] == want_metrics.preemptions_swap
     assert run["preemptions_recompute"] == want_metrics.preemptions_recompute
@@ -165,7 +177,7 @@ def test_distributed_engine_in_one_process_matches_engine(reference):
 
   config = mc.engine_config("swap", sh.make_mesh(1))
   engine = DistributedEngine(load_decoder(), config, guard_every=1)
-  out = engine.run(mc.requests())
+  out = engine.run(mc.requests(beam=True))
   got = {str(k): o.samples for k, o in sorted(out.items())}
   assert got == reference["swap"][0]
   assert engine.guard_checks == engine.metrics.steps  # every step compared (with itself)
