@@ -250,15 +250,18 @@ def launch(
         first = i * gpus_per_process
         gpus = range(first, first + gpus_per_process)
         proc_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+      command = [sys.executable, *args]
+      if sys.platform == "linux":
+        command = [sys.executable, "-c", _DIE_WITH_PARENT, *args]
+        proc_env[_ENV_LAUNCHER_PID] = str(os.getpid())
       p = subprocess.Popen(
-        [sys.executable, *args],
+        command,
         env=proc_env,
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
       )
       procs.append(p)
       t = threading.Thread(target=pump, args=(i, p.stdout), daemon=True)
@@ -285,13 +288,18 @@ def launch(
       t.join(timeout=5)
 
 
-def _die_with_parent() -> None:
-  """In the child, before exec (Linux): SIGTERM when the launching process dies, so that a
-  launcher killed outright (SIGKILL: no ``finally``) leaves no process behind."""
-  import ctypes
-
-  pr_set_pdeathsig = 1
-  ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+# Run first in each launched process (Linux): ask for SIGTERM when the launcher dies (a
+# launcher killed outright runs no ``finally``), then exec the real program (the request
+# survives exec). If the launcher died before the request, stop at once. A shim rather
+# than ``preexec_fn``: forking a multithreaded process (JAX's) to run Python is unsafe.
+_ENV_LAUNCHER_PID = "PAXCACHE_LAUNCHER_PID"
+_DIE_WITH_PARENT = f"""
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(os.environ.pop({_ENV_LAUNCHER_PID!r})):
+  sys.exit(1)
+os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+"""
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
