@@ -45,8 +45,10 @@ from paxcache import cache as cache_ops
 from paxcache.cache import PagedKVCache
 
 MODEL_AXIS = "model"
+DATA_AXIS = "data"  # independent replicas (paxcache.engine.Router): nothing is sharded on it
 
 __all__ = [
+  "DATA_AXIS",
   "MODEL_AXIS",
   "HeadLayout",
   "KVSharding",
@@ -54,7 +56,9 @@ __all__ = [
   "head_layout",
   "init_sharded_cache",
   "kv_sharding",
+  "make_data_mesh",
   "make_mesh",
+  "replica_meshes",
   "shard_cache",
   "shard_model",
   "sharded_cache_write",
@@ -79,6 +83,54 @@ def make_mesh(num_devices: int | None = None, axis: str = MODEL_AXIS, *, devices
   if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= len(devs):
     raise ValueError(f"num_devices must be an int in [1, {len(devs)}], got {num_devices!r}")
   return Mesh(np.array(devs[: int(n)]), (axis,))
+
+
+def make_data_mesh(
+  num_replicas: int,
+  model_size: int = 1,
+  *,
+  data_axis: str = DATA_AXIS,
+  model_axis: str = MODEL_AXIS,
+  devices=None,
+) -> Mesh:
+  """A 2-D mesh ``(data_axis, model_axis)`` of ``num_replicas x model_size`` devices.
+
+  Row ``r`` (``mesh.devices[r]``) is replica ``r``'s tensor-parallel group. The devices
+  (default: all) are taken ordered by ``(process_index, id)``, so that with
+  ``jax.distributed`` a replica lies within one process whenever ``model_size`` divides
+  each process's device count: the router (``paxcache.engine.Router``) needs every replica
+  inside one process.
+  """
+  devs = sorted(
+    jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id)
+  )
+  for name, v in (("num_replicas", num_replicas), ("model_size", model_size)):
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  n = int(num_replicas) * int(model_size)
+  if n > len(devs):
+    raise ValueError(
+      f"{num_replicas} replicas x {model_size} devices = {n} devices, but only {len(devs)} exist"
+    )
+  if data_axis == model_axis:
+    raise ValueError(f"data_axis and model_axis are both {data_axis!r}")
+  return Mesh(
+    np.array(devs[:n]).reshape(int(num_replicas), int(model_size)), (data_axis, model_axis)
+  )
+
+
+def replica_meshes(mesh: Mesh, data_axis: str = DATA_AXIS) -> list[Mesh]:
+  """The sub-meshes of ``mesh`` along ``data_axis``: replica ``r`` gets the devices at index
+  ``r`` of that axis, with the mesh's other axes (in order). A mesh whose only axis is
+  ``data_axis`` gives each replica a 1-device mesh with axis ``MODEL_AXIS``."""
+  _axis_size(mesh, data_axis)
+  i = mesh.axis_names.index(data_axis)
+  rest = tuple(a for a in mesh.axis_names if a != data_axis)
+  out = []
+  for r in range(mesh.devices.shape[i]):
+    devs = np.take(mesh.devices, [r], axis=i)  # keeps the axis: an object array of devices
+    out.append(Mesh(devs.squeeze(axis=i), rest) if rest else Mesh(devs, (MODEL_AXIS,)))
+  return out
 
 
 def _axis_size(mesh: Mesh, axis: str) -> int:

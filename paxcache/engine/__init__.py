@@ -27,6 +27,7 @@ from paxcache.engine._engine import (
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Request, RequestError, RequestMetrics, RequestOutput
 from paxcache.engine._reservation import RESERVATION_POLICIES, reservation_blocks
+from paxcache.engine._router import Router, RouterMetrics, allgather_exchange
 from paxcache.engine._sampling import sample_tokens
 from paxcache.engine._scheduler import Scheduler
 
@@ -54,10 +55,13 @@ __all__ = [
   "Request",
   "RequestError",
   "RequestOutput",
+  "Router",
+  "RouterMetrics",
   "RunMetrics",
   "Scheduler",
   "StepBatch",
   "StepMetrics",
+  "allgather_exchange",
   "build_step_batch",
   "device_step",
   "sample_tokens",

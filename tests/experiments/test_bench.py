@@ -59,6 +59,7 @@ def documented_commands(script: str) -> list[list[str]]:
 def test_bench_package_lists_the_scripts():
   assert SCRIPTS == [
     "cascade",
+    "dp_router",
     "engine_host",
     "engine_step",
     "gpu_check",
@@ -279,6 +280,50 @@ def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
   assert row["repeats"] == 3 and row["generated_tokens"] == int(lengths[:, 1].sum())
   assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
   assert "steps_per_pass" not in row  # the same lengths take the same steps every pass
+
+
+@pytest.mark.slow
+def test_dp_router_tiny_on_two_cpu_devices(tmp_path):
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  }
+  code = NO_ML_COLLECTIONS + (
+    "import sys; from experiments.bench import dp_router, _flags\n"
+    f"sys.argv = ['dp_router', '--out', {str(tmp_path)!r}, '--tiny', '--repeats', '1']\n"
+    "_flags.run(dp_router.define_flags, dp_router.main)\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| 2 x 1 | load |" in proc.stdout
+  rows = [json.loads(line) for line in (tmp_path / "dp_router.jsonl").read_text().splitlines()]
+  assert [(r["replicas"], r["routing"]) for r in rows] == [
+    (1, "affinity"),
+    (2, "affinity"),
+    (2, "load"),
+  ]
+  from experiments.bench import dp_router
+
+  s = dp_router.Setup(**dp_router.TINY)
+  lengths = dp_router.make_lengths(s)
+  for r in rows:
+    assert r["generated_tokens"] == int(lengths[:, 2].sum())
+    assert sum(r["routed"]) == len(lengths) == r["requests"]
+    assert r["preemptions"] == 0
+  one, aff, load = rows
+  assert len(one["routed"]) == 1 and min(aff["routed"]) > 0 and min(load["routed"]) > 0
+  # Without preemption every prompt token is either computed or a prefix hit, so a hit lost
+  # by routing on load alone is a token computed again.
+  for r in (aff, load):
+    assert r["computed_tokens"] + r["prefix_hit_tokens"] == (
+      one["computed_tokens"] + one["prefix_hit_tokens"]
+    )
+  # Spread over both replicas, each prefix is computed on each: fewer hits than with affinity.
+  assert load["prefix_hit_tokens"] < aff["prefix_hit_tokens"]
 
 
 def test_cascade_smoke_runs_without_ml_collections(tmp_path):
