@@ -56,6 +56,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.step_records_where = ""  # only the records matching "key=value[,key=value]"
   config.model = "tiny"  # clock="wall": "tiny" (packaged) or "smollm2-135m" / "llama-1b" shapes
   config.async_scheduling = False  # clock="wall": EngineConfig.async_scheduling
+  # clock="wall": one process of a multi-process JAX job (python -m paxcache.launch ...), the
+  # engine a DistributedEngine on a mesh over every process's devices (docs/scaling.md).
+  config.distributed = False
   config.partial_path = ""  # if set, each row is appended here (JSON lines) once measured
   config.heldout_fraction = 0.2  # of step_records, held out to report the fit's error
   config.cost_form = "linear"  # of a fitted model: "linear" or "bucketed" (engine/_cost.py)

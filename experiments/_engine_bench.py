@@ -43,6 +43,9 @@ def default_engine_config(requests: int = 0) -> ConfigDict:
   c.num_host_blocks_share = 1.0  # host pool blocks as a share of device blocks (swap mode)
   c.seed = 0  # prompts and parameters
   c.repeats = 5  # measured passes per measurement: tokens/s is their median, with min-max
+  # One JAX job of several processes (python -m paxcache.launch ...): a DistributedEngine
+  # on a mesh over every process's devices (docs/scaling.md).
+  c.distributed = False
   # The model (paxcache.nn.DecoderConfig fields).
   c.max_seq_len = 256  # longest request after scaling; longer ones are dropped
   c.vocab_size = 256  # tokens
@@ -75,6 +78,36 @@ def make_model(ec: ConfigDict):
     ),
     rngs=nnx.Rngs(ec.seed),
   )
+
+
+def wants_distributed(config: ConfigDict) -> bool:
+  """Whether the run is one process of a multi-process JAX job: ``config.engine.distributed``
+  (the engine experiments) or ``config.distributed`` (request_rate)."""
+  ec = config.get("engine")
+  return bool(
+    config.get("distributed", False) or (isinstance(ec, ConfigDict) and ec.get("distributed"))
+  )
+
+
+def make_engine(model, engine_config, distributed: bool = False, **kwargs):
+  """``Engine(model, engine_config, **kwargs)``, or with ``distributed`` a
+  :class:`paxcache.engine.DistributedEngine` on a ``model`` mesh over every process's devices
+  (``paxcache.distributed.initialize()`` must have run: ``experiments.run`` calls it)."""
+  from paxcache.engine import DistributedEngine, Engine
+
+  if not distributed:
+    return Engine(model, engine_config, **kwargs)
+  from paxcache.sharding import make_mesh
+
+  config = dataclasses.replace(engine_config, mesh=make_mesh())
+  return DistributedEngine(model, config, **kwargs)
+
+
+def distributed_label() -> dict:
+  """Row fields saying where a distributed run ran."""
+  import jax
+
+  return {"processes": jax.process_count(), "devices": jax.device_count()}
 
 
 def engine_block_size(length_scale: float, block_size: int) -> int:
@@ -138,12 +171,17 @@ def _prepare(
   pool_tokens: int | None = None,
 ) -> dict:
   """A fresh engine for one measurement, after its compile pass (same lengths, other
-  prompt tokens, so that no prefix hit carries over)."""
-  from paxcache.engine import Engine, EngineConfig
+  prompt tokens, so that no prefix hit carries over).
+
+  ``lengths`` are already scaled (:func:`scaled_lengths`); ``block_size`` is on real lengths
+  and runs as :func:`engine_block_size`; ``pool_tokens`` (default ``ec.pool_tokens``) are
+  scaled slots."""
+  from paxcache.engine import EngineConfig
 
   engine_bs = engine_block_size(ec.length_scale, block_size)
   num_blocks = (pool_tokens or ec.pool_tokens) // engine_bs
-  engine = Engine(
+  distributed = bool(ec.get("distributed", False))
+  engine = make_engine(
     model,
     EngineConfig(
       num_blocks=num_blocks,
@@ -155,6 +193,7 @@ def _prepare(
       max_num_batched_tokens=ec.max_num_batched_tokens,
       seed=ec.seed,
     ),
+    distributed,
   )
   engine.run(_requests(lengths, ec, "warmup", ec.seed + 1))
   return {
@@ -163,6 +202,7 @@ def _prepare(
     "block_size": block_size,
     "engine_block_size": engine_bs,
     "num_blocks": num_blocks,
+    "distributed": distributed,
     "passes": [],
   }
 
@@ -226,6 +266,8 @@ def _row(state: dict) -> dict:
     "pool_tokens": state["num_blocks"] * state["engine_block_size"],
     "device": device_label(),
   }
+  if state["distributed"]:
+    row.update(distributed_label())
   for key in ("steps", "preemptions", "recomputed_tokens", "swapped_blocks"):
     if any(p[key] != first[key] for p in passes):
       row[f"{key}_per_pass"] = [p[key] for p in passes]

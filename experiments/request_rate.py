@@ -63,13 +63,12 @@ import time
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import _outputs
+from experiments import _engine_bench, _outputs
 from experiments._cost_config import check_cost_config, step_cost
 from experiments._progress import Progress
 from experiments.workloads import workload_label, workload_lengths
 from paxcache.engine import (
   PREEMPTION_MODES,
-  Engine,
   EngineConfig,
   Request,
   RequestMetrics,
@@ -193,6 +192,11 @@ def check_config(config: ConfigDict) -> None:
     raise ValueError("--config.workloads needs at least one workload")
   if config.clock not in CLOCKS:
     raise ValueError(f"--config.clock={config.clock!r}: one of {CLOCKS}")
+  if config.get("distributed", False) and config.clock != "wall":
+    raise ValueError(
+      "--config.distributed=True runs the real engine over several processes: it needs "
+      f"--config.clock=wall, not {config.clock!r}"
+    )
   if not config.latency_bound > 0:
     raise ValueError(f"--config.latency_bound={config.latency_bound!r} must be > 0 s/token")
   if config.warmup_s < 0:
@@ -291,13 +295,17 @@ def _wall_engine_factory(config: ConfigDict):
       f"{model.config.max_seq_len} (clock='wall' runs the real model)"
     )
   device = jax.devices()[0].device_kind
+  distributed = bool(config.get("distributed", False))
+  if distributed:
+    device += f" x {jax.device_count()} over {jax.process_count()} processes"
 
   warmups = {}  # shape-relevant engine settings -> WarmupReport
   used = {}  # id(engine) -> the WarmupReport it was warmed with
 
   def make(cfg: EngineConfig, requests: list[Request]):
     clock = WallClock(exclude_compile=config.get("exclude_compile", True))
-    engine = Engine(model, cfg, clock=clock)
+    # Distributed: every process adds the same requests (process 0's are served).
+    engine = _engine_bench.make_engine(model, cfg, distributed, clock=clock)
     if config.get("warmup_shapes", False):
       key = dataclasses.replace(cfg, reservation="paged", watermark_blocks=0)
       if key not in warmups:

@@ -271,6 +271,16 @@ def run_experiment(
   workdir or anything in it is written.
   """
   start = time.perf_counter()
+  from experiments._engine_bench import wants_distributed
+
+  if wants_distributed(config):
+    # One process of a multi-process JAX job: join it before anything touches a device.
+    # Process 0 writes the workdir; process i > 0 writes the same files to process<i>/.
+    from paxcache import distributed
+
+    index, _ = distributed.initialize()
+    if index:
+      workdir = os.path.join(workdir, f"process{index}")
   fn, field, runs = prepare_run(config, workdir, sweep)
   git = git_state()  # before this run writes anything into the tree
   record = config_record(config, variant, field, [value for value, _ in runs])

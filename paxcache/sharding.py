@@ -52,6 +52,7 @@ __all__ = [
   "MODEL_AXIS",
   "HeadLayout",
   "KVSharding",
+  "LocalHostKVPool",
   "head_layout",
   "init_sharded_cache",
   "kv_sharding",
@@ -571,3 +572,142 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
       _put(mlp.up.kernel, cols)
       _put(mlp.down.kernel, rows)
   return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Swapping on several hosts: each process moves the shards on its own devices.
+
+
+class LocalHostKVPool(cache_ops.HostKVPool):
+  """The host (swap) pool of one process for a cache sharded over heads: this process's
+  pool heads of every host block.
+
+  A process can read and write only the shards on its own devices, so under multi-controller
+  JAX (``jax.distributed``) each process keeps the heads its devices hold, ``heads`` (pool
+  head ids, ascending), and :meth:`swap_out` / :meth:`swap_in` move just those. Host block
+  ids are global, as the allocator hands them out: block ``b`` of every process's pool holds
+  that process's heads of the same swapped block. In one process ``heads`` is every pool
+  head and the pool is ``HostKVPool.like(cache, num_host_blocks)``.
+
+  ``k, v: [num_layers, len(heads), num_host_blocks, block_size, head_dim]`` (and the scale
+  pools of an 8-bit cache), NumPy, as :class:`paxcache.cache.HostKVPool`.
+  """
+
+  def __init__(self, cache: PagedKVCache, num_host_blocks: int):
+    cache_ops._check_cache(cache)
+    pool = cache.k[0]
+    sharding = pool.sharding
+    if not isinstance(sharding, NamedSharding):
+      raise ValueError(
+        f"LocalHostKVPool needs a cache placed on a mesh (NamedSharding), got {sharding!r}"
+      )
+    num_heads = pool.shape[0]
+    heads = set()
+    for index in sharding.addressable_devices_indices_map(pool.shape).values():
+      heads.update(range(*index[0].indices(num_heads)))
+    self.heads = tuple(sorted(heads))
+    self._position = {h: i for i, h in enumerate(self.heads)}
+    self._mesh = sharding.mesh
+    spec = tuple(sharding.spec) + (None,) * (pool.ndim - len(sharding.spec))
+    if any(s is not None for s in spec[1:]):
+      raise ValueError(f"the pools must be sharded over heads (axis 0) only, got {sharding.spec}")
+    # Blocks moved between pool and host: [num_layers, heads, n, block_size, ...], heads
+    # sharded as in the pools.
+    self._moved = NamedSharding(self._mesh, P(None, spec[0]))
+    host = cache_ops.HostKVPool.create(
+      cache.num_layers,
+      len(self.heads),
+      num_host_blocks,
+      cache.block_size,
+      cache.head_dim,
+      cache.dtype,
+    )
+    super().__init__(host.k, host.v, host.k_scale, host.v_scale)
+    self._num_heads = num_heads
+
+  def __repr__(self) -> str:
+    return f"LocalHostKVPool(heads={self.heads}, k={cache_ops._shape_str(self.k)})"
+
+  def _pools(self) -> list[np.ndarray]:
+    return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.k_scale is not None else [])
+
+  def _ids(self, cache: PagedKVCache, device_ids, host_ids, dst_name: str):
+    cache_ops._check_cache(cache)
+    if cache.k[0].shape[0] != self._num_heads or cache.num_layers != self.k.shape[0]:
+      raise ValueError(
+        f"cache of {cache.num_layers} layers x {cache.k[0].shape[0]} heads does not fit this "
+        f"pool ({self.k.shape[0]} layers x {self._num_heads} heads)"
+      )
+    device_ids = np.asarray(cache_ops._as_ids(np.asarray(device_ids), "device_ids"))
+    host_ids = np.asarray(cache_ops._as_ids(np.asarray(host_ids), "host_ids"))
+    if device_ids.shape != host_ids.shape:
+      raise ValueError(
+        f"device_ids {device_ids.shape} and host_ids {host_ids.shape} must have one shape"
+      )
+    cache_ops._check_range(device_ids, "device_ids", cache.num_blocks, allow_invalid=False)
+    cache_ops._check_range(host_ids, "host_ids", self.num_host_blocks, allow_invalid=False)
+    cache_ops._check_unique(device_ids if dst_name == "device_ids" else host_ids, dst_name)
+    return device_ids.astype(np.int32), host_ids.astype(np.int64)
+
+  def swap_out(self, cache: PagedKVCache, device_ids, host_ids) -> None:
+    """Copies this process's heads of device blocks ``device_ids[i]`` into host blocks
+    ``host_ids[i]``. Every process calls it with the same ids (it runs one jitted gather
+    over the mesh); each then reads only its own devices' shards."""
+    device_ids, host_ids = self._ids(cache, device_ids, host_ids, "host_ids")
+    if device_ids.size == 0:
+      return
+    moved = _gather_local(self._moved)(cache, device_ids)
+    for host, arr in zip(self._pools(), moved, strict=True):
+      shards = arr.addressable_shards
+      datas = jax.device_get([s.data for s in shards])
+      for s, data in zip(shards, datas, strict=True):
+        for j, h in enumerate(range(*s.index[1].indices(self._num_heads))):
+          host[:, self._position[h], host_ids] = data[:, j]
+
+  def swap_in(self, cache: PagedKVCache, host_ids, device_ids) -> PagedKVCache:
+    """Copies this process's heads of host blocks ``host_ids[i]`` into device blocks
+    ``device_ids[i]``; returns the new cache (``cache`` is donated). Every process calls it
+    with the same ids; each supplies its own heads."""
+    device_ids, host_ids = self._ids(cache, device_ids, host_ids, "device_ids")
+    if device_ids.size == 0:
+      return cache
+    arrays = []
+    for host in self._pools():
+      picked = host[:, :, host_ids]  # [L, local heads, n, ...]
+      shape = (picked.shape[0], self._num_heads) + picked.shape[2:]
+
+      def local(index, picked=picked):
+        rows = [self._position[h] for h in range(*index[1].indices(self._num_heads))]
+        return picked[:, rows][(slice(None), slice(None)) + tuple(index[2:])]
+
+      arrays.append(jax.make_array_from_callback(shape, self._moved, local))
+    return _scatter_local(self._moved)(cache, tuple(arrays), device_ids)
+
+
+@functools.lru_cache(maxsize=16)
+def _gather_local(moved: NamedSharding):
+  def gather(cache, ids):
+    kinds = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if cache.k_scale else [])
+    return tuple(jnp.stack([pool[:, ids] for pool in pools]) for pools in kinds)
+
+  return jax.jit(gather, out_shardings=moved)
+
+
+@functools.lru_cache(maxsize=16)
+def _scatter_local(moved: NamedSharding):
+  pool = NamedSharding(moved.mesh, P(moved.spec[1]))
+
+  def scatter(cache, blocks, ids):
+    def put(pools, new):
+      return tuple(p.at[:, ids].set(new[i]) for i, p in enumerate(pools))
+
+    if not cache.k_scale:
+      return PagedKVCache(k=put(cache.k, blocks[0]), v=put(cache.v, blocks[1]))
+    return PagedKVCache(
+      k=put(cache.k, blocks[0]),
+      v=put(cache.v, blocks[1]),
+      k_scale=put(cache.k_scale, blocks[2]),
+      v_scale=put(cache.v_scale, blocks[3]),
+    )
+
+  return jax.jit(scatter, donate_argnums=0, out_shardings=pool)

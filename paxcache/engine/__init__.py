@@ -16,6 +16,7 @@ from paxcache.engine._cost import (
   step_record,
 )
 from paxcache.engine._decode_plan import DECODE_PLAN_MODES, DecodePlanner
+from paxcache.engine._distributed import DistributedEngine, DivergenceError
 from paxcache.engine._engine import (
   PREEMPTION_MODES,
   Engine,
@@ -54,6 +55,8 @@ __all__ = [
   "reservation_blocks",
   "step_record",
   "DecodePlanner",
+  "DistributedEngine",
+  "DivergenceError",
   "Engine",
   "EngineConfig",
   "Request",

@@ -174,7 +174,8 @@ class EngineConfig:
       model it is given in place (``paxcache.sharding.shard_model``) and allocates the
       device pool sharded (``num_blocks`` blocks, each device holding its own heads of
       every block); block ids, the allocator and the host pool (all the pool heads, on
-      this host) work as on one device. Single host only.
+      this host) work as on one device. A mesh over several processes' devices takes
+      ``DistributedEngine`` (docs/scaling.md).
     mesh_axis: the tensor-parallel axis of ``mesh``.
     async_scheduling: schedule step n + 1 on the host while step n runs on the device
       (vLLM v1's and SGLang's overlap scheduling). Step n + 1 reads the tokens step n

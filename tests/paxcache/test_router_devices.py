@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
+
+from paxcache import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHECKS = os.path.join(REPO, "tests", "paxcache", "router_checks.py")
@@ -39,46 +39,23 @@ def single():
   return _last_json(proc.stdout)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def spawn(num_processes: int, timeout: float) -> list[str]:
-  """Runs ``router_checks.py worker`` as ``num_processes`` processes on localhost with a
-  coordinator on a free 127.0.0.1 port; returns their stdouts. Every process is killed if
-  one fails or the time runs out. (Small on purpose: to be replaced by the repository's
-  launcher once there is one.)"""
-  port = _free_port()
+def spawn(num_processes: int, timeout: float) -> list[dict]:
+  """Runs ``router_checks.py worker`` as ``num_processes`` processes of one job on this
+  machine with ``paxcache.distributed.launch`` (a coordinator on a free 127.0.0.1 port,
+  the job in ``PAXCACHE_*`` variables); returns each process's result, by process index.
+  The launcher stops every process if one fails or the time runs out."""
+  lines: list[str] = []
   with tempfile.TemporaryDirectory() as tmp:
-    procs, files = [], []
-    try:
-      for p in range(num_processes):
-        out = open(os.path.join(tmp, f"{p}.out"), "w+")  # files, not pipes: none can block
-        err = open(os.path.join(tmp, f"{p}.err"), "w+")
-        files.append((out, err))
-        cmd = [sys.executable, CHECKS, "worker", str(p), str(num_processes), str(port)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=err))
-      deadline = time.monotonic() + timeout
-      while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-        if failed or time.monotonic() > deadline:
-          break
-        time.sleep(0.2)
-    finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-        p.wait()
-    texts = []
-    for (out, err), p in zip(files, procs, strict=True):
-      out.seek(0), err.seek(0)
-      o, e = out.read(), err.read()
-      out.close(), err.close()
-      assert p.returncode == 0, f"process {len(texts)} exited {p.returncode}:\n{e[-4000:]}"
-      texts.append(o)
-  return texts
+    env = dict(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, ROUTER_CHECKS_OUT=tmp)
+    rc = distributed.launch(
+      [CHECKS, "worker"], num_processes, timeout_s=timeout, cwd=REPO, env=env, output=lines.append
+    )
+    assert rc == 0, "\n".join(line for line in lines if "Gloo" not in line)[-4000:]
+    results = []
+    for p in range(num_processes):
+      with open(os.path.join(tmp, f"worker{p}.json")) as f:
+        results.append(json.load(f))
+  return results
 
 
 def _check_prefix_and_balance(run: dict):
@@ -115,7 +92,7 @@ def test_two_replicas_in_one_process(single):
 
 
 def test_two_replicas_in_two_processes(single):
-  runs = [_last_json(t) for t in spawn(2, timeout=240)]
+  runs = spawn(2, timeout=240)
   for p, run in enumerate(runs):
     assert run["process_index"] == p and run["device_count"] == 4
     assert run["local"] == [p]  # each process serves the replica on its own two devices
