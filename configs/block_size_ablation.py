@@ -29,7 +29,7 @@ time is mostly compiling the engine's step shapes (not yet run on a GPU)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:gpu_engine --workdir=/tmp/abl_ge
 
-Outside a git tree (a copy on a device machine) set PAXCACHE_COMMIT (and PAXCACHE_GIT_CLEAN=1
+On a copy of the tree (a device machine) set PAXCACHE_COMMIT (and PAXCACHE_GIT_CLEAN=1
 for a clean tree) so that run_info.json names the commit (experiments/run.py git_state).
 """
 

@@ -26,7 +26,7 @@ engine's step shapes; not yet run on a GPU)::
 
   python -m experiments.run --config=configs/swap_vs_recompute.py:gpu_engine --workdir=/tmp/swap_ge
 
-Outside a git tree (a copy on a device machine) set PAXCACHE_COMMIT (and PAXCACHE_GIT_CLEAN=1
+On a copy of the tree (a device machine) set PAXCACHE_COMMIT (and PAXCACHE_GIT_CLEAN=1
 for a clean tree) so that run_info.json names the commit (experiments/run.py git_state).
 """
 

@@ -348,21 +348,27 @@ def git_state(cwd: str | None = None) -> dict:
   """The commit checked out at ``cwd`` (default: this file's tree) and whether the tree is
   clean: ``git status --porcelain`` empty, untracked files included.
 
-  Outside a git tree (a copy of the tree on a device machine) the commit is
-  ``$PAXCACHE_COMMIT`` and cleanliness ``$PAXCACHE_GIT_CLEAN`` ("1" clean, "0" not), as the
-  person who copied the tree recorded them; ``git_commit_source`` says which
-  (``"git"``, ``"PAXCACHE_COMMIT"``, or ``None`` with every value ``None``: unknown). Inside
-  a git tree the environment is ignored."""
+  When ``$PAXCACHE_COMMIT`` is set (a copy of the tree on a device machine), the commit is
+  that value and cleanliness ``$PAXCACHE_GIT_CLEAN`` ("1" clean, "0" not), as the person who
+  copied the tree recorded them, even inside a git tree: a device copy can carry a stale
+  ``.git`` whose HEAD and status describe an older tree (seen on the H200 machine). Where
+  git's HEAD differs from the stated commit, ``git_head_seen`` records it.
+  ``git_commit_source`` says which (``"git"``, ``"PAXCACHE_COMMIT"``, or ``None`` with every
+  value ``None``: unknown)."""
   status = _git("status", "--porcelain", cwd=cwd)
   commit = _git("rev-parse", "HEAD", cwd=cwd)
-  if commit is None and os.environ.get(COMMIT_ENV):
+  if os.environ.get(COMMIT_ENV, "").strip():
+    stated = os.environ[COMMIT_ENV].strip()
     clean = {"1": True, "0": False}.get(os.environ.get(CLEAN_ENV, "").strip())
-    return {
-      "git_commit": os.environ[COMMIT_ENV].strip(),
+    state = {
+      "git_commit": stated,
       "git_clean": clean,
       "git_uncommitted_files": None,
       "git_commit_source": COMMIT_ENV,
     }
+    if commit is not None and not commit.startswith(stated) and not stated.startswith(commit):
+      state["git_head_seen"] = commit
+    return state
   return {
     "git_commit": commit,
     "git_clean": None if status is None else not status,
@@ -411,7 +417,7 @@ def _write_run_info(
     "sweep": sweep,
     "seconds": round(seconds, 3),
     # The commit, and whether the tree was clean (git status --porcelain empty) when the
-    # run started; outside a git tree from $PAXCACHE_COMMIT / $PAXCACHE_GIT_CLEAN (see
+    # run started; where $PAXCACHE_COMMIT is set from it and $PAXCACHE_GIT_CLEAN (see
     # git_state); None: unknown.
     **git,
     "python": platform.python_version(),

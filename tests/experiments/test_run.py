@@ -527,12 +527,21 @@ def test_git_state_outside_a_repository_takes_the_commit_from_the_environment(
   }
 
 
-def test_git_state_inside_a_repository_ignores_the_environment(git_repo, monkeypatch):
-  monkeypatch.setenv("PAXCACHE_COMMIT", "not-this")
-  monkeypatch.setenv("PAXCACHE_GIT_CLEAN", "0")
-  state = run.git_state(str(git_repo))
-  assert state["git_commit_source"] == "git" and state["git_commit"] != "not-this"
-  assert state["git_clean"] is True
+def test_git_state_environment_wins_over_a_stale_git(git_repo, monkeypatch):
+  # A device copy can carry an old .git: the stated commit wins and git's HEAD is recorded.
+  head = run.git_state(str(git_repo))["git_commit"]
+  monkeypatch.setenv("PAXCACHE_COMMIT", "0123abc")
+  monkeypatch.setenv("PAXCACHE_GIT_CLEAN", "1")
+  assert run.git_state(str(git_repo)) == {
+    "git_commit": "0123abc",
+    "git_clean": True,
+    "git_uncommitted_files": None,
+    "git_commit_source": "PAXCACHE_COMMIT",
+    "git_head_seen": head,
+  }
+  # Stating git's own commit (short or full) adds nothing.
+  monkeypatch.setenv("PAXCACHE_COMMIT", head[:7])
+  assert "git_head_seen" not in run.git_state(str(git_repo))
 
 
 def test_dirty_tree_refuses_docs_results_but_not_scratch_dirs(git_repo, tmp_path, monkeypatch):
