@@ -65,6 +65,7 @@ def test_bench_package_lists_the_scripts():
     "gpu_check",
     "gpu_decode",
     "gpu_ragged",
+    "host_copies",
     "host_step",
     "plan_host",
     "prefix_time",
@@ -164,6 +165,34 @@ def test_plan_host_times_the_plan_and_the_step_build_per_case(tmp_path):
   assert rows[1]["num_chunks"] > 256 and rows[1]["padded_chunks"] >= rows[1]["num_chunks"]
   table = [line for line in proc.stdout.splitlines() if line.startswith("| full256x2048 |")]
   assert len(table) == 1, proc.stdout
+
+
+def test_host_copies_times_the_swap_and_its_parts(tmp_path):
+  code = (
+    "import runpy\n"
+    "sys.argv = ['host_copies', '--tokens', '64', '--layers', '1', '--repeats', '3',\n"
+    f"            '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.host_copies', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "host_copies.jsonl").read_text().splitlines()]
+  names = [r["figure"] for r in rows]
+  assert names[:6] == [
+    "swap_out", "swap_in", "d2h_pageable", "h2d_pageable", "host_scatter", "host_gather"
+  ]  # fmt: skip
+  assert sorted(names[6:]) == ["d2h_pinned", "h2d_pinned"]  # timed, or skipped with a reason
+  # 1 layer x 8 heads x 64 tokens x 128 x bf16, K and V: 256 KiB.
+  assert all(r["mib"] == 0.25 and r["block_size"] == 16 for r in rows)
+  for r in rows:
+    if "skipped" not in r:
+      assert 0 < r["ms_min"] <= r["ms"] <= r["ms_max"] and r["repeats"] == 3, r
+      # GB/s is the bytes over the median; ms is rounded to 3 places, so allow its half-unit.
+      lo, hi = (0.25 * 2**20 / ((r["ms"] + d) / 1e3) / 1e9 for d in (0.0005, -0.0005))
+      assert lo - 0.01 <= r["gbs"] <= hi + 0.01, r
+    else:
+      assert r["skipped"], r
+  assert sum(line.startswith("| swap_out |") for line in proc.stdout.splitlines()) == 1
 
 
 def test_engine_host_runs_without_ml_collections(tmp_path):
