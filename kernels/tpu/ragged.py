@@ -54,6 +54,8 @@ def _ragged_kernel(
   # 8-bit only: sc_buf VMEM f32[2 (slot), 2 (K, V), heads_per_step, chunk_tokens]
   # sems DMA semaphores [2 (K and V, scales), 2 (slot)]
   # count_ref SMEM i32[2]: per slot, the blocks in flight into it
+  # m_ref, l_ref VMEM f32[heads_per_step, rows, 1]: running max and sum of each head
+  # acc_ref VMEM f32[heads_per_step, rows, head_dim]: each head's output accumulator
   *refs,
   scale,
   sliding_window,
@@ -63,10 +65,10 @@ def _ragged_kernel(
   quantized=False,
 ):
   if quantized:
-    ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref = refs
+    ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref, m_ref, l_ref, acc_ref = refs
     scales = (ks_hbm, vs_hbm, sc_buf)
   else:
-    o_ref, kv_buf, sems, count_ref = refs
+    o_ref, kv_buf, sems, count_ref, m_ref, l_ref, acc_ref = refs
     scales = None
   t, h = pl.program_id(0), pl.program_id(1)
   heads, group, tile, head_dim = q_ref.shape
@@ -75,13 +77,12 @@ def _ragged_kernel(
   chunk_tokens = blocks_per_chunk * block_size
   t0 = t * tile
 
-  qs = [q_ref[hh].reshape(rows, head_dim) for hh in range(heads)]
   # Row r of the flattened tile is head r // tile, token t0 + r % tile (tile: power of 2).
   row_token = t0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (tile - 1))
   key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
   key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
 
-  def sequence(s, carry):
+  def sequence(s, _):
     cs, ce = cu_ref[s], cu_ref[s + 1]
     offset = lengths_ref[s] - (ce - cs)  # position of the sequence's first query
     r0, r1 = jnp.maximum(cs, t0), jnp.minimum(ce, t0 + tile)
@@ -122,7 +123,7 @@ def _ragged_kernel(
     def _():
       start(chunk(0, 0))
 
-    def body(c, carry):
+    def body(c, _):
       slot = lax.rem(c, 2)
 
       @pl.when(c + 1 < n)
@@ -134,30 +135,50 @@ def _ragged_kernel(
       cur.wait(fetched)
       key0 = (first + c * blocks_per_chunk) * block_size
 
-      def attend(carry, masks):
-        """Every head's online-softmax step over the chunk; ``masks`` None: no key masked."""
+      def attend(masks):
+        """Every head's online-softmax step over the chunk; ``masks`` None: no key masked.
+
+        A loop over the step's heads, whose softmax state lives in VMEM scratch: one copy
+        of the loop body whatever the number of heads (a prefill tile's head is ``rows``
+        of 512 to 1,024 matmul rows; unrolled over 8 heads, Mosaic's code and compile
+        time grow eightfold).
+        """
         visible, v_ok, key_ok = masks if masks is not None else (None, None, None)
-        out = []
-        for hh in range(heads):
+        head_ids = lax.broadcasted_iota(jnp.int32, (heads, 1), 0)
+
+        def head_scales(kv, hh):
+          # Row hh of the chunk's [heads, chunk] scales, by a select and a sum over the
+          # heads rather than a dynamic one-row slice of the sublane axis.
+          return jnp.sum(jnp.where(head_ids == hh, sc_buf[slot, kv], 0.0), 0, keepdims=True)
+
+        def head(hh, _):
           ks = vs = None
           if quantized:
-            # V scales of slots not in use are zeroed (a slot never DMA'd holds anything,
-            # NaN included).
-            ks = sc_buf[slot, 0, pl.ds(hh, 1)]
-            vs = sc_buf[slot, 1, pl.ds(hh, 1)]
+            ks = head_scales(0, hh)
+            vs = head_scales(1, hh)
             if key_ok is not None:
+              # V scales of slots not in use are zeroed (a slot never DMA'd holds
+              # anything, NaN included).
               vs = jnp.where(key_ok, vs, 0.0)
+          q = q_ref[hh].reshape(rows, head_dim)
           s_ = _common.scores(
-            qs[hh], kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+            q, kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
           )
-          out.append(
-            _common.online_softmax_step(
-              carry[hh], s_, visible, kv_buf[slot, 1, hh], v_ok, vs, q_dtype=qs[hh].dtype
-            )
+          m, l_, acc = _common.online_softmax_step(
+            (m_ref[hh], l_ref[hh], acc_ref[hh]),
+            s_,
+            visible,
+            kv_buf[slot, 1, hh],
+            v_ok,
+            vs,
+            q_dtype=q.dtype,
           )
-        return tuple(out)
+          m_ref[hh], l_ref[hh], acc_ref[hh] = m, l_, acc
+          return 0
 
-      def masked(carry):
+        lax.fori_loop(0, heads, head, 0)
+
+      def masked():
         kp = key0 + key_iota_row
         kp_col = key0 + key_iota_col
         # Keys in a fetched block inside [key_lo, last]: blocks past the table (end is at
@@ -171,7 +192,7 @@ def _ragged_kernel(
         visible = row_in & key_ok & (kp <= row_pos)
         if sliding_window is not None:
           visible = visible & (kp > row_pos - sliding_window)
-        return attend(carry, (visible, v_ok, key_ok))
+        attend((visible, v_ok, key_ok))
 
       # Fast path: every block fetched, every row of the tile in this sequence, and every
       # key seen by every row (before the first row's position, inside the last row's
@@ -184,14 +205,23 @@ def _ragged_kernel(
       )
       if sliding_window is not None:
         full = full & (key0 > pos_last - sliding_window)
-      return lax.cond(full, lambda carry: attend(carry, None), masked, carry)
+      lax.cond(full, lambda: attend(None), masked)
+      return 0
 
-    return lax.fori_loop(0, n, body, carry)
+    lax.fori_loop(0, n, body, 0)
+    return 0
 
-  init = tuple(_common.init_carry(rows, head_dim) for _ in range(heads))
-  carry = lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, init)
-  for hh in range(heads):
-    o_ref[hh] = _common.finish(carry[hh], o_ref.dtype).reshape(group, tile, head_dim)
+  m_ref[...] = jnp.full(m_ref.shape, _common.MASK_VALUE, jnp.float32)
+  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, 0)
+
+  def finish(hh, _):
+    out = _common.finish((m_ref[hh], l_ref[hh], acc_ref[hh]), o_ref.dtype)
+    o_ref[hh] = out.reshape(group, tile, head_dim)
+    return 0
+
+  lax.fori_loop(0, heads, finish, 0)
 
 
 def _tile_sequences(cu_q_lens, num_tiles, tile):
@@ -256,6 +286,9 @@ def _ragged_call(
           heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
         ),
         pltpu.SMEM((2,), jnp.int32),
+        pltpu.VMEM((heads_per_step, group * tile, 1), jnp.float32),
+        pltpu.VMEM((heads_per_step, group * tile, 1), jnp.float32),
+        pltpu.VMEM((heads_per_step, group * tile, head_dim), jnp.float32),
       ],
     ),
     out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
