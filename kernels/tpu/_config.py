@@ -9,9 +9,13 @@ TPU constraints (why each check exists):
   such a pool is not row-major (bf16 ``[8, 4096, 16, 64]``: ``{1,3,2,0}``, num_blocks along
   the lanes) and the kernels take their HBM operands row-major, so XLA would copy the
   whole pool into that layout on every call (``kernels.tpu.aot.pool_relayout`` shows it).
-  Padding K/V in the wrapper would copy the pool as well. A model with head_dim 64 or 192
-  should allocate its cache with head_dim zero-padded to the next multiple of 128 (zero
-  columns change neither q.k nor the first head_dim output columns) and pass ``scale``.
+  Padding K/V in the wrapper would copy the pool as well. Packing two heads of 64 in the
+  128 lanes does not help either: Mosaic refuses a DMA into a 64-lane half of a VMEM row
+  (``kernels.tpu.aot.packed_lanes_dma``), and it tiles a row-major 64-wide pool (8, 128)
+  in HBM, the bytes of a padded one; it would take a cache layout whose rows are 128 wide.
+  A model with head_dim 64 or 192 should allocate its cache with head_dim zero-padded to
+  the next multiple of 128 (zero columns change neither q.k nor the first head_dim output
+  columns) and pass ``scale``.
 - ``block_size`` must be a multiple of the sublane tile of the K/V dtype (8 rows of 32-bit,
   16 rows of 16-bit): each block is DMA'd into its own row range of one VMEM buffer, and
   a DMA destination must start on a tile boundary.
@@ -49,18 +53,19 @@ DEFAULT_SMEM_BUDGET_BYTES = 512 * 1024
 # inside the 128 MiB of VMEM of v5e and v6e.
 DECODE_CHUNK_TOKENS = 2048
 # The ragged kernel's logits tile is [group * queries_per_tile, chunk]: 128 x 256 f32 is
-# 128 KiB, a few MXU passes per step, and keeps VMEM under 2 MiB with double-buffered K/V.
+# 128 KiB (1 MiB at a prefill tile's 1,024 rows), one head at a time.
 RAGGED_CHUNK_TOKENS = 256
 # VMEM for the decode kernel's double-buffered K/V chunks when choosing kv_heads_per_step:
 # all 8 KV heads of the benchmark shape at 2048 bf16 tokens (2 x 2 x 8 x 2048 x 128 x 2 B).
 DECODE_KV_VMEM_BYTES = 16 * 1024 * 1024
-# The same for the ragged kernel, which compiles under Mosaic's default scoped VMEM limit
-# (16 MiB on v5e): all 8 KV heads at 256 bf16 tokens (2 x 2 x 8 x 256 x 128 x 2 B), beside
-# each head's [128, 256] f32 logits and probabilities.
+# The same for the ragged kernel: all 8 KV heads at 256 bf16 tokens (2 x 2 x 8 x 256 x 128
+# x 2 B). A ragged step whose whole estimate (ragged_vmem_bytes) stays under it compiles
+# under Mosaic's default scoped VMEM limit (16 MiB on v5e); a larger one (the prefill
+# tiles) sets its own, as decode does.
 RAGGED_KV_VMEM_BYTES = 2 * 1024 * 1024
 # VMEM per TensorCore (JAX's own table, jax._src.tpu_info): v4 16 MiB, v5e 128 MiB, v5p
 # 64 MiB, v6e 128 MiB, TPU7x 64 MiB. The default scoped limit Mosaic compiles under is
-# lower (16 MiB on v5e, 32 MiB on v6e), so the decode kernel asks for its own.
+# lower (16 MiB on v5e, 32 MiB on v6e), so the kernels ask for their own.
 VMEM_BYTES = {"v4": 16 << 20, "v5e": 128 << 20, "v5p": 64 << 20, "v6e": 128 << 20}
 # The chip assumed when none is attached (compiling ahead of time from a CPU host): the
 # smallest of v5e, v6e and v5p, so a default limit fits all three.

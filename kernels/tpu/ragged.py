@@ -19,9 +19,17 @@ through two VMEM slots exactly as the decode kernel does, and masks rows of othe
 sequences out of the online softmax. Only blocks up to the tile's last visible position
 (and from the sliding window's first) are fetched; ``-1`` entries never are.
 
+Each head's softmax state lives in VMEM scratch and a chunk's heads are a ``fori_loop``
+(one copy of the loop body, however many heads a step holds).
+
 No ref is reshaped (JAX's own ragged kernel needs ``ref.reshape``, which TPU interpret
 mode does not support); the only reshapes are of values, and they collapse or split a
 tile-aligned leading axis.
+
+:func:`paged_attention_ragged` by default (``BlockSizes.split_decode``) sends the
+sequences with one query row to the decode kernel (:func:`kernels.tpu.decode.decode_rows`)
+in a launch of their own and only the others, their rows packed from row 0, to this
+kernel, whose default tiles are then sized for prefill (docs/tpu.md).
 """
 
 from __future__ import annotations
