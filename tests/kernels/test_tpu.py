@@ -686,6 +686,25 @@ def test_ragged_mixed_batch_runs_decodes_in_a_decode_kernel_launch_of_their_own(
   assert got == {"decode": [], "ragged": [[0, 2, 2, 4]]}
 
 
+def test_ragged_defaults_one_prefill_tile_of_1024_rows_beside_decodes():
+  # Default BlockSizes with bf16 q and K/V at group 4: the prefill launch's tile is 256
+  # tokens (1,024 matmul rows per KV head, both KV heads in one step, softmax state in
+  # VMEM scratch), holding two prefills; the decodes go to the decode kernel's default
+  # 2,048-token chunk (capped at the table).
+  rng = np.random.default_rng(18)
+  lengths, q_lens = [40, 17, 33, 64, 1], [40, 1, 9, 1, 1]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=2, block_size=16, max_blocks=4, dtype=jnp.bfloat16
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 2, 8, HEAD_DIM)), jnp.bfloat16)
+  out = tpu.paged_attention_ragged(q, k, v, table, lengths, cu, interpret=INTERPRET)
+  _assert_no_races()
+  chex.assert_type(out, q.dtype)
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.bfloat16)
+  assert np.all(np.asarray(out, np.float32)[int(cu[-1]) :] == 0), "padding rows: zeros"
+
+
 def test_prefill_tiles_pass_the_ridge_point_of_v5e_and_v6e():
   # Per key token a tile of R matmul rows does 4 R head_dim flops (q k^T and p V) against
   # 2 head_dim x 2 bytes of bf16 K and V: R flop/byte. The default prefill tile (decodes
