@@ -35,9 +35,11 @@ def paged_attention(
 
   Args and result as :func:`kernels.paged_attention` (shapes in :mod:`kernels.reference`);
   ``block_sizes`` is a :class:`BlockSizes` or None, ``interpret`` is False, True or a
-  ``pltpu.InterpretParams``. 8-bit K/V (int8, float8_e4m3fn; block_size a multiple of 32)
-  come with ``k_scales``/``v_scales f32[num_kv_heads, num_blocks, block_size]``: each
-  block's scales are DMA'd with it and multiplied into the scores and probabilities.
+  ``pltpu.InterpretParams``. 8-bit K/V (int8, float8_e4m3fn; block_size a multiple of
+  128) come with ``k_scales``/``v_scales f32[num_kv_heads, num_blocks, block_size]``: each
+  block's scales are DMA'd with it and multiplied into the scores and probabilities. In a
+  ragged call the sequences with one query row run through the decode kernel in a launch
+  of their own (``BlockSizes.split_decode``).
   """
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)

@@ -207,11 +207,13 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp
   masks. ``v_scale`` f32[1, keys] (8-bit V,
   already zero outside the keys in use): ``p * v_scale`` goes into the ``p @ v`` product.
 
-  ``p @ v`` runs in V's dtype with a float32 accumulator when q and V share a 16-bit
-  dtype (as ``q @ k.T`` does, and as the GPU kernels do): one MXU pass instead of the
-  several of a float32 product at HIGHEST precision, at the cost of rounding p to bf16.
-  Any other mix (float32 q or V, 8-bit V) keeps p in float32 and widens V, so nothing is
-  rounded. The softmax state (m, denom, acc) is float32 either way.
+  ``p @ v`` runs in a 16-bit dtype with a float32 accumulator when q and V share it, or
+  when V is 8-bit and q is 16-bit (V widened to q's dtype, which holds every int8 and
+  e4m3 value exactly): as ``q @ k.T`` does, and as the GPU kernels do (their
+  ``compute_dtype``), one MXU pass instead of the several of a float32 product at HIGHEST
+  precision, at the cost of rounding p (``p * v_scale`` for 8-bit V) to q's dtype. Any
+  other mix (float32 q or V) keeps p in float32 and widens V, so nothing is rounded. The
+  softmax state (m, denom, acc) is float32 either way.
   """
   m, denom, acc = carry
   if visible is not None:
@@ -224,8 +226,11 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp
   denom_new = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
   if v_scale is not None:
     p = p * v_scale
-  narrow = jnp.dtype(q_dtype) == jnp.dtype(v.dtype) and jnp.dtype(v.dtype).itemsize == 2
+  narrow = jnp.dtype(q_dtype).itemsize == 2 and (
+    jnp.dtype(q_dtype) == jnp.dtype(v.dtype) or is_quantized(v.dtype)
+  )
   if narrow:
+    v = v.astype(q_dtype)  # exact: a no-op for 16-bit V, 8-bit values fit a 16-bit float
     if v_ok is not None:
       v = jnp.where(v_ok, v, jnp.zeros((), v.dtype))
     p, precision = p.astype(v.dtype), None

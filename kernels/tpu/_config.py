@@ -9,9 +9,13 @@ TPU constraints (why each check exists):
   such a pool is not row-major (bf16 ``[8, 4096, 16, 64]``: ``{1,3,2,0}``, num_blocks along
   the lanes) and the kernels take their HBM operands row-major, so XLA would copy the
   whole pool into that layout on every call (``kernels.tpu.aot.pool_relayout`` shows it).
-  Padding K/V in the wrapper would copy the pool as well. A model with head_dim 64 or 192
-  should allocate its cache with head_dim zero-padded to the next multiple of 128 (zero
-  columns change neither q.k nor the first head_dim output columns) and pass ``scale``.
+  Padding K/V in the wrapper would copy the pool as well. Packing two heads of 64 in the
+  128 lanes does not help either: Mosaic refuses a DMA into a 64-lane half of a VMEM row
+  (``kernels.tpu.aot.packed_lanes_dma``), and it tiles a row-major 64-wide pool (8, 128)
+  in HBM, the bytes of a padded one; it would take a cache layout whose rows are 128 wide.
+  A model with head_dim 64 or 192 should allocate its cache with head_dim zero-padded to
+  the next multiple of 128 (zero columns change neither q.k nor the first head_dim output
+  columns) and pass ``scale``.
 - ``block_size`` must be a multiple of the sublane tile of the K/V dtype (8 rows of 32-bit,
   16 rows of 16-bit): each block is DMA'd into its own row range of one VMEM buffer, and
   a DMA destination must start on a tile boundary.
@@ -49,18 +53,19 @@ DEFAULT_SMEM_BUDGET_BYTES = 512 * 1024
 # inside the 128 MiB of VMEM of v5e and v6e.
 DECODE_CHUNK_TOKENS = 2048
 # The ragged kernel's logits tile is [group * queries_per_tile, chunk]: 128 x 256 f32 is
-# 128 KiB, a few MXU passes per step, and keeps VMEM under 2 MiB with double-buffered K/V.
+# 128 KiB (1 MiB at a prefill tile's 1,024 rows), one head at a time.
 RAGGED_CHUNK_TOKENS = 256
 # VMEM for the decode kernel's double-buffered K/V chunks when choosing kv_heads_per_step:
 # all 8 KV heads of the benchmark shape at 2048 bf16 tokens (2 x 2 x 8 x 2048 x 128 x 2 B).
 DECODE_KV_VMEM_BYTES = 16 * 1024 * 1024
-# The same for the ragged kernel, which compiles under Mosaic's default scoped VMEM limit
-# (16 MiB on v5e): all 8 KV heads at 256 bf16 tokens (2 x 2 x 8 x 256 x 128 x 2 B), beside
-# each head's [128, 256] f32 logits and probabilities.
+# The same for the ragged kernel: all 8 KV heads at 256 bf16 tokens (2 x 2 x 8 x 256 x 128
+# x 2 B). A ragged step whose whole estimate (ragged_vmem_bytes) stays under it compiles
+# under Mosaic's default scoped VMEM limit (16 MiB on v5e); a larger one (the prefill
+# tiles) sets its own, as decode does.
 RAGGED_KV_VMEM_BYTES = 2 * 1024 * 1024
 # VMEM per TensorCore (JAX's own table, jax._src.tpu_info): v4 16 MiB, v5e 128 MiB, v5p
 # 64 MiB, v6e 128 MiB, TPU7x 64 MiB. The default scoped limit Mosaic compiles under is
-# lower (16 MiB on v5e, 32 MiB on v6e), so the decode kernel asks for its own.
+# lower (16 MiB on v5e, 32 MiB on v6e), so the kernels ask for their own.
 VMEM_BYTES = {"v4": 16 << 20, "v5e": 128 << 20, "v5p": 64 << 20, "v6e": 128 << 20}
 # The chip assumed when none is attached (compiling ahead of time from a CPU host): the
 # smallest of v5e, v6e and v5p, so a default limit fits all three.
@@ -72,6 +77,21 @@ DECODE_VMEM_SLOT_FACTOR = 2
 DECODE_VMEM_HEADROOM = 16 << 20
 VMEM_LIMIT_FRACTION = 0.75
 RAGGED_ROWS = 128
+# Ridge points (flop per byte of HBM) of the chips the kernels are compiled for: bf16 MXU
+# peak over HBM bandwidth, v5e 197 TFLOP/s / 819 GB/s = 240, v6e 918 TFLOP/s / 1.64 TB/s
+# = 560 (Google's Cloud TPU pages). A ragged tile of R matmul rows does 4 * R * head_dim
+# flops per key token against 2 * head_dim * 2 bytes of bf16 K and V: R flop/byte. Prefill
+# tiles (the decodes of a mixed batch run in their own launch) take at least the largest
+# ridge's worth of rows, so that a long prefill is bound by the MXU, not by re-reading K/V
+# once per tile (docs/tpu.md).
+PEAK_BF16_FLOPS = {"v5e": 197e12, "v6e": 918e12}
+RAGGED_PREFILL_ROWS = 560
+# The ragged kernel's VMEM beside its K/V slots, per matmul row of a grid step, per KV head:
+# the f32 accumulator (4 * head_dim bytes) and running max and sum ([rows, 1] f32, each
+# padded to 128 lanes: 512 bytes), and the q and output tiles, double-buffered by the
+# pipeline (4 * head_dim * itemsize). The limit is twice the estimate plus the decode
+# kernel's headroom (logits and probabilities of a chunk, Mosaic's own scratch).
+RAGGED_ROW_STATE_BYTES = 2 * 512
 # 8-bit K/V: block_size a multiple of this, so that a block's scales (block_size float32
 # per head) are one DMA of a multiple of 512 bytes (see the module docstring).
 QUANT_BLOCK_MULTIPLE = 512 // SCALE_DTYPE.itemsize
@@ -102,9 +122,17 @@ class BlockSizes:
     num_cores: decode kernel only: TensorCores the batch is split over (a "parallel" grid
       axis). 2 on megacore chips (v4, v5p); 1 on v5e and v6e (one TensorCore per chip).
       Any value is correct on any chip; a wrong one only costs speed.
-    vmem_limit_bytes: decode kernel only: the scoped VMEM limit it compiles under; None
-      picks ``DECODE_VMEM_SLOT_FACTOR`` times its K/V slots plus ``DECODE_VMEM_HEADROOM``,
-      at most ``VMEM_LIMIT_FRACTION`` of the chip's VMEM (:func:`vmem_capacity`).
+    vmem_limit_bytes: the scoped VMEM limit the kernels compile under; None picks
+      ``DECODE_VMEM_SLOT_FACTOR`` times the VMEM estimate (decode: its K/V slots; ragged:
+      the slots and the per-row state of :func:`ragged_vmem_bytes`) plus
+      ``DECODE_VMEM_HEADROOM``, at most ``VMEM_LIMIT_FRACTION`` of the chip's VMEM
+      (:func:`vmem_capacity`); the ragged kernel keeps Mosaic's default limit when its
+      estimate is under 2 MiB.
+    split_decode: ragged calls only: run the sequences with one query row (the decodes of
+      a mixed batch) through the decode kernel in a launch of their own and the others
+      through the ragged kernel, whose default tiles are then sized for prefill
+      (``RAGGED_PREFILL_ROWS``). False runs every sequence through the ragged kernel with
+      ``RAGGED_ROWS``-row tiles.
   """
 
   blocks_per_chunk: int | None = None
@@ -113,6 +141,7 @@ class BlockSizes:
   smem_budget_bytes: int = DEFAULT_SMEM_BUDGET_BYTES
   num_cores: int = 1
   vmem_limit_bytes: int | None = None
+  split_decode: bool = True
 
   def __post_init__(self):
     if self.blocks_per_chunk is not None and (
@@ -133,6 +162,8 @@ class BlockSizes:
       raise ValueError(
         f"vmem_limit_bytes must be an int of at least 1 MiB, got {self.vmem_limit_bytes!r}"
       )
+    if not isinstance(self.split_decode, bool):
+      raise ValueError(f"split_decode must be a bool, got {self.split_decode!r}")
     if not isinstance(self.num_cores, int) or self.num_cores < 1:
       raise ValueError(f"num_cores must be a positive int, got {self.num_cores!r}")
     if not isinstance(self.smem_budget_bytes, int) or self.smem_budget_bytes < 16:
@@ -180,8 +211,13 @@ def resolve(
   max_blocks: int,
   group: int,
   ragged: bool,
+  prefill_only: bool = False,
 ) -> BlockSizes:
-  """Fills the None fields of ``block_sizes`` with defaults for this shape."""
+  """Fills the None fields of ``block_sizes`` with defaults for this shape.
+
+  ``prefill_only`` (ragged): the launch holds no decode (``split_decode``), so the default
+  query tile holds ``RAGGED_PREFILL_ROWS`` matmul rows instead of ``RAGGED_ROWS``.
+  """
   bs = block_sizes if block_sizes is not None else BlockSizes()
   bpc = bs.blocks_per_chunk
   if bpc is None:
@@ -190,7 +226,8 @@ def resolve(
   bpc = max(1, min(bpc, max_blocks))
   tq = bs.queries_per_tile
   if tq is None:
-    tq = max(sublane_tile(q_dtype), _next_pow2(-(-RAGGED_ROWS // group)))
+    rows = RAGGED_PREFILL_ROWS if prefill_only else RAGGED_ROWS
+    tq = max(sublane_tile(q_dtype), _next_pow2(-(-rows // group)))
   heads = bs.kv_heads_per_step
   if heads is None:
     per_head = kv_slot_bytes(1, bpc * block_size, head_dim, kv_dtype)
@@ -206,12 +243,15 @@ def resolve(
       f"block_sizes.kv_heads_per_step={heads} must divide num_kv_heads={num_kv_heads}"
     )
   limit = bs.vmem_limit_bytes
-  if limit is None and not ragged:
-    slots = kv_slot_bytes(heads, bpc * block_size, head_dim, kv_dtype)
-    limit = min(
-      DECODE_VMEM_SLOT_FACTOR * slots + DECODE_VMEM_HEADROOM,
-      int(VMEM_LIMIT_FRACTION * vmem_capacity()),
-    )
+  if limit is None:
+    need = kv_slot_bytes(heads, bpc * block_size, head_dim, kv_dtype)
+    if ragged:
+      need = ragged_vmem_bytes(heads, group * tq, bpc * block_size, head_dim, kv_dtype, q_dtype)
+    if not ragged or need > RAGGED_KV_VMEM_BYTES:
+      limit = min(
+        DECODE_VMEM_SLOT_FACTOR * need + DECODE_VMEM_HEADROOM,
+        int(VMEM_LIMIT_FRACTION * vmem_capacity()),
+      )
   return dataclasses.replace(
     bs, blocks_per_chunk=bpc, queries_per_tile=tq, kv_heads_per_step=heads, vmem_limit_bytes=limit
   )
@@ -222,6 +262,14 @@ def kv_slot_bytes(heads: int, chunk_tokens: int, head_dim: int, kv_dtype) -> int
   rows = 2 * 2 * heads * chunk_tokens
   scales = rows * SCALE_DTYPE.itemsize if is_quantized(kv_dtype) else 0
   return rows * head_dim * jnp.dtype(kv_dtype).itemsize + scales
+
+
+def ragged_vmem_bytes(heads: int, rows: int, chunk_tokens: int, head_dim: int, kv_dtype, q_dtype):
+  """VMEM estimate of a ragged grid step of ``heads`` KV heads and ``rows`` matmul rows each:
+  the K/V slots and each row's state (``RAGGED_ROW_STATE_BYTES`` and an f32 accumulator)
+  and its q and output tiles (double-buffered)."""
+  per_row = RAGGED_ROW_STATE_BYTES + 4 * head_dim + 4 * head_dim * jnp.dtype(q_dtype).itemsize
+  return kv_slot_bytes(heads, chunk_tokens, head_dim, kv_dtype) + heads * rows * per_row
 
 
 def vmem_capacity() -> int:

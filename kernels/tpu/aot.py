@@ -63,7 +63,9 @@ def shipped_cases() -> list[Case]:
   256 (head_dim must be a multiple of 128 on this backend), bf16 and float32 K/V, with and
   without sliding window + soft cap, MHA / GQA / MQA head layouts, and the
   ``BlockSizes`` knobs that change the kernel (one KV head per step, two cores, a batch
-  split by the SMEM budget, one-block chunks, a query tile)."""
+  split by the SMEM budget, one-block chunks, a query tile, decodes kept in the ragged
+  kernel). A ragged case compiles both of its launches (decode kernel for the decodes,
+  ragged kernel with prefill-sized tiles) unless ``split_decode`` is off."""
   cases = []
   for kernel in ("decode", "ragged"):
     cases += [
@@ -87,6 +89,8 @@ def shipped_cases() -> list[Case]:
     Case("decode-bs16-bf16-1block-chunks", "decode", **bf16,
          block_sizes=(("blocks_per_chunk", 1),)),
     Case("ragged-bs16-bf16-qtile32", "ragged", **bf16, block_sizes=(("queries_per_tile", 32),)),
+    # Decodes kept in the ragged kernel's tiles (one launch, ~128-row tiles).
+    Case("ragged-bs16-bf16-mixed", "ragged", **bf16, block_sizes=(("split_decode", False),)),
   ]  # fmt: skip
   # 8-bit K/V with float32 scales (block_size a multiple of 32, the 8-bit sublane tile):
   # bf16 q over int8 and e4m3 pools, and f32 q with a window and soft cap.
@@ -232,6 +236,51 @@ def pool_relayout(device, *, head_dim: int, num_blocks: int = 4096, kv_dtype="bf
     1 for line in text.splitlines() if re.search(r"= \S*" + dims + r"\S* copy(-start)?\(", line)
   )
   return dict(layout=layout, row_major=layout.startswith("{3,2,1,0"), pool_copies=copies)
+
+
+def packed_lanes_dma(device, *, num_blocks: int = 4096) -> dict:
+  """Whether two KV heads of head_dim 64 could share the 128 lanes of a VMEM row when
+  DMA'd from the one cache layout ``[num_kv_heads, num_blocks, block_size, 64]`` (bf16,
+  block 16): compiles a Pallas kernel that copies head 0's and head 1's ``[16, 64]`` slab
+  of one block into lanes ``[0, 64)`` and ``[64, 128)`` of one ``[16, 128]`` buffer.
+
+  Returns ``{"ok": bool, "error": str | None, "hbm_tiling": str | None}``: the compile
+  error, and the tiling Mosaic gives the HBM slab (from the error's MLIR, when it names
+  it): ``(8,128)`` means each 64-wide row of a row-major pool takes 128 lanes in HBM.
+  """
+  import re
+
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import tpu as pltpu
+
+  def kernel(k_hbm, o_ref, buf, sem):
+    for head in (0, 1):
+      copy = pltpu.make_async_copy(k_hbm.at[head, 0], buf.at[:, pl.ds(64 * head, 64)], sem)
+      copy.start()
+      copy.wait()
+    o_ref[...] = buf[...].astype(jnp.float32)
+
+  def f(k):
+    return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((16, 128), jnp.float32),
+      in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+      scratch_shapes=[pltpu.VMEM((16, 128), k.dtype), pltpu.SemaphoreType.DMA(())],
+    )(k)
+
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  k = jax.ShapeDtypeStruct((8, num_blocks, 16, 64), jnp.bfloat16, sharding=sharding)
+  try:
+    jax.jit(f).trace(k).lower(lowering_platforms=("tpu",)).compile()
+  except Exception as e:  # noqa: BLE001  (the refusal is the result)
+    text = str(e)
+    found = re.search(
+      r"memref<16x64xbf16, #tpu\.tiled<(\([0-9,]+\))[^>]*>, #tpu\.memory_space<hbm>", text
+    )
+    return dict(ok=False, error=text[:2000], hbm_tiling=found.group(1) if found else None)
+  return dict(ok=True, error=None, hbm_tiling=None)
 
 
 def main(argv=None) -> int:

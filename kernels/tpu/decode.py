@@ -25,7 +25,8 @@ head.
   wholly outside a sliding window); ``-1`` table entries are never DMA'd.
 - Scores and the softmax state are float32; bf16 K/V go to the MXU as bf16 only when q is
   bf16 too (exact products, f32 accumulation; ``p @ V`` then rounds p to bf16, one MXU
-  pass), otherwise they are widened to f32 and p stays f32.
+  pass), as do 8-bit K/V with bf16 q (widened to bf16 exactly); otherwise they are
+  widened to f32 and p stays f32.
 - A batch whose block table does not fit the SMEM budget is split into several calls.
 """
 

@@ -19,9 +19,17 @@ through two VMEM slots exactly as the decode kernel does, and masks rows of othe
 sequences out of the online softmax. Only blocks up to the tile's last visible position
 (and from the sliding window's first) are fetched; ``-1`` entries never are.
 
+Each head's softmax state lives in VMEM scratch and a chunk's heads are a ``fori_loop``
+(one copy of the loop body, however many heads a step holds).
+
 No ref is reshaped (JAX's own ragged kernel needs ``ref.reshape``, which TPU interpret
 mode does not support); the only reshapes are of values, and they collapse or split a
 tile-aligned leading axis.
+
+:func:`paged_attention_ragged` by default (``BlockSizes.split_decode``) sends the
+sequences with one query row to the decode kernel (:func:`kernels.tpu.decode.decode_rows`)
+in a launch of their own and only the others, their rows packed from row 0, to this
+kernel, whose default tiles are then sized for prefill (docs/tpu.md).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.tpu import _common, _config
+from kernels.tpu.decode import decode_rows
 
 
 def _ragged_kernel(
@@ -53,6 +62,8 @@ def _ragged_kernel(
   # 8-bit only: sc_buf VMEM f32[2 (slot), 2 (K, V), heads_per_step, chunk_tokens]
   # sems DMA semaphores [2 (K and V, scales), 2 (slot)]
   # count_ref SMEM i32[2]: per slot, the blocks in flight into it
+  # m_ref, l_ref VMEM f32[heads_per_step, rows, 1]: running max and sum of each head
+  # acc_ref VMEM f32[heads_per_step, rows, head_dim]: each head's output accumulator
   *refs,
   scale,
   sliding_window,
@@ -62,10 +73,10 @@ def _ragged_kernel(
   quantized=False,
 ):
   if quantized:
-    ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref = refs
+    ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref, m_ref, l_ref, acc_ref = refs
     scales = (ks_hbm, vs_hbm, sc_buf)
   else:
-    o_ref, kv_buf, sems, count_ref = refs
+    o_ref, kv_buf, sems, count_ref, m_ref, l_ref, acc_ref = refs
     scales = None
   t, h = pl.program_id(0), pl.program_id(1)
   heads, group, tile, head_dim = q_ref.shape
@@ -74,13 +85,12 @@ def _ragged_kernel(
   chunk_tokens = blocks_per_chunk * block_size
   t0 = t * tile
 
-  qs = [q_ref[hh].reshape(rows, head_dim) for hh in range(heads)]
   # Row r of the flattened tile is head r // tile, token t0 + r % tile (tile: power of 2).
   row_token = t0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (tile - 1))
   key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
   key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
 
-  def sequence(s, carry):
+  def sequence(s, _):
     cs, ce = cu_ref[s], cu_ref[s + 1]
     offset = lengths_ref[s] - (ce - cs)  # position of the sequence's first query
     r0, r1 = jnp.maximum(cs, t0), jnp.minimum(ce, t0 + tile)
@@ -121,7 +131,7 @@ def _ragged_kernel(
     def _():
       start(chunk(0, 0))
 
-    def body(c, carry):
+    def body(c, _):
       slot = lax.rem(c, 2)
 
       @pl.when(c + 1 < n)
@@ -133,30 +143,50 @@ def _ragged_kernel(
       cur.wait(fetched)
       key0 = (first + c * blocks_per_chunk) * block_size
 
-      def attend(carry, masks):
-        """Every head's online-softmax step over the chunk; ``masks`` None: no key masked."""
+      def attend(masks):
+        """Every head's online-softmax step over the chunk; ``masks`` None: no key masked.
+
+        A loop over the step's heads, whose softmax state lives in VMEM scratch: one copy
+        of the loop body whatever the number of heads (a prefill tile's head is ``rows``
+        of 512 to 1,024 matmul rows; unrolled over 8 heads, Mosaic's code and compile
+        time grow eightfold).
+        """
         visible, v_ok, key_ok = masks if masks is not None else (None, None, None)
-        out = []
-        for hh in range(heads):
+        head_ids = lax.broadcasted_iota(jnp.int32, (heads, 1), 0)
+
+        def head_scales(kv, hh):
+          # Row hh of the chunk's [heads, chunk] scales, by a select and a sum over the
+          # heads rather than a dynamic one-row slice of the sublane axis.
+          return jnp.sum(jnp.where(head_ids == hh, sc_buf[slot, kv], 0.0), 0, keepdims=True)
+
+        def head(hh, _):
           ks = vs = None
           if quantized:
-            # V scales of slots not in use are zeroed (a slot never DMA'd holds anything,
-            # NaN included).
-            ks = sc_buf[slot, 0, pl.ds(hh, 1)]
-            vs = sc_buf[slot, 1, pl.ds(hh, 1)]
+            ks = head_scales(0, hh)
+            vs = head_scales(1, hh)
             if key_ok is not None:
+              # V scales of slots not in use are zeroed (a slot never DMA'd holds
+              # anything, NaN included).
               vs = jnp.where(key_ok, vs, 0.0)
+          q = q_ref[hh].reshape(rows, head_dim)
           s_ = _common.scores(
-            qs[hh], kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+            q, kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
           )
-          out.append(
-            _common.online_softmax_step(
-              carry[hh], s_, visible, kv_buf[slot, 1, hh], v_ok, vs, q_dtype=qs[hh].dtype
-            )
+          m, l_, acc = _common.online_softmax_step(
+            (m_ref[hh], l_ref[hh], acc_ref[hh]),
+            s_,
+            visible,
+            kv_buf[slot, 1, hh],
+            v_ok,
+            vs,
+            q_dtype=q.dtype,
           )
-        return tuple(out)
+          m_ref[hh], l_ref[hh], acc_ref[hh] = m, l_, acc
+          return 0
 
-      def masked(carry):
+        lax.fori_loop(0, heads, head, 0)
+
+      def masked():
         kp = key0 + key_iota_row
         kp_col = key0 + key_iota_col
         # Keys in a fetched block inside [key_lo, last]: blocks past the table (end is at
@@ -170,7 +200,7 @@ def _ragged_kernel(
         visible = row_in & key_ok & (kp <= row_pos)
         if sliding_window is not None:
           visible = visible & (kp > row_pos - sliding_window)
-        return attend(carry, (visible, v_ok, key_ok))
+        attend((visible, v_ok, key_ok))
 
       # Fast path: every block fetched, every row of the tile in this sequence, and every
       # key seen by every row (before the first row's position, inside the last row's
@@ -183,14 +213,23 @@ def _ragged_kernel(
       )
       if sliding_window is not None:
         full = full & (key0 > pos_last - sliding_window)
-      return lax.cond(full, lambda carry: attend(carry, None), masked, carry)
+      lax.cond(full, lambda: attend(None), masked)
+      return 0
 
-    return lax.fori_loop(0, n, body, carry)
+    lax.fori_loop(0, n, body, 0)
+    return 0
 
-  init = tuple(_common.init_carry(rows, head_dim) for _ in range(heads))
-  carry = lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, init)
-  for hh in range(heads):
-    o_ref[hh] = _common.finish(carry[hh], o_ref.dtype).reshape(group, tile, head_dim)
+  m_ref[...] = jnp.full(m_ref.shape, _common.MASK_VALUE, jnp.float32)
+  l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+  acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+  lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, 0)
+
+  def finish(hh, _):
+    out = _common.finish((m_ref[hh], l_ref[hh], acc_ref[hh]), o_ref.dtype)
+    o_ref[hh] = out.reshape(group, tile, head_dim)
+    return 0
+
+  lax.fori_loop(0, heads, finish, 0)
 
 
 def _tile_sequences(cu_q_lens, num_tiles, tile):
@@ -222,6 +261,7 @@ def _ragged_call(
   tile,
   heads_per_step,
   interpret,
+  vmem_limit_bytes=None,
   k_scales=None,
   v_scales=None,
 ):
@@ -254,14 +294,72 @@ def _ragged_call(
           heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
         ),
         pltpu.SMEM((2,), jnp.int32),
+        pltpu.VMEM((heads_per_step, group * tile, 1), jnp.float32),
+        pltpu.VMEM((heads_per_step, group * tile, 1), jnp.float32),
+        pltpu.VMEM((heads_per_step, group * tile, head_dim), jnp.float32),
       ],
     ),
     out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
     # Every step starts and drains its own DMAs, so steps are independent (megacore can
     # split them).
-    compiler_params=_common.mosaic_params(("parallel", "parallel")),
+    compiler_params=_common.mosaic_params(("parallel", "parallel"), vmem_limit_bytes),
     interpret=_common.interpret_params(interpret),
   )(lengths, table_flat, cu_q_lens, seq_lo, seq_hi, qt, k_blocks, v_blocks, *scales)
+
+
+def _ragged_rows(qt, k_blocks, v_blocks, block_table, lengths, cu_q_lens, *, tuned, call):
+  """The ragged kernel over ``qt [num_kv_heads, group, padded, head_dim]``, in as many calls
+  as the SMEM budget needs (each call leaves other calls' rows at zero)."""
+  batch, max_blocks = block_table.shape
+  padded = qt.shape[2]
+  per_call = _config.sequences_per_call(
+    smem_budget_bytes=tuned.smem_budget_bytes,
+    words_per_sequence=max_blocks + 2,
+    fixed_words=2 * (padded // tuned.queries_per_tile) + 1,
+    batch=batch,
+    what=f"ragged attention with block_table {tuple(block_table.shape)} and "
+    f"{padded // tuned.queries_per_tile} query tiles",
+  )
+  out = None
+  row = jnp.arange(padded, dtype=jnp.int32)[None, None, :, None]
+  for s0 in range(0, batch, per_call):
+    s1 = min(batch, s0 + per_call)
+    part = call(
+      qt, k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1], cu_q_lens[s0 : s1 + 1]
+    )
+    if out is None:
+      out = part
+    else:
+      # Each call leaves the rows of other calls' sequences at zero; keep its own rows.
+      mine = (row >= cu_q_lens[s0]) & (row < cu_q_lens[s1])
+      out = jnp.where(mine, part, out)
+  return out
+
+
+def _split_rows(cu_q_lens, num_tokens):
+  """Where the rows of a mixed batch go when its decodes run in a launch of their own.
+
+  A decode is a sequence with exactly one query row. Returns ``is_decode bool[batch]``,
+  ``cu_prefill i32[batch + 1]`` (the other sequences' rows packed from row 0, decodes with
+  none), ``src i32[num_tokens]`` (the q row each packed row comes from; rows past
+  ``cu_prefill[-1]`` repeat a valid row and belong to no sequence), ``seq i32[num_tokens]``
+  (the sequence owning each original row) and ``in_seq bool[num_tokens]`` (whether it has
+  one: rows outside ``[cu_q_lens[0], cu_q_lens[-1])`` do not).
+  """
+  batch = cu_q_lens.shape[0] - 1
+  q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+  is_decode = q_lens == 1
+  prefill_lens = jnp.where(is_decode, 0, q_lens)
+  cu_prefill = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(prefill_lens)])
+  cu_prefill = cu_prefill.astype(jnp.int32)
+  rows = jnp.arange(num_tokens, dtype=jnp.int32)
+  # The owner of a row is the last sequence starting at or before it (empty sequences
+  # share their start with the next one, which side="right" picks).
+  owner = jnp.clip(jnp.searchsorted(cu_prefill, rows, side="right") - 1, 0, batch - 1)
+  src = jnp.clip(cu_q_lens[owner] + rows - cu_prefill[owner], 0, num_tokens - 1)
+  seq = jnp.clip(jnp.searchsorted(cu_q_lens, rows, side="right") - 1, 0, batch - 1)
+  in_seq = (rows >= cu_q_lens[0]) & (rows < cu_q_lens[-1])
+  return is_decode, cu_prefill, src.astype(jnp.int32), seq.astype(jnp.int32), in_seq
 
 
 @functools.partial(
@@ -285,6 +383,12 @@ def paged_attention_ragged(
 ) -> jax.Array:
   """Ragged (chunked prefill / mixed prefill and decode) paged attention on TPU.
 
+  With ``block_sizes.split_decode`` (the default), the sequences with one query row (the
+  decodes of a mixed batch) run through the decode kernel in a launch of their own and
+  the others through the ragged kernel, their rows packed from row 0 so that no prefill
+  tile carries a decode row; each launch is skipped (``lax.cond``) when it has no
+  sequence, and the results are gathered back into q's row order.
+
   Args:
     q: ``[num_tokens, num_q_heads, head_dim]``, the rows of every sequence back to back.
     k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
@@ -307,8 +411,7 @@ def paged_attention_ragged(
   group = num_q_heads // num_kv_heads
   if num_tokens == 0 or batch == 0 or max_blocks == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros_like(q)
-  tuned = _config.resolve(
-    block_sizes,
+  shape = dict(
     q_dtype=q.dtype,
     kv_dtype=k_blocks.dtype,
     num_kv_heads=num_kv_heads,
@@ -316,48 +419,71 @@ def paged_attention_ragged(
     head_dim=head_dim,
     max_blocks=max_blocks,
     group=group,
-    ragged=True,
   )
+  split = block_sizes is None or block_sizes.split_decode
+  tuned = _config.resolve(block_sizes, ragged=True, prefill_only=split, **shape)
   tile = tuned.queries_per_tile
   num_tiles = -(-num_tokens // tile)
   padded = num_tiles * tile
-  per_call = _config.sequences_per_call(
-    smem_budget_bytes=tuned.smem_budget_bytes,
-    words_per_sequence=max_blocks + 2,
-    fixed_words=2 * num_tiles + 1,
-    batch=batch,
-    what=f"ragged attention with block_table {tuple(block_table.shape)} and "
-    f"{num_tiles} query tiles",
-  )
   scale = head_dim**-0.5 if scale is None else scale
-  # [T, Hq, D] -> [Hkv, group, T_padded, D]: a tile's rows of one KV head are one block.
-  qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
-  qt = qt.reshape(padded, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+  options = dict(scale=scale, sliding_window=sliding_window, logit_soft_cap=logit_soft_cap)
   call = functools.partial(
     _ragged_call,
-    scale=scale,
-    sliding_window=sliding_window,
-    logit_soft_cap=logit_soft_cap,
+    **options,
     blocks_per_chunk=tuned.blocks_per_chunk,
     max_blocks=max_blocks,
     tile=tile,
     heads_per_step=tuned.kv_heads_per_step,
     interpret=interpret,
+    vmem_limit_bytes=tuned.vmem_limit_bytes,
     k_scales=k_scales,
     v_scales=v_scales,
   )
-  out = None
-  row = jnp.arange(padded, dtype=jnp.int32)[None, None, :, None]
-  for s0 in range(0, batch, per_call):
-    s1 = min(batch, s0 + per_call)
-    part = call(
-      qt, k_blocks, v_blocks, block_table[s0:s1].reshape(-1), lengths[s0:s1], cu_q_lens[s0 : s1 + 1]
+
+  def ragged(q, cu):
+    # [T, Hq, D] -> [Hkv, group, T_padded, D]: a tile's rows of one KV head are one block.
+    qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
+    qt = qt.reshape(padded, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+    out = _ragged_rows(qt, k_blocks, v_blocks, block_table, lengths, cu, tuned=tuned, call=call)
+    return out.transpose(2, 0, 1, 3).reshape(padded, num_q_heads, head_dim)[:num_tokens]
+
+  if not split:
+    return ragged(q, cu_q_lens)
+
+  is_decode, cu_prefill, src, seq, in_seq = _split_rows(cu_q_lens, num_tokens)
+  # Decode launch: every sequence, decodes first (a stable order, so the decode kernel's
+  # cross-step prefetch runs from one decode to the next), the others with length 0 (no
+  # chunk, no DMA).
+  order = jnp.argsort(jnp.logical_not(is_decode), stable=True).astype(jnp.int32)
+  decode_tuned = _config.resolve(block_sizes, ragged=False, **shape)
+
+  def decode(_):
+    row = jnp.clip(cu_q_lens[:-1][order], 0, num_tokens - 1)
+    qg = q[row].reshape(batch, num_kv_heads, group, head_dim)
+    out = decode_rows(
+      qg,
+      k_blocks,
+      v_blocks,
+      block_table[order],
+      jnp.where(is_decode[order], lengths[order], 0),
+      tuned=decode_tuned,
+      **options,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
     )
-    if out is None:
-      out = part
-    else:
-      # Each call leaves the rows of other calls' sequences at zero; keep its own rows.
-      mine = (row >= cu_q_lens[s0]) & (row < cu_q_lens[s1])
-      out = jnp.where(mine, part, out)
-  out = out.transpose(2, 0, 1, 3).reshape(padded, num_q_heads, head_dim)
-  return out[:num_tokens]
+    return out.reshape(batch, num_q_heads, head_dim)
+
+  decoded = lax.cond(
+    jnp.any(is_decode), decode, lambda _: jnp.zeros((batch, num_q_heads, head_dim), q.dtype), None
+  )
+  prefilled = lax.cond(
+    cu_prefill[-1] > 0, lambda _: ragged(q[src], cu_prefill), lambda _: jnp.zeros_like(q), None
+  )
+  # Back to q's row order: a decode row from the decode launch (at its sequence's place in
+  # ``order``), a prefill row from its packed row, rows of no sequence zero.
+  rank = jnp.zeros((batch,), jnp.int32).at[order].set(jnp.arange(batch, dtype=jnp.int32))
+  packed = jnp.clip(cu_prefill[seq] + jnp.arange(num_tokens) - cu_q_lens[seq], 0, num_tokens - 1)
+  take_decode = (in_seq & is_decode[seq])[:, None, None]
+  out = jnp.where(take_decode, decoded[rank[seq]], prefilled[packed])
+  return jnp.where(in_seq[:, None, None], out, jnp.zeros((), q.dtype))

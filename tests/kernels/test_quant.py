@@ -159,8 +159,9 @@ def dequantised_oracle(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k
 
 
 def check(out, case, q_dtype, *, rel_l2=False):
-  """Elementwise against the oracle; ``rel_l2``: relative L2 (the GPU kernels round p to
-  q's dtype before p @ v, as every bf16 flash kernel does, see kernels/testing.py)."""
+  """Elementwise against the oracle; ``rel_l2``: relative L2 (the GPU kernels, and the TPU
+  kernels with bf16 q, round p to q's dtype before p @ v, as every bf16 flash kernel does,
+  see kernels/testing.py)."""
   want = dequantised_oracle(**case)
   got = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   assert not np.isnan(got).any(), "NaN from an unused slot leaked into the output"
@@ -302,7 +303,9 @@ def test_tpu_interpret(dtype, ragged, q_dtype):
   case = make_case(rng, lengths, q_lens, dtype=dtype, block_size=128, head_dim=128, q_dtype=q_dtype)
   bs = tpu.BlockSizes(blocks_per_chunk=2, kv_heads_per_step=None if ragged else 2)
   out = kernels.paged_attention(**case, backend="tpu", interpret=params, block_sizes=bs)
-  check(out, case, q_dtype)
+  # bf16 q: p * v_scale is rounded to bf16 for the p @ V product (issue 18, item 3), as in
+  # the GPU kernels, so the bound is theirs.
+  check(out, case, q_dtype, rel_l2=jnp.dtype(q_dtype) == jnp.bfloat16)
   assert not state.races.races_found
 
 

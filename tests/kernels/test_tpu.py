@@ -304,6 +304,26 @@ def _count_pallas_calls(fn, *args):
   return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
 
 
+def _kernels_called(fn, *args) -> dict:
+  """{kernel function name: pallas_calls of it} in the jaxpr of ``fn(*args)`` (both
+  branches of a ``lax.cond`` count)."""
+  counts = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        name = eqn.params["jaxpr"].debug_info.func_name
+        counts[name] = counts.get(name, 0) + 1
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else [value]:
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return counts
+
+
 @dataclasses.dataclass
 class _KernelDmas:
   """What the ``dma_start`` and ``dma_wait`` sites of a traced Pallas kernel do."""
@@ -313,8 +333,9 @@ class _KernelDmas:
   scratch: list  # shapes of the kernel's VMEM scratch refs
 
 
-def _kernel_dmas(fn, *args) -> _KernelDmas:
-  """The DMA sites inside the Pallas kernel ``fn(*args)`` traces to (there must be one).
+def _kernel_dmas(fn, *args, name=None) -> _KernelDmas:
+  """The DMA sites inside the Pallas kernel ``fn(*args)`` traces to (there must be one, or
+  one whose kernel function is called ``name``).
   A site inside a loop of static trip count (``lax.fori_loop`` over a chunk's blocks)
   counts once per trip; loops of traced trip count (over chunks) are per chunk anyway."""
   found = []
@@ -340,7 +361,8 @@ def _kernel_dmas(fn, *args) -> _KernelDmas:
         inner_out.scratch = [
           v.aval.shape for v in kernel.invars if str(getattr(v.aval, "memory_space", "")) == "vmem"
         ]
-        found.append(inner_out)
+        if wanted is None or kernel.debug_info.func_name == wanted:
+          found.append(inner_out)
       inner_trips = trips * eqn.params["length"] if name == "scan" else trips
       for value in eqn.params.values():
         for sub in value if isinstance(value, (list, tuple)) else [value]:
@@ -348,6 +370,7 @@ def _kernel_dmas(fn, *args) -> _KernelDmas:
           if hasattr(inner, "eqns"):
             walk(inner, inner_trips, inner_out)
 
+  wanted = name
   walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, None)
   (kernel,) = found
   return kernel
@@ -388,7 +411,7 @@ def test_dma_counts_in_the_kernel_jaxpr_match_the_plan(ragged, heads_per_step, b
     cu = jax.ShapeDtypeStruct((5,), jnp.int32)
     got = _kernel_dmas(
       lambda q, k, v, t, n, c: tpu.paged_attention(q, k, v, t, n, c, block_sizes=bs),
-      q, kv, kv, table, lengths, cu,
+      q, kv, kv, table, lengths, cu, name="_ragged_kernel",
     )  # fmt: skip
     sites = 2  # the first chunk, and the next chunk inside the loop
   else:
@@ -581,7 +604,8 @@ def test_ragged_mixed_prefill_and_decode_matches_oracle(kw):
 def test_ragged_fast_path_chunks_beside_holes_and_nan(window):
   # Tiles of 8 rows wholly inside one sequence whose early chunks every row sees (the
   # unmasked fast path; with the window, only chunks inside every row's window), next to
-  # a sequence with a -1 entry, a chunk of only holes, and a decode row sharing a tile.
+  # a sequence with a -1 entry, a chunk of only holes, and a decode row sharing a tile
+  # (decodes kept in the ragged kernel: split_decode=False).
   rng = np.random.default_rng(14)
   lengths, q_lens = [48, 45, 33], [8, 16, 1]
   k, v, table, lengths = _cache(
@@ -592,7 +616,7 @@ def test_ragged_fast_path_chunks_beside_holes_and_nan(window):
   q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 3, 2, HEAD_DIM)), jnp.float32)
   out = tpu.paged_attention_ragged(
     q, k, v, table, lengths, cu, sliding_window=window, interpret=INTERPRET,
-    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8),
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8, split_decode=False),
   )  # fmt: skip
   _assert_no_races()
   _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
@@ -609,6 +633,98 @@ def test_ragged_two_of_four_kv_heads_per_step():
   _assert_no_races()
   _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
   assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+
+
+def test_ragged_mixed_batch_runs_decodes_in_a_decode_kernel_launch_of_their_own(monkeypatch):
+  # The decodes of a mixed batch (sequences with one query row) go to the decode kernel
+  # (decodes first, the other sequences at length 0), and only the other sequences' rows,
+  # packed from row 0, to the ragged kernel; a batch without decodes (or without prefills)
+  # skips that launch. What each launch gets is recorded from inside the jitted call.
+  from kernels.tpu import ragged as ragged_mod
+
+  seen = {"decode": [], "ragged": []}
+  real_decode, real_call = ragged_mod.decode_rows, ragged_mod._ragged_call
+
+  def decode_spy(qg, k, v, table, lengths, **kw):
+    jax.debug.callback(lambda n: seen["decode"].append(np.asarray(n).tolist()), lengths)
+    return real_decode(qg, k, v, table, lengths, **kw)
+
+  def call_spy(qt, k, v, table_flat, lengths, cu, **kw):
+    jax.debug.callback(lambda c: seen["ragged"].append(np.asarray(c).tolist()), cu)
+    return real_call(qt, k, v, table_flat, lengths, cu, **kw)
+
+  monkeypatch.setattr(ragged_mod, "decode_rows", decode_spy)
+  monkeypatch.setattr(ragged_mod, "_ragged_call", call_spy)
+  jax.clear_caches()  # no trace made before the spies were in place
+  bs = tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8)
+
+  def run(q, k, v, table, lengths, cu):
+    seen["decode"].clear()
+    seen["ragged"].clear()
+    out = ragged_mod.paged_attention_ragged(
+      q, k, v, table, lengths, cu, block_sizes=bs, interpret=INTERPRET
+    )
+    jax.effects_barrier()
+    _assert_no_races()
+    _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
+    assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+    return dict(seen)
+
+  rng = np.random.default_rng(17)
+  # lengths [11, 0, 21, 1, 8, 9, 30], q_lens [11, 0, 6, 1, 1, 1, 3]: decodes 3, 4, 5.
+  got = run(*_ragged_case(rng, dtype=jnp.float32))
+  assert got["decode"] == [[1, BS, BS + 1, 0, 0, 0, 0]]
+  assert got["ragged"] == [[0, 11, 11, 17, 17, 17, 17, 20]]
+  # Only decodes: no ragged launch. Only prefills (and an empty sequence): no decode launch.
+  k, v, table, lengths = _cache(
+    rng, [5, 17, 12], num_kv_heads=1, block_size=BS, max_blocks=3, dtype=jnp.float32
+  )
+  q = jnp.asarray(rng.standard_normal((4, 2, HEAD_DIM)), jnp.float32)
+  got = run(q, k, v, table, lengths, jnp.asarray([0, 1, 2, 3], jnp.int32))
+  assert got == {"decode": [[5, 17, 12]], "ragged": []}
+  got = run(q, k, v, table, lengths, jnp.asarray([0, 2, 2, 4], jnp.int32))
+  assert got == {"decode": [], "ragged": [[0, 2, 2, 4]]}
+
+
+def test_ragged_defaults_one_prefill_tile_of_1024_rows_beside_decodes():
+  # Default BlockSizes with bf16 q and K/V at group 4: the prefill launch's tile is 256
+  # tokens (1,024 matmul rows per KV head, both KV heads in one step, softmax state in
+  # VMEM scratch), holding two prefills; the decodes go to the decode kernel's default
+  # 2,048-token chunk (capped at the table).
+  rng = np.random.default_rng(18)
+  lengths, q_lens = [40, 17, 33, 64, 1], [40, 1, 9, 1, 1]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=2, block_size=16, max_blocks=4, dtype=jnp.bfloat16
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 2, 8, HEAD_DIM)), jnp.bfloat16)
+  out = tpu.paged_attention_ragged(q, k, v, table, lengths, cu, interpret=INTERPRET)
+  _assert_no_races()
+  chex.assert_type(out, q.dtype)
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.bfloat16)
+  assert np.all(np.asarray(out, np.float32)[int(cu[-1]) :] == 0), "padding rows: zeros"
+
+
+def test_prefill_tiles_pass_the_ridge_point_of_v5e_and_v6e():
+  # Per key token a tile of R matmul rows does 4 R head_dim flops (q k^T and p V) against
+  # 2 head_dim x 2 bytes of bf16 K and V: R flop/byte. The default prefill tile (decodes
+  # split off) has at least the larger ridge point's worth of rows, and is the smallest
+  # power-of-two tile that does; with decodes in the same launch it stays at ~128 rows.
+  from kernels.tpu import _config
+
+  ridge = {c: _config.PEAK_BF16_FLOPS[c] / _config.HBM_BYTES_PER_S[c] for c in ("v5e", "v6e")}
+  assert ridge["v5e"] == pytest.approx(240.5, abs=0.1)
+  assert ridge["v6e"] == pytest.approx(559.8, abs=0.1)
+  for group in range(1, 9):
+    kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, num_kv_heads=8, block_size=16)
+    kw.update(head_dim=128, max_blocks=256, group=group, ragged=True)
+    tile = _config.resolve(None, prefill_only=True, **kw).queries_per_tile
+    rows = group * tile
+    flops_per_key, bytes_per_key = 4 * rows * 128, 2 * 128 * 2
+    assert flops_per_key / bytes_per_key == rows
+    assert rows > max(ridge.values()) and group * (tile // 2) < max(ridge.values()), group
+    mixed = _config.resolve(None, **kw).queries_per_tile
+    assert 128 <= group * mixed < 256 or mixed == 16, group
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -653,9 +769,11 @@ def test_ragged_mqa_bf16_with_smem_split():
   q = q.astype(jnp.float32)
   # 7 sequences: 3 calls of at most 3 sequences (5 entries + length + cu each), plus the
   # per-tile metadata (2 tiles of 16 rows: 2 * 2 + 1 words).
+  # The decode launch (5 entries + length each, 2 words of state): 2 calls of at most 4.
   tiny = tpu.BlockSizes(blocks_per_chunk=1, queries_per_tile=16, smem_budget_bytes=4 * (3 * 7 + 5))
   fn = lambda *a: tpu.paged_attention_ragged(*a, block_sizes=tiny, interpret=INTERPRET)
-  assert _count_pallas_calls(fn, q, k, v, table, lengths, cu) == 3
+  calls = _kernels_called(fn, q, k, v, table, lengths, cu)
+  assert calls == {"_ragged_kernel": 3, "_decode_kernel": 2}, calls
   out = fn(q, k, v, table, lengths, cu)
   _assert_no_races()
   # f32 q with bf16 K/V: no narrowing anywhere, so the f32 tolerance holds.
@@ -791,6 +909,8 @@ def test_block_sizes_is_frozen_hashable_and_validated():
     tpu.BlockSizes(kv_heads_per_step=0)
   with pytest.raises(ValueError, match="vmem_limit_bytes"):
     tpu.BlockSizes(vmem_limit_bytes=4096)
+  with pytest.raises(ValueError, match="split_decode"):
+    tpu.BlockSizes(split_decode=1)
 
 
 def test_kv_heads_per_step_must_divide_num_kv_heads():

@@ -94,6 +94,7 @@ def test_shipped_cases_cover_every_accepted_value():
     "smem_budget_bytes",
     "blocks_per_chunk",
     "queries_per_tile",
+    "split_decode",
   }
 
 
@@ -191,3 +192,64 @@ def test_head_dim_64_and_192_pools_would_be_copied_every_call():
     assert rows[d]["row_major"] and rows[d]["pool_copies"] == 0, rows
   for d in ("64", "192"):
     assert not rows[d]["row_major"] and rows[d]["pool_copies"] >= 2, rows  # K and V
+
+
+@pytest.mark.slow
+def test_ragged_prefill_tile_needs_the_vmem_limit_it_sets():
+  # The default prefill tile (1,024 rows of 8 KV heads, bf16) compiles for v5e under the
+  # limit the ragged kernel sets (2 x its 22 MiB estimate + 16 MiB, capped at 48 MiB), and
+  # its ragged launch (output bf16[8,4,256,128]) is refused under v5e's default 16 MiB;
+  # blocks_per_chunk=16 keeps the decode launch's chunks small enough for 16 MiB, so the
+  # refusal is the ragged kernel's. 20 MiB suffices: the estimate is not below the need.
+  code = textwrap.dedent(
+    """
+    import json
+    from kernels.tpu import aot
+
+    device = aot.topology_device("v5e:2x2")
+    base = dict(kernel="ragged", block_size=16, head_dim=128, kv_dtype="bfloat16")
+    rows = {}
+    for name, knobs in [("default", ()),
+                        ("16mib", (("blocks_per_chunk", 16), ("vmem_limit_bytes", 16 << 20))),
+                        ("20mib", (("blocks_per_chunk", 16), ("vmem_limit_bytes", 20 << 20)))]:
+      row = aot.compile_case(aot.Case(name, block_sizes=knobs, **base), device)
+      rows[name] = dict(ok=row["ok"], error=(row["error"] or "")[:400])
+    print(json.dumps(rows))
+    """
+  )
+  proc = _run(["-c", code], timeout=600)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert lines, proc.stderr[-3000:]
+  rows = json.loads(lines[-1])
+  assert rows["default"]["ok"] and rows["20mib"]["ok"], rows
+  error = rows["16mib"]["error"]
+  assert not rows["16mib"]["ok"] and "vmem" in error.lower(), rows
+  assert "bf16[8,4,256,128]" in error, rows  # the ragged launch's output, 256-token tiles
+
+
+@pytest.mark.slow
+def test_two_heads_of_64_cannot_share_a_128_lane_row_by_dma():
+  # Issue 18 item 4 asks for head_dim 64 packed in the 128 lanes. From the one cache
+  # layout [num_kv_heads, num_blocks, block_size, 64], a DMA of a head's [16, 64] slab into
+  # a 64-lane half of a VMEM row is refused by Mosaic (a DMA's contiguous inner slice must
+  # be a multiple of 512 bytes; 64 bf16 lanes are 128), and the slab's HBM tiling is
+  # (8, 128): a row-major 64-wide pool takes 128 lanes per row in HBM, the bytes of a pool
+  # padded to 128. (XLA keeps a real-size pool not row-major at all: the pool copy of
+  # test_head_dim_64_and_192_pools_would_be_copied_every_call.)
+  code = textwrap.dedent(
+    """
+    import json
+    from kernels.tpu import aot
+
+    rows = {t: aot.packed_lanes_dma(aot.topology_device(t)) for t in aot.TOPOLOGIES}
+    print(json.dumps(rows))
+    """
+  )
+  proc = _run(["-c", code], timeout=600)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert lines, proc.stderr[-3000:]
+  rows = json.loads(lines[-1])
+  assert set(rows) == set(aot.TOPOLOGIES), rows
+  for row in rows.values():
+    assert not row["ok"] and "divisible by 512 bytes" in row["error"], row
+    assert row["hbm_tiling"] == "(8,128)", row
