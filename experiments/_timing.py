@@ -174,6 +174,17 @@ def compare(a: Interval, b: Interval) -> str:
   return "indistinguishable"
 
 
+def rate_verdict(a: Interval, b: Interval) -> str:
+  """Rate ``a`` against rate ``b`` (larger is better) as words for a sentence: ``"faster
+  than"`` or ``"slower than"`` where the intervals separate, else ``"not distinguishable
+  from (the ranges overlap)"``."""
+  return {
+    "faster": "slower than",  # compare() calls the smaller interval faster
+    "slower": "faster than",
+    "indistinguishable": "not distinguishable from (the ranges overlap)",
+  }[compare(a, b)]
+
+
 def spread_text(t: Timing, scale: float = 1e3, fmt: str = ".3f") -> str:
   """``"median (min-max)"`` of ``t`` times ``scale``, e.g. ``"1.234 (1.200-1.301)"``."""
   return f"{t.median * scale:{fmt}} ({t.min * scale:{fmt}}-{t.max * scale:{fmt}})"

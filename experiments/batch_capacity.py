@@ -228,10 +228,7 @@ def engine_claims(rows: list[dict]) -> list[str]:
     (a["tokens_per_s_min"], a["tokens_per_s_max"]),
     (b["tokens_per_s_min"], b["tokens_per_s_max"]),
   )
-  # compare() calls the smaller interval "faster"; for a rate the larger is faster.
-  verdict = {"faster": "slower than", "slower": "faster than"}.get(
-    _timing.compare(rb, ra), "not distinguishable from (the ranges overlap)"
-  )
+  verdict = _timing.rate_verdict(rb, ra)
   return [
     f"Engine: {b['system']} serves {b['mean_batch'] / a['mean_batch']:.2f}x the tokens per "
     f"step of {a['system']} (counts) and is {verdict} it in generated tokens/s "

@@ -126,12 +126,7 @@ def engine_claims(rows: list[dict]) -> list[str]:
     (a["tokens_per_s_min"], a["tokens_per_s_max"]),
     (b["tokens_per_s_min"], b["tokens_per_s_max"]),
   )
-  # compare() calls the smaller interval "faster"; for a rate the larger is faster.
-  text = {
-    "faster": "slower than",
-    "slower": "faster than",
-    "indistinguishable": "not distinguishable from (the ranges overlap)",
-  }[_timing.compare(ra, rb)]
+  text = _timing.rate_verdict(ra, rb)
   return [
     f"Engine end to end: block {a['block_size']} ({a['tokens_per_s']:.1f} generated tokens/s, "
     f"min-max {_timing.range_text(*ra, '.1f')} over {a['repeats']} passes) is {text} block "

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from experiments import _timing
-from experiments._timing import Timing, compare, separated, time_calls
+from experiments._timing import Timing, compare, rate_verdict, separated, time_calls
 
 
 def _fake_clock(monkeypatch, ticks):
@@ -101,6 +101,13 @@ def test_separated_and_compare():
   # (min, max) pairs, as table rows record them, compare the same way.
   assert compare((1.0, 1.2), slow) == "faster"
   assert compare((1.0, 1.4), (1.3, 2.0)) == "indistinguishable"
+
+
+def test_rate_verdict_reads_larger_as_faster():
+  # Rates: (min, max) of tokens/s; the larger rate is the faster system.
+  assert rate_verdict((200.0, 220.0), (100.0, 120.0)) == "faster than"
+  assert rate_verdict((100.0, 120.0), (200.0, 220.0)) == "slower than"
+  assert rate_verdict((100.0, 210.0), (200.0, 220.0)).startswith("not distinguishable")
 
 
 def test_median_interval_by_hand():
