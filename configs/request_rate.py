@@ -180,7 +180,7 @@ def get_config(arg: str | None = None) -> ConfigDict:
       config.model = "smollm2-135m"
       # One device call (10 minutes at most; aim at 8). Each system sweeps only the rates
       # around its crossing of the bound on gpu_sim's curves (docs/experiments.md),
-      # allowing for wall steps 1.0-1.5x the fitted ones, and stops at its first rate past
+      # allowing for wall steps 1.0-1.8x the fitted ones, and stops at its first rate past
       # the bound; Orca (Max) and paged first, so that a cut run keeps the paper's two
       # headline ratios. No new rate starts after max_wall_s (rows noted as not run).
       config.systems = ("orca_max", "paged", "orca_oracle", "orca_pow2")

@@ -11,8 +11,9 @@ Per block size:
   ``kernel_iters`` calls, with its min-max spread, for each backend in ``config.backends``
   that runs natively here (CPU: the reference; GPU: the Pallas GPU kernel and the
   reference; TPU likewise), and the K/V bytes read per second; a note says whether the
-  smallest and the largest block's 95% intervals of the median separate
-  (:func:`experiments._timing.compare`);
+  smallest and the largest block's intervals of the median separate (95% where the
+  samples allow, else min-max, whose coverage the note states;
+  :func:`experiments._timing.compare`);
 * end to end (when ``config.engine.requests > 0``): the engine's generated tokens/s on
   the device present (:mod:`experiments._engine_bench`).
 
@@ -101,11 +102,12 @@ def _kernel_claims(backend: str, rows: list[dict]) -> list[str]:
     "slower": "slower than",
     "indistinguishable": "not distinguishable from (the intervals overlap)",
   }[_timing.compare(ci_a, ci_b)]
+  _, coverage = _timing.median_interval_rank(a["time_repeats"])
   return [
-    f"Decode kernel ({backend}): block {a['block_size']} (median {a['time_ms']:.4g} ms, 95% "
-    f"interval {_timing.range_text(*ci_a)}) is {text} block {b['block_size']} (median "
-    f"{b['time_ms']:.4g} ms, {_timing.range_text(*ci_b)}), over {a['time_repeats']} samples "
-    f"of {a.get('inner', 1)} call(s) each."
+    f"Decode kernel ({backend}): block {a['block_size']} (median {a['time_ms']:.4g} ms, "
+    f"{coverage:.1%} interval {_timing.range_text(*ci_a)}) is {text} block "
+    f"{b['block_size']} (median {b['time_ms']:.4g} ms, {_timing.range_text(*ci_b)}), over "
+    f"{a['time_repeats']} samples of {a.get('inner', 1)} call(s) each."
   ]
 
 

@@ -273,6 +273,14 @@ def run_experiment(
   start = time.perf_counter()
   from experiments._engine_bench import wants_distributed
 
+  if not wants_distributed(config) and int(os.environ.get("PAXCACHE_NUM_PROCESSES") or 1) > 1:
+    raise ValueError(
+      f"started as one of {os.environ['PAXCACHE_NUM_PROCESSES']} processes "
+      "(PAXCACHE_NUM_PROCESSES, set by paxcache.launch), but the config does not ask for the "
+      "distributed engine: every process would run the whole experiment alone and write the "
+      "same workdir; add --config.engine.distributed=True (request_rate: "
+      "--config.distributed=True)"
+    )
   if wants_distributed(config):
     # One process of a multi-process JAX job: join it before anything touches a device.
     # Process 0 writes the workdir; process i > 0 writes the same files to process<i>/.

@@ -192,8 +192,11 @@ def launch(
     num_processes: processes to start (>= 1).
     cpu_devices: run on the CPU with this many devices per process (sets ``JAX_PLATFORMS=cpu``
       and ``--xla_force_host_platform_device_count``); None keeps the platform.
-    gpus_per_process: give process ``i`` the GPUs ``i * g .. (i + 1) * g - 1`` of this
-      machine (``CUDA_VISIBLE_DEVICES``); None leaves every GPU visible to every process.
+    gpus_per_process: give process ``i`` the GPUs ``i * g .. (i + 1) * g - 1``
+      (``CUDA_VISIBLE_DEVICES``), counted in the inherited ``CUDA_VISIBLE_DEVICES`` when
+      one is set (a scheduler's share of the machine, e.g. ``4,5,6,7``), else in the
+      machine's GPUs; None leaves every GPU visible to every process. Not with
+      ``cpu_devices``.
     port: the coordinator's port on 127.0.0.1 (default: a free one).
     timeout_s: stop every process after this many seconds (exit status 124).
     env: extra environment variables for every process.
@@ -217,6 +220,8 @@ def launch(
     or gpus_per_process < 1
   ):
     raise ValueError(f"gpus_per_process must be None or an int >= 1, got {gpus_per_process!r}")
+  if cpu_devices is not None and gpus_per_process is not None:
+    raise ValueError("cpu_devices and gpus_per_process: give one (the CPU, or GPUs), not both")
   if not args:
     raise ValueError("args: nothing to run (give a script or -m module)")
   port = free_port() if port is None else int(port)
@@ -227,6 +232,15 @@ def launch(
   base[ENV_NUM_PROCESSES] = str(num_processes)
   # One hash seed for every process, in case host code ever iterates a set of str ids.
   base.setdefault("PYTHONHASHSEED", "0")
+  visible = None  # the inherited CUDA_VISIBLE_DEVICES, split
+  if gpus_per_process is not None and base.get("CUDA_VISIBLE_DEVICES", "").strip():
+    visible = [g.strip() for g in base["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    if num_processes * gpus_per_process > len(visible):
+      raise ValueError(
+        f"{num_processes} processes x {gpus_per_process} GPUs need "
+        f"{num_processes * gpus_per_process}, but CUDA_VISIBLE_DEVICES="
+        f"{base['CUDA_VISIBLE_DEVICES']!r} has {len(visible)}"
+      )
   if cpu_devices is not None:
     base["JAX_PLATFORMS"] = "cpu"
     flags = base.get("XLA_FLAGS", "")
@@ -248,8 +262,10 @@ def launch(
       proc_env = dict(base, **{ENV_PROCESS_ID: str(i)})
       if gpus_per_process is not None:
         first = i * gpus_per_process
-        gpus = range(first, first + gpus_per_process)
-        proc_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        gpus = [str(g) for g in range(first, first + gpus_per_process)]
+        if visible is not None:
+          gpus = visible[first : first + gpus_per_process]
+        proc_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
       command = [sys.executable, *args]
       if sys.platform == "linux":
         command = [sys.executable, "-c", _DIE_WITH_PARENT, *args]

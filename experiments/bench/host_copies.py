@@ -7,14 +7,16 @@ The H200 run of ``configs/swap_vs_recompute.py:gpu`` found swapping a 2,048-toke
 at random ids of a pool twice its size):
 
 * ``swap_out`` / ``swap_in``: the two calls as the engine makes them;
-* ``d2h_pageable``: the device gather plus ``jax.device_get`` into new NumPy memory (what
-  ``swap_out`` does before writing the host pool); ``h2d_pageable``: ``jax.device_put`` of a
-  NumPy array of the same bytes;
+* ``d2h_pageable``: the device gather of the blocks plus ``jax.device_get`` into new NumPy
+  memory (what ``swap_out`` does before writing the host pool; the gather is included, as
+  a fresh array is needed each time); ``h2d_pageable``: ``jax.device_put`` of a NumPy array
+  of the same bytes (no scatter);
 * ``host_scatter``: NumPy writing the blocks into the host pool at their ids (the rest of
   ``swap_out``); ``host_gather``: NumPy reading them out (``swap_in``'s first step);
-* ``d2h_pinned`` / ``h2d_pinned``: ``jax.device_put`` of the same bytes to and from
-  ``memory_kind="pinned_host"`` (what a host pool in pinned memory would pay), where the
-  backend has that memory kind (else the row says why not).
+* ``d2h_pinned`` / ``h2d_pinned``: ``jax.device_put`` of already gathered blocks to and
+  from ``memory_kind="pinned_host"`` (the copies a host pool in pinned memory would pay,
+  without the gather or scatter), where the backend has that memory kind (else the row
+  says why not).
 
 Each figure is the median of ``--repeats`` samples of one synced call with its min-max
 (:func:`experiments._timing.time_calls`) and the bytes over the median as GB/s. Prints a
@@ -135,7 +137,7 @@ def main(args) -> int:
     "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
   }
   print(
-    f"| figure | ms (median) | min-max ms | GB/s | ({rows[0]['mib']:.0f} MiB, {meta['device']})"
+    f"| figure | ms (median) | min-max ms | GB/s | ({rows[0]['mib']:.2f} MiB, {meta['device']})"
   )
   print("| --- | ---: | --- | ---: |")
   for r in rows:

@@ -92,7 +92,7 @@ def shipped_cases() -> list[Case]:
     # Decodes kept in the ragged kernel's tiles (one launch, ~128-row tiles).
     Case("ragged-bs16-bf16-mixed", "ragged", **bf16, block_sizes=(("split_decode", False),)),
   ]  # fmt: skip
-  # 8-bit K/V with float32 scales (block_size a multiple of 32, the 8-bit sublane tile):
+  # 8-bit K/V with float32 scales (block_size a multiple of 128, kernels/tpu/_config.py):
   # bf16 q over int8 and e4m3 pools, and f32 q with a window and soft cap.
   for kernel in ("decode", "ragged"):
     cases += [

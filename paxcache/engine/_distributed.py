@@ -148,7 +148,10 @@ class DistributedEngine(Engine):
     if self.is_leader:
       idle = not self.scheduler.has_work() and self._in_flight is None and not self._ready
       if self._outbox and idle:
-        self.clock.wait_until(self._outbox[0][0])  # nothing to do before the next arrival
+        # Nothing to do before the next arrival; but the others wait for this boundary at
+        # most timeout_s, so a longer gap passes as several (empty) boundaries.
+        until = self.clock.now() + self._channel.timeout_s / 2
+        self.clock.wait_until(min(self._outbox[0][0], until))
       now = self.clock.now()
       arrived = []
       while self._outbox and self._outbox[0][0] <= now:

@@ -237,6 +237,18 @@ def test_engine_claims_name_a_difference_only_where_the_ranges_separate():
   assert block_size_ablation.engine_claims([small]) == []
 
 
+def test_kernel_claim_states_the_coverage_of_its_intervals():
+  def row(bs, lo, hi, n):
+    return dict(block_size=bs, time_ms=(lo + hi) / 2, time_ci_lo_ms=lo, time_ci_hi_ms=hi,
+                time_repeats=n, inner=10)  # fmt: skip
+
+  # 5 samples: min-max holds the median with probability 1 - 2**-4 = 93.75%, not 95%.
+  (text,) = block_size_ablation._kernel_claims("gpu", [row(8, 1.0, 1.1, 5), row(256, 2, 3, 5)])
+  assert "93.8% interval 1-1.1) is faster than block 256" in text
+  (text,) = block_size_ablation._kernel_claims("gpu", [row(8, 1.0, 2.5, 20), row(256, 2, 3, 20)])
+  assert "interval 1-2.5) is not distinguishable" in text and "93.8%" not in text
+
+
 def test_capacity_engine_claim_is_tokens_per_step_and_separated_rates():
   from experiments import batch_capacity
 

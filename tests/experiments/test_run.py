@@ -576,3 +576,15 @@ def test_run_into_docs_results_from_a_dirty_tree_writes_nothing(tmp_path, monkey
   with pytest.raises(ValueError, match="1 uncommitted"):
     run.run_experiment(_tiny_memory_config(), str(results))
   assert not results.exists()
+
+
+def test_a_launched_process_refuses_a_config_that_is_not_distributed(tmp_path, monkeypatch):
+  # Under paxcache.launch every process would otherwise run the whole experiment alone.
+  monkeypatch.setenv("PAXCACHE_NUM_PROCESSES", "2")
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=r"one of 2 processes .*--config.engine.distributed=True"):
+    run.run_experiment(_tiny_memory_config(), str(workdir))
+  assert not workdir.exists()  # refused before anything was written
+  monkeypatch.setenv("PAXCACHE_NUM_PROCESSES", "1")  # one process: runs as before
+  run.run_experiment(_tiny_memory_config(), str(workdir))
+  assert (workdir / "summary.md").exists()

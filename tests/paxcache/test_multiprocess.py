@@ -4,6 +4,7 @@ launcher, the per-host swap pool and DistributedEngine on one process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -195,6 +196,25 @@ def test_distributed_engine_in_one_process_matches_engine(reference):
     engine.abort(0)
 
 
+def test_an_idle_gap_longer_than_the_timeout_passes_as_several_boundaries():
+  # Process 0 waits for the next arrival before it publishes a boundary; the others wait
+  # for that boundary at most timeout_s, so process 0 never waits longer than half of it.
+  from paxcache.engine import SimulatedClock
+  from paxcache.nn import load_decoder
+
+  clock = SimulatedClock()
+  config = mc.engine_config("swap", sh.make_mesh(1))
+  engine = DistributedEngine(load_decoder(), config, clock=clock, timeout_s=10.0)
+  waits = []
+  wait_until = clock.wait_until
+  clock.wait_until = lambda t: (waits.append(t - clock.now()), wait_until(t))
+  request = dataclasses.replace(mc.requests()[0], arrival_time=clock.now() + 12.0)
+  out = engine.run([request])
+  assert list(out) == [request.request_id] and out[request.request_id].samples
+  assert waits[:3] == [5.0, 5.0, 2.0]  # 12 s of gap in waits of at most 10 / 2 s
+  assert engine.allocator.num_used_blocks == 0
+
+
 def test_distributed_engine_errors():
   from paxcache.nn import load_decoder
 
@@ -267,3 +287,15 @@ def test_launched_processes_die_with_the_launcher(tmp_path):
   prog = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
   assert distributed.launch(["-c", prog], 2, gpus_per_process=2, output=lines.append) == 0
   assert sorted(lines) == ["[p0] 0,1", "[p1] 2,3"]
+  # Under a scheduler's share of the GPUs, the split counts in that share, and a share too
+  # small is refused before anything starts.
+  lines = []
+  share = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+  assert (
+    distributed.launch(["-c", prog], 2, gpus_per_process=2, env=share, output=lines.append) == 0
+  )
+  assert sorted(lines) == ["[p0] 4,5", "[p1] 6,7"]
+  with pytest.raises(ValueError, match="need 6, but CUDA_VISIBLE_DEVICES='4,5,6,7' has 4"):
+    distributed.launch(["-c", "pass"], 3, gpus_per_process=2, env=share)
+  with pytest.raises(ValueError, match="give one"):
+    distributed.launch(["-c", "pass"], 1, cpu_devices=1, gpus_per_process=1)
