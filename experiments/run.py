@@ -356,17 +356,19 @@ def git_state(cwd: str | None = None) -> dict:
   """The commit checked out at ``cwd`` (default: this file's tree) and whether the tree is
   clean: ``git status --porcelain`` empty, untracked files included.
 
-  When ``$PAXCACHE_COMMIT`` is set (a copy of the tree on a device machine), the commit is
-  that value and cleanliness ``$PAXCACHE_GIT_CLEAN`` ("1" clean, "0" not), as the person who
-  copied the tree recorded them, even inside a git tree: a device copy can carry a stale
-  ``.git`` whose HEAD and status describe an older tree (seen on the H200 machine). Where
-  git's HEAD differs from the stated commit, ``git_head_seen`` records it.
-  ``git_commit_source`` says which (``"git"``, ``"PAXCACHE_COMMIT"``, or ``None`` with every
-  value ``None``: unknown)."""
+  When ``$PAXCACHE_COMMIT`` is set (a copy of the tree on a device machine) and names
+  another commit than git's HEAD, or there is no git tree, the commit is that value and
+  cleanliness ``$PAXCACHE_GIT_CLEAN`` ("1" clean, "0" not), as the person who copied the
+  tree recorded them: a device copy can carry a stale ``.git`` whose HEAD and status
+  describe an older tree (seen on the H200 machine); ``git_head_seen`` then records that
+  HEAD. Where the stated commit is git's HEAD, git decides (so the variables cannot make a
+  dirty checkout look clean). ``git_commit_source`` says which (``"git"``,
+  ``"PAXCACHE_COMMIT"``, or ``None`` with every value ``None``: unknown)."""
   status = _git("status", "--porcelain", cwd=cwd)
   commit = _git("rev-parse", "HEAD", cwd=cwd)
-  if os.environ.get(COMMIT_ENV, "").strip():
-    stated = os.environ[COMMIT_ENV].strip()
+  stated = os.environ.get(COMMIT_ENV, "").strip()
+  same = commit is not None and stated and (commit.startswith(stated) or stated.startswith(commit))
+  if stated and not same:
     clean = {"1": True, "0": False}.get(os.environ.get(CLEAN_ENV, "").strip())
     state = {
       "git_commit": stated,
@@ -374,7 +376,7 @@ def git_state(cwd: str | None = None) -> dict:
       "git_uncommitted_files": None,
       "git_commit_source": COMMIT_ENV,
     }
-    if commit is not None and not commit.startswith(stated) and not stated.startswith(commit):
+    if commit is not None:
       state["git_head_seen"] = commit
     return state
   return {

@@ -539,9 +539,17 @@ def test_git_state_environment_wins_over_a_stale_git(git_repo, monkeypatch):
     "git_commit_source": "PAXCACHE_COMMIT",
     "git_head_seen": head,
   }
-  # Stating git's own commit (short or full) adds nothing.
+  # Stating git's own commit (short or full): git decides, so a dirty checkout stays dirty
+  # whatever PAXCACHE_GIT_CLEAN says.
   monkeypatch.setenv("PAXCACHE_COMMIT", head[:7])
-  assert "git_head_seen" not in run.git_state(str(git_repo))
+  assert run.git_state(str(git_repo)) == {
+    "git_commit": head,
+    "git_clean": True,
+    "git_uncommitted_files": 0,
+    "git_commit_source": "git",
+  }
+  (git_repo / "new.py").write_text("")
+  assert run.git_state(str(git_repo))["git_clean"] is False
 
 
 def test_dirty_tree_refuses_docs_results_but_not_scratch_dirs(git_repo, tmp_path, monkeypatch):
