@@ -18,14 +18,14 @@ block size, lengths and block sizes divided by config.engine.length_scale = 8, s
 On a GPU (Fig. 18a) the Pallas kernel is timed beside the reference at block sizes 1..256
 (bfloat16; 32 x 2,048 tokens, 32 query heads, 8 KV heads, head_dim 128, as in
 docs/benchmarks.md; 20 samples of 10 calls each: device time); the memory columns are the
-full run's (1,000 requests per workload). Well under 4 minutes on one H200 (estimated,
-not yet run)::
+full run's (1,000 requests per workload). 32 s on one H200 (a5ffdcc;
+docs/results/block_size_ablation/gpu/)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:gpu --workdir=/tmp/abl_gpu
 
 Fig. 18b on a GPU: the engine_cpu run's engine measurement (64 scaled ShareGPT-like
 requests per block size 8..256, 5 measured passes each) on the device present; its
-time is mostly compiling the engine's step shapes (not yet run on a GPU)::
+time is mostly compiling the engine's step shapes (170 s on one H200; gpu_engine/)::
 
   python -m experiments.run --config=configs/block_size_ablation.py:gpu_engine --workdir=/tmp/abl_ge
 
