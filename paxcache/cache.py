@@ -592,11 +592,11 @@ def _gather_blocks(cache, ids):
   (K, V) and, 8-bit only, their scales ``[n, 2, L, H, bs]`` (else None). The transpose
   runs here, on the device, so that the host gets contiguous blocks."""
 
-  def gather(pools):
-    return jnp.stack([pool[:, ids] for pool in pools])  # [L, H, n, bs, (D)]
+  def gather(pools):  # each layer's [H, n, bs, (D)] as [n, H, ...], stacked: [n, L, H, ...]
+    return jnp.stack([jnp.swapaxes(pool[:, ids], 0, 1) for pool in pools], axis=1)
 
   def block_major(k, v):
-    return jnp.moveaxis(jnp.stack([gather(k), gather(v)]), 3, 0)  # [n, 2, L, H, bs, (D)]
+    return jnp.stack([gather(k), gather(v)], axis=1)  # [n, 2, L, H, bs, (D)]
 
   blocks = block_major(cache.k, cache.v)
   if not cache.k_scale:

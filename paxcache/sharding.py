@@ -694,9 +694,11 @@ class LocalHostKVPool(cache_ops.HostKVPool):
 @functools.lru_cache(maxsize=16)
 def _gather_local(moved: NamedSharding):
   def gather(cache, ids):
-    def block_major(k, v):  # [n, 2, L, heads, bs, (D)], transposed here, not on the host
-      both = jnp.stack([jnp.stack([p[:, ids] for p in k]), jnp.stack([p[:, ids] for p in v])])
-      return jnp.moveaxis(both, 3, 0)
+    def layers(pools):  # [n, L, heads, bs, (D)]: transposed here, not on the host
+      return jnp.stack([jnp.swapaxes(p[:, ids], 0, 1) for p in pools], axis=1)
+
+    def block_major(k, v):  # [n, 2, L, heads, bs, (D)]
+      return jnp.stack([layers(k), layers(v)], axis=1)
 
     if not cache.k_scale:
       return (block_major(cache.k, cache.v),)
