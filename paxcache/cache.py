@@ -7,6 +7,7 @@ Layout (one for every backend; docs/ARCHITECTURE.md says why heads come first)::
   cache.k_scale[layer] f32[num_kv_heads, num_blocks, block_size]   8-bit caches only (else ())
   HostKVPool.k, .v     [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]  NumPy
   HostKVPool.k_scale   f32[num_layers, num_kv_heads, num_host_blocks, block_size] (8-bit only)
+                       (views of block-major storage: one contiguous slab per host block)
 
 An 8-bit cache (``dtype`` int8 or float8_e4m3fn) stores each token's K (and V) row of each
 KV head quantized with its own float32 scale (``kernels.quantize``); the scales sit in
@@ -412,10 +413,21 @@ def _copy_blocks(cache, src, dst):
 class HostKVPool:
   """Host (CPU) memory for swapped-out blocks: plain NumPy arrays, mutated in place.
 
-  ``k, v: [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]``; for an
-  8-bit pool also ``k_scale, v_scale: f32[num_layers, num_kv_heads, num_host_blocks,
+  Read as ``k, v: [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]``; for
+  an 8-bit pool also ``k_scale, v_scale: f32[num_layers, num_kv_heads, num_host_blocks,
   block_size]`` (None otherwise). Which host block holds what is the allocator's
   business; this class only holds the bytes.
+
+  Stored block-major: ``kv: [num_host_blocks, 2, num_layers, num_kv_heads, block_size,
+  head_dim]`` (K then V) and, 8-bit only, ``scales: f32[num_host_blocks, 2, num_layers,
+  num_kv_heads, block_size]``, so that each host block is one contiguous slab and a swap
+  writes or reads it with one copy (``np.moveaxis`` of a layer-major pool would be one
+  small strided copy per layer x head x block). ``k``, ``v`` and the scales are
+  ``np.moveaxis`` views of that storage (no copy): writes through them reach the pool.
+
+  The constructor takes the arrays in the read layout. Arrays that are already such views
+  of one block-major storage (``HostKVPool(p.k, p.v, p.k_scale, p.v_scale)``) are shared;
+  any others are copied into new storage, so the pool does not alias them.
   """
 
   def __init__(self, k: np.ndarray, v: np.ndarray, k_scale=None, v_scale=None):
@@ -439,10 +451,8 @@ class HostKVPool:
           f"an 8-bit host pool needs {name}: a float32 NumPy array {k.shape[:4]}, got "
           f"{_shape_str(s) if hasattr(s, 'shape') else type(s).__name__}"
         )
-    self.k = k
-    self.v = v
-    self.k_scale = k_scale
-    self.v_scale = v_scale
+    self._kv = _block_major(k, v)
+    self._scales = _block_major(k_scale, v_scale) if quantized else None
 
   @classmethod
   def create(
@@ -464,10 +474,13 @@ class HostKVPool:
     )
     shape = _check_dims(dims)
     dtype = _check_kv_dtype(dtype, "dtype")
-    scales = ()
+    # Block-major storage, handed over as the read layout's views (shared, not copied).
+    kv = np.zeros((shape[2], 2, *shape[:2], *shape[3:]), dtype)
+    arrays = [np.moveaxis(kv[:, 0], 0, 2), np.moveaxis(kv[:, 1], 0, 2)]
     if is_quantized(dtype):
-      scales = (np.zeros(shape[:4], SCALE_DTYPE), np.zeros(shape[:4], SCALE_DTYPE))
-    return cls(np.zeros(shape, dtype), np.zeros(shape, dtype), *scales)
+      scales = np.zeros((shape[2], 2, *shape[:2], shape[3]), SCALE_DTYPE)
+      arrays += [np.moveaxis(scales[:, 0], 0, 2), np.moveaxis(scales[:, 1], 0, 2)]
+    return cls(*arrays)
 
   @classmethod
   def like(cls, cache: PagedKVCache, num_host_blocks: int) -> HostKVPool:
@@ -483,74 +496,130 @@ class HostKVPool:
     )
 
   @property
+  def k(self) -> np.ndarray:
+    """``[num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]``, a view."""
+    return np.moveaxis(self._kv[:, 0], 0, 2)
+
+  @property
+  def v(self) -> np.ndarray:
+    """As ``k``, for V."""
+    return np.moveaxis(self._kv[:, 1], 0, 2)
+
+  @property
+  def k_scale(self) -> np.ndarray | None:
+    """``f32[num_layers, num_kv_heads, num_host_blocks, block_size]`` view (8-bit), else None."""
+    return None if self._scales is None else np.moveaxis(self._scales[:, 0], 0, 2)
+
+  @property
+  def v_scale(self) -> np.ndarray | None:
+    """As ``k_scale``, for V."""
+    return None if self._scales is None else np.moveaxis(self._scales[:, 1], 0, 2)
+
+  @property
   def num_host_blocks(self) -> int:
-    return self.k.shape[2]
+    return self._kv.shape[0]
 
   def __repr__(self) -> str:
     return f"HostKVPool(k={_shape_str(self.k)}, v={_shape_str(self.v)})"
 
 
+def _block_major(k: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """``[num_host_blocks, 2, ...]`` storage holding host pools ``k`` and ``v`` (read layout,
+  host blocks on axis 2): their own storage when they are views of one such array, else a
+  block-major copy."""
+  owner = k.base
+  if (
+    owner is not None
+    and owner is v.base
+    and owner.flags.c_contiguous
+    and owner.dtype == k.dtype
+    and owner.shape == (k.shape[2], 2, *k.shape[:2], *k.shape[3:])
+  ):
+    ks, vs = np.moveaxis(k, 2, 0), np.moveaxis(v, 2, 0)
+    ok, ov = owner[:, 0], owner[:, 1]
+    if (ks.ctypes.data, ks.strides, vs.ctypes.data, vs.strides) == (
+      ok.ctypes.data,
+      ok.strides,
+      ov.ctypes.data,
+      ov.strides,
+    ):
+      return owner
+  out = np.empty((k.shape[2], 2, *k.shape[:2], *k.shape[3:]), k.dtype)
+  out[:, 0] = np.moveaxis(k, 2, 0)
+  out[:, 1] = np.moveaxis(v, 2, 0)
+  return out
+
+
 def swap_out(cache: PagedKVCache, host_pool: HostKVPool, device_ids, host_ids) -> None:
   """Copies device blocks ``device_ids[i]`` into host blocks ``host_ids[i]`` (all layers).
 
-  The blocks are gathered on the device and cross to the host in one transfer of just
-  those blocks. ``cache`` is not changed (nor donated): freeing the device blocks is the
-  allocator's job. ``host_pool`` is written in place. Ids are checked on the host first;
-  after an error nothing has been read or written.
+  The blocks are gathered on the device into the host pool's block-major order, so they
+  cross to the host as one contiguous array (plus one of their scales for an 8-bit cache)
+  and each lands in its host block with one contiguous copy. ``cache`` is not changed (nor
+  donated): freeing the device blocks is the allocator's job. ``host_pool`` is written in
+  place. Ids are checked on the host first; after an error nothing has been read or
+  written.
   """
   device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "host_ids")
   if device_ids.size == 0:
     return
-  blocks, scales = jax.device_get(_gather_blocks(cache, device_ids))  # one transfer
-  host_pool.k[:, :, host_ids] = blocks[0]
-  host_pool.v[:, :, host_ids] = blocks[1]
+  blocks, scales = jax.device_get(_gather_blocks(cache, device_ids))  # one transfer each
+  host_pool._kv[host_ids] = blocks  # [n, 2, L, H, bs, D]: one copy per block
   if scales is not None:  # 8-bit: the blocks' scales travel with them
-    host_pool.k_scale[:, :, host_ids] = scales[0]
-    host_pool.v_scale[:, :, host_ids] = scales[1]
+    host_pool._scales[host_ids] = scales
 
 
 def swap_in(cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids) -> PagedKVCache:
   """Copies host blocks ``host_ids[i]`` into device blocks ``device_ids[i]``; returns the new
   cache.
 
-  The host blocks are gathered in NumPy and cross to the device in one transfer; ``cache``
-  is donated (use the returned one). Ids are checked on the host first; after an error the
-  cache is untouched and still valid.
+  The host blocks are read with one contiguous copy each into one array (plus one of their
+  scales for an 8-bit cache), which crosses to the device once and is put back in the
+  pools' layout there; ``cache`` is donated (use the returned one). Ids are checked on the
+  host first; after an error the cache is untouched and still valid.
   """
   device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "device_ids")
   if device_ids.size == 0:
     return cache
-  blocks = np.stack([host_pool.k[:, :, host_ids], host_pool.v[:, :, host_ids]])
-  scales = None
-  if cache.quantized:
-    scales = np.stack([host_pool.k_scale[:, :, host_ids], host_pool.v_scale[:, :, host_ids]])
+  blocks = host_pool._kv[host_ids]  # [n, 2, L, H, bs, D]
+  scales = host_pool._scales[host_ids] if cache.quantized else None
   return _scatter_blocks(cache, blocks, scales, device_ids)  # the arrays cross once
 
 
 @jax.jit
 def _gather_blocks(cache, ids):
-  # One array per dtype, so that the device -> host copy is one transfer of each.
-  def gather(pools):
-    return jnp.stack([pool[:, ids] for pool in pools])  # [L, H, n, bs, (D)]
+  """The blocks at ``ids`` in the host pool's block-major order: ``[n, 2, L, H, bs, D]``
+  (K, V) and, 8-bit only, their scales ``[n, 2, L, H, bs]`` (else None). The transpose
+  runs here, on the device, so that the host gets contiguous blocks."""
 
-  blocks = jnp.stack([gather(cache.k), gather(cache.v)])  # [2, L, H, n, bs, D]
+  def gather(pools):  # each layer's [H, n, bs, (D)] as [n, H, ...], stacked: [n, L, H, ...]
+    return jnp.stack([jnp.swapaxes(pool[:, ids], 0, 1) for pool in pools], axis=1)
+
+  def block_major(k, v):
+    return jnp.stack([gather(k), gather(v)], axis=1)  # [n, 2, L, H, bs, (D)]
+
+  blocks = block_major(cache.k, cache.v)
   if not cache.k_scale:
     return blocks, None
-  return blocks, jnp.stack([gather(cache.k_scale), gather(cache.v_scale)])  # [2, L, H, n, bs]
+  return blocks, block_major(cache.k_scale, cache.v_scale)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _scatter_blocks(cache, blocks, scales, ids):
-  def scatter(pools, new):
+  """Writes block-major ``blocks`` (and ``scales``), as ``_gather_blocks`` returns them,
+  into the pools at ``ids``."""
+
+  def scatter(pools, new):  # new: [n, L, H, bs, (D)]
+    new = jnp.moveaxis(new, 0, 2)  # [L, H, n, bs, (D)]
     return tuple(pool.at[:, ids].set(new[i]) for i, pool in enumerate(pools))
 
   if scales is None:
-    return PagedKVCache(k=scatter(cache.k, blocks[0]), v=scatter(cache.v, blocks[1]))
+    return PagedKVCache(k=scatter(cache.k, blocks[:, 0]), v=scatter(cache.v, blocks[:, 1]))
   return PagedKVCache(
-    k=scatter(cache.k, blocks[0]),
-    v=scatter(cache.v, blocks[1]),
-    k_scale=scatter(cache.k_scale, scales[0]),
-    v_scale=scatter(cache.v_scale, scales[1]),
+    k=scatter(cache.k, blocks[:, 0]),
+    v=scatter(cache.v, blocks[:, 1]),
+    k_scale=scatter(cache.k_scale, scales[:, 0]),
+    v_scale=scatter(cache.v_scale, scales[:, 1]),
   )
 
 

@@ -590,7 +590,10 @@ class LocalHostKVPool(cache_ops.HostKVPool):
   head and the pool is ``HostKVPool.like(cache, num_host_blocks)``.
 
   ``k, v: [num_layers, len(heads), num_host_blocks, block_size, head_dim]`` (and the scale
-  pools of an 8-bit cache), NumPy, as :class:`paxcache.cache.HostKVPool`.
+  pools of an 8-bit cache), NumPy, as :class:`paxcache.cache.HostKVPool`: views of
+  block-major storage. The gather puts the blocks in that order on the devices, and a
+  shard holding all of this process's heads lands with one contiguous copy per block
+  (a shard of some of them: one copy per block x layer x K/V).
   """
 
   def __init__(self, cache: PagedKVCache, num_host_blocks: int):
@@ -611,9 +614,9 @@ class LocalHostKVPool(cache_ops.HostKVPool):
     spec = tuple(sharding.spec) + (None,) * (pool.ndim - len(sharding.spec))
     if any(s is not None for s in spec[1:]):
       raise ValueError(f"the pools must be sharded over heads (axis 0) only, got {sharding.spec}")
-    # Blocks moved between pool and host: [num_layers, heads, n, block_size, ...], heads
-    # sharded as in the pools.
-    self._moved = NamedSharding(self._mesh, P(None, spec[0]))
+    # Blocks moved between pool and host, block-major as the host pool stores them:
+    # [n, 2 (K, V), num_layers, heads, block_size, ...], heads sharded as in the pools.
+    self._moved = NamedSharding(self._mesh, P(None, None, None, spec[0]))
     host = cache_ops.HostKVPool.create(
       cache.num_layers,
       len(self.heads),
@@ -628,8 +631,8 @@ class LocalHostKVPool(cache_ops.HostKVPool):
   def __repr__(self) -> str:
     return f"LocalHostKVPool(heads={self.heads}, k={cache_ops._shape_str(self.k)})"
 
-  def _pools(self) -> list[np.ndarray]:
-    return [self.k, self.v] + ([self.k_scale, self.v_scale] if self.k_scale is not None else [])
+  def _storage(self) -> list[np.ndarray]:
+    return [self._kv] + ([self._scales] if self._scales is not None else [])
 
   def _ids(self, cache: PagedKVCache, device_ids, host_ids, dst_name: str):
     cache_ops._check_cache(cache)
@@ -656,13 +659,17 @@ class LocalHostKVPool(cache_ops.HostKVPool):
     device_ids, host_ids = self._ids(cache, device_ids, host_ids, "host_ids")
     if device_ids.size == 0:
       return
-    moved = _gather_local(self._moved)(cache, device_ids)
-    for host, arr in zip(self._pools(), moved, strict=True):
+    moved = _gather_local(self._moved)(cache, device_ids)  # [n, 2, L, heads, bs, ...]
+    for storage, arr in zip(self._storage(), moved, strict=True):
       shards = arr.addressable_shards
       datas = jax.device_get([s.data for s in shards])
       for s, data in zip(shards, datas, strict=True):
-        for j, h in enumerate(range(*s.index[1].indices(self._num_heads))):
-          host[:, self._position[h], host_ids] = data[:, j]
+        heads = range(*s.index[3].indices(self._num_heads))
+        first = self._position[heads[0]]  # a shard's heads are consecutive local heads
+        if first == 0 and len(heads) == len(self.heads):
+          storage[host_ids] = data  # one contiguous copy per block
+        else:
+          storage[host_ids, :, :, first : first + len(heads)] = data
 
   def swap_in(self, cache: PagedKVCache, host_ids, device_ids) -> PagedKVCache:
     """Copies this process's heads of host blocks ``host_ids[i]`` into device blocks
@@ -672,13 +679,13 @@ class LocalHostKVPool(cache_ops.HostKVPool):
     if device_ids.size == 0:
       return cache
     arrays = []
-    for host in self._pools():
-      picked = host[:, :, host_ids]  # [L, local heads, n, ...]
-      shape = (picked.shape[0], self._num_heads) + picked.shape[2:]
+    for storage in self._storage():
+      picked = storage[host_ids]  # [n, 2, L, local heads, ...]: one copy per block
+      shape = picked.shape[:3] + (self._num_heads,) + picked.shape[4:]
 
       def local(index, picked=picked):
-        rows = [self._position[h] for h in range(*index[1].indices(self._num_heads))]
-        return picked[:, rows][(slice(None), slice(None)) + tuple(index[2:])]
+        rows = [self._position[h] for h in range(*index[3].indices(self._num_heads))]
+        return picked[:, :, :, rows][tuple(index[:3]) + (slice(None),) + tuple(index[4:])]
 
       arrays.append(jax.make_array_from_callback(shape, self._moved, local))
     return _scatter_local(self._moved)(cache, tuple(arrays), device_ids)
@@ -687,27 +694,37 @@ class LocalHostKVPool(cache_ops.HostKVPool):
 @functools.lru_cache(maxsize=16)
 def _gather_local(moved: NamedSharding):
   def gather(cache, ids):
-    kinds = [cache.k, cache.v] + ([cache.k_scale, cache.v_scale] if cache.k_scale else [])
-    return tuple(jnp.stack([pool[:, ids] for pool in pools]) for pools in kinds)
+    def layers(pools):  # [n, L, heads, bs, (D)]: transposed here, not on the host
+      return jnp.stack([jnp.swapaxes(p[:, ids], 0, 1) for p in pools], axis=1)
+
+    def block_major(k, v):  # [n, 2, L, heads, bs, (D)]
+      return jnp.stack([layers(k), layers(v)], axis=1)
+
+    if not cache.k_scale:
+      return (block_major(cache.k, cache.v),)
+    return block_major(cache.k, cache.v), block_major(cache.k_scale, cache.v_scale)
 
   return jax.jit(gather, out_shardings=moved)
 
 
 @functools.lru_cache(maxsize=16)
 def _scatter_local(moved: NamedSharding):
-  pool = NamedSharding(moved.mesh, P(moved.spec[1]))
+  pool = NamedSharding(moved.mesh, P(moved.spec[3]))
 
   def scatter(cache, blocks, ids):
-    def put(pools, new):
+    def put(pools, new):  # new: [n, L, heads, bs, (D)]
+      new = jnp.moveaxis(new, 0, 2)
       return tuple(p.at[:, ids].set(new[i]) for i, p in enumerate(pools))
 
+    kv = blocks[0]
     if not cache.k_scale:
-      return PagedKVCache(k=put(cache.k, blocks[0]), v=put(cache.v, blocks[1]))
+      return PagedKVCache(k=put(cache.k, kv[:, 0]), v=put(cache.v, kv[:, 1]))
+    sc = blocks[1]
     return PagedKVCache(
-      k=put(cache.k, blocks[0]),
-      v=put(cache.v, blocks[1]),
-      k_scale=put(cache.k_scale, blocks[2]),
-      v_scale=put(cache.v_scale, blocks[3]),
+      k=put(cache.k, kv[:, 0]),
+      v=put(cache.v, kv[:, 1]),
+      k_scale=put(cache.k_scale, sc[:, 0]),
+      v_scale=put(cache.v_scale, sc[:, 1]),
     )
 
   return jax.jit(scatter, donate_argnums=0, out_shardings=pool)

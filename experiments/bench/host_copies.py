@@ -12,7 +12,9 @@ at random ids of a pool twice its size):
   a fresh array is needed each time); ``h2d_pageable``: ``jax.device_put`` of a NumPy array
   of the same bytes (no scatter);
 * ``host_scatter``: NumPy writing the blocks into the host pool at their ids (the rest of
-  ``swap_out``); ``host_gather``: NumPy reading them out (``swap_in``'s first step);
+  ``swap_out``); ``host_gather``: NumPy reading them out (``swap_in``'s first step). Both
+  use the pool's block-major storage as the swaps do (one contiguous copy per block); runs
+  before the storage became block-major timed the layer-major pool's strided copies;
 * ``d2h_pinned`` / ``h2d_pinned``: ``jax.device_put`` of already gathered blocks to and
   from ``memory_kind="pinned_host"`` (the copies a host pool in pinned memory would pay,
   without the gather or scatter), where the backend has that memory kind (else the row
@@ -79,12 +81,11 @@ def measure(tokens: int, block_size: int, layers: int, repeats: int) -> list[dic
   gather = cache_ops._gather_blocks
   blocks = np.asarray(jax.device_get(gather(cache, dev_ids))[0])
 
-  def host_scatter():
-    host.k[:, :, host_ids] = blocks[0]
-    host.v[:, :, host_ids] = blocks[1]
+  def host_scatter():  # as swap_out: blocks are [n, 2, L, H, bs, D], one slab per block
+    host._kv[host_ids] = blocks
 
-  def host_gather():
-    return np.stack([host.k[:, :, host_ids], host.v[:, :, host_ids]])
+  def host_gather():  # as swap_in
+    return host._kv[host_ids]
 
   on_device = gather(cache, dev_ids)[0]
   figures = {
