@@ -550,7 +550,12 @@ def _block_major(k: np.ndarray, v: np.ndarray) -> np.ndarray:
   return out
 
 
-def swap_out(cache: PagedKVCache, host_pool: HostKVPool, device_ids, host_ids) -> None:
+SWAP_STAGING = ("auto", "pinned", "direct")
+
+
+def swap_out(
+  cache: PagedKVCache, host_pool: HostKVPool, device_ids, host_ids, *, staging: str = "auto"
+) -> None:
   """Copies device blocks ``device_ids[i]`` into host blocks ``host_ids[i]`` (all layers).
 
   The blocks are gathered on the device into the host pool's block-major order, so they
@@ -559,31 +564,73 @@ def swap_out(cache: PagedKVCache, host_pool: HostKVPool, device_ids, host_ids) -
   donated): freeing the device blocks is the allocator's job. ``host_pool`` is written in
   place. Ids are checked on the host first; after an error nothing has been read or
   written.
+
+  ``staging`` is how the gathered blocks cross: ``"pinned"`` through JAX's pinned host
+  memory (one DMA at the link's rate, then a host copy into the pool), ``"direct"`` by
+  ``jax.device_get`` into pageable memory (on a GPU the driver stages pageable copies
+  itself, at a small fraction of the link's rate: docs/engine.md "Limits"), ``"auto"``
+  (the default) pinned where the cache is on one accelerator whose device offers pinned
+  host memory, else direct (on the CPU both are the same RAM and staging only adds a
+  copy). ``"pinned"`` where it is not available raises ``ValueError``.
   """
   device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "host_ids")
+  pinned = _staging_sharding(cache, staging)
   if device_ids.size == 0:
     return
-  blocks, scales = jax.device_get(_gather_blocks(cache, device_ids))  # one transfer each
+  gathered = _gather_blocks(cache, device_ids)
+  if pinned is not None:
+    gathered = jax.device_put(gathered, pinned)  # one DMA into page-locked host memory
+  blocks, scales = jax.device_get(gathered)  # one transfer (or host copy) each
   host_pool._kv[host_ids] = blocks  # [n, 2, L, H, bs, D]: one copy per block
   if scales is not None:  # 8-bit: the blocks' scales travel with them
     host_pool._scales[host_ids] = scales
 
 
-def swap_in(cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids) -> PagedKVCache:
+def swap_in(
+  cache: PagedKVCache, host_pool: HostKVPool, host_ids, device_ids, *, staging: str = "auto"
+) -> PagedKVCache:
   """Copies host blocks ``host_ids[i]`` into device blocks ``device_ids[i]``; returns the new
   cache.
 
   The host blocks are read with one contiguous copy each into one array (plus one of their
   scales for an 8-bit cache), which crosses to the device once and is put back in the
-  pools' layout there; ``cache`` is donated (use the returned one). Ids are checked on the
-  host first; after an error the cache is untouched and still valid.
+  pools' layout there; ``cache`` is donated (use the returned one). ``staging`` as for
+  :func:`swap_out` (pinned: the array is copied into pinned host memory, then crosses in
+  one DMA). Ids are checked on the host first; after an error the cache is untouched and
+  still valid.
   """
   device_ids, host_ids = _check_swap(cache, host_pool, device_ids, host_ids, "device_ids")
+  pinned = _staging_sharding(cache, staging)
   if device_ids.size == 0:
     return cache
   blocks = host_pool._kv[host_ids]  # [n, 2, L, H, bs, D]
   scales = host_pool._scales[host_ids] if cache.quantized else None
+  if pinned is not None:
+    staged = jax.device_put((blocks, scales), pinned)  # host copies into pinned memory
+    blocks, scales = jax.device_put(staged, cache.k[0].sharding)  # one DMA each
   return _scatter_blocks(cache, blocks, scales, device_ids)  # the arrays cross once
+
+
+def _staging_sharding(cache: PagedKVCache, staging: str):
+  """The pinned-host sharding a swap stages through, or None for a direct copy."""
+  if staging not in SWAP_STAGING:
+    raise ValueError(f"staging must be one of {SWAP_STAGING}, got {staging!r}")
+  if staging == "direct":
+    return None
+  devices = cache.k[0].sharding.device_set
+  device = next(iter(devices))
+  kinds = {m.kind for m in device.addressable_memories()} if len(devices) == 1 else set()
+  if "pinned_host" not in kinds:
+    if staging == "pinned":
+      raise ValueError(
+        "staging='pinned' needs a cache on one device that has pinned host memory; "
+        f"this cache is on {sorted(str(d) for d in devices)[:4]} with memory kinds "
+        f"{sorted(kinds)}; use staging='direct'"
+      )
+    return None
+  if staging == "auto" and device.platform == "cpu":
+    return None
+  return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 
 @jax.jit

@@ -6,7 +6,10 @@ The H200 run of ``configs/swap_vs_recompute.py:gpu`` found swapping a 2,048-toke
 (``--tokens`` at ``--block-size``, the model's 16 layers, 8 KV heads x 128, bf16, blocks
 at random ids of a pool twice its size):
 
-* ``swap_out`` / ``swap_in``: the two calls as the engine makes them;
+* ``swap_out`` / ``swap_in``: the two calls as the engine makes them (``staging="auto"``:
+  through pinned host memory on an accelerator, direct on the CPU), and
+  ``swap_out_direct`` / ``swap_in_direct``, ``swap_out_pinned`` / ``swap_in_pinned`` with
+  each staging forced (:func:`paxcache.cache.swap_out`);
 * ``d2h_pageable``: the device gather of the blocks plus ``jax.device_get`` into new NumPy
   memory (what ``swap_out`` does before writing the host pool; the gather is included, as
   a fresh array is needed each time); ``h2d_pageable``: ``jax.device_put`` of a NumPy array
@@ -18,7 +21,8 @@ at random ids of a pool twice its size):
 * ``d2h_pinned`` / ``h2d_pinned``: ``jax.device_put`` of already gathered blocks to and
   from ``memory_kind="pinned_host"`` (the copies a host pool in pinned memory would pay,
   without the gather or scatter), where the backend has that memory kind (else the row
-  says why not).
+  says why not); ``pinned_to_numpy`` / ``numpy_to_pinned``: the host copies between
+  pinned memory and NumPy that a pinned swap adds to those DMAs.
 
 Each figure is the median of ``--repeats`` samples of one synced call with its min-max
 (:func:`experiments._timing.time_calls`) and the bytes over the median as GB/s. Prints a
@@ -71,12 +75,15 @@ def measure(tokens: int, block_size: int, layers: int, repeats: int) -> list[dic
 
   state = {"cache": cache}
 
-  def swap_out():
-    cache_ops.swap_out(state["cache"], host, dev_ids, host_ids)
+  def swap_out(staging):
+    return lambda: cache_ops.swap_out(state["cache"], host, dev_ids, host_ids, staging=staging)
 
-  def swap_in():
-    state["cache"] = cache_ops.swap_in(state["cache"], host, host_ids, dev_ids)
-    return state["cache"]
+  def swap_in(staging):
+    def call():
+      state["cache"] = cache_ops.swap_in(state["cache"], host, host_ids, dev_ids, staging=staging)
+      return state["cache"]
+
+    return call
 
   gather = cache_ops._gather_blocks
   blocks = np.asarray(jax.device_get(gather(cache, dev_ids))[0])
@@ -89,8 +96,10 @@ def measure(tokens: int, block_size: int, layers: int, repeats: int) -> list[dic
 
   on_device = gather(cache, dev_ids)[0]
   figures = {
-    "swap_out": (swap_out, lambda out: out),
-    "swap_in": (swap_in, None),
+    "swap_out": (swap_out("auto"), lambda out: out),
+    "swap_in": (swap_in("auto"), None),
+    "swap_out_direct": (swap_out("direct"), lambda out: out),
+    "swap_in_direct": (swap_in("direct"), None),
     # A fresh gather each time: device_get of an array fetched before returns its cache.
     "d2h_pageable": (lambda: jax.device_get(gather(state["cache"], dev_ids)), lambda out: out),
     "h2d_pageable": (lambda: jax.device_put(blocks), None),
@@ -105,8 +114,16 @@ def measure(tokens: int, block_size: int, layers: int, repeats: int) -> list[dic
     back = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
     figures["d2h_pinned"] = (lambda: jax.device_put(on_device, pinned), None)
     figures["h2d_pinned"] = (lambda: jax.device_put(on_host, back), None)
+    # The pinned array read into NumPy, and NumPy copied into pinned memory: the host
+    # copies a pool in pageable NumPy memory adds to each pinned DMA.
+    figures["pinned_to_numpy"] = (lambda: np.asarray(on_host[...]), lambda out: out)
+    figures["numpy_to_pinned"] = (lambda: jax.device_put(blocks, pinned), None)
+    figures["swap_out_pinned"] = (swap_out("pinned"), lambda out: out)
+    figures["swap_in_pinned"] = (swap_in("pinned"), None)
   except Exception as e:  # a backend without pinned host memory: say so in the rows
-    skipped = {name: f"{type(e).__name__}: {e}"[:200] for name in ("d2h_pinned", "h2d_pinned")}
+    names = ("d2h_pinned", "h2d_pinned", "pinned_to_numpy", "numpy_to_pinned")
+    names += ("swap_out_pinned", "swap_in_pinned")
+    skipped = {n: f"{type(e).__name__}: {e}"[:200] for n in names}
 
   rows = []
   for name, (call, sync) in figures.items():

@@ -178,10 +178,13 @@ def test_host_copies_times_the_swap_and_its_parts(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in (tmp_path / "host_copies.jsonl").read_text().splitlines()]
   names = [r["figure"] for r in rows]
-  assert names[:6] == [
-    "swap_out", "swap_in", "d2h_pageable", "h2d_pageable", "host_scatter", "host_gather"
+  assert names[:8] == [
+    "swap_out", "swap_in", "swap_out_direct", "swap_in_direct",
+    "d2h_pageable", "h2d_pageable", "host_scatter", "host_gather",
   ]  # fmt: skip
-  assert sorted(names[6:]) == ["d2h_pinned", "h2d_pinned"]  # timed, or skipped with a reason
+  pinned = ["d2h_pinned", "h2d_pinned", "pinned_to_numpy", "numpy_to_pinned"]
+  pinned += ["swap_out_pinned", "swap_in_pinned"]
+  assert sorted(names[8:]) == sorted(pinned)  # timed, or skipped with a reason
   # 1 layer x 8 heads x 64 tokens x 128 x bf16, K and V: 256 KiB.
   assert all(r["mib"] == 0.25 and r["block_size"] == 16 for r in rows)
   for r in rows:

@@ -85,8 +85,11 @@ def test_storage_is_block_major_and_the_documented_views_share_it(dtype):
     assert host._scales is None and host.k_scale is None and host.v_scale is None
 
 
+# "pinned" stages through JAX's pinned host memory, which the CPU backend has too, so the
+# path a GPU takes by default ("auto") runs here against the same reference.
+@pytest.mark.parametrize("staging", ["auto", "direct", "pinned"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_random_swaps_match_the_layer_major_reference(dtype):
+def test_random_swaps_match_the_layer_major_reference(dtype, staging):
   rng = np.random.default_rng(40)
   cache = _random_cache(rng, dtype)
   host = _stale_host(rng, cache)
@@ -97,7 +100,7 @@ def test_random_swaps_match_the_layer_major_reference(dtype):
     # swap_out: sources may repeat, host destinations are distinct.
     device_ids = rng.integers(0, NUM_BLOCKS, n)
     host_ids = rng.permutation(NUM_HOST_BLOCKS)[:n]
-    swap_out(cache, host, device_ids, host_ids)
+    swap_out(cache, host, device_ids, host_ids, staging=staging)
     for h, d in zip(host_ref, dev_ref, strict=True):
       h[:, :, host_ids] = d[:, :, device_ids]
     _assert_all_bits_equal(_host(host), host_ref)
@@ -107,7 +110,7 @@ def test_random_swaps_match_the_layer_major_reference(dtype):
     n = int(rng.integers(1, 6))
     host_ids = rng.integers(0, NUM_HOST_BLOCKS, n)
     device_ids = rng.permutation(NUM_BLOCKS)[:n]
-    cache = swap_in(cache, host, host_ids, device_ids)
+    cache = swap_in(cache, host, host_ids, device_ids, staging=staging)
     for h, d in zip(host_ref, dev_ref, strict=True):
       d[:, :, device_ids] = h[:, :, host_ids]
     _assert_all_bits_equal(_device(cache), dev_ref)
@@ -164,3 +167,16 @@ def test_constructor_shares_its_own_views_and_copies_other_arrays():
   a, b = HostKVPool.create(*shape), HostKVPool.create(*shape)
   mixed = HostKVPool(a.k, b.v)
   assert not np.shares_memory(mixed._kv, a._kv) and not np.shares_memory(mixed._kv, b._kv)
+
+
+def test_bad_staging_is_refused_before_anything_moves():
+  rng = np.random.default_rng(41)
+  cache = _random_cache(rng, jnp.float32)
+  host = _stale_host(rng, cache)
+  dev_before, host_before = [x.copy() for x in _device(cache)], [x.copy() for x in _host(host)]
+  with pytest.raises(ValueError, match=r"staging must be one of \('auto', 'pinned', 'direct'\)"):
+    swap_out(cache, host, [0], [1], staging="pageable")
+  with pytest.raises(ValueError, match="staging must be one of"):
+    swap_in(cache, host, [1], [0], staging="")
+  _assert_all_bits_equal(_device(cache), dev_before)
+  _assert_all_bits_equal(_host(host), host_before)
