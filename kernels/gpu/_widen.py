@@ -3,17 +3,18 @@
 The decode of an 8-bit pool is memory-bound, so the instructions spent per loaded byte
 count. The old path (``quant_widen="q_dtype"``) widens every K and V element to q's dtype
 with ``astype``: with bf16 q that is an int->float conversion per int8 element (a
-quarter-rate instruction on Hopper) and fp8 -> f16 -> f32 -> bf16 per e4m3 element
-(Triton has no direct e4m3 -> bf16). The 16-bit modes run both dots in float16 instead
-(still f32 accumulation) and widen cheaply:
+quarter-rate instruction on Hopper) and e4m3 -> f16 -> f32 -> bf16 per e4m3 element (how
+Triton's Hopper lowering reads, docs/benchmarks.md). The 16-bit modes run both dots in
+float16 instead (still f32 accumulation) and widen cheaply:
 
 * int8 -> f16, "magic number": sign-extend to int16, add ``0x6480``, bitcast to f16,
   subtract 1152. f16 ``0x6400`` is 1024 with a mantissa step of exactly 1 up to 2048, and
   ``x + 0x6480 = 0x6400 + (x + 128)`` with ``x + 128`` in [0, 255], so the bits are the
   f16 ``1152 + x`` exactly and the subtraction (of a value within 2x) is exact (Sterbenz):
   integer add, a free bitcast and one f16 subtract, no int->float conversion.
-* e4m3 -> f16 (mode ``"f16"``): ``astype(float16)``, which Hopper does with one
-  ``cvt.rn.f16x2.e4m3x2`` per two elements; exact, since f16 holds every e4m3 value.
+* e4m3 -> f16 (mode ``"f16"``): ``astype(float16)`` (``tt.fp_to_fp``), which Hopper can do
+  with one native e4m3x2 -> f16x2 conversion per two elements (whether Triton emits that is
+  for the H200's PTX to show); exact, since f16 holds every e4m3 value.
 * e4m3 -> f16 (mode ``"f16_bits"``): integer ops only. The f16 with bits
   ``((b & 0x80) << 8) | ((b & 0x7F) << 7)`` is the e4m3 value of byte ``b`` times 2**-8:
   the sign moves to bit 15, the 4 exponent bits land in the low 4 of f16's 5 (so the

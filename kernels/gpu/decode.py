@@ -20,6 +20,12 @@ and store masks the columns past head_dim, so arrays keep their real width in HB
 no extra byte is read or written; a power-of-two head_dim takes the same code with no
 column mask.
 
+8-bit K/V (int8, e4m3, with float32 scales per slot): the scales go on the scores and on
+p, and the rows are widened for the dots as ``BlockSizes.quant_widen`` says
+(``kernels/gpu/_widen.py``: f16 dots by integer-op widening by default with 16-bit q; the
+old widening to q's dtype as ``"q_dtype"``). The planned decode, prefill and cascade
+kernels do the same.
+
 With one split the program writes the normalised output in ``q.dtype``; with more
 it writes unnormalised float32 partial sums and the running max / denominator, and
 ``_combine`` (XLA, a few MB at most) merges them.
