@@ -15,7 +15,9 @@ so the read-back error is the 8-bit rounding alone, while a bf16 scale would add
 The kernels never dequantise a pool: they load the 8-bit rows and the rows' scales and
 fold the scales into the scores (``q . k_row * k_scale``) and into the probabilities
 (``p * v_scale`` before ``p @ v``). Int8 and e4m3 values are exact in bf16, f16 and f32,
-so the 8-bit operand can be widened to q's dtype for the dot without rounding.
+so the 8-bit operand can be widened for the dot without rounding: to q's dtype (the
+reference, the TPU kernels), or to f16 by integer ops with f16 dots (the GPU kernels'
+default with 16-bit q, ``kernels/gpu/_widen.py``).
 
 This module imports nothing from paxcache or flax.
 """

@@ -17,7 +17,9 @@ With ``--kv-quant``: 8-bit K/V decode (int8 and float8 e4m3, a float32 scale per
 and KV head) against bf16 decode on the same tokens, at 64 x 8192 and 128 x 4096 (32/8
 heads, head_dim 128, block 16), in the same process; rows ``OUT/kv_quant.jsonl``
 (``ours_tbs``: bytes read, scales counted, per second; ``speedup``: bf16 time / 8-bit
-time). Only that comparison (and the ceiling)::
+time), one row per 8-bit dtype and widening (``widen``: ``BlockSizes.quant_widen``, the
+old "q_dtype" beside "f16" and, for e4m3, "f16_bits"; ``--kv-quant-widen q_dtype,f16``
+times only those). Only that comparison (and the ceiling)::
 
   python -m experiments.bench.gpu_decode --kv-quant --no-decode --no-prefill --out /tmp/q
 
@@ -45,6 +47,7 @@ from experiments._timing import time_calls
 from experiments.bench import _flags
 from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
 from kernels import gpu
+from kernels.gpu import _widen
 from kernels.testing import rel_l2_error
 
 HQ, HKV, D = 32, 8, 128
@@ -55,6 +58,10 @@ PREFILL_LEN = 4096
 QUANT_SHAPES = ((64, 8192), (128, 4096))
 QUANT_BLOCK_SIZE = 16
 QUANT_DTYPES = ("int8", "float8_e4m3fn")
+# --kv-quant: the 8-bit widenings timed side by side (BlockSizes.quant_widen,
+# kernels/gpu/_widen.py): "q_dtype" is the old widening to bf16; "f16_bits" differs from
+# "f16" only for e4m3 (int8 takes the same magic number in both), so int8 skips it.
+QUANT_WIDENS = ("q_dtype", "f16", "f16_bits")
 # --kv-quant-sweep: decode settings tried for 8-bit K/V at the first of QUANT_SHAPES (the
 # default for a 256-byte token of K plus V is a 128-token step, 4 warps, 3 stages).
 QUANT_SWEEP = tuple(
@@ -410,6 +417,7 @@ def kv_quant_sweep(runner, shape):
           (q, kq, vq, table, lengths),
           nbytes,
           kv_dtype=name,
+          widen=bs.quant_widen,
           kv_tile=tile,
           num_warps=warps,
           num_stages=stages,
@@ -429,15 +437,33 @@ def kv_quant_sweep(runner, shape):
   return rows
 
 
-def kv_quant_bench(runner, shapes, passes):
+def quant_widen_cases(widens):
+  """``(kv_dtype, widen)`` pairs --kv-quant times: each of ``widens`` (QUANT_WIDENS names)
+  per 8-bit dtype, leaving out "f16_bits" for int8 (the same kernel as "f16")."""
+  bad = [w for w in widens if w not in QUANT_WIDENS]
+  if bad:
+    raise ValueError(f"--kv-quant-widen takes {QUANT_WIDENS}, got {bad}")
+  return [
+    (name, w)
+    for name in QUANT_DTYPES
+    for w in widens
+    if not (name == "int8" and w == "f16_bits" and "f16" in widens)
+  ]
+
+
+def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS):
   """bf16 against 8-bit decode on the same tokens, per shape; rows for kv_quant.jsonl.
 
   The 8-bit pools are quantized from the bf16 ones once, before timing (that is the
   cache write's job, not the kernel's). Bytes read: bf16 ``2 * B * T * Hkv * D * 2``;
-  8-bit ``2 * B * T * Hkv * (D + 4)`` (rows and their float32 scales).
+  8-bit ``2 * B * T * Hkv * (D + 4)`` (rows and their float32 scales). Each 8-bit dtype
+  is timed under each widening of ``widens`` (:func:`quant_widen_cases`), with the
+  per-shape default settings otherwise, interleaved with bf16 in every pass; one row per
+  (dtype, widening).
   """
   rng = np.random.default_rng(2)
   ours = ours_fn(None)
+  pairs = quant_widen_cases(widens)
   summary = []
   for batch, context in shapes:
     print(f"kv-quant decode {batch}x{context}  ({runner.left():.0f}s left)", flush=True)
@@ -452,54 +478,78 @@ def kv_quant_bench(runner, shapes, passes):
       head_dim=D,
     )
     tokens = batch * context
-    cases = [("bfloat16", (q, kb, vb, table, lengths), {}, tokens * 2 * HKV * D * 2)]
-    for name in QUANT_DTYPES:
-      kq, ks = jax.jit(kernels.quantize, static_argnums=1)(kb, jnp.dtype(name))
-      vq, vs = jax.jit(kernels.quantize, static_argnums=1)(vb, jnp.dtype(name))
+    # (key, kv_dtype, widen, fn, args, bytes); key "bfloat16" or "<dtype>/<widen>".
+    cases = [
+      ("bfloat16", "bfloat16", None, ours, (q, kb, vb, table, lengths), tokens * 4 * HKV * D)
+    ]
+    pools = {}
+    for name, widen in pairs:
+      if name not in pools:
+        kq, ks = jax.jit(kernels.quantize, static_argnums=1)(kb, jnp.dtype(name))
+        vq, vs = jax.jit(kernels.quantize, static_argnums=1)(vb, jnp.dtype(name))
+        pools[name] = (kq, vq, ks, vs)
+      kq, vq, ks, vs = pools[name]
+      bsz = dataclasses.replace(
+        gpu.default_block_sizes(head_dim=D, kv_dtype=name, batch=batch, num_kv_heads=HKV),
+        quant_widen=widen,
+      )
+      # Scales as arguments of the jitted call (not bound inside it), as the bf16 case.
+      fn = functools.partial(ours_fn(bsz), k_scales=ks, v_scales=vs)
       nbytes = tokens * 2 * HKV * (D + 4)
-      cases.append((name, (q, kq, vq, table, lengths), dict(k_scales=ks, v_scales=vs), nbytes))
-    times = {name: [] for name, *_ in cases}
-    for rep_ in range(passes):  # interleaved, so drift of the card hits every dtype alike
-      for name, args, kw, nbytes in cases:
-        if runner.left() < 15 and times[name]:
+      cases.append((f"{name}/{widen}", name, widen, fn, (q, kq, vq, table, lengths), nbytes))
+    times = {key: [] for key, *_ in cases}
+    for rep_ in range(passes):  # interleaved, so drift of the card hits every case alike
+      for key, name, widen, fn, args, nbytes in cases:
+        if runner.left() < 15 and times[key]:
           continue
         row = measure(
           runner,
           "ours_kv_quant",
-          functools.partial(ours, **kw),
+          fn,
           args,
           nbytes,
           kv_dtype=name,
+          widen=widen,
           rep=rep_,
           **meta,
         )
         if "time_ms" in row:
-          times[name].append(row["time_ms"])
+          times[key].append(row["time_ms"])
     # Correctness on the GPU, cheaply: each 8-bit kernel against the reference on the same
     # 8-bit pools, for the first two sequences (relative L2 error; tolerance table kind
     # quantized_gpu_vs_float64_rel_l2, bf16 q).
     errs = {}
-    for name, args, kw, _ in cases[1:]:
+    for key, name, _, fn, args, _ in cases[1:]:
       q2, kq, vq, t2, l2 = args[0][:2], args[1], args[2], args[3][:2], args[4][:2]
-      got = ours(q2, kq, vq, t2, l2, **kw)
-      want = kernels.paged_attention(q2, kq, vq, t2, l2, backend="reference", **kw)
-      errs[name] = rel_l2_error(np.asarray(got, np.float32), np.asarray(want, np.float32))
+      ks, vs = pools[name][2:]
+      got = fn(q2, kq, vq, t2, l2)
+      want = kernels.paged_attention(
+        q2, kq, vq, t2, l2, backend="reference", k_scales=ks, v_scales=vs
+      )
+      errs[key] = rel_l2_error(np.asarray(got, np.float32), np.asarray(want, np.float32))
     bf16_ms = float(np.median(times["bfloat16"])) if times["bfloat16"] else None
-    for name, _, _, nbytes in cases:
-      if name == "bfloat16" or not times[name]:
+    old = {}  # kv_dtype -> median ms of the old widening ("q_dtype"), where timed
+    for key, name, widen, *_ in cases[1:]:
+      if widen == "q_dtype" and times[key]:
+        old[name] = float(np.median(times[key]))
+    for key, name, widen, _, _, nbytes in cases[1:]:
+      if not times[key]:
         continue
-      ms = float(np.median(times[name]))
+      ms = float(np.median(times[key]))
       summary.append(
         dict(
           kv_dtype=name,
+          widen=widen,
+          widen_kind=_widen.widening(jnp.bfloat16, name, widen).kind,
           case=f"decode_{batch}x{context}_bs{QUANT_BLOCK_SIZE}_h{HQ}/{HKV}_d{D}",
           ours_ms=ms,
           bf16_ms=bf16_ms,
           ours_tbs=nbytes / ms / 1e9,
           bf16_tbs=(tokens * 2 * HKV * D * 2) / bf16_ms / 1e9 if bf16_ms else None,
           speedup=bf16_ms / ms if bf16_ms else None,
-          passes=len(times[name]),
-          rel_l2_vs_reference=errs[name],
+          speedup_vs_old_widen=old[name] / ms if name in old else None,
+          passes=len(times[key]),
+          rel_l2_vs_reference=errs[key],
           **runner.env,
         )
       )
@@ -519,6 +569,11 @@ def define_flags():
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
   flags.DEFINE_bool(
     "kv-quant", False, "also time 8-bit (int8, fp8) decode against bf16 at QUANT_SHAPES"
+  )
+  flags.DEFINE_list(
+    "kv-quant-widen",
+    list(QUANT_WIDENS),
+    "--kv-quant: the BlockSizes.quant_widen modes timed per 8-bit dtype",
   )
   flags.DEFINE_bool(
     "kv-quant-sweep",
@@ -561,12 +616,18 @@ def main(args):
   )
 
   if args.kv_quant:
-    quant_rows = kv_quant_bench(runner, QUANT_SHAPES, args.passes)
+    quant_rows = kv_quant_bench(runner, QUANT_SHAPES, args.passes, tuple(args.kv_quant_widen))
     write_jsonl(os.path.join(args.out, "kv_quant.jsonl"), quant_rows)
+    print(
+      f"{'case':>34} {'K/V':>13} {'widen':>8} {'ms':>7} {'TB/s':>5} {'vs bf16':>7} "
+      f"{'vs old':>6} {'rel L2':>8}"
+    )
     for r in quant_rows:
+      vs_old = r["speedup_vs_old_widen"]
       print(
-        f"kv-quant {r['case']} {r['kv_dtype']}: {r['ours_tbs']:.2f} TB/s vs bf16 "
-        f"{r['bf16_tbs']:.2f} TB/s, speedup {r['speedup']:.2f}x"
+        f"{r['case']:>34} {r['kv_dtype']:>13} {r['widen']:>8} {r['ours_ms']:>7.4f} "
+        f"{r['ours_tbs']:>5.2f} {r['speedup']:>6.2f}x "
+        f"{(f'{vs_old:.2f}x' if vs_old else '-'):>6} {r['rel_l2_vs_reference']:>8.1e}"
       )
   if args.kv_quant_sweep:
     sweep_rows = kv_quant_sweep(runner, QUANT_SHAPES[0])

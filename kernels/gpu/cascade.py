@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu import validate_gpu_inputs
 from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu._widen import DEFAULT_QUANT_WIDEN, QUANT_WIDEN_MODES, widening
 from kernels.gpu.decode import _num_sms, compute_dtype, dot_precision, paged_decode
 from kernels.gpu.tuning import BlockSizes, _is_pow2, default_block_sizes
 
@@ -59,7 +60,9 @@ class CascadeBlockSizes:
     shared_num_warps, shared_num_stages: Triton warps and pipeline depth of the shared
       kernel.
     own: the decode kernel's ``kernels.gpu.BlockSizes`` for the own part (None: the
-      decode defaults for the shape).
+      decode defaults for the shape, with this ``quant_widen``).
+    quant_widen: how the shared kernel (and the own part where ``own`` is None) widens
+      8-bit K/V for 16-bit q: as ``kernels.gpu.BlockSizes.quant_widen``.
   """
 
   shared_rows: int = 128
@@ -68,6 +71,7 @@ class CascadeBlockSizes:
   shared_num_warps: int = 4
   shared_num_stages: int = 3
   own: BlockSizes | None = None
+  quant_widen: str = DEFAULT_QUANT_WIDEN
 
   def __post_init__(self):
     for name, (lo, hi) in {
@@ -89,6 +93,11 @@ class CascadeBlockSizes:
     if c is not None and not (isinstance(c, int) and not isinstance(c, bool) and c >= 1):
       raise ValueError(
         f"CascadeBlockSizes.shared_num_chunks must be None or an int >= 1, got {c!r}"
+      )
+    if self.quant_widen not in QUANT_WIDEN_MODES:
+      raise ValueError(
+        f"CascadeBlockSizes.quant_widen must be one of {QUANT_WIDEN_MODES}, "
+        f"got {self.quant_widen!r}"
       )
     if self.own is not None and not isinstance(self.own, BlockSizes):
       raise ValueError(
@@ -142,7 +151,7 @@ def _shared_kernel(
   batch,
   scale,
   logit_soft_cap,
-  cdtype,
+  widen,
   quantized,
 ):
   if quantized:
@@ -168,8 +177,8 @@ def _shared_kernel(
   q_rows = jnp.where(row_ok, batch_row, 0) * num_q_heads + head
   cols = jnp.arange(head_dim, dtype=jnp.int32)
   q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
-  q = q.astype(cdtype)
-  prec = dot_precision(cdtype)
+  q = widen.query(q)  # f16 and clipped in the 16-bit modes (kernels/gpu/_widen.py)
+  prec = dot_precision(widen.cdtype)
 
   # This program's keys: chunk c of the group's [0, glen), in whole kv tiles.
   tiles = (glen + kv_tile - 1) // kv_tile
@@ -202,19 +211,30 @@ def _shared_kernel(
       head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
     )
     idx = (kv_rows[:, None], cols[None, :])
-    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0).astype(cdtype)
+    # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
+    k = widen.widen(plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0))
+    v = widen.widen(plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0))
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
     if quantized:
       ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
       s = s * ks[None, :]
+    # scale * k_factor: the e4m3 bit trick's 2**8 (1 otherwise).
     (acc, m, den), p = online_softmax_step(
-      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :] if masked else None
+      carry,
+      s,
+      scale=scale * widen.k_factor,
+      logit_soft_cap=logit_soft_cap,
+      mask=valid[None, :] if masked else None,
     )
     if quantized:
       vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
-      p = p * vs[None, :]
-    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+      pv, factor = widen.pv_operand(p, vs)
+      if factor is None:
+        acc = acc + plgpu.dot(pv, v, precision=prec)
+      else:
+        acc = acc + plgpu.dot(pv, v, precision=prec) * factor
+    else:
+      acc = acc + plgpu.dot(p.astype(widen.cdtype), v, precision=prec)
     return acc, m, den
 
   acc = jnp.zeros((rows, head_dim), jnp.float32)
@@ -283,8 +303,9 @@ def shared_partials(
   row_tiles = -(-members // per_tile)
   kv_tile = block_sizes.shared_kv_tile
   max_tiles = max(1, -(-(width * block_size) // kv_tile))
-  cdtype = compute_dtype(q.dtype, k_blocks.dtype)
-  smem = (rows + 2 * block_sizes.shared_num_stages * kv_tile) * head_dim * cdtype.itemsize
+  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
+  itemsize = jnp.dtype(widen.cdtype).itemsize
+  smem = (rows + 2 * block_sizes.shared_num_stages * kv_tile) * head_dim * itemsize
   num_chunks = choose_num_chunks(
     row_tiles * num_groups * num_kv_heads,
     max_tiles,
@@ -309,7 +330,7 @@ def shared_partials(
     batch=batch,
     scale=scale,
     logit_soft_cap=logit_soft_cap,
-    cdtype=cdtype,
+    widen=widen,
     quantized=quantized,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
@@ -337,7 +358,8 @@ def shared_partials(
       num_warps=block_sizes.shared_num_warps, num_stages=block_sizes.shared_num_stages
     ),
     interpret=interpret,
-    name=f"paxcache_cascade_shared_bs{block_size}_r{rows}_t{kv_tile}_c{num_chunks}",
+    name=f"paxcache_cascade_shared_bs{block_size}_r{rows}_t{kv_tile}_c{num_chunks}"
+    + widen.name_suffix,
   )(*args)
   return (
     o[:n].reshape(batch, num_q_heads, num_chunks, head_dim),
@@ -380,11 +402,14 @@ def _cascade(
   v_scales,
 ):
   batch = q.shape[0]
-  own_bs = block_sizes.own or default_block_sizes(
-    head_dim=q.shape[2],
-    kv_dtype=k_blocks.dtype,
-    batch=batch,
-    num_kv_heads=k_blocks.shape[0],
+  own_bs = block_sizes.own or dataclasses.replace(
+    default_block_sizes(
+      head_dim=q.shape[2],
+      kv_dtype=k_blocks.dtype,
+      batch=batch,
+      num_kv_heads=k_blocks.shape[0],
+    ),
+    quant_widen=block_sizes.quant_widen,
   )
   own = paged_decode(
     q,

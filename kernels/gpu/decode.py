@@ -20,6 +20,12 @@ and store masks the columns past head_dim, so arrays keep their real width in HB
 no extra byte is read or written; a power-of-two head_dim takes the same code with no
 column mask.
 
+8-bit K/V (int8, e4m3, with float32 scales per slot): the scales go on the scores and on
+p, and the rows are widened for the dots as ``BlockSizes.quant_widen`` says
+(``kernels/gpu/_widen.py``: f16 dots by integer-op widening by default with 16-bit q; the
+old widening to q's dtype as ``"q_dtype"``). The planned decode, prefill and cascade
+kernels do the same.
+
 With one split the program writes the normalised output in ``q.dtype``; with more
 it writes unnormalised float32 partial sums and the running max / denominator, and
 ``_combine`` (XLA, a few MB at most) merges them.
@@ -44,14 +50,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels._quant import is_quantized
 from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu._widen import widening
 from kernels.gpu.tuning import BlockSizes, padded_head_dim
 
 
 def compute_dtype(q_dtype, kv_dtype):
-  """Operand dtype of the kernels' dots: the common dtype, float32 when they differ.
-
-  8-bit K/V (int8, float8_e4m3fn) are widened to q's dtype: their values are exact in
-  bf16, f16 and f32, so the dot runs at q's precision and loses nothing to the widening.
+  """Operand dtype of the kernels' dots in the ``quant_widen="q_dtype"`` mode: the common
+  dtype, float32 when they differ; q's dtype for 8-bit K/V (int8 and e4m3 values are
+  exact in bf16, f16 and f32). Its itemsize is that of every mode (the 16-bit modes run
+  f16 dots where this is bf16); ``kernels.gpu._widen.widening`` gives a call's dtype.
   """
   q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
   if is_quantized(kv_dtype):
@@ -135,7 +142,7 @@ def _decode_kernel(
   scale,
   sliding_window,
   logit_soft_cap,
-  cdtype,
+  widen,
   quantized=False,
   has_starts=False,
   partials=False,
@@ -163,8 +170,11 @@ def _decode_kernel(
   else:
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-  q = q.astype(cdtype)
-  prec = dot_precision(cdtype)
+  # 8-bit K/V with 16-bit q: f16 dots, q clipped to f16's range (kernels/gpu/_widen.py).
+  q = widen.query(q)
+  prec = dot_precision(widen.cdtype)
+  # The e4m3 bit trick widens K to its value times 2**-8: the 2**8 goes into the scale.
+  scale = scale * widen.k_factor
 
   start = split * chunk
   end = jnp.minimum(start + chunk, length)
@@ -199,8 +209,9 @@ def _decode_kernel(
     idx = (kv_rows[:, None], cols[None, :])
     # [kv_tile, width] each; rows of positions the query does not see are zero.
     kv_mask = tile_mask(valid, col_ok)
-    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+    # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
+    k = widen.widen(plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0))
+    v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
     if quantized:
       # Dequantise in the kernel: q . (k_row * k_scale) = (q . k_row) * k_scale per key.
@@ -210,10 +221,16 @@ def _decode_kernel(
       carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
     )
     if quantized:
-      # sum_j p_j (v_j * s_j) = sum_j (p_j * s_j) v_j: the V scales go on p.
+      # sum_j p_j (v_j * s_j) = sum_j (p_j * s_j) v_j: the V scales go on p (over the
+      # step's largest, put back on the product, in the f16 modes).
       vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
-      p = p * vs[None, :]
-    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+      pv, factor = widen.pv_operand(p, vs)
+      if factor is None:
+        acc = acc + plgpu.dot(pv, v, precision=prec)
+      else:
+        acc = acc + plgpu.dot(pv, v, precision=prec) * factor
+    else:
+      acc = acc + plgpu.dot(p.astype(widen.cdtype), v, precision=prec)
     return acc, m, den
 
   acc = jnp.zeros((rows, width), jnp.float32)  # sum of p @ v
@@ -307,7 +324,7 @@ def paged_decode(
   tiles = -(-max_context // kv_tile)
   chunk = -(-tiles // num_splits) * kv_tile
   num_splits = -(-max_context // chunk)
-  cdtype = compute_dtype(q.dtype, k_blocks.dtype)
+  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
 
   kernel = functools.partial(
     _decode_kernel,
@@ -324,7 +341,7 @@ def paged_decode(
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
-    cdtype=cdtype,
+    widen=widen,
     quantized=k_scales is not None,
     has_starts=row_starts is not None,
     partials=return_partials,
@@ -359,7 +376,8 @@ def paged_decode(
     ),
     interpret=interpret,
     name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}"
-    + ("_partials" if return_partials else ""),
+    + ("_partials" if return_partials else "")
+    + widen.name_suffix,
   )(*args)
   if num_splits == 1 and not return_partials:
     return outs.reshape(batch, num_q_heads, head_dim)

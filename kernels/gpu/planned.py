@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.decode import compute_dtype, dot_precision, head_cols, tile_mask
+from kernels.gpu._widen import widening
+from kernels.gpu.decode import dot_precision, head_cols, tile_mask
 from kernels.gpu.plan import DecodePlan
 from kernels.gpu.tuning import BlockSizes
 
@@ -70,7 +71,7 @@ def _chunk_kernel(
   scale,
   sliding_window,
   logit_soft_cap,
-  cdtype,
+  widen,
   quantized,
 ):
   if quantized:
@@ -104,8 +105,8 @@ def _chunk_kernel(
     else:
       q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
       q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-    q = q.astype(cdtype)
-    prec = dot_precision(cdtype)
+    q = widen.query(q)  # f16 and clipped in the 16-bit modes (kernels/gpu/_widen.py)
+    prec = dot_precision(widen.cdtype)
     head_base = h * (num_blocks * block_size)
     offs = jnp.arange(kv_tile, dtype=jnp.int32)
     shift = int(math.log2(block_size))
@@ -123,19 +124,30 @@ def _chunk_kernel(
       )
       idx = (kv_rows[:, None], cols[None, :])
       kv_mask = tile_mask(valid, col_ok)
-      k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
-      v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+      # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
+      k = widen.widen(plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0))
+      v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
       s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
       if quantized:
         ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
         s = s * ks[None, :]
+      # scale * k_factor: the e4m3 bit trick's 2**8 (1 otherwise).
       (acc, m, den), p = online_softmax_step(
-        carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+        carry,
+        s,
+        scale=scale * widen.k_factor,
+        logit_soft_cap=logit_soft_cap,
+        mask=valid[None, :],
       )
       if quantized:
         vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
-        p = p * vs[None, :]
-      acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+        pv, factor = widen.pv_operand(p, vs)
+        if factor is None:
+          acc = acc + plgpu.dot(pv, v, precision=prec)
+        else:
+          acc = acc + plgpu.dot(pv, v, precision=prec) * factor
+      else:
+        acc = acc + plgpu.dot(p.astype(widen.cdtype), v, precision=prec)
       return acc, m, den
 
     acc = jnp.zeros((rows, width), jnp.float32)
@@ -250,7 +262,8 @@ def planned_decode(
     lengths: i32[batch] (the lengths the plan was built from).
     plan: a DecodePlan for this batch (checked by the caller, kernels.gpu.paged_attention).
     block_sizes: ``decode_kv_tile``, ``decode_num_warps`` and ``decode_num_stages`` apply
-      to the chunk kernel (``decode_num_splits`` does not: the plan decides).
+      to the chunk kernel (``decode_num_splits`` does not: the plan decides), and
+      ``quant_widen`` to 8-bit K/V.
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
 
   Returns:
@@ -263,6 +276,7 @@ def planned_decode(
   rows = max(16, 1 << (group - 1).bit_length())
   num_chunks = plan.chunk_seq.shape[0]
   quantized = k_scales is not None
+  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
   kernel = functools.partial(
     _chunk_kernel,
     num_q_heads=num_q_heads,
@@ -276,7 +290,7 @@ def planned_decode(
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
-    cdtype=compute_dtype(q.dtype, k_blocks.dtype),
+    widen=widen,
     quantized=quantized,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
@@ -307,7 +321,8 @@ def planned_decode(
       num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
     ),
     interpret=interpret,
-    name=f"paxcache_planned_decode_bs{block_size}_t{block_sizes.decode_kv_tile}",
+    name=f"paxcache_planned_decode_bs{block_size}_t{block_sizes.decode_kv_tile}"
+    + widen.name_suffix,
   )(*args)
   out = pl.pallas_call(
     functools.partial(_merge_kernel, num_q_heads=num_q_heads, head_dim=head_dim),

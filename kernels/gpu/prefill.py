@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
-from kernels.gpu.decode import compute_dtype, dot_precision, head_cols, tile_mask
+from kernels.gpu._widen import widening
+from kernels.gpu.decode import dot_precision, head_cols, tile_mask
 from kernels.gpu.tuning import BlockSizes
 
 # Schedule columns (int32 [num_tiles, _NCOL]).
@@ -128,7 +129,7 @@ def _prefill_kernel(
   scale,
   sliding_window,
   logit_soft_cap,
-  cdtype,
+  widen,
   quantized=False,
 ):
   if quantized:
@@ -160,8 +161,8 @@ def _prefill_kernel(
   # [q_tile, width]; rows past the tile's end (and columns past head_dim) are zero.
   q_idx = (q_rows[:, None], cols[None, :])
   q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-  q = q.astype(cdtype)
-  prec = dot_precision(cdtype)
+  q = widen.query(q)  # f16 and clipped in the 16-bit modes (kernels/gpu/_widen.py)
+  prec = dot_precision(widen.cdtype)
   pos = pos0 + t
   pos_last = pos0 + (end - start) - 1
 
@@ -200,8 +201,9 @@ def _prefill_kernel(
     idx = (kv_rows[:, None], cols[None, :])
     # [kv_tile, width] each; rows not loaded are zero.
     kv_mask = tile_mask(blk_ok, col_ok)
-    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
-    v = plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0).astype(cdtype)
+    # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
+    k = widen.widen(plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0))
+    v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
     s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[q_tile, kv_tile]
     if quantized:
       # Dequantise in the kernel: (q . k_row) * k_scale per key, and p * v_scale below.
@@ -212,13 +214,19 @@ def _prefill_kernel(
       vis = (tok[None, :] <= pos[:, None]) & blk_ok[None, :]
       if sliding_window is not None:
         vis &= tok[None, :] > pos[:, None] - sliding_window
+    # scale * k_factor: the e4m3 bit trick's 2**8 (1 otherwise).
     (acc, m, den), p = online_softmax_step(
-      carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
+      carry, s, scale=scale * widen.k_factor, logit_soft_cap=logit_soft_cap, mask=vis
     )
     if quantized:
       vs = plgpu.load(vs_ref.at[kv_rows], mask=blk_ok, other=0.0)
-      p = p * vs[None, :]
-    acc = acc + plgpu.dot(p.astype(cdtype), v, precision=prec)
+      pv, factor = widen.pv_operand(p, vs)
+      if factor is None:
+        acc = acc + plgpu.dot(pv, v, precision=prec)
+      else:
+        acc = acc + plgpu.dot(pv, v, precision=prec) * factor
+    else:
+      acc = acc + plgpu.dot(p.astype(widen.cdtype), v, precision=prec)
     return acc, m, den
 
   carry = (
@@ -278,6 +286,7 @@ def paged_prefill(
     cu_q_lens, lengths.astype(jnp.int32), num_tokens, q_tile // hp, sliding_window
   )
   num_tiles = sched.shape[0]
+  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
   kernel = functools.partial(
     _prefill_kernel,
     num_q_heads=num_q_heads,
@@ -292,7 +301,7 @@ def paged_prefill(
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
-    cdtype=compute_dtype(q.dtype, k_blocks.dtype),
+    widen=widen,
     quantized=k_scales is not None,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
@@ -305,7 +314,7 @@ def paged_prefill(
       num_warps=block_sizes.prefill_num_warps, num_stages=block_sizes.prefill_num_stages
     ),
     interpret=interpret,
-    name=f"paxcache_paged_prefill_bs{block_size}_q{q_tile}_k{kv_tile}",
+    name=f"paxcache_paged_prefill_bs{block_size}_q{q_tile}_k{kv_tile}" + widen.name_suffix,
   )(
     sched.reshape(-1),
     block_table.reshape(-1),

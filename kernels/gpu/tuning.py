@@ -17,7 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels.gpu import tuning_table
+from kernels.gpu import _widen, tuning_table
 
 # Shared memory one pipeline stage of K plus V may take. Triton keeps `num_stages`
 # such stages in flight; 3 x 48 KiB leaves room for a second program per SM on an
@@ -73,6 +73,12 @@ class BlockSizes:
       prefill, 2..4; K, V and the query/output tiles must fit the 227 KiB of an SM
       (bf16 head_dim 128: 128-key steps take 2 slots, 64-key steps up to 4), which the
       kernel checks per call, before compiling.
+    quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
+      8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "f16"
+      (default) runs both dots in float16, int8 widened by integer ops (the f16 "magic
+      number") and e4m3 by ``astype(float16)``; "f16_bits" is the same with e4m3 widened
+      by integer ops too; "q_dtype" is the old path, ``astype`` to q's dtype (bf16 dots for
+      bf16 q). Float32 q and non-8-bit K/V take no notice of it.
   """
 
   decode_kv_tile: int = 64
@@ -87,6 +93,7 @@ class BlockSizes:
   prefill_kernel: str = "auto"
   mosaic_kv_tile: int = 128
   mosaic_num_slots: int = 2
+  quant_widen: str = _widen.DEFAULT_QUANT_WIDEN
 
   def __post_init__(self):
     pow2_fields = {
@@ -119,6 +126,11 @@ class BlockSizes:
     if not (isinstance(self.mosaic_num_slots, int) and 2 <= self.mosaic_num_slots <= 4):
       raise ValueError(
         f"BlockSizes.mosaic_num_slots must be an int in [2, 4], got {self.mosaic_num_slots!r}"
+      )
+    if self.quant_widen not in _widen.QUANT_WIDEN_MODES:
+      raise ValueError(
+        f"BlockSizes.quant_widen must be one of {_widen.QUANT_WIDEN_MODES}, "
+        f"got {self.quant_widen!r}"
       )
     splits = self.decode_num_splits
     if splits is not None and not (isinstance(splits, int) and splits >= 1):

@@ -269,6 +269,36 @@ def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
   assert rows[1]["num_chunks"] >= 2 and rows[1]["plan_us"] > 0
 
 
+def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
+  # Interpret mode on CPU: per 8-bit dtype a row for each BlockSizes.quant_widen it has
+  # (int8 has no separate "f16_bits"), each checked against the reference.
+  code = (
+    "import runpy\n"
+    "sys.argv = ['gpu_decode', '--smoke', '--kv-quant', '--no-decode', '--no-prefill',"
+    f" '--passes', '1', '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.gpu_decode', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = (tmp_path / "kv_quant.jsonl").read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert [(r["kv_dtype"], r["widen"], r["widen_kind"]) for r in rows] == [
+    ("int8", "q_dtype", "cast"),
+    ("int8", "f16", "int8_magic"),
+    ("float8_e4m3fn", "q_dtype", "cast"),
+    ("float8_e4m3fn", "f16", "e4m3_cast"),
+    ("float8_e4m3fn", "f16_bits", "e4m3_bits"),
+  ]
+  bound = tolerance("quantized_gpu_vs_float64_rel_l2", "bfloat16").rtol
+  for r in rows:
+    assert r["rel_l2_vs_reference"] < bound and r["ours_ms"] > 0 and r["passes"] == 1
+    assert r["speedup"] == pytest.approx(r["bf16_ms"] / r["ours_ms"])
+    assert r["speedup_vs_old_widen"] == pytest.approx(
+      next(o["ours_ms"] for o in rows if o["kv_dtype"] == r["kv_dtype"] and o["widen"] == "q_dtype")
+      / r["ours_ms"]
+    )
+
+
 def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path):
   # Interpret mode on CPU: head_dim 96 (128-wide tiles) through the three kernels against
   # the reference, then the decode timing; one JSON row and one table row.

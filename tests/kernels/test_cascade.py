@@ -12,6 +12,8 @@ chunks, inner steps and splits.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -251,6 +253,24 @@ def test_dtypes_and_soft_cap(backend, kv_dtype, q_dtype, cap):
   plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
   out = run(case, plan, backend, logit_soft_cap=cap)
   check(out, case, cap=cap, gpu_bf16=backend == "gpu" and q_dtype == jnp.bfloat16)
+
+
+@pytest.mark.parametrize("mode", ["q_dtype", "f16_bits"])
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+def test_gpu_8bit_widenings(kv_dtype, mode):
+  # The default widening (f16 dots) runs in test_dtypes_and_soft_cap; the old bf16 path and
+  # the e4m3 bit trick here, in the shared kernel and the own part (kernels/gpu/_widen.py).
+  labels, lengths = CASES["forks"]
+  case = build(4, labels, lengths, heads=(8, 2), kv_dtype=kv_dtype, q_dtype=jnp.bfloat16)
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
+  sizes = small_gpu_sizes()
+  sizes = dataclasses.replace(
+    sizes, quant_widen=mode, own=dataclasses.replace(sizes.own, quant_widen=mode)
+  )
+  out = kernels.cascade_attention(
+    **case, plan=plan, backend="gpu", interpret=True, block_sizes=sizes
+  )
+  check(out, case, gpu_bf16=True)
 
 
 def test_gpu_kernels_lower_to_triton_for_an_h200(monkeypatch):

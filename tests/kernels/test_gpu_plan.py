@@ -481,3 +481,18 @@ def test_planned_kernels_lower_to_triton_ir_for_an_h200(monkeypatch, kv_dtype, o
   )
   text = lowered.as_text()
   assert "paxcache_planned_decode_bs16" in text and "paxcache_planned_decode_merge" in text
+
+
+@pytest.mark.parametrize("mode", ["q_dtype", "f16", "f16_bits"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
+def test_planned_decode_8bit_widenings(kv_dtype, mode):
+  # Each BlockSizes.quant_widen (kernels/gpu/_widen.py) in the planned chunk kernel, with
+  # bf16 q (f32 q keeps f32 dots in every mode), against the float64 loop.
+  got, want, _ = _run(
+    [150, 1, 40],
+    block_size=16,
+    q_dtype=jnp.bfloat16,
+    kv_dtype=kv_dtype,
+    block_sizes=dataclasses.replace(SMALL, quant_widen=mode),
+  )
+  assert rel_l2_error(got, want) < tolerance("quantized_gpu_vs_float64_rel_l2", jnp.bfloat16).rtol

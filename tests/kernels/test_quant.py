@@ -205,6 +205,58 @@ def test_gpu_interpret(dtype, ragged, q_dtype):
   check(out, case, q_dtype, rel_l2=q_dtype == jnp.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", QDTYPES)
+@pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
+@pytest.mark.parametrize("mode", ["q_dtype", "f16_bits"])
+def test_gpu_interpret_other_widenings(dtype, ragged, mode):
+  # test_gpu_interpret runs the default widening (f16 dots, kernels/gpu/_widen.py); the old
+  # bf16 path and the e4m3 bit trick (int8 takes the magic number in both f16 modes) must
+  # meet the same bound.
+  from kernels import gpu
+
+  rng = np.random.default_rng(3)
+  lengths, q_lens = RAGGED if ragged else (DECODE_LENGTHS, None)
+  case = make_case(
+    rng, lengths, q_lens, dtype=dtype, block_size=4, head_dim=64, q_dtype=jnp.bfloat16
+  )
+  bs = gpu.BlockSizes(
+    decode_kv_tile=16,
+    decode_num_splits=2,
+    prefill_q_tile=16,
+    prefill_kv_tile=16,
+    quant_widen=mode,
+  )
+  out = kernels.paged_attention(**case, backend="gpu", interpret=True, block_sizes=bs)
+  check(out, case, jnp.bfloat16, rel_l2=True)
+
+
+@pytest.mark.parametrize(
+  "dtype, mode",
+  [
+    pytest.param(jnp.int8, "f16", id="int8"),
+    pytest.param(jnp.float8_e4m3fn, "f16", id="fp8"),
+    pytest.param(jnp.float8_e4m3fn, "f16_bits", id="fp8-bits"),
+  ],
+)
+@pytest.mark.parametrize("v_scale", [1e-4, 1e5])
+def test_gpu_f16_widening_with_tiny_and_huge_v_scales(dtype, mode, v_scale):
+  # V rows of magnitude ~1e-4 (scales ~1e-6): p * v_scale alone would be an f16 subnormal
+  # (measured 1.0e-2 (int8) and 4.0e-2 (fp8, bit trick) relative L2 without the per-step
+  # normalisation of kernels/gpu/_widen.py, against 1.7e-3 with it). V rows ~1e5 times
+  # larger: p * v_scale * 2**8 (the bit trick's factor put on p) passes f16's 65504 (measured:
+  # NaN), p * v_scale / vmax cannot. Decode only: prefill shares the code.
+  from kernels import gpu
+
+  rng = np.random.default_rng(7)
+  case = make_case(
+    rng, DECODE_LENGTHS, dtype=dtype, block_size=4, head_dim=64, q_dtype=jnp.bfloat16
+  )
+  case["v_scales"] = case["v_scales"] * v_scale  # NaN stays NaN in the unused slots
+  bs = gpu.BlockSizes(decode_kv_tile=16, decode_num_splits=2, quant_widen=mode)
+  out = kernels.paged_attention(**case, backend="gpu", interpret=True, block_sizes=bs)
+  check(out, case, jnp.bfloat16, rel_l2=True)
+
+
 # ------------------------------------------------------------------- refused inputs
 
 

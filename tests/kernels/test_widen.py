@@ -1,0 +1,184 @@
+"""The GPU kernels' 8-bit K/V widenings (kernels/gpu/_widen.py), value by value.
+
+Every int8 value and every e4m3 byte goes through each widening and is compared with the
+value NumPy / ml_dtypes give it in float64: the widenings must be exact, not close. The
+kernels that use them are checked end to end in test_quant.py and test_gpu_plan.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import kernels
+from kernels import gpu
+from kernels.gpu import _widen
+
+ALL_BYTES = np.arange(256, dtype=np.uint8)
+
+
+def test_int8_magic_number_is_exact_for_every_value():
+  x = np.arange(-128, 128, dtype=np.int8)
+  got = np.asarray(jax.jit(_widen.widen_int8_f16)(jnp.asarray(x)))
+  assert got.dtype == np.float16
+  np.testing.assert_array_equal(got.astype(np.float64), x.astype(np.float64))
+  assert not np.signbit(got[x == 0]).any()  # 0 is +0, never -0
+
+
+def test_e4m3_bit_trick_is_exact_for_every_finite_byte():
+  e4m3 = ALL_BYTES.view(ml_dtypes.float8_e4m3fn)
+  want = e4m3.astype(np.float64)
+  finite = np.isfinite(want)
+  assert finite.sum() == 254  # e4m3fn: no inf, NaN at 0x7F and 0xFF only
+  got = np.asarray(jax.jit(_widen.widen_e4m3_f16_bits)(jnp.asarray(e4m3)))
+  assert got.dtype == np.float16
+  scaled = got.astype(np.float64) * _widen.E4M3_BITS_FACTOR
+  np.testing.assert_array_equal(scaled[finite], want[finite])
+  # Signs too: -0 (0x80) stays -0, so that every bit of the f16 is as the rule says.
+  np.testing.assert_array_equal(np.signbit(got[finite]), np.signbit(want[finite]))
+  # Subnormal e4m3 (exponent field 0, mantissa != 0) became f16 subnormals: still exact.
+  sub = (ALL_BYTES & 0x78 == 0) & (ALL_BYTES & 0x07 != 0)
+  assert sub.sum() == 14 and (np.abs(got[sub]) < np.float16(2**-14)).all()
+  # The NaN bytes come out finite (why the kernels mask unused slots at the load).
+  assert np.isfinite(got[~finite]).all()
+
+
+def test_e4m3_cast_to_f16_is_exact_for_every_finite_byte():
+  e4m3 = ALL_BYTES.view(ml_dtypes.float8_e4m3fn)
+  want = e4m3.astype(np.float64)
+  finite = np.isfinite(want)
+  w = _widen.widening(jnp.bfloat16, jnp.float8_e4m3fn, "f16")
+  got = np.asarray(w.widen(jnp.asarray(e4m3)))
+  assert got.dtype == np.float16 and w.k_factor == 1.0
+  np.testing.assert_array_equal(got[finite].astype(np.float64), want[finite])
+
+
+@pytest.mark.parametrize(
+  "q_dtype, kv_dtype, mode, cdtype, kind",
+  [
+    (jnp.bfloat16, jnp.int8, "f16", "float16", "int8_magic"),
+    (jnp.bfloat16, jnp.int8, "f16_bits", "float16", "int8_magic"),
+    (jnp.float16, jnp.int8, "f16", "float16", "int8_magic"),
+    (jnp.bfloat16, jnp.float8_e4m3fn, "f16", "float16", "e4m3_cast"),
+    (jnp.bfloat16, jnp.float8_e4m3fn, "f16_bits", "float16", "e4m3_bits"),
+    (jnp.bfloat16, jnp.int8, "q_dtype", "bfloat16", "cast"),  # the old path
+    (jnp.float32, jnp.int8, "f16", "float32", "cast"),  # f32 q keeps f32 dots
+    (jnp.float32, jnp.float8_e4m3fn, "f16_bits", "float32", "cast"),
+    (jnp.bfloat16, jnp.bfloat16, "f16", "bfloat16", "cast"),  # not 8-bit: unchanged
+    (jnp.bfloat16, jnp.float32, "f16", "float32", "cast"),
+  ],
+)
+def test_widening_per_dtype_and_mode(q_dtype, kv_dtype, mode, cdtype, kind):
+  w = _widen.widening(q_dtype, kv_dtype, mode)
+  assert (w.cdtype, w.kind) == (cdtype, kind)
+  assert w.k_factor == (256.0 if kind == "e4m3_bits" else 1.0)
+
+
+def test_unknown_modes_are_refused():
+  with pytest.raises(ValueError, match="quant_widen must be one of"):
+    _widen.widening(jnp.bfloat16, jnp.int8, "bf16")
+  with pytest.raises(ValueError, match=r"BlockSizes.quant_widen must be one of"):
+    gpu.BlockSizes(quant_widen="int8")
+  assert gpu.BlockSizes().quant_widen == _widen.DEFAULT_QUANT_WIDEN == "f16"
+  from kernels.gpu.cascade import CascadeBlockSizes
+
+  with pytest.raises(ValueError, match=r"CascadeBlockSizes.quant_widen must be one of"):
+    CascadeBlockSizes(quant_widen="fp8")
+  # Hashable, so it stays a static jit argument.
+  assert hash(dataclasses.replace(gpu.BlockSizes(), quant_widen="q_dtype")) is not None
+
+
+def test_query_is_clipped_to_the_f16_range_in_the_16bit_modes():
+  q = jnp.asarray([[1e5, -3e38, 1.5, 2.0**-20, 0.0]], jnp.bfloat16)
+  got = np.asarray(_widen.widening(jnp.bfloat16, jnp.int8, "f16").query(q), np.float64)
+  want = np.clip(np.asarray(q, np.float64), -65504.0, 65504.0)
+  np.testing.assert_array_equal(got, want)  # 2**-20: an f16 subnormal, still exact
+  # The old path casts to bf16 as before (no clip needed: bf16 has f32's range).
+  old = _widen.widening(jnp.bfloat16, jnp.int8, "q_dtype").query(q)
+  assert old.dtype == jnp.bfloat16 and float(old[0, 1]) == float(q[0, 1])
+
+
+def test_pv_operand_is_in_unit_range_and_scales_back():
+  rng = np.random.default_rng(0)
+  p = rng.uniform(0, 1, (4, 16)).astype(np.float32)
+  vs = (rng.uniform(0.5, 1, 16) * 1e-6).astype(np.float32)  # V rows ~1e-4: tiny scales
+  vs[3] = 0.0  # a masked key
+  for mode, kv in (("f16", jnp.int8), ("f16_bits", jnp.float8_e4m3fn)):
+    w = _widen.widening(jnp.bfloat16, kv, mode)
+    op, factor = w.pv_operand(jnp.asarray(p), jnp.asarray(vs))
+    op64 = np.asarray(op, np.float64)
+    assert op.dtype == jnp.float16 and op64.max() <= 1.0 and op64.min() >= 0.0
+    # op * factor / k_factor is p * vs to f16's rounding (relative 2**-11 at normal values).
+    back = op64 * float(factor) / w.k_factor
+    np.testing.assert_allclose(back, p * vs.astype(np.float64), rtol=2**-11, atol=0)
+  all_masked = _widen.widening(jnp.bfloat16, jnp.int8, "f16").pv_operand(
+    jnp.asarray(p), jnp.zeros(16, jnp.float32)
+  )
+  assert float(all_masked[1]) == 1.0 and not np.asarray(all_masked[0], np.float32).any()
+
+
+@pytest.mark.parametrize("mode", _widen.QUANT_WIDEN_MODES)
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+def test_8bit_kernels_lower_to_triton_ir_for_an_h200(monkeypatch, kv_dtype, mode):
+  # As the other lowering tests (test_gpu_plan.py, test_cascade.py): an H200's compute
+  # capability stubbed (a private JAX module, pinned to jax 0.11), then every Triton kernel
+  # that reads 8-bit K/V lowered to Triton IR with bf16 q in each mode: the int16 add, the
+  # shifts and the int16 -> f16 bitcast must have Triton lowerings (interpret mode cannot
+  # tell). The kernel names carry the widening, so the mode is seen to reach each kernel.
+  # Not compiled to PTX: the H200 run (experiments/bench/gpu_decode.py --kv-quant) does.
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+  from kernels.gpu.cascade import CascadeBlockSizes, _cascade
+  from kernels.gpu.plan import plan_decode
+
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  sds = jax.ShapeDtypeStruct
+  lengths = np.array([300, 5, 1000, 0], np.int32)
+  need = -(-lengths // 16)
+  table = np.full((4, int(need.max())), -1, np.int32)
+  table[np.arange(table.shape[1])[None] < need[:, None]] = np.arange(int(need.sum()))
+  tb, ln = jnp.asarray(table), jnp.asarray(lengths)
+  kv = sds((8, int(need.sum()) + 1, 16, 128), kv_dtype)
+  sc = sds(kv.shape[:3], jnp.float32)
+  w = _widen.widening(jnp.bfloat16, kv_dtype, mode)
+  suffix = w.name_suffix
+  assert (suffix == "") == (mode == "q_dtype")
+  bsz = gpu.BlockSizes(decode_num_splits=4, quant_widen=mode)
+
+  def text(fn, *args):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+  q = sds((4, 32, 128), jnp.bfloat16)
+
+  def attend(q, k, v, table, lengths, ks, vs, *rest, **kw):
+    return gpu.paged_attention(
+      q, k, v, table, lengths, *rest, block_sizes=bsz, k_scales=ks, v_scales=vs, **kw
+    )
+
+  got = text(attend, q, kv, kv, tb, ln, sc, sc)
+  assert f"paxcache_paged_decode_bs16_t64_s4{suffix}" in got
+  p = plan_decode(lengths, 16, 8)
+  got = text(lambda *a: attend(*a[:7], decode_plan=a[7]), q, kv, kv, tb, ln, sc, sc, p)
+  assert f"paxcache_planned_decode_bs16_t64{suffix}" in got
+  qp = sds((64, 32, 128), jnp.bfloat16)
+  cu = jnp.array([0, 30, 31, 40, 40], jnp.int32)
+  got = text(attend, qp, kv, kv, tb, ln, sc, sc, cu)
+  assert "paxcache_paged_prefill" in got and (not suffix or suffix in got)
+  plan = kernels.CascadePlan(
+    sds((1, 32), jnp.int32), sds((1,), jnp.int32), sds((1, 4), jnp.int32), sds((4,), jnp.int32)
+  )
+  sizes = CascadeBlockSizes(quant_widen=mode)
+  got = text(
+    lambda *a: _cascade(
+      *a[:6], scale=0.1, logit_soft_cap=None, block_sizes=sizes, interpret=False,
+      k_scales=a[6], v_scales=a[7],
+    ),
+    q, kv, kv, tb, ln, plan, sc, sc,
+  )  # fmt: skip
+  assert "paxcache_cascade_shared" in got and got.count(suffix) >= 2  # shared and own
