@@ -7,7 +7,12 @@ Issue 15, item 2. One process, one GPU; per case and block size the same K/V, bl
   "auto"``: ``kernels.gpu.kernel_backend`` picks the Mosaic GPU kernel on Hopper for
   prefill-heavy calls, Triton otherwise; ``kernel`` records which one ran);
 * ``triton``: the same with ``prefill_kernel="triton"``;
-* ``mosaic``: (only when asked for with ``--kernels``) ``prefill_kernel="mosaic"``;
+* ``mosaic_tpb2``: the Mosaic GPU kernel with two 128-row query tiles per CUDA block
+  (``BlockSizes.mosaic_tiles_per_block=2``, not the default: ``prefill_mosaic``'s
+  ``tiles_per_block``), which amortises the per-block costs over short tiles;
+* on request (``--kernels``): ``mosaic`` (forced, also where ``auto`` picks Triton),
+  ``mosaic_tpb4`` and ``mosaic_kv64`` (64-key steps, 3 slots); ``VARIANTS`` lists them.
+  Off Hopper the Mosaic variants' rows hold an error;
 * the peer: vLLM's Triton "unified attention" kernel as vendored in the PyPI package
   ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens (its
   varlen queries take our ``cu_q_lens``, its block table ours; the pools are copied into
@@ -38,20 +43,20 @@ checked against ``kernels.reference.paged_attention`` on the same device (``rel_
 relative L2; ``check_ok`` under the bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in
 kernels/testing.py); where the reference cannot run, against the Triton kernel's output
 (``check_against`` says which). Rows go to ``OUT/gpu_prefill_ragged.jsonl``, one per
-(case, block size, kernel), as each case finishes; a failing case or peer loses nothing
+(case, block size, variant), as each case finishes; a failing case or peer loses nothing
 else; no case starts after ``--budget-s`` seconds (its rows say so)::
 
   python -m experiments.bench.gpu_prefill_ragged --out /tmp/pfr
   python -m experiments.bench.gpu_prefill_ragged --cases full4x4096 --blocks 16,64 --out /tmp/p2
-  python -m experiments.bench.gpu_prefill_ragged --kernels auto,triton,mosaic --out /tmp/p3
+  python -m experiments.bench.gpu_prefill_ragged --kernels mosaic,mosaic_tpb4 --out /tmp/p3
   python -m experiments.bench.gpu_prefill_ragged --smoke --out /tmp/pfr_smoke
 
 ``--smoke``: every case shrunk to a few short sequences (4/2 heads, head_dim 64) in
 interpret mode on CPU (``auto`` is then Triton: interpret mode never picks Mosaic), one
-call per sample, no peer. ``--smoke --kernels mosaic`` runs the Mosaic GPU kernel in GPU
-interpret mode (it needs ``NPROC >= 4`` in the environment,
-``kernels.gpu._mosaic_interpret_params``), at about 10 s per call on two CPU cores, so
-the smoke test leaves it out.
+call per sample, no peer, ``auto`` and ``triton`` only unless ``--kernels`` names
+others. ``--smoke --kernels mosaic`` runs the Mosaic GPU kernel in GPU interpret
+mode (it needs ``NPROC >= 4`` in the environment, ``kernels.gpu._mosaic_interpret_params``),
+at about 10 s per call on two CPU cores, so the smoke test leaves it out.
 """
 
 from __future__ import annotations
@@ -84,7 +89,19 @@ DTYPE = jnp.bfloat16
 INTERPRET = False  # --smoke: tiny shapes in interpret mode on CPU
 CASES = ("uniform32_16_1024", "chunked16x512_ctx2048", "mixed4x512_252dec", "full4x4096")
 BLOCKS = {"uniform32_16_1024": (16, 64)}  # other cases: (16,)
-KERNELS = ("auto", "triton", "mosaic")
+# --kernels: BlockSizes overrides of paged_attention's defaults, by name.
+MOSAIC = dict(prefill_kernel="mosaic")
+VARIANTS = {
+  "auto": {},
+  "triton": dict(prefill_kernel="triton"),
+  "mosaic": MOSAIC,
+  # Several 128-row tiles per CUDA block, one K/V ring (prefill_mosaic's tiles_per_block).
+  "mosaic_tpb2": dict(MOSAIC, mosaic_tiles_per_block=2),
+  "mosaic_tpb4": dict(MOSAIC, mosaic_tiles_per_block=4),
+  # 64-key steps: half the masked work on the causal diagonal, three slots in flight.
+  "mosaic_kv64": dict(MOSAIC, mosaic_kv_tile=64, mosaic_num_slots=3),
+}
+DEFAULT_KERNELS = ("auto", "triton", "mosaic_tpb2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +179,8 @@ def make_pool(rng, lengths, block_size):
   return kb, vb, table
 
 
-def block_sizes_for(requested: str, batch: Batch) -> gpu.BlockSizes:
-  """``paged_attention``'s defaults for the call, with ``prefill_kernel=requested``."""
+def block_sizes_for(variant: str, batch: Batch) -> gpu.BlockSizes:
+  """``paged_attention``'s defaults for the call, with ``VARIANTS[variant]``'s overrides."""
   base = gpu.default_block_sizes(
     head_dim=D,
     kv_dtype=DTYPE,
@@ -172,7 +189,7 @@ def block_sizes_for(requested: str, batch: Batch) -> gpu.BlockSizes:
     batch=len(batch.q_lens),
     num_kv_heads=HKV,
   )
-  return dataclasses.replace(base, prefill_kernel=requested)
+  return dataclasses.replace(base, **VARIANTS[variant])
 
 
 def kernel_that_runs(bsz: gpu.BlockSizes, batch: Batch, block_size: int) -> str:
@@ -252,9 +269,9 @@ def run_case(name, block_size, args, env, peer):
     traceback.print_exc()
     against = "triton"
   results = []
-  for requested in args.kernels:
-    bsz = block_sizes_for(requested, batch)
-    row = dict(base, requested=requested)
+  for variant in args.kernels:
+    bsz = block_sizes_for(variant, batch)
+    row = dict(base, variant=variant, requested=bsz.prefill_kernel)
     try:
       row["kernel"] = kernel_that_runs(bsz, batch, block_size)
       fn = many_calls(args.calls, bsz)
@@ -282,7 +299,7 @@ def run_case(name, block_size, args, env, peer):
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
       results.append((row, None))
   if want is None:
-    want = next((o for r, o in results if r["requested"] == "triton" and o is not None), None)
+    want = next((o for r, o in results if r["variant"] == "triton" and o is not None), None)
   peer_row = dict(vllm_tflops=None)
   if peer is not None:
     peer_row["vllm_error"] = peer
@@ -326,7 +343,7 @@ def define_flags():
   flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_prefill_ragged"), "output folder")
   flags.DEFINE_list("cases", list(CASES), f"cases to run, of {', '.join(CASES)}")
   flags.DEFINE_list("blocks", [], "block sizes for every case (default: each case's own)")
-  flags.DEFINE_list("kernels", ["auto", "triton"], f"prefill_kernel settings, of {KERNELS}")
+  flags.DEFINE_list("kernels", list(DEFAULT_KERNELS), f"variants to time, of {', '.join(VARIANTS)}")
   flags.DEFINE_integer("calls", 8, "kernel calls per timed jit (and per CUDA graph)", lower_bound=1)
   flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("no-peer", False, "skip vLLM's Triton kernel")
@@ -338,14 +355,16 @@ def define_flags():
 def main(args):
   global HQ, HKV, D, INTERPRET
   unknown = [c for c in args.cases if c not in CASES] + [
-    k for k in args.kernels if k not in KERNELS
+    k for k in args.kernels if k not in VARIANTS
   ]
   if unknown:
-    raise SystemExit(f"unknown {unknown}; cases: {', '.join(CASES)}; kernels: {KERNELS}")
+    raise SystemExit(f"unknown {unknown}; cases: {', '.join(CASES)}; kernels: {list(VARIANTS)}")
   blocks = [int(b) for b in args.blocks]
   if args.smoke:
     HQ, HKV, D, INTERPRET = 4, 2, 64, True
     args.calls, args.repeats = min(args.calls, 2), 5
+    if list(args.kernels) == list(DEFAULT_KERNELS):  # Mosaic interpret: ~10 s a call
+      args.kernels = ["auto", "triton"]
   args.inner = 1 if args.smoke else 3
   args.commit = commit_of(args.commit)
   deadline = time.time() + args.budget_s
@@ -382,19 +401,18 @@ def main(args):
 
   print(f"\n{env}, commit {args.commit}")
   print(
-    "| case | block | tokens | requested | kernel | TFLOP/s (min-max) | ms | vLLM TFLOP/s "
-    "| rel L2 |"
+    "| case | block | tokens | variant | kernel | TFLOP/s (min-max) | ms | vLLM TFLOP/s | rel L2 |"
   )
   print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
   for r in rows:
     if "error" in r:
       print(
-        f"| {r['case']} | {r.get('block_size')} | | {r.get('requested', '')} | error "
+        f"| {r['case']} | {r.get('block_size')} | | {r.get('variant', '')} | error "
         f"| {r['error'][:60]} | | | |"
       )
       continue
     print(
-      f"| {r['case']} | {r['block_size']} | {r['tokens']} | {r['requested']} | {r['kernel']} | "
+      f"| {r['case']} | {r['block_size']} | {r['tokens']} | {r['variant']} | {r['kernel']} | "
       f"{f(r['ours_tflops'])} ({f(r['ours_tflops_min'])}-{f(r['ours_tflops_max'])}) | "
       f"{f(r['ms'], '.3f')} | {f(r.get('vllm_tflops'))} | {f(r.get('rel_l2'), '.2g')} |"
     )

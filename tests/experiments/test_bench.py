@@ -302,8 +302,9 @@ def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
 
 def test_gpu_prefill_ragged_smoke_writes_a_row_per_case_block_and_kernel(tmp_path):
   # Interpret mode on CPU, Triton only (the Mosaic kernel takes ~10 s a call in GPU
-  # interpret mode): a ragged prompt batch and a mixed prefill + decode batch, both
-  # requested kernels timed on the same tokens and checked against the reference.
+  # interpret mode, so smoke mode leaves the default Mosaic variant out): a ragged prompt
+  # batch and a mixed prefill + decode batch, both variants timed on the same tokens and
+  # checked against the reference.
   code = (
     "import runpy\n"
     "sys.argv = ['gpu_prefill_ragged', '--smoke', '--cases', "
@@ -314,7 +315,7 @@ def test_gpu_prefill_ragged_smoke_writes_a_row_per_case_block_and_kernel(tmp_pat
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   lines = (tmp_path / "gpu_prefill_ragged.jsonl").read_text().splitlines()
   rows = [json.loads(line) for line in lines]
-  assert [(r["case"], r["block_size"], r["requested"]) for r in rows] == [
+  assert [(r["case"], r["block_size"], r["variant"]) for r in rows] == [
     ("uniform32_16_1024", 16, "auto"),
     ("uniform32_16_1024", 16, "triton"),
     ("mixed4x512_252dec", 16, "auto"),
@@ -327,6 +328,7 @@ def test_gpu_prefill_ragged_smoke_writes_a_row_per_case_block_and_kernel(tmp_pat
       assert key in r
     # Interpret mode never picks the Mosaic GPU kernel; no peer in smoke mode.
     assert r["kernel"] == "triton" and r["vllm_tflops"] is None and "vllm_error" in r
+    assert r["requested"] == r["variant"]  # "auto" or "triton"
     assert r["ms_min"] <= r["ms"] <= r["ms_max"]
     assert r["ours_tflops"] == pytest.approx(4 * 64 * 4 * r["pairs"] / (r["ms"] * 1e-3) / 1e12)
     b = case_batch(r["case"], smoke=True)
