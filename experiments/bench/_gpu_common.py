@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import subprocess
+import traceback
 
 # Let torch (ceiling) and JAX share the GPU; JAX would otherwise take 75% up front. Read
 # when JAX's backend starts, so importing this module before any computation suffices.
@@ -17,6 +19,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments._timing import time_calls
 
 
 def device_name() -> str:
@@ -88,3 +92,100 @@ def write_jsonl(path, rows):
   with open(path, "a") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
+
+
+def commit_of(default: str) -> str:
+  """``default`` unless it is "unknown"; then the repository's short HEAD (if git runs)."""
+  if default != "unknown":
+    return default
+  try:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+      ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return out.stdout.strip() or default
+  except Exception:  # noqa: BLE001 - no git on the machine: keep "unknown"
+    return default
+
+
+def vllm_unified_attention(
+  q, kb, vb, table, lengths, cu_q_lens, *, max_q_len, scale, num_calls, repeats
+):
+  """vLLM's unified-attention Triton kernel (as vendored in the PyPI package
+  ``conch-triton-kernels``; torch + triton) on the tokens of one of our calls.
+
+  ``q`` [num_tokens, num_q_heads, head_dim] (a JAX array), the pools ``kb``/``vb``
+  [num_kv_heads, num_blocks, block_size, head_dim], ``table`` i32[batch, max_blocks],
+  ``lengths`` i32[batch] (keys of each sequence, this call's queries included) and
+  ``cu_q_lens`` i32[batch + 1] (NumPy or JAX), as for ``kernels.gpu.paged_attention``.
+  The pools are copied once into the peer's ``[num_blocks, block_size, num_kv_heads,
+  head_dim]`` layout outside the timing. ``num_calls`` calls are captured in one CUDA
+  graph (plain back-to-back launches if capture fails) and timed with ``time_calls``
+  (``repeats`` samples of 3 replays).
+
+  Returns ``(seconds per call Timing, output as a NumPy float32 array, how it was timed:
+  "cuda_graph" or "launch_loop")``. Raises ImportError where torch or conch is missing.
+  """
+  import torch
+  from conch.third_party.vllm.unified_attention import unified_attention
+
+  def to_torch(x):
+    return torch.from_dlpack(jax.block_until_ready(x))
+
+  k_t = to_torch(jnp.transpose(kb, (1, 2, 0, 3))).contiguous()
+  v_t = to_torch(jnp.transpose(vb, (1, 2, 0, 3))).contiguous()
+  q_t = to_torch(q).contiguous()
+  table_t = torch.as_tensor(np.asarray(table, np.int32), device="cuda")
+  lens_t = torch.as_tensor(np.asarray(lengths, np.int32), device="cuda")
+  cu_t = torch.as_tensor(np.asarray(cu_q_lens, np.int32), device="cuda")
+  out = torch.empty_like(q_t)
+  ones = torch.ones(1, dtype=torch.float32, device="cuda")
+
+  def call():
+    unified_attention(
+      q=q_t,
+      k=k_t,
+      v=v_t,
+      out=out,
+      cu_seqlens_q=cu_t,
+      max_seqlen_q=int(max_q_len),
+      seqused_k=lens_t,
+      max_seqlen_k=int(np.max(np.asarray(lengths))),
+      softmax_scale=scale,
+      causal=True,
+      window_size=(-1, -1),
+      block_table=table_t,
+      softcap=0,
+      q_descale=None,
+      k_descale=ones,
+      v_descale=ones,
+    )
+
+  call()  # compiles
+  torch.cuda.synchronize()
+  how = "cuda_graph"
+  try:
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+      call()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+      for _ in range(num_calls):
+        call()
+
+    def run():
+      graph.replay()
+
+  except Exception:  # noqa: BLE001 - capture refused: plain back-to-back launches
+    traceback.print_exc()
+    how = "launch_loop"
+
+    def run():
+      for _ in range(num_calls):
+        call()
+
+  t = time_calls(run, repeats=repeats, inner=3, warmup=2, sync=lambda _: torch.cuda.synchronize())
+  call()
+  torch.cuda.synchronize()
+  return t.map(lambda s: s / num_calls), out.float().cpu().numpy(), how

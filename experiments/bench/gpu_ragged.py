@@ -53,7 +53,7 @@ from absl import flags
 
 from experiments._timing import time_calls
 from experiments.bench import _flags
-from experiments.bench._gpu_common import env_info, write_jsonl
+from experiments.bench._gpu_common import commit_of, env_info, vllm_unified_attention, write_jsonl
 from kernels import gpu
 from kernels.gpu import plan as plan_mod
 from kernels.testing import rel_l2_error, tolerance
@@ -141,74 +141,22 @@ def time_ours(fn, args, num_calls, repeats):
 
 
 def vllm_peer(q, kb, vb, table, lengths, num_calls, repeats):
-  """vLLM's unified-attention Triton kernel (conch-triton-kernels) on the same tokens:
-  ``(seconds per call Timing, output as a NumPy float32 array, how it was timed)``."""
-  import torch
-  from conch.third_party.vllm.unified_attention import unified_attention
-
-  def to_torch(x):
-    return torch.from_dlpack(jax.block_until_ready(x))
-
-  # Our pools are [kv_heads, blocks, block_size, head_dim]; the peer reads
-  # [blocks, block_size, kv_heads, head_dim]. Copied once, outside the timing.
-  k_t = to_torch(jnp.transpose(kb, (1, 2, 0, 3))).contiguous()
-  v_t = to_torch(jnp.transpose(vb, (1, 2, 0, 3))).contiguous()
-  q_t = to_torch(q).contiguous()
-  table_t = torch.as_tensor(np.asarray(table), device="cuda")
-  lens_t = torch.as_tensor(np.asarray(lengths), device="cuda")
-  batch = q_t.shape[0]
-  cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-  out = torch.empty_like(q_t)
-  ones = torch.ones(1, dtype=torch.float32, device="cuda")
-
-  def call():
-    unified_attention(
-      q=q_t,
-      k=k_t,
-      v=v_t,
-      out=out,
-      cu_seqlens_q=cu_q,
-      max_seqlen_q=1,
-      seqused_k=lens_t,
-      max_seqlen_k=int(np.max(lengths)),
-      softmax_scale=D**-0.5,
-      causal=True,
-      window_size=(-1, -1),
-      block_table=table_t,
-      softcap=0,
-      q_descale=None,
-      k_descale=ones,
-      v_descale=ones,
-    )
-
-  call()  # compiles
-  torch.cuda.synchronize()
-  how = "cuda_graph"
-  try:
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-      call()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-      for _ in range(num_calls):
-        call()
-
-    def run():
-      graph.replay()
-
-  except Exception:  # noqa: BLE001 - capture refused: plain back-to-back launches
-    traceback.print_exc()
-    how = "launch_loop"
-
-    def run():
-      for _ in range(num_calls):
-        call()
-
-  t = time_calls(run, repeats=repeats, inner=3, warmup=2, sync=lambda _: torch.cuda.synchronize())
-  call()
-  torch.cuda.synchronize()
-  return t.map(lambda s: s / num_calls), out.float().cpu().numpy(), how
+  """vLLM's unified-attention Triton kernel (conch-triton-kernels) on the same tokens, one
+  query per sequence: ``(seconds per call Timing, output as a NumPy float32 array, how it
+  was timed)`` (``_gpu_common.vllm_unified_attention``)."""
+  cu_q = np.arange(len(lengths) + 1, dtype=np.int32)
+  return vllm_unified_attention(
+    q,
+    kb,
+    vb,
+    table,
+    lengths,
+    cu_q,
+    max_q_len=1,
+    scale=D**-0.5,
+    num_calls=num_calls,
+    repeats=repeats,
+  )
 
 
 def check(out, want) -> dict:
@@ -219,21 +167,6 @@ def check(out, want) -> dict:
   if not ok:
     print(f"CHECK FAILED: relative L2 {err:.3g} against the default kernel", flush=True)
   return dict(check_rel_l2=err, check_ok=ok)
-
-
-def commit_of(default: str) -> str:
-  if default != "unknown":
-    return default
-  try:
-    import subprocess
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run(
-      ["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return out.stdout.strip() or default
-  except Exception:  # noqa: BLE001 - no git on the machine: keep "unknown"
-    return default
 
 
 def run_case(name, args, ceiling, env, peer_ok):

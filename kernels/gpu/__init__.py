@@ -339,6 +339,7 @@ def paged_attention(
       logit_soft_cap=logit_soft_cap,
       kv_tile=block_sizes.mosaic_kv_tile,
       num_slots=block_sizes.mosaic_num_slots,
+      tiles_per_block=block_sizes.mosaic_tiles_per_block,
       interpret=_mosaic_interpret_params() if interpret else False,
     )
   return paged_prefill(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs)

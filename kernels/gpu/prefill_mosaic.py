@@ -8,7 +8,9 @@ every option).
 
 Work split. The ragged batch is cut into tiles of up to 128 consecutive query tokens of
 one sequence (``prefill.build_schedule``, heaviest first); one CUDA block takes one
-(query head, tile) pair. The grid runs the query heads fastest, so the blocks of one GQA
+(query head, tile) pair, or with ``tiles_per_block > 1`` that many tiles of one query
+head in turn (snake order: a heavy tile with a light one), its K/V ring running on from
+one tile into the next. The grid runs the query heads fastest, so the blocks of one GQA
 group, which read the same K/V, run side by side and share them in L2.
 
 Inside a block three warpgroups work on one tile:
@@ -69,6 +71,7 @@ _START, _END, _POS0, _SEQ, _KLEN = range(5)
 SUPPORTED_HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 MIN_BLOCK_SIZE = 8  # one 8-row tile of the swizzled shared-memory layout
+MAX_TILES_PER_BLOCK = 8  # schedule rows one CUDA block may take (an unrolled loop)
 
 
 def supports(q_dtype, kv_dtype, head_dim: int, block_size: int) -> bool:
@@ -138,6 +141,8 @@ def _kernel(
   sliding_window,
   logit_soft_cap,
   pv_via_smem,
+  tiles_per_block,
+  num_groups,
 ):
   head_dim = q_ref.shape[2]
   num_blocks, block_size = k_ref.shape[1], k_ref.shape[2]
@@ -146,32 +151,47 @@ def _kernel(
   copies_per_step = max(1, kv_tile // block_size)  # cache-block copies filling one slot
 
   h = lax.axis_index("heads")
-  tile = lax.axis_index("tiles")
+  g = lax.axis_index("tiles")
   wg = lax.axis_index("wg")
-  start = sched_ref[tile, _START]
-  end = sched_ref[tile, _END]
-  pos0 = sched_ref[tile, _POS0]
-  seq = sched_ref[tile, _SEQ]
-  klen = sched_ref[tile, _KLEN]
   kvh = lax.div(h, jnp.int32(group))
-
-  # Keys [lo, hi) are seen by some row of the tile; [full_lo, full_hi) by every row.
-  pos_last = pos0 + (end - start) - 1
-  hi = jnp.clip(pos_last + 1, 0, klen)
-  full_hi = jnp.clip(pos0 + 1, 0, hi)
-  if sliding_window is None:
-    lo = jnp.zeros_like(hi)
-    full_lo = lo
-  else:
-    lo = jnp.clip(pos0 - sliding_window + 1, 0, hi)
-    full_lo = jnp.clip(pos_last - sliding_window + 1, 0, hi)
   kv_t = jnp.int32(kv_tile)
-  j0 = lax.div(lo, kv_t)
-  j3 = lax.div(hi + kv_t - 1, kv_t)
-  j1 = jnp.clip(lax.div(full_lo + kv_t - 1, kv_t), j0, j3)
-  j2 = jnp.clip(lax.div(full_hi, kv_t), j1, j3)
-  num_steps = j3 - j0
-  tail_step = jnp.where(lax.rem(klen, kv_t) != 0, lax.div(klen, kv_t), jnp.int32(-1))
+
+  def tile_info(k):
+    """Schedule row of this block's ``k``-th tile (``tiles_per_block`` rows, snake order:
+    rows g, 2G-1-g, 2G+g, ... for G blocks along "tiles", so a heavy row goes with a light
+    one) and its K/V step range: a dict of traced scalars."""
+    row = k * num_groups + g if k % 2 == 0 else (k + 1) * num_groups - 1 - g
+    start = sched_ref[row, _START]
+    end = sched_ref[row, _END]
+    pos0 = sched_ref[row, _POS0]
+    klen = sched_ref[row, _KLEN]
+    # Keys [lo, hi) are seen by some row of the tile; [full_lo, full_hi) by every row.
+    pos_last = pos0 + (end - start) - 1
+    hi = jnp.clip(pos_last + 1, 0, klen)
+    full_hi = jnp.clip(pos0 + 1, 0, hi)
+    if sliding_window is None:
+      lo = jnp.zeros_like(hi)
+      full_lo = lo
+    else:
+      lo = jnp.clip(pos0 - sliding_window + 1, 0, hi)
+      full_lo = jnp.clip(pos_last - sliding_window + 1, 0, hi)
+    j0 = lax.div(lo, kv_t)
+    j3 = lax.div(hi + kv_t - 1, kv_t)
+    j1 = jnp.clip(lax.div(full_lo + kv_t - 1, kv_t), j0, j3)
+    j2 = jnp.clip(lax.div(full_hi, kv_t), j1, j3)
+    return dict(
+      start=start,
+      end=end,
+      pos0=pos0,
+      seq=sched_ref[row, _SEQ],
+      klen=klen,
+      j0=j0,
+      j1=j1,
+      j2=j2,
+      j3=j3,
+      num_steps=j3 - j0,
+      tail_step=jnp.where(lax.rem(klen, kv_t) != 0, lax.div(klen, kv_t), jnp.int32(-1)),
+    )
 
   def body(
     q_smem,  # SMEM [NUM_CONSUMERS, ROWS, head_dim]: each consumer's query window
@@ -194,7 +214,7 @@ def _kernel(
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def block_ids(j):
+      def block_ids(seq, j):
         ids = []
         for c in range(copies_per_step):
           lblk = lax.div(j * kv_t, jnp.int32(block_size)) + c
@@ -202,10 +222,11 @@ def _kernel(
           ids.append(jnp.clip(blk, 0, num_blocks - 1))
         return ids
 
-      def issue(ref, tail_ref, smem, barrier, j, ids):
+      def issue(ref, tail_ref, smem, barrier, j, ids, t):
         # Exactly one copy per piece whichever source it takes, so the barrier always
         # counts copies_per_step arrivals.
-        is_tail = j == tail_step
+        is_tail = j == t["tail_step"]
+        seq = t["seq"]
         for c, blk in enumerate(ids):
           if block_size >= kv_tile:
             off = pl.multiple_of(lax.rem(j, jnp.int32(block_size // kv_tile)) * kv_t, kv_tile)
@@ -219,27 +240,36 @@ def _kernel(
           _copy_when(is_tail, tail_src, dst, barrier)
           _copy_when(~is_tail, src, dst, barrier)
 
-      @pl.loop(0, num_steps)
-      def _step(i):
-        j = j0 + i
-        slot = lax.rem(i, jnp.int32(num_slots))
-        ids = block_ids(j)  # loaded before the waits, so their latency hides behind them
+      # The ring's step counter runs on across the block's tiles: the next tile's first
+      # K/V copies start as soon as slots free up, while the consumers finish this one.
+      done = jnp.int32(0)  # steps issued by the tiles before this one
+      for k in range(tiles_per_block):
+        t = tile_info(k)
 
-        @pl.when(i >= num_slots)
-        def _():
-          plgpu.barrier_wait(k_free.at[slot])
+        @pl.loop(0, t["num_steps"])
+        def _step(i, t=t, done=done):
+          j = t["j0"] + i
+          n = done + i
+          slot = lax.rem(n, jnp.int32(num_slots))
+          ids = block_ids(t["seq"], j)  # loaded before the waits, hiding their latency
 
-        issue(k_ref, tail_k_ref, k_smem.at[slot], k_full.at[slot], j, ids)
+          @pl.when(n >= num_slots)
+          def _():
+            plgpu.barrier_wait(k_free.at[slot])
 
-        @pl.when(i >= num_slots)
-        def _():
-          plgpu.barrier_wait(v_free.at[slot])
+          issue(k_ref, tail_k_ref, k_smem.at[slot], k_full.at[slot], j, ids, t)
 
-        issue(v_ref, tail_v_ref, v_smem.at[slot], v_full.at[slot], j, ids)
+          @pl.when(n >= num_slots)
+          def _():
+            plgpu.barrier_wait(v_free.at[slot])
+
+          issue(v_ref, tail_v_ref, v_smem.at[slot], v_full.at[slot], j, ids, t)
+
+        done = done + t["num_steps"]
 
       # Wait for the consumers to release the last slots: the block's shared memory must
       # outlive every read of it (and each barrier phase is observed once).
-      @pl.loop(jnp.maximum(num_steps - num_slots, 0), num_steps)
+      @pl.loop(jnp.maximum(done - num_slots, 0), done)
       def _drain(i):
         slot = lax.rem(i, jnp.int32(num_slots))
         plgpu.barrier_wait(k_free.at[slot])
@@ -248,23 +278,10 @@ def _kernel(
     @pl.when(wg < NUM_CONSUMERS)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      # The tile lies in the 128-row window from `start` rounded down to a multiple of 8
-      # (build_schedule(align=8)); this warpgroup takes its 64-row half. TMA reads past
-      # the end of q as zeros; those rows are never stored.
-      win = pl.multiple_of(start - lax.rem(start, jnp.int32(8)) + wg * ROWS, 8)
-      row0 = jnp.maximum(start, win)  # this warpgroup's rows: [row0, row_end)
-      row_end = jnp.minimum(end, win + ROWS)
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(win, ROWS), h], q_smem.at[wg], q_full.at[wg])
-      plgpu.barrier_wait(q_full.at[wg])
-      # Query position of each window row (rows outside [row0, row_end) are dropped).
-      row_pos = (pos0 + win - start) + plgpu.broadcasted_iota(
-        jnp.int32, (ROWS, kv_tile), 0, layout=plgpu.Layout.WGMMA
-      )
       col = plgpu.broadcasted_iota(jnp.int32, (ROWS, kv_tile), 1, layout=plgpu.Layout.WGMMA)
 
-      def step(j, carry, masked):
-        i = j - j0
-        slot = lax.rem(i, jnp.int32(num_slots))
+      def step(j, carry, masked, t, done, row_pos):
+        slot = lax.rem(done + j - t["j0"], jnp.int32(num_slots))
         plgpu.barrier_wait(k_full.at[slot])
 
         def scores(acc_ref):
@@ -277,7 +294,7 @@ def _kernel(
         vis = None  # a step every row sees in full
         if masked:  # bool[ROWS, kv_tile]
           key = j * kv_t + col
-          vis = (key <= row_pos) & (key < klen)
+          vis = (key <= row_pos) & (key < t["klen"])
           if sliding_window is not None:
             vis &= key > row_pos - sliding_window
         (acc, m, den), p = online_softmax_step(
@@ -306,34 +323,67 @@ def _kernel(
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m, den
 
-      # acc f32[ROWS, head_dim] (sum of p @ v), m and den f32[ROWS] (running max in log2
-      # units, running sum of p), in the registers' wgmma layout.
-      acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-      m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      # Consumer 1 starts one rendezvous behind consumer 0, so their turns alternate.
-      pl.when(wg == 1)(rendezvous)
-      carry = (acc, m, den)
-      carry = lax.fori_loop(j0, j1, functools.partial(step, masked=True), carry)
-      carry = lax.fori_loop(j1, j2, functools.partial(step, masked=False), carry)
-      carry = lax.fori_loop(j2, j3, functools.partial(step, masked=True), carry)
-      pl.when(wg == 0)(rendezvous)
-      acc, _, den = carry
-      den = jnp.where(den > 0, den, 1.0)
-      out = acc / lax.broadcast_in_dim(den, acc.shape, [0])
-      o_smem.at[wg][...] = out.astype(dtype)
-      plgpu.commit_smem()
-      # Store rows [row0, row_end): the window's rows from row0 - win on.
-      n = jnp.maximum(row_end - row0, 0)
-      off = row0 - win
-      size = ROWS
-      while size >= 1:
-        piece = lax.bitwise_and(n, jnp.int32(size))  # size rows, or none
-        _store_when(piece != 0, o_smem.at[wg, pl.ds(off, size)], o_ref.at[pl.ds(row0, size), h])
-        off = off + piece
-        row0 = row0 + piece
-        size //= 2
-      plgpu.wait_smem_to_gmem(0)
+      def tile(t, done):
+        """One schedule row: query window in, online softmax over its steps, rows out.
+        ``done``: K/V steps of this block's earlier tiles (the ring's position)."""
+        start, end = t["start"], t["end"]
+        # The tile lies in the 128-row window from `start` rounded down to a multiple of 8
+        # (build_schedule(align=8)); this warpgroup takes its 64-row half. TMA reads past
+        # the end of q as zeros; those rows are never stored.
+        win = pl.multiple_of(start - lax.rem(start, jnp.int32(8)) + wg * ROWS, 8)
+        row0 = jnp.maximum(start, win)  # this warpgroup's rows: [row0, row_end)
+        row_end = jnp.minimum(end, win + ROWS)
+
+        def load_q():
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(win, ROWS), h], q_smem.at[wg], q_full.at[wg])
+          plgpu.barrier_wait(q_full.at[wg])
+
+        if tiles_per_block == 1:
+          load_q()
+        else:  # the padding rows of a multi-tile block are empty: no query to read
+          pl.when(end > start)(load_q)
+        # Query position of each window row (rows outside [row0, row_end) are dropped).
+        row_pos = (t["pos0"] + win - start) + plgpu.broadcasted_iota(
+          jnp.int32, (ROWS, kv_tile), 0, layout=plgpu.Layout.WGMMA
+        )
+        # acc f32[ROWS, head_dim] (sum of p @ v), m and den f32[ROWS] (running max in log2
+        # units, running sum of p), in the registers' wgmma layout.
+        acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+        m = plgpu.layout_cast(
+          jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+        )
+        den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        # Consumer 1 starts one rendezvous behind consumer 0, so their turns alternate.
+        pl.when(wg == 1)(rendezvous)
+        carry = (acc, m, den)
+        kw = dict(t=t, done=done, row_pos=row_pos)
+        masked = functools.partial(step, masked=True, **kw)
+        carry = lax.fori_loop(t["j0"], t["j1"], masked, carry)
+        carry = lax.fori_loop(t["j1"], t["j2"], functools.partial(step, masked=False, **kw), carry)
+        carry = lax.fori_loop(t["j2"], t["j3"], masked, carry)
+        pl.when(wg == 0)(rendezvous)
+        acc, _, den = carry
+        den = jnp.where(den > 0, den, 1.0)
+        out = acc / lax.broadcast_in_dim(den, acc.shape, [0])
+        o_smem.at[wg][...] = out.astype(dtype)
+        plgpu.commit_smem()
+        # Store rows [row0, row_end): the window's rows from row0 - win on.
+        n = jnp.maximum(row_end - row0, 0)
+        off = row0 - win
+        size = ROWS
+        while size >= 1:
+          piece = lax.bitwise_and(n, jnp.int32(size))  # size rows, or none
+          _store_when(piece != 0, o_smem.at[wg, pl.ds(off, size)], o_ref.at[pl.ds(row0, size), h])
+          off = off + piece
+          row0 = row0 + piece
+          size //= 2
+        plgpu.wait_smem_to_gmem(0)  # o_smem (and q_smem) are free for the next tile
+
+      done = jnp.int32(0)
+      for k in range(tiles_per_block):
+        t = tile_info(k)
+        tile(t, done)
+        done = done + t["num_steps"]
 
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   pl.run_scoped(
@@ -362,6 +412,7 @@ def _kernel(
     "kv_tile",
     "num_slots",
     "pv_via_smem",
+    "tiles_per_block",
     "interpret",
   ),
 )
@@ -379,6 +430,7 @@ def paged_prefill_mosaic(
   kv_tile: int = 128,
   num_slots: int = 2,
   pv_via_smem: bool | None = None,
+  tiles_per_block: int = 1,
   interpret=False,
 ):
   """Same arguments and result as ``prefill.paged_prefill`` (no BlockSizes).
@@ -397,6 +449,15 @@ def paged_prefill_mosaic(
       is then added. GPU interpret mode supports only the second (its wgmma reads A
       from shared memory and it cannot run ``pl.run_state``), so None picks True there.
       Both are checked on the H100 (experiments/bench/gpu_check.py).
+    tiles_per_block: schedule rows (128-row query tiles) one CUDA block works through in
+      turn, 1 (the default: one tile per block) to 8. With more, the K/V ring runs on
+      from one tile into the next (the producer fetches the next tile's first steps while
+      the consumers finish this one), so the per-block costs (barrier set-up, pipeline
+      fill and drain, launch) are paid once per ``tiles_per_block`` tiles; rows are dealt
+      in snake order (block g of G takes rows g, 2G-1-g, 2G+g, ...) so that a heavy tile
+      and a light one share a block, and the padding rows added to fill the last blocks
+      (and the schedule's own empty rows) read no query. For ragged batches of short
+      prompts, whose tiles have few steps each.
     interpret: False, or ``plgpu.InterpretGPUParams()`` to run on CPU.
 
   Returns:
@@ -410,6 +471,10 @@ def paged_prefill_mosaic(
     )
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads = k_blocks.shape[0]
+  if not (isinstance(tiles_per_block, int) and 1 <= tiles_per_block <= MAX_TILES_PER_BLOCK):
+    raise ValueError(
+      f"tiles_per_block must be an int in [1, {MAX_TILES_PER_BLOCK}], got {tiles_per_block!r}"
+    )
   pv_via_smem = bool(interpret) if pv_via_smem is None else pv_via_smem
   need = smem_bytes(head_dim, q.dtype.itemsize, kv_tile, num_slots, pv_via_smem)
   if need > SMEM_LIMIT_BYTES:  # (barriers add ~2 KiB; Mosaic's own check catches the edge)
@@ -421,6 +486,10 @@ def paged_prefill_mosaic(
   block_table = block_table.astype(jnp.int32)
   lengths = lengths.astype(jnp.int32)
   sched = build_schedule(cu_q_lens, lengths, num_tokens, TILE, sliding_window, align=8)
+  num_groups = -(-sched.shape[0] // tiles_per_block)  # CUDA blocks along "tiles"
+  extra = num_groups * tiles_per_block - sched.shape[0]
+  if extra:  # empty rows (no query rows, no keys): nothing read, nothing stored
+    sched = jnp.pad(sched, ((0, extra), (0, 0)))
   tail_k = build_tail(k_blocks, block_table, lengths, kv_tile)
   tail_v = build_tail(v_blocks, block_table, lengths, kv_tile)
   kernel = functools.partial(
@@ -432,6 +501,8 @@ def paged_prefill_mosaic(
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
     pv_via_smem=pv_via_smem,
+    tiles_per_block=tiles_per_block,
+    num_groups=num_groups,
   )
   # The TMA descriptors of q and the output need their row count a multiple of the
   # 8-row tile; other counts get a few zero rows (the engine's token buckets never do).
@@ -440,7 +511,7 @@ def paged_prefill_mosaic(
   out = plgpu.kernel(
     kernel,
     out_type=jax.ShapeDtypeStruct(q_in.shape, q.dtype),
-    grid=(num_q_heads, sched.shape[0]),
+    grid=(num_q_heads, num_groups),
     grid_names=("heads", "tiles"),
     num_threads=NUM_CONSUMERS + 1,
     thread_name="wg",

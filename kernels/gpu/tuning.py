@@ -79,6 +79,10 @@ class BlockSizes:
       number") and e4m3 by ``astype(float16)``; "f16_bits" is the same with e4m3 widened
       by integer ops too; "q_dtype" is the old path, ``astype`` to q's dtype (bf16 dots for
       bf16 q). Float32 q and non-8-bit K/V take no notice of it.
+    mosaic_tiles_per_block: 128-row query tiles one CUDA block of the Mosaic GPU prefill
+      works through in turn, 1..8 (``prefill_mosaic.paged_prefill_mosaic``'s
+      ``tiles_per_block``); 1, one tile per block, is the measured default, more amortises
+      the per-block costs over ragged batches of short prompts.
   """
 
   decode_kv_tile: int = 64
@@ -94,6 +98,7 @@ class BlockSizes:
   mosaic_kv_tile: int = 128
   mosaic_num_slots: int = 2
   quant_widen: str = _widen.DEFAULT_QUANT_WIDEN
+  mosaic_tiles_per_block: int = 1
 
   def __post_init__(self):
     pow2_fields = {
@@ -132,6 +137,9 @@ class BlockSizes:
         f"BlockSizes.quant_widen must be one of {_widen.QUANT_WIDEN_MODES}, "
         f"got {self.quant_widen!r}"
       )
+    tpb = self.mosaic_tiles_per_block
+    if not (isinstance(tpb, int) and 1 <= tpb <= 8):
+      raise ValueError(f"BlockSizes.mosaic_tiles_per_block must be an int in [1, 8], got {tpb!r}")
     splits = self.decode_num_splits
     if splits is not None and not (isinstance(splits, int) and splits >= 1):
       raise ValueError(f"BlockSizes.decode_num_splits must be None or an int >= 1, got {splits!r}")

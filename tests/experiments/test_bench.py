@@ -64,6 +64,7 @@ def test_bench_package_lists_the_scripts():
     "engine_step",
     "gpu_check",
     "gpu_decode",
+    "gpu_prefill_ragged",
     "gpu_ragged",
     "host_copies",
     "host_step",
@@ -297,6 +298,49 @@ def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
       next(o["ours_ms"] for o in rows if o["kv_dtype"] == r["kv_dtype"] and o["widen"] == "q_dtype")
       / r["ours_ms"]
     )
+
+
+def test_gpu_prefill_ragged_smoke_writes_a_row_per_case_block_and_kernel(tmp_path):
+  # Interpret mode on CPU, Triton only (the Mosaic kernel takes ~10 s a call in GPU
+  # interpret mode, so smoke mode leaves the default Mosaic variant out): a ragged prompt
+  # batch and a mixed prefill + decode batch, both variants timed on the same tokens and
+  # checked against the reference.
+  code = (
+    "import runpy\n"
+    "sys.argv = ['gpu_prefill_ragged', '--smoke', '--cases', "
+    f"'uniform32_16_1024,mixed4x512_252dec', '--blocks', '16', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_prefill_ragged', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = (tmp_path / "gpu_prefill_ragged.jsonl").read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert [(r["case"], r["block_size"], r["variant"]) for r in rows] == [
+    ("uniform32_16_1024", 16, "auto"),
+    ("uniform32_16_1024", 16, "triton"),
+    ("mixed4x512_252dec", 16, "auto"),
+    ("mixed4x512_252dec", 16, "triton"),
+  ]
+  from experiments.bench.gpu_prefill_ragged import case_batch
+
+  for r in rows:
+    for key in ("device", "date", "commit", "tokens", "ms", "ms_min", "ms_max", "pairs"):
+      assert key in r
+    # Interpret mode never picks the Mosaic GPU kernel; no peer in smoke mode.
+    assert r["kernel"] == "triton" and r["vllm_tflops"] is None and "vllm_error" in r
+    assert r["requested"] == r["variant"]  # "auto" or "triton"
+    assert r["ms_min"] <= r["ms"] <= r["ms_max"]
+    assert r["ours_tflops"] == pytest.approx(4 * 64 * 4 * r["pairs"] / (r["ms"] * 1e-3) / 1e12)
+    b = case_batch(r["case"], smoke=True)
+    assert r["tokens"] == b.q_lens.sum()
+    # Pairs counted by brute force: each query at position p sees keys 0..p.
+    pos = [c + i for q, c in zip(b.q_lens, b.ctx_lens, strict=True) for i in range(q)]
+    assert r["pairs"] == sum(p + 1 for p in pos)
+    assert r["check_against"] == "reference" and r["check_ok"] is True
+    assert r["rel_l2"] < tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
+  mixed = case_batch("mixed4x512_252dec", smoke=True)
+  assert (mixed.q_lens == 1).sum() == 3 and mixed.ctx_lens[mixed.q_lens == 1].min() > 0
+  assert "| uniform32_16_1024 | 16 | " in proc.stdout
 
 
 def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path):

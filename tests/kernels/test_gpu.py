@@ -10,6 +10,7 @@ inner steps, several splits, and both the masked and the unmasked prefill loops.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import chex
@@ -403,6 +404,56 @@ def test_mosaic_prefill_every_kind_of_sequence(block_size, kv_tile, num_slots):
   np.testing.assert_array_equal(np.asarray(out[int(cu[-1]) :], np.float32), 0.0)
 
 
+@pytest.mark.parametrize("tiles_per_block,num_slots", [(2, 2), (3, 3)])
+def test_mosaic_prefill_several_tiles_per_block(tiles_per_block, num_slots):
+  # One CUDA block works through several schedule rows with one K/V ring: a prompt of
+  # three 128-row tiles, a chunk after cached context, decode rows, an empty sequence and
+  # padding rows. The schedule has 19 rows (8 with query rows, the rest empty up to
+  # build_schedule's bound), divisible by neither 2 nor 3, so the last block also gets
+  # added empty rows. Ring positions carry over tiles of 0 to 5 steps of 64 keys.
+  q, k, v, table, lens, cu = prefill_inputs(
+    7,
+    q_lens=[300, 21, 1, 0, 1, 40],
+    ctx_lens=[0, 37, 50, 0, 90, 130],
+    block_size=16,
+    dtype=jnp.bfloat16,
+    pad_rows=5,
+  )
+  bsz = dataclasses.replace(MOSAIC, mosaic_num_slots=num_slots)
+  many = dataclasses.replace(bsz, mosaic_tiles_per_block=tiles_per_block)
+  out, ref = run_both(q, k, v, table, lens, cu, block_sizes=many)
+  assert _rel_err(out, ref) < _bound(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(out[int(cu[-1]) :], np.float32), 0.0)
+  # Each tile's arithmetic is unchanged by sharing a block: equal to one tile per block.
+  one = gpu.paged_attention(q, k, v, table, lens, cu, block_sizes=bsz, interpret=True)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(one, np.float32))
+
+
+def test_mosaic_prefill_several_tiles_per_block_lowers_for_the_gpu():
+  # Interpret mode runs P V through shared memory; the GPU's default keeps P in registers
+  # (pv_via_smem=False), which only lowering to Mosaic GPU for CUDA exercises on a CPU
+  # machine: the tile loop's nested ring, rendezvous and register-accumulated P V must
+  # lower (not compiled to PTX here; that and the speed are the GPU benchmark's).
+  from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
+
+  q = jax.ShapeDtypeStruct((1024, 8, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 64, 16, 128), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+  lens = jax.ShapeDtypeStruct((4,), jnp.int32)
+  cu = jax.ShapeDtypeStruct((5,), jnp.int32)
+  for tpb in (1, 2):
+    fn = functools.partial(
+      paged_prefill_mosaic,
+      scale=0.1,
+      sliding_window=None,
+      logit_soft_cap=None,
+      tiles_per_block=tpb,
+      pv_via_smem=False,
+    )
+    text = jax.jit(fn).trace(q, kv, kv, table, lens, cu).lower(lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in text.as_text()
+
+
 @pytest.mark.parametrize("window,cap", [(9, None), (40, 5.0)])
 def test_mosaic_prefill_window_and_soft_cap(window, cap):
   q, k, v, table, lens, cu = prefill_inputs(
@@ -524,6 +575,8 @@ def test_mosaic_interpret_needs_threads(monkeypatch):
     ("mosaic_kv_tile", 32),
     ("mosaic_kv_tile", 64.0),
     ("mosaic_num_slots", 5),
+    ("mosaic_tiles_per_block", 0),
+    ("mosaic_tiles_per_block", 9),
   ],
 )
 def test_mosaic_block_sizes_validated(field, value):
