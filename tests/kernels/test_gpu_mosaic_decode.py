@@ -1,0 +1,240 @@
+"""The Mosaic GPU planned decode (kernels/gpu/decode_mosaic.py) in GPU interpret mode on CPU.
+
+Against kernels.reference (and, where blocks before a sliding window are freed, a float64
+loop that reads only the visible keys), on ragged batches whose unused pool slots and
+blocks are NaN (test_gpu_plan.make_cache), with plans cut into 64-token chunks so rows
+span several chunks and the merge runs. A kernel that reads the step holding a
+sequence's end from the pool instead of the zeroed tail buffer multiplies a 0
+probability by NaN and fails; one that merges chunks wrongly misses the reference.
+bf16 / f16 only, like the kernel. Interpret mode runs each program's two warpgroups as
+threads (tests/conftest.py gives XLA the threads this needs), so shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import gpu, reference
+from kernels.gpu import decode_mosaic
+from kernels.gpu.plan import plan_decode
+from kernels.testing import rel_l2_error, tolerance
+from tests.kernels.test_gpu_plan import decode_float64, make_cache
+
+MOSAIC = gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_kv_tile=64)
+
+
+def _inputs(lengths, *, block_size, hq, hkv, head_dim, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  k, v, table, lens = make_cache(
+    rng, lengths=lengths, block_size=block_size, num_kv_heads=hkv, head_dim=head_dim, kv_dtype=dtype
+  )
+  q = jnp.asarray(rng.standard_normal((len(lengths), hq, head_dim)), dtype)
+  return q, k, v, table, lens
+
+
+def _run(q, k, v, table, lens, *, kv_tile=64, chunk_tokens=64, window=None, cap=None, bsz=MOSAIC):
+  p = plan_decode(
+    lens, k.shape[2], k.shape[0], kv_tile=kv_tile, chunk_tokens=chunk_tokens, sliding_window=window
+  )
+  out = gpu.paged_attention(
+    q,
+    k,
+    v,
+    table,
+    lens,
+    block_sizes=bsz,
+    interpret=True,
+    decode_plan=p,
+    sliding_window=window,
+    logit_soft_cap=cap,
+  )
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert not np.isnan(np.asarray(out, np.float32)).any(), "NaN leaked into the output"
+  return out, p
+
+
+def _check_against_reference(out, q, k, v, table, lens, **kw):
+  ref = reference.paged_attention(q, k, v, jnp.asarray(table), jnp.asarray(lens), **kw)
+  err = rel_l2_error(out, ref)
+  assert err < tolerance("gpu_kernel_vs_reference_rel_l2", q.dtype).rtol, err
+  for b in np.flatnonzero(np.asarray(lens) == 0):  # a row of length 0 sees nothing: zeros
+    np.testing.assert_array_equal(np.asarray(out[b], np.float32), 0.0)
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_every_kind_of_row(block_size):
+  # Length 1, one short of a block, one block, empty, exactly one 64-key step, and a row
+  # over four chunks (200 = 3 * 64 + 8: its tail step ends mid-block).
+  lengths = [1, block_size - 1, block_size, 0, 64, 200]
+  args = _inputs(lengths, block_size=block_size, hq=8, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  out, p = _run(*args)
+  assert int(np.asarray(p.seq_num_chunks).max()) == 4  # the merge combines several chunks
+  _check_against_reference(out, *args)
+
+
+@pytest.mark.parametrize(
+  "hq,hkv,head_dim,dtype",
+  [
+    (2, 2, 128, jnp.bfloat16),  # group 1: q rows padded to 8 and dropped again
+    (12, 2, 64, jnp.float16),  # group 6: padded to 8
+    (16, 2, 128, jnp.float16),  # group 8: no padding
+    (64, 1, 64, jnp.bfloat16),  # group 64: the whole 64-row tile
+  ],
+)
+def test_gqa_groups_head_dims_and_dtypes(hq, hkv, head_dim, dtype):
+  args = _inputs([70, 0, 9, 130], block_size=16, hq=hq, hkv=hkv, head_dim=head_dim, dtype=dtype)
+  out, _ = _run(*args)
+  _check_against_reference(out, *args)
+
+
+@pytest.mark.parametrize("block_size,kv_tile", [(16, 128), (64, 64), (256, 128)])
+def test_steps_of_several_blocks_one_block_and_a_slice(block_size, kv_tile):
+  # 128-key steps of 8 blocks; 64-key steps of one block; 128-key slices of 256-slot blocks.
+  args = _inputs([300, 5, 128], block_size=block_size, hq=4, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  bsz = gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_kv_tile=kv_tile)
+  out, _ = _run(*args, kv_tile=kv_tile, chunk_tokens=kv_tile, bsz=bsz)
+  _check_against_reference(out, *args)
+
+
+def test_kernel_steps_straddling_the_plans_chunks():
+  # 128-key steps over a plan cut at 64-key boundaries: a step holds keys of two chunks,
+  # is read by both, and each masks the other's keys out.
+  args = _inputs([300, 70], block_size=16, hq=4, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  bsz = gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_kv_tile=128)
+  out, _ = _run(*args, kv_tile=64, chunk_tokens=64, bsz=bsz)
+  _check_against_reference(out, *args)
+
+
+def test_window_with_freed_blocks_and_soft_cap():
+  # The blocks wholly before each row's window are "freed": their table entries point at
+  # a NaN spare block. The window's first step then starts before the window (lengths
+  # 150 and 70, windows of 100: first keys 50 and 0) and comes from the zeroed head
+  # buffer; row 1's window starts at 0 and its tail step holds both edges.
+  block_size, window = 8, 100
+  lengths = [150, 70, 1, 230]
+  q, k, v, table, lens = _inputs(
+    lengths, block_size=block_size, hq=8, hkv=2, head_dim=64, dtype=jnp.bfloat16, seed=3
+  )
+  used = set(table[table >= 0].tolist())
+  spare = next(i for i in range(k.shape[1]) if i not in used)
+  assert np.isnan(np.asarray(k[:, spare], np.float32)).all()
+  for b, n in enumerate(lengths):
+    table[b, : max(n - window, 0) // block_size] = spare
+  out, _ = _run(q, k, v, table, lens, window=window, cap=20.0)
+  want = decode_float64(q, k, v, table, lens, scale=64**-0.5, window=window, cap=20.0)
+  # bf16 probabilities before P V and a bf16 output (test_gpu_plan's bf16 bound).
+  err = rel_l2_error(np.asarray(out, np.float32), want)
+  assert err < tolerance("attention_bf16_probs_rel_l2", jnp.bfloat16).rtol, err
+
+
+def test_build_step_zeroes_outside_the_visible_keys():
+  k = jnp.arange(2 * 6 * 8 * 1, dtype=jnp.float32).reshape(2, 6, 8, 1)
+  table = jnp.asarray([[4, 1, -1], [2, -1, -1]], jnp.int32)
+  lengths = jnp.asarray([13, 16], jnp.int32)
+  step = jnp.asarray([0, 1], jnp.int32)
+  lo = jnp.asarray([3, 0], jnp.int32)
+  got = np.asarray(decode_mosaic.build_step(k, table, step, lo, lengths, kv_tile=16))
+  assert got.shape == (2, 2, 16, 1)
+  for h in range(2):
+    # Row 0: tokens 0..15 of [3, 13): block 4 slots 3..7, block 1 slots 0..4.
+    want = np.zeros(16)
+    want[3:8] = [float(k[h, 4, t, 0]) for t in range(3, 8)]
+    want[8:13] = [float(k[h, 1, t, 0]) for t in range(5)]
+    np.testing.assert_array_equal(got[h, 0, :, 0], want)
+    np.testing.assert_array_equal(got[h, 1], 0.0)  # tokens 16..31 of a length-16 row
+
+
+def test_ring_depth_and_shared_memory():
+  # bf16 head_dim 128, 64-key steps: a ring of 2 leaves room for two CUDA blocks per SM.
+  assert decode_mosaic.default_num_slots(128, 2, 64) == 2
+  assert decode_mosaic.default_num_slots(64, 2, 64) == 4
+  for d, tile in ((64, 64), (128, 64), (64, 128)):
+    slots = decode_mosaic.default_num_slots(d, 2, tile)
+    assert decode_mosaic.smem_bytes(d, 2, tile, slots, False) <= decode_mosaic.TWO_PER_SM_BYTES
+  args = _inputs([10], block_size=16, hq=4, hkv=2, head_dim=128, dtype=jnp.bfloat16)
+  p = plan_decode(np.asarray([10]), 16, 2)
+  with pytest.raises(ValueError, match="shared memory"):
+    decode_mosaic.planned_decode_mosaic(
+      *args[:3],
+      jnp.asarray(args[3]),
+      jnp.asarray(args[4]),
+      p,
+      scale=0.1,
+      sliding_window=None,
+      logit_soft_cap=None,
+      kv_tile=128,
+      num_slots=4,
+      pv_via_smem=False,
+    )
+
+
+@pytest.mark.parametrize(
+  "kw,match",
+  [
+    (dict(dtype=jnp.float32), "float32.*Triton planned decode"),
+    (dict(head_dim=96), "head_dim 96.*Triton planned decode"),
+    (dict(block_size=4), "block_size 4.*Triton planned decode"),
+    (dict(hq=128, hkv=1), "128 query heads per KV head.*Triton planned decode"),
+  ],
+)
+def test_unsupported_inputs_raise_naming_the_triton_fallback(kw, match):
+  base = dict(block_size=16, hq=4, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  q, k, v, table, lens = _inputs([20, 3], **{**base, **kw})
+  with pytest.raises(ValueError, match=match):
+    _run(q, k, v, table, lens)
+
+
+def test_8bit_kv_and_missing_plan_raise():
+  q, k, v, table, lens = _inputs(
+    [20, 3], block_size=16, hq=4, hkv=2, head_dim=64, dtype=jnp.bfloat16
+  )
+  kq, ks = kernels.quantize(jnp.nan_to_num(k), jnp.int8)
+  vq, vs = kernels.quantize(jnp.nan_to_num(v), jnp.int8)
+  p = plan_decode(lens, 16, 2)
+  with pytest.raises(ValueError, match="8-bit K/V.*Triton planned decode"):
+    gpu.paged_attention(
+      q,
+      kq,
+      vq,
+      table,
+      lens,
+      block_sizes=MOSAIC,
+      interpret=True,
+      decode_plan=p,
+      k_scales=ks,
+      v_scales=vs,
+    )
+  with pytest.raises(ValueError, match="decode_plan"):
+    gpu.paged_attention(q, k, v, table, lens, block_sizes=MOSAIC, interpret=True)
+
+
+def test_decode_backend_choice():
+  kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, head_dim=128, block_size=16, group=4)
+  assert gpu.kernel_backend("decode", **kw) == "triton"  # "auto": Triton until measured
+  assert gpu.kernel_backend("decode", requested="triton", **kw) == "triton"
+  assert gpu.kernel_backend("decode", requested="mosaic", interpret=True, **kw) == "mosaic"
+  if not gpu.is_hopper():  # asked for off Hopper, not interpreting: an error, no fallback
+    with pytest.raises(ValueError, match="Hopper"):
+      gpu.kernel_backend("decode", requested="mosaic", **kw)
+  with pytest.raises(ValueError, match="needs .*group"):
+    gpu.kernel_backend("decode", requested="mosaic", interpret=True, head_dim=128)
+  with pytest.raises(ValueError, match="requested"):
+    gpu.kernel_backend("decode", requested="cuda")
+
+
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("decode_kernel", "cuda"),
+    ("mosaic_decode_kv_tile", 32),
+    ("mosaic_decode_kv_tile", 64.0),
+    ("mosaic_decode_num_slots", 1),
+    ("mosaic_decode_num_slots", 5),
+  ],
+)
+def test_mosaic_decode_block_sizes_validated(field, value):
+  with pytest.raises(ValueError, match=field):
+    gpu.BlockSizes(**{field: value})
