@@ -1,11 +1,15 @@
-"""GPU decode on ragged batches: the default kernel, the planned kernel and vLLM's Triton kernel.
+"""GPU decode on ragged batches: the default kernel, the planned kernels and vLLM's Triton kernel.
 
-Issue 15, item 1. One process, one GPU: the HBM read ceiling (as ``gpu_decode`` measures
-it), then per case the same K/V, block table and queries timed through
+Issue 15, items 1 and 5. One process, one GPU: the HBM read ceiling (as ``gpu_decode``
+measures it), then per case the same K/V, block table and queries timed through
 
 * ``default``: ``kernels.gpu.paged_attention`` with no plan (split-K from static shapes);
 * ``planned``: the same call with ``decode_plan=plan_decode(lengths, ...)`` (built on the
-  host before timing; its host time is recorded as ``plan_us``);
+  host before timing; its host time is recorded as ``plan_us``), on the Triton planned
+  kernel (``planned_block_sizes``, ``decode_kernel="triton"``);
+* ``mosaic``: the same plan on the Mosaic GPU planned decode (``decode_mosaic.py``,
+  ``decode_kernel="mosaic"``: Hopper only; elsewhere, or if it fails, an error row for the
+  variant and the case's other rows stand); ``--no-mosaic`` skips it;
 * the peer: vLLM's Triton "unified attention" kernel as vendored in the PyPI package
   ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens copied
   into its ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout before timing.
@@ -23,8 +27,9 @@ Device time: each timed function is one jit running ``--calls`` kernel calls on 
 queries (no Python dispatch between them), dispatched 3 times back to back per sample,
 21 samples (``experiments._timing.time_calls``); the peer runs ``--calls`` calls captured
 in one CUDA graph (plain back-to-back launches if capture fails). TB/s = K/V bytes the
-lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Every output is checked
-against the default kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
+lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Rows say which kernel
+family ran (``kernel``: "triton" or "mosaic"). Every output is checked against the default
+kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
 bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
 ``OUT/gpu_decode_ragged.jsonl`` as each case finishes (one failing case or peer loses
 nothing else); ``--sweep`` also times a few planned settings into
@@ -33,6 +38,8 @@ nothing else); ``--sweep`` also times a few planned settings into
   python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep]
   python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
   python -m experiments.bench.gpu_ragged --smoke --out /tmp/ragged_smoke
+
+``--smoke`` runs the Mosaic variant too, in GPU interpret mode (slow: a few seconds).
 
 The peer needs ``pip install conch-triton-kernels`` (and torch); it is imported only here.
 """
@@ -274,9 +281,20 @@ def run_case(name, args, ceiling, env, peer_ok):
     lambda: plan_mod.plan_decode(lengths, block_size, HKV), repeats=21, inner=20, sync=lambda x: x
   )
   dev_plan = plan.device_put()
-  t_plan, out_plan = measure(dev_plan, None)
+  planned_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
+  t_plan, out_plan = measure(dev_plan, dataclasses.replace(planned_bs, decode_kernel="triton"))
   tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
   tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
+  variants = [("default", t_def, out_def), ("planned", t_plan, out_plan)]
+  mosaic_error = None
+  if args.mosaic:
+    try:
+      t_mg, out_mg = measure(dev_plan, dataclasses.replace(planned_bs, decode_kernel="mosaic"))
+      tbs["mosaic"] = t_mg.map(lambda s: nbytes / s / 1e12)
+      variants.append(("mosaic", t_mg, out_mg))
+    except Exception as e:  # noqa: BLE001 - off Hopper, or a failure: the other rows stand
+      traceback.print_exc()
+      mosaic_error = f"{type(e).__name__}: {str(e)[:300]}"
   peer = dict(vllm_tbs=None)
   if peer_ok and not args.smoke:
     try:
@@ -293,10 +311,11 @@ def run_case(name, args, ceiling, env, peer_ok):
       traceback.print_exc()
       peer = dict(vllm_tbs=None, vllm_error=f"{type(e).__name__}: {str(e)[:300]}")
   rows = []
-  for variant, t, out in (("default", t_def, out_def), ("planned", t_plan, out_plan)):
+  for variant, t, out in variants:
     row = dict(
       base,
       variant=variant,
+      kernel="mosaic" if variant == "mosaic" else "triton",
       ours_tbs=tbs[variant].median,
       ours_tbs_min=tbs[variant].min,
       ours_tbs_max=tbs[variant].max,
@@ -305,7 +324,7 @@ def run_case(name, args, ceiling, env, peer_ok):
       **check(out, out_def),
       **peer,
     )
-    if variant == "planned":
+    if variant in ("planned", "mosaic"):
       row.update(
         plan_us=plan_t.median * 1e6,
         plan_us_max=plan_t.max * 1e6,
@@ -314,9 +333,11 @@ def run_case(name, args, ceiling, env, peer_ok):
         max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
       )
     rows.append(row)
+  if mosaic_error is not None:
+    rows.append(dict(base, variant="mosaic", kernel="mosaic", error=mosaic_error))
   sweep_rows = []
   if args.sweep:
-    default_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
+    default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
     for overrides, per_sm, per_octave in SWEEP:
       if time.time() > args.deadline:
         break
@@ -357,6 +378,7 @@ def define_flags():
   flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("sweep", False, "also time SWEEP's planned settings")
   flags.DEFINE_bool("no-peer", False, "skip vLLM's Triton kernel")
+  flags.DEFINE_bool("mosaic", True, "also time the Mosaic GPU planned decode (Hopper)")
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU), no peer")
@@ -369,6 +391,9 @@ def main(args):
     raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES)}")
   if args.smoke:
     HQ, HKV, D, INTERPRET = 4, 2, 64, True
+    # GPU interpret mode (the Mosaic variant) needs 4 XLA CPU threads (kernels.gpu's
+    # _mosaic_interpret_params); XLA reads NPROC when JAX makes its CPU client, below.
+    os.environ.setdefault("NPROC", "4")
     args.calls, args.repeats = min(args.calls, 2), 5
   args.commit = commit_of(args.commit)
   args.deadline = time.time() + args.budget_s
@@ -409,7 +434,7 @@ def main(args):
   print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
     if "error" in r:
-      print(f"| {r['case']} | error | {r['error'][:60]} | | | | |")
+      print(f"| {r['case']} | {r.get('variant', '')} error | {r['error'][:60]} | | | | |")
       continue
     print(
       f"| {r['case']} | {r['variant']} | {r['mean_len']:.0f} | {f(r['ours_tbs'])} "
