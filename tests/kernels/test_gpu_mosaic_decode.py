@@ -12,6 +12,7 @@ threads (tests/conftest.py gives XLA the threads this needs), so shapes are tiny
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -238,3 +239,50 @@ def test_decode_backend_choice():
 def test_mosaic_decode_block_sizes_validated(field, value):
   with pytest.raises(ValueError, match=field):
     gpu.BlockSizes(**{field: value})
+
+
+@pytest.mark.parametrize(
+  "head_dim,group,block_size,kv_tile,options",
+  [
+    (128, 4, 16, 64, {}),
+    (64, 1, 256, 128, dict(sliding_window=100, logit_soft_cap=30.0)),
+    (128, 8, 8, 128, {}),
+  ],
+)
+def test_lowers_for_an_h200_with_p_in_registers(
+  monkeypatch, head_dim, group, block_size, kv_tile, options
+):
+  # No GPU here: lowering the GPU build (P V with P from registers, pl.run_state; the
+  # path interpret mode cannot run) to Mosaic GPU's custom call checks that every
+  # primitive, layout and copy lowers; the Triton merge needs an H200's compute capability
+  # (a private JAX module, pinned to jax 0.11). Compiling to PTX happens only on a GPU.
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  lengths = np.array([300, 5, 1000, 0], np.int32)
+  need = -(-lengths // block_size)
+  table = np.full((4, int(need.max())), -1, np.int32)
+  table[np.arange(table.shape[1])[None] < need[:, None]] = np.arange(int(need.sum()))
+  kv = jax.ShapeDtypeStruct((2, int(need.sum()) + 1, block_size, head_dim), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((4, 2 * group, head_dim), jnp.bfloat16)
+  p = plan_decode(lengths, block_size, 2, sliding_window=options.get("sliding_window"))
+
+  def call(q, k, v, table, lengths, plan):
+    return decode_mosaic.planned_decode_mosaic(
+      q,
+      k,
+      v,
+      table,
+      lengths,
+      plan,
+      scale=head_dim**-0.5,
+      sliding_window=options.get("sliding_window"),
+      logit_soft_cap=options.get("logit_soft_cap"),
+      kv_tile=kv_tile,
+      interpret=False,
+    )
+
+  traced = jax.jit(call).trace(q, kv, kv, jnp.asarray(table), jnp.asarray(lengths), p)
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "paxcache_mosaic_decode_merge" in text
