@@ -40,8 +40,8 @@ values are finite: inside the sequence, or the buffers' zeros).
 The queries are laid out by XLA as ``[batch * num_kv_heads * R, head_dim]`` with ``R`` the
 group rounded up to 8 (no copy when the group is a multiple of 8), so the consumer copies
 its ``R`` rows with one TMA at an 8-row-aligned offset (the swizzled layout needs it) into
-the top of its 64-row tile; the outputs are ``R``-row TMA stores, the spare rows dropped
-by XLA before the merge.
+the top of its 64-row tile; the outputs are ``R``-row TMA stores, whose padding rows the
+merge never reads.
 """
 
 from __future__ import annotations
@@ -342,13 +342,27 @@ def _kernel(
 
 
 def _merge_all_kernel(
-  first_ref, count_ref, o_ref, m_ref, den_ref, out_ref, *, num_q_heads, head_dim
+  first_ref, count_ref, o_ref, m_ref, den_ref, out_ref, *, num_q_heads, head_dim, group, rows
 ):
-  """planned.py's merge of one (query head, sequence), for every sequence (one chunk too)."""
+  """planned.py's merge of one (query head, sequence), for every sequence (one chunk too),
+  reading the partials where the chunk kernel wrote them: chunk ``i``'s row for query head
+  ``hq`` is ``(i * num_kv_heads + hq // group) * rows + hq % group``."""
   hq = pl.program_id(0)
   b = pl.program_id(1)
+  stride = (num_q_heads // group) * rows
+  offset = lax.div(hq, group) * rows + lax.rem(hq, group)
   _merge_row(
-    first_ref[b], count_ref[b], b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim
+    first_ref[b],
+    count_ref[b],
+    b,
+    hq,
+    o_ref,
+    m_ref,
+    den_ref,
+    out_ref,
+    num_q_heads,
+    head_dim,
+    part_rows=(stride, offset),
   )
 
 
@@ -480,12 +494,10 @@ def planned_decode_mosaic(
     v_blocks,
     *edges,
   )
-  if rows != group:  # partial rows as (chunk * num_q_heads + query head), as the merge reads
-    o = o.reshape(num_chunks, num_kv_heads, rows, head_dim)[:, :, :group]
-    m = m.reshape(num_chunks, num_kv_heads, rows)[:, :, :group]
-    den = den.reshape(num_chunks, num_kv_heads, rows)[:, :, :group]
   out = pl.pallas_call(
-    functools.partial(_merge_all_kernel, num_q_heads=num_q_heads, head_dim=head_dim),
+    functools.partial(
+      _merge_all_kernel, num_q_heads=num_q_heads, head_dim=head_dim, group=group, rows=rows
+    ),
     grid=(num_q_heads, batch),
     out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
     compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
@@ -494,8 +506,8 @@ def planned_decode_mosaic(
   )(
     plan.seq_first_chunk,
     plan.seq_num_chunks,
-    o.reshape(num_chunks * num_q_heads, head_dim),
-    m.reshape(-1),
-    den.reshape(-1),
+    o,
+    m,
+    den,
   )
   return out.reshape(batch, num_q_heads, head_dim)
