@@ -48,6 +48,7 @@ from kernels.gpu import decode_mosaic, prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.decode_mosaic import planned_decode_mosaic
 from kernels.gpu.plan import DecodePlan, plan_decode
+from kernels.gpu.plan import num_sms as plan_num_sms
 from kernels.gpu.planned import planned_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
@@ -362,6 +363,11 @@ def paged_attention(
         logit_soft_cap=logit_soft_cap,
         kv_tile=block_sizes.mosaic_decode_kv_tile,
         num_slots=block_sizes.mosaic_decode_num_slots,
+        num_programs=(
+          None
+          if block_sizes.mosaic_decode_programs_per_sm is None
+          else block_sizes.mosaic_decode_programs_per_sm * plan_num_sms()
+        ),
         interpret=_mosaic_interpret_params() if interpret else False,
       )
     return planned_decode(q, k_blocks, v_blocks, block_table, lengths, decode_plan, **kwargs)

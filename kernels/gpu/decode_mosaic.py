@@ -157,6 +157,7 @@ def _kernel(
   rows,
   kv_tile,
   num_slots,
+  num_programs,
   scale,
   sliding_window,
   logit_soft_cap,
@@ -169,26 +170,37 @@ def _kernel(
     head_k_ref, head_v_ref, o_ref, m_ref, den_ref = refs
   num_kv_heads, num_blocks, block_size, head_dim = k_ref.shape
   max_blocks = table_ref.shape[1]
+  num_units = chunk_seq_ref.shape[0] * num_kv_heads
   dtype = q_ref.dtype
   copies_per_step = max(1, kv_tile // block_size)  # cache-block copies filling one slot
-
-  kvh = lax.axis_index("kv_heads")
-  c = lax.axis_index("chunks")
-  wg = lax.axis_index("wg")
-  b = chunk_seq_ref[c]
-  length = lengths_ref[b]
-  start = chunk_start_ref[c]
-  end = jnp.minimum(chunk_end_ref[c], length)
   kv_t = jnp.int32(kv_tile)
-  lo = jnp.zeros_like(length)
-  if sliding_window is not None:  # position length - 1 sees keys >= length - window
-    lo = jnp.maximum(length - sliding_window, 0)
-    start = jnp.maximum(start, lo)
-  nonempty = end > start  # padding chunks (start = end = 0) read and write nothing
-  j0 = lax.div(start, kv_t)
-  num_steps = jnp.where(nonempty, lax.div(end + kv_t - 1, kv_t) - j0, 0)
-  tail_step = jnp.where(lax.rem(length, kv_t) != 0, lax.div(length, kv_t), jnp.int32(-1))
-  head_step = jnp.where(lax.rem(lo, kv_t) != 0, lax.div(lo, kv_t), jnp.int32(-1))
+
+  # Work units u = chunk * num_kv_heads + KV head; program `pid` takes units pid,
+  # pid + num_programs, ... (one each when the grid covers every unit). Both warpgroups
+  # walk the same units and count the steps of all of them (`g`), which places each step
+  # in the ring and in its barriers' phases.
+  pid = lax.axis_index("programs")
+  wg = lax.axis_index("wg")
+  my_units = lax.div(num_units - 1 - pid, jnp.int32(num_programs)) + 1
+
+  def unit(k):
+    u = pid + k * num_programs
+    c = lax.div(u, jnp.int32(num_kv_heads))
+    kvh = lax.rem(u, jnp.int32(num_kv_heads))
+    b = chunk_seq_ref[c]
+    length = lengths_ref[b]
+    start = chunk_start_ref[c]
+    end = jnp.minimum(chunk_end_ref[c], length)
+    lo = jnp.zeros_like(length)
+    if sliding_window is not None:  # position length - 1 sees keys >= length - window
+      lo = jnp.maximum(length - sliding_window, 0)
+      start = jnp.maximum(start, lo)
+    nonempty = end > start  # padding chunks (start = end = 0) read and write nothing
+    j0 = lax.div(start, kv_t)
+    num_steps = jnp.where(nonempty, lax.div(end + kv_t - 1, kv_t) - j0, 0)
+    return dict(
+      c=c, kvh=kvh, b=b, length=length, start=start, end=end, lo=lo, j0=j0, num_steps=num_steps
+    )
 
   def body(
     q_smem,  # SMEM [ROWS, head_dim]: the query tile (rows [0, rows) loaded)
@@ -208,118 +220,145 @@ def _kernel(
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
-      def block_ids(j):
-        ids = []
-        for p in range(copies_per_step):
-          lblk = lax.div(j * kv_t, jnp.int32(block_size)) + p
-          blk = table_ref[b, jnp.minimum(lblk, max_blocks - 1)]
-          ids.append(jnp.clip(blk, 0, num_blocks - 1))
-        return ids
+      def produce(k, g):
+        w = unit(k)
+        kvh, b, length = w["kvh"], w["b"], w["length"]
+        tail_step = jnp.where(lax.rem(length, kv_t) != 0, lax.div(length, kv_t), jnp.int32(-1))
+        head_step = jnp.where(lax.rem(w["lo"], kv_t) != 0, lax.div(w["lo"], kv_t), jnp.int32(-1))
 
-      def issue(ref, tail_ref, head_ref, smem, barrier, j, ids):
-        # Exactly one copy per piece whichever source it takes, so the barrier always
-        # counts copies_per_step arrivals.
-        is_tail = j == tail_step
-        is_head = (j == head_step) & ~is_tail
-        for p, blk in enumerate(ids):
-          if block_size >= kv_tile:
-            off = pl.multiple_of(lax.rem(j, jnp.int32(block_size // kv_tile)) * kv_t, kv_tile)
-            src = ref.at[kvh, blk, pl.ds(off, kv_tile)]
-            edge = pl.ds(0, kv_tile)
-            dst = smem
-          else:
-            src = ref.at[kvh, blk]
-            edge = pl.ds(p * block_size, block_size)
-            dst = smem.at[pl.ds(p * block_size, block_size)]
-          _copy_when(is_tail, tail_ref.at[kvh, b, edge], dst, barrier)
-          if head_ref is None:
-            _copy_when(~is_tail, src, dst, barrier)
-          else:
-            _copy_when(is_head, head_ref.at[kvh, b, edge], dst, barrier)
-            _copy_when(~is_tail & ~is_head, src, dst, barrier)
+        def block_ids(j):
+          ids = []
+          for p in range(copies_per_step):
+            lblk = lax.div(j * kv_t, jnp.int32(block_size)) + p
+            blk = table_ref[b, jnp.minimum(lblk, max_blocks - 1)]
+            ids.append(jnp.clip(blk, 0, num_blocks - 1))
+          return ids
 
-      @pl.loop(0, num_steps)
-      def _step(i):
-        j = j0 + i
-        slot = lax.rem(i, jnp.int32(num_slots))
-        ids = block_ids(j)  # loaded before the waits, so their latency hides behind them
+        def issue(ref, tail_ref, head_ref, smem, barrier, j, ids):
+          # Exactly one copy per piece whichever source it takes, so the barrier always
+          # counts copies_per_step arrivals.
+          is_tail = j == tail_step
+          is_head = (j == head_step) & ~is_tail
+          for p, blk in enumerate(ids):
+            if block_size >= kv_tile:
+              off = pl.multiple_of(lax.rem(j, jnp.int32(block_size // kv_tile)) * kv_t, kv_tile)
+              src = ref.at[kvh, blk, pl.ds(off, kv_tile)]
+              edge = pl.ds(0, kv_tile)
+              dst = smem
+            else:
+              src = ref.at[kvh, blk]
+              edge = pl.ds(p * block_size, block_size)
+              dst = smem.at[pl.ds(p * block_size, block_size)]
+            _copy_when(is_tail, tail_ref.at[kvh, b, edge], dst, barrier)
+            if head_ref is None:
+              _copy_when(~is_tail, src, dst, barrier)
+            else:
+              _copy_when(is_head, head_ref.at[kvh, b, edge], dst, barrier)
+              _copy_when(~is_tail & ~is_head, src, dst, barrier)
 
-        @pl.when(i >= num_slots)
-        def _():
-          plgpu.barrier_wait(k_free.at[slot])
+        @pl.loop(0, w["num_steps"])
+        def _step(i):
+          j = w["j0"] + i
+          n = g + i  # steps issued before this one, over all of this program's units
+          slot = lax.rem(n, jnp.int32(num_slots))
+          ids = block_ids(j)  # loaded before the waits, so their latency hides behind them
 
-        issue(k_ref, tail_k_ref, head_k_ref, k_smem.at[slot], k_full.at[slot], j, ids)
+          @pl.when(n >= num_slots)
+          def _():
+            plgpu.barrier_wait(k_free.at[slot])
 
-        @pl.when(i >= num_slots)
-        def _():
-          plgpu.barrier_wait(v_free.at[slot])
+          issue(k_ref, tail_k_ref, head_k_ref, k_smem.at[slot], k_full.at[slot], j, ids)
 
-        issue(v_ref, tail_v_ref, head_v_ref, v_smem.at[slot], v_full.at[slot], j, ids)
+          @pl.when(n >= num_slots)
+          def _():
+            plgpu.barrier_wait(v_free.at[slot])
+
+          issue(v_ref, tail_v_ref, head_v_ref, v_smem.at[slot], v_full.at[slot], j, ids)
+
+        return g + w["num_steps"]
+
+      total = lax.fori_loop(0, my_units, produce, jnp.int32(0))
 
       # Wait for the consumer to release the last slots: the block's shared memory must
       # outlive every read of it (and each barrier phase is observed once).
-      @pl.loop(jnp.maximum(num_steps - num_slots, 0), num_steps)
-      def _drain(i):
-        slot = lax.rem(i, jnp.int32(num_slots))
+      @pl.loop(jnp.maximum(total - num_slots, 0), total)
+      def _drain(n):
+        slot = lax.rem(n, jnp.int32(num_slots))
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
 
-    @pl.when((wg == 0) & nonempty)
+    @pl.when(wg == 0)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      q_row = pl.multiple_of((b * num_kv_heads + kvh) * rows, 8)
-      plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, rows)], q_smem.at[pl.ds(0, rows)], q_full)
-      plgpu.barrier_wait(q_full)
       col = plgpu.broadcasted_iota(jnp.int32, (ROWS, kv_tile), 1, layout=plgpu.Layout.WGMMA)
 
-      def step(i, carry):
-        j = j0 + i
-        slot = lax.rem(i, jnp.int32(num_slots))
-        plgpu.barrier_wait(k_full.at[slot])
+      def consume(k, g):
+        w = unit(k)
+        start, end, j0 = w["start"], w["end"], w["j0"]
 
-        def scores(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
-          return acc_ref[...]
+        @pl.when(w["num_steps"] > 0)
+        def _():
+          q_row = pl.multiple_of((w["b"] * num_kv_heads + w["kvh"]) * rows, 8)
+          # (The previous unit's wgmmas have finished reading q_smem: each is waited for.)
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, rows)], q_smem.at[pl.ds(0, rows)], q_full)
+          plgpu.barrier_wait(q_full)
 
-        s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))  # f32[ROWS, kv_tile]
-        plgpu.barrier_arrive(k_free.at[slot])
-        key = j * kv_t + col
-        vis = (key >= start) & (key < end)  # the chunk's keys (inside the sequence)
-        (acc, m, den), p = online_softmax_step(
-          carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
-        )
-        p = p.astype(dtype)
-        plgpu.barrier_wait(v_full.at[slot])
-        if pv_via_smem:  # P through shared memory into a fresh accumulator, then added
+          def step(i, carry):
+            j = j0 + i
+            slot = lax.rem(g + i, jnp.int32(num_slots))
+            plgpu.barrier_wait(k_full.at[slot])
 
-          def values(acc_ref):
-            plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
-            return acc_ref[...]
+            def scores(acc_ref):
+              plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+              return acc_ref[...]
 
-          p_smem[...] = p
+            s = pl.run_scoped(scores, plgpu.ACC((ROWS, kv_tile), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            key = j * kv_t + col
+            vis = (key >= start) & (key < end)  # the chunk's keys (inside the sequence)
+            (acc, m, den), p = online_softmax_step(
+              carry, s, scale=scale, logit_soft_cap=logit_soft_cap, mask=vis
+            )
+            p = p.astype(dtype)
+            plgpu.barrier_wait(v_full.at[slot])
+            if pv_via_smem:  # P through shared memory into a fresh accumulator, then added
+
+              def values(acc_ref):
+                plgpu.wgmma(acc_ref, p_smem, v_smem.at[slot])
+                return acc_ref[...]
+
+              p_smem[...] = p
+              plgpu.commit_smem()
+              acc = acc + pl.run_scoped(values, plgpu.ACC((ROWS, head_dim), jnp.float32))
+            else:  # P from registers, accumulating into acc's registers
+
+              def values(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+
+              acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m, den
+
+          acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+          m = plgpu.layout_cast(
+            jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+          )
+          den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+          acc, m, den = lax.fori_loop(0, w["num_steps"], step, (acc, m, den))
+          # The previous unit's stores must have read o_smem, m_smem, den_smem.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          o_smem[...] = acc
+          m_smem[...] = m
+          den_smem[...] = den
           plgpu.commit_smem()
-          acc = acc + pl.run_scoped(values, plgpu.ACC((ROWS, head_dim), jnp.float32))
-        else:  # P from registers, accumulating into acc's registers
+          part = pl.multiple_of((w["c"] * num_kv_heads + w["kvh"]) * rows, 8)
+          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[pl.ds(part, rows)])
+          plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows)], m_ref.at[pl.ds(part, rows)])
+          plgpu.copy_smem_to_gmem(den_smem.at[pl.ds(0, rows)], den_ref.at[pl.ds(part, rows)])
 
-          def values(acc_ref):
-            plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+        return g + w["num_steps"]
 
-          acc = pl.run_state(values)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_free.at[slot])
-        return acc, m, den
-
-      acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-      m = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      den = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      acc, m, den = lax.fori_loop(0, num_steps, step, (acc, m, den))
-      o_smem[...] = acc
-      m_smem[...] = m
-      den_smem[...] = den
-      plgpu.commit_smem()
-      part = pl.multiple_of((c * num_kv_heads + kvh) * rows, 8)
-      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[pl.ds(part, rows)])
-      plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows)], m_ref.at[pl.ds(part, rows)])
-      plgpu.copy_smem_to_gmem(den_smem.at[pl.ds(0, rows)], den_ref.at[pl.ds(part, rows)])
+      lax.fori_loop(0, my_units, consume, jnp.int32(0))
       plgpu.wait_smem_to_gmem(0)
 
   swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -374,6 +413,7 @@ def _merge_all_kernel(
     "logit_soft_cap",
     "kv_tile",
     "num_slots",
+    "num_programs",
     "pv_via_smem",
     "interpret",
   ),
@@ -391,6 +431,7 @@ def planned_decode_mosaic(
   logit_soft_cap: float | None,
   kv_tile: int = 64,
   num_slots: int | None = None,
+  num_programs: int | None = None,
   pv_via_smem: bool | None = None,
   interpret=False,
 ):
@@ -405,6 +446,10 @@ def planned_decode_mosaic(
     kv_tile: K/V tokens per step (64 or 128; best a divisor of ``plan.kv_tile``, so no
       step straddles two chunks: one that does is read by both and masked, still right).
     num_slots: shared-memory ring depth (>= 2); None: :func:`default_num_slots`.
+    num_programs: None: one CUDA block per (KV head, chunk) unit of work. An int: a
+      persistent grid of that many blocks (at most the units), block ``p`` taking units
+      ``p, p + num_programs, ...`` (chunk-major), its producer copying the next unit's
+      K/V while the consumer finishes the last, so a block's start costs no idle reads.
     pv_via_smem: how ``P V`` is issued, as in ``prefill_mosaic.paged_prefill_mosaic``
       (None: P in registers on the GPU, through shared memory in interpret mode, which
       supports only that).
@@ -459,11 +504,14 @@ def planned_decode_mosaic(
     edges += [
       build_step(x, block_table, lo // kv_tile, lo, lengths, kv_tile) for x in (k_blocks, v_blocks)
     ]
+  num_units = num_kv_heads * num_chunks
+  programs = num_units if num_programs is None else max(1, min(num_programs, num_units))
   kernel = functools.partial(
     _kernel,
     rows=rows,
     kv_tile=kv_tile,
     num_slots=num_slots,
+    num_programs=programs,
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
@@ -477,8 +525,8 @@ def planned_decode_mosaic(
       jax.ShapeDtypeStruct((n,), jnp.float32),
       jax.ShapeDtypeStruct((n,), jnp.float32),
     ),
-    grid=(num_kv_heads, num_chunks),
-    grid_names=("kv_heads", "chunks"),
+    grid=(programs,),
+    grid_names=("programs",),
     num_threads=2,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),

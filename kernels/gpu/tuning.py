@@ -82,6 +82,9 @@ class BlockSizes:
     mosaic_decode_kv_tile: K/V tokens per step of the Mosaic GPU decode (64 or 128).
     mosaic_decode_num_slots: its shared-memory ring depth, 2..4, or None for the deepest
       that leaves room for two CUDA blocks per SM (``decode_mosaic.default_num_slots``).
+    mosaic_decode_programs_per_sm: None (one CUDA block per (KV head, chunk)) or 1..4: a
+      persistent grid of that many blocks per SM, each walking several chunks, its
+      producer copying the next chunk's K/V while the consumer finishes the last.
     quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
       8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "f16"
       (default) runs both dots in float16, int8 widened by integer ops (the f16 "magic
@@ -105,6 +108,7 @@ class BlockSizes:
   decode_kernel: str = "auto"
   mosaic_decode_kv_tile: int = 64
   mosaic_decode_num_slots: int | None = None
+  mosaic_decode_programs_per_sm: int | None = None
   quant_widen: str = _widen.DEFAULT_QUANT_WIDEN
 
   def __post_init__(self):
@@ -153,6 +157,11 @@ class BlockSizes:
     if slots is not None and not (isinstance(slots, int) and 2 <= slots <= 4):
       raise ValueError(
         f"BlockSizes.mosaic_decode_num_slots must be None or an int in [2, 4], got {slots!r}"
+      )
+    per_sm = self.mosaic_decode_programs_per_sm
+    if per_sm is not None and not (isinstance(per_sm, int) and 1 <= per_sm <= 4):
+      raise ValueError(
+        f"BlockSizes.mosaic_decode_programs_per_sm must be None or an int in [1, 4], got {per_sm!r}"
       )
     if self.quant_widen not in _widen.QUANT_WIDEN_MODES:
       raise ValueError(

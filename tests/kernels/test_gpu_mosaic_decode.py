@@ -76,6 +76,38 @@ def test_every_kind_of_row(block_size):
   _check_against_reference(out, *args)
 
 
+@pytest.mark.parametrize("programs", [1, 3])
+def test_persistent_programs_walk_several_chunks(programs):
+  # A persistent grid: one program walks every (chunk, KV head) unit, padding ones too;
+  # three take every third. The ring's slots and barrier phases run on across units.
+  args = _inputs([1, 200, 0, 7, 90], block_size=8, hq=8, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  q, k, v, table, lens = args
+  p = plan_decode(lens, 8, 2, kv_tile=64, chunk_tokens=64)
+  out = decode_mosaic.planned_decode_mosaic(
+    q,
+    k,
+    v,
+    jnp.asarray(table),
+    jnp.asarray(lens),
+    p,
+    scale=64**-0.5,
+    sliding_window=None,
+    logit_soft_cap=None,
+    num_slots=3,
+    num_programs=programs,
+    interpret=gpu._mosaic_interpret_params(),
+  )
+  _check_against_reference(out, *args)
+
+
+def test_persistent_grid_through_block_sizes():
+  # programs_per_sm x the SMs (132 off a GPU) is more than this call's 32 units: one each.
+  args = _inputs([70, 3], block_size=16, hq=4, hkv=2, head_dim=64, dtype=jnp.float16)
+  bsz = gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_programs_per_sm=1)
+  out, _ = _run(*args, bsz=bsz)
+  _check_against_reference(out, *args)
+
+
 @pytest.mark.parametrize(
   "hq,hkv,head_dim,dtype",
   [
@@ -234,6 +266,7 @@ def test_decode_backend_choice():
     ("mosaic_decode_kv_tile", 64.0),
     ("mosaic_decode_num_slots", 1),
     ("mosaic_decode_num_slots", 5),
+    ("mosaic_decode_programs_per_sm", 0),
   ],
 )
 def test_mosaic_decode_block_sizes_validated(field, value):
