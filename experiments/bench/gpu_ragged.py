@@ -10,6 +10,8 @@ measures it), then per case the same K/V, block table and queries timed through
 * ``mosaic``: the same plan on the Mosaic GPU planned decode (``decode_mosaic.py``,
   ``decode_kernel="mosaic"``: Hopper only; elsewhere, or if it fails, an error row for the
   variant and the case's other rows stand); ``--no-mosaic`` skips it;
+* ``mosaic_persistent``: the same with a persistent grid of one CUDA block per SM
+  (``mosaic_decode_programs_per_sm=1``; not in ``--smoke``);
 * the peer: vLLM's Triton "unified attention" kernel as vendored in the PyPI package
   ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens copied
   into its ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout before timing.
@@ -290,15 +292,19 @@ def run_case(name, args, ceiling, env, peer_ok):
   tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
   tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
   variants = [("default", t_def, out_def), ("planned", t_plan, out_plan)]
-  mosaic_error = None
-  if args.mosaic:
+  mosaic_errors = []
+  mosaic_variants = [("mosaic", {})]
+  if not args.smoke:  # (interpret mode is slow, and off a GPU it is the same grid)
+    mosaic_variants.append(("mosaic_persistent", dict(mosaic_decode_programs_per_sm=1)))
+  for variant, extra in mosaic_variants if args.mosaic else ():
     try:
-      t_mg, out_mg = measure(dev_plan, dataclasses.replace(planned_bs, decode_kernel="mosaic"))
-      tbs["mosaic"] = t_mg.map(lambda s: nbytes / s / 1e12)
-      variants.append(("mosaic", t_mg, out_mg))
+      bsz = dataclasses.replace(planned_bs, decode_kernel="mosaic", **extra)
+      t_mg, out_mg = measure(dev_plan, bsz)
+      tbs[variant] = t_mg.map(lambda s: nbytes / s / 1e12)
+      variants.append((variant, t_mg, out_mg))
     except Exception as e:  # noqa: BLE001 - off Hopper, or a failure: the other rows stand
       traceback.print_exc()
-      mosaic_error = f"{type(e).__name__}: {str(e)[:300]}"
+      mosaic_errors.append((variant, f"{type(e).__name__}: {str(e)[:300]}"))
   peer = dict(vllm_tbs=None)
   if peer_ok and not args.smoke:
     try:
@@ -319,7 +325,7 @@ def run_case(name, args, ceiling, env, peer_ok):
     row = dict(
       base,
       variant=variant,
-      kernel="mosaic" if variant == "mosaic" else "triton",
+      kernel="mosaic" if variant.startswith("mosaic") else "triton",
       ours_tbs=tbs[variant].median,
       ours_tbs_min=tbs[variant].min,
       ours_tbs_max=tbs[variant].max,
@@ -328,7 +334,7 @@ def run_case(name, args, ceiling, env, peer_ok):
       **check(out, out_def),
       **peer,
     )
-    if variant in ("planned", "mosaic"):
+    if variant != "default":
       row.update(
         plan_us=plan_t.median * 1e6,
         plan_us_max=plan_t.max * 1e6,
@@ -337,8 +343,8 @@ def run_case(name, args, ceiling, env, peer_ok):
         max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
       )
     rows.append(row)
-  if mosaic_error is not None:
-    rows.append(dict(base, variant="mosaic", kernel="mosaic", error=mosaic_error))
+  for variant, error in mosaic_errors:
+    rows.append(dict(base, variant=variant, kernel="mosaic", error=error))
   sweep_rows = []
   if args.sweep:
     default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
