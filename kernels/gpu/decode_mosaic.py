@@ -66,11 +66,17 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 MIN_BLOCK_SIZE = 8  # one 8-row tile of the swizzled shared-memory layout
 MAX_GROUP = ROWS  # query heads per KV head that fit the tile
 KV_TILES = (64, 128)  # the 128-byte swizzle of a bf16 P tile needs >= 64 columns
-# Shared memory of one SM on sm_90 that a CUDA block may take (227 KiB), and what each of
-# two resident blocks may take (the SM keeps 1 KiB per block for itself).
+# Shared memory of one SM on sm_90 that a CUDA block may take (227 KiB).
 SMEM_LIMIT_BYTES = 232448
-TWO_PER_SM_BYTES = SMEM_LIMIT_BYTES // 2 - 1024
 MAX_SLOTS = 4
+# Registers per thread of the warpgroups (setmaxnreg): the producer gives its registers
+# up, the consumer takes what JAX's own warp-specialised pipelines give one compute
+# warpgroup beside a 40-register producer (pipeline._compute_registers: min(256, 512 - 40)).
+# So a CUDA block holds the SM's register file, and one runs per SM: the ring takes the
+# shared memory (default_num_slots) and a persistent grid (num_programs) hides a block's
+# start; both are for the H200 to confirm.
+PRODUCER_REGISTERS = 40
+CONSUMER_REGISTERS = 256
 
 
 def unsupported_reason(q_dtype, kv_dtype, head_dim: int, block_size: int, group: int):
@@ -107,11 +113,11 @@ def smem_bytes(head_dim: int, itemsize: int, kv_tile: int, num_slots: int, pv_vi
   return q + out + kv + p
 
 
-def default_num_slots(head_dim: int, itemsize: int, kv_tile: int) -> int:
-  """The deepest ring (2..MAX_SLOTS) that leaves room for two CUDA blocks per SM (so one
-  block's start overlaps the other's reads); 2 where not even that fits."""
+def default_num_slots(head_dim: int, itemsize: int, kv_tile: int, pv_via_smem=False) -> int:
+  """The deepest ring (2..MAX_SLOTS) whose block fits an SM's shared memory (1 KiB kept
+  for barriers); 2 where no deeper one fits."""
   for slots in range(MAX_SLOTS, 2, -1):
-    if smem_bytes(head_dim, itemsize, kv_tile, slots, False) + 512 <= TWO_PER_SM_BYTES:
+    if smem_bytes(head_dim, itemsize, kv_tile, slots, pv_via_smem) + 1024 <= SMEM_LIMIT_BYTES:
       return slots
   return 2
 
@@ -218,7 +224,7 @@ def _kernel(
   ):
     @pl.when(wg == 1)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
       def produce(k, g):
         w = unit(k)
@@ -289,7 +295,7 @@ def _kernel(
 
     @pl.when(wg == 0)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
       col = plgpu.broadcasted_iota(jnp.int32, (ROWS, kv_tile), 1, layout=plgpu.Layout.WGMMA)
 
       def consume(k, g):
@@ -476,9 +482,9 @@ def planned_decode_mosaic(
   if kv_tile not in KV_TILES:
     raise ValueError(f"the Mosaic GPU decode's kv_tile must be one of {KV_TILES}, got {kv_tile}")
   itemsize = q.dtype.itemsize
-  if num_slots is None:
-    num_slots = default_num_slots(head_dim, itemsize, kv_tile)
   pv_via_smem = bool(interpret) if pv_via_smem is None else pv_via_smem
+  if num_slots is None:
+    num_slots = default_num_slots(head_dim, itemsize, kv_tile, pv_via_smem)
   need = smem_bytes(head_dim, itemsize, kv_tile, num_slots, pv_via_smem)
   if num_slots < 2 or need > SMEM_LIMIT_BYTES:
     raise ValueError(

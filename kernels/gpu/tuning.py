@@ -81,7 +81,8 @@ class BlockSizes:
       error where it does not apply, and for a decode call without a plan).
     mosaic_decode_kv_tile: K/V tokens per step of the Mosaic GPU decode (64 or 128).
     mosaic_decode_num_slots: its shared-memory ring depth, 2..4, or None for the deepest
-      that leaves room for two CUDA blocks per SM (``decode_mosaic.default_num_slots``).
+      that fits an SM (``decode_mosaic.default_num_slots``; bf16 head_dim 128: 4 slots of
+      64 keys, 2 of 128).
     mosaic_decode_programs_per_sm: None (one CUDA block per (KV head, chunk)) or 1..4: a
       persistent grid of that many blocks per SM, each walking several chunks, its
       producer copying the next chunk's K/V while the consumer finishes the last.

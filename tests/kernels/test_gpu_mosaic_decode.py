@@ -181,12 +181,18 @@ def test_build_step_zeroes_outside_the_visible_keys():
 
 
 def test_ring_depth_and_shared_memory():
-  # bf16 head_dim 128, 64-key steps: a ring of 2 leaves room for two CUDA blocks per SM.
-  assert decode_mosaic.default_num_slots(128, 2, 64) == 2
-  assert decode_mosaic.default_num_slots(64, 2, 64) == 4
-  for d, tile in ((64, 64), (128, 64), (64, 128)):
-    slots = decode_mosaic.default_num_slots(d, 2, tile)
-    assert decode_mosaic.smem_bytes(d, 2, tile, slots, False) <= decode_mosaic.TWO_PER_SM_BYTES
+  # bf16 head_dim 128: 4 slots of 64 keys (16 KiB q + 32.5 KiB partials + 128 KiB) fit
+  # the 227 KiB of an SM, 128-key steps only 2 (3 would take 240.5 KiB).
+  assert decode_mosaic.default_num_slots(128, 2, 64) == 4
+  assert decode_mosaic.default_num_slots(128, 2, 128) == 2
+  for d, tile, smem_p in ((64, 64, False), (128, 64, True), (64, 128, False), (128, 128, True)):
+    slots = decode_mosaic.default_num_slots(d, 2, tile, smem_p)
+    need = decode_mosaic.smem_bytes(d, 2, tile, slots, smem_p)
+    assert need + 1024 <= decode_mosaic.SMEM_LIMIT_BYTES
+    if slots < decode_mosaic.MAX_SLOTS:  # the deepest that fits
+      assert decode_mosaic.smem_bytes(d, 2, tile, slots + 1, smem_p) + 1024 > (
+        decode_mosaic.SMEM_LIMIT_BYTES
+      )
   args = _inputs([10], block_size=16, hq=4, hkv=2, head_dim=128, dtype=jnp.bfloat16)
   p = plan_decode(np.asarray([10]), 16, 2)
   with pytest.raises(ValueError, match="shared memory"):
