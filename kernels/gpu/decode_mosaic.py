@@ -1,11 +1,15 @@
 """Planned paged decode for Hopper in Pallas Mosaic GPU: TMA block copies, wgmma, a merge.
 
 The Mosaic GPU twin of ``planned.py`` (issue 15, item 5: JAX deprecates the Pallas Triton
-backend). It runs a :class:`kernels.gpu.plan.DecodePlan`: grid ``(num_kv_heads,
-num_padded_chunks)``, one CUDA block per (KV head, chunk). :func:`kernels.gpu.kernel_backend`
+backend). It runs a :class:`kernels.gpu.plan.DecodePlan` whose work units are its
+(chunk, KV head) pairs: by default one CUDA block per unit (grid ``num_padded_chunks *
+num_kv_heads``); with ``num_programs`` a persistent grid whose blocks take every
+``num_programs``-th unit, the producer running on into the next unit's K/V while the
+consumer finishes the last (a block holds the SM's registers, so one runs per SM and the
+start of a fresh block would leave its reads idle). :func:`kernels.gpu.kernel_backend`
 decides when it runs (``BlockSizes.decode_kernel``); the Triton kernels stay for other GPUs.
 
-One CUDA block, two warpgroups:
+Per unit, the two warpgroups of a block:
 
 * warpgroup 1, the producer, walks the chunk's K/V steps (``kv_tile`` tokens each). For a
   step it reads the block ids from the block table and issues one TMA copy per cache

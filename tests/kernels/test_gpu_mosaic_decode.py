@@ -281,15 +281,16 @@ def test_mosaic_decode_block_sizes_validated(field, value):
 
 
 @pytest.mark.parametrize(
-  "head_dim,group,block_size,kv_tile,options",
+  "head_dim,group,block_size,kv_tile,programs,options",
   [
-    (128, 4, 16, 64, {}),
-    (64, 1, 256, 128, dict(sliding_window=100, logit_soft_cap=30.0)),
-    (128, 8, 8, 128, {}),
+    (128, 4, 16, 64, None, {}),
+    (64, 1, 256, 128, None, dict(sliding_window=100, logit_soft_cap=30.0)),
+    (128, 8, 8, 128, None, {}),
+    (128, 4, 16, 64, 132, {}),  # persistent: an H200's SMs
   ],
 )
 def test_lowers_for_an_h200_with_p_in_registers(
-  monkeypatch, head_dim, group, block_size, kv_tile, options
+  monkeypatch, head_dim, group, block_size, kv_tile, programs, options
 ):
   # No GPU here: lowering the GPU build (P V with P from registers, pl.run_state; the
   # path interpret mode cannot run) to Mosaic GPU's custom call checks that every
@@ -319,6 +320,7 @@ def test_lowers_for_an_h200_with_p_in_registers(
       sliding_window=options.get("sliding_window"),
       logit_soft_cap=options.get("logit_soft_cap"),
       kv_tile=kv_tile,
+      num_programs=programs,
       interpret=False,
     )
 
