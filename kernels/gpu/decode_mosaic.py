@@ -205,11 +205,23 @@ def _kernel(
     if sliding_window is not None:  # position length - 1 sees keys >= length - window
       lo = jnp.maximum(length - sliding_window, 0)
       start = jnp.maximum(start, lo)
-    nonempty = end > start  # padding chunks (start = end = 0) read and write nothing
+    # Padding chunks (start = end = 0 in the plan) read and write nothing. A real chunk
+    # may still see no key (a plan cut without the call's window: a chunk before it); it
+    # reads nothing and writes empty partials (m = -inf, den = 0), which the merge reads.
+    real = chunk_end_ref[c] > chunk_start_ref[c]
     j0 = lax.div(start, kv_t)
-    num_steps = jnp.where(nonempty, lax.div(end + kv_t - 1, kv_t) - j0, 0)
+    num_steps = jnp.where(end > start, lax.div(end + kv_t - 1, kv_t) - j0, 0)
     return dict(
-      c=c, kvh=kvh, b=b, length=length, start=start, end=end, lo=lo, j0=j0, num_steps=num_steps
+      c=c,
+      kvh=kvh,
+      b=b,
+      length=length,
+      start=start,
+      end=end,
+      lo=lo,
+      j0=j0,
+      num_steps=num_steps,
+      real=real,
     )
 
   def body(
@@ -306,7 +318,7 @@ def _kernel(
         w = unit(k)
         start, end, j0 = w["start"], w["end"], w["j0"]
 
-        @pl.when(w["num_steps"] > 0)
+        @pl.when(w["real"])
         def _():
           q_row = pl.multiple_of((w["b"] * num_kv_heads + w["kvh"]) * rows, 8)
           # (The previous unit's wgmmas have finished reading q_smem: each is waited for.)

@@ -36,9 +36,27 @@ def _inputs(lengths, *, block_size, hq, hkv, head_dim, dtype, seed=0):
   return q, k, v, table, lens
 
 
-def _run(q, k, v, table, lens, *, kv_tile=64, chunk_tokens=64, window=None, cap=None, bsz=MOSAIC):
+def _run(
+  q,
+  k,
+  v,
+  table,
+  lens,
+  *,
+  kv_tile=64,
+  chunk_tokens=64,
+  window=None,
+  cap=None,
+  bsz=MOSAIC,
+  plan_window="same",
+):
   p = plan_decode(
-    lens, k.shape[2], k.shape[0], kv_tile=kv_tile, chunk_tokens=chunk_tokens, sliding_window=window
+    lens,
+    k.shape[2],
+    k.shape[0],
+    kv_tile=kv_tile,
+    chunk_tokens=chunk_tokens,
+    sliding_window=window if plan_window == "same" else plan_window,
   )
   out = gpu.paged_attention(
     q,
@@ -139,6 +157,15 @@ def test_kernel_steps_straddling_the_plans_chunks():
   bsz = gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_kv_tile=128)
   out, _ = _run(*args, kv_tile=64, chunk_tokens=64, bsz=bsz)
   _check_against_reference(out, *args)
+
+
+def test_window_with_a_plan_cut_without_it():
+  # The plan covers every key; the call's window leaves the first chunks of the long row
+  # with no visible key: they write empty partials that the merge weighs 0.
+  args = _inputs([300, 20, 130], block_size=16, hq=4, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  out, p = _run(*args, window=70, plan_window=None)
+  assert int(np.asarray(p.seq_num_chunks)[0]) == 5
+  _check_against_reference(out, *args, sliding_window=70)
 
 
 def test_window_with_freed_blocks_and_soft_cap():
