@@ -34,8 +34,8 @@ family ran (``kernel``: "triton" or "mosaic"). Every output is checked against t
 kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
 bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
 ``OUT/gpu_decode_ragged.jsonl`` as each case finishes (one failing case or peer loses
-nothing else); ``--sweep`` also times a few planned settings into
-``OUT/gpu_decode_ragged_sweep.jsonl``::
+nothing else); ``--sweep`` also times a few planned settings (``SWEEP``, and
+``MOSAIC_SWEEP`` unless ``--no-mosaic``) into ``OUT/gpu_decode_ragged_sweep.jsonl``::
 
   python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep]
   python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
@@ -91,6 +91,16 @@ SWEEP = (
   (LARGE_STEPS, 16, None),
   ({}, None, 4),
   ({}, 4, None),
+)
+# --sweep with the Mosaic variants on: Mosaic GPU decode settings (the defaults: 64-key
+# steps, the deepest ring that fits, one CUDA block per unit), rows "mosaic_sweep".
+MOSAIC = dict(decode_kernel="mosaic")
+MOSAIC_SWEEP = (
+  (dict(MOSAIC, mosaic_decode_kv_tile=128), None, None),
+  (dict(MOSAIC, mosaic_decode_num_slots=2), None, None),
+  (dict(MOSAIC, mosaic_decode_programs_per_sm=1, mosaic_decode_kv_tile=128), None, None),
+  (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 16, None),
+  (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 4, None),
 )
 
 
@@ -348,7 +358,7 @@ def run_case(name, args, ceiling, env, peer_ok):
   sweep_rows = []
   if args.sweep:
     default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
-    for overrides, per_sm, per_octave in SWEEP:
+    for overrides, per_sm, per_octave in SWEEP + (MOSAIC_SWEEP if args.mosaic else ()):
       if time.time() > args.deadline:
         break
       try:
@@ -359,11 +369,17 @@ def run_case(name, args, ceiling, env, peer_ok):
         )
         t, out = measure(p.device_put(), bsz)
         tb = t.map(lambda s: nbytes / s / 1e12)
+        mosaic = bsz.decode_kernel == "mosaic"
         sweep_rows.append(
           dict(
             base,
-            variant="planned_sweep",
-            config={k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith("decode")},
+            variant="mosaic_sweep" if mosaic else "planned_sweep",
+            kernel="mosaic" if mosaic else "triton",
+            config={
+              k: v
+              for k, v in dataclasses.asdict(bsz).items()
+              if k.startswith(("decode", "mosaic_decode") if mosaic else "decode")
+            },
             programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
             buckets_per_octave=per_octave or 1,
             ours_tbs=tb.median,
@@ -377,7 +393,8 @@ def run_case(name, args, ceiling, env, peer_ok):
         )
       except Exception as e:  # noqa: BLE001 - one setting failing loses no other
         traceback.print_exc()
-        sweep_rows.append(dict(base, variant="planned_sweep", config=overrides, error=repr(e)))
+        variant = "mosaic_sweep" if overrides.get("decode_kernel") == "mosaic" else "planned_sweep"
+        sweep_rows.append(dict(base, variant=variant, config=overrides, error=repr(e)))
   return rows, sweep_rows
 
 
