@@ -165,6 +165,7 @@ def _kernel(
   # f32[C * num_kv_heads * R]; row (chunk * num_kv_heads + kv_head) * R + query row.
   *refs,
   rows,
+  store_rows,
   kv_tile,
   num_slots,
   num_programs,
@@ -374,9 +375,12 @@ def _kernel(
           den_smem[...] = den
           plgpu.commit_smem()
           part = pl.multiple_of((w["c"] * num_kv_heads + w["kvh"]) * rows, 8)
-          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, rows)], o_ref.at[pl.ds(part, rows)])
-          plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, rows)], m_ref.at[pl.ds(part, rows)])
-          plgpu.copy_smem_to_gmem(den_smem.at[pl.ds(0, rows)], den_ref.at[pl.ds(part, rows)])
+          # The group's rows only, where a row count of float32s makes whole 16 bytes (a
+          # TMA copy's granule); else all R rows (the padding ones are never read).
+          n = store_rows
+          plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, n)], o_ref.at[pl.ds(part, n)])
+          plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, n)], m_ref.at[pl.ds(part, n)])
+          plgpu.copy_smem_to_gmem(den_smem.at[pl.ds(0, n)], den_ref.at[pl.ds(part, n)])
 
         return g + w["num_steps"]
 
@@ -531,6 +535,7 @@ def planned_decode_mosaic(
   kernel = functools.partial(
     _kernel,
     rows=rows,
+    store_rows=group if group % 4 == 0 else rows,
     kv_tile=kv_tile,
     num_slots=num_slots,
     num_programs=programs,
