@@ -44,8 +44,9 @@ values are finite: inside the sequence, or the buffers' zeros).
 The queries are laid out by XLA as ``[batch * num_kv_heads * R, head_dim]`` with ``R`` the
 group rounded up to 8 (no copy when the group is a multiple of 8), so the consumer copies
 its ``R`` rows with one TMA at an 8-row-aligned offset (the swizzled layout needs it) into
-the top of its 64-row tile; the outputs are ``R``-row TMA stores, whose padding rows the
-merge never reads.
+the top of its 64-row tile. The partials keep ``R`` rows per (chunk, KV head); the
+consumer stores the group's rows (all ``R`` where the group is not a multiple of 4, as a
+TMA copy moves whole 16 bytes), and the merge reads the group's rows in place.
 """
 
 from __future__ import annotations
