@@ -363,6 +363,7 @@ def paged_attention(
         logit_soft_cap=logit_soft_cap,
         kv_tile=block_sizes.mosaic_decode_kv_tile,
         num_slots=block_sizes.mosaic_decode_num_slots,
+        merge=block_sizes.mosaic_decode_merge,
         num_programs=(
           None
           if block_sizes.mosaic_decode_programs_per_sm is None

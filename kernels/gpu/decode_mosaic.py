@@ -74,6 +74,7 @@ KV_TILES = (64, 128)  # the 128-byte swizzle of a bf16 P tile needs >= 64 column
 # Shared memory of one SM on sm_90 that a CUDA block may take (227 KiB).
 SMEM_LIMIT_BYTES = 232448
 MAX_SLOTS = 4
+MERGES = ("triton", "xla")
 # Registers per thread of the warpgroups (setmaxnreg): the producer gives its registers
 # up, the consumer takes what JAX's own warp-specialised pipelines give one compute
 # warpgroup beside a 40-register producer (pipeline._compute_registers: min(256, 512 - 40)).
@@ -407,6 +408,30 @@ def _kernel(
   )
 
 
+def _merge_xla(plan, o, m, den, batch, num_kv_heads, group, rows, head_dim):
+  """The merge in XLA (no Pallas Triton): f32[batch, num_q_heads, head_dim].
+
+  Chunk ``i`` of the plan adds ``o_i * 2**(m_i - M)`` to its sequence's sum and ``den_i *
+  2**(m_i - M)`` to its denominator, ``M`` the sequence's largest ``m``; padding chunks
+  (``start = end`` in the plan: their partials were never written) and chunks that saw
+  no key (``m = -inf``) add nothing."""
+  num_chunks = plan.chunk_seq.shape[0]
+  real = plan.chunk_end > plan.chunk_start  # [C]
+  o = o.reshape(num_chunks, num_kv_heads, rows, head_dim)[:, :, :group]
+  m = m.reshape(num_chunks, num_kv_heads, rows)[:, :, :group]
+  den = den.reshape(num_chunks, num_kv_heads, rows)[:, :, :group]
+  live = real[:, None, None] & (m > -jnp.inf)
+  m = jnp.where(live, m, -jnp.inf)
+  seq = plan.chunk_seq
+  big = jax.ops.segment_max(m, seq, num_segments=batch)  # [batch, Hkv, group]
+  big = jnp.where(big == -jnp.inf, 0.0, big)
+  w = jnp.where(live, jnp.exp2(m - big[seq]), 0.0)
+  num = jax.ops.segment_sum(jnp.where(live[..., None], o, 0.0) * w[..., None], seq, batch)
+  tot = jax.ops.segment_sum(jnp.where(live, den, 0.0) * w, seq, batch)
+  out = num / jnp.where(tot > 0, tot, 1.0)[..., None]
+  return out.reshape(batch, num_kv_heads * group, head_dim)
+
+
 def _merge_all_kernel(
   first_ref, count_ref, o_ref, m_ref, den_ref, out_ref, *, num_q_heads, head_dim, group, rows
 ):
@@ -441,6 +466,7 @@ def _merge_all_kernel(
     "kv_tile",
     "num_slots",
     "num_programs",
+    "merge",
     "pv_via_smem",
     "interpret",
   ),
@@ -459,6 +485,7 @@ def planned_decode_mosaic(
   kv_tile: int = 64,
   num_slots: int | None = None,
   num_programs: int | None = None,
+  merge: str = "triton",
   pv_via_smem: bool | None = None,
   interpret=False,
 ):
@@ -477,6 +504,9 @@ def planned_decode_mosaic(
       persistent grid of that many blocks (at most the units), block ``p`` taking units
       ``p, p + num_programs, ...`` (chunk-major), its producer copying the next unit's
       K/V while the consumer finishes the last, so a block's start costs no idle reads.
+    merge: how each sequence's chunks are combined: "triton" (``planned._merge_row`` in a
+      Pallas Triton kernel, one program per (query head, sequence)) or "xla" (segment
+      max and sums over the chunks, no Pallas Triton at all).
     pv_via_smem: how ``P V`` is issued, as in ``prefill_mosaic.paged_prefill_mosaic``
       (None: P in registers on the GPU, through shared memory in interpret mode, which
       supports only that).
@@ -500,6 +530,8 @@ def planned_decode_mosaic(
       f"the Mosaic GPU decode does not support {why}; the Triton planned decode does "
       "(BlockSizes(decode_kernel='triton' or 'auto'))"
     )
+  if merge not in MERGES:
+    raise ValueError(f"the Mosaic GPU decode's merge must be one of {MERGES}, got {merge!r}")
   if kv_tile not in KV_TILES:
     raise ValueError(f"the Mosaic GPU decode's kv_tile must be one of {KV_TILES}, got {kv_tile}")
   itemsize = q.dtype.itemsize
@@ -570,6 +602,9 @@ def planned_decode_mosaic(
     v_blocks,
     *edges,
   )
+  if merge == "xla":
+    out = _merge_xla(plan, o, m, den, batch, num_kv_heads, group, rows, head_dim)
+    return out.astype(q.dtype)
   out = pl.pallas_call(
     functools.partial(
       _merge_all_kernel, num_q_heads=num_q_heads, head_dim=head_dim, group=group, rows=rows

@@ -86,6 +86,8 @@ class BlockSizes:
     mosaic_decode_programs_per_sm: None (one CUDA block per (KV head, chunk)) or 1..4: a
       persistent grid of that many blocks per SM, each walking several chunks, its
       producer copying the next chunk's K/V while the consumer finishes the last.
+    mosaic_decode_merge: how the Mosaic GPU decode merges a sequence's chunks: "triton"
+      (the planned decode's merge kernel) or "xla" (segment sums; no Pallas Triton).
     quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
       8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "f16"
       (default) runs both dots in float16, int8 widened by integer ops (the f16 "magic
@@ -110,6 +112,7 @@ class BlockSizes:
   mosaic_decode_kv_tile: int = 64
   mosaic_decode_num_slots: int | None = None
   mosaic_decode_programs_per_sm: int | None = None
+  mosaic_decode_merge: str = "triton"
   quant_widen: str = _widen.DEFAULT_QUANT_WIDEN
 
   def __post_init__(self):
@@ -163,6 +166,11 @@ class BlockSizes:
     if per_sm is not None and not (isinstance(per_sm, int) and 1 <= per_sm <= 4):
       raise ValueError(
         f"BlockSizes.mosaic_decode_programs_per_sm must be None or an int in [1, 4], got {per_sm!r}"
+      )
+    if self.mosaic_decode_merge not in ("triton", "xla"):
+      raise ValueError(
+        "BlockSizes.mosaic_decode_merge must be 'triton' or 'xla', got "
+        f"{self.mosaic_decode_merge!r}"
       )
     if self.quant_widen not in _widen.QUANT_WIDEN_MODES:
       raise ValueError(

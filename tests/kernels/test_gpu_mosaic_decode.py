@@ -83,13 +83,13 @@ def _check_against_reference(out, q, k, v, table, lens, **kw):
     np.testing.assert_array_equal(np.asarray(out[b], np.float32), 0.0)
 
 
-@pytest.mark.parametrize("block_size", [8, 16])
-def test_every_kind_of_row(block_size):
+@pytest.mark.parametrize("block_size,merge", [(8, "triton"), (16, "triton"), (16, "xla")])
+def test_every_kind_of_row(block_size, merge):
   # Length 1, one short of a block, one block, empty, exactly one 64-key step, and a row
   # over four chunks (200 = 3 * 64 + 8: its tail step ends mid-block).
   lengths = [1, block_size - 1, block_size, 0, 64, 200]
   args = _inputs(lengths, block_size=block_size, hq=8, hkv=2, head_dim=64, dtype=jnp.bfloat16)
-  out, p = _run(*args)
+  out, p = _run(*args, bsz=gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_merge=merge))
   assert int(np.asarray(p.seq_num_chunks).max()) == 4  # the merge combines several chunks
   _check_against_reference(out, *args)
 
@@ -159,11 +159,14 @@ def test_kernel_steps_straddling_the_plans_chunks():
   _check_against_reference(out, *args)
 
 
-def test_window_with_a_plan_cut_without_it():
+@pytest.mark.parametrize("merge", ["triton", "xla"])
+def test_window_with_a_plan_cut_without_it(merge):
   # The plan covers every key; the call's window leaves the first chunks of the long row
-  # with no visible key: they write empty partials that the merge weighs 0.
-  args = _inputs([300, 20, 130], block_size=16, hq=4, hkv=2, head_dim=64, dtype=jnp.bfloat16)
-  out, p = _run(*args, window=70, plan_window=None)
+  # with no visible key: they write empty partials that the merge weighs 0. Group 6:
+  # every R = 8 row is stored, the merge reads the first 6.
+  args = _inputs([300, 20, 130], block_size=16, hq=12, hkv=2, head_dim=64, dtype=jnp.bfloat16)
+  bsz = gpu.BlockSizes(decode_kernel="mosaic", mosaic_decode_merge=merge)
+  out, p = _run(*args, window=70, plan_window=None, bsz=bsz)
   assert int(np.asarray(p.seq_num_chunks)[0]) == 5
   _check_against_reference(out, *args, sliding_window=70)
 
@@ -300,6 +303,7 @@ def test_decode_backend_choice():
     ("mosaic_decode_num_slots", 1),
     ("mosaic_decode_num_slots", 5),
     ("mosaic_decode_programs_per_sm", 0),
+    ("mosaic_decode_merge", "numpy"),
   ],
 )
 def test_mosaic_decode_block_sizes_validated(field, value):
