@@ -358,3 +358,44 @@ def test_lowers_for_an_h200_with_p_in_registers(
   traced = jax.jit(call).trace(q, kv, kv, jnp.asarray(table), jnp.asarray(lengths), p)
   text = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "paxcache_mosaic_decode_merge" in text
+
+
+def test_xla_merge_ignores_padding_chunks_and_empty_ones():
+  # Partials laid out as the kernel writes them (R = 8 rows per (chunk, KV head), group
+  # 2): padding chunks' rows never written (NaN here), one real chunk that saw no key
+  # (m = -inf, den = 0, o = 0). Against a NumPy merge of each sequence's real chunks.
+  rng = np.random.default_rng(5)
+  p = plan_decode(np.asarray([200, 0, 30]), 16, 2, kv_tile=64, chunk_tokens=64)
+  num_chunks, hkv, group, rows, d = p.num_padded_chunks, 2, 2, 8, 4
+  o = rng.standard_normal((num_chunks, hkv, rows, d)).astype(np.float32)
+  m = rng.standard_normal((num_chunks, hkv, rows)).astype(np.float32) * 4
+  den = rng.uniform(0.5, 3.0, (num_chunks, hkv, rows)).astype(np.float32)
+  real = np.asarray(p.chunk_end) > np.asarray(p.chunk_start)
+  o[~real], m[~real], den[~real] = np.nan, np.nan, np.nan
+  o[1], m[1], den[1] = 0.0, -np.inf, 0.0  # chunk 1 (of the 200-key row) saw no key
+  got = decode_mosaic._merge_xla(
+    p,
+    jnp.asarray(o.reshape(-1, d)),
+    jnp.asarray(m.reshape(-1)),
+    jnp.asarray(den.reshape(-1)),
+    3,
+    hkv,
+    group,
+    rows,
+    d,
+  )
+  want = np.zeros((3, hkv * group, d))
+  for b in range(3):
+    first, count = int(p.seq_first_chunk[b]), int(p.seq_num_chunks[b])
+    if count == 0:
+      continue
+    cs = np.arange(first, first + count)
+    for h in range(hkv):
+      for g in range(group):
+        mm = m[cs, h, g].astype(np.float64)
+        w = np.exp2(mm - mm.max())
+        want[b, h * group + g] = (w[:, None] * o[cs, h, g]).sum(0) / (w * den[cs, h, g]).sum()
+  assert int(p.seq_num_chunks[0]) == 4 and not real.all()
+  np.testing.assert_allclose(
+    np.asarray(got), want, **tolerance("attention_vs_float64", jnp.float32)
+  )
