@@ -362,8 +362,9 @@ def test_lowers_for_an_h200_with_p_in_registers(
 
 def test_xla_merge_ignores_padding_chunks_and_empty_ones():
   # Partials laid out as the kernel writes them (R = 8 rows per (chunk, KV head), group
-  # 2): padding chunks' rows never written (NaN here), one real chunk that saw no key
-  # (m = -inf, den = 0, o = 0). Against a NumPy merge of each sequence's real chunks.
+  # 2): padding chunks' rows never written (finite garbage here, a large m that would
+  # dominate sequence 0, their chunk_seq), one real chunk that saw no key (m = -inf,
+  # den = 0, o = 0). Against a NumPy merge of each sequence's real chunks.
   rng = np.random.default_rng(5)
   p = plan_decode(np.asarray([200, 0, 30]), 16, 2, kv_tile=64, chunk_tokens=64)
   num_chunks, hkv, group, rows, d = p.num_padded_chunks, 2, 2, 8, 4
@@ -371,7 +372,7 @@ def test_xla_merge_ignores_padding_chunks_and_empty_ones():
   m = rng.standard_normal((num_chunks, hkv, rows)).astype(np.float32) * 4
   den = rng.uniform(0.5, 3.0, (num_chunks, hkv, rows)).astype(np.float32)
   real = np.asarray(p.chunk_end) > np.asarray(p.chunk_start)
-  o[~real], m[~real], den[~real] = np.nan, np.nan, np.nan
+  o[~real], m[~real], den[~real] = 1e3, 100.0, 1.0
   o[1], m[1], den[1] = 0.0, -np.inf, 0.0  # chunk 1 (of the 200-key row) saw no key
   got = decode_mosaic._merge_xla(
     p,
