@@ -93,7 +93,8 @@ SWEEP = (
   ({}, 4, None),
 )
 # --sweep with the Mosaic variants on: Mosaic GPU decode settings (the defaults: 64-key
-# steps, the deepest ring that fits, one CUDA block per unit), rows "mosaic_sweep".
+# steps, the deepest ring that fits, one CUDA block per unit, the Triton merge), rows
+# "mosaic_sweep".
 MOSAIC = dict(decode_kernel="mosaic")
 MOSAIC_SWEEP = (
   (dict(MOSAIC, mosaic_decode_kv_tile=128), None, None),
@@ -101,6 +102,7 @@ MOSAIC_SWEEP = (
   (dict(MOSAIC, mosaic_decode_programs_per_sm=1, mosaic_decode_kv_tile=128), None, None),
   (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 16, None),
   (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 4, None),
+  (dict(MOSAIC, mosaic_decode_merge="xla"), None, None),
 )
 
 
