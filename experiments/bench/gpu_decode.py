@@ -310,7 +310,9 @@ def prefill_bench(runner, block_sizes, sweep):
       )
       bsz = dataclasses.replace(base, **c)
       cfg = {
-        k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith(("prefill", "mosaic"))
+        k: v
+        for k, v in dataclasses.asdict(bsz).items()
+        if k.startswith(("prefill", "mosaic")) and not k.startswith("mosaic_decode")
       }
       kernel = gpu.kernel_backend(
         "prefill",

@@ -1,11 +1,17 @@
-"""GPU decode on ragged batches: the default kernel, the planned kernel and vLLM's Triton kernel.
+"""GPU decode on ragged batches: the default kernel, the planned kernels and vLLM's Triton kernel.
 
-Issue 15, item 1. One process, one GPU: the HBM read ceiling (as ``gpu_decode`` measures
-it), then per case the same K/V, block table and queries timed through
+Issue 15, items 1 and 5. One process, one GPU: the HBM read ceiling (as ``gpu_decode``
+measures it), then per case the same K/V, block table and queries timed through
 
 * ``default``: ``kernels.gpu.paged_attention`` with no plan (split-K from static shapes);
 * ``planned``: the same call with ``decode_plan=plan_decode(lengths, ...)`` (built on the
-  host before timing; its host time is recorded as ``plan_us``);
+  host before timing; its host time is recorded as ``plan_us``), on the Triton planned
+  kernel (``planned_block_sizes``, ``decode_kernel="triton"``);
+* ``mosaic``: the same plan on the Mosaic GPU planned decode (``decode_mosaic.py``,
+  ``decode_kernel="mosaic"``: Hopper only; elsewhere, or if it fails, an error row for the
+  variant and the case's other rows stand); ``--no-mosaic`` skips it;
+* ``mosaic_persistent``: the same with a persistent grid of one CUDA block per SM
+  (``mosaic_decode_programs_per_sm=1``; not in ``--smoke``);
 * the peer: vLLM's Triton "unified attention" kernel as vendored in the PyPI package
   ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens copied
   into its ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout before timing.
@@ -23,16 +29,20 @@ Device time: each timed function is one jit running ``--calls`` kernel calls on 
 queries (no Python dispatch between them), dispatched 3 times back to back per sample,
 21 samples (``experiments._timing.time_calls``); the peer runs ``--calls`` calls captured
 in one CUDA graph (plain back-to-back launches if capture fails). TB/s = K/V bytes the
-lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Every output is checked
-against the default kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
+lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Rows say which kernel
+family ran (``kernel``: "triton" or "mosaic"). Every output is checked against the default
+kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
 bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
 ``OUT/gpu_decode_ragged.jsonl`` as each case finishes (one failing case or peer loses
-nothing else); ``--sweep`` also times a few planned settings into
-``OUT/gpu_decode_ragged_sweep.jsonl``::
+nothing else); ``--sweep`` also times a few planned settings (``SWEEP``, and
+``MOSAIC_SWEEP`` unless ``--no-mosaic``) into ``OUT/gpu_decode_ragged_sweep.jsonl``::
 
   python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep]
   python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
   python -m experiments.bench.gpu_ragged --smoke --out /tmp/ragged_smoke
+
+``--smoke`` (one call per jit, two timing samples) runs the Mosaic variant too, in GPU
+interpret mode.
 
 The peer needs ``pip install conch-triton-kernels`` (and torch); it is imported only here.
 """
@@ -81,6 +91,18 @@ SWEEP = (
   (LARGE_STEPS, 16, None),
   ({}, None, 4),
   ({}, 4, None),
+)
+# --sweep with the Mosaic variants on: Mosaic GPU decode settings (the defaults: 64-key
+# steps, the deepest ring that fits, one CUDA block per unit, the Triton merge), rows
+# "mosaic_sweep".
+MOSAIC = dict(decode_kernel="mosaic")
+MOSAIC_SWEEP = (
+  (dict(MOSAIC, mosaic_decode_kv_tile=128), None, None),
+  (dict(MOSAIC, mosaic_decode_num_slots=2), None, None),
+  (dict(MOSAIC, mosaic_decode_programs_per_sm=1, mosaic_decode_kv_tile=128), None, None),
+  (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 16, None),
+  (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 4, None),
+  (dict(MOSAIC, mosaic_decode_merge="xla"), None, None),
 )
 
 
@@ -136,6 +158,9 @@ def many_calls(num_calls, **kw):
 
 
 def time_ours(fn, args, num_calls, repeats):
+  if INTERPRET:  # --smoke: the timing path runs, but interpret mode is slow (Mosaic GPU's)
+    t = time_calls(lambda: fn(*args), repeats=2, inner=1, warmup=1)
+    return t.map(lambda s: s / num_calls)
   t = time_calls(lambda: fn(*args), repeats=repeats, inner=3, warmup=2)
   return t.map(lambda s: s / num_calls)
 
@@ -207,9 +232,24 @@ def run_case(name, args, ceiling, env, peer_ok):
     lambda: plan_mod.plan_decode(lengths, block_size, HKV), repeats=21, inner=20, sync=lambda x: x
   )
   dev_plan = plan.device_put()
-  t_plan, out_plan = measure(dev_plan, None)
+  planned_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
+  t_plan, out_plan = measure(dev_plan, dataclasses.replace(planned_bs, decode_kernel="triton"))
   tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
   tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
+  variants = [("default", t_def, out_def), ("planned", t_plan, out_plan)]
+  mosaic_errors = []
+  mosaic_variants = [("mosaic", {})]
+  if not args.smoke:  # (interpret mode is slow, and off a GPU it is the same grid)
+    mosaic_variants.append(("mosaic_persistent", dict(mosaic_decode_programs_per_sm=1)))
+  for variant, extra in mosaic_variants if args.mosaic else ():
+    try:
+      bsz = dataclasses.replace(planned_bs, decode_kernel="mosaic", **extra)
+      t_mg, out_mg = measure(dev_plan, bsz)
+      tbs[variant] = t_mg.map(lambda s: nbytes / s / 1e12)
+      variants.append((variant, t_mg, out_mg))
+    except Exception as e:  # noqa: BLE001 - off Hopper, or a failure: the other rows stand
+      traceback.print_exc()
+      mosaic_errors.append((variant, f"{type(e).__name__}: {str(e)[:300]}"))
   peer = dict(vllm_tbs=None)
   if peer_ok and not args.smoke:
     try:
@@ -226,10 +266,11 @@ def run_case(name, args, ceiling, env, peer_ok):
       traceback.print_exc()
       peer = dict(vllm_tbs=None, vllm_error=f"{type(e).__name__}: {str(e)[:300]}")
   rows = []
-  for variant, t, out in (("default", t_def, out_def), ("planned", t_plan, out_plan)):
+  for variant, t, out in variants:
     row = dict(
       base,
       variant=variant,
+      kernel="mosaic" if variant.startswith("mosaic") else "triton",
       ours_tbs=tbs[variant].median,
       ours_tbs_min=tbs[variant].min,
       ours_tbs_max=tbs[variant].max,
@@ -238,7 +279,7 @@ def run_case(name, args, ceiling, env, peer_ok):
       **check(out, out_def),
       **peer,
     )
-    if variant == "planned":
+    if variant != "default":
       row.update(
         plan_us=plan_t.median * 1e6,
         plan_us_max=plan_t.max * 1e6,
@@ -247,10 +288,12 @@ def run_case(name, args, ceiling, env, peer_ok):
         max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
       )
     rows.append(row)
+  for variant, error in mosaic_errors:
+    rows.append(dict(base, variant=variant, kernel="mosaic", error=error))
   sweep_rows = []
   if args.sweep:
-    default_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
-    for overrides, per_sm, per_octave in SWEEP:
+    default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
+    for overrides, per_sm, per_octave in SWEEP + (MOSAIC_SWEEP if args.mosaic else ()):
       if time.time() > args.deadline:
         break
       try:
@@ -261,11 +304,17 @@ def run_case(name, args, ceiling, env, peer_ok):
         )
         t, out = measure(p.device_put(), bsz)
         tb = t.map(lambda s: nbytes / s / 1e12)
+        mosaic = bsz.decode_kernel == "mosaic"
         sweep_rows.append(
           dict(
             base,
-            variant="planned_sweep",
-            config={k: v for k, v in dataclasses.asdict(bsz).items() if k.startswith("decode")},
+            variant="mosaic_sweep" if mosaic else "planned_sweep",
+            kernel="mosaic" if mosaic else "triton",
+            config={
+              k: v
+              for k, v in dataclasses.asdict(bsz).items()
+              if k.startswith(("decode", "mosaic_decode") if mosaic else "decode")
+            },
             programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
             buckets_per_octave=per_octave or 1,
             ours_tbs=tb.median,
@@ -279,7 +328,8 @@ def run_case(name, args, ceiling, env, peer_ok):
         )
       except Exception as e:  # noqa: BLE001 - one setting failing loses no other
         traceback.print_exc()
-        sweep_rows.append(dict(base, variant="planned_sweep", config=overrides, error=repr(e)))
+        variant = "mosaic_sweep" if overrides.get("decode_kernel") == "mosaic" else "planned_sweep"
+        sweep_rows.append(dict(base, variant=variant, config=overrides, error=repr(e)))
   return rows, sweep_rows
 
 
@@ -290,6 +340,7 @@ def define_flags():
   flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("sweep", False, "also time SWEEP's planned settings")
   flags.DEFINE_bool("no-peer", False, "skip vLLM's Triton kernel")
+  flags.DEFINE_bool("mosaic", True, "also time the Mosaic GPU planned decode (Hopper)")
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU), no peer")
@@ -302,7 +353,10 @@ def main(args):
     raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES)}")
   if args.smoke:
     HQ, HKV, D, INTERPRET = 4, 2, 64, True
-    args.calls, args.repeats = min(args.calls, 2), 5
+    # GPU interpret mode (the Mosaic variant) needs 4 XLA CPU threads (kernels.gpu's
+    # _mosaic_interpret_params); XLA reads NPROC when JAX makes its CPU client, below.
+    os.environ.setdefault("NPROC", "4")
+    args.calls, args.repeats = 1, 5
   args.commit = commit_of(args.commit)
   args.deadline = time.time() + args.budget_s
   os.makedirs(args.out, exist_ok=True)
@@ -342,7 +396,7 @@ def main(args):
   print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
     if "error" in r:
-      print(f"| {r['case']} | error | {r['error'][:60]} | | | | |")
+      print(f"| {r['case']} | {r.get('variant', '')} error | {r['error'][:60]} | | | | |")
       continue
     print(
       f"| {r['case']} | {r['variant']} | {r['mean_len']:.0f} | {f(r['ours_tbs'])} "

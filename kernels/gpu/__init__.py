@@ -6,7 +6,10 @@ Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
   GPU; it reads K/V at 94.5-95.4% of an H100's measured bandwidth (docs/benchmarks.md).
   With a ``decode_plan`` (``plan.py``: chunks of about equal tokens cut on the host from
   the real lengths) the planned Triton kernel (``planned.py``) runs instead, for ragged
-  batches where one long row would serialise the default kernel.
+  batches where one long row would serialise the default kernel; or, when asked for
+  (``BlockSizes(decode_kernel="mosaic")``), its Pallas Mosaic GPU twin for Hopper
+  (``decode_mosaic.py``: TMA block copies, wgmma), which JAX's deprecation of the Triton
+  backend calls for. "auto" keeps Triton until the H200 shows Mosaic at least as fast.
 * prefill / chunked prefill / mixed batches (compute-bound): on Hopper (sm_90) the Pallas
   Mosaic GPU kernel (``prefill_mosaic.py``: TMA, wgmma, warp specialisation) for the calls
   it supports and that are prefill-heavy; Pallas Triton (``prefill.py``) everywhere else
@@ -21,7 +24,8 @@ in shared memory and registers (``tuning.default_block_sizes`` sizes it so).
 
 Both run on CPU in interpret mode, which is how CI checks them: Triton kernels with
 ``interpret=True``; the Mosaic GPU kernel in GPU interpret mode when asked for explicitly
-(``BlockSizes(prefill_kernel="mosaic")``). Interpret mode never picks Mosaic by itself.
+(``BlockSizes(prefill_kernel="mosaic")``, ``decode_kernel="mosaic"``). Interpret mode
+never picks Mosaic by itself.
 
 This package imports nothing from paxcache or flax.
 """
@@ -40,13 +44,16 @@ from kernels._validate import (
   validate_inputs,
   validate_options,
 )
-from kernels.gpu import prefill_mosaic
+from kernels.gpu import decode_mosaic, prefill_mosaic
 from kernels.gpu.decode import paged_decode
+from kernels.gpu.decode_mosaic import planned_decode_mosaic
 from kernels.gpu.plan import DecodePlan, plan_decode
+from kernels.gpu.plan import num_sms as plan_num_sms
 from kernels.gpu.planned import planned_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
 from kernels.gpu.tuning import (
+  DECODE_KERNELS,
   PREFILL_KERNELS,
   BlockSizes,
   default_block_sizes,
@@ -105,38 +112,54 @@ def kernel_backend(
   block_size: int | None = None,
   num_tokens: int | None = None,
   batch: int | None = None,
+  group: int | None = None,
   requested: str = "auto",
   interpret: bool = False,
 ) -> str:
   """The Pallas GPU kernel family that runs a call: ``"triton"`` or ``"mosaic"``.
 
-  The one switch point (module docstring). Decode is always ``"triton"``. For prefill,
-  ``requested`` ("triton" / "mosaic", from ``BlockSizes.prefill_kernel``) is honoured;
+  The one switch point (module docstring). ``requested`` is ``BlockSizes.decode_kernel``
+  for ``kind="decode"`` (a planned decode) and ``BlockSizes.prefill_kernel`` for
+  ``"prefill"``; "triton" and "mosaic" are honoured. Decode: ``"auto"`` gives
+  ``"triton"`` (the Mosaic GPU decode is taken only when asked for, until it is measured
+  at least as fast on the H200); ``"mosaic"`` needs Hopper (or interpreting) and inputs
+  ``decode_mosaic.supports`` (one of bf16 / f16 for q and K/V, head_dim 64 or 128, a
+  power-of-two block_size >= 8, ``group`` <= 64 query heads per KV head). Prefill:
   ``"auto"`` gives ``"mosaic"`` when not interpreting, the device is Hopper, the Mosaic
   kernel supports the dtypes, head dim and block size, and the call averages at least
-  ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per block-table row (``batch``: sequences, padding
-  rows included); ``"triton"`` otherwise.
+  ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per block-table row (``batch``: sequences,
+  padding rows included); ``"triton"`` otherwise.
 
   Raises:
-    ValueError: an unknown ``kind`` or ``requested``; a prefill without the dtypes and
-      sizes; ``requested="mosaic"`` off Hopper (unless interpreting) or for dtypes or
-      sizes the Mosaic kernel does not support.
+    ValueError: an unknown ``kind`` or ``requested``; a Mosaic request without the dtypes
+      and sizes (and ``group`` for decode), off Hopper (unless interpreting), or for
+      dtypes or sizes the Mosaic kernel does not support.
   """
   if kind not in ("decode", "prefill"):
     raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
-  if requested not in PREFILL_KERNELS:
-    raise ValueError(f"requested must be one of {PREFILL_KERNELS}, got {requested!r}")
-  if kind == "decode" or requested == "triton":
+  allowed = DECODE_KERNELS if kind == "decode" else PREFILL_KERNELS
+  if requested not in allowed:
+    raise ValueError(f"requested must be one of {allowed}, got {requested!r}")
+  if requested == "triton" or (kind == "decode" and requested == "auto"):
     return "triton"
-  if None in (q_dtype, kv_dtype, head_dim, block_size):
-    raise ValueError("kernel_backend('prefill') needs q_dtype, kv_dtype, head_dim and block_size")
+  if None in (q_dtype, kv_dtype, head_dim, block_size) or (kind == "decode" and group is None):
+    need = "q_dtype, kv_dtype, head_dim, block_size" + (" and group" if kind == "decode" else "")
+    raise ValueError(f"kernel_backend({kind!r}) with requested={requested!r} needs {need}")
+  if requested == "mosaic" and not interpret and not is_hopper():
+    raise ValueError(
+      f"the Mosaic GPU {kind} needs a Hopper GPU (sm_90: H100, H200) or interpret=True; "
+      f"the default device is {jax.devices()[0].device_kind!r}"
+    )
+  if kind == "decode":
+    why = decode_mosaic.unsupported_reason(q_dtype, kv_dtype, head_dim, block_size, group)
+    if why is not None:
+      raise ValueError(
+        f"the Mosaic GPU decode does not support {why}; the Triton planned decode does "
+        "(BlockSizes(decode_kernel='triton' or 'auto'))"
+      )
+    return "mosaic"
   ok = prefill_mosaic.supports(q_dtype, kv_dtype, head_dim, block_size)
   if requested == "mosaic":
-    if not interpret and not is_hopper():
-      raise ValueError(
-        "the Mosaic GPU prefill needs a Hopper GPU (sm_90: H100, H200) or interpret=True; "
-        f"the default device is {jax.devices()[0].device_kind!r}"
-      )
     if not ok:
       raise ValueError(
         "the Mosaic GPU prefill supports q and K/V of one dtype in "
@@ -157,7 +180,7 @@ def _mosaic_interpret_params():
   threads = int(os.environ.get("NPROC") or os.cpu_count() or 1)
   if threads < MOSAIC_INTERPRET_MIN_THREADS:
     raise RuntimeError(
-      f"GPU interpret mode of the Mosaic GPU prefill needs XLA's CPU thread pool to hold "
+      f"GPU interpret mode of the Mosaic GPU kernels needs XLA's CPU thread pool to hold "
       f"{MOSAIC_INTERPRET_MIN_THREADS} threads (one per warpgroup plus the kernel), but "
       f"this machine has {threads}; set NPROC={MOSAIC_INTERPRET_MIN_THREADS} (or more) in "
       "the environment before JAX starts (tests/conftest.py does): XLA reads it once, when "
@@ -306,7 +329,48 @@ def paged_attention(
     k_scales=k_scales,
     v_scales=v_scales,
   )
+  if decode and block_sizes.decode_kernel == "mosaic" and decode_plan is None:
+    raise ValueError(
+      "BlockSizes(decode_kernel='mosaic') runs a planned decode: pass decode_plan="
+      "kernels.gpu.plan_decode(lengths, ...), or use decode_kernel='triton' or 'auto'"
+    )
   if decode_plan is not None:
+    backend = kernel_backend(
+      "decode",
+      q_dtype=q.dtype,
+      kv_dtype=k_blocks.dtype,
+      head_dim=head_dim,
+      block_size=k_blocks.shape[2],
+      group=q.shape[1] // k_blocks.shape[0],
+      requested=block_sizes.decode_kernel,
+      interpret=interpret,
+    )
+    if backend == "mosaic":
+      if k_scales is not None:  # 8-bit dtypes are refused above; scales on 16-bit K/V too
+        raise ValueError(
+          "the Mosaic GPU decode does not read K/V scales; use BlockSizes(decode_kernel="
+          "'triton' or 'auto')"
+        )
+      return planned_decode_mosaic(
+        q,
+        k_blocks,
+        v_blocks,
+        block_table,
+        lengths,
+        decode_plan,
+        scale=scale,
+        sliding_window=sliding_window,
+        logit_soft_cap=logit_soft_cap,
+        kv_tile=block_sizes.mosaic_decode_kv_tile,
+        num_slots=block_sizes.mosaic_decode_num_slots,
+        merge=block_sizes.mosaic_decode_merge,
+        num_programs=(
+          None
+          if block_sizes.mosaic_decode_programs_per_sm is None
+          else block_sizes.mosaic_decode_programs_per_sm * plan_num_sms()
+        ),
+        interpret=_mosaic_interpret_params() if interpret else False,
+      )
     return planned_decode(q, k_blocks, v_blocks, block_table, lengths, decode_plan, **kwargs)
   if decode:
     return paged_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)

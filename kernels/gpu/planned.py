@@ -199,8 +199,15 @@ def _merge_kernel(
     _merge_row(first_ref[b], count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim)
 
 
-def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim):
-  """Merges the ``count`` chunks of sequence ``b`` for query head ``hq`` (0 chunks: zeros)."""
+def _merge_row(
+  first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads, head_dim, part_rows=None
+):
+  """Merges the ``count`` chunks of sequence ``b`` for query head ``hq`` (0 chunks: zeros).
+
+  ``part_rows``: ``(stride, offset)``, the partials of chunk ``i`` being row ``i * stride +
+  offset`` (the Mosaic GPU decode pads each KV head's rows); None: ``(num_q_heads, hq)``.
+  """
+  stride, offset = (num_q_heads, hq) if part_rows is None else part_rows
   offs = jnp.arange(MERGE_TILE, dtype=jnp.int32)
   cols, col_ok = head_cols(head_dim)  # as in the chunk kernel
 
@@ -208,7 +215,7 @@ def _merge_row(first, count, b, hq, o_ref, m_ref, den_ref, out_ref, num_q_heads,
     acc, mx, den = carry
     i = t * MERGE_TILE + offs  # chunk numbers within the sequence
     ok = i < count
-    part = (first + jnp.where(ok, i, 0)) * num_q_heads + hq
+    part = (first + jnp.where(ok, i, 0)) * stride + offset
     m_i = plgpu.load(m_ref.at[part], mask=ok, other=-jnp.inf)
     d_i = plgpu.load(den_ref.at[part], mask=ok, other=0.0)
     o_i = plgpu.load(o_ref.at[part[:, None], cols[None, :]], mask=tile_mask(ok, col_ok), other=0.0)

@@ -28,6 +28,7 @@ _LARGE_STAGE_BYTES = 64 * 1024
 
 
 PREFILL_KERNELS = ("auto", "triton", "mosaic")
+DECODE_KERNELS = ("auto", "triton", "mosaic")
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -73,6 +74,20 @@ class BlockSizes:
       prefill, 2..4; K, V and the query/output tiles must fit the 227 KiB of an SM
       (bf16 head_dim 128: 128-key steps take 2 slots, 64-key steps up to 4), which the
       kernel checks per call, before compiling.
+    decode_kernel: which kernel runs a planned decode (a call with a ``decode_plan``):
+      "auto" (``kernels.gpu.kernel_backend`` decides; the Triton planned decode for now,
+      until the H200 says the Mosaic one is at least as fast), "triton" or "mosaic" (the
+      Mosaic GPU decode, ``decode_mosaic.py``: Hopper, bf16/f16, head_dim 64 or 128; an
+      error where it does not apply, and for a decode call without a plan).
+    mosaic_decode_kv_tile: K/V tokens per step of the Mosaic GPU decode (64 or 128).
+    mosaic_decode_num_slots: its shared-memory ring depth, 2..4, or None for the deepest
+      that fits an SM (``decode_mosaic.default_num_slots``; bf16 head_dim 128: 4 slots of
+      64 keys, 2 of 128).
+    mosaic_decode_programs_per_sm: None (one CUDA block per (KV head, chunk)) or 1..4: a
+      persistent grid of that many blocks per SM, each walking several chunks, its
+      producer copying the next chunk's K/V while the consumer finishes the last.
+    mosaic_decode_merge: how the Mosaic GPU decode merges a sequence's chunks: "triton"
+      (the planned decode's merge kernel) or "xla" (segment sums; no Pallas Triton).
     quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
       8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "f16"
       (default) runs both dots in float16, int8 widened by integer ops (the f16 "magic
@@ -97,6 +112,11 @@ class BlockSizes:
   prefill_kernel: str = "auto"
   mosaic_kv_tile: int = 128
   mosaic_num_slots: int = 2
+  decode_kernel: str = "auto"
+  mosaic_decode_kv_tile: int = 64
+  mosaic_decode_num_slots: int | None = None
+  mosaic_decode_programs_per_sm: int | None = None
+  mosaic_decode_merge: str = "triton"
   quant_widen: str = _widen.DEFAULT_QUANT_WIDEN
   mosaic_tiles_per_block: int = 1
 
@@ -131,6 +151,31 @@ class BlockSizes:
     if not (isinstance(self.mosaic_num_slots, int) and 2 <= self.mosaic_num_slots <= 4):
       raise ValueError(
         f"BlockSizes.mosaic_num_slots must be an int in [2, 4], got {self.mosaic_num_slots!r}"
+      )
+    if self.decode_kernel not in DECODE_KERNELS:
+      raise ValueError(
+        f"BlockSizes.decode_kernel must be one of {DECODE_KERNELS}, got {self.decode_kernel!r}"
+      )
+    if not (
+      isinstance(self.mosaic_decode_kv_tile, int) and self.mosaic_decode_kv_tile in (64, 128)
+    ):
+      raise ValueError(
+        f"BlockSizes.mosaic_decode_kv_tile must be 64 or 128, got {self.mosaic_decode_kv_tile!r}"
+      )
+    slots = self.mosaic_decode_num_slots
+    if slots is not None and not (isinstance(slots, int) and 2 <= slots <= 4):
+      raise ValueError(
+        f"BlockSizes.mosaic_decode_num_slots must be None or an int in [2, 4], got {slots!r}"
+      )
+    per_sm = self.mosaic_decode_programs_per_sm
+    if per_sm is not None and not (isinstance(per_sm, int) and 1 <= per_sm <= 4):
+      raise ValueError(
+        f"BlockSizes.mosaic_decode_programs_per_sm must be None or an int in [1, 4], got {per_sm!r}"
+      )
+    if self.mosaic_decode_merge not in ("triton", "xla"):
+      raise ValueError(
+        "BlockSizes.mosaic_decode_merge must be 'triton' or 'xla', got "
+        f"{self.mosaic_decode_merge!r}"
       )
     if self.quant_widen not in _widen.QUANT_WIDEN_MODES:
       raise ValueError(
