@@ -89,11 +89,12 @@ class BlockSizes:
     mosaic_decode_merge: how the Mosaic GPU decode merges a sequence's chunks: "triton"
       (the planned decode's merge kernel) or "xla" (segment sums; no Pallas Triton).
     quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
-      8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "f16"
-      (default) runs both dots in float16, int8 widened by integer ops (the f16 "magic
-      number") and e4m3 by ``astype(float16)``; "f16_bits" is the same with e4m3 widened
-      by integer ops too; "q_dtype" is the old path, ``astype`` to q's dtype (bf16 dots for
-      bf16 q). Float32 q and non-8-bit K/V take no notice of it.
+      8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "auto"
+      (default) takes the mode measured fastest on the H200 per dtype (``_widen.AUTO_WIDEN``:
+      "q_dtype" for int8, "f16" for e4m3); "f16" runs both dots in float16, int8 widened by
+      integer ops (the f16 "magic number") and e4m3 by ``astype(float16)``; "f16_bits" is
+      the same with e4m3 widened by integer ops too; "q_dtype" is the old path, ``astype``
+      to q's dtype (bf16 dots for bf16 q). Float32 q and non-8-bit K/V take no notice of it.
     mosaic_tiles_per_block: 128-row query tiles one CUDA block of the Mosaic GPU prefill
       works through in turn, 1..8 (``prefill_mosaic.paged_prefill_mosaic``'s
       ``tiles_per_block``); 1, one tile per block, is the measured default, more amortises
@@ -328,16 +329,25 @@ def default_block_sizes(
 
 
 def planned_block_sizes(*, head_dim: int, kv_dtype, device_kind: str | None = AUTO) -> BlockSizes:
-  """Defaults of the planned decode (``kernels/gpu/planned.py``): the small-batch decode
-  settings whatever the batch (``default_block_sizes`` with no batch: the card's
-  ``decode/.../small`` table entry where it has one, else the rule's steps of at most
-  48 KiB of K plus V, 4 warps; at bf16 head_dim 128, 64-token steps, 3 stages of 32 KiB:
-  two programs resident per SM).
+  """Defaults of the planned decode (``kernels/gpu/planned.py``): the rule's small-batch
+  decode settings whatever the batch (steps of at most 48 KiB of K plus V, 4 warps; at
+  bf16 head_dim 128, 64-token steps, 3 stages of 32 KiB: two programs resident per SM),
+  with the card's prefill and Mosaic prefill table entries laid over the rest.
 
   A plan cuts the work into about ``PROGRAMS_PER_SM`` short chunks per SM; with two
   programs per SM one program's start (plan entries, query tile, first K/V steps) overlaps
   the other's reads, where the large-batch settings (one program per SM) would leave the
-  SM's reads idle at every program's start and end. A choice by that reasoning, not yet
-  measured: ``experiments/bench/gpu_ragged.py --sweep`` times the alternatives.
+  SM's reads idle at every program's start and end.
+
+  The card's ``decode/...`` table entries are not applied: they were measured on the
+  split-K kernel (``experiments/bench/tune_gpu.py``), a different kernel with a different
+  grid. Taking the H200's ``decode/w128/i2/small`` entry (128-token steps, 8 warps, 2
+  stages, the split-K kernel's best at 8 x 4096) slowed the planned kernel on every
+  ragged case of ``experiments/bench/gpu_ragged.py`` at 8b997d7 (ShareGPT-like 256: 2.79
+  TB/s, 2.67-3.09, against 3.38, 3.25-3.55, with the rule's settings at 93e3c3e;
+  docs/benchmarks.md "Ragged decode by a work plan").
   """
-  return default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype, device_kind=device_kind)
+  base = rule_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype)
+  tabled = default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype, device_kind=device_kind)
+  decode_fields = tuning_table.KIND_FIELDS["decode"]
+  return dataclasses.replace(tabled, **{f: getattr(base, f) for f in decode_fields})

@@ -90,6 +90,22 @@ def test_known_card_gets_its_entry_and_the_rule_elsewhere(fake_tables):
   assert gpu.default_block_sizes(device_kind=FAKE, **narrow) == tuning.rule_block_sizes(**narrow)
 
 
+def test_planned_decode_keeps_the_rule_decode_fields_and_takes_the_prefill_entry(fake_tables):
+  # The decode entries are the split-K kernel's measurements; the planned kernel keeps the
+  # rule's small-batch settings (64-token steps, 4 warps, 3 stages at bf16 head_dim 128)
+  # on every card, and the other kinds' entries still apply.
+  rule = tuning.rule_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16)
+  assert (rule.decode_kv_tile, rule.decode_num_warps, rule.decode_num_stages) == (64, 4, 3)
+  for kind in (FAKE, "NVIDIA H200", None):
+    got = gpu.planned_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind=kind)
+    assert _decode_fields(got) == _decode_fields(rule), kind
+  got = gpu.planned_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind=FAKE)
+  assert (got.prefill_q_tile, got.prefill_kv_tile, got.prefill_num_warps) == (64, 32, 8)
+  # The H200 table's small entry does differ from the rule (so the check above has teeth).
+  h200 = gpu.default_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind="NVIDIA H200")
+  assert _decode_fields(h200) != _decode_fields(rule)
+
+
 def test_short_prefill_still_cuts_the_table_query_tile(fake_tables):
   bs = gpu.default_block_sizes(
     device_kind=FAKE, head_dim=128, kv_dtype=jnp.bfloat16, num_tokens=20, decode=False
