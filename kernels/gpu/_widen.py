@@ -56,9 +56,17 @@ from kernels._quant import is_quantized
 
 # BlockSizes.quant_widen values. "q_dtype": the old astype to q's dtype (bf16 dots for bf16
 # q). "f16": f16 dots, int8 by the magic number, e4m3 by astype(f16). "f16_bits": f16 dots,
-# int8 by the magic number, e4m3 by the bit trick.
-QUANT_WIDEN_MODES = ("q_dtype", "f16", "f16_bits")
-DEFAULT_QUANT_WIDEN = "f16"
+# int8 by the magic number, e4m3 by the bit trick. "auto": the fastest measured per dtype
+# (AUTO_WIDEN).
+QUANT_WIDEN_MODES = ("auto", "q_dtype", "f16", "f16_bits")
+DEFAULT_QUANT_WIDEN = "auto"
+# What "auto" picks per 8-bit dtype, from experiments/bench/gpu_decode.py --kv-quant on one
+# H200 at 8b997d7 (2026-12-03, docs/results/kv_quant.jsonl; three interleaved passes, each
+# the median of 21 samples of 10 calls, pass medians' ranges apart at both shapes):
+# int8 "q_dtype" 0.405-0.411 ms against "f16" (magic number) 0.481-0.506 at 64 x 8192 (the
+# int->bf16 conversion is cheaper than the integer add + f16 subtract there); e4m3 "f16"
+# (astype to f16) 0.427-0.450 ms against "q_dtype" 0.528-0.558 and "f16_bits" 0.471-0.498.
+AUTO_WIDEN = {"int8": "q_dtype", "float8_e4m3fn": "f16"}
 
 F16_MAX = 65504.0
 INT8_MAGIC = 0x6480  # f16 bits of 1152 = 1024 + 128: int16(x) + this is f16(1152 + x)
@@ -145,11 +153,14 @@ def widening(q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN) -> Widening:
   Non-8-bit K/V: ``astype`` to the common dtype, float32 when q and K/V differ. 8-bit K/V
   with float32 q, or mode "q_dtype": ``astype`` to q's dtype (int8 and e4m3 values are
   exact in bf16, f16 and f32). 8-bit K/V with 16-bit q in mode "f16" / "f16_bits": f16
-  dots, widened as the module docstring says.
+  dots, widened as the module docstring says. Mode "auto" is ``AUTO_WIDEN``'s mode for the
+  K/V dtype ("q_dtype" for int8, "f16" for e4m3: the fastest on the H200).
   """
   if mode not in QUANT_WIDEN_MODES:
     raise ValueError(f"quant_widen must be one of {QUANT_WIDEN_MODES}, got {mode!r}")
   q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
+  if mode == "auto":
+    mode = AUTO_WIDEN.get(kv_dtype.name, "q_dtype")
   if not is_quantized(kv_dtype):
     cdtype = q_dtype if q_dtype == kv_dtype else jnp.dtype(jnp.float32)
     return Widening(cdtype.name, "cast")

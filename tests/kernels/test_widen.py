@@ -67,6 +67,11 @@ def test_e4m3_cast_to_f16_is_exact_for_every_finite_byte():
     (jnp.bfloat16, jnp.float8_e4m3fn, "f16", "float16", "e4m3_cast"),
     (jnp.bfloat16, jnp.float8_e4m3fn, "f16_bits", "float16", "e4m3_bits"),
     (jnp.bfloat16, jnp.int8, "q_dtype", "bfloat16", "cast"),  # the old path
+    # "auto": the fastest measured on the H200 per dtype (_widen.AUTO_WIDEN).
+    (jnp.bfloat16, jnp.int8, "auto", "bfloat16", "cast"),
+    (jnp.bfloat16, jnp.float8_e4m3fn, "auto", "float16", "e4m3_cast"),
+    (jnp.float32, jnp.float8_e4m3fn, "auto", "float32", "cast"),
+    (jnp.bfloat16, jnp.bfloat16, "auto", "bfloat16", "cast"),
     (jnp.float32, jnp.int8, "f16", "float32", "cast"),  # f32 q keeps f32 dots
     (jnp.float32, jnp.float8_e4m3fn, "f16_bits", "float32", "cast"),
     (jnp.bfloat16, jnp.bfloat16, "f16", "bfloat16", "cast"),  # not 8-bit: unchanged
@@ -84,7 +89,7 @@ def test_unknown_modes_are_refused():
     _widen.widening(jnp.bfloat16, jnp.int8, "bf16")
   with pytest.raises(ValueError, match=r"BlockSizes.quant_widen must be one of"):
     gpu.BlockSizes(quant_widen="int8")
-  assert gpu.BlockSizes().quant_widen == _widen.DEFAULT_QUANT_WIDEN == "f16"
+  assert gpu.BlockSizes().quant_widen == _widen.DEFAULT_QUANT_WIDEN == "auto"
   from kernels.gpu.cascade import CascadeBlockSizes
 
   with pytest.raises(ValueError, match=r"CascadeBlockSizes.quant_widen must be one of"):
@@ -148,7 +153,8 @@ def test_8bit_kernels_lower_to_triton_ir_for_an_h200(monkeypatch, kv_dtype, mode
   sc = sds(kv.shape[:3], jnp.float32)
   w = _widen.widening(jnp.bfloat16, kv_dtype, mode)
   suffix = w.name_suffix
-  assert (suffix == "") == (mode == "q_dtype")
+  resolved = _widen.AUTO_WIDEN[jnp.dtype(kv_dtype).name] if mode == "auto" else mode
+  assert (suffix == "") == (resolved == "q_dtype")
   bsz = gpu.BlockSizes(decode_num_splits=4, quant_widen=mode)
 
   def text(fn, *args):
