@@ -87,6 +87,9 @@ LARGE_STEPS = dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3)
 SWEEP = (
   (LARGE_STEPS, None, None),
   (dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2), None, None),
+  # The H200 table's split-K decode/w128/i2/small entry, which the planned kernel took
+  # until it was seen slower there (kernels.gpu.planned_block_sizes).
+  (dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=2), None, None),
   ({}, 16, None),
   (LARGE_STEPS, 16, None),
   ({}, None, 4),
