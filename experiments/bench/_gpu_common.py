@@ -88,6 +88,63 @@ def make_paged(
   return (k_blocks, v_blocks, jnp.asarray(table), jnp.asarray(lengths), k_dense, v_dense)
 
 
+def device_kernel_events(path: str):
+  """(name, start_ns, duration_ns) of every kernel and copy on the GPU planes of a
+  ``jax.profiler`` trace (``jax.profiler.ProfileData`` reads it; no TensorBoard needed)."""
+  from jax.profiler import ProfileData
+
+  data = ProfileData.from_file(path)
+  out = []
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      # Stream lines hold the kernels and copies; skip the per-op summary lines.
+      if "Stream" not in line.name:
+        continue
+      for e in line.events:
+        out.append((e.name, e.start_ns, e.duration_ns))
+  return out
+
+
+def trace_kernels(call, runs: int):
+  """Device kernels of ``runs`` calls of ``call`` (already compiled), traced by
+  ``jax.profiler``: ``(name, start_ns, duration_ns)`` sorted by start."""
+  import glob
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(runs):
+        out = call()
+      jax.block_until_ready(out)
+    path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+    return sorted(device_kernel_events(path), key=lambda e: e[1])
+
+
+def kernel_summary(events, per: int) -> dict:
+  """Per-``per`` (calls or steps) totals of ``events``: kernels, kernel time, the span from
+  the first start to the last end (span minus kernel time is the device idle between
+  launches), and each kernel name's launches and time, longest first (times in us)."""
+  if not events:
+    return dict(kernels=0, kernel_us=0.0, span_us=0.0, by_name=[])
+  by_name = {}
+  for n, _, dur in events:
+    c, t = by_name.get(n, (0, 0))
+    by_name[n] = (c + 1, t + dur)
+  span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+  busy = sum(d for _, _, d in events)
+  return dict(
+    kernels=len(events) / per,
+    kernel_us=busy / per / 1e3,
+    span_us=span / per / 1e3,
+    by_name=[
+      dict(name=n[:160], launches=c / per, us=t / per / 1e3)
+      for n, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    ],
+  )
+
+
 def write_jsonl(path, rows):
   with open(path, "a") as f:
     for r in rows:

@@ -63,7 +63,14 @@ from absl import flags
 
 from experiments._timing import time_calls
 from experiments.bench import _flags
-from experiments.bench._gpu_common import commit_of, env_info, vllm_unified_attention, write_jsonl
+from experiments.bench._gpu_common import (
+  commit_of,
+  env_info,
+  kernel_summary,
+  trace_kernels,
+  vllm_unified_attention,
+  write_jsonl,
+)
 from kernels import gpu
 from kernels.gpu import plan as plan_mod
 from kernels.testing import rel_l2_error, tolerance
@@ -197,6 +204,19 @@ def check(out, want) -> dict:
   return dict(check_rel_l2=err, check_ok=ok)
 
 
+def profile_variant(fn, call_args, num_calls, seconds_per_call):
+  """Where one call's device time goes (--profile): its kernels by name, from a
+  ``jax.profiler`` trace of 3 runs of the timed jit, each kernel's time per call, and the
+  idle time between them (the span of the trace per call less the kernels)."""
+  runs = 3
+  events = trace_kernels(lambda: fn(*call_args), runs)
+  summary = kernel_summary(events, runs * num_calls)
+  summary["idle_us"] = summary["span_us"] - summary["kernel_us"]
+  summary["timed_us"] = seconds_per_call * 1e6
+  summary["by_name"] = summary["by_name"][:6]
+  return summary
+
+
 def run_case(name, args, ceiling, env, peer_ok):
   """Times one case; returns (rows for gpu_decode_ragged.jsonl, sweep rows)."""
   lengths, block_size = smoke_lengths(name) if args.smoke else case_lengths(name)
@@ -222,21 +242,26 @@ def run_case(name, args, ceiling, env, peer_ok):
     **env,
   )
 
-  def measure(plan, block_sizes):
+  calls_of = {}  # variant -> (jitted calls, their arguments), for --profile
+
+  def measure(plan, block_sizes, variant=None):
     fn = many_calls(args.calls, block_sizes=block_sizes)
     call_args = (qs, kb, vb, table_dev, lens_dev, plan)
     t = time_ours(fn, call_args, args.calls, args.repeats)
+    calls_of[variant] = (fn, call_args)
     return t, np.asarray(jnp.asarray(fn(*call_args)[0], jnp.float32))
 
   print(f"{name}: batch {len(lengths)}, mean {lengths.mean():.0f}, max {lengths.max()}", flush=True)
-  t_def, out_def = measure(None, None)
+  t_def, out_def = measure(None, None, "default")
   plan = plan_mod.plan_decode(lengths, block_size, HKV)
   plan_t = time_calls(
     lambda: plan_mod.plan_decode(lengths, block_size, HKV), repeats=21, inner=20, sync=lambda x: x
   )
   dev_plan = plan.device_put()
   planned_bs = gpu.planned_block_sizes(head_dim=D, kv_dtype=DTYPE)
-  t_plan, out_plan = measure(dev_plan, dataclasses.replace(planned_bs, decode_kernel="triton"))
+  t_plan, out_plan = measure(
+    dev_plan, dataclasses.replace(planned_bs, decode_kernel="triton"), "planned"
+  )
   tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
   tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
   variants = [("default", t_def, out_def), ("planned", t_plan, out_plan)]
@@ -247,7 +272,7 @@ def run_case(name, args, ceiling, env, peer_ok):
   for variant, extra in mosaic_variants if args.mosaic else ():
     try:
       bsz = dataclasses.replace(planned_bs, decode_kernel="mosaic", **extra)
-      t_mg, out_mg = measure(dev_plan, bsz)
+      t_mg, out_mg = measure(dev_plan, bsz, variant)
       tbs[variant] = t_mg.map(lambda s: nbytes / s / 1e12)
       variants.append((variant, t_mg, out_mg))
     except Exception as e:  # noqa: BLE001 - off Hopper, or a failure: the other rows stand
@@ -282,6 +307,8 @@ def run_case(name, args, ceiling, env, peer_ok):
       **check(out, out_def),
       **peer,
     )
+    if args.profile and not args.smoke:
+      row["profile"] = profile_variant(*calls_of[variant], args.calls, t.median)
     if variant != "default":
       row.update(
         plan_us=plan_t.median * 1e6,
@@ -346,6 +373,9 @@ def define_flags():
   flags.DEFINE_bool("mosaic", True, "also time the Mosaic GPU planned decode (Hopper)")
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
+  flags.DEFINE_bool(
+    "profile", False, "trace each variant's calls: kernel time by name and idle time per call"
+  )
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU), no peer")
 
 
@@ -407,6 +437,16 @@ def main(args):
       f"{f(100 * r['fraction_of_ceiling'] if r['fraction_of_ceiling'] else None, '.1f')} | "
       f"{f(r.get('vllm_tbs'))} | {f(r.get('plan_us'), '.0f')} |"
     )
+  profiled = [r for r in rows if r.get("profile")]
+  if profiled:
+    print("\nPer call (us): timed, traced span, kernel time, idle; kernels by time")
+    for r in profiled:
+      p = r["profile"]
+      top = "; ".join(f"{k['name'][:48]} x{k['launches']:.1f} {k['us']:.1f}" for k in p["by_name"])
+      print(
+        f"{r['case']} {r['variant']}: {p['timed_us']:.1f} | {p['span_us']:.1f} | "
+        f"{p['kernel_us']:.1f} | {p['idle_us']:.1f} | {top}"
+      )
   return 0
 
 

@@ -38,25 +38,12 @@ from absl import flags
 import experiments.bench.engine_step as es  # sets the allocator's environment before JAX starts
 from experiments._timing import Timing, time_calls
 from experiments.bench import _flags
-from experiments.bench._gpu_common import env_info
-
-
-def _device_events(path: str):
-  """(name, start_ns, duration_ns) of every kernel on the GPU planes of a trace."""
-  from jax.profiler import ProfileData
-
-  data = ProfileData.from_file(path)
-  out = []
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      # Stream lines hold the kernels and copies; skip the per-op summary lines.
-      if "Stream" not in line.name:
-        continue
-      for e in line.events:
-        out.append((e.name, e.start_ns, e.duration_ns))
-  return out
+from experiments.bench._gpu_common import (
+  device_kernel_events,
+  env_info,
+  kernel_summary,
+  trace_kernels,
+)
 
 
 def _warm_step(name, batch, context, args, rng):
@@ -94,24 +81,12 @@ def device_profile(args) -> list[dict]:
   for name in args.models:
     for batch, context in args.shapes:
       call, release = _warm_step(name, batch, context, args, rng)
-      with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-          for _ in range(args.steps):
-            out = call()
-          jax.block_until_ready(out)
-        path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
-        events = _device_events(path)
+      events = trace_kernels(call, args.steps)
       release()
       if not events:
         print(f"{name} {batch}x{context}: no GPU events in the trace", flush=True)
         continue
-      by_name = collections.defaultdict(lambda: [0, 0.0])
-      for n, _, dur in events:
-        by_name[n][0] += 1
-        by_name[n][1] += dur
-      span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
-      busy = sum(d for _, _, d in events)
-      top = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+      summary = kernel_summary(events, args.steps)
       row = dict(
         **env_info(),
         commit=args.commit,
@@ -120,12 +95,12 @@ def device_profile(args) -> list[dict]:
         context=context,
         block_size=args.block_size,
         steps=args.steps,
-        kernels_per_step=len(events) / args.steps,
-        kernel_ms_per_step=busy / args.steps / 1e6,
-        span_ms_per_step=span / args.steps / 1e6,
+        kernels_per_step=summary["kernels"],
+        kernel_ms_per_step=summary["kernel_us"] / 1e3,
+        span_ms_per_step=summary["span_us"] / 1e3,
         kernels=[
-          dict(name=n[:160], launches_per_step=c / args.steps, ms_per_step=t / args.steps / 1e6)
-          for n, (c, t) in top[: args.top]
+          dict(name=k["name"], launches_per_step=k["launches"], ms_per_step=k["us"] / 1e3)
+          for k in summary["by_name"][: args.top]
         ],
       )
       rows.append(row)
@@ -254,7 +229,7 @@ def host_profile(args) -> list[dict]:
             per_step.append(dict(batch=sm.num_seqs, wall=wall, **phases))
       # The traced window: the device's kernel time against the wall time of its steps.
       path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
-      events = _device_events(path[-1]) if path else []
+      events = device_kernel_events(path[-1]) if path else []
       busy = sum(d for _, _, d in events) / 1e6
       window_steps = list(engine.step_metrics)[window[0] : window[1]]
       rows.append(
