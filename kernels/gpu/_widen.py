@@ -63,9 +63,10 @@ DEFAULT_QUANT_WIDEN = "auto"
 # What "auto" picks per 8-bit dtype, from experiments/bench/gpu_decode.py --kv-quant on one
 # H200 at 8b997d7 (2026-12-03, docs/results/kv_quant.jsonl; three interleaved passes, each
 # the median of 21 samples of 10 calls, pass medians' ranges apart at both shapes):
-# int8 "q_dtype" 0.405-0.411 ms against "f16" (magic number) 0.481-0.506 at 64 x 8192 (the
+# at 64 x 8192, int8 "q_dtype" 0.405-0.408 ms against "f16" (magic number) 0.481-0.486 (the
 # int->bf16 conversion is cheaper than the integer add + f16 subtract there); e4m3 "f16"
-# (astype to f16) 0.427-0.450 ms against "q_dtype" 0.528-0.558 and "f16_bits" 0.471-0.498.
+# (astype to f16) 0.427-0.431 ms against "q_dtype" 0.528-0.540 and "f16_bits" 0.471-0.476;
+# the same order at 128 x 4096 (docs/benchmarks.md, "8-bit K/V decode").
 AUTO_WIDEN = {"int8": "q_dtype", "float8_e4m3fn": "f16"}
 
 F16_MAX = 65504.0
