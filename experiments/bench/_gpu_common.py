@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments._timing import time_calls
+from experiments._timing import Timing, time_calls
 
 
 def device_name() -> str:
@@ -120,6 +120,32 @@ def trace_kernels(call, runs: int):
       jax.block_until_ready(out)
     path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
     return sorted(device_kernel_events(path), key=lambda e: e[1])
+
+
+def device_time(call, *, runs: int, per_run: int) -> Timing:
+  """Device seconds per unit of work from a ``jax.profiler`` trace: ``runs`` calls of
+  ``call`` (compiled already, each doing ``per_run`` units, e.g. kernel calls inside one
+  jit), dispatched back to back; each run's time is the span from its first kernel's start
+  to its last kernel's end (its kernels being the trace's events in start order, split
+  into ``runs`` equal groups), divided by ``per_run``.
+
+  Unlike :func:`experiments._timing.time_calls` this leaves out the host: the dispatch
+  before the first kernel and the wait after the last (20-30 us per decode call with 8
+  calls per jit and 3 jits per sample on the H200, docs/benchmarks.md), and idle gaps
+  *between* runs; idle gaps between a run's own kernels count.
+
+  Raises:
+    RuntimeError: no GPU events, or a count that does not split into ``runs`` groups.
+  """
+  events = trace_kernels(call, runs)
+  if not events or len(events) % runs:
+    raise RuntimeError(f"{len(events)} device events do not split into {runs} runs")
+  k = len(events) // runs
+  spans = []
+  for i in range(runs):
+    group = events[i * k : (i + 1) * k]
+    spans.append((max(s + d for _, s, d in group) - group[0][1]) / 1e9 / per_run)
+  return Timing.of(spans)
 
 
 def kernel_summary(events, per: int) -> dict:

@@ -84,8 +84,10 @@ PREFILL_SWEEP = (
 PREFILL_EVERY_BLOCK = (dict(), dict(prefill_kernel="triton"))
 
 
-def hbm_read_ceiling(n=1 << 30):
-  """TB/s of a plain read of 2 GiB of bf16: torch x.sum() (if torch is there) and jnp.sum."""
+def hbm_read_ceiling(n=1 << 30, device_trace=False):
+  """TB/s of a plain read of 2 GiB of bf16: torch x.sum() (if torch is there; CUDA events
+  around each call, so device time) and jnp.sum (``time_calls``, 10 calls per sample; with
+  ``device_trace`` also as device time from a profiler trace, ``jax_sum_device_tbps``)."""
   out = {}
   try:
     import torch
@@ -113,6 +115,15 @@ def hbm_read_ceiling(n=1 << 30):
   out["jax_sum_tbps"] = 2 * n / t.median / 1e12
   out["jax_sum_min_tbps"] = 2 * n / t.max / 1e12
   out["jax_sum_max_tbps"] = 2 * n / t.min / 1e12
+  if device_trace:
+    # The same sum as device time from a profiler trace (as gpu_ragged's device figures):
+    # 21 runs of 1 sum each.
+    from experiments.bench._gpu_common import device_time
+
+    td = device_time(functools.partial(f, x), runs=21, per_run=1)
+    out["jax_sum_device_tbps"] = 2 * n / td.median / 1e12
+    out["jax_sum_device_min_tbps"] = 2 * n / td.max / 1e12
+    out["jax_sum_device_max_tbps"] = 2 * n / td.min / 1e12
   del x
   out["ceiling_tbps"] = max(out.get("torch_sum_tbps", 0.0), out["jax_sum_tbps"])
   return out

@@ -65,6 +65,7 @@ from experiments._timing import time_calls
 from experiments.bench import _flags
 from experiments.bench._gpu_common import (
   commit_of,
+  device_time,
   env_info,
   kernel_summary,
   trace_kernels,
@@ -167,11 +168,11 @@ def many_calls(num_calls, **kw):
   return jax.jit(run)
 
 
-def time_ours(fn, args, num_calls, repeats):
+def time_ours(fn, args, num_calls, repeats, inner=3):
   if INTERPRET:  # --smoke: the timing path runs, but interpret mode is slow (Mosaic GPU's)
     t = time_calls(lambda: fn(*args), repeats=2, inner=1, warmup=1)
     return t.map(lambda s: s / num_calls)
-  t = time_calls(lambda: fn(*args), repeats=repeats, inner=3, warmup=2)
+  t = time_calls(lambda: fn(*args), repeats=repeats, inner=inner, warmup=2)
   return t.map(lambda s: s / num_calls)
 
 
@@ -217,7 +218,7 @@ def profile_variant(fn, call_args, num_calls, seconds_per_call):
   return summary
 
 
-def run_case(name, args, ceiling, env, peer_ok):
+def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
   """Times one case; returns (rows for gpu_decode_ragged.jsonl, sweep rows)."""
   lengths, block_size = smoke_lengths(name) if args.smoke else case_lengths(name)
   rng = np.random.default_rng(zlib.crc32(name.encode()))
@@ -247,7 +248,7 @@ def run_case(name, args, ceiling, env, peer_ok):
   def measure(plan, block_sizes, variant=None):
     fn = many_calls(args.calls, block_sizes=block_sizes)
     call_args = (qs, kb, vb, table_dev, lens_dev, plan)
-    t = time_ours(fn, call_args, args.calls, args.repeats)
+    t = time_ours(fn, call_args, args.calls, args.repeats, args.inner)
     calls_of[variant] = (fn, call_args)
     return t, np.asarray(jnp.asarray(fn(*call_args)[0], jnp.float32))
 
@@ -309,6 +310,21 @@ def run_case(name, args, ceiling, env, peer_ok):
     )
     if args.profile and not args.smoke:
       row["profile"] = profile_variant(*calls_of[variant], args.calls, t.median)
+    if args.device_time and not args.smoke:
+      fn, call_args = calls_of[variant]
+      try:
+        dt = device_time(functools.partial(fn, *call_args), runs=args.repeats, per_run=args.calls)
+        dtb = dt.map(lambda s: nbytes / s / 1e12)
+        row.update(
+          device_tbs=dtb.median,
+          device_tbs_min=dtb.min,
+          device_tbs_max=dtb.max,
+          **dt.fields("device_time", digits=5),
+          device_fraction_of_ceiling=dtb.median / device_ceiling if device_ceiling else None,
+          device_ceiling_tbs=device_ceiling,
+        )
+      except Exception as e:  # noqa: BLE001 - the harness figure stands without it
+        row["device_time_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     if variant != "default":
       row.update(
         plan_us=plan_t.median * 1e6,
@@ -373,6 +389,15 @@ def define_flags():
   flags.DEFINE_bool("mosaic", True, "also time the Mosaic GPU planned decode (Hopper)")
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
+  flags.DEFINE_integer(
+    "inner", 3, "jit runs dispatched back to back per timing sample", lower_bound=1
+  )
+  flags.DEFINE_bool(
+    "device-time",
+    True,
+    "also time each variant as device time from a profiler trace (device_tbs: first "
+    "kernel start to last kernel end per jit run; the ceiling's sum timed the same way)",
+  )
   flags.DEFINE_bool(
     "profile", False, "trace each variant's calls: kernel time by name and idle time per call"
   )
@@ -397,8 +422,13 @@ def main(args):
   print(env, flush=True)
   from experiments.bench.gpu_decode import hbm_read_ceiling
 
-  ceiling = hbm_read_ceiling(1 << 16 if args.smoke else 1 << 30)
+  ceiling = hbm_read_ceiling(
+    1 << 16 if args.smoke else 1 << 30, device_trace=args.device_time and not args.smoke
+  )
   print("ceiling", ceiling, flush=True)
+  # Device-time figures are shares of the best device-time read of the plain sum: torch's
+  # (CUDA events) or JAX's from the trace.
+  device_ceiling = max(ceiling.get("torch_sum_tbps", 0.0), ceiling.get("jax_sum_device_tbps", 0.0))
   peer_ok = not (args.no_peer or args.smoke)
   if peer_ok:
     try:
@@ -411,7 +441,9 @@ def main(args):
   rows = []
   for name in args.cases:
     try:
-      case_rows, sweep_rows = run_case(name, args, ceiling["ceiling_tbps"], env, peer_ok)
+      case_rows, sweep_rows = run_case(
+        name, args, ceiling["ceiling_tbps"], env, peer_ok, device_ceiling or None
+      )
     except Exception as e:  # noqa: BLE001 - one failing case loses no other row
       traceback.print_exc()
       case_rows = [dict(case=name, error=f"{type(e).__name__}: {str(e)[:300]}", **env)]
@@ -425,8 +457,11 @@ def main(args):
     return format(x, fmt) if isinstance(x, float) else "-"
 
   print(f"\nceiling {ceiling['ceiling_tbps']:.2f} TB/s; {env}")
-  print("| case | variant | mean len | TB/s (min-max) | % ceiling | vLLM TB/s | plan us |")
-  print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  print(
+    "| case | variant | mean len | TB/s (min-max) | % ceiling | device TB/s (min-max) | "
+    "% device ceiling | vLLM TB/s | plan us |"
+  )
+  print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
     if "error" in r:
       print(f"| {r['case']} | {r.get('variant', '')} error | {r['error'][:60]} | | | | |")
@@ -435,6 +470,8 @@ def main(args):
       f"| {r['case']} | {r['variant']} | {r['mean_len']:.0f} | {f(r['ours_tbs'])} "
       f"({f(r['ours_tbs_min'])}-{f(r['ours_tbs_max'])}) | "
       f"{f(100 * r['fraction_of_ceiling'] if r['fraction_of_ceiling'] else None, '.1f')} | "
+      f"{f(r.get('device_tbs'))} ({f(r.get('device_tbs_min'))}-{f(r.get('device_tbs_max'))}) | "
+      f"{f(100 * (r.get('device_fraction_of_ceiling') or 0) or None, '.1f')} | "
       f"{f(r.get('vllm_tbs'))} | {f(r.get('plan_us'), '.0f')} |"
     )
   profiled = [r for r in rows if r.get("profile")]
