@@ -252,6 +252,25 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
     calls_of[variant] = (fn, call_args)
     return t, np.asarray(jnp.asarray(fn(*call_args)[0], jnp.float32))
 
+  def device_fields(variant):
+    """Device time of ``variant``'s last measured calls (--device-time), as row fields."""
+    if not args.device_time or args.smoke:
+      return {}
+    fn, call_args = calls_of[variant]
+    try:
+      dt = device_time(functools.partial(fn, *call_args), runs=args.repeats, per_run=args.calls)
+    except Exception as e:  # noqa: BLE001 - the harness figure stands without it
+      return dict(device_time_error=f"{type(e).__name__}: {str(e)[:200]}")
+    dtb = dt.map(lambda s: nbytes / s / 1e12)
+    return dict(
+      device_tbs=dtb.median,
+      device_tbs_min=dtb.min,
+      device_tbs_max=dtb.max,
+      **dt.fields("device_time", digits=5),
+      device_fraction_of_ceiling=dtb.median / device_ceiling if device_ceiling else None,
+      device_ceiling_tbs=device_ceiling,
+    )
+
   print(f"{name}: batch {len(lengths)}, mean {lengths.mean():.0f}, max {lengths.max()}", flush=True)
   t_def, out_def = measure(None, None, "default")
   plan = plan_mod.plan_decode(lengths, block_size, HKV)
@@ -310,21 +329,7 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
     )
     if args.profile and not args.smoke:
       row["profile"] = profile_variant(*calls_of[variant], args.calls, t.median)
-    if args.device_time and not args.smoke:
-      fn, call_args = calls_of[variant]
-      try:
-        dt = device_time(functools.partial(fn, *call_args), runs=args.repeats, per_run=args.calls)
-        dtb = dt.map(lambda s: nbytes / s / 1e12)
-        row.update(
-          device_tbs=dtb.median,
-          device_tbs_min=dtb.min,
-          device_tbs_max=dtb.max,
-          **dt.fields("device_time", digits=5),
-          device_fraction_of_ceiling=dtb.median / device_ceiling if device_ceiling else None,
-          device_ceiling_tbs=device_ceiling,
-        )
-      except Exception as e:  # noqa: BLE001 - the harness figure stands without it
-        row["device_time_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    row.update(device_fields(variant))
     if variant != "default":
       row.update(
         plan_us=plan_t.median * 1e6,
@@ -348,7 +353,7 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
         p = plan_mod.plan_decode(
           lengths, block_size, HKV, target_programs=target, buckets_per_octave=per_octave or 1
         )
-        t, out = measure(p.device_put(), bsz)
+        t, out = measure(p.device_put(), bsz, "sweep")
         tb = t.map(lambda s: nbytes / s / 1e12)
         mosaic = bsz.decode_kernel == "mosaic"
         sweep_rows.append(
@@ -370,6 +375,7 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
             num_chunks=p.num_chunks(),
             padded_chunks=p.num_padded_chunks,
             **check(out, out_def),
+            **device_fields("sweep"),
           )
         )
       except Exception as e:  # noqa: BLE001 - one setting failing loses no other
