@@ -88,6 +88,23 @@ def make_paged(
   return (k_blocks, v_blocks, jnp.asarray(table), jnp.asarray(lengths), k_dense, v_dense)
 
 
+def shuffled_pool(rng, lengths, block_size, *, num_kv_heads, head_dim, dtype):
+  """``(k_blocks, v_blocks, table)``: pools holding exactly the blocks ``lengths`` use
+  (plus one spare) at shuffled ids, random normal K/V, and the NumPy block table (-1
+  where unused)."""
+  need = -(-lengths.astype(np.int64) // block_size)
+  max_blocks = max(1, int(need.max()))
+  num_blocks = int(need.sum()) + 1
+  ids = rng.permutation(num_blocks)[: int(need.sum())]
+  table = np.full((len(lengths), max_blocks), -1, np.int32)
+  table[np.arange(max_blocks)[None, :] < need[:, None]] = ids
+  k1, k2 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
+  shape = (num_kv_heads, num_blocks, block_size, head_dim)
+  kb = jax.random.normal(k1, shape, jnp.float32).astype(dtype)
+  vb = jax.random.normal(k2, shape, jnp.float32).astype(dtype)
+  return kb, vb, table
+
+
 def device_kernel_events(path: str):
   """(name, start_ns, duration_ns) of every kernel and copy on the GPU planes of a
   ``jax.profiler`` trace (``jax.profiler.ProfileData`` reads it; no TensorBoard needed)."""

@@ -68,6 +68,7 @@ from experiments.bench._gpu_common import (
   device_time,
   env_info,
   kernel_summary,
+  shuffled_pool,
   trace_kernels,
   vllm_unified_attention,
   write_jsonl,
@@ -144,18 +145,8 @@ def smoke_lengths(name: str) -> tuple[np.ndarray, int]:
 
 
 def make_pool(rng, lengths, block_size):
-  """Pools holding exactly the blocks the lengths use (plus one spare), at shuffled ids."""
-  need = -(-lengths.astype(np.int64) // block_size)
-  max_blocks = max(1, int(need.max()))
-  num_blocks = int(need.sum()) + 1
-  ids = rng.permutation(num_blocks)[: int(need.sum())]
-  table = np.full((len(lengths), max_blocks), -1, np.int32)
-  table[np.arange(max_blocks)[None, :] < need[:, None]] = ids
-  k1, k2 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))))
-  shape = (HKV, num_blocks, block_size, D)
-  kb = jax.random.normal(k1, shape, jnp.float32).astype(DTYPE)
-  vb = jax.random.normal(k2, shape, jnp.float32).astype(DTYPE)
-  return kb, vb, table
+  """``shuffled_pool`` at this script's heads, head_dim and dtype."""
+  return shuffled_pool(rng, lengths, block_size, num_kv_heads=HKV, head_dim=D, dtype=DTYPE)
 
 
 def many_calls(num_calls, **kw):
