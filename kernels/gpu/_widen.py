@@ -137,6 +137,17 @@ class Widening:
       q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX)
     return q.astype(self.cdtype)
 
+  def accumulate(self, acc, p, v, v_scales, *, dot):
+    """``acc + p @ v``: p f32[rows, keys] probabilities, v the widened V tile, ``v_scales``
+    f32[keys] for 8-bit V (0 where masked; None otherwise), applied on p as
+    ``sum_j p_j (v_j s_j) = sum_j (p_j s_j) v_j`` (:meth:`pv_operand`). ``dot(a, b)`` is the
+    kernel's matrix product (``plgpu.dot`` with its precision)."""
+    if v_scales is None:
+      return acc + dot(p.astype(self.cdtype), v)
+    pv, factor = self.pv_operand(p, v_scales)
+    prod = dot(pv, v)
+    return acc + (prod if factor is None else prod * factor)
+
   def pv_operand(self, p, v_scales):
     """``(operand, factor)`` for ``acc += dot(operand, v) * factor``: p f32[rows, keys],
     v_scales f32[keys] (0 where masked). factor is None where there is none to apply."""

@@ -226,15 +226,9 @@ def _shared_kernel(
       logit_soft_cap=logit_soft_cap,
       mask=valid[None, :] if masked else None,
     )
-    if quantized:
-      vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0)
-      pv, factor = widen.pv_operand(p, vs)
-      if factor is None:
-        acc = acc + plgpu.dot(pv, v, precision=prec)
-      else:
-        acc = acc + plgpu.dot(pv, v, precision=prec) * factor
-    else:
-      acc = acc + plgpu.dot(p.astype(widen.cdtype), v, precision=prec)
+    # sum_j p_j (v_j * s_j) = sum_j (p_j * s_j) v_j: 8-bit V's scales go on p.
+    vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0) if quantized else None
+    acc = widen.accumulate(acc, p, v, vs, dot=functools.partial(plgpu.dot, precision=prec))
     return acc, m, den
 
   acc = jnp.zeros((rows, head_dim), jnp.float32)
