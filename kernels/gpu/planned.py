@@ -171,7 +171,9 @@ def _chunk_kernel(
 # Chunks one merge step reads at once. 16 left the merge at 11.6 us of a 61.6 us call on the
 # H200 for one 32,768-token row among 63 short ones (86 chunks: 6 dependent steps;
 # gpu_ragged --profile, 986aabf); 64 takes such a row in 2 steps, with 8 warps so the
-# [64, head_dim] float32 tile stays in registers.
+# [64, head_dim] float32 tile stays in registers: 4.7 us there at 942a1fd, while rows of a
+# few chunks pay for the wider tile (other batches' merges 3.3-11.6 us, were 3.5-7.0;
+# docs/benchmarks.md, "Ragged decode by a work plan").
 MERGE_TILE = 64
 MERGE_NUM_WARPS = 8
 
