@@ -147,7 +147,7 @@ def device_time(call, *, runs: int, per_run: int) -> Timing:
   into ``runs`` equal groups), divided by ``per_run``.
 
   Unlike :func:`experiments._timing.time_calls` this leaves out the host: the dispatch
-  before the first kernel and the wait after the last (20-30 us per decode call with 8
+  before the first kernel and the wait after the last (12-37 us per decode call with 8
   calls per jit and 3 jits per sample on the H200, docs/benchmarks.md), and idle gaps
   *between* runs; idle gaps between a run's own kernels count.
 

@@ -9,7 +9,7 @@ measures it), then per case the same K/V, block table and queries timed through
   kernel (``planned_block_sizes``, ``decode_kernel="triton"``);
 * ``mosaic``: the same plan on the Mosaic GPU planned decode (``decode_mosaic.py``,
   ``decode_kernel="mosaic"``: Hopper only; elsewhere, or if it fails, an error row for the
-  variant and the case's other rows stand); ``--no-mosaic`` skips it;
+  variant and the case's other rows stand); ``--nomosaic`` skips it;
 * ``mosaic_persistent``: the same with a persistent grid of one CUDA block per SM
   (``mosaic_decode_programs_per_sm=1``; not in ``--smoke``);
 * the peer: vLLM's Triton "unified attention" kernel as vendored in the PyPI package
@@ -25,19 +25,26 @@ picks some, comma-separated)::
   long1_short63_b16 one sequence of 32,768 and 63 of 128, block 16
   full64x8192_b16, full128x4096_b32, full64x8192_b128, full256x2048_b16, full8x4096_b16
 
-Device time: each timed function is one jit running ``--calls`` kernel calls on distinct
-queries (no Python dispatch between them), dispatched 3 times back to back per sample,
-21 samples (``experiments._timing.time_calls``); the peer runs ``--calls`` calls captured
-in one CUDA graph (plain back-to-back launches if capture fails). TB/s = K/V bytes the
-lengths cover (``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Rows say which kernel
+Timing: each timed function is one jit running ``--calls`` kernel calls on distinct
+queries (no Python dispatch between them). Harness time (``ours_tbs``): the jit dispatched
+``--inner`` (3) times back to back per sample, 21 samples (``experiments._timing.
+time_calls``); on the H200 this includes 12-37 us per call of host time before a sample's
+first kernel and after its last. Device time (``device_tbs``, on unless
+``--nodevice-time``): a ``jax.profiler`` trace of 21 runs of the jit, each run's first
+kernel start to last kernel end over its calls (``_gpu_common.device_time``), as a share
+of the plain sum timed the same way (``device_ceiling_tbs``). ``--profile`` adds each
+variant's kernels by name, their time and the idle between them (``profile``). The peer
+runs ``--calls`` calls captured in one CUDA graph between two CUDA events (plain
+back-to-back launches if capture fails). TB/s = K/V bytes the lengths cover
+(``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Rows say which kernel
 family ran (``kernel``: "triton" or "mosaic"). Every output is checked against the default
 kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
 bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
 ``OUT/gpu_decode_ragged.jsonl`` as each case finishes (one failing case or peer loses
 nothing else); ``--sweep`` also times a few planned settings (``SWEEP``, and
-``MOSAIC_SWEEP`` unless ``--no-mosaic``) into ``OUT/gpu_decode_ragged_sweep.jsonl``::
+``MOSAIC_SWEEP`` unless ``--nomosaic``) into ``OUT/gpu_decode_ragged_sweep.jsonl``::
 
-  python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep]
+  python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep] [--profile]
   python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
   python -m experiments.bench.gpu_ragged --smoke --out /tmp/ragged_smoke
 
