@@ -176,6 +176,7 @@ def _chunk_kernel(
 # docs/benchmarks.md, "Ragged decode by a work plan").
 MERGE_TILE = 64
 MERGE_NUM_WARPS = 8
+MERGE_NUM_STAGES = 1
 
 
 def _merge_kernel(
@@ -336,7 +337,7 @@ def planned_decode(
     functools.partial(_merge_kernel, num_q_heads=num_q_heads, head_dim=head_dim),
     grid=(num_q_heads, batch),
     out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
-    compiler_params=plgpu.CompilerParams(num_warps=MERGE_NUM_WARPS, num_stages=1),
+    compiler_params=plgpu.CompilerParams(num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES),
     input_output_aliases={5: 0},  # out: the chunk kernel's rows stay, the merge adds its own
     interpret=interpret,
     name="paxcache_planned_decode_merge",
