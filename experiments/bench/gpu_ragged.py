@@ -97,7 +97,7 @@ FULL = {
 CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
 # --sweep: planned settings beside the default ones: (BlockSizes overrides, programs per
 # SM, padded chunk counts per doubling); None keeps plan_decode's default.
-# The default is planned_block_sizes (64-token steps, 4 warps, 3 stages: two programs per
+# The default is planned_block_sizes (128-token steps, 4 warps, 2 stages: one program per
 # SM at bf16 head_dim 128); LARGE_STEPS is the large-batch decode's (one program per SM).
 LARGE_STEPS = dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3)
 SWEEP = (

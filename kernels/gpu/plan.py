@@ -34,12 +34,16 @@ import numbers
 import jax
 import numpy as np
 
-# Programs (chunk x KV head) aimed at per SM: about four waves of two resident programs,
-# so that the tail of the grid is short against the whole.
+# Programs (chunk x KV head) aimed at per SM: several waves (one program per SM is
+# resident with the planned defaults at bf16 head_dim 128), so that the tail of the grid is
+# short against the whole.
 PROGRAMS_PER_SM = 8
-# A chunk shorter than this spends more on its prologue (the q tile) and on writing and
-# merging its float32 partial than it reads.
-MIN_CHUNK_TOKENS = 256
+# The smallest chunk: shorter chunks spend more on their prologue (plan entries, the q
+# tile, the pipeline's first steps) and on writing and merging float32 partials than they
+# read. On an H200 (device time, af45169) 1024 read fastest of 256-1024 for the batches
+# whose total is small enough for this to bind: one 32,768-token row among 63 of 128
+# 3.53 TB/s against 3.32 at 256, 8 x 4096 3.36 against 3.19 (docs/benchmarks.md).
+MIN_CHUNK_TOKENS = 1024
 # Chunk boundaries inside a row are multiples of this; the kernel's decode_kv_tile should
 # divide it (16..128 do), else a step straddles two chunks and is read twice (still
 # correct: the kernel masks by the chunk's range).

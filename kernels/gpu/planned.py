@@ -17,7 +17,7 @@ A sequence in one chunk (most rows of a ragged batch) is finished by its chunk's
 programs: they write its normalised output in ``q.dtype`` directly. For the others, the
 merge (``_merge_kernel``, grid ``(num_q_heads, batch)``, writing into the same output
 buffer) reads the sequence's chunks ``seq_first_chunk .. + seq_num_chunks`` for one query
-head, ``MERGE_TILE`` chunks a step (a long row cut into 100 chunks merges in 2 steps, not
+head, ``MERGE_TILE`` chunks a step (a long row cut into 100 chunks merges in 4 steps, not
 100 dependent loads); its programs for one-chunk sequences only read the count and
 return. A sequence with no chunk (length 0) gets zeros, as from the reference.
 
@@ -168,15 +168,17 @@ def _chunk_kernel(
     plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=part)
 
 
-# Chunks one merge step reads at once. 16 left the merge at 11.6 us of a 61.6 us call on the
-# H200 for one 32,768-token row among 63 short ones (86 chunks: 6 dependent steps;
-# gpu_ragged --profile, 986aabf); 64 takes such a row in 2 steps, with 8 warps so the
-# [64, head_dim] float32 tile stays in registers: 4.7 us there at 942a1fd, while rows of a
-# few chunks pay for the wider tile (other batches' merges 3.3-11.6 us, were 3.5-7.0;
-# docs/benchmarks.md, "Ragged decode by a work plan").
-MERGE_TILE = 64
-MERGE_NUM_WARPS = 8
-MERGE_NUM_STAGES = 1
+# Chunks one merge step reads at once, and the merge's warps and stages. 16 chunks a step
+# left the merge at 11.6 us of a 61.6 us call on the H200 for one 32,768-token row among 63
+# short ones (86 chunks: 6 dependent steps; gpu_ragged --profile, 986aabf); 64 chunks with
+# 8 warps cut that to 4.7 us but made every merge program dearer, also those that only
+# read a count (rows of one chunk): ShareGPT-like 256 11.2 us against 7.1 with 16. 32
+# chunks with 4 warps and 2 stages sits between (6.8 and 7.3 us) and, with chunks of at
+# least plan.MIN_CHUNK_TOKENS, merges a 32,768-token row in one step (af45169 sweep,
+# docs/benchmarks.md "Ragged decode by a work plan").
+MERGE_TILE = 32
+MERGE_NUM_WARPS = 4
+MERGE_NUM_STAGES = 2
 
 
 def _merge_kernel(

@@ -25,6 +25,9 @@ from kernels.gpu import _widen, tuning_table
 _STAGE_BYTES = 48 * 1024
 # Large decode batches: one program per SM, 3 stages of 64 KiB (192 of the 227 KiB).
 _LARGE_STAGE_BYTES = 64 * 1024
+# The planned decode: steps of up to 64 KiB of K plus V; 2 stages where a step is over
+# 32 KiB (one program per SM at bf16 head_dim 128: 128 of the 227 KiB), else 3.
+_PLANNED_STAGE_BYTES = 64 * 1024
 
 
 PREFILL_KERNELS = ("auto", "triton", "mosaic")
@@ -328,16 +331,29 @@ def default_block_sizes(
   return dataclasses.replace(base, **fields)
 
 
-def planned_block_sizes(*, head_dim: int, kv_dtype, device_kind: str | None = AUTO) -> BlockSizes:
-  """Defaults of the planned decode (``kernels/gpu/planned.py``): the rule's small-batch
-  decode settings whatever the batch (steps of at most 48 KiB of K plus V, 4 warps; at
-  bf16 head_dim 128, 64-token steps, 3 stages of 32 KiB: two programs resident per SM),
-  with the card's prefill and Mosaic prefill table entries laid over the rest.
+def planned_decode_fields(*, head_dim: int, kv_dtype) -> dict:
+  """The planned decode's own step settings (``decode_kv_tile``, ``decode_num_warps``,
+  ``decode_num_stages``), by bytes: steps of up to 64 KiB of K plus V (at most 128
+  tokens), 4 warps, 2 stages where a step is over 32 KiB, else 3.
 
-  A plan cuts the work into about ``PROGRAMS_PER_SM`` short chunks per SM; with two
-  programs per SM one program's start (plan entries, query tile, first K/V steps) overlaps
-  the other's reads, where the large-batch settings (one program per SM) would leave the
-  SM's reads idle at every program's start and end.
+  At bf16 head_dim 128 that is 128-token steps in 2 stages (128 KiB of shared memory: one
+  program per SM), which read faster than the small-batch rule's 64-token steps in 3
+  stages (two programs per SM) on every case of ``experiments/bench/gpu_ragged.py`` on an
+  H200 (device time, af45169; docs/benchmarks.md "Ragged decode by a work plan"): one
+  long among short 3.32 against 3.13 TB/s, 64 x 8192 4.22 against 4.01, 256 x 2048 4.30
+  against 4.09, ShareGPT-like level (3.75 and 3.75). A step of at most 32 KiB (bf16
+  head_dim 64, 8-bit head_dim 128) keeps 3 stages, as the rule has it (128-token steps).
+  """
+  row_bytes = 2 * padded_head_dim(head_dim) * jnp.dtype(kv_dtype).itemsize
+  kv_tile = max(16, min(128, _floor_pow2(_PLANNED_STAGE_BYTES // row_bytes)))
+  stages = 2 if kv_tile * row_bytes > 32 * 1024 else 3
+  return dict(decode_kv_tile=kv_tile, decode_num_warps=4, decode_num_stages=stages)
+
+
+def planned_block_sizes(*, head_dim: int, kv_dtype, device_kind: str | None = AUTO) -> BlockSizes:
+  """Defaults of the planned decode (``kernels/gpu/planned.py``): its own step settings
+  (:func:`planned_decode_fields`) whatever the batch, the rule's other decode fields, and
+  the card's prefill and Mosaic prefill table entries laid over the rest.
 
   The card's ``decode/...`` table entries are not applied: they were measured on the
   split-K kernel (``experiments/bench/tune_gpu.py``), a different kernel with a different
@@ -345,9 +361,11 @@ def planned_block_sizes(*, head_dim: int, kv_dtype, device_kind: str | None = AU
   stages, the split-K kernel's best at 8 x 4096) slowed the planned kernel on every
   ragged case of ``experiments/bench/gpu_ragged.py`` at 8b997d7 (ShareGPT-like 256: 2.79
   TB/s, 2.67-3.09, against 3.38, 3.25-3.55, with the rule's settings at 93e3c3e;
-  docs/benchmarks.md "Ragged decode by a work plan").
+  docs/benchmarks.md "Ragged decode by a work plan"): 8 warps, where 4 read faster.
   """
   base = rule_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype)
   tabled = default_block_sizes(head_dim=head_dim, kv_dtype=kv_dtype, device_kind=device_kind)
   decode_fields = tuning_table.KIND_FIELDS["decode"]
-  return dataclasses.replace(tabled, **{f: getattr(base, f) for f in decode_fields})
+  fields = {f: getattr(base, f) for f in decode_fields}
+  fields.update(planned_decode_fields(head_dim=head_dim, kv_dtype=kv_dtype))
+  return dataclasses.replace(tabled, **fields)

@@ -90,20 +90,36 @@ def test_known_card_gets_its_entry_and_the_rule_elsewhere(fake_tables):
   assert gpu.default_block_sizes(device_kind=FAKE, **narrow) == tuning.rule_block_sizes(**narrow)
 
 
-def test_planned_decode_keeps_the_rule_decode_fields_and_takes_the_prefill_entry(fake_tables):
-  # The decode entries are the split-K kernel's measurements; the planned kernel keeps the
-  # rule's small-batch settings (64-token steps, 4 warps, 3 stages at bf16 head_dim 128)
-  # on every card, and the other kinds' entries still apply.
-  rule = tuning.rule_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16)
-  assert (rule.decode_kv_tile, rule.decode_num_warps, rule.decode_num_stages) == (64, 4, 3)
+def test_planned_decode_has_its_own_decode_fields_and_takes_the_prefill_entry(fake_tables):
+  # The decode entries are the split-K kernel's measurements; the planned kernel keeps its
+  # own step settings on every card (by bytes: steps of up to 64 KiB of K + V, at most
+  # 128 tokens, 4 warps, 2 stages above 32 KiB a step), and the other kinds' entries still
+  # apply.
   for kind in (FAKE, "NVIDIA H200", None):
     got = gpu.planned_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind=kind)
-    assert _decode_fields(got) == _decode_fields(rule), kind
+    # bf16 head_dim 128: 512 bytes a token, 128 tokens = 64 KiB a step -> 2 stages.
+    assert _decode_fields(got) == dict(
+      decode_kv_tile=128, decode_num_splits=None, decode_num_warps=4, decode_num_stages=2
+    ), kind
+  # Worked by hand: (head_dim, dtype) -> (kv_tile, warps, stages).
+  cases = {
+    (64, jnp.bfloat16): (128, 4, 3),  # 256 B a token: 32 KiB steps keep 3 stages
+    (256, jnp.bfloat16): (64, 4, 2),  # 1 KiB a token: 64 tokens
+    (96, jnp.bfloat16): (128, 4, 2),  # tiles 128 wide
+    (128, jnp.int8): (128, 4, 3),  # 256 B a token
+    (128, jnp.float32): (64, 4, 2),
+    (256, jnp.float32): (32, 4, 2),
+  }
+  for (d, dt), want in cases.items():
+    got = gpu.planned_block_sizes(head_dim=d, kv_dtype=dt, device_kind=None)
+    assert (got.decode_kv_tile, got.decode_num_warps, got.decode_num_stages) == want, (d, dt)
   got = gpu.planned_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind=FAKE)
   assert (got.prefill_q_tile, got.prefill_kv_tile, got.prefill_num_warps) == (64, 32, 8)
-  # The H200 table's small entry does differ from the rule (so the check above has teeth).
+  # The H200 table's small entry differs from the planned settings (so the check above
+  # has teeth): 8 warps there.
   h200 = gpu.default_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind="NVIDIA H200")
-  assert _decode_fields(h200) != _decode_fields(rule)
+  planned = gpu.planned_block_sizes(head_dim=128, kv_dtype=jnp.bfloat16, device_kind="NVIDIA H200")
+  assert _decode_fields(h200) != _decode_fields(planned)
 
 
 def test_short_prefill_still_cuts_the_table_query_tile(fake_tables):
