@@ -60,8 +60,10 @@ QUANT_BLOCK_SIZE = 16
 QUANT_DTYPES = ("int8", "float8_e4m3fn")
 # --kv-quant: the 8-bit widenings timed side by side (BlockSizes.quant_widen,
 # kernels/gpu/_widen.py): "q_dtype" is the old widening to bf16; "f16_bits" differs from
-# "f16" only for e4m3 (int8 takes the same magic number in both), so int8 skips it.
-QUANT_WIDENS = ("q_dtype", "f16", "f16_bits")
+# "f16" only for e4m3 (int8 takes the same magic number in both), so int8 skips it;
+# "int8_qk" / "int8_qkv" (int8's q . K / both products by integer dots) are "f16" for
+# e4m3, so e4m3 skips them.
+QUANT_WIDENS = ("q_dtype", "f16", "f16_bits", "int8_qk", "int8_qkv")
 # --kv-quant-sweep: decode settings tried for 8-bit K/V at the first of QUANT_SHAPES (the
 # default for a 256-byte token of K plus V is a 128-token step, 4 warps, 3 stages).
 QUANT_SWEEP = tuple(
@@ -452,7 +454,8 @@ def kv_quant_sweep(runner, shape):
 
 def quant_widen_cases(widens):
   """``(kv_dtype, widen)`` pairs --kv-quant times: each of ``widens`` (QUANT_WIDENS names)
-  per 8-bit dtype, leaving out "f16_bits" for int8 (the same kernel as "f16")."""
+  per 8-bit dtype, leaving out "f16_bits" for int8 and "int8_qk" / "int8_qkv" for e4m3 (the
+  same kernels as "f16")."""
   bad = [w for w in widens if w not in QUANT_WIDENS]
   if bad:
     raise ValueError(f"--kv-quant-widen takes {QUANT_WIDENS}, got {bad}")
@@ -461,6 +464,7 @@ def quant_widen_cases(widens):
     for name in QUANT_DTYPES
     for w in widens
     if not (name == "int8" and w == "f16_bits" and "f16" in widens)
+    and not (name != "int8" and w.startswith("int8_") and "f16" in widens)
   ]
 
 

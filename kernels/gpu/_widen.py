@@ -43,6 +43,23 @@ f16 has 5 exponent bits, so the 16-bit modes keep both dots' operands in range:
 
 With float32 q every mode keeps float32 dots and widens by ``astype`` (the accurate path;
 not what the 16-bit modes are for).
+
+Mode ``"int8_qk"`` (int8 K/V with 16-bit q) takes K's widening out altogether: q is split
+once per program into two int8 parts, ``q ~ hi * s_hi + lo * s_lo`` per row (``s_hi =
+max|q| / 127``, ``hi = round(q / s_hi)``, ``s_lo = s_hi / 254``, ``lo = round((q - hi *
+s_hi) / s_lo)``, both in [-127, 127]), and ``q . k`` is two int8 x int8 dots with exact
+int32 sums (``|sum| <= 256 * 127 * 127 < 2**23`` at head_dim 256), scaled by ``s_hi`` and ``s_lo`` in float32: the raw int8 K tile goes to the tensor cores
+as it was loaded. The split's error is at most ``s_lo / 2 = max|q| / 64516`` per q entry
+(q itself, bf16, is exact to 2**-9 of each entry); V is widened to q's dtype as in
+``"q_dtype"``. For float8 e4m3 K/V this mode is the e4m3 ``"f16"`` path (nothing integer
+to multiply).
+
+Mode ``"int8_qkv"`` does the same for ``p @ V``: the step's ``p * v_scale / vmax`` (in [0,
+1], as in the 16-bit modes) is split into two int8 parts, ``hi = round(127 p')`` and ``lo =
+round(254 (127 p' - hi))``, and ``p @ V`` is two int8 dots on the raw int8 V tile,
+``(hi @ V + lo @ V / 254) * vmax / 127``: no element of K or V is converted. The split's
+error is at most ``1 / (2 * 254 * 127)`` (1.6e-5) of ``vmax`` per probability, against bf16's
+2**-9 of each ``p * v_scale``.
 """
 
 from __future__ import annotations
@@ -56,9 +73,10 @@ from kernels._quant import is_quantized
 
 # BlockSizes.quant_widen values. "q_dtype": the old astype to q's dtype (bf16 dots for bf16
 # q). "f16": f16 dots, int8 by the magic number, e4m3 by astype(f16). "f16_bits": f16 dots,
-# int8 by the magic number, e4m3 by the bit trick. "auto": the fastest measured per dtype
-# (AUTO_WIDEN).
-QUANT_WIDEN_MODES = ("auto", "q_dtype", "f16", "f16_bits")
+# int8 by the magic number, e4m3 by the bit trick. "int8_qk": int8 q . K by two integer dots
+# (V as "q_dtype"; e4m3 as "f16"); "int8_qkv": p @ V too. "auto": the fastest measured per
+# dtype (AUTO_WIDEN).
+QUANT_WIDEN_MODES = ("auto", "q_dtype", "f16", "f16_bits", "int8_qk", "int8_qkv")
 DEFAULT_QUANT_WIDEN = "auto"
 # What "auto" picks per 8-bit dtype, from experiments/bench/gpu_decode.py --kv-quant on one
 # H200 at 8b997d7 (2026-12-03, docs/results/kv_quant.jsonl; three interleaved passes, each
@@ -82,6 +100,20 @@ def widen_int8_f16(x):
   return lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(INT8_OFFSET)
 
 
+def split_query_int8(q):
+  """``(hi, lo, s_hi, s_lo)``: a [rows, D] query tile as two int8 tiles and float32 row
+  scales[rows], ``q ~ hi * s_hi + lo * s_lo`` within ``max|q_row| / 64516`` per entry (module
+  docstring). A zero row gives zeros with scales 1 and 1/254."""
+  qf = q.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(qf), axis=1)
+  s_hi = jnp.where(amax > 0, amax * (1.0 / 127.0), 1.0)
+  # floor(x + 0.5): round half up (Triton has no round-to-nearest lowering); |x| <= 127.
+  hi = jnp.floor(qf / s_hi[:, None] + 0.5)
+  s_lo = s_hi * (1.0 / 254.0)
+  lo = jnp.clip(jnp.floor((qf - hi * s_hi[:, None]) / s_lo[:, None] + 0.5), -127.0, 127.0)
+  return hi.astype(jnp.int8), lo.astype(jnp.int8), s_hi, s_lo
+
+
 def widen_e4m3_f16_bits(x):
   """float8_e4m3fn -> float16 equal to ``x * 2**-8``, exact for every finite byte, by
   integer ops (module docstring); NaN bytes come out finite, so mask them before.
@@ -101,7 +133,9 @@ class Widening:
   Attributes:
     cdtype: dtype name of both dots' operands.
     kind: "cast" (``astype(cdtype)``, also every non-8-bit pool), "int8_magic",
-      "e4m3_cast" (``astype(float16)``) or "e4m3_bits".
+      "e4m3_cast" (``astype(float16)``), "e4m3_bits" or "int8_qk" (q . K by integer
+      dots on the raw int8 K; V by ``astype(cdtype)``) or "int8_qkv" (both products by
+      integer dots on the raw int8 tiles).
   """
 
   cdtype: str
@@ -110,7 +144,7 @@ class Widening:
   @property
   def quantized16(self) -> bool:
     """Whether this is a 16-bit mode on 8-bit K/V: q clipped, p @ V normalised."""
-    return self.kind != "cast"
+    return self.kind not in ("cast", "int8_qk", "int8_qkv")
 
   @property
   def k_factor(self) -> float:
@@ -124,7 +158,9 @@ class Widening:
     return "" if self.kind == "cast" else f"_{self.kind}"
 
   def widen(self, x):
-    """A loaded K or V tile (8-bit or not) -> ``cdtype``."""
+    """A loaded K or V tile (8-bit or not) -> ``cdtype`` (unchanged int8 in "int8_qkv")."""
+    if self.kind == "int8_qkv":
+      return x
     if self.kind == "int8_magic":
       return widen_int8_f16(x)
     if self.kind == "e4m3_bits":
@@ -137,6 +173,22 @@ class Widening:
       q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX)
     return q.astype(self.cdtype)
 
+  def query_state(self, q):
+    """What :meth:`scores` takes for the query tile, prepared once per program: a tuple
+    (``(query(q),)``, or :func:`split_query_int8`'s four arrays in ``"int8_qk"``)."""
+    if self.kind in ("int8_qk", "int8_qkv"):
+      return split_query_int8(q)
+    return (self.query(q),)
+
+  def scores(self, q_state, k, *, dot):
+    """f32[rows, keys] = q . k for a K tile as loaded (8-bit or not; masked rows zero),
+    before any K scale. ``dot(a, b, trans_b=True)`` is the kernel's matrix product."""
+    if self.kind in ("int8_qk", "int8_qkv"):
+      hi, lo, s_hi, s_lo = q_state
+      s = dot(hi, k, trans_b=True).astype(jnp.float32) * s_hi[:, None]
+      return s + dot(lo, k, trans_b=True).astype(jnp.float32) * s_lo[:, None]
+    return dot(q_state[0], self.widen(k), trans_b=True)
+
   def accumulate(self, acc, p, v, v_scales, *, dot):
     """``acc + p @ v``: p f32[rows, keys] probabilities, v the widened V tile, ``v_scales``
     f32[keys] for 8-bit V (0 where masked; None otherwise), applied on p as
@@ -144,6 +196,15 @@ class Widening:
     kernel's matrix product (``plgpu.dot`` with its precision)."""
     if v_scales is None:
       return acc + dot(p.astype(self.cdtype), v)
+    if self.kind == "int8_qkv":
+      vmax = jnp.max(v_scales)
+      vmax = jnp.where(vmax > 0, vmax, 1.0)
+      a = p * (v_scales * (127.0 / vmax))[None, :]  # in [0, 127]
+      hi = jnp.floor(a + 0.5)
+      lo = jnp.clip(jnp.floor((a - hi) * 254.0 + 0.5), -127.0, 127.0)
+      prod = dot(hi.astype(jnp.int8), v).astype(jnp.float32)
+      prod = prod + dot(lo.astype(jnp.int8), v).astype(jnp.float32) * (1.0 / 254.0)
+      return acc + prod * (vmax * (1.0 / 127.0))
     pv, factor = self.pv_operand(p, v_scales)
     prod = dot(pv, v)
     return acc + (prod if factor is None else prod * factor)
@@ -165,7 +226,9 @@ def widening(q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN) -> Widening:
   Non-8-bit K/V: ``astype`` to the common dtype, float32 when q and K/V differ. 8-bit K/V
   with float32 q, or mode "q_dtype": ``astype`` to q's dtype (int8 and e4m3 values are
   exact in bf16, f16 and f32). 8-bit K/V with 16-bit q in mode "f16" / "f16_bits": f16
-  dots, widened as the module docstring says. Mode "auto" is ``AUTO_WIDEN``'s mode for the
+  dots, widened as the module docstring says; mode "int8_qk": int8 q . K by integer dots and
+  V widened to q's dtype, "int8_qkv": both products by integer dots (e4m3 K/V: both as
+  "f16"). Mode "auto" is ``AUTO_WIDEN``'s mode for the
   K/V dtype ("q_dtype" for int8, "f16" for e4m3: the fastest on the H200).
   """
   if mode not in QUANT_WIDEN_MODES:
@@ -179,5 +242,9 @@ def widening(q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN) -> Widening:
   if mode == "q_dtype" or q_dtype.itemsize != 2:
     return Widening(q_dtype.name, "cast")
   if kv_dtype == jnp.int8:
+    if mode in ("int8_qk", "int8_qkv"):
+      return Widening(q_dtype.name, mode)
     return Widening("float16", "int8_magic")
+  if mode in ("int8_qk", "int8_qkv"):
+    mode = "f16"
   return Widening("float16", "e4m3_bits" if mode == "f16_bits" else "e4m3_cast")

@@ -177,7 +177,9 @@ def _shared_kernel(
   q_rows = jnp.where(row_ok, batch_row, 0) * num_q_heads + head
   cols = jnp.arange(head_dim, dtype=jnp.int32)
   q = plgpu.load(q_ref.at[q_rows[:, None], cols[None, :]], mask=row_ok[:, None], other=0.0)
-  q = widen.query(q)  # f16 and clipped in the 16-bit modes (kernels/gpu/_widen.py)
+  # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
+  # int8 parts in "int8_qk" (kernels/gpu/_widen.py).
+  q = widen.query_state(q)
   prec = dot_precision(widen.cdtype)
 
   # This program's keys: chunk c of the group's [0, glen), in whole kv tiles.
@@ -212,9 +214,10 @@ def _shared_kernel(
     )
     idx = (kv_rows[:, None], cols[None, :])
     # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
-    k = widen.widen(plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0))
+    k = plgpu.load(k_ref.at[idx], mask=valid[:, None], other=0.0)
     v = widen.widen(plgpu.load(v_ref.at[idx], mask=valid[:, None], other=0.0))
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+    # f32[rows, kv_tile]
+    s = widen.scores(q, k, dot=functools.partial(plgpu.dot, precision=prec))
     if quantized:
       ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
       s = s * ks[None, :]

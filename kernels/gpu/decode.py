@@ -170,8 +170,9 @@ def _decode_kernel(
   else:
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-  # 8-bit K/V with 16-bit q: f16 dots, q clipped to f16's range (kernels/gpu/_widen.py).
-  q = widen.query(q)
+  # A tuple: q in the dots' dtype (8-bit K/V with 16-bit q: f16 and clipped to f16's range
+  # in the 16-bit modes), or split in two int8 parts in "int8_qk" (kernels/gpu/_widen.py).
+  q = widen.query_state(q)
   prec = dot_precision(widen.cdtype)
   # The e4m3 bit trick widens K to its value times 2**-8: the 2**8 goes into the scale.
   scale = scale * widen.k_factor
@@ -210,9 +211,10 @@ def _decode_kernel(
     # [kv_tile, width] each; rows of positions the query does not see are zero.
     kv_mask = tile_mask(valid, col_ok)
     # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
-    k = widen.widen(plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0))
+    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0)
     v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+    # f32[rows, kv_tile]
+    s = widen.scores(q, k, dot=functools.partial(plgpu.dot, precision=prec))
     if quantized:
       # Dequantise in the kernel: q . (k_row * k_scale) = (q . k_row) * k_scale per key.
       ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)

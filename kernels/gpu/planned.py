@@ -105,7 +105,9 @@ def _chunk_kernel(
     else:
       q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
       q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-    q = widen.query(q)  # f16 and clipped in the 16-bit modes (kernels/gpu/_widen.py)
+    # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
+    # int8 parts in "int8_qk" (kernels/gpu/_widen.py).
+    q = widen.query_state(q)
     prec = dot_precision(widen.cdtype)
     head_base = h * (num_blocks * block_size)
     offs = jnp.arange(kv_tile, dtype=jnp.int32)
@@ -125,9 +127,10 @@ def _chunk_kernel(
       idx = (kv_rows[:, None], cols[None, :])
       kv_mask = tile_mask(valid, col_ok)
       # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
-      k = widen.widen(plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0))
+      k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0)
       v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
-      s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[rows, kv_tile]
+      # f32[rows, kv_tile]
+      s = widen.scores(q, k, dot=functools.partial(plgpu.dot, precision=prec))
       if quantized:
         ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
         s = s * ks[None, :]

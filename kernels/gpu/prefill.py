@@ -161,7 +161,9 @@ def _prefill_kernel(
   # [q_tile, width]; rows past the tile's end (and columns past head_dim) are zero.
   q_idx = (q_rows[:, None], cols[None, :])
   q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-  q = widen.query(q)  # f16 and clipped in the 16-bit modes (kernels/gpu/_widen.py)
+  # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
+  # int8 parts in "int8_qk" (kernels/gpu/_widen.py).
+  q = widen.query_state(q)
   prec = dot_precision(widen.cdtype)
   pos = pos0 + t
   pos_last = pos0 + (end - start) - 1
@@ -202,9 +204,10 @@ def _prefill_kernel(
     # [kv_tile, width] each; rows not loaded are zero.
     kv_mask = tile_mask(blk_ok, col_ok)
     # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
-    k = widen.widen(plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0))
+    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0)
     v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
-    s = plgpu.dot(q, k, trans_b=True, precision=prec)  # f32[q_tile, kv_tile]
+    # f32[q_tile, kv_tile]
+    s = widen.scores(q, k, dot=functools.partial(plgpu.dot, precision=prec))
     if quantized:
       # Dequantise in the kernel: (q . k_row) * k_scale per key, and p * v_scale below.
       ks = plgpu.load(ks_ref.at[kv_rows], mask=blk_ok, other=0.0)

@@ -275,7 +275,8 @@ def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
 
 def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
   # Interpret mode on CPU: per 8-bit dtype a row for each BlockSizes.quant_widen it has
-  # (int8 has no separate "f16_bits"), each checked against the reference.
+  # (int8 has no separate "f16_bits", e4m3 no separate "int8_qk" / "int8_qkv"), each checked against the
+  # reference.
   code = (
     "import runpy\n"
     "sys.argv = ['gpu_decode', '--smoke', '--kv-quant', '--no-decode', '--no-prefill',"
@@ -289,6 +290,8 @@ def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
   assert [(r["kv_dtype"], r["widen"], r["widen_kind"]) for r in rows] == [
     ("int8", "q_dtype", "cast"),
     ("int8", "f16", "int8_magic"),
+    ("int8", "int8_qk", "int8_qk"),
+    ("int8", "int8_qkv", "int8_qkv"),
     ("float8_e4m3fn", "q_dtype", "cast"),
     ("float8_e4m3fn", "f16", "e4m3_cast"),
     ("float8_e4m3fn", "f16_bits", "e4m3_bits"),

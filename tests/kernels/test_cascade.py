@@ -255,7 +255,7 @@ def test_dtypes_and_soft_cap(backend, kv_dtype, q_dtype, cap):
   check(out, case, cap=cap, gpu_bf16=backend == "gpu" and q_dtype == jnp.bfloat16)
 
 
-@pytest.mark.parametrize("mode", ["q_dtype", "f16_bits"])
+@pytest.mark.parametrize("mode", ["q_dtype", "f16_bits", "int8_qk", "int8_qkv"])
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 def test_gpu_8bit_widenings(kv_dtype, mode):
   # The default widening (f16 dots) runs in test_dtypes_and_soft_cap; the old bf16 path and

@@ -483,7 +483,7 @@ def test_planned_kernels_lower_to_triton_ir_for_an_h200(monkeypatch, kv_dtype, o
   assert "paxcache_planned_decode_bs16" in text and "paxcache_planned_decode_merge" in text
 
 
-@pytest.mark.parametrize("mode", ["q_dtype", "f16", "f16_bits"])
+@pytest.mark.parametrize("mode", ["q_dtype", "f16", "f16_bits", "int8_qk", "int8_qkv"])
 @pytest.mark.parametrize("kv_dtype", ["int8", "float8_e4m3fn"])
 def test_planned_decode_8bit_widenings(kv_dtype, mode):
   # Each BlockSizes.quant_widen (kernels/gpu/_widen.py) in the planned chunk kernel, with

@@ -207,11 +207,11 @@ def test_gpu_interpret(dtype, ragged, q_dtype):
 
 @pytest.mark.parametrize("dtype", QDTYPES)
 @pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
-@pytest.mark.parametrize("mode", ["q_dtype", "f16_bits"])
+@pytest.mark.parametrize("mode", ["q_dtype", "f16_bits", "int8_qk", "int8_qkv"])
 def test_gpu_interpret_other_widenings(dtype, ragged, mode):
-  # test_gpu_interpret runs the default widening (f16 dots, kernels/gpu/_widen.py); the old
-  # bf16 path and the e4m3 bit trick (int8 takes the magic number in both f16 modes) must
-  # meet the same bound.
+  # test_gpu_interpret runs the default widening (kernels/gpu/_widen.py); the old bf16
+  # path, the e4m3 bit trick (int8 takes the magic number in both f16 modes) and int8's
+  # q . K (and p @ V) by integer dots (e4m3 takes "f16" there) must meet the same bound.
   from kernels import gpu
 
   rng = np.random.default_rng(3)

@@ -67,6 +67,12 @@ def test_e4m3_cast_to_f16_is_exact_for_every_finite_byte():
     (jnp.bfloat16, jnp.float8_e4m3fn, "f16", "float16", "e4m3_cast"),
     (jnp.bfloat16, jnp.float8_e4m3fn, "f16_bits", "float16", "e4m3_bits"),
     (jnp.bfloat16, jnp.int8, "q_dtype", "bfloat16", "cast"),  # the old path
+    (jnp.bfloat16, jnp.int8, "int8_qk", "bfloat16", "int8_qk"),  # V as q_dtype
+    (jnp.float16, jnp.int8, "int8_qk", "float16", "int8_qk"),
+    (jnp.bfloat16, jnp.int8, "int8_qkv", "bfloat16", "int8_qkv"),
+    (jnp.bfloat16, jnp.float8_e4m3fn, "int8_qkv", "float16", "e4m3_cast"),
+    (jnp.bfloat16, jnp.float8_e4m3fn, "int8_qk", "float16", "e4m3_cast"),  # e4m3: as "f16"
+    (jnp.float32, jnp.int8, "int8_qk", "float32", "cast"),
     # "auto": the fastest measured on the H200 per dtype (_widen.AUTO_WIDEN).
     (jnp.bfloat16, jnp.int8, "auto", "bfloat16", "cast"),
     (jnp.bfloat16, jnp.float8_e4m3fn, "auto", "float16", "e4m3_cast"),
@@ -106,6 +112,40 @@ def test_query_is_clipped_to_the_f16_range_in_the_16bit_modes():
   # The old path casts to bf16 as before (no clip needed: bf16 has f32's range).
   old = _widen.widening(jnp.bfloat16, jnp.int8, "q_dtype").query(q)
   assert old.dtype == jnp.bfloat16 and float(old[0, 1]) == float(q[0, 1])
+
+
+def test_int8_query_split_is_within_its_bound_and_scores_match_float64():
+  # hi * s_hi + lo * s_lo equals q within max|q_row| / 64516 per entry (hand-worked bound:
+  # lo's rounding, s_lo / 2 = s_hi / 508 = max / (127 * 508)); rows of very different
+  # magnitudes, a zero row, a row with one entry at the max.
+  rng = np.random.default_rng(5)
+  q = rng.standard_normal((6, 64)) * np.array([1.0, 1e-3, 3e2, 0.0, 1.0, 1e-8])[:, None]
+  q[4] = 0.0
+  q[4, 7] = -5.0
+  q = jnp.asarray(q, jnp.bfloat16)
+  w = _widen.widening(jnp.bfloat16, jnp.int8, "int8_qk")
+  hi, lo, s_hi, s_lo = jax.jit(w.query_state)(q)
+  assert hi.dtype == lo.dtype == jnp.int8
+  hi64, lo64 = np.asarray(hi, np.float64), np.asarray(lo, np.float64)
+  assert np.abs(hi64).max() <= 127 and np.abs(lo64).max() <= 127
+  back = hi64 * np.asarray(s_hi, np.float64)[:, None] + lo64 * np.asarray(s_lo, np.float64)[:, None]
+  q64 = np.asarray(q, np.float64)
+  amax = np.abs(q64).max(axis=1)
+  # float32 scale arithmetic adds a few ulps of amax on top of the rounding bound.
+  assert (np.abs(back - q64).max(axis=1) <= amax / 64516 + amax * 2**-21).all()
+  assert not hi64[3].any() and not lo64[3].any()  # the zero row
+  # scores: the two integer dots against a float64 q . k, for int8 K with masked (zero) rows.
+  k = rng.integers(-127, 128, (16, 64)).astype(np.int8)
+  k[5] = 0
+
+  def dot(a, b, trans_b=False):
+    return jnp.dot(a, b.T if trans_b else b, preferred_element_type=(
+      jnp.int32 if a.dtype == jnp.int8 else jnp.float32))
+
+  got = np.asarray(jax.jit(lambda qs, kk: w.scores(qs, kk, dot=dot))((hi, lo, s_hi, s_lo), jnp.asarray(k)))
+  want = q64 @ k.astype(np.float64).T
+  err = np.abs(got - want) / (amax[:, None] * np.abs(k).sum(axis=1)[None, :] + 1e-300)
+  assert err.max() <= 1 / 64516 + 2**-20
 
 
 def test_pv_operand_is_in_unit_range_and_scales_back():
