@@ -79,13 +79,16 @@ from kernels._quant import is_quantized
 QUANT_WIDEN_MODES = ("auto", "q_dtype", "f16", "f16_bits", "int8_qk", "int8_qkv")
 DEFAULT_QUANT_WIDEN = "auto"
 # What "auto" picks per 8-bit dtype, from experiments/bench/gpu_decode.py --kv-quant on one
-# H200 at 8b997d7 (2026-12-03, docs/results/kv_quant.jsonl; three interleaved passes, each
-# the median of 21 samples of 10 calls, pass medians' ranges apart at both shapes):
-# at 64 x 8192, int8 "q_dtype" 0.405-0.408 ms against "f16" (magic number) 0.481-0.486 (the
-# int->bf16 conversion is cheaper than the integer add + f16 subtract there); e4m3 "f16"
-# (astype to f16) 0.427-0.431 ms against "q_dtype" 0.528-0.540 and "f16_bits" 0.471-0.476;
-# the same order at 128 x 4096 (docs/benchmarks.md, "8-bit K/V decode").
-AUTO_WIDEN = {"int8": "q_dtype", "float8_e4m3fn": "f16"}
+# H200 (docs/results/kv_quant.jsonl; passes of 21 samples of 10 calls). At 8b997d7
+# (2026-12-03): int8 "q_dtype" 0.405-0.408 ms at 64 x 8192 against "f16" (magic number)
+# 0.481-0.486; e4m3 "f16" (astype to f16) 0.427-0.431 ms against "q_dtype" 0.528-0.540 and
+# "f16_bits" 0.471-0.476; the same order at 128 x 4096. At c669d1a (same day): int8
+# "int8_qk" 0.387 ms against "q_dtype" 0.409 (128 x 4096: 0.378 against 0.399), and in
+# device time (a profiler trace, 15 runs of 8 calls) 349.6-353.8 us against 371.2-373.3 at
+# 64 x 8192, 333.2-334.9 against 352.2-361.4 at 128 x 4096, ranges apart; "int8_qkv" was
+# slower than both (402 us at 64 x 8192): the int8 p @ V costs more than V's conversion
+# (docs/benchmarks.md, "8-bit K/V decode").
+AUTO_WIDEN = {"int8": "int8_qk", "float8_e4m3fn": "f16"}
 
 F16_MAX = 65504.0
 INT8_MAGIC = 0x6480  # f16 bits of 1152 = 1024 + 128: int16(x) + this is f16(1152 + x)
@@ -229,7 +232,7 @@ def widening(q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN) -> Widening:
   dots, widened as the module docstring says; mode "int8_qk": int8 q . K by integer dots and
   V widened to q's dtype, "int8_qkv": both products by integer dots (e4m3 K/V: both as
   "f16"). Mode "auto" is ``AUTO_WIDEN``'s mode for the
-  K/V dtype ("q_dtype" for int8, "f16" for e4m3: the fastest on the H200).
+  K/V dtype ("int8_qk" for int8, "f16" for e4m3: the fastest on the H200).
   """
   if mode not in QUANT_WIDEN_MODES:
     raise ValueError(f"quant_widen must be one of {QUANT_WIDEN_MODES}, got {mode!r}")

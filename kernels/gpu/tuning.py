@@ -94,10 +94,12 @@ class BlockSizes:
     quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
       8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "auto"
       (default) takes the mode measured fastest on the H200 per dtype (``_widen.AUTO_WIDEN``:
-      "q_dtype" for int8, "f16" for e4m3); "f16" runs both dots in float16, int8 widened by
+      "int8_qk" for int8, "f16" for e4m3); "f16" runs both dots in float16, int8 widened by
       integer ops (the f16 "magic number") and e4m3 by ``astype(float16)``; "f16_bits" is
-      the same with e4m3 widened by integer ops too; "q_dtype" is the old path, ``astype``
-      to q's dtype (bf16 dots for bf16 q). Float32 q and non-8-bit K/V take no notice of it.
+      the same with e4m3 widened by integer ops too; "int8_qk" runs int8's q . K as two
+      int8 x int8 dots on the raw K tile (q split in two int8 parts) and widens V to q's
+      dtype, "int8_qkv" p @ V that way too; "q_dtype" is the old path, ``astype`` to q's
+      dtype (bf16 dots for bf16 q). Float32 q and non-8-bit K/V take no notice of it.
     mosaic_tiles_per_block: 128-row query tiles one CUDA block of the Mosaic GPU prefill
       works through in turn, 1..8 (``prefill_mosaic.paged_prefill_mosaic``'s
       ``tiles_per_block``); 1, one tile per block, is the measured default, more amortises

@@ -74,7 +74,7 @@ def test_e4m3_cast_to_f16_is_exact_for_every_finite_byte():
     (jnp.bfloat16, jnp.float8_e4m3fn, "int8_qk", "float16", "e4m3_cast"),  # e4m3: as "f16"
     (jnp.float32, jnp.int8, "int8_qk", "float32", "cast"),
     # "auto": the fastest measured on the H200 per dtype (_widen.AUTO_WIDEN).
-    (jnp.bfloat16, jnp.int8, "auto", "bfloat16", "cast"),
+    (jnp.bfloat16, jnp.int8, "auto", "bfloat16", "int8_qk"),
     (jnp.bfloat16, jnp.float8_e4m3fn, "auto", "float16", "e4m3_cast"),
     (jnp.float32, jnp.float8_e4m3fn, "auto", "float32", "cast"),
     (jnp.bfloat16, jnp.bfloat16, "auto", "bfloat16", "cast"),
