@@ -18,8 +18,10 @@ and KV head) against bf16 decode on the same tokens, at 64 x 8192 and 128 x 4096
 heads, head_dim 128, block 16), in the same process; rows ``OUT/kv_quant.jsonl``
 (``ours_tbs``: bytes read, scales counted, per second; ``speedup``: bf16 time / 8-bit
 time), one row per 8-bit dtype and widening (``widen``: ``BlockSizes.quant_widen``, the
-old "q_dtype" beside "f16" and, for e4m3, "f16_bits"; ``--kv-quant-widen q_dtype,f16``
-times only those). Only that comparison (and the ceiling)::
+old "q_dtype" beside "f16", for e4m3 "f16_bits", for int8 "int8_qk" and "int8_qkv";
+``--kv-quant-widen q_dtype,f16`` times only those), and, unless ``--nodevice-time``, the
+same cases as device time (``device_ms``, ``device_speedup``). Only that comparison (and
+the ceiling)::
 
   python -m experiments.bench.gpu_decode --kv-quant --no-decode --no-prefill --out /tmp/q
 
@@ -45,7 +47,13 @@ from absl import flags
 import kernels
 from experiments._timing import time_calls
 from experiments.bench import _flags
-from experiments.bench._gpu_common import env_info, make_paged, write_jsonl
+from experiments.bench._gpu_common import (
+  commit_of,
+  device_time,
+  env_info,
+  make_paged,
+  write_jsonl,
+)
 from kernels import gpu
 from kernels.gpu import _widen
 from kernels.testing import rel_l2_error
@@ -468,7 +476,7 @@ def quant_widen_cases(widens):
   ]
 
 
-def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS):
+def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS, device=False):
   """bf16 against 8-bit decode on the same tokens, per shape; rows for kv_quant.jsonl.
 
   The 8-bit pools are quantized from the bf16 ones once, before timing (that is the
@@ -476,7 +484,10 @@ def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS):
   8-bit ``2 * B * T * Hkv * (D + 4)`` (rows and their float32 scales). Each 8-bit dtype
   is timed under each widening of ``widens`` (:func:`quant_widen_cases`), with the
   per-shape default settings otherwise, interleaved with bf16 in every pass; one row per
-  (dtype, widening).
+  (dtype, widening). With ``device`` each case is also timed as device time after the
+  passes (``_gpu_common.device_time``: a profiler trace of 21 calls, each call's first
+  kernel start to last kernel end), into ``device_ms`` (median, min, max) and
+  ``device_speedup`` (bf16's device median over this one's).
   """
   rng = np.random.default_rng(2)
   ours = ours_fn(None)
@@ -544,6 +555,12 @@ def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS):
         q2, kq, vq, t2, l2, backend="reference", k_scales=ks, v_scales=vs
       )
       errs[key] = rel_l2_error(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    dev = {}  # key -> Timing (seconds per call), with device=True
+    for key, _, _, fn, args, _ in cases if device else ():
+      try:
+        dev[key] = device_time(functools.partial(fn, *args), runs=21, per_run=1)
+      except Exception as e:  # noqa: BLE001 - the harness figures stand without it
+        print(f"device time of {key} failed: {type(e).__name__}: {e}", flush=True)
     bf16_ms = float(np.median(times["bfloat16"])) if times["bfloat16"] else None
     old = {}  # kv_dtype -> median ms of the old widening ("q_dtype"), where timed
     for key, name, widen, *_ in cases[1:]:
@@ -560,6 +577,9 @@ def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS):
           widen_kind=_widen.widening(jnp.bfloat16, name, widen).kind,
           case=f"decode_{batch}x{context}_bs{QUANT_BLOCK_SIZE}_h{HQ}/{HKV}_d{D}",
           ours_ms=ms,
+          # the pass medians' range (one pass: the median itself)
+          ours_ms_min=float(np.min(times[key])),
+          ours_ms_max=float(np.max(times[key])),
           bf16_ms=bf16_ms,
           ours_tbs=nbytes / ms / 1e9,
           bf16_tbs=(tokens * 2 * HKV * D * 2) / bf16_ms / 1e9 if bf16_ms else None,
@@ -567,6 +587,18 @@ def kv_quant_bench(runner, shapes, passes, widens=QUANT_WIDENS):
           speedup_vs_old_widen=old[name] / ms if name in old else None,
           passes=len(times[key]),
           rel_l2_vs_reference=errs[key],
+          **(
+            dict(
+              device_ms=dev[key].median * 1e3,
+              device_ms_min=dev[key].min * 1e3,
+              device_ms_max=dev[key].max * 1e3,
+              bf16_device_ms=dev["bfloat16"].median * 1e3,
+              device_speedup=dev["bfloat16"].median / dev[key].median,
+            )
+            if key in dev and "bfloat16" in dev
+            else {}
+          ),
+          commit=commit_of(os.environ.get("PAXCACHE_COMMIT", "unknown")),
           **runner.env,
         )
       )
@@ -591,6 +623,11 @@ def define_flags():
     "kv-quant-widen",
     list(QUANT_WIDENS),
     "--kv-quant: the BlockSizes.quant_widen modes timed per 8-bit dtype",
+  )
+  flags.DEFINE_bool(
+    "device-time",
+    True,
+    "--kv-quant: also time each case as device time from a profiler trace (off in --smoke)",
   )
   flags.DEFINE_bool(
     "kv-quant-sweep",
@@ -633,18 +670,25 @@ def main(args):
   )
 
   if args.kv_quant:
-    quant_rows = kv_quant_bench(runner, QUANT_SHAPES, args.passes, tuple(args.kv_quant_widen))
+    quant_rows = kv_quant_bench(
+      runner,
+      QUANT_SHAPES,
+      args.passes,
+      tuple(args.kv_quant_widen),
+      device=args.device_time and not args.smoke,
+    )
     write_jsonl(os.path.join(args.out, "kv_quant.jsonl"), quant_rows)
     print(
       f"{'case':>34} {'K/V':>13} {'widen':>8} {'ms':>7} {'TB/s':>5} {'vs bf16':>7} "
-      f"{'vs old':>6} {'rel L2':>8}"
+      f"{'vs old':>6} {'rel L2':>8} {'device ms':>9} {'vs bf16':>7}"
     )
     for r in quant_rows:
       vs_old = r["speedup_vs_old_widen"]
       print(
         f"{r['case']:>34} {r['kv_dtype']:>13} {r['widen']:>8} {r['ours_ms']:>7.4f} "
         f"{r['ours_tbs']:>5.2f} {r['speedup']:>6.2f}x "
-        f"{(f'{vs_old:.2f}x' if vs_old else '-'):>6} {r['rel_l2_vs_reference']:>8.1e}"
+        f"{(f'{vs_old:.2f}x' if vs_old else '-'):>6} {r['rel_l2_vs_reference']:>8.1e} "
+        f"{r.get('device_ms', float('nan')):>9.4f} {r.get('device_speedup', float('nan')):>6.2f}x"
       )
   if args.kv_quant_sweep:
     sweep_rows = kv_quant_sweep(runner, QUANT_SHAPES[0])

@@ -16,8 +16,8 @@ measures it), then per case the same K/V, block table and queries timed through
   ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens copied
   into its ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout before timing.
 
-32 query / 8 KV heads, head_dim 128, bf16, blocks at shuffled ids. Cases (``--cases``
-picks some, comma-separated)::
+32 query / 8 KV heads, head_dim 128 (``--head-dim`` sets another), bf16, blocks at
+shuffled ids. Cases (``--cases`` picks some, comma-separated)::
 
   sharegpt256_b16   256 lengths drawn as experiments/workloads.py draws ShareGPT-like
                     requests (prompt + output, seed 0, <= 8192), block 16
@@ -36,7 +36,7 @@ of the plain sum timed the same way (``device_ceiling_tbs``). ``--profile`` adds
 variant's kernels by name, their time and the idle between them (``profile``). The peer
 runs ``--calls`` calls captured in one CUDA graph between two CUDA events (plain
 back-to-back launches if capture fails). TB/s = K/V bytes the lengths cover
-(``sum(lengths) * 2 * 8 * 128 * 2``) / median time. Rows say which kernel
+(``sum(lengths) * 2 * 8 * head_dim * 2``) / median time. Rows say which kernel
 family ran (``kernel``: "triton" or "mosaic"). Every output is checked against the default
 kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
 bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
@@ -56,6 +56,7 @@ The peer needs ``pip install conch-triton-kernels`` (and torch); it is imported 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -95,34 +96,66 @@ FULL = {
   "full8x4096_b16": (8, 4096, 16),
 }
 CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
-# --sweep: planned settings beside the default ones: (BlockSizes overrides, programs per
-# SM, padded chunk counts per doubling); None keeps plan_decode's default.
-# The default is planned_block_sizes (128-token steps, 4 warps, 2 stages: one program per
-# SM at bf16 head_dim 128); LARGE_STEPS is the large-batch decode's (one program per SM).
+# --sweep: planned settings beside the default ones, each a dict of: "bs" (BlockSizes
+# overrides), "per_sm" (programs per SM the plan aims at), "per_octave" (padded chunk
+# counts per doubling), "min_chunk" (plan_decode's min_chunk_tokens) and "merge" (the
+# planned merge's (MERGE_TILE, MERGE_NUM_WARPS, MERGE_NUM_STAGES)); a key left out keeps
+# the default. The default is planned_block_sizes (128-token steps, 4 warps, 2 stages at
+# bf16 head_dim 128: one program per SM), chunks of at least plan.MIN_CHUNK_TOKENS (1024)
+# and a 32-chunk merge with 4 warps, 2 stages; BEFORE is what they replaced (f46425b).
+SMALL_STEPS = dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=3)
 LARGE_STEPS = dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3)
+BEFORE = dict(bs=SMALL_STEPS, min_chunk=256, merge=(64, 8, 1))
 SWEEP = (
-  (LARGE_STEPS, None, None),
-  (dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=2), None, None),
-  # The H200 table's split-K decode/w128/i2/small entry, which the planned kernel took
-  # until it was seen slower there (kernels.gpu.planned_block_sizes).
-  (dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=2), None, None),
-  ({}, 16, None),
-  (LARGE_STEPS, 16, None),
-  ({}, None, 4),
-  ({}, 4, None),
+  BEFORE,
+  dict(bs=SMALL_STEPS),
+  dict(bs=LARGE_STEPS),
+  dict(bs=dict(decode_kv_tile=128, decode_num_warps=4, decode_num_stages=3)),
+  dict(min_chunk=256),
+  dict(min_chunk=512),
+  dict(merge=(64, 8, 1)),
+  dict(merge=(16, 4, 1)),
+  dict(per_sm=4),
+  dict(per_sm=16),
 )
 # --sweep with the Mosaic variants on: Mosaic GPU decode settings (the defaults: 64-key
 # steps, the deepest ring that fits, one CUDA block per unit, the Triton merge), rows
 # "mosaic_sweep".
 MOSAIC = dict(decode_kernel="mosaic")
 MOSAIC_SWEEP = (
-  (dict(MOSAIC, mosaic_decode_kv_tile=128), None, None),
-  (dict(MOSAIC, mosaic_decode_num_slots=2), None, None),
-  (dict(MOSAIC, mosaic_decode_programs_per_sm=1, mosaic_decode_kv_tile=128), None, None),
-  (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 16, None),
-  (dict(MOSAIC, mosaic_decode_programs_per_sm=1), 4, None),
-  (dict(MOSAIC, mosaic_decode_merge="xla"), None, None),
+  dict(bs=dict(MOSAIC, mosaic_decode_kv_tile=128)),
+  dict(bs=dict(MOSAIC, mosaic_decode_num_slots=2)),
+  dict(bs=dict(MOSAIC, mosaic_decode_programs_per_sm=1, mosaic_decode_kv_tile=128)),
+  dict(bs=dict(MOSAIC, mosaic_decode_programs_per_sm=1), per_sm=16),
+  dict(bs=dict(MOSAIC, mosaic_decode_programs_per_sm=1), per_sm=4),
+  dict(bs=dict(MOSAIC, mosaic_decode_merge="xla")),
 )
+
+
+def _merge_defaults():
+  from kernels.gpu import planned
+
+  return planned.MERGE_TILE, planned.MERGE_NUM_WARPS, planned.MERGE_NUM_STAGES
+
+
+@contextlib.contextmanager
+def merge_settings(merge):
+  """The planned merge's (tile, warps, stages) set to ``merge`` inside the block (None:
+  unchanged), restored after; JAX's caches are cleared on the way in and out, since the
+  jitted kernels read these module constants when they trace."""
+  from kernels.gpu import planned
+
+  if merge is None:
+    yield
+    return
+  saved = _merge_defaults()
+  planned.MERGE_TILE, planned.MERGE_NUM_WARPS, planned.MERGE_NUM_STAGES = merge
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    planned.MERGE_TILE, planned.MERGE_NUM_WARPS, planned.MERGE_NUM_STAGES = saved
+    jax.clear_caches()
 
 
 def case_lengths(name: str) -> tuple[np.ndarray, int]:
@@ -342,44 +375,58 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
   sweep_rows = []
   if args.sweep:
     default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
-    for overrides, per_sm, per_octave in SWEEP + (MOSAIC_SWEEP if args.mosaic else ()):
+    settings = SWEEP + (MOSAIC_SWEEP if args.mosaic else ())
+    if args.sweep_only:
+      settings = tuple(settings[int(i)] for i in args.sweep_only)
+    for setting in settings:
       if time.time() > args.deadline:
         break
+      overrides = setting.get("bs", {})
+      per_sm, per_octave = setting.get("per_sm"), setting.get("per_octave")
+      min_chunk, merge = setting.get("min_chunk"), setting.get("merge")
+      mosaic = overrides.get("decode_kernel") == "mosaic"
+      variant = "mosaic_sweep" if mosaic else "planned_sweep"
       try:
-        bsz = dataclasses.replace(default_bs, **overrides)
-        target = None if per_sm is None else per_sm * plan_mod.num_sms()
-        p = plan_mod.plan_decode(
-          lengths, block_size, HKV, target_programs=target, buckets_per_octave=per_octave or 1
-        )
-        t, out = measure(p.device_put(), bsz, "sweep")
-        tb = t.map(lambda s: nbytes / s / 1e12)
-        mosaic = bsz.decode_kernel == "mosaic"
-        sweep_rows.append(
-          dict(
-            base,
-            variant="mosaic_sweep" if mosaic else "planned_sweep",
-            kernel="mosaic" if mosaic else "triton",
-            config={
-              k: v
-              for k, v in dataclasses.asdict(bsz).items()
-              if k.startswith(("decode", "mosaic_decode") if mosaic else "decode")
-            },
-            programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
+        with merge_settings(merge):
+          bsz = dataclasses.replace(default_bs, **overrides)
+          target = None if per_sm is None else per_sm * plan_mod.num_sms()
+          p = plan_mod.plan_decode(
+            lengths,
+            block_size,
+            HKV,
+            target_programs=target,
             buckets_per_octave=per_octave or 1,
-            ours_tbs=tb.median,
-            ours_tbs_min=tb.min,
-            ours_tbs_max=tb.max,
-            fraction_of_ceiling=tb.median / ceiling if ceiling else None,
-            num_chunks=p.num_chunks(),
-            padded_chunks=p.num_padded_chunks,
-            **check(out, out_def),
-            **device_fields("sweep"),
+            **({} if min_chunk is None else dict(min_chunk_tokens=min_chunk)),
           )
-        )
+          t, out = measure(p.device_put(), bsz, "sweep")
+          tb = t.map(lambda s: nbytes / s / 1e12)
+          sweep_rows.append(
+            dict(
+              base,
+              variant=variant,
+              kernel="mosaic" if mosaic else "triton",
+              config={
+                k: v
+                for k, v in dataclasses.asdict(bsz).items()
+                if k.startswith(("decode", "mosaic_decode") if mosaic else "decode")
+              },
+              programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
+              buckets_per_octave=per_octave or 1,
+              min_chunk_tokens=min_chunk or plan_mod.MIN_CHUNK_TOKENS,
+              merge=list(merge or _merge_defaults()),
+              ours_tbs=tb.median,
+              ours_tbs_min=tb.min,
+              ours_tbs_max=tb.max,
+              fraction_of_ceiling=tb.median / ceiling if ceiling else None,
+              num_chunks=p.num_chunks(),
+              padded_chunks=p.num_padded_chunks,
+              **check(out, out_def),
+              **device_fields("sweep"),
+            )
+          )
       except Exception as e:  # noqa: BLE001 - one setting failing loses no other
         traceback.print_exc()
-        variant = "mosaic_sweep" if overrides.get("decode_kernel") == "mosaic" else "planned_sweep"
-        sweep_rows.append(dict(base, variant=variant, config=overrides, error=repr(e)))
+        sweep_rows.append(dict(base, variant=variant, config=setting, error=repr(e)))
   return rows, sweep_rows
 
 
@@ -389,6 +436,10 @@ def define_flags():
   flags.DEFINE_integer("calls", 8, "kernel calls per timed jit (and per CUDA graph)", lower_bound=1)
   flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("sweep", False, "also time SWEEP's planned settings")
+  flags.DEFINE_list("sweep-only", [], "--sweep: indices of SWEEP + MOSAIC_SWEEP to run (all)")
+  flags.DEFINE_integer(
+    "head-dim", 128, "head_dim of q and K/V (the issue's cases: 128)", lower_bound=16
+  )
   flags.DEFINE_bool("no-peer", False, "skip vLLM's Triton kernel")
   flags.DEFINE_bool("mosaic", True, "also time the Mosaic GPU planned decode (Hopper)")
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
@@ -413,6 +464,7 @@ def main(args):
   unknown = [c for c in args.cases if c not in CASES]
   if unknown:
     raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES)}")
+  D = args.head_dim
   if args.smoke:
     HQ, HKV, D, INTERPRET = 4, 2, 64, True
     # GPU interpret mode (the Mosaic variant) needs 4 XLA CPU threads (kernels.gpu's

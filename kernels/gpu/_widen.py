@@ -48,8 +48,9 @@ Mode ``"int8_qk"`` (int8 K/V with 16-bit q) takes K's widening out altogether: q
 once per program into two int8 parts, ``q ~ hi * s_hi + lo * s_lo`` per row (``s_hi =
 max|q| / 127``, ``hi = round(q / s_hi)``, ``s_lo = s_hi / 254``, ``lo = round((q - hi *
 s_hi) / s_lo)``, both in [-127, 127]), and ``q . k`` is two int8 x int8 dots with exact
-int32 sums (``|sum| <= 256 * 127 * 127 < 2**23`` at head_dim 256), scaled by ``s_hi`` and ``s_lo`` in float32: the raw int8 K tile goes to the tensor cores
-as it was loaded. The split's error is at most ``s_lo / 2 = max|q| / 64516`` per q entry
+int32 sums (``|sum| <= 256 * 127 * 127 < 2**23`` at head_dim 256), scaled by ``s_hi`` and
+``s_lo`` in float32: the raw int8 K tile goes to the tensor cores as it was loaded. The
+split's error is at most ``s_lo / 2 = max|q| / 64516`` per q entry
 (q itself, bf16, is exact to 2**-9 of each entry); V is widened to q's dtype as in
 ``"q_dtype"``. For float8 e4m3 K/V this mode is the e4m3 ``"f16"`` path (nothing integer
 to multiply).

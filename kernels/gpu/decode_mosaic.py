@@ -611,9 +611,7 @@ def planned_decode_mosaic(
     ),
     grid=(num_q_heads, batch),
     out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
-    compiler_params=pltriton.CompilerParams(
-      num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES
-    ),
+    compiler_params=pltriton.CompilerParams(num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES),
     interpret=bool(interpret),
     name="paxcache_mosaic_decode_merge",
   )(

@@ -273,10 +273,38 @@ def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
     assert r["num_chunks"] >= 2 and r["plan_us"] > 0
 
 
+def test_gpu_ragged_sweep_smoke_sets_and_restores_the_plan_and_merge_settings(tmp_path):
+  # Interpret mode on CPU: each SWEEP setting (block sizes, plan chunk sizes, the merge's
+  # module constants) runs and is checked against the default kernel; a setting's merge
+  # is set only for its own row (the rows after BEFORE's report the default merge again).
+  from experiments.bench import gpu_ragged
+  from kernels.gpu import planned
+
+  code = (
+    "import runpy\n"
+    "sys.argv = ['gpu_ragged', '--smoke', '--sweep', '--nomosaic', '--cases',"
+    f" 'long1_short63_b16', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_ragged', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = (tmp_path / "gpu_decode_ragged_sweep.jsonl").read_text().splitlines()
+  rows = [json.loads(line) for line in lines]
+  assert len(rows) == len(gpu_ragged.SWEEP) and all("error" not in r for r in rows)
+  default_merge = [planned.MERGE_TILE, planned.MERGE_NUM_WARPS, planned.MERGE_NUM_STAGES]
+  assert rows[0]["merge"] == [64, 8, 1] and rows[0]["min_chunk_tokens"] == 256
+  assert rows[0]["config"]["decode_kv_tile"] == 64
+  assert [r["merge"] for r in rows[1:]] == [
+    list(s.get("merge", default_merge)) for s in gpu_ragged.SWEEP[1:]
+  ]
+  for r in rows:
+    assert r["check_ok"] is True and r["num_chunks"] >= 1
+
+
 def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
   # Interpret mode on CPU: per 8-bit dtype a row for each BlockSizes.quant_widen it has
-  # (int8 has no separate "f16_bits", e4m3 no separate "int8_qk" / "int8_qkv"), each checked against the
-  # reference.
+  # (int8 has no separate "f16_bits", e4m3 no separate "int8_qk" / "int8_qkv"), each
+  # checked against the reference.
   code = (
     "import runpy\n"
     "sys.argv = ['gpu_decode', '--smoke', '--kv-quant', '--no-decode', '--no-prefill',"

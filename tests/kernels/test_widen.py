@@ -139,10 +139,11 @@ def test_int8_query_split_is_within_its_bound_and_scores_match_float64():
   k[5] = 0
 
   def dot(a, b, trans_b=False):
-    return jnp.dot(a, b.T if trans_b else b, preferred_element_type=(
-      jnp.int32 if a.dtype == jnp.int8 else jnp.float32))
+    out = jnp.int32 if a.dtype == jnp.int8 else jnp.float32
+    return jnp.dot(a, b.T if trans_b else b, preferred_element_type=out)
 
-  got = np.asarray(jax.jit(lambda qs, kk: w.scores(qs, kk, dot=dot))((hi, lo, s_hi, s_lo), jnp.asarray(k)))
+  scores = jax.jit(lambda qs, kk: w.scores(qs, kk, dot=dot))
+  got = np.asarray(scores((hi, lo, s_hi, s_lo), jnp.asarray(k)))
   want = q64 @ k.astype(np.float64).T
   err = np.abs(got - want) / (amax[:, None] * np.abs(k).sum(axis=1)[None, :] + 1e-300)
   assert err.max() <= 1 / 64516 + 2**-20
