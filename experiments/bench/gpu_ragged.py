@@ -102,10 +102,12 @@ CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
 # planned merge's (MERGE_TILE, MERGE_NUM_WARPS, MERGE_NUM_STAGES)); a key left out keeps
 # the default. The default is planned_block_sizes (128-token steps, 4 warps, 2 stages at
 # bf16 head_dim 128: one program per SM), chunks of at least plan.MIN_CHUNK_TOKENS (1024)
-# and a 32-chunk merge with 4 warps, 2 stages; BEFORE is what they replaced (f46425b).
+# and a 32-chunk merge with 4 warps, 2 stages; BEFORE is what they replaced (f46425b): the
+# rule's small-batch decode settings for the head_dim ("bs": "rule"; 64-token steps, 4
+# warps, 3 stages at bf16 head_dim 128), chunks of at least 256, a 64-chunk merge, 8 warps.
 SMALL_STEPS = dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=3)
 LARGE_STEPS = dict(decode_kv_tile=128, decode_num_warps=8, decode_num_stages=3)
-BEFORE = dict(bs=SMALL_STEPS, min_chunk=256, merge=(64, 8, 1))
+BEFORE = dict(bs="rule", min_chunk=256, merge=(64, 8, 1))
 SWEEP = (
   BEFORE,
   dict(bs=SMALL_STEPS),
@@ -382,6 +384,9 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
       if time.time() > args.deadline:
         break
       overrides = setting.get("bs", {})
+      if overrides == "rule":  # the small-batch rule's decode settings for this head_dim
+        rule = gpu.rule_block_sizes(head_dim=D, kv_dtype=DTYPE)
+        overrides = {f: getattr(rule, f) for f in SMALL_STEPS}
       per_sm, per_octave = setting.get("per_sm"), setting.get("per_octave")
       min_chunk, merge = setting.get("min_chunk"), setting.get("merge")
       mosaic = overrides.get("decode_kernel") == "mosaic"
@@ -426,7 +431,7 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
           )
       except Exception as e:  # noqa: BLE001 - one setting failing loses no other
         traceback.print_exc()
-        sweep_rows.append(dict(base, variant=variant, config=setting, error=repr(e)))
+        sweep_rows.append(dict(base, variant=variant, config=repr(setting), error=repr(e)))
   return rows, sweep_rows
 
 

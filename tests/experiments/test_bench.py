@@ -278,6 +278,7 @@ def test_gpu_ragged_sweep_smoke_sets_and_restores_the_plan_and_merge_settings(tm
   # module constants) runs and is checked against the default kernel; a setting's merge
   # is set only for its own row (the rows after BEFORE's report the default merge again).
   from experiments.bench import gpu_ragged
+  from kernels import gpu
   from kernels.gpu import planned
 
   code = (
@@ -293,7 +294,10 @@ def test_gpu_ragged_sweep_smoke_sets_and_restores_the_plan_and_merge_settings(tm
   assert len(rows) == len(gpu_ragged.SWEEP) and all("error" not in r for r in rows)
   default_merge = [planned.MERGE_TILE, planned.MERGE_NUM_WARPS, planned.MERGE_NUM_STAGES]
   assert rows[0]["merge"] == [64, 8, 1] and rows[0]["min_chunk_tokens"] == 256
-  assert rows[0]["config"]["decode_kv_tile"] == 64
+  # BEFORE: the small-batch rule's settings at the smoke's head_dim 64 (bf16: 128 tokens).
+  rule = gpu.rule_block_sizes(head_dim=64, kv_dtype="bfloat16")
+  assert rows[0]["config"]["decode_kv_tile"] == rule.decode_kv_tile == 128
+  assert rows[0]["config"]["decode_num_stages"] == rule.decode_num_stages == 3
   assert [r["merge"] for r in rows[1:]] == [
     list(s.get("merge", default_merge)) for s in gpu_ragged.SWEEP[1:]
   ]
