@@ -72,10 +72,22 @@ QUANT_DTYPES = ("int8", "float8_e4m3fn")
 # "int8_qk" / "int8_qkv" (int8's q . K / both products by integer dots) are "f16" for
 # e4m3, so e4m3 skips them.
 QUANT_WIDENS = ("q_dtype", "f16", "f16_bits", "int8_qk", "int8_qkv")
-# --kv-quant-sweep: decode settings tried for 8-bit K/V at the first of QUANT_SHAPES (the
-# default for a 256-byte token of K plus V is a 128-token step, 4 warps, 3 stages).
-QUANT_SWEEP = tuple(
-  (tile, warps, stages) for tile in (128, 256) for warps in (4, 8) for stages in (3, 4)
+# --kv-quant-sweep: decode settings (kv_tile, warps, stages) tried for 8-bit K/V at the
+# first of QUANT_SHAPES, with the default widening (the default for a 256-byte token of K
+# plus V is a 128-token step, 4 warps, 3 stages). 93e3c3e swept 128/256-token steps with
+# 4/8 warps and 3/4 stages (the default fastest); 64-token steps (bf16's token count, half
+# its bytes) with deeper pipelines, and 2 stages, were not tried then.
+QUANT_SWEEP = (
+  (64, 4, 3),
+  (64, 4, 4),
+  (64, 4, 6),
+  (64, 8, 4),
+  (128, 4, 2),
+  (128, 4, 3),
+  (128, 4, 4),
+  (128, 8, 3),
+  (256, 4, 2),
+  (256, 4, 3),
 )
 
 # Extra decode settings timed with --decode-sweep (the defaults come from tuning.py).
