@@ -458,6 +458,11 @@ def kv_quant_sweep(runner, shape):
           num_stages=stages,
           batch=batch,
           context=context,
+          block_size=QUANT_BLOCK_SIZE,
+          num_q_heads=HQ,
+          num_kv_heads=HKV,
+          head_dim=D,
+          kernel="triton",
         )
       except Exception:  # noqa: BLE001 - a setting that does not compile is reported
         traceback.print_exc()
@@ -468,7 +473,9 @@ def kv_quant_sweep(runner, shape):
           f"({row['time_min_ms']:.4f}-{row['time_max_ms']:.4f}), {row['tbps']:.2f} TB/s",
           flush=True,
         )
-        rows.append({**row, **runner.env})
+        rows.append(
+          {**row, **runner.env, "commit": commit_of(os.environ.get("PAXCACHE_COMMIT", "unknown"))}
+        )
   return rows
 
 

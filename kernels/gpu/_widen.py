@@ -90,6 +90,14 @@ DEFAULT_QUANT_WIDEN = "auto"
 # slower than both (402 us at 64 x 8192): the int8 p @ V costs more than V's conversion
 # (docs/benchmarks.md, "8-bit K/V decode").
 AUTO_WIDEN = {"int8": "int8_qk", "float8_e4m3fn": "f16"}
+# "auto" in the kernels whose products are matrix-sized (the Triton prefill and the cascade's
+# shared part): int8 keeps "q_dtype" there. "int8_qk" doubles the q . K products (two int8
+# dots for one bf16 one), which a decode step's 16-row tile does not notice and a
+# compute-bound prefill tile may; neither kernel was timed over 8-bit K/V in any mode.
+AUTO_WIDEN_MATMUL = {"int8": "q_dtype", "float8_e4m3fn": "f16"}
+# Rows whose largest |q| is under this are split as zero rows (split_query_int8): the scales
+# of a smaller row would sink into float32's subnormals (or flush to zero).
+INT8_SPLIT_TINY = 2.0**-100
 
 F16_MAX = 65504.0
 INT8_MAGIC = 0x6480  # f16 bits of 1152 = 1024 + 128: int16(x) + this is f16(1152 + x)
@@ -107,10 +115,13 @@ def widen_int8_f16(x):
 def split_query_int8(q):
   """``(hi, lo, s_hi, s_lo)``: a [rows, D] query tile as two int8 tiles and float32 row
   scales[rows], ``q ~ hi * s_hi + lo * s_lo`` within ``max|q_row| / 64516`` per entry (module
-  docstring). A zero row gives zeros with scales 1 and 1/254."""
+  docstring). A row whose largest |q| is under ``INT8_SPLIT_TINY`` (2**-100; zero rows too)
+  gives zeros with scales 1 and 1/254: an absolute error under 2**-100 per entry."""
   qf = q.astype(jnp.float32)
   amax = jnp.max(jnp.abs(qf), axis=1)
-  s_hi = jnp.where(amax > 0, amax * (1.0 / 127.0), 1.0)
+  big = amax >= INT8_SPLIT_TINY
+  qf = jnp.where(big[:, None], qf, 0.0)
+  s_hi = jnp.where(big, amax * (1.0 / 127.0), 1.0)
   # floor(x + 0.5): round half up (Triton has no round-to-nearest lowering); |x| <= 127.
   hi = jnp.floor(qf / s_hi[:, None] + 0.5)
   s_lo = s_hi * (1.0 / 254.0)
@@ -179,7 +190,8 @@ class Widening:
 
   def query_state(self, q):
     """What :meth:`scores` takes for the query tile, prepared once per program: a tuple
-    (``(query(q),)``, or :func:`split_query_int8`'s four arrays in ``"int8_qk"``)."""
+    (``(query(q),)``, or :func:`split_query_int8`'s four arrays in ``"int8_qk"`` and
+    ``"int8_qkv"``)."""
     if self.kind in ("int8_qk", "int8_qkv"):
       return split_query_int8(q)
     return (self.query(q),)
@@ -224,7 +236,9 @@ class Widening:
     return (p * w[None, :]).astype(self.cdtype), vmax * self.k_factor
 
 
-def widening(q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN) -> Widening:
+def widening(
+  q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN, *, matmul: bool = False
+) -> Widening:
   """The widening a kernel call uses (``mode`` one of ``QUANT_WIDEN_MODES``).
 
   Non-8-bit K/V: ``astype`` to the common dtype, float32 when q and K/V differ. 8-bit K/V
@@ -233,13 +247,15 @@ def widening(q_dtype, kv_dtype, mode: str = DEFAULT_QUANT_WIDEN) -> Widening:
   dots, widened as the module docstring says; mode "int8_qk": int8 q . K by integer dots and
   V widened to q's dtype, "int8_qkv": both products by integer dots (e4m3 K/V: both as
   "f16"). Mode "auto" is ``AUTO_WIDEN``'s mode for the
-  K/V dtype ("int8_qk" for int8, "f16" for e4m3: the fastest on the H200).
+  K/V dtype ("int8_qk" for int8, "f16" for e4m3: the fastest decode on the H200), or with
+  ``matmul`` (the prefill and the cascade's shared kernel) ``AUTO_WIDEN_MATMUL``'s (int8
+  keeps "q_dtype").
   """
   if mode not in QUANT_WIDEN_MODES:
     raise ValueError(f"quant_widen must be one of {QUANT_WIDEN_MODES}, got {mode!r}")
   q_dtype, kv_dtype = jnp.dtype(q_dtype), jnp.dtype(kv_dtype)
   if mode == "auto":
-    mode = AUTO_WIDEN.get(kv_dtype.name, "q_dtype")
+    mode = (AUTO_WIDEN_MATMUL if matmul else AUTO_WIDEN).get(kv_dtype.name, "q_dtype")
   if not is_quantized(kv_dtype):
     cdtype = q_dtype if q_dtype == kv_dtype else jnp.dtype(jnp.float32)
     return Widening(cdtype.name, "cast")

@@ -300,7 +300,7 @@ def shared_partials(
   row_tiles = -(-members // per_tile)
   kv_tile = block_sizes.shared_kv_tile
   max_tiles = max(1, -(-(width * block_size) // kv_tile))
-  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
+  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen, matmul=True)
   itemsize = jnp.dtype(widen.cdtype).itemsize
   smem = (rows + 2 * block_sizes.shared_num_stages * kv_tile) * head_dim * itemsize
   num_chunks = choose_num_chunks(

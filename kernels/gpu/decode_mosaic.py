@@ -61,9 +61,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from kernels._quant import is_quantized
+from kernels.gpu import planned as _planned
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu.plan import DecodePlan
-from kernels.gpu.planned import MERGE_NUM_STAGES, MERGE_NUM_WARPS, _merge_row
+from kernels.gpu.planned import _merge_row
 
 ROWS = 64  # the wgmma M dimension: query rows of the consumer's tile
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -611,7 +612,9 @@ def planned_decode_mosaic(
     ),
     grid=(num_q_heads, batch),
     out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
-    compiler_params=pltriton.CompilerParams(num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES),
+    compiler_params=pltriton.CompilerParams(
+      num_warps=_planned.MERGE_NUM_WARPS, num_stages=_planned.MERGE_NUM_STAGES
+    ),
     interpret=bool(interpret),
     name="paxcache_mosaic_decode_merge",
   )(

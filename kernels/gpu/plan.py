@@ -40,9 +40,10 @@ import numpy as np
 PROGRAMS_PER_SM = 8
 # The smallest chunk: shorter chunks spend more on their prologue (plan entries, the q
 # tile, the pipeline's first steps) and on writing and merging float32 partials than they
-# read. On an H200 (device time, af45169) 1024 read fastest of 256-1024 for the batches
-# whose total is small enough for this to bind: one 32,768-token row among 63 of 128
-# 3.53 TB/s against 3.32 at 256, 8 x 4096 3.36 against 3.19 (docs/benchmarks.md).
+# read. On an H200 (device time, af45169), with the planned kernel's 128-token steps, 1024
+# and 768 read fastest of 256-1024 (level) for the batches whose total is small enough for
+# this to bind: one 32,768-token row among 63 of 128 3.53 TB/s against 3.32 at 256, 8 x
+# 4096 3.36 against 3.19 (docs/benchmarks.md "The planned defaults re-measured").
 MIN_CHUNK_TOKENS = 1024
 # Chunk boundaries inside a row are multiples of this; the kernel's decode_kv_tile should
 # divide it (16..128 do), else a step straddles two chunks and is read twice (still

@@ -283,7 +283,7 @@ def paged_prefill(
     cu_q_lens, lengths.astype(jnp.int32), num_tokens, q_tile // hp, sliding_window
   )
   num_tiles = sched.shape[0]
-  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
+  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen, matmul=True)
   kernel = functools.partial(
     _prefill_kernel,
     num_q_heads=num_q_heads,

@@ -93,9 +93,11 @@ class BlockSizes:
       (the planned decode's merge kernel) or "xla" (segment sums; no Pallas Triton).
     quant_widen: how the Triton kernels (decode, planned decode, prefill, cascade) widen
       8-bit K/V for their dots when q is 16-bit (``kernels/gpu/_widen.py``): "auto"
-      (default) takes the mode measured fastest on the H200 per dtype (``_widen.AUTO_WIDEN``:
-      "int8_qk" for int8, "f16" for e4m3); "f16" runs both dots in float16, int8 widened by
-      integer ops (the f16 "magic number") and e4m3 by ``astype(float16)``; "f16_bits" is
+      (default) takes the mode measured fastest in decode on the H200 per dtype
+      (``_widen.AUTO_WIDEN``: "int8_qk" for int8, "f16" for e4m3; the prefill and the
+      cascade's shared kernel, never timed over 8-bit K/V, keep int8 on "q_dtype");
+      "f16" runs both dots in float16, int8 widened by integer ops (the f16 "magic
+      number") and e4m3 by ``astype(float16)``; "f16_bits" is
       the same with e4m3 widened by integer ops too; "int8_qk" runs int8's q . K as two
       int8 x int8 dots on the raw K tile (q split in two int8 parts) and widens V to q's
       dtype, "int8_qkv" p @ V that way too; "q_dtype" is the old path, ``astype`` to q's
@@ -340,11 +342,12 @@ def planned_decode_fields(*, head_dim: int, kv_dtype) -> dict:
 
   At bf16 head_dim 128 that is 128-token steps in 2 stages (128 KiB of shared memory: one
   program per SM), which read faster than the small-batch rule's 64-token steps in 3
-  stages (two programs per SM) on every case of ``experiments/bench/gpu_ragged.py`` on an
-  H200 (device time, af45169; docs/benchmarks.md "Ragged decode by a work plan"): one
-  long among short 3.32 against 3.13 TB/s, 64 x 8192 4.22 against 4.01, 256 x 2048 4.30
-  against 4.09, ShareGPT-like level (3.75 and 3.75). A step of at most 32 KiB (bf16
-  head_dim 64, 8-bit head_dim 128) keeps 3 stages, as the rule has it (128-token steps).
+  stages (two programs per SM) on five of the six ``experiments/bench/gpu_ragged.py`` cases
+  swept on an H200 and level on the sixth (device time, af45169; docs/benchmarks.md "The
+  planned defaults re-measured"): one long among short 3.32 against 3.13 TB/s, 64 x 8192
+  4.22 against 4.01, 256 x 2048 4.30 against 4.09, ShareGPT-like 3.75 and 3.75. A step of
+  at most 32 KiB (bf16 head_dim 64, 8-bit head_dim 128) keeps 3 stages, as the rule has it
+  (128-token steps).
   """
   row_bytes = 2 * padded_head_dim(head_dim) * jnp.dtype(kv_dtype).itemsize
   kv_tile = max(16, min(128, _floor_pow2(_PLANNED_STAGE_BYTES // row_bytes)))

@@ -38,6 +38,20 @@ def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
   )
 
 
+def _bench_rows(module: str, argv: list[str], out, rows_file: str) -> list[dict]:
+  """Runs ``experiments.bench.<module>`` with ``argv`` plus ``--out out`` in a fresh CPU
+  process (as ``_python``), asserts it exits 0 and returns the JSON rows of
+  ``out/rows_file``."""
+  code = (
+    "import runpy\n"
+    f"sys.argv = {[module, *argv, '--out', str(out)]!r}\n"
+    f"runpy.run_module('experiments.bench.{module}', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return [json.loads(line) for line in (out / rows_file).read_text().splitlines()]
+
+
 def documented_commands(script: str) -> list[list[str]]:
   """The flags of every ``python -m experiments.bench.<script> ...`` in the README, the
   docs and the script's docstring (optional ``[--flag]`` parts included, text after a
@@ -250,15 +264,8 @@ def test_gpu_ragged_smoke_writes_a_row_per_case_and_variant(tmp_path):
   # Interpret mode on CPU, one ragged case: the three variants timed on the same data
   # (the Mosaic GPU one in GPU interpret mode), the planned outputs checked against the
   # default kernel's, the plan's host time recorded.
-  code = (
-    "import runpy\n"
-    f"sys.argv = ['gpu_ragged', '--smoke', '--cases', 'long1_short63_b16', '--out', '{tmp_path}']\n"
-    "runpy.run_module('experiments.bench.gpu_ragged', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = (tmp_path / "gpu_decode_ragged.jsonl").read_text().splitlines()
-  rows = [json.loads(line) for line in lines]
+  argv = ["--smoke", "--cases", "long1_short63_b16"]
+  rows = _bench_rows("gpu_ragged", argv, tmp_path, "gpu_decode_ragged.jsonl")
   assert [r["variant"] for r in rows] == ["default", "planned", "mosaic"]
   assert [r["kernel"] for r in rows] == ["triton", "triton", "mosaic"]
   for r in rows:
@@ -281,16 +288,8 @@ def test_gpu_ragged_sweep_smoke_sets_and_restores_the_plan_and_merge_settings(tm
   from kernels import gpu
   from kernels.gpu import planned
 
-  code = (
-    "import runpy\n"
-    "sys.argv = ['gpu_ragged', '--smoke', '--sweep', '--nomosaic', '--cases',"
-    f" 'long1_short63_b16', '--out', '{tmp_path}']\n"
-    "runpy.run_module('experiments.bench.gpu_ragged', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = (tmp_path / "gpu_decode_ragged_sweep.jsonl").read_text().splitlines()
-  rows = [json.loads(line) for line in lines]
+  argv = ["--smoke", "--sweep", "--nomosaic", "--cases", "long1_short63_b16"]
+  rows = _bench_rows("gpu_ragged", argv, tmp_path, "gpu_decode_ragged_sweep.jsonl")
   assert len(rows) == len(gpu_ragged.SWEEP) and all("error" not in r for r in rows)
   default_merge = [planned.MERGE_TILE, planned.MERGE_NUM_WARPS, planned.MERGE_NUM_STAGES]
   assert rows[0]["merge"] == [64, 8, 1] and rows[0]["min_chunk_tokens"] == 256
@@ -309,16 +308,8 @@ def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
   # Interpret mode on CPU: per 8-bit dtype a row for each BlockSizes.quant_widen it has
   # (int8 has no separate "f16_bits", e4m3 no separate "int8_qk" / "int8_qkv"), each
   # checked against the reference.
-  code = (
-    "import runpy\n"
-    "sys.argv = ['gpu_decode', '--smoke', '--kv-quant', '--no-decode', '--no-prefill',"
-    f" '--passes', '1', '--out', {str(tmp_path)!r}]\n"
-    "runpy.run_module('experiments.bench.gpu_decode', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  lines = (tmp_path / "kv_quant.jsonl").read_text().splitlines()
-  rows = [json.loads(line) for line in lines]
+  argv = ["--smoke", "--kv-quant", "--no-decode", "--no-prefill", "--passes", "1"]
+  rows = _bench_rows("gpu_decode", argv, tmp_path, "kv_quant.jsonl")
   assert [(r["kv_dtype"], r["widen"], r["widen_kind"]) for r in rows] == [
     ("int8", "q_dtype", "cast"),
     ("int8", "f16", "int8_magic"),

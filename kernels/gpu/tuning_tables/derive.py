@@ -32,9 +32,11 @@ replace the rule (``select``).
   overrides that commit's default, 128-token steps, 8 warps, 3 stages, splits by shape).
   Context-512 rows are left out: one call there is shorter than its dispatch, so they time
   the host (the script's docstring and docs/gpu_notes.md run 7 say so).
-* ``docs/results/kv_quant_sweep.jsonl`` (H200, commit 93e3c3e): 8-bit K/V decode at
-  64 x 8192, settings built as ``BlockSizes(decode_kv_tile, decode_num_warps,
-  decode_num_stages)``, splits left to the shape.
+* ``docs/results/kv_quant_sweep.jsonl`` (H200, commits 93e3c3e and 3da8655): 8-bit K/V
+  decode at 64 x 8192, settings built as ``BlockSizes(decode_kv_tile, decode_num_warps,
+  decode_num_stages)``, splits left to the shape; each row's widening (``widen``, resolved
+  to its kind; "cast" before it was recorded) is part of its shape, so rows of different
+  widenings are never compared.
 * ``docs/results/gpu_decode_ragged.jsonl`` (H200): its two variants are two kernels
   (split-K and planned), not two settings of one, so it tunes nothing here.
 * ``docs/results/tune_gpu.jsonl``, where it exists: rows of
@@ -52,7 +54,7 @@ import sys
 
 import jax.numpy as jnp
 
-from kernels.gpu import tuning_table
+from kernels.gpu import _widen, tuning_table
 from kernels.gpu.tuning import padded_head_dim
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -110,7 +112,12 @@ def gather(root):
   def add(device, cls, shape, fields, rate, rel, date, commit, lo=None, hi=None):
     meas, files = groups.setdefault((device, cls), ([], {}))
     meas.append(tuning_table.Measurement(shape, fields, rate, lo, hi))
-    files.setdefault(rel, {"date": date, "commit": commit})
+    seen = files.setdefault(rel, {"date": date, "commit": commit})
+    # Rows of one file from several runs: every run's commit (and date) is named.
+    if commit not in seen["commit"].split(", "):
+      seen["commit"] += f", {commit}"
+      if date not in seen["date"].split(", "):
+        seen["date"] += f", {date}"
 
   for run, (commit, base) in sorted(RUN_BASE.items()):
     rel = f"docs/results/gpu_raw/run{run}/raw.jsonl"
@@ -155,9 +162,14 @@ def gather(root):
       decode_num_warps=r["num_warps"],
       decode_num_stages=r["num_stages"],
     )
+    # The widening the row's kernel ran (rows before "widen" was recorded ran the astype
+    # to bf16, "cast"): rows of different widenings are different kernels, never compared.
+    kind = (
+      "cast" if "widen" not in r else _widen.widening("bfloat16", r["kv_dtype"], r["widen"]).kind
+    )
     shape = (
       f"{r['batch']}x{r['context']} block {r['block_size']} heads "
-      f"{r['num_q_heads']}/{r['num_kv_heads']} {r['kv_dtype']}"
+      f"{r['num_q_heads']}/{r['num_kv_heads']} {r['kv_dtype']} widen {kind}"
     )
     cls = _cls("decode", r["head_dim"], r["kv_dtype"], r["batch"] * r["num_kv_heads"])
     # The rate's interval from the time's interval of the median (experiments._timing).
