@@ -16,13 +16,16 @@ measures it), then per case the same K/V, block table and queries timed through
   ``conch-triton-kernels`` (torch + triton), when importable, on the same tokens copied
   into its ``[num_blocks, block_size, num_kv_heads, head_dim]`` layout before timing.
 
-32 query / 8 KV heads, head_dim 128 (``--head-dim`` sets another), bf16, blocks at
-shuffled ids. Cases (``--cases`` picks some, comma-separated)::
+32 query / 8 KV heads, head_dim 128 (``--heads 9/3`` and ``--head-dim 64`` set others),
+bf16, blocks at shuffled ids. Cases (``--cases`` picks some, comma-separated)::
 
   sharegpt256_b16   256 lengths drawn as experiments/workloads.py draws ShareGPT-like
                     requests (prompt + output, seed 0, <= 8192), block 16
   uniform64_b16     64 lengths uniform in [1, 8192], block 16
   long1_short63_b16 one sequence of 32,768 and 63 of 128, block 16
+  engine61_b16      an engine decode step: 61 ShareGPT-like requests (seed 0, <= 1024),
+                    each its prompt plus half its output, block 16 (not in the default
+                    list; with --heads 9/3 --head-dim 64, SmolLM2's attention)
   full64x8192_b16, full128x4096_b32, full64x8192_b128, full256x2048_b16, full8x4096_b16
 
 Timing: each timed function is one jit running ``--calls`` kernel calls on distinct
@@ -36,7 +39,7 @@ of the plain sum timed the same way (``device_ceiling_tbs``). ``--profile`` adds
 variant's kernels by name, their time and the idle between them (``profile``). The peer
 runs ``--calls`` calls captured in one CUDA graph between two CUDA events (plain
 back-to-back launches if capture fails). TB/s = K/V bytes the lengths cover
-(``sum(lengths) * 2 * 8 * head_dim * 2``) / median time. Rows say which kernel
+(``sum(lengths) * 2 * kv_heads * head_dim * 2``) / median time. Rows say which kernel
 family ran (``kernel``: "triton" or "mosaic"). Every output is checked against the default
 kernel's (relative L2, ``check_rel_l2``; ``check_ok`` when under the
 bf16 bound of ``gpu_kernel_vs_reference_rel_l2`` in kernels/testing.py). Rows go to
@@ -96,6 +99,7 @@ FULL = {
   "full8x4096_b16": (8, 4096, 16),
 }
 CASES = ("sharegpt256_b16", "uniform64_b16", "long1_short63_b16", *FULL)
+EXTRA_CASES = ("engine61_b16",)  # run only when named in --cases
 # --sweep: planned settings beside the default ones, each a dict of: "bs" (BlockSizes
 # overrides), "per_sm" (programs per SM the plan aims at), "per_octave" (padded chunk
 # counts per doubling), "min_chunk" (plan_decode's min_chunk_tokens) and "merge" (the
@@ -171,10 +175,15 @@ def case_lengths(name: str) -> tuple[np.ndarray, int]:
     return np.random.default_rng(0).integers(1, 8193, size=64).astype(np.int32), 16
   if name == "long1_short63_b16":
     return np.array([32768] + [128] * 63, np.int32), 16
+  if name == "engine61_b16":
+    from experiments import workloads
+
+    pairs = workloads.sample_synthetic(workloads.SHAREGPT, 61, max_seq_len=1024, seed=0)
+    return (pairs[:, 0] + pairs[:, 1] // 2).astype(np.int32), 16
   if name in FULL:
     batch, context, bs = FULL[name]
     return np.full((batch,), context, np.int32), bs
-  raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES)}")
+  raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES + EXTRA_CASES)}")
 
 
 def smoke_lengths(name: str) -> tuple[np.ndarray, int]:
@@ -442,6 +451,7 @@ def define_flags():
   flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("sweep", False, "also time SWEEP's planned settings")
   flags.DEFINE_list("sweep-only", [], "--sweep: indices of SWEEP + MOSAIC_SWEEP to run (all)")
+  flags.DEFINE_string("heads", "32/8", "query / KV heads (the issue's cases: 32/8)")
   flags.DEFINE_integer(
     "head-dim", 128, "head_dim of q and K/V (the issue's cases: 128)", lower_bound=16
   )
@@ -466,10 +476,11 @@ def define_flags():
 
 def main(args):
   global HQ, HKV, D, INTERPRET
-  unknown = [c for c in args.cases if c not in CASES]
+  unknown = [c for c in args.cases if c not in CASES + EXTRA_CASES]
   if unknown:
-    raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES)}")
+    raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES + EXTRA_CASES)}")
   D = args.head_dim
+  HQ, HKV = (int(x) for x in args.heads.split("/"))
   if args.smoke:
     HQ, HKV, D, INTERPRET = 4, 2, 64, True
     # GPU interpret mode (the Mosaic variant) needs 4 XLA CPU threads (kernels.gpu's
