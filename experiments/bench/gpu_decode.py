@@ -453,6 +453,8 @@ def kv_quant_sweep(runner, shape):
           nbytes,
           kv_dtype=name,
           widen=bs.quant_widen,
+          # what the mode resolves to now (it changes with _widen.AUTO_WIDEN)
+          widen_kind=_widen.widening(jnp.bfloat16, name, bs.quant_widen).kind,
           kv_tile=tile,
           num_warps=warps,
           num_stages=stages,

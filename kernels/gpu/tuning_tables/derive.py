@@ -34,9 +34,9 @@ replace the rule (``select``).
   the host (the script's docstring and docs/gpu_notes.md run 7 say so).
 * ``docs/results/kv_quant_sweep.jsonl`` (H200, commits 93e3c3e and 3da8655): 8-bit K/V
   decode at 64 x 8192, settings built as ``BlockSizes(decode_kv_tile, decode_num_warps,
-  decode_num_stages)``, splits left to the shape; each row's widening (``widen``, resolved
-  to its kind; "cast" before it was recorded) is part of its shape, so rows of different
-  widenings are never compared.
+  decode_num_stages)``, splits left to the shape; each row's widening (``widen_kind``, as
+  resolved when it ran; "cast" before it was recorded) is part of its shape, so rows of
+  different widenings are never compared.
 * ``docs/results/gpu_decode_ragged.jsonl`` (H200): its two variants are two kernels
   (split-K and planned), not two settings of one, so it tunes nothing here.
 * ``docs/results/tune_gpu.jsonl``, where it exists: rows of
@@ -54,7 +54,7 @@ import sys
 
 import jax.numpy as jnp
 
-from kernels.gpu import _widen, tuning_table
+from kernels.gpu import tuning_table
 from kernels.gpu.tuning import padded_head_dim
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -162,11 +162,10 @@ def gather(root):
       decode_num_warps=r["num_warps"],
       decode_num_stages=r["num_stages"],
     )
-    # The widening the row's kernel ran (rows before "widen" was recorded ran the astype
-    # to bf16, "cast"): rows of different widenings are different kernels, never compared.
-    kind = (
-      "cast" if "widen" not in r else _widen.widening("bfloat16", r["kv_dtype"], r["widen"]).kind
-    )
+    # The widening the row's kernel ran, as recorded when it ran (rows from before it was
+    # recorded ran the astype to bf16, "cast"; "auto" is not resolved here, since what it
+    # picks changes): rows of different widenings are different kernels, never compared.
+    kind = r.get("widen_kind", "cast")
     shape = (
       f"{r['batch']}x{r['context']} block {r['block_size']} heads "
       f"{r['num_q_heads']}/{r['num_kv_heads']} {r['kv_dtype']} widen {kind}"
