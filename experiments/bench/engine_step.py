@@ -28,7 +28,9 @@ Writes ``OUT/engine_step.jsonl`` (and ``OUT/engine_e2e.jsonl``) and prints a tab
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -340,7 +342,7 @@ def e2e_rows(args) -> list[dict]:
       lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
     else:
       lengths = np.array([[args.e2e_steady[1], args.e2e_steady[2]]] * requests)
-    for block_size in args.e2e_block_sizes:
+    for block_size, min_chunk in itertools.product(args.e2e_block_sizes, args.e2e_min_chunks):
       model = build_model(name, max_seq_len=max(1024, int(lengths.sum(1).max())))
       c = model.config
       pool_tokens = int(args.e2e_pool_gb * 1e9 // kv_bytes(c, 1, 1))
@@ -360,6 +362,10 @@ def e2e_rows(args) -> list[dict]:
         passes += ["measured"] + [f"measured{i}" for i in range(1, args.e2e_repeats)]
       for rep in passes:
         engine = Engine(model, config)
+        if min_chunk and engine.decode_planner is not None:  # the plan's floor fixed
+          engine.decode_planner = dataclasses.replace(
+            engine.decode_planner, min_chunk_tokens=min_chunk
+          )
         captured = []  # (step index, StepBatch) of every --capture-every-th decode step
         step_fn = engine._step_fn
 
@@ -426,7 +432,10 @@ def e2e_rows(args) -> list[dict]:
         del engine
         gc.collect()
       if args.e2e_compile_only:
-        print(f"[{time.perf_counter() - T0:.0f} s] compiled {name} {workload} bs={block_size}")
+        print(
+          f"[{time.perf_counter() - T0:.0f} s] compiled {name} {workload} bs={block_size}"
+          f" min_chunk={min_chunk or 'default'}"
+        )
         continue
       m = result["measured"]
       # Tokens/s: the median over the measured passes (same lengths, same count) and spread.
@@ -440,6 +449,7 @@ def e2e_rows(args) -> list[dict]:
         workload=workload,
         param_dtype=c.param_dtype,
         block_size=block_size,
+        plan_min_chunk=min_chunk or None,
         requests=requests,
         prompt_mean=float(lengths[:, 0].mean()),
         output_mean=float(lengths[:, 1].mean()),
@@ -491,6 +501,12 @@ def define_flags():
   flags.DEFINE_string("e2e-requests", "192,128", "requests per model")
   flags.DEFINE_string("e2e-block-sizes", "16", "block sizes, comma separated")
   flags.DEFINE_float("e2e-pool-gb", 40.0, "engine pool")
+  flags.DEFINE_string(
+    "e2e-min-chunks",
+    "0",
+    "the planned decode's smallest chunk, comma separated: one run each (0: the plan's "
+    "default, kernels.gpu.plan.min_chunk_for)",
+  )
   flags.DEFINE_integer(
     "e2e-repeats", 5, "measured passes per run (median tokens/s, min-max)", lower_bound=1
   )
@@ -523,6 +539,7 @@ def main(args):
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
+  args.e2e_min_chunks = [int(x) for x in args.e2e_min_chunks.split(",")]
   if args.e2e_steady:
     b, rest = args.e2e_steady.split("x")
     args.e2e_steady = (int(b), *(int(x) for x in rest.split("+")))

@@ -105,7 +105,7 @@ EXTRA_CASES = ("engine61_b16",)  # run only when named in --cases
 # counts per doubling), "min_chunk" (plan_decode's min_chunk_tokens) and "merge" (the
 # planned merge's (MERGE_TILE, MERGE_NUM_WARPS, MERGE_NUM_STAGES)); a key left out keeps
 # the default. The default is planned_block_sizes (128-token steps, 4 warps, 2 stages at
-# bf16 head_dim 128: one program per SM), chunks of at least plan.MIN_CHUNK_TOKENS (1024)
+# bf16 head_dim 128: one program per SM), chunks of at least plan.min_chunk_for (256-1024)
 # and a 32-chunk merge with 4 warps, 2 stages; BEFORE is what they replaced (f46425b): the
 # rule's small-batch decode settings for the head_dim ("bs": "rule"; 64-token steps, 4
 # warps, 3 stages at bf16 head_dim 128), chunks of at least 256, a 64-chunk merge, 8 warps.
@@ -379,16 +379,21 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
         num_chunks=plan.num_chunks(),
         padded_chunks=plan.num_padded_chunks,
         max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
+        min_chunk_tokens=plan_mod.min_chunk_for(int(lengths.sum()), HKV),
       )
     rows.append(row)
   for variant, error in mosaic_errors:
     rows.append(dict(base, variant=variant, kernel="mosaic", error=error))
   sweep_rows = []
+  # The plan's default floor for this batch (no window: every key is visible).
+  default_min_chunk = plan_mod.min_chunk_for(int(lengths.sum()), HKV)
   if args.sweep:
     default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
     settings = SWEEP + (MOSAIC_SWEEP if args.mosaic else ())
     if args.sweep_only:
       settings = tuple(settings[int(i)] for i in args.sweep_only)
+    if args.sweep_min_chunks:  # the plan's floor alone (0: its default, min_chunk_for)
+      settings = tuple(dict(min_chunk=int(m) or None) for m in args.sweep_min_chunks)
     for setting in settings:
       if time.time() > args.deadline:
         break
@@ -426,7 +431,9 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
               },
               programs_per_sm=per_sm or plan_mod.PROGRAMS_PER_SM,
               buckets_per_octave=per_octave or 1,
-              min_chunk_tokens=min_chunk or plan_mod.MIN_CHUNK_TOKENS,
+              min_chunk_tokens=min_chunk or default_min_chunk,
+              min_chunk_default=min_chunk is None,
+              max_chunk_tokens=int((p.chunk_end - p.chunk_start).max()),
               merge=list(merge or _merge_defaults()),
               ours_tbs=tb.median,
               ours_tbs_min=tb.min,
@@ -451,6 +458,11 @@ def define_flags():
   flags.DEFINE_integer("repeats", 21, "timing samples per measurement", lower_bound=5)
   flags.DEFINE_bool("sweep", False, "also time SWEEP's planned settings")
   flags.DEFINE_list("sweep-only", [], "--sweep: indices of SWEEP + MOSAIC_SWEEP to run (all)")
+  flags.DEFINE_list(
+    "sweep-min-chunks",
+    [],
+    "--sweep: instead of SWEEP, the plan's smallest chunk at each of these (0: the default)",
+  )
   flags.DEFINE_string("heads", "32/8", "query / KV heads (the issue's cases: 32/8)")
   flags.DEFINE_integer(
     "head-dim", 128, "head_dim of q and K/V (the issue's cases: 128)", lower_bound=16

@@ -15,7 +15,8 @@ lengths: no shape depends on a length.
 How the chunk size is chosen: the batch holds ``T`` visible tokens per KV head, so
 ``T * num_kv_heads`` token-heads of work; cut into ``target_programs`` (default
 ``PROGRAMS_PER_SM`` per SM) pieces, rounded up to a multiple of ``kv_tile`` and at least
-``min_chunk_tokens``. A row longer than that is cut into ``ceil(span / chunk)`` pieces of
+``min_chunk_tokens`` (by default one SM's share of the work, within 256..1024 tokens:
+:func:`min_chunk_for`). A row longer than that is cut into ``ceil(span / chunk)`` pieces of
 equal size (rounded up to ``kv_tile``; the last one may be shorter); a shorter row is one
 chunk. Internal chunk boundaries are multiples of ``kv_tile`` (absolute positions), so no
 kernel step is shared by two chunks. Chunks are ordered longest row first, so the
@@ -38,13 +39,21 @@ import numpy as np
 # resident with the planned defaults at bf16 head_dim 128), so that the tail of the grid is
 # short against the whole.
 PROGRAMS_PER_SM = 8
-# The smallest chunk: shorter chunks spend more on their prologue (plan entries, the q
-# tile, the pipeline's first steps) and on writing and merging float32 partials than they
-# read. On an H200 (device time, af45169), with the planned kernel's 128-token steps, 1024
-# and 768 read fastest of 256-1024 (level) for the batches whose total is small enough for
-# this to bind: one 32,768-token row among 63 of 128 3.53 TB/s against 3.32 at 256, 8 x
-# 4096 3.36 against 3.19 (docs/benchmarks.md "The planned defaults re-measured").
+# The smallest chunk of a batch large enough to fill the GPU: shorter chunks spend more on
+# their prologue (plan entries, the q tile, the pipeline's first steps) and on writing and
+# merging float32 partials than they read. On an H200 (device time, af45169), with the
+# planned kernel's 128-token steps, 1024 and 768 read fastest of 256-1024 (level) for such
+# batches: one 32,768-token row among 63 of 128 3.53 TB/s against 3.32 at 256, 8 x 4096
+# 3.36 against 3.19 (docs/benchmarks.md "The planned defaults re-measured").
 MIN_CHUNK_TOKENS = 1024
+# The smallest chunk of a small batch. A batch with less work than MIN_CHUNK_TOKENS
+# token-heads per SM does not fill the GPU at that floor, and its time is its longest
+# program's steps one after another (each a memory round trip), so the floor there is
+# one SM's share of the work (every program fits in one wave), down to this
+# (:func:`min_chunk_for`). The engine's decode steps are such batches: ShareGPT-like
+# rows of a few hundred keys at 3 or 8 KV heads (docs/benchmarks.md, "The smallest chunk
+# of a small batch").
+SMALL_MIN_CHUNK_TOKENS = 256
 # Chunk boundaries inside a row are multiples of this; the kernel's decode_kv_tile should
 # divide it (16..128 do), else a step straddles two chunks and is read twice (still
 # correct: the kernel masks by the chunk's range).
@@ -128,17 +137,30 @@ def bucket(n: int, per_octave: int = 1) -> int:
   return p + -(-(n - p) // step) * step
 
 
+def min_chunk_for(total_tokens: int, num_kv_heads: int, *, kv_tile: int = DEFAULT_KV_TILE) -> int:
+  """The smallest chunk :func:`chunk_tokens_for` gives when none is set: one SM's share of
+  ``total_tokens * num_kv_heads`` token-heads (so that one program per SM covers the
+  batch), rounded up to ``kv_tile``, within ``[SMALL_MIN_CHUNK_TOKENS, MIN_CHUNK_TOKENS]``."""
+  share = -(-total_tokens * num_kv_heads // num_sms())
+  share = -(-share // kv_tile) * kv_tile
+  return min(max(share, SMALL_MIN_CHUNK_TOKENS), MIN_CHUNK_TOKENS)
+
+
 def chunk_tokens_for(
   total_tokens: int,
   num_kv_heads: int,
   *,
   kv_tile: int = DEFAULT_KV_TILE,
   target_programs: int | None = None,
-  min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+  min_chunk_tokens: int | None = None,
 ) -> int:
-  """The chunk size a batch of ``total_tokens`` visible tokens per KV head is cut into."""
+  """The chunk size a batch of ``total_tokens`` visible tokens per KV head is cut into:
+  its share of ``target_programs`` (default ``PROGRAMS_PER_SM`` per SM), at least
+  ``min_chunk_tokens`` (default :func:`min_chunk_for`), rounded up to ``kv_tile``."""
   if target_programs is None:
     target_programs = PROGRAMS_PER_SM * num_sms()
+  if min_chunk_tokens is None:
+    min_chunk_tokens = min_chunk_for(total_tokens, num_kv_heads, kv_tile=kv_tile)
   per = -(-total_tokens * num_kv_heads // max(target_programs, 1))
   size = max(per, min_chunk_tokens, 1)
   return -(-size // kv_tile) * kv_tile
@@ -159,7 +181,7 @@ def plan_decode(
   kv_tile: int = DEFAULT_KV_TILE,
   sliding_window: int | None = None,
   target_programs: int | None = None,
-  min_chunk_tokens: int = MIN_CHUNK_TOKENS,
+  min_chunk_tokens: int | None = None,
   chunk_tokens: int | None = None,
   buckets_per_octave: int = 1,
 ) -> DecodePlan:
@@ -174,7 +196,8 @@ def plan_decode(
       the keys its query sees; the call must then use the same window.
     target_programs: (chunk, KV head) programs to aim at; default ``PROGRAMS_PER_SM`` per
       SM of the first GPU (132 SMs off a GPU).
-    min_chunk_tokens: the smallest chunk size chosen.
+    min_chunk_tokens: the smallest chunk size chosen; default :func:`min_chunk_for` of the
+      batch (``SMALL_MIN_CHUNK_TOKENS`` .. ``MIN_CHUNK_TOKENS``).
     chunk_tokens: the chunk size itself (a multiple of ``kv_tile``), overriding the choice.
     buckets_per_octave: 1 (powers of two), 2, 4 or 8 padded chunk counts per doubling
       (:func:`bucket`): more shapes to compile, fewer empty padding programs.

@@ -60,23 +60,30 @@ def _plan_chunk_counts(planner, rows_lo: int, rows_hi: int, row_tokens: int, poo
 
   A plan has at least one chunk per row with keys and, at chunk size ``c``, at most
   ``rows + keys / c`` chunks (a row of ``s > c`` keys is cut into at most ``ceil(s / c)``
-  pieces); ``c`` is at least ``min_chunk_tokens`` (or the planner's fixed
-  ``chunk_tokens``), and without a window at least ``keys * kv_heads / target_programs``,
-  which caps ``keys / c`` at ``target_programs / kv_heads``.
+  pieces). ``c`` is the planner's fixed ``chunk_tokens``, or at least its
+  ``min_chunk_tokens`` and, without a window, at least ``keys * kv_heads /
+  target_programs`` (which caps ``keys / c`` at ``target_programs / kv_heads``). With the
+  default floor (``plan.min_chunk_for``: one SM's share of the work, within
+  ``SMALL_MIN_CHUNK_TOKENS .. MIN_CHUNK_TOKENS``), ``keys / c`` is at most ``keys /
+  SMALL_MIN_CHUNK_TOKENS``, and without a window at most ``num_sms / kv_heads`` while the
+  share is below ``MIN_CHUNK_TOKENS``, ``keys / MIN_CHUNK_TOKENS`` above it.
   """
   from kernels.gpu import plan as gpu_plan  # only for a GPU planner (heavy import)
 
-  if planner.chunk_tokens is not None:
-    least = planner.chunk_tokens
-  elif planner.min_chunk_tokens is not None:
-    least = planner.min_chunk_tokens
-  else:
-    least = gpu_plan.MIN_CHUNK_TOKENS
   keys = min(rows_hi * row_tokens, pool)
-  extra = keys // max(least, 1)
-  if planner.chunk_tokens is None and planner.sliding_window is None:
-    target = gpu_plan.PROGRAMS_PER_SM * gpu_plan.num_sms()
-    extra = min(extra, target // planner.num_kv_heads)
+  kv_heads = planner.num_kv_heads
+  target = gpu_plan.PROGRAMS_PER_SM * gpu_plan.num_sms()
+  if planner.chunk_tokens is not None:
+    extra = keys // planner.chunk_tokens
+  elif planner.min_chunk_tokens is not None:
+    extra = keys // max(planner.min_chunk_tokens, 1)
+    if planner.sliding_window is None:
+      extra = min(extra, target // kv_heads)
+  else:
+    extra = keys // gpu_plan.SMALL_MIN_CHUNK_TOKENS
+    if planner.sliding_window is None:
+      share_bound = max(gpu_plan.num_sms() // kv_heads, keys // gpu_plan.MIN_CHUNK_TOKENS)
+      extra = min(extra, share_bound, target // kv_heads)
   lo = gpu_plan.bucket(max(rows_lo, 1))
   hi = gpu_plan.bucket(rows_hi + extra)
   return _powers(lo, hi)

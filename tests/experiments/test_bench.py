@@ -304,6 +304,20 @@ def test_gpu_ragged_sweep_smoke_sets_and_restores_the_plan_and_merge_settings(tm
     assert r["check_ok"] is True and r["num_chunks"] >= 1
 
 
+def test_gpu_ragged_sweep_min_chunks_sets_the_plans_floor(tmp_path):
+  # --sweep-min-chunks replaces SWEEP by the plan's floor alone: 0 is the default
+  # (min_chunk_for: one SM's share of 315 keys x 8 KV heads, 20 tokens, up to 256), which
+  # cuts the 300-key row in two; a floor of 128 cuts it in three (128-key steps).
+  argv = ["--smoke", "--sweep", "--nomosaic", "--cases", "long1_short63_b16"]
+  argv += ["--sweep-min-chunks", "0,128"]
+  rows = _bench_rows("gpu_ragged", argv, tmp_path, "gpu_decode_ragged_sweep.jsonl")
+  assert [r["min_chunk_tokens"] for r in rows] == [256, 128]
+  assert [r["min_chunk_default"] for r in rows] == [True, False]
+  assert [r["num_chunks"] for r in rows] == [2 + 3, 3 + 3]
+  assert [r["max_chunk_tokens"] for r in rows] == [256, 128]
+  assert all(r["check_ok"] is True for r in rows)
+
+
 def test_gpu_decode_kv_quant_smoke_times_each_widening_beside_the_old(tmp_path):
   # Interpret mode on CPU: per 8-bit dtype a row for each BlockSizes.quant_widen it has
   # (int8 has no separate "f16_bits", e4m3 no separate "int8_qk" / "int8_qkv"), each

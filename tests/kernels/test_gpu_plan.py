@@ -10,6 +10,7 @@ so that rows span several chunks.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -106,16 +107,38 @@ def test_plan_covers_every_visible_key_once_in_bounded_chunks(seed, window):
     int((lengths - lo).sum()), 8, kv_tile=kv_tile, target_programs=264
   )
   # The chunk size is the balanced share of the work (token-heads over the programs),
-  # rounded up to kv_tile, and no smaller than MIN_CHUNK_TOKENS.
-  share = -(-int((lengths - lo).sum()) * 8 // 264)
-  assert (
-    max(share, plan_mod.MIN_CHUNK_TOKENS) <= chunk < max(share, plan_mod.MIN_CHUNK_TOKENS) + kv_tile
-  )
+  # rounded up to kv_tile, and no smaller than the floor: one SM's share of the work (132
+  # SMs off a GPU) within 256..1024.
+  work = int((lengths - lo).sum()) * 8
+  floor = min(max(math.ceil(work / 132), 256), 1024)
+  share = max(math.ceil(work / 264), floor)
+  assert share <= chunk < share + kv_tile
   _check_plan(p, lengths, window, chunk)
   if window is None:
     # The long row is split into many chunks, the first ones (longest row first).
     long_row = int(np.argmax(lengths))
     assert p.seq_first_chunk[long_row] == 0 and p.seq_num_chunks[long_row] > 1
+
+
+def test_min_chunk_is_one_sms_share_within_its_bounds(monkeypatch):
+  monkeypatch.setattr(plan_mod, "num_sms", lambda: 100)
+  # 61 rows of mean 272 keys at 3 KV heads (an engine's ShareGPT-like decode step):
+  # 16,592 * 3 / 100 = 497.76 token-heads an SM, rounded up to 128: 512.
+  assert plan_mod.min_chunk_for(16_592, 3, kv_tile=128) == 512
+  assert plan_mod.min_chunk_for(16_592, 3, kv_tile=16) == 512  # 498 -> 512 at 16 too
+  assert plan_mod.min_chunk_for(16_592, 3, kv_tile=64) == 512
+  assert plan_mod.min_chunk_for(12_000, 3, kv_tile=16) == 368  # 360 -> 368
+  assert plan_mod.min_chunk_for(1_000, 3) == plan_mod.SMALL_MIN_CHUNK_TOKENS  # 30 -> 256
+  assert plan_mod.min_chunk_for(40_960, 8) == plan_mod.MIN_CHUNK_TOKENS  # 3277 -> 1024
+  # The floor binds only when the programs' target gives smaller chunks.
+  assert plan_mod.chunk_tokens_for(12_000, 3, kv_tile=16, target_programs=800) == 368
+  assert plan_mod.chunk_tokens_for(12_000, 3, kv_tile=16, target_programs=10) == 3600
+  assert plan_mod.chunk_tokens_for(12_000, 3, kv_tile=16, min_chunk_tokens=32) == 48  # 45
+  # A plan of that step cuts its rows longer than the floor, and only those.
+  lengths = np.full(40, 300)
+  lengths[:3] = 700
+  p = plan_decode(lengths, 16, 3, kv_tile=16)  # 13,200 keys: 396 -> 400
+  assert p.num_chunks() == 3 * 2 + 37 and int((p.chunk_end - p.chunk_start).max()) == 352
 
 
 def test_plan_hand_worked_example():

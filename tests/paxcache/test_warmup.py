@@ -138,12 +138,20 @@ def test_shape_batch_has_the_shape_key_of_its_shape():
   assert d.any_sampled and d.decode_only and d.shape_key[0] == 16
 
 
-@pytest.mark.parametrize("mode", ["auto", "on"])
-def test_plan_chunk_counts_cover_plan_decode(mode):
+@pytest.mark.parametrize(
+  "mode, kv_heads, min_chunk",
+  [("auto", 2, 32), ("on", 2, 32), ("on", 2, None), ("on", 16, None), ("auto", 16, None)],
+)
+def test_plan_chunk_counts_cover_plan_decode(mode, kv_heads, min_chunk):
   """Random decode steps within each enumerated (batch, width): the padded chunk count of
-  their ``plan_decode`` plan (the planner the engine would call) is an enumerated one."""
+  their ``plan_decode`` plan (the planner the engine would call) is an enumerated one.
+  ``min_chunk`` None is the plan's default floor (one SM's share of the work, 132 SMs off a
+  GPU): at 2 KV heads it stays at its least (256), at 16 it moves within 256..512 with
+  the keys."""
   cfg = _config(num_blocks=512, max_num_seqs=64, max_num_batched_tokens=64)
-  planner = DecodePlanner(mode=mode, block_size=8, num_kv_heads=2, min_chunk_tokens=32)
+  planner = DecodePlanner(
+    mode=mode, block_size=8, num_kv_heads=kv_heads, min_chunk_tokens=min_chunk
+  )
   shapes = step_shapes(cfg, max_seq_len=512, planner=planner)
   listed = {(s.batch, s.max_blocks, s.plan_chunks) for s in shapes if s.decode_only}
   rng = np.random.default_rng(0)
