@@ -379,14 +379,18 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
         num_chunks=plan.num_chunks(),
         padded_chunks=plan.num_padded_chunks,
         max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
-        min_chunk_tokens=plan_mod.min_chunk_for(int(lengths.sum()), HKV),
+        min_chunk_tokens=plan_mod.min_chunk_for(
+          int(lengths.sum()), HKV, int(np.count_nonzero(lengths))
+        ),
       )
     rows.append(row)
   for variant, error in mosaic_errors:
     rows.append(dict(base, variant=variant, kernel="mosaic", error=error))
   sweep_rows = []
   # The plan's default floor for this batch (no window: every key is visible).
-  default_min_chunk = plan_mod.min_chunk_for(int(lengths.sum()), HKV)
+  default_min_chunk = plan_mod.min_chunk_for(
+    int(lengths.sum()), HKV, int(np.count_nonzero(lengths))
+  )
   if args.sweep:
     default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
     settings = SWEEP + (MOSAIC_SWEEP if args.mosaic else ())

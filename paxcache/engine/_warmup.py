@@ -63,10 +63,10 @@ def _plan_chunk_counts(planner, rows_lo: int, rows_hi: int, row_tokens: int, poo
   pieces). ``c`` is the planner's fixed ``chunk_tokens``, or at least its
   ``min_chunk_tokens`` and, without a window, at least ``keys * kv_heads /
   target_programs`` (which caps ``keys / c`` at ``target_programs / kv_heads``). With the
-  default floor (``plan.min_chunk_for``: one SM's share of the work, within
-  ``SMALL_MIN_CHUNK_TOKENS .. MIN_CHUNK_TOKENS``), ``keys / c`` is at most ``keys /
-  SMALL_MIN_CHUNK_TOKENS``, and without a window at most ``num_sms / kv_heads`` while the
-  share is below ``MIN_CHUNK_TOKENS``, ``keys / MIN_CHUNK_TOKENS`` above it.
+  default floor (``plan.min_chunk_for``), ``c`` is at least ``SMALL_MIN_CHUNK_TOKENS``, and
+  without a window either ``MIN_CHUNK_TOKENS`` or at least the share of the keys that gives
+  ``SMALL_BATCH_PROGRAMS_PER_SM`` programs per SM, so ``keys / c`` is at most the larger of
+  ``keys / MIN_CHUNK_TOKENS`` and ``SMALL_BATCH_PROGRAMS_PER_SM * num_sms / kv_heads``.
   """
   from kernels.gpu import plan as gpu_plan  # only for a GPU planner (heavy import)
 
@@ -82,7 +82,8 @@ def _plan_chunk_counts(planner, rows_lo: int, rows_hi: int, row_tokens: int, poo
   else:
     extra = keys // gpu_plan.SMALL_MIN_CHUNK_TOKENS
     if planner.sliding_window is None:
-      share_bound = max(gpu_plan.num_sms() // kv_heads, keys // gpu_plan.MIN_CHUNK_TOKENS)
+      slots = gpu_plan.SMALL_BATCH_PROGRAMS_PER_SM * gpu_plan.num_sms()
+      share_bound = max(slots // kv_heads, keys // gpu_plan.MIN_CHUNK_TOKENS)
       extra = min(extra, share_bound, target // kv_heads)
   lo = gpu_plan.bucket(max(rows_lo, 1))
   hi = gpu_plan.bucket(rows_hi + extra)

@@ -104,13 +104,15 @@ def test_plan_covers_every_visible_key_once_in_bounded_chunks(seed, window):
   p = plan_decode(lengths, 16, 8, kv_tile=kv_tile, sliding_window=window, target_programs=264)
   lo = lengths * 0 if window is None else np.maximum(lengths - window, 0)
   chunk = plan_mod.chunk_tokens_for(
-    int((lengths - lo).sum()), 8, kv_tile=kv_tile, target_programs=264
+    int((lengths - lo).sum()), 8, kv_tile=kv_tile, target_programs=264, rows=len(lengths)
   )
   # The chunk size is the balanced share of the work (token-heads over the programs),
-  # rounded up to kv_tile, and no smaller than the floor: one SM's share of the work (132
-  # SMs off a GPU) within 256..1024.
+  # rounded up to kv_tile, and no smaller than the floor: 1024 when the rows with keys
+  # give two programs per SM (132 SMs off a GPU) uncut, else the share of the work that
+  # gives two, within 256..1024.
   work = int((lengths - lo).sum()) * 8
-  floor = min(max(math.ceil(work / 132), 256), 1024)
+  rows = int(np.count_nonzero(lengths))
+  floor = 1024 if rows * 8 >= 264 else min(max(math.ceil(work / 264), 256), 1024)
   share = max(math.ceil(work / 264), floor)
   assert share <= chunk < share + kv_tile
   _check_plan(p, lengths, window, chunk)
@@ -120,25 +122,34 @@ def test_plan_covers_every_visible_key_once_in_bounded_chunks(seed, window):
     assert p.seq_first_chunk[long_row] == 0 and p.seq_num_chunks[long_row] > 1
 
 
-def test_min_chunk_is_one_sms_share_within_its_bounds(monkeypatch):
-  monkeypatch.setattr(plan_mod, "num_sms", lambda: 100)
-  # 61 rows of mean 272 keys at 3 KV heads (an engine's ShareGPT-like decode step):
-  # 16,592 * 3 / 100 = 497.76 token-heads an SM, rounded up to 128: 512.
-  assert plan_mod.min_chunk_for(16_592, 3, kv_tile=128) == 512
-  assert plan_mod.min_chunk_for(16_592, 3, kv_tile=16) == 512  # 498 -> 512 at 16 too
-  assert plan_mod.min_chunk_for(16_592, 3, kv_tile=64) == 512
-  assert plan_mod.min_chunk_for(12_000, 3, kv_tile=16) == 368  # 360 -> 368
-  assert plan_mod.min_chunk_for(1_000, 3) == plan_mod.SMALL_MIN_CHUNK_TOKENS  # 30 -> 256
-  assert plan_mod.min_chunk_for(40_960, 8) == plan_mod.MIN_CHUNK_TOKENS  # 3277 -> 1024
+def test_min_chunk_gives_a_small_batch_two_programs_an_sm(monkeypatch):
+  monkeypatch.setattr(plan_mod, "num_sms", lambda: 100)  # 200 program slots
+  # 61 rows of mean 272 keys at 3 KV heads (an engine's ShareGPT-like decode step): 183
+  # programs uncut, so the floor is the share for 200: 16,592 * 3 / 200 = 248.9 -> 256.
+  assert plan_mod.min_chunk_for(16_592, 3, 61) == plan_mod.SMALL_MIN_CHUNK_TOKENS == 256
+  assert plan_mod.min_chunk_for(40_000, 3, 61) == 640  # 600 -> 640 (kv_tile 128)
+  assert plan_mod.min_chunk_for(40_000, 3, 61, kv_tile=16) == 608  # 600 -> 608
+  assert plan_mod.min_chunk_for(40_000, 3) == 640  # rows unknown: the share
+  assert plan_mod.min_chunk_for(90_000, 3, 61) == plan_mod.MIN_CHUNK_TOKENS == 1024  # 1350
+  # 67 rows at 3 heads, or 25 at 8: 200 programs uncut, the large floor.
+  assert plan_mod.min_chunk_for(16_592, 3, 67) == 1024
+  assert plan_mod.min_chunk_for(16_592, 8, 25) == 1024
+  assert plan_mod.min_chunk_for(16_592, 8, 24) == 768  # 663.7 -> 768
   # The floor binds only when the programs' target gives smaller chunks.
-  assert plan_mod.chunk_tokens_for(12_000, 3, kv_tile=16, target_programs=800) == 368
-  assert plan_mod.chunk_tokens_for(12_000, 3, kv_tile=16, target_programs=10) == 3600
-  assert plan_mod.chunk_tokens_for(12_000, 3, kv_tile=16, min_chunk_tokens=32) == 48  # 45
-  # A plan of that step cuts its rows longer than the floor, and only those.
+  assert plan_mod.chunk_tokens_for(40_000, 3, kv_tile=16, target_programs=800, rows=61) == 608
+  assert plan_mod.chunk_tokens_for(40_000, 3, kv_tile=16, target_programs=10, rows=61) == 12_000
+  assert plan_mod.chunk_tokens_for(40_000, 3, kv_tile=16, min_chunk_tokens=32) == 160  # 150
+  # Plans: 40 rows at 3 heads (120 programs uncut), 13,200 keys: 198 -> 256. Rows are cut
+  # in equal pieces rounded up to kv_tile 16: 700 in three (240, 240, 220), 300 in two
+  # (160, 140).
   lengths = np.full(40, 300)
   lengths[:3] = 700
-  p = plan_decode(lengths, 16, 3, kv_tile=16)  # 13,200 keys: 396 -> 400
-  assert p.num_chunks() == 3 * 2 + 37 and int((p.chunk_end - p.chunk_start).max()) == 352
+  p = plan_decode(lengths, 16, 3, kv_tile=16)
+  assert p.num_chunks() == 3 * 3 + 37 * 2
+  sizes = p.chunk_end[: p.num_chunks()] - p.chunk_start[: p.num_chunks()]
+  assert sorted(set(sizes.tolist())) == [140, 160, 220, 240]
+  # The same lengths at 8 heads: 320 programs uncut, chunks of 1024, one a row.
+  assert plan_decode(lengths, 16, 8, kv_tile=16).num_chunks() == 40
 
 
 def test_plan_hand_worked_example():
