@@ -176,8 +176,8 @@ def _chunk_kernel(
 # short ones (86 chunks: 6 dependent steps; gpu_ragged --profile, 986aabf); 64 chunks with
 # 8 warps cut that to 4.7 us but made every merge program dearer, also those that only
 # read a count (rows of one chunk): ShareGPT-like 256 11.2 us against 7.1 with 16. 32
-# chunks with 4 warps and 2 stages sits between (6.8 and 7.3 us) and, with chunks of at
-# least plan.MIN_CHUNK_TOKENS, merges a 32,768-token row in one step (af45169 sweep,
+# chunks with 4 warps and 2 stages sits between (6.8 and 7.3 us) and, with chunks of
+# plan.MIN_CHUNK_TOKENS, merges a 32,768-token row in one step (af45169 sweep,
 # docs/benchmarks.md "The planned defaults re-measured").
 MERGE_TILE = 32
 MERGE_NUM_WARPS = 4
