@@ -208,6 +208,32 @@ def commit_of(default: str) -> str:
     return default
 
 
+def pad_query_groups(q, num_kv_heads: int):
+  """``q`` [tokens, num_q_heads, head_dim] with each KV head's group of query heads padded
+  with zero heads to a power of two (vLLM's Triton kernel as vendored in conch indexes a
+  group with ``tl.arange``, which needs one; SmolLM2's 9/3 heads give groups of 3), and
+  the group sizes ``(group, padded)``. The K/V a call reads is unchanged; the padded
+  heads' outputs are dropped by :func:`unpad_query_groups`."""
+  tokens, num_q_heads, head_dim = q.shape
+  group = num_q_heads // num_kv_heads
+  padded = 1 << (group - 1).bit_length()
+  if padded == group:
+    return q, (group, padded)
+  qg = q.reshape(tokens, num_kv_heads, group, head_dim)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, padded - group), (0, 0)))
+  return qg.reshape(tokens, num_kv_heads * padded, head_dim), (group, padded)
+
+
+def unpad_query_groups(out: np.ndarray, num_kv_heads: int, groups) -> np.ndarray:
+  """The outputs of the real query heads of a :func:`pad_query_groups` call."""
+  group, padded = groups
+  if padded == group:
+    return out
+  tokens, _, head_dim = out.shape
+  out = out.reshape(tokens, num_kv_heads, padded, head_dim)[:, :, :group]
+  return out.reshape(tokens, num_kv_heads * group, head_dim)
+
+
 def vllm_unified_attention(
   q, kb, vb, table, lengths, cu_q_lens, *, max_q_len, scale, num_calls, repeats
 ):
@@ -223,6 +249,9 @@ def vllm_unified_attention(
   graph (plain back-to-back launches if capture fails) and timed with ``time_calls``
   (``repeats`` samples of 3 replays).
 
+  A group of query heads per KV head that is not a power of two is padded with zero heads
+  (:func:`pad_query_groups`; ``how`` then says so).
+
   Returns ``(seconds per call Timing, output as a NumPy float32 array, how it was timed:
   "cuda_graph" or "launch_loop")``. Raises ImportError where torch or conch is missing.
   """
@@ -234,6 +263,8 @@ def vllm_unified_attention(
 
   k_t = to_torch(jnp.transpose(kb, (1, 2, 0, 3))).contiguous()
   v_t = to_torch(jnp.transpose(vb, (1, 2, 0, 3))).contiguous()
+  num_kv_heads = kb.shape[0]
+  q, groups = pad_query_groups(q, num_kv_heads)
   q_t = to_torch(q).contiguous()
   table_t = torch.as_tensor(np.asarray(table, np.int32), device="cuda")
   lens_t = torch.as_tensor(np.asarray(lengths, np.int32), device="cuda")
@@ -288,4 +319,7 @@ def vllm_unified_attention(
   t = time_calls(run, repeats=repeats, inner=3, warmup=2, sync=lambda _: torch.cuda.synchronize())
   call()
   torch.cuda.synchronize()
-  return t.map(lambda s: s / num_calls), out.float().cpu().numpy(), how
+  if groups[0] != groups[1]:
+    how += f", q heads padded {groups[0]}->{groups[1]} per KV head"
+  result = unpad_query_groups(out.float().cpu().numpy(), num_kv_heads, groups)
+  return t.map(lambda s: s / num_calls), result, how

@@ -557,3 +557,23 @@ def test_tune_gpu_smoke_writes_rows_and_a_table_the_loader_takes(tmp_path):
       "tune_gpu.jsonl": {"date": rows[0]["date"], "commit": rows[0]["commit"]}
     }
     assert e["source"]["shapes"][0]["rate"] == float(f"{chosen[0]['rate']:.5g}")
+
+
+def test_peer_query_groups_pad_to_a_power_of_two_and_back():
+  # SmolLM2's 9/3 heads: groups of 3 padded to 4 with zero heads, each KV head's real
+  # heads first in its group; unpadding returns exactly the real heads' rows.
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments.bench._gpu_common import pad_query_groups, unpad_query_groups
+
+  q = np.arange(2 * 9 * 4, dtype=np.float32).reshape(2, 9, 4)
+  padded, groups = pad_query_groups(jnp.asarray(q), 3)
+  padded = np.asarray(padded)
+  assert groups == (3, 4) and padded.shape == (2, 12, 4)
+  for kv in range(3):
+    np.testing.assert_array_equal(padded[:, 4 * kv : 4 * kv + 3], q[:, 3 * kv : 3 * kv + 3])
+    assert not padded[:, 4 * kv + 3].any()
+  np.testing.assert_array_equal(unpad_query_groups(padded, 3, groups), q)
+  same, groups8 = pad_query_groups(jnp.asarray(q[:, :8]), 2)  # groups of 4: unchanged
+  assert groups8 == (4, 4) and np.asarray(same).shape == (2, 8, 4)
