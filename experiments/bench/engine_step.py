@@ -362,6 +362,7 @@ def e2e_rows(args) -> list[dict]:
         passes += ["measured"] + [f"measured{i}" for i in range(1, args.e2e_repeats)]
       for rep in passes:
         engine = Engine(model, config)
+        result["planned"] = engine.decode_planner is not None
         if min_chunk and engine.decode_planner is not None:  # the plan's floor fixed
           engine.decode_planner = dataclasses.replace(
             engine.decode_planner, min_chunk_tokens=min_chunk
@@ -418,6 +419,7 @@ def e2e_rows(args) -> list[dict]:
                   num_tokens=s.num_tokens,
                   **step_record(s),
                   device_ms=dev.get(s.step),
+                  plan_min_chunk=(min_chunk or None) if result["planned"] else None,
                   async_scheduling=args.async_scheduling,
                 )
                 f.write(json.dumps(row) + "\n")
@@ -449,7 +451,8 @@ def e2e_rows(args) -> list[dict]:
         workload=workload,
         param_dtype=c.param_dtype,
         block_size=block_size,
-        plan_min_chunk=min_chunk or None,
+        # The plan's floor when fixed (--e2e-min-chunks); null for the default or no plan.
+        plan_min_chunk=(min_chunk or None) if result["planned"] else None,
         requests=requests,
         prompt_mean=float(lengths[:, 0].mean()),
         output_mean=float(lengths[:, 1].mean()),

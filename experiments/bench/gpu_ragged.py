@@ -355,6 +355,8 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
     except Exception as e:  # noqa: BLE001 - a failing peer is recorded, not fatal
       traceback.print_exc()
       peer = dict(vllm_tbs=None, vllm_error=f"{type(e).__name__}: {str(e)[:300]}")
+  # The plan's default floor for this batch (no window: a row's span is its length).
+  default_min_chunk = plan_mod.min_chunk_for(int(lengths.sum()), HKV, lengths.astype(np.int64))
   rows = []
   for variant, t, out in variants:
     row = dict(
@@ -379,18 +381,12 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
         num_chunks=plan.num_chunks(),
         padded_chunks=plan.num_padded_chunks,
         max_chunk_tokens=int((plan.chunk_end - plan.chunk_start).max()),
-        min_chunk_tokens=plan_mod.min_chunk_for(
-          int(lengths.sum()), HKV, int(np.count_nonzero(lengths))
-        ),
+        min_chunk_tokens=default_min_chunk,
       )
     rows.append(row)
   for variant, error in mosaic_errors:
     rows.append(dict(base, variant=variant, kernel="mosaic", error=error))
   sweep_rows = []
-  # The plan's default floor for this batch (no window: every key is visible).
-  default_min_chunk = plan_mod.min_chunk_for(
-    int(lengths.sum()), HKV, int(np.count_nonzero(lengths))
-  )
   if args.sweep:
     default_bs = dataclasses.replace(planned_bs, decode_kernel="triton")
     settings = SWEEP + (MOSAIC_SWEEP if args.mosaic else ())
@@ -497,6 +493,8 @@ def main(args):
     raise SystemExit(f"unknown cases {unknown}; cases: {', '.join(CASES + EXTRA_CASES)}")
   D = args.head_dim
   HQ, HKV = (int(x) for x in args.heads.split("/"))
+  if args.sweep_min_chunks and not args.sweep:
+    raise SystemExit("--sweep-min-chunks sets the floor of --sweep's rows: add --sweep")
   if args.smoke:
     HQ, HKV, D, INTERPRET = 4, 2, 64, True
     # GPU interpret mode (the Mosaic variant) needs 4 XLA CPU threads (kernels.gpu's

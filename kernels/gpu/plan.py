@@ -15,14 +15,14 @@ lengths: no shape depends on a length.
 How the chunk size is chosen: the batch holds ``T`` visible tokens per KV head, so ``T *
 num_kv_heads`` token-heads of work; cut into ``target_programs`` (default
 ``PROGRAMS_PER_SM`` per SM) pieces, rounded up to a multiple of ``kv_tile`` and at least
-``min_chunk_tokens`` (by default 1024 tokens, or less for a batch too small to give every
-SM two programs: :func:`min_chunk_for`). A row longer than that is cut into ``ceil(span /
-chunk)`` pieces of equal size (rounded up to ``kv_tile``; the last one may be shorter); a
-shorter row is one chunk. Internal chunk boundaries are multiples of ``kv_tile`` (absolute
-positions), so no kernel step is shared by two chunks. Chunks are ordered longest row
-first, so the largest pieces start first and the short ones fill the tail of the grid; a
-sequence's chunks stay contiguous (``seq_first_chunk`` .. ``+ seq_num_chunks``), which the
-merge reads.
+``min_chunk_tokens`` (by default 1024 tokens, or less for a batch whose chunks at 1024
+would not give every SM two programs: :func:`min_chunk_for`). A row longer than that is
+cut into ``ceil(span / chunk)`` pieces of equal size (rounded up to ``kv_tile``; the last
+one may be shorter); a shorter row is one chunk. Internal chunk boundaries are multiples
+of ``kv_tile`` (absolute positions), so no kernel step is shared by two chunks. Chunks are
+ordered longest row first, so the largest pieces start first and the short ones fill the
+tail of the grid; a sequence's chunks stay contiguous (``seq_first_chunk`` .. ``+
+seq_num_chunks``), which the merge reads.
 
 This module imports nothing from paxcache or flax, and no Pallas.
 """
@@ -40,23 +40,24 @@ import numpy as np
 # resident with the planned defaults at bf16 head_dim 128), so that the tail of the grid is
 # short against the whole.
 PROGRAMS_PER_SM = 8
-# The smallest chunk of a batch large enough to fill the GPU: shorter chunks spend more on
-# their prologue (plan entries, the q tile, the pipeline's first steps) and on writing and
-# merging float32 partials than they read. On an H200 (device time, af45169), with the
-# planned kernel's 128-token steps, 1024 and 768 read fastest of 256-1024 (level) for such
-# batches: one 32,768-token row among 63 of 128 3.53 TB/s against 3.32 at 256, 8 x 4096
-# 3.36 against 3.19 (docs/benchmarks.md "The planned defaults re-measured").
+# The smallest chunk of a batch that fills the GPU at this floor: shorter chunks spend more
+# on their prologue (plan entries, the q tile, the pipeline's first steps) and on writing
+# and merging float32 partials than they read. On an H200 (device time, af45169), with the
+# planned kernel's 128-token steps, 1024 and 768 read fastest of 256-1024 (level) for the
+# batches whose total is small enough for this to bind: one 32,768-token row among 63 of
+# 128 3.53 TB/s against 3.32 at 256, 8 x 4096 3.36 against 3.19 (8 KV heads, head_dim 128;
+# docs/benchmarks.md "The planned defaults re-measured").
 MIN_CHUNK_TOKENS = 1024
-# The smallest chunk of a small batch. A batch whose rows, one program each per KV head,
-# do not give SMALL_BATCH_PROGRAMS_PER_SM programs an SM leaves SMs idle at that floor,
-# and its time is its longest program's steps one after another (each a memory round
-# trip); its floor is instead the share of the work that gives every SM that many
+# The smallest chunk of a small batch. A batch whose chunks at MIN_CHUNK_TOKENS, one
+# program each per KV head, number fewer than SMALL_BATCH_PROGRAMS_PER_SM per SM leaves
+# SMs idle, and its time is its longest program's steps one after another (each a memory
+# round trip); its floor is instead the share of the work that gives every SM that many
 # programs, down to SMALL_MIN_CHUNK_TOKENS (:func:`min_chunk_for`). Two planned programs
-# fit an SM at head_dim 64 bf16 (three 32 KiB stages). On an H200 (device time, eadb396,
-# docs/benchmarks.md "The smallest chunk of a small batch"), an engine's decode step of 61
-# ShareGPT-like rows (mean 272 keys, longest 664): at 9/3 heads of 64 (183 programs uncut)
-# a floor of 256 read fastest of 128-1024 (1.44 TB/s, 1024 1.17), at 32/8 heads (488
-# programs uncut) 768 and 1024 did (2.34 TB/s, 256 2.04).
+# fit an SM at head_dim 64 bf16 (three 32 KiB stages); the rule is measured there only
+# (one decode step of an engine, one H200 process, eadb396: docs/benchmarks.md "The
+# smallest chunk of a small batch"): 61 ShareGPT-like rows (mean 272 keys, longest 664) at
+# 9/3 heads of 64 (183 programs at 1024) read fastest at a floor of 256 of 128-1024 (1.44
+# TB/s, 1024 1.17); at 32/8 heads (488 programs) 768 and 1024 did (2.34 TB/s, 256 2.04).
 SMALL_MIN_CHUNK_TOKENS = 256
 SMALL_BATCH_PROGRAMS_PER_SM = 2
 # Chunk boundaries inside a row are multiples of this; the kernel's decode_kv_tile should
@@ -143,19 +144,24 @@ def bucket(n: int, per_octave: int = 1) -> int:
 
 
 def min_chunk_for(
-  total_tokens: int, num_kv_heads: int, rows: int | None = None, *, kv_tile: int = DEFAULT_KV_TILE
+  total_tokens: int, num_kv_heads: int, spans=None, *, kv_tile: int = DEFAULT_KV_TILE
 ) -> int:
   """The smallest chunk :func:`chunk_tokens_for` gives when none is set.
 
-  ``MIN_CHUNK_TOKENS`` when the batch's ``rows`` (with keys) give at least
-  ``SMALL_BATCH_PROGRAMS_PER_SM`` programs per SM uncut (``rows * num_kv_heads``);
-  otherwise (or when ``rows`` is None) the share of ``total_tokens * num_kv_heads``
-  token-heads that gives every SM that many programs, rounded up to ``kv_tile``, within
+  ``MIN_CHUNK_TOKENS`` when the rows' key ``spans`` (NumPy ints, 0 for a row without keys
+  or a padding row) cut at that size give at least ``SMALL_BATCH_PROGRAMS_PER_SM``
+  programs per SM (``sum(ceil(span / MIN_CHUNK_TOKENS)) * num_kv_heads``); otherwise (or
+  when ``spans`` is None) the share of ``total_tokens * num_kv_heads`` token-heads that
+  gives every SM that many programs, rounded up to ``kv_tile``, within
   ``[SMALL_MIN_CHUNK_TOKENS, MIN_CHUNK_TOKENS]``.
   """
   slots = SMALL_BATCH_PROGRAMS_PER_SM * num_sms()
-  if rows is not None and rows * num_kv_heads >= slots:
-    return MIN_CHUNK_TOKENS
+  if spans is not None:
+    # Rows with keys first (a lower bound of the chunks, one array call), then the chunks.
+    if int(np.count_nonzero(spans)) * num_kv_heads >= slots or (
+      int(((spans + (MIN_CHUNK_TOKENS - 1)) // MIN_CHUNK_TOKENS).sum()) * num_kv_heads >= slots
+    ):
+      return MIN_CHUNK_TOKENS
   share = -(-total_tokens * num_kv_heads // slots)
   share = -(-share // kv_tile) * kv_tile
   return min(max(share, SMALL_MIN_CHUNK_TOKENS), MIN_CHUNK_TOKENS)
@@ -168,16 +174,16 @@ def chunk_tokens_for(
   kv_tile: int = DEFAULT_KV_TILE,
   target_programs: int | None = None,
   min_chunk_tokens: int | None = None,
-  rows: int | None = None,
+  spans=None,
 ) -> int:
-  """The chunk size a batch of ``total_tokens`` visible tokens per KV head (in ``rows``
-  rows with keys, when known) is cut into: its share of ``target_programs`` (default
+  """The chunk size a batch of ``total_tokens`` visible tokens per KV head (its rows' key
+  ``spans``, when known) is cut into: its share of ``target_programs`` (default
   ``PROGRAMS_PER_SM`` per SM), at least ``min_chunk_tokens`` (default
   :func:`min_chunk_for`), rounded up to ``kv_tile``."""
   if target_programs is None:
     target_programs = PROGRAMS_PER_SM * num_sms()
   if min_chunk_tokens is None:
-    min_chunk_tokens = min_chunk_for(total_tokens, num_kv_heads, rows, kv_tile=kv_tile)
+    min_chunk_tokens = min_chunk_for(total_tokens, num_kv_heads, spans, kv_tile=kv_tile)
   per = -(-total_tokens * num_kv_heads // max(target_programs, 1))
   size = max(per, min_chunk_tokens, 1)
   return -(-size // kv_tile) * kv_tile
@@ -283,7 +289,7 @@ def plan_decode(
       kv_tile=kv_tile,
       target_programs=target_programs,
       min_chunk_tokens=min_chunk_tokens,
-      rows=rows,
+      spans=span_o[:rows],
     )
   cut = int(np.count_nonzero(span_o > chunk_tokens))  # rows of >= 2 chunks: a prefix too
   order_r = order[:rows]

@@ -306,8 +306,9 @@ def test_gpu_ragged_sweep_smoke_sets_and_restores_the_plan_and_merge_settings(tm
 
 def test_gpu_ragged_sweep_min_chunks_sets_the_plans_floor(tmp_path):
   # --sweep-min-chunks replaces SWEEP by the plan's floor alone: 0 is the default
-  # (min_chunk_for: one SM's share of 315 keys x 8 KV heads, 20 tokens, up to 256), which
-  # cuts the 300-key row in two; a floor of 128 cuts it in three (128-key steps).
+  # (min_chunk_for: 4 chunks at 1024 x 2 KV heads are fewer than 264 programs, so the share
+  # of 315 keys x 2 heads for 264, 3 tokens, raised to 256), which cuts the 300-key row in
+  # two; a floor of 128 cuts it in three (128-key steps).
   argv = ["--smoke", "--sweep", "--nomosaic", "--cases", "long1_short63_b16"]
   argv += ["--sweep-min-chunks", "0,128"]
   rows = _bench_rows("gpu_ragged", argv, tmp_path, "gpu_decode_ragged_sweep.jsonl")

@@ -101,19 +101,23 @@ def test_plan_covers_every_visible_key_once_in_bounded_chunks(seed, window):
   lengths[rng.integers(len(lengths))] = 1
   lengths[rng.integers(len(lengths))] = 20000  # one long row among short ones
   kv_tile = int(rng.choice([16, 64, 128]))
-  p = plan_decode(lengths, 16, 8, kv_tile=kv_tile, sliding_window=window, target_programs=264)
+  p = plan_decode(lengths, 16, 8, kv_tile=kv_tile, sliding_window=window, target_programs=800)
   lo = lengths * 0 if window is None else np.maximum(lengths - window, 0)
+  spans = lengths - (lo // kv_tile * kv_tile)
   chunk = plan_mod.chunk_tokens_for(
-    int((lengths - lo).sum()), 8, kv_tile=kv_tile, target_programs=264, rows=len(lengths)
+    int((lengths - lo).sum()), 8, kv_tile=kv_tile, target_programs=800, spans=spans
   )
-  # The chunk size is the balanced share of the work (token-heads over the programs),
-  # rounded up to kv_tile, and no smaller than the floor: 1024 when the rows with keys
-  # give two programs per SM (132 SMs off a GPU) uncut, else the share of the work that
-  # gives two, within 256..1024.
+  # The chunk size is the balanced share of the work (token-heads over the 800 programs
+  # aimed at), rounded up to kv_tile, and no smaller than the floor: 1024 when the rows'
+  # chunks at 1024 give two programs per SM (132 SMs off a GPU: 264), else the share of
+  # the work that gives two, within 256..1024. A row's span starts at its window's first
+  # kv_tile boundary; by a Python loop over the rows:
   work = int((lengths - lo).sum()) * 8
-  rows = int(np.count_nonzero(lengths))
-  floor = 1024 if rows * 8 >= 264 else min(max(math.ceil(work / 264), 256), 1024)
-  share = max(math.ceil(work / 264), floor)
+  at_1024 = 0
+  for n, first in zip(lengths.tolist(), np.asarray(lo + lengths * 0).tolist(), strict=True):
+    at_1024 += math.ceil((n - first // kv_tile * kv_tile) / 1024)
+  floor = 1024 if at_1024 * 8 >= 264 else min(max(math.ceil(work / 264), 256), 1024)
+  share = max(math.ceil(work / 800), floor)
   assert share <= chunk < share + kv_tile
   _check_plan(p, lengths, window, chunk)
   if window is None:
@@ -124,22 +128,36 @@ def test_plan_covers_every_visible_key_once_in_bounded_chunks(seed, window):
 
 def test_min_chunk_gives_a_small_batch_two_programs_an_sm(monkeypatch):
   monkeypatch.setattr(plan_mod, "num_sms", lambda: 100)  # 200 program slots
-  # 61 rows of mean 272 keys at 3 KV heads (an engine's ShareGPT-like decode step): 183
-  # programs uncut, so the floor is the share for 200: 16,592 * 3 / 200 = 248.9 -> 256.
-  assert plan_mod.min_chunk_for(16_592, 3, 61) == plan_mod.SMALL_MIN_CHUNK_TOKENS == 256
-  assert plan_mod.min_chunk_for(40_000, 3, 61) == 640  # 600 -> 640 (kv_tile 128)
-  assert plan_mod.min_chunk_for(40_000, 3, 61, kv_tile=16) == 608  # 600 -> 608
-  assert plan_mod.min_chunk_for(40_000, 3) == 640  # rows unknown: the share
-  assert plan_mod.min_chunk_for(90_000, 3, 61) == plan_mod.MIN_CHUNK_TOKENS == 1024  # 1350
-  # 67 rows at 3 heads, or 25 at 8: 200 programs uncut, the large floor.
-  assert plan_mod.min_chunk_for(16_592, 3, 67) == 1024
-  assert plan_mod.min_chunk_for(16_592, 8, 25) == 1024
-  assert plan_mod.min_chunk_for(16_592, 8, 24) == 768  # 663.7 -> 768
+  rows61 = np.full(61, 272)  # an engine's ShareGPT-like decode step, 16,592 keys
+  # 61 chunks at 1024, 183 programs at 3 KV heads: the floor is the share for 200 programs,
+  # 16,592 * 3 / 200 = 248.9 tokens, raised to SMALL_MIN_CHUNK_TOKENS.
+  assert plan_mod.min_chunk_for(16_592, 3, rows61) == plan_mod.SMALL_MIN_CHUNK_TOKENS == 256
+  longer = np.full(61, 656)  # 40,016 keys: 600.2 -> 640 (kv_tile 128), 608 (kv_tile 16)
+  assert plan_mod.min_chunk_for(40_016, 3, longer) == 640
+  assert plan_mod.min_chunk_for(40_016, 3, longer, kv_tile=16) == 608
+  assert plan_mod.min_chunk_for(40_016, 3) == 640  # spans unknown: the share
+  assert plan_mod.min_chunk_for(90_000, 3, rows61) == plan_mod.MIN_CHUNK_TOKENS == 1024  # 1350
+  # 67 rows at 3 heads, or 25 at 8: 201 and 200 programs at 1024, the large floor.
+  assert plan_mod.min_chunk_for(18_224, 3, np.full(67, 272)) == 1024
+  assert plan_mod.min_chunk_for(6_800, 8, np.full(25, 272)) == 1024
+  assert plan_mod.min_chunk_for(6_528, 8, np.full(24, 272)) == 384  # 192 programs: 262 -> 384
+  # Rows over 1024 count their chunks at 1024: 20 rows of 2,500 keys give 60 chunks, 180
+  # programs at 3 heads (share 750 -> 768); 23 rows give 207 (1024).
+  assert plan_mod.min_chunk_for(50_000, 3, np.full(20, 2_500)) == 768
+  assert plan_mod.min_chunk_for(57_500, 3, np.full(23, 2_500)) == 1024
+  # Padding rows (length 0) and rows without keys give no programs.
+  padded = np.zeros(128, np.int64)
+  padded[:61] = 272
+  assert plan_mod.min_chunk_for(16_592, 3, padded) == 256
+  p = plan_decode(padded, 16, 3)
+  assert p.num_chunks() == 61 * 2 and int((p.chunk_end - p.chunk_start).max()) == 256
   # The floor binds only when the programs' target gives smaller chunks.
-  assert plan_mod.chunk_tokens_for(40_000, 3, kv_tile=16, target_programs=800, rows=61) == 608
-  assert plan_mod.chunk_tokens_for(40_000, 3, kv_tile=16, target_programs=10, rows=61) == 12_000
-  assert plan_mod.chunk_tokens_for(40_000, 3, kv_tile=16, min_chunk_tokens=32) == 160  # 150
-  # Plans: 40 rows at 3 heads (120 programs uncut), 13,200 keys: 198 -> 256. Rows are cut
+  assert plan_mod.chunk_tokens_for(40_016, 3, kv_tile=16, target_programs=800, spans=longer) == 608
+  assert (
+    plan_mod.chunk_tokens_for(40_016, 3, kv_tile=16, target_programs=10, spans=longer) == 12_016
+  )
+  assert plan_mod.chunk_tokens_for(40_016, 3, kv_tile=16, min_chunk_tokens=32) == 160  # 151
+  # Plans: 40 rows at 3 heads (120 programs at 1024), 13,200 keys: 198 -> 256. Rows are cut
   # in equal pieces rounded up to kv_tile 16: 700 in three (240, 240, 220), 300 in two
   # (160, 140).
   lengths = np.full(40, 300)
@@ -148,7 +166,7 @@ def test_min_chunk_gives_a_small_batch_two_programs_an_sm(monkeypatch):
   assert p.num_chunks() == 3 * 3 + 37 * 2
   sizes = p.chunk_end[: p.num_chunks()] - p.chunk_start[: p.num_chunks()]
   assert sorted(set(sizes.tolist())) == [140, 160, 220, 240]
-  # The same lengths at 8 heads: 320 programs uncut, chunks of 1024, one a row.
+  # The same lengths at 8 heads: 320 programs at 1024, chunks of 1024, one a row.
   assert plan_decode(lengths, 16, 8, kv_tile=16).num_chunks() == 40
 
 

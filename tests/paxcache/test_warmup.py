@@ -145,9 +145,9 @@ def test_shape_batch_has_the_shape_key_of_its_shape():
 def test_plan_chunk_counts_cover_plan_decode(mode, kv_heads, min_chunk):
   """Random decode steps within each enumerated (batch, width): the padded chunk count of
   their ``plan_decode`` plan (the planner the engine would call) is an enumerated one.
-  ``min_chunk`` None is the plan's default floor (one SM's share of the work, 132 SMs off a
-  GPU): at 2 KV heads it stays at its least (256), at 16 it moves within 256..512 with
-  the keys."""
+  ``min_chunk`` None is the plan's default floor (``plan.min_chunk_for``, 132 SMs off a
+  GPU): with at most 4,096 keys here it is 256, or 1024 once the rows give 264 programs
+  (17 rows at 16 KV heads); rows of at most 512 keys are cut in two at most."""
   cfg = _config(num_blocks=512, max_num_seqs=64, max_num_batched_tokens=64)
   planner = DecodePlanner(
     mode=mode, block_size=8, num_kv_heads=kv_heads, min_chunk_tokens=min_chunk
@@ -175,6 +175,40 @@ def test_plan_chunk_counts_cover_plan_decode(mode, kv_heads, min_chunk):
   assert seen > 50
   if mode == "on":
     assert all(c > 0 for _, _, c in listed)
+
+
+def test_plan_chunk_counts_cover_small_floor_plans_of_long_rows():
+  """The default floor's small batches at a larger pool: rows just over 256 and 512 keys
+  cut in 2-4 pieces. 8 rows, 5 of 513 keys and 3 of 1, at 2 KV heads (8 chunks at 1024, 16
+  programs: the floor is 256) plan 5 x 3 + 3 = 18 chunks, padded to 32, which a bound
+  assuming chunks of 1024 does not list."""
+  cfg = _config(num_blocks=2048, block_size=16, max_num_seqs=64, max_num_batched_tokens=64)
+  planner = DecodePlanner(mode="on", block_size=16, num_kv_heads=2)
+  shapes = step_shapes(cfg, max_seq_len=1024, planner=planner)
+  listed = {(s.batch, s.max_blocks, s.plan_chunks) for s in shapes if s.decode_only}
+  widths = sorted({m for _, m, _ in listed})
+  batches = sorted({b for b, _, _ in listed})
+
+  def covered(lengths):
+    b = next(x for x in batches if x >= len(lengths))
+    m = next(x for x in widths if x * 16 >= int(lengths.max()))
+    padded = np.zeros(b, np.int32)
+    padded[: len(lengths)] = lengths
+    plan = planner(padded, len(lengths))
+    return (b, m, plan.num_padded_chunks) in listed, plan
+
+  ok, plan = covered(np.array([513] * 5 + [1] * 3))
+  assert ok and plan.num_chunks() == 18 and plan.num_padded_chunks == 32
+  rng = np.random.default_rng(1)
+  for _ in range(300):
+    rows = int(rng.integers(1, 65))
+    near = rng.choice([257, 385, 513, 769, 1023, 1024])
+    lengths = np.minimum(rng.integers(1, 1025, rows), 1024)
+    lengths[: int(rng.integers(1, rows + 1))] = near
+    if lengths.sum() > 2048 * 16:
+      continue
+    ok, plan = covered(lengths)
+    assert ok, (rows, int(near), plan.num_chunks(), plan.num_padded_chunks)
 
 
 def test_bad_threads_raise(tiny):
