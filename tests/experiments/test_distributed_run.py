@@ -41,8 +41,14 @@ def test_request_rate_runs_on_two_processes(tmp_path):
     args, 2, cpu_devices=2, timeout_s=150, cwd=REPO, env=env, output=lines.append
   )
   assert rc == 0, "\n".join(line for line in lines if "Gloo" not in line)[-6000:]
-  # Process 0 writes the workdir, process 1 its own copy under process1/.
-  rows0, rows1 = _rows(str(tmp_path)), _rows(str(tmp_path / "process1"))
+  # Process 0 writes the workdir, process 1 its own copy under process1/. Each process
+  # times the run on its own wall clock, so a "sustainable_rate" row (written for a single
+  # rate only when its latency is past the bound) may appear on one process and not on
+  # the other on a loaded machine (CI saw it): only the measured rows are compared.
+  rows0, rows1 = (
+    [r for r in _rows(path) if r["table"] == "request_rate"]
+    for path in (str(tmp_path), str(tmp_path / "process1"))
+  )
   assert len(rows0) == len(rows1) == 1
   r0, r1 = rows0[0], rows1[0]
   assert r0["device"] == r1["device"] == "cpu x 4 over 2 processes"
