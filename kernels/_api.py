@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from kernels import reference
+from kernels import _layout, reference
 from kernels._validate import validate_decode_plan, validate_inputs, validate_options
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
@@ -67,7 +67,10 @@ def paged_attention(
     q: ``[batch, num_q_heads, head_dim]`` (decode) or ``[num_tokens, num_q_heads,
       head_dim]`` (ragged prefill / mixed batch, rows split by ``cu_q_lens``).
     k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``; float32,
-      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales. The head_dim each
+      bfloat16, float16, or 8-bit (int8, float8_e4m3fn) with scales. 16- and 32-bit
+      pools of head_dim 32 or 64 may instead be lane-dense, ``[num_kv_heads, num_blocks,
+      block_size * head_dim / 128, 128]`` (``kernels._layout``: what the TPU kernels read
+      without padding; every backend gives the same result from either layout). The head_dim each
       backend takes (``kernels._validate.head_dim_supported``; any other raises
       ValueError naming the rule before compiling): ``"reference"`` any; ``"gpu"`` a
       multiple of 16 up to 256 (64, 80, 96, 112, 128, 192, 256, ...; one that is not a
@@ -100,6 +103,7 @@ def paged_attention(
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
+  k_blocks, v_blocks = layout_for(chosen, q, k_blocks, v_blocks)
   extra = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
   if decode_plan is not None:
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
@@ -124,6 +128,16 @@ def paged_attention(
     interpret=interpret,
     **extra,
   )
+
+
+def layout_for(chosen: str, q, k_blocks, v_blocks):
+  """The pools as backend ``chosen`` reads them: the TPU kernels read a lane-dense pool
+  (``kernels._layout``) as it is; the others see it through a reshape to the plain layout
+  (free under jit: the same row-major bytes; outside jit, a copy)."""
+  head_dim = q.shape[-1]
+  if chosen == "tpu" or not _layout.is_lane_dense(k_blocks, head_dim):
+    return k_blocks, v_blocks
+  return _layout.unpack(k_blocks, head_dim), _layout.unpack(v_blocks, head_dim)
 
 
 def _run_reference(*args, block_sizes, interpret, **options):

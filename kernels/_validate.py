@@ -15,6 +15,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import _layout
 from kernels._quant import QUANT_DTYPES, SCALE_DTYPE, is_quantized
 from kernels.reference import INVALID_BLOCK
 
@@ -105,8 +106,10 @@ HEAD_DIM_RULES = {
   "gpu-unpadded": f"one of {GPU_UNPADDED_HEAD_DIMS} for this kernel (it does not pad the head "
   "dim to a power of two as paged_attention's kernels do)",
   "tpu": f"a multiple of {TPU_LANES} (the lane width: 128, 256, ...; XLA would copy a pool of "
-  "any other head_dim into the kernels' row-major layout on every call; allocate the cache "
-  "with head_dim zero-padded to a multiple of 128 and pass scale, docs/tpu.md)",
+  "any other head_dim into the kernels' row-major layout on every call), or 32 or 64 in a "
+  "lane-dense pool (rows of 128: kernels._layout, PagedKVCache.create(lane_dense=True)); "
+  "other sizes: allocate the cache with head_dim zero-padded to a multiple of 128 and pass "
+  "scale, docs/tpu.md",
 }
 
 
@@ -145,14 +148,10 @@ def validate_inputs(
     )
   if v_blocks.shape != k_blocks.shape or v_blocks.dtype != k_blocks.dtype:
     raise ValueError(f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
-  num_kv_heads, _, _, head_dim = k_blocks.shape
+  num_kv_heads = k_blocks.shape[0]
   if q.ndim != 3:
     raise ValueError(f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
-  if q.shape[2] != head_dim:
-    raise ValueError(
-      f"q head_dim {q.shape[2]} (q {_shape_str(q)}) != k_blocks head_dim {head_dim} "
-      f"(k_blocks {_shape_str(k_blocks)})"
-    )
+  pool_shape = validate_layout(q, k_blocks)
   if q.shape[1] % num_kv_heads:
     raise ValueError(
       f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
@@ -188,7 +187,29 @@ def validate_inputs(
       raise ValueError(
         f"cu_q_lens must be int32 [batch + 1] = [{batch + 1}], got {_shape_str(cu_q_lens)}"
       )
-  _validate_host_values(q.shape[0], k_blocks.shape, block_table, lengths, cu_q_lens)
+  _validate_host_values(q.shape[0], pool_shape, block_table, lengths, cu_q_lens)
+
+
+def validate_layout(q, k_blocks) -> tuple[int, int, int, int]:
+  """The pool's ``(num_kv_heads, num_blocks, block_size, head_dim)`` in tokens, for a pool
+  in either layout (``kernels._layout``): rows as wide as q's head_dim, or lane-dense rows
+  of 128 (16- or 32-bit K/V of head_dim 32 or 64). Raises ValueError otherwise."""
+  head_dim, width = q.shape[2], k_blocks.shape[3]
+  if width == head_dim:
+    return tuple(k_blocks.shape)
+  if width == _layout.LANE_WIDTH and head_dim in _layout.PACKED_HEAD_DIMS:
+    if is_quantized(k_blocks.dtype):
+      raise ValueError(
+        f"k_blocks {_shape_str(k_blocks)} is a lane-dense pool (rows of {width} for q's "
+        f"head_dim {head_dim}) of 8-bit K/V: 8-bit pools keep one token a row, "
+        f"[num_kv_heads, num_blocks, block_size, {head_dim}] (their scales do not pack)"
+      )
+    return _layout.logical_shape(k_blocks, head_dim)
+  raise ValueError(
+    f"q head_dim {head_dim} (q {_shape_str(q)}) != k_blocks head_dim {width} "
+    f"(k_blocks {_shape_str(k_blocks)}); a lane-dense pool (rows of {_layout.LANE_WIDTH}) "
+    f"is only for head_dim {' or '.join(map(str, _layout.PACKED_HEAD_DIMS))}"
+  )
 
 
 def validate_scales(k_blocks, k_scales, v_scales) -> None:

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels._api import BackendUnavailableError, resolve_backend
+from kernels import _layout
+from kernels._api import BackendUnavailableError, layout_for, resolve_backend
 from kernels._validate import _shape_str, validate_inputs, validate_options
 from kernels.reference import INVALID_BLOCK
 
@@ -680,8 +681,12 @@ def cascade_attention(
     )
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales)
   scale, _, logit_soft_cap = validate_options(scale, None, logit_soft_cap)
-  validate_plan(plan, q, k_blocks, block_table, lengths)
   chosen = resolve_backend(backend, interpret=interpret)
+  # A lane-dense pool (kernels._layout) reaches the TPU kernels as it is, the others
+  # through a reshape to the plain layout, as in kernels.paged_attention.
+  k_blocks, v_blocks = layout_for(chosen, q, k_blocks, v_blocks)
+  pool = jax.ShapeDtypeStruct(_layout.logical_shape(k_blocks, q.shape[2]), k_blocks.dtype)
+  validate_plan(plan, q, pool, block_table, lengths)
   if scale is None:
     scale = float(q.shape[2] ** -0.5)
   if chosen == "reference":

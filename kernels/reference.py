@@ -22,6 +22,10 @@ Query i of sequence b (q_len_b = cu_q_lens[b+1] - cu_q_lens[b]) sits at position
 key (length 0, or rows past ``cu_q_lens[-1]``) returns zeros; so does every row when the
 block table has no columns (``[batch, 0]``) or the pool no blocks.
 
+The entry points (``kernels.paged_attention``, ``kernels.cascade_attention``) also take
+K/V pools in the lane-dense layout of ``kernels._layout`` (head_dim 32 or 64 in rows of
+128); this backend is handed them reshaped to the layout above.
+
 This module imports nothing from paxcache or flax.
 """
 

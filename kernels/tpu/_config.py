@@ -172,13 +172,18 @@ class BlockSizes:
 
 def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
   """TPU-specific static checks (the generic ones are in ``kernels.validate_inputs``)."""
-  _, _, block_size, _ = k_blocks.shape
+  _, _, block_size, width = k_blocks.shape
   validate_head_dim(q, k_blocks, "tpu")
   tile = sublane_tile(k_blocks.dtype)
   if block_size % tile:
+    pack = width // q.shape[-1]
+    rows = (
+      "block_size" if pack == 1 else f"a lane-dense pool's rows per block (block_size / {pack})"
+    )
     raise ValueError(
-      f"TPU backend: block_size must be a multiple of {tile} for {k_blocks.dtype} K/V "
+      f"TPU backend: {rows} must be a multiple of {tile} for {k_blocks.dtype} K/V "
       f"(one VMEM sublane tile), got k_blocks {tuple(k_blocks.shape)}"
+      + ("" if pack == 1 else f": block_size a multiple of {tile * pack}")
     )
   if is_quantized(k_blocks.dtype) and block_size % QUANT_BLOCK_MULTIPLE:
     raise ValueError(

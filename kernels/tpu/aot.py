@@ -55,6 +55,7 @@ class Case:
   batch: int = 8
   context: int = 4096
   q_dtype: str | None = None  # None: kv_dtype (8-bit K/V need a float q)
+  lane_dense: bool = False  # the pool in rows of 128 (head_dim 32 or 64; kernels._layout)
 
 
 def shipped_cases() -> list[Case]:
@@ -103,6 +104,21 @@ def shipped_cases() -> list[Case]:
   # Cascade attention (decode with a shared prefix): its two decode-kernel calls (the shared
   # part with members x query heads as the q tile's rows, the own part from a first key)
   # and the merge. The window is refused for cascade; the cap is kept.
+  # head_dim 64 in lane-dense pools (two tokens a 128-lane row, kernels._layout): bf16
+  # blocks are multiples of 32 (16 rows, one bf16 sublane tile), float32 of 16; SmolLM2's
+  # 9 / 3 heads and Llama-3.2-1B's 32 / 8.
+  for kernel in ("decode", "ragged", "cascade"):
+    cases += [
+      Case(f"{kernel}-bs32-d64-bf16-dense", kernel, 32, 64, "bfloat16", lane_dense=True),
+      Case(f"{kernel}-bs16-d64-f32-dense-9x3-cap", kernel, 16, 64, "float32", 9, 3,
+           window_and_cap=True, lane_dense=True),
+    ]  # fmt: skip
+  cases += [
+    Case("decode-bs128-d64-bf16-dense-64x8192", "decode", 128, 64, "bfloat16", batch=64,
+         context=8192, lane_dense=True),
+    Case("ragged-bs64-d32-bf16-dense-window", "ragged", 64, 32, "bfloat16", window_and_cap=True,
+         lane_dense=True),
+  ]  # fmt: skip
   cases += [
     Case("cascade-bs16-bf16", "cascade", **bf16),
     Case("cascade-bs8-f32-mqa-cap", "cascade", 8, 128, "float32", 8, 1, window_and_cap=True),
@@ -140,7 +156,12 @@ def compile_case(case: Case, device) -> dict:
     return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
   num_blocks = batch * blocks_per_seq
-  k = spec((case.num_kv_heads, num_blocks, case.block_size, case.head_dim), case.kv_dtype)
+  pool = (case.num_kv_heads, num_blocks, case.block_size, case.head_dim)
+  if case.lane_dense:
+    from kernels import _layout
+
+    pool = _layout.lane_dense_shape(*pool, jnp.dtype(case.kv_dtype))
+  k = spec(pool, case.kv_dtype)
   table = spec((batch, blocks_per_seq), jnp.int32)
   lengths = spec((batch,), jnp.int32)
   kw = dict(block_sizes=tpu.BlockSizes(**dict(case.block_sizes)) if case.block_sizes else None)
@@ -200,13 +221,23 @@ def compile_case(case: Case, device) -> dict:
   )
 
 
-def pool_relayout(device, *, head_dim: int, num_blocks: int = 4096, kv_dtype="bfloat16") -> dict:
-  """Why the TPU backend takes only head_dim multiples of 128: compiles one decode call on
-  a pool ``[8, num_blocks, 16, head_dim]`` (32 query heads, batch 8) with the backend's
-  head_dim check bypassed, and reports XLA's default layout of the pool (the layout any
-  array of that shape has on the device, hence the layout a cache would have) and whether
-  the compiled module copies the pool before the kernel (a whole-pool relayout on every
-  call: the Mosaic kernel takes its HBM operands row-major).
+def pool_relayout(
+  device,
+  *,
+  head_dim: int,
+  num_blocks: int = 4096,
+  kv_dtype="bfloat16",
+  block_size: int = 16,
+  lane_dense: bool = False,
+) -> dict:
+  """Why the TPU backend takes only head_dim multiples of 128 in the plain layout: compiles
+  one decode call on a pool ``[8, num_blocks, block_size, head_dim]`` (32 query heads,
+  batch 8) with the backend's head_dim check bypassed, and reports XLA's default layout of
+  the pool (the layout any array of that shape has on the device, hence the layout a cache
+  would have) and whether the compiled module copies the pool before the kernel (a
+  whole-pool relayout on every call: the Mosaic kernel takes its HBM operands row-major).
+  ``lane_dense``: the same pool in rows of 128 (``kernels._layout``, head_dim 32 or 64),
+  the backend's checks kept.
 
   Returns ``{"layout": "{3,2,1,0:T(8,128)(2,1)}" ..., "row_major": bool, "pool_copies":
   int}``: ``pool_copies`` counts copy instructions whose result has the pool's shape.
@@ -216,21 +247,26 @@ def pool_relayout(device, *, head_dim: int, num_blocks: int = 4096, kv_dtype="bf
   import jax
   import jax.numpy as jnp
 
+  from kernels import _layout
   from kernels.tpu import decode
 
   sharding = jax.sharding.SingleDeviceSharding(device)
-  kv = jax.ShapeDtypeStruct((8, num_blocks, 16, head_dim), jnp.dtype(kv_dtype), sharding=sharding)
+  shape = (8, num_blocks, block_size, head_dim)
+  if lane_dense:
+    shape = _layout.lane_dense_shape(*shape, jnp.dtype(kv_dtype))
+  kv = jax.ShapeDtypeStruct(shape, jnp.dtype(kv_dtype), sharding=sharding)
   q = jax.ShapeDtypeStruct((8, 32, head_dim), jnp.dtype(kv_dtype), sharding=sharding)
   table = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=sharding)
   lengths = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=sharding)
   check = decode._config.check_shapes
-  decode._config.check_shapes = lambda *a, **k: None  # the head_dim check, for this trace
+  if not lane_dense:
+    decode._config.check_shapes = lambda *a, **k: None  # the head_dim check, for this trace
   try:
     lowered = jax.jit(decode.paged_attention_decode).trace(q, kv, kv, table, lengths)
   finally:
     decode._config.check_shapes = check
   text = lowered.lower(lowering_platforms=("tpu",)).compile().as_text()
-  dims = rf"\[8,{num_blocks},16,{head_dim}\]"
+  dims = r"\[" + ",".join(map(str, shape)) + r"\]"
   layout = re.search(dims + r"(\{[^}]*\})", text.splitlines()[0]).group(1)
   copies = sum(
     1 for line in text.splitlines() if re.search(r"= \S*" + dims + r"\S* copy(-start)?\(", line)

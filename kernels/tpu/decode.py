@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import _layout
 from kernels.tpu import _common, _config
 
 
@@ -56,6 +57,55 @@ def _visible_range(length, *, block_size, max_blocks, sliding_window, start=None
   end = jnp.clip(_common.cdiv(length, block_size), 0, max_blocks)
   first = lax.div(lo, block_size) if sliding_window is not None else jnp.int32(0)
   return lo, first, end
+
+
+def _part(index, part_size, parts):
+  """``index // part_size`` for ``index`` in ``[0, parts * part_size)``, by comparisons
+  (no vector integer division in the kernel)."""
+  out = jnp.zeros_like(index)
+  for j in range(1, parts):
+    out = out + (index >= j * part_size).astype(index.dtype)
+  return out
+
+
+def _keys(k, k_ok, pack):
+  """A chunk's K as the scores read it. Lane-dense (``pack`` > 1) and masked: the lanes of
+  tokens outside ``k_ok`` ([rows, width], the V mask) are zeroed, since a row's tokens
+  share its dot products (q's zero lanes times a NaN would poison its valid token's
+  score); plain rows are masked after the product instead (a whole score column)."""
+  if pack == 1 or k_ok is None:
+    return k
+  return jnp.where(k_ok, k, jnp.zeros((), k.dtype))
+
+
+def pack_queries(qg, pack, axis=-2):
+  """``qg [..., rows, head_dim]`` as the queries of a lane-dense pool of ``pack`` tokens a
+  row: ``[..., pack * rows, pack * head_dim]``, part ``j`` the rows with q in lanes
+  ``[j * head_dim, (j + 1) * head_dim)`` and zeros elsewhere, so that part ``j`` scores
+  (and, through p @ V, reads) the token of each K/V row that sits in those lanes. The
+  parts are stacked along ``axis``."""
+  head_dim = qg.shape[-1]
+  widths = [(0, 0)] * (qg.ndim - 1)
+  parts = [jnp.pad(qg, widths + [(j * head_dim, (pack - 1 - j) * head_dim)]) for j in range(pack)]
+  return jnp.concatenate(parts, axis=axis)
+
+
+def merge_parts(out, lse, pack, head_dim):
+  """The result of ``pack`` parts of q rows (:func:`pack_queries`), each normalised over its
+  own tokens: ``out f32[..., pack * rows, pack * head_dim]``, ``lse f32[..., pack * rows]``
+  -> ``(f32[..., rows, head_dim], f32[..., rows])`` by their log-sum-exps, as split-K
+  partials merge. A part that saw no key has lse ``MASK_VALUE`` and weight 0; a NaN
+  stays NaN."""
+  rows = out.shape[-2] // pack
+  outs = [
+    out[..., j * rows : (j + 1) * rows, j * head_dim : (j + 1) * head_dim] for j in range(pack)
+  ]
+  lses = [lse[..., j * rows : (j + 1) * rows] for j in range(pack)]
+  m = functools.reduce(jnp.maximum, lses)
+  weights = [jnp.exp(part - m) for part in lses]
+  total = functools.reduce(jnp.add, weights)
+  merged = functools.reduce(jnp.add, [w[..., None] * o for w, o in zip(weights, outs, strict=True)])
+  return merged / total[..., None], m + jnp.log(total)
 
 
 def _decode_kernel(
@@ -82,6 +132,7 @@ def _decode_kernel(
   quantized=False,
   with_starts=False,
   with_lse=False,
+  pack=1,
 ):
   refs = list(refs)
   starts_ref = refs.pop(0) if with_starts else None
@@ -100,8 +151,12 @@ def _decode_kernel(
   core, i, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   per_core, head_groups = pl.num_programs(1), pl.num_programs(2)
   b = core * per_core + i  # each core walks its own contiguous run of sequences
-  block_size = k_hbm.shape[2]
-  chunk_tokens = blocks_per_chunk * block_size
+  # A lane-dense pool (pack > 1, kernels._layout) holds ``pack`` tokens a row: blocks,
+  # DMAs and VMEM slots count rows; lengths, windows and masks count tokens.
+  block_rows = k_hbm.shape[2]
+  block_size = block_rows * pack
+  chunk_rows = blocks_per_chunk * block_rows
+  chunk_tokens = chunk_rows * pack
   heads, group, head_dim = q_ref.shape
 
   def steps(seq):
@@ -158,8 +213,19 @@ def _decode_kernel(
   prefetch_next = (next_i < per_core) & (next_n > 0)
 
   qs = [q_ref[hh] for hh in range(heads)]
-  key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
-  key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
+  if pack == 1:
+    key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_rows), 1)
+    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, 1), 0)
+  else:
+    # q's rows are pack parts of group // pack rows, part j against the token in lanes
+    # [j * head_dim / pack, ...) of each K row (kernels.tpu.decode.pack_queries); score
+    # (r, c) is token c * pack + part(r), V element (c, lane) token c * pack + part(lane).
+    key_iota_row = lax.broadcasted_iota(jnp.int32, (group, chunk_rows), 1) * pack + _part(
+      lax.broadcasted_iota(jnp.int32, (group, chunk_rows), 0), group // pack, pack
+    )
+    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 0) * pack + _part(
+      lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 1), head_dim // pack, pack
+    )
 
   def body(c, carry):
     slot = lax.rem(base_slot + c, 2)
@@ -191,7 +257,11 @@ def _decode_kernel(
           if key_ok is not None:
             vs = jnp.where(key_ok, vs, 0.0)
         s = _common.scores(
-          qs[hh], kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+          qs[hh],
+          _keys(kv_buf[slot, 0, hh], v_ok, pack),
+          scale=scale,
+          logit_soft_cap=logit_soft_cap,
+          k_scale=ks,
         )
         out.append(
           _common.online_softmax_step(
@@ -206,7 +276,7 @@ def _decode_kernel(
       key_ok, v_ok = cur.hole_masks(
         (kp >= lo) & (kp < hi), (kp_col >= lo) & (kp_col < hi), cur.holes(fetched)
       )
-      return attend(carry, (jnp.broadcast_to(key_ok, (group, chunk_tokens)), v_ok, key_ok))
+      return attend(carry, (jnp.broadcast_to(key_ok, (group, chunk_rows)), v_ok, key_ok))
 
     # Fast path: every block fetched and every key inside [lo, length): no per-key mask.
     full = (fetched == blocks_per_chunk) & (key0 >= lo) & (key0 + chunk_tokens <= length)
@@ -243,10 +313,13 @@ def _decode_call(
   v_scales=None,
   starts=None,
   with_lse=False,
+  pack=1,
 ):
   """One pallas_call over ``q: [batch, num_kv_heads, group, head_dim]``.
 
-  ``batch`` must be a multiple of ``num_cores``. ``starts`` (i32[batch]) and ``with_lse``:
+  ``batch`` must be a multiple of ``num_cores``. ``pack`` > 1: the pools are lane-dense
+  (``kernels._layout``) and q is :func:`pack_queries`'s (``group`` counts its parts' rows,
+  ``head_dim`` is the pool's row width). ``starts`` (i32[batch]) and ``with_lse``:
   see :func:`decode_rows`. Returns the output, or (output, lse) with ``with_lse``.
   """
   batch, num_kv_heads, group, head_dim = q.shape
@@ -262,6 +335,7 @@ def _decode_call(
     quantized=k_scales is not None,
     with_starts=starts is not None,
     with_lse=with_lse,
+    pack=pack,
   )
   scales = () if k_scales is None else (k_scales, v_scales)
   prefetch = (lengths, table_flat) + (() if starts is None else (starts,))
@@ -337,6 +411,12 @@ def decode_rows(
   """
   batch, num_kv_heads, rows, head_dim = qg.shape
   max_blocks = block_table.shape[1]
+  # A lane-dense pool (kernels._layout): each part of the packed q rows reads one token of
+  # every K/V row, normalised on its own, and the parts merge by their log-sum-exps.
+  pack = _layout.tokens_per_row(head_dim, k_blocks.shape[3])
+  want_lse = with_lse
+  if pack > 1:
+    qg, with_lse = pack_queries(qg, pack), True
   per_call = _config.sequences_per_call(
     smem_budget_bytes=tuned.smem_budget_bytes,
     words_per_sequence=max_blocks + 1 + (starts is not None),
@@ -370,6 +450,7 @@ def decode_rows(
       v_scales=v_scales,
       starts=None if starts is None else jnp.pad(starts[s0:s1], (0, pad)),
       with_lse=with_lse,
+      pack=pack,
     )
     out, lse = got if with_lse else (got, None)
     outs.append(out[: s1 - s0])
@@ -378,7 +459,12 @@ def decode_rows(
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
   if not with_lse:
     return out
-  return out, (lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=0))
+  lse = lses[0] if len(lses) == 1 else jnp.concatenate(lses, axis=0)
+  if pack > 1:
+    out, lse = merge_parts(out, lse, pack, head_dim)
+    if not want_lse:
+      return out.astype(qg.dtype)
+  return out, lse
 
 
 @functools.partial(
@@ -418,20 +504,22 @@ def paged_attention_decode(
   """
   _config.check_shapes(q, k_blocks, block_sizes)
   batch, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, block_size, _ = k_blocks.shape
+  num_kv_heads, _, block_rows, width = k_blocks.shape
   max_blocks = block_table.shape[1]
   group = num_q_heads // num_kv_heads
   if batch == 0 or max_blocks == 0 or k_blocks.shape[1] == 0:  # no block to read: zeros
     return jnp.zeros_like(q)
+  pack = _layout.tokens_per_row(head_dim, width)
+  # Sized as the kernel sees the pool: rows of ``width`` lanes, ``pack * group`` q rows.
   tuned = _config.resolve(
     block_sizes,
     q_dtype=q.dtype,
     kv_dtype=k_blocks.dtype,
     num_kv_heads=num_kv_heads,
-    block_size=block_size,
-    head_dim=head_dim,
+    block_size=block_rows,
+    head_dim=width,
     max_blocks=max_blocks,
-    group=group,
+    group=pack * group,
     ragged=False,
   )
   scale = head_dim**-0.5 if scale is None else scale

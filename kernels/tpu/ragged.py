@@ -42,8 +42,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import _layout
 from kernels.tpu import _common, _config
-from kernels.tpu.decode import decode_rows
+from kernels.tpu.decode import _keys, _part, decode_rows, pack_queries
 
 
 def _ragged_kernel(
@@ -71,6 +72,7 @@ def _ragged_kernel(
   blocks_per_chunk,
   max_blocks,
   quantized=False,
+  pack=1,
 ):
   if quantized:
     ks_hbm, vs_hbm, o_ref, kv_buf, sc_buf, sems, count_ref, m_ref, l_ref, acc_ref = refs
@@ -81,14 +83,28 @@ def _ragged_kernel(
   t, h = pl.program_id(0), pl.program_id(1)
   heads, group, tile, head_dim = q_ref.shape
   rows = group * tile
-  block_size = k_hbm.shape[2]
-  chunk_tokens = blocks_per_chunk * block_size
+  # A lane-dense pool (pack > 1, kernels._layout) holds ``pack`` tokens a row: blocks,
+  # DMAs and VMEM slots count rows; positions and masks count tokens. q's ``group`` rows
+  # are then ``pack`` parts (pack_queries), part j reading the token in lanes
+  # [j * head_dim / pack, ...) of each K/V row.
+  block_rows = k_hbm.shape[2]
+  block_size = block_rows * pack
+  chunk_rows = blocks_per_chunk * block_rows
+  chunk_tokens = chunk_rows * pack
   t0 = t * tile
 
   # Row r of the flattened tile is head r // tile, token t0 + r % tile (tile: power of 2).
   row_token = t0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (tile - 1))
-  key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_tokens), 1)
-  key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_tokens, 1), 0)
+  if pack == 1:
+    key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_rows), 1)
+    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, 1), 0)
+  else:
+    key_iota_row = lax.broadcasted_iota(jnp.int32, (rows, chunk_rows), 1) * pack + _part(
+      lax.broadcasted_iota(jnp.int32, (rows, chunk_rows), 0), rows // pack, pack
+    )
+    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 0) * pack + _part(
+      lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 1), head_dim // pack, pack
+    )
 
   def sequence(s, _):
     cs, ce = cu_ref[s], cu_ref[s + 1]
@@ -170,7 +186,11 @@ def _ragged_kernel(
               vs = jnp.where(key_ok, vs, 0.0)
           q = q_ref[hh].reshape(rows, head_dim)
           s_ = _common.scores(
-            q, kv_buf[slot, 0, hh], scale=scale, logit_soft_cap=logit_soft_cap, k_scale=ks
+            q,
+            _keys(kv_buf[slot, 0, hh], v_ok, pack),
+            scale=scale,
+            logit_soft_cap=logit_soft_cap,
+            k_scale=ks,
           )
           m, l_, acc = _common.online_softmax_step(
             (m_ref[hh], l_ref[hh], acc_ref[hh]),
@@ -225,11 +245,37 @@ def _ragged_kernel(
   lax.fori_loop(seq_lo_ref[t], seq_hi_ref[t] + 1, sequence, 0)
 
   def finish(hh, _):
-    out = _common.finish((m_ref[hh], l_ref[hh], acc_ref[hh]), o_ref.dtype)
-    o_ref[hh] = out.reshape(group, tile, head_dim)
+    carry = (m_ref[hh], l_ref[hh], acc_ref[hh])
+    if pack > 1:
+      carry = _merge_parts(carry, pack, head_dim // pack)
+    out = _common.finish(carry, o_ref.dtype)
+    o_ref[hh] = out.reshape(o_ref.shape[1:])
     return 0
 
   lax.fori_loop(0, heads, finish, 0)
+
+
+def _merge_parts(carry, pack, part_dim):
+  """One softmax state from the ``pack`` parts of a lane-dense tile's rows (each part
+  normalised over its own tokens, rows ``[j * rows / pack, ...)``, its output in lanes
+  ``[j * part_dim, ...)``): the parts' states merge as split-K partials, part j's lanes
+  rotated to lanes ``[0, part_dim)``. The other lanes of the result are not used."""
+  m, denom, acc = carry
+  rows = m.shape[0] // pack
+  ms = [m[j * rows : (j + 1) * rows] for j in range(pack)]
+  m_new = functools.reduce(jnp.maximum, ms)
+  weights = [jnp.exp(mj - m_new) for mj in ms]
+  denom_new = functools.reduce(
+    jnp.add, [w * denom[j * rows : (j + 1) * rows] for j, w in enumerate(weights)]
+  )
+  width = acc.shape[1]
+  parts = []
+  for j, w in enumerate(weights):
+    part = acc[j * rows : (j + 1) * rows]
+    if j:
+      part = pltpu.roll(part, width - j * part_dim, 1)
+    parts.append(w * part)
+  return m_new, denom_new, functools.reduce(jnp.add, parts)
 
 
 def _tile_sequences(cu_q_lens, num_tiles, tile):
@@ -264,8 +310,13 @@ def _ragged_call(
   vmem_limit_bytes=None,
   k_scales=None,
   v_scales=None,
+  pack=1,
 ):
-  """One pallas_call over ``qt: [num_kv_heads, group, num_tiles * tile, head_dim]``."""
+  """One pallas_call over ``qt: [num_kv_heads, group, num_tiles * tile, head_dim]``.
+
+  ``pack`` > 1: the pools are lane-dense and ``qt`` is ``pack_queries``'s (``group``
+  counts its parts' rows, ``head_dim`` is the pools' row width); the output has
+  ``group / pack`` rows a tile, each real result in lanes ``[0, head_dim / pack)``."""
   num_kv_heads, group, padded_tokens, head_dim = qt.shape
   block_size = k_blocks.shape[2]
   num_tiles = padded_tokens // tile
@@ -278,9 +329,12 @@ def _ragged_call(
     blocks_per_chunk=blocks_per_chunk,
     max_blocks=max_blocks,
     quantized=k_scales is not None,
+    pack=pack,
   )
   scales = () if k_scales is None else (k_scales, v_scales)
   q_spec = pl.BlockSpec((heads_per_step, group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
+  out_group = group // pack
+  o_spec = pl.BlockSpec((heads_per_step, out_group, tile, head_dim), lambda t, h, *_: (h, 0, t, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   return pl.pallas_call(
     kernel,
@@ -288,7 +342,7 @@ def _ragged_call(
       num_scalar_prefetch=5,
       grid=(num_tiles, num_kv_heads // heads_per_step),
       in_specs=[q_spec, any_spec, any_spec] + [any_spec] * len(scales),
-      out_specs=q_spec,
+      out_specs=o_spec,
       scratch_shapes=[
         *_common.kv_scratch(
           heads_per_step, blocks_per_chunk * block_size, head_dim, k_blocks.dtype
@@ -299,7 +353,7 @@ def _ragged_call(
         pltpu.VMEM((heads_per_step, group * tile, head_dim), jnp.float32),
       ],
     ),
-    out_shape=jax.ShapeDtypeStruct(qt.shape, qt.dtype),
+    out_shape=jax.ShapeDtypeStruct((num_kv_heads, out_group, padded_tokens, head_dim), qt.dtype),
     # Every step starts and drains its own DMAs, so steps are independent (megacore can
     # split them).
     compiler_params=_common.mosaic_params(("parallel", "parallel"), vmem_limit_bytes),
@@ -406,19 +460,21 @@ def paged_attention_ragged(
   """
   _config.check_shapes(q, k_blocks, block_sizes)
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, block_size, _ = k_blocks.shape
+  num_kv_heads, _, block_rows, width = k_blocks.shape
   batch, max_blocks = block_table.shape
   group = num_q_heads // num_kv_heads
   if num_tokens == 0 or batch == 0 or max_blocks == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros_like(q)
+  pack = _layout.tokens_per_row(head_dim, width)
+  # Sized as the kernels see the pool: rows of ``width`` lanes, ``pack * group`` q rows.
   shape = dict(
     q_dtype=q.dtype,
     kv_dtype=k_blocks.dtype,
     num_kv_heads=num_kv_heads,
-    block_size=block_size,
-    head_dim=head_dim,
+    block_size=block_rows,
+    head_dim=width,
     max_blocks=max_blocks,
-    group=group,
+    group=pack * group,
   )
   split = block_sizes is None or block_sizes.split_decode
   tuned = _config.resolve(block_sizes, ragged=True, prefill_only=split, **shape)
@@ -438,13 +494,17 @@ def paged_attention_ragged(
     vmem_limit_bytes=tuned.vmem_limit_bytes,
     k_scales=k_scales,
     v_scales=v_scales,
+    pack=pack,
   )
 
   def ragged(q, cu):
     # [T, Hq, D] -> [Hkv, group, T_padded, D]: a tile's rows of one KV head are one block.
     qt = jnp.pad(q, ((0, padded - num_tokens), (0, 0), (0, 0)))
     qt = qt.reshape(padded, num_kv_heads, group, head_dim).transpose(1, 2, 0, 3)
+    if pack > 1:
+      qt = pack_queries(qt, pack, axis=1)
     out = _ragged_rows(qt, k_blocks, v_blocks, block_table, lengths, cu, tuned=tuned, call=call)
+    out = out[..., :head_dim]
     return out.transpose(2, 0, 1, 3).reshape(padded, num_q_heads, head_dim)[:num_tokens]
 
   if not split:

@@ -582,3 +582,30 @@ def test_mosaic_interpret_needs_threads(monkeypatch):
 def test_mosaic_block_sizes_validated(field, value):
   with pytest.raises(ValueError, match=field):
     gpu.BlockSizes(**{field: value})
+
+
+def test_lane_dense_pools_give_the_plain_pools_result_bit_for_bit():
+  # A lane-dense pool (kernels._layout, head_dim 64 in rows of 128) is the same row-major
+  # bytes as the plain one: the GPU backend reads it through a reshape, so decode (default
+  # and planned) and ragged give exactly what the plain pool gives.
+  from kernels import _layout
+  from kernels.gpu.plan import plan_decode
+
+  rng = np.random.default_rng(40)
+  bs, d = 16, 64
+  lengths = np.array([1, 17, 40], np.int32)
+  table = np.array([[3, -1, -1], [0, 5, -1], [1, 2, 4]], np.int32)
+  k = jnp.asarray(rng.standard_normal((2, 6, bs, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, 6, bs, d)), jnp.float32)
+  dk, dv = _layout.pack(k), _layout.pack(v)
+  q = jnp.asarray(rng.standard_normal((3, 6, d)), jnp.float32)
+  run = functools.partial(kernels.paged_attention, backend="gpu", interpret=True, block_sizes=SMALL)
+  for extra in ({}, {"decode_plan": plan_decode(lengths, bs, 2, kv_tile=16)}):
+    plain = run(q, k, v, table, lengths, **extra)
+    np.testing.assert_array_equal(np.asarray(run(q, dk, dv, table, lengths, **extra)), plain)
+  cu = np.array([0, 1, 4, 6], np.int32)
+  qr = jnp.asarray(rng.standard_normal((6, 6, d)), jnp.float32)
+  plain = run(qr, k, v, table, lengths, cu)
+  np.testing.assert_array_equal(np.asarray(run(qr, dk, dv, table, lengths, cu)), plain)
+  ref = kernels.paged_attention(qr, dk, dv, table, lengths, cu, backend="reference")
+  assert rel_l2_error(np.asarray(plain), np.asarray(ref)) < _bound(jnp.float32)

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import kernels
-from kernels import tpu
+from kernels import _layout, tpu
 from kernels.testing import rel_l2_error, tolerance
 
 INTERPRET = pltpu.InterpretParams(
@@ -552,7 +552,9 @@ def test_both_kernels_at_head_dim_256():
 # ----------------------------------------------------------------------------- ragged
 
 
-def _ragged_case(rng, *, dtype, num_q_heads=4, num_kv_heads=2, block_size=BS, pad_rows=5):
+def _ragged_case(
+  rng, *, dtype, num_q_heads=4, num_kv_heads=2, block_size=BS, pad_rows=5, head_dim=HEAD_DIM
+):
   # Prefill from scratch, prefill of a chunk after cached context, decodes of edge lengths,
   # an empty sequence, then padding rows past cu_q_lens[-1].
   lengths = [11, 0, 21, 1, block_size, block_size + 1, 30]
@@ -566,10 +568,11 @@ def _ragged_case(rng, *, dtype, num_q_heads=4, num_kv_heads=2, block_size=BS, pa
     max_blocks=5,
     dtype=dtype,
     holes=holes,
+    head_dim=head_dim,
   )
   cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
   num_tokens = int(cu[-1]) + pad_rows
-  q = jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, HEAD_DIM)), dtype)
+  q = jnp.asarray(rng.standard_normal((num_tokens, num_q_heads, head_dim)), dtype)
   return q, k, v, table, lengths, cu
 
 
@@ -962,3 +965,191 @@ def test_queries_per_tile_must_fit_q_dtype_tile():
       block_sizes=tpu.BlockSizes(queries_per_tile=8),
       interpret=True,
     )
+
+
+# ------------------------------------------------------------------- lane-dense pools
+
+
+# head_dim 64 (and 32) in lane-dense pools (kernels._layout): 128 // head_dim tokens a
+# 128-lane row, the layout XLA keeps row-major on TPU without padding (issue 18, item 4).
+# The oracle reads the same pools in the plain layout (a reshape: the same bytes).
+
+
+def _dense(k, v):
+  return _layout.pack(k), _layout.pack(v)
+
+
+@pytest.mark.parametrize(
+  "dtype,block_size,num_q_heads,num_kv_heads,head_dim,bpc",
+  [
+    (jnp.float32, 16, 6, 2, 64, 2),  # SmolLM2's group of 3; 8 rows a block
+    (jnp.bfloat16, 32, 8, 2, 64, 1),  # 16 rows a block (a bf16 sublane tile)
+    (jnp.float32, 32, 2, 1, 32, 2),  # 4 tokens a row
+  ],
+  ids=["f32-d64-group3", "bf16-d64", "f32-d32-mqa"],
+)
+def test_decode_lane_dense_matches_oracle(
+  dtype, block_size, num_q_heads, num_kv_heads, head_dim, bpc
+):
+  # Edge lengths (0, 1, odd and even: a row whose second token is past the length), a hole,
+  # NaN in every unused slot, chunks wholly visible (the unmasked path) and partial ones.
+  rng = np.random.default_rng(30)
+  lengths = [0, 1, block_size - 1, block_size, block_size + 1, 3 * block_size + 5, 70]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=num_kv_heads, block_size=block_size, max_blocks=5, dtype=dtype,
+    holes=[(6, 1)], head_dim=head_dim,
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((len(lengths), num_q_heads, head_dim)), dtype)
+  kd, vd = _dense(k, v)
+  assert kd.shape[3] == 128 and kd.shape[2] * 128 == block_size * head_dim
+  out = tpu.paged_attention_decode(
+    q, kd, vd, table, lengths, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=bpc),
+  )  # fmt: skip
+  _assert_no_races()
+  chex.assert_equal_shape([out, q])
+  chex.assert_type(out, q.dtype)
+  _check(out, _oracle(q, k, v, table, lengths), dtype)
+  assert np.all(np.asarray(out, np.float32)[0] == 0), "a length-0 sequence must return zeros"
+
+
+def test_decode_lane_dense_window_soft_cap_and_public_api():
+  rng = np.random.default_rng(31)
+  k, v, table, lengths = _cache(
+    rng, [3, 20, 33, 47], num_kv_heads=3, block_size=16, max_blocks=4, dtype=jnp.float32,
+    head_dim=64,
+  )  # fmt: skip
+  q = jnp.asarray(rng.standard_normal((4, 9, 64)) * 4, jnp.float32)
+  kw = dict(scale=0.2, sliding_window=13, logit_soft_cap=3.0)
+  kd, vd = _dense(k, v)
+  out = kernels.paged_attention(q, kd, vd, table, lengths, backend="tpu", interpret=INTERPRET, **kw)
+  _assert_no_races()
+  want = _oracle(q, k, v, table, lengths, **kw)
+  _check(out, want, jnp.float32)
+  # The reference reads the lane-dense pool through a reshape: the same result as the plain.
+  ref = kernels.paged_attention(q, kd, vd, table, lengths, backend="reference", **kw)
+  _check(ref, want, jnp.float32)
+
+
+@pytest.mark.parametrize(
+  "split_decode,window", [(True, None), (False, 5)], ids=["split", "one-launch-window"]
+)
+def test_ragged_lane_dense_matches_oracle(split_decode, window):
+  rng = np.random.default_rng(32)
+  q, k, v, table, lengths, cu = _ragged_case(rng, dtype=jnp.float32, block_size=16, head_dim=64)
+  kd, vd = _dense(k, v)
+  out = tpu.paged_attention_ragged(
+    q, kd, vd, table, lengths, cu, sliding_window=window, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8, split_decode=split_decode),
+  )  # fmt: skip
+  _assert_no_races()
+  assert out.shape == q.shape
+  _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
+  assert np.all(np.asarray(out)[int(cu[-1]) :] == 0), "padding rows must return zeros"
+
+
+def test_ragged_lane_dense_bf16_defaults_and_head_dim_32():
+  rng = np.random.default_rng(33)
+  lengths, q_lens = [40, 17, 70, 64, 1], [40, 1, 9, 1, 1]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=2, block_size=32, max_blocks=3, dtype=jnp.bfloat16, head_dim=64
+  )
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 2, 8, 64)), jnp.bfloat16)
+  out = tpu.paged_attention_ragged(q, *_dense(k, v), table, lengths, cu, interpret=INTERPRET)
+  _assert_no_races()
+  chex.assert_type(out, q.dtype)
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.bfloat16)
+  # head_dim 32: four tokens a row, the merge of four parts in the ragged kernel.
+  lengths, q_lens = [11, 0, 40, 1, 33, 70], [11, 0, 6, 1, 1, 3]
+  k, v, table, lengths = _cache(
+    rng, lengths, num_kv_heads=1, block_size=32, max_blocks=3, dtype=jnp.float32,
+    holes=[(5, 1)], head_dim=32,
+  )  # fmt: skip
+  cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 3, 2, 32)), jnp.float32)
+  out = tpu.paged_attention_ragged(
+    q, *_dense(k, v), table, lengths, cu, interpret=INTERPRET,
+    block_sizes=tpu.BlockSizes(blocks_per_chunk=1, queries_per_tile=8, split_decode=False),
+  )  # fmt: skip
+  _assert_no_races()
+  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
+
+
+def test_lane_dense_nan_in_a_visible_slot_surfaces_as_nan():
+  # A NaN a query sees comes out as NaN through the parts' merge (decode: outside the
+  # kernel; ragged: inside), and only there: the row's other part and sequence stay finite.
+  rng = np.random.default_rng(34)
+  k, v, table, lengths = _cache(
+    rng, [9, 5], num_kv_heads=1, block_size=16, max_blocks=1, dtype=jnp.float32, head_dim=64
+  )
+  k = k.at[:, int(table[0, 0]), 3].set(jnp.nan)  # an odd position: the second part's token
+  q = jnp.asarray(rng.standard_normal((2, 2, 64)), jnp.float32)
+  out = np.asarray(tpu.paged_attention_decode(q, *_dense(k, v), table, lengths, interpret=True))
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+  cu = jnp.asarray([0, 1, 2], jnp.int32)
+  out = np.asarray(
+    tpu.paged_attention_ragged(
+      q, *_dense(k, v), table, lengths, cu, interpret=True,
+      block_sizes=tpu.BlockSizes(queries_per_tile=8, split_decode=False),
+    )
+  )  # fmt: skip
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+@pytest.mark.parametrize(
+  "shape,q_head_dim,kv_dtype,match",
+  [
+    # 8 rows a block of bf16: half a sublane tile; block_size must be a multiple of 32.
+    ((1, 2, 8, 128), 64, jnp.bfloat16, "multiple of 32"),
+    ((1, 2, 8, 128), 48, jnp.float32, "lane-dense pool .* only for head_dim 32 or 64"),
+    ((1, 2, 128, 128), 64, jnp.int8, "8-bit"),
+  ],
+  ids=["bf16-rows-8", "head-dim-48", "int8"],
+)
+def test_unsupported_lane_dense_pools_raise(shape, q_head_dim, kv_dtype, match):
+  k = jnp.zeros(shape, kv_dtype)
+  q = jnp.zeros((1, 1, q_head_dim), jnp.float32)
+  scales = {}
+  if kv_dtype == jnp.int8:
+    scales = dict(
+      k_scales=jnp.ones(shape[:3], jnp.float32), v_scales=jnp.ones(shape[:3], jnp.float32)
+    )
+  with pytest.raises(ValueError, match=match):
+    tpu.paged_attention(
+      q, k, k, jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), interpret=True, **scales
+    )
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
+def test_lane_dense_dmas_move_whole_rows_of_128(ragged):
+  # head_dim 64, bf16, block 32 in a lane-dense pool: each block is one DMA for K and one
+  # for V of all 8 heads, [8, 16 rows, 128 lanes] (32 KiB: the bytes of a head_dim 128
+  # block of 16), into K/V slots of 128-lane rows, and one wait takes a whole chunk.
+  from kernels.tpu import _config
+
+  bpc, max_blocks = 4, 16
+  kv = jax.ShapeDtypeStruct((8, 64, 16, 128), jnp.bfloat16)
+  table = jax.ShapeDtypeStruct((4, max_blocks), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((4,), jnp.int32)
+  bs = tpu.BlockSizes(blocks_per_chunk=bpc, split_decode=False)
+  if ragged:
+    q = jax.ShapeDtypeStruct((32, 32, 64), jnp.bfloat16)
+    cu = jax.ShapeDtypeStruct((5,), jnp.int32)
+    fn = lambda q, k, v, t, n, c: tpu.paged_attention(q, k, v, t, n, c, block_sizes=bs)  # noqa: E731
+    got = _kernel_dmas(fn, q, kv, kv, table, lengths, cu, name="_ragged_kernel")
+  else:
+    q = jax.ShapeDtypeStruct((4, 32, 64), jnp.bfloat16)
+    fn = lambda q, k, v, t, n: tpu.paged_attention(q, k, v, t, n, block_sizes=bs)  # noqa: E731
+    got = _kernel_dmas(fn, q, kv, kv, table, lengths)
+  tuned = _config.resolve(
+    bs, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, num_kv_heads=8, block_size=16,
+    head_dim=128, max_blocks=max_blocks, group=8, ragged=ragged,
+  )  # fmt: skip
+  plan = _config.dma_plan(tuned, block_size=16, head_dim=128, kv_dtype=jnp.bfloat16, ragged=ragged)
+  assert {w for w, _ in got.starts} == {(8, 16, 128)}
+  assert plan.bytes_per_dma == 8 * 16 * 128 * 2 == 32 * 1024
+  assert plan.chunk_tokens == bpc * 16  # rows: 2 tokens each
+  (kv_slots,) = [shape for shape in got.scratch if len(shape) == 5]
+  assert kv_slots == (2, 2, 8, bpc * 16, 128)
+  assert got.waits.count(plan.dmas_per_chunk * plan.bytes_per_dma) == 1

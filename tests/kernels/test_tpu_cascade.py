@@ -83,7 +83,9 @@ def _plan(group_table, group_lens, group_rows, row_starts):
   )
 
 
-def _shared_case(rng, *, block_size, num_kv_heads=2, num_q_heads=4, dtype=jnp.float32):
+def _shared_case(
+  rng, *, block_size, num_kv_heads=2, num_q_heads=4, dtype=jnp.float32, head_dim=HEAD_DIM
+):
   """Six rows over one pool:
 
   - rows 0, 2, 3: group 0, sharing 3 physical blocks; its prefix is ``3 * bs - 5`` tokens
@@ -108,14 +110,14 @@ def _shared_case(rng, *, block_size, num_kv_heads=2, num_q_heads=4, dtype=jnp.fl
     own = [perm.pop() for _ in range(own_blocks[b])]
     table[b, : len(lead) + len(own)] = lead + own
     lengths[b] = len(lead) * bs + (len(own) - 1) * bs + own_tail[b] if own else len(lead) * bs
-  shape = (num_kv_heads, num_blocks, bs, HEAD_DIM)
+  shape = (num_kv_heads, num_blocks, bs, head_dim)
   k, v = rng.standard_normal(shape), rng.standard_normal(shape)
   used = np.zeros((num_blocks, bs), bool)
   for b in range(6):
     for p in range(lengths[b]):
       used[table[b, p // bs], p % bs] = True
   k[:, ~used], v[:, ~used] = np.nan, np.nan
-  q = rng.standard_normal((6, num_q_heads, HEAD_DIM))
+  q = rng.standard_normal((6, num_q_heads, head_dim))
   prefix0 = 3 * bs - 5
   plan = _plan(
     group_table=[g0 + [-1], g1 + [-1] * 3, [-1] * 4, [-1] * 4],
@@ -347,3 +349,28 @@ def test_public_api_with_the_host_planner_runs_the_tpu_kernels():
   )
   _assert_no_races()
   _check(out, _oracle(case["q"], case["k"], case["v"], table, lengths), jnp.float32)
+
+
+def test_lane_dense_pool_through_the_planner_and_every_backend():
+  # head_dim 64 in a lane-dense pool (two tokens a 128-lane row, kernels._layout): the
+  # shared prefix (ending mid-block, mid-row: 3 * 16 - 5 tokens) and the own parts both
+  # read the packed rows; the reference backend reads the same pool through a reshape.
+  from kernels import _layout
+
+  case = _shared_case(np.random.default_rng(9), block_size=16, num_q_heads=6, head_dim=64)
+  table, lengths = np.asarray(case["table"]), np.asarray(case["lengths"])
+  plan = kernels.plan_cascade(table, lengths, 16, min_shared_blocks=2)
+  assert plan is not None
+  k, v = _layout.pack(case["k"]), _layout.pack(case["v"])
+  assert k.shape[2:] == (8, 128)
+  want = _oracle(case["q"], case["k"], case["v"], table, lengths)
+  out = kernels.cascade_attention(
+    case["q"], k, v, table, lengths, plan, backend="tpu", interpret=INTERPRET
+  )
+  _assert_no_races()
+  _check(out, want, jnp.float32)
+  _check(
+    kernels.cascade_attention(case["q"], k, v, table, lengths, plan, backend="reference"),
+    want,
+    jnp.float32,
+  )

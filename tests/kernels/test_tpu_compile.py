@@ -83,7 +83,14 @@ def test_shipped_cases_cover_every_accepted_value():
   for kernel in ("decode", "ragged"):
     mine = [c for c in cases if c.kernel == kernel]
     assert {c.block_size for c in mine} == {8, 16, 32, 64, 128, 256}
-    assert {c.head_dim for c in mine} == {128, 256}
+    assert {c.head_dim for c in mine if not c.lane_dense} == {128, 256}
+    # head_dim 64 (and 32 in the ragged kernel) in lane-dense pools, bf16 and float32.
+    dense = [c for c in mine if c.lane_dense]
+    assert {c.head_dim for c in dense} >= {64} and {c.kv_dtype for c in dense} == {
+      "bfloat16",
+      "float32",
+    }
+    assert {c.window_and_cap for c in dense} == {True, False}
     assert {c.kv_dtype for c in mine} == {"bfloat16", "float32", "int8", "float8_e4m3fn"}
     assert {c.window_and_cap for c in mine} == {True, False}
     assert {c.num_q_heads // c.num_kv_heads for c in mine} >= {1, 2, 4, 8}
@@ -165,7 +172,7 @@ def test_decode_needs_the_vmem_limit_it_sets():
 
 
 @pytest.mark.slow
-def test_head_dim_64_and_192_pools_would_be_copied_every_call():
+def test_head_dim_64_and_192_pools_would_be_copied_every_call_unless_lane_dense():
   # Why the TPU backend refuses head_dim that is not a multiple of 128 (docs/tpu.md): the
   # kernels compile for 64 and 192, but XLA's default layout of such a pool at a real size
   # is not row-major, so the compiled call copies the whole pool into the kernel's layout.
@@ -181,6 +188,13 @@ def test_head_dim_64_and_192_pools_would_be_copied_every_call():
     device = aot.topology_device("v5e:2x2")
     rows = {str(d): aot.pool_relayout(device, head_dim=d) for d in (64, 128, 192, 256)}
     rows["64-small"] = aot.pool_relayout(device, head_dim=64, num_blocks=64)
+    # The same head_dim 64 in lane-dense pools (kernels._layout), both chips, at full size.
+    for topology in ("v5e:2x2", "v6e:2x2"):
+      dev = aot.topology_device(topology)
+      for dtype, bs in (("bfloat16", 32), ("float32", 16)):
+        rows[f"64-dense-{topology}-{dtype}"] = aot.pool_relayout(
+          dev, head_dim=64, block_size=bs, kv_dtype=dtype, lane_dense=True
+        )
     print(json.dumps(rows))
     """
   )
@@ -188,7 +202,9 @@ def test_head_dim_64_and_192_pools_would_be_copied_every_call():
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   assert lines, proc.stderr[-3000:]
   rows = json.loads(lines[-1])
-  for d in ("128", "256", "64-small"):
+  dense = [d for d in rows if "dense" in d]
+  assert len(dense) == 4, rows
+  for d in ("128", "256", "64-small", *dense):
     assert rows[d]["row_major"] and rows[d]["pool_copies"] == 0, rows
   for d in ("64", "192"):
     assert not rows[d]["row_major"] and rows[d]["pool_copies"] >= 2, rows  # K and V

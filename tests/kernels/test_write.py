@@ -136,3 +136,53 @@ def test_host_slot_mapping_is_checked_not_silently_dropped(slots, match):
   k, v, k_new, v_new = _inputs(rng, 3)
   with pytest.raises(ValueError, match=match):
     kernels.write_kv(k, v, k_new, v_new, np.asarray(slots, np.int32))
+
+
+# --------------------------------------------------------------- lane-dense pools
+
+
+@pytest.mark.parametrize("head_dim,block_size", [(64, 4), (32, 8)], ids=["d64", "d32"])
+def test_write_kv_into_a_lane_dense_pool_matches_the_loop(head_dim, block_size):
+  # A lane-dense pool (kernels._layout: 128 // head_dim tokens a 128-lane row) is written
+  # in that layout; read back through the plain view it is the loop's result, bit for bit,
+  # with padding rows and (device) slots past the pool dropped.
+  from kernels import _layout
+
+  rng = np.random.default_rng(12)
+  shape = (H, NUM_BLOCKS, block_size, head_dim)
+  k = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  v = jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  num_tokens = 9
+  slots = rng.choice(NUM_BLOCKS * block_size, size=num_tokens, replace=False).astype(np.int32)
+  slots[[1, 4]] = kernels.INVALID_SLOT
+  k_new = jnp.asarray(rng.standard_normal((num_tokens, H, head_dim)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((num_tokens, H, head_dim)), jnp.float32)
+  want_k, want_v = write_loop(k, v, k_new, v_new, slots)
+  dk, dv = _layout.pack(k), _layout.pack(v)
+  assert dk.shape == (H, NUM_BLOCKS, block_size * head_dim // 128, 128)
+  got_k, got_v = kernels.write_kv(dk, dv, k_new, v_new, slots)
+  assert got_k.shape == dk.shape
+  np.testing.assert_array_equal(_bits(_layout.unpack(got_k, head_dim)), _bits(want_k))
+  np.testing.assert_array_equal(_bits(_layout.unpack(got_v, head_dim)), _bits(want_v))
+  # Device slots are trusted; one past the pool is dropped, as in the plain layout.
+  past = slots.copy()
+  past[8] = NUM_BLOCKS * block_size
+  got_k, _ = jax.jit(kernels.write_kv)(dk, dv, k_new, v_new, jnp.asarray(past))
+  want_k, _ = write_loop(k, v, k_new[:8], v_new[:8], past[:8])
+  np.testing.assert_array_equal(_bits(_layout.unpack(got_k, head_dim)), _bits(want_k))
+  # Host slots are checked in tokens of the logical pool.
+  with pytest.raises(ValueError, match="out of range"):
+    kernels.write_kv(dk, dv, k_new, v_new, past)
+
+
+def test_write_kv_refuses_lane_dense_8bit_and_odd_widths():
+  k8 = jnp.zeros((H, NUM_BLOCKS, 2, 128), jnp.int8)
+  s = jnp.zeros((H, NUM_BLOCKS, 2), jnp.float32)
+  new = jnp.zeros((1, H, 64), jnp.float32)
+  with pytest.raises(ValueError, match="8-bit pool keeps one token a row"):
+    kernels.write_kv_quantized(k8, k8, s, s, new, new, np.zeros(1, np.int32))
+  pool = jnp.zeros((H, NUM_BLOCKS, 2, 128), jnp.float32)
+  with pytest.raises(ValueError, match="k_new/v_new must be"):
+    kernels.write_kv(
+      pool, pool, jnp.zeros((1, H, 48)), jnp.zeros((1, H, 48)), np.zeros(1, np.int32)
+    )

@@ -1,0 +1,91 @@
+"""The two layouts of a K/V block pool: plain rows, and lane-dense rows of 128.
+
+A pool is ``[num_kv_heads, num_blocks, rows_per_block, width]``:
+
+- **plain**: ``width == head_dim`` and ``rows_per_block == block_size``, one token per row;
+- **lane-dense** (head_dim 32 or 64, 16- or 32-bit K/V): ``width == 128`` and
+  ``rows_per_block == block_size * head_dim / 128``: row ``r`` of a block holds its tokens
+  ``r * p .. r * p + p - 1`` (``p = 128 // head_dim``) side by side, token ``r * p + j``
+  in lanes ``[j * head_dim, (j + 1) * head_dim)``.
+
+Row-major, the two are the same bytes (a lane-dense pool is a reshape of a plain one), so
+the GPU and reference backends read a lane-dense pool through a reshape. They differ on
+TPU: XLA stores an array in tiles 128 lanes wide, so a plain pool of head_dim 64 is padded
+to 128 lanes (or laid out with the blocks along the lanes, docs/tpu.md) and its kernels
+would read twice its bytes, or a copy of the pool; a lane-dense one is stored as it is and
+the TPU kernels read its rows whole (issue 18, item 4). Every backend takes both layouts
+with the same results; ``paxcache.PagedKVCache.create(..., lane_dense=True)`` allocates
+the second one.
+
+Which layout a pool is in follows from its shape and q's head_dim (the width is the
+head_dim or 128). 8-bit pools are plain only: their per-token scales
+(``[num_kv_heads, num_blocks, block_size]``) do not pack with the rows.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kernels._quant import is_quantized
+
+LANE_WIDTH = 128
+# head_dims a lane-dense pool packs (128 // head_dim tokens a row).
+PACKED_HEAD_DIMS = (32, 64)
+
+
+def tokens_per_row(head_dim: int, width: int) -> int:
+  """Tokens in one row of a pool ``width`` wide: 1 (plain) or ``128 // head_dim``
+  (lane-dense); raises ValueError for any other pairing."""
+  if width == head_dim:
+    return 1
+  if width == LANE_WIDTH and head_dim in PACKED_HEAD_DIMS:
+    return LANE_WIDTH // head_dim
+  raise ValueError(
+    f"a K/V pool row is head_dim ({head_dim}) wide, or {LANE_WIDTH} wide for a lane-dense "
+    f"pool of head_dim {' or '.join(map(str, PACKED_HEAD_DIMS))}; got rows {width} wide"
+  )
+
+
+def is_lane_dense(blocks, head_dim: int) -> bool:
+  return blocks.shape[-1] != head_dim
+
+
+def logical_shape(blocks, head_dim: int) -> tuple[int, int, int, int]:
+  """``(num_kv_heads, num_blocks, block_size, head_dim)`` of a pool in either layout."""
+  num_kv_heads, num_blocks, rows, width = blocks.shape
+  return num_kv_heads, num_blocks, rows * tokens_per_row(head_dim, width), head_dim
+
+
+def lane_dense_shape(
+  num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype
+) -> tuple[int, int, int, int]:
+  """The lane-dense pool shape; ValueError when this head_dim, block_size or dtype has none."""
+  if is_quantized(dtype):
+    raise ValueError(
+      f"a lane-dense pool holds 16- or 32-bit K/V; {jnp.dtype(dtype).name} pools keep one "
+      "token a row (their per-token scales do not pack with the rows)"
+    )
+  if head_dim not in PACKED_HEAD_DIMS:
+    raise ValueError(
+      f"a lane-dense pool packs head_dim {' or '.join(map(str, PACKED_HEAD_DIMS))} into rows "
+      f"of {LANE_WIDTH}; got head_dim {head_dim}"
+    )
+  p = LANE_WIDTH // head_dim
+  if block_size % p:
+    raise ValueError(
+      f"a lane-dense pool of head_dim {head_dim} holds {p} tokens a row: block_size must be a "
+      f"multiple of {p}, got {block_size}"
+    )
+  return num_kv_heads, num_blocks, block_size // p, LANE_WIDTH
+
+
+def unpack(blocks, head_dim: int):
+  """A pool in the plain layout: a reshape (free under jit on GPU and CPU, where both
+  layouts are the same row-major bytes; on TPU it would relayout the pool)."""
+  return blocks.reshape(logical_shape(blocks, head_dim))
+
+
+def pack(blocks):
+  """A plain pool ``[H, N, block_size, head_dim]`` in the lane-dense layout (a reshape)."""
+  h, n, bs, d = blocks.shape
+  return blocks.reshape(lane_dense_shape(h, n, bs, d, blocks.dtype))
