@@ -52,6 +52,7 @@ import numpy as np
 
 from kernels import (
   INVALID_BLOCK,
+  _layout,
   check_host_slot_mapping,
   is_quantized,
   write_kv,
@@ -68,7 +69,12 @@ class PagedKVCache:
   """K and V block pools of every layer; an immutable pytree (safe to pass through jit).
 
   Sizes are read from the array shapes rather than stored as static fields, so they can
-  never disagree with the arrays and the treedef stays the same for every pool size.
+  never disagree with the arrays and the treedef stays the same for every pool size. The
+  one static field, ``row_tokens``, says how many tokens a pool row holds: 1 (the plain
+  layout) or ``128 // head_dim`` for a lane-dense cache (``create(..., lane_dense=True)``,
+  head_dim 32 or 64: pools ``[num_kv_heads, num_blocks, block_size / row_tokens, 128]``,
+  ``kernels._layout``), which the kernels of every backend read as they read the plain one
+  and which the TPU stores without padding.
   """
 
   k: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
@@ -76,6 +82,7 @@ class PagedKVCache:
   # 8-bit caches: num_layers x f32[num_kv_heads, num_blocks, block_size]; () otherwise.
   k_scale: tuple[jax.Array, ...] = ()
   v_scale: tuple[jax.Array, ...] = ()
+  row_tokens: int = flax.struct.field(pytree_node=False, default=1)
 
   @classmethod
   def create(
@@ -86,11 +93,16 @@ class PagedKVCache:
     block_size: int,
     head_dim: int,
     dtype=jnp.float32,
+    *,
+    lane_dense: bool = False,
   ) -> PagedKVCache:
     """Allocates the pools (zero-filled, but callers must not rely on unused slots' values).
 
     ``dtype``: a float dtype, or int8 / float8_e4m3fn for an 8-bit cache (with float32
-    scale pools, one scale per KV head and slot)."""
+    scale pools, one scale per KV head and slot). ``lane_dense``: pools in rows of 128
+    (``128 // head_dim`` tokens a row, ``kernels._layout``), for head_dim 32 or 64 and a
+    16- or 32-bit dtype (ValueError otherwise): the layout the TPU kernels read without
+    padding the head_dim to 128; the same bytes, results and API on every backend."""
     dims = dict(
       num_layers=num_layers,
       num_kv_heads=num_kv_heads,
@@ -101,6 +113,10 @@ class PagedKVCache:
     shape = _check_dims(dims)
     dtype = _check_kv_dtype(dtype, "dtype")
     num_layers, layer_shape = shape[0], shape[1:]
+    row_tokens = 1
+    if lane_dense:
+      layer_shape = _layout.lane_dense_shape(*layer_shape, dtype)
+      row_tokens = block_size // layer_shape[2]
     scales = {}
     if is_quantized(dtype):
       scales = {
@@ -111,6 +127,7 @@ class PagedKVCache:
       k=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
       v=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
       **scales,
+      row_tokens=row_tokens,
     )
 
   @classmethod
@@ -136,8 +153,20 @@ class PagedKVCache:
 
   def stacked(self) -> tuple[jax.Array, jax.Array]:
     """``(k, v)`` as 5-D arrays ``[num_layers, num_kv_heads, num_blocks, block_size,
-    head_dim]``: a copy of the whole pool, for checks and inspection (never in a step)."""
-    return jnp.stack(self.k), jnp.stack(self.v)
+    head_dim]`` (a lane-dense cache's rows unpacked): a copy of the whole pool, for checks
+    and inspection (never in a step)."""
+    shape = (self.num_layers, *self.logical_shape)
+    return jnp.stack(self.k).reshape(shape), jnp.stack(self.v).reshape(shape)
+
+  @property
+  def logical_shape(self) -> tuple[int, int, int, int]:
+    """``(num_kv_heads, num_blocks, block_size, head_dim)`` of one layer, in tokens."""
+    return self.num_kv_heads, self.num_blocks, self.block_size, self.head_dim
+
+  @property
+  def lane_dense(self) -> bool:
+    """Whether the pools hold ``row_tokens`` > 1 tokens a 128-lane row (``create``)."""
+    return self.row_tokens > 1
 
   @property
   def num_layers(self) -> int:
@@ -153,11 +182,11 @@ class PagedKVCache:
 
   @property
   def block_size(self) -> int:
-    return self.k[0].shape[2]
+    return self.k[0].shape[2] * self.row_tokens
 
   @property
   def head_dim(self) -> int:
-    return self.k[0].shape[3]
+    return self.k[0].shape[3] // self.row_tokens
 
   @property
   def dtype(self):
@@ -179,8 +208,8 @@ class PagedKVCache:
 
   def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
     """``(k_blocks, v_blocks)`` of one layer, each ``[num_kv_heads, num_blocks, block_size,
-    head_dim]``: the arguments ``kernels.paged_attention`` takes (the layer's own buffers,
-    not a copy)."""
+    head_dim]`` (lane-dense: ``[..., block_size / row_tokens, 128]``): the arguments
+    ``kernels.paged_attention`` takes (the layer's own buffers, not a copy)."""
     _check_layer(layer, self.num_layers)
     return self.k[layer], self.v[layer]
 
@@ -193,7 +222,7 @@ class PagedKVCache:
     ks, vs = list(self.k_scale), list(self.v_scale)
     if k_scale is not None:
       ks[layer], vs[layer] = k_scale, v_scale
-    return PagedKVCache(k=tuple(k), v=tuple(v), k_scale=tuple(ks), v_scale=tuple(vs))
+    return self.replace(k=tuple(k), v=tuple(v), k_scale=tuple(ks), v_scale=tuple(vs))
 
 
 def _check_dims(dims: dict[str, int]) -> tuple[int, ...]:
@@ -260,6 +289,16 @@ def _check_cache(cache) -> None:
           f"cache.k[0] {_shape_str(first)}, got "
           f"{_shape_str(x) if hasattr(x, 'shape') else type(x).__name__}"
         )
+  if cache.row_tokens != 1 and (
+    first.shape[3] != _layout.LANE_WIDTH
+    or _layout.LANE_WIDTH // cache.row_tokens not in _layout.PACKED_HEAD_DIMS
+    or is_quantized(first.dtype)
+  ):
+    raise ValueError(
+      f"cache.row_tokens {cache.row_tokens!r} does not fit pools {_shape_str(first)}: a "
+      "lane-dense cache holds 16- or 32-bit rows of 128 lanes, 2 or 4 tokens a row (build "
+      "it with PagedKVCache.create(..., lane_dense=True))"
+    )
   scale_shape = tuple(first.shape[:3])
   for name in ("k_scale", "v_scale"):
     pools = getattr(cache, name)
@@ -398,7 +437,7 @@ def _copy_blocks(cache, src, dst):
     return pool.at[:, dst].set(pool[:, src], mode="drop")
 
   # An 8-bit block's scales are block dst of the scale pools: copied with it.
-  return PagedKVCache(
+  return cache.replace(
     k=tuple(map(copy, cache.k)),
     v=tuple(map(copy, cache.v)),
     k_scale=tuple(map(copy, cache.k_scale)),
@@ -581,7 +620,9 @@ def swap_out(
   if pinned is not None:
     gathered = jax.device_put(gathered, pinned)  # one DMA into page-locked host memory
   blocks, scales = jax.device_get(gathered)  # one transfer (or host copy) each
-  host_pool._kv[host_ids] = blocks  # [n, 2, L, H, bs, D]: one copy per block
+  # [n, 2, L, H, bs, D]: one copy per block (a lane-dense cache's rows, the same bytes,
+  # reshaped to the host pool's token rows)
+  host_pool._kv[host_ids] = blocks.reshape((len(host_ids), *host_pool._kv.shape[1:]))
   if scales is not None:  # 8-bit: the blocks' scales travel with them
     host_pool._scales[host_ids] = scales
 
@@ -604,6 +645,8 @@ def swap_in(
   if device_ids.size == 0:
     return cache
   blocks = host_pool._kv[host_ids]  # [n, 2, L, H, bs, D]
+  # As the device pools hold them (a lane-dense cache: the same bytes in rows of 128).
+  blocks = blocks.reshape(blocks.shape[:4] + cache.k[0].shape[2:])
   scales = host_pool._scales[host_ids] if cache.quantized else None
   if pinned is not None:
     staged = jax.device_put((blocks, scales), pinned)  # host copies into pinned memory
@@ -661,8 +704,8 @@ def _scatter_blocks(cache, blocks, scales, ids):
     return tuple(pool.at[:, ids].set(new[i]) for i, pool in enumerate(pools))
 
   if scales is None:
-    return PagedKVCache(k=scatter(cache.k, blocks[:, 0]), v=scatter(cache.v, blocks[:, 1]))
-  return PagedKVCache(
+    return cache.replace(k=scatter(cache.k, blocks[:, 0]), v=scatter(cache.v, blocks[:, 1]))
+  return cache.replace(
     k=scatter(cache.k, blocks[:, 0]),
     v=scatter(cache.v, blocks[:, 1]),
     k_scale=scatter(cache.k_scale, scales[:, 0]),

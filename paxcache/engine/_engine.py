@@ -204,6 +204,10 @@ class EngineConfig:
       plan runs cascade attention instead; a mixed prefill/decode step, and every step of
       an engine with a ``mesh``, run the default kernels. Outputs are the same up to float
       rounding (docs/engine.md, "Planned decode").
+    lane_dense_cache: the device cache in rows of 128 lanes (head_dim 32 or 64, 16- or
+      32-bit K/V: ``PagedKVCache.create(..., lane_dense=True)``), the layout the TPU
+      kernels read without padding the head_dim to 128; the same outputs on every
+      backend. ValueError at construction for another head_dim or dtype, or a ``mesh``.
   """
 
   num_blocks: int = 256
@@ -227,6 +231,7 @@ class EngineConfig:
   reservation: str = "paged"
   cascade_min_shared_blocks: int = 8
   decode_plan: str = "auto"
+  lane_dense_cache: bool = False
 
   def __post_init__(self):
     if self.mesh is not None:
@@ -258,7 +263,12 @@ class EngineConfig:
         raise ValueError(
           f"EngineConfig.{name} must be an int, got {value!r} ({type(value).__name__})"
         )
-    for name in ("enable_prefix_caching", "check_invariants", "async_scheduling"):
+    for name in (
+      "enable_prefix_caching",
+      "check_invariants",
+      "async_scheduling",
+      "lane_dense_cache",
+    ):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.preemption_mode not in PREEMPTION_MODES:
@@ -455,7 +465,9 @@ class Engine:
       # Before nnx.split: the step is compiled for the sharded layers and parameters.
       sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
     # Sharded when the model's layers carry a mesh: no device ever holds the whole pool.
-    self.cache = model.init_cache(config.num_blocks, config.block_size)
+    self.cache = model.init_cache(
+      config.num_blocks, config.block_size, lane_dense=config.lane_dense_cache
+    )
     self.host_pool = (
       cache_ops.HostKVPool.like(self.cache, config.num_host_blocks)
       if config.num_host_blocks

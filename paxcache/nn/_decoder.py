@@ -130,10 +130,15 @@ class Decoder(nnx.Module):
     mesh, axis = meshes.pop() if meshes else (None, None)
     return (None, None) if mesh is None else (mesh, axis)
 
-  def init_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
+  def init_cache(
+    self, num_blocks: int, block_size: int, *, lane_dense: bool = False
+  ) -> PagedKVCache:
     """A zero-filled paged cache for this model: per layer ``[num_kv_heads, num_blocks,
     block_size, head_dim]`` in the config's ``kv_dtype`` (default: its ``dtype``); 8-bit
     with float32 scale pools.
+
+    ``lane_dense``: pools in rows of 128 (head_dim 32 or 64; ``PagedKVCache.create``): what
+    the TPU kernels read without padding; the same results on every backend.
 
     With a mesh on the layers, the cache is ``paxcache.sharding.init_sharded_cache``'s:
     ``pool_heads`` heads sharded over the mesh axis, each device allocating only its own
@@ -141,6 +146,8 @@ class Decoder(nnx.Module):
     """
     c = self.config
     mesh, axis = self.mesh
+    if mesh is not None and lane_dense:
+      raise ValueError("a lane-dense cache is not sharded yet: pass lane_dense=False with a mesh")
     if mesh is not None:
       return sharding.init_sharded_cache(
         mesh,
@@ -153,7 +160,13 @@ class Decoder(nnx.Module):
         axis=axis,
       )
     return PagedKVCache.create(
-      c.num_layers, c.num_kv_heads, num_blocks, block_size, c.head_dim, c.jnp_kv_dtype
+      c.num_layers,
+      c.num_kv_heads,
+      num_blocks,
+      block_size,
+      c.head_dim,
+      c.jnp_kv_dtype,
+      lane_dense=lane_dense,
     )
 
   def __call__(

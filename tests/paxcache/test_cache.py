@@ -430,3 +430,44 @@ def test_a_cache_with_one_array_in_two_places_is_refused():
   with pytest.raises(ValueError, match=r"distinct array per layer"):
     write(shared, 0, jnp.zeros((1, H, D)), jnp.zeros((1, H, D)), np.zeros(1, np.int32))
   assert not k.is_deleted()
+
+
+def test_lane_dense_cache_write_copy_and_swap_match_the_plain_cache():
+  # head_dim 64 in rows of 128 (two tokens a row): every cache operation gives, read in the
+  # plain layout (stacked()), what it gives on a plain cache, bit for bit; sizes in tokens.
+  L, H, N, B, Dh = 2, 2, 5, 4, 64
+  rng = np.random.default_rng(50)
+  plain = PagedKVCache.create(L, H, N, B, Dh, jnp.bfloat16)
+  dense = PagedKVCache.create(L, H, N, B, Dh, jnp.bfloat16, lane_dense=True)
+  assert dense.lane_dense and dense.row_tokens == 2 and not plain.lane_dense
+  assert dense.k[0].shape == (H, N, B // 2, 128)
+  assert (dense.block_size, dense.head_dim, dense.num_blocks) == (B, Dh, N)
+  slots = np.array([0, 3, 5, 9, 14, -1, 19], np.int32)
+  for layer in range(L):
+    k_new = jnp.asarray(rng.standard_normal((7, H, Dh)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((7, H, Dh)), jnp.float32)
+    plain = write(plain, layer, k_new, v_new, slots)
+    dense = write(dense, layer, k_new, v_new, slots)
+  plain = copy_blocks(plain, np.array([0, 2]), np.array([4, 3]))
+  dense = copy_blocks(dense, np.array([0, 2]), np.array([4, 3]))
+  for a, b in zip(plain.stacked(), dense.stacked(), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  # Swap out to a host pool of token rows, back in to other blocks.
+  host_p, host_d = HostKVPool.like(plain, 3), HostKVPool.like(dense, 3)
+  assert host_d.k.shape == host_p.k.shape == (L, H, 3, B, Dh)
+  swap_out(plain, host_p, [1, 2], [0, 2])
+  swap_out(dense, host_d, [1, 2], [0, 2])
+  np.testing.assert_array_equal(host_p.k, host_d.k)
+  plain = swap_in(plain, host_p, [2, 0], [0, 4])
+  dense = swap_in(dense, host_d, [2, 0], [0, 4])
+  for a, b in zip(plain.stacked(), dense.stacked(), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  # Through jit the static field survives; 8-bit and other head_dims are refused.
+  assert jax.jit(lambda c: c)(dense).row_tokens == 2
+  with pytest.raises(ValueError, match="16- or 32-bit"):
+    PagedKVCache.create(L, H, N, 128, Dh, jnp.int8, lane_dense=True)
+  with pytest.raises(ValueError, match="head_dim 32 or 64"):
+    PagedKVCache.create(L, H, N, B, 128, jnp.bfloat16, lane_dense=True)
+  bad = PagedKVCache(k=plain.k, v=plain.v, row_tokens=2)  # rows of 64 said to hold two
+  with pytest.raises(ValueError, match="does not fit"):
+    write(bad, 0, k_new, v_new, slots)

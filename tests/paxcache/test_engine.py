@@ -579,3 +579,27 @@ def test_a_fork_counts_against_max_num_seqs_before_admission(tiny, corpus, async
   assert [len(outputs[i].samples) for i in range(len(spec))] == [n for _, _, n in spec]
   for i, (_, g, _) in enumerate(spec):
     assert all(len(s) == g for s in outputs[i].samples)
+
+
+def test_lane_dense_cache_gives_the_plain_caches_tokens_under_swap_prefix_hits_and_forks(corpus):
+  # EngineConfig.lane_dense_cache: head_dim 64 in rows of 128 (two tokens a row). Writes,
+  # copy-on-write, swap out and in, and attention all read it as the plain layout, so the
+  # engine's tokens are the plain cache's, one for one.
+  config = DecoderConfig(
+    d_model=64, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=64, mlp_dim=64,
+    max_seq_len=256,
+  )  # fmt: skip
+  model = Decoder(config, rngs=nnx.Rngs(12))
+  reqs = _mixed_requests(corpus)
+  outs = {}
+  for dense in (False, True):
+    engine = Engine(
+      model, dataclasses.replace(_pressure_config("swap", True), lane_dense_cache=dense)
+    )
+    assert engine.cache.lane_dense == dense
+    outs[dense] = engine.run(reqs)
+    assert engine.metrics.preemptions_swap > 0 and engine.metrics.cow_copies > 0
+  for r in reqs:
+    assert outs[True][r.request_id].samples == outs[False][r.request_id].samples, r.request_id
+  with pytest.raises(ValueError, match="head_dim 32 or 64"):
+    Engine(load_decoder(), EngineConfig(lane_dense_cache=True))

@@ -413,3 +413,38 @@ def test_param_dtype_bfloat16_stores_weights_in_bf16_and_computes_like_rounded_f
     DecoderConfig(**base, param_dtype="int8")
   with pytest.raises(ValueError, match=r"param_dtype must be a dtype name, got 'bf17'"):
     DecoderConfig(**base, param_dtype="bf17")
+
+
+@pytest.mark.parametrize("backend", ["reference", "tpu"])
+def test_decoder_over_a_lane_dense_cache_matches_no_cache_forward(backend):
+  # head_dim 64 in rows of 128 (Decoder.init_cache(lane_dense=True)): the cache writes and
+  # the attention of every backend read it like the plain cache; the TPU kernels (in TPU
+  # interpret mode) read the packed rows as they are. Chunked prefill, then a decode.
+  config = DecoderConfig(
+    d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=64, mlp_dim=64, max_seq_len=64
+  )
+  model = Decoder(config, backend=backend, interpret=backend == "tpu", rngs=nnx.Rngs(6))
+  rng = np.random.default_rng(4)
+  seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (21, 10)]
+  want = [np.asarray(model.forward(jnp.asarray(s)[None]))[0] for s in seqs]
+  bs = 16  # 8 rows of 128 a block: a float32 sublane tile
+  table = _scatter_table(rng, [21, 10], bs, 6, 2)
+  cache = model.init_cache(6, bs, lane_dense=True)
+  assert cache.k[0].shape == (2, 6, 8, 128)
+  for call in ([(0, 12), (0, 9)], [(12, 20), (9, 10)], [(20, 21)]):
+    tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
+    q_lens = [hi - lo for lo, hi in call]
+    logits, cache = model(
+      jnp.asarray(tok),
+      jnp.asarray(pos),
+      cache,
+      block_table=jnp.asarray(table[: len(call)]),
+      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+      slot_mapping=jnp.asarray(slots),
+      cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+    )
+    got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
+    chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
+  assert cache.lane_dense

@@ -23,7 +23,12 @@ SMALL_POOL, LARGE_POOL = 64, 1024  # blocks; the large pool's layer is 16x the s
 
 
 def _compiled_decode_step(
-  backend: str, head_dim: int, num_blocks: int, kv_dtype=None, decode_plan: str = "auto"
+  backend: str,
+  head_dim: int,
+  num_blocks: int,
+  kv_dtype=None,
+  decode_plan: str = "auto",
+  lane_dense: bool = False,
 ):
   config = DecoderConfig(
     kv_dtype=kv_dtype,
@@ -44,10 +49,11 @@ def _compiled_decode_step(
     model,
     EngineConfig(
       num_blocks=num_blocks,
-      block_size=8,
+      block_size=16 if lane_dense else 8,  # lane-dense float32 on TPU: 8 rows of 2 tokens
       num_host_blocks=0,
       preemption_mode="recompute",
       decode_plan=decode_plan,
+      lane_dense_cache=lane_dense,
     ),
   )
   engine.add_request(Request("a", list(range(11)), max_new_tokens=4))
@@ -122,3 +128,22 @@ def test_compiled_step_never_copies_an_8bit_pool_or_its_scales(backend, head_dim
   scale_shape = ",".join(map(str, cache.k_scale[0].shape))
   assert not re.findall(rf"= s8\[{pool_shape}\][^ ]* copy\(", text)
   assert not re.findall(rf"= f32\[{scale_shape}\][^ ]* copy\(", text)
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
+def test_compiled_step_never_copies_a_lane_dense_pool(backend):
+  """head_dim 64 in a lane-dense cache (rows of 128): the GPU and reference backends read it
+  through a reshape, the TPU kernels as it is, and the write scatters into its rows: no
+  copy of the pool in either shape, and the pools are updated in place."""
+  small, _ = _compiled_decode_step(backend, 64, SMALL_POOL, lane_dense=True)
+  large, cache = _compiled_decode_step(backend, 64, LARGE_POOL, lane_dense=True)
+  assert cache.lane_dense and cache.k[0].shape[2:] == (8, 128)
+  layer_bytes = cache.k[0].nbytes
+  mem_small, mem = small.memory_analysis(), large.memory_analysis()
+  assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
+  assert mem.temp_size_in_bytes < layer_bytes / 4
+  assert mem.alias_size_in_bytes >= 2 * cache.num_layers * layer_bytes
+  assert mem.output_size_in_bytes - mem.alias_size_in_bytes < layer_bytes / 4
+  text = large.as_text()
+  for shape in (cache.k[0].shape, cache.logical_shape):
+    assert not re.findall(rf"= f32\[{','.join(map(str, shape))}\][^ ]* copy\(", text), shape
