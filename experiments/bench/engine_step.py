@@ -116,7 +116,7 @@ def _fill_random(pool, ids, key):
   return pool.at[:, ids].set(jax.random.normal(key, shape, jnp.float32).astype(pool.dtype))
 
 
-def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
+def paged_step_call(model, *, batch, context, block_size, num_blocks, rng, lane_dense=False):
   """The engine's jitted step over a pool of ``num_blocks`` with ``batch`` sequences at
   ``context`` tokens, blocks scattered at random; returns ``(call, live_blocks, release)``:
   ``call()`` runs one step (cache donated) and returns its tokens; ``release()`` drops
@@ -129,7 +129,7 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
   live = batch * per_seq
   ids = rng.permutation(num_blocks)[:live].astype(np.int32)
   table = ids.reshape(batch, per_seq)
-  cache = model.init_cache(num_blocks, block_size)
+  cache = model.init_cache(num_blocks, block_size, lane_dense=lane_dense)
   fill = jax.jit(_fill_random, donate_argnums=0)
   key = jax.random.key(1)
   k = list(cache.k)
@@ -137,7 +137,7 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
   for i in range(c.num_layers):
     k[i] = fill(k[i], jnp.asarray(ids), jax.random.fold_in(key, 2 * i))
     v[i] = fill(v[i], jnp.asarray(ids), jax.random.fold_in(key, 2 * i + 1))
-  holder = {"cache": type(cache)(k=tuple(k), v=tuple(v))}
+  holder = {"cache": cache.replace(k=tuple(k), v=tuple(v))}
   del cache, k, v
   last = context - 1
   slots = table[:, last // block_size] * block_size + last % block_size
@@ -193,7 +193,13 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng):
 
 def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -> dict:
   call, live, release = paged_step_call(
-    model, batch=batch, context=context, block_size=block_size, num_blocks=num_blocks, rng=rng
+    model,
+    batch=batch,
+    context=context,
+    block_size=block_size,
+    num_blocks=num_blocks,
+    rng=rng,
+    lane_dense=args.lane_dense,
   )
   t0 = time.perf_counter()
   jax.block_until_ready(call())
@@ -285,6 +291,7 @@ def step_rows(args, rate: float) -> list[dict]:
           batch=batch,
           context=context,
           block_size=args.block_size,
+          lane_dense=args.lane_dense,
           pool_blocks=pool,
           pool_gb=pool * block_bytes / 1e9,
           param_bytes=pbytes,
@@ -500,6 +507,9 @@ def define_flags():
   flags.DEFINE_integer("inner", 10, "steps back to back per sample", lower_bound=1)
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
   flags.DEFINE_bool("no-step", False, "skip the step table")
+  flags.DEFINE_bool(
+    "lane-dense", False, "the step table's paged cache in rows of 128 (head_dim 32 or 64)"
+  )
   flags.DEFINE_bool("e2e", False, "also serve requests through the Engine")
   flags.DEFINE_string("e2e-requests", "192,128", "requests per model")
   flags.DEFINE_string("e2e-block-sizes", "16", "block sizes, comma separated")
