@@ -60,6 +60,7 @@ def paged_attention(
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
   decode_plan: Any = None,
+  lane_dense: bool = False,
 ) -> jax.Array:
   """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
 
@@ -96,22 +97,35 @@ def paged_attention(
       not a change of the result: the GPU backend runs its planned kernel by it; the
       reference checks it and ignores it (same result, so tests pass the same arguments
       to both); the TPU backend refuses it (it has no planned kernel: pass None there).
+    lane_dense: ``k_blocks``/``v_blocks`` are lane-dense (above): head_dim 32 or 64 in rows
+      of 128, 16- or 32-bit (ValueError otherwise, and for such a pool without it).
 
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
   """
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
+  validate_inputs(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    cu_q_lens,
+    k_scales,
+    v_scales,
+    lane_dense=lane_dense,
+  )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
-  k_blocks, v_blocks = layout_for(chosen, q, k_blocks, v_blocks)
-  extra = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  if decode_plan is not None and chosen == "tpu":
+    raise ValueError(
+      "decode_plan is for the GPU backend's planned decode; the TPU backend has none: "
+      "pass decode_plan=None"
+    )
+  k_blocks, v_blocks, extra = layout_for(chosen, q, k_blocks, v_blocks, lane_dense)
+  if k_scales is not None:
+    extra.update(k_scales=k_scales, v_scales=v_scales)
   if decode_plan is not None:
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
-    if chosen == "tpu":
-      raise ValueError(
-        "decode_plan is for the GPU backend's planned decode; the TPU backend has none: "
-        "pass decode_plan=None"
-      )
     if chosen == "gpu":
       extra["decode_plan"] = decode_plan
   return _BACKEND_FNS[chosen](
@@ -130,14 +144,17 @@ def paged_attention(
   )
 
 
-def layout_for(chosen: str, q, k_blocks, v_blocks):
-  """The pools as backend ``chosen`` reads them: the TPU kernels read a lane-dense pool
-  (``kernels._layout``) as it is; the others see it through a reshape to the plain layout
-  (free under jit: the same row-major bytes; outside jit, a copy)."""
+def layout_for(chosen: str, q, k_blocks, v_blocks, lane_dense: bool):
+  """``(k_blocks, v_blocks, kwargs)`` as backend ``chosen`` takes them: the TPU kernels read
+  a lane-dense pool (``kernels._layout``) as it is, told by ``lane_dense=True`` in the
+  kwargs; the others see it through a reshape to the plain layout (free under jit: the
+  same row-major bytes; outside jit, a copy)."""
+  if not lane_dense:
+    return k_blocks, v_blocks, {}
+  if chosen == "tpu":
+    return k_blocks, v_blocks, {"lane_dense": True}
   head_dim = q.shape[-1]
-  if chosen == "tpu" or not _layout.is_lane_dense(k_blocks, head_dim):
-    return k_blocks, v_blocks
-  return _layout.unpack(k_blocks, head_dim), _layout.unpack(v_blocks, head_dim)
+  return _layout.unpack(k_blocks, head_dim), _layout.unpack(v_blocks, head_dim), {}
 
 
 def _run_reference(*args, block_sizes, interpret, **options):

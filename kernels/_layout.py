@@ -17,9 +17,12 @@ the TPU kernels read its rows whole (issue 18, item 4). Every backend takes both
 with the same results; ``paxcache.PagedKVCache.create(..., lane_dense=True)`` allocates
 the second one.
 
-Which layout a pool is in follows from its shape and q's head_dim (the width is the
-head_dim or 128). 8-bit pools are plain only: their per-token scales
-(``[num_kv_heads, num_blocks, block_size]``) do not pack with the rows.
+Which layout a pool is in is said, not guessed: ``lane_dense=True`` on
+``kernels.paged_attention``, ``kernels.cascade_attention``, ``kernels.write_kv`` and the
+TPU entry points (a head_dim 64 q against a plain head_dim 128 pool has the same shapes,
+and is a mistake, refused). ``PagedKVCache`` knows its own layout and passes it. 8-bit
+pools are plain only: their per-token scales (``[num_kv_heads, num_blocks, block_size]``)
+do not pack with the rows.
 """
 
 from __future__ import annotations

@@ -125,9 +125,22 @@ def validate_head_dim(q, k_blocks, backend: str) -> None:
 
 
 def validate_inputs(
-  q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, k_scales=None, v_scales=None
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens=None,
+  k_scales=None,
+  v_scales=None,
+  *,
+  lane_dense: bool = False,
 ) -> None:
   """Checks shared by every backend; raises ValueError naming the argument.
+
+  ``lane_dense``: the pools are in the lane-dense layout of ``kernels._layout`` (head_dim
+  32 or 64 in rows of 128), said by the caller rather than guessed from the shapes (a
+  head_dim 64 q against a plain head_dim 128 pool is a mistake, not a layout).
 
   K/V are float32, bfloat16 or float16, or 8-bit (int8, float8_e4m3fn) with ``k_scales``
   and ``v_scales`` ``f32[num_kv_heads, num_blocks, block_size]`` (given iff K/V are 8-bit).
@@ -151,7 +164,7 @@ def validate_inputs(
   num_kv_heads = k_blocks.shape[0]
   if q.ndim != 3:
     raise ValueError(f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
-  pool_shape = validate_layout(q, k_blocks)
+  pool_shape = validate_layout(q, k_blocks, lane_dense)
   if q.shape[1] % num_kv_heads:
     raise ValueError(
       f"num_q_heads {q.shape[1]} (q {_shape_str(q)}) is not a multiple of num_kv_heads "
@@ -190,26 +203,36 @@ def validate_inputs(
   _validate_host_values(q.shape[0], pool_shape, block_table, lengths, cu_q_lens)
 
 
-def validate_layout(q, k_blocks) -> tuple[int, int, int, int]:
-  """The pool's ``(num_kv_heads, num_blocks, block_size, head_dim)`` in tokens, for a pool
-  in either layout (``kernels._layout``): rows as wide as q's head_dim, or lane-dense rows
-  of 128 (16- or 32-bit K/V of head_dim 32 or 64). Raises ValueError otherwise."""
-  head_dim, width = q.shape[2], k_blocks.shape[3]
-  if width == head_dim:
-    return tuple(k_blocks.shape)
-  if width == _layout.LANE_WIDTH and head_dim in _layout.PACKED_HEAD_DIMS:
-    if is_quantized(k_blocks.dtype):
+def validate_layout(q, k_blocks, lane_dense: bool = False) -> tuple[int, int, int, int]:
+  """The pool's ``(num_kv_heads, num_blocks, block_size, head_dim)`` in tokens: rows as
+  wide as q's head_dim (``lane_dense`` False), or lane-dense rows of 128 (``kernels.
+  _layout``: 16- or 32-bit K/V of head_dim 32 or 64). Raises ValueError otherwise."""
+  head_dim, width = q.shape[-1], k_blocks.shape[3]
+  if not lane_dense:
+    if width != head_dim:
       raise ValueError(
-        f"k_blocks {_shape_str(k_blocks)} is a lane-dense pool (rows of {width} for q's "
-        f"head_dim {head_dim}) of 8-bit K/V: 8-bit pools keep one token a row, "
-        f"[num_kv_heads, num_blocks, block_size, {head_dim}] (their scales do not pack)"
+        f"q head_dim {head_dim} (q {_shape_str(q)}) != k_blocks head_dim {width} "
+        f"(k_blocks {_shape_str(k_blocks)})"
+        + (
+          "; for a lane-dense pool (rows of 128) pass lane_dense=True"
+          if width == _layout.LANE_WIDTH and head_dim in _layout.PACKED_HEAD_DIMS
+          else ""
+        )
       )
-    return _layout.logical_shape(k_blocks, head_dim)
-  raise ValueError(
-    f"q head_dim {head_dim} (q {_shape_str(q)}) != k_blocks head_dim {width} "
-    f"(k_blocks {_shape_str(k_blocks)}); a lane-dense pool (rows of {_layout.LANE_WIDTH}) "
-    f"is only for head_dim {' or '.join(map(str, _layout.PACKED_HEAD_DIMS))}"
-  )
+    return tuple(k_blocks.shape)
+  if is_quantized(k_blocks.dtype):
+    raise ValueError(
+      f"lane_dense=True with 8-bit k_blocks {_shape_str(k_blocks)}: 8-bit pools keep one "
+      f"token a row, [num_kv_heads, num_blocks, block_size, head_dim] (their scales do not "
+      "pack)"
+    )
+  if head_dim not in _layout.PACKED_HEAD_DIMS or width != _layout.LANE_WIDTH:
+    raise ValueError(
+      f"lane_dense=True: a lane-dense pool holds head_dim "
+      f"{' or '.join(map(str, _layout.PACKED_HEAD_DIMS))} in rows of {_layout.LANE_WIDTH}; "
+      f"got q head_dim {head_dim} (q {_shape_str(q)}) and k_blocks {_shape_str(k_blocks)}"
+    )
+  return _layout.logical_shape(k_blocks, head_dim)
 
 
 def validate_scales(k_blocks, k_scales, v_scales) -> None:

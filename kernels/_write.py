@@ -40,27 +40,25 @@ def _check_pools(k_blocks, v_blocks) -> None:
     )
 
 
-def _is_packed(pool, new) -> bool:
-  """Whether ``new``'s rows go into ``pool`` lane-dense (``kernels._layout``)."""
-  return (
-    new.ndim == 3
-    and new.shape[2] != pool.shape[3]
-    and pool.shape[3] == _layout.LANE_WIDTH
-    and new.shape[2] in _layout.PACKED_HEAD_DIMS
-  )
-
-
-def _check_rows(k_new, v_new, slot_mapping, pool) -> int:
-  """Checks the new rows and their slots against a pool ``[H, N, bs, D]`` (or its
-  lane-dense form, ``kernels._layout``); returns the pool's slot count."""
+def _check_rows(k_new, v_new, slot_mapping, pool, lane_dense=False) -> int:
+  """Checks the new rows and their slots against a pool ``[H, N, bs, D]`` (or, with
+  ``lane_dense``, its lane-dense form, ``kernels._layout``); returns the pool's slot
+  count."""
   num_kv_heads, num_blocks, block_size, head_dim = pool.shape
-  if _is_packed(pool, k_new):
-    if is_quantized(pool.dtype):
+  if lane_dense:
+    new_dim = k_new.shape[-1] if k_new.ndim == 3 else None
+    if (
+      is_quantized(pool.dtype)
+      or pool.shape[3] != _layout.LANE_WIDTH
+      or (new_dim not in _layout.PACKED_HEAD_DIMS)
+    ):
       raise ValueError(
-        f"an 8-bit pool keeps one token a row (its scales do not pack): k_blocks must be "
-        f"[num_kv_heads, num_blocks, block_size, {k_new.shape[2]}], got {tuple(pool.shape)}"
+        f"lane_dense=True: a lane-dense pool holds 16- or 32-bit rows of head_dim "
+        f"{' or '.join(map(str, _layout.PACKED_HEAD_DIMS))} in rows of {_layout.LANE_WIDTH}; "
+        f"got k_blocks {tuple(pool.shape)} {jnp.dtype(pool.dtype).name} and k_new "
+        f"{tuple(k_new.shape)}"
       )
-    num_kv_heads, num_blocks, block_size, head_dim = _layout.logical_shape(pool, k_new.shape[2])
+    num_kv_heads, num_blocks, block_size, head_dim = _layout.logical_shape(pool, new_dim)
   if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
     raise ValueError(
       f"k_new/v_new must be [num_tokens, {num_kv_heads}, {head_dim}], got "
@@ -76,16 +74,17 @@ def _check_rows(k_new, v_new, slot_mapping, pool) -> int:
   return total
 
 
-def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
+def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, *, lane_dense=False):
   """Scatters new K/V rows into one layer's block pools.
 
   Args:
-    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, or lane-dense
-      ``[num_kv_heads, num_blocks, block_size * head_dim / 128, 128]`` for head_dim 32 or
-      64 (``kernels._layout``; written in place in that layout).
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, or with
+      ``lane_dense`` ``[num_kv_heads, num_blocks, block_size * head_dim / 128, 128]`` for
+      head_dim 32 or 64 (``kernels._layout``; written in place in that layout).
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``.
     slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``; ``-1`` (padding
       rows) writes nothing.
+    lane_dense: the pools are lane-dense (16- or 32-bit; ValueError otherwise).
 
   Returns:
     The updated ``(k_blocks, v_blocks)``. Under ``jit`` with the pools donated the
@@ -93,7 +92,7 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping):
     and raises ValueError; a device one is trusted.
   """
   _check_pools(k_blocks, v_blocks)
-  total = _check_rows(k_new, v_new, slot_mapping, k_blocks)
+  total = _check_rows(k_new, v_new, slot_mapping, k_blocks, lane_dense)
 
   if is_quantized(k_blocks.dtype):
     raise ValueError(
@@ -112,39 +111,59 @@ def _slots(slot_mapping, total):
 def _scatter_rows(pool, new, slots):
   """``new [num_tokens, num_kv_heads, *rest]`` into ``pool [num_kv_heads, num_blocks,
   block_size, *rest]`` at flat ``slots`` (or into a lane-dense pool, ``kernels._layout``,
-  when ``new``'s head_dim is narrower than the pool's rows)."""
-  num_kv_heads = pool.shape[0]
-  if _is_packed(pool, new):
+  when ``new``'s head_dim is narrower than the pool's rows).
+
+  One scatter of one ``rest``-shaped window per (token, head), indexed by (head, block,
+  offset) on the pool as it is: no reshape of the pool, and no window across heads. On
+  TPU a window spanning the heads (the pool flattened to ``[heads, slots, ...]``) made XLA
+  expand the scatter into a loop over a pool laid out heads-inside, copying the whole pool
+  into that layout and back on every write; this form compiles in place for v5e and v6e
+  (``kernels.tpu.aot.write_copies``).
+  """
+  if new.ndim == 3 and new.shape[2] != pool.shape[3]:  # checked lane-dense (_check_rows)
     return _scatter_packed(pool, new, slots)
-  total = pool.shape[1] * pool.shape[2]
-  flat = pool.reshape(num_kv_heads, total, *pool.shape[3:])
-  flat = flat.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
-  return flat.reshape(pool.shape)
+  num_kv_heads, _, block_size = pool.shape[:3]
+  rest = pool.shape[3:]
+  # Padding slots (num_blocks * block_size, from _slots) land on block num_blocks: out of
+  # bounds, dropped.
+  index = _head_major_index(slots // block_size, slots % block_size, num_kv_heads=num_kv_heads)
+  dnums = lax.ScatterDimensionNumbers(
+    update_window_dims=tuple(range(1, 1 + len(rest))),
+    inserted_window_dims=(0, 1, 2),
+    scatter_dims_to_operand_dims=(0, 1, 2),
+  )
+  updates = new.reshape(-1, *rest).astype(pool.dtype)  # [tokens * heads, *rest]
+  return lax.scatter(pool, index, updates, dnums, mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _head_major_index(*coords, num_kv_heads):
+  """i32[tokens * heads, 1 + len(coords)]: (head, *coords of the token) for every token
+  and head, token-major (the order of ``new.reshape(tokens * heads, ...)``)."""
+  tokens = coords[0].shape[0]
+  head = jnp.broadcast_to(jnp.arange(num_kv_heads, dtype=jnp.int32)[None], (tokens, num_kv_heads))
+  cols = [head] + [jnp.broadcast_to(c.astype(jnp.int32)[:, None], head.shape) for c in coords]
+  return jnp.stack(cols, axis=-1).reshape(tokens * num_kv_heads, len(cols))
 
 
 def _scatter_packed(pool, new, slots):
   """``new [num_tokens, num_kv_heads, head_dim]`` into a lane-dense pool ``[num_kv_heads,
-  num_blocks, rows, 128]``: slot ``s`` is row ``s // p`` (of the flattened pool), lanes
-  ``[(s % p) * head_dim, ...)``, one scatter of ``head_dim``-wide windows. Written on the
-  lane-dense array itself: on TPU a reshape to the plain layout would relayout the pool."""
-  num_kv_heads, num_blocks, rows, width = pool.shape
+  num_blocks, rows, 128]``: token ``s`` of a block is row ``s // p`` of it, lanes
+  ``[(s % p) * head_dim, ...)``, one ``head_dim``-wide window per (token, head). Written
+  on the lane-dense array itself: on TPU a reshape to the plain layout would relayout the
+  pool."""
+  num_kv_heads, _, rows, width = pool.shape
   head_dim = new.shape[2]
   p = width // head_dim
-  flat = pool.reshape(num_kv_heads, num_blocks * rows, width)
-  # Padding slots (num_blocks * block_size, from _slots) land on row num_blocks * rows:
-  # out of bounds, dropped.
-  index = jnp.stack([slots // p, (slots % p) * head_dim], axis=-1).astype(jnp.int32)
+  block_size = rows * p
+  block, offset = slots // block_size, slots % block_size
+  index = _head_major_index(block, offset // p, (offset % p) * head_dim, num_kv_heads=num_kv_heads)
   dnums = lax.ScatterDimensionNumbers(
-    update_window_dims=(0, 2), inserted_window_dims=(1,), scatter_dims_to_operand_dims=(1, 2)
+    update_window_dims=(1,),
+    inserted_window_dims=(0, 1, 2),
+    scatter_dims_to_operand_dims=(0, 1, 2, 3),
   )
-  flat = lax.scatter(
-    flat,
-    index,
-    jnp.swapaxes(new, 0, 1).astype(pool.dtype),
-    dnums,
-    mode=lax.GatherScatterMode.FILL_OR_DROP,
-  )
-  return flat.reshape(pool.shape)
+  updates = new.reshape(-1, head_dim).astype(pool.dtype)
+  return lax.scatter(pool, index, updates, dnums, mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
 def write_kv_quantized(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping):

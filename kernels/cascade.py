@@ -647,6 +647,7 @@ def cascade_attention(
   v_scales: jax.Array | None = None,
   block_sizes: Any = None,
   sliding_window: None = None,
+  lane_dense: bool = False,
 ) -> jax.Array:
   """Decode attention with shared prefixes read once per group (module docstring).
 
@@ -670,6 +671,8 @@ def cascade_attention(
     block_sizes: backend tuning (``kernels.gpu.cascade.CascadeBlockSizes`` on GPU), or None.
     sliding_window: must be None: a window cuts the shared prefix per row, which cascade
       does not do (ValueError otherwise; use ``kernels.paged_attention``).
+    lane_dense: the pools are lane-dense (``kernels._layout``), as in
+      ``kernels.paged_attention``.
 
   Returns:
     ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -679,12 +682,14 @@ def cascade_attention(
       f"cascade_attention does not take a sliding_window (got {sliding_window!r}): a window "
       "cuts each row's view of the shared prefix differently; use kernels.paged_attention"
     )
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales)
+  validate_inputs(
+    q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales, lane_dense=lane_dense
+  )
   scale, _, logit_soft_cap = validate_options(scale, None, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
   # A lane-dense pool (kernels._layout) reaches the TPU kernels as it is, the others
   # through a reshape to the plain layout, as in kernels.paged_attention.
-  k_blocks, v_blocks = layout_for(chosen, q, k_blocks, v_blocks)
+  k_blocks, v_blocks, layout = layout_for(chosen, q, k_blocks, v_blocks, lane_dense)
   pool = jax.ShapeDtypeStruct(_layout.logical_shape(k_blocks, q.shape[2]), k_blocks.dtype)
   validate_plan(plan, q, pool, block_table, lengths)
   if scale is None:
@@ -718,6 +723,7 @@ def cascade_attention(
     k_scales=k_scales,
     v_scales=v_scales,
     block_sizes=block_sizes,
+    **layout,
   )
 
 

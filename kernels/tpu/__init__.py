@@ -30,6 +30,7 @@ def paged_attention(
   interpret=False,
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
+  lane_dense: bool = False,
 ) -> jax.Array:
   """TPU paged attention: decode when ``cu_q_lens`` is None, else ragged.
 
@@ -39,9 +40,20 @@ def paged_attention(
   128) come with ``k_scales``/``v_scales f32[num_kv_heads, num_blocks, block_size]``: each
   block's scales are DMA'd with it and multiplied into the scores and probabilities. In a
   ragged call the sequences with one query row run through the decode kernel in a launch
-  of their own (``BlockSizes.split_decode``).
+  of their own (``BlockSizes.split_decode``). ``lane_dense``: the pools hold head_dim 32
+  or 64 in rows of 128 (``kernels._layout``), read as they are.
   """
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales)
+  validate_inputs(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    cu_q_lens,
+    k_scales,
+    v_scales,
+    lane_dense=lane_dense,
+  )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(
@@ -55,6 +67,7 @@ def paged_attention(
     interpret=interpret,
     k_scales=k_scales,
     v_scales=v_scales,
+    lane_dense=lane_dense,
   )
   if cu_q_lens is None:
     return paged_attention_decode(q, k_blocks, v_blocks, block_table, lengths, **kwargs)

@@ -196,7 +196,9 @@ def scores(q, k, *, scale, logit_soft_cap, k_scale=None):
   return s
 
 
-def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp.float32):
+def online_softmax_step(
+  carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp.float32, rows_ok=None
+):
   """One flash-attention update of (max, sum, accumulator) with a chunk of keys.
 
   carry: (m f32[rows, 1], denom f32[rows, 1], acc f32[rows, head_dim]); s: f32[rows, keys];
@@ -214,6 +216,10 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp
   precision, at the cost of rounding p (``p * v_scale`` for 8-bit V) to q's dtype. Any
   other mix (float32 q or V) keeps p in float32 and widens V, so nothing is rounded. The
   softmax state (m, denom, acc) is float32 either way.
+
+  ``rows_ok`` bool[rows, 1] (a ragged tile shared by several sequences): rows outside it
+  add nothing to their accumulator. Their probabilities are 0, but ``0 x NaN`` is NaN: a
+  NaN in a V row one sequence sees would otherwise reach the rows of another.
   """
   m, denom, acc = carry
   if visible is not None:
@@ -242,6 +248,8 @@ def online_softmax_step(carry, s, visible, v, v_ok, v_scale=None, *, q_dtype=jnp
   pv = lax.dot_general(
     p, v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
   )
+  if rows_ok is not None:
+    pv = jnp.where(rows_ok, pv, 0.0)
   return m_new, denom_new, alpha * acc + pv
 
 

@@ -38,7 +38,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kernels._quant import SCALE_DTYPE, is_quantized
-from kernels._validate import validate_head_dim
+from kernels._validate import validate_head_dim, validate_layout
 
 LANES = 128
 # SMEM is 1 MiB on TPU v4 through v6e and holds every scalar-prefetch operand at once
@@ -170,10 +170,13 @@ class BlockSizes:
       raise ValueError(f"smem_budget_bytes must be an int >= 16, got {self.smem_budget_bytes!r}")
 
 
-def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None) -> None:
-  """TPU-specific static checks (the generic ones are in ``kernels.validate_inputs``)."""
+def check_shapes(q, k_blocks, block_sizes: BlockSizes | None = None, *, lane_dense=False) -> None:
+  """TPU-specific static checks (the generic ones are in ``kernels.validate_inputs``);
+  ``lane_dense``: the pool holds head_dim 32 or 64 in rows of 128 (``kernels._layout``)."""
   _, _, block_size, width = k_blocks.shape
-  validate_head_dim(q, k_blocks, "tpu")
+  validate_layout(q, k_blocks, lane_dense)
+  if not lane_dense:
+    validate_head_dim(q, k_blocks, "tpu")
   tile = sublane_tile(k_blocks.dtype)
   if block_size % tile:
     pack = width // q.shape[-1]

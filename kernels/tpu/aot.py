@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -165,6 +166,8 @@ def compile_case(case: Case, device) -> dict:
   table = spec((batch, blocks_per_seq), jnp.int32)
   lengths = spec((batch,), jnp.int32)
   kw = dict(block_sizes=tpu.BlockSizes(**dict(case.block_sizes)) if case.block_sizes else None)
+  if case.lane_dense:
+    kw.update(lane_dense=True)
   if case.window_and_cap:
     kw.update(logit_soft_cap=30.0)
     if case.kernel != "cascade":
@@ -262,7 +265,8 @@ def pool_relayout(
   if not lane_dense:
     decode._config.check_shapes = lambda *a, **k: None  # the head_dim check, for this trace
   try:
-    lowered = jax.jit(decode.paged_attention_decode).trace(q, kv, kv, table, lengths)
+    decode_call = functools.partial(decode.paged_attention_decode, lane_dense=lane_dense)
+    lowered = jax.jit(decode_call).trace(q, kv, kv, table, lengths)
   finally:
     decode._config.check_shapes = check
   text = lowered.lower(lowering_platforms=("tpu",)).compile().as_text()
@@ -272,6 +276,84 @@ def pool_relayout(
     1 for line in text.splitlines() if re.search(r"= \S*" + dims + r"\S* copy(-start)?\(", line)
   )
   return dict(layout=layout, row_major=layout.startswith("{3,2,1,0"), pool_copies=copies)
+
+
+def write_copies(
+  device,
+  *,
+  head_dim: int = 128,
+  block_size: int = 16,
+  num_blocks: int = 4096,
+  kv_dtype="bfloat16",
+  lane_dense: bool = False,
+  with_attention: bool = True,
+) -> dict:
+  """Whether writing new tokens' K/V copies the pool on TPU: compiles ``kernels.write_kv``
+  (``write_kv_quantized`` for 8-bit K/V, with its scale pools) of 64 tokens into donated
+  pools ``[8, num_blocks, block_size, head_dim]`` (lane-dense: in rows of 128), followed,
+  with ``with_attention``, by the decode kernel over the written pools, as one step of a
+  model does. Returns ``{"pool_copies": int, "scale_copies": int}``: copy instructions
+  whose result has a pool's (or a scale pool's) shape."""
+  import re
+
+  import jax
+  import jax.numpy as jnp
+
+  import kernels
+  from kernels import _layout
+  from kernels.tpu import decode
+
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  dtype = jnp.dtype(kv_dtype)
+  shape = (8, num_blocks, block_size, head_dim)
+  if lane_dense:
+    shape = _layout.lane_dense_shape(*shape, dtype)
+  quantized = kernels.is_quantized(dtype)
+
+  def spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+  kv = spec(shape, dtype)
+  scales = (spec(shape[:3], jnp.float32),) * 2 if quantized else ()
+  q_dtype = jnp.bfloat16 if quantized else dtype
+  new = spec((64, 8, head_dim), q_dtype)
+  slots = spec((64,), jnp.int32)
+  q = spec((8, 32, head_dim), q_dtype)
+  table = spec((8, 64), jnp.int32)
+  lengths = spec((8,), jnp.int32)
+
+  def step(k, v, *rest):
+    sc, (k_new, v_new, slots, q, table, lengths) = rest[: len(scales)], rest[len(scales) :]
+    if quantized:
+      k, v, ks, vs = kernels.write_kv_quantized(k, v, *sc, k_new, v_new, slots)
+      extra = dict(k_scales=ks, v_scales=vs)
+      out = (k, v, ks, vs)
+    else:
+      k, v = kernels.write_kv(k, v, k_new, v_new, slots, lane_dense=lane_dense)
+      extra, out = {}, (k, v)
+    if with_attention:
+      out += (
+        decode.paged_attention_decode(q, k, v, table, lengths, lane_dense=lane_dense, **extra),
+      )
+    return out
+
+  donate = tuple(range(2 + len(scales)))
+  args = (kv, kv, *scales, new, new, slots, q, table, lengths)
+  text = (
+    jax.jit(step, donate_argnums=donate)
+    .trace(*args)
+    .lower(lowering_platforms=("tpu",))
+    .compile()
+    .as_text()
+  )
+
+  def copies(shape):
+    dims = r"\[" + ",".join(map(str, shape)) + r"\]"
+    return sum(
+      1 for line in text.splitlines() if re.search(r"= \S*" + dims + r"\S* copy(-start)?\(", line)
+    )
+
+  return dict(pool_copies=copies(shape), scale_copies=copies(shape[:3]) if quantized else 0)
 
 
 def packed_lanes_dma(device, *, num_blocks: int = 4096) -> dict:

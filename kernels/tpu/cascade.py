@@ -19,8 +19,8 @@ with a first-key offset (part 2) and a log-sum-exp output (both), partial output
 float32. Part 1 runs it over the group table, with the members' queries gathered into the
 rows of each group's q tile; part 3 is plain JAX on ``[batch, num_q_heads, head_dim]``
 arrays, negligible next to the K/V reads. Same TPU shape rules as the other kernels
-(``kernels.tpu._config.check_shapes``): head_dim a multiple of 128, and a block_size of a
-multiple of 128 for 8-bit K/V.
+(``kernels.tpu._config.check_shapes``): head_dim a multiple of 128 (or 32 / 64 in a
+lane-dense pool, ``kernels._layout``), and a block_size of a multiple of 128 for 8-bit K/V.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import _layout
 from kernels.cascade import merge_lse
 from kernels.tpu import _common, _config
 from kernels.tpu.decode import decode_rows
@@ -71,7 +72,9 @@ def _check_plan(plan, batch):
 
 def _member_tiles(group_table, group_lens, group_rows, group):
   """Splits groups of more than ``CASCADE_ROWS // group`` members into tiles (each with
-  the group's table and length): ``[G', S]``, ``[G']``, ``[G', M']``."""
+  the group's table and length): ``[G', S]``, ``[G']``, ``[G', M']``. ``group``: the q
+  rows a member brings to the kernel (its query heads of a KV head, times the parts of a
+  lane-dense pool)."""
   num_groups, members = group_rows.shape
   per_tile = max(1, CASCADE_ROWS // group)
   if members <= per_tile:
@@ -106,9 +109,12 @@ def _cascade(
   v_scales,
 ):
   batch, num_q_heads, head_dim = q.shape
-  num_kv_heads, _, block_size, _ = k_blocks.shape
+  num_kv_heads, _, block_rows, width = k_blocks.shape
   group = num_q_heads // num_kv_heads
   scale = head_dim**-0.5 if scale is None else scale
+  # A lane-dense pool (kernels._layout): the kernel sees rows of ``width`` lanes and
+  # ``pack`` times the q rows (decode_rows packs them), and is sized for that.
+  pack = _layout.tokens_per_row(head_dim, width)
 
   def tuned(max_blocks):
     return _config.resolve(
@@ -116,10 +122,10 @@ def _cascade(
       q_dtype=q.dtype,
       kv_dtype=k_blocks.dtype,
       num_kv_heads=num_kv_heads,
-      block_size=block_size,
-      head_dim=head_dim,
+      block_size=block_rows,
+      head_dim=width,
       max_blocks=max_blocks,
-      group=group,
+      group=pack * group,
       ragged=False,
     )
 
@@ -147,7 +153,7 @@ def _cascade(
     return own.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
   # Shared part: each group's member queries as the rows of one tile per KV head.
-  table, glens, rows = _member_tiles(group_table, group_lens, group_rows, group)
+  table, glens, rows = _member_tiles(group_table, group_lens, group_rows, pack * group)
   tiles, members = rows.shape
   qs = q[jnp.clip(rows, 0, batch - 1)]  # [tiles, members, Hq, D]; padding members read row 0
   qs = qs.reshape(tiles, members, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
@@ -194,6 +200,7 @@ def cascade_attention(
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
   block_sizes: _config.BlockSizes | None = None,
+  lane_dense: bool = False,
 ) -> jax.Array:
   """Decode paged attention with the prefix shared by each of ``plan``'s groups read once.
 
@@ -211,11 +218,13 @@ def cascade_attention(
     interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
     block_sizes: :class:`BlockSizes` for both parts (``blocks_per_chunk``,
       ``kv_heads_per_step``, ``smem_budget_bytes``, ``num_cores``); None picks defaults.
+    lane_dense: the pools are lane-dense (``kernels._layout``), as in
+      :func:`kernels.tpu.paged_attention_decode`.
 
   Returns:
     ``[batch, num_q_heads, head_dim]`` in ``q.dtype``: the decode paged attention.
   """
-  _config.check_shapes(q, k_blocks, block_sizes)
+  _config.check_shapes(q, k_blocks, block_sizes, lane_dense=lane_dense)
   if block_sizes is not None and not isinstance(block_sizes, _config.BlockSizes):
     raise ValueError(
       f"block_sizes must be a kernels.tpu.BlockSizes or None, got {type(block_sizes)}"

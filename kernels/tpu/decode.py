@@ -11,8 +11,9 @@ head.
   K/V pools stay in HBM (``memory_space=pl.ANY``) and the kernel copies blocks into VMEM
   itself with async DMAs: one DMA per block for K and one for V, each covering all the
   step's KV heads (``[heads_per_step, block_size, head_dim]``, strided in HBM).
-- A compute step covers ``blocks_per_chunk`` blocks (2,048 tokens by default). Two VMEM
-  slots alternate: while a chunk is computed, the next chunk's DMAs are in flight. All
+- A compute step covers ``blocks_per_chunk`` blocks (2,048 rows by default: tokens, or
+  4,096 / 8,192 tokens in a lane-dense pool of head_dim 64 / 32). Two VMEM slots
+  alternate: while a chunk is computed, the next chunk's DMAs are in flight. All
   the DMAs into a slot signal one semaphore, waited on once for the bytes of the whole
   chunk (``_common.Chunk.wait``).
 - A chunk whose every block was fetched and whose every key is visible takes a fast path
@@ -468,7 +469,15 @@ def decode_rows(
 
 
 @functools.partial(
-  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "sliding_window",
+    "logit_soft_cap",
+    "block_sizes",
+    "interpret",
+    "lane_dense",
+  ),
 )
 def paged_attention_decode(
   q: jax.Array,
@@ -484,13 +493,16 @@ def paged_attention_decode(
   interpret=False,
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
+  lane_dense: bool = False,
 ) -> jax.Array:
   """Decode paged attention on TPU.
 
   Args:
     q: ``[batch, num_q_heads, head_dim]``, one query per sequence at position
       ``lengths[b] - 1``.
-    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, or with
+      ``lane_dense`` ``[num_kv_heads, num_blocks, block_size * head_dim / 128, 128]``
+      (head_dim 32 or 64, ``kernels._layout``).
     block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
     lengths: ``i32[batch]``, tokens in each sequence including this step's.
     scale, sliding_window, logit_soft_cap: as in :func:`kernels.paged_attention`.
@@ -498,11 +510,12 @@ def paged_attention_decode(
     interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
     k_scales, v_scales: 8-bit K/V only: ``f32[num_kv_heads, num_blocks, block_size]``,
       DMA'd with their blocks and folded into the scores and probabilities.
+    lane_dense: the pools are lane-dense (above).
 
   Returns:
     ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
   """
-  _config.check_shapes(q, k_blocks, block_sizes)
+  _config.check_shapes(q, k_blocks, block_sizes, lane_dense=lane_dense)
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, _, block_rows, width = k_blocks.shape
   max_blocks = block_table.shape[1]

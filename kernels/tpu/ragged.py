@@ -168,6 +168,10 @@ def _ragged_kernel(
         time grow eightfold).
         """
         visible, v_ok, key_ok = masks if masks is not None else (None, None, None)
+        # Masked chunks: rows of other sequences sharing the tile take nothing from this
+        # sequence's V (a NaN there would reach them through 0 x NaN). The fast path's
+        # rows are all this sequence's.
+        rows_ok = None if masks is None else row_in
         head_ids = lax.broadcasted_iota(jnp.int32, (heads, 1), 0)
 
         def head_scales(kv, hh):
@@ -200,6 +204,7 @@ def _ragged_kernel(
             v_ok,
             vs,
             q_dtype=q.dtype,
+            rows_ok=rows_ok,
           )
           m_ref[hh], l_ref[hh], acc_ref[hh] = m, l_, acc
           return 0
@@ -417,7 +422,15 @@ def _split_rows(cu_q_lens, num_tokens):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "sliding_window",
+    "logit_soft_cap",
+    "block_sizes",
+    "interpret",
+    "lane_dense",
+  ),
 )
 def paged_attention_ragged(
   q: jax.Array,
@@ -434,6 +447,7 @@ def paged_attention_ragged(
   interpret=False,
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
+  lane_dense: bool = False,
 ) -> jax.Array:
   """Ragged (chunked prefill / mixed prefill and decode) paged attention on TPU.
 
@@ -445,7 +459,9 @@ def paged_attention_ragged(
 
   Args:
     q: ``[num_tokens, num_q_heads, head_dim]``, the rows of every sequence back to back.
-    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``.
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, or with
+      ``lane_dense`` ``[num_kv_heads, num_blocks, block_size * head_dim / 128, 128]``
+      (head_dim 32 or 64, ``kernels._layout``).
     block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
     lengths: ``i32[batch]``, tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]``, cumulative query rows per sequence.
@@ -454,11 +470,12 @@ def paged_attention_ragged(
     interpret: False, True, or a ``pltpu.InterpretParams`` (TPU interpret mode on CPU).
     k_scales, v_scales: 8-bit K/V only: ``f32[num_kv_heads, num_blocks, block_size]``,
       DMA'd with their blocks and folded into the scores and probabilities.
+    lane_dense: the pools are lane-dense (above).
 
   Returns:
     ``[num_tokens, num_q_heads, head_dim]`` in ``q.dtype``.
   """
-  _config.check_shapes(q, k_blocks, block_sizes)
+  _config.check_shapes(q, k_blocks, block_sizes, lane_dense=lane_dense)
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, _, block_rows, width = k_blocks.shape
   batch, max_blocks = block_table.shape

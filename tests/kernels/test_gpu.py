@@ -600,12 +600,18 @@ def test_lane_dense_pools_give_the_plain_pools_result_bit_for_bit():
   dk, dv = _layout.pack(k), _layout.pack(v)
   q = jnp.asarray(rng.standard_normal((3, 6, d)), jnp.float32)
   run = functools.partial(kernels.paged_attention, backend="gpu", interpret=True, block_sizes=SMALL)
+  dense = functools.partial(run, lane_dense=True)
   for extra in ({}, {"decode_plan": plan_decode(lengths, bs, 2, kv_tile=16)}):
     plain = run(q, k, v, table, lengths, **extra)
-    np.testing.assert_array_equal(np.asarray(run(q, dk, dv, table, lengths, **extra)), plain)
+    np.testing.assert_array_equal(np.asarray(dense(q, dk, dv, table, lengths, **extra)), plain)
   cu = np.array([0, 1, 4, 6], np.int32)
   qr = jnp.asarray(rng.standard_normal((6, 6, d)), jnp.float32)
   plain = run(qr, k, v, table, lengths, cu)
-  np.testing.assert_array_equal(np.asarray(run(qr, dk, dv, table, lengths, cu)), plain)
-  ref = kernels.paged_attention(qr, dk, dv, table, lengths, cu, backend="reference")
+  np.testing.assert_array_equal(np.asarray(dense(qr, dk, dv, table, lengths, cu)), plain)
+  ref = kernels.paged_attention(
+    qr, dk, dv, table, lengths, cu, backend="reference", lane_dense=True
+  )
+  # The GPU module called directly takes the plain layout only, and says so.
+  with pytest.raises(ValueError, match="lane_dense"):
+    gpu.paged_attention(qr, dk, dv, table, lengths, cu, interpret=True)
   assert rel_l2_error(np.asarray(plain), np.asarray(ref)) < _bound(jnp.float32)

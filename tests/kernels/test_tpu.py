@@ -1003,7 +1003,7 @@ def test_decode_lane_dense_matches_oracle(
   kd, vd = _dense(k, v)
   assert kd.shape[3] == 128 and kd.shape[2] * 128 == block_size * head_dim
   out = tpu.paged_attention_decode(
-    q, kd, vd, table, lengths, interpret=INTERPRET,
+    q, kd, vd, table, lengths, interpret=INTERPRET, lane_dense=True,
     block_sizes=tpu.BlockSizes(blocks_per_chunk=bpc),
   )  # fmt: skip
   _assert_no_races()
@@ -1022,12 +1022,16 @@ def test_decode_lane_dense_window_soft_cap_and_public_api():
   q = jnp.asarray(rng.standard_normal((4, 9, 64)) * 4, jnp.float32)
   kw = dict(scale=0.2, sliding_window=13, logit_soft_cap=3.0)
   kd, vd = _dense(k, v)
-  out = kernels.paged_attention(q, kd, vd, table, lengths, backend="tpu", interpret=INTERPRET, **kw)
+  out = kernels.paged_attention(
+    q, kd, vd, table, lengths, backend="tpu", interpret=INTERPRET, lane_dense=True, **kw
+  )
   _assert_no_races()
   want = _oracle(q, k, v, table, lengths, **kw)
   _check(out, want, jnp.float32)
   # The reference reads the lane-dense pool through a reshape: the same result as the plain.
-  ref = kernels.paged_attention(q, kd, vd, table, lengths, backend="reference", **kw)
+  ref = kernels.paged_attention(
+    q, kd, vd, table, lengths, backend="reference", lane_dense=True, **kw
+  )
   _check(ref, want, jnp.float32)
 
 
@@ -1039,7 +1043,7 @@ def test_ragged_lane_dense_matches_oracle(split_decode, window):
   q, k, v, table, lengths, cu = _ragged_case(rng, dtype=jnp.float32, block_size=16, head_dim=64)
   kd, vd = _dense(k, v)
   out = tpu.paged_attention_ragged(
-    q, kd, vd, table, lengths, cu, sliding_window=window, interpret=INTERPRET,
+    q, kd, vd, table, lengths, cu, sliding_window=window, interpret=INTERPRET, lane_dense=True,
     block_sizes=tpu.BlockSizes(blocks_per_chunk=2, queries_per_tile=8, split_decode=split_decode),
   )  # fmt: skip
   _assert_no_races()
@@ -1056,11 +1060,14 @@ def test_ragged_lane_dense_bf16_defaults_and_head_dim_32():
   )
   cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
   q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 2, 8, 64)), jnp.bfloat16)
-  out = tpu.paged_attention_ragged(q, *_dense(k, v), table, lengths, cu, interpret=INTERPRET)
+  out = tpu.paged_attention_ragged(
+    q, *_dense(k, v), table, lengths, cu, interpret=INTERPRET, lane_dense=True
+  )
   _assert_no_races()
   chex.assert_type(out, q.dtype)
   _check(out, _oracle(q, k, v, table, lengths, cu), jnp.bfloat16)
-  # head_dim 32: four tokens a row, the merge of four parts in the ragged kernel.
+  # head_dim 32: four tokens a row, the merge of four parts in the ragged kernel; a window
+  # of 6 starts at every position inside a row across the rows of a prefill.
   lengths, q_lens = [11, 0, 40, 1, 33, 70], [11, 0, 6, 1, 1, 3]
   k, v, table, lengths = _cache(
     rng, lengths, num_kv_heads=1, block_size=32, max_blocks=3, dtype=jnp.float32,
@@ -1068,29 +1075,77 @@ def test_ragged_lane_dense_bf16_defaults_and_head_dim_32():
   )  # fmt: skip
   cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
   q = jnp.asarray(rng.standard_normal((int(cu[-1]) + 3, 2, 32)), jnp.float32)
-  out = tpu.paged_attention_ragged(
-    q, *_dense(k, v), table, lengths, cu, interpret=INTERPRET,
-    block_sizes=tpu.BlockSizes(blocks_per_chunk=1, queries_per_tile=8, split_decode=False),
+  for window in (None, 6):
+    out = tpu.paged_attention_ragged(
+      q, *_dense(k, v), table, lengths, cu, interpret=INTERPRET, lane_dense=True,
+      sliding_window=window,
+      block_sizes=tpu.BlockSizes(blocks_per_chunk=1, queries_per_tile=8, split_decode=False),
+    )  # fmt: skip
+    _assert_no_races()
+    _check(out, _oracle(q, k, v, table, lengths, cu, sliding_window=window), jnp.float32)
+
+
+def test_decode_lane_dense_head_dim_32_window_at_every_row_offset():
+  # Four tokens a row: windows of 5, 6 and 7 keys start at each offset inside a row.
+  rng = np.random.default_rng(35)
+  k, v, table, lengths = _cache(
+    rng, [1, 3, 34, 35, 66, 90], num_kv_heads=1, block_size=32, max_blocks=3,
+    dtype=jnp.float32, head_dim=32,
   )  # fmt: skip
-  _assert_no_races()
-  _check(out, _oracle(q, k, v, table, lengths, cu), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((6, 2, 32)), jnp.float32)
+  for window in (5, 6, 7):
+    out = tpu.paged_attention_decode(
+      q, *_dense(k, v), table, lengths, sliding_window=window, interpret=INTERPRET,
+      lane_dense=True, block_sizes=tpu.BlockSizes(blocks_per_chunk=1),
+    )  # fmt: skip
+    _assert_no_races()
+    _check(out, _oracle(q, k, v, table, lengths, sliding_window=window), jnp.float32)
 
 
-def test_lane_dense_nan_in_a_visible_slot_surfaces_as_nan():
-  # A NaN a query sees comes out as NaN through the parts' merge (decode: outside the
-  # kernel; ragged: inside), and only there: the row's other part and sequence stay finite.
+@pytest.mark.parametrize("pool", ["k", "v"])
+def test_lane_dense_nan_in_a_visible_slot_surfaces_as_nan(pool):
+  # A NaN a query sees (in K or in V) comes out as NaN through the parts' merge (decode:
+  # outside the kernel; ragged: inside), and only for that sequence: in the ragged call
+  # both sequences share one tile, and a NaN in V used to reach the other's rows through
+  # their zero probabilities (0 x NaN; in the plain layout too, checked below).
   rng = np.random.default_rng(34)
   k, v, table, lengths = _cache(
     rng, [9, 5], num_kv_heads=1, block_size=16, max_blocks=1, dtype=jnp.float32, head_dim=64
   )
-  k = k.at[:, int(table[0, 0]), 3].set(jnp.nan)  # an odd position: the second part's token
+  where = (slice(None), int(table[0, 0]), 3)  # position 3: the second token of its row
+  if pool == "k":
+    k = k.at[where].set(jnp.nan)
+  else:
+    v = v.at[where].set(jnp.nan)
   q = jnp.asarray(rng.standard_normal((2, 2, 64)), jnp.float32)
-  out = np.asarray(tpu.paged_attention_decode(q, *_dense(k, v), table, lengths, interpret=True))
+  kd, vd = _dense(k, v)
+  out = np.asarray(
+    tpu.paged_attention_decode(q, kd, vd, table, lengths, interpret=True, lane_dense=True)
+  )
   assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
   cu = jnp.asarray([0, 1, 2], jnp.int32)
   out = np.asarray(
     tpu.paged_attention_ragged(
-      q, *_dense(k, v), table, lengths, cu, interpret=True,
+      q, kd, vd, table, lengths, cu, interpret=True, lane_dense=True,
+      block_sizes=tpu.BlockSizes(queries_per_tile=8, split_decode=False),
+    )
+  )  # fmt: skip
+  assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
+def test_ragged_nan_in_one_sequences_v_stays_out_of_the_other_rows_of_its_tile():
+  # Plain layout: two sequences' rows in one ragged tile, a NaN in a V slot the first one
+  # sees. Before rows_ok the second sequence came out all NaN (0 x NaN in p @ V).
+  rng = np.random.default_rng(36)
+  k, v, table, lengths = _cache(
+    rng, [9, 5], num_kv_heads=1, block_size=BS, max_blocks=2, dtype=jnp.float32
+  )
+  v = v.at[:, int(table[0, 0]), 3].set(jnp.nan)
+  q = jnp.asarray(rng.standard_normal((2, 2, HEAD_DIM)), jnp.float32)
+  cu = jnp.asarray([0, 1, 2], jnp.int32)
+  out = np.asarray(
+    tpu.paged_attention_ragged(
+      q, k, v, table, lengths, cu, interpret=True,
       block_sizes=tpu.BlockSizes(queries_per_tile=8, split_decode=False),
     )
   )  # fmt: skip
@@ -1098,27 +1153,37 @@ def test_lane_dense_nan_in_a_visible_slot_surfaces_as_nan():
 
 
 @pytest.mark.parametrize(
-  "shape,q_head_dim,kv_dtype,match",
+  "shape,q_head_dim,kv_dtype,lane_dense,match",
   [
     # 8 rows a block of bf16: half a sublane tile; block_size must be a multiple of 32.
-    ((1, 2, 8, 128), 64, jnp.bfloat16, "multiple of 32"),
-    ((1, 2, 8, 128), 48, jnp.float32, "lane-dense pool .* only for head_dim 32 or 64"),
-    ((1, 2, 128, 128), 64, jnp.int8, "8-bit"),
+    ((1, 2, 8, 128), 64, jnp.bfloat16, True, "multiple of 32"),
+    ((1, 2, 8, 128), 48, jnp.float32, True, "head_dim 32 or 64 in rows of 128"),
+    ((1, 2, 128, 128), 64, jnp.int8, True, "8-bit"),
+    # Not said to be lane-dense: a head_dim 64 q against rows of 128 is a mistake (the pool
+    # may be a plain head_dim 128 one), refused with the hint.
+    ((1, 2, 8, 128), 64, jnp.float32, False, "head_dim 64 .* != k_blocks head_dim 128.*lane_dense"),
+    ((1, 2, 16, 64), 64, jnp.float32, True, "rows of 128"),
   ],
-  ids=["bf16-rows-8", "head-dim-48", "int8"],
+  ids=["bf16-rows-8", "head-dim-48", "int8", "not-said", "plain-pool-said-dense"],
 )
-def test_unsupported_lane_dense_pools_raise(shape, q_head_dim, kv_dtype, match):
+def test_unsupported_lane_dense_pools_raise(shape, q_head_dim, kv_dtype, lane_dense, match):
   k = jnp.zeros(shape, kv_dtype)
   q = jnp.zeros((1, 1, q_head_dim), jnp.float32)
   scales = {}
   if kv_dtype == jnp.int8:
-    scales = dict(
-      k_scales=jnp.ones(shape[:3], jnp.float32), v_scales=jnp.ones(shape[:3], jnp.float32)
-    )
+    ones = jnp.ones(shape[:3], jnp.float32)
+    scales = dict(k_scales=ones, v_scales=ones)
+  table, lengths = jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32)
   with pytest.raises(ValueError, match=match):
-    tpu.paged_attention(
-      q, k, k, jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), interpret=True, **scales
-    )
+    tpu.paged_attention(q, k, k, table, lengths, interpret=True, lane_dense=lane_dense, **scales)
+  if kv_dtype != jnp.bfloat16:  # (bf16 rows of 8 are a TPU rule only)
+    with pytest.raises(ValueError, match=match):
+      kernels.paged_attention(
+        q, k, k, table, lengths, backend="reference", lane_dense=lane_dense, **scales
+      )
+  if not lane_dense:  # the kernels called directly refuse it too
+    with pytest.raises(ValueError, match="lane_dense"):
+      tpu.paged_attention_decode(q, k, k, table, lengths, interpret=True)
 
 
 @pytest.mark.parametrize("ragged", [False, True], ids=["decode", "ragged"])
@@ -1136,11 +1201,15 @@ def test_lane_dense_dmas_move_whole_rows_of_128(ragged):
   if ragged:
     q = jax.ShapeDtypeStruct((32, 32, 64), jnp.bfloat16)
     cu = jax.ShapeDtypeStruct((5,), jnp.int32)
-    fn = lambda q, k, v, t, n, c: tpu.paged_attention(q, k, v, t, n, c, block_sizes=bs)  # noqa: E731
+    fn = lambda q, k, v, t, n, c: tpu.paged_attention(  # noqa: E731
+      q, k, v, t, n, c, block_sizes=bs, lane_dense=True
+    )
     got = _kernel_dmas(fn, q, kv, kv, table, lengths, cu, name="_ragged_kernel")
   else:
     q = jax.ShapeDtypeStruct((4, 32, 64), jnp.bfloat16)
-    fn = lambda q, k, v, t, n: tpu.paged_attention(q, k, v, t, n, block_sizes=bs)  # noqa: E731
+    fn = lambda q, k, v, t, n: tpu.paged_attention(  # noqa: E731
+      q, k, v, t, n, block_sizes=bs, lane_dense=True
+    )
     got = _kernel_dmas(fn, q, kv, kv, table, lengths)
   tuned = _config.resolve(
     bs, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, num_kv_heads=8, block_size=16,

@@ -10,6 +10,7 @@ apart from the host planner.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import chex
@@ -351,26 +352,46 @@ def test_public_api_with_the_host_planner_runs_the_tpu_kernels():
   _check(out, _oracle(case["q"], case["k"], case["v"], table, lengths), jnp.float32)
 
 
-def test_lane_dense_pool_through_the_planner_and_every_backend():
-  # head_dim 64 in a lane-dense pool (two tokens a 128-lane row, kernels._layout): the
-  # shared prefix (ending mid-block, mid-row: 3 * 16 - 5 tokens) and the own parts both
-  # read the packed rows; the reference backend reads the same pool through a reshape.
+@pytest.mark.parametrize("head_dim,block_size", [(64, 16), (32, 32)], ids=["d64", "d32"])
+def test_lane_dense_pool_through_the_planner_and_every_backend(head_dim, block_size):
+  # head_dim 64 / 32 in a lane-dense pool (2 / 4 tokens a 128-lane row, kernels._layout):
+  # the shared prefix (ending mid-block and mid-row: 3 * bs - 5 tokens) and the own parts
+  # both read the packed rows; the reference backend reads the same pool through a reshape.
   from kernels import _layout
 
-  case = _shared_case(np.random.default_rng(9), block_size=16, num_q_heads=6, head_dim=64)
+  case = _shared_case(
+    np.random.default_rng(9), block_size=block_size, num_q_heads=6, head_dim=head_dim
+  )
   table, lengths = np.asarray(case["table"]), np.asarray(case["lengths"])
-  plan = kernels.plan_cascade(table, lengths, 16, min_shared_blocks=2)
+  plan = kernels.plan_cascade(table, lengths, block_size, min_shared_blocks=2)
   assert plan is not None
   k, v = _layout.pack(case["k"]), _layout.pack(case["v"])
-  assert k.shape[2:] == (8, 128)
+  assert k.shape[2:] == (block_size * head_dim // 128, 128)
   want = _oracle(case["q"], case["k"], case["v"], table, lengths)
-  out = kernels.cascade_attention(
-    case["q"], k, v, table, lengths, plan, backend="tpu", interpret=INTERPRET
-  )
+  run = functools.partial(kernels.cascade_attention, lane_dense=True)
+  out = run(case["q"], k, v, table, lengths, plan, backend="tpu", interpret=INTERPRET)
   _assert_no_races()
   _check(out, want, jnp.float32)
-  _check(
-    kernels.cascade_attention(case["q"], k, v, table, lengths, plan, backend="reference"),
-    want,
-    jnp.float32,
-  )
+  _check(run(case["q"], k, v, table, lengths, plan, backend="reference"), want, jnp.float32)
+
+
+def test_lane_dense_member_tiles_count_the_packed_rows(monkeypatch):
+  # A member brings pack x group q rows to the kernel: the shared part's member tiles are
+  # cut at CASCADE_ROWS // (pack x group) members, so a tile's rows stay within the sizing.
+  from kernels import _layout
+
+  seen = []
+  real = cascade._member_tiles
+
+  def spy(table, lens, rows, group):
+    seen.append(group)
+    return real(table, lens, rows, group)
+
+  monkeypatch.setattr(cascade, "_member_tiles", spy)
+  case = _shared_case(np.random.default_rng(10), block_size=16, num_q_heads=6, head_dim=64)
+  k, v = _layout.pack(case["k"]), _layout.pack(case["v"])
+  cascade.cascade_attention(
+    case["q"], k, v, case["table"], case["lengths"], case["plan"], interpret=True,
+    lane_dense=True,
+  )  # fmt: skip
+  assert seen == [2 * 3]

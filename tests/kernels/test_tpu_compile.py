@@ -84,7 +84,7 @@ def test_shipped_cases_cover_every_accepted_value():
     mine = [c for c in cases if c.kernel == kernel]
     assert {c.block_size for c in mine} == {8, 16, 32, 64, 128, 256}
     assert {c.head_dim for c in mine if not c.lane_dense} == {128, 256}
-    # head_dim 64 (and 32 in the ragged kernel) in lane-dense pools, bf16 and float32.
+    # head_dim 64 in lane-dense pools, bf16 and float32, with and without window + cap.
     dense = [c for c in mine if c.lane_dense]
     assert {c.head_dim for c in dense} >= {64} and {c.kv_dtype for c in dense} == {
       "bfloat16",
@@ -94,6 +94,11 @@ def test_shipped_cases_cover_every_accepted_value():
     assert {c.kv_dtype for c in mine} == {"bfloat16", "float32", "int8", "float8_e4m3fn"}
     assert {c.window_and_cap for c in mine} == {True, False}
     assert {c.num_q_heads // c.num_kv_heads for c in mine} >= {1, 2, 4, 8}
+  assert {c.head_dim for c in cases if c.lane_dense and c.kernel == "ragged"} == {32, 64}
+  assert {c.kv_dtype for c in cases if c.lane_dense and c.kernel == "cascade"} == {
+    "bfloat16",
+    "float32",
+  }
   knobs = {k for c in cases for k, _ in c.block_sizes}
   assert knobs == {
     "kv_heads_per_step",
@@ -269,3 +274,46 @@ def test_two_heads_of_64_cannot_share_a_128_lane_row_by_dma():
   for row in rows.values():
     assert not row["ok"] and "divisible by 512 bytes" in row["error"], row
     assert row["hbm_tiling"] == "(8,128)", row
+
+
+@pytest.mark.slow
+def test_cache_writes_and_decode_update_the_pool_in_place_on_tpu():
+  # kernels.write_kv (and write_kv_quantized with its scale pools) followed by the decode
+  # kernel, pools donated, compiled for v5e and v6e: no copy of a pool or a scale pool, in
+  # the plain layout, a lane-dense one and 8-bit. The control: the scatter this replaced
+  # (the pool flattened to [heads, slots, head_dim], one window across every head) made
+  # XLA relayout the pool (heads inside) and back, two copies per pool per write.
+  code = textwrap.dedent(
+    """
+    import json
+    import jax.numpy as jnp
+    from kernels import _write
+    from kernels.tpu import aot
+
+    rows = {}
+    for topology in ("v5e:2x2", "v6e:2x2"):
+      dev = aot.topology_device(topology)
+      for name, kw in [("bf16", {}), ("dense-d64", dict(head_dim=64, block_size=32,
+                        lane_dense=True)), ("int8", dict(block_size=128, kv_dtype="int8"))]:
+        rows[f"{topology}-{name}"] = aot.write_copies(dev, **kw)
+
+    def flat(pool, new, slots):
+      h, n, bs = pool.shape[:3]
+      pool2 = pool.reshape(h, n * bs, *pool.shape[3:])
+      pool2 = pool2.at[:, slots].set(jnp.swapaxes(new, 0, 1).astype(pool.dtype), mode="drop")
+      return pool2.reshape(pool.shape)
+
+    _write._scatter_rows = flat
+    rows["control"] = aot.write_copies(aot.topology_device("v5e:2x2"), with_attention=False)
+    print(json.dumps(rows))
+    """
+  )
+  proc = _run(["-c", code], timeout=900)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert lines, proc.stderr[-3000:]
+  rows = json.loads(lines[-1])
+  control = rows.pop("control")
+  assert len(rows) == 6, rows
+  for name, row in rows.items():
+    assert row == {"pool_copies": 0, "scale_copies": 0}, (name, row)
+  assert control["pool_copies"] >= 2, control

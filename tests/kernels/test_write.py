@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,29 +162,38 @@ def test_write_kv_into_a_lane_dense_pool_matches_the_loop(head_dim, block_size):
   want_k, want_v = write_loop(k, v, k_new, v_new, slots)
   dk, dv = _layout.pack(k), _layout.pack(v)
   assert dk.shape == (H, NUM_BLOCKS, block_size * head_dim // 128, 128)
-  got_k, got_v = kernels.write_kv(dk, dv, k_new, v_new, slots)
+  got_k, got_v = kernels.write_kv(dk, dv, k_new, v_new, slots, lane_dense=True)
   assert got_k.shape == dk.shape
   np.testing.assert_array_equal(_bits(_layout.unpack(got_k, head_dim)), _bits(want_k))
   np.testing.assert_array_equal(_bits(_layout.unpack(got_v, head_dim)), _bits(want_v))
   # Device slots are trusted; one past the pool is dropped, as in the plain layout.
   past = slots.copy()
   past[8] = NUM_BLOCKS * block_size
-  got_k, _ = jax.jit(kernels.write_kv)(dk, dv, k_new, v_new, jnp.asarray(past))
+  write = functools.partial(kernels.write_kv, lane_dense=True)
+  got_k, _ = jax.jit(write)(dk, dv, k_new, v_new, jnp.asarray(past))
   want_k, _ = write_loop(k, v, k_new[:8], v_new[:8], past[:8])
   np.testing.assert_array_equal(_bits(_layout.unpack(got_k, head_dim)), _bits(want_k))
   # Host slots are checked in tokens of the logical pool.
   with pytest.raises(ValueError, match="out of range"):
-    kernels.write_kv(dk, dv, k_new, v_new, past)
+    kernels.write_kv(dk, dv, k_new, v_new, past, lane_dense=True)
+  # Not said to be lane-dense: rows of 64 against a pool of rows of 128 are refused.
+  with pytest.raises(ValueError, match="k_new/v_new must be"):
+    kernels.write_kv(dk, dv, k_new, v_new, slots)
 
 
 def test_write_kv_refuses_lane_dense_8bit_and_odd_widths():
   k8 = jnp.zeros((H, NUM_BLOCKS, 2, 128), jnp.int8)
   s = jnp.zeros((H, NUM_BLOCKS, 2), jnp.float32)
   new = jnp.zeros((1, H, 64), jnp.float32)
-  with pytest.raises(ValueError, match="8-bit pool keeps one token a row"):
-    kernels.write_kv_quantized(k8, k8, s, s, new, new, np.zeros(1, np.int32))
+  slots = np.zeros(1, np.int32)
+  with pytest.raises(ValueError, match="k_new/v_new must be"):  # 8-bit: never lane-dense
+    kernels.write_kv_quantized(k8, k8, s, s, new, new, slots)
+  with pytest.raises(ValueError, match="lane_dense=True"):
+    kernels.write_kv(k8, k8, new, new, slots, lane_dense=True)
   pool = jnp.zeros((H, NUM_BLOCKS, 2, 128), jnp.float32)
-  with pytest.raises(ValueError, match="k_new/v_new must be"):
-    kernels.write_kv(
-      pool, pool, jnp.zeros((1, H, 48)), jnp.zeros((1, H, 48)), np.zeros(1, np.int32)
-    )
+  odd = jnp.zeros((1, H, 48))
+  with pytest.raises(ValueError, match="lane_dense=True"):
+    kernels.write_kv(pool, pool, odd, odd, slots, lane_dense=True)
+  plain = jnp.zeros((H, NUM_BLOCKS, 4, 64), jnp.float32)
+  with pytest.raises(ValueError, match="lane_dense=True"):
+    kernels.write_kv(plain, plain, new, new, slots, lane_dense=True)
