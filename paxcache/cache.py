@@ -375,13 +375,13 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
     scales = (cache.k_scale[layer], cache.v_scale[layer])
     k, v, ks, vs = _write_layer_quantized(*cache.layer(layer), *scales, k_new, v_new, slot_mapping)
     return cache.replace_layer(layer, k, v, ks, vs)
-  k, v = _write_layer(*cache.layer(layer), k_new, v_new, slot_mapping)
+  k, v = _write_layer(*cache.layer(layer), k_new, v_new, slot_mapping, cache.lane_dense)
   return cache.replace_layer(layer, k, v)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _write_layer(k_blocks, v_blocks, k_new, v_new, slot_mapping):
-  return write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=5)
+def _write_layer(k_blocks, v_blocks, k_new, v_new, slot_mapping, lane_dense):
+  return write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, lane_dense=lane_dense)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3))

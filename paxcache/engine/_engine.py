@@ -271,6 +271,10 @@ class EngineConfig:
     ):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.lane_dense_cache and self.mesh is not None:
+      raise ValueError(
+        "EngineConfig.lane_dense_cache with a mesh: a lane-dense cache is not sharded yet"
+      )
     if self.preemption_mode not in PREEMPTION_MODES:
       raise ValueError(
         f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}"
