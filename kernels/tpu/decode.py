@@ -79,6 +79,28 @@ def _keys(k, k_ok, pack):
   return jnp.where(k_ok, k, jnp.zeros((), k.dtype))
 
 
+def key_iotas(rows, chunk_rows, width, pack):
+  """Each chunk element's token offset in the chunk, for the masks: ``(row [1 or rows,
+  chunk_rows], col [chunk_rows, 1 or width])``, the scores' keys and V's rows. Plain
+  (``pack`` 1): the row index. Lane-dense: q's ``rows`` are ``pack`` parts (part ``j``
+  against the token in lanes ``[j * width / pack, ...)`` of each K/V row, ``pack_queries``),
+  so score ``(r, c)`` is token ``c * pack + part(r)`` and V element ``(c, lane)`` token
+  ``c * pack + part(lane)``."""
+  if pack == 1:
+    return (
+      lax.broadcasted_iota(jnp.int32, (1, chunk_rows), 1),
+      lax.broadcasted_iota(jnp.int32, (chunk_rows, 1), 0),
+    )
+  shape_row, shape_col = (rows, chunk_rows), (chunk_rows, width)
+  row = lax.broadcasted_iota(jnp.int32, shape_row, 1) * pack + _part(
+    lax.broadcasted_iota(jnp.int32, shape_row, 0), rows // pack, pack
+  )
+  col = lax.broadcasted_iota(jnp.int32, shape_col, 0) * pack + _part(
+    lax.broadcasted_iota(jnp.int32, shape_col, 1), width // pack, pack
+  )
+  return row, col
+
+
 def pack_queries(qg, pack, axis=-2):
   """``qg [..., rows, head_dim]`` as the queries of a lane-dense pool of ``pack`` tokens a
   row: ``[..., pack * rows, pack * head_dim]``, part ``j`` the rows with q in lanes
@@ -214,19 +236,7 @@ def _decode_kernel(
   prefetch_next = (next_i < per_core) & (next_n > 0)
 
   qs = [q_ref[hh] for hh in range(heads)]
-  if pack == 1:
-    key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_rows), 1)
-    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, 1), 0)
-  else:
-    # q's rows are pack parts of group // pack rows, part j against the token in lanes
-    # [j * head_dim / pack, ...) of each K row (kernels.tpu.decode.pack_queries); score
-    # (r, c) is token c * pack + part(r), V element (c, lane) token c * pack + part(lane).
-    key_iota_row = lax.broadcasted_iota(jnp.int32, (group, chunk_rows), 1) * pack + _part(
-      lax.broadcasted_iota(jnp.int32, (group, chunk_rows), 0), group // pack, pack
-    )
-    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 0) * pack + _part(
-      lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 1), head_dim // pack, pack
-    )
+  key_iota_row, key_iota_col = key_iotas(group, chunk_rows, head_dim, pack)
 
   def body(c, carry):
     slot = lax.rem(base_slot + c, 2)

@@ -44,7 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import _layout
 from kernels.tpu import _common, _config
-from kernels.tpu.decode import _keys, _part, decode_rows, pack_queries
+from kernels.tpu.decode import _keys, decode_rows, key_iotas, pack_queries
 
 
 def _ragged_kernel(
@@ -95,16 +95,7 @@ def _ragged_kernel(
 
   # Row r of the flattened tile is head r // tile, token t0 + r % tile (tile: power of 2).
   row_token = t0 + (lax.broadcasted_iota(jnp.int32, (rows, 1), 0) & (tile - 1))
-  if pack == 1:
-    key_iota_row = lax.broadcasted_iota(jnp.int32, (1, chunk_rows), 1)
-    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, 1), 0)
-  else:
-    key_iota_row = lax.broadcasted_iota(jnp.int32, (rows, chunk_rows), 1) * pack + _part(
-      lax.broadcasted_iota(jnp.int32, (rows, chunk_rows), 0), rows // pack, pack
-    )
-    key_iota_col = lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 0) * pack + _part(
-      lax.broadcasted_iota(jnp.int32, (chunk_rows, head_dim), 1), head_dim // pack, pack
-    )
+  key_iota_row, key_iota_col = key_iotas(rows, chunk_rows, head_dim, pack)
 
   def sequence(s, _):
     cs, ce = cu_ref[s], cu_ref[s + 1]
