@@ -49,8 +49,19 @@ def tokens_per_row(head_dim: int, width: int) -> int:
   )
 
 
-def is_lane_dense(blocks, head_dim: int) -> bool:
-  return blocks.shape[-1] != head_dim
+def check_lane_dense(head_dim: int, width: int, dtype, what: str) -> None:
+  """The one rule of a lane-dense pool: 16- or 32-bit K/V of head_dim 32 or 64 in rows of
+  128. ValueError, prefixed with ``what`` (the caller's context), otherwise."""
+  if is_quantized(dtype):
+    raise ValueError(
+      f"{what}: a lane-dense pool holds 16- or 32-bit K/V; 8-bit ({jnp.dtype(dtype).name}) "
+      "pools keep one token a row (their per-token scales do not pack with the rows)"
+    )
+  if head_dim not in PACKED_HEAD_DIMS or width != LANE_WIDTH:
+    raise ValueError(
+      f"{what}: a lane-dense pool holds head_dim {' or '.join(map(str, PACKED_HEAD_DIMS))} "
+      f"in rows of {LANE_WIDTH}; got head_dim {head_dim} in rows {width} wide"
+    )
 
 
 def logical_shape(blocks, head_dim: int) -> tuple[int, int, int, int]:
@@ -63,16 +74,7 @@ def lane_dense_shape(
   num_kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype
 ) -> tuple[int, int, int, int]:
   """The lane-dense pool shape; ValueError when this head_dim, block_size or dtype has none."""
-  if is_quantized(dtype):
-    raise ValueError(
-      f"a lane-dense pool holds 16- or 32-bit K/V; {jnp.dtype(dtype).name} pools keep one "
-      "token a row (their per-token scales do not pack with the rows)"
-    )
-  if head_dim not in PACKED_HEAD_DIMS:
-    raise ValueError(
-      f"a lane-dense pool packs head_dim {' or '.join(map(str, PACKED_HEAD_DIMS))} into rows "
-      f"of {LANE_WIDTH}; got head_dim {head_dim}"
-    )
+  check_lane_dense(head_dim, LANE_WIDTH, dtype, "lane_dense")
   p = LANE_WIDTH // head_dim
   if block_size % p:
     raise ValueError(

@@ -220,18 +220,12 @@ def validate_layout(q, k_blocks, lane_dense: bool = False) -> tuple[int, int, in
         )
       )
     return tuple(k_blocks.shape)
-  if is_quantized(k_blocks.dtype):
-    raise ValueError(
-      f"lane_dense=True with 8-bit k_blocks {_shape_str(k_blocks)}: 8-bit pools keep one "
-      f"token a row, [num_kv_heads, num_blocks, block_size, head_dim] (their scales do not "
-      "pack)"
-    )
-  if head_dim not in _layout.PACKED_HEAD_DIMS or width != _layout.LANE_WIDTH:
-    raise ValueError(
-      f"lane_dense=True: a lane-dense pool holds head_dim "
-      f"{' or '.join(map(str, _layout.PACKED_HEAD_DIMS))} in rows of {_layout.LANE_WIDTH}; "
-      f"got q head_dim {head_dim} (q {_shape_str(q)}) and k_blocks {_shape_str(k_blocks)}"
-    )
+  _layout.check_lane_dense(
+    head_dim,
+    width,
+    k_blocks.dtype,
+    f"lane_dense=True with q {_shape_str(q)} and k_blocks {_shape_str(k_blocks)}",
+  )
   return _layout.logical_shape(k_blocks, head_dim)
 
 

@@ -46,18 +46,14 @@ def _check_rows(k_new, v_new, slot_mapping, pool, lane_dense=False) -> int:
   count."""
   num_kv_heads, num_blocks, block_size, head_dim = pool.shape
   if lane_dense:
-    new_dim = k_new.shape[-1] if k_new.ndim == 3 else None
-    if (
-      is_quantized(pool.dtype)
-      or pool.shape[3] != _layout.LANE_WIDTH
-      or (new_dim not in _layout.PACKED_HEAD_DIMS)
-    ):
-      raise ValueError(
-        f"lane_dense=True: a lane-dense pool holds 16- or 32-bit rows of head_dim "
-        f"{' or '.join(map(str, _layout.PACKED_HEAD_DIMS))} in rows of {_layout.LANE_WIDTH}; "
-        f"got k_blocks {tuple(pool.shape)} {jnp.dtype(pool.dtype).name} and k_new "
-        f"{tuple(k_new.shape)}"
-      )
+    new_dim = k_new.shape[-1]
+    _layout.check_lane_dense(
+      new_dim,
+      pool.shape[3],
+      pool.dtype,
+      f"lane_dense=True with k_blocks {tuple(pool.shape)} {jnp.dtype(pool.dtype).name} and "
+      f"k_new {tuple(k_new.shape)}",
+    )
     num_kv_heads, num_blocks, block_size, head_dim = _layout.logical_shape(pool, new_dim)
   if k_new.shape != v_new.shape or k_new.ndim != 3 or k_new.shape[1:] != (num_kv_heads, head_dim):
     raise ValueError(

@@ -197,10 +197,20 @@ class PagedKVCache:
     """Whether K/V are 8-bit (with ``k_scale``/``v_scale`` pools)."""
     return is_quantized(self.dtype)
 
+  def kernel_kwargs(self, layer: int) -> dict:
+    """What ``kernels.paged_attention`` (and ``cascade_attention``) need besides the pools
+    to read one layer: its scales (8-bit, :meth:`scales`) and ``lane_dense=True`` for a
+    lane-dense cache: ``kernels.paged_attention(q, *cache.layer(i), ...,
+    **cache.kernel_kwargs(i))``."""
+    out = self.scales(layer)
+    if self.lane_dense:
+      out["lane_dense"] = True
+    return out
+
   def scales(self, layer: int) -> dict:
     """``{"k_scales": ..., "v_scales": ...}`` of one layer for ``kernels.paged_attention``
-    (an empty dict for a float cache): ``kernels.paged_attention(q, *cache.layer(i), ...,
-    **cache.scales(i))``."""
+    (an empty dict for a float cache); :meth:`kernel_kwargs` adds the layout flag of a
+    lane-dense cache."""
     _check_layer(layer, self.num_layers)
     if not self.quantized:
       return {}
@@ -289,15 +299,13 @@ def _check_cache(cache) -> None:
           f"cache.k[0] {_shape_str(first)}, got "
           f"{_shape_str(x) if hasattr(x, 'shape') else type(x).__name__}"
         )
-  if cache.row_tokens != 1 and (
-    first.shape[3] != _layout.LANE_WIDTH
-    or _layout.LANE_WIDTH // cache.row_tokens not in _layout.PACKED_HEAD_DIMS
-    or is_quantized(first.dtype)
-  ):
-    raise ValueError(
-      f"cache.row_tokens {cache.row_tokens!r} does not fit pools {_shape_str(first)}: a "
-      "lane-dense cache holds 16- or 32-bit rows of 128 lanes, 2 or 4 tokens a row (build "
-      "it with PagedKVCache.create(..., lane_dense=True))"
+  if cache.row_tokens != 1:
+    _layout.check_lane_dense(
+      first.shape[3] // max(cache.row_tokens, 1),
+      first.shape[3],
+      first.dtype,
+      f"cache.row_tokens {cache.row_tokens!r} does not fit pools {_shape_str(first)} (build "
+      "a lane-dense cache with PagedKVCache.create(..., lane_dense=True))",
     )
   scale_shape = tuple(first.shape[:3])
   for name in ("k_scale", "v_scale"):

@@ -250,9 +250,8 @@ class PagedAttention(nnx.Module):
       if isinstance(cache, PagedKVCache):
         cache = cache_ops.write(cache, layer, k, v, slot_mapping)
         k_blocks, v_blocks = cache.layer(layer)
-        scales = cache.scales(layer)  # 8-bit: the kernel multiplies them in
-        if cache.lane_dense:  # head_dim 32 / 64 in rows of 128 (kernels._layout)
-          scales = dict(scales, lane_dense=True)
+        # 8-bit: the scales, which the kernel multiplies in; a lane-dense cache: the flag.
+        scales = cache.kernel_kwargs(layer)
       else:
         k_blocks, v_blocks = kernels.write_kv(*cache, k, v, slot_mapping)
         cache = (k_blocks, v_blocks)
