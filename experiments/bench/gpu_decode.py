@@ -254,7 +254,7 @@ def decode_bench(runner, shapes, block_sizes, builtin, passes, sweep):
       args = (q, kb, vb, table, lengths)
       ident = jnp.arange(table.size, dtype=jnp.int32).reshape(table.shape)
       default = gpu.default_block_sizes(
-        head_dim=D, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=HKV
+        head_dim=D, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=HKV, max_context=context
       )
       meta["config"] = {
         k: v for k, v in dataclasses.asdict(default).items() if k.startswith("decode")

@@ -175,7 +175,7 @@ def probe_attn(rec) -> None:
     q = jax.random.normal(jax.random.key(1), (batch, hq, D), jnp.float32).astype(jnp.bfloat16)
     nbytes = batch * ctx * 2 * hkv * D * 2
     default = gpu.default_block_sizes(
-      head_dim=D, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=hkv
+      head_dim=D, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=hkv, max_context=ctx
     )
     cfgs = [dict()]
     for tile in (64, 128, 256, 512):

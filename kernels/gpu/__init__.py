@@ -310,6 +310,7 @@ def paged_attention(
       decode=decode,
       batch=block_table.shape[0],
       num_kv_heads=k_blocks.shape[0],
+      max_context=block_table.shape[1] * k_blocks.shape[2],
     )
   scale = float(head_dim**-0.5) if scale is None else scale
   if (

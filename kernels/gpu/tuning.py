@@ -277,6 +277,48 @@ def current_device_kind() -> str | None:
   return device.device_kind if device.platform == "gpu" else None
 
 
+# A grid of more than this many decode programs per SM (two pipeline stages of 32 KiB let
+# three programs share an SM, three stages two) takes 2 stages at head_dim 64 bf16 with
+# 128-token steps: :func:`deep_grid_stages`.
+DEEP_GRID_PROGRAMS_PER_SM = 3
+# ... and only with this many KV heads or more (see deep_grid_stages).
+DEEP_GRID_MIN_KV_HEADS = 4
+
+
+def deep_grid_stages(
+  bs: BlockSizes, *, head_dim: int, kv_dtype, batch: int, num_kv_heads: int, max_context: int
+) -> BlockSizes:
+  """``bs`` with 2 pipeline stages instead of 3 where a head_dim 64, 16-bit decode grid is
+  deep: more than ``DEEP_GRID_PROGRAMS_PER_SM`` programs per SM (programs = sequences x KV
+  heads x the split-K factor ``decode.choose_num_splits`` gives) and at least
+  ``DEEP_GRID_MIN_KV_HEADS`` KV heads. Other settings come back unchanged.
+
+  Measured on an H200 (docs/benchmarks.md, "Two stages for deep head_dim 64 grids"):
+  the decode kernel's traced duration at 128-token steps, 4 warps, over batch x context
+  64 x 512, 256 x 1024 and 32 x 2048 and six head configurations. With 512 to 4,096
+  programs and 4-16 KV heads 2 stages were 1-16% faster (512 programs: 14-16%); with 96
+  to 384 programs 3 stages were 2-15% faster; with 3 KV heads and 768 programs (9/3 and
+  12/3 heads at 256 x 1024) 3 stages were 4-6% faster, which the KV-head floor keeps (not
+  explained: the fit of 18 measured points, not a model). In the engine's step that is
+  the attention of a Llama-3.2-1B shape (8 KV heads) at 64 x 512, 12% less kernel time,
+  with SmolLM2's 3 KV heads kept on 3 stages.
+  """
+  from kernels.gpu.decode import _num_sms, choose_num_splits  # decode imports this module
+
+  if not (
+    padded_head_dim(head_dim) == 64
+    and jnp.dtype(kv_dtype).itemsize == 2
+    and bs.decode_kv_tile == 128
+    and bs.decode_num_stages == 3
+    and num_kv_heads >= DEEP_GRID_MIN_KV_HEADS
+  ):
+    return bs
+  splits = choose_num_splits(batch, num_kv_heads, max_context, 128, bs.decode_num_splits)
+  if batch * num_kv_heads * splits <= DEEP_GRID_PROGRAMS_PER_SM * _num_sms():
+    return bs
+  return dataclasses.replace(bs, decode_num_stages=2)
+
+
 def default_block_sizes(
   *,
   head_dim: int,
@@ -286,6 +328,7 @@ def default_block_sizes(
   batch: int | None = None,
   num_kv_heads: int | None = None,
   device_kind: str | None = AUTO,
+  max_context: int | None = None,
 ) -> BlockSizes:
   """Per-shape, per-card defaults: the card's tuning table over :func:`rule_block_sizes`.
 
@@ -296,14 +339,17 @@ def default_block_sizes(
   (``prefill_*``) and the Mosaic GPU prefill entry (``mosaic_*``). A class the table does
   not cover, or a card with no table, keeps the rule. A prefill call of ``num_tokens``
   rows still gets its query tile cut to at most ``num_tokens`` rounded down to a power of
-  two (at least 16), as the rule does. Explicit ``BlockSizes`` passed to
-  ``kernels.paged_attention`` never come here.
+  two (at least 16), as the rule does. On a GPU (a ``device_kind``), a decode call whose
+  ``max_context`` is given then goes through :func:`deep_grid_stages`. Explicit
+  ``BlockSizes`` passed to ``kernels.paged_attention`` never come here.
 
   Args:
     head_dim, kv_dtype, num_tokens, decode, batch, num_kv_heads: as for
       :func:`rule_block_sizes`.
     device_kind: the card whose table applies: ``"auto"`` (default) is
       :func:`current_device_kind` (None off GPU); None applies no table (the rule alone).
+    max_context: a decode call's longest possible context (block-table width x block
+      size), which sets its grid; None skips :func:`deep_grid_stages`.
 
   Raises:
     kernels.gpu.tuning_table.TuningTableError: a malformed table file.
@@ -320,6 +366,21 @@ def default_block_sizes(
     device_kind = current_device_kind()
   if device_kind is None:
     return base
+  bs = _tabled(base, head_dim, kv_dtype, num_tokens, decode, batch, num_kv_heads, device_kind)
+  if decode and max_context is not None and batch is not None and num_kv_heads is not None:
+    bs = deep_grid_stages(
+      bs,
+      head_dim=head_dim,
+      kv_dtype=kv_dtype,
+      batch=batch,
+      num_kv_heads=num_kv_heads,
+      max_context=max_context,
+    )
+  return bs
+
+
+def _tabled(base, head_dim, kv_dtype, num_tokens, decode, batch, num_kv_heads, device_kind):
+  """``base`` with the card's table entries for the shape's classes laid over."""
   width = padded_head_dim(head_dim)
   itemsize = jnp.dtype(kv_dtype).itemsize
   pairs = batch * num_kv_heads if batch is not None and num_kv_heads is not None else None

@@ -9,6 +9,7 @@ the committed rows, and that a table-chosen setting decodes as the reference doe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -146,6 +147,68 @@ def test_packaged_tables_cover_h100_and_h200_with_their_entries():
     device_kind="NVIDIA H200", head_dim=64, kv_dtype=jnp.bfloat16, batch=256, num_kv_heads=8
   )
   assert (bs.decode_kv_tile, bs.decode_num_warps, bs.decode_num_stages) == (128, 4, 3)
+
+
+H200 = "NVIDIA H200"
+
+
+@pytest.mark.parametrize(
+  "batch,num_kv_heads,context,stages",
+  [
+    # Programs = batch x KV heads x splits (decode.choose_num_splits: 2 x 132 SMs wanted,
+    # at least 4 steps of 128 tokens a split), against 3 x 132 = 396 on a CPU host.
+    (64, 8, 512, 2),  # 512 programs, 8 KV heads: the Llama-1B step at 64 x 512
+    (256, 8, 1024, 2),  # 2,048 programs
+    (32, 8, 2048, 2),  # 256 pairs x 2 splits = 512
+    (16, 8, 4096, 3),  # 128 pairs x 3 splits = 384: not deeper than 3 an SM
+    (64, 4, 512, 3),  # 256 programs
+    (64, 3, 512, 3),  # SmolLM2's 3 KV heads: kept on 3 stages at any depth
+    (256, 3, 1024, 3),  # 768 programs, 3 KV heads (measured slower with 2)
+  ],
+)
+def test_deep_head_dim_64_grids_take_two_stages(batch, num_kv_heads, context, stages):
+  kw = dict(head_dim=64, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=num_kv_heads)
+  bs = gpu.default_block_sizes(device_kind=H200, max_context=context, **kw)
+  assert (bs.decode_kv_tile, bs.decode_num_warps, bs.decode_num_stages) == (128, 4, stages)
+  # Only the stages move, and only with the context given and on a GPU.
+  without = gpu.default_block_sizes(device_kind=H200, **kw)
+  assert without.decode_num_stages == 3
+  assert bs == dataclasses.replace(without, decode_num_stages=stages)
+  assert gpu.default_block_sizes(device_kind=None, max_context=context, **kw) == (
+    tuning.rule_block_sizes(**kw)
+  )
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(head_dim=128, kv_dtype=jnp.bfloat16),  # another width
+    dict(head_dim=64, kv_dtype=jnp.int8),  # 8-bit K/V: a 128-token step is 16 KiB
+    dict(head_dim=64, kv_dtype=jnp.float32),  # 64-token steps
+  ],
+)
+def test_deep_grid_stages_leave_other_kernels_alone(kw):
+  deep = dict(batch=256, num_kv_heads=8, device_kind=H200, **kw)
+  assert gpu.default_block_sizes(max_context=1024, **deep) == gpu.default_block_sizes(**deep)
+
+
+def test_paged_attention_sizes_the_grid_from_the_table_width(monkeypatch):
+  seen = []
+
+  def fake_decode(q, *args, block_sizes, **kw):
+    seen.append(block_sizes)
+    return q
+
+  monkeypatch.setattr(tuning, "current_device_kind", lambda: H200)
+  monkeypatch.setattr(gpu, "paged_decode", fake_decode)
+  batch, width, block = 64, 32, 16  # 512 keys a row
+  table = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+  lens = jnp.full((batch,), width * block, jnp.int32)
+  for heads, stages in [(8, 2), (4, 3), (3, 3)]:  # 512, 256 and 192 programs
+    pool = jnp.zeros((heads, batch * width, block, 64), jnp.bfloat16)
+    q = jnp.zeros((batch, 4 * heads, 64), jnp.bfloat16)
+    gpu.paged_attention(q, pool, pool, table, lens, interpret=True)
+    assert seen[-1].decode_num_stages == stages, heads
 
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA A100-SXM4-80GB", None])
