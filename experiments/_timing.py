@@ -202,3 +202,55 @@ def errorbar(ax, x, median, lo, hi, fmt: str = "o-", **kwargs):
   (line,) = ax.plot(x, np.asarray(median, float), fmt, **kwargs)
   ax.vlines(x, np.asarray(lo, float), np.asarray(hi, float), colors=line.get_color(), lw=1.2)
   return line
+
+
+# JAX's monitoring events around a jit's first call: tracing to a jaxpr, lowering to MLIR,
+# and the backend compile (which includes a persistent-cache lookup and hit).
+COMPILE_EVENTS = (
+  "/jax/core/compile/jaxpr_trace_duration",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+  "/jax/core/compile/backend_compile_duration",
+)
+
+
+class CompileClock:
+  """Host seconds JAX spends compiling while the ``with`` block runs.
+
+  The union of the time spans of :data:`COMPILE_EVENTS` (a jit traced inside another's
+  trace counts once), so ``seconds`` is the compile share of the block's wall time, with
+  nothing estimated by subtraction. ``events`` counts the backend compiles (cache hits
+  included)::
+
+    with CompileClock() as clock:
+      engine.run(requests)
+    clock.seconds, clock.events
+  """
+
+  def __init__(self):
+    self._spans: list[tuple[float, float]] = []
+    self.events = 0
+
+  def _listen(self, event, start, end, **kwargs):
+    if event in COMPILE_EVENTS:
+      self._spans.append((start, end))
+      self.events += event == COMPILE_EVENTS[-1]
+
+  def __enter__(self) -> CompileClock:
+    from jax import monitoring  # here, so that importing this module stays light
+
+    monitoring.register_event_time_span_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    from jax import monitoring
+
+    monitoring.unregister_event_time_span_listener(self._listen)
+
+  @property
+  def seconds(self) -> float:
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(self._spans):
+      if end > reach:
+        total += end - max(start, reach)
+        reach = end
+    return total

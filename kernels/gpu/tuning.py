@@ -295,13 +295,13 @@ def deep_grid_stages(
 
   Measured on an H200 (docs/benchmarks.md, "Two stages for deep head_dim 64 grids"):
   the decode kernel's traced duration at 128-token steps, 4 warps, over batch x context
-  64 x 512, 256 x 1024 and 32 x 2048 and six head configurations. With 512 to 4,096
-  programs and 4-16 KV heads 2 stages were 1-16% faster (512 programs: 14-16%); with 96
-  to 384 programs 3 stages were 2-15% faster; with 3 KV heads and 768 programs (9/3 and
-  12/3 heads at 256 x 1024) 3 stages were 4-6% faster, which the KV-head floor keeps (not
-  explained: the fit of 18 measured points, not a model). In the engine's step that is
-  the attention of a Llama-3.2-1B shape (8 KV heads) at 64 x 512, 12% less kernel time,
-  with SmolLM2's 3 KV heads kept on 3 stages.
+  64 x 512, 256 x 1024 and 32 x 2048 and six head configurations. With 512 to 2,048
+  programs and 4-16 KV heads 2 stages were 3-16% faster (512 programs: 14-16%), level at
+  4,096; with 192 and 288 programs 3 stages were 8-15% faster, level at 384; with 3 KV
+  heads and 768 programs (9/3 and 12/3 heads at 256 x 1024) 3 stages were 4-6% faster,
+  which the KV-head floor keeps (not explained: a fit of 18 measured points, not a
+  model). In the engine's step that is the attention of a Llama-3.2-1B shape (8 KV
+  heads), with SmolLM2's 3 KV heads kept on 3 stages.
   """
   from kernels.gpu.decode import _num_sms, choose_num_splits  # decode imports this module
 
