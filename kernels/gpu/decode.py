@@ -113,6 +113,19 @@ def choose_num_splits(
   return max(1, splits)
 
 
+def grid_splits(
+  batch: int, num_kv_heads: int, max_context: int, kv_tile: int, requested: int | None
+) -> tuple[int, int]:
+  """``(splits, chunk)`` the decode kernel launches with: :func:`choose_num_splits`, then
+  each split ``chunk`` keys (whole ``kv_tile`` steps), and as many splits as that takes
+  to cover ``max_context`` (3 asked over 4 steps gives chunks of 2 steps, so 2 splits).
+  The grid is ``(num_kv_heads, splits, batch)``."""
+  splits = choose_num_splits(batch, num_kv_heads, max_context, kv_tile, requested)
+  tiles = -(-max_context // kv_tile)
+  chunk = -(-tiles // splits) * kv_tile
+  return -(-max_context // chunk), chunk
+
+
 def _decode_kernel(
   # Each ref is a whole array in GPU global memory (no BlockSpec): the program gathers
   # its own rows. The pools are seen with one row per token slot.
@@ -312,12 +325,9 @@ def paged_decode(
   rows = max(16, 1 << (group - 1).bit_length())
   kv_tile = block_sizes.decode_kv_tile
   max_context = max_blocks * block_size
-  num_splits = choose_num_splits(
+  num_splits, chunk = grid_splits(
     batch, num_kv_heads, max_context, kv_tile, block_sizes.decode_num_splits
   )
-  tiles = -(-max_context // kv_tile)
-  chunk = -(-tiles // num_splits) * kv_tile
-  num_splits = -(-max_context // chunk)
   widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
 
   kernel = functools.partial(

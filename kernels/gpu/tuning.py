@@ -290,7 +290,7 @@ def deep_grid_stages(
 ) -> BlockSizes:
   """``bs`` with 2 pipeline stages instead of 3 where a head_dim 64, 16-bit decode grid is
   deep: more than ``DEEP_GRID_PROGRAMS_PER_SM`` programs per SM (programs = sequences x KV
-  heads x the split-K factor ``decode.choose_num_splits`` gives) and at least
+  heads x the splits the kernel launches, ``decode.grid_splits``) and at least
   ``DEEP_GRID_MIN_KV_HEADS`` KV heads. Other settings come back unchanged.
 
   Measured on an H200 (docs/benchmarks.md, "Two stages for deep head_dim 64 grids"):
@@ -303,7 +303,7 @@ def deep_grid_stages(
   model). In the engine's step that is the attention of a Llama-3.2-1B shape (8 KV
   heads), with SmolLM2's 3 KV heads kept on 3 stages.
   """
-  from kernels.gpu.decode import _num_sms, choose_num_splits  # decode imports this module
+  from kernels.gpu.decode import _num_sms, grid_splits  # decode imports this module
 
   if not (
     padded_head_dim(head_dim) == 64
@@ -313,7 +313,7 @@ def deep_grid_stages(
     and num_kv_heads >= DEEP_GRID_MIN_KV_HEADS
   ):
     return bs
-  splits = choose_num_splits(batch, num_kv_heads, max_context, 128, bs.decode_num_splits)
+  splits, _ = grid_splits(batch, num_kv_heads, max_context, 128, bs.decode_num_splits)
   if batch * num_kv_heads * splits <= DEEP_GRID_PROGRAMS_PER_SM * _num_sms():
     return bs
   return dataclasses.replace(bs, decode_num_stages=2)

@@ -155,8 +155,8 @@ H200 = "NVIDIA H200"
 @pytest.mark.parametrize(
   "batch,num_kv_heads,context,stages",
   [
-    # Programs = batch x KV heads x splits (decode.choose_num_splits: 2 x 132 SMs wanted,
-    # at least 4 steps of 128 tokens a split), against 3 x 132 = 396 on a CPU host.
+    # Programs = batch x KV heads x splits (decode.grid_splits: 2 x 132 SMs wanted, at
+    # least 4 steps of 128 tokens a split), against 3 x 132 = 396 on a CPU host.
     (64, 8, 512, 2),  # 512 programs, 8 KV heads: the Llama-1B step at 64 x 512
     (256, 8, 1024, 2),  # 2,048 programs
     (32, 8, 2048, 2),  # 256 pairs x 2 splits = 512
@@ -177,6 +177,18 @@ def test_deep_head_dim_64_grids_take_two_stages(batch, num_kv_heads, context, st
   assert gpu.default_block_sizes(device_kind=None, max_context=context, **kw) == (
     tuning.rule_block_sizes(**kw)
   )
+
+
+def test_grid_splits_are_the_splits_the_kernel_launches():
+  from kernels.gpu.decode import grid_splits
+
+  # (batch, heads, context, step, asked) -> (splits, chunk), by hand: 264 programs wanted
+  # (2 x 132 SMs off a GPU), at least 4 steps a split, then whole steps per chunk.
+  assert grid_splits(1, 1, 512, 128, 3) == (2, 256)  # 3 asked of 4 steps: chunks of 2
+  assert grid_splits(1, 1, 512, 128, None) == (1, 512)  # 4 steps: no split
+  assert grid_splits(32, 3, 2048, 128, None) == (3, 768)  # 96 pairs: 3 splits of 6 steps
+  assert grid_splits(32, 8, 2048, 128, None) == (2, 1024)  # 256 pairs: 2
+  assert grid_splits(8, 8, 4096, 128, None) == (5, 896)  # 64 pairs: 5 asked, 7 steps each
 
 
 @pytest.mark.parametrize(
