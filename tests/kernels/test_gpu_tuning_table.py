@@ -204,15 +204,22 @@ def test_deep_grid_stages_leave_other_kernels_alone(kw):
   assert gpu.default_block_sizes(max_context=1024, **deep) == gpu.default_block_sizes(**deep)
 
 
-def test_paged_attention_sizes_the_grid_from_the_table_width(monkeypatch):
+def _spy_decode(monkeypatch, device_kind) -> list:
+  """Makes ``device_kind`` the current card and swaps the decode kernel for a spy: the
+  returned list gets the BlockSizes of every decode call."""
   seen = []
 
   def fake_decode(q, *args, block_sizes, **kw):
     seen.append(block_sizes)
     return q
 
-  monkeypatch.setattr(tuning, "current_device_kind", lambda: H200)
+  monkeypatch.setattr(tuning, "current_device_kind", lambda: device_kind)
   monkeypatch.setattr(gpu, "paged_decode", fake_decode)
+  return seen
+
+
+def test_paged_attention_sizes_the_grid_from_the_table_width(monkeypatch):
+  seen = _spy_decode(monkeypatch, H200)
   batch, width, block = 64, 32, 16  # 512 keys a row
   table = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
   lens = jnp.full((batch,), width * block, jnp.int32)
@@ -240,14 +247,7 @@ def test_cpu_default_device_applies_no_table():
 
 
 def test_paged_attention_takes_the_table_and_user_block_sizes_win(fake_tables, monkeypatch):
-  seen = []
-
-  def fake_decode(q, *args, block_sizes, **kw):
-    seen.append(block_sizes)
-    return q
-
-  monkeypatch.setattr(tuning, "current_device_kind", lambda: FAKE)
-  monkeypatch.setattr(gpu, "paged_decode", fake_decode)
+  seen = _spy_decode(monkeypatch, FAKE)
   q, k, v, table, lens = _inputs(0, lengths=[5, 9], head_dim=128, dtype=jnp.bfloat16)
   gpu.paged_attention(q, k, v, table, lens, interpret=True)
   assert _decode_fields(seen[-1]) == FAKE_DECODE
