@@ -219,7 +219,8 @@ class CompileClock:
   The union of the time spans of :data:`COMPILE_EVENTS` (a jit traced inside another's
   trace counts once), so ``seconds`` is the compile share of the block's wall time, with
   nothing estimated by subtraction. ``events`` counts the backend compiles (cache hits
-  included)::
+  included). The listener is JAX's, process-wide: compiles on other threads while the
+  block runs count too::
 
     with CompileClock() as clock:
       engine.run(requests)

@@ -405,6 +405,7 @@ def _cascade(
       kv_dtype=k_blocks.dtype,
       batch=batch,
       num_kv_heads=k_blocks.shape[0],
+      max_context=block_table.shape[1] * k_blocks.shape[2],
     ),
     quant_widen=block_sizes.quant_widen,
   )

@@ -283,6 +283,9 @@ def current_device_kind() -> str | None:
 DEEP_GRID_PROGRAMS_PER_SM = 3
 # ... and only with this many KV heads or more (see deep_grid_stages).
 DEEP_GRID_MIN_KV_HEADS = 4
+# Cards it was measured on; others keep their table's or the rule's stages (an A100's
+# shared memory fits one 3-stage program an SM, not two: the reasoning would not carry).
+DEEP_GRID_CARDS = ("NVIDIA H200",)
 
 
 def deep_grid_stages(
@@ -297,16 +300,20 @@ def deep_grid_stages(
   the decode kernel's traced duration at 128-token steps, 4 warps, over batch x context
   64 x 512, 256 x 1024 and 32 x 2048 and six head configurations. With 512 to 2,048
   programs and 4-16 KV heads 2 stages were 3-16% faster (512 programs: 14-16%), level at
-  4,096; with 192 and 288 programs 3 stages were 8-15% faster, level at 384; with 3 KV
+  4,096; with 192-288 programs 3 stages were 7-15% faster, level at 384; with 3 KV
   heads and 768 programs (9/3 and 12/3 heads at 256 x 1024) 3 stages were 4-6% faster,
   which the KV-head floor keeps (not explained: a fit of 18 measured points, not a
-  model). In the engine's step that is the attention of a Llama-3.2-1B shape (8 KV
-  heads), with SmolLM2's 3 KV heads kept on 3 stages.
+  model), in bf16 (float16 moves the same bytes through the same tiles; not measured). In
+  the engine's step that is the attention of a Llama-3.2-1B shape (8 KV heads), with
+  SmolLM2's 3 KV heads kept on 3 stages. Programs count the launched grid: with a sliding
+  window most splits of a long row find no key and return at once, so a windowed grid is
+  shallower than it looks (not measured). :func:`default_block_sizes` applies it on the
+  cards of ``DEEP_GRID_CARDS`` only, after their table.
   """
   from kernels.gpu.decode import _num_sms, grid_splits  # decode imports this module
 
   if not (
-    padded_head_dim(head_dim) == 64
+    head_dim == 64  # measured there only (48, also 64-wide tiles, moves fewer bytes)
     and jnp.dtype(kv_dtype).itemsize == 2
     and bs.decode_kv_tile == 128
     and bs.decode_num_stages == 3
@@ -339,8 +346,8 @@ def default_block_sizes(
   (``prefill_*``) and the Mosaic GPU prefill entry (``mosaic_*``). A class the table does
   not cover, or a card with no table, keeps the rule. A prefill call of ``num_tokens``
   rows still gets its query tile cut to at most ``num_tokens`` rounded down to a power of
-  two (at least 16), as the rule does. On a GPU (a ``device_kind``), a decode call whose
-  ``max_context`` is given then goes through :func:`deep_grid_stages`. Explicit
+  two (at least 16), as the rule does. On a card of ``DEEP_GRID_CARDS``, a decode call
+  whose ``max_context`` is given then goes through :func:`deep_grid_stages`. Explicit
   ``BlockSizes`` passed to ``kernels.paged_attention`` never come here.
 
   Args:
@@ -348,8 +355,8 @@ def default_block_sizes(
       :func:`rule_block_sizes`.
     device_kind: the card whose table applies: ``"auto"`` (default) is
       :func:`current_device_kind` (None off GPU); None applies no table (the rule alone).
-    max_context: a decode call's longest possible context (block-table width x block
-      size), which sets its grid; None skips :func:`deep_grid_stages`.
+    max_context: a decode call's longest possible context (block-table width times
+      block size), which sets its grid; None skips :func:`deep_grid_stages`.
 
   Raises:
     kernels.gpu.tuning_table.TuningTableError: a malformed table file.
@@ -367,7 +374,13 @@ def default_block_sizes(
   if device_kind is None:
     return base
   bs = _tabled(base, head_dim, kv_dtype, num_tokens, decode, batch, num_kv_heads, device_kind)
-  if decode and max_context is not None and batch is not None and num_kv_heads is not None:
+  if (
+    decode
+    and device_kind in DEEP_GRID_CARDS
+    and max_context is not None
+    and batch is not None
+    and num_kv_heads is not None
+  ):
     bs = deep_grid_stages(
       bs,
       head_dim=head_dim,

@@ -152,9 +152,19 @@ def test_packaged_tables_cover_h100_and_h200_with_their_entries():
 H200 = "NVIDIA H200"
 
 
+@pytest.fixture
+def h200_sms(monkeypatch):
+  """The H200's 132 SMs whatever the host (a GPU host would report its own)."""
+  from kernels.gpu import decode
+
+  monkeypatch.setattr(decode, "_num_sms", lambda: 132)
+
+
 @pytest.mark.parametrize(
   "batch,num_kv_heads,context,stages",
   [
+    (99, 4, 512, 3),  # 396 programs: exactly 3 an SM, not more
+    (100, 4, 512, 2),  # 400
     # Programs = batch x KV heads x splits (decode.grid_splits: 2 x 132 SMs wanted, at
     # least 4 steps of 128 tokens a split), against 3 x 132 = 396 on a CPU host.
     (64, 8, 512, 2),  # 512 programs, 8 KV heads: the Llama-1B step at 64 x 512
@@ -166,7 +176,7 @@ H200 = "NVIDIA H200"
     (256, 3, 1024, 3),  # 768 programs, 3 KV heads (measured slower with 2)
   ],
 )
-def test_deep_head_dim_64_grids_take_two_stages(batch, num_kv_heads, context, stages):
+def test_deep_head_dim_64_grids_take_two_stages(batch, num_kv_heads, context, stages, h200_sms):
   kw = dict(head_dim=64, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=num_kv_heads)
   bs = gpu.default_block_sizes(device_kind=H200, max_context=context, **kw)
   assert (bs.decode_kv_tile, bs.decode_num_warps, bs.decode_num_stages) == (128, 4, stages)
@@ -197,11 +207,34 @@ def test_grid_splits_are_the_splits_the_kernel_launches():
     dict(head_dim=128, kv_dtype=jnp.bfloat16),  # another width
     dict(head_dim=64, kv_dtype=jnp.int8),  # 8-bit K/V: a 128-token step is 16 KiB
     dict(head_dim=64, kv_dtype=jnp.float32),  # 64-token steps
+    dict(head_dim=32, kv_dtype=jnp.bfloat16),  # 128-token steps in 3 stages, not measured
+    dict(head_dim=48, kv_dtype=jnp.bfloat16),  # 64-wide tiles, fewer bytes: not measured
   ],
 )
-def test_deep_grid_stages_leave_other_kernels_alone(kw):
+def test_deep_grid_stages_leave_other_kernels_alone(kw, h200_sms):
   deep = dict(batch=256, num_kv_heads=8, device_kind=H200, **kw)
   assert gpu.default_block_sizes(max_context=1024, **deep) == gpu.default_block_sizes(**deep)
+
+
+@pytest.mark.parametrize("device_kind", ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
+def test_deep_grid_stages_only_on_the_card_measured(device_kind, h200_sms):
+  deep = dict(head_dim=64, kv_dtype=jnp.bfloat16, batch=256, num_kv_heads=8)
+  assert gpu.default_block_sizes(device_kind=device_kind, max_context=1024, **deep) == (
+    gpu.default_block_sizes(device_kind=device_kind, **deep)
+  )
+
+
+def test_deep_grid_stages_leave_other_step_settings_alone(h200_sms):
+  deep = dict(head_dim=64, kv_dtype=jnp.bfloat16, batch=256, num_kv_heads=8, max_context=1024)
+  for fields in [
+    dict(decode_kv_tile=64),  # another step size (a table entry could set one)
+    dict(decode_num_stages=4),
+    dict(decode_num_stages=2),
+  ]:
+    bs = tuning.BlockSizes(**{**dict(decode_kv_tile=128, decode_num_stages=3), **fields})
+    assert tuning.deep_grid_stages(bs, **deep) is bs
+  bs = tuning.BlockSizes(decode_kv_tile=128, decode_num_stages=3)
+  assert tuning.deep_grid_stages(bs, **deep).decode_num_stages == 2
 
 
 def _spy_decode(monkeypatch, device_kind) -> list:
@@ -218,16 +251,23 @@ def _spy_decode(monkeypatch, device_kind) -> list:
   return seen
 
 
-def test_paged_attention_sizes_the_grid_from_the_table_width(monkeypatch):
+def test_paged_attention_sizes_the_grid_from_the_table_width(monkeypatch, h200_sms):
   seen = _spy_decode(monkeypatch, H200)
-  batch, width, block = 64, 32, 16  # 512 keys a row
-  table = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
-  lens = jnp.full((batch,), width * block, jnp.int32)
-  for heads, stages in [(8, 2), (4, 3), (3, 3)]:  # 512, 256 and 192 programs
+  block = 16
+  for batch, width, heads, stages in [
+    (64, 32, 8, 2),  # 512 keys a row: 512 programs
+    (64, 32, 4, 3),  # 256
+    (64, 32, 3, 3),  # 192
+    # 4,096 keys a row: 256 pairs x 2 splits = 512 programs. The context is the table's
+    # width times the block size: from the width alone (256 "keys") it would be 1 split.
+    (32, 256, 8, 2),
+  ]:
+    table = jnp.arange(batch * width, dtype=jnp.int32).reshape(batch, width)
+    lens = jnp.full((batch,), width * block, jnp.int32)
     pool = jnp.zeros((heads, batch * width, block, 64), jnp.bfloat16)
     q = jnp.zeros((batch, 4 * heads, 64), jnp.bfloat16)
     gpu.paged_attention(q, pool, pool, table, lens, interpret=True)
-    assert seen[-1].decode_num_stages == stages, heads
+    assert seen[-1].decode_num_stages == stages, (batch, width, heads)
 
 
 @pytest.mark.parametrize("device_kind", ["NVIDIA A100-SXM4-80GB", None])
