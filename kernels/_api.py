@@ -61,6 +61,7 @@ def paged_attention(
   v_scales: jax.Array | None = None,
   decode_plan: Any = None,
   lane_dense: bool = False,
+  lane_padded: bool = False,
 ) -> jax.Array:
   """Paged attention over K/V block pools; decode when ``cu_q_lens`` is None.
 
@@ -77,7 +78,8 @@ def paged_attention(
       multiple of 16 up to 256 (64, 80, 96, 112, 128, 192, 256, ...; one that is not a
       power of two runs in masked tiles of the next power of two, reading only its real
       bytes); ``"tpu"`` a multiple of 128 (128, 256, ...: XLA would copy a pool of any
-      other head_dim into the kernels' layout on every call; pad the cache, docs/tpu.md).
+      other head_dim into the kernels' layout on every call), or any head_dim in a
+      lane-padded pool (``lane_padded``), or 32 / 64 lane-dense (``lane_dense``).
     block_table: ``i32[batch, max_blocks]``; ``-1`` marks unused entries.
     lengths: ``i32[batch]``; tokens in each sequence including this call's queries.
     cu_q_lens: ``i32[batch + 1]`` cumulative query counts, or None for decode.
@@ -99,10 +101,36 @@ def paged_attention(
       to both); the TPU backend refuses it (it has no planned kernel: pass None there).
     lane_dense: ``k_blocks``/``v_blocks`` are lane-dense (above): head_dim 32 or 64 in rows
       of 128, 16- or 32-bit (ValueError otherwise, and for such a pool without it).
+    lane_padded: ``k_blocks``/``v_blocks`` are lane-padded (``kernels._layout``): rows of
+      ``head_dim`` rounded up to a multiple of 128, K/V in the first ``head_dim`` lanes,
+      finite values (``kernels.write_kv(..., lane_padded=True)`` writes zeros) after them;
+      for a head_dim that is not a multiple of 128 (ValueError otherwise). Every backend
+      runs it as head_dim ``width`` with q zero-padded and the real head_dim's scale, and
+      returns the first ``head_dim`` lanes: how the TPU backend takes 80, 96, 112, 192.
 
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
   """
+  if lane_padded:
+    q, scale, head_dim = padded_query(q, k_blocks, scale, lane_dense, "kernels.paged_attention")
+    out = paged_attention(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      cu_q_lens,
+      scale=scale,
+      sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap,
+      backend=backend,
+      block_sizes=block_sizes,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
+      decode_plan=decode_plan,
+    )
+    return out[..., :head_dim]
   validate_inputs(
     q,
     k_blocks,
@@ -142,6 +170,27 @@ def paged_attention(
     interpret=interpret,
     **extra,
   )
+
+
+def padded_query(q, k_blocks, scale, lane_dense: bool, what: str):
+  """For a lane-padded pool (``kernels._layout``): ``(q zero-padded to the pool's row
+  width, the softmax scale of q's real head_dim, that head_dim)``; ValueError where the
+  pool is not lane-padded for q's head_dim or is also said to be lane-dense."""
+  if lane_dense:
+    raise ValueError(f"{what}: lane_dense and lane_padded are two layouts; a pool is in one")
+  if q.ndim != 3 or k_blocks.ndim != 4:
+    raise ValueError(
+      f"{what}: q must be [tokens, num_q_heads, head_dim] and k_blocks [num_kv_heads, "
+      f"num_blocks, block_size, width], got {tuple(q.shape)} and {tuple(k_blocks.shape)}"
+    )
+  head_dim, width = q.shape[2], k_blocks.shape[3]
+  _layout.check_lane_padded(
+    head_dim,
+    width,
+    f"{what}(lane_padded=True) with q {tuple(q.shape)} and k_blocks {tuple(k_blocks.shape)}",
+  )
+  scale = float(head_dim**-0.5) if scale is None else scale
+  return _layout.pad_lanes(q, width), scale, head_dim
 
 
 def layout_for(chosen: str, q, k_blocks, v_blocks, lane_dense: bool):

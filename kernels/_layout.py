@@ -1,4 +1,4 @@
-"""The two layouts of a K/V block pool: plain rows, and lane-dense rows of 128.
+"""The layouts of a K/V block pool: plain rows, lane-dense rows of 128, lane-padded rows.
 
 A pool is ``[num_kv_heads, num_blocks, rows_per_block, width]``:
 
@@ -17,6 +17,17 @@ the TPU kernels read its rows whole (issue 18, item 4). Every backend takes both
 with the same results; ``paxcache.PagedKVCache.create(..., lane_dense=True)`` allocates
 the second one.
 
+A third, **lane-padded** (any head_dim that is not a multiple of 128, e.g. 80, 96, 112,
+192): ``width == round_up(head_dim, 128)``, each token's K/V in the first ``head_dim``
+lanes of its row and zeros (or anything finite) after them. XLA's TPU tiles pad an array's
+rows to 128 lanes anyway, so the pool takes the HBM a plain one would (the plain one, laid
+out otherwise, would be copied on every kernel call, docs/tpu.md). Every backend reads it
+as a pool of head_dim ``width``: the entry points zero-pad q to ``width`` (zero lanes add
+nothing to q . k), keep the softmax scale of the real head_dim and return the first
+``head_dim`` lanes of the output; ``kernels.write_kv(..., lane_padded=True)`` writes new
+rows with zero padding. Nothing of the pool is copied or sliced: the kernels see a plain
+pool of a head_dim they take.
+
 Which layout a pool is in is said, not guessed: ``lane_dense=True`` on
 ``kernels.paged_attention``, ``kernels.cascade_attention``, ``kernels.write_kv`` and the
 TPU entry points (a head_dim 64 q against a plain head_dim 128 pool has the same shapes,
@@ -34,6 +45,34 @@ from kernels._quant import is_quantized
 LANE_WIDTH = 128
 # head_dims a lane-dense pool packs (128 // head_dim tokens a row).
 PACKED_HEAD_DIMS = (32, 64)
+
+
+def padded_width(head_dim: int) -> int:
+  """The row width of a lane-padded pool: ``head_dim`` rounded up to a multiple of 128."""
+  return -(-int(head_dim) // LANE_WIDTH) * LANE_WIDTH
+
+
+def check_lane_padded(head_dim: int, width: int, what: str) -> None:
+  """The rule of a lane-padded pool: rows ``padded_width(head_dim)`` wide for a head_dim
+  that is not a multiple of 128. ValueError, prefixed with ``what``, otherwise."""
+  if head_dim % LANE_WIDTH == 0:
+    raise ValueError(
+      f"{what}: head_dim {head_dim} is a multiple of {LANE_WIDTH} already: pass the pool "
+      "as plain (lane_padded=False)"
+    )
+  if width != padded_width(head_dim):
+    raise ValueError(
+      f"{what}: a lane-padded pool of head_dim {head_dim} has rows {padded_width(head_dim)} "
+      f"wide (head_dim rounded up to a multiple of {LANE_WIDTH}); got rows {width} wide"
+    )
+
+
+def pad_lanes(x, width: int):
+  """``x [..., d]`` with zeros appended on its last axis to ``width`` (d <= width)."""
+  extra = width - x.shape[-1]
+  if extra == 0:
+    return x
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
 def tokens_per_row(head_dim: int, width: int) -> int:

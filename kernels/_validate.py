@@ -108,8 +108,8 @@ HEAD_DIM_RULES = {
   "tpu": f"a multiple of {TPU_LANES} (the lane width: 128, 256, ...; XLA would copy a pool of "
   "any other head_dim into the kernels' row-major layout on every call), or 32 or 64 in a "
   "lane-dense pool (rows of 128: kernels._layout, PagedKVCache.create(lane_dense=True)); "
-  "other sizes: allocate the cache with head_dim zero-padded to a multiple of 128 and pass "
-  "scale, docs/tpu.md",
+  "other sizes in a lane-padded pool (rows of head_dim rounded up to a multiple of 128, "
+  "lane_padded=True: kernels._layout, docs/tpu.md)",
 }
 
 
@@ -216,6 +216,9 @@ def validate_layout(q, k_blocks, lane_dense: bool = False) -> tuple[int, int, in
         + (
           "; for a lane-dense pool (rows of 128) pass lane_dense=True"
           if width == _layout.LANE_WIDTH and head_dim in _layout.PACKED_HEAD_DIMS
+          else "; for a lane-padded pool (rows of head_dim rounded up to a multiple of 128) "
+          "pass lane_padded=True"
+          if head_dim % _layout.LANE_WIDTH and width == _layout.padded_width(head_dim)
           else ""
         )
       )

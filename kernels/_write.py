@@ -70,7 +70,26 @@ def _check_rows(k_new, v_new, slot_mapping, pool, lane_dense=False) -> int:
   return total
 
 
-def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, *, lane_dense=False):
+def _padded_rows(k_blocks, k_new, v_new, lane_padded: bool, what: str):
+  """``(k_new, v_new)`` zero-padded to a lane-padded pool's rows (``kernels._layout``),
+  checked; as they are for another layout."""
+  if not lane_padded:
+    return k_new, v_new
+  if k_new.ndim != 3 or k_blocks.ndim != 4:
+    raise ValueError(
+      f"{what}: k_new must be [num_tokens, num_kv_heads, head_dim] and k_blocks 4-D, got "
+      f"{tuple(k_new.shape)} and {tuple(k_blocks.shape)}"
+    )
+  width = k_blocks.shape[3]
+  _layout.check_lane_padded(
+    k_new.shape[2], width, f"{what}(lane_padded=True) with k_blocks {tuple(k_blocks.shape)}"
+  )
+  return _layout.pad_lanes(k_new, width), _layout.pad_lanes(v_new, width)
+
+
+def write_kv(
+  k_blocks, v_blocks, k_new, v_new, slot_mapping, *, lane_dense=False, lane_padded=False
+):
   """Scatters new K/V rows into one layer's block pools.
 
   Args:
@@ -81,13 +100,21 @@ def write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, *, lane_dense=False
     slot_mapping: ``i32[num_tokens]``, ``block_id * block_size + offset``; ``-1`` (padding
       rows) writes nothing.
     lane_dense: the pools are lane-dense (16- or 32-bit; ValueError otherwise).
+    lane_padded: the pools are lane-padded (``kernels._layout``): rows of ``head_dim``
+      rounded up to a multiple of 128; the new rows are written with zeros after their
+      ``head_dim`` lanes.
 
   Returns:
     The updated ``(k_blocks, v_blocks)``. Under ``jit`` with the pools donated the
     scatter happens in place. A NumPy ``slot_mapping`` is checked (range, no slot twice)
     and raises ValueError; a device one is trusted.
   """
+  if lane_padded and lane_dense:
+    raise ValueError(
+      "kernels.write_kv: lane_dense and lane_padded are two layouts; a pool is in one"
+    )
   _check_pools(k_blocks, v_blocks)
+  k_new, v_new = _padded_rows(k_blocks, k_new, v_new, lane_padded, "kernels.write_kv")
   total = _check_rows(k_new, v_new, slot_mapping, k_blocks, lane_dense)
 
   if is_quantized(k_blocks.dtype):
@@ -162,7 +189,9 @@ def _scatter_packed(pool, new, slots):
   return lax.scatter(pool, index, updates, dnums, mode=lax.GatherScatterMode.FILL_OR_DROP)
 
 
-def write_kv_quantized(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping):
+def write_kv_quantized(
+  k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping, *, lane_padded=False
+):
   """Quantizes new K/V rows (``kernels._quant.quantize``) and scatters them and their
   scales into one layer's 8-bit pools.
 
@@ -172,6 +201,7 @@ def write_kv_quantized(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slo
     k_scales, v_scales: ``f32[num_kv_heads, num_blocks, block_size]``.
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]``, any float dtype.
     slot_mapping: as in :func:`write_kv`.
+    lane_padded: as in :func:`write_kv` (the zero lanes change no row's scale).
 
   Returns:
     The updated ``(k_blocks, v_blocks, k_scales, v_scales)``: each row and its scale go
@@ -189,6 +219,7 @@ def write_kv_quantized(k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slo
         f"{name} must be float32 {tuple(k_blocks.shape[:3])} ([num_kv_heads, num_blocks, "
         f"block_size] of k_blocks), got {tuple(s.shape)} {jnp.dtype(s.dtype).name}"
       )
+  k_new, v_new = _padded_rows(k_blocks, k_new, v_new, lane_padded, "kernels.write_kv_quantized")
   total = _check_rows(k_new, v_new, slot_mapping, k_blocks)
   slots = _slots(slot_mapping, total)
   kq, ks = quantize(k_new, k_blocks.dtype)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import _layout
-from kernels._api import BackendUnavailableError, layout_for, resolve_backend
+from kernels._api import BackendUnavailableError, layout_for, padded_query, resolve_backend
 from kernels._validate import _shape_str, validate_inputs, validate_options
 from kernels.reference import INVALID_BLOCK
 
@@ -648,6 +648,7 @@ def cascade_attention(
   block_sizes: Any = None,
   sliding_window: None = None,
   lane_dense: bool = False,
+  lane_padded: bool = False,
 ) -> jax.Array:
   """Decode attention with shared prefixes read once per group (module docstring).
 
@@ -673,6 +674,8 @@ def cascade_attention(
       does not do (ValueError otherwise; use ``kernels.paged_attention``).
     lane_dense: the pools are lane-dense (``kernels._layout``), as in
       ``kernels.paged_attention``.
+    lane_padded: the pools are lane-padded (``kernels._layout``), as in
+      ``kernels.paged_attention``: run as their row width with q zero-padded.
 
   Returns:
     ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
@@ -682,6 +685,24 @@ def cascade_attention(
       f"cascade_attention does not take a sliding_window (got {sliding_window!r}): a window "
       "cuts each row's view of the shared prefix differently; use kernels.paged_attention"
     )
+  if lane_padded:
+    q, scale, head_dim = padded_query(q, k_blocks, scale, lane_dense, "kernels.cascade_attention")
+    out = cascade_attention(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      plan,
+      scale=scale,
+      logit_soft_cap=logit_soft_cap,
+      backend=backend,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
+      block_sizes=block_sizes,
+    )
+    return out[..., :head_dim]
   validate_inputs(
     q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales, lane_dense=lane_dense
   )
