@@ -19,9 +19,11 @@ the second one.
 
 A third, **lane-padded** (any head_dim that is not a multiple of 128, e.g. 80, 96, 112,
 192): ``width == round_up(head_dim, 128)``, each token's K/V in the first ``head_dim``
-lanes of its row and zeros (or anything finite) after them. XLA's TPU tiles pad an array's
-rows to 128 lanes anyway, so the pool takes the HBM a plain one would (the plain one, laid
-out otherwise, would be copied on every kernel call, docs/tpu.md). Every backend reads it
+lanes of its row and zeros (or anything finite) after them. It costs HBM and read time in
+proportion to the padding (1.6x at 80, 4/3 at 96 and 192, 8/7 at 112), what a row-major
+pool of the real width costs in XLA's 128-lane TPU tiles; XLA's default TPU layout of the
+unpadded pool wastes nothing but is not row-major, so the kernels would get a copy of it on
+every call (docs/tpu.md). Every backend reads it
 as a pool of head_dim ``width``: the entry points zero-pad q to ``width`` (zero lanes add
 nothing to q . k), keep the softmax scale of the real head_dim and return the first
 ``head_dim`` lanes of the output; ``kernels.write_kv(..., lane_padded=True)`` writes new
