@@ -1,4 +1,4 @@
-"""Lane-padded pools (kernels._layout): head_dims that are not a multiple of 128 (80, 96,
+"""Lane-padded pools (kernels._layout): head_dims that are not a multiple of 128 (64, 80, 96,
 112, 192) in rows of head_dim rounded up to 128, on every backend.
 
 Each backend's result from the lane-padded pool is compared with a float64 loop over the
@@ -23,7 +23,7 @@ from kernels.testing import tolerance
 from tests.kernels.test_gpu_plan import decode_float64, make_cache
 from tests.kernels.test_tpu import INTERPRET, _assert_no_races, _oracle
 
-HEAD_DIMS = (80, 96, 112, 192)
+HEAD_DIMS = (64, 80, 96, 112, 192)
 BS = 8  # TPU float32 sublane tile
 LENGTHS = [0, 1, BS - 1, BS, 13, 29]
 
@@ -75,7 +75,7 @@ def test_decode_from_a_lane_padded_pool_matches_float64(backend, head_dim):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("head_dim", [80, 192])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_ragged_prefill_from_a_lane_padded_pool_with_window_and_cap(backend, head_dim):
   rng = np.random.default_rng(7)
   lengths = [5, 1, 20]
