@@ -111,26 +111,11 @@ def paged_attention(
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
   """
+  real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
   if lane_padded:
-    q, scale, head_dim = padded_query(q, k_blocks, scale, lane_dense, "kernels.paged_attention")
-    out = paged_attention(
-      q,
-      k_blocks,
-      v_blocks,
-      block_table,
-      lengths,
-      cu_q_lens,
-      scale=scale,
-      sliding_window=sliding_window,
-      logit_soft_cap=logit_soft_cap,
-      backend=backend,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      k_scales=k_scales,
-      v_scales=v_scales,
-      decode_plan=decode_plan,
+    q, scale, real_head_dim = padded_query(
+      q, k_blocks, scale, lane_dense, "kernels.paged_attention"
     )
-    return out[..., :head_dim]
   validate_inputs(
     q,
     k_blocks,
@@ -156,7 +141,7 @@ def paged_attention(
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
     if chosen == "gpu":
       extra["decode_plan"] = decode_plan
-  return _BACKEND_FNS[chosen](
+  out = _BACKEND_FNS[chosen](
     q,
     k_blocks,
     v_blocks,
@@ -170,6 +155,7 @@ def paged_attention(
     interpret=interpret,
     **extra,
   )
+  return out if real_head_dim is None else out[..., :real_head_dim]
 
 
 def padded_query(q, k_blocks, scale, lane_dense: bool, what: str):

@@ -685,24 +685,11 @@ def cascade_attention(
       f"cascade_attention does not take a sliding_window (got {sliding_window!r}): a window "
       "cuts each row's view of the shared prefix differently; use kernels.paged_attention"
     )
+  real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
   if lane_padded:
-    q, scale, head_dim = padded_query(q, k_blocks, scale, lane_dense, "kernels.cascade_attention")
-    out = cascade_attention(
-      q,
-      k_blocks,
-      v_blocks,
-      block_table,
-      lengths,
-      plan,
-      scale=scale,
-      logit_soft_cap=logit_soft_cap,
-      backend=backend,
-      interpret=interpret,
-      k_scales=k_scales,
-      v_scales=v_scales,
-      block_sizes=block_sizes,
+    q, scale, real_head_dim = padded_query(
+      q, k_blocks, scale, lane_dense, "kernels.cascade_attention"
     )
-    return out[..., :head_dim]
   validate_inputs(
     q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales, lane_dense=lane_dense
   )
@@ -718,7 +705,7 @@ def cascade_attention(
   if chosen == "reference":
     if block_sizes is not None:
       raise ValueError("block_sizes tunes a Pallas kernel; the reference backend takes none")
-    return _cascade_reference(
+    out = _cascade_reference(
       q,
       k_blocks,
       v_blocks,
@@ -730,22 +717,23 @@ def cascade_attention(
       k_scales=k_scales,
       v_scales=v_scales,
     )
-  module = _backend_module(chosen)
-  return module.cascade_attention(
-    q,
-    k_blocks,
-    v_blocks,
-    block_table,
-    lengths,
-    plan,
-    scale=scale,
-    logit_soft_cap=logit_soft_cap,
-    interpret=interpret,
-    k_scales=k_scales,
-    v_scales=v_scales,
-    block_sizes=block_sizes,
-    **layout,
-  )
+  else:
+    out = _backend_module(chosen).cascade_attention(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      plan,
+      scale=scale,
+      logit_soft_cap=logit_soft_cap,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
+      block_sizes=block_sizes,
+      **layout,
+    )
+  return out if real_head_dim is None else out[..., :real_head_dim]
 
 
 def _backend_module(chosen: str):
