@@ -109,7 +109,8 @@ HEAD_DIM_RULES = {
   "any other head_dim into the kernels' row-major layout on every call), or 32 or 64 in a "
   "lane-dense pool (rows of 128: kernels._layout, PagedKVCache.create(lane_dense=True)); "
   "other sizes in a lane-padded pool (rows of head_dim rounded up to a multiple of 128, "
-  "lane_padded=True: kernels._layout, docs/tpu.md)",
+  "lane_padded=True on the kernels entry points: kernels._layout, docs/tpu.md; "
+  "PagedKVCache and the engine do not allocate lane-padded pools yet)",
 }
 
 
@@ -214,7 +215,9 @@ def validate_layout(q, k_blocks, lane_dense: bool = False) -> tuple[int, int, in
         f"q head_dim {head_dim} (q {_shape_str(q)}) != k_blocks head_dim {width} "
         f"(k_blocks {_shape_str(k_blocks)})"
         + (
-          "; for a lane-dense pool (rows of 128) pass lane_dense=True"
+          "; for a lane-dense pool (rows of 128, block_size * head_dim / 128 of them a "
+          "block) pass lane_dense=True, for a lane-padded one (a row a token, zeros after "
+          "head_dim) lane_padded=True"
           if width == _layout.LANE_WIDTH and head_dim in _layout.PACKED_HEAD_DIMS
           else "; for a lane-padded pool (rows of head_dim rounded up to a multiple of 128) "
           "pass lane_padded=True"

@@ -75,10 +75,11 @@ def _padded_rows(k_blocks, k_new, v_new, lane_padded: bool, what: str):
   checked; as they are for another layout."""
   if not lane_padded:
     return k_new, v_new
-  if k_new.ndim != 3 or k_blocks.ndim != 4:
+  if k_new.ndim != 3 or k_new.shape != v_new.shape or k_blocks.ndim != 4:
     raise ValueError(
-      f"{what}: k_new must be [num_tokens, num_kv_heads, head_dim] and k_blocks 4-D, got "
-      f"{tuple(k_new.shape)} and {tuple(k_blocks.shape)}"
+      f"{what}: k_new and v_new must both be [num_tokens, num_kv_heads, head_dim] and "
+      f"k_blocks 4-D, got {tuple(k_new.shape)}, {tuple(v_new.shape)} and "
+      f"{tuple(k_blocks.shape)}"
     )
   width = k_blocks.shape[3]
   _layout.check_lane_padded(

@@ -495,6 +495,11 @@ def sharded_paged_attention(
       f"q must be [tokens, num_q_heads, head_dim] and k_blocks [pool_heads, num_blocks, "
       f"block_size, head_dim], got q {tuple(q.shape)} and k_blocks {tuple(k_blocks.shape)}"
     )
+  if kwargs.get("lane_padded") or kwargs.get("lane_dense"):
+    raise ValueError(
+      "sharded_paged_attention takes plain pools; lane-dense and lane-padded pools "
+      "(kernels._layout) are not sharded yet"
+    )
   pool_heads = k_blocks.shape[0]
   if num_kv_heads is None:
     num_kv_heads = pool_heads

@@ -13,9 +13,10 @@ TPU constraints (why each check exists):
   128 lanes does not help either: Mosaic refuses a DMA into a 64-lane half of a VMEM row
   (``kernels.tpu.aot.packed_lanes_dma``), and it tiles a row-major 64-wide pool (8, 128)
   in HBM, the bytes of a padded one; it would take a cache layout whose rows are 128 wide.
-  A model with head_dim 64 or 192 should allocate its cache with head_dim zero-padded to
-  the next multiple of 128 (zero columns change neither q.k nor the first head_dim output
-  columns) and pass ``scale``.
+  Other head_dims reach these kernels through a lane-padded pool (``kernels._layout``,
+  ``lane_padded=True`` on the ``kernels`` entry points: rows of head_dim rounded up to
+  128, q zero-padded by the entry point, the real head_dim's scale), or for 32 and 64 a
+  lane-dense one; the kernels then see a head_dim of 128 or 256.
 - ``block_size`` must be a multiple of the sublane tile of the K/V dtype (8 rows of 32-bit,
   16 rows of 16-bit): each block is DMA'd into its own row range of one VMEM buffer, and
   a DMA destination must start on a tile boundary.

@@ -62,7 +62,8 @@ class Case:
 def shipped_cases() -> list[Case]:
   """Every configuration the TPU backend accepts, covered value by value: both kernels at
   each block size (8 only for float32: bf16 blocks are multiples of 16), head_dim 128 and
-  256 (head_dim must be a multiple of 128 on this backend), bf16 and float32 K/V, with and
+  256 (head_dim must be a multiple of 128 on this backend; a lane-padded pool of 80, 96,
+  112 or 192 reaches the kernels as one of these), bf16 and float32 K/V, with and
   without sliding window + soft cap, MHA / GQA / MQA head layouts, and the
   ``BlockSizes`` knobs that change the kernel (one KV head per step, two cores, a batch
   split by the SMEM budget, one-block chunks, a query tile, decodes kept in the ragged
@@ -287,13 +288,18 @@ def write_copies(
   kv_dtype="bfloat16",
   lane_dense: bool = False,
   with_attention: bool = True,
+  lane_padded: bool = False,
 ) -> dict:
   """Whether writing new tokens' K/V copies the pool on TPU: compiles ``kernels.write_kv``
   (``write_kv_quantized`` for 8-bit K/V, with its scale pools) of 64 tokens into donated
   pools ``[8, num_blocks, block_size, head_dim]`` (lane-dense: in rows of 128), followed,
   with ``with_attention``, by the decode kernel over the written pools, as one step of a
-  model does. Returns ``{"pool_copies": int, "scale_copies": int}``: copy instructions
-  whose result has a pool's (or a scale pool's) shape."""
+  model does. ``lane_padded`` (a head_dim that is not a multiple of 128): pools in rows of
+  head_dim rounded up to 128, written by ``kernels.write_kv(..., lane_padded=True)`` and
+  read as ``kernels.paged_attention(..., lane_padded=True)`` does on TPU (q padded, the
+  decode kernel, the output cut, inside the same jit). Returns ``{"pool_copies": int,
+  "scale_copies": int}``: copy instructions whose result has a pool's (or a scale pool's)
+  shape."""
   import re
 
   import jax
@@ -301,6 +307,7 @@ def write_copies(
 
   import kernels
   from kernels import _layout
+  from kernels._api import padded_query
   from kernels.tpu import decode
 
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -308,6 +315,8 @@ def write_copies(
   shape = (8, num_blocks, block_size, head_dim)
   if lane_dense:
     shape = _layout.lane_dense_shape(*shape, dtype)
+  if lane_padded:
+    shape = (*shape[:3], _layout.padded_width(head_dim))
   quantized = kernels.is_quantized(dtype)
 
   def spec(shape, dtype):
@@ -329,9 +338,15 @@ def write_copies(
       extra = dict(k_scales=ks, v_scales=vs)
       out = (k, v, ks, vs)
     else:
-      k, v = kernels.write_kv(k, v, k_new, v_new, slots, lane_dense=lane_dense)
+      kw = dict(lane_padded=True) if lane_padded else dict(lane_dense=lane_dense)
+      k, v = kernels.write_kv(k, v, k_new, v_new, slots, **kw)
       extra, out = {}, (k, v)
-    if with_attention:
+    if with_attention and lane_padded:
+      # What kernels.paged_attention(..., lane_padded=True) does on the TPU backend (its
+      # backend check wants a TPU device; this compiles for one from a CPU host).
+      qp, scale, real = padded_query(q, k, None, False, "write_copies")
+      out += (decode.paged_attention_decode(qp, k, v, table, lengths, scale=scale)[..., :real],)
+    elif with_attention:
       out += (
         decode.paged_attention_decode(q, k, v, table, lengths, lane_dense=lane_dense, **extra),
       )

@@ -20,7 +20,9 @@ float32. Part 1 runs it over the group table, with the members' queries gathered
 rows of each group's q tile; part 3 is plain JAX on ``[batch, num_q_heads, head_dim]``
 arrays, negligible next to the K/V reads. Same TPU shape rules as the other kernels
 (``kernels.tpu._config.check_shapes``): head_dim a multiple of 128 (or 32 / 64 in a
-lane-dense pool, ``kernels._layout``), and a block_size of a multiple of 128 for 8-bit K/V.
+lane-dense pool, ``kernels._layout``; other sizes arrive padded to 128 from a lane-padded
+pool, ``kernels.cascade_attention(..., lane_padded=True)``), and a block_size of a
+multiple of 128 for 8-bit K/V.
 """
 
 from __future__ import annotations

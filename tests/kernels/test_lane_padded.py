@@ -3,9 +3,11 @@
 
 Each backend's result from the lane-padded pool is compared with a float64 loop over the
 plain pool (tests.kernels.test_gpu_plan.decode_float64, tests.kernels.test_tpu._oracle).
-Unused slots are NaN in every lane, the padding lanes of used slots zero, as
-``kernels.write_kv(..., lane_padded=True)`` leaves them. The TPU kernels run in TPU
-interpret mode with its race detector, the GPU kernels in interpret mode.
+Unused slots are NaN in every lane; the padding lanes of used slots hold random finite
+values (the layout promises only finite ones there; ``kernels.write_kv(...,
+lane_padded=True)`` writes zeros), so that a q padded with anything but zeros shows. The
+TPU kernels run in TPU interpret mode with its race detector, the GPU kernels in
+interpret mode.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import kernels
 from kernels import _layout
-from kernels.testing import tolerance
+from kernels.testing import rel_l2_error, tolerance
 from tests.kernels.test_gpu_plan import decode_float64, make_cache
 from tests.kernels.test_tpu import INTERPRET, _assert_no_races, _oracle
 
@@ -35,13 +37,14 @@ def _fresh_interpreter():
   pltpu.reset_tpu_interpret_mode_state()
 
 
-def _padded(pool):
-  """A plain pool in the lane-padded layout: zero lanes after each used row, NaN after
-  each unused (NaN) one."""
+def _padded(pool, seed=0):
+  """A plain pool in the lane-padded layout: random finite lanes after each used row, NaN
+  after each unused (NaN) one."""
   width = _layout.padded_width(pool.shape[-1])
-  x = np.asarray(pool, np.float32)
-  fill = np.where(np.isnan(x[..., :1]), np.nan, 0.0)
-  pad = np.broadcast_to(fill, (*x.shape[:-1], width - x.shape[-1]))
+  x = np.asarray(jnp.asarray(pool, jnp.float32))
+  shape = (*x.shape[:-1], width - x.shape[-1])
+  junk = np.random.default_rng(seed).uniform(-3, 3, shape)
+  pad = np.where(np.isnan(x[..., :1]), np.nan, junk)
   return jnp.asarray(np.concatenate([x, pad], axis=-1), pool.dtype)
 
 
@@ -91,6 +94,41 @@ def test_ragged_prefill_from_a_lane_padded_pool_with_window_and_cap(backend, hea
     _assert_no_races()
   # The scale passed is kept (the padded head_dim does not replace it).
   _close(out, _oracle(q, k, v, table, lengths, cu, **kw))
+
+
+def test_decode_bf16_lane_padded_on_tpu_with_its_defaults():
+  # bf16 q and K/V (blocks of 16, the bf16 sublane tile), the kernel's default settings.
+  rng = np.random.default_rng(11)
+  lengths = [1, 15, 16, 40]
+  k, v, table, lengths = make_cache(
+    rng, lengths=lengths, block_size=16, num_kv_heads=2, head_dim=96, kv_dtype=jnp.bfloat16
+  )
+  q = jnp.asarray(rng.standard_normal((4, 6, 96)), jnp.bfloat16)
+  out = _run("tpu")(q, _padded(k), _padded(v), table, lengths, lane_padded=True)
+  _assert_no_races()
+  assert out.shape == q.shape and out.dtype == jnp.bfloat16
+  want = decode_float64(q, k, v, table, lengths, scale=96**-0.5)
+  got = np.asarray(out, np.float32)
+  assert not np.isnan(got).any()
+  # bf16 p for the p @ V product, as in tests/kernels/test_tpu.py's bf16 checks.
+  assert rel_l2_error(got, want) < tolerance("attention_bf16_probs_rel_l2", jnp.bfloat16).rtol
+
+
+def test_nan_in_a_used_rows_k_padding_reaches_the_output():
+  # The layout asks finite padding lanes: q's zero lanes times a NaN in K's padding make
+  # the score NaN. This pins the documented failure (docs/tpu.md), so that a change that
+  # masks the padding shows up here and the docs can say so.
+  rng = np.random.default_rng(12)
+  k, v, table, lengths = make_cache(
+    rng, lengths=[5], block_size=BS, num_kv_heads=1, head_dim=80, kv_dtype=jnp.float32
+  )
+  kp = np.array(_padded(k))
+  kp[0, table[0, 0], 2, 100] = np.nan
+  q = jnp.asarray(rng.standard_normal((1, 2, 80)), jnp.float32)
+  out = kernels.paged_attention(
+    q, jnp.asarray(kp), _padded(v), table, lengths, backend="reference", lane_padded=True
+  )
+  assert np.isnan(np.asarray(out)).all()
 
 
 def test_write_kv_pads_new_rows_with_zeros_and_reads_back():

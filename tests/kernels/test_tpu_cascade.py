@@ -398,16 +398,17 @@ def test_lane_dense_member_tiles_count_the_packed_rows(monkeypatch):
 
 
 def test_lane_padded_pool_through_the_planner_tpu_and_reference():
-  # head_dim 96 in rows of 128 (kernels._layout, lane-padded): zero lanes after each used
+  # head_dim 96 in rows of 128 (kernels._layout, lane-padded): random finite lanes after each used
   # row, NaN after each unused one; q is padded inside the entry point, the output cut back.
   case = _shared_case(np.random.default_rng(10), block_size=8, num_q_heads=4, head_dim=96)
   table, lengths = np.asarray(case["table"]), np.asarray(case["lengths"])
   plan = kernels.plan_cascade(table, lengths, 8, min_shared_blocks=2)
   assert plan is not None
 
-  def padded(pool):
+  def padded(pool):  # random finite lanes after used rows: q must be padded with zeros
     x = np.asarray(pool)
-    pad = np.broadcast_to(np.where(np.isnan(x[..., :1]), np.nan, 0.0), (*x.shape[:-1], 32))
+    junk = np.random.default_rng(11).uniform(-3, 3, (*x.shape[:-1], 32))
+    pad = np.where(np.isnan(x[..., :1]), np.nan, junk)
     return jnp.asarray(np.concatenate([x, pad], axis=-1), pool.dtype)
 
   k, v = padded(case["k"]), padded(case["v"])

@@ -280,7 +280,8 @@ def test_two_heads_of_64_cannot_share_a_128_lane_row_by_dma():
 def test_cache_writes_and_decode_update_the_pool_in_place_on_tpu():
   # kernels.write_kv (and write_kv_quantized with its scale pools) followed by the decode
   # kernel, pools donated, compiled for v5e and v6e: no copy of a pool or a scale pool, in
-  # the plain layout, a lane-dense one and 8-bit. The control: the scatter this replaced
+  # the plain layout, a lane-dense one, 8-bit and lane-padded head_dim 80 and 192 (q padded
+  # and the output cut in the same jit). The control: the scatter this replaced
   # (the pool flattened to [heads, slots, head_dim], one window across every head) made
   # XLA relayout the pool (heads inside) and back, two copies per pool per write.
   code = textwrap.dedent(
@@ -294,7 +295,10 @@ def test_cache_writes_and_decode_update_the_pool_in_place_on_tpu():
     for topology in ("v5e:2x2", "v6e:2x2"):
       dev = aot.topology_device(topology)
       for name, kw in [("bf16", {}), ("dense-d64", dict(head_dim=64, block_size=32,
-                        lane_dense=True)), ("int8", dict(block_size=128, kv_dtype="int8"))]:
+                        lane_dense=True)), ("int8", dict(block_size=128, kv_dtype="int8")),
+                       ("padded-d80", dict(head_dim=80, lane_padded=True)),
+                       ("padded-d192-f32", dict(head_dim=192, kv_dtype="float32",
+                        block_size=8, lane_padded=True))]:
         rows[f"{topology}-{name}"] = aot.write_copies(dev, **kw)
 
     def flat(pool, new, slots):
@@ -313,7 +317,7 @@ def test_cache_writes_and_decode_update_the_pool_in_place_on_tpu():
   assert lines, proc.stderr[-3000:]
   rows = json.loads(lines[-1])
   control = rows.pop("control")
-  assert len(rows) == 6, rows
+  assert len(rows) == 10, rows
   for name, row in rows.items():
     assert row == {"pool_copies": 0, "scale_copies": 0}, (name, row)
   assert control["pool_copies"] >= 2, control

@@ -265,3 +265,15 @@ def test_paged_attention_on_a_one_device_mesh_equals_no_mesh():
   got, got_cache = attn(x, positions, PagedKVCache.create(2, 2, 4, 4, 8), layer=1, **paged)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), **SHARDED)
   chex.assert_trees_all_equal(got_cache, want_cache)
+
+
+@pytest.mark.parametrize("flag", ["lane_padded", "lane_dense"])
+def test_sharded_attention_refuses_packed_or_padded_pools_by_name(flag):
+  # A lane-padded or lane-dense pool (kernels._layout) is not sharded yet: refused before
+  # any mesh is touched, naming the layouts, not with a head_dim mismatch from the plain
+  # check.
+  q = jnp.zeros((2, 4, 80), jnp.float32)
+  pool = jnp.zeros((2, 4, 16, 128), jnp.float32)
+  table, lengths = jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
+  with pytest.raises(ValueError, match="lane-padded pools .* not sharded yet"):
+    sh.sharded_paged_attention(None, q, pool, pool, table, lengths, **{flag: True})
