@@ -135,3 +135,24 @@ def pack(blocks):
   """A plain pool ``[H, N, block_size, head_dim]`` in the lane-dense layout (a reshape)."""
   h, n, bs, d = blocks.shape
   return blocks.reshape(lane_dense_shape(h, n, bs, d, blocks.dtype))
+
+
+def padded_query(q, k_blocks, scale, lane_dense: bool, what: str):
+  """For a lane-padded pool (above): ``(q zero-padded to the pool's row
+  width, the softmax scale of q's real head_dim, that head_dim)``; ValueError where the
+  pool is not lane-padded for q's head_dim or is also said to be lane-dense."""
+  if lane_dense:
+    raise ValueError(f"{what}: lane_dense and lane_padded are two layouts; a pool is in one")
+  if q.ndim != 3 or k_blocks.ndim != 4:
+    raise ValueError(
+      f"{what}: q must be [tokens, num_q_heads, head_dim] and k_blocks [num_kv_heads, "
+      f"num_blocks, block_size, width], got {tuple(q.shape)} and {tuple(k_blocks.shape)}"
+    )
+  head_dim, width = q.shape[2], k_blocks.shape[3]
+  check_lane_padded(
+    head_dim,
+    width,
+    f"{what}(lane_padded=True) with q {tuple(q.shape)} and k_blocks {tuple(k_blocks.shape)}",
+  )
+  scale = float(head_dim**-0.5) if scale is None else scale
+  return pad_lanes(q, width), scale, head_dim

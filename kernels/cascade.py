@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import _layout
-from kernels._api import BackendUnavailableError, layout_for, padded_query, resolve_backend
+from kernels._api import BackendUnavailableError, layout_for, resolve_backend
 from kernels._validate import _shape_str, validate_inputs, validate_options
 from kernels.reference import INVALID_BLOCK
 
@@ -687,7 +687,7 @@ def cascade_attention(
     )
   real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
   if lane_padded:
-    q, scale, real_head_dim = padded_query(
+    q, scale, real_head_dim = _layout.padded_query(
       q, k_blocks, scale, lane_dense, "kernels.cascade_attention"
     )
   validate_inputs(

@@ -307,7 +307,6 @@ def write_copies(
 
   import kernels
   from kernels import _layout
-  from kernels._api import padded_query
   from kernels.tpu import decode
 
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -344,7 +343,7 @@ def write_copies(
     if with_attention and lane_padded:
       # What kernels.paged_attention(..., lane_padded=True) does on the TPU backend (its
       # backend check wants a TPU device; this compiles for one from a CPU host).
-      qp, scale, real = padded_query(q, k, None, False, "write_copies")
+      qp, scale, real = _layout.padded_query(q, k, None, False, "write_copies")
       out += (decode.paged_attention_decode(qp, k, v, table, lengths, scale=scale)[..., :real],)
     elif with_attention:
       out += (
