@@ -320,7 +320,7 @@ def deep_grid_stages(
     and num_kv_heads >= DEEP_GRID_MIN_KV_HEADS
   ):
     return bs
-  splits, _ = grid_splits(batch, num_kv_heads, max_context, 128, bs.decode_num_splits)
+  splits, _ = grid_splits(batch, num_kv_heads, max_context, bs.decode_kv_tile, bs.decode_num_splits)
   if batch * num_kv_heads * splits <= DEEP_GRID_PROGRAMS_PER_SM * _num_sms():
     return bs
   return dataclasses.replace(bs, decode_num_stages=2)

@@ -142,38 +142,3 @@ def test_range_text_and_errorbar_ends():
     assert segments == [[[1, 1.0], [1, 3.5]], [[2, 4.5], [2, 6.0]]]
   finally:
     plt.close(fig)
-
-
-def test_compile_clock_counts_nested_spans_once_and_only_compile_events():
-  clock = _timing.CompileClock()
-  trace, lower, backend = _timing.COMPILE_EVENTS
-  # An outer trace [0, 4] holding an inner one [1, 2]; lowering [4, 5]; a backend compile
-  # [6, 9]; an unrelated event; by hand: 4 + 1 + 3 = 8 s, one backend compile.
-  for event, start, end in [
-    (trace, 0.0, 4.0),
-    (trace, 1.0, 2.0),
-    (lower, 4.0, 5.0),
-    (backend, 6.0, 9.0),
-    ("/jax/something/else", 9.0, 20.0),
-  ]:
-    clock._listen(event, start, end, fun_name="f")
-  assert clock.seconds == pytest.approx(8.0)
-  assert clock.events == 1
-
-
-def test_compile_clock_sees_a_jit_compile_and_nothing_once_cached():
-  import jax
-  import jax.numpy as jnp
-
-  f = jax.jit(lambda x: jnp.tanh(x) * 3.0 + 1.0)
-  x = jnp.arange(7.0)
-  with _timing.CompileClock() as first:
-    jax.block_until_ready(f(x))
-  with _timing.CompileClock() as again:
-    jax.block_until_ready(f(x))
-  assert first.events == 1 and first.seconds > 0
-  assert again.events == 0 and again.seconds == 0.0
-  with _timing.CompileClock() as after:  # the listener left with the block
-    pass
-  jax.block_until_ready(jax.jit(lambda x: x - 2.0)(x))
-  assert after.events == 0 and after.seconds == 0.0
