@@ -577,9 +577,8 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
       _put(a.k_proj.kernel, cols)
       _put(a.v_proj.kernel, cols)
     mlp = layer.mlp
-    if mlp.gate.kernel.get_value().shape[1] % n == 0:
-      _put(mlp.gate.kernel, cols)
-      _put(mlp.up.kernel, cols)
+    if mlp.gate_up.get_value().shape[2] % n == 0:
+      _put(mlp.gate_up, NamedSharding(mesh, P(None, None, axis)))  # [d, gate|up, mlp]
       _put(mlp.down.kernel, rows)
   return model
 

@@ -247,8 +247,11 @@ def convert_params(
       },
       "mlp_norm": {"scale": get(b + "ffn_norm.weight", (d,))},
       "mlp": {
-        "gate": {"kernel": kernel(get(b + "ffn_gate.weight", (f, d)))},
-        "up": {"kernel": kernel(get(b + "ffn_up.weight", (f, d)))},
+        # paxcache.nn.SwiGLU's one weight [d, 2, f]: gate, then up.
+        "gate_up": np.stack(
+          [kernel(get(b + "ffn_gate.weight", (f, d))), kernel(get(b + "ffn_up.weight", (f, d)))],
+          axis=1,
+        ),
         "down": {"kernel": kernel(get(b + "ffn_down.weight", (d, f)))},
       },
     }

@@ -49,6 +49,7 @@ def load_decoder(
   model = Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())
+  params = _upgrade(params)
   state = nnx.state(model, nnx.Param)
   # The file holds float32; a config with param_dtype="bfloat16" keeps its own dtype.
   like = nnx.to_pure_dict(state)
@@ -56,3 +57,15 @@ def load_decoder(
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
+
+
+def _upgrade(params: dict) -> dict:
+  """Parameters saved before the MLP's gate and up kernels became one weight: each layer's
+  ``mlp.gate.kernel`` and ``mlp.up.kernel`` ``[d, f]`` stacked into ``mlp.gate_up`` ``[d, 2,
+  f]`` (:class:`paxcache.nn.SwiGLU`); newer files pass through unchanged."""
+  for layer in params.get("layers", {}).values():
+    mlp = layer.get("mlp", {})
+    if "gate" in mlp and "up" in mlp and "gate_up" not in mlp:
+      gate, up = mlp.pop("gate")["kernel"], mlp.pop("up")["kernel"]
+      mlp["gate_up"] = np.stack([np.asarray(gate), np.asarray(up)], axis=1)
+  return params

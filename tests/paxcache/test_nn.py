@@ -27,6 +27,7 @@ from paxcache.nn import (
   Decoder,
   DecoderConfig,
   PagedAttention,
+  SwiGLU,
   apply_rope,
   greedy_generate_dense_cache,
   greedy_generate_no_cache,
@@ -232,6 +233,41 @@ def test_checkpoint_round_trip(tmp_path):
   save_decoder(model, str(tmp_path), {"note": "x"})
   loaded = load_decoder(str(tmp_path))
   assert loaded.config == config
+  tokens = jnp.asarray([[1, 2, 3, 250]], jnp.int32)
+  np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
+
+
+def test_swiglu_matches_numpy_float64():
+  """One ``gate_up`` weight: ``[:, 0]`` is the gate's kernel, ``[:, 1]`` the up one's."""
+  mlp = SwiGLU(16, 24, rngs=nnx.Rngs(4))
+  x = np.random.default_rng(2).standard_normal((2, 3, 16)).astype(np.float32)
+  w = np.asarray(mlp.gate_up[...], np.float64)
+  assert w.shape == (16, 2, 24)
+  g, u = x.astype(np.float64) @ w[:, 0], x.astype(np.float64) @ w[:, 1]
+  want = (g / (1.0 + np.exp(-g)) * u) @ np.asarray(mlp.down.kernel[...], np.float64)
+  np.testing.assert_allclose(mlp(jnp.asarray(x)), want, **TOL)
+
+
+def test_checkpoint_with_separate_gate_and_up_loads(tmp_path):
+  """A file saved before gate and up became one weight (``mlp.gate.kernel``,
+  ``mlp.up.kernel``) loads into ``gate_up`` and gives the saved model's logits."""
+  from flax import serialization
+
+  config = DecoderConfig(
+    d_model=16, num_layers=2, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32
+  )
+  model = Decoder(config, rngs=nnx.Rngs(5))
+  save_decoder(model, str(tmp_path))
+  path = tmp_path / "params.msgpack"
+  params = serialization.msgpack_restore(path.read_bytes())
+  for layer in params["layers"].values():
+    gate_up = layer["mlp"].pop("gate_up")
+    layer["mlp"]["gate"] = {"kernel": gate_up[:, 0]}
+    layer["mlp"]["up"] = {"kernel": gate_up[:, 1]}
+  path.write_bytes(serialization.msgpack_serialize(params))
+  loaded = load_decoder(str(tmp_path))
+  for a, b in zip(loaded.layers, model.layers, strict=True):
+    np.testing.assert_array_equal(a.mlp.gate_up[...], b.mlp.gate_up[...])
   tokens = jnp.asarray([[1, 2, 3, 250]], jnp.int32)
   np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
 
