@@ -40,7 +40,8 @@ def load_decoder(
   """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package).
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
-  8-bit paged cache); None keeps it."""
+  8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels
+  became one weight load too (their two kernels are stacked into ``gate_up``)."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     meta = json.load(f)
   config = DecoderConfig.from_dict(meta["config"])
