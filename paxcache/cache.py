@@ -4,10 +4,13 @@ Layout (one for every backend; docs/ARCHITECTURE.md says why heads come first)::
 
   PagedKVCache.k, .v   tuples of num_layers arrays, one buffer per layer:
   cache.k[layer]       [num_kv_heads, num_blocks, block_size, head_dim]   what the kernels take
+                       (lane-dense: [..., block_size / row_tokens, 128]; lane-padded:
+                       [..., block_size, head_dim rounded up to 128]; PagedKVCache.create)
   cache.k_scale[layer] f32[num_kv_heads, num_blocks, block_size]   8-bit caches only (else ())
   HostKVPool.k, .v     [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]  NumPy
   HostKVPool.k_scale   f32[num_layers, num_kv_heads, num_host_blocks, block_size] (8-bit only)
-                       (views of block-major storage: one contiguous slab per host block)
+                       (views of block-major storage: one contiguous slab per host block;
+                       a lane-padded cache's host blocks keep its padded rows)
 
 An 8-bit cache (``dtype`` int8 or float8_e4m3fn) stores each token's K (and V) row of each
 KV head quantized with its own float32 scale (``kernels.quantize``); the scales sit in
@@ -69,12 +72,18 @@ class PagedKVCache:
   """K and V block pools of every layer; an immutable pytree (safe to pass through jit).
 
   Sizes are read from the array shapes rather than stored as static fields, so they can
-  never disagree with the arrays and the treedef stays the same for every pool size. The
-  one static field, ``row_tokens``, says how many tokens a pool row holds: 1 (the plain
-  layout) or ``128 // head_dim`` for a lane-dense cache (``create(..., lane_dense=True)``,
-  head_dim 32 or 64: pools ``[num_kv_heads, num_blocks, block_size / row_tokens, 128]``,
-  ``kernels._layout``), which the kernels of every backend read as they read the plain one
-  and which the TPU stores without padding.
+  never disagree with the arrays and the treedef stays the same for every pool size. Two
+  static fields say the layout (``kernels._layout``), which the kernels of every backend
+  read with the same results as the plain one:
+
+  - ``row_tokens``: how many tokens a pool row holds: 1 (the plain layout) or
+    ``128 // head_dim`` for a lane-dense cache (``create(..., lane_dense=True)``, head_dim
+    32 or 64: pools ``[num_kv_heads, num_blocks, block_size / row_tokens, 128]``), which
+    the TPU stores without padding;
+  - ``real_head_dim``: None, or for a lane-padded cache (``create(..., lane_padded=True)``,
+    a head_dim that is not a multiple of 128: pools ``[num_kv_heads, num_blocks,
+    block_size, padded_width(head_dim)]``, zeros after the real lanes) the head_dim its
+    rows hold, which is how the TPU kernels take head_dim 80, 96, 112 or 192.
   """
 
   k: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
@@ -83,6 +92,7 @@ class PagedKVCache:
   k_scale: tuple[jax.Array, ...] = ()
   v_scale: tuple[jax.Array, ...] = ()
   row_tokens: int = flax.struct.field(pytree_node=False, default=1)
+  real_head_dim: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
   def create(
@@ -95,6 +105,7 @@ class PagedKVCache:
     dtype=jnp.float32,
     *,
     lane_dense: bool = False,
+    lane_padded: bool = False,
   ) -> PagedKVCache:
     """Allocates the pools (zero-filled, but callers must not rely on unused slots' values).
 
@@ -102,7 +113,13 @@ class PagedKVCache:
     scale pools, one scale per KV head and slot). ``lane_dense``: pools in rows of 128
     (``128 // head_dim`` tokens a row, ``kernels._layout``), for head_dim 32 or 64 and a
     16- or 32-bit dtype (ValueError otherwise): the layout the TPU kernels read without
-    padding the head_dim to 128; the same bytes, results and API on every backend."""
+    padding the head_dim to 128; the same bytes, results and API on every backend.
+    ``lane_padded``: pools in rows of head_dim rounded up to a multiple of 128
+    (``kernels._layout.padded_width``), one token a row, its K/V in the first head_dim
+    lanes and zeros after them, for a head_dim that is not a multiple of 128 (ValueError
+    otherwise), any K/V dtype: the layout in which the TPU kernels take such a head_dim
+    (80, 96, 112, 192), at the padding's cost in HBM and read time; the same results and
+    API (sizes in real head_dim) on every backend. Not both (ValueError)."""
     dims = dict(
       num_layers=num_layers,
       num_kv_heads=num_kv_heads,
@@ -113,7 +130,16 @@ class PagedKVCache:
     shape = _check_dims(dims)
     dtype = _check_kv_dtype(dtype, "dtype")
     num_layers, layer_shape = shape[0], shape[1:]
-    row_tokens = 1
+    row_tokens, real_head_dim = 1, None
+    if lane_dense and lane_padded:
+      raise ValueError(
+        "PagedKVCache.create: lane_dense and lane_padded are two layouts; pass one of them"
+      )
+    if lane_padded:
+      width = _layout.padded_width(head_dim)
+      _layout.check_lane_padded(head_dim, width, "PagedKVCache.create(lane_padded=True)")
+      layer_shape = (*layer_shape[:3], width)
+      real_head_dim = int(head_dim)
     if lane_dense:
       layer_shape = _layout.lane_dense_shape(*layer_shape, dtype)
       row_tokens = block_size // layer_shape[2]
@@ -128,6 +154,7 @@ class PagedKVCache:
       v=tuple(jnp.zeros(layer_shape, dtype) for _ in range(num_layers)),
       **scales,
       row_tokens=row_tokens,
+      real_head_dim=real_head_dim,
     )
 
   @classmethod
@@ -153,10 +180,15 @@ class PagedKVCache:
 
   def stacked(self) -> tuple[jax.Array, jax.Array]:
     """``(k, v)`` as 5-D arrays ``[num_layers, num_kv_heads, num_blocks, block_size,
-    head_dim]`` (a lane-dense cache's rows unpacked): a copy of the whole pool, for checks
-    and inspection (never in a step)."""
+    head_dim]`` (a lane-dense cache's rows unpacked, a lane-padded cache's real lanes
+    only, its padding sliced off): a copy of the whole pool, for checks and inspection
+    (never in a step)."""
     shape = (self.num_layers, *self.logical_shape)
-    return jnp.stack(self.k).reshape(shape), jnp.stack(self.v).reshape(shape)
+
+    def logical(pools):  # lane-padded: the real lanes; lane-dense: all 128 (a no-op slice)
+      return jnp.stack(pools)[..., : self.head_dim * self.row_tokens].reshape(shape)
+
+    return logical(self.k), logical(self.v)
 
   @property
   def logical_shape(self) -> tuple[int, int, int, int]:
@@ -167,6 +199,12 @@ class PagedKVCache:
   def lane_dense(self) -> bool:
     """Whether the pools hold ``row_tokens`` > 1 tokens a 128-lane row (``create``)."""
     return self.row_tokens > 1
+
+  @property
+  def lane_padded(self) -> bool:
+    """Whether the pools' rows are ``real_head_dim`` lanes of K/V and zeros up to a
+    multiple of 128 (``create``)."""
+    return self.real_head_dim is not None
 
   @property
   def num_layers(self) -> int:
@@ -186,6 +224,9 @@ class PagedKVCache:
 
   @property
   def head_dim(self) -> int:
+    """The model's head_dim (a lane-padded cache's real one, not its rows' width)."""
+    if self.real_head_dim is not None:
+      return self.real_head_dim
     return self.k[0].shape[3] // self.row_tokens
 
   @property
@@ -200,17 +241,19 @@ class PagedKVCache:
   def kernel_kwargs(self, layer: int) -> dict:
     """What ``kernels.paged_attention`` (and ``cascade_attention``) need besides the pools
     to read one layer: its scales (8-bit, :meth:`scales`) and ``lane_dense=True`` for a
-    lane-dense cache: ``kernels.paged_attention(q, *cache.layer(i), ...,
-    **cache.kernel_kwargs(i))``."""
+    lane-dense cache, ``lane_padded=True`` for a lane-padded one:
+    ``kernels.paged_attention(q, *cache.layer(i), ..., **cache.kernel_kwargs(i))``."""
     out = self.scales(layer)
     if self.lane_dense:
       out["lane_dense"] = True
+    if self.lane_padded:
+      out["lane_padded"] = True
     return out
 
   def scales(self, layer: int) -> dict:
     """``{"k_scales": ..., "v_scales": ...}`` of one layer for ``kernels.paged_attention``
     (an empty dict for a float cache); :meth:`kernel_kwargs` adds the layout flag of a
-    lane-dense cache."""
+    lane-dense or lane-padded cache."""
     _check_layer(layer, self.num_layers)
     if not self.quantized:
       return {}
@@ -218,7 +261,8 @@ class PagedKVCache:
 
   def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
     """``(k_blocks, v_blocks)`` of one layer, each ``[num_kv_heads, num_blocks, block_size,
-    head_dim]`` (lane-dense: ``[..., block_size / row_tokens, 128]``): the arguments
+    head_dim]`` (lane-dense: ``[..., block_size / row_tokens, 128]``; lane-padded:
+    ``[..., block_size, padded_width(head_dim)]``): the arguments
     ``kernels.paged_attention`` takes (the layer's own buffers, not a copy)."""
     _check_layer(layer, self.num_layers)
     return self.k[layer], self.v[layer]
@@ -307,6 +351,17 @@ def _check_cache(cache) -> None:
       f"cache.row_tokens {cache.row_tokens!r} does not fit pools {_shape_str(first)} (build "
       "a lane-dense cache with PagedKVCache.create(..., lane_dense=True))",
     )
+  if cache.real_head_dim is not None:
+    real = cache.real_head_dim
+    what = (
+      f"cache.real_head_dim {real!r} does not fit pools {_shape_str(first)} (build a "
+      "lane-padded cache with PagedKVCache.create(..., lane_padded=True))"
+    )
+    if isinstance(real, bool) or not isinstance(real, int | np.integer) or real < 1:
+      raise ValueError(f"{what}: it must be a positive int")
+    if cache.row_tokens != 1:
+      raise ValueError(f"{what}: lane-dense (row_tokens {cache.row_tokens}) and lane-padded")
+    _layout.check_lane_padded(int(real), first.shape[3], what)
   scale_shape = tuple(first.shape[:3])
   for name in ("k_scale", "v_scale"):
     pools = getattr(cache, name)
@@ -381,20 +436,36 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
   layer = int(layer)
   if cache.quantized:
     scales = (cache.k_scale[layer], cache.v_scale[layer])
-    k, v, ks, vs = _write_layer_quantized(*cache.layer(layer), *scales, k_new, v_new, slot_mapping)
+    k, v, ks, vs = _write_layer_quantized(
+      *cache.layer(layer), *scales, k_new, v_new, slot_mapping, cache.lane_padded
+    )
     return cache.replace_layer(layer, k, v, ks, vs)
-  k, v = _write_layer(*cache.layer(layer), k_new, v_new, slot_mapping, cache.lane_dense)
+  k, v = _write_layer(
+    *cache.layer(layer), k_new, v_new, slot_mapping, cache.lane_dense, cache.lane_padded
+  )
   return cache.replace_layer(layer, k, v)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=5)
-def _write_layer(k_blocks, v_blocks, k_new, v_new, slot_mapping, lane_dense):
-  return write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping, lane_dense=lane_dense)
+@functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(5, 6))
+def _write_layer(k_blocks, v_blocks, k_new, v_new, slot_mapping, lane_dense, lane_padded):
+  return write_kv(
+    k_blocks,
+    v_blocks,
+    k_new,
+    v_new,
+    slot_mapping,
+    lane_dense=lane_dense,
+    lane_padded=lane_padded,
+  )
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3))
-def _write_layer_quantized(k_blocks, v_blocks, k_scale, v_scale, k_new, v_new, slot_mapping):
-  return write_kv_quantized(k_blocks, v_blocks, k_scale, v_scale, k_new, v_new, slot_mapping)
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3), static_argnums=7)
+def _write_layer_quantized(
+  k_blocks, v_blocks, k_scale, v_scale, k_new, v_new, slot_mapping, lane_padded
+):
+  return write_kv_quantized(
+    k_blocks, v_blocks, k_scale, v_scale, k_new, v_new, slot_mapping, lane_padded=lane_padded
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,14 +602,16 @@ class HostKVPool:
 
   @classmethod
   def like(cls, cache: PagedKVCache, num_host_blocks: int) -> HostKVPool:
-    """A host pool whose blocks fit ``cache``'s blocks (same layers, heads, sizes, dtype)."""
+    """A host pool whose blocks fit ``cache``'s blocks (same layers, heads, sizes, dtype;
+    a lane-padded cache's blocks with their padded rows: ``head_dim`` here is the rows'
+    width, and a swap moves whole rows)."""
     _check_cache(cache)
     return cls.create(
       cache.num_layers,
       cache.num_kv_heads,
       num_host_blocks,
       cache.block_size,
-      cache.head_dim,
+      _host_row_width(cache),
       cache.dtype,
     )
 
@@ -568,6 +641,13 @@ class HostKVPool:
 
   def __repr__(self) -> str:
     return f"HostKVPool(k={_shape_str(self.k)}, v={_shape_str(self.v)})"
+
+
+def _host_row_width(cache: PagedKVCache) -> int:
+  """The last axis of the host blocks that hold ``cache``'s blocks: its head_dim, or a
+  lane-padded cache's row width (swapped with its zero lanes, whole rows: no slicing or
+  padding on the way; the host pool costs the padding, as the device pool does)."""
+  return cache.k[0].shape[3] // cache.row_tokens
 
 
 def _block_major(k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -725,13 +805,13 @@ def _check_swap(cache, host_pool, device_ids, host_ids, dst_name):
   _check_cache(cache)
   if not isinstance(host_pool, HostKVPool):
     raise ValueError(f"host_pool must be a HostKVPool, got {type(host_pool).__name__}")
-  dev = (cache.num_layers, cache.num_kv_heads, cache.block_size, cache.head_dim)
+  dev = (cache.num_layers, cache.num_kv_heads, cache.block_size, _host_row_width(cache))
   host = host_pool.k.shape
   if dev != host[:2] + host[3:] or jnp.dtype(cache.dtype) != host_pool.k.dtype:
     raise ValueError(
       f"host_pool blocks {_shape_str(host_pool.k)} do not fit the cache's {cache.num_layers} "
       f"layers of {_shape_str(cache.k[0])} (layers, kv heads, block_size, head_dim and dtype "
-      "must match)"
+      "must match; a lane-padded cache's host blocks have its padded rows: HostKVPool.like)"
     )
   device_ids = np.asarray(_as_ids(device_ids, "device_ids"))
   host_ids = np.asarray(_as_ids(host_ids, "host_ids"))

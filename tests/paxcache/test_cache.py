@@ -471,3 +471,115 @@ def test_lane_dense_cache_write_copy_and_swap_match_the_plain_cache():
   bad = PagedKVCache(k=plain.k, v=plain.v, row_tokens=2)  # rows of 64 said to hold two
   with pytest.raises(ValueError, match="does not fit"):
     write(bad, 0, k_new, v_new, slots)
+
+
+def _float64_write(want_k, want_v, layer, k_new, v_new, slots, block_size):
+  """NumPy float64 model of a write into ``want_k, want_v [L, H, N, block_size, head_dim]``
+  (in place): token ``t`` of every head into slot ``slots[t]``; -1 writes nothing."""
+  for t, slot in enumerate(slots):
+    if slot >= 0:
+      block, offset = divmod(int(slot), block_size)
+      want_k[layer, :, block, offset] = np.asarray(k_new[t], np.float64)
+      want_v[layer, :, block, offset] = np.asarray(v_new[t], np.float64)
+
+
+@pytest.mark.parametrize("head_dim,width", [(80, 128), (192, 256)])
+def test_lane_padded_cache_writes_the_real_lanes_and_keeps_the_padding_zero(head_dim, width):
+  # head_dim 80 (192) in rows of 128 (256): sizes are in the real head_dim, writes land in
+  # the first head_dim lanes (read back through stacked(), checked against a float64 loop),
+  # and the lanes after them stay zero.
+  Lp, Hp, N, B = 2, 2, 5, 4
+  rng = np.random.default_rng(51)
+  cache = PagedKVCache.create(Lp, Hp, N, B, head_dim, jnp.float32, lane_padded=True)
+  assert cache.lane_padded and not cache.lane_dense and cache.real_head_dim == head_dim
+  assert all(p.shape == (Hp, N, B, width) for p in cache.k + cache.v)
+  assert (cache.num_blocks, cache.block_size, cache.head_dim) == (N, B, head_dim)
+  assert cache.logical_shape == (Hp, N, B, head_dim)
+  assert cache.kernel_kwargs(1) == {"lane_padded": True}
+  assert jax.jit(lambda c: c)(cache).real_head_dim == head_dim  # static: survives jit
+  plain = PagedKVCache.create(Lp, Hp, N, B, head_dim, jnp.float32)
+  assert not plain.lane_padded and plain.real_head_dim is None and plain.kernel_kwargs(0) == {}
+  want_k = np.zeros((Lp, Hp, N, B, head_dim))
+  want_v = np.zeros_like(want_k)
+  slots = np.array([0, 3, 5, 9, 14, -1, 19], np.int32)
+  for layer in range(Lp):
+    k_new = jnp.asarray(rng.standard_normal((7, Hp, head_dim)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((7, Hp, head_dim)), jnp.float32)
+    cache = write(cache, layer, k_new, v_new, slots)
+    _float64_write(want_k, want_v, layer, k_new, v_new, slots, B)
+  k, v = cache.stacked()
+  assert k.shape == v.shape == (Lp, Hp, N, B, head_dim)
+  np.testing.assert_array_equal(np.asarray(k, np.float64), want_k)
+  np.testing.assert_array_equal(np.asarray(v, np.float64), want_v)
+  for pool in cache.k + cache.v:
+    assert (np.asarray(pool)[..., head_dim:] == 0).all()
+
+
+def test_lane_padded_cache_copy_and_swap_match_the_plain_cache():
+  # Copy-on-write and swaps move whole padded rows: read in real head_dim (stacked()) the
+  # cache is the plain cache, bit for bit, and the host pool holds the plain host pool's
+  # rows followed by the zero lanes.
+  Lp, Hp, N, B, Dh = 2, 2, 5, 4, 96
+  rng = np.random.default_rng(52)
+  plain = PagedKVCache.create(Lp, Hp, N, B, Dh, jnp.bfloat16)
+  padded = PagedKVCache.create(Lp, Hp, N, B, Dh, jnp.bfloat16, lane_padded=True)
+  slots = np.array([1, 4, 6, 11, 13, 18], np.int32)
+  for layer in range(Lp):
+    k_new = jnp.asarray(rng.standard_normal((6, Hp, Dh)), jnp.float32)
+    v_new = jnp.asarray(rng.standard_normal((6, Hp, Dh)), jnp.float32)
+    plain = write(plain, layer, k_new, v_new, slots)
+    padded = write(padded, layer, k_new, v_new, slots)
+  plain = copy_blocks(plain, np.array([0, 2]), np.array([4, 3]))
+  padded = copy_blocks(padded, np.array([0, 2]), np.array([4, 3]))
+  host_p, host_d = HostKVPool.like(plain, 3), HostKVPool.like(padded, 3)
+  assert host_p.k.shape == (Lp, Hp, 3, B, Dh) and host_d.k.shape == (Lp, Hp, 3, B, 128)
+  swap_out(plain, host_p, [1, 2], [0, 2])
+  swap_out(padded, host_d, [1, 2], [0, 2])
+  for a, b in ((host_p.k, host_d.k), (host_p.v, host_d.v)):
+    assert_bits_equal(b[..., :Dh], a)
+    assert (b[..., Dh:].astype(np.float32) == 0).all()
+  plain = swap_in(plain, host_p, [2, 0], [0, 4])
+  padded = swap_in(padded, host_d, [2, 0], [0, 4])
+  assert padded.lane_padded and padded.k[0].shape == (Hp, N, B, 128)
+  for a, b in zip(plain.stacked(), padded.stacked(), strict=True):
+    assert_bits_equal(b, a)
+  assert all((np.asarray(p, np.float32)[..., Dh:] == 0).all() for p in padded.k + padded.v)
+  with pytest.raises(ValueError, match="do not fit"):  # a host pool of unpadded rows
+    swap_out(padded, host_p, [1], [0])
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_8bit_lane_padded_cache_stores_the_plain_caches_rows_and_scales(kv_dtype):
+  # The quantizing write pads with zeros, which change no row's scale: the real lanes and
+  # the scales are the plain 8-bit cache's, bit for bit.
+  Hp, N, B, Dh = 2, 3, 8, 80
+  rng = np.random.default_rng(53)
+  plain = PagedKVCache.create(1, Hp, N, B, Dh, kv_dtype)
+  padded = PagedKVCache.create(1, Hp, N, B, Dh, kv_dtype, lane_padded=True)
+  assert padded.quantized and padded.k_scale[0].shape == (Hp, N, B)
+  assert padded.kernel_kwargs(0).keys() == {"k_scales", "v_scales", "lane_padded"}
+  k_new = jnp.asarray(rng.standard_normal((5, Hp, Dh)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((5, Hp, Dh)), jnp.float32)
+  slots = np.array([0, 7, 9, -1, 20], np.int32)
+  plain = write(plain, 0, k_new, v_new, slots)
+  padded = write(padded, 0, k_new, v_new, slots)
+  for a, b in zip(plain.stacked(), padded.stacked(), strict=True):
+    np.testing.assert_array_equal(np.asarray(b).view(np.uint8), np.asarray(a).view(np.uint8))
+  np.testing.assert_array_equal(padded.k_scale[0], plain.k_scale[0])
+  np.testing.assert_array_equal(padded.v_scale[0], plain.v_scale[0])
+  assert (np.asarray(padded.k[0]).view(np.uint8)[..., Dh:] == 0).all()
+
+
+def test_lane_padded_cache_refuses_what_the_layout_does_not_take():
+  with pytest.raises(ValueError, match="lane_dense and lane_padded are two layouts"):
+    PagedKVCache.create(1, 1, 2, 4, 64, jnp.float32, lane_dense=True, lane_padded=True)
+  with pytest.raises(ValueError, match=r"lane_padded=True.*head_dim 128 is a multiple of 128"):
+    PagedKVCache.create(1, 1, 2, 4, 128, jnp.float32, lane_padded=True)
+  plain = PagedKVCache.create(1, 1, 2, 4, 80, jnp.float32)
+  rows = jnp.zeros((1, 1, 80))
+  bad = PagedKVCache(k=plain.k, v=plain.v, real_head_dim=80)  # rows of 80 said to be padded
+  with pytest.raises(ValueError, match=r"real_head_dim 80 does not fit.*rows 128 wide"):
+    write(bad, 0, rows, rows, np.zeros(1, np.int32))
+  padded = PagedKVCache.create(1, 1, 2, 4, 80, jnp.float32, lane_padded=True)
+  with pytest.raises(ValueError, match=r"must be \[num_tokens, 1, 80\]"):  # the real head_dim
+    write(padded, 0, jnp.zeros((1, 1, 128)), jnp.zeros((1, 1, 128)), np.zeros(1, np.int32))
