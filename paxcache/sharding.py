@@ -298,10 +298,11 @@ def shard_cache(cache: PagedKVCache, mesh: Mesh, *, axis: str = MODEL_AXIS) -> P
     whole heads of every block.
   """
   cache_ops._check_cache(cache)
-  if cache.lane_dense:
+  if cache.lane_dense or cache.lane_padded:
     raise ValueError(
       "shard_cache takes a cache in the plain layout; lane-dense caches (rows of 128, "
-      "PagedKVCache.create(..., lane_dense=True)) are not sharded yet"
+      "PagedKVCache.create(..., lane_dense=True)) and lane-padded ones (rows of head_dim "
+      "rounded up to 128, PagedKVCache.create(..., lane_padded=True)) are not sharded yet"
     )
   spec = kv_sharding(mesh, cache.num_kv_heads, axis=axis)
   if spec.layout.kv_identity:

@@ -131,7 +131,12 @@ class Decoder(nnx.Module):
     return (None, None) if mesh is None else (mesh, axis)
 
   def init_cache(
-    self, num_blocks: int, block_size: int, *, lane_dense: bool = False
+    self,
+    num_blocks: int,
+    block_size: int,
+    *,
+    lane_dense: bool = False,
+    lane_padded: bool = False,
   ) -> PagedKVCache:
     """A zero-filled paged cache for this model: per layer ``[num_kv_heads, num_blocks,
     block_size, head_dim]`` in the config's ``kv_dtype`` (default: its ``dtype``); 8-bit
@@ -139,6 +144,9 @@ class Decoder(nnx.Module):
 
     ``lane_dense``: pools in rows of 128 (head_dim 32 or 64; ``PagedKVCache.create``): what
     the TPU kernels read without padding; the same results on every backend.
+    ``lane_padded``: pools in rows of head_dim rounded up to a multiple of 128 (a head_dim
+    that is not one, e.g. 80 or 96; ``PagedKVCache.create``): how the TPU kernels take
+    such a head_dim; the same results on every backend.
 
     With a mesh on the layers, the cache is ``paxcache.sharding.init_sharded_cache``'s:
     ``pool_heads`` heads sharded over the mesh axis, each device allocating only its own
@@ -148,6 +156,8 @@ class Decoder(nnx.Module):
     mesh, axis = self.mesh
     if mesh is not None and lane_dense:
       raise ValueError("a lane-dense cache is not sharded yet: pass lane_dense=False with a mesh")
+    if mesh is not None and lane_padded:
+      raise ValueError("a lane-padded cache is not sharded yet: pass lane_padded=False with a mesh")
     if mesh is not None:
       return sharding.init_sharded_cache(
         mesh,
@@ -167,6 +177,7 @@ class Decoder(nnx.Module):
       c.head_dim,
       c.jnp_kv_dtype,
       lane_dense=lane_dense,
+      lane_padded=lane_padded,
     )
 
   def __call__(

@@ -484,3 +484,57 @@ def test_decoder_over_a_lane_dense_cache_matches_no_cache_forward(backend):
     got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
     chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
   assert cache.lane_dense
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
+def test_decoder_over_a_lane_padded_cache_matches_the_plain_cache_and_no_cache(backend):
+  # head_dim 80 in rows of 128 (Decoder.init_cache(lane_padded=True)): chunked prefill, then
+  # a decode. On the reference and GPU backends (GPU in interpret mode) the logits are the
+  # plain cache's; on the TPU backend (TPU interpret mode), which refuses a plain head_dim
+  # 80 pool, the lane-padded one is how the model runs at all. Every backend's logits match
+  # the no-cache forward.
+  config = DecoderConfig(
+    d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=80, mlp_dim=64, max_seq_len=64
+  )
+  model = Decoder(config, backend=backend, interpret=backend != "reference", rngs=nnx.Rngs(7))
+  rng = np.random.default_rng(5)
+  seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (21, 10)]
+  want = [np.asarray(model.forward(jnp.asarray(s)[None]))[0] for s in seqs]
+  bs = 8  # a float32 sublane tile
+  table = _scatter_table(rng, [21, 10], bs, 6, 3)
+  calls = ([(0, 12), (0, 9)], [(12, 20), (9, 10)], [(20, 21)])
+
+  def run(cache):
+    out = []
+    for call in calls:
+      tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+      pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+      slots = np.concatenate(
+        [_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)]
+      )
+      q_lens = [hi - lo for lo, hi in call]
+      logits, cache = model(
+        jnp.asarray(tok),
+        jnp.asarray(pos),
+        cache,
+        block_table=jnp.asarray(table[: len(call)]),
+        lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+        slot_mapping=jnp.asarray(slots),
+        cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+      )
+      got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
+      chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
+      out.append(got)
+    return out, cache
+
+  cache = model.init_cache(6, bs, lane_padded=True)
+  assert cache.k[0].shape == (2, 6, bs, 128) and cache.head_dim == 80
+  padded, cache = run(cache)
+  assert cache.lane_padded
+  assert all((np.asarray(p)[..., 80:] == 0).all() for p in cache.k + cache.v)
+  if backend == "tpu":
+    with pytest.raises(ValueError, match="lane_padded=True"):
+      run(model.init_cache(6, bs))
+  else:
+    plain, _ = run(model.init_cache(6, bs))
+    chex.assert_trees_all_close(padded, plain, **TOL)
