@@ -208,6 +208,13 @@ class EngineConfig:
       32-bit K/V: ``PagedKVCache.create(..., lane_dense=True)``), the layout the TPU
       kernels read without padding the head_dim to 128; the same outputs on every
       backend. ValueError at construction for another head_dim or dtype, or a ``mesh``.
+    lane_padded_cache: the device cache in rows of head_dim rounded up to a multiple of
+      128 lanes, zeros after the real ones (a head_dim that is not a multiple of 128, e.g.
+      80, 96, 112, 192, any K/V dtype: ``PagedKVCache.create(..., lane_padded=True)``),
+      the layout in which the TPU kernels take such a head_dim, at the padding's cost in
+      HBM (and in the host swap pool, which holds whole rows); the same outputs on every
+      backend. ValueError at construction for a head_dim that is a multiple of 128, with
+      ``lane_dense_cache``, or with a ``mesh``.
   """
 
   num_blocks: int = 256
@@ -232,6 +239,7 @@ class EngineConfig:
   cascade_min_shared_blocks: int = 8
   decode_plan: str = "auto"
   lane_dense_cache: bool = False
+  lane_padded_cache: bool = False
 
   def __post_init__(self):
     if self.mesh is not None:
@@ -268,12 +276,21 @@ class EngineConfig:
       "check_invariants",
       "async_scheduling",
       "lane_dense_cache",
+      "lane_padded_cache",
     ):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
     if self.lane_dense_cache and self.mesh is not None:
       raise ValueError(
         "EngineConfig.lane_dense_cache with a mesh: a lane-dense cache is not sharded yet"
+      )
+    if self.lane_padded_cache and self.mesh is not None:
+      raise ValueError(
+        "EngineConfig.lane_padded_cache with a mesh: a lane-padded cache is not sharded yet"
+      )
+    if self.lane_padded_cache and self.lane_dense_cache:
+      raise ValueError(
+        "EngineConfig.lane_dense_cache and lane_padded_cache are two layouts; set one of them"
       )
     if self.preemption_mode not in PREEMPTION_MODES:
       raise ValueError(
@@ -470,7 +487,10 @@ class Engine:
       sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
     # Sharded when the model's layers carry a mesh: no device ever holds the whole pool.
     self.cache = model.init_cache(
-      config.num_blocks, config.block_size, lane_dense=config.lane_dense_cache
+      config.num_blocks,
+      config.block_size,
+      lane_dense=config.lane_dense_cache,
+      lane_padded=config.lane_padded_cache,
     )
     self.host_pool = (
       cache_ops.HostKVPool.like(self.cache, config.num_host_blocks)

@@ -603,3 +603,36 @@ def test_lane_dense_cache_gives_the_plain_caches_tokens_under_swap_prefix_hits_a
     assert outs[True][r.request_id].samples == outs[False][r.request_id].samples, r.request_id
   with pytest.raises(ValueError, match="head_dim 32 or 64"):
     Engine(load_decoder(), EngineConfig(lane_dense_cache=True))
+
+
+def test_lane_padded_cache_gives_the_plain_caches_tokens_under_swap_prefix_hits_and_forks(corpus):
+  # EngineConfig.lane_padded_cache: head_dim 80 in rows of 128, zeros after the real lanes.
+  # Writes, copy-on-write, swap out and in (whole padded rows, a host pool of padded rows)
+  # and attention (q zero-padded) give the plain cache's tokens, one for one.
+  config = DecoderConfig(
+    d_model=64, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=80, mlp_dim=64,
+    max_seq_len=256,
+  )  # fmt: skip
+  model = Decoder(config, rngs=nnx.Rngs(13))
+  reqs = _mixed_requests(corpus)
+  outs = {}
+  for padded in (False, True):
+    engine = Engine(
+      model, dataclasses.replace(_pressure_config("swap", True), lane_padded_cache=padded)
+    )
+    assert engine.cache.lane_padded == padded and engine.cache.head_dim == 80
+    assert engine.cache.k[0].shape[3] == (128 if padded else 80)
+    assert engine.host_pool.k.shape[4] == engine.cache.k[0].shape[3]
+    outs[padded] = engine.run(reqs)
+    assert engine.metrics.preemptions_swap > 0 and engine.metrics.cow_copies > 0
+    if padded:
+      assert all((np.asarray(p)[..., 80:] == 0).all() for p in engine.cache.k + engine.cache.v)
+  for r in reqs:
+    assert outs[True][r.request_id].samples == outs[False][r.request_id].samples, r.request_id
+  wide = Decoder(dataclasses.replace(config, head_dim=128), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="head_dim 128 is a multiple of 128 already"):
+    Engine(wide, EngineConfig(num_blocks=8, num_host_blocks=8, lane_padded_cache=True))
+  with pytest.raises(ValueError, match="lane_dense_cache and lane_padded_cache are two layouts"):
+    EngineConfig(lane_dense_cache=True, lane_padded_cache=True)
+  with pytest.raises(ValueError, match="EngineConfig.lane_padded_cache must be a bool"):
+    EngineConfig(lane_padded_cache=1)

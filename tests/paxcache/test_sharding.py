@@ -277,3 +277,24 @@ def test_sharded_attention_refuses_packed_or_padded_pools_by_name(flag):
   table, lengths = jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
   with pytest.raises(ValueError, match="lane-padded pools .* not sharded yet"):
     sh.sharded_paged_attention(None, q, pool, pool, table, lengths, **{flag: True})
+
+
+@pytest.mark.parametrize("flag,head_dim", [("lane_padded", 80), ("lane_dense", 64)])
+def test_lane_padded_and_lane_dense_caches_are_refused_with_a_mesh(flag, head_dim):
+  # Neither layout is sharded yet: shard_cache, Decoder.init_cache and EngineConfig say so
+  # by name instead of sharding a pool that the sharded attention would then refuse.
+  from paxcache.engine import EngineConfig
+  from paxcache.nn import Decoder, DecoderConfig
+
+  mesh = sh.make_mesh(1)
+  cache = PagedKVCache.create(1, 2, 4, 16, head_dim, **{flag: True})
+  with pytest.raises(ValueError, match=f"{flag}=True.*not sharded yet"):
+    sh.shard_cache(cache, mesh)
+  config = DecoderConfig(
+    d_model=32, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=head_dim, mlp_dim=32
+  )
+  model = sh.shard_model(Decoder(config, rngs=nnx.Rngs(0)), mesh)
+  with pytest.raises(ValueError, match=f"not sharded yet: pass {flag}=False with a mesh"):
+    model.init_cache(4, 16, **{flag: True})
+  with pytest.raises(ValueError, match=f"{flag}_cache with a mesh: .* not sharded yet"):
+    EngineConfig(mesh=mesh, **{f"{flag}_cache": True})

@@ -29,6 +29,7 @@ def _compiled_decode_step(
   kv_dtype=None,
   decode_plan: str = "auto",
   lane_dense: bool = False,
+  lane_padded: bool = False,
 ):
   config = DecoderConfig(
     kv_dtype=kv_dtype,
@@ -54,6 +55,7 @@ def _compiled_decode_step(
       preemption_mode="recompute",
       decode_plan=decode_plan,
       lane_dense_cache=lane_dense,
+      lane_padded_cache=lane_padded,
     ),
   )
   engine.add_request(Request("a", list(range(11)), max_new_tokens=4))
@@ -138,6 +140,26 @@ def test_compiled_step_never_copies_a_lane_dense_pool(backend):
   small, _ = _compiled_decode_step(backend, 64, SMALL_POOL, lane_dense=True)
   large, cache = _compiled_decode_step(backend, 64, LARGE_POOL, lane_dense=True)
   assert cache.lane_dense and cache.k[0].shape[2:] == (8, 128)
+  layer_bytes = cache.k[0].nbytes
+  mem_small, mem = small.memory_analysis(), large.memory_analysis()
+  assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
+  assert mem.temp_size_in_bytes < layer_bytes / 4
+  assert mem.alias_size_in_bytes >= 2 * cache.num_layers * layer_bytes
+  assert mem.output_size_in_bytes - mem.alias_size_in_bytes < layer_bytes / 4
+  text = large.as_text()
+  for shape in (cache.k[0].shape, cache.logical_shape):
+    assert not re.findall(rf"= f32\[{','.join(map(str, shape))}\][^ ]* copy\(", text), shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
+def test_compiled_step_never_copies_a_lane_padded_pool(backend):
+  """head_dim 80 in a lane-padded cache (rows of 128, zeros after the real lanes): every
+  backend reads the pool as head_dim 128 with q zero-padded, and the write scatters padded
+  rows, so neither the padded pool nor a pool of the real head_dim is copied, and the
+  pools are updated in place."""
+  small, _ = _compiled_decode_step(backend, 80, SMALL_POOL, lane_padded=True)
+  large, cache = _compiled_decode_step(backend, 80, LARGE_POOL, lane_padded=True)
+  assert cache.lane_padded and cache.k[0].shape[2:] == (8, 128)
   layer_bytes = cache.k[0].nbytes
   mem_small, mem = small.memory_analysis(), large.memory_analysis()
   assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
