@@ -109,8 +109,9 @@ HEAD_DIM_RULES = {
   "any other head_dim into the kernels' row-major layout on every call), or 32 or 64 in a "
   "lane-dense pool (rows of 128: kernels._layout, PagedKVCache.create(lane_dense=True)); "
   "other sizes in a lane-padded pool (rows of head_dim rounded up to a multiple of 128, "
-  "lane_padded=True on the kernels entry points: kernels._layout, docs/tpu.md; "
-  "PagedKVCache and the engine do not allocate lane-padded pools yet)",
+  "lane_padded=True on the kernels entry points: kernels._layout, docs/tpu.md; allocated "
+  "by PagedKVCache.create(lane_padded=True), Decoder.init_cache(lane_padded=True) and "
+  "EngineConfig(lane_padded_cache=True))",
 }
 
 
