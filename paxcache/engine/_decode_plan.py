@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 import kernels
+from kernels._layout import padded_width
 from kernels._validate import GPU_UNPADDED_HEAD_DIMS
 
 DECODE_PLAN_MODES = ("auto", "on", "off")
@@ -128,8 +129,9 @@ def cascade_threshold(model, config) -> tuple[int, str | None]:
   run, else ``(0, why not)``: under a mesh (no cascade under ``shard_map`` yet), with a
   sliding-window layer (``kernels.cascade_attention`` takes no window), and on the GPU
   backend at a head_dim its cascade kernel does not take (it does not pad the head dim:
-  ``kernels._validate.GPU_UNPADDED_HEAD_DIMS``). Turning it off changes no output: the
-  plain path computes the same attention.
+  ``kernels._validate.GPU_UNPADDED_HEAD_DIMS``; a lane-padded cache,
+  ``EngineConfig.lane_padded_cache``, runs it at the rows' width, 128 for head_dim 96).
+  Turning it off changes no output: the plain path computes the same attention.
   """
   blocks = config.cascade_min_shared_blocks
   if blocks == 0:
@@ -141,7 +143,9 @@ def cascade_threshold(model, config) -> tuple[int, str | None]:
     return 0, "a sliding-window layer: kernels.cascade_attention takes no window"
   backends = {kernels.resolve_backend(a.backend, interpret=a.interpret) for a in layers}
   head_dim = model.config.head_dim
-  if "gpu" in backends and head_dim not in GPU_UNPADDED_HEAD_DIMS:
+  # A lane-padded cache: the kernels run at the padded width (q zero-padded to it).
+  width = padded_width(head_dim) if config.lane_padded_cache else head_dim
+  if "gpu" in backends and width not in GPU_UNPADDED_HEAD_DIMS:
     return 0, (
       f"head_dim {head_dim} on the GPU backend: its cascade kernel takes head_dim in "
       f"{GPU_UNPADDED_HEAD_DIMS}"

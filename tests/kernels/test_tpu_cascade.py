@@ -397,9 +397,11 @@ def test_lane_dense_member_tiles_count_the_packed_rows(monkeypatch):
   assert seen == [2 * 3]
 
 
-def test_lane_padded_pool_through_the_planner_tpu_and_reference():
+def test_lane_padded_pool_through_the_planner_and_every_backend():
   # head_dim 96 in rows of 128 (kernels._layout, lane-padded): random finite lanes after each used
   # row, NaN after each unused one; q is padded inside the entry point, the output cut back.
+  # The GPU cascade kernel, which takes head_dim 64, 128 or 256 only, runs it at 128 (what
+  # the engine's cascade_threshold counts on for EngineConfig.lane_padded_cache).
   case = _shared_case(np.random.default_rng(10), block_size=8, num_q_heads=4, head_dim=96)
   table, lengths = np.asarray(case["table"]), np.asarray(case["lengths"])
   plan = kernels.plan_cascade(table, lengths, 8, min_shared_blocks=2)
@@ -419,3 +421,5 @@ def test_lane_padded_pool_through_the_planner_tpu_and_reference():
   assert out.shape == case["q"].shape
   _check(out, want, jnp.float32)
   _check(run(case["q"], k, v, table, lengths, plan, backend="reference"), want, jnp.float32)
+  gpu = run(case["q"], k, v, table, lengths, plan, backend="gpu", interpret=True)
+  _check(gpu, want, jnp.float32)

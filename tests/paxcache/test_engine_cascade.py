@@ -318,6 +318,12 @@ def test_cascade_is_off_where_its_kernels_cannot_run(corpus):
   gpu96 = Decoder(config, backend="gpu", interpret=True, rngs=nnx.Rngs(0))
   engine = Engine(gpu96, EngineConfig(num_blocks=16, block_size=8, cascade_min_shared_blocks=2))
   assert engine.cascade_min_shared_blocks == 0 and "head_dim 96" in engine.cascade_off_reason
+  # Over a lane-padded cache the GPU cascade kernel runs at the rows' width, 128: on.
+  padded = EngineConfig(
+    num_blocks=16, block_size=8, cascade_min_shared_blocks=2, lane_padded_cache=True
+  )
+  engine = Engine(gpu96, padded)
+  assert engine.cascade_min_shared_blocks == 2 and engine.cascade_off_reason is None
   config64 = dataclasses.replace(config, head_dim=64)
   gpu64 = Decoder(config64, backend="gpu", interpret=True, rngs=nnx.Rngs(0))
   engine = Engine(gpu64, EngineConfig(num_blocks=16, block_size=8, cascade_min_shared_blocks=2))
