@@ -28,7 +28,8 @@ as a pool of head_dim ``width``: the entry points zero-pad q to ``width`` (zero 
 nothing to q . k), keep the softmax scale of the real head_dim and return the first
 ``head_dim`` lanes of the output; ``kernels.write_kv(..., lane_padded=True)`` writes new
 rows with zero padding. Nothing of the pool is copied or sliced: the kernels see a plain
-pool of a head_dim they take.
+pool of a head_dim they take. ``paxcache.PagedKVCache.create(..., lane_padded=True)``
+allocates it (and keeps the real head_dim).
 
 Which layout a pool is in is said, not guessed: ``lane_dense=True`` on
 ``kernels.paged_attention``, ``kernels.cascade_attention``, ``kernels.write_kv`` and the
