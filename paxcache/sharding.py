@@ -553,8 +553,10 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
 
   Sets every layer's :class:`paxcache.nn.PagedAttention` to run on ``mesh`` (K/V write and
   attention per device under ``shard_map``) and places the parameters Megatron-style
-  where the head layout allows it: q/k/v and gate/up projections split by output columns
-  (whole heads per device), o/down projections by input rows (GSPMD adds the all-reduce
+  where the head layout allows it: q/k/v projections split by output columns (whole heads
+  per device), the MLP's one gate/up weight by columns too (reordered first so that each
+  device's columns pair its gate and up halves: ``SwiGLU.set_shards``), o/down
+  projections by input rows (GSPMD adds the all-reduce
   after them); k/v projections are replicated when KV heads are copied, q/o when the
   query layout is not the identity; everything else (embedding, norms) is replicated.
   ``model.init_cache`` then returns a sharded pool. ``Engine`` does this itself when
@@ -578,8 +580,11 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
       _put(a.k_proj.kernel, cols)
       _put(a.v_proj.kernel, cols)
     mlp = layer.mlp
-    if mlp.gate_up.get_value().shape[2] % n == 0:
-      _put(mlp.gate_up, NamedSharding(mesh, P(None, None, axis)))  # [d, gate|up, mlp]
+    if mlp.mlp_dim % n == 0:
+      # Columns in n blocks of [gate | up]: each device's slice holds its gate columns
+      # beside its up columns (paxcache.nn.SwiGLU).
+      mlp.set_shards(n)
+      _put(mlp.gate_up, cols)
       _put(mlp.down.kernel, rows)
   return model
 

@@ -247,8 +247,8 @@ def convert_params(
       },
       "mlp_norm": {"scale": get(b + "ffn_norm.weight", (d,))},
       "mlp": {
-        # paxcache.nn.SwiGLU's one weight [d, 2, f]: gate, then up.
-        "gate_up": np.stack(
+        # paxcache.nn.SwiGLU's one weight [d, 2f]: the gate's columns, then the up ones.
+        "gate_up": np.concatenate(
           [kernel(get(b + "ffn_gate.weight", (f, d))), kernel(get(b + "ffn_up.weight", (f, d)))],
           axis=1,
         ),

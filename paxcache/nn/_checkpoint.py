@@ -22,6 +22,8 @@ def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> N
   """Writes ``config.json`` (with ``extra`` under key ``"extra"``) and ``params.msgpack``."""
   os.makedirs(directory, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for i, layer in enumerate(model.layers):  # a sharded model's gate/up columns, in order
+    params["layers"][i]["mlp"]["gate_up"] = layer.mlp.canonical_gate_up()
   params = jax.tree.map(np.asarray, params)
   with open(os.path.join(directory, PARAMS_FILE), "wb") as f:
     f.write(serialization.msgpack_serialize(params))
@@ -41,7 +43,8 @@ def load_decoder(
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
   8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels
-  became one weight load too (their two kernels are stacked into ``gate_up``)."""
+  became one weight load too (their two kernels side by side in ``gate_up``). A parameter
+  whose shape differs from the model's is refused (ValueError)."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     meta = json.load(f)
   config = DecoderConfig.from_dict(meta["config"])
@@ -52,9 +55,20 @@ def load_decoder(
     params = serialization.msgpack_restore(f.read())
   params = _upgrade(params)
   state = nnx.state(model, nnx.Param)
-  # The file holds float32; a config with param_dtype="bfloat16" keeps its own dtype.
+  # Each array takes the model's own dtype (a config with param_dtype="bfloat16" keeps it).
   like = nnx.to_pure_dict(state)
-  params = jax.tree.map(lambda a, ref: np.asarray(a).astype(ref.dtype), params, like)
+
+  def take(path, a, ref):
+    a = np.asarray(a)
+    if a.shape != ref.shape:
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      raise ValueError(
+        f"{directory}: parameter {name} is {a.shape} in the file, {ref.shape} in the model "
+        "its config.json builds"
+      )
+    return a.astype(ref.dtype)
+
+  params = jax.tree_util.tree_map_with_path(take, params, like)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
@@ -62,11 +76,20 @@ def load_decoder(
 
 def _upgrade(params: dict) -> dict:
   """Parameters saved before the MLP's gate and up kernels became one weight: each layer's
-  ``mlp.gate.kernel`` and ``mlp.up.kernel`` ``[d, f]`` stacked into ``mlp.gate_up`` ``[d, 2,
-  f]`` (:class:`paxcache.nn.SwiGLU`); newer files pass through unchanged."""
-  for layer in params.get("layers", {}).values():
+  ``mlp.gate.kernel`` and ``mlp.up.kernel`` ``[d, f]`` side by side in ``mlp.gate_up``
+  ``[d, 2f]`` (:class:`paxcache.nn.SwiGLU`); newer files pass through unchanged. A layer
+  with only one of the two, or with both forms, is not a file this code wrote
+  (ValueError)."""
+  for key, layer in params.get("layers", {}).items():
     mlp = layer.get("mlp", {})
-    if "gate" in mlp and "up" in mlp and "gate_up" not in mlp:
-      gate, up = mlp.pop("gate")["kernel"], mlp.pop("up")["kernel"]
-      mlp["gate_up"] = np.stack([np.asarray(gate), np.asarray(up)], axis=1)
+    old = [name for name in ("gate", "up") if name in mlp]
+    if not old:
+      continue
+    if len(old) != 2 or "gate_up" in mlp:
+      raise ValueError(
+        f"layer {key}'s mlp holds {sorted(mlp)}: expected either 'gate_up' (this version) "
+        "or 'gate' and 'up' (older files), not a mix"
+      )
+    gate, up = mlp.pop("gate")["kernel"], mlp.pop("up")["kernel"]
+    mlp["gate_up"] = np.concatenate([np.asarray(gate), np.asarray(up)], axis=1)
   return params

@@ -47,14 +47,21 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
   """``down(silu(x @ W_gate) * (x @ W_up))``, no biases.
 
-  The gate and up weights are one parameter, ``gate_up`` ``[d_model, 2, mlp_dim]``
-  (``[:, 0]`` the gate's kernel, ``[:, 1]`` the up projection's), read by one matrix
-  product. Given two products with one input, XLA merges them into one GEMM over their
-  weights concatenated inside the kernel, and on the H200 that GEMM ran at 256 rows in
-  1.4x the time of the same product over one weight (docs/benchmarks.md, "One weight for
-  gate and up"): a decode step reads every weight byte once, so its speed is the GEMM's.
-  The middle axis keeps each gate column beside its up column when the last axis is
-  sharded over devices (``paxcache.sharding.shard_model``).
+  The gate and up kernels are one parameter, ``gate_up`` ``[d_model, 2 * mlp_dim]``, read
+  by one matrix product. Given two products of one input, XLA merges them into one GEMM
+  over the two weights concatenated inside the kernel, and on the H200 that product (with
+  ``silu(gate) * up``) took 1.4x the time of the same product over one weight at 256 rows
+  (docs/benchmarks.md, "One weight for gate and up"): a decode step reads every weight
+  byte once, so its speed is the GEMM's. Two dimensions, not ``[d_model, 2, mlp_dim]``:
+  the TPU compiler copies a weight whose second-minor axis is 2 into another layout on
+  every call, and a ``[2, d_model, mlp_dim]`` one is transposed by XLA on the GPU.
+
+  Column order: ``shards`` blocks of ``[gate columns | up columns]``, ``mlp_dim / shards``
+  of each. With ``shards == 1`` (as built, loaded and saved) that is ``[:, :mlp_dim]`` the
+  gate's kernel and ``[:, mlp_dim:]`` the up one's. ``paxcache.sharding.shard_model``
+  sets ``shards`` to the mesh size (:meth:`set_shards`), so that a device's slice of the
+  columns holds its gate columns beside its up columns; :meth:`canonical_gate_up` gives
+  the ``shards == 1`` order back (``save_decoder`` writes it).
   """
 
   def __init__(
@@ -66,16 +73,48 @@ class SwiGLU(nnx.Module):
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
-    # nnx.Linear's initialiser (LeCun normal over the input axis), for both halves.
-    init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-    self.gate_up = nnx.Param(init(rngs.params(), (d_model, 2, mlp_dim), param_dtype))
+    # nnx.Linear's initialiser (LeCun normal: fan-in d_model), for both halves.
+    init = nnx.initializers.lecun_normal()
+    self.gate_up = nnx.Param(init(rngs.params(), (d_model, 2 * mlp_dim), param_dtype))
     self.down = nnx.Linear(
       mlp_dim, d_model, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
     )
+    self.mlp_dim = mlp_dim
     self.dtype = dtype
+    self.shards = 1
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     x, w = nnx.nn.dtypes.promote_dtype((x, self.gate_up[...]), dtype=self.dtype)
-    h = jnp.einsum("...d,dgf->...gf", x, w)
-    return self.down(jax.nn.silu(h[..., 0, :]) * h[..., 1, :])
+    h = jnp.dot(x, w)
+    lead, n, f = h.shape[:-1], self.shards, self.mlp_dim
+    h = h.reshape(*lead, n, 2, f // n)
+    gate, up = h[..., 0, :].reshape(*lead, f), h[..., 1, :].reshape(*lead, f)
+    return self.down(jax.nn.silu(gate) * up)
+
+  def canonical_gate_up(self) -> jax.Array:
+    """``gate_up`` in the ``shards == 1`` column order: ``[gate | up]``."""
+    return _reorder_gate_up(self.gate_up[...], self.mlp_dim, self.shards, 1)
+
+  def set_shards(self, shards: int) -> None:
+    """Reorders ``gate_up``'s columns into ``shards`` blocks of ``[gate | up]`` (a copy of
+    the weight, once); ``mlp_dim`` must be a multiple of ``shards`` (ValueError)."""
+    shards = int(shards)
+    if shards < 1 or self.mlp_dim % shards:
+      raise ValueError(
+        f"SwiGLU.set_shards: mlp_dim {self.mlp_dim} is not a multiple of {shards} shards"
+      )
+    if shards != self.shards:
+      self.gate_up.set_value(_reorder_gate_up(self.gate_up[...], self.mlp_dim, self.shards, shards))
+      self.shards = shards
+
+
+def _reorder_gate_up(w: jax.Array, mlp_dim: int, src: int, dst: int) -> jax.Array:
+  """``w [d, 2 * mlp_dim]`` from ``src`` blocks of ``[gate | up]`` columns to ``dst``."""
+  if src == dst:
+    return w
+  d = w.shape[0]
+  # [d, src, 2, f/src] -> [d, 2, f] (gate, up) -> [d, dst, 2, f/dst]
+  canonical = w.reshape(d, src, 2, mlp_dim // src).transpose(0, 2, 1, 3).reshape(d, 2, mlp_dim)
+  out = canonical.reshape(d, 2, dst, mlp_dim // dst).transpose(0, 2, 1, 3)
+  return out.reshape(d, 2 * mlp_dim)

@@ -306,6 +306,9 @@ def check_engine(meshes) -> list[dict]:
         attn_mesh=all(layer.attn.mesh is mesh for layer in model.layers),
         pool=_shard_info(engine.cache.k[0]),
         q_proj=_shard_info(q_kernel),
+        gate_up=_shard_info(model.layers[0].mlp.gate_up.get_value()),
+        down=_shard_info(model.layers[0].mlp.down.kernel.get_value()),
+        mlp_shards=int(model.layers[0].mlp.shards),
         used_blocks_after=int(engine.allocator.num_used_blocks),
       )
     )

@@ -238,19 +238,59 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_swiglu_matches_numpy_float64():
-  """One ``gate_up`` weight: ``[:, 0]`` is the gate's kernel, ``[:, 1]`` the up one's."""
+  """One ``gate_up`` weight ``[d, 2f]``: ``[:, :f]`` is the gate's kernel, ``[:, f:]`` the
+  up one's; the column blocks of ``set_shards`` give the same output and weight back."""
   mlp = SwiGLU(16, 24, rngs=nnx.Rngs(4))
   x = np.random.default_rng(2).standard_normal((2, 3, 16)).astype(np.float32)
   w = np.asarray(mlp.gate_up[...], np.float64)
-  assert w.shape == (16, 2, 24)
-  g, u = x.astype(np.float64) @ w[:, 0], x.astype(np.float64) @ w[:, 1]
+  assert w.shape == (16, 48)
+  g, u = x.astype(np.float64) @ w[:, :24], x.astype(np.float64) @ w[:, 24:]
   want = (g / (1.0 + np.exp(-g)) * u) @ np.asarray(mlp.down.kernel[...], np.float64)
   np.testing.assert_allclose(mlp(jnp.asarray(x)), want, **TOL)
+  for shards in (2, 3, 4, 1):
+    mlp.set_shards(shards)
+    got = np.asarray(mlp.gate_up[...], np.float64)
+    # Block s of the columns: gate columns [s f/n, (s+1) f/n), then the same up columns.
+    per = 24 // shards
+    for s in range(shards):
+      block = got[:, 2 * s * per : 2 * (s + 1) * per]
+      np.testing.assert_array_equal(block[:, :per], w[:, s * per : (s + 1) * per])
+      np.testing.assert_array_equal(block[:, per:], w[:, 24 + s * per : 24 + (s + 1) * per])
+    np.testing.assert_array_equal(mlp.canonical_gate_up(), w.astype(np.float32))
+    np.testing.assert_allclose(mlp(jnp.asarray(x)), want, **TOL)
+  with pytest.raises(ValueError, match="mlp_dim 24 is not a multiple of 5 shards"):
+    mlp.set_shards(5)
+
+
+@pytest.mark.parametrize(
+  "dtype,param_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")]
+)
+def test_swiglu_equals_two_linear_layers(dtype, param_dtype):
+  """The one-weight MLP computes what nnx.Linear gate and up layers with the same kernels
+  compute, dtype promotion included, bit for bit (one product over both is two products
+  over the halves, element by element); its halves are LeCun-normal as nnx.Linear's."""
+  dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+  mlp = SwiGLU(256, 512, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(6))
+  assert mlp.gate_up[...].dtype == param_dtype
+  kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  gate, up = nnx.Linear(256, 512, **kw), nnx.Linear(256, 512, **kw)
+  gate.kernel[...] = mlp.gate_up[...][:, :512]
+  up.kernel[...] = mlp.gate_up[...][:, 512:]
+  x = jax.random.normal(jax.random.key(3), (5, 256), jnp.float32)
+  want = mlp.down(jax.nn.silu(gate(x)) * up(x))
+  got = mlp(x)
+  assert got.dtype == want.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  # LeCun normal over fan-in 256: standard deviation 1/16 in each half (131,072 draws each).
+  w = np.asarray(mlp.gate_up[...], np.float64)
+  for half in (w[:, :512], w[:, 512:]):
+    assert abs(half.std() * 16 - 1) < 0.03
 
 
 def test_checkpoint_with_separate_gate_and_up_loads(tmp_path):
   """A file saved before gate and up became one weight (``mlp.gate.kernel``,
-  ``mlp.up.kernel``) loads into ``gate_up`` and gives the saved model's logits."""
+  ``mlp.up.kernel``) loads into ``gate_up`` and gives the saved model's logits; a file
+  with both forms or half of the old one is refused."""
   from flax import serialization
 
   config = DecoderConfig(
@@ -259,17 +299,39 @@ def test_checkpoint_with_separate_gate_and_up_loads(tmp_path):
   model = Decoder(config, rngs=nnx.Rngs(5))
   save_decoder(model, str(tmp_path))
   path = tmp_path / "params.msgpack"
-  params = serialization.msgpack_restore(path.read_bytes())
+  saved = path.read_bytes()
+  params = serialization.msgpack_restore(saved)
   for layer in params["layers"].values():
     gate_up = layer["mlp"].pop("gate_up")
-    layer["mlp"]["gate"] = {"kernel": gate_up[:, 0]}
-    layer["mlp"]["up"] = {"kernel": gate_up[:, 1]}
+    layer["mlp"]["gate"] = {"kernel": gate_up[:, :32]}
+    layer["mlp"]["up"] = {"kernel": gate_up[:, 32:]}
   path.write_bytes(serialization.msgpack_serialize(params))
   loaded = load_decoder(str(tmp_path))
   for a, b in zip(loaded.layers, model.layers, strict=True):
     np.testing.assert_array_equal(a.mlp.gate_up[...], b.mlp.gate_up[...])
   tokens = jnp.asarray([[1, 2, 3, 250]], jnp.int32)
   np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
+  del params["layers"][1]["mlp"]["up"]
+  path.write_bytes(serialization.msgpack_serialize(params))
+  with pytest.raises(ValueError, match="layer 1's mlp holds \\['down', 'gate'\\]"):
+    load_decoder(str(tmp_path))
+
+
+def test_a_sharded_models_checkpoint_loads_on_one_device(tmp_path):
+  """save_decoder writes gate/up in the one-device column order whatever ``shards`` the
+  model runs with (``shard_model`` sets it to the mesh size)."""
+  config = DecoderConfig(
+    d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32
+  )
+  model = Decoder(config, rngs=nnx.Rngs(7))
+  tokens = jnp.asarray([[5, 6, 7]], jnp.int32)
+  want = model.forward(tokens)
+  model.layers[0].mlp.set_shards(4)
+  np.testing.assert_allclose(model.forward(tokens), want, **TOL)
+  save_decoder(model, str(tmp_path))
+  loaded = load_decoder(str(tmp_path))
+  assert loaded.layers[0].mlp.shards == 1
+  np.testing.assert_array_equal(loaded.forward(tokens), want)
 
 
 def test_tiny_checkpoint_and_corpus_are_declared_package_data():

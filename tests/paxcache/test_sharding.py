@@ -224,6 +224,11 @@ def test_sharded_engine_equals_single_device(multi_device):
   # query layout is not the identity there).
   assert rows[0]["q_proj"]["shard_shapes"] == [[64, 16]]
   assert rows[1]["q_proj"]["shard_shapes"] == [[64, 64]]
+  # The MLP (mlp_dim 192): gate/up by columns in n blocks of [gate | up], down by rows.
+  for r, n in zip(rows, (4, 8), strict=True):
+    assert r["mlp_shards"] == n, r
+    assert r["gate_up"]["shard_shapes"] == [[64, 2 * 192 // n]], r
+    assert r["down"]["shard_shapes"] == [[192 // n, 64]], r
 
 
 # ---------------------------------------------------------------------------------------------

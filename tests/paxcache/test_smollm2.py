@@ -466,9 +466,10 @@ def test_any_llama_gguf_file_untied_f16_f32(tmp_path):
       (layer.mlp.down, "ffn_down"),
     ):
       np.testing.assert_array_equal(np.asarray(ours.kernel[...]).T, want[b + name + ".weight"])
-    gate_up = np.asarray(layer.mlp.gate_up[...])
-    np.testing.assert_array_equal(gate_up[:, 0].T, want[b + "ffn_gate.weight"])
-    np.testing.assert_array_equal(gate_up[:, 1].T, want[b + "ffn_up.weight"])
+    gate_up, f = np.asarray(layer.mlp.gate_up[...]), c.mlp_dim
+    assert gate_up.shape == (c.d_model, 2 * f)
+    np.testing.assert_array_equal(gate_up[:, :f].T, want[b + "ffn_gate.weight"])
+    np.testing.assert_array_equal(gate_up[:, f:].T, want[b + "ffn_up.weight"])
   logits = m.forward(jnp.asarray([[1, 2, 3]], jnp.int32))
   assert logits.shape == (1, 3, 260) and bool(jnp.isfinite(logits).all())
   # Tokenizer from the file: merges applied by rank, the control token kept whole.
