@@ -215,6 +215,61 @@ def test_head_dim_64_and_192_pools_would_be_copied_every_call_unless_lane_dense(
     assert not rows[d]["row_major"] and rows[d]["pool_copies"] >= 2, rows  # K and V
 
 
+def test_the_mlp_gate_up_weight_is_not_copied_on_tpu():
+  # paxcache.nn.SwiGLU holds gate and up as one [d, 2f] weight: compiled for v5e and v6e,
+  # its product reads the weight as it is. The control: the same product over a [d, 2, f]
+  # weight (the first version of that parameter), which the TPU compiler tiles T(2,128)
+  # and copies into another layout before every call (docs/benchmarks.md, "One weight for
+  # gate and up"). A copy is a copy-start / copy of the weight parameter in the compiled
+  # module.
+  code = textwrap.dedent(
+    """
+    import json, re
+    from kernels.tpu import aot
+
+    aot._prepare_env()
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    from paxcache.nn import SwiGLU
+
+    rows = {}
+    for topology in ("v5e:2x2", "v6e:2x2"):
+      device = aot.topology_device(topology)
+      sharding = jax.sharding.SingleDeviceSharding(device)
+
+      def spec(shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
+
+      mlp = SwiGLU(2048, 8192, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+      graph, state = nnx.split(mlp)
+      state = jax.tree.map(lambda a: spec(a.shape), state)
+
+      def ours(x, state):
+        return nnx.merge(graph, state)(x)
+
+      def three_d(x, w):
+        h = jnp.einsum("md,dgf->mgf", x, w)
+        return jax.nn.silu(h[:, 0]) * h[:, 1]
+
+      for name, fn, args in (
+        ("ours", ours, (spec((64, 2048)), state)),
+        ("d2f", three_d, (spec((64, 2048)), spec((2048, 2, 8192)))),
+      ):
+        text = jax.jit(fn).trace(*args).lower().compile().as_text()
+        weight = r"bf16\\[2048,(16384|2,8192)\\]"
+        copy = re.compile(r"= *" + weight + r"\\{[^}]*\\} copy(-start)?\\(")
+        copies = [line for line in text.splitlines() if copy.search(line)]
+        rows[f"{topology}-{name}"] = len(copies)
+    print(json.dumps(rows))
+    """
+  )
+  proc = _run(["-c", code], timeout=600)
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert lines, proc.stderr[-3000:]
+  rows = json.loads(lines[-1])
+  assert rows == {"v5e:2x2-ours": 0, "v5e:2x2-d2f": 1, "v6e:2x2-ours": 0, "v6e:2x2-d2f": 1}, rows
+
+
 @pytest.mark.slow
 def test_ragged_prefill_tile_needs_the_vmem_limit_it_sets():
   # The default prefill tile (1,024 rows of 8 KV heads, bf16) compiles for v5e under the
