@@ -161,18 +161,12 @@ def test_whole_cache_with_layer_index_matches_per_layer_pools():
   chex.assert_trees_all_equal(new, before.replace_layer(1, k1, v1))
 
 
-def test_decoder_paged_chunks_match_no_cache_forward():
-  config = DecoderConfig(
-    d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=64
-  )
-  model = Decoder(config, rngs=nnx.Rngs(5))
-  rng = np.random.default_rng(3)
-  seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (13, 7)]
-  want = [np.asarray(model.forward(jnp.asarray(s)[None]))[0] for s in seqs]
-  bs = 4
-  table = _scatter_table(rng, [13, 7], bs, 12, 4)
-  cache = model.init_cache(12, bs)
-  for call in ([(0, 9), (0, 7)], [(9, 13)]):
+def _run_calls(model, cache, seqs, table, bs, calls, want):
+  """Runs ``calls`` (each a list of ``(lo, hi)`` token ranges, one per sequence) through
+  the paged model in order, checking every call's logits against the no-cache ``want``
+  rows; returns ``(each call's logits split by sequence, the cache)``."""
+  out = []
+  for call in calls:
     tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
     pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
     slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
@@ -188,6 +182,22 @@ def test_decoder_paged_chunks_match_no_cache_forward():
     )
     got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
     chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
+    out.append(got)
+  return out, cache
+
+
+def test_decoder_paged_chunks_match_no_cache_forward():
+  config = DecoderConfig(
+    d_model=32, num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64, max_seq_len=64
+  )
+  model = Decoder(config, rngs=nnx.Rngs(5))
+  rng = np.random.default_rng(3)
+  seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (13, 7)]
+  want = [np.asarray(model.forward(jnp.asarray(s)[None]))[0] for s in seqs]
+  bs = 4
+  table = _scatter_table(rng, [13, 7], bs, 12, 4)
+  cache = model.init_cache(12, bs)
+  _run_calls(model, cache, seqs, table, bs, ([(0, 9), (0, 7)], [(9, 13)]), want)
 
 
 def test_forward_logit_rows_equals_full_forward_rows():
@@ -529,22 +539,8 @@ def test_decoder_over_a_lane_dense_cache_matches_no_cache_forward(backend):
   table = _scatter_table(rng, [21, 10], bs, 6, 2)
   cache = model.init_cache(6, bs, lane_dense=True)
   assert cache.k[0].shape == (2, 6, 8, 128)
-  for call in ([(0, 12), (0, 9)], [(12, 20), (9, 10)], [(20, 21)]):
-    tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
-    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
-    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
-    q_lens = [hi - lo for lo, hi in call]
-    logits, cache = model(
-      jnp.asarray(tok),
-      jnp.asarray(pos),
-      cache,
-      block_table=jnp.asarray(table[: len(call)]),
-      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
-      slot_mapping=jnp.asarray(slots),
-      cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
-    )
-    got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
-    chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
+  calls = ([(0, 12), (0, 9)], [(12, 20), (9, 10)], [(20, 21)])
+  _, cache = _run_calls(model, cache, seqs, table, bs, calls, want)
   assert cache.lane_dense
 
 
@@ -567,27 +563,7 @@ def test_decoder_over_a_lane_padded_cache_matches_the_plain_cache_and_no_cache(b
   calls = ([(0, 12), (0, 9)], [(12, 20), (9, 10)], [(20, 21)])
 
   def run(cache):
-    out = []
-    for call in calls:
-      tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
-      pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
-      slots = np.concatenate(
-        [_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)]
-      )
-      q_lens = [hi - lo for lo, hi in call]
-      logits, cache = model(
-        jnp.asarray(tok),
-        jnp.asarray(pos),
-        cache,
-        block_table=jnp.asarray(table[: len(call)]),
-        lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
-        slot_mapping=jnp.asarray(slots),
-        cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
-      )
-      got = np.split(np.asarray(logits), np.cumsum(q_lens)[:-1])
-      chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
-      out.append(got)
-    return out, cache
+    return _run_calls(model, cache, seqs, table, bs, calls, want)
 
   cache = model.init_cache(6, bs, lane_padded=True)
   assert cache.k[0].shape == (2, 6, bs, 128) and cache.head_dim == 80

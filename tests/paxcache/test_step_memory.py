@@ -133,33 +133,16 @@ def test_compiled_step_never_copies_an_8bit_pool_or_its_scales(backend, head_dim
 
 
 @pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
-def test_compiled_step_never_copies_a_lane_dense_pool(backend):
-  """head_dim 64 in a lane-dense cache (rows of 128): the GPU and reference backends read it
-  through a reshape, the TPU kernels as it is, and the write scatters into its rows: no
-  copy of the pool in either shape, and the pools are updated in place."""
-  small, _ = _compiled_decode_step(backend, 64, SMALL_POOL, lane_dense=True)
-  large, cache = _compiled_decode_step(backend, 64, LARGE_POOL, lane_dense=True)
-  assert cache.lane_dense and cache.k[0].shape[2:] == (8, 128)
-  layer_bytes = cache.k[0].nbytes
-  mem_small, mem = small.memory_analysis(), large.memory_analysis()
-  assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
-  assert mem.temp_size_in_bytes < layer_bytes / 4
-  assert mem.alias_size_in_bytes >= 2 * cache.num_layers * layer_bytes
-  assert mem.output_size_in_bytes - mem.alias_size_in_bytes < layer_bytes / 4
-  text = large.as_text()
-  for shape in (cache.k[0].shape, cache.logical_shape):
-    assert not re.findall(rf"= f32\[{','.join(map(str, shape))}\][^ ]* copy\(", text), shape
-
-
-@pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
-def test_compiled_step_never_copies_a_lane_padded_pool(backend):
-  """head_dim 80 in a lane-padded cache (rows of 128, zeros after the real lanes): every
-  backend reads the pool as head_dim 128 with q zero-padded, and the write scatters padded
-  rows, so neither the padded pool nor a pool of the real head_dim is copied, and the
-  pools are updated in place."""
-  small, _ = _compiled_decode_step(backend, 80, SMALL_POOL, lane_padded=True)
-  large, cache = _compiled_decode_step(backend, 80, LARGE_POOL, lane_padded=True)
-  assert cache.lane_padded and cache.k[0].shape[2:] == (8, 128)
+@pytest.mark.parametrize("layout,head_dim", [("lane_dense", 64), ("lane_padded", 80)])
+def test_compiled_step_never_copies_a_lane_dense_or_lane_padded_pool(backend, layout, head_dim):
+  """Pools in rows of 128: head_dim 64 lane-dense (two tokens a row) or head_dim 80
+  lane-padded (zeros after the real lanes). The GPU and reference backends read a
+  lane-dense pool through a reshape and a lane-padded one as head_dim 128 with q
+  zero-padded, the TPU kernels both as they are; the write scatters into the rows. No copy
+  of the pool in its own shape or its logical one, and the pools are updated in place."""
+  small, _ = _compiled_decode_step(backend, head_dim, SMALL_POOL, **{layout: True})
+  large, cache = _compiled_decode_step(backend, head_dim, LARGE_POOL, **{layout: True})
+  assert getattr(cache, layout) and cache.k[0].shape[2:] == (8, 128)
   layer_bytes = cache.k[0].nbytes
   mem_small, mem = small.memory_analysis(), large.memory_analysis()
   assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
