@@ -553,12 +553,14 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
 
   Sets every layer's :class:`paxcache.nn.PagedAttention` to run on ``mesh`` (K/V write and
   attention per device under ``shard_map``) and places the parameters Megatron-style
-  where the head layout allows it: q/k/v projections split by output columns (whole heads
-  per device), the MLP's one gate/up weight by columns too (reordered first so that each
-  device's columns pair its gate and up halves: ``SwiGLU.set_shards``), o/down
-  projections by input rows (GSPMD adds the all-reduce
-  after them); k/v projections are replicated when KV heads are copied, q/o when the
-  query layout is not the identity; everything else (embedding, norms) is replicated.
+  where the head layout allows it: the one q/k/v weight split by output columns (whole
+  heads per device, reordered first so that each device's columns hold its q, k and v
+  heads: ``PagedAttention.set_shards``), the MLP's one gate/up weight by columns too
+  (``SwiGLU.set_shards``), o/down projections by input rows (GSPMD adds the all-reduce
+  after them). The q/k/v weight is replicated when KV heads are copied or the query
+  layout is not the identity (each device then computes every head's q, k and v, as
+  the k/v projections did before they were one weight with q), o when the query layout
+  is not the identity; everything else (embedding, norms) is replicated.
   ``model.init_cache`` then returns a sharded pool. ``Engine`` does this itself when
   ``EngineConfig.mesh`` is set.
   """
@@ -574,11 +576,11 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
     a = layer.attn
     layout = head_layout(n, a.num_kv_heads, a.num_q_heads)
     if layout.q_identity:
-      _put(a.q_proj.kernel, cols)
       _put(a.o_proj.kernel, rows)
-    if a.num_kv_heads % n == 0:
-      _put(a.k_proj.kernel, cols)
-      _put(a.v_proj.kernel, cols)
+    if layout.q_identity and a.num_kv_heads % n == 0:
+      # Columns in n blocks of [q | k | v] heads: each device's slice computes its own.
+      a.set_shards(n)
+      _put(a.qkv, cols)
     mlp = layer.mlp
     if mlp.mlp_dim % n == 0:
       # Columns in n blocks of [gate | up]: each device's slice holds its gate columns

@@ -240,9 +240,9 @@ def convert_params(
     layers[i] = {
       "attn_norm": {"scale": get(b + "attn_norm.weight", (d,))},
       "attn": {
-        "q_proj": {"kernel": kernel(wq)},
-        "k_proj": {"kernel": kernel(wk)},
-        "v_proj": {"kernel": kernel(get(b + "attn_v.weight", (hkv * hd, d)))},
+        "qkv": np.concatenate(
+          [kernel(wq), kernel(wk), kernel(get(b + "attn_v.weight", (hkv * hd, d)))], axis=1
+        ),
         "o_proj": {"kernel": kernel(get(b + "attn_output.weight", (d, hq * hd)))},
       },
       "mlp_norm": {"scale": get(b + "ffn_norm.weight", (d,))},

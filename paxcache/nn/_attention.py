@@ -29,12 +29,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import kernels
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
-from paxcache.nn._layers import apply_rope
+from paxcache.nn._layers import apply_rope, reorder_column_blocks, split_column_blocks
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
 
@@ -90,6 +92,15 @@ class PagedAttention(nnx.Module):
   Query head ``h`` reads KV head ``h // (num_q_heads // num_kv_heads)``, the
   grouping ``kernels.paged_attention`` uses.
 
+  The q, k and v kernels are one parameter, ``qkv`` ``[d_model, (num_q_heads + 2 *
+  num_kv_heads) * head_dim]``, read by one matrix product, for the reason
+  :class:`paxcache.nn.SwiGLU` keeps gate and up as one (docs/benchmarks.md, "One weight
+  for q, k and v"). Column order: ``shards`` blocks of ``[q | k | v]`` columns, whole heads
+  of each; with ``shards == 1`` (as built, loaded and saved) ``[:, :Hq * D]`` is q's kernel,
+  then k's, then v's, heads in order. ``paxcache.sharding.shard_model`` sets ``shards`` to
+  the mesh size where the heads split evenly (:meth:`set_shards`); :meth:`canonical_qkv`
+  gives the ``shards == 1`` order back.
+
   Args:
     d_model: input and output width.
     num_q_heads, num_kv_heads, head_dim: head layout; ``num_q_heads`` must be a
@@ -133,10 +144,14 @@ class PagedAttention(nnx.Module):
     if backend not in kernels.BACKENDS:
       raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q_proj = nnx.Linear(d_model, num_q_heads * head_dim, **kw)
-    self.k_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
-    self.v_proj = nnx.Linear(d_model, num_kv_heads * head_dim, **kw)
+    # nnx.Linear's initialiser (LeCun normal: fan-in d_model), for q, k and v alike.
+    width = (num_q_heads + 2 * num_kv_heads) * head_dim
+    self.qkv = nnx.Param(
+      nnx.initializers.lecun_normal()(rngs.params(), (d_model, width), param_dtype)
+    )
     self.o_proj = nnx.Linear(num_q_heads * head_dim, d_model, **kw)
+    self.dtype = dtype
+    self.shards = 1
     self.d_model = d_model
     self.num_q_heads = num_q_heads
     self.num_kv_heads = num_kv_heads
@@ -156,16 +171,56 @@ class PagedAttention(nnx.Module):
     self.mesh = mesh
     self.mesh_axis = mesh_axis
 
+  @property
+  def _qkv_widths(self) -> tuple[int, int, int]:
+    d = self.head_dim
+    return (self.num_q_heads * d, self.num_kv_heads * d, self.num_kv_heads * d)
+
+  def canonical_qkv(self) -> jax.Array:
+    """``qkv`` in the ``shards == 1`` column order: ``[q | k | v]``."""
+    return reorder_column_blocks(self.qkv[...], self._qkv_widths, self.shards, 1)
+
+  def set_shards(self, shards: int) -> None:
+    """Reorders ``qkv``'s columns into ``shards`` blocks of ``[q | k | v]``, whole heads of
+    each (a copy of the weight, once); ``num_kv_heads`` must be a multiple of ``shards``
+    (ValueError)."""
+    shards = int(shards)
+    if shards < 1 or self.num_kv_heads % shards:
+      raise ValueError(
+        f"PagedAttention.set_shards: num_kv_heads {self.num_kv_heads} is not a multiple of "
+        f"{shards} shards"
+      )
+    if shards != self.shards:
+      w = reorder_column_blocks(self.qkv[...], self._qkv_widths, self.shards, shards)
+      self.qkv.set_value(w)
+      self.shards = shards
+
   def _qkv(self, x, positions):
     """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k."""
     lead = x.shape[:-1]
-    q = self.q_proj(x).reshape(*lead, self.num_q_heads, self.head_dim)
-    k = self.k_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(*lead, self.num_kv_heads, self.head_dim)
+    # As nnx.Linear: input and kernel promoted to the computation dtype.
+    xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
+    whole = self.mesh is not None and self.shards == 1
+    h = jnp.dot(xc, w)
+    if whole:
+      # The weight is replicated (KV heads copied over the devices, shard_model): every
+      # device computes q, k and v whole, RoPE included, and the attention takes its own
+      # heads from them. Left to itself, GSPMD splits these products' columns evenly,
+      # which does not cut at whole heads, and then moves heads between devices.
+      h = self._replicated(h)
+    q, k, v = split_column_blocks(h, self._qkv_widths, self.shards)
+    q = q.reshape(*lead, self.num_q_heads, self.head_dim)
+    k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
+    v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
     if self.rope_theta is not None:
       q = apply_rope(q, positions, self.rope_theta)
       k = apply_rope(k, positions, self.rope_theta)
+    if whole:
+      q, k, v = self._replicated(q), self._replicated(k), self._replicated(v)
     return q, k, v
+
+  def _replicated(self, a: jax.Array) -> jax.Array:
+    return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))
 
   def __call__(
     self,

@@ -22,8 +22,9 @@ def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> N
   """Writes ``config.json`` (with ``extra`` under key ``"extra"``) and ``params.msgpack``."""
   os.makedirs(directory, exist_ok=True)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  for i, layer in enumerate(model.layers):  # a sharded model's gate/up columns, in order
+  for i, layer in enumerate(model.layers):  # a sharded model's fused columns, in order
     params["layers"][i]["mlp"]["gate_up"] = layer.mlp.canonical_gate_up()
+    params["layers"][i]["attn"]["qkv"] = layer.attn.canonical_qkv()
   params = jax.tree.map(np.asarray, params)
   with open(os.path.join(directory, PARAMS_FILE), "wb") as f:
     f.write(serialization.msgpack_serialize(params))
@@ -42,9 +43,10 @@ def load_decoder(
   """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package).
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
-  8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels
-  became one weight load too (their two kernels side by side in ``gate_up``). A parameter
-  whose shape differs from the model's is refused (ValueError)."""
+  8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels,
+  or attention's q, k and v kernels, became one weight load too (their kernels side by
+  side in ``gate_up`` and ``qkv``). A parameter whose shape differs from the model's is
+  refused (ValueError)."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     meta = json.load(f)
   config = DecoderConfig.from_dict(meta["config"])
@@ -75,21 +77,26 @@ def load_decoder(
 
 
 def _upgrade(params: dict) -> dict:
-  """Parameters saved before the MLP's gate and up kernels became one weight: each layer's
-  ``mlp.gate.kernel`` and ``mlp.up.kernel`` ``[d, f]`` side by side in ``mlp.gate_up``
-  ``[d, 2f]`` (:class:`paxcache.nn.SwiGLU`); newer files pass through unchanged. A layer
-  with only one of the two, or with both forms, is not a file this code wrote
+  """Parameters saved before fused weights: each layer's ``mlp.gate`` and ``mlp.up``
+  kernels ``[d, f]`` side by side in ``mlp.gate_up`` ``[d, 2f]`` (:class:`paxcache.nn.SwiGLU`),
+  and its ``attn.q_proj``, ``attn.k_proj`` and ``attn.v_proj`` kernels in ``attn.qkv``
+  (:class:`paxcache.nn.PagedAttention`); newer files pass through unchanged. A layer with
+  only some of the old kernels, or with both forms, is not a file this code wrote
   (ValueError)."""
   for key, layer in params.get("layers", {}).items():
-    mlp = layer.get("mlp", {})
-    old = [name for name in ("gate", "up") if name in mlp]
-    if not old:
-      continue
-    if len(old) != 2 or "gate_up" in mlp:
-      raise ValueError(
-        f"layer {key}'s mlp holds {sorted(mlp)}: expected either 'gate_up' (this version) "
-        "or 'gate' and 'up' (older files), not a mix"
-      )
-    gate, up = mlp.pop("gate")["kernel"], mlp.pop("up")["kernel"]
-    mlp["gate_up"] = np.concatenate([np.asarray(gate), np.asarray(up)], axis=1)
+    _fuse(key, layer.get("mlp", {}), "mlp", ("gate", "up"), "gate_up")
+    _fuse(key, layer.get("attn", {}), "attn", ("q_proj", "k_proj", "v_proj"), "qkv")
   return params
+
+
+def _fuse(key, module: dict, where: str, old_names: tuple[str, ...], fused: str) -> None:
+  old = [name for name in old_names if name in module]
+  if not old:
+    return
+  if len(old) != len(old_names) or fused in module:
+    raise ValueError(
+      f"layer {key}'s {where} holds {sorted(module)}: expected either {fused!r} (this "
+      f"version) or {' and '.join(map(repr, old_names))} (older files), not a mix"
+    )
+  kernels = [np.asarray(module.pop(name)["kernel"]) for name in old_names]
+  module[fused] = np.concatenate(kernels, axis=1)

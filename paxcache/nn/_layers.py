@@ -86,15 +86,12 @@ class SwiGLU(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     x, w = nnx.nn.dtypes.promote_dtype((x, self.gate_up[...]), dtype=self.dtype)
-    h = jnp.dot(x, w)
-    lead, n, f = h.shape[:-1], self.shards, self.mlp_dim
-    h = h.reshape(*lead, n, 2, f // n)
-    gate, up = h[..., 0, :].reshape(*lead, f), h[..., 1, :].reshape(*lead, f)
+    gate, up = split_column_blocks(jnp.dot(x, w), (self.mlp_dim,) * 2, self.shards)
     return self.down(jax.nn.silu(gate) * up)
 
   def canonical_gate_up(self) -> jax.Array:
     """``gate_up`` in the ``shards == 1`` column order: ``[gate | up]``."""
-    return _reorder_gate_up(self.gate_up[...], self.mlp_dim, self.shards, 1)
+    return reorder_column_blocks(self.gate_up[...], (self.mlp_dim,) * 2, self.shards, 1)
 
   def set_shards(self, shards: int) -> None:
     """Reorders ``gate_up``'s columns into ``shards`` blocks of ``[gate | up]`` (a copy of
@@ -105,16 +102,31 @@ class SwiGLU(nnx.Module):
         f"SwiGLU.set_shards: mlp_dim {self.mlp_dim} is not a multiple of {shards} shards"
       )
     if shards != self.shards:
-      self.gate_up.set_value(_reorder_gate_up(self.gate_up[...], self.mlp_dim, self.shards, shards))
+      widths = (self.mlp_dim,) * 2
+      self.gate_up.set_value(reorder_column_blocks(self.gate_up[...], widths, self.shards, shards))
       self.shards = shards
 
 
-def _reorder_gate_up(w: jax.Array, mlp_dim: int, src: int, dst: int) -> jax.Array:
-  """``w [d, 2 * mlp_dim]`` from ``src`` blocks of ``[gate | up]`` columns to ``dst``."""
+# One weight for several products of one input (the MLP's gate and up, attention's q, k
+# and v): ``shards`` blocks of columns, each holding its share of every part in order, so
+# that a device's slice of a column-sharded weight computes its share of each part.
+
+
+def split_column_blocks(h: jax.Array, widths: tuple[int, ...], shards: int) -> list[jax.Array]:
+  """``h [..., sum(widths)]`` in ``shards`` column blocks -> one ``[..., width]`` per part."""
+  lead = h.shape[:-1]
+  per = [w // shards for w in widths]
+  h = h.reshape(*lead, shards, sum(per))
+  starts = [sum(per[:i]) for i in range(len(per))]
+  return [h[..., s : s + c].reshape(*lead, c * shards) for s, c in zip(starts, per, strict=True)]
+
+
+def reorder_column_blocks(w: jax.Array, widths: tuple[int, ...], src: int, dst: int) -> jax.Array:
+  """``w [d, sum(widths)]`` from ``src`` column blocks (each part's share of each block, in
+  order) to ``dst`` blocks; every width must be a multiple of both."""
   if src == dst:
     return w
   d = w.shape[0]
-  # [d, src, 2, f/src] -> [d, 2, f] (gate, up) -> [d, dst, 2, f/dst]
-  canonical = w.reshape(d, src, 2, mlp_dim // src).transpose(0, 2, 1, 3).reshape(d, 2, mlp_dim)
-  out = canonical.reshape(d, 2, dst, mlp_dim // dst).transpose(0, 2, 1, 3)
-  return out.reshape(d, 2 * mlp_dim)
+  parts = split_column_blocks(w, widths, src)  # each [d, width], in the one-block order
+  out = [p.reshape(d, dst, c // dst) for p, c in zip(parts, widths, strict=True)]
+  return jnp.concatenate(out, axis=2).reshape(d, sum(widths))

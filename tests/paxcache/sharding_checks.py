@@ -254,6 +254,70 @@ def check_model_collectives(meshes) -> list[dict]:
   return rows
 
 
+def check_fused_weights(meshes) -> list[dict]:
+  """A model whose 8 KV heads split evenly over 4 and 8 devices: its one q/k/v weight is
+  column-sharded in blocks of [q | k | v] heads, and a ragged paged step (prefill of 4
+  sequences) gives the single-device logits with no data moved but the two all-reduces;
+  the weight reads back in the one-device order (what ``save_decoder`` writes)."""
+  from flax import nnx
+
+  from paxcache.nn import Decoder, DecoderConfig
+
+  config = DecoderConfig(
+    vocab_size=64,
+    d_model=32,
+    num_layers=1,
+    num_q_heads=16,
+    num_kv_heads=8,
+    head_dim=8,
+    mlp_dim=64,
+  )
+  # 4 sequences of 6 tokens in blocks of 4, sequence i in blocks (6 - 2i, 7 - 2i).
+  table = np.arange(8).reshape(4, 2)[::-1].copy()
+  pos = np.tile(np.arange(6), 4)
+  slots = table[np.repeat(np.arange(4), 6), pos // 4] * 4 + pos % 4
+  batch = tuple(
+    jnp.asarray(a, jnp.int32)
+    for a in (np.arange(24) * 7 % 64, pos, table, np.full(4, 6), slots, [0, 6, 12, 18, 24])
+  )
+
+  def step(graphdef, state, cache, toks, pos, table, lens, slots, cu):
+    m = nnx.merge(graphdef, state)
+    logits, _ = m(
+      toks, pos, cache, block_table=table, lengths=lens, slot_mapping=slots, cu_q_lens=cu
+    )
+    return logits
+
+  def run(model):
+    """The step's logits and the collectives of its compiled HLO."""
+    graphdef, state = nnx.split(model)
+    cache = model.init_cache(8, 4)  # sharded over the heads for a sharded model
+    jitted = jax.jit(functools.partial(step, graphdef))
+    hlo = jitted.lower(state, cache, *batch).compile().as_text()
+    return np.asarray(jitted(state, cache, *batch)), _collectives(hlo)
+
+  base = Decoder(config, rngs=nnx.Rngs(3))
+  want_w = np.asarray(base.layers[0].attn.qkv.get_value())
+  want, _ = run(base)
+  rows = []
+  for n, mesh in meshes.items():
+    model = sh.shard_model(Decoder(config, rngs=nnx.Rngs(3)), mesh)
+    attn = model.layers[0].attn
+    got, collectives = run(model)
+    rows.append(
+      dict(
+        mesh=n,
+        qkv_shards=int(attn.shards),
+        qkv=_shard_info(attn.qkv.get_value()),
+        canonical_equal=bool(np.array_equal(np.asarray(attn.canonical_qkv()), want_w)),
+        max_abs_err=float(np.max(np.abs(got - want))),
+        finite=bool(np.isfinite(got).all()),
+        collectives=collectives,
+      )
+    )
+  return rows
+
+
 def check_engine(meshes) -> list[dict]:
   """Greedy outputs of the trained tiny model (4 query heads, 2 KV heads) through the
   engine, sharded against one device, with a swap preemption and a fork."""
@@ -288,7 +352,6 @@ def check_engine(meshes) -> list[dict]:
     engine = Engine(model, dataclasses.replace(config, mesh=mesh))
     got = engine.run(list(reqs))
     spec_kv = sh.kv_sharding(mesh, model.config.num_kv_heads)
-    q_kernel = model.layers[0].attn.q_proj.kernel.get_value()
     m = engine.metrics
     rows.append(
       dict(
@@ -305,7 +368,8 @@ def check_engine(meshes) -> list[dict]:
         host_pool_heads=int(engine.host_pool.k.shape[1]),
         attn_mesh=all(layer.attn.mesh is mesh for layer in model.layers),
         pool=_shard_info(engine.cache.k[0]),
-        q_proj=_shard_info(q_kernel),
+        qkv=_shard_info(model.layers[0].attn.qkv.get_value()),
+        qkv_shards=int(model.layers[0].attn.shards),
         gate_up=_shard_info(model.layers[0].mlp.gate_up.get_value()),
         down=_shard_info(model.layers[0].mlp.down.kernel.get_value()),
         mlp_shards=int(model.layers[0].mlp.shards),
@@ -326,6 +390,7 @@ def main():
     # One mesh suffices to see the pattern (and each compile costs seconds).
     ("model_collectives", lambda: check_model_collectives({4: meshes[4]})),
     ("engine", lambda: check_engine(meshes)),
+    ("fused_weights", lambda: check_fused_weights(meshes)),
   ]
   for name, check in checks:
     t0 = time.perf_counter()

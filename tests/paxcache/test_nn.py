@@ -52,11 +52,11 @@ def _np_rope(x, pos, theta):
 
 def _np_layer(layer: PagedAttention, xs, theta):
   """Float64 NumPy oracle: each sequence's causal attention over its full token list."""
-  w = {
-    n: np.asarray(getattr(layer, n).kernel[...], np.float64)
-    for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-  }
   hq, hkv, d = layer.num_q_heads, layer.num_kv_heads, layer.head_dim
+  qkv = np.asarray(layer.canonical_qkv(), np.float64)  # [q | k | v] columns
+  parts = np.split(qkv, [hq * d, (hq + hkv) * d], axis=1)
+  w = dict(zip(("q_proj", "k_proj", "v_proj"), parts, strict=True))
+  w["o_proj"] = np.asarray(layer.o_proj.kernel[...], np.float64)
   outs = []
   for x in xs:
     x = np.asarray(x, np.float64)
@@ -297,10 +297,65 @@ def test_swiglu_equals_two_linear_layers(dtype, param_dtype):
     assert abs(half.std() * 16 - 1) < 0.03
 
 
-def test_checkpoint_with_separate_gate_and_up_loads(tmp_path):
-  """A file saved before gate and up became one weight (``mlp.gate.kernel``,
-  ``mlp.up.kernel``) loads into ``gate_up`` and gives the saved model's logits; a file
-  with both forms or half of the old one is refused."""
+def test_qkv_column_blocks_follow_whole_heads():
+  """``qkv`` ``[d, (Hq + 2 Hkv) D]``: with ``shards`` n, block s holds q heads
+  ``[s Hq/n, (s+1) Hq/n)``, then the same share of k heads, then of v heads; the layer's
+  output (against the float64 oracle) and ``canonical_qkv`` do not change, and a sharded
+  model saves the one-device order."""
+  attn = PagedAttention(16, 8, 4, 4, rngs=nnx.Rngs(2))
+  w = np.asarray(attn.qkv[...])
+  assert w.shape == (16, (8 + 2 * 4) * 4)
+  q, k, v = np.split(w, [32, 48], axis=1)
+  xs = [np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)]
+  want = _np_layer(attn, xs, 10_000.0)[0]
+  for shards in (2, 4, 1):
+    attn.set_shards(shards)
+    got = np.asarray(attn.qkv[...])
+    qs, ks = 32 // shards, 16 // shards  # columns of each part in one block
+    for s in range(shards):
+      block = got[:, s * (qs + 2 * ks) : (s + 1) * (qs + 2 * ks)]
+      np.testing.assert_array_equal(block[:, :qs], q[:, s * qs : (s + 1) * qs])
+      np.testing.assert_array_equal(block[:, qs : qs + ks], k[:, s * ks : (s + 1) * ks])
+      np.testing.assert_array_equal(block[:, qs + ks :], v[:, s * ks : (s + 1) * ks])
+    np.testing.assert_array_equal(attn.canonical_qkv(), w)
+    x = jnp.asarray(xs[0])
+    out = attn.dense(x[None], jnp.arange(5, dtype=jnp.int32)[None])[0]
+    np.testing.assert_allclose(out, want, **TOL)
+  with pytest.raises(ValueError, match="num_kv_heads 4 is not a multiple of 3 shards"):
+    attn.set_shards(3)
+
+
+@pytest.mark.parametrize(
+  "dtype,param_dtype", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")]
+)
+def test_qkv_equals_three_linear_layers(dtype, param_dtype):
+  """The one q/k/v product equals nnx.Linear q, k and v layers with the same kernels,
+  dtype promotion included, bit for bit; each part is LeCun-normal as nnx.Linear's."""
+  dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+  hq, hkv, d = 8, 2, 32
+  attn = PagedAttention(
+    256, hq, hkv, d, rope_theta=None, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(6)
+  )
+  assert attn.qkv[...].dtype == param_dtype
+  kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+  parts = np.split(np.asarray(attn.qkv[...], np.float32), [hq * d, (hq + hkv) * d], axis=1)
+  x = jax.random.normal(jax.random.key(3), (5, 256), jnp.float32)
+  got = attn._qkv(x, jnp.zeros(5, jnp.int32))
+  for part, heads, out in zip(parts, (hq, hkv, hkv), got, strict=True):
+    lin = nnx.Linear(256, heads * d, **kw)
+    lin.kernel[...] = jnp.asarray(part, param_dtype)
+    want = lin(x).reshape(5, heads, d)
+    assert out.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    # LeCun normal over fan-in 256: standard deviation 1/16 (16,384 draws or more each).
+    assert abs(part.astype(np.float64).std() * 16 - 1) < 0.03
+
+
+def test_checkpoint_with_separate_projection_kernels_loads(tmp_path):
+  """A file saved before gate and up (``mlp.gate.kernel``, ``mlp.up.kernel``) and q, k and
+  v (``attn.q_proj.kernel``, ...) became one weight each loads into ``gate_up`` and
+  ``qkv`` and gives the saved model's logits; a file with part of an old form is
+  refused."""
   from flax import serialization
 
   config = DecoderConfig(
@@ -315,13 +370,26 @@ def test_checkpoint_with_separate_gate_and_up_loads(tmp_path):
     gate_up = layer["mlp"].pop("gate_up")
     layer["mlp"]["gate"] = {"kernel": gate_up[:, :32]}
     layer["mlp"]["up"] = {"kernel": gate_up[:, 32:]}
+    qkv = layer["attn"].pop("qkv")  # 2 query heads of 8, then 1 KV head's k and v
+    for name, cols in (
+      ("q_proj", slice(0, 16)),
+      ("k_proj", slice(16, 24)),
+      ("v_proj", slice(24, 32)),
+    ):
+      layer["attn"][name] = {"kernel": qkv[:, cols]}
   path.write_bytes(serialization.msgpack_serialize(params))
   loaded = load_decoder(str(tmp_path))
   for a, b in zip(loaded.layers, model.layers, strict=True):
     np.testing.assert_array_equal(a.mlp.gate_up[...], b.mlp.gate_up[...])
+    np.testing.assert_array_equal(a.attn.qkv[...], b.attn.qkv[...])
   tokens = jnp.asarray([[1, 2, 3, 250]], jnp.int32)
   np.testing.assert_array_equal(loaded.forward(tokens), model.forward(tokens))
+  del params["layers"][0]["attn"]["v_proj"]
+  path.write_bytes(serialization.msgpack_serialize(params))
+  with pytest.raises(ValueError, match="layer 0's attn holds \\['k_proj', 'o_proj', 'q_proj'\\]"):
+    load_decoder(str(tmp_path))
   del params["layers"][1]["mlp"]["up"]
+  params["layers"][0]["attn"]["v_proj"] = {"kernel": np.zeros((16, 8), np.float32)}
   path.write_bytes(serialization.msgpack_serialize(params))
   with pytest.raises(ValueError, match="layer 1's mlp holds \\['down', 'gate'\\]"):
     load_decoder(str(tmp_path))
@@ -329,7 +397,7 @@ def test_checkpoint_with_separate_gate_and_up_loads(tmp_path):
 
 def test_a_sharded_models_checkpoint_loads_on_one_device(tmp_path):
   """save_decoder writes gate/up in the one-device column order whatever ``shards`` the
-  model runs with (``shard_model`` sets it to the mesh size)."""
+  model runs with (``shard_model`` sets it to the mesh size; q/k/v: the next test)."""
   config = DecoderConfig(
     d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32
   )
@@ -337,6 +405,8 @@ def test_a_sharded_models_checkpoint_loads_on_one_device(tmp_path):
   tokens = jnp.asarray([[5, 6, 7]], jnp.int32)
   want = model.forward(tokens)
   model.layers[0].mlp.set_shards(4)
+  with pytest.raises(ValueError, match="num_kv_heads 1 is not a multiple of 2 shards"):
+    model.layers[0].attn.set_shards(2)
   np.testing.assert_allclose(model.forward(tokens), want, **TOL)
   save_decoder(model, str(tmp_path))
   loaded = load_decoder(str(tmp_path))

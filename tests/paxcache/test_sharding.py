@@ -220,15 +220,32 @@ def test_sharded_engine_equals_single_device(multi_device):
     # heads (2 KV heads copied to one per device), the host pool matches the device pool.
     assert r["attn_mesh"], r
     assert r["pool_heads"] == r["want_pool_heads"] == r["host_pool_heads"] == r["mesh"], r
-  # 4 query heads of 16: column-sharded q projection on 4 devices; replicated on 8 (its
-  # query layout is not the identity there).
-  assert rows[0]["q_proj"]["shard_shapes"] == [[64, 16]]
-  assert rows[1]["q_proj"]["shard_shapes"] == [[64, 64]]
+  # One q/k/v weight (4 query and 2 KV heads of 16): its KV heads are copied on 4 and 8
+  # devices, so it is replicated, in the one-device column order.
+  for r in rows:
+    assert r["qkv"]["shard_shapes"] == [[64, (4 + 2 * 2) * 16]] and r["qkv_shards"] == 1, r
   # The MLP (mlp_dim 192): gate/up by columns in n blocks of [gate | up], down by rows.
   for r, n in zip(rows, (4, 8), strict=True):
     assert r["mlp_shards"] == n, r
     assert r["gate_up"]["shard_shapes"] == [[64, 2 * 192 // n]], r
     assert r["down"]["shard_shapes"] == [[192 // n, 64]], r
+
+
+def test_a_fused_qkv_weight_is_sharded_by_whole_heads(multi_device):
+  # 16 query and 8 KV heads of 8 over 4 and 8 devices: each device holds the columns of
+  # its own q, k and v heads ((16 + 2 * 8) * 8 / n), and the step's logits are the
+  # single-device ones up to float rounding of the all-reduced sums.
+  rows = multi_device["fused_weights"]
+  assert [r["mesh"] for r in rows] == [4, 8]
+  for r in rows:
+    n = r["mesh"]
+    assert r["qkv_shards"] == n and r["qkv"]["shard_devices"] == n, r
+    assert r["qkv"]["shard_shapes"] == [[32, (16 + 2 * 8) * 8 // n]], r
+    assert r["canonical_equal"] and r["finite"], r
+    assert r["max_abs_err"] <= SHARDED.atol, r
+    # Each device's columns are its own heads: nothing crosses devices but the Megatron
+    # all-reduces of [tokens, d_model] after the o projection and the MLP.
+    assert r["collectives"] == [["all-reduce", [24, 32]]] * 2, r
 
 
 # ---------------------------------------------------------------------------------------------

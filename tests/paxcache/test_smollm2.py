@@ -145,7 +145,7 @@ def test_weights_match_a_hand_decoding_of_the_gguf_blocks(gm, reader):
   v = _tensor(reader, "blk.3.attn_v.weight")
   assert v.tensor_type == gguf.GGMLQuantizationType.Q4_1
   want = _q4_1_rows(np.asarray(v.data)[rows])
-  got = np.asarray(layer.attn.v_proj.kernel[...]).T[rows]
+  got = np.asarray(layer.attn.qkv[...])[:, (9 + 3) * 64 :].T[rows]  # [q | k | v] columns
   np.testing.assert_allclose(got, want, **DEQUANT)
   # Token embedding (Q8_0), already [vocab, d_model].
   emb = _tensor(reader, "token_embd.weight")
@@ -161,12 +161,13 @@ def test_weights_match_a_hand_decoding_of_the_gguf_blocks(gm, reader):
 def test_q_and_k_rows_are_put_back_in_rotate_half_order(gm, reader):
   """File row ``h * 64 + 2 * i + s`` must be our output column ``h * 64 + s * 32 + i``."""
   layer = gm.model.layers[7]
+  qkv = np.asarray(layer.attn.qkv[...])  # [q (9 heads) | k (3) | v (3)] columns
   for name, kernel, heads in (
-    ("blk.7.attn_q.weight", layer.attn.q_proj.kernel, 9),
-    ("blk.7.attn_k.weight", layer.attn.k_proj.kernel, 3),
+    ("blk.7.attn_q.weight", qkv[:, : 9 * 64], 9),
+    ("blk.7.attn_k.weight", qkv[:, 9 * 64 : 12 * 64], 3),
   ):
     file_rows = _q4_1_rows(np.asarray(_tensor(reader, name).data))
-    ours = np.asarray(kernel[...]).T  # [out, in]
+    ours = kernel.T  # [out, in]
     h, s, i = np.meshgrid(np.arange(heads), np.arange(2), np.arange(32), indexing="ij")
     np.testing.assert_allclose(
       ours[(h * 64 + s * 32 + i).ravel()], file_rows[(h * 64 + 2 * i + s).ravel()], **DEQUANT
@@ -268,8 +269,11 @@ def test_rope_conversion_is_the_one_that_answers(gm, jit_forward):
   assert int(logits.argmax()) == paris[0]
   wrong = nnx.clone(gm.model)
   for layer in wrong.layers:
-    layer.attn.q_proj.kernel[...] = _repermute(layer.attn.q_proj.kernel[...], 9)
-    layer.attn.k_proj.kernel[...] = _repermute(layer.attn.k_proj.kernel[...], 3)
+    qkv = layer.attn.qkv[...]
+    layer.attn.qkv[...] = jnp.concatenate(
+      [_repermute(qkv[:, : 9 * 64], 9), _repermute(qkv[:, 9 * 64 : 12 * 64], 3), qkv[:, 12 * 64 :]],
+      axis=1,
+    )
   logits = np.asarray(jit_forward(wrong, tokens))[0, -1]
   assert int(logits.argmax()) != paris[0]
   assert paris[0] not in np.argsort(-logits)[:5]
@@ -458,14 +462,17 @@ def test_any_llama_gguf_file_untied_f16_f32(tmp_path):
   np.testing.assert_array_equal(np.asarray(m.embed.embedding[...]), want["token_embd.weight"])
   for i, layer in enumerate(m.layers):
     b = f"blk.{i}."
-    for ours, name in (
-      (layer.attn.q_proj, "attn_q"),
-      (layer.attn.k_proj, "attn_k"),
-      (layer.attn.v_proj, "attn_v"),
-      (layer.attn.o_proj, "attn_output"),
-      (layer.mlp.down, "ffn_down"),
-    ):
+    for ours, name in ((layer.attn.o_proj, "attn_output"), (layer.mlp.down, "ffn_down")):
       np.testing.assert_array_equal(np.asarray(ours.kernel[...]).T, want[b + name + ".weight"])
+    # paxcache.nn.PagedAttention's one weight: q's columns (4 heads of 8), k's, v's (2 each).
+    qkv = np.asarray(layer.attn.qkv[...])
+    assert qkv.shape == (c.d_model, (4 + 2 * 2) * 8)
+    for cols, name in (
+      (slice(0, 32), "attn_q"),
+      (slice(32, 48), "attn_k"),
+      (slice(48, 64), "attn_v"),
+    ):
+      np.testing.assert_array_equal(qkv[:, cols].T, want[b + name + ".weight"])
     gate_up, f = np.asarray(layer.mlp.gate_up[...]), c.mlp_dim
     assert gate_up.shape == (c.d_model, 2 * f)
     np.testing.assert_array_equal(gate_up[:, :f].T, want[b + "ffn_gate.weight"])
