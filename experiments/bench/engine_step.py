@@ -269,13 +269,18 @@ def step_rows(args, rate: float) -> list[dict]:
       pbytes = param_bytes(model)
       kbytes = kv_bytes(c, batch, context)
       roofline_ms = (pbytes + kbytes) / rate * 1e3
-      dense = dense_step_ms(model, batch=batch, context=context, rng=rng, args=args)
       per_seq = -(-context // args.block_size)
       live = batch * per_seq
       block_bytes = kv_bytes(c, 1, args.block_size)
       big = int(args.big_pool_gb * 1e9 // block_bytes)
       # Just the live blocks, 40x them, and >= --big-pool-gb; none above --max-pool-gb.
       cap = int(args.max_pool_gb * 1e9 // block_bytes)
+      if cap < live + 8:
+        raise ValueError(
+          f"{name} {batch}x{context}: --max-pool-gb {args.max_pool_gb} holds {cap} blocks, "
+          f"fewer than the {live + 8} the step needs ({(live + 8) * block_bytes / 1e9:.2f} GB)"
+        )
+      dense = dense_step_ms(model, batch=batch, context=context, rng=rng, args=args)
       for pool in sorted({live + 8, min(40 * live, cap), min(max(big, 40 * live), cap)}):
         paged = paged_step_ms(
           model,
