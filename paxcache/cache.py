@@ -10,7 +10,7 @@ Layout (one for every backend; docs/ARCHITECTURE.md says why heads come first)::
   HostKVPool.k, .v     [num_layers, num_kv_heads, num_host_blocks, block_size, head_dim]  NumPy
   HostKVPool.k_scale   f32[num_layers, num_kv_heads, num_host_blocks, block_size] (8-bit only)
                        (views of block-major storage: one contiguous slab per host block;
-                       a lane-padded cache's host blocks keep its padded rows)
+                       a lane-padded cache's host blocks hold its real head_dim)
 
 An 8-bit cache (``dtype`` int8 or float8_e4m3fn) stores each token's K (and V) row of each
 KV head quantized with its own float32 scale (``kernels.quantize``); the scales sit in
@@ -603,8 +603,8 @@ class HostKVPool:
   @classmethod
   def like(cls, cache: PagedKVCache, num_host_blocks: int) -> HostKVPool:
     """A host pool whose blocks fit ``cache``'s blocks (same layers, heads, sizes, dtype;
-    a lane-padded cache's blocks with their padded rows: ``head_dim`` here is the rows'
-    width, and a swap moves whole rows)."""
+    ``head_dim`` the cache's: a lane-padded cache's blocks without their zero lanes, which
+    a swap drops on the way out and puts back on the way in)."""
     _check_cache(cache)
     return cls.create(
       cache.num_layers,
@@ -644,10 +644,10 @@ class HostKVPool:
 
 
 def _host_row_width(cache: PagedKVCache) -> int:
-  """The last axis of the host blocks that hold ``cache``'s blocks: its head_dim, or a
-  lane-padded cache's row width (swapped with its zero lanes, whole rows: no slicing or
-  padding on the way; the host pool costs the padding, as the device pool does)."""
-  return cache.k[0].shape[3] // cache.row_tokens
+  """The last axis of the host blocks that hold ``cache``'s blocks: its head_dim (a
+  lane-dense cache's rows are reshaped to token rows; a lane-padded cache's lose their
+  zero lanes, so that neither the host pool nor the link carries the padding)."""
+  return cache.head_dim
 
 
 def _block_major(k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -733,8 +733,8 @@ def swap_in(
   if device_ids.size == 0:
     return cache
   blocks = host_pool._kv[host_ids]  # [n, 2, L, H, bs, D]
-  # As the device pools hold them (a lane-dense cache: the same bytes in rows of 128).
-  blocks = blocks.reshape(blocks.shape[:4] + cache.k[0].shape[2:])
+  if cache.lane_dense:  # as the device pools hold them: the same bytes in rows of 128
+    blocks = blocks.reshape(blocks.shape[:4] + cache.k[0].shape[2:])
   scales = host_pool._scales[host_ids] if cache.quantized else None
   if pinned is not None:
     staged = jax.device_put((blocks, scales), pinned)  # host copies into pinned memory
@@ -773,13 +773,14 @@ def _gather_blocks(cache, ids):
   def gather(pools):  # each layer's [H, n, bs, (D)] as [n, H, ...], stacked: [n, L, H, ...]
     return jnp.stack([jnp.swapaxes(pool[:, ids], 0, 1) for pool in pools], axis=1)
 
-  def block_major(k, v):
-    return jnp.stack([gather(k), gather(v)], axis=1)  # [n, 2, L, H, bs, (D)]
+  def gather_rows(pools):  # K/V rows: a lane-padded cache's without the zero lanes
+    out = gather(pools)
+    return out if cache.real_head_dim is None else out[..., : cache.real_head_dim]
 
-  blocks = block_major(cache.k, cache.v)
+  blocks = jnp.stack([gather_rows(cache.k), gather_rows(cache.v)], axis=1)  # [n, 2, L, H, bs, D]
   if not cache.k_scale:
     return blocks, None
-  return blocks, block_major(cache.k_scale, cache.v_scale)
+  return blocks, jnp.stack([gather(cache.k_scale), gather(cache.v_scale)], axis=1)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -789,6 +790,8 @@ def _scatter_blocks(cache, blocks, scales, ids):
 
   def scatter(pools, new):  # new: [n, L, H, bs, (D)]
     new = jnp.moveaxis(new, 0, 2)  # [L, H, n, bs, (D)]
+    if new.ndim == 5 and new.shape[-1] != pools[0].shape[-1]:  # lane-padded: zero lanes back
+      new = jnp.pad(new, [(0, 0)] * 4 + [(0, pools[0].shape[-1] - new.shape[-1])])
     return tuple(pool.at[:, ids].set(new[i]) for i, pool in enumerate(pools))
 
   if scales is None:
@@ -811,7 +814,7 @@ def _check_swap(cache, host_pool, device_ids, host_ids, dst_name):
     raise ValueError(
       f"host_pool blocks {_shape_str(host_pool.k)} do not fit the cache's {cache.num_layers} "
       f"layers of {_shape_str(cache.k[0])} (layers, kv heads, block_size, head_dim and dtype "
-      "must match; a lane-padded cache's host blocks have its padded rows: HostKVPool.like)"
+      "must match; a lane-padded cache's host blocks have its real head_dim: HostKVPool.like)"
     )
   device_ids = np.asarray(_as_ids(device_ids, "device_ids"))
   host_ids = np.asarray(_as_ids(host_ids, "host_ids"))

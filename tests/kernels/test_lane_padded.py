@@ -77,6 +77,26 @@ def test_decode_from_a_lane_padded_pool_matches_float64(backend, head_dim):
   _close(out, decode_float64(q, k, v, table, lengths, scale=head_dim**-0.5))
 
 
+@pytest.mark.parametrize("head_dim", (80, 192))
+def test_planned_gpu_decode_from_a_lane_padded_pool_matches_float64(head_dim):
+  # The GPU backend's planned decode (a plan of this step's lengths: a row over several
+  # chunks, merged; rows of one chunk; an empty row) over the padded rows.
+  from kernels.gpu import plan_decode
+
+  rng = np.random.default_rng(head_dim + 3)
+  lengths = [50, 3, 0, 29]
+  k, v, table, lens = make_cache(
+    rng, lengths=lengths, block_size=BS, num_kv_heads=2, head_dim=head_dim, kv_dtype=jnp.float32
+  )
+  q = jnp.asarray(rng.standard_normal((len(lengths), 4, head_dim)), jnp.float32)
+  p = plan_decode(lens, BS, 2, kv_tile=BS, chunk_tokens=16)
+  assert int(p.seq_num_chunks.max()) >= 2 and (p.seq_num_chunks == 1).any()
+  out = _run("gpu")(q, _padded(k), _padded(v), table, lens, lane_padded=True, decode_plan=p)
+  assert out.shape == q.shape
+  _close(out, decode_float64(q, k, v, table, lens, scale=head_dim**-0.5))
+  np.testing.assert_array_equal(np.asarray(out[2]), 0.0)
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_ragged_prefill_from_a_lane_padded_pool_with_window_and_cap(backend, head_dim):

@@ -516,9 +516,9 @@ def test_lane_padded_cache_writes_the_real_lanes_and_keeps_the_padding_zero(head
 
 
 def test_lane_padded_cache_copy_and_swap_match_the_plain_cache():
-  # Copy-on-write and swaps move whole padded rows: read in real head_dim (stacked()) the
-  # cache is the plain cache, bit for bit, and the host pool holds the plain host pool's
-  # rows followed by the zero lanes.
+  # Copy-on-write moves whole padded rows and swaps the real lanes: read in real head_dim
+  # (stacked()) the cache is the plain cache, bit for bit, the host pool holds the plain
+  # host pool's rows, and a swap-in puts the zero lanes back.
   Lp, Hp, N, B, Dh = 2, 2, 5, 4, 96
   rng = np.random.default_rng(52)
   plain = PagedKVCache.create(Lp, Hp, N, B, Dh, jnp.bfloat16)
@@ -532,20 +532,27 @@ def test_lane_padded_cache_copy_and_swap_match_the_plain_cache():
   plain = copy_blocks(plain, np.array([0, 2]), np.array([4, 3]))
   padded = copy_blocks(padded, np.array([0, 2]), np.array([4, 3]))
   host_p, host_d = HostKVPool.like(plain, 3), HostKVPool.like(padded, 3)
-  assert host_p.k.shape == (Lp, Hp, 3, B, Dh) and host_d.k.shape == (Lp, Hp, 3, B, 128)
+  assert host_p.k.shape == host_d.k.shape == (Lp, Hp, 3, B, Dh)
   swap_out(plain, host_p, [1, 2], [0, 2])
   swap_out(padded, host_d, [1, 2], [0, 2])
   for a, b in ((host_p.k, host_d.k), (host_p.v, host_d.v)):
-    assert_bits_equal(b[..., :Dh], a)
-    assert (b[..., Dh:].astype(np.float32) == 0).all()
+    assert_bits_equal(b, a)
+  # Swap-in over blocks whose padding lanes hold garbage: the zero lanes come back.
+  padded = padded.replace(
+    k=tuple(p.at[:, :, :, Dh:].set(7.0) for p in padded.k),
+    v=tuple(p.at[:, :, :, Dh:].set(-3.0) for p in padded.v),
+  )
   plain = swap_in(plain, host_p, [2, 0], [0, 4])
   padded = swap_in(padded, host_d, [2, 0], [0, 4])
   assert padded.lane_padded and padded.k[0].shape == (Hp, N, B, 128)
   for a, b in zip(plain.stacked(), padded.stacked(), strict=True):
     assert_bits_equal(b, a)
-  assert all((np.asarray(p, np.float32)[..., Dh:] == 0).all() for p in padded.k + padded.v)
-  with pytest.raises(ValueError, match="do not fit"):  # a host pool of unpadded rows
-    swap_out(padded, host_p, [1], [0])
+  for p in padded.k + padded.v:
+    lanes = np.asarray(p, np.float32)[..., Dh:]
+    assert (lanes[:, [0, 4]] == 0).all() and (lanes[:, [1, 2, 3]] != 0).all()
+  wide = HostKVPool.create(Lp, Hp, 3, B, 128, jnp.bfloat16)
+  with pytest.raises(ValueError, match="do not fit"):  # a host pool of padded rows
+    swap_out(padded, wide, [1], [0])
 
 
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
@@ -568,6 +575,20 @@ def test_8bit_lane_padded_cache_stores_the_plain_caches_rows_and_scales(kv_dtype
   np.testing.assert_array_equal(padded.k_scale[0], plain.k_scale[0])
   np.testing.assert_array_equal(padded.v_scale[0], plain.v_scale[0])
   assert (np.asarray(padded.k[0]).view(np.uint8)[..., Dh:] == 0).all()
+  # A swap round trip (out of blocks 0 and 2, back into 1 and 0): the host pool holds
+  # the real lanes and the scales, and both caches stay the same, bit for bit.
+  host_p, host_d = HostKVPool.like(plain, 2), HostKVPool.like(padded, 2)
+  assert host_d.k.shape == (1, Hp, 2, B, Dh) and host_d.k_scale.shape == (1, Hp, 2, B)
+  for cache, host in ((plain, host_p), (padded, host_d)):
+    swap_out(cache, host, [0, 2], [0, 1])
+  np.testing.assert_array_equal(host_d.k.view(np.uint8), host_p.k.view(np.uint8))
+  np.testing.assert_array_equal(host_d.v_scale, host_p.v_scale)
+  plain = swap_in(plain, host_p, [1, 0], [1, 0])
+  padded = swap_in(padded, host_d, [1, 0], [1, 0])
+  for a, b in zip(plain.stacked(), padded.stacked(), strict=True):
+    np.testing.assert_array_equal(np.asarray(b).view(np.uint8), np.asarray(a).view(np.uint8))
+  np.testing.assert_array_equal(padded.k_scale[0], plain.k_scale[0])
+  assert (np.asarray(padded.v[0]).view(np.uint8)[..., Dh:] == 0).all()
 
 
 def test_lane_padded_cache_refuses_what_the_layout_does_not_take():

@@ -256,10 +256,15 @@ def test_decoder_logits_with_a_cascade_plan_equal_plain_paged_attention(tiny, co
   assert np.abs(wrong - plain).max() > 1e-3, "the comparison above could not fail"
 
 
-@pytest.mark.parametrize("backend,head_dim", [("gpu", 64), ("tpu", 128)])
-def test_engine_cascade_on_pallas_kernels_in_interpret_mode_matches_no_cache(backend, head_dim):
+@pytest.mark.parametrize(
+  "backend,head_dim,lane_padded", [("gpu", 64, False), ("tpu", 128, False), ("gpu", 96, True)]
+)
+def test_engine_cascade_on_pallas_kernels_in_interpret_mode_matches_no_cache(
+  backend, head_dim, lane_padded
+):
   """Decode steps with a plan through the Pallas GPU and TPU cascade kernels (interpret
-  mode): a fork and a prefix-cache hit share a 16-token prefix (2 blocks of 8)."""
+  mode): a fork and a prefix-cache hit share a 16-token prefix (2 blocks of 8). Head_dim
+  96 over a lane-padded cache: the GPU cascade kernel at the rows' width, 128."""
   from flax import nnx
 
   from paxcache.nn import Decoder, DecoderConfig
@@ -280,8 +285,10 @@ def test_engine_cascade_on_pallas_kernels_in_interpret_mode_matches_no_cache(bac
     EngineConfig(
       num_blocks=16, block_size=8, num_host_blocks=16, cascade_min_shared_blocks=2,
       max_num_batched_tokens=19,  # request 1 is admitted a step later: a prefix-cache hit
+      lane_padded_cache=lane_padded,
     ),
   )  # fmt: skip
+  assert engine.cache.lane_padded == lane_padded
   outs = engine.run(reqs)
   want = greedy_generate_no_cache(oracle, [r.prompt for r in reqs], 4)
   for r, w in zip(reqs, want, strict=True):
