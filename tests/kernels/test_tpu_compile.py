@@ -215,9 +215,10 @@ def test_head_dim_64_and_192_pools_would_be_copied_every_call_unless_lane_dense(
     assert not rows[d]["row_major"] and rows[d]["pool_copies"] >= 2, rows  # K and V
 
 
-def test_the_mlp_gate_up_weight_is_not_copied_on_tpu():
-  # paxcache.nn.SwiGLU holds gate and up as one [d, 2f] weight: compiled for v5e and v6e,
-  # its product reads the weight as it is. The control: the same product over a [d, 2, f]
+def test_the_fused_projection_weights_are_not_copied_on_tpu():
+  # paxcache.nn.SwiGLU holds gate and up as one [d, 2f] weight, PagedAttention q, k and v
+  # as one [d, (Hq + 2 Hkv) D] (the 1B shape: 32 / 8 heads of 64): compiled for v5e and
+  # v6e, their products read the weights as they are. The control: the same product over a [d, 2, f]
   # weight (the first version of that parameter), which the TPU compiler tiles T(2,128)
   # and copies into another layout before every call (docs/benchmarks.md, "One weight for
   # gate and up"). A copy is a copy-start / copy of the weight parameter in the compiled
@@ -230,7 +231,7 @@ def test_the_mlp_gate_up_weight_is_not_copied_on_tpu():
     aot._prepare_env()
     import jax, jax.numpy as jnp
     from flax import nnx
-    from paxcache.nn import SwiGLU
+    from paxcache.nn import PagedAttention, SwiGLU
 
     rows = {}
     for topology in ("v5e:2x2", "v6e:2x2"):
@@ -251,14 +252,27 @@ def test_the_mlp_gate_up_weight_is_not_copied_on_tpu():
         h = jnp.einsum("md,dgf->mgf", x, w)
         return jax.nn.silu(h[:, 0]) * h[:, 1]
 
+      attn = PagedAttention(
+        2048, 32, 8, 64, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+      )
+      attn_graph, attn_state = nnx.split(attn)
+      attn_state = jax.tree.map(lambda a: spec(a.shape), attn_state)
+
+      def qkv(x, positions, state):
+        return nnx.merge(attn_graph, state)._qkv(x, positions)
+
+      positions = jax.ShapeDtypeStruct((64,), jnp.int32, sharding=sharding)
       for name, fn, args in (
         ("ours", ours, (spec((64, 2048)), state)),
         ("d2f", three_d, (spec((64, 2048)), spec((2048, 2, 8192)))),
+        ("qkv", qkv, (spec((64, 2048)), positions, attn_state)),
       ):
         text = jax.jit(fn).trace(*args).lower().compile().as_text()
-        weight = r"bf16\\[2048,(16384|2,8192)\\]"
+        weight = r"bf16\\[2048,(16384|2,8192|3072)\\]"
         copy = re.compile(r"= *" + weight + r"\\{[^}]*\\} copy(-start)?\\(")
         copies = [line for line in text.splitlines() if copy.search(line)]
+        # The weight is a parameter of the module, so a copy of it would match above.
+        assert any("parameter(" in line and re.search(weight, line) for line in text.splitlines())
         rows[f"{topology}-{name}"] = len(copies)
     print(json.dumps(rows))
     """
@@ -267,7 +281,10 @@ def test_the_mlp_gate_up_weight_is_not_copied_on_tpu():
   lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
   assert lines, proc.stderr[-3000:]
   rows = json.loads(lines[-1])
-  assert rows == {"v5e:2x2-ours": 0, "v5e:2x2-d2f": 1, "v6e:2x2-ours": 0, "v6e:2x2-d2f": 1}, rows
+  assert rows == {
+    "v5e:2x2-ours": 0, "v5e:2x2-d2f": 1, "v5e:2x2-qkv": 0,
+    "v6e:2x2-ours": 0, "v6e:2x2-d2f": 1, "v6e:2x2-qkv": 0,
+  }, rows  # fmt: skip
 
 
 @pytest.mark.slow
