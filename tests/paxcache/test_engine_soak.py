@@ -61,49 +61,64 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypat
     d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32, max_seq_len=64
   )
   model = Decoder(config, rngs=nnx.Rngs(0))
-  engine = Engine(
-    model,
-    EngineConfig(
-      num_blocks=32,
-      block_size=4,
-      num_host_blocks=48,
-      preemption_mode=mode,
-      max_num_seqs=16,
-      max_num_batched_tokens=64,
-      metrics_history=64,
-      async_scheduling=async_scheduling,
-    ),
-  )
-  rng = np.random.default_rng(1 if mode == "swap" else 2)
-  prefixes = [rng.integers(0, 256, int(rng.integers(4, 17))).tolist() for _ in range(4)]
-  answered: dict[int, int] = {}
-  submitted = 0
-  memory = {}
+
+  def soak(measure: bool):
+    engine = Engine(
+      model,
+      EngineConfig(
+        num_blocks=32,
+        block_size=4,
+        num_host_blocks=48,
+        preemption_mode=mode,
+        max_num_seqs=16,
+        max_num_batched_tokens=64,
+        metrics_history=64,
+        async_scheduling=async_scheduling,
+      ),
+    )
+    rng = np.random.default_rng(1 if mode == "swap" else 2)
+    prefixes = [rng.integers(0, 256, int(rng.integers(4, 17))).tolist() for _ in range(4)]
+    answered: dict[int, int] = {}
+    submitted = 0
+    memory = {}
+
+    def record(out):
+      answered[out.request_id] = answered.get(out.request_id, 0) + 1
+      assert len(out.samples) == len(out.finish_reasons)
+
+    if measure:
+      tracemalloc.start(1)  # from the start, so that bounded caches are traced as they fill
+    try:
+      while submitted < NUM_REQUESTS or engine.has_unfinished():
+        for _ in range(int(rng.integers(0, 4))):
+          if submitted < NUM_REQUESTS:
+            engine.add_request(_random_request(rng, submitted, prefixes))
+            submitted += 1
+        if engine.has_unfinished() and rng.random() < 0.03:
+          live = list(engine._groups)
+          if live:  # with overlap scheduling only finished requests may be left to return
+            record(engine.abort(live[int(rng.integers(len(live)))]))
+        for out in engine.step():
+          record(out)
+        # After warm-up: bounded caches full, queues full.
+        if measure and submitted >= NUM_REQUESTS // 3 and "start" not in memory:
+          memory["start"] = _paxcache_heap()
+      if measure:
+        memory["end"] = _paxcache_heap()
+    finally:
+      if measure:
+        tracemalloc.stop()
+    return engine, answered, memory
+
+  # The step compiles once per padded shape, and JAX keeps each compiled shape's key (a few
+  # KiB per shape); this stream meets new shapes until late in the run (41 in recompute mode,
+  # the last after request 1,300). A first, identical pass (same model, so the same jitted
+  # step; same seeds, so the same shapes) compiles them all, so that the measured pass's
+  # growth is the engine's own.
+  warm, _, _ = soak(measure=False)
   t0 = time.perf_counter()
-  tracemalloc.start(1)  # from the start, so that bounded caches are traced as they fill
-
-  def record(out):
-    answered[out.request_id] = answered.get(out.request_id, 0) + 1
-    assert len(out.samples) == len(out.finish_reasons)
-
-  try:
-    while submitted < NUM_REQUESTS or engine.has_unfinished():
-      for _ in range(int(rng.integers(0, 4))):
-        if submitted < NUM_REQUESTS:
-          engine.add_request(_random_request(rng, submitted, prefixes))
-          submitted += 1
-      if engine.has_unfinished() and rng.random() < 0.03:
-        live = list(engine._groups)
-        if live:  # with overlap scheduling only finished requests may be left to return
-          record(engine.abort(live[int(rng.integers(len(live)))]))
-      for out in engine.step():
-        record(out)
-      # After warm-up: compiles done, bounded caches full, queues full.
-      if submitted >= NUM_REQUESTS // 3 and "start" not in memory:
-        memory["start"] = _paxcache_heap()
-    memory["end"] = _paxcache_heap()
-  finally:
-    tracemalloc.stop()
+  engine, answered, memory = soak(measure=True)
+  assert engine.metrics.compiled_shapes == warm.metrics.compiled_shapes  # the same stream
   elapsed = time.perf_counter() - t0
   m = engine.metrics
   alloc = engine.allocator
