@@ -557,10 +557,10 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
   heads per device, reordered first so that each device's columns hold its q, k and v
   heads: ``PagedAttention.set_shards``), the MLP's one gate/up weight by columns too
   (``SwiGLU.set_shards``), o/down projections by input rows (GSPMD adds the all-reduce
-  after them). The q/k/v weight is replicated when KV heads are copied or the query
-  layout is not the identity (each device then computes every head's q, k and v, as
-  the k/v projections did before they were one weight with q), o when the query layout
-  is not the identity; everything else (embedding, norms) is replicated.
+  after them; a KV head copied over devices has its k and v columns in each of their
+  blocks). The q/k/v and o weights are replicated when the query layout is not the
+  identity (each device then computes every head's q, k and v); everything else
+  (embedding, norms) is replicated.
   ``model.init_cache`` then returns a sharded pool. ``Engine`` does this itself when
   ``EngineConfig.mesh`` is set.
   """
@@ -576,11 +576,11 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
     a = layer.attn
     layout = head_layout(n, a.num_kv_heads, a.num_q_heads)
     if layout.q_identity:
-      _put(a.o_proj.kernel, rows)
-    if layout.q_identity and a.num_kv_heads % n == 0:
-      # Columns in n blocks of [q | k | v] heads: each device's slice computes its own.
+      # Columns in n blocks of [q | k | v] heads: each device's slice computes its own
+      # query heads and the k and v of its own pool heads.
       a.set_shards(n)
       _put(a.qkv, cols)
+      _put(a.o_proj.kernel, rows)
     mlp = layer.mlp
     if mlp.mlp_dim % n == 0:
       # Columns in n blocks of [gate | up]: each device's slice holds its gate columns

@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,7 +37,7 @@ import kernels
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
-from paxcache.nn._layers import apply_rope, reorder_column_blocks, split_column_blocks
+from paxcache.nn._layers import apply_rope, split_column_blocks
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
 
@@ -96,10 +97,11 @@ class PagedAttention(nnx.Module):
   num_kv_heads) * head_dim]``, read by one matrix product, for the reason
   :class:`paxcache.nn.SwiGLU` keeps gate and up as one (docs/benchmarks.md, "One weight
   for q, k and v"). Column order: ``shards`` blocks of ``[q | k | v]`` columns, whole heads
-  of each; with ``shards == 1`` (as built, loaded and saved) ``[:, :Hq * D]`` is q's kernel,
-  then k's, then v's, heads in order. ``paxcache.sharding.shard_model`` sets ``shards`` to
-  the mesh size where the heads split evenly (:meth:`set_shards`); :meth:`canonical_qkv`
-  gives the ``shards == 1`` order back.
+  of each (a KV head copied over devices in each of their blocks); with ``shards == 1`` (as
+  built, loaded and saved) ``[:, :Hq * D]`` is q's kernel, then k's, then v's, heads in
+  order. ``paxcache.sharding.shard_model`` sets ``shards`` to the mesh size where the query
+  layout is the identity (:meth:`set_shards`); :meth:`canonical_qkv` gives the
+  ``shards == 1`` order back.
 
   Args:
     d_model: input and output width.
@@ -171,47 +173,79 @@ class PagedAttention(nnx.Module):
     self.mesh = mesh
     self.mesh_axis = mesh_axis
 
-  @property
-  def _qkv_widths(self) -> tuple[int, int, int]:
-    d = self.head_dim
-    return (self.num_q_heads * d, self.num_kv_heads * d, self.num_kv_heads * d)
+  def _kv_heads_in_blocks(self, shards: int) -> tuple[int, ...]:
+    """The KV heads whose k and v columns ``qkv`` holds with ``shards`` blocks, in order:
+    each block's pool heads (``paxcache.sharding.HeadLayout.kv_heads``; a KV head
+    copied over devices has its columns in each of their blocks)."""
+    if shards == 1:
+      return tuple(range(self.num_kv_heads))
+    return sharding.head_layout(shards, self.num_kv_heads, self.num_q_heads).kv_heads
+
+  def _qkv_columns(self, shards: int) -> np.ndarray:
+    """For each column of ``qkv`` with ``shards`` blocks, its column in the one-block
+    ``[q | k | v]`` order."""
+    d, hq, hkv = self.head_dim, self.num_q_heads, self.num_kv_heads
+    kv = np.asarray(self._kv_heads_in_blocks(shards)).reshape(shards, -1)
+    q = np.arange(hq).reshape(shards, -1)
+    heads = np.concatenate([q, hq + kv, hq + hkv + kv], axis=1)  # [shards, heads per block]
+    return (heads[..., None] * d + np.arange(d)).reshape(-1)
 
   def canonical_qkv(self) -> jax.Array:
     """``qkv`` in the ``shards == 1`` column order: ``[q | k | v]``."""
-    return reorder_column_blocks(self.qkv[...], self._qkv_widths, self.shards, 1)
+    if self.shards == 1:
+      return self.qkv[...]
+    cols = self._qkv_columns(self.shards)
+    first = np.zeros(int(cols.max()) + 1, np.int64)
+    first[cols[::-1]] = np.arange(len(cols))[::-1]  # each column's first place
+    return self.qkv[...][:, first]
 
   def set_shards(self, shards: int) -> None:
     """Reorders ``qkv``'s columns into ``shards`` blocks of ``[q | k | v]``, whole heads of
-    each (a copy of the weight, once); ``num_kv_heads`` must be a multiple of ``shards``
-    (ValueError)."""
+    each: block ``s`` holds query heads ``[s Hq/S, (s+1) Hq/S)`` and the k and v of the
+    pool heads device ``s`` holds (a KV head copied over devices, as
+    ``paxcache.sharding.HeadLayout`` copies it, is in each of their blocks). A copy of the
+    weight, once. The query layout must be the identity (``HeadLayout.q_identity``;
+    ValueError otherwise)."""
     shards = int(shards)
-    if shards < 1 or self.num_kv_heads % shards:
+    if shards < 1 or (
+      shards > 1
+      and not sharding.head_layout(shards, self.num_kv_heads, self.num_q_heads).q_identity
+    ):
       raise ValueError(
-        f"PagedAttention.set_shards: num_kv_heads {self.num_kv_heads} is not a multiple of "
-        f"{shards} shards"
+        f"PagedAttention.set_shards: {self.num_q_heads} query / {self.num_kv_heads} KV heads "
+        f"do not split into {shards} blocks of whole heads (the query layout on {shards} "
+        "devices is not the identity: paxcache.sharding.HeadLayout)"
       )
     if shards != self.shards:
-      w = reorder_column_blocks(self.qkv[...], self._qkv_widths, self.shards, shards)
-      self.qkv.set_value(w)
+      self.qkv.set_value(self.canonical_qkv()[:, self._qkv_columns(shards)])
       self.shards = shards
 
-  def _qkv(self, x, positions):
-    """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k."""
+  def _qkv(self, x, positions, *, pool_heads: bool = False):
+    """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k.
+
+    ``pool_heads``: k and v in the blocks' heads (``_kv_heads_in_blocks``), each device's
+    own pool heads under ``shard_model``, as the sharded cache write takes them; else (and
+    always with one block) the model's KV heads."""
     lead = x.shape[:-1]
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     whole = self.mesh is not None and self.shards == 1
     h = jnp.dot(xc, w)
     if whole:
-      # The weight is replicated (KV heads copied over the devices, shard_model): every
-      # device computes q, k and v whole, RoPE included, and the attention takes its own
-      # heads from them. Left to itself, GSPMD splits these products' columns evenly,
+      # The weight is replicated (the query layout is not the identity, shard_model):
+      # every device computes q, k and v whole, RoPE included, and the attention takes its
+      # own heads from them. Left to itself, GSPMD splits these products' columns evenly,
       # which does not cut at whole heads, and then moves heads between devices.
       h = self._replicated(h)
-    q, k, v = split_column_blocks(h, self._qkv_widths, self.shards)
-    q = q.reshape(*lead, self.num_q_heads, self.head_dim)
-    k = k.reshape(*lead, self.num_kv_heads, self.head_dim)
-    v = v.reshape(*lead, self.num_kv_heads, self.head_dim)
+    kv = self._kv_heads_in_blocks(self.shards)
+    d = self.head_dim
+    q, k, v = split_column_blocks(h, (self.num_q_heads * d, len(kv) * d, len(kv) * d), self.shards)
+    q = q.reshape(*lead, self.num_q_heads, d)
+    k = k.reshape(*lead, len(kv), d)
+    v = v.reshape(*lead, len(kv), d)
+    if len(kv) != self.num_kv_heads and not pool_heads:  # copies: the first of each
+      first = np.searchsorted(np.asarray(kv), np.arange(self.num_kv_heads))
+      k, v = k[..., first, :], v[..., first, :]
     if self.rope_theta is not None:
       q = apply_rope(q, positions, self.rope_theta)
       k = apply_rope(k, positions, self.rope_theta)
@@ -275,7 +309,9 @@ class PagedAttention(nnx.Module):
       )
     if positions.shape != x.shape[:1]:
       raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
-    q, k, v = self._qkv(x, positions)
+    # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
+    # over devices computed on each of them), which the sharded write takes as they are.
+    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
     if isinstance(cache, PagedKVCache):
       if layer is None:
         raise ValueError("a PagedKVCache needs the layer index: pass layer=")

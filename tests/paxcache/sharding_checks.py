@@ -263,15 +263,20 @@ def check_fused_weights(meshes) -> list[dict]:
 
   from paxcache.nn import Decoder, DecoderConfig
 
-  config = DecoderConfig(
-    vocab_size=64,
-    d_model=32,
-    num_layers=1,
-    num_q_heads=16,
-    num_kv_heads=8,
-    head_dim=8,
-    mlp_dim=64,
-  )
+  # 16 query / 8 KV heads split evenly on 4 and 8 devices; 8 query / 2 KV heads have their
+  # KV heads copied (2 and 4 copies), with the query layout still the identity.
+  configs = {
+    (hq, hkv): DecoderConfig(
+      vocab_size=64,
+      d_model=32,
+      num_layers=1,
+      num_q_heads=hq,
+      num_kv_heads=hkv,
+      head_dim=8,
+      mlp_dim=64,
+    )
+    for hq, hkv in ((16, 8), (8, 2))
+  }
   # 4 sequences of 6 tokens in blocks of 4, sequence i in blocks (6 - 2i, 7 - 2i).
   table = np.arange(8).reshape(4, 2)[::-1].copy()
   pos = np.tile(np.arange(6), 4)
@@ -296,25 +301,28 @@ def check_fused_weights(meshes) -> list[dict]:
     hlo = jitted.lower(state, cache, *batch).compile().as_text()
     return np.asarray(jitted(state, cache, *batch)), _collectives(hlo)
 
-  base = Decoder(config, rngs=nnx.Rngs(3))
-  want_w = np.asarray(base.layers[0].attn.qkv.get_value())
-  want, _ = run(base)
   rows = []
-  for n, mesh in meshes.items():
-    model = sh.shard_model(Decoder(config, rngs=nnx.Rngs(3)), mesh)
-    attn = model.layers[0].attn
-    got, collectives = run(model)
-    rows.append(
-      dict(
-        mesh=n,
-        qkv_shards=int(attn.shards),
-        qkv=_shard_info(attn.qkv.get_value()),
-        canonical_equal=bool(np.array_equal(np.asarray(attn.canonical_qkv()), want_w)),
-        max_abs_err=float(np.max(np.abs(got - want))),
-        finite=bool(np.isfinite(got).all()),
-        collectives=collectives,
+  for (hq, hkv), config in configs.items():
+    base = Decoder(config, rngs=nnx.Rngs(3))
+    want_w = np.asarray(base.layers[0].attn.qkv.get_value())
+    want, _ = run(base)
+    for n, mesh in meshes.items():
+      model = sh.shard_model(Decoder(config, rngs=nnx.Rngs(3)), mesh)
+      attn = model.layers[0].attn
+      got, collectives = run(model)
+      rows.append(
+        dict(
+          mesh=n,
+          num_q_heads=hq,
+          num_kv_heads=hkv,
+          qkv_shards=int(attn.shards),
+          qkv=_shard_info(attn.qkv.get_value()),
+          canonical_equal=bool(np.array_equal(np.asarray(attn.canonical_qkv()), want_w)),
+          max_abs_err=float(np.max(np.abs(got - want))),
+          finite=bool(np.isfinite(got).all()),
+          collectives=collectives,
+        )
       )
-    )
   return rows
 
 

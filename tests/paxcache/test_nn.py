@@ -321,8 +321,49 @@ def test_qkv_column_blocks_follow_whole_heads():
     x = jnp.asarray(xs[0])
     out = attn.dense(x[None], jnp.arange(5, dtype=jnp.int32)[None])[0]
     np.testing.assert_allclose(out, want, **TOL)
-  with pytest.raises(ValueError, match="num_kv_heads 4 is not a multiple of 3 shards"):
+  # 8 query / 4 KV heads on 3 devices: KV heads copied unevenly, queries gathered.
+  with pytest.raises(ValueError, match="8 query / 4 KV heads do not split into 3 blocks"):
     attn.set_shards(3)
+  assert attn.shards == 1
+  np.testing.assert_array_equal(attn.qkv[...], w)  # nothing changed by the refusal
+
+
+@pytest.mark.parametrize("shards", [4, 8])
+def test_qkv_column_blocks_copy_kv_heads_over_devices(shards):
+  """8 query / 2 KV heads on 4 or 8 devices (``HeadLayout``: each KV head copied on 2 or 4
+  devices, the query layout the identity): block s holds q heads ``[s 8/n, (s+1) 8/n)``
+  and the k and v of KV head ``s // (n / 2)``, the pool head device s holds. ``_qkv`` gives
+  the model's KV heads, or with ``pool_heads`` each pool head's; outputs do not change."""
+  attn = PagedAttention(16, 8, 2, 4, rngs=nnx.Rngs(4))
+  w = np.asarray(attn.qkv[...])
+  q, k, v = np.split(w, [32, 40], axis=1)
+  xs = [np.random.default_rng(2).standard_normal((5, 16)).astype(np.float32)]
+  want = _np_layer(attn, xs, 10_000.0)[0]
+  x, pos = jnp.asarray(xs[0]), jnp.arange(5, dtype=jnp.int32)
+  q1, k1, v1 = attn._qkv(x, pos)
+  attn.set_shards(shards)
+  got = np.asarray(attn.qkv[...])
+  qs = 32 // shards
+  assert got.shape == (16, shards * (qs + 2 * 4))
+  for s in range(shards):
+    h = s // (shards // 2)
+    block = got[:, s * (qs + 8) : (s + 1) * (qs + 8)]
+    np.testing.assert_array_equal(block[:, :qs], q[:, s * qs : (s + 1) * qs])
+    np.testing.assert_array_equal(block[:, qs : qs + 4], k[:, h * 4 : (h + 1) * 4])
+    np.testing.assert_array_equal(block[:, qs + 4 :], v[:, h * 4 : (h + 1) * 4])
+  np.testing.assert_array_equal(attn.canonical_qkv(), w)
+  q2, k2, v2 = attn._qkv(x, pos)
+  for a, b in ((q1, q2), (k1, k2), (v1, v2)):
+    np.testing.assert_allclose(a, b, **TOL)
+  _, kp, vp = attn._qkv(x, pos, pool_heads=True)
+  pool_kv = np.arange(shards) // (shards // 2)
+  assert kp.shape == (5, shards, 4)
+  np.testing.assert_allclose(kp, np.asarray(k1)[:, pool_kv], **TOL)
+  np.testing.assert_allclose(vp, np.asarray(v1)[:, pool_kv], **TOL)
+  out = attn.dense(x[None], pos[None])[0]
+  np.testing.assert_allclose(out, want, **TOL)
+  attn.set_shards(1)
+  np.testing.assert_array_equal(attn.qkv[...], w)
 
 
 @pytest.mark.parametrize(
@@ -396,8 +437,8 @@ def test_checkpoint_with_separate_projection_kernels_loads(tmp_path):
 
 
 def test_a_sharded_models_checkpoint_loads_on_one_device(tmp_path):
-  """save_decoder writes gate/up in the one-device column order whatever ``shards`` the
-  model runs with (``shard_model`` sets it to the mesh size; q/k/v: the next test)."""
+  """save_decoder writes gate/up and q/k/v in the one-device column order whatever
+  ``shards`` the model runs with (``shard_model`` sets it to the mesh size)."""
   config = DecoderConfig(
     d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32
   )
@@ -405,12 +446,13 @@ def test_a_sharded_models_checkpoint_loads_on_one_device(tmp_path):
   tokens = jnp.asarray([[5, 6, 7]], jnp.int32)
   want = model.forward(tokens)
   model.layers[0].mlp.set_shards(4)
-  with pytest.raises(ValueError, match="num_kv_heads 1 is not a multiple of 2 shards"):
-    model.layers[0].attn.set_shards(2)
+  model.layers[0].attn.set_shards(2)  # the one KV head copied in both blocks
+  with pytest.raises(ValueError, match="2 query / 1 KV heads do not split into 4 blocks"):
+    model.layers[0].attn.set_shards(4)  # queries would be padded
   np.testing.assert_allclose(model.forward(tokens), want, **TOL)
   save_decoder(model, str(tmp_path))
   loaded = load_decoder(str(tmp_path))
-  assert loaded.layers[0].mlp.shards == 1
+  assert loaded.layers[0].mlp.shards == 1 and loaded.layers[0].attn.shards == 1
   np.testing.assert_array_equal(loaded.forward(tokens), want)
 
 

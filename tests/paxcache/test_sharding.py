@@ -220,10 +220,13 @@ def test_sharded_engine_equals_single_device(multi_device):
     # heads (2 KV heads copied to one per device), the host pool matches the device pool.
     assert r["attn_mesh"], r
     assert r["pool_heads"] == r["want_pool_heads"] == r["host_pool_heads"] == r["mesh"], r
-  # One q/k/v weight (4 query and 2 KV heads of 16): its KV heads are copied on 4 and 8
-  # devices, so it is replicated, in the one-device column order.
-  for r in rows:
-    assert r["qkv"]["shard_shapes"] == [[64, (4 + 2 * 2) * 16]] and r["qkv_shards"] == 1, r
+  # One q/k/v weight (4 query and 2 KV heads of 16). On 4 devices the KV heads are copied
+  # and the query layout is the identity: each device holds its query head and the k and v
+  # of its copy. On 8 the queries are padded (not the identity): replicated, in the
+  # one-device column order.
+  r4, r8 = rows
+  assert r4["qkv"]["shard_shapes"] == [[64, (1 + 2 * 1) * 16]] and r4["qkv_shards"] == 4, r4
+  assert r8["qkv"]["shard_shapes"] == [[64, (4 + 2 * 2) * 16]] and r8["qkv_shards"] == 1, r8
   # The MLP (mlp_dim 192): gate/up by columns in n blocks of [gate | up], down by rows.
   for r, n in zip(rows, (4, 8), strict=True):
     assert r["mlp_shards"] == n, r
@@ -234,13 +237,20 @@ def test_sharded_engine_equals_single_device(multi_device):
 def test_a_fused_qkv_weight_is_sharded_by_whole_heads(multi_device):
   # 16 query and 8 KV heads of 8 over 4 and 8 devices: each device holds the columns of
   # its own q, k and v heads ((16 + 2 * 8) * 8 / n), and the step's logits are the
-  # single-device ones up to float rounding of the all-reduced sums.
+  # single-device ones up to float rounding of the all-reduced sums. 8 query and 2 KV
+  # heads: the KV heads are copied, so each device holds its 8 / n query heads and the k
+  # and v of its one pool head ((8 / n + 2) * 8).
   rows = multi_device["fused_weights"]
-  assert [r["mesh"] for r in rows] == [4, 8]
+  assert [(r["num_q_heads"], r["num_kv_heads"], r["mesh"]) for r in rows] == [
+    (16, 8, 4),
+    (16, 8, 8),
+    (8, 2, 4),
+    (8, 2, 8),
+  ]
   for r in rows:
-    n = r["mesh"]
+    n, hq, hkv = r["mesh"], r["num_q_heads"], r["num_kv_heads"]
     assert r["qkv_shards"] == n and r["qkv"]["shard_devices"] == n, r
-    assert r["qkv"]["shard_shapes"] == [[32, (16 + 2 * 8) * 8 // n]], r
+    assert r["qkv"]["shard_shapes"] == [[32, (hq // n + 2 * -(-hkv // n)) * 8]], r
     assert r["canonical_equal"] and r["finite"], r
     assert r["max_abs_err"] <= SHARDED.atol, r
     # Each device's columns are its own heads: nothing crosses devices but the Megatron
