@@ -1,4 +1,10 @@
-"""Saving and loading a decoder: ``config.json`` plus ``params.msgpack`` (flax serialization)."""
+"""Saving and loading a decoder: ``config.json`` plus ``params.msgpack`` (flax serialization).
+
+``config.json`` holds ``{"format": FORMAT, "config": DecoderConfig, "extra": {...}}``.
+Formats: 1 (no ``"format"`` key; files written before it existed): each layer's MLP gate
+and up kernels and attention's q, k and v kernels as separate parameters, or already fused;
+2: ``mlp.gate_up`` and ``attn.qkv`` only, in the one-device column order.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from paxcache.nn._decoder import Decoder
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "params.msgpack"
+FORMAT = 2  # what save_decoder writes; load_decoder reads 1 and 2
 
 
 def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> None:
@@ -30,7 +37,7 @@ def save_decoder(model: Decoder, directory: str, extra: dict | None = None) -> N
     f.write(serialization.msgpack_serialize(params))
   meta = json.loads(model.config.to_json())
   with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump({"config": meta, "extra": extra or {}}, f, indent=2, sort_keys=True)
+    json.dump({"format": FORMAT, "config": meta, "extra": extra or {}}, f, indent=2, sort_keys=True)
 
 
 def load_decoder(
@@ -44,21 +51,30 @@ def load_decoder(
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
   8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels,
-  or attention's q, k and v kernels, became one weight load too (their kernels side by
-  side in ``gate_up`` and ``qkv``). A parameter whose shape differs from the model's is
-  refused (ValueError)."""
+  or attention's q, k and v kernels, became one weight (format 1, the module docstring)
+  load too (their kernels side by side in ``gate_up`` and ``qkv``). ValueError, naming
+  the file and the parameter, for a format this version does not read, a parameter the
+  model lacks or the file lacks, or a shape that differs from the model's."""
   with open(os.path.join(directory, CONFIG_FILE)) as f:
     meta = json.load(f)
+  fmt = meta.get("format", 1)
+  if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
+    raise ValueError(
+      f"{os.path.join(directory, CONFIG_FILE)}: checkpoint format {fmt!r}; this version of "
+      f"paxcache reads formats 1 to {FORMAT} (a newer paxcache wrote it?)"
+    )
   config = DecoderConfig.from_dict(meta["config"])
   if kv_dtype is not None:
     config = dataclasses.replace(config, kv_dtype=kv_dtype)
   model = Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())
-  params = _upgrade(params)
+  if fmt == 1:
+    params = _upgrade(params)
   state = nnx.state(model, nnx.Param)
   # Each array takes the model's own dtype (a config with param_dtype="bfloat16" keeps it).
   like = nnx.to_pure_dict(state)
+  _check_names(os.path.join(directory, PARAMS_FILE), params, like)
 
   def take(path, a, ref):
     a = np.asarray(a)
@@ -74,6 +90,25 @@ def load_decoder(
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
+
+
+def _names(tree) -> set[str]:
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _check_names(where: str, params, like) -> None:
+  """ValueError unless the file's parameters are the model's, by name."""
+  got, want = _names(params), _names(like)
+  if got != want:
+    missing, unexpected = sorted(want - got), sorted(got - want)
+    raise ValueError(
+      f"{where}: the parameters are not those of the model its config.json builds: "
+      f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "
+      f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+    )
 
 
 def _upgrade(params: dict) -> dict:

@@ -404,6 +404,10 @@ def test_checkpoint_with_separate_projection_kernels_loads(tmp_path):
   )
   model = Decoder(config, rngs=nnx.Rngs(5))
   save_decoder(model, str(tmp_path))
+  meta = json.loads((tmp_path / "config.json").read_text())
+  assert meta["format"] == 2
+  del meta["format"]  # files of that time had no format key (format 1)
+  (tmp_path / "config.json").write_text(json.dumps(meta))
   path = tmp_path / "params.msgpack"
   saved = path.read_bytes()
   params = serialization.msgpack_restore(saved)
@@ -434,6 +438,44 @@ def test_checkpoint_with_separate_projection_kernels_loads(tmp_path):
   path.write_bytes(serialization.msgpack_serialize(params))
   with pytest.raises(ValueError, match="layer 1's mlp holds \\['down', 'gate'\\]"):
     load_decoder(str(tmp_path))
+
+
+def test_a_checkpoint_of_another_format_or_other_parameters_is_refused(tmp_path):
+  """load_decoder names what does not fit: a format it does not read, a parameter missing
+  or unexpected (the old separate kernels in a format-2 file), a shape; the model loads
+  once the file is put back."""
+  from flax import serialization
+
+  config = DecoderConfig(
+    d_model=16, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32
+  )
+  model = Decoder(config, rngs=nnx.Rngs(6))
+  save_decoder(model, str(tmp_path))
+  cfg, path = tmp_path / "config.json", tmp_path / "params.msgpack"
+  meta, saved = json.loads(cfg.read_text()), path.read_bytes()
+  for fmt in (3, 0, "2", True):
+    cfg.write_text(json.dumps(dict(meta, format=fmt)))
+    with pytest.raises(ValueError, match=f"checkpoint format {fmt!r}; .* reads formats 1 to 2"):
+      load_decoder(str(tmp_path))
+  cfg.write_text(json.dumps(meta))
+  params = serialization.msgpack_restore(saved)
+  params["layers"][0]["attn"]["q_proj"] = {"kernel": np.zeros((16, 16), np.float32)}
+  del params["final_norm"]
+  path.write_bytes(serialization.msgpack_serialize(params))
+  with pytest.raises(
+    ValueError,
+    match=r"params.msgpack: the parameters are not those of the model .*: "
+    r"missing \['final_norm/scale'\], unexpected \['layers/0/attn/q_proj/kernel'\]",
+  ):
+    load_decoder(str(tmp_path))
+  params = serialization.msgpack_restore(saved)
+  params["layers"][0]["attn"]["qkv"] = params["layers"][0]["attn"]["qkv"][:, :24]
+  path.write_bytes(serialization.msgpack_serialize(params))
+  with pytest.raises(ValueError, match=r"parameter layers/0/attn/qkv is \(16, 24\) in the file"):
+    load_decoder(str(tmp_path))
+  path.write_bytes(saved)
+  tokens = jnp.asarray([[3, 1, 4]], jnp.int32)
+  np.testing.assert_array_equal(load_decoder(str(tmp_path)).forward(tokens), model.forward(tokens))
 
 
 def test_a_sharded_models_checkpoint_loads_on_one_device(tmp_path):
