@@ -14,7 +14,12 @@ from typing import Any
 import jax
 
 from kernels import _layout, reference
-from kernels._validate import validate_decode_plan, validate_inputs, validate_options
+from kernels._validate import (
+  validate_decode_plan,
+  validate_inputs,
+  validate_options,
+  validate_padded_width,
+)
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
 
@@ -129,6 +134,8 @@ def paged_attention(
   )
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
+  if real_head_dim is not None and chosen == "gpu":
+    validate_padded_width(real_head_dim, k_blocks, "gpu", "kernels.paged_attention")
   if decode_plan is not None and chosen == "tpu":
     raise ValueError(
       "decode_plan is for the GPU backend's planned decode; the TPU backend has none: "

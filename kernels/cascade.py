@@ -45,7 +45,12 @@ import numpy as np
 
 from kernels import _layout
 from kernels._api import BackendUnavailableError, layout_for, resolve_backend
-from kernels._validate import _shape_str, validate_inputs, validate_options
+from kernels._validate import (
+  _shape_str,
+  validate_inputs,
+  validate_options,
+  validate_padded_width,
+)
 from kernels.reference import INVALID_BLOCK
 
 __all__ = ["CascadePlan", "cascade_attention", "plan_cascade", "validate_plan"]
@@ -695,6 +700,8 @@ def cascade_attention(
   )
   scale, _, logit_soft_cap = validate_options(scale, None, logit_soft_cap)
   chosen = resolve_backend(backend, interpret=interpret)
+  if real_head_dim is not None and chosen == "gpu":  # the shared-prefix kernel: unpadded
+    validate_padded_width(real_head_dim, k_blocks, "gpu-unpadded", "kernels.cascade_attention")
   # A lane-dense pool (kernels._layout) reaches the TPU kernels as it is, the others
   # through a reshape to the plain layout, as in kernels.paged_attention.
   k_blocks, v_blocks, layout = layout_for(chosen, q, k_blocks, v_blocks, lane_dense)

@@ -235,3 +235,24 @@ def test_a_lane_padded_pool_without_the_flag_is_refused_with_a_hint():
   with pytest.raises(ValueError, match="k_new/v_new must be"):
     rows = jnp.zeros((1, 2, 112), jnp.float32)
     kernels.write_kv(pool, pool, rows, rows, np.array([0], np.int32))
+
+
+def test_the_gpu_backend_names_the_real_head_dim_of_a_too_wide_lane_padded_pool():
+  # head_dim 272 in rows of 384: wider than the GPU kernels take (256); the error names
+  # both sizes, not only the row width the kernels would see. The reference takes it.
+  q = jnp.zeros((2, 4, 272), jnp.float32)
+  pool = jnp.zeros((2, 4, BS, 384), jnp.float32)
+  table, lengths = jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
+  match = r"reads a lane-padded pool as head_dim 384, .*\(head_dim 272 rounded up"
+  with pytest.raises(ValueError, match=match + r".* multiple of 16 up to 256"):
+    _run("gpu")(q, pool, pool, table, lengths, lane_padded=True)
+  shared = np.array([[0, 1], [0, 2]], np.int32)  # two rows sharing block 0
+  shared_lens = np.full(2, BS + 1, np.int32)
+  plan = kernels.plan_cascade(shared, shared_lens, BS)
+  assert plan is not None
+  with pytest.raises(ValueError, match=match + r".* one of \(64, 128, 256\)"):
+    kernels.cascade_attention(
+      q, pool, pool, shared, shared_lens, plan, backend="gpu", interpret=True, lane_padded=True
+    )
+  out = _run("reference")(q, pool, pool, table, lengths, lane_padded=True)
+  assert out.shape == (2, 4, 272)
