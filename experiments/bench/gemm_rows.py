@@ -1,0 +1,142 @@
+"""The decode step's weight products at few rows: how close to the read rate, and what a
+split of the reduction axis does.
+
+A decode step of ``B`` sequences multiplies ``[B, K]`` activations by each layer's weights
+``[K, N]``: memory-bound products (the weight is read once, ``2 K N`` bytes in bf16) whose
+output has few tiles at small ``B`` (``N / 128`` column tiles of a 64-row product: 24 for
+the 1B shape's q/k/v), so that part of the GPU may sit idle. For each weight of a model's
+layer (``engine_step.MODELS``: q/k/v, o, gate/up, down) and each row count, one jit runs
+``--layers`` products of distinct activations by distinct weights (so that no weight is
+served from L2 by the call before, and XLA merges no two products), as:
+
+* ``dot``: ``jnp.dot(x, w, preferred_element_type=f32)`` cast to bf16, XLA's choice of
+  kernel (Triton or cuBLAS, autotuned);
+* ``split{s}``: the reduction axis in ``s`` parts (``einsum('bsk,skn->sbn')`` then a float32
+  sum over ``s``): ``s`` times the output tiles, plus one small reduction.
+
+Device time per product from a ``jax.profiler`` trace (median of ``--repeats`` runs,
+min-max), as a share of the read rate of ``jnp.sum`` over 4 GiB measured in the same
+process. Run it twice, once with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS
+for every product), to compare XLA's pick with cuBLAS's.
+
+  python -m experiments.bench.gemm_rows --out /tmp/gemm_rows
+
+Writes ``OUT/gemm_rows.jsonl`` and prints a table last.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+from absl import flags
+
+from experiments.bench import _flags
+from experiments.bench._gpu_common import commit_of, device_time, env_info, write_jsonl
+from experiments.bench.engine_step import MODELS, read_rate
+
+
+def weight_shapes(name: str) -> dict[str, tuple[int, int]]:
+  """``{product: (K, N)}`` of one layer of ``engine_step.MODELS[name]``."""
+  m = MODELS[name]
+  d, hd = m["d_model"], m["head_dim"]
+  return {
+    "qkv": (d, (m["num_q_heads"] + 2 * m["num_kv_heads"]) * hd),
+    "o": (m["num_q_heads"] * hd, d),
+    "gate_up": (d, 2 * m["mlp_dim"]),
+    "down": (m["mlp_dim"], d),
+  }
+
+
+def products(xs, ws, split: int):
+  """``xs[i] @ ws[i]`` for each ``i`` (no operand shared, so that XLA merges no two)."""
+  out = []
+  for x, w in zip(xs, ws, strict=True):
+    k, n = w.shape
+    if split == 1:
+      y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    else:
+      y = jnp.einsum(
+        "bsk,skn->sbn",
+        x.reshape(x.shape[0], split, k // split),
+        w.reshape(split, k // split, n),
+        preferred_element_type=jnp.float32,
+      ).sum(0)
+    out.append(y.astype(x.dtype))
+  return out
+
+
+def measure(k, n, rows, split, args):
+  keys = jax.random.split(jax.random.key(0), 2 * args.layers)
+  ws = [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys[: args.layers]]
+  xs = [jax.random.normal(key, (rows, k), jnp.bfloat16) for key in keys[args.layers :]]
+  f = jax.jit(functools.partial(products, split=split))
+  jax.block_until_ready(f(xs, ws))
+  return device_time(lambda: f(xs, ws), runs=args.repeats, per_run=args.layers), 2 * k * n
+
+
+def define_flags():
+  flags.DEFINE_string("out", None, "output directory", required=True)
+  flags.DEFINE_list("models", ["llama-1b", "smollm2-135m"], "engine_step.MODELS names")
+  flags.DEFINE_list("rows", ["64", "256"], "rows of the activations")
+  flags.DEFINE_list("splits", ["1", "2", "4", "8"], "parts of the reduction axis (1: dot)")
+  flags.DEFINE_integer("layers", 16, "products (distinct weights) per run")
+  flags.DEFINE_integer("repeats", 15, "runs traced")
+  flags.DEFINE_string("label", "", "what this process is (e.g. cublas), kept in each row")
+  flags.DEFINE_string("commit", "unknown", "commit measured")
+
+
+def main(args) -> int:
+  os.makedirs(args.out, exist_ok=True)
+  rate = read_rate(4.0)
+  info = env_info()
+  rows_out = []
+  for name in args.models:
+    for product, (k, n) in weight_shapes(name).items():
+      for rows in map(int, args.rows):
+        for split in map(int, args.splits):
+          if k % split:
+            continue
+          t, nbytes = measure(k, n, rows, split, args)
+          rows_out.append(
+            dict(
+              device=info["device"],
+              jax=info["jax_version"],
+              model=name,
+              product=product,
+              k=k,
+              n=n,
+              rows=rows,
+              split=split,
+              us=t.median * 1e6,
+              us_min=t.min * 1e6,
+              us_max=t.max * 1e6,
+              weight_mb=nbytes / 1e6,
+              share_of_read=nbytes / t.median / rate,
+              read_tbs=rate / 1e12,
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
+              label=args.label,
+              commit=commit_of(args.commit),
+              date=info["date"],
+            )
+          )
+          print(json.dumps(rows_out[-1]), flush=True)
+  write_jsonl(os.path.join(args.out, "gemm_rows.jsonl"), rows_out)
+  print(f"\nread rate {rate / 1e12:.2f} TB/s; us per product, median (min-max), share of read")
+  print("| model | product | K x N | rows | split | us | share |")
+  print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
+  for r in rows_out:
+    print(
+      f"| {r['model']} | {r['product']} | {r['k']} x {r['n']} | {r['rows']} | {r['split']} | "
+      f"{r['us']:.2f} ({r['us_min']:.2f}-{r['us_max']:.2f}) | {r['share_of_read']:.1%} |"
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  _flags.run(define_flags, main)
