@@ -130,15 +130,16 @@ def validate_padded_width(real_head_dim: int, k_blocks, backend: str, what: str)
   """For a lane-padded pool (``kernels._layout``) on a GPU ``backend`` ("gpu" or
   "gpu-unpadded"), which reads it as a plain pool of its row width: ValueError naming the
   real head_dim and the width where the kernels do not take that width (the kernels' own
-  check would name only the width)."""
+  check would name only the width). The width is refused only above 256 (head_dims up to
+  256 round up to 128 or 256), where the GPU kernels take no head_dim in any layout."""
   width = k_blocks.shape[3]
   if not head_dim_supported(width, backend):
     raise ValueError(
       f"{what}: the GPU backend reads a lane-padded pool as head_dim {width}, its rows' "
       f"width (head_dim {real_head_dim} rounded up to a multiple of {TPU_LANES}), and takes "
-      f"head_dim {HEAD_DIM_RULES[backend]} (k_blocks {_shape_str(k_blocks)}). Lane-padded "
-      "pools are the TPU backend's layout; the GPU backend pads head sizes itself: give "
-      "it a plain pool"
+      f"head_dim {HEAD_DIM_RULES[backend]} (k_blocks {_shape_str(k_blocks)}); head_dim "
+      f"{real_head_dim} is not one the GPU kernels take in any layout: use "
+      "backend='reference', or the TPU backend"
     )
 
 

@@ -385,7 +385,9 @@ def sharded_write_kv(mesh, k_blocks, v_blocks, k_new, v_new, slot_mapping, *, ax
     k_blocks, v_blocks: ``[pool_heads, num_blocks, block_size, head_dim]``, heads over
       ``axis``; donated.
     k_new, v_new: ``[num_tokens, num_kv_heads, head_dim]`` in the model's KV heads (copied
-      to every pool head that holds them).
+      to every pool head that holds them), or ``[num_tokens, pool_heads, head_dim]``, one
+      per pool head already (as ``PagedAttention`` under a mesh computes them: the pool
+      heads split evenly, so they are taken as they are).
     slot_mapping: ``i32[num_tokens]``, replicated; ``-1`` writes nothing.
 
   Returns:
@@ -431,7 +433,8 @@ def sharded_cache_write(
 ) -> PagedKVCache:
   """``paxcache.cache.write`` on a cache placed by :func:`shard_cache`.
 
-  ``k_new, v_new: [num_tokens, num_kv_heads, head_dim]`` in the model's KV heads; ``layer``
+  ``k_new, v_new: [num_tokens, num_kv_heads, head_dim]`` in the model's KV heads, or one per
+  pool head (:func:`sharded_write_kv`); ``layer``
   a Python int; ``slot_mapping`` replicated. Each device scatters into its own heads of
   that layer's pool (:func:`sharded_write_kv`). Call it inside ``jit`` with the cache
   donated, as the model does.
@@ -555,10 +558,10 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
   attention per device under ``shard_map``) and places the parameters Megatron-style
   where the head layout allows it: the one q/k/v weight split by output columns (whole
   heads per device, reordered first so that each device's columns hold its q, k and v
-  heads: ``PagedAttention.set_shards``), the MLP's one gate/up weight by columns too
+  heads, a KV head copied over devices in each of their blocks:
+  ``PagedAttention.set_shards``), the MLP's one gate/up weight by columns too
   (``SwiGLU.set_shards``), o/down projections by input rows (GSPMD adds the all-reduce
-  after them; a KV head copied over devices has its k and v columns in each of their
-  blocks). The q/k/v and o weights are replicated when the query layout is not the
+  after them). The q/k/v and o weights are replicated when the query layout is not the
   identity (each device then computes every head's q, k and v); everything else
   (embedding, norms) is replicated.
   ``model.init_cache`` then returns a sharded pool. ``Engine`` does this itself when

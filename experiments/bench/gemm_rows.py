@@ -6,8 +6,10 @@ A decode step of ``B`` sequences multiplies ``[B, K]`` activations by each layer
 output has few tiles at small ``B`` (``N / 128`` column tiles of a 64-row product: 24 for
 the 1B shape's q/k/v), so that part of the GPU may sit idle. For each weight of a model's
 layer (``engine_step.MODELS``: q/k/v, o, gate/up, down) and each row count, one jit runs
-``--layers`` products of distinct activations by distinct weights (so that no weight is
-served from L2 by the call before, and XLA merges no two products), as:
+``--layers`` products of distinct activations by distinct weights (so that XLA merges no
+two products, and, where ``--layers`` weights are well above the L2 cache, 50 MB on an
+H200, no weight is served from L2 by the run before; smaller totals give lower bounds),
+as:
 
 * ``dot``: ``jnp.dot(x, w, preferred_element_type=f32)`` cast to bf16, XLA's choice of
   kernel (Triton or cuBLAS, autotuned);

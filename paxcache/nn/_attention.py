@@ -194,9 +194,9 @@ class PagedAttention(nnx.Module):
     """``qkv`` in the ``shards == 1`` column order: ``[q | k | v]``."""
     if self.shards == 1:
       return self.qkv[...]
-    cols = self._qkv_columns(self.shards)
-    first = np.zeros(int(cols.max()) + 1, np.int64)
-    first[cols[::-1]] = np.arange(len(cols))[::-1]  # each column's first place
+    # Each one-block column's first place (np.unique's indices are of first occurrences;
+    # every column occurs, so the unique values are 0, 1, ...).
+    _, first = np.unique(self._qkv_columns(self.shards), return_index=True)
     return self.qkv[...][:, first]
 
   def set_shards(self, shards: int) -> None:
@@ -207,9 +207,10 @@ class PagedAttention(nnx.Module):
     weight, once. The query layout must be the identity (``HeadLayout.q_identity``;
     ValueError otherwise)."""
     shards = int(shards)
-    if shards < 1 or (
-      shards > 1
-      and not sharding.head_layout(shards, self.num_kv_heads, self.num_q_heads).q_identity
+    if shards < 1:
+      raise ValueError(f"PagedAttention.set_shards: shards must be >= 1, got {shards}")
+    if shards > 1 and not (
+      sharding.head_layout(shards, self.num_kv_heads, self.num_q_heads).q_identity
     ):
       raise ValueError(
         f"PagedAttention.set_shards: {self.num_q_heads} query / {self.num_kv_heads} KV heads "

@@ -59,9 +59,10 @@ def load_decoder(
     meta = json.load(f)
   fmt = meta.get("format", 1)
   if isinstance(fmt, bool) or not isinstance(fmt, int) or not 1 <= fmt <= FORMAT:
+    newer = isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT
     raise ValueError(
       f"{os.path.join(directory, CONFIG_FILE)}: checkpoint format {fmt!r}; this version of "
-      f"paxcache reads formats 1 to {FORMAT} (a newer paxcache wrote it?)"
+      f"paxcache reads formats 1 to {FORMAT}" + (" (a newer paxcache wrote it?)" if newer else "")
     )
   config = DecoderConfig.from_dict(meta["config"])
   if kv_dtype is not None:
@@ -92,18 +93,34 @@ def load_decoder(
   return model
 
 
-def _names(tree) -> set[str]:
+def _paths(tree, prefix=()):
+  """Key paths (typed: the int 0 and the string "0" differ) of ``tree``'s leaves and of its
+  empty dicts, which have no leaves but still make two trees differ."""
+  if isinstance(tree, dict):
+    if not tree:
+      yield (*prefix, "{}")
+    for k, v in tree.items():
+      yield from _paths(v, (*prefix, k))
+  else:
+    yield prefix
+
+
+def _names(tree) -> dict[tuple, str]:
+  """``{key path: its name}``; a digit string key is quoted, so that a file whose layer keys
+  are strings shows where the model's are ints."""
   return {
-    "/".join(str(getattr(k, "key", k)) for k in path)
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    path: "/".join(repr(k) if isinstance(k, str) and k.isdigit() else str(k) for k in path)
+    for path in _paths(tree)
   }
 
 
 def _check_names(where: str, params, like) -> None:
-  """ValueError unless the file's parameters are the model's, by name."""
+  """ValueError unless the file's parameters are the model's, by (typed) name; then the
+  two trees have the same structure."""
   got, want = _names(params), _names(like)
-  if got != want:
-    missing, unexpected = sorted(want - got), sorted(got - want)
+  missing = sorted(want[p] for p in set(want) - set(got))
+  unexpected = sorted(got[p] for p in set(got) - set(want))
+  if missing or unexpected:
     raise ValueError(
       f"{where}: the parameters are not those of the model its config.json builds: "
       f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected "

@@ -238,13 +238,14 @@ def test_a_lane_padded_pool_without_the_flag_is_refused_with_a_hint():
 
 
 def test_the_gpu_backend_names_the_real_head_dim_of_a_too_wide_lane_padded_pool():
-  # head_dim 272 in rows of 384: wider than the GPU kernels take (256); the error names
-  # both sizes, not only the row width the kernels would see. The reference takes it.
+  # head_dim 272 in rows of 384: wider than the GPU kernels take (256) in any layout; the
+  # error names both sizes, not only the row width the kernels would see. The reference
+  # takes it.
   q = jnp.zeros((2, 4, 272), jnp.float32)
   pool = jnp.zeros((2, 4, BS, 384), jnp.float32)
   table, lengths = jnp.zeros((2, 2), jnp.int32), jnp.ones((2,), jnp.int32)
   match = r"reads a lane-padded pool as head_dim 384, .*\(head_dim 272 rounded up"
-  with pytest.raises(ValueError, match=match + r".* multiple of 16 up to 256"):
+  with pytest.raises(ValueError, match=match + r".* multiple of 16 up to 256.* in any layout"):
     _run("gpu")(q, pool, pool, table, lengths, lane_padded=True)
   shared = np.array([[0, 1], [0, 2]], np.int32)  # two rows sharing block 0
   shared_lens = np.full(2, BS + 1, np.int32)

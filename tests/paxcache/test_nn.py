@@ -453,10 +453,13 @@ def test_a_checkpoint_of_another_format_or_other_parameters_is_refused(tmp_path)
   save_decoder(model, str(tmp_path))
   cfg, path = tmp_path / "config.json", tmp_path / "params.msgpack"
   meta, saved = json.loads(cfg.read_text()), path.read_bytes()
-  for fmt in (3, 0, "2", True):
+  for fmt in (3, 0, "2", True, 2.0):
     cfg.write_text(json.dumps(dict(meta, format=fmt)))
-    with pytest.raises(ValueError, match=f"checkpoint format {fmt!r}; .* reads formats 1 to 2"):
+    with pytest.raises(
+      ValueError, match=f"checkpoint format {fmt!r}; .* reads formats 1 to 2"
+    ) as e:
       load_decoder(str(tmp_path))
+    assert ("newer paxcache" in str(e.value)) == (fmt == 3), e.value
   cfg.write_text(json.dumps(meta))
   params = serialization.msgpack_restore(saved)
   params["layers"][0]["attn"]["q_proj"] = {"kernel": np.zeros((16, 16), np.float32)}
@@ -466,6 +469,16 @@ def test_a_checkpoint_of_another_format_or_other_parameters_is_refused(tmp_path)
     ValueError,
     match=r"params.msgpack: the parameters are not those of the model .*: "
     r"missing \['final_norm/scale'\], unexpected \['layers/0/attn/q_proj/kernel'\]",
+  ):
+    load_decoder(str(tmp_path))
+  params = serialization.msgpack_restore(saved)
+  params["layers"] = {"0": params["layers"][0]}  # the model's layer keys are ints
+  params["embed"]["extra"] = {}  # no leaves, but not the model's tree either
+  path.write_bytes(serialization.msgpack_serialize(params))
+  with pytest.raises(
+    ValueError,
+    match=r"missing \[.*'layers/0/attn/qkv'.*\], unexpected \['embed/extra/{}', "
+    r"\"layers/'0'/attn/o_proj/kernel\"",
   ):
     load_decoder(str(tmp_path))
   params = serialization.msgpack_restore(saved)
