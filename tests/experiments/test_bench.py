@@ -76,6 +76,7 @@ def test_bench_package_lists_the_scripts():
     "dp_router",
     "engine_host",
     "engine_step",
+    "gemm_rows",
     "gpu_check",
     "gpu_decode",
     "gpu_prefill_ragged",
@@ -578,3 +579,27 @@ def test_peer_query_groups_pad_to_a_power_of_two_and_back():
   np.testing.assert_array_equal(unpad_query_groups(padded, 3, groups), q)
   same, groups8 = pad_query_groups(jnp.asarray(q[:, :8]), 2)  # groups of 4: unchanged
   assert groups8 == (4, 4) and np.asarray(same).shape == (2, 8, 4)
+
+
+def test_gemm_rows_products_and_layer_shapes():
+  # The timing needs a GPU trace; what it times is checked here: each split product is the
+  # plain one (float64 NumPy), and the shapes are a layer's weights.
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments.bench.gemm_rows import products, weight_shapes
+
+  assert weight_shapes("llama-1b") == {
+    "qkv": (2048, (32 + 2 * 8) * 64),
+    "o": (2048, 2048),
+    "gate_up": (2048, 2 * 8192),
+    "down": (8192, 2048),
+  }
+  rng = np.random.default_rng(0)
+  xs = [rng.standard_normal((8, 64)).astype(np.float32) for _ in range(2)]
+  ws = [rng.standard_normal((64, 24)).astype(np.float32) for _ in range(2)]
+  want = [x.astype(np.float64) @ w.astype(np.float64) for x, w in zip(xs, ws, strict=True)]
+  for split in (1, 2, 8):
+    got = products([jnp.asarray(x) for x in xs], [jnp.asarray(w) for w in ws], split)
+    for g, w in zip(got, want, strict=True):
+      np.testing.assert_allclose(g, w, **tolerance("layer_vs_float64", jnp.float32))
