@@ -245,7 +245,8 @@ class PagedAttention(nnx.Module):
     k = k.reshape(*lead, len(kv), d)
     v = v.reshape(*lead, len(kv), d)
     if len(kv) != self.num_kv_heads and not pool_heads:  # copies: the first of each
-      first = np.searchsorted(np.asarray(kv), np.arange(self.num_kv_heads))
+      layout = sharding.head_layout(self.shards, self.num_kv_heads, self.num_q_heads)
+      first = np.asarray(layout.kv_first_copy)
       k, v = k[..., first, :], v[..., first, :]
     if self.rope_theta is not None:
       q = apply_rope(q, positions, self.rope_theta)
