@@ -14,6 +14,12 @@ writes ``DIR/probe_<part>_<pid>.jsonl`` (``--out`` defaults to ``$OUT``).
   than its dispatch); only 256 x 1024 measures the kernel.
 * ``step``: the engine's step at both shapes and models, pool just big enough, against
   the bytes' roofline; run under different ``XLA_FLAGS`` to compare XLA options.
+* ``modes``: for both models at 64 x 512 (pool just big enough), the host time of the
+  jitted step's call (batch from the host, as the engine calls it, and already on the
+  device), the device step (10 back to back), and the host events of a traced call
+  (``cuGraphLaunch``, ``command_buffer::update``): run once per ``XLA_FLAGS`` setting of
+  XLA's command buffers (``--xla_gpu_command_buffer_update_mode``, ...) to see which part
+  of the host's dispatch each one changes. Rows carry ``xla_flags``.
 
 Exploratory: it ran as tmp/probe.py at 30c8381 before being committed as
 benchmarks/probe_step.py, reformatted; moved to experiments/bench with the other scripts
@@ -43,7 +49,7 @@ from experiments._timing import Timing, time_calls
 from experiments.bench import _flags
 from experiments.bench._gpu_common import make_paged
 
-PARTS = ("dispatch", "attn", "step")
+PARTS = ("dispatch", "attn", "step", "modes")
 
 
 class A:
@@ -82,6 +88,72 @@ def pywork(ms):
   return n
 
 
+def _host_events(rec, name, call, top: int = 45, **extra) -> None:
+  """The host-side events of a ``jax.profiler`` trace of 20 calls, summed by name, per
+  call (the trace inflates host times; their shares are what it tells)."""
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for i in range(20):
+        out = call()
+        if i % 5 == 4:
+          jax.block_until_ready(out)
+      jax.block_until_ready(out)
+    path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+    from jax.profiler import ProfileData
+
+    data = ProfileData.from_file(path)
+    agg = collections.defaultdict(lambda: [0, 0.0])
+    for plane in data.planes:
+      if plane.name.startswith("/device:GPU"):
+        continue
+      for line in plane.lines:
+        for e in line.events:
+          k = (plane.name[:20], line.name[:30], e.name[:90])
+          agg[k][0] += 1
+          agg[k][1] += e.duration_ns
+    for (pl, ln, n), (c, t) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
+      rec(
+        part="host_events",
+        model=name,
+        plane=pl,
+        line=ln,
+        name=n,
+        per_call=c / 20,
+        ms_per_call=t / 20 / 1e6,
+        **extra,
+      )
+
+
+def probe_modes(rec) -> None:
+  rng = np.random.default_rng(0)
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  rate = es.read_rate(4.0)
+
+  class Args:
+    repeats = 11
+    inner = 10
+    lane_dense = False
+
+  for name in ("smollm2-135m", "llama-1b"):
+    call, release = ps._warm_step(name, 64, 512, A, rng)
+    host = ps._host_call(call, 10)
+    host_dev = ps._host_call(call.variants["device_batch"], 10)
+    t = time_calls(call, repeats=11, inner=10, warmup=2)
+    rec(
+      part="modes",
+      xla_flags=flags_now,
+      model=name,
+      batch=64,
+      context=512,
+      read_tbs=rate / 1e12,
+      **_ms("host_call", host),
+      **_ms("host_call_device_batch", host_dev),
+      **_ms("step", t),
+    )
+    _host_events(rec, name, call, top=14, xla_flags=flags_now)
+    release()
+
+
 def probe_dispatch(rec) -> None:
   rng = np.random.default_rng(0)
   for name in ("smollm2-135m", "llama-1b"):
@@ -113,38 +185,7 @@ def probe_dispatch(rec) -> None:
         **_ms("sequential", _unsynced(sequential)),
         **_ms("threaded", _unsynced(threaded)),
       )
-    # 3) host trace events
-    with tempfile.TemporaryDirectory() as d:
-      with jax.profiler.trace(d):
-        for i in range(20):
-          out = call()
-          if i % 5 == 4:
-            jax.block_until_ready(out)
-        jax.block_until_ready(out)
-      path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
-      from jax.profiler import ProfileData
-
-      data = ProfileData.from_file(path)
-      agg = collections.defaultdict(lambda: [0, 0.0])
-      for plane in data.planes:
-        if plane.name.startswith("/device:GPU"):
-          continue
-        for line in plane.lines:
-          for e in line.events:
-            k = (plane.name[:20], line.name[:30], e.name[:90])
-            agg[k][0] += 1
-            agg[k][1] += e.duration_ns
-      top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:45]
-      for (pl, ln, n), (c, t) in top:
-        rec(
-          part="host_events",
-          model=name,
-          plane=pl,
-          line=ln,
-          name=n,
-          per_call=c / 20,
-          ms_per_call=t / 20 / 1e6,
-        )
+    _host_events(rec, name, call)
     release()
 
 
@@ -260,7 +301,9 @@ def main(args):
     print(json.dumps(r), flush=True)
     rows.append(r)
 
-  {"dispatch": probe_dispatch, "attn": probe_attn, "step": probe_step}[part](rec)
+  {"dispatch": probe_dispatch, "attn": probe_attn, "step": probe_step, "modes": probe_modes}[part](
+    rec
+  )
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"probe_{part}_{os.getpid()}.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
