@@ -150,7 +150,7 @@ def probe_modes(rec) -> None:
       **_ms("host_call_device_batch", host_dev),
       **_ms("step", t),
     )
-    _host_events(rec, name, call, top=14, xla_flags=flags_now)
+    _host_events(rec, name, call, top=60, xla_flags=flags_now)
     release()
 
 
