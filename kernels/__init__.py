@@ -4,7 +4,13 @@
 code) can use it on its own.
 """
 
-from kernels._api import BACKENDS, BackendUnavailableError, paged_attention, resolve_backend
+from kernels._api import (
+  BACKENDS,
+  BackendUnavailableError,
+  paged_attention,
+  resolve_backend,
+  write_and_decode,
+)
 from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, kv_bytes_per_token, quantize
 from kernels._validate import validate_inputs
 from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv, write_kv_quantized
@@ -28,6 +34,7 @@ __all__ = [
   "quantize",
   "resolve_backend",
   "validate_inputs",
+  "write_and_decode",
   "write_kv",
   "write_kv_quantized",
 ]

@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from kernels import _layout, reference
+from kernels import _layout, _write, reference
+from kernels._quant import is_quantized
 from kernels._validate import (
   validate_decode_plan,
   validate_inputs,
@@ -163,6 +166,107 @@ def paged_attention(
     **extra,
   )
   return out if real_head_dim is None else out[..., :real_head_dim]
+
+
+def write_and_decode(
+  q: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  k_new: jax.Array,
+  v_new: jax.Array,
+  slot_mapping: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  block_sizes: Any = None,
+  interpret: bool = False,
+  decode_plan: Any = None,
+):
+  """A decode step's K/V write and its attention: :func:`kernels.write_kv`, then
+  :func:`paged_attention` with ``cu_q_lens=None``, as one call.
+
+  On the GPU backend one kernel does both: the decode kernel takes each row's last key
+  from ``k_new``/``v_new`` instead of the pool and stores the row into its slot (no scatter
+  before it, so two fewer launches per layer and step). The other backends run the two
+  calls. Same result either way (up to float rounding), and the same pools.
+
+  Args:
+    q: ``[batch, num_q_heads, head_dim]``, one query per sequence.
+    k_blocks, v_blocks: ``[num_kv_heads, num_blocks, block_size, head_dim]``, 16-bit or
+      float32, in the plain layout (8-bit, lane-dense and lane-padded pools: the two calls
+      with their own flags and scales).
+    k_new, v_new: ``[batch, num_kv_heads, head_dim]``: each row's new K/V (cast to the
+      pools' dtype).
+    slot_mapping: ``i32[batch]``: row b's slot, which must be the slot of its position
+      ``lengths[b] - 1`` (the step's token; the block table already holds its block), or
+      ``-1`` for a row that writes nothing (padding: it attends over the pool as it is).
+      NumPy arguments are checked (ValueError); device ones are trusted.
+    block_table, lengths: as in :func:`paged_attention`; ``lengths`` count the new token.
+    scale, sliding_window, logit_soft_cap, backend, block_sizes, interpret, decode_plan: as
+      in :func:`paged_attention` (the GPU backend's planned decode writes the rows itself
+      too; the reference checks a plan and ignores it; the TPU backend refuses one).
+
+  Returns:
+    ``(out, k_blocks, v_blocks)``: ``out`` shaped like ``q``, and the pools with the new
+    rows written (in place under jit when donated).
+  """
+  if is_quantized(k_blocks.dtype):
+    raise ValueError(
+      f"kernels.write_and_decode takes 16-bit or float32 pools, got "
+      f"{jnp.dtype(k_blocks.dtype).name}: write an 8-bit pool with kernels.write_kv_quantized "
+      "and read it with kernels.paged_attention(..., k_scales=, v_scales=)"
+    )
+  if q.ndim != 3 or k_new.ndim != 3 or k_new.shape[0] != q.shape[0]:
+    raise ValueError(
+      "kernels.write_and_decode: q must be [batch, num_q_heads, head_dim] and k_new/v_new "
+      f"[batch, num_kv_heads, head_dim] for the same batch, got q {tuple(q.shape)} and "
+      f"k_new {tuple(k_new.shape)}"
+    )
+  _write.check_pools(k_blocks, v_blocks)
+  _write.check_rows(k_new, v_new, slot_mapping, k_blocks)
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths)
+  _check_last_slots(slot_mapping, block_table, lengths, k_blocks.shape[2])
+  chosen = resolve_backend(backend, interpret=interpret)
+  options = dict(
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    decode_plan=decode_plan,
+  )
+  if chosen == "gpu":
+    from kernels import gpu  # imported lazily, as in _run_gpu
+
+    return gpu.decode_with_write(
+      q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, **options
+    )
+  k_blocks, v_blocks = _write.write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
+  out = paged_attention(q, k_blocks, v_blocks, block_table, lengths, backend=chosen, **options)
+  return out, k_blocks, v_blocks
+
+
+def _check_last_slots(slot_mapping, block_table, lengths, block_size: int) -> None:
+  """With NumPy arguments: each row's slot is -1 or that of its position ``length - 1``
+  (what the fused GPU write assumes); ValueError naming the first rows that are not."""
+  if not all(isinstance(a, np.ndarray) for a in (slot_mapping, block_table, lengths)):
+    return
+  last = np.maximum(lengths.astype(np.int64) - 1, 0)
+  rows = np.arange(len(lengths))
+  col = np.minimum(last // block_size, max(block_table.shape[1] - 1, 0))
+  block = block_table[rows, col] if block_table.shape[1] else np.full(len(rows), -1)
+  want = block.astype(np.int64) * block_size + last % block_size
+  bad = (slot_mapping >= 0) & ((lengths < 1) | (block < 0) | (slot_mapping != want))
+  if bad.any():
+    b = np.flatnonzero(bad)[:4].tolist()
+    raise ValueError(
+      f"kernels.write_and_decode: rows {b} have slots {slot_mapping[b].tolist()}, not the "
+      f"slots of their last positions lengths - 1 = {(lengths[b] - 1).tolist()} (or -1)"
+    )
 
 
 def layout_for(chosen: str, q, k_blocks, v_blocks, lane_dense: bool):

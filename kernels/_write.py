@@ -32,7 +32,7 @@ def check_host_slot_mapping(slot_mapping, num_slots: int) -> None:
     raise ValueError(f"slot_mapping has repeated ids {values[counts > 1][:8].tolist()}")
 
 
-def _check_pools(k_blocks, v_blocks) -> None:
+def check_pools(k_blocks, v_blocks) -> None:
   if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
     raise ValueError(
       "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
@@ -40,7 +40,7 @@ def _check_pools(k_blocks, v_blocks) -> None:
     )
 
 
-def _check_rows(k_new, v_new, slot_mapping, pool, lane_dense=False) -> int:
+def check_rows(k_new, v_new, slot_mapping, pool, lane_dense=False) -> int:
   """Checks the new rows and their slots against a pool ``[H, N, bs, D]`` (or, with
   ``lane_dense``, its lane-dense form, ``kernels._layout``); returns the pool's slot
   count."""
@@ -114,9 +114,9 @@ def write_kv(
     raise ValueError(
       "kernels.write_kv: lane_dense and lane_padded are two layouts; a pool is in one"
     )
-  _check_pools(k_blocks, v_blocks)
+  check_pools(k_blocks, v_blocks)
   k_new, v_new = _padded_rows(k_blocks, k_new, v_new, lane_padded, "kernels.write_kv")
-  total = _check_rows(k_new, v_new, slot_mapping, k_blocks, lane_dense)
+  total = check_rows(k_new, v_new, slot_mapping, k_blocks, lane_dense)
 
   if is_quantized(k_blocks.dtype):
     raise ValueError(
@@ -144,7 +144,7 @@ def _scatter_rows(pool, new, slots):
   into that layout and back on every write; this form compiles in place for v5e and v6e
   (``kernels.tpu.aot.write_copies``).
   """
-  if new.ndim == 3 and new.shape[2] != pool.shape[3]:  # checked lane-dense (_check_rows)
+  if new.ndim == 3 and new.shape[2] != pool.shape[3]:  # checked lane-dense (check_rows)
     return _scatter_packed(pool, new, slots)
   num_kv_heads, _, block_size = pool.shape[:3]
   rest = pool.shape[3:]
@@ -213,7 +213,7 @@ def write_kv_quantized(
       "write_kv_quantized needs int8 or float8_e4m3fn k_blocks and v_blocks of one dtype, got "
       f"{jnp.dtype(k_blocks.dtype).name} and {jnp.dtype(v_blocks.dtype).name}"
     )
-  _check_pools(k_blocks, v_blocks)
+  check_pools(k_blocks, v_blocks)
   for name, s in (("k_scales", k_scales), ("v_scales", v_scales)):
     if s.shape != k_blocks.shape[:3] or s.dtype != SCALE_DTYPE:
       raise ValueError(
@@ -221,7 +221,7 @@ def write_kv_quantized(
         f"block_size] of k_blocks), got {tuple(s.shape)} {jnp.dtype(s.dtype).name}"
       )
   k_new, v_new = _padded_rows(k_blocks, k_new, v_new, lane_padded, "kernels.write_kv_quantized")
-  total = _check_rows(k_new, v_new, slot_mapping, k_blocks)
+  total = check_rows(k_new, v_new, slot_mapping, k_blocks)
   slots = _slots(slot_mapping, total)
   kq, ks = quantize(k_new, k_blocks.dtype)
   vq, vs = quantize(v_new, v_blocks.dtype)

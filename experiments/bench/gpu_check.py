@@ -81,6 +81,74 @@ def decode_case(
   return out, ref
 
 
+def write_decode_case(
+  rng,
+  *,
+  batch,
+  context,
+  block_size,
+  hq=32,
+  hkv=8,
+  d=128,
+  dtype=jnp.bfloat16,
+  lengths="full",
+  window=None,
+  cap=None,
+  block_sizes=None,
+  interpret=False,
+  planned=False,
+):
+  """``kernels.write_and_decode`` on the GPU backend (the decode kernel writes the step's
+  K/V itself) against ``kernels.write_kv`` then the reference. The slot each row writes is
+  NaN before the call (a kernel that read its last key back from the pool would show it);
+  the returned pools must equal the scatter's exactly (AssertionError otherwise). With
+  ``planned``, the planned decode by ``plan_decode`` of the lengths."""
+  import kernels
+
+  if lengths == "full":
+    lens = np.full((batch,), context, np.int32)
+  else:  # a mix: 0, 1, a non-multiple of the block size, random, full
+    lens = rng.integers(1, context + 1, size=batch).astype(np.int32)
+    special = [0, 1, block_size + 1, context - 1, context]
+    lens[: min(batch, len(special))] = special[: min(batch, len(special))]
+  kb, vb, table, lens, _, _ = make_paged(
+    rng,
+    batch=batch,
+    context=context,
+    block_size=block_size,
+    num_kv_heads=hkv,
+    head_dim=d,
+    dtype=dtype,
+    lengths=lens,
+    extra_blocks=7,
+  )
+  lens_np, table_np = np.asarray(lens), np.asarray(table)
+  last = np.maximum(lens_np - 1, 0)
+  blocks = table_np[np.arange(batch), last // block_size]
+  slots = np.where(lens_np > 0, blocks * block_size + last % block_size, -1).astype(np.int32)
+  flat = slots[slots >= 0]
+  kb = kb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(kb.shape)
+  vb = vb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(vb.shape)
+  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+  q = jax.random.normal(keys[0], (batch, hq, d), jnp.float32).astype(dtype)
+  k_new = jax.random.normal(keys[1], (batch, hkv, d), jnp.float32).astype(dtype)
+  v_new = jax.random.normal(keys[2], (batch, hkv, d), jnp.float32).astype(dtype)
+  kw = dict(scale=d**-0.5, sliding_window=window, logit_soft_cap=cap)
+  plan = gpu.plan_decode(lens_np, block_size, hkv, sliding_window=window) if planned else None
+  kw_ref, vw_ref = kernels.write_kv(kb, vb, k_new, v_new, jnp.asarray(slots))
+  ref = reference.paged_attention(q, kw_ref, vw_ref, table, lens, **kw)
+  out, kw_got, vw_got = jax.jit(
+    lambda *a, plan: kernels.write_and_decode(
+      *a, backend="gpu", block_sizes=block_sizes, interpret=interpret, decode_plan=plan, **kw
+    )
+  )(q, kb, vb, k_new, v_new, jnp.asarray(slots), table, lens, plan=plan)
+  for name, got, want in (("k", kw_got, kw_ref), ("v", vw_got, vw_ref)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    wrong = int((~((got == want) | (np.isnan(got) & np.isnan(want)))).sum())
+    assert wrong == 0, f"{wrong} {name} pool values differ from kernels.write_kv's"
+  return out, ref, {"kernel": "triton-planned-write" if planned else "triton-write"}
+
+
 def prefill_case(
   rng,
   *,
@@ -154,6 +222,13 @@ def cases(smoke: bool):
         r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, **s
       ),
     )
+    for planned in (False, True):
+      yield (
+        "write+decode smoke" + (" planned" if planned else ""),
+        lambda r, p=planned: write_decode_case(
+          r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, planned=p, **s
+        ),
+      )
     yield (
       "prefill smoke",
       lambda r: prefill_case(
@@ -170,6 +245,40 @@ def cases(smoke: bool):
       f"decode 32x4096 bf16 bs{bs} mixed lengths",
       lambda r, bs=bs: decode_case(r, batch=32, context=4096, block_size=bs, lengths="mixed"),
     )
+  # The decode kernel writing the step's K/V (kernels.write_and_decode): the engine's shapes
+  # at head_dim 64 and 128, split-K (8 x 4096), large blocks, a window and a soft cap.
+  for batch, context, bs, d, lens in (
+    (64, 512, 16, 64, "full"),
+    (256, 1024, 16, 64, "mixed"),
+    (8, 4096, 16, 128, "mixed"),
+    (32, 4096, 128, 128, "mixed"),
+  ):
+    yield (
+      f"write+decode {batch}x{context} bf16 D{d} bs{bs} {lens}",
+      lambda r, a=(batch, context, bs, d, lens): write_decode_case(
+        r, batch=a[0], context=a[1], block_size=a[2], d=a[3], lengths=a[4]
+      ),
+    )
+  yield (
+    "write+decode planned 256x2048 bf16 D128 bs16 mixed",
+    lambda r: write_decode_case(
+      r, batch=256, context=2048, block_size=16, d=128, lengths="mixed", planned=True
+    ),
+  )
+  yield (
+    "write+decode planned f32 D64 bs16 window 300",
+    lambda r: write_decode_case(
+      r, batch=16, context=2048, block_size=16, d=64, dtype=jnp.float32, window=300,
+      lengths="mixed", planned=True,
+    ),
+  )  # fmt: skip
+  yield (
+    "write+decode f32 D64 bs16 window 300 cap 30",
+    lambda r: write_decode_case(
+      r, batch=16, context=2048, block_size=16, d=64, dtype=jnp.float32, window=300, cap=30.0,
+      lengths="mixed",
+    ),
+  )  # fmt: skip
   yield (
     "decode 64x8192 bf16 bs16 full",
     lambda r: decode_case(r, batch=64, context=8192, block_size=16),
@@ -474,6 +583,7 @@ def print_head_dim_table(rows, device):
 def define_flags():
   flags.DEFINE_string("out", os.environ.get("OUT", "/tmp/gpu_check"), "output folder")
   flags.DEFINE_bool("smoke", False, "tiny shapes, interpret mode (CPU)")
+  flags.DEFINE_string("only", None, "run only the cases whose name contains this")
   flags.DEFINE_list(
     "head-dims", [], "check these head sizes (e.g. 64,80,96,112,128,192,256) instead"
   )
@@ -490,6 +600,8 @@ def main(args):
   failed = 0
   rows = []
   for name, fn in cases(args.smoke):
+    if args.only and args.only not in name:
+      continue
     t0 = time.time()
     try:
       out, ref, *extra = fn(rng)

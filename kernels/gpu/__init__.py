@@ -44,6 +44,7 @@ from kernels._validate import (
   validate_inputs,
   validate_options,
 )
+from kernels._write import write_kv
 from kernels.gpu import decode_mosaic, prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.decode_mosaic import planned_decode_mosaic
@@ -65,6 +66,7 @@ from kernels.gpu.tuning import (
 __all__ = [
   "BlockSizes",
   "DecodePlan",
+  "decode_with_write",
   "default_block_sizes",
   "is_hopper",
   "kernel_backend",
@@ -408,3 +410,84 @@ def paged_attention(
       interpret=_mosaic_interpret_params() if interpret else False,
     )
   return paged_prefill(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **kwargs)
+
+
+def decode_with_write(
+  q,
+  k_blocks,
+  v_blocks,
+  k_new,
+  v_new,
+  slot_mapping,
+  block_table,
+  lengths,
+  *,
+  scale=None,
+  sliding_window=None,
+  logit_soft_cap=None,
+  block_sizes=None,
+  interpret=False,
+  decode_plan=None,
+):
+  """Decode attention with the step's K/V written by the decode kernel itself (no scatter
+  before it): ``kernels.write_and_decode`` on the GPU backend, which checks the arguments.
+
+  16-bit or float32 pools in the plain layout; the split-K decode, or with ``decode_plan``
+  the planned one (a Mosaic GPU planned decode, which only a ``block_sizes`` asks for,
+  runs after ``kernels.write_kv`` instead). Returns ``(out, k_blocks, v_blocks)``.
+  """
+  validate_gpu_inputs(
+    q, k_blocks, v_blocks, block_table, lengths, block_sizes=block_sizes, pads_head_dim=True
+  )
+  scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
+  head_dim = q.shape[2]
+  if decode_plan is not None:
+    validate_decode_plan(decode_plan, k_blocks, block_table, lengths, None, sliding_window)
+    if block_sizes is None:
+      block_sizes = planned_block_sizes(head_dim=head_dim, kv_dtype=k_blocks.dtype)
+  elif block_sizes is None:
+    block_sizes = default_block_sizes(
+      head_dim=head_dim,
+      kv_dtype=k_blocks.dtype,
+      num_tokens=q.shape[0],
+      decode=True,
+      batch=block_table.shape[0],
+      num_kv_heads=k_blocks.shape[0],
+      max_context=block_table.shape[1] * k_blocks.shape[2],
+    )
+  scale = float(head_dim**-0.5) if scale is None else scale
+  if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
+    # No rows, or nothing to attend to or write into: zeros, the pools as they were.
+    return jnp.zeros(q.shape, q.dtype), k_blocks, v_blocks
+  kwargs = dict(
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+  )
+  if decode_plan is None:
+    return paged_decode(
+      q, k_blocks, v_blocks, block_table, lengths, k_new=k_new, v_new=v_new,
+      new_slots=slot_mapping, **kwargs,
+    )  # fmt: skip
+  backend = kernel_backend(
+    "decode",
+    q_dtype=q.dtype,
+    kv_dtype=k_blocks.dtype,
+    head_dim=head_dim,
+    block_size=k_blocks.shape[2],
+    group=q.shape[1] // k_blocks.shape[0],
+    requested=block_sizes.decode_kernel,
+    interpret=interpret,
+  )
+  if backend == "mosaic":
+    k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
+    out = paged_attention(
+      q, k_blocks, v_blocks, block_table, lengths, decode_plan=decode_plan, **kwargs
+    )
+    return out, k_blocks, v_blocks
+  return planned_decode(
+    q, k_blocks, v_blocks, block_table, lengths, decode_plan, k_new=k_new, v_new=v_new,
+    new_slots=slot_mapping, **kwargs,
+  )  # fmt: skip

@@ -30,6 +30,14 @@ def _per_row(x, shape):
   return lax.broadcast_in_dim(x, shape, (0,))
 
 
+def logits_log2(s, *, scale, logit_soft_cap):
+  """Scores ``q . k`` -> logits in log2 units: times ``scale``, soft-capped if asked
+  (``cap * tanh(logit / cap)``), times log2(e)."""
+  if logit_soft_cap is None:
+    return s * (scale * LOG2E)
+  return (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
+
+
 def online_softmax_step(carry, s, *, scale, logit_soft_cap, mask=None):
   """One flash-attention update of ``(acc, m, den)`` with a tile of keys, up to ``p @ v``.
 
@@ -52,10 +60,7 @@ def online_softmax_step(carry, s, *, scale, logit_soft_cap, mask=None):
     ``den``, and p f32[rows, keys], this tile's unnormalised probabilities (0 where masked).
   """
   acc, m, den = carry
-  if logit_soft_cap is None:
-    s = s * (scale * LOG2E)
-  else:
-    s = (logit_soft_cap * LOG2E) * jnp.tanh(s * (scale / logit_soft_cap))
+  s = logits_log2(s, scale=scale, logit_soft_cap=logit_soft_cap)
   if mask is not None:
     s = jnp.where(mask, s, -jnp.inf)
   m_new = jnp.maximum(m, jnp.max(s, axis=1))

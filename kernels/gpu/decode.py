@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels._quant import is_quantized
-from kernels.gpu._softmax import online_softmax_step
+from kernels.gpu._softmax import logits_log2, online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.tuning import BlockSizes, padded_head_dim
 
@@ -159,11 +159,18 @@ def _decode_kernel(
   quantized=False,
   has_starts=False,
   partials=False,
+  fused_write=False,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
   if has_starts:
     starts_ref, *out_refs = out_refs  # i32[batch]: the first key position each row reads
+  if fused_write:
+    # This step's K/V (one row per sequence and KV head, in the pool's dtype) and each
+    # sequence's slot for them (-1: none); the pools come back as the last two outputs,
+    # the same buffers as k_ref and v_ref (aliased).
+    knew_ref, vnew_ref, slots_ref, *out_refs = out_refs
+    *out_refs, kout_ref, vout_ref = out_refs
   h = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -191,7 +198,14 @@ def _decode_kernel(
   scale = scale * widen.k_factor
 
   start = split * chunk
-  end = jnp.minimum(start + chunk, length)
+  # Keys read from the pool: all of them, or with a fused write all but the last, which is
+  # this step's own (taken from knew_ref / vnew_ref below, never read back from the pool).
+  pool_len = length
+  if fused_write:
+    slot = slots_ref[b]
+    has_new = (slot >= 0) & (length > 0)
+    pool_len = jnp.where(has_new, length - 1, length)
+  end = jnp.minimum(start + chunk, pool_len)
   lo = start
   if sliding_window is not None:
     # Position length-1 sees keys > length-1-window, i.e. >= length-window.
@@ -212,7 +226,7 @@ def _decode_kernel(
     blk = plgpu.load(
       table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
     )
-    valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok < length)
+    valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok < pool_len)
     if sliding_window is not None:
       valid &= tok >= length - sliding_window
     if has_starts:
@@ -244,6 +258,25 @@ def _decode_kernel(
   m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+  if fused_write:
+    acc, m, den = own_key(
+      acc,
+      m,
+      den,
+      q_state=q,
+      knew_ref=knew_ref,
+      vnew_ref=vnew_ref,
+      kout_ref=kout_ref,
+      vout_ref=vout_ref,
+      row=b * (num_q_heads // group) + h,
+      pool_row=head_base + jnp.maximum(slot, 0),
+      # The split whose key range holds position length - 1 adds it and writes it.
+      owns=has_new & (length - 1 >= start) & (length - 1 < start + chunk),
+      cols=cols,
+      col_ok=col_ok,
+      scale=scale,
+      logit_soft_cap=logit_soft_cap,
+    )
 
   if num_splits == 1 and not partials:
     (o_ref,) = out_refs
@@ -258,6 +291,59 @@ def _decode_kernel(
     plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=tile_mask(row_ok, col_ok))
     plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
+
+
+def own_key(
+  acc,
+  m,
+  den,
+  *,
+  q_state,
+  knew_ref,
+  vnew_ref,
+  kout_ref,
+  vout_ref,
+  row,
+  pool_row,
+  owns,
+  cols,
+  col_ok,
+  scale,
+  logit_soft_cap,
+):
+  """A fused write's last key: the step's own K/V row, added to ``(acc, m, den)`` from
+  registers and stored into its slot of the pools, by the one program that ``owns`` it
+  (every other program leaves the state as it is and stores nothing). Shared with the
+  planned decode (``planned.py``).
+
+  The key is the value the pool would hold (the caller casts it to the pool's dtype) and
+  enters as a pool key would: ``q . k`` with both operands in the dots' dtype and a float32
+  sum, ``p`` rounded to that dtype before it multiplies ``v``. No program reads the slot
+  (every program masks position ``length - 1`` out of its pool reads), so the store races
+  with nothing.
+  """
+  one = jnp.arange(1, dtype=jnp.int32)
+  idx = ((row + one)[:, None], cols[None, :])
+  ok = tile_mask(one >= 0, col_ok)
+  kn = plgpu.load(knew_ref.at[idx], mask=ok, other=0.0)  # [1, width], the pool's dtype
+  vn = plgpu.load(vnew_ref.at[idx], mask=ok, other=0.0)
+  (qc,) = q_state
+  cdtype = qc.dtype
+  f32 = jnp.float32
+  s = jnp.sum(qc.astype(f32) * kn.astype(cdtype).astype(f32), axis=1)  # f32[rows]
+  s = logits_log2(s, scale=scale, logit_soft_cap=logit_soft_cap)
+  s = jnp.where(owns, s, -jnp.inf)
+  m_new = jnp.maximum(m, s)
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp2(m - m_use)
+  p = jnp.exp2(s - m_use)  # 0 where the program does not own the key
+  den = den * alpha + p
+  p_c = p.astype(cdtype).astype(f32)
+  acc = acc * alpha[:, None] + p_c[:, None] * vn.astype(cdtype).astype(f32)
+  store_idx = ((pool_row + one)[:, None], cols[None, :])
+  plgpu.store(kout_ref.at[store_idx], kn, mask=ok & owns)
+  plgpu.store(vout_ref.at[store_idx], vn, mask=ok & owns)
+  return acc, m_new, den
 
 
 def _combine(o, m, den, out_dtype):
@@ -298,8 +384,11 @@ def paged_decode(
   v_scales=None,
   row_starts=None,
   return_partials: bool = False,
+  k_new=None,
+  v_new=None,
+  new_slots=None,
 ):
-  """Decode attention, one query per sequence.
+  """Decode attention, one query per sequence; with ``k_new`` the step's K/V written too.
 
   Args:
     q: [batch, num_q_heads, head_dim].
@@ -311,9 +400,17 @@ def paged_decode(
       reads only keys [row_starts[b], lengths[b]) (cascade attention's own part).
     return_partials: False (default): the normalised output. True: the unnormalised
       float32 split partials, for a merge elsewhere (cascade attention).
+    k_new, v_new, new_slots: None (default), or this step's K/V ``[batch, num_kv_heads,
+      head_dim]`` and ``i32[batch]`` slots (``block_id * block_size + offset``, -1: the row
+      writes nothing), written into the pools by the kernel itself (a fused write: no
+      scatter before the call). Row b's slot must be that of its position ``lengths[b] -
+      1`` (the decode step's token): the kernel takes that key from ``k_new``/``v_new``
+      instead of the pool. 16-bit or float32 pools only, not with ``row_starts`` or
+      ``return_partials``; the pools are updated in place when donated.
 
   Returns:
-    [batch, num_q_heads, head_dim] in q.dtype; with ``return_partials``, ``(o f32[batch,
+    [batch, num_q_heads, head_dim] in q.dtype (with ``k_new``: ``(out, k_blocks,
+    v_blocks)``, the pools with the step's rows written); with ``return_partials``, ``(o f32[batch,
     num_q_heads, splits, head_dim], m f32[batch, num_q_heads, splits], den f32[batch,
     num_q_heads, splits])``: per split the sum of p @ v, the max logit in log2 units (-inf
     where the split saw no key) and the sum of p, with p = exp2(logit * log2(e) - m).
@@ -329,6 +426,12 @@ def paged_decode(
     batch, num_kv_heads, max_context, kv_tile, block_sizes.decode_num_splits
   )
   widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
+  fused_write = k_new is not None
+  if fused_write and (k_scales is not None or row_starts is not None or return_partials):
+    raise ValueError(
+      "paged_decode: a fused write (k_new) takes 16-bit or float32 pools, without "
+      "row_starts or return_partials"
+    )
 
   kernel = functools.partial(
     _decode_kernel,
@@ -349,6 +452,7 @@ def paged_decode(
     quantized=k_scales is not None,
     has_starts=row_starts is not None,
     partials=return_partials,
+    fused_write=fused_write,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -371,6 +475,17 @@ def paged_decode(
       jax.ShapeDtypeStruct((n,), jnp.float32),
       jax.ShapeDtypeStruct((n,), jnp.float32),
     )
+  aliases = {}
+  if fused_write:
+    pool = jax.ShapeDtypeStruct((flat_rows, head_dim), k_blocks.dtype)
+    new_rows = (batch * num_kv_heads, head_dim)
+    args += (
+      k_new.astype(k_blocks.dtype).reshape(new_rows),
+      v_new.astype(v_blocks.dtype).reshape(new_rows),
+      new_slots.astype(jnp.int32),
+    )
+    out_shape = (*(out_shape if isinstance(out_shape, tuple) else (out_shape,)), pool, pool)
+    aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}  # k_ref, v_ref: args 3 and 4
   outs = pl.pallas_call(
     kernel,
     grid=(num_kv_heads, num_splits, batch),
@@ -379,10 +494,25 @@ def paged_decode(
       num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
     ),
     interpret=interpret,
+    input_output_aliases=aliases,
     name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}"
     + ("_partials" if return_partials else "")
+    + ("_write" if fused_write else "")
     + widen.name_suffix,
   )(*args)
+  if fused_write:
+    *outs, k_out, v_out = outs
+    pools = (k_out.reshape(k_blocks.shape), v_out.reshape(v_blocks.shape))
+    outs = outs[0] if len(outs) == 1 else tuple(outs)
+  else:
+    pools = None
+  out = _finish(outs, batch, num_q_heads, num_splits, head_dim, q.dtype, return_partials)
+  return out if pools is None else (out, *pools)
+
+
+def _finish(outs, batch, num_q_heads, num_splits, head_dim, out_dtype, return_partials):
+  """The kernel's outputs -> the output (one split: reshaped; several: combined) or, with
+  ``return_partials``, the reshaped partials."""
   if num_splits == 1 and not return_partials:
     return outs.reshape(batch, num_q_heads, head_dim)
   o, m, den = outs
@@ -396,5 +526,5 @@ def paged_decode(
     o.reshape(batch, num_q_heads, num_splits, head_dim),
     m.reshape(batch, num_q_heads, num_splits),
     den.reshape(batch, num_q_heads, num_splits),
-    q.dtype,
+    out_dtype,
   )

@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import widening
-from kernels.gpu.decode import dot_precision, head_cols, tile_mask
+from kernels.gpu.decode import dot_precision, head_cols, own_key, tile_mask
 from kernels.gpu.plan import DecodePlan
 from kernels.gpu.tuning import BlockSizes
 
@@ -73,11 +73,15 @@ def _chunk_kernel(
   logit_soft_cap,
   widen,
   quantized,
+  fused_write=False,
 ):
   if quantized:
-    ks_ref, vs_ref, o_ref, m_ref, den_ref, out_ref = refs
-  else:
-    o_ref, m_ref, den_ref, out_ref = refs
+    ks_ref, vs_ref, *refs = refs
+  if fused_write:
+    # As in decode.py: the step's K/V rows and slots in; the pools, aliased, out last.
+    knew_ref, vnew_ref, slots_ref, *refs = refs
+    *refs, kout_ref, vout_ref = refs
+  o_ref, m_ref, den_ref, out_ref = refs
   h = pl.program_id(0)
   c = pl.program_id(1)
   chunk_start, chunk_end = chunk_start_ref[c], chunk_end_ref[c]
@@ -89,7 +93,12 @@ def _chunk_kernel(
     b = chunk_seq_ref[c]
     length = lengths_ref[b]
     start = chunk_start
-    end = jnp.minimum(chunk_end, length)
+    pool_len = length  # keys read from the pool: with a fused write, all but the last
+    if fused_write:
+      slot = slots_ref[b]
+      has_new = (slot >= 0) & (length > 0)
+      pool_len = jnp.where(has_new, length - 1, length)
+    end = jnp.minimum(chunk_end, pool_len)
     if sliding_window is not None:
       # Position length-1 sees keys >= length - window.
       start = jnp.maximum(start, length - sliding_window)
@@ -153,6 +162,25 @@ def _chunk_kernel(
     first = start // kv_tile
     last = jnp.where(end > start, (end + kv_tile - 1) // kv_tile, first)
     acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
+    if fused_write:
+      acc, m, den = own_key(
+        acc,
+        m,
+        den,
+        q_state=q,
+        knew_ref=knew_ref,
+        vnew_ref=vnew_ref,
+        kout_ref=kout_ref,
+        vout_ref=vout_ref,
+        row=b * (num_q_heads // group) + h,
+        pool_row=head_base + jnp.maximum(slot, 0),
+        # The chunk holding position length - 1 adds that key and writes it.
+        owns=has_new & (length - 1 >= chunk_start) & (length - 1 < chunk_end),
+        cols=cols,
+        col_ok=col_ok,
+        scale=scale,
+        logit_soft_cap=logit_soft_cap,
+      )
     # A sequence in one chunk is done here: its output, normalised, with no partial
     # written and none merged. Otherwise the partials, for the merge.
     single = seq_chunks_ref[b] == 1
@@ -266,8 +294,12 @@ def planned_decode(
   interpret: bool = False,
   k_scales=None,
   v_scales=None,
+  k_new=None,
+  v_new=None,
+  new_slots=None,
 ):
-  """Decode attention, one query per sequence, by the chunks of ``plan``.
+  """Decode attention, one query per sequence, by the chunks of ``plan``; with ``k_new``
+  the step's K/V written by the chunk kernel (as ``decode.paged_decode``).
 
   Args:
     q: [batch, num_q_heads, head_dim].
@@ -279,9 +311,13 @@ def planned_decode(
       to the chunk kernel (``decode_num_splits`` does not: the plan decides), and
       ``quant_widen`` to 8-bit K/V.
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
+    k_new, v_new, new_slots: a fused write, as in ``decode.paged_decode`` (16-bit or float32
+      pools): the chunk holding each row's position ``lengths[b] - 1`` takes that key from
+      ``k_new``/``v_new`` and stores the row into its slot.
 
   Returns:
-    [batch, num_q_heads, head_dim] in q.dtype.
+    [batch, num_q_heads, head_dim] in q.dtype; with ``k_new``, ``(out, k_blocks,
+    v_blocks)``.
   """
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
@@ -290,6 +326,9 @@ def planned_decode(
   rows = max(16, 1 << (group - 1).bit_length())
   num_chunks = plan.chunk_seq.shape[0]
   quantized = k_scales is not None
+  fused_write = k_new is not None
+  if fused_write and quantized:
+    raise ValueError("planned_decode: a fused write (k_new) takes 16-bit or float32 pools")
   widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
   kernel = functools.partial(
     _chunk_kernel,
@@ -306,6 +345,7 @@ def planned_decode(
     logit_soft_cap=logit_soft_cap,
     widen=widen,
     quantized=quantized,
+    fused_write=fused_write,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -322,20 +362,34 @@ def planned_decode(
   if quantized:
     args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
   n = num_chunks * num_q_heads
-  o, m, den, out = pl.pallas_call(
+  out_shape = (
+    jax.ShapeDtypeStruct((n, head_dim), jnp.float32),
+    jax.ShapeDtypeStruct((n,), jnp.float32),
+    jax.ShapeDtypeStruct((n,), jnp.float32),
+    jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype),
+  )
+  aliases = {}
+  if fused_write:
+    new_rows = (batch * num_kv_heads, head_dim)
+    args += (
+      k_new.astype(k_blocks.dtype).reshape(new_rows),
+      v_new.astype(v_blocks.dtype).reshape(new_rows),
+      new_slots.astype(jnp.int32),
+    )
+    pool = jax.ShapeDtypeStruct((flat_rows, head_dim), k_blocks.dtype)
+    out_shape += (pool, pool)
+    aliases = {7: 4, 8: 5}  # k_ref, v_ref (args 7 and 8) -> the last two outputs
+  o, m, den, out, *pools = pl.pallas_call(
     kernel,
     grid=(num_kv_heads, num_chunks),
-    out_shape=(
-      jax.ShapeDtypeStruct((n, head_dim), jnp.float32),
-      jax.ShapeDtypeStruct((n,), jnp.float32),
-      jax.ShapeDtypeStruct((n,), jnp.float32),
-      jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype),
-    ),
+    out_shape=out_shape,
+    input_output_aliases=aliases,
     compiler_params=plgpu.CompilerParams(
       num_warps=block_sizes.decode_num_warps, num_stages=block_sizes.decode_num_stages
     ),
     interpret=interpret,
     name=f"paxcache_planned_decode_bs{block_size}_t{block_sizes.decode_kv_tile}"
+    + ("_write" if fused_write else "")
     + widen.name_suffix,
   )(*args)
   out = pl.pallas_call(
@@ -347,4 +401,8 @@ def planned_decode(
     interpret=interpret,
     name="paxcache_planned_decode_merge",
   )(plan.seq_first_chunk, plan.seq_num_chunks, o, m, den, out.reshape(-1))
-  return out.reshape(batch, num_q_heads, head_dim)
+  out = out.reshape(batch, num_q_heads, head_dim)
+  if fused_write:
+    k_out, v_out = pools
+    return out, k_out.reshape(k_blocks.shape), v_out.reshape(v_blocks.shape)
+  return out

@@ -81,6 +81,15 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None, exact=
   return out.reshape(b, s, num_q_heads, head_dim).astype(q.dtype)
 
 
+def _plain_float_pools(cache) -> bool:
+  """Whether ``cache`` (a ``PagedKVCache`` or one layer's ``(k_blocks, v_blocks)``) holds
+  16- or 32-bit K/V in the plain layout: what ``kernels.write_and_decode`` takes."""
+  if isinstance(cache, PagedKVCache):
+    return not (cache.quantized or cache.lane_dense or cache.lane_padded)
+  k_blocks = cache[0]
+  return k_blocks.ndim == 4 and not kernels.is_quantized(k_blocks.dtype)
+
+
 def _query_dtype(q_dtype, kv_dtype):
   """q goes to the kernel in the cache's dtype (as before), but never in an 8-bit one:
   with an 8-bit cache it keeps the activation dtype."""
@@ -119,7 +128,15 @@ class PagedAttention(nnx.Module):
       and places the parameters). None: one device.
     mesh_axis: the tensor-parallel axis of ``mesh``.
     rngs: parameter initialisation.
+
+  Attribute ``fused_write`` (True): decode steps over plain 16- or 32-bit pools write and
+  attend with one ``kernels.write_and_decode`` (on the GPU backend the decode kernel writes
+  the step's K/V itself); False keeps ``write_kv`` then ``paged_attention`` (the same
+  result; tests inspect the step around the kernels with it, since Pallas's interpret mode
+  copies a pool its kernel writes in place, which the compiled GPU kernel does not).
   """
+
+  fused_write = True
 
   def __init__(
     self,
@@ -338,7 +355,32 @@ class PagedAttention(nnx.Module):
       if self.mesh is not None:
         raise ValueError("the planned decode does not run under a mesh: pass decode_plan=None")
       kernel_kwargs["decode_plan"] = decode_plan
-    if self.mesh is None:
+    # A decode step over a plain 16- or 32-bit pool: the K/V write and the attention in one
+    # call (on the GPU backend one kernel, planned or not; kernels.write_and_decode).
+    fused = (
+      self.fused_write
+      and self.mesh is None
+      and cu_q_lens is None
+      and cascade is None
+      and _plain_float_pools(cache)
+    )
+    if fused:
+      pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
+      out, k_blocks, v_blocks = kernels.write_and_decode(
+        q.astype(_query_dtype(q.dtype, pools[0].dtype)),
+        *pools,
+        k,
+        v,
+        slot_mapping,
+        block_table,
+        lengths,
+        **kernel_kwargs,
+      )
+      if isinstance(cache, PagedKVCache):
+        cache = cache.replace_layer(layer, k_blocks, v_blocks)
+      else:
+        cache = (k_blocks, v_blocks)
+    elif self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
         cache = cache_ops.write(cache, layer, k, v, slot_mapping)

@@ -77,13 +77,18 @@ def test_greedy_outputs_with_the_plan_equal_no_cache_and_plan_off(models, monkey
   reqs = _requests()
   want = greedy_generate_no_cache(ref, [r.prompt for r in reqs], [r.max_new_tokens for r in reqs])
   plans = []
-  real = kernels.paged_attention
 
-  def counted(*args, **kw):
-    plans.append(kw.get("decode_plan"))
-    return real(*args, **kw)
+  def counted(real):
+    def call(*args, **kw):
+      plans.append(kw.get("decode_plan"))
+      return real(*args, **kw)
 
-  monkeypatch.setattr(kernels, "paged_attention", counted)
+    return call
+
+  # A decode step writes and attends through write_and_decode (plain pools), a step with a
+  # prefill chunk through paged_attention.
+  for name in ("paged_attention", "write_and_decode"):
+    monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
   engine_module._jitted_step.cache_clear()  # retrace: a cached step would not call it
   try:
     engine = Engine(gpu, _config(decode_plan="on", preemption_mode="recompute"))

@@ -46,6 +46,14 @@ def _compiled_decode_step(
   # test is about); elsewhere interpret mode stands in for it.
   interpret = backend != "reference" and jax.default_backend() != backend
   model = Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
+  if interpret and backend == "gpu":
+    # The GPU decode kernel writes the step's K/V in place (pools aliased in and out;
+    # tests/kernels/test_write_and_decode.py checks the aliasing), but Pallas's interpret
+    # mode carries an aliased pool twice through its grid loop, copying it: here the layers
+    # write with write_kv, and the fused kernel's step is inspected on a GPU (where this
+    # branch is not taken: docs/benchmarks.md records the run).
+    for layer in model.layers:
+      layer.attn.fused_write = False
   engine = Engine(
     model,
     EngineConfig(

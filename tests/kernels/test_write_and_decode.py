@@ -1,0 +1,201 @@
+"""kernels.write_and_decode: a decode step's K/V write and its attention in one call.
+
+On the GPU backend (Pallas interpret mode here) the decode kernel writes the rows itself and
+takes each row's last key from them; checked against ``kernels.write_kv`` followed by the
+reference attention. The slot each row writes holds NaN before the call, so a kernel that
+read its last key back from the pool instead of from ``k_new``/``v_new`` would fail; unused
+blocks and slots past the lengths are NaN as in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import gpu, reference
+from tests.kernels.test_gpu import SMALL, _bound, _rel_err, decode_inputs
+
+
+def _step(seed, *, lengths, block_size=8, num_kv_heads=2, head_dim=64, q_dtype, kv_dtype,
+          no_write=()):  # fmt: skip
+  """Decode inputs whose rows write their last position's slot (NaN there before), but for
+  the rows in ``no_write`` (slot -1: they attend over the pool as it is)."""
+  q, k, v, table, lens = decode_inputs(
+    seed,
+    lengths=lengths,
+    block_size=block_size,
+    num_kv_heads=num_kv_heads,
+    head_dim=head_dim,
+    q_dtype=q_dtype,
+    kv_dtype=kv_dtype,
+  )
+  rng = np.random.default_rng(seed + 1000)
+  shape = (len(lengths), num_kv_heads, head_dim)
+  k_new = jnp.asarray(rng.standard_normal(shape), q_dtype)
+  v_new = jnp.asarray(rng.standard_normal(shape), q_dtype)
+  tab = np.asarray(table)
+  slots = np.full(len(lengths), kernels.INVALID_SLOT, np.int32)
+  k_np, v_np = np.array(k, np.float32), np.array(v, np.float32)
+  for b, n in enumerate(lengths):
+    if n == 0 or b in no_write:
+      continue
+    blk, off = tab[b, (n - 1) // block_size], (n - 1) % block_size
+    slots[b] = blk * block_size + off
+    k_np[:, blk, off] = np.nan
+    v_np[:, blk, off] = np.nan
+  k, v = jnp.asarray(k_np, kv_dtype), jnp.asarray(v_np, kv_dtype)
+  return q, k, v, k_new, v_new, slots, table, lens
+
+
+def _write_then_reference(q, k, v, k_new, v_new, slots, table, lens, **kw):
+  k2, v2 = kernels.write_kv(k, v, k_new, v_new, jnp.asarray(slots))
+  return reference.paged_attention(q, k2, v2, table, lens, **kw), k2, v2
+
+
+def _check(got, want, q_dtype):
+  out, k2, v2 = got
+  ref, kw, vw = want
+  assert _rel_err(out, ref) < _bound(q_dtype)
+  # The kernel stores the rows cast to the pool's dtype, as the scatter does; every other
+  # slot (NaN ones too) is untouched.
+  np.testing.assert_array_equal(np.asarray(k2, np.float32), np.asarray(kw, np.float32))
+  np.testing.assert_array_equal(np.asarray(v2, np.float32), np.asarray(vw, np.float32))
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("block_size", [1, 8])
+@pytest.mark.parametrize(
+  "q_dtype,kv_dtype,head_dim",
+  [
+    (jnp.float32, jnp.float32, 64),
+    (jnp.bfloat16, jnp.bfloat16, 128),
+    (jnp.bfloat16, jnp.float32, 80),
+  ],
+)
+def test_gpu_kernel_writes_and_attends_as_write_then_reference(
+  splits, block_size, q_dtype, kv_dtype, head_dim
+):
+  # Lengths 0 and 1, one at a block's end, longer ones; row 4 writes nothing (slot -1).
+  # With 3 splits the last key falls in the last split of a long row, and rows of one
+  # position have it in their first.
+  lengths = [37, 0, 1, 16, 21, 70]
+  args = _step(
+    splits * 10 + block_size,
+    lengths=lengths,
+    block_size=block_size,
+    head_dim=head_dim,
+    q_dtype=q_dtype,
+    kv_dtype=kv_dtype,
+    no_write=(4,),
+  )
+  bsz = dataclasses.replace(SMALL, decode_num_splits=splits)
+  got = kernels.write_and_decode(*args, backend="gpu", interpret=True, block_sizes=bsz)
+  _check(got, _write_then_reference(*args), q_dtype)
+  np.testing.assert_array_equal(np.asarray(got[0][1]), 0.0)  # length 0 sees nothing
+
+
+@pytest.mark.parametrize("window,cap", [(1, None), (5, 2.0), (None, 5.0)])
+def test_gpu_kernel_window_and_soft_cap(window, cap):
+  # A window of 1: each row sees only its new key, which no pool read provides.
+  args = _step(3, lengths=[45, 3, 17, 64], q_dtype=jnp.float32, kv_dtype=jnp.float32)
+  kw = dict(sliding_window=window, logit_soft_cap=cap, scale=0.3)
+  got = kernels.write_and_decode(*args, backend="gpu", interpret=True, block_sizes=SMALL, **kw)
+  _check(got, _write_then_reference(*args, **kw), jnp.float32)
+
+
+def _primitives(jaxpr) -> list:
+  """Every equation of ``jaxpr`` and its sub-jaxprs: ``(primitive name, params)``."""
+  found = []
+  for eqn in jaxpr.eqns:
+    found.append((eqn.primitive.name, eqn.params))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _primitives(sub)
+  return found
+
+
+def test_gpu_backend_runs_one_kernel_and_no_scatter():
+  args = _step(5, lengths=[9, 30], q_dtype=jnp.float32, kv_dtype=jnp.float32)
+  fn = functools.partial(kernels.write_and_decode, backend="gpu", interpret=True, block_sizes=SMALL)
+  prims = _primitives(jax.make_jaxpr(fn)(*args).jaxpr)
+  calls = [p for name, p in prims if name == "pallas_call"]
+  assert len(calls) == 1
+  assert calls[0]["name"].endswith("_write")
+  assert dict(calls[0]["input_output_aliases"]) == {3: 1, 4: 2}  # the pools, in place
+  assert not [name for name, _ in prims if "scatter" in name]
+
+
+def test_other_backends_run_write_kv_then_paged_attention():
+  args = _step(6, lengths=[12, 1, 40], q_dtype=jnp.float32, kv_dtype=jnp.float32)
+  out, k2, v2 = kernels.write_and_decode(*args, backend="reference")
+  ref, kw, vw = _write_then_reference(*args)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+  np.testing.assert_array_equal(np.asarray(k2), np.asarray(kw))
+  np.testing.assert_array_equal(np.asarray(v2), np.asarray(vw))
+
+
+def test_bad_calls_raise_before_running():
+  q, k, v, k_new, v_new, slots, table, lens = _step(
+    8, lengths=[10, 20], q_dtype=jnp.float32, kv_dtype=jnp.float32
+  )
+  table, lens = np.asarray(table), np.asarray(lens)
+  wrong = slots.copy()
+  wrong[1] -= 1  # the slot of position 18, not 19
+  with pytest.raises(ValueError, match=r"rows \[1\] .*lengths - 1 = \[19\]"):
+    kernels.write_and_decode(q, k, v, k_new, v_new, wrong, table, lens, backend="reference")
+  with pytest.raises(ValueError, match="16-bit or float32 pools"):
+    kernels.write_and_decode(
+      q, k.astype(jnp.int8), v.astype(jnp.int8), k_new, v_new, slots, table, lens
+    )
+  with pytest.raises(ValueError, match="same batch"):
+    kernels.write_and_decode(q, k, v, k_new[:1], v_new[:1], slots[:1], table, lens)
+  with pytest.raises(ValueError, match="out of range"):
+    bad = slots.copy()
+    bad[0] = k.shape[1] * k.shape[2]
+    kernels.write_and_decode(q, k, v, k_new, v_new, bad, table, lens)
+
+
+def test_gpu_kernel_with_nothing_to_read_returns_zeros_and_the_pools():
+  q, k, v, k_new, v_new, slots, table, lens = _step(
+    9, lengths=[3], q_dtype=jnp.float32, kv_dtype=jnp.float32
+  )
+  empty = jnp.zeros((1, 0), jnp.int32)  # no block-table columns: nothing to read or write
+  out, k2, v2 = gpu.decode_with_write(
+    q, k, v, k_new, v_new, jnp.asarray([-1], jnp.int32), empty, jnp.zeros(1, jnp.int32),
+    interpret=True, block_sizes=SMALL,
+  )  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+  assert k2 is k and v2 is v
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_planned_gpu_kernel_writes_and_attends_as_write_then_reference(window):
+  # Chunks of 16 keys: the long rows' last keys sit in their last chunks, a 16-token row's
+  # in its only one; row 4 writes nothing.
+  lengths = [37, 0, 1, 16, 21, 70]
+  args = _step(21, lengths=lengths, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, no_write=(4,))
+  plan = gpu.plan_decode(
+    np.asarray(lengths), 8, 2, kv_tile=16, sliding_window=window, chunk_tokens=16
+  )
+  assert plan.num_chunks() > len(lengths)  # several rows cut into several chunks
+  kw = dict(sliding_window=window)
+  got = kernels.write_and_decode(
+    *args, backend="gpu", interpret=True, block_sizes=SMALL, decode_plan=plan, **kw
+  )
+  _check(got, _write_then_reference(*args, **kw), jnp.bfloat16)
+  prims = _primitives(
+    jax.make_jaxpr(
+      functools.partial(
+        kernels.write_and_decode, backend="gpu", interpret=True, block_sizes=SMALL, **kw
+      )
+    )(*args, decode_plan=plan).jaxpr
+  )
+  names = [p["name"] for name, p in prims if name == "pallas_call"]
+  assert len(names) == 2 and names[0].endswith("_write")  # chunks (writing), then the merge
+  assert not [name for name, _ in prims if "scatter" in name]
