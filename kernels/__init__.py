@@ -10,6 +10,7 @@ from kernels._api import (
   paged_attention,
   resolve_backend,
   write_and_decode,
+  write_and_decode_packed,
 )
 from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, kv_bytes_per_token, quantize
 from kernels._validate import validate_inputs
@@ -35,6 +36,7 @@ __all__ = [
   "resolve_backend",
   "validate_inputs",
   "write_and_decode",
+  "write_and_decode_packed",
   "write_kv",
   "write_kv_quantized",
 ]

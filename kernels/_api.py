@@ -214,22 +214,7 @@ def write_and_decode(
     ``(out, k_blocks, v_blocks)``: ``out`` shaped like ``q``, and the pools with the new
     rows written (in place under jit when donated).
   """
-  if is_quantized(k_blocks.dtype):
-    raise ValueError(
-      f"kernels.write_and_decode takes 16-bit or float32 pools, got "
-      f"{jnp.dtype(k_blocks.dtype).name}: write an 8-bit pool with kernels.write_kv_quantized "
-      "and read it with kernels.paged_attention(..., k_scales=, v_scales=)"
-    )
-  if q.ndim != 3 or k_new.ndim != 3 or k_new.shape[0] != q.shape[0]:
-    raise ValueError(
-      "kernels.write_and_decode: q must be [batch, num_q_heads, head_dim] and k_new/v_new "
-      f"[batch, num_kv_heads, head_dim] for the same batch, got q {tuple(q.shape)} and "
-      f"k_new {tuple(k_new.shape)}"
-    )
-  _write.check_pools(k_blocks, v_blocks)
-  _write.check_rows(k_new, v_new, slot_mapping, k_blocks)
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths)
-  _check_last_slots(slot_mapping, block_table, lengths, k_blocks.shape[2])
+  _check_fused_args(q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths)
   chosen = resolve_backend(backend, interpret=interpret)
   options = dict(
     scale=scale,
@@ -248,6 +233,80 @@ def write_and_decode(
   k_blocks, v_blocks = _write.write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
   out = paged_attention(q, k_blocks, v_blocks, block_table, lengths, backend=chosen, **options)
   return out, k_blocks, v_blocks
+
+
+def write_and_decode_packed(
+  qkv: jax.Array,
+  k_blocks: jax.Array,
+  v_blocks: jax.Array,
+  slot_mapping: jax.Array,
+  block_table: jax.Array,
+  lengths: jax.Array,
+  **options,
+):
+  """:func:`write_and_decode` with the step's queries, K and V rows in one array.
+
+  ``qkv`` is ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]``: each row's query heads,
+  then its K rows, then its V rows (``num_kv_heads`` from the pools), as a model's one q/k/v
+  projection makes them (RoPE applied). The GPU decode kernel reads all three from it, so
+  nothing splits it into three arrays before the call (each split would be a kernel of
+  its own); it must be in the pools' dtype there (as ``write_and_decode``'s q, k and v are
+  cast to it). The other backends split it and run :func:`write_and_decode`. ``options``:
+  as in :func:`write_and_decode`. Returns ``(out [batch, num_q_heads, head_dim], k_blocks,
+  v_blocks)``.
+  """
+  num_kv_heads = k_blocks.shape[0] if k_blocks.ndim == 4 else 0
+  if qkv.ndim != 3 or qkv.shape[1] < 3 * num_kv_heads or num_kv_heads == 0:
+    raise ValueError(
+      "kernels.write_and_decode_packed: qkv must be [batch, num_q_heads + 2 * num_kv_heads, "
+      f"head_dim] and the pools [num_kv_heads, num_blocks, block_size, head_dim], got qkv "
+      f"{tuple(qkv.shape)} and k_blocks {tuple(k_blocks.shape)}"
+    )
+  hq = qkv.shape[1] - 2 * num_kv_heads
+  backend = resolve_backend(
+    options.get("backend", "auto"), interpret=options.get("interpret", False)
+  )
+  if backend != "gpu":
+    q, k_new, v_new = qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
+    return write_and_decode(
+      q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, **options
+    )
+  if qkv.dtype != k_blocks.dtype:
+    raise ValueError(
+      f"kernels.write_and_decode_packed on the GPU backend takes qkv in the pools' dtype "
+      f"({jnp.dtype(k_blocks.dtype).name}), got {jnp.dtype(qkv.dtype).name}"
+    )
+  # write_and_decode's checks, on the shapes of the three parts.
+  part = lambda heads: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), qkv.dtype)  # noqa: E731
+  _check_fused_args(
+    part(hq), k_blocks, v_blocks, part(num_kv_heads), part(num_kv_heads), slot_mapping,
+    block_table, lengths,
+  )  # fmt: skip
+  from kernels import gpu  # imported lazily, as in _run_gpu
+
+  options = {k: v for k, v in options.items() if k != "backend"}
+  return gpu.decode_with_write(
+    qkv, k_blocks, v_blocks, None, None, slot_mapping, block_table, lengths, **options
+  )
+
+
+def _check_fused_args(q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths):
+  if is_quantized(k_blocks.dtype):
+    raise ValueError(
+      f"kernels.write_and_decode takes 16-bit or float32 pools, got "
+      f"{jnp.dtype(k_blocks.dtype).name}: write an 8-bit pool with kernels.write_kv_quantized "
+      "and read it with kernels.paged_attention(..., k_scales=, v_scales=)"
+    )
+  if q.ndim != 3 or k_new.ndim != 3 or k_new.shape[0] != q.shape[0]:
+    raise ValueError(
+      "kernels.write_and_decode: q must be [batch, num_q_heads, head_dim] and k_new/v_new "
+      f"[batch, num_kv_heads, head_dim] for the same batch, got q {tuple(q.shape)} and "
+      f"k_new {tuple(k_new.shape)}"
+    )
+  _write.check_pools(k_blocks, v_blocks)
+  _write.check_rows(k_new, v_new, slot_mapping, k_blocks)
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths)
+  _check_last_slots(slot_mapping, block_table, lengths, k_blocks.shape[2])
 
 
 def _check_last_slots(slot_mapping, block_table, lengths, block_size: int) -> None:

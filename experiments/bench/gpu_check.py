@@ -97,12 +97,14 @@ def write_decode_case(
   block_sizes=None,
   interpret=False,
   planned=False,
+  packed=False,
 ):
   """``kernels.write_and_decode`` on the GPU backend (the decode kernel writes the step's
   K/V itself) against ``kernels.write_kv`` then the reference. The slot each row writes is
   NaN before the call (a kernel that read its last key back from the pool would show it);
   the returned pools must equal the scatter's exactly (AssertionError otherwise). With
-  ``planned``, the planned decode by ``plan_decode`` of the lengths."""
+  ``planned``, the planned decode by ``plan_decode`` of the lengths; with ``packed``,
+  ``kernels.write_and_decode_packed`` (q, K and V rows in one array)."""
   import kernels
 
   if lengths == "full":
@@ -137,16 +139,24 @@ def write_decode_case(
   plan = gpu.plan_decode(lens_np, block_size, hkv, sliding_window=window) if planned else None
   kw_ref, vw_ref = kernels.write_kv(kb, vb, k_new, v_new, jnp.asarray(slots))
   ref = reference.paged_attention(q, kw_ref, vw_ref, table, lens, **kw)
-  out, kw_got, vw_got = jax.jit(
-    lambda *a, plan: kernels.write_and_decode(
-      *a, backend="gpu", block_sizes=block_sizes, interpret=interpret, decode_plan=plan, **kw
-    )
-  )(q, kb, vb, k_new, v_new, jnp.asarray(slots), table, lens, plan=plan)
+  opts = dict(backend="gpu", block_sizes=block_sizes, interpret=interpret, **kw)
+  if packed:
+    out, kw_got, vw_got = jax.jit(
+      lambda qkv, *a, plan: kernels.write_and_decode_packed(qkv, *a, decode_plan=plan, **opts)
+    )(
+      jnp.concatenate([q, k_new, v_new], axis=1), kb, vb, jnp.asarray(slots), table, lens,
+      plan=plan,
+    )  # fmt: skip
+  else:
+    out, kw_got, vw_got = jax.jit(
+      lambda *a, plan: kernels.write_and_decode(*a, decode_plan=plan, **opts)
+    )(q, kb, vb, k_new, v_new, jnp.asarray(slots), table, lens, plan=plan)
   for name, got, want in (("k", kw_got, kw_ref), ("v", vw_got, vw_ref)):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     wrong = int((~((got == want) | (np.isnan(got) & np.isnan(want)))).sum())
     assert wrong == 0, f"{wrong} {name} pool values differ from kernels.write_kv's"
-  return out, ref, {"kernel": "triton-planned-write" if planned else "triton-write"}
+  kernel = "triton-" + ("planned-" if planned else "") + ("packed-" if packed else "") + "write"
+  return out, ref, {"kernel": kernel}
 
 
 def prefill_case(
@@ -222,13 +232,14 @@ def cases(smoke: bool):
         r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, **s
       ),
     )
-    for planned in (False, True):
+    for planned, packed in ((False, False), (True, False), (False, True), (True, True)):
       yield (
-        "write+decode smoke" + (" planned" if planned else ""),
-        lambda r, p=planned: write_decode_case(
-          r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, planned=p, **s
+        "write+decode smoke" + (" planned" if planned else "") + (" packed" if packed else ""),
+        lambda r, p=planned, k=packed: write_decode_case(
+          r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, planned=p,
+          packed=k, **s,
         ),
-      )
+      )  # fmt: skip
     yield (
       "prefill smoke",
       lambda r: prefill_case(
@@ -259,6 +270,14 @@ def cases(smoke: bool):
         r, batch=a[0], context=a[1], block_size=a[2], d=a[3], lengths=a[4]
       ),
     )
+  for planned in (False, True):
+    yield (
+      "write+decode packed" + (" planned" if planned else "") + " 256x1024 bf16 D64 bs16 mixed",
+      lambda r, p=planned: write_decode_case(
+        r, batch=256, context=1024, block_size=16, d=64, hq=9, hkv=3, lengths="mixed",
+        planned=p, packed=True,
+      ),
+    )  # fmt: skip
   yield (
     "write+decode planned 256x2048 bf16 D128 bs16 mixed",
     lambda r: write_decode_case(

@@ -434,8 +434,16 @@ def decode_with_write(
 
   16-bit or float32 pools in the plain layout; the split-K decode, or with ``decode_plan``
   the planned one (a Mosaic GPU planned decode, which only a ``block_sizes`` asks for,
-  runs after ``kernels.write_kv`` instead). Returns ``(out, k_blocks, v_blocks)``.
+  runs after ``kernels.write_kv`` instead). With ``k_new`` and ``v_new`` None, ``q`` is a
+  packed ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]`` q/k/v in the pools' dtype
+  (``kernels.write_and_decode_packed``), read by the kernel as it is. Returns ``(out,
+  k_blocks, v_blocks)``.
   """
+  packed_qkv = k_new is None
+  qkv = q
+  if packed_qkv:
+    hkv = k_blocks.shape[0]
+    q = jax.ShapeDtypeStruct((q.shape[0], q.shape[1] - 2 * hkv, q.shape[2]), q.dtype)
   validate_gpu_inputs(
     q, k_blocks, v_blocks, block_table, lengths, block_sizes=block_sizes, pads_head_dim=True
   )
@@ -459,6 +467,7 @@ def decode_with_write(
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     # No rows, or nothing to attend to or write into: zeros, the pools as they were.
     return jnp.zeros(q.shape, q.dtype), k_blocks, v_blocks
+  fused = dict(k_new=k_new, v_new=v_new, new_slots=slot_mapping, packed_qkv=packed_qkv)
   kwargs = dict(
     scale=scale,
     sliding_window=sliding_window,
@@ -467,10 +476,7 @@ def decode_with_write(
     interpret=interpret,
   )
   if decode_plan is None:
-    return paged_decode(
-      q, k_blocks, v_blocks, block_table, lengths, k_new=k_new, v_new=v_new,
-      new_slots=slot_mapping, **kwargs,
-    )  # fmt: skip
+    return paged_decode(qkv, k_blocks, v_blocks, block_table, lengths, **fused, **kwargs)
   backend = kernel_backend(
     "decode",
     q_dtype=q.dtype,
@@ -482,12 +488,15 @@ def decode_with_write(
     interpret=interpret,
   )
   if backend == "mosaic":
+    if packed_qkv:
+      hq = q.shape[1]
+      hkv = k_blocks.shape[0]
+      q, k_new, v_new = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
     k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
     out = paged_attention(
       q, k_blocks, v_blocks, block_table, lengths, decode_plan=decode_plan, **kwargs
     )
     return out, k_blocks, v_blocks
   return planned_decode(
-    q, k_blocks, v_blocks, block_table, lengths, decode_plan, k_new=k_new, v_new=v_new,
-    new_slots=slot_mapping, **kwargs,
-  )  # fmt: skip
+    qkv, k_blocks, v_blocks, block_table, lengths, decode_plan, **fused, **kwargs
+  )

@@ -160,6 +160,7 @@ def _decode_kernel(
   has_starts=False,
   partials=False,
   fused_write=False,
+  packed=None,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
@@ -177,7 +178,12 @@ def _decode_kernel(
   length = lengths_ref[b]
   row_ids = jnp.arange(rows, dtype=jnp.int32)
   row_ok = row_ids < group
-  q_row0 = b * num_q_heads + h * group
+  num_kv_heads = num_q_heads // group
+  # Rows of q_ref per sequence, and of the step's K/V rows: the query heads and the KV
+  # heads, or with a packed q/k/v (``packed``) all of them in one array, [q | k | v].
+  seq_rows = num_q_heads if packed is None else packed
+  q_row0 = b * seq_rows + h * group
+  o_row0 = b * num_q_heads + h * group
   # Gathers index every dimension with an array (rows x columns): that is what both
   # the Triton lowering and interpret mode accept for a row gather. Tiles are `width`
   # columns wide (head_dim padded to a power of two; col_ok None when it is head_dim).
@@ -190,6 +196,7 @@ def _decode_kernel(
   else:
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
+  o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
   # A tuple: q in the dots' dtype (8-bit K/V with 16-bit q: f16 and clipped to f16's range
   # in the 16-bit modes), or split in two int8 parts in "int8_qk" (kernels/gpu/_widen.py).
   q = widen.query_state(q)
@@ -268,7 +275,8 @@ def _decode_kernel(
       vnew_ref=vnew_ref,
       kout_ref=kout_ref,
       vout_ref=vout_ref,
-      row=b * (num_q_heads // group) + h,
+      k_row=b * num_kv_heads + h if packed is None else b * packed + num_q_heads + h,
+      v_row=b * num_kv_heads + h if packed is None else b * packed + num_q_heads + num_kv_heads + h,
       pool_row=head_base + jnp.maximum(slot, 0),
       # The split whose key range holds position length - 1 adds it and writes it.
       owns=has_new & (length - 1 >= start) & (length - 1 < start + chunk),
@@ -282,12 +290,12 @@ def _decode_kernel(
     (o_ref,) = out_refs
     out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(o_ref.dtype)
     if col_ok is None:
-      plgpu.store(o_ref.at[pl.ds(q_row0, rows), :], out, mask=row_ok[:, None])
+      plgpu.store(o_ref.at[pl.ds(o_row0, rows), :], out, mask=row_ok[:, None])
     else:
-      plgpu.store(o_ref.at[q_idx], out, mask=tile_mask(row_ok, col_ok))
+      plgpu.store(o_ref.at[o_idx], out, mask=tile_mask(row_ok, col_ok))
   else:
     o_ref, m_ref, den_ref = out_refs
-    part_rows = (q_row0 + row_ids) * num_splits + split
+    part_rows = (o_row0 + row_ids) * num_splits + split
     plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=tile_mask(row_ok, col_ok))
     plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
@@ -303,7 +311,8 @@ def own_key(
   vnew_ref,
   kout_ref,
   vout_ref,
-  row,
+  k_row,
+  v_row,
   pool_row,
   owns,
   cols,
@@ -323,10 +332,10 @@ def own_key(
   with nothing.
   """
   one = jnp.arange(1, dtype=jnp.int32)
-  idx = ((row + one)[:, None], cols[None, :])
   ok = tile_mask(one >= 0, col_ok)
-  kn = plgpu.load(knew_ref.at[idx], mask=ok, other=0.0)  # [1, width], the pool's dtype
-  vn = plgpu.load(vnew_ref.at[idx], mask=ok, other=0.0)
+  # [1, width] each, in the pool's dtype
+  kn = plgpu.load(knew_ref.at[(k_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
+  vn = plgpu.load(vnew_ref.at[(v_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
   (qc,) = q_state
   cdtype = qc.dtype
   f32 = jnp.float32
@@ -366,6 +375,7 @@ def _combine(o, m, den, out_dtype):
     "block_sizes",
     "interpret",
     "return_partials",
+    "packed_qkv",
   ),
 )
 def paged_decode(
@@ -387,6 +397,7 @@ def paged_decode(
   k_new=None,
   v_new=None,
   new_slots=None,
+  packed_qkv: bool = False,
 ):
   """Decode attention, one query per sequence; with ``k_new`` the step's K/V written too.
 
@@ -407,6 +418,10 @@ def paged_decode(
       1`` (the decode step's token): the kernel takes that key from ``k_new``/``v_new``
       instead of the pool. 16-bit or float32 pools only, not with ``row_starts`` or
       ``return_partials``; the pools are updated in place when donated.
+    packed_qkv: with ``new_slots`` and no ``k_new``/``v_new``: ``q`` is ``[batch,
+      num_q_heads + 2 * num_kv_heads, head_dim]``, each row's query heads, then its K rows,
+      then its V rows, in the pools' dtype (one array, as a q/k/v projection makes it: the
+      kernel reads all three from it, so nothing splits it before the call).
 
   Returns:
     [batch, num_q_heads, head_dim] in q.dtype (with ``k_new``: ``(out, k_blocks,
@@ -417,6 +432,9 @@ def paged_decode(
   """
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  packed = None
+  if packed_qkv:
+    packed, num_q_heads = num_q_heads, num_q_heads - 2 * num_kv_heads
   max_blocks = block_table.shape[1]
   group = num_q_heads // num_kv_heads
   rows = max(16, 1 << (group - 1).bit_length())
@@ -426,7 +444,9 @@ def paged_decode(
     batch, num_kv_heads, max_context, kv_tile, block_sizes.decode_num_splits
   )
   widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
-  fused_write = k_new is not None
+  fused_write = new_slots is not None
+  if fused_write and (k_new is None) != packed_qkv:
+    raise ValueError("paged_decode: a fused write takes k_new and v_new, or packed_qkv=True")
   if fused_write and (k_scales is not None or row_starts is not None or return_partials):
     raise ValueError(
       "paged_decode: a fused write (k_new) takes 16-bit or float32 pools, without "
@@ -453,12 +473,14 @@ def paged_decode(
     has_starts=row_starts is not None,
     partials=return_partials,
     fused_write=fused_write,
+    packed=packed,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
+  q_flat = q.reshape(-1, head_dim)  # [batch * (num_q_heads or all heads), head_dim]
   args = (
     lengths,
     block_table.reshape(-1),
-    q.reshape(batch * num_q_heads, head_dim),
+    q_flat,
     k_blocks.reshape(flat_rows, head_dim),
     v_blocks.reshape(flat_rows, head_dim),
   )
@@ -478,12 +500,12 @@ def paged_decode(
   aliases = {}
   if fused_write:
     pool = jax.ShapeDtypeStruct((flat_rows, head_dim), k_blocks.dtype)
-    new_rows = (batch * num_kv_heads, head_dim)
-    args += (
-      k_new.astype(k_blocks.dtype).reshape(new_rows),
-      v_new.astype(v_blocks.dtype).reshape(new_rows),
-      new_slots.astype(jnp.int32),
-    )
+    if packed_qkv:  # the K and V rows are read from q's array itself
+      k_rows = v_rows = q_flat
+    else:
+      k_rows = k_new.astype(k_blocks.dtype).reshape(batch * num_kv_heads, head_dim)
+      v_rows = v_new.astype(v_blocks.dtype).reshape(batch * num_kv_heads, head_dim)
+    args += (k_rows, v_rows, new_slots.astype(jnp.int32))
     out_shape = (*(out_shape if isinstance(out_shape, tuple) else (out_shape,)), pool, pool)
     aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}  # k_ref, v_ref: args 3 and 4
   outs = pl.pallas_call(

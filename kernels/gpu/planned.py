@@ -74,6 +74,7 @@ def _chunk_kernel(
   widen,
   quantized,
   fused_write=False,
+  packed=None,
 ):
   if quantized:
     ks_ref, vs_ref, *refs = refs
@@ -104,7 +105,10 @@ def _chunk_kernel(
       start = jnp.maximum(start, length - sliding_window)
     row_ids = jnp.arange(rows, dtype=jnp.int32)
     row_ok = row_ids < group
-    q_row0 = b * num_q_heads + h * group
+    num_kv_heads = num_q_heads // group
+    # q_ref's rows per sequence: its query heads, or all heads of a packed q/k/v.
+    q_row0 = b * (num_q_heads if packed is None else packed) + h * group
+    o_row0 = b * num_q_heads + h * group
     # Tiles are head_dim padded to a power of two wide; col_ok (None when nothing is
     # padded) masks the columns past head_dim on every load and store.
     cols, col_ok = head_cols(head_dim)
@@ -114,6 +118,7 @@ def _chunk_kernel(
     else:
       q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
       q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
+    o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
     # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
     # int8 parts in "int8_qk" (kernels/gpu/_widen.py).
     q = widen.query_state(q)
@@ -172,7 +177,10 @@ def _chunk_kernel(
         vnew_ref=vnew_ref,
         kout_ref=kout_ref,
         vout_ref=vout_ref,
-        row=b * (num_q_heads // group) + h,
+        k_row=b * num_kv_heads + h if packed is None else b * packed + num_q_heads + h,
+        v_row=b * num_kv_heads + h
+        if packed is None
+        else b * packed + num_q_heads + num_kv_heads + h,
         pool_row=head_base + jnp.maximum(slot, 0),
         # The chunk holding position length - 1 adds that key and writes it.
         owns=has_new & (length - 1 >= chunk_start) & (length - 1 < chunk_end),
@@ -189,10 +197,10 @@ def _chunk_kernel(
     part = row_ok & jnp.logical_not(single)
     part0 = c * num_q_heads + h * group
     if col_ok is None:
-      plgpu.store(out_ref.at[pl.ds(q_row0, rows), :], out, mask=whole[:, None])
+      plgpu.store(out_ref.at[pl.ds(o_row0, rows), :], out, mask=whole[:, None])
       plgpu.store(o_ref.at[pl.ds(part0, rows), :], acc, mask=part[:, None])
     else:
-      plgpu.store(out_ref.at[q_idx], out, mask=tile_mask(whole, col_ok))
+      plgpu.store(out_ref.at[o_idx], out, mask=tile_mask(whole, col_ok))
       part_idx = ((part0 + row_ids)[:, None], cols[None, :])
       plgpu.store(o_ref.at[part_idx], acc, mask=tile_mask(part, col_ok))
     plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=part)
@@ -277,7 +285,15 @@ def _merge_row(
 
 
 @functools.partial(
-  jax.jit, static_argnames=("scale", "sliding_window", "logit_soft_cap", "block_sizes", "interpret")
+  jax.jit,
+  static_argnames=(
+    "scale",
+    "sliding_window",
+    "logit_soft_cap",
+    "block_sizes",
+    "interpret",
+    "packed_qkv",
+  ),
 )
 def planned_decode(
   q,
@@ -297,9 +313,11 @@ def planned_decode(
   k_new=None,
   v_new=None,
   new_slots=None,
+  packed_qkv: bool = False,
 ):
   """Decode attention, one query per sequence, by the chunks of ``plan``; with ``k_new``
-  the step's K/V written by the chunk kernel (as ``decode.paged_decode``).
+  (or ``packed_qkv``) the step's K/V written by the chunk kernel (as
+  ``decode.paged_decode``).
 
   Args:
     q: [batch, num_q_heads, head_dim].
@@ -321,12 +339,17 @@ def planned_decode(
   """
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  packed = None
+  if packed_qkv:  # q is [batch, all heads, head_dim]: [q | k | v] (decode.paged_decode)
+    packed, num_q_heads = num_q_heads, num_q_heads - 2 * num_kv_heads
   max_blocks = block_table.shape[1]
   group = num_q_heads // num_kv_heads
   rows = max(16, 1 << (group - 1).bit_length())
   num_chunks = plan.chunk_seq.shape[0]
   quantized = k_scales is not None
-  fused_write = k_new is not None
+  fused_write = new_slots is not None
+  if fused_write and (k_new is None) != packed_qkv:
+    raise ValueError("planned_decode: a fused write takes k_new and v_new, or packed_qkv=True")
   if fused_write and quantized:
     raise ValueError("planned_decode: a fused write (k_new) takes 16-bit or float32 pools")
   widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
@@ -346,6 +369,7 @@ def planned_decode(
     widen=widen,
     quantized=quantized,
     fused_write=fused_write,
+    packed=packed,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -355,7 +379,7 @@ def planned_decode(
     plan.seq_num_chunks,
     lengths,
     block_table.reshape(-1),
-    q.reshape(batch * num_q_heads, head_dim),
+    q.reshape(-1, head_dim),
     k_blocks.reshape(flat_rows, head_dim),
     v_blocks.reshape(flat_rows, head_dim),
   )
@@ -370,12 +394,12 @@ def planned_decode(
   )
   aliases = {}
   if fused_write:
-    new_rows = (batch * num_kv_heads, head_dim)
-    args += (
-      k_new.astype(k_blocks.dtype).reshape(new_rows),
-      v_new.astype(v_blocks.dtype).reshape(new_rows),
-      new_slots.astype(jnp.int32),
-    )
+    if packed_qkv:  # the K and V rows are read from q's array itself
+      k_rows = v_rows = args[6]
+    else:
+      k_rows = k_new.astype(k_blocks.dtype).reshape(batch * num_kv_heads, head_dim)
+      v_rows = v_new.astype(v_blocks.dtype).reshape(batch * num_kv_heads, head_dim)
+    args += (k_rows, v_rows, new_slots.astype(jnp.int32))
     pool = jax.ShapeDtypeStruct((flat_rows, head_dim), k_blocks.dtype)
     out_shape += (pool, pool)
     aliases = {7: 4, 8: 5}  # k_ref, v_ref (args 7 and 8) -> the last two outputs

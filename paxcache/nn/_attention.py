@@ -272,6 +272,20 @@ class PagedAttention(nnx.Module):
       q, k, v = self._replicated(q), self._replicated(k), self._replicated(v)
     return q, k, v
 
+  def _qkv_packed(self, x, positions):
+    """x: [T, d_model] -> ``[T, Hq + 2 * Hkv, D]``: :meth:`_qkv`'s q, k and v as one array,
+    heads in that order (one device, ``shards == 1``: the columns are ``[q | k | v]``).
+
+    RoPE goes on the first ``Hq + Hkv`` heads in one elementwise pass over the whole array,
+    so that the projection's output, RoPE and the layout of the three are one fusion."""
+    xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
+    heads = self.num_q_heads + 2 * self.num_kv_heads
+    h = jnp.dot(xc, w).reshape(x.shape[0], heads, self.head_dim)
+    if self.rope_theta is None:
+      return h
+    roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
+    return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
+
   def _replicated(self, a: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))
 
@@ -328,9 +342,6 @@ class PagedAttention(nnx.Module):
       )
     if positions.shape != x.shape[:1]:
       raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
-    # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
-    # over devices computed on each of them), which the sharded write takes as they are.
-    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
     if isinstance(cache, PagedKVCache):
       if layer is None:
         raise ValueError("a PagedKVCache needs the layer index: pass layer=")
@@ -364,6 +375,27 @@ class PagedAttention(nnx.Module):
       and cascade is None
       and _plain_float_pools(cache)
     )
+    if fused and self.shards == 1:
+      # q, k and v as the one array the projection gives (kernels.write_and_decode_packed:
+      # the GPU decode kernel reads the three from it, so no kernel splits it first).
+      pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
+      out, k_blocks, v_blocks = kernels.write_and_decode_packed(
+        self._qkv_packed(x, positions).astype(pools[0].dtype),
+        *pools,
+        slot_mapping,
+        block_table,
+        lengths,
+        **kernel_kwargs,
+      )
+      if isinstance(cache, PagedKVCache):
+        cache = cache.replace_layer(layer, k_blocks, v_blocks)
+      else:
+        cache = (k_blocks, v_blocks)
+      out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
+      return out, cache
+    # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
+    # over devices computed on each of them), which the sharded write takes as they are.
+    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
     if fused:
       pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
       out, k_blocks, v_blocks = kernels.write_and_decode(

@@ -110,13 +110,16 @@ def test_gpu_kernel_window_and_soft_cap(window, cap):
   _check(got, _write_then_reference(*args, **kw), jnp.float32)
 
 
-def _primitives(jaxpr) -> list:
-  """Every equation of ``jaxpr`` and its sub-jaxprs: ``(primitive name, params)``."""
+def _primitives(jaxpr, kernels_too=True) -> list:
+  """Every equation of ``jaxpr`` and its sub-jaxprs (with ``kernels_too=False`` not the
+  bodies of Pallas kernels): ``(primitive name, params)``."""
   found = []
   for eqn in jaxpr.eqns:
     found.append((eqn.primitive.name, eqn.params))
+    if eqn.primitive.name == "pallas_call" and not kernels_too:
+      continue
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      found += _primitives(sub)
+      found += _primitives(sub, kernels_too)
   return found
 
 
@@ -199,3 +202,44 @@ def test_planned_gpu_kernel_writes_and_attends_as_write_then_reference(window):
   names = [p["name"] for name, p in prims if name == "pallas_call"]
   assert len(names) == 2 and names[0].endswith("_write")  # chunks (writing), then the merge
   assert not [name for name, _ in prims if "scatter" in name]
+
+
+@pytest.mark.parametrize("planned", [False, True])
+def test_packed_qkv_reads_queries_and_rows_from_one_array(planned):
+  # q, then the step's K rows, then its V rows, in one [batch, Hq + 2 Hkv, D] array (as the
+  # layer's projection gives it): the kernel reads all three from it, nothing splits it.
+  lengths = [37, 0, 1, 16, 21, 70]
+  args = _step(31, lengths=lengths, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, no_write=(4,))
+  q, k, v, k_new, v_new, slots, table, lens = args
+  qkv = jnp.concatenate([q, k_new, v_new], axis=1)
+  opts = dict(backend="gpu", interpret=True)
+  if planned:
+    opts.update(
+      block_sizes=SMALL,
+      decode_plan=gpu.plan_decode(np.asarray(lengths), 8, 2, kv_tile=16, chunk_tokens=16),
+    )
+  else:
+    opts.update(block_sizes=dataclasses.replace(SMALL, decode_num_splits=3))
+  got = kernels.write_and_decode_packed(qkv, k, v, slots, table, lens, **opts)
+  _check(got, _write_then_reference(*args), jnp.bfloat16)
+  fn = functools.partial(kernels.write_and_decode_packed, **opts)
+  prims = _primitives(jax.make_jaxpr(fn)(qkv, k, v, slots, table, lens).jaxpr, kernels_too=False)
+  names = [p["name"] for name, p in prims if name == "pallas_call"]
+  assert len(names) == 1 + planned and names[0].endswith("_write")
+  assert not [name for name, _ in prims if name in ("slice", "scatter", "concatenate")]
+  # The reference splits it and gives write_and_decode's result.
+  ref = kernels.write_and_decode_packed(qkv, k, v, slots, table, lens, backend="reference")
+  want = kernels.write_and_decode(*args, backend="reference")
+  for a, b in zip(ref, want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_packed_qkv_bad_calls_raise():
+  q, k, v, k_new, v_new, slots, table, lens = _step(
+    32, lengths=[10, 20], q_dtype=jnp.float32, kv_dtype=jnp.bfloat16
+  )
+  qkv = jnp.concatenate([q, k_new, v_new], axis=1)
+  with pytest.raises(ValueError, match="pools' dtype"):
+    kernels.write_and_decode_packed(qkv, k, v, slots, table, lens, backend="gpu", interpret=True)
+  with pytest.raises(ValueError, match=r"num_q_heads \+ 2 \* num_kv_heads"):
+    kernels.write_and_decode_packed(qkv[:, :5], k, v, slots, table, lens, backend="reference")
