@@ -85,9 +85,9 @@ def test_greedy_outputs_with_the_plan_equal_no_cache_and_plan_off(models, monkey
 
     return call
 
-  # A decode step writes and attends through write_and_decode (plain pools), a step with a
-  # prefill chunk through paged_attention.
-  for name in ("paged_attention", "write_and_decode"):
+  # A decode step writes and attends through write_and_decode_packed (plain pools), a step
+  # with a prefill chunk through paged_attention.
+  for name in ("paged_attention", "write_and_decode", "write_and_decode_packed"):
     monkeypatch.setattr(kernels, name, counted(getattr(kernels, name)))
   engine_module._jitted_step.cache_clear()  # retrace: a cached step would not call it
   try:
