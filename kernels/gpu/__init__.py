@@ -245,6 +245,24 @@ def validate_gpu_inputs(
     )
 
 
+def _call_block_sizes(block_sizes, q, k_blocks, block_table, decode, decode_plan):
+  """``block_sizes`` as given, or the defaults of this call: the planned decode's with a
+  plan, else the per-shape rule (``default_block_sizes``)."""
+  if block_sizes is not None:
+    return block_sizes
+  if decode_plan is not None:
+    return planned_block_sizes(head_dim=q.shape[2], kv_dtype=k_blocks.dtype)
+  return default_block_sizes(
+    head_dim=q.shape[2],
+    kv_dtype=k_blocks.dtype,
+    num_tokens=q.shape[0],
+    decode=decode,
+    batch=block_table.shape[0],
+    num_kv_heads=k_blocks.shape[0],
+    max_context=block_table.shape[1] * k_blocks.shape[2],
+  )
+
+
 def paged_attention(
   q,
   k_blocks,
@@ -302,18 +320,7 @@ def paged_attention(
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
   head_dim = q.shape[2]
   decode = cu_q_lens is None
-  if block_sizes is None and decode_plan is not None:
-    block_sizes = planned_block_sizes(head_dim=head_dim, kv_dtype=k_blocks.dtype)
-  elif block_sizes is None:
-    block_sizes = default_block_sizes(
-      head_dim=head_dim,
-      kv_dtype=k_blocks.dtype,
-      num_tokens=q.shape[0],
-      decode=decode,
-      batch=block_table.shape[0],
-      num_kv_heads=k_blocks.shape[0],
-      max_context=block_table.shape[1] * k_blocks.shape[2],
-    )
+  block_sizes = _call_block_sizes(block_sizes, q, k_blocks, block_table, decode, decode_plan)
   scale = float(head_dim**-0.5) if scale is None else scale
   if (
     q.shape[0] == 0
@@ -451,18 +458,7 @@ def decode_with_write(
   head_dim = q.shape[2]
   if decode_plan is not None:
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, None, sliding_window)
-    if block_sizes is None:
-      block_sizes = planned_block_sizes(head_dim=head_dim, kv_dtype=k_blocks.dtype)
-  elif block_sizes is None:
-    block_sizes = default_block_sizes(
-      head_dim=head_dim,
-      kv_dtype=k_blocks.dtype,
-      num_tokens=q.shape[0],
-      decode=True,
-      batch=block_table.shape[0],
-      num_kv_heads=k_blocks.shape[0],
-      max_context=block_table.shape[1] * k_blocks.shape[2],
-    )
+  block_sizes = _call_block_sizes(block_sizes, q, k_blocks, block_table, True, decode_plan)
   scale = float(head_dim**-0.5) if scale is None else scale
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     # No rows, or nothing to attend to or write into: zeros, the pools as they were.

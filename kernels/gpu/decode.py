@@ -267,16 +267,10 @@ def _decode_kernel(
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
   if fused_write:
     acc, m, den = own_key(
-      acc,
-      m,
-      den,
-      q_state=q,
-      knew_ref=knew_ref,
-      vnew_ref=vnew_ref,
-      kout_ref=kout_ref,
-      vout_ref=vout_ref,
-      k_row=b * num_kv_heads + h if packed is None else b * packed + num_q_heads + h,
-      v_row=b * num_kv_heads + h if packed is None else b * packed + num_q_heads + num_kv_heads + h,
+      (acc, m, den),
+      q,
+      (knew_ref, vnew_ref, kout_ref, vout_ref),
+      rows_of=new_rows(b, h, packed=packed, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads),
       pool_row=head_base + jnp.maximum(slot, 0),
       # The split whose key range holds position length - 1 adds it and writes it.
       owns=has_new & (length - 1 >= start) & (length - 1 < start + chunk),
@@ -301,18 +295,22 @@ def _decode_kernel(
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
 
 
+def new_rows(b, h, *, packed, num_q_heads, num_kv_heads):
+  """``(k_row, v_row)``: the rows of sequence ``b``'s new K and V for KV head ``h`` in the
+  arrays a fused write reads them from: ``[batch * num_kv_heads, head_dim]`` each, or with a
+  packed q/k/v (``packed`` = all heads) the one ``[batch * packed, head_dim]`` array."""
+  if packed is None:
+    return b * num_kv_heads + h, b * num_kv_heads + h
+  k_row = b * packed + num_q_heads + h
+  return k_row, k_row + num_kv_heads
+
+
 def own_key(
-  acc,
-  m,
-  den,
-  *,
+  carry,
   q_state,
-  knew_ref,
-  vnew_ref,
-  kout_ref,
-  vout_ref,
-  k_row,
-  v_row,
+  refs,
+  *,
+  rows_of,
   pool_row,
   owns,
   cols,
@@ -321,7 +319,8 @@ def own_key(
   logit_soft_cap,
 ):
   """A fused write's last key: the step's own K/V row, added to ``(acc, m, den)`` from
-  registers and stored into its slot of the pools, by the one program that ``owns`` it
+  registers and stored into its slot of the pools (``refs``: the new K and V rows' arrays
+  in, the pools out; ``rows_of``: :func:`new_rows`), by the one program that ``owns`` it
   (every other program leaves the state as it is and stores nothing). Shared with the
   planned decode (``planned.py``).
 
@@ -331,6 +330,9 @@ def own_key(
   (every program masks position ``length - 1`` out of its pool reads), so the store races
   with nothing.
   """
+  acc, m, den = carry
+  knew_ref, vnew_ref, kout_ref, vout_ref = refs
+  k_row, v_row = rows_of
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok)
   # [1, width] each, in the pool's dtype

@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import widening
-from kernels.gpu.decode import dot_precision, head_cols, own_key, tile_mask
+from kernels.gpu.decode import dot_precision, head_cols, new_rows, own_key, tile_mask
 from kernels.gpu.plan import DecodePlan
 from kernels.gpu.tuning import BlockSizes
 
@@ -169,18 +169,10 @@ def _chunk_kernel(
     acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
     if fused_write:
       acc, m, den = own_key(
-        acc,
-        m,
-        den,
-        q_state=q,
-        knew_ref=knew_ref,
-        vnew_ref=vnew_ref,
-        kout_ref=kout_ref,
-        vout_ref=vout_ref,
-        k_row=b * num_kv_heads + h if packed is None else b * packed + num_q_heads + h,
-        v_row=b * num_kv_heads + h
-        if packed is None
-        else b * packed + num_q_heads + num_kv_heads + h,
+        (acc, m, den),
+        q,
+        (knew_ref, vnew_ref, kout_ref, vout_ref),
+        rows_of=new_rows(b, h, packed=packed, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads),
         pool_row=head_base + jnp.maximum(slot, 0),
         # The chunk holding position length - 1 adds that key and writes it.
         owns=has_new & (length - 1 >= chunk_start) & (length - 1 < chunk_end),

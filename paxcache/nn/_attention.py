@@ -83,7 +83,7 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None, exact=
 
 def _plain_float_pools(cache) -> bool:
   """Whether ``cache`` (a ``PagedKVCache`` or one layer's ``(k_blocks, v_blocks)``) holds
-  16- or 32-bit K/V in the plain layout: what ``kernels.write_and_decode`` takes."""
+  16- or 32-bit K/V in the plain layout: what ``kernels.write_and_decode_packed`` takes."""
   if isinstance(cache, PagedKVCache):
     return not (cache.quantized or cache.lane_dense or cache.lane_padded)
   k_blocks = cache[0]
@@ -129,11 +129,12 @@ class PagedAttention(nnx.Module):
     mesh_axis: the tensor-parallel axis of ``mesh``.
     rngs: parameter initialisation.
 
-  Attribute ``fused_write`` (True): decode steps over plain 16- or 32-bit pools write and
-  attend with one ``kernels.write_and_decode`` (on the GPU backend the decode kernel writes
-  the step's K/V itself); False keeps ``write_kv`` then ``paged_attention`` (the same
-  result; tests inspect the step around the kernels with it, since Pallas's interpret mode
-  copies a pool its kernel writes in place, which the compiled GPU kernel does not).
+  Attribute ``fused_write`` (True): decode steps over plain 16- or 32-bit pools on one
+  device write and attend with one ``kernels.write_and_decode_packed`` (on the GPU backend
+  the decode kernel writes the step's K/V itself); False keeps ``write_kv`` then
+  ``paged_attention`` (the same result; tests inspect the step around the kernels with it,
+  since Pallas's interpret mode copies a pool its kernel writes in place, which the
+  compiled GPU kernel does not).
   """
 
   fused_write = True
@@ -366,18 +367,19 @@ class PagedAttention(nnx.Module):
       if self.mesh is not None:
         raise ValueError("the planned decode does not run under a mesh: pass decode_plan=None")
       kernel_kwargs["decode_plan"] = decode_plan
-    # A decode step over a plain 16- or 32-bit pool: the K/V write and the attention in one
-    # call (on the GPU backend one kernel, planned or not; kernels.write_and_decode).
+    # A decode step over a plain 16- or 32-bit pool on one device: the K/V write and the
+    # attention in one call (on the GPU backend one kernel, planned or not), with q, k and v
+    # as the one array the projection gives (kernels.write_and_decode_packed: the GPU decode
+    # kernel reads the three from it, so no kernel splits it first).
     fused = (
       self.fused_write
       and self.mesh is None
+      and self.shards == 1
       and cu_q_lens is None
       and cascade is None
       and _plain_float_pools(cache)
     )
-    if fused and self.shards == 1:
-      # q, k and v as the one array the projection gives (kernels.write_and_decode_packed:
-      # the GPU decode kernel reads the three from it, so no kernel splits it first).
+    if fused:
       pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
       out, k_blocks, v_blocks = kernels.write_and_decode_packed(
         self._qkv_packed(x, positions).astype(pools[0].dtype),
@@ -396,23 +398,7 @@ class PagedAttention(nnx.Module):
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
     q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
-    if fused:
-      pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
-      out, k_blocks, v_blocks = kernels.write_and_decode(
-        q.astype(_query_dtype(q.dtype, pools[0].dtype)),
-        *pools,
-        k,
-        v,
-        slot_mapping,
-        block_table,
-        lengths,
-        **kernel_kwargs,
-      )
-      if isinstance(cache, PagedKVCache):
-        cache = cache.replace_layer(layer, k_blocks, v_blocks)
-      else:
-        cache = (k_blocks, v_blocks)
-    elif self.mesh is None:
+    if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
         cache = cache_ops.write(cache, layer, k, v, slot_mapping)
