@@ -242,7 +242,14 @@ def write_and_decode_packed(
   slot_mapping: jax.Array,
   block_table: jax.Array,
   lengths: jax.Array,
-  **options,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  block_sizes: Any = None,
+  interpret: bool = False,
+  decode_plan: Any = None,
 ):
   """:func:`write_and_decode` with the step's queries, K and V rows in one array.
 
@@ -250,10 +257,10 @@ def write_and_decode_packed(
   then its K rows, then its V rows (``num_kv_heads`` from the pools), as a model's one q/k/v
   projection makes them (RoPE applied). The GPU decode kernel reads all three from it, so
   nothing splits it into three arrays before the call (each split would be a kernel of
-  its own); it must be in the pools' dtype there (as ``write_and_decode``'s q, k and v are
-  cast to it). The other backends split it and run :func:`write_and_decode`. ``options``:
-  as in :func:`write_and_decode`. Returns ``(out [batch, num_q_heads, head_dim], k_blocks,
-  v_blocks)``.
+  its own); it must be in the pools' dtype (``write_and_decode`` casts q, k and v to it;
+  ValueError otherwise, on every backend). The other backends split it and run
+  :func:`write_and_decode`. The keyword arguments are :func:`write_and_decode`'s. Returns
+  ``(out [batch, num_q_heads, head_dim], k_blocks, v_blocks)``.
   """
   num_kv_heads = k_blocks.shape[0] if k_blocks.ndim == 4 else 0
   if qkv.ndim != 3 or qkv.shape[1] < 3 * num_kv_heads or num_kv_heads == 0:
@@ -263,19 +270,25 @@ def write_and_decode_packed(
       f"{tuple(qkv.shape)} and k_blocks {tuple(k_blocks.shape)}"
     )
   hq = qkv.shape[1] - 2 * num_kv_heads
-  backend = resolve_backend(
-    options.get("backend", "auto"), interpret=options.get("interpret", False)
-  )
-  if backend != "gpu":
-    q, k_new, v_new = qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
-    return write_and_decode(
-      q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, **options
-    )
   if qkv.dtype != k_blocks.dtype:
     raise ValueError(
-      f"kernels.write_and_decode_packed on the GPU backend takes qkv in the pools' dtype "
+      f"kernels.write_and_decode_packed takes qkv in the pools' dtype "
       f"({jnp.dtype(k_blocks.dtype).name}), got {jnp.dtype(qkv.dtype).name}"
     )
+  options = dict(
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    decode_plan=decode_plan,
+  )
+  if resolve_backend(backend, interpret=interpret) != "gpu":
+    q, k_new, v_new = qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
+    return write_and_decode(
+      q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, backend=backend,
+      **options,
+    )  # fmt: skip
   # write_and_decode's checks, on the shapes of the three parts.
   part = lambda heads: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), qkv.dtype)  # noqa: E731
   _check_fused_args(
@@ -284,7 +297,6 @@ def write_and_decode_packed(
   )  # fmt: skip
   from kernels import gpu  # imported lazily, as in _run_gpu
 
-  options = {k: v for k, v in options.items() if k != "backend"}
   return gpu.decode_with_write(
     qkv, k_blocks, v_blocks, None, None, slot_mapping, block_table, lengths, **options
   )

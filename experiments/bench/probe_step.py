@@ -1,6 +1,6 @@
 """Probes behind issue 13's dispatch and head_dim-64 findings (H200, 2026-12-02).
 
-  python -m experiments.bench.probe_step dispatch|attn|step [--out DIR]
+  python -m experiments.bench.probe_step dispatch|attn|step|modes [--out DIR]
 
 writes ``DIR/probe_<part>_<pid>.jsonl`` (``--out`` defaults to ``$OUT``).
 

@@ -472,6 +472,11 @@ def decode_with_write(
     interpret=interpret,
   )
   if decode_plan is None:
+    if block_sizes.decode_kernel == "mosaic":  # as paged_attention refuses it
+      raise ValueError(
+        "BlockSizes(decode_kernel='mosaic') runs a planned decode: pass decode_plan="
+        "kernels.gpu.plan_decode(lengths, ...), or use decode_kernel='triton' or 'auto'"
+      )
     return paged_decode(qkv, k_blocks, v_blocks, block_table, lengths, **fused, **kwargs)
   backend = kernel_backend(
     "decode",

@@ -210,7 +210,8 @@ def _decode_kernel(
   pool_len = length
   if fused_write:
     slot = slots_ref[b]
-    has_new = (slot >= 0) & (length > 0)
+    # A slot outside the pool writes nothing (as write_kv's scatter drops it).
+    has_new = (slot >= 0) & (slot < num_blocks * block_size) & (length > 0)
     pool_len = jnp.where(has_new, length - 1, length)
   end = jnp.minimum(start + chunk, pool_len)
   lo = start
@@ -336,6 +337,9 @@ def own_key(
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok)
   # [1, width] each, in the pool's dtype
+  # Loaded only by the owner (zeros elsewhere): a row that writes nothing may carry any
+  # values, NaN included, which p = 0 would not cancel.
+  ok = ok & owns
   kn = plgpu.load(knew_ref.at[(k_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
   vn = plgpu.load(vnew_ref.at[(v_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
   (qc,) = q_state
@@ -352,8 +356,8 @@ def own_key(
   p_c = p.astype(cdtype).astype(f32)
   acc = acc * alpha[:, None] + p_c[:, None] * vn.astype(cdtype).astype(f32)
   store_idx = ((pool_row + one)[:, None], cols[None, :])
-  plgpu.store(kout_ref.at[store_idx], kn, mask=ok & owns)
-  plgpu.store(vout_ref.at[store_idx], vn, mask=ok & owns)
+  plgpu.store(kout_ref.at[store_idx], kn, mask=ok)
+  plgpu.store(vout_ref.at[store_idx], vn, mask=ok)
   return acc, m_new, den
 
 

@@ -97,7 +97,8 @@ def _chunk_kernel(
     pool_len = length  # keys read from the pool: with a fused write, all but the last
     if fused_write:
       slot = slots_ref[b]
-      has_new = (slot >= 0) & (length > 0)
+      # A slot outside the pool writes nothing (as write_kv's scatter drops it).
+      has_new = (slot >= 0) & (slot < num_blocks * block_size) & (length > 0)
       pool_len = jnp.where(has_new, length - 1, length)
     end = jnp.minimum(chunk_end, pool_len)
     if sliding_window is not None:

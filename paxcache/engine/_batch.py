@@ -65,6 +65,12 @@ class StepBatch:
   # > 0: the step also returns each sample row's num_candidates best (log-prob, token)
   # pairs, for beam search (paxcache/engine/_beam.py); 0 compiles the step without them.
   num_candidates: int = flax.struct.field(pytree_node=False, default=0)
+  # Decode-only steps: each row writes into a block it alone holds (copy-on-write), so the
+  # attention kernel may write the step's K/V itself (paxcache.nn.PagedAttention,
+  # fused_write) unless a row's table holds a block another row fills in this very step: a
+  # row admitted on a prefix-cache hit (Plan.prefix_hit_rows; the scheduler appends before
+  # it admits). False there: the write runs before the attention.
+  fused_write: bool = flax.struct.field(pytree_node=False, default=True)
   # The planned GPU decode's work plan (kernels.gpu.plan.DecodePlan's arrays; decode-only
   # steps that EngineConfig.decode_plan plans, else zero-size: K = 0 compiles the step with
   # the default decode); decode_plan_meta is its static part (block_size, num_kv_heads,
@@ -97,6 +103,7 @@ class StepBatch:
       self.decode_only,
       self.any_sampled,
       self.num_candidates,
+      self.fused_write,
       self.decode_plan_meta,
     )
     return buffer, layout
@@ -105,7 +112,7 @@ class StepBatch:
   def unpack(cls, buffer: jax.Array, layout: tuple) -> StepBatch:
     """The :class:`StepBatch` that :meth:`pack` made ``buffer`` and ``layout`` of (traceable:
     slices of the one buffer)."""
-    *fields, decode_only, any_sampled, num_candidates, decode_plan_meta = layout
+    *fields, decode_only, any_sampled, num_candidates, fused_write, decode_plan_meta = layout
     values, offset = {}, 0
     for name, (shape, dtype) in zip(_ARRAY_FIELDS, fields, strict=True):
       size = math.prod(shape)
@@ -119,6 +126,7 @@ class StepBatch:
       decode_only=decode_only,
       any_sampled=any_sampled,
       num_candidates=num_candidates,
+      fused_write=fused_write,
       decode_plan_meta=decode_plan_meta,
     )
 
@@ -134,6 +142,7 @@ class StepBatch:
       self.decode_only,
       self.any_sampled,
       self.num_candidates,
+      self.fused_write,
       self.cascade_group_table.shape,
       self.cascade_group_rows.shape[1],
       self.decode_plan_chunk_seq.shape[0],
@@ -381,5 +390,8 @@ def build_step_batch(
     decode_only=decode_only,
     any_sampled=bool((temperature > 0).any()),
     num_candidates=num_candidates,
+    # Only a decode-only step's kernel could write K/V itself; one with a row admitted
+    # on a prefix hit writes first (a step with a prefill chunk always does).
+    fused_write=not (decode_only and plan.prefix_hit_rows),
     **plan_fields,
   )

@@ -364,6 +364,7 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
     logit_rows=batch.logit_rows,
     cascade=batch.cascade_plan(),
     decode_plan=batch.decode_plan(),
+    fused_write=batch.fused_write,
   )
   pad = prev_tokens.shape[0] - logits.shape[0]
   if batch.num_candidates:  # static: only a step with beam rows computes candidates

@@ -26,7 +26,8 @@ Blocks are taken lazily: a sequence holds exactly the tokens computed by the end
 the current step. So every block the prefix cache has registered holds K/V that are
 written no later than this step, and appends (4) come before admissions (5) so a new
 request can hit blocks filled in this very step: each layer writes all the step's
-K/V before its attention reads them.
+K/V before its attention reads them (a step with such a hit, ``Plan.prefix_hit_rows``,
+keeps the write apart from the attention kernel: ``StepBatch.fused_write``).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class Plan:
   swap_out: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[n, 2] (dev, host)
   swap_in: list[np.ndarray] = dataclasses.field(default_factory=list)  # i32[n, 2] (host, dev)
   prefix_hit_tokens: int = 0
+  # Rows admitted in this step with a prefix-cache hit: their tables may hold a block that
+  # another row fills in this very step (appends come before admission), so that step must
+  # write its K/V before any attention reads it (StepBatch.fused_write).
+  prefix_hit_rows: int = 0
   admitted_prompt_tokens: int = 0
   preemptions_swap: int = 0
   preemptions_recompute: int = 0
@@ -360,6 +365,7 @@ class Scheduler:
         stop = min(len(s.tokens), hit + max(budget, 1))
         got = alloc.add_sequence(s.seq_id, s.tokens[:stop])
         plan.prefix_hit_tokens += got
+        plan.prefix_hit_rows += got > 0
         budget -= stop - got
         s.num_computed = got
         self._add_row(plan, g, s, got, stop, alloc.slots(s.seq_id, got, stop))

@@ -303,6 +303,7 @@ class PagedAttention(nnx.Module):
     layer=None,
     cascade: kernels.CascadePlan | None = None,
     decode_plan=None,
+    fused_write: bool = True,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -332,6 +333,12 @@ class PagedAttention(nnx.Module):
         :func:`kernels.paged_attention`: the GPU backend runs its planned decode by it
         (the same result: a plan is a schedule), the reference ignores it, the TPU backend
         refuses it. Not with ``cascade`` or ``mesh`` (ValueError).
+      fused_write: decode only: with the module's ``fused_write`` also True, a step over
+        plain 16- or 32-bit pools on one device writes and attends in one
+        ``kernels.write_and_decode_packed``, which needs each row's slot to be that of
+        its position ``lengths[b] - 1`` (or -1) and no row to read a slot another row
+        writes in this call (the kernel writes and reads in one launch). False: the write
+        runs first (``write_kv``), then the attention.
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -373,6 +380,7 @@ class PagedAttention(nnx.Module):
     # kernel reads the three from it, so no kernel splits it first).
     fused = (
       self.fused_write
+      and fused_write
       and self.mesh is None
       and self.shards == 1
       and cu_q_lens is None

@@ -193,6 +193,7 @@ class Decoder(nnx.Module):
     logit_rows: jax.Array | None = None,
     cascade=None,
     decode_plan=None,
+    fused_write: bool = True,
   ):
     """Runs new tokens through the model over the paged cache.
 
@@ -210,6 +211,11 @@ class Decoder(nnx.Module):
       decode_plan: decode only: a ``kernels.gpu.plan.DecodePlan`` of this step's lengths,
         passed to every layer's :func:`kernels.paged_attention` (the GPU backend's planned
         decode; see :class:`paxcache.nn.PagedAttention`). None: the default decode.
+      fused_write: decode only: whether the layers may write the step's K/V inside the
+        attention kernel (:class:`paxcache.nn.PagedAttention`, ``fused_write``). Pass False
+        when a row reads a slot another row writes in this call (a prefix hit on a block
+        this very step fills): the fused kernel writes and reads in one launch, so only a
+        write before the attention orders them.
 
     Returns:
       ``(logits f32[rows or num_tokens, vocab_size], cache)`` with the new K/V written.
@@ -221,6 +227,8 @@ class Decoder(nnx.Module):
       paged["cascade"] = cascade
     if decode_plan is not None:
       paged["decode_plan"] = decode_plan
+    if not fused_write:
+      paged["fused_write"] = False
     x = self.embed(tokens)
     for i, layer in enumerate(self.layers):
       x, cache = layer(x, positions, cache, layer=i, **paged)

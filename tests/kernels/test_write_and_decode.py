@@ -3,8 +3,9 @@
 On the GPU backend (Pallas interpret mode here) the decode kernel writes the rows itself and
 takes each row's last key from them; checked against ``kernels.write_kv`` followed by the
 reference attention. The slot each row writes holds NaN before the call, so a kernel that
-read its last key back from the pool instead of from ``k_new``/``v_new`` would fail; unused
-blocks and slots past the lengths are NaN as in test_gpu.py.
+read its last key back from the pool instead of from ``k_new``/``v_new`` would fail; the new
+K/V of rows that write nothing (slot -1) are NaN, so a kernel that used them would fail;
+unused blocks and slots past the lengths are NaN as in test_gpu.py.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def _step(seed, *, lengths, block_size=8, num_kv_heads=2, head_dim=64, q_dtype, 
     k_np[:, blk, off] = np.nan
     v_np[:, blk, off] = np.nan
   k, v = jnp.asarray(k_np, kv_dtype), jnp.asarray(v_np, kv_dtype)
+  # Rows that write nothing carry NaN in their new K/V: nothing may read them.
+  silent = jnp.asarray(slots < 0)[:, None, None]
+  k_new, v_new = jnp.where(silent, jnp.nan, k_new), jnp.where(silent, jnp.nan, v_new)
   return q, k, v, k_new, v_new, slots, table, lens
 
 
@@ -204,12 +208,16 @@ def test_planned_gpu_kernel_writes_and_attends_as_write_then_reference(window):
   assert not [name for name, _ in prims if "scatter" in name]
 
 
-@pytest.mark.parametrize("planned", [False, True])
-def test_packed_qkv_reads_queries_and_rows_from_one_array(planned):
+@pytest.mark.parametrize("planned,head_dim", [(False, 64), (True, 64), (False, 80), (True, 80)])
+def test_packed_qkv_reads_queries_and_rows_from_one_array(planned, head_dim):
   # q, then the step's K rows, then its V rows, in one [batch, Hq + 2 Hkv, D] array (as the
   # layer's projection gives it): the kernel reads all three from it, nothing splits it.
+  # head_dim 80: rows of 80 in tiles of 128, every column past 80 masked.
   lengths = [37, 0, 1, 16, 21, 70]
-  args = _step(31, lengths=lengths, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, no_write=(4,))
+  args = _step(
+    31, lengths=lengths, head_dim=head_dim, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16,
+    no_write=(4,),
+  )  # fmt: skip
   q, k, v, k_new, v_new, slots, table, lens = args
   qkv = jnp.concatenate([q, k_new, v_new], axis=1)
   opts = dict(backend="gpu", interpret=True)
@@ -243,3 +251,19 @@ def test_packed_qkv_bad_calls_raise():
     kernels.write_and_decode_packed(qkv, k, v, slots, table, lens, backend="gpu", interpret=True)
   with pytest.raises(ValueError, match=r"num_q_heads \+ 2 \* num_kv_heads"):
     kernels.write_and_decode_packed(qkv[:, :5], k, v, slots, table, lens, backend="reference")
+
+
+def test_a_device_slot_outside_the_pool_writes_nothing_as_the_scatter_drops_it():
+  # Device arrays are not checked (a kernel cannot raise): a slot past the pool must not
+  # land in another head's rows or past the buffer. Row 2 (no write in _step) gets one.
+  q, k, v, k_new, v_new, slots, table, lens = _step(
+    41, lengths=[9, 30, 12], q_dtype=jnp.float32, kv_dtype=jnp.float32, no_write=(2,)
+  )
+  k_new, v_new = jnp.nan_to_num(k_new), jnp.nan_to_num(v_new)  # row 2's are read by no one
+  slots = slots.copy()
+  slots[2] = k.shape[1] * k.shape[2] + 3
+  args = (q, k, v, k_new, v_new, jnp.asarray(slots), table, lens)
+  got = jax.jit(
+    functools.partial(kernels.write_and_decode, backend="gpu", interpret=True, block_sizes=SMALL)
+  )(*args)
+  _check(got, _write_then_reference(*args), jnp.float32)

@@ -112,7 +112,7 @@ def test_build_step_batch_matches_a_row_by_row_reference():
   # 1 + 1 + 8 + 3 = 13 tokens -> 16; 5 samples -> 8 rows (the table's 8 rows); 1 copy -> 4.
   # The last three: no cascade plan (a mixed step): group table (0, 0), 0 members; no
   # decode plan: 0 chunks.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, (0, 0), 0, 0)
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0)
   want = _reference(plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))
@@ -134,6 +134,8 @@ def test_decode_only_batch_and_a_step_without_copies():
   sampling = {"a": (0.0, 0, 1), "b": (0.0, 0, 2)}
   batch = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=8, pending_rows={b: 3})
   assert batch.decode_only and not batch.any_sampled
+  # No row admitted on a prefix hit: the attention kernel may write K/V itself.
+  assert batch.fused_write
   # No copy-on-write pairs: zero-length, so the step compiles without the copy.
   assert batch.cow_src.shape == batch.cow_dst.shape == (0,)
   want = _reference(plan, table, sampling, {b: 3}, 8, 8, 0)
@@ -165,6 +167,7 @@ def test_pack_unpack_round_trip_with_aligned_fields():
     assert got.dtype == want.dtype, name
     np.testing.assert_array_equal(got, want, err_msg=name)
   assert (out.decode_only, out.any_sampled) == (batch.decode_only, batch.any_sampled)
+  assert out.fused_write == batch.fused_write
 
 
 def test_pack_refuses_wide_dtypes():
@@ -219,7 +222,7 @@ def test_columnar_decodes_match_the_row_by_row_reference(fast):
   batch = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=4, **kwargs)
   row_plan = Plan(rows=plan.all_rows(), cow_pairs=plan.cow_pairs)
   # 3 decodes + 8 prefill + 3 last-chunk tokens = 14 -> 16; 3 + 2 samples -> 8 rows.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, (0, 0), 0, 0)
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0)
   want = _reference(row_plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))
@@ -309,3 +312,62 @@ def test_steady_decode_steps_build_no_row_object_and_read_no_sampling_per_sequen
   assert joined == {"rows": 1, "sampling": 1}
   reference, _, _ = run(count=False)
   assert outputs == reference and len(outputs) == 6
+
+
+def test_only_a_step_of_plain_decodes_writes_k_v_inside_its_attention_kernel():
+  """``fused_write``: a decode-only step may write K/V inside the attention kernel, unless a
+  row was admitted in it on a prefix-cache hit (``Plan.prefix_hit_rows``): that row's
+  table may hold a block another row fills in this very step, and a kernel that writes and
+  reads in one launch would race on that slot."""
+  a = _seq("a", 0, [5, 6, 7, 8], 3)
+  new = _seq("n", 0, [5, 6, 7, 8, 9], 5)  # admitted this step: 4 tokens hit, 1 to compute
+  table = BlockTable(np.zeros((8, 4), np.int32), np.zeros(8, np.int32))
+  sampling = {"a": (0.0, 0, 1), "n": (0.0, 0, 2)}
+
+  def decodes_plan(rows, hits=0):
+    plan = Plan(rows=rows, prefix_hit_rows=hits)
+    plan.decodes, plan.decode_groups, plan.decode_ids = [a], [None], [a.seq_id]
+    plan.decode_starts = np.array([3], np.int32)
+    plan.decode_tokens = [8]
+    plan.decode_slots = np.array([50], np.int32)
+    return plan
+
+  plain = build_step_batch(decodes_plan([]), table, sampling, min_tokens=8, min_copies=8)
+  assert plain.decode_only and plain.fused_write
+  row = ScheduledSeq(new, 4, 5, np.array([61], np.int32), [new])
+  missed = build_step_batch(decodes_plan([row]), table, sampling, min_tokens=8, min_copies=8)
+  assert missed.decode_only and missed.fused_write  # a row of its own blocks only
+  mixed = build_step_batch(decodes_plan([row], 1), table, sampling, min_tokens=8, min_copies=8)
+  assert mixed.decode_only and not mixed.fused_write
+  assert plain.shape_key != mixed.shape_key  # a static flag: compiled apart
+  # The jitted step passes it to the model: unpacked from the layout as it was packed.
+  assert StepBatch.unpack(*mixed.pack()).fused_write is False
+
+
+def test_a_prefix_hit_on_a_block_filled_in_the_same_step_keeps_the_write_apart():
+  """The race the flag guards against, built in the engine: request A's decode fills its
+  second block in the step that admits B, whose prompt is A's tokens so far plus one, so B
+  hits that block (appends come before admission) and computes one token: a decode-only
+  step in which B reads the slot A writes."""
+  from flax import nnx
+
+  from paxcache.engine import Engine, EngineConfig, Request
+  from paxcache.nn import Decoder, DecoderConfig
+
+  config = DecoderConfig(
+    vocab_size=64, d_model=32, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=16,
+    mlp_dim=64, max_seq_len=64,
+  )  # fmt: skip
+  engine = Engine(
+    Decoder(config, rngs=nnx.Rngs(0)),
+    EngineConfig(num_blocks=16, block_size=4, num_host_blocks=0, preemption_mode="recompute"),
+  )
+  engine.add_request(Request("a", list(range(1, 8)), max_new_tokens=4))  # 7 tokens
+  engine.step()  # A's prefill: blocks [1..4] and [5, 6, 7, +its first sample]
+  a = engine.scheduler.running[0].seqs[0]
+  assert len(a.tokens) == 8
+  engine.add_request(Request("b", [*a.tokens, 9], max_new_tokens=1))
+  plan = engine.scheduler.schedule()  # A's decode fills block 2, B hits both blocks
+  assert plan.prefix_hit_rows == 1 and plan.prefix_hit_tokens == 8
+  batch = engine._build_batch(plan)
+  assert batch.decode_only and not batch.fused_write
