@@ -187,7 +187,14 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng, lane_
     tokens, holder["cache"] = step._jitted(params, holder["cache"], packed_dev, layout, key, prev)
     return tokens
 
-  call.variants = {"device_batch": call_device_batch}
+  def call_device_put():  # packed as the engine packs it, put on the device before the call
+    packed, layout = step_batch.pack()
+    tokens, holder["cache"] = step._jitted(
+      params, holder["cache"], jax.device_put(packed), layout, key, prev
+    )
+    return tokens
+
+  call.variants = {"device_batch": call_device_batch, "device_put": call_device_put}
 
   return call, live, release
 

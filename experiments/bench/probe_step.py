@@ -15,8 +15,9 @@ writes ``DIR/probe_<part>_<pid>.jsonl`` (``--out`` defaults to ``$OUT``).
 * ``step``: the engine's step at both shapes and models, pool just big enough, against
   the bytes' roofline; run under different ``XLA_FLAGS`` to compare XLA options.
 * ``modes``: for both models at 64 x 512 (pool just big enough), the host time of the
-  jitted step's call (batch from the host, as the engine calls it, and already on the
-  device), the device step (10 back to back), and the host events of a traced call
+  jitted step's call (batch from the host, as the engine calls it; already on the
+  device, one buffer every call; and packed, then put on the device by ``jax.device_put``
+  inside the timed call), the device step (10 back to back), and the host events of a traced call
   (``cuGraphLaunch``, ``command_buffer::update``): run once per ``XLA_FLAGS`` setting of
   XLA's command buffers (``--xla_gpu_command_buffer_update_mode``, ...) to see which part
   of the host's dispatch each one changes. Rows carry ``xla_flags``.
@@ -138,6 +139,7 @@ def probe_modes(rec) -> None:
     call, release = ps._warm_step(name, 64, 512, A, rng)
     host = ps._host_call(call, 10)
     host_dev = ps._host_call(call.variants["device_batch"], 10)
+    host_put = ps._host_call(call.variants["device_put"], 10)
     t = time_calls(call, repeats=11, inner=10, warmup=2)
     rec(
       part="modes",
@@ -148,6 +150,7 @@ def probe_modes(rec) -> None:
       read_tbs=rate / 1e12,
       **_ms("host_call", host),
       **_ms("host_call_device_batch", host_dev),
+      **_ms("host_call_device_put", host_put),
       **_ms("step", t),
     )
     _host_events(rec, name, call, top=60, xla_flags=flags_now)
