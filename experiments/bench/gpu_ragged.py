@@ -123,6 +123,12 @@ SWEEP = (
   dict(merge=(16, 4, 1)),
   dict(per_sm=4),
   dict(per_sm=16),
+  # Deeper pipelines of smaller steps (run28: at 8 x 4096 the planned kernel's warps wait
+  # on the barrier of their one 64 KiB step in flight, two programs an SM): more, smaller
+  # steps in flight in about the same shared memory.
+  dict(bs=dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=4)),
+  dict(bs=dict(decode_kv_tile=64, decode_num_warps=4, decode_num_stages=5)),
+  dict(bs=dict(decode_kv_tile=32, decode_num_warps=4, decode_num_stages=6)),
 )
 # --sweep with the Mosaic variants on: Mosaic GPU decode settings (the defaults: 64-key
 # steps, the deepest ring that fits, one CUDA block per unit, the Triton merge), rows
