@@ -83,6 +83,7 @@ def test_bench_package_lists_the_scripts():
     "gpu_ragged",
     "host_copies",
     "host_step",
+    "ncu_profile",
     "plan_host",
     "prefix_time",
     "probe_step",

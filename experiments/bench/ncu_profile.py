@@ -1,0 +1,267 @@
+"""Where one decode kernel's time goes, from Nsight Compute: occupancy, stalls, instructions.
+
+Runs one paged decode call (blocks scattered at random, ``gpu_decode``'s inputs) under
+``ncu --set full`` in a child process of its own, profiles one launch of our kernel after
+the warm-up calls, and summarises what the report says:
+
+* the launch (``ncu --page details``): duration, DRAM throughput, issue slots busy,
+  instructions executed, registers and shared memory per program, the programs an SM holds
+  (and which limit binds), waves, occupancy;
+* the warps' stall samples by reason, summed over the kernel's SASS instructions, and the
+  instruction mix (warp instructions executed, by opcode) with each opcode's share of the
+  stall samples (``ncu --page source --csv --print-source sass``).
+
+This is how docs/benchmarks.md ("Run28") found the 8-bit decode issue-bound (V's bytes
+gathered into ``p @ V`` fragments one by one) and the 8 x 4096 planned decode waiting on
+memory; run28 itself ran the same steps as scratch scripts (``docs/results/gpu_raw/run28/``).
+
+  python -m experiments.bench.ncu_profile --kv int8 --shape 64x8192 --out DIR
+  python -m experiments.bench.ncu_profile --kernel planned --shape 8x4096 --out DIR
+  python -m experiments.bench.ncu_profile --summarize-csv SOURCE.csv --out DIR
+
+Writes ``DIR/ncu_profile.jsonl`` (one row per profile) and, beside it, the details page
+and the source CSV the row was made from. Needs a GPU and ``ncu`` on the PATH (``--ncu``);
+``--summarize-csv`` only reads a source page exported before. ncu times one launch,
+replayed under its own clock settings (``--clock-control none`` keeps the card's): its
+duration is not a benchmark's timing.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+from absl import flags
+
+from experiments.bench import _flags
+
+KV_DTYPES = {"bf16": "bfloat16", "int8": "int8", "e4m3": "float8_e4m3fn"}
+KERNELS = ("split_k", "planned")
+# Metrics read from the details page: (label in the row, the page's metric name).
+DETAIL_METRICS = (
+  ("duration", "Duration"),
+  ("dram_throughput_pct", "DRAM Throughput"),
+  ("issue_slots_busy_pct", "Issue Slots Busy"),
+  ("executed_instructions", "Executed Instructions"),
+  ("registers_per_thread", "Registers Per Thread"),
+  ("dynamic_shared_kib", "Dynamic Shared Memory Per Block"),
+  ("grid_size", "Grid Size"),
+  ("block_size", "Block Size"),
+  ("waves_per_sm", "Waves Per SM"),
+  ("block_limit_registers", "Block Limit Registers"),
+  ("block_limit_shared_mem", "Block Limit Shared Mem"),
+  ("block_limit_warps", "Block Limit Warps"),
+  ("theoretical_occupancy_pct", "Theoretical Occupancy"),
+  ("achieved_occupancy_pct", "Achieved Occupancy"),
+)
+_NUMBER = re.compile(r"^-?[\d,]*\.?\d+$")
+
+
+def parse_details(text: str) -> dict:
+  """The ``DETAIL_METRICS`` of an ``ncu --page details`` page: each metric's line is its
+  name, an optional unit and a number; the first such line of a name counts (a page of
+  several launches gives the first launch's). The duration comes back in microseconds
+  (``duration_us``); the other values as printed, thousands commas dropped."""
+  out = {}
+  for line in text.splitlines():
+    parts = line.split()
+    if not parts or not _NUMBER.match(parts[-1]):
+      continue
+    for label, name in DETAIL_METRICS:
+      words = name.split()
+      n = len(words)
+      key = "duration_us" if label == "duration" else label
+      if key in out or parts[:n] != words or len(parts) not in (n + 1, n + 2):
+        continue
+      if len(parts) == n + 2 and _NUMBER.match(parts[n]):
+        continue  # two numbers: not a metric line of this form
+      value = float(parts[-1].replace(",", ""))
+      if label == "duration":
+        unit = parts[n] if len(parts) == n + 2 else ""
+        scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}.get(unit)
+        if scale is None:
+          raise ValueError(f"ncu details: unknown duration unit {unit!r} in {line.strip()!r}")
+        value *= scale
+      out[key] = value
+      break
+  return out
+
+
+def summarize_source(path: str, *, top: int = 25) -> dict:
+  """Stall reasons and instruction mix of an ``ncu --page source --csv --print-source sass``
+  export (one kernel): ``samples`` (all warp stall samples), ``stalls`` {reason: share of
+  the samples}, ``ops`` [(opcode, share of warp instructions executed, share of the stall
+  samples)], largest ``top`` first. Opcodes drop their modifiers and predicate (``@P0
+  LDG.E.128`` is ``LDG``)."""
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  header_at = next(
+    (i for i, r in enumerate(rows) if "Source" in r and "Instructions Executed" in r), None
+  )
+  if header_at is None:
+    raise ValueError(f"{path}: no header with 'Source' and 'Instructions Executed' columns")
+  header = rows[header_at]
+  col = {h: i for i, h in enumerate(header)}
+  sample_col = "Warp Stall Sampling (All Samples)"
+  if sample_col not in col:
+    raise ValueError(f"{path}: no {sample_col!r} column")
+  reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+  stalls = collections.Counter()
+  executed, sampled = collections.Counter(), collections.Counter()
+  samples = 0
+  for r in rows[header_at + 1 :]:
+    if len(r) < len(header):
+      continue
+    words = r[col["Source"]].split()
+    if not words:
+      continue
+    op = (words[1] if words[0].startswith("@") and len(words) > 1 else words[0]).split(".")[0]
+    s = int(float(r[col[sample_col]] or 0))
+    samples += s
+    executed[op] += int(float(r[col["Instructions Executed"]] or 0))
+    sampled[op] += s
+    for reason in reasons:
+      stalls[reason.removeprefix("stall_")] += int(float(r[col[reason]] or 0))
+  total = sum(executed.values())
+  return dict(
+    samples=samples,
+    stalls={k: v / samples for k, v in stalls.most_common() if v} if samples else {},
+    ops=[
+      (op, n / total, sampled[op] / samples if samples else 0.0)
+      for op, n in executed.most_common(top)
+    ]
+    if total
+    else [],
+  )
+
+
+def _child(args) -> None:
+  """The profiled process: three calls of the decode kernel (ncu skips two)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import kernels
+  from experiments.bench._gpu_common import make_paged
+  from kernels import gpu
+  from kernels.gpu import plan as plan_mod
+
+  batch, context = (int(x) for x in args.shape.split("x"))
+  hq, hkv = (int(x) for x in args.heads.split("/"))
+  kb, vb, table, lengths, _, _ = make_paged(
+    np.random.default_rng(3),
+    batch=batch,
+    context=context,
+    block_size=args.block_size,
+    num_kv_heads=hkv,
+    head_dim=args.head_dim,
+    dtype=jnp.bfloat16,
+    poison=False,
+  )
+  q = jax.random.normal(jax.random.key(5), (batch, hq, args.head_dim), jnp.bfloat16)
+  kw = {}
+  if args.kv != "bf16":
+    dtype = jnp.dtype(KV_DTYPES[args.kv])
+    kb, kw["k_scales"] = kernels.quantize(kb, dtype)
+    vb, kw["v_scales"] = kernels.quantize(vb, dtype)
+  if args.kernel == "planned":
+    kw["decode_plan"] = plan_mod.plan_decode(np.asarray(lengths), args.block_size, hkv)
+  fn = jax.jit(lambda q, k, v, t, n: gpu.paged_attention(q, k, v, t, n, **kw))
+  for _ in range(3):
+    jax.block_until_ready(fn(q, kb, vb, table, lengths))
+
+
+def _profile(args) -> dict:
+  name = f"{args.kernel}_{args.kv}_{args.shape}_b{args.block_size}"
+  report = os.path.join(args.out, f"ncu_{name}")
+  child = [
+    sys.executable, "-m", "experiments.bench.ncu_profile", "--child", "--out", args.out,
+    "--kernel", args.kernel, "--kv", args.kv, "--shape", args.shape, "--heads", args.heads,
+    "--head-dim", str(args.head_dim), "--block-size", str(args.block_size),
+  ]  # fmt: skip
+  ncu = [
+    args.ncu, "--clock-control", "none", "--target-processes", "all",
+    "-k", "regex:paxcache", "--launch-skip", "2", "--launch-count", "1",
+    "--set", "full", "-f", "-o", report,
+  ]  # fmt: skip
+  run = subprocess.run(ncu + child, capture_output=True, text=True, timeout=args.timeout_s)
+  if run.returncode != 0 or not os.path.exists(report + ".ncu-rep"):
+    raise RuntimeError(f"ncu exited {run.returncode}: {(run.stdout + run.stderr)[-2000:]}")
+  details = subprocess.run(
+    [args.ncu, "-i", report + ".ncu-rep", "--page", "details"],
+    capture_output=True, text=True, check=True,
+  ).stdout  # fmt: skip
+  with open(report + "_details.txt", "w") as f:
+    f.write(details)
+  source = subprocess.run(
+    [args.ncu, "-i", report + ".ncu-rep", "--page", "source", "--csv", "--print-source", "sass"],
+    capture_output=True, text=True, check=True,
+  ).stdout  # fmt: skip
+  with open(report + "_sass.csv", "w") as f:
+    f.write(source)
+  kernel_name = re.search(r"(paxcache\w*)", details)
+  return dict(
+    case=name,
+    kernel_name=kernel_name.group(1) if kernel_name else None,
+    kernel=args.kernel,
+    kv=args.kv,
+    shape=args.shape,
+    heads=args.heads,
+    head_dim=args.head_dim,
+    block_size=args.block_size,
+    **parse_details(details),
+    **summarize_source(report + "_sass.csv"),
+  )
+
+
+def _print(row: dict) -> None:
+  keys = [label for label, _ in DETAIL_METRICS if label in row] + (
+    ["duration_us"] if "duration_us" in row else []
+  )
+  print(f"# {row.get('case', row.get('source'))}")
+  for k in keys:
+    print(f"  {k}: {row[k]:g}")
+  print(f"  stall samples: {row['samples']}")
+  for reason, share in list(row["stalls"].items())[:10]:
+    print(f"  stall {reason:20s} {share * 100:5.1f}%")
+  print("  opcode     executed  stall samples")
+  for op, ex, st in row["ops"]:
+    print(f"  {op:10s} {ex * 100:7.1f}%  {st * 100:7.1f}%")
+
+
+def define_flags():
+  flags.DEFINE_string("out", None, "output folder", required=True)
+  flags.DEFINE_enum("kernel", "split_k", list(KERNELS), "split-K decode or the planned decode")
+  flags.DEFINE_enum("kv", "bf16", list(KV_DTYPES), "K/V dtype (8-bit: scales per token)")
+  flags.DEFINE_string("shape", "64x8192", "batch x context (every row full)")
+  flags.DEFINE_string("heads", "32/8", "query / KV heads")
+  flags.DEFINE_integer("head-dim", 128, "head_dim")
+  flags.DEFINE_integer("block-size", 16, "tokens per block")
+  flags.DEFINE_string("ncu", "ncu", "the Nsight Compute command")
+  flags.DEFINE_integer("timeout-s", 300, "limit for the profiled process")
+  flags.DEFINE_string("summarize-csv", None, "only summarise this exported source page")
+  flags.DEFINE_bool("child", False, "internal: the profiled process")
+
+
+def main(args) -> int:
+  os.makedirs(args.out, exist_ok=True)
+  if args.child:
+    _child(args)
+    return 0
+  if args.summarize_csv:
+    row = dict(source=args.summarize_csv, **summarize_source(args.summarize_csv))
+  else:
+    row = _profile(args)
+  _print(row)
+  with open(os.path.join(args.out, "ncu_profile.jsonl"), "a") as f:
+    f.write(json.dumps(row) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  _flags.run(define_flags, main)

@@ -1,0 +1,124 @@
+"""experiments.bench.ncu_profile's readers of Nsight Compute pages, on hand-made pages whose
+sums are worked out by hand below (no GPU, no ncu)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from experiments.bench.ncu_profile import parse_details, summarize_source
+from tests.experiments.test_bench import _bench_rows
+
+# A details page in ncu's layout (name, unit, value), with lines that share a prefix with a
+# metric ("Executed Instructions Per Scheduler", "Executed Ipc Active") or carry two numbers.
+DETAILS = """
+  paxcache_paged_decode_bs16_t128_s1 (8, 1, 64)x(128, 1, 1), Context 1, Stream 7
+    Section: GPU Speed Of Light Throughput
+    DRAM Throughput                   %        63.88
+    Duration                         ms         1.06
+    Executed Ipc Active   inst/cycle         2.19
+    Issue Slots Busy               %        52.26
+    Avg. Executed Instructions Per Scheduler        inst   327,858.42
+    Executed Instructions                           inst  173,109,248
+    Block Size                                                     128
+    Grid Size                                                      512
+    Registers Per Thread             register/thread               168
+    Dynamic Shared Memory Per Block      Kbyte/block             75.78
+    Waves Per SM                                                  1.29
+    Block Limit Registers                 block            3
+    Block Limit Shared Mem                block            3
+    Block Limit Warps                     block           16
+    Theoretical Occupancy                     %        18.75
+    Achieved Occupancy                        %        15.34
+    DRAM Throughput                   %        11.00
+"""
+
+
+def test_parse_details_reads_each_metric_once_in_its_units():
+  got = parse_details(DETAILS)
+  assert got == {
+    "dram_throughput_pct": 63.88,  # the first line of the name, not the later 11.00
+    "duration_us": 1060.0,  # 1.06 ms
+    "issue_slots_busy_pct": 52.26,
+    "executed_instructions": 173109248.0,  # not "... Per Scheduler"
+    "block_size": 128.0,
+    "grid_size": 512.0,
+    "registers_per_thread": 168.0,
+    "dynamic_shared_kib": 75.78,
+    "waves_per_sm": 1.29,
+    "block_limit_registers": 3.0,
+    "block_limit_shared_mem": 3.0,
+    "block_limit_warps": 16.0,
+    "theoretical_occupancy_pct": 18.75,
+    "achieved_occupancy_pct": 15.34,
+  }
+
+
+def test_parse_details_refuses_an_unknown_duration_unit():
+  with pytest.raises(ValueError, match="unknown duration unit"):
+    parse_details("    Duration                         cycles         12")
+
+
+HEADER = [
+  "Address",
+  "Source",
+  "Warp Stall Sampling (All Samples)",
+  "Instructions Executed",
+  "stall_long_sb",
+  "stall_wait",
+  "stall_long_sb (Not Issued)",
+]
+# (source, samples, executed, long_sb, wait, long_sb not issued)
+SASS = [
+  ("LDG.E.128 R4, desc[UR4][R2.64]", 10, 100, 8, 2, 99),
+  ("@P0 LDG.E.U8 R5, desc[UR4][R2.64]", 30, 300, 30, 0, 99),
+  ("HMMA.16816.F32.BF16 R8, R4, R6, R8", 60, 400, 0, 60, 99),
+  ("BAR.SYNC.DEFER_BLOCKING 0x0", 0, 200, 0, 0, 99),
+]
+
+
+def _write_csv(path):
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["Kernel Name", "paxcache_paged_decode_bs16_t128_s1"])
+    w.writerow(HEADER)
+    for i, (src, s, ex, lsb, wait, ni) in enumerate(SASS):
+      w.writerow([hex(i * 16), src, s, ex, lsb, wait, ni])
+    w.writerow(["0x40", "EXIT"])  # a short row: skipped
+
+
+def test_summarize_source_sums_by_reason_and_opcode(tmp_path):
+  path = tmp_path / "sass.csv"
+  _write_csv(path)
+  got = summarize_source(str(path))
+  assert got["samples"] == 100
+  # long_sb: 8 + 30 = 38 of 100 samples; wait: 2 + 60 = 62. "Not Issued" columns ignored.
+  assert got["stalls"] == pytest.approx({"wait": 0.62, "long_sb": 0.38})
+  assert list(got["stalls"]) == ["wait", "long_sb"]  # largest first
+  # LDG (predicated or not, any width): 400 of 1000 executed, 40 of 100 samples.
+  # Ties keep the order opcodes first appear in (Counter.most_common is stable).
+  assert [op for op, _, _ in got["ops"]] == ["LDG", "HMMA", "BAR"]
+  assert [ex for _, ex, _ in got["ops"]] == pytest.approx([0.4, 0.4, 0.2])
+  assert [st for _, _, st in got["ops"]] == pytest.approx([0.4, 0.6, 0.0])
+
+
+def test_summarize_source_refuses_a_page_without_its_columns(tmp_path):
+  path = tmp_path / "bad.csv"
+  path.write_text('"Kernel Name","k"\n"Address","Source"\n"0x0","EXIT"\n')
+  with pytest.raises(ValueError, match="no header"):
+    summarize_source(str(path))
+
+
+def test_summarize_csv_command_writes_a_row(tmp_path):
+  path = tmp_path / "sass.csv"
+  _write_csv(path)
+  rows = _bench_rows(
+    "ncu_profile", ["--summarize-csv", str(path)], tmp_path / "out", "ncu_profile.jsonl"
+  )
+  assert len(rows) == 1
+  assert rows[0]["source"] == str(path)
+  assert rows[0]["samples"] == 100
+  assert rows[0]["stalls"] == pytest.approx({"wait": 0.62, "long_sb": 0.38})
+  json.dumps(rows[0])  # a plain JSON row
