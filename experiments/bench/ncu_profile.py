@@ -51,7 +51,7 @@ DETAIL_METRICS = (
   ("registers_per_thread", "Registers Per Thread"),
   ("dynamic_shared_kib", "Dynamic Shared Memory Per Block"),
   ("grid_size", "Grid Size"),
-  ("block_size", "Block Size"),
+  ("threads_per_program", "Block Size"),
   ("waves_per_sm", "Waves Per SM"),
   ("block_limit_registers", "Block Limit Registers"),
   ("block_limit_shared_mem", "Block Limit Shared Mem"),
@@ -60,6 +60,9 @@ DETAIL_METRICS = (
   ("achieved_occupancy_pct", "Achieved Occupancy"),
 )
 _NUMBER = re.compile(r"^-?[\d,]*\.?\d+$")
+# A profile row's own fields, beside the DETAIL_METRICS labels ("duration" as "duration_us")
+# and summarize_source's "samples", "stalls" and "ops": no name may be in two of them.
+ROW_FIELDS = ("case", "kernel_name", "kernel", "kv", "shape", "heads", "head_dim", "block_size")
 
 
 def parse_details(text: str) -> dict:
@@ -205,18 +208,13 @@ def _profile(args) -> dict:
   with open(report + "_sass.csv", "w") as f:
     f.write(source)
   kernel_name = re.search(r"(paxcache\w*)", details)
-  return dict(
-    case=name,
-    kernel_name=kernel_name.group(1) if kernel_name else None,
-    kernel=args.kernel,
-    kv=args.kv,
-    shape=args.shape,
-    heads=args.heads,
-    head_dim=args.head_dim,
-    block_size=args.block_size,
+  values = (name, kernel_name and kernel_name.group(1), args.kernel, args.kv, args.shape)
+  values += (args.heads, args.head_dim, args.block_size)
+  return {
+    **dict(zip(ROW_FIELDS, values, strict=True)),
     **parse_details(details),
     **summarize_source(report + "_sass.csv"),
-  )
+  }
 
 
 def _print(row: dict) -> None:

@@ -8,7 +8,12 @@ import json
 
 import pytest
 
-from experiments.bench.ncu_profile import parse_details, summarize_source
+from experiments.bench.ncu_profile import (
+  DETAIL_METRICS,
+  ROW_FIELDS,
+  parse_details,
+  summarize_source,
+)
 from tests.experiments.test_bench import _bench_rows
 
 # A details page in ncu's layout (name, unit, value), with lines that share a prefix with a
@@ -43,7 +48,7 @@ def test_parse_details_reads_each_metric_once_in_its_units():
     "duration_us": 1060.0,  # 1.06 ms
     "issue_slots_busy_pct": 52.26,
     "executed_instructions": 173109248.0,  # not "... Per Scheduler"
-    "block_size": 128.0,
+    "threads_per_program": 128.0,
     "grid_size": 512.0,
     "registers_per_thread": 168.0,
     "dynamic_shared_kib": 75.78,
@@ -122,3 +127,9 @@ def test_summarize_csv_command_writes_a_row(tmp_path):
   assert rows[0]["samples"] == 100
   assert rows[0]["stalls"] == pytest.approx({"wait": 0.62, "long_sb": 0.38})
   json.dumps(rows[0])  # a plain JSON row
+
+
+def test_a_profile_rows_fields_are_distinct():
+  details = {"duration_us" if label == "duration" else label for label, _ in DETAIL_METRICS}
+  groups = [set(ROW_FIELDS), details, {"samples", "stalls", "ops"}]
+  assert sum(len(g) for g in groups) == len(set().union(*groups))
