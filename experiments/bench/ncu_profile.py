@@ -21,9 +21,11 @@ memory; run28 itself ran the same steps as scratch scripts (``docs/results/gpu_r
 
 Writes ``DIR/ncu_profile.jsonl`` (one row per profile) and, beside it, the details page
 and the source CSV the row was made from. Needs a GPU and ``ncu`` on the PATH (``--ncu``);
-``--summarize-csv`` only reads a source page exported before. ncu times one launch,
-replayed under its own clock settings (``--clock-control none`` keeps the card's): its
-duration is not a benchmark's timing.
+``--summarize-csv`` only reads a source page exported before. ncu replays the one launch
+many times to read its counters (``--clock-control none``: it does not lock the card's
+clocks); its duration is one replay's, not a benchmark's timing. Only the decode kernels
+count as launches (``KERNEL_FILTER``: not the planned decode's merge, not XLA's kernels), so
+two warm-up calls are skipped and the third call's kernel is the one profiled.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -42,6 +45,8 @@ from experiments.bench import _flags
 
 KV_DTYPES = {"bf16": "bfloat16", "int8": "int8", "e4m3": "float8_e4m3fn"}
 KERNELS = ("split_k", "planned")
+# ncu's kernel filter: the split-K and planned decode kernels (one launch a call).
+KERNEL_FILTER = "regex:paxcache_(paged|planned)_decode_bs"
 # Metrics read from the details page: (label in the row, the page's metric name).
 DETAIL_METRICS = (
   ("duration", "Duration"),
@@ -49,7 +54,7 @@ DETAIL_METRICS = (
   ("issue_slots_busy_pct", "Issue Slots Busy"),
   ("executed_instructions", "Executed Instructions"),
   ("registers_per_thread", "Registers Per Thread"),
-  ("dynamic_shared_kib", "Dynamic Shared Memory Per Block"),
+  ("dynamic_shared_kib", "Dynamic Shared Memory Per Block"),  # ncu's Kbyte is 1000 bytes
   ("grid_size", "Grid Size"),
   ("threads_per_program", "Block Size"),
   ("waves_per_sm", "Waves Per SM"),
@@ -69,7 +74,9 @@ def parse_details(text: str) -> dict:
   """The ``DETAIL_METRICS`` of an ``ncu --page details`` page: each metric's line is its
   name, an optional unit and a number; the first such line of a name counts (a page of
   several launches gives the first launch's). The duration comes back in microseconds
-  (``duration_us``); the other values as printed, thousands commas dropped."""
+  (``duration_us``), the dynamic shared memory in KiB (ncu prints Kbyte, 1000 bytes); the
+  other values as printed, thousands commas dropped. A unit it cannot convert raises
+  ValueError."""
   out = {}
   for line in text.splitlines():
     parts = line.split()
@@ -84,8 +91,13 @@ def parse_details(text: str) -> dict:
       if len(parts) == n + 2 and _NUMBER.match(parts[n]):
         continue  # two numbers: not a metric line of this form
       value = float(parts[-1].replace(",", ""))
+      unit = parts[n] if len(parts) == n + 2 else ""
+      if label == "dynamic_shared_kib":
+        scale = {"byte/block": 1.0, "Kbyte/block": 1e3, "Mbyte/block": 1e6}.get(unit)
+        if scale is None:
+          raise ValueError(f"ncu details: unknown shared-memory unit {unit!r} in {line.strip()!r}")
+        value *= scale / 1024  # ncu's Kbyte is 1000 bytes; the row is in KiB
       if label == "duration":
-        unit = parts[n] if len(parts) == n + 2 else ""
         scale = {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6}.get(unit)
         if scale is None:
           raise ValueError(f"ncu details: unknown duration unit {unit!r} in {line.strip()!r}")
@@ -179,6 +191,29 @@ def _child(args) -> None:
     jax.block_until_ready(fn(q, kb, vb, table, lengths))
 
 
+def _ncu(cmd: list[str], timeout_s: float) -> tuple[str, str]:
+  """Runs ``cmd`` (ncu, with the profiled process under it) in a process group of its own;
+  returns its ``(stdout, stderr)``. On a time-out the whole group is killed (the profiled
+  process too); a missing command, a time-out or a non-zero exit raise RuntimeError with
+  ncu's output."""
+  try:
+    proc = subprocess.Popen(
+      cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+  except FileNotFoundError as e:
+    raise RuntimeError(f"{cmd[0]!r} not found: pass --ncu with Nsight Compute's ncu") from e
+  try:
+    out, err = proc.communicate(timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, err = proc.communicate()
+    tail = (out + err)[-2000:]
+    raise RuntimeError(f"{' '.join(cmd[:3])} ... ran past {timeout_s} s: {tail}") from None
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd[:3])} ... exited {proc.returncode}: {(out + err)[-2000:]}")
+  return out, err
+
+
 def _profile(args) -> dict:
   name = f"{args.kernel}_{args.kv}_{args.shape}_b{args.block_size}"
   report = os.path.join(args.out, f"ncu_{name}")
@@ -189,22 +224,21 @@ def _profile(args) -> dict:
   ]  # fmt: skip
   ncu = [
     args.ncu, "--clock-control", "none", "--target-processes", "all",
-    "-k", "regex:paxcache", "--launch-skip", "2", "--launch-count", "1",
+    "-k", KERNEL_FILTER, "--launch-skip", "2", "--launch-count", "1",
     "--set", "full", "-f", "-o", report,
   ]  # fmt: skip
-  run = subprocess.run(ncu + child, capture_output=True, text=True, timeout=args.timeout_s)
-  if run.returncode != 0 or not os.path.exists(report + ".ncu-rep"):
-    raise RuntimeError(f"ncu exited {run.returncode}: {(run.stdout + run.stderr)[-2000:]}")
-  details = subprocess.run(
-    [args.ncu, "-i", report + ".ncu-rep", "--page", "details"],
-    capture_output=True, text=True, check=True,
-  ).stdout  # fmt: skip
+  if os.path.exists(report + ".ncu-rep"):
+    os.remove(report + ".ncu-rep")  # a report of an earlier run must not pass for this one
+  out = "".join(_ncu(ncu + child, args.timeout_s))
+  if "No kernels were profiled" in out or not os.path.exists(report + ".ncu-rep"):
+    raise RuntimeError(f"ncu profiled no kernel matching {KERNEL_FILTER}: {out[-2000:]}")
+  details, _ = _ncu([args.ncu, "-i", report + ".ncu-rep", "--page", "details"], args.timeout_s)
   with open(report + "_details.txt", "w") as f:
     f.write(details)
-  source = subprocess.run(
+  source, _ = _ncu(
     [args.ncu, "-i", report + ".ncu-rep", "--page", "source", "--csv", "--print-source", "sass"],
-    capture_output=True, text=True, check=True,
-  ).stdout  # fmt: skip
+    args.timeout_s,
+  )
   with open(report + "_sass.csv", "w") as f:
     f.write(source)
   kernel_name = re.search(r"(paxcache\w*)", details)
