@@ -284,7 +284,7 @@ def write_and_decode_packed(
     decode_plan=decode_plan,
   )
   if resolve_backend(backend, interpret=interpret) != "gpu":
-    q, k_new, v_new = qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
+    q, k_new, v_new = _write.split_packed_qkv(qkv, num_kv_heads)
     return write_and_decode(
       q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, backend=backend,
       **options,

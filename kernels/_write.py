@@ -32,6 +32,14 @@ def check_host_slot_mapping(slot_mapping, num_slots: int) -> None:
     raise ValueError(f"slot_mapping has repeated ids {values[counts > 1][:8].tolist()}")
 
 
+def split_packed_qkv(qkv, num_kv_heads: int):
+  """``(q, k_new, v_new)`` of a packed ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]``
+  q/k/v (``kernels.write_and_decode_packed``): each row's query heads, then its K rows, then
+  its V rows."""
+  hq = qkv.shape[1] - 2 * num_kv_heads
+  return qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
+
+
 def check_pools(k_blocks, v_blocks) -> None:
   if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
     raise ValueError(

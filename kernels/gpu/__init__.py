@@ -44,7 +44,7 @@ from kernels._validate import (
   validate_inputs,
   validate_options,
 )
-from kernels._write import write_kv
+from kernels._write import split_packed_qkv, write_kv
 from kernels.gpu import decode_mosaic, prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.decode_mosaic import planned_decode_mosaic
@@ -263,6 +263,16 @@ def _call_block_sizes(block_sizes, q, k_blocks, block_table, decode, decode_plan
   )
 
 
+def _refuse_mosaic_without_plan(block_sizes, decode_plan) -> None:
+  """A decode call asking for the Mosaic GPU decode, which only runs a planned decode,
+  without a plan: ValueError (never a silent switch to the Triton kernel)."""
+  if block_sizes.decode_kernel == "mosaic" and decode_plan is None:
+    raise ValueError(
+      "BlockSizes(decode_kernel='mosaic') runs a planned decode: pass decode_plan="
+      "kernels.gpu.plan_decode(lengths, ...), or use decode_kernel='triton' or 'auto'"
+    )
+
+
 def paged_attention(
   q,
   k_blocks,
@@ -339,11 +349,8 @@ def paged_attention(
     k_scales=k_scales,
     v_scales=v_scales,
   )
-  if decode and block_sizes.decode_kernel == "mosaic" and decode_plan is None:
-    raise ValueError(
-      "BlockSizes(decode_kernel='mosaic') runs a planned decode: pass decode_plan="
-      "kernels.gpu.plan_decode(lengths, ...), or use decode_kernel='triton' or 'auto'"
-    )
+  if decode:
+    _refuse_mosaic_without_plan(block_sizes, decode_plan)
   if decode_plan is not None:
     backend = kernel_backend(
       "decode",
@@ -472,11 +479,7 @@ def decode_with_write(
     interpret=interpret,
   )
   if decode_plan is None:
-    if block_sizes.decode_kernel == "mosaic":  # as paged_attention refuses it
-      raise ValueError(
-        "BlockSizes(decode_kernel='mosaic') runs a planned decode: pass decode_plan="
-        "kernels.gpu.plan_decode(lengths, ...), or use decode_kernel='triton' or 'auto'"
-      )
+    _refuse_mosaic_without_plan(block_sizes, decode_plan)
     return paged_decode(qkv, k_blocks, v_blocks, block_table, lengths, **fused, **kwargs)
   backend = kernel_backend(
     "decode",
@@ -490,9 +493,7 @@ def decode_with_write(
   )
   if backend == "mosaic":
     if packed_qkv:
-      hq = q.shape[1]
-      hkv = k_blocks.shape[0]
-      q, k_new, v_new = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+      q, k_new, v_new = split_packed_qkv(qkv, k_blocks.shape[0])
     k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
     out = paged_attention(
       q, k_blocks, v_blocks, block_table, lengths, decode_plan=decode_plan, **kwargs

@@ -166,6 +166,13 @@ def test_bad_calls_raise_before_running():
     bad = slots.copy()
     bad[0] = k.shape[1] * k.shape[2]
     kernels.write_and_decode(q, k, v, k_new, v_new, bad, table, lens)
+  # The Mosaic GPU decode runs only a planned decode: refused without a plan, as
+  # paged_attention refuses it, never run on the Triton kernel instead.
+  with pytest.raises(ValueError, match="decode_kernel='mosaic'.*decode_plan"):
+    kernels.write_and_decode(
+      q, k, v, k_new, v_new, slots, table, lens, backend="gpu", interpret=True,
+      block_sizes=gpu.BlockSizes(decode_kernel="mosaic"),
+    )  # fmt: skip
 
 
 def test_gpu_kernel_with_nothing_to_read_returns_zeros_and_the_pools():
