@@ -28,8 +28,11 @@ still run (the exit status is then 1).
   python -m experiments.bench.cascade --smoke --out /tmp/cascade_smoke
 
 ``--sweep`` also times the shared kernel with the settings in ``SWEEP`` (rows with their
-``config``); ``--kv-dtype int8`` (or ``float8_e4m3fn``) runs both kernels on 8-bit pools
-with scales (the first compiled run of the cascade 8-bit path)::
+``config``); ``--parts`` adds ``shared_ms`` and ``own_ms`` to each row, the shared kernel
+and the own part's decode each timed alone (``kernels.gpu.cascade.shared_partials`` and
+``own_partials``), so that a row says which part holds the time; ``--kv-dtype int8`` (or
+``float8_e4m3fn``) runs both kernels on 8-bit pools with scales (the first compiled run of
+the cascade 8-bit path)::
 
   python -m experiments.bench.cascade --kv-dtype int8 --out /tmp/cascade_int8
 
@@ -90,6 +93,16 @@ SWEEP = (
   dict(shared_rows=128, shared_kv_tile=128, shared_num_warps=8, shared_num_stages=2),
   dict(shared_rows=64, shared_kv_tile=64, shared_num_warps=4, shared_num_stages=3),
   dict(shared_num_chunks=8),  # more, shorter programs than the wave-filling default
+  # Two programs an SM (96 KiB of shared memory each) instead of one (128 KiB): the
+  # default's 4 warps alone on an SM may not keep its tensor cores busy.
+  dict(shared_num_stages=2),
+  dict(shared_num_stages=2, shared_num_warps=8),
+  dict(shared_num_stages=2, shared_num_chunks=8),
+  dict(shared_num_stages=2, shared_num_chunks=16),
+  dict(shared_num_warps=8, shared_num_chunks=8),
+  dict(shared_rows=256, shared_kv_tile=64, shared_num_warps=8, shared_num_stages=2),
+  dict(shared_rows=64, shared_kv_tile=128, shared_num_warps=4, shared_num_stages=2),
+  dict(shared_rows=128, shared_kv_tile=32, shared_num_warps=4, shared_num_stages=4),
 )
 
 
@@ -153,9 +166,23 @@ def build(case: Case, seed: int, *, heads, head_dim, block_size, dtype, kv_dtype
 
 
 def run_case(
-  case: Case, *, interpret, configs, repeats, inner, heads, head_dim, block_size, emit, kv_dtype
+  case: Case,
+  *,
+  interpret,
+  configs,
+  repeats,
+  inner,
+  heads,
+  head_dim,
+  block_size,
+  emit,
+  kv_dtype,
+  parts=False,
 ):
   """Times plain and cascade decode of one case; ``emit(row)`` as each config is measured.
+
+  With ``parts`` each row also holds ``shared_ms`` and ``own_ms`` (and their spreads): the
+  shared kernel alone and the own part's decode alone, timed the same way.
 
   Returns ``(config, message)`` for each config that failed (a sweep setting that does not
   compile must not lose the default's row). A failure before the cascade configs
@@ -214,10 +241,26 @@ def run_case(
   # dequantise-then-attend), so the two are within twice that of each other.
   kind = "quantized_gpu_vs_float64_rel_l2" if scales else "gpu_kernel_vs_reference_rel_l2"
   bound = 2 * tolerance(kind, dtype).rtol
+  from kernels.gpu import cascade as gpu_cascade
+
+  part_kw = dict(scale=1.0 / np.sqrt(head_dim), logit_soft_cap=None, interpret=interpret)
+
+  def time_part(fn, bs, *args):
+    part = jax.jit(functools.partial(fn, **part_kw, block_sizes=bs, **scales))
+    return time_calls(lambda: part(*args), repeats=repeats, inner=inner, warmup=2)
+
   errors = []
+  own_fields = {}
   for name, cfg in configs:
     try:
       bs = dataclasses.replace(base, **cfg)
+      part_fields = {}
+      if parts:
+        t_shared = time_part(gpu_cascade.shared_partials, bs, q, k, v, plan)
+        if not own_fields:  # the own part does not depend on the shared kernel's settings
+          t_own = time_part(gpu_cascade.own_partials, bs, q, k, v, table, lengths, plan)
+          own_fields = t_own.fields("own")
+        part_fields = dict(own_fields, **t_shared.fields("shared"))
       casc = jax.jit(
         functools.partial(
           kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
@@ -244,6 +287,7 @@ def run_case(
         speedup=t_plain.median / t_casc.median,
         **{k_: v_ for k_, v_ in t_casc.fields("cascade").items() if k_ != "cascade_ms"},
         rel_l2=err,
+        **part_fields,
         config=name,
         block_sizes=str(bs),
         cascade_text=spread_text(t_casc),
@@ -316,6 +360,9 @@ def define_flags():
   flags.DEFINE_list("cases", list(CASES), f"cases to run, from {list(CASES)}")
   flags.DEFINE_bool("sweep", False, "also time the shared-kernel settings in SWEEP")
   flags.DEFINE_integer("repeats", 15, "timing samples per measurement", lower_bound=5)
+  flags.DEFINE_bool(
+    "parts", False, "also time the shared kernel and the own part's decode alone (per config)"
+  )
   flags.DEFINE_bool("smoke", False, "one tiny case in interpret mode on CPU (tests this script)")
   flags.DEFINE_bool(
     "plan-only", False, "time the host planner alone on each case's table (any machine)"
@@ -345,6 +392,7 @@ def main(args):
     cases = [SMOKE]
     kw = dict(interpret=True, repeats=5, inner=1, heads=(4, 2), head_dim=64, block_size=16)
     kw["kv_dtype"] = args.kv_dtype
+    kw["parts"] = args.parts
     configs = [(n, {**c, "shared_rows": 16, "shared_kv_tile": 16}) for n, c in configs]
   else:
     unknown = [c for c in args.cases if c not in CASES]
@@ -359,6 +407,7 @@ def main(args):
       head_dim=D,
       block_size=BLOCK,
       kv_dtype=args.kv_dtype,
+      parts=args.parts,
     )
   path = os.path.join(args.out, "cascade.jsonl")
   rows, failed = [], []
@@ -369,7 +418,10 @@ def main(args):
       row = {**env, **row}
       write_jsonl(path, [{k: v for k, v in row.items() if not k.endswith("_text")}])
       rows.append(row)
-      print(f"  {row['config']}: {row['speedup']:.1f}x", flush=True)
+      parts = ""
+      if "shared_ms" in row:
+        parts = f" (shared {row['shared_ms']:.3f} ms, own {row['own_ms']:.3f} ms)"
+      print(f"  {row['config']}: {row['speedup']:.1f}x{parts}", flush=True)
 
     try:
       errors = run_case(case, configs=configs, emit=emit, **kw)

@@ -365,6 +365,51 @@ def shared_partials(
   )
 
 
+def own_partials(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  block_sizes: CascadeBlockSizes,
+  interpret=False,
+  k_scales=None,
+  v_scales=None,
+):
+  """The own part: each row against its keys ``[plan.row_starts[b], lengths[b])`` by the
+  split-K decode kernel, as its partials ``(o f32[B, Hq, S, D], m, den)``."""
+  own_bs = block_sizes.own or dataclasses.replace(
+    default_block_sizes(
+      head_dim=q.shape[2],
+      kv_dtype=k_blocks.dtype,
+      batch=q.shape[0],
+      num_kv_heads=k_blocks.shape[0],
+      max_context=block_table.shape[1] * k_blocks.shape[2],
+    ),
+    quant_widen=block_sizes.quant_widen,
+  )
+  return paged_decode(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    scale=scale,
+    sliding_window=None,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=own_bs,
+    interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
+    row_starts=plan.row_starts,
+    return_partials=True,
+  )
+
+
 def _merge(shared, own, in_group, out_dtype):
   """Merges the shared partials (of rows ``in_group`` only) with the own ones by max-exp2."""
   o_s, m_s, den_s = shared
@@ -399,31 +444,19 @@ def _cascade(
   v_scales,
 ):
   batch = q.shape[0]
-  own_bs = block_sizes.own or dataclasses.replace(
-    default_block_sizes(
-      head_dim=q.shape[2],
-      kv_dtype=k_blocks.dtype,
-      batch=batch,
-      num_kv_heads=k_blocks.shape[0],
-      max_context=block_table.shape[1] * k_blocks.shape[2],
-    ),
-    quant_widen=block_sizes.quant_widen,
-  )
-  own = paged_decode(
+  own = own_partials(
     q,
     k_blocks,
     v_blocks,
     block_table,
     lengths,
+    plan,
     scale=scale,
-    sliding_window=None,
     logit_soft_cap=logit_soft_cap,
-    block_sizes=own_bs,
+    block_sizes=block_sizes,
     interpret=interpret,
     k_scales=k_scales,
     v_scales=v_scales,
-    row_starts=plan.row_starts,
-    return_partials=True,
   )
   num_groups, width = plan.group_table.shape
   if num_groups == 0 or width == 0 or plan.group_rows.shape[1] == 0:
