@@ -103,6 +103,12 @@ SWEEP = (
   dict(shared_rows=256, shared_kv_tile=64, shared_num_warps=8, shared_num_stages=2),
   dict(shared_rows=64, shared_kv_tile=128, shared_num_warps=4, shared_num_stages=2),
   dict(shared_rows=128, shared_kv_tile=32, shared_num_warps=4, shared_num_stages=4),
+  # The shared part on the Mosaic GPU prefill kernel (Hopper only; the bars need a
+  # matrix rate of its class, docs/benchmarks.md "Cascade attention").
+  dict(shared_kernel="mosaic"),
+  dict(shared_kernel="mosaic", shared_num_chunks=4),
+  dict(shared_kernel="mosaic", shared_mosaic_num_slots=3),
+  dict(shared_kernel="mosaic", shared_mosaic_kv_tile=64, shared_mosaic_num_slots=4),
 )
 
 

@@ -1,4 +1,4 @@
-"""Cascade (shared-prefix) decode attention on GPU in Pallas Triton: three launches.
+"""Cascade (shared-prefix) decode attention on GPU in Pallas: three launches.
 
 1. ``_shared_kernel`` (this module): grid ``(row_tiles, num_chunks, num_groups *
    num_kv_heads)``. A program takes one KV head of one group and a tile of ``rows`` query
@@ -11,6 +11,13 @@
    head, chunk) at the member's batch row. Row tiles are the fastest grid axis, so the
    programs that read the same K/V chunk start together and share it through L2: HBM
    sees each shared slot about once per group per step.
+   With ``CascadeBlockSizes(shared_kernel="mosaic")`` (Hopper, 16-bit K/V) the shared
+   part runs instead on the Mosaic GPU prefill kernel (``prefill_mosaic``): each (group,
+   chunk) is a sequence of a ragged batch whose query rows are the group's members, all
+   placed past the chunk's last key, so that every row sees every key of the chunk
+   (:func:`shared_partials_mosaic`); the kernel also writes each row's log-sum-exp, and
+   its normalised output and that are the partials. XLA gathers the members' queries
+   and scatters the partials back to their rows.
 2. the decode kernel (``kernels.gpu.decode``) with ``row_starts`` and ``return_partials``:
    each row against its own keys ``[row_starts[b], lengths[b])``, split-K partials.
 3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group,
@@ -21,6 +28,10 @@ chunk), masked rows load as zeros and their logits are -inf, so NaN in unused sl
 cannot leak; 8-bit K/V fold their scales into the scores and into p as in the decode
 kernel. The partial outputs of rows in no group are never written: the merge selects
 them away (``jnp.where``, never a product with garbage).
+
+The Mosaic shared part's query rows are padded with zero rows to whole 128-row tiles,
+and only the members' rows are read back; its K/V steps follow the prefill kernel's rules
+(the step holding a chunk's end comes from a zeroed copy, so NaN past it cannot leak).
 
 This module imports nothing from paxcache or flax.
 """
@@ -37,13 +48,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gpu import validate_gpu_inputs
+from kernels.gpu import _mosaic_interpret_params, kernel_backend, validate_gpu_inputs
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import DEFAULT_QUANT_WIDEN, QUANT_WIDEN_MODES, widening
 from kernels.gpu.decode import _num_sms, compute_dtype, dot_precision, paged_decode
 from kernels.gpu.tuning import BlockSizes, _is_pow2, default_block_sizes
 
 __all__ = ["CascadeBlockSizes", "cascade_attention", "default_cascade_block_sizes"]
+
+
+SHARED_KERNELS = ("triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +77,14 @@ class CascadeBlockSizes:
       decode defaults for the shape, with this ``quant_widen``).
     quant_widen: how the shared kernel (and the own part where ``own`` is None) widens
       8-bit K/V for 16-bit q: as ``kernels.gpu.BlockSizes.quant_widen``.
+    shared_kernel: "triton" (this module's kernel, every GPU and dtype) or "mosaic": the
+      Mosaic GPU prefill kernel (``prefill_mosaic``, Hopper; 16-bit q and K/V of one
+      dtype, head_dim 64 or 128, blocks of at least 8) run over the members' rows as a
+      ragged batch that sees every shared key (:func:`shared_partials_mosaic`). Then
+      ``shared_rows``, ``shared_kv_tile``, warps, stages and ``quant_widen`` do not apply
+      to the shared part; ``shared_num_chunks`` does.
+    shared_mosaic_kv_tile, shared_mosaic_num_slots: the Mosaic kernel's K/V step (64 or
+      128 keys) and ring depth (2-4).
   """
 
   shared_rows: int = 128
@@ -72,6 +94,9 @@ class CascadeBlockSizes:
   shared_num_stages: int = 3
   own: BlockSizes | None = None
   quant_widen: str = DEFAULT_QUANT_WIDEN
+  shared_kernel: str = "triton"
+  shared_mosaic_kv_tile: int = 128
+  shared_mosaic_num_slots: int = 2
 
   def __post_init__(self):
     for name, (lo, hi) in {
@@ -98,6 +123,21 @@ class CascadeBlockSizes:
       raise ValueError(
         f"CascadeBlockSizes.quant_widen must be one of {QUANT_WIDEN_MODES}, "
         f"got {self.quant_widen!r}"
+      )
+    if self.shared_kernel not in SHARED_KERNELS:
+      raise ValueError(
+        f"CascadeBlockSizes.shared_kernel must be one of {SHARED_KERNELS}, got "
+        f"{self.shared_kernel!r}"
+      )
+    if self.shared_mosaic_kv_tile not in (64, 128):
+      raise ValueError(
+        f"CascadeBlockSizes.shared_mosaic_kv_tile must be 64 or 128, got "
+        f"{self.shared_mosaic_kv_tile!r}"
+      )
+    n = self.shared_mosaic_num_slots
+    if not (isinstance(n, int) and not isinstance(n, bool) and 2 <= n <= 4):
+      raise ValueError(
+        f"CascadeBlockSizes.shared_mosaic_num_slots must be an int in [2, 4], got {n!r}"
       )
     if self.own is not None and not isinstance(self.own, BlockSizes):
       raise ValueError(
@@ -365,6 +405,112 @@ def shared_partials(
   )
 
 
+def shared_partials_mosaic(
+  q,
+  k_blocks,
+  v_blocks,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  block_sizes: CascadeBlockSizes,
+  interpret=False,
+):
+  """The shared part on the Mosaic GPU prefill kernel: partials as :func:`shared_partials`
+  gives them (``m`` the chunk's log-sum-exp in log2 units, ``den`` 1).
+
+  Each (group, chunk) is one sequence of a ragged prefill batch: its query rows are the
+  group's members (gathered through ``plan.group_rows``, padded with zero rows to whole
+  128-row tiles), its block table the group's blocks of that chunk, its length the
+  chunk's keys, and every query row is placed at or past the last key, so the causal
+  prefill kernel lets each row see every key of its chunk and masks only the chunk's last
+  step. Chunks are whole K/V steps and whole blocks (``max(kv_tile, block_size)``) of
+  each group's length, cut at run time (every group's chunks are even); their count fills
+  whole waves of CUDA blocks (one a SM) as :func:`choose_num_chunks` picks. The kernel
+  writes each row's normalised output and its log-sum-exp; the partials are scattered
+  to the members' batch rows (rows in no group stay empty: ``m = -inf``).
+  """
+  from kernels.gpu import prefill_mosaic as pm
+
+  batch, num_q_heads, head_dim = q.shape
+  block_size = k_blocks.shape[2]
+  num_groups, width = plan.group_table.shape
+  members = plan.group_rows.shape[1]
+  kv_tile = block_sizes.shared_mosaic_kv_tile
+  num_slots = block_sizes.shared_mosaic_num_slots
+  tiles = -(-members // pm.TILE)  # 128-row query tiles of one (group, chunk)
+  mpad = tiles * pm.TILE
+  unit = max(kv_tile, block_size)  # a chunk is whole K/V steps and whole blocks
+  itemsize = jnp.dtype(q.dtype).itemsize
+  smem = pm.smem_bytes(head_dim, itemsize, kv_tile, num_slots, pv_via_smem=bool(interpret))
+  num_chunks = choose_num_chunks(
+    num_q_heads * num_groups * tiles,
+    max(1, -(-(width * block_size) // unit)),
+    block_sizes.shared_num_chunks,
+    program_smem=smem,
+  )
+  # Chunk boundaries per group (traced: the plan's lengths are device arrays).
+  glens = jnp.clip(plan.group_lens.astype(jnp.int32), 0, width * block_size)
+  clen = (-(-glens // num_chunks) + unit - 1) // unit * unit  # [G], a multiple of unit
+  first = clen[:, None] * jnp.arange(num_chunks, dtype=jnp.int32)  # [G, C] first key
+  seq_lens = jnp.clip(glens[:, None] - first, 0, clen[:, None])  # [G, C]
+  per_chunk = -(-(width * block_size) // num_chunks)
+  max_keys = -(-per_chunk // unit) * unit  # >= every group's clen
+  cwidth = max_keys // block_size  # table columns of a chunk (static bound)
+  col = (first // block_size)[:, :, None] + jnp.arange(cwidth, dtype=jnp.int32)
+  table = jnp.take_along_axis(
+    plan.group_table.astype(jnp.int32)[:, None, :],
+    jnp.minimum(col, width - 1),
+    axis=2,
+  )
+  table = jnp.where(col < width, table, -1).reshape(num_groups * num_chunks, cwidth)
+  seq_lens = seq_lens.reshape(num_groups * num_chunks)
+  # Query rows: (group, chunk, member) -> q of the member's batch row (zero for padding).
+  rows = jnp.pad(
+    plan.group_rows.astype(jnp.int32), ((0, 0), (0, mpad - members)), constant_values=-1
+  )
+  q_rows = jnp.where((rows >= 0)[..., None, None], q[jnp.clip(rows, 0, batch - 1)], 0)
+  q_in = jnp.broadcast_to(q_rows[:, None], (num_groups, num_chunks) + q_rows.shape[1:])
+  q_in = q_in.reshape(num_groups * num_chunks * mpad, num_q_heads, head_dim).astype(q.dtype)
+  # Schedule: tile t of sequence s = t // tiles covers rows [128 t, 128 (t + 1)), its first
+  # row at position klen (past every key), keys [0, klen).
+  t = jnp.arange(num_groups * num_chunks * tiles, dtype=jnp.int32)
+  seq = t // tiles
+  klen = seq_lens[seq]
+  sched = jnp.stack([t * pm.TILE, (t + 1) * pm.TILE, klen, seq, klen], axis=1)
+  sched = jnp.pad(sched, ((0, 0), (0, 3)))
+  o, lse = pm.run_schedule(
+    q_in,
+    k_blocks,
+    v_blocks,
+    table,
+    seq_lens,
+    sched,
+    num_groups=int(sched.shape[0]),
+    kv_tile=kv_tile,
+    num_slots=num_slots,
+    scale=scale,
+    sliding_window=None,
+    logit_soft_cap=logit_soft_cap,
+    pv_via_smem=bool(interpret),
+    tiles_per_block=1,
+    with_lse=True,
+    interpret=interpret,
+  )
+  # Back to the members' batch rows: [G, C, mpad, Hq, D] -> [G * M, Hq, C, D].
+  o = o.reshape(num_groups, num_chunks, mpad, num_q_heads, head_dim)[:, :, :members]
+  o = o.transpose(0, 2, 3, 1, 4).reshape(num_groups * members, num_q_heads, num_chunks, head_dim)
+  lse = lse.reshape(num_q_heads, num_groups, num_chunks, mpad)[..., :members]
+  lse = lse.transpose(1, 3, 0, 2).reshape(num_groups * members, num_q_heads, num_chunks)
+  idx = plan.group_rows.astype(jnp.int32).reshape(-1)
+  idx = jnp.where(idx >= 0, idx, batch)  # unused member slots: dropped
+  o_s = jnp.zeros((batch, num_q_heads, num_chunks, head_dim), jnp.float32)
+  o_s = o_s.at[idx].set(o.astype(jnp.float32), mode="drop")
+  m_s = jnp.full((batch, num_q_heads, num_chunks), -jnp.inf, jnp.float32)
+  m_s = m_s.at[idx].set(lse, mode="drop")
+  return o_s, m_s, jnp.ones_like(m_s)
+
+
 def own_partials(
   q,
   k_blocks,
@@ -463,18 +609,30 @@ def _cascade(
     in_group = jnp.zeros((batch,), bool)
     shared = tuple(jnp.zeros(x.shape[:2] + (1,) + x.shape[3:], jnp.float32) for x in own)
   else:
-    shared = shared_partials(
-      q,
-      k_blocks,
-      v_blocks,
-      plan,
-      scale=scale,
-      logit_soft_cap=logit_soft_cap,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      k_scales=k_scales,
-      v_scales=v_scales,
-    )
+    if block_sizes.shared_kernel == "mosaic":
+      shared = shared_partials_mosaic(
+        q,
+        k_blocks,
+        v_blocks,
+        plan,
+        scale=scale,
+        logit_soft_cap=logit_soft_cap,
+        block_sizes=block_sizes,
+        interpret=_mosaic_interpret_params() if interpret else False,
+      )
+    else:
+      shared = shared_partials(
+        q,
+        k_blocks,
+        v_blocks,
+        plan,
+        scale=scale,
+        logit_soft_cap=logit_soft_cap,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        k_scales=k_scales,
+        v_scales=v_scales,
+      )
     # Rows whose shared partials were written: row_starts[b] > 0 only for members of a
     # group with keys (the plan's invariant, checked on the host). A member of a group of
     # length 0 has partials that add nothing (m = -inf, den = 0), so it may be left out;
@@ -518,6 +676,18 @@ def cascade_attention(
     raise ValueError(
       "block_sizes for the GPU cascade backend must be a kernels.gpu.cascade."
       f"CascadeBlockSizes, got {kind.__module__}.{kind.__qualname__}"
+    )
+  if block_sizes.shared_kernel == "mosaic":
+    # The one switch point checks the card (Hopper, unless interpreting) and that the
+    # Mosaic prefill kernel takes these dtypes and sizes; it raises otherwise.
+    kernel_backend(
+      "prefill",
+      q_dtype=q.dtype,
+      kv_dtype=k_blocks.dtype,
+      head_dim=q.shape[2],
+      block_size=k_blocks.shape[2],
+      requested="mosaic",
+      interpret=bool(interpret),
     )
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros(q.shape, q.dtype)

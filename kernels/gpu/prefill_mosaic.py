@@ -50,6 +50,7 @@ ladder of power-of-two stores (64, 32, ..., 1 rows).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +134,7 @@ def _kernel(
   tail_k_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of K
   tail_v_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of V
   o_ref,  # GMEM [num_tokens (padded to a multiple of 8), num_q_heads, head_dim]
-  *,
+  *lse_refs,  # with_lse only: GMEM f32[num_q_heads, num_tokens], log2 of each row's sum
   group,
   kv_tile,
   num_slots,
@@ -143,6 +144,7 @@ def _kernel(
   pv_via_smem,
   tiles_per_block,
   num_groups,
+  with_lse,
 ):
   head_dim = q_ref.shape[2]
   num_blocks, block_size = k_ref.shape[1], k_ref.shape[2]
@@ -199,6 +201,7 @@ def _kernel(
     v_smem,  # SMEM [num_slots, kv_tile, head_dim]: ring of V steps
     o_smem,  # SMEM [NUM_CONSUMERS, ROWS, head_dim]: each consumer's output, for TMA stores
     p_smem,  # SMEM [NUM_CONSUMERS, ROWS, kv_tile]: P for the P V wgmma; None unless pv_via_smem
+    lse_smem,  # SMEM f32[NUM_CONSUMERS, ROWS]: each consumer's log-sum-exp; None unless with_lse
     q_full,  # barrier [NUM_CONSUMERS]: consumer wg's query window has landed
     k_full,  # barrier [num_slots], copies_per_step arrivals: the slot's K has landed
     v_full,  # barrier [num_slots], copies_per_step arrivals: the slot's V has landed
@@ -362,7 +365,9 @@ def _kernel(
         carry = lax.fori_loop(t["j1"], t["j2"], functools.partial(step, masked=False, **kw), carry)
         carry = lax.fori_loop(t["j2"], t["j3"], masked, carry)
         pl.when(wg == 0)(rendezvous)
-        acc, _, den = carry
+        acc, m, den = carry
+        if with_lse:  # log2 of the row's sum of exp2(logits): m + log2(den), -inf if empty
+          lse_smem.at[wg][...] = m + jnp.log(den) * (1.0 / math.log(2.0))
         den = jnp.where(den > 0, den, 1.0)
         out = acc / lax.broadcast_in_dim(den, acc.shape, [0])
         o_smem.at[wg][...] = out.astype(dtype)
@@ -377,6 +382,8 @@ def _kernel(
           off = off + piece
           row0 = row0 + piece
           size //= 2
+        if with_lse:  # the whole 64-row window: the caller's tiles own whole windows
+          plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_refs[0].at[h, pl.ds(win, ROWS)])
         plgpu.wait_smem_to_gmem(0)  # o_smem (and q_smem) are free for the next tile
 
       done = jnp.int32(0)
@@ -393,6 +400,7 @@ def _kernel(
     plgpu.SMEM((num_slots, kv_tile, head_dim), dtype, transforms=swizzled),
     plgpu.SMEM((NUM_CONSUMERS, ROWS, head_dim), dtype),
     plgpu.SMEM((NUM_CONSUMERS, ROWS, kv_tile), dtype, transforms=swizzled) if pv_via_smem else None,
+    plgpu.SMEM((NUM_CONSUMERS, ROWS), jnp.float32) if with_lse else None,
     plgpu.Barrier(num_barriers=NUM_CONSUMERS),
     plgpu.Barrier(num_arrivals=copies_per_step, num_barriers=num_slots),
     plgpu.Barrier(num_arrivals=copies_per_step, num_barriers=num_slots),
@@ -470,7 +478,6 @@ def paged_prefill_mosaic(
       "Triton prefill (BlockSizes(prefill_kernel='triton' or 'auto'))"
     )
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads = k_blocks.shape[0]
   if not (isinstance(tiles_per_block, int) and 1 <= tiles_per_block <= MAX_TILES_PER_BLOCK):
     raise ValueError(
       f"tiles_per_block must be an int in [1, {MAX_TILES_PER_BLOCK}], got {tiles_per_block!r}"
@@ -490,11 +497,63 @@ def paged_prefill_mosaic(
   extra = num_groups * tiles_per_block - sched.shape[0]
   if extra:  # empty rows (no query rows, no keys): nothing read, nothing stored
     sched = jnp.pad(sched, ((0, extra), (0, 0)))
+  # The TMA descriptors of q and the output need their row count a multiple of the
+  # 8-row tile; other counts get a few zero rows (the engine's token buckets never do).
+  pad = -num_tokens % 8
+  q_in = jnp.pad(q, ((0, pad), (0, 0), (0, 0))) if pad else q
+  (out,) = run_schedule(
+    q_in,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    sched,
+    num_groups=num_groups,
+    kv_tile=kv_tile,
+    num_slots=num_slots,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    pv_via_smem=pv_via_smem,
+    tiles_per_block=tiles_per_block,
+    with_lse=False,
+    interpret=interpret,
+  )
+  return out[:num_tokens] if pad else out
+
+
+def run_schedule(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  sched,
+  *,
+  num_groups,
+  kv_tile,
+  num_slots,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  pv_via_smem,
+  tiles_per_block,
+  with_lse,
+  interpret,
+):
+  """The kernel over a given schedule (``build_schedule``'s columns; ``num_groups *
+  tiles_per_block`` rows) with ``q``'s rows a multiple of 8: ``(out,)``, or ``(out, lse
+  f32[num_q_heads, rows])`` with ``with_lse`` (log2 units: ``log2(sum_k exp2(logit_k))``,
+  -inf for a row that sees no key). With ``with_lse`` each consumer stores its whole 64-row
+  window of ``lse``, so every tile must own the 128-row window it lies in (tiles start at
+  multiples of 128 and no two share a window), as the cascade's shared part lays them
+  out; ``paged_prefill_mosaic``'s schedules need not, and it never asks for ``lse``."""
+  num_q_heads = q.shape[1]
   tail_k = build_tail(k_blocks, block_table, lengths, kv_tile)
   tail_v = build_tail(v_blocks, block_table, lengths, kv_tile)
   kernel = functools.partial(
     _kernel,
-    group=num_q_heads // num_kv_heads,
+    group=num_q_heads // k_blocks.shape[0],
     kv_tile=kv_tile,
     num_slots=num_slots,
     scale=scale,
@@ -503,19 +562,19 @@ def paged_prefill_mosaic(
     pv_via_smem=pv_via_smem,
     tiles_per_block=tiles_per_block,
     num_groups=num_groups,
+    with_lse=with_lse,
   )
-  # The TMA descriptors of q and the output need their row count a multiple of the
-  # 8-row tile; other counts get a few zero rows (the engine's token buckets never do).
-  pad = -num_tokens % 8
-  q_in = jnp.pad(q, ((0, pad), (0, 0), (0, 0))) if pad else q
+  out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  if with_lse:
+    out_type.append(jax.ShapeDtypeStruct((num_q_heads, q.shape[0]), jnp.float32))
   out = plgpu.kernel(
     kernel,
-    out_type=jax.ShapeDtypeStruct(q_in.shape, q.dtype),
+    out_type=tuple(out_type),
     grid=(num_q_heads, num_groups),
     grid_names=("heads", "tiles"),
     num_threads=NUM_CONSUMERS + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),
     interpret=interpret or None,
-  )(sched, block_table, q_in, k_blocks, v_blocks, tail_k, tail_v)
-  return out[:num_tokens] if pad else out
+  )(sched, block_table, q, k_blocks, v_blocks, tail_k, tail_v)
+  return tuple(out)
