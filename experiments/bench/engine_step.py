@@ -379,6 +379,7 @@ def e2e_rows(args) -> list[dict]:
         max_num_seqs=256,
         max_num_batched_tokens=2048,
         async_scheduling=args.async_scheduling,
+        dispatch_thread=args.dispatch_thread,
       )
       rng = np.random.default_rng(0)
       result = {}
@@ -393,15 +394,18 @@ def e2e_rows(args) -> list[dict]:
             engine.decode_planner, min_chunk_tokens=min_chunk
           )
         captured = []  # (step index, StepBatch) of every --capture-every-th decode step
-        step_fn = engine._step_fn
+        build = engine._build_batch
 
-        def capture(params, cache, batch, key, prev, _fn=step_fn, _engine=engine, _c=captured):
+        # The batch as the engine's thread builds it (with --dispatch-thread the call runs
+        # on another thread, where the step count may already be the next step's).
+        def capture(plan, _fn=build, _engine=engine, _c=captured):
+          batch = _fn(plan)
           i = _engine.metrics.steps
           if batch.decode_only and i % args.capture_every == 0:
             _c.append((i, batch))
-          return _fn(params, cache, batch, key, prev)
+          return batch
 
-        engine._step_fn = capture
+        engine._build_batch = capture
         reqs = [
           Request((rep, i), rng.integers(0, c.vocab_size, int(p)).tolist(), max_new_tokens=int(o))
           for i, (p, o) in enumerate(lengths)
@@ -413,7 +417,7 @@ def e2e_rows(args) -> list[dict]:
         c0 = compile_seconds()
         engine.run(reqs)
         seconds = time.perf_counter() - t0
-        engine._step_fn = step_fn
+        del engine._build_batch  # the method again
         steps = list(engine.step_metrics)
         decode = [s for s in steps if s.num_prefill_tokens == 0 and s.num_seqs]
         result[rep] = dict(
@@ -448,6 +452,7 @@ def e2e_rows(args) -> list[dict]:
                   device_ms=dev.get(s.step),
                   plan_min_chunk=(min_chunk or None) if result["planned"] else None,
                   async_scheduling=args.async_scheduling,
+                  dispatch_thread=args.dispatch_thread,
                 )
                 f.write(json.dumps(row) + "\n")
           wall = [by_step[i].seconds * 1e3 for i, _ in captured]
@@ -507,6 +512,7 @@ def e2e_rows(args) -> list[dict]:
         compiled_shapes=m["shapes"],
         compilation_cache=bool(args.compilation_cache),
         async_scheduling=args.async_scheduling,
+        dispatch_thread=args.dispatch_thread,
         date=env["date"],
       )
       print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
@@ -564,6 +570,9 @@ def define_flags():
     "capture-every", 25, "replay every Nth decode step for device time", lower_bound=1
   )
   flags.DEFINE_bool("async-scheduling", False, "EngineConfig.async_scheduling")
+  flags.DEFINE_bool(
+    "dispatch-thread", False, "EngineConfig.dispatch_thread (needs --async-scheduling)"
+  )
   flags.DEFINE_string(
     "compilation-cache",
     os.path.expanduser("~/.cache/paxcache/jax"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import heapq
@@ -59,6 +60,25 @@ class _InFlight:
   # The decodes' tokens once read, when the next step's commit has already written them
   # into the sequences (overlap scheduling's steady state: see Engine._commit).
   values: list[int] | None = None
+
+
+class _Later:
+  """An output of a call queued on the dispatch thread (``EngineConfig.dispatch_thread``):
+  the whole output, or its ``part``-th element."""
+
+  __slots__ = ("call", "part")
+
+  def __init__(self, call: concurrent.futures.Future, part: int | None = None):
+    self.call, self.part = call, part
+
+  def get(self):
+    out = self.call.result()
+    return out if self.part is None else out[self.part]
+
+
+def _arrived(x):
+  """A step's device output, waiting for its call first when it ran on the dispatch thread."""
+  return x.get() if isinstance(x, _Later) else x
 
 
 class _DecodeFacts:
@@ -182,6 +202,13 @@ class EngineConfig:
       samples on the device; the host learns them one iteration later, so a sample that
       stops at its end token runs one extra (discarded) row, and a request is returned by
       the ``step`` after the one that finished it. Outputs are the same as without it.
+    dispatch_thread: with ``async_scheduling``, make each step's jitted call on one
+      worker thread instead of the engine's, so that the host work after the call
+      (committing, reading the previous step's tokens, metrics) and the next step's
+      scheduling run while the call launches the step's kernels (JAX releases the GIL
+      while it executes; a GPU step of a few hundred kernels takes ~1 ms of the host to
+      launch, docs/benchmarks.md). Calls run in order, one at a time; ``Engine.cache``
+      waits for them. Outputs are the same as without it. Not with a ``mesh``.
     reservation: memory management: ``"paged"`` (blocks on demand, the default) or an
       Orca baseline that reserves each request's blocks contiguously at admission:
       ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
@@ -235,6 +262,7 @@ class EngineConfig:
   mesh: Mesh | None = None
   mesh_axis: str = MODEL_AXIS
   async_scheduling: bool = False
+  dispatch_thread: bool = False
   reservation: str = "paged"
   cascade_min_shared_blocks: int = 8
   decode_plan: str = "auto"
@@ -275,6 +303,7 @@ class EngineConfig:
       "enable_prefix_caching",
       "check_invariants",
       "async_scheduling",
+      "dispatch_thread",
       "lane_dense_cache",
       "lane_padded_cache",
     ):
@@ -288,6 +317,13 @@ class EngineConfig:
       raise ValueError(
         "EngineConfig.lane_padded_cache with a mesh: a lane-padded cache is not sharded yet"
       )
+    if self.dispatch_thread and not self.async_scheduling:
+      raise ValueError(
+        "EngineConfig.dispatch_thread needs async_scheduling=True: without it every step "
+        "waits for its own tokens, and a call on another thread hides nothing"
+      )
+    if self.dispatch_thread and self.mesh is not None:
+      raise ValueError("EngineConfig.dispatch_thread with a mesh: not supported yet")
     if self.lane_padded_cache and self.lane_dense_cache:
       raise ValueError(
         "EngineConfig.lane_dense_cache and lane_padded_cache are two layouts; set one of them"
@@ -501,6 +537,44 @@ class Engine:
     self._step_fn, self._params = device_step(model)
     self._prev_tokens = jnp.zeros(self._cap, jnp.int32)
     self._key = jax.random.key(config.seed)
+    if config.dispatch_thread:
+      self._dispatcher = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="paxcache-dispatch"
+      )
+
+  @property
+  def cache(self):
+    """The device pool (``PagedKVCache``), after every dispatched call has made it."""
+    self._wait_dispatched()
+    return self._cache
+
+  @cache.setter
+  def cache(self, value) -> None:
+    self._wait_dispatched()
+    self._cache = value
+
+  def _wait_dispatched(self) -> None:
+    """Waits for the calls on the dispatch thread (each runs after the one before)."""
+    last = getattr(self, "_last_call", None)
+    if last is not None:
+      self._last_call = None
+      last.result()  # raises the call's error, if it failed
+
+  def _call_on_thread(self, batch: StepBatch):
+    """The dispatch thread's call (packing the batch included): the only code that touches
+    the pool and the previous tokens while a call is queued (a failed call fails every
+    call after it)."""
+    if self._call_error is not None:
+      raise self._call_error
+    try:
+      out, self._cache = self._step_fn(
+        self._params, self._cache, batch, self._key, self._prev_tokens
+      )
+    except BaseException as e:
+      self._call_error = e
+      raise
+    self._prev_tokens = out[0] if isinstance(out, tuple) else out
+    return out
 
   def _init_host(self, config: EngineConfig, max_seq_len: int, vocab_size: int, clock) -> None:
     """Everything but the model and the device pool: allocator, scheduler, queues, clock."""
@@ -528,6 +602,10 @@ class Engine:
     # so that the next step can read them on the device whatever its own shape.
     self._cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
     self._in_flight: _InFlight | None = None
+    # EngineConfig.dispatch_thread: the worker, its last queued call and its first error.
+    self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
+    self._last_call: concurrent.futures.Future | None = None
+    self._call_error: BaseException | None = None
     self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
     self._ready: list[RequestOutput] = []  # finished while draining (abort)
     self._to_free: list = []  # samples that stopped by length at the step just dispatched
@@ -759,6 +837,12 @@ class Engine:
   def step(self) -> list[RequestOutput]:
     """One iteration: schedule, swap, one device call; returns requests finished in it
     (with ``async_scheduling``, those whose last token came back in it)."""
+    if self._call_error is not None:
+      e = self._call_error
+      raise RuntimeError(
+        f"a step's device call failed on the dispatch thread ({e!r}); this engine cannot go "
+        "on: its pool and host state are those of the lost step"
+      ) from e
     self._admit_arrivals()
     t0 = time.perf_counter()
     self._cascade = (0, 0, 0)  # (groups, rows, saved tokens): set by _execute's batch
@@ -861,6 +945,12 @@ class Engine:
     self._cascade = batch.cascade_counts()
     self._plan_chunks = batch.decode_plan_chunks()
     # One fixed key: each row folds in its own (seed, sample, position).
+    if self._dispatcher is not None:
+      call = self._dispatcher.submit(self._call_on_thread, batch)
+      self._last_call = call
+      if batch.num_candidates:
+        return _Later(call, 0), batch.shape_key[:3], [_Later(call, 1), _Later(call, 2)]
+      return _Later(call), batch.shape_key[:3], None
     tokens, self.cache = self._step_fn(
       self._params, self.cache, batch, self._key, self._prev_tokens
     )
@@ -911,7 +1001,7 @@ class Engine:
       # the device. Read its tokens now (this step is queued behind it) and write them
       # with this step's placeholders in one pass over the rows; _resolve then only reads
       # them. The same writes as placeholders now and tokens in _resolve, one pass fewer.
-      values = np.asarray(prev.tokens)[: len(decodes)].tolist()
+      values = np.asarray(_arrived(prev.tokens))[: len(decodes)].tolist()
       for s, p, t in zip(decodes, prev.pending_pos, values, strict=True):
         s.tokens[p] = t
         s.num_computed += 1
@@ -965,7 +1055,7 @@ class Engine:
     """Host update once a step's tokens are back: token ids, stops at an end token, the
     allocator's pending tokens, finished requests (appended to ``finished``). Returns the
     number of tokens sampled."""
-    tokens = np.asarray(step.tokens)  # the one device -> host copy of the step
+    tokens = np.asarray(_arrived(step.tokens))  # the one device -> host copy of the step
     now = self.clock.now()
     resolve_ids, resolve_tokens, stopped, groups = [], [], [], []
     sampled = 0
@@ -1018,7 +1108,7 @@ class Engine:
       outs.append(g.output())
     if step.candidates is not None:
       # Beam rows are never plain decodes: the entries are sample rows nd, nd + 1, ...
-      candidates = tuple(np.asarray(c)[nd:] for c in step.candidates)
+      candidates = tuple(np.asarray(_arrived(c))[nd:] for c in step.candidates)
       sampled += self.beams.advance(step.entries, candidates, outs)
     self.metrics.finished_requests += len(outs)
     self.metrics.generated_tokens += sampled

@@ -77,9 +77,10 @@ def parity_case(tiny, corpus):
   return reqs, want
 
 
-def _pressure_config(mode: str, async_scheduling: bool) -> EngineConfig:
+def _pressure_config(mode: str, async_scheduling: bool, dispatch_thread=False) -> EngineConfig:
   """A pool of 40 blocks of 8 for the mixed requests: preemption, forks and prefix hits."""
   return EngineConfig(
+    dispatch_thread=dispatch_thread,
     num_blocks=40,
     block_size=8,
     num_host_blocks=256,
@@ -116,13 +117,17 @@ def test_recomputed_tokens_account_for_every_token_computed_twice(tiny, corpus):
   assert m.computed_tokens == base + m.recomputed_tokens
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+  "async_scheduling,dispatch_thread",
+  [(False, False), (True, False), (True, True)],
+  ids=["sync", "async", "async-thread"],
+)
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
-  tiny, parity_case, mode, async_scheduling
+  tiny, parity_case, mode, async_scheduling, dispatch_thread
 ):
   reqs, want = parity_case
-  config = _pressure_config(mode, async_scheduling)
+  config = _pressure_config(mode, async_scheduling, dispatch_thread)
   engine = Engine(tiny, config)
   outs = engine.run(reqs)
   m = engine.metrics
@@ -499,8 +504,8 @@ def test_async_scheduling_samples_the_same_tokens_as_the_synchronous_engine(tiny
     for i, r in enumerate(_mixed_requests(corpus))
   ]
   outs, engines = {}, {}
-  for flag in (False, True):
-    engines[flag] = engine = Engine(tiny, _pressure_config(mode, flag))
+  for flag in (False, True, "thread"):
+    engines[flag] = engine = Engine(tiny, _pressure_config(mode, bool(flag), flag == "thread"))
     if flag:
       # White box: after the first step its tokens are still on the device, and the host
       # holds a placeholder for each sample.
@@ -510,11 +515,58 @@ def test_async_scheduling_samples_the_same_tokens_as_the_synchronous_engine(tiny
       assert engine._in_flight is not None
       assert all(s.tokens[-1] == PENDING_TOKEN for s, _ in engine._in_flight.entries)
     outs[flag] = engine.run([] if flag else reqs)
-  assert outs[True] == outs[False]
+  # The calls on a dispatch thread (EngineConfig.dispatch_thread) change when the host
+  # makes them, not what they compute.
+  assert outs[True] == outs[False] == outs["thread"]
   sync, overlap = engines[False].metrics, engines[True].metrics
-  assert overlap.generated_tokens == sync.generated_tokens
+  assert (
+    overlap.generated_tokens == sync.generated_tokens == engines["thread"].metrics.generated_tokens
+  )
   assert overlap.preemptions > 0 and sync.preemptions > 0
   assert engines[True].allocator.num_used_blocks == 0
+  assert engines["thread"].allocator.num_used_blocks == 0
+
+
+def test_dispatch_thread_makes_the_calls_off_the_engines_thread_and_in_order(tiny, corpus):
+  import threading
+
+  engine = Engine(tiny, _pressure_config("swap", True, dispatch_thread=True))
+  step_fn, seen = engine._step_fn, []
+
+  def call(params, cache, batch, key, prev):
+    seen.append((threading.current_thread().name, engine.metrics.steps))
+    return step_fn(params, cache, batch, key, prev)
+
+  engine._step_fn = call
+  reqs = _mixed_requests(corpus)[:3]
+  engine.run(reqs)
+  names = {name for name, _ in seen}
+  assert len(names) == 1 and names != {threading.current_thread().name}, names
+  assert len(seen) == engine.metrics.steps - 1  # the last step only reads the one before
+  assert [i for _, i in seen] == sorted(i for _, i in seen)
+  assert engine._last_call is None or engine._last_call.done()
+  jax.block_until_ready(engine.cache)  # waits for the worker; the pool is whole
+
+
+def test_dispatch_thread_reports_a_failed_call_and_every_call_after_it(tiny, corpus):
+  engine = Engine(tiny, _pressure_config("swap", True, dispatch_thread=True))
+  step_fn, calls = engine._step_fn, []
+
+  def call(params, cache, batch, key, prev):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError("device lost")
+    return step_fn(params, cache, batch, key, prev)
+
+  engine._step_fn = call
+  for r in _mixed_requests(corpus)[:2]:
+    engine.add_request(r)
+  with pytest.raises(RuntimeError, match="device lost"):
+    for _ in range(8):  # the error comes back with the step that reads the call's tokens
+      engine.step()
+  with pytest.raises(RuntimeError, match="device lost"):
+    engine.step()  # and every later call fails with it, instead of running on a lost pool
+  assert len(calls) == 3
 
 
 def test_async_abort_returns_what_was_produced_without_placeholders(tiny):
@@ -537,6 +589,8 @@ def test_async_abort_returns_what_was_produced_without_placeholders(tiny):
     ("block_size", True, r"EngineConfig.block_size must be an int, got True \(bool\)"),
     ("seed", 1.5, r"EngineConfig.seed must be an int, got 1.5"),
     ("async_scheduling", 1, r"EngineConfig.async_scheduling must be a bool, got 1"),
+    ("dispatch_thread", 1, r"EngineConfig.dispatch_thread must be a bool, got 1"),
+    ("dispatch_thread", True, r"dispatch_thread needs async_scheduling=True"),
   ],
 )
 def test_engine_config_rejects_wrongly_typed_fields(field, value, match):
