@@ -232,6 +232,24 @@ def test_engine_host_runs_without_ml_collections(tmp_path):
     # Host work is the step less its jitted call (waited for): both positive.
     assert r["host_repeats"] == 5 and 0 < r["host_ms"] and 0 < r["jit_ms"]
     assert r["host_min_ms"] <= r["host_ms"] <= r["host_max_ms"]
+    assert r["wall_min_ms"] <= r["wall_ms"] <= r["wall_max_ms"] and not r["dispatch_thread"]
+
+
+def test_engine_host_with_the_dispatch_thread(tmp_path):
+  # The calls on the engine's worker thread: every measured step still makes one call
+  # (the bench waits for the last one before it counts them), and the step's wall time
+  # is recorded.
+  code = (
+    "import runpy\n"
+    "sys.argv = ['engine_host', '--batch', '4', '--steps', '5', '--warmup', '1',\n"
+    f"            '--dispatch-thread', '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.engine_host', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (r,) = [json.loads(line) for line in (tmp_path / "engine_host.jsonl").read_text().splitlines()]
+  assert r["dispatch_thread"] and r["wall_repeats"] == 5 and r["jit_repeats"] == 5
+  assert 0 < r["wall_min_ms"] <= r["wall_ms"] <= r["wall_max_ms"]
 
 
 def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):
