@@ -107,7 +107,7 @@ SWEEP = (
   # matrix rate of its class, docs/benchmarks.md "Cascade attention").
   dict(shared_kernel="mosaic"),
   dict(shared_kernel="mosaic", shared_num_chunks=4),
-  dict(shared_kernel="mosaic", shared_mosaic_num_slots=3),
+  dict(shared_kernel="mosaic", shared_mosaic_kv_tile=64, shared_mosaic_num_slots=3),
   dict(shared_kernel="mosaic", shared_mosaic_kv_tile=64, shared_mosaic_num_slots=4),
 )
 
@@ -251,9 +251,16 @@ def run_case(
 
   part_kw = dict(scale=1.0 / np.sqrt(head_dim), logit_soft_cap=None, interpret=interpret)
 
-  def time_part(fn, bs, *args):
-    part = jax.jit(functools.partial(fn, **part_kw, block_sizes=bs, **scales))
+  def time_part(fn, bs, *args, **kw):
+    part = jax.jit(functools.partial(fn, **part_kw, block_sizes=bs, **kw))
     return time_calls(lambda: part(*args), repeats=repeats, inner=inner, warmup=2)
+
+  def time_shared(bs):
+    if bs.shared_kernel == "mosaic":  # 16-bit K/V only: no scales
+      kw = dict(part_kw, interpret=kernels.gpu._mosaic_interpret_params() if interpret else False)
+      part = jax.jit(functools.partial(gpu_cascade.shared_partials_mosaic, **kw, block_sizes=bs))
+      return time_calls(lambda: part(q, k, v, plan), repeats=repeats, inner=inner, warmup=2)
+    return time_part(gpu_cascade.shared_partials, bs, q, k, v, plan, **scales)
 
   errors = []
   own_fields = {}
@@ -262,9 +269,9 @@ def run_case(
       bs = dataclasses.replace(base, **cfg)
       part_fields = {}
       if parts:
-        t_shared = time_part(gpu_cascade.shared_partials, bs, q, k, v, plan)
+        t_shared = time_shared(bs)
         if not own_fields:  # the own part does not depend on the shared kernel's settings
-          t_own = time_part(gpu_cascade.own_partials, bs, q, k, v, table, lengths, plan)
+          t_own = time_part(gpu_cascade.own_partials, bs, q, k, v, table, lengths, plan, **scales)
           own_fields = t_own.fields("own")
         part_fields = dict(own_fields, **t_shared.fields("shared"))
       casc = jax.jit(

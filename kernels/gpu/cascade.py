@@ -416,8 +416,10 @@ def shared_partials_mosaic(
   block_sizes: CascadeBlockSizes,
   interpret=False,
 ):
-  """The shared part on the Mosaic GPU prefill kernel: partials as :func:`shared_partials`
-  gives them (``m`` the chunk's log-sum-exp in log2 units, ``den`` 1).
+  """The shared part on the Mosaic GPU prefill kernel, as partials of the shape
+  :func:`shared_partials` gives and the merge takes: ``o`` each chunk's normalised output
+  (rounded to q's dtype by the kernel, then widened), ``m`` its log-sum-exp in log2 units
+  and ``den`` 1.
 
   Each (group, chunk) is one sequence of a ragged prefill batch: its query rows are the
   group's members (gathered through ``plan.group_rows``, padded with zero rows to whole
@@ -442,12 +444,23 @@ def shared_partials_mosaic(
   mpad = tiles * pm.TILE
   unit = max(kv_tile, block_size)  # a chunk is whole K/V steps and whole blocks
   itemsize = jnp.dtype(q.dtype).itemsize
-  smem = pm.smem_bytes(head_dim, itemsize, kv_tile, num_slots, pv_via_smem=bool(interpret))
+  pv_via_smem = bool(interpret)
+  smem = pm.smem_bytes(head_dim, itemsize, kv_tile, num_slots, pv_via_smem)
+  smem += pm.NUM_CONSUMERS * pm.ROWS * 4  # the log-sum-exp windows
+  if smem > pm.SMEM_LIMIT_BYTES:
+    raise ValueError(
+      f"CascadeBlockSizes(shared_kernel='mosaic') with head_dim {head_dim}, "
+      f"{jnp.dtype(q.dtype).name}, shared_mosaic_kv_tile={kv_tile} and "
+      f"shared_mosaic_num_slots={num_slots} needs {smem} bytes of shared memory, more than "
+      f"the {pm.SMEM_LIMIT_BYTES} of an sm_90 SM; use fewer slots or 64-key steps"
+    )
+  # One CUDA block an SM whatever its shared memory: its three warpgroups' registers
+  # (232 / 40 a thread) fill the SM.
   num_chunks = choose_num_chunks(
     num_q_heads * num_groups * tiles,
     max(1, -(-(width * block_size) // unit)),
     block_sizes.shared_num_chunks,
-    program_smem=smem,
+    program_smem=pm.SMEM_LIMIT_BYTES,
   )
   # Chunk boundaries per group (traced: the plan's lengths are device arrays).
   glens = jnp.clip(plan.group_lens.astype(jnp.int32), 0, width * block_size)
@@ -492,7 +505,7 @@ def shared_partials_mosaic(
     scale=scale,
     sliding_window=None,
     logit_soft_cap=logit_soft_cap,
-    pv_via_smem=bool(interpret),
+    pv_via_smem=pv_via_smem,
     tiles_per_block=1,
     with_lse=True,
     interpret=interpret,
@@ -680,15 +693,22 @@ def cascade_attention(
   if block_sizes.shared_kernel == "mosaic":
     # The one switch point checks the card (Hopper, unless interpreting) and that the
     # Mosaic prefill kernel takes these dtypes and sizes; it raises otherwise.
-    kernel_backend(
-      "prefill",
-      q_dtype=q.dtype,
-      kv_dtype=k_blocks.dtype,
-      head_dim=q.shape[2],
-      block_size=k_blocks.shape[2],
-      requested="mosaic",
-      interpret=bool(interpret),
-    )
+    try:
+      kernel_backend(
+        "prefill",
+        q_dtype=q.dtype,
+        kv_dtype=k_blocks.dtype,
+        head_dim=q.shape[2],
+        block_size=k_blocks.shape[2],
+        requested="mosaic",
+        interpret=bool(interpret),
+      )
+    except ValueError as e:
+      raise ValueError(
+        f"CascadeBlockSizes(shared_kernel='mosaic') runs the shared part on the Mosaic GPU "
+        f"prefill kernel, which cannot take this call: {e}. shared_kernel='triton' (the "
+        "default) takes every GPU, dtype and block size"
+      ) from e
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros(q.shape, q.dtype)
   return _cascade(

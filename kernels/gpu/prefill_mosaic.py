@@ -548,6 +548,9 @@ def run_schedule(
   window of ``lse``, so every tile must own the 128-row window it lies in (tiles start at
   multiples of 128 and no two share a window), as the cascade's shared part lays them
   out; ``paged_prefill_mosaic``'s schedules need not, and it never asks for ``lse``."""
+  if with_lse and tiles_per_block != 1:
+    # A multi-tile block's padding rows (start = end = 0) would store window 0's lse.
+    raise ValueError("run_schedule(with_lse=True) takes one tile per CUDA block")
   num_q_heads = q.shape[1]
   tail_k = build_tail(k_blocks, block_table, lengths, kv_tile)
   tail_v = build_tail(v_blocks, block_table, lengths, kv_tile)

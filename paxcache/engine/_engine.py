@@ -11,6 +11,7 @@ import itertools
 import math
 import numbers
 import time
+import weakref
 from collections.abc import Hashable, Iterable, Mapping
 
 import jax
@@ -50,7 +51,7 @@ class _InFlight:
   row's ``PENDING_TOKEN`` in ``sequence.tokens``; None for a beam row, whose token
   ``_beam.py`` picks from ``candidates``)."""
 
-  tokens: jax.Array  # i32[cap]
+  tokens: jax.Array | _Later  # i32[cap] (a _Later while its call is on the dispatch thread)
   entries: list[tuple[Seq, int | None]]
   candidates: tuple | None = None  # (f32[S, C] log-probs, i32[S, C] ids) when beam rows ran
   decodes: list[Seq] = dataclasses.field(default_factory=list)
@@ -60,6 +61,10 @@ class _InFlight:
   # The decodes' tokens once read, when the next step's commit has already written them
   # into the sequences (overlap scheduling's steady state: see Engine._commit).
   values: list[int] | None = None
+
+
+class _AfterFailedCall(Exception):
+  """A call the dispatch thread did not run because an earlier one failed (its cause)."""
 
 
 class _Later:
@@ -72,6 +77,15 @@ class _Later:
     self.call, self.part = call, part
 
   def get(self):
+    concurrent.futures.wait([self.call])
+    if self.call.exception() is not None:
+      e = self.call.exception()
+      if isinstance(e, _AfterFailedCall):  # not run: an earlier call failed
+        e = e.__cause__
+      raise RuntimeError(
+        f"a step's jitted call failed on the dispatch thread ({e!r}); this engine cannot "
+        "go on: its pool and host state are those of the lost step"
+      ) from e
     out = self.call.result()
     return out if self.part is None else out[self.part]
 
@@ -541,12 +555,17 @@ class Engine:
       self._dispatcher = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="paxcache-dispatch"
       )
+      # The worker ends with the engine (a queued call still runs; nothing waits for it).
+      weakref.finalize(self, self._dispatcher.shutdown, wait=False)
 
   @property
   def cache(self):
     """The device pool (``PagedKVCache``), after every dispatched call has made it."""
     self._wait_dispatched()
-    return self._cache
+    try:
+      return self._cache
+    except AttributeError:
+      raise AttributeError(f"{type(self).__name__} has no device pool") from None
 
   @cache.setter
   def cache(self, value) -> None:
@@ -554,18 +573,28 @@ class Engine:
     self._cache = value
 
   def _wait_dispatched(self) -> None:
-    """Waits for the calls on the dispatch thread (each runs after the one before)."""
+    """Waits for the calls on the dispatch thread (each runs after the one before); after
+    a call failed, raises its error (wrapped) every time: the pool may be lost."""
     last = getattr(self, "_last_call", None)
     if last is not None:
       self._last_call = None
-      last.result()  # raises the call's error, if it failed
+      concurrent.futures.wait([last])
+    self._raise_if_a_call_failed()
+
+  def _raise_if_a_call_failed(self) -> None:
+    e = getattr(self, "_call_error", None)
+    if e is not None:
+      raise RuntimeError(
+        f"a step's jitted call failed on the dispatch thread ({e!r}); this engine cannot "
+        "go on: its pool and host state are those of the lost step"
+      ) from e
 
   def _call_on_thread(self, batch: StepBatch):
     """The dispatch thread's call (packing the batch included): the only code that touches
     the pool and the previous tokens while a call is queued (a failed call fails every
     call after it)."""
     if self._call_error is not None:
-      raise self._call_error
+      raise _AfterFailedCall() from self._call_error
     try:
       out, self._cache = self._step_fn(
         self._params, self._cache, batch, self._key, self._prev_tokens
@@ -837,12 +866,7 @@ class Engine:
   def step(self) -> list[RequestOutput]:
     """One iteration: schedule, swap, one device call; returns requests finished in it
     (with ``async_scheduling``, those whose last token came back in it)."""
-    if self._call_error is not None:
-      e = self._call_error
-      raise RuntimeError(
-        f"a step's device call failed on the dispatch thread ({e!r}); this engine cannot go "
-        "on: its pool and host state are those of the lost step"
-      ) from e
+    self._raise_if_a_call_failed()
     self._admit_arrivals()
     t0 = time.perf_counter()
     self._cascade = (0, 0, 0)  # (groups, rows, saved tokens): set by _execute's batch
@@ -938,18 +962,19 @@ class Engine:
         self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
 
   def _execute(self, plan: Plan):
-    """Dispatches the device step; returns its sampled tokens (on the device), the padded
-    shape and, when the batch has beam rows, their top candidates (log-probs, ids)."""
+    """Dispatches the device step; returns its sampled tokens (on the device, or a
+    :class:`_Later` of the dispatch thread's call), the padded shape and, when the batch
+    has beam rows, their top candidates (log-probs, ids)."""
     batch = self._build_batch(plan)
     self._shapes.add(batch.shape_key)
     self._cascade = batch.cascade_counts()
     self._plan_chunks = batch.decode_plan_chunks()
     # One fixed key: each row folds in its own (seed, sample, position).
     if self._dispatcher is not None:
+      # (Never a step with beam rows: beam search needs async_scheduling=False.)
+      assert not batch.num_candidates
       call = self._dispatcher.submit(self._call_on_thread, batch)
       self._last_call = call
-      if batch.num_candidates:
-        return _Later(call, 0), batch.shape_key[:3], [_Later(call, 1), _Later(call, 2)]
       return _Later(call), batch.shape_key[:3], None
     tokens, self.cache = self._step_fn(
       self._params, self.cache, batch, self._key, self._prev_tokens

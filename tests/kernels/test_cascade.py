@@ -350,7 +350,7 @@ def mosaic_sizes(**kw):
 @pytest.mark.parametrize("num_chunks,num_slots", [(2, 2), (3, 3), (1, 2)])
 def test_gpu_mosaic_shared_part_matches_plain_attention(num_chunks, num_slots):
   # GPU interpret mode (threads with simulated shared memory, TMA and wgmma). Chunks of 2:
-  # the 160-key group in a full chunk and a partial one, the forks' group (39 keys) in one
+  # the 160-key group in a full chunk and a partial one, the forks' group (37 keys) in one
   # chunk and an empty one; 3: one chunk per 64-key step; 1: no split. NaN in every slot
   # no row reads; the planner's groups and ends as the engine would give them.
   labels, lengths = MOSAIC_CASE
@@ -403,10 +403,36 @@ def test_gpu_mosaic_shared_part_refuses_what_the_kernel_does_not_take():
     CascadeBlockSizes(shared_mosaic_kv_tile=32)
   with pytest.raises(ValueError, match="shared_mosaic_num_slots"):
     CascadeBlockSizes(shared_mosaic_num_slots=1)
-  # 4-token blocks and 8-bit K/V: the Mosaic prefill takes neither (the one switch point,
-  # kernels.gpu.kernel_backend, says so before anything runs).
-  case, plan = small_case()
-  with pytest.raises(ValueError, match="Mosaic GPU prefill"):
+  # 4 slots of 128-key steps at head_dim 128 do not fit an SM's shared memory: said in
+  # terms of the cascade's settings, before Mosaic's own lowering would fail.
+  from kernels.gpu.cascade import shared_partials_mosaic
+
+  sds = jax.ShapeDtypeStruct
+  plan = kernels.CascadePlan(*(sds(s, jnp.int32) for s in ((1, 64), (1,), (1, 8), (8,))))
+  pool = sds((2, 64, 16, 128), jnp.bfloat16)
+  big = dataclasses.replace(mosaic_sizes(shared_mosaic_num_slots=4), shared_mosaic_kv_tile=128)
+  with pytest.raises(ValueError, match="shared_mosaic_num_slots=4 needs"):
+    jax.eval_shape(
+      lambda q, k, v, p: shared_partials_mosaic(
+        q,
+        k,
+        v,
+        p,
+        scale=0.1,
+        logit_soft_cap=None,
+        block_sizes=big,
+      ),
+      sds((8, 8, 128), jnp.bfloat16),
+      pool,
+      pool,
+      plan,
+    )
+  # 4-token blocks (bf16 otherwise fine) and 8-bit K/V: the Mosaic prefill takes neither
+  # (the one switch point, kernels.gpu.kernel_backend, says so before anything runs).
+  labels, lengths = CASES["prefix"]
+  case = build(14, labels, lengths, heads=(4, 2), kv_dtype=jnp.bfloat16)
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
+  with pytest.raises(ValueError, match="block size|block_size"):
     kernels.cascade_attention(
       **case, plan=plan, backend="gpu", interpret=True, block_sizes=mosaic_sizes()
     )
