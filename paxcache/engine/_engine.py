@@ -67,27 +67,30 @@ class _AfterFailedCall(Exception):
   """A call the dispatch thread did not run because an earlier one failed (its cause)."""
 
 
+def _lost_step(e: BaseException) -> RuntimeError:
+  """The error every wait on the dispatch thread raises once a call failed with ``e``."""
+  return RuntimeError(
+    f"a step's jitted call failed on the dispatch thread ({e!r}); this engine cannot go "
+    "on: its pool and host state are those of the lost step"
+  )
+
+
 class _Later:
-  """An output of a call queued on the dispatch thread (``EngineConfig.dispatch_thread``):
-  the whole output, or its ``part``-th element."""
+  """The sampled tokens of a call queued on the dispatch thread
+  (``EngineConfig.dispatch_thread``)."""
 
-  __slots__ = ("call", "part")
+  __slots__ = ("call",)
 
-  def __init__(self, call: concurrent.futures.Future, part: int | None = None):
-    self.call, self.part = call, part
+  def __init__(self, call: concurrent.futures.Future):
+    self.call = call
 
   def get(self):
-    concurrent.futures.wait([self.call])
-    if self.call.exception() is not None:
-      e = self.call.exception()
+    e = self.call.exception()  # waits for the call
+    if e is not None:
       if isinstance(e, _AfterFailedCall):  # not run: an earlier call failed
         e = e.__cause__
-      raise RuntimeError(
-        f"a step's jitted call failed on the dispatch thread ({e!r}); this engine cannot "
-        "go on: its pool and host state are those of the lost step"
-      ) from e
-    out = self.call.result()
-    return out if self.part is None else out[self.part]
+      raise _lost_step(e) from e
+    return self.call.result()
 
 
 def _arrived(x):
@@ -578,16 +581,13 @@ class Engine:
     last = getattr(self, "_last_call", None)
     if last is not None:
       self._last_call = None
-      concurrent.futures.wait([last])
+      last.exception()  # waits; the error, if any, is _call_error
     self._raise_if_a_call_failed()
 
   def _raise_if_a_call_failed(self) -> None:
     e = getattr(self, "_call_error", None)
     if e is not None:
-      raise RuntimeError(
-        f"a step's jitted call failed on the dispatch thread ({e!r}); this engine cannot "
-        "go on: its pool and host state are those of the lost step"
-      ) from e
+      raise _lost_step(e) from e
 
   def _call_on_thread(self, batch: StepBatch):
     """The dispatch thread's call (packing the batch included): the only code that touches
@@ -602,7 +602,7 @@ class Engine:
     except BaseException as e:
       self._call_error = e
       raise
-    self._prev_tokens = out[0] if isinstance(out, tuple) else out
+    self._prev_tokens = out  # no beam rows here (beam search needs async_scheduling off)
     return out
 
   def _init_host(self, config: EngineConfig, max_seq_len: int, vocab_size: int, clock) -> None:
@@ -1133,7 +1133,7 @@ class Engine:
       outs.append(g.output())
     if step.candidates is not None:
       # Beam rows are never plain decodes: the entries are sample rows nd, nd + 1, ...
-      candidates = tuple(np.asarray(_arrived(c))[nd:] for c in step.candidates)
+      candidates = tuple(np.asarray(c)[nd:] for c in step.candidates)
       sampled += self.beams.advance(step.entries, candidates, outs)
     self.metrics.finished_requests += len(outs)
     self.metrics.generated_tokens += sampled
