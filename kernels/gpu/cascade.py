@@ -429,8 +429,9 @@ def shared_partials_mosaic(
   step. Chunks are whole K/V steps and whole blocks (``max(kv_tile, block_size)``) of
   each group's length, cut at run time (every group's chunks are even); their count fills
   whole waves of CUDA blocks (one a SM) as :func:`choose_num_chunks` picks. The kernel
-  writes each row's normalised output and its log-sum-exp; the partials are scattered
-  to the members' batch rows (rows in no group stay empty: ``m = -inf``).
+  writes each row's normalised output and its log-sum-exp; each batch row's partials are
+  gathered from its member slot (rows in no group hold garbage, as
+  :func:`shared_partials` gives them: the merge masks them).
   """
   from kernels.gpu import prefill_mosaic as pm
 
@@ -510,17 +511,22 @@ def shared_partials_mosaic(
     with_lse=True,
     interpret=interpret,
   )
-  # Back to the members' batch rows: [G, C, mpad, Hq, D] -> [G * M, Hq, C, D].
-  o = o.reshape(num_groups, num_chunks, mpad, num_q_heads, head_dim)[:, :, :members]
-  o = o.transpose(0, 2, 3, 1, 4).reshape(num_groups * members, num_q_heads, num_chunks, head_dim)
-  lse = lse.reshape(num_q_heads, num_groups, num_chunks, mpad)[..., :members]
-  lse = lse.transpose(1, 3, 0, 2).reshape(num_groups * members, num_q_heads, num_chunks)
+  # Back to batch rows by a gather, not a scatter: each row's slot (g, i) in the kernel's
+  # layout comes from one scatter of G * M int32s; the partials are then read through it
+  # where the merge uses them (XLA fuses the gathers and transposes into the merge; a
+  # scatter of the partials would be a zeroed buffer and a scatter kernel each).
+  # Rows in no group read slot 0: garbage the merge masks with ``row_starts > 0``.
   idx = plan.group_rows.astype(jnp.int32).reshape(-1)
-  idx = jnp.where(idx >= 0, idx, batch)  # unused member slots: dropped
-  o_s = jnp.zeros((batch, num_q_heads, num_chunks, head_dim), jnp.float32)
-  o_s = o_s.at[idx].set(o.astype(jnp.float32), mode="drop")
-  m_s = jnp.full((batch, num_q_heads, num_chunks), -jnp.inf, jnp.float32)
-  m_s = m_s.at[idx].set(lse, mode="drop")
+  slot = jnp.zeros((batch,), jnp.int32).at[jnp.where(idx >= 0, idx, batch)].set(
+    jnp.arange(num_groups * members, dtype=jnp.int32), mode="drop"
+  )
+  g_of, i_of = slot // members, slot % members
+  chunk = jnp.arange(num_chunks, dtype=jnp.int32)[None, :]
+  o = o.reshape(num_groups, num_chunks, mpad, num_q_heads, head_dim)
+  o_s = o[g_of[:, None], chunk, i_of[:, None]]  # [B, C, Hq, D]
+  o_s = o_s.transpose(0, 2, 1, 3).astype(jnp.float32)
+  lse = lse.reshape(num_q_heads, num_groups, num_chunks, mpad)
+  m_s = lse[:, g_of[:, None], chunk, i_of[:, None]].transpose(1, 0, 2)  # [B, Hq, C]
   return o_s, m_s, jnp.ones_like(m_s)
 
 

@@ -471,6 +471,13 @@ def test_gpu_mosaic_shared_part_lowers_for_the_gpu():
   traced = jax.jit(fn).trace(sds((batch, 32, 128), jnp.bfloat16), pool, pool, plan)
   text = traced.lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+  # Batch rows read their partials through a gather: the one scatter is the [batch] map
+  # of row slots, not the partials (a zeroed buffer and a scatter kernel each, per step).
+  lines = text.splitlines()
+  at = [i for i, line in enumerate(lines) if '"stablehlo.scatter"(' in line]
+  assert len(at) == 1, [lines[i] for i in at]
+  signature = next(line for line in lines[at[0] :] if line.strip().startswith("})"))
+  assert signature.strip().endswith(f"-> tensor<{batch}xi32>"), signature
 
 
 def test_plan_passes_into_jit_as_device_arrays():
