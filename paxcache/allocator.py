@@ -169,6 +169,10 @@ class BlockAllocator:
     enable_prefix_caching: hash full blocks and reuse them across sequences.
     max_seq_len: if set, adding or appending past it raises ``ValueError``, and metrics report
       contiguous reservation of ``max_seq_len`` slots per sequence.
+    max_pending_tokens: how many ``PENDING_TOKEN`` appends (tokens still being sampled on
+      the device) a sequence may hold at once, 1 to ``block_size + 1``: 1 for an engine
+      whose host learns step n's tokens before it schedules step n + 2, 2 for one that
+      keeps two steps on the device (see :meth:`append_batch`).
 
   The sizes are Python or NumPy ints (a bool or a float raises ``ValueError``), as are the
   token positions given to :meth:`slots`.
@@ -185,6 +189,7 @@ class BlockAllocator:
     num_host_blocks: int = 0,
     enable_prefix_caching: bool = True,
     max_seq_len: int | None = None,
+    max_pending_tokens: int = 1,
   ):
     for name, value, low in (
       ("num_blocks", num_blocks, 1),
@@ -195,11 +200,17 @@ class BlockAllocator:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):
       raise ValueError(f"max_seq_len must be None or an int >= 1, got {max_seq_len!r}")
+    if not _is_int(max_pending_tokens) or not 1 <= max_pending_tokens <= block_size + 1:
+      raise ValueError(
+        f"max_pending_tokens must be an int in [1, block_size + 1 = {block_size + 1}], got "
+        f"{max_pending_tokens!r}"
+      )
     self.num_blocks = int(num_blocks)
     self.block_size = int(block_size)
     self.num_host_blocks = int(num_host_blocks)
     self.enable_prefix_caching = bool(enable_prefix_caching)
     self.max_seq_len = None if max_seq_len is None else int(max_seq_len)
+    self.max_pending_tokens = int(max_pending_tokens)
 
     # Device blocks: the prefix cache (keys, LRU of cached blocks) and the pool (reference
     # counts, fill, free list) that parks released blocks in it. With prefix caching off the
@@ -216,18 +227,25 @@ class BlockAllocator:
     self._ntok = np.zeros(rows, np.int32)
     self._nblk = np.zeros(rows, np.int32)
     self._swapped = np.zeros(rows, np.bool_)
-    # Tokens of each sequence's partly filled last block, needed to hash it once it fills.
-    self._partial = np.zeros((rows, self.block_size), np.int64)
+    # Tokens of each sequence's blocks not hashed yet (its partly filled last block, and
+    # with pending tokens the block before it), needed to hash them once they fill: a ring
+    # of ``_ring_blocks`` blocks, position p at column p % (_ring_blocks * block_size).
+    # Pending tokens are the last ones, so the unhashed positions span at most
+    # max_pending_tokens + block_size - 1 <= 2 * block_size of them.
+    self._ring_blocks = 1 if self.max_pending_tokens == 1 else 2
+    self._partial = np.zeros((rows, self._ring_blocks * self.block_size), np.int64)
+    # Pending tokens of each row (the row's last ``_npend`` tokens).
+    self._npend = np.zeros(rows, np.int32)
     self._free_rows: list[int] = list(range(rows - 1, -1, -1))
     self._seqs: dict[Hashable, _Seq] = {}
     self._row_of: dict[Hashable, int] = {}
     self._forgotten: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
-    # Sequences whose last appended token is PENDING_TOKEN (an engine that schedules step
-    # n + 1 before step n's token is back). The pending token is always the sequence's last
-    # (nothing appends, forks or swaps it until it is resolved), so its offset is
-    # ``(num_tokens - 1) % block_size``; a block it filled is hashed by resolve_tokens. A set,
-    # so that a decode step adds and resolves a whole batch without a per-sequence Python
-    # loop.
+    # Sequences whose last appended tokens are PENDING_TOKEN (an engine that schedules step
+    # n + 1 before step n's token is back): ``_npend[row]`` of them, always the sequence's
+    # last (only more pending tokens are appended after one; nothing forks or swaps it
+    # until all are resolved, oldest first), so the oldest is at position
+    # ``num_tokens - _npend[row]``; a block it fills is hashed by resolve_tokens. A set, so
+    # that a decode step adds and resolves a whole batch without a per-sequence Python loop.
     self._pending: set[Hashable] = set()
     # The rows of the last batch of ids looked up, while no sequence was added, freed or
     # swapped since (``_epoch`` counts those): an engine step passes the same decoding
@@ -486,7 +504,8 @@ class BlockAllocator:
     seq.hashes = keys
     rem = length - len(keys) * bs
     if self.enable_prefix_caching and rem:
-      self._partial[row, :rem] = prompt[length - rem :]
+      base = self._ring_base(len(keys))
+      self._partial[row, base : base + rem] = prompt[length - rem :]
     self._ntok[row] = length
     self._nblk[row] = total
     self._resident_tokens += length
@@ -511,7 +530,7 @@ class BlockAllocator:
       # Its next blocks' keys chain from the pending token's block, not hashed yet.
       raise SequenceError(
         f"cannot append to sequence {seq_id!r}: its last token is still pending "
-        "(resolve_tokens first)"
+        "(resolve_tokens first; only append_batch appends more pending tokens)"
       )
     k = len(tokens)
     if k == 0:
@@ -549,17 +568,19 @@ class BlockAllocator:
       slots = (table_row[pos // bs].astype(np.int64) * bs + pos % bs).astype(np.int32)
 
     if self.enable_prefix_caching:
+      base = self._ring_base(first)
       if off + k < bs:  # no block fills: just remember the tokens
-        self._partial[row, off : off + k] = tokens
+        self._partial[row, base + off : base + off + k] = tokens
       else:
-        combined = np.concatenate([self._partial[row, :off], tokens])
+        combined = np.concatenate([self._partial[row, base : base + off], tokens])
         full = (n + k) // bs - first  # blocks these tokens filled
         self._hash_full_blocks(
           [seq], combined[: full * bs].reshape(1, -1), table_row[first : first + full].tolist()
         )
         rem = (n + k) % bs
         if rem:
-          self._partial[row, :rem] = combined[len(combined) - rem :]
+          base = self._ring_base((n + k) // bs)
+          self._partial[row, base : base + rem] = combined[len(combined) - rem :]
     self._ntok[row] = n + k
     if new_nb != nb:
       self._nblk[row] = new_nb
@@ -577,25 +598,38 @@ class BlockAllocator:
         when it fills a block). ``PENDING_TOKEN`` (-1) appends a token whose id is not known
         yet (still being sampled on the device): its slot is taken now, and a block it fills
         is hashed when :meth:`resolve_tokens` gives the id. A sequence with a pending token
-        takes no other append, fork or swap until it is resolved.
+        takes no fork, swap or known token until every pending one is resolved, and at
+        most ``max_pending_tokens`` pending ones.
 
     Returns:
       ``BatchAppendResult(slots i32[len(seq_ids)], cow_pairs i32[num_copies, 2])``.
     """
     k = len(seq_ids)
     tokens = self._as_tokens(tokens, "tokens", seq_ids, allow_pending=True)
-    if self._pending and not self._pending.isdisjoint(seq_ids):
-      seq_id = next(s for s in seq_ids if s in self._pending)
-      raise SequenceError(
-        f"cannot append to sequence {seq_id!r}: its last token is still pending "
-        "(resolve_tokens first)"
-      )
     if len(tokens) != k:
       raise ValueError(f"tokens has {len(tokens)} entries but seq_ids has {k}")
     if k == 0:
       return BatchAppendResult(np.zeros(0, np.int32), np.zeros((0, 2), np.int32))
     bs = self.block_size
+    pending = tokens == PENDING_TOKEN
     rows = self._rows(seq_ids, "append to")
+    if self._pending and not self._pending.isdisjoint(seq_ids):
+      npend = self._npend[rows]
+      bad = (npend >= self.max_pending_tokens) | ((npend > 0) & ~pending)
+      if bad.any():
+        i = int(np.argmax(bad))
+        if pending[i]:
+          why = (
+            "its last token is still pending"
+            if self.max_pending_tokens == 1
+            else f"it holds {int(npend[i])} pending tokens, max_pending_tokens="
+            f"{self.max_pending_tokens}"
+          )
+        else:  # a known token after a pending one: its block could not be hashed in order
+          why = "its last token is still pending and this one is not"
+        raise SequenceError(
+          f"cannot append to sequence {seq_ids[i]!r}: {why} (resolve_tokens first)"
+        )
     n = self._ntok[rows]
     nb = self._nblk[rows]
     if self.max_seq_len is not None and int(n.max()) + 1 > self.max_seq_len:
@@ -629,19 +663,24 @@ class BlockAllocator:
     slots = (last.astype(np.int64) * bs + off).astype(np.int32)
     self._ntok[rows] = n + 1
     self._resident_tokens += k
-    pending = tokens == PENDING_TOKEN
     if pending.all():  # an engine with overlap scheduling: every decode's token is pending
       self._pending.update(seq_ids)
+      self._npend[rows] += 1
     elif pending.any():
       self._pending.update(seq_ids[i] for i in np.flatnonzero(pending).tolist())
+      self._npend[rows[pending]] += 1
     if self.enable_prefix_caching:
-      self._partial[rows, off] = tokens
+      if self._ring_blocks == 1:
+        self._partial[rows, off] = tokens
+      else:
+        self._partial[rows, n % (self._ring_blocks * bs)] = tokens
+      # A known token after none pending (append refuses one after a pending token).
       filled = np.flatnonzero((off == bs - 1) & ~pending)
       if len(filled):
         seqs = self._seqs
         self._hash_full_blocks(
           [seqs[seq_ids[i]] for i in filled.tolist()],
-          self._partial[rows[filled]],
+          self._block_tokens(rows[filled], n[filled] // bs),
           last[filled].tolist(),
         )
     cow_pairs = np.array(pairs, np.int32).reshape(-1, 2)
@@ -651,7 +690,7 @@ class BlockAllocator:
     """Gives the ids of tokens appended as ``PENDING_TOKEN``; hashes the blocks they filled.
 
     Args:
-      seq_ids: sequences whose last token is pending.
+      seq_ids: sequences with a pending token; each one's oldest pending token is resolved.
       tokens: ``[len(seq_ids)]`` their ids (>= 0).
     """
     tokens = self._as_tokens(tokens, "tokens", seq_ids)
@@ -665,22 +704,38 @@ class BlockAllocator:
     # Pending sequences are resident (swap_out refuses them), so _rows only looks them up
     # (and refuses an id given twice, before anything changes).
     rows = self._rows(seq_ids, "resolve the pending token of")
-    self._pending.difference_update(seq_ids)
+    npend = self._npend[rows]
+    pos = self._ntok[rows] - npend  # each one's oldest pending token
+    self._npend[rows] = npend - 1
+    if self.max_pending_tokens == 1 or not (npend > 1).any():
+      self._pending.difference_update(seq_ids)
+    else:
+      self._pending.difference_update(seq_ids[i] for i in np.flatnonzero(npend == 1).tolist())
     if not self.enable_prefix_caching:
       return
     bs = self.block_size
-    off = (self._ntok[rows] - 1) % bs
-    self._partial[rows, off] = tokens
+    off = pos % bs
+    if self._ring_blocks == 1:
+      self._partial[rows, off] = tokens
+    else:
+      self._partial[rows, pos % (self._ring_blocks * bs)] = tokens
     filled = np.flatnonzero(off == bs - 1)
     if len(filled):
-      rows = rows[filled]
-      last = self._table[rows, self._nblk[rows] - 1]
+      rows, block = rows[filled], pos[filled] // bs
       self._hash_full_blocks(
-        [self._seqs[seq_ids[i]] for i in filled.tolist()], self._partial[rows], last.tolist()
+        [self._seqs[seq_ids[i]] for i in filled.tolist()],
+        self._block_tokens(rows, block),
+        self._table[rows, block].tolist(),
       )
 
   def has_pending_token(self, seq_id: Hashable) -> bool:
     return seq_id in self._pending
+
+  def num_pending_tokens(self, seq_id: Hashable) -> int:
+    """Pending tokens ``seq_id`` holds (0 for an unknown id)."""
+    if seq_id not in self._pending:
+      return 0
+    return int(self._npend[self._seqs[seq_id].row])
 
   def has_pending_tokens(self, seq_ids: Sequence[Hashable]) -> np.ndarray:
     """``bool[len(seq_ids)]``: :meth:`has_pending_token` of each (unknown ids: False)."""
@@ -719,6 +774,7 @@ class BlockAllocator:
     seq = self._get(seq_id, "free")
     row = seq.row
     self._pending.discard(seq_id)  # its block is released unhashed
+    self._npend[row] = 0
     if seq.host_blocks is not None:
       self._host_free.extend(seq.host_blocks)
     else:
@@ -829,9 +885,13 @@ class BlockAllocator:
       _expect(self._row_of[seq_id] == row, f"{what}: row index disagrees")
       n, nb = int(self._ntok[row]), int(self._nblk[row])
       _expect(nb == self._cdiv(n), f"{what}: {n} tokens in {nb} blocks")
-      full = n // self.block_size if self.enable_prefix_caching else 0
-      if self.enable_prefix_caching and seq_id in self._pending and n % self.block_size == 0:
-        full -= 1  # the block its pending token filled is hashed on resolve_tokens
+      npend = int(self._npend[row])
+      _expect(
+        (npend > 0) == (seq_id in self._pending) and 0 <= npend <= min(n, self.max_pending_tokens),
+        f"{what}: {npend} pending tokens, in the pending set: {seq_id in self._pending}",
+      )
+      # A block is hashed once every token of it is known (pending ones are resolved).
+      full = (n - npend) // self.block_size if self.enable_prefix_caching else 0
       _expect(len(seq.hashes) == full, f"{what}: {len(seq.hashes)} hashes for {full} full blocks")
       if seq.host_blocks is not None:
         _expect(self._swapped[row], f"{what}: has host blocks but is not marked swapped")
@@ -980,7 +1040,19 @@ class BlockAllocator:
     self._nblk = grow(self._nblk, 0)
     self._swapped = grow(self._swapped, False)
     self._partial = grow(self._partial, 0)
+    self._npend = grow(self._npend, 0)
     self._free_rows.extend(range(new - 1, old - 1, -1))
+
+  def _ring_base(self, block):
+    """First ``_partial`` column of logical block ``block`` (an int or an array)."""
+    return (block % self._ring_blocks) * self.block_size
+
+  def _block_tokens(self, rows: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """``[len(rows), block_size]``: the ring's tokens of each row's logical block."""
+    if self._ring_blocks == 1:
+      return self._partial[rows]
+    cols = self._ring_base(block)[:, None] + np.arange(self.block_size)
+    return self._partial[rows[:, None], cols]
 
   def _ensure_width(self, width: int) -> None:
     old = self._table.shape[1]

@@ -547,3 +547,104 @@ def test_batched_calls_follow_frees_adds_and_swaps_of_the_same_ids():
     a.sequence(s).num_tokens % 2 == 0 for s in ids
   )
   a.check_invariants()
+
+
+@pytest.mark.parametrize("bs", [1, 2, 4])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_pending_tokens_end_in_the_state_of_known_tokens(bs, seed):
+  """max_pending_tokens=2 (an engine keeping two steps on the device): every decode
+  appends PENDING_TOKEN and its id is given only after the next step's append, oldest
+  first, so a sequence holds two pending tokens that often straddle a block boundary. A twin allocator appends the same
+  tokens known at once. Slots and tables agree at every step until the first free; once
+  all is resolved the hash chains, the prefix cache (hits of new prompts over generated
+  blocks) and every invariant agree too. Sequences stop and are freed with pending tokens
+  (their unhashed blocks go back free, not cached, so the twins' block ids part there);
+  new ones join."""
+  rng = np.random.default_rng(seed)
+  P = allocator_lib.PENDING_TOKEN
+  later = BlockAllocator(96, bs, max_pending_tokens=2)
+  known = BlockAllocator(96, bs)
+  history: dict[str, list[int]] = {}
+  shared = rng.integers(0, 50, 3 * bs + 1).tolist()
+
+  def add(name):
+    prompt = shared + rng.integers(0, 50, int(rng.integers(0, 2 * bs))).tolist()
+    assert later.add_sequence(name, prompt) == known.add_sequence(name, prompt)
+    history[name] = list(prompt)
+
+  for i in range(4):
+    add(f"s{i}")
+  queue = []  # (names, tokens) of the steps whose tokens are not given yet
+  for step in range(24):
+    names = list(history)
+    tokens = rng.integers(0, 50, len(names)).tolist()
+    got = later.append_batch(names, [P] * len(names))
+    want = known.append_batch(names, tokens)
+    if step < 7:  # no sequence freed yet
+      np.testing.assert_array_equal(got.slots, want.slots)
+      np.testing.assert_array_equal(got.cow_pairs, want.cow_pairs)
+      for n in names:
+        row_l, row_k = later._seqs[n].row, known._seqs[n].row
+        np.testing.assert_array_equal(later._table[row_l], known._table[row_k])
+    pend = [later.num_pending_tokens(n) for n in names]
+    assert max(pend) == (2 if step else 1) and min(pend) >= 1
+    for n, t in zip(names, tokens, strict=True):
+      history[n].append(t)
+    queue.append((names, tokens))
+    if len(queue) > 1:  # the step before this one is back
+      old_names, old_tokens = queue.pop(0)
+      live = [(n, t) for n, t in zip(old_names, old_tokens, strict=True) if n in history]
+      later.resolve_tokens([n for n, _ in live], [t for _, t in live])
+    assert all(later.num_pending_tokens(n) == 1 for n in history)
+    later.check_invariants()
+    if step % 7 == 6:  # one stops: freed with its pending tokens
+      name = names[int(rng.integers(len(names)))]
+      later.free(name)
+      known.free(name)
+      del history[name]
+      add(f"s{step}")
+  for old_names, old_tokens in queue:
+    live = [(n, t) for n, t in zip(old_names, old_tokens, strict=True) if n in history]
+    later.resolve_tokens([n for n, _ in live], [t for _, t in live])
+  later.check_invariants()
+  for n in history:
+    assert later.num_pending_tokens(n) == 0
+    assert later._seqs[n].hashes == known._seqs[n].hashes
+  # A new prompt over a sequence's generated tokens hits as much in both, past its prompt.
+  for n, toks in history.items():
+    hit = later.num_cached_tokens(toks + [0])
+    assert hit == known.num_cached_tokens(toks + [0]) == len(toks) // bs * bs
+  known.check_invariants()
+
+
+def test_pending_tokens_past_the_limit_and_known_after_pending_are_refused():
+  P = allocator_lib.PENDING_TOKEN
+  a = BlockAllocator(8, 2, max_pending_tokens=2)
+  a.add_sequence("x", [1, 2, 3])
+  a.add_sequence("y", [4])
+  a.append_batch(["x", "y"], [P, P])
+  a.append_batch(["x", "y"], [P, P])  # two each: x's straddle blocks 1 and 2
+  assert a.num_pending_tokens("x") == 2 and a.num_pending_tokens("z") == 0
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(SequenceError, match=r"'x': it holds 2 pending tokens, max_pending_tokens=2"):
+    a.append_batch(["x", "y"], [P, P])
+  _same_state(before, vars(a))
+  a.resolve_tokens(["y"], [7])
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(SequenceError, match=r"'y': its last token is still pending and this one"):
+    a.append_batch(["y"], [8])
+  _same_state(before, vars(a))
+  with pytest.raises(SequenceError, match=r"cannot swap out sequence 'y'.*still pending"):
+    a.swap_out("y")
+  a.resolve_tokens(["x", "y"], [9, 5])
+  a.resolve_tokens(["x"], [6])
+  a.check_invariants()
+  # x holds 1 2 3 9 6: blocks [1, 2], [3, 9] hashed in order, as if known.
+  b = BlockAllocator(8, 2)
+  b.add_sequence("x", [1, 2, 3])
+  b.append_tokens("x", [9, 6])
+  assert a._seqs["x"].hashes == b._seqs["x"].hashes
+  assert a.num_cached_tokens([1, 2, 3, 9, 6, 0]) == 4
+  for bad in (0, 4, 1.0, True):
+    with pytest.raises(ValueError, match="max_pending_tokens"):
+      BlockAllocator(8, 2, max_pending_tokens=bad)
