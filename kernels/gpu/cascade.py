@@ -517,8 +517,10 @@ def shared_partials_mosaic(
   # scatter of the partials would be a zeroed buffer and a scatter kernel each).
   # Rows in no group read slot 0: garbage the merge masks with ``row_starts > 0``.
   idx = plan.group_rows.astype(jnp.int32).reshape(-1)
-  slot = jnp.zeros((batch,), jnp.int32).at[jnp.where(idx >= 0, idx, batch)].set(
-    jnp.arange(num_groups * members, dtype=jnp.int32), mode="drop"
+  slot = (
+    jnp.zeros((batch,), jnp.int32)
+    .at[jnp.where(idx >= 0, idx, batch)]
+    .set(jnp.arange(num_groups * members, dtype=jnp.int32), mode="drop")
   )
   g_of, i_of = slot // members, slot % members
   chunk = jnp.arange(num_chunks, dtype=jnp.int32)[None, :]

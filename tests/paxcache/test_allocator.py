@@ -554,12 +554,12 @@ def test_batched_calls_follow_frees_adds_and_swaps_of_the_same_ids():
 def test_two_pending_tokens_end_in_the_state_of_known_tokens(bs, seed):
   """max_pending_tokens=2 (an engine keeping two steps on the device): every decode
   appends PENDING_TOKEN and its id is given only after the next step's append, oldest
-  first, so a sequence holds two pending tokens that often straddle a block boundary. A twin allocator appends the same
-  tokens known at once. Slots and tables agree at every step until the first free; once
-  all is resolved the hash chains, the prefix cache (hits of new prompts over generated
-  blocks) and every invariant agree too. Sequences stop and are freed with pending tokens
-  (their unhashed blocks go back free, not cached, so the twins' block ids part there);
-  new ones join."""
+  first, so a sequence holds two pending tokens that often straddle a block boundary. A
+  twin allocator appends the same tokens known at once. Slots and tables agree at every
+  step until the first free; once all is resolved the hash chains, the prefix cache
+  (hits of new prompts over generated blocks) and every invariant agree too. Sequences
+  stop and are freed with pending tokens (their unhashed blocks go back free, not
+  cached, so the twins' block ids part there); new ones join."""
   rng = np.random.default_rng(seed)
   P = allocator_lib.PENDING_TOKEN
   later = BlockAllocator(96, bs, max_pending_tokens=2)
@@ -611,7 +611,7 @@ def test_two_pending_tokens_end_in_the_state_of_known_tokens(bs, seed):
     assert later.num_pending_tokens(n) == 0
     assert later._seqs[n].hashes == known._seqs[n].hashes
   # A new prompt over a sequence's generated tokens hits as much in both, past its prompt.
-  for n, toks in history.items():
+  for toks in history.values():
     hit = later.num_cached_tokens(toks + [0])
     assert hit == known.num_cached_tokens(toks + [0]) == len(toks) // bs * bs
   known.check_invariants()
