@@ -27,6 +27,21 @@ the call overlaps the host work and ``host`` (the step less its call) means noth
 with and without it::
 
   python -m experiments.bench.engine_host --batch 64 --model tiny --dispatch-thread
+
+``--pipeline-depth 2`` (``EngineConfig.pipeline_depth``) keeps two steps unread; with the
+call waited for, the host's reads of the older step never wait, so ``host`` is its work
+per step; with ``--dispatch-thread`` again ``wall`` is the figure (the pool then gets room
+for the bound under which a step keeps two steps unread).
+
+``--emulate-device-ms D --emulate-launch-ms L`` replaces the model's call with a fake
+device: the call sleeps L ms on the calling thread (a launch: no CPU, no GIL) and the
+step's tokens (zeros) arrive D ms after the step before's, from a thread that sleeps, so
+that a CPU machine sees a GPU's timing (the engine's host work is real, the device's
+work and launch are sleeps) and the engine's overlap of host work with the device can be
+measured: the step waits only where the engine reads tokens. ``wall`` is the figure::
+
+  python -m experiments.bench.engine_host --batch 256 --emulate-device-ms 1.25 \
+    --emulate-launch-ms 0.85 --pipeline-depth 2 --dispatch-thread
 """
 
 from __future__ import annotations
@@ -65,6 +80,39 @@ class _TimedCall:
       jax.block_until_ready(out)
     self.seconds.append(time.perf_counter() - t0)
     return out
+
+
+class _FakeDevice:
+  """A device that takes ``device_s`` per step and no host CPU, behind a call whose launch
+  takes ``launch_s`` of the calling thread (a sleep: no CPU, GIL released, as a CUDA graph
+  launch holds neither). No model runs: each step's tokens (zeros) come from one device
+  thread that sleeps ``device_s`` per step, in order, and whatever reads them waits.
+  The engine's host work (planning, packing, committing, reading tokens) is its own."""
+
+  def __init__(self, device_s: float, launch_s: float, cap: int):
+    import concurrent.futures
+
+    self.device_s, self.launch_s = device_s, launch_s
+    self.tokens = np.zeros(cap, np.int32)
+    self.queue = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fake-device")
+
+  def _run(self):
+    time.sleep(self.device_s)
+    return self.tokens
+
+  def __call__(self, params, cache, packed, layout, key, prev_tokens):
+    time.sleep(self.launch_s)
+    return _FakeTokens(self.queue.submit(self._run)), cache
+
+
+class _FakeTokens:
+  """A step's tokens on the fake device: reading them waits for the step."""
+
+  def __init__(self, future):
+    self.future = future
+
+  def __array__(self, dtype=None, copy=None):
+    return self.future.result()
 
 
 def _timed_phase(fn, key: str, phases: dict):
@@ -119,15 +167,20 @@ def run(model, batch: int, args) -> dict:
       f"prompt {args.prompt_len} + {max_new} new tokens exceed the model's max_seq_len "
       f"{model.config.max_seq_len}: fewer --steps or --warmup"
     )
+  max_tokens = max(batch * args.prompt_len, 256)
+  # pipeline_depth=2 keeps two steps unread only while a step cannot preempt: room for
+  # that bound (EngineConfig.pipeline_depth) on top of every sequence's blocks.
+  headroom = 2 * batch + -(-max_tokens // bs) + 1 if args.pipeline_depth == 2 else 0
   config = EngineConfig(
-    num_blocks=batch * per_seq + 8,
+    num_blocks=batch * per_seq + 8 + headroom,
     block_size=bs,
     num_host_blocks=0,
     preemption_mode="recompute",
     max_num_seqs=batch,
-    max_num_batched_tokens=max(batch * args.prompt_len, 256),
+    max_num_batched_tokens=max_tokens,
     async_scheduling=args.async_scheduling,
     dispatch_thread=args.dispatch_thread,
+    pipeline_depth=args.pipeline_depth,
   )
   engine = Engine(model, config)
   jit_seconds: list[float] = []
@@ -135,7 +188,11 @@ def run(model, batch: int, args) -> dict:
   # With the dispatch thread the call is not waited for (the worker would otherwise hold
   # each step until its result, which is not what the option does): `jit` is then the
   # call's dispatch alone and `host` means nothing; `wall` is the figure.
-  step_fn._jitted = _TimedCall(step_fn._jitted, jit_seconds, wait=not args.dispatch_thread)
+  jitted = step_fn._jitted
+  if args.emulate_device_ms:
+    jitted = _FakeDevice(args.emulate_device_ms / 1e3, args.emulate_launch_ms / 1e3, engine._cap)
+  wait = not (args.dispatch_thread or args.emulate_device_ms)
+  step_fn._jitted = _TimedCall(jitted, jit_seconds, wait=wait)
   engine._step_fn = step_fn
   phases: dict[str, float] = collections.defaultdict(float)
   engine.scheduler.schedule = _timed_phase(engine.scheduler.schedule, "schedule", phases)
@@ -206,6 +263,20 @@ def define_flags():
   flags.DEFINE_integer("warmup", 20, "untimed decode steps first")
   flags.DEFINE_bool("async-scheduling", True, "overlap scheduling (the engine's fast setting)")
   flags.DEFINE_bool("dispatch-thread", False, "EngineConfig.dispatch_thread: calls on a worker")
+  flags.DEFINE_integer("pipeline-depth", 1, "EngineConfig.pipeline_depth: steps kept unread")
+  flags.DEFINE_float(
+    "emulate-device-ms",
+    0.0,
+    "> 0: no model runs; each step takes this long on a fake device that uses no host CPU "
+    "(a thread that sleeps), a GPU's step on a CPU machine; then `wall` is the figure",
+    lower_bound=0.0,
+  )
+  flags.DEFINE_float(
+    "emulate-launch-ms",
+    0.0,
+    "with --emulate-device-ms: the call's launch, a sleep of the calling thread",
+    lower_bound=0.0,
+  )
   flags.DEFINE_integer("seed", 0, "prompt seed")
   flags.DEFINE_string("commit", "", "commit of the engine measured (recorded in the rows)")
   flags.DEFINE_string("out", "", "directory for engine_host.jsonl (none: print only)")
@@ -219,7 +290,9 @@ def main(args):
   print(
     f"# engine host work per decode step, {args.model} model, block_size={args.block_size}, "
     f"prompt {args.prompt_len}, async_scheduling={args.async_scheduling}, "
-    f"dispatch_thread={args.dispatch_thread}, {args.steps} steps, "
+    f"dispatch_thread={args.dispatch_thread}, pipeline_depth={args.pipeline_depth}, "
+    f"emulated device / launch ms {args.emulate_device_ms} / {args.emulate_launch_ms}, "
+    f"{args.steps} steps, "
     f"{jax.devices()[0].platform}, {platform.processor() or platform.machine()}, "
     f"load average {load:.2f}"
   )
@@ -258,6 +331,9 @@ def main(args):
         prompt_len=args.prompt_len,
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
+        pipeline_depth=args.pipeline_depth,
+        emulate_device_ms=args.emulate_device_ms,
+        emulate_launch_ms=args.emulate_launch_ms,
         **host.fields("host"),
         **jit.fields("jit"),
         **wall.fields("wall"),

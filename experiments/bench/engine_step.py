@@ -380,6 +380,7 @@ def e2e_rows(args) -> list[dict]:
         max_num_batched_tokens=2048,
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
+        pipeline_depth=args.pipeline_depth,
       )
       rng = np.random.default_rng(0)
       result = {}
@@ -453,6 +454,7 @@ def e2e_rows(args) -> list[dict]:
                   plan_min_chunk=(min_chunk or None) if result["planned"] else None,
                   async_scheduling=args.async_scheduling,
                   dispatch_thread=args.dispatch_thread,
+                  pipeline_depth=args.pipeline_depth,
                 )
                 f.write(json.dumps(row) + "\n")
           wall = [by_step[i].seconds * 1e3 for i, _ in captured]
@@ -513,6 +515,7 @@ def e2e_rows(args) -> list[dict]:
         compilation_cache=bool(args.compilation_cache),
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
+        pipeline_depth=args.pipeline_depth,
         date=env["date"],
       )
       print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
@@ -572,6 +575,9 @@ def define_flags():
   flags.DEFINE_bool("async-scheduling", False, "EngineConfig.async_scheduling")
   flags.DEFINE_bool(
     "dispatch-thread", False, "EngineConfig.dispatch_thread (needs --async-scheduling)"
+  )
+  flags.DEFINE_integer(
+    "pipeline-depth", 1, "EngineConfig.pipeline_depth (2 needs --async-scheduling)"
   )
   flags.DEFINE_string(
     "compilation-cache",

@@ -226,6 +226,17 @@ class EngineConfig:
       while it executes; a GPU step of a few hundred kernels takes ~1 ms of the host to
       launch, docs/benchmarks.md). Calls run in order, one at a time; ``Engine.cache``
       waits for them. Outputs are the same as without it. Not with a ``mesh``.
+    pipeline_depth: with ``async_scheduling``, how many dispatched steps the host keeps
+      unread: 1 (the default) reads step n's tokens right after dispatching step n + 1,
+      so planning step n + 2 waits for step n; 2 reads them after dispatching step n + 2,
+      so the host plans a step while the two before it are queued on the device and a
+      slow host's work per step hides behind the device's as long as it is shorter
+      (docs/engine.md, "Two steps on the device"). A sample that stops at its end token
+      then runs up to two extra (discarded) rows and is returned one step later; the
+      allocator holds up to two pending tokens per sequence. Any step that could preempt
+      (free blocks below a bound from ``max_num_seqs`` and ``max_num_batched_tokens``) or
+      that schedules a sample the previous step did not sample first reads the older
+      step, as with 1. Outputs are the same. Not with a ``mesh``.
     reservation: memory management: ``"paged"`` (blocks on demand, the default) or an
       Orca baseline that reserves each request's blocks contiguously at admission:
       ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
@@ -280,6 +291,7 @@ class EngineConfig:
   mesh_axis: str = MODEL_AXIS
   async_scheduling: bool = False
   dispatch_thread: bool = False
+  pipeline_depth: int = 1
   reservation: str = "paged"
   cascade_min_shared_blocks: int = 8
   decode_plan: str = "auto"
@@ -310,6 +322,7 @@ class EngineConfig:
       "seed",
       "metrics_history",
       "cascade_min_shared_blocks",
+      "pipeline_depth",
     ):
       value = getattr(self, name)
       if not _is_int(value):
@@ -341,6 +354,15 @@ class EngineConfig:
       )
     if self.dispatch_thread and self.mesh is not None:
       raise ValueError("EngineConfig.dispatch_thread with a mesh: not supported yet")
+    if self.pipeline_depth not in (1, 2):
+      raise ValueError(f"EngineConfig.pipeline_depth must be 1 or 2, got {self.pipeline_depth}")
+    if self.pipeline_depth == 2 and not self.async_scheduling:
+      raise ValueError(
+        "EngineConfig.pipeline_depth=2 needs async_scheduling=True: without it every step "
+        "waits for its own tokens"
+      )
+    if self.pipeline_depth == 2 and self.mesh is not None:
+      raise ValueError("EngineConfig.pipeline_depth=2 with a mesh: not supported yet")
     if self.lane_padded_cache and self.lane_dense_cache:
       raise ValueError(
         "EngineConfig.lane_dense_cache and lane_padded_cache are two layouts; set one of them"
@@ -617,6 +639,7 @@ class Engine:
       num_host_blocks=config.num_host_blocks,
       enable_prefix_caching=config.enable_prefix_caching,
       max_seq_len=self.max_seq_len,
+      max_pending_tokens=config.pipeline_depth,
     )
     self.scheduler = Scheduler(
       self.allocator,
@@ -631,11 +654,20 @@ class Engine:
     # so that the next step can read them on the device whatever its own shape.
     self._cap = bucket_size(config.max_num_seqs, minimum=config.min_batch_bucket)
     self._in_flight: _InFlight | None = None
+    # pipeline_depth=2: the step dispatched before _in_flight, its tokens not read yet.
+    self._older: _InFlight | None = None
+    # A bound on the blocks one step can take (a decode's next block or its copy, and a
+    # prefill budget's blocks): with at least this many free, no step preempts.
+    self._no_preemption_blocks = (
+      2 * config.max_num_seqs + -(-config.max_num_batched_tokens // config.block_size) + 1
+    )
     # EngineConfig.dispatch_thread: the worker, its last queued call and its first error.
     self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
     self._last_call: concurrent.futures.Future | None = None
     self._call_error: BaseException | None = None
-    self._ignore: set[Seq] = set()  # samples stopped after their next row was dispatched
+    # Samples stopped at an end token after their next rows were dispatched: how many of
+    # those rows (1, or 2 with pipeline_depth=2) the resolves still to come skip.
+    self._ignore: collections.Counter[Seq] = collections.Counter()
     self._ready: list[RequestOutput] = []  # finished while draining (abort)
     self._to_free: list = []  # samples that stopped by length at the step just dispatched
     self._facts = _DecodeFacts()  # the last step's plain decodes, reused while unchanged
@@ -871,9 +903,21 @@ class Engine:
     t0 = time.perf_counter()
     self._cascade = (0, 0, 0)  # (groups, rows, saved tokens): set by _execute's batch
     self._plan_chunks = 0  # set by _execute's batch
+    kept_older = self._older is not None
+    read_first = 0  # tokens of the older step read before planning (pipeline_depth=2)
+    if kept_older and not self._can_keep_older():
+      older, self._older = self._older, None
+      read_first = self._resolve(older, self._ready)
+      self._free_finished()
+      kept_older = False
     plan = self.scheduler.schedule()
+    if kept_older and (plan.preemptions_swap or plan.preemptions_recompute):
+      raise RuntimeError(  # _can_keep_older's bound makes this impossible
+        "engine: a step preempted while the tokens of two steps were unread"
+      )
     self._swap(plan)
-    num_tokens = prefill = sampled = decodes = kv_tokens = 0
+    num_tokens = prefill = decodes = kv_tokens = 0
+    sampled = read_first
     shape = (0, 0, 0)
     dispatched = None
     has_rows = bool(plan.decodes or plan.rows)
@@ -899,9 +943,18 @@ class Engine:
     finished, self._ready = self._ready, []
     if self.config.async_scheduling:
       # Step n + 1 is queued on the device; now read step n's tokens (the one device ->
-      # host copy), which overlaps with step n + 1's device time.
-      if previous is not None:
-        sampled = self._resolve(previous, finished)
+      # host copy), which overlaps with step n + 1's device time. With pipeline_depth=2,
+      # step n - 1's: steps n and n + 1 are both queued.
+      if self.config.pipeline_depth == 2 and dispatched is not None:
+        older, self._older = self._older, previous
+        if older is not None:
+          sampled += self._resolve(older, finished)
+      else:
+        older, self._older = self._older, None
+        if older is not None:
+          sampled += self._resolve(older, finished)
+        if previous is not None:
+          sampled += self._resolve(previous, finished)
     elif dispatched is not None:
       self._in_flight = None
       sampled = self._resolve(dispatched, finished)
@@ -1021,7 +1074,13 @@ class Engine:
     self._facts = facts = self._facts.update(plan, self.max_seq_len)
     decodes = plan.decodes
     prev = self._in_flight
-    if prev is not None and decodes and not self._ignore and prev.decodes == decodes:
+    if (
+      prev is not None
+      and decodes
+      and not self._ignore
+      and self.config.pipeline_depth == 1  # with 2, reading prev's tokens would wait
+      and prev.decodes == decodes
+    ):
       # Overlap scheduling's steady state: the same sequences decoded in the step still on
       # the device. Read its tokens now (this step is queued behind it) and write them
       # with this step's placeholders in one pass over the rows; _resolve then only reads
@@ -1093,7 +1152,7 @@ class Engine:
       if pos is None:  # a beam row: read below
         continue
       if s in self._ignore:  # stopped at its end token after this row was dispatched
-        self._ignore.discard(s)
+        self._unignore(s)
         continue
       t = int(tokens[j])
       s.tokens[pos] = t
@@ -1103,10 +1162,8 @@ class Engine:
         g.first_token_time = now
       req = g.request
       if req.end_token is not None and t == req.end_token:
-        if pos != len(s.tokens) - 1:  # its next row is already on the device: drop it
-          s.tokens.pop()
-          self._ignore.add(s)
-        if s.finish_reason is None:
+        self._drop_later_rows(s, pos)
+        if s.finish_reason in (None, "length"):  # (stopped by length at a later row)
           stopped.append(s)
         s.finish_reason = "stop"
       elif self.allocator.has_pending_token(s.seq_id):
@@ -1157,7 +1214,7 @@ class Engine:
       ignore = self._ignore
       skip = [i for i, s in enumerate(seqs) if s in ignore]
       for i in skip:
-        ignore.discard(seqs[i])
+        self._unignore(seqs[i])
     if skip:
       skipped = set(skip)
       for i, (s, p, t) in enumerate(zip(seqs, step.pending_pos, values, strict=True)):
@@ -1182,10 +1239,8 @@ class Engine:
         hits = [i for i in hits if i not in skipped]
       for i in hits:
         s = seqs[i]
-        if step.pending_pos[i] != len(s.tokens) - 1:  # its next row is already on the device
-          s.tokens.pop()
-          self._ignore.add(s)
-        if s.finish_reason is None:
+        self._drop_later_rows(s, step.pending_pos[i])
+        if s.finish_reason in (None, "length"):  # (stopped by length at a later row)
           stopped.append(s)
         s.finish_reason = "stop"
     # Finished samples (by length at dispatch, or at their end token now), in row order.
@@ -1208,15 +1263,57 @@ class Engine:
       resolve_tokens.extend(values[i] for i in keep)
     return len(seqs) - len(skip)
 
+  def _drop_later_rows(self, s: Seq, pos: int) -> None:
+    """``s`` stopped at its end token at ``pos``: its placeholders after it belong to rows
+    already dispatched (one, or two with pipeline_depth=2); drop them, and have those
+    rows' resolves skip ``s``."""
+    extra = len(s.tokens) - 1 - pos
+    if extra > 0:
+      del s.tokens[pos + 1 :]
+      self._ignore[s] += extra
+
+  def _unignore(self, s: Seq) -> None:
+    if self._ignore[s] > 1:
+      self._ignore[s] -= 1
+    else:
+      del self._ignore[s]
+
+  def _can_keep_older(self) -> bool:
+    """pipeline_depth=2, before planning: whether the next step may be planned with the
+    tokens of two steps unread. Not when it could preempt (a preempted sequence must
+    have no pending token), nor when a running sample of the older step has no row in the
+    newer one (its next input token would be the older step's, which the device no longer
+    holds)."""
+    if self.allocator.num_free_blocks < self._no_preemption_blocks:
+      return False
+    older, newer = self._older, self._in_flight
+    if not older.entries and not newer.entries and older.decodes == newer.decodes:
+      return True  # the steady state: the same plain decodes in both
+    sampled = {s for s, _ in newer.entries}
+    sampled.update(newer.decodes)
+    return all(
+      s.finished or s in sampled
+      for s in itertools.chain(older.decodes, (e[0] for e in older.entries))
+    )
+
   def _free_finished(self) -> None:
+    keep = []
     for seq_id in self._to_free:
       if seq_id in self.allocator:  # not if its request was removed meanwhile
+        if self.config.pipeline_depth == 2 and self.allocator.num_pending_tokens(seq_id):
+          # A token of a step still unread: freed once it is read (and its block hashed,
+          # as with one step on the device).
+          keep.append(seq_id)
+          continue
         self.allocator.free(seq_id)
-    self._to_free = []
+    self._to_free = keep
 
   def _drain(self) -> None:
-    """Reads the step still on the device (async scheduling), so that the host state is
+    """Reads the steps still on the device (async scheduling), so that the host state is
     complete; what finishes is returned by the next :meth:`step`."""
+    if self._older is not None:
+      step, self._older = self._older, None
+      self._resolve(step, self._ready)
     if self._in_flight is not None:
       step, self._in_flight = self._in_flight, None
       self._resolve(step, self._ready)

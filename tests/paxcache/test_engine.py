@@ -77,11 +77,14 @@ def parity_case(tiny, corpus):
   return reqs, want
 
 
-def _pressure_config(mode: str, async_scheduling: bool, dispatch_thread=False) -> EngineConfig:
+def _pressure_config(
+  mode: str, async_scheduling: bool, dispatch_thread=False, pipeline_depth=1, num_blocks=40
+) -> EngineConfig:
   """A pool of 40 blocks of 8 for the mixed requests: preemption, forks and prefix hits."""
   return EngineConfig(
     dispatch_thread=dispatch_thread,
-    num_blocks=40,
+    pipeline_depth=pipeline_depth,
+    num_blocks=num_blocks,
     block_size=8,
     num_host_blocks=256,
     preemption_mode=mode,
@@ -118,16 +121,16 @@ def test_recomputed_tokens_account_for_every_token_computed_twice(tiny, corpus):
 
 
 @pytest.mark.parametrize(
-  "async_scheduling,dispatch_thread",
-  [(False, False), (True, False), (True, True)],
-  ids=["sync", "async", "async-thread"],
+  "async_scheduling,dispatch_thread,depth",
+  [(False, False, 1), (True, False, 1), (True, True, 1), (True, False, 2)],
+  ids=["sync", "async", "async-thread", "async-depth2"],
 )
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
-  tiny, parity_case, mode, async_scheduling, dispatch_thread
+  tiny, parity_case, mode, async_scheduling, dispatch_thread, depth
 ):
   reqs, want = parity_case
-  config = _pressure_config(mode, async_scheduling, dispatch_thread)
+  config = _pressure_config(mode, async_scheduling, dispatch_thread, pipeline_depth=depth)
   engine = Engine(tiny, config)
   outs = engine.run(reqs)
   m = engine.metrics
@@ -587,6 +590,9 @@ def test_dispatch_thread_reports_a_failed_call_and_every_call_after_it(tiny, cor
     ("async_scheduling", 1, r"EngineConfig.async_scheduling must be a bool, got 1"),
     ("dispatch_thread", 1, r"EngineConfig.dispatch_thread must be a bool, got 1"),
     ("dispatch_thread", True, r"dispatch_thread needs async_scheduling=True"),
+    ("pipeline_depth", 3, r"EngineConfig.pipeline_depth must be 1 or 2, got 3"),
+    ("pipeline_depth", 2.0, r"EngineConfig.pipeline_depth must be an int, got 2.0"),
+    ("pipeline_depth", 2, r"pipeline_depth=2 needs async_scheduling=True"),
   ],
 )
 def test_engine_config_rejects_wrongly_typed_fields(field, value, match):
@@ -686,3 +692,55 @@ def test_lane_padded_cache_gives_the_plain_caches_tokens_under_swap_prefix_hits_
     EngineConfig(lane_dense_cache=True, lane_padded_cache=True)
   with pytest.raises(ValueError, match="EngineConfig.lane_padded_cache must be a bool"):
     EngineConfig(lane_padded_cache=1)
+
+
+@pytest.mark.parametrize("dispatch_thread", [False, True], ids=["", "thread"])
+def test_two_steps_on_the_device_sample_the_same_tokens(tiny, corpus, dispatch_thread):
+  """pipeline_depth=2: the host reads step n's tokens after dispatching step n + 2. In a
+  pool with room (no preemption) two steps stay unread in the steady state, and samples
+  that stop at their end token run two discarded rows; under pressure (40 blocks) steps
+  that could preempt read the older step first. Sampled and greedy requests, end tokens,
+  forks and prefix hits give the outputs of the synchronous engine, and every block is
+  returned."""
+  reqs = [
+    dataclasses.replace(r, temperature=0.0 if i % 3 == 0 else 0.9, top_k=0 if i % 2 else 12)
+    for i, r in enumerate(_mixed_requests(corpus))
+  ]
+  want = Engine(tiny, _pressure_config("swap", False, num_blocks=400)).run(reqs)
+  for num_blocks in (400, 40):
+    config = _pressure_config(
+      "swap", True, dispatch_thread, pipeline_depth=2, num_blocks=num_blocks
+    )
+    engine = Engine(tiny, config)
+    most_pending = []
+    schedule = engine.scheduler.schedule
+
+    def counted(schedule=schedule, engine=engine, most_pending=most_pending):
+      plan = schedule()  # its appends: the input tokens, pending while two steps are unread
+      most_pending.append(int(engine.allocator._npend.max()))
+      return plan
+
+    engine.scheduler.schedule = counted
+    for r in reqs:
+      engine.add_request(r)
+    outs, kept, dropped = {}, 0, 0
+    while engine.has_unfinished():
+      for o in engine.step():
+        outs[o.request_id] = o
+      dropped = max(dropped, *engine._ignore.values(), 0)  # rows an end token discards
+      if engine._older is not None:
+        kept += 1
+        # Two steps unread: a plain decode in both holds their two placeholders.
+        s = engine._older.decodes[0] if engine._older.decodes else None
+        if s is not None and not s.finished and s in engine._in_flight.decodes:
+          assert s.tokens[-2:] == [PENDING_TOKEN, PENDING_TOKEN]
+    assert outs == want, num_blocks
+    assert kept > (20 if num_blocks == 400 else 0), kept
+    assert max(most_pending) == 2
+    if num_blocks == 400:
+      assert dropped == 2
+    m = engine.metrics
+    assert m.generated_tokens == sum(len(x) for o in outs.values() for x in o.samples)
+    if num_blocks == 40:
+      assert m.preemptions > 0
+    assert engine.allocator.num_used_blocks == 0 and not engine._ignore

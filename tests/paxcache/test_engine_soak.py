@@ -48,11 +48,11 @@ def _random_request(rng, i, prefixes):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "mode,async_scheduling",
-  [("swap", False), ("recompute", False), ("swap", True)],
-  ids=["swap", "recompute", "swap-async"],
+  "mode,async_scheduling,depth",
+  [("swap", False, 1), ("recompute", False, 1), ("swap", True, 1), ("recompute", True, 2)],
+  ids=["swap", "recompute", "swap-async", "recompute-async-depth2"],
 )
-def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypatch):
+def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, depth, monkeypatch):
   # The allocator remembers the last _FORGOTTEN_LIMIT freed ids (bounded, only to word error
   # messages); shrink the bound so that it fills during warm-up and flatness is measurable
   # within a CI-sized run.
@@ -66,21 +66,24 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypat
     engine = Engine(
       model,
       EngineConfig(
-        num_blocks=32,
+        # Two steps stay unread only with at least 2 * 16 + 32 / 4 + 1 = 41 blocks free
+        # (EngineConfig.pipeline_depth): 42 blocks go in and out of that, and preempt.
+        num_blocks=32 if depth == 1 else 42,
         block_size=4,
         num_host_blocks=48,
         preemption_mode=mode,
         max_num_seqs=16,
-        max_num_batched_tokens=64,
+        max_num_batched_tokens=64 if depth == 1 else 32,
         metrics_history=64,
         async_scheduling=async_scheduling,
+        pipeline_depth=depth,
       ),
     )
     rng = np.random.default_rng(1 if mode == "swap" else 2)
     prefixes = [rng.integers(0, 256, int(rng.integers(4, 17))).tolist() for _ in range(4)]
     answered: dict[int, int] = {}
     submitted = 0
-    memory = {}
+    memory = {"kept": 0}
 
     def record(out):
       answered[out.request_id] = answered.get(out.request_id, 0) + 1
@@ -100,6 +103,7 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypat
             record(engine.abort(live[int(rng.integers(len(live)))]))
         for out in engine.step():
           record(out)
+        memory["kept"] += engine._older is not None
         # After warm-up: bounded caches full, queues full.
         if measure and submitted >= NUM_REQUESTS // 3 and "start" not in memory:
           memory["start"] = _paxcache_heap()
@@ -134,6 +138,8 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, monkeypat
   assert not engine.has_unfinished() and not engine.scheduler.has_work()
   assert m.cow_copies > 0 and m.prefix_hit_tokens > 0
   assert (m.preemptions_swap if mode == "swap" else m.preemptions_recompute) > 0
+  if depth == 2:  # steps planned with two steps unread, and steps that read the older first
+    assert 0 < memory["kept"] < m.steps, (memory["kept"], m.steps)
   growth = memory["end"] - memory["start"]
   # Flat: after 1,000 more requests paxcache holds nothing more (one leaked request with its
   # sequences is ~1 KiB, so 1,000 would be ~1 MiB); 16 KiB allows for small caches.
