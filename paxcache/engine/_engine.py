@@ -233,10 +233,13 @@ class EngineConfig:
       slow host's work per step hides behind the device's as long as it is shorter
       (docs/engine.md, "Two steps on the device"). A sample that stops at its end token
       then runs up to two extra (discarded) rows and is returned one step later; the
-      allocator holds up to two pending tokens per sequence. Any step that could preempt
-      (free blocks below a bound from ``max_num_seqs`` and ``max_num_batched_tokens``) or
-      that schedules a sample the previous step did not sample first reads the older
-      step, as with 1. Outputs are the same. Not with a ``mesh``.
+      allocator holds up to two pending tokens per sequence. Before a step that could
+      preempt (free blocks below ``2 * max_num_seqs + ceil(max_num_batched_tokens /
+      block_size) + 1``), or while a running sample of the older step has no row in the
+      newer one, the engine reads the older step first, as with 1: with requests waiting,
+      admission fills the pool down to ``watermark_blocks``, so set that to at least the
+      bound to keep two steps unread under load. Outputs are the same. Not with a
+      ``mesh``.
     reservation: memory management: ``"paged"`` (blocks on demand, the default) or an
       Orca baseline that reserves each request's blocks contiguously at admission:
       ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
@@ -856,9 +859,9 @@ class Engine:
   def abort(self, request_id: Hashable) -> RequestOutput:
     """Stops ``request_id`` now and frees its blocks; returns what it produced so far.
 
-    With ``async_scheduling`` the step still on the device is read first; if that step
-    finished the request, its complete output is returned (finish reasons "stop" or
-    "length", counted as finished, not aborted)."""
+    With ``async_scheduling`` the steps still on the device are read first (one, or two
+    with ``pipeline_depth=2``); if they finished the request, its complete output is
+    returned (finish reasons "stop" or "length", counted as finished, not aborted)."""
     group = self._groups.get(request_id)
     if group is None and request_id in self._pending_ids:  # not arrived yet
       entry = next(e for e in self._pending if e[2].request_id == request_id)
@@ -910,11 +913,8 @@ class Engine:
       read_first = self._resolve(older, self._ready)
       self._free_finished()
       kept_older = False
+    self.scheduler.may_preempt = not kept_older  # _can_keep_older's bound: it will not
     plan = self.scheduler.schedule()
-    if kept_older and (plan.preemptions_swap or plan.preemptions_recompute):
-      raise RuntimeError(  # _can_keep_older's bound makes this impossible
-        "engine: a step preempted while the tokens of two steps were unread"
-      )
     self._swap(plan)
     num_tokens = prefill = decodes = kv_tokens = 0
     sampled = read_first
@@ -1163,7 +1163,7 @@ class Engine:
       req = g.request
       if req.end_token is not None and t == req.end_token:
         self._drop_later_rows(s, pos)
-        if s.finish_reason in (None, "length"):  # (stopped by length at a later row)
+        if s.finish_reason is None or self._stopped_later(s):
           stopped.append(s)
         s.finish_reason = "stop"
       elif self.allocator.has_pending_token(s.seq_id):
@@ -1240,7 +1240,7 @@ class Engine:
       for i in hits:
         s = seqs[i]
         self._drop_later_rows(s, step.pending_pos[i])
-        if s.finish_reason in (None, "length"):  # (stopped by length at a later row)
+        if s.finish_reason is None or self._stopped_later(s):
           stopped.append(s)
         s.finish_reason = "stop"
     # Finished samples (by length at dispatch, or at their end token now), in row order.
@@ -1271,6 +1271,12 @@ class Engine:
     if extra > 0:
       del s.tokens[pos + 1 :]
       self._ignore[s] += extra
+
+  def _stopped_later(self, s: Seq) -> bool:
+    """pipeline_depth=2: ``s``, at its end token now, was stopped by length at a later row
+    already: freed here, since _free_finished waits for pending tokens that the end token
+    leaves unread. (With one step unread _free_finished frees it later in this step.)"""
+    return self.config.pipeline_depth == 2 and s.finish_reason == "length"
 
   def _unignore(self, s: Seq) -> None:
     if self._ignore[s] > 1:

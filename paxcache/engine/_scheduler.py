@@ -140,6 +140,10 @@ class Scheduler:
     self.max_num_seqs = max_num_seqs
     self.max_num_batched_tokens = max_num_batched_tokens
     self.watermark_blocks = watermark_blocks
+    # False while the engine keeps two steps unread (EngineConfig.pipeline_depth): a
+    # preempted sequence must have no pending token, so a preemption then is a bug,
+    # raised before anything changes.
+    self.may_preempt = True
     self.waiting: collections.deque[Group] = collections.deque()
     self.running: list[Group] = []  # arrival order
     self.swapped: collections.deque[Group] = collections.deque()
@@ -415,6 +419,11 @@ class Scheduler:
   def _preempt(self, g: Group, plan: Plan, chunks: dict[Seq, int]) -> int:
     """Preempts ``g`` (swap, or recompute when swapping is off or does not fit); returns
     the token budget its planned chunks held."""
+    if not self.may_preempt:
+      raise RuntimeError(
+        "scheduler: a preemption while the engine keeps two steps unread (the engine's "
+        "bound on the blocks a step takes should have made this impossible)"
+      )
     alloc = self.allocator
     live = g.live
     freed_budget = sum(chunks.pop(s, 0) for s in live)

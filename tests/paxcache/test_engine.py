@@ -721,22 +721,30 @@ def test_two_steps_on_the_device_sample_the_same_tokens(tiny, corpus, dispatch_t
       return plan
 
     engine.scheduler.schedule = counted
+    keeps = []  # per step with an older step unread: planned with it still unread?
+    can_keep = engine._can_keep_older
+
+    def counted_keep(can_keep=can_keep, keeps=keeps):
+      keeps.append(can_keep())
+      return keeps[-1]
+
+    engine._can_keep_older = counted_keep
     for r in reqs:
       engine.add_request(r)
-    outs, kept, dropped = {}, 0, 0
+    outs, dropped = {}, 0
     while engine.has_unfinished():
       for o in engine.step():
         outs[o.request_id] = o
       dropped = max(dropped, *engine._ignore.values(), 0)  # rows an end token discards
       if engine._older is not None:
-        kept += 1
         # Two steps unread: a plain decode in both holds their two placeholders.
         s = engine._older.decodes[0] if engine._older.decodes else None
         if s is not None and not s.finished and s in engine._in_flight.decodes:
           assert s.tokens[-2:] == [PENDING_TOKEN, PENDING_TOKEN]
     assert outs == want, num_blocks
-    assert kept > (20 if num_blocks == 400 else 0), kept
-    assert max(most_pending) == 2
+    if num_blocks == 400:  # with room, nearly every step keeps two steps unread
+      assert sum(keeps) > 0.8 * len(keeps) > 20, keeps
+      assert max(most_pending) == 2
     if num_blocks == 400:
       assert dropped == 2
     m = engine.metrics

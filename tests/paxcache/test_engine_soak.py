@@ -66,14 +66,14 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, depth, mo
     engine = Engine(
       model,
       EngineConfig(
-        # Two steps stay unread only with at least 2 * 16 + 32 / 4 + 1 = 41 blocks free
-        # (EngineConfig.pipeline_depth): 42 blocks go in and out of that, and preempt.
-        num_blocks=32 if depth == 1 else 42,
+        # Two steps stay unread only with at least 2 * 8 + 16 / 4 + 1 = 21 blocks free
+        # (EngineConfig.pipeline_depth): 32 blocks go in and out of that, and preempt.
+        num_blocks=32,
         block_size=4,
         num_host_blocks=48,
         preemption_mode=mode,
-        max_num_seqs=16,
-        max_num_batched_tokens=64 if depth == 1 else 32,
+        max_num_seqs=16 if depth == 1 else 8,
+        max_num_batched_tokens=64 if depth == 1 else 16,
         metrics_history=64,
         async_scheduling=async_scheduling,
         pipeline_depth=depth,
@@ -83,12 +83,20 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, depth, mo
     prefixes = [rng.integers(0, 256, int(rng.integers(4, 17))).tolist() for _ in range(4)]
     answered: dict[int, int] = {}
     submitted = 0
-    memory = {"kept": 0}
+    memory = {"kept": 0, "read_first": 0}
 
     def record(out):
       answered[out.request_id] = answered.get(out.request_id, 0) + 1
       assert len(out.samples) == len(out.finish_reasons)
 
+    can_keep = engine._can_keep_older
+
+    def counted_keep():  # steps planned with two steps unread, and those reading one first
+      kept = can_keep()
+      memory["kept" if kept else "read_first"] += 1
+      return kept
+
+    engine._can_keep_older = counted_keep
     if measure:
       tracemalloc.start(1)  # from the start, so that bounded caches are traced as they fill
     try:
@@ -103,7 +111,6 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, depth, mo
             record(engine.abort(live[int(rng.integers(len(live)))]))
         for out in engine.step():
           record(out)
-        memory["kept"] += engine._older is not None
         # After warm-up: bounded caches full, queues full.
         if measure and submitted >= NUM_REQUESTS // 3 and "start" not in memory:
           memory["start"] = _paxcache_heap()
@@ -139,7 +146,7 @@ def test_soak_random_requests_aborts_and_forks(mode, async_scheduling, depth, mo
   assert m.cow_copies > 0 and m.prefix_hit_tokens > 0
   assert (m.preemptions_swap if mode == "swap" else m.preemptions_recompute) > 0
   if depth == 2:  # steps planned with two steps unread, and steps that read the older first
-    assert 0 < memory["kept"] < m.steps, (memory["kept"], m.steps)
+    assert memory["kept"] > 20 and memory["read_first"] > 20, memory
   growth = memory["end"] - memory["start"]
   # Flat: after 1,000 more requests paxcache holds nothing more (one leaked request with its
   # sequences is ~1 KiB, so 1,000 would be ~1 MiB); 16 KiB allows for small caches.
