@@ -38,10 +38,10 @@ device: the call sleeps L ms on the calling thread (a launch: no CPU, no GIL) an
 step's tokens (zeros) arrive D ms after the step before's, from a thread that sleeps, so
 that a CPU machine sees a GPU's timing (the engine's host work is real, the device's
 work and launch are sleeps) and the engine's overlap of host work with the device can be
-measured: the step waits only where the engine reads tokens. ``wall`` is the figure::
+measured: the step waits only where the engine reads tokens. ``wall`` is the figure (add
+``--pipeline-depth 2 --dispatch-thread`` for the engine's fastest setting)::
 
-  python -m experiments.bench.engine_host --batch 256 --emulate-device-ms 1.25 \
-    --emulate-launch-ms 0.85 --pipeline-depth 2 --dispatch-thread
+  python -m experiments.bench.engine_host --emulate-device-ms 1.25 --emulate-launch-ms 0.85
 """
 
 from __future__ import annotations
