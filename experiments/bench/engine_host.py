@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -158,6 +159,7 @@ def run(model, batch: int, args) -> dict:
   """Timings of ``args.steps`` decode steps of ``batch`` running sequences: ``host`` (the
   step less its jitted call), ``jit`` (that call, waited for) and the phase medians."""
   from paxcache.engine import Engine, EngineConfig, Request
+  from paxcache.engine._engine import no_preemption_blocks
 
   bs = args.block_size
   max_new = args.warmup + args.steps + 4  # nothing finishes while measured
@@ -167,21 +169,23 @@ def run(model, batch: int, args) -> dict:
       f"prompt {args.prompt_len} + {max_new} new tokens exceed the model's max_seq_len "
       f"{model.config.max_seq_len}: fewer --steps or --warmup"
     )
-  max_tokens = max(batch * args.prompt_len, 256)
-  # pipeline_depth=2 keeps two steps unread only while a step cannot preempt: room for
-  # that bound (EngineConfig.pipeline_depth) on top of every sequence's blocks.
-  headroom = 2 * batch + -(-max_tokens // bs) + 1 if args.pipeline_depth == 2 else 0
   config = EngineConfig(
-    num_blocks=batch * per_seq + 8 + headroom,
+    num_blocks=batch * per_seq + 8,
     block_size=bs,
     num_host_blocks=0,
     preemption_mode="recompute",
     max_num_seqs=batch,
-    max_num_batched_tokens=max_tokens,
+    max_num_batched_tokens=max(batch * args.prompt_len, 256),
     async_scheduling=args.async_scheduling,
     dispatch_thread=args.dispatch_thread,
     pipeline_depth=args.pipeline_depth,
   )
+  if args.pipeline_depth == 2:
+    # Two steps stay unread only while a step cannot preempt: room for that bound on top
+    # of every sequence's blocks.
+    config = dataclasses.replace(
+      config, num_blocks=config.num_blocks + no_preemption_blocks(config)
+    )
   engine = Engine(model, config)
   jit_seconds: list[float] = []
   step_fn = copy.copy(engine._step_fn)  # the engines' shared step stays untouched

@@ -411,6 +411,13 @@ class EngineConfig:
       )
 
 
+def no_preemption_blocks(config: EngineConfig) -> int:
+  """A bound on the blocks one step can take: a decode's next block or its copy-on-write
+  copy per row, and a prefill budget's blocks. With at least this many free no step
+  preempts, which ``pipeline_depth=2`` needs to keep two steps unread."""
+  return 2 * config.max_num_seqs + -(-config.max_num_batched_tokens // config.block_size) + 1
+
+
 def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tokens):
   """The one jitted call of an iteration: copy-on-write copies, model, sampling.
 
@@ -659,11 +666,7 @@ class Engine:
     self._in_flight: _InFlight | None = None
     # pipeline_depth=2: the step dispatched before _in_flight, its tokens not read yet.
     self._older: _InFlight | None = None
-    # A bound on the blocks one step can take (a decode's next block or its copy, and a
-    # prefill budget's blocks): with at least this many free, no step preempts.
-    self._no_preemption_blocks = (
-      2 * config.max_num_seqs + -(-config.max_num_batched_tokens // config.block_size) + 1
-    )
+    self._no_preemption_blocks = no_preemption_blocks(config)
     # EngineConfig.dispatch_thread: the worker, its last queued call and its first error.
     self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
     self._last_call: concurrent.futures.Future | None = None
@@ -909,8 +912,7 @@ class Engine:
     kept_older = self._older is not None
     read_first = 0  # tokens of the older step read before planning (pipeline_depth=2)
     if kept_older and not self._can_keep_older():
-      older, self._older = self._older, None
-      read_first = self._resolve(older, self._ready)
+      read_first = self._read_older(self._ready)
       self._free_finished()
       kept_older = False
     self.scheduler.may_preempt = not kept_older  # _can_keep_older's bound: it will not
@@ -950,9 +952,7 @@ class Engine:
         if older is not None:
           sampled += self._resolve(older, finished)
       else:
-        older, self._older = self._older, None
-        if older is not None:
-          sampled += self._resolve(older, finished)
+        sampled += self._read_older(finished)
         if previous is not None:
           sampled += self._resolve(previous, finished)
     elif dispatched is not None:
@@ -1272,6 +1272,12 @@ class Engine:
       del s.tokens[pos + 1 :]
       self._ignore[s] += extra
 
+  def _read_older(self, finished: list[RequestOutput]) -> int:
+    """Reads the older of two unread steps (pipeline_depth=2), if there is one; returns
+    the tokens it sampled."""
+    older, self._older = self._older, None
+    return 0 if older is None else self._resolve(older, finished)
+
   def _stopped_later(self, s: Seq) -> bool:
     """pipeline_depth=2: ``s``, at its end token now, was stopped by length at a later row
     already: freed here, since _free_finished waits for pending tokens that the end token
@@ -1317,9 +1323,7 @@ class Engine:
   def _drain(self) -> None:
     """Reads the steps still on the device (async scheduling), so that the host state is
     complete; what finishes is returned by the next :meth:`step`."""
-    if self._older is not None:
-      step, self._older = self._older, None
-      self._resolve(step, self._ready)
+    self._read_older(self._ready)
     if self._in_flight is not None:
       step, self._in_flight = self._in_flight, None
       self._resolve(step, self._ready)
