@@ -15,6 +15,10 @@ Which Pallas GPU kernel runs is decided in one place, :func:`kernel_backend`:
   it supports and that are prefill-heavy; Pallas Triton (``prefill.py``) everywhere else
   (Ampere, other dtypes or head dims, decode-heavy mixed batches). The Mosaic kernel takes
   head_dim 64 and 128 only; every other head size runs on Triton.
+* the cascade's shared part (``cascade.py``: a group's queries against its shared prefix,
+  compute-bound like prefill): on Hopper the Mosaic GPU prefill kernel for the dtypes and
+  sizes it takes (1.9x the Triton shared kernel at 256 x 32k on the H200, run29,
+  docs/benchmarks.md), else the Triton shared kernel.
 
 Head sizes: any multiple of 16 up to 256 (``kernels._validate.head_dim_supported``). One
 that is not a power of two (80, 96, 112, 192) runs in tiles of the next power of two,
@@ -54,6 +58,7 @@ from kernels.gpu.planned import planned_decode
 from kernels.gpu.prefill import paged_prefill
 from kernels.gpu.prefill_mosaic import paged_prefill_mosaic
 from kernels.gpu.tuning import (
+  CASCADE_SHARED_KERNELS,
   DECODE_KERNELS,
   PREFILL_KERNELS,
   BlockSizes,
@@ -130,16 +135,19 @@ def kernel_backend(
   ``"auto"`` gives ``"mosaic"`` when not interpreting, the device is Hopper, the Mosaic
   kernel supports the dtypes, head dim and block size, and the call averages at least
   ``MOSAIC_MIN_ROWS_PER_SEQ`` query rows per block-table row (``batch``: sequences,
-  padding rows included); ``"triton"`` otherwise.
+  padding rows included); ``"triton"`` otherwise. ``kind="cascade"`` (the cascade's shared
+  part, ``CascadeBlockSizes.shared_kernel``): as prefill, but ``"auto"`` needs no row count
+  (every group's rows are query rows of a whole shared prefix).
 
   Raises:
     ValueError: an unknown ``kind`` or ``requested``; a Mosaic request without the dtypes
       and sizes (and ``group`` for decode), off Hopper (unless interpreting), or for
       dtypes or sizes the Mosaic kernel does not support.
   """
-  if kind not in ("decode", "prefill"):
-    raise ValueError(f"kind must be 'decode' or 'prefill', got {kind!r}")
-  allowed = DECODE_KERNELS if kind == "decode" else PREFILL_KERNELS
+  kinds = {"decode": DECODE_KERNELS, "prefill": PREFILL_KERNELS, "cascade": CASCADE_SHARED_KERNELS}
+  if kind not in kinds:
+    raise ValueError(f"kind must be one of {tuple(kinds)}, got {kind!r}")
+  allowed = kinds[kind]
   if requested not in allowed:
     raise ValueError(f"requested must be one of {allowed}, got {requested!r}")
   if requested == "triton" or (kind == "decode" and requested == "auto"):
@@ -172,7 +180,9 @@ def kernel_backend(
         f"{jnp.dtype(kv_dtype).name}, head_dim {head_dim}, block_size {block_size}"
       )
     return "mosaic"
-  heavy = num_tokens is not None and batch and num_tokens >= MOSAIC_MIN_ROWS_PER_SEQ * batch
+  heavy = kind == "cascade" or (
+    num_tokens is not None and batch and num_tokens >= MOSAIC_MIN_ROWS_PER_SEQ * batch
+  )
   return "mosaic" if (ok and heavy and not interpret and is_hopper()) else "triton"
 
 

@@ -11,8 +11,10 @@
    head, chunk) at the member's batch row. Row tiles are the fastest grid axis, so the
    programs that read the same K/V chunk start together and share it through L2: HBM
    sees each shared slot about once per group per step.
-   With ``CascadeBlockSizes(shared_kernel="mosaic")`` (Hopper, 16-bit K/V) the shared
-   part runs instead on the Mosaic GPU prefill kernel (``prefill_mosaic``): each (group,
+   On Hopper, for 16-bit K/V of q's dtype and the head dims and blocks it takes, the
+   shared part runs instead on the Mosaic GPU prefill kernel (``prefill_mosaic``; the
+   default ``CascadeBlockSizes.shared_kernel="auto"`` picks it there through
+   ``kernels.gpu.kernel_backend("cascade")``, "mosaic" asks for it): each (group,
    chunk) is a sequence of a ragged batch whose query rows are the group's members, all
    placed past the chunk's last key, so that every row sees every key of the chunk
    (:func:`shared_partials_mosaic`); the kernel also writes each row's log-sum-exp, and
@@ -52,12 +54,17 @@ from kernels.gpu import _mosaic_interpret_params, kernel_backend, validate_gpu_i
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import DEFAULT_QUANT_WIDEN, QUANT_WIDEN_MODES, widening
 from kernels.gpu.decode import _num_sms, compute_dtype, dot_precision, paged_decode
-from kernels.gpu.tuning import BlockSizes, _is_pow2, default_block_sizes
+from kernels.gpu.tuning import (
+  CASCADE_SHARED_KERNELS,
+  BlockSizes,
+  _is_pow2,
+  default_block_sizes,
+)
 
 __all__ = ["CascadeBlockSizes", "cascade_attention", "default_cascade_block_sizes"]
 
 
-SHARED_KERNELS = ("triton", "mosaic")
+SHARED_KERNELS = CASCADE_SHARED_KERNELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +84,14 @@ class CascadeBlockSizes:
       decode defaults for the shape, with this ``quant_widen``).
     quant_widen: how the shared kernel (and the own part where ``own`` is None) widens
       8-bit K/V for 16-bit q: as ``kernels.gpu.BlockSizes.quant_widen``.
-    shared_kernel: "triton" (this module's kernel, every GPU and dtype) or "mosaic": the
+    shared_kernel: "triton" (this module's kernel, every GPU and dtype), "mosaic": the
       Mosaic GPU prefill kernel (``prefill_mosaic``, Hopper; 16-bit q and K/V of one
       dtype, head_dim 64 or 128, blocks of at least 8) run over the members' rows as a
-      ragged batch that sees every shared key (:func:`shared_partials_mosaic`). Then
+      ragged batch that sees every shared key (:func:`shared_partials_mosaic`), or
+      "auto" (default): "mosaic" where it runs (a Hopper GPU, not interpreting, inputs it
+      takes), else "triton" (``kernels.gpu.kernel_backend("cascade")``; on the H200 the
+      Mosaic part took 0.32 against 0.74 ms at 256 x (32,768 + 512) and was level or
+      faster at 100 x 5,000, run29 in docs/benchmarks.md). With "mosaic",
       ``shared_rows``, ``shared_kv_tile``, warps, stages and ``quant_widen`` do not apply
       to the shared part; ``shared_num_chunks`` does.
     shared_mosaic_kv_tile, shared_mosaic_num_slots: the Mosaic kernel's K/V step (64 or
@@ -94,7 +105,7 @@ class CascadeBlockSizes:
   shared_num_stages: int = 3
   own: BlockSizes | None = None
   quant_widen: str = DEFAULT_QUANT_WIDEN
-  shared_kernel: str = "triton"
+  shared_kernel: str = "auto"
   shared_mosaic_kv_tile: int = 128
   shared_mosaic_num_slots: int = 2
 
@@ -610,6 +621,8 @@ def _cascade(
   k_scales,
   v_scales,
 ):
+  if block_sizes.shared_kernel not in ("triton", "mosaic"):  # cascade_attention resolves it
+    raise ValueError(f"_cascade needs a resolved shared_kernel, got {block_sizes.shared_kernel!r}")
   batch = q.shape[0]
   own = own_partials(
     q,
@@ -698,25 +711,26 @@ def cascade_attention(
       "block_sizes for the GPU cascade backend must be a kernels.gpu.cascade."
       f"CascadeBlockSizes, got {kind.__module__}.{kind.__qualname__}"
     )
-  if block_sizes.shared_kernel == "mosaic":
-    # The one switch point checks the card (Hopper, unless interpreting) and that the
-    # Mosaic prefill kernel takes these dtypes and sizes; it raises otherwise.
-    try:
-      kernel_backend(
-        "prefill",
-        q_dtype=q.dtype,
-        kv_dtype=k_blocks.dtype,
-        head_dim=q.shape[2],
-        block_size=k_blocks.shape[2],
-        requested="mosaic",
-        interpret=bool(interpret),
-      )
-    except ValueError as e:
-      raise ValueError(
-        f"CascadeBlockSizes(shared_kernel='mosaic') runs the shared part on the Mosaic GPU "
-        f"prefill kernel, which cannot take this call: {e}. shared_kernel='triton' (the "
-        "default) takes every GPU, dtype and block size"
-      ) from e
+  # The one switch point: "auto" becomes "mosaic" on Hopper for what the Mosaic prefill
+  # kernel takes, else "triton"; "mosaic" asked for off Hopper (unless interpreting) or for
+  # what that kernel does not take raises.
+  try:
+    shared_kernel = kernel_backend(
+      "cascade",
+      q_dtype=q.dtype,
+      kv_dtype=k_blocks.dtype,
+      head_dim=q.shape[2],
+      block_size=k_blocks.shape[2],
+      requested=block_sizes.shared_kernel,
+      interpret=bool(interpret),
+    )
+  except ValueError as e:
+    raise ValueError(
+      f"CascadeBlockSizes(shared_kernel='mosaic') runs the shared part on the Mosaic GPU "
+      f"prefill kernel, which cannot take this call: {e}. shared_kernel='triton' takes "
+      "every GPU, dtype and block size ('auto', the default, picks what runs)"
+    ) from e
+  block_sizes = dataclasses.replace(block_sizes, shared_kernel=shared_kernel)
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros(q.shape, q.dtype)
   return _cascade(

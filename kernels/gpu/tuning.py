@@ -32,6 +32,8 @@ _PLANNED_STAGE_BYTES = 64 * 1024
 
 PREFILL_KERNELS = ("auto", "triton", "mosaic")
 DECODE_KERNELS = ("auto", "triton", "mosaic")
+# The cascade's shared part (kernels.gpu.cascade.CascadeBlockSizes.shared_kernel).
+CASCADE_SHARED_KERNELS = ("auto", "triton", "mosaic")
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -302,6 +302,9 @@ def test_gpu_kernels_lower_to_triton_for_an_h200(monkeypatch):
     sizes = gpu_cascade.default_cascade_block_sizes(
       head_dim=128, q_dtype=jnp.bfloat16, kv_dtype=kv_dtype
     )
+    # cascade_attention resolves "auto" (Mosaic on a real H200 for bf16; this lowers the
+    # Triton shared kernel, what 8-bit K/V and other cards run).
+    sizes = dataclasses.replace(sizes, shared_kernel="triton")
     fn = functools.partial(
       gpu_cascade._cascade, scale=0.1, logit_soft_cap=None, block_sizes=sizes, interpret=False
     )
@@ -445,6 +448,36 @@ def test_gpu_mosaic_shared_part_refuses_what_the_kernel_does_not_take():
     kernels.cascade_attention(
       **case, plan=plan, backend="gpu", interpret=True, block_sizes=mosaic_sizes()
     )
+
+
+def test_gpu_shared_kernel_auto_picks_mosaic_only_where_it_runs(monkeypatch):
+  # CascadeBlockSizes.shared_kernel="auto" (the default): the one switch point gives the
+  # Mosaic prefill kernel on Hopper for what it takes, the Triton shared kernel elsewhere,
+  # and never Mosaic when interpreting (CI's CPU runs the Triton kernel in interpret mode).
+  from kernels import gpu
+  from kernels.gpu.cascade import CascadeBlockSizes
+
+  assert CascadeBlockSizes().shared_kernel == "auto"
+  kw = dict(q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16, head_dim=128, block_size=16)
+  monkeypatch.setattr(gpu, "is_hopper", lambda device=None: False)
+  assert gpu.kernel_backend("cascade", **kw) == "triton"
+  with pytest.raises(ValueError, match="Hopper"):
+    gpu.kernel_backend("cascade", requested="mosaic", **kw)
+  monkeypatch.setattr(gpu, "is_hopper", lambda device=None: True)
+  assert gpu.kernel_backend("cascade", **kw) == "mosaic"  # no row count needed, unlike prefill
+  assert gpu.kernel_backend("cascade", **dict(kw, head_dim=64)) == "mosaic"
+  assert gpu.kernel_backend("cascade", **kw, interpret=True) == "triton"
+  assert gpu.kernel_backend("cascade", requested="triton", **kw) == "triton"
+  for bad in (
+    dict(kw, kv_dtype=jnp.int8),
+    dict(kw, kv_dtype=jnp.float8_e4m3fn),
+    dict(kw, head_dim=96),
+    dict(kw, block_size=4),
+    dict(kw, q_dtype=jnp.float32, kv_dtype=jnp.float32),
+  ):
+    assert gpu.kernel_backend("cascade", **bad) == "triton", bad
+  with pytest.raises(ValueError, match="requested"):
+    gpu.kernel_backend("cascade", requested="cuda", **kw)
 
 
 def test_gpu_mosaic_shared_part_lowers_for_the_gpu():
