@@ -148,6 +148,29 @@ def time_calls(
   return Timing.of(samples)
 
 
+def chained(fn: Callable[..., Any], n: int) -> Callable[..., Any]:
+  """A jitted function that runs ``fn(*args, **kwargs)`` ``n`` times in one program, each
+  call after the one before: an optimization barrier carries each result into the next
+  call's arguments, so that XLA can neither merge the calls nor hoist them. Its time
+  divided by ``n`` is device time with no Python dispatch between the calls (a kernel of
+  ~0.1 ms is as short as one dispatch on the H200's host, where back-to-back calls from
+  Python measure the host). Returns the list of the ``n`` results."""
+  import jax
+
+  if n < 1:
+    raise ValueError(f"need n >= 1, got {n}")
+
+  def run(*args, **kwargs):
+    outs = []
+    for _ in range(n):
+      out = fn(*args, **kwargs)
+      (args, kwargs), out = jax.lax.optimization_barrier(((args, kwargs), out))
+      outs.append(out)
+    return outs  # every result: none of the calls is dead code
+
+  return jax.jit(run)
+
+
 Interval = Timing | tuple[float, float]  # a Timing, or (min, max) as rows record them
 
 

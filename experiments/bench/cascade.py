@@ -10,8 +10,12 @@ the prompt's tokens past its last full block sit in each row's first own block):
 
 For each case: ``kernels.plan_cascade`` on the host (its time is ``plan_ms``), then plain
 ``kernels.paged_attention`` (gpu backend) and ``kernels.cascade_attention`` (gpu) as
-device time: each sample is 10 calls of one jitted function back to back, then one block
-(``experiments/_timing.py``), median of 15 samples with the min-max spread. The two outputs
+device time: each sample is one jitted program that runs the kernel ``--chain`` (20) times,
+one call after the other (``experiments._timing.chained``), then one block, divided by 20;
+median of 15 samples with the min-max spread (row field ``timing``: ``"chain20"``). A kernel
+of ~0.1 ms is as short as one Python dispatch on the H200's host, so 10 calls back to back
+from Python (``--chain 0``, ``"inner10"``: how rows before run29's second call were timed)
+measure the host there. The two outputs
 must agree (relative L2 within twice the bf16 kernel bound: each is within that bound of
 the exact result) and hold no NaN (unused pool slots are NaN). Prints a table and appends
 one JSON line per case and cascade config to ``OUT/cascade.jsonl`` as soon as it is
@@ -62,7 +66,7 @@ import numpy as np
 from absl import flags
 
 import kernels
-from experiments._timing import spread_text, time_calls
+from experiments._timing import chained, spread_text, time_calls
 from experiments.bench import _flags
 from experiments.bench._gpu_common import env_info, write_jsonl
 from kernels.testing import rel_l2_error, tolerance
@@ -218,6 +222,7 @@ def run_case(
   emit,
   kv_dtype,
   parts=False,
+  chain=0,
 ):
   """Times plain and cascade decode of one case; ``emit(row)`` as each config is measured.
 
@@ -247,9 +252,17 @@ def run_case(
   table, lengths, plan = jax.device_put((table_np, lengths_np, plan_np))
 
   plain = jax.jit(functools.partial(kernels.paged_attention, backend="gpu", interpret=interpret))
-  t_plain = time_calls(
-    lambda: plain(q, k, v, table, lengths, **scales), repeats=repeats, inner=inner, warmup=2
-  )
+
+  def timed(fn, *a, **kw):
+    """Seconds per call of ``fn(*a, **kw)``: ``chain`` calls inside one jit
+    (:func:`experiments._timing.chained`), or ``inner`` calls back to back from Python."""
+    if chain:
+      run = chained(fn, chain)
+      t = time_calls(lambda: run(*a, **kw), repeats=repeats, inner=1, warmup=2)
+      return t.map(lambda x: x / chain)
+    return time_calls(lambda: fn(*a, **kw), repeats=repeats, inner=inner, warmup=2)
+
+  t_plain = timed(plain, q, k, v, table, lengths, **scales)
   out_plain = np.asarray(plain(q, k, v, table, lengths, **scales).astype(jnp.float32))
   assert not np.isnan(out_plain).any(), "NaN in the plain output"
   own_read = lengths_np - plan_np.row_starts  # what each row reads in the own part
@@ -262,6 +275,7 @@ def run_case(
     own_len_max=int((lengths_np - case.shared_len).max()),
     plain_ms=t_plain.median * 1e3,
     **{k_: v_ for k_, v_ in t_plain.fields("plain").items() if k_ != "plain_ms"},
+    timing=f"chain{chain}" if chain else f"inner{inner}",
     plan_ms=float(np.median(plan_times)) * 1e3,
     plan_first_ms=plan_times[0] * 1e3,
     planned_shared_len=int(plan_np.group_lens.max()),
@@ -286,14 +300,13 @@ def run_case(
   part_kw = dict(scale=1.0 / np.sqrt(head_dim), logit_soft_cap=None, interpret=interpret)
 
   def time_part(fn, bs, *args, **kw):
-    part = jax.jit(functools.partial(fn, **part_kw, block_sizes=bs, **kw))
-    return time_calls(lambda: part(*args), repeats=repeats, inner=inner, warmup=2)
+    return timed(jax.jit(functools.partial(fn, **part_kw, block_sizes=bs)), *args, **kw)
 
   def time_shared(bs):
     if bs.shared_kernel == "mosaic":  # 16-bit K/V only: no scales
       kw = dict(part_kw, interpret=kernels.gpu._mosaic_interpret_params() if interpret else False)
       part = jax.jit(functools.partial(gpu_cascade.shared_partials_mosaic, **kw, block_sizes=bs))
-      return time_calls(lambda: part(q, k, v, plan), repeats=repeats, inner=inner, warmup=2)
+      return timed(part, q, k, v, plan)
     return time_part(gpu_cascade.shared_partials, bs, q, k, v, plan, **scales)
 
   errors = []
@@ -325,12 +338,7 @@ def run_case(
           kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
         )
       )
-      t_casc = time_calls(
-        lambda casc=casc: casc(q, k, v, table, lengths, plan, **scales),
-        repeats=repeats,
-        inner=inner,
-        warmup=2,
-      )
+      t_casc = timed(casc, q, k, v, table, lengths, plan, **scales)
       out = np.asarray(casc(q, k, v, table, lengths, plan, **scales).astype(jnp.float32))
       assert not np.isnan(out).any(), "NaN in the cascade output"
       err = rel_l2_error(out, out_plain)
@@ -426,6 +434,13 @@ def define_flags():
   flags.DEFINE_bool(
     "plan-only", False, "time the host planner alone on each case's table (any machine)"
   )
+  flags.DEFINE_integer(
+    "chain",
+    20,
+    "time N calls inside one jit (device time, no Python dispatch between calls); 0: 10 "
+    "calls back to back from Python",
+    lower_bound=0,
+  )
   flags.DEFINE_enum(
     "kv-dtype", "bfloat16", ["bfloat16", "int8", "float8_e4m3fn"], "K/V pool dtype (q is bf16)"
   )
@@ -450,6 +465,7 @@ def main(args):
   if args.smoke:
     cases = [SMOKE]
     kw = dict(interpret=True, repeats=5, inner=1, heads=(4, 2), head_dim=64, block_size=16)
+    kw["chain"] = min(args.chain, 2)  # the chained path, kept short in interpret mode
     kw["kv_dtype"] = args.kv_dtype
     kw["parts"] = args.parts
     configs = [(n, {**c, "shared_rows": 16, "shared_kv_tile": 16}) for n, c in configs]
@@ -467,6 +483,7 @@ def main(args):
       block_size=BLOCK,
       kv_dtype=args.kv_dtype,
       parts=args.parts,
+      chain=args.chain,
     )
   path = os.path.join(args.out, "cascade.jsonl")
   rows, failed = [], []

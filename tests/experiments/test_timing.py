@@ -3,6 +3,7 @@
 import itertools
 import time
 
+import numpy as np
 import pytest
 
 from experiments import _timing
@@ -142,3 +143,29 @@ def test_range_text_and_errorbar_ends():
     assert segments == [[[1, 1.0], [1, 3.5]], [[2, 4.5], [2, 6.0]]]
   finally:
     plt.close(fig)
+
+
+def test_chained_runs_every_call_in_order_in_one_program():
+  import jax.numpy as jnp
+
+  from experiments._timing import chained
+
+  calls = []
+
+  def f(x, *, scale):
+    calls.append(1)  # traced once per call site: one trace per chained call
+    return jnp.sin(x) * scale
+
+  x = jnp.arange(4.0)
+  run = chained(f, 3)
+  outs = run(x, scale=2.0)
+  assert len(outs) == 3
+  for out in outs:
+    np.testing.assert_allclose(np.asarray(out), np.sin(np.arange(4.0)) * 2.0, rtol=1e-6)
+  assert len(calls) == 3
+  # All three sines survive XLA (none merged or hoisted: each call's inputs pass through a
+  # barrier that also takes the call before's result).
+  hlo = run.lower(x, scale=2.0).compile().as_text()
+  assert hlo.count(" sine(") == 3, hlo
+  with pytest.raises(ValueError, match="n >= 1"):
+    chained(f, 0)
