@@ -375,6 +375,18 @@ def test_gpu_mosaic_shared_part_matches_plain_attention(num_chunks, num_slots):
   )
 
 
+def test_gpu_mosaic_shared_part_with_three_query_heads_per_kv_head():
+  # SmolLM2's grouping (9 / 3 heads: 3 query heads a KV head), which "auto" hands the
+  # Mosaic part on Hopper in the engine's decode steps.
+  labels, lengths = MOSAIC_CASE
+  case = build(17, labels, lengths, heads=(6, 2), kv_dtype=jnp.bfloat16, block_size=8)
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], 8)
+  out = kernels.cascade_attention(
+    **case, plan=plan, backend="gpu", interpret=True, block_sizes=mosaic_sizes()
+  )
+  check(out, case, gpu_bf16=True)
+
+
 def test_gpu_mosaic_shared_part_with_a_soft_cap_and_head_dim_128():
   # Two groups: three rows on 3 whole blocks (24 keys), two forks on the same 3 blocks
   # that end mid-block (lengths 21 and 20: 19 shared); a row alone.
