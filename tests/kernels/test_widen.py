@@ -240,7 +240,8 @@ def test_8bit_kernels_lower_to_triton_ir_for_an_h200(monkeypatch, kv_dtype, mode
   plan = kernels.CascadePlan(
     sds((1, 32), jnp.int32), sds((1,), jnp.int32), sds((1, 4), jnp.int32), sds((4,), jnp.int32)
   )
-  sizes = CascadeBlockSizes(quant_widen=mode)
+  # 8-bit K/V: what cascade_attention resolves "auto" to on every card.
+  sizes = CascadeBlockSizes(quant_widen=mode, shared_kernel="triton")
   got = text(
     lambda *a: _cascade(
       *a[:6], scale=0.1, logit_soft_cap=None, block_sizes=sizes, interpret=False,
