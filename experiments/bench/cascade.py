@@ -316,16 +316,14 @@ def run_case(
       bs = dataclasses.replace(base, **cfg)
       # "auto" as cascade_attention resolves it (Mosaic on Hopper for bf16), so that the
       # parts time the shared kernel the cascade runs and the row says which it was.
-      shared_kernel = kernels.gpu.kernel_backend(
-        "cascade",
+      bs = gpu_cascade.resolve_shared_kernel(
+        bs,
         q_dtype=dtype,
         kv_dtype=kv_dtype,
         head_dim=head_dim,
         block_size=block_size,
-        requested=bs.shared_kernel,
         interpret=interpret,
       )
-      bs = dataclasses.replace(bs, shared_kernel=shared_kernel)
       part_fields = {}
       if parts:
         t_shared = time_shared(bs)

@@ -61,10 +61,12 @@ from kernels.gpu.tuning import (
   default_block_sizes,
 )
 
-__all__ = ["CascadeBlockSizes", "cascade_attention", "default_cascade_block_sizes"]
-
-
-SHARED_KERNELS = CASCADE_SHARED_KERNELS
+__all__ = [
+  "CascadeBlockSizes",
+  "cascade_attention",
+  "default_cascade_block_sizes",
+  "resolve_shared_kernel",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +137,9 @@ class CascadeBlockSizes:
         f"CascadeBlockSizes.quant_widen must be one of {QUANT_WIDEN_MODES}, "
         f"got {self.quant_widen!r}"
       )
-    if self.shared_kernel not in SHARED_KERNELS:
+    if self.shared_kernel not in CASCADE_SHARED_KERNELS:
       raise ValueError(
-        f"CascadeBlockSizes.shared_kernel must be one of {SHARED_KERNELS}, got "
+        f"CascadeBlockSizes.shared_kernel must be one of {CASCADE_SHARED_KERNELS}, got "
         f"{self.shared_kernel!r}"
       )
     if self.shared_mosaic_kv_tile not in (64, 128):
@@ -675,6 +677,36 @@ def _cascade(
   return _merge(shared, own, in_group, q.dtype)
 
 
+def resolve_shared_kernel(
+  block_sizes: CascadeBlockSizes, *, q_dtype, kv_dtype, head_dim, block_size, interpret
+) -> CascadeBlockSizes:
+  """``block_sizes`` with ``shared_kernel`` as :func:`cascade_attention` runs it, from the
+  one switch point (``kernels.gpu.kernel_backend("cascade")``): "auto" becomes "mosaic" on
+  Hopper for what the Mosaic prefill kernel takes, else "triton".
+
+  Raises:
+    ValueError: "mosaic" asked for off Hopper (unless interpreting) or for inputs the
+      Mosaic prefill kernel does not take; the message says why.
+  """
+  try:
+    shared_kernel = kernel_backend(
+      "cascade",
+      q_dtype=q_dtype,
+      kv_dtype=kv_dtype,
+      head_dim=head_dim,
+      block_size=block_size,
+      requested=block_sizes.shared_kernel,
+      interpret=interpret,
+    )
+  except ValueError as e:
+    raise ValueError(
+      f"CascadeBlockSizes(shared_kernel='mosaic') runs the shared part on the Mosaic GPU "
+      f"prefill kernel, which cannot take this call: {e}. shared_kernel='triton' takes "
+      "every GPU, dtype and block size ('auto', the default, picks what runs)"
+    ) from e
+  return dataclasses.replace(block_sizes, shared_kernel=shared_kernel)
+
+
 def cascade_attention(
   q,
   k_blocks,
@@ -711,26 +743,14 @@ def cascade_attention(
       "block_sizes for the GPU cascade backend must be a kernels.gpu.cascade."
       f"CascadeBlockSizes, got {kind.__module__}.{kind.__qualname__}"
     )
-  # The one switch point: "auto" becomes "mosaic" on Hopper for what the Mosaic prefill
-  # kernel takes, else "triton"; "mosaic" asked for off Hopper (unless interpreting) or for
-  # what that kernel does not take raises.
-  try:
-    shared_kernel = kernel_backend(
-      "cascade",
-      q_dtype=q.dtype,
-      kv_dtype=k_blocks.dtype,
-      head_dim=q.shape[2],
-      block_size=k_blocks.shape[2],
-      requested=block_sizes.shared_kernel,
-      interpret=bool(interpret),
-    )
-  except ValueError as e:
-    raise ValueError(
-      f"CascadeBlockSizes(shared_kernel='mosaic') runs the shared part on the Mosaic GPU "
-      f"prefill kernel, which cannot take this call: {e}. shared_kernel='triton' takes "
-      "every GPU, dtype and block size ('auto', the default, picks what runs)"
-    ) from e
-  block_sizes = dataclasses.replace(block_sizes, shared_kernel=shared_kernel)
+  block_sizes = resolve_shared_kernel(
+    block_sizes,
+    q_dtype=q.dtype,
+    kv_dtype=k_blocks.dtype,
+    head_dim=q.shape[2],
+    block_size=k_blocks.shape[2],
+    interpret=bool(interpret),
+  )
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     return jnp.zeros(q.shape, q.dtype)
   return _cascade(
