@@ -20,7 +20,11 @@ median over ``--repeats`` samples with the spread (min, max), from
 same models also serve ShareGPT-like requests through :class:`paxcache.engine.Engine` (the
 first pass compiles, its compile share timed by JAX's compile events (``compile_s``, with
 ``first_pass_s`` the whole pass); then ``--e2e-repeats`` passes, same lengths,
-other tokens, give the median tokens/s with its min-max spread).
+other tokens, give the median tokens/s with its min-max spread). Every
+``--capture-every``-th decode step of the first measured pass is kept and replayed
+afterwards (``_replay_ms``) for its device time, beside the wall time the engine took for
+it: on a GPU the span of the step's kernels in a profiler trace, the batch already on the
+device (``device_timing: "trace"``); elsewhere the device-resident batch's clock time.
 
   python -m experiments.bench.engine_step --out /tmp/engine_step [--e2e]
 
@@ -65,6 +69,18 @@ MODELS = {
     mlp_dim=1536,
     tie_embeddings=True,
     rope_theta=100_000.0,
+  ),  # fmt: skip
+  # One layer of width 32 (2/1 heads of 16): the CPU tests' smoke runs, not a benchmark.
+  "micro": dict(
+    vocab_size=256,
+    d_model=32,
+    num_layers=1,
+    num_q_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    mlp_dim=64,
+    tie_embeddings=True,
+    rope_theta=10_000.0,
   ),  # fmt: skip
   # Llama-3.2-1B: 16 layers, 32/8 heads of 64, tied embeddings.
   "llama-1b": dict(
@@ -328,22 +344,63 @@ def step_rows(args, rate: float) -> list[dict]:
   return rows
 
 
-def _replay_ms(engine, batches, args) -> list[float]:
-  """Device time (ms) of each captured step batch, replayed through the engine's own
-  jitted step against its pool (the work depends on the table and lengths, not on the
-  K/V values); ``inner`` steps back to back per sample, median of 5 samples."""
-  holder = {"cache": engine.cache}
+def _replay_ms(engine, batches, args) -> dict[str, list[float]]:
+  """Each captured step batch replayed through the engine's own jitted step against its
+  pool (the work depends on the table and lengths, not on the K/V values), three ways,
+  ms per step:
 
-  def replay(batch):
+  * ``clock``: the batch as the engine passes it (host arrays, packed and transferred on
+    every call), ``--inner`` calls back to back, then one sync; median of 5 samples. Run29
+    found it above the engine's own wall time with two steps unread: the host's packing
+    and transfer of each call are in it.
+  * ``put_clock``: the packed batch put on the device once, then timed as ``clock``.
+  * ``trace`` (GPU only): the same device-resident batch, ``--replay-runs`` calls back to
+    back under ``jax.profiler``; each call's span from its first kernel's start to its
+    last kernel's end (``_gpu_common.device_time``), median. No host time is in it.
+
+  ``--replay-max`` bounds how many batches (evenly spaced) are replayed; the others get
+  None."""
+  from experiments.bench._gpu_common import device_time
+
+  holder = {"cache": engine.cache}
+  step = engine._step_fn
+  n = min(len(batches), args.replay_max)
+  keep = set(np.linspace(0, len(batches) - 1, n).round().astype(int).tolist())
+
+  def from_host(batch):
     def call():
-      tokens, holder["cache"] = engine._step_fn(
+      tokens, holder["cache"] = step(
         engine._params, holder["cache"], batch, engine._key, engine._prev_tokens
       )
       return tokens
 
     return call
 
-  out = [time_calls(replay(b), repeats=5, inner=args.inner, warmup=2).median * 1e3 for b in batches]
+  def on_device(batch):
+    packed, layout = batch.pack()
+    packed = jax.device_put(packed)
+
+    def call():
+      tokens, holder["cache"] = step.jitted(
+        engine._params, holder["cache"], packed, layout, engine._key, engine._prev_tokens
+      )
+      return tokens
+
+    return call
+
+  gpu = jax.default_backend() == "gpu"
+  out = {"clock": [], "put_clock": [], "trace": []}
+  for i, b in enumerate(batches):
+    if i not in keep:
+      for v in out.values():
+        v.append(None)
+      continue
+    resident = on_device(b)
+    for name, call in (("clock", from_host(b)), ("put_clock", resident)):
+      out[name].append(time_calls(call, repeats=5, inner=args.inner, warmup=2).median * 1e3)
+    out["trace"].append(
+      device_time(resident, runs=args.replay_runs, per_run=1).median * 1e3 if gpu else None
+    )
   engine.cache = holder["cache"]
   return out
 
@@ -432,7 +489,11 @@ def e2e_rows(args) -> list[dict]:
         if rep == "measured" and captured:
           # Each captured step's wall time (the host's, with overlap) beside its device time.
           by_step = {s.step: s for s in steps}
-          device = _replay_ms(engine, [b for _, b in captured], args)
+          replay = _replay_ms(engine, [b for _, b in captured], args)
+          # The device time of a step: the traced span where there is a GPU trace, else
+          # the device-resident batch's clock (on a CPU the call is the device's work).
+          timing = "trace" if any(x is not None for x in replay["trace"]) else "put_clock"
+          device = replay[timing]
           if args.e2e_steps_out:
             # Every step as the engine ran it (a step-cost model's training data; the
             # captured ones with their replayed device time).
@@ -451,19 +512,38 @@ def e2e_rows(args) -> list[dict]:
                   num_tokens=s.num_tokens,
                   **step_record(s),
                   device_ms=dev.get(s.step),
+                  device_timing=timing,
                   plan_min_chunk=(min_chunk or None) if result["planned"] else None,
                   async_scheduling=args.async_scheduling,
                   dispatch_thread=args.dispatch_thread,
                   pipeline_depth=args.pipeline_depth,
                 )
                 f.write(json.dumps(row) + "\n")
-          wall = [by_step[i].seconds * 1e3 for i, _ in captured]
+          pairs = [
+            (by_step[i].seconds * 1e3, d, by_step[i].num_seqs)
+            for (i, _), d in zip(captured, device, strict=True)
+            if d is not None
+          ]
+          wall = [w for w, _, _ in pairs]
+
+          def med(xs):
+            xs = [x for x in xs if x is not None]
+            return statistics.median(xs) if xs else None
+
           result[rep].update(
-            decode_device_ms=statistics.median(device),
+            decode_device_ms=statistics.median(d for _, d, _ in pairs),
+            device_timing=timing,
+            replay_clock_ms=med(replay["clock"]),
+            replay_put_clock_ms=med(replay["put_clock"]),
+            replay_trace_ms=med(replay["trace"]),
             captured_wall_ms=statistics.median(wall),
-            captured_batch=statistics.mean(by_step[i].num_seqs for i, _ in captured),
-            captured_steps=len(captured),
-            wall_over_device=statistics.median(w / d for w, d in zip(wall, device, strict=True)),
+            # Mean, not median: with two steps unread a step's wall time alternates, and
+            # only the mean over the steps is the engine's pace.
+            captured_wall_mean_ms=statistics.mean(wall),
+            captured_batch=statistics.mean(n for _, _, n in pairs),
+            captured_steps=len(pairs),
+            wall_over_device=statistics.median(w / d for w, d, _ in pairs),
+            mean_wall_over_device=statistics.mean(wall) / statistics.mean(d for _, d, _ in pairs),
           )
         del engine
         gc.collect()
@@ -500,10 +580,16 @@ def e2e_rows(args) -> list[dict]:
         e2e_repeats=rate.repeats,
         decode_step_ms=m["decode_ms"],
         decode_device_ms=m.get("decode_device_ms"),
+        device_timing=m.get("device_timing"),
+        replay_clock_ms=m.get("replay_clock_ms"),
+        replay_put_clock_ms=m.get("replay_put_clock_ms"),
+        replay_trace_ms=m.get("replay_trace_ms"),
         captured_wall_ms=m.get("captured_wall_ms"),
+        captured_wall_mean_ms=m.get("captured_wall_mean_ms"),
         captured_batch=m.get("captured_batch"),
         captured_steps=m.get("captured_steps"),
         wall_over_device=m.get("wall_over_device"),
+        mean_wall_over_device=m.get("mean_wall_over_device"),
         mean_decode_batch=m["mean_batch"],
         # JAX's own compile events in the first pass (tracing, lowering, compiling or
         # loading from the persistent cache; paxcache.engine._clock.compile_seconds): not the
@@ -571,6 +657,12 @@ def define_flags():
   flags.DEFINE_bool("e2e-steps-out", False, "also write every step to engine_steps.jsonl")
   flags.DEFINE_integer(
     "capture-every", 25, "replay every Nth decode step for device time", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "replay-max", 16, "replay at most this many captured steps (evenly spaced)", lower_bound=1
+  )
+  flags.DEFINE_integer(
+    "replay-runs", 9, "traced calls per replayed step (GPU; median of their spans)", lower_bound=1
   )
   flags.DEFINE_bool("async-scheduling", False, "EngineConfig.async_scheduling")
   flags.DEFINE_bool(

@@ -487,6 +487,13 @@ class _StepFn:
       donate_argnums=(1,),
     )
 
+  @property
+  def jitted(self):
+    """``jitted(params, cache, packed, layout, key, prev_tokens)``: the step over a batch
+    packed already (:meth:`StepBatch.pack`), for a caller that puts the packed buffer on
+    the device itself (a benchmark replaying one batch without its transfer)."""
+    return self._jitted
+
   def __call__(self, params, cache, batch: StepBatch, key, prev_tokens):
     packed, layout = batch.pack()
     return self._jitted(params, cache, packed, layout, key, prev_tokens)

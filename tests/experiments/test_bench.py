@@ -622,3 +622,89 @@ def test_gemm_rows_products_and_layer_shapes():
     got = products([jnp.asarray(x) for x in xs], [jnp.asarray(w) for w in ws], split)
     for g, w in zip(got, want, strict=True):
       np.testing.assert_allclose(g, w, **tolerance("layer_vs_float64", jnp.float32))
+
+
+def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
+  # A one-layer model on the CPU: every captured step is replayed three ways; with no GPU
+  # trace the device time is the device-resident batch's clock, and the row's medians and
+  # ratios are those of the per-step rows written beside it.
+  argv = (
+    "--no-step --e2e --models micro --e2e-requests 4 --e2e-steady 4x8+24 --e2e-only-steady "
+    "--e2e-repeats 1 --capture-every 2 --replay-max 5 --e2e-pool-gb 0.001 --async-scheduling "
+    "--e2e-steps-out --compilation-cache="
+  ).split()
+  (row,) = _bench_rows("engine_step", argv, tmp_path, "engine_e2e.jsonl")
+  assert row["model"] == "micro" and row["generated_tokens"] == 4 * 24
+  assert row["device_timing"] == "put_clock" and row["replay_trace_ms"] is None
+  assert row["replay_clock_ms"] > 0 and row["replay_put_clock_ms"] > 0
+  assert row["decode_device_ms"] == row["replay_put_clock_ms"]
+  steps = [json.loads(x) for x in (tmp_path / "engine_steps.jsonl").read_text().splitlines()]
+  timed = [s for s in steps if s["device_ms"] is not None]
+  assert len(timed) == row["captured_steps"] == 5  # --replay-max of the captured steps
+  assert all(s["device_timing"] == "put_clock" and s["prefill_tokens"] == 0 for s in timed)
+  ratios = sorted(s["step_ms"] / s["device_ms"] for s in timed)
+  assert row["wall_over_device"] == pytest.approx(ratios[2])
+  walls = [s["step_ms"] for s in timed]
+  assert row["captured_wall_mean_ms"] == pytest.approx(sum(walls) / 5)
+  devices = [s["device_ms"] for s in timed]
+  assert row["mean_wall_over_device"] == pytest.approx(sum(walls) / sum(devices))
+  assert row["decode_device_ms"] == pytest.approx(sorted(devices)[2])
+
+
+def test_engine_step_replay_takes_the_traced_span_on_a_gpu(monkeypatch):
+  # On a GPU _replay_ms traces the device-resident batch (_gpu_common.device_time); here
+  # the backend and the trace are stand-ins that record what they were handed.
+  import jax
+
+  from experiments._timing import Timing
+  from experiments.bench import _gpu_common
+  from experiments.bench import engine_step as es
+  from paxcache.engine import Engine, EngineConfig, Request
+
+  model = es.build_model("micro", max_seq_len=64)
+  engine = Engine(model, EngineConfig(num_blocks=32, block_size=16, async_scheduling=True))
+  captured = []
+  build = engine._build_batch
+
+  def capture(plan):
+    batch = build(plan)
+    if batch.decode_only:
+      captured.append(batch)
+    return batch
+
+  engine._build_batch = capture
+  engine.run([Request(i, [1, 2, 3], max_new_tokens=6) for i in range(2)])
+  assert len(captured) >= 3
+  traced = []
+
+  def fake_device_time(call, *, runs, per_run):
+    tokens = call()
+    traced.append((runs, per_run, type(tokens)))
+    return Timing.of([0.001 * len(traced)] * runs)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(_gpu_common, "device_time", fake_device_time)
+  args = type("A", (), dict(inner=2, replay_max=2, replay_runs=7))
+  out = es._replay_ms(engine, captured, args)
+  n = len(captured)
+  assert [x is None for x in out["trace"]] == [i not in (0, n - 1) for i in range(n)]
+  assert out["trace"][0] == pytest.approx(1.0) and out["trace"][-1] == pytest.approx(2.0)
+  assert [r[:2] for r in traced] == [(7, 1), (7, 1)]
+  assert all(issubclass(t, jax.Array) for *_, t in traced)
+  assert [x is None for x in out["clock"]] == [x is None for x in out["trace"]]
+  assert all(x > 0 for x in out["put_clock"] if x is not None)
+
+
+def test_device_time_is_each_runs_kernel_span(monkeypatch):
+  # Three runs of two kernels each (ns): each run's span from its first start to its last
+  # end, gaps between runs left out; a count that does not split into the runs raises.
+  from experiments.bench import _gpu_common
+
+  events = [("a", 0, 10), ("b", 15, 5), ("a", 100, 10), ("b", 112, 20)]
+  events += [("a", 200, 5), ("b", 205, 5)]
+  monkeypatch.setattr(_gpu_common, "trace_kernels", lambda call, runs: events)
+  t = _gpu_common.device_time(None, runs=3, per_run=2)
+  assert sorted(t.samples) == pytest.approx([5e-9, 10e-9, 16e-9])
+  monkeypatch.setattr(_gpu_common, "trace_kernels", lambda call, runs: events[:5])
+  with pytest.raises(RuntimeError, match="do not split"):
+    _gpu_common.device_time(None, runs=3, per_run=2)
