@@ -545,6 +545,15 @@ def e2e_rows(args) -> list[dict]:
             wall_over_device=statistics.median(w / d for w, d, _ in pairs),
             mean_wall_over_device=statistics.mean(wall) / statistics.mean(d for _, d, _ in pairs),
           )
+          # The captured steps at the largest batch (all of --e2e-steady's B decoding: the
+          # issue's "at batch 256"): the ratio of their mean wall to their mean device time.
+          top = max(n for _, _, n in pairs)
+          full = [(w, d) for w, d, n in pairs if n == top]
+          result[rep].update(
+            full_batch=top,
+            full_steps=len(full),
+            full_wall_over_device=sum(w for w, _ in full) / sum(d for _, d in full),
+          )
         del engine
         gc.collect()
       if args.e2e_compile_only:
@@ -590,6 +599,9 @@ def e2e_rows(args) -> list[dict]:
         captured_steps=m.get("captured_steps"),
         wall_over_device=m.get("wall_over_device"),
         mean_wall_over_device=m.get("mean_wall_over_device"),
+        full_batch=m.get("full_batch"),
+        full_steps=m.get("full_steps"),
+        full_wall_over_device=m.get("full_wall_over_device"),
         mean_decode_batch=m["mean_batch"],
         # JAX's own compile events in the first pass (tracing, lowering, compiling or
         # loading from the persistent cache; paxcache.engine._clock.compile_seconds): not the
@@ -723,7 +735,9 @@ def main(args):
       f"compile {r['compile_s']:.2f} s ({r['compiled_shapes']} shapes)"
       + (
         f"  captured: wall {r['captured_wall_ms']:.2f} ms, device {r['decode_device_ms']:.2f} ms"
-        f" @ {r['captured_batch']:.0f} (wall/device {r['wall_over_device']:.2f})"
+        f" @ {r['captured_batch']:.0f} (wall/device {r['wall_over_device']:.2f};"
+        f" {r['device_timing']}; at batch {r['full_batch']}:"
+        f" {r['full_wall_over_device']:.2f} over {r['full_steps']} steps)"
         if r["decode_device_ms"]
         else ""
       )

@@ -649,6 +649,10 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   devices = [s["device_ms"] for s in timed]
   assert row["mean_wall_over_device"] == pytest.approx(sum(walls) / sum(devices))
   assert row["decode_device_ms"] == pytest.approx(sorted(devices)[2])
+  full = [s for s in timed if s["rows"] == row["full_batch"]]
+  assert row["full_batch"] == 4 and row["full_steps"] == len(full) >= 1
+  ratio = sum(s["step_ms"] for s in full) / sum(s["device_ms"] for s in full)
+  assert row["full_wall_over_device"] == pytest.approx(ratio)
 
 
 def test_engine_step_replay_takes_the_traced_span_on_a_gpu(monkeypatch):
