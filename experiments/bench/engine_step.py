@@ -28,6 +28,10 @@ device (``device_timing: "trace"``); elsewhere the device-resident batch's clock
 
   python -m experiments.bench.engine_step --out /tmp/engine_step [--e2e]
 
+``--e2e-shared-prefix N --e2e-cascade 0,default`` puts one N-token system prompt in front
+of every prompt and serves it with cascade attention off and at the engine's threshold
+(docs/engine.md, "Cascade attention", has the command).
+
 Writes ``OUT/engine_step.jsonl`` (and ``OUT/engine_e2e.jsonl``) and prints a table last.
 """
 
@@ -424,8 +428,15 @@ def e2e_rows(args) -> list[dict]:
       lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
     else:
       lengths = np.array([[args.e2e_steady[1], args.e2e_steady[2]]] * requests)
-    for block_size, min_chunk in itertools.product(args.e2e_block_sizes, args.e2e_min_chunks):
-      model = build_model(name, max_seq_len=max(1024, int(lengths.sum(1).max())))
+    # --e2e-shared-prefix N: every prompt starts with the same N tokens (a system prompt),
+    # so that admissions hit the prefix cache and decode steps may run cascade attention.
+    prefix_len = args.e2e_shared_prefix
+    if prefix_len:
+      workload += f"+prefix{prefix_len}"
+    runs_of = itertools.product(args.e2e_block_sizes, args.e2e_min_chunks, args.e2e_cascade)
+    for block_size, min_chunk, cascade_min in runs_of:
+      longest = prefix_len + int(lengths.sum(1).max())
+      model = build_model(name, max_seq_len=max(1024, longest))
       c = model.config
       pool_tokens = int(args.e2e_pool_gb * 1e9 // kv_bytes(c, 1, 1))
       config = EngineConfig(
@@ -438,8 +449,10 @@ def e2e_rows(args) -> list[dict]:
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
         pipeline_depth=args.pipeline_depth,
+        cascade_min_shared_blocks=cascade_min,
       )
       rng = np.random.default_rng(0)
+      prefix = rng.integers(0, c.vocab_size, prefix_len).tolist()
       result = {}
       passes = ["compile"]
       if not args.e2e_compile_only:
@@ -465,7 +478,11 @@ def e2e_rows(args) -> list[dict]:
 
         engine._build_batch = capture
         reqs = [
-          Request((rep, i), rng.integers(0, c.vocab_size, int(p)).tolist(), max_new_tokens=int(o))
+          Request(
+            (rep, i),
+            prefix + rng.integers(0, c.vocab_size, int(p)).tolist(),
+            max_new_tokens=int(o),
+          )
           for i, (p, o) in enumerate(lengths)
         ]
         t0 = time.perf_counter()
@@ -485,6 +502,10 @@ def e2e_rows(args) -> list[dict]:
           mean_batch=statistics.mean(s.num_seqs for s in decode) if decode else None,
           shapes=engine.metrics.compiled_shapes,
           compile_s=compile_seconds() - c0,
+          prefix_hit_tokens=engine.metrics.prefix_hit_tokens,
+          cascade_steps=engine.metrics.cascade_steps,
+          cascade_min_shared_blocks=engine.cascade_min_shared_blocks,  # as applied
+          cascade_off_reason=engine.cascade_off_reason,
         )
         if rep == "measured" and captured:
           # Each captured step's wall time (the host's, with overlap) beside its device time.
@@ -610,6 +631,11 @@ def e2e_rows(args) -> list[dict]:
         first_pass_s=result["compile"]["seconds"],
         startup_s=result["startup_s"]["measured"],
         compiled_shapes=m["shapes"],
+        shared_prefix=prefix_len,
+        prefix_hit_tokens=m["prefix_hit_tokens"],
+        cascade_min_shared_blocks=m["cascade_min_shared_blocks"],
+        cascade_off_reason=m["cascade_off_reason"],
+        cascade_steps=m["cascade_steps"],
         compilation_cache=bool(args.compilation_cache),
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
@@ -661,6 +687,19 @@ def define_flags():
     "BxP+O: also B requests of P prompt and O new tokens each (all decode together)",
   )
   flags.DEFINE_bool("e2e-only-steady", False, "skip the ShareGPT-like runs")
+  flags.DEFINE_integer(
+    "e2e-shared-prefix",
+    0,
+    "tokens of one system prompt every request's prompt starts with (prefix-cache hits, "
+    "cascade attention in decode steps)",
+    lower_bound=0,
+  )
+  flags.DEFINE_string(
+    "e2e-cascade",
+    "default",
+    "EngineConfig.cascade_min_shared_blocks, comma separated: one run each (0: off; "
+    "'default': the config's default)",
+  )
   flags.DEFINE_bool(
     "e2e-compile-only",
     False,
@@ -697,6 +736,14 @@ def main(args):
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
   args.e2e_min_chunks = [int(x) for x in args.e2e_min_chunks.split(",")]
+  default_cascade = None
+  if "default" in args.e2e_cascade.split(","):
+    from paxcache.engine import EngineConfig
+
+    default_cascade = EngineConfig().cascade_min_shared_blocks
+  args.e2e_cascade = [
+    default_cascade if x == "default" else int(x) for x in args.e2e_cascade.split(",")
+  ]
   if args.e2e_steady:
     b, rest = args.e2e_steady.split("x")
     args.e2e_steady = (int(b), *(int(x) for x in rest.split("+")))
@@ -733,6 +780,11 @@ def main(args):
       f"{r['tokens_per_s']:>8.0f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}) tok/s  "
       f"decode {r['decode_step_ms']:.2f} ms @ {r['mean_decode_batch']:.1f}  "
       f"compile {r['compile_s']:.2f} s ({r['compiled_shapes']} shapes)"
+      + (
+        f"  cascade>={r['cascade_min_shared_blocks']} blocks: {r['cascade_steps']} steps"
+        if r["shared_prefix"]
+        else ""
+      )
       + (
         f"  captured: wall {r['captured_wall_ms']:.2f} ms, device {r['decode_device_ms']:.2f} ms"
         f" @ {r['captured_batch']:.0f} (wall/device {r['wall_over_device']:.2f};"

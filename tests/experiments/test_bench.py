@@ -712,3 +712,22 @@ def test_device_time_is_each_runs_kernel_span(monkeypatch):
   monkeypatch.setattr(_gpu_common, "trace_kernels", lambda call, runs: events[:5])
   with pytest.raises(RuntimeError, match="do not split"):
     _gpu_common.device_time(None, runs=3, per_run=2)
+
+
+def test_engine_step_e2e_with_a_shared_prefix_runs_cascade_steps_only_where_asked(tmp_path):
+  # Four requests on one 160-token system prompt (10 blocks of 16): the prefix cache hits
+  # in both runs; decode steps take cascade attention at the default threshold (8 blocks)
+  # and never with 0.
+  argv = (
+    "--no-step --e2e --models micro --e2e-steady 4x8+12 --e2e-only-steady --e2e-repeats 1 "
+    "--e2e-shared-prefix 160 --e2e-cascade 0,default --e2e-pool-gb 0.001 --async-scheduling "
+    "--compilation-cache="
+  ).split()
+  off, on = _bench_rows("engine_step", argv, tmp_path, "engine_e2e.jsonl")
+  for row in (off, on):
+    assert row["workload"] == "steady4x8+12+prefix160" and row["shared_prefix"] == 160
+    assert row["generated_tokens"] == 4 * 12
+    assert row["prefix_hit_tokens"] >= 3 * 160  # every request after the first
+  assert off["cascade_min_shared_blocks"] == 0 and off["cascade_steps"] == 0
+  assert on["cascade_min_shared_blocks"] == 8 and on["cascade_steps"] > 0
+  assert on["cascade_off_reason"] in (None, "")
