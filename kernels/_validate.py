@@ -180,9 +180,20 @@ def validate_inputs(
     )
   if v_blocks.shape != k_blocks.shape or v_blocks.dtype != k_blocks.dtype:
     raise ValueError(f"v_blocks {_shape_str(v_blocks)} must match k_blocks {_shape_str(k_blocks)}")
+  if 0 in (k_blocks.shape[0], *k_blocks.shape[2:]):
+    # A pool of 0 blocks is allowed (nothing to read: zeros, as from any empty table).
+    raise ValueError(
+      "k_blocks [num_kv_heads, num_blocks, block_size, head_dim] needs num_kv_heads, "
+      f"block_size and head_dim >= 1, got {_shape_str(k_blocks)}"
+    )
   num_kv_heads = k_blocks.shape[0]
   if q.ndim != 3:
     raise ValueError(f"q must be [num_tokens or batch, num_q_heads, head_dim], got {_shape_str(q)}")
+  if 0 in q.shape[1:]:
+    raise ValueError(
+      f"q [num_tokens or batch, num_q_heads, head_dim] needs heads and head_dim >= 1, got "
+      f"{_shape_str(q)}"
+    )
   pool_shape = validate_layout(q, k_blocks, lane_dense)
   if q.shape[1] % num_kv_heads:
     raise ValueError(

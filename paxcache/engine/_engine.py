@@ -404,6 +404,10 @@ class EngineConfig:
         raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.num_host_blocks < 0 or self.watermark_blocks < 0:
       raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
+    if not 0 <= self.seed < SEED_LIMIT:
+      # jax.random.key keeps a seed's low 32 bits: a wider one would sample as another
+      # seed does (and past 64 bits it fails inside JAX). As for Request.seed.
+      raise ValueError(f"EngineConfig.seed must be in [0, 2**31), got {self.seed}")
     if self.cascade_min_shared_blocks < 0:
       raise ValueError(
         f"EngineConfig.cascade_min_shared_blocks must be >= 0 (0 = off), got "
@@ -646,6 +650,11 @@ class Engine:
 
   def _init_host(self, config: EngineConfig, max_seq_len: int, vocab_size: int, clock) -> None:
     """Everything but the model and the device pool: allocator, scheduler, queues, clock."""
+    if not isinstance(config, EngineConfig):
+      raise TypeError(
+        f"the engine's config must be an EngineConfig, got {type(config).__name__}: "
+        f"{config!r:.80}"
+      )
     self.config = config
     self.max_seq_len = max_seq_len
     self.vocab_size = vocab_size

@@ -178,6 +178,26 @@ def test_validate_inputs_names_the_argument(index, value, match):
 
 
 @pytest.mark.parametrize(
+  "pool,q_shape,match",
+  [
+    ((0, NUM_BLOCKS, BS, D), (BATCH, HQ, D), r"num_kv_heads, .* >= 1, got \(0, 6, 4, 8\)"),
+    ((HKV, NUM_BLOCKS, 0, D), (BATCH, HQ, D), r"head_dim >= 1, got \(2, 6, 0, 8\)"),
+    ((HKV, NUM_BLOCKS, BS, 0), (BATCH, HQ, 0), r"head_dim >= 1, got \(2, 6, 4, 0\)"),
+    ((HKV, NUM_BLOCKS, BS, D), (BATCH, 0, D), r"q .* heads and head_dim >= 1, got \(3, 0, 8\)"),
+  ],
+  ids=["no_kv_heads", "block_size_0", "head_dim_0", "no_q_heads"],
+)
+def test_empty_pool_or_query_dimensions_are_refused(pool, q_shape, match):
+  # Were: a modulo by zero, a max over an empty array, 0.0 to a negative power. (A pool
+  # of 0 blocks stays allowed: test_every_backend_returns_zeros_when_there_is_no_block_to_read.)
+  _, _, _, table, lengths = valid_inputs()
+  q = jnp.zeros(q_shape, f32)
+  k = v = jnp.zeros(pool, f32)
+  with pytest.raises(ValueError, match=match):
+    kernels.paged_attention(q, k, v, table, lengths, backend="reference")
+
+
+@pytest.mark.parametrize(
   "cu_q_lens,match",
   [
     (

@@ -621,6 +621,10 @@ def test_dispatch_thread_reports_a_failed_call_and_every_call_after_it(tiny, cor
     ("num_blocks", "8", r"EngineConfig.num_blocks must be an int, got '8' \(str\)"),
     ("block_size", True, r"EngineConfig.block_size must be an int, got True \(bool\)"),
     ("seed", 1.5, r"EngineConfig.seed must be an int, got 1.5"),
+    # jax.random.key keeps 32 bits: 2**40 would sample as seed 0 does; 2**70 failed in JAX.
+    ("seed", 2**40, r"EngineConfig.seed must be in \[0, 2\*\*31\), got 1099511627776"),
+    ("seed", 2**70, r"EngineConfig.seed must be in \[0, 2\*\*31\)"),
+    ("seed", -1, r"EngineConfig.seed must be in \[0, 2\*\*31\), got -1"),
     ("async_scheduling", 1, r"EngineConfig.async_scheduling must be a bool, got 1"),
     ("dispatch_thread", 1, r"EngineConfig.dispatch_thread must be a bool, got 1"),
     ("dispatch_thread", True, r"dispatch_thread needs async_scheduling=True"),
@@ -632,6 +636,12 @@ def test_dispatch_thread_reports_a_failed_call_and_every_call_after_it(tiny, cor
 def test_engine_config_rejects_wrongly_typed_fields(field, value, match):
   with pytest.raises(ValueError, match=match):
     EngineConfig(**{field: value})
+
+
+@pytest.mark.parametrize("config", [None, {"num_blocks": 16}], ids=["none", "dict"])
+def test_an_engine_takes_only_an_engine_config(tiny, config):
+  with pytest.raises(TypeError, match=r"config must be an EngineConfig, got (NoneType|dict)"):
+    Engine(tiny, config)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
