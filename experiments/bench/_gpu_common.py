@@ -154,15 +154,23 @@ def device_time(call, *, runs: int, per_run: int) -> Timing:
   Raises:
     RuntimeError: no GPU events, or a count that does not split into ``runs`` groups.
   """
+  return device_spans(call, runs=runs, per_run=per_run)[0]
+
+
+def device_spans(call, *, runs: int, per_run: int) -> tuple[Timing, Timing]:
+  """``(span, busy)``: :func:`device_time`'s spans, and beside them each run's kernel
+  time alone (the sum of its kernels' durations, per ``per_run``). Span minus busy is the
+  device idle inside a run: launch gaps, which the tracer's own work may lengthen."""
   events = trace_kernels(call, runs)
   if not events or len(events) % runs:
     raise RuntimeError(f"{len(events)} device events do not split into {runs} runs")
   k = len(events) // runs
-  spans = []
+  spans, busy = [], []
   for i in range(runs):
     group = events[i * k : (i + 1) * k]
     spans.append((max(s + d for _, s, d in group) - group[0][1]) / 1e9 / per_run)
-  return Timing.of(spans)
+    busy.append(sum(d for _, _, d in group) / 1e9 / per_run)
+  return Timing.of(spans), Timing.of(busy)
 
 
 def kernel_summary(events, per: int) -> dict:

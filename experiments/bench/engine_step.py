@@ -360,11 +360,14 @@ def _replay_ms(engine, batches, args) -> dict[str, list[float]]:
   * ``put_clock``: the packed batch put on the device once, then timed as ``clock``.
   * ``trace`` (GPU only): the same device-resident batch, ``--replay-runs`` calls back to
     back under ``jax.profiler``; each call's span from its first kernel's start to its
-    last kernel's end (``_gpu_common.device_time``), median. No host time is in it.
+    last kernel's end (``_gpu_common.device_spans``), median. No host time is in it.
+    ``busy`` beside it: the same calls' kernel time alone (span minus busy: the launch
+    gaps inside a step, which the tracer may lengthen).
 
   ``--replay-max`` bounds how many batches (evenly spaced) are replayed; the others get
-  None."""
-  from experiments.bench._gpu_common import device_time
+  None, as does a batch whose trace does not split into its calls (reported, not fatal:
+  the passes already measured are kept). The pool goes back to the engine in any case."""
+  from experiments.bench._gpu_common import device_spans
 
   holder = {"cache": engine.cache}
   step = engine._step_fn
@@ -393,19 +396,24 @@ def _replay_ms(engine, batches, args) -> dict[str, list[float]]:
     return call
 
   gpu = jax.default_backend() == "gpu"
-  out = {"clock": [], "put_clock": [], "trace": []}
-  for i, b in enumerate(batches):
-    if i not in keep:
-      for v in out.values():
-        v.append(None)
-      continue
-    resident = on_device(b)
-    for name, call in (("clock", from_host(b)), ("put_clock", resident)):
-      out[name].append(time_calls(call, repeats=5, inner=args.inner, warmup=2).median * 1e3)
-    out["trace"].append(
-      device_time(resident, runs=args.replay_runs, per_run=1).median * 1e3 if gpu else None
-    )
-  engine.cache = holder["cache"]
+  out = {"clock": [], "put_clock": [], "trace": [], "busy": []}
+  try:
+    for i, b in enumerate(batches):
+      row = dict.fromkeys(out)
+      if i in keep:
+        resident = on_device(b)
+        for name, call in (("clock", from_host(b)), ("put_clock", resident)):
+          row[name] = time_calls(call, repeats=5, inner=args.inner, warmup=2).median * 1e3
+        if gpu:
+          try:
+            span, busy = device_spans(resident, runs=args.replay_runs, per_run=1)
+            row["trace"], row["busy"] = span.median * 1e3, busy.median * 1e3
+          except RuntimeError as e:  # an uneven trace: this batch has no traced time
+            print(f"replay {i}: no traced time ({e})", flush=True)
+      for name, v in row.items():
+        out[name].append(v)
+  finally:
+    engine.cache = holder["cache"]
   return out
 
 
@@ -450,6 +458,9 @@ def e2e_rows(args) -> list[dict]:
         dispatch_thread=args.dispatch_thread,
         pipeline_depth=args.pipeline_depth,
         cascade_min_shared_blocks=cascade_min,
+        # Every step's metrics of a pass (the default keeps the last 4,096; a longer pass
+        # would lose the captured steps' records).
+        metrics_history=1 << 22,
       )
       rng = np.random.default_rng(0)
       prefix = rng.integers(0, c.vocab_size, prefix_len).tolist()
@@ -532,48 +543,67 @@ def e2e_rows(args) -> list[dict]:
                   rows=s.num_seqs,
                   num_tokens=s.num_tokens,
                   **step_record(s),
+                  # The engine clock from the step before's end to this one's.
+                  pace_ms=(s.clock - by_step[s.step - 1].clock) * 1e3
+                  if s.step - 1 in by_step
+                  else None,
                   device_ms=dev.get(s.step),
-                  device_timing=timing,
+                  device_timing=timing if dev.get(s.step) is not None else None,
                   plan_min_chunk=(min_chunk or None) if result["planned"] else None,
                   async_scheduling=args.async_scheduling,
                   dispatch_thread=args.dispatch_thread,
                   pipeline_depth=args.pipeline_depth,
                 )
                 f.write(json.dumps(row) + "\n")
+          # (wall, device, rows, pace) of every replayed step. Wall: the step's own
+          # StepMetrics.seconds; pace: the engine clock from the step before's end to this
+          # one's (also the host work outside step(): arrivals, metrics, run()'s loop).
           pairs = [
-            (by_step[i].seconds * 1e3, d, by_step[i].num_seqs)
+            (
+              by_step[i].seconds * 1e3,
+              d,
+              by_step[i].num_seqs,
+              (by_step[i].clock - by_step[i - 1].clock) * 1e3 if i - 1 in by_step else None,
+            )
             for (i, _), d in zip(captured, device, strict=True)
             if d is not None
           ]
-          wall = [w for w, _, _ in pairs]
+          wall = [w for w, _, _, _ in pairs]
 
           def med(xs):
             xs = [x for x in xs if x is not None]
             return statistics.median(xs) if xs else None
 
           result[rep].update(
-            decode_device_ms=statistics.median(d for _, d, _ in pairs),
+            decode_device_ms=statistics.median(d for _, d, _, _ in pairs),
             device_timing=timing,
             replay_clock_ms=med(replay["clock"]),
             replay_put_clock_ms=med(replay["put_clock"]),
             replay_trace_ms=med(replay["trace"]),
+            replay_busy_ms=med(replay["busy"]),
             captured_wall_ms=statistics.median(wall),
-            # Mean, not median: with two steps unread a step's wall time alternates, and
-            # only the mean over the steps is the engine's pace.
+            # Means, not medians: with async scheduling a step's wall time holds the wait
+            # for an earlier step's tokens (two steps earlier at depth 2), so per-step
+            # ratios pair different steps; only means over the steps give the pace.
             captured_wall_mean_ms=statistics.mean(wall),
-            captured_batch=statistics.mean(n for _, _, n in pairs),
+            captured_batch=statistics.mean(n for _, _, n, _ in pairs),
             captured_steps=len(pairs),
-            wall_over_device=statistics.median(w / d for w, d, _ in pairs),
-            mean_wall_over_device=statistics.mean(wall) / statistics.mean(d for _, d, _ in pairs),
+            wall_over_device=statistics.median(w / d for w, d, _, _ in pairs),
+            mean_wall_over_device=statistics.mean(wall)
+            / statistics.mean(d for _, d, _, _ in pairs),
           )
           # The captured steps at the largest batch (all of --e2e-steady's B decoding: the
-          # issue's "at batch 256"): the ratio of their mean wall to their mean device time.
-          top = max(n for _, _, n in pairs)
-          full = [(w, d) for w, d, n in pairs if n == top]
+          # issue's "at batch 256"): their mean wall (and pace) over their mean device time.
+          top = max(n for _, _, n, _ in pairs)
+          full = [(w, d, p) for w, d, n, p in pairs if n == top]
+          paced = [(p, d) for _, d, p in full if p is not None]
           result[rep].update(
             full_batch=top,
             full_steps=len(full),
-            full_wall_over_device=sum(w for w, _ in full) / sum(d for _, d in full),
+            full_wall_over_device=sum(w for w, _, _ in full) / sum(d for _, d, _ in full),
+            full_pace_over_device=(
+              sum(p for p, _ in paced) / sum(d for _, d in paced) if paced else None
+            ),
           )
         del engine
         gc.collect()
@@ -623,6 +653,8 @@ def e2e_rows(args) -> list[dict]:
         full_batch=m.get("full_batch"),
         full_steps=m.get("full_steps"),
         full_wall_over_device=m.get("full_wall_over_device"),
+        full_pace_over_device=m.get("full_pace_over_device"),
+        replay_busy_ms=m.get("replay_busy_ms"),
         mean_decode_batch=m["mean_batch"],
         # JAX's own compile events in the first pass (tracing, lowering, compiling or
         # loading from the persistent cache; paxcache.engine._clock.compile_seconds): not the
@@ -789,7 +821,8 @@ def main(args):
         f"  captured: wall {r['captured_wall_ms']:.2f} ms, device {r['decode_device_ms']:.2f} ms"
         f" @ {r['captured_batch']:.0f} (wall/device {r['wall_over_device']:.2f};"
         f" {r['device_timing']}; at batch {r['full_batch']}:"
-        f" {r['full_wall_over_device']:.2f} over {r['full_steps']} steps)"
+        f" {r['full_wall_over_device']:.2f} over {r['full_steps']} steps, pace/device"
+        f" {r['full_pace_over_device'] or float('nan'):.2f})"
         if r["decode_device_ms"]
         else ""
       )

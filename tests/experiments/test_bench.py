@@ -642,6 +642,7 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   timed = [s for s in steps if s["device_ms"] is not None]
   assert len(timed) == row["captured_steps"] == 5  # --replay-max of the captured steps
   assert all(s["device_timing"] == "put_clock" and s["prefill_tokens"] == 0 for s in timed)
+  assert all(s["device_timing"] is None for s in steps if s["device_ms"] is None)
   ratios = sorted(s["step_ms"] / s["device_ms"] for s in timed)
   assert row["wall_over_device"] == pytest.approx(ratios[2])
   walls = [s["step_ms"] for s in timed]
@@ -653,6 +654,12 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   assert row["full_batch"] == 4 and row["full_steps"] == len(full) >= 1
   ratio = sum(s["step_ms"] for s in full) / sum(s["device_ms"] for s in full)
   assert row["full_wall_over_device"] == pytest.approx(ratio)
+  # The pace: the engine clock between consecutive steps' ends, never shorter than the
+  # step itself (it also holds the host work outside step()).
+  paced = [s for s in full if s["pace_ms"] is not None]
+  pace = sum(s["pace_ms"] for s in paced) / sum(s["device_ms"] for s in paced)
+  assert row["full_pace_over_device"] == pytest.approx(pace)
+  assert all(s["pace_ms"] >= s["step_ms"] for s in steps if s["pace_ms"] is not None)
 
 
 def test_engine_step_replay_takes_the_traced_span_on_a_gpu(monkeypatch):
@@ -681,22 +688,31 @@ def test_engine_step_replay_takes_the_traced_span_on_a_gpu(monkeypatch):
   assert len(captured) >= 3
   traced = []
 
-  def fake_device_time(call, *, runs, per_run):
+  def fake_device_spans(call, *, runs, per_run):
     tokens = call()
     traced.append((runs, per_run, type(tokens)))
-    return Timing.of([0.001 * len(traced)] * runs)
+    if len(traced) == 2:
+      raise RuntimeError("41 device events do not split into 7 runs")
+    return Timing.of([0.001 * len(traced)] * runs), Timing.of([0.0005 * len(traced)] * runs)
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  monkeypatch.setattr(_gpu_common, "device_time", fake_device_time)
-  args = type("A", (), dict(inner=2, replay_max=2, replay_runs=7))
+  monkeypatch.setattr(_gpu_common, "device_spans", fake_device_spans)
+  args = type("A", (), dict(inner=2, replay_max=3, replay_runs=7))
   out = es._replay_ms(engine, captured, args)
   n = len(captured)
-  assert [x is None for x in out["trace"]] == [i not in (0, n - 1) for i in range(n)]
-  assert out["trace"][0] == pytest.approx(1.0) and out["trace"][-1] == pytest.approx(2.0)
-  assert [r[:2] for r in traced] == [(7, 1), (7, 1)]
+  replayed = [i in (0, (n - 1) / 2, n - 1) or i == round((n - 1) / 2) for i in range(n)]
+  assert [x is not None for x in out["clock"]] == replayed
+  assert [r[:2] for r in traced] == [(7, 1)] * 3
   assert all(issubclass(t, jax.Array) for *_, t in traced)
-  assert [x is None for x in out["clock"]] == [x is None for x in out["trace"]]
+  # The second batch's trace did not split: no traced time there, the others kept.
+  first, middle = replayed.index(True), replayed.index(True, replayed.index(True) + 1)
+  assert out["trace"][first] == pytest.approx(1.0) and out["busy"][first] == pytest.approx(0.5)
+  assert out["trace"][middle] is None and out["busy"][middle] is None
+  assert out["trace"][-1] == pytest.approx(3.0) and out["busy"][-1] == pytest.approx(1.5)
   assert all(x > 0 for x in out["put_clock"] if x is not None)
+  # The pool went back to the engine, usable: one more request runs on it.
+  engine._build_batch = build
+  assert len(engine.run([Request(9, [4, 5], max_new_tokens=3)])[9].samples[0]) == 3
 
 
 def test_device_time_is_each_runs_kernel_span(monkeypatch):
@@ -709,6 +725,9 @@ def test_device_time_is_each_runs_kernel_span(monkeypatch):
   monkeypatch.setattr(_gpu_common, "trace_kernels", lambda call, runs: events)
   t = _gpu_common.device_time(None, runs=3, per_run=2)
   assert sorted(t.samples) == pytest.approx([5e-9, 10e-9, 16e-9])
+  span, busy = _gpu_common.device_spans(None, runs=3, per_run=2)
+  assert span.samples == t.samples
+  assert busy.samples == pytest.approx([7.5e-9, 15e-9, 5e-9])  # kernel time, gaps left out
   monkeypatch.setattr(_gpu_common, "trace_kernels", lambda call, runs: events[:5])
   with pytest.raises(RuntimeError, match="do not split"):
     _gpu_common.device_time(None, runs=3, per_run=2)
@@ -731,3 +750,15 @@ def test_engine_step_e2e_with_a_shared_prefix_runs_cascade_steps_only_where_aske
   assert off["cascade_min_shared_blocks"] == 0 and off["cascade_steps"] == 0
   assert on["cascade_min_shared_blocks"] == 8 and on["cascade_steps"] > 0
   assert on["cascade_off_reason"] in (None, "")
+
+
+def test_engine_step_e2e_keeps_every_step_of_a_pass_longer_than_the_default_history(tmp_path):
+  # 4,210 decode steps in one pass: EngineConfig's default metrics_history (4,096) dropped
+  # the first captured steps' records and the row failed with a KeyError.
+  argv = (
+    "--no-step --e2e --models micro --e2e-steady 1x8+4210 --e2e-only-steady --e2e-repeats 1 "
+    "--capture-every 100 --e2e-pool-gb 0.001 --async-scheduling --compilation-cache="
+  ).split()
+  (row,) = _bench_rows("engine_step", argv, tmp_path, "engine_e2e.jsonl")
+  # Steps 100, 200, ..., 4200 captured; 16 of them (--replay-max) replayed, step 100 first.
+  assert row["generated_tokens"] == 4210 and row["captured_steps"] == 16
