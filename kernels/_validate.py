@@ -42,7 +42,11 @@ def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
   * ``logit_soft_cap``: None or a finite real number > 0.
   """
   if scale is not None and not (_is_real(scale) and math.isfinite(scale)):
-    raise ValueError(f"scale must be None or a finite real number, got {scale!r}")
+    hint = ""
+    if hasattr(scale, "shape") and not _is_real(scale):
+      # A static option: a kernel compiles it in, so it cannot be an array (or a tracer).
+      hint = " (an array: pass a Python float, e.g. float(x), outside jit)"
+    raise ValueError(f"scale must be None or a finite real number{hint}, got {scale!r}")
   if sliding_window is not None and (
     isinstance(sliding_window, bool | np.bool_)
     or not isinstance(sliding_window, numbers.Integral)

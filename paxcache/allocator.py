@@ -303,7 +303,9 @@ class BlockAllocator:
 
   def ref_count(self, block_id: int) -> int:
     """Number of sequences whose block table holds ``block_id`` (0 for free or cached blocks)."""
-    if not _is_int(block_id) or not 0 <= block_id < self.num_blocks:
+    if not _is_int(block_id):
+      raise ValueError(f"block_id must be an int, got {block_id!r} ({type(block_id).__name__})")
+    if not 0 <= block_id < self.num_blocks:
       raise ValueError(f"block_id must be in [0, {self.num_blocks}), got {block_id}")
     return int(self._pool.ref[block_id])
 

@@ -652,8 +652,7 @@ class Engine:
     """Everything but the model and the device pool: allocator, scheduler, queues, clock."""
     if not isinstance(config, EngineConfig):
       raise TypeError(
-        f"the engine's config must be an EngineConfig, got {type(config).__name__}: "
-        f"{config!r:.80}"
+        f"the engine's config must be an EngineConfig, got {type(config).__name__}: {config!r:.80}"
       )
     self.config = config
     self.max_seq_len = max_seq_len

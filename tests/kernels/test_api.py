@@ -236,6 +236,8 @@ BAD_OPTIONS = [
   ("scale_inf", dict(scale=float("inf")), r"scale must be .* got inf"),
   ("scale_np_nan", dict(scale=np.float32("nan")), r"scale must be .*nan"),
   ("scale_str", dict(scale="0.5"), r"scale must be .* got '0.5'"),
+  # A static option: a 0-d array is refused with what to pass instead.
+  ("scale_array", dict(scale=jnp.float32(0.5)), r"scale must be .*\(an array: pass a Python"),
   (
     "cap_0",
     dict(logit_soft_cap=0.0),

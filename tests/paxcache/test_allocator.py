@@ -413,8 +413,10 @@ def test_slots_positions_must_be_ints(start, stop, match):
   _same_state(before, vars(a))
   # NumPy ints are positions; the answer is the same as for Python ints.
   np.testing.assert_array_equal(a.slots("a", np.int32(1), np.int64(3)), a.slots("a", 1, 3))
-  with pytest.raises(ValueError, match=r"block_id must be in \[0, 8\), got 1.0"):
+  with pytest.raises(ValueError, match=r"block_id must be an int, got 1.0 \(float\)"):
     a.ref_count(1.0)
+  with pytest.raises(ValueError, match=r"block_id must be in \[0, 8\), got 8"):
+    a.ref_count(8)
 
 
 def test_block_hash_is_chained_and_content_addressed():
