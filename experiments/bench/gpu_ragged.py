@@ -50,6 +50,7 @@ nothing else); ``--sweep`` also times a few planned settings (``SWEEP``, and
   python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep] [--profile]
   python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
   python -m experiments.bench.gpu_ragged --smoke --out /tmp/ragged_smoke
+  python -m experiments.bench.gpu_ragged --nomosaic --persistent 1,2 --out /tmp/ragged_persistent
 
 ``--smoke`` (one call per jit, two timing samples) runs the Mosaic variant too, in GPU
 interpret mode.
@@ -216,6 +217,33 @@ def many_calls(num_calls, **kw):
   return jax.jit(run)
 
 
+def persistent_calls(num_calls, schedule, block_sizes):
+  """As :func:`many_calls`, for the persistent planned decode (``kernels.gpu.persistent``,
+  an experiment) on ``schedule``'s programs."""
+  from kernels.gpu.persistent import persistent_decode
+
+  def run(qs, kb, vb, table, lengths, plan):
+    return [
+      persistent_decode(
+        q,
+        kb,
+        vb,
+        table,
+        lengths,
+        plan,
+        schedule,
+        scale=q.shape[-1] ** -0.5,
+        sliding_window=None,
+        logit_soft_cap=None,
+        block_sizes=block_sizes,
+        interpret=INTERPRET,
+      )
+      for q in qs
+    ]
+
+  return jax.jit(run)
+
+
 def time_ours(fn, args, num_calls, repeats, inner=3):
   if INTERPRET:  # --smoke: the timing path runs, but interpret mode is slow (Mosaic GPU's)
     t = time_calls(lambda: fn(*args), repeats=2, inner=1, warmup=1)
@@ -293,8 +321,8 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
 
   calls_of = {}  # variant -> (jitted calls, their arguments), for --profile
 
-  def measure(plan, block_sizes, variant=None):
-    fn = many_calls(args.calls, block_sizes=block_sizes)
+  def measure(plan, block_sizes, variant=None, fn=None):
+    fn = fn or many_calls(args.calls, block_sizes=block_sizes)
     call_args = (qs, kb, vb, table_dev, lens_dev, plan)
     t = time_ours(fn, call_args, args.calls, args.repeats, args.inner)
     calls_of[variant] = (fn, call_args)
@@ -333,6 +361,17 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
   tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
   tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
   variants = [("default", t_def, out_def), ("planned", t_plan, out_plan)]
+  for per_sm in args.persistent:
+    # The experiment: the planned kernel's chunks on per_sm * SMs persistent programs.
+    from kernels.gpu.persistent import persistent_schedule
+
+    variant = f"persistent{per_sm}"
+    num_programs = -(-int(per_sm) * plan_mod.num_sms() // HKV)
+    sched = persistent_schedule(plan, num_programs, planned_bs.decode_kv_tile)
+    fn = persistent_calls(args.calls, jax.device_put(sched), planned_bs)
+    t_p, out_p = measure(dev_plan, None, variant, fn=fn)
+    tbs[variant] = t_p.map(lambda s: nbytes / s / 1e12)
+    variants.append((variant, t_p, out_p))
   mosaic_errors = []
   mosaic_variants = [("mosaic", {})]
   if not args.smoke:  # (interpret mode is slow, and off a GPU it is the same grid)
@@ -475,6 +514,12 @@ def define_flags():
   )
   flags.DEFINE_bool("no-peer", False, "skip vLLM's Triton kernel")
   flags.DEFINE_bool("mosaic", True, "also time the Mosaic GPU planned decode (Hopper)")
+  flags.DEFINE_list(
+    "persistent",
+    [],
+    "also time the persistent planned decode (kernels.gpu.persistent, an experiment) with "
+    "this many programs per SM, comma separated",
+  )
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
   flags.DEFINE_integer(
