@@ -17,7 +17,10 @@ over its range's steps (one ``fori_loop``, which Triton software-pipelines as a 
 the next chunk's first step is loaded while the last one of the chunk before is
 computed). A step that starts a chunk resets the running state; a step that ends one
 writes the chunk's output (a sequence in one chunk) or its partials, with masked stores.
-The partials and the merge are the planned kernel's (``planned._merge_kernel``).
+The partials and the merge are the planned kernel's (``planned._merge_kernel``). A step's
+row of the schedule holds its sequence, keys and flags, so the loop's first dependent load
+is the block table's, as in the planned kernel: Triton must run that chain ahead of every
+prefetched step.
 
 16-bit and float32 K/V only; no fused write, no 8-bit K/V (the experiment's scope).
 """
@@ -42,7 +45,8 @@ from kernels.gpu.plan import DecodePlan, bucket
 from kernels.gpu.planned import MERGE_NUM_STAGES, MERGE_NUM_WARPS, _merge_kernel
 from kernels.gpu.tuning import BlockSizes
 
-FIRST, LAST = 1, 2  # a step's flags: it starts its chunk, it ends its chunk
+# A step's flags: it starts its chunk, it ends its chunk, its sequence has one chunk.
+FIRST, LAST, SINGLE = 1, 2, 4
 
 
 @jax.tree_util.register_dataclass
@@ -50,18 +54,22 @@ FIRST, LAST = 1, 2  # a step's flags: it starts its chunk, it ends its chunk
 class PersistentSchedule:
   """Which steps each persistent program runs (host NumPy, built from a DecodePlan).
 
+  Every per-step value a program needs is in the step's own row, indexed by the loop
+  counter alone: the kernel's first dependent load is the block table's, as in the
+  planned kernel, which keeps the chain Triton must run ahead of each prefetched step
+  short.
+
   Attributes:
     program_steps: i32[P + 1]: program p runs steps ``[program_steps[p],
       program_steps[p + 1])`` of the list below.
-    step_chunk: i32[S]: the chunk of each step (steps padded past the last are never run).
-    step_key: i32[S]: the step's first key position (a multiple of ``kv_tile``).
-    step_flags: i32[S]: ``FIRST`` | ``LAST`` bits.
+    steps: i32[6, S], one column per step (steps padded past the last are never run):
+      its chunk (whose partials row it writes), sequence, first key position (a multiple
+      of ``kv_tile``), the chunk's keys ``[lo, hi)``, and ``FIRST`` | ``LAST`` |
+      ``SINGLE`` flags.
   """
 
   program_steps: np.ndarray
-  step_chunk: np.ndarray
-  step_key: np.ndarray
-  step_flags: np.ndarray
+  steps: np.ndarray
 
 
 def persistent_schedule(plan: DecodePlan, num_programs: int, kv_tile: int) -> PersistentSchedule:
@@ -84,28 +92,26 @@ def persistent_schedule(plan: DecodePlan, num_programs: int, kv_tile: int) -> Pe
   cuts = np.searchsorted(owner, np.arange(num_programs + 1), side="left")
   edges = np.append(before, total)
   program_steps = edges[cuts].astype(np.int32)
-  padded = bucket(max(total, 1))
-  chunk = np.zeros(padded, np.int32)
-  key = np.zeros(padded, np.int32)
-  flags = np.zeros(padded, np.int32)
+  table = np.zeros((6, bucket(max(total, 1))), np.int32)
   if total:
-    chunk[:total] = np.arange(len(steps)).repeat(steps)
-    k = np.arange(total) - before[chunk[:total]]
-    key[:total] = (first[chunk[:total]] + k) * kv_tile
-    flags[:total] = np.where(k == 0, FIRST, 0) | np.where(k == steps[chunk[:total]] - 1, LAST, 0)
-  return PersistentSchedule(program_steps, chunk, key, flags)
+    c = np.arange(len(steps)).repeat(steps)
+    k = np.arange(total) - before[c]
+    seq = np.asarray(plan.chunk_seq)[c]
+    single = np.asarray(plan.seq_num_chunks)[seq] == 1
+    table[0, :total] = c
+    table[1, :total] = seq
+    table[2, :total] = (first[c] + k) * kv_tile
+    table[3, :total] = start[c]
+    table[4, :total] = end[c]
+    flags = np.where(k == 0, FIRST, 0) | np.where(k == steps[c] - 1, LAST, 0)
+    table[5, :total] = flags | np.where(single, SINGLE, 0)
+  return PersistentSchedule(program_steps, table)
 
 
 def _persistent_kernel(
   program_steps_ref,  # i32[P + 1]
-  step_chunk_ref,  # i32[S]
-  step_key_ref,  # i32[S]
-  step_flags_ref,  # i32[S]
-  chunk_seq_ref,  # i32[C]
-  chunk_start_ref,  # i32[C]
-  chunk_end_ref,  # i32[C]
-  seq_chunks_ref,  # i32[batch]
-  lengths_ref,  # i32[batch]
+  steps_ref,  # i32[6 * S]: PersistentSchedule.steps, flattened (row-major)
+  lengths_ref,  # i32[batch] (a sliding window only)
   table_ref,  # i32[batch * max_blocks]
   q_ref,  # [batch * num_q_heads, head_dim]
   k_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]
@@ -127,6 +133,7 @@ def _persistent_kernel(
   sliding_window,
   logit_soft_cap,
   widen,
+  num_steps,
 ):
   h = pl.program_id(0)
   p = pl.program_id(1)
@@ -141,16 +148,17 @@ def _persistent_kernel(
   shift = int(math.log2(block_size))
 
   def body(t, carry):
-    c = step_chunk_ref[t]
-    flags = step_flags_ref[t]
+    c = steps_ref[t]
+    b = steps_ref[num_steps + t]
+    key0 = steps_ref[2 * num_steps + t]
+    lo = steps_ref[3 * num_steps + t]
+    hi = steps_ref[4 * num_steps + t]
+    flags = steps_ref[5 * num_steps + t]
     starts = jnp.bitwise_and(flags, FIRST) != 0
     ends = jnp.bitwise_and(flags, LAST) != 0
-    b = chunk_seq_ref[c]
-    length = lengths_ref[b]
-    lo = chunk_start_ref[c]
-    if sliding_window is not None:
-      lo = jnp.maximum(lo, length - sliding_window)
-    hi = jnp.minimum(chunk_end_ref[c], length)
+    single = jnp.bitwise_and(flags, SINGLE) != 0
+    if sliding_window is not None:  # a plan cut without the window: mask it here
+      lo = jnp.maximum(lo, lengths_ref[b] - sliding_window)
     # A chunk's first step starts from nothing (the carry is the chunk before's).
     acc, m, den = carry
     acc = jnp.where(starts, 0.0, acc)
@@ -161,7 +169,7 @@ def _persistent_kernel(
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
     q = widen.query_state(q)
-    tok = step_key_ref[t] + offs
+    tok = key0 + offs
     lblk = jnp.right_shift(tok, shift)
     in_table = lblk < max_blocks
     blk = plgpu.load(
@@ -185,7 +193,6 @@ def _persistent_kernel(
     )
     acc = widen.accumulate(acc, prob, v, None, dot=dot)
     # A chunk's last step writes it: the output of a sequence in one chunk, else partials.
-    single = seq_chunks_ref[b] == 1
     whole = row_ok & single & ends
     part = row_ok & jnp.logical_not(single) & ends
     out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(out_ref.dtype)
@@ -245,6 +252,7 @@ def persistent_decode(
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
     widen=widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen),
+    num_steps=schedule.steps.shape[1],
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   n = num_chunks * num_q_heads
@@ -264,13 +272,7 @@ def persistent_decode(
     name=f"paxcache_persistent_decode_bs{block_size}_t{block_sizes.decode_kv_tile}",
   )(
     schedule.program_steps,
-    schedule.step_chunk,
-    schedule.step_key,
-    schedule.step_flags,
-    plan.chunk_seq,
-    plan.chunk_start,
-    plan.chunk_end,
-    plan.seq_num_chunks,
+    schedule.steps.reshape(-1),
     lengths,
     block_table.reshape(-1),
     q.reshape(-1, head_dim),

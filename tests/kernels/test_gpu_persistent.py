@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kernels import gpu
-from kernels.gpu.persistent import FIRST, LAST, persistent_decode, persistent_schedule
+from kernels.gpu.persistent import FIRST, LAST, SINGLE, persistent_decode, persistent_schedule
 from kernels.gpu.plan import plan_decode
 from kernels.testing import rel_l2_error, tolerance
 from tests.kernels.test_gpu_plan import decode_float64, make_cache
@@ -35,7 +35,7 @@ def test_schedule_runs_every_step_of_every_chunk_once_in_whole_chunks(num_progra
   for prog in range(num_programs):
     lo, hi = int(s.program_steps[prog]), int(s.program_steps[prog + 1])
     if lo < hi:  # whole chunks: the range starts a chunk and ends one
-      assert s.step_flags[lo] & FIRST and s.step_flags[hi - 1] & LAST
+      assert s.steps[5, lo] & FIRST and s.steps[5, hi - 1] & LAST
     seen += range(lo, hi)
   total = int(s.program_steps[-1])
   assert seen == list(range(total))
@@ -43,12 +43,14 @@ def test_schedule_runs_every_step_of_every_chunk_once_in_whole_chunks(num_progra
   want = []
   for c in range(p.num_padded_chunks):
     start, end = int(p.chunk_start[c]), int(p.chunk_end[c])
+    seq = int(p.chunk_seq[c])
     keys = list(range(start // kv_tile * kv_tile, end, kv_tile)) if end > start else []
     for i, key in enumerate(keys):
       flags = (FIRST if i == 0 else 0) | (LAST if i == len(keys) - 1 else 0)
-      want.append((c, key, flags))
-  columns = (x[:total].tolist() for x in (s.step_chunk, s.step_key, s.step_flags))
-  got = list(zip(*columns, strict=True))
+      flags |= SINGLE if p.seq_num_chunks[seq] == 1 else 0
+      want.append((c, seq, key, start, end, flags))
+  assert s.steps.shape[0] == 6 and s.steps.dtype == np.int32
+  got = [tuple(col) for col in s.steps[:, :total].T.tolist()]
   assert got == want
   # Balanced: no program has more steps than its share plus one chunk's.
   spans = zip(p.chunk_start.tolist(), p.chunk_end.tolist(), strict=True)
@@ -64,14 +66,17 @@ def test_schedule_refuses_bad_input():
     persistent_schedule(p, 4, 24)
 
 
-def _run(lengths, *, num_programs, dtype=jnp.float32, window=None, cap=None, head_dim=64):
+def _run(
+  lengths, *, num_programs, dtype=jnp.float32, window=None, cap=None, head_dim=64, plan_window=0
+):
   rng = np.random.default_rng(len(lengths) + num_programs)
   k, v, table, lens = make_cache(
     rng, lengths=lengths, block_size=16, num_kv_heads=HKV, head_dim=head_dim, kv_dtype=dtype
   )
   q = jnp.asarray(rng.standard_normal((len(lengths), HQ, head_dim)), dtype)
   bs = gpu.BlockSizes(decode_kv_tile=16, decode_num_stages=2)
-  p = plan_decode(np.asarray(lens), 16, HKV, kv_tile=16, sliding_window=window, chunk_tokens=48)
+  pw = window if plan_window == 0 else plan_window  # 0: the call's window
+  p = plan_decode(np.asarray(lens), 16, HKV, kv_tile=16, sliding_window=pw, chunk_tokens=48)
   s = persistent_schedule(p, num_programs, 16)
   out = persistent_decode(
     q,
@@ -102,8 +107,12 @@ def test_persistent_decode_matches_float64_loop(num_programs):
   np.testing.assert_allclose(got, want, **tolerance("attention_vs_float64", jnp.float32))
 
 
-def test_persistent_decode_window_soft_cap_and_padded_head_dim():
-  got, want, _ = _run([200, 1, 90, 33], num_programs=3, window=40, cap=5.0, head_dim=80)
+@pytest.mark.parametrize("plan_window", [0, None], ids=["plan_cut_by_window", "plan_of_all"])
+def test_persistent_decode_window_soft_cap_and_padded_head_dim(plan_window):
+  # The plan cut by the window, or over all keys (then the kernel masks the window).
+  got, want, _ = _run(
+    [200, 1, 90, 33], num_programs=3, window=40, cap=5.0, head_dim=80, plan_window=plan_window
+  )
   np.testing.assert_allclose(got, want, **tolerance("attention_vs_float64", jnp.float32))
 
 
