@@ -50,7 +50,7 @@ nothing else); ``--sweep`` also times a few planned settings (``SWEEP``, and
   python -m experiments.bench.gpu_ragged --out /tmp/ragged [--sweep] [--profile]
   python -m experiments.bench.gpu_ragged --cases sharegpt256_b16,long1_short63_b16 --out /tmp/r2
   python -m experiments.bench.gpu_ragged --smoke --out /tmp/ragged_smoke
-  python -m experiments.bench.gpu_ragged --nomosaic --persistent 1,2 --out /tmp/ragged_persistent
+  python -m experiments.bench.gpu_ragged --nomosaic --persistent 1,2:64:2,3:64:2 --out /tmp/rp
 
 ``--smoke`` (one call per jit, two timing samples) runs the Mosaic variant too, in GPU
 interpret mode.
@@ -361,14 +361,20 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
   tbs = {"default": t_def.map(lambda s: nbytes / s / 1e12)}
   tbs["planned"] = t_plan.map(lambda s: nbytes / s / 1e12)
   variants = [("default", t_def, out_def), ("planned", t_plan, out_plan)]
-  for per_sm in args.persistent:
-    # The experiment: the planned kernel's chunks on per_sm * SMs persistent programs.
+  for entry in args.persistent:
+    # The experiment: the planned kernel's chunks on per_sm * SMs persistent programs, in
+    # the planned kernel's steps or (per_sm:kv_tile:stages) others: 128-key steps in two
+    # stages fill an SM's shared memory, so two programs an SM need smaller steps.
     from kernels.gpu.persistent import persistent_schedule
 
-    variant = f"persistent{per_sm}"
-    num_programs = -(-int(per_sm) * plan_mod.num_sms() // HKV)
-    sched = persistent_schedule(plan, num_programs, planned_bs.decode_kv_tile)
-    fn = persistent_calls(args.calls, jax.device_put(sched), planned_bs)
+    per_sm, *steps = (int(x) for x in entry.split(":"))
+    bs = planned_bs
+    if steps:
+      bs = dataclasses.replace(bs, decode_kv_tile=steps[0], decode_num_stages=steps[1])
+    variant = "persistent" + entry.replace(":", "_")
+    num_programs = -(-per_sm * plan_mod.num_sms() // HKV)
+    sched = persistent_schedule(plan, num_programs, bs.decode_kv_tile)
+    fn = persistent_calls(args.calls, jax.device_put(sched), bs)
     t_p, out_p = measure(dev_plan, None, variant, fn=fn)
     tbs[variant] = t_p.map(lambda s: nbytes / s / 1e12)
     variants.append((variant, t_p, out_p))
@@ -518,7 +524,7 @@ def define_flags():
     "persistent",
     [],
     "also time the persistent planned decode (kernels.gpu.persistent, an experiment) with "
-    "this many programs per SM, comma separated",
+    "this many programs per SM, comma separated; PER_SM:KV_TILE:STAGES sets its steps too",
   )
   flags.DEFINE_float("budget-s", 200.0, "start no sweep setting after this many seconds")
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")

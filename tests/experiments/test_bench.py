@@ -765,11 +765,13 @@ def test_engine_step_e2e_keeps_every_step_of_a_pass_longer_than_the_default_hist
 
 
 def test_gpu_ragged_smoke_times_the_persistent_experiment_beside_the_planned_kernel(tmp_path):
-  # --persistent 1,2: the persistent planned decode (an experiment) on one and two
-  # programs per SM, on the same data, checked against the default kernel's output.
-  argv = ["--smoke", "--nomosaic", "--cases", "long1_short63_b16", "--persistent", "1,2"]
+  # --persistent 1,2:32:3: the persistent planned decode (an experiment) on one and two
+  # programs per SM (the second in 32-key steps, 3 stages), on the same data, checked
+  # against the default kernel's output.
+  argv = ["--smoke", "--nomosaic", "--cases", "long1_short63_b16", "--persistent", "1,2:32:3"]
   rows = _bench_rows("gpu_ragged", argv, tmp_path, "gpu_decode_ragged.jsonl")
-  assert [r["variant"] for r in rows] == ["default", "planned", "persistent1", "persistent2"]
+  variants = ["default", "planned", "persistent1", "persistent2_32_3"]
+  assert [r["variant"] for r in rows] == variants
   for r in rows[2:]:
     assert r["kernel"] == "triton" and r["check_ok"] is True
     assert r["check_rel_l2"] < tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
