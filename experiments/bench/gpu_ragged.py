@@ -364,7 +364,7 @@ def run_case(name, args, ceiling, env, peer_ok, device_ceiling=None):
   for entry in args.persistent:
     # The experiment: the planned kernel's chunks on per_sm * SMs persistent programs, in
     # the planned kernel's steps or (per_sm:kv_tile:stages) others: 128-key steps in two
-    # stages fill an SM's shared memory, so two programs an SM need smaller steps.
+    # stages take more than half an SM's shared memory, so two programs an SM need smaller steps.
     from kernels.gpu.persistent import persistent_schedule
 
     per_sm, *steps = (int(x) for x in entry.split(":"))
