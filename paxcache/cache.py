@@ -324,11 +324,18 @@ def _check_cache(cache) -> None:
     )
   # Each pool is donated on its own (write donates its layer's two): one array in two
   # places would be deleted under the other. Tracers (inside jit) are not buffers.
-  concrete = [
-    id(x)
+  arrays = [
+    x
     for x in k + v + tuple(cache.k_scale) + tuple(cache.v_scale)
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
   ]
+  if any(x.is_deleted() for x in arrays):
+    # What JAX would say later is "Array has been deleted", from deep inside the call.
+    raise ValueError(
+      "this cache's pools were donated to an earlier write, copy_blocks or swap_in and "
+      "are deleted: use the cache that call returned"
+    )
+  concrete = [id(x) for x in arrays]
   if len(set(concrete)) < len(concrete):
     raise ValueError(
       "cache.k and cache.v must hold a distinct array per layer (one array appears twice; "

@@ -420,6 +420,17 @@ def test_donating_functions_consume_their_input_and_stay_correct():
 
   assert_bits_equal(cache.k, k)
   assert_bits_equal(cache.v, v)
+  # The consumed caches are refused by name, before anything runs (JAX's own error would
+  # be "Array has been deleted" from inside the call); the live cache is left as it was.
+  for reuse in (
+    lambda: write(old, 0, k_new, v_new, slots),
+    lambda: copy_blocks(old, np.array([1]), np.array([3])),
+    lambda: swap_in(old, host, [4], [5]),
+  ):
+    with pytest.raises(ValueError, match="donated to an earlier write, copy_blocks or swap_in"):
+      reuse()
+  assert_bits_equal(cache.k, k)
+  assert_bits_equal(cache.v, v)
 
 
 def test_a_cache_with_one_array_in_two_places_is_refused():
