@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -38,11 +37,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.decode import dot_precision, head_cols, tile_mask
 from kernels.gpu.plan import DecodePlan, bucket
-from kernels.gpu.planned import MERGE_NUM_STAGES, MERGE_NUM_WARPS, _merge_kernel
+from kernels.gpu.planned import MERGE_NUM_STAGES, MERGE_NUM_WARPS, _merge_kernel, gathered_step
 from kernels.gpu.tuning import BlockSizes
 
 # A step's flags: it starts its chunk, it ends its chunk, its sequence has one chunk.
@@ -142,10 +140,8 @@ def _persistent_kernel(
   cols, col_ok = head_cols(head_dim)
   width = cols.shape[0]
   prec = dot_precision(widen.cdtype)
-  dot = functools.partial(plgpu.dot, precision=prec)
   head_base = h * (num_blocks * block_size)
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
-  shift = int(math.log2(block_size))
 
   def body(t, carry):
     c = steps_ref[t]
@@ -169,29 +165,28 @@ def _persistent_kernel(
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
     q = widen.query_state(q)
-    tok = key0 + offs
-    lblk = jnp.right_shift(tok, shift)
-    in_table = lblk < max_blocks
-    blk = plgpu.load(
-      table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
-    )
-    valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok >= lo) & (tok < hi)
-    kv_rows = (
-      head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
-    )
-    idx = (kv_rows[:, None], cols[None, :])
-    kv_mask = tile_mask(valid, col_ok)
-    k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0)
-    v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
-    s = widen.scores(q, k, dot=dot)
-    (acc, m, den), prob = online_softmax_step(
+    acc, m, den = gathered_step(
       (acc, m, den),
-      s,
-      scale=scale * widen.k_factor,
+      q,
+      key0 + offs,
+      b=b,
+      lo=lo,
+      hi=hi,
+      table_ref=table_ref,
+      k_ref=k_ref,
+      v_ref=v_ref,
+      scale_refs=None,
+      max_blocks=max_blocks,
+      num_blocks=num_blocks,
+      block_size=block_size,
+      head_base=head_base,
+      cols=cols,
+      col_ok=col_ok,
+      widen=widen,
+      prec=prec,
+      scale=scale,
       logit_soft_cap=logit_soft_cap,
-      mask=valid[None, :],
     )
-    acc = widen.accumulate(acc, prob, v, None, dot=dot)
     # A chunk's last step writes it: the output of a sequence in one chunk, else partials.
     whole = row_ok & single & ends
     part = row_ok & jnp.logical_not(single) & ends

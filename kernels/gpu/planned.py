@@ -126,41 +126,30 @@ def _chunk_kernel(
     prec = dot_precision(widen.cdtype)
     head_base = h * (num_blocks * block_size)
     offs = jnp.arange(kv_tile, dtype=jnp.int32)
-    shift = int(math.log2(block_size))
+
+    step = functools.partial(
+      gathered_step,
+      b=b,
+      lo=start,
+      hi=end,
+      table_ref=table_ref,
+      k_ref=k_ref,
+      v_ref=v_ref,
+      scale_refs=(ks_ref, vs_ref) if quantized else None,
+      max_blocks=max_blocks,
+      num_blocks=num_blocks,
+      block_size=block_size,
+      head_base=head_base,
+      cols=cols,
+      col_ok=col_ok,
+      widen=widen,
+      prec=prec,
+      scale=scale,
+      logit_soft_cap=logit_soft_cap,
+    )
 
     def body(j, carry):
-      tok = j * kv_tile + offs
-      lblk = jnp.right_shift(tok, shift)
-      in_table = lblk < max_blocks
-      blk = plgpu.load(
-        table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
-      )
-      valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok >= start) & (tok < end)
-      kv_rows = (
-        head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
-      )
-      idx = (kv_rows[:, None], cols[None, :])
-      kv_mask = tile_mask(valid, col_ok)
-      # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
-      k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0)
-      v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
-      # f32[rows, kv_tile]
-      s = widen.scores(q, k, dot=functools.partial(plgpu.dot, precision=prec))
-      if quantized:
-        ks = plgpu.load(ks_ref.at[kv_rows], mask=valid, other=0.0)
-        s = s * ks[None, :]
-      # scale * k_factor: the e4m3 bit trick's 2**8 (1 otherwise).
-      (acc, m, den), p = online_softmax_step(
-        carry,
-        s,
-        scale=scale * widen.k_factor,
-        logit_soft_cap=logit_soft_cap,
-        mask=valid[None, :],
-      )
-      # sum_j p_j (v_j * s_j) = sum_j (p_j * s_j) v_j: 8-bit V's scales go on p.
-      vs = plgpu.load(vs_ref.at[kv_rows], mask=valid, other=0.0) if quantized else None
-      acc = widen.accumulate(acc, p, v, vs, dot=functools.partial(plgpu.dot, precision=prec))
-      return acc, m, den
+      return step(carry, q, j * kv_tile + offs)
 
     acc = jnp.zeros((rows, width), jnp.float32)
     m = jnp.full((rows,), -jnp.inf, jnp.float32)
@@ -198,6 +187,63 @@ def _chunk_kernel(
       plgpu.store(o_ref.at[part_idx], acc, mask=tile_mask(part, col_ok))
     plgpu.store(m_ref.at[pl.ds(part0, rows)], m, mask=part)
     plgpu.store(den_ref.at[pl.ds(part0, rows)], den, mask=part)
+
+
+def gathered_step(
+  carry,
+  q,
+  tok,
+  *,
+  b,
+  lo,
+  hi,
+  table_ref,
+  k_ref,
+  v_ref,
+  scale_refs,
+  max_blocks,
+  num_blocks,
+  block_size,
+  head_base,
+  cols,
+  col_ok,
+  widen,
+  prec,
+  scale,
+  logit_soft_cap,
+):
+  """One step of a planned program: the keys at positions ``tok`` (i32[kv_tile]) of
+  sequence ``b`` that lie in ``[lo, hi)`` and in its block table, gathered through the
+  table, added to the running ``(acc, m, den)`` for the query state ``q``
+  (``widen.query_state``). Keys outside are masked (loaded as zeros, ``-inf`` logits).
+  ``scale_refs``: the 8-bit pools' ``(k_scales, v_scales)`` refs, or None. Shared by the
+  planned kernel and the persistent one (``kernels/gpu/persistent.py``)."""
+  lblk = jnp.right_shift(tok, int(math.log2(block_size)))
+  in_table = lblk < max_blocks
+  blk = plgpu.load(
+    table_ref.at[b * max_blocks + jnp.minimum(lblk, max_blocks - 1)], mask=in_table, other=-1
+  )
+  valid = in_table & (blk >= 0) & (blk < num_blocks) & (tok >= lo) & (tok < hi)
+  kv_rows = head_base + jnp.where(valid, blk, 0) * block_size + jnp.bitwise_and(tok, block_size - 1)
+  idx = (kv_rows[:, None], cols[None, :])
+  kv_mask = tile_mask(valid, col_ok)
+  # Masked (other=0), never multiplied by 0: the widening may not keep NaN as NaN.
+  k = plgpu.load(k_ref.at[idx], mask=kv_mask, other=0.0)
+  v = widen.widen(plgpu.load(v_ref.at[idx], mask=kv_mask, other=0.0))
+  dot = functools.partial(plgpu.dot, precision=prec)
+  s = widen.scores(q, k, dot=dot)  # f32[rows, kv_tile]
+  if scale_refs is not None:
+    # Dequantise in the kernel: q . (k_row * k_scale) = (q . k_row) * k_scale per key.
+    s = s * plgpu.load(scale_refs[0].at[kv_rows], mask=valid, other=0.0)[None, :]
+  # scale * k_factor: the e4m3 bit trick's 2**8 (1 otherwise).
+  (acc, m, den), p = online_softmax_step(
+    carry, s, scale=scale * widen.k_factor, logit_soft_cap=logit_soft_cap, mask=valid[None, :]
+  )
+  # sum_j p_j (v_j * s_j) = sum_j (p_j * s_j) v_j: 8-bit V's scales go on p.
+  vs = None
+  if scale_refs is not None:
+    vs = plgpu.load(scale_refs[1].at[kv_rows], mask=valid, other=0.0)
+  return widen.accumulate(acc, p, v, vs, dot=dot), m, den
 
 
 # Chunks one merge step reads at once, and the merge's warps and stages. 16 chunks a step
