@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._validate import validate_decode_plan, validate_inputs
 from kernels.gpu._widen import widening
 from kernels.gpu.decode import dot_precision, head_cols, tile_mask
 from kernels.gpu.plan import DecodePlan, bucket
@@ -47,7 +48,9 @@ from kernels.gpu.tuning import BlockSizes
 FIRST, LAST, SINGLE = 1, 2, 4
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=["program_steps", "steps"], meta_fields=["kv_tile"]
+)
 @dataclasses.dataclass(frozen=True)
 class PersistentSchedule:
   """Which steps each persistent program runs (host NumPy, built from a DecodePlan).
@@ -64,10 +67,12 @@ class PersistentSchedule:
       its chunk (whose partials row it writes), sequence, first key position (a multiple
       of ``kv_tile``), the chunk's keys ``[lo, hi)``, and ``FIRST`` | ``LAST`` |
       ``SINGLE`` flags.
+    kv_tile: the keys of a step; the kernel must step by the same (checked per call).
   """
 
   program_steps: np.ndarray
   steps: np.ndarray
+  kv_tile: int
 
 
 def persistent_schedule(plan: DecodePlan, num_programs: int, kv_tile: int) -> PersistentSchedule:
@@ -103,7 +108,7 @@ def persistent_schedule(plan: DecodePlan, num_programs: int, kv_tile: int) -> Pe
     table[4, :total] = end[c]
     flags = np.where(k == 0, FIRST, 0) | np.where(k == steps[c] - 1, LAST, 0)
     table[5, :total] = flags | np.where(single, SINGLE, 0)
-  return PersistentSchedule(program_steps, table)
+  return PersistentSchedule(program_steps, table, kv_tile)
 
 
 def _persistent_kernel(
@@ -224,11 +229,25 @@ def persistent_decode(
 ):
   """Decode attention by ``plan``'s chunks on ``schedule``'s persistent programs (grid
   ``(num_kv_heads, P)``), then the planned kernel's merge. ``block_sizes``:
-  ``decode_kv_tile`` (the schedule's, checked by the caller), warps and stages."""
-  batch, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  ``decode_kv_tile`` (the schedule's), warps and stages.
+
+  Raises:
+    ValueError: what ``kernels.paged_attention`` refuses (``validate_inputs``, and
+      ``validate_decode_plan`` for the plan against the call), 8-bit K/V, or a schedule
+      made for steps of another size than ``block_sizes.decode_kv_tile``.
+  """
   if jnp.dtype(k_blocks.dtype).itemsize == 1:
     raise ValueError("persistent_decode takes 16-bit or float32 K/V (an experiment)")
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths)
+  validate_decode_plan(plan, k_blocks, block_table, lengths, None, sliding_window)
+  batch, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_blocks, block_size, _ = k_blocks.shape
+  if schedule.kv_tile != block_sizes.decode_kv_tile:
+    raise ValueError(
+      f"the schedule's steps are {schedule.kv_tile} keys, block_sizes.decode_kv_tile is "
+      f"{block_sizes.decode_kv_tile}: build it with persistent_schedule(plan, P, "
+      f"{block_sizes.decode_kv_tile})"
+    )
   group = num_q_heads // num_kv_heads
   rows = max(16, 1 << (group - 1).bit_length())
   num_programs = schedule.program_steps.shape[0] - 1

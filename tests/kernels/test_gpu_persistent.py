@@ -143,6 +143,27 @@ def test_persistent_decode_refuses_8bit_kv():
     )
 
 
+def test_persistent_decode_refuses_a_schedule_or_plan_made_for_another_call():
+  rng = np.random.default_rng(3)
+  k, v, table, lens = make_cache(
+    rng, lengths=[40, 7], block_size=16, num_kv_heads=HKV, head_dim=64, kv_dtype=jnp.float32
+  )
+  q = jnp.zeros((2, HQ, 64), jnp.float32)
+  bs = gpu.BlockSizes(decode_kv_tile=16)
+  p = plan_decode(lens, 16, HKV, kv_tile=16)
+  call = dict(scale=1.0, sliding_window=None, logit_soft_cap=None, block_sizes=bs, interpret=True)
+  # Steps of 32 keys read by a kernel stepping 16 would skip half of every step.
+  with pytest.raises(ValueError, match="the schedule's steps are 32 keys, .*decode_kv_tile is 16"):
+    persistent_decode(q, k, v, table, lens, p, persistent_schedule(p, 2, 32), **call)
+  # The plan checks of kernels.paged_attention: another cache's heads, a plan's window.
+  other = plan_decode(lens, 16, HKV + 1, kv_tile=16)
+  with pytest.raises(ValueError, match="decode_plan was built for num_kv_heads 3"):
+    persistent_decode(q, k, v, table, lens, other, persistent_schedule(other, 2, 16), **call)
+  windowed = plan_decode(lens, 16, HKV, kv_tile=16, sliding_window=8)
+  with pytest.raises(ValueError, match="decode_plan covers only the last 8 keys"):
+    persistent_decode(q, k, v, table, lens, windowed, persistent_schedule(windowed, 2, 16), **call)
+
+
 def test_persistent_kernel_lowers_to_triton_ir_for_an_h200(monkeypatch):
   # As test_gpu_plan's lowering test: every primitive has a Triton lowering (interpret
   # mode does not check that); the PTX compile happens only on a GPU.
