@@ -596,7 +596,7 @@ def e2e_rows(args) -> list[dict]:
           # At the largest batch (all of --e2e-steady's B decoding: the issue's "at batch
           # 256"): the mean wall (and pace) of the decode steps that were not captured over
           # the mean device time of the captured ones. Capturing copies a step's batch on
-          # the host, which the captured steps' own wall carries (run30: 4.27 against 3.15
+          # the host, which the captured steps' own wall carries (run30: 4.27 against 3.11
           # ms of pace at SmolLM2's 256), and every 8th step of a steady run is a fair
           # sample of the device time of the rest (it grows with the contexts).
           top = max(n for _, _, n, _ in pairs)
