@@ -30,6 +30,7 @@ def _compiled_decode_step(
   decode_plan: str = "auto",
   lane_dense: bool = False,
   lane_padded: bool = False,
+  cascade: bool = False,
 ):
   config = DecoderConfig(
     kv_dtype=kv_dtype,
@@ -64,6 +65,8 @@ def _compiled_decode_step(
       decode_plan=decode_plan,
       lane_dense_cache=lane_dense,
       lane_padded_cache=lane_padded,
+      # Cascade: the fork's two rows share their first block, a group of one block.
+      cascade_min_shared_blocks=1 if cascade else 0,
     ),
   )
   engine.add_request(Request("a", list(range(11)), max_new_tokens=4))
@@ -76,6 +79,7 @@ def _compiled_decode_step(
   assert (batch.cow_src >= 0).any()  # the copies are part of the step inspected
   # "on" plans this level decode step; "auto" leaves it to the default decode.
   assert (batch.decode_plan() is not None) == (decode_plan == "on")
+  assert (batch.cascade_plan() is not None) == cascade
   lowered = engine._step_fn.lower(
     engine._params, engine.cache, batch, engine._key, engine._prev_tokens
   )
@@ -160,3 +164,20 @@ def test_compiled_step_never_copies_a_lane_dense_or_lane_padded_pool(backend, la
   text = large.as_text()
   for shape in (cache.k[0].shape, cache.logical_shape):
     assert not re.findall(rf"= f32\[{','.join(map(str, shape))}\][^ ]* copy\(", text), shape
+
+
+@pytest.mark.parametrize("backend,head_dim", [("reference", 16), ("gpu", 64), ("tpu", 128)])
+def test_compiled_cascade_step_never_copies_the_pool(backend, head_dim):
+  """A decode step whose attention runs as cascade (the fork's rows share a block): the
+  write and copy-on-write still update the pools in place, and the cascade's partials are
+  per group and row, not per pool."""
+  small, _ = _compiled_decode_step(backend, head_dim, SMALL_POOL, cascade=True)
+  large, cache = _compiled_decode_step(backend, head_dim, LARGE_POOL, cascade=True)
+  layer_bytes = cache.k[0].nbytes
+  mem_small, mem = small.memory_analysis(), large.memory_analysis()
+  assert mem.temp_size_in_bytes == mem_small.temp_size_in_bytes
+  assert mem.temp_size_in_bytes < layer_bytes / 4
+  assert mem.alias_size_in_bytes >= 2 * cache.num_layers * layer_bytes
+  assert mem.output_size_in_bytes - mem.alias_size_in_bytes < layer_bytes / 4
+  layer_shape = ",".join(map(str, cache.k[0].shape))
+  assert not re.findall(rf"= f32\[{layer_shape}\][^ ]* copy\(", large.as_text())
