@@ -7,9 +7,12 @@
   kernel's start to the last one's end (the gap between the two is the device idling
   between launches).
 * ``--host``: serves ShareGPT-like requests through the engine as ``engine_step.py --e2e``
-  does and times the host phases of every decode step (schedule, batch building, the
-  jitted call's dispatch, the post-dispatch bookkeeping, reading the tokens back and the
-  time spent blocked on them).
+  does (or ``--host-steady BxP+O``: B requests of P prompt and O generated tokens, all B
+  decoding together) and times the host phases of every decode step (schedule, batch
+  building, the jitted call's dispatch, the post-dispatch bookkeeping, reading the tokens
+  back and the time spent blocked on them). ``--host-dispatch-thread`` and
+  ``--host-pipeline-depth`` set the engine's overlap options; with the thread the call's
+  dispatch runs on the worker, and its time may land in the next step's row.
 
 * ``--dispatch``: the host time of the step's call (dispatched while earlier steps run)
   against its device time, each a median with its min-max spread
@@ -178,7 +181,11 @@ def host_profile(args) -> list[dict]:
   rows = []
   try:
     for name, requests in zip(args.models, args.requests, strict=True):
-      lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
+      if args.host_steady:  # B requests of P prompt and O generated tokens: B decode together
+        b, p, o = args.host_steady
+        lengths = np.array([[p, o]] * b)
+      else:
+        lengths = workload_lengths("sharegpt", requests, max_seq_len=1024, seed=0)
       model = es.build_model(name, max_seq_len=1024)
       c = model.config
       config = EngineConfig(
@@ -189,6 +196,9 @@ def host_profile(args) -> list[dict]:
         max_num_seqs=256,
         max_num_batched_tokens=2048,
         async_scheduling=True,
+        dispatch_thread=args.host_dispatch_thread,
+        pipeline_depth=args.host_pipeline_depth,
+        metrics_history=1 << 22,
       )
       rng = np.random.default_rng(0)
       for rep in ("compile", "measured"):
@@ -232,11 +242,17 @@ def host_profile(args) -> list[dict]:
       events = device_kernel_events(path[-1]) if path else []
       busy = sum(d for _, _, d in events) / 1e6
       window_steps = list(engine.step_metrics)[window[0] : window[1]]
+      settings = dict(
+        workload="steady{}x{}+{}".format(*args.host_steady) if args.host_steady else "sharegpt",
+        dispatch_thread=args.host_dispatch_thread,
+        pipeline_depth=args.host_pipeline_depth,
+      )
       rows.append(
         dict(
           **env_info(),
           commit=args.commit,
           model=name,
+          **settings,
           window_steps=args.trace_steps,
           window_mean_batch=statistics.mean(m.num_seqs for m in window_steps),
           window_prefill_steps=sum(1 for m in window_steps if m.num_prefill_tokens),
@@ -255,6 +271,7 @@ def host_profile(args) -> list[dict]:
           **env_info(),
           commit=args.commit,
           model=name,
+          **settings,
           batch_range=[lo, hi],
           decode_steps=len(sel),
           **{f"{k}_ms": statistics.median(s.get(k, 0.0) for s in sel) * 1e3 for k in keys},
@@ -284,6 +301,11 @@ def define_flags():
   flags.DEFINE_bool("device", False, "profile the device kernels of one step")
   flags.DEFINE_bool("host", False, "time the host phases of the engine's decode steps")
   flags.DEFINE_bool("dispatch", False, "host time of the step's call against its device time")
+  flags.DEFINE_string(
+    "host-steady", "", "--host: BxP+O: B requests, P prompt and O output tokens (unset: ShareGPT)"
+  )
+  flags.DEFINE_bool("host-dispatch-thread", False, "--host: EngineConfig.dispatch_thread")
+  flags.DEFINE_integer("host-pipeline-depth", 1, "--host: EngineConfig.pipeline_depth")
   flags.DEFINE_integer("trace-from", 300, "--host: first traced step")
   flags.DEFINE_integer("trace-steps", 100, "--host: steps traced")
   flags.DEFINE_integer(
@@ -296,6 +318,10 @@ def main(args):
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
+  if args.host_steady:
+    b, rest = args.host_steady.split("x")
+    args.host_steady = (int(b), *(int(x) for x in rest.split("+")))
+    args.requests = [args.host_steady[0]] * len(args.models)
   os.makedirs(args.out, exist_ok=True)
   if args.device:
     rows = device_profile(args)

@@ -671,6 +671,32 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   assert all(s["pace_ms"] >= s["step_ms"] for s in steps if s["pace_ms"] is not None)
 
 
+def test_profile_step_host_phases_of_a_steady_batch_with_both_overlap_options(tmp_path):
+  # --host-steady 4x8+24: four requests of 8 prompt tokens, all decoding together; the
+  # prefill samples each request's first token, so 23 decode steps of 4 rows follow.
+  argv = (
+    "--host --models micro --host-steady 4x8+24 --host-dispatch-thread --host-pipeline-depth 2 "
+    "--pool-gb 0.001 --trace-from 5 --trace-steps 10"
+  ).split()
+  code = (
+    "import runpy\n"
+    f"sys.argv = {['profile_step', *argv, '--out', str(tmp_path)]!r}\n"
+    "runpy.run_module('experiments.bench.profile_step', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  window, phases = json.loads((tmp_path / "profile_host.json").read_text())
+  for row in (window, phases):
+    assert row["workload"] == "steady4x8+24" and row["model"] == "micro"
+    assert row["dispatch_thread"] is True and row["pipeline_depth"] == 2
+  assert window["window_mean_batch"] == 4 and window["window_prefill_steps"] == 0
+  assert phases["batch_range"] == [1, 64] and phases["decode_steps"] == 23
+  for k in ("schedule", "build", "commit", "resolve"):
+    assert 0 < phases[f"{k}_ms"] < phases["wall_ms"] * 10
+  # The call runs on the worker: its time may land in the next step's row (or none).
+  assert 0 <= phases["dispatch_ms"] < phases["wall_ms"] * 10
+
+
 def test_engine_step_replay_takes_the_traced_span_on_a_gpu(monkeypatch):
   # On a GPU _replay_ms traces the device-resident batch (_gpu_common.device_time); here
   # the backend and the trace are stand-ins that record what they were handed.
