@@ -41,7 +41,7 @@ def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def _bench_rows(module: str, argv: list[str], out, rows_file: str) -> list[dict]:
   """Runs ``experiments.bench.<module>`` with ``argv`` plus ``--out out`` in a fresh CPU
   process (as ``_python``), asserts it exits 0 and returns the JSON rows of
-  ``out/rows_file``."""
+  ``out/rows_file`` (one a line; a ``.json`` file holds one list of them)."""
   code = (
     "import runpy\n"
     f"sys.argv = {[module, *argv, '--out', str(out)]!r}\n"
@@ -49,7 +49,10 @@ def _bench_rows(module: str, argv: list[str], out, rows_file: str) -> list[dict]
   )
   proc = _python(code)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return [json.loads(line) for line in (out / rows_file).read_text().splitlines()]
+  text = (out / rows_file).read_text()
+  if rows_file.endswith(".json"):
+    return json.loads(text)
+  return [json.loads(line) for line in text.splitlines()]
 
 
 def documented_commands(script: str) -> list[list[str]]:
@@ -678,14 +681,7 @@ def test_profile_step_host_phases_of_a_steady_batch_with_both_overlap_options(tm
     "--host --models micro --host-steady 4x8+24 --host-dispatch-thread --host-pipeline-depth 2 "
     "--pool-gb 0.001 --trace-from 5 --trace-steps 10"
   ).split()
-  code = (
-    "import runpy\n"
-    f"sys.argv = {['profile_step', *argv, '--out', str(tmp_path)]!r}\n"
-    "runpy.run_module('experiments.bench.profile_step', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  window, phases = json.loads((tmp_path / "profile_host.json").read_text())
+  window, phases = _bench_rows("profile_step", argv, tmp_path, "profile_host.json")
   for row in (window, phases):
     assert row["workload"] == "steady4x8+24" and row["model"] == "micro"
     assert row["dispatch_thread"] is True and row["pipeline_depth"] == 2
