@@ -1,7 +1,9 @@
 """An experiment: the planned decode with a persistent grid, its steps flowing across chunks.
 
 Not wired into ``kernels.paged_attention``: ``experiments.bench.gpu_ragged --persistent``
-times it beside the planned kernel, to find out whether it is worth wiring in.
+times it beside the planned kernel, to find out whether it is worth wiring in. On an H100
+(run30, docs/benchmarks.md) it was slower than the planned kernel in every case, 8 x 4096
+included (73.5% of the device ceiling at best, against 80.0%).
 
 Why: at 8 x 4096 (issue 15, item 1) the planned kernel runs 256 programs of one 1,024-key
 chunk on 132 SMs and reads 74% of the device ceiling, against 92% asked. Nsight Compute
