@@ -547,7 +547,7 @@ def e2e_rows(args) -> list[dict]:
                   pace_ms=(s.clock - by_step[s.step - 1].clock) * 1e3
                   if s.step - 1 in by_step
                   else None,
-                  captured=s.step in dev,  # its batch copied for the replay
+                  captured=s.step in dev,  # its batch kept for the replay
                   device_ms=dev.get(s.step),
                   device_timing=timing if dev.get(s.step) is not None else None,
                   plan_min_chunk=(min_chunk or None) if result["planned"] else None,
@@ -593,28 +593,26 @@ def e2e_rows(args) -> list[dict]:
             mean_wall_over_device=statistics.mean(wall)
             / statistics.mean(d for _, d, _, _ in pairs),
           )
-          # At the largest batch (all of --e2e-steady's B decoding: the issue's "at batch
-          # 256"): the mean wall (and pace) of the decode steps that were not captured over
-          # the mean device time of the captured ones. Capturing copies a step's batch on
-          # the host, which the captured steps' own wall carries (run30: 4.27 against 3.11
-          # ms of pace at SmolLM2's 256), and every 8th step of a steady run is a fair
-          # sample of the device time of the rest (it grows with the contexts).
-          top = max(n for _, _, n, _ in pairs)
+          # At the run's largest decode batch (all of --e2e-steady's B decoding: the
+          # issue's "at batch 256"): the mean wall (and pace) of every decode step at that
+          # batch over the mean device time of the replayed ones there. The replayed steps
+          # alone (at most --replay-max) are too few for the wall's mean: in run30 one
+          # 16 ms step among 15 made SmolLM2's ratio 2.12 against 1.56 from all 494.
+          top = max(s.num_seqs for s in decode)
           dev_top = [d for _, d, n, _ in pairs if n == top]
-          took = {i for i, _ in captured}
-          rest = [s for s in decode if s.num_seqs == top and s.step not in took]
+          at_top = [s for s in decode if s.num_seqs == top]
           paces = [
-            (s.clock - by_step[s.step - 1].clock) * 1e3 for s in rest if s.step - 1 in by_step
+            (s.clock - by_step[s.step - 1].clock) * 1e3 for s in at_top if s.step - 1 in by_step
           ]
-          mean_dev = statistics.mean(dev_top)
+          mean_dev = statistics.mean(dev_top) if dev_top else None
           result[rep].update(
             full_batch=top,
-            full_steps=len(rest),
+            full_steps=len(at_top),
             full_device_steps=len(dev_top),
             full_wall_over_device=(
-              statistics.mean(s.seconds * 1e3 for s in rest) / mean_dev if rest else None
+              statistics.mean(s.seconds * 1e3 for s in at_top) / mean_dev if mean_dev else None
             ),
-            full_pace_over_device=statistics.mean(paces) / mean_dev if paces else None,
+            full_pace_over_device=statistics.mean(paces) / mean_dev if mean_dev and paces else None,
           )
         del engine
         gc.collect()

@@ -653,23 +653,26 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   devices = [s["device_ms"] for s in timed]
   assert row["mean_wall_over_device"] == pytest.approx(sum(walls) / sum(devices))
   assert row["decode_device_ms"] == pytest.approx(sorted(devices)[2])
-  # At the full batch: the steps not captured (capturing copies the batch on the host) over
-  # the captured ones' device time, both as means.
+  # At the full batch: every decode step's mean wall (and pace) over the replayed steps'
+  # mean device time there.
   full = [s for s in steps if s["rows"] == row["full_batch"] and s["prefill_tokens"] == 0]
   dev = [s["device_ms"] for s in full if s["device_ms"] is not None]
-  rest = [s for s in full if not s["captured"]]
   assert row["full_batch"] == 4 and row["full_device_steps"] == len(dev) >= 1
-  assert row["full_steps"] == len(rest) >= 1
-  # Captured: the batch copied (every --capture-every'th decode step); replayed: up to
-  # --replay-max of those, which carry a device time.
+  assert row["full_steps"] == len(full) > len(dev)
+  # Captured: every --capture-every'th decode step (the engine's step count when its batch
+  # is built); replayed: up to --replay-max of those, which carry a device time.
+  decode = [s for s in steps if s["prefill_tokens"] == 0 and s["rows"]]
+  assert [s["step"] for s in decode if s["captured"]] == [
+    s["step"] for s in decode if s["step"] % 2 == 0
+  ]
   assert all(s["captured"] for s in steps if s["device_ms"] is not None)
   assert sum(s["captured"] for s in steps) > len(timed)
   mean_dev = sum(dev) / len(dev)
-  ratio = sum(s["step_ms"] for s in rest) / len(rest) / mean_dev
+  ratio = sum(s["step_ms"] for s in full) / len(full) / mean_dev
   assert row["full_wall_over_device"] == pytest.approx(ratio)
   # The pace: the engine clock between consecutive steps' ends, never shorter than the
   # step itself (it also holds the host work outside step()).
-  paced = [s["pace_ms"] for s in rest if s["pace_ms"] is not None]
+  paced = [s["pace_ms"] for s in full if s["pace_ms"] is not None]
   assert row["full_pace_over_device"] == pytest.approx(sum(paced) / len(paced) / mean_dev)
   assert all(s["pace_ms"] >= s["step_ms"] for s in steps if s["pace_ms"] is not None)
 
