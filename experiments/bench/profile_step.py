@@ -12,13 +12,17 @@
   building, the jitted call's dispatch, the post-dispatch bookkeeping, reading the tokens
   back and the time spent blocked on them). ``--host-dispatch-thread`` and
   ``--host-pipeline-depth`` set the engine's overlap options; with the thread the call's
-  dispatch runs on the worker, and its time may land in the next step's row.
+  dispatch runs on the worker, and its time may land in the next step's row or in none
+  (read ``dispatch_ms`` as a rough figure there).
 
 * ``--dispatch``: the host time of the step's call (dispatched while earlier steps run)
   against its device time, each a median with its min-max spread
   (:func:`experiments._timing.time_calls`).
 
   python -m experiments.bench.profile_step --out DIR [--device] [--host] [--dispatch]
+
+  (``--host`` also takes ``--host-steady``, ``--host-dispatch-thread`` and
+  ``--host-pipeline-depth``; docs/engine.md has a whole command.)
 
 Writes ``OUT/profile_device.json`` and ``OUT/profile_host.json`` and prints tables.
 """
@@ -29,6 +33,7 @@ import collections
 import glob
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -237,6 +242,13 @@ def host_profile(args) -> list[dict]:
           sm = engine.step_metrics[-1]
           if sm.num_seqs and not sm.num_prefill_tokens:
             per_step.append(dict(batch=sm.num_seqs, wall=wall, **phases))
+        if rep == "measured" and n < window[1]:
+          if n > window[0]:
+            jax.profiler.stop_trace()
+          raise ValueError(
+            f"--trace-from {args.trace_from} --trace-steps {args.trace_steps} end past the"
+            f" run's {n} steps: trace an earlier or shorter window"
+          )
       # The traced window: the device's kernel time against the wall time of its steps.
       path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True))
       events = device_kernel_events(path[-1]) if path else []
@@ -314,13 +326,27 @@ def define_flags():
   flags.DEFINE_string("commit", os.environ.get("PAXCACHE_COMMIT", "unknown"), "recorded commit")
 
 
+def _steady(text: str) -> tuple[int, int, int]:
+  """``"BxP+O"`` -> ``(B, P, O)``, within what ``host_profile``'s engine serves together
+  (``max_num_seqs`` 256 rows, a model of ``max_seq_len`` 1024); ValueError otherwise."""
+  match = re.fullmatch(r"(\d+)x(\d+)\+(\d+)", text)
+  if not match:
+    raise ValueError(f"--host-steady must be BxP+O, e.g. 256x128+512; got {text!r}")
+  b, p, o = map(int, match.groups())
+  if not (1 <= b <= 256 and p >= 1 and o >= 1 and p + o <= 1024):
+    raise ValueError(
+      f"--host-steady {text}: needs 1 <= B <= 256 (the engine's max_num_seqs), P, O >= 1"
+      " and P + O <= 1024 (the model's max_seq_len)"
+    )
+  return b, p, o
+
+
 def main(args):
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
   if args.host_steady:
-    b, rest = args.host_steady.split("x")
-    args.host_steady = (int(b), *(int(x) for x in rest.split("+")))
+    args.host_steady = _steady(args.host_steady)
     args.requests = [args.host_steady[0]] * len(args.models)
   os.makedirs(args.out, exist_ok=True)
   if args.device:

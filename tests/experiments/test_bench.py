@@ -696,6 +696,29 @@ def test_profile_step_host_phases_of_a_steady_batch_with_both_overlap_options(tm
   assert 0 <= phases["dispatch_ms"] < phases["wall_ms"] * 10
 
 
+def test_profile_step_host_refuses_a_steady_batch_it_cannot_serve_and_a_window_past_the_run(
+  tmp_path,
+):
+  from experiments.bench.profile_step import _steady
+
+  assert _steady("256x128+512") == (256, 128, 512)
+  for bad in ("256x128", "0x8+8", "257x8+8", "4x0+8", "4x8+0", "4x1000+25", "4x8+8 "):
+    with pytest.raises(ValueError, match="--host-steady"):
+      _steady(bad)
+  code = (
+    "import runpy\n"
+    "sys.argv = ['profile_step', '--host', '--models', 'micro', '--host-steady', '4x8+24',"
+    f" '--pool-gb', '0.001', '--trace-from', '20', '--trace-steps', '10', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.profile_step', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  # The run (about 25 steps) ends inside the window 20-30: the trace is stopped, and it
+  # says so rather than failing on the unset window clock.
+  assert proc.returncode != 0
+  message = r"ValueError: --trace-from 20 --trace-steps 10 end past the run's \d+ steps"
+  assert re.search(message, proc.stderr)
+
+
 def test_engine_step_replay_takes_the_traced_span_on_a_gpu(monkeypatch):
   # On a GPU _replay_ms traces the device-resident batch (_gpu_common.device_time); here
   # the backend and the trace are stand-ins that record what they were handed.
