@@ -457,6 +457,7 @@ def e2e_rows(args) -> list[dict]:
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
         pipeline_depth=args.pipeline_depth,
+        decode_steps=args.decode_steps,
         cascade_min_shared_blocks=cascade_min,
         # Every step's metrics of a pass (the default keeps the last 4,096; a longer pass
         # would lose the captured steps' records).
@@ -480,8 +481,8 @@ def e2e_rows(args) -> list[dict]:
 
         # The batch as the engine's thread builds it (with --dispatch-thread the call runs
         # on another thread, where the step count may already be the next step's).
-        def capture(plan, _fn=build, _engine=engine, _c=captured):
-          batch = _fn(plan)
+        def capture(plan, *rest, _fn=build, _engine=engine, _c=captured):
+          batch = _fn(plan, *rest)  # (a burst's later slots)
           i = _engine.metrics.steps
           if batch.decode_only and i % args.capture_every == 0:
             _c.append((i, batch))
@@ -506,10 +507,15 @@ def e2e_rows(args) -> list[dict]:
         del engine._build_batch  # the method again
         steps = list(engine.step_metrics)
         decode = [s for s in steps if s.num_prefill_tokens == 0 and s.num_seqs]
+        # Per decode step: a burst (--decode-steps) is one engine step of several.
+        per = {s.step: max(s.decode_steps, 1) for s in steps}
         result[rep] = dict(
           seconds=seconds,
           generated=engine.metrics.generated_tokens,
-          decode_ms=statistics.median(s.seconds for s in decode) * 1e3 if decode else None,
+          decode_ms=statistics.median(s.seconds / per[s.step] for s in decode) * 1e3
+          if decode
+          else None,
+          bursts=sum(s.decode_steps > 1 for s in steps),
           mean_batch=statistics.mean(s.num_seqs for s in decode) if decode else None,
           shapes=engine.metrics.compiled_shapes,
           compile_s=compile_seconds() - c0,
@@ -548,6 +554,7 @@ def e2e_rows(args) -> list[dict]:
                   if s.step - 1 in by_step
                   else None,
                   captured=s.step in dev,  # its batch kept for the replay
+                  decode_steps=s.decode_steps,  # > 1: a burst (its times cover them all)
                   device_ms=dev.get(s.step),
                   device_timing=timing if dev.get(s.step) is not None else None,
                   plan_min_chunk=(min_chunk or None) if result["planned"] else None,
@@ -556,15 +563,18 @@ def e2e_rows(args) -> list[dict]:
                   pipeline_depth=args.pipeline_depth,
                 )
                 f.write(json.dumps(row) + "\n")
-          # (wall, device, rows, pace) of every replayed step. Wall: the step's own
-          # StepMetrics.seconds; pace: the engine clock from the step before's end to this
-          # one's (also the host work outside step(): arrivals, metrics, run()'s loop).
+          # (wall, device, rows, pace) of every replayed step, per decode step (a burst's
+          # over its decode steps). Wall: the step's own StepMetrics.seconds; pace: the
+          # engine clock from the step before's end to this one's (also the host work
+          # outside step(): arrivals, metrics, run()'s loop).
           pairs = [
             (
-              by_step[i].seconds * 1e3,
-              d,
+              by_step[i].seconds * 1e3 / per[i],
+              d / per[i],
               by_step[i].num_seqs,
-              (by_step[i].clock - by_step[i - 1].clock) * 1e3 if i - 1 in by_step else None,
+              (by_step[i].clock - by_step[i - 1].clock) * 1e3 / per[i]
+              if i - 1 in by_step
+              else None,
             )
             for (i, _), d in zip(captured, device, strict=True)
             if d is not None
@@ -602,7 +612,9 @@ def e2e_rows(args) -> list[dict]:
           dev_top = [d for _, d, n, _ in pairs if n == top]
           at_top = [s for s in decode if s.num_seqs == top]
           paces = [
-            (s.clock - by_step[s.step - 1].clock) * 1e3 for s in at_top if s.step - 1 in by_step
+            (s.clock - by_step[s.step - 1].clock) * 1e3 / per[s.step]
+            for s in at_top
+            if s.step - 1 in by_step
           ]
           mean_dev = statistics.mean(dev_top) if dev_top else None
           result[rep].update(
@@ -610,7 +622,9 @@ def e2e_rows(args) -> list[dict]:
             full_steps=len(at_top),
             full_device_steps=len(dev_top),
             full_wall_over_device=(
-              statistics.mean(s.seconds * 1e3 for s in at_top) / mean_dev if mean_dev else None
+              statistics.mean(s.seconds * 1e3 / per[s.step] for s in at_top) / mean_dev
+              if mean_dev
+              else None
             ),
             full_pace_over_device=statistics.mean(paces) / mean_dev if mean_dev and paces else None,
           )
@@ -682,6 +696,8 @@ def e2e_rows(args) -> list[dict]:
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
         pipeline_depth=args.pipeline_depth,
+        decode_steps=args.decode_steps,
+        bursts=m["bursts"],
         date=env["date"],
       )
       print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
@@ -763,6 +779,9 @@ def define_flags():
   )
   flags.DEFINE_integer(
     "pipeline-depth", 1, "EngineConfig.pipeline_depth (2 needs --async-scheduling)"
+  )
+  flags.DEFINE_integer(
+    "decode-steps", 1, "EngineConfig.decode_steps: decode steps a burst's call runs", lower_bound=1
   )
   flags.DEFINE_string(
     "compilation-cache",

@@ -81,6 +81,11 @@ class StepBatch:
   decode_plan_seq_first: jax.Array = _no_plan()  # i32[batch or 0]  each row's first chunk
   decode_plan_seq_chunks: jax.Array = _no_plan()  # i32[batch or 0] its number of chunks
   decode_plan_meta: tuple = flax.struct.field(pytree_node=False, default=())
+  # A decode burst (EngineConfig.decode_steps = K > 1): the slots of sub-steps 1 .. K - 1
+  # (sub-step 0's are ``slot_mapping``; -1 for padding rows). Sub-step j runs the model on
+  # the tokens sub-step j - 1 sampled, at positions and lengths + j. Zero-size (0, 0): one
+  # step. Only decode-only steps without a cascade or decode plan burst.
+  burst_slots: jax.Array = flax.struct.field(default_factory=lambda: np.zeros((0, 0), np.int32))
 
   def pack(self) -> tuple[np.ndarray, tuple]:
     """``(buffer, layout)``: every array field in one host ``i32`` buffer (``f32`` fields
@@ -146,6 +151,7 @@ class StepBatch:
       self.cascade_group_table.shape,
       self.cascade_group_rows.shape[1],
       self.decode_plan_chunk_seq.shape[0],
+      self.burst_slots.shape[0],
     )
 
   def cascade_plan(self) -> kernels.CascadePlan | None:
@@ -217,6 +223,7 @@ def build_step_batch(
   cascade_min_shared_blocks: int = 0,
   block_size: int | None = None,
   decode_planner=None,
+  burst_slots: np.ndarray | None = None,
 ) -> StepBatch:
   """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
 
@@ -241,6 +248,10 @@ def build_step_batch(
     decode_planner: a :class:`~paxcache.engine._decode_plan.DecodePlanner` or None. In a
       decode-only step without a cascade plan (the cascade path wins; the two are never
       combined), ``decode_planner(lengths, rows)`` gives the step's decode plan or None.
+    burst_slots: ``i32[K - 1, len(plan.decodes)]``, a decode burst's later slots
+      (``EngineConfig.decode_steps = K``): the plan holds plain decodes only, the allocator
+      already holds the burst's K tokens of each (so ``table.lengths`` counts K - 1 more
+      than sub-step 0 reads), and the step plans neither cascade nor decode plan.
   """
   rows = plan.rows
   decodes = plan.decodes
@@ -335,6 +346,18 @@ def build_step_batch(
   cow_src[: len(pairs)] = pairs[:, 0]
   cow_dst[: len(pairs)] = pairs[:, 1]
   block_ids, lengths = np.asarray(table.block_ids), np.asarray(table.lengths)
+  burst = np.zeros((0, 0), np.int32)
+  if burst_slots is not None:
+    if rows or not nd or burst_slots.shape != (len(burst_slots), nd):
+      raise ValueError(
+        f"build_step_batch: a burst takes plain decodes only and i32[K - 1, {nd}] slots, got "
+        f"{len(rows)} other rows and slots of shape {burst_slots.shape}"
+      )
+    lengths = lengths.copy()
+    lengths[:nd] -= len(burst_slots)  # sub-step 0 reads its own tokens, not the burst's
+    burst = np.full((len(burst_slots), num_tokens), INVALID_SLOT, np.int32)
+    burst[:, :nd] = burst_slots
+    cascade_min_shared_blocks, decode_planner = 0, None
   cascade = None
   if decode_only and cascade_min_shared_blocks > 0 and b > 1:
     if block_size is None:
@@ -393,5 +416,6 @@ def build_step_batch(
     # Only a decode-only step's kernel could write K/V itself; one with a row admitted
     # on a prefix hit writes first (a step with a prefill chunk always does).
     fused_write=not (decode_only and plan.prefix_hit_rows),
+    burst_slots=burst,
     **plan_fields,
   )

@@ -61,6 +61,9 @@ class _InFlight:
   # The decodes' tokens once read, when the next step's commit has already written them
   # into the sequences (overlap scheduling's steady state: see Engine._commit).
   values: list[int] | None = None
+  # A decode burst's sub-step after a row stopped by length in it: the device row of each
+  # of ``decodes`` (None: decode i is row i).
+  device_rows: np.ndarray | None = None
 
 
 class _AfterFailedCall(Exception):
@@ -95,7 +98,36 @@ class _Later:
 
 def _arrived(x):
   """A step's device output, waiting for its call first when it ran on the dispatch thread."""
-  return x.get() if isinstance(x, _Later) else x
+  return x.get() if isinstance(x, (_Later, _BurstTokens)) else x
+
+
+class _BurstOut:
+  """A decode burst's tokens, ``i32[K, cap]`` (on the device, or a :class:`_Later`), read
+  to the host once for all its sub-steps."""
+
+  __slots__ = ("every", "host")
+
+  def __init__(self, every):
+    self.every = every
+    self.host = None
+
+  def get(self) -> np.ndarray:
+    if self.host is None:
+      self.host = np.asarray(_arrived(self.every))
+    return self.host
+
+
+class _BurstTokens:
+  """Sub-step ``j``'s sampled tokens of a burst, for the rows ``rows`` (None: all)."""
+
+  __slots__ = ("out", "j", "rows")
+
+  def __init__(self, out: _BurstOut, j: int, rows: np.ndarray | None):
+    self.out, self.j, self.rows = out, j, rows
+
+  def get(self) -> np.ndarray:
+    tokens = self.out.get()[self.j]
+    return tokens if self.rows is None else tokens[self.rows]
 
 
 class _DecodeFacts:
@@ -168,7 +200,10 @@ class _PendingRows(Mapping):
   def _map(self) -> dict:
     if self._rows is None:
       step = self._step
-      self._rows = {s: i for i, s in enumerate(step.decodes)}
+      if step.device_rows is None:
+        self._rows = {s: i for i, s in enumerate(step.decodes)}
+      else:
+        self._rows = dict(zip(step.decodes, step.device_rows.tolist(), strict=True))
       self._rows.update((s, j) for j, (s, _) in enumerate(step.entries, len(step.decodes)))
     return self._rows
 
@@ -240,6 +275,18 @@ class EngineConfig:
       admission fills the pool down to ``watermark_blocks``, so set that to at least the
       bound to keep two steps unread under load. Outputs are the same. Not with a
       ``mesh``.
+    decode_steps: decode bursts: a step whose rows are all plain decodes (no prefill
+      chunk, copy, swap or preemption, no request waiting or swapped out, no row within
+      ``decode_steps`` tokens of the model's ``max_seq_len``, free blocks for every row's
+      next ``decode_steps`` tokens) runs ``decode_steps`` decode steps in one device call:
+      each feeds the tokens the one before sampled, and the host schedules, packs and
+      launches once for ``decode_steps`` tokens a row (vLLM's multi-step scheduling). A
+      row that stops in a burst (by length or at its end token) keeps its output up to
+      its stop; the burst's later tokens of it are dropped, as with overlap scheduling.
+      Requests that arrive meanwhile are admitted after the burst. A burst runs the default
+      decode kernel (no cascade or decode plan). Outputs are the same as with 1 (the
+      default). With ``pipeline_depth=1`` only, at most ``block_size // 2 + 1``, not with
+      a ``mesh``.
     reservation: memory management: ``"paged"`` (blocks on demand, the default) or an
       Orca baseline that reserves each request's blocks contiguously at admission:
       ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
@@ -295,6 +342,7 @@ class EngineConfig:
   async_scheduling: bool = False
   dispatch_thread: bool = False
   pipeline_depth: int = 1
+  decode_steps: int = 1
   reservation: str = "paged"
   cascade_min_shared_blocks: int = 8
   decode_plan: str = "auto"
@@ -326,6 +374,7 @@ class EngineConfig:
       "metrics_history",
       "cascade_min_shared_blocks",
       "pipeline_depth",
+      "decode_steps",
     ):
       value = getattr(self, name)
       if not _is_int(value):
@@ -366,6 +415,21 @@ class EngineConfig:
       )
     if self.pipeline_depth == 2 and self.mesh is not None:
       raise ValueError("EngineConfig.pipeline_depth=2 with a mesh: not supported yet")
+    if self.decode_steps > 1:
+      if self.pipeline_depth != 1:
+        raise ValueError(
+          "EngineConfig.decode_steps > 1 needs pipeline_depth=1: a burst already gives the "
+          "device several steps per call"
+        )
+      if self.mesh is not None:
+        raise ValueError("EngineConfig.decode_steps > 1 with a mesh: not supported yet")
+    if not 1 <= self.decode_steps <= self.block_size // 2 + 1:
+      # A row then holds up to 2 * decode_steps - 1 tokens still being sampled (one burst
+      # unread while the next is queued), which the allocator bounds by block_size + 1.
+      raise ValueError(
+        f"EngineConfig.decode_steps must be in [1, block_size // 2 + 1 = "
+        f"{self.block_size // 2 + 1}], got {self.decode_steps}"
+      )
     if self.lane_padded_cache and self.lane_dense_cache:
       raise ValueError(
         "EngineConfig.lane_dense_cache and lane_padded_cache are two layouts; set one of them"
@@ -463,9 +527,53 @@ def _device_step(graphdef, treedef, params, cache, packed, layout, key, prev_tok
     if batch.any_sampled:
       tokens = _sampled(batch, logits, key, pad)
     return (tokens, values, ids.astype(jnp.int32)), cache
+  tokens = _pick(batch, logits, key, pad)
+  if batch.burst_slots.shape[0]:  # static: a decode burst (EngineConfig.decode_steps)
+    return _burst(model, batch, cache, key, tokens)
+  return tokens, cache
+
+
+def _pick(batch: StepBatch, logits, key, pad):
   if not batch.any_sampled:  # static: an all-greedy step needs no sort of the vocabulary
-    return jnp.pad(jnp.argmax(logits, axis=-1).astype(jnp.int32), (0, pad)), cache
-  return _sampled(batch, logits, key, pad), cache
+    return jnp.pad(jnp.argmax(logits, axis=-1).astype(jnp.int32), (0, pad))
+  return _sampled(batch, logits, key, pad)
+
+
+def _burst(model, batch: StepBatch, cache, key, first):
+  """Sub-steps ``1 .. K - 1`` of a decode burst, after sub-step 0 sampled ``first``
+  (``i32[cap]``): each feeds the tokens the one before sampled to the same rows, at
+  positions, lengths and sample positions ``+ j``, writing K/V at ``burst_slots[j - 1]``.
+  One loop on the device: the host plans, packs and launches once for ``K`` tokens a row.
+  Returns ``((last i32[cap], every i32[K, cap]), cache)``: ``last`` is what the next
+  step reads on the device (``prev_tokens``), ``every[j]`` sub-step j's tokens."""
+  n = batch.tokens.shape[0]  # decode-only: token row i is block-table row i and sample row i
+  pad = first.shape[0] - batch.logit_rows.shape[0]
+  steps = batch.burst_slots.shape[0] + 1
+  real_tokens = batch.slot_mapping >= 0  # padding rows write nothing and keep position 0
+  real_rows = batch.lengths > 0
+
+  def body(j, carry):
+    cache, prev, every = carry
+    logits, cache = model(
+      prev[:n],
+      batch.positions + jnp.where(real_tokens, j, 0),
+      cache,
+      block_table=batch.block_table,
+      lengths=batch.lengths + jnp.where(real_rows, j, 0),
+      slot_mapping=batch.burst_slots[j - 1],
+      cu_q_lens=None,
+      logit_rows=batch.logit_rows,
+      cascade=None,
+      decode_plan=None,
+      fused_write=batch.fused_write,
+    )
+    sub = batch.replace(sample_positions=batch.sample_positions + j)
+    tokens = _pick(sub, logits, key, pad)
+    return cache, tokens, every.at[j].set(tokens)
+
+  every = jnp.zeros((steps, first.shape[0]), jnp.int32).at[0].set(first)
+  cache, last, every = jax.lax.fori_loop(1, steps, body, (cache, first, every))
+  return (last, every), cache
 
 
 def _sampled(batch: StepBatch, logits, key, pad):
@@ -645,7 +753,12 @@ class Engine:
     except BaseException as e:
       self._call_error = e
       raise
-    self._prev_tokens = out  # no beam rows here (beam search needs async_scheduling off)
+    # No beam rows here (beam search needs async_scheduling off); a burst returns its last
+    # sub-step's tokens and every sub-step's.
+    if batch.burst_slots.shape[0]:
+      self._prev_tokens, out = out
+      return out
+    self._prev_tokens = out
     return out
 
   def _init_host(self, config: EngineConfig, max_seq_len: int, vocab_size: int, clock) -> None:
@@ -664,7 +777,7 @@ class Engine:
       num_host_blocks=config.num_host_blocks,
       enable_prefix_caching=config.enable_prefix_caching,
       max_seq_len=self.max_seq_len,
-      max_pending_tokens=config.pipeline_depth,
+      max_pending_tokens=max(config.pipeline_depth, 2 * config.decode_steps - 1),
     )
     self.scheduler = Scheduler(
       self.allocator,
@@ -681,6 +794,8 @@ class Engine:
     self._in_flight: _InFlight | None = None
     # pipeline_depth=2: the step dispatched before _in_flight, its tokens not read yet.
     self._older: _InFlight | None = None
+    # A decode burst's sub-steps before _in_flight (its last), resolved before it.
+    self._burst_rest: list[_InFlight] = []
     self._no_preemption_blocks = no_preemption_blocks(config)
     # EngineConfig.dispatch_thread: the worker, its last queued call and its first error.
     self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
@@ -937,14 +1052,22 @@ class Engine:
     sampled = read_first
     shape = (0, 0, 0)
     dispatched = None
+    rest: list[_InFlight] = []  # a burst's sub-steps before `dispatched`
     has_rows = bool(plan.decodes or plan.rows)
+    burst = self._burst_size(plan) if has_rows else 1
     if has_rows:
-      tokens, shape, candidates = self._execute(plan)
-      dispatched = self._commit(plan, tokens)
+      # (Subclasses and benches replace _execute and _build_batch with one-argument ones.)
+      tokens, shape, candidates = self._execute(plan, burst) if burst > 1 else self._execute(plan)
+      if burst > 1:
+        *rest, dispatched = self._commit_burst(plan, tokens, burst)
+      else:
+        dispatched = self._commit(plan, tokens)
       dispatched.candidates = candidates
-      # The plain decodes: one token each, K/V of start + 1 tokens.
-      num_tokens = decodes = len(plan.decodes)
-      kv_tokens = int(plan.decode_starts.sum()) + decodes
+      # The plain decodes: one token each (burst: one a sub-step), K/V of start + 1 tokens.
+      decodes = len(plan.decodes)
+      num_tokens = decodes * burst
+      kv_tokens = burst * (int(plan.decode_starts.sum()) + decodes)
+      kv_tokens += decodes * burst * (burst - 1) // 2
       for r in plan.rows:  # one pass over the other rows (few)
         n = r.stop - r.start
         num_tokens += n
@@ -957,6 +1080,7 @@ class Engine:
     if has_rows or swapped:
       self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
     previous, self._in_flight = self._in_flight, dispatched
+    previous_rest, self._burst_rest = self._burst_rest, rest
     finished, self._ready = self._ready, []
     if self.config.async_scheduling:
       # Step n + 1 is queued on the device; now read step n's tokens (the one device ->
@@ -968,11 +1092,15 @@ class Engine:
           sampled += self._resolve(older, finished)
       else:
         sampled += self._read_older(finished)
+        for sub in previous_rest:
+          sampled += self._resolve(sub, finished)
         if previous is not None:
           sampled += self._resolve(previous, finished)
     elif dispatched is not None:
-      self._in_flight = None
-      sampled = self._resolve(dispatched, finished)
+      self._in_flight, self._burst_rest = None, []
+      for sub in rest:
+        sampled += self._resolve(sub, finished)
+      sampled += self._resolve(dispatched, finished)
     self._free_finished()
     if not has_rows and previous is None:
       if not (plan.swap_in or plan.swap_out or plan.preemptions_recompute):
@@ -986,7 +1114,7 @@ class Engine:
           )
     if self.config.check_invariants:
       self.allocator.check_invariants()
-    self._record(plan, t0, num_tokens, prefill, sampled, shape, decodes, kv_tokens)
+    self._record(plan, t0, num_tokens, prefill, sampled, shape, decodes, kv_tokens, burst)
     return finished
 
   def run(
@@ -1029,11 +1157,44 @@ class Engine:
       if len(pairs):
         self.cache = cache_ops.swap_in(self.cache, self.host_pool, pairs[:, 0], pairs[:, 1])
 
-  def _execute(self, plan: Plan):
+  def _burst_size(self, plan: Plan) -> int:
+    """How many decode steps this step's call runs (``EngineConfig.decode_steps`` where
+    the step may burst, else 1)."""
+    k = self.config.decode_steps
+    if (
+      k == 1
+      or plan.rows
+      or plan.cow_pairs
+      or plan.swap_in
+      or plan.swap_out
+      or plan.preemptions_swap
+      or plan.preemptions_recompute
+      or plan.forked
+      or self.scheduler.waiting
+      or self.scheduler.swapped
+    ):
+      return 1
+    if int(plan.decode_starts.max()) + k > self.max_seq_len:
+      return 1  # the allocator holds no token past the model's length
+    alloc = self.allocator
+    if alloc.blocks_needed_to_append(plan.decode_ids, k - 1) > alloc.num_free_blocks:
+      return 1
+    return k
+
+  def _execute(self, plan: Plan, burst: int = 1):
     """Dispatches the device step; returns its sampled tokens (on the device, or a
-    :class:`_Later` of the dispatch thread's call), the padded shape and, when the batch
-    has beam rows, their top candidates (log-probs, ids)."""
-    batch = self._build_batch(plan)
+    :class:`_Later` of the dispatch thread's call; a :class:`_BurstOut` of every sub-step's
+    for a burst of ``burst > 1`` decode steps), the padded shape and, when the batch has
+    beam rows, their top candidates (log-probs, ids)."""
+    burst_slots = None
+    if burst > 1:
+      # The slots of the burst's later tokens: each row's next burst - 1, all pending.
+      pending = [PENDING_TOKEN] * len(plan.decode_ids)
+      extra = [self.allocator.append_batch(plan.decode_ids, pending) for _ in range(burst - 1)]
+      if any(len(r.cow_pairs) for r in extra):  # the first append made every last block private
+        raise RuntimeError("a decode burst's appends asked for copy-on-write copies")
+      burst_slots = np.stack([r.slots for r in extra]).astype(np.int32)
+    batch = self._build_batch(plan) if burst_slots is None else self._build_batch(plan, burst_slots)
     self._shapes.add(batch.shape_key)
     self._cascade = batch.cascade_counts()
     self._plan_chunks = batch.decode_plan_chunks()
@@ -1043,17 +1204,21 @@ class Engine:
       assert not batch.num_candidates
       call = self._dispatcher.submit(self._call_on_thread, batch)
       self._last_call = call
-      return _Later(call), batch.shape_key[:3], None
+      out = _Later(call)
+      return (_BurstOut(out) if burst > 1 else out), batch.shape_key[:3], None
     tokens, self.cache = self._step_fn(
       self._params, self.cache, batch, self._key, self._prev_tokens
     )
     candidates = None
     if batch.num_candidates:  # beam rows: (tokens, log-probs, ids)
       tokens, *candidates = tokens
+    if burst > 1:  # (last sub-step's tokens, every sub-step's)
+      self._prev_tokens, every = tokens
+      return _BurstOut(every), batch.shape_key[:3], None
     self._prev_tokens = tokens
     return tokens, batch.shape_key[:3], candidates
 
-  def _build_batch(self, plan: Plan) -> StepBatch:
+  def _build_batch(self, plan: Plan, burst_slots: np.ndarray | None = None) -> StepBatch:
     cfg = self.config
     seq_ids = plan.decode_ids
     if plan.rows:
@@ -1075,23 +1240,31 @@ class Engine:
       min_copies=cfg.min_copy_bucket,
       pending_rows={} if in_flight is None else _PendingRows(in_flight),
       num_candidates=self.beams.num_candidates(plan),
-      prev_decodes=None if in_flight is None else in_flight.decodes,
+      # (A burst's sub-step whose rows are not the device's: the look-up maps them.)
+      prev_decodes=None
+      if in_flight is None or in_flight.device_rows is not None
+      else in_flight.decodes,
       decode_sampling=facts.sampling,
       cascade_min_shared_blocks=self.cascade_min_shared_blocks,
       block_size=cfg.block_size,
       decode_planner=self.decode_planner,
+      burst_slots=burst_slots,
     )
 
-  def _commit(self, plan: Plan, tokens) -> _InFlight:
+  def _commit(self, plan: Plan, tokens, steady: bool = True) -> _InFlight:
     """Host update right after the device call, before its tokens are known: computed
-    counts, a ``PENDING_TOKEN`` placeholder per sample, stops by length (known now)."""
+    counts, a ``PENDING_TOKEN`` placeholder per sample, stops by length (known now).
+    ``steady=False``: never read the step before's tokens here (a burst's later sub-step,
+    whose step before is its own sub-step, or a step after a burst)."""
     # The plain decodes, as columns: per row only the two updates the scheduler reads.
     self._facts = facts = self._facts.update(plan, self.max_seq_len)
     decodes = plan.decodes
     prev = self._in_flight
     if (
-      prev is not None
+      steady
+      and prev is not None
       and decodes
+      and not self._burst_rest
       and not self._ignore
       and self.config.pipeline_depth == 1  # with 2, reading prev's tokens would wait
       and prev.decodes == decodes
@@ -1149,6 +1322,40 @@ class Engine:
       pending_pos=(plan.decode_starts + 1).tolist(),
       done=done,
     )
+
+  def _commit_burst(self, plan: Plan, out: _BurstOut, burst: int) -> list[_InFlight]:
+    """:meth:`_commit` of each of a burst's ``burst`` sub-steps, in order: sub-step j's
+    rows are the plan's decodes at ``start + j``, less those stopped by length at an
+    earlier sub-step (the device computes them, the host reads none of their tokens)."""
+    subs = []
+    keep = None  # device rows still decoding (None: all)
+    sub = plan
+    for j in range(burst):
+      if j:
+        sub = Plan(
+          decodes=sub.decodes,
+          decode_groups=sub.decode_groups,
+          decode_ids=sub.decode_ids,
+          decode_starts=sub.decode_starts + 1,
+        )
+      step = self._commit(sub, _BurstTokens(out, j, keep), steady=j == 0)
+      step.device_rows = keep
+      subs.append(step)
+      if step.done and j + 1 < burst:
+        live = np.ones(len(sub.decodes), np.bool_)
+        live[step.done] = False
+        idx = np.flatnonzero(live)
+        keep = idx if keep is None else keep[idx]
+        ix = idx.tolist()
+        sub = Plan(
+          decodes=[sub.decodes[i] for i in ix],
+          decode_groups=[sub.decode_groups[i] for i in ix],
+          decode_ids=[sub.decode_ids[i] for i in ix],
+          decode_starts=sub.decode_starts[idx],
+        )
+        if not ix:
+          break
+    return subs
 
   def _resolve(self, step: _InFlight, finished: list[RequestOutput]) -> int:
     """Host update once a step's tokens are back: token ids, stops at an end token, the
@@ -1339,6 +1546,9 @@ class Engine:
     """Reads the steps still on the device (async scheduling), so that the host state is
     complete; what finishes is returned by the next :meth:`step`."""
     self._read_older(self._ready)
+    rest, self._burst_rest = self._burst_rest, []
+    for sub in rest:
+      self._resolve(sub, self._ready)
     if self._in_flight is not None:
       step, self._in_flight = self._in_flight, None
       self._resolve(step, self._ready)
@@ -1354,6 +1564,7 @@ class Engine:
     shape,
     decodes: int = 0,
     kv_tokens: int = 0,
+    burst: int = 1,
   ) -> None:
     m = self.metrics
     alloc = self.allocator
@@ -1386,6 +1597,7 @@ class Engine:
       cascade_rows=self._cascade[1],
       cascade_saved_tokens=self._cascade[2],
       decode_plan_chunks=self._plan_chunks,
+      decode_steps=burst if decodes else 0,
     )
     self.step_metrics.append(sm)
     m.steps += 1
@@ -1444,6 +1656,8 @@ class SimulatedEngine(Engine):
       raise ValueError("SimulatedEngine runs steps synchronously: set async_scheduling=False")
     if config.mesh is not None:
       raise ValueError("SimulatedEngine has no device pool to shard: set mesh=None")
+    if config.decode_steps != 1:
+      raise ValueError("SimulatedEngine simulates one decode step a call: set decode_steps=1")
     for name, value in (("max_seq_len", max_seq_len), ("vocab_size", vocab_size)):
       if not _is_int(value) or value < 1:
         raise ValueError(f"SimulatedEngine {name} must be an int >= 1, got {value!r}")

@@ -39,6 +39,10 @@ class StepMetrics:
   # The planned GPU decode (EngineConfig.decode_plan): real chunks of the step's plan
   # (sequence x key-range pieces, before padding to a bucket); 0 on a step without one.
   decode_plan_chunks: int = 0
+  # Decode steps the step's call ran (EngineConfig.decode_steps: a burst runs several, each
+  # a token for every one of its decode_batch rows; num_tokens and kv_tokens count them
+  # all); 1 on a plain step with decodes, 0 on one without.
+  decode_steps: int = 0
 
 
 @dataclasses.dataclass

@@ -794,3 +794,124 @@ def test_two_steps_on_the_device_sample_the_same_tokens(tiny, corpus, dispatch_t
     if num_blocks == 40:
       assert m.preemptions > 0
     assert engine.allocator.num_used_blocks == 0 and not engine._ignore
+
+
+@pytest.mark.parametrize(
+  "async_scheduling,dispatch_thread,steps",
+  [(False, False, 4), (True, False, 3), (True, True, 5)],
+  ids=["sync-4", "async-3", "async-thread-5"],
+)
+def test_decode_bursts_sample_the_same_tokens(
+  tiny, corpus, async_scheduling, dispatch_thread, steps
+):
+  """EngineConfig.decode_steps: a step of plain decodes with nothing waiting runs `steps`
+  decode steps in one call. Sampled and greedy requests, end tokens, stops by length,
+  forks and prefix hits, in a roomy pool and under pressure (40 blocks: bursts only once
+  the queue is empty), give the outputs of the synchronous engine without bursts, and
+  every block is returned."""
+  reqs = [
+    dataclasses.replace(r, temperature=0.0 if i % 3 == 0 else 0.9, top_k=0 if i % 2 else 12)
+    for i, r in enumerate(_mixed_requests(corpus))
+  ]
+  want = Engine(tiny, _pressure_config("swap", False, num_blocks=400)).run(reqs)
+  for num_blocks in (400, 40):
+    config = dataclasses.replace(
+      _pressure_config("swap", async_scheduling, dispatch_thread, num_blocks=num_blocks),
+      decode_steps=steps,
+    )
+    engine = Engine(tiny, config)
+    most_pending = []
+    execute = engine._execute
+
+    def counted(*args, execute=execute, engine=engine, most_pending=most_pending):
+      out = execute(*args)
+      most_pending.append(int(engine.allocator._npend.max(initial=0)))
+      return out
+
+    engine._execute = counted
+    for r in reqs:
+      engine.add_request(r)
+    outs, dropped = {}, 0
+    while engine.has_unfinished():
+      # A burst starts only where nothing waits (the step plans from the queue as it is).
+      waiting = bool(engine.scheduler.waiting or engine.scheduler.swapped)
+      for o in engine.step():
+        outs[o.request_id] = o
+      last = engine.step_metrics[-1]
+      if last.decode_steps > 1:
+        assert not waiting and last.num_prefill_tokens == 0 and last.cow_copies == 0
+        assert last.num_tokens == last.decode_batch * steps
+      dropped = max(dropped, *engine._ignore.values(), 0)  # rows an end token discards
+    assert outs == want, num_blocks
+    bursts = [s for s in engine.step_metrics if s.decode_steps > 1]
+    assert len(bursts) >= 3 and all(s.decode_steps == steps for s in bursts)
+    if num_blocks == 400 and async_scheduling:
+      # A burst's tokens stay pending while the next one is queued; an end token inside a
+      # burst discards the rest of it and the next one's rows.
+      assert max(most_pending) == 2 * steps - 1 and dropped > steps
+    m = engine.metrics
+    assert m.generated_tokens == sum(len(x) for o in outs.values() for x in o.samples)
+    assert m.computed_tokens == sum(s.num_tokens for s in engine.step_metrics)
+    assert engine.allocator.num_used_blocks == 0 and not engine._ignore
+
+
+@pytest.mark.parametrize("dispatch_thread", [False, True], ids=["", "thread"])
+def test_abort_in_a_burst_returns_what_was_produced(tiny, dispatch_thread):
+  config = EngineConfig(
+    num_blocks=32,
+    block_size=8,
+    async_scheduling=True,
+    dispatch_thread=dispatch_thread,
+    decode_steps=4,
+    max_num_seqs=2,
+    max_num_batched_tokens=32,
+  )
+  engine = Engine(tiny, config)
+  engine.add_request(Request("a", list(b"the old man "), max_new_tokens=30))
+  engine.add_request(Request("b", list(b"a young girl "), max_new_tokens=30))
+  for _ in range(4):
+    engine.step()
+  assert engine.step_metrics[-1].decode_steps == 4 and engine._burst_rest
+  out = engine.abort("a")
+  assert len(out.samples[0]) >= 9 and PENDING_TOKEN not in out.samples[0]
+  want = greedy_generate_no_cache(tiny, [list(b"the old man ")], 30)[0]
+  assert out.samples[0] == want[: len(out.samples[0])]
+  rest = engine.run()
+  assert list(rest) == ["b"]
+  assert rest["b"].samples[0] == greedy_generate_no_cache(tiny, [list(b"a young girl ")], 30)[0]
+  assert engine.allocator.num_used_blocks == 0
+
+
+@pytest.mark.parametrize(
+  "changes,match",
+  [
+    ({"decode_steps": 0}, r"decode_steps must be in \[1, block_size // 2 \+ 1 = 9\], got 0"),
+    ({"decode_steps": 10}, r"decode_steps must be in \[1, block_size // 2 \+ 1 = 9\], got 10"),
+    ({"decode_steps": 6, "block_size": 8}, r"block_size // 2 \+ 1 = 5\], got 6"),
+    ({"decode_steps": 2.0}, r"EngineConfig.decode_steps must be an int, got 2.0"),
+    (
+      {"decode_steps": 2, "async_scheduling": True, "pipeline_depth": 2},
+      r"decode_steps > 1 needs pipeline_depth=1",
+    ),
+  ],
+)
+def test_engine_config_bounds_decode_steps(changes, match):
+  with pytest.raises(ValueError, match=match):
+    EngineConfig(**changes)
+
+
+def test_a_burst_waits_where_a_row_is_near_the_models_length(tiny, corpus):
+  # A row whose burst would write past the model's max_seq_len (512) runs single steps; it
+  # still ends at the model's length with the tokens of an engine without bursts.
+  prompt = list(corpus[:500])
+  config = EngineConfig(
+    num_blocks=80, block_size=8, async_scheduling=True, decode_steps=4, max_num_batched_tokens=512
+  )
+  engine = Engine(tiny, config)
+  got = engine.run([Request("x", prompt, max_new_tokens=40)])
+  want = Engine(tiny, dataclasses.replace(config, decode_steps=1)).run(
+    [Request("x", prompt, max_new_tokens=40)]
+  )
+  assert got == want and len(prompt) + len(got["x"].samples[0]) == tiny.config.max_seq_len
+  kinds = [s.decode_steps for s in engine.step_metrics if s.decode_steps]
+  assert kinds[:2] == [4, 4] and kinds[-1] == 1  # bursts, then single steps near the end

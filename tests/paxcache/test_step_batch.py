@@ -112,7 +112,7 @@ def test_build_step_batch_matches_a_row_by_row_reference():
   # 1 + 1 + 8 + 3 = 13 tokens -> 16; 5 samples -> 8 rows (the table's 8 rows); 1 copy -> 4.
   # The last three: no cascade plan (a mixed step): group table (0, 0), 0 members; no
   # decode plan: 0 chunks.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0)
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0, 0)
   want = _reference(plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))
@@ -222,7 +222,7 @@ def test_columnar_decodes_match_the_row_by_row_reference(fast):
   batch = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=4, **kwargs)
   row_plan = Plan(rows=plan.all_rows(), cow_pairs=plan.cow_pairs)
   # 3 decodes + 8 prefill + 3 last-chunk tokens = 14 -> 16; 3 + 2 samples -> 8 rows.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0)
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0, 0)
   want = _reference(row_plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))
