@@ -1077,7 +1077,11 @@ class Engine:
         elif n == 1:
           decodes += 1
     swapped = sum(len(p) for p in plan.swap_out) + sum(len(p) for p in plan.swap_in)
-    if has_rows or swapped:
+    if burst > 1:  # a simulated clock charges each decode step of the burst
+      base = int(plan.decode_starts.sum())
+      for j in range(burst):  # sub-step j reads start + j + 1 tokens a row
+        self.clock.on_step(0, decodes, base + decodes * (j + 1), 0)
+    elif has_rows or swapped:
       self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
     previous, self._in_flight = self._in_flight, dispatched
     previous_rest, self._burst_rest = self._burst_rest, rest
@@ -1181,20 +1185,21 @@ class Engine:
       return 1
     return k
 
+  def _build_burst_batch(self, plan: Plan, burst: int) -> StepBatch:
+    """The batch of a burst of ``burst`` decode steps (:meth:`_burst_size`): the allocator
+    takes each row's next ``burst - 1`` tokens (pending) first, for their slots."""
+    pending = [PENDING_TOKEN] * len(plan.decode_ids)
+    extra = [self.allocator.append_batch(plan.decode_ids, pending) for _ in range(burst - 1)]
+    if any(len(r.cow_pairs) for r in extra):  # the first append made every last block private
+      raise RuntimeError("a decode burst's appends asked for copy-on-write copies")
+    return self._build_batch(plan, np.stack([r.slots for r in extra]).astype(np.int32))
+
   def _execute(self, plan: Plan, burst: int = 1):
     """Dispatches the device step; returns its sampled tokens (on the device, or a
     :class:`_Later` of the dispatch thread's call; a :class:`_BurstOut` of every sub-step's
     for a burst of ``burst > 1`` decode steps), the padded shape and, when the batch has
     beam rows, their top candidates (log-probs, ids)."""
-    burst_slots = None
-    if burst > 1:
-      # The slots of the burst's later tokens: each row's next burst - 1, all pending.
-      pending = [PENDING_TOKEN] * len(plan.decode_ids)
-      extra = [self.allocator.append_batch(plan.decode_ids, pending) for _ in range(burst - 1)]
-      if any(len(r.cow_pairs) for r in extra):  # the first append made every last block private
-        raise RuntimeError("a decode burst's appends asked for copy-on-write copies")
-      burst_slots = np.stack([r.slots for r in extra]).astype(np.int32)
-    batch = self._build_batch(plan) if burst_slots is None else self._build_batch(plan, burst_slots)
+    batch = self._build_batch(plan) if burst == 1 else self._build_burst_batch(plan, burst)
     self._shapes.add(batch.shape_key)
     self._cascade = batch.cascade_counts()
     self._plan_chunks = batch.decode_plan_chunks()

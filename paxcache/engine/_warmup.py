@@ -15,7 +15,8 @@ copy-on-write pairs, no cascade groups and no beam candidates. Over that, every
 combination of padded batch ``b``, padded block-table width ``m`` and padded query tokens
 the engine's bounds allow (``max_num_seqs``, ``max_num_batched_tokens``, ``num_blocks``,
 ``max_seq_len``), and for decode-only steps every padded chunk count of the planned GPU
-decode (``EngineConfig.decode_plan``) that rows of those sizes can give. Unreachable
+decode (``EngineConfig.decode_plan``) that rows of those sizes can give, and with
+``EngineConfig.decode_steps > 1`` each decode-only shape again as a burst. Unreachable
 combinations may be included (they cost compile time, not correctness).
 """
 
@@ -42,6 +43,7 @@ class StepShape:
   decode_only: bool
   plan_chunks: int = 0  # padded chunks of the planned GPU decode; 0: no plan
   sampled: bool = False  # some row samples (temperature > 0)
+  burst: int = 1  # decode steps of the call (EngineConfig.decode_steps; decode-only, no plan)
 
 
 def _powers(lo: int, hi: int) -> list[int]:
@@ -137,6 +139,8 @@ def step_shapes(config, max_seq_len: int, planner=None, *, sampled=(False,)) -> 
             counts = _plan_chunk_counts(planner, lo, rows_hi, row_tokens, pool)
           plans = ([0] if auto else []) + counts
         shapes += [StepShape(b, b, m, True, c, s) for c in plans]
+        if config.decode_steps > 1:  # a burst: never a decode plan
+          shapes.append(StepShape(b, b, m, True, 0, s, config.decode_steps))
         # Steps with a prefill chunk: the query tokens padded to at least the batch.
         least = max(config.min_token_bucket, b)
         for t in _powers(
@@ -189,6 +193,9 @@ def shape_batch(shape: StepShape, planner=None) -> StepBatch:
     cascade_row_starts=np.zeros(0, i32),
     decode_only=shape.decode_only,
     any_sampled=shape.sampled,
+    burst_slots=np.full((shape.burst - 1, t), INVALID_SLOT, i32)
+    if shape.burst > 1
+    else np.zeros((0, 0), i32),
     **plan_fields,
   )
 

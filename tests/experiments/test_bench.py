@@ -677,6 +677,32 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   assert all(s["pace_ms"] >= s["step_ms"] for s in steps if s["pace_ms"] is not None)
 
 
+def test_engine_step_e2e_divides_a_bursts_times_by_its_decode_steps(tmp_path):
+  # --decode-steps 4: a burst is one engine step of four decode steps; its wall, pace and
+  # replayed device time are each divided by four before the medians and ratios.
+  argv = (
+    "--no-step --e2e --models micro --e2e-steady 4x8+24 --e2e-only-steady --e2e-repeats 1 "
+    "--capture-every 2 --replay-max 5 --e2e-pool-gb 0.001 --async-scheduling --e2e-steps-out "
+    "--compilation-cache= --decode-steps 4"
+  ).split()
+  (row,) = _bench_rows("engine_step", argv, tmp_path, "engine_e2e.jsonl")
+  assert row["decode_steps"] == 4 and row["generated_tokens"] == 4 * 24
+  steps = [json.loads(x) for x in (tmp_path / "engine_steps.jsonl").read_text().splitlines()]
+  decode = [s for s in steps if s["prefill_tokens"] == 0 and s["rows"]]
+  # 23 tokens after the prefill's first: five bursts and one more (a row stops in it).
+  assert [s["decode_steps"] for s in decode] == [4] * 6 == [s["num_tokens"] // 4 for s in decode]
+  assert row["bursts"] == 6
+  per = {s["step"]: s["decode_steps"] for s in decode}
+  walls = sorted(s["step_ms"] / per[s["step"]] for s in decode)
+  assert row["decode_step_ms"] == pytest.approx((walls[2] + walls[3]) / 2)
+  full = [s for s in decode if s["rows"] == row["full_batch"]]
+  dev = [s["device_ms"] / 4 for s in full if s["device_ms"] is not None]
+  paced = [s["pace_ms"] / 4 for s in full if s["pace_ms"] is not None]
+  assert dev and row["full_device_steps"] == len(dev)
+  mean_dev = sum(dev) / len(dev)
+  assert row["full_pace_over_device"] == pytest.approx(sum(paced) / len(paced) / mean_dev)
+
+
 def test_profile_step_host_phases_of_a_steady_batch_with_both_overlap_options(tmp_path):
   # --host-steady 4x8+24: four requests of 8 prompt tokens, all decoding together; the
   # prefill samples each request's first token, so 23 decode steps of 4 rows follow.

@@ -371,3 +371,53 @@ def test_a_prefix_hit_on_a_block_filled_in_the_same_step_keeps_the_write_apart()
   assert plan.prefix_hit_rows == 1 and plan.prefix_hit_tokens == 8
   batch = engine._build_batch(plan)
   assert batch.decode_only and not batch.fused_write
+
+
+def test_a_burst_batch_reads_sub_step_zero_and_carries_the_later_slots():
+  # Two plain decodes whose allocator already holds 3 tokens each (a burst of 3): the
+  # table's lengths count them, the batch's are sub-step 0's (start + 1), the later slots
+  # pad with -1 past the rows, and neither a cascade nor a decode plan is made.
+  a = _seq("a", 0, [5, 6, 7, 8], 3)
+  b = _seq("b", 0, [1, 2, 3, 4, 5, PENDING_TOKEN], 5)
+  plan = Plan(
+    decodes=[a, b],
+    decode_ids=[a.seq_id, b.seq_id],
+    decode_starts=np.array([3, 5], np.int32),
+    decode_tokens=[8, PENDING_TOKEN],
+    decode_slots=np.array([50, 61], np.int32),
+  )
+  # Both rows share their first block: a cascade plan would be made without the burst.
+  table = BlockTable(
+    np.array([[3, 4, 0, 0]] * 2 + [[-1] * 4] * 6, np.int32),
+    np.array([3 + 3, 5 + 3, 0, 0, 0, 0, 0, 0], np.int32),
+  )
+  later = np.array([[51, 62], [52, 63]], np.int32)
+  kwargs = dict(
+    min_tokens=8,
+    min_copies=8,
+    pending_rows={b: 1},
+    decode_sampling=(np.zeros(2, np.float32), np.zeros(2), np.zeros(2), np.zeros(2)),
+    cascade_min_shared_blocks=1,
+    block_size=4,
+  )
+  batch = build_step_batch(plan, table, {}, burst_slots=later, **kwargs)
+  np.testing.assert_array_equal(batch.lengths, [4, 6, 0, 0, 0, 0, 0, 0])
+  assert batch.burst_slots.shape == (2, 8)
+  np.testing.assert_array_equal(batch.burst_slots[:, :2], later)
+  assert (batch.burst_slots[:, 2:] == -1).all()
+  np.testing.assert_array_equal(batch.positions[:2], [3, 5])
+  np.testing.assert_array_equal(batch.prev_index[:2], [-1, 1])
+  assert batch.cascade_plan() is None and batch.decode_plan() is None
+  assert batch.shape_key[-1] == 2
+  plain = build_step_batch(plan, table, {}, **kwargs)  # the same plan, not a burst
+  assert plain.burst_slots.shape == (0, 0) and plain.shape_key[-1] == 0
+  assert plain.cascade_plan() is not None
+  # Later slots for another number of rows, or a plan with other rows, are refused.
+  with pytest.raises(ValueError, match=r"a burst takes plain decodes only"):
+    build_step_batch(plan, table, {}, burst_slots=later[:, :1], **kwargs)
+  mixed = Plan(rows=[ScheduledSeq(a, 3, 4, np.array([50], np.int32), [a])], **{
+    k: getattr(plan, k) for k in ("decodes", "decode_ids", "decode_starts", "decode_tokens",
+                                  "decode_slots")
+  })  # fmt: skip
+  with pytest.raises(ValueError, match=r"got 1 other rows"):
+    build_step_batch(mixed, table, {"a": (0.0, 0, 1)}, burst_slots=later, **kwargs)

@@ -31,6 +31,7 @@ def _compiled_decode_step(
   lane_dense: bool = False,
   lane_padded: bool = False,
   cascade: bool = False,
+  burst: int = 1,
 ):
   config = DecoderConfig(
     kv_dtype=kv_dtype,
@@ -67,16 +68,24 @@ def _compiled_decode_step(
       lane_padded_cache=lane_padded,
       # Cascade: the fork's two rows share their first block, a group of one block.
       cascade_min_shared_blocks=1 if cascade else 0,
+      decode_steps=burst,
     ),
   )
   engine.add_request(Request("a", list(range(11)), max_new_tokens=4))
   engine.add_request(Request("b", list(range(5, 25)), max_new_tokens=4, temperature=0.5))
-  # Two samples sharing a partly filled block: the first decode copies it (copy-on-write).
-  engine.add_request(Request("c", list(range(3, 14)), max_new_tokens=4, n=2))
+  if burst == 1:
+    # Two samples sharing a partly filled block: the first decode copies it (copy-on-write).
+    engine.add_request(Request("c", list(range(3, 14)), max_new_tokens=4, n=2))
   engine.step()  # the prefill runs; the step inspected below is the next one, a decode
-  batch = engine._build_batch(engine.scheduler.schedule())
+  plan = engine.scheduler.schedule()
+  if burst > 1:  # a burst: every layer's write and attention in the device loop
+    assert engine._burst_size(plan) == burst
+    batch = engine._build_burst_batch(plan, burst)
+    assert batch.burst_slots.shape[0] == burst - 1
+  else:
+    batch = engine._build_batch(plan)
+    assert (batch.cow_src >= 0).any()  # the copies are part of the step inspected
   assert batch.decode_only
-  assert (batch.cow_src >= 0).any()  # the copies are part of the step inspected
   # "on" plans this level decode step; "auto" leaves it to the default decode.
   assert (batch.decode_plan() is not None) == (decode_plan == "on")
   assert (batch.cascade_plan() is not None) == cascade
@@ -86,10 +95,12 @@ def _compiled_decode_step(
   return lowered.compile(), engine.cache
 
 
+@pytest.mark.parametrize("burst", [1, 3], ids=["step", "burst3"])
 @pytest.mark.parametrize("backend,head_dim", [("reference", 16), ("gpu", 64), ("tpu", 128)])
-def test_compiled_step_never_copies_the_pool(backend, head_dim):
-  small, _ = _compiled_decode_step(backend, head_dim, SMALL_POOL)
-  large, cache = _compiled_decode_step(backend, head_dim, LARGE_POOL)
+def test_compiled_step_never_copies_the_pool(backend, head_dim, burst):
+  # burst3: EngineConfig.decode_steps=3, the pools carried through the device loop.
+  small, _ = _compiled_decode_step(backend, head_dim, SMALL_POOL, burst=burst)
+  large, cache = _compiled_decode_step(backend, head_dim, LARGE_POOL, burst=burst)
   layer_bytes = cache.k[0].nbytes
   pool_bytes = 2 * cache.num_layers * layer_bytes
   mem_small, mem = small.memory_analysis(), large.memory_analysis()

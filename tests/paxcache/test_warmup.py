@@ -100,10 +100,15 @@ def _small(**kw):
   return _config(max_num_seqs=8, num_blocks=32, min_blocks_bucket=16, **kw)
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_an_online_run_after_the_warmup_compiles_nothing(tiny, async_scheduling):
-  cfg = _small(async_scheduling=async_scheduling)
-  assert len(step_shapes(cfg, tiny.config.max_seq_len)) == 6
+@pytest.mark.parametrize(
+  "async_scheduling,decode_steps",
+  [(False, 1), (True, 1), (True, 3)],
+  ids=["sync", "async", "burst"],
+)
+def test_an_online_run_after_the_warmup_compiles_nothing(tiny, async_scheduling, decode_steps):
+  cfg = _small(async_scheduling=async_scheduling, decode_steps=decode_steps)
+  # Two decode-only shapes (widths 16 and 32), each again as a burst, and four with prefill.
+  assert len(step_shapes(cfg, tiny.config.max_seq_len)) == 6 + 2 * (decode_steps > 1)
   clock = None if async_scheduling else SimulatedClock(StepCostModel())
   engine = Engine(tiny, cfg, clock=clock)  # overlap scheduling runs on the wall clock
   report = compile_step_shapes(engine, threads=2)
@@ -113,6 +118,8 @@ def test_an_online_run_after_the_warmup_compiles_nothing(tiny, async_scheduling)
   assert _count_compiles() == before, _COMPILES[before:]
   assert engine.metrics.compiled_shapes >= 3  # decode-only and prefill steps of 2 sizes
   assert unwarmed_shapes(engine, report) == set()
+  bursts = sum(s.decode_steps > 1 for s in engine.step_metrics)
+  assert (bursts > 0) == (decode_steps > 1)
 
 
 def test_a_run_without_the_warmup_compiles_and_reports_unwarmed_shapes(tiny):
