@@ -1,0 +1,17 @@
+# Run31 call E (an H200 if one comes): issue 13 item 3 with decode bursts, both shapes, then
+# SmolLM2's two-steps-unread baseline if time is left.
+set -u
+O=$OUT; OUT=/tmp/oE; rm -rf $OUT; mkdir -p $OUT
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+C=$(cat tmp/run31/commit); CC=/tmp/jcc
+t0=$(date +%s); nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv | tee $OUT/smi.txt
+E="python -m experiments.bench.engine_step --no-step --e2e --async-scheduling --compilation-cache $CC --e2e-steady 256x128+512 --e2e-only-steady --e2e-pool-gb 24 --capture-every 8 --e2e-repeats 3 --e2e-steps-out"
+BASE="--dispatch-thread --pipeline-depth 2"; B4="--dispatch-thread --decode-steps 4"
+i=0
+for run in "smollm2-135m|$B4" "llama-1b|$B4" "smollm2-135m|$BASE"; do
+  i=$((i+1)); m=${run%%|*}; cfg=${run#*|}; left=$(( 285 - ($(date +%s) - t0) )); [ $left -lt 50 ] && { echo "skip $run"; continue; }
+  timeout $left $E --models $m $cfg --commit $C --out /tmp/se$i > $OUT/steady_$i.log 2>&1
+  echo "steady $m '$cfg' rc=$? $(( $(date +%s) - t0 ))s"; grep -E "^e2e" $OUT/steady_$i.log | cut -c1-420
+  cat /tmp/se$i/engine_e2e.jsonl >> $OUT/engine_e2e.jsonl 2>/dev/null; cp /tmp/se$i/engine_steps.jsonl $OUT/engine_steps_$i.jsonl 2>/dev/null
+done
+tar czf $O/allE.tgz -C /tmp oE; cp $OUT/*.log $O/ 2>/dev/null; ls -la $O
