@@ -319,27 +319,35 @@ def test_request_fields_are_type_checked_and_the_prompt_is_copied(tiny):
 
 
 @pytest.mark.parametrize(
-  "dispatch_thread,depth", [(False, 1), (True, 1), (False, 2)], ids=["", "thread", "depth2"]
+  "dispatch_thread,depth,burst",
+  [(False, 1, 1), (True, 1, 1), (False, 2, 1), (False, 1, 4), (True, 1, 4)],
+  ids=["", "thread", "depth2", "burst", "burst-thread"],
 )
-def test_async_abort_returns_what_was_produced_without_placeholders(tiny, dispatch_thread, depth):
-  # The steps still unread are read first (one, or two with pipeline_depth=2): the aborted
-  # request's output holds only real tokens, and the other one ends as without the abort.
+def test_async_abort_returns_what_was_produced_without_placeholders(
+  tiny, dispatch_thread, depth, burst
+):
+  # The steps still unread are read first (one, two with pipeline_depth=2, or a whole
+  # burst): the aborted request's output holds only real tokens, and the other one ends
+  # as without the abort.
   config = EngineConfig(
     num_blocks=32,
     block_size=8,
     async_scheduling=True,
     dispatch_thread=dispatch_thread,
     pipeline_depth=depth,
+    decode_steps=burst,
     max_num_seqs=2,
     max_num_batched_tokens=32,
   )
   engine = Engine(tiny, config)
   engine.add_request(Request("a", list(b"the old man "), max_new_tokens=30))
   engine.add_request(Request("b", list(b"a young girl "), max_new_tokens=30))
-  for _ in range(6):
+  for _ in range(6 if burst == 1 else 4):
     engine.step()
   if depth == 2:
     assert engine._older is not None  # two steps unread when aborting
+  if burst > 1:  # a burst unread when aborting
+    assert engine.step_metrics[-1].decode_steps == burst and engine._burst_rest
   out = engine.abort("a")
   assert len(out.samples[0]) >= 3 and PENDING_TOKEN not in out.samples[0]
   assert (
@@ -878,33 +886,6 @@ def test_an_end_token_inside_a_burst_drops_the_rest_of_it(tiny, corpus, async_sc
   assert all(o.finish_reasons == ["stop"] for o in outs.values())
   # Rows still to skip after a step: the next burst's 4 when it was queued (overlap).
   assert max(dropped) == (4 if async_scheduling else 0)
-  assert engine.allocator.num_used_blocks == 0
-
-
-@pytest.mark.parametrize("dispatch_thread", [False, True], ids=["", "thread"])
-def test_abort_in_a_burst_returns_what_was_produced(tiny, dispatch_thread):
-  config = EngineConfig(
-    num_blocks=32,
-    block_size=8,
-    async_scheduling=True,
-    dispatch_thread=dispatch_thread,
-    decode_steps=4,
-    max_num_seqs=2,
-    max_num_batched_tokens=32,
-  )
-  engine = Engine(tiny, config)
-  engine.add_request(Request("a", list(b"the old man "), max_new_tokens=30))
-  engine.add_request(Request("b", list(b"a young girl "), max_new_tokens=30))
-  for _ in range(4):
-    engine.step()
-  assert engine.step_metrics[-1].decode_steps == 4 and engine._burst_rest
-  out = engine.abort("a")
-  assert len(out.samples[0]) >= 9 and PENDING_TOKEN not in out.samples[0]
-  want = greedy_generate_no_cache(tiny, [list(b"the old man ")], 30)[0]
-  assert out.samples[0] == want[: len(out.samples[0])]
-  rest = engine.run()
-  assert list(rest) == ["b"]
-  assert rest["b"].samples[0] == greedy_generate_no_cache(tiny, [list(b"a young girl ")], 30)[0]
   assert engine.allocator.num_used_blocks == 0
 
 
