@@ -278,9 +278,11 @@ class EngineConfig:
     decode_steps: decode bursts: a step whose rows are all plain decodes (no prefill
       chunk, copy, swap or preemption, no request waiting or swapped out, no row within
       ``decode_steps`` tokens of the model's ``max_seq_len``, free blocks for every row's
-      next ``decode_steps`` tokens) runs ``decode_steps`` decode steps in one device call:
-      each feeds the tokens the one before sampled, and the host schedules, packs and
-      launches once for ``decode_steps`` tokens a row (vLLM's multi-step scheduling). A
+      ``decode_steps`` tokens after the step's own, so that the step after a burst, which
+      plans before the burst's tokens are read, never preempts) runs ``decode_steps``
+      decode steps in one device call: each feeds the tokens the one before sampled, and
+      the host schedules, packs and launches once for ``decode_steps`` tokens a row
+      (vLLM's multi-step scheduling). A
       row that stops in a burst (by length or at its end token) keeps its output up to
       its stop; the burst's later tokens of it are dropped, as with overlap scheduling.
       Requests that arrive meanwhile are admitted after the burst. A burst runs the default
@@ -1180,8 +1182,11 @@ class Engine:
       return 1
     if int(plan.decode_starts.max()) + k > self.max_seq_len:
       return 1  # the allocator holds no token past the model's length
+    # Room for the burst's k - 1 tokens a row and one more: with overlap scheduling the
+    # next step plans before this burst's tokens are read, and a row with pending tokens
+    # cannot be preempted (swapped out), so that step's appends must fit as they are.
     alloc = self.allocator
-    if alloc.blocks_needed_to_append(plan.decode_ids, k - 1) > alloc.num_free_blocks:
+    if alloc.blocks_needed_to_append(plan.decode_ids, k) > alloc.num_free_blocks:
       return 1
     return k
 

@@ -861,11 +861,37 @@ def test_decode_bursts_sample_the_same_tokens(
     assert engine.allocator.num_used_blocks == 0 and not engine._ignore
 
 
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_pool_that_fills_during_bursts_preempts_as_without_them(tiny, async_scheduling, mode):
+  # Four blocks of 8 for two requests of 8 + 20 tokens (2 x 4 blocks): a burst runs only
+  # while the free blocks hold every row's burst and the next step's token, so the step
+  # after a burst (planned before its tokens are read, with overlap) never has to preempt
+  # a row whose tokens are still pending; later single steps preempt as without bursts.
+  reqs = [Request(i, list(range(10 * i, 10 * i + 8)), max_new_tokens=20) for i in range(2)]
+  config = EngineConfig(
+    num_blocks=4,
+    block_size=8,
+    num_host_blocks=8,
+    preemption_mode=mode,
+    async_scheduling=async_scheduling,
+    check_invariants=True,
+  )
+  want = Engine(tiny, config).run(reqs)
+  engine = Engine(tiny, dataclasses.replace(config, decode_steps=4))
+  assert engine.run(reqs) == want
+  m = engine.metrics
+  assert m.preemptions > 0 and any(s.decode_steps == 4 for s in engine.step_metrics)
+  assert engine.allocator.num_used_blocks == 0
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_an_end_token_inside_a_burst_drops_the_rest_of_it(tiny, corpus, async_scheduling):
-  # Greedy, these prompts reach a period after 14, 19, 10 and 23 new tokens: inside a burst
-  # of 4 for three of them. The burst's later tokens of such a row are dropped (with
-  # overlap scheduling the next burst's rows too, dispatched before the stop was read).
+  # Greedy, these prompts reach a period after 14, 19, 10 and 23 new tokens. The prefill
+  # samples the first token and bursts of 4 the next ones (2-5, 6-9, ...): each period falls
+  # inside a burst, none at its end. The burst's later tokens of such a row are dropped
+  # (with overlap scheduling the next burst's rows too, dispatched before the stop was
+  # read).
   reqs = [
     Request(i, list(corpus[st : st + 20]), max_new_tokens=40, end_token=PERIOD)
     for i, st in enumerate((150, 600, 1050, 1200))
@@ -884,6 +910,8 @@ def test_an_end_token_inside_a_burst_drops_the_rest_of_it(tiny, corpus, async_sc
     dropped.append(max(engine._ignore.values(), default=0))
   assert outs == want and not engine._ignore
   assert all(o.finish_reasons == ["stop"] for o in outs.values())
+  assert [s.decode_steps for s in engine.step_metrics if s.decode_steps][:2] == [4, 4]
+  assert all((len(o.samples[0]) - 2) % 4 != 3 for o in outs.values())  # not a burst's last
   # Rows still to skip after a step: the next burst's 4 when it was queued (overlap).
   assert max(dropped) == (4 if async_scheduling else 0)
   assert engine.allocator.num_used_blocks == 0
