@@ -282,13 +282,13 @@ class EngineConfig:
       plans before the burst's tokens are read, never preempts) runs ``decode_steps``
       decode steps in one device call: each feeds the tokens the one before sampled, and
       the host schedules, packs and launches once for ``decode_steps`` tokens a row
-      (vLLM's multi-step scheduling). A
-      row that stops in a burst (by length or at its end token) keeps its output up to
-      its stop; the burst's later tokens of it are dropped, as with overlap scheduling.
-      Requests that arrive meanwhile are admitted after the burst. A burst runs the default
-      decode kernel (no cascade or decode plan). Outputs are the same as with 1 (the
-      default). With ``pipeline_depth=1`` only, at most ``block_size // 2 + 1``, not with
-      a ``mesh``.
+      (vLLM's multi-step scheduling). A row that stops in a burst (by length or at its
+      end token) keeps its output up to its stop; the burst's later tokens of it are
+      dropped, as with overlap scheduling. Requests that arrive meanwhile are admitted
+      after the burst. A burst runs the default decode kernel (no cascade or decode
+      plan). Outputs are the same as with 1 (the default). With ``pipeline_depth=1``
+      only, at most ``block_size // 2 + 1``, not with a ``mesh`` (docs/engine.md,
+      "Decode bursts").
     reservation: memory management: ``"paged"`` (blocks on demand, the default) or an
       Orca baseline that reserves each request's blocks contiguously at admission:
       ``"max"`` (the model's max_seq_len), ``"pow2"`` (prompt + output length rounded up
