@@ -42,6 +42,13 @@ measured: the step waits only where the engine reads tokens. ``wall`` is the fig
 ``--pipeline-depth 2 --dispatch-thread`` for the engine's fastest setting)::
 
   python -m experiments.bench.engine_host --emulate-device-ms 1.25 --emulate-launch-ms 0.85
+
+``--decode-steps K`` (``EngineConfig.decode_steps``): every timed step is a burst of K
+decode steps, and every figure (host, call, wall, phases) is divided by K: per decode
+step. The fake device takes K times its step and K times its launch for a burst (one
+launch per step of the device's loop, as without the loop; a real loop may launch less)::
+
+  python -m experiments.bench.engine_host --emulate-device-ms 1.25 --decode-steps 4
 """
 
 from __future__ import annotations
@@ -93,17 +100,24 @@ class _FakeDevice:
   def __init__(self, device_s: float, launch_s: float, cap: int):
     import concurrent.futures
 
-    self.device_s, self.launch_s = device_s, launch_s
-    self.tokens = np.zeros(cap, np.int32)
-    self.queue = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fake-device")
+    from paxcache.engine._batch import _ARRAY_FIELDS
 
-  def _run(self):
-    time.sleep(self.device_s)
-    return self.tokens
+    self.device_s, self.launch_s = device_s, launch_s
+    self.cap = cap
+    self.queue = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fake-device")
+    self._burst_field = _ARRAY_FIELDS.index("burst_slots")  # its (shape, dtype) in a layout
+
+  def _run(self, steps: int):
+    time.sleep(self.device_s * steps)
+    return np.zeros((steps, self.cap), np.int32) if steps > 1 else np.zeros(self.cap, np.int32)
 
   def __call__(self, params, cache, packed, layout, key, prev_tokens):
-    time.sleep(self.launch_s)
-    return _FakeTokens(self.queue.submit(self._run)), cache
+    later = layout[self._burst_field][0][0]  # a burst's later sub-steps (0: one step)
+    time.sleep(self.launch_s * (later + 1))
+    tokens = _FakeTokens(self.queue.submit(self._run, later + 1))
+    # A burst returns (the last sub-step's tokens, every sub-step's); the engine reads
+    # only the second on the host.
+    return ((tokens, tokens) if later else tokens), cache
 
 
 class _FakeTokens:
@@ -162,7 +176,8 @@ def run(model, batch: int, args) -> dict:
   from paxcache.engine._engine import no_preemption_blocks
 
   bs = args.block_size
-  max_new = args.warmup + args.steps + 4  # nothing finishes while measured
+  k = args.decode_steps
+  max_new = (args.warmup + args.steps) * k + 4  # nothing finishes while measured
   per_seq = -(-(args.prompt_len + max_new) // bs)
   if args.prompt_len + max_new > model.config.max_seq_len:
     raise ValueError(
@@ -179,6 +194,7 @@ def run(model, batch: int, args) -> dict:
     async_scheduling=args.async_scheduling,
     dispatch_thread=args.dispatch_thread,
     pipeline_depth=args.pipeline_depth,
+    decode_steps=k,
   )
   if args.pipeline_depth == 2:
     # Two steps stay unread only while a step cannot preempt: room for that bound on top
@@ -240,12 +256,14 @@ def run(model, batch: int, args) -> dict:
   measured = list(engine.step_metrics)[-args.steps :]
   if len(jit_seconds) != args.steps or not all(_decode_of(m, batch) for m in measured):
     raise RuntimeError("a measured step was not one pure decode step of every sequence")
-  host = Timing.of(w - j for w, j in zip(wall.samples, jit_seconds, strict=True))
+  if any(m.decode_steps != k for m in measured):
+    raise RuntimeError(f"a measured step was not a burst of {k} decode steps")
+  host = Timing.of((w - j) / k for w, j in zip(wall.samples, jit_seconds, strict=True))
   return dict(
     host=host,
-    jit=Timing.of(jit_seconds),
-    wall=wall,
-    phases={k: statistics.median(v) for k, v in per_step.items()},
+    jit=Timing.of(j / k for j in jit_seconds),
+    wall=wall.map(lambda x: x / k),
+    phases={p: statistics.median(v) / k for p, v in per_step.items()},
   )
 
 
@@ -268,6 +286,12 @@ def define_flags():
   flags.DEFINE_bool("async-scheduling", True, "overlap scheduling (the engine's fast setting)")
   flags.DEFINE_bool("dispatch-thread", False, "EngineConfig.dispatch_thread: calls on a worker")
   flags.DEFINE_integer("pipeline-depth", 1, "EngineConfig.pipeline_depth: steps kept unread")
+  flags.DEFINE_integer(
+    "decode-steps",
+    1,
+    "EngineConfig.decode_steps: every timed step a burst of this many (figures per decode step)",
+    lower_bound=1,
+  )
   flags.DEFINE_float(
     "emulate-device-ms",
     0.0,
@@ -289,12 +313,14 @@ def define_flags():
 def main(args):
   import jax
 
-  model = build_model(args.model, max_seq_len=1024)
+  longest = args.prompt_len + (args.warmup + args.steps) * args.decode_steps + 8
+  model = build_model(args.model, max_seq_len=max(1024, longest))
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(
     f"# engine host work per decode step, {args.model} model, block_size={args.block_size}, "
     f"prompt {args.prompt_len}, async_scheduling={args.async_scheduling}, "
     f"dispatch_thread={args.dispatch_thread}, pipeline_depth={args.pipeline_depth}, "
+    f"decode_steps={args.decode_steps} (figures per decode step), "
     f"emulated device / launch ms {args.emulate_device_ms} / {args.emulate_launch_ms}, "
     f"{args.steps} steps, "
     f"{jax.devices()[0].platform}, {platform.processor() or platform.machine()}, "
@@ -336,6 +362,7 @@ def main(args):
         async_scheduling=args.async_scheduling,
         dispatch_thread=args.dispatch_thread,
         pipeline_depth=args.pipeline_depth,
+        decode_steps=args.decode_steps,
         emulate_device_ms=args.emulate_device_ms,
         emulate_launch_ms=args.emulate_launch_ms,
         **host.fields("host"),

@@ -255,6 +255,27 @@ def test_engine_host_with_the_dispatch_thread(tmp_path):
   assert 0 < r["wall_min_ms"] <= r["wall_ms"] <= r["wall_max_ms"]
 
 
+def test_engine_host_times_bursts_per_decode_step(tmp_path):
+  # --decode-steps 3 with a fake device (a step of 2 ms, a launch of 1 ms): every measured
+  # step is a burst of 3 (the bench checks it) and the figures are per decode step.
+  code = (
+    "import runpy\n"
+    "sys.argv = ['engine_host', '--batch', '4', '--steps', '6', '--warmup', '2',\n"
+    "            '--decode-steps', '3', '--emulate-device-ms', '2', '--emulate-launch-ms', '1',\n"
+    f"            '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.engine_host', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (r,) = [json.loads(line) for line in (tmp_path / "engine_host.jsonl").read_text().splitlines()]
+  assert r["decode_steps"] == 3 and r["wall_repeats"] == 6
+  # A burst takes 6 ms on the fake device, and its call sleeps 3 ms: per decode step at
+  # least 2 and 1 ms (sleeps take at least their time); figures not divided by the burst
+  # would be at least 6 and 3 (the upper bounds leave room for a loaded machine).
+  assert 1.95 <= r["wall_ms"] < 5.5
+  assert 0.99 <= r["jit_ms"] < 2.9
+
+
 def test_prefix_time_runs_on_the_cpu_reference_without_ml_collections(tmp_path):
   code = (
     "import runpy\n"
