@@ -197,8 +197,8 @@ def test_step_batch_carries_the_plan_through_pack_and_unpack():
   got = batch.decode_plan()
   for f in dataclasses.fields(want):
     np.testing.assert_array_equal(getattr(got, f.name), getattr(want, f.name), err_msg=f.name)
-  # Rows of 20, 19 and 23 keys in chunks of 16: two chunks each.
-  assert batch.decode_plan_chunks() == 6 and batch.shape_key[-1] == 16
+  # Rows of 20, 19 and 23 keys in chunks of 16: two chunks each (shape_key[-1]: a burst's).
+  assert batch.decode_plan_chunks() == 6 and batch.shape_key[-2] == 16
   packed, layout = batch.pack()
   out = jax.jit(StepBatch.unpack, static_argnums=1)(packed, layout)
   plan_out = out.decode_plan()
@@ -209,7 +209,7 @@ def test_step_batch_carries_the_plan_through_pack_and_unpack():
   # Without a planner: zero-size fields and no plan.
   plain = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=8)
   assert plain.decode_plan() is None and plain.decode_plan_chunks() == 0
-  assert plain.shape_key[-1] == 0
+  assert plain.shape_key[-2] == 0
 
 
 def test_a_cascade_plan_wins_over_the_decode_plan():
