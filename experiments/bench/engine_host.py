@@ -2,7 +2,7 @@
 
 For each batch size ``B``, ``B`` requests of short prompts and long outputs run through
 :class:`paxcache.engine.Engine` until all ``B`` decode together; then every sample is one
-``Engine.step`` (a pure decode step of ``B`` rows: checked), timed whole with
+``Engine.step`` (a pure decode step of ``B`` rows, or a burst of them: checked), timed whole with
 :func:`experiments._timing.time_calls`, minus the time of its one call of the jitted step.
 That call is wrapped to wait for its result (``jax.block_until_ready``), so the device's
 work and the launch are both inside it and everything else — scheduling, the allocator's
@@ -170,14 +170,17 @@ def build_model(name: str, max_seq_len: int):
 
 
 def run(model, batch: int, args) -> dict:
-  """Timings of ``args.steps`` decode steps of ``batch`` running sequences: ``host`` (the
-  step less its jitted call), ``jit`` (that call, waited for) and the phase medians."""
+  """Timings of ``args.steps`` engine steps (decode steps, or bursts of ``--decode-steps``)
+  of ``batch`` running sequences, per decode step: ``host`` (the step less its jitted
+  call), ``jit`` (that call, waited for) and the phase medians."""
   from paxcache.engine import Engine, EngineConfig, Request
   from paxcache.engine._engine import no_preemption_blocks
 
   bs = args.block_size
   k = args.decode_steps
-  max_new = (args.warmup + args.steps) * k + 4  # nothing finishes while measured
+  # Nothing finishes while measured: the prefill samples one token, the ramp's step (a
+  # burst) k, then warmup and measured steps k each.
+  max_new = (args.warmup + args.steps + 1) * k + 4
   per_seq = -(-(args.prompt_len + max_new) // bs)
   if args.prompt_len + max_new > model.config.max_seq_len:
     raise ValueError(
@@ -281,8 +284,10 @@ def define_flags():
   )
   flags.DEFINE_integer("prompt-len", 16, "prompt tokens per request")
   flags.DEFINE_integer("block-size", 16, "tokens per block")
-  flags.DEFINE_integer("steps", 200, "timed decode steps", lower_bound=5)
-  flags.DEFINE_integer("warmup", 20, "untimed decode steps first")
+  flags.DEFINE_integer(
+    "steps", 200, "timed engine steps (bursts with --decode-steps)", lower_bound=5
+  )
+  flags.DEFINE_integer("warmup", 20, "untimed engine steps first")
   flags.DEFINE_bool("async-scheduling", True, "overlap scheduling (the engine's fast setting)")
   flags.DEFINE_bool("dispatch-thread", False, "EngineConfig.dispatch_thread: calls on a worker")
   flags.DEFINE_integer("pipeline-depth", 1, "EngineConfig.pipeline_depth: steps kept unread")
@@ -313,7 +318,7 @@ def define_flags():
 def main(args):
   import jax
 
-  longest = args.prompt_len + (args.warmup + args.steps) * args.decode_steps + 8
+  longest = args.prompt_len + (args.warmup + args.steps + 1) * args.decode_steps + 8
   model = build_model(args.model, max_seq_len=max(1024, longest))
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   print(
@@ -322,7 +327,7 @@ def main(args):
     f"dispatch_thread={args.dispatch_thread}, pipeline_depth={args.pipeline_depth}, "
     f"decode_steps={args.decode_steps} (figures per decode step), "
     f"emulated device / launch ms {args.emulate_device_ms} / {args.emulate_launch_ms}, "
-    f"{args.steps} steps, "
+    f"{args.steps} engine steps, "
     f"{jax.devices()[0].platform}, {platform.processor() or platform.machine()}, "
     f"load average {load:.2f}"
   )
