@@ -39,9 +39,10 @@ def median_interval_rank(n: int, level: float = LEVEL) -> tuple[int, float]:
   ``coverage >= level`` (binomial tails); ``k = 1`` (min-max) when no ``k`` reaches it."""
   best = (1, 1.0 - 2.0 ** (1 - n))
   below = 1  # C(n, 0): the ways fewer than k samples fall below the median, k = 1
+  outcomes = 1 << n  # an int: 2.0**n overflows a float past n = 1023
   for k in range(2, (n + 1) // 2 + 1):
     below += math.comb(n, k - 1)
-    coverage = 1.0 - 2.0 * below / 2.0**n
+    coverage = 1.0 - 2 * below / outcomes
     if coverage < level:
       break
     best = (k, coverage)

@@ -1,6 +1,7 @@
 """The one timing helper, against a fake clock: samples, median, min, max and separation."""
 
 import itertools
+import math
 import time
 
 import numpy as np
@@ -117,6 +118,20 @@ def test_median_interval_by_hand():
   assert _timing.median_interval_rank(8)[0] == 1  # k=2 would cover 1 - 2*9/256 = 93.0%
   # 9 samples: the 2nd smallest to the 2nd largest cover 1 - 2*(1 + 9)/512 = 96.1%.
   assert _timing.median_interval_rank(9) == (2, pytest.approx(1 - 20 / 512))
+  # Past 1,023 samples 2.0**n overflowed a float. Against binomial tails summed in log
+  # space: the k-th order statistics cover the median at >= 95%, the (k+1)-th do not.
+  n = 1200
+  k, coverage = _timing.median_interval_rank(n)
+
+  def tail(k):  # P(fewer than k of n samples below the median), each with probability 1/2
+    return sum(
+      math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2))
+      for i in range(k)
+    )
+
+  assert coverage == pytest.approx(1 - 2 * tail(k), rel=1e-9) and coverage >= 0.95
+  assert 1 - 2 * tail(k + 1) < 0.95
+  assert abs(k - (n / 2 - 1.96 * math.sqrt(n) / 2)) < 3  # the normal approximation
   t = Timing.of([5.0, 1.0, 9.0, 2.0, 3.0, 4.0, 100.0, 6.0, 7.0])  # one outlier
   assert t.interval == (2.0, 9.0)  # the outlier widens min-max, not the interval
   assert (t.min, t.max) == (1.0, 100.0)
