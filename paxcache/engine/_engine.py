@@ -1068,8 +1068,9 @@ class Engine:
       # The plain decodes: one token each (burst: one a sub-step), K/V of start + 1 tokens.
       decodes = len(plan.decodes)
       num_tokens = decodes * burst
-      kv_tokens = burst * (int(plan.decode_starts.sum()) + decodes)
-      kv_tokens += decodes * burst * (burst - 1) // 2
+      # Sub-step j reads start + j + 1 tokens a row.
+      starts_sum = int(plan.decode_starts.sum())
+      kv_tokens = burst * starts_sum + decodes * burst * (burst + 1) // 2
       for r in plan.rows:  # one pass over the other rows (few)
         n = r.stop - r.start
         num_tokens += n
@@ -1080,9 +1081,8 @@ class Engine:
           decodes += 1
     swapped = sum(len(p) for p in plan.swap_out) + sum(len(p) for p in plan.swap_in)
     if burst > 1:  # a simulated clock charges each decode step of the burst
-      base = int(plan.decode_starts.sum())
-      for j in range(burst):  # sub-step j reads start + j + 1 tokens a row
-        self.clock.on_step(0, decodes, base + decodes * (j + 1), 0)
+      for j in range(burst):
+        self.clock.on_step(0, decodes, starts_sum + decodes * (j + 1), 0)
     elif has_rows or swapped:
       self.clock.on_step(prefill, decodes, kv_tokens, swapped * self.config.block_size)
     previous, self._in_flight = self._in_flight, dispatched

@@ -242,15 +242,8 @@ def test_engine_host_with_the_dispatch_thread(tmp_path):
   # The calls on the engine's worker thread: every measured step still makes one call
   # (the bench waits for the last one before it counts them), and the step's wall time
   # is recorded.
-  code = (
-    "import runpy\n"
-    "sys.argv = ['engine_host', '--batch', '4', '--steps', '5', '--warmup', '1',\n"
-    f"            '--dispatch-thread', '--out', {str(tmp_path)!r}]\n"
-    "runpy.run_module('experiments.bench.engine_host', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (r,) = [json.loads(line) for line in (tmp_path / "engine_host.jsonl").read_text().splitlines()]
+  argv = ["--batch", "4", "--steps", "5", "--warmup", "1", "--dispatch-thread"]
+  (r,) = _bench_rows("engine_host", argv, tmp_path, "engine_host.jsonl")
   assert r["dispatch_thread"] and r["wall_repeats"] == 5 and r["jit_repeats"] == 5
   assert 0 < r["wall_min_ms"] <= r["wall_ms"] <= r["wall_max_ms"]
 
@@ -258,16 +251,9 @@ def test_engine_host_with_the_dispatch_thread(tmp_path):
 def test_engine_host_times_bursts_per_decode_step(tmp_path):
   # --decode-steps 3 with a fake device (a step of 2 ms, a launch of 1 ms): every measured
   # step is a burst of 3 (the bench checks it) and the figures are per decode step.
-  code = (
-    "import runpy\n"
-    "sys.argv = ['engine_host', '--batch', '4', '--steps', '6', '--warmup', '2',\n"
-    "            '--decode-steps', '3', '--emulate-device-ms', '2', '--emulate-launch-ms', '1',\n"
-    f"            '--out', {str(tmp_path)!r}]\n"
-    "runpy.run_module('experiments.bench.engine_host', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  (r,) = [json.loads(line) for line in (tmp_path / "engine_host.jsonl").read_text().splitlines()]
+  argv = "--batch 4 --steps 6 --warmup 2 --decode-steps 3 --emulate-device-ms 2"
+  argv = [*argv.split(), "--emulate-launch-ms", "1"]
+  (r,) = _bench_rows("engine_host", argv, tmp_path, "engine_host.jsonl")
   assert r["decode_steps"] == 3 and r["wall_repeats"] == 6
   # A burst takes 6 ms on the fake device, and its call sleeps 3 ms: per decode step at
   # least 2 and 1 ms (sleeps take at least their time); figures not divided by the burst
