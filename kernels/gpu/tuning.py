@@ -285,9 +285,11 @@ def current_device_kind() -> str | None:
 DEEP_GRID_PROGRAMS_PER_SM = 3
 # ... and only with this many KV heads or more (see deep_grid_stages).
 DEEP_GRID_MIN_KV_HEADS = 4
-# Cards it was measured on; others keep their table's or the rule's stages (an A100's
-# shared memory fits one 3-stage program an SM, not two: the reasoning would not carry).
-DEEP_GRID_CARDS = ("NVIDIA H200",)
+# Cards it was measured on (the H200 at 36e9e28, the H100 SXM at e6a7b6c: docs/benchmarks.md,
+# "Two stages for deep head_dim 64 grids" and "Run32"); others keep their table's or the
+# rule's stages (an A100's shared memory fits one 3-stage program an SM, not two: the
+# reasoning would not carry).
+DEEP_GRID_CARDS = ("NVIDIA H200", "NVIDIA H100 80GB HBM3")
 
 
 def deep_grid_stages(
@@ -309,8 +311,11 @@ def deep_grid_stages(
   the engine's step that is the attention of a Llama-3.2-1B shape (8 KV heads), with
   SmolLM2's 3 KV heads kept on 3 stages. Programs count the launched grid: with a sliding
   window most splits of a long row find no key and return at once, so a windowed grid is
-  shallower than it looks (not measured). :func:`default_block_sizes` applies it on the
-  cards of ``DEEP_GRID_CARDS`` only, after their table.
+  shallower than it looks (not measured). On an H100 SXM (run32, 8 of those shapes) 2
+  stages were 1-8% faster at 512 to 2,048 programs with 8 or 16 KV heads, level at 1,024
+  with 4, and 3 stages 2-7% faster at 192 and 256 programs and 1% at 768 with 3 KV heads:
+  every point on the side this rule picks, or level. :func:`default_block_sizes` applies
+  it on the cards of ``DEEP_GRID_CARDS`` only, after their table.
   """
   from kernels.gpu.decode import _num_sms, grid_splits  # decode imports this module
 

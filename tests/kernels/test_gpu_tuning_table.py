@@ -176,12 +176,15 @@ def h200_sms(monkeypatch):
     (256, 3, 1024, 3),  # 768 programs, 3 KV heads (measured slower with 2)
   ],
 )
-def test_deep_head_dim_64_grids_take_two_stages(batch, num_kv_heads, context, stages, h200_sms):
+@pytest.mark.parametrize("card", [H200, "NVIDIA H100 80GB HBM3"])  # both measured
+def test_deep_head_dim_64_grids_take_two_stages(
+  batch, num_kv_heads, context, stages, card, h200_sms
+):
   kw = dict(head_dim=64, kv_dtype=jnp.bfloat16, batch=batch, num_kv_heads=num_kv_heads)
-  bs = gpu.default_block_sizes(device_kind=H200, max_context=context, **kw)
+  bs = gpu.default_block_sizes(device_kind=card, max_context=context, **kw)
   assert (bs.decode_kv_tile, bs.decode_num_warps, bs.decode_num_stages) == (128, 4, stages)
   # Only the stages move, and only with the context given and on a GPU.
-  without = gpu.default_block_sizes(device_kind=H200, **kw)
+  without = gpu.default_block_sizes(device_kind=card, **kw)
   assert without.decode_num_stages == 3
   assert bs == dataclasses.replace(without, decode_num_stages=stages)
   assert gpu.default_block_sizes(device_kind=None, max_context=context, **kw) == (
@@ -216,8 +219,8 @@ def test_deep_grid_stages_leave_other_kernels_alone(kw, h200_sms):
   assert gpu.default_block_sizes(max_context=1024, **deep) == gpu.default_block_sizes(**deep)
 
 
-@pytest.mark.parametrize("device_kind", ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"])
-def test_deep_grid_stages_only_on_the_card_measured(device_kind, h200_sms):
+@pytest.mark.parametrize("device_kind", ["NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"])
+def test_deep_grid_stages_only_on_the_cards_measured(device_kind, h200_sms):
   deep = dict(head_dim=64, kv_dtype=jnp.bfloat16, batch=256, num_kv_heads=8)
   assert gpu.default_block_sizes(device_kind=device_kind, max_context=1024, **deep) == (
     gpu.default_block_sizes(device_kind=device_kind, **deep)
