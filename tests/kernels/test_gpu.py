@@ -137,6 +137,50 @@ def test_decode_dtypes_and_splits(q_dtype, kv_dtype, head_dim, splits):
   assert _rel_err(out, ref) < _bound(q_dtype)
 
 
+def test_decode_past_the_unrolled_combine():
+  # More splits than decode._UNROLLED_COMBINE_SPLITS: the combine over the split axis.
+  from kernels.gpu import decode
+
+  splits = decode._UNROLLED_COMBINE_SPLITS + 2
+  q, k, v, table, lens = decode_inputs(31, lengths=[144, 0, 9, 137])  # 10 columns: 10 tiles of 16
+  bsz = dataclasses.replace(SMALL, decode_num_splits=splits)
+  assert decode.grid_splits(4, k.shape[0], table.shape[1] * k.shape[2], 16, splits)[0] == splits
+  out, ref = run_both(q, k, v, table, lens, block_sizes=bsz)
+  assert _rel_err(out, ref) < _bound(jnp.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 8, 9, 16])
+def test_split_combine_against_float64(splits):
+  from kernels.gpu import decode
+
+  rng = np.random.default_rng(splits)
+  b, h, d = 3, 4, 8
+  m = rng.normal(size=(b, h, splits)) * 4
+  den = rng.uniform(0.5, 3.0, size=(b, h, splits))
+  o = rng.normal(size=(b, h, splits, d))
+  # Empty splits (m = -inf, nothing summed), and one row with every split empty.
+  empty = rng.random((b, h, splits)) < 0.3
+  empty[0, 0] = True
+  m[empty], den[empty], o[empty] = -np.inf, 0.0, 0.0
+  with np.errstate(invalid="ignore"):
+    m_max = np.max(m, axis=-1, keepdims=True)
+  m_max = np.where(np.isneginf(m_max), 0.0, m_max)
+  w = np.exp2(m - m_max)
+  total = (den * w).sum(-1)
+  want = (o * w[..., None]).sum(2) / np.where(total > 0, total, 1.0)[..., None]
+  args = (jnp.asarray(o, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(den, jnp.float32))
+  got = np.asarray(decode._combine(*args, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6)
+  np.testing.assert_array_equal(got[0, 0], 0.0)
+  # Up to _UNROLLED_COMBINE_SPLITS it is elementwise (no reduction), so that XLA can emit it
+  # as one kernel: the reductions were three kernels a call on the GPU.
+  prims = {e.primitive.name for e in jax.make_jaxpr(decode._combine, static_argnums=3)(
+    *args, jnp.float32
+  ).eqns}  # fmt: skip
+  reduces = prims & {"reduce_max", "reduce_sum"}
+  assert (not reduces) == (splits <= decode._UNROLLED_COMBINE_SPLITS), prims
+
+
 @pytest.mark.parametrize("window,cap", [(5, None), (None, 2.0), (20, 5.0)])
 def test_decode_window_and_soft_cap(window, cap):
   q, k, v, table, lens = decode_inputs(11, lengths=[45, 3, 17, 64], block_size=8)
