@@ -28,7 +28,7 @@ kernels do the same.
 
 With one split the program writes the normalised output in ``q.dtype``; with more
 it writes unnormalised float32 partial sums and the running max / denominator, and
-``_combine`` (XLA, a few MB at most) merges them.
+``_combine`` (XLA, a few MB at most; one loop fusion up to 8 splits) merges them.
 
 Two options, off by default (the plain decode path compiles to the same kernel without
 them), serve cascade attention (``kernels.gpu.cascade``): ``row_starts`` (each row reads
