@@ -362,8 +362,9 @@ def own_key(
 
 
 # Up to this many splits _combine is written split by split (elementwise), which XLA emits
-# as one loop fusion; as reductions over the split axis it was three kernels a call (a max,
-# a sum, the division: 1.2-1.4 us each on an H100, docs/benchmarks.md "Run32").
+# as one loop fusion; as reductions over the split axis it was three kernels a call at 2
+# splits (a max, a sum, the division: 1.2-1.8 us each on an H100; one kernel at 3 splits
+# already), docs/benchmarks.md "Run32". 4 to 8 splits were not timed.
 _UNROLLED_COMBINE_SPLITS = 8
 
 

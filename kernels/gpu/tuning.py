@@ -285,7 +285,7 @@ def current_device_kind() -> str | None:
 DEEP_GRID_PROGRAMS_PER_SM = 3
 # ... and only with this many KV heads or more (see deep_grid_stages).
 DEEP_GRID_MIN_KV_HEADS = 4
-# Cards it was measured on (the H200 at 36e9e28, the H100 SXM at e6a7b6c: docs/benchmarks.md,
+# Cards it was measured on (the H200 at a8766e1, the H100 SXM at e6a7b6c: docs/benchmarks.md,
 # "Two stages for deep head_dim 64 grids" and "Run32"); others keep their table's or the
 # rule's stages (an A100's shared memory fits one 3-stage program an SM, not two: the
 # reasoning would not carry).
