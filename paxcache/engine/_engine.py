@@ -430,7 +430,10 @@ class EngineConfig:
       # unread while the next is queued), which the allocator bounds by block_size + 1.
       raise ValueError(
         f"EngineConfig.decode_steps must be in [1, block_size // 2 + 1 = "
-        f"{self.block_size // 2 + 1}], got {self.decode_steps}"
+        f"{self.block_size // 2 + 1}], got {self.decode_steps}: 1 runs one decode step a "
+        "call (no bursts); a burst of K leaves up to 2K - 1 tokens a row still being "
+        "sampled, which the allocator bounds by block_size + 1: lower decode_steps or raise "
+        "block_size"
       )
     if self.lane_padded_cache and self.lane_dense_cache:
       raise ValueError(

@@ -921,7 +921,11 @@ def test_an_end_token_inside_a_burst_drops_the_rest_of_it(tiny, corpus, async_sc
   "changes,match",
   [
     ({"decode_steps": 0}, r"decode_steps must be in \[1, block_size // 2 \+ 1 = 9\], got 0"),
-    ({"decode_steps": 10}, r"decode_steps must be in \[1, block_size // 2 \+ 1 = 9\], got 10"),
+    (
+      {"decode_steps": 10},
+      r"decode_steps must be in \[1, block_size // 2 \+ 1 = 9\], got 10: 1 runs one decode "
+      r"step a call \(no bursts\).*lower decode_steps or raise block_size",
+    ),
     ({"decode_steps": 6, "block_size": 8}, r"block_size // 2 \+ 1 = 5\], got 6"),
     ({"decode_steps": 2.0}, r"EngineConfig.decode_steps must be an int, got 2.0"),
     (
