@@ -35,8 +35,7 @@ queries, dispatched 3 times back to back per sample, ``--repeats`` samples
 FLOPs (prefill, TFLOP/s) per median call, with the interval of the median as its range.
 ``--budget-s`` (default 180 s) is shared out over the classes: a class starts no new
 setting once its share is spent (the rule's is always timed). With the defaults it
-should finish in under 4 minutes on one H200: an estimate (58 settings, assuming 2-3 s of
-compiling each; the timed calls take well under a second), not yet run on a GPU. Rows go
+finished in 70 s on one H200 (its first GPU run, c94328d; docs/results/tune_gpu.jsonl). Rows go
 to ``OUT/tune_gpu.jsonl`` as each setting finishes.
 """
 
