@@ -114,21 +114,9 @@ def test_gpu_kernel_window_and_soft_cap(window, cap):
   _check(got, _write_then_reference(*args, **kw), jnp.float32)
 
 
-def _primitives(jaxpr, kernels_too=True) -> list:
-  """Every equation of ``jaxpr`` and its sub-jaxprs (with ``kernels_too=False`` not the
-  bodies of Pallas kernels): ``(primitive name, params)``."""
-  found = []
-  for eqn in jaxpr.eqns:
-    found.append((eqn.primitive.name, eqn.params))
-    if eqn.primitive.name == "pallas_call" and not kernels_too:
-      continue
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      found += _primitives(sub, kernels_too)
-  return found
-
-
 def _equations(jaxpr, kernels_too=True) -> list:
-  """Every equation of ``jaxpr`` and its sub-jaxprs, as :func:`_primitives` walks them."""
+  """Every equation of ``jaxpr`` and its sub-jaxprs (with ``kernels_too=False`` not the
+  bodies of Pallas kernels)."""
   found = []
   for eqn in jaxpr.eqns:
     found.append(eqn)
@@ -137,6 +125,11 @@ def _equations(jaxpr, kernels_too=True) -> list:
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       found += _equations(sub, kernels_too)
   return found
+
+
+def _primitives(jaxpr, kernels_too=True) -> list:
+  """:func:`_equations` as ``(primitive name, params)``."""
+  return [(e.primitive.name, e.params) for e in _equations(jaxpr, kernels_too)]
 
 
 def test_gpu_backend_runs_one_kernel_and_no_scatter():
