@@ -173,6 +173,51 @@ def device_spans(call, *, runs: int, per_run: int) -> tuple[Timing, Timing]:
   return Timing.of(spans), Timing.of(busy)
 
 
+def call_spans(call, *, runs: int) -> Timing:
+  """Device seconds of one call of ``call`` (compiled already): ``runs`` calls, each
+  waited for before the next is dispatched, under ``jax.profiler``; the trace's events are
+  cut into ``runs`` groups at its ``runs - 1`` longest idle gaps (the host's wait and next
+  dispatch, tens of microseconds, against launch gaps of a few inside one call), and each
+  group's time is its first kernel's start to its last kernel's end. Unlike
+  :func:`device_spans` a call may launch a varying number of kernels and copies.
+
+  Raises:
+    RuntimeError: fewer device events than ``runs``.
+  """
+  import glob
+  import tempfile
+
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      for _ in range(runs):
+        jax.block_until_ready(call())
+    path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+    events = sorted(device_kernel_events(path), key=lambda e: e[1])
+  return Timing.of(split_spans(events, runs))
+
+
+def split_spans(events, runs: int) -> list[float]:
+  """Seconds of each of ``runs`` calls in ``events`` (``(name, start_ns, duration_ns)`` in
+  start order): cut at the ``runs - 1`` longest idle gaps (a gap measured from the latest
+  end so far, so an event inside a longer one opens none), each part from its first start
+  to its latest end.
+
+  Raises:
+    RuntimeError: fewer events than ``runs``.
+  """
+  if runs < 1 or len(events) < runs:
+    raise RuntimeError(f"{len(events)} device events for {runs} calls")
+  ends = np.maximum.accumulate([s + d for _, s, d in events])
+  gaps = np.array([events[i + 1][1] - ends[i] for i in range(len(events) - 1)])
+  # A stable sort: of equal gaps the earliest are cut first.
+  cuts = sorted(np.argsort(-gaps, kind="stable")[: runs - 1].tolist())
+  spans, lo = [], 0
+  for hi in cuts + [len(events) - 1]:
+    spans.append(float(ends[hi] - events[lo][1]) / 1e9)
+    lo = hi + 1
+  return spans
+
+
 def kernel_summary(events, per: int) -> dict:
   """Per-``per`` (calls or steps) totals of ``events``: kernels, kernel time, the span from
   the first start to the last end (span minus kernel time is the device idle between

@@ -9,13 +9,20 @@ the prompt's tokens past its last full block sit in each row's first own block):
 * ``256x32768``: 256 rows x (32,768 shared + 512 own), case ``256x(32768+512)``.
 
 For each case: ``kernels.plan_cascade`` on the host (its time is ``plan_ms``), then plain
-``kernels.paged_attention`` (gpu backend) and ``kernels.cascade_attention`` (gpu) as
-device time: each sample is one jitted program that runs the kernel ``--chain`` (20) times,
-one call after the other (``experiments._timing.chained``), then one block, divided by 20;
-median of 15 samples with the min-max spread (row field ``timing``: ``"chain20"``). A kernel
-of ~0.1 ms is as short as one Python dispatch on the H200's host, so 10 calls back to back
-from Python (``--chain 0``, ``"inner10"``: how rows before run29's second call were timed)
-measure the host there. The two outputs
+``kernels.paged_attention`` (gpu backend) and ``kernels.cascade_attention`` (gpu), timed
+two ways. ``plain_ms``, ``cascade_ms`` and ``speedup``: each sample is one jitted program
+that runs the kernel ``--chain`` (20) times, one call after the other
+(``experiments._timing.chained``), then one block, divided by 20; median of 15 samples
+with the min-max spread (row field ``timing``: ``"chain20"``). A kernel of ~0.1 ms is as
+short as one Python dispatch on the H200's host, so 10 calls back to back from Python
+(``--chain 0``, ``"inner10"``: how rows before run29's second call were timed) measure
+the host there. The chained program still pays a fixed host cost per execution (0.7-1.6 ms
+for 20 calls on an H200 in run33: 40-80 us a call, against a 0.1 ms cascade), so on the
+GPU each row also holds ``plain_device_ms``, ``cascade_device_ms`` and ``speedup_device``:
+one call's first kernel start to its last kernel end in a ``jax.profiler`` trace, 15
+calls each waited for (``_gpu_common.call_spans``): the attention's device time, which
+issue 16's bars are about (``--parts`` adds ``shared_device_ms`` and ``own_device_ms``).
+The two outputs
 must agree (relative L2 within twice the bf16 kernel bound: each is within that bound of
 the exact result) and hold no NaN (unused pool slots are NaN). Prints a table and appends
 one JSON line per case and cascade config to ``OUT/cascade.jsonl`` as soon as it is
@@ -68,7 +75,7 @@ from absl import flags
 import kernels
 from experiments._timing import chained, spread_text, time_calls
 from experiments.bench import _flags
-from experiments.bench._gpu_common import env_info, write_jsonl
+from experiments.bench._gpu_common import call_spans, env_info, write_jsonl
 from kernels.testing import rel_l2_error, tolerance
 
 
@@ -263,6 +270,14 @@ def run_case(
     return time_calls(lambda: fn(*a, **kw), repeats=repeats, inner=inner, warmup=2)
 
   t_plain = timed(plain, q, k, v, table, lengths, **scales)
+
+  def device(fn, *a, **kw):
+    """Device time of one call (GPU only): its first kernel's start to its last's end."""
+    if interpret:
+      return {}
+    return call_spans(lambda: fn(*a, **kw), runs=repeats)
+
+  d_plain = device(plain, q, k, v, table, lengths, **scales)
   out_plain = np.asarray(plain(q, k, v, table, lengths, **scales).astype(jnp.float32))
   assert not np.isnan(out_plain).any(), "NaN in the plain output"
   own_read = lengths_np - plan_np.row_starts  # what each row reads in the own part
@@ -275,6 +290,7 @@ def run_case(
     own_len_max=int((lengths_np - case.shared_len).max()),
     plain_ms=t_plain.median * 1e3,
     **{k_: v_ for k_, v_ in t_plain.fields("plain").items() if k_ != "plain_ms"},
+    **(d_plain.fields("plain_device") if d_plain else {}),
     timing=f"chain{chain}" if chain else f"inner{inner}",
     plan_ms=float(np.median(plan_times)) * 1e3,
     plan_first_ms=plan_times[0] * 1e3,
@@ -299,15 +315,14 @@ def run_case(
 
   part_kw = dict(scale=1.0 / np.sqrt(head_dim), logit_soft_cap=None, interpret=interpret)
 
-  def time_part(fn, bs, *args, **kw):
-    return timed(jax.jit(functools.partial(fn, **part_kw, block_sizes=bs)), *args, **kw)
-
   def time_shared(bs):
+    """The shared part alone: (chained timing, device time or {})."""
     if bs.shared_kernel == "mosaic":  # 16-bit K/V only: no scales
       kw = dict(part_kw, interpret=kernels.gpu._mosaic_interpret_params() if interpret else False)
       part = jax.jit(functools.partial(gpu_cascade.shared_partials_mosaic, **kw, block_sizes=bs))
-      return timed(part, q, k, v, plan)
-    return time_part(gpu_cascade.shared_partials, bs, q, k, v, plan, **scales)
+      return timed(part, q, k, v, plan), device(part, q, k, v, plan)
+    part = jax.jit(functools.partial(gpu_cascade.shared_partials, **part_kw, block_sizes=bs))
+    return timed(part, q, k, v, plan, **scales), device(part, q, k, v, plan, **scales)
 
   errors = []
   own_fields = {}
@@ -326,17 +341,22 @@ def run_case(
       )
       part_fields = {}
       if parts:
-        t_shared = time_shared(bs)
+        t_shared, d_shared = time_shared(bs)
         if not own_fields:  # the own part does not depend on the shared kernel's settings
-          t_own = time_part(gpu_cascade.own_partials, bs, q, k, v, table, lengths, plan, **scales)
-          own_fields = t_own.fields("own")
+          own = jax.jit(functools.partial(gpu_cascade.own_partials, **part_kw, block_sizes=bs))
+          t_own = timed(own, q, k, v, table, lengths, plan, **scales)
+          d_own = device(own, q, k, v, table, lengths, plan, **scales)
+          own_fields = dict(t_own.fields("own"), **(d_own.fields("own_device") if d_own else {}))
         part_fields = dict(own_fields, **t_shared.fields("shared"))
+        if d_shared:
+          part_fields.update(d_shared.fields("shared_device"))
       casc = jax.jit(
         functools.partial(
           kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
         )
       )
       t_casc = timed(casc, q, k, v, table, lengths, plan, **scales)
+      d_casc = device(casc, q, k, v, table, lengths, plan, **scales)
       out = np.asarray(casc(q, k, v, table, lengths, plan, **scales).astype(jnp.float32))
       assert not np.isnan(out).any(), "NaN in the cascade output"
       err = rel_l2_error(out, out_plain)
@@ -351,6 +371,8 @@ def run_case(
         cascade_ms=t_casc.median * 1e3,
         speedup=t_plain.median / t_casc.median,
         **{k_: v_ for k_, v_ in t_casc.fields("cascade").items() if k_ != "cascade_ms"},
+        **(d_casc.fields("cascade_device") if d_casc else {}),
+        **(dict(speedup_device=d_plain.median / d_casc.median) if d_casc else {}),
         rel_l2=err,
         **part_fields,
         config=name,
@@ -495,7 +517,17 @@ def main(args):
       parts = ""
       if "shared_ms" in row:
         parts = f" (shared {row['shared_ms']:.3f} ms, own {row['own_ms']:.3f} ms)"
-      print(f"  {row['config']}: {row['speedup']:.1f}x{parts}", flush=True)
+      if "shared_device_ms" in row:
+        parts += (
+          f" device: shared {row['shared_device_ms']:.3f} ms, own {row['own_device_ms']:.3f} ms"
+        )
+      dev = ""
+      if "speedup_device" in row:
+        dev = (
+          f", device {row['speedup_device']:.1f}x ({row['plain_device_ms']:.3f} / "
+          f"{row['cascade_device_ms']:.3f} ms)"
+        )
+      print(f"  {row['config']}: {row['speedup']:.1f}x{dev}{parts}", flush=True)
 
     try:
       errors = run_case(case, configs=configs, emit=emit, **kw)
@@ -510,14 +542,23 @@ def main(args):
       )
   print()
   print(
-    "| case | K/V | config | plain ms (min-max) | cascade ms (min-max) | speedup | plan ms "
-    "| rel L2 |"
+    "| case | K/V | config | plain ms (min-max) | cascade ms (min-max) | speedup "
+    "| device: plain ms | cascade ms | speedup | plan ms | rel L2 |"
   )
-  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+  print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   for r in rows:
+    dev = "| | |"
+    if "speedup_device" in r:
+      dev = (
+        f"{r['plain_device_ms']:.3f} ({r['plain_device_min_ms']:.3f}-"
+        f"{r['plain_device_max_ms']:.3f}) | {r['cascade_device_ms']:.3f} "
+        f"({r['cascade_device_min_ms']:.3f}-{r['cascade_device_max_ms']:.3f}) | "
+        f"{r['speedup_device']:.1f}x"
+      )
     print(
       f"| {r['case']} | {r['kv_dtype']} | {r['config']} | {r['plain_text']} | "
-      f"{r['cascade_text']} | {r['speedup']:.1f}x | {r['plan_ms']:.3f} | {r['rel_l2']:.1e} |"
+      f"{r['cascade_text']} | {r['speedup']:.1f}x | {dev} | {r['plan_ms']:.3f} | "
+      f"{r['rel_l2']:.1e} |"
     )
   print(f"rows -> {path}" + (f"; FAILED: {failed}" if failed else ""))
   return 1 if failed else 0

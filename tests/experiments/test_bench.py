@@ -866,3 +866,25 @@ def test_gpu_ragged_smoke_times_the_persistent_experiment_beside_the_planned_ker
     assert r["kernel"] == "triton" and r["check_ok"] is True
     assert r["check_rel_l2"] < tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
     assert r["num_chunks"] == rows[1]["num_chunks"]
+
+
+def test_split_spans_cuts_calls_at_the_longest_idle_gaps():
+  # Three calls of a varying number of kernels (ns): the host's waits between them are the
+  # longest idle gaps; a copy inside a longer kernel opens no gap of its own.
+  import pytest
+
+  from experiments.bench._gpu_common import split_spans
+
+  events = [
+    ("a", 0, 10_000),
+    ("copy", 2_000, 1_000),  # inside a
+    ("b", 12_000, 5_000),  # 2 us launch gap
+    ("a", 80_000, 10_000),  # 63 us: the host
+    ("a", 200_000, 9_000),  # 110 us: the host
+    ("b", 210_000, 4_000),
+    ("c", 215_000, 1_000),
+  ]
+  assert split_spans(events, 3) == pytest.approx([17e-6, 10e-6, 16e-6])
+  assert split_spans(events, 1) == pytest.approx([216e-6])
+  with pytest.raises(RuntimeError, match="7 device events for 8 calls"):
+    split_spans(events, 8)
