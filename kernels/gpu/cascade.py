@@ -53,13 +53,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gpu import _mosaic_interpret_params, kernel_backend, validate_gpu_inputs
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import DEFAULT_QUANT_WIDEN, QUANT_WIDEN_MODES, widening
-from kernels.gpu.decode import (
-  _num_sms,
-  compute_dtype,
-  dot_precision,
-  merge_partials,
-  paged_decode,
-)
+from kernels.gpu.decode import _num_sms, compute_dtype, dot_precision, paged_decode
 from kernels.gpu.tuning import (
   CASCADE_SHARED_KERNELS,
   BlockSizes,
@@ -596,30 +590,10 @@ def own_partials(
   )
 
 
-# Up to this many partials a row (shared chunks plus own splits) the merge is written part
-# by part, elementwise (decode.merge_partials): XLA then fuses it with the gathers and
-# transposes that bring the shared partials back to batch rows. Past it, reductions over
-# the part axis (a few kernels more).
-_UNROLLED_MERGE_PARTS = 16
-
-
 def _merge(shared, own, in_group, out_dtype):
   """Merges the shared partials (of rows ``in_group`` only) with the own ones by max-exp2."""
   o_s, m_s, den_s = shared
   o_o, m_o, den_o = own
-  chunks, splits = m_s.shape[-1], m_o.shape[-1]
-  if chunks + splits <= _UNROLLED_MERGE_PARTS:
-    sel = in_group[:, None]  # [B, 1]: rows in no group hold garbage shared partials
-    parts = [
-      (
-        jnp.where(sel[..., None], o_s[:, :, c], 0.0),
-        jnp.where(sel, m_s[..., c], -jnp.inf),
-        jnp.where(sel, den_s[..., c], 0.0),
-      )
-      for c in range(chunks)
-    ]
-    parts += [(o_o[:, :, s], m_o[..., s], den_o[..., s]) for s in range(splits)]
-    return merge_partials(parts, out_dtype)
   sel = in_group[:, None, None]
   m_s = jnp.where(sel, m_s, -jnp.inf)
   m_max = jnp.maximum(jnp.max(m_s, axis=-1), jnp.max(m_o, axis=-1))[..., None]

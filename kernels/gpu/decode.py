@@ -368,44 +368,24 @@ def own_key(
 _UNROLLED_COMBINE_SPLITS = 8
 
 
-def merge_partials(parts, out_dtype):
-  """Merges partial attention results part by part, elementwise (no reduction over a part
-  axis, so that XLA fuses the whole merge, and the slices and gathers feeding it, into one
-  loop fusion).
-
-  Args:
-    parts: a sequence of ``(o f32[..., D], m f32[...], den f32[...])``: each part's
-      unnormalised sum of ``p @ v``, its running max in log2 units and its sum of ``p``;
-      an empty part has ``m = -inf``, ``den = 0`` and ``o = 0``.
-    out_dtype: the result's dtype.
-
-  Returns:
-    ``[..., D]`` in ``out_dtype``: ``sum_i o_i 2^(m_i - M) / sum_i den_i 2^(m_i - M)`` with
-    ``M`` the largest ``m_i``; 0 where every part is empty.
-  """
-  m_max = functools.reduce(jnp.maximum, [m for _, m, _ in parts])
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  num, den = 0.0, 0.0
-  for o, m, d in parts:
-    w = jnp.exp2(m - m_max)  # 0 for an empty part (m = -inf)
-    num = num + o * w[..., None]
-    den = den + d * w
-  out = num / jnp.where(den > 0, den, 1.0)[..., None]
-  return out.astype(out_dtype)
-
-
 def _combine(o, m, den, out_dtype):
   """Merges split partials: o [B, Hq, S, D], m/den [B, Hq, S] -> [B, Hq, D]."""
   splits = m.shape[-1]
-  if splits <= _UNROLLED_COMBINE_SPLITS:
-    return merge_partials(
-      [(o[..., s, :], m[..., s], den[..., s]) for s in range(splits)], out_dtype
-    )
-  m_max = jnp.max(m, axis=-1, keepdims=True)
-  m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-  w = jnp.exp2(m - m_max)  # m is in log2 units; 0 for empty splits (m = -inf)
-  num = jnp.sum(o * w[..., None], axis=2)
-  den = jnp.sum(den * w, axis=-1)
+  if splits > _UNROLLED_COMBINE_SPLITS:
+    m_max = jnp.max(m, axis=-1, keepdims=True)
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    w = jnp.exp2(m - m_max)  # m is in log2 units; 0 for empty splits (m = -inf)
+    num = jnp.sum(o * w[..., None], axis=2)
+    den = jnp.sum(den * w, axis=-1)
+  else:
+    m_max = functools.reduce(jnp.maximum, [m[..., s] for s in range(splits)])
+    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
+    num, total = 0.0, 0.0
+    for s in range(splits):
+      w = jnp.exp2(m[..., s] - m_max)  # 0 for an empty split (m = -inf)
+      num = num + o[..., s, :] * w[..., None]
+      total = total + den[..., s] * w
+    den = total
   out = num / jnp.where(den > 0, den, 1.0)[..., None]
   return out.astype(out_dtype)
 
