@@ -137,9 +137,12 @@ def _fill_random(pool, ids, key):
   return pool.at[:, ids].set(jax.random.normal(key, shape, jnp.float32).astype(pool.dtype))
 
 
-def paged_step_call(model, *, batch, context, block_size, num_blocks, rng, lane_dense=False):
-  """The engine's jitted step over a pool of ``num_blocks`` with ``batch`` sequences at
-  ``context`` tokens, blocks scattered at random; returns ``(call, live_blocks, release)``:
+def paged_step_call(
+  model, *, batch, context, block_size, num_blocks, rng, lane_dense=False, xla_options=()
+):
+  """The engine's jitted step (compiled with ``xla_options``: ``EngineConfig.xla_options``)
+  over a pool of ``num_blocks`` with ``batch`` sequences at ``context`` tokens, blocks
+  scattered at random; returns ``(call, live_blocks, release)``:
   ``call()`` runs one step (cache donated) and returns its tokens; ``release()`` drops
   the pool."""
   from paxcache.engine import device_step
@@ -188,7 +191,7 @@ def paged_step_call(model, *, batch, context, block_size, num_blocks, rng, lane_
     decode_only=True,
     any_sampled=False,
   )
-  step, params = device_step(model)
+  step, params = device_step(model, xla_options)
   prev = jnp.zeros(batch, jnp.int32)  # the engine's previous tokens (unused: prev_index -1)
 
   def call():
@@ -228,6 +231,7 @@ def paged_step_ms(model, *, batch, context, block_size, num_blocks, rng, args) -
     num_blocks=num_blocks,
     rng=rng,
     lane_dense=args.lane_dense,
+    xla_options=args.xla_options,
   )
   from paxcache.engine._clock import compile_seconds  # the engine's own compile clock
 
@@ -285,6 +289,11 @@ def dense_step_ms(model, *, batch, context, rng, args) -> dict:
   return dict(dense_step_ms=t.median * 1e3, dense_min_ms=t.min * 1e3, dense_max_ms=t.max * 1e3)
 
 
+def xla_options_field(args) -> dict:
+  """``{"xla_options": {...}}`` for a row when ``--xla-options`` set any, else nothing."""
+  return {"xla_options": dict(args.xla_options)} if args.xla_options else {}
+
+
 def step_rows(args, rate: float) -> list[dict]:
   rows = []
   env = env_info()
@@ -329,6 +338,7 @@ def step_rows(args, rate: float) -> list[dict]:
           context=context,
           block_size=args.block_size,
           lane_dense=args.lane_dense,
+          **xla_options_field(args),
           pool_blocks=pool,
           pool_gb=pool * block_bytes / 1e9,
           param_bytes=pbytes,
@@ -459,6 +469,7 @@ def e2e_rows(args) -> list[dict]:
         pipeline_depth=args.pipeline_depth,
         decode_steps=args.decode_steps,
         cascade_min_shared_blocks=cascade_min,
+        xla_options=args.xla_options,
         # Every step's metrics of a pass (the default keeps the last 4,096; a longer pass
         # would lose the captured steps' records).
         metrics_history=1 << 22,
@@ -698,6 +709,7 @@ def e2e_rows(args) -> list[dict]:
         pipeline_depth=args.pipeline_depth,
         decode_steps=args.decode_steps,
         bursts=m["bursts"],
+        **xla_options_field(args),
         date=env["date"],
       )
       print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
@@ -725,6 +737,13 @@ def define_flags():
   flags.DEFINE_bool("no-step", False, "skip the step table")
   flags.DEFINE_bool(
     "lane-dense", False, "the step table's paged cache in rows of 128 (head_dim 32 or 64)"
+  )
+  flags.DEFINE_string(
+    "xla-options",
+    "",
+    "EngineConfig.xla_options for the step table's paged step (not its dense baseline) and "
+    "the engine, as JSON, e.g. "
+    "'{\"xla_gpu_exhaustive_tiling_search\": true}'",
   )
   flags.DEFINE_bool("e2e", False, "also serve requests through the Engine")
   flags.DEFINE_string("e2e-requests", "192,128", "requests per model")
@@ -792,6 +811,13 @@ def define_flags():
 
 
 def main(args):
+  try:
+    options = json.loads(args.xla_options) if args.xla_options else {}
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"--xla-options must be a JSON object: {e}") from e
+  if not isinstance(options, dict):
+    raise SystemExit(f"--xla-options must be a JSON object, got {args.xla_options!r}")
+  args.xla_options = tuple(sorted(options.items()))
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]

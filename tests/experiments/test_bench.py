@@ -684,6 +684,25 @@ def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   assert all(s["pace_ms"] >= s["step_ms"] for s in steps if s["pace_ms"] is not None)
 
 
+def test_engine_step_passes_xla_options_to_the_step_and_records_them(tmp_path):
+  # --xla-options reaches EngineConfig.xla_options (xla_dump_to: the step's modules are
+  # dumped) and every row says which options ran; a value that is not a JSON object exits.
+  dump = tmp_path / "dump"
+  argv = (
+    "--no-step --e2e --models micro --e2e-steady 4x8+8 --e2e-only-steady --e2e-repeats 1 "
+    "--e2e-pool-gb 0.001 --compilation-cache="
+  ).split() + ["--xla-options", json.dumps({"xla_dump_to": str(dump)})]
+  (row,) = _bench_rows("engine_step", argv, tmp_path, "engine_e2e.jsonl")
+  assert row["xla_options"] == {"xla_dump_to": str(dump)} and row["generated_tokens"] == 32
+  assert any("device_step" in p.name for p in dump.iterdir())
+  proc = _python(
+    "import runpy\n"
+    f"sys.argv = ['engine_step', '--no-step', '--xla-options', '[1]', '--out', {str(tmp_path)!r}]\n"
+    "runpy.run_module('experiments.bench.engine_step', run_name='__main__')\n"
+  )
+  assert proc.returncode != 0 and "--xla-options must be a JSON object" in proc.stderr
+
+
 def test_engine_step_e2e_divides_a_bursts_times_by_its_decode_steps(tmp_path):
   # --decode-steps 4: a burst is one engine step of four decode steps; its wall, pace and
   # replayed device time are each divided by four before the medians and ratios.

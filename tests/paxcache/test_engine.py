@@ -955,3 +955,42 @@ def test_a_burst_waits_where_a_row_is_near_the_models_length(tiny, corpus):
   kinds = [s.decode_steps for s in engine.step_metrics if s.decode_steps]
   # Decodes from 501, 505, then 509: a burst there would write position 512.
   assert kinds == [4, 4, 1, 1]
+
+
+def test_xla_options_are_checked_and_kept_as_sorted_pairs():
+  config = EngineConfig(xla_options={"xla_gpu_enable_triton_gemm": False, "xla_dump_to": "/x"})
+  assert config.xla_options == (("xla_dump_to", "/x"), ("xla_gpu_enable_triton_gemm", False))
+  assert EngineConfig(xla_options=[("xla_dump_to", "/x")]).xla_options == (("xla_dump_to", "/x"),)
+  assert EngineConfig(xla_options={"xla_gpu_autotune_level": np.int64(2)}).xla_options == (
+    ("xla_gpu_autotune_level", 2),
+  )
+  hash(config)  # a frozen config stays hashable
+  assert dataclasses.replace(config, seed=1).xla_options == config.xla_options
+  for bad, match in [
+    ("xla_dump_to", "mapping or"),
+    ({"dump_to": "/x"}, "not an XLA option name"),
+    ({1: True}, "not an XLA option name"),
+    ({"xla_dump_to": ["/x"]}, r"must be a bool, int, float or str"),
+    ([("xla_dump_to", "/a"), ("xla_dump_to", "/b")], "twice"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      EngineConfig(xla_options=bad)
+
+
+def test_xla_options_reach_the_step_alone_and_keep_its_tokens(tiny, corpus, tmp_path):
+  # xla_dump_to makes XLA write every module it compiles with the option: the engine's
+  # step (and the check's trivial function), not the rest of the process's functions.
+  # The tokens are those of an engine without options. An option XLA does not know
+  # fails at construction, naming it.
+  reqs = [Request(i, list(corpus[30 * i : 30 * i + 12]), max_new_tokens=6) for i in range(3)]
+  config = EngineConfig(num_blocks=32, block_size=8, max_num_seqs=4)
+  want = Engine(tiny, config).run(reqs)
+  dump = tmp_path / "dump"
+  opts = dataclasses.replace(config, xla_options={"xla_dump_to": str(dump)})
+  got = Engine(tiny, opts).run(reqs)
+  assert got == want and all(len(o.samples[0]) == 6 for o in got.values())
+  modules = {p.name.split(".")[1] for p in dump.iterdir()}
+  assert any("device_step" in m for m in modules), modules
+  assert all("device_step" in m or "lambda" in m for m in modules), modules
+  with pytest.raises(ValueError, match="xla_no_such_option"):
+    Engine(tiny, dataclasses.replace(config, xla_options={"xla_no_such_option": True}))
