@@ -16,9 +16,9 @@ that runs the kernel ``--chain`` (20) times, one call after the other
 with the min-max spread (row field ``timing``: ``"chain20"``). A kernel of ~0.1 ms is as
 short as one Python dispatch on the H200's host, so 10 calls back to back from Python
 (``--chain 0``, ``"inner10"``: how rows before run29's second call were timed) measure
-the host there. The chained program still pays a fixed host cost per execution (0.7-1.6 ms
-for 20 calls on an H200 in run33: 40-80 us a call, against a 0.1 ms cascade), so on the
-GPU each row also holds ``plain_device_ms``, ``cascade_device_ms`` and ``speedup_device``:
+the host there. The chained program still pays a host cost per execution that grows with
+the kernels a call launches (0.75-1.6 ms for 20 calls on an H200 in run33: 37-81 us a
+call, against a 0.09 ms cascade), so on the GPU each row also holds ``plain_device_ms``, ``cascade_device_ms`` and ``speedup_device``:
 one call's first kernel start to its last kernel end in a ``jax.profiler`` trace, 15
 calls each waited for (``_gpu_common.call_spans``): the attention's device time, which
 issue 16's bars are about (``--parts`` adds ``shared_device_ms`` and ``own_device_ms``).

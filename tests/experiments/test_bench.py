@@ -890,8 +890,6 @@ def test_gpu_ragged_smoke_times_the_persistent_experiment_beside_the_planned_ker
 def test_split_spans_cuts_calls_at_the_longest_idle_gaps():
   # Three calls of a varying number of kernels (ns): the host's waits between them are the
   # longest idle gaps; a copy inside a longer kernel opens no gap of its own.
-  import pytest
-
   from experiments.bench._gpu_common import split_spans
 
   events = [
