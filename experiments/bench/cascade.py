@@ -18,10 +18,11 @@ short as one Python dispatch on the H200's host, so 10 calls back to back from P
 (``--chain 0``, ``"inner10"``: how rows before run29's second call were timed) measure
 the host there. The chained program still pays a host cost per execution that grows with
 the kernels a call launches (0.75-1.6 ms for 20 calls on an H200 in run33: 37-81 us a
-call, against a 0.09 ms cascade), so on the GPU each row also holds ``plain_device_ms``, ``cascade_device_ms`` and ``speedup_device``:
-one call's first kernel start to its last kernel end in a ``jax.profiler`` trace, 15
-calls each waited for (``_gpu_common.call_spans``): the attention's device time, which
-issue 16's bars are about (``--parts`` adds ``shared_device_ms`` and ``own_device_ms``).
+call, against a 0.09 ms cascade), so on the GPU each row also holds ``plain_device_ms``,
+``cascade_device_ms`` and ``speedup_device``: one call's first kernel start to its last
+kernel end in a ``jax.profiler`` trace, 15 calls each waited for
+(``_gpu_common.call_spans``): the attention's device time, which issue 16's bars are about
+(``--parts`` adds ``shared_device_ms`` and ``own_device_ms``).
 The two outputs
 must agree (relative L2 within twice the bf16 kernel bound: each is within that bound of
 the exact result) and hold no NaN (unused pool slots are NaN). Prints a table and appends

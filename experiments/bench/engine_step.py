@@ -741,8 +741,8 @@ def define_flags():
   flags.DEFINE_string(
     "xla-options",
     "",
-    "EngineConfig.xla_options for the step table's paged step (not its dense baseline) and "
-    "the engine, as JSON, e.g. "
+    "EngineConfig.xla_options for the step table's paged step (not its dense baseline, which "
+    "compiles first in the same process) and the engine, as JSON, e.g. "
     "'{\"xla_gpu_exhaustive_tiling_search\": true}'",
   )
   flags.DEFINE_bool("e2e", False, "also serve requests through the Engine")

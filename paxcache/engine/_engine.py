@@ -368,12 +368,15 @@ class EngineConfig:
     xla_options: XLA options for the engine's jitted step alone (``jax.jit``'s
       ``compiler_options``), as a mapping or ``(name, value)`` pairs, e.g.
       ``{"xla_gpu_exhaustive_tiling_search": True}`` (Triton GEMM tiles searched over
-      XLA's whole space: SmolLM2's 64 x 512 step 6.5% faster on an H100, at ~100 s of
-      compiling per batch bucket, docs/benchmarks.md "Run33") or
+      XLA's whole space: SmolLM2's step at batch 64, context 512 6.5% faster on an H100,
+      at ~100 s of compiling per batch bucket, docs/benchmarks.md "Run33") or
       ``{"xla_gpu_enable_triton_gemm": False}`` (cuBLAS). Unlike ``XLA_FLAGS`` they leave
       every other function of the process alone. Stored as sorted pairs; names are
-      XLA's debug options (``xla_...``), values bool, int, float or str; ValueError at
-      construction where XLA does not take one. Empty (default): none.
+      XLA's debug options (``xla_...``), values Python bools, ints, floats or strings
+      (checked here); building the ``Engine`` raises ValueError where XLA does not take
+      one (which shows it parses, not that it acts). GEMM options change rounding, so
+      greedy tokens may differ from the default step's (docs/engine.md). Empty
+      (default): none.
   """
 
   num_blocks: int = 256
