@@ -30,6 +30,9 @@ allows, what was measured, and the margin. Where two places held the same compar
 different bounds, the table keeps the tighter one (noted at the entry). ``docs/tpu.md``
 and ``docs/smollm2.md`` quote some of these values: change them with the table.
 
+Two helpers build the float64 oracle of the merges of attention partials (the split-K
+combine, the cascade's merge): :func:`random_partials` and :func:`softmax_over_keys`.
+
 This module imports nothing from paxcache or flax (``kernels`` is the bottom layer), so
 ``experiments/bench/gpu_check.py`` and every test can import it.
 """
@@ -41,7 +44,14 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["TOLERANCES", "Tol", "rel_l2_error", "tolerance"]
+__all__ = [
+  "TOLERANCES",
+  "Tol",
+  "random_partials",
+  "rel_l2_error",
+  "softmax_over_keys",
+  "tolerance",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,3 +249,37 @@ def rel_l2_error(got, want) -> float:
   got = np.asarray(got).astype(np.float64)
   want = np.asarray(want).astype(np.float64)
   return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def random_partials(rng, shape, parts: int, head_dim: int, *, keys: int = 5, empty: float = 0.3):
+  """Attention partials of random scores, as the kernels write them (float64).
+
+  Every row of ``shape`` (e.g. ``(batch, heads)``) gets ``parts`` key ranges of ``keys``
+  keys each, scores in log2 units; a range is empty (no key seen) with probability
+  ``empty``. Returns ``(o, m, den, scores, values)``: ``o [*shape, parts, head_dim]`` the
+  sum of ``p @ v``, ``m [*shape, parts]`` the largest score (-inf for an empty range),
+  ``den`` the sum of ``p`` (``p = 2**(score - m)``), and the scores ``[*shape, parts,
+  keys]`` (-inf where not seen) and values ``[*shape, parts, keys, head_dim]`` they came
+  from, for :func:`softmax_over_keys`.
+  """
+  x = rng.normal(size=(*shape, parts, keys)) * 4
+  values = rng.normal(size=(*shape, parts, keys, head_dim))
+  seen = np.broadcast_to(rng.random((*shape, parts, 1)) >= empty, x.shape)
+  scores = np.where(seen, x, -np.inf)
+  with np.errstate(invalid="ignore"):
+    m = scores.max(-1)
+  p = np.where(seen, np.exp2(scores - np.where(np.isneginf(m), 0.0, m)[..., None]), 0.0)
+  return (p[..., None] * values).sum(-2), m, p.sum(-1), scores, values
+
+
+def softmax_over_keys(scores, values):
+  """``softmax_2(scores) @ values`` in float64: ``scores [..., N]`` in log2 units (-inf:
+  not seen), ``values [..., N, D]``; 0 for a row that sees no key."""
+  scores = np.asarray(scores, np.float64)
+  with np.errstate(invalid="ignore"):
+    top = scores.max(-1, keepdims=True)
+  w = np.where(np.isneginf(scores), 0.0, np.exp2(scores - np.where(np.isneginf(top), 0.0, top)))
+  total = w.sum(-1)
+  return (w[..., None] * np.asarray(values, np.float64)).sum(-2) / np.where(total > 0, total, 1.0)[
+    ..., None
+  ]

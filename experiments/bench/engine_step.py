@@ -817,7 +817,7 @@ def main(args):
     raise SystemExit(f"--xla-options must be a JSON object: {e}") from e
   if not isinstance(options, dict):
     raise SystemExit(f"--xla-options must be a JSON object, got {args.xla_options!r}")
-  args.xla_options = tuple(sorted(options.items()))
+  args.xla_options = options  # EngineConfig / device_step check and normalise them
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]

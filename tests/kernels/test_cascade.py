@@ -956,20 +956,6 @@ def test_plan_of_rows_on_one_prefix_in_any_row_order():
   np.testing.assert_array_equal(plan.group_table[0, :shared_blocks], ids[:shared_blocks])
 
 
-def _random_partials(rng, b, h, parts, d, per=5, empty=0.3):
-  """``parts`` partials of random scores (log2 units) and values, as the kernels write
-  them (o: sum of p @ v, m: max, den: sum of p), some empty (m = -inf, den 0, o 0); with
-  the scores and values they came from, for a float64 softmax over all of them."""
-  x = rng.normal(size=(b, h, parts, per)) * 4
-  vals = rng.normal(size=(b, h, parts, per, d))
-  seen = np.broadcast_to(rng.random((b, h, parts, 1)) >= empty, x.shape).copy()
-  xs = np.where(seen, x, -np.inf)
-  with np.errstate(invalid="ignore"):
-    m = xs.max(-1)
-  p = np.where(seen, np.exp2(xs - np.where(np.isneginf(m), 0.0, m)[..., None]), 0.0)
-  return (p[..., None] * vals).sum(-2), m, p.sum(-1), xs, vals
-
-
 @pytest.mark.parametrize("chunks,splits", [(1, 1), (4, 1), (3, 2), (9, 8)])
 def test_gpu_merge_of_shared_and_own_partials_against_float64(chunks, splits):
   # The cascade's merge: rows in a group take their shared chunks' partials and their own
@@ -977,11 +963,12 @@ def test_gpu_merge_of_shared_and_own_partials_against_float64(chunks, splits):
   # not reach their output. Against one float64 softmax over every key a row sees; a row
   # with no key at all gives 0.
   from kernels.gpu import cascade as gc
+  from kernels.testing import random_partials, softmax_over_keys
 
   rng = np.random.default_rng(chunks * 100 + splits)
   b, h, d = 4, 3, 8
-  o_s, m_s, den_s, x_s, v_s = _random_partials(rng, b, h, chunks, d)
-  o_o, m_o, den_o, x_o, v_o = _random_partials(rng, b, h, splits, d)
+  o_s, m_s, den_s, x_s, v_s = random_partials(rng, (b, h), chunks, d)
+  o_o, m_o, den_o, x_o, v_o = random_partials(rng, (b, h), splits, d)
   in_group = np.array([True, False, True, True])
   o_s[~in_group], m_s[~in_group], den_s[~in_group] = np.nan, np.nan, np.nan
   x_o[3], m_o[3], den_o[3], o_o[3] = -np.inf, -np.inf, 0.0, 0.0  # row 3: shared keys only
@@ -990,12 +977,7 @@ def test_gpu_merge_of_shared_and_own_partials_against_float64(chunks, splits):
   m_o[2, 0], den_o[2, 0], o_o[2, 0] = -np.inf, 0.0, 0.0
   x_all = np.concatenate([np.where(in_group[:, None, None, None], x_s, -np.inf), x_o], 2)
   v_all = np.concatenate([np.nan_to_num(v_s), v_o], 2)
-  x_all, v_all = x_all.reshape(b, h, -1), v_all.reshape(b, h, -1, d)
-  with np.errstate(invalid="ignore"):
-    top = x_all.max(-1, keepdims=True)
-  w = np.where(np.isneginf(x_all), 0.0, np.exp2(x_all - np.where(np.isneginf(top), 0.0, top)))
-  total = w.sum(-1)
-  want = (w[..., None] * v_all).sum(-2) / np.where(total > 0, total, 1.0)[..., None]
+  want = softmax_over_keys(x_all.reshape(b, h, -1), v_all.reshape(b, h, -1, d))
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
   args = ((f32(o_s), f32(m_s), f32(den_s)), (f32(o_o), f32(m_o), f32(den_o)), jnp.asarray(in_group))
   got = np.asarray(gc._merge(*args, jnp.float32))

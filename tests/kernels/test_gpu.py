@@ -156,24 +156,13 @@ def test_split_combine_against_float64(splits):
   # softmax over all the keys in float64. Some ranges are empty (no key: m = -inf), and
   # one row has no key at all (output 0).
   from kernels.gpu import decode
+  from kernels.testing import random_partials, softmax_over_keys
 
   rng = np.random.default_rng(splits)
-  b, h, d, per = 3, 4, 8, 5
-  x = rng.normal(size=(b, h, splits, per)) * 4  # scores, log2 units
-  vals = rng.normal(size=(b, h, splits, per, d))
-  seen = np.broadcast_to(rng.random((b, h, splits, 1)) >= 0.3, x.shape).copy()
-  seen[0, 0] = False
-  xs = np.where(seen, x, -np.inf)
-  with np.errstate(invalid="ignore"):
-    m = xs.max(-1)  # -inf for an empty range
-  p = np.where(seen, np.exp2(xs - np.where(np.isneginf(m), 0.0, m)[..., None]), 0.0)
-  den, o = p.sum(-1), (p[..., None] * vals).sum(-2)
-  flat_x, flat_v = xs.reshape(b, h, -1), vals.reshape(b, h, -1, d)
-  with np.errstate(invalid="ignore"):
-    top = flat_x.max(-1, keepdims=True)
-  w = np.where(np.isneginf(flat_x), 0.0, np.exp2(flat_x - np.where(np.isneginf(top), 0.0, top)))
-  total = w.sum(-1)
-  want = (w[..., None] * flat_v).sum(-2) / np.where(total > 0, total, 1.0)[..., None]
+  b, h, d = 3, 4, 8
+  o, m, den, scores, vals = random_partials(rng, (b, h), splits, d)
+  scores[0, 0], m[0, 0], den[0, 0], o[0, 0] = -np.inf, -np.inf, 0.0, 0.0  # no key at all
+  want = softmax_over_keys(scores.reshape(b, h, -1), vals.reshape(b, h, -1, d))
   args = (jnp.asarray(o, jnp.float32), jnp.asarray(m, jnp.float32), jnp.asarray(den, jnp.float32))
   got = np.asarray(decode._combine(*args, jnp.float32))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
