@@ -501,20 +501,22 @@ def shared_partials_mosaic(
   )
   table = jnp.where(col < width, table, -1).reshape(num_groups * num_chunks, cwidth)
   seq_lens = seq_lens.reshape(num_groups * num_chunks)
-  # Query rows: (group, chunk, member) -> q of the member's batch row (zero for padding).
+  # Query rows: (group, member) -> q of the member's batch row (zero for padding). Every
+  # chunk of a group reads the same rows (the schedule's query shift), into its own outputs.
   rows = jnp.pad(
     plan.group_rows.astype(jnp.int32), ((0, 0), (0, mpad - members)), constant_values=-1
   )
   q_rows = jnp.where((rows >= 0)[..., None, None], q[jnp.clip(rows, 0, batch - 1)], 0)
-  q_in = jnp.broadcast_to(q_rows[:, None], (num_groups, num_chunks) + q_rows.shape[1:])
-  q_in = q_in.reshape(num_groups * num_chunks * mpad, num_q_heads, head_dim).astype(q.dtype)
-  # Schedule: tile t of sequence s = t // tiles covers rows [128 t, 128 (t + 1)), its first
-  # row at position klen (past every key), keys [0, klen).
+  q_in = q_rows.reshape(num_groups * mpad, num_q_heads, head_dim).astype(q.dtype)
+  # Schedule: tile t of sequence s = t // tiles = (group g, chunk c) writes rows [128 t,
+  # 128 (t + 1)) and reads q at [g * mpad + 128 i, ...) for i = t % tiles (query shift:
+  # that minus 128 t), its first row at position klen (past every key), keys [0, klen).
   t = jnp.arange(num_groups * num_chunks * tiles, dtype=jnp.int32)
   seq = t // tiles
   klen = seq_lens[seq]
-  sched = jnp.stack([t * pm.TILE, (t + 1) * pm.TILE, klen, seq, klen], axis=1)
-  sched = jnp.pad(sched, ((0, 0), (0, 3)))
+  qshift = (seq // num_chunks) * mpad + (t % tiles) * pm.TILE - t * pm.TILE
+  sched = jnp.stack([t * pm.TILE, (t + 1) * pm.TILE, klen, seq, klen, qshift], axis=1)
+  sched = jnp.pad(sched, ((0, 0), (0, 2)))
   o, lse = pm.run_schedule(
     q_in,
     k_blocks,
@@ -532,6 +534,7 @@ def shared_partials_mosaic(
     tiles_per_block=1,
     with_lse=True,
     interpret=interpret,
+    num_out_rows=num_groups * num_chunks * mpad,
   )
   # Back to batch rows by a gather, not a scatter: each row's slot (g, i) in the kernel's
   # layout comes from one scatter of G * M int32s; the partials are then read through it

@@ -65,8 +65,10 @@ from kernels.gpu.prefill import build_schedule
 ROWS = 64  # query rows of one consumer warpgroup (the wgmma M dimension)
 NUM_CONSUMERS = 2
 TILE = ROWS * NUM_CONSUMERS  # query tokens of one CUDA block
-# Schedule columns written by prefill.build_schedule.
-_START, _END, _POS0, _SEQ, _KLEN = range(5)
+# Schedule columns written by prefill.build_schedule; _QSHIFT (0 there) moves a tile's query
+# window: its rows are read from q at the output rows plus the shift (the cascade's chunks
+# of one group read the same query rows into outputs of their own).
+_START, _END, _POS0, _SEQ, _KLEN, _QSHIFT = range(6)
 
 # The shapes this kernel is built for (kernel_backend() sends everything else to Triton).
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -133,8 +135,8 @@ def _kernel(
   v_ref,  # GMEM [num_kv_heads, num_blocks, block_size, head_dim]
   tail_k_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of K
   tail_v_ref,  # GMEM [num_kv_heads, batch, kv_tile, head_dim]: build_tail of V
-  o_ref,  # GMEM [num_tokens (padded to a multiple of 8), num_q_heads, head_dim]
-  *lse_refs,  # with_lse only: GMEM f32[num_q_heads, num_tokens], log2 of each row's sum
+  o_ref,  # GMEM [out rows (num_tokens padded to a multiple of 8), num_q_heads, head_dim]
+  *lse_refs,  # with_lse only: GMEM f32[num_q_heads, out rows], log2 of each row's sum
   group,
   kv_tile,
   num_slots,
@@ -185,6 +187,7 @@ def _kernel(
       start=start,
       end=end,
       pos0=pos0,
+      qshift=sched_ref[row, _QSHIFT],
       seq=sched_ref[row, _SEQ],
       klen=klen,
       j0=j0,
@@ -337,8 +340,10 @@ def _kernel(
         row0 = jnp.maximum(start, win)  # this warpgroup's rows: [row0, row_end)
         row_end = jnp.minimum(end, win + ROWS)
 
+        qwin = pl.multiple_of(win + t["qshift"], 8)
+
         def load_q():
-          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(win, ROWS), h], q_smem.at[wg], q_full.at[wg])
+          plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(qwin, ROWS), h], q_smem.at[wg], q_full.at[wg])
           plgpu.barrier_wait(q_full.at[wg])
 
         if tiles_per_block == 1:
@@ -540,14 +545,18 @@ def run_schedule(
   tiles_per_block,
   with_lse,
   interpret,
+  num_out_rows=None,
 ):
   """The kernel over a given schedule (``build_schedule``'s columns; ``num_groups *
   tiles_per_block`` rows) with ``q``'s rows a multiple of 8: ``(out,)``, or ``(out, lse
   f32[num_q_heads, rows])`` with ``with_lse`` (log2 units: ``log2(sum_k exp2(logit_k))``,
-  -inf for a row that sees no key). With ``with_lse`` each consumer stores its whole 64-row
-  window of ``lse``, so every tile must own the 128-row window it lies in (tiles start at
-  multiples of 128 and no two share a window), as the cascade's shared part lays them
-  out; ``paged_prefill_mosaic``'s schedules need not, and it never asks for ``lse``."""
+  -inf for a row that sees no key). ``out`` has ``num_out_rows`` rows (a multiple of 8;
+  None: q's), and a tile reads its query rows at its output rows plus its ``_QSHIFT``
+  column (a multiple of 8; 0 in ``build_schedule``'s rows). With ``with_lse`` each
+  consumer stores its whole 64-row window of ``lse``, so every tile must own the 128-row
+  window it lies in (tiles start at multiples of 128 and no two share a window), as the
+  cascade's shared part lays them out; ``paged_prefill_mosaic``'s schedules need not,
+  and it never asks for ``lse``."""
   if with_lse and tiles_per_block != 1:
     # A multi-tile block's padding rows (start = end = 0) would store window 0's lse.
     raise ValueError("run_schedule(with_lse=True) takes one tile per CUDA block")
@@ -567,9 +576,12 @@ def run_schedule(
     num_groups=num_groups,
     with_lse=with_lse,
   )
-  out_type = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+  rows = q.shape[0] if num_out_rows is None else num_out_rows
+  if rows % 8:
+    raise ValueError(f"run_schedule needs a multiple of 8 output rows, got {rows}")
+  out_type = [jax.ShapeDtypeStruct((rows,) + q.shape[1:], q.dtype)]
   if with_lse:
-    out_type.append(jax.ShapeDtypeStruct((num_q_heads, q.shape[0]), jnp.float32))
+    out_type.append(jax.ShapeDtypeStruct((num_q_heads, rows), jnp.float32))
   out = plgpu.kernel(
     kernel,
     out_type=tuple(out_type),
