@@ -155,8 +155,6 @@ SWEEP = (
   dict(shared_kernel="mosaic", shared_num_chunks=4),
   dict(shared_kernel="mosaic", shared_mosaic_kv_tile=64, shared_mosaic_num_slots=3),
   dict(shared_kernel="mosaic", shared_mosaic_kv_tile=64, shared_mosaic_num_slots=4),
-  # The own part on a second stream, beside the shared part.
-  dict(own_stream=True),
 )
 
 

@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.compute_on import compute_on
 from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu import _mosaic_interpret_params, kernel_backend, validate_gpu_inputs
@@ -99,11 +98,6 @@ class CascadeBlockSizes:
       to the shared part; ``shared_num_chunks`` does.
     shared_mosaic_kv_tile, shared_mosaic_num_slots: the Mosaic kernel's K/V step (64 or
       128 keys) and ring depth (2-4).
-    own_stream: run the own part on a second GPU stream (XLA's stream annotation,
-      ``jax.experimental.compute_on("gpu_stream:1")``), so that its decode kernel can run
-      while the shared part's kernels do; the merge waits for both. False (default): one
-      stream, the parts one after the other. Ignored off the GPU (the annotation is a no-op
-      there), and the result is the same either way.
   """
 
   shared_rows: int = 128
@@ -116,7 +110,6 @@ class CascadeBlockSizes:
   shared_kernel: str = "auto"
   shared_mosaic_kv_tile: int = 128
   shared_mosaic_num_slots: int = 2
-  own_stream: bool = False
 
   def __post_init__(self):
     for name, (lo, hi) in {
@@ -159,8 +152,6 @@ class CascadeBlockSizes:
       raise ValueError(
         f"CascadeBlockSizes.shared_mosaic_num_slots must be an int in [2, 4], got {n!r}"
       )
-    if not isinstance(self.own_stream, bool):
-      raise ValueError(f"CascadeBlockSizes.own_stream must be a bool, got {self.own_stream!r}")
     if self.own is not None and not isinstance(self.own, BlockSizes):
       raise ValueError(
         f"CascadeBlockSizes.own must be None or a kernels.gpu.BlockSizes, got "
@@ -602,24 +593,6 @@ def own_partials(
   )
 
 
-def _own_partials_positional(
-  q, k_blocks, v_blocks, block_table, lengths, plan, k_scales, v_scales, **static
-):
-  # Every array positional (None for unquantized K/V), the static settings bound by the
-  # caller: the form compute_on traces.
-  return own_partials(
-    q,
-    k_blocks,
-    v_blocks,
-    block_table,
-    lengths,
-    plan,
-    k_scales=k_scales,
-    v_scales=v_scales,
-    **static,
-  )
-
-
 def _merge(shared, own, in_group, out_dtype):
   """Merges the shared partials (of rows ``in_group`` only) with the own ones by max-exp2."""
   o_s, m_s, den_s = shared
@@ -656,18 +629,20 @@ def _cascade(
   if block_sizes.shared_kernel not in ("triton", "mosaic"):  # cascade_attention resolves it
     raise ValueError(f"_cascade needs a resolved shared_kernel, got {block_sizes.shared_kernel!r}")
   batch = q.shape[0]
-  own_fn = functools.partial(
-    _own_partials_positional,
+  own = own_partials(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    plan,
     scale=scale,
     logit_soft_cap=logit_soft_cap,
     block_sizes=block_sizes,
     interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
   )
-  if block_sizes.own_stream:
-    own_fn = compute_on(compute_type="gpu_stream:1", out_memory_spaces=jax.memory.Space.Device)(
-      own_fn
-    )
-  own = own_fn(q, k_blocks, v_blocks, block_table, lengths, plan, k_scales, v_scales)
   num_groups, width = plan.group_table.shape
   if num_groups == 0 or width == 0 or plan.group_rows.shape[1] == 0:
     in_group = jnp.zeros((batch,), bool)

@@ -317,46 +317,6 @@ def test_gpu_kernels_lower_to_triton_for_an_h200(monkeypatch):
     assert "paxcache_cascade_shared" in text and "paxcache_paged_decode" in text
 
 
-def test_gpu_own_stream_annotates_the_own_part_and_keeps_the_result():
-  # own_stream=True puts the own part (the decode kernel) under XLA's stream annotation, so
-  # that the GPU may run it beside the shared part; off the GPU the annotation does nothing.
-  # The result must be the same values, NaN in unused slots included (interpret mode), and
-  # the lowered module must hold exactly one annotated call (the own part's).
-  import functools
-
-  from kernels.gpu import cascade as gpu_cascade
-
-  labels, lengths = CASES["prefix"]
-  case = build(3, labels, lengths, heads=HEADS["prefix"])
-  plan = kernels.plan_cascade(case["block_table"], case["lengths"], BS)
-  sizes = small_gpu_sizes()
-  on = dataclasses.replace(sizes, own_stream=True)
-  outs = [
-    kernels.cascade_attention(**case, plan=plan, backend="gpu", interpret=True, block_sizes=bs)
-    for bs in (sizes, on)
-  ]
-  np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
-  check(outs[1], case)
-  args = (case["q"], case["k_blocks"], case["v_blocks"], case["block_table"], case["lengths"])
-  texts = []
-  for bs in (sizes, on):
-    bs = dataclasses.replace(bs, shared_kernel="triton")
-    fn = functools.partial(
-      gpu_cascade._cascade, scale=0.5, logit_soft_cap=None, block_sizes=bs, interpret=True
-    )
-    jitted = jax.jit(fn)
-    texts.append(jitted.lower(*args, plan, k_scales=None, v_scales=None).as_text())
-  assert "_xla_stream_annotation" not in texts[0]
-  calls = [
-    ln
-    for ln in texts[1].splitlines()
-    if '_xla_stream_annotation = "1"' in ln and "call @compute_on" in ln
-  ]
-  assert len(calls) == 1, calls
-  with pytest.raises(ValueError, match="own_stream must be a bool"):
-    dataclasses.replace(sizes, own_stream=1)
-
-
 def test_gpu_default_block_sizes():
   # block_sizes=None: the per-shape defaults (128-row tiles, 64-key steps) and the chunk
   # count choose_num_chunks picks, as on the GPU.
