@@ -595,6 +595,32 @@ def test_mosaic_shared_memory_budget_checked_before_compiling():
     )
 
 
+def test_mosaic_run_schedule_refuses_output_rows_off_the_8_row_tile():
+  # The output's TMA descriptor needs whole 8-row tiles; the cascade asks for its own row
+  # count (num_out_rows), so a bad one must raise before any kernel is built.
+  from kernels.gpu.prefill import build_schedule
+  from kernels.gpu.prefill_mosaic import TILE, run_schedule
+
+  q, k, v, table, lens, cu = prefill_inputs(
+    5, q_lens=[16], ctx_lens=[0], head_dim=64, dtype=jnp.bfloat16
+  )
+  sched = build_schedule(cu, lens, q.shape[0], TILE, None, align=8)
+  kw = dict(
+    num_groups=int(sched.shape[0]),
+    kv_tile=64,
+    num_slots=2,
+    scale=0.1,
+    sliding_window=None,
+    logit_soft_cap=None,
+    pv_via_smem=True,
+    tiles_per_block=1,
+    with_lse=True,
+    interpret=False,
+  )
+  with pytest.raises(ValueError, match="multiple of 8 output rows, got 12"):
+    run_schedule(q, k, v, table, lens, sched, num_out_rows=12, **kw)
+
+
 def test_mosaic_requested_for_float32_raises_before_compiling():
   q, k, v, table, lens, cu = prefill_inputs(3, q_lens=[10], ctx_lens=[0])
   with pytest.raises(ValueError, match="Mosaic GPU prefill supports"):
