@@ -218,11 +218,21 @@ def _decode_kernel(
   if sliding_window is not None:
     # Position length-1 sees keys > length-1-window, i.e. >= length-window.
     lo = jnp.maximum(start, length - sliding_window)
-  if has_starts:
-    row_start = starts_ref[b]
-    lo = jnp.maximum(lo, row_start)
   first = lo // kv_tile
   last = (end + kv_tile - 1) // kv_tile
+  if has_starts:
+    # The row's keys are [row_start, pool_len) (and inside the window): the splits share
+    # that range in whole steps, evenly, not the table's width (where all but the last
+    # split would hold none of a cascade's own keys). Masks below cut the edge steps.
+    row_start = starts_ref[b]
+    row_lo = (
+      row_start if sliding_window is None else jnp.maximum(row_start, length - sliding_window)
+    )
+    row_first = jnp.maximum(row_lo, 0) // kv_tile
+    row_steps = jnp.maximum((pool_len + kv_tile - 1) // kv_tile - row_first, 0)
+    per_split = (row_steps + num_splits - 1) // num_splits
+    first = row_first + split * per_split
+    last = jnp.minimum(first + per_split, row_first + row_steps)
   head_base = h * (num_blocks * block_size)
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
   shift = int(math.log2(block_size))
@@ -432,7 +442,8 @@ def paged_decode(
     lengths: i32[batch].
     k_scales, v_scales: f32[num_kv_heads, num_blocks, block_size] for 8-bit K/V, else None.
     row_starts: None (default: every row reads keys from position 0), or i32[batch]: row b
-      reads only keys [row_starts[b], lengths[b]) (cascade attention's own part).
+      reads only keys [row_starts[b], lengths[b]) (cascade attention's own part); the
+      splits then cut each row's own range into equal runs of whole steps.
     return_partials: False (default): the normalised output. True: the unnormalised
       float32 split partials, for a merge elsewhere (cascade attention).
     k_new, v_new, new_slots: None (default), or this step's K/V ``[batch, num_kv_heads,

@@ -176,6 +176,69 @@ def test_split_combine_against_float64(splits):
   assert (not reduces) == (splits <= decode._UNROLLED_COMBINE_SPLITS), prims
 
 
+def _own_range_steps(start, length, splits, tile):
+  """The keys each split holds when ``row_starts`` is given: the row's steps of ``tile``
+  keys from ``start // tile`` to ``ceil(length / tile)``, cut into ``splits`` equal runs."""
+  first = start // tile
+  steps = max(-(-length // tile) - first, 0)
+  per = -(-steps // splits)
+  keys = set(range(start, length))
+  out = []
+  for s in range(splits):
+    lo, hi = (first + s * per) * tile, min(first + (s + 1) * per, first + steps) * tile
+    out.append(len(keys & set(range(lo, hi))))
+  return out
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 4])
+def test_decode_row_starts_splits_share_each_rows_own_range(splits):
+  # Cascade's own part: row b reads keys [row_starts[b], lengths[b]), and the splits cut
+  # that range (not the table's width) into equal runs of whole steps. With q = 0 every
+  # key scores 0, so a split's denominator counts its keys: checked against the rule by
+  # hand, then random q against float64 over each row's own keys.
+  from kernels.gpu.decode import _combine, paged_decode
+
+  lengths = [70, 37, 1, 0, 50, 100]
+  starts = np.array([33, 0, 1, 0, 49, 4], np.int32)  # a start at its length reads nothing
+  q, k, v, table, lens = decode_inputs(41, lengths=lengths)
+  bsz = dataclasses.replace(SMALL, decode_num_splits=splits)
+  call = functools.partial(
+    paged_decode,
+    k_blocks=k,
+    v_blocks=v,
+    block_table=table,
+    lengths=lens,
+    scale=64**-0.5,
+    sliding_window=None,
+    logit_soft_cap=None,
+    block_sizes=bsz,
+    interpret=True,
+    row_starts=jnp.asarray(starts),
+    return_partials=True,
+  )
+  o, m, den = call(jnp.zeros_like(q))
+  assert den.shape == (len(lengths), q.shape[1], splits)
+  for b, (st, n) in enumerate(zip(starts, lengths, strict=True)):
+    want = _own_range_steps(int(st), n, splits, SMALL.decode_kv_tile)
+    np.testing.assert_array_equal(np.asarray(den[b]), np.broadcast_to(want, den[b].shape))
+  o, m, den = call(q)
+  got = np.asarray(_combine(o, m, den, jnp.float32), np.float64)
+  assert not np.isnan(got).any()
+  qn, kn, vn, tn = (np.asarray(x, np.float64) for x in (q, k, v, table))
+  group = q.shape[1] // k.shape[0]
+  for b, (st, n) in enumerate(zip(starts, lengths, strict=True)):
+    pos = np.arange(st, n)
+    blk, slot = tn[b, pos // 16].astype(int), pos % 16
+    for h in range(q.shape[1]):
+      if not len(pos):
+        np.testing.assert_array_equal(got[b, h], 0.0)
+        continue
+      s = kn[h // group, blk, slot] @ qn[b, h] * 64**-0.5
+      p = np.exp(s - s.max())
+      want = p @ vn[h // group, blk, slot] / p.sum()
+      np.testing.assert_allclose(got[b, h], want, **tolerance("attention_vs_float64", jnp.float32))
+
+
 @pytest.mark.parametrize("window,cap", [(5, None), (None, 2.0), (20, 5.0)])
 def test_decode_window_and_soft_cap(window, cap):
   q, k, v, table, lens = decode_inputs(11, lengths=[45, 3, 17, 64], block_size=8)
