@@ -1010,7 +1010,8 @@ class BlockAllocator:
     if needed > available:
       raise OutOfBlocksError(
         f"{what}: needs {needed} device blocks, {available} available ({self._pool.num_free} "
-        f"free + {self._cache.num_cached} cached) of {self.num_blocks}",
+        f"unused + {self._cache.num_cached} cached, evictable; num_free_blocks counts both) "
+        f"of {self.num_blocks}",
         pool="device",
         needed=needed,
         available=available,

@@ -291,6 +291,9 @@ def test_out_of_blocks_leaves_everything_unchanged(call):
   assert info.value.pool == "device" and info.value.available == 1
   assert info.value.needed > 1
   assert "device blocks" in str(info.value)
+  # The one available block is the cached one: the message splits the count the way
+  # num_free_blocks adds it up.
+  assert "1 available (0 unused + 1 cached, evictable" in str(info.value)
   _same_state(before, vars(a))
   a.check_invariants()
 
