@@ -85,7 +85,7 @@ class CascadeBlockSizes:
     own: the decode kernel's ``kernels.gpu.BlockSizes`` for the own part (None: the
       decode defaults for the shape, with this ``quant_widen``). Its
       ``decode_num_splits`` cuts each row's own keys into that many runs (3 on the H200
-      made the cascade 1.6-2.4% faster at 100 x 5,000 and level at 256 x 32,768; Run35 in
+      made the cascade 1.5-2.3% faster at 100 x 5,000 and level at 256 x 32,768; Run35 in
       docs/benchmarks.md; not a default, since the count is the decode class's).
     quant_widen: how the shared kernel (and the own part where ``own`` is None) widens
       8-bit K/V for 16-bit q: as ``kernels.gpu.BlockSizes.quant_widen``.
