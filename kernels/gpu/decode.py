@@ -213,26 +213,24 @@ def _decode_kernel(
     # A slot outside the pool writes nothing (as write_kv's scatter drops it).
     has_new = (slot >= 0) & (slot < num_blocks * block_size) & (length > 0)
     pool_len = jnp.where(has_new, length - 1, length)
-  end = jnp.minimum(start + chunk, pool_len)
-  lo = start
-  if sliding_window is not None:
-    # Position length-1 sees keys > length-1-window, i.e. >= length-window.
-    lo = jnp.maximum(start, length - sliding_window)
-  first = lo // kv_tile
-  last = (end + kv_tile - 1) // kv_tile
+  # Position length-1 sees keys > length-1-window, i.e. >= length-window.
+  win_lo = None if sliding_window is None else length - sliding_window
   if has_starts:
     # The row's keys are [row_start, pool_len) (and inside the window): the splits share
     # that range in whole steps, evenly, not the table's width (where all but the last
     # split would hold none of a cascade's own keys). Masks below cut the edge steps.
     row_start = starts_ref[b]
-    row_lo = (
-      row_start if sliding_window is None else jnp.maximum(row_start, length - sliding_window)
-    )
+    row_lo = row_start if win_lo is None else jnp.maximum(row_start, win_lo)
     row_first = jnp.maximum(row_lo, 0) // kv_tile
     row_steps = jnp.maximum((pool_len + kv_tile - 1) // kv_tile - row_first, 0)
     per_split = (row_steps + num_splits - 1) // num_splits
     first = row_first + split * per_split
     last = jnp.minimum(first + per_split, row_first + row_steps)
+  else:
+    # This split's chunk of the table's width: keys [start, start + chunk).
+    lo = start if win_lo is None else jnp.maximum(start, win_lo)
+    first = lo // kv_tile
+    last = (jnp.minimum(start + chunk, pool_len) + kv_tile - 1) // kv_tile
   head_base = h * (num_blocks * block_size)
   offs = jnp.arange(kv_tile, dtype=jnp.int32)
   shift = int(math.log2(block_size))
