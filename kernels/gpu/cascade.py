@@ -1,4 +1,4 @@
-"""Cascade (shared-prefix) decode attention on GPU in Pallas: three launches.
+"""Cascade (shared-prefix) decode attention on GPU in Pallas: three launches, or two.
 
 1. ``_shared_kernel`` (this module): grid ``(row_tiles, num_chunks, num_groups *
    num_kv_heads)``. A program takes one KV head of one group and a tile of ``rows`` query
@@ -23,7 +23,11 @@
 2. the decode kernel (``kernels.gpu.decode``) with ``row_starts`` and ``return_partials``:
    each row against its own keys ``[row_starts[b], lengths[b])``, split-K partials.
 3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group,
-   ``row_starts[b] == 0``, take the own part alone).
+   ``row_starts[b] == 0``, take the own part alone). With the Mosaic shared part and a
+   one-split own part (:func:`merges_in_own_kernel`; the H200's defaults at 100 x (5,000
+   + 100-500) and 256 x (32,768 + 512)) there is no third launch: the own part's kernel
+   reads each member's shared partials from the Mosaic kernel's rows and merges them
+   before it writes the output (``paged_decode``'s ``prefix_*`` arguments).
 
 K/V loads are masked (``0 <= block < num_blocks``, inside the group's length and the
 chunk), masked rows load as zeros and their logits are -inf, so NaN in unused slots
@@ -43,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +58,13 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gpu import _mosaic_interpret_params, kernel_backend, validate_gpu_inputs
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import DEFAULT_QUANT_WIDEN, QUANT_WIDEN_MODES, widening
-from kernels.gpu.decode import _num_sms, compute_dtype, dot_precision, paged_decode
+from kernels.gpu.decode import (
+  _num_sms,
+  compute_dtype,
+  dot_precision,
+  grid_splits,
+  paged_decode,
+)
 from kernels.gpu.tuning import (
   CASCADE_SHARED_KERNELS,
   BlockSizes,
@@ -432,10 +443,10 @@ def shared_partials_mosaic(
   block_sizes: CascadeBlockSizes,
   interpret=False,
 ):
-  """The shared part on the Mosaic GPU prefill kernel, as partials of the shape
-  :func:`shared_partials` gives and the merge takes: ``o`` each chunk's normalised output
-  (rounded to q's dtype by the kernel, then widened), ``m`` its log-sum-exp in log2 units
-  and ``den`` 1.
+  """The shared part on the Mosaic GPU prefill kernel, as a :class:`MosaicShared`: each
+  chunk's normalised output (rounded to q's dtype by the kernel) and its log-sum-exp in
+  log2 units, in the kernel's row layout (``at_batch_rows`` gives them at batch rows, as
+  :func:`shared_partials`; the own part's kernel can also merge them itself).
 
   Each (group, chunk) is one sequence of a ragged prefill batch: its query rows are the
   group's members (gathered through ``plan.group_rows``, padded with zero rows to whole
@@ -446,8 +457,8 @@ def shared_partials_mosaic(
   each group's length, cut at run time (every group's chunks are even); their count fills
   whole waves of CUDA blocks (one a SM) as :func:`choose_num_chunks` picks. The kernel
   writes each row's normalised output and its log-sum-exp; each batch row's partials are
-  gathered from its member slot (rows in no group hold garbage, as
-  :func:`shared_partials` gives them: the merge masks them).
+  read from its member slot (rows in no group hold garbage, as :func:`shared_partials`
+  gives them: the merge masks them).
   """
   from kernels.gpu import prefill_mosaic as pm
 
@@ -530,11 +541,8 @@ def shared_partials_mosaic(
     interpret=interpret,
     num_out_rows=num_groups * num_chunks * mpad,
   )
-  # Back to batch rows by a gather, not a scatter: each row's slot (g, i) in the kernel's
-  # layout comes from one scatter of G * M int32s; the partials are then read through it
-  # where the merge uses them (XLA fuses the gathers and transposes into the merge; a
-  # scatter of the partials would be a zeroed buffer and a scatter kernel each).
-  # Rows in no group read slot 0: garbage the merge masks with ``row_starts > 0``.
+  # Each batch row's slot (g, i) in the kernel's layout, from one scatter of G * M
+  # int32s (rows in no group: slot 0, garbage that every reader masks with row_starts > 0).
   idx = plan.group_rows.astype(jnp.int32).reshape(-1)
   slot = (
     jnp.zeros((batch,), jnp.int32)
@@ -542,13 +550,33 @@ def shared_partials_mosaic(
     .set(jnp.arange(num_groups * members, dtype=jnp.int32), mode="drop")
   )
   g_of, i_of = slot // members, slot % members
-  chunk = jnp.arange(num_chunks, dtype=jnp.int32)[None, :]
-  o = o.reshape(num_groups, num_chunks, mpad, num_q_heads, head_dim)
-  o_s = o[g_of[:, None], chunk, i_of[:, None]]  # [B, C, Hq, D]
-  o_s = o_s.transpose(0, 2, 1, 3).astype(jnp.float32)
-  lse = lse.reshape(num_q_heads, num_groups, num_chunks, mpad)
-  m_s = lse[:, g_of[:, None], chunk, i_of[:, None]].transpose(1, 0, 2)  # [B, Hq, C]
-  return o_s, m_s, jnp.ones_like(m_s)
+  o = o.reshape(num_groups * num_chunks * mpad, num_q_heads, head_dim)
+  lse = lse.reshape(num_q_heads, num_groups * num_chunks * mpad)
+  # Row b's chunk c is kernel row (g * C + c) * mpad + i.
+  return MosaicShared(o, lse, g_of * (num_chunks * mpad) + i_of, num_chunks, mpad)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MosaicShared:
+  """The Mosaic shared part's outputs in its own layout: ``o [R, Hq, D]`` (normalised, q's
+  dtype) and ``lse f32[Hq, R]`` (log2 units) per kernel row; batch row b's chunk c is row
+  ``first_row[b] + c * stride`` (garbage for rows in no group)."""
+
+  o: Any
+  lse: Any
+  first_row: Any
+  chunks: int = dataclasses.field(metadata=dict(static=True))
+  stride: int = dataclasses.field(metadata=dict(static=True))
+
+  def at_batch_rows(self):
+    """``(o f32[B, Hq, C, D], m f32[B, Hq, C], den = 1)``: the partials at batch rows, as
+    :func:`shared_partials` gives them and :func:`_merge` takes them (a gather, not a
+    scatter: XLA fuses the gathers and transposes into the merge)."""
+    rows = self.first_row[:, None] + self.stride * jnp.arange(self.chunks, dtype=jnp.int32)
+    o_s = self.o[rows].transpose(0, 2, 1, 3).astype(jnp.float32)  # [B, Hq, C, D]
+    m_s = self.lse[:, rows].transpose(1, 0, 2)  # [B, Hq, C]
+    return o_s, m_s, jnp.ones_like(m_s)
 
 
 def own_partials(
@@ -568,16 +596,6 @@ def own_partials(
 ):
   """The own part: each row against its keys ``[plan.row_starts[b], lengths[b])`` by the
   split-K decode kernel, as its partials ``(o f32[B, Hq, S, D], m, den)``."""
-  own_bs = block_sizes.own or dataclasses.replace(
-    default_block_sizes(
-      head_dim=q.shape[2],
-      kv_dtype=k_blocks.dtype,
-      batch=q.shape[0],
-      num_kv_heads=k_blocks.shape[0],
-      max_context=block_table.shape[1] * k_blocks.shape[2],
-    ),
-    quant_widen=block_sizes.quant_widen,
-  )
   return paged_decode(
     q,
     k_blocks,
@@ -587,13 +605,44 @@ def own_partials(
     scale=scale,
     sliding_window=None,
     logit_soft_cap=logit_soft_cap,
-    block_sizes=own_bs,
+    block_sizes=own_block_sizes(q, k_blocks, block_table, block_sizes),
     interpret=interpret,
     k_scales=k_scales,
     v_scales=v_scales,
     row_starts=plan.row_starts,
     return_partials=True,
   )
+
+
+def own_block_sizes(q, k_blocks, block_table, block_sizes: CascadeBlockSizes) -> BlockSizes:
+  """The own part's decode settings: ``block_sizes.own``, or the decode defaults for the
+  shape with the cascade's ``quant_widen``."""
+  return block_sizes.own or dataclasses.replace(
+    default_block_sizes(
+      head_dim=q.shape[2],
+      kv_dtype=k_blocks.dtype,
+      batch=q.shape[0],
+      num_kv_heads=k_blocks.shape[0],
+      max_context=block_table.shape[1] * k_blocks.shape[2],
+    ),
+    quant_widen=block_sizes.quant_widen,
+  )
+
+
+def merges_in_own_kernel(q, k_blocks, block_table, block_sizes: CascadeBlockSizes) -> bool:
+  """Whether the own part's kernel merges the Mosaic shared part's partials itself (no
+  merge after it): with the Mosaic shared part and a one-split own part."""
+  if block_sizes.shared_kernel != "mosaic":
+    return False
+  own = own_block_sizes(q, k_blocks, block_table, block_sizes)
+  splits, _ = grid_splits(
+    q.shape[0],
+    k_blocks.shape[0],
+    block_table.shape[1] * k_blocks.shape[2],
+    own.decode_kv_tile,
+    own.decode_num_splits,
+  )
+  return splits == 1
 
 
 def _merge(shared, own, in_group, out_dtype):
@@ -632,6 +681,39 @@ def _cascade(
   if block_sizes.shared_kernel not in ("triton", "mosaic"):  # cascade_attention resolves it
     raise ValueError(f"_cascade needs a resolved shared_kernel, got {block_sizes.shared_kernel!r}")
   batch = q.shape[0]
+  num_groups, width = plan.group_table.shape
+  has_groups = num_groups > 0 and width > 0 and plan.group_rows.shape[1] > 0
+  if has_groups and merges_in_own_kernel(q, k_blocks, block_table, block_sizes):
+    shared = shared_partials_mosaic(
+      q,
+      k_blocks,
+      v_blocks,
+      plan,
+      scale=scale,
+      logit_soft_cap=logit_soft_cap,
+      block_sizes=block_sizes,
+      interpret=_mosaic_interpret_params() if interpret else False,
+    )
+    # Rows in no group (row_starts 0) merge nothing: first row -1.
+    first_row = jnp.where(plan.row_starts > 0, shared.first_row, -1)
+    return paged_decode(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      scale=scale,
+      sliding_window=None,
+      logit_soft_cap=logit_soft_cap,
+      block_sizes=own_block_sizes(q, k_blocks, block_table, block_sizes),
+      interpret=interpret,
+      row_starts=plan.row_starts,
+      prefix_o=shared.o,
+      prefix_lse=shared.lse,
+      prefix_rows=first_row,
+      prefix_chunks=shared.chunks,
+      prefix_stride=shared.stride,
+    )
   own = own_partials(
     q,
     k_blocks,
@@ -646,8 +728,7 @@ def _cascade(
     k_scales=k_scales,
     v_scales=v_scales,
   )
-  num_groups, width = plan.group_table.shape
-  if num_groups == 0 or width == 0 or plan.group_rows.shape[1] == 0:
+  if not has_groups:
     in_group = jnp.zeros((batch,), bool)
     shared = tuple(jnp.zeros(x.shape[:2] + (1,) + x.shape[3:], jnp.float32) for x in own)
   else:
@@ -661,7 +742,7 @@ def _cascade(
         logit_soft_cap=logit_soft_cap,
         block_sizes=block_sizes,
         interpret=_mosaic_interpret_params() if interpret else False,
-      )
+      ).at_batch_rows()
     else:
       shared = shared_partials(
         q,

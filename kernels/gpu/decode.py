@@ -161,11 +161,18 @@ def _decode_kernel(
   partials=False,
   fused_write=False,
   packed=None,
+  prefix=None,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
   if has_starts:
     starts_ref, *out_refs = out_refs  # i32[batch]: the first key position each row reads
+  if prefix is not None:
+    # Partials of keys before row_starts (a cascade's shared part), merged into this
+    # program's output: normalised outputs [R * num_q_heads, head_dim] (row r * num_q_heads
+    # + query head), their log-sum-exp f32[num_q_heads * R] (log2 units, heads-major), and
+    # each sequence's first row r0 (-1: none); chunk c of sequence b is row r0 + c * stride.
+    pre_o_ref, pre_lse_ref, pre_row_ref, *out_refs = out_refs
   if fused_write:
     # This step's K/V (one row per sequence and KV head, in the pool's dtype) and each
     # sequence's slot for them (-1: none); the pools come back as the last two outputs,
@@ -289,6 +296,19 @@ def _decode_kernel(
       logit_soft_cap=logit_soft_cap,
     )
 
+  if prefix is not None:
+    acc, m, den = merge_prefix(
+      (acc, m, den),
+      (pre_o_ref, pre_lse_ref),
+      first_row=pre_row_ref[b],
+      heads=h * group + row_ids,
+      row_ok=row_ok,
+      cols=cols,
+      col_ok=col_ok,
+      num_q_heads=num_q_heads,
+      **prefix,
+    )
+
   if num_splits == 1 and not partials:
     (o_ref,) = out_refs
     out = (acc / jnp.where(den > 0, den, 1.0)[:, None]).astype(o_ref.dtype)
@@ -302,6 +322,35 @@ def _decode_kernel(
     plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=tile_mask(row_ok, col_ok))
     plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
+
+
+def merge_prefix(
+  carry, refs, *, first_row, heads, row_ok, cols, col_ok, num_q_heads, chunks, stride, total
+):
+  """``(acc, m, den)`` with ``chunks`` normalised partials of earlier keys merged in.
+
+  Chunk ``c`` is row ``first_row + c * stride`` of ``refs = (o_ref, lse_ref)``: output
+  ``o_ref[row * num_q_heads + head]`` (any float dtype) and log-sum-exp ``lse_ref[head *
+  total + row]`` in log2 units, i.e. the triple ``(o, lse, 1)`` in the running state's
+  terms. ``first_row < 0`` merges nothing; a chunk with no keys has lse -inf and adds
+  nothing, as in the XLA merge it replaces (``kernels.gpu.cascade._merge``).
+  """
+  o_ref, lse_ref = refs
+  ok = row_ok & (first_row >= 0)
+
+  def body(c, carry):
+    acc, m, den = carry
+    row = jnp.maximum(first_row, 0) + c * stride
+    lse = plgpu.load(lse_ref.at[heads * total + row], mask=ok, other=-jnp.inf)
+    idx = ((row * num_q_heads + heads)[:, None], cols[None, :])
+    o = plgpu.load(o_ref.at[idx], mask=tile_mask(ok, col_ok), other=0.0).astype(jnp.float32)
+    m_new = jnp.maximum(m, lse)
+    safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    a = jnp.exp2(m - safe)  # 0 where m = -inf
+    w = jnp.where(ok, jnp.exp2(lse - safe), 0.0)
+    return acc * a[:, None] + o * w[:, None], m_new, den * a + w
+
+  return lax.fori_loop(0, chunks, body, carry)
 
 
 def new_rows(b, h, *, packed, num_q_heads, num_kv_heads):
@@ -408,6 +457,8 @@ def _combine(o, m, den, out_dtype):
     "interpret",
     "return_partials",
     "packed_qkv",
+    "prefix_chunks",
+    "prefix_stride",
   ),
 )
 def paged_decode(
@@ -430,6 +481,11 @@ def paged_decode(
   v_new=None,
   new_slots=None,
   packed_qkv: bool = False,
+  prefix_o=None,
+  prefix_lse=None,
+  prefix_rows=None,
+  prefix_chunks: int = 0,
+  prefix_stride: int = 0,
 ):
   """Decode attention, one query per sequence; with ``k_new`` the step's K/V written too.
 
@@ -455,6 +511,14 @@ def paged_decode(
       num_q_heads + 2 * num_kv_heads, head_dim]``, each row's query heads, then its K rows,
       then its V rows, in the pools' dtype (one array, as a q/k/v projection makes it: the
       kernel reads all three from it, so nothing splits it before the call).
+    prefix_o, prefix_lse, prefix_rows, prefix_chunks, prefix_stride: with ``row_starts``
+      and one split, the partials of each row's keys before ``row_starts[b]`` (a cascade's
+      shared part, computed elsewhere), merged into the output inside the kernel instead
+      of by a merge after it: ``prefix_o [R, num_q_heads, head_dim]`` normalised outputs
+      (any float dtype), ``prefix_lse f32[num_q_heads, R]`` their log-sum-exp in log2
+      units, ``prefix_rows i32[batch]`` the first of row b's ``prefix_chunks`` partials
+      (``prefix_rows[b] + c * prefix_stride`` for chunk c; -1: none). A chunk with no keys
+      has lse -inf. Not with ``return_partials`` or a fused write.
 
   Returns:
     [batch, num_q_heads, head_dim] in q.dtype (with ``k_new``: ``(out, k_blocks,
@@ -486,6 +550,22 @@ def paged_decode(
       "row_starts or return_partials"
     )
 
+  prefix = None
+  if prefix_o is not None:
+    if row_starts is None or num_splits != 1 or return_partials or fused_write:
+      raise ValueError(
+        "paged_decode: prefix partials are merged by a one-split decode with row_starts, "
+        f"without return_partials or a fused write (got {num_splits} splits)"
+      )
+    if prefix_o.shape[1:] != (num_q_heads, head_dim) or prefix_lse.shape != (
+      num_q_heads,
+      prefix_o.shape[0],
+    ):
+      raise ValueError(
+        f"paged_decode: prefix_o must be [R, {num_q_heads}, {head_dim}] and prefix_lse "
+        f"[{num_q_heads}, R], got {prefix_o.shape} and {prefix_lse.shape}"
+      )
+    prefix = dict(chunks=int(prefix_chunks), stride=int(prefix_stride), total=prefix_o.shape[0])
   kernel = functools.partial(
     _decode_kernel,
     num_q_heads=num_q_heads,
@@ -507,6 +587,7 @@ def paged_decode(
     partials=return_partials,
     fused_write=fused_write,
     packed=packed,
+    prefix=prefix,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   q_flat = q.reshape(-1, head_dim)  # [batch * (num_q_heads or all heads), head_dim]
@@ -521,6 +602,12 @@ def paged_decode(
     args += (k_scales.reshape(flat_rows), v_scales.reshape(flat_rows))
   if row_starts is not None:
     args += (row_starts.astype(jnp.int32),)
+  if prefix is not None:
+    args += (
+      prefix_o.reshape(-1, head_dim),
+      prefix_lse.astype(jnp.float32).reshape(-1),
+      prefix_rows.astype(jnp.int32),
+    )
   if num_splits == 1 and not return_partials:
     out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype)
   else:
@@ -553,6 +640,7 @@ def paged_decode(
     name=f"paxcache_paged_decode_bs{block_size}_t{kv_tile}_s{num_splits}"
     + ("_partials" if return_partials else "")
     + ("_write" if fused_write else "")
+    + ("_prefix" if prefix is not None else "")
     + widen.name_suffix,
   )(*args)
   if fused_write:

@@ -341,27 +341,36 @@ MOSAIC_CASE = (
 )
 
 
-def mosaic_sizes(**kw):
+def mosaic_sizes(own_splits=2, **kw):
   from kernels.gpu.cascade import CascadeBlockSizes
 
-  own = kernels.gpu.BlockSizes(decode_kv_tile=16, decode_num_splits=2, decode_num_stages=2)
+  # One own split: the own part's kernel merges the shared partials itself; two: the XLA
+  # merge after both parts (kernels.gpu.cascade.merges_in_own_kernel).
+  own = kernels.gpu.BlockSizes(decode_kv_tile=16, decode_num_splits=own_splits, decode_num_stages=2)
   return CascadeBlockSizes(
     shared_kernel="mosaic", shared_mosaic_kv_tile=64, shared_num_chunks=2, own=own, **kw
   )
 
 
-@pytest.mark.parametrize("num_chunks,num_slots", [(2, 2), (3, 3), (1, 2)])
-def test_gpu_mosaic_shared_part_matches_plain_attention(num_chunks, num_slots):
+@pytest.mark.parametrize(
+  "num_chunks,num_slots,own_splits", [(2, 2, 2), (3, 3, 2), (1, 2, 2), (2, 2, 1), (3, 3, 1)]
+)
+def test_gpu_mosaic_shared_part_matches_plain_attention(num_chunks, num_slots, own_splits):
   # GPU interpret mode (threads with simulated shared memory, TMA and wgmma). Chunks of 2:
   # the 160-key group in a full chunk and a partial one, the forks' group (37 keys) in one
   # chunk and an empty one; 3: one chunk per 64-key step; 1: no split. NaN in every slot
-  # no row reads; the planner's groups and ends as the engine would give them.
+  # no row reads; the planner's groups and ends as the engine would give them. One own
+  # split: the own part's kernel merges the shared partials (an empty chunk included).
+  from kernels.gpu.cascade import merges_in_own_kernel
+
   labels, lengths = MOSAIC_CASE
   case = build(11, labels, lengths, heads=(8, 2), kv_dtype=jnp.bfloat16, block_size=8)
   plan = kernels.plan_cascade(case["block_table"], case["lengths"], 8)
   assert sorted(int(n) for n in plan.group_lens if n) == [37, 160]  # forks: 38 - 1
-  sizes = mosaic_sizes(shared_mosaic_num_slots=num_slots)
+  sizes = mosaic_sizes(own_splits=own_splits, shared_mosaic_num_slots=num_slots)
   sizes = dataclasses.replace(sizes, shared_num_chunks=num_chunks)
+  fused = merges_in_own_kernel(case["q"], case["k_blocks"], case["block_table"], sizes)
+  assert fused == (own_splits == 1)
   out = kernels.cascade_attention(
     **case, plan=plan, backend="gpu", interpret=True, block_sizes=sizes
   )
@@ -523,6 +532,44 @@ def test_gpu_mosaic_shared_part_lowers_for_the_gpu():
   assert len(at) == 1, [lines[i] for i in at]
   signature = next(line for line in lines[at[0] :] if line.strip().startswith("})"))
   assert signature.strip().endswith(f"-> tensor<{batch}xi32>"), signature
+
+
+def test_gpu_cascade_with_the_merge_in_the_own_kernel_lowers_for_an_h200(monkeypatch):
+  # The whole cascade as the H200 runs it at 100 x (5,000 + own): the Mosaic shared part,
+  # then the own part's Triton kernel merging its partials ("_prefix"; an H200's compute
+  # capability stubbed, as test_gpu_head_sizes' lowering test does), and no split-K
+  # partials of the own part for an XLA merge.
+  import functools
+
+  from jax._src.pallas.triton import gpu_info, pallas_call_registration
+
+  from kernels.gpu import cascade as gpu_cascade
+
+  info = gpu_info.get_gpu_info_from_version(gpu_info.GpuVersion.H200)
+  monkeypatch.setattr(pallas_call_registration.gpu_info_lib, "get_gpu_info", lambda: info)
+  sds = jax.ShapeDtypeStruct
+  batch, num_blocks = 100, 4096
+  shapes = ((1, 512), (1,), (1, 128), (batch,))
+  plan = kernels.CascadePlan(*(sds(s, jnp.int32) for s in shapes))
+  sizes = gpu_cascade.CascadeBlockSizes(
+    shared_kernel="mosaic", own=kernels.gpu.BlockSizes(decode_num_splits=1)
+  )
+  fn = functools.partial(
+    gpu_cascade._cascade,
+    scale=0.1,
+    logit_soft_cap=None,
+    block_sizes=sizes,
+    interpret=False,
+    k_scales=None,
+    v_scales=None,
+  )
+  pool = sds((8, num_blocks, 16, 128), jnp.bfloat16)
+  args = (sds((batch, 32, 128), jnp.bfloat16), pool, pool, sds((batch, 352), jnp.int32))
+  traced = jax.jit(fn).trace(*args, sds((batch,), jnp.int32), plan)
+  text = traced.lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  assert "_s1_prefix" in text
+  assert "_partials" not in text
 
 
 def test_plan_passes_into_jit_as_device_arrays():

@@ -190,6 +190,95 @@ def _own_range_steps(start, length, splits, tile):
   return out
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_decode_merges_prefix_partials_against_float64(chunks):
+  # Cascade's own part with the shared part's partials merged in the kernel: each row's
+  # own keys [row_starts[b], lengths[b]) and `chunks` normalised partials (o, lse) of
+  # earlier keys, read at rows first_row[b] + c * stride. Against one float64 softmax over
+  # every score the row sees. Row 1 has no prefix (first_row -1: its partial rows are NaN
+  # and must not leak), row 3 no own key (length 0), some chunks are empty (lse -inf).
+  from kernels.gpu.decode import paged_decode
+  from kernels.testing import random_partials, softmax_over_keys
+
+  lengths = [70, 37, 1, 0, 50, 100]
+  starts = np.array([33, 0, 1, 0, 49, 4], np.int32)
+  q, k, v, table, lens = decode_inputs(43, lengths=lengths)
+  batch, num_q_heads, head_dim = q.shape
+  rng = np.random.default_rng(chunks)
+  o_p, m_p, den_p, x_p, v_p = random_partials(rng, (batch, num_q_heads), chunks, head_dim)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    o_norm = np.where(den_p[..., None] > 0, o_p / den_p[..., None], 0.0)
+    lse = np.where(den_p > 0, m_p + np.log2(den_p), -np.inf)
+  first = np.arange(batch, dtype=np.int32)
+  first[1] = -1
+  stride = batch + 1  # chunk c of row b is row b + c * stride; one spare row a chunk
+  total = chunks * stride
+  pre_o = np.full((total, num_q_heads, head_dim), np.nan, np.float32)
+  pre_lse = np.full((num_q_heads, total), np.nan, np.float32)
+  for b in range(batch):
+    if first[b] < 0:
+      continue
+    for c in range(chunks):
+      pre_o[b + c * stride] = o_norm[b, :, c]
+      pre_lse[:, b + c * stride] = lse[b, :, c]
+  got = paged_decode(
+    q,
+    k,
+    v,
+    table,
+    lens,
+    scale=64**-0.5,
+    sliding_window=None,
+    logit_soft_cap=None,
+    block_sizes=dataclasses.replace(SMALL, decode_num_splits=1),
+    interpret=True,
+    row_starts=jnp.asarray(starts),
+    prefix_o=jnp.asarray(pre_o),
+    prefix_lse=jnp.asarray(pre_lse),
+    prefix_rows=jnp.asarray(first),
+    prefix_chunks=chunks,
+    prefix_stride=stride,
+  )
+  got = np.asarray(got, np.float64)
+  assert not np.isnan(got).any()
+  qn, kn, vn, tn = (np.asarray(x, np.float64) for x in (q, k, v, table))
+  group = num_q_heads // k.shape[0]
+  for b, (st, n) in enumerate(zip(starts, lengths, strict=True)):
+    pos = np.arange(st, n)
+    blk, slot = tn[b, pos // 16].astype(int), pos % 16
+    for h in range(num_q_heads):
+      own_x = kn[h // group, blk, slot] @ qn[b, h] * 64**-0.5 * np.log2(np.e)
+      own_v = vn[h // group, blk, slot]
+      pre_x = x_p[b, h].reshape(-1) if first[b] >= 0 else np.zeros(0)
+      pre_v = v_p[b, h].reshape(-1, head_dim) if first[b] >= 0 else np.zeros((0, head_dim))
+      want = softmax_over_keys(np.concatenate([pre_x, own_x]), np.concatenate([pre_v, own_v]))
+      np.testing.assert_allclose(got[b, h], want, **tolerance("attention_vs_float64", jnp.float32))
+
+
+def test_decode_prefix_partials_need_one_split_and_row_starts():
+  from kernels.gpu.decode import paged_decode
+
+  q, k, v, table, lens = decode_inputs(44, lengths=[20, 5])
+  pre = dict(
+    prefix_o=jnp.zeros((2,) + q.shape[1:]),
+    prefix_lse=jnp.zeros((q.shape[1], 2)),
+    prefix_rows=jnp.zeros((2,), jnp.int32),
+    prefix_chunks=1,
+    prefix_stride=1,
+  )
+  kw = dict(scale=0.1, sliding_window=None, logit_soft_cap=None, interpret=True)
+  one = dataclasses.replace(SMALL, decode_num_splits=1)
+  with pytest.raises(ValueError, match="one-split decode with row_starts"):
+    paged_decode(q, k, v, table, lens, block_sizes=one, **kw, **pre)
+  starts = jnp.zeros((2,), jnp.int32)
+  two = dataclasses.replace(SMALL, decode_num_splits=2)
+  with pytest.raises(ValueError, match="got 2 splits"):
+    paged_decode(q, k, v, table, lens, block_sizes=two, row_starts=starts, **kw, **pre)
+  bad = dict(pre, prefix_lse=jnp.zeros((2, q.shape[1] + 1)))
+  with pytest.raises(ValueError, match="prefix_lse"):
+    paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3, 4])
 def test_decode_row_starts_splits_share_each_rows_own_range(splits):
   # Cascade's own part: row b reads keys [row_starts[b], lengths[b]), and the splits cut
