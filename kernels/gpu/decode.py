@@ -324,6 +324,11 @@ def _decode_kernel(
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
 
 
+# Prefix chunks up to this many are loaded before they are merged (unrolled); the Mosaic
+# shared part has 1-4 at the shapes (choose_num_chunks).
+_UNROLLED_PREFIX_CHUNKS = 8
+
+
 def merge_prefix(
   carry, refs, *, first_row, heads, row_ok, cols, col_ok, num_q_heads, chunks, stride, total
 ):
@@ -338,19 +343,29 @@ def merge_prefix(
   o_ref, lse_ref = refs
   ok = row_ok & (first_row >= 0)
 
-  def body(c, carry):
-    acc, m, den = carry
+  def load(c):
     row = jnp.maximum(first_row, 0) + c * stride
     lse = plgpu.load(lse_ref.at[heads * total + row], mask=ok, other=-jnp.inf)
     idx = ((row * num_q_heads + heads)[:, None], cols[None, :])
     o = plgpu.load(o_ref.at[idx], mask=tile_mask(ok, col_ok), other=0.0).astype(jnp.float32)
+    return o, lse
+
+  def merge(carry, o, lse):
+    acc, m, den = carry
     m_new = jnp.maximum(m, lse)
     safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     a = jnp.exp2(m - safe)  # 0 where m = -inf
     w = jnp.where(ok, jnp.exp2(lse - safe), 0.0)
     return acc * a[:, None] + o * w[:, None], m_new, den * a + w
 
-  return lax.fori_loop(0, chunks, body, carry)
+  if chunks <= _UNROLLED_PREFIX_CHUNKS:
+    # Every chunk's loads first, then the merges: the loads do not wait on each other (in
+    # a loop each chunk's load was a memory round trip after the last one's merge).
+    parts = [load(c) for c in range(chunks)]
+    for o, lse in parts:
+      carry = merge(carry, o, lse)
+    return carry
+  return lax.fori_loop(0, chunks, lambda c, carry: merge(carry, *load(c)), carry)
 
 
 def new_rows(b, h, *, packed, num_q_heads, num_kv_heads):

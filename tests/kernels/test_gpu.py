@@ -190,7 +190,7 @@ def _own_range_steps(start, length, splits, tile):
   return out
 
 
-@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("chunks", [1, 3, 9])  # 9: past the unrolled count, a loop
 def test_decode_merges_prefix_partials_against_float64(chunks):
   # Cascade's own part with the shared part's partials merged in the kernel: each row's
   # own keys [row_starts[b], lengths[b]) and `chunks` normalised partials (o, lse) of
