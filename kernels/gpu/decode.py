@@ -277,19 +277,6 @@ def _decode_kernel(
     acc = widen.accumulate(acc, p, v, vs, dot=functools.partial(plgpu.dot, precision=prec))
     return acc, m, den
 
-  pre = None
-  if prefix is not None:
-    pre = PrefixPartials(
-      (pre_o_ref, pre_lse_ref),
-      first_row=pre_row_ref[b],
-      heads=h * group + row_ids,
-      row_ok=row_ok,
-      cols=cols,
-      col_ok=col_ok,
-      num_q_heads=num_q_heads,
-      **prefix,
-    )
-    pre.prefetch()
   acc = jnp.zeros((rows, width), jnp.float32)  # sum of p @ v
   m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
@@ -309,8 +296,18 @@ def _decode_kernel(
       logit_soft_cap=logit_soft_cap,
     )
 
-  if pre is not None:
-    acc, m, den = pre.merge((acc, m, den))
+  if prefix is not None:
+    acc, m, den = merge_prefix(
+      (acc, m, den),
+      (pre_o_ref, pre_lse_ref),
+      first_row=pre_row_ref[b],
+      heads=h * group + row_ids,
+      row_ok=row_ok,
+      cols=cols,
+      col_ok=col_ok,
+      num_q_heads=num_q_heads,
+      **prefix,
+    )
 
   if num_splits == 1 and not partials:
     (o_ref,) = out_refs
@@ -327,15 +324,15 @@ def _decode_kernel(
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
 
 
-# Prefix chunks up to this many are loaded before the kernel's key loop, so that their
-# loads' latency hides under it; more are loaded and merged one by one after it. The Mosaic
+# Prefix chunks up to this many are loaded before they are merged (unrolled); the Mosaic
 # shared part has 1-4 at the issue's shapes (choose_num_chunks).
-_PREFETCHED_PREFIX_CHUNKS = 8
+_UNROLLED_PREFIX_CHUNKS = 8
 
 
-class PrefixPartials:
-  """Normalised partials of keys before a row's own range (a cascade's shared part), which
-  the decode kernel merges into its running ``(acc, m, den)``.
+def merge_prefix(
+  carry, refs, *, first_row, heads, row_ok, cols, col_ok, num_q_heads, chunks, stride, total
+):
+  """``(acc, m, den)`` with ``chunks`` normalised partials of earlier keys merged in.
 
   Chunk ``c`` is row ``first_row + c * stride`` of ``refs = (o_ref, lse_ref)``: output
   ``o_ref[row * num_q_heads + head]`` (any float dtype) and log-sum-exp ``lse_ref[head *
@@ -343,43 +340,32 @@ class PrefixPartials:
   terms. ``first_row < 0`` merges nothing; a chunk with no keys has lse -inf and adds
   nothing, as in the XLA merge it replaces (``kernels.gpu.cascade._merge``).
   """
+  o_ref, lse_ref = refs
+  ok = row_ok & (first_row >= 0)
 
-  def __init__(
-    self, refs, *, first_row, heads, row_ok, cols, col_ok, num_q_heads, chunks, stride, total
-  ):
-    self.o_ref, self.lse_ref = refs
-    self.ok = row_ok & (first_row >= 0)
-    self.first_row, self.heads, self.cols, self.col_ok = first_row, heads, cols, col_ok
-    self.num_q_heads, self.chunks, self.stride, self.total = num_q_heads, chunks, stride, total
-    self.loaded = None
-
-  def load(self, c):
-    row = jnp.maximum(self.first_row, 0) + c * self.stride
-    lse = plgpu.load(self.lse_ref.at[self.heads * self.total + row], mask=self.ok, other=-jnp.inf)
-    idx = ((row * self.num_q_heads + self.heads)[:, None], self.cols[None, :])
-    o = plgpu.load(self.o_ref.at[idx], mask=tile_mask(self.ok, self.col_ok), other=0.0)
+  def load(c):
+    row = jnp.maximum(first_row, 0) + c * stride
+    lse = plgpu.load(lse_ref.at[heads * total + row], mask=ok, other=-jnp.inf)
+    idx = ((row * num_q_heads + heads)[:, None], cols[None, :])
+    o = plgpu.load(o_ref.at[idx], mask=tile_mask(ok, col_ok), other=0.0).astype(jnp.float32)
     return o, lse
 
-  def prefetch(self):
-    """Loads every chunk now (when there are few), to be merged by :meth:`merge`."""
-    if self.chunks <= _PREFETCHED_PREFIX_CHUNKS:
-      self.loaded = [self.load(c) for c in range(self.chunks)]
-
-  def _merge_one(self, carry, o, lse):
+  def merge(carry, o, lse):
     acc, m, den = carry
     m_new = jnp.maximum(m, lse)
     safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     a = jnp.exp2(m - safe)  # 0 where m = -inf
-    w = jnp.where(self.ok, jnp.exp2(lse - safe), 0.0)
-    return acc * a[:, None] + o.astype(jnp.float32) * w[:, None], m_new, den * a + w
+    w = jnp.where(ok, jnp.exp2(lse - safe), 0.0)
+    return acc * a[:, None] + o * w[:, None], m_new, den * a + w
 
-  def merge(self, carry):
-    """``(acc, m, den)`` with every chunk merged in."""
-    if self.loaded is not None:
-      for o, lse in self.loaded:
-        carry = self._merge_one(carry, o, lse)
-      return carry
-    return lax.fori_loop(0, self.chunks, lambda c, cr: self._merge_one(cr, *self.load(c)), carry)
+  if chunks <= _UNROLLED_PREFIX_CHUNKS:
+    # Every chunk's loads first, then the merges: the loads do not wait on each other (in
+    # a loop each chunk's load was a memory round trip after the last one's merge).
+    parts = [load(c) for c in range(chunks)]
+    for o, lse in parts:
+      carry = merge(carry, o, lse)
+    return carry
+  return lax.fori_loop(0, chunks, lambda c, carry: merge(carry, *load(c)), carry)
 
 
 def new_rows(b, h, *, packed, num_q_heads, num_kv_heads):
