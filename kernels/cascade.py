@@ -74,12 +74,16 @@ class CascadePlan:
       most one group.
     row_starts: ``i32[B]``: the first key position each row reads in its own part: its
       group's ``group_lens``, or 0 for rows in no group.
+    schedule: None (default), or a backend's launch arrays for this plan built on the host
+      (``kernels.gpu.cascade.schedule_plan``: the GPU's Mosaic shared part); the backends
+      that do not use it ignore it.
   """
 
   group_table: Any
   group_lens: Any
   group_rows: Any
   row_starts: Any
+  schedule: Any = None
 
   @property
   def num_groups(self) -> int:

@@ -8,7 +8,9 @@ the prompt's tokens past its last full block sit in each row's first own block):
   ``100x(5000+U[100,500])``;
 * ``256x32768``: 256 rows x (32,768 shared + 512 own), case ``256x(32768+512)``.
 
-For each case: ``kernels.plan_cascade`` on the host (its time is ``plan_ms``), then plain
+For each case: ``kernels.plan_cascade`` on the host (its time is ``plan_ms``; the cascade
+calls take it with ``kernels.gpu.cascade.schedule_plan``'s Mosaic launch arrays, as the
+engine's host step gives it: row field ``host_schedule``), then plain
 ``kernels.paged_attention`` (gpu backend) and ``kernels.cascade_attention`` (gpu), timed
 two ways. ``plain_ms``, ``cascade_ms`` and ``speedup``: each sample is one jitted program
 that runs the kernel ``--chain`` (20) times, one call after the other
@@ -356,9 +358,23 @@ def run_case(
           kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
         )
       )
-      t_casc = timed(casc, q, k, v, table, lengths, plan, **scales)
-      d_casc = device(casc, q, k, v, table, lengths, plan, **scales)
-      out = np.asarray(casc(q, k, v, table, lengths, plan, **scales).astype(jnp.float32))
+      # As the engine's host step gives it: with the Mosaic shared part's launch arrays
+      # built on the host for these settings (the plan as it was for the Triton part).
+      cplan = jax.device_put(
+        gpu_cascade.schedule_plan(
+          plan_np,
+          num_q_heads=heads[0],
+          head_dim=head_dim,
+          q_dtype=dtype,
+          kv_dtype=kv_dtype,
+          block_size=block_size,
+          block_sizes=bs,
+          interpret=interpret,
+        )
+      )
+      t_casc = timed(casc, q, k, v, table, lengths, cplan, **scales)
+      d_casc = device(casc, q, k, v, table, lengths, cplan, **scales)
+      out = np.asarray(casc(q, k, v, table, lengths, cplan, **scales).astype(jnp.float32))
       assert not np.isnan(out).any(), "NaN in the cascade output"
       err = rel_l2_error(out, out_plain)
       assert err < bound, f"cascade and plain disagree: relative L2 {err:.2e} >= {bound:.1e}"
@@ -369,6 +385,7 @@ def run_case(
     emit(
       dict(
         common,
+        host_schedule=cplan.schedule is not None,
         cascade_ms=t_casc.median * 1e3,
         speedup=t_plain.median / t_casc.median,
         **{k_: v_ for k_, v_ in t_casc.fields("cascade").items() if k_ != "cascade_ms"},

@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -482,30 +483,36 @@ def shared_partials_mosaic(
       f"shared_mosaic_num_slots={num_slots} needs {smem} bytes of shared memory, more than "
       f"the {pm.SMEM_LIMIT_BYTES} of an sm_90 SM; use fewer slots or 64-key steps"
     )
-  # One CUDA block an SM whatever its shared memory: its three warpgroups' registers
-  # (232 / 40 a thread) fill the SM.
-  num_chunks = choose_num_chunks(
-    num_q_heads * num_groups * tiles,
-    max(1, -(-(width * block_size) // unit)),
-    block_sizes.shared_num_chunks,
-    program_smem=pm.SMEM_LIMIT_BYTES,
-  )
-  # Chunk boundaries per group (traced: the plan's lengths are device arrays).
-  glens = jnp.clip(plan.group_lens.astype(jnp.int32), 0, width * block_size)
-  clen = (-(-glens // num_chunks) + unit - 1) // unit * unit  # [G], a multiple of unit
-  first = clen[:, None] * jnp.arange(num_chunks, dtype=jnp.int32)  # [G, C] first key
-  seq_lens = jnp.clip(glens[:, None] - first, 0, clen[:, None])  # [G, C]
-  per_chunk = -(-(width * block_size) // num_chunks)
-  max_keys = -(-per_chunk // unit) * unit  # >= every group's clen
-  cwidth = max_keys // block_size  # table columns of a chunk (static bound)
-  col = (first // block_size)[:, :, None] + jnp.arange(cwidth, dtype=jnp.int32)
-  table = jnp.take_along_axis(
-    plan.group_table.astype(jnp.int32)[:, None, :],
-    jnp.minimum(col, width - 1),
-    axis=2,
-  )
-  table = jnp.where(col < width, table, -1).reshape(num_groups * num_chunks, cwidth)
-  seq_lens = seq_lens.reshape(num_groups * num_chunks)
+  num_chunks = _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes)
+  sch = plan.schedule
+  if sch is None:
+    # Traced: the plan's arrays are device arrays (or tracers) here.
+    sch = _mosaic_schedule(
+      jnp, plan, batch, num_chunks=num_chunks, tiles=tiles, unit=unit, block_size=block_size
+    )
+  elif not isinstance(sch, MosaicSchedule) or (sch.chunks, *_schedule_shapes(sch)) != (
+    num_chunks,
+    *_schedule_shapes(
+      jax.eval_shape(
+        functools.partial(
+          _mosaic_schedule,
+          jnp,
+          batch=batch,
+          num_chunks=num_chunks,
+          tiles=tiles,
+          unit=unit,
+          block_size=block_size,
+        ),
+        dataclasses.replace(plan, schedule=None),
+      )
+    ),
+  ):
+    raise ValueError(
+      f"plan.schedule must be the MosaicSchedule of this call ({num_chunks} chunks a group: "
+      f"kernels.gpu.cascade.schedule_plan with this call's heads, block size and "
+      f"CascadeBlockSizes), got {sch!r:.200}"
+    )
+  table, seq_lens, sched = sch.table, sch.seq_lens, sch.sched
   # Query rows: (group, member) -> q of the member's batch row (zero for padding). Every
   # chunk of a group reads the same rows (the schedule's query shift), into its own outputs.
   rows = jnp.pad(
@@ -513,15 +520,6 @@ def shared_partials_mosaic(
   )
   q_rows = jnp.where((rows >= 0)[..., None, None], q[jnp.clip(rows, 0, batch - 1)], 0)
   q_in = q_rows.reshape(num_groups * mpad, num_q_heads, head_dim).astype(q.dtype)
-  # Schedule: tile t of sequence s = t // tiles = (group g, chunk c) writes rows [128 t,
-  # 128 (t + 1)) and reads q at [g * mpad + 128 i, ...) for i = t % tiles (query shift:
-  # that minus 128 t), its first row at position klen (past every key), keys [0, klen).
-  t = jnp.arange(num_groups * num_chunks * tiles, dtype=jnp.int32)
-  seq = t // tiles
-  klen = seq_lens[seq]
-  qshift = (seq // num_chunks) * mpad + (t % tiles) * pm.TILE - t * pm.TILE
-  sched = jnp.stack([t * pm.TILE, (t + 1) * pm.TILE, klen, seq, klen, qshift], axis=1)
-  sched = jnp.pad(sched, ((0, 0), (0, 2)))
   o, lse = pm.run_schedule(
     q_in,
     k_blocks,
@@ -541,19 +539,145 @@ def shared_partials_mosaic(
     interpret=interpret,
     num_out_rows=num_groups * num_chunks * mpad,
   )
-  # Each batch row's slot (g, i) in the kernel's layout, from one scatter of G * M
-  # int32s (rows in no group: slot 0, garbage that every reader masks with row_starts > 0).
-  idx = plan.group_rows.astype(jnp.int32).reshape(-1)
-  slot = (
-    jnp.zeros((batch,), jnp.int32)
-    .at[jnp.where(idx >= 0, idx, batch)]
-    .set(jnp.arange(num_groups * members, dtype=jnp.int32), mode="drop")
-  )
-  g_of, i_of = slot // members, slot % members
   o = o.reshape(num_groups * num_chunks * mpad, num_q_heads, head_dim)
   lse = lse.reshape(num_q_heads, num_groups * num_chunks * mpad)
-  # Row b's chunk c is kernel row (g * C + c) * mpad + i.
-  return MosaicShared(o, lse, g_of * (num_chunks * mpad) + i_of, num_chunks, mpad)
+  return MosaicShared(o, lse, sch.first_row, num_chunks, mpad)
+
+
+def _schedule_shapes(sch) -> tuple:
+  return tuple(tuple(x.shape) for x in (sch.table, sch.seq_lens, sch.sched, sch.first_row))
+
+
+def _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes) -> int:
+  """Chunks of each group's shared keys on the Mosaic shared part (static)."""
+  from kernels.gpu import prefill_mosaic as pm
+
+  unit = max(block_sizes.shared_mosaic_kv_tile, block_size)
+  # One CUDA block an SM whatever its shared memory: its three warpgroups' registers
+  # (232 / 40 a thread) fill the SM.
+  return choose_num_chunks(
+    num_q_heads * num_groups * tiles,
+    max(1, -(-(width * block_size) // unit)),
+    block_sizes.shared_num_chunks,
+    program_smem=pm.SMEM_LIMIT_BYTES,
+  )
+
+
+def _mosaic_schedule(xp, plan, batch, *, num_chunks, tiles, unit, block_size):
+  """The Mosaic shared part's launch arrays from the plan, with ``xp`` NumPy (on the host,
+  :func:`schedule_plan`) or ``jax.numpy`` (traced, when the plan carries none): a
+  :class:`MosaicSchedule`."""
+  from kernels.gpu import prefill_mosaic as pm
+
+  i32 = xp.int32
+  num_groups, width = plan.group_table.shape
+  members = plan.group_rows.shape[1]
+  mpad = tiles * pm.TILE
+  # Chunk boundaries per group: whole units (K/V steps and blocks), even within a group.
+  glens = xp.clip(plan.group_lens.astype(i32), 0, width * block_size)
+  clen = (-(-glens // num_chunks) + unit - 1) // unit * unit  # [G], a multiple of unit
+  first = clen[:, None] * xp.arange(num_chunks, dtype=i32)  # [G, C] first key
+  seq_lens = xp.clip(glens[:, None] - first, 0, clen[:, None])  # [G, C]
+  per_chunk = -(-(width * block_size) // num_chunks)
+  max_keys = -(-per_chunk // unit) * unit  # >= every group's clen
+  cwidth = max_keys // block_size  # table columns of a chunk (static bound)
+  col = (first // block_size)[:, :, None] + xp.arange(cwidth, dtype=i32)
+  table = xp.take_along_axis(
+    plan.group_table.astype(i32)[:, None, :], xp.minimum(col, width - 1), axis=2
+  )
+  table = xp.where(col < width, table, -1).reshape(num_groups * num_chunks, cwidth)
+  seq_lens = seq_lens.reshape(num_groups * num_chunks)
+  # Schedule: tile t of sequence s = t // tiles = (group g, chunk c) writes rows [128 t,
+  # 128 (t + 1)) and reads q at [g * mpad + 128 i, ...) for i = t % tiles (query shift:
+  # that minus 128 t), its first row at position klen (past every key), keys [0, klen).
+  t = xp.arange(num_groups * num_chunks * tiles, dtype=i32)
+  seq = t // tiles
+  klen = seq_lens[seq]
+  qshift = (seq // num_chunks) * mpad + (t % tiles) * pm.TILE - t * pm.TILE
+  sched = xp.stack([t * pm.TILE, (t + 1) * pm.TILE, klen, seq, klen, qshift], axis=1)
+  sched = xp.pad(sched, ((0, 0), (0, 2))).astype(i32)
+  # Each batch row's member slot g * M + i (a scatter of G * M ids), then its first kernel
+  # row (g * C) * mpad + i (chunk c: + c * mpad); -1 for rows in no group (row_starts 0).
+  idx = plan.group_rows.astype(i32).reshape(-1)
+  ids = xp.arange(num_groups * members, dtype=i32)
+  if xp is np:
+    slot = np.zeros((batch,), np.int32)
+    slot[idx[idx >= 0]] = ids[idx >= 0]
+  else:
+    slot = xp.zeros((batch,), i32).at[xp.where(idx >= 0, idx, batch)].set(ids, mode="drop")
+  first_row = (slot // members) * (num_chunks * mpad) + slot % members
+  first_row = xp.where(plan.row_starts > 0, first_row, -1).astype(i32)
+  return MosaicSchedule(table, seq_lens, sched, first_row, num_chunks)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MosaicSchedule:
+  """The Mosaic shared part's launch arrays for one plan (``CascadePlan.schedule``), built
+  on the host by :func:`schedule_plan` so that the step runs no small kernels to make them.
+
+  Attributes:
+    table: ``i32[G * C, chunk_blocks]``: each (group, chunk)'s block ids, -1 past them.
+    seq_lens: ``i32[G * C]``: keys of each (group, chunk).
+    sched: ``i32[G * C * tiles, 8]``: the prefill kernel's schedule of query tiles.
+    first_row: ``i32[B]``: each batch row's first kernel output row (chunk c: ``+ c *
+      tiles * 128``), -1 for rows in no group.
+    chunks: chunks a group (static).
+  """
+
+  table: Any
+  seq_lens: Any
+  sched: Any
+  first_row: Any
+  chunks: int = dataclasses.field(metadata=dict(static=True))
+
+
+def schedule_plan(
+  plan,
+  *,
+  num_q_heads: int,
+  head_dim: int,
+  q_dtype,
+  kv_dtype,
+  block_size: int,
+  block_sizes: CascadeBlockSizes | None = None,
+  interpret: bool = False,
+):
+  """``plan`` (host NumPy, from ``kernels.plan_cascade``) with its Mosaic shared part's
+  launch arrays (:class:`MosaicSchedule`) in ``plan.schedule``, when a GPU cascade call of
+  these heads, dtypes, block size and ``block_sizes`` (None: the defaults) runs its shared
+  part on Mosaic; else ``plan`` unchanged. NumPy only, outside jit: at 100 x (5,000 + own)
+  the step then runs 4 small XLA kernels fewer (docs/benchmarks.md, Run36).
+
+  Raises:
+    ValueError: ``plan``'s arrays are not host NumPy arrays.
+  """
+  from kernels.gpu import prefill_mosaic as pm
+
+  if block_sizes is None:
+    block_sizes = default_cascade_block_sizes(head_dim=head_dim, q_dtype=q_dtype, kv_dtype=kv_dtype)
+  block_sizes = resolve_shared_kernel(
+    block_sizes,
+    q_dtype=q_dtype,
+    kv_dtype=kv_dtype,
+    head_dim=head_dim,
+    block_size=block_size,
+    interpret=interpret,
+  )
+  num_groups, width = plan.group_table.shape
+  members = plan.group_rows.shape[1]
+  if block_sizes.shared_kernel != "mosaic" or not (num_groups and width and members):
+    return plan
+  for name in ("group_table", "group_lens", "group_rows", "row_starts"):
+    if not isinstance(getattr(plan, name), np.ndarray):
+      raise ValueError(f"schedule_plan takes a host (NumPy) plan; plan.{name} is not one")
+  tiles = -(-members // pm.TILE)
+  chunks = _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes)
+  unit = max(block_sizes.shared_mosaic_kv_tile, block_size)
+  sch = _mosaic_schedule(
+    np, plan, len(plan.row_starts), num_chunks=chunks, tiles=tiles, unit=unit, block_size=block_size
+  )
+  return dataclasses.replace(plan, schedule=sch)
 
 
 @jax.tree_util.register_dataclass
@@ -573,7 +697,8 @@ class MosaicShared:
     """``(o f32[B, Hq, C, D], m f32[B, Hq, C], den = 1)``: the partials at batch rows, as
     :func:`shared_partials` gives them and :func:`_merge` takes them (a gather, not a
     scatter: XLA fuses the gathers and transposes into the merge)."""
-    rows = self.first_row[:, None] + self.stride * jnp.arange(self.chunks, dtype=jnp.int32)
+    first = jnp.maximum(self.first_row, 0)  # rows in no group (-1): garbage, masked later
+    rows = first[:, None] + self.stride * jnp.arange(self.chunks, dtype=jnp.int32)
     o_s = self.o[rows].transpose(0, 2, 1, 3).astype(jnp.float32)  # [B, Hq, C, D]
     m_s = self.lse[:, rows].transpose(1, 0, 2)  # [B, Hq, C]
     return o_s, m_s, jnp.ones_like(m_s)
@@ -694,8 +819,6 @@ def _cascade(
       block_sizes=block_sizes,
       interpret=_mosaic_interpret_params() if interpret else False,
     )
-    # Rows in no group (row_starts 0) merge nothing: first row -1.
-    first_row = jnp.where(plan.row_starts > 0, shared.first_row, -1)
     return paged_decode(
       q,
       k_blocks,
@@ -710,7 +833,7 @@ def _cascade(
       row_starts=plan.row_starts,
       prefix_o=shared.o,
       prefix_lse=shared.lse,
-      prefix_rows=first_row,
+      prefix_rows=shared.first_row,  # -1: rows in no group merge nothing
       prefix_chunks=shared.chunks,
       prefix_stride=shared.stride,
     )

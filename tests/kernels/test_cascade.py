@@ -384,6 +384,47 @@ def test_gpu_mosaic_shared_part_matches_plain_attention(num_chunks, num_slots, o
   )
 
 
+@pytest.mark.parametrize("num_chunks", [1, 2, 3])
+def test_gpu_mosaic_schedule_from_the_host_is_the_traced_one(num_chunks):
+  # schedule_plan builds on the host (NumPy) the arrays the Mosaic shared part otherwise
+  # computes in the step: the same values, and the cascade with them matches plain
+  # attention (interpret mode, NaN in unread slots). A schedule of other chunks is refused.
+  from kernels.gpu import cascade as gc
+
+  labels, lengths = MOSAIC_CASE
+  case = build(11, labels, lengths, heads=(8, 2), kv_dtype=jnp.bfloat16, block_size=8)
+  plan = kernels.plan_cascade(case["block_table"], case["lengths"], 8)
+  sizes = dataclasses.replace(mosaic_sizes(own_splits=1), shared_num_chunks=num_chunks)
+  kw = dict(num_q_heads=8, head_dim=64, q_dtype=jnp.bfloat16, kv_dtype=jnp.bfloat16)
+  scheduled = gc.schedule_plan(plan, **kw, block_size=8, block_sizes=sizes, interpret=True)
+  sch = scheduled.schedule
+  assert isinstance(sch, gc.MosaicSchedule) and sch.chunks == num_chunks
+  tiles = -(-plan.group_rows.shape[1] // 128)
+  unit = max(sizes.shared_mosaic_kv_tile, 8)
+  traced = jax.jit(
+    lambda p: gc._mosaic_schedule(
+      jnp, p, len(lengths), num_chunks=num_chunks, tiles=tiles, unit=unit, block_size=8
+    )
+  )(plan)
+  for name in ("table", "seq_lens", "sched", "first_row"):
+    np.testing.assert_array_equal(getattr(sch, name), np.asarray(getattr(traced, name)), name)
+  members = {int(r) for r in plan.group_rows.reshape(-1) if r >= 0}
+  assert [b for b in range(len(lengths)) if sch.first_row[b] >= 0] == sorted(members)
+  out = kernels.cascade_attention(
+    **case, plan=scheduled, backend="gpu", interpret=True, block_sizes=sizes
+  )
+  check(out, case, gpu_bf16=True)
+  other = dataclasses.replace(sizes, shared_num_chunks=num_chunks + 1)
+  with pytest.raises(ValueError, match="plan.schedule must be the MosaicSchedule of this call"):
+    kernels.cascade_attention(
+      **case, plan=scheduled, backend="gpu", interpret=True, block_sizes=other
+    )
+  # No Mosaic shared part (the Triton kernel), or no group: the plan comes back as it was.
+  assert gc.schedule_plan(plan, **kw, block_size=8, block_sizes=small_gpu_sizes()) is plan
+  with pytest.raises(ValueError, match="host"):
+    gc.schedule_plan(jax.device_put(plan), **kw, block_size=8, block_sizes=sizes, interpret=True)
+
+
 def test_gpu_mosaic_shared_part_with_three_query_heads_per_kv_head():
   # SmolLM2's grouping (9 / 3 heads: 3 query heads a KV head), which "auto" hands the
   # Mosaic part on Hopper in the engine's decode steps.
