@@ -15,10 +15,10 @@ its K/V once per sequence per step. Cascade attention splits each decode row's k
 
 The result equals ``kernels.paged_attention(q, k_blocks, v_blocks, block_table, lengths)``
 (decode) up to float rounding. The grouping is planned on the host, outside jit, by
-:func:`plan_cascade` into a :class:`CascadePlan` (arrays only: a pytree that passes into
-jit). Backends: ``"reference"`` (plain JAX, below), ``"gpu"`` (Pallas Triton,
-``kernels.gpu.cascade``), ``"tpu"`` (Pallas TPU, ``kernels.tpu.cascade``); never a silent
-fallback.
+:func:`plan_cascade` into a :class:`CascadePlan` (arrays, and an optional backend
+schedule: a pytree that passes into jit). Backends: ``"reference"`` (plain JAX, below),
+``"gpu"`` (Pallas Triton, ``kernels.gpu.cascade``), ``"tpu"`` (Pallas TPU,
+``kernels.tpu.cascade``); never a silent fallback.
 
 Changes against the agreed sketch (both additions): :func:`cascade_attention` also takes
 ``sliding_window=None``, so that a window is refused with a ValueError naming cascade
@@ -61,9 +61,9 @@ __all__ = ["CascadePlan", "cascade_attention", "plan_cascade", "validate_plan"]
 class CascadePlan:
   """Which decode rows share which leading blocks: built on the host, passed into jit.
 
-  Every field is an array (a pytree leaf). ``G`` groups of at most ``M`` member rows each
-  share at most ``S`` leading blocks; shapes are padded to powers of two by
-  :func:`plan_cascade` so that few shapes compile.
+  Every field but ``schedule`` is an array (a pytree leaf). ``G`` groups of at most ``M``
+  member rows each share at most ``S`` leading blocks; shapes are padded to powers of two
+  by :func:`plan_cascade` so that few shapes compile.
 
   Attributes:
     group_table: ``i32[G, S]``: the physical ids of each group's shared leading blocks (the
@@ -75,8 +75,9 @@ class CascadePlan:
     row_starts: ``i32[B]``: the first key position each row reads in its own part: its
       group's ``group_lens``, or 0 for rows in no group.
     schedule: None (default), or a backend's launch arrays for this plan built on the host
-      (``kernels.gpu.cascade.schedule_plan``: the GPU's Mosaic shared part); the backends
-      that do not use it ignore it.
+      (``kernels.gpu.cascade.schedule_plan``: the GPU's Mosaic shared part, a pytree of
+      arrays and a static chunk count); the backends that do not use it ignore it. It
+      belongs to the other fields' values: build it again after changing them.
   """
 
   group_table: Any

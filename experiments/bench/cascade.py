@@ -9,8 +9,8 @@ the prompt's tokens past its last full block sit in each row's first own block):
 * ``256x32768``: 256 rows x (32,768 shared + 512 own), case ``256x(32768+512)``.
 
 For each case: ``kernels.plan_cascade`` on the host (its time is ``plan_ms``; the cascade
-calls take it with ``kernels.gpu.cascade.schedule_plan``'s Mosaic launch arrays, as the
-engine's host step gives it: row field ``host_schedule``), then plain
+and its shared part take it with ``kernels.gpu.cascade.schedule_plan``'s Mosaic launch
+arrays, built per setting outside the timing: row field ``host_schedule``), then plain
 ``kernels.paged_attention`` (gpu backend) and ``kernels.cascade_attention`` (gpu), timed
 two ways. ``plain_ms``, ``cascade_ms`` and ``speedup``: each sample is one jitted program
 that runs the kernel ``--chain`` (20) times, one call after the other
@@ -318,12 +318,12 @@ def run_case(
 
   part_kw = dict(scale=1.0 / np.sqrt(head_dim), logit_soft_cap=None, interpret=interpret)
 
-  def time_shared(bs):
+  def time_shared(bs, cplan):
     """The shared part alone: (chained timing, device time or {})."""
     if bs.shared_kernel == "mosaic":  # 16-bit K/V only: no scales
       kw = dict(part_kw, interpret=kernels.gpu._mosaic_interpret_params() if interpret else False)
       part = jax.jit(functools.partial(gpu_cascade.shared_partials_mosaic, **kw, block_sizes=bs))
-      return timed(part, q, k, v, plan), device(part, q, k, v, plan)
+      return timed(part, q, k, v, cplan), device(part, q, k, v, cplan)
     part = jax.jit(functools.partial(gpu_cascade.shared_partials, **part_kw, block_sizes=bs))
     return timed(part, q, k, v, plan, **scales), device(part, q, k, v, plan, **scales)
 
@@ -342,9 +342,23 @@ def run_case(
         block_size=block_size,
         interpret=interpret,
       )
+      # With the Mosaic shared part's launch arrays built on the host for these settings
+      # (kernels.gpu.cascade.schedule_plan; the plan as it was for the Triton part).
+      cplan = jax.device_put(
+        gpu_cascade.schedule_plan(
+          plan_np,
+          num_q_heads=heads[0],
+          head_dim=head_dim,
+          q_dtype=dtype,
+          kv_dtype=kv_dtype,
+          block_size=block_size,
+          block_sizes=bs,
+          interpret=interpret,
+        )
+      )
       part_fields = {}
       if parts:
-        t_shared, d_shared = time_shared(bs)
+        t_shared, d_shared = time_shared(bs, cplan)
         if not own_fields:  # the own part does not depend on the shared kernel's settings
           own = jax.jit(functools.partial(gpu_cascade.own_partials, **part_kw, block_sizes=bs))
           t_own = timed(own, q, k, v, table, lengths, plan, **scales)
@@ -356,20 +370,6 @@ def run_case(
       casc = jax.jit(
         functools.partial(
           kernels.cascade_attention, backend="gpu", interpret=interpret, block_sizes=bs
-        )
-      )
-      # As the engine's host step gives it: with the Mosaic shared part's launch arrays
-      # built on the host for these settings (the plan as it was for the Triton part).
-      cplan = jax.device_put(
-        gpu_cascade.schedule_plan(
-          plan_np,
-          num_q_heads=heads[0],
-          head_dim=head_dim,
-          q_dtype=dtype,
-          kv_dtype=kv_dtype,
-          block_size=block_size,
-          block_sizes=bs,
-          interpret=interpret,
         )
       )
       t_casc = timed(casc, q, k, v, table, lengths, cplan, **scales)

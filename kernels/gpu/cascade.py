@@ -18,16 +18,20 @@
    chunk) is a sequence of a ragged batch whose query rows are the group's members, all
    placed past the chunk's last key, so that every row sees every key of the chunk
    (:func:`shared_partials_mosaic`); the kernel also writes each row's log-sum-exp, and
-   its normalised output and that are the partials. XLA gathers the members' queries
-   and scatters the partials back to their rows.
+   its normalised output and that are the partials. XLA gathers the members' queries;
+   the partials stay in the kernel's rows (:class:`MosaicShared`), read through each
+   batch row's first row. The launch arrays (chunk tables, lengths, tile schedule, first
+   rows) are computed in the call from the plan, or built on the host beforehand
+   (:func:`schedule_plan`, ``CascadePlan.schedule``).
 2. the decode kernel (``kernels.gpu.decode``) with ``row_starts`` and ``return_partials``:
    each row against its own keys ``[row_starts[b], lengths[b])``, split-K partials.
 3. one XLA merge of both sets of partials (max, exp2 weights, sums; rows in no group,
    ``row_starts[b] == 0``, take the own part alone). With the Mosaic shared part and a
-   one-split own part (:func:`merges_in_own_kernel`; the H200's defaults at 100 x (5,000
-   + 100-500) and 256 x (32,768 + 512)) there is no third launch: the own part's kernel
-   reads each member's shared partials from the Mosaic kernel's rows and merges them
-   before it writes the output (``paged_decode``'s ``prefix_*`` arguments).
+   one-split own part (:func:`merges_in_own_kernel`; the H100's and H200's defaults at
+   100 x (5,000 + 100-500) and 256 x (32,768 + 512)) there is no third launch: the own
+   part's kernel (``row_starts`` without ``return_partials``) reads each member's shared
+   partials from the Mosaic kernel's rows and merges them before it writes the output
+   (``paged_decode``'s ``prefix_*`` arguments).
 
 K/V loads are masked (``0 <= block < num_blocks``, inside the group's length and the
 chunk), masked rows load as zeros and their logits are -inf, so NaN in unused slots
@@ -75,9 +79,12 @@ from kernels.gpu.tuning import (
 
 __all__ = [
   "CascadeBlockSizes",
+  "MosaicSchedule",
   "cascade_attention",
   "default_cascade_block_sizes",
+  "merges_in_own_kernel",
   "resolve_shared_kernel",
+  "schedule_plan",
 ]
 
 
@@ -545,7 +552,9 @@ def shared_partials_mosaic(
 
 
 def _schedule_shapes(sch) -> tuple:
-  return tuple(tuple(x.shape) for x in (sch.table, sch.seq_lens, sch.sched, sch.first_row))
+  """``(shape, dtype)`` of each launch array: what a call can check of a schedule."""
+  arrays = (sch.table, sch.seq_lens, sch.sched, sch.first_row)
+  return tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in arrays)
 
 
 def _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes) -> int:
@@ -614,7 +623,7 @@ def _mosaic_schedule(xp, plan, batch, *, num_chunks, tiles, unit, block_size):
 @dataclasses.dataclass(frozen=True)
 class MosaicSchedule:
   """The Mosaic shared part's launch arrays for one plan (``CascadePlan.schedule``), built
-  on the host by :func:`schedule_plan` so that the step runs no small kernels to make them.
+  on the host by :func:`schedule_plan` (a call then runs no small kernels to make them).
 
   Attributes:
     table: ``i32[G * C, chunk_blocks]``: each (group, chunk)'s block ids, -1 past them.
@@ -646,8 +655,15 @@ def schedule_plan(
   """``plan`` (host NumPy, from ``kernels.plan_cascade``) with its Mosaic shared part's
   launch arrays (:class:`MosaicSchedule`) in ``plan.schedule``, when a GPU cascade call of
   these heads, dtypes, block size and ``block_sizes`` (None: the defaults) runs its shared
-  part on Mosaic; else ``plan`` unchanged. NumPy only, outside jit: at 100 x (5,000 + own)
-  the step then runs 4 small XLA kernels fewer (docs/benchmarks.md, Run36).
+  part on Mosaic; else ``plan`` unchanged. NumPy only, outside jit. A call with it runs 5
+  small XLA kernels fewer (7 at 256 x (32,768 + 512)): 4-5% of one cascade call at 100 x
+  (5,000 + 100-500) on an H100 (docs/benchmarks.md, Run36). Inside one jit of several
+  layers the traced arrays are computed once for all of them (XLA merges the identical
+  computations), so the engine does not build them on the host.
+
+  The schedule belongs to the plan's values: a call checks only that its settings, shapes
+  and dtypes match, so a plan whose arrays change afterwards (``dataclasses.replace``)
+  needs a new one (or ``schedule=None``).
 
   Raises:
     ValueError: ``plan``'s arrays are not host NumPy arrays.
@@ -809,6 +825,8 @@ def _cascade(
   num_groups, width = plan.group_table.shape
   has_groups = num_groups > 0 and width > 0 and plan.group_rows.shape[1] > 0
   if has_groups and merges_in_own_kernel(q, k_blocks, block_table, block_sizes):
+    if k_scales is not None:  # resolve_shared_kernel never picks Mosaic for 8-bit K/V
+      raise ValueError("the Mosaic shared part takes 16-bit K/V, not 8-bit with scales")
     shared = shared_partials_mosaic(
       q,
       k_blocks,

@@ -30,11 +30,12 @@ With one split the program writes the normalised output in ``q.dtype``; with mor
 it writes unnormalised float32 partial sums and the running max / denominator, and
 ``_combine`` (XLA, a few MB at most; one loop fusion up to 8 splits) merges them.
 
-Two options, off by default (the plain decode path compiles to the same kernel without
+Three options, off by default (the plain decode path compiles to the same kernel without
 them), serve cascade attention (``kernels.gpu.cascade``): ``row_starts`` (each row reads
-only keys ``[row_starts[b], lengths[b])``) and ``return_partials`` (the float32 partial
+only keys ``[row_starts[b], lengths[b])``), ``return_partials`` (the float32 partial
 sums, max and denominator are returned, even with one split, for a merge with other
-partials).
+partials), and the ``prefix_*`` arguments (normalised partials of each row's keys before
+``row_starts``, merged by the kernel itself before it writes its output).
 """
 
 from __future__ import annotations
@@ -533,7 +534,9 @@ def paged_decode(
       (any float dtype), ``prefix_lse f32[num_q_heads, R]`` their log-sum-exp in log2
       units, ``prefix_rows i32[batch]`` the first of row b's ``prefix_chunks`` partials
       (``prefix_rows[b] + c * prefix_stride`` for chunk c; -1: none). A chunk with no keys
-      has lse -inf. Not with ``return_partials`` or a fused write.
+      has lse -inf and a finite (zero) output. Not with ``return_partials``, a fused write
+      or a ``sliding_window``. ``prefix_rows`` are trusted (device data): each must be -1
+      or a row whose last chunk is inside R.
 
   Returns:
     [batch, num_q_heads, head_dim] in q.dtype (with ``k_new``: ``(out, k_blocks,
@@ -566,21 +569,38 @@ def paged_decode(
     )
 
   prefix = None
-  if prefix_o is not None:
+  given = [x is not None for x in (prefix_o, prefix_lse, prefix_rows)]
+  if any(given) and not all(given):
+    raise ValueError("paged_decode: prefix partials take prefix_o, prefix_lse and prefix_rows")
+  if all(given):
     if row_starts is None or num_splits != 1 or return_partials or fused_write:
       raise ValueError(
         "paged_decode: prefix partials are merged by a one-split decode with row_starts, "
         f"without return_partials or a fused write (got {num_splits} splits)"
       )
-    if prefix_o.shape[1:] != (num_q_heads, head_dim) or prefix_lse.shape != (
-      num_q_heads,
-      prefix_o.shape[0],
+    if sliding_window is not None:
+      # The window would cut the own keys and not the prefix's: refused, never wrong.
+      raise ValueError("paged_decode: prefix partials take no sliding_window")
+    total = prefix_o.shape[0]
+    if (
+      prefix_o.ndim != 3
+      or prefix_o.shape[1:] != (num_q_heads, head_dim)
+      or prefix_lse.shape != (num_q_heads, total)
+      or prefix_rows.shape != (batch,)
     ):
       raise ValueError(
-        f"paged_decode: prefix_o must be [R, {num_q_heads}, {head_dim}] and prefix_lse "
-        f"[{num_q_heads}, R], got {prefix_o.shape} and {prefix_lse.shape}"
+        f"paged_decode: prefix_o must be [R, {num_q_heads}, {head_dim}], prefix_lse "
+        f"[{num_q_heads}, R] and prefix_rows [{batch}], got {prefix_o.shape}, "
+        f"{prefix_lse.shape} and {prefix_rows.shape}"
       )
-    prefix = dict(chunks=int(prefix_chunks), stride=int(prefix_stride), total=prefix_o.shape[0])
+    chunks, stride = int(prefix_chunks), int(prefix_stride)
+    # Rows past R would be read unchecked (Triton loads): the last chunk must fit.
+    if chunks < 1 or stride < 0 or (chunks - 1) * stride >= total:
+      raise ValueError(
+        f"paged_decode: prefix_chunks must be >= 1 and prefix_stride >= 0 with (chunks - 1) "
+        f"* stride < R = {total}, got {chunks} chunks of stride {stride}"
+      )
+    prefix = dict(chunks=chunks, stride=stride, total=total)
   kernel = functools.partial(
     _decode_kernel,
     num_q_heads=num_q_heads,

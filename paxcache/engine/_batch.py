@@ -81,18 +81,6 @@ class StepBatch:
   decode_plan_seq_first: jax.Array = _no_plan()  # i32[batch or 0]  each row's first chunk
   decode_plan_seq_chunks: jax.Array = _no_plan()  # i32[batch or 0] its number of chunks
   decode_plan_meta: tuple = flax.struct.field(pytree_node=False, default=())
-  # The GPU Mosaic shared part's launch arrays for the cascade plan, built on the host
-  # (kernels.gpu.cascade.MosaicSchedule's; zero-size and 0 chunks: none, the step computes
-  # them on the device).
-  cascade_sched_table: jax.Array = flax.struct.field(
-    default_factory=lambda: np.zeros((0, 0), np.int32)
-  )  # i32[G * C, chunk_blocks]
-  cascade_sched_lens: jax.Array = _no_plan()  # i32[G * C]
-  cascade_sched: jax.Array = flax.struct.field(
-    default_factory=lambda: np.zeros((0, 8), np.int32)
-  )  # i32[tiles, 8]
-  cascade_sched_first_row: jax.Array = _no_plan()  # i32[batch or 0]
-  cascade_sched_chunks: int = flax.struct.field(pytree_node=False, default=0)
   # A decode burst (EngineConfig.decode_steps = K > 1): the slots of sub-steps 1 .. K - 1
   # (sub-step 0's are ``slot_mapping``; -1 for padding rows). Sub-step j runs the model on
   # the tokens sub-step j - 1 sampled, at positions and lengths + j. Zero-size (0, 0): one
@@ -122,7 +110,6 @@ class StepBatch:
       self.num_candidates,
       self.fused_write,
       self.decode_plan_meta,
-      self.cascade_sched_chunks,
     )
     return buffer, layout
 
@@ -130,9 +117,7 @@ class StepBatch:
   def unpack(cls, buffer: jax.Array, layout: tuple) -> StepBatch:
     """The :class:`StepBatch` that :meth:`pack` made ``buffer`` and ``layout`` of (traceable:
     slices of the one buffer)."""
-    *fields, decode_only, any_sampled, num_candidates, fused_write, decode_plan_meta, chunks = (
-      layout
-    )
+    *fields, decode_only, any_sampled, num_candidates, fused_write, decode_plan_meta = layout
     values, offset = {}, 0
     for name, (shape, dtype) in zip(_ARRAY_FIELDS, fields, strict=True):
       size = math.prod(shape)
@@ -148,7 +133,6 @@ class StepBatch:
       num_candidates=num_candidates,
       fused_write=fused_write,
       decode_plan_meta=decode_plan_meta,
-      cascade_sched_chunks=chunks,
     )
 
   @property
@@ -166,7 +150,6 @@ class StepBatch:
       self.fused_write,
       self.cascade_group_table.shape,
       self.cascade_group_rows.shape[1],
-      self.cascade_sched_chunks,
       self.decode_plan_chunk_seq.shape[0],
       self.burst_slots.shape[0],
     )
@@ -176,23 +159,11 @@ class StepBatch:
     runs plain paged attention. Traceable."""
     if not self.cascade_group_rows.shape[0]:
       return None
-    schedule = None
-    if self.cascade_sched_chunks:
-      from kernels.gpu.cascade import MosaicSchedule
-
-      schedule = MosaicSchedule(
-        self.cascade_sched_table,
-        self.cascade_sched_lens,
-        self.cascade_sched,
-        self.cascade_sched_first_row,
-        self.cascade_sched_chunks,
-      )
     return kernels.CascadePlan(
       self.cascade_group_table,
       self.cascade_group_lens,
       self.cascade_group_rows,
       self.cascade_row_starts,
-      schedule,
     )
 
   def cascade_counts(self) -> tuple[int, int, int]:
@@ -238,19 +209,6 @@ _ARRAY_FIELDS = tuple(
 )
 
 
-def _schedule_fields(schedule) -> dict:
-  """StepBatch's cascade_sched_* fields of a plan's schedule (None: the defaults)."""
-  if schedule is None:
-    return {}
-  return dict(
-    cascade_sched_table=schedule.table,
-    cascade_sched_lens=schedule.seq_lens,
-    cascade_sched=schedule.sched,
-    cascade_sched_first_row=schedule.first_row,
-    cascade_sched_chunks=schedule.chunks,
-  )
-
-
 def build_step_batch(
   plan,
   table: BlockTable,
@@ -265,7 +223,6 @@ def build_step_batch(
   cascade_min_shared_blocks: int = 0,
   block_size: int | None = None,
   decode_planner=None,
-  cascade_scheduler=None,
   burst_slots: np.ndarray | None = None,
 ) -> StepBatch:
   """The :class:`StepBatch` of ``plan``; pure (reads its arguments, changes none).
@@ -288,9 +245,6 @@ def build_step_batch(
       (``kernels.plan_cascade``) for groups of rows sharing at least this many leading
       blocks; 0, or no such group: the step carries a zero-size plan (plain attention).
     block_size: the pool's block size (needed when ``cascade_min_shared_blocks > 0``).
-    cascade_scheduler: None, or a callable taking the step's host cascade plan and
-      returning it with its backend's launch arrays (``kernels.gpu.cascade.schedule_plan``
-      bound to the model's heads, dtypes and block size; ``decode_plan.cascade_scheduler``).
     decode_planner: a :class:`~paxcache.engine._decode_plan.DecodePlanner` or None. In a
       decode-only step without a cascade plan (the cascade path wins; the two are never
       combined), ``decode_planner(lengths, rows)`` gives the step's decode plan or None.
@@ -416,8 +370,6 @@ def build_step_batch(
       cascade = kernels.plan_cascade(
         block_ids, lengths, block_size, min_shared_blocks=cascade_min_shared_blocks
       )
-      if cascade is not None and cascade_scheduler is not None:
-        cascade = cascade_scheduler(cascade)
   if cascade is None:
     cascade = kernels.CascadePlan(
       np.zeros((0, 0), np.int32),
@@ -458,7 +410,6 @@ def build_step_batch(
     cascade_group_lens=cascade.group_lens,
     cascade_group_rows=cascade.group_rows,
     cascade_row_starts=cascade.row_starts,
-    **_schedule_fields(cascade.schedule),
     decode_only=decode_only,
     any_sampled=bool((temperature > 0).any()),
     num_candidates=num_candidates,

@@ -13,9 +13,7 @@ backend never loads the Pallas GPU code.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax.numpy as jnp
 import numpy as np
 
 import kernels
@@ -153,33 +151,3 @@ def cascade_threshold(model, config) -> tuple[int, str | None]:
       f"{GPU_UNPADDED_HEAD_DIMS}"
     )
   return blocks, None
-
-
-def cascade_scheduler(model, config):
-  """The host step's cascade scheduler of an engine running ``model`` under ``config``:
-  ``kernels.gpu.cascade.schedule_plan`` bound to the model's query heads, head_dim, dtypes
-  and block size, which builds the GPU Mosaic shared part's launch arrays with each
-  step's plan (outside jit, so that the step runs no small kernels to make them), or None:
-  the cascade is off, a layer does not run on the GPU backend, or the cache is lane-dense
-  or lane-padded (its kernels see other row widths). The scheduler leaves a plan whose
-  call would not run the Mosaic shared part as it is."""
-  blocks, _ = cascade_threshold(model, config)
-  layers = [layer.attn for layer in model.layers]
-  backends = {kernels.resolve_backend(a.backend, interpret=a.interpret) for a in layers}
-  if not blocks or backends != {"gpu"} or config.lane_dense_cache or config.lane_padded_cache:
-    return None
-  from kernels.gpu.cascade import schedule_plan
-
-  c = model.config
-  kv_dtype = jnp.dtype(c.jnp_kv_dtype)
-  # The q the layers hand the kernel (paxcache.nn._attention._query_dtype).
-  q_dtype = jnp.dtype(c.jnp_dtype) if kernels.is_quantized(kv_dtype) else kv_dtype
-  return functools.partial(
-    schedule_plan,
-    num_q_heads=c.num_q_heads,
-    head_dim=c.head_dim,
-    q_dtype=q_dtype,
-    kv_dtype=kv_dtype,
-    block_size=config.block_size,
-    interpret=bool(layers[0].interpret),
-  )

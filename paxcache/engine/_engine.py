@@ -31,12 +31,7 @@ from paxcache.block_table import BlockTable, bucket_size
 from paxcache.engine import _beam
 from paxcache.engine._batch import StepBatch, build_step_batch
 from paxcache.engine._clock import SimulatedClock, WallClock
-from paxcache.engine._decode_plan import (
-  DECODE_PLAN_MODES,
-  cascade_scheduler,
-  cascade_threshold,
-  decode_planner,
-)
+from paxcache.engine._decode_plan import DECODE_PLAN_MODES, cascade_threshold, decode_planner
 from paxcache.engine._metrics import RunMetrics, StepMetrics
 from paxcache.engine._request import Group, Request, RequestError, RequestOutput, Seq, Status
 from paxcache.engine._reservation import RESERVATION_POLICIES
@@ -759,8 +754,6 @@ class Engine:
     # attention cannot run for this model (a mesh, a sliding window, a GPU head_dim its
     # cascade kernel does not take).
     self.cascade_min_shared_blocks, self.cascade_off_reason = cascade_threshold(model, config)
-    # Builds the GPU cascade's Mosaic launch arrays with each step's plan, or None.
-    self.cascade_scheduler = cascade_scheduler(model, config)
     if config.mesh is not None:
       # Before nnx.split: the step is compiled for the sharded layers and parameters.
       sharding.shard_model(model, config.mesh, axis=config.mesh_axis)
@@ -896,7 +889,6 @@ class Engine:
     self._plan_chunks = 0  # the current step's decode-plan chunks (0: no plan)
     self.decode_planner = None  # Engine sets it from the model
     self.cascade_min_shared_blocks, self.cascade_off_reason = 0, "no model"  # Engine sets them
-    self.cascade_scheduler = None  # Engine sets it from the model
     self.step_metrics: collections.deque[StepMetrics] = collections.deque(
       maxlen=config.metrics_history
     )
@@ -1331,7 +1323,6 @@ class Engine:
       cascade_min_shared_blocks=self.cascade_min_shared_blocks,
       block_size=cfg.block_size,
       decode_planner=self.decode_planner,
-      cascade_scheduler=self.cascade_scheduler,
       burst_slots=burst_slots,
     )
 

@@ -414,12 +414,23 @@ def test_gpu_mosaic_schedule_from_the_host_is_the_traced_one(num_chunks):
     **case, plan=scheduled, backend="gpu", interpret=True, block_sizes=sizes
   )
   check(out, case, gpu_bf16=True)
+  wide = dataclasses.replace(
+    scheduled, schedule=dataclasses.replace(sch, sched=sch.sched.astype(np.float32))
+  )
+  with pytest.raises(ValueError, match="plan.schedule must be the MosaicSchedule of this call"):
+    jax.eval_shape(  # checked when traced: nothing runs
+      lambda c, p: kernels.cascade_attention(
+        **c, plan=p, backend="gpu", interpret=True, block_sizes=sizes
+      ),
+      case,
+      wide,
+    )
   other = dataclasses.replace(sizes, shared_num_chunks=num_chunks + 1)
   with pytest.raises(ValueError, match="plan.schedule must be the MosaicSchedule of this call"):
     kernels.cascade_attention(
       **case, plan=scheduled, backend="gpu", interpret=True, block_sizes=other
     )
-  # No Mosaic shared part (the Triton kernel), or no group: the plan comes back as it was.
+  # No Mosaic shared part (the Triton kernel): the plan comes back as it was.
   assert gc.schedule_plan(plan, **kw, block_size=8, block_sizes=small_gpu_sizes()) is plan
   with pytest.raises(ValueError, match="host"):
     gc.schedule_plan(jax.device_put(plan), **kw, block_size=8, block_sizes=sizes, interpret=True)
@@ -559,9 +570,13 @@ def test_gpu_mosaic_shared_part_lowers_for_the_gpu():
     sds((batch,), jnp.int32),
   )
   sizes = dataclasses.replace(mosaic_sizes(), own=None, shared_num_chunks=None)
-  fn = functools.partial(
+  part = functools.partial(
     gpu_cascade.shared_partials_mosaic, scale=0.1, logit_soft_cap=None, block_sizes=sizes
   )
+
+  def fn(*args):  # the partials at batch rows, as the XLA merge takes them
+    return part(*args).at_batch_rows()
+
   pool = sds((8, num_blocks, 16, 128), jnp.bfloat16)
   traced = jax.jit(fn).trace(sds((batch, 32, 128), jnp.bfloat16), pool, pool, plan)
   text = traced.lower(lowering_platforms=("cuda",)).as_text()

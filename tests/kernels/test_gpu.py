@@ -277,6 +277,24 @@ def test_decode_prefix_partials_need_one_split_and_row_starts():
   bad = dict(pre, prefix_lse=jnp.zeros((2, q.shape[1] + 1)))
   with pytest.raises(ValueError, match="prefix_lse"):
     paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
+  bad = dict(pre, prefix_rows=jnp.zeros((3,), jnp.int32))
+  with pytest.raises(ValueError, match="prefix_rows"):
+    paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
+  with pytest.raises(ValueError, match="take prefix_o, prefix_lse and prefix_rows"):
+    paged_decode(
+      q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **dict(pre, prefix_lse=None)
+    )
+  # A window would cut the own keys and not the prefix's.
+  with pytest.raises(ValueError, match="no sliding_window"):
+    paged_decode(
+      q, k, v, table, lens, block_sizes=one, row_starts=starts, **dict(kw, sliding_window=8),
+      **pre,
+    )  # fmt: skip
+  # The last chunk's rows must be inside R (Triton loads are not bounds-checked).
+  for chunks, stride in ((0, 1), (2, 2), (3, -1)):
+    bad = dict(pre, prefix_chunks=chunks, prefix_stride=stride)
+    with pytest.raises(ValueError, match="prefix_chunks must be >= 1"):
+      paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 4])

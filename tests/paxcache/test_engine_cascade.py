@@ -337,15 +337,14 @@ def test_cascade_is_off_where_its_kernels_cannot_run(corpus):
   assert engine.cascade_min_shared_blocks == 2 and engine.cascade_off_reason is None
 
 
-def test_engine_builds_the_mosaic_schedule_on_the_host(monkeypatch):
-  """With the GPU cascade's shared part on Mosaic (forced here: GPU interpret mode picks
-  the Triton kernel on its own), the engine's host step attaches the Mosaic launch arrays
-  to each cascade plan (kernels.gpu.cascade.schedule_plan), the step traces no schedule of
-  its own, and the tokens are those of the same engine with the cascade off."""
+def test_engine_cascade_through_the_mosaic_shared_part(monkeypatch):
+  """The engine's cascade with the GPU shared part on Mosaic (forced here: GPU interpret
+  mode picks the Triton kernel on its own) and a one-split own part, whose kernel merges
+  the Mosaic partials itself (kernels.gpu.cascade.merges_in_own_kernel): the tokens of the
+  same engine with the cascade off."""
   from flax import nnx
 
   from kernels.gpu import cascade as gc
-  from paxcache.engine._decode_plan import cascade_scheduler
   from paxcache.nn import Decoder, DecoderConfig
 
   sizes = gc.CascadeBlockSizes(
@@ -354,16 +353,9 @@ def test_engine_builds_the_mosaic_schedule_on_the_host(monkeypatch):
     own=kernels.gpu.BlockSizes(decode_kv_tile=16, decode_num_splits=1, decode_num_stages=2),
   )
   monkeypatch.setattr(gc, "default_cascade_block_sizes", lambda **kw: sizes)
-  built, seen = [], []
-  real_schedule, real_shared = gc._mosaic_schedule, gc.shared_partials_mosaic
-  monkeypatch.setattr(
-    gc, "_mosaic_schedule", lambda xp, *a, **kw: built.append(xp) or real_schedule(xp, *a, **kw)
-  )
-  monkeypatch.setattr(
-    gc,
-    "shared_partials_mosaic",
-    lambda q, k, v, plan, **kw: seen.append(plan.schedule) or real_shared(q, k, v, plan, **kw),
-  )
+  fused = []
+  real = gc.merges_in_own_kernel
+  monkeypatch.setattr(gc, "merges_in_own_kernel", lambda *a: fused.append(real(*a)) or fused[-1])
   config = DecoderConfig(
     d_model=64, num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=64, mlp_dim=64,
     max_seq_len=64, dtype="bfloat16",
@@ -373,16 +365,9 @@ def test_engine_builds_the_mosaic_schedule_on_the_host(monkeypatch):
   reqs = [Request(0, prefix + [7, 9, 11], max_new_tokens=3, n=2)]
   cfg = EngineConfig(num_blocks=16, block_size=8, num_host_blocks=16, cascade_min_shared_blocks=2)
   engine = Engine(model, cfg)
-  assert engine.cascade_scheduler is not None
-  assert engine.cascade_scheduler.keywords["num_q_heads"] == 2
   outs = engine.run(reqs)
   assert engine.metrics.cascade_steps > 0
-  assert np in built  # built on the host ...
-  assert seen and all(isinstance(x, gc.MosaicSchedule) for x in seen)  # ... and used
+  assert fused and all(fused)  # every cascade step merged in the own part's kernel
   plain = Engine(model, dataclasses.replace(cfg, cascade_min_shared_blocks=0))
-  assert plain.cascade_scheduler is None
   want = plain.run(reqs)
   assert outs[0].samples == want[0].samples
-  # The reference backend has no Mosaic part: no scheduler.
-  ref = Decoder(config, rngs=nnx.Rngs(3))
-  assert cascade_scheduler(ref, cfg) is None

@@ -110,9 +110,9 @@ def test_build_step_batch_matches_a_row_by_row_reference():
   )
   assert not batch.decode_only and batch.any_sampled
   # 1 + 1 + 8 + 3 = 13 tokens -> 16; 5 samples -> 8 rows (the table's 8 rows); 1 copy -> 4.
-  # The last five: no cascade plan (a mixed step): group table (0, 0), 0 members, no
-  # schedule (0 chunks); no decode plan: 0 chunks; no burst.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0, 0, 0)
+  # The last three: no cascade plan (a mixed step): group table (0, 0), 0 members; no
+  # decode plan: 0 chunks.
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0, 0)
   want = _reference(plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))
@@ -222,7 +222,7 @@ def test_columnar_decodes_match_the_row_by_row_reference(fast):
   batch = build_step_batch(plan, table, sampling, min_tokens=8, min_copies=4, **kwargs)
   row_plan = Plan(rows=plan.all_rows(), cow_pairs=plan.cow_pairs)
   # 3 decodes + 8 prefill + 3 last-chunk tokens = 14 -> 16; 3 + 2 samples -> 8 rows.
-  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0, 0, 0)
+  assert batch.shape_key == (16, 8, 8, 4, 8, False, True, 0, True, (0, 0), 0, 0, 0)
   want = _reference(row_plan, table, sampling, pending_rows, 16, 8, 4)
   for name, values in want.items():
     got = np.asarray(getattr(batch, name))
@@ -421,60 +421,3 @@ def test_a_burst_batch_reads_sub_step_zero_and_carries_the_later_slots():
   })  # fmt: skip
   with pytest.raises(ValueError, match=r"got 1 other rows"):
     build_step_batch(mixed, table, {"a": (0.0, 0, 1)}, burst_slots=later, **kwargs)
-
-
-def test_a_cascade_schedule_rides_in_the_batch_and_back_to_the_plan():
-  # A cascade_scheduler (the engine binds kernels.gpu.cascade.schedule_plan) attaches the
-  # Mosaic shared part's launch arrays to the step's plan on the host: the batch carries
-  # them (chunks static: in shape_key and the packed layout), through pack / unpack under
-  # jit, and cascade_plan() gives them back as the plan's schedule.
-  import dataclasses
-
-  from kernels.gpu import cascade as gc
-
-  a = _seq("a", 0, [5, 6, 7, 8, 9], 4)
-  b = _seq("b", 0, [5, 6, 7, 8, 1, 2], 5)
-  plan = Plan(
-    decodes=[a, b],
-    decode_ids=[a.seq_id, b.seq_id],
-    decode_starts=np.array([4, 5], np.int32),
-    decode_tokens=[9, 2],
-    decode_slots=np.array([20, 29], np.int32),
-  )
-  table = BlockTable(
-    np.array([[3, 4, 5, -1], [3, 4, 7, -1]] + [[-1] * 4] * 6, np.int32),
-    np.array([5, 6, 0, 0, 0, 0, 0, 0], np.int32),
-  )
-  seen = []
-
-  def scheduler(p):
-    seen.append(p)
-    sch = gc._mosaic_schedule(np, p, len(p.row_starts), num_chunks=2, tiles=1, unit=4, block_size=2)
-    return dataclasses.replace(p, schedule=sch)
-
-  kwargs = dict(
-    min_tokens=8,
-    min_copies=8,
-    pending_rows={},
-    decode_sampling=(np.zeros(2, np.float32), np.zeros(2), np.zeros(2), np.zeros(2)),
-    cascade_min_shared_blocks=1,
-    block_size=2,
-  )
-  batch = build_step_batch(plan, table, {}, cascade_scheduler=scheduler, **kwargs)
-  (host_plan,) = seen
-  assert batch.cascade_sched_chunks == 2 and batch.shape_key[-3] == 2
-  want = scheduler(host_plan).schedule
-  got = batch.cascade_plan().schedule
-  assert isinstance(got, gc.MosaicSchedule) and got.chunks == 2
-  for name in ("table", "seq_lens", "sched", "first_row"):
-    np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(want, name), name)
-  np.testing.assert_array_equal(np.asarray(got.first_row)[2:], -1)  # padded rows: no group
-  packed, layout = batch.pack()
-  out = jax.jit(StepBatch.unpack, static_argnums=1)(packed, layout)
-  assert out.cascade_sched_chunks == 2
-  back = out.cascade_plan().schedule
-  for name in ("table", "seq_lens", "sched", "first_row"):
-    np.testing.assert_array_equal(np.asarray(getattr(back, name)), getattr(want, name), name)
-  # Without a scheduler: no schedule, 0 chunks (the step computes the arrays itself).
-  plain = build_step_batch(plan, table, {}, **kwargs)
-  assert plain.cascade_sched_chunks == 0 and plain.cascade_plan().schedule is None
