@@ -734,9 +734,21 @@ def own_partials(
   interpret=False,
   k_scales=None,
   v_scales=None,
+  shared=None,
 ):
   """The own part: each row against its keys ``[plan.row_starts[b], lengths[b])`` by the
-  split-K decode kernel, as its partials ``(o f32[B, Hq, S, D], m, den)``."""
+  split-K decode kernel, as its partials ``(o f32[B, Hq, S, D], m, den)``; or, given
+  ``shared`` (a :class:`MosaicShared`, with a one-split own part), the whole cascade's
+  output ``[B, Hq, D]``: the kernel merges those partials itself."""
+  prefix = {}
+  if shared is not None:
+    prefix = dict(
+      prefix_o=shared.o,
+      prefix_lse=shared.lse,
+      prefix_rows=shared.first_row,  # -1: rows in no group merge nothing
+      prefix_chunks=shared.chunks,
+      prefix_stride=shared.stride,
+    )
   return paged_decode(
     q,
     k_blocks,
@@ -751,7 +763,8 @@ def own_partials(
     k_scales=k_scales,
     v_scales=v_scales,
     row_starts=plan.row_starts,
-    return_partials=True,
+    return_partials=shared is None,
+    **prefix,
   )
 
 
@@ -837,23 +850,18 @@ def _cascade(
       block_sizes=block_sizes,
       interpret=_mosaic_interpret_params() if interpret else False,
     )
-    return paged_decode(
+    return own_partials(
       q,
       k_blocks,
       v_blocks,
       block_table,
       lengths,
+      plan,
       scale=scale,
-      sliding_window=None,
       logit_soft_cap=logit_soft_cap,
-      block_sizes=own_block_sizes(q, k_blocks, block_table, block_sizes),
+      block_sizes=block_sizes,
       interpret=interpret,
-      row_starts=plan.row_starts,
-      prefix_o=shared.o,
-      prefix_lse=shared.lse,
-      prefix_rows=shared.first_row,  # -1: rows in no group merge nothing
-      prefix_chunks=shared.chunks,
-      prefix_stride=shared.stride,
+      shared=shared,
     )
   own = own_partials(
     q,
