@@ -837,73 +837,27 @@ def _cascade(
   batch = q.shape[0]
   num_groups, width = plan.group_table.shape
   has_groups = num_groups > 0 and width > 0 and plan.group_rows.shape[1] > 0
+  kw = dict(scale=scale, logit_soft_cap=logit_soft_cap, block_sizes=block_sizes)
+
+  def mosaic_part():
+    mosaic_interpret = _mosaic_interpret_params() if interpret else False
+    return shared_partials_mosaic(q, k_blocks, v_blocks, plan, **kw, interpret=mosaic_interpret)
+
+  own_args = (q, k_blocks, v_blocks, block_table, lengths, plan)
   if has_groups and merges_in_own_kernel(q, k_blocks, block_table, block_sizes):
     if k_scales is not None:  # resolve_shared_kernel never picks Mosaic for 8-bit K/V
       raise ValueError("the Mosaic shared part takes 16-bit K/V, not 8-bit with scales")
-    shared = shared_partials_mosaic(
-      q,
-      k_blocks,
-      v_blocks,
-      plan,
-      scale=scale,
-      logit_soft_cap=logit_soft_cap,
-      block_sizes=block_sizes,
-      interpret=_mosaic_interpret_params() if interpret else False,
-    )
-    return own_partials(
-      q,
-      k_blocks,
-      v_blocks,
-      block_table,
-      lengths,
-      plan,
-      scale=scale,
-      logit_soft_cap=logit_soft_cap,
-      block_sizes=block_sizes,
-      interpret=interpret,
-      shared=shared,
-    )
-  own = own_partials(
-    q,
-    k_blocks,
-    v_blocks,
-    block_table,
-    lengths,
-    plan,
-    scale=scale,
-    logit_soft_cap=logit_soft_cap,
-    block_sizes=block_sizes,
-    interpret=interpret,
-    k_scales=k_scales,
-    v_scales=v_scales,
-  )
+    return own_partials(*own_args, **kw, interpret=interpret, shared=mosaic_part())
+  own = own_partials(*own_args, **kw, interpret=interpret, k_scales=k_scales, v_scales=v_scales)
   if not has_groups:
     in_group = jnp.zeros((batch,), bool)
     shared = tuple(jnp.zeros(x.shape[:2] + (1,) + x.shape[3:], jnp.float32) for x in own)
   else:
     if block_sizes.shared_kernel == "mosaic":
-      shared = shared_partials_mosaic(
-        q,
-        k_blocks,
-        v_blocks,
-        plan,
-        scale=scale,
-        logit_soft_cap=logit_soft_cap,
-        block_sizes=block_sizes,
-        interpret=_mosaic_interpret_params() if interpret else False,
-      ).at_batch_rows()
+      shared = mosaic_part().at_batch_rows()
     else:
       shared = shared_partials(
-        q,
-        k_blocks,
-        v_blocks,
-        plan,
-        scale=scale,
-        logit_soft_cap=logit_soft_cap,
-        block_sizes=block_sizes,
-        interpret=interpret,
-        k_scales=k_scales,
-        v_scales=v_scales,
+        q, k_blocks, v_blocks, plan, **kw, interpret=interpret, k_scales=k_scales, v_scales=v_scales
       )
     # Rows whose shared partials were written: row_starts[b] > 0 only for members of a
     # group with keys (the plan's invariant, checked on the host). A member of a group of
