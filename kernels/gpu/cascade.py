@@ -472,13 +472,10 @@ def shared_partials_mosaic(
 
   batch, num_q_heads, head_dim = q.shape
   block_size = k_blocks.shape[2]
-  num_groups, width = plan.group_table.shape
+  num_groups = plan.group_table.shape[0]
   members = plan.group_rows.shape[1]
   kv_tile = block_sizes.shared_mosaic_kv_tile
   num_slots = block_sizes.shared_mosaic_num_slots
-  tiles = -(-members // pm.TILE)  # 128-row query tiles of one (group, chunk)
-  mpad = tiles * pm.TILE
-  unit = max(kv_tile, block_size)  # a chunk is whole K/V steps and whole blocks
   itemsize = jnp.dtype(q.dtype).itemsize
   pv_via_smem = bool(interpret)
   smem = pm.smem_bytes(head_dim, itemsize, kv_tile, num_slots, pv_via_smem)
@@ -490,35 +487,15 @@ def shared_partials_mosaic(
       f"shared_mosaic_num_slots={num_slots} needs {smem} bytes of shared memory, more than "
       f"the {pm.SMEM_LIMIT_BYTES} of an sm_90 SM; use fewer slots or 64-key steps"
     )
-  num_chunks = _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes)
+  layout = _mosaic_layout(plan, num_q_heads, block_size, block_sizes)
+  num_chunks, tiles = layout["num_chunks"], layout["tiles"]
+  mpad = tiles * pm.TILE  # query rows of one (group, chunk): whole 128-row tiles
   sch = plan.schedule
   if sch is None:
     # Traced: the plan's arrays are device arrays (or tracers) here.
-    sch = _mosaic_schedule(
-      jnp, plan, batch, num_chunks=num_chunks, tiles=tiles, unit=unit, block_size=block_size
-    )
-  elif not isinstance(sch, MosaicSchedule) or (sch.chunks, *_schedule_shapes(sch)) != (
-    num_chunks,
-    *_schedule_shapes(
-      jax.eval_shape(
-        functools.partial(
-          _mosaic_schedule,
-          jnp,
-          batch=batch,
-          num_chunks=num_chunks,
-          tiles=tiles,
-          unit=unit,
-          block_size=block_size,
-        ),
-        dataclasses.replace(plan, schedule=None),
-      )
-    ),
-  ):
-    raise ValueError(
-      f"plan.schedule must be the MosaicSchedule of this call ({num_chunks} chunks a group: "
-      f"kernels.gpu.cascade.schedule_plan with this call's heads, block size and "
-      f"CascadeBlockSizes), got {sch!r:.200}"
-    )
+    sch = _mosaic_schedule(jnp, plan, batch, **layout)
+  else:
+    _check_schedule(sch, plan, batch, layout)
   table, seq_lens, sched = sch.table, sch.seq_lens, sch.sched
   # Query rows: (group, member) -> q of the member's batch row (zero for padding). Every
   # chunk of a group reads the same rows (the schedule's query shift), into its own outputs.
@@ -551,25 +528,45 @@ def shared_partials_mosaic(
   return MosaicShared(o, lse, sch.first_row, num_chunks, mpad)
 
 
-def _schedule_shapes(sch) -> tuple:
-  """``(shape, dtype)`` of each launch array: what a call can check of a schedule."""
-  arrays = (sch.table, sch.seq_lens, sch.sched, sch.first_row)
-  return tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in arrays)
+def _check_schedule(sch, plan, batch, layout) -> None:
+  """Raises ValueError unless ``sch`` is a :class:`MosaicSchedule` of the chunk count,
+  shapes and dtypes that this call's ``layout`` traces from ``plan`` (its values are the
+  caller's: :func:`schedule_plan`)."""
+
+  def signature(s):
+    arrays = (s.table, s.seq_lens, s.sched, s.first_row)
+    return s.chunks, tuple((tuple(x.shape), jnp.dtype(x.dtype).name) for x in arrays)
+
+  want = jax.eval_shape(
+    functools.partial(_mosaic_schedule, jnp, batch=batch, **layout),
+    dataclasses.replace(plan, schedule=None),
+  )
+  if not isinstance(sch, MosaicSchedule) or signature(sch) != signature(want):
+    raise ValueError(
+      f"plan.schedule must be the MosaicSchedule of this call ({want.chunks} chunks a "
+      f"group: kernels.gpu.cascade.schedule_plan with this call's heads, block size and "
+      f"CascadeBlockSizes), got {sch!r:.200}"
+    )
 
 
-def _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes) -> int:
-  """Chunks of each group's shared keys on the Mosaic shared part (static)."""
+def _mosaic_layout(plan, num_q_heads, block_size, block_sizes) -> dict:
+  """The Mosaic shared part's static layout of ``plan`` (keyword arguments of
+  :func:`_mosaic_schedule`): ``tiles`` 128-row query tiles a (group, chunk), chunks of
+  ``unit`` keys (whole K/V steps and whole blocks), ``num_chunks`` a group."""
   from kernels.gpu import prefill_mosaic as pm
 
+  num_groups, width = plan.group_table.shape
+  tiles = -(-plan.group_rows.shape[1] // pm.TILE)
   unit = max(block_sizes.shared_mosaic_kv_tile, block_size)
   # One CUDA block an SM whatever its shared memory: its three warpgroups' registers
   # (232 / 40 a thread) fill the SM.
-  return choose_num_chunks(
+  num_chunks = choose_num_chunks(
     num_q_heads * num_groups * tiles,
     max(1, -(-(width * block_size) // unit)),
     block_sizes.shared_num_chunks,
     program_smem=pm.SMEM_LIMIT_BYTES,
   )
+  return dict(num_chunks=num_chunks, tiles=tiles, unit=unit, block_size=block_size)
 
 
 def _mosaic_schedule(xp, plan, batch, *, num_chunks, tiles, unit, block_size):
@@ -668,8 +665,6 @@ def schedule_plan(
   Raises:
     ValueError: ``plan``'s arrays are not host NumPy arrays.
   """
-  from kernels.gpu import prefill_mosaic as pm
-
   if block_sizes is None:
     block_sizes = default_cascade_block_sizes(head_dim=head_dim, q_dtype=q_dtype, kv_dtype=kv_dtype)
   block_sizes = resolve_shared_kernel(
@@ -687,12 +682,8 @@ def schedule_plan(
   for name in ("group_table", "group_lens", "group_rows", "row_starts"):
     if not isinstance(getattr(plan, name), np.ndarray):
       raise ValueError(f"schedule_plan takes a host (NumPy) plan; plan.{name} is not one")
-  tiles = -(-members // pm.TILE)
-  chunks = _mosaic_num_chunks(num_q_heads, block_size, num_groups, width, tiles, block_sizes)
-  unit = max(block_sizes.shared_mosaic_kv_tile, block_size)
-  sch = _mosaic_schedule(
-    np, plan, len(plan.row_starts), num_chunks=chunks, tiles=tiles, unit=unit, block_size=block_size
-  )
+  layout = _mosaic_layout(plan, num_q_heads, block_size, block_sizes)
+  sch = _mosaic_schedule(np, plan, len(plan.row_starts), **layout)
   return dataclasses.replace(plan, schedule=sch)
 
 
