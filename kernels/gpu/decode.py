@@ -532,7 +532,7 @@ def paged_decode(
       and one split, the partials of each row's keys before ``row_starts[b]`` (a cascade's
       shared part, computed elsewhere), merged into the output inside the kernel instead
       of by a merge after it: ``prefix_o [R, num_q_heads, head_dim]`` normalised outputs
-      (any float dtype), ``prefix_lse f32[num_q_heads, R]`` their log-sum-exp in log2
+      (any floating dtype), ``prefix_lse f32[num_q_heads, R]`` their log-sum-exp in log2
       units, ``prefix_rows i32[batch]`` the first of row b's ``prefix_chunks`` partials
       (``prefix_rows[b] + c * prefix_stride`` for chunk c; -1: none). A chunk with no keys
       has lse -inf and a finite (zero) output. Not with ``return_partials``, a fused write
@@ -594,6 +594,8 @@ def paged_decode(
         f"[{num_q_heads}, R] and prefix_rows [{batch}], got {prefix_o.shape}, "
         f"{prefix_lse.shape} and {prefix_rows.shape}"
       )
+    if not jnp.issubdtype(prefix_o.dtype, jnp.floating):
+      raise ValueError(f"paged_decode: prefix_o must be floating, got {prefix_o.dtype}")
     chunks, stride = int(prefix_chunks), int(prefix_stride)
     # Rows past R would be read unchecked (Triton loads): the last chunk must fit.
     if chunks < 1 or stride < 0 or (chunks - 1) * stride >= total:

@@ -277,6 +277,9 @@ def test_decode_prefix_partials_need_one_split_and_row_starts():
   bad = dict(pre, prefix_lse=jnp.zeros((2, q.shape[1] + 1)))
   with pytest.raises(ValueError, match="prefix_lse"):
     paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
+  bad = dict(pre, prefix_o=jnp.zeros((2,) + q.shape[1:], jnp.int32))
+  with pytest.raises(ValueError, match="prefix_o must be floating"):
+    paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
   bad = dict(pre, prefix_rows=jnp.zeros((3,), jnp.int32))
   with pytest.raises(ValueError, match="prefix_rows"):
     paged_decode(q, k, v, table, lens, block_sizes=one, row_starts=starts, **kw, **bad)
