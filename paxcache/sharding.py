@@ -572,6 +572,7 @@ def shard_model(model, mesh: Mesh, *, axis: str = MODEL_AXIS):
   cols, rows = NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P(axis, None))
   for layer in model.layers:
     layer.attn.set_mesh(mesh, axis)
+    layer.mlp.mesh = mesh  # split weights: the MLP's products are XLA's (paxcache.nn.project)
   for _, node in nnx.iter_graph(model):
     if isinstance(node, nnx.Variable):
       _put(node, rep)

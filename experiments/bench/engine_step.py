@@ -101,7 +101,9 @@ MODELS = {
 }
 
 
-def build_model(name: str, *, max_seq_len: int, param_dtype: str = "bfloat16", seed: int = 0):
+def build_model(
+  name: str, *, max_seq_len: int, param_dtype: str = "bfloat16", seed: int = 0, gemm: str = "auto"
+):
   from flax import nnx
 
   from paxcache.nn import Decoder, DecoderConfig
@@ -109,7 +111,7 @@ def build_model(name: str, *, max_seq_len: int, param_dtype: str = "bfloat16", s
   config = DecoderConfig(
     **MODELS[name], max_seq_len=max_seq_len, dtype="bfloat16", param_dtype=param_dtype
   )
-  return Decoder(config, rngs=nnx.Rngs(seed))
+  return Decoder(config, gemm=gemm, rngs=nnx.Rngs(seed))
 
 
 def param_bytes(model) -> int:
@@ -298,63 +300,63 @@ def step_rows(args, rate: float) -> list[dict]:
   rows = []
   env = env_info()
   rng = np.random.default_rng(0)
-  for name in args.models:
-    for batch, context in args.shapes:
-      model = build_model(name, max_seq_len=max(2048, context))
-      c = model.config
-      pbytes = param_bytes(model)
-      kbytes = kv_bytes(c, batch, context)
-      roofline_ms = (pbytes + kbytes) / rate * 1e3
-      per_seq = -(-context // args.block_size)
-      live = batch * per_seq
-      block_bytes = kv_bytes(c, 1, args.block_size)
-      big = int(args.big_pool_gb * 1e9 // block_bytes)
-      # Just the live blocks, 40x them, and >= --big-pool-gb; none above --max-pool-gb.
-      cap = int(args.max_pool_gb * 1e9 // block_bytes)
-      if cap < live + 8:
-        raise ValueError(
-          f"{name} {batch}x{context}: --max-pool-gb {args.max_pool_gb} holds {cap} blocks, "
-          f"fewer than the {live + 8} the step needs ({(live + 8) * block_bytes / 1e9:.2f} GB)"
-        )
-      dense = dense_step_ms(model, batch=batch, context=context, rng=rng, args=args)
-      for pool in sorted({live + 8, min(40 * live, cap), min(max(big, 40 * live), cap)}):
-        paged = paged_step_ms(
-          model,
-          batch=batch,
-          context=context,
-          block_size=args.block_size,
-          num_blocks=pool,
-          rng=rng,
-          args=args,
-        )
-        row = dict(
-          device=env["device"],
-          jax_version=env["jax_version"],
-          commit=args.commit,
-          model=name,
-          param_dtype=c.param_dtype,
-          kv_dtype=c.dtype,
-          batch=batch,
-          context=context,
-          block_size=args.block_size,
-          lane_dense=args.lane_dense,
-          **xla_options_field(args),
-          pool_blocks=pool,
-          pool_gb=pool * block_bytes / 1e9,
-          param_bytes=pbytes,
-          kv_bytes=kbytes,
-          roofline_ms=roofline_ms,
-          read_tbs=rate / 1e12,
-          **paged,
-          **dense,
-          date=env["date"],
-        )
-        row["paged_over_dense"] = row["paged_step_ms"] / row["dense_step_ms"]
-        row["paged_over_roofline"] = row["paged_step_ms"] / roofline_ms
-        print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
-        rows.append(row)
-      del model
-      gc.collect()
+  for name, (batch, context), gemm in itertools.product(args.models, args.shapes, args.gemm):
+    model = build_model(name, max_seq_len=max(2048, context), gemm=gemm)
+    c = model.config
+    pbytes = param_bytes(model)
+    kbytes = kv_bytes(c, batch, context)
+    roofline_ms = (pbytes + kbytes) / rate * 1e3
+    per_seq = -(-context // args.block_size)
+    live = batch * per_seq
+    block_bytes = kv_bytes(c, 1, args.block_size)
+    big = int(args.big_pool_gb * 1e9 // block_bytes)
+    # Just the live blocks, 40x them, and >= --big-pool-gb; none above --max-pool-gb.
+    cap = int(args.max_pool_gb * 1e9 // block_bytes)
+    if cap < live + 8:
+      raise ValueError(
+        f"{name} {batch}x{context}: --max-pool-gb {args.max_pool_gb} holds {cap} blocks, "
+        f"fewer than the {live + 8} the step needs ({(live + 8) * block_bytes / 1e9:.2f} GB)"
+      )
+    dense = dense_step_ms(model, batch=batch, context=context, rng=rng, args=args)
+    for pool in sorted({live + 8, min(40 * live, cap), min(max(big, 40 * live), cap)}):
+      paged = paged_step_ms(
+        model,
+        batch=batch,
+        context=context,
+        block_size=args.block_size,
+        num_blocks=pool,
+        rng=rng,
+        args=args,
+      )
+      row = dict(
+        device=env["device"],
+        jax_version=env["jax_version"],
+        commit=args.commit,
+        model=name,
+        param_dtype=c.param_dtype,
+        kv_dtype=c.dtype,
+        batch=batch,
+        context=context,
+        block_size=args.block_size,
+        lane_dense=args.lane_dense,
+        gemm=gemm,
+        **xla_options_field(args),
+        pool_blocks=pool,
+        pool_gb=pool * block_bytes / 1e9,
+        param_bytes=pbytes,
+        kv_bytes=kbytes,
+        roofline_ms=roofline_ms,
+        read_tbs=rate / 1e12,
+        **paged,
+        **dense,
+        date=env["date"],
+      )
+      row["paged_over_dense"] = row["paged_step_ms"] / row["dense_step_ms"]
+      row["paged_over_roofline"] = row["paged_step_ms"] / roofline_ms
+      print(f"[{time.perf_counter() - T0:.0f} s]", json.dumps(row), flush=True)
+      rows.append(row)
+    del model
+    gc.collect()
   return rows
 
 
@@ -454,7 +456,7 @@ def e2e_rows(args) -> list[dict]:
     runs_of = itertools.product(args.e2e_block_sizes, args.e2e_min_chunks, args.e2e_cascade)
     for block_size, min_chunk, cascade_min in runs_of:
       longest = prefix_len + int(lengths.sum(1).max())
-      model = build_model(name, max_seq_len=max(1024, longest))
+      model = build_model(name, max_seq_len=max(1024, longest), gemm=args.gemm[0])
       c = model.config
       pool_tokens = int(args.e2e_pool_gb * 1e9 // kv_bytes(c, 1, 1))
       config = EngineConfig(
@@ -709,6 +711,7 @@ def e2e_rows(args) -> list[dict]:
         pipeline_depth=args.pipeline_depth,
         decode_steps=args.decode_steps,
         bursts=m["bursts"],
+        gemm=args.gemm[0],
         **xla_options_field(args),
         date=env["date"],
       )
@@ -725,6 +728,12 @@ def define_flags():
   flags.DEFINE_string("out", None, "output folder", required=True)
   flags.DEFINE_string("models", "smollm2-135m,llama-1b", "model names, comma separated")
   flags.DEFINE_string("shapes", "64x512,256x1024", "batch x context, comma separated")
+  flags.DEFINE_string(
+    "gemm",
+    "auto",
+    "the model's projections (paxcache.nn.GEMMS), comma separated: the step table runs each "
+    "(rows record it); the engine runs take the first",
+  )
   flags.DEFINE_integer("block-size", 16, "tokens per block")
   flags.DEFINE_float("big-pool-gb", 100.0, "the big pool")
   flags.DEFINE_float("max-pool-gb", 110.0, "largest pool (H200: 139 GiB)")
@@ -820,6 +829,11 @@ def main(args):
   args.xla_options = options  # EngineConfig / device_step check and normalise them
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+  args.gemm = args.gemm.split(",")
+  from paxcache.nn import GEMMS
+
+  if not args.gemm or any(g not in GEMMS for g in args.gemm):
+    raise SystemExit(f"--gemm takes values of {GEMMS}, got {','.join(args.gemm)!r}")
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
   args.e2e_min_chunks = [int(x) for x in args.e2e_min_chunks.split(",")]

@@ -10,11 +10,12 @@ from paxcache.nn._checkpoint import load_decoder, save_decoder
 from paxcache.nn._config import DecoderConfig
 from paxcache.nn._decoder import Decoder, DecoderLayer
 from paxcache.nn._generate import greedy_generate_dense_cache, greedy_generate_no_cache
-from paxcache.nn._layers import RMSNorm, SwiGLU, apply_rope
+from paxcache.nn._layers import GEMMS, RMSNorm, SwiGLU, apply_rope, project
 
 __all__ = [
   "TINY_CHECKPOINT",
   "TINY_CORPUS",
+  "GEMMS",
   "Decoder",
   "DecoderConfig",
   "DecoderLayer",
@@ -26,5 +27,6 @@ __all__ = [
   "greedy_generate_dense_cache",
   "greedy_generate_no_cache",
   "load_decoder",
+  "project",
   "save_decoder",
 ]

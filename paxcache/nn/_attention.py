@@ -37,7 +37,7 @@ import kernels
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
-from paxcache.nn._layers import apply_rope, split_column_blocks
+from paxcache.nn._layers import apply_rope, check_gemm, project, split_column_blocks
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
 
@@ -120,6 +120,8 @@ class PagedAttention(nnx.Module):
     backend: ``kernels.paged_attention`` backend (``"auto"`` picks the Pallas kernel on
       GPU/TPU and the reference on CPU; there is no silent fallback).
     interpret: run a Pallas backend in interpret mode (tests on CPU).
+    gemm: how the q/k/v and output projections multiply (``paxcache.nn.GEMMS``: "auto"
+      takes the Pallas split-K product on a GPU for few rows, ``paxcache.nn.project``).
     sliding_window, logit_soft_cap: passed to the kernel.
     dtype: activation dtype of the projections.
     param_dtype: dtype of the projection weights.
@@ -149,6 +151,7 @@ class PagedAttention(nnx.Module):
     rope_theta: float | None = 10_000.0,
     backend: str = "auto",
     interpret: bool = False,
+    gemm: str = "auto",
     sliding_window: int | None = None,
     logit_soft_cap: float | None = None,
     dtype=jnp.float32,
@@ -179,6 +182,7 @@ class PagedAttention(nnx.Module):
     self.rope_theta = rope_theta
     self.backend = backend
     self.interpret = interpret
+    self.gemm = check_gemm(gemm)
     self.sliding_window = sliding_window
     self.logit_soft_cap = logit_soft_cap
     self.set_mesh(mesh, mesh_axis)
@@ -249,7 +253,7 @@ class PagedAttention(nnx.Module):
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     whole = self.mesh is not None and self.shards == 1
-    h = jnp.dot(xc, w)
+    h = self._project(xc, w)
     if whole:
       # The weight is replicated (the query layout is not the identity, shard_model):
       # every device computes q, k and v whole, RoPE included, and the attention takes its
@@ -281,11 +285,19 @@ class PagedAttention(nnx.Module):
     so that the projection's output, RoPE and the layout of the three are one fusion."""
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     heads = self.num_q_heads + 2 * self.num_kv_heads
-    h = jnp.dot(xc, w).reshape(x.shape[0], heads, self.head_dim)
+    h = self._project(xc, w).reshape(x.shape[0], heads, self.head_dim)
     if self.rope_theta is None:
       return h
     roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
     return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
+
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=self.mesh is not None)
+
+  def _out(self, a: jax.Array) -> jax.Array:
+    """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does)."""
+    a, w = nnx.nn.dtypes.promote_dtype((a, self.o_proj.kernel[...]), dtype=self.dtype)
+    return self._project(a, w)
 
   def _replicated(self, a: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))
@@ -401,7 +413,7 @@ class PagedAttention(nnx.Module):
         cache = cache.replace_layer(layer, k_blocks, v_blocks)
       else:
         cache = (k_blocks, v_blocks)
-      out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
+      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
@@ -448,7 +460,7 @@ class PagedAttention(nnx.Module):
         **kernel_kwargs,
         **scales,
       )
-    out = self.o_proj(out.astype(x.dtype).reshape(x.shape[0], -1))
+    out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
 
   def dense(
@@ -491,10 +503,10 @@ class PagedAttention(nnx.Module):
         q = jnp.take_along_axis(q, query_rows[:, :, None, None], axis=1)
         positions = jnp.take_along_axis(positions, query_rows, axis=1)
       out = dense_causal_attention(q, k, v, positions, scale=scale, exact=exact)
-      return self.o_proj(out.astype(x.dtype).reshape(*q.shape[:2], -1))
+      return self._out(out.astype(x.dtype).reshape(*q.shape[:2], -1))
     k_cache, v_cache = cache
     start = (0, cache_index, 0, 0)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
     out = dense_causal_attention(q, k_cache, v_cache, positions, scale=scale, exact=exact)
-    return self.o_proj(out.astype(x.dtype).reshape(*x.shape[:2], -1)), (k_cache, v_cache)
+    return self._out(out.astype(x.dtype).reshape(*x.shape[:2], -1)), (k_cache, v_cache)

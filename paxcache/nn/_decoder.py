@@ -22,6 +22,7 @@ class DecoderLayer(nnx.Module):
     *,
     backend: str = "auto",
     interpret: bool = False,
+    gemm: str = "auto",
     mesh=None,
     mesh_axis: str = "model",
     rngs: nnx.Rngs,
@@ -36,6 +37,7 @@ class DecoderLayer(nnx.Module):
       rope_theta=c.rope_theta,
       backend=backend,
       interpret=interpret,
+      gemm=gemm,
       dtype=c.jnp_dtype,
       param_dtype=c.jnp_param_dtype,
       mesh=mesh,
@@ -44,7 +46,13 @@ class DecoderLayer(nnx.Module):
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
     self.mlp = SwiGLU(
-      c.d_model, c.mlp_dim, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, rngs=rngs
+      c.d_model,
+      c.mlp_dim,
+      dtype=c.jnp_dtype,
+      param_dtype=c.jnp_param_dtype,
+      gemm=gemm,
+      interpret=interpret,
+      rngs=rngs,
     )
 
   def __call__(self, x, positions, cache, **paged):
@@ -79,6 +87,12 @@ class Decoder(nnx.Module):
   ``mesh`` / ``mesh_axis`` are passed to every layer's :class:`PagedAttention` (tensor
   parallelism over KV heads); ``paxcache.sharding.shard_model`` sets them on a built model
   and also places the parameters, which is what the engine does with ``EngineConfig.mesh``.
+
+  ``gemm`` (:data:`paxcache.nn.GEMMS`) is how every layer's projections multiply: "auto"
+  (the default) runs the Pallas split-K product of ``kernels.gpu.matmul`` on a GPU for
+  calls of at most 256 token rows (decode steps) where it suits the weight's shape, and
+  XLA's product elsewhere (prefill, CPU, TPU, a sharded model); "xla" never the kernel;
+  "pallas" always (``interpret=True`` on CPU). The embedding and the logits stay XLA's.
   """
 
   def __init__(
@@ -87,6 +101,7 @@ class Decoder(nnx.Module):
     *,
     backend: str = "auto",
     interpret: bool = False,
+    gemm: str = "auto",
     mesh=None,
     mesh_axis: str = "model",
     rngs: nnx.Rngs,
@@ -99,7 +114,13 @@ class Decoder(nnx.Module):
     self.layers = nnx.List(
       [
         DecoderLayer(
-          c, backend=backend, interpret=interpret, mesh=mesh, mesh_axis=mesh_axis, rngs=rngs
+          c,
+          backend=backend,
+          interpret=interpret,
+          gemm=gemm,
+          mesh=mesh,
+          mesh_axis=mesh_axis,
+          rngs=rngs,
         )
         for _ in range(c.num_layers)
       ]

@@ -1,10 +1,79 @@
-"""Building blocks of the decoder: RMSNorm, SwiGLU MLP and rotary position embeddings."""
+"""Building blocks of the decoder: RMSNorm, SwiGLU MLP, rotary position embeddings, and the
+projection that picks the product's kernel."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+import kernels
+from kernels.gpu import matmul as gpu_matmul
+
+# How the decoder's projections (q/k/v, output, gate/up, down) multiply: "auto" takes the
+# Pallas split-K product (kernels.gpu.matmul) on a GPU where it suits the shapes (16-bit
+# inputs, few rows: decode steps; kernels.gpu.matmul.matmul_settings) and no mesh splits
+# the weight, and XLA's product everywhere else; "xla" always XLA's; "pallas" always the
+# Pallas kernel (a GPU, or interpret=True; ValueError where it cannot run the product).
+GEMMS = ("auto", "xla", "pallas")
+
+
+def check_gemm(gemm: str) -> str:
+  if gemm not in GEMMS:
+    raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+  return gemm
+
+
+def project(
+  x: jax.Array, w: jax.Array, *, gemm: str, interpret: bool = False, sharded: bool = False
+):
+  """``x @ w`` over x's last axis, in x's dtype (the caller promotes x and w first).
+
+  Args:
+    x: ``[..., K]``.
+    w: ``[K, N]``.
+    gemm: one of :data:`GEMMS`.
+    interpret: run the Pallas kernel in interpret mode (``gemm="pallas"`` on CPU).
+    sharded: a mesh splits the weight (``paxcache.sharding.shard_model``): XLA's product.
+
+  Raises:
+    ValueError: an unknown ``gemm``; ``gemm="pallas"`` under a mesh, for dtypes other than
+      bf16 / f16, or for shapes :func:`kernels.gpu.matmul.matmul_settings` does not take.
+    kernels.BackendUnavailableError: ``gemm="pallas"`` off a GPU without ``interpret``.
+  """
+  check_gemm(gemm)
+  if gemm == "xla" or x.ndim < 1 or w.ndim != 2:
+    return jnp.dot(x, w)
+  lead = x.shape[:-1]
+  rows = math.prod(lead)
+  k, n = w.shape
+  dtype_ok = x.dtype == w.dtype and jnp.dtype(x.dtype) in gpu_matmul.DTYPES
+  fit = gemm == "pallas"
+  settings = gpu_matmul.matmul_settings(rows, k, n, fit=fit) if dtype_ok else None
+  if gemm == "auto":
+    if sharded or settings is None or jax.default_backend() != "gpu":
+      return jnp.dot(x, w)
+  else:  # "pallas": no fallback
+    if sharded:
+      raise ValueError("gemm='pallas' does not run under a mesh (the weight is split)")
+    if not interpret and jax.default_backend() != "gpu":
+      raise kernels.BackendUnavailableError(
+        f"gemm='pallas' needs a GPU but JAX's default backend is {jax.default_backend()!r}; "
+        "pass interpret=True, or gemm='xla'"
+      )
+    if not dtype_ok:
+      raise ValueError(
+        f"gemm='pallas' takes bf16 or f16 inputs of one dtype, got {x.dtype} and {w.dtype}"
+      )
+    if settings is None:
+      raise ValueError(
+        f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
+        f"(kernels.gpu.matmul: at most {gpu_matmul.MAX_ROWS} rows, K and N multiples of 16)"
+      )
+  y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret)
+  return y.astype(x.dtype).reshape(*lead, n)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -71,6 +140,8 @@ class SwiGLU(nnx.Module):
     *,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
+    gemm: str = "auto",
+    interpret: bool = False,
     rngs: nnx.Rngs,
   ):
     # nnx.Linear's initialiser (LeCun normal: fan-in d_model), for both halves.
@@ -82,12 +153,24 @@ class SwiGLU(nnx.Module):
     self.mlp_dim = mlp_dim
     self.dtype = dtype
     self.shards = 1
+    self.gemm = check_gemm(gemm)
+    self.interpret = interpret
+    # Set by paxcache.sharding.shard_model: the weights are split over a mesh, so the
+    # products are XLA's (``project``'s ``sharded``).
+    self.mesh = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     x, w = nnx.nn.dtypes.promote_dtype((x, self.gate_up[...]), dtype=self.dtype)
-    gate, up = split_column_blocks(jnp.dot(x, w), (self.mlp_dim,) * 2, self.shards)
-    return self.down(jax.nn.silu(gate) * up)
+    gate, up = split_column_blocks(self._project(x, w), (self.mlp_dim,) * 2, self.shards)
+    h, wd = nnx.nn.dtypes.promote_dtype(
+      (jax.nn.silu(gate) * up, self.down.kernel[...]), dtype=self.dtype
+    )
+    return self._project(h, wd)
+
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    sharded = self.mesh is not None or self.shards > 1
+    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded)
 
   def canonical_gate_up(self) -> jax.Array:
     """``gate_up`` in the ``shards == 1`` column order: ``[gate | up]``."""

@@ -19,6 +19,7 @@ from flax import nnx
 
 import kernels
 import paxcache
+from kernels.gpu import matmul as gpu_matmul
 from kernels.testing import tolerance
 from paxcache.cache import PagedKVCache
 from paxcache.nn import (
@@ -743,3 +744,79 @@ def test_decoder_over_a_lane_padded_cache_matches_the_plain_cache_and_no_cache(b
   else:
     plain, _ = run(model.init_cache(6, bs))
     chex.assert_trees_all_close(padded, plain, **TOL)
+
+
+def _bf16_config(**kw):
+  base = dict(
+    vocab_size=256,
+    d_model=64,
+    num_layers=2,
+    num_q_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_dim=192,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  )
+  return DecoderConfig(**{**base, **kw})
+
+
+def _pallas_calls(fn, *args) -> list[str]:
+  text = str(jax.make_jaxpr(fn)(*args))
+  return [line for line in text.splitlines() if "pallas_call" in line]
+
+
+def test_gemm_pallas_projections_match_xla_and_run_the_kernel(monkeypatch):
+  """gemm="pallas" (interpret mode) runs every projection (q/k/v, o, gate/up, down) through
+  kernels.gpu.matmul and gives XLA's logits within bf16 rounding; "auto" on the CPU and
+  "xla" run no Pallas product."""
+  config = _bf16_config()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 9)), jnp.int32)
+  models = {
+    g: Decoder(config, gemm=g, interpret=g == "pallas", rngs=nnx.Rngs(1))
+    for g in ("xla", "auto", "pallas")
+  }
+  logits = {g: np.asarray(m.forward(tokens), np.float64) for g, m in models.items()}
+  np.testing.assert_array_equal(logits["auto"], logits["xla"])
+  # The kernel sums float32 products in its own order (split-K partials): the logits may
+  # differ by bf16 roundings of the activations between layers, well under 2% of their
+  # scale. (On this CPU, with one split at these sizes, they agree bit for bit.)
+  scale = np.abs(logits["xla"]).max()
+  assert np.abs(logits["pallas"] - logits["xla"]).max() < 0.02 * scale
+  shapes = []
+  real = gpu_matmul.skinny_matmul
+  monkeypatch.setattr(
+    gpu_matmul, "skinny_matmul", lambda x, w, *a, **k: shapes.append(w.shape) or real(x, w, *a, **k)
+  )
+  models["pallas"].forward(tokens)
+  d, f, width = config.d_model, config.mlp_dim, (4 + 2 * 2) * 16
+  assert shapes == [(d, width), (4 * 16, d), (d, 2 * f), (f, d)] * config.num_layers
+  assert _pallas_calls(models["pallas"].forward, tokens)
+  assert not _pallas_calls(models["auto"].forward, tokens)
+  assert not _pallas_calls(models["xla"].forward, tokens)
+
+
+def test_gemm_errors():
+  with pytest.raises(ValueError, match="gemm must be one of"):
+    Decoder(_bf16_config(), gemm="cublas", rngs=nnx.Rngs(0))
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  # float32 weights: the kernel takes 16-bit inputs only (no silent fallback).
+  f32 = Decoder(_bf16_config(dtype="float32", param_dtype="float32"), gemm="pallas",
+                interpret=True, rngs=nnx.Rngs(0))  # fmt: skip
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    f32.forward(tokens)
+  # Off a GPU without interpret mode.
+  with pytest.raises(kernels.BackendUnavailableError, match="needs a GPU"):
+    Decoder(_bf16_config(), gemm="pallas", rngs=nnx.Rngs(0)).forward(tokens)
+  # More rows than the kernel takes.
+  model = Decoder(_bf16_config(), gemm="pallas", interpret=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="at most 256 rows"):
+    model.forward(jnp.zeros((2, 129), jnp.int32))
+  # A weight split over a mesh (shard_model marks the MLP): XLA's product under "auto",
+  # an error under "pallas".
+  model.layers[0].mlp.mesh = object()
+  with pytest.raises(ValueError, match="does not run under a mesh"):
+    model.forward(tokens)
+  auto = Decoder(_bf16_config(), gemm="auto", rngs=nnx.Rngs(0))
+  auto.layers[0].mlp.mesh = object()
+  auto.forward(tokens)

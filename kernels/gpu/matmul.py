@@ -1,0 +1,219 @@
+"""Split-K products of few rows by a large weight (a decode step's projections), Pallas Triton.
+
+A decode step multiplies tens of rows by every weight of the model once: the product is
+memory-bound on the weight, and at 64 rows XLA's own GEMMs read the small weights of a
+layer (q/k/v, the output projection) at a fraction of the card's rate (docs/benchmarks.md,
+"Run37"). Here the product is cut over K into ``splits`` equal slices; program ``(j, s)``
+multiplies the rows by the weight's tile ``[slice s, columns j * block_n ...]`` and writes
+its float32 ``[rows, block_n]`` partial to ``partials[s]``. :func:`skinny_matmul` sums the
+partials in XLA, which fuses the sum into whatever elementwise work consumes the product
+(the residual add, SwiGLU, RoPE), so the split costs no kernel of its own.
+
+:func:`matmul_settings` picks the split and tiles from the shapes: about one program an SM
+(``plan.num_sms``), columns in tiles of 64 (32 below 2,048 columns), K in steps of 128
+(64 where 128 does not divide it, and above 128 rows); ``None`` where the kernel does not
+suit the product (more than :data:`MAX_ROWS` rows, a K that is not a multiple of 64, a
+product too small to give every SM a program of at least two K steps: XLA's product is
+faster there).
+
+Rows need not be a power of two: the program's row tile is the next power of two (at least
+16, the tensor cores' smallest), its extra rows masked on every load and store, so no
+padded copy of the input is made.
+
+This module imports nothing from paxcache or flax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kernels.gpu.plan import num_sms as _num_sms
+
+# Above this many rows a product is no longer a skinny one: matmul_settings gives None.
+MAX_ROWS = 256
+# Input dtypes the kernel takes (float32 would run its dots in TF32, unlike XLA's).
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulSettings:
+  """A split-K product's launch: ``splits`` K slices, ``[rows, block_n]`` output tiles,
+  ``block_k``-deep steps; ``num_warps`` and ``num_stages`` are Triton's."""
+
+  splits: int
+  block_n: int
+  block_k: int
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for name in ("splits", "block_n", "block_k", "num_warps", "num_stages"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"MatmulSettings.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("block_n", "block_k"):
+      v = getattr(self, name)
+      if v < 16 or v & (v - 1):
+        raise ValueError(f"MatmulSettings.{name} must be a power of two >= 16, got {v}")
+
+
+def row_tile(rows: int) -> int:
+  """The programs' row tile: the next power of two >= ``rows``, at least 16."""
+  return max(16, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
+
+
+def _largest_pow2_divisor(v: int, cap: int) -> int:
+  p = cap
+  while p > 16 and v % p:
+    p //= 2
+  return p
+
+
+def matmul_settings(rows: int, k: int, n: int, *, num_sms: int | None = None, fit: bool = False):
+  """The split-K launch for ``[rows, k] @ [k, n]``, or None where XLA's product should run.
+
+  Measured on an H100 (docs/benchmarks.md, "Run37"): the fastest launches of each of the
+  SmolLM2-135M and Llama-3.2-1B shapes' four projections at 64 rows ran about one program
+  an SM, each with 2 to 16 K steps; where no split gives every SM a program of at least two
+  steps (SmolLM2's 576 x 576 output projection) XLA's product was faster.
+
+  ``fit=True`` (an explicit request for the kernel): where that rule gives None but the
+  kernel can tile the product (at most ``MAX_ROWS`` rows, K and N multiples of 16), a
+  one-split launch with the largest tiles that divide K and N; None only where it cannot.
+  """
+  sms = _num_sms() if num_sms is None else num_sms
+  if rows < 1 or rows > MAX_ROWS:
+    return None
+  if k % 64 or n % 32:
+    return _plain(k, n) if fit else None
+  block_k = 128 if k % 128 == 0 and row_tile(rows) <= 128 else 64
+  block_n = 64 if n >= 2048 and n % 64 == 0 else 32
+  steps = k // block_k
+  tiles = n // block_n
+  best = None
+  for s in range(1, min(steps, 16) + 1):
+    if steps % s or steps // s < 2 or tiles * s < sms // 2:
+      continue
+    score = abs(math.log(tiles * s / sms))
+    if best is None or score < best[0] - 1e-9:
+      best = (score, s)
+  if best is None:
+    return _plain(k, n) if fit else None
+  return MatmulSettings(splits=best[1], block_n=block_n, block_k=block_k)
+
+
+def _plain(k: int, n: int):
+  if k % 16 or n % 16:
+    return None
+  return MatmulSettings(
+    splits=1, block_n=_largest_pow2_divisor(n, 64), block_k=_largest_pow2_divisor(k, 128)
+  )
+
+
+def _check(x, w, settings: MatmulSettings) -> None:
+  if x.ndim != 2 or w.ndim != 2:
+    raise ValueError(f"x and w must be 2-D, got shapes {x.shape} and {w.shape}")
+  if x.shape[1] != w.shape[0]:
+    raise ValueError(f"x's columns ({x.shape[1]}) must equal w's rows ({w.shape[0]})")
+  if x.dtype != w.dtype or jnp.dtype(x.dtype) not in DTYPES:
+    raise ValueError(
+      f"x and w must share one of {[str(d) for d in DTYPES]}, got {x.dtype} and {w.dtype}"
+    )
+  if x.shape[0] < 1:
+    raise ValueError("x has no rows")
+  k, n = w.shape
+  s = settings
+  if k % (s.splits * s.block_k) or n % s.block_n:
+    raise ValueError(
+      f"settings {s} do not tile [{k}, {n}]: K must be a multiple of splits * block_k "
+      f"({s.splits * s.block_k}) and N of block_n ({s.block_n})"
+    )
+
+
+def _kernel(x_ref, w_ref, o_ref, *, rows, bm, slice_k, block_k, block_n):
+  j = pl.program_id(0)
+  s = pl.program_id(1)
+  r = jnp.arange(bm, dtype=jnp.int32)
+  row_ok = r < rows
+  cols_k = jnp.arange(block_k, dtype=jnp.int32)
+  cols_n = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+  base = s * slice_k
+
+  def step(i, acc):
+    k0 = base + i * block_k + cols_k
+    # Rows past `rows` are not read (zeros), so any row count runs without a padded copy.
+    xt = plgpu.load(
+      x_ref.at[jnp.minimum(r, rows - 1)[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0
+    )
+    wt = plgpu.load(w_ref.at[k0[:, None], cols_n[None, :]])
+    return acc + plgpu.dot(xt, wt)
+
+  acc = lax.fori_loop(0, slice_k // block_k, step, jnp.zeros((bm, block_n), jnp.float32))
+  # All bm rows (those past `rows` are zeros): the caller slices them off, inside the
+  # fusion that sums the partials.
+  plgpu.store(
+    o_ref.at[pl.ds(s * bm, bm), pl.ds(pl.multiple_of(j * block_n, block_n), block_n)], acc
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("settings", "interpret"))
+def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
+  """float32 ``[splits, rows, N]``: the products of ``x``'s and ``w``'s K slices.
+
+  Args:
+    x: ``[rows, K]``, bf16 or f16.
+    w: ``[K, N]``, x's dtype.
+    settings: the launch (:func:`matmul_settings`); K a multiple of ``splits * block_k``,
+      N of ``block_n``.
+    interpret: run in Pallas's interpret mode (CPU tests).
+
+  Raises:
+    ValueError: shapes, dtypes or settings that do not fit.
+  """
+  _check(x, w, settings)
+  rows, k = x.shape
+  n = w.shape[1]
+  s = settings
+  bm = row_tile(rows)
+  kern = functools.partial(
+    _kernel,
+    rows=rows,
+    bm=bm,
+    slice_k=k // s.splits,
+    block_k=s.block_k,
+    block_n=s.block_n,
+  )
+  out = pl.pallas_call(
+    kern,
+    grid=(n // s.block_n, s.splits),
+    out_shape=jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32),
+    compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
+    interpret=interpret,
+    name=f"paxcache_splitk_s{s.splits}_n{s.block_n}_k{s.block_k}",
+  )(x, w)
+  return out.reshape(s.splits, bm, n)[:, :rows]
+
+
+def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bool = False):
+  """float32 ``x @ w`` for few rows: :func:`splitk_partials` summed (in XLA, which fuses
+  the sum into the product's consumer).
+
+  ``settings`` None: :func:`matmul_settings` (ValueError where it gives None).
+  """
+  if settings is None:
+    settings = (
+      matmul_settings(x.shape[0], w.shape[0], w.shape[1]) if x.ndim == w.ndim == 2 else None
+    )
+    if settings is None:
+      raise ValueError(
+        f"no split-K launch suits [{x.shape}] @ [{w.shape}] (matmul_settings gives None: "
+        f"at most {MAX_ROWS} rows, K a multiple of 64, N of 32, enough work for every SM)"
+      )
+  return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)

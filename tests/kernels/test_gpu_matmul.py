@@ -1,0 +1,111 @@
+"""The split-K skinny product (kernels/gpu/matmul.py) in interpret mode against float64 NumPy,
+its launch rule, and its errors."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.gpu import matmul as mm
+
+
+def _inputs(rows, k, n, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+  return x, w
+
+
+def _f64(a):
+  return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize(
+  "rows,k,n,settings",
+  [
+    (1, 256, 64, mm.MatmulSettings(splits=2, block_n=32, block_k=64)),  # one row
+    (5, 256, 96, mm.MatmulSettings(splits=2, block_n=32, block_k=64)),  # not a power of two
+    (64, 512, 128, mm.MatmulSettings(splits=4, block_n=64, block_k=64)),
+    (17, 384, 64, mm.MatmulSettings(splits=3, block_n=64, block_k=128)),  # 3 slices
+    (40, 128, 48, mm.MatmulSettings(splits=1, block_n=16, block_k=128)),
+  ],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_partials_and_product_against_float64(rows, k, n, settings, dtype):
+  """Each partial is the product of its K slice (exact inputs, float32 sums: within 1e-5
+  of float64 relative to the largest entry), and the product is their sum."""
+  x, w = _inputs(rows, k, n, dtype)
+  parts = mm.splitk_partials(x, w, settings, interpret=True)
+  assert parts.shape == (settings.splits, rows, n) and parts.dtype == jnp.float32
+  xs, ws = _f64(x), _f64(w)
+  step = k // settings.splits
+  for s in range(settings.splits):
+    want = xs[:, s * step : (s + 1) * step] @ ws[s * step : (s + 1) * step]
+    np.testing.assert_allclose(_f64(parts[s]), want, rtol=0, atol=1e-5 * np.abs(want).max())
+  got = mm.skinny_matmul(x, w, settings, interpret=True)
+  want = xs @ ws
+  assert got.shape == (rows, n) and got.dtype == jnp.float32
+  np.testing.assert_allclose(_f64(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+def test_nan_in_other_rows_of_the_weight_does_not_reach_the_product():
+  """Only the rows' own inputs are read: a NaN in x's row 3 stays in row 3."""
+  x, w = _inputs(6, 256, 64, jnp.bfloat16)
+  x = x.at[3, 7].set(jnp.nan)
+  got = np.asarray(mm.skinny_matmul(x, w, mm.MatmulSettings(2, 32, 64), interpret=True))
+  assert np.isnan(got[3]).all()
+  assert np.isfinite(np.delete(got, 3, axis=0)).all()
+
+
+def test_settings_rule_for_the_benchmark_models():
+  """The launches measured fastest at 64 rows on the H100 (docs/benchmarks.md, Run37), and
+  None where XLA's product was faster or the kernel does not take the shape."""
+  S = mm.MatmulSettings
+  rule = {
+    (2048, 3072): S(2, 64, 128),  # Llama-1B q/k/v
+    (2048, 2048): S(4, 64, 128),  # o
+    (2048, 16384): S(1, 64, 128),  # gate/up
+    (8192, 2048): S(4, 64, 128),  # down
+    (576, 960): S(3, 32, 64),  # SmolLM2 q/k/v
+    (576, 3072): S(3, 64, 64),  # gate/up
+    (1536, 576): S(6, 32, 128),  # down
+  }
+  for (k, n), want in rule.items():
+    assert mm.matmul_settings(64, k, n, num_sms=132) == want, (k, n)
+  assert mm.matmul_settings(64, 576, 576, num_sms=132) is None  # SmolLM2 o: XLA's
+  assert mm.matmul_settings(257, 2048, 2048, num_sms=132) is None  # too many rows
+  assert mm.matmul_settings(64, 2000, 2048, num_sms=132) is None  # K not a multiple of 64
+  # Above 128 rows K steps of 64 (shared memory), and every launch tiles its product.
+  assert mm.matmul_settings(256, 2048, 2048, num_sms=132).block_k == 64
+  for rows in (1, 7, 64, 100, 128, 256):
+    for k, n in rule:
+      s = mm.matmul_settings(rows, k, n, num_sms=132)
+      assert k % (s.splits * s.block_k) == 0 and n % s.block_n == 0
+  # fit=True: a one-split launch where the rule declines but the kernel tiles the shape.
+  assert mm.matmul_settings(64, 576, 576, num_sms=132, fit=True) == S(1, 64, 64)
+  assert mm.matmul_settings(8, 64, 48, fit=True) == S(1, 16, 64)
+  assert mm.matmul_settings(8, 40, 48, fit=True) is None
+
+
+def test_errors():
+  x, w = _inputs(4, 128, 64, jnp.bfloat16)
+  s = mm.MatmulSettings(2, 32, 64)
+  with pytest.raises(ValueError, match="must share one of"):
+    mm.splitk_partials(x.astype(jnp.float32), w.astype(jnp.float32), s, interpret=True)
+  with pytest.raises(ValueError, match="must share one of"):
+    mm.splitk_partials(x, w.astype(jnp.float16), s, interpret=True)
+  with pytest.raises(ValueError, match="must equal w's rows"):
+    mm.splitk_partials(x, w[:64], s, interpret=True)
+  with pytest.raises(ValueError, match="must be 2-D"):
+    mm.splitk_partials(x[None], w, s, interpret=True)
+  with pytest.raises(ValueError, match="do not tile"):
+    mm.splitk_partials(x, w, mm.MatmulSettings(4, 32, 64), interpret=True)  # 128 / 4 < 64
+  with pytest.raises(ValueError, match="do not tile"):
+    mm.splitk_partials(x, w, mm.MatmulSettings(1, 128, 64), interpret=True)  # N 64
+  with pytest.raises(ValueError, match="power of two"):
+    mm.MatmulSettings(1, 48, 64)
+  with pytest.raises(ValueError, match="splits must be >= 1"):
+    mm.MatmulSettings(0, 32, 64)
+  with pytest.raises(ValueError, match="no split-K launch"):
+    mm.skinny_matmul(x, w[:, :48], interpret=True)
