@@ -11,10 +11,9 @@ partials in XLA, which fuses the sum into whatever elementwise work consumes the
 
 :func:`matmul_settings` picks the split and tiles from the shapes: about one program an SM
 (``plan.num_sms``), columns in tiles of 64 (32 below 2,048 columns), K in steps of 128
-(64 where 128 does not divide it, and above 128 rows); ``None`` where the kernel does not
-suit the product (more than :data:`MAX_ROWS` rows, a K that is not a multiple of 64, a
-product too small to give every SM a program of at least two K steps: XLA's product is
-faster there).
+(64 where 128 does not divide it); ``None`` where XLA's product should run (more than
+:data:`MAX_ROWS` rows, a weight above :data:`MAX_WEIGHT_BYTES`, a K that is not a multiple
+of 64, a product too small to give every SM a program of at least two K steps).
 
 Rows need not be a power of two: the program's row tile is the next power of two (at least
 16, the tensor cores' smallest), its extra rows masked on every load and store, so no
@@ -37,8 +36,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu.plan import num_sms as _num_sms
 
-# Above this many rows a product is no longer a skinny one: matmul_settings gives None.
-MAX_ROWS = 256
+# Where matmul_settings gives None (XLA's product), from run37's per-product timings on an
+# H100 (docs/benchmarks.md): above 128 rows the kernel lost to XLA on 3 of the 7 products
+# measured at 256 rows, and on weights above 16 MiB (the 1B shape's gate/up, 67 MB, and
+# down, 34 MB) XLA was level or faster at 8-256 rows but for one row count (down, 64 rows).
+MAX_ROWS = 128
+MAX_WEIGHT_BYTES = 16 << 20
+# The rows a launch can take at all (matmul_settings(fit=True), an explicit request): the
+# row tile's accumulators and shared-memory stages are sized for this many.
+FIT_MAX_ROWS = 256
 # Input dtypes the kernel takes (float32 would run its dots in TF32, unlike XLA's).
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -76,7 +82,9 @@ def _largest_pow2_divisor(v: int, cap: int) -> int:
   return p
 
 
-def matmul_settings(rows: int, k: int, n: int, *, num_sms: int | None = None, fit: bool = False):
+def matmul_settings(
+  rows: int, k: int, n: int, *, itemsize: int = 2, num_sms: int | None = None, fit: bool = False
+):
   """The split-K launch for ``[rows, k] @ [k, n]``, or None where XLA's product should run.
 
   Measured on an H100 (docs/benchmarks.md, "Run37"): the fastest launches of each of the
@@ -84,15 +92,21 @@ def matmul_settings(rows: int, k: int, n: int, *, num_sms: int | None = None, fi
   an SM, each with 2 to 16 K steps; where no split gives every SM a program of at least two
   steps (SmolLM2's 576 x 576 output projection) XLA's product was faster.
 
-  ``fit=True`` (an explicit request for the kernel): where that rule gives None but the
-  kernel can tile the product (at most ``MAX_ROWS`` rows, K and N multiples of 16), a
-  one-split launch with the largest tiles that divide K and N; None only where it cannot.
+  None also above :data:`MAX_ROWS` rows and for weights of more than
+  :data:`MAX_WEIGHT_BYTES` (``k * n * itemsize``), where XLA's product was level or faster.
+  Four pipeline stages up to 64 rows (faster than three in every product so measured at 8
+  and 64 rows), three above.
+
+  ``fit=True`` (an explicit request for the kernel): the rule's launch where it has one,
+  else, where the kernel can tile the product (at most :data:`FIT_MAX_ROWS` rows, K and N
+  multiples of 16), a one-split launch with the largest tiles that divide K and N; None
+  only where it cannot.
   """
   sms = _num_sms() if num_sms is None else num_sms
-  if rows < 1 or rows > MAX_ROWS:
+  if rows < 1 or rows > (FIT_MAX_ROWS if fit else MAX_ROWS):
     return None
-  if k % 64 or n % 32:
-    return _plain(k, n) if fit else None
+  if rows > MAX_ROWS or k * n * itemsize > MAX_WEIGHT_BYTES or k % 64 or n % 32:
+    return _plain(k, n, rows) if fit else None
   block_k = 128 if k % 128 == 0 and row_tile(rows) <= 128 else 64
   block_n = 64 if n >= 2048 and n % 64 == 0 else 32
   steps = k // block_k
@@ -105,15 +119,17 @@ def matmul_settings(rows: int, k: int, n: int, *, num_sms: int | None = None, fi
     if best is None or score < best[0] - 1e-9:
       best = (score, s)
   if best is None:
-    return _plain(k, n) if fit else None
-  return MatmulSettings(splits=best[1], block_n=block_n, block_k=block_k)
+    return _plain(k, n, rows) if fit else None
+  stages = 4 if row_tile(rows) <= 64 else 3
+  return MatmulSettings(splits=best[1], block_n=block_n, block_k=block_k, num_stages=stages)
 
 
-def _plain(k: int, n: int):
+def _plain(k: int, n: int, rows: int):
   if k % 16 or n % 16:
     return None
+  cap_k = 128 if row_tile(rows) <= 128 else 64  # shared memory for the rows' tile
   return MatmulSettings(
-    splits=1, block_n=_largest_pow2_divisor(n, 64), block_k=_largest_pow2_divisor(k, 128)
+    splits=1, block_n=_largest_pow2_divisor(n, 64), block_k=_largest_pow2_divisor(k, cap_k)
   )
 
 
@@ -213,7 +229,8 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
     )
     if settings is None:
       raise ValueError(
-        f"no split-K launch suits [{x.shape}] @ [{w.shape}] (matmul_settings gives None: "
-        f"at most {MAX_ROWS} rows, K a multiple of 64, N of 32, enough work for every SM)"
+        f"no split-K launch suits {x.shape} @ {w.shape} (matmul_settings gives None: "
+        f"at most {MAX_ROWS} rows, a weight of at most {MAX_WEIGHT_BYTES >> 20} MiB, K a "
+        "multiple of 64, N of 32, enough work for every SM); pass settings"
       )
   return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)

@@ -90,9 +90,11 @@ class Decoder(nnx.Module):
 
   ``gemm`` (:data:`paxcache.nn.GEMMS`) is how every layer's projections multiply: "auto"
   (the default) runs the Pallas split-K product of ``kernels.gpu.matmul`` on a GPU for
-  calls of at most 256 token rows (decode steps) where it suits the weight's shape, and
-  XLA's product elsewhere (prefill, CPU, TPU, a sharded model); "xla" never the kernel;
-  "pallas" always (``interpret=True`` on CPU). The embedding and the logits stay XLA's.
+  calls of at most 128 token rows (decode steps) and weights of at most 16 MiB where its
+  rule has a launch (``kernels.gpu.matmul.matmul_settings``), and XLA's product elsewhere
+  (larger weights and batches, prefill, CPU, TPU, float32, a sharded model); "xla" never
+  the kernel; "pallas" every projection (``interpret=True`` on CPU; at most 256 rows). The
+  embedding and the logits stay XLA's.
   """
 
   def __init__(

@@ -13,10 +13,11 @@ import kernels
 from kernels.gpu import matmul as gpu_matmul
 
 # How the decoder's projections (q/k/v, output, gate/up, down) multiply: "auto" takes the
-# Pallas split-K product (kernels.gpu.matmul) on a GPU where it suits the shapes (16-bit
-# inputs, few rows: decode steps; kernels.gpu.matmul.matmul_settings) and no mesh splits
-# the weight, and XLA's product everywhere else; "xla" always XLA's; "pallas" always the
-# Pallas kernel (a GPU, or interpret=True; ValueError where it cannot run the product).
+# Pallas split-K product (kernels.gpu.matmul) on a GPU where its rule has a launch (16-bit
+# inputs, at most 128 rows, weights of at most 16 MiB: kernels.gpu.matmul.matmul_settings)
+# and no mesh splits the weight, and XLA's product everywhere else; "xla" always XLA's;
+# "pallas" always the Pallas kernel (a GPU, or interpret=True; ValueError where it cannot
+# run the product).
 GEMMS = ("auto", "xla", "pallas")
 
 
@@ -51,7 +52,9 @@ def project(
   k, n = w.shape
   dtype_ok = x.dtype == w.dtype and jnp.dtype(x.dtype) in gpu_matmul.DTYPES
   fit = gemm == "pallas"
-  settings = gpu_matmul.matmul_settings(rows, k, n, fit=fit) if dtype_ok else None
+  settings = (
+    gpu_matmul.matmul_settings(rows, k, n, itemsize=x.dtype.itemsize, fit=fit) if dtype_ok else None
+  )
   if gemm == "auto":
     if sharded or settings is None or jax.default_backend() != "gpu":
       return jnp.dot(x, w)
@@ -70,7 +73,7 @@ def project(
     if settings is None:
       raise ValueError(
         f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
-        f"(kernels.gpu.matmul: at most {gpu_matmul.MAX_ROWS} rows, K and N multiples of 16)"
+        f"(kernels.gpu.matmul: at most {gpu_matmul.FIT_MAX_ROWS} rows, K and N multiples of 16)"
       )
   y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret)
   return y.astype(x.dtype).reshape(*lead, n)

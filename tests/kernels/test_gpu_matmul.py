@@ -63,29 +63,37 @@ def test_settings_rule_for_the_benchmark_models():
   None where XLA's product was faster or the kernel does not take the shape."""
   S = mm.MatmulSettings
   rule = {
-    (2048, 3072): S(2, 64, 128),  # Llama-1B q/k/v
-    (2048, 2048): S(4, 64, 128),  # o
-    (2048, 16384): S(1, 64, 128),  # gate/up
-    (8192, 2048): S(4, 64, 128),  # down
-    (576, 960): S(3, 32, 64),  # SmolLM2 q/k/v
-    (576, 3072): S(3, 64, 64),  # gate/up
-    (1536, 576): S(6, 32, 128),  # down
+    (2048, 3072): S(2, 64, 128, num_stages=4),  # Llama-1B q/k/v
+    (2048, 2048): S(4, 64, 128, num_stages=4),  # o
+    (576, 960): S(3, 32, 64, num_stages=4),  # SmolLM2 q/k/v
+    (576, 3072): S(3, 64, 64, num_stages=4),  # gate/up
+    (1536, 576): S(6, 32, 128, num_stages=4),  # down
   }
   for (k, n), want in rule.items():
     assert mm.matmul_settings(64, k, n, num_sms=132) == want, (k, n)
+    # Three stages above 64 rows; none above 128 rows.
+    assert mm.matmul_settings(128, k, n, num_sms=132).num_stages == 3
+    assert mm.matmul_settings(129, k, n, num_sms=132) is None
   assert mm.matmul_settings(64, 576, 576, num_sms=132) is None  # SmolLM2 o: XLA's
-  assert mm.matmul_settings(257, 2048, 2048, num_sms=132) is None  # too many rows
+  assert mm.matmul_settings(64, 2048, 16384, num_sms=132) is None  # 1B gate/up: 64 MiB
+  assert mm.matmul_settings(64, 8192, 2048, num_sms=132) is None  # 1B down: 32 MiB
+  assert mm.matmul_settings(64, 8192, 1024, num_sms=132) is not None  # 16 MiB: the kernel
+  assert mm.matmul_settings(64, 8192, 2048, itemsize=1, num_sms=132) is not None  # 16 MiB
+  assert mm.matmul_settings(64, 8192 + 64, 1024, num_sms=132) is None  # above 16 MiB
   assert mm.matmul_settings(64, 2000, 2048, num_sms=132) is None  # K not a multiple of 64
-  # Above 128 rows K steps of 64 (shared memory), and every launch tiles its product.
-  assert mm.matmul_settings(256, 2048, 2048, num_sms=132).block_k == 64
-  for rows in (1, 7, 64, 100, 128, 256):
+  for rows in (1, 7, 64, 100, 128):
     for k, n in rule:
       s = mm.matmul_settings(rows, k, n, num_sms=132)
       assert k % (s.splits * s.block_k) == 0 and n % s.block_n == 0
-  # fit=True: a one-split launch where the rule declines but the kernel tiles the shape.
+  # fit=True: the rule's launch where it has one, else one split where the kernel tiles the
+  # shape (up to 256 rows, K steps of 64 above 128 rows).
+  assert mm.matmul_settings(64, 576, 960, num_sms=132, fit=True) == rule[576, 960]
   assert mm.matmul_settings(64, 576, 576, num_sms=132, fit=True) == S(1, 64, 64)
+  assert mm.matmul_settings(64, 8192, 2048, num_sms=132, fit=True) == S(1, 64, 128)
+  assert mm.matmul_settings(256, 8192, 2048, num_sms=132, fit=True) == S(1, 64, 64)
   assert mm.matmul_settings(8, 64, 48, fit=True) == S(1, 16, 64)
   assert mm.matmul_settings(8, 40, 48, fit=True) is None
+  assert mm.matmul_settings(257, 64, 64, fit=True) is None
 
 
 def test_errors():

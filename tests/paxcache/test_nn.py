@@ -810,7 +810,7 @@ def test_gemm_errors():
     Decoder(_bf16_config(), gemm="pallas", rngs=nnx.Rngs(0)).forward(tokens)
   # More rows than the kernel takes.
   model = Decoder(_bf16_config(), gemm="pallas", interpret=True, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="at most 256 rows"):
+  with pytest.raises(ValueError, match="at most 256 rows"):  # (kernels.gpu.matmul.FIT_MAX_ROWS)
     model.forward(jnp.zeros((2, 129), jnp.int32))
   # A weight split over a mesh (shard_model marks the MLP): XLA's product under "auto",
   # an error under "pallas".
