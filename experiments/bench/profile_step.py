@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import glob
+import itertools
 import json
 import os
 import re
@@ -54,10 +55,10 @@ from experiments.bench._gpu_common import (
 )
 
 
-def _warm_step(name, batch, context, args, rng):
-  """The engine's step for ``name`` at ``batch x context`` (pool just big enough), run
-  three times; returns ``(call, release)``."""
-  model = es.build_model(name, max_seq_len=max(2048, context))
+def _warm_step(name, batch, context, args, rng, gemm: str = "auto"):
+  """The engine's step for ``name`` at ``batch x context`` (pool just big enough, the
+  model's products by ``gemm``), run three times; returns ``(call, release)``."""
+  model = es.build_model(name, max_seq_len=max(2048, context), gemm=gemm)
   per_seq = -(-context // args.block_size)
   call, _, release = es.paged_step_call(
     model,
@@ -86,39 +87,39 @@ def _host_call(call, repeats: int) -> Timing:
 def device_profile(args) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
-  for name in args.models:
-    for batch, context in args.shapes:
-      call, release = _warm_step(name, batch, context, args, rng)
-      events = trace_kernels(call, args.steps)
-      release()
-      if not events:
-        print(f"{name} {batch}x{context}: no GPU events in the trace", flush=True)
-        continue
-      summary = kernel_summary(events, args.steps)
-      row = dict(
-        **env_info(),
-        commit=args.commit,
-        model=name,
-        batch=batch,
-        context=context,
-        block_size=args.block_size,
-        steps=args.steps,
-        kernels_per_step=summary["kernels"],
-        kernel_ms_per_step=summary["kernel_us"] / 1e3,
-        span_ms_per_step=summary["span_us"] / 1e3,
-        kernels=[
-          dict(name=k["name"], launches_per_step=k["launches"], ms_per_step=k["us"] / 1e3)
-          for k in summary["by_name"][: args.top]
-        ],
-      )
-      rows.append(row)
-      print(
-        f"\n{name} {batch}x{context}: {row['kernels_per_step']:.0f} kernels/step, "
-        f"{row['kernel_ms_per_step']:.3f} ms of kernels, span {row['span_ms_per_step']:.3f} ms"
-      )
-      for k in row["kernels"]:
-        print(f"  {k['ms_per_step']:8.4f} ms  x{k['launches_per_step']:5.1f}  {k['name'][:110]}")
-      sys.stdout.flush()
+  for name, (batch, context), gemm in itertools.product(args.models, args.shapes, args.gemm):
+    call, release = _warm_step(name, batch, context, args, rng, gemm)
+    events = trace_kernels(call, args.steps)
+    release()
+    if not events:
+      print(f"{name} {batch}x{context}: no GPU events in the trace", flush=True)
+      continue
+    summary = kernel_summary(events, args.steps)
+    row = dict(
+      **env_info(),
+      commit=args.commit,
+      model=name,
+      batch=batch,
+      context=context,
+      block_size=args.block_size,
+      gemm=gemm,
+      steps=args.steps,
+      kernels_per_step=summary["kernels"],
+      kernel_ms_per_step=summary["kernel_us"] / 1e3,
+      span_ms_per_step=summary["span_us"] / 1e3,
+      kernels=[
+        dict(name=k["name"], launches_per_step=k["launches"], ms_per_step=k["us"] / 1e3)
+        for k in summary["by_name"][: args.top]
+      ],
+    )
+    rows.append(row)
+    print(
+      f"\n{name} {batch}x{context} gemm={gemm}: {row['kernels_per_step']:.0f} kernels/step, "
+      f"{row['kernel_ms_per_step']:.3f} ms of kernels, span {row['span_ms_per_step']:.3f} ms"
+    )
+    for k in row["kernels"]:
+      print(f"  {k['ms_per_step']:8.4f} ms  x{k['launches_per_step']:5.1f}  {k['name'][:110]}")
+    sys.stdout.flush()
   return rows
 
 
@@ -307,6 +308,9 @@ def define_flags():
   flags.DEFINE_string("shapes", "64x512,256x1024", "batch x context, comma separated")
   flags.DEFINE_integer("block-size", 16, "tokens per block")
   flags.DEFINE_integer("steps", 5, "--device: steps traced", lower_bound=1)
+  flags.DEFINE_string(
+    "gemm", "auto", "--device: the model's products (paxcache.nn.GEMMS), comma separated"
+  )
   flags.DEFINE_integer("top", 25, "--device: kernels listed")
   flags.DEFINE_string("requests", "192,128", "--host: requests per model")
   flags.DEFINE_float("pool-gb", 40.0, "engine pool of --host")
@@ -343,6 +347,7 @@ def _steady(text: str) -> tuple[int, int, int]:
 
 def main(args):
   args.models = args.models.split(",")
+  args.gemm = args.gemm.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
   if args.host_steady:

@@ -820,3 +820,52 @@ def test_gemm_errors():
   auto = Decoder(_bf16_config(), gemm="auto", rngs=nnx.Rngs(0))
   auto.layers[0].mlp.mesh = object()
   auto.forward(tokens)
+
+
+def test_gemm_pallas_folds_the_norms_into_the_paged_step(monkeypatch):
+  """In the paged call (what the engine runs) the attention and MLP norms go into the q/k/v
+  and gate/up products (kernels.gpu.matmul's norm_scale): each layer's four products run the
+  kernel, two of them with the norm folded in; a prompt chunk and a decode step give XLA's
+  logits (norm, then product) within bf16 rounding."""
+  config = _bf16_config(max_seq_len=64)
+  models = {
+    g: Decoder(config, gemm=g, interpret=g == "pallas", rngs=nnx.Rngs(2)) for g in ("xla", "pallas")
+  }
+  calls = []
+  real = gpu_matmul.skinny_matmul
+
+  def spy(x, w, *a, **k):
+    calls.append((w.shape, "norm_scale" in k))
+    return real(x, w, *a, **k)
+
+  monkeypatch.setattr(gpu_matmul, "skinny_matmul", spy)
+  bs, rng = 4, np.random.default_rng(1)
+  seqs = [rng.integers(0, 256, n).astype(np.int32) for n in (11, 6)]
+  table = _scatter_table(rng, [12, 7], bs, 12, 4)
+  steps = ([(0, 8), (0, 6)], [(8, 11), (6, 6)], [(11, 12), (6, 7)])  # chunks, then a decode row
+  seqs = [np.concatenate([s, [5]]) for s in seqs]
+  got = {}
+  for g, model in models.items():
+    cache, out = model.init_cache(12, bs), []
+    for call in steps:
+      tok = np.concatenate([seqs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+      pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+      slots = np.concatenate(
+        [_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)]
+      )
+      q_lens = [hi - lo for lo, hi in call]
+      logits, cache = model(
+        jnp.asarray(tok), jnp.asarray(pos), cache,
+        block_table=jnp.asarray(table[:2]),
+        lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+        slot_mapping=jnp.asarray(slots),
+        cu_q_lens=jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32),
+      )  # fmt: skip
+      out.append(np.asarray(logits, np.float64))
+    got[g] = out
+  for a, b in zip(got["pallas"], got["xla"], strict=True):
+    scale = np.abs(b).max()
+    assert np.abs(a - b).max() < 0.02 * scale
+  d, f, width = config.d_model, config.mlp_dim, (4 + 2 * 2) * 16
+  layer = [((d, width), True), ((4 * 16, d), False), ((d, 2 * f), True), ((f, d), False)]
+  assert calls == layer * config.num_layers * len(steps)
