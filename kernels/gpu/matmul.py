@@ -155,11 +155,7 @@ def _check(x, w, settings: MatmulSettings) -> None:
     )
 
 
-def _kernel(x_ref, *refs, rows, bm, slice_k, block_k, block_n, normed):
-  if normed:  # RMSNorm folded in: g_ref f32[K], the norm's scale; ss_ref f32[splits * bm]
-    g_ref, w_ref, o_ref, ss_ref = refs
-  else:
-    w_ref, o_ref = refs
+def _kernel(x_ref, w_ref, o_ref, *, rows, bm, slice_k, block_k, block_n):
   j = pl.program_id(0)
   s = pl.program_id(1)
   r = jnp.arange(bm, dtype=jnp.int32)
@@ -168,37 +164,25 @@ def _kernel(x_ref, *refs, rows, bm, slice_k, block_k, block_n, normed):
   cols_n = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
   base = s * slice_k
 
-  def step(i, carry):
-    acc, ss = carry
+  def step(i, acc):
     k0 = base + i * block_k + cols_k
     # Rows past `rows` are not read (zeros), so any row count runs without a padded copy.
     xt = plgpu.load(
       x_ref.at[jnp.minimum(r, rows - 1)[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0
     )
-    if normed:
-      # rmsnorm(x) @ w == rsqrt(mean(x^2) + eps) * ((x * g) @ w), row by row: the product
-      # takes x * g, and the rows' sums of squares leave with the partials.
-      xf = xt.astype(jnp.float32)
-      ss = ss + jnp.sum(xf * xf, axis=1)
-      xt = (xf * plgpu.load(g_ref.at[k0])[None, :]).astype(xt.dtype)
     wt = plgpu.load(w_ref.at[k0[:, None], cols_n[None, :]])
-    return acc + plgpu.dot(xt, wt), ss
+    return acc + plgpu.dot(xt, wt)
 
-  carry = (jnp.zeros((bm, block_n), jnp.float32), jnp.zeros((bm,), jnp.float32))
-  acc, ss = lax.fori_loop(0, slice_k // block_k, step, carry)
+  acc = lax.fori_loop(0, slice_k // block_k, step, jnp.zeros((bm, block_n), jnp.float32))
   # All bm rows (those past `rows` are zeros): the caller slices them off, inside the
   # fusion that sums the partials.
-  n0 = pl.multiple_of(j * block_n, block_n)
-  plgpu.store(o_ref.at[pl.ds(s * bm, bm), pl.ds(n0, block_n)], acc)
-  if normed:
-
-    @pl.when(j == 0)  # every column tile sums the same squares; one writes them
-    def _():
-      plgpu.store(ss_ref.at[pl.ds(s * bm, bm)], ss)
+  plgpu.store(
+    o_ref.at[pl.ds(s * bm, bm), pl.ds(pl.multiple_of(j * block_n, block_n), block_n)], acc
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "interpret"))
-def splitk_partials(x, w, settings: MatmulSettings, *, scale=None, interpret: bool = False):
+def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
   """float32 ``[splits, rows, N]``: the products of ``x``'s and ``w``'s K slices.
 
   Args:
@@ -206,10 +190,6 @@ def splitk_partials(x, w, settings: MatmulSettings, *, scale=None, interpret: bo
     w: ``[K, N]``, x's dtype.
     settings: the launch (:func:`matmul_settings`); K a multiple of ``splits * block_k``,
       N of ``block_n``.
-    scale: None, or an RMSNorm's scale ``[K]`` (any float dtype, taken as float32): the
-      partials are then those of ``(x * scale)`` (rounded to x's dtype), and a second
-      output, float32 ``[splits, rows]``, holds each slice's sums of ``x ** 2`` per row,
-      from which the caller finishes the norm (:func:`skinny_matmul`).
     interpret: run in Pallas's interpret mode (CPU tests).
 
   Raises:
@@ -219,9 +199,6 @@ def splitk_partials(x, w, settings: MatmulSettings, *, scale=None, interpret: bo
   rows, k = x.shape
   n = w.shape[1]
   s = settings
-  if scale is not None and (scale.shape != (k,) or not jnp.issubdtype(scale.dtype, jnp.floating)):
-    raise ValueError(f"scale must be a float [{k}], got {scale.dtype} {scale.shape}")
-  normed = scale is not None
   bm = row_tile(rows)
   kern = functools.partial(
     _kernel,
@@ -230,58 +207,32 @@ def splitk_partials(x, w, settings: MatmulSettings, *, scale=None, interpret: bo
     slice_k=k // s.splits,
     block_k=s.block_k,
     block_n=s.block_n,
-    normed=normed,
   )
-  out_shape = [jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32)]
-  args = [x, w]
-  if normed:
-    out_shape.append(jax.ShapeDtypeStruct((s.splits * bm,), jnp.float32))
-    args = [x, scale.astype(jnp.float32), w]
   out = pl.pallas_call(
     kern,
     grid=(n // s.block_n, s.splits),
-    out_shape=out_shape,
+    out_shape=jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32),
     compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
     interpret=interpret,
-    name=f"paxcache_splitk_s{s.splits}_n{s.block_n}_k{s.block_k}" + ("_norm" if normed else ""),
-  )(*args)
-  parts = out[0].reshape(s.splits, bm, n)[:, :rows]
-  if normed:
-    return parts, out[1].reshape(s.splits, bm)[:, :rows]
-  return parts
+    name=f"paxcache_splitk_s{s.splits}_n{s.block_n}_k{s.block_k}",
+  )(x, w)
+  return out.reshape(s.splits, bm, n)[:, :rows]
 
 
-def skinny_matmul(
-  x,
-  w,
-  settings: MatmulSettings | None = None,
-  *,
-  norm_scale=None,
-  norm_eps: float = 1e-5,
-  interpret: bool = False,
-):
+def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bool = False):
   """float32 ``x @ w`` for few rows: :func:`splitk_partials` summed (in XLA, which fuses
   the sum into the product's consumer).
-
-  With ``norm_scale`` (``[K]``): ``rmsnorm(x) @ w``, where ``rmsnorm(x) = x * rsqrt(mean(x
-  ** 2) + norm_eps) * norm_scale`` over each row (``paxcache.nn.RMSNorm``): the kernel
-  multiplies by the scale and sums the squares, and the per-row ``rsqrt`` goes on the
-  summed product, so no kernel normalises x first. (Rounding: the product's input is
-  ``x * scale`` rounded to x's dtype, not the normalised row.)
 
   ``settings`` None: :func:`matmul_settings` (ValueError where it gives None).
   """
   if settings is None:
-    ok = x.ndim == w.ndim == 2
-    settings = matmul_settings(x.shape[0], w.shape[0], w.shape[1]) if ok else None
+    settings = (
+      matmul_settings(x.shape[0], w.shape[0], w.shape[1]) if x.ndim == w.ndim == 2 else None
+    )
     if settings is None:
       raise ValueError(
         f"no split-K launch suits {x.shape} @ {w.shape} (matmul_settings gives None: "
         f"at most {MAX_ROWS} rows, a weight of at most {MAX_WEIGHT_BYTES >> 20} MiB, K a "
         "multiple of 64, N of 32, enough work for every SM); pass settings"
       )
-  if norm_scale is None:
-    return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)
-  parts, ss = splitk_partials(x, w, settings, scale=norm_scale, interpret=interpret)
-  r = lax.rsqrt(ss.sum(axis=0) / x.shape[1] + norm_eps)
-  return parts.sum(axis=0) * r[:, None]
+  return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)

@@ -243,7 +243,7 @@ class PagedAttention(nnx.Module):
       self.qkv.set_value(self.canonical_qkv()[:, self._qkv_columns(shards)])
       self.shards = shards
 
-  def _qkv(self, x, positions, *, pool_heads: bool = False, norm=None):
+  def _qkv(self, x, positions, *, pool_heads: bool = False):
     """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k.
 
     ``pool_heads``: k and v in the blocks' heads (``_kv_heads_in_blocks``), each device's
@@ -253,7 +253,7 @@ class PagedAttention(nnx.Module):
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     whole = self.mesh is not None and self.shards == 1
-    h = self._project(xc, w, norm)
+    h = self._project(xc, w)
     if whole:
       # The weight is replicated (the query layout is not the identity, shard_model):
       # every device computes q, k and v whole, RoPE included, and the attention takes its
@@ -277,7 +277,7 @@ class PagedAttention(nnx.Module):
       q, k, v = self._replicated(q), self._replicated(k), self._replicated(v)
     return q, k, v
 
-  def _qkv_packed(self, x, positions, norm=None):
+  def _qkv_packed(self, x, positions):
     """x: [T, d_model] -> ``[T, Hq + 2 * Hkv, D]``: :meth:`_qkv`'s q, k and v as one array,
     heads in that order (one device, ``shards == 1``: the columns are ``[q | k | v]``).
 
@@ -285,15 +285,14 @@ class PagedAttention(nnx.Module):
     so that the projection's output, RoPE and the layout of the three are one fusion."""
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     heads = self.num_q_heads + 2 * self.num_kv_heads
-    h = self._project(xc, w, norm).reshape(x.shape[0], heads, self.head_dim)
+    h = self._project(xc, w).reshape(x.shape[0], heads, self.head_dim)
     if self.rope_theta is None:
       return h
     roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
     return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
 
-  def _project(self, x: jax.Array, w: jax.Array, norm=None) -> jax.Array:
-    sharded = self.mesh is not None
-    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded, norm=norm)
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=self.mesh is not None)
 
   def _out(self, a: jax.Array) -> jax.Array:
     """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does)."""
@@ -317,7 +316,6 @@ class PagedAttention(nnx.Module):
     cascade: kernels.CascadePlan | None = None,
     decode_plan=None,
     fused_write: bool = True,
-    norm=None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -353,9 +351,6 @@ class PagedAttention(nnx.Module):
         its position ``lengths[b] - 1`` (or -1) and no row to read a slot another row
         writes in this call (the kernel writes and reads in one launch). False: the write
         runs first (``write_kv``), then the attention.
-      norm: None, or a ``paxcache.nn.RMSNorm``: x is then the block's input before its
-        norm, which the q/k/v projection applies (folded into the Pallas product where it
-        runs, ``paxcache.nn.project``); the same as passing ``norm(x)`` up to rounding.
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -407,7 +402,7 @@ class PagedAttention(nnx.Module):
     if fused:
       pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
       out, k_blocks, v_blocks = kernels.write_and_decode_packed(
-        self._qkv_packed(x, positions, norm).astype(pools[0].dtype),
+        self._qkv_packed(x, positions).astype(pools[0].dtype),
         *pools,
         slot_mapping,
         block_table,
@@ -422,7 +417,7 @@ class PagedAttention(nnx.Module):
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
-    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None, norm=norm)
+    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):

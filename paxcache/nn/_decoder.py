@@ -56,11 +56,9 @@ class DecoderLayer(nnx.Module):
     )
 
   def __call__(self, x, positions, cache, **paged):
-    # The norms go to the projections that follow them, which fold them into the Pallas
-    # product where it runs (paxcache.nn.project): no kernel of their own.
-    h, cache = self.attn(x, positions, cache, norm=self.attn_norm, **paged)
+    h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
     x = x + h
-    return x + self.mlp(x, norm=self.mlp_norm), cache
+    return x + self.mlp(self.mlp_norm(x)), cache
 
   def dense(self, x, positions, cache=None, cache_index=0, query_rows=None, exact=True):
     """Unpaged block; ``query_rows`` (no-cache path only) keeps just those rows' outputs."""

@@ -28,13 +28,7 @@ def check_gemm(gemm: str) -> str:
 
 
 def project(
-  x: jax.Array,
-  w: jax.Array,
-  *,
-  gemm: str,
-  interpret: bool = False,
-  sharded: bool = False,
-  norm: RMSNorm | None = None,
+  x: jax.Array, w: jax.Array, *, gemm: str, interpret: bool = False, sharded: bool = False
 ):
   """``x @ w`` over x's last axis, in x's dtype (the caller promotes x and w first).
 
@@ -44,9 +38,6 @@ def project(
     gemm: one of :data:`GEMMS`.
     interpret: run the Pallas kernel in interpret mode (``gemm="pallas"`` on CPU).
     sharded: a mesh splits the weight (``paxcache.sharding.shard_model``): XLA's product.
-    norm: None, or an :class:`RMSNorm` to apply to x first: ``norm(x) @ w``. XLA's path
-      calls it; the Pallas product folds it in (``kernels.gpu.matmul.skinny_matmul``'s
-      ``norm_scale``), so that no kernel of its own normalises x.
 
   Raises:
     ValueError: an unknown ``gemm``; ``gemm="pallas"`` under a mesh, for dtypes other than
@@ -54,12 +45,8 @@ def project(
     kernels.BackendUnavailableError: ``gemm="pallas"`` off a GPU without ``interpret``.
   """
   check_gemm(gemm)
-
-  def xla(x):
-    return jnp.dot(x if norm is None else norm(x), w)
-
   if gemm == "xla" or x.ndim < 1 or w.ndim != 2:
-    return xla(x)
+    return jnp.dot(x, w)
   lead = x.shape[:-1]
   rows = math.prod(lead)
   k, n = w.shape
@@ -70,7 +57,7 @@ def project(
   )
   if gemm == "auto":
     if sharded or settings is None or jax.default_backend() != "gpu":
-      return xla(x)
+      return jnp.dot(x, w)
   else:  # "pallas": no fallback
     if sharded:
       raise ValueError("gemm='pallas' does not run under a mesh (the weight is split)")
@@ -88,8 +75,7 @@ def project(
         f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
         f"(kernels.gpu.matmul: at most {gpu_matmul.FIT_MAX_ROWS} rows, K and N multiples of 16)"
       )
-  folded = {} if norm is None else dict(norm_scale=norm.scale[...], norm_eps=norm.eps)
-  y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret, **folded)
+  y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret)
   return y.astype(x.dtype).reshape(*lead, n)
 
 
@@ -176,20 +162,18 @@ class SwiGLU(nnx.Module):
     # products are XLA's (``project``'s ``sharded``).
     self.mesh = None
 
-  def __call__(self, x: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
-    """``down(silu(x @ W_gate) * (x @ W_up))``; with ``norm``, of ``norm(x)`` (folded
-    into the product where the Pallas one runs: :func:`project`)."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     x, w = nnx.nn.dtypes.promote_dtype((x, self.gate_up[...]), dtype=self.dtype)
-    gate, up = split_column_blocks(self._project(x, w, norm), (self.mlp_dim,) * 2, self.shards)
+    gate, up = split_column_blocks(self._project(x, w), (self.mlp_dim,) * 2, self.shards)
     h, wd = nnx.nn.dtypes.promote_dtype(
       (jax.nn.silu(gate) * up, self.down.kernel[...]), dtype=self.dtype
     )
     return self._project(h, wd)
 
-  def _project(self, x: jax.Array, w: jax.Array, norm: RMSNorm | None = None) -> jax.Array:
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
     sharded = self.mesh is not None or self.shards > 1
-    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded, norm=norm)
+    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded)
 
   def canonical_gate_up(self) -> jax.Array:
     """``gate_up`` in the ``shards == 1`` column order: ``[gate | up]``."""

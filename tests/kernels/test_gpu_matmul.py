@@ -49,36 +49,6 @@ def test_partials_and_product_against_float64(rows, k, n, settings, dtype):
   np.testing.assert_allclose(_f64(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize(
-  "rows,settings",
-  [(5, mm.MatmulSettings(2, 32, 64)), (64, mm.MatmulSettings(4, 32, 64, num_stages=4))],
-)
-def test_norm_folded_into_the_product_against_float64(rows, settings):
-  """norm_scale: the partials are those of (x * g) rounded to bf16, the second output each
-  K slice's sums of x ** 2 (float32 sums of exact squares: 1e-5 relative), and the product
-  rmsnorm(x) @ w as paxcache.nn.RMSNorm defines it, within the bf16 rounding of x * g."""
-  k, n = 256, 96
-  x, w = _inputs(rows, k, n, jnp.bfloat16, seed=3)
-  x = x * 3
-  g = jnp.asarray(1 + 0.2 * np.random.default_rng(4).standard_normal(k), jnp.float32)
-  parts, ss = mm.splitk_partials(x, w, settings, scale=g, interpret=True)
-  assert parts.shape == (settings.splits, rows, n) and ss.shape == (settings.splits, rows)
-  xs, ws, gs = _f64(x), _f64(w), np.asarray(g, np.float64)
-  xg = _f64(jnp.asarray(x.astype(jnp.float32) * g, jnp.bfloat16))  # the product's input
-  step = k // settings.splits
-  for s in range(settings.splits):
-    sl = slice(s * step, (s + 1) * step)
-    want = xg[:, sl] @ ws[sl]
-    np.testing.assert_allclose(_f64(parts[s]), want, rtol=0, atol=1e-5 * np.abs(want).max())
-    np.testing.assert_allclose(_f64(ss[s]), (xs[:, sl] ** 2).sum(1), rtol=1e-5)
-  got = _f64(mm.skinny_matmul(x, w, settings, norm_scale=g, norm_eps=1e-5, interpret=True))
-  want = (xs / np.sqrt((xs**2).mean(1, keepdims=True) + 1e-5) * gs) @ ws
-  # bf16 rounding of x * g (relative 2**-9 per entry) over 256-term sums: 1% of the largest.
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
-  with pytest.raises(ValueError, match="scale must be a float"):
-    mm.splitk_partials(x, w, settings, scale=g[:-1], interpret=True)
-
-
 def test_nan_in_other_rows_of_the_weight_does_not_reach_the_product():
   """Only the rows' own inputs are read: a NaN in x's row 3 stays in row 3."""
   x, w = _inputs(6, 256, 64, jnp.bfloat16)
