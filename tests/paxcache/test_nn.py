@@ -820,3 +820,37 @@ def test_gemm_errors():
   auto = Decoder(_bf16_config(), gemm="auto", rngs=nnx.Rngs(0))
   auto.layers[0].mlp.mesh = object()
   auto.forward(tokens)
+
+
+def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch):
+  """ "auto" on a GPU (faked here: the product is a spy): the Pallas product for 16-bit
+  inputs, at most 128 rows and weights of at most 16 MiB with a launch
+  (kernels.gpu.matmul.matmul_settings); XLA's product for more rows, larger weights,
+  float32, under a mesh, and on this CPU."""
+  from paxcache.nn import project
+
+  taken = []
+
+  def spy(x, w, settings, **k):
+    taken.append((x.shape[0], w.shape, settings))
+    return jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+  monkeypatch.setattr(gpu_matmul, "skinny_matmul", spy)
+  w = jnp.ones((576, 960), jnp.bfloat16)  # SmolLM2's q/k/v: a launch at 1-128 rows
+  x = jnp.ones((64, 576), jnp.bfloat16)
+  project(x, w, gemm="auto")
+  assert taken == []  # this CPU: XLA's product
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  out = project(x, w, gemm="auto")
+  assert out.dtype == jnp.bfloat16 and out.shape == (64, 960)
+  assert taken == [(64, (576, 960), gpu_matmul.matmul_settings(64, 576, 960))]
+  project(jnp.ones((2, 3, 576), jnp.bfloat16), w, gemm="auto")  # leading axes flattened
+  assert taken[-1][0] == 6
+  n = len(taken)
+  project(jnp.ones((129, 576), jnp.bfloat16), w, gemm="auto")  # too many rows
+  project(x.astype(jnp.float32), w.astype(jnp.float32), gemm="auto")  # float32
+  project(x, w, gemm="auto", sharded=True)  # a mesh splits the weight
+  project(x, jnp.ones((576, 576), jnp.bfloat16), gemm="auto")  # SmolLM2's o: no launch
+  project(jnp.ones((64, 2048), jnp.bfloat16), jnp.ones((2048, 16384), jnp.bfloat16), gemm="auto")
+  project(x, w, gemm="xla")
+  assert len(taken) == n
