@@ -1,7 +1,8 @@
 """Where an engine step's time goes: device kernels by name, and the host's phases.
 
-* ``--device``: for each model and ``batch x context`` of ``engine_step.py`` (the same
-  jitted step, pool just big enough), traces ``--steps`` steps with ``jax.profiler`` and
+* ``--device``: for each model, ``batch x context`` of ``engine_step.py`` and ``--gemm``
+  value (the model's products, ``paxcache.nn.GEMMS``; the same jitted step, pool just big
+  enough), traces ``--steps`` steps with ``jax.profiler`` and
   sums the GPU kernels per step by kernel name (``jax.profiler.ProfileData`` reads the
   trace; no TensorBoard needed): kernel time, launches, and the span from the first
   kernel's start to the last one's end (the gap between the two is the device idling

@@ -13,7 +13,8 @@ partials in XLA, which fuses the sum into whatever elementwise work consumes the
 (``plan.num_sms``), columns in tiles of 64 (32 below 2,048 columns), K in steps of 128
 (64 where 128 does not divide it); ``None`` where XLA's product should run (more than
 :data:`MAX_ROWS` rows, a weight above :data:`MAX_WEIGHT_BYTES`, a K that is not a multiple
-of 64, a product too small to give every SM a program of at least two K steps).
+of 64 or an N not of 32, a product too small to give at least half the SMs a program of at
+least two K steps).
 
 Rows need not be a power of two: the program's row tile is the next power of two (at least
 16, the tensor cores' smallest), its extra rows masked on every load (zeros), so no padded
@@ -38,9 +39,10 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gpu.plan import num_sms as _num_sms
 
 # Where matmul_settings gives None (XLA's product), from run37's per-product timings on an
-# H100 (docs/benchmarks.md): above 128 rows the kernel lost to XLA on 3 of the 7 products
-# measured at 256 rows, and on weights above 16 MiB (the 1B shape's gate/up, 67 MB, and
-# down, 34 MB) XLA was level or faster at 8-256 rows but for one row count (down, 64 rows).
+# H100 (docs/benchmarks.md): at 256 rows the kernel lost to XLA on 6 of the 7 products
+# measured (all but the 1B shape's q/k/v), and on weights above 16 MiB (the 1B shape's
+# gate/up, 67 MB, and down, 34 MB) XLA was level or faster at 8-256 rows but for one row
+# count (down, 64 rows).
 MAX_ROWS = 128
 MAX_WEIGHT_BYTES = 16 << 20
 # The rows a launch can take at all (matmul_settings(fit=True), an explicit request): the
@@ -90,14 +92,14 @@ def matmul_settings(
 
   Measured on an H100 (docs/benchmarks.md, "Run37"): the fastest launches of each of the
   SmolLM2-135M and Llama-3.2-1B shapes' four projections at 64 rows ran about one program
-  an SM, each with 2 to 16 K steps; where no split gives every SM a program of at least two
-  steps (SmolLM2's 576 x 576 output projection) XLA's product was faster.
+  an SM, each with 2 to 16 K steps; where no split gives at least half the SMs a program
+  of at least two steps (SmolLM2's 576 x 576 output projection) XLA's product was faster.
 
   None also above :data:`MAX_ROWS` rows and for weights of more than
   :data:`MAX_WEIGHT_BYTES` (``k * n * itemsize``), where XLA's product was level or faster.
   Four pipeline stages up to 64 rows (faster than three on four of the five products
-  that take the kernel at 8 and 64 rows, slower by 1.5-4% on SmolLM2's gate/up), three
-  above.
+  that take the kernel at 8 rows and three of them at 64; level on SmolLM2's down at 64,
+  1.5-4% slower on its gate/up), three above.
 
   ``fit=True`` (an explicit request for the kernel): the rule's launch where it has one,
   else, where the kernel can tile the product (at most :data:`FIT_MAX_ROWS` rows, K and N
@@ -233,6 +235,6 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
       raise ValueError(
         f"no split-K launch suits {x.shape} @ {w.shape} (matmul_settings gives None: "
         f"at most {MAX_ROWS} rows, a weight of at most {MAX_WEIGHT_BYTES >> 20} MiB, K a "
-        "multiple of 64, N of 32, enough work for every SM); pass settings"
+        "multiple of 64, N of 32, a program for at least half the SMs); pass settings"
       )
   return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)

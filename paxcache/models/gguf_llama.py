@@ -394,6 +394,7 @@ def load_gguf_llama(
   interpret: bool = False,
   unpermute_rope: bool = True,
   kv_dtype: str | None = None,
+  gemm: str = "auto",
 ) -> GGUFModel:
   """Loads a Llama GGUF file into :class:`paxcache.nn.Decoder`, with tokenizer and chat template.
 
@@ -406,6 +407,7 @@ def load_gguf_llama(
     unpermute_rope: undo llama.cpp's Q/K permutation (see the module docstring).
     kv_dtype: the paged cache's dtype (``DecoderConfig.kv_dtype``; None: ``dtype``;
       "int8" / "float8_e4m3fn": 8-bit K/V with scales).
+    gemm: how the decoder's projections multiply (``paxcache.nn.GEMMS``; ``Decoder``).
 
   Returns:
     A :class:`GGUFModel`.
@@ -446,7 +448,7 @@ def load_gguf_llama(
   # Build the module abstractly (no random initialisation of 100M+ parameters), then put
   # the file's weights in.
   model = nnx.eval_shape(
-    lambda: Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
+    lambda: Decoder(config, backend=backend, interpret=interpret, gemm=gemm, rngs=nnx.Rngs(0))
   )
   state = nnx.state(model, nnx.Param)
   expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))

@@ -253,7 +253,7 @@ class PagedAttention(nnx.Module):
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     whole = self.mesh is not None and self.shards == 1
-    h = self._project(xc, w)
+    h = self._project(xc, w, self.qkv)
     if whole:
       # The weight is replicated (the query layout is not the identity, shard_model):
       # every device computes q, k and v whole, RoPE included, and the attention takes its
@@ -285,19 +285,22 @@ class PagedAttention(nnx.Module):
     so that the projection's output, RoPE and the layout of the three are one fusion."""
     xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     heads = self.num_q_heads + 2 * self.num_kv_heads
-    h = self._project(xc, w).reshape(x.shape[0], heads, self.head_dim)
+    h = self._project(xc, w, self.qkv).reshape(x.shape[0], heads, self.head_dim)
     if self.rope_theta is None:
       return h
     roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
     return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
 
-  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
-    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=self.mesh is not None)
+  def _project(self, x: jax.Array, w: jax.Array, param) -> jax.Array:
+    """``x @ w`` by ``self.gemm``; ``param`` is w's parameter (w its value, promoted)."""
+    stored = param[...].dtype == w.dtype
+    sharded = self.mesh is not None
+    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded, stored=stored)
 
   def _out(self, a: jax.Array) -> jax.Array:
     """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does)."""
     a, w = nnx.nn.dtypes.promote_dtype((a, self.o_proj.kernel[...]), dtype=self.dtype)
-    return self._project(a, w)
+    return self._project(a, w, self.o_proj.kernel)
 
   def _replicated(self, a: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))

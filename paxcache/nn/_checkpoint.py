@@ -46,8 +46,11 @@ def load_decoder(
   backend: str = "auto",
   interpret: bool = False,
   kv_dtype: str | None = None,
+  gemm: str = "auto",
 ) -> Decoder:
   """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package).
+
+  ``backend``, ``interpret`` and ``gemm`` are :class:`Decoder`'s.
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
   8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels,
@@ -67,7 +70,7 @@ def load_decoder(
   config = DecoderConfig.from_dict(meta["config"])
   if kv_dtype is not None:
     config = dataclasses.replace(config, kv_dtype=kv_dtype)
-  model = Decoder(config, backend=backend, interpret=interpret, rngs=nnx.Rngs(0))
+  model = Decoder(config, backend=backend, interpret=interpret, gemm=gemm, rngs=nnx.Rngs(0))
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())
   if fmt == 1:

@@ -54,6 +54,9 @@ class DecoderLayer(nnx.Module):
       interpret=interpret,
       rngs=rngs,
     )
+    # A mesh: the MLP's products are XLA's (paxcache.nn.project's ``sharded``), as under
+    # paxcache.sharding.shard_model, which sets the same.
+    self.mlp.mesh = mesh
 
   def __call__(self, x, positions, cache, **paged):
     h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
@@ -90,11 +93,12 @@ class Decoder(nnx.Module):
 
   ``gemm`` (:data:`paxcache.nn.GEMMS`) is how every layer's projections multiply: "auto"
   (the default) runs the Pallas split-K product of ``kernels.gpu.matmul`` on a GPU for
-  calls of at most 128 token rows (decode steps) and weights of at most 16 MiB where its
-  rule has a launch (``kernels.gpu.matmul.matmul_settings``), and XLA's product elsewhere
-  (larger weights and batches, prefill, CPU, TPU, float32, a sharded model); "xla" never
-  the kernel; "pallas" every projection (``interpret=True`` on CPU; at most 256 rows). The
-  embedding and the logits stay XLA's.
+  calls of at most 128 token rows (decode steps; a short prefill chunk too) and weights of
+  at most 16 MiB, stored in the computation dtype, where its rule has a launch
+  (``kernels.gpu.matmul.matmul_settings``), and XLA's product elsewhere (more rows, larger
+  weights, CPU, TPU, float32, a mesh); "xla" never the kernel; "pallas" every projection
+  (``interpret=True`` on CPU), raising where the kernel cannot run it (above 256 rows, a
+  mesh, float32). The embedding and the logits stay XLA's.
   """
 
   def __init__(

@@ -28,7 +28,13 @@ def check_gemm(gemm: str) -> str:
 
 
 def project(
-  x: jax.Array, w: jax.Array, *, gemm: str, interpret: bool = False, sharded: bool = False
+  x: jax.Array,
+  w: jax.Array,
+  *,
+  gemm: str,
+  interpret: bool = False,
+  sharded: bool = False,
+  stored: bool = True,
 ):
   """``x @ w`` over x's last axis, in x's dtype (the caller promotes x and w first).
 
@@ -38,14 +44,22 @@ def project(
     gemm: one of :data:`GEMMS`.
     interpret: run the Pallas kernel in interpret mode (``gemm="pallas"`` on CPU).
     sharded: a mesh splits the weight (``paxcache.sharding.shard_model``): XLA's product.
+    stored: False when ``w`` is a cast of a parameter stored in another dtype (float32
+      weights in a bfloat16 model): "auto" then takes XLA's product, which fuses the cast
+      into its GEMM, where the kernel would read a cast copy made every call.
 
   Raises:
     ValueError: an unknown ``gemm``; ``gemm="pallas"`` under a mesh, for dtypes other than
-      bf16 / f16, or for shapes :func:`kernels.gpu.matmul.matmul_settings` does not take.
+      bf16 / f16, for a w that is not 2-D, or for shapes the kernel cannot tile
+      (:func:`kernels.gpu.matmul.matmul_settings` with ``fit=True``: at most 256 rows).
     kernels.BackendUnavailableError: ``gemm="pallas"`` off a GPU without ``interpret``.
   """
   check_gemm(gemm)
-  if gemm == "xla" or x.ndim < 1 or w.ndim != 2:
+  if gemm == "xla":
+    return jnp.dot(x, w)
+  if x.ndim < 1 or w.ndim != 2:
+    if gemm == "pallas":
+      raise ValueError(f"gemm='pallas' takes x [..., K] and w [K, N], got {x.shape}, {w.shape}")
     return jnp.dot(x, w)
   lead = x.shape[:-1]
   rows = math.prod(lead)
@@ -56,7 +70,7 @@ def project(
     gpu_matmul.matmul_settings(rows, k, n, itemsize=x.dtype.itemsize, fit=fit) if dtype_ok else None
   )
   if gemm == "auto":
-    if sharded or settings is None or jax.default_backend() != "gpu":
+    if sharded or not stored or settings is None or jax.default_backend() != "gpu":
       return jnp.dot(x, w)
   else:  # "pallas": no fallback
     if sharded:
@@ -165,15 +179,18 @@ class SwiGLU(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype.
     x, w = nnx.nn.dtypes.promote_dtype((x, self.gate_up[...]), dtype=self.dtype)
-    gate, up = split_column_blocks(self._project(x, w), (self.mlp_dim,) * 2, self.shards)
+    h = self._project(x, w, self.gate_up)
+    gate, up = split_column_blocks(h, (self.mlp_dim,) * 2, self.shards)
     h, wd = nnx.nn.dtypes.promote_dtype(
       (jax.nn.silu(gate) * up, self.down.kernel[...]), dtype=self.dtype
     )
-    return self._project(h, wd)
+    return self._project(h, wd, self.down.kernel)
 
-  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+  def _project(self, x: jax.Array, w: jax.Array, param) -> jax.Array:
+    """``x @ w`` by ``self.gemm``; ``param`` is w's parameter (w its value, promoted)."""
     sharded = self.mesh is not None or self.shards > 1
-    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded)
+    stored = param[...].dtype == w.dtype
+    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded, stored=stored)
 
   def canonical_gate_up(self) -> jax.Array:
     """``gate_up`` in the ``shards == 1`` column order: ``[gate | up]``."""

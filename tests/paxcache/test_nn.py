@@ -812,14 +812,46 @@ def test_gemm_errors():
   model = Decoder(_bf16_config(), gemm="pallas", interpret=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="at most 256 rows"):  # (kernels.gpu.matmul.FIT_MAX_ROWS)
     model.forward(jnp.zeros((2, 129), jnp.int32))
-  # A weight split over a mesh (shard_model marks the MLP): XLA's product under "auto",
-  # an error under "pallas".
+  # A weight that is not [K, N].
+  with pytest.raises(ValueError, match=r"takes x \[..., K\] and w \[K, N\]"):
+    paxcache.nn.project(jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8,), jnp.bfloat16), gemm="pallas")
+  # A weight split over a mesh (shard_model and Decoder(mesh=) mark the MLP): an error.
   model.layers[0].mlp.mesh = object()
   with pytest.raises(ValueError, match="does not run under a mesh"):
     model.forward(tokens)
-  auto = Decoder(_bf16_config(), gemm="auto", rngs=nnx.Rngs(0))
-  auto.layers[0].mlp.mesh = object()
-  auto.forward(tokens)
+
+
+def test_a_mesh_marks_the_mlp():
+  """Decoder(mesh=) and shard_model set the MLP's mesh, so that its products are XLA's
+  (paxcache.nn.project's sharded) like the attention's."""
+  from jax.sharding import Mesh
+
+  from paxcache.sharding import shard_model
+
+  mesh = Mesh(np.asarray(jax.devices()[:1]), ("model",))
+  assert Decoder(_bf16_config(), mesh=mesh, rngs=nnx.Rngs(0)).layers[1].mlp.mesh is mesh
+  model = Decoder(_bf16_config(), rngs=nnx.Rngs(0))
+  assert model.layers[0].mlp.mesh is None
+  shard_model(model, mesh)
+  assert all(layer.mlp.mesh is mesh for layer in model.layers)
+
+
+def test_gemm_pallas_with_several_splits_in_the_model(monkeypatch):
+  """With the rule's launches of several K slices (its SM count faked to 64, so that these
+  small weights get 2-4 splits), the model's logits stay XLA's within bf16 rounding."""
+  monkeypatch.setattr(gpu_matmul, "_num_sms", lambda: 64)
+  config = _bf16_config(d_model=512, num_q_heads=8, num_kv_heads=2, head_dim=64, mlp_dim=1024,
+                        num_layers=1)  # fmt: skip
+  taken = []
+  real = gpu_matmul.skinny_matmul
+  monkeypatch.setattr(
+    gpu_matmul, "skinny_matmul", lambda x, w, s, **k: taken.append(s.splits) or real(x, w, s, **k)
+  )
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 9)), jnp.int32)
+  got = np.asarray(Decoder(config, gemm="pallas", interpret=True, rngs=nnx.Rngs(3)).forward(tokens))
+  want = np.asarray(Decoder(config, gemm="xla", rngs=nnx.Rngs(3)).forward(tokens))
+  assert taken == [2, 2, 2, 4]  # q/k/v, o, gate/up, down
+  assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
 def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch):
@@ -850,7 +882,19 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
   project(jnp.ones((129, 576), jnp.bfloat16), w, gemm="auto")  # too many rows
   project(x.astype(jnp.float32), w.astype(jnp.float32), gemm="auto")  # float32
   project(x, w, gemm="auto", sharded=True)  # a mesh splits the weight
+  project(x, w, gemm="auto", stored=False)  # a cast of float32 weights
   project(x, jnp.ones((576, 576), jnp.bfloat16), gemm="auto")  # SmolLM2's o: no launch
   project(jnp.ones((64, 2048), jnp.bfloat16), jnp.ones((2048, 16384), jnp.bfloat16), gemm="auto")
   project(x, w, gemm="xla")
   assert len(taken) == n
+  # The model: every product with a launch takes the kernel (an SM count of 64 gives these
+  # small weights launches), but not in a bf16 model with float32 weights (its products are
+  # casts of them: XLA's).
+  monkeypatch.setattr(gpu_matmul, "_num_sms", lambda: 64)
+  shape = dict(d_model=512, num_q_heads=8, num_kv_heads=2, head_dim=64, mlp_dim=1024)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  Decoder(_bf16_config(**shape), gemm="auto", rngs=nnx.Rngs(0)).forward(tokens)
+  assert len(taken) == n + 4 * 2  # q/k/v, o, gate/up, down; two layers
+  f32 = Decoder(_bf16_config(**shape, param_dtype="float32"), gemm="auto", rngs=nnx.Rngs(0))
+  f32.forward(tokens)
+  assert len(taken) == n + 4 * 2
