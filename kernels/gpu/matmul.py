@@ -75,7 +75,7 @@ class MatmulSettings:
 
 def row_tile(rows: int) -> int:
   """The programs' row tile: the next power of two >= ``rows``, at least 16."""
-  return max(16, 1 << max(0, math.ceil(math.log2(max(rows, 1)))))
+  return max(16, 1 << (max(rows, 1) - 1).bit_length())
 
 
 def _largest_pow2_divisor(v: int, cap: int) -> int:

@@ -250,10 +250,9 @@ class PagedAttention(nnx.Module):
     own pool heads under ``shard_model``, as the sharded cache write takes them; else (and
     always with one block) the model's KV heads."""
     lead = x.shape[:-1]
-    # As nnx.Linear: input and kernel promoted to the computation dtype.
-    xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
+    # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
     whole = self.mesh is not None and self.shards == 1
-    h = self._project(xc, w, self.qkv)
+    h = self._project(x, self.qkv[...])
     if whole:
       # The weight is replicated (the query layout is not the identity, shard_model):
       # every device computes q, k and v whole, RoPE included, and the attention takes its
@@ -283,24 +282,23 @@ class PagedAttention(nnx.Module):
 
     RoPE goes on the first ``Hq + Hkv`` heads in one elementwise pass over the whole array,
     so that the projection's output, RoPE and the layout of the three are one fusion."""
-    xc, w = nnx.nn.dtypes.promote_dtype((x, self.qkv[...]), dtype=self.dtype)
     heads = self.num_q_heads + 2 * self.num_kv_heads
-    h = self._project(xc, w, self.qkv).reshape(x.shape[0], heads, self.head_dim)
+    h = self._project(x, self.qkv[...]).reshape(x.shape[0], heads, self.head_dim)
     if self.rope_theta is None:
       return h
     roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
     return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
 
-  def _project(self, x: jax.Array, w: jax.Array, param) -> jax.Array:
-    """``x @ w`` by ``self.gemm``; ``param`` is w's parameter (w its value, promoted)."""
-    stored = param[...].dtype == w.dtype
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` (w a parameter's value) in the computation dtype, by ``self.gemm``."""
     sharded = self.mesh is not None
-    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded, stored=stored)
+    return project(
+      x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded
+    )
 
   def _out(self, a: jax.Array) -> jax.Array:
     """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does)."""
-    a, w = nnx.nn.dtypes.promote_dtype((a, self.o_proj.kernel[...]), dtype=self.dtype)
-    return self._project(a, w, self.o_proj.kernel)
+    return self._project(a, self.o_proj.kernel[...])
 
   def _replicated(self, a: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))

@@ -31,22 +31,25 @@ def project(
   x: jax.Array,
   w: jax.Array,
   *,
+  dtype=None,
   gemm: str,
   interpret: bool = False,
   sharded: bool = False,
-  stored: bool = True,
 ):
-  """``x @ w`` over x's last axis, in x's dtype (the caller promotes x and w first).
+  """``x @ w`` over x's last axis, both promoted to ``dtype`` first as ``nnx.Linear`` does
+  (None: their common dtype); the result is in that dtype.
 
   Args:
     x: ``[..., K]``.
-    w: ``[K, N]``.
+    w: ``[K, N]``, the weight as stored (its parameter's value).
+    dtype: the computation dtype.
     gemm: one of :data:`GEMMS`.
     interpret: run the Pallas kernel in interpret mode (``gemm="pallas"`` on CPU).
     sharded: a mesh splits the weight (``paxcache.sharding.shard_model``): XLA's product.
-    stored: False when ``w`` is a cast of a parameter stored in another dtype (float32
-      weights in a bfloat16 model): "auto" then takes XLA's product, which fuses the cast
-      into its GEMM, where the kernel would read a cast copy made every call.
+
+  A weight stored in another dtype than ``dtype`` (float32 weights in a bfloat16 model)
+  takes XLA's product under "auto", which fuses the cast into its GEMM, where the kernel
+  would read a cast copy made every call.
 
   Raises:
     ValueError: an unknown ``gemm``; ``gemm="pallas"`` under a mesh, for dtypes other than
@@ -55,6 +58,8 @@ def project(
     kernels.BackendUnavailableError: ``gemm="pallas"`` off a GPU without ``interpret``.
   """
   check_gemm(gemm)
+  stored = w.dtype
+  x, w = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
   if gemm == "xla":
     return jnp.dot(x, w)
   if x.ndim < 1 or w.ndim != 2:
@@ -64,26 +69,24 @@ def project(
   lead = x.shape[:-1]
   rows = math.prod(lead)
   k, n = w.shape
-  dtype_ok = x.dtype == w.dtype and jnp.dtype(x.dtype) in gpu_matmul.DTYPES
+  dtype_ok = jnp.dtype(x.dtype) in gpu_matmul.DTYPES
   fit = gemm == "pallas"
   settings = (
     gpu_matmul.matmul_settings(rows, k, n, itemsize=x.dtype.itemsize, fit=fit) if dtype_ok else None
   )
   if gemm == "auto":
-    if sharded or not stored or settings is None or jax.default_backend() != "gpu":
+    cast = stored != w.dtype
+    if sharded or cast or settings is None or kernels.resolve_backend("auto") != "gpu":
       return jnp.dot(x, w)
   else:  # "pallas": no fallback
     if sharded:
       raise ValueError("gemm='pallas' does not run under a mesh (the weight is split)")
-    if not interpret and jax.default_backend() != "gpu":
-      raise kernels.BackendUnavailableError(
-        f"gemm='pallas' needs a GPU but JAX's default backend is {jax.default_backend()!r}; "
-        "pass interpret=True, or gemm='xla'"
-      )
+    try:
+      kernels.resolve_backend("gpu", interpret=interpret)
+    except kernels.BackendUnavailableError as e:
+      raise kernels.BackendUnavailableError(f"gemm='pallas' (or gemm='xla'): {e}") from e
     if not dtype_ok:
-      raise ValueError(
-        f"gemm='pallas' takes bf16 or f16 inputs of one dtype, got {x.dtype} and {w.dtype}"
-      )
+      raise ValueError(f"gemm='pallas' takes bf16 or f16 inputs, got {x.dtype}")
     if settings is None:
       raise ValueError(
         f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
@@ -172,25 +175,22 @@ class SwiGLU(nnx.Module):
     self.shards = 1
     self.gemm = check_gemm(gemm)
     self.interpret = interpret
-    # Set by paxcache.sharding.shard_model: the weights are split over a mesh, so the
-    # products are XLA's (``project``'s ``sharded``).
+    # Set by paxcache.sharding.shard_model and Decoder(mesh=): the weights are (or may be)
+    # split over a mesh, so the products are XLA's (``project``'s ``sharded``).
     self.mesh = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    # As nnx.Linear: input and kernel promoted to the computation dtype.
-    x, w = nnx.nn.dtypes.promote_dtype((x, self.gate_up[...]), dtype=self.dtype)
-    h = self._project(x, w, self.gate_up)
-    gate, up = split_column_blocks(h, (self.mlp_dim,) * 2, self.shards)
-    h, wd = nnx.nn.dtypes.promote_dtype(
-      (jax.nn.silu(gate) * up, self.down.kernel[...]), dtype=self.dtype
+    # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
+    gate, up = split_column_blocks(
+      self._project(x, self.gate_up[...]), (self.mlp_dim,) * 2, self.shards
     )
-    return self._project(h, wd, self.down.kernel)
+    return self._project(jax.nn.silu(gate) * up, self.down.kernel[...])
 
-  def _project(self, x: jax.Array, w: jax.Array, param) -> jax.Array:
-    """``x @ w`` by ``self.gemm``; ``param`` is w's parameter (w its value, promoted)."""
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
     sharded = self.mesh is not None or self.shards > 1
-    stored = param[...].dtype == w.dtype
-    return project(x, w, gemm=self.gemm, interpret=self.interpret, sharded=sharded, stored=stored)
+    return project(
+      x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded
+    )
 
   def canonical_gate_up(self) -> jax.Array:
     """``gate_up`` in the ``shards == 1`` column order: ``[gate | up]``."""

@@ -875,14 +875,16 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   out = project(x, w, gemm="auto")
   assert out.dtype == jnp.bfloat16 and out.shape == (64, 960)
-  assert taken == [(64, (576, 960), gpu_matmul.matmul_settings(64, 576, 960))]
+  # x is promoted to the computation dtype first, as nnx.Linear does.
+  assert project(x.astype(jnp.float32), w, dtype=jnp.bfloat16, gemm="auto").dtype == jnp.bfloat16
+  assert taken[0] == (64, (576, 960), gpu_matmul.matmul_settings(64, 576, 960))
   project(jnp.ones((2, 3, 576), jnp.bfloat16), w, gemm="auto")  # leading axes flattened
   assert taken[-1][0] == 6
   n = len(taken)
   project(jnp.ones((129, 576), jnp.bfloat16), w, gemm="auto")  # too many rows
   project(x.astype(jnp.float32), w.astype(jnp.float32), gemm="auto")  # float32
   project(x, w, gemm="auto", sharded=True)  # a mesh splits the weight
-  project(x, w, gemm="auto", stored=False)  # a cast of float32 weights
+  project(x, w.astype(jnp.float32), dtype=jnp.bfloat16, gemm="auto")  # a cast of f32 weights
   project(x, jnp.ones((576, 576), jnp.bfloat16), gemm="auto")  # SmolLM2's o: no launch
   project(jnp.ones((64, 2048), jnp.bfloat16), jnp.ones((2048, 16384), jnp.bfloat16), gemm="auto")
   project(x, w, gemm="xla")
