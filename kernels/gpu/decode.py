@@ -350,7 +350,7 @@ def _merge_last(refs, *, ticket, num_splits, rows, row_ok, cols, col_ok, barrier
   Every split has stored its partials (the caller, just before). The barrier orders all
   of the program's threads' stores before the atomic add, whose release (acq_rel, GPU
   scope) publishes them; the split that draws ticket ``num_splits - 1`` has seen every
-  other split's release, so its loads (volatile: never from a stale L1 line) read
+  other split's release, so its loads (``.cg``: from L2, never a stale L1 line) read
   their partials. The merge is :func:`_combine`'s, row by row. (Interpret mode runs one
   program at a time and has no barrier: ``barrier=False`` there.)"""
   out_ref, o_ref, m_ref, den_ref, count_ref = refs
@@ -361,7 +361,7 @@ def _merge_last(refs, *, ticket, num_splits, rows, row_ok, cols, col_ok, barrier
   @pl.when(drawn == num_splits - 1)
   def _():
     part = [rows * num_splits + s for s in range(num_splits)]
-    ms = [plgpu.load(m_ref.at[r], mask=row_ok, other=-jnp.inf, volatile=True) for r in part]
+    ms = [plgpu.load(m_ref.at[r], mask=row_ok, other=-jnp.inf, cache_modifier=".cg") for r in part]
     m_max = functools.reduce(jnp.maximum, ms)
     m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
     num, total = 0.0, 0.0
@@ -371,9 +371,9 @@ def _merge_last(refs, *, ticket, num_splits, rows, row_ok, cols, col_ok, barrier
         o_ref.at[r[:, None], cols[None, :]],
         mask=tile_mask(row_ok, col_ok),
         other=0.0,
-        volatile=True,
+        cache_modifier=".cg",
       )
-      d_s = plgpu.load(den_ref.at[r], mask=row_ok, other=0.0, volatile=True)
+      d_s = plgpu.load(den_ref.at[r], mask=row_ok, other=0.0, cache_modifier=".cg")
       num = num + o_s * w[:, None]
       total = total + d_s * w
     out = (num / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
