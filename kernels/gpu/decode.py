@@ -163,8 +163,6 @@ def _decode_kernel(
   fused_write=False,
   packed=None,
   prefix=None,
-  merge_in_kernel=False,
-  interpret=False,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
@@ -182,9 +180,6 @@ def _decode_kernel(
     # the same buffers as k_ref and v_ref (aliased).
     knew_ref, vnew_ref, slots_ref, *out_refs = out_refs
     *out_refs, kout_ref, vout_ref = out_refs
-  if merge_in_kernel:
-    # The zeroed ticket counters (an input aliased to the last output, which is used).
-    _, *out_refs, count_ref = out_refs
   h = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -323,61 +318,11 @@ def _decode_kernel(
     else:
       plgpu.store(o_ref.at[o_idx], out, mask=tile_mask(row_ok, col_ok))
   else:
-    if merge_in_kernel:
-      out_ref, o_ref, m_ref, den_ref = out_refs
-    else:
-      o_ref, m_ref, den_ref = out_refs
+    o_ref, m_ref, den_ref = out_refs
     part_rows = (o_row0 + row_ids) * num_splits + split
     plgpu.store(o_ref.at[part_rows[:, None], cols[None, :]], acc, mask=tile_mask(row_ok, col_ok))
     plgpu.store(m_ref.at[part_rows], m, mask=row_ok)
     plgpu.store(den_ref.at[part_rows], den, mask=row_ok)
-    if merge_in_kernel:
-      _merge_last(
-        (out_ref, o_ref, m_ref, den_ref, count_ref),
-        ticket=b * num_kv_heads + h,
-        num_splits=num_splits,
-        rows=o_row0 + row_ids,
-        row_ok=row_ok,
-        cols=cols,
-        col_ok=col_ok,
-        barrier=not interpret,
-      )
-
-
-def _merge_last(refs, *, ticket, num_splits, rows, row_ok, cols, col_ok, barrier=True):
-  """The split that finishes last merges all splits' partials of its (sequence, KV head).
-
-  Every split has stored its partials (the caller, just before). The barrier orders all
-  of the program's threads' stores before the atomic add, whose release (acq_rel, GPU
-  scope) publishes them; the split that draws ticket ``num_splits - 1`` has seen every
-  other split's release, so its loads (``.cg``: from L2, never a stale L1 line) read
-  their partials. The merge is :func:`_combine`'s, row by row. (Interpret mode runs one
-  program at a time and has no barrier: ``barrier=False`` there.)"""
-  out_ref, o_ref, m_ref, den_ref, count_ref = refs
-  if barrier:
-    plgpu.debug_barrier()
-  drawn = plgpu.atomic_add(count_ref, ticket, jnp.int32(1))
-
-  @pl.when(drawn == num_splits - 1)
-  def _():
-    part = [rows * num_splits + s for s in range(num_splits)]
-    ms = [plgpu.load(m_ref.at[r], mask=row_ok, other=-jnp.inf, cache_modifier=".cg") for r in part]
-    m_max = functools.reduce(jnp.maximum, ms)
-    m_max = jnp.where(m_max == -jnp.inf, 0.0, m_max)
-    num, total = 0.0, 0.0
-    for r, m_s in zip(part, ms, strict=True):
-      w = jnp.exp2(m_s - m_max)  # 0 for a split that saw no key (m = -inf)
-      o_s = plgpu.load(
-        o_ref.at[r[:, None], cols[None, :]],
-        mask=tile_mask(row_ok, col_ok),
-        other=0.0,
-        cache_modifier=".cg",
-      )
-      d_s = plgpu.load(den_ref.at[r], mask=row_ok, other=0.0, cache_modifier=".cg")
-      num = num + o_s * w[:, None]
-      total = total + d_s * w
-    out = (num / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
-    plgpu.store(out_ref.at[rows[:, None], cols[None, :]], out, mask=tile_mask(row_ok, col_ok))
 
 
 # Prefix chunks up to this many are loaded before they are merged (unrolled), after the
@@ -659,7 +604,6 @@ def paged_decode(
         f"* stride < R = {total}, got {chunks} chunks of stride {stride}"
       )
     prefix = dict(chunks=chunks, stride=stride, total=total)
-  merge_in_kernel = num_splits > 1 and not return_partials and block_sizes.decode_merge == "kernel"
   kernel = functools.partial(
     _decode_kernel,
     num_q_heads=num_q_heads,
@@ -682,8 +626,6 @@ def paged_decode(
     fused_write=fused_write,
     packed=packed,
     prefix=prefix,
-    merge_in_kernel=merge_in_kernel,
-    interpret=bool(interpret),
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   q_flat = q.reshape(-1, head_dim)  # [batch * (num_q_heads or all heads), head_dim]
@@ -714,9 +656,6 @@ def paged_decode(
       jax.ShapeDtypeStruct((n,), jnp.float32),
     )
   aliases = {}
-  if merge_in_kernel:
-    # The merged output first, then the partials, then the counters (below).
-    out_shape = (jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype), *out_shape)
   if fused_write:
     pool = jax.ShapeDtypeStruct((flat_rows, head_dim), k_blocks.dtype)
     if packed_qkv:  # the K and V rows are read from q's array itself
@@ -725,14 +664,8 @@ def paged_decode(
       k_rows = k_new.astype(k_blocks.dtype).reshape(batch * num_kv_heads, head_dim)
       v_rows = v_new.astype(v_blocks.dtype).reshape(batch * num_kv_heads, head_dim)
     args += (k_rows, v_rows, new_slots.astype(jnp.int32))
-  if merge_in_kernel:
-    count = jax.ShapeDtypeStruct((batch * num_kv_heads,), jnp.int32)
-    aliases[len(args)] = len(out_shape)  # the counters, zeroed: an input and an output
-    args += (jnp.zeros(count.shape, count.dtype),)
-    out_shape = (*out_shape, count)
-  if fused_write:
     out_shape = (*(out_shape if isinstance(out_shape, tuple) else (out_shape,)), pool, pool)
-    aliases.update({3: len(out_shape) - 2, 4: len(out_shape) - 1})  # k_ref, v_ref: args 3, 4
+    aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}  # k_ref, v_ref: args 3 and 4
   outs = pl.pallas_call(
     kernel,
     grid=(num_kv_heads, num_splits, batch),
@@ -746,7 +679,6 @@ def paged_decode(
     + ("_partials" if return_partials else "")
     + ("_write" if fused_write else "")
     + ("_prefix" if prefix is not None else "")
-    + ("_kmerge" if merge_in_kernel else "")
     + widen.name_suffix,
   )(*args)
   if fused_write:
@@ -755,9 +687,6 @@ def paged_decode(
     outs = outs[0] if len(outs) == 1 else tuple(outs)
   else:
     pools = None
-  if merge_in_kernel:
-    out = outs[0].reshape(batch, num_q_heads, head_dim)
-    return out if pools is None else (out, *pools)
   out = _finish(outs, batch, num_q_heads, num_splits, head_dim, q.dtype, return_partials)
   return out if pools is None else (out, *pools)
 

@@ -32,7 +32,6 @@ _PLANNED_STAGE_BYTES = 64 * 1024
 
 PREFILL_KERNELS = ("auto", "triton", "mosaic")
 DECODE_KERNELS = ("auto", "triton", "mosaic")
-DECODE_MERGES = ("xla", "kernel")
 # The cascade's shared part (kernels.gpu.cascade.CascadeBlockSizes.shared_kernel).
 CASCADE_SHARED_KERNELS = ("auto", "triton", "mosaic")
 
@@ -105,13 +104,6 @@ class BlockSizes:
       int8 x int8 dots on the raw K tile (q split in two int8 parts) and widens V to q's
       dtype, "int8_qkv" p @ V that way too; "q_dtype" is the old path, ``astype`` to q's
       dtype (bf16 dots for bf16 q). Float32 q and non-8-bit K/V take no notice of it.
-    decode_merge: how the split-K decode kernel merges a (sequence, KV head)'s splits when
-      it has several (and returns the output, not the partials): "xla" (default) in XLA
-      after the kernel; "kernel": in the kernel itself, by the split that finishes last
-      (each split writes its float32 partials, then takes a ticket from a counter per
-      (sequence, KV head) with an atomic add; the one that draws the last ticket reads the
-      others' partials and writes the output), so no launch follows the kernel. The
-      counters are a zeroed int32 array of batch x KV heads made for each call.
     mosaic_tiles_per_block: 128-row query tiles one CUDA block of the Mosaic GPU prefill
       works through in turn, 1..8 (``prefill_mosaic.paged_prefill_mosaic``'s
       ``tiles_per_block``); 1, one tile per block, is the measured default, more amortises
@@ -137,7 +129,6 @@ class BlockSizes:
   mosaic_decode_merge: str = "triton"
   quant_widen: str = _widen.DEFAULT_QUANT_WIDEN
   mosaic_tiles_per_block: int = 1
-  decode_merge: str = "xla"
 
   def __post_init__(self):
     pow2_fields = {
@@ -204,10 +195,6 @@ class BlockSizes:
     tpb = self.mosaic_tiles_per_block
     if not (isinstance(tpb, int) and 1 <= tpb <= 8):
       raise ValueError(f"BlockSizes.mosaic_tiles_per_block must be an int in [1, 8], got {tpb!r}")
-    if self.decode_merge not in DECODE_MERGES:
-      raise ValueError(
-        f"BlockSizes.decode_merge must be one of {DECODE_MERGES}, got {self.decode_merge!r}"
-      )
     splits = self.decode_num_splits
     if splits is not None and not (isinstance(splits, int) and splits >= 1):
       raise ValueError(f"BlockSizes.decode_num_splits must be None or an int >= 1, got {splits!r}")
