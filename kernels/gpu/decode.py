@@ -127,6 +127,10 @@ def grid_splits(
   return -(-max_context // chunk), chunk
 
 
+# Whether the fused write's own K/V row is loaded before the key loop (True) or after it.
+_PRELOAD_OWN_ROWS = True
+
+
 def _decode_kernel(
   # Each ref is a whole array in GPU global memory (no BlockSpec): the program gathers
   # its own rows. The pools are seen with one row per token slot.
@@ -278,6 +282,13 @@ def _decode_kernel(
     acc = widen.accumulate(acc, p, v, vs, dot=functools.partial(plgpu.dot, precision=prec))
     return acc, m, den
 
+  if fused_write:
+    own_rows = new_rows(b, h, packed=packed, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
+    # The split whose key range holds position length - 1 adds it and writes it.
+    owns = has_new & (length - 1 >= start) & (length - 1 < start + chunk)
+    new = None
+    if _PRELOAD_OWN_ROWS:
+      new = load_own_rows(knew_ref, vnew_ref, rows_of=own_rows, owns=owns, cols=cols, col_ok=col_ok)
   acc = jnp.zeros((rows, width), jnp.float32)  # sum of p @ v
   m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
@@ -287,14 +298,14 @@ def _decode_kernel(
       (acc, m, den),
       q,
       (knew_ref, vnew_ref, kout_ref, vout_ref),
-      rows_of=new_rows(b, h, packed=packed, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads),
+      rows_of=own_rows,
       pool_row=head_base + jnp.maximum(slot, 0),
-      # The split whose key range holds position length - 1 adds it and writes it.
-      owns=has_new & (length - 1 >= start) & (length - 1 < start + chunk),
+      owns=owns,
       cols=cols,
       col_ok=col_ok,
       scale=scale,
       logit_soft_cap=logit_soft_cap,
+      new=new,
     )
 
   if prefix is not None:
@@ -380,6 +391,20 @@ def new_rows(b, h, *, packed, num_q_heads, num_kv_heads):
   return k_row, k_row + num_kv_heads
 
 
+def load_own_rows(knew_ref, vnew_ref, *, rows_of, owns, cols, col_ok):
+  """``(kn, vn)``, ``[1, width]`` each in the pool's dtype: the step's own K and V rows
+  (``rows_of``: :func:`new_rows`), loaded by the program that ``owns`` the key (zeros
+  elsewhere: a row that writes nothing may carry any values, NaN included, which p = 0
+  would not cancel). For :func:`own_key`; a kernel loads them before its key loop so that
+  their latency hides behind the loop instead of adding to the program's tail."""
+  k_row, v_row = rows_of
+  one = jnp.arange(1, dtype=jnp.int32)
+  ok = tile_mask(one >= 0, col_ok) & owns
+  kn = plgpu.load(knew_ref.at[(k_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
+  vn = plgpu.load(vnew_ref.at[(v_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
+  return kn, vn
+
+
 def own_key(
   carry,
   q_state,
@@ -392,6 +417,7 @@ def own_key(
   col_ok,
   scale,
   logit_soft_cap,
+  new=None,
 ):
   """A fused write's last key: the step's own K/V row, added to ``(acc, m, den)`` from
   registers and stored into its slot of the pools (``refs``: the new K and V rows' arrays
@@ -403,19 +429,16 @@ def own_key(
   enters as a pool key would: ``q . k`` with both operands in the dots' dtype and a float32
   sum, ``p`` rounded to that dtype before it multiplies ``v``. No program reads the slot
   (every program masks position ``length - 1`` out of its pool reads), so the store races
-  with nothing.
+  with nothing. ``new``: the rows as :func:`load_own_rows` gave them, or None to load them
+  here.
   """
   acc, m, den = carry
   knew_ref, vnew_ref, kout_ref, vout_ref = refs
-  k_row, v_row = rows_of
   one = jnp.arange(1, dtype=jnp.int32)
-  ok = tile_mask(one >= 0, col_ok)
-  # [1, width] each, in the pool's dtype
-  # Loaded only by the owner (zeros elsewhere): a row that writes nothing may carry any
-  # values, NaN included, which p = 0 would not cancel.
-  ok = ok & owns
-  kn = plgpu.load(knew_ref.at[(k_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
-  vn = plgpu.load(vnew_ref.at[(v_row + one)[:, None], cols[None, :]], mask=ok, other=0.0)
+  ok = tile_mask(one >= 0, col_ok) & owns
+  if new is None:
+    new = load_own_rows(knew_ref, vnew_ref, rows_of=rows_of, owns=owns, cols=cols, col_ok=col_ok)
+  kn, vn = new
   (qc,) = q_state
   cdtype = qc.dtype
   f32 = jnp.float32
