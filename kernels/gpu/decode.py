@@ -127,8 +127,17 @@ def grid_splits(
   return -(-max_context // chunk), chunk
 
 
-# Whether the fused write's own K/V row is loaded before the key loop (True) or after it.
-_PRELOAD_OWN_ROWS = True
+def preloads_own_row(block_sizes: BlockSizes) -> bool:
+  """Whether a fused write's decode kernel loads the step's own K/V row before its key loop
+  (:func:`load_own_rows`) rather than after it: with pipelines of 3 or more stages.
+
+  Measured on an H100 (docs/benchmarks.md, "Run38", calls H and I: head_dim 64 and 128,
+  packed q/k/v, 8 pools so that the L2 is cold): loaded first, the calls with 3 stages ran
+  0.5-7.1% faster (SmolLM2's heads at 16-256 sequences, the 1B shape's at 16 x 1024 and
+  32 x 512, head_dim 128 at 32 x 2048; intervals apart), the two with 2 stages (the 1B
+  shape's deep grids at 64 x 512 and 256 x 1024, ``tuning.deep_grid_stages``) 2.3% and
+  7.7% slower."""
+  return block_sizes.decode_num_stages >= 3
 
 
 def _decode_kernel(
@@ -167,6 +176,7 @@ def _decode_kernel(
   fused_write=False,
   packed=None,
   prefix=None,
+  preload_own=False,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
@@ -287,7 +297,7 @@ def _decode_kernel(
     # The split whose key range holds position length - 1 adds it and writes it.
     owns = has_new & (length - 1 >= start) & (length - 1 < start + chunk)
     new = None
-    if _PRELOAD_OWN_ROWS:
+    if preload_own:
       new = load_own_rows(knew_ref, vnew_ref, rows_of=own_rows, owns=owns, cols=cols, col_ok=col_ok)
   acc = jnp.zeros((rows, width), jnp.float32)  # sum of p @ v
   m = jnp.full((rows,), -jnp.inf, jnp.float32)  # running max, log2 units
@@ -546,7 +556,9 @@ def paged_decode(
       scatter before the call). Row b's slot must be that of its position ``lengths[b] -
       1`` (the decode step's token): the kernel takes that key from ``k_new``/``v_new``
       instead of the pool. 16-bit or float32 pools only, not with ``row_starts`` or
-      ``return_partials``; the pools are updated in place when donated.
+      ``return_partials``; the pools are updated in place when donated. With 3 or more
+      pipeline stages the kernel loads the row before its key loop
+      (:func:`preloads_own_row`).
     packed_qkv: with ``new_slots`` and no ``k_new``/``v_new``: ``q`` is ``[batch,
       num_q_heads + 2 * num_kv_heads, head_dim]``, each row's query heads, then its K rows,
       then its V rows, in the pools' dtype (one array, as a q/k/v projection makes it: the
@@ -649,6 +661,7 @@ def paged_decode(
     fused_write=fused_write,
     packed=packed,
     prefix=prefix,
+    preload_own=fused_write and preloads_own_row(block_sizes),
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   q_flat = q.reshape(-1, head_dim)  # [batch * (num_q_heads or all heads), head_dim]

@@ -105,6 +105,39 @@ def test_gpu_kernel_writes_and_attends_as_write_then_reference(
   np.testing.assert_array_equal(np.asarray(got[0][1]), 0.0)  # length 0 sees nothing
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("stages,splits", [(2, 1), (3, 1), (3, 3)])
+def test_own_row_loaded_before_the_key_loop_with_three_stages(stages, splits, packed, monkeypatch):
+  # With 3 stages the kernel loads the step's own K/V row before its key loop and hands it
+  # to own_key (decode.preloads_own_row); with 2, own_key loads it after the loop. Both
+  # must write and attend as write_kv then the reference, NaN rows that write nothing
+  # included (row 4), with the owner in the first or the last split.
+  from kernels.gpu import decode
+
+  jax.clear_caches()  # the kernel must be traced here, with the spy in place
+  seen = []
+  real = decode.own_key
+  monkeypatch.setattr(
+    decode, "own_key", lambda *a, **kw: seen.append(kw.get("new") is not None) or real(*a, **kw)
+  )
+  lengths = [37, 0, 1, 16, 21, 70]
+  args = _step(
+    40 + stages + splits, lengths=lengths, head_dim=64, q_dtype=jnp.bfloat16,
+    kv_dtype=jnp.bfloat16, no_write=(4,),
+  )  # fmt: skip
+  bsz = dataclasses.replace(SMALL, decode_num_splits=splits, decode_num_stages=stages)
+  assert decode.preloads_own_row(bsz) == (stages >= 3)
+  opts = dict(backend="gpu", interpret=True, block_sizes=bsz)
+  if packed:
+    q, k, v, k_new, v_new, slots, table, lens = args
+    qkv = jnp.concatenate([q, k_new, v_new], axis=1)
+    got = kernels.write_and_decode_packed(qkv, k, v, slots, table, lens, **opts)
+  else:
+    got = kernels.write_and_decode(*args, **opts)
+  _check(got, _write_then_reference(*args), jnp.bfloat16)
+  assert seen and set(seen) == {stages >= 3}
+
+
 @pytest.mark.parametrize("window,cap", [(1, None), (5, 2.0), (None, 5.0)])
 def test_gpu_kernel_window_and_soft_cap(window, cap):
   # A window of 1: each row sees only its new key, which no pool read provides.
