@@ -133,10 +133,10 @@ def preloads_own_row(block_sizes: BlockSizes) -> bool:
 
   Measured on an H100 (docs/benchmarks.md, "Run38", calls H and I: head_dim 64 and 128,
   packed q/k/v, 8 pools so that the L2 is cold): loaded first, the calls with 3 stages ran
-  0.5-7.1% faster (SmolLM2's heads at 16-256 sequences, the 1B shape's at 16 x 1024 and
+  0.4-7.1% faster (SmolLM2's heads at 16-256 sequences, the 1B shape's at 16 x 1024 and
   32 x 512, head_dim 128 at 32 x 2048; intervals apart), the two with 2 stages (the 1B
-  shape's deep grids at 64 x 512 and 256 x 1024, ``tuning.deep_grid_stages``) 2.3% and
-  7.7% slower."""
+  shape's deep grids at 256 x 1024 and 64 x 512, ``tuning.deep_grid_stages``) 2.2-2.4% and
+  7.4-8.4% slower. In the engine's step (call J) SmolLM2's decode kernels took 4% less."""
   return block_sizes.decode_num_stages >= 3
 
 

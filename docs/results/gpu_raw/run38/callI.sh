@@ -1,0 +1,14 @@
+# Run38 call I: more shapes, the fused write's own row loaded before the key loop against after it.
+set -u
+O=$OUT; OUT=/tmp/o38I; rm -rf $OUT; mkdir -p $OUT
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/smi.txt
+CASES2=1 ROUNDS=2 timeout 500 python -m tmp.run38.prefetch $OUT > $OUT/prefetch.log 2>&1; echo "rc=$?"
+grep -i "error\|Traceback" $OUT/prefetch.log | head -5
+python - <<'PY'
+import json
+for l in open('/tmp/o38I/prefetch.jsonl'):
+  r=json.loads(l); c=r['us_per_call']
+  print(r['case'], r['variant'], r['round'], c['median'], (c['ci_lo'], c['ci_hi']), (c['min'], c['max']), r['tbs'], r['max_abs_diff_before_after'], r['max_abs_diff_vs_no_write'])
+PY
+tar czf $O/o38I.tgz -C /tmp o38I
