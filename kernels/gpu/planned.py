@@ -39,7 +39,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import widening
-from kernels.gpu.decode import dot_precision, head_cols, new_rows, own_key, tile_mask
+from kernels.gpu.decode import (
+  dot_precision,
+  head_cols,
+  load_own_rows,
+  new_rows,
+  own_key,
+  preloads_own_row,
+  tile_mask,
+)
 from kernels.gpu.plan import DecodePlan
 from kernels.gpu.tuning import BlockSizes
 
@@ -75,6 +83,7 @@ def _chunk_kernel(
   quantized,
   fused_write=False,
   packed=None,
+  preload_own=False,
 ):
   if quantized:
     ks_ref, vs_ref, *refs = refs
@@ -151,6 +160,16 @@ def _chunk_kernel(
     def body(j, carry):
       return step(carry, q, j * kv_tile + offs)
 
+    if fused_write:
+      own_rows = new_rows(b, h, packed=packed, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
+      # The chunk holding position length - 1 adds that key and writes it.
+      owns = has_new & (length - 1 >= chunk_start) & (length - 1 < chunk_end)
+      # Loaded before the key loop with 3 or more stages (decode.preloads_own_row).
+      new = None
+      if preload_own:
+        new = load_own_rows(
+          knew_ref, vnew_ref, rows_of=own_rows, owns=owns, cols=cols, col_ok=col_ok
+        )
     acc = jnp.zeros((rows, width), jnp.float32)
     m = jnp.full((rows,), -jnp.inf, jnp.float32)
     den = jnp.zeros((rows,), jnp.float32)
@@ -162,14 +181,14 @@ def _chunk_kernel(
         (acc, m, den),
         q,
         (knew_ref, vnew_ref, kout_ref, vout_ref),
-        rows_of=new_rows(b, h, packed=packed, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads),
+        rows_of=own_rows,
         pool_row=head_base + jnp.maximum(slot, 0),
-        # The chunk holding position length - 1 adds that key and writes it.
-        owns=has_new & (length - 1 >= chunk_start) & (length - 1 < chunk_end),
+        owns=owns,
         cols=cols,
         col_ok=col_ok,
         scale=scale,
         logit_soft_cap=logit_soft_cap,
+        new=new,
       )
     # A sequence in one chunk is done here: its output, normalised, with no partial
     # written and none merged. Otherwise the partials, for the merge.
@@ -409,6 +428,7 @@ def planned_decode(
     quantized=quantized,
     fused_write=fused_write,
     packed=packed,
+    preload_own=fused_write and preloads_own_row(block_sizes),
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (

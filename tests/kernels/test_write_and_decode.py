@@ -106,20 +106,30 @@ def test_gpu_kernel_writes_and_attends_as_write_then_reference(
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("stages,splits", [(2, 1), (3, 1), (3, 3)])
-def test_own_row_loaded_before_the_key_loop_with_three_stages(stages, splits, packed, monkeypatch):
-  # With 3 stages the kernel loads the step's own K/V row before its key loop and hands it
-  # to own_key (decode.preloads_own_row); with 2, own_key loads it after the loop. Both
-  # must write and attend as write_kv then the reference, NaN rows that write nothing
-  # included (row 4), with the owner in the first or the last split.
-  from kernels.gpu import decode
+@pytest.mark.parametrize(
+  "kernel,stages,splits",
+  [("split_k", 2, 1), ("split_k", 3, 1), ("split_k", 3, 3), ("planned", 2, 1), ("planned", 3, 1)],
+)
+def test_own_row_loaded_before_the_key_loop_with_three_stages(
+  kernel, stages, splits, packed, monkeypatch
+):
+  # With 3 stages the split-K and planned kernels load the step's own K/V row before
+  # their key loops and hand it to own_key (decode.preloads_own_row); with 2, own_key loads
+  # it after the loop. Both must write and attend as write_kv then the reference, NaN rows
+  # that write nothing included (row 4), with the owner in the first or the last split or
+  # chunk.
+  from kernels.gpu import decode, planned
 
-  jax.clear_caches()  # the kernel must be traced here, with the spy in place
+  jax.clear_caches()  # the kernels must be traced here, with the spy in place
   seen = []
   real = decode.own_key
-  monkeypatch.setattr(
-    decode, "own_key", lambda *a, **kw: seen.append(kw.get("new") is not None) or real(*a, **kw)
-  )
+
+  def spy(*a, **kw):
+    seen.append(kw.get("new") is not None)
+    return real(*a, **kw)
+
+  monkeypatch.setattr(decode, "own_key", spy)
+  monkeypatch.setattr(planned, "own_key", spy)
   lengths = [37, 0, 1, 16, 21, 70]
   args = _step(
     40 + stages + splits, lengths=lengths, head_dim=64, q_dtype=jnp.bfloat16,
@@ -128,6 +138,8 @@ def test_own_row_loaded_before_the_key_loop_with_three_stages(stages, splits, pa
   bsz = dataclasses.replace(SMALL, decode_num_splits=splits, decode_num_stages=stages)
   assert decode.preloads_own_row(bsz) == (stages >= 3)
   opts = dict(backend="gpu", interpret=True, block_sizes=bsz)
+  if kernel == "planned":
+    opts["decode_plan"] = gpu.plan_decode(np.asarray(lengths), 8, 2, kv_tile=16, chunk_tokens=16)
   if packed:
     q, k, v, k_new, v_new, slots, table, lens = args
     qkv = jnp.concatenate([q, k_new, v_new], axis=1)
