@@ -131,12 +131,15 @@ def preloads_own_row(block_sizes: BlockSizes) -> bool:
   """Whether a fused write's decode kernel loads the step's own K/V row before its key loop
   (:func:`load_own_rows`) rather than after it: with pipelines of 3 or more stages.
 
-  Measured on an H100 (docs/benchmarks.md, "Run38", calls H and I: head_dim 64 and 128,
-  packed q/k/v, 8 pools so that the L2 is cold): loaded first, the calls with 3 stages ran
-  0.4-7.1% faster (SmolLM2's heads at 16-256 sequences, the 1B shape's at 16 x 1024 and
-  32 x 512, head_dim 128 at 32 x 2048; intervals apart), the two with 2 stages (the 1B
-  shape's deep grids at 256 x 1024 and 64 x 512, ``tuning.deep_grid_stages``) 2.2-2.4% and
-  7.4-8.4% slower. In the engine's step (call J) SmolLM2's decode kernels took 4% less."""
+  Measured on an H100 with the split-K kernel (docs/benchmarks.md, "Run38", calls H and I:
+  head_dim 64 and 128, packed q/k/v, 8 pools so that the L2 is cold, round by round):
+  loaded first, the calls with 3 stages ran 0.5-7.1% faster (SmolLM2's heads at 16-256
+  sequences, the 1B shape's at 16 x 1024 and 32 x 512, head_dim 128 at 32 x 2048;
+  intervals apart), the two with 2 stages (the 1B shape's deep grids at 256 x 1024 and 64
+  x 512, ``tuning.deep_grid_stages``) 2.2-2.4% and 7.5-8.1% slower. In the engine's step
+  (call J) SmolLM2's decode kernels took 4% less. The planned kernel takes the same rule;
+  it was timed at head_dim 64 (3 stages, call K: lower in 20 of 24 noisy pairs), and its
+  2-stage settings (head_dim 128 in 16 bits) were not timed with the preload."""
   return block_sizes.decode_num_stages >= 3
 
 
@@ -405,8 +408,9 @@ def load_own_rows(knew_ref, vnew_ref, *, rows_of, owns, cols, col_ok):
   """``(kn, vn)``, ``[1, width]`` each in the pool's dtype: the step's own K and V rows
   (``rows_of``: :func:`new_rows`), loaded by the program that ``owns`` the key (zeros
   elsewhere: a row that writes nothing may carry any values, NaN included, which p = 0
-  would not cancel). For :func:`own_key`; a kernel loads them before its key loop so that
-  their latency hides behind the loop instead of adding to the program's tail."""
+  would not cancel). For :func:`own_key`: where :func:`preloads_own_row` says so a kernel
+  loads them before its key loop, so that their latency hides behind the loop instead of
+  adding to the program's tail; otherwise ``own_key`` loads them after it."""
   k_row, v_row = rows_of
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok) & owns

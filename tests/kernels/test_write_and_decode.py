@@ -107,17 +107,26 @@ def test_gpu_kernel_writes_and_attends_as_write_then_reference(
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(
-  "kernel,stages,splits",
-  [("split_k", 2, 1), ("split_k", 3, 1), ("split_k", 3, 3), ("planned", 2, 1), ("planned", 3, 1)],
+  "kernel,stages,splits,head_dim,dtype,window,cap",
+  [
+    ("split_k", 2, 1, 64, jnp.bfloat16, None, None),
+    ("split_k", 3, 1, 64, jnp.bfloat16, None, None),
+    ("split_k", 3, 3, 64, jnp.bfloat16, None, None),
+    ("split_k", 3, 1, 80, jnp.bfloat16, None, None),  # columns past 80 masked
+    ("split_k", 3, 2, 64, jnp.float32, 5, 2.0),
+    ("planned", 2, 1, 64, jnp.bfloat16, None, None),
+    ("planned", 3, 1, 64, jnp.bfloat16, None, None),
+    ("planned", 3, 1, 80, jnp.float32, 5, None),
+  ],
 )
-def test_own_row_loaded_before_the_key_loop_with_three_stages(
-  kernel, stages, splits, packed, monkeypatch
+def test_own_row_preloaded_with_three_stages(
+  kernel, stages, splits, head_dim, dtype, window, cap, packed, monkeypatch
 ):
   # With 3 stages the split-K and planned kernels load the step's own K/V row before
-  # their key loops and hand it to own_key (decode.preloads_own_row); with 2, own_key loads
-  # it after the loop. Both must write and attend as write_kv then the reference, NaN rows
-  # that write nothing included (row 4), with the owner in the first or the last split or
-  # chunk.
+  # their key loops and hand it to own_key (decode.preloads_own_row; the spy sees which);
+  # with 2, own_key loads it after the loop. Both must write and attend as write_kv then
+  # the reference, NaN rows that write nothing included (row 4), with the owner in the
+  # first or the last split or chunk, padded columns, float32 pools, a window and a cap.
   from kernels.gpu import decode, planned
 
   jax.clear_caches()  # the kernels must be traced here, with the spy in place
@@ -132,21 +141,24 @@ def test_own_row_loaded_before_the_key_loop_with_three_stages(
   monkeypatch.setattr(planned, "own_key", spy)
   lengths = [37, 0, 1, 16, 21, 70]
   args = _step(
-    40 + stages + splits, lengths=lengths, head_dim=64, q_dtype=jnp.bfloat16,
-    kv_dtype=jnp.bfloat16, no_write=(4,),
+    40 + stages + splits + head_dim, lengths=lengths, head_dim=head_dim, q_dtype=dtype,
+    kv_dtype=dtype, no_write=(4,),
   )  # fmt: skip
   bsz = dataclasses.replace(SMALL, decode_num_splits=splits, decode_num_stages=stages)
   assert decode.preloads_own_row(bsz) == (stages >= 3)
-  opts = dict(backend="gpu", interpret=True, block_sizes=bsz)
+  kw = dict(sliding_window=window, logit_soft_cap=cap)
+  opts = dict(backend="gpu", interpret=True, block_sizes=bsz, **kw)
   if kernel == "planned":
-    opts["decode_plan"] = gpu.plan_decode(np.asarray(lengths), 8, 2, kv_tile=16, chunk_tokens=16)
+    opts["decode_plan"] = gpu.plan_decode(
+      np.asarray(lengths), 8, 2, kv_tile=16, sliding_window=window, chunk_tokens=16
+    )
   if packed:
     q, k, v, k_new, v_new, slots, table, lens = args
     qkv = jnp.concatenate([q, k_new, v_new], axis=1)
     got = kernels.write_and_decode_packed(qkv, k, v, slots, table, lens, **opts)
   else:
     got = kernels.write_and_decode(*args, **opts)
-  _check(got, _write_then_reference(*args), jnp.bfloat16)
+  _check(got, _write_then_reference(*args, **kw), dtype)
   assert seen and set(seen) == {stages >= 3}
 
 
