@@ -84,7 +84,9 @@ def project(
     try:
       kernels.resolve_backend("gpu", interpret=interpret)
     except kernels.BackendUnavailableError as e:
-      raise kernels.BackendUnavailableError(f"gemm='pallas' (or gemm='xla'): {e}") from e
+      raise kernels.BackendUnavailableError(
+        f"gemm='pallas' runs the Pallas GPU product (gemm='auto' or 'xla' run anywhere): {e}"
+      ) from e
     if not dtype_ok:
       raise ValueError(f"gemm='pallas' takes bf16 or f16 inputs, got {x.dtype}")
     if settings is None:
