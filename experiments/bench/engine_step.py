@@ -724,6 +724,17 @@ def e2e_rows(args) -> list[dict]:
   return rows
 
 
+def gemm_values(text: str) -> list[str]:
+  """``--gemm``'s comma-separated values, each one of ``paxcache.nn.GEMMS`` (SystemExit
+  otherwise, before anything is built or timed)."""
+  from paxcache.nn import GEMMS
+
+  values = text.split(",")
+  if not text or any(g not in GEMMS for g in values):
+    raise SystemExit(f"--gemm takes values of {GEMMS}, got {text!r}")
+  return values
+
+
 def define_flags():
   flags.DEFINE_string("out", None, "output folder", required=True)
   flags.DEFINE_string("models", "smollm2-135m,llama-1b", "model names, comma separated")
@@ -829,11 +840,7 @@ def main(args):
   args.xla_options = options  # EngineConfig / device_step check and normalise them
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-  args.gemm = args.gemm.split(",")
-  from paxcache.nn import GEMMS
-
-  if not args.gemm or any(g not in GEMMS for g in args.gemm):
-    raise SystemExit(f"--gemm takes values of {GEMMS}, got {','.join(args.gemm)!r}")
+  args.gemm = gemm_values(args.gemm)
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
   args.e2e_min_chunks = [int(x) for x in args.e2e_min_chunks.split(",")]

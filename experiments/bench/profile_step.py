@@ -348,7 +348,7 @@ def _steady(text: str) -> tuple[int, int, int]:
 
 def main(args):
   args.models = args.models.split(",")
-  args.gemm = args.gemm.split(",")
+  args.gemm = es.gemm_values(args.gemm)
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
   if args.host_steady:

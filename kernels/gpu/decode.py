@@ -52,6 +52,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels._quant import is_quantized
 from kernels.gpu._softmax import logits_log2, online_softmax_step
 from kernels.gpu._widen import widening
+from kernels.gpu.plan import num_sms as _num_sms  # one SM count for every rule
 from kernels.gpu.tuning import BlockSizes, padded_head_dim
 
 
@@ -88,16 +89,6 @@ def tile_mask(row_mask, col_ok):
   if col_ok is None:
     return row_mask[:, None]
   return row_mask[:, None] & col_ok[None, :]
-
-
-def _num_sms() -> int:
-  try:
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-      return int(getattr(dev, "core_count", 132) or 132)
-  except Exception:  # noqa: BLE001 - no device info: assume an H100
-    pass
-  return 132
 
 
 def choose_num_splits(

@@ -905,3 +905,23 @@ def test_split_spans_cuts_calls_at_the_longest_idle_gaps():
   assert split_spans(events, 1) == pytest.approx([216e-6])
   with pytest.raises(RuntimeError, match="7 device events for 8 calls"):
     split_spans(events, 8)
+
+
+@pytest.mark.parametrize("module", ["engine_step", "profile_step"])
+def test_step_scripts_refuse_an_unknown_gemm_before_building_anything(module, tmp_path):
+  from experiments.bench.engine_step import gemm_values
+
+  assert gemm_values("auto,xla") == ["auto", "xla"]
+  for bad in ("", "auto,", "cublas", "auto,Pallas"):
+    with pytest.raises(SystemExit, match="--gemm takes values of"):
+      gemm_values(bad)
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['{module}', '--models', 'micro', '--gemm', 'auto,cublas',"
+    f" '--out', '{tmp_path}']\n"
+    f"runpy.run_module('experiments.bench.{module}', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode != 0
+  assert "--gemm takes values of ('auto', 'xla', 'pallas'), got 'auto,cublas'" in proc.stderr
+  assert not list(tmp_path.iterdir())  # refused before any output was written
