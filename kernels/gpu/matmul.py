@@ -238,3 +238,123 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
         "multiple of 64, N of 32, a program for at least half the SMs); pass settings"
       )
   return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)
+
+
+# SwiGLU's gate and up products with the activation in the kernel's epilogue. A decode
+# step's MLP runs ``silu(x @ W_gate) * (x @ W_up)`` on tens of rows: as two kernels (the
+# product, then an XLA fusion that sums split-K partials and applies the activation) the
+# second is a launch of its own on a layer's critical path. Here program ``j`` multiplies
+# the rows by the gate's and the up's column tiles ``j`` (one weight, ``[gate | up]``) over
+# the whole of K, and writes ``silu(g) * u`` in x's dtype: no split, so no partials and no
+# second kernel.
+
+
+def swiglu_settings(
+  rows: int, k: int, mlp: int, *, itemsize: int = 2, num_sms: int | None = None, fit: bool = False
+):
+  """The launch of :func:`swiglu_matmul` for ``[rows, k] @ [k, 2 * mlp]``, or None.
+
+  The rule: at most :data:`MAX_ROWS` rows, the weight at most :data:`MAX_WEIGHT_BYTES`,
+  K a multiple of 64 and ``mlp`` of 16; column tiles of 64, 32 or 16, the widest that
+  gives at least half the SMs a program; K steps of 128 where they divide K (64
+  otherwise); four pipeline stages up to 64 rows, three above. ``fit=True`` (an explicit
+  request): the rule's launch, else any launch the kernel can run (at most
+  :data:`FIT_MAX_ROWS` rows, K and ``mlp`` multiples of 16); None only where none can.
+  """
+  sms = _num_sms() if num_sms is None else num_sms
+  if rows < 1 or rows > (FIT_MAX_ROWS if fit else MAX_ROWS):
+    return None
+  in_rule = rows <= MAX_ROWS and k * 2 * mlp * itemsize <= MAX_WEIGHT_BYTES
+  if not in_rule or k % 64 or mlp % 16:
+    if not fit or k % 16 or mlp % 16:
+      return None
+    cap_k = 128 if row_tile(rows) <= 128 else 64
+    return MatmulSettings(
+      splits=1, block_n=_largest_pow2_divisor(mlp, 64), block_k=_largest_pow2_divisor(k, cap_k)
+    )
+  block_n = 16
+  for bn in (64, 32):
+    if mlp % bn == 0 and mlp // bn >= sms // 2:
+      block_n = bn
+      break
+  block_k = 128 if k % 128 == 0 and row_tile(rows) <= 64 else 64
+  stages = 4 if row_tile(rows) <= 64 else 3
+  return MatmulSettings(splits=1, block_n=block_n, block_k=block_k, num_stages=stages)
+
+
+def _swiglu_kernel(x_ref, w_ref, o_ref, *, rows, bm, k, mlp, block_k, block_n):
+  j = pl.program_id(0)
+  r = jnp.arange(bm, dtype=jnp.int32)
+  row_ok = r < rows
+  safe_r = jnp.minimum(r, rows - 1)
+  cols_k = jnp.arange(block_k, dtype=jnp.int32)
+  cols_g = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+  cols_u = mlp + cols_g
+
+  def step(i, carry):
+    g, u = carry
+    k0 = i * block_k + cols_k
+    # Rows past `rows` are not read (zeros) and not written.
+    xt = plgpu.load(x_ref.at[safe_r[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0)
+    wg = plgpu.load(w_ref.at[k0[:, None], cols_g[None, :]])
+    wu = plgpu.load(w_ref.at[k0[:, None], cols_u[None, :]])
+    return g + plgpu.dot(xt, wg), u + plgpu.dot(xt, wu)
+
+  zeros = jnp.zeros((bm, block_n), jnp.float32)
+  g, u = lax.fori_loop(0, k // block_k, step, (zeros, zeros))
+  # silu(g) = g * sigmoid(g) = g / (1 + exp(-g)), in float32 on the whole sums; a large
+  # negative g gives g / inf = -0, as silu's limit.
+  out = g / (1.0 + jnp.exp(-g)) * u
+  # All bm rows (those past `rows` are silu(0) * 0 = 0): a masked store with clamped row
+  # ids would write one row several times, which interpret mode does not order.
+  plgpu.store(
+    o_ref.at[pl.ds(0, bm), pl.ds(pl.multiple_of(j * block_n, block_n), block_n)],
+    out.astype(o_ref.dtype),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("mlp", "settings", "interpret"))
+def swiglu_matmul(x, w, *, mlp: int, settings: MatmulSettings, interpret: bool = False):
+  """``silu(x @ w[:, :mlp]) * (x @ w[:, mlp:])`` in x's dtype, the products' float32 sums
+  put through the activation in the kernel.
+
+  Args:
+    x: ``[rows, K]``, bf16 or f16.
+    w: ``[K, 2 * mlp]``, x's dtype: the gate's columns, then the up's.
+    mlp: the MLP's width.
+    settings: the launch (:func:`swiglu_settings`); ``splits`` must be 1, K a multiple of
+      ``block_k``, ``mlp`` of ``block_n``.
+    interpret: run in Pallas's interpret mode (CPU tests).
+
+  Raises:
+    ValueError: shapes, dtypes or settings that do not fit.
+  """
+  _check(x, w, dataclasses.replace(settings, splits=1))
+  rows, k = x.shape
+  s = settings
+  if w.shape[1] != 2 * mlp:
+    raise ValueError(f"w must have 2 * mlp = {2 * mlp} columns, got {w.shape[1]}")
+  if s.splits != 1:
+    raise ValueError(f"swiglu_matmul runs unsplit products (splits=1), got splits={s.splits}")
+  if mlp % s.block_n:
+    raise ValueError(f"settings {s} do not tile mlp {mlp}: it must be a multiple of block_n")
+  kern = functools.partial(
+    _swiglu_kernel,
+    rows=rows,
+    bm=row_tile(rows),
+    k=k,
+    mlp=mlp,
+    block_k=s.block_k,
+    block_n=s.block_n,
+  )
+  bm = row_tile(rows)
+  out = pl.pallas_call(
+    kern,
+    grid=(mlp // s.block_n,),
+    out_shape=jax.ShapeDtypeStruct((bm, mlp), x.dtype),
+    compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
+    interpret=interpret,
+    name=f"paxcache_swiglu_n{s.block_n}_k{s.block_k}",
+  )(x, w)
+  # A row count that is not its tile's (a power of two >= 16) costs XLA a slice.
+  return out if bm == rows else out[:rows]

@@ -120,3 +120,87 @@ def test_errors():
     mm.MatmulSettings(0, 32, 64)
   with pytest.raises(ValueError, match="no split-K launch"):
     mm.skinny_matmul(x, w[:, :48], interpret=True)
+
+
+def _swiglu_f64(x, w, mlp):
+  xs, ws = _f64(x), _f64(w)
+  g, u = xs @ ws[:, :mlp], xs @ ws[:, mlp:]
+  return g / (1.0 + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize(
+  "rows,k,mlp,settings",
+  [
+    (1, 128, 32, mm.MatmulSettings(1, 16, 64)),  # one row
+    (5, 256, 48, mm.MatmulSettings(1, 16, 128)),  # rows not a power of two: a sliced tile
+    (16, 576, 64, mm.MatmulSettings(1, 32, 64, num_stages=4)),  # SmolLM2's K, 9 steps
+    (40, 128, 128, mm.MatmulSettings(1, 64, 128, num_stages=2)),
+  ],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_swiglu_against_float64(rows, k, mlp, settings, dtype):
+  """silu(x @ W_gate) * (x @ W_up) from float32 sums, rounded once to x's dtype: within one
+  rounding (2**-8 of bf16, 2**-11 of f16, relative to each entry, plus a floor for entries
+  near 0) of float64 on the same inputs."""
+  x, w = _inputs(rows, k, 2 * mlp, dtype, seed=rows)
+  got = mm.swiglu_matmul(x, w, mlp=mlp, settings=settings, interpret=True)
+  assert got.shape == (rows, mlp) and got.dtype == dtype
+  want = _swiglu_f64(x, w, mlp)
+  eps = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11
+  np.testing.assert_allclose(_f64(got), want, rtol=eps, atol=1e-5 * np.abs(want).max())
+  # The gate's and the up's columns are not swapped (the activation is not symmetric).
+  swapped = _swiglu_f64(x, jnp.concatenate([w[:, mlp:], w[:, :mlp]], axis=1), mlp)
+  assert np.abs(_f64(got) - swapped).max() > 10 * np.abs(_f64(got) - want).max()
+
+
+def test_swiglu_extremes_and_a_nan_row():
+  """Large negative gate sums give silu's limit, -0 times up, not NaN; a NaN in one row of x
+  reaches that row alone."""
+  k, mlp = 64, 32
+  x = jnp.ones((3, k), jnp.bfloat16)
+  w = jnp.concatenate(
+    [jnp.full((k, mlp), -4.0, jnp.bfloat16), jnp.full((k, mlp), 0.5, jnp.bfloat16)], axis=1
+  )  # g = -256, u = 32
+  s = mm.MatmulSettings(1, 32, 64)
+  got = np.asarray(mm.swiglu_matmul(x, w, mlp=mlp, settings=s, interpret=True), np.float64)
+  assert np.isfinite(got).all() and np.abs(got).max() < 1e-20
+  x, w = _inputs(6, 128, 64, jnp.bfloat16)
+  x = x.at[5, 3].set(jnp.nan)
+  got = np.asarray(mm.swiglu_matmul(x, w, mlp=32, settings=s, interpret=True), np.float64)
+  assert np.isnan(got[5]).all() and np.isfinite(got[:5]).all()
+
+
+def test_swiglu_settings_rule():
+  """Unsplit launches: the widest column tile giving half the SMs a program, 128-deep K
+  steps where they divide K, four stages up to 64 rows; None past the rule unless fit."""
+  S = mm.MatmulSettings
+  assert mm.swiglu_settings(64, 576, 1536, num_sms=132) == S(1, 16, 64, num_stages=4)  # SmolLM2
+  assert mm.swiglu_settings(64, 1024, 4096, num_sms=132) == S(1, 32, 128, num_stages=4)
+  assert mm.swiglu_settings(128, 1024, 2048, num_sms=132) == S(1, 16, 64, num_stages=3)
+  assert mm.swiglu_settings(64, 512, 8192, num_sms=132) == S(1, 64, 128, num_stages=4)  # 16 MiB
+  assert mm.swiglu_settings(64, 2048, 8192, num_sms=132) is None  # 1B: 64 MiB, XLA's
+  assert mm.swiglu_settings(129, 576, 1536, num_sms=132) is None
+  assert mm.swiglu_settings(64, 560, 1536, num_sms=132) is None  # K not a multiple of 64
+  assert mm.swiglu_settings(64, 2048, 8192, num_sms=132, fit=True) == S(1, 64, 128)
+  assert mm.swiglu_settings(256, 560, 1536, num_sms=132, fit=True) == S(1, 64, 16)
+  assert mm.swiglu_settings(257, 576, 1536, fit=True) is None
+  assert mm.swiglu_settings(8, 40, 48, fit=True) is None  # K not a multiple of 16
+  for rows in (1, 7, 64, 100, 128):
+    for k, mlp in ((576, 1536), (1024, 4096), (2048, 2048)):
+      s = mm.swiglu_settings(rows, k, mlp, num_sms=132)
+      assert s.splits == 1 and k % s.block_k == 0 and mlp % s.block_n == 0
+
+
+def test_swiglu_errors():
+  x, w = _inputs(4, 128, 64, jnp.bfloat16)
+  s = mm.MatmulSettings(1, 16, 64)
+  with pytest.raises(ValueError, match="2 \\* mlp = 48 columns"):
+    mm.swiglu_matmul(x, w, mlp=24, settings=s, interpret=True)
+  with pytest.raises(ValueError, match="unsplit products"):
+    mm.swiglu_matmul(x, w, mlp=32, settings=mm.MatmulSettings(2, 16, 64), interpret=True)
+  with pytest.raises(ValueError, match="do not tile mlp 32"):
+    mm.swiglu_matmul(x, w, mlp=32, settings=mm.MatmulSettings(1, 64, 64), interpret=True)
+  with pytest.raises(ValueError, match="must share one of"):
+    mm.swiglu_matmul(x, w.astype(jnp.float16), mlp=32, settings=s, interpret=True)
+  with pytest.raises(ValueError, match="must equal w's rows"):
+    mm.swiglu_matmul(x, w[:64], mlp=32, settings=s, interpret=True)
