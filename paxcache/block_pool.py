@@ -90,15 +90,23 @@ class BlockPool:
     """A block for exclusive use (reference count 1, empty): free first, else evict LRU.
 
     The caller checks :attr:`num_available` first; with nothing available this raises
-    ``KeyError`` from the cache.
+    ``ValueError`` (and changes nothing).
     """
+    if not self._free and not self.cache.num_cached:
+      raise ValueError(f"BlockPool.take: no block available (all {self.num_blocks} used)")
     b = self._free.popleft() if self._free else self.cache.evict()
     self.ref[b] = 1
     self.fill[b] = 0
     return b
 
   def acquire(self, block: int) -> None:
-    """One more reference on a block that holds a cache entry, used or cached (a prefix hit)."""
+    """One more reference on a block that holds a cache entry, used or cached (a prefix hit).
+
+    Raises:
+      ValueError: a block id outside the pool.
+    """
+    if not 0 <= block < self.num_blocks:
+      raise ValueError(f"BlockPool.acquire: block {block} is outside [0, {self.num_blocks})")
     if self.ref[block] == 0:
       self.cache.unpark(block)
       self.filled_slots += self.fill.item(block)
@@ -113,8 +121,21 @@ class BlockPool:
 
     A block whose count reaches 0 is parked in the prefix cache if it holds an entry (so, of
     one sequence's blocks, those released first are evicted first), else goes to the free list.
+
+    Raises:
+      ValueError: a block id outside the pool, or more releases of a block than it has
+        references (a double free); checked before any count changes.
     """
     ref, fill, cache = self.ref, self.fill, self.cache
+    blocks = list(blocks)
+    for b, n in collections.Counter(blocks).items():
+      if not 0 <= b < self.num_blocks:
+        raise ValueError(f"BlockPool.release: block {b} is outside [0, {self.num_blocks})")
+      if ref.item(b) < n:
+        raise ValueError(
+          f"BlockPool.release: block {b} released {n} time(s) with {ref.item(b)} reference(s) "
+          "(a double free)"
+        )
     for b in blocks:
       r = ref.item(b) - 1
       ref[b] = r

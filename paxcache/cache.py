@@ -257,6 +257,7 @@ class PagedKVCache:
     _check_layer(layer, self.num_layers)
     if not self.quantized:
       return {}
+    _check_not_donated((self.k_scale[layer], self.v_scale[layer]))
     return {"k_scales": self.k_scale[layer], "v_scales": self.v_scale[layer]}
 
   def layer(self, layer: int) -> tuple[jax.Array, jax.Array]:
@@ -265,6 +266,7 @@ class PagedKVCache:
     ``[..., block_size, padded_width(head_dim)]``): the arguments
     ``kernels.paged_attention`` takes (the layer's own buffers, not a copy)."""
     _check_layer(layer, self.num_layers)
+    _check_not_donated((self.k[layer], self.v[layer]))
     return self.k[layer], self.v[layer]
 
   def replace_layer(self, layer: int, k_blocks, v_blocks, k_scale=None, v_scale=None):
@@ -313,6 +315,19 @@ def _shape_str(x) -> str:
   return f"{tuple(x.shape)} {jnp.dtype(x.dtype).name}"
 
 
+def _check_not_donated(arrays) -> None:
+  """ValueError where a pool (a concrete array; tracers are not buffers) was donated."""
+  if any(
+    isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+    for x in arrays
+  ):
+    # What JAX would say later is "Array has been deleted", from deep inside the call.
+    raise ValueError(
+      "this cache's pools were donated to an earlier write, copy_blocks or swap_in and "
+      "are deleted: use the cache that call returned"
+    )
+
+
 def _check_cache(cache) -> None:
   if not isinstance(cache, PagedKVCache):
     raise ValueError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
@@ -329,12 +344,7 @@ def _check_cache(cache) -> None:
     for x in k + v + tuple(cache.k_scale) + tuple(cache.v_scale)
     if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
   ]
-  if any(x.is_deleted() for x in arrays):
-    # What JAX would say later is "Array has been deleted", from deep inside the call.
-    raise ValueError(
-      "this cache's pools were donated to an earlier write, copy_blocks or swap_in and "
-      "are deleted: use the cache that call returned"
-    )
+  _check_not_donated(arrays)
   concrete = [id(x) for x in arrays]
   if len(set(concrete)) < len(concrete):
     raise ValueError(

@@ -62,3 +62,31 @@ def test_equality_compares_counts_free_order_and_cache():
     assert [pool.take(), pool.take()] == [0, 1]
     pool.release(order)
   assert a != b  # same blocks free, in a different order
+
+
+def test_bad_releases_takes_and_acquires_are_refused_and_change_nothing():
+  import pytest
+
+  pool = _pool()
+  a, b = pool.take(), pool.take()
+  pool.share(np.array([b]))  # b: two references
+  before = (pool.ref.copy(), pool.fill.copy(), list(pool._free), pool.filled_slots)
+  for bad, match in (
+    ([a, a], "block 0 released 2 time"),  # a double free
+    ([b, b, b], "block 1 released 3 time"),
+    ([b, 2], "block 2 released 1 time.s. with 0"),  # never taken
+    ([a, 7], "block 7 is outside"),
+    ([-1], "block -1 is outside"),
+  ):
+    with pytest.raises(ValueError, match=match):
+      pool.release(bad)
+    after = (pool.ref.copy(), pool.fill.copy(), list(pool._free), pool.filled_slots)
+    assert all(np.array_equal(x, y) for x, y in zip(before, after, strict=True)), bad
+  pool.release([b, b])  # both references: a legal release of one block twice
+  assert pool.ref.tolist() == [1, 0, 0, 0]
+  with pytest.raises(ValueError, match="block 4 is outside"):
+    pool.acquire(4)
+  assert [pool.take() for _ in range(3)] == [2, 3, 1]
+  with pytest.raises(ValueError, match="no block available"):
+    pool.take()
+  pool.check_invariants(np.array([1, 1, 1, 1]))

@@ -426,9 +426,12 @@ def test_donating_functions_consume_their_input_and_stay_correct():
     lambda: write(old, 0, k_new, v_new, slots),
     lambda: copy_blocks(old, np.array([1]), np.array([3])),
     lambda: swap_in(old, host, [4], [5]),
+    # Reading a layer of it (the pools kernels.paged_attention takes) is refused the same way.
+    lambda: old.layer(0),
   ):
     with pytest.raises(ValueError, match="donated to an earlier write, copy_blocks or swap_in"):
       reuse()
+  assert all(x.shape == cache.k[0].shape for x in cache.layer(0))  # the live one reads
   assert_bits_equal(cache.k, k)
   assert_bits_equal(cache.v, v)
 
@@ -579,7 +582,12 @@ def test_8bit_lane_padded_cache_stores_the_plain_caches_rows_and_scales(kv_dtype
   k_new = jnp.asarray(rng.standard_normal((5, Hp, Dh)), jnp.float32)
   v_new = jnp.asarray(rng.standard_normal((5, Hp, Dh)), jnp.float32)
   slots = np.array([0, 7, 9, -1, 20], np.int32)
+  old = plain
   plain = write(plain, 0, k_new, v_new, slots)
+  # The written layer's pools and scales were donated: reading them is refused by name.
+  for reuse in (lambda: old.layer(0), lambda: old.kernel_kwargs(0)):
+    with pytest.raises(ValueError, match="donated to an earlier write"):
+      reuse()
   padded = write(padded, 0, k_new, v_new, slots)
   for a, b in zip(plain.stacked(), padded.stacked(), strict=True):
     np.testing.assert_array_equal(np.asarray(b).view(np.uint8), np.asarray(a).view(np.uint8))
