@@ -16,12 +16,23 @@ as:
 * ``split{s}``: the reduction axis in ``s`` parts (``einsum('bsk,skn->sbn')`` then a float32
   sum over ``s``): ``s`` times the output tiles, plus one small reduction.
 
+With ``--swiglu`` it times SwiGLU's front instead (the gate/up product and ``silu(gate) *
+up``, bf16 out) for each model's gate/up weight, three ways:
+
+* ``xla``: XLA's product, then the activation (XLA fuses it into a kernel of its own);
+* ``auto``: ``paxcache.nn.project(gemm="auto")`` (the split-K kernel of
+  ``kernels/gpu/matmul.py`` where its rule has a launch), then the activation, which XLA
+  fuses with the sum of the partials: the model's path;
+* ``fused``: ``kernels.gpu.matmul.swiglu_matmul`` (one unsplit kernel, the activation in
+  its epilogue) with ``swiglu_settings``'s launch (``fit=True``).
+
 Device time per product from a ``jax.profiler`` trace (median of ``--repeats`` runs,
 min-max), as a share of the read rate of ``jnp.sum`` over 4 GiB measured in the same
 process. Run it twice, once with ``XLA_FLAGS=--xla_gpu_enable_triton_gemm=false`` (cuBLAS
 for every product), to compare XLA's pick with cuBLAS's.
 
   python -m experiments.bench.gemm_rows --out /tmp/gemm_rows
+  python -m experiments.bench.gemm_rows --swiglu --rows 16,64,128 --layers 30 --out /tmp/swiglu
 
 Writes ``OUT/gemm_rows.jsonl`` and prints a table last.
 """
@@ -73,6 +84,36 @@ def products(xs, ws, split: int):
   return out
 
 
+SWIGLU_FRONTS = ("xla", "auto", "fused")
+
+
+def swiglu_fronts(xs, ws, front: str, *, interpret: bool = False):
+  """``silu(x @ w[:, :mlp]) * (x @ w[:, mlp:])`` for each ``i`` (``w`` is ``[K, 2 mlp]``,
+  gate then up), by ``front`` (one of :data:`SWIGLU_FRONTS`), in x's dtype."""
+  from kernels.gpu import matmul as mm
+  from paxcache.nn import project
+
+  out = []
+  for x, w in zip(xs, ws, strict=True):
+    mlp = w.shape[1] // 2
+    if front == "fused":
+      settings = mm.swiglu_settings(x.shape[0], x.shape[1], mlp, fit=True)
+      out.append(mm.swiglu_matmul(x, w, mlp=mlp, settings=settings, interpret=interpret))
+      continue
+    h = project(x, w, gemm=front, interpret=interpret)
+    out.append((jax.nn.silu(h[:, :mlp]) * h[:, mlp:]).astype(x.dtype))
+  return out
+
+
+def measure_swiglu(k, n, rows, front, args):
+  keys = jax.random.split(jax.random.key(0), 2 * args.layers)
+  ws = [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys[: args.layers]]
+  xs = [jax.random.normal(key, (rows, k), jnp.bfloat16) for key in keys[args.layers :]]
+  f = jax.jit(functools.partial(swiglu_fronts, front=front))
+  jax.block_until_ready(f(xs, ws))
+  return device_time(lambda: f(xs, ws), runs=args.repeats, per_run=args.layers), 2 * k * n
+
+
 def measure(k, n, rows, split, args):
   keys = jax.random.split(jax.random.key(0), 2 * args.layers)
   ws = [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys[: args.layers]]
@@ -91,6 +132,9 @@ def define_flags():
   flags.DEFINE_integer("repeats", 15, "runs traced")
   flags.DEFINE_string("label", "", "what this process is (e.g. cublas), kept in each row")
   flags.DEFINE_string("commit", "unknown", "commit measured")
+  flags.DEFINE_bool(
+    "swiglu", False, "time SwiGLU's front (gate/up and the activation) by SWIGLU_FRONTS instead"
+  )
 
 
 def main(args) -> int:
@@ -100,21 +144,26 @@ def main(args) -> int:
   rows_out = []
   for name in args.models:
     for product, (k, n) in weight_shapes(name).items():
+      if args.swiglu and product != "gate_up":
+        continue
       for rows in map(int, args.rows):
-        for split in map(int, args.splits):
-          if k % split:
+        for split in SWIGLU_FRONTS if args.swiglu else map(int, args.splits):
+          if args.swiglu:
+            t, nbytes = measure_swiglu(k, n, rows, split, args)
+          elif k % split:
             continue
-          t, nbytes = measure(k, n, rows, split, args)
+          else:
+            t, nbytes = measure(k, n, rows, split, args)
           rows_out.append(
             dict(
               device=info["device"],
               jax=info["jax_version"],
               model=name,
-              product=product,
+              product=f"swiglu_{split}" if args.swiglu else product,
               k=k,
               n=n,
               rows=rows,
-              split=split,
+              split=1 if args.swiglu else split,
               us=t.median * 1e6,
               us_min=t.min * 1e6,
               us_max=t.max * 1e6,

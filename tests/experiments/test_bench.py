@@ -634,6 +634,33 @@ def test_gemm_rows_products_and_layer_shapes():
       np.testing.assert_allclose(g, w, **tolerance("layer_vs_float64", jnp.float32))
 
 
+def test_gemm_rows_swiglu_fronts_agree_with_float64():
+  # What --swiglu times (the kernel in interpret mode here): each front is silu(x @ W_gate)
+  # * (x @ W_up) of float64 NumPy within bf16 roundings (the XLA fronts round the product
+  # to bf16 before the activation, the fused kernel once after it).
+  import jax.numpy as jnp
+  import numpy as np
+
+  from experiments.bench.gemm_rows import SWIGLU_FRONTS, swiglu_fronts
+
+  rng = np.random.default_rng(1)
+  xs = [jnp.asarray(rng.standard_normal((5, 64)), jnp.bfloat16) for _ in range(2)]
+  ws = [jnp.asarray(rng.standard_normal((64, 96)) / 8, jnp.bfloat16) for _ in range(2)]
+  want = []
+  for x, w in zip(xs, ws, strict=True):
+    h = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    g, u = h[:, :48], h[:, 48:]
+    want.append(g / (1 + np.exp(-g)) * u)
+  for front in SWIGLU_FRONTS:
+    got = swiglu_fronts(xs, ws, front, interpret=True)
+    for g, w in zip(got, want, strict=True):
+      assert g.shape == (5, 48) and g.dtype == jnp.bfloat16
+      # Three bf16 roundings at most (g, u, the output): 3 * 2**-8 of the largest entry.
+      np.testing.assert_allclose(
+        np.asarray(g, np.float64), w, rtol=0, atol=3 * 2.0**-8 * np.abs(w).max()
+      )
+
+
 def test_engine_step_e2e_smoke_replays_captured_steps_on_the_device(tmp_path):
   # A one-layer model on the CPU: every captured step is replayed three ways; with no GPU
   # trace the device time is the device-resident batch's clock, and the row's medians and
