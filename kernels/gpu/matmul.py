@@ -21,6 +21,9 @@ Rows need not be a power of two: the program's row tile is the next power of two
 copy of the input is made; the partials' extra rows are written and sliced off inside the
 fusion that sums them.
 
+:func:`swiglu_matmul` is the MLP's gate/up product with ``silu(gate) * up`` in its
+epilogue (one unsplit kernel; :func:`swiglu_settings` is its rule).
+
 This module imports nothing from paxcache or flax.
 """
 
@@ -249,23 +252,37 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
 # second kernel.
 
 
+# swiglu_settings' rule, from run39's layer chains on an H100 (docs/benchmarks.md): the fused
+# front against the product's own path (the split-K kernel or XLA's, then XLA's activation)
+# was faster at 17-128 rows for SmolLM2-135M's gate/up (3.4 MiB; 4.3-16%) and the 1B
+# shape's (64 MiB; 0.8-4.8%), slower for SmolLM2's at 8 and 16 rows (23% and 2.2%).
+SWIGLU_MIN_ROWS = 17
+MAX_SWIGLU_WEIGHT_BYTES = 64 << 20
+
+
 def swiglu_settings(
   rows: int, k: int, mlp: int, *, itemsize: int = 2, num_sms: int | None = None, fit: bool = False
 ):
   """The launch of :func:`swiglu_matmul` for ``[rows, k] @ [k, 2 * mlp]``, or None.
 
-  The rule: at most :data:`MAX_ROWS` rows, the weight at most :data:`MAX_WEIGHT_BYTES`,
-  K a multiple of 64 and ``mlp`` of 16; column tiles of 64, 32 or 16, the widest that
-  gives at least half the SMs a program; K steps of 128 where they divide K (64
-  otherwise); four pipeline stages up to 64 rows, three above. ``fit=True`` (an explicit
-  request): the rule's launch, else any launch the kernel can run (at most
+  The rule (measured on an H100, docs/benchmarks.md "Run39"): :data:`SWIGLU_MIN_ROWS` to
+  :data:`MAX_ROWS` rows, the weight at most :data:`MAX_SWIGLU_WEIGHT_BYTES`, K a multiple
+  of 64 and ``mlp`` of 16; column tiles of 64, 32 or 16, the widest that gives at least
+  half the SMs a program; K steps of 64 in four pipeline stages (within 0.7% of the
+  fastest setting measured for the 1B shape at each of 16-128 rows). ``fit=True`` (an
+  explicit request): the rule's launch, else any launch the kernel can run (at most
   :data:`FIT_MAX_ROWS` rows, K and ``mlp`` multiples of 16); None only where none can.
   """
   sms = _num_sms() if num_sms is None else num_sms
   if rows < 1 or rows > (FIT_MAX_ROWS if fit else MAX_ROWS):
     return None
-  in_rule = rows <= MAX_ROWS and k * 2 * mlp * itemsize <= MAX_WEIGHT_BYTES
-  if not in_rule or k % 64 or mlp % 16:
+  in_rule = (
+    SWIGLU_MIN_ROWS <= rows <= MAX_ROWS
+    and k * 2 * mlp * itemsize <= MAX_SWIGLU_WEIGHT_BYTES
+    and k % 64 == 0
+    and mlp % 16 == 0
+  )
+  if not in_rule:
     if not fit or k % 16 or mlp % 16:
       return None
     cap_k = 128 if row_tile(rows) <= 128 else 64
@@ -277,9 +294,7 @@ def swiglu_settings(
     if mlp % bn == 0 and mlp // bn >= sms // 2:
       block_n = bn
       break
-  block_k = 128 if k % 128 == 0 and row_tile(rows) <= 64 else 64
-  stages = 4 if row_tile(rows) <= 64 else 3
-  return MatmulSettings(splits=1, block_n=block_n, block_k=block_k, num_stages=stages)
+  return MatmulSettings(splits=1, block_n=block_n, block_k=64, num_stages=4)
 
 
 def _swiglu_kernel(x_ref, w_ref, o_ref, *, rows, bm, k, mlp, block_k, block_n):

@@ -15,9 +15,11 @@ from kernels.gpu import matmul as gpu_matmul
 # How the decoder's projections (q/k/v, output, gate/up, down) multiply: "auto" takes the
 # Pallas split-K product (kernels.gpu.matmul) on a GPU where its rule has a launch (16-bit
 # inputs, at most 128 rows, weights of at most 16 MiB: kernels.gpu.matmul.matmul_settings)
-# and no mesh splits the weight, and XLA's product everywhere else; "xla" always XLA's;
-# "pallas" always the Pallas kernel (a GPU, or interpret=True; ValueError where it cannot
-# run the product).
+# and no mesh splits the weight, and XLA's product everywhere else; SwiGLU's gate/up
+# product and its activation are one Pallas kernel (kernels.gpu.matmul.swiglu_matmul) where
+# that kernel's rule has a launch (17-128 rows, weights of at most 64 MiB:
+# swiglu_settings). "xla" always XLA's; "pallas" always the Pallas kernels (a GPU, or
+# interpret=True; ValueError where they cannot run the product).
 GEMMS = ("auto", "xla", "pallas")
 
 
@@ -79,16 +81,7 @@ def project(
     if sharded or cast or settings is None or kernels.resolve_backend("auto") != "gpu":
       return jnp.dot(x, w)
   else:  # "pallas": no fallback
-    if sharded:
-      raise ValueError("gemm='pallas' does not run under a mesh (the weight is split)")
-    try:
-      kernels.resolve_backend("gpu", interpret=interpret)
-    except kernels.BackendUnavailableError as e:
-      raise kernels.BackendUnavailableError(
-        f"gemm='pallas' runs the Pallas GPU product (gemm='auto' or 'xla' run anywhere): {e}"
-      ) from e
-    if not dtype_ok:
-      raise ValueError(f"gemm='pallas' takes bf16 or f16 inputs, got {x.dtype}")
+    _check_pallas(sharded=sharded, interpret=interpret, dtype=x.dtype)
     if settings is None:
       raise ValueError(
         f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
@@ -96,6 +89,21 @@ def project(
       )
   y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret)
   return y.astype(x.dtype).reshape(*lead, n)
+
+
+def _check_pallas(*, sharded: bool, interpret: bool, dtype) -> None:
+  """What ``gemm="pallas"`` needs of every product: no mesh, a GPU (or interpret mode),
+  16-bit inputs (ValueError / BackendUnavailableError naming the one missing)."""
+  if sharded:
+    raise ValueError("gemm='pallas' does not run under a mesh (the weight is split)")
+  try:
+    kernels.resolve_backend("gpu", interpret=interpret)
+  except kernels.BackendUnavailableError as e:
+    raise kernels.BackendUnavailableError(
+      f"gemm='pallas' runs the Pallas GPU product (gemm='auto' or 'xla' run anywhere): {e}"
+    ) from e
+  if jnp.dtype(dtype) not in gpu_matmul.DTYPES:
+    raise ValueError(f"gemm='pallas' takes bf16 or f16 inputs, got {jnp.dtype(dtype)}")
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -137,6 +145,11 @@ class RMSNorm(nnx.Module):
 
 class SwiGLU(nnx.Module):
   """``down(silu(x @ W_gate) * (x @ W_up))``, no biases.
+
+  On a GPU, ``gemm="auto"`` computes ``silu(x @ W_gate) * (x @ W_up)`` in one Pallas kernel
+  (:meth:`_fused_front`) where its rule has a launch, which removes the activation's own
+  launch from every decode step's layer; elsewhere the product (:func:`project`), then the
+  activation in XLA.
 
   The gate and up kernels are one parameter, ``gate_up`` ``[d_model, 2 * mlp_dim]``, read
   by one matrix product. Given two products of one input, XLA merges them into one GEMM
@@ -183,10 +196,53 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
-    gate, up = split_column_blocks(
-      self._project(x, self.gate_up[...]), (self.mlp_dim,) * 2, self.shards
+    a = self._fused_front(x)
+    if a is None:
+      gate, up = split_column_blocks(
+        self._project(x, self.gate_up[...]), (self.mlp_dim,) * 2, self.shards
+      )
+      a = jax.nn.silu(gate) * up
+    return self._project(a, self.down.kernel[...])
+
+  def _fused_front(self, x: jax.Array):
+    """``silu(gate) * up`` by one Pallas kernel (``kernels.gpu.matmul.swiglu_matmul``, the
+    activation in the product's epilogue), or None where the two-step path runs.
+
+    As :func:`project` decides for a product: "auto" takes the kernel on a GPU where
+    :func:`kernels.gpu.matmul.swiglu_settings` has a launch, for 16-bit inputs and a
+    weight stored in the computation dtype, with no mesh; "pallas" always (ValueError or
+    BackendUnavailableError where it cannot); "xla" never."""
+    if self.gemm == "xla":
+      return None
+    w = self.gate_up[...]
+    stored = w.dtype
+    xp, wp = nnx.nn.dtypes.promote_dtype((x, w), dtype=self.dtype)
+    sharded = self.mesh is not None or self.shards > 1
+    lead = xp.shape[:-1]
+    rows, k = math.prod(lead), xp.shape[-1]
+    dtype_ok = jnp.dtype(xp.dtype) in gpu_matmul.DTYPES
+    pallas = self.gemm == "pallas"
+    settings = (
+      gpu_matmul.swiglu_settings(rows, k, self.mlp_dim, itemsize=xp.dtype.itemsize, fit=pallas)
+      if dtype_ok
+      else None
     )
-    return self._project(jax.nn.silu(gate) * up, self.down.kernel[...])
+    if not pallas:
+      on_gpu = kernels.resolve_backend("auto") == "gpu"
+      if sharded or stored != wp.dtype or settings is None or not on_gpu:
+        return None
+    else:
+      _check_pallas(sharded=sharded, interpret=self.interpret, dtype=xp.dtype)
+      if settings is None:
+        raise ValueError(
+          f"gemm='pallas' cannot run SwiGLU's {rows} rows x [{k}, 2 x {self.mlp_dim}] "
+          f"(kernels.gpu.matmul.swiglu_settings: at most {gpu_matmul.FIT_MAX_ROWS} rows, K "
+          "and the MLP width multiples of 16)"
+        )
+    a = gpu_matmul.swiglu_matmul(
+      xp.reshape(rows, k), wp, mlp=self.mlp_dim, settings=settings, interpret=self.interpret
+    )
+    return a.reshape(*lead, self.mlp_dim)
 
   def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
     sharded = self.mesh is not None or self.shards > 1

@@ -171,22 +171,28 @@ def test_swiglu_extremes_and_a_nan_row():
 
 
 def test_swiglu_settings_rule():
-  """Unsplit launches: the widest column tile giving half the SMs a program, 128-deep K
-  steps where they divide K, four stages up to 64 rows; None past the rule unless fit."""
+  """Unsplit launches from 17 to 128 rows and weights up to 64 MiB: the widest column tile
+  giving half the SMs a program, K steps of 64 in four stages; None outside the rule
+  unless fit, which gives any launch the kernel can run."""
   S = mm.MatmulSettings
   assert mm.swiglu_settings(64, 576, 1536, num_sms=132) == S(1, 16, 64, num_stages=4)  # SmolLM2
-  assert mm.swiglu_settings(64, 1024, 4096, num_sms=132) == S(1, 32, 128, num_stages=4)
-  assert mm.swiglu_settings(128, 1024, 2048, num_sms=132) == S(1, 16, 64, num_stages=3)
-  assert mm.swiglu_settings(64, 512, 8192, num_sms=132) == S(1, 64, 128, num_stages=4)  # 16 MiB
-  assert mm.swiglu_settings(64, 2048, 8192, num_sms=132) is None  # 1B: 64 MiB, XLA's
+  assert mm.swiglu_settings(17, 576, 1536, num_sms=132) == S(1, 16, 64, num_stages=4)
+  assert mm.swiglu_settings(128, 2048, 8192, num_sms=132) == S(1, 64, 64, num_stages=4)  # 1B
+  assert mm.swiglu_settings(64, 1024, 4096, num_sms=132) == S(1, 32, 64, num_stages=4)
+  assert mm.swiglu_settings(16, 576, 1536, num_sms=132) is None  # few rows: the split-K path
   assert mm.swiglu_settings(129, 576, 1536, num_sms=132) is None
+  assert mm.swiglu_settings(64, 2048 + 64, 8192, num_sms=132) is None  # above 64 MiB
+  assert mm.swiglu_settings(64, 2048, 8192, itemsize=4, num_sms=132) is None  # 128 MiB
   assert mm.swiglu_settings(64, 560, 1536, num_sms=132) is None  # K not a multiple of 64
-  assert mm.swiglu_settings(64, 2048, 8192, num_sms=132, fit=True) == S(1, 64, 128)
+  assert mm.swiglu_settings(64, 576, 1544, num_sms=132) is None  # mlp not a multiple of 16
+  # fit=True: the rule's launch where it has one, else the largest tiles that divide.
+  assert mm.swiglu_settings(64, 576, 1536, num_sms=132, fit=True) == S(1, 16, 64, num_stages=4)
+  assert mm.swiglu_settings(8, 576, 1536, num_sms=132, fit=True) == S(1, 64, 64)
   assert mm.swiglu_settings(256, 560, 1536, num_sms=132, fit=True) == S(1, 64, 16)
   assert mm.swiglu_settings(257, 576, 1536, fit=True) is None
   assert mm.swiglu_settings(8, 40, 48, fit=True) is None  # K not a multiple of 16
-  for rows in (1, 7, 64, 100, 128):
-    for k, mlp in ((576, 1536), (1024, 4096), (2048, 2048)):
+  for rows in (17, 31, 64, 100, 128):
+    for k, mlp in ((576, 1536), (1024, 4096), (2048, 2048), (2048, 8192)):
       s = mm.swiglu_settings(rows, k, mlp, num_sms=132)
       assert s.splits == 1 and k % s.block_k == 0 and mlp % s.block_n == 0
 

@@ -788,9 +788,16 @@ def test_gemm_pallas_projections_match_xla_and_run_the_kernel(monkeypatch):
   monkeypatch.setattr(
     gpu_matmul, "skinny_matmul", lambda x, w, *a, **k: shapes.append(w.shape) or real(x, w, *a, **k)
   )
+  real_swiglu = gpu_matmul.swiglu_matmul
+  monkeypatch.setattr(
+    gpu_matmul,
+    "swiglu_matmul",
+    lambda x, w, **k: shapes.append(("swiglu", w.shape)) or real_swiglu(x, w, **k),
+  )
   models["pallas"].forward(tokens)
   d, f, width = config.d_model, config.mlp_dim, (4 + 2 * 2) * 16
-  assert shapes == [(d, width), (4 * 16, d), (d, 2 * f), (f, d)] * config.num_layers
+  # gate/up with the activation in one kernel (kernels.gpu.matmul.swiglu_matmul)
+  assert shapes == [(d, width), (4 * 16, d), ("swiglu", (d, 2 * f)), (f, d)] * config.num_layers
   assert _pallas_calls(models["pallas"].forward, tokens)
   assert not _pallas_calls(models["auto"].forward, tokens)
   assert not _pallas_calls(models["xla"].forward, tokens)
@@ -815,6 +822,14 @@ def test_gemm_errors():
   # A weight that is not [K, N].
   with pytest.raises(ValueError, match=r"takes x \[..., K\] and w \[K, N\]"):
     paxcache.nn.project(jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8,), jnp.bfloat16), gemm="pallas")
+  # SwiGLU's fused front (gate/up and the activation in one kernel) where it cannot tile:
+  # an MLP width that is not a multiple of 16.
+  mlp = paxcache.nn.SwiGLU(
+    64, 40, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, gemm="pallas", interpret=True,
+    rngs=nnx.Rngs(0),
+  )  # fmt: skip
+  with pytest.raises(ValueError, match=r"cannot run SwiGLU's 3 rows x \[64, 2 x 40\]"):
+    mlp(jnp.ones((3, 64), jnp.bfloat16))
   # A weight split over a mesh (shard_model and Decoder(mesh=) mark the MLP): an error.
   model.layers[0].mlp.mesh = object()
   with pytest.raises(ValueError, match="does not run under a mesh"):
@@ -850,7 +865,7 @@ def test_gemm_pallas_with_several_splits_in_the_model(monkeypatch):
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 9)), jnp.int32)
   got = np.asarray(Decoder(config, gemm="pallas", interpret=True, rngs=nnx.Rngs(3)).forward(tokens))
   want = np.asarray(Decoder(config, gemm="xla", rngs=nnx.Rngs(3)).forward(tokens))
-  assert taken == [2, 2, 2, 4]  # q/k/v, o, gate/up, down
+  assert taken == [2, 2, 4]  # q/k/v, o, down (gate/up: swiglu_matmul, unsplit)
   assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
@@ -868,6 +883,13 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
   monkeypatch.setattr(gpu_matmul, "skinny_matmul", spy)
+
+  def swiglu_spy(x, w, *, mlp, settings, **k):
+    taken.append((x.shape[0], ("swiglu", w.shape), settings))
+    h = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return (jax.nn.silu(h[:, :mlp]) * h[:, mlp:]).astype(x.dtype)
+
+  monkeypatch.setattr(gpu_matmul, "swiglu_matmul", swiglu_spy)
   w = jnp.ones((576, 960), jnp.bfloat16)  # SmolLM2's q/k/v: a launch at 1-128 rows
   x = jnp.ones((64, 576), jnp.bfloat16)
   project(x, w, gemm="auto")
@@ -895,8 +917,22 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
   monkeypatch.setattr(gpu_matmul, "_num_sms", lambda: 64)
   shape = dict(d_model=512, num_q_heads=8, num_kv_heads=2, head_dim=64, mlp_dim=1024)
   tokens = jnp.zeros((1, 4), jnp.int32)
-  Decoder(_bf16_config(**shape), gemm="auto", rngs=nnx.Rngs(0)).forward(tokens)
+  model = Decoder(_bf16_config(**shape), gemm="auto", rngs=nnx.Rngs(0))
+  model.forward(tokens)
   assert len(taken) == n + 4 * 2  # q/k/v, o, gate/up, down; two layers
+  # 4 rows: SwiGLU's front is the split-K product, then XLA's activation (the fused
+  # kernel's rule starts at 17 rows); 20 rows: the fused kernel (swiglu_matmul).
+  assert [t[1] for t in taken[n : n + 4]] == [(512, 768), (512, 512), (512, 2048), (1024, 512)]
+  model.forward(jnp.zeros((1, 20), jnp.int32))
+  assert [t[1] for t in taken[n + 8 : n + 12]] == [
+    (512, 768),
+    (512, 512),
+    ("swiglu", (512, 2048)),
+    (1024, 512),
+  ]
+  assert taken[n + 10][2] == gpu_matmul.swiglu_settings(20, 512, 1024)
+  n = len(taken)
   f32 = Decoder(_bf16_config(**shape, param_dtype="float32"), gemm="auto", rngs=nnx.Rngs(0))
   f32.forward(tokens)
-  assert len(taken) == n + 4 * 2
+  f32.forward(jnp.zeros((1, 20), jnp.int32))
+  assert len(taken) == n
