@@ -254,8 +254,9 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
 
 # swiglu_settings' rule, from run39's layer chains on an H100 (docs/benchmarks.md): the fused
 # front against the product's own path (the split-K kernel or XLA's, then XLA's activation)
-# was faster at 17-128 rows for SmolLM2-135M's gate/up (3.4 MiB; 4.3-16%) and the 1B
-# shape's (64 MiB; 0.8-4.8%), slower for SmolLM2's at 8 and 16 rows (23% and 2.2%).
+# was faster at 32-128 rows for SmolLM2-135M's gate/up (3.4 MiB; 4.3-16%) and at 16-128
+# for the 1B shape's (64 MiB; 1.2-4.9%), slower for SmolLM2's at 8 and 16 rows (23% and
+# 2.2-2.6%).
 SWIGLU_MIN_ROWS = 17
 MAX_SWIGLU_WEIGHT_BYTES = 64 << 20
 
@@ -309,7 +310,7 @@ def _swiglu_kernel(x_ref, w_ref, o_ref, *, rows, bm, k, mlp, block_k, block_n):
   def step(i, carry):
     g, u = carry
     k0 = i * block_k + cols_k
-    # Rows past `rows` are not read (zeros) and not written.
+    # Rows past `rows` are not read (zeros).
     xt = plgpu.load(x_ref.at[safe_r[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0)
     wg = plgpu.load(w_ref.at[k0[:, None], cols_g[None, :]])
     wu = plgpu.load(w_ref.at[k0[:, None], cols_u[None, :]])
@@ -353,16 +354,10 @@ def swiglu_matmul(x, w, *, mlp: int, settings: MatmulSettings, interpret: bool =
     raise ValueError(f"swiglu_matmul runs unsplit products (splits=1), got splits={s.splits}")
   if mlp % s.block_n:
     raise ValueError(f"settings {s} do not tile mlp {mlp}: it must be a multiple of block_n")
-  kern = functools.partial(
-    _swiglu_kernel,
-    rows=rows,
-    bm=row_tile(rows),
-    k=k,
-    mlp=mlp,
-    block_k=s.block_k,
-    block_n=s.block_n,
-  )
   bm = row_tile(rows)
+  kern = functools.partial(
+    _swiglu_kernel, rows=rows, bm=bm, k=k, mlp=mlp, block_k=s.block_k, block_n=s.block_n
+  )
   out = pl.pallas_call(
     kern,
     grid=(mlp // s.block_n,),
@@ -371,5 +366,6 @@ def swiglu_matmul(x, w, *, mlp: int, settings: MatmulSettings, interpret: bool =
     interpret=interpret,
     name=f"paxcache_swiglu_n{s.block_n}_k{s.block_k}",
   )(x, w)
-  # A row count that is not its tile's (a power of two >= 16) costs XLA a slice.
+  # A row count that is not its tile's (a power of two >= 16) costs XLA a slice (the
+  # engine's decode steps have power-of-two row buckets: none there).
   return out if bm == rows else out[:rows]
