@@ -256,8 +256,8 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
 # front against the product's own path (the split-K kernel or XLA's, then XLA's activation)
 # was faster at 32-128 rows for SmolLM2-135M's gate/up (3.4 MiB; 4.3-16%) and at 16-128
 # for the 1B shape's (64 MiB; 1.2-4.9%), slower for SmolLM2's at 8 and 16 rows (23% and
-# 2.2-2.6%).
-SWIGLU_MIN_ROWS = 17
+# 2.2-2.6%); 17-31 rows were not timed.
+SWIGLU_MIN_ROWS = 32
 MAX_SWIGLU_WEIGHT_BYTES = 64 << 20
 
 
@@ -266,7 +266,8 @@ def swiglu_settings(
 ):
   """The launch of :func:`swiglu_matmul` for ``[rows, k] @ [k, 2 * mlp]``, or None.
 
-  The rule (measured on an H100, docs/benchmarks.md "Run39"): :data:`SWIGLU_MIN_ROWS` to
+  The rule (measured on an H100, docs/benchmarks.md "Run39"; up to 128 KiB of shared
+  memory, so for Hopper: ``SwiGLU`` takes it there only): :data:`SWIGLU_MIN_ROWS` to
   :data:`MAX_ROWS` rows, the weight at most :data:`MAX_SWIGLU_WEIGHT_BYTES`, K a multiple
   of 64 and ``mlp`` of 16; column tiles of 64, 32 or 16, the widest that gives at least
   half the SMs a program; K steps of 64 in four pipeline stages (within 0.7% of the
@@ -330,7 +331,9 @@ def _swiglu_kernel(x_ref, w_ref, o_ref, *, rows, bm, k, mlp, block_k, block_n):
 
 
 @functools.partial(jax.jit, static_argnames=("mlp", "settings", "interpret"))
-def swiglu_matmul(x, w, *, mlp: int, settings: MatmulSettings, interpret: bool = False):
+def swiglu_matmul(
+  x, w, *, mlp: int, settings: MatmulSettings | None = None, interpret: bool = False
+):
   """``silu(x @ w[:, :mlp]) * (x @ w[:, mlp:])`` in x's dtype, the products' float32 sums
   put through the activation in the kernel.
 
@@ -338,13 +341,21 @@ def swiglu_matmul(x, w, *, mlp: int, settings: MatmulSettings, interpret: bool =
     x: ``[rows, K]``, bf16 or f16.
     w: ``[K, 2 * mlp]``, x's dtype: the gate's columns, then the up's.
     mlp: the MLP's width.
-    settings: the launch (:func:`swiglu_settings`); ``splits`` must be 1, K a multiple of
-      ``block_k``, ``mlp`` of ``block_n``.
+    settings: the launch; ``splits`` must be 1, K a multiple of ``block_k``, ``mlp`` of
+      ``block_n``. None: :func:`swiglu_settings`'s rule (ValueError where it gives None).
     interpret: run in Pallas's interpret mode (CPU tests).
 
   Raises:
     ValueError: shapes, dtypes or settings that do not fit.
   """
+  if settings is None:
+    settings = swiglu_settings(x.shape[0], x.shape[1], mlp) if x.ndim == w.ndim == 2 else None
+    if settings is None:
+      raise ValueError(
+        f"no swiglu_matmul launch suits {x.shape} @ {w.shape} (swiglu_settings gives None: "
+        f"{SWIGLU_MIN_ROWS}-{MAX_ROWS} rows, a weight of at most "
+        f"{MAX_SWIGLU_WEIGHT_BYTES >> 20} MiB, K a multiple of 64); pass settings"
+      )
   _check(x, w, dataclasses.replace(settings, splits=1))
   rows, k = x.shape
   s = settings

@@ -17,7 +17,7 @@ from kernels.gpu import matmul as gpu_matmul
 # inputs, at most 128 rows, weights of at most 16 MiB: kernels.gpu.matmul.matmul_settings)
 # and no mesh splits the weight, and XLA's product everywhere else; SwiGLU's gate/up
 # product and its activation are one Pallas kernel (kernels.gpu.matmul.swiglu_matmul) where
-# that kernel's rule has a launch (17-128 rows, weights of at most 64 MiB:
+# that kernel's rule has a launch on a Hopper GPU (32-128 rows, weights of at most 64 MiB:
 # swiglu_settings). "xla" always XLA's; "pallas" always the Pallas kernels (a GPU, or
 # interpret=True; ValueError where they cannot run the product).
 GEMMS = ("auto", "xla", "pallas")
@@ -208,10 +208,13 @@ class SwiGLU(nnx.Module):
     """``silu(gate) * up`` by one Pallas kernel (``kernels.gpu.matmul.swiglu_matmul``, the
     activation in the product's epilogue), or None where the two-step path runs.
 
-    As :func:`project` decides for a product: "auto" takes the kernel on a GPU where
+    As :func:`project` decides for a product: "auto" takes the kernel on a Hopper GPU
+    (where it was measured, and whose shared memory its launches need) where
     :func:`kernels.gpu.matmul.swiglu_settings` has a launch, for 16-bit inputs and a
-    weight stored in the computation dtype, with no mesh; "pallas" always (ValueError or
-    BackendUnavailableError where it cannot); "xla" never."""
+    weight stored in the computation dtype, with no mesh and one block of columns
+    (``shards == 1``: the kernel pairs gate column ``j`` with up column ``mlp + j``);
+    "pallas" always (ValueError or BackendUnavailableError where it cannot); "xla"
+    never."""
     if self.gemm == "xla":
       return None
     w = self.gate_up[...]
@@ -228,8 +231,9 @@ class SwiGLU(nnx.Module):
       else None
     )
     if not pallas:
-      on_gpu = kernels.resolve_backend("auto") == "gpu"
-      if sharded or stored != wp.dtype or settings is None or not on_gpu:
+      if sharded or stored != wp.dtype or settings is None:
+        return None
+      if kernels.resolve_backend("auto") != "gpu" or not kernels.gpu.is_hopper():
         return None
     else:
       _check_pallas(sharded=sharded, interpret=self.interpret, dtype=xp.dtype)

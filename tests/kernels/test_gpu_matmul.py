@@ -171,15 +171,15 @@ def test_swiglu_extremes_and_a_nan_row():
 
 
 def test_swiglu_settings_rule():
-  """Unsplit launches from 17 to 128 rows and weights up to 64 MiB: the widest column tile
+  """Unsplit launches from 32 to 128 rows and weights up to 64 MiB: the widest column tile
   giving half the SMs a program, K steps of 64 in four stages; None outside the rule
   unless fit, which gives any launch the kernel can run."""
   S = mm.MatmulSettings
   assert mm.swiglu_settings(64, 576, 1536, num_sms=132) == S(1, 16, 64, num_stages=4)  # SmolLM2
-  assert mm.swiglu_settings(17, 576, 1536, num_sms=132) == S(1, 16, 64, num_stages=4)
+  assert mm.swiglu_settings(32, 576, 1536, num_sms=132) == S(1, 16, 64, num_stages=4)
   assert mm.swiglu_settings(128, 2048, 8192, num_sms=132) == S(1, 64, 64, num_stages=4)  # 1B
   assert mm.swiglu_settings(64, 1024, 4096, num_sms=132) == S(1, 32, 64, num_stages=4)
-  assert mm.swiglu_settings(16, 576, 1536, num_sms=132) is None  # few rows: the split-K path
+  assert mm.swiglu_settings(31, 576, 1536, num_sms=132) is None  # few rows: the split-K path
   assert mm.swiglu_settings(129, 576, 1536, num_sms=132) is None
   assert mm.swiglu_settings(64, 2048 + 64, 8192, num_sms=132) is None  # above 64 MiB
   assert mm.swiglu_settings(64, 2048, 8192, itemsize=4, num_sms=132) is None  # 128 MiB
@@ -191,7 +191,7 @@ def test_swiglu_settings_rule():
   assert mm.swiglu_settings(256, 560, 1536, num_sms=132, fit=True) == S(1, 64, 16)
   assert mm.swiglu_settings(257, 576, 1536, fit=True) is None
   assert mm.swiglu_settings(8, 40, 48, fit=True) is None  # K not a multiple of 16
-  for rows in (17, 31, 64, 100, 128):
+  for rows in (32, 63, 64, 100, 128):
     for k, mlp in ((576, 1536), (1024, 4096), (2048, 2048), (2048, 8192)):
       s = mm.swiglu_settings(rows, k, mlp, num_sms=132)
       assert s.splits == 1 and k % s.block_k == 0 and mlp % s.block_n == 0
@@ -200,6 +200,17 @@ def test_swiglu_settings_rule():
 def test_swiglu_errors():
   x, w = _inputs(4, 128, 64, jnp.bfloat16)
   s = mm.MatmulSettings(1, 16, 64)
+  with pytest.raises(ValueError, match="no swiglu_matmul launch suits"):  # 4 rows: no rule
+    mm.swiglu_matmul(x, w, mlp=32, interpret=True)
+  # settings=None takes the rule's launch where it has one.
+  x32 = _inputs(32, 128, 64, jnp.bfloat16)[0]
+  np.testing.assert_array_equal(
+    np.asarray(mm.swiglu_matmul(x32, w, mlp=32, interpret=True), np.float32),
+    np.asarray(
+      mm.swiglu_matmul(x32, w, mlp=32, settings=mm.swiglu_settings(32, 128, 32), interpret=True),
+      np.float32,
+    ),
+  )
   with pytest.raises(ValueError, match="2 \\* mlp = 48 columns"):
     mm.swiglu_matmul(x, w, mlp=24, settings=s, interpret=True)
   with pytest.raises(ValueError, match="unsplit products"):
