@@ -105,20 +105,13 @@ def swiglu_fronts(xs, ws, front: str, *, interpret: bool = False):
   return out
 
 
-def measure_swiglu(k, n, rows, front, args):
+def measure(k, n, rows, fn, args):
+  """Device time per product of ``fn(xs, ws)`` over ``--layers`` distinct random bf16
+  ``[rows, k]`` activations and ``[k, n]`` weights, and one weight's bytes."""
   keys = jax.random.split(jax.random.key(0), 2 * args.layers)
   ws = [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys[: args.layers]]
   xs = [jax.random.normal(key, (rows, k), jnp.bfloat16) for key in keys[args.layers :]]
-  f = jax.jit(functools.partial(swiglu_fronts, front=front))
-  jax.block_until_ready(f(xs, ws))
-  return device_time(lambda: f(xs, ws), runs=args.repeats, per_run=args.layers), 2 * k * n
-
-
-def measure(k, n, rows, split, args):
-  keys = jax.random.split(jax.random.key(0), 2 * args.layers)
-  ws = [jax.random.normal(key, (k, n), jnp.bfloat16) * 0.02 for key in keys[: args.layers]]
-  xs = [jax.random.normal(key, (rows, k), jnp.bfloat16) for key in keys[args.layers :]]
-  f = jax.jit(functools.partial(products, split=split))
+  f = jax.jit(fn)
   jax.block_until_ready(f(xs, ws))
   return device_time(lambda: f(xs, ws), runs=args.repeats, per_run=args.layers), 2 * k * n
 
@@ -149,11 +142,12 @@ def main(args) -> int:
       for rows in map(int, args.rows):
         for split in SWIGLU_FRONTS if args.swiglu else map(int, args.splits):
           if args.swiglu:
-            t, nbytes = measure_swiglu(k, n, rows, split, args)
+            fn = functools.partial(swiglu_fronts, front=split)
           elif k % split:
             continue
           else:
-            t, nbytes = measure(k, n, rows, split, args)
+            fn = functools.partial(products, split=split)
+          t, nbytes = measure(k, n, rows, fn, args)
           rows_out.append(
             dict(
               device=info["device"],

@@ -146,7 +146,7 @@ class RMSNorm(nnx.Module):
 class SwiGLU(nnx.Module):
   """``down(silu(x @ W_gate) * (x @ W_up))``, no biases.
 
-  On a GPU, ``gemm="auto"`` computes ``silu(x @ W_gate) * (x @ W_up)`` in one Pallas kernel
+  On a Hopper GPU, ``gemm="auto"`` computes ``silu(x @ W_gate) * (x @ W_up)`` in one kernel
   (:meth:`_fused_front`) where its rule has a launch, which removes the activation's own
   launch from every decode step's layer; elsewhere the product (:func:`project`), then the
   activation in XLA.
