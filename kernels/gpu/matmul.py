@@ -285,12 +285,7 @@ def swiglu_settings(
     and mlp % 16 == 0
   )
   if not in_rule:
-    if not fit or k % 16 or mlp % 16:
-      return None
-    cap_k = 128 if row_tile(rows) <= 128 else 64
-    return MatmulSettings(
-      splits=1, block_n=_largest_pow2_divisor(mlp, 64), block_k=_largest_pow2_divisor(k, cap_k)
-    )
+    return _plain(k, mlp, rows) if fit else None
   block_n = 16
   for bn in (64, 32):
     if mlp % bn == 0 and mlp // bn >= sms // 2:
