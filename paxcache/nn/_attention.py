@@ -368,6 +368,7 @@ class PagedAttention(nnx.Module):
         raise ValueError("a PagedKVCache needs the layer index: pass layer=")
     elif layer is not None:
       raise ValueError("layer= is only for a PagedKVCache; got per-layer (k_blocks, v_blocks)")
+    self._check_cache(cache)
     kernel_kwargs = dict(
       sliding_window=self.sliding_window,
       logit_soft_cap=self.logit_soft_cap,
@@ -463,6 +464,34 @@ class PagedAttention(nnx.Module):
       )
     out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
+
+  def _check_cache(self, cache) -> None:
+    """ValueError where ``cache`` is not a ``PagedKVCache`` or a pair of 4-D pools, or where
+    its head_dim (or, on one device, its KV heads) is not this layer's: named here, where the
+    kernels would name their own arguments (``k_new``/``v_new``) instead. Under a mesh the
+    pools may hold copies of KV heads (``paxcache.sharding``), which the sharded write
+    checks."""
+    if isinstance(cache, PagedKVCache):
+      heads, dim, what = cache.num_kv_heads, cache.head_dim, "the PagedKVCache has"
+    else:
+      ok = isinstance(cache, tuple | list) and len(cache) == 2
+      k, v = cache if ok else (None, None)
+      if not ok or getattr(k, "ndim", None) != 4 or getattr(v, "shape", None) != k.shape:
+        got = (
+          [tuple(getattr(p, "shape", ())) for p in cache]
+          if isinstance(cache, tuple | list)
+          else type(cache).__name__
+        )
+        raise ValueError(
+          "cache must be a PagedKVCache or this layer's (k_blocks, v_blocks), both "
+          f"[num_kv_heads, num_blocks, block_size, head_dim], got {got}"
+        )
+      heads, dim, what = k.shape[0], k.shape[3], f"the pools {tuple(k.shape)} have"
+    if dim != self.head_dim or (self.mesh is None and heads != self.num_kv_heads):
+      raise ValueError(
+        f"{what} {heads} KV heads of head_dim {dim}; this layer has {self.num_kv_heads} "
+        f"KV heads of head_dim {self.head_dim}"
+      )
 
   def dense(
     self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -604,6 +605,46 @@ def test_x_of_the_wrong_width_is_named_before_any_projection():
   out, _ = layer(jnp.ones((1, 16)), pos, cache, layer=0, **args)
   assert out.shape == (1, 16)
   assert layer.dense(jnp.ones((1, 3, 16)), jnp.arange(3)[None]).shape == (1, 3, 16)
+
+
+def test_a_cache_of_other_heads_is_named_at_the_layer():
+  """Pools whose head_dim or KV heads are not the layer's used to fail in the cache write,
+  naming k_new/v_new (arrays the caller never passed); the layer names its cache, and a
+  refused call changes nothing."""
+  layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))  # 1 KV head of head_dim 8
+  args = dict(
+    block_table=jnp.zeros((1, 2), jnp.int32),
+    lengths=jnp.ones((1,), jnp.int32),
+    slot_mapping=jnp.zeros((1,), jnp.int32),
+  )
+  x, pos = jnp.ones((1, 16)), jnp.zeros((1,), jnp.int32)
+  for fused in (True, False):
+    call = functools.partial(layer, x, pos, fused_write=fused, **args)
+    wrong_dim = PagedKVCache.create(2, 1, 4, 4, 4)
+    with pytest.raises(
+      ValueError,
+      match=r"the PagedKVCache has 1 KV heads of head_dim 4; this layer has 1 KV heads of "
+      r"head_dim 8",
+    ):
+      call(wrong_dim, layer=0)
+    with pytest.raises(ValueError, match=r"the pools \(2, 4, 4, 8\) have 2 KV heads of head_dim 8"):
+      call(PagedKVCache.create(2, 2, 4, 4, 8).layer(0))
+    with pytest.raises(ValueError, match=r"the pools \(1, 4, 4, 4\) have 1 KV heads of head_dim 4"):
+      call(wrong_dim.layer(0))
+    with pytest.raises(ValueError, match=r"cache must be a PagedKVCache or this layer's"):
+      call((wrong_dim.k[0], wrong_dim.v[0][..., :2]))
+    with pytest.raises(ValueError, match=r"cache must be a PagedKVCache or this layer's"):
+      call((wrong_dim.k[0],))
+    with pytest.raises(ValueError, match=r"got ndarray"):
+      call(np.zeros((1, 4, 4, 8), np.float32))
+    # The layer's own shapes run, on either kind of cache, after the refusals.
+    good = PagedKVCache.create(2, 1, 4, 4, 8)
+    out, new = call(good, layer=0)
+    assert out.shape == (1, 16) and isinstance(new, PagedKVCache)
+    # (the call donated good's pools: a fresh, equal cache for the pair)
+    out2, pools = call(PagedKVCache.create(2, 1, 4, 4, 8).layer(0))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+    assert pools[0].shape == (1, 4, 4, 8)
 
 
 def test_unavailable_backend_raises_instead_of_falling_back():
