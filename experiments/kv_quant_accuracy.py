@@ -81,16 +81,16 @@ Thanks! What if butter goes up by 20 percent next month?<|im_end|>
 """
 
 
-def _load(model_name: str, kv_dtype, *, backend: str):
+def _load(model_name: str, kv_dtype, *, backend: str, kv_rotation: bool = True):
   if model_name == "tiny":
     from paxcache.nn import load_decoder
 
-    model = load_decoder(backend=backend, kv_dtype=kv_dtype)
+    model = load_decoder(backend=backend, kv_dtype=kv_dtype, kv_rotation=kv_rotation)
     encode = lambda s: list(s.encode("utf-8"))  # the tiny model is byte-level
     return model, encode, None
   from paxcache.models import load_gguf_llama
 
-  g = load_gguf_llama(max_seq_len=4096, backend=backend, kv_dtype=kv_dtype)
+  g = load_gguf_llama(max_seq_len=4096, backend=backend, kv_dtype=kv_dtype, kv_rotation=kv_rotation)
   return g.model, g.encode, g
 
 
@@ -168,6 +168,11 @@ def main(argv=None):
   ap.add_argument(
     "--answers", type=int, default=0, help="smollm2: also compare greedy chat answers (tokens)"
   )
+  ap.add_argument(
+    "--no-kv-rotation",
+    action="store_true",
+    help="8-bit rows stored as they are (DecoderConfig.kv_rotation=False), the ablation",
+  )
   ap.add_argument("--record", action="store_true", help="append to docs/results/kv_quant.jsonl")
   args = ap.parse_args(argv)
 
@@ -186,7 +191,7 @@ def main(argv=None):
   device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
   rows = []
   for kv in args.kv_dtypes.split(","):
-    model, _, gm = _load(args.model, kv, backend=args.backend)
+    model, _, gm = _load(args.model, kv, backend=args.backend, kv_rotation=not args.no_kv_rotation)
     probe = model.init_cache(2, 16)
     assert isinstance(probe, PagedKVCache) and probe.dtype == jnp.dtype(kv), probe.dtype
     logits = teacher_forced_logits(model, tokens, chunk=args.chunk)
@@ -200,6 +205,7 @@ def main(argv=None):
     row = dict(
       device=device,
       kv_dtype=kv,
+      kv_rotation=not args.no_kv_rotation,
       case=f"{args.model}_teacher_forced_vs_{ref_dtype}_{len(logits)}tok",
       top1_agreement=round(agree, 4),
       mean_abs_logit_err=round(err, 5),

@@ -12,7 +12,14 @@ from kernels._api import (
   write_and_decode,
   write_and_decode_packed,
 )
-from kernels._quant import QUANT_DTYPES, dequantize, is_quantized, kv_bytes_per_token, quantize
+from kernels._quant import (
+  QUANT_DTYPES,
+  dequantize,
+  hadamard_rotate,
+  is_quantized,
+  kv_bytes_per_token,
+  quantize,
+)
 from kernels._validate import validate_inputs
 from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv, write_kv_quantized
 from kernels.cascade import CascadePlan, cascade_attention, plan_cascade
@@ -28,6 +35,7 @@ __all__ = [
   "cascade_attention",
   "check_host_slot_mapping",
   "dequantize",
+  "hadamard_rotate",
   "is_quantized",
   "kv_bytes_per_token",
   "paged_attention",

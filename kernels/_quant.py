@@ -24,6 +24,8 @@ This module imports nothing from paxcache or flax.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 # dtype name -> largest magnitude the format holds (the symmetric range is [-QMAX, QMAX]).
@@ -62,6 +64,42 @@ def quantize(x, dtype):
 def dequantize(q, scale):
   """``q [..., head_dim]`` 8-bit and ``scale f32[...]`` -> float32 ``q * scale``."""
   return q.astype(jnp.float32) * scale[..., None].astype(jnp.float32)
+
+
+def rotation_block(head_dim: int) -> int:
+  """The block of :func:`hadamard_rotate` for rows of ``head_dim``: the largest power of two
+  dividing it (64 -> 64, 128 -> 128, 80 -> 16, 96 -> 32, 192 -> 64)."""
+  if head_dim < 1:
+    raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+  return head_dim & -head_dim
+
+
+def hadamard_rotate(x):
+  """Rows of ``x [..., head_dim]`` times ``R``, the normalised Walsh-Hadamard matrix of
+  :func:`rotation_block`'s size on the diagonal (``head_dim / b`` blocks ``H_b /
+  sqrt(b)``, Sylvester's order), in float32.
+
+  ``R`` is orthonormal and symmetric, so it is its own inverse (``hadamard_rotate`` twice
+  gives ``x`` back up to float32 rounding) and keeps dot products: ``(q R) . (k R) = q .
+  k``. An int8 cache stores ``k R`` and ``v R`` (``paxcache.nn.PagedAttention``,
+  ``DecoderConfig.kv_rotation``): a row's large channels (RoPE'd keys have a few) are
+  spread over all ``b`` lanes of their block before the row's one scale is taken, so the
+  other channels are not rounded in steps of the largest one's 1/127. Computed as
+  ``log2(b)`` butterfly stages (sums and differences of lane pairs: elementwise work XLA
+  fuses with its neighbours, no matrix product).
+  """
+  x = jnp.asarray(x, jnp.float32)
+  d = x.shape[-1]
+  b = rotation_block(d)
+  lead = x.shape[:-1]
+  y = x.reshape(*lead, d // b, b)
+  h = 1
+  while h < b:
+    # Lanes i and i + h of every 2h-lane group -> (sum, difference): one Sylvester stage.
+    y = y.reshape(*lead, d // b, b // (2 * h), 2, h)
+    y = jnp.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], axis=-2)
+    h *= 2
+  return y.reshape(x.shape) * (1.0 / math.sqrt(b))
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:

@@ -395,6 +395,7 @@ def load_gguf_llama(
   unpermute_rope: bool = True,
   kv_dtype: str | None = None,
   gemm: str = "auto",
+  kv_rotation: bool = True,
 ) -> GGUFModel:
   """Loads a Llama GGUF file into :class:`paxcache.nn.Decoder`, with tokenizer and chat template.
 
@@ -407,6 +408,7 @@ def load_gguf_llama(
     unpermute_rope: undo llama.cpp's Q/K permutation (see the module docstring).
     kv_dtype: the paged cache's dtype (``DecoderConfig.kv_dtype``; None: ``dtype``;
       "int8" / "float8_e4m3fn": 8-bit K/V with scales).
+    kv_rotation: ``DecoderConfig.kv_rotation`` (int8 caches: rows stored rotated).
     gemm: how the decoder's projections multiply (``paxcache.nn.GEMMS``; ``Decoder``).
 
   Returns:
@@ -444,6 +446,7 @@ def load_gguf_llama(
     dtype=dtype,
     param_dtype=param_dtype,
     kv_dtype=kv_dtype,
+    kv_rotation=kv_rotation,
   )
   # Build the module abstractly (no random initialisation of 100M+ parameters), then put
   # the file's weights in.

@@ -90,6 +90,12 @@ def _plain_float_pools(cache) -> bool:
   return k_blocks.ndim == 4 and not kernels.is_quantized(k_blocks.dtype)
 
 
+def _int8_pools(cache) -> bool:
+  """Whether ``cache`` (a ``PagedKVCache`` or one layer's pools) holds int8 K/V."""
+  dtype = cache.dtype if isinstance(cache, PagedKVCache) else cache[0].dtype
+  return jnp.dtype(dtype) == jnp.int8
+
+
 def _query_dtype(q_dtype, kv_dtype):
   """q goes to the kernel in the cache's dtype (as before), but never in an 8-bit one:
   with an 8-bit cache it keeps the activation dtype."""
@@ -129,6 +135,13 @@ class PagedAttention(nnx.Module):
       KV heads over that axis (``paxcache.sharding.shard_model`` sets it on a built model
       and places the parameters). None: one device.
     mesh_axis: the tensor-parallel axis of ``mesh``.
+    kv_rotation: over an int8 cache (ignored for others), write ``k R`` and ``v R`` and
+      attend with ``q R``, then multiply the output by ``R`` again, ``R`` the normalised
+      Walsh-Hadamard matrix of ``kernels.hadamard_rotate`` (orthonormal and its own
+      inverse: the same attention up to the int8 rounding, which it makes smaller;
+      docs/engine.md, "8-bit K/V"). The cache then holds rotated rows: read it with the
+      same setting. False: rows as they are. float8_e4m3fn rows are never rotated (its
+      steps are relative to each value; rotated, SmolLM2's chat answers changed more).
     rngs: parameter initialisation.
 
   Attribute ``fused_write`` (True): decode steps over plain 16- or 32-bit pools on one
@@ -158,6 +171,7 @@ class PagedAttention(nnx.Module):
     param_dtype=jnp.float32,
     mesh=None,
     mesh_axis: str = "model",
+    kv_rotation: bool = True,
     rngs: nnx.Rngs,
   ):
     if num_q_heads % num_kv_heads:
@@ -185,6 +199,7 @@ class PagedAttention(nnx.Module):
     self.gemm = check_gemm(gemm)
     self.sliding_window = sliding_window
     self.logit_soft_cap = logit_soft_cap
+    self.kv_rotation = bool(kv_rotation)
     self.set_mesh(mesh, mesh_axis)
 
   def set_mesh(self, mesh, mesh_axis: str = "model") -> None:
@@ -420,6 +435,11 @@ class PagedAttention(nnx.Module):
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
     q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
+    rotate = self.kv_rotation and _int8_pools(cache)
+    if rotate:
+      # The rows go to the write in float32 (it quantizes them); q in its own dtype.
+      q = kernels.hadamard_rotate(q).astype(q.dtype)
+      k, v = kernels.hadamard_rotate(k), kernels.hadamard_rotate(v)
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
@@ -462,6 +482,8 @@ class PagedAttention(nnx.Module):
         **kernel_kwargs,
         **scales,
       )
+    if rotate:  # back from the rotated lanes (R is its own inverse)
+      out = kernels.hadamard_rotate(out)
     out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
 

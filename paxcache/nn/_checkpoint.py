@@ -47,13 +47,15 @@ def load_decoder(
   interpret: bool = False,
   kv_dtype: str | None = None,
   gemm: str = "auto",
+  kv_rotation: bool | None = None,
 ) -> Decoder:
   """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package).
 
   ``backend``, ``interpret`` and ``gemm`` are :class:`Decoder`'s.
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
-  8-bit paged cache); None keeps it. Files written before the MLP's gate and up kernels,
+  8-bit paged cache); None keeps it; ``kv_rotation`` (``DecoderConfig.kv_rotation``)
+  likewise. Files written before the MLP's gate and up kernels,
   or attention's q, k and v kernels, became one weight (format 1, the module docstring)
   load too (their kernels side by side in ``gate_up`` and ``qkv``). ValueError, naming
   the file and the parameter, for a format this version does not read, a parameter the
@@ -70,6 +72,8 @@ def load_decoder(
   config = DecoderConfig.from_dict(meta["config"])
   if kv_dtype is not None:
     config = dataclasses.replace(config, kv_dtype=kv_dtype)
+  if kv_rotation is not None:
+    config = dataclasses.replace(config, kv_rotation=kv_rotation)
   model = Decoder(config, backend=backend, interpret=interpret, gemm=gemm, rngs=nnx.Rngs(0))
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())

@@ -37,6 +37,11 @@ class DecoderConfig:
   # "int8" or "float8_e4m3fn" makes an 8-bit cache with a float32 scale per (KV head,
   # token): about half the bytes of a bf16 cache (kernels._quant, docs/engine.md).
   kv_dtype: str | None = None
+  # int8 caches only: K/V rows are stored rotated by a normalised Walsh-Hadamard matrix of
+  # head_dim (queries rotated alike, outputs rotated back; kernels.hadamard_rotate), so
+  # that a row's one scale is not set by a few large channels. False stores the rows as
+  # they are (the ablation; docs/engine.md, "8-bit K/V"). float8_e4m3fn is never rotated.
+  kv_rotation: bool = True
 
   def __post_init__(self):
     for name in (
@@ -66,6 +71,8 @@ class DecoderConfig:
       if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"DecoderConfig.{name} must be a floating dtype, got {value!r}")
 
+    if not isinstance(self.kv_rotation, bool):
+      raise ValueError(f"DecoderConfig.kv_rotation must be a bool, got {self.kv_rotation!r}")
     if self.kv_dtype is not None:
       try:
         kv = jnp.dtype(self.kv_dtype)

@@ -42,6 +42,7 @@ class DecoderLayer(nnx.Module):
       param_dtype=c.jnp_param_dtype,
       mesh=mesh,
       mesh_axis=mesh_axis,
+      kv_rotation=c.kv_rotation,
       rngs=rngs,
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)

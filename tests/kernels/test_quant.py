@@ -368,3 +368,31 @@ def test_tpu_refuses_8bit_blocks_whose_scales_are_not_one_512_byte_dma():
   case = make_case(rng, [5], dtype=jnp.int8, block_size=32, head_dim=128, q_dtype=jnp.float32)
   with pytest.raises(ValueError, match="block_size must be a multiple of 128 for 8-bit"):
     tpu.paged_attention(**case, interpret=True)
+
+
+@pytest.mark.parametrize("head_dim", [2, 16, 64, 80, 96, 112, 128, 192, 256])
+def test_hadamard_rotate_is_the_normalised_sylvester_matrix(head_dim):
+  """Against the explicit float64 matrix: blocks H_b / sqrt(b) (Sylvester's order, b the
+  largest power of two dividing head_dim) on the diagonal; orthonormal and its own
+  inverse, so dot products are kept."""
+  b = head_dim & -head_dim
+  assert kernels._quant.rotation_block(head_dim) == b
+  h = np.ones((1, 1))
+  while h.shape[0] < b:
+    h = np.block([[h, h], [h, -h]])
+  r = np.kron(np.eye(head_dim // b), h / np.sqrt(b))
+  rng = np.random.default_rng(head_dim)
+  x = rng.standard_normal((3, 5, head_dim)) * np.exp(rng.uniform(-3, 3, (3, 5, 1)))
+  got = np.asarray(kernels.hadamard_rotate(jnp.asarray(x, jnp.float32)), np.float64)
+  assert got.dtype == np.float64 and kernels.hadamard_rotate(x).dtype == jnp.float32
+  np.testing.assert_allclose(got, x @ r, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+  back = np.asarray(kernels.hadamard_rotate(kernels.hadamard_rotate(x)), np.float64)
+  np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+  y = rng.standard_normal((3, 5, head_dim))
+  dots = np.sum(got * np.asarray(kernels.hadamard_rotate(y), np.float64), -1)
+  np.testing.assert_allclose(dots, np.sum(x * y, -1), rtol=1e-4, atol=1e-4 * np.abs(x).max())
+
+
+def test_rotation_block_refuses_a_width_below_one():
+  with pytest.raises(ValueError, match="head_dim must be >= 1, got 0"):
+    kernels._quant.rotation_block(0)

@@ -139,6 +139,140 @@ def test_paged_layer_matches_numpy_over_chunked_prefill_and_decode(num_kv_heads)
     chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
 
 
+def _np_hadamard(d):
+  """Float64 ``R`` of ``kernels.hadamard_rotate``: Sylvester blocks of the largest power of
+  two dividing d on the diagonal, normalised."""
+  b = d & -d
+  h = np.ones((1, 1))
+  while h.shape[0] < b:
+    h = np.block([[h, h], [h, -h]])
+  return np.kron(np.eye(d // b), h / np.sqrt(b))
+
+
+def _run_8bit_layer(layer, kv_dtype, rng_seed=5):
+  """Two sequences through ``layer`` over an 8-bit PagedKVCache (prefill chunk, second
+  chunk, decode), as the float test above. Returns (outputs per call, the float64 oracle's
+  q, k, v per sequence, the final cache, the table, the calls)."""
+  rng = np.random.default_rng(rng_seed)
+  d_model, bs, num_blocks, theta = layer.d_model, 4, 16, layer.rope_theta
+  hq, hkv, d = layer.num_q_heads, layer.num_kv_heads, layer.head_dim
+  lengths = [11, 6]
+  xs = [rng.standard_normal((n, d_model)).astype(np.float32) for n in lengths]
+  qkv = np.asarray(layer.canonical_qkv(), np.float64)
+  wq, wk, wv = np.split(qkv, [hq * d, (hq + hkv) * d], axis=1)
+  qkv64 = [
+    (
+      _np_rope((x.astype(np.float64) @ wq).reshape(len(x), hq, d), np.arange(len(x)), theta),
+      _np_rope((x.astype(np.float64) @ wk).reshape(len(x), hkv, d), np.arange(len(x)), theta),
+      (x.astype(np.float64) @ wv).reshape(len(x), hkv, d),
+    )
+    for x in xs
+  ]
+  table = _scatter_table(rng, lengths, bs, num_blocks, 4)
+  cache = PagedKVCache.create(1, hkv, num_blocks, bs, d, kv_dtype)
+  calls = [[(0, 5), (0, 3)], [(5, 10), (3, 5)], [(10, 11), (5, 6)]]
+  outs = []
+  for call in calls:
+    x = np.concatenate([xs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
+    q_lens = [hi - lo for lo, hi in call]
+    decode = all(q == 1 for q in q_lens)
+    cu = None if decode else jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
+    out, cache = layer(
+      jnp.asarray(x),
+      jnp.asarray(pos),
+      cache,
+      layer=0,
+      block_table=jnp.asarray(table),
+      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+      slot_mapping=jnp.asarray(slots),
+      cu_q_lens=cu,
+    )
+    outs.append(np.split(np.asarray(out, np.float64), np.cumsum(q_lens)[:-1]))
+  return outs, qkv64, cache, table, calls
+
+
+def _stored_rows(cache, table, b, n, bs=4):
+  """Sequence b's first n stored K and V rows, dequantized in float64: [n, hkv, d] each."""
+  k, v = (np.asarray(a, np.float64) for a in cache.layer(0))
+  sc = cache.scales(0)
+  ks, vs = (np.asarray(sc[name], np.float64) for name in ("k_scales", "v_scales"))
+  blk = np.array([table[b, p // bs] for p in range(n)])
+  off = np.arange(n) % bs
+  rows = lambda pool, scale: (pool[:, blk, off] * scale[:, blk, off][..., None]).transpose(1, 0, 2)
+  return rows(k, ks), rows(v, vs)
+
+
+def _np_attend(layer, q, k, v):
+  """Float64 causal attention of one sequence's q over its k, v, then o_proj."""
+  hq, hkv, d = layer.num_q_heads, layer.num_kv_heads, layer.head_dim
+  t = q.shape[0]
+  o = np.zeros((t, hq, d))
+  for h in range(hq):
+    kh = h // (hq // hkv)
+    logits = q[:, h] @ k[:, kh].T / np.sqrt(d)
+    logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    o[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, kh]
+  return o.reshape(t, hq * d) @ np.asarray(layer.o_proj.kernel[...], np.float64)
+
+
+@pytest.mark.parametrize("rotation", [True, False], ids=["rotated", "plain"])
+def test_int8_cache_stores_rotated_rows_and_attends_over_them(rotation):
+  """An int8 cache written by the layer holds ``round(k R / s)`` (``kv_rotation``; ``k`` as
+  it is without), and every output row is float64 attention of the unrotated q over the
+  stored rows dequantized and rotated back: the kernel path (q R in, output times R) is
+  exact up to float32 rounding, and the only error left is the int8 rounding itself."""
+  layer = PagedAttention(32, 4, 2, 16, kv_rotation=rotation, rngs=nnx.Rngs(3))
+  outs, qkv64, cache, table, calls = _run_8bit_layer(layer, jnp.int8)
+  d = layer.head_dim
+  r = _np_hadamard(d) if rotation else np.eye(d)
+  for b, (q, k, v) in enumerate(qkv64):
+    n = len(q)
+    ks, vs = _stored_rows(cache, table, b, n)
+    for want, got in ((k @ r, ks), (v @ r, vs)):
+      # Round to nearest: within half a step (max |row| / 127 / 2) of the rotated row.
+      step = np.abs(want).max(-1, keepdims=True) / 127
+      assert np.all(np.abs(got - want) <= step * (0.5 + 1e-3)), np.abs(got - want).max()
+    want = _np_attend(layer, q, ks @ r, vs @ r)  # R is its own inverse
+    got = np.concatenate([out[b] for out in outs])
+    np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_int8_rotation_lowers_the_error_where_a_channel_dominates():
+  """With one key channel 30x the others (as RoPE'd keys of real models have a few), the
+  rotated int8 cache's outputs are closer to the float64 layer than the plain int8 ones."""
+  errs = {}
+  for rotation in (True, False):
+    layer = PagedAttention(32, 4, 2, 16, kv_rotation=rotation, rngs=nnx.Rngs(3))
+    w = np.asarray(layer.qkv[...]).copy()
+    hq, d = layer.num_q_heads, layer.head_dim
+    w[:, hq * d + 3] *= 30.0  # KV head 0's key channel 3
+    layer.qkv.set_value(jnp.asarray(w))
+    outs, qkv64, *_ = _run_8bit_layer(layer, jnp.int8)
+    errs[rotation] = np.mean(
+      [
+        np.abs(np.concatenate([out[b] for out in outs]) - _np_attend(layer, q, k, v)).mean()
+        for b, (q, k, v) in enumerate(qkv64)
+      ]
+    )
+  assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_e4m3_cache_is_never_rotated():
+  """kv_rotation concerns int8 only: an e4m3 cache's rows and outputs are the same with it
+  on and off."""
+  runs = []
+  for rotation in (True, False):
+    layer = PagedAttention(32, 4, 2, 16, kv_rotation=rotation, rngs=nnx.Rngs(3))
+    outs, qkv64, cache, table, _ = _run_8bit_layer(layer, jnp.float8_e4m3fn)
+    runs.append((outs, _stored_rows(cache, table, 0, 11)))
+  chex.assert_trees_all_equal(runs[0], runs[1])
+  k = runs[0][1][0]
+  np.testing.assert_allclose(k, qkv64[0][1], rtol=2**-3, atol=1e-6)  # e4m3's step, unrotated
+
+
 def test_whole_cache_with_layer_index_matches_per_layer_pools():
   """The PagedKVCache form writes only its layer and gives the same output."""
   rng = np.random.default_rng(2)
