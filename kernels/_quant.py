@@ -24,9 +24,12 @@ This module imports nothing from paxcache or flax.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 # dtype name -> largest magnitude the format holds (the symmetric range is [-QMAX, QMAX]).
 QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
@@ -74,6 +77,15 @@ def rotation_block(head_dim: int) -> int:
   return head_dim & -head_dim
 
 
+@functools.lru_cache(maxsize=16)
+def _rotation_matrix(head_dim: int) -> np.ndarray:
+  b = rotation_block(head_dim)
+  h = np.ones((1, 1), np.float64)
+  while h.shape[0] < b:
+    h = np.block([[h, h], [h, -h]])
+  return np.kron(np.eye(head_dim // b), h / math.sqrt(b)).astype(np.float32)
+
+
 def hadamard_rotate(x):
   """Rows of ``x [..., head_dim]`` times ``R``, the normalised Walsh-Hadamard matrix of
   :func:`rotation_block`'s size on the diagonal (``head_dim / b`` blocks ``H_b /
@@ -84,22 +96,15 @@ def hadamard_rotate(x):
   k``. An int8 cache stores ``k R`` and ``v R`` (``paxcache.nn.PagedAttention``,
   ``DecoderConfig.kv_rotation``): a row's large channels (RoPE'd keys have a few) are
   spread over all ``b`` lanes of their block before the row's one scale is taken, so the
-  other channels are not rounded in steps of the largest one's 1/127. Computed as
-  ``log2(b)`` butterfly stages (sums and differences of lane pairs: elementwise work XLA
-  fuses with its neighbours, no matrix product).
+  other channels are not rounded in steps of the largest one's 1/127. One matrix product
+  with the constant ``R`` at full float32 precision (``Precision.HIGHEST``: TF32 would
+  round the rows to 10 bits first); on an H100 a form in ``log2(b)`` butterfly stages of
+  sums and differences ran as several kernels a stage and made an int8 step 2.3x slower
+  (docs/benchmarks.md, "Run40").
   """
   x = jnp.asarray(x, jnp.float32)
-  d = x.shape[-1]
-  b = rotation_block(d)
-  lead = x.shape[:-1]
-  y = x.reshape(*lead, d // b, b)
-  h = 1
-  while h < b:
-    # Lanes i and i + h of every 2h-lane group -> (sum, difference): one Sylvester stage.
-    y = y.reshape(*lead, d // b, b // (2 * h), 2, h)
-    y = jnp.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], axis=-2)
-    h *= 2
-  return y.reshape(x.shape) * (1.0 / math.sqrt(b))
+  r = jnp.asarray(_rotation_matrix(x.shape[-1]))
+  return jnp.einsum("...d,de->...e", x, r, precision=jax.lax.Precision.HIGHEST)
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:

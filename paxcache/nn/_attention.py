@@ -437,9 +437,12 @@ class PagedAttention(nnx.Module):
     q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
     rotate = self.kv_rotation and _int8_pools(cache)
     if rotate:
-      # The rows go to the write in float32 (it quantizes them); q in its own dtype.
-      q = kernels.hadamard_rotate(q).astype(q.dtype)
-      k, v = kernels.hadamard_rotate(k), kernels.hadamard_rotate(v)
+      # One product for the three (q, k and v of a token side by side); the rows go to the
+      # write in float32 (it quantizes them), q in its own dtype.
+      hq, hk = q.shape[-2], k.shape[-2]
+      rotated = kernels.hadamard_rotate(jnp.concatenate([q, k, v], axis=-2))
+      q = rotated[..., :hq, :].astype(q.dtype)
+      k, v = rotated[..., hq : hq + hk, :], rotated[..., hq + hk :, :]
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
