@@ -15,8 +15,10 @@ baseline the 8-bit rows are read against):
   python -m experiments.kv_quant_accuracy --model tiny
   python -m experiments.kv_quant_accuracy --model smollm2 --tokens 1024 --record
 
-``--record`` appends rows to docs/results/kv_quant.jsonl (device, kv_dtype, case,
-top1_agreement, mean_abs_logit_err, date; the GPU throughput fields are left out).
+``--record`` appends rows to docs/results/kv_quant.jsonl (device, kv_dtype, kv_rotation,
+case, top1_agreement, mean_abs_logit_err, date, commit and whether the tree was clean; the
+GPU throughput fields are left out). ``--no-kv-rotation`` stores int8 rows as they are
+(``DecoderConfig.kv_rotation=False``).
 """
 
 from __future__ import annotations
@@ -188,6 +190,9 @@ def main(argv=None):
   ref_logits = teacher_forced_logits(ref_model, tokens, chunk=args.chunk)
   ref_greedy = greedy_tokens(ref_model, prompt, new_tokens=args.new_tokens)
   ref_dtype = jnp.dtype(ref_model.config.jnp_kv_dtype).name
+  from experiments.run import git_state  # the commit (and cleanliness) each row came from
+
+  git = git_state()
   device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
   rows = []
   for kv in args.kv_dtypes.split(","):
@@ -215,6 +220,8 @@ def main(argv=None):
       greedy_agreement=round(greedy_agree, 4),
       greedy_identical_prefix=same,
       date=datetime.date.today().isoformat(),
+      commit=git["git_commit"],
+      git_clean=git["git_clean"],
     )
     if ref_answers is not None:
       answers = chat_answers(gm, model, new_tokens=args.answers)

@@ -104,6 +104,36 @@ def _slots(table, b, positions, block_size):
   )
 
 
+# (start, stop) of each sequence's tokens in each call: a ragged prefill chunk, a second
+# chunk after cached context, a decode step (two sequences of 11 and 6 tokens).
+_CALLS = [[(0, 5), (0, 3)], [(5, 10), (3, 5)], [(10, 11), (5, 6)]]
+
+
+def _run_layer_calls(attn, xs, cache, table, bs, **kw):
+  """``_CALLS`` through the layer ``attn`` over ``cache`` (pools, or a PagedKVCache with
+  ``layer=``); returns (each call's output rows split by sequence, the cache)."""
+  outs = []
+  for call in _CALLS:
+    x = np.concatenate([xs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
+    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
+    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
+    q_lens = [hi - lo for lo, hi in call]
+    decode = all(q == 1 for q in q_lens)
+    cu = None if decode else jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
+    out, cache = attn(
+      jnp.asarray(x),
+      jnp.asarray(pos),
+      cache,
+      block_table=jnp.asarray(table),
+      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
+      slot_mapping=jnp.asarray(slots),
+      cu_q_lens=cu,
+      **kw,
+    )
+    outs.append(np.split(np.asarray(out), np.cumsum(q_lens)[:-1]))
+  return outs, cache
+
+
 @pytest.mark.parametrize("num_kv_heads", [2, 1], ids=["gqa", "mqa"])
 def test_paged_layer_matches_numpy_over_chunked_prefill_and_decode(num_kv_heads):
   """Two sequences: a ragged prefill chunk, a second chunk after cached context, then a
@@ -117,25 +147,8 @@ def test_paged_layer_matches_numpy_over_chunked_prefill_and_decode(num_kv_heads)
   table = _scatter_table(rng, lengths, bs, num_blocks, 4)
   nan = np.full((num_kv_heads, num_blocks, bs, 8), np.nan, np.float32)
   pools = (jnp.asarray(nan), jnp.asarray(nan))
-  # (start, stop) per sequence for each call: prefill chunk, second chunk, decode.
-  calls = [[(0, 5), (0, 3)], [(5, 10), (3, 5)], [(10, 11), (5, 6)]]
-  for call in calls:
-    x = np.concatenate([xs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
-    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
-    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
-    q_lens = [hi - lo for lo, hi in call]
-    decode = all(q == 1 for q in q_lens)
-    cu = None if decode else jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
-    out, pools = layer(
-      jnp.asarray(x),
-      jnp.asarray(pos),
-      pools,
-      block_table=jnp.asarray(table),
-      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
-      slot_mapping=jnp.asarray(slots),
-      cu_q_lens=cu,
-    )
-    got = np.split(np.asarray(out), np.cumsum(q_lens)[:-1])
+  outs, _ = _run_layer_calls(layer, xs, pools, table, bs)
+  for call, got in zip(_CALLS, outs, strict=True):
     chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
 
 
@@ -151,8 +164,8 @@ def _np_hadamard(d):
 
 def _run_8bit_layer(layer, kv_dtype, rng_seed=5):
   """Two sequences through ``layer`` over an 8-bit PagedKVCache (prefill chunk, second
-  chunk, decode), as the float test above. Returns (outputs per call, the float64 oracle's
-  q, k, v per sequence, the final cache, the table, the calls)."""
+  chunk, decode: ``_CALLS``). Returns (outputs per call, the float64 oracle's q, k, v per
+  sequence, the final cache, the table)."""
   rng = np.random.default_rng(rng_seed)
   d_model, bs, num_blocks, theta = layer.d_model, 4, 16, layer.rope_theta
   hq, hkv, d = layer.num_q_heads, layer.num_kv_heads, layer.head_dim
@@ -170,27 +183,9 @@ def _run_8bit_layer(layer, kv_dtype, rng_seed=5):
   ]
   table = _scatter_table(rng, lengths, bs, num_blocks, 4)
   cache = PagedKVCache.create(1, hkv, num_blocks, bs, d, kv_dtype)
-  calls = [[(0, 5), (0, 3)], [(5, 10), (3, 5)], [(10, 11), (5, 6)]]
-  outs = []
-  for call in calls:
-    x = np.concatenate([xs[b][lo:hi] for b, (lo, hi) in enumerate(call)])
-    pos = np.concatenate([np.arange(lo, hi) for lo, hi in call]).astype(np.int32)
-    slots = np.concatenate([_slots(table, b, range(lo, hi), bs) for b, (lo, hi) in enumerate(call)])
-    q_lens = [hi - lo for lo, hi in call]
-    decode = all(q == 1 for q in q_lens)
-    cu = None if decode else jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32))
-    out, cache = layer(
-      jnp.asarray(x),
-      jnp.asarray(pos),
-      cache,
-      layer=0,
-      block_table=jnp.asarray(table),
-      lengths=jnp.asarray(np.array([hi for _, hi in call], np.int32)),
-      slot_mapping=jnp.asarray(slots),
-      cu_q_lens=cu,
-    )
-    outs.append(np.split(np.asarray(out, np.float64), np.cumsum(q_lens)[:-1]))
-  return outs, qkv64, cache, table, calls
+  outs, cache = _run_layer_calls(layer, xs, cache, table, bs, layer=0)
+  outs = [[np.asarray(o, np.float64) for o in out] for out in outs]
+  return outs, qkv64, cache, table
 
 
 def _stored_rows(cache, table, b, n, bs=4):
@@ -225,7 +220,7 @@ def test_int8_cache_stores_rotated_rows_and_attends_over_them(rotation):
   stored rows dequantized and rotated back: the kernel path (q R in, output times R) is
   exact up to float32 rounding, and the only error left is the int8 rounding itself."""
   layer = PagedAttention(32, 4, 2, 16, kv_rotation=rotation, rngs=nnx.Rngs(3))
-  outs, qkv64, cache, table, calls = _run_8bit_layer(layer, jnp.int8)
+  outs, qkv64, cache, table = _run_8bit_layer(layer, jnp.int8)
   d = layer.head_dim
   r = _np_hadamard(d) if rotation else np.eye(d)
   for b, (q, k, v) in enumerate(qkv64):
@@ -266,7 +261,7 @@ def test_e4m3_cache_is_never_rotated():
   runs = []
   for rotation in (True, False):
     layer = PagedAttention(32, 4, 2, 16, kv_rotation=rotation, rngs=nnx.Rngs(3))
-    outs, qkv64, cache, table, _ = _run_8bit_layer(layer, jnp.float8_e4m3fn)
+    outs, qkv64, cache, table = _run_8bit_layer(layer, jnp.float8_e4m3fn)
     runs.append((outs, _stored_rows(cache, table, 0, 11)))
   chex.assert_trees_all_equal(runs[0], runs[1])
   k = runs[0][1][0]
