@@ -210,7 +210,8 @@ def main(argv=None):
     row = dict(
       device=device,
       kv_dtype=kv,
-      kv_rotation=not args.no_kv_rotation,
+      # whether the rows were stored rotated (int8 only: DecoderConfig.kv_rotation)
+      kv_rotation=not args.no_kv_rotation and jnp.dtype(kv) == jnp.int8,
       case=f"{args.model}_teacher_forced_vs_{ref_dtype}_{len(logits)}tok",
       top1_agreement=round(agree, 4),
       mean_abs_logit_err=round(err, 5),

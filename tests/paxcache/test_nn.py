@@ -67,14 +67,7 @@ def _np_layer(layer: PagedAttention, xs, theta):
     q = _np_rope((x @ w["q_proj"]).reshape(t, hq, d), pos, theta)
     k = _np_rope((x @ w["k_proj"]).reshape(t, hkv, d), pos, theta)
     v = (x @ w["v_proj"]).reshape(t, hkv, d)
-    o = np.zeros((t, hq, d))
-    for h in range(hq):
-      kh = h // (hq // hkv)
-      logits = q[:, h] @ k[:, kh].T / np.sqrt(d)
-      logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
-      p = np.exp(logits - logits.max(-1, keepdims=True))
-      o[:, h] = (p / p.sum(-1, keepdims=True)) @ v[:, kh]
-    outs.append(o.reshape(t, hq * d) @ w["o_proj"])
+    outs.append(_np_attend(layer, q, k, v))
   return outs
 
 
