@@ -83,7 +83,9 @@ def _rotation_matrix(head_dim: int) -> np.ndarray:
   h = np.ones((1, 1), np.float64)
   while h.shape[0] < b:
     h = np.block([[h, h], [h, -h]])
-  return np.kron(np.eye(head_dim // b), h / math.sqrt(b)).astype(np.float32)
+  r = np.kron(np.eye(head_dim // b), h / math.sqrt(b)).astype(np.float32)
+  r.setflags(write=False)  # shared by every call (cached)
+  return r
 
 
 def hadamard_rotate(x):
@@ -99,8 +101,8 @@ def hadamard_rotate(x):
   other channels are not rounded in steps of the largest one's 1/127. One matrix product
   with the constant ``R`` at full float32 precision (``Precision.HIGHEST``: TF32 would
   round the rows to 10 bits first); on an H100 a form in ``log2(b)`` butterfly stages of
-  sums and differences ran as several kernels a stage and made an int8 step 2.3x slower
-  (docs/benchmarks.md, "Run40").
+  sums and differences made the engine's int8 step 1.2-2.3x slower (docs/benchmarks.md,
+  "Run40"). float64 inputs are computed in float32 too.
   """
   x = jnp.asarray(x, jnp.float32)
   r = jnp.asarray(_rotation_matrix(x.shape[-1]))

@@ -84,6 +84,14 @@ class PagedKVCache:
     a head_dim that is not a multiple of 128: pools ``[num_kv_heads, num_blocks,
     block_size, padded_width(head_dim)]``, zeros after the real lanes) the head_dim its
     rows hold, which is how the TPU kernels take head_dim 80, 96, 112 or 192.
+
+  One more says what the rows are: ``rotated`` (int8 caches only; ``create(...,
+  rotated=True)``, which ``paxcache.nn.Decoder.init_cache`` passes under
+  ``DecoderConfig.kv_rotation``): the rows are ``k R`` and ``v R``, ``R`` the matrix of
+  ``kernels.hadamard_rotate``. ``paxcache.nn.PagedAttention`` writes and reads such a cache
+  (q times ``R`` before the kernel, the output times ``R`` after it) and refuses a cache
+  whose flag is not its own; a reader calling ``kernels.paged_attention`` on it directly
+  does the same multiplications.
   """
 
   k: tuple[jax.Array, ...]  # num_layers x [num_kv_heads, num_blocks, block_size, head_dim]
@@ -93,6 +101,7 @@ class PagedKVCache:
   v_scale: tuple[jax.Array, ...] = ()
   row_tokens: int = flax.struct.field(pytree_node=False, default=1)
   real_head_dim: int | None = flax.struct.field(pytree_node=False, default=None)
+  rotated: bool = flax.struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(
@@ -106,6 +115,7 @@ class PagedKVCache:
     *,
     lane_dense: bool = False,
     lane_padded: bool = False,
+    rotated: bool = False,
   ) -> PagedKVCache:
     """Allocates the pools (zero-filled, but callers must not rely on unused slots' values).
 
@@ -119,7 +129,8 @@ class PagedKVCache:
     lanes and zeros after them, for a head_dim that is not a multiple of 128 (ValueError
     otherwise), any K/V dtype: the layout in which the TPU kernels take such a head_dim
     (80, 96, 112, 192), at the padding's cost in HBM and read time; the same results and
-    API (sizes in real head_dim) on every backend. Not both (ValueError)."""
+    API (sizes in real head_dim) on every backend. Not both (ValueError). ``rotated``: the
+    rows will be written rotated (the class docstring); int8 only (ValueError otherwise)."""
     dims = dict(
       num_layers=num_layers,
       num_kv_heads=num_kv_heads,
@@ -129,6 +140,12 @@ class PagedKVCache:
     )
     shape = _check_dims(dims)
     dtype = _check_kv_dtype(dtype, "dtype")
+    if not isinstance(rotated, bool):
+      raise ValueError(f"PagedKVCache.create: rotated must be a bool, got {rotated!r}")
+    if rotated and dtype != jnp.int8:
+      raise ValueError(
+        f"PagedKVCache.create: rotated=True is for int8 caches, got {jnp.dtype(dtype).name}"
+      )
     num_layers, layer_shape = shape[0], shape[1:]
     row_tokens, real_head_dim = 1, None
     if lane_dense and lane_padded:
@@ -155,6 +172,7 @@ class PagedKVCache:
       **scales,
       row_tokens=row_tokens,
       real_head_dim=real_head_dim,
+      rotated=rotated,
     )
 
   @classmethod

@@ -322,10 +322,12 @@ def init_sharded_cache(
   dtype=jnp.float32,
   *,
   axis: str = MODEL_AXIS,
+  rotated: bool = False,
 ) -> PagedKVCache:
   """A zero-filled cache laid out as :func:`shard_cache` lays one out, allocated in place:
   each device allocates only its own ``kv_per_shard`` heads (nothing is built on one device
-  first, so a pool sized for several devices never has to fit on one)."""
+  first, so a pool sized for several devices never has to fit on one). ``rotated``:
+  ``PagedKVCache.create``'s."""
   spec = kv_sharding(mesh, num_kv_heads, axis=axis)
   create = functools.partial(
     PagedKVCache.create,
@@ -335,6 +337,7 @@ def init_sharded_cache(
     block_size,
     head_dim,
     dtype,
+    rotated=rotated,
   )
   return jax.jit(create, out_shardings=spec.pool)()
 
@@ -739,9 +742,9 @@ def _scatter_local(moved: NamedSharding):
 
     kv = blocks[0]
     if not cache.k_scale:
-      return PagedKVCache(k=put(cache.k, kv[:, 0]), v=put(cache.v, kv[:, 1]))
+      return cache.replace(k=put(cache.k, kv[:, 0]), v=put(cache.v, kv[:, 1]))
     sc = blocks[1]
-    return PagedKVCache(
+    return cache.replace(
       k=put(cache.k, kv[:, 0]),
       v=put(cache.v, kv[:, 1]),
       k_scale=put(cache.k_scale, sc[:, 0]),

@@ -90,12 +90,6 @@ def _plain_float_pools(cache) -> bool:
   return k_blocks.ndim == 4 and not kernels.is_quantized(k_blocks.dtype)
 
 
-def _int8_pools(cache) -> bool:
-  """Whether ``cache`` (a ``PagedKVCache`` or one layer's pools) holds int8 K/V."""
-  dtype = cache.dtype if isinstance(cache, PagedKVCache) else cache[0].dtype
-  return jnp.dtype(dtype) == jnp.int8
-
-
 def _query_dtype(q_dtype, kv_dtype):
   """q goes to the kernel in the cache's dtype (as before), but never in an 8-bit one:
   with an 8-bit cache it keeps the activation dtype."""
@@ -139,9 +133,10 @@ class PagedAttention(nnx.Module):
       attend with ``q R``, then multiply the output by ``R`` again, ``R`` the normalised
       Walsh-Hadamard matrix of ``kernels.hadamard_rotate`` (orthonormal and its own
       inverse: the same attention up to the int8 rounding, which it makes smaller;
-      docs/engine.md, "8-bit K/V"). The cache then holds rotated rows: read it with the
-      same setting. False: rows as they are. float8_e4m3fn rows are never rotated (its
-      steps are relative to each value; rotated, SmolLM2's chat answers changed more).
+      docs/engine.md, "8-bit K/V"). The cache must say so (``PagedKVCache.rotated``,
+      which ``Decoder.init_cache`` sets); a cache whose flag differs raises ValueError.
+      False: rows as they are. float8_e4m3fn rows are never rotated (its steps are
+      relative to each value).
     rngs: parameter initialisation.
 
   Attribute ``fused_write`` (True): decode steps over plain 16- or 32-bit pools on one
@@ -199,7 +194,9 @@ class PagedAttention(nnx.Module):
     self.gemm = check_gemm(gemm)
     self.sliding_window = sliding_window
     self.logit_soft_cap = logit_soft_cap
-    self.kv_rotation = bool(kv_rotation)
+    if not isinstance(kv_rotation, bool):
+      raise ValueError(f"kv_rotation must be a bool, got {kv_rotation!r}")
+    self.kv_rotation = kv_rotation
     self.set_mesh(mesh, mesh_axis)
 
   def set_mesh(self, mesh, mesh_axis: str = "model") -> None:
@@ -407,8 +404,10 @@ class PagedAttention(nnx.Module):
     # attention in one call (on the GPU backend one kernel, planned or not), with q, k and v
     # as the one array the projection gives (kernels.write_and_decode_packed: the GPU decode
     # kernel reads the three from it, so no kernel splits it first).
+    rotate = self._rotated(cache)
     fused = (
-      self.fused_write
+      not rotate
+      and self.fused_write
       and fused_write
       and self.mesh is None
       and self.shards == 1
@@ -435,14 +434,17 @@ class PagedAttention(nnx.Module):
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
     q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
-    rotate = self.kv_rotation and _int8_pools(cache)
-    if rotate:
+    if rotate and self.mesh is None:
       # One product for the three (q, k and v of a token side by side); the rows go to the
       # write in float32 (it quantizes them), q in its own dtype.
       hq, hk = q.shape[-2], k.shape[-2]
       rotated = kernels.hadamard_rotate(jnp.concatenate([q, k, v], axis=-2))
       q = rotated[..., :hq, :].astype(q.dtype)
       k, v = rotated[..., hq : hq + hk, :], rotated[..., hq + hk :, :]
+    elif rotate:  # under a mesh each is rotated as it is laid out (no concatenation of
+      # differently split arrays)
+      q = kernels.hadamard_rotate(q).astype(q.dtype)
+      k, v = kernels.hadamard_rotate(k), kernels.hadamard_rotate(v)
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
@@ -489,6 +491,22 @@ class PagedAttention(nnx.Module):
       out = kernels.hadamard_rotate(out)
     out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
+
+  def _rotated(self, cache) -> bool:
+    """Whether ``cache``'s rows are rotated (an int8 ``PagedKVCache`` with ``rotated``);
+    ValueError where that is not what this layer's ``kv_rotation`` writes: such a cache
+    was written by another setting, and reading it with this one would be silently wrong.
+    Pools passed as a pair are never rotated (the int8 write needs a ``PagedKVCache``)."""
+    if not isinstance(cache, PagedKVCache) or jnp.dtype(cache.dtype) != jnp.int8:
+      return False
+    if cache.rotated != self.kv_rotation:
+      raise ValueError(
+        f"this int8 cache holds {'rotated' if cache.rotated else 'unrotated'} rows "
+        f"(PagedKVCache.rotated={cache.rotated}) but the layer has kv_rotation="
+        f"{self.kv_rotation}: build the cache with the model's init_cache, or "
+        f"PagedKVCache.create(..., rotated={self.kv_rotation})"
+      )
+    return cache.rotated
 
   def _check_cache(self, cache) -> None:
     """ValueError where ``cache`` is not a ``PagedKVCache`` or a pair of 4-D pools, or where

@@ -168,7 +168,8 @@ class Decoder(nnx.Module):
   ) -> PagedKVCache:
     """A zero-filled paged cache for this model: per layer ``[num_kv_heads, num_blocks,
     block_size, head_dim]`` in the config's ``kv_dtype`` (default: its ``dtype``); 8-bit
-    with float32 scale pools.
+    with float32 scale pools; an int8 one ``rotated`` under ``DecoderConfig.kv_rotation``
+    (``PagedKVCache``).
 
     ``lane_dense``: pools in rows of 128 (head_dim 32 or 64; ``PagedKVCache.create``): what
     the TPU kernels read without padding; the same results on every backend.
@@ -182,6 +183,9 @@ class Decoder(nnx.Module):
     """
     c = self.config
     mesh, axis = self.mesh
+    # int8 rows written rotated (DecoderConfig.kv_rotation): the cache says so, and the
+    # layers refuse a cache whose flag is not theirs.
+    rotated = c.kv_rotation and c.jnp_kv_dtype == jnp.int8
     if mesh is not None and lane_dense:
       raise ValueError("a lane-dense cache is not sharded yet: pass lane_dense=False with a mesh")
     if mesh is not None and lane_padded:
@@ -196,6 +200,7 @@ class Decoder(nnx.Module):
         c.head_dim,
         c.jnp_kv_dtype,
         axis=axis,
+        rotated=rotated,
       )
     return PagedKVCache.create(
       c.num_layers,
@@ -206,6 +211,7 @@ class Decoder(nnx.Module):
       c.jnp_kv_dtype,
       lane_dense=lane_dense,
       lane_padded=lane_padded,
+      rotated=rotated,
     )
 
   def __call__(

@@ -10,6 +10,7 @@ fails.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -384,7 +385,12 @@ def test_hadamard_rotate_is_the_normalised_sylvester_matrix(head_dim):
   rng = np.random.default_rng(head_dim)
   x = rng.standard_normal((3, 5, head_dim)) * np.exp(rng.uniform(-3, 3, (3, 5, 1)))
   got = np.asarray(kernels.hadamard_rotate(jnp.asarray(x, jnp.float32)), np.float64)
-  assert got.dtype == np.float64 and kernels.hadamard_rotate(x).dtype == jnp.float32
+  assert kernels.hadamard_rotate(x).dtype == jnp.float32
+  # One product at full float32 precision (a GPU would otherwise round to TF32 first; the
+  # CPU computes the same either way, so the jaxpr is what shows it).
+  eqns = [e for e in jax.make_jaxpr(kernels.hadamard_rotate)(x).jaxpr.eqns]
+  dots = [e for e in eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 1 and "HIGHEST" in str(dots[0].params["precision"]), dots
   np.testing.assert_allclose(got, x @ r, rtol=1e-5, atol=1e-5 * np.abs(x).max())
   back = np.asarray(kernels.hadamard_rotate(kernels.hadamard_rotate(x)), np.float64)
   np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-5 * np.abs(x).max())

@@ -175,7 +175,8 @@ def _run_8bit_layer(layer, kv_dtype, rng_seed=5):
     for x in xs
   ]
   table = _scatter_table(rng, lengths, bs, num_blocks, 4)
-  cache = PagedKVCache.create(1, hkv, num_blocks, bs, d, kv_dtype)
+  rotated = layer.kv_rotation and jnp.dtype(kv_dtype) == jnp.int8
+  cache = PagedKVCache.create(1, hkv, num_blocks, bs, d, kv_dtype, rotated=rotated)
   outs, cache = _run_layer_calls(layer, xs, cache, table, bs, layer=0)
   outs = [[np.asarray(o, np.float64) for o in out] for out in outs]
   return outs, qkv64, cache, table
@@ -259,6 +260,43 @@ def test_e4m3_cache_is_never_rotated():
   chex.assert_trees_all_equal(runs[0], runs[1])
   k = runs[0][1][0]
   np.testing.assert_allclose(k, qkv64[0][1], rtol=2**-3, atol=1e-6)  # e4m3's step, unrotated
+
+
+def test_a_cache_rotated_otherwise_than_the_layer_is_refused():
+  """An int8 cache records whether its rows are rotated; a layer whose kv_rotation differs
+  refuses it (reading it would be silently wrong), before writing anything. The model's
+  init_cache sets the flag from its config."""
+  args = dict(
+    block_table=jnp.zeros((1, 2), jnp.int32),
+    lengths=jnp.ones((1,), jnp.int32),
+    slot_mapping=jnp.zeros((1,), jnp.int32),
+  )
+  x, pos = jnp.ones((1, 16)), jnp.zeros((1,), jnp.int32)
+  for rotation in (True, False):
+    layer = PagedAttention(16, 2, 1, 8, kv_rotation=rotation, rngs=nnx.Rngs(0))
+    other = PagedKVCache.create(1, 1, 4, 4, 8, jnp.int8, rotated=not rotation)
+    with pytest.raises(
+      ValueError, match=rf"PagedKVCache.rotated={not rotation}\) but the layer has kv_rotation="
+    ):
+      layer(x, pos, other, layer=0, **args)
+    np.testing.assert_array_equal(np.asarray(other.k[0]), 0)  # nothing written
+    out, new = layer(
+      x, pos, PagedKVCache.create(1, 1, 4, 4, 8, jnp.int8, rotated=rotation), layer=0, **args
+    )
+    assert new.rotated == rotation and out.shape == (1, 16)
+  with pytest.raises(ValueError, match="rotated=True is for int8 caches, got float8_e4m3fn"):
+    PagedKVCache.create(1, 1, 4, 4, 8, jnp.float8_e4m3fn, rotated=True)
+  with pytest.raises(ValueError, match="kv_rotation must be a bool, got 1"):
+    PagedAttention(16, 2, 1, 8, kv_rotation=1, rngs=nnx.Rngs(0))
+  for kv, rotation, want in (
+    ("int8", True, True),
+    ("int8", False, False),
+    ("float8_e4m3fn", True, False),
+  ):
+    cfg = DecoderConfig(kv_dtype=kv, kv_rotation=rotation)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    assert model.init_cache(4, 4).rotated is want
+    assert all(blk.attn.kv_rotation is rotation for blk in model.layers)
 
 
 def test_whole_cache_with_layer_index_matches_per_layer_pools():
@@ -759,6 +797,8 @@ def test_a_cache_of_other_heads_is_named_at_the_layer():
       call((wrong_dim.k[0],))
     with pytest.raises(ValueError, match=r"got ndarray"):
       call(np.zeros((1, 4, 4, 8), np.float32))
+    # Refused before anything ran: the wrong cache is neither written nor donated.
+    np.testing.assert_array_equal(np.asarray(wrong_dim.k[0]), 0)
     # The layer's own shapes run, on either kind of cache, after the refusals.
     good = PagedKVCache.create(2, 1, 4, 4, 8)
     out, new = call(good, layer=0)
