@@ -145,6 +145,15 @@ def test_paged_layer_matches_numpy_over_chunked_prefill_and_decode(num_kv_heads)
     chex.assert_trees_all_close(got, [want[b][lo:hi] for b, (lo, hi) in enumerate(call)], **TOL)
 
 
+def _one_token_args():
+  """A one-token decode step's arguments for a layer call: one sequence, slot 0."""
+  return dict(
+    block_table=jnp.zeros((1, 2), jnp.int32),
+    lengths=jnp.ones((1,), jnp.int32),
+    slot_mapping=jnp.zeros((1,), jnp.int32),
+  )
+
+
 def _np_hadamard(d):
   """Float64 ``R`` of ``kernels.hadamard_rotate``: Sylvester blocks of the largest power of
   two dividing d on the diagonal, normalised."""
@@ -266,11 +275,7 @@ def test_a_cache_rotated_otherwise_than_the_layer_is_refused():
   """An int8 cache records whether its rows are rotated; a layer whose kv_rotation differs
   refuses it (reading it would be silently wrong), before writing anything. The model's
   init_cache sets the flag from its config."""
-  args = dict(
-    block_table=jnp.zeros((1, 2), jnp.int32),
-    lengths=jnp.ones((1,), jnp.int32),
-    slot_mapping=jnp.zeros((1,), jnp.int32),
-  )
+  args = _one_token_args()
   x, pos = jnp.ones((1, 16)), jnp.zeros((1,), jnp.int32)
   for rotation in (True, False):
     layer = PagedAttention(16, 2, 1, 8, kv_rotation=rotation, rngs=nnx.Rngs(0))
@@ -725,11 +730,7 @@ def test_bad_inputs_raise_clear_errors():
     DecoderConfig(num_q_heads=4, num_kv_heads=3)
   layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))
   cache = PagedKVCache.create(2, 1, 4, 4, 8)
-  args = dict(
-    block_table=jnp.zeros((1, 2), jnp.int32),
-    lengths=jnp.ones((1,), jnp.int32),
-    slot_mapping=jnp.zeros((1,), jnp.int32),
-  )
+  args = _one_token_args()
   x, pos = jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32)
   with pytest.raises(ValueError, match="layer"):
     layer(x, pos, cache, **args)
@@ -742,11 +743,7 @@ def test_x_of_the_wrong_width_is_named_before_any_projection():
   layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))
   assert layer.d_model == 16
   cache = PagedKVCache.create(2, 1, 4, 4, 8)
-  args = dict(
-    block_table=jnp.zeros((1, 2), jnp.int32),
-    lengths=jnp.ones((1,), jnp.int32),
-    slot_mapping=jnp.zeros((1,), jnp.int32),
-  )
+  args = _one_token_args()
   pos = jnp.zeros((1,), jnp.int32)
   with pytest.raises(
     ValueError, match=r"x must be \[num_tokens, d_model\] with d_model=16, got x.shape \(1, 12\)"
@@ -772,11 +769,7 @@ def test_a_cache_of_other_heads_is_named_at_the_layer():
   naming k_new/v_new (arrays the caller never passed); the layer names its cache, and a
   refused call changes nothing."""
   layer = PagedAttention(16, 2, 1, 8, rngs=nnx.Rngs(0))  # 1 KV head of head_dim 8
-  args = dict(
-    block_table=jnp.zeros((1, 2), jnp.int32),
-    lengths=jnp.ones((1,), jnp.int32),
-    slot_mapping=jnp.zeros((1,), jnp.int32),
-  )
+  args = _one_token_args()
   x, pos = jnp.ones((1, 16)), jnp.zeros((1,), jnp.int32)
   for fused in (True, False):
     call = functools.partial(layer, x, pos, fused_write=fused, **args)
