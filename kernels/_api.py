@@ -22,6 +22,7 @@ from kernels._validate import (
   validate_inputs,
   validate_options,
   validate_padded_width,
+  validate_scales,
 )
 
 BACKENDS = ("auto", "reference", "gpu", "tpu")
@@ -250,6 +251,9 @@ def write_and_decode_packed(
   block_sizes: Any = None,
   interpret: bool = False,
   decode_plan: Any = None,
+  k_scales: jax.Array | None = None,
+  v_scales: jax.Array | None = None,
+  q_dtype: Any = None,
 ):
   """:func:`write_and_decode` with the step's queries, K and V rows in one array.
 
@@ -257,10 +261,19 @@ def write_and_decode_packed(
   then its K rows, then its V rows (``num_kv_heads`` from the pools), as a model's one q/k/v
   projection makes them (RoPE applied). The GPU decode kernel reads all three from it, so
   nothing splits it into three arrays before the call (each split would be a kernel of
-  its own); it must be in the pools' dtype (``write_and_decode`` casts q, k and v to it;
-  ValueError otherwise, on every backend). The other backends split it and run
-  :func:`write_and_decode`. The keyword arguments are :func:`write_and_decode`'s. Returns
-  ``(out [batch, num_q_heads, head_dim], k_blocks, v_blocks)``.
+  its own); over 16- or 32-bit pools it must be in the pools' dtype (``write_and_decode``
+  casts q, k and v to it; ValueError otherwise, on every backend). The other backends split
+  it and run :func:`write_and_decode`. The keyword arguments are :func:`write_and_decode`'s.
+  Returns ``(out [batch, num_q_heads, head_dim], k_blocks, v_blocks)``.
+
+  8-bit pools (int8, float8_e4m3fn; plain layout) take their scale pools ``k_scales`` and
+  ``v_scales`` (``f32[num_kv_heads, num_blocks, block_size]``) and a float ``qkv`` of any
+  float dtype: each new K and V row is quantized as :func:`kernels.write_kv_quantized` does
+  (on the GPU backend by the decode kernel itself, which stores the rows and their scales:
+  no scatter), q is cast to ``q_dtype`` (None: ``qkv``'s dtype; e.g. bfloat16 queries in a
+  float32 ``qkv`` whose K/V rows are quantized from float32), and the result is
+  ``(out, k_blocks, v_blocks, k_scales, v_scales)`` with ``out`` in ``q_dtype``. The other
+  backends run ``write_kv_quantized`` then :func:`paged_attention` with the scales.
   """
   num_kv_heads = k_blocks.shape[0] if k_blocks.ndim == 4 else 0
   if qkv.ndim != 3 or qkv.shape[1] < 3 * num_kv_heads or num_kv_heads == 0:
@@ -270,11 +283,21 @@ def write_and_decode_packed(
       f"{tuple(qkv.shape)} and k_blocks {tuple(k_blocks.shape)}"
     )
   hq = qkv.shape[1] - 2 * num_kv_heads
-  if qkv.dtype != k_blocks.dtype:
-    raise ValueError(
-      f"kernels.write_and_decode_packed takes qkv in the pools' dtype "
-      f"({jnp.dtype(k_blocks.dtype).name}), got {jnp.dtype(qkv.dtype).name}"
-    )
+  quantized = is_quantized(k_blocks.dtype)
+  if quantized:
+    _check_quantized_packed(qkv, k_blocks, k_scales, v_scales, q_dtype)
+    q_dtype = jnp.dtype(qkv.dtype if q_dtype is None else q_dtype)
+  else:
+    if k_scales is not None or v_scales is not None or q_dtype is not None:
+      raise ValueError(
+        "kernels.write_and_decode_packed: k_scales, v_scales and q_dtype are for 8-bit "
+        f"pools, got {jnp.dtype(k_blocks.dtype).name} ones"
+      )
+    if qkv.dtype != k_blocks.dtype:
+      raise ValueError(
+        f"kernels.write_and_decode_packed takes qkv in the pools' dtype "
+        f"({jnp.dtype(k_blocks.dtype).name}), got {jnp.dtype(qkv.dtype).name}"
+      )
   options = dict(
     scale=scale,
     sliding_window=sliding_window,
@@ -283,27 +306,70 @@ def write_and_decode_packed(
     interpret=interpret,
     decode_plan=decode_plan,
   )
-  if resolve_backend(backend, interpret=interpret) != "gpu":
+  chosen = resolve_backend(backend, interpret=interpret)
+  if chosen != "gpu":
     q, k_new, v_new = _write.split_packed_qkv(qkv, num_kv_heads)
-    return write_and_decode(
-      q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, backend=backend,
-      **options,
+    if not quantized:
+      return write_and_decode(
+        q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths,
+        backend=backend, **options,
+      )  # fmt: skip
+    pools = _write.write_kv_quantized(
+      k_blocks, v_blocks, k_scales, v_scales, k_new, v_new, slot_mapping
+    )
+    out = paged_attention(
+      q.astype(q_dtype), *pools[:2], block_table, lengths, backend=chosen,
+      k_scales=pools[2], v_scales=pools[3], **options,
     )  # fmt: skip
+    return out, *pools
   # write_and_decode's checks, on the shapes of the three parts.
-  part = lambda heads: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), qkv.dtype)  # noqa: E731
+  part = lambda heads, dtype: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), dtype)  # noqa: E731
   _check_fused_args(
-    part(hq), k_blocks, v_blocks, part(num_kv_heads), part(num_kv_heads), slot_mapping,
-    block_table, lengths,
+    part(hq, q_dtype or qkv.dtype), k_blocks, v_blocks, part(num_kv_heads, qkv.dtype),
+    part(num_kv_heads, qkv.dtype), slot_mapping, block_table, lengths, k_scales=k_scales,
+    v_scales=v_scales,
   )  # fmt: skip
   from kernels import gpu  # imported lazily, as in _run_gpu
 
+  scales = dict(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype) if quantized else {}
   return gpu.decode_with_write(
-    qkv, k_blocks, v_blocks, None, None, slot_mapping, block_table, lengths, **options
+    qkv, k_blocks, v_blocks, None, None, slot_mapping, block_table, lengths, **options, **scales
   )
 
 
-def _check_fused_args(q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths):
-  if is_quantized(k_blocks.dtype):
+def _check_quantized_packed(qkv, k_blocks, k_scales, v_scales, q_dtype) -> None:
+  """What :func:`write_and_decode_packed` needs besides the shapes over 8-bit pools: the
+  scale pools (checked as every backend checks them), a float ``qkv`` and a float
+  ``q_dtype``; ValueError naming the one that is not."""
+  if k_scales is None or v_scales is None:
+    raise ValueError(
+      f"kernels.write_and_decode_packed: 8-bit ({jnp.dtype(k_blocks.dtype).name}) pools take "
+      "k_scales and v_scales"
+    )
+  validate_scales(k_blocks, k_scales, v_scales)
+  if not jnp.issubdtype(qkv.dtype, jnp.floating) or is_quantized(qkv.dtype):
+    raise ValueError(
+      "kernels.write_and_decode_packed: over 8-bit pools qkv must be float32, bfloat16 or "
+      f"float16 (its rows are quantized), got {jnp.dtype(qkv.dtype).name}"
+    )
+  floats = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+  try:
+    q_ok = q_dtype is None or jnp.dtype(q_dtype) in floats
+  except TypeError:
+    q_ok = False
+  if not q_ok:
+    raise ValueError(
+      f"kernels.write_and_decode_packed: q_dtype must be float32, bfloat16 or float16, got "
+      f"{q_dtype!r}"
+    )
+
+
+def _check_fused_args(
+  q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_table, lengths, *, k_scales=None,
+  v_scales=None,
+):  # fmt: skip
+  # 8-bit pools: write_and_decode_packed only (its own checks first), with their scales.
+  if is_quantized(k_blocks.dtype) and k_scales is None:
     raise ValueError(
       f"kernels.write_and_decode takes 16-bit or float32 pools, got "
       f"{jnp.dtype(k_blocks.dtype).name}: write an 8-bit pool with kernels.write_kv_quantized "
@@ -317,7 +383,7 @@ def _check_fused_args(q, k_blocks, v_blocks, k_new, v_new, slot_mapping, block_t
     )
   _write.check_pools(k_blocks, v_blocks)
   _write.check_rows(k_new, v_new, slot_mapping, k_blocks)
-  validate_inputs(q, k_blocks, v_blocks, block_table, lengths)
+  validate_inputs(q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales)
   _check_last_slots(slot_mapping, block_table, lengths, k_blocks.shape[2])
 
 

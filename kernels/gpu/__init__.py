@@ -48,7 +48,7 @@ from kernels._validate import (
   validate_inputs,
   validate_options,
 )
-from kernels._write import split_packed_qkv, write_kv
+from kernels._write import split_packed_qkv, write_kv, write_kv_quantized
 from kernels.gpu import decode_mosaic, prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.decode_mosaic import planned_decode_mosaic
@@ -452,6 +452,9 @@ def decode_with_write(
   block_sizes=None,
   interpret=False,
   decode_plan=None,
+  k_scales=None,
+  v_scales=None,
+  q_dtype=None,
 ):
   """Decode attention with the step's K/V written by the decode kernel itself (no scatter
   before it): ``kernels.write_and_decode`` on the GPU backend, which checks the arguments.
@@ -461,26 +464,34 @@ def decode_with_write(
   runs after ``kernels.write_kv`` instead). With ``k_new`` and ``v_new`` None, ``q`` is a
   packed ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]`` q/k/v in the pools' dtype
   (``kernels.write_and_decode_packed``), read by the kernel as it is. Returns ``(out,
-  k_blocks, v_blocks)``.
+  k_blocks, v_blocks)``. 8-bit pools (``k_scales``, ``v_scales``; packed only): the kernel
+  quantizes the float rows it writes, q is cast to ``q_dtype`` (None: the packed array's),
+  and the scale pools come back too: ``(out, k_blocks, v_blocks, k_scales, v_scales)``.
   """
   packed_qkv = k_new is None
   qkv = q
+  quantized = k_scales is not None
   if packed_qkv:
     hkv = k_blocks.shape[0]
-    q = jax.ShapeDtypeStruct((q.shape[0], q.shape[1] - 2 * hkv, q.shape[2]), q.dtype)
+    q_type = q.dtype if q_dtype is None else q_dtype
+    q = jax.ShapeDtypeStruct((q.shape[0], q.shape[1] - 2 * hkv, q.shape[2]), q_type)
   validate_gpu_inputs(
-    q, k_blocks, v_blocks, block_table, lengths, block_sizes=block_sizes, pads_head_dim=True
-  )
+    q, k_blocks, v_blocks, block_table, lengths, block_sizes=block_sizes,
+    k_scales=k_scales, v_scales=v_scales, pads_head_dim=True,
+  )  # fmt: skip
   scale, sliding_window, logit_soft_cap = validate_options(scale, sliding_window, logit_soft_cap)
   head_dim = q.shape[2]
   if decode_plan is not None:
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, None, sliding_window)
   block_sizes = _call_block_sizes(block_sizes, q, k_blocks, block_table, True, decode_plan)
   scale = float(head_dim**-0.5) if scale is None else scale
+  pools = (k_blocks, v_blocks) + ((k_scales, v_scales) if quantized else ())
   if q.shape[0] == 0 or block_table.shape[1] == 0 or k_blocks.shape[1] == 0:
     # No rows, or nothing to attend to or write into: zeros, the pools as they were.
-    return jnp.zeros(q.shape, q.dtype), k_blocks, v_blocks
+    return jnp.zeros(q.shape, q.dtype), *pools
   fused = dict(k_new=k_new, v_new=v_new, new_slots=slot_mapping, packed_qkv=packed_qkv)
+  if quantized:
+    fused.update(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype)
   kwargs = dict(
     scale=scale,
     sliding_window=sliding_window,
@@ -504,11 +515,16 @@ def decode_with_write(
   if backend == "mosaic":
     if packed_qkv:
       q, k_new, v_new = split_packed_qkv(qkv, k_blocks.shape[0])
-    k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
+    if quantized:
+      pools = write_kv_quantized(*pools, k_new, v_new, slot_mapping)
+      scales = dict(k_scales=pools[2], v_scales=pools[3])
+      q = q.astype(q.dtype if q_dtype is None else q_dtype)
+    else:
+      pools, scales = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping), {}
     out = paged_attention(
-      q, k_blocks, v_blocks, block_table, lengths, decode_plan=decode_plan, **kwargs
+      q, *pools[:2], block_table, lengths, decode_plan=decode_plan, **kwargs, **scales
     )
-    return out, k_blocks, v_blocks
+    return out, *pools
   return planned_decode(
     qkv, k_blocks, v_blocks, block_table, lengths, decode_plan, **fused, **kwargs
   )

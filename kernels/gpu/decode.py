@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._quant import is_quantized
+from kernels._quant import QMAX, is_quantized
 from kernels.gpu._softmax import logits_log2, online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.plan import num_sms as _num_sms  # one SM count for every rule
@@ -171,6 +171,8 @@ def _decode_kernel(
   packed=None,
   prefix=None,
   preload_own=False,
+  q_cast=None,
+  kv_dtype=None,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
@@ -183,11 +185,17 @@ def _decode_kernel(
     # each sequence's first row r0 (-1: none); chunk c of sequence b is row r0 + c * stride.
     pre_o_ref, pre_lse_ref, pre_row_ref, *out_refs = out_refs
   if fused_write:
-    # This step's K/V (one row per sequence and KV head, in the pool's dtype) and each
-    # sequence's slot for them (-1: none); the pools come back as the last two outputs,
-    # the same buffers as k_ref and v_ref (aliased).
+    # This step's K/V (one row per sequence and KV head, in the pool's dtype; 8-bit pools:
+    # float rows, quantized here) and each sequence's slot for them (-1: none); the pools
+    # come back as the last two outputs (8-bit: then the two scale pools), the same
+    # buffers as k_ref and v_ref (ks_ref, vs_ref) (aliased).
     knew_ref, vnew_ref, slots_ref, *out_refs = out_refs
-    *out_refs, kout_ref, vout_ref = out_refs
+    scale_outs = ()
+    if quantized:
+      *out_refs, kout_ref, vout_ref, ksout_ref, vsout_ref = out_refs
+      scale_outs = (ksout_ref, vsout_ref)
+    else:
+      *out_refs, kout_ref, vout_ref = out_refs
   h = pl.program_id(0)
   split = pl.program_id(1)
   b = pl.program_id(2)
@@ -213,6 +221,9 @@ def _decode_kernel(
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
   o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
+  if q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit fused write)
+    q = q.astype(q_cast)
+  q_plain, softmax_scale = q, scale
   # A tuple: q in the dots' dtype (8-bit K/V with 16-bit q: f16 and clipped to f16's range
   # in the 16-bit modes), or split in two int8 parts in "int8_qk" (kernels/gpu/_widen.py).
   q = widen.query_state(q)
@@ -298,16 +309,19 @@ def _decode_kernel(
   den = jnp.zeros((rows,), jnp.float32)  # running sum of p
   acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
   if fused_write:
-    acc, m, den = own_key(
+    acc, m, den = add_own_key(
       (acc, m, den),
       q,
-      (knew_ref, vnew_ref, kout_ref, vout_ref),
+      q_plain,
+      (knew_ref, vnew_ref, kout_ref, vout_ref, *scale_outs),
+      kv_dtype=kv_dtype if quantized else None,
       rows_of=own_rows,
       pool_row=head_base + jnp.maximum(slot, 0),
       owns=owns,
       cols=cols,
       col_ok=col_ok,
       scale=scale,
+      softmax_scale=softmax_scale,
       logit_soft_cap=logit_soft_cap,
       new=new,
     )
@@ -463,6 +477,84 @@ def own_key(
   return acc, m_new, den
 
 
+def quantize_row(x, kv_dtype):
+  """One new K or V row in the kernel, f32 ``[1, width]`` (columns past head_dim zero) ->
+  ``(q [1, width] kv_dtype, scale f32[1])``: what ``kernels._quant.quantize`` gives for it,
+  by the same float32 operations (``max|x| / QMAX``, ``x / scale``), so the fused write
+  stores the bytes the scatter would. Triton has no round: int8 rounds half to even as
+  ``jnp.round`` does, from ``floor`` (exact for ``|y| <= 127``); e4m3 by the cast (round to
+  nearest even)."""
+  name = jnp.dtype(kv_dtype).name
+  qmax = QMAX[name]
+  scale = jnp.max(jnp.abs(x), axis=1) / qmax
+  safe = jnp.where(scale > 0, scale, 1.0)
+  y = jnp.where(scale[:, None] > 0, x / safe[:, None], 0.0)
+  if name == "int8":
+    r = jnp.floor(y)
+    d = y - r
+    odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
+    r = r + jnp.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
+    return jnp.clip(r, -qmax, qmax).astype(jnp.int8), scale
+  return jnp.clip(y, -qmax, qmax).astype(kv_dtype), scale
+
+
+def own_key_quantized(
+  carry,
+  q_plain,
+  refs,
+  *,
+  kv_dtype,
+  rows_of,
+  pool_row,
+  owns,
+  cols,
+  col_ok,
+  scale,
+  logit_soft_cap,
+  new=None,
+):
+  """:func:`own_key` over 8-bit pools: the step's own K and V rows (float, as the packed
+  q/k/v holds them) are quantized in the kernel (:func:`quantize_row`), stored with their
+  scales (``refs``: the rows' arrays in; the pools and scale pools out), and added as the
+  stored key: ``q . (k_q * k_scale)`` in float32 from ``q_plain`` (the query tile as loaded,
+  ``[rows, width]``, before any widening), ``p * v_scale`` times ``v_q``. ``scale`` is the
+  softmax scale without a widening's factor. Shared with the planned decode."""
+  acc, m, den = carry
+  knew_ref, vnew_ref, kout_ref, vout_ref, ksout_ref, vsout_ref = refs
+  one = jnp.arange(1, dtype=jnp.int32)
+  ok = tile_mask(one >= 0, col_ok) & owns
+  if new is None:
+    new = load_own_rows(knew_ref, vnew_ref, rows_of=rows_of, owns=owns, cols=cols, col_ok=col_ok)
+  f32 = jnp.float32
+  kq, ks = quantize_row(new[0].astype(f32), kv_dtype)
+  vq, vs = quantize_row(new[1].astype(f32), kv_dtype)
+  s = jnp.sum(q_plain.astype(f32) * (kq.astype(f32) * ks[:, None]), axis=1)  # f32[rows]
+  s = logits_log2(s, scale=scale, logit_soft_cap=logit_soft_cap)
+  s = jnp.where(owns, s, -jnp.inf)
+  m_new = jnp.maximum(m, s)
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp2(m - m_use)
+  p = jnp.exp2(s - m_use)  # 0 where the program does not own the key
+  den = den * alpha + p
+  acc = acc * alpha[:, None] + p[:, None] * (vq.astype(f32) * vs[:, None])
+  store_idx = ((pool_row + one)[:, None], cols[None, :])
+  plgpu.store(kout_ref.at[store_idx], kq, mask=ok)
+  plgpu.store(vout_ref.at[store_idx], vq, mask=ok)
+  slot_ok = owns & (one >= 0)
+  plgpu.store(ksout_ref.at[pool_row + one], ks, mask=slot_ok)
+  plgpu.store(vsout_ref.at[pool_row + one], vs, mask=slot_ok)
+  return acc, m_new, den
+
+
+def add_own_key(carry, q_state, q_plain, refs, *, kv_dtype, scale, softmax_scale, **kw):
+  """The fused write's own key: :func:`own_key` over 16- or 32-bit pools (``q_state`` and
+  ``scale`` as the key loop uses them), :func:`own_key_quantized` over 8-bit ones
+  (``kv_dtype``; ``q_plain`` and the plain ``softmax_scale``)."""
+  if kv_dtype is None:
+    return own_key(carry, q_state, refs, scale=scale, **kw)
+  return own_key_quantized(carry, q_plain, refs, kv_dtype=kv_dtype, scale=softmax_scale, **kw)
+
+
 # Up to this many splits _combine is written split by split (elementwise), which XLA emits
 # as one loop fusion; as reductions over the split axis it was three kernels a call at 2
 # splits (a max, a sum, the division: 1.2-1.8 us each on an H100; one kernel at 3 splits
@@ -502,6 +594,7 @@ def _combine(o, m, den, out_dtype):
     "interpret",
     "return_partials",
     "packed_qkv",
+    "q_dtype",
     "prefix_chunks",
     "prefix_stride",
   ),
@@ -526,6 +619,7 @@ def paged_decode(
   v_new=None,
   new_slots=None,
   packed_qkv: bool = False,
+  q_dtype=None,
   prefix_o=None,
   prefix_lse=None,
   prefix_rows=None,
@@ -557,7 +651,13 @@ def paged_decode(
     packed_qkv: with ``new_slots`` and no ``k_new``/``v_new``: ``q`` is ``[batch,
       num_q_heads + 2 * num_kv_heads, head_dim]``, each row's query heads, then its K rows,
       then its V rows, in the pools' dtype (one array, as a q/k/v projection makes it: the
-      kernel reads all three from it, so nothing splits it before the call).
+      kernel reads all three from it, so nothing splits it before the call). Over
+      8-bit pools (``k_scales`` given) the packed array is float (any float dtype): the
+      kernel quantizes each new row as ``kernels.write_kv_quantized`` does and stores it
+      and its scale (returned as two more pools).
+    q_dtype: the query's dtype where the packed array is wider (8-bit pools: float32
+      rows rotated in float32, ``paxcache.nn.PagedAttention``): q is cast to it as loaded,
+      and the output is in it. None: the array's dtype.
     prefix_o, prefix_lse, prefix_rows, prefix_chunks, prefix_stride: with ``row_starts``
       and one split, the partials of each row's keys before ``row_starts[b]`` (a cascade's
       shared part, computed elsewhere), merged into the output inside the kernel instead
@@ -571,7 +671,8 @@ def paged_decode(
 
   Returns:
     [batch, num_q_heads, head_dim] in q.dtype (with ``k_new``: ``(out, k_blocks,
-    v_blocks)``, the pools with the step's rows written); with ``return_partials``, ``(o f32[batch,
+    v_blocks)``, the pools with the step's rows written; over 8-bit pools ``(out, k_blocks,
+    v_blocks, k_scales, v_scales)``); with ``return_partials``, ``(o f32[batch,
     num_q_heads, splits, head_dim], m f32[batch, num_q_heads, splits], den f32[batch,
     num_q_heads, splits])``: per split the sum of p @ v, the max logit in log2 units (-inf
     where the split saw no key) and the sum of p, with p = exp2(logit * log2(e) - m).
@@ -589,15 +690,18 @@ def paged_decode(
   num_splits, chunk = grid_splits(
     batch, num_kv_heads, max_context, kv_tile, block_sizes.decode_num_splits
   )
-  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
+  out_dtype = jnp.dtype(q.dtype if q_dtype is None else q_dtype)
+  widen = widening(out_dtype, k_blocks.dtype, block_sizes.quant_widen)
   fused_write = new_slots is not None
+  quant_write = fused_write and k_scales is not None
   if fused_write and (k_new is None) != packed_qkv:
     raise ValueError("paged_decode: a fused write takes k_new and v_new, or packed_qkv=True")
-  if fused_write and (k_scales is not None or row_starts is not None or return_partials):
-    raise ValueError(
-      "paged_decode: a fused write (k_new) takes 16-bit or float32 pools, without "
-      "row_starts or return_partials"
-    )
+  if fused_write and (row_starts is not None or return_partials):
+    raise ValueError("paged_decode: a fused write (k_new) takes no row_starts or return_partials")
+  if quant_write and not packed_qkv:
+    raise ValueError("paged_decode: a fused write into 8-bit pools takes a packed q/k/v")
+  if q_dtype is not None and not quant_write:
+    raise ValueError("paged_decode: q_dtype is for a packed q/k/v over 8-bit pools")
 
   prefix = None
   given = [x is not None for x in (prefix_o, prefix_lse, prefix_rows)]
@@ -657,6 +761,8 @@ def paged_decode(
     packed=packed,
     prefix=prefix,
     preload_own=fused_write and preloads_own_row(block_sizes),
+    q_cast=None if out_dtype == q.dtype else out_dtype.name,
+    kv_dtype=k_blocks.dtype.name if quant_write else None,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   q_flat = q.reshape(-1, head_dim)  # [batch * (num_q_heads or all heads), head_dim]
@@ -678,7 +784,7 @@ def paged_decode(
       prefix_rows.astype(jnp.int32),
     )
   if num_splits == 1 and not return_partials:
-    out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype)
+    out_shape = jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), out_dtype)
   else:
     n = batch * num_q_heads * num_splits
     out_shape = (
@@ -697,6 +803,10 @@ def paged_decode(
     args += (k_rows, v_rows, new_slots.astype(jnp.int32))
     out_shape = (*(out_shape if isinstance(out_shape, tuple) else (out_shape,)), pool, pool)
     aliases = {3: len(out_shape) - 2, 4: len(out_shape) - 1}  # k_ref, v_ref: args 3 and 4
+    if quant_write:  # and the scale pools, args 5 and 6
+      scales = jax.ShapeDtypeStruct((flat_rows,), jnp.float32)
+      out_shape = (*out_shape, scales, scales)
+      aliases = {3 + i: len(out_shape) - 4 + i for i in range(4)}
   outs = pl.pallas_call(
     kernel,
     grid=(num_kv_heads, num_splits, batch),
@@ -713,12 +823,14 @@ def paged_decode(
     + widen.name_suffix,
   )(*args)
   if fused_write:
-    *outs, k_out, v_out = outs
-    pools = (k_out.reshape(k_blocks.shape), v_out.reshape(v_blocks.shape))
+    n_pools = 4 if quant_write else 2
+    outs, written = outs[:-n_pools], outs[-n_pools:]
+    shapes = (k_blocks.shape, v_blocks.shape, k_blocks.shape[:3], v_blocks.shape[:3])
+    pools = tuple(x.reshape(shape) for x, shape in zip(written, shapes[:n_pools], strict=True))
     outs = outs[0] if len(outs) == 1 else tuple(outs)
   else:
     pools = None
-  out = _finish(outs, batch, num_q_heads, num_splits, head_dim, q.dtype, return_partials)
+  out = _finish(outs, batch, num_q_heads, num_splits, head_dim, out_dtype, return_partials)
   return out if pools is None else (out, *pools)
 
 

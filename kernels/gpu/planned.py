@@ -40,11 +40,11 @@ from jax.experimental.pallas import triton as plgpu
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.decode import (
+  add_own_key,
   dot_precision,
   head_cols,
   load_own_rows,
   new_rows,
-  own_key,
   preloads_own_row,
   tile_mask,
 )
@@ -84,13 +84,20 @@ def _chunk_kernel(
   fused_write=False,
   packed=None,
   preload_own=False,
+  q_cast=None,
 ):
   if quantized:
     ks_ref, vs_ref, *refs = refs
   if fused_write:
-    # As in decode.py: the step's K/V rows and slots in; the pools, aliased, out last.
+    # As in decode.py: the step's K/V rows and slots in; the pools (8-bit: and the scale
+    # pools), aliased, out last.
     knew_ref, vnew_ref, slots_ref, *refs = refs
-    *refs, kout_ref, vout_ref = refs
+    scale_outs = ()
+    if quantized:
+      *refs, kout_ref, vout_ref, ksout_ref, vsout_ref = refs
+      scale_outs = (ksout_ref, vsout_ref)
+    else:
+      *refs, kout_ref, vout_ref = refs
   o_ref, m_ref, den_ref, out_ref = refs
   h = pl.program_id(0)
   c = pl.program_id(1)
@@ -129,6 +136,9 @@ def _chunk_kernel(
       q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
       q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
     o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
+    if q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit write)
+      q = q.astype(q_cast)
+    q_plain = q
     # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
     # int8 parts in "int8_qk" (kernels/gpu/_widen.py).
     q = widen.query_state(q)
@@ -177,16 +187,19 @@ def _chunk_kernel(
     last = jnp.where(end > start, (end + kv_tile - 1) // kv_tile, first)
     acc, m, den = lax.fori_loop(first, last, body, (acc, m, den))
     if fused_write:
-      acc, m, den = own_key(
+      acc, m, den = add_own_key(
         (acc, m, den),
         q,
-        (knew_ref, vnew_ref, kout_ref, vout_ref),
+        q_plain,
+        (knew_ref, vnew_ref, kout_ref, vout_ref, *scale_outs),
+        kv_dtype=k_ref.dtype if quantized else None,
         rows_of=own_rows,
         pool_row=head_base + jnp.maximum(slot, 0),
         owns=owns,
         cols=cols,
         col_ok=col_ok,
         scale=scale,
+        softmax_scale=scale,
         logit_soft_cap=logit_soft_cap,
         new=new,
       )
@@ -351,6 +364,7 @@ def _merge_row(
     "block_sizes",
     "interpret",
     "packed_qkv",
+    "q_dtype",
   ),
 )
 def planned_decode(
@@ -372,6 +386,7 @@ def planned_decode(
   v_new=None,
   new_slots=None,
   packed_qkv: bool = False,
+  q_dtype=None,
 ):
   """Decode attention, one query per sequence, by the chunks of ``plan``; with ``k_new``
   (or ``packed_qkv``) the step's K/V written by the chunk kernel (as
@@ -406,11 +421,15 @@ def planned_decode(
   num_chunks = plan.chunk_seq.shape[0]
   quantized = k_scales is not None
   fused_write = new_slots is not None
+  quant_write = fused_write and quantized
   if fused_write and (k_new is None) != packed_qkv:
     raise ValueError("planned_decode: a fused write takes k_new and v_new, or packed_qkv=True")
-  if fused_write and quantized:
-    raise ValueError("planned_decode: a fused write (k_new) takes 16-bit or float32 pools")
-  widen = widening(q.dtype, k_blocks.dtype, block_sizes.quant_widen)
+  if quant_write and not packed_qkv:
+    raise ValueError("planned_decode: a fused write into 8-bit pools takes a packed q/k/v")
+  if q_dtype is not None and not quant_write:
+    raise ValueError("planned_decode: q_dtype is for a packed q/k/v over 8-bit pools")
+  out_dtype = jnp.dtype(q.dtype if q_dtype is None else q_dtype)
+  widen = widening(out_dtype, k_blocks.dtype, block_sizes.quant_widen)
   kernel = functools.partial(
     _chunk_kernel,
     num_q_heads=num_q_heads,
@@ -429,6 +448,7 @@ def planned_decode(
     fused_write=fused_write,
     packed=packed,
     preload_own=fused_write and preloads_own_row(block_sizes),
+    q_cast=None if out_dtype == q.dtype else out_dtype.name,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (
@@ -449,7 +469,7 @@ def planned_decode(
     jax.ShapeDtypeStruct((n, head_dim), jnp.float32),
     jax.ShapeDtypeStruct((n,), jnp.float32),
     jax.ShapeDtypeStruct((n,), jnp.float32),
-    jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), q.dtype),
+    jax.ShapeDtypeStruct((batch * num_q_heads, head_dim), out_dtype),
   )
   aliases = {}
   if fused_write:
@@ -462,6 +482,10 @@ def planned_decode(
     pool = jax.ShapeDtypeStruct((flat_rows, head_dim), k_blocks.dtype)
     out_shape += (pool, pool)
     aliases = {7: 4, 8: 5}  # k_ref, v_ref (args 7 and 8) -> the last two outputs
+    if quant_write:  # and the scale pools (args 9 and 10)
+      scales = jax.ShapeDtypeStruct((flat_rows,), jnp.float32)
+      out_shape += (scales, scales)
+      aliases.update({9: 6, 10: 7})
   o, m, den, out, *pools = pl.pallas_call(
     kernel,
     grid=(num_kv_heads, num_chunks),
@@ -478,7 +502,7 @@ def planned_decode(
   out = pl.pallas_call(
     functools.partial(_merge_kernel, num_q_heads=num_q_heads, head_dim=head_dim),
     grid=(num_q_heads, batch),
-    out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), q.dtype),
+    out_shape=jax.ShapeDtypeStruct((batch * num_q_heads * head_dim,), out_dtype),
     compiler_params=plgpu.CompilerParams(num_warps=MERGE_NUM_WARPS, num_stages=MERGE_NUM_STAGES),
     input_output_aliases={5: 0},  # out: the chunk kernel's rows stay, the merge adds its own
     interpret=interpret,
@@ -486,6 +510,6 @@ def planned_decode(
   )(plan.seq_first_chunk, plan.seq_num_chunks, o, m, den, out.reshape(-1))
   out = out.reshape(batch, num_q_heads, head_dim)
   if fused_write:
-    k_out, v_out = pools
-    return out, k_out.reshape(k_blocks.shape), v_out.reshape(v_blocks.shape)
+    shapes = (k_blocks.shape, v_blocks.shape, k_blocks.shape[:3], v_blocks.shape[:3])
+    return (out, *(x.reshape(shape) for x, shape in zip(pools, shapes[: len(pools)], strict=True)))
   return out

@@ -90,6 +90,17 @@ def _plain_float_pools(cache) -> bool:
   return k_blocks.ndim == 4 and not kernels.is_quantized(k_blocks.dtype)
 
 
+def _plain_quantized_cache(cache) -> bool:
+  """Whether ``cache`` is an 8-bit ``PagedKVCache`` in the plain layout: what
+  ``kernels.write_and_decode_packed`` takes with its scale pools (pools passed as a pair
+  have no scales, and take the write and the attention apart)."""
+  return (
+    isinstance(cache, PagedKVCache)
+    and cache.quantized
+    and not (cache.lane_dense or cache.lane_padded)
+  )
+
+
 def _query_dtype(q_dtype, kv_dtype):
   """q goes to the kernel in the cache's dtype (as before), but never in an 8-bit one:
   with an 8-bit cache it keeps the activation dtype."""
@@ -139,9 +150,10 @@ class PagedAttention(nnx.Module):
       relative to each value).
     rngs: parameter initialisation.
 
-  Attribute ``fused_write`` (True): decode steps over plain 16- or 32-bit pools on one
-  device write and attend with one ``kernels.write_and_decode_packed`` (on the GPU backend
-  the decode kernel writes the step's K/V itself); False keeps ``write_kv`` then
+  Attribute ``fused_write`` (True): decode steps over plain-layout pools on one device (16-
+  or 32-bit pools, or an 8-bit ``PagedKVCache`` with its scales) write and attend with one
+  ``kernels.write_and_decode_packed`` (on the GPU backend the decode kernel writes the
+  step's K/V itself, quantizing 8-bit rows); False keeps the write then
   ``paged_attention`` (the same result; tests inspect the step around the kernels with it,
   since Pallas's interpret mode copies a pool its kernel writes in place, which the
   compiled GPU kernel does not).
@@ -406,16 +418,14 @@ class PagedAttention(nnx.Module):
     # kernel reads the three from it, so no kernel splits it first).
     rotate = self._rotated(cache)
     fused = (
-      not rotate
-      and self.fused_write
+      self.fused_write
       and fused_write
       and self.mesh is None
       and self.shards == 1
       and cu_q_lens is None
       and cascade is None
-      and _plain_float_pools(cache)
     )
-    if fused:
+    if fused and _plain_float_pools(cache):
       pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
       out, k_blocks, v_blocks = kernels.write_and_decode_packed(
         self._qkv_packed(x, positions).astype(pools[0].dtype),
@@ -429,6 +439,30 @@ class PagedAttention(nnx.Module):
         cache = cache.replace_layer(layer, k_blocks, v_blocks)
       else:
         cache = (k_blocks, v_blocks)
+      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
+      return out, cache
+    if fused and _plain_quantized_cache(cache):
+      # An 8-bit cache: the decode kernel quantizes and stores the step's K/V rows and their
+      # scales itself (on the GPU backend; the others write, then attend). Rotated rows
+      # (int8, kv_rotation): the packed q/k/v is rotated as one float32 product, the rows
+      # quantized from float32 and q taken in its own dtype, as on the path below.
+      qkv = self._qkv_packed(x, positions)
+      q_dtype = qkv.dtype
+      if rotate:
+        qkv = kernels.hadamard_rotate(qkv)
+      out, *pools = kernels.write_and_decode_packed(
+        qkv,
+        *cache.layer(layer),
+        slot_mapping,
+        block_table,
+        lengths,
+        **cache.scales(layer),
+        q_dtype=q_dtype,
+        **kernel_kwargs,
+      )
+      cache = cache.replace_layer(layer, *pools)
+      if rotate:  # back from the rotated lanes (R is its own inverse)
+        out = kernels.hadamard_rotate(out)
       out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied

@@ -127,7 +127,7 @@ def test_own_row_preloaded_with_three_stages(
   # with 2, own_key loads it after the loop. Both must write and attend as write_kv then
   # the reference, NaN rows that write nothing included (row 4), with the owner in the
   # first or the last split or chunk, padded columns, float32 pools, a window and a cap.
-  from kernels.gpu import decode, planned
+  from kernels.gpu import decode
 
   jax.clear_caches()  # the kernels must be traced here, with the spy in place
   seen = []
@@ -137,8 +137,8 @@ def test_own_row_preloaded_with_three_stages(
     seen.append(kw.get("new") is not None)
     return real(*a, **kw)
 
+  # Both kernels reach it through decode.add_own_key, which looks it up in decode.
   monkeypatch.setattr(decode, "own_key", spy)
-  monkeypatch.setattr(planned, "own_key", spy)
   lengths = [37, 0, 1, 16, 21, 70]
   args = _step(
     40 + stages + splits + head_dim, lengths=lengths, head_dim=head_dim, q_dtype=dtype,
@@ -345,3 +345,130 @@ def test_a_device_slot_outside_the_pool_writes_nothing_as_the_scatter_drops_it()
     functools.partial(kernels.write_and_decode, backend="gpu", interpret=True, block_sizes=SMALL)
   )(*args)
   _check(got, _write_then_reference(*args), jnp.float32)
+
+
+def _quantized_step(seed, *, kv_dtype, lengths, head_dim=64, qkv_dtype=jnp.bfloat16):
+  """8-bit pools and a packed float q/k/v for one decode step. The pools are _step's float
+  pools quantized: every unused slot, and every slot the step writes, holds a NaN scale
+  (its rows NaN before), so a kernel that read a scale it should not (the own key's from
+  the pool, say) gives NaN. Row 4 writes nothing (its new K/V are NaN); row 0's new K row
+  for KV head 0 is a row of ties, ``[127, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, ...]``
+  (scale exactly 1 in int8), which only rounding half to even stores as the reference does."""
+  q, k, v, k_new, v_new, slots, table, lens = _step(
+    seed, lengths=lengths, head_dim=head_dim, q_dtype=jnp.float32, kv_dtype=jnp.float32,
+    no_write=(4,),
+  )  # fmt: skip
+  ties = np.resize(np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5], np.float32), head_dim)
+  ties[0] = 127.0
+  k_new = k_new.at[0, 0].set(jnp.asarray(ties))
+  stale = np.isnan(np.asarray(k)).any(-1)  # unused slots and the ones the step writes
+  assert stale.any() and (np.isnan(np.asarray(v)).any(-1) == stale).all()
+  kq, ks = kernels.quantize(jnp.nan_to_num(k), kv_dtype)
+  vq, vs = kernels.quantize(jnp.nan_to_num(v), kv_dtype)
+  ks = jnp.where(jnp.asarray(stale), jnp.nan, ks)
+  vs = jnp.where(jnp.asarray(stale), jnp.nan, vs)
+  qkv = jnp.concatenate([q, k_new, v_new], axis=1).astype(qkv_dtype)
+  return qkv, (kq, vq, ks, vs), slots, table, lens
+
+
+def _quantized_opts(kernel, lengths, stages=2):
+  if kernel == "planned":
+    plan = gpu.plan_decode(np.asarray(lengths), 8, 2, kv_tile=16, chunk_tokens=16)
+    return dict(block_sizes=dataclasses.replace(SMALL, decode_num_stages=stages), decode_plan=plan)
+  splits = int(kernel.split("-")[1])
+  bsz = dataclasses.replace(SMALL, decode_num_splits=splits, decode_num_stages=stages)
+  return dict(block_sizes=bsz)
+
+
+@pytest.mark.parametrize(
+  "kv_dtype,kernel,head_dim,qkv_dtype,stages",
+  [
+    (jnp.int8, "split_k-1", 64, jnp.bfloat16, 2),
+    (jnp.int8, "split_k-3", 64, jnp.float32, 3),  # own row preloaded; owner in any split
+    (jnp.int8, "split_k-3", 80, jnp.bfloat16, 2),  # columns past 80 masked
+    (jnp.int8, "planned", 64, jnp.float32, 2),
+    (jnp.int8, "planned", 80, jnp.bfloat16, 3),
+    (jnp.float8_e4m3fn, "split_k-1", 64, jnp.float32, 2),
+    (jnp.float8_e4m3fn, "split_k-3", 80, jnp.bfloat16, 3),
+    (jnp.float8_e4m3fn, "planned", 64, jnp.bfloat16, 2),
+  ],
+)
+def test_8bit_pools_are_written_by_the_kernel_as_write_kv_quantized(
+  kv_dtype, kernel, head_dim, qkv_dtype, stages
+):
+  # The decode kernel quantizes each new K/V row of a packed float q/k/v itself and stores
+  # it and its scale: the four pools must be write_kv_quantized's, byte for byte (every
+  # other slot, NaN scales included, untouched), and the output float64 attention over
+  # the written pools with q in bf16 (q_dtype), from one kernel (and the planned merge)
+  # with no scatter.
+  lengths = [37, 0, 1, 16, 21, 70]
+  qkv, pools, slots, table, lens = _quantized_step(
+    50 + head_dim + stages, kv_dtype=kv_dtype, lengths=lengths, head_dim=head_dim,
+    qkv_dtype=qkv_dtype,
+  )  # fmt: skip
+  kq, vq, ks, vs = pools
+  opts = dict(backend="gpu", interpret=True, q_dtype=jnp.bfloat16)
+  opts.update(_quantized_opts(kernel, lengths, stages))
+  out, *got = kernels.write_and_decode_packed(
+    qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs, **opts
+  )
+  assert out.dtype == jnp.bfloat16 and out.shape == (len(lengths), 4, head_dim)
+  q, k_new, v_new = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+  want = kernels.write_kv_quantized(kq, vq, ks, vs, k_new, v_new, jnp.asarray(slots))
+  for a, b in zip(got, want, strict=True):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  # The row of ties went where a tie-breaking half-to-even rounding puts it.
+  blk, off = np.asarray(table)[0, 36 // 8], 36 % 8
+  if kv_dtype == jnp.int8:
+    stored = np.asarray(got[0][0, blk, off, :8], np.int32)
+    np.testing.assert_array_equal(stored, [127, 2, 2, 0, -2, -2, 4, 126])
+  case = dict(
+    q=q.astype(jnp.bfloat16), k_blocks=got[0], v_blocks=got[1], block_table=table,
+    lengths=lens, cu_q_lens=None, k_scales=got[2], v_scales=got[3],
+  )  # fmt: skip
+  from tests.kernels.test_quant import check
+
+  check(out, case, jnp.bfloat16, rel_l2=True)
+  fn = functools.partial(kernels.write_and_decode_packed, k_scales=ks, v_scales=vs, **opts)
+  jaxpr = jax.make_jaxpr(fn)(qkv, kq, vq, slots, table, lens).jaxpr
+  prims = _primitives(jaxpr, kernels_too=False)
+  calls = [p for name, p in prims if name == "pallas_call"]
+  assert len(calls) == 1 + (kernel == "planned") and "_write" in calls[0]["name"]
+  assert len(calls[0]["input_output_aliases"]) == 4  # the two pools and two scale pools
+  assert not [name for name, _ in prims if "scatter" in name]
+  # The reference backend writes with write_kv_quantized, then attends: the same pools.
+  ref = kernels.write_and_decode_packed(
+    qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs, q_dtype=jnp.bfloat16,
+    backend="reference",
+  )  # fmt: skip
+  for a, b in zip(ref[1:], want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  check(ref[0], case, jnp.bfloat16, rel_l2=True)
+
+
+def test_8bit_packed_bad_calls_raise():
+  lengths = [10, 20]
+  qkv, (kq, vq, ks, vs), slots, table, lens = _quantized_step(
+    51, kv_dtype=jnp.int8, lengths=lengths + [3, 4, 5, 6]
+  )
+  call = functools.partial(kernels.write_and_decode_packed, backend="gpu", interpret=True)
+  with pytest.raises(ValueError, match=r"8-bit \(int8\) pools take k_scales and v_scales"):
+    call(qkv, kq, vq, slots, table, lens)
+  with pytest.raises(ValueError, match="k_scales must be"):
+    call(qkv, kq, vq, slots, table, lens, k_scales=ks[:, :1], v_scales=vs)
+  with pytest.raises(ValueError, match="qkv must be float32, bfloat16 or float16"):
+    call(qkv.astype(jnp.int8), kq, vq, slots, table, lens, k_scales=ks, v_scales=vs)
+  with pytest.raises(ValueError, match="q_dtype must be float32, bfloat16 or float16"):
+    call(qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs, q_dtype=jnp.int8)
+  with pytest.raises(ValueError, match="k_scales, v_scales and q_dtype are for 8-bit pools"):
+    f = jnp.zeros(kq.shape, jnp.bfloat16)
+    call(qkv, f, f, slots, table, lens, k_scales=ks, v_scales=vs)
+  # The slot checks of write_and_decode hold here too (the slot of position 8, not 9).
+  wrong = slots.copy()
+  wrong[0] -= 1
+  with pytest.raises(ValueError, match=r"lengths - 1"):
+    call(qkv, kq, vq, wrong, np.asarray(table), np.asarray(lens), k_scales=ks, v_scales=vs)
+  # Refused before anything ran: the pools are as they were and run after the refusals.
+  out, *pools = call(qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs)
+  assert out.shape == (6, 4, 64) and len(pools) == 4

@@ -1144,3 +1144,58 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
   f32.forward(tokens)
   f32.forward(jnp.zeros((1, 32), jnp.int32))
   assert len(taken) == n
+
+
+@pytest.mark.parametrize(
+  "kv_dtype,rotation,dtype",
+  [
+    (jnp.int8, True, jnp.float32),
+    (jnp.int8, False, jnp.float32),
+    (jnp.int8, True, jnp.bfloat16),  # f32 rotated rows, bf16 queries
+    (jnp.float8_e4m3fn, True, jnp.float32),  # never rotated
+  ],
+)
+def test_an_8bit_decode_step_is_written_in_the_kernel_as_by_the_cache_write(
+  kv_dtype, rotation, dtype, monkeypatch
+):
+  """On the GPU backend (interpret mode) a decode step over an 8-bit PagedKVCache goes to
+  ``kernels.write_and_decode_packed`` with the cache's scales, whose kernel quantizes and
+  stores the step's rows: the cache it leaves is, byte for byte, the one the cache write
+  then attention leaves (``fused_write=False``), and so are the outputs up to the kernels'
+  own rounding of the one key they compute apart."""
+  seen = []
+  real = kernels.write_and_decode_packed
+
+  def spy(*a, **kw):
+    seen.append("k_scales" in kw)
+    return real(*a, **kw)
+
+  monkeypatch.setattr(kernels, "write_and_decode_packed", spy)
+  runs = {}
+  for fused in (True, False):
+    layer = PagedAttention(
+      32, 4, 2, 16, kv_rotation=rotation, backend="gpu", interpret=True, dtype=dtype,
+      rngs=nnx.Rngs(3),
+    )  # fmt: skip
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((n, 32)).astype(np.float32) for n in (11, 6)]
+    table = _scatter_table(rng, [11, 6], 4, 16, 4)
+    rotated = rotation and jnp.dtype(kv_dtype) == jnp.int8
+    cache = PagedKVCache.create(1, 2, 16, 4, 16, kv_dtype, rotated=rotated)
+    outs, cache = _run_layer_calls(layer, xs, cache, table, 4, layer=0, fused_write=fused)
+    runs[fused] = outs, cache
+  assert seen == [True]  # the decode step of the fused run, and only that
+  (fused_outs, fused_cache), (plain_outs, plain_cache) = runs[True], runs[False]
+  for a, b in zip(jax.tree.leaves(fused_cache), jax.tree.leaves(plain_cache), strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  for call in range(2):  # the prefill calls ran the same path
+    for a, b in zip(fused_outs[call], plain_outs[call], strict=True):
+      np.testing.assert_array_equal(a, b)
+  got, want = (np.concatenate(o[-1]).astype(np.float64) for o in (fused_outs, plain_outs))
+  if dtype == jnp.float32:
+    np.testing.assert_allclose(got, want, **TOL)
+  else:
+    # bf16 outputs: the two paths round the own key's p and the output to bf16 apart
+    # (2**-8 each); as the GPU kernels' bf16 bound against float64 attention.
+    bound = tolerance("quantized_gpu_vs_float64_rel_l2", "bfloat16").rtol
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
