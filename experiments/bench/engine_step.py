@@ -102,14 +102,27 @@ MODELS = {
 
 
 def build_model(
-  name: str, *, max_seq_len: int, param_dtype: str = "bfloat16", seed: int = 0, gemm: str = "auto"
+  name: str,
+  *,
+  max_seq_len: int,
+  param_dtype: str = "bfloat16",
+  seed: int = 0,
+  gemm: str = "auto",
+  kv_dtype: str | None = None,
 ):
+  """A random-weight decoder of ``MODELS[name]``'s shape, bf16 activations; ``kv_dtype``
+  the cache's (None: bf16, the activations'; "int8" and "float8_e4m3fn" with the config's
+  default ``kv_rotation``)."""
   from flax import nnx
 
   from paxcache.nn import Decoder, DecoderConfig
 
   config = DecoderConfig(
-    **MODELS[name], max_seq_len=max_seq_len, dtype="bfloat16", param_dtype=param_dtype
+    **MODELS[name],
+    max_seq_len=max_seq_len,
+    dtype="bfloat16",
+    param_dtype=param_dtype,
+    kv_dtype=kv_dtype,
   )
   return Decoder(config, gemm=gemm, rngs=nnx.Rngs(seed))
 

@@ -59,7 +59,9 @@ from experiments.bench._gpu_common import (
 def _warm_step(name, batch, context, args, rng, gemm: str = "auto"):
   """The engine's step for ``name`` at ``batch x context`` (pool just big enough, the
   model's products by ``gemm``), run three times; returns ``(call, release)``."""
-  model = es.build_model(name, max_seq_len=max(2048, context), gemm=gemm)
+  model = es.build_model(
+    name, max_seq_len=max(2048, context), gemm=gemm, kv_dtype=args.kv_dtype or None
+  )
   per_seq = -(-context // args.block_size)
   call, _, release = es.paged_step_call(
     model,
@@ -104,6 +106,7 @@ def device_profile(args) -> list[dict]:
       context=context,
       block_size=args.block_size,
       gemm=gemm,
+      kv_dtype=args.kv_dtype or "bfloat16",
       steps=args.steps,
       kernels_per_step=summary["kernels"],
       kernel_ms_per_step=summary["kernel_us"] / 1e3,
@@ -115,7 +118,8 @@ def device_profile(args) -> list[dict]:
     )
     rows.append(row)
     print(
-      f"\n{name} {batch}x{context} gemm={gemm}: {row['kernels_per_step']:.0f} kernels/step, "
+      f"\n{name} {batch}x{context} gemm={gemm} kv={row['kv_dtype']}: "
+      f"{row['kernels_per_step']:.0f} kernels/step, "
       f"{row['kernel_ms_per_step']:.3f} ms of kernels, span {row['span_ms_per_step']:.3f} ms"
     )
     for k in row["kernels"]:
@@ -313,6 +317,9 @@ def define_flags():
     "gemm", "auto", "--device: the model's products (paxcache.nn.GEMMS), comma separated"
   )
   flags.DEFINE_integer("top", 25, "--device: kernels listed")
+  flags.DEFINE_string(
+    "kv-dtype", "", "--device, --dispatch: the cache's dtype (int8, float8_e4m3fn; unset: bf16)"
+  )
   flags.DEFINE_string("requests", "192,128", "--host: requests per model")
   flags.DEFINE_float("pool-gb", 40.0, "engine pool of --host")
   flags.DEFINE_bool("device", False, "profile the device kernels of one step")
