@@ -444,25 +444,19 @@ class PagedAttention(nnx.Module):
     if fused and _plain_quantized_cache(cache):
       # An 8-bit cache: the decode kernel quantizes and stores the step's K/V rows and their
       # scales itself (on the GPU backend; the others write, then attend). Rotated rows
-      # (int8, kv_rotation): the packed q/k/v is rotated as one float32 product, the rows
-      # quantized from float32 and q taken in its own dtype, as on the path below.
-      qkv = self._qkv_packed(x, positions)
-      q_dtype = qkv.dtype
-      if rotate:
-        qkv = kernels.hadamard_rotate(qkv)
+      # (int8, kv_rotation): the kernel multiplies q, the new rows and its output by R
+      # itself (float32), where the path below takes two products around the kernel.
       out, *pools = kernels.write_and_decode_packed(
-        qkv,
+        self._qkv_packed(x, positions),
         *cache.layer(layer),
         slot_mapping,
         block_table,
         lengths,
         **cache.scales(layer),
-        q_dtype=q_dtype,
+        rotated=rotate,
         **kernel_kwargs,
       )
       cache = cache.replace_layer(layer, *pools)
-      if rotate:  # back from the rotated lanes (R is its own inverse)
-        out = kernels.hadamard_rotate(out)
       out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
