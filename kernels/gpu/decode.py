@@ -460,7 +460,6 @@ def own_key(
   with nothing. ``new``: the rows as :func:`load_own_rows` gave them, or None to load them
   here.
   """
-  acc, m, den = carry
   knew_ref, vnew_ref, kout_ref, vout_ref = refs
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok) & owns
@@ -471,6 +470,21 @@ def own_key(
   cdtype = qc.dtype
   f32 = jnp.float32
   s = jnp.sum(qc.astype(f32) * kn.astype(cdtype).astype(f32), axis=1)  # f32[rows]
+  carry = _add_one_key(
+    carry, s, vn.astype(cdtype).astype(f32), owns=owns, scale=scale,
+    logit_soft_cap=logit_soft_cap, p_dtype=cdtype,
+  )  # fmt: skip
+  store_idx = ((pool_row + one)[:, None], cols[None, :])
+  plgpu.store(kout_ref.at[store_idx], kn, mask=ok)
+  plgpu.store(vout_ref.at[store_idx], vn, mask=ok)
+  return carry
+
+
+def _add_one_key(carry, s, v, *, owns, scale, logit_soft_cap, p_dtype=None):
+  """``(acc, m, den)`` with one key added: ``s`` its f32[rows] scores (before the softmax
+  scale), ``v`` its f32 ``[1, width]`` value row; a program that does not ``own`` the key
+  adds nothing (p = 0). ``p_dtype``: p is rounded to it before it multiplies ``v``."""
+  acc, m, den = carry
   s = logits_log2(s, scale=scale, logit_soft_cap=logit_soft_cap)
   s = jnp.where(owns, s, -jnp.inf)
   m_new = jnp.maximum(m, s)
@@ -478,12 +492,9 @@ def own_key(
   alpha = jnp.exp2(m - m_use)
   p = jnp.exp2(s - m_use)  # 0 where the program does not own the key
   den = den * alpha + p
-  p_c = p.astype(cdtype).astype(f32)
-  acc = acc * alpha[:, None] + p_c[:, None] * vn.astype(cdtype).astype(f32)
-  store_idx = ((pool_row + one)[:, None], cols[None, :])
-  plgpu.store(kout_ref.at[store_idx], kn, mask=ok)
-  plgpu.store(vout_ref.at[store_idx], vn, mask=ok)
-  return acc, m_new, den
+  if p_dtype is not None:
+    p = p.astype(p_dtype).astype(jnp.float32)
+  return acc * alpha[:, None] + p[:, None] * v, m_new, den
 
 
 def hadamard_tile(width: int, block: int):
@@ -557,7 +568,6 @@ def own_key_quantized(
   :func:`hadamard_tile` for pools of rotated rows (the new rows are multiplied by it before
   they are quantized, and ``q_plain`` is already rotated). Shared with the planned
   decode."""
-  acc, m, den = carry
   knew_ref, vnew_ref, kout_ref, vout_ref, ksout_ref, vsout_ref = refs
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok) & owns
@@ -570,21 +580,16 @@ def own_key_quantized(
   kq, ks = quantize_row(kn, kv_dtype)
   vq, vs = quantize_row(vn, kv_dtype)
   s = jnp.sum(q_plain.astype(f32) * (kq.astype(f32) * ks[:, None]), axis=1)  # f32[rows]
-  s = logits_log2(s, scale=scale, logit_soft_cap=logit_soft_cap)
-  s = jnp.where(owns, s, -jnp.inf)
-  m_new = jnp.maximum(m, s)
-  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  alpha = jnp.exp2(m - m_use)
-  p = jnp.exp2(s - m_use)  # 0 where the program does not own the key
-  den = den * alpha + p
-  acc = acc * alpha[:, None] + p[:, None] * (vq.astype(f32) * vs[:, None])
+  carry = _add_one_key(
+    carry, s, vq.astype(f32) * vs[:, None], owns=owns, scale=scale, logit_soft_cap=logit_soft_cap
+  )
   store_idx = ((pool_row + one)[:, None], cols[None, :])
   plgpu.store(kout_ref.at[store_idx], kq, mask=ok)
   plgpu.store(vout_ref.at[store_idx], vq, mask=ok)
   slot_ok = owns & (one >= 0)
   plgpu.store(ksout_ref.at[pool_row + one], ks, mask=slot_ok)
   plgpu.store(vsout_ref.at[pool_row + one], vs, mask=slot_ok)
-  return acc, m_new, den
+  return carry
 
 
 def add_own_key(
