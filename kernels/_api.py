@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import _layout, _write, reference
-from kernels._quant import hadamard_rotate, is_quantized
+from kernels._quant import is_quantized
 from kernels._validate import (
   validate_decode_plan,
   validate_inputs,
@@ -254,7 +254,6 @@ def write_and_decode_packed(
   k_scales: jax.Array | None = None,
   v_scales: jax.Array | None = None,
   q_dtype: Any = None,
-  rotated: bool = False,
 ):
   """:func:`write_and_decode` with the step's queries, K and V rows in one array.
 
@@ -275,11 +274,6 @@ def write_and_decode_packed(
   float32 ``qkv`` whose K/V rows are quantized from float32), and the result is
   ``(out, k_blocks, v_blocks, k_scales, v_scales)`` with ``out`` in ``q_dtype``. The other
   backends run ``write_kv_quantized`` then :func:`paged_attention` with the scales.
-  ``rotated`` (8-bit pools): the pools hold rows rotated by :func:`kernels.hadamard_rotate`'s
-  ``R`` (``paxcache.cache.PagedKVCache.rotated``) and ``qkv`` is as the projection gives it:
-  q and the new K/V rows are multiplied by ``R`` in float32 first (the GPU kernel does it
-  itself, the others with ``hadamard_rotate``), the rows stored rotated, and the output
-  multiplied by ``R`` again (its own inverse): the attention over the rows rotated back.
   """
   num_kv_heads = k_blocks.shape[0] if k_blocks.ndim == 4 else 0
   if qkv.ndim != 3 or qkv.shape[1] < 3 * num_kv_heads or num_kv_heads == 0:
@@ -294,10 +288,10 @@ def write_and_decode_packed(
     _check_quantized_packed(qkv, k_blocks, k_scales, v_scales, q_dtype)
     q_dtype = jnp.dtype(qkv.dtype if q_dtype is None else q_dtype)
   else:
-    if k_scales is not None or v_scales is not None or q_dtype is not None or rotated:
+    if k_scales is not None or v_scales is not None or q_dtype is not None:
       raise ValueError(
-        "kernels.write_and_decode_packed: k_scales, v_scales, q_dtype and rotated are for "
-        f"8-bit pools, got {jnp.dtype(k_blocks.dtype).name} ones"
+        "kernels.write_and_decode_packed: k_scales, v_scales and q_dtype are for 8-bit "
+        f"pools, got {jnp.dtype(k_blocks.dtype).name} ones"
       )
     if qkv.dtype != k_blocks.dtype:
       raise ValueError(
@@ -314,8 +308,6 @@ def write_and_decode_packed(
   )
   chosen = resolve_backend(backend, interpret=interpret)
   if chosen != "gpu":
-    if rotated:
-      qkv = hadamard_rotate(qkv)
     q, k_new, v_new = _write.split_packed_qkv(qkv, num_kv_heads)
     if not quantized:
       return write_and_decode(
@@ -329,8 +321,6 @@ def write_and_decode_packed(
       q.astype(q_dtype), *pools[:2], block_table, lengths, backend=chosen,
       k_scales=pools[2], v_scales=pools[3], **options,
     )  # fmt: skip
-    if rotated:
-      out = hadamard_rotate(out).astype(q_dtype)
     return out, *pools
   # write_and_decode's checks, on the shapes of the three parts.
   part = lambda heads, dtype: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), dtype)  # noqa: E731
@@ -341,9 +331,7 @@ def write_and_decode_packed(
   )  # fmt: skip
   from kernels import gpu  # imported lazily, as in _run_gpu
 
-  scales = {}
-  if quantized:
-    scales = dict(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype, rotated=rotated)
+  scales = dict(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype) if quantized else {}
   return gpu.decode_with_write(
     qkv, k_blocks, v_blocks, None, None, slot_mapping, block_table, lengths, **options, **scales
   )

@@ -41,7 +41,6 @@ import os
 import jax
 import jax.numpy as jnp
 
-from kernels._quant import hadamard_rotate
 from kernels._validate import (
   _shape_str,
   validate_decode_plan,
@@ -66,6 +65,7 @@ from kernels.gpu.tuning import (
   default_block_sizes,
   padded_head_dim,
   planned_block_sizes,
+  quant_fused_write,
   rule_block_sizes,
 )
 
@@ -80,6 +80,7 @@ __all__ = [
   "paged_attention",
   "plan_decode",
   "planned_block_sizes",
+  "quant_fused_write",
   "rule_block_sizes",
   "validate_gpu_inputs",
 ]
@@ -456,7 +457,6 @@ def decode_with_write(
   k_scales=None,
   v_scales=None,
   q_dtype=None,
-  rotated=False,
 ):
   """Decode attention with the step's K/V written by the decode kernel itself (no scatter
   before it): ``kernels.write_and_decode`` on the GPU backend, which checks the arguments.
@@ -468,9 +468,7 @@ def decode_with_write(
   (``kernels.write_and_decode_packed``), read by the kernel as it is. Returns ``(out,
   k_blocks, v_blocks)``. 8-bit pools (``k_scales``, ``v_scales``; packed only): the kernel
   quantizes the float rows it writes, q is cast to ``q_dtype`` (None: the packed array's),
-  and the scale pools come back too: ``(out, k_blocks, v_blocks, k_scales, v_scales)``;
-  ``rotated``: the pools hold rows rotated by ``kernels.hadamard_rotate``'s ``R``, and the
-  kernel rotates q, the new rows and its output itself.
+  and the scale pools come back too: ``(out, k_blocks, v_blocks, k_scales, v_scales)``.
   """
   packed_qkv = k_new is None
   qkv = q
@@ -495,7 +493,7 @@ def decode_with_write(
     return jnp.zeros(q.shape, q.dtype), *pools
   fused = dict(k_new=k_new, v_new=v_new, new_slots=slot_mapping, packed_qkv=packed_qkv)
   if quantized:
-    fused.update(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype, rotated=rotated)
+    fused.update(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype)
   kwargs = dict(
     scale=scale,
     sliding_window=sliding_window,
@@ -517,8 +515,6 @@ def decode_with_write(
     interpret=interpret,
   )
   if backend == "mosaic":
-    if rotated:
-      qkv = hadamard_rotate(qkv)
     if packed_qkv:
       q, k_new, v_new = split_packed_qkv(qkv, k_blocks.shape[0])
     if quantized:
@@ -530,8 +526,6 @@ def decode_with_write(
     out = paged_attention(
       q, *pools[:2], block_table, lengths, decode_plan=decode_plan, **kwargs, **scales
     )
-    if rotated:
-      out = hadamard_rotate(out).astype(out.dtype)
     return out, *pools
   return planned_decode(
     qkv, k_blocks, v_blocks, block_table, lengths, decode_plan, **fused, **kwargs

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._quant import QMAX, is_quantized, rotation_block
+from kernels._quant import QMAX, is_quantized
 from kernels.gpu._softmax import logits_log2, online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.plan import num_sms as _num_sms  # one SM count for every rule
@@ -173,7 +173,6 @@ def _decode_kernel(
   preload_own=False,
   q_cast=None,
   kv_dtype=None,
-  rotation=None,
 ):
   if quantized:
     ks_ref, vs_ref, *out_refs = out_refs
@@ -222,11 +221,7 @@ def _decode_kernel(
     q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
     q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
   o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
-  r = None
-  if rotation is not None:  # pools of rotated rows: q R (f32 product, then q's dtype)
-    r = hadamard_tile(width, rotation)
-    q = rotate_tile(q, r).astype(q_cast or q.dtype)
-  elif q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit fused write)
+  if q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit fused write)
     q = q.astype(q_cast)
   q_plain, softmax_scale = q, scale
   # A tuple: q in the dots' dtype (8-bit K/V with 16-bit q: f16 and clipped to f16's range
@@ -329,11 +324,7 @@ def _decode_kernel(
       softmax_scale=softmax_scale,
       logit_soft_cap=logit_soft_cap,
       new=new,
-      rotation=r,
     )
-  if r is not None:  # back from the rotated lanes (R is its own inverse; linear, so the
-    # split partials may be rotated before they are combined)
-    acc = rotate_tile(acc, r)
 
   if prefix is not None:
     acc, m, den = merge_prefix(
@@ -497,31 +488,6 @@ def _add_one_key(carry, s, v, *, owns, scale, logit_soft_cap, p_dtype=None):
   return acc * alpha[:, None] + p[:, None] * v, m_new, den
 
 
-def hadamard_tile(width: int, block: int):
-  """f32 ``[width, width]``: ``kernels.hadamard_rotate``'s ``R`` for rows of ``width``
-  lanes in blocks of ``block`` (Sylvester order: ``H[i, j] = (-1)**popcount(i & j)`` within
-  a block, scaled by ``1 / sqrt(block)``), built in the kernel from indices. Lanes past a
-  padded head_dim form blocks of their own and stay zero."""
-  i = jnp.arange(width, dtype=jnp.int32)[:, None]
-  j = jnp.arange(width, dtype=jnp.int32)[None, :]
-  shift = int(math.log2(block))
-  same = jnp.right_shift(i, shift) == jnp.right_shift(j, shift)
-  odd = jnp.bitwise_and(lax.population_count(jnp.bitwise_and(i, j) & (block - 1)), 1) == 1
-  s = 1.0 / math.sqrt(block)
-  return jnp.where(same, jnp.where(odd, -s, s), 0.0).astype(jnp.float32)
-
-
-def rotate_tile(x, r):
-  """f32 ``x [rows, width] @ r`` at float32 precision (IEEE products, no TF32)."""
-  return plgpu.dot(x.astype(jnp.float32), r, precision=lax.Precision.HIGHEST)
-
-
-def rotate_row(x, r):
-  """f32 ``x [1, width] @ r`` by a broadcast sum (a one-row operand is below the tensor
-  cores' tile)."""
-  return jnp.sum(x.astype(jnp.float32).reshape(-1, 1) * r, axis=0).reshape(1, -1)
-
-
 def quantize_row(x, kv_dtype):
   """One new K or V row in the kernel, f32 ``[1, width]`` (columns past head_dim zero) ->
   ``(q [1, width] kv_dtype, scale f32[1])``: what ``kernels._quant.quantize`` gives for it,
@@ -557,28 +523,21 @@ def own_key_quantized(
   scale,
   logit_soft_cap,
   new=None,
-  rotation=None,
 ):
   """:func:`own_key` over 8-bit pools: the step's own K and V rows (float, as the packed
   q/k/v holds them) are quantized in the kernel (:func:`quantize_row`), stored with their
   scales (``refs``: the rows' arrays in; the pools and scale pools out), and added as the
   stored key: ``q . (k_q * k_scale)`` in float32 from ``q_plain`` (the query tile as loaded,
   ``[rows, width]``, before any widening), ``p * v_scale`` times ``v_q``. ``scale`` is the
-  softmax scale without a widening's factor; ``rotation``: None, or the ``R`` of
-  :func:`hadamard_tile` for pools of rotated rows (the new rows are multiplied by it before
-  they are quantized, and ``q_plain`` is already rotated). Shared with the planned
-  decode."""
+  softmax scale without a widening's factor. Shared with the planned decode."""
   knew_ref, vnew_ref, kout_ref, vout_ref, ksout_ref, vsout_ref = refs
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok) & owns
   if new is None:
     new = load_own_rows(knew_ref, vnew_ref, rows_of=rows_of, owns=owns, cols=cols, col_ok=col_ok)
   f32 = jnp.float32
-  kn, vn = new[0].astype(f32), new[1].astype(f32)
-  if rotation is not None:  # the rows are stored rotated: k R, v R (R: hadamard_tile)
-    kn, vn = rotate_row(kn, rotation), rotate_row(vn, rotation)
-  kq, ks = quantize_row(kn, kv_dtype)
-  vq, vs = quantize_row(vn, kv_dtype)
+  kq, ks = quantize_row(new[0].astype(f32), kv_dtype)
+  vq, vs = quantize_row(new[1].astype(f32), kv_dtype)
   s = jnp.sum(q_plain.astype(f32) * (kq.astype(f32) * ks[:, None]), axis=1)  # f32[rows]
   carry = _add_one_key(
     carry, s, vq.astype(f32) * vs[:, None], owns=owns, scale=scale, logit_soft_cap=logit_soft_cap
@@ -592,17 +551,13 @@ def own_key_quantized(
   return carry
 
 
-def add_own_key(
-  carry, q_state, q_plain, refs, *, kv_dtype, scale, softmax_scale, rotation=None, **kw
-):
+def add_own_key(carry, q_state, q_plain, refs, *, kv_dtype, scale, softmax_scale, **kw):
   """The fused write's own key: :func:`own_key` over 16- or 32-bit pools (``q_state`` and
   ``scale`` as the key loop uses them), :func:`own_key_quantized` over 8-bit ones
   (``kv_dtype``; ``q_plain`` and the plain ``softmax_scale``)."""
   if kv_dtype is None:
     return own_key(carry, q_state, refs, scale=scale, **kw)
-  return own_key_quantized(
-    carry, q_plain, refs, kv_dtype=kv_dtype, scale=softmax_scale, rotation=rotation, **kw
-  )
+  return own_key_quantized(carry, q_plain, refs, kv_dtype=kv_dtype, scale=softmax_scale, **kw)
 
 
 # Up to this many splits _combine is written split by split (elementwise), which XLA emits
@@ -645,7 +600,6 @@ def _combine(o, m, den, out_dtype):
     "return_partials",
     "packed_qkv",
     "q_dtype",
-    "rotated",
     "prefix_chunks",
     "prefix_stride",
   ),
@@ -671,7 +625,6 @@ def paged_decode(
   new_slots=None,
   packed_qkv: bool = False,
   q_dtype=None,
-  rotated: bool = False,
   prefix_o=None,
   prefix_lse=None,
   prefix_rows=None,
@@ -710,10 +663,6 @@ def paged_decode(
     q_dtype: the query's dtype where the packed array is wider (8-bit pools: float32
       rows rotated in float32, ``paxcache.nn.PagedAttention``): q is cast to it as loaded,
       and the output is in it. None: the array's dtype.
-    rotated: with a fused write into 8-bit pools: the pools hold rows rotated by
-      ``kernels.hadamard_rotate``'s ``R`` (``PagedKVCache.rotated``) and the packed q/k/v
-      is not: the kernel multiplies q and the new rows by ``R`` (float32) before it uses
-      and stores them, and its output by ``R`` (its own inverse) before it writes it.
     prefix_o, prefix_lse, prefix_rows, prefix_chunks, prefix_stride: with ``row_starts``
       and one split, the partials of each row's keys before ``row_starts[b]`` (a cascade's
       shared part, computed elsewhere), merged into the output inside the kernel instead
@@ -756,8 +705,8 @@ def paged_decode(
     raise ValueError("paged_decode: a fused write (k_new) takes no row_starts or return_partials")
   if quant_write and not packed_qkv:
     raise ValueError("paged_decode: a fused write into 8-bit pools takes a packed q/k/v")
-  if (q_dtype is not None or rotated) and not quant_write:
-    raise ValueError("paged_decode: q_dtype and rotated are for a packed q/k/v over 8-bit pools")
+  if q_dtype is not None and not quant_write:
+    raise ValueError("paged_decode: q_dtype is for a packed q/k/v over 8-bit pools")
 
   prefix = None
   given = [x is not None for x in (prefix_o, prefix_lse, prefix_rows)]
@@ -819,7 +768,6 @@ def paged_decode(
     preload_own=fused_write and preloads_own_row(block_sizes),
     q_cast=None if out_dtype == q.dtype else out_dtype.name,
     kv_dtype=k_blocks.dtype.name if quant_write else None,
-    rotation=rotation_block(head_dim) if rotated else None,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   q_flat = q.reshape(-1, head_dim)  # [batch * (num_q_heads or all heads), head_dim]

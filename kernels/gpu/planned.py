@@ -37,18 +37,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._quant import rotation_block
 from kernels.gpu._softmax import online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.decode import (
   add_own_key,
   dot_precision,
-  hadamard_tile,
   head_cols,
   load_own_rows,
   new_rows,
   preloads_own_row,
-  rotate_tile,
   tile_mask,
 )
 from kernels.gpu.plan import DecodePlan
@@ -88,7 +85,6 @@ def _chunk_kernel(
   packed=None,
   preload_own=False,
   q_cast=None,
-  rotation=None,
 ):
   if quantized:
     ks_ref, vs_ref, *refs = refs
@@ -140,11 +136,7 @@ def _chunk_kernel(
       q_idx = ((q_row0 + row_ids)[:, None], cols[None, :])
       q = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
     o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
-    r = None
-    if rotation is not None:  # pools of rotated rows: q R (decode.hadamard_tile)
-      r = hadamard_tile(width, rotation)
-      q = rotate_tile(q, r).astype(q_cast or q.dtype)
-    elif q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit write)
+    if q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit write)
       q = q.astype(q_cast)
     q_plain = q
     # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
@@ -210,10 +202,7 @@ def _chunk_kernel(
         softmax_scale=scale,
         logit_soft_cap=logit_soft_cap,
         new=new,
-        rotation=r,
       )
-    if r is not None:  # back from the rotated lanes (linear: partials rotate before the merge)
-      acc = rotate_tile(acc, r)
     # A sequence in one chunk is done here: its output, normalised, with no partial
     # written and none merged. Otherwise the partials, for the merge.
     single = seq_chunks_ref[b] == 1
@@ -376,7 +365,6 @@ def _merge_row(
     "interpret",
     "packed_qkv",
     "q_dtype",
-    "rotated",
   ),
 )
 def planned_decode(
@@ -399,7 +387,6 @@ def planned_decode(
   new_slots=None,
   packed_qkv: bool = False,
   q_dtype=None,
-  rotated: bool = False,
 ):
   """Decode attention, one query per sequence, by the chunks of ``plan``; with ``k_new``
   (or ``packed_qkv``) the step's K/V written by the chunk kernel (as
@@ -439,8 +426,8 @@ def planned_decode(
     raise ValueError("planned_decode: a fused write takes k_new and v_new, or packed_qkv=True")
   if quant_write and not packed_qkv:
     raise ValueError("planned_decode: a fused write into 8-bit pools takes a packed q/k/v")
-  if (q_dtype is not None or rotated) and not quant_write:
-    raise ValueError("planned_decode: q_dtype and rotated are for a packed q/k/v over 8-bit pools")
+  if q_dtype is not None and not quant_write:
+    raise ValueError("planned_decode: q_dtype is for a packed q/k/v over 8-bit pools")
   out_dtype = jnp.dtype(q.dtype if q_dtype is None else q_dtype)
   widen = widening(out_dtype, k_blocks.dtype, block_sizes.quant_widen)
   kernel = functools.partial(
@@ -462,7 +449,6 @@ def planned_decode(
     packed=packed,
     preload_own=fused_write and preloads_own_row(block_sizes),
     q_cast=None if out_dtype == q.dtype else out_dtype.name,
-    rotation=rotation_block(head_dim) if rotated else None,
   )
   flat_rows = num_kv_heads * num_blocks * block_size
   args = (

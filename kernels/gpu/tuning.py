@@ -279,6 +279,27 @@ def current_device_kind() -> str | None:
   return device.device_kind if device.platform == "gpu" else None
 
 
+# Cards on which a decode step over an 8-bit cache is shorter with the write inside the
+# decode kernel (kernels.write_and_decode_packed with scale pools: the kernel quantizes and
+# stores the rows) than with the cache write before the attention kernel, measured in the
+# engine's step (docs/benchmarks.md, "Run41"): the H100 SXM, 3-44% shorter at every point
+# (SmolLM2 and the 1B shape, 64 x 512 and 256 x 1024, int8 and e4m3). On the H200 the
+# decode kernel with the write took 1.9x the time of the one without for the 1B shape at
+# 256 x 1024 (not explained; the H100 ran the same code the other way), and the step was
+# longer with it at three of four (model, shape) points, so :func:`quant_fused_write`
+# leaves the H200 and unmeasured cards to the separate write.
+QUANT_FUSED_WRITE_CARDS = ("NVIDIA H100 80GB HBM3",)
+
+
+def quant_fused_write(device_kind: str | None | object = "auto") -> bool:
+  """Whether a decode step over an 8-bit cache should write inside the decode kernel on
+  ``device_kind`` (``"auto"``: :func:`current_device_kind`; None: off GPU, False):
+  ``QUANT_FUSED_WRITE_CARDS``. ``paxcache.nn.PagedAttention`` asks it (its
+  ``fused_write_8bit`` overrides it)."""
+  kind = current_device_kind() if device_kind == "auto" else device_kind
+  return kind in QUANT_FUSED_WRITE_CARDS
+
+
 # A grid of more than this many decode programs per SM (two pipeline stages of 32 KiB let
 # three programs share an SM, three stages two) takes 2 stages at head_dim 64 bf16 with
 # 128-token steps: :func:`deep_grid_stages`.

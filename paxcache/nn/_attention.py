@@ -151,15 +151,31 @@ class PagedAttention(nnx.Module):
     rngs: parameter initialisation.
 
   Attribute ``fused_write`` (True): decode steps over plain-layout pools on one device (16-
-  or 32-bit pools, or an 8-bit ``PagedKVCache`` with its scales) write and attend with one
-  ``kernels.write_and_decode_packed`` (on the GPU backend the decode kernel writes the
-  step's K/V itself, quantizing 8-bit rows); False keeps the write then
-  ``paged_attention`` (the same result; tests inspect the step around the kernels with it,
+  or 32-bit pools, or an 8-bit ``PagedKVCache`` with its scales where
+  ``fused_write_8bit`` allows) write and attend with one ``kernels.write_and_decode_packed``
+  (on the GPU backend the decode kernel writes the step's K/V itself, quantizing 8-bit
+  rows); False keeps the write then ``paged_attention`` (the same result; tests inspect
+  the step around the kernels with it,
   since Pallas's interpret mode copies a pool its kernel writes in place, which the
-  compiled GPU kernel does not).
+  compiled GPU kernel does not). Attribute ``fused_write_8bit`` (None): over an 8-bit
+  cache, None writes inside the kernel on the GPU backend on the cards of
+  ``kernels.gpu.quant_fused_write`` (the H100; the H200 measured the separate write faster,
+  docs/benchmarks.md "Run41"); True or False decide on every backend.
   """
 
   fused_write = True
+  fused_write_8bit = None
+
+  def _fuses_8bit_write(self) -> bool:
+    """Whether a decode step over an 8-bit cache writes inside the decode kernel:
+    ``fused_write_8bit`` if set, else on the GPU backend where
+    ``kernels.gpu.quant_fused_write`` says the card gains from it (the H100; elsewhere the
+    separate write was measured faster or not measured)."""
+    if self.fused_write_8bit is not None:
+      return bool(self.fused_write_8bit)
+    if kernels.resolve_backend(self.backend, interpret=self.interpret) != "gpu":
+      return False
+    return kernels.gpu.quant_fused_write()
 
   def __init__(
     self,
@@ -441,22 +457,28 @@ class PagedAttention(nnx.Module):
         cache = (k_blocks, v_blocks)
       out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
-    if fused and _plain_quantized_cache(cache):
+    if fused and _plain_quantized_cache(cache) and self._fuses_8bit_write():
       # An 8-bit cache: the decode kernel quantizes and stores the step's K/V rows and their
       # scales itself (on the GPU backend; the others write, then attend). Rotated rows
-      # (int8, kv_rotation): the kernel multiplies q, the new rows and its output by R
-      # itself (float32), where the path below takes two products around the kernel.
+      # (int8, kv_rotation): the packed q/k/v is rotated as one float32 product, the rows
+      # quantized from float32 and q taken in its own dtype, as on the path below.
+      qkv = self._qkv_packed(x, positions)
+      q_dtype = qkv.dtype
+      if rotate:
+        qkv = kernels.hadamard_rotate(qkv)
       out, *pools = kernels.write_and_decode_packed(
-        self._qkv_packed(x, positions),
+        qkv,
         *cache.layer(layer),
         slot_mapping,
         block_table,
         lengths,
         **cache.scales(layer),
-        rotated=rotate,
+        q_dtype=q_dtype,
         **kernel_kwargs,
       )
       cache = cache.replace_layer(layer, *pools)
+      if rotate:  # back from the rotated lanes (R is its own inverse)
+        out = kernels.hadamard_rotate(out)
       out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied

@@ -381,53 +381,46 @@ def _quantized_opts(kernel, lengths, stages=2):
 
 
 @pytest.mark.parametrize(
-  "kv_dtype,kernel,head_dim,qkv_dtype,stages,rotated",
+  "kv_dtype,kernel,head_dim,qkv_dtype,stages",
   [
-    (jnp.int8, "split_k-1", 64, jnp.bfloat16, 2, False),
-    (jnp.int8, "split_k-3", 64, jnp.float32, 3, False),  # own row preloaded; any split owns
-    (jnp.int8, "split_k-3", 80, jnp.bfloat16, 2, False),  # columns past 80 masked
-    (jnp.int8, "planned", 64, jnp.float32, 2, False),
-    (jnp.int8, "planned", 80, jnp.bfloat16, 3, False),
-    (jnp.int8, "split_k-1", 64, jnp.bfloat16, 2, True),  # rows stored rotated (R of 64)
-    (jnp.int8, "split_k-3", 80, jnp.bfloat16, 3, True),  # R: five blocks of 16 in 128 lanes
-    (jnp.int8, "planned", 128, jnp.bfloat16, 2, True),
-    (jnp.float8_e4m3fn, "split_k-1", 64, jnp.float32, 2, False),
-    (jnp.float8_e4m3fn, "split_k-3", 80, jnp.bfloat16, 3, False),
-    (jnp.float8_e4m3fn, "planned", 64, jnp.bfloat16, 2, False),
+    (jnp.int8, "split_k-1", 64, jnp.bfloat16, 2),
+    (jnp.int8, "split_k-3", 64, jnp.float32, 3),  # own row preloaded; owner in any split
+    (jnp.int8, "split_k-3", 80, jnp.bfloat16, 2),  # columns past 80 masked
+    (jnp.int8, "planned", 64, jnp.float32, 2),
+    (jnp.int8, "planned", 80, jnp.bfloat16, 3),
+    (jnp.float8_e4m3fn, "split_k-1", 64, jnp.float32, 2),
+    (jnp.float8_e4m3fn, "split_k-3", 80, jnp.bfloat16, 3),
+    (jnp.float8_e4m3fn, "planned", 64, jnp.bfloat16, 2),
   ],
 )
 def test_8bit_pools_are_written_by_the_kernel_as_write_kv_quantized(
-  kv_dtype, kernel, head_dim, qkv_dtype, stages, rotated
+  kv_dtype, kernel, head_dim, qkv_dtype, stages
 ):
   # The decode kernel quantizes each new K/V row of a packed float q/k/v itself and stores
   # it and its scale: the four pools must be write_kv_quantized's, byte for byte (every
   # other slot, NaN scales included, untouched), and the output float64 attention over
   # the written pools with q in bf16 (q_dtype), from one kernel (and the planned merge)
-  # with no scatter. ``rotated``: the kernel multiplies q and the new rows by
-  # kernels.hadamard_rotate's R (float32) and its output by R again; the pools must be those
-  # of write_kv_quantized of the rotated rows, and the output the attention of q R over
-  # them, rotated back.
+  # with no scatter.
   lengths = [37, 0, 1, 16, 21, 70]
   qkv, pools, slots, table, lens = _quantized_step(
     50 + head_dim + stages, kv_dtype=kv_dtype, lengths=lengths, head_dim=head_dim,
     qkv_dtype=qkv_dtype,
   )  # fmt: skip
   kq, vq, ks, vs = pools
-  opts = dict(backend="gpu", interpret=True, q_dtype=jnp.bfloat16, rotated=rotated)
+  opts = dict(backend="gpu", interpret=True, q_dtype=jnp.bfloat16)
   opts.update(_quantized_opts(kernel, lengths, stages))
   out, *got = kernels.write_and_decode_packed(
     qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs, **opts
   )
   assert out.dtype == jnp.bfloat16 and out.shape == (len(lengths), 4, head_dim)
-  stored = kernels.hadamard_rotate(qkv) if rotated else qkv
-  q, k_new, v_new = stored[:, :4], stored[:, 4:6], stored[:, 6:]
+  q, k_new, v_new = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
   want = kernels.write_kv_quantized(kq, vq, ks, vs, k_new, v_new, jnp.asarray(slots))
   for a, b in zip(got, want, strict=True):
     assert a.dtype == b.dtype and a.shape == b.shape
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   # The row of ties went where a tie-breaking half-to-even rounding puts it.
   blk, off = np.asarray(table)[0, 36 // 8], 36 % 8
-  if kv_dtype == jnp.int8 and not rotated:
+  if kv_dtype == jnp.int8:
     stored = np.asarray(got[0][0, blk, off, :8], np.int32)
     np.testing.assert_array_equal(stored, [127, 2, 2, 0, -2, -2, 4, 126])
   case = dict(
@@ -436,9 +429,7 @@ def test_8bit_pools_are_written_by_the_kernel_as_write_kv_quantized(
   )  # fmt: skip
   from tests.kernels.test_quant import check
 
-  r = _np_hadamard(head_dim) if rotated else np.eye(head_dim)
-  # (the output rotated back by R, in float64, against the attention over the rotated rows)
-  check(np.asarray(out, np.float64) @ r, case, jnp.bfloat16, rel_l2=True)
+  check(out, case, jnp.bfloat16, rel_l2=True)
   fn = functools.partial(kernels.write_and_decode_packed, k_scales=ks, v_scales=vs, **opts)
   jaxpr = jax.make_jaxpr(fn)(qkv, kq, vq, slots, table, lens).jaxpr
   prims = _primitives(jaxpr, kernels_too=False)
@@ -449,21 +440,11 @@ def test_8bit_pools_are_written_by_the_kernel_as_write_kv_quantized(
   # The reference backend writes with write_kv_quantized, then attends: the same pools.
   ref = kernels.write_and_decode_packed(
     qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs, q_dtype=jnp.bfloat16,
-    rotated=rotated, backend="reference",
+    backend="reference",
   )  # fmt: skip
   for a, b in zip(ref[1:], want, strict=True):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-  check(np.asarray(ref[0], np.float64) @ r, case, jnp.bfloat16, rel_l2=True)
-
-
-def _np_hadamard(d):
-  """Float64 ``R`` of ``kernels.hadamard_rotate`` (blocks of the largest power of two dividing
-  d, Sylvester order, normalised), written out independently of it."""
-  b = d & -d
-  h = np.ones((1, 1))
-  while h.shape[0] < b:
-    h = np.block([[h, h], [h, -h]])
-  return np.kron(np.eye(d // b), h / np.sqrt(b))
+  check(ref[0], case, jnp.bfloat16, rel_l2=True)
 
 
 def test_8bit_packed_bad_calls_raise():
@@ -480,11 +461,9 @@ def test_8bit_packed_bad_calls_raise():
     call(qkv.astype(jnp.int8), kq, vq, slots, table, lens, k_scales=ks, v_scales=vs)
   with pytest.raises(ValueError, match="q_dtype must be float32, bfloat16 or float16"):
     call(qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs, q_dtype=jnp.int8)
-  f = jnp.zeros(kq.shape, jnp.bfloat16)
-  with pytest.raises(ValueError, match="k_scales, v_scales, q_dtype and rotated are for 8-bit"):
+  with pytest.raises(ValueError, match="k_scales, v_scales and q_dtype are for 8-bit pools"):
+    f = jnp.zeros(kq.shape, jnp.bfloat16)
     call(qkv, f, f, slots, table, lens, k_scales=ks, v_scales=vs)
-  with pytest.raises(ValueError, match="k_scales, v_scales, q_dtype and rotated are for 8-bit"):
-    call(qkv.astype(jnp.bfloat16), f, f, slots, table, lens, rotated=True)
   # The slot checks of write_and_decode hold here too (the slot of position 8, not 9).
   wrong = slots.copy()
   wrong[0] -= 1

@@ -1177,6 +1177,7 @@ def test_an_8bit_decode_step_is_written_in_the_kernel_as_by_the_cache_write(
       32, 4, 2, 16, kv_rotation=rotation, backend="gpu", interpret=True, dtype=dtype,
       rngs=nnx.Rngs(3),
     )  # fmt: skip
+    layer.fused_write_8bit = True  # whatever the card (test_..._measured_faster_on)
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal((n, 32)).astype(np.float32) for n in (11, 6)]
     table = _scatter_table(rng, [11, 6], 4, 16, 4)
@@ -1199,3 +1200,28 @@ def test_an_8bit_decode_step_is_written_in_the_kernel_as_by_the_cache_write(
     # (2**-8 each); as the GPU kernels' bf16 bound against float64 attention.
     bound = tolerance("quantized_gpu_vs_float64_rel_l2", "bfloat16").rtol
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
+
+
+def test_the_8bit_fused_write_is_taken_on_the_cards_it_was_measured_faster_on(monkeypatch):
+  """kernels.gpu.quant_fused_write: the H100 (run41: 3-44% shorter steps), not the H200
+  (the separate write was faster there) nor other cards nor no card; the layer follows it on
+  the GPU backend only, and its ``fused_write_8bit`` overrides it either way."""
+  from kernels import gpu
+  from kernels.gpu import tuning
+
+  assert gpu.quant_fused_write("NVIDIA H100 80GB HBM3")
+  assert not gpu.quant_fused_write("NVIDIA H200")
+  assert not gpu.quant_fused_write("NVIDIA A100-SXM4-80GB")
+  assert not gpu.quant_fused_write(None)
+  ref = PagedAttention(16, 2, 1, 8, backend="reference", rngs=nnx.Rngs(0))
+  on_gpu = PagedAttention(16, 2, 1, 8, backend="gpu", interpret=True, rngs=nnx.Rngs(0))
+  for card, want in (("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", False), (None, False)):
+    monkeypatch.setattr(tuning, "current_device_kind", lambda card=card: card)
+    assert gpu.quant_fused_write() == want
+    assert on_gpu._fuses_8bit_write() == want
+    assert not ref._fuses_8bit_write()  # the reference backend writes apart (same result)
+    for forced in (True, False):
+      for layer in (ref, on_gpu):
+        layer.fused_write_8bit = forced
+        assert layer._fuses_8bit_write() == forced
+        layer.fused_write_8bit = None
