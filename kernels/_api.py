@@ -267,8 +267,8 @@ def write_and_decode_packed(
   Returns ``(out [batch, num_q_heads, head_dim], k_blocks, v_blocks)``.
 
   8-bit pools (int8, float8_e4m3fn; plain layout) take their scale pools ``k_scales`` and
-  ``v_scales`` (``f32[num_kv_heads, num_blocks, block_size]``) and a float ``qkv`` of any
-  float dtype: each new K and V row is quantized as :func:`kernels.write_kv_quantized` does
+  ``v_scales`` (``f32[num_kv_heads, num_blocks, block_size]``) and a ``qkv`` in float32,
+  bfloat16 or float16: each new K and V row is quantized as :func:`kernels.write_kv_quantized` does
   (on the GPU backend by the decode kernel itself, which stores the rows and their scales:
   no scatter), q is cast to ``q_dtype`` (None: ``qkv``'s dtype; e.g. bfloat16 queries in a
   float32 ``qkv`` whose K/V rows are quantized from float32), and the result is
@@ -307,6 +307,13 @@ def write_and_decode_packed(
     decode_plan=decode_plan,
   )
   chosen = resolve_backend(backend, interpret=interpret)
+  part = lambda heads, dtype: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), dtype)  # noqa: E731
+  if quantized:  # write_and_decode's checks (every backend), on the shapes of the three parts
+    _check_fused_args(
+      part(hq, q_dtype), k_blocks, v_blocks, part(num_kv_heads, qkv.dtype),
+      part(num_kv_heads, qkv.dtype), slot_mapping, block_table, lengths, k_scales=k_scales,
+      v_scales=v_scales,
+    )  # fmt: skip
   if chosen != "gpu":
     q, k_new, v_new = _write.split_packed_qkv(qkv, num_kv_heads)
     if not quantized:
@@ -322,13 +329,11 @@ def write_and_decode_packed(
       k_scales=pools[2], v_scales=pools[3], **options,
     )  # fmt: skip
     return out, *pools
-  # write_and_decode's checks, on the shapes of the three parts.
-  part = lambda heads, dtype: jax.ShapeDtypeStruct((qkv.shape[0], heads, qkv.shape[2]), dtype)  # noqa: E731
-  _check_fused_args(
-    part(hq, q_dtype or qkv.dtype), k_blocks, v_blocks, part(num_kv_heads, qkv.dtype),
-    part(num_kv_heads, qkv.dtype), slot_mapping, block_table, lengths, k_scales=k_scales,
-    v_scales=v_scales,
-  )  # fmt: skip
+  if not quantized:  # write_and_decode's checks, on the shapes of the three parts
+    _check_fused_args(
+      part(hq, qkv.dtype), k_blocks, v_blocks, part(num_kv_heads, qkv.dtype),
+      part(num_kv_heads, qkv.dtype), slot_mapping, block_table, lengths,
+    )  # fmt: skip
   from kernels import gpu  # imported lazily, as in _run_gpu
 
   scales = dict(k_scales=k_scales, v_scales=v_scales, q_dtype=q_dtype) if quantized else {}
@@ -347,12 +352,12 @@ def _check_quantized_packed(qkv, k_blocks, k_scales, v_scales, q_dtype) -> None:
       "k_scales and v_scales"
     )
   validate_scales(k_blocks, k_scales, v_scales)
-  if not jnp.issubdtype(qkv.dtype, jnp.floating) or is_quantized(qkv.dtype):
+  floats = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
+  if jnp.dtype(qkv.dtype) not in floats:
     raise ValueError(
       "kernels.write_and_decode_packed: over 8-bit pools qkv must be float32, bfloat16 or "
       f"float16 (its rows are quantized), got {jnp.dtype(qkv.dtype).name}"
     )
-  floats = tuple(jnp.dtype(d) for d in (jnp.float32, jnp.bfloat16, jnp.float16))
   try:
     q_ok = q_dtype is None or jnp.dtype(q_dtype) in floats
   except TypeError:
@@ -372,8 +377,10 @@ def _check_fused_args(
   if is_quantized(k_blocks.dtype) and k_scales is None:
     raise ValueError(
       f"kernels.write_and_decode takes 16-bit or float32 pools, got "
-      f"{jnp.dtype(k_blocks.dtype).name}: write an 8-bit pool with kernels.write_kv_quantized "
-      "and read it with kernels.paged_attention(..., k_scales=, v_scales=)"
+      f"{jnp.dtype(k_blocks.dtype).name}: for 8-bit pools use "
+      "kernels.write_and_decode_packed(..., k_scales=, v_scales=), or write them with "
+      "kernels.write_kv_quantized and read them with kernels.paged_attention(..., k_scales=, "
+      "v_scales=)"
     )
   if q.ndim != 3 or k_new.ndim != 3 or k_new.shape[0] != q.shape[0]:
     raise ValueError(

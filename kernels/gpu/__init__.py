@@ -48,7 +48,7 @@ from kernels._validate import (
   validate_inputs,
   validate_options,
 )
-from kernels._write import split_packed_qkv, write_kv, write_kv_quantized
+from kernels._write import split_packed_qkv, write_kv
 from kernels.gpu import decode_mosaic, prefill_mosaic
 from kernels.gpu.decode import paged_decode
 from kernels.gpu.decode_mosaic import planned_decode_mosaic
@@ -459,9 +459,11 @@ def decode_with_write(
   q_dtype=None,
 ):
   """Decode attention with the step's K/V written by the decode kernel itself (no scatter
-  before it): ``kernels.write_and_decode`` on the GPU backend, which checks the arguments.
+  before it): ``kernels.write_and_decode`` and ``write_and_decode_packed`` on the GPU
+  backend, which check the arguments.
 
-  16-bit or float32 pools in the plain layout; the split-K decode, or with ``decode_plan``
+  16-bit or float32 pools (8-bit: below) in the plain layout; the split-K decode, or with
+  ``decode_plan``
   the planned one (a Mosaic GPU planned decode, which only a ``block_sizes`` asks for,
   runs after ``kernels.write_kv`` instead). With ``k_new`` and ``v_new`` None, ``q`` is a
   packed ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]`` q/k/v in the pools' dtype
@@ -514,19 +516,14 @@ def decode_with_write(
     requested=block_sizes.decode_kernel,
     interpret=interpret,
   )
-  if backend == "mosaic":
+  if backend == "mosaic":  # (16-bit pools only: kernel_backend refuses it for 8-bit K/V)
     if packed_qkv:
       q, k_new, v_new = split_packed_qkv(qkv, k_blocks.shape[0])
-    if quantized:
-      pools = write_kv_quantized(*pools, k_new, v_new, slot_mapping)
-      scales = dict(k_scales=pools[2], v_scales=pools[3])
-      q = q.astype(q.dtype if q_dtype is None else q_dtype)
-    else:
-      pools, scales = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping), {}
+    k_blocks, v_blocks = write_kv(k_blocks, v_blocks, k_new, v_new, slot_mapping)
     out = paged_attention(
-      q, *pools[:2], block_table, lengths, decode_plan=decode_plan, **kwargs, **scales
+      q, k_blocks, v_blocks, block_table, lengths, decode_plan=decode_plan, **kwargs
     )
-    return out, *pools
+    return out, k_blocks, v_blocks
   return planned_decode(
     qkv, k_blocks, v_blocks, block_table, lengths, decode_plan, **fused, **kwargs
   )

@@ -145,9 +145,9 @@ def _decode_kernel(
   v_ref,  # [num_kv_heads * num_blocks * block_size, head_dim]: V pool, row = slot
   # 8-bit K/V only (quantized=True): ks_ref, vs_ref f32[num_kv_heads * num_blocks *
   # block_size], the scale of each slot's row; then the outputs.
-  # One split: o [batch * num_q_heads, head_dim] in q.dtype, normalised. Several: o
-  # f32[batch * num_q_heads * num_splits, head_dim] unnormalised, m and den
-  # f32[batch * num_q_heads * num_splits] (max in log2 units, sum of p); row
+  # One split: o [batch * num_q_heads, head_dim] in q's dtype (q_cast where given),
+  # normalised. Several: o f32[batch * num_q_heads * num_splits, head_dim] unnormalised,
+  # m and den f32[batch * num_q_heads * num_splits] (max in log2 units, sum of p); row
   # (b * num_q_heads + query head) * num_splits + split.
   *out_refs,
   num_q_heads,
@@ -410,7 +410,8 @@ def new_rows(b, h, *, packed, num_q_heads, num_kv_heads):
 
 
 def load_own_rows(knew_ref, vnew_ref, *, rows_of, owns, cols, col_ok):
-  """``(kn, vn)``, ``[1, width]`` each in the pool's dtype: the step's own K and V rows
+  """``(kn, vn)``, ``[1, width]`` each in their array's dtype (the pool's; over 8-bit pools
+  the packed q/k/v's float dtype): the step's own K and V rows
   (``rows_of``: :func:`new_rows`), loaded by the program that ``owns`` the key (zeros
   elsewhere: a row that writes nothing may carry any values, NaN included, which p = 0
   would not cancel). For :func:`own_key`: where :func:`preloads_own_row` says so a kernel
@@ -494,10 +495,13 @@ def quantize_row(x, kv_dtype):
   by the same float32 operations (``max|x| / QMAX``, ``x / scale``), so the fused write
   stores the bytes the scatter would. Triton has no round: int8 rounds half to even as
   ``jnp.round`` does, from ``floor`` (exact for ``|y| <= 127``); e4m3 by the cast (round to
-  nearest even)."""
+  nearest even). A row holding NaN gets a NaN scale and a zero row, as XLA's ``max``
+  (which keeps NaN) gives ``quantize``: Triton's ``max`` drops NaN, so it is tested
+  apart."""
   name = jnp.dtype(kv_dtype).name
   qmax = QMAX[name]
   scale = jnp.max(jnp.abs(x), axis=1) / qmax
+  scale = jnp.where(jnp.any(x != x, axis=1), jnp.nan, scale)
   safe = jnp.where(scale > 0, scale, 1.0)
   y = jnp.where(scale[:, None] > 0, x / safe[:, None], 0.0)
   if name == "int8":
@@ -675,7 +679,7 @@ def paged_decode(
       or a row whose last chunk is inside R.
 
   Returns:
-    [batch, num_q_heads, head_dim] in q.dtype (with ``k_new``: ``(out, k_blocks,
+    [batch, num_q_heads, head_dim] in q.dtype or ``q_dtype`` (with ``k_new``: ``(out, k_blocks,
     v_blocks)``, the pools with the step's rows written; over 8-bit pools ``(out, k_blocks,
     v_blocks, k_scales, v_scales)``); with ``return_partials``, ``(o f32[batch,
     num_q_heads, splits, head_dim], m f32[batch, num_q_heads, splits], den f32[batch,

@@ -66,7 +66,7 @@ def _chunk_kernel(
   # 8-bit K/V only: ks_ref, vs_ref f32[num_kv_heads * num_blocks * block_size]. Then the
   # outputs: o f32[C * num_q_heads, head_dim], m and den f32[C * num_q_heads], row
   # chunk * num_q_heads + query head (chunks of sequences cut into several); out
-  # [batch * num_q_heads, head_dim] in q.dtype (sequences in one chunk).
+  # [batch * num_q_heads, head_dim] in q's dtype or q_cast (sequences in one chunk).
   *refs,
   num_q_heads,
   group,
@@ -407,8 +407,8 @@ def planned_decode(
       ``k_new``/``v_new`` and stores the row into its slot.
 
   Returns:
-    [batch, num_q_heads, head_dim] in q.dtype; with ``k_new``, ``(out, k_blocks,
-    v_blocks)``.
+    [batch, num_q_heads, head_dim] in q.dtype (or ``q_dtype``); with ``k_new``, ``(out,
+    k_blocks, v_blocks)``, and over 8-bit pools the scale pools too.
   """
   batch, num_q_heads, head_dim = q.shape
   num_kv_heads, num_blocks, block_size, _ = k_blocks.shape

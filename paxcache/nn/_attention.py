@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kernels
+import kernels.gpu  # kernels.gpu.quant_fused_write (PagedAttention._fuses_8bit_write)
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache

@@ -21,6 +21,7 @@ import pytest
 
 import kernels
 from kernels import gpu, reference
+from kernels.testing import tolerance
 from tests.kernels.test_gpu import SMALL, _bound, _rel_err, decode_inputs
 
 
@@ -464,11 +465,60 @@ def test_8bit_packed_bad_calls_raise():
   with pytest.raises(ValueError, match="k_scales, v_scales and q_dtype are for 8-bit pools"):
     f = jnp.zeros(kq.shape, jnp.bfloat16)
     call(qkv, f, f, slots, table, lens, k_scales=ks, v_scales=vs)
-  # The slot checks of write_and_decode hold here too (the slot of position 8, not 9).
+  # The slot checks of write_and_decode hold here too, on every backend (the slot of
+  # position 8, not 9).
   wrong = slots.copy()
   wrong[0] -= 1
-  with pytest.raises(ValueError, match=r"lengths - 1"):
-    call(qkv, kq, vq, wrong, np.asarray(table), np.asarray(lens), k_scales=ks, v_scales=vs)
-  # Refused before anything ran: the pools are as they were and run after the refusals.
+  for backend in ("gpu", "reference"):
+    with pytest.raises(ValueError, match=r"lengths - 1"):
+      call(
+        qkv, kq, vq, wrong, np.asarray(table), np.asarray(lens), k_scales=ks, v_scales=vs,
+        backend=backend,
+      )  # fmt: skip
+  # Refused before anything ran: the pools still hold what they held, and the same call
+  # with good arguments runs.
+  before = [np.asarray(a, np.float32) for a in (kq, vq, ks, vs)]
   out, *pools = call(qkv, kq, vq, slots, table, lens, k_scales=ks, v_scales=vs)
   assert out.shape == (6, 4, 64) and len(pools) == 4
+  for a, b in zip((kq, vq, ks, vs), before, strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), b)
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_8bit_fused_write_of_a_nan_row_and_float32_queries(kv_dtype):
+  # A written row holding NaN gets a NaN scale and a zero row, as write_kv_quantized stores
+  # it (XLA's max keeps NaN; the kernel checks for it, since Triton's max drops NaN); with
+  # q_dtype None a float32 q/k/v gives float32 queries and output (float32 dots). Row 2
+  # writes a K row with a NaN (its own attention is then NaN, as the reference's), row 0 a
+  # V row of zeros (scale 0).
+  lengths = [37, 0, 9, 16, 21, 70]
+  qkv, (kq, vq, ks, vs), slots, table, lens = _quantized_step(
+    61, kv_dtype=kv_dtype, lengths=lengths, qkv_dtype=jnp.float32
+  )
+  qkv = qkv.at[2, 4, 5].set(jnp.nan).at[0, 6].set(0.0)
+  args = (qkv, kq, vq, slots, table, lens)
+  got = kernels.write_and_decode_packed(
+    *args, k_scales=ks, v_scales=vs, backend="gpu", interpret=True, block_sizes=SMALL
+  )
+  want = kernels.write_kv_quantized(kq, vq, ks, vs, qkv[:, 4:6], qkv[:, 6:], jnp.asarray(slots))
+  for a, b in zip(got[1:], want, strict=True):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  tab = np.asarray(table)
+  blk, off = tab[2, 8 // 8], 8 % 8
+  assert np.isnan(np.asarray(got[3])[0, blk, off])  # the K scale of row 2's new row
+  np.testing.assert_array_equal(np.asarray(got[1], np.float32)[0, blk, off], 0.0)
+  assert got[0].dtype == jnp.float32
+  out = np.asarray(got[0], np.float64)
+  assert np.isnan(out[2, :2]).all() and not np.isnan(np.delete(out, 2, axis=0)).any()
+  case = dict(
+    q=qkv[:, :4], k_blocks=got[1], v_blocks=got[2], block_table=table, lengths=lens,
+    cu_q_lens=None, k_scales=got[3], v_scales=got[4],
+  )  # fmt: skip
+  from tests.kernels.test_quant import dequantised_oracle
+
+  want_out = dequantised_oracle(**case)
+  keep = [b for b in range(len(lengths)) if b != 2]
+  # float32 q and dots: the elementwise float32 bound of 8-bit attention (kernels/testing.py)
+  np.testing.assert_allclose(
+    out[keep], want_out[keep], **tolerance("quantized_attention_vs_float64", "float32")
+  )
