@@ -147,6 +147,7 @@ def dispatch_profile(args) -> list[dict]:
         model=name,
         batch=batch,
         context=context,
+        kv_dtype=args.kv_dtype or "bfloat16",
         host_call_ms=host.median * 1e3,
         host_call_p90_ms=float(np.percentile(host.samples, 90)) * 1e3,
         host_call_min_ms=host.min * 1e3,
@@ -318,7 +319,9 @@ def define_flags():
   )
   flags.DEFINE_integer("top", 25, "--device: kernels listed")
   flags.DEFINE_string(
-    "kv-dtype", "", "--device, --dispatch: the cache's dtype (int8, float8_e4m3fn; unset: bf16)"
+    "kv-dtype",
+    "",
+    "--device, --dispatch (not --host): the cache's dtype (int8, float8_e4m3fn; unset: bf16)",
   )
   flags.DEFINE_string("requests", "192,128", "--host: requests per model")
   flags.DEFINE_float("pool-gb", 40.0, "engine pool of --host")

@@ -282,12 +282,14 @@ def current_device_kind() -> str | None:
 # Cards on which a decode step over an 8-bit cache is shorter with the write inside the
 # decode kernel (kernels.write_and_decode_packed with scale pools: the kernel quantizes and
 # stores the rows) than with the cache write before the attention kernel, measured in the
-# engine's step (docs/benchmarks.md, "Run41"): the H100 SXM, 3-44% shorter at every point
-# (SmolLM2 and the 1B shape, 64 x 512 and 256 x 1024, int8 and e4m3). On the H200 the
-# decode kernel with the write took 1.9x the time of the one without for the 1B shape at
-# 256 x 1024 (not explained; the H100 ran the same code the other way), and the step was
-# longer with it at three of four (model, shape) points, so :func:`quant_fused_write`
-# leaves the H200 and unmeasured cards to the separate write.
+# engine's step (docs/benchmarks.md, "Run41"): the H100 SXM (device kind "NVIDIA H100 80GB
+# HBM3"; the PCIe and NVL cards are other kinds, not measured), 3-44% shorter wherever the
+# ranges part (int8 rotated and e4m3 at 64 x 512, int8 rotated at 256 x 1024, SmolLM2 and the
+# 1B shape; unrotated int8 at 64 x 512: 6% for the 1B shape, level for SmolLM2). On the H200
+# the step with the write in the kernel was 17-32% longer at 256 x 1024 (both models), level
+# for the 1B shape at 64 x 512 and 18-20% shorter only for SmolLM2 at 64 x 512 (not
+# explained; the H100 ran the same code the other way), so :func:`quant_fused_write` leaves
+# the H200 and unmeasured cards to the separate write.
 QUANT_FUSED_WRITE_CARDS = ("NVIDIA H100 80GB HBM3",)
 
 

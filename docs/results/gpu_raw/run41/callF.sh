@@ -4,7 +4,7 @@ set -u
 O=$OUT; OUT=/tmp/o41F; rm -rf $OUT; mkdir -p $OUT
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 t0=$(date +%s); nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/smi.txt
-timeout 220 python -m tmp.run41.fw_kernel $OUT/k 256x1024,64x512 > $OUT/k.log 2>&1; echo "k rc=$? $(( $(date +%s) - t0 ))s"
+grep -q H200 $OUT/smi.txt && timeout 150 python -m tmp.run41.fw_kernel $OUT/k 256x1024 write,fused,fused-2st,fused-4w-2st-t64 2 > $OUT/k.log 2>&1; echo "k rc=$? $(( $(date +%s) - t0 ))s"
 python - <<'PY'
 import json
 for l in open('/tmp/o41F/k/fw_kernel.jsonl'):
