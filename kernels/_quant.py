@@ -47,21 +47,38 @@ def is_quantized(dtype) -> bool:
 
 def quantize(x, dtype):
   """Rows of ``x [..., head_dim]`` (any float dtype) -> ``(q [..., head_dim] dtype,
-  scale f32[...])`` with ``x ~ q * scale``; symmetric, one scale per row."""
+  scale f32[...])`` with ``x ~ q * scale``; symmetric, one scale per row. A row holding
+  NaN gets a NaN scale and a zero row.
+
+  Written with operations Pallas's Triton lowering has too (no ``round``, no boolean
+  reduction), so that the GPU decode kernels' fused write (``kernels/gpu/decode.py``)
+  quantizes by this very function and stores the bytes the cache write stores."""
   dtype = jnp.dtype(dtype)
   if dtype not in QUANT_DTYPES:
     raise ValueError(f"dtype must be one of {[d.name for d in QUANT_DTYPES]}, got {dtype.name}")
   x = x.astype(jnp.float32)
   scale = jnp.max(jnp.abs(x), axis=-1) / QMAX[dtype.name]
+  # XLA's max keeps NaN, Triton's drops it: the NaN row is found apart, the same on both.
+  has_nan = jnp.max(jnp.where(x != x, 1.0, 0.0), axis=-1) > 0.0
+  scale = jnp.where(has_nan, jnp.nan, scale)
   safe = jnp.where(scale > 0, scale, 1.0)[..., None]
   y = jnp.where(scale[..., None] > 0, x / safe, 0.0)
   if dtype == jnp.int8:
-    q = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
+    q = jnp.clip(round_half_even(y), -127, 127).astype(jnp.int8)
   else:
     # x / scale is within [-448, 448] up to one float32 rounding; clip so that it can
     # never round past the largest finite e4m3 value (e4m3fn has no inf: it would be NaN).
     q = jnp.clip(y, -448.0, 448.0).astype(dtype)
   return q, scale.astype(SCALE_DTYPE)
+
+
+def round_half_even(y):
+  """``jnp.round`` (to nearest, ties to even) of float32 ``y`` from ``floor``, exact for
+  ``|y| < 2**22`` (``y - floor(y)`` is then exact): Triton has no round instruction."""
+  r = jnp.floor(y)
+  d = y - r
+  odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
+  return r + jnp.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
 
 
 def dequantize(q, scale):

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._quant import QMAX, is_quantized
+from kernels._quant import is_quantized, quantize
 from kernels.gpu._softmax import logits_log2, online_softmax_step
 from kernels.gpu._widen import widening
 from kernels.gpu.plan import num_sms as _num_sms  # one SM count for every rule
@@ -489,30 +489,6 @@ def _add_one_key(carry, s, v, *, owns, scale, logit_soft_cap, p_dtype=None):
   return acc * alpha[:, None] + p[:, None] * v, m_new, den
 
 
-def quantize_row(x, kv_dtype):
-  """One new K or V row in the kernel, f32 ``[1, width]`` (columns past head_dim zero) ->
-  ``(q [1, width] kv_dtype, scale f32[1])``: what ``kernels._quant.quantize`` gives for it,
-  by the same float32 operations (``max|x| / QMAX``, ``x / scale``), so the fused write
-  stores the bytes the scatter would. Triton has no round: int8 rounds half to even as
-  ``jnp.round`` does, from ``floor`` (exact for ``|y| <= 127``); e4m3 by the cast (round to
-  nearest even). A row holding NaN gets a NaN scale and a zero row, as XLA's ``max``
-  (which keeps NaN) gives ``quantize``: Triton's ``max`` drops NaN, so it is tested
-  apart."""
-  name = jnp.dtype(kv_dtype).name
-  qmax = QMAX[name]
-  scale = jnp.max(jnp.abs(x), axis=1) / qmax
-  scale = jnp.where(jnp.any(x != x, axis=1), jnp.nan, scale)
-  safe = jnp.where(scale > 0, scale, 1.0)
-  y = jnp.where(scale[:, None] > 0, x / safe[:, None], 0.0)
-  if name == "int8":
-    r = jnp.floor(y)
-    d = y - r
-    odd = (r - 2.0 * jnp.floor(r * 0.5)) != 0.0
-    r = r + jnp.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)
-    return jnp.clip(r, -qmax, qmax).astype(jnp.int8), scale
-  return jnp.clip(y, -qmax, qmax).astype(kv_dtype), scale
-
-
 def own_key_quantized(
   carry,
   q_plain,
@@ -529,7 +505,8 @@ def own_key_quantized(
   new=None,
 ):
   """:func:`own_key` over 8-bit pools: the step's own K and V rows (float, as the packed
-  q/k/v holds them) are quantized in the kernel (:func:`quantize_row`), stored with their
+  q/k/v holds them) are quantized in the kernel (``kernels._quant.quantize``, the cache
+  write's quantizer, written with what Triton lowers), stored with their
   scales (``refs``: the rows' arrays in; the pools and scale pools out), and added as the
   stored key: ``q . (k_q * k_scale)`` in float32 from ``q_plain`` (the query tile as loaded,
   ``[rows, width]``, before any widening), ``p * v_scale`` times ``v_q``. ``scale`` is the
@@ -540,8 +517,8 @@ def own_key_quantized(
   if new is None:
     new = load_own_rows(knew_ref, vnew_ref, rows_of=rows_of, owns=owns, cols=cols, col_ok=col_ok)
   f32 = jnp.float32
-  kq, ks = quantize_row(new[0].astype(f32), kv_dtype)
-  vq, vs = quantize_row(new[1].astype(f32), kv_dtype)
+  kq, ks = quantize(new[0], kv_dtype)  # the cache write's own quantizer (kernels._quant)
+  vq, vs = quantize(new[1], kv_dtype)
   s = jnp.sum(q_plain.astype(f32) * (kq.astype(f32) * ks[:, None]), axis=1)  # f32[rows]
   carry = _add_one_key(
     carry, s, vq.astype(f32) * vs[:, None], owns=owns, scale=scale, logit_soft_cap=logit_soft_cap
@@ -661,7 +638,7 @@ def paged_decode(
       num_q_heads + 2 * num_kv_heads, head_dim]``, each row's query heads, then its K rows,
       then its V rows, in the pools' dtype (one array, as a q/k/v projection makes it: the
       kernel reads all three from it, so nothing splits it before the call). Over
-      8-bit pools (``k_scales`` given) the packed array is float (any float dtype): the
+      8-bit pools (``k_scales`` given) the packed array is float32, bf16 or f16: the
       kernel quantizes each new row as ``kernels.write_kv_quantized`` does and stores it
       and its scale (returned as two more pools).
     q_dtype: the query's dtype where the packed array is wider (8-bit pools: float32

@@ -57,6 +57,31 @@ def test_round_trip_error_bound(dtype):
     assert (err / np.maximum(bound, 1e-300)).max() > 0.9
 
 
+def test_round_half_even_is_numpys_round():
+  # kernels._quant.round_half_even (floor-based, so that the GPU kernels' fused write can run
+  # the cache write's quantizer) against NumPy's round, which also breaks ties to even:
+  # every half-integer in [-130, 130], and random values.
+  from kernels._quant import round_half_even
+
+  halves = np.arange(-260, 261, dtype=np.float32) / 2
+  rand = np.random.default_rng(3).uniform(-127.5, 127.5, 10_000).astype(np.float32)
+  for y in (halves, rand):
+    np.testing.assert_array_equal(np.asarray(round_half_even(jnp.asarray(y))), np.round(y))
+
+
+@pytest.mark.parametrize("dtype", QDTYPES)
+def test_a_row_holding_nan_gets_a_nan_scale_and_a_zero_row(dtype):
+  # Found apart from the max (a Triton max drops NaN, XLA's keeps it), so the decode
+  # kernels' fused write, which runs this function, stores what the cache write stores.
+  x = np.ones((3, 8), np.float32)
+  x[1, 3] = np.nan
+  q, s = kernels.quantize(jnp.asarray(x), dtype)
+  s = np.asarray(s)
+  assert np.isnan(s[1]) and not np.isnan(s[[0, 2]]).any()
+  np.testing.assert_array_equal(np.asarray(q, np.float32)[1], 0.0)
+  np.testing.assert_array_equal(np.asarray(q, np.float32)[[0, 2]] * s[[0, 2], None], 1.0)
+
+
 def test_write_quantizes_into_slots_and_pads_nothing():
   rng = np.random.default_rng(1)
   h, nb, bs, d = 2, 3, 4, 8
