@@ -522,3 +522,39 @@ def test_8bit_fused_write_of_a_nan_row_and_float32_queries(kv_dtype):
   np.testing.assert_allclose(
     out[keep], want_out[keep], **tolerance("quantized_attention_vs_float64", "float32")
   )
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.int8, jnp.float8_e4m3fn])
+@pytest.mark.parametrize("planned", [False, True])
+def test_fused_write_kernels_use_only_what_the_triton_lowering_has(kv_dtype, planned):
+  # Interpret mode runs any jax primitive; the compiled GPU kernel only those Pallas's
+  # Triton lowering has a rule for. A first 8-bit fused write found NaN rows with jnp.any
+  # (reduce_or, which has none): it passed here and would not have compiled on a GPU. No
+  # GPU on CI, so the kernels' bodies are checked against the rules (a private table of
+  # jax's; if it moves, this test says so rather than passing).
+  from jax._src.pallas.triton import lowering as triton_lowering
+
+  rules = {p.name for p in triton_lowering.triton_lowering_rules}
+  lengths = [37, 0, 1, 16, 21, 70]
+  opts = dict(backend="gpu", interpret=True, block_sizes=SMALL)
+  if planned:
+    opts["decode_plan"] = gpu.plan_decode(np.asarray(lengths), 8, 2, kv_tile=16, chunk_tokens=16)
+  if kv_dtype == jnp.bfloat16:
+    q, k, v, k_new, v_new, slots, table, lens = _step(
+      70, lengths=lengths, q_dtype=kv_dtype, kv_dtype=kv_dtype
+    )
+    args = (jnp.concatenate([q, k_new, v_new], axis=1), k, v, slots, table, lens)
+  else:
+    qkv, (kq, vq, ks, vs), slots, table, lens = _quantized_step(
+      70, kv_dtype=kv_dtype, lengths=lengths
+    )
+    args = (qkv, kq, vq, slots, table, lens)
+    opts.update(k_scales=ks, v_scales=vs)
+  jaxpr = jax.make_jaxpr(functools.partial(kernels.write_and_decode_packed, **opts))(*args)
+  calls = [
+    e for e in _equations(jaxpr.jaxpr, kernels_too=False) if e.primitive.name == "pallas_call"
+  ]
+  assert calls and "_write" in calls[0].params["name"]
+  for call in calls:
+    used = {e.primitive.name for e in _equations(call.params["jaxpr"])}
+    assert used <= rules, (call.params["name"], sorted(used - rules))
