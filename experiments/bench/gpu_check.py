@@ -53,12 +53,7 @@ def decode_case(
   block_sizes=None,
   interpret=False,
 ):
-  if lengths == "full":
-    lens = np.full((batch,), context, np.int32)
-  else:  # a mix: 0, 1, a non-multiple of the block size, random, full
-    lens = rng.integers(1, context + 1, size=batch).astype(np.int32)
-    special = [0, 1, block_size + 1, context - 1, context]
-    lens[: min(batch, len(special))] = special[: min(batch, len(special))]
+  lens = _case_lengths(rng, batch, context, block_size, lengths)
   kb, vb, table, lens, _, _ = make_paged(
     rng,
     batch=batch,
@@ -98,21 +93,30 @@ def write_decode_case(
   interpret=False,
   planned=False,
   packed=False,
+  kv_dtype=None,
 ):
   """``kernels.write_and_decode`` on the GPU backend (the decode kernel writes the step's
   K/V itself) against ``kernels.write_kv`` then the reference. The slot each row writes is
   NaN before the call (a kernel that read its last key back from the pool would show it);
   the returned pools must equal the scatter's exactly (AssertionError otherwise). With
   ``planned``, the planned decode by ``plan_decode`` of the lengths; with ``packed``,
-  ``kernels.write_and_decode_packed`` (q, K and V rows in one array)."""
+  ``kernels.write_and_decode_packed`` (q, K and V rows in one array).
+
+  With ``kv_dtype`` (int8 or float8_e4m3fn; packed only) the pools are 8-bit with scale
+  pools (``kernels.quantize`` of the float pools, so every stale slot holds a NaN scale):
+  the kernel quantizes each new row itself, and its pools and scale pools must equal
+  ``kernels.write_kv_quantized``'s exactly (NaN where it has NaN); the output is compared
+  with the reference over the pools it wrote."""
   import kernels
 
-  if lengths == "full":
-    lens = np.full((batch,), context, np.int32)
-  else:  # a mix: 0, 1, a non-multiple of the block size, random, full
-    lens = rng.integers(1, context + 1, size=batch).astype(np.int32)
-    special = [0, 1, block_size + 1, context - 1, context]
-    lens[: min(batch, len(special))] = special[: min(batch, len(special))]
+  if kv_dtype is not None:
+    return _write_decode_8bit(
+      rng, batch=batch, context=context, block_size=block_size, hq=hq, hkv=hkv, d=d,
+      dtype=dtype, lengths=lengths, kv_dtype=kv_dtype, planned=planned,
+      interpret=interpret, block_sizes=block_sizes,
+    )  # fmt: skip
+
+  lens = _case_lengths(rng, batch, context, block_size, lengths)
   kb, vb, table, lens, _, _ = make_paged(
     rng,
     batch=batch,
@@ -124,10 +128,8 @@ def write_decode_case(
     lengths=lens,
     extra_blocks=7,
   )
-  lens_np, table_np = np.asarray(lens), np.asarray(table)
-  last = np.maximum(lens_np - 1, 0)
-  blocks = table_np[np.arange(batch), last // block_size]
-  slots = np.where(lens_np > 0, blocks * block_size + last % block_size, -1).astype(np.int32)
+  lens_np = np.asarray(lens)
+  slots = _last_slots(lens_np, np.asarray(table), block_size)
   flat = slots[slots >= 0]
   kb = kb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(kb.shape)
   vb = vb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(vb.shape)
@@ -157,6 +159,81 @@ def write_decode_case(
     assert wrong == 0, f"{wrong} {name} pool values differ from kernels.write_kv's"
   kernel = "triton-" + ("planned-" if planned else "") + ("packed-" if packed else "") + "write"
   return out, ref, {"kernel": kernel}
+
+
+def _write_decode_8bit(
+  rng,
+  *,
+  batch,
+  context,
+  block_size,
+  hq,
+  hkv,
+  d,
+  dtype,
+  lengths,
+  kv_dtype,
+  planned,
+  interpret,
+  block_sizes,
+):
+  """:func:`write_decode_case` over 8-bit pools (``kv_dtype``), packed q/k/v."""
+  import kernels
+
+  lens = _case_lengths(rng, batch, context, block_size, lengths)
+  kf, vf, table, lens, _, _ = make_paged(
+    rng, batch=batch, context=context, block_size=block_size, num_kv_heads=hkv, head_dim=d,
+    dtype=jnp.float32, lengths=lens, extra_blocks=7,
+  )  # fmt: skip
+  slots = _last_slots(np.asarray(lens), np.asarray(table), block_size)
+  flat = slots[slots >= 0]
+  kf = kf.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(kf.shape)
+  vf = vf.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(vf.shape)
+  kq, ks = kernels.quantize(kf, kv_dtype)  # NaN rows: NaN scales (every stale slot)
+  vq, vs = kernels.quantize(vf, kv_dtype)
+  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+  q = jax.random.normal(keys[0], (batch, hq, d), jnp.float32).astype(dtype)
+  k_new = jax.random.normal(keys[1], (batch, hkv, d), jnp.float32).astype(dtype)
+  v_new = jax.random.normal(keys[2], (batch, hkv, d), jnp.float32).astype(dtype)
+  want = kernels.write_kv_quantized(kq, vq, ks, vs, k_new, v_new, jnp.asarray(slots))
+  lens_np = np.asarray(lens)
+  plan = gpu.plan_decode(lens_np, block_size, hkv) if planned else None
+  opts = dict(backend="gpu", block_sizes=block_sizes, interpret=interpret, scale=d**-0.5)
+  out, *got = jax.jit(
+    lambda qkv, *a, plan: kernels.write_and_decode_packed(
+      qkv, *a[:5], k_scales=a[5], v_scales=a[6], decode_plan=plan, **opts
+    )
+  )(
+    jnp.concatenate([q, k_new, v_new], axis=1), kq, vq, jnp.asarray(slots), table, lens, ks, vs,
+    plan=plan,
+  )  # fmt: skip
+  for name, g, w in zip(("k", "v", "k_scale", "v_scale"), got, want, strict=True):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    wrong = int((~((g == w) | (np.isnan(g) & np.isnan(w)))).sum())
+    assert wrong == 0, f"{wrong} {name} values differ from kernels.write_kv_quantized's"
+  ref = reference.paged_attention(
+    q, got[0], got[1], table, lens, k_scales=got[2], v_scales=got[3], scale=d**-0.5
+  )
+  kind = jnp.dtype(kv_dtype).name
+  return out, ref, {"kernel": "triton-" + ("planned-" if planned else "") + f"packed-write-{kind}"}
+
+
+def _case_lengths(rng, batch, context, block_size, lengths):
+  """Row lengths of a write+decode case: all ``context``, or a mix (0, 1, a non-multiple of
+  the block size, random, full)."""
+  if lengths == "full":
+    return np.full((batch,), context, np.int32)
+  lens = rng.integers(1, context + 1, size=batch).astype(np.int32)
+  special = [0, 1, block_size + 1, context - 1, context]
+  lens[: min(batch, len(special))] = special[: min(batch, len(special))]
+  return lens
+
+
+def _last_slots(lens, table, block_size):
+  """The slot of each row's last position (-1 for an empty row)."""
+  last = np.maximum(lens - 1, 0)
+  blocks = table[np.arange(len(lens)), last // block_size]
+  return np.where(lens > 0, blocks * block_size + last % block_size, -1).astype(np.int32)
 
 
 def prefill_case(
@@ -240,6 +317,15 @@ def cases(smoke: bool):
           packed=k, **s,
         ),
       )  # fmt: skip
+    for kv in ("int8", "float8_e4m3fn"):
+      for planned in (False, True):
+        yield (
+          f"write+decode smoke packed {kv}" + (" planned" if planned else ""),
+          lambda r, p=planned, kv=kv: write_decode_case(
+            r, batch=3, context=40, block_size=8, lengths="mixed", interpret=True, planned=p,
+            packed=True, kv_dtype=kv, **s,
+          ),
+        )  # fmt: skip
     yield (
       "prefill smoke",
       lambda r: prefill_case(
@@ -278,6 +364,19 @@ def cases(smoke: bool):
         planned=p, packed=True,
       ),
     )  # fmt: skip
+  # 8-bit pools: the decode kernel quantizes each new row itself (run41; the layer takes it
+  # on the H100, kernels.gpu.quant_fused_write): the 1B shape's heads and SmolLM2's.
+  for kv in ("int8", "float8_e4m3fn"):
+    for planned in (False, True):
+      for hq, hkv, d in ((32, 8, 64), (9, 3, 64), (32, 8, 128)):
+        yield (
+          f"write+decode packed {kv}" + (" planned" if planned else "")
+          + f" 256x1024 {hq}/{hkv} D{d} bs16 mixed",
+          lambda r, p=planned, kv=kv, h=(hq, hkv, d): write_decode_case(
+            r, batch=256, context=1024, block_size=16, hq=h[0], hkv=h[1], d=h[2],
+            lengths="mixed", planned=p, packed=True, kv_dtype=kv,
+          ),
+        )  # fmt: skip
   yield (
     "write+decode planned 256x2048 bf16 D128 bs16 mixed",
     lambda r: write_decode_case(

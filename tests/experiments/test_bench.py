@@ -436,6 +436,26 @@ def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path
   assert re.search(r"^\| 96 \| 128 \| .* \| yes \|$", proc.stdout, re.M), proc.stdout
 
 
+def test_gpu_check_8bit_write_smoke_compares_pools_with_the_xla_write(tmp_path):
+  # Interpret mode on CPU: the decode kernel writing 8-bit rows itself (split-K and planned,
+  # int8 and e4m3): its pools and scale pools equal kernels.write_kv_quantized's (the case
+  # asserts it; a kernel storing a scale off by 1e-4 fails there), its output the
+  # reference's over the pools it wrote.
+  code = (
+    "import runpy\n"
+    f"sys.argv = ['gpu_check', '--smoke', '--only', 'smoke packed ', '--out', '{tmp_path}']\n"
+    "runpy.run_module('experiments.bench.gpu_check', run_name='__main__')\n"
+  )
+  proc = _python(code)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
+  assert sorted(r["kernel"] for r in rows) == sorted(
+    f"triton-{p}packed-write-{kv}" for kv in ("int8", "float8_e4m3fn") for p in ("", "planned-")
+  )
+  for r in rows:
+    assert r["ok"] is True and not r["nan"] and r["rel_err"] < r["bound"], r
+
+
 @pytest.mark.slow
 def test_spmd_scaling_reports_the_median_of_its_passes_on_one_cpu_device():
   from experiments.bench import spmd_scaling
