@@ -144,6 +144,8 @@ class PagedPool:
   def __init__(self, block_size: int, pool_tokens: int, watermark: float = 0.01):
     from paxcache.allocator import BlockAllocator
 
+    if not 0 <= watermark < 1:
+      raise ValueError(f"watermark is a share of the pool's blocks in [0, 1), got {watermark!r}")
     self.block_size = block_size
     self.num_blocks = pool_tokens // block_size
     if self.num_blocks < 1:

@@ -15,10 +15,14 @@ once per value of any scalar field and stacks the tables, with the field as firs
 Written to the workdir: ``config.json`` (the resolved config, with ``"variant"``, the
 ``:variant`` picked or null, and ``"sweep"``, ``{"field", "values"}`` or null; a swept field
 holds the list of values run, not the base value), ``run_info.json`` (date, versions, git
-commit and whether the tree was clean, command, seconds), ``results.jsonl`` (every table
-row, with a ``"table"`` key), per table ``<name>.csv``, ``<name>.md``, ``<name>.tex`` (booktabs),
-``summary.md``, and per plot ``<name>.png`` and ``<name>.pdf``. A workdir under
-``docs/results/`` is refused while the tree has uncommitted changes.
+commit and whether the tree was clean, command, seconds, and ``files``: every file the run
+wrote), ``results.jsonl`` (every table row, with a ``"table"`` key), per table
+``<name>.csv``, ``<name>.md``, ``<name>.tex`` (booktabs), ``summary.md``, and per plot
+``<name>.png`` and ``<name>.pdf``. Nothing in the workdir changes until the experiment has
+run: a run that fails leaves the files of the run before it as they were. A run that
+succeeds removes the files the run before it wrote (its ``run_info.json`` lists them) and
+it did not write again, such as an earlier sweep's plots; other files are left alone. A
+workdir under ``docs/results/`` is refused while the tree has uncommitted changes.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -134,6 +139,11 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
   * the repeats behind a timing (``iters``, ``kernel_iters``, ``repeats``) ``>= 5``
     (:data:`experiments._timing.MIN_REPEATS`): every reported time is such a median;
     ``kernel_inner`` (calls per sample) ``>= 1``;
+  * ``pool_tokens`` ``>= 1``, ``host_pool_tokens`` ``>= 0``; ``watermark`` (the share of
+    blocks paged admission keeps free) in ``[0, 1)``;
+  * ``kv_dtype`` and every element of ``kv_dtype_axis`` a dtype a paged cache may hold
+    (``kernels.check_kv_dtype``: float32, bfloat16, float16, int8, float8_e4m3fn), and
+    ``kernel_kv_dtype`` empty (the kernel's dtype) or int8 / float8_e4m3fn;
   * with engine runs on, every block size a multiple of ``engine.length_scale``
     (:func:`experiments._engine_bench.check_scaled_block_sizes`).
   """
@@ -168,6 +178,17 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
       bad = [r for r in value if not isinstance(r, int | float) or not r > 0 or r == float("inf")]
       if bad:
         raise ValueError(f"{path}: every rate must be a finite number > 0 (req/s), got {bad[0]!r}")
+    elif key == "pool_tokens" and _is_int(value) and value < 1:
+      raise ValueError(f"{path}: pool_tokens (K/V token slots) must be >= 1")
+    elif key == "host_pool_tokens" and _is_int(value) and value < 0:
+      raise ValueError(f"{path}: host_pool_tokens (swap slots) must be >= 0")
+    elif key == "watermark" and isinstance(value, int | float) and not 0 <= value < 1:
+      raise ValueError(
+        f"{path}: watermark is the share of the pool's blocks paged admission keeps free: "
+        "it must be in [0, 1) (0.01 is vLLM's)"
+      )
+    elif key in ("kv_dtype", "kv_dtype_axis", "kernel_kv_dtype"):
+      _check_kv_dtype_field(key, value, path)
     elif key == "num_requests" and _is_int(value) and value < 1:
       workloads = config.get("workloads", config.get("workload"))
       workloads = workloads if isinstance(workloads, tuple | list) else [workloads]
@@ -176,6 +197,26 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
           f"{path}: num_requests must be >= 1 (only a run on ShareGPT JSON files alone "
           "takes <= 0 as all of their conversations)"
         )
+
+
+def _check_kv_dtype_field(key: str, value, path: str) -> None:
+  """``kv_dtype`` / ``kv_dtype_axis`` / ``kernel_kv_dtype`` of a config: K/V dtypes a paged
+  cache may hold (``kernel_kv_dtype``: "" or an 8-bit one); ValueError naming ``path``."""
+  import kernels
+
+  if key == "kernel_kv_dtype":
+    if value not in ("", *(d.name for d in kernels.QUANT_DTYPES)):
+      names = ", ".join(repr(d.name) for d in kernels.QUANT_DTYPES)
+      raise ValueError(f"{path}: kernel_kv_dtype must be '' (kernel_dtype) or one of {names}")
+    return
+  values = value if key == "kv_dtype_axis" else (value,)
+  if key == "kv_dtype_axis" and not values:
+    raise ValueError(f"{path}: kv_dtype_axis needs at least one K/V dtype")
+  for v in values:
+    try:
+      kernels.check_kv_dtype(v, key)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
 
 
 # Keys config.json adds beside the config's own fields; no config may have a field named so.
@@ -268,7 +309,8 @@ def run_experiment(
 
   ``variant`` (the ``:variant`` the config came from) is recorded in ``config.json``. A bad
   config value, sweep or workdir raises ``ValueError`` (:func:`prepare_run`) before the
-  workdir or anything in it is written.
+  workdir or anything in it is written; an experiment that raises leaves the workdir's
+  files as they were (the workdir itself may have been created).
   """
   start = time.perf_counter()
   from experiments._engine_bench import wants_distributed
@@ -292,13 +334,10 @@ def run_experiment(
   fn, field, runs = prepare_run(config, workdir, sweep)
   git = git_state()  # before this run writes anything into the tree
   record = config_record(config, variant, field, [value for value, _ in runs])
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(json.dumps(record, indent=2, default=str) + "\n")
-  except OSError as e:  # what check_workdir cannot see (root on a read-only mount, a race)
-    raise ValueError(f"--workdir={workdir!r} cannot be written: {e}") from e
+  _probe_workdir(workdir)
 
+  # The experiment runs before anything in the workdir changes: a run that fails leaves an
+  # earlier run's files as they were (its config.json still beside its own results).
   if sweep:
     results = []
     for value, cfg in runs:
@@ -308,12 +347,21 @@ def run_experiment(
   else:
     result = fn(config)
 
-  written = _outputs.write_result(result, workdir)
+  previous = _previous_outputs(workdir)
+  config_path = os.path.join(workdir, "config.json")
+  with open(config_path, "w") as f:
+    f.write(json.dumps(record, indent=2, default=str) + "\n")
+  written = [config_path, *_outputs.write_result(result, workdir)]
   seconds = time.perf_counter() - start
-  _write_run_info(workdir, config, sweep, seconds, git)
+  info_path = _write_run_info(workdir, config, sweep, seconds, git, written)
+  # Files of the run before this one that this run did not write again (a sweep's plots,
+  # a table no longer produced) would sit beside results they do not belong to.
+  for name in sorted(previous - {os.path.basename(p) for p in (*written, info_path)}):
+    os.remove(os.path.join(workdir, name))
+    logging.info("removed %s (written by the run before, not by this one)", name)
   for table in result.tables:
     logging.info("\n%s", _outputs.to_markdown(table))
-  logging.info("wrote %d files to %s in %.1f s", len(written) + 2, workdir, seconds)
+  logging.info("wrote %d files to %s in %.1f s", len(written) + 1, workdir, seconds)
   return result
 
 
@@ -417,9 +465,51 @@ def _version(pkg: str) -> str | None:
     return None
 
 
+def _probe_workdir(workdir: str) -> None:
+  """Creates ``workdir`` and checks that a file can be written in it (what
+  :func:`check_workdir` cannot see: root on a read-only mount, a race), writing nothing
+  that stays; ``ValueError`` otherwise."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".paxcache_probe_", dir=workdir)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir!r} cannot be written: {e}") from e
+
+
+def _previous_outputs(workdir: str) -> set[str]:
+  """The files the workdir's last run wrote (``run_info.json``'s ``files``) that are still
+  there; empty for a new workdir, or one whose run_info.json predates that list (nothing
+  is then removed: a workdir may hold other files)."""
+  try:
+    with open(os.path.join(workdir, "run_info.json")) as f:
+      names = json.load(f).get("files", [])
+  except (OSError, ValueError, AttributeError):
+    return set()
+  # Names only (the runner writes none in subfolders): never a path out of the workdir.
+  return {
+    n
+    for n in names
+    if isinstance(n, str)
+    and n == os.path.basename(n)
+    and n not in ("", ".", "..")
+    and os.path.isfile(os.path.join(workdir, n))
+  }
+
+
 def _write_run_info(
-  workdir: str, config: ConfigDict, sweep: str | None, seconds: float, git: dict
-) -> None:
+  workdir: str,
+  config: ConfigDict,
+  sweep: str | None,
+  seconds: float,
+  git: dict,
+  written: list[str],
+) -> str:
+  """Writes ``run_info.json`` (with ``files``: every file this run wrote, itself included,
+  so that the next run in this workdir removes what it does not write again); returns its
+  path."""
+  path = os.path.join(workdir, "run_info.json")
   info = {
     "experiment": config.experiment,
     "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -444,9 +534,11 @@ def _write_run_info(
       "kind": dev.device_kind,
       "count": jax.device_count(),
     }
-  with open(os.path.join(workdir, "run_info.json"), "w") as f:
+  info["files"] = sorted({os.path.basename(p) for p in written} | {"run_info.json"})
+  with open(path, "w") as f:
     json.dump(info, f, indent=2)
     f.write("\n")
+  return path
 
 
 def _config_spec_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:

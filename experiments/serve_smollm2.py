@@ -319,6 +319,13 @@ def main(argv=None) -> None:
     "--repeats", type=int, default=1, help="timed passes after the warm-up (median, min-max)"
   )
   args = parser.parse_args(argv)
+  # Checked before the 10-20 s model load, as usage errors rather than tracebacks after it.
+  if args.max_new_tokens < 1:
+    parser.error(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1 (timed passes), got {args.repeats}")
+  if args.dtype not in _DTYPE_BYTES:
+    parser.error(f"--dtype must be one of {', '.join(_DTYPE_BYTES)}, got {args.dtype!r}")
   config = get_default_config()
   if args.prompt:
     config.prompts = tuple(args.prompt)

@@ -13,7 +13,9 @@ from kernels._api import (
   write_and_decode_packed,
 )
 from kernels._quant import (
+  KV_DTYPES,
   QUANT_DTYPES,
+  check_kv_dtype,
   dequantize,
   hadamard_rotate,
   is_quantized,
@@ -29,11 +31,13 @@ __all__ = [
   "BACKENDS",
   "INVALID_BLOCK",
   "INVALID_SLOT",
+  "KV_DTYPES",
   "QUANT_DTYPES",
   "BackendUnavailableError",
   "CascadePlan",
   "cascade_attention",
   "check_host_slot_mapping",
+  "check_kv_dtype",
   "dequantize",
   "hadamard_rotate",
   "is_quantized",

@@ -37,6 +37,26 @@ QUANT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 SCALE_DTYPE = jnp.dtype(jnp.float32)
 
 
+# The K/V dtypes a paged cache may hold: what every backend's kernels read.
+FLOAT_KV_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+KV_DTYPES = FLOAT_KV_DTYPES + QUANT_DTYPES
+
+
+def check_kv_dtype(dtype, name: str = "kv_dtype"):
+  """``dtype`` as a NumPy dtype if a paged cache may hold it (``KV_DTYPES``: float32,
+  bfloat16, float16, and the 8-bit int8 and float8_e4m3fn with their scales); else a
+  ``ValueError`` naming ``name`` and the choices. Other dtypes (float64, float8_e5m2,
+  int4, ...) have no kernel that reads them, and no byte count a capacity could trust."""
+  choices = ", ".join(d.name for d in KV_DTYPES)
+  try:
+    dt = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{name} must be one of {choices}, got {dtype!r}") from None
+  if dt not in KV_DTYPES:
+    raise ValueError(f"{name} must be one of {choices}, got {dt.name}")
+  return dt
+
+
 def is_quantized(dtype) -> bool:
   """Whether ``dtype`` is one of the 8-bit K/V dtypes (``QUANT_DTYPES``)."""
   try:
@@ -129,7 +149,8 @@ def hadamard_rotate(x):
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
   """Bytes one token's K and V take in a paged cache of ``dtype``, scales counted:
   ``2 * layers * kv_heads * (head_dim * itemsize + 4 if 8-bit else 0)`` (a float32 K
-  scale and V scale per KV head for 8-bit dtypes)."""
-  dtype = jnp.dtype(dtype)
+  scale and V scale per KV head for 8-bit dtypes). ``dtype`` must be one a cache may hold
+  (:func:`check_kv_dtype`)."""
+  dtype = check_kv_dtype(dtype, "dtype")
   per_head = head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if dtype in QUANT_DTYPES else 0)
   return 2 * num_layers * num_kv_heads * per_head

@@ -73,6 +73,12 @@ def check_rows(k_new, v_new, slot_mapping, pool, lane_dense=False) -> int:
       f"slot_mapping must be int32 [{k_new.shape[0]}], got {tuple(slot_mapping.shape)} "
       f"{jnp.dtype(slot_mapping.dtype).name}"
     )
+  for name, x in (("k_new", k_new), ("v_new", v_new)):
+    # Rows are cast to the pool's dtype: an integer array here is a mistake, not rows.
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(
+        f"{name} must be a float array, got {tuple(x.shape)} {jnp.dtype(x.dtype).name}"
+      )
   total = num_blocks * block_size
   check_host_slot_mapping(slot_mapping, total)
   return total

@@ -57,11 +57,12 @@ from kernels import (
   INVALID_BLOCK,
   _layout,
   check_host_slot_mapping,
+  check_kv_dtype,
   is_quantized,
   write_kv,
   write_kv_quantized,
 )
-from kernels._quant import QUANT_DTYPES, SCALE_DTYPE
+from kernels._quant import SCALE_DTYPE
 
 # ---------------------------------------------------------------------------------------------
 # The device cache.
@@ -307,26 +308,9 @@ def _check_dims(dims: dict[str, int]) -> tuple[int, ...]:
 
 
 def _check_kv_dtype(dtype, name: str):
-  """A float dtype, or one of the 8-bit K/V dtypes."""
-  try:
-    if is_quantized(dtype):
-      return jnp.dtype(dtype)
-  except TypeError:
-    pass
-  try:
-    return _check_float_dtype(dtype, name)
-  except ValueError as e:
-    raise ValueError(f"{e} or 8-bit ({', '.join(d.name for d in QUANT_DTYPES)})") from None
-
-
-def _check_float_dtype(dtype, name: str):
-  try:
-    dtype = jnp.dtype(dtype)
-  except TypeError as e:
-    raise ValueError(f"{name} must be a floating dtype, got {dtype!r}") from e
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{name} must be a floating dtype, got {dtype.name}")
-  return dtype
+  """A dtype the kernels read from a cache (``kernels.check_kv_dtype``: float32, bfloat16,
+  float16, int8, float8_e4m3fn); ValueError naming ``name`` otherwise."""
+  return check_kv_dtype(dtype, name)
 
 
 def _shape_str(x) -> str:
@@ -452,6 +436,9 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
   _check_cache(cache)
   _check_layer(layer, cache.num_layers)
   want = (cache.num_kv_heads, cache.head_dim)
+  for name, x in (("k_new", k_new), ("v_new", v_new), ("slot_mapping", slot_mapping)):
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
   for name, x in (("k_new", k_new), ("v_new", v_new)):
     if x.ndim != 3 or tuple(x.shape[1:]) != want:
       raise ValueError(

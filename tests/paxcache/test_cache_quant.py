@@ -37,7 +37,7 @@ def test_create_has_scale_pools_and_float_caches_have_none(dtype):
   assert set(cache.scales(1)) == {"k_scales", "v_scales"}
   plain = PagedKVCache.create(L, H, NUM_BLOCKS, BS, D, jnp.bfloat16)
   assert not plain.quantized and plain.k_scale == () and plain.scales(0) == {}
-  with pytest.raises(ValueError, match="8-bit"):
+  with pytest.raises(ValueError, match="int8, float8_e4m3fn, got int32"):
     PagedKVCache.create(L, H, NUM_BLOCKS, BS, D, jnp.int32)
 
 

@@ -646,6 +646,15 @@ def test_engine_config_rejects_wrongly_typed_fields(field, value, match):
     EngineConfig(**{field: value})
 
 
+def test_engine_config_refuses_a_watermark_of_the_whole_pool():
+  # Admission keeps watermark_blocks free while others run: with as many as the pool holds
+  # the engine ran one request at a time without a word.
+  EngineConfig(num_blocks=8, watermark_blocks=7)
+  for watermark in (8, 9):
+    with pytest.raises(ValueError, match=rf"watermark_blocks \({watermark}\) must be < num_blocks"):
+      EngineConfig(num_blocks=8, watermark_blocks=watermark)
+
+
 @pytest.mark.parametrize("config", [None, {"num_blocks": 16}], ids=["none", "dict"])
 def test_an_engine_takes_only_an_engine_config(tiny, config):
   with pytest.raises(TypeError, match=r"config must be an EngineConfig, got (NoneType|dict)"):

@@ -885,6 +885,11 @@ def test_param_dtype_bfloat16_stores_weights_in_bf16_and_computes_like_rounded_f
     DecoderConfig(**base, param_dtype="int8")
   with pytest.raises(ValueError, match=r"param_dtype must be a dtype name, got 'bf17'"):
     DecoderConfig(**base, param_dtype="bf17")
+  # kv_dtype: what a cache holds and the kernels read (kernels.check_kv_dtype), refused at
+  # the config rather than at the first attention call.
+  for bad in ("float64", "float8_e5m2", "int32", "bf17"):
+    with pytest.raises(ValueError, match=r"DecoderConfig.kv_dtype must be one of float32, "):
+      DecoderConfig(**base, kv_dtype=bad)
 
 
 @pytest.mark.parametrize("backend", ["reference", "tpu"])
