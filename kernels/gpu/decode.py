@@ -223,18 +223,7 @@ def _decode_kernel(
   o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
   if q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit fused write)
     q = q.astype(q_cast)
-  softmax_scale = scale
-
-  def q_plain():
-    # The query tile as loaded, for the 8-bit fused write's own key: loaded again after the
-    # key loop rather than kept from the load above, so that it holds no registers during
-    # the loop (only the widened q_state does).
-    if col_ok is None:
-      tile = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
-    else:
-      tile = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-    return tile if q_cast is None else tile.astype(q_cast)
-
+  q_plain, softmax_scale = q, scale
   # A tuple: q in the dots' dtype (8-bit K/V with 16-bit q: f16 and clipped to f16's range
   # in the 16-bit modes), or split in two int8 parts in "int8_qk" (kernels/gpu/_widen.py).
   q = widen.query_state(q)
@@ -519,11 +508,9 @@ def own_key_quantized(
   q/k/v holds them) are quantized in the kernel (``kernels._quant.quantize``, the cache
   write's quantizer, written with what Triton lowers), stored with their
   scales (``refs``: the rows' arrays in; the pools and scale pools out), and added as the
-  stored key: ``q . (k_q * k_scale)`` in float32 from ``q_plain()`` (a function giving the
-  query tile as loaded, ``[rows, width]``, before any widening: the kernels load it again
-  here rather than keep it live through the key loop), ``p * v_scale`` times ``v_q``.
-  ``scale`` is the softmax scale without a widening's factor. Shared with the planned
-  decode."""
+  stored key: ``q . (k_q * k_scale)`` in float32 from ``q_plain`` (the query tile as loaded,
+  ``[rows, width]``, before any widening), ``p * v_scale`` times ``v_q``. ``scale`` is the
+  softmax scale without a widening's factor. Shared with the planned decode."""
   knew_ref, vnew_ref, kout_ref, vout_ref, ksout_ref, vsout_ref = refs
   one = jnp.arange(1, dtype=jnp.int32)
   ok = tile_mask(one >= 0, col_ok) & owns
@@ -532,7 +519,7 @@ def own_key_quantized(
   f32 = jnp.float32
   kq, ks = quantize(new[0], kv_dtype)  # the cache write's own quantizer (kernels._quant)
   vq, vs = quantize(new[1], kv_dtype)
-  s = jnp.sum(q_plain().astype(f32) * (kq.astype(f32) * ks[:, None]), axis=1)  # f32[rows]
+  s = jnp.sum(q_plain.astype(f32) * (kq.astype(f32) * ks[:, None]), axis=1)  # f32[rows]
   carry = _add_one_key(
     carry, s, vq.astype(f32) * vs[:, None], owns=owns, scale=scale, logit_soft_cap=logit_soft_cap
   )

@@ -138,16 +138,7 @@ def _chunk_kernel(
     o_idx = ((o_row0 + row_ids)[:, None], cols[None, :])
     if q_cast is not None:  # a packed q/k/v wider than the query's dtype (8-bit write)
       q = q.astype(q_cast)
-
-    def q_plain():
-      # The query tile again, for the 8-bit fused write's own key (decode.own_key_quantized):
-      # loaded after the key loop, not kept live through it.
-      if col_ok is None:
-        tile = plgpu.load(q_ref.at[pl.ds(q_row0, rows), :], mask=row_ok[:, None], other=0.0)
-      else:
-        tile = plgpu.load(q_ref.at[q_idx], mask=tile_mask(row_ok, col_ok), other=0.0)
-      return tile if q_cast is None else tile.astype(q_cast)
-
+    q_plain = q
     # A tuple: q in the dots' dtype (f16 and clipped in the 16-bit modes), or split in two
     # int8 parts in "int8_qk" (kernels/gpu/_widen.py).
     q = widen.query_state(q)
