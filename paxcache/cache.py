@@ -120,11 +120,13 @@ class PagedKVCache:
   ) -> PagedKVCache:
     """Allocates the pools (zero-filled, but callers must not rely on unused slots' values).
 
-    ``dtype``: a float dtype, or int8 / float8_e4m3fn for an 8-bit cache (with float32
-    scale pools, one scale per KV head and slot). ``lane_dense``: pools in rows of 128
-    (``128 // head_dim`` tokens a row, ``kernels._layout``), for head_dim 32 or 64 and a
-    16- or 32-bit dtype (ValueError otherwise): the layout the TPU kernels read without
-    padding the head_dim to 128; the same bytes, results and API on every backend.
+    ``dtype``: float32, bfloat16 or float16, or int8 / float8_e4m3fn for an 8-bit cache
+    (with float32 scale pools, one scale per KV head and slot); ``kernels.check_kv_dtype``
+    refuses others (float64, float8_e5m2, ...: no kernel reads them). ``lane_dense``:
+    pools in rows of 128 (``128 // head_dim`` tokens a row, ``kernels._layout``), for
+    head_dim 32 or 64 and a 16- or 32-bit dtype (ValueError otherwise): the layout the TPU
+    kernels read without padding the head_dim to 128; the same bytes, results and API on
+    every backend.
     ``lane_padded``: pools in rows of head_dim rounded up to a multiple of 128
     (``kernels._layout.padded_width``), one token a row, its K/V in the first head_dim
     lanes and zeros after them, for a head_dim that is not a multiple of 128 (ValueError
