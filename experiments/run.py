@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,9 +142,9 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
     ``kernel_inner`` (calls per sample) ``>= 1``;
   * ``pool_tokens`` ``>= 1``, ``host_pool_tokens`` ``>= 0``; ``watermark`` (the share of
     blocks paged admission keeps free) in ``[0, 1)``;
-  * ``kv_dtype`` and every element of ``kv_dtype_axis`` a dtype a paged cache may hold
-    (``kernels.check_kv_dtype``: float32, bfloat16, float16, int8, float8_e4m3fn), and
-    ``kernel_kv_dtype`` empty (the kernel's dtype) or int8 / float8_e4m3fn;
+  * ``kv_dtype``, every element of ``kv_dtype_axis`` (empty: no such table) and
+    ``kernel_kv_dtype`` (empty: the kernel's dtype) a dtype a paged cache may hold
+    (``kernels.check_kv_dtype``: float32, bfloat16, float16, int8, float8_e4m3fn);
   * with engine runs on, every block size a multiple of ``engine.length_scale``
     (:func:`experiments._engine_bench.check_scaled_block_sizes`).
   """
@@ -201,17 +202,14 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
 
 def _check_kv_dtype_field(key: str, value, path: str) -> None:
   """``kv_dtype`` / ``kv_dtype_axis`` / ``kernel_kv_dtype`` of a config: K/V dtypes a paged
-  cache may hold (``kernel_kv_dtype``: "" or an 8-bit one); ValueError naming ``path``."""
+  cache may hold (``kernel_kv_dtype`` may be "", the kernel's dtype); ValueError naming
+  ``path``."""
   import kernels
 
-  if key == "kernel_kv_dtype":
-    if value not in ("", *(d.name for d in kernels.QUANT_DTYPES)):
-      names = ", ".join(repr(d.name) for d in kernels.QUANT_DTYPES)
-      raise ValueError(f"{path}: kernel_kv_dtype must be '' (kernel_dtype) or one of {names}")
+  if key == "kernel_kv_dtype" and value == "":  # "": the kernel's own dtype
     return
+  # kv_dtype_axis: () is "no such table" (batch_capacity).
   values = value if key == "kv_dtype_axis" else (value,)
-  if key == "kv_dtype_axis" and not values:
-    raise ValueError(f"{path}: kv_dtype_axis needs at least one K/V dtype")
   for v in values:
     try:
       kernels.check_kv_dtype(v, key)
@@ -347,18 +345,29 @@ def run_experiment(
   else:
     result = fn(config)
 
-  previous = _previous_outputs(workdir)
-  config_path = os.path.join(workdir, "config.json")
-  with open(config_path, "w") as f:
-    f.write(json.dumps(record, indent=2, default=str) + "\n")
-  written = [config_path, *_outputs.write_result(result, workdir)]
-  seconds = time.perf_counter() - start
-  info_path = _write_run_info(workdir, config, sweep, seconds, git, written)
+  # Every file is written into a staging folder first (writing can fail too: a plot's
+  # drawing code, a duplicate table name), then moved into the workdir, run_info.json last.
+  staging = tempfile.mkdtemp(prefix=".paxcache_staging_", dir=workdir)
+  try:
+    with open(os.path.join(staging, "config.json"), "w") as f:
+      f.write(json.dumps(record, indent=2, default=str) + "\n")
+    names = ["config.json"] + [os.path.basename(p) for p in _outputs.write_result(result, staging)]
+    seconds = time.perf_counter() - start
+    _write_run_info(staging, config, sweep, seconds, git, names)
+    previous = _previous_outputs(workdir)
+    for name in names + ["run_info.json"]:
+      os.replace(os.path.join(staging, name), os.path.join(workdir, name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
   # Files of the run before this one that this run did not write again (a sweep's plots,
   # a table no longer produced) would sit beside results they do not belong to.
-  for name in sorted(previous - {os.path.basename(p) for p in (*written, info_path)}):
-    os.remove(os.path.join(workdir, name))
-    logging.info("removed %s (written by the run before, not by this one)", name)
+  for name in sorted(previous - {*names, "run_info.json"}):
+    try:
+      os.remove(os.path.join(workdir, name))
+      logging.info("removed %s (written by the run before, not by this one)", name)
+    except FileNotFoundError:
+      pass
+  written = names
   for table in result.tables:
     logging.info("\n%s", _outputs.to_markdown(table))
   logging.info("wrote %d files to %s in %.1f s", len(written) + 1, workdir, seconds)
@@ -505,10 +514,10 @@ def _write_run_info(
   seconds: float,
   git: dict,
   written: list[str],
-) -> str:
-  """Writes ``run_info.json`` (with ``files``: every file this run wrote, itself included,
-  so that the next run in this workdir removes what it does not write again); returns its
-  path."""
+) -> None:
+  """Writes ``run_info.json`` into ``workdir`` (with ``files``: the names of every file the
+  run wrote, itself included, so that the next run in its workdir removes what it does
+  not write again)."""
   path = os.path.join(workdir, "run_info.json")
   info = {
     "experiment": config.experiment,
@@ -538,7 +547,6 @@ def _write_run_info(
   with open(path, "w") as f:
     json.dump(info, f, indent=2)
     f.write("\n")
-  return path
 
 
 def _config_spec_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -197,6 +197,7 @@ class PagedKVCache:
         "k and v must both be [num_layers, num_kv_heads, num_blocks, block_size, head_dim] of "
         f"one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
       )
+    _check_kv_dtype(k.dtype, "PagedKVCache.from_stacked: k's dtype")
     return cls(k=tuple(k[i] for i in range(k.shape[0])), v=tuple(v[i] for i in range(v.shape[0])))
 
   def stacked(self) -> tuple[jax.Array, jax.Array]:
@@ -582,6 +583,7 @@ class HostKVPool:
         "host k and v must both be [num_layers, num_kv_heads, num_host_blocks, block_size, "
         f"head_dim] of one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
       )
+    _check_kv_dtype(k.dtype, "HostKVPool: k's dtype")
     quantized = is_quantized(k.dtype)
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
       if not quantized and s is not None:

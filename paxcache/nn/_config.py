@@ -76,6 +76,10 @@ class DecoderConfig:
     if self.kv_dtype is not None:
       # None (the activation dtype), or a dtype the cache and kernels hold.
       check_kv_dtype(self.kv_dtype, "DecoderConfig.kv_dtype")
+    else:
+      # The cache takes the activation dtype: one the kernels read (float64 refused here,
+      # not at the first cache built).
+      check_kv_dtype(self.dtype, "DecoderConfig.dtype (the K/V cache's dtype: kv_dtype is None)")
 
   @property
   def jnp_dtype(self):

@@ -331,6 +331,24 @@ def test_a_run_that_fails_leaves_the_earlier_runs_files_as_they_were(tmp_path, m
   assert json.loads((tmp_path / "config.json").read_text())["pool_tokens"] == 1024
 
 
+def test_a_run_that_fails_while_writing_leaves_the_earlier_runs_files(tmp_path, monkeypatch):
+  run.run_experiment(_tiny_memory_config(), str(tmp_path))
+  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+  real = _outputs.write_result
+
+  def half_written(result, workdir):
+    real(result, workdir)  # every table and plot, then a failure (a plot's drawing code)
+    raise RuntimeError("a plot failed")
+
+  monkeypatch.setattr(_outputs, "write_result", half_written)
+  config = _tiny_memory_config()
+  config.pool_tokens = 2048
+  with pytest.raises(RuntimeError, match="a plot failed"):
+    run.run_experiment(config, str(tmp_path))
+  # Nothing new in the workdir, no staging folder left behind.
+  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_a_run_removes_what_the_run_before_it_wrote_and_it_did_not(tmp_path):
   config = _tiny_memory_config()
   run.run_experiment(config, str(tmp_path), sweep="pool_tokens=512,1024")
@@ -370,15 +388,17 @@ def test_config_values_of_pools_and_kv_dtypes_are_checked_before_a_run(tmp_path)
   assert not workdir.exists()
   for key, value, match in [
     ("kv_dtype_axis", ("bfloat16", "uint8"), r"kv_dtype_axis must be one of .*, got uint8"),
-    ("kv_dtype_axis", (), r"kv_dtype_axis needs at least one"),
-    ("kernel_kv_dtype", "bfloat16", r"kernel_kv_dtype must be '' \(kernel_dtype\) or one of"),
+    ("kernel_kv_dtype", "int4", r"kernel_kv_dtype must be one of .*, got int4"),
     ("host_pool_tokens", -1, r"host_pool_tokens \(swap slots\) must be >= 0"),
   ]:
     with pytest.raises(ValueError, match=match):
       run.check_config_values(ConfigDict({key: value}))
-  run.check_config_values(
-    ConfigDict({"kv_dtype_axis": ("bfloat16", "int8", "float8_e4m3fn"), "kernel_kv_dtype": ""})
-  )
+  for ok in (
+    {"kv_dtype_axis": ("bfloat16", "int8", "float8_e4m3fn"), "kernel_kv_dtype": ""},
+    {"kv_dtype_axis": (), "kernel_kv_dtype": "int8"},  # (): batch_capacity's "no such table"
+    {"kernel_kv_dtype": "bfloat16", "watermark": 0.0, "host_pool_tokens": 0},
+  ):
+    run.check_config_values(ConfigDict(ok))
 
 
 def test_resolve_experiment_errors_name_the_choices():
