@@ -160,8 +160,9 @@ class PagedAttention(nnx.Module):
   since Pallas's interpret mode copies a pool its kernel writes in place, which the
   compiled GPU kernel does not). Attribute ``fused_write_8bit`` (None): over an 8-bit
   cache, None writes inside the kernel on the GPU backend on the cards of
-  ``kernels.gpu.quant_fused_write`` (the H100; the H200 measured the separate write faster,
-  docs/benchmarks.md "Run41"); True or False decide on every backend.
+  ``kernels.gpu.quant_fused_write`` (the H100, where it was measured faster; on the H200 it
+  is not measured yet, docs/benchmarks.md "Run41" and "Run42"); True or False decide on
+  every backend.
   """
 
   fused_write = True

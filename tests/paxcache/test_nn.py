@@ -1209,7 +1209,8 @@ def test_an_8bit_decode_step_is_written_in_the_kernel_as_by_the_cache_write(
 
 def test_the_8bit_fused_write_is_taken_on_the_cards_it_was_measured_faster_on(monkeypatch):
   """kernels.gpu.quant_fused_write: the H100 SXM (run41: 3-44% shorter 8-bit steps where the
-  ranges part), not the H200 (the separate write was faster at 256 x 1024 there) nor other
+  ranges part), not the H200 (this kernel not timed there yet: run41's H200 figures were of
+  one that also rotated inside) nor other
   cards nor no card; the layer follows it on
   the GPU backend only, and its ``fused_write_8bit`` overrides it either way."""
   from kernels import gpu
