@@ -8,10 +8,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.
 C=$(cat tmp/run42/commit)
 t0=$(date +%s); nvidia-smi --query-gpu=name,memory.total --format=csv | tee $OUT/smi.txt
 grep -q H200 $OUT/smi.txt || { echo "not an H200: nothing timed"; tar czf $O/o42B.tgz -C /tmp o42B; exit 0; }
-left() { echo $(( 380 - ($(date +%s) - t0) )); }
+left() { echo $(( 300 - ($(date +%s) - t0) )); }
 save() { tar czf $O/o42B.tgz -C /tmp o42B; }
 timeout 70 python -m experiments.bench.gpu_check --only "packed int8" --out $OUT/check > $OUT/check_int8.log 2>&1; echo "check rc=$? $(( $(date +%s) - t0 ))s"; grep -E "FAIL|passed" $OUT/check_int8.log; save
-QW_BIG_FIRST=1 timeout 230 python -m tmp.run42.qw_step $OUT/qw 190 int8-rot-fused,int8-rot-write,bfloat16-plain-fused > $OUT/qw.log 2>&1; echo "qw rc=$? $(( $(date +%s) - t0 ))s"; save
+QW_BIG_FIRST=1 timeout 200 python -m tmp.run42.qw_step $OUT/qw 165 int8-rot-fused,int8-rot-write,bfloat16-plain-fused > $OUT/qw.log 2>&1; echo "qw rc=$? $(( $(date +%s) - t0 ))s"; save
 python - <<'PY'
 import json, os
 p = '/tmp/o42B/qw/qw_step.jsonl'
