@@ -367,10 +367,9 @@ def run_experiment(
       logging.info("removed %s (written by the run before, not by this one)", name)
     except FileNotFoundError:
       pass
-  written = names
   for table in result.tables:
     logging.info("\n%s", _outputs.to_markdown(table))
-  logging.info("wrote %d files to %s in %.1f s", len(written) + 1, workdir, seconds)
+  logging.info("wrote %d files to %s in %.1f s", len(names) + 1, workdir, seconds)
   return result
 
 

@@ -142,7 +142,7 @@ class PagedKVCache:
       head_dim=head_dim,
     )
     shape = _check_dims(dims)
-    dtype = _check_kv_dtype(dtype, "dtype")
+    dtype = check_kv_dtype(dtype, "dtype")
     if not isinstance(rotated, bool):
       raise ValueError(f"PagedKVCache.create: rotated must be a bool, got {rotated!r}")
     if rotated and dtype != jnp.int8:
@@ -197,7 +197,7 @@ class PagedKVCache:
         "k and v must both be [num_layers, num_kv_heads, num_blocks, block_size, head_dim] of "
         f"one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
       )
-    _check_kv_dtype(k.dtype, "PagedKVCache.from_stacked: k's dtype")
+    check_kv_dtype(k.dtype, "PagedKVCache.from_stacked: k's dtype")
     return cls(k=tuple(k[i] for i in range(k.shape[0])), v=tuple(v[i] for i in range(v.shape[0])))
 
   def stacked(self) -> tuple[jax.Array, jax.Array]:
@@ -308,12 +308,6 @@ def _check_dims(dims: dict[str, int]) -> tuple[int, ...]:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
   return tuple(int(x) for x in dims.values())
-
-
-def _check_kv_dtype(dtype, name: str):
-  """A dtype the kernels read from a cache (``kernels.check_kv_dtype``: float32, bfloat16,
-  float16, int8, float8_e4m3fn); ValueError naming ``name`` otherwise."""
-  return check_kv_dtype(dtype, name)
 
 
 def _shape_str(x) -> str:
@@ -583,7 +577,7 @@ class HostKVPool:
         "host k and v must both be [num_layers, num_kv_heads, num_host_blocks, block_size, "
         f"head_dim] of one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
       )
-    _check_kv_dtype(k.dtype, "HostKVPool: k's dtype")
+    check_kv_dtype(k.dtype, "HostKVPool: k's dtype")
     quantized = is_quantized(k.dtype)
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
       if not quantized and s is not None:
@@ -617,7 +611,7 @@ class HostKVPool:
       head_dim=head_dim,
     )
     shape = _check_dims(dims)
-    dtype = _check_kv_dtype(dtype, "dtype")
+    dtype = check_kv_dtype(dtype, "dtype")
     # Block-major storage, handed over as the read layout's views (shared, not copied).
     kv = np.zeros((shape[2], 2, *shape[:2], *shape[3:]), dtype)
     arrays = [np.moveaxis(kv[:, 0], 0, 2), np.moveaxis(kv[:, 1], 0, 2)]

@@ -116,27 +116,10 @@ def write_decode_case(
       interpret=interpret, block_sizes=block_sizes,
     )  # fmt: skip
 
-  lens = _case_lengths(rng, batch, context, block_size, lengths)
-  kb, vb, table, lens, _, _ = make_paged(
-    rng,
-    batch=batch,
-    context=context,
-    block_size=block_size,
-    num_kv_heads=hkv,
-    head_dim=d,
-    dtype=dtype,
-    lengths=lens,
-    extra_blocks=7,
+  kb, vb, table, lens, slots, q, k_new, v_new = _write_case_inputs(
+    rng, batch, context, block_size, hq, hkv, d, dtype, dtype, lengths
   )
   lens_np = np.asarray(lens)
-  slots = _last_slots(lens_np, np.asarray(table), block_size)
-  flat = slots[slots >= 0]
-  kb = kb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(kb.shape)
-  vb = vb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(vb.shape)
-  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
-  q = jax.random.normal(keys[0], (batch, hq, d), jnp.float32).astype(dtype)
-  k_new = jax.random.normal(keys[1], (batch, hkv, d), jnp.float32).astype(dtype)
-  v_new = jax.random.normal(keys[2], (batch, hkv, d), jnp.float32).astype(dtype)
   kw = dict(scale=d**-0.5, sliding_window=window, logit_soft_cap=cap)
   plan = gpu.plan_decode(lens_np, block_size, hkv, sliding_window=window) if planned else None
   kw_ref, vw_ref = kernels.write_kv(kb, vb, k_new, v_new, jnp.asarray(slots))
@@ -180,33 +163,22 @@ def _write_decode_8bit(
   """:func:`write_decode_case` over 8-bit pools (``kv_dtype``), packed q/k/v."""
   import kernels
 
-  lens = _case_lengths(rng, batch, context, block_size, lengths)
-  kf, vf, table, lens, _, _ = make_paged(
-    rng, batch=batch, context=context, block_size=block_size, num_kv_heads=hkv, head_dim=d,
-    dtype=jnp.float32, lengths=lens, extra_blocks=7,
-  )  # fmt: skip
-  slots = _last_slots(np.asarray(lens), np.asarray(table), block_size)
-  flat = slots[slots >= 0]
-  kf = kf.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(kf.shape)
-  vf = vf.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(vf.shape)
+  kf, vf, table, lens, slots, q, k_new, v_new = _write_case_inputs(
+    rng, batch, context, block_size, hq, hkv, d, jnp.float32, dtype, lengths
+  )
   kq, ks = kernels.quantize(kf, kv_dtype)  # NaN rows: NaN scales (every stale slot)
   vq, vs = kernels.quantize(vf, kv_dtype)
-  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
-  q = jax.random.normal(keys[0], (batch, hq, d), jnp.float32).astype(dtype)
-  k_new = jax.random.normal(keys[1], (batch, hkv, d), jnp.float32).astype(dtype)
-  v_new = jax.random.normal(keys[2], (batch, hkv, d), jnp.float32).astype(dtype)
   want = kernels.write_kv_quantized(kq, vq, ks, vs, k_new, v_new, jnp.asarray(slots))
-  lens_np = np.asarray(lens)
-  plan = gpu.plan_decode(lens_np, block_size, hkv) if planned else None
+  plan = gpu.plan_decode(np.asarray(lens), block_size, hkv) if planned else None
   opts = dict(backend="gpu", block_sizes=block_sizes, interpret=interpret, scale=d**-0.5)
-  out, *got = jax.jit(
-    lambda qkv, *a, plan: kernels.write_and_decode_packed(
-      qkv, *a[:5], k_scales=a[5], v_scales=a[6], decode_plan=plan, **opts
-    )
-  )(
-    jnp.concatenate([q, k_new, v_new], axis=1), kq, vq, jnp.asarray(slots), table, lens, ks, vs,
-    plan=plan,
-  )  # fmt: skip
+
+  def call(qkv, k, v, ks, vs, plan):
+    return kernels.write_and_decode_packed(
+      qkv, k, v, jnp.asarray(slots), table, lens, k_scales=ks, v_scales=vs, decode_plan=plan,
+      **opts,
+    )  # fmt: skip
+
+  out, *got = jax.jit(call)(jnp.concatenate([q, k_new, v_new], axis=1), kq, vq, ks, vs, plan)
   for name, g, w in zip(("k", "v", "k_scale", "v_scale"), got, want, strict=True):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     wrong = int((~((g == w) | (np.isnan(g) & np.isnan(w)))).sum())
@@ -229,11 +201,28 @@ def _case_lengths(rng, batch, context, block_size, lengths):
   return lens
 
 
-def _last_slots(lens, table, block_size):
-  """The slot of each row's last position (-1 for an empty row)."""
-  last = np.maximum(lens - 1, 0)
-  blocks = table[np.arange(len(lens)), last // block_size]
-  return np.where(lens > 0, blocks * block_size + last % block_size, -1).astype(np.int32)
+def _write_case_inputs(rng, batch, context, block_size, hq, hkv, d, pool_dtype, dtype, lengths):
+  """A write+decode case's pools (``pool_dtype``, blocks scattered, NaN past each length and
+  in the slot each row writes: a kernel reading its last key back from the pool would show
+  it), block table, lengths, those slots (-1 for an empty row) and its q, k and v rows."""
+  lens = _case_lengths(rng, batch, context, block_size, lengths)
+  kb, vb, table, lens, _, _ = make_paged(
+    rng, batch=batch, context=context, block_size=block_size, num_kv_heads=hkv, head_dim=d,
+    dtype=pool_dtype, lengths=lens, extra_blocks=7,
+  )  # fmt: skip
+  lens_np, table_np = np.asarray(lens), np.asarray(table)
+  last = np.maximum(lens_np - 1, 0)
+  blocks = table_np[np.arange(batch), last // block_size]
+  slots = np.where(lens_np > 0, blocks * block_size + last % block_size, -1).astype(np.int32)
+  flat = slots[slots >= 0]
+  kb = kb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(kb.shape)
+  vb = vb.reshape(hkv, -1, d).at[:, flat].set(jnp.nan).reshape(vb.shape)
+  keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+  q, k_new, v_new = (
+    jax.random.normal(key, (batch, h, d), jnp.float32).astype(dtype)
+    for key, h in zip(keys, (hq, hkv, hkv), strict=True)
+  )
+  return kb, vb, table, lens, slots, q, k_new, v_new
 
 
 def prefill_case(

@@ -467,10 +467,10 @@ def decode_with_write(
   ``block_sizes`` asks for, runs after ``kernels.write_kv`` instead). With ``k_new`` and
   ``v_new`` None, ``q`` is a packed ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]``
   q/k/v in the pools' dtype (``kernels.write_and_decode_packed``), read by the kernel as it
-  is. Returns ``(out,
-  k_blocks, v_blocks)``. 8-bit pools (``k_scales``, ``v_scales``; packed only): the kernel
-  quantizes the float rows it writes, q is cast to ``q_dtype`` (None: the packed array's),
-  and the scale pools come back too: ``(out, k_blocks, v_blocks, k_scales, v_scales)``.
+  is. Returns ``(out, k_blocks, v_blocks)``. 8-bit pools (``k_scales``, ``v_scales``;
+  packed only): the kernel quantizes the float rows it writes, q is cast to ``q_dtype``
+  (None: the packed array's), and the scale pools come back too: ``(out, k_blocks,
+  v_blocks, k_scales, v_scales)``.
   """
   packed_qkv = k_new is None
   qkv = q

@@ -417,16 +417,22 @@ def test_gpu_prefill_ragged_smoke_writes_a_row_per_case_block_and_kernel(tmp_pat
   assert "| uniform32_16_1024 | 16 | " in proc.stdout
 
 
-def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path):
-  # Interpret mode on CPU: head_dim 96 (128-wide tiles) through the three kernels against
-  # the reference, then the decode timing; one JSON row and one table row.
+def _gpu_check_smoke(tmp_path, *argv: str) -> subprocess.CompletedProcess:
+  """``gpu_check --smoke ARGV --out tmp_path`` in a fresh process (interpret mode, CPU)."""
   code = (
     "import runpy\n"
-    f"sys.argv = ['gpu_check', '--smoke', '--head-dims', '96', '--out', '{tmp_path}']\n"
+    f"sys.argv = ['gpu_check', '--smoke', *{list(argv)!r}, '--out', '{tmp_path}']\n"
     "runpy.run_module('experiments.bench.gpu_check', run_name='__main__')\n"
   )
   proc = _python(code)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_gpu_check_head_dims_smoke_checks_every_kernel_and_times_decode(tmp_path):
+  # Interpret mode on CPU: head_dim 96 (128-wide tiles) through the three kernels against
+  # the reference, then the decode timing; one JSON row and one table row.
+  proc = _gpu_check_smoke(tmp_path, "--head-dims", "96")
   (row,) = [json.loads(line) for line in (tmp_path / "head_dims.jsonl").read_text().splitlines()]
   assert row["head_dim"] == 96 and row["tile_width"] == 128 and row["ok"] is True
   bound = tolerance("gpu_kernel_vs_reference_rel_l2", "bfloat16").rtol
@@ -441,13 +447,7 @@ def test_gpu_check_8bit_write_smoke_compares_pools_with_the_xla_write(tmp_path):
   # int8 and e4m3): its pools and scale pools equal kernels.write_kv_quantized's (the case
   # asserts it; a kernel storing a scale off by 1e-4 fails there), its output the
   # reference's over the pools it wrote.
-  code = (
-    "import runpy\n"
-    f"sys.argv = ['gpu_check', '--smoke', '--only', 'smoke packed ', '--out', '{tmp_path}']\n"
-    "runpy.run_module('experiments.bench.gpu_check', run_name='__main__')\n"
-  )
-  proc = _python(code)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  _gpu_check_smoke(tmp_path, "--only", "smoke packed ")
   rows = [json.loads(line) for line in (tmp_path / "check.jsonl").read_text().splitlines()]
   assert sorted(r["kernel"] for r in rows) == sorted(
     f"triton-{p}packed-write-{kv}" for kv in ("int8", "float8_e4m3fn") for p in ("", "planned-")

@@ -307,46 +307,39 @@ def test_bad_values_and_sweeps_raise_before_the_workdir_is_written(tmp_path):
   assert not workdir.exists()
 
 
-def test_a_run_that_fails_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["experiment", "writing"])
+def test_a_run_that_fails_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch, where):
   run.run_experiment(_tiny_memory_config(), str(tmp_path))
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-  real = run.resolve_experiment
+  if where == "experiment":  # the whole run, then a failure at its end
+    real = run.resolve_experiment
 
-  def failing(name):
-    fn = real(name)
+    def failing(name):
+      fn = real(name)
 
-    def experiment(cfg):
-      fn(cfg)  # the whole run, then a failure at its end
-      raise RuntimeError("the experiment failed")
+      def experiment(cfg):
+        fn(cfg)
+        raise RuntimeError("it failed")
 
-    return experiment
+      return experiment
 
-  monkeypatch.setattr(run, "resolve_experiment", failing)
+    monkeypatch.setattr(run, "resolve_experiment", failing)
+  else:  # every table and plot written, then a failure (a plot's drawing code)
+    real = _outputs.write_result
+
+    def half_written(result, workdir):
+      real(result, workdir)
+      raise RuntimeError("it failed")
+
+    monkeypatch.setattr(_outputs, "write_result", half_written)
   config = _tiny_memory_config()
   config.pool_tokens = 2048
-  with pytest.raises(RuntimeError, match="the experiment failed"):
+  with pytest.raises(RuntimeError, match="it failed"):
     run.run_experiment(config, str(tmp_path))
-  # config.json still describes the results beside it (pool_tokens 1024, not 2048).
+  # Nothing new in the workdir, no staging folder left behind: config.json still describes
+  # the results beside it (pool_tokens 1024, not 2048).
   assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
   assert json.loads((tmp_path / "config.json").read_text())["pool_tokens"] == 1024
-
-
-def test_a_run_that_fails_while_writing_leaves_the_earlier_runs_files(tmp_path, monkeypatch):
-  run.run_experiment(_tiny_memory_config(), str(tmp_path))
-  before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-  real = _outputs.write_result
-
-  def half_written(result, workdir):
-    real(result, workdir)  # every table and plot, then a failure (a plot's drawing code)
-    raise RuntimeError("a plot failed")
-
-  monkeypatch.setattr(_outputs, "write_result", half_written)
-  config = _tiny_memory_config()
-  config.pool_tokens = 2048
-  with pytest.raises(RuntimeError, match="a plot failed"):
-    run.run_experiment(config, str(tmp_path))
-  # Nothing new in the workdir, no staging folder left behind.
-  assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_a_run_removes_what_the_run_before_it_wrote_and_it_did_not(tmp_path):
