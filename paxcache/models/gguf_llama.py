@@ -396,6 +396,7 @@ def load_gguf_llama(
   kv_dtype: str | None = None,
   gemm: str = "auto",
   kv_rotation: bool = True,
+  fused_write_8bit: bool | None = None,
 ) -> GGUFModel:
   """Loads a Llama GGUF file into :class:`paxcache.nn.Decoder`, with tokenizer and chat template.
 
@@ -410,6 +411,8 @@ def load_gguf_llama(
       "int8" / "float8_e4m3fn": 8-bit K/V with scales).
     kv_rotation: ``DecoderConfig.kv_rotation`` (int8 caches: rows stored rotated).
     gemm: how the decoder's projections multiply (``paxcache.nn.GEMMS``; ``Decoder``).
+    fused_write_8bit: ``Decoder``'s (8-bit caches: the write inside the decode kernel;
+      None: the card's default).
 
   Returns:
     A :class:`GGUFModel`.
@@ -451,7 +454,14 @@ def load_gguf_llama(
   # Build the module abstractly (no random initialisation of 100M+ parameters), then put
   # the file's weights in.
   model = nnx.eval_shape(
-    lambda: Decoder(config, backend=backend, interpret=interpret, gemm=gemm, rngs=nnx.Rngs(0))
+    lambda: Decoder(
+      config,
+      backend=backend,
+      interpret=interpret,
+      gemm=gemm,
+      fused_write_8bit=fused_write_8bit,
+      rngs=nnx.Rngs(0),
+    )
   )
   state = nnx.state(model, nnx.Param)
   expected = jax.tree.map(lambda x: x.shape, nnx.to_pure_dict(state))

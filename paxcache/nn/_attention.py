@@ -82,6 +82,14 @@ def dense_causal_attention(q, k, v, q_positions, *, scale, k_length=None, exact=
   return out.reshape(b, s, num_q_heads, head_dim).astype(q.dtype)
 
 
+def check_fused_write_8bit(value):
+  """``value`` if it is None or a bool (``PagedAttention``'s ``fused_write_8bit``), else
+  ValueError (a string such as "false" would be truthy)."""
+  if value is not None and not isinstance(value, bool):
+    raise ValueError(f"fused_write_8bit must be None, True or False, got {value!r}")
+  return value
+
+
 def _plain_float_pools(cache) -> bool:
   """Whether ``cache`` (a ``PagedKVCache`` or one layer's ``(k_blocks, v_blocks)``) holds
   16- or 32-bit K/V in the plain layout: what ``kernels.write_and_decode_packed`` takes."""
@@ -151,6 +159,14 @@ class PagedAttention(nnx.Module):
       relative to each value).
     rngs: parameter initialisation.
 
+    fused_write_8bit: over an 8-bit cache, whether a decode step writes the new rows inside
+      the decode kernel (quantizing them there) rather than with the cache write before it:
+      None (default) does on the GPU backend on the cards of
+      ``kernels.gpu.quant_fused_write`` (the H100, where it was measured faster; on the
+      H200 it is not measured yet, docs/benchmarks.md "Run41" and "Run42"); True or False
+      decide on every backend. The same result either way. Also an attribute, which may be
+      set on a built layer.
+
   Attribute ``fused_write`` (True): decode steps over plain-layout pools on one device (16-
   or 32-bit pools, or an 8-bit ``PagedKVCache`` with its scales where
   ``fused_write_8bit`` allows) write and attend with one ``kernels.write_and_decode_packed``
@@ -158,15 +174,10 @@ class PagedAttention(nnx.Module):
   rows); False keeps the write then ``paged_attention`` (the same result; tests inspect
   the step around the kernels with it,
   since Pallas's interpret mode copies a pool its kernel writes in place, which the
-  compiled GPU kernel does not). Attribute ``fused_write_8bit`` (None): over an 8-bit
-  cache, None writes inside the kernel on the GPU backend on the cards of
-  ``kernels.gpu.quant_fused_write`` (the H100, where it was measured faster; on the H200 it
-  is not measured yet, docs/benchmarks.md "Run41" and "Run42"); True or False decide on
-  every backend.
+  compiled GPU kernel does not).
   """
 
   fused_write = True
-  fused_write_8bit = None
 
   def _fuses_8bit_write(self) -> bool:
     """Whether a decode step over an 8-bit cache writes inside the decode kernel:
@@ -197,6 +208,7 @@ class PagedAttention(nnx.Module):
     mesh=None,
     mesh_axis: str = "model",
     kv_rotation: bool = True,
+    fused_write_8bit: bool | None = None,
     rngs: nnx.Rngs,
   ):
     if num_q_heads % num_kv_heads:
@@ -227,6 +239,7 @@ class PagedAttention(nnx.Module):
     if not isinstance(kv_rotation, bool):
       raise ValueError(f"kv_rotation must be a bool, got {kv_rotation!r}")
     self.kv_rotation = kv_rotation
+    self.fused_write_8bit = check_fused_write_8bit(fused_write_8bit)
     self.set_mesh(mesh, mesh_axis)
 
   def set_mesh(self, mesh, mesh_axis: str = "model") -> None:

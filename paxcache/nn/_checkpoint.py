@@ -48,10 +48,11 @@ def load_decoder(
   kv_dtype: str | None = None,
   gemm: str = "auto",
   kv_rotation: bool | None = None,
+  fused_write_8bit: bool | None = None,
 ) -> Decoder:
   """Builds a :class:`Decoder` from ``directory`` (default: the tiny model in the package).
 
-  ``backend``, ``interpret`` and ``gemm`` are :class:`Decoder`'s.
+  ``backend``, ``interpret``, ``gemm`` and ``fused_write_8bit`` are :class:`Decoder`'s.
 
   ``kv_dtype`` overrides the checkpoint's ``DecoderConfig.kv_dtype`` (e.g. "int8" for an
   8-bit paged cache); None keeps it; ``kv_rotation`` (``DecoderConfig.kv_rotation``)
@@ -74,7 +75,14 @@ def load_decoder(
     config = dataclasses.replace(config, kv_dtype=kv_dtype)
   if kv_rotation is not None:
     config = dataclasses.replace(config, kv_rotation=kv_rotation)
-  model = Decoder(config, backend=backend, interpret=interpret, gemm=gemm, rngs=nnx.Rngs(0))
+  model = Decoder(
+    config,
+    backend=backend,
+    interpret=interpret,
+    gemm=gemm,
+    fused_write_8bit=fused_write_8bit,
+    rngs=nnx.Rngs(0),
+  )
   with open(os.path.join(directory, PARAMS_FILE), "rb") as f:
     params = serialization.msgpack_restore(f.read())
   if fmt == 1:

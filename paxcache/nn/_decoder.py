@@ -8,7 +8,7 @@ from flax import nnx
 
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
-from paxcache.nn._attention import PagedAttention
+from paxcache.nn._attention import PagedAttention, check_fused_write_8bit
 from paxcache.nn._config import DecoderConfig
 from paxcache.nn._layers import RMSNorm, SwiGLU
 
@@ -25,6 +25,7 @@ class DecoderLayer(nnx.Module):
     gemm: str = "auto",
     mesh=None,
     mesh_axis: str = "model",
+    fused_write_8bit: bool | None = None,
     rngs: nnx.Rngs,
   ):
     c = config
@@ -43,6 +44,7 @@ class DecoderLayer(nnx.Module):
       mesh=mesh,
       mesh_axis=mesh_axis,
       kv_rotation=c.kv_rotation,
+      fused_write_8bit=fused_write_8bit,
       rngs=rngs,
     )
     self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps)
@@ -100,6 +102,11 @@ class Decoder(nnx.Module):
   weights, CPU, TPU, float32, a mesh); "xla" never the kernel; "pallas" every projection
   (``interpret=True`` on CPU), raising where the kernel cannot run it (above 256 rows, a
   mesh, float32). The embedding and the logits stay XLA's.
+
+  ``fused_write_8bit`` (None, True or False) is every layer's :class:`PagedAttention`
+  ``fused_write_8bit``: over an 8-bit cache, whether a decode step writes and quantizes the
+  new rows inside the decode kernel (None: the card's default,
+  ``kernels.gpu.quant_fused_write``). The same tokens either way; a speed choice.
   """
 
   def __init__(
@@ -111,10 +118,12 @@ class Decoder(nnx.Module):
     gemm: str = "auto",
     mesh=None,
     mesh_axis: str = "model",
+    fused_write_8bit: bool | None = None,
     rngs: nnx.Rngs,
   ):
     c = config
     self.config = c
+    check_fused_write_8bit(fused_write_8bit)
     self.embed = nnx.Embed(
       c.vocab_size, c.d_model, dtype=c.jnp_dtype, param_dtype=c.jnp_param_dtype, rngs=rngs
     )
@@ -127,6 +136,7 @@ class Decoder(nnx.Module):
           gemm=gemm,
           mesh=mesh,
           mesh_axis=mesh_axis,
+          fused_write_8bit=fused_write_8bit,
           rngs=rngs,
         )
         for _ in range(c.num_layers)

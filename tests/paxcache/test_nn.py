@@ -1180,9 +1180,9 @@ def test_an_8bit_decode_step_is_written_in_the_kernel_as_by_the_cache_write(
   for fused in (True, False):
     layer = PagedAttention(
       32, 4, 2, 16, kv_rotation=rotation, backend="gpu", interpret=True, dtype=dtype,
+      fused_write_8bit=True,  # whatever the card (test_..._measured_faster_on)
       rngs=nnx.Rngs(3),
     )  # fmt: skip
-    layer.fused_write_8bit = True  # whatever the card (test_..._measured_faster_on)
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal((n, 32)).astype(np.float32) for n in (11, 6)]
     table = _scatter_table(rng, [11, 6], 4, 16, 4)
@@ -1232,3 +1232,24 @@ def test_the_8bit_fused_write_is_taken_on_the_cards_it_was_measured_faster_on(mo
         layer.fused_write_8bit = forced
         assert layer._fuses_8bit_write() == forced
         layer.fused_write_8bit = None
+
+
+def test_fused_write_8bit_is_an_argument_of_the_decoder_and_its_loaders(monkeypatch):
+  """``Decoder(..., fused_write_8bit=...)`` reaches every layer (so a user picks the path
+  without touching layers), ``load_decoder`` passes it on, and a value that is not None or
+  a bool is refused where it is given (a string "false" would be truthy)."""
+  from kernels.gpu import tuning
+  from paxcache.nn import Decoder, DecoderConfig, load_decoder
+
+  monkeypatch.setattr(tuning, "current_device_kind", lambda: "NVIDIA H200")
+  config = DecoderConfig(num_layers=3, kv_dtype="int8")
+  for value, fuses in ((None, False), (True, True), (False, False)):
+    model = Decoder(config, backend="gpu", interpret=True, fused_write_8bit=value, rngs=nnx.Rngs(0))
+    assert [layer.attn.fused_write_8bit for layer in model.layers] == [value] * 3
+    assert [layer.attn._fuses_8bit_write() for layer in model.layers] == [fuses] * 3
+  assert load_decoder(fused_write_8bit=True).layers[0].attn.fused_write_8bit is True
+  for bad in ("false", 0, 1):
+    with pytest.raises(ValueError, match="fused_write_8bit must be None, True or False"):
+      Decoder(config, fused_write_8bit=bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="fused_write_8bit must be None, True or False"):
+      PagedAttention(16, 2, 1, 8, fused_write_8bit=bad, rngs=nnx.Rngs(0))
