@@ -21,7 +21,9 @@ wrote), ``results.jsonl`` (every table row, with a ``"table"`` key), per table
 ``<name>.png`` and ``<name>.pdf``. Nothing in the workdir changes until the experiment has
 run: a run that fails leaves the files of the run before it as they were. A run that
 succeeds removes the files the run before it wrote (its ``run_info.json`` lists them) and
-it did not write again, such as an earlier sweep's plots; other files are left alone. A
+it did not write again, such as an earlier sweep's plots, and what an earlier run of more
+processes wrote to ``process<i>/`` folders this run has no process for (listed in their
+own ``run_info.json``); other files are left alone. A
 workdir under ``docs/results/`` is refused while the tree has uncommitted changes.
 """
 
@@ -321,12 +323,13 @@ def run_experiment(
       "same workdir; add --config.engine.distributed=True (request_rate: "
       "--config.distributed=True)"
     )
+  index, count = 0, 1
   if wants_distributed(config):
     # One process of a multi-process JAX job: join it before anything touches a device.
     # Process 0 writes the workdir; process i > 0 writes the same files to process<i>/.
     from paxcache import distributed
 
-    index, _ = distributed.initialize()
+    index, count = distributed.initialize()
     if index:
       workdir = os.path.join(workdir, f"process{index}")
   fn, field, runs = prepare_run(config, workdir, sweep)
@@ -367,10 +370,40 @@ def run_experiment(
       logging.info("removed %s (written by the run before, not by this one)", name)
     except FileNotFoundError:
       pass
+  if index == 0:
+    _remove_stale_process_folders(workdir, count)
   for table in result.tables:
     logging.info("\n%s", _outputs.to_markdown(table))
   logging.info("wrote %d files to %s in %.1f s", len(names) + 1, workdir, seconds)
   return result
+
+
+def _remove_stale_process_folders(workdir: str, count: int) -> None:
+  """Removes what an earlier run of more processes wrote to ``process<i>/`` for every ``i
+  >= count`` (this run's processes rewrite their own folders): the files its
+  ``run_info.json`` lists, then the folder if nothing else is in it. A folder without that
+  list, or with other files, keeps them (a workdir may hold other files)."""
+  try:
+    entries = os.listdir(workdir)
+  except OSError:
+    return
+  for entry in sorted(entries):
+    match = re.fullmatch(r"process([1-9][0-9]*)", entry)
+    folder = os.path.join(workdir, entry)
+    if not match or int(match.group(1)) < count or not os.path.isdir(folder):
+      continue
+    if os.path.islink(folder):
+      continue  # never follow a link out of the workdir
+    for name in sorted(_previous_outputs(folder)):
+      try:
+        os.remove(os.path.join(folder, name))
+      except FileNotFoundError:
+        pass
+    try:
+      os.rmdir(folder)
+      logging.info("removed %s/ (written by an earlier run of more processes)", entry)
+    except OSError:
+      logging.info("kept %s/: it holds files no earlier run listed", entry)
 
 
 def _stack_sweep(field: str, results: list) -> _outputs.Result:

@@ -363,6 +363,33 @@ def test_a_run_removes_what_the_run_before_it_wrote_and_it_did_not(tmp_path):
   assert outside.read_text() == "keep" and (tmp_path / "notes.txt").exists()
 
 
+def test_a_run_removes_the_process_folders_of_an_earlier_run_of_more_processes(tmp_path):
+  """A distributed run's process i > 0 writes workdir/process<i>/; a later run of fewer
+  processes leaves no such folder beside its results, removing only the files each folder's
+  run_info.json lists (a folder holding other files keeps them; a link is not followed)."""
+  config = _tiny_memory_config()
+  for i in (1, 2, 3):  # what processes 1-3 of a 4-process run write
+    run.run_experiment(config, str(tmp_path / f"process{i}"))
+  (tmp_path / "process2" / "mine.txt").write_text("mine")
+  (tmp_path / "process3" / "run_info.json").unlink()  # no list: nothing in it is removed
+  outside = tmp_path.parent / f"{tmp_path.name}_elsewhere"
+  run.run_experiment(config, str(outside))
+  (tmp_path / "process4").symlink_to(outside, target_is_directory=True)
+  (tmp_path / "processX").mkdir()  # not a process folder's name
+  listed = json.loads((outside / "run_info.json").read_text())["files"]
+
+  run._remove_stale_process_folders(str(tmp_path), 3)  # processes 1 and 2 rewrite theirs
+  assert (tmp_path / "process1" / "run_info.json").exists()
+  assert (tmp_path / "process2" / "run_info.json").exists()
+  run.run_experiment(config, str(tmp_path))  # one process
+  names = {p.name for p in tmp_path.iterdir()}
+  assert "process1" not in names
+  assert [p.name for p in (tmp_path / "process2").iterdir()] == ["mine.txt"]
+  assert {p.name for p in (tmp_path / "process3").iterdir()} == set(listed) - {"run_info.json"}
+  assert sorted(p.name for p in outside.iterdir()) == sorted(listed)
+  assert (tmp_path / "process4").is_symlink() and (tmp_path / "processX").is_dir()
+
+
 def test_config_values_of_pools_and_kv_dtypes_are_checked_before_a_run(tmp_path):
   config = _tiny_memory_config()
   workdir = tmp_path / "out"
