@@ -297,7 +297,8 @@ def validate_scales(k_blocks, k_scales, v_scales) -> None:
 
 def _validate_host_values(num_rows, pool_shape, block_table, lengths, cu_q_lens) -> None:
   """Value checks of host (NumPy) metadata: an out-of-range block id would otherwise be
-  clamped by a gather and silently read another request's block."""
+  skipped as an unused entry (every backend's rule for a traced table), silently dropping
+  that block's keys."""
   _, num_blocks, block_size, _ = pool_shape
   if isinstance(block_table, np.ndarray):
     bad = (block_table < INVALID_BLOCK) | (block_table >= num_blocks)

@@ -51,7 +51,7 @@ from kernels._validate import (
   validate_options,
   validate_padded_width,
 )
-from kernels.reference import INVALID_BLOCK
+from kernels.reference import INVALID_BLOCK, block_present
 
 __all__ = ["CascadePlan", "cascade_attention", "plan_cascade", "validate_plan"]
 
@@ -515,7 +515,7 @@ def _gather_kv(k_blocks, v_blocks, k_scales, v_scales, table, visible):
   """K/V rows of ``table [R, nb]`` as float32 ``[Hkv, R, nb * bs, D]``, 0 where not visible."""
   num_kv_heads, _, block_size, head_dim = k_blocks.shape
   r, nb = table.shape
-  safe = jnp.where(table >= 0, table, 0)
+  safe = jnp.where(block_present(table, k_blocks.shape[1]), table, 0)
   k = k_blocks[:, safe].reshape(num_kv_heads, r, nb * block_size, head_dim).astype(jnp.float32)
   v = v_blocks[:, safe].reshape(num_kv_heads, r, nb * block_size, head_dim).astype(jnp.float32)
   if k_scales is not None:
@@ -575,7 +575,7 @@ def _cascade_reference(
   shared_lse = jnp.full((batch, num_q_heads), -jnp.inf, jnp.float32)
   if num_groups and width and members and num_blocks:
     span = width * block_size
-    block_ok = jnp.repeat(plan.group_table >= 0, block_size, axis=1)
+    block_ok = jnp.repeat(block_present(plan.group_table, num_blocks), block_size, axis=1)
     visible = (jnp.arange(span)[None, :] < plan.group_lens[:, None]) & block_ok  # [G, span]
     k, v = _gather_kv(k_blocks, v_blocks, k_scales, v_scales, plan.group_table, visible)
     member_ok = plan.group_rows >= 0
@@ -609,7 +609,7 @@ def _cascade_reference(
     def own(xs):
       qc, table, start, length = xs
       pos = jnp.arange(span)[None, :]
-      block_ok = jnp.repeat(table >= 0, block_size, axis=1)
+      block_ok = jnp.repeat(block_present(table, num_blocks), block_size, axis=1)
       visible = (pos >= start[:, None]) & (pos < length[:, None]) & block_ok
       k, v = _gather_kv(k_blocks, v_blocks, k_scales, v_scales, table, visible)
       qb = qc.reshape(qc.shape[0], num_kv_heads, group, head_dim)

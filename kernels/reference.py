@@ -40,6 +40,13 @@ INVALID_BLOCK = -1
 _MASK_VALUE = -1e30  # finite: a fully masked row stays finite (no inf - inf = NaN)
 
 
+def block_present(table, num_blocks: int):
+  """Which entries of a block table name a block of the pool: ``0 <= id < num_blocks``.
+  Every backend skips the keys of the others (-1, the unused entry, and any id out of
+  range in a traced table, which no kernel can refuse at run time)."""
+  return (table >= 0) & (table < num_blocks)
+
+
 def _positions(lengths, cu_q_lens, num_tokens):
   """Per query row: its sequence id, its position, and whether it is a real row."""
   rows = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -76,7 +83,10 @@ def _attend_rows(
   max_blocks = row_table.shape[1]
   span = max_blocks * block_size
 
-  safe_table = jnp.where(row_table >= 0, row_table, 0)
+  # An entry outside [0, num_blocks) is an unused one (-1) on every backend: its keys are
+  # skipped, never read from another block (the GPU and TPU kernels mask it alike).
+  present = block_present(row_table, k_blocks.shape[1])
+  safe_table = jnp.where(present, row_table, 0)
   # [Hkv, T, max_blocks, bs, D] -> [Hkv, T, span, D]
   k = k_blocks[:, safe_table].reshape(num_kv_heads, t, span, head_dim).astype(jnp.float32)
   v = v_blocks[:, safe_table].reshape(num_kv_heads, t, span, head_dim).astype(jnp.float32)
@@ -86,7 +96,7 @@ def _attend_rows(
     v = v * v_scales[:, safe_table].reshape(num_kv_heads, t, span, 1)
 
   key_pos = jnp.arange(span, dtype=jnp.int32)
-  block_ok = jnp.repeat(row_table >= 0, block_size, axis=1)  # [T, span]
+  block_ok = jnp.repeat(present, block_size, axis=1)  # [T, span]
   visible = (key_pos[None, :] <= pos[:, None]) & block_ok & valid[:, None]
   if sliding_window is not None:
     visible &= key_pos[None, :] > (pos[:, None] - sliding_window)

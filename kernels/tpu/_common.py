@@ -38,14 +38,16 @@ class Chunk:
   for ``kv_buf.shape[2]`` consecutive KV heads starting at ``head``.
 
   Block ``j`` of the chunk is logical block ``first + j``. It is copied only when it is
-  below ``end`` (blocks the queries can see) and its table entry is not -1, so unused
-  entries are never DMA'd; the physical id is clamped so that even a corrupt table cannot
-  address outside the pool. Each block is one DMA for K and one for V, covering all the
-  ``heads`` KV heads (a strided copy: the heads' slabs of a block are ``num_blocks *
-  block_size`` rows apart in HBM), into rows ``[j * block_size, (j + 1) * block_size)`` of
-  every head's part of the slot. With 8-bit K/V (``scales`` given) each block also copies
-  its K and V scales ``[heads, block_size]`` into the slot's scale buffer (two more small
-  DMAs, on the slot's second semaphore): a block's scales always arrive with its rows.
+  below ``end`` (blocks the queries can see) and its table entry names a block of the pool
+  (``0 <= id < num_blocks``: -1, the unused entry, and an out-of-range id of a corrupt
+  table are both skipped and their keys masked, as on the other backends); the physical
+  id is clamped as well, so that no DMA can address outside the pool. Each block is one
+  DMA for K and one for V, covering all the ``heads`` KV heads (a strided copy: the heads'
+  slabs of a block are ``num_blocks * block_size`` rows apart in HBM), into rows ``[j *
+  block_size, (j + 1) * block_size)`` of every head's part of the slot. With 8-bit K/V
+  (``scales`` given) each block also copies its K and V scales ``[heads, block_size]`` into
+  the slot's scale buffer (two more small DMAs, on the slot's second semaphore): a block's
+  scales always arrive with its rows.
 
   All the K and V DMAs of a slot signal one semaphore, and :meth:`wait` waits on it once
   for the bytes of every block fetched (a DMA semaphore counts bytes: a wait with a
@@ -79,7 +81,8 @@ class Chunk:
     logical = self.first + j
     # Clamped so the SMEM read stays in bounds even for blocks we will not fetch.
     entry = self.table_ref[self.row * self.max_blocks + jnp.minimum(logical, self.max_blocks - 1)]
-    fetched = (logical < self.end) & (entry >= 0)
+    # An id outside the pool is an unused entry, as on every backend (reference.block_present).
+    fetched = (logical < self.end) & (entry >= 0) & (entry < self.k_hbm.shape[1])
     return fetched, jnp.clip(entry, 0, self.k_hbm.shape[1] - 1)
 
   def _copies(self, j, phys):

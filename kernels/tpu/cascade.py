@@ -47,7 +47,7 @@ PLAN_FIELDS = ("group_table", "group_lens", "group_rows", "row_starts")
 
 def _check_plan(plan, batch):
   """Static checks of the plan's arrays (shapes and integer dtypes; values are the host
-  planner's job, and the kernels clamp every table entry they read)."""
+  planner's job; the kernels skip every table entry outside the pool, as -1)."""
   arrays = {}
   for name in PLAN_FIELDS:
     if not hasattr(plan, name):

@@ -483,3 +483,45 @@ def test_every_backend_returns_zeros_when_there_is_no_block_to_read(max_blocks, 
       out = kernels.paged_attention(*args, backend=backend, interpret=True)
       assert out.shape == args[0].shape and out.dtype == args[0].dtype, backend
       np.testing.assert_array_equal(np.asarray(out), 0.0, err_msg=backend)
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["decode", "prefill"])
+@pytest.mark.parametrize("backend", ["reference", "gpu", "tpu"])
+def test_an_out_of_range_id_in_a_traced_table_is_an_unused_entry_on_every_backend(backend, prefill):
+  """A device table cannot be checked (a kernel cannot raise at run time), so a corrupt id
+  there gets one rule on every backend: an id outside [0, num_blocks) is skipped like -1,
+  its keys masked, never read from another block (the reference and the TPU kernels read
+  the clamped block before, the GPU kernels masked: answers 0.5 apart)."""
+  rng = np.random.default_rng(11)
+  hq, hkv, d, bs, nb = 4, 2, 128, 8, 6
+  k = rng.standard_normal((hkv, nb, bs, d)).astype(np.float32)
+  v = rng.standard_normal((hkv, nb, bs, d)).astype(np.float32)
+  k[:, 5], v[:, 5] = np.nan, np.nan  # a block no row names: must not leak either
+  lengths = np.asarray([20, 11, 24], np.int32)
+  good = np.asarray([[3, 0, 4], [1, 2, -1], [2, 4, 0]], np.int32)
+  bad = good.copy()
+  bad[0, 1], bad[2, 0] = nb, 10**6  # out of range, inside the rows' lengths
+  holes = np.where((bad >= nb) | (bad < 0), -1, bad)
+  q_lens = np.asarray([3, 1, 5]) if prefill else np.ones(3, int)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  q = jnp.asarray(rng.standard_normal((int(cu[-1]), hq, d)), jnp.float32)
+  args = dict(cu_q_lens=jnp.asarray(cu)) if prefill else {}
+  kj, vj = jnp.asarray(k), jnp.asarray(v)
+
+  def attend(table, backend):
+    # Device arrays: trusted (a host table with these ids raises; test above).
+    interpret = backend != "reference"
+    return np.asarray(
+      kernels.paged_attention(
+        q, kj, vj, jnp.asarray(table), jnp.asarray(lengths), backend=backend,
+        interpret=interpret, **args,
+      )
+    )  # fmt: skip
+
+  want = attend(holes, "reference")
+  got = attend(bad, backend)
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, want, **tolerance("attention_vs_float64", "float32"))
+  # ... and the id out of range mattered: reading block nb - 1 instead differs.
+  clamped = attend(np.minimum(bad, nb - 2), "reference")
+  assert np.max(np.abs(clamped - want)) > 0.01
