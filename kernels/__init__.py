@@ -23,7 +23,13 @@ from kernels._quant import (
   quantize,
 )
 from kernels._validate import validate_inputs
-from kernels._write import INVALID_SLOT, check_host_slot_mapping, write_kv, write_kv_quantized
+from kernels._write import (
+  INVALID_SLOT,
+  check_host_slot_mapping,
+  check_host_slots_match_table,
+  write_kv,
+  write_kv_quantized,
+)
 from kernels.cascade import CascadePlan, cascade_attention, plan_cascade
 from kernels.reference import INVALID_BLOCK
 
@@ -37,6 +43,7 @@ __all__ = [
   "CascadePlan",
   "cascade_attention",
   "check_host_slot_mapping",
+  "check_host_slots_match_table",
   "check_kv_dtype",
   "dequantize",
   "hadamard_rotate",

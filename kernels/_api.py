@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kernels import _layout, _write, reference
 from kernels._quant import is_quantized
@@ -389,28 +388,20 @@ def _check_fused_args(
       f"k_new {tuple(k_new.shape)}"
     )
   _write.check_pools(k_blocks, v_blocks)
+  if k_blocks.shape[3] != q.shape[2]:
+    raise ValueError(
+      f"kernels.write_and_decode: the pools' rows are {k_blocks.shape[3]} wide but q's "
+      f"head_dim is {q.shape[2]}; it takes plain pools [num_kv_heads, num_blocks, "
+      "block_size, head_dim] (a lane-dense or lane-padded pool: kernels.write_kv(..., "
+      "lane_dense= / lane_padded=True), then kernels.paged_attention with the same flag)"
+    )
   _write.check_rows(k_new, v_new, slot_mapping, k_blocks)
   validate_inputs(q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales)
-  _check_last_slots(slot_mapping, block_table, lengths, k_blocks.shape[2])
-
-
-def _check_last_slots(slot_mapping, block_table, lengths, block_size: int) -> None:
-  """With NumPy arguments: each row's slot is -1 or that of its position ``length - 1``
-  (what the fused GPU write assumes); ValueError naming the first rows that are not."""
-  if not all(isinstance(a, np.ndarray) for a in (slot_mapping, block_table, lengths)):
-    return
-  last = np.maximum(lengths.astype(np.int64) - 1, 0)
-  rows = np.arange(len(lengths))
-  col = np.minimum(last // block_size, max(block_table.shape[1] - 1, 0))
-  block = block_table[rows, col] if block_table.shape[1] else np.full(len(rows), -1)
-  want = block.astype(np.int64) * block_size + last % block_size
-  bad = (slot_mapping >= 0) & ((lengths < 1) | (block < 0) | (slot_mapping != want))
-  if bad.any():
-    b = np.flatnonzero(bad)[:4].tolist()
-    raise ValueError(
-      f"kernels.write_and_decode: rows {b} have slots {slot_mapping[b].tolist()}, not the "
-      f"slots of their last positions lengths - 1 = {(lengths[b] - 1).tolist()} (or -1)"
-    )
+  # Each row's slot must be that of its position lengths - 1 (or -1): the fused GPU write
+  # stores the row there and the attention reads it as that key.
+  _write.check_host_slots_match_table(
+    slot_mapping, block_table, lengths, None, k_blocks.shape[2], caller="kernels.write_and_decode: "
+  )
 
 
 def layout_for(chosen: str, q, k_blocks, v_blocks, lane_dense: bool):

@@ -48,6 +48,8 @@ def check_kv_dtype(dtype, name: str = "kv_dtype"):
   ``ValueError`` naming ``name`` and the choices. Other dtypes (float64, float8_e5m2,
   int4, ...) have no kernel that reads them, and no byte count a capacity could trust."""
   choices = ", ".join(d.name for d in KV_DTYPES)
+  if dtype is None:  # jnp.dtype(None) is float64: name what was given
+    raise ValueError(f"{name} must be one of {choices}, got None")
   try:
     dt = jnp.dtype(dtype)
   except TypeError:
@@ -150,7 +152,14 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype)
   """Bytes one token's K and V take in a paged cache of ``dtype``, scales counted:
   ``2 * layers * kv_heads * (head_dim * itemsize + 4 if 8-bit else 0)`` (a float32 K
   scale and V scale per KV head for 8-bit dtypes). ``dtype`` must be one a cache may hold
-  (:func:`check_kv_dtype`)."""
+  (:func:`check_kv_dtype`); the counts ints >= 1 (ValueError otherwise)."""
+  for name, n in (
+    ("num_layers", num_layers),
+    ("num_kv_heads", num_kv_heads),
+    ("head_dim", head_dim),
+  ):
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+      raise ValueError(f"kv_bytes_per_token: {name} must be an int >= 1, got {n!r}")
   dtype = check_kv_dtype(dtype, "dtype")
   per_head = head_dim * dtype.itemsize + (SCALE_DTYPE.itemsize if dtype in QUANT_DTYPES else 0)
   return 2 * num_layers * num_kv_heads * per_head

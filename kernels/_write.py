@@ -7,7 +7,7 @@ import numpy as np
 from jax import lax
 
 from kernels import _layout
-from kernels._quant import SCALE_DTYPE, is_quantized, quantize
+from kernels._quant import SCALE_DTYPE, check_kv_dtype, is_quantized, quantize
 
 INVALID_SLOT = -1
 
@@ -32,6 +32,56 @@ def check_host_slot_mapping(slot_mapping, num_slots: int) -> None:
     raise ValueError(f"slot_mapping has repeated ids {values[counts > 1][:8].tolist()}")
 
 
+def check_host_slots_match_table(
+  slot_mapping, block_table, lengths, cu_q_lens, block_size: int, positions=None, *, caller=""
+) -> None:
+  """With NumPy metadata (what ``BlockTable.from_allocator`` and the engine's host step
+  build; device arrays and tracers are trusted): each query row's ``slot_mapping`` entry
+  is -1 (a padding row: nothing written) or the slot its position has in its sequence's
+  block table, ``table[b, pos // block_size] * block_size + pos % block_size``; and
+  ``positions``, where given, are the rows' positions ``lengths[b] - q_len[b] + j`` (decode,
+  ``cu_q_lens`` None: ``lengths[b] - 1``), which the kernels derive. ValueError naming the
+  first rows that are not: a slot the table does not give writes K/V that no query reads,
+  while the attention reads whatever the table's slot holds."""
+  arrays = [slot_mapping, block_table, lengths, cu_q_lens, positions]
+  if not all(a is None or isinstance(a, np.ndarray) for a in arrays) or lengths is None:
+    return
+  if cu_q_lens is None:  # decode: one row per sequence
+    rows = min(len(lengths), len(slot_mapping))
+    seq = np.arange(rows)
+    pos = lengths[:rows].astype(np.int64) - 1
+    label = "lengths - 1"
+  else:
+    rows = max(0, min(int(cu_q_lens[-1]), len(slot_mapping)))
+    r = np.arange(rows)
+    seq = np.searchsorted(cu_q_lens, r, side="right") - 1
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    pos = lengths[seq].astype(np.int64) - q_len + (r - cu_q_lens[seq])
+    label = "lengths - q_len + j"
+  if positions is not None:
+    wrong = np.flatnonzero(positions[:rows] != pos)
+    if wrong.size:
+      b = wrong[:4].tolist()
+      raise ValueError(
+        f"{caller}positions of rows {b} are {positions[b].tolist()}, but lengths and "
+        f"cu_q_lens put them at {label} = {pos[b].tolist()}"
+      )
+  width = block_table.shape[1]
+  col = np.clip(pos // block_size, 0, max(width - 1, 0))
+  block = block_table[seq, col].astype(np.int64) if width else np.full(rows, -1)
+  has = (pos >= 0) & (pos // block_size < width) & (block >= 0)
+  want = np.where(has, block * block_size + pos % block_size, -2)
+  slots = slot_mapping[:rows].astype(np.int64)
+  bad = np.flatnonzero((slots != INVALID_SLOT) & (slots != want))
+  if bad.size:
+    b = bad[:4].tolist()
+    raise ValueError(
+      f"{caller}rows {b} have slots {slots[b].tolist()}, not the slots block_table gives "
+      f"their positions {label} = {pos[b].tolist()}, which are {want[b].tolist()} (-2: no "
+      f"block there), nor {INVALID_SLOT}"
+    )
+
+
 def split_packed_qkv(qkv, num_kv_heads: int):
   """``(q, k_new, v_new)`` of a packed ``[batch, num_q_heads + 2 * num_kv_heads, head_dim]``
   q/k/v (``kernels.write_and_decode_packed``): each row's query heads, then its K rows, then
@@ -40,11 +90,28 @@ def split_packed_qkv(qkv, num_kv_heads: int):
   return qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
 
 
+def check_arrays(what: str, **arrays) -> None:
+  """ValueError naming the first of ``arrays`` that is not an array (a list, None): the
+  writes would fail inside JAX with an AttributeError instead."""
+  for name, x in arrays.items():
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(f"{what}: {name} must be a JAX or NumPy array, got {type(x).__name__}")
+
+
 def check_pools(k_blocks, v_blocks) -> None:
+  """Pools of one shape ``[num_kv_heads, num_blocks, block_size, head_dim]`` and one dtype
+  a cache holds (``kernels.KV_DTYPES``): an integer pool would silently truncate the
+  rows cast into it."""
   if k_blocks.ndim != 4 or v_blocks.shape != k_blocks.shape:
     raise ValueError(
       "k_blocks/v_blocks must both be [num_kv_heads, num_blocks, block_size, head_dim], got "
       f"{tuple(k_blocks.shape)} and {tuple(v_blocks.shape)}"
+    )
+  check_kv_dtype(k_blocks.dtype, "k_blocks' dtype")
+  if v_blocks.dtype != k_blocks.dtype:
+    raise ValueError(
+      f"k_blocks and v_blocks must have one dtype, got {jnp.dtype(k_blocks.dtype).name} and "
+      f"{jnp.dtype(v_blocks.dtype).name}"
     )
 
 
@@ -128,6 +195,10 @@ def write_kv(
     raise ValueError(
       "kernels.write_kv: lane_dense and lane_padded are two layouts; a pool is in one"
     )
+  check_arrays(
+    "kernels.write_kv", k_blocks=k_blocks, v_blocks=v_blocks, k_new=k_new, v_new=v_new,
+    slot_mapping=slot_mapping,
+  )  # fmt: skip
   check_pools(k_blocks, v_blocks)
   k_new, v_new = _padded_rows(k_blocks, k_new, v_new, lane_padded, "kernels.write_kv")
   total = check_rows(k_new, v_new, slot_mapping, k_blocks, lane_dense)
@@ -222,6 +293,10 @@ def write_kv_quantized(
     The updated ``(k_blocks, v_blocks, k_scales, v_scales)``: each row and its scale go
     to the same slot in one pass over the new tokens.
   """
+  check_arrays(
+    "kernels.write_kv_quantized", k_blocks=k_blocks, v_blocks=v_blocks, k_scales=k_scales,
+    v_scales=v_scales, k_new=k_new, v_new=v_new, slot_mapping=slot_mapping,
+  )  # fmt: skip
   if not is_quantized(k_blocks.dtype) or v_blocks.dtype != k_blocks.dtype:
     raise ValueError(
       "write_kv_quantized needs int8 or float8_e4m3fn k_blocks and v_blocks of one dtype, got "

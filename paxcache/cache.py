@@ -182,15 +182,8 @@ class PagedKVCache:
   def from_stacked(cls, k, v, k_scale=None, v_scale=None) -> PagedKVCache:
     """A cache from 5-D ``k, v [num_layers, num_kv_heads, num_blocks, block_size, head_dim]``
     (JAX or NumPy), one buffer per layer (copies the layers apart). 8-bit ``k, v`` need
-    ``k_scale, v_scale f32[num_layers, num_kv_heads, num_blocks, block_size]``."""
-    if k_scale is not None or v_scale is not None:
-      cache = cls.from_stacked(k, v)
-      cache = cache.replace(
-        k_scale=tuple(jnp.asarray(k_scale)[i] for i in range(cache.num_layers)),
-        v_scale=tuple(jnp.asarray(v_scale)[i] for i in range(cache.num_layers)),
-      )
-      _check_cache(cache)
-      return cache
+    ``k_scale, v_scale f32[num_layers, num_kv_heads, num_blocks, block_size]`` (both, or
+    for 16- and 32-bit pools neither: ValueError otherwise)."""
     k, v = jnp.asarray(k), jnp.asarray(v)
     if k.ndim != 5 or v.shape != k.shape or v.dtype != k.dtype:
       raise ValueError(
@@ -198,7 +191,23 @@ class PagedKVCache:
         f"one dtype, got k {_shape_str(k)} and v {_shape_str(v)}"
       )
     check_kv_dtype(k.dtype, "PagedKVCache.from_stacked: k's dtype")
-    return cls(k=tuple(k[i] for i in range(k.shape[0])), v=tuple(v[i] for i in range(v.shape[0])))
+    given = (k_scale is not None, v_scale is not None)
+    if given != (is_quantized(k.dtype),) * 2:
+      need = "need both" if is_quantized(k.dtype) else "take neither of"
+      raise ValueError(
+        f"PagedKVCache.from_stacked: {jnp.dtype(k.dtype).name} k and v {need} k_scale and "
+        "v_scale f32[num_layers, num_kv_heads, num_blocks, block_size] (kernels.quantize "
+        f"gives the 8-bit rows and their scales); got k_scale "
+        f"{'given' if given[0] else 'None'}, v_scale {'given' if given[1] else 'None'}"
+      )
+    cache = cls(k=tuple(k[i] for i in range(k.shape[0])), v=tuple(v[i] for i in range(v.shape[0])))
+    if k_scale is not None:
+      cache = cache.replace(
+        k_scale=tuple(jnp.asarray(k_scale)[i] for i in range(cache.num_layers)),
+        v_scale=tuple(jnp.asarray(v_scale)[i] for i in range(cache.num_layers)),
+      )
+      _check_cache(cache)
+    return cache
 
   def stacked(self) -> tuple[jax.Array, jax.Array]:
     """``(k, v)`` as 5-D arrays ``[num_layers, num_kv_heads, num_blocks, block_size,

@@ -424,6 +424,12 @@ class PagedAttention(nnx.Module):
     elif layer is not None:
       raise ValueError("layer= is only for a PagedKVCache; got per-layer (k_blocks, v_blocks)")
     self._check_cache(cache)
+    # Host (NumPy) metadata: each row's slot is the one its position has in the table (a
+    # wrong slot writes K/V no query reads); traced metadata (the engine's jit) is trusted.
+    block_size = cache.block_size if isinstance(cache, PagedKVCache) else cache[0].shape[2]
+    kernels.check_host_slots_match_table(
+      slot_mapping, block_table, lengths, cu_q_lens, block_size, positions=positions
+    )
     kernel_kwargs = dict(
       sliding_window=self.sliding_window,
       logit_soft_cap=self.logit_soft_cap,

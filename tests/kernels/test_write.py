@@ -106,6 +106,10 @@ def test_donated_write_matches_and_consumes_the_pools():
     ("slots_int64", r"slot_mapping must be int32 \[3\], got \(3,\) int64"),
     # Integer rows are a mistake, not values to cast into a float pool.
     ("k_int32", r"k_new must be a float array, got \(3, 2, 8\) int32"),
+    # ... and so is an integer pool, which would truncate them; or two pool dtypes.
+    ("pools_int32", r"k_blocks' dtype must be one of float32, .*got int32"),
+    ("pools_mixed", r"k_blocks and v_blocks must have one dtype, got float32 and bfloat16"),
+    ("list_rows", r"kernels.write_kv: k_new must be a JAX or NumPy array, got list"),
   ],
 )
 def test_bad_inputs_are_named(which, match):
@@ -120,6 +124,12 @@ def test_bad_inputs_are_named(which, match):
     slots = jnp.asarray([0, 1, 2, 3], jnp.int32)
   elif which == "k_int32":
     k_new = k_new.astype(jnp.int32)
+  elif which == "pools_int32":
+    k, v = k.astype(jnp.int32), v.astype(jnp.int32)
+  elif which == "pools_mixed":
+    k, v = k.astype(jnp.float32), v.astype(jnp.bfloat16)
+  elif which == "list_rows":
+    k_new = np.asarray(k_new).tolist()
   else:
     slots = np.asarray([0, 1, 2], np.int64)
   with pytest.raises(ValueError, match=match):
@@ -201,3 +211,17 @@ def test_write_kv_refuses_lane_dense_8bit_and_odd_widths():
   plain = jnp.zeros((H, NUM_BLOCKS, 4, 64), jnp.float32)
   with pytest.raises(ValueError, match="lane_dense=True"):
     kernels.write_kv(plain, plain, new, new, slots, lane_dense=True)
+
+
+def test_write_kv_quantized_names_missing_scales_and_non_arrays():
+  rng = np.random.default_rng(3)
+  k, v, k_new, v_new = _inputs(rng, 3)
+  kq, ks = kernels.quantize(k, jnp.int8)
+  vq, vs = kernels.quantize(v, jnp.int8)
+  slots = jnp.asarray([0, 1, 2], jnp.int32)
+  with pytest.raises(
+    ValueError, match=r"write_kv_quantized: k_scales must be a JAX or NumPy array, got NoneType"
+  ):
+    kernels.write_kv_quantized(kq, vq, None, None, k_new, v_new, slots)
+  with pytest.raises(ValueError, match=r"slot_mapping must be a JAX or NumPy array, got list"):
+    kernels.write_kv_quantized(kq, vq, ks, vs, k_new, v_new, [0, 1, 2])

@@ -558,3 +558,15 @@ def test_fused_write_kernels_use_only_what_the_triton_lowering_has(kv_dtype, pla
   for call in calls:
     used = {e.primitive.name for e in _equations(call.params["jaxpr"])}
     assert used <= rules, (call.params["name"], sorted(used - rules))
+
+
+def test_a_lane_dense_pool_is_named_as_such():
+  """A lane-dense pool ([heads, blocks, block_size * head_dim / 128, 128]) used to be met
+  with "k_new/v_new must be [num_tokens, 2, 128]", as if the rows were the mistake."""
+  q = jnp.zeros((2, 4, 32), jnp.float32)
+  pool = jnp.zeros((2, 4, 2, 128), jnp.float32)  # head_dim 32, block_size 8, lane-dense
+  rows = jnp.zeros((2, 2, 32), jnp.float32)
+  table, lengths = jnp.asarray([[0], [1]], jnp.int32), jnp.asarray([3, 5], jnp.int32)
+  slots = jnp.asarray([2, 12], jnp.int32)
+  with pytest.raises(ValueError, match=r"rows are 128 wide but q's head_dim is 32.*lane_dense="):
+    kernels.write_and_decode(q, pool, pool, rows, rows, slots, table, lengths)

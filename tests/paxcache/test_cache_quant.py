@@ -138,3 +138,35 @@ def test_inconsistent_scale_pools_are_refused():
       np.zeros((L, H, 2, BS, D), np.int8),
       np.zeros((L, H, 2, BS), np.float32),
     )
+
+
+def test_from_stacked_takes_8bit_pools_with_both_scales_only():
+  """8-bit k, v without scales made a cache whose first kernel call failed with an
+  IndexError; one scale alone failed inside jnp.asarray(None). Float pools take none."""
+  rng = np.random.default_rng(5)
+  k = rng.standard_normal((L, H, 3, BS, D)).astype(np.float32)
+  kq, ks = kernels.quantize(jnp.asarray(k), jnp.int8)
+  with pytest.raises(
+    ValueError, match=r"int8 k and v need both k_scale and v_scale.*None, v_scale None"
+  ):
+    PagedKVCache.from_stacked(kq, kq)
+  with pytest.raises(ValueError, match=r"k_scale given, v_scale None"):
+    PagedKVCache.from_stacked(kq, kq, ks)
+  with pytest.raises(ValueError, match=r"float32 k and v take neither of k_scale and v_scale"):
+    PagedKVCache.from_stacked(k, k, ks, ks)
+  cache = PagedKVCache.from_stacked(kq, kq, ks, ks)
+  assert cache.quantized and len(cache.k_scale) == L
+  np.testing.assert_array_equal(np.asarray(cache.k_scale[1]), np.asarray(ks[1]))
+
+
+def test_dtype_none_and_bad_counts_are_named():
+  # jnp.dtype(None) is float64: the message named a dtype nobody passed
+  with pytest.raises(ValueError, match=r"kv_dtype must be one of .*, got None"):
+    kernels.check_kv_dtype(None)
+  with pytest.raises(ValueError, match=r"got None"):
+    PagedKVCache.create(1, H, 4, BS, D, None)
+  assert kernels.kv_bytes_per_token(2, 3, 64, jnp.int8) == 2 * 2 * 3 * (64 + 4)
+  for args, name in (((-1, 2, 128), "num_layers"), ((2, 2.5, 128), "num_kv_heads"),
+                     ((2, 2, 0), "head_dim"), ((True, 2, 8), "num_layers")):  # fmt: skip
+    with pytest.raises(ValueError, match=rf"kv_bytes_per_token: {name} must be an int >= 1"):
+      kernels.kv_bytes_per_token(*args, jnp.bfloat16)

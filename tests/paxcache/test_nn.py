@@ -1253,3 +1253,30 @@ def test_fused_write_8bit_is_an_argument_of_the_decoder_and_its_loaders(monkeypa
       Decoder(config, fused_write_8bit=bad, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="fused_write_8bit must be None, True or False"):
       PagedAttention(16, 2, 1, 8, fused_write_8bit=bad, rngs=nnx.Rngs(0))
+
+
+def test_host_slots_that_the_block_table_does_not_give_are_refused_by_the_layer():
+  """With NumPy metadata the layer checks that each row's slot is the one its position has
+  in the table, and that ``positions`` are where lengths and cu_q_lens put the rows: a slot
+  elsewhere wrote K/V no query read (the output was silently zeros, reading an empty
+  block). Traced metadata is trusted."""
+  attn = PagedAttention(64, 4, 2, 16, rngs=nnx.Rngs(0))
+  pools = (jnp.zeros((2, 16, 8, 16)), jnp.zeros((2, 16, 8, 16)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((5, 64)), jnp.float32)
+  table, lengths, cu = np.array([[3, 7]], np.int32), np.array([5], np.int32), np.array([0, 5])
+  good = np.arange(24, 29, dtype=np.int32)  # block 3, offsets 0-4
+  kw = dict(block_table=table, lengths=lengths, cu_q_lens=cu.astype(np.int32))
+  out, _ = attn(x, np.arange(5, dtype=np.int32), pools, slot_mapping=good, **kw)
+  assert np.abs(np.asarray(out)).max() > 0
+  with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3\] have slots \[40, 41, 42, 43\].*\[24"):
+    attn(x, np.arange(5, dtype=np.int32), pools, slot_mapping=good + 16, **kw)  # block 5
+  with pytest.raises(ValueError, match=r"positions of rows \[0, 1, 2, 3\] are \[1, 2, 3, 4\]"):
+    attn(x, np.arange(1, 6, dtype=np.int32), pools, slot_mapping=good, **kw)
+  padded = np.concatenate([good, [-1, -1]]).astype(np.int32)  # bucket padding rows: -1
+  x7 = jnp.concatenate([x, jnp.zeros((2, 64))])
+  attn(x7, np.arange(7, dtype=np.int32), pools, slot_mapping=padded, **kw)
+  # decode: the row's slot is that of position lengths - 1
+  dec = dict(block_table=table, lengths=np.array([6], np.int32))
+  attn(x[:1], np.array([5], np.int32), pools, slot_mapping=np.array([29], np.int32), **dec)
+  with pytest.raises(ValueError, match=r"lengths - 1 = \[5\], which are \[29\]"):
+    attn(x[:1], np.array([5], np.int32), pools, slot_mapping=np.array([30], np.int32), **dec)
