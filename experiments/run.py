@@ -397,8 +397,8 @@ def _remove_stale_process_folders(workdir: str, count: int) -> None:
     for name in sorted(_previous_outputs(folder)):
       try:
         os.remove(os.path.join(folder, name))
-      except FileNotFoundError:
-        pass
+      except OSError as e:  # this run's results are written: a leftover is not an error
+        logging.warning("could not remove %s/%s: %s", entry, name, e)
     try:
       os.rmdir(folder)
       logging.info("removed %s/ (written by an earlier run of more processes)", entry)

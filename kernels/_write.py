@@ -35,36 +35,49 @@ def check_host_slot_mapping(slot_mapping, num_slots: int) -> None:
 def check_host_slots_match_table(
   slot_mapping, block_table, lengths, cu_q_lens, block_size: int, positions=None, *, caller=""
 ) -> None:
-  """With NumPy metadata (what ``BlockTable.from_allocator`` and the engine's host step
-  build; device arrays and tracers are trusted): each query row's ``slot_mapping`` entry
-  is -1 (a padding row: nothing written) or the slot its position has in its sequence's
-  block table, ``table[b, pos // block_size] * block_size + pos % block_size``; and
-  ``positions``, where given, are the rows' positions ``lengths[b] - q_len[b] + j`` (decode,
-  ``cu_q_lens`` None: ``lengths[b] - 1``), which the kernels derive. ValueError naming the
-  first rows that are not: a slot the table does not give writes K/V that no query reads,
-  while the attention reads whatever the table's slot holds."""
+  """With NumPy metadata (what ``BlockTable.from_allocator`` builds, e.g. a model called
+  eagerly; device arrays and tracers, such as the engine's jitted step, are trusted): each
+  query row's ``slot_mapping`` entry is -1 (a padding row: nothing written) or the slot its
+  position has in its sequence's block table, ``table[b, pos // block_size] * block_size
+  + pos % block_size``; and ``positions``, where given, are the rows' positions
+  ``lengths[b] - q_len[b] + j`` (decode, ``cu_q_lens`` None: ``lengths[b] - 1``), which
+  the kernels derive. Rows of a sequence of length 0 (decode padding: position 0 by the
+  engine's convention) must have slot -1 and any position. ValueError naming the first
+  rows that are not: a slot the table does not give writes K/V that no query reads,
+  while the attention reads whatever the table's slot holds.
+
+  Metadata whose shapes or ``cu_q_lens`` do not fit together is left to the kernels' own
+  checks (``validate_inputs``), which name what is wrong; this one returns without a word.
+  """
   arrays = [slot_mapping, block_table, lengths, cu_q_lens, positions]
   if not all(a is None or isinstance(a, np.ndarray) for a in arrays) or lengths is None:
     return
+  batch = len(lengths) if lengths.ndim == 1 else -1
+  if block_table.ndim != 2 or block_table.shape[0] != batch or slot_mapping.ndim != 1:
+    return
   if cu_q_lens is None:  # decode: one row per sequence
-    rows = min(len(lengths), len(slot_mapping))
+    rows = min(batch, len(slot_mapping))
     seq = np.arange(rows)
     pos = lengths[:rows].astype(np.int64) - 1
     label = "lengths - 1"
   else:
+    if cu_q_lens.shape != (batch + 1,) or cu_q_lens[0] != 0:
+      return
+    q_lens = np.diff(cu_q_lens.astype(np.int64))
+    if (q_lens < 0).any() or (q_lens > lengths).any():
+      return
     rows = max(0, min(int(cu_q_lens[-1]), len(slot_mapping)))
     r = np.arange(rows)
     seq = np.searchsorted(cu_q_lens, r, side="right") - 1
-    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    pos = lengths[seq].astype(np.int64) - q_len + (r - cu_q_lens[seq])
+    pos = lengths[seq].astype(np.int64) - q_lens[seq] + (r - cu_q_lens[seq])
     label = "lengths - q_len + j"
-  if positions is not None:
-    wrong = np.flatnonzero(positions[:rows] != pos)
+  if positions is not None and positions.shape == slot_mapping.shape:
+    wrong = np.flatnonzero((pos >= 0) & (positions[:rows] != pos))
     if wrong.size:
       b = wrong[:4].tolist()
       raise ValueError(
-        f"{caller}positions of rows {b} are {positions[b].tolist()}, but lengths and "
-        f"cu_q_lens put them at {label} = {pos[b].tolist()}"
+        f"{caller}positions of rows {b} are {positions[b].tolist()}, but the sequences' "
+        f"lengths put them at {label} = {pos[b].tolist()}"
       )
   width = block_table.shape[1]
   col = np.clip(pos // block_size, 0, max(width - 1, 0))

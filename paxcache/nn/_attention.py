@@ -165,7 +165,7 @@ class PagedAttention(nnx.Module):
       ``kernels.gpu.quant_fused_write`` (the H100, where it was measured faster; on the
       H200 it is not measured yet, docs/benchmarks.md "Run41" and "Run42"); True or False
       decide on every backend. The same result either way. Also an attribute, which may be
-      set on a built layer.
+      set on a built layer or on the class (every layer left at None).
 
   Attribute ``fused_write`` (True): decode steps over plain-layout pools on one device (16-
   or 32-bit pools, or an 8-bit ``PagedKVCache`` with its scales where
@@ -178,14 +178,18 @@ class PagedAttention(nnx.Module):
   """
 
   fused_write = True
+  # The class default (None: the card's choice); the constructor's argument, where not
+  # None, sets it on the instance.
+  fused_write_8bit = None
 
   def _fuses_8bit_write(self) -> bool:
     """Whether a decode step over an 8-bit cache writes inside the decode kernel:
     ``fused_write_8bit`` if set, else on the GPU backend where
     ``kernels.gpu.quant_fused_write`` says the card gains from it (the H100; elsewhere the
     separate write was measured faster or not measured)."""
-    if self.fused_write_8bit is not None:
-      return bool(self.fused_write_8bit)
+    forced = check_fused_write_8bit(self.fused_write_8bit)  # also when set after building
+    if forced is not None:
+      return forced
     if kernels.resolve_backend(self.backend, interpret=self.interpret) != "gpu":
       return False
     return kernels.gpu.quant_fused_write()
@@ -239,7 +243,8 @@ class PagedAttention(nnx.Module):
     if not isinstance(kv_rotation, bool):
       raise ValueError(f"kv_rotation must be a bool, got {kv_rotation!r}")
     self.kv_rotation = kv_rotation
-    self.fused_write_8bit = check_fused_write_8bit(fused_write_8bit)
+    if check_fused_write_8bit(fused_write_8bit) is not None:
+      self.fused_write_8bit = fused_write_8bit
     self.set_mesh(mesh, mesh_axis)
 
   def set_mesh(self, mesh, mesh_axis: str = "model") -> None:
@@ -387,7 +392,9 @@ class PagedAttention(nnx.Module):
       block_table: ``i32[batch, max_blocks]``, ``-1`` where unused.
       lengths: ``i32[batch]``, tokens in each sequence including this call's.
       slot_mapping: ``i32[num_tokens]``, where each new token's K/V goes; ``-1`` for
-        padding rows.
+        padding rows. NumPy metadata (not traced) is checked: each slot must be the one
+        the row's position has in ``block_table``, and ``positions`` where the lengths put
+        the rows (``kernels.check_host_slots_match_table``; ValueError).
       cu_q_lens: ``i32[batch + 1]``; None means decode (one token per sequence,
         ``num_tokens == batch``).
       layer: the layer index when ``cache`` is a ``PagedKVCache``.

@@ -522,6 +522,6 @@ def test_an_out_of_range_id_in_a_traced_table_is_an_unused_entry_on_every_backen
   got = attend(bad, backend)
   assert np.isfinite(got).all()
   np.testing.assert_allclose(got, want, **tolerance("attention_vs_float64", "float32"))
-  # ... and the id out of range mattered: reading block nb - 1 instead differs.
+  # ... and the id out of range mattered: reading another block (nb - 2) instead differs.
   clamped = attend(np.minimum(bad, nb - 2), "reference")
   assert np.max(np.abs(clamped - want)) > 0.01

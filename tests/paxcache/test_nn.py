@@ -1253,6 +1253,14 @@ def test_fused_write_8bit_is_an_argument_of_the_decoder_and_its_loaders(monkeypa
       Decoder(config, fused_write_8bit=bad, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="fused_write_8bit must be None, True or False"):
       PagedAttention(16, 2, 1, 8, fused_write_8bit=bad, rngs=nnx.Rngs(0))
+  # Set after building, on a layer or on the class (layers left at None follow it).
+  layer = model.layers[0].attn
+  layer.fused_write_8bit = "false"
+  with pytest.raises(ValueError, match="fused_write_8bit must be None, True or False"):
+    layer._fuses_8bit_write()
+  monkeypatch.setattr(PagedAttention, "fused_write_8bit", True)
+  fresh = Decoder(config, backend="gpu", interpret=True, rngs=nnx.Rngs(0))
+  assert all(layer.attn._fuses_8bit_write() for layer in fresh.layers)
 
 
 def test_host_slots_that_the_block_table_does_not_give_are_refused_by_the_layer():
@@ -1280,3 +1288,13 @@ def test_host_slots_that_the_block_table_does_not_give_are_refused_by_the_layer(
   attn(x[:1], np.array([5], np.int32), pools, slot_mapping=np.array([29], np.int32), **dec)
   with pytest.raises(ValueError, match=r"lengths - 1 = \[5\], which are \[29\]"):
     attn(x[:1], np.array([5], np.int32), pools, slot_mapping=np.array([30], np.int32), **dec)
+  # Decode padding as the engine builds it (length 0, position 0, slot -1) is fine ...
+  pad = dict(block_table=np.array([[3, 7], [-1, -1]], np.int32), lengths=np.array([6, 0], np.int32))
+  attn(x[:2], np.array([5, 0], np.int32), pools, slot_mapping=np.array([29, -1], np.int32), **pad)
+  # ... and metadata that does not fit together is named by the kernels' checks, not here.
+  with pytest.raises(ValueError, match=r"disagree on batch"):
+    attn(x[:2], np.array([5, 0], np.int32), pools, slot_mapping=np.array([29, -1], np.int32),
+         block_table=table, lengths=np.array([6, 0], np.int32))  # fmt: skip
+  with pytest.raises(ValueError, match=r"more queries than tokens"):
+    attn(x, np.arange(5, dtype=np.int32), pools, slot_mapping=good, block_table=table,
+         lengths=np.array([4], np.int32), cu_q_lens=cu.astype(np.int32))  # fmt: skip
