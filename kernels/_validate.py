@@ -30,6 +30,15 @@ def _is_real(x) -> bool:
   return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
 
 
+def check_arrays(what: str = "", **arrays) -> None:
+  """ValueError naming the first of ``arrays`` that is not an array (a list, None, ...),
+  prefixed by ``what``: JAX would fail on it later with an AttributeError instead."""
+  for name, x in arrays.items():
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      where = f"{what}: " if what else ""
+      raise ValueError(f"{where}{name} must be a JAX or NumPy array, got {type(x).__name__}")
+
+
 def validate_options(scale, sliding_window, logit_soft_cap) -> tuple:
   """Checks the attention options; returns ``(scale, sliding_window, logit_soft_cap)`` as
   Python ``float``, ``int`` and ``float`` (None stays None). Raises ValueError naming the
@@ -173,10 +182,8 @@ def validate_inputs(
   ``paxcache.BlockTable.from_allocator`` builds — since that costs no device transfer;
   device arrays and tracers are trusted (a kernel cannot raise on a bad id at run time).
   """
-  names = ("q", "k_blocks", "v_blocks", "block_table", "lengths", "cu_q_lens")
-  for name, x in zip(names, (q, k_blocks, v_blocks, block_table, lengths, cu_q_lens), strict=True):
-    if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
+  arrays = dict(q=q, k_blocks=k_blocks, v_blocks=v_blocks, block_table=block_table)
+  check_arrays(**arrays, lengths=lengths, **({} if cu_q_lens is None else {"cu_q_lens": cu_q_lens}))
   if k_blocks.ndim != 4:
     raise ValueError(
       "k_blocks must be [num_kv_heads, num_blocks, block_size, head_dim], got "
@@ -286,8 +293,7 @@ def validate_scales(k_blocks, k_scales, v_scales) -> None:
         f"{name} is required with {jnp.dtype(k_blocks.dtype).name} k_blocks (8-bit K/V are "
         f"read as q * scale): pass float32 {want} [num_kv_heads, num_blocks, block_size]"
       )
-    if not (hasattr(s, "shape") and hasattr(s, "dtype")):
-      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(s).__name__}")
+    check_arrays(**{name: s})
     if tuple(s.shape) != want or jnp.dtype(s.dtype) != SCALE_DTYPE:
       raise ValueError(
         f"{name} must be float32 {want} ([num_kv_heads, num_blocks, block_size] of k_blocks "

@@ -8,6 +8,7 @@ from jax import lax
 
 from kernels import _layout
 from kernels._quant import SCALE_DTYPE, check_kv_dtype, is_quantized, quantize
+from kernels._validate import check_arrays
 
 INVALID_SLOT = -1
 
@@ -49,9 +50,11 @@ def check_host_slots_match_table(
   Metadata whose shapes or ``cu_q_lens`` do not fit together is left to the kernels' own
   checks (``validate_inputs``), which name what is wrong; this one returns without a word.
   """
-  arrays = [slot_mapping, block_table, lengths, cu_q_lens, positions]
+  arrays = [slot_mapping, block_table, lengths, cu_q_lens]
   if not all(a is None or isinstance(a, np.ndarray) for a in arrays) or lengths is None:
     return
+  if not isinstance(positions, np.ndarray):
+    positions = None  # device positions are trusted; the slots are still checked
   batch = len(lengths) if lengths.ndim == 1 else -1
   if block_table.ndim != 2 or block_table.shape[0] != batch or slot_mapping.ndim != 1:
     return
@@ -101,14 +104,6 @@ def split_packed_qkv(qkv, num_kv_heads: int):
   its V rows."""
   hq = qkv.shape[1] - 2 * num_kv_heads
   return qkv[:, :hq], qkv[:, hq : hq + num_kv_heads], qkv[:, hq + num_kv_heads :]
-
-
-def check_arrays(what: str, **arrays) -> None:
-  """ValueError naming the first of ``arrays`` that is not an array (a list, None): the
-  writes would fail inside JAX with an AttributeError instead."""
-  for name, x in arrays.items():
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      raise ValueError(f"{what}: {name} must be a JAX or NumPy array, got {type(x).__name__}")
 
 
 def check_pools(k_blocks, v_blocks) -> None:

@@ -47,6 +47,7 @@ from kernels import _layout
 from kernels._api import BackendUnavailableError, layout_for, resolve_backend
 from kernels._validate import (
   _shape_str,
+  check_arrays,
   validate_inputs,
   validate_options,
   validate_padded_width,
@@ -417,8 +418,7 @@ def validate_plan(plan, q, k_blocks, block_table, lengths) -> None:
     raise ValueError(f"plan must be a kernels.CascadePlan, got {type(plan).__name__}")
   for name in ("group_table", "group_lens", "group_rows", "row_starts"):
     x = getattr(plan, name)
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      raise ValueError(f"plan.{name} must be a JAX or NumPy array, got {type(x).__name__}")
+    check_arrays(**{f"plan.{name}": x})
     if jnp.dtype(x.dtype) != jnp.int32:
       raise ValueError(f"plan.{name} must be int32, got {_shape_str(x)}")
   gt, gl, gr, rs = plan.group_table, plan.group_lens, plan.group_rows, plan.row_starts

@@ -63,6 +63,7 @@ from kernels import (
   write_kv_quantized,
 )
 from kernels._quant import SCALE_DTYPE
+from kernels._validate import check_arrays
 
 # ---------------------------------------------------------------------------------------------
 # The device cache.
@@ -442,9 +443,7 @@ def write(cache: PagedKVCache, layer, k_new, v_new, slot_mapping) -> PagedKVCach
   _check_cache(cache)
   _check_layer(layer, cache.num_layers)
   want = (cache.num_kv_heads, cache.head_dim)
-  for name, x in (("k_new", k_new), ("v_new", v_new), ("slot_mapping", slot_mapping)):
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-      raise ValueError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
+  check_arrays(k_new=k_new, v_new=v_new, slot_mapping=slot_mapping)
   for name, x in (("k_new", k_new), ("v_new", v_new)):
     if x.ndim != 3 or tuple(x.shape[1:]) != want:
       raise ValueError(

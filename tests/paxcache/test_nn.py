@@ -1280,6 +1280,8 @@ def test_host_slots_that_the_block_table_does_not_give_are_refused_by_the_layer(
     attn(x, np.arange(5, dtype=np.int32), pools, slot_mapping=good + 16, **kw)  # block 5
   with pytest.raises(ValueError, match=r"positions of rows \[0, 1, 2, 3\] are \[1, 2, 3, 4\]"):
     attn(x, np.arange(1, 6, dtype=np.int32), pools, slot_mapping=good, **kw)
+  with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3\] have slots \[40"):  # JAX positions
+    attn(x, jnp.arange(5, dtype=jnp.int32), pools, slot_mapping=good + 16, **kw)
   padded = np.concatenate([good, [-1, -1]]).astype(np.int32)  # bucket padding rows: -1
   x7 = jnp.concatenate([x, jnp.zeros((2, 64))])
   attn(x7, np.arange(7, dtype=np.int32), pools, slot_mapping=padded, **kw)
