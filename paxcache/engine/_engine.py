@@ -1203,24 +1203,7 @@ class Engine:
     Every request is checked before any is queued: one bad request raises
     :class:`RequestError` and queues none of them.
     """
-    checked, ids = [], set()
-    for r in requests:
-      r = self._validate(r)
-      if r.request_id in ids:
-        raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
-      ids.add(r.request_id)
-      checked.append(r)
-    for r in checked:
-      self._add(r)
-    outputs: dict[Hashable, RequestOutput] = {}
-    steps = 0
-    while self.has_unfinished():
-      for out in self.step():
-        outputs[out.request_id] = out
-      steps += 1
-      if max_steps is not None and steps >= max_steps:
-        break
-    return outputs
+    return run_until_done(self, self._validate, requests, max_steps)
 
   # ------------------------------------------------------------------ internals
 
@@ -1763,3 +1746,29 @@ class SimulatedEngine(Engine):
 
   def _execute(self, plan: Plan):
     return np.full(self._cap, self.forced_token, np.int32), (0, 0, 0), None
+
+
+def run_until_done(
+  server, check, requests: Iterable[Request], max_steps: int | None
+) -> dict[Hashable, RequestOutput]:
+  """What :meth:`Engine.run` and :meth:`Router.run` do: ``check`` every request before
+  ``server._add`` queues any (one bad request, or one id twice, queues none), then
+  ``server.step()`` until nothing is unfinished or ``max_steps`` steps ran."""
+  checked, ids = [], set()
+  for r in requests:
+    r = check(r)
+    if r.request_id in ids:
+      raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
+    ids.add(r.request_id)
+    checked.append(r)
+  for r in checked:
+    server._add(r)
+  outputs: dict[Hashable, RequestOutput] = {}
+  steps = 0
+  while server.has_unfinished():
+    for out in server.step():
+      outputs[out.request_id] = out
+    steps += 1
+    if max_steps is not None and steps >= max_steps:
+      break
+  return outputs

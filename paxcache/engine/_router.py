@@ -52,7 +52,7 @@ from jax.sharding import Mesh
 from paxcache import sharding
 from paxcache.allocator import _is_int
 from paxcache.engine._clock import WallClock
-from paxcache.engine._engine import SEED_LIMIT, Engine, EngineConfig
+from paxcache.engine._engine import SEED_LIMIT, Engine, EngineConfig, run_until_done
 from paxcache.engine._metrics import RunMetrics
 from paxcache.engine._request import Request, RequestError, RequestOutput
 from paxcache.nn import Decoder
@@ -353,24 +353,7 @@ class Router:
     Every request is checked before any is routed: one bad request raises
     :class:`RequestError` and routes none of them.
     """
-    checked, ids = [], set()
-    for r in requests:
-      r = self._check(r)
-      if r.request_id in ids:
-        raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
-      ids.add(r.request_id)
-      checked.append(r)
-    for r in checked:
-      self._add(r)
-    outputs: dict[Hashable, RequestOutput] = {}
-    steps = 0
-    while self.has_unfinished():
-      for out in self.step():
-        outputs[out.request_id] = out
-      steps += 1
-      if max_steps is not None and steps >= max_steps:
-        break
-    return outputs
+    return run_until_done(self, self._check, requests, max_steps)
 
   def abort(self, request_id: Hashable) -> RequestOutput:
     """Stops a request on its replica (:meth:`Engine.abort`); returns what it produced.
