@@ -129,13 +129,17 @@ def check_scaled_block_sizes(config: ConfigDict) -> None:
   ec = config.get("engine")
   if not isinstance(ec, ConfigDict) or ec.get("requests", 0) <= 0 or "length_scale" not in ec:
     return
-  sizes = [("engine.block_size", ec.block_size)] if "block_size" in ec else []
-  sizes += [("block_sizes", b) for b in config.get("block_sizes", ())]
-  for flag, bs in sizes:
+  sizes = [("engine.block_size", ec.block_size, ec.block_size)] if "block_size" in ec else []
+  given = config.get("block_sizes", ())
+  sizes += [("block_sizes", given, b) for b in given]
+  for flag, value, bs in sizes:
     try:
       engine_block_size(ec.length_scale, bs)
     except ValueError as e:
-      raise ValueError(f"--config.{flag}={bs!r}: {e} (--config.engine.length_scale)") from None
+      where = "" if value is bs else f" (block size {bs})"
+      raise ValueError(
+        f"--config.{flag}={value!r}{where}: {e} (--config.engine.length_scale)"
+      ) from None
 
 
 def scaled_lengths(ec: ConfigDict, lengths: np.ndarray) -> np.ndarray:

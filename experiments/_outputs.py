@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,17 @@ def write_result(result: Result, workdir: str) -> list[str]:
 
 
 def write_plots(plots: Sequence[Plot], workdir: str) -> list[str]:
-  import matplotlib
+  """Draws every plot as PNG and PDF; without matplotlib (the ``plot`` extra) it draws none
+  and says so in a warning, so that the tables of a finished run are still written."""
+  try:
+    import matplotlib
+  except ImportError:
+    logging.warning(
+      "matplotlib is not installed (pip install -e '.[plot]'): %d plot(s) not drawn: %s",
+      len(plots),
+      ", ".join(p.name for p in plots),
+    )
+    return []
 
   matplotlib.use("Agg")  # no display on CI or the device machines
   import matplotlib.pyplot as plt

@@ -35,6 +35,7 @@ import datetime
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -61,6 +62,7 @@ EXPERIMENTS = {
   "request_rate": "experiments.request_rate:run",
 }
 
+_CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config file, e.g. configs/memory_waste.py:quick.", lock_config=True
 )
@@ -102,13 +104,18 @@ def parse_sweep(spec: str) -> tuple[str, list]:
   return field, parsed
 
 
-def _set_field(config: ConfigDict, path: str, value) -> None:
+def _set_field(config: ConfigDict, path: str, value, *, scalar: bool = False) -> None:
   *parents, leaf = path.split(".")
   node = config
   for p in parents:
     node = node[p]
   if leaf not in node:
     raise ValueError(f"--sweep field {path!r} is not in the config (fields: {sorted(node)})")
+  if scalar and isinstance(node[leaf], tuple | list):
+    raise ValueError(
+      f"--sweep takes a scalar field; {path} is a {type(node[leaf]).__name__}: give its "
+      f"values as --config.{path}='(v1, v2, ...)' (the experiment sweeps them itself)"
+    )
   try:
     node[leaf] = value  # ConfigDict type-checks: an int field rejects a str
   except TypeError as e:
@@ -121,6 +128,10 @@ def _sweep_value_str(value) -> str:
 
 def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_json_path(workload) -> bool:
@@ -147,13 +158,26 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
   * ``kv_dtype``, every element of ``kv_dtype_axis`` (empty: no such table) and
     ``kernel_kv_dtype`` (empty: the kernel's dtype) a dtype a paged cache may hold
     (``kernels.check_kv_dtype``: float32, bfloat16, float16, int8, float8_e4m3fn);
+  * ``workloads`` not empty and ``workload``, each a synthetic workload's name or an
+    existing ShareGPT ``*.json`` file (:func:`experiments.workloads.check_workload_name`);
+    ``contiguous_policies`` not empty, each one of ``experiments._serving``'s policies;
+  * ``max_seq_len`` ``>= 2``; ``arrival_rate`` (requests a step, 0: all at once) and
+    ``max_batch`` (0: no limit) ``>= 0``; ``kv_budget_gib`` a finite number ``> 0``;
   * with engine runs on, every block size a multiple of ``engine.length_scale``
-    (:func:`experiments._engine_bench.check_scaled_block_sizes`).
+    (:func:`experiments._engine_bench.check_scaled_block_sizes`);
+  * a top-level ``cost_model`` and the fields of a fitted one
+    (:func:`experiments._cost_config.check_cost_config`).
+
+  An experiment's module may add its own ``check_config(config)``; :func:`prepare_run`
+  calls it after these.
   """
   if prefix == "config":
     from experiments import _engine_bench
+    from experiments._cost_config import check_cost_config
 
     _engine_bench.check_scaled_block_sizes(config)
+    if "cost_model" in config:
+      check_cost_config(config)
   for key, value in config.items():
     path = f"--{prefix}.{key}={value!r}"
     if isinstance(value, ConfigDict):
@@ -192,6 +216,33 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
       )
     elif key in ("kv_dtype", "kv_dtype_axis", "kernel_kv_dtype"):
       _check_kv_dtype_field(key, value, path)
+    elif key in ("workloads", "workload"):
+      from experiments.workloads import check_workload_name
+
+      names = value if key == "workloads" and isinstance(value, tuple | list) else (value,)
+      if not names:
+        raise ValueError(f"{path}: workloads needs at least one workload")
+      for name in names:
+        try:
+          check_workload_name(name)
+        except ValueError as e:
+          raise ValueError(f"{path}: {e}") from None
+    elif key == "contiguous_policies" and isinstance(value, tuple | list):
+      from experiments._serving import CONTIGUOUS_POLICIES
+
+      bad = [p for p in value if p not in CONTIGUOUS_POLICIES]
+      if not value or bad:
+        raise ValueError(f"{path}: at least one policy, each one of {CONTIGUOUS_POLICIES}")
+    elif key == "max_seq_len" and _is_int(value) and value < 2:
+      raise ValueError(f"{path}: max_seq_len (prompt + output tokens) must be >= 2")
+    elif key == "arrival_rate" and _is_number(value) and not 0 <= value < math.inf:
+      raise ValueError(
+        f"{path}: arrival_rate (requests a step) must be a finite number >= 0 (0: all at once)"
+      )
+    elif key == "max_batch" and _is_int(value) and value < 0:
+      raise ValueError(f"{path}: max_batch must be >= 0 (0: only memory limits the batch)")
+    elif key == "kv_budget_gib" and _is_number(value) and not 0 < value < math.inf:
+      raise ValueError(f"{path}: kv_budget_gib (GiB of K/V) must be a finite number > 0")
     elif key == "num_requests" and _is_int(value) and value < 1:
       workloads = config.get("workloads", config.get("workload"))
       workloads = workloads if isinstance(workloads, tuple | list) else [workloads]
@@ -290,11 +341,15 @@ def prepare_run(
     runs = []
     for value in values:
       cfg = copy.deepcopy(config)
-      _set_field(cfg, field, value)
+      _set_field(cfg, field, value, scalar=True)
       runs.append((value, cfg))
+  module = sys.modules.get(getattr(fn, "__module__", None) or "")
+  check_experiment = getattr(module, "check_config", None)
   for value, cfg in runs:
     try:
       check_config_values(cfg)
+      if check_experiment is not None:
+        check_experiment(cfg)
     except ValueError as e:
       raise ValueError(f"--sweep {field}={value!r}: {e}" if sweep else str(e)) from None
   check_workdir(workdir)
@@ -310,7 +365,7 @@ def run_experiment(
   ``variant`` (the ``:variant`` the config came from) is recorded in ``config.json``. A bad
   config value, sweep or workdir raises ``ValueError`` (:func:`prepare_run`) before the
   workdir or anything in it is written; an experiment that raises leaves the workdir's
-  files as they were (the workdir itself may have been created).
+  files as they were (a workdir this run created is removed again).
   """
   start = time.perf_counter()
   from experiments._engine_bench import wants_distributed
@@ -335,18 +390,28 @@ def run_experiment(
   fn, field, runs = prepare_run(config, workdir, sweep)
   git = git_state()  # before this run writes anything into the tree
   record = config_record(config, variant, field, [value for value, _ in runs])
+  created = not os.path.exists(workdir)
   _probe_workdir(workdir)
 
   # The experiment runs before anything in the workdir changes: a run that fails leaves an
-  # earlier run's files as they were (its config.json still beside its own results).
-  if sweep:
-    results = []
-    for value, cfg in runs:
-      logging.info("sweep %s=%r", field, value)
-      results.append((value, fn(cfg)))
-    result = _stack_sweep(field, results)
-  else:
-    result = fn(config)
+  # earlier run's files as they were (its config.json still beside its own results), and
+  # no empty workdir of its own.
+  try:
+    if sweep:
+      results = []
+      for value, cfg in runs:
+        logging.info("sweep %s=%r", field, value)
+        results.append((value, fn(cfg)))
+      result = _stack_sweep(field, results)
+    else:
+      result = fn(config)
+  except BaseException:
+    if created:
+      try:
+        os.rmdir(workdir)  # only if nothing is in it
+      except OSError:
+        pass
+    raise
 
   # Every file is written into a staging folder first (writing can fail too: a plot's
   # drawing code, a duplicate table name), then moved into the workdir, run_info.json last.
@@ -678,6 +743,13 @@ def main(argv):
     raise app.UsageError("--workdir=DIR is required")
   # Before the workdir or config.json exist: a bad override must leave nothing behind.
   config_flag = flags.FLAGS["config"]
+  config_path = config_flag.config_filename.partition(":")[0]
+  if not os.path.isfile(config_path):
+    known = sorted(os.listdir(_CONFIGS_DIR)) if os.path.isdir(_CONFIGS_DIR) else []
+    raise app.UsageError(
+      f"--config={config_flag.config_filename}: no config file {config_path!r} (this "
+      f"repository's: {', '.join(n for n in known if n.endswith('.py')) or 'none found'})"
+    )
   check_field_types(_CONFIG.value, config_flag.parser.parse(config_flag.config_filename))
   try:
     prepare_run(_CONFIG.value, _WORKDIR.value, _SWEEP.value)

@@ -165,19 +165,25 @@ def workload_lengths(name: str, num_requests: int, *, max_seq_len: int, seed: in
   A JSON file gives its first ``num_requests`` usable conversations after a seeded
   shuffle (all of them if it has fewer; ``num_requests <= 0`` takes all).
   """
+  check_workload_name(name)
   if name.endswith(".json"):
-    if not os.path.exists(name):
-      raise ValueError(f"workload file {name!r} does not exist")
     lengths = load_sharegpt(name, max_seq_len=max_seq_len)
     order = np.random.default_rng(seed).permutation(len(lengths))
     if num_requests > 0:
       order = order[:num_requests]
     return lengths[order]
-  if name not in SYNTHETIC:
+  return sample_synthetic(SYNTHETIC[name], num_requests, max_seq_len=max_seq_len, seed=seed)
+
+
+def check_workload_name(name) -> None:
+  """``ValueError`` unless ``name`` is a synthetic workload or an existing ``*.json`` file."""
+  if isinstance(name, str) and name.endswith(".json"):
+    if not os.path.isfile(name):
+      raise ValueError(f"workload file {name!r} does not exist")
+  elif not isinstance(name, str) or name not in SYNTHETIC:
     raise ValueError(
       f"unknown workload {name!r}: expected one of {sorted(SYNTHETIC)} or a path ending in .json"
     )
-  return sample_synthetic(SYNTHETIC[name], num_requests, max_seq_len=max_seq_len, seed=seed)
 
 
 def workload_label(name: str) -> str:

@@ -152,7 +152,11 @@ def test_block_sizes_an_engine_run_cannot_scale_are_usage_errors_before_the_run(
   config = run_config("block_size_ablation", "engine_cpu")
   run.check_config_values(config)  # (8, 16, 32, 64, 128) at scale 8
   config.block_sizes = (16, 4)
-  with pytest.raises(ValueError, match=r"--config.block_sizes=4: block size 4 .*length_scale"):
+  # The flag as given, then the element at fault.
+  with pytest.raises(
+    ValueError,
+    match=r"--config.block_sizes=\(16, 4\) \(block size 4\): block size 4 .*length_scale",
+  ):
     run.check_config_values(config)
   config.engine.requests = 0  # no engine run: any block size
   run.check_config_values(config)

@@ -174,6 +174,8 @@ def test_field_types_must_match_the_default_config():
     ("--config.block_sizes=()", r"--config.block_sizes=\(\): block_sizes needs at least one"),
     ("--config.seed=-1", r"--config.seed=-1: seed must be >= 0"),
     ("--sweep=seed=0,-1", r"--sweep seed=-1: --config.seed=-1: seed must be >= 0"),
+    # A later --config wins: a file that is not there (a 36-line traceback before).
+    ("--config=configs/nope.py:quick", r"no config file 'configs/nope.py' \(this .*memory_waste"),
   ],
 )
 def test_bad_override_on_the_command_line_is_a_usage_error_and_writes_nothing(
@@ -277,14 +279,15 @@ def test_config_values_no_experiment_can_run_with_are_named():
       run.check_config_values(cfg)
   # A ShareGPT JSON file alone takes num_requests <= 0 as "all of its conversations"
   # (documented in experiments.workloads); a synthetic workload beside it does not.
+  tiny = os.path.join(os.path.dirname(__file__), "data", "sharegpt_tiny.json")
   json_only = copy.deepcopy(config)
-  json_only.workloads = ("a.json", "b.json")
+  json_only.workloads = (tiny, tiny)
   json_only.num_requests = 0
   run.check_config_values(json_only)
-  json_only.workloads = ("a.json", "alpaca")
+  json_only.workloads = (tiny, "alpaca")
   with pytest.raises(ValueError, match="num_requests must be >= 1"):
     run.check_config_values(json_only)
-  single = ConfigDict({"workload": "a.json", "num_requests": 0})
+  single = ConfigDict({"workload": tiny, "num_requests": 0})
   run.check_config_values(single)
   single.workload = "sharegpt"
   with pytest.raises(ValueError, match="num_requests must be >= 1"):
@@ -304,6 +307,8 @@ def test_bad_values_and_sweeps_raise_before_the_workdir_is_written(tmp_path):
     run.run_experiment(config, str(workdir), sweep="seed=3,x")
   with pytest.raises(ValueError, match="not in the config"):
     run.run_experiment(config, str(workdir), sweep="nope=1,2")
+  with pytest.raises(ValueError, match=r"--sweep takes a scalar field; block_sizes is a tuple"):
+    run.run_experiment(config, str(workdir), sweep="block_sizes=8,16")
   assert not workdir.exists()
 
 
@@ -419,6 +424,96 @@ def test_config_values_of_pools_and_kv_dtypes_are_checked_before_a_run(tmp_path)
     {"kernel_kv_dtype": "bfloat16", "watermark": 0.0, "host_pool_tokens": 0},
   ):
     run.check_config_values(ConfigDict(ok))
+
+
+def test_a_failed_run_removes_the_empty_workdir_it_created(tmp_path, monkeypatch):
+  real = run.resolve_experiment
+
+  def failing(name):
+    fn = real(name)
+
+    def experiment(cfg):
+      fn(cfg)
+      raise RuntimeError("it failed")
+
+    return experiment
+
+  monkeypatch.setattr(run, "resolve_experiment", failing)
+  workdir = tmp_path / "new" / "out"
+  with pytest.raises(RuntimeError, match="it failed"):
+    run.run_experiment(_tiny_memory_config(), str(workdir))
+  assert not workdir.exists()  # (its parent, made on the way, stays: it was not the run's)
+  (tmp_path / "kept").mkdir()  # a workdir that was there before the run stays
+  with pytest.raises(RuntimeError, match="it failed"):
+    run.run_experiment(_tiny_memory_config(), str(tmp_path / "kept"))
+  assert (tmp_path / "kept").is_dir()
+
+
+def test_without_matplotlib_the_tables_are_written_and_the_plots_named(tmp_path, monkeypatch):
+  # The plot extra is optional (README): a finished run used to lose its tables to the
+  # ImportError at the first plot.
+  warnings = []
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+  monkeypatch.setattr(_outputs.logging, "warning", lambda msg, *a: warnings.append(msg % a))
+  run.run_experiment(_tiny_memory_config(), str(tmp_path))
+  names = {p.name for p in tmp_path.iterdir()}
+  assert {"serving.md", "snapshot.md", "results.jsonl", "config.json", "run_info.json"} <= names
+  assert not [n for n in names if n.endswith((".png", ".pdf"))]
+  assert len(warnings) == 1 and "matplotlib is not installed" in warnings[0]
+  assert "memory_breakdown" in warnings[0]
+
+
+def test_workloads_policies_and_serving_fields_are_checked_before_a_run(tmp_path):
+  # Each of these used to end the experiment with a traceback after the workdir was made,
+  # or (workloads=(), arrival_rate < 0, max_batch < 0) run and write a silent wrong result.
+  config = _tiny_memory_config()
+  workdir = tmp_path / "out"
+  for path, value, match in [
+    ("workloads", (), r"^--config\.workloads=\(\): workloads needs at least one workload"),
+    ("workloads", ("sharegptt",), r"unknown workload 'sharegptt': expected one of"),
+    ("workloads", ("sharegpt", "/no/such.json"), r"workload file '/no/such\.json' does not"),
+    ("contiguous_policies", ("maxx",), r"^--config\.contiguous_policies=\('maxx',\): at least"),
+    ("contiguous_policies", (), r"^--config\.contiguous_policies=\(\): at least one policy"),
+    ("max_seq_len", 0, r"^--config\.max_seq_len=0: max_seq_len \(prompt \+ output tokens\)"),
+    ("arrival_rate", -1.0, r"^--config\.arrival_rate=-1\.0: arrival_rate \(requests a step\)"),
+    ("arrival_rate", float("inf"), r"^--config\.arrival_rate=inf:"),
+    ("max_batch", -2, r"^--config\.max_batch=-2: max_batch must be >= 0"),
+  ]:
+    cfg = copy.deepcopy(config)
+    run._set_field(cfg, path, value)
+    with pytest.raises(ValueError, match=match):
+      run.run_experiment(cfg, str(workdir))
+  assert not workdir.exists()
+  for fields, match in [
+    ({"kv_budget_gib": -1.0}, r"^--config\.kv_budget_gib=-1\.0: kv_budget_gib \(GiB of K/V\)"),
+    ({"kv_budget_gib": 0}, r"kv_budget_gib"),
+    ({"workload": "sharegptt"}, r"^--config\.workload='sharegptt': unknown workload"),
+    ({"cost_model": "cpu_defualt"}, r"^--config\.cost_model='cpu_defualt': one of"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      run.check_config_values(ConfigDict(fields))
+  run.check_config_values(
+    ConfigDict({"kv_budget_gib": 0.5, "arrival_rate": 0.0, "max_batch": 0, "max_seq_len": 2})
+  )
+
+
+def test_an_experiments_own_check_config_runs_before_the_workdir_is_written(tmp_path):
+  # request_rate.check_config names fields only it has (systems, clock, ...): it ran inside
+  # the experiment, after the workdir was created.
+  config = _load(os.path.join(REPO, "configs", "request_rate.py")).get_config("quick")
+  workdir = tmp_path / "out"
+  for path, value, match in [
+    ("systems", ("pagd",), r"^--config\.systems=\('pagd',\): pick from"),
+    ("clock", "simulted", r"^--config\.clock='simulted': one of"),
+  ]:
+    cfg = copy.deepcopy(config)
+    run._set_field(cfg, path, value)
+    with pytest.raises(ValueError, match=match):
+      run.run_experiment(cfg, str(workdir))
+    # Under a sweep, the message names the swept value first.
+    with pytest.raises(ValueError, match="^--sweep seed=0: " + match.lstrip("^")):
+      run.prepare_run(cfg, str(workdir), "seed=0,1")
+  assert not workdir.exists()
 
 
 def test_resolve_experiment_errors_name_the_choices():
