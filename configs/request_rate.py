@@ -95,7 +95,6 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.warmup_shapes = False
   config.warmup_threads = 1
 
-  # Around where each system's curve turns up under the default cost model and pool.
   # Around where each system's curve turns up under the default cost model and pool,
   # finer where they do (Orca (Max) turns up early).
   sharegpt_rates = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0,

@@ -4,8 +4,9 @@ Per block size:
 
 * memory (per workload): share of the KV pool holding tokens and mean batch while
   requests wait, and tokens generated per step, from the serving simulation of
-  :mod:`experiments._serving` with the real allocator (the same numbers as the
-  memory-waste experiment's paged rows);
+  :mod:`experiments._serving` with the real allocator (the simulation of the
+  memory-waste experiment's paged rows: the same numbers where both configs draw the
+  same requests; their default request counts differ);
 * kernel: median time of one ``kernels.paged_attention`` decode call at a fixed shape
   (every sequence at ``kernel_context`` tokens, blocks scattered over the pool) over
   ``kernel_iters`` calls, with its min-max spread, for each backend in ``config.backends``

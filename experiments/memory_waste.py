@@ -195,7 +195,8 @@ def run(config: ConfigDict) -> Result:
       serving,
       caption=(
         f"Share of a KV pool of {_kv_dtype.pool_label(config)} holding token states, averaged over "
-        "the steps of a simulated serving run in which requests waited for memory; paper: "
+        "the steps of a simulated serving run in which requests waited for memory (the pool "
+        "columns and batch; '-' where none waited), tokens / reserved over every step; paper: "
         "Kwon et al. 2023, Figure 2 (OPT-13B, A100; trace not named), on the "
         f"{PAPER_WORKLOAD}-like rows only"
         + ("." if PAPER_WORKLOAD in config.workloads else " (none in this run).")
@@ -335,7 +336,9 @@ def _notes(config: ConfigDict) -> list[str]:
   return [
     "What we measure: `serving` splits a fixed pool of "
     f"{_kv_dtype.pool_label(config)} at the end of every step of a simulated serving run "
-    "and averages over the steps in which requests waited for memory (memory-time weighted). "
+    "and averages over the steps in which requests waited for memory (memory-time weighted; "
+    "a run in which no request ever waited has none, and shows '-'). `tokens / reserved %` "
+    "is the share of the reserved slots holding tokens over every step of the run. "
     "The paper's Figure 2 reports the same split for OPT-13B on an A100 during its §6.2 "
     "experiment; its pool size, request rate and trace differ from ours, so the numbers are "
     "comparable in kind, not to the decimal. The paper does not name Figure 2's trace; its "
