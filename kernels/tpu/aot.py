@@ -63,7 +63,8 @@ def shipped_cases() -> list[Case]:
   """Every configuration the TPU backend accepts, covered value by value: both kernels at
   each block size (8 only for float32: bf16 blocks are multiples of 16), head_dim 128 and
   256 (head_dim must be a multiple of 128 on this backend; a lane-padded pool of 80, 96,
-  112 or 192 reaches the kernels as one of these), bf16 and float32 K/V, with and
+  112 or 192 reaches the kernels as one of these) and 64 or 32 in a lane-dense pool (rows
+  of 128 lanes), bf16, float32 and 8-bit K/V, cascade attention, with and
   without sliding window + soft cap, MHA / GQA / MQA head layouts, and the
   ``BlockSizes`` knobs that change the kernel (one KV head per step, two cores, a batch
   split by the SMEM budget, one-block chunks, a query tile, decodes kept in the ragged
