@@ -376,7 +376,23 @@ def test_unused_entries_past_the_lengths_are_fine_and_device_tables_are_trusted(
   # a kernel cannot raise): its keys are skipped, as documented.
   hole = jnp.asarray([[0, -1], [2, -1], [3, 4]], jnp.int32)
   q, k, v, _, _ = valid_inputs()
-  kernels.paged_attention(q, k, v, hole, jnp.asarray([5, 2, 8], jnp.int32), backend="reference")
+  out = kernels.paged_attention(
+    q, k, v, hole, jnp.asarray([5, 2, 8], jnp.int32), backend="reference"
+  )
+  # Float64 by hand: row 0 sees block 0's 4 keys (its 5th key, in the hole, is skipped),
+  # row 1 block 2's first 2, row 2 blocks 3 and 4.
+  qn, kn, vn = (np.asarray(a, np.float64) for a in (q, k, v))
+  for row, keys in ((0, [(0, t) for t in range(4)]), (1, [(2, 0), (2, 1)]),
+                    (2, [(b, t) for b in (3, 4) for t in range(BS)])):  # fmt: skip
+    for h in range(HQ):
+      kv = h // (HQ // HKV)
+      kk = np.stack([kn[kv, b, t] for b, t in keys])
+      vv = np.stack([vn[kv, b, t] for b, t in keys])
+      w = np.exp(kk @ qn[row, h] / np.sqrt(D))
+      want = (w / w.sum()) @ vv
+      np.testing.assert_allclose(
+        np.asarray(out)[row, h], want, **tolerance("attention_vs_float64", "float32")
+      )
 
 
 @pytest.mark.parametrize(

@@ -186,7 +186,7 @@ def test_8bit_lane_padded_write_then_decode_matches_dequantised_float64(kv_dtype
   v_new = jnp.asarray(rng.standard_normal((len(slots), heads, head_dim)), jnp.float32)
   kp, vp, ks, vs = kernels.write_kv_quantized(kp, vp, ks, vs, k_new, v_new, slots, lane_padded=True)
   # The scales are the unpadded rows' (zero lanes change no max), the padding lanes zero.
-  _, _, ks_plain, _ = kernels.write_kv_quantized(
+  kq_plain, vq_plain, ks_plain, vs_plain = kernels.write_kv_quantized(
     jnp.zeros((*shape[:3], head_dim), kv_dtype),
     jnp.zeros((*shape[:3], head_dim), kv_dtype),
     jnp.zeros(shape[:3], jnp.float32),
@@ -196,7 +196,15 @@ def test_8bit_lane_padded_write_then_decode_matches_dequantised_float64(kv_dtype
     slots,
   )
   np.testing.assert_array_equal(ks, ks_plain)
+  np.testing.assert_array_equal(vs, vs_plain)
+  # The rows themselves are the plain write's (compared as float32 values, exact).
+  for padded, plain in ((kp, kq_plain), (vp, vq_plain)):
+    np.testing.assert_array_equal(
+      np.asarray(padded[..., :head_dim].astype(jnp.float32)),
+      np.asarray(plain.astype(jnp.float32)),
+    )
   assert (np.asarray(kp[..., head_dim:].astype(jnp.float32)) == 0).all()
+  assert (np.asarray(vp[..., head_dim:].astype(jnp.float32)) == 0).all()
   q = jnp.asarray(rng.standard_normal((2, 4, head_dim)), jnp.float32)
   k_plain, v_plain = kp[..., :head_dim], vp[..., :head_dim]
   want = decode_float64(q, k_plain, v_plain, table, lengths, scale=head_dim**-0.5, ks=ks, vs=vs)

@@ -90,16 +90,21 @@ def test_write_quantizes_into_slots_and_pads_nothing():
   new_k = jnp.asarray(rng.standard_normal((3, h, d)), jnp.float32)
   new_v = 2 * new_k
   slots = np.array([5, -1, 11], np.int32)
-  k2, v2, ks2, vs2 = kernels.write_kv_quantized(k, k, ks, ks, new_k, new_v, slots)
+  v = jnp.full((h, nb, bs, d), 7, jnp.int8)  # V's own pool, so a V row written wrong shows
+  k2, v2, ks2, vs2 = kernels.write_kv_quantized(k, v, ks, ks, new_k, new_v, slots)
   want_q, want_s = kernels.quantize(new_k, jnp.int8)
   for row, slot in ((0, 5), (2, 11)):
     b, i = divmod(slot, bs)
     np.testing.assert_array_equal(np.asarray(k2[:, b, i]), np.asarray(want_q[row]))
     np.testing.assert_array_equal(np.asarray(ks2[:, b, i]), np.asarray(want_s[row]))
+    # V = 2 K: twice the scale, the same int8 row (both halves of x / s are doubled exactly).
+    np.testing.assert_array_equal(np.asarray(v2[:, b, i]), np.asarray(want_q[row]))
     np.testing.assert_array_equal(np.asarray(vs2[:, b, i]), 2 * np.asarray(want_s[row]))
   untouched = np.ones((nb * bs,), bool)
   untouched[[5, 11]] = False
   assert (np.asarray(ks2).reshape(h, -1)[:, untouched] == -1).all()
+  assert (np.asarray(v2).reshape(h, -1, d)[:, untouched] == 7).all()
+  assert (np.asarray(k2).reshape(h, -1, d)[:, untouched] == 0).all()
   with pytest.raises(ValueError, match="write_kv_quantized"):
     kernels.write_kv(k, k, new_k, new_v, slots)
   with pytest.raises(ValueError, match="k_scales"):
@@ -421,7 +426,8 @@ def test_hadamard_rotate_is_the_normalised_sylvester_matrix(head_dim):
   np.testing.assert_allclose(back, x, rtol=1e-5, atol=1e-5 * np.abs(x).max())
   y = rng.standard_normal((3, 5, head_dim))
   dots = np.sum(got * np.asarray(kernels.hadamard_rotate(y), np.float64), -1)
-  np.testing.assert_allclose(dots, np.sum(x * y, -1), rtol=1e-4, atol=1e-4 * np.abs(x).max())
+  # The same bound as above: the dots' float32 error measured at most a tenth of it.
+  np.testing.assert_allclose(dots, np.sum(x * y, -1), rtol=1e-5, atol=1e-5 * np.abs(x).max())
 
 
 def test_rotation_block_refuses_a_width_below_one():

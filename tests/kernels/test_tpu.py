@@ -244,6 +244,25 @@ def test_decode_sliding_window_and_soft_cap_skip_blocks_outside_window():
   )
   _assert_no_races()
   _check(out, _oracle(q, k, v, table, lengths, **kw), jnp.float32)
+  # The NaN block above cannot show a fetch (the kernel masks scores and V with a select,
+  # so a fetched block outside the window still gives the right output): the skip itself
+  # is the visible range's first block, worked by hand. Length 33, window 12: keys 21-32,
+  # blocks 2-4 of 8 tokens (2 = 21 // 8), end 5 = ceil(33 / 8); blocks 0 and 1 are skipped.
+  from kernels.tpu.decode import _visible_range
+
+  for length, window, want in [(33, 12, (21, 2, 5)), (20, 12, (8, 1, 3)), (3, 12, (0, 0, 1))]:
+    got = _visible_range(jnp.int32(length), block_size=BS, max_blocks=5, sliding_window=window)
+    assert tuple(int(x) for x in got) == want, (length, window, got)
+  # Without a window every block from 0; cascade's own part from its start's block.
+  assert tuple(
+    int(x) for x in _visible_range(jnp.int32(33), block_size=BS, max_blocks=5, sliding_window=None)
+  ) == (0, 0, 5)
+  assert tuple(
+    int(x)
+    for x in _visible_range(
+      jnp.int32(33), block_size=BS, max_blocks=5, sliding_window=None, start=17
+    )
+  ) == (17, 2, 5)
 
 
 def test_decode_holes_and_whole_chunks():
