@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from paxcache import sharding
 from paxcache.distributed import KeyValueChannel
-from paxcache.engine._engine import Engine, EngineConfig
+from paxcache.engine._engine import Engine, EngineConfig, check_requests
 from paxcache.engine._request import Request, RequestError, RequestOutput
 from paxcache.engine._scheduler import Plan
 from paxcache.nn import Decoder
@@ -183,14 +183,7 @@ class DistributedEngine(Engine):
     same on every process."""
     requests = list(requests)
     if self.is_leader:
-      checked, ids = [], set()
-      for r in requests:
-        r = self._validate(r)
-        if r.request_id in ids or r.request_id in self._outbox_ids:
-          raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
-        ids.add(r.request_id)
-        checked.append(r)
-      for r in checked:
+      for r in check_requests(self._validate, requests, self._outbox_ids):
         self.add_request(r)
     outputs: dict[Hashable, RequestOutput] = {}
     steps = 0

@@ -1754,14 +1754,7 @@ def run_until_done(
   """What :meth:`Engine.run` and :meth:`Router.run` do: ``check`` every request before
   ``server._add`` queues any (one bad request, or one id twice, queues none), then
   ``server.step()`` until nothing is unfinished or ``max_steps`` steps ran."""
-  checked, ids = [], set()
-  for r in requests:
-    r = check(r)
-    if r.request_id in ids:
-      raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
-    ids.add(r.request_id)
-    checked.append(r)
-  for r in checked:
+  for r in check_requests(check, requests):
     server._add(r)
   outputs: dict[Hashable, RequestOutput] = {}
   steps = 0
@@ -1772,3 +1765,16 @@ def run_until_done(
     if max_steps is not None and steps >= max_steps:
       break
   return outputs
+
+
+def check_requests(check, requests: Iterable[Request], taken=()) -> list[Request]:
+  """Every request through ``check`` (which returns it, or raises :class:`RequestError`),
+  before any is queued; an id given twice, or already in ``taken``, is refused too."""
+  checked, ids = [], set()
+  for r in requests:
+    r = check(r)
+    if r.request_id in ids or r.request_id in taken:
+      raise RequestError(f"request id {r.request_id!r} appears twice in the requests given")
+    ids.add(r.request_id)
+    checked.append(r)
+  return checked

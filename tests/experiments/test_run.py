@@ -312,23 +312,28 @@ def test_bad_values_and_sweeps_raise_before_the_workdir_is_written(tmp_path):
   assert not workdir.exists()
 
 
+def _fail_after_the_experiment(monkeypatch):
+  """Every experiment the runner resolves runs whole, then raises RuntimeError."""
+  real = run.resolve_experiment
+
+  def failing(name):
+    fn = real(name)
+
+    def experiment(cfg):
+      fn(cfg)
+      raise RuntimeError("it failed")
+
+    return experiment
+
+  monkeypatch.setattr(run, "resolve_experiment", failing)
+
+
 @pytest.mark.parametrize("where", ["experiment", "writing"])
 def test_a_run_that_fails_leaves_the_earlier_runs_files_as_they_were(tmp_path, monkeypatch, where):
   run.run_experiment(_tiny_memory_config(), str(tmp_path))
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
   if where == "experiment":  # the whole run, then a failure at its end
-    real = run.resolve_experiment
-
-    def failing(name):
-      fn = real(name)
-
-      def experiment(cfg):
-        fn(cfg)
-        raise RuntimeError("it failed")
-
-      return experiment
-
-    monkeypatch.setattr(run, "resolve_experiment", failing)
+    _fail_after_the_experiment(monkeypatch)
   else:  # every table and plot written, then a failure (a plot's drawing code)
     real = _outputs.write_result
 
@@ -427,18 +432,7 @@ def test_config_values_of_pools_and_kv_dtypes_are_checked_before_a_run(tmp_path)
 
 
 def test_a_failed_run_removes_the_empty_workdir_it_created(tmp_path, monkeypatch):
-  real = run.resolve_experiment
-
-  def failing(name):
-    fn = real(name)
-
-    def experiment(cfg):
-      fn(cfg)
-      raise RuntimeError("it failed")
-
-    return experiment
-
-  monkeypatch.setattr(run, "resolve_experiment", failing)
+  _fail_after_the_experiment(monkeypatch)
   workdir = tmp_path / "new" / "out"
   with pytest.raises(RuntimeError, match="it failed"):
     run.run_experiment(_tiny_memory_config(), str(workdir))

@@ -183,6 +183,10 @@ def test_distributed_engine_in_one_process_matches_engine(reference):
   assert got == reference["swap"][0]
   assert engine.guard_checks == engine.metrics.steps  # every step compared (with itself)
   assert engine.allocator.num_used_blocks == 0 and not engine.has_unfinished()
+  # run() checks every request before it queues any: an id given twice queues none.
+  with pytest.raises(RequestError, match="request id 0 appears twice"):
+    engine.run(mc.requests()[:1] * 2)
+  assert not engine.has_unfinished()
   # add_request / step loop, as the experiments drive it.
   for r in mc.requests()[:2]:
     engine.add_request(r)
