@@ -205,6 +205,9 @@ class BlockAllocator:
         f"max_pending_tokens must be an int in [1, block_size + 1 = {block_size + 1}], got "
         f"{max_pending_tokens!r}"
       )
+    if not isinstance(enable_prefix_caching, bool | np.bool_):
+      # bool("no") is True: a string or a number here is a mistake, not a choice.
+      raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
     self.num_blocks = int(num_blocks)
     self.block_size = int(block_size)
     self.num_host_blocks = int(num_host_blocks)
@@ -346,6 +349,14 @@ class BlockAllocator:
 
   def blocks_needed_to_append(self, seq_ids: Sequence[Hashable], num_tokens: int = 1) -> int:
     """New blocks that appending ``num_tokens`` to each of ``seq_ids`` needs (copy-on-write too)."""
+    if not _is_int(num_tokens):
+      raise ValueError(
+        f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})"
+      )
+    num_tokens = int(num_tokens)
+    if num_tokens > np.iinfo(np.int64).max // 2:
+      # No sequence holds that many tokens (nor can the int64 arithmetic below).
+      raise ValueError(f"num_tokens={num_tokens} is past any sequence length")
     rows = self._rows(seq_ids, "append to")
     n = self._ntok[rows].astype(np.int64)
     nb = self._nblk[rows]
@@ -933,6 +944,8 @@ class BlockAllocator:
       raise ValueError(
         f"{name} must be a 1-D sequence of integer token ids, got {arr.dtype} {arr.shape}"
       )
+    if arr.size and arr.dtype.kind == "u" and int(arr.max()) > np.iinfo(np.int64).max:
+      raise ValueError(f"{name} holds a token id {int(arr.max())} past int64")
     arr = arr.astype(np.int64, copy=False)
     low = PENDING_TOKEN if allow_pending else 0
     if arr.size and int(arr.min()) < low:

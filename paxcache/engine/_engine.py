@@ -1024,7 +1024,9 @@ class Engine:
       max_new_tokens=int(r.max_new_tokens),
       n=int(r.n),
       temperature=float(t),
-      top_k=int(r.top_k),
+      # At least the vocabulary means all of it (the sampler clips k to it): clipped here,
+      # so that no top_k past int32 reaches the step's i32 sampling arrays.
+      top_k=min(int(r.top_k), self.vocab_size),
       end_token=None if r.end_token is None else int(r.end_token),
       seed=None if r.seed is None else int(r.seed),
       arrival_time=None if a is None else float(a),

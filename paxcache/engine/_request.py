@@ -21,7 +21,8 @@ class Request:
     max_new_tokens: generated tokens per sample, at most (>= 1).
     n: number of samples (parallel sampling: the prompt is computed once, then forked).
     temperature: 0 means greedy (argmax); > 0 samples from ``softmax(logits / temperature)``.
-    top_k: sample among the ``top_k`` most likely tokens; 0 means all.
+    top_k: sample among the ``top_k`` most likely tokens; 0 (or any value of at least
+      the vocabulary's size) means all.
     end_token: a sample stops after emitting this token (it is kept in the output).
     seed: sampling seed, an int in ``[0, 2**31)``; None derives one from the arrival
       order. A sample's token at
@@ -172,11 +173,19 @@ class Group:
     if self.beam is not None:  # the k best hypotheses (paxcache/engine/_beam.py)
       out = self.beam.output(self)
     else:
+      samples = [list(s.output) for s in seqs]
+      reasons = [s.finish_reason or "abort" for s in seqs]
+      missing = self.request.n - len(seqs)
+      if not self.forked and missing > 0:
+        # Aborted before its prompt was computed (the fork into n samples comes with the
+        # first token): one empty sample per sample asked for, as for one not yet arrived.
+        samples += [[] for _ in range(missing)]
+        reasons += ["abort"] * missing
       out = RequestOutput(
         request_id=self.request.request_id,
         prompt_len=len(self.request.prompt),
-        samples=[list(s.output) for s in seqs],
-        finish_reasons=[s.finish_reason or "abort" for s in seqs],
+        samples=samples,
+        finish_reasons=reasons,
       )
     if self.finish_time is not None:
       out.metrics = RequestMetrics(

@@ -417,8 +417,9 @@ class Scheduler:
     return need + (alloc.blocks_needed_to_append(decodes, 1) if decodes else 0)
 
   def _preempt(self, g: Group, plan: Plan, chunks: dict[Seq, int]) -> int:
-    """Preempts ``g`` (swap, or recompute when swapping is off or does not fit); returns
-    the token budget its planned chunks held."""
+    """Preempts ``g`` (swap, or recompute when swapping is off, the host pool is too
+    small, or the group's swap-in could never fit the device pool); returns the token
+    budget its planned chunks held."""
     if not self.may_preempt:
       raise RuntimeError(
         "scheduler: a preemption while the engine keeps two steps unread (the engine's "
@@ -430,7 +431,12 @@ class Scheduler:
     self.running.remove(g)
     self._release(g)
     host_need = sum(alloc.sequence(s.seq_id).num_blocks for s in live)
-    if self.preemption_mode == "swap" and host_need <= alloc.num_free_host_blocks:
+    # Swapped out, each sample owns copies of the blocks a fork shared (swap_out copies
+    # every block), so it comes back needing host_need blocks and one more per sequence
+    # (step 3); a group for which the whole pool is too small for that is recomputed
+    # instead, or it would wait in `swapped` forever.
+    can_return = host_need + len(live) <= alloc.num_blocks
+    if self.preemption_mode == "swap" and host_need <= alloc.num_free_host_blocks and can_return:
       for s in live:
         plan.swap_out.append(alloc.swap_out(s.seq_id))
       g.status = Status.SWAPPED

@@ -377,6 +377,20 @@ def test_bad_arguments_raise_value_error():
     a.append_batch(["a"], [1, 2])
   with pytest.raises(ValueError, match="start <= stop"):
     a.slots("a", 2, 4)
+  # A fault-injection review's finds: a float or bool count read as 1 block, a huge one
+  # overflowed, a uint64 token past int64 was called negative, "no" turned caching on.
+  for bad in (1.5, True):
+    with pytest.raises(ValueError, match=r"num_tokens must be an int, got"):
+      a.blocks_needed_to_append(["a"], bad)
+  with pytest.raises(ValueError, match=r"num_tokens=10{30} is past any sequence length"):
+    a.can_append(["a"], 10**30)
+  assert a.blocks_needed_to_append(["a"], np.int64(2)) == 1  # 3 + 2 tokens: a third block
+  with pytest.raises(ValueError, match=r"prompt holds a token id 9223372036854775808 past int64"):
+    a.add_sequence("b", np.array([2**63], np.uint64))
+  with pytest.raises(ValueError, match=r"enable_prefix_caching must be a bool, got 'no'"):
+    BlockAllocator(8, 2, enable_prefix_caching="no")
+  assert "b" not in a and a.num_used_blocks == 2
+  a.check_invariants()
 
 
 _SIZES = dict(num_blocks=8, block_size=2, num_host_blocks=2, max_seq_len=6)

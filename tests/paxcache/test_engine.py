@@ -378,6 +378,55 @@ def test_abort_frees_blocks_and_keeps_other_requests_exact(tiny):
     engine.abort("drop")  # already gone: never answered twice
 
 
+def test_abort_before_the_fork_returns_one_empty_sample_per_sample(tiny):
+  # n=3 is one sequence until its prompt is computed: aborted then (queued, or partway
+  # through a chunked prefill), the output still has three samples, as for one not arrived.
+  for steps in (0, 1):
+    engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, max_num_batched_tokens=8))
+    engine.add_request(Request("r", list(b"a small boy walked in "), max_new_tokens=4, n=3))
+    for _ in range(steps):
+      engine.step()
+    out = engine.abort("r")
+    assert out.samples == [[], [], []] and out.finish_reasons == ["abort"] * 3, steps
+    assert engine.allocator.num_used_blocks == 0
+
+
+def test_top_k_of_at_least_the_vocabulary_is_the_whole_vocabulary(tiny):
+  # top_k=2**40 was accepted, then overflowed the step's int32 array after the scheduler had
+  # planned the step: every later step failed and the allocator ran ahead of the sequences.
+  prompt = list(b"the old man ")
+  outs = {}
+  for k in (0, tiny.config.vocab_size, 2**40):
+    engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, check_invariants=True))
+    r = Request("r", prompt, max_new_tokens=8, temperature=1.0, top_k=k, seed=3)
+    outs[k] = engine.run([r])["r"].samples
+    assert engine.allocator.num_used_blocks == 0
+  assert outs[0] == outs[tiny.config.vocab_size] == outs[2**40]
+
+
+def test_a_fork_that_swapping_would_unshare_past_the_pool_is_recomputed(tiny, corpus):
+  # Swapped out, each of n samples owns copies of the blocks they shared. A: 8 prompt
+  # tokens + 8 new, n=3: running, the three share one prompt block (4 blocks in all);
+  # swapped in, they would need 3 x 2 blocks and one more each, 9 of a pool of 6, and
+  # the engine stopped ("made no progress") with A swapped forever. Preempted as a
+  # recompute instead, both requests finish with the roomy engine's tokens.
+  reqs = [
+    Request("B", list(corpus[0:15]), max_new_tokens=10),
+    Request("A", list(corpus[200:208]), max_new_tokens=8, n=3),
+  ]
+  roomy = Engine(tiny, EngineConfig(num_blocks=64, block_size=8)).run(reqs)
+  for caching in (False, True):
+    config = EngineConfig(
+      num_blocks=6, block_size=8, num_host_blocks=32, max_num_seqs=4,
+      enable_prefix_caching=caching, check_invariants=True,
+    )  # fmt: skip
+    engine = Engine(tiny, config)
+    outs = engine.run(reqs)
+    assert {k: o.samples for k, o in outs.items()} == {k: o.samples for k, o in roomy.items()}
+    assert engine.metrics.preemptions_recompute > 0, caching
+    assert engine.allocator.num_used_blocks == 0
+
+
 def test_stops_at_end_token_or_max_tokens(tiny):
   engine = Engine(tiny, EngineConfig(num_blocks=32, block_size=8, num_host_blocks=8))
   prompt = list(b"the king ")
