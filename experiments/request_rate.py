@@ -442,6 +442,10 @@ def run(config: ConfigDict) -> _outputs.Result:
   return _result(config, rows, cost, fit, skipped)
 
 
+# experiments.run calls it before the workdir is made (a bad system or clock is a usage error).
+run.check_config = check_config
+
+
 # ------------------------------------------------------------------ outputs
 
 ROW_COLUMNS = [

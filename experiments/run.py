@@ -168,8 +168,9 @@ def check_config_values(config: ConfigDict, prefix: str = "config") -> None:
   * a top-level ``cost_model`` and the fields of a fitted one
     (:func:`experiments._cost_config.check_cost_config`).
 
-  An experiment's module may add its own ``check_config(config)``; :func:`prepare_run`
-  calls it after these.
+  An experiment function may carry its own checks as an attribute,
+  ``fn.check_config(config)`` raising ``ValueError``; :func:`prepare_run` calls it after
+  these (``experiments.request_rate.run`` has one).
   """
   if prefix == "config":
     from experiments import _engine_bench
@@ -343,8 +344,7 @@ def prepare_run(
       cfg = copy.deepcopy(config)
       _set_field(cfg, field, value, scalar=True)
       runs.append((value, cfg))
-  module = sys.modules.get(getattr(fn, "__module__", None) or "")
-  check_experiment = getattr(module, "check_config", None)
+  check_experiment = getattr(fn, "check_config", None)  # the experiment's own checks
   for value, cfg in runs:
     try:
       check_config_values(cfg)
@@ -364,8 +364,9 @@ def run_experiment(
 
   ``variant`` (the ``:variant`` the config came from) is recorded in ``config.json``. A bad
   config value, sweep or workdir raises ``ValueError`` (:func:`prepare_run`) before the
-  workdir or anything in it is written; an experiment that raises leaves the workdir's
-  files as they were (a workdir this run created is removed again).
+  workdir or anything in it is written; an experiment (or the writing of its files) that
+  raises leaves the workdir's files as they were, and removes the folders this run
+  created if they are still empty.
   """
   start = time.perf_counter()
   from experiments._engine_bench import wants_distributed
@@ -379,6 +380,9 @@ def run_experiment(
       "--config.distributed=True)"
     )
   index, count = 0, 1
+  # The folders this run makes (the workdir, and process<i>/ in a distributed run): a run
+  # that fails removes those still empty, deepest first.
+  made = [d for d in (workdir,) if not os.path.exists(d)]
   if wants_distributed(config):
     # One process of a multi-process JAX job: join it before anything touches a device.
     # Process 0 writes the workdir; process i > 0 writes the same files to process<i>/.
@@ -387,16 +391,14 @@ def run_experiment(
     index, count = distributed.initialize()
     if index:
       workdir = os.path.join(workdir, f"process{index}")
+      made += [workdir] if not os.path.exists(workdir) else []
   fn, field, runs = prepare_run(config, workdir, sweep)
   git = git_state()  # before this run writes anything into the tree
   record = config_record(config, variant, field, [value for value, _ in runs])
-  created = not os.path.exists(workdir)
-  _probe_workdir(workdir)
-
-  # The experiment runs before anything in the workdir changes: a run that fails leaves an
-  # earlier run's files as they were (its config.json still beside its own results), and
-  # no empty workdir of its own.
   try:
+    _probe_workdir(workdir)
+    # The experiment runs before anything in the workdir changes: a run that fails leaves
+    # an earlier run's files as they were (its config.json still beside its own results).
     if sweep:
       results = []
       for value, cfg in runs:
@@ -405,28 +407,29 @@ def run_experiment(
       result = _stack_sweep(field, results)
     else:
       result = fn(config)
+    # Every file is written into a staging folder first (writing can fail too: a plot's
+    # drawing code, a duplicate table name), then moved into the workdir, run_info.json
+    # last.
+    staging = tempfile.mkdtemp(prefix=".paxcache_staging_", dir=workdir)
+    try:
+      with open(os.path.join(staging, "config.json"), "w") as f:
+        f.write(json.dumps(record, indent=2, default=str) + "\n")
+      written = _outputs.write_result(result, staging)
+      names = ["config.json"] + [os.path.basename(p) for p in written]
+      seconds = time.perf_counter() - start
+      _write_run_info(staging, config, sweep, seconds, git, names)
+      previous = _previous_outputs(workdir)
+      for name in names + ["run_info.json"]:
+        os.replace(os.path.join(staging, name), os.path.join(workdir, name))
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
   except BaseException:
-    if created:
+    for d in reversed(made):  # process<i>/ before the workdir holding it
       try:
-        os.rmdir(workdir)  # only if nothing is in it
+        os.rmdir(d)  # only if nothing is in it (another process's files stay)
       except OSError:
         pass
     raise
-
-  # Every file is written into a staging folder first (writing can fail too: a plot's
-  # drawing code, a duplicate table name), then moved into the workdir, run_info.json last.
-  staging = tempfile.mkdtemp(prefix=".paxcache_staging_", dir=workdir)
-  try:
-    with open(os.path.join(staging, "config.json"), "w") as f:
-      f.write(json.dumps(record, indent=2, default=str) + "\n")
-    names = ["config.json"] + [os.path.basename(p) for p in _outputs.write_result(result, staging)]
-    seconds = time.perf_counter() - start
-    _write_run_info(staging, config, sweep, seconds, git, names)
-    previous = _previous_outputs(workdir)
-    for name in names + ["run_info.json"]:
-      os.replace(os.path.join(staging, name), os.path.join(workdir, name))
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   # Files of the run before this one that this run did not write again (a sweep's plots,
   # a table no longer produced) would sit beside results they do not belong to.
   for name in sorted(previous - {*names, "run_info.json"}):

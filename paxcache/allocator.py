@@ -354,6 +354,8 @@ class BlockAllocator:
         f"num_tokens must be an int, got {num_tokens!r} ({type(num_tokens).__name__})"
       )
     num_tokens = int(num_tokens)
+    if num_tokens < 0:
+      raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     if num_tokens > np.iinfo(np.int64).max // 2:
       # No sequence holds that many tokens (nor can the int64 arithmetic below).
       raise ValueError(f"num_tokens={num_tokens} is past any sequence length")
@@ -361,7 +363,7 @@ class BlockAllocator:
     n = self._ntok[rows].astype(np.int64)
     nb = self._nblk[rows]
     grow = -(-(n + num_tokens) // self.block_size) - nb
-    if num_tokens <= 0:
+    if num_tokens == 0:
       return 0
     return int(grow.sum()) + self._num_copies(rows, nb, self._shared_partial(rows, n, nb))
 

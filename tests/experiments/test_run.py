@@ -441,6 +441,16 @@ def test_a_failed_run_removes_the_empty_workdir_it_created(tmp_path, monkeypatch
   with pytest.raises(RuntimeError, match="it failed"):
     run.run_experiment(_tiny_memory_config(), str(tmp_path / "kept"))
   assert (tmp_path / "kept").is_dir()
+  # A failure while writing the files (after the experiment ran) likewise.
+  monkeypatch.undo()
+
+  def half_written(result, workdir):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(_outputs, "write_result", half_written)
+  with pytest.raises(OSError, match="disk full"):
+    run.run_experiment(_tiny_memory_config(), str(workdir))
+  assert not workdir.exists()
 
 
 def test_without_matplotlib_the_tables_are_written_and_the_plots_named(tmp_path, monkeypatch):

@@ -245,8 +245,9 @@ def test_decode_sliding_window_and_soft_cap_skip_blocks_outside_window():
   _assert_no_races()
   _check(out, _oracle(q, k, v, table, lengths, **kw), jnp.float32)
   # The NaN block above cannot show a fetch (the kernel masks scores and V with a select,
-  # so a fetched block outside the window still gives the right output): the skip itself
-  # is the visible range's first block, worked by hand. Length 33, window 12: keys 21-32,
+  # so a fetched block outside the window still gives the right output), so the range the
+  # kernel starts from (_visible_range's first block) is checked by hand instead; that the
+  # kernel fetches from it is not observable here. Length 33, window 12: keys 21-32,
   # blocks 2-4 of 8 tokens (2 = 21 // 8), end 5 = ceil(33 / 8); blocks 0 and 1 are skipped.
   from kernels.tpu.decode import _visible_range
 

@@ -382,6 +382,8 @@ def test_bad_arguments_raise_value_error():
   for bad in (1.5, True):
     with pytest.raises(ValueError, match=r"num_tokens must be an int, got"):
       a.blocks_needed_to_append(["a"], bad)
+  with pytest.raises(ValueError, match=r"num_tokens must be >= 0, got -5"):
+    a.blocks_needed_to_append(["a"], -5)
   with pytest.raises(ValueError, match=r"num_tokens=10{30} is past any sequence length"):
     a.can_append(["a"], 10**30)
   assert a.blocks_needed_to_append(["a"], np.int64(2)) == 1  # 3 + 2 tokens: a third block
