@@ -360,11 +360,11 @@ class BlockAllocator:
       # No sequence holds that many tokens (nor can the int64 arithmetic below).
       raise ValueError(f"num_tokens={num_tokens} is past any sequence length")
     rows = self._rows(seq_ids, "append to")
+    if num_tokens == 0:
+      return 0
     n = self._ntok[rows].astype(np.int64)
     nb = self._nblk[rows]
     grow = -(-(n + num_tokens) // self.block_size) - nb
-    if num_tokens == 0:
-      return 0
     return int(grow.sum()) + self._num_copies(rows, nb, self._shared_partial(rows, n, nb))
 
   def can_append(self, seq_ids: Sequence[Hashable], num_tokens: int = 1) -> bool:
