@@ -70,11 +70,13 @@ class _AfterFailedCall(Exception):
   """A call the dispatch thread did not run because an earlier one failed (its cause)."""
 
 
-def _lost_step(e: BaseException) -> RuntimeError:
-  """The error every wait on the dispatch thread raises once a call failed with ``e``."""
+def _lost_step(e: BaseException, on_thread: bool = True) -> RuntimeError:
+  """The error every later use of an engine raises once a step failed with ``e`` (its
+  call on the dispatch thread, or anything the step ran on the engine's thread)."""
+  where = "a step's jitted call failed on the dispatch thread" if on_thread else "a step raised"
   return RuntimeError(
-    f"a step's jitted call failed on the dispatch thread ({e!r}); this engine cannot go "
-    "on: its pool and host state are those of the lost step"
+    f"{where} ({e!r}); this engine cannot go on: its pool and host state are those of the "
+    "lost step (make a new Engine)"
   )
 
 
@@ -813,13 +815,24 @@ class Engine:
     e = getattr(self, "_call_error", None)
     if e is not None:
       raise _lost_step(e) from e
+    e = getattr(self, "_step_error", None)
+    if e is not None:
+      raise _lost_step(e, on_thread=False) from e
+
+  def _fail_stop(self, e: BaseException) -> None:
+    """Called with whatever a step (or an abort's read of one) raised, before it goes on
+    up: the allocator may hold the step's appends, swaps and copies, its call may have
+    taken the donated pool, and going on would lose requests or jam; every later use of
+    the engine raises instead (:meth:`_raise_if_a_call_failed`)."""
+    if self._call_error is None and self._step_error is None:
+      self._step_error = e
 
   def _call_on_thread(self, batch: StepBatch):
     """The dispatch thread's call (packing the batch included): the only code that touches
     the pool and the previous tokens while a call is queued (a failed call fails every
     call after it)."""
-    if self._call_error is not None:
-      raise _AfterFailedCall() from self._call_error
+    if self._call_error is not None or self._step_error is not None:
+      raise _AfterFailedCall() from (self._call_error or self._step_error)
     try:
       out, self._cache = self._step_fn(
         self._params, self._cache, batch, self._key, self._prev_tokens
@@ -875,6 +888,8 @@ class Engine:
     self._dispatcher: concurrent.futures.ThreadPoolExecutor | None = None
     self._last_call: concurrent.futures.Future | None = None
     self._call_error: BaseException | None = None
+    # The first error a step raised on the engine's thread (_fail_stop).
+    self._step_error: BaseException | None = None
     # Samples stopped at an end token after their next rows were dispatched: how many of
     # those rows (1, or 2 with pipeline_depth=2) the resolves still to come skip.
     self._ignore: collections.Counter[Seq] = collections.Counter()
@@ -913,6 +928,7 @@ class Engine:
   def add_request(self, request: Request) -> None:
     """Queues ``request`` (at its ``arrival_time``, if it has one); raises
     :class:`RequestError` (changing nothing) if it is bad."""
+    self._raise_if_a_call_failed()
     self._add(self._validate(request))
 
   def _add(self, request: Request) -> None:
@@ -1071,6 +1087,7 @@ class Engine:
     With ``async_scheduling`` the steps still on the device are read first (one, or two
     with ``pipeline_depth=2``); if they finished the request, its complete output is
     returned (finish reasons "stop" or "length", counted as finished, not aborted)."""
+    self._raise_if_a_call_failed()
     group = self._groups.get(request_id)
     if group is None and request_id in self._pending_ids:  # not arrived yet
       entry = next(e for e in self._pending if e[2].request_id == request_id)
@@ -1082,7 +1099,11 @@ class Engine:
       return RequestOutput(r.request_id, len(r.prompt), [[] for _ in range(r.n)], ["abort"] * r.n)
     if group is None:
       raise RequestError(f"abort: unknown request id {request_id!r} (finished or never added)")
-    self._drain()
+    try:
+      self._drain()
+    except BaseException as e:
+      self._fail_stop(e)
+      raise
     if request_id not in self._groups:
       # Its last token came back in the step just read: it finished (and is counted as
       # finished, with its own finish reasons), so it is returned here, not by step().
@@ -1109,9 +1130,20 @@ class Engine:
 
   def step(self) -> list[RequestOutput]:
     """One iteration: schedule, swap, one device call; returns requests finished in it
-    (with ``async_scheduling``, those whose last token came back in it)."""
+    (with ``async_scheduling``, those whose last token came back in it).
+
+    Whatever the iteration raises (a failed call, a device error read with the tokens, an
+    interrupt) is raised as it is, and every later use of the engine raises a
+    ``RuntimeError`` naming it: the step may be half done (docs/engine.md, "Errors")."""
     self._raise_if_a_call_failed()
     self._admit_arrivals()
+    try:
+      return self._iterate()
+    except BaseException as e:
+      self._fail_stop(e)
+      raise
+
+  def _iterate(self) -> list[RequestOutput]:
     t0 = time.perf_counter()
     self._cascade = (0, 0, 0)  # (groups, rows, saved tokens): set by _execute's batch
     self._plan_chunks = 0  # set by _execute's batch

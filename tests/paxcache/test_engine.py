@@ -672,6 +672,58 @@ def test_dispatch_thread_reports_a_failed_call_and_every_call_after_it(tiny, cor
   assert len(calls) == 3
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("where", ["call", "read"])
+def test_a_step_that_raises_stops_the_engine_instead_of_losing_requests(
+  tiny, corpus, async_scheduling, where
+):
+  # Without this, the synchronous engine went on after a failed call and one of two
+  # requests vanished unreturned (its step's appends were made, its tokens never were);
+  # the overlapped one failed every later step with "last token is still pending".
+  engine = Engine(tiny, _pressure_config("swap", async_scheduling))
+  calls = []
+  if where == "call":  # the jitted call raises (a trace, compile or launch error)
+    step_fn = engine._step_fn
+
+    def fail(params, cache, batch, key, prev):
+      calls.append(1)
+      if len(calls) == 3:
+        raise ValueError("device lost")
+      return step_fn(params, cache, batch, key, prev)
+
+    engine._step_fn = fail
+  else:  # reading a step's tokens raises (an error the device reports after the call)
+    resolve = engine._resolve
+
+    def fail(step, finished):
+      calls.append(1)
+      if len(calls) == 3:
+        raise ValueError("device lost")
+      return resolve(step, finished)
+
+    engine._resolve = fail
+  requests = _mixed_requests(corpus)[:2]
+  for r in requests:
+    engine.add_request(r)
+  steps = []
+  with pytest.raises(ValueError, match="device lost"):  # raised as it is, once
+    while len(steps) < 8:
+      steps.append(1)
+      engine.step()
+  assert len(steps) == 3 + (where == "read" and async_scheduling)  # (read one step later)
+  # Every later use raises an error naming it; nothing runs on the half-done state.
+  later = [
+    engine.step,
+    lambda: engine.cache,
+    lambda: engine.add_request(dataclasses.replace(requests[0], request_id="new")),
+    lambda: engine.abort(requests[0].request_id),
+  ]
+  for again in later:
+    with pytest.raises(RuntimeError, match=r"a step raised \(ValueError\('device lost'\)\)"):
+      again()
+  assert len(calls) == 3
+
+
 @pytest.mark.parametrize(
   "field,value,match",
   [
