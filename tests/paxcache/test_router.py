@@ -349,3 +349,28 @@ def test_mesh_helpers_on_one_device():
     make_data_mesh(1, data_axis="x", model_axis="x")
   with pytest.raises(ValueError, match="not 'data'"):
     replica_meshes(make_mesh(1))
+
+
+def test_a_replica_whose_step_raises_ends_the_router():
+  router = Router(_sim())
+  for r in _hand_requests():
+    router.add_request(r)
+  failing = router.replicas[1]
+  execute, calls = failing._execute, []
+
+  def fail(plan):
+    calls.append(1)
+    if len(calls) == 2:
+      raise ValueError("device lost")
+    return execute(plan)
+
+  failing._execute = fail
+  with pytest.raises(ValueError, match="device lost"):
+    while router.has_unfinished():
+      router.step()
+  assert len(calls) == 2
+  # The failed replica's half-done step is never stepped on: the router raises again.
+  for _ in range(2):
+    with pytest.raises(RuntimeError, match=r"a step raised \(ValueError\('device lost'\)\)"):
+      router.step()
+  assert len(calls) == 2
