@@ -7,6 +7,7 @@ code) can use it on its own.
 from kernels._api import (
   BACKENDS,
   BackendUnavailableError,
+  check_paged_attention,
   paged_attention,
   resolve_backend,
   write_and_decode,
@@ -30,7 +31,7 @@ from kernels._write import (
   write_kv,
   write_kv_quantized,
 )
-from kernels.cascade import CascadePlan, cascade_attention, plan_cascade
+from kernels.cascade import CascadePlan, cascade_attention, check_cascade_attention, plan_cascade
 from kernels.reference import INVALID_BLOCK
 
 __all__ = [
@@ -42,9 +43,11 @@ __all__ = [
   "BackendUnavailableError",
   "CascadePlan",
   "cascade_attention",
+  "check_cascade_attention",
   "check_host_slot_mapping",
   "check_host_slots_match_table",
   "check_kv_dtype",
+  "check_paged_attention",
   "dequantize",
   "hadamard_rotate",
   "is_quantized",

@@ -119,6 +119,65 @@ def paged_attention(
   Returns:
     Array shaped like ``q`` with ``q.dtype``.
   """
+  (q, k_blocks, v_blocks, scale, sliding_window, logit_soft_cap, chosen, extra, real_head_dim) = (
+    _checked_call(
+      q,
+      k_blocks,
+      v_blocks,
+      block_table,
+      lengths,
+      cu_q_lens,
+      scale=scale,
+      sliding_window=sliding_window,
+      logit_soft_cap=logit_soft_cap,
+      backend=backend,
+      interpret=interpret,
+      k_scales=k_scales,
+      v_scales=v_scales,
+      decode_plan=decode_plan,
+      lane_dense=lane_dense,
+      lane_padded=lane_padded,
+    )
+  )
+  out = _BACKEND_FNS[chosen](
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    cu_q_lens,
+    scale=scale,
+    sliding_window=sliding_window,
+    logit_soft_cap=logit_soft_cap,
+    block_sizes=block_sizes,
+    interpret=interpret,
+    **extra,
+  )
+  return out if real_head_dim is None else out[..., :real_head_dim]
+
+
+def _checked_call(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens,
+  *,
+  scale,
+  sliding_window,
+  logit_soft_cap,
+  backend,
+  interpret,
+  k_scales,
+  v_scales,
+  decode_plan,
+  lane_dense,
+  lane_padded,
+):
+  """Every check :func:`paged_attention` makes before it runs a backend (ValueError or
+  BackendUnavailableError), and what it then runs: ``(q, k_blocks, v_blocks, scale,
+  sliding_window, logit_soft_cap, backend, backend kwargs, real head_dim or None)``."""
   real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
   if lane_padded:
     q, scale, real_head_dim = _layout.padded_query(
@@ -151,7 +210,34 @@ def paged_attention(
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
     if chosen == "gpu":
       extra["decode_plan"] = decode_plan
-  out = _BACKEND_FNS[chosen](
+  return q, k_blocks, v_blocks, scale, sliding_window, logit_soft_cap, chosen, extra, real_head_dim
+
+
+def check_paged_attention(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens=None,
+  *,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
+  decode_plan: Any = None,
+  lane_dense: bool = False,
+  lane_padded: bool = False,
+) -> None:
+  """Raises what :func:`paged_attention` with these arguments would raise before it
+  computes anything (its shape, dtype, option and host-value checks), and computes
+  nothing: for a caller that changes state first only if the call will be taken, such
+  as a layer whose cache write donates the pools (``paxcache.nn.PagedAttention``).
+  ``k_blocks``/``v_blocks`` may be the pools before that write (same shapes and dtypes)."""
+  _checked_call(
     q,
     k_blocks,
     v_blocks,
@@ -161,11 +247,14 @@ def paged_attention(
     scale=scale,
     sliding_window=sliding_window,
     logit_soft_cap=logit_soft_cap,
-    block_sizes=block_sizes,
+    backend=backend,
     interpret=interpret,
-    **extra,
+    k_scales=k_scales,
+    v_scales=v_scales,
+    decode_plan=decode_plan,
+    lane_dense=lane_dense,
+    lane_padded=lane_padded,
   )
-  return out if real_head_dim is None else out[..., :real_head_dim]
 
 
 def write_and_decode(

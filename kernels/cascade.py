@@ -690,28 +690,23 @@ def cascade_attention(
   Returns:
     ``[batch, num_q_heads, head_dim]`` in ``q.dtype``.
   """
-  if sliding_window is not None:
-    raise ValueError(
-      f"cascade_attention does not take a sliding_window (got {sliding_window!r}): a window "
-      "cuts each row's view of the shared prefix differently; use kernels.paged_attention"
-    )
-  real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
-  if lane_padded:
-    q, scale, real_head_dim = _layout.padded_query(
-      q, k_blocks, scale, lane_dense, "kernels.cascade_attention"
-    )
-  validate_inputs(
-    q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales, lane_dense=lane_dense
+  q, k_blocks, v_blocks, scale, logit_soft_cap, chosen, layout, real_head_dim = _checked_call(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    plan,
+    scale=scale,
+    logit_soft_cap=logit_soft_cap,
+    backend=backend,
+    interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
+    sliding_window=sliding_window,
+    lane_dense=lane_dense,
+    lane_padded=lane_padded,
   )
-  scale, _, logit_soft_cap = validate_options(scale, None, logit_soft_cap)
-  chosen = resolve_backend(backend, interpret=interpret)
-  if real_head_dim is not None and chosen == "gpu":  # the shared-prefix kernel: unpadded
-    validate_padded_width(real_head_dim, k_blocks, "gpu-unpadded", "kernels.cascade_attention")
-  # A lane-dense pool (kernels._layout) reaches the TPU kernels as it is, the others
-  # through a reshape to the plain layout, as in kernels.paged_attention.
-  k_blocks, v_blocks, layout = layout_for(chosen, q, k_blocks, v_blocks, lane_dense)
-  pool = jax.ShapeDtypeStruct(_layout.logical_shape(k_blocks, q.shape[2]), k_blocks.dtype)
-  validate_plan(plan, q, pool, block_table, lengths)
   if scale is None:
     scale = float(q.shape[2] ** -0.5)
   if chosen == "reference":
@@ -746,6 +741,91 @@ def cascade_attention(
       **layout,
     )
   return out if real_head_dim is None else out[..., :real_head_dim]
+
+
+def _checked_call(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan,
+  *,
+  scale,
+  logit_soft_cap,
+  backend,
+  interpret,
+  k_scales,
+  v_scales,
+  sliding_window,
+  lane_dense,
+  lane_padded,
+):
+  """Every check :func:`cascade_attention` makes before it runs a backend, and what it
+  then runs: ``(q, k_blocks, v_blocks, scale, logit_soft_cap, backend, layout kwargs,
+  real head_dim or None)``."""
+  if sliding_window is not None:
+    raise ValueError(
+      f"cascade_attention does not take a sliding_window (got {sliding_window!r}): a window "
+      "cuts each row's view of the shared prefix differently; use kernels.paged_attention"
+    )
+  real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
+  if lane_padded:
+    q, scale, real_head_dim = _layout.padded_query(
+      q, k_blocks, scale, lane_dense, "kernels.cascade_attention"
+    )
+  validate_inputs(
+    q, k_blocks, v_blocks, block_table, lengths, None, k_scales, v_scales, lane_dense=lane_dense
+  )
+  scale, _, logit_soft_cap = validate_options(scale, None, logit_soft_cap)
+  chosen = resolve_backend(backend, interpret=interpret)
+  if real_head_dim is not None and chosen == "gpu":  # the shared-prefix kernel: unpadded
+    validate_padded_width(real_head_dim, k_blocks, "gpu-unpadded", "kernels.cascade_attention")
+  # A lane-dense pool (kernels._layout) reaches the TPU kernels as it is, the others
+  # through a reshape to the plain layout, as in kernels.paged_attention.
+  k_blocks, v_blocks, layout = layout_for(chosen, q, k_blocks, v_blocks, lane_dense)
+  pool = jax.ShapeDtypeStruct(_layout.logical_shape(k_blocks, q.shape[2]), k_blocks.dtype)
+  validate_plan(plan, q, pool, block_table, lengths)
+  return q, k_blocks, v_blocks, scale, logit_soft_cap, chosen, layout, real_head_dim
+
+
+def check_cascade_attention(
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  plan: CascadePlan,
+  *,
+  scale: float | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
+  sliding_window: None = None,
+  lane_dense: bool = False,
+  lane_padded: bool = False,
+) -> None:
+  """Raises what :func:`cascade_attention` with these arguments would raise before it
+  computes anything, and computes nothing (as ``kernels.check_paged_attention``)."""
+  _checked_call(
+    q,
+    k_blocks,
+    v_blocks,
+    block_table,
+    lengths,
+    plan,
+    scale=scale,
+    logit_soft_cap=logit_soft_cap,
+    backend=backend,
+    interpret=interpret,
+    k_scales=k_scales,
+    v_scales=v_scales,
+    sliding_window=sliding_window,
+    lane_dense=lane_dense,
+    lane_padded=lane_padded,
+  )
 
 
 def _backend_module(chosen: str):

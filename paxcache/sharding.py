@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kernels
+from kernels._validate import validate_options
 from paxcache import cache as cache_ops
 from paxcache.cache import PagedKVCache
 
@@ -497,26 +498,10 @@ def sharded_paged_attention(
     ``[batch or num_tokens, num_q_heads, head_dim]`` in ``q.dtype``; sharded over heads
     when the query layout is the identity.
   """
-  if q.ndim != 3 or k_blocks.ndim != 4:
-    raise ValueError(
-      f"q must be [tokens, num_q_heads, head_dim] and k_blocks [pool_heads, num_blocks, "
-      f"block_size, head_dim], got q {tuple(q.shape)} and k_blocks {tuple(k_blocks.shape)}"
-    )
-  if kwargs.get("lane_padded") or kwargs.get("lane_dense"):
-    raise ValueError(
-      "sharded_paged_attention takes plain pools; lane-dense and lane-padded pools "
-      "(kernels._layout) are not sharded yet"
-    )
-  pool_heads = k_blocks.shape[0]
-  if num_kv_heads is None:
-    num_kv_heads = pool_heads
-  layout = _pool_layout(mesh, axis, pool_heads, num_kv_heads, q.shape[1])
-  if not layout.q_identity:
-    q = q[:, np.asarray(layout.q_heads, np.int32)]
-  # On the pool-head view: the same checks every device's kernel call would make.
-  kernels.validate_inputs(
-    q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales
-  )
+  q, layout = _sharded_checked(
+    mesh, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, num_kv_heads, axis,
+    k_scales, v_scales, kwargs,
+  )  # fmt: skip
   heads = P(None, axis)
   args = [q, k_blocks, v_blocks, block_table, lengths]
   specs = [heads, P(axis), P(axis), P(), P()]
@@ -544,6 +529,60 @@ def sharded_paged_attention(
   if not layout.q_identity:
     out = out[:, np.asarray(layout.q_source, np.int32)]
   return out
+
+
+def _sharded_checked(
+  mesh, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, num_kv_heads, axis, k_scales,
+  v_scales, kwargs,
+):  # fmt: skip
+  """:func:`sharded_paged_attention`'s checks before any device runs; returns q in the
+  pools' head order and the head layout."""
+  if q.ndim != 3 or k_blocks.ndim != 4:
+    raise ValueError(
+      f"q must be [tokens, num_q_heads, head_dim] and k_blocks [pool_heads, num_blocks, "
+      f"block_size, head_dim], got q {tuple(q.shape)} and k_blocks {tuple(k_blocks.shape)}"
+    )
+  if kwargs.get("lane_padded") or kwargs.get("lane_dense"):
+    raise ValueError(
+      "sharded_paged_attention takes plain pools; lane-dense and lane-padded pools "
+      "(kernels._layout) are not sharded yet"
+    )
+  pool_heads = k_blocks.shape[0]
+  if num_kv_heads is None:
+    num_kv_heads = pool_heads
+  layout = _pool_layout(mesh, axis, pool_heads, num_kv_heads, q.shape[1])
+  if not layout.q_identity:
+    q = q[:, np.asarray(layout.q_heads, np.int32)]
+  # On the pool-head view: the same checks every device's kernel call would make.
+  kernels.validate_inputs(
+    q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, k_scales, v_scales
+  )
+  validate_options(kwargs.get("scale"), kwargs.get("sliding_window"), kwargs.get("logit_soft_cap"))
+  return q, layout
+
+
+def check_sharded_paged_attention(
+  mesh: Mesh,
+  q,
+  k_blocks,
+  v_blocks,
+  block_table,
+  lengths,
+  cu_q_lens=None,
+  *,
+  num_kv_heads: int | None = None,
+  axis: str = MODEL_AXIS,
+  k_scales=None,
+  v_scales=None,
+  **kwargs,
+) -> None:
+  """Raises what :func:`sharded_paged_attention` with these arguments would raise before
+  any device computes, and computes nothing (as ``kernels.check_paged_attention``): for
+  the layer, whose sharded write donates the pools."""
+  _sharded_checked(
+    mesh, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, num_kv_heads, axis,
+    k_scales, v_scales, kwargs,
+  )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

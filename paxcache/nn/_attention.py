@@ -25,6 +25,7 @@ no-cache path uses it as the parity oracle for the paged path.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 import kernels.gpu  # kernels.gpu.quant_fused_write (PagedAttention._fuses_8bit_write)
+from kernels._validate import validate_options
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
@@ -215,10 +217,29 @@ class PagedAttention(nnx.Module):
     fused_write_8bit: bool | None = None,
     rngs: nnx.Rngs,
   ):
+    for name, value in (
+      ("d_model", d_model),
+      ("num_q_heads", num_q_heads),
+      ("num_kv_heads", num_kv_heads),
+      ("head_dim", head_dim),
+    ):
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"PagedAttention {name} must be an int >= 1, got {value!r}")
     if num_q_heads % num_kv_heads:
       raise ValueError(
         f"num_q_heads {num_q_heads} must be a multiple of num_kv_heads {num_kv_heads}"
       )
+    if rope_theta is not None and head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {head_dim} (or rope_theta=None)")
+    # Checked here, not first at a call (where a prefill would have written its K/V).
+    validate_options(None, sliding_window, logit_soft_cap)
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+      try:
+        floating = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+      except TypeError:
+        floating = False
+      if not floating:
+        raise ValueError(f"PagedAttention {name} must be a floating dtype, got {value!r}")
     if backend not in kernels.BACKENDS:
       raise ValueError(f"backend must be one of {kernels.BACKENDS}, got {backend!r}")
     kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -526,6 +547,22 @@ class PagedAttention(nnx.Module):
     if self.mesh is None:
       scales = {}
       if isinstance(cache, PagedKVCache):
+        # The write donates this layer's pools: the attention's checks go first, on the
+        # pools as they are (the same shapes), so that a call refused for its metadata
+        # leaves the caller's cache whole.
+        k_blocks, v_blocks = cache.layer(layer)
+        q_in = q.astype(_query_dtype(q.dtype, k_blocks.dtype))
+        plain = cascade is None
+        (kernels.check_paged_attention if plain else kernels.check_cascade_attention)(
+          q_in,
+          k_blocks,
+          v_blocks,
+          block_table,
+          lengths,
+          cu_q_lens if plain else cascade,
+          **kernel_kwargs,
+          **cache.kernel_kwargs(layer),
+        )
         cache = cache_ops.write(cache, layer, k, v, slot_mapping)
         k_blocks, v_blocks = cache.layer(layer)
         # 8-bit: the scales, which the kernel multiplies in; a lane-dense cache: the flag.
@@ -546,6 +583,21 @@ class PagedAttention(nnx.Module):
       mesh, axis = self.mesh, self.mesh_axis
       scales = {}
       if isinstance(cache, PagedKVCache):
+        # As above: the checks before the (donating) write.
+        k_blocks, v_blocks = cache.layer(layer)
+        sharding.check_sharded_paged_attention(
+          mesh,
+          q.astype(_query_dtype(q.dtype, k_blocks.dtype)),
+          k_blocks,
+          v_blocks,
+          block_table,
+          lengths,
+          cu_q_lens,
+          num_kv_heads=self.num_kv_heads,
+          axis=axis,
+          **kernel_kwargs,
+          **cache.scales(layer),
+        )
         cache = sharding.sharded_cache_write(mesh, cache, layer, k, v, slot_mapping, axis=axis)
         k_blocks, v_blocks = cache.layer(layer)
         scales = cache.scales(layer)
@@ -608,6 +660,11 @@ class PagedAttention(nnx.Module):
           f"[num_kv_heads, num_blocks, block_size, head_dim], got {got}"
         )
       heads, dim, what = k.shape[0], k.shape[3], f"the pools {tuple(k.shape)} have"
+      if kernels.is_quantized(k.dtype):
+        raise ValueError(
+          f"8-bit pools ({jnp.dtype(k.dtype).name}) need their scales: pass a PagedKVCache "
+          "(PagedKVCache.create(..., dtype=...) or the model's init_cache), not a pair"
+        )
     if dim != self.head_dim or (self.mesh is None and heads != self.num_kv_heads):
       raise ValueError(
         f"{what} {heads} KV heads of head_dim {dim}; this layer has {self.num_kv_heads} "

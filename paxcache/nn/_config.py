@@ -25,7 +25,9 @@ class DecoderConfig:
   num_kv_heads: int = 2  # < num_q_heads is GQA; 1 is MQA
   head_dim: int = 16
   mlp_dim: int = 192  # SwiGLU hidden width
-  max_seq_len: int = 512  # longest sequence (prompt + output) the model accepts
+  # Longest sequence (prompt + output) the engine serves with this model (it refuses longer
+  # requests); the model's own calls do not check positions against it.
+  max_seq_len: int = 512
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-5
   tie_embeddings: bool = True  # the output projection reuses the embedding matrix

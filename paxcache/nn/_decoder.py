@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from paxcache import sharding
@@ -264,6 +265,7 @@ class Decoder(nnx.Module):
     Returns:
       ``(logits f32[rows or num_tokens, vocab_size], cache)`` with the new K/V written.
     """
+    self._check_call(tokens, cache, logit_rows)
     paged = dict(
       block_table=block_table, lengths=lengths, slot_mapping=slot_mapping, cu_q_lens=cu_q_lens
     )
@@ -279,6 +281,34 @@ class Decoder(nnx.Module):
     if logit_rows is not None:
       x = x[logit_rows]
     return self.logits(x), cache
+
+  def _check_call(self, tokens, cache, logit_rows) -> None:
+    """What :meth:`__call__` checks before any layer writes (the writes donate the cache's
+    pools): a cache with a pool for every layer; host (NumPy) tokens in ``[0,
+    vocab_size)`` (the embedding would give NaN rows for a larger id, written into the
+    cache, and take -1 as the last id) and host ``logit_rows`` in ``[0, num_tokens)``
+    (indexing would clamp them). Traced values are trusted, as the kernels trust them."""
+    if not isinstance(cache, PagedKVCache):
+      raise ValueError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+    if cache.num_layers != len(self.layers):
+      raise ValueError(
+        f"the cache has {cache.num_layers} layers and the model {len(self.layers)}: build it "
+        "with the model's init_cache"
+      )
+    if isinstance(tokens, np.ndarray) and tokens.size:
+      if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got {tokens.dtype}")
+      lo, hi = int(tokens.min()), int(tokens.max())
+      if lo < 0 or hi >= self.config.vocab_size:
+        raise ValueError(
+          f"tokens must be in [0, vocab_size={self.config.vocab_size}), got ids in [{lo}, {hi}]"
+        )
+    if isinstance(logit_rows, np.ndarray) and logit_rows.size:
+      n = np.shape(tokens)[0]
+      if int(logit_rows.min()) < 0 or int(logit_rows.max()) >= n:
+        raise ValueError(
+          f"logit_rows must be in [0, num_tokens={n}), got {logit_rows.min()}..{logit_rows.max()}"
+        )
 
   def forward(self, tokens: jax.Array, logit_rows: jax.Array | None = None) -> jax.Array:
     """No cache: full causal recomputation over whole sequences.

@@ -1300,3 +1300,130 @@ def test_host_slots_that_the_block_table_does_not_give_are_refused_by_the_layer(
   with pytest.raises(ValueError, match=r"more queries than tokens"):
     attn(x, np.arange(5, dtype=np.int32), pools, slot_mapping=good, block_table=table,
          lengths=np.array([4], np.int32), cu_q_lens=cu.astype(np.int32))  # fmt: skip
+
+
+def _i32(*values):
+  return np.array(values, np.int32)
+
+
+_PREFILL = dict(
+  block_table=np.array([[3, 7]], np.int32),
+  lengths=_i32(5),
+  slot_mapping=_i32(24, 25, 26, 27, 28),
+  cu_q_lens=_i32(0, 5),
+)
+_DECODE = dict(
+  block_table=np.array([[3, 7], [1, -1]], np.int32), lengths=_i32(9, 1), slot_mapping=_i32(56, 8)
+)
+
+
+@pytest.mark.parametrize(
+  "kv_dtype,fused_write", [(jnp.float32, True), (jnp.float32, False), (jnp.int8, True)]
+)
+@pytest.mark.parametrize(
+  "step,change,match",
+  [
+    ("prefill", {"block_table": np.array([[3, 7]])}, "block_table must be int32"),
+    ("prefill", {"lengths": np.array([5])}, "lengths must be int32"),
+    ("prefill", {"block_table": np.array([[3, 99]], np.int32)}, r"ids outside \[0, 16\)"),
+    ("prefill", {"block_table": np.array([[3, -5]], np.int32)}, r"ids outside \[0, 16\)"),
+    ("prefill", {"block_table": np.array([[3, 7], [1, 2]], np.int32)}, "disagree on batch"),
+    ("prefill", {"cu_q_lens": _i32(0, 2, 5)}, r"cu_q_lens must be int32 \[batch \+ 1\]"),
+    ("decode", {"block_table": np.array([[3, 7], [1, 99]], np.int32)}, r"ids outside \[0, 16\)"),
+    ("decode", {"lengths": np.array([9, 1])}, "lengths must be int32"),
+  ],
+)
+def test_a_layer_call_refused_for_its_metadata_leaves_the_cache_whole(
+  kv_dtype, fused_write, step, change, match
+):
+  # The write before the attention donates the layer's pools: a check that ran after it
+  # (prefill, 8-bit caches off the GPU, fused_write=False) deleted the caller's cache.
+  layer = PagedAttention(d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=16, rngs=nnx.Rngs(0))
+  rotated = kv_dtype == jnp.int8
+  cache = PagedKVCache.create(
+    num_layers=1, num_kv_heads=2, num_blocks=16, block_size=8, head_dim=16, dtype=kv_dtype,
+    rotated=rotated,
+  )  # fmt: skip
+  # Known contents, to see that nothing was written either.
+  k0 = np.arange(np.prod(cache.k[0].shape)).reshape(cache.k[0].shape) % 7
+  cache = cache.replace_layer(0, jnp.asarray(k0, kv_dtype), jnp.asarray(k0 + 1, kv_dtype))
+  rows, meta = (5, _PREFILL) if step == "prefill" else (2, _DECODE)
+  positions = _i32(0, 1, 2, 3, 4) if step == "prefill" else _i32(8, 0)
+  with pytest.raises(ValueError, match=match):
+    layer(
+      jnp.ones((rows, 64)), positions, cache, layer=0, fused_write=fused_write, **(meta | change)
+    )
+  k, v = cache.layer(0)  # not donated
+  np.testing.assert_array_equal(np.asarray(k), k0)
+  np.testing.assert_array_equal(np.asarray(v), k0 + 1)
+  # ... and the call as it should have been runs on it.
+  out, _ = layer(jnp.ones((rows, 64)), positions, cache, layer=0, fused_write=fused_write, **meta)
+  assert out.shape == (rows, 64) and np.isfinite(np.asarray(out)).all()
+
+
+def test_a_decoder_call_refused_before_any_layer_writes():
+  config = DecoderConfig(vocab_size=256, d_model=32, num_layers=2, head_dim=8, mlp_dim=64)
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  meta = dict(block_table=np.array([[0]], np.int32), lengths=_i32(3), slot_mapping=_i32(0, 1, 2))
+  meta["cu_q_lens"] = _i32(0, 3)
+  tokens, positions = _i32(5, 6, 7), _i32(0, 1, 2)
+  one_layer = PagedKVCache.create(
+    num_layers=1, num_kv_heads=config.num_kv_heads, num_blocks=4, block_size=8, head_dim=8
+  )
+  # Layer 0 used to write (donating the pools) before layer 1 found no pool of its own.
+  with pytest.raises(ValueError, match="the cache has 1 layers and the model 2"):
+    model(tokens, positions, one_layer, **meta)
+  assert one_layer.layer(0)[0].shape == (config.num_kv_heads, 4, 8, 8)  # not donated
+  cache = model.init_cache(num_blocks=4, block_size=8)
+  bad = [
+    # An id past the vocabulary gave NaN logits and NaN K/V in the cache; -1 the last id's.
+    (dict(tokens=_i32(5, 300, 7)), r"must be in \[0, vocab_size=256\), got ids in \[5, 300\]"),
+    (dict(tokens=_i32(-1, 6, 7)), r"got ids in \[-1, 7\]"),
+    (dict(tokens=np.array([5.0, 6.0, 7.0])), "tokens must be integers"),
+    # JAX's indexing clamps: row 5 of 3 was row 2's logits.
+    (dict(logit_rows=_i32(5)), r"logit_rows must be in \[0, num_tokens=3\)"),
+  ]  # fmt: skip
+  for change, match in bad:
+    args = dict(tokens=tokens, positions=positions) | change
+    with pytest.raises(ValueError, match=match):
+      model(args.pop("tokens"), args.pop("positions"), cache, **meta, **args)
+  logits, _ = model(tokens, positions, cache, **meta, logit_rows=_i32(2))  # the cache is whole
+  want = model.forward(jnp.asarray(tokens)[None])[0, 2]
+  np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(want), **TOL)
+
+
+@pytest.mark.parametrize(
+  "kw,match",
+  [
+    (dict(sliding_window=2.5), "sliding_window must be None or an int >= 1"),
+    (dict(sliding_window=0), "sliding_window must be None or an int >= 1"),
+    (dict(logit_soft_cap=-1.0), "logit_soft_cap must be None or a finite number > 0"),
+    (dict(head_dim=15), "head_dim must be even for RoPE, got 15"),
+    (dict(num_kv_heads=0), "num_kv_heads must be an int >= 1, got 0"),
+    (dict(num_q_heads=4.0), "num_q_heads must be an int >= 1, got 4.0"),
+    (dict(dtype=jnp.int32), "dtype must be a floating dtype"),
+    (dict(param_dtype="int8"), "param_dtype must be a floating dtype"),
+  ],
+)
+def test_paged_attention_checks_its_options_when_built(kw, match):
+  # These were taken and failed at every call (a prefill after its write had donated the
+  # cache), or deep inside JAX (odd head_dim: a shape error in RoPE; 0 KV heads: division
+  # by zero).
+  args = dict(d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=16) | kw
+  with pytest.raises(ValueError, match=match):
+    PagedAttention(**args, rngs=nnx.Rngs(0))
+
+
+def test_paged_attention_without_rope_takes_an_odd_head_dim_and_refuses_8bit_pairs():
+  layer = PagedAttention(
+    d_model=30, num_q_heads=2, num_kv_heads=2, head_dim=15, rope_theta=None, rngs=nnx.Rngs(0)
+  )
+  assert layer.head_dim == 15
+  layer = PagedAttention(d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=16, rngs=nnx.Rngs(0))
+  pair = (jnp.zeros((2, 8, 8, 16), jnp.int8),) * 2
+  with pytest.raises(
+    ValueError, match=r"8-bit pools \(int8\) need their scales: pass a PagedKVCache"
+  ):
+    table = np.array([[3]], np.int32)
+    x = jnp.ones((1, 64))
+    layer(x, _i32(0), pair, block_table=table, lengths=_i32(1), slot_mapping=_i32(24))

@@ -299,6 +299,35 @@ def test_paged_attention_on_a_one_device_mesh_equals_no_mesh():
   chex.assert_trees_all_equal(got_cache, want_cache)
 
 
+@pytest.mark.parametrize(
+  "change,match",
+  [
+    (dict(block_table=np.array([[2, 99], [0, -1]], np.int32)), r"ids outside \[0, 4\)"),
+    (dict(lengths=np.array([3, 2])), "lengths must be int32"),
+  ],
+)
+def test_a_refused_call_on_a_mesh_leaves_the_cache_whole(change, match):
+  # The sharded write donates the layer's pools; the sharded attention's checks used to
+  # run after it, so a refused call deleted the caller's cache.
+  from paxcache.nn import PagedAttention
+
+  mesh = sh.make_mesh(1)
+  attn = PagedAttention(16, 4, 2, 8, mesh=mesh, rngs=nnx.Rngs(0))
+  cache = sh.shard_cache(PagedKVCache.create(2, 2, 4, 4, 8), mesh)
+  paged = dict(
+    block_table=np.array([[2, -1], [0, -1]], np.int32),
+    lengths=np.array([3, 2], np.int32),
+    slot_mapping=np.array([8, 9, 10, 0, 1], np.int32),
+    cu_q_lens=np.array([0, 3, 5], np.int32),
+  )
+  x, positions = jnp.ones((5, 16)), np.array([0, 1, 2, 0, 1], np.int32)
+  with pytest.raises(ValueError, match=match):
+    attn(x, positions, cache, layer=1, **(paged | change))
+  np.testing.assert_array_equal(np.asarray(cache.layer(1)[0]), 0)  # not donated, not written
+  out, _ = attn(x, positions, cache, layer=1, **paged)
+  assert np.isfinite(np.asarray(out)).all()
+
+
 @pytest.mark.parametrize("flag", ["lane_padded", "lane_dense"])
 def test_sharded_attention_refuses_packed_or_padded_pools_by_name(flag):
   # A lane-padded or lane-dense pool (kernels._layout) is not sharded yet: refused before
