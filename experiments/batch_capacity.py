@@ -9,9 +9,11 @@ turned into token slots. Per system (Orca's three contiguous policies, paged at
   until the next one does not fit (contiguous: its reservation; paged: its blocks,
   through the real allocator);
 * ``serving``: the mean and largest number of requests running at once in the serving
-  simulation of :mod:`experiments._serving` while requests wait for memory, and the
-  tokens generated per step over the whole run (one per running request per step: the
-  throughput a memory-bound server gets, before step time grows with the batch);
+  simulation of :mod:`experiments._serving` while requests wait for memory (one token per
+  running request per step: the throughput a memory-bound server gets while memory binds,
+  before step time grows with the batch), and the tokens generated per step over the whole
+  run, the drain after the last admission included (where few long requests finish alone,
+  that drain's steps, set by the longest output, weigh in as much as the others);
 * ``charged``: the same run with every step charged by the config's step-cost model
   (:mod:`experiments._cost_config`; default the CPU default, 1 ms per computed token):
   prompt tokens prefilled, tokens recomputed after preemptions (count and share of the
@@ -164,7 +166,9 @@ def run(config: ConfigDict) -> Result:
         f"Requests ({label} lengths) that fit {config.kv_budget_gib} GiB of KV ({pool} token "
         f"slots at {kv_bytes_per_token(config)} bytes per token), max_seq_len "
         f"{config.max_seq_len}; {rows[0]['prompt_tokens']} prompt and "
-        f"{rows[0]['generated_tokens']} generated tokens. Simulated seconds charge every step "
+        f"{rows[0]['generated_tokens']} generated tokens; mean batch over the steps where "
+        "requests wait, tokens / step over every step (the drain after the last admission "
+        "included). Simulated seconds charge every step "
         f"(prompt prefill, recomputation after preemption, decode) by {charged}."
       ),
     )

@@ -3,7 +3,9 @@
 Per block size:
 
 * memory (per workload): share of the KV pool holding tokens and mean batch while
-  requests wait, and tokens generated per step, from the serving simulation of
+  requests wait, and tokens generated per step over the whole run (its drain after the
+  last admission included: for Alpaca-like lengths, all admitted early, that count is
+  set by the longest output, not by the block size), from the serving simulation of
   :mod:`experiments._serving` with the real allocator (the simulation of the
   memory-waste experiment's paged rows: the same numbers where both configs draw the
   same requests; their default request counts differ);
@@ -197,7 +199,12 @@ def run(config: ConfigDict) -> Result:
         Column("recomputed_tokens", "recomputed tokens"),
       ],
       memory,
-      caption="Paged allocation per block size in the serving simulation.",
+      caption=(
+        "Paged allocation per block size in the serving simulation: tokens % of pool and "
+        "mean batch over the steps where requests wait for memory, tokens / step over every "
+        "step (the drain after the last admission included, which the longest output sets "
+        "where all requests are admitted early)."
+      ),
     ),
     Table(
       "kernel_time",

@@ -477,17 +477,27 @@ def _remove_stale_process_folders(workdir: str, count: int) -> None:
 def _stack_sweep(field: str, results: list) -> _outputs.Result:
   """One table per name, rows of every sweep value with ``field`` as the first column."""
   stacked: dict[str, _outputs.Table] = {}
+  captions: dict[str, list[tuple]] = {}  # each value's own caption, by table
   plots, notes = [], []
   for value, result in results:
     for table in result.tables:
       if table.name not in stacked:
         columns = [_outputs.Column(field)] + [c for c in table.columns if c.key != field]
         stacked[table.name] = _outputs.Table(table.name, columns, [], table.caption)
+        captions[table.name] = []
       stacked[table.name].rows += [{field: value, **row} for row in table.rows]
+      captions[table.name].append((value, table.caption))
     for plot in result.plots:
       name = f"{plot.name}__{field.replace('.', '_')}-{_sweep_value_str(value)}"
       plots.append(_outputs.Plot(name, plot.draw, plot.figsize))
     notes += [f"### {field} = {value!r}", ""] + result.notes + [""]
+  for name, table in stacked.items():
+    # A caption states its run's settings (pool size, token totals, ...): where the values'
+    # captions differ, each is kept with its value rather than the first said of all rows.
+    if len({c for _, c in captions[name]}) > 1:
+      table.caption = f"Rows of a sweep over {field}; each value's own caption. " + " ".join(
+        f"{field} = {value!r}: {caption}" for value, caption in captions[name]
+      )
   return _outputs.Result(list(stacked.values()), plots, notes)
 
 

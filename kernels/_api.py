@@ -162,18 +162,18 @@ def _checked_call(
   v_blocks,
   block_table,
   lengths,
-  cu_q_lens,
+  cu_q_lens=None,
   *,
-  scale,
-  sliding_window,
-  logit_soft_cap,
-  backend,
-  interpret,
-  k_scales,
-  v_scales,
-  decode_plan,
-  lane_dense,
-  lane_padded,
+  scale: float | None = None,
+  sliding_window: int | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
+  decode_plan: Any = None,
+  lane_dense: bool = False,
+  lane_padded: bool = False,
 ):
   """Every check :func:`paged_attention` makes before it runs a backend (ValueError or
   BackendUnavailableError), and what it then runs: ``(q, k_blocks, v_blocks, scale,
@@ -214,47 +214,15 @@ def _checked_call(
 
 
 def check_paged_attention(
-  q,
-  k_blocks,
-  v_blocks,
-  block_table,
-  lengths,
-  cu_q_lens=None,
-  *,
-  scale: float | None = None,
-  sliding_window: int | None = None,
-  logit_soft_cap: float | None = None,
-  backend: str = "auto",
-  interpret: bool = False,
-  k_scales=None,
-  v_scales=None,
-  decode_plan: Any = None,
-  lane_dense: bool = False,
-  lane_padded: bool = False,
+  q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, **options
 ) -> None:
   """Raises what :func:`paged_attention` with these arguments would raise before it
   computes anything (its shape, dtype, option and host-value checks), and computes
   nothing: for a caller that changes state first only if the call will be taken, such
   as a layer whose cache write donates the pools (``paxcache.nn.PagedAttention``).
-  ``k_blocks``/``v_blocks`` may be the pools before that write (same shapes and dtypes)."""
-  _checked_call(
-    q,
-    k_blocks,
-    v_blocks,
-    block_table,
-    lengths,
-    cu_q_lens,
-    scale=scale,
-    sliding_window=sliding_window,
-    logit_soft_cap=logit_soft_cap,
-    backend=backend,
-    interpret=interpret,
-    k_scales=k_scales,
-    v_scales=v_scales,
-    decode_plan=decode_plan,
-    lane_dense=lane_dense,
-    lane_padded=lane_padded,
-  )
+  ``k_blocks``/``v_blocks`` may be the pools before that write (same shapes and dtypes).
+  ``options``: :func:`paged_attention`'s keyword arguments but ``block_sizes``."""
+  _checked_call(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **options)
 
 
 def write_and_decode(

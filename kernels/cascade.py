@@ -751,15 +751,15 @@ def _checked_call(
   lengths,
   plan,
   *,
-  scale,
-  logit_soft_cap,
-  backend,
-  interpret,
-  k_scales,
-  v_scales,
-  sliding_window,
-  lane_dense,
-  lane_padded,
+  scale: float | None = None,
+  logit_soft_cap: float | None = None,
+  backend: str = "auto",
+  interpret: bool = False,
+  k_scales=None,
+  v_scales=None,
+  sliding_window: None = None,
+  lane_dense: bool = False,
+  lane_padded: bool = False,
 ):
   """Every check :func:`cascade_attention` makes before it runs a backend, and what it
   then runs: ``(q, k_blocks, v_blocks, scale, logit_soft_cap, backend, layout kwargs,
@@ -789,43 +789,11 @@ def _checked_call(
   return q, k_blocks, v_blocks, scale, logit_soft_cap, chosen, layout, real_head_dim
 
 
-def check_cascade_attention(
-  q,
-  k_blocks,
-  v_blocks,
-  block_table,
-  lengths,
-  plan: CascadePlan,
-  *,
-  scale: float | None = None,
-  logit_soft_cap: float | None = None,
-  backend: str = "auto",
-  interpret: bool = False,
-  k_scales=None,
-  v_scales=None,
-  sliding_window: None = None,
-  lane_dense: bool = False,
-  lane_padded: bool = False,
-) -> None:
+def check_cascade_attention(q, k_blocks, v_blocks, block_table, lengths, plan, **options) -> None:
   """Raises what :func:`cascade_attention` with these arguments would raise before it
-  computes anything, and computes nothing (as ``kernels.check_paged_attention``)."""
-  _checked_call(
-    q,
-    k_blocks,
-    v_blocks,
-    block_table,
-    lengths,
-    plan,
-    scale=scale,
-    logit_soft_cap=logit_soft_cap,
-    backend=backend,
-    interpret=interpret,
-    k_scales=k_scales,
-    v_scales=v_scales,
-    sliding_window=sliding_window,
-    lane_dense=lane_dense,
-    lane_padded=lane_padded,
-  )
+  computes anything, and computes nothing (as ``kernels.check_paged_attention``);
+  ``options``: its keyword arguments but ``block_sizes``."""
+  _checked_call(q, k_blocks, v_blocks, block_table, lengths, plan, **options)
 
 
 def _backend_module(chosen: str):

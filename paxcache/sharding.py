@@ -562,26 +562,17 @@ def _sharded_checked(
 
 
 def check_sharded_paged_attention(
-  mesh: Mesh,
-  q,
-  k_blocks,
-  v_blocks,
-  block_table,
-  lengths,
-  cu_q_lens=None,
-  *,
-  num_kv_heads: int | None = None,
-  axis: str = MODEL_AXIS,
-  k_scales=None,
-  v_scales=None,
-  **kwargs,
+  mesh: Mesh, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, **options
 ) -> None:
   """Raises what :func:`sharded_paged_attention` with these arguments would raise before
   any device computes, and computes nothing (as ``kernels.check_paged_attention``): for
   the layer, whose sharded write donates the pools."""
+  num_kv_heads = options.pop("num_kv_heads", None)
+  axis = options.pop("axis", MODEL_AXIS)
+  k_scales, v_scales = options.pop("k_scales", None), options.pop("v_scales", None)
   _sharded_checked(
     mesh, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, num_kv_heads, axis,
-    k_scales, v_scales, kwargs,
+    k_scales, v_scales, options,
   )  # fmt: skip
 
 

@@ -373,6 +373,17 @@ def test_a_run_removes_what_the_run_before_it_wrote_and_it_did_not(tmp_path):
   assert outside.read_text() == "keep" and (tmp_path / "notes.txt").exists()
 
 
+def test_a_sweeps_captions_say_each_values_setting(tmp_path):
+  # The stacked tables used the first value's caption for every row: a pool of 512 slots
+  # said of the rows that ran at 1024 (and in the LaTeX a paper would paste).
+  run.run_experiment(_tiny_memory_config(), str(tmp_path), sweep="pool_tokens=512,1024")
+  for name in ("serving.md", "serving.tex", "summary.md"):
+    text = (tmp_path / name).read_text().replace("\\_", "_")  # (LaTeX escapes _)
+    assert "Rows of a sweep over pool_tokens" in text, name
+    assert "pool_tokens = 512: " in text and "pool_tokens = 1024: " in text, name
+    assert "pool of 512 slots" in text and "pool of 1024 slots" in text, name
+
+
 def test_a_run_removes_the_process_folders_of_an_earlier_run_of_more_processes(tmp_path):
   """A distributed run's process i > 0 writes workdir/process<i>/; a later run of fewer
   processes leaves no such folder beside its results, removing only the files each folder's
