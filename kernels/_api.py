@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from kernels import _layout, _write, reference
 from kernels._quant import is_quantized
 from kernels._validate import (
+  check_arrays,
   validate_decode_plan,
   validate_inputs,
   validate_options,
@@ -174,10 +175,14 @@ def _checked_call(
   decode_plan: Any = None,
   lane_dense: bool = False,
   lane_padded: bool = False,
+  block_sizes: Any = None,
+  backend_checks: bool = False,
 ):
   """Every check :func:`paged_attention` makes before it runs a backend (ValueError or
   BackendUnavailableError), and what it then runs: ``(q, k_blocks, v_blocks, scale,
-  sliding_window, logit_soft_cap, backend, backend kwargs, real head_dim or None)``."""
+  sliding_window, logit_soft_cap, backend, backend kwargs, real head_dim or None)``.
+  ``backend_checks``: also the backend's own static checks (which it makes itself when it
+  runs): the head sizes, block sizes and groups its kernels take."""
   real_head_dim = None  # a lane-padded pool: q padded here, the output cut back at the end
   if lane_padded:
     q, scale, real_head_dim = _layout.padded_query(
@@ -210,19 +215,68 @@ def _checked_call(
     validate_decode_plan(decode_plan, k_blocks, block_table, lengths, cu_q_lens, sliding_window)
     if chosen == "gpu":
       extra["decode_plan"] = decode_plan
+  if backend_checks:
+    backend_static_checks(
+      chosen, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, block_sizes=block_sizes,
+      k_scales=k_scales, v_scales=v_scales, pads_head_dim=True,
+      lane_dense=extra.get("lane_dense", False),
+    )  # fmt: skip
   return q, k_blocks, v_blocks, scale, sliding_window, logit_soft_cap, chosen, extra, real_head_dim
+
+
+def backend_static_checks(
+  chosen, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, *, block_sizes, k_scales,
+  v_scales, pads_head_dim, lane_dense=False,
+):  # fmt: skip
+  """The static checks the ``chosen`` backend makes itself before it compiles (on the
+  arguments as it gets them: the pools after :func:`layout_for`, q padded): the GPU's
+  head sizes, block sizes and groups, the TPU's tiles."""
+  if chosen == "gpu":
+    from kernels import gpu  # imported lazily, as the backend is
+
+    gpu.validate_gpu_inputs(
+      q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, block_sizes=block_sizes,
+      k_scales=k_scales, v_scales=v_scales, pads_head_dim=pads_head_dim,
+    )  # fmt: skip
+  elif chosen == "tpu":
+    from kernels.tpu import _config
+
+    if block_sizes is not None and not isinstance(block_sizes, _config.BlockSizes):
+      raise ValueError(
+        f"block_sizes must be a kernels.tpu.BlockSizes or None, got {type(block_sizes)}"
+      )
+    _config.check_shapes(q, k_blocks, block_sizes, lane_dense=lane_dense)
 
 
 def check_paged_attention(
   q, k_blocks, v_blocks, block_table, lengths, cu_q_lens=None, **options
 ) -> None:
   """Raises what :func:`paged_attention` with these arguments would raise before it
-  computes anything (its shape, dtype, option and host-value checks), and computes
-  nothing: for a caller that changes state first only if the call will be taken, such
-  as a layer whose cache write donates the pools (``paxcache.nn.PagedAttention``).
-  ``k_blocks``/``v_blocks`` may be the pools before that write (same shapes and dtypes).
-  ``options``: :func:`paged_attention`'s keyword arguments but ``block_sizes``."""
-  _checked_call(q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, **options)
+  computes anything (its shape, dtype, option and host-value checks, and the backend's
+  static rules: head sizes, block sizes, tiles), and computes nothing: for a caller that
+  changes state first only if the call will be taken, such as a layer whose cache write
+  donates the pools (``paxcache.nn.PagedAttention``). ``k_blocks``/``v_blocks`` may be
+  the pools before that write (same shapes and dtypes). ``options``:
+  :func:`paged_attention`'s keyword arguments. The arrays are seen abstractly (no copy,
+  no device work); host (NumPy) metadata is checked by value, as by the call itself."""
+  check_arrays("kernels.check_paged_attention", q=q, k_blocks=k_blocks, v_blocks=v_blocks)
+  run_abstract(  # (it takes the scales out of options before the lambda runs)
+    lambda q, k, v, scales: _checked_call(
+      q, k, v, block_table, lengths, cu_q_lens, **options, **scales, backend_checks=True
+    ),
+    q, k_blocks, v_blocks, options,
+  )  # fmt: skip
+
+
+def run_abstract(check, q, k_blocks, v_blocks, options: dict) -> None:
+  """Runs ``check(q, k_blocks, v_blocks, scales)`` on abstract values of the arrays
+  (``jax.eval_shape``: shapes and dtypes only), the scales taken out of ``options``."""
+  scales = {k: options.pop(k) for k in ("k_scales", "v_scales") if options.get(k) is not None}
+
+  def run(q, k, v, scales):
+    check(q, k, v, scales)  # returns nothing: eval_shape's output is the empty tree
+
+  jax.eval_shape(run, q, k_blocks, v_blocks, scales)
 
 
 def write_and_decode(

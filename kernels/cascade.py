@@ -44,7 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import _layout
-from kernels._api import BackendUnavailableError, layout_for, resolve_backend
+from kernels._api import (
+  BackendUnavailableError,
+  backend_static_checks,
+  layout_for,
+  resolve_backend,
+  run_abstract,
+)
 from kernels._validate import (
   _shape_str,
   check_arrays,
@@ -760,10 +766,11 @@ def _checked_call(
   sliding_window: None = None,
   lane_dense: bool = False,
   lane_padded: bool = False,
+  backend_checks: bool = False,
 ):
   """Every check :func:`cascade_attention` makes before it runs a backend, and what it
   then runs: ``(q, k_blocks, v_blocks, scale, logit_soft_cap, backend, layout kwargs,
-  real head_dim or None)``."""
+  real head_dim or None)``; ``backend_checks``: also the backend's own static checks."""
   if sliding_window is not None:
     raise ValueError(
       f"cascade_attention does not take a sliding_window (got {sliding_window!r}): a window "
@@ -786,6 +793,12 @@ def _checked_call(
   k_blocks, v_blocks, layout = layout_for(chosen, q, k_blocks, v_blocks, lane_dense)
   pool = jax.ShapeDtypeStruct(_layout.logical_shape(k_blocks, q.shape[2]), k_blocks.dtype)
   validate_plan(plan, q, pool, block_table, lengths)
+  if backend_checks:  # the shared-prefix kernels take the unpadded GPU head sizes
+    backend_static_checks(
+      chosen, q, k_blocks, v_blocks, block_table, lengths, None, block_sizes=None,
+      k_scales=k_scales, v_scales=v_scales, pads_head_dim=False,
+      lane_dense=layout.get("lane_dense", False),
+    )  # fmt: skip
   return q, k_blocks, v_blocks, scale, logit_soft_cap, chosen, layout, real_head_dim
 
 
@@ -793,7 +806,13 @@ def check_cascade_attention(q, k_blocks, v_blocks, block_table, lengths, plan, *
   """Raises what :func:`cascade_attention` with these arguments would raise before it
   computes anything, and computes nothing (as ``kernels.check_paged_attention``);
   ``options``: its keyword arguments but ``block_sizes``."""
-  _checked_call(q, k_blocks, v_blocks, block_table, lengths, plan, **options)
+  check_arrays("kernels.check_cascade_attention", q=q, k_blocks=k_blocks, v_blocks=v_blocks)
+  run_abstract(  # (it takes the scales out of options before the lambda runs)
+    lambda q, k, v, scales: _checked_call(
+      q, k, v, block_table, lengths, plan, **options, **scales, backend_checks=True
+    ),
+    q, k_blocks, v_blocks, options,
+  )  # fmt: skip
 
 
 def _backend_module(chosen: str):

@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import kernels
+from kernels import _api as kernels_api
 from kernels._validate import validate_options
 from paxcache import cache as cache_ops
 from paxcache.cache import PagedKVCache
@@ -570,9 +571,21 @@ def check_sharded_paged_attention(
   num_kv_heads = options.pop("num_kv_heads", None)
   axis = options.pop("axis", MODEL_AXIS)
   k_scales, v_scales = options.pop("k_scales", None), options.pop("v_scales", None)
-  _sharded_checked(
+  q, _ = _sharded_checked(
     mesh, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens, num_kv_heads, axis,
     k_scales, v_scales, options,
+  )  # fmt: skip
+  # Each device's kernel call: its backend's static rules (head and block sizes, the group
+  # of query heads per KV head, the same on every device), on the arrays' shapes alone.
+  chosen = kernels.resolve_backend(
+    options.get("backend", "auto"), interpret=options.get("interpret", False)
+  )
+  jax.eval_shape(
+    lambda q, k, v, ks, vs: kernels_api.backend_static_checks(
+      chosen, q, k, v, block_table, lengths, cu_q_lens, block_sizes=options.get("block_sizes"),
+      k_scales=ks, v_scales=vs, pads_head_dim=True,
+    ),
+    q, k_blocks, v_blocks, k_scales, v_scales,
   )  # fmt: skip
 
 

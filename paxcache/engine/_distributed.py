@@ -122,6 +122,7 @@ class DistributedEngine(Engine):
     """Process 0: queues ``request`` for the next step boundary (raises
     :class:`RequestError` if it is bad). Other processes: notes its id, so that
     ``has_unfinished`` stays true until process 0's copy arrives."""
+    self._raise_if_a_call_failed()
     request = self._validate(request)
     if request.request_id in self._outbox_ids:
       raise RequestError(f"request id {request.request_id!r} is already in the engine")

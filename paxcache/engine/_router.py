@@ -280,7 +280,15 @@ class Router:
     """Routes ``request`` and queues it on its replica (if this process serves it);
     returns the replica's index. Raises :class:`RequestError` (changing nothing) if the
     request is bad."""
+    self._raise_if_a_replica_failed()
     return self._add(self._check(request))
+
+  def _raise_if_a_replica_failed(self) -> None:
+    """A replica here whose step raised ends the router: its error (named) before any
+    other replica is stepped or given a request, whose outputs would never be returned."""
+    for engine in self.replicas:
+      if engine is not None:
+        engine._raise_if_a_call_failed()
 
   def _add(self, r: Request) -> int:
     if r.seed is None:
@@ -328,6 +336,7 @@ class Router:
     """One :meth:`Engine.step` of every replica here with unfinished requests; returns the
     requests that finished (on every replica, in every process: with replicas in other
     processes this is a collective that every process must call)."""
+    self._raise_if_a_replica_failed()
     t0 = time.perf_counter()
     finished = []
     for engine in self.replicas:

@@ -284,10 +284,12 @@ class Decoder(nnx.Module):
 
   def _check_call(self, tokens, cache, logit_rows) -> None:
     """What :meth:`__call__` checks before any layer writes (the writes donate the cache's
-    pools): a cache with a pool for every layer; host (NumPy) tokens in ``[0,
-    vocab_size)`` (the embedding would give NaN rows for a larger id, written into the
-    cache, and take -1 as the last id) and host ``logit_rows`` in ``[0, num_tokens)``
-    (indexing would clamp them). Traced values are trusted, as the kernels trust them."""
+    pools): a cache of as many layers as the model (one built for another model is
+    refused, more layers included); host (NumPy) tokens in ``[0, vocab_size)`` (the
+    embedding would give NaN rows for a larger id, written into the cache, and take -1 as
+    the last id) and host ``logit_rows`` in ``[-num_tokens, num_tokens)`` (NumPy's
+    negative indices; indexing would clamp others). Traced values are trusted, as the
+    kernels trust them."""
     if not isinstance(cache, PagedKVCache):
       raise ValueError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
     if cache.num_layers != len(self.layers):
@@ -305,9 +307,10 @@ class Decoder(nnx.Module):
         )
     if isinstance(logit_rows, np.ndarray) and logit_rows.size:
       n = np.shape(tokens)[0]
-      if int(logit_rows.min()) < 0 or int(logit_rows.max()) >= n:
+      if int(logit_rows.min()) < -n or int(logit_rows.max()) >= n:
         raise ValueError(
-          f"logit_rows must be in [0, num_tokens={n}), got {logit_rows.min()}..{logit_rows.max()}"
+          f"logit_rows must be in [-{n}, {n}) for {n} token rows (negative from the end), got "
+          f"{logit_rows.min()}..{logit_rows.max()}"
         )
 
   def forward(self, tokens: jax.Array, logit_rows: jax.Array | None = None) -> jax.Array:

@@ -1381,13 +1381,15 @@ def test_a_decoder_call_refused_before_any_layer_writes():
     (dict(tokens=_i32(-1, 6, 7)), r"got ids in \[-1, 7\]"),
     (dict(tokens=np.array([5.0, 6.0, 7.0])), "tokens must be integers"),
     # JAX's indexing clamps: row 5 of 3 was row 2's logits.
-    (dict(logit_rows=_i32(5)), r"logit_rows must be in \[0, num_tokens=3\)"),
+    (dict(logit_rows=_i32(5)), r"logit_rows must be in \[-3, 3\) for 3 token rows"),
+    (dict(logit_rows=_i32(-4)), r"logit_rows must be in \[-3, 3\)"),
   ]  # fmt: skip
   for change, match in bad:
     args = dict(tokens=tokens, positions=positions) | change
     with pytest.raises(ValueError, match=match):
       model(args.pop("tokens"), args.pop("positions"), cache, **meta, **args)
-  logits, _ = model(tokens, positions, cache, **meta, logit_rows=_i32(2))  # the cache is whole
+  # The cache is whole; -1 is the last row, as NumPy indexes.
+  logits, _ = model(tokens, positions, cache, **meta, logit_rows=_i32(-1))
   want = model.forward(jnp.asarray(tokens)[None])[0, 2]
   np.testing.assert_allclose(np.asarray(logits[0]), np.asarray(want), **TOL)
 
@@ -1427,3 +1429,30 @@ def test_paged_attention_without_rope_takes_an_odd_head_dim_and_refuses_8bit_pai
     table = np.array([[3]], np.int32)
     x = jnp.ones((1, 64))
     layer(x, _i32(0), pair, block_table=table, lengths=_i32(1), slot_mapping=_i32(24))
+
+
+@pytest.mark.parametrize(
+  "backend,head_dim,block_size,match",
+  [
+    ("gpu", 8, 8, "head_dim"),  # the GPU kernels take multiples of 16
+    ("gpu", 16, 12, "block_size a power of two"),
+    ("tpu", 16, 8, "head_dim"),  # the TPU kernels: multiples of 128 (or a lane layout)
+  ],
+)
+def test_a_backends_own_refusal_comes_before_the_write(backend, head_dim, block_size, match):
+  # The backend's static rules (checked inside it, after the write had donated the pools)
+  # are part of kernels.check_paged_attention, which the layer runs first.
+  layer = PagedAttention(
+    d_model=64, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, backend=backend,
+    interpret=True, rngs=nnx.Rngs(0),
+  )  # fmt: skip
+  cache = PagedKVCache.create(
+    num_layers=1, num_kv_heads=2, num_blocks=16, block_size=block_size, head_dim=head_dim
+  )
+  with pytest.raises(ValueError, match=match):
+    layer(
+      jnp.ones((5, 64)), _i32(0, 1, 2, 3, 4), cache, layer=0,
+      block_table=np.array([[3, 7]], np.int32), lengths=_i32(5),
+      slot_mapping=_i32(*(3 * block_size + np.arange(5))), cu_q_lens=_i32(0, 5),
+    )  # fmt: skip
+  np.testing.assert_array_equal(np.asarray(cache.layer(0)[0]), 0)  # not donated

@@ -369,8 +369,12 @@ def test_a_replica_whose_step_raises_ends_the_router():
     while router.has_unfinished():
       router.step()
   assert len(calls) == 2
-  # The failed replica's half-done step is never stepped on: the router raises again.
-  for _ in range(2):
+  # The failed replica's half-done step is never stepped on, and no other replica is
+  # stepped or given a request either: their outputs would never be returned.
+  healthy = router.replicas[0]
+  unfinished, steps = healthy.num_unfinished(), healthy.metrics.steps
+  for again in (router.step, router.step, lambda: router.add_request(Request(9, [1, 2]))):
     with pytest.raises(RuntimeError, match=r"a step raised \(ValueError\('device lost'\)\)"):
-      router.step()
+      again()
   assert len(calls) == 2
+  assert (healthy.num_unfinished(), healthy.metrics.steps) == (unfinished, steps)
