@@ -230,7 +230,11 @@ def backend_static_checks(
 ):  # fmt: skip
   """The static checks the ``chosen`` backend makes itself before it compiles (on the
   arguments as it gets them: the pools after :func:`layout_for`, q padded): the GPU's
-  head sizes, block sizes and groups, the TPU's tiles."""
+  head sizes, pool block sizes and groups, the TPU's tiles; the reference's refusal of
+  ``block_sizes``. A tuning object's own settings (``block_sizes``' fields) are the
+  backend's to refuse when it runs."""
+  if chosen == "reference" and block_sizes is not None:
+    raise ValueError("block_sizes tunes a Pallas kernel; the reference backend takes none")
   if chosen == "gpu":
     from kernels import gpu  # imported lazily, as the backend is
 
@@ -253,12 +257,13 @@ def check_paged_attention(
 ) -> None:
   """Raises what :func:`paged_attention` with these arguments would raise before it
   computes anything (its shape, dtype, option and host-value checks, and the backend's
-  static rules: head sizes, block sizes, tiles), and computes nothing: for a caller that
-  changes state first only if the call will be taken, such as a layer whose cache write
-  donates the pools (``paxcache.nn.PagedAttention``). ``k_blocks``/``v_blocks`` may be
-  the pools before that write (same shapes and dtypes). ``options``:
-  :func:`paged_attention`'s keyword arguments. The arrays are seen abstractly (no copy,
-  no device work); host (NumPy) metadata is checked by value, as by the call itself."""
+  static rules: head sizes, the pool's block size, tiles), and computes nothing: for a
+  caller that changes state first only if the call will be taken, such as a layer whose
+  cache write donates the pools (``paxcache.nn.PagedAttention``). ``k_blocks``/
+  ``v_blocks`` may be the pools before that write (same shapes and dtypes). ``options``:
+  :func:`paged_attention`'s keyword arguments; a ``block_sizes`` object's own settings
+  are not checked (the backend refuses a bad one when it runs). Host (NumPy) metadata is
+  checked by value, as by the call itself; a lane-dense pool is seen abstractly (no copy)."""
   check_arrays("kernels.check_paged_attention", q=q, k_blocks=k_blocks, v_blocks=v_blocks)
   run_abstract(  # (it takes the scales out of options before the lambda runs)
     lambda q, k, v, scales: _checked_call(
@@ -269,9 +274,19 @@ def check_paged_attention(
 
 
 def run_abstract(check, q, k_blocks, v_blocks, options: dict) -> None:
-  """Runs ``check(q, k_blocks, v_blocks, scales)`` on abstract values of the arrays
-  (``jax.eval_shape``: shapes and dtypes only), the scales taken out of ``options``."""
+  """Runs ``check(q, k_blocks, v_blocks, scales)``, the scales taken out of ``options``.
+  A lane-dense pool's check would unpack (copy) the pools outside jit, so that one runs
+  on abstract values (``jax.eval_shape``: shapes and dtypes only), unless an array's dtype
+  is one eval_shape would narrow (float64 without x64), which the call itself refuses."""
   scales = {k: options.pop(k) for k in ("k_scales", "v_scales") if options.get(k) is not None}
+  arrays = (q, k_blocks, v_blocks, *scales.values())
+  narrowed = any(
+    hasattr(x, "dtype") and jnp.dtype(x.dtype) != jax.dtypes.canonicalize_dtype(x.dtype)
+    for x in arrays
+  )
+  if not options.get("lane_dense") or narrowed:
+    check(q, k_blocks, v_blocks, scales)
+    return
 
   def run(q, k, v, scales):
     check(q, k, v, scales)  # returns nothing: eval_shape's output is the empty tree

@@ -173,6 +173,7 @@ class DistributedEngine(Engine):
   def step(self) -> list[RequestOutput]:
     """One iteration on every process: the step boundary (new requests from process 0),
     then :meth:`Engine.step`."""
+    self._raise_if_a_call_failed()  # before the boundary's exchange, as Engine.step would
     self._sync_requests()
     return super().step()
 

@@ -175,6 +175,9 @@ class Router:
     self.max_affinity_entries = int(max_affinity_entries)
     self._multi = len(local) < len(replicas)
     self._exchange = exchange or allgather_exchange
+    # With replicas in several processes: the first failed step of any, as the exchange
+    # told every process (None: none failed).
+    self._failure: str | None = None
     # Requests are checked by a local engine: every replica has the same model and config,
     # and every process must reject the same requests.
     self._validator = local[0]
@@ -284,11 +287,14 @@ class Router:
     return self._add(self._check(request))
 
   def _raise_if_a_replica_failed(self) -> None:
-    """A replica here whose step raised ends the router: its error (named) before any
-    other replica is stepped or given a request, whose outputs would never be returned."""
+    """A replica whose step raised ends the router: its error (named) before any other
+    replica is stepped or given a request, whose outputs would never be returned. With
+    replicas in several processes every process learns it in the step's exchange."""
     for engine in self.replicas:
       if engine is not None:
         engine._raise_if_a_call_failed()
+    if self._failure is not None:
+      raise RuntimeError(f"{self._failure}; this router cannot go on (make a new one)")
 
   def _add(self, r: Request) -> int:
     if r.seed is None:
@@ -339,16 +345,33 @@ class Router:
     self._raise_if_a_replica_failed()
     t0 = time.perf_counter()
     finished = []
-    for engine in self.replicas:
+    error = None
+    for replica, engine in enumerate(self.replicas):
       if engine is not None and engine.has_unfinished():
-        finished.extend(engine.step())
+        try:
+          finished.extend(engine.step())
+        except BaseException as e:
+          if not self._multi:
+            raise
+          # Every process must reach the exchange (the others would wait in it for ever):
+          # the error goes with it, and every process stops after it.
+          error = e
+          self._failure = f"replica {replica}'s step raised {e!r}"
+          break
     if self._multi:
       mine = {r: e.metrics for r, e in enumerate(self.replicas) if e is not None}
       here, finished = finished, []
-      for outs, metrics in self._exchange((here, mine)):
+      failures = []
+      for outs, metrics, failure in self._exchange((here, mine, self._failure)):
         finished.extend(outs)
+        failures += [failure] if failure is not None else []
         for r, m in metrics.items():
           self._metrics.replicas[r] = m
+      if error is not None:
+        raise error
+      if failures:
+        self._failure = failures[0]
+        self._raise_if_a_replica_failed()
     for out in finished:
       self._retire(out.request_id)
     self._metrics.seconds += time.perf_counter() - t0
@@ -367,6 +390,7 @@ class Router:
   def abort(self, request_id: Hashable) -> RequestOutput:
     """Stops a request on its replica (:meth:`Engine.abort`); returns what it produced.
     With replicas in other processes this is a collective (every process calls it)."""
+    self._raise_if_a_replica_failed()
     replica = self.replica_of(request_id)
     engine = self.replicas[replica]
     out = engine.abort(request_id) if engine is not None else None

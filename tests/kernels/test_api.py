@@ -541,3 +541,30 @@ def test_an_out_of_range_id_in_a_traced_table_is_an_unused_entry_on_every_backen
   # ... and the id out of range mattered: reading another block (nb - 2) instead differs.
   clamped = attend(np.minimum(bad, nb - 2), "reference")
   assert np.max(np.abs(clamped - want)) > 0.01
+
+
+@pytest.mark.parametrize(
+  "change",
+  [
+    dict(k_blocks=np.zeros((2, 4, 16, 64)), v_blocks=np.zeros((2, 4, 16, 64))),  # float64
+    dict(block_sizes=object()),  # the reference backend takes none
+    dict(sliding_window=2.5),
+    dict(block_table=np.array([[0, 99], [1, -1]], np.int32)),  # host ids: by value
+    dict(backend="gpu", interpret=True, q=jnp.ones((2, 4, 8)), k_blocks=jnp.zeros((2, 4, 16, 8)),
+         v_blocks=jnp.zeros((2, 4, 16, 8))),  # head_dim 8: the GPU kernels' own rule
+  ],
+)  # fmt: skip
+def test_check_paged_attention_refuses_what_the_call_refuses(change):
+  # The layer runs the check before its (donating) cache write; it must refuse exactly
+  # what the call would, with the same error.
+  base = dict(
+    q=jnp.ones((2, 4, 64)), k_blocks=jnp.zeros((2, 4, 16, 64)), v_blocks=jnp.zeros((2, 4, 16, 64)),
+    block_table=np.array([[0, 1], [2, -1]], np.int32), lengths=np.array([20, 5], np.int32),
+    backend="reference",
+  )  # fmt: skip
+  kernels.check_paged_attention(**base)  # takes the call as it should be
+  with pytest.raises(ValueError) as call:
+    kernels.paged_attention(**(base | change))
+  with pytest.raises(ValueError) as check:
+    kernels.check_paged_attention(**(base | change))
+  assert str(check.value) == str(call.value)

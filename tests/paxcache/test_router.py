@@ -246,6 +246,50 @@ def test_replicas_in_two_processes_agree_with_one_process():
   assert [e.allocator.num_used_blocks for e in engines] == [0, 0]
 
 
+def test_a_replica_that_fails_in_one_process_stops_every_process():
+  # The failing process used to raise before the step's exchange, and the others waited in
+  # it for ever; now the failure goes through the exchange and every process stops.
+  exchanges = _threaded_exchange(2)
+  engines = _sim()
+  routers = [
+    Router([engines[0], None], exchange=exchanges[0]),
+    Router([None, engines[1]], exchange=exchanges[1]),
+  ]
+  execute = engines[1]._execute
+
+  def fail(plan):
+    raise ValueError("device lost")
+
+  engines[1]._execute = fail
+  raised = [[], []]
+
+  def serve(p):
+    for r in _hand_requests():
+      routers[p].add_request(r)
+    for _ in range(3):  # the failing step, then two more: each raises, none waits
+      try:
+        routers[p].step()
+      except Exception as e:
+        raised[p].append(e)
+    try:
+      routers[p].add_request(Request(99, [1, 2]))
+    except Exception as e:
+      raised[p].append(e)
+
+  threads = [threading.Thread(target=serve, args=(p,)) for p in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert not any(t.is_alive() for t in threads)
+  assert isinstance(raised[1][0], ValueError)  # the failing process: its own error
+  assert isinstance(raised[0][0], RuntimeError)  # the other: named, after the exchange
+  assert "replica 1's step raised ValueError('device lost')" in str(raised[0][0])
+  for p in range(2):
+    assert len(raised[p]) == 4 and all(isinstance(e, RuntimeError) for e in raised[p][1:])
+  engines[1]._execute = execute
+
+
 # ---------------------------------------------------------------------------------------------
 # The tiny model on one CPU device (two engines share it): outputs against each replica's
 # requests served alone.
