@@ -576,16 +576,15 @@ def check_sharded_paged_attention(
     k_scales, v_scales, options,
   )  # fmt: skip
   # Each device's kernel call: its backend's static rules (head and block sizes, the group
-  # of query heads per KV head, the same on every device), on the arrays' shapes alone.
+  # of query heads per KV head, the same on every device). The pools are plain (checked
+  # above), so nothing here copies them.
   chosen = kernels.resolve_backend(
     options.get("backend", "auto"), interpret=options.get("interpret", False)
   )
-  jax.eval_shape(
-    lambda q, k, v, ks, vs: kernels_api.backend_static_checks(
-      chosen, q, k, v, block_table, lengths, cu_q_lens, block_sizes=options.get("block_sizes"),
-      k_scales=ks, v_scales=vs, pads_head_dim=True,
-    ),
-    q, k_blocks, v_blocks, k_scales, v_scales,
+  kernels_api.backend_static_checks(
+    chosen, q, k_blocks, v_blocks, block_table, lengths, cu_q_lens,
+    block_sizes=options.get("block_sizes"), k_scales=k_scales, v_scales=v_scales,
+    pads_head_dim=True,
   )  # fmt: skip
 
 
