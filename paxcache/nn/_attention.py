@@ -40,7 +40,13 @@ from kernels._validate import validate_options
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
-from paxcache.nn._layers import apply_rope, check_gemm, project, split_column_blocks
+from paxcache.nn._layers import (
+  apply_rope,
+  check_gemm,
+  project,
+  residual_project,
+  split_column_blocks,
+)
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
 
@@ -377,9 +383,21 @@ class PagedAttention(nnx.Module):
       x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded
     )
 
-  def _out(self, a: jax.Array) -> jax.Array:
-    """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does)."""
-    return self._project(a, self.o_proj.kernel[...])
+  def _out(self, a: jax.Array, residual: jax.Array | None = None) -> jax.Array:
+    """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does);
+    ``residual +`` it where given (:func:`paxcache.nn.residual_project`: the add inside the
+    product's kernel where that runs)."""
+    if residual is None:
+      return self._project(a, self.o_proj.kernel[...])
+    return residual_project(
+      a,
+      self.o_proj.kernel[...],
+      residual,
+      dtype=self.dtype,
+      gemm=self.gemm,
+      interpret=self.interpret,
+      sharded=self.mesh is not None,
+    )
 
   def _replicated(self, a: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))
@@ -398,6 +416,7 @@ class PagedAttention(nnx.Module):
     cascade: kernels.CascadePlan | None = None,
     decode_plan=None,
     fused_write: bool = True,
+    residual: jax.Array | None = None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -435,6 +454,10 @@ class PagedAttention(nnx.Module):
         its position ``lengths[b] - 1`` (or -1) and no row to read a slot another row
         writes in this call (the kernel writes and reads in one launch). False: the write
         runs first (``write_kv``), then the attention.
+      residual: None, or ``[num_tokens, d_model]``: ``out`` is then
+        ``residual +`` the attention's output (a decoder layer's residual stream), the add
+        inside the output projection's kernel where that runs
+        (:func:`paxcache.nn.residual_project`).
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -446,6 +469,8 @@ class PagedAttention(nnx.Module):
       )
     if positions.shape != x.shape[:1]:
       raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
+    if residual is not None and residual.shape != x.shape:
+      raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
     if isinstance(cache, PagedKVCache):
       if layer is None:
         raise ValueError("a PagedKVCache needs the layer index: pass layer=")
@@ -504,7 +529,7 @@ class PagedAttention(nnx.Module):
         cache = cache.replace_layer(layer, k_blocks, v_blocks)
       else:
         cache = (k_blocks, v_blocks)
-      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
+      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1), residual)
       return out, cache
     if fused and _plain_quantized_cache(cache) and self._fuses_8bit_write():
       # An 8-bit cache: the decode kernel quantizes and stores the step's K/V rows and their
@@ -528,7 +553,7 @@ class PagedAttention(nnx.Module):
       cache = cache.replace_layer(layer, *pools)
       if rotate:  # back from the rotated lanes (R is its own inverse)
         out = kernels.hadamard_rotate(out)
-      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
+      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1), residual)
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
@@ -619,7 +644,7 @@ class PagedAttention(nnx.Module):
       )
     if rotate:  # back from the rotated lanes (R is its own inverse)
       out = kernels.hadamard_rotate(out)
-    out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
+    out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1), residual)
     return out, cache
 
   def _rotated(self, cache) -> bool:

@@ -91,6 +91,60 @@ def project(
   return y.astype(x.dtype).reshape(*lead, n)
 
 
+def residual_project(
+  x: jax.Array,
+  w: jax.Array,
+  res: jax.Array,
+  *,
+  dtype=None,
+  gemm: str,
+  interpret: bool = False,
+  sharded: bool = False,
+):
+  """``res + x @ w``: :func:`project` with the residual add after it, in ``res``'s dtype.
+
+  Where "auto" takes a Pallas product on a Hopper GPU (as :func:`project` decides, with
+  :func:`kernels.gpu.matmul.residual_settings`' rule: at most 128 rows, a weight of at
+  most 64 MiB stored in the computation dtype, 16-bit inputs, no mesh) the add is the
+  product kernel's epilogue (:func:`kernels.gpu.matmul.residual_matmul`), so that a
+  decode step's residual add costs no kernel of its own; elsewhere ``res + project(...)``
+  as the two ops. "pallas": the kernel always (ValueError / BackendUnavailableError where
+  it cannot run); "xla": never.
+  """
+  check_gemm(gemm)
+  stored = w.dtype
+  xp, wp = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
+  lead = xp.shape[:-1]
+  ok = gemm != "xla" and xp.ndim >= 1 and wp.ndim == 2 and res.shape == (*lead, wp.shape[-1])
+  settings = None
+  if ok and jnp.dtype(xp.dtype) in gpu_matmul.DTYPES and res.dtype == xp.dtype:
+    rows, (k, n) = math.prod(lead), wp.shape
+    settings = gpu_matmul.residual_settings(
+      rows, k, n, itemsize=xp.dtype.itemsize, fit=gemm == "pallas"
+    )
+  if gemm == "pallas":
+    _check_pallas(sharded=sharded, interpret=interpret, dtype=xp.dtype)
+    if settings is None:
+      raise ValueError(
+        f"gemm='pallas' cannot run the residual product {x.shape} @ {w.shape} + "
+        f"{res.dtype}{res.shape} (kernels.gpu.matmul.residual_settings: at most "
+        f"{gpu_matmul.FIT_MAX_ROWS} rows, K and N multiples of 16, res in x's dtype and shape)"
+      )
+  elif (
+    settings is None
+    or sharded
+    or stored != wp.dtype
+    or kernels.resolve_backend("auto") != "gpu"
+    or not kernels.gpu.is_hopper()
+  ):
+    return res + project(x, w, dtype=dtype, gemm=gemm, interpret=interpret, sharded=sharded)
+  rows, k = math.prod(lead), xp.shape[-1]
+  y = gpu_matmul.residual_matmul(
+    xp.reshape(rows, k), wp, res.reshape(rows, -1), settings=settings, interpret=interpret
+  )
+  return y.reshape(res.shape)
+
+
 def _check_pallas(*, sharded: bool, interpret: bool, dtype) -> None:
   """What ``gemm="pallas"`` needs of every product: no mesh, a GPU (or interpret mode),
   16-bit inputs (ValueError / BackendUnavailableError naming the one missing)."""
@@ -194,17 +248,39 @@ class SwiGLU(nnx.Module):
     # split over a mesh, so the products are XLA's (``project``'s ``sharded``).
     self.mesh = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, *, norm: RMSNorm | None = None, residual: jax.Array | None = None
+  ) -> jax.Array:
+    """The MLP of ``x``; ``norm(x)``'s with ``norm``; ``residual +`` it with ``residual``.
+
+    ``norm`` and ``residual`` give what ``residual + self(norm(x))`` gives, with the norm
+    inside the fused front's kernel and the add inside the down product's where those
+    kernels run (:meth:`_fused_front`, :func:`residual_project`): a decode step's layer
+    then has no kernel for either. Elsewhere they run as the ops they name.
+    """
     # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
-    a = self._fused_front(x)
+    a = self._fused_front(x, norm)
     if a is None:
+      if norm is not None:
+        x = norm(x)
       gate, up = split_column_blocks(
         self._project(x, self.gate_up[...]), (self.mlp_dim,) * 2, self.shards
       )
       a = jax.nn.silu(gate) * up
-    return self._project(a, self.down.kernel[...])
+    if residual is None:
+      return self._project(a, self.down.kernel[...])
+    sharded = self.mesh is not None or self.shards > 1
+    return residual_project(
+      a,
+      self.down.kernel[...],
+      residual,
+      dtype=self.dtype,
+      gemm=self.gemm,
+      interpret=self.interpret,
+      sharded=sharded,
+    )
 
-  def _fused_front(self, x: jax.Array):
+  def _fused_front(self, x: jax.Array, norm: RMSNorm | None = None):
     """``silu(gate) * up`` by one Pallas kernel (``kernels.gpu.matmul.swiglu_matmul``, the
     activation in the product's epilogue), or None where the two-step path runs.
 
@@ -214,7 +290,8 @@ class SwiGLU(nnx.Module):
     weight stored in the computation dtype, with no mesh and one block of columns
     (``shards == 1``: the kernel pairs gate column ``j`` with up column ``mlp + j``);
     "pallas" always (ValueError or BackendUnavailableError where it cannot); "xla"
-    never."""
+    never. With ``norm`` (an :class:`RMSNorm`) the kernel normalizes x itself (its scale on
+    each K tile, the row factor on the sums); where it does not run, None as without."""
     if self.gemm == "xla":
       return None
     w = self.gate_up[...]
@@ -243,8 +320,16 @@ class SwiGLU(nnx.Module):
           f"(kernels.gpu.matmul.swiglu_settings: at most {gpu_matmul.FIT_MAX_ROWS} rows, K "
           "and the MLP width multiples of 16)"
         )
+    norm_kwargs = {}
+    if norm is not None:  # the norm's scale and epsilon, applied inside the kernel
+      norm_kwargs = dict(norm_scale=norm.scale[...], norm_eps=norm.eps)
     a = gpu_matmul.swiglu_matmul(
-      xp.reshape(rows, k), wp, mlp=self.mlp_dim, settings=settings, interpret=self.interpret
+      xp.reshape(rows, k),
+      wp,
+      mlp=self.mlp_dim,
+      settings=settings,
+      interpret=self.interpret,
+      **norm_kwargs,
     )
     return a.reshape(*lead, self.mlp_dim)
 
