@@ -221,3 +221,131 @@ def test_swiglu_errors():
     mm.swiglu_matmul(x, w.astype(jnp.float16), mlp=32, settings=s, interpret=True)
   with pytest.raises(ValueError, match="must equal w's rows"):
     mm.swiglu_matmul(x, w[:64], mlp=32, settings=s, interpret=True)
+
+
+def _norm_f64(x, scale, eps):
+  xs = _f64(x)
+  return xs / np.sqrt((xs * xs).mean(axis=1, keepdims=True) + eps) * np.asarray(scale, np.float64)
+
+
+@pytest.mark.parametrize(
+  "rows,k,mlp,settings",
+  [
+    (1, 128, 32, mm.MatmulSettings(1, 16, 64)),  # one row
+    (5, 256, 48, mm.MatmulSettings(1, 16, 128)),  # a sliced row tile
+    (32, 576, 64, mm.MatmulSettings(1, 32, 64, num_stages=4)),  # SmolLM2's K, 9 steps
+  ],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_swiglu_with_its_norm_against_float64(rows, k, mlp, settings, dtype):
+  """With norm_scale / norm_eps the kernel gives silu(g) * u of RMSNorm(x) @ W (float64 of
+  the same inputs): rows of very different magnitudes (1e-2 to 1e2, which the norm
+  equalises) within the bf16 / f16 rounding of the scaled tile and of the output (two
+  roundings of 2**-8 / 2**-11, relative to each entry, plus a floor near 0); without the
+  norm the same inputs give another result (the factor is applied)."""
+  rng = np.random.default_rng(rows)
+  mags = 10.0 ** rng.uniform(-2, 2, (rows, 1))
+  x = jnp.asarray(rng.standard_normal((rows, k)) * mags, dtype)
+  w = jnp.asarray(rng.standard_normal((k, 2 * mlp)) / np.sqrt(k), dtype)
+  scale = rng.uniform(0.25, 2.0, k).astype(np.float32)
+  got = mm.swiglu_matmul(
+    x, w, mlp=mlp, settings=settings, norm_scale=scale, norm_eps=1e-5, interpret=True
+  )
+  assert got.shape == (rows, mlp) and got.dtype == dtype
+  h = _norm_f64(x, scale, 1e-5) @ _f64(w)
+  want = h[:, :mlp] / (1.0 + np.exp(-h[:, :mlp])) * h[:, mlp:]
+  eps = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11
+  # One rounding of the scaled x tile (relative 2**-9 of each term, summed over K: the
+  # product's error is within ~2**-9 * sqrt(K) terms' worth, bounded here by the output's
+  # scale) and one of the output.
+  floor = 2 * eps * np.abs(want).max()
+  np.testing.assert_allclose(_f64(got), want, rtol=eps, atol=floor)
+  plain = np.asarray(mm.swiglu_matmul(x, w, mlp=mlp, settings=settings, interpret=True), np.float64)
+  assert np.abs(plain - want).max() > 10 * np.abs(_f64(got) - want).max()
+
+
+def test_swiglu_norm_errors():
+  x, w = _inputs(4, 128, 64, jnp.bfloat16)
+  s = mm.MatmulSettings(1, 16, 64)
+  with pytest.raises(ValueError, match="pass norm_scale and norm_eps together"):
+    mm.swiglu_matmul(x, w, mlp=32, settings=s, norm_scale=np.ones(128), interpret=True)
+  with pytest.raises(ValueError, match="pass norm_scale and norm_eps together"):
+    mm.swiglu_matmul(x, w, mlp=32, settings=s, norm_eps=1e-5, interpret=True)
+  with pytest.raises(ValueError, match=r"norm_scale must be a float \[128\]"):
+    mm.swiglu_matmul(x, w, mlp=32, settings=s, norm_scale=np.ones(64), norm_eps=1e-5,
+                     interpret=True)  # fmt: skip
+  with pytest.raises(ValueError, match=r"norm_scale must be a float \[128\]"):
+    mm.swiglu_matmul(x, w, mlp=32, settings=s, norm_scale=np.ones(128, np.int32), norm_eps=1e-5,
+                     interpret=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "rows,k,n,settings",
+  [
+    (1, 128, 32, mm.MatmulSettings(1, 16, 64)),  # one row
+    (5, 256, 48, mm.MatmulSettings(1, 16, 128)),  # a sliced row tile
+    (64, 576, 64, mm.MatmulSettings(1, 32, 64, num_stages=4)),  # SmolLM2's K, 9 steps
+    (40, 128, 128, mm.MatmulSettings(1, 64, 128, num_stages=2)),
+  ],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_residual_against_float64(rows, k, n, settings, dtype):
+  """res + x @ w from float32 sums, rounded once to x's dtype: within one rounding of
+  float64 (relative to each entry, plus a floor for entries near 0); the residual is
+  added once, at its own rows and columns."""
+  x, w = _inputs(rows, k, n, dtype, seed=rows)
+  res = jnp.asarray(np.random.default_rng(7).standard_normal((rows, n)) * 4, dtype)
+  got = mm.residual_matmul(x, w, res, settings=settings, interpret=True)
+  assert got.shape == (rows, n) and got.dtype == dtype
+  want = _f64(res) + _f64(x) @ _f64(w)
+  eps = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11
+  np.testing.assert_allclose(_f64(got), want, rtol=eps, atol=1e-5 * np.abs(want).max())
+  # A residual transposed in its rows would show (rows > 1): each row gets its own.
+  if rows > 1:
+    flipped = _f64(res)[::-1] + _f64(x) @ _f64(w)
+    assert np.abs(_f64(got) - flipped).max() > 10 * np.abs(_f64(got) - want).max()
+
+
+def test_residual_nan_row_and_errors():
+  x, w = _inputs(6, 128, 64, jnp.bfloat16)
+  res = jnp.zeros((6, 64), jnp.bfloat16).at[2, 5].set(jnp.nan)
+  s = mm.MatmulSettings(1, 16, 64)
+  got = np.asarray(mm.residual_matmul(x, w, res, settings=s, interpret=True), np.float64)
+  assert np.isnan(got[2, 5]) and np.isfinite(np.delete(got.ravel(), 2 * 64 + 5)).all()
+  x2 = x.at[4, 0].set(jnp.nan)
+  got = np.asarray(
+    mm.residual_matmul(x2, w, jnp.zeros_like(res), settings=s, interpret=True), np.float64
+  )
+  assert np.isnan(got[4]).all() and np.isfinite(np.delete(got, 4, axis=0)).all()
+  with pytest.raises(ValueError, match=r"res must be bfloat16\[6, 64\]"):
+    mm.residual_matmul(x, w, res[:5], settings=s, interpret=True)
+  with pytest.raises(ValueError, match=r"res must be bfloat16\[6, 64\]"):
+    mm.residual_matmul(x, w, res.astype(jnp.float32), settings=s, interpret=True)
+  with pytest.raises(ValueError, match="unsplit products"):
+    mm.residual_matmul(x, w, res, settings=mm.MatmulSettings(2, 16, 64), interpret=True)
+  with pytest.raises(ValueError, match="do not tile"):
+    mm.residual_matmul(x, w, res, settings=mm.MatmulSettings(1, 128, 64), interpret=True)
+  with pytest.raises(ValueError, match="must share one of"):
+    mm.residual_matmul(x, w.astype(jnp.float16), res, settings=s, interpret=True)
+  with pytest.raises(ValueError, match="no residual_matmul launch"):
+    mm.residual_matmul(x[:, :120], w[:120], res, interpret=True)  # K not a multiple of 64
+
+
+def test_residual_settings_rule():
+  """Unsplit launches up to 128 rows and weights up to 64 MiB, K a multiple of 64, N of 16:
+  the widest column tile giving half the SMs a program (16 where none does), K steps of 64
+  in four stages; fit=True gives any launch the kernel can run."""
+  S = mm.MatmulSettings
+  assert mm.residual_settings(64, 2048, 2048, num_sms=132) == S(1, 16, 64, num_stages=4)  # 1B o
+  assert mm.residual_settings(64, 8192, 2048, num_sms=132) == S(1, 16, 64, num_stages=4)  # down
+  assert mm.residual_settings(64, 576, 576, num_sms=132) == S(1, 16, 64, num_stages=4)  # SmolLM2
+  assert mm.residual_settings(64, 2048, 8192, num_sms=132) == S(1, 64, 64, num_stages=4)
+  assert mm.residual_settings(1, 2048, 4096, num_sms=132) == S(1, 32, 64, num_stages=4)
+  assert mm.residual_settings(129, 2048, 2048, num_sms=132) is None  # prefill rows
+  assert mm.residual_settings(64, 8192 + 64, 4096, num_sms=132) is None  # above 64 MiB
+  assert mm.residual_settings(64, 2000, 2048, num_sms=132) is None  # K not a multiple of 64
+  assert mm.residual_settings(64, 2048, 2040, num_sms=132) is None  # N not a multiple of 16
+  assert mm.residual_settings(0, 2048, 2048, num_sms=132) is None
+  assert mm.residual_settings(200, 2048, 2048, num_sms=132, fit=True) == S(1, 64, 64)
+  assert mm.residual_settings(64, 2000, 2048, num_sms=132, fit=True) == S(1, 64, 16)
+  assert mm.residual_settings(257, 2048, 2048, num_sms=132, fit=True) is None
