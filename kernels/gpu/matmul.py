@@ -160,7 +160,11 @@ def _check(x, w, settings: MatmulSettings) -> None:
     )
 
 
-def _kernel(x_ref, w_ref, o_ref, *, rows, bm, slice_k, block_k, block_n):
+def _kernel(*refs, rows, bm, slice_k, block_k, block_n, norm):
+  if norm:
+    x_ref, w_ref, scale_ref, o_ref, ss_ref = refs
+  else:
+    x_ref, w_ref, o_ref = refs
   j = pl.program_id(0)
   s = pl.program_id(1)
   r = jnp.arange(bm, dtype=jnp.int32)
@@ -169,25 +173,33 @@ def _kernel(x_ref, w_ref, o_ref, *, rows, bm, slice_k, block_k, block_n):
   cols_n = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
   base = s * slice_k
 
-  def step(i, acc):
+  def step(i, carry):
+    acc, ss = carry
     k0 = base + i * block_k + cols_k
     # Rows past `rows` are not read (zeros), so any row count runs without a padded copy.
     xt = plgpu.load(
       x_ref.at[jnp.minimum(r, rows - 1)[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0
     )
+    if norm:  # RMSNorm's scale on the tile; its row factor comes from the sums of squares
+      xf = xt.astype(jnp.float32)
+      ss = ss + jnp.sum(xf * xf, axis=1)
+      xt = (xf * plgpu.load(scale_ref.at[k0])[None, :]).astype(xt.dtype)
     wt = plgpu.load(w_ref.at[k0[:, None], cols_n[None, :]])
-    return acc + plgpu.dot(xt, wt)
+    return acc + plgpu.dot(xt, wt), ss
 
-  acc = lax.fori_loop(0, slice_k // block_k, step, jnp.zeros((bm, block_n), jnp.float32))
+  init = (jnp.zeros((bm, block_n), jnp.float32), jnp.zeros((bm,), jnp.float32))
+  acc, ss = lax.fori_loop(0, slice_k // block_k, step, init)
   # All bm rows (those past `rows` are zeros): the caller slices them off, inside the
   # fusion that sums the partials.
   plgpu.store(
     o_ref.at[pl.ds(s * bm, bm), pl.ds(pl.multiple_of(j * block_n, block_n), block_n)], acc
   )
+  if norm:  # every column tile's program writes its slice's sums (the caller reads tile 0's)
+    plgpu.store(ss_ref.at[pl.ds((j * pl.num_programs(1) + s) * bm, bm)], ss)
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "interpret"))
-def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
+def splitk_partials(x, w, settings: MatmulSettings, *, norm_scale=None, interpret: bool = False):
   """float32 ``[splits, rows, N]``: the products of ``x``'s and ``w``'s K slices.
 
   Args:
@@ -195,6 +207,10 @@ def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
     w: ``[K, N]``, x's dtype.
     settings: the launch (:func:`matmul_settings`); K a multiple of ``splits * block_k``,
       N of ``block_n``.
+    norm_scale: None, or an RMSNorm's ``[K]`` scale: each slice of x is multiplied by its
+      slice of the scale (rounded to x's dtype for the dot), and the call returns
+      ``(partials, sums)`` with ``sums`` float32 ``[splits, rows]`` the rows' sums of
+      squares of x over each slice (:func:`skinny_matmul` applies the norm's row factor).
     interpret: run in Pallas's interpret mode (CPU tests).
 
   Raises:
@@ -205,6 +221,7 @@ def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
   n = w.shape[1]
   s = settings
   bm = row_tile(rows)
+  norm = norm_scale is not None
   kern = functools.partial(
     _kernel,
     rows=rows,
@@ -212,21 +229,43 @@ def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
     slice_k=k // s.splits,
     block_k=s.block_k,
     block_n=s.block_n,
+    norm=norm,
   )
+  tiles = n // s.block_n
+  out_shape = [jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32)]
+  operands = [x, w]
+  if norm:
+    operands.append(_norm_scale(norm_scale, k))
+    out_shape.append(jax.ShapeDtypeStruct((tiles * s.splits * bm,), jnp.float32))
   out = pl.pallas_call(
     kern,
-    grid=(n // s.block_n, s.splits),
-    out_shape=jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32),
+    grid=(tiles, s.splits),
+    out_shape=out_shape,
     compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
     interpret=interpret,
-    name=f"paxcache_splitk_s{s.splits}_n{s.block_n}_k{s.block_k}",
-  )(x, w)
-  return out.reshape(s.splits, bm, n)[:, :rows]
+    name=f"paxcache_splitk{'_norm' if norm else ''}_s{s.splits}_n{s.block_n}_k{s.block_k}",
+  )(*operands)
+  partials = out[0].reshape(s.splits, bm, n)[:, :rows]
+  if not norm:
+    return partials
+  return partials, out[1].reshape(tiles, s.splits, bm)[0, :, :rows]
 
 
-def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bool = False):
+def skinny_matmul(
+  x,
+  w,
+  settings: MatmulSettings | None = None,
+  *,
+  norm_scale=None,
+  norm_eps: float | None = None,
+  interpret: bool = False,
+):
   """float32 ``x @ w`` for few rows: :func:`splitk_partials` summed (in XLA, which fuses
   the sum into the product's consumer).
+
+  With ``norm_scale`` and ``norm_eps``: ``RMSNorm(x) @ w``, the norm inside the product
+  (its scale on x's tiles in the kernel, the row factor ``rsqrt(mean(x * x) + eps)`` on the
+  summed partials, in the same XLA fusion), so that the norm is no kernel of its own.
 
   ``settings`` None: :func:`matmul_settings` (ValueError where it gives None).
   """
@@ -240,7 +279,13 @@ def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bo
         f"at most {MAX_ROWS} rows, a weight of at most {MAX_WEIGHT_BYTES >> 20} MiB, K a "
         "multiple of 64, N of 32, a program for at least half the SMs); pass settings"
       )
-  return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)
+  if (norm_scale is None) != (norm_eps is None):
+    raise ValueError("pass norm_scale and norm_eps together (an RMSNorm before the product)")
+  if norm_scale is None:
+    return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)
+  partials, sums = splitk_partials(x, w, settings, norm_scale=norm_scale, interpret=interpret)
+  factor = lax.rsqrt(sums.sum(axis=0) / x.shape[1] + float(norm_eps))
+  return partials.sum(axis=0) * factor[:, None]
 
 
 # SwiGLU's gate and up products with the activation in the kernel's epilogue. A decode

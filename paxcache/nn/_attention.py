@@ -330,7 +330,7 @@ class PagedAttention(nnx.Module):
       self.qkv.set_value(self.canonical_qkv()[:, self._qkv_columns(shards)])
       self.shards = shards
 
-  def _qkv(self, x, positions, *, pool_heads: bool = False):
+  def _qkv(self, x, positions, *, pool_heads: bool = False, norm=None):
     """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k.
 
     ``pool_heads``: k and v in the blocks' heads (``_kv_heads_in_blocks``), each device's
@@ -339,7 +339,7 @@ class PagedAttention(nnx.Module):
     lead = x.shape[:-1]
     # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
     whole = self.mesh is not None and self.shards == 1
-    h = self._project(x, self.qkv[...])
+    h = self._project(x, self.qkv[...], norm=norm)
     if whole:
       # The weight is replicated (the query layout is not the identity, shard_model):
       # every device computes q, k and v whole, RoPE included, and the attention takes its
@@ -363,24 +363,25 @@ class PagedAttention(nnx.Module):
       q, k, v = self._replicated(q), self._replicated(k), self._replicated(v)
     return q, k, v
 
-  def _qkv_packed(self, x, positions):
+  def _qkv_packed(self, x, positions, norm=None):
     """x: [T, d_model] -> ``[T, Hq + 2 * Hkv, D]``: :meth:`_qkv`'s q, k and v as one array,
     heads in that order (one device, ``shards == 1``: the columns are ``[q | k | v]``).
 
     RoPE goes on the first ``Hq + Hkv`` heads in one elementwise pass over the whole array,
     so that the projection's output, RoPE and the layout of the three are one fusion."""
     heads = self.num_q_heads + 2 * self.num_kv_heads
-    h = self._project(x, self.qkv[...]).reshape(x.shape[0], heads, self.head_dim)
+    h = self._project(x, self.qkv[...], norm=norm).reshape(x.shape[0], heads, self.head_dim)
     if self.rope_theta is None:
       return h
     roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
     return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
 
-  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` (w a parameter's value) in the computation dtype, by ``self.gemm``."""
+  def _project(self, x: jax.Array, w: jax.Array, norm=None) -> jax.Array:
+    """``x @ w`` (w a parameter's value) in the computation dtype, by ``self.gemm``;
+    ``norm(x) @ w`` with ``norm`` (:func:`paxcache.nn.project`)."""
     sharded = self.mesh is not None
     return project(
-      x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded
+      x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded, norm=norm
     )
 
   def _out(self, a: jax.Array, residual: jax.Array | None = None) -> jax.Array:
@@ -417,6 +418,7 @@ class PagedAttention(nnx.Module):
     decode_plan=None,
     fused_write: bool = True,
     residual: jax.Array | None = None,
+    norm=None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -458,6 +460,9 @@ class PagedAttention(nnx.Module):
         ``residual +`` the attention's output (a decoder layer's residual stream), the add
         inside the output projection's kernel where that runs
         (:func:`paxcache.nn.residual_project`).
+      norm: None, or an :class:`paxcache.nn.RMSNorm` that x goes through first (a
+        pre-norm block's): inside the q/k/v product's kernel where that runs
+        (:func:`paxcache.nn.project`), else as its own op.
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -518,7 +523,7 @@ class PagedAttention(nnx.Module):
     if fused and _plain_float_pools(cache):
       pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
       out, k_blocks, v_blocks = kernels.write_and_decode_packed(
-        self._qkv_packed(x, positions).astype(pools[0].dtype),
+        self._qkv_packed(x, positions, norm).astype(pools[0].dtype),
         *pools,
         slot_mapping,
         block_table,
@@ -536,7 +541,7 @@ class PagedAttention(nnx.Module):
       # scales itself (on the GPU backend; the others write, then attend). Rotated rows
       # (int8, kv_rotation): the packed q/k/v is rotated as one float32 product, the rows
       # quantized from float32 and q taken in its own dtype, as on the path below.
-      qkv = self._qkv_packed(x, positions)
+      qkv = self._qkv_packed(x, positions, norm)
       q_dtype = qkv.dtype
       if rotate:
         qkv = kernels.hadamard_rotate(qkv)
@@ -557,7 +562,7 @@ class PagedAttention(nnx.Module):
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
-    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
+    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None, norm=norm)
     if rotate and self.mesh is None:
       # One product for the three (q, k and v of a token side by side); the rows go to the
       # write in float32 (it quantizes them), q in its own dtype.

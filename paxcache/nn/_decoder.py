@@ -17,12 +17,15 @@ from paxcache.nn._layers import RMSNorm, SwiGLU
 class DecoderLayer(nnx.Module):
   """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
-  ``fuse_epilogues`` (default True): the residual adds and the MLP's norm go into the
-  products' kernels where those run (a Hopper GPU, ``gemm`` "auto" at decode-sized calls,
-  or "pallas": ``paxcache.nn.residual_project``, ``SwiGLU``'s ``norm`` / ``residual``), which
-  takes three small kernels out of a decode step's layer; elsewhere the same ops run as
-  they are written above, so the outputs on other backends are the same either way. False:
-  the ops as written, everywhere (for comparison).
+  ``fuse_epilogues`` (default True): in :meth:`__call__` (the paged path) the two norms and
+  the two residual adds go into the products' kernels where those run (a GPU, ``gemm``
+  "auto" at decode-sized calls, or "pallas"): the attention norm into the q/k/v product
+  (``paxcache.nn.project``'s ``norm``), the MLP norm into SwiGLU's fused front, the adds
+  into the output and down products (``paxcache.nn.residual_project``), which takes the
+  small XLA kernels of norms and adds out of a decode step's layer; :meth:`dense` fuses the
+  MLP's. Elsewhere the same ops run as they are written above, so the outputs on other
+  backends are the same either way. False: the ops as written, everywhere (for
+  comparison).
   """
 
   def __init__(
@@ -77,7 +80,7 @@ class DecoderLayer(nnx.Module):
       h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
       x = x + h
       return x + self.mlp(self.mlp_norm(x)), cache
-    x, cache = self.attn(self.attn_norm(x), positions, cache, residual=x, **paged)
+    x, cache = self.attn(x, positions, cache, norm=self.attn_norm, residual=x, **paged)
     return self.mlp(x, norm=self.mlp_norm, residual=x), cache
 
   def _mlp_block(self, x):

@@ -37,6 +37,7 @@ def project(
   gemm: str,
   interpret: bool = False,
   sharded: bool = False,
+  norm: RMSNorm | None = None,
 ):
   """``x @ w`` over x's last axis, both promoted to ``dtype`` first as ``nnx.Linear`` does
   (None: their common dtype); the result is in that dtype.
@@ -48,6 +49,10 @@ def project(
     gemm: one of :data:`GEMMS`.
     interpret: run the Pallas kernel in interpret mode (``gemm="pallas"`` on CPU).
     sharded: a mesh splits the weight (``paxcache.sharding.shard_model``): XLA's product.
+    norm: None, or an :class:`RMSNorm` to apply to x first: ``norm(x) @ w``. Where the
+      Pallas product runs, the norm runs inside it (``kernels.gpu.matmul.skinny_matmul``'s
+      ``norm_scale``: no kernel of its own; the bf16 rounding falls before the row factor
+      instead of after it); elsewhere ``norm(x)``, then the product.
 
   A weight stored in another dtype than ``dtype`` (float32 weights in a bfloat16 model)
   takes XLA's product under "auto", which fuses the cast into its GEMM, where the kernel
@@ -61,34 +66,46 @@ def project(
   """
   check_gemm(gemm)
   stored = w.dtype
-  x, w = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
+  xp, wp = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
+
+  def xla():
+    xn = x if norm is None else norm(x)
+    return jnp.dot(*nnx.nn.dtypes.promote_dtype((xn, w), dtype=dtype))
+
   if gemm == "xla":
-    return jnp.dot(x, w)
-  if x.ndim < 1 or w.ndim != 2:
+    return xla()
+  if xp.ndim < 1 or wp.ndim != 2:
     if gemm == "pallas":
       raise ValueError(f"gemm='pallas' takes x [..., K] and w [K, N], got {x.shape}, {w.shape}")
-    return jnp.dot(x, w)
-  lead = x.shape[:-1]
+    return xla()
+  lead = xp.shape[:-1]
   rows = math.prod(lead)
-  k, n = w.shape
-  dtype_ok = jnp.dtype(x.dtype) in gpu_matmul.DTYPES
+  k, n = wp.shape
+  dtype_ok = jnp.dtype(xp.dtype) in gpu_matmul.DTYPES
   fit = gemm == "pallas"
   settings = (
-    gpu_matmul.matmul_settings(rows, k, n, itemsize=x.dtype.itemsize, fit=fit) if dtype_ok else None
+    gpu_matmul.matmul_settings(rows, k, n, itemsize=xp.dtype.itemsize, fit=fit)
+    if dtype_ok
+    else None
   )
   if gemm == "auto":
-    cast = stored != w.dtype
+    cast = stored != wp.dtype
     if sharded or cast or settings is None or kernels.resolve_backend("auto") != "gpu":
-      return jnp.dot(x, w)
+      return xla()
   else:  # "pallas": no fallback
-    _check_pallas(sharded=sharded, interpret=interpret, dtype=x.dtype)
+    _check_pallas(sharded=sharded, interpret=interpret, dtype=xp.dtype)
     if settings is None:
       raise ValueError(
         f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
         f"(kernels.gpu.matmul: at most {gpu_matmul.FIT_MAX_ROWS} rows, K and N multiples of 16)"
       )
-  y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret)
-  return y.astype(x.dtype).reshape(*lead, n)
+  norm_kwargs = {}
+  if norm is not None:  # the norm's scale and epsilon, applied inside the product
+    norm_kwargs = dict(norm_scale=norm.scale[...], norm_eps=norm.eps)
+  y = gpu_matmul.skinny_matmul(
+    xp.reshape(rows, k), wp, settings, interpret=interpret, **norm_kwargs
+  )
+  return y.astype(xp.dtype).reshape(*lead, n)
 
 
 def residual_project(

@@ -349,3 +349,41 @@ def test_residual_settings_rule():
   assert mm.residual_settings(200, 2048, 2048, num_sms=132, fit=True) == S(1, 64, 64)
   assert mm.residual_settings(64, 2000, 2048, num_sms=132, fit=True) == S(1, 64, 16)
   assert mm.residual_settings(257, 2048, 2048, num_sms=132, fit=True) is None
+
+
+@pytest.mark.parametrize(
+  "rows,k,n,settings",
+  [
+    (1, 256, 64, mm.MatmulSettings(splits=2, block_n=32, block_k=64)),
+    (5, 384, 96, mm.MatmulSettings(splits=3, block_n=32, block_k=64)),
+    (64, 512, 128, mm.MatmulSettings(splits=4, block_n=64, block_k=64)),
+  ],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_splitk_with_its_norm_against_float64(rows, k, n, settings, dtype):
+  """skinny_matmul with norm_scale / norm_eps is RMSNorm(x) @ w (float64 of the same
+  inputs, rows of magnitudes 1e-2 to 1e2) within one rounding of the scaled tile; the
+  partials' sums of squares are each slice's, exactly as float32 sums of the same terms."""
+  rng = np.random.default_rng(rows + k)
+  mags = 10.0 ** rng.uniform(-2, 2, (rows, 1))
+  x = jnp.asarray(rng.standard_normal((rows, k)) * mags, dtype)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+  scale = rng.uniform(0.25, 2.0, k).astype(np.float32)
+  parts, sums = mm.splitk_partials(x, w, settings, norm_scale=scale, interpret=True)
+  assert parts.shape == (settings.splits, rows, n) and sums.shape == (settings.splits, rows)
+  step = k // settings.splits
+  xs = _f64(x)
+  for s in range(settings.splits):
+    want = (xs[:, s * step : (s + 1) * step] ** 2).sum(axis=1)
+    np.testing.assert_allclose(np.asarray(sums[s], np.float64), want, rtol=1e-5)
+  got = mm.skinny_matmul(x, w, settings, norm_scale=scale, norm_eps=1e-5, interpret=True)
+  assert got.shape == (rows, n) and got.dtype == jnp.float32
+  want = _norm_f64(x, scale, 1e-5) @ _f64(w)
+  eps = 2.0**-8 if dtype == jnp.bfloat16 else 2.0**-11
+  np.testing.assert_allclose(_f64(got), want, rtol=0, atol=eps * np.abs(want).max())
+  plain = _f64(mm.skinny_matmul(x, w, settings, interpret=True))
+  assert np.abs(plain - want).max() > 10 * np.abs(_f64(got) - want).max()
+  with pytest.raises(ValueError, match="pass norm_scale and norm_eps together"):
+    mm.skinny_matmul(x, w, settings, norm_scale=scale, interpret=True)
+  with pytest.raises(ValueError, match=r"norm_scale must be a float"):
+    mm.splitk_partials(x, w, settings, norm_scale=scale[:-1], interpret=True)
