@@ -109,11 +109,10 @@ def build_model(
   seed: int = 0,
   gemm: str = "auto",
   kv_dtype: str | None = None,
-  fuse_epilogues: bool = True,
 ):
   """A random-weight decoder of ``MODELS[name]``'s shape, bf16 activations; ``kv_dtype``
   the cache's (None: bf16, the activations'; "int8" and "float8_e4m3fn" with the config's
-  default ``kv_rotation``); ``fuse_epilogues`` the layers' (``paxcache.nn.DecoderLayer``)."""
+  default ``kv_rotation``)."""
   from flax import nnx
 
   from paxcache.nn import Decoder, DecoderConfig
@@ -125,7 +124,7 @@ def build_model(
     param_dtype=param_dtype,
     kv_dtype=kv_dtype,
   )
-  return Decoder(config, gemm=gemm, fuse_epilogues=fuse_epilogues, rngs=nnx.Rngs(seed))
+  return Decoder(config, gemm=gemm, rngs=nnx.Rngs(seed))
 
 
 def param_bytes(model) -> int:
@@ -314,10 +313,8 @@ def step_rows(args, rate: float) -> list[dict]:
   rows = []
   env = env_info()
   rng = np.random.default_rng(0)
-  for name, (batch, context), gemm, fuse in itertools.product(
-    args.models, args.shapes, args.gemm, args.fuse_epilogues
-  ):
-    model = build_model(name, max_seq_len=max(2048, context), gemm=gemm, fuse_epilogues=fuse)
+  for name, (batch, context), gemm in itertools.product(args.models, args.shapes, args.gemm):
+    model = build_model(name, max_seq_len=max(2048, context), gemm=gemm)
     c = model.config
     pbytes = param_bytes(model)
     kbytes = kv_bytes(c, batch, context)
@@ -356,7 +353,6 @@ def step_rows(args, rate: float) -> list[dict]:
         block_size=args.block_size,
         lane_dense=args.lane_dense,
         gemm=gemm,
-        fuse_epilogues=fuse,
         **xla_options_field(args),
         pool_blocks=pool,
         pool_gb=pool * block_bytes / 1e9,
@@ -473,12 +469,7 @@ def e2e_rows(args) -> list[dict]:
     runs_of = itertools.product(args.e2e_block_sizes, args.e2e_min_chunks, args.e2e_cascade)
     for block_size, min_chunk, cascade_min in runs_of:
       longest = prefix_len + int(lengths.sum(1).max())
-      model = build_model(
-        name,
-        max_seq_len=max(1024, longest),
-        gemm=args.gemm[0],
-        fuse_epilogues=args.fuse_epilogues[0],
-      )
+      model = build_model(name, max_seq_len=max(1024, longest), gemm=args.gemm[0])
       c = model.config
       pool_tokens = int(args.e2e_pool_gb * 1e9 // kv_bytes(c, 1, 1))
       config = EngineConfig(
@@ -757,15 +748,6 @@ def gemm_values(text: str) -> list[str]:
   return values
 
 
-def fuse_values(text: str) -> list[bool]:
-  """``--fuse-epilogues``' comma-separated values, each "on" or "off" (SystemExit
-  otherwise, before anything is built or timed)."""
-  values = text.split(",")
-  if not text or any(v not in ("on", "off") for v in values):
-    raise SystemExit(f"--fuse-epilogues takes values of ('on', 'off'), got {text!r}")
-  return [v == "on" for v in values]
-
-
 def define_flags():
   flags.DEFINE_string("out", None, "output folder", required=True)
   flags.DEFINE_string("models", "smollm2-135m,llama-1b", "model names, comma separated")
@@ -775,12 +757,6 @@ def define_flags():
     "auto",
     "the model's projections (paxcache.nn.GEMMS), comma separated: the step table runs each "
     "(rows record it); the engine runs take the first",
-  )
-  flags.DEFINE_string(
-    "fuse-epilogues",
-    "on",
-    "the layers' fuse_epilogues (paxcache.nn.DecoderLayer), 'on' / 'off', comma separated: "
-    "the step table runs each (rows record it); the engine runs take the first",
   )
   flags.DEFINE_integer("block-size", 16, "tokens per block")
   flags.DEFINE_float("big-pool-gb", 100.0, "the big pool")
@@ -878,7 +854,6 @@ def main(args):
   args.models = args.models.split(",")
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.gemm = gemm_values(args.gemm)
-  args.fuse_epilogues = fuse_values(args.fuse_epilogues)
   args.e2e_requests = [int(x) for x in args.e2e_requests.split(",")][: len(args.models)]
   args.e2e_block_sizes = [int(x) for x in args.e2e_block_sizes.split(",")]
   args.e2e_min_chunks = [int(x) for x in args.e2e_min_chunks.split(",")]

@@ -288,60 +288,8 @@ def prefill_case(
   return out, ref, {"kernel": kernel}
 
 
-def product_case(rng, *, kind, rows, k, n, interpret=False):
-  """A decode step's fused product against float64 NumPy: "residual" is
-  ``kernels.gpu.matmul.residual_matmul`` (``res + x @ w``), "swiglu norm" is
-  ``swiglu_matmul`` with the RMSNorm inside (``n`` the MLP width), bf16 inputs."""
-  from kernels.gpu import matmul as mm
-
-  x64 = rng.standard_normal((rows, k)) * 2.0
-  w64 = rng.standard_normal((k, n if kind == "residual" else 2 * n)) / np.sqrt(k)
-  x = jnp.asarray(x64, jnp.bfloat16)
-  w = jnp.asarray(w64, jnp.bfloat16)
-  xf, wf = np.asarray(x, np.float64), np.asarray(w, np.float64)
-  if kind == "residual":
-    res = jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)
-    out = mm.residual_matmul(x, w, res, interpret=interpret, settings=None if not interpret
-                             else mm.residual_settings(rows, k, n, fit=True))  # fmt: skip
-    ref = np.asarray(res, np.float64) + xf @ wf
-  else:
-    scale = rng.uniform(0.5, 1.5, k).astype(np.float32)
-    settings = mm.swiglu_settings(rows, k, n, fit=interpret)
-    out = mm.swiglu_matmul(x, w, mlp=n, settings=settings, norm_scale=jnp.asarray(scale),
-                           norm_eps=1e-5, interpret=interpret)  # fmt: skip
-    normed = xf / np.sqrt((xf * xf).mean(axis=1, keepdims=True) + 1e-5) * scale
-    h = normed @ wf
-    ref = h[:, :n] / (1.0 + np.exp(-h[:, :n])) * h[:, n:]
-  return out, jnp.asarray(ref, jnp.float32), {"kernel": f"matmul {kind}"}
-
-
-def _product_cases(smoke: bool):
-  shapes = (
-    [("residual", 16, 128, 64), ("swiglu norm", 32, 128, 64)]
-    if smoke
-    else [
-      ("residual", 64, 2048, 2048),  # the 1B shape's output projection
-      ("residual", 64, 8192, 2048),  # its down projection
-      ("residual", 64, 576, 576),  # SmolLM2's output projection
-      ("residual", 64, 1536, 576),  # its down projection
-      ("residual", 128, 2048, 2048),
-      ("swiglu norm", 64, 2048, 8192),  # the 1B shape's gate/up
-      ("swiglu norm", 64, 576, 1536),  # SmolLM2's
-      ("swiglu norm", 128, 2048, 8192),
-    ]
-  )
-  for kind, rows, k, n in shapes:
-    yield (
-      f"product {kind} {rows}x{k}x{n}",
-      lambda r, kind=kind, rows=rows, k=k, n=n: product_case(
-        r, kind=kind, rows=rows, k=k, n=n, interpret=smoke
-      ),
-    )
-
-
 def cases(smoke: bool):
   """(name, fn) pairs; smoke shrinks every shape so the script itself runs on CPU."""
-  yield from _product_cases(smoke)
   if smoke:
     s = dict(hq=4, hkv=2, d=64)
     yield (

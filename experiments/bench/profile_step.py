@@ -56,16 +56,11 @@ from experiments.bench._gpu_common import (
 )
 
 
-def _warm_step(name, batch, context, args, rng, gemm: str = "auto", fuse: bool = True):
+def _warm_step(name, batch, context, args, rng, gemm: str = "auto"):
   """The engine's step for ``name`` at ``batch x context`` (pool just big enough, the
-  model's products by ``gemm``, the layers' ``fuse_epilogues``), run three times; returns
-  ``(call, release)``."""
+  model's products by ``gemm``), run three times; returns ``(call, release)``."""
   model = es.build_model(
-    name,
-    max_seq_len=max(2048, context),
-    gemm=gemm,
-    kv_dtype=args.kv_dtype or None,
-    fuse_epilogues=fuse,
+    name, max_seq_len=max(2048, context), gemm=gemm, kv_dtype=args.kv_dtype or None
   )
   per_seq = -(-context // args.block_size)
   call, _, release = es.paged_step_call(
@@ -95,10 +90,8 @@ def _host_call(call, repeats: int) -> Timing:
 def device_profile(args) -> list[dict]:
   rows = []
   rng = np.random.default_rng(0)
-  for name, (batch, context), gemm, fuse in itertools.product(
-    args.models, args.shapes, args.gemm, args.fuse_epilogues
-  ):
-    call, release = _warm_step(name, batch, context, args, rng, gemm, fuse)
+  for name, (batch, context), gemm in itertools.product(args.models, args.shapes, args.gemm):
+    call, release = _warm_step(name, batch, context, args, rng, gemm)
     events = trace_kernels(call, args.steps)
     release()
     if not events:
@@ -113,7 +106,6 @@ def device_profile(args) -> list[dict]:
       context=context,
       block_size=args.block_size,
       gemm=gemm,
-      fuse_epilogues=fuse,
       kv_dtype=args.kv_dtype or "bfloat16",
       steps=args.steps,
       kernels_per_step=summary["kernels"],
@@ -126,7 +118,7 @@ def device_profile(args) -> list[dict]:
     )
     rows.append(row)
     print(
-      f"\n{name} {batch}x{context} gemm={gemm} fuse_epilogues={fuse} kv={row['kv_dtype']}: "
+      f"\n{name} {batch}x{context} gemm={gemm} kv={row['kv_dtype']}: "
       f"{row['kernels_per_step']:.0f} kernels/step, "
       f"{row['kernel_ms_per_step']:.3f} ms of kernels, span {row['span_ms_per_step']:.3f} ms"
     )
@@ -325,9 +317,6 @@ def define_flags():
   flags.DEFINE_string(
     "gemm", "auto", "--device: the model's products (paxcache.nn.GEMMS), comma separated"
   )
-  flags.DEFINE_string(
-    "fuse-epilogues", "on", "--device: the layers' fuse_epilogues, 'on' / 'off', comma separated"
-  )
   flags.DEFINE_integer("top", 25, "--device: kernels listed")
   flags.DEFINE_string(
     "kv-dtype",
@@ -370,7 +359,6 @@ def _steady(text: str) -> tuple[int, int, int]:
 def main(args):
   args.models = args.models.split(",")
   args.gemm = es.gemm_values(args.gemm)
-  args.fuse_epilogues = es.fuse_values(args.fuse_epilogues)
   args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   args.requests = [int(x) for x in args.requests.split(",")][: len(args.models)]
   if args.host_steady:

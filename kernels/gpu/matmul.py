@@ -160,11 +160,7 @@ def _check(x, w, settings: MatmulSettings) -> None:
     )
 
 
-def _kernel(*refs, rows, bm, slice_k, block_k, block_n, norm):
-  if norm:
-    x_ref, w_ref, scale_ref, o_ref, ss_ref = refs
-  else:
-    x_ref, w_ref, o_ref = refs
+def _kernel(x_ref, w_ref, o_ref, *, rows, bm, slice_k, block_k, block_n):
   j = pl.program_id(0)
   s = pl.program_id(1)
   r = jnp.arange(bm, dtype=jnp.int32)
@@ -173,33 +169,25 @@ def _kernel(*refs, rows, bm, slice_k, block_k, block_n, norm):
   cols_n = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
   base = s * slice_k
 
-  def step(i, carry):
-    acc, ss = carry
+  def step(i, acc):
     k0 = base + i * block_k + cols_k
     # Rows past `rows` are not read (zeros), so any row count runs without a padded copy.
     xt = plgpu.load(
       x_ref.at[jnp.minimum(r, rows - 1)[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0
     )
-    if norm:  # RMSNorm's scale on the tile; its row factor comes from the sums of squares
-      xf = xt.astype(jnp.float32)
-      ss = ss + jnp.sum(xf * xf, axis=1)
-      xt = (xf * plgpu.load(scale_ref.at[k0])[None, :]).astype(xt.dtype)
     wt = plgpu.load(w_ref.at[k0[:, None], cols_n[None, :]])
-    return acc + plgpu.dot(xt, wt), ss
+    return acc + plgpu.dot(xt, wt)
 
-  init = (jnp.zeros((bm, block_n), jnp.float32), jnp.zeros((bm,), jnp.float32))
-  acc, ss = lax.fori_loop(0, slice_k // block_k, step, init)
+  acc = lax.fori_loop(0, slice_k // block_k, step, jnp.zeros((bm, block_n), jnp.float32))
   # All bm rows (those past `rows` are zeros): the caller slices them off, inside the
   # fusion that sums the partials.
   plgpu.store(
     o_ref.at[pl.ds(s * bm, bm), pl.ds(pl.multiple_of(j * block_n, block_n), block_n)], acc
   )
-  if norm:  # every column tile's program writes its slice's sums (the caller reads tile 0's)
-    plgpu.store(ss_ref.at[pl.ds((j * pl.num_programs(1) + s) * bm, bm)], ss)
 
 
 @functools.partial(jax.jit, static_argnames=("settings", "interpret"))
-def splitk_partials(x, w, settings: MatmulSettings, *, norm_scale=None, interpret: bool = False):
+def splitk_partials(x, w, settings: MatmulSettings, *, interpret: bool = False):
   """float32 ``[splits, rows, N]``: the products of ``x``'s and ``w``'s K slices.
 
   Args:
@@ -207,10 +195,6 @@ def splitk_partials(x, w, settings: MatmulSettings, *, norm_scale=None, interpre
     w: ``[K, N]``, x's dtype.
     settings: the launch (:func:`matmul_settings`); K a multiple of ``splits * block_k``,
       N of ``block_n``.
-    norm_scale: None, or an RMSNorm's ``[K]`` scale: each slice of x is multiplied by its
-      slice of the scale (rounded to x's dtype for the dot), and the call returns
-      ``(partials, sums)`` with ``sums`` float32 ``[splits, rows]`` the rows' sums of
-      squares of x over each slice (:func:`skinny_matmul` applies the norm's row factor).
     interpret: run in Pallas's interpret mode (CPU tests).
 
   Raises:
@@ -221,7 +205,6 @@ def splitk_partials(x, w, settings: MatmulSettings, *, norm_scale=None, interpre
   n = w.shape[1]
   s = settings
   bm = row_tile(rows)
-  norm = norm_scale is not None
   kern = functools.partial(
     _kernel,
     rows=rows,
@@ -229,43 +212,21 @@ def splitk_partials(x, w, settings: MatmulSettings, *, norm_scale=None, interpre
     slice_k=k // s.splits,
     block_k=s.block_k,
     block_n=s.block_n,
-    norm=norm,
   )
-  tiles = n // s.block_n
-  out_shape = [jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32)]
-  operands = [x, w]
-  if norm:
-    operands.append(_norm_scale(norm_scale, k))
-    out_shape.append(jax.ShapeDtypeStruct((tiles * s.splits * bm,), jnp.float32))
   out = pl.pallas_call(
     kern,
-    grid=(tiles, s.splits),
-    out_shape=out_shape,
+    grid=(n // s.block_n, s.splits),
+    out_shape=jax.ShapeDtypeStruct((s.splits * bm, n), jnp.float32),
     compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
     interpret=interpret,
-    name=f"paxcache_splitk{'_norm' if norm else ''}_s{s.splits}_n{s.block_n}_k{s.block_k}",
-  )(*operands)
-  partials = out[0].reshape(s.splits, bm, n)[:, :rows]
-  if not norm:
-    return partials
-  return partials, out[1].reshape(tiles, s.splits, bm)[0, :, :rows]
+    name=f"paxcache_splitk_s{s.splits}_n{s.block_n}_k{s.block_k}",
+  )(x, w)
+  return out.reshape(s.splits, bm, n)[:, :rows]
 
 
-def skinny_matmul(
-  x,
-  w,
-  settings: MatmulSettings | None = None,
-  *,
-  norm_scale=None,
-  norm_eps: float | None = None,
-  interpret: bool = False,
-):
+def skinny_matmul(x, w, settings: MatmulSettings | None = None, *, interpret: bool = False):
   """float32 ``x @ w`` for few rows: :func:`splitk_partials` summed (in XLA, which fuses
   the sum into the product's consumer).
-
-  With ``norm_scale`` and ``norm_eps``: ``RMSNorm(x) @ w``, the norm inside the product
-  (its scale on x's tiles in the kernel, the row factor ``rsqrt(mean(x * x) + eps)`` on the
-  summed partials, in the same XLA fusion), so that the norm is no kernel of its own.
 
   ``settings`` None: :func:`matmul_settings` (ValueError where it gives None).
   """
@@ -279,13 +240,7 @@ def skinny_matmul(
         f"at most {MAX_ROWS} rows, a weight of at most {MAX_WEIGHT_BYTES >> 20} MiB, K a "
         "multiple of 64, N of 32, a program for at least half the SMs); pass settings"
       )
-  if (norm_scale is None) != (norm_eps is None):
-    raise ValueError("pass norm_scale and norm_eps together (an RMSNorm before the product)")
-  if norm_scale is None:
-    return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)
-  partials, sums = splitk_partials(x, w, settings, norm_scale=norm_scale, interpret=interpret)
-  factor = lax.rsqrt(sums.sum(axis=0) / x.shape[1] + float(norm_eps))
-  return partials.sum(axis=0) * factor[:, None]
+  return splitk_partials(x, w, settings, interpret=interpret).sum(axis=0)
 
 
 # SwiGLU's gate and up products with the activation in the kernel's epilogue. A decode
@@ -339,11 +294,7 @@ def swiglu_settings(
   return MatmulSettings(splits=1, block_n=block_n, block_k=64, num_stages=4)
 
 
-def _swiglu_kernel(*refs, rows, bm, k, mlp, block_k, block_n, eps):
-  if eps is None:
-    x_ref, w_ref, o_ref = refs
-  else:
-    x_ref, w_ref, scale_ref, o_ref = refs
+def _swiglu_kernel(x_ref, w_ref, o_ref, *, rows, bm, k, mlp, block_k, block_n):
   j = pl.program_id(0)
   r = jnp.arange(bm, dtype=jnp.int32)
   row_ok = r < rows
@@ -353,24 +304,16 @@ def _swiglu_kernel(*refs, rows, bm, k, mlp, block_k, block_n, eps):
   cols_u = mlp + cols_g
 
   def step(i, carry):
-    g, u, ss = carry
+    g, u = carry
     k0 = i * block_k + cols_k
     # Rows past `rows` are not read (zeros).
     xt = plgpu.load(x_ref.at[safe_r[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0)
-    if eps is not None:
-      # RMSNorm's scale on the tile, its row factor after the sums (_norm_epilogue).
-      xf = xt.astype(jnp.float32)
-      ss = ss + jnp.sum(xf * xf, axis=1)
-      xt = (xf * plgpu.load(scale_ref.at[k0])[None, :]).astype(xt.dtype)
     wg = plgpu.load(w_ref.at[k0[:, None], cols_g[None, :]])
     wu = plgpu.load(w_ref.at[k0[:, None], cols_u[None, :]])
-    return g + plgpu.dot(xt, wg), u + plgpu.dot(xt, wu), ss
+    return g + plgpu.dot(xt, wg), u + plgpu.dot(xt, wu)
 
   zeros = jnp.zeros((bm, block_n), jnp.float32)
-  g, u, ss = lax.fori_loop(0, k // block_k, step, (zeros, zeros, jnp.zeros((bm,), jnp.float32)))
-  if eps is not None:
-    factor = lax.rsqrt(ss / k + eps)[:, None]
-    g, u = g * factor, u * factor
+  g, u = lax.fori_loop(0, k // block_k, step, (zeros, zeros))
   # silu(g) = g * sigmoid(g) = g / (1 + exp(-g)), in float32 on the whole sums; a large
   # negative g gives g / inf = -0, as silu's limit.
   out = g / (1.0 + jnp.exp(-g)) * u
@@ -382,27 +325,12 @@ def _swiglu_kernel(*refs, rows, bm, k, mlp, block_k, block_n, eps):
   )
 
 
-@functools.partial(jax.jit, static_argnames=("mlp", "settings", "norm_eps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("mlp", "settings", "interpret"))
 def swiglu_matmul(
-  x,
-  w,
-  *,
-  mlp: int,
-  settings: MatmulSettings | None = None,
-  norm_scale=None,
-  norm_eps: float | None = None,
-  interpret: bool = False,
+  x, w, *, mlp: int, settings: MatmulSettings | None = None, interpret: bool = False
 ):
   """``silu(x @ w[:, :mlp]) * (x @ w[:, mlp:])`` in x's dtype, the products' float32 sums
   put through the activation in the kernel.
-
-  With ``norm_scale`` (and ``norm_eps``), ``x`` goes through an RMSNorm first, inside the
-  kernel: each K tile of x is multiplied by its slice of the scale (rounded to x's dtype
-  for the dot), the rows' sums of squares are kept beside the products, and the sums are
-  multiplied by ``rsqrt(mean(x * x) + eps)`` before the activation, so that the norm costs
-  no kernel (nor a round trip of its output) of its own. The same value as
-  ``RMSNorm``-then-product up to where the bf16 rounding falls (before the row factor
-  here, after it there).
 
   Args:
     x: ``[rows, K]``, bf16 or f16.
@@ -410,8 +338,6 @@ def swiglu_matmul(
     mlp: the MLP's width.
     settings: the launch; ``splits`` must be 1, K a multiple of ``block_k``, ``mlp`` of
       ``block_n``. None: :func:`swiglu_settings`'s rule (ValueError where it gives None).
-    norm_scale: None, or the norm's ``[K]`` scale (any float dtype; read in float32).
-    norm_eps: the norm's epsilon; given exactly when ``norm_scale`` is.
     interpret: run in Pallas's interpret mode (CPU tests).
 
   Raises:
@@ -434,147 +360,18 @@ def swiglu_matmul(
     raise ValueError(f"swiglu_matmul runs unsplit products (splits=1), got splits={s.splits}")
   if mlp % s.block_n:
     raise ValueError(f"settings {s} do not tile mlp {mlp}: it must be a multiple of block_n")
-  operands = [x, w]
-  if (norm_scale is None) != (norm_eps is None):
-    raise ValueError("pass norm_scale and norm_eps together (an RMSNorm before the product)")
-  if norm_scale is not None:
-    operands.append(_norm_scale(norm_scale, k))
-    norm_eps = float(norm_eps)
   bm = row_tile(rows)
   kern = functools.partial(
-    _swiglu_kernel,
-    rows=rows,
-    bm=bm,
-    k=k,
-    mlp=mlp,
-    block_k=s.block_k,
-    block_n=s.block_n,
-    eps=norm_eps,
+    _swiglu_kernel, rows=rows, bm=bm, k=k, mlp=mlp, block_k=s.block_k, block_n=s.block_n
   )
-  norm = "" if norm_scale is None else "_norm"
   out = pl.pallas_call(
     kern,
     grid=(mlp // s.block_n,),
     out_shape=jax.ShapeDtypeStruct((bm, mlp), x.dtype),
     compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
     interpret=interpret,
-    name=f"paxcache_swiglu{norm}_n{s.block_n}_k{s.block_k}",
-  )(*operands)
+    name=f"paxcache_swiglu_n{s.block_n}_k{s.block_k}",
+  )(x, w)
   # A row count that is not its tile's (a power of two >= 16) costs XLA a slice (the
   # engine's decode steps have power-of-two row buckets: none there).
-  return out if bm == rows else out[:rows]
-
-
-def _norm_scale(scale, k: int):
-  scale = jnp.asarray(scale)
-  if scale.shape != (k,) or not jnp.issubdtype(scale.dtype, jnp.floating):
-    raise ValueError(
-      f"norm_scale must be a float [{k}] (x's columns), got {scale.dtype}{scale.shape}"
-    )
-  return scale.astype(jnp.float32)
-
-
-# A product whose output is added to a residual stream: ``res + x @ w`` with the add in the
-# kernel's epilogue. A decode step's attention output projection and MLP down projection
-# each feed ``x = x + ...``; as a product then an XLA add (or a split-K product's partials
-# summed with the add) the add is a launch of its own on the layer's critical path. Here
-# program ``j`` multiplies the rows by the weight's column tile ``j`` over the whole of K
-# and writes ``res + acc`` rounded once to the residual's dtype.
-
-
-def residual_settings(
-  rows: int, k: int, n: int, *, itemsize: int = 2, num_sms: int | None = None, fit: bool = False
-):
-  """The launch of :func:`residual_matmul` for ``[rows, k] @ [k, n]``, or None.
-
-  The rule: at most :data:`MAX_ROWS` rows, the weight at most
-  :data:`MAX_SWIGLU_WEIGHT_BYTES`, K a multiple of 64 and N of 16; column tiles of 64, 32
-  or 16, the widest that gives at least half the SMs a program (16 where none does); K
-  steps of 64 in four stages (the fused SwiGLU front's, measured there). ``fit=True``: the
-  rule's launch, else any the kernel can run (at most :data:`FIT_MAX_ROWS` rows, K and N
-  multiples of 16); None only where none can.
-  """
-  sms = _num_sms() if num_sms is None else num_sms
-  if rows < 1 or rows > (FIT_MAX_ROWS if fit else MAX_ROWS):
-    return None
-  in_rule = (
-    rows <= MAX_ROWS and k * n * itemsize <= MAX_SWIGLU_WEIGHT_BYTES and k % 64 == 0 and n % 16 == 0
-  )
-  if not in_rule:
-    return _plain(k, n, rows) if fit else None
-  block_n = 16
-  for bn in (64, 32):
-    if n % bn == 0 and n // bn >= sms // 2:
-      block_n = bn
-      break
-  return MatmulSettings(splits=1, block_n=block_n, block_k=64, num_stages=4)
-
-
-def _residual_kernel(x_ref, w_ref, res_ref, o_ref, *, rows, bm, k, block_k, block_n):
-  j = pl.program_id(0)
-  r = jnp.arange(bm, dtype=jnp.int32)
-  row_ok = r < rows
-  safe_r = jnp.minimum(r, rows - 1)
-  cols_k = jnp.arange(block_k, dtype=jnp.int32)
-  cols_n = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-
-  def step(i, acc):
-    k0 = i * block_k + cols_k
-    xt = plgpu.load(x_ref.at[safe_r[:, None], k0[None, :]], mask=row_ok[:, None], other=0.0)
-    wt = plgpu.load(w_ref.at[k0[:, None], cols_n[None, :]])
-    return acc + plgpu.dot(xt, wt)
-
-  acc = lax.fori_loop(0, k // block_k, step, jnp.zeros((bm, block_n), jnp.float32))
-  res = plgpu.load(res_ref.at[safe_r[:, None], cols_n[None, :]], mask=row_ok[:, None], other=0.0)
-  # All bm rows (those past `rows` are 0 + 0), as the SwiGLU kernel stores.
-  plgpu.store(
-    o_ref.at[pl.ds(0, bm), pl.ds(pl.multiple_of(j * block_n, block_n), block_n)],
-    (res.astype(jnp.float32) + acc).astype(o_ref.dtype),
-  )
-
-
-@functools.partial(jax.jit, static_argnames=("settings", "interpret"))
-def residual_matmul(x, w, res, *, settings: MatmulSettings | None = None, interpret: bool = False):
-  """``res + x @ w`` in ``res``'s dtype (x's), the product's float32 sum and the residual
-  added in the kernel and rounded once.
-
-  Args:
-    x: ``[rows, K]``, bf16 or f16.
-    w: ``[K, N]``, x's dtype.
-    res: ``[rows, N]``, x's dtype.
-    settings: the launch; ``splits`` must be 1, K a multiple of ``block_k``, N of
-      ``block_n``. None: :func:`residual_settings`'s rule (ValueError where it gives None).
-    interpret: run in Pallas's interpret mode (CPU tests).
-
-  Raises:
-    ValueError: shapes, dtypes or settings that do not fit.
-  """
-  if settings is None:
-    settings = residual_settings(*x.shape, w.shape[-1]) if x.ndim == w.ndim == 2 else None
-    if settings is None:
-      raise ValueError(
-        f"no residual_matmul launch suits {x.shape} @ {w.shape} (residual_settings gives "
-        f"None: at most {MAX_ROWS} rows, a weight of at most {MAX_SWIGLU_WEIGHT_BYTES >> 20} "
-        "MiB, K a multiple of 64, N of 16); pass settings"
-      )
-  s = settings
-  if s.splits != 1:
-    raise ValueError(f"residual_matmul runs unsplit products (splits=1), got splits={s.splits}")
-  _check(x, w, s)
-  rows, k = x.shape
-  n = w.shape[1]
-  if res.shape != (rows, n) or res.dtype != x.dtype:
-    raise ValueError(f"res must be {x.dtype}[{rows}, {n}], got {res.dtype}{res.shape}")
-  bm = row_tile(rows)
-  kern = functools.partial(
-    _residual_kernel, rows=rows, bm=bm, k=k, block_k=s.block_k, block_n=s.block_n
-  )
-  out = pl.pallas_call(
-    kern,
-    grid=(n // s.block_n,),
-    out_shape=jax.ShapeDtypeStruct((bm, n), x.dtype),
-    compiler_params=plgpu.CompilerParams(num_warps=s.num_warps, num_stages=s.num_stages),
-    interpret=interpret,
-    name=f"paxcache_residual_n{s.block_n}_k{s.block_k}",
-  )(x, w, res)
   return out if bm == rows else out[:rows]

@@ -10,7 +10,7 @@ from paxcache.nn._checkpoint import load_decoder, save_decoder
 from paxcache.nn._config import DecoderConfig
 from paxcache.nn._decoder import Decoder, DecoderLayer
 from paxcache.nn._generate import greedy_generate_dense_cache, greedy_generate_no_cache
-from paxcache.nn._layers import GEMMS, RMSNorm, SwiGLU, apply_rope, project, residual_project
+from paxcache.nn._layers import GEMMS, RMSNorm, SwiGLU, apply_rope, project
 
 __all__ = [
   "TINY_CHECKPOINT",
@@ -28,6 +28,5 @@ __all__ = [
   "greedy_generate_no_cache",
   "load_decoder",
   "project",
-  "residual_project",
   "save_decoder",
 ]

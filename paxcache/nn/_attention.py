@@ -40,13 +40,7 @@ from kernels._validate import validate_options
 from paxcache import cache as cache_ops
 from paxcache import sharding
 from paxcache.cache import PagedKVCache
-from paxcache.nn._layers import (
-  apply_rope,
-  check_gemm,
-  project,
-  residual_project,
-  split_column_blocks,
-)
+from paxcache.nn._layers import apply_rope, check_gemm, project, split_column_blocks
 
 _MASK_VALUE = -1e30  # finite, so a fully masked row stays finite
 
@@ -330,7 +324,7 @@ class PagedAttention(nnx.Module):
       self.qkv.set_value(self.canonical_qkv()[:, self._qkv_columns(shards)])
       self.shards = shards
 
-  def _qkv(self, x, positions, *, pool_heads: bool = False, norm=None):
+  def _qkv(self, x, positions, *, pool_heads: bool = False):
     """x: [..., d_model] -> q [..., Hq, D], k/v [..., Hkv, D], RoPE applied to q and k.
 
     ``pool_heads``: k and v in the blocks' heads (``_kv_heads_in_blocks``), each device's
@@ -339,7 +333,7 @@ class PagedAttention(nnx.Module):
     lead = x.shape[:-1]
     # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
     whole = self.mesh is not None and self.shards == 1
-    h = self._project(x, self.qkv[...], norm=norm)
+    h = self._project(x, self.qkv[...])
     if whole:
       # The weight is replicated (the query layout is not the identity, shard_model):
       # every device computes q, k and v whole, RoPE included, and the attention takes its
@@ -363,42 +357,29 @@ class PagedAttention(nnx.Module):
       q, k, v = self._replicated(q), self._replicated(k), self._replicated(v)
     return q, k, v
 
-  def _qkv_packed(self, x, positions, norm=None):
+  def _qkv_packed(self, x, positions):
     """x: [T, d_model] -> ``[T, Hq + 2 * Hkv, D]``: :meth:`_qkv`'s q, k and v as one array,
     heads in that order (one device, ``shards == 1``: the columns are ``[q | k | v]``).
 
     RoPE goes on the first ``Hq + Hkv`` heads in one elementwise pass over the whole array,
     so that the projection's output, RoPE and the layout of the three are one fusion."""
     heads = self.num_q_heads + 2 * self.num_kv_heads
-    h = self._project(x, self.qkv[...], norm=norm).reshape(x.shape[0], heads, self.head_dim)
+    h = self._project(x, self.qkv[...]).reshape(x.shape[0], heads, self.head_dim)
     if self.rope_theta is None:
       return h
     roped = jnp.arange(heads) < self.num_q_heads + self.num_kv_heads
     return jnp.where(roped[:, None], apply_rope(h, positions, self.rope_theta), h)
 
-  def _project(self, x: jax.Array, w: jax.Array, norm=None) -> jax.Array:
-    """``x @ w`` (w a parameter's value) in the computation dtype, by ``self.gemm``;
-    ``norm(x) @ w`` with ``norm`` (:func:`paxcache.nn.project`)."""
+  def _project(self, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` (w a parameter's value) in the computation dtype, by ``self.gemm``."""
     sharded = self.mesh is not None
     return project(
-      x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded, norm=norm
+      x, w, dtype=self.dtype, gemm=self.gemm, interpret=self.interpret, sharded=sharded
     )
 
-  def _out(self, a: jax.Array, residual: jax.Array | None = None) -> jax.Array:
-    """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does);
-    ``residual +`` it where given (:func:`paxcache.nn.residual_project`: the add inside the
-    product's kernel where that runs)."""
-    if residual is None:
-      return self._project(a, self.o_proj.kernel[...])
-    return residual_project(
-      a,
-      self.o_proj.kernel[...],
-      residual,
-      dtype=self.dtype,
-      gemm=self.gemm,
-      interpret=self.interpret,
-      sharded=self.mesh is not None,
-    )
+  def _out(self, a: jax.Array) -> jax.Array:
+    """The output projection (``o_proj``'s kernel, promoted as ``nnx.Linear`` does)."""
+    return self._project(a, self.o_proj.kernel[...])
 
   def _replicated(self, a: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, P()))
@@ -417,8 +398,6 @@ class PagedAttention(nnx.Module):
     cascade: kernels.CascadePlan | None = None,
     decode_plan=None,
     fused_write: bool = True,
-    residual: jax.Array | None = None,
-    norm=None,
   ):
     """Attention for a ragged batch of new tokens over the paged cache.
 
@@ -456,13 +435,6 @@ class PagedAttention(nnx.Module):
         its position ``lengths[b] - 1`` (or -1) and no row to read a slot another row
         writes in this call (the kernel writes and reads in one launch). False: the write
         runs first (``write_kv``), then the attention.
-      residual: None, or ``[num_tokens, d_model]``: ``out`` is then
-        ``residual +`` the attention's output (a decoder layer's residual stream), the add
-        inside the output projection's kernel where that runs
-        (:func:`paxcache.nn.residual_project`).
-      norm: None, or an :class:`paxcache.nn.RMSNorm` that x goes through first (a
-        pre-norm block's): inside the q/k/v product's kernel where that runs
-        (:func:`paxcache.nn.project`), else as its own op.
 
     Returns:
       ``(out [num_tokens, d_model], cache)``: the cache of the same kind as given, with
@@ -474,8 +446,6 @@ class PagedAttention(nnx.Module):
       )
     if positions.shape != x.shape[:1]:
       raise ValueError(f"positions must be [{x.shape[0]}], got {positions.shape}")
-    if residual is not None and residual.shape != x.shape:
-      raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
     if isinstance(cache, PagedKVCache):
       if layer is None:
         raise ValueError("a PagedKVCache needs the layer index: pass layer=")
@@ -523,7 +493,7 @@ class PagedAttention(nnx.Module):
     if fused and _plain_float_pools(cache):
       pools = cache.layer(layer) if isinstance(cache, PagedKVCache) else cache
       out, k_blocks, v_blocks = kernels.write_and_decode_packed(
-        self._qkv_packed(x, positions, norm).astype(pools[0].dtype),
+        self._qkv_packed(x, positions).astype(pools[0].dtype),
         *pools,
         slot_mapping,
         block_table,
@@ -534,14 +504,14 @@ class PagedAttention(nnx.Module):
         cache = cache.replace_layer(layer, k_blocks, v_blocks)
       else:
         cache = (k_blocks, v_blocks)
-      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1), residual)
+      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
     if fused and _plain_quantized_cache(cache) and self._fuses_8bit_write():
       # An 8-bit cache: the decode kernel quantizes and stores the step's K/V rows and their
       # scales itself (on the GPU backend; the others write, then attend). Rotated rows
       # (int8, kv_rotation): the packed q/k/v is rotated as one float32 product, the rows
       # quantized from float32 and q taken in its own dtype, as on the path below.
-      qkv = self._qkv_packed(x, positions, norm)
+      qkv = self._qkv_packed(x, positions)
       q_dtype = qkv.dtype
       if rotate:
         qkv = kernels.hadamard_rotate(qkv)
@@ -558,11 +528,11 @@ class PagedAttention(nnx.Module):
       cache = cache.replace_layer(layer, *pools)
       if rotate:  # back from the rotated lanes (R is its own inverse)
         out = kernels.hadamard_rotate(out)
-      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1), residual)
+      out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
       return out, cache
     # Under a mesh, k and v in the pool heads of each device's block of qkv (KV heads copied
     # over devices computed on each of them), which the sharded write takes as they are.
-    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None, norm=norm)
+    q, k, v = self._qkv(x, positions, pool_heads=self.mesh is not None)
     if rotate and self.mesh is None:
       # One product for the three (q, k and v of a token side by side); the rows go to the
       # write in float32 (it quantizes them), q in its own dtype.
@@ -649,7 +619,7 @@ class PagedAttention(nnx.Module):
       )
     if rotate:  # back from the rotated lanes (R is its own inverse)
       out = kernels.hadamard_rotate(out)
-    out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1), residual)
+    out = self._out(out.astype(x.dtype).reshape(x.shape[0], -1))
     return out, cache
 
   def _rotated(self, cache) -> bool:

@@ -15,18 +15,7 @@ from paxcache.nn._layers import RMSNorm, SwiGLU
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
-
-  ``fuse_epilogues`` (default True): in :meth:`__call__` (the paged path) the two norms and
-  the two residual adds go into the products' kernels where those run (a GPU, ``gemm``
-  "auto" at decode-sized calls, or "pallas"): the attention norm into the q/k/v product
-  (``paxcache.nn.project``'s ``norm``), the MLP norm into SwiGLU's fused front, the adds
-  into the output and down products (``paxcache.nn.residual_project``), which takes the
-  small XLA kernels of norms and adds out of a decode step's layer; :meth:`dense` fuses the
-  MLP's. Elsewhere the same ops run as they are written above, so the outputs on other
-  backends are the same either way. False: the ops as written, everywhere (for
-  comparison).
-  """
+  """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
   def __init__(
     self,
@@ -38,11 +27,9 @@ class DecoderLayer(nnx.Module):
     mesh=None,
     mesh_axis: str = "model",
     fused_write_8bit: bool | None = None,
-    fuse_epilogues: bool = True,
     rngs: nnx.Rngs,
   ):
     c = config
-    self.fuse_epilogues = bool(fuse_epilogues)
     self.attn_norm = RMSNorm(c.d_model, eps=c.norm_eps)
     self.attn = PagedAttention(
       c.d_model,
@@ -76,18 +63,9 @@ class DecoderLayer(nnx.Module):
     self.mlp.mesh = mesh
 
   def __call__(self, x, positions, cache, **paged):
-    if not self.fuse_epilogues:
-      h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
-      x = x + h
-      return x + self.mlp(self.mlp_norm(x)), cache
-    x, cache = self.attn(x, positions, cache, norm=self.attn_norm, residual=x, **paged)
-    return self.mlp(x, norm=self.mlp_norm, residual=x), cache
-
-  def _mlp_block(self, x):
-    """``x + mlp(norm(x))``, fused as :meth:`__call__` fuses it."""
-    if not self.fuse_epilogues:
-      return x + self.mlp(self.mlp_norm(x))
-    return self.mlp(x, norm=self.mlp_norm, residual=x)
+    h, cache = self.attn(self.attn_norm(x), positions, cache, **paged)
+    x = x + h
+    return x + self.mlp(self.mlp_norm(x)), cache
 
   def dense(self, x, positions, cache=None, cache_index=0, query_rows=None, exact=True):
     """Unpaged block; ``query_rows`` (no-cache path only) keeps just those rows' outputs."""
@@ -99,7 +77,7 @@ class DecoderLayer(nnx.Module):
     else:
       h, cache = self.attn.dense(self.attn_norm(x), positions, cache, cache_index, exact=exact)
       x = x + h
-    return self._mlp_block(x), cache
+    return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class Decoder(nnx.Module):
@@ -130,10 +108,6 @@ class Decoder(nnx.Module):
   ``fused_write_8bit``: over an 8-bit cache, whether a decode step writes and quantizes the
   new rows inside the decode kernel (None: the card's default,
   ``kernels.gpu.quant_fused_write``). The same tokens either way; a speed choice.
-
-  ``fuse_epilogues`` (default True) is every layer's (:class:`DecoderLayer`): the residual
-  adds and the MLP's norm inside the products' kernels where those run (a speed choice;
-  float rounding falls at other places there, and nowhere else changes).
   """
 
   def __init__(
@@ -146,7 +120,6 @@ class Decoder(nnx.Module):
     mesh=None,
     mesh_axis: str = "model",
     fused_write_8bit: bool | None = None,
-    fuse_epilogues: bool = True,
     rngs: nnx.Rngs,
   ):
     c = config
@@ -165,7 +138,6 @@ class Decoder(nnx.Module):
           mesh=mesh,
           mesh_axis=mesh_axis,
           fused_write_8bit=fused_write_8bit,
-          fuse_epilogues=fuse_epilogues,
           rngs=rngs,
         )
         for _ in range(c.num_layers)

@@ -37,7 +37,6 @@ def project(
   gemm: str,
   interpret: bool = False,
   sharded: bool = False,
-  norm: RMSNorm | None = None,
 ):
   """``x @ w`` over x's last axis, both promoted to ``dtype`` first as ``nnx.Linear`` does
   (None: their common dtype); the result is in that dtype.
@@ -49,10 +48,6 @@ def project(
     gemm: one of :data:`GEMMS`.
     interpret: run the Pallas kernel in interpret mode (``gemm="pallas"`` on CPU).
     sharded: a mesh splits the weight (``paxcache.sharding.shard_model``): XLA's product.
-    norm: None, or an :class:`RMSNorm` to apply to x first: ``norm(x) @ w``. Where the
-      Pallas product runs, the norm runs inside it (``kernels.gpu.matmul.skinny_matmul``'s
-      ``norm_scale``: no kernel of its own; the bf16 rounding falls before the row factor
-      instead of after it); elsewhere ``norm(x)``, then the product.
 
   A weight stored in another dtype than ``dtype`` (float32 weights in a bfloat16 model)
   takes XLA's product under "auto", which fuses the cast into its GEMM, where the kernel
@@ -66,100 +61,34 @@ def project(
   """
   check_gemm(gemm)
   stored = w.dtype
-  xp, wp = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
-
-  def xla():
-    xn = x if norm is None else norm(x)
-    return jnp.dot(*nnx.nn.dtypes.promote_dtype((xn, w), dtype=dtype))
-
+  x, w = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
   if gemm == "xla":
-    return xla()
-  if xp.ndim < 1 or wp.ndim != 2:
+    return jnp.dot(x, w)
+  if x.ndim < 1 or w.ndim != 2:
     if gemm == "pallas":
       raise ValueError(f"gemm='pallas' takes x [..., K] and w [K, N], got {x.shape}, {w.shape}")
-    return xla()
-  lead = xp.shape[:-1]
+    return jnp.dot(x, w)
+  lead = x.shape[:-1]
   rows = math.prod(lead)
-  k, n = wp.shape
-  dtype_ok = jnp.dtype(xp.dtype) in gpu_matmul.DTYPES
+  k, n = w.shape
+  dtype_ok = jnp.dtype(x.dtype) in gpu_matmul.DTYPES
   fit = gemm == "pallas"
   settings = (
-    gpu_matmul.matmul_settings(rows, k, n, itemsize=xp.dtype.itemsize, fit=fit)
-    if dtype_ok
-    else None
+    gpu_matmul.matmul_settings(rows, k, n, itemsize=x.dtype.itemsize, fit=fit) if dtype_ok else None
   )
   if gemm == "auto":
-    cast = stored != wp.dtype
+    cast = stored != w.dtype
     if sharded or cast or settings is None or kernels.resolve_backend("auto") != "gpu":
-      return xla()
+      return jnp.dot(x, w)
   else:  # "pallas": no fallback
-    _check_pallas(sharded=sharded, interpret=interpret, dtype=xp.dtype)
+    _check_pallas(sharded=sharded, interpret=interpret, dtype=x.dtype)
     if settings is None:
       raise ValueError(
         f"gemm='pallas' cannot run {rows} rows x [{k}, {n}] "
         f"(kernels.gpu.matmul: at most {gpu_matmul.FIT_MAX_ROWS} rows, K and N multiples of 16)"
       )
-  norm_kwargs = {}
-  if norm is not None:  # the norm's scale and epsilon, applied inside the product
-    norm_kwargs = dict(norm_scale=norm.scale[...], norm_eps=norm.eps)
-  y = gpu_matmul.skinny_matmul(
-    xp.reshape(rows, k), wp, settings, interpret=interpret, **norm_kwargs
-  )
-  return y.astype(xp.dtype).reshape(*lead, n)
-
-
-def residual_project(
-  x: jax.Array,
-  w: jax.Array,
-  res: jax.Array,
-  *,
-  dtype=None,
-  gemm: str,
-  interpret: bool = False,
-  sharded: bool = False,
-):
-  """``res + x @ w``: :func:`project` with the residual add after it, in ``res``'s dtype.
-
-  Where "auto" takes a Pallas product on a Hopper GPU (as :func:`project` decides, with
-  :func:`kernels.gpu.matmul.residual_settings`' rule: at most 128 rows, a weight of at
-  most 64 MiB stored in the computation dtype, 16-bit inputs, no mesh) the add is the
-  product kernel's epilogue (:func:`kernels.gpu.matmul.residual_matmul`), so that a
-  decode step's residual add costs no kernel of its own; elsewhere ``res + project(...)``
-  as the two ops. "pallas": the kernel always (ValueError / BackendUnavailableError where
-  it cannot run); "xla": never.
-  """
-  check_gemm(gemm)
-  stored = w.dtype
-  xp, wp = nnx.nn.dtypes.promote_dtype((x, w), dtype=dtype)
-  lead = xp.shape[:-1]
-  ok = gemm != "xla" and xp.ndim >= 1 and wp.ndim == 2 and res.shape == (*lead, wp.shape[-1])
-  settings = None
-  if ok and jnp.dtype(xp.dtype) in gpu_matmul.DTYPES and res.dtype == xp.dtype:
-    rows, (k, n) = math.prod(lead), wp.shape
-    settings = gpu_matmul.residual_settings(
-      rows, k, n, itemsize=xp.dtype.itemsize, fit=gemm == "pallas"
-    )
-  if gemm == "pallas":
-    _check_pallas(sharded=sharded, interpret=interpret, dtype=xp.dtype)
-    if settings is None:
-      raise ValueError(
-        f"gemm='pallas' cannot run the residual product {x.shape} @ {w.shape} + "
-        f"{res.dtype}{res.shape} (kernels.gpu.matmul.residual_settings: at most "
-        f"{gpu_matmul.FIT_MAX_ROWS} rows, K and N multiples of 16, res in x's dtype and shape)"
-      )
-  elif (
-    settings is None
-    or sharded
-    or stored != wp.dtype
-    or kernels.resolve_backend("auto") != "gpu"
-    or not kernels.gpu.is_hopper()
-  ):
-    return res + project(x, w, dtype=dtype, gemm=gemm, interpret=interpret, sharded=sharded)
-  rows, k = math.prod(lead), xp.shape[-1]
-  y = gpu_matmul.residual_matmul(
-    xp.reshape(rows, k), wp, res.reshape(rows, -1), settings=settings, interpret=interpret
-  )
-  return y.reshape(res.shape)
+  y = gpu_matmul.skinny_matmul(x.reshape(rows, k), w, settings, interpret=interpret)
+  return y.astype(x.dtype).reshape(*lead, n)
 
 
 def _check_pallas(*, sharded: bool, interpret: bool, dtype) -> None:
@@ -265,39 +194,17 @@ class SwiGLU(nnx.Module):
     # split over a mesh, so the products are XLA's (``project``'s ``sharded``).
     self.mesh = None
 
-  def __call__(
-    self, x: jax.Array, *, norm: RMSNorm | None = None, residual: jax.Array | None = None
-  ) -> jax.Array:
-    """The MLP of ``x``; ``norm(x)``'s with ``norm``; ``residual +`` it with ``residual``.
-
-    ``norm`` and ``residual`` give what ``residual + self(norm(x))`` gives, with the norm
-    inside the fused front's kernel and the add inside the down product's where those
-    kernels run (:meth:`_fused_front`, :func:`residual_project`): a decode step's layer
-    then has no kernel for either. Elsewhere they run as the ops they name.
-    """
+  def __call__(self, x: jax.Array) -> jax.Array:
     # As nnx.Linear: input and kernel promoted to the computation dtype (in project).
-    a = self._fused_front(x, norm)
+    a = self._fused_front(x)
     if a is None:
-      if norm is not None:
-        x = norm(x)
       gate, up = split_column_blocks(
         self._project(x, self.gate_up[...]), (self.mlp_dim,) * 2, self.shards
       )
       a = jax.nn.silu(gate) * up
-    if residual is None:
-      return self._project(a, self.down.kernel[...])
-    sharded = self.mesh is not None or self.shards > 1
-    return residual_project(
-      a,
-      self.down.kernel[...],
-      residual,
-      dtype=self.dtype,
-      gemm=self.gemm,
-      interpret=self.interpret,
-      sharded=sharded,
-    )
+    return self._project(a, self.down.kernel[...])
 
-  def _fused_front(self, x: jax.Array, norm: RMSNorm | None = None):
+  def _fused_front(self, x: jax.Array):
     """``silu(gate) * up`` by one Pallas kernel (``kernels.gpu.matmul.swiglu_matmul``, the
     activation in the product's epilogue), or None where the two-step path runs.
 
@@ -307,8 +214,7 @@ class SwiGLU(nnx.Module):
     weight stored in the computation dtype, with no mesh and one block of columns
     (``shards == 1``: the kernel pairs gate column ``j`` with up column ``mlp + j``);
     "pallas" always (ValueError or BackendUnavailableError where it cannot); "xla"
-    never. With ``norm`` (an :class:`RMSNorm`) the kernel normalizes x itself (its scale on
-    each K tile, the row factor on the sums); where it does not run, None as without."""
+    never."""
     if self.gemm == "xla":
       return None
     w = self.gate_up[...]
@@ -337,16 +243,8 @@ class SwiGLU(nnx.Module):
           f"(kernels.gpu.matmul.swiglu_settings: at most {gpu_matmul.FIT_MAX_ROWS} rows, K "
           "and the MLP width multiples of 16)"
         )
-    norm_kwargs = {}
-    if norm is not None:  # the norm's scale and epsilon, applied inside the kernel
-      norm_kwargs = dict(norm_scale=norm.scale[...], norm_eps=norm.eps)
     a = gpu_matmul.swiglu_matmul(
-      xp.reshape(rows, k),
-      wp,
-      mlp=self.mlp_dim,
-      settings=settings,
-      interpret=self.interpret,
-      **norm_kwargs,
+      xp.reshape(rows, k), wp, mlp=self.mlp_dim, settings=settings, interpret=self.interpret
     )
     return a.reshape(*lead, self.mlp_dim)
 

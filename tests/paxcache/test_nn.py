@@ -967,132 +967,42 @@ def _pallas_calls(fn, *args) -> list[str]:
   return [line for line in text.splitlines() if "pallas_call" in line]
 
 
-def _spy_products(monkeypatch) -> list:
-  """Records each Pallas product's weight shape (and kind) as the model calls it."""
+def test_gemm_pallas_projections_match_xla_and_run_the_kernel(monkeypatch):
+  """gemm="pallas" (interpret mode) runs every projection (q/k/v, o, gate/up, down) through
+  kernels.gpu.matmul and gives XLA's logits within bf16 rounding; "auto" on the CPU and
+  "xla" run no Pallas product."""
+  config = _bf16_config()
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 9)), jnp.int32)
+  models = {
+    g: Decoder(config, gemm=g, interpret=g == "pallas", rngs=nnx.Rngs(1))
+    for g in ("xla", "auto", "pallas")
+  }
+  logits = {g: np.asarray(m.forward(tokens), np.float64) for g, m in models.items()}
+  np.testing.assert_array_equal(logits["auto"], logits["xla"])
+  # The kernels sum float32 products in their own order (split-K partials), and the fused
+  # SwiGLU front rounds once after the activation where XLA rounds the product before it:
+  # the logits may differ by bf16 roundings of the activations between layers, well under
+  # 2% of their scale.
+  scale = np.abs(logits["xla"]).max()
+  assert np.abs(logits["pallas"] - logits["xla"]).max() < 0.02 * scale
   shapes = []
   real = gpu_matmul.skinny_matmul
   monkeypatch.setattr(
-    gpu_matmul,
-    "skinny_matmul",
-    lambda x, w, *a, **k: (
-      shapes.append(("norm product", w.shape) if "norm_scale" in k else w.shape)
-      or real(x, w, *a, **k)
-    ),
+    gpu_matmul, "skinny_matmul", lambda x, w, *a, **k: shapes.append(w.shape) or real(x, w, *a, **k)
   )
   real_swiglu = gpu_matmul.swiglu_matmul
   monkeypatch.setattr(
     gpu_matmul,
     "swiglu_matmul",
-    lambda x, w, **k: (
-      shapes.append(("swiglu" + (" norm" if "norm_scale" in k else ""), w.shape))
-      or real_swiglu(x, w, **k)
-    ),
+    lambda x, w, **k: shapes.append(("swiglu", w.shape)) or real_swiglu(x, w, **k),
   )
-  real_residual = gpu_matmul.residual_matmul
-  monkeypatch.setattr(
-    gpu_matmul,
-    "residual_matmul",
-    lambda x, w, res, **k: shapes.append(("residual", w.shape)) or real_residual(x, w, res, **k),
-  )
-  return shapes
-
-
-def test_gemm_pallas_projections_match_xla_and_run_the_kernel(monkeypatch):
-  """gemm="pallas" (interpret mode) runs every projection (q/k/v, o, gate/up, down) through
-  kernels.gpu.matmul and gives XLA's logits within bf16 rounding, with the layers'
-  fuse_epilogues on (the MLP's norm in the SwiGLU kernel, the residual add in the down
-  product's) and off; "auto" on the CPU and "xla" run no Pallas product, and there
-  fuse_epilogues changes nothing."""
-  config = _bf16_config()
-  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 9)), jnp.int32)
-  models = {
-    (g, fuse): Decoder(
-      config, gemm=g, interpret=g == "pallas", fuse_epilogues=fuse, rngs=nnx.Rngs(1)
-    )
-    for g in ("xla", "auto", "pallas")
-    for fuse in (True, False)
-  }
-  logits = {key: np.asarray(m.forward(tokens), np.float64) for key, m in models.items()}
-  for key in models:
-    if key[0] != "pallas":
-      np.testing.assert_array_equal(logits[key], logits["xla", False])
-  # The kernels sum float32 products in their own order (split-K partials), the fused
-  # SwiGLU front rounds once after the activation where XLA rounds the product before it,
-  # and with the norm inside it rounds the scaled input before the row factor: the logits
-  # may differ by bf16 roundings of the activations between layers, well under 2% of their
-  # scale.
-  scale = np.abs(logits["xla", False]).max()
-  for fuse in (True, False):
-    assert np.abs(logits["pallas", fuse] - logits["xla", False]).max() < 0.02 * scale
-  assert (
-    np.abs(logits["pallas", True] - logits["pallas", False]).max() > 0
-  )  # fused: other roundings
-  shapes = _spy_products(monkeypatch)
+  models["pallas"].forward(tokens)
   d, f, width = config.d_model, config.mlp_dim, (4 + 2 * 2) * 16
-  models["pallas", False].forward(tokens)
   # gate/up with the activation in one kernel (kernels.gpu.matmul.swiglu_matmul)
   assert shapes == [(d, width), (4 * 16, d), ("swiglu", (d, 2 * f)), (f, d)] * config.num_layers
-  shapes.clear()
-  models["pallas", True].forward(tokens)
-  # The no-cache path's attention adds its residual outside (it gathers query rows first);
-  # the MLP takes its norm and its residual into its kernels.
-  assert (
-    shapes
-    == [
-      (d, width),
-      (4 * 16, d),
-      ("swiglu norm", (d, 2 * f)),
-      ("residual", (f, d)),
-    ]
-    * config.num_layers
-  )
-  for key, m in models.items():
-    assert bool(_pallas_calls(m.forward, tokens)) == (key[0] == "pallas")
-
-
-def test_fused_epilogues_in_the_paged_step(monkeypatch):
-  """A paged decode step (what the engine runs) with gemm="pallas": fuse_epilogues puts the
-  attention's norm into the q/k/v product's kernel and its residual add into the output
-  projection's, and the MLP's norm and add into its kernels, and gives the unfused step's
-  logits, and its K/V, within bf16 rounding."""
-  config = _bf16_config()
-  rng = np.random.default_rng(4)
-  bs, lens = 8, np.asarray([5, 12, 9])
-  prompt = [rng.integers(0, 256, n) for n in lens]
-  outs = {}
-  for fuse in (False, True):
-    model = Decoder(config, gemm="pallas", interpret=True, fuse_epilogues=fuse, rngs=nnx.Rngs(2))
-    cache = model.init_cache(16, bs)
-    table = np.full((3, 4), -1, np.int32)
-    for b in range(3):
-      n = -(-(lens[b] + 1) // bs)
-      table[b, :n] = np.arange(b * 4, b * 4 + n)
-    # prefill every prompt, then one decode step
-    toks = np.concatenate(prompt).astype(np.int32)
-    pos = np.concatenate([np.arange(n) for n in lens]).astype(np.int32)
-    seq = np.repeat(np.arange(3), lens)
-    slots = (table[seq, pos // bs] * bs + pos % bs).astype(np.int32)
-    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
-    _, cache = model(toks, pos, cache, block_table=table, lengths=lens.astype(np.int32),
-                     slot_mapping=slots, cu_q_lens=cu)  # fmt: skip
-    shapes = _spy_products(monkeypatch)
-    dpos = lens.astype(np.int32)
-    dslots = (table[np.arange(3), dpos // bs] * bs + dpos % bs).astype(np.int32)
-    logits, cache = model(np.asarray([1, 2, 3], np.int32), dpos, cache, block_table=table,
-                          lengths=(lens + 1).astype(np.int32), slot_mapping=dslots)  # fmt: skip
-    outs[fuse] = (np.asarray(logits, np.float64), [np.asarray(k, np.float32) for k in cache.k])
-    monkeypatch.undo()
-    kinds = [s[0] if isinstance(s[0], str) else "product" for s in shapes]
-    if fuse:
-      assert kinds == ["norm product", "residual", "swiglu norm", "residual"] * config.num_layers
-    else:
-      assert kinds == ["product", "product", "swiglu", "product"] * config.num_layers
-  scale = np.abs(outs[False][0]).max()
-  assert np.abs(outs[True][0] - outs[False][0]).max() < 0.02 * scale
-  # The K/V rows (RoPE'd k and v, bf16) from the norm rounded before or after its row
-  # factor: within a few bf16 roundings (2**-8 relative) of each other, every layer.
-  for fused, plain in zip(outs[True][1], outs[False][1], strict=True):
-    np.testing.assert_allclose(fused, plain, rtol=2.0**-6, atol=2.0**-6 * np.abs(plain).max())
+  assert _pallas_calls(models["pallas"].forward, tokens)
+  assert not _pallas_calls(models["auto"].forward, tokens)
+  assert not _pallas_calls(models["xla"].forward, tokens)
 
 
 def test_gemm_errors():
@@ -1157,9 +1067,7 @@ def test_gemm_pallas_with_several_splits_in_the_model(monkeypatch):
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 9)), jnp.int32)
   got = np.asarray(Decoder(config, gemm="pallas", interpret=True, rngs=nnx.Rngs(3)).forward(tokens))
   want = np.asarray(Decoder(config, gemm="xla", rngs=nnx.Rngs(3)).forward(tokens))
-  # q/k/v, o (the no-cache path's attention adds its residual outside); gate/up and down
-  # run unsplit kernels (swiglu_matmul with the norm, residual_matmul with the add).
-  assert taken == [2, 2]
+  assert taken == [2, 2, 4]  # q/k/v, o, down (gate/up: swiglu_matmul, unsplit)
   assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
@@ -1184,12 +1092,6 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
     return (jax.nn.silu(h[:, :mlp]) * h[:, mlp:]).astype(x.dtype)
 
   monkeypatch.setattr(gpu_matmul, "swiglu_matmul", swiglu_spy)
-
-  def residual_spy(x, w, res, *, settings, **k):
-    taken.append((x.shape[0], ("residual", w.shape), settings))
-    return (res + jnp.dot(x, w, preferred_element_type=jnp.float32)).astype(res.dtype)
-
-  monkeypatch.setattr(gpu_matmul, "residual_matmul", residual_spy)
   w = jnp.ones((576, 960), jnp.bfloat16)  # SmolLM2's q/k/v: a launch at 1-128 rows
   x = jnp.ones((64, 576), jnp.bfloat16)
   project(x, w, gemm="auto")
@@ -1229,16 +1131,13 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
   n = len(taken)
   monkeypatch.setattr(kernels.gpu, "is_hopper", lambda device=None: True)
   model.forward(jnp.zeros((1, 32), jnp.int32))
-  # On Hopper the down product adds the residual in its kernel too (residual_matmul; the
-  # no-cache path's attention adds its own outside).
   assert [t[1] for t in taken[n : n + 4]] == [
     (512, 768),
     (512, 512),
     ("swiglu", (512, 2048)),
-    ("residual", (1024, 512)),
+    (1024, 512),
   ]
   assert taken[n + 2][2] == gpu_matmul.swiglu_settings(32, 512, 1024)
-  assert taken[n + 3][2] == gpu_matmul.residual_settings(32, 1024, 512)
   # One block of columns only: with shards > 1 the gate and up columns interleave by
   # block, which the kernel's pairing (gate j, up mlp + j) would mix up: XLA's product.
   n = len(taken)
@@ -1557,36 +1456,3 @@ def test_a_backends_own_refusal_comes_before_the_write(backend, head_dim, block_
       slot_mapping=_i32(*(3 * block_size + np.arange(5))), cu_q_lens=_i32(0, 5),
     )  # fmt: skip
   np.testing.assert_array_equal(np.asarray(cache.layer(0)[0]), 0)  # not donated
-
-
-def test_residual_project_paths_and_errors():
-  """paxcache.nn.residual_project: "xla" (and "auto" off a Hopper GPU) is ``res + x @ w`` as
-  the two ops; "pallas" the kernel, within one bf16 rounding of float64, and its errors
-  where the kernel cannot run (no silent fallback)."""
-  from paxcache.nn import project, residual_project
-
-  rng = np.random.default_rng(3)
-  x = jnp.asarray(rng.standard_normal((6, 128)), jnp.bfloat16)
-  w = jnp.asarray(rng.standard_normal((128, 64)) / 11, jnp.bfloat16)
-  res = jnp.asarray(rng.standard_normal((6, 64)), jnp.bfloat16)
-  for gemm in ("xla", "auto"):
-    got = residual_project(x, w, res, gemm=gemm)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(res + project(x, w, gemm="xla")))
-  got = residual_project(x[None], w, res[None], gemm="pallas", interpret=True)  # leading axes
-  assert got.shape == (1, 6, 64) and got.dtype == jnp.bfloat16
-  want = np.asarray(res, np.float64) + np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-  np.testing.assert_allclose(np.asarray(got[0], np.float64), want, rtol=2.0**-8, atol=1e-3)
-  with pytest.raises(ValueError, match="bf16 or f16"):
-    residual_project(x.astype(jnp.float32), w.astype(jnp.float32), res.astype(jnp.float32),
-                     gemm="pallas", interpret=True)  # fmt: skip
-  with pytest.raises(kernels.BackendUnavailableError, match="needs a GPU"):
-    residual_project(x, w, res, gemm="pallas")
-  with pytest.raises(ValueError, match="cannot run the residual product"):
-    residual_project(jnp.ones((257, 128), jnp.bfloat16), w, jnp.ones((257, 64), jnp.bfloat16),
-                     gemm="pallas", interpret=True)  # fmt: skip
-  with pytest.raises(ValueError, match="cannot run the residual product"):  # res's shape
-    residual_project(x, w, res[:, :32], gemm="pallas", interpret=True)
-  with pytest.raises(ValueError, match="does not run under a mesh"):
-    residual_project(x, w, res, gemm="pallas", interpret=True, sharded=True)
-  with pytest.raises(ValueError, match="gemm must be one of"):
-    residual_project(x, w, res, gemm="cublas")
