@@ -43,11 +43,14 @@ from kernels.gpu.plan import num_sms as _num_sms
 
 # Where matmul_settings gives None (XLA's product), from run37's per-product timings on an
 # H100 (docs/benchmarks.md): at 256 rows the kernel lost to XLA on 6 of the 7 products
-# measured (all but the 1B shape's q/k/v), and on weights above 16 MiB (the 1B shape's
-# gate/up, 67 MB, and down, 34 MB) XLA was level or faster at 8-256 rows but for one row
-# count (down, 64 rows).
+# measured (all but the 1B shape's q/k/v). Weights above 32 MiB (the 1B shape's gate/up,
+# 67 MB) stay with XLA, which was level or faster at 8-256 rows. Up to 32 MiB since run47:
+# the 1B shape's down (8192 x 2048, 32 MiB) alone was level with XLA or slower at all but
+# 64 rows (run37), but in the decode step, where XLA sums its float32 partials inside the
+# residual add's fusion, the step at 8-128 rows was level or faster (run47, an H100: the
+# product 13.5 against XLA's 16.1 us a layer at 64 rows; docs/benchmarks.md).
 MAX_ROWS = 128
-MAX_WEIGHT_BYTES = 16 << 20
+MAX_WEIGHT_BYTES = 32 << 20
 # The rows a launch can take at all (matmul_settings(fit=True), an explicit request): the
 # row tile's accumulators and shared-memory stages are sized for this many.
 FIT_MAX_ROWS = 256

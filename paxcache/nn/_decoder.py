@@ -98,7 +98,7 @@ class Decoder(nnx.Module):
   ``gemm`` (:data:`paxcache.nn.GEMMS`) is how every layer's projections multiply: "auto"
   (the default) runs the Pallas split-K product of ``kernels.gpu.matmul`` on a GPU for
   calls of at most 128 token rows (decode steps; a short prefill chunk too) and weights of
-  at most 16 MiB, stored in the computation dtype, where its rule has a launch
+  at most 32 MiB, stored in the computation dtype, where its rule has a launch
   (``kernels.gpu.matmul.matmul_settings``), and XLA's product elsewhere (more rows, larger
   weights, CPU, TPU, float32, a mesh); "xla" never the kernel; "pallas" every projection
   (``interpret=True`` on CPU), raising where the kernel cannot run it (above 256 rows, a

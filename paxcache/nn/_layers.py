@@ -14,7 +14,7 @@ from kernels.gpu import matmul as gpu_matmul
 
 # How the decoder's projections (q/k/v, output, gate/up, down) multiply: "auto" takes the
 # Pallas split-K product (kernels.gpu.matmul) on a GPU where its rule has a launch (16-bit
-# inputs, at most 128 rows, weights of at most 16 MiB: kernels.gpu.matmul.matmul_settings)
+# inputs, at most 128 rows, weights of at most 32 MiB: kernels.gpu.matmul.matmul_settings)
 # and no mesh splits the weight, and XLA's product everywhere else; SwiGLU's gate/up
 # product and its activation are one Pallas kernel (kernels.gpu.matmul.swiglu_matmul) where
 # that kernel's rule has a launch on a Hopper GPU (32-128 rows, weights of at most 64 MiB:

@@ -1073,7 +1073,7 @@ def test_gemm_pallas_with_several_splits_in_the_model(monkeypatch):
 
 def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch):
   """ "auto" on a GPU (faked here: the product is a spy): the Pallas product for 16-bit
-  inputs, at most 128 rows and weights of at most 16 MiB with a launch
+  inputs, at most 128 rows and weights of at most 32 MiB with a launch
   (kernels.gpu.matmul.matmul_settings); XLA's product for more rows, larger weights,
   float32, under a mesh, and on this CPU."""
   from paxcache.nn import project
@@ -1113,6 +1113,10 @@ def test_gemm_auto_takes_the_kernel_only_where_its_rule_has_a_launch(monkeypatch
   project(jnp.ones((64, 2048), jnp.bfloat16), jnp.ones((2048, 16384), jnp.bfloat16), gemm="auto")
   project(x, w, gemm="xla")
   assert len(taken) == n
+  big = jnp.ones((8192, 2048), jnp.bfloat16)  # the 1B shape's down: 32 MiB, the cap
+  project(jnp.ones((64, 8192), jnp.bfloat16), big, gemm="auto")
+  assert taken[n:] == [(64, (8192, 2048), gpu_matmul.matmul_settings(64, 8192, 2048))]
+  n = len(taken)
   # The model: every product with a launch takes the kernel (an SM count of 64 gives these
   # small weights launches), but not in a bf16 model with float32 weights (its products are
   # casts of them: XLA's).
