@@ -11,7 +11,9 @@ such a kernel as a negative control).
   python -m kernels.tpu.aot --topology v5e:2x2 --topology v6e:2x2
 
 compiles every configuration of :func:`shipped_cases` for each topology, prints one JSON
-line per (topology, case) and exits with status 1 if any fails. Run it in its own process:
+line per (topology, case) and exits with status 1 if any fails (``--kernel decode`` or
+``--case NAME`` for fewer; the tests run one process per topology and kernel). Run it in its
+own process:
 it sets the environment libtpu needs (and ``JAX_PLATFORMS=cpu``, so that libtpu does not
 look for a chip) before JAX starts a backend.
 """
@@ -34,6 +36,11 @@ _ENV = {
   "TPU_WORKER_HOSTNAMES": "localhost",
   "TPU_SKIP_MDS_QUERY": "1",
   "JAX_PLATFORMS": "cpu",
+  # libtpu takes /tmp/libtpu_lockfile so that two processes do not drive one chip; there
+  # is no chip here, and the tests (two pytest-xdist workers) compile in two processes at
+  # once: without this the second fails with "Internal error when accessing libtpu
+  # multi-process lockfile".
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
 }
 
 
@@ -420,9 +427,16 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--topology", action="append", help=f"default: {', '.join(TOPOLOGIES)}")
   p.add_argument("--case", action="append", help="only these case names")
+  p.add_argument("--kernel", action="append", help="only these kernels (decode, ragged, ...)")
   args = p.parse_args(argv)
+  cases = [
+    c
+    for c in shipped_cases()
+    if (not args.case or c.name in args.case) and (not args.kernel or c.kernel in args.kernel)
+  ]
+  if not cases:
+    p.error(f"no shipped case matches --case {args.case} --kernel {args.kernel}")
   _prepare_env()
-  cases = [c for c in shipped_cases() if not args.case or c.name in args.case]
   failed = 0
   for topology in args.topology or TOPOLOGIES:
     device = topology_device(topology)
