@@ -22,6 +22,7 @@ block ids stay global.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import heapq
@@ -36,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from paxcache import sharding
 from paxcache.distributed import KeyValueChannel
-from paxcache.engine._engine import Engine, EngineConfig, check_requests
+from paxcache.engine._engine import SEED_LIMIT, Engine, EngineConfig, check_requests
 from paxcache.engine._request import Request, RequestError, RequestOutput
 from paxcache.engine._scheduler import Plan
 from paxcache.nn import Decoder
@@ -138,6 +139,15 @@ class DistributedEngine(Engine):
 
   def has_unfinished(self) -> bool:
     return bool(super().has_unfinished() or self._more or self._outbox_ids)
+
+  def unfinished_requests(self) -> list[Request]:
+    """:meth:`Engine.unfinished_requests`, then (on process 0) the requests added and not
+    yet sent to the other processes, in the order they would be sent."""
+    out = super().unfinished_requests()
+    for rank, (_, _, r) in enumerate(sorted(self._outbox)):
+      seed = (self._arrivals + rank) % SEED_LIMIT if r.seed is None else r.seed
+      out.append(dataclasses.replace(r, seed=seed))
+    return out
 
   def num_unfinished(self) -> int:
     return super().num_unfinished() + len(self._outbox_ids)

@@ -76,7 +76,7 @@ def _lost_step(e: BaseException, on_thread: bool = True) -> RuntimeError:
   where = "a step's jitted call failed on the dispatch thread" if on_thread else "a step raised"
   return RuntimeError(
     f"{where} ({e!r}); this engine cannot go on: its pool and host state are those of the "
-    "lost step (make a new Engine)"
+    "lost step (make a new Engine and add it the requests of Engine.unfinished_requests())"
   )
 
 
@@ -905,7 +905,12 @@ class Engine:
     self.beams = _beam.BeamSearch(
       self.allocator, self.scheduler, self._groups, self.max_seq_len, self.vocab_size
     )
-    self._arrivals = itertools.count()
+    self._arrivals = 0  # requests arrived so far (the next one's arrival number)
+    # Every request added and not yet returned by step or abort, by id: (its arrival
+    # number, None until it arrives; the request, with the seed it samples with once it
+    # has arrived). What unfinished_requests gives back, whatever state a failed step
+    # left the groups and queues in.
+    self._unreturned: dict[Hashable, tuple[int | None, Request]] = {}
     self._shapes: set[tuple] = set()
     self._cascade = (0, 0, 0)  # the current step's cascade (groups, rows, saved tokens)
     self._plan_chunks = 0  # the current step's decode-plan chunks (0: no plan)
@@ -936,6 +941,7 @@ class Engine:
     if request.arrival_time is not None and request.arrival_time > now:
       heapq.heappush(self._pending, (request.arrival_time, next(self._pending_order), request))
       self._pending_ids.add(request.request_id)
+      self._unreturned[request.request_id] = (None, request)
       return
     # It has arrived: requests still set aside that arrived before it go first (FCFS).
     self._release_due(now if request.arrival_time is None else request.arrival_time)
@@ -957,8 +963,9 @@ class Engine:
     self._release_due(self.clock.now())
 
   def _enqueue(self, request: Request) -> None:
-    arrival = next(self._arrivals)
+    arrival, self._arrivals = self._arrivals, self._arrivals + 1
     seed = arrival % SEED_LIMIT if request.seed is None else request.seed
+    self._unreturned[request.request_id] = (arrival, dataclasses.replace(request, seed=seed))
     seq = Seq(
       seq_id=(request.request_id, 0),
       index=0,
@@ -1088,6 +1095,11 @@ class Engine:
     with ``pipeline_depth=2``); if they finished the request, its complete output is
     returned (finish reasons "stop" or "length", counted as finished, not aborted)."""
     self._raise_if_a_call_failed()
+    out = self._abort(request_id)
+    self._unreturned.pop(out.request_id, None)
+    return out
+
+  def _abort(self, request_id: Hashable) -> RequestOutput:
     group = self._groups.get(request_id)
     if group is None and request_id in self._pending_ids:  # not arrived yet
       entry = next(e for e in self._pending if e[2].request_id == request_id)
@@ -1126,6 +1138,28 @@ class Engine:
   def num_unfinished(self) -> int:
     return len(self._groups) + len(self._ready) + len(self._pending)
 
+  def unfinished_requests(self) -> list[Request]:
+    """Every request added and not yet returned by :meth:`step` or :meth:`abort`, to add
+    to a new engine, also (above all) after a step failed and this engine cannot go on.
+
+    Those that have arrived come first, in arrival order, with the ``seed`` they sample
+    with (a ``None`` seed is derived from the arrival order: given back as it was, a new
+    engine would derive another) and ``arrival_time=None`` (they are due). Then those whose
+    ``arrival_time`` the clock has not reached, in the order they would arrive, each
+    keeping its ``arrival_time`` (on this engine's clock: shift it for a new clock that
+    starts at 0) and given the seed it would have derived had nothing else been added. A
+    new engine with the same ``EngineConfig.seed`` then samples the same tokens as this
+    one would have: a sample's key is (engine seed, request seed, sample index, position),
+    not its batch (docs/engine.md, "Errors"). What the requests had generated is not kept:
+    they start again from their prompts."""
+    arrived = sorted((a, r) for a, r in self._unreturned.values() if a is not None)
+    out = [dataclasses.replace(r, arrival_time=None) for _, r in arrived]
+    # (time, order, request): the order is unique, so requests are never compared.
+    for rank, (_, _, r) in enumerate(sorted(self._pending)):
+      seed = (self._arrivals + rank) % SEED_LIMIT if r.seed is None else r.seed
+      out.append(dataclasses.replace(r, seed=seed))
+    return out
+
   # ------------------------------------------------------------------ one iteration
 
   def step(self) -> list[RequestOutput]:
@@ -1138,10 +1172,13 @@ class Engine:
     self._raise_if_a_call_failed()
     self._admit_arrivals()
     try:
-      return self._iterate()
+      finished = self._iterate()
     except BaseException as e:
       self._fail_stop(e)
       raise
+    for out in finished:
+      self._unreturned.pop(out.request_id, None)
+    return finished
 
   def _iterate(self) -> list[RequestOutput]:
     t0 = time.perf_counter()

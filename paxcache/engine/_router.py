@@ -185,7 +185,8 @@ class Router:
     n = len(replicas)
     self.outstanding_tokens = [0] * n
     self.outstanding_requests = [0] * n
-    self._live: dict[Hashable, tuple[int, int]] = {}  # request id -> (replica, tokens)
+    # Request id -> (replica, tokens, the request as routed: with its seed).
+    self._live: dict[Hashable, tuple[int, int, Request]] = {}
     self._affinity: collections.OrderedDict[bytes, int] = collections.OrderedDict()
     self._arrivals = 0
     self._metrics = RouterMetrics(replicas=[RunMetrics() for _ in replicas], routed=[0] * n)
@@ -312,7 +313,7 @@ class Router:
     setattr(m, how, getattr(m, how) + 1)
     self._arrivals += 1
     tokens = len(r.prompt) + max(r.n, r.beam_width) * r.max_new_tokens
-    self._live[r.request_id] = (replica, tokens)
+    self._live[r.request_id] = (replica, tokens, r)
     self.outstanding_tokens[replica] += tokens
     self.outstanding_requests[replica] += 1
     m.routed[replica] += 1
@@ -325,7 +326,7 @@ class Router:
     return self._live[request_id][0]
 
   def _retire(self, request_id: Hashable) -> None:
-    replica, tokens = self._live.pop(request_id)
+    replica, tokens, _ = self._live.pop(request_id)
     self.outstanding_tokens[replica] -= tokens
     self.outstanding_requests[replica] -= 1
 
@@ -337,6 +338,18 @@ class Router:
 
   def num_unfinished(self) -> int:
     return len(self._live)
+
+  def unfinished_requests(self) -> list[Request]:
+    """Every routed request the router has not returned, in routing order, with the seed
+    the router gave it: to route again after a replica's failure ended the router. Those a
+    replica of this process holds come as its :meth:`Engine.unfinished_requests` gives
+    them (``arrival_time=None`` once arrived); the others as they were routed: those of
+    other processes' replicas, and those a replica finished in the step that failed, whose
+    outputs that step never returned."""
+    held = {
+      r.request_id: r for e in self.replicas if e is not None for r in e.unfinished_requests()
+    }
+    return [held.get(rid, r) for rid, (_, _, r) in self._live.items()]
 
   def step(self) -> list[RequestOutput]:
     """One :meth:`Engine.step` of every replica here with unfinished requests; returns the

@@ -15,7 +15,14 @@ import pytest
 from flax import nnx
 
 from paxcache.allocator import PENDING_TOKEN
-from paxcache.engine import Engine, EngineConfig, Request, RequestError, sample_tokens
+from paxcache.engine import (
+  Engine,
+  EngineConfig,
+  Request,
+  RequestError,
+  SimulatedClock,
+  sample_tokens,
+)
 from paxcache.nn import TINY_CORPUS, Decoder, DecoderConfig, greedy_generate_no_cache, load_decoder
 
 PERIOD = ord(".")
@@ -722,6 +729,96 @@ def test_a_step_that_raises_stops_the_engine_instead_of_losing_requests(
     with pytest.raises(RuntimeError, match=r"a step raised \(ValueError\('device lost'\)\)"):
       again()
   assert len(calls) == 3
+
+
+def _fail_at(engine: Engine, where: str, n: int) -> None:
+  """Makes the engine's ``n``-th jitted call (``where="call"``) or ``n``-th read of a
+  step's tokens (``"read"``) raise ValueError("device lost")."""
+  calls = []
+  name = "_step_fn" if where == "call" else "_resolve"
+  inner = getattr(engine, name)
+
+  def fail(*args):
+    calls.append(1)
+    if len(calls) == n:
+      raise ValueError("device lost")
+    return inner(*args)
+
+  setattr(engine, name, fail)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+@pytest.mark.parametrize("where", ["call", "read"])
+def test_the_requests_a_failed_engine_had_not_returned_finish_on_a_new_one(
+  tiny, corpus, async_scheduling, where
+):
+  # Before Engine.unfinished_requests, the requests a failed step had not returned were
+  # lost with the engine. Given back (sampling ones with the seeds they sample with, the
+  # ones not yet arrived still to arrive), a new engine finishes each with the tokens the
+  # engine would have produced had it not failed, under preemption, forks and prefix hits.
+  requests = [
+    dataclasses.replace(r, temperature=0.9 if i % 2 else 0.0, seed=5 if i == 3 else None)
+    for i, r in enumerate(_mixed_requests(corpus)[:6])
+  ]
+  requests += [
+    dataclasses.replace(r, request_id=f"late{i}", temperature=0.7, arrival_time=50.0 + i)
+    for i, r in enumerate(_mixed_requests(corpus)[6:8])
+  ]
+
+  def engine():
+    return Engine(tiny, _pressure_config("swap", async_scheduling), clock=SimulatedClock())
+
+  reference, want, first = engine(), {}, None
+  for r in requests:
+    reference.add_request(r)
+  while reference.has_unfinished():
+    out = reference.step()
+    want.update((o.request_id, o) for o in out)
+    if out and first is None:
+      first = reference.metrics.steps  # the step that returned the first output
+  broken = engine()
+  _fail_at(broken, where, first + 2)  # some returned, the rest not
+  for r in requests:
+    broken.add_request(r)
+  got = {}
+  with pytest.raises(ValueError, match="device lost"):
+    for _ in range(40):
+      got.update((o.request_id, o) for o in broken.step())
+  again = broken.unfinished_requests()
+  assert got and again  # the failure came after some requests finished, before all did
+  assert {r.request_id for r in again} == {r.request_id for r in requests} - set(got)
+  assert [r.request_id for r in again][-2:] == ["late0", "late1"]  # still to arrive
+  assert all(r.seed is not None for r in again)
+  assert [r.arrival_time for r in again[-2:]] == [50.0, 51.0]
+  assert all(r.arrival_time is None for r in again[:-2])
+  # The failed engine itself still refuses to go on.
+  with pytest.raises(RuntimeError, match="unfinished_requests"):
+    broken.step()
+  fresh = engine()
+  got.update(fresh.run(again))
+  assert {k: v.samples for k, v in got.items()} == {k: v.samples for k, v in want.items()}
+  assert {k: v.finish_reasons for k, v in got.items()} == {
+    k: v.finish_reasons for k, v in want.items()
+  }
+
+
+def test_unfinished_requests_leaves_out_what_step_and_abort_returned(tiny, corpus):
+  engine = Engine(tiny, _pressure_config("swap", False), clock=SimulatedClock())
+  requests = _mixed_requests(corpus)[:4]
+  late = dataclasses.replace(requests[3], request_id="late", arrival_time=30.0)
+  for r in [*requests[:3], late]:
+    engine.add_request(r)
+  assert [r.request_id for r in engine.unfinished_requests()] == [0, 1, 2, "late"]
+  # Seeds: the arrival order for the arrived (0, 1, 2), then the next for the late one.
+  assert [r.seed for r in engine.unfinished_requests()] == [0, 1, 2, 3]
+  engine.abort(1)
+  engine.abort("late")
+  assert [r.request_id for r in engine.unfinished_requests()] == [0, 2]
+  done = set()
+  while engine.has_unfinished():
+    done |= {o.request_id for o in engine.step()}
+    assert {r.request_id for r in engine.unfinished_requests()} == {0, 2} - done
+  assert done == {0, 2} and engine.unfinished_requests() == []
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,29 @@ def test_an_idle_gap_longer_than_the_timeout_passes_as_several_boundaries():
   assert engine.allocator.num_used_blocks == 0
 
 
+def test_distributed_engine_gives_back_the_requests_not_yet_sent_too():
+  # Process 0 holds added requests in its outbox until a step boundary sends them: those
+  # are unfinished too (Engine.unfinished_requests), given the seeds they would derive.
+  from paxcache.engine import SimulatedClock
+  from paxcache.nn import load_decoder
+
+  config = mc.engine_config("swap", sh.make_mesh(1))
+  engine = DistributedEngine(load_decoder(), config, clock=SimulatedClock(), timeout_s=10.0)
+  first, second = mc.requests()[:2]
+  late = dataclasses.replace(second, arrival_time=30.0)
+  engine.add_request(first)
+  engine.add_request(late)
+  seeds = [(r.request_id, r.seed) for r in engine.unfinished_requests()]
+  assert seeds == [(first.request_id, 0), (late.request_id, 1)]
+  engine.step()  # the boundary sends the first; the late one stays in the outbox
+  again = engine.unfinished_requests()
+  assert [(r.request_id, r.seed) for r in again] == seeds
+  assert [r.arrival_time for r in again] == [None, 30.0]
+  while engine.has_unfinished():
+    engine.step()
+  assert engine.unfinished_requests() == []
+
+
 def test_distributed_engine_errors():
   from paxcache.nn import load_decoder
 

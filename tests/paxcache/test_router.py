@@ -409,9 +409,10 @@ def test_a_replica_whose_step_raises_ends_the_router():
     return execute(plan)
 
   failing._execute = fail
+  done = {}
   with pytest.raises(ValueError, match="device lost"):
     while router.has_unfinished():
-      router.step()
+      done.update((o.request_id, o) for o in router.step())
   assert len(calls) == 2
   # The failed replica's half-done step is never stepped on, and no other replica is
   # stepped or given a request either: their outputs would never be returned.
@@ -422,3 +423,13 @@ def test_a_replica_whose_step_raises_ends_the_router():
       again()
   assert len(calls) == 2
   assert (healthy.num_unfinished(), healthy.metrics.steps) == (unfinished, steps)
+  # What neither replica returned goes to a new router, which finishes it as the failed
+  # one would have: the outputs of a router that did not fail.
+  again = router.unfinished_requests()
+  assert done and again
+  # Replica 0 returned request 3 in the step replica 1 failed: the router never did.
+  assert 3 not in {r.request_id for r in healthy.unfinished_requests()}
+  assert {r.request_id for r in again} == {r.request_id for r in _hand_requests()} - set(done)
+  want = Router(_sim()).run(_hand_requests())
+  got = dict(done) | Router(_sim()).run(again)
+  assert {k: v.samples for k, v in got.items()} == {k: v.samples for k, v in want.items()}
