@@ -22,7 +22,6 @@ block ids stay global.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import heapq
@@ -37,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from paxcache import sharding
 from paxcache.distributed import KeyValueChannel
-from paxcache.engine._engine import SEED_LIMIT, Engine, EngineConfig, check_requests
+from paxcache.engine._engine import Engine, EngineConfig, check_requests, seeded
 from paxcache.engine._request import Request, RequestError, RequestOutput
 from paxcache.engine._scheduler import Plan
 from paxcache.nn import Decoder
@@ -144,10 +143,8 @@ class DistributedEngine(Engine):
     """:meth:`Engine.unfinished_requests`, then (on process 0) the requests added and not
     yet sent to the other processes, in the order they would be sent."""
     out = super().unfinished_requests()
-    for rank, (_, _, r) in enumerate(sorted(self._outbox)):
-      seed = (self._arrivals + rank) % SEED_LIMIT if r.seed is None else r.seed
-      out.append(dataclasses.replace(r, seed=seed))
-    return out
+    first = self._arrivals + len(self._pending)  # (no request waits there: they wait here)
+    return out + [seeded(r, first + i) for i, (_, _, r) in enumerate(sorted(self._outbox))]
 
   def num_unfinished(self) -> int:
     return super().num_unfinished() + len(self._outbox_ids)

@@ -66,6 +66,14 @@ class _InFlight:
   device_rows: np.ndarray | None = None
 
 
+def seeded(request: Request, arrival: int) -> Request:
+  """``request`` with the seed it samples with as the ``arrival``-th request to arrive:
+  its own, or (None) one derived from the arrival number."""
+  if request.seed is not None:
+    return request
+  return dataclasses.replace(request, seed=arrival % SEED_LIMIT)
+
+
 class _AfterFailedCall(Exception):
   """A call the dispatch thread did not run because an earlier one failed (its cause)."""
 
@@ -964,8 +972,8 @@ class Engine:
 
   def _enqueue(self, request: Request) -> None:
     arrival, self._arrivals = self._arrivals, self._arrivals + 1
-    seed = arrival % SEED_LIMIT if request.seed is None else request.seed
-    self._unreturned[request.request_id] = (arrival, dataclasses.replace(request, seed=seed))
+    request = seeded(request, arrival)
+    self._unreturned[request.request_id] = (arrival, request)
     seq = Seq(
       seq_id=(request.request_id, 0),
       index=0,
@@ -975,7 +983,7 @@ class Engine:
     group = Group(
       request=request,
       arrival=arrival,
-      seed=seed,
+      seed=request.seed,
       seqs=[seq],
       arrival_time=self.clock.now() if request.arrival_time is None else request.arrival_time,
     )
@@ -1155,9 +1163,7 @@ class Engine:
     arrived = sorted((a, r) for a, r in self._unreturned.values() if a is not None)
     out = [dataclasses.replace(r, arrival_time=None) for _, r in arrived]
     # (time, order, request): the order is unique, so requests are never compared.
-    for rank, (_, _, r) in enumerate(sorted(self._pending)):
-      seed = (self._arrivals + rank) % SEED_LIMIT if r.seed is None else r.seed
-      out.append(dataclasses.replace(r, seed=seed))
+    out += [seeded(r, self._arrivals + i) for i, (_, _, r) in enumerate(sorted(self._pending))]
     return out
 
   # ------------------------------------------------------------------ one iteration

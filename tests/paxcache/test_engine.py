@@ -679,6 +679,24 @@ def test_dispatch_thread_reports_a_failed_call_and_every_call_after_it(tiny, cor
   assert len(calls) == 3
 
 
+def _fail_at(engine: Engine, where: str, n: int) -> list:
+  """Makes the engine's ``n``-th jitted call (``where="call"``: a trace, compile or launch
+  error) or ``n``-th read of a step's tokens (``"read"``: an error the device reports after
+  the call) raise ValueError("device lost"); returns the list that counts the calls."""
+  calls = []
+  name = "_step_fn" if where == "call" else "_resolve"
+  inner = getattr(engine, name)
+
+  def fail(*args):
+    calls.append(1)
+    if len(calls) == n:
+      raise ValueError("device lost")
+    return inner(*args)
+
+  setattr(engine, name, fail)
+  return calls
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("where", ["call", "read"])
 def test_a_step_that_raises_stops_the_engine_instead_of_losing_requests(
@@ -688,27 +706,7 @@ def test_a_step_that_raises_stops_the_engine_instead_of_losing_requests(
   # requests vanished unreturned (its step's appends were made, its tokens never were);
   # the overlapped one failed every later step with "last token is still pending".
   engine = Engine(tiny, _pressure_config("swap", async_scheduling))
-  calls = []
-  if where == "call":  # the jitted call raises (a trace, compile or launch error)
-    step_fn = engine._step_fn
-
-    def fail(params, cache, batch, key, prev):
-      calls.append(1)
-      if len(calls) == 3:
-        raise ValueError("device lost")
-      return step_fn(params, cache, batch, key, prev)
-
-    engine._step_fn = fail
-  else:  # reading a step's tokens raises (an error the device reports after the call)
-    resolve = engine._resolve
-
-    def fail(step, finished):
-      calls.append(1)
-      if len(calls) == 3:
-        raise ValueError("device lost")
-      return resolve(step, finished)
-
-    engine._resolve = fail
+  calls = _fail_at(engine, where, 3)
   requests = _mixed_requests(corpus)[:2]
   for r in requests:
     engine.add_request(r)
@@ -729,22 +727,6 @@ def test_a_step_that_raises_stops_the_engine_instead_of_losing_requests(
     with pytest.raises(RuntimeError, match=r"a step raised \(ValueError\('device lost'\)\)"):
       again()
   assert len(calls) == 3
-
-
-def _fail_at(engine: Engine, where: str, n: int) -> None:
-  """Makes the engine's ``n``-th jitted call (``where="call"``) or ``n``-th read of a
-  step's tokens (``"read"``) raise ValueError("device lost")."""
-  calls = []
-  name = "_step_fn" if where == "call" else "_resolve"
-  inner = getattr(engine, name)
-
-  def fail(*args):
-    calls.append(1)
-    if len(calls) == n:
-      raise ValueError("device lost")
-    return inner(*args)
-
-  setattr(engine, name, fail)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
