@@ -46,6 +46,12 @@ def _is_int(value) -> bool:
   return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _names(seqs) -> str:
+  """``sequence 'a'`` or ``sequences 'a', 'b'``, for error messages."""
+  ids = ", ".join(repr(seq.seq_id) for seq in seqs)
+  return f"sequence{'s' if len(seqs) > 1 else ''} {ids}"
+
+
 def _expect(condition, what) -> None:
   if not condition:
     raise AssertionError(f"allocator invariant broken: {what}")
@@ -147,6 +153,14 @@ class AllocatorMetrics:
   num_swapped_in_blocks: int  # blocks copied host -> device (prefix-cache reuses not counted)
 
 
+class _SwapInPlan(NamedTuple):
+  """Where a swap-in puts each distinct host block of its sequences."""
+
+  fresh: dict[int, tuple[bytes | None, int]]  # to a new device block: (hash or None, fill)
+  reused: dict[int, int]  # to the prefix cache's device block of its hash
+  same_as: dict[int, int]  # to the new block of an earlier host block of the same hash
+
+
 class _Seq:
   """Python-side per-sequence state that does not vectorise (hash chain, host blocks)."""
 
@@ -220,8 +234,10 @@ class BlockAllocator:
     # cache stays empty: nothing is hashed, so nothing is registered or cached.
     self._cache = PrefixCache(self.num_blocks, self.block_size)
     self._pool = BlockPool(self.num_blocks, self._cache)
-    # Host blocks (each owned by exactly one swapped-out sequence).
+    # Host blocks, each held by the swapped-out sequences whose tables name it: one, or
+    # several when a group swapped out together shared it on the device (swap_out_group).
     self._host_free: collections.deque[int] = collections.deque(range(self.num_host_blocks))
+    self._host_ref = np.zeros(self.num_host_blocks, np.int32)
 
     # Per-sequence rows; grown by doubling.
     rows = 16
@@ -371,18 +387,22 @@ class BlockAllocator:
     return self.blocks_needed_to_append(seq_ids, num_tokens) <= self.num_free_blocks
 
   def blocks_needed_to_swap_in(self, seq_id: Hashable) -> int:
-    seq = self._get(seq_id)
-    if seq.host_blocks is None:
-      raise SequenceError(f"sequence {seq_id!r} is not swapped out")
-    reuse, reuse_cached = self._cache.match_each(seq.hashes)
-    return len(seq.host_blocks) - len(reuse) + reuse_cached
+    return self.blocks_needed_to_swap_in_group([seq_id])
+
+  def blocks_needed_to_swap_in_group(self, seq_ids: Sequence[Hashable]) -> int:
+    """Device blocks :meth:`swap_in_group` of ``seq_ids`` would take from the free pool."""
+    return self._blocks_to_take(self._plan_swap_in(self._swapped_group(seq_ids, "swap in")))
 
   def can_swap_in(self, seq_id: Hashable) -> bool:
     return self.blocks_needed_to_swap_in(seq_id) <= self.num_free_blocks
 
+  def host_blocks_needed_to_swap_out(self, seq_ids: Sequence[Hashable]) -> int:
+    """Host blocks :meth:`swap_out_group` of ``seq_ids`` takes: their distinct device blocks."""
+    rows = [seq.row for seq in self._resident_group(seq_ids, "swap out")]
+    return len(self._group_blocks(rows))
+
   def can_swap_out(self, seq_id: Hashable) -> bool:
-    seq = self._resident(seq_id, "swap out")
-    return int(self._nblk[seq.row]) <= len(self._host_free)
+    return self.host_blocks_needed_to_swap_out([seq_id]) <= len(self._host_free)
 
   def slots(self, seq_id: Hashable, start: int, stop: int) -> np.ndarray:
     """Slots of tokens ``start .. stop - 1`` of ``seq_id``: ``i32[stop - start]`` (for prefill)."""
@@ -791,7 +811,7 @@ class BlockAllocator:
     self._pending.discard(seq_id)  # its block is released unhashed
     self._npend[row] = 0
     if seq.host_blocks is not None:
-      self._host_free.extend(seq.host_blocks)
+      self._release_host(seq.host_blocks)
     else:
       self._release_blocks(row)
       self._resident_tokens -= int(self._ntok[row])
@@ -808,80 +828,102 @@ class BlockAllocator:
       self._forgotten.popitem(last=False)
 
   def swap_out(self, seq_id: Hashable) -> np.ndarray:
-    """Moves ``seq_id`` to host blocks; returns ``i32[num_seq_blocks, 2]`` (device, host) pairs.
+    """:meth:`swap_out_group` of one sequence."""
+    return self.swap_out_group([seq_id])
 
-    Every block is copied, shared ones included (the sequence then owns its host copies alone);
-    the device blocks lose this sequence's reference, exactly as in ``free``. The caller must
-    copy the pairs before any write of the same step, since the device blocks may be reused.
+  def swap_out_group(self, seq_ids: Sequence[Hashable]) -> np.ndarray:
+    """Moves the sequences to host blocks together; returns ``i32[n, 2]`` (device, host) pairs.
+
+    Each distinct device block of theirs is copied once, to one host block that every one of
+    them holding it then names (a fork's shared prompt stays one copy on the host, and
+    :meth:`swap_in_group` shares it again on the device); a block they share with a sequence
+    not in ``seq_ids`` is copied too. The device blocks lose these sequences' references,
+    exactly as in ``free``. The caller must copy the pairs before any write of the same step,
+    since the device blocks may be reused.
     """
-    seq = self._resident(seq_id, "swap out")
-    if seq_id in self._pending:
-      raise SequenceError(f"cannot swap out sequence {seq_id!r}: its last token is still pending")
-    row = seq.row
-    nb = int(self._nblk[row])
+    seqs = self._resident_group(seq_ids, "swap out")
+    for seq in seqs:
+      if seq.seq_id in self._pending:
+        raise SequenceError(
+          f"cannot swap out sequence {seq.seq_id!r}: its last token is still pending"
+        )
+    what = _names(seqs)
+    blocks = self._group_blocks([seq.row for seq in seqs])
+    nb = len(blocks)
     if nb and self.num_host_blocks == 0:
       raise OutOfBlocksError(
-        f"cannot swap out sequence {seq_id!r}: this allocator has no host pool (num_host_blocks=0)",
+        f"cannot swap out {what}: this allocator has no host pool (num_host_blocks=0)",
         pool="host",
         needed=nb,
         available=0,
       )
     if nb > len(self._host_free):
       raise OutOfBlocksError(
-        f"swap out sequence {seq_id!r}: needs {nb} host blocks, {len(self._host_free)} free of "
+        f"swap out {what}: needs {nb} host blocks, {len(self._host_free)} free of "
         f"{self.num_host_blocks}",
         pool="host",
         needed=nb,
         available=len(self._host_free),
       )
     host = [self._host_free.popleft() for _ in range(nb)]
-    pairs = np.empty((nb, 2), np.int32)
-    pairs[:, 0] = self._table[row, :nb]
-    pairs[:, 1] = host
-    self._release_blocks(row)
-    seq.host_blocks = host
-    self._swapped[row] = True
+    host_of = dict(zip(blocks, host, strict=True))
+    for seq in seqs:
+      row = seq.row
+      seq.host_blocks = [host_of[b] for b in self._table[row, : self._nblk[row]].tolist()]
+      self._host_ref[seq.host_blocks] += 1
+      self._release_blocks(row)
+      self._swapped[row] = True
+      self._resident_tokens -= int(self._ntok[row])
+      self._num_resident -= 1
     self._epoch += 1
-    self._resident_tokens -= int(self._ntok[row])
-    self._num_resident -= 1
     self._num_swapped_out_blocks += nb
-    return pairs
+    return np.array([blocks, host], np.int32).T.reshape(-1, 2)
 
   def swap_in(self, seq_id: Hashable) -> np.ndarray:
-    """Brings ``seq_id`` back to device; returns ``i32[num_copies, 2]`` (host, device) pairs.
+    """:meth:`swap_in_group` of one sequence."""
+    return self.swap_in_group([seq_id])
 
-    Full blocks whose hash is still in the prefix cache are reused without a copy; the others
-    get fresh device blocks. The sequence's host blocks are freed.
+  def swap_in_group(self, seq_ids: Sequence[Hashable]) -> np.ndarray:
+    """Brings the sequences back to device; returns ``i32[n, 2]`` (host, device) pairs.
+
+    A host block several of them name comes back as one device block they share. Full
+    blocks whose hash is still in the prefix cache are reused without a copy; the others get
+    fresh device blocks (one per hash: two host copies of the same tokens come back as one).
+    The sequences' references on their host blocks are dropped (a host block is freed when
+    no swapped-out sequence names it).
     """
-    seq = self._get(seq_id, "swap in")
-    if seq.host_blocks is None:
-      raise SequenceError(f"cannot swap in sequence {seq_id!r}: it is not swapped out")
-    reuse, reuse_cached = self._cache.match_each(seq.hashes)
-    nb = len(seq.host_blocks)
-    self._require(nb - len(reuse) + reuse_cached, f"swap in sequence {seq_id!r} ({nb} blocks)")
-    row = seq.row
-    n = int(self._ntok[row])
-    bs = self.block_size
-    # Take the reused blocks first, so that taking fresh ones cannot evict them.
+    seqs = self._swapped_group(seq_ids, "swap in")
+    plan = self._plan_swap_in(seqs)
+    held = sum(len(seq.host_blocks) for seq in seqs)
+    self._require(self._blocks_to_take(plan), f"swap in {_names(seqs)} ({held} blocks)")
     pool = self._pool
-    for b in reuse.values():
+    # Take the reused blocks first, so that taking fresh ones cannot evict them.
+    dev_of = dict(plan.reused)
+    for b in set(plan.reused.values()):
       pool.acquire(b)
     pairs = []
-    for j, hb in enumerate(seq.host_blocks):
-      b = reuse.get(j)
-      if b is None:
-        b = pool.take()
-        pool.set_fill(b, min(bs, n - j * bs))
-        if j < len(seq.hashes):
-          self._cache.register(seq.hashes[j], b)
-        pairs.append((hb, b))
-      self._table[row, j] = b
-    self._host_free.extend(seq.host_blocks)
-    seq.host_blocks = None
-    self._swapped[row] = False
+    for hb, (key, fill) in plan.fresh.items():
+      b = pool.take()
+      pool.set_fill(b, fill)
+      if key is not None:
+        self._cache.register(key, b)
+      dev_of[hb] = b
+      pairs.append((hb, b))
+    for hb, first in plan.same_as.items():
+      dev_of[hb] = dev_of[first]
+    # One reference per table entry: acquire and take gave each distinct block one.
+    refs = collections.Counter(dev_of[hb] for seq in seqs for hb in seq.host_blocks)
+    for b, count in refs.items():
+      pool.ref[b] += count - 1
+    for seq in seqs:
+      row = seq.row
+      self._table[row, : len(seq.host_blocks)] = [dev_of[hb] for hb in seq.host_blocks]
+      self._release_host(seq.host_blocks)
+      seq.host_blocks = None
+      self._swapped[row] = False
+      self._resident_tokens += int(self._ntok[row])
+      self._num_resident += 1
     self._epoch += 1
-    self._resident_tokens += n
-    self._num_resident += 1
     self._num_swapped_in_blocks += len(pairs)
     return np.array(pairs, np.int32).reshape(-1, 2)
 
@@ -912,6 +954,7 @@ class BlockAllocator:
         _expect(self._swapped[row], f"{what}: has host blocks but is not marked swapped")
         _expect(len(seq.host_blocks) == nb, f"{what}: {len(seq.host_blocks)} host blocks != {nb}")
         _expect((self._table[row] == INVALID_BLOCK).all(), f"{what}: swapped but has a table")
+        _expect(len(set(seq.host_blocks)) == nb, f"{what}: a host block twice in {seq.host_blocks}")
         host_owned += seq.host_blocks
         continue
       _expect(not self._swapped[row], f"{what}: marked swapped without host blocks")
@@ -924,12 +967,15 @@ class BlockAllocator:
     # Reference counts, fill, free / cached / used, and the prefix cache's own consistency.
     self._pool.check_invariants(owners)
     _expect(tokens == self._resident_tokens, f"token total {self._resident_tokens} != {tokens}")
+    host_refs = np.bincount(np.array(host_owned, np.int64), minlength=self.num_host_blocks)
+    bad = np.flatnonzero(host_refs != self._host_ref)
+    _expect(not bad.size, f"host blocks {bad.tolist()}: reference counts disagree with tables")
     host_set, host_free = set(host_owned), set(self._host_free)
-    _expect(len(host_set) == len(host_owned), "a host block is owned twice")
+    _expect(len(host_free) == len(self._host_free), "a host block is free twice")
     _expect(
       not (host_set & host_free), f"host blocks owned and free: {sorted(host_set & host_free)}"
     )
-    host_leaked = self.num_host_blocks - len(host_owned) - len(self._host_free)
+    host_leaked = self.num_host_blocks - len(host_set) - len(self._host_free)
     _expect(host_leaked == 0, f"{host_leaked} host blocks are neither owned nor free")
 
   # ------------------------------------------------------------------ internals
@@ -979,6 +1025,62 @@ class BlockAllocator:
     if seq.host_blocks is not None:
       raise SequenceError(f"cannot {action} sequence {seq_id!r}: it is swapped out to host")
     return seq
+
+  def _resident_group(self, seq_ids: Sequence[Hashable], action: str) -> list[_Seq]:
+    return [self._resident(s, action) for s in self._distinct(seq_ids, action)]
+
+  def _swapped_group(self, seq_ids: Sequence[Hashable], action: str) -> list[_Seq]:
+    seqs = [self._get(s, action) for s in self._distinct(seq_ids, action)]
+    for seq in seqs:
+      if seq.host_blocks is None:
+        raise SequenceError(f"cannot {action} sequence {seq.seq_id!r}: it is not swapped out")
+    return seqs
+
+  @staticmethod
+  def _distinct(seq_ids: Sequence[Hashable], action: str) -> list[Hashable]:
+    ids = list(seq_ids)
+    dup = [s for s, c in collections.Counter(ids).items() if c > 1]
+    if dup:
+      raise SequenceError(f"cannot {action} sequences: ids repeated in the group: {dup!r}")
+    return ids
+
+  def _group_blocks(self, rows: Sequence[int]) -> list[int]:
+    """The distinct device blocks of ``rows``, in order of first appearance."""
+    return list(dict.fromkeys(b for r in rows for b in self._table[r, : self._nblk[r]].tolist()))
+
+  def _plan_swap_in(self, seqs: list[_Seq]) -> _SwapInPlan:
+    """Where each distinct host block of swapped-out ``seqs`` goes on the device."""
+    get = self._cache.get
+    plan = _SwapInPlan({}, {}, {})
+    fresh_of_key: dict[bytes, int] = {}
+    for seq in seqs:
+      n = int(self._ntok[seq.row])
+      for j, hb in enumerate(seq.host_blocks):
+        if hb in plan.fresh or hb in plan.reused or hb in plan.same_as:
+          continue
+        key = seq.hashes[j] if j < len(seq.hashes) else None
+        if key is not None:
+          b = get(key)
+          if b is not None:
+            plan.reused[hb] = b
+            continue
+          if key in fresh_of_key:
+            plan.same_as[hb] = fresh_of_key[key]
+            continue
+          fresh_of_key[key] = hb
+        plan.fresh[hb] = (key, min(self.block_size, n - j * self.block_size))
+    return plan
+
+  def _blocks_to_take(self, plan: _SwapInPlan) -> int:
+    """Blocks a swap-in takes from the available ones: fresh blocks, and reused cache
+    entries that are parked (acquiring them takes them out of the evictable pool)."""
+    return len(plan.fresh) + sum(map(self._cache.is_cached, set(plan.reused.values())))
+
+  def _release_host(self, blocks: list[int]) -> None:
+    """Drops one reference on each host block; those no sequence names any more are freed."""
+    ref = self._host_ref
+    ref[blocks] -= 1
+    self._host_free.extend(b for b in blocks if ref[b] == 0)
 
   def _rows(self, seq_ids: Sequence[Hashable], action: str) -> np.ndarray:
     """Rows of distinct resident ``seq_ids`` as ``intp[k]`` (read-only); raises naming the

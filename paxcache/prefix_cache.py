@@ -197,13 +197,6 @@ class PrefixCache:
       blocks.append(b)
     return blocks, sum(b in self._lru for b in blocks)
 
-  def match_each(self, keys: Sequence[bytes]) -> tuple[dict[int, int], int]:
-    """``{j: block}`` for every registered ``keys[j]`` (not only a leading run), and how many
-    of those blocks are parked."""
-    get = self._block_of_hash.get
-    found = {j: b for j, key in enumerate(keys) if (b := get(key)) is not None}
-    return found, sum(b in self._lru for b in found.values())
-
   # ------------------------------------------------------------------ updates
 
   def register_all(self, keys: Iterable[bytes], blocks: Iterable[int]) -> None:

@@ -932,8 +932,8 @@ class Engine:
   # ------------------------------------------------------------------ requests
 
   def blocks_needed(self, request: Request) -> int:
-    """Device blocks a request may need at once, assuming no sharing (a preempted group
-    can lose its sharing): ``n * ceil((len(prompt) + max_new_tokens) / block_size)``, with
+    """Device blocks a request may need at once, assuming no sharing (a group preempted by
+    recomputation loses it): ``n * ceil((len(prompt) + max_new_tokens) / block_size)``, with
     ``beam_width`` in place of ``n`` for beam search."""
     per_seq = -(-(len(request.prompt) + request.max_new_tokens) // self.config.block_size)
     return max(request.n, request.beam_width) * per_seq

@@ -283,14 +283,14 @@ class Scheduler:
       live = g.live
       if self.num_resident_seqs() + len(live) + g.reserve > self.max_num_seqs:
         break
-      need = sum(alloc.blocks_needed_to_swap_in(s.seq_id) for s in live)
+      ids = [s.seq_id for s in live]
+      need = alloc.blocks_needed_to_swap_in_group(ids)
       # +1 per sequence: its next token may need a block (or a copy-on-write copy).
       if need + len(live) + need_total > alloc.num_free_blocks or not self._reserve(g):
         break
       self.swapped.popleft()
       replanned = True
-      for s in live:
-        plan.swap_in.append(alloc.swap_in(s.seq_id))
+      plan.swap_in.append(alloc.swap_in_group(ids))
       g.status = Status.RUNNING
       self.running.append(g)
       self.running.sort(key=lambda x: x.arrival)
@@ -430,15 +430,15 @@ class Scheduler:
     freed_budget = sum(chunks.pop(s, 0) for s in live)
     self.running.remove(g)
     self._release(g)
-    host_need = sum(alloc.sequence(s.seq_id).num_blocks for s in live)
-    # Swapped out, each sample owns copies of the blocks a fork shared (swap_out copies
-    # every block), so it comes back needing host_need blocks and one more per sequence
-    # (step 3); a group for which the whole pool is too small for that is recomputed
-    # instead, or it would wait in `swapped` forever.
+    ids = [s.seq_id for s in live]
+    # The group swaps out together, each block its samples share copied once (and shared
+    # again when it swaps in), so it comes back needing at most host_need blocks and one
+    # more per sequence (step 3); a group for which the whole pool is too small for that is
+    # recomputed instead, or it would wait in `swapped` forever.
+    host_need = alloc.host_blocks_needed_to_swap_out(ids)
     can_return = host_need + len(live) <= alloc.num_blocks
     if self.preemption_mode == "swap" and host_need <= alloc.num_free_host_blocks and can_return:
-      for s in live:
-        plan.swap_out.append(alloc.swap_out(s.seq_id))
+      plan.swap_out.append(alloc.swap_out_group(ids))
       g.status = Status.SWAPPED
       _insert_by_arrival(self.swapped, g)
       plan.preemptions_swap += 1

@@ -255,6 +255,123 @@ def test_swap_without_prefix_caching_copies_every_block_back():
   assert a.swap_in("a").tolist() == [[0, 2], [1, 3]]
 
 
+def _forked_three(num_host_blocks):
+  """a, b, c forked from one 6-token prompt (blocks of 4); c has written one own token.
+
+  a, b: blocks [0, 1] (1 partly filled, shared); c: [0, 2] (its copy of block 1)."""
+  a = BlockAllocator(8, 4, num_host_blocks=num_host_blocks, enable_prefix_caching=False)
+  a.add_sequence("a", [1, 2, 3, 4, 5, 6])
+  a.fork("a", "b")
+  a.fork("a", "c")
+  assert a.append_tokens("c", [7]).cow == (1, 2)
+  return a
+
+
+def test_a_group_swaps_out_and_in_with_its_blocks_shared():
+  # Three host blocks where swapping each sequence alone takes six (and the pool of three
+  # would be out of blocks at the second); the sharing comes back on the device.
+  a = _forked_three(num_host_blocks=3)
+  assert [a.host_blocks_needed_to_swap_out([s]) for s in "abc"] == [2, 2, 2]
+  assert a.host_blocks_needed_to_swap_out(["a", "b", "c"]) == 3
+  pairs = a.swap_out_group(["a", "b", "c"])
+  assert pairs.tolist() == [[0, 0], [1, 1], [2, 2]]  # (device, host), each block once
+  assert [a.sequence(s).host_block_ids.tolist() for s in "abc"] == [[0, 1], [0, 1], [0, 2]]
+  m = a.metrics()
+  assert (m.num_host_used_blocks, m.num_swapped_sequences, m.num_swapped_out_blocks) == (3, 3, 3)
+  assert a.num_free_blocks == 8 and [a.ref_count(b) for b in range(3)] == [0, 0, 0]
+  a.check_invariants()
+  # Released last block first, row by row: 1 and 2 reach 0 before 0 does.
+  # Free list [3, 4, 5, 6, 7, 1, 2, 0]: one fresh block per host block.
+  assert a.blocks_needed_to_swap_in_group(["a", "b", "c"]) == 3
+  assert a.swap_in_group(["a", "b", "c"]).tolist() == [[0, 3], [1, 4], [2, 5]]
+  assert [a.sequence(s).block_ids.tolist() for s in "abc"] == [[3, 4], [3, 4], [3, 5]]
+  assert [a.ref_count(b) for b in (3, 4, 5)] == [3, 2, 1]
+  assert a.metrics().num_host_free_blocks == 3 and a.metrics().num_swapped_in_blocks == 3
+  # b's next token copies the block it shares with a again, as before the swap.
+  assert a.append_tokens("b", [8]).cow == (4, 6)
+  a.check_invariants()
+
+
+def test_a_host_block_named_by_several_sequences_is_freed_with_the_last():
+  a = _forked_three(num_host_blocks=8)
+  a.swap_out_group(["a", "b", "c"])
+  a.free("a")
+  assert a.num_free_host_blocks == 5  # b and c still name host blocks 0, 1, 2
+  a.free("b")
+  assert a.num_free_host_blocks == 6  # host block 1 had only a and b
+  a.check_invariants()
+  # c alone: its own copy of every block; host blocks 0 and 2 go with it.
+  assert a.swap_in("c").tolist() == [[0, 3], [2, 4]]
+  assert a.sequence("c").block_ids.tolist() == [3, 4] and a.num_free_host_blocks == 8
+  a.check_invariants()
+
+
+def test_a_group_swap_in_shares_blocks_of_one_hash_that_came_from_two():
+  # a and b write the same two tokens into blocks of their own (the second registration of
+  # the key is ignored); once the cache has evicted both, a swap-in of the pair brings the
+  # two host copies back as one device block.
+  a = BlockAllocator(6, 2, num_host_blocks=6)
+  a.add_sequence("a", [1, 2])  # block 0, full
+  a.fork("a", "b")
+  a.append_tokens("a", [3, 4])  # block 1
+  a.append_tokens("b", [3, 4])  # block 2, same key as block 1
+  assert a.swap_out_group(["a", "b"]).tolist() == [[0, 0], [1, 1], [2, 2]]
+  a.add_sequence("x", [9] * 12)  # every block, evicting 1 and 0: the keys are gone
+  a.free("x")
+  assert a.num_cached_tokens([1, 2, 3, 4, 5]) == 0
+  assert a.blocks_needed_to_swap_in_group(["a", "b"]) == 2
+  pairs = a.swap_in_group(["a", "b"])
+  assert pairs[:, 0].tolist() == [0, 1]  # host block 2 is host block 1's tokens: no copy
+  assert a.sequence("a").block_ids.tolist() == a.sequence("b").block_ids.tolist()
+  assert a.sequence("a").block_ids.tolist() == pairs[:, 1].tolist()
+  assert [a.ref_count(int(b)) for b in pairs[:, 1]] == [2, 2]
+  assert a.metrics().num_host_free_blocks == 6
+  a.check_invariants()
+
+
+@pytest.mark.parametrize(
+  "call,error,match",
+  [
+    (lambda a: a.swap_out_group(["a", "a"]), SequenceError, r"repeated in the group: \['a'\]"),
+    (lambda a: a.swap_out_group(["a", "nope"]), SequenceError, "'nope'.*unknown"),
+    (
+      lambda a: a.swap_out_group(["a", "b", "c"]),
+      OutOfBlocksError,
+      r"swap out sequences 'a', 'b', 'c': needs 3 host blocks, 2 free",
+    ),
+    (lambda a: a.swap_in_group(["a", "b"]), SequenceError, "'a'.*not swapped out"),
+    (lambda a: a.blocks_needed_to_swap_in_group(["b"]), SequenceError, "'b'.*not swapped out"),
+    (lambda a: a.host_blocks_needed_to_swap_out(["b", "b"]), SequenceError, "repeated"),
+  ],
+)
+def test_group_swap_errors_leave_everything_unchanged(call, error, match):
+  a = _forked_three(num_host_blocks=2)
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(error, match=match):
+    call(a)
+  _same_state(before, vars(a))
+  a.check_invariants()
+
+
+def test_a_group_swap_in_out_of_device_blocks_leaves_everything_unchanged():
+  a = _forked_three(num_host_blocks=8)
+  a.swap_out_group(["a", "b", "c"])
+  a.add_sequence("x", list(range(100, 124)))  # 6 of the 8 blocks
+  assert a.blocks_needed_to_swap_in_group(["a", "b", "c"]) == 3 > a.num_free_blocks
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(OutOfBlocksError, match=r"swap in sequences 'a', 'b', 'c' \(6 blocks\)"):
+    a.swap_in_group(["a", "b", "c"])
+  _same_state(before, vars(a))
+  # One pending token in the group: nothing of the group moves.
+  a.free("x")
+  a.swap_in_group(["a", "b", "c"])
+  a.append_batch(["a"], [allocator_lib.PENDING_TOKEN])
+  before = copy.deepcopy(vars(a))
+  with pytest.raises(SequenceError, match="'a'.*still pending"):
+    a.swap_out_group(["b", "c", "a"])
+  _same_state(before, vars(a))
+
+
 def test_freeing_a_swapped_sequence_frees_its_host_blocks():
   a = BlockAllocator(4, 2, num_host_blocks=2)
   a.add_sequence("a", [1, 2, 3])

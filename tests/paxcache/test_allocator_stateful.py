@@ -246,6 +246,54 @@ class AllocatorMachine(RuleBasedStateMachine):
       self.dev[d] = self.host[h]
     self.swapped.discard(sid)
 
+  @precondition(lambda self: self.resident())
+  @rule(data=st.data())
+  def swap_out_group(self, data):
+    sids = data.draw(st.lists(st.sampled_from(self.resident()), min_size=1, unique=True))
+    views = [self.alloc.sequence(s) for s in sids]
+    distinct = {b for v in views for b in v.block_ids.tolist()}
+    assert self.alloc.host_blocks_needed_to_swap_out(sids) == len(distinct)
+    if len(distinct) > self.alloc.num_free_host_blocks:
+      self.expect_error(OutOfBlocksError, self.alloc.swap_out_group, sids)
+      return
+    free_host = self.alloc.num_free_host_blocks
+    pairs = self.alloc.swap_out_group(sids)
+    # Each distinct block copied once, to its own host block.
+    assert sorted(pairs[:, 0].tolist()) == sorted(distinct)
+    assert len(set(pairs[:, 1].tolist())) == len(pairs)
+    assert self.alloc.num_free_host_blocks == free_host - len(distinct)
+    for d, h in pairs.tolist():
+      self.host[h] = self.dev[d]
+    host_of = dict(pairs.tolist())
+    for s, v in zip(sids, views, strict=True):
+      want = [host_of[b] for b in v.block_ids.tolist()]
+      assert self.alloc.sequence(s).host_block_ids.tolist() == want
+    self.swapped.update(sids)
+
+  @precondition(lambda self: self.swapped)
+  @rule(data=st.data())
+  def swap_in_group(self, data):
+    sids = data.draw(st.lists(st.sampled_from(sorted(self.swapped)), min_size=1, unique=True))
+    views = [self.alloc.sequence(s) for s in sids]
+    needed = self.alloc.blocks_needed_to_swap_in_group(sids)
+    if needed > self.alloc.num_free_blocks:
+      self.expect_error(OutOfBlocksError, self.alloc.swap_in_group, sids)
+      return
+    free_before = self.alloc.num_free_blocks
+    pairs = self.alloc.swap_in_group(sids)
+    assert self.alloc.num_free_blocks == free_before - needed
+    named = {h for v in views for h in v.host_block_ids.tolist()}
+    assert set(pairs[:, 0].tolist()) <= named and len(set(pairs[:, 1].tolist())) == len(pairs)
+    for h, d in pairs.tolist():
+      self.dev[d] = self.host[h]
+    # A host block several of them named is one device block again.
+    dev_of = {}
+    for s, v in zip(sids, views, strict=True):
+      got = self.alloc.sequence(s).block_ids.tolist()
+      for h, d in zip(v.host_block_ids.tolist(), got, strict=True):
+        assert dev_of.setdefault(h, d) == d, (s, h, d, dev_of[h])
+    self.swapped.difference_update(sids)
+
   @rule(data=st.data())
   def misuse(self, data):
     """Every misuse raises SequenceError naming the sequence and changes nothing."""
@@ -291,6 +339,7 @@ class AllocatorMachine(RuleBasedStateMachine):
       assert view.swapped == (sid in self.swapped)
       if view.swapped:
         assert view.block_ids.size == 0 and view.host_block_ids.size == view.num_blocks
+        assert len(set(view.host_block_ids.tolist())) == view.num_blocks
         host_used += view.host_block_ids.tolist()
         got = self.host[view.host_block_ids].reshape(-1)[:n]
       else:
@@ -307,7 +356,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     for b in range(a.num_blocks):
       assert a.ref_count(b) == owners[b], (b, a.ref_count(b), owners[b])
     assert m.num_used_blocks == np.count_nonzero(owners)
-    assert len(host_used) == len(set(host_used)) == m.num_host_used_blocks
+    # A host block may be named by several sequences (a group swapped out together).
+    assert len(set(host_used)) == m.num_host_used_blocks
     assert m.num_sequences == len(self.tokens) - len(self.swapped)
     assert m.num_tokens == total_tokens
     filled = sum(fill.values())

@@ -153,7 +153,8 @@ def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
     assert m.preemptions_recompute > 0 and m.preemptions_swap == 0 and m.swapped_out_blocks == 0
   assert m.prefix_hit_tokens >= 3 * 48  # the three later sharers hit the 6 shared blocks
   # A fork's samples share a partly filled last prompt block: all but the last writer copy it
-  # (no copy when the prompt ends on a block boundary; a preempted fork may lose its sharing).
+  # (no copy when the prompt ends on a block boundary; a fork recomputed after preemption
+  # loses its sharing).
   max_copies = sum(r.n - 1 for r in reqs if len(r.prompt) % config.block_size)
   assert 0 < m.cow_copies <= max_copies
   assert m.max_blocks_used <= config.num_blocks
@@ -174,6 +175,49 @@ def test_greedy_parity_with_no_cache_under_preemption_prefix_hits_and_forks(
     f"recompute preemptions, {m.prefix_hit_tokens} prefix-hit tokens, {m.cow_copies} copies, "
     f"{m.compiled_shapes} shapes"
   )
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_forked_group_swaps_its_shared_blocks_once(tiny, corpus, async_scheduling):
+  """Four sampled samples of one 30-token prompt (blocks of 8: three full, shared, and a
+  partly filled one each sample copies), preempted by a request that arrived before them.
+  The group swaps out each of its distinct blocks once, so a host pool smaller than its
+  samples' blocks counted one by one still takes it (such a group used to be recomputed),
+  and it comes back sharing its prompt. The outputs are those of a pool large enough that
+  nothing is preempted (a sample's tokens depend on its seed and positions only)."""
+  first = Request("first", list(corpus[0:60]), max_new_tokens=70)
+  group = Request("group", list(corpus[300:330]), max_new_tokens=30, n=4, temperature=1.0, seed=3)
+  config = EngineConfig(
+    num_blocks=32,
+    block_size=8,
+    num_host_blocks=22,
+    max_num_seqs=8,
+    max_num_batched_tokens=64,
+    check_invariants=True,
+    async_scheduling=async_scheduling,
+  )
+  roomy = Engine(tiny, dataclasses.replace(config, num_blocks=200)).run([first, group])
+  engine = Engine(tiny, config)
+  calls = []
+  swap_out_group = engine.allocator.swap_out_group
+
+  def spy(seq_ids):
+    blocks = [engine.allocator.sequence(s).block_ids.tolist() for s in seq_ids]
+    pairs = swap_out_group(seq_ids)
+    calls.append((sum(map(len, blocks)), len({b for bs in blocks for b in bs}), len(pairs)))
+    return pairs
+
+  engine.allocator.swap_out_group = spy
+  outs = engine.run([first, group])
+  m = engine.metrics
+  assert m.preemptions_swap > 0 and m.preemptions_recompute == 0
+  # Some swap-out of the group moved fewer blocks than its samples hold one by one, and more
+  # than the host pool could have taken that way.
+  assert any(moved == distinct < held for held, distinct, moved in calls), calls
+  assert any(held > config.num_host_blocks for held, _, _ in calls), calls
+  assert {k: o.samples for k, o in outs.items()} == {k: o.samples for k, o in roomy.items()}
+  assert len(set(map(tuple, outs["group"].samples))) == 4  # the samples differ
+  assert engine.allocator.num_free_host_blocks == config.num_host_blocks
 
 
 def test_seed_scenario_100_requests_share_a_5000_token_system_prompt():

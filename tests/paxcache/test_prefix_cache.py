@@ -76,8 +76,6 @@ def test_match_prefix_stops_at_the_first_miss_and_counts_cached_hits():
   # Block 3 loses its last reference: still a hit, now one taken out of the evictable pool.
   assert cache.park(3)
   assert cache.match_prefix([K12, K12_34]) == ([5, 3], 1)
-  # match_each finds every registered key, not only a leading run.
-  assert cache.match_each([K34, K12_34, k_miss]) == ({1: 3}, 1)
   cache.check_invariants()
 
 
