@@ -801,7 +801,7 @@ class BlockAllocator:
     self._resident_tokens += int(self._ntok[prow])
 
   def free(self, seq_id: Hashable) -> None:
-    """Frees ``seq_id``: its device blocks lose a reference (or its host blocks are freed).
+    """Frees ``seq_id``: its device blocks (or, swapped out, its host blocks) lose a reference.
 
     Blocks whose count drops to 0 become cached if they hold a prefix-cache block, else free.
     They are released last block first, so the tail of a sequence is evicted before its head.
@@ -894,8 +894,8 @@ class BlockAllocator:
     """
     seqs = self._swapped_group(seq_ids, "swap in")
     plan = self._plan_swap_in(seqs)
-    held = sum(len(seq.host_blocks) for seq in seqs)
-    self._require(self._blocks_to_take(plan), f"swap in {_names(seqs)} ({held} blocks)")
+    held = len({hb for seq in seqs for hb in seq.host_blocks})
+    self._require(self._blocks_to_take(plan), f"swap in {_names(seqs)} ({held} host blocks)")
     pool = self._pool
     # Take the reused blocks first, so that taking fresh ones cannot evict them.
     dev_of = dict(plan.reused)

@@ -359,7 +359,7 @@ def test_a_group_swap_in_out_of_device_blocks_leaves_everything_unchanged():
   a.add_sequence("x", list(range(100, 124)))  # 6 of the 8 blocks
   assert a.blocks_needed_to_swap_in_group(["a", "b", "c"]) == 3 > a.num_free_blocks
   before = copy.deepcopy(vars(a))
-  with pytest.raises(OutOfBlocksError, match=r"swap in sequences 'a', 'b', 'c' \(6 blocks\)"):
+  with pytest.raises(OutOfBlocksError, match=r"swap in sequences 'a', 'b', 'c' \(3 host blocks\)"):
     a.swap_in_group(["a", "b", "c"])
   _same_state(before, vars(a))
   # One pending token in the group: nothing of the group moves.

@@ -187,6 +187,8 @@ def test_beam_search_under_preemption_gives_the_roomy_pool_outputs(tiny, mode, m
   outs = tight.run(reqs)
   m = tight.metrics
   assert m.preemptions_swap + m.preemptions_recompute > 0
+  if mode == "swap":  # the beams swap out and in as one group, their shared blocks once
+    assert m.preemptions_swap > 0 and m.swapped_in_blocks > 0
   if mode == "recompute":
     assert m.preemptions_recompute > 0 and waits
   # Scores: sums of 16 float32 log-probabilities, computed in another order in the tight

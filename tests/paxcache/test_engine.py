@@ -191,6 +191,9 @@ def test_a_forked_group_swaps_its_shared_blocks_once(tiny, corpus, async_schedul
     num_blocks=32,
     block_size=8,
     num_host_blocks=22,
+    # Off, so that a swap-in copies every block back and shares only what the group did
+    # (with it, cached full blocks come back without a copy, shared or not).
+    enable_prefix_caching=False,
     max_num_seqs=8,
     max_num_batched_tokens=64,
     check_invariants=True,
@@ -207,7 +210,19 @@ def test_a_forked_group_swaps_its_shared_blocks_once(tiny, corpus, async_schedul
     calls.append((sum(map(len, blocks)), len({b for bs in blocks for b in bs}), len(pairs)))
     return pairs
 
+  swap_in_group = engine.allocator.swap_in_group
+  back = []
+
+  def spy_in(seq_ids):
+    host = [engine.allocator.sequence(s).host_block_ids.tolist() for s in seq_ids]
+    pairs = swap_in_group(seq_ids)
+    dev = [engine.allocator.sequence(s).block_ids.tolist() for s in seq_ids]
+    distinct = (len({b for h in host for b in h}), len({b for d in dev for b in d}))
+    back.append((sum(map(len, host)), *distinct, len(pairs)))
+    return pairs
+
   engine.allocator.swap_out_group = spy
+  engine.allocator.swap_in_group = spy_in
   outs = engine.run([first, group])
   m = engine.metrics
   assert m.preemptions_swap > 0 and m.preemptions_recompute == 0
@@ -215,6 +230,8 @@ def test_a_forked_group_swaps_its_shared_blocks_once(tiny, corpus, async_schedul
   # than the host pool could have taken that way.
   assert any(moved == distinct < held for held, distinct, moved in calls), calls
   assert any(held > config.num_host_blocks for held, _, _ in calls), calls
+  # ... and came back as many device blocks as host blocks (shared again), each copied once.
+  assert back and all(host == dev == moved < held for held, host, dev, moved in back), back
   assert {k: o.samples for k, o in outs.items()} == {k: o.samples for k, o in roomy.items()}
   assert len(set(map(tuple, outs["group"].samples))) == 4  # the samples differ
   assert engine.allocator.num_free_host_blocks == config.num_host_blocks
