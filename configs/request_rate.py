@@ -17,6 +17,8 @@ Other variants (``--config=configs/request_rate.py:<name>``; a few minutes each 
 * ``file``: a ShareGPT-format JSON file, ``--config.workloads='("path/to/file.json",)'``.
 * ``fig18``: block sizes 1-256 at a fixed rate (Alpaca-like at 65 req/s, near paged's
   limit here as the paper's 30.1 req/s was there).
+* ``fig14``: parallel sampling, 2, 4 and 6 samples per request (Alpaca-like), swap
+  preemption, every system up to its first rate past the bound.
 * ``fig19``: swap against recompute over block sizes at a fixed rate (ShareGPT-like at
   3.25 req/s, near paged's limit here as the paper's 2.01 req/s was there).
 * ``wall``: the real engine on the packaged tiny model and the wall clock (short lengths).
@@ -50,6 +52,9 @@ def get_config(arg: str | None = None) -> ConfigDict:
   config.systems = ("paged", "orca_oracle", "orca_pow2", "orca_max")
   config.block_sizes = (16,)  # tokens per block (Orca reservations round up to blocks)
   config.preemption_modes = ("recompute",)  # "swap" and/or "recompute" (paged only preempts)
+  # Samples per request (Request.n, at temperature 1 when > 1): a run per value; the
+  # paper's Fig. 14a sweeps 2, 4 and 6 (variant fig14).
+  config.num_samples = (1,)
   config.clock = "simulated"  # "simulated" (SimulatedEngine + cost model) or "wall"
   config.cost_model = "opt13b_a100_roofline"  # a preset of paxcache/engine/_cost.py
   config.step_records = ""  # JSON lines of measured steps: fit the cost model to them
@@ -134,6 +139,19 @@ def get_config(arg: str | None = None) -> ConfigDict:
     config.rates = (3.25,)
     config.block_sizes = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     config.preemption_modes = ("swap", "recompute")
+  elif arg == "fig14":
+    # Parallel sampling (the paper's Fig. 14a: Alpaca, n = 2, 4, 6). Preemption by swap,
+    # as vLLM preempts a group of several samples; a preempted group swaps its shared
+    # blocks once. Each system stops at its first rate past the bound.
+    config.workloads = ("alpaca",)
+    config.num_samples = (2, 4, 6)
+    config.preemption_modes = ("swap",)
+    config.num_requests = 1000
+    config.rates = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 40.0, 48.0, 56.0,
+                    64.0)  # fmt: skip
+    # Orca (Max) reserves n x 2,048 tokens of the 15,360: one request of 4 or 6 samples.
+    config.system_rates = ConfigDict({"orca_max": (0.25, 0.5, 1.0, 2.0, 3.0, 4.0)})
+    config.stop_past_bound = True
   elif arg == "wall":
     config.workloads = ("alpaca",)
     config.clock = "wall"

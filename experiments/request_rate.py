@@ -20,6 +20,14 @@ the same trace at a rate. Lengths come from :mod:`experiments.workloads` (``shar
 ``alpaca`` or a ShareGPT JSON file; with ``trace_s`` the first ones of one list, the same
 at every rate); a request's output length is its ``max_new_tokens`` with no end token.
 
+Parallel sampling (the paper's Fig. 14a): with ``num_samples`` = ``(2, 4, 6)`` each request
+asks for that many samples (``Request.n``, sampled at temperature 1; a run per value): the
+prompt is computed once and forked, paged systems share its blocks (and swap a preempted
+group's shared blocks once), Orca systems reserve ``n`` contiguous ranges. A request's
+normalized latency divides by its output tokens over all samples
+(:attr:`paxcache.engine.RequestMetrics.normalized_latency`), so values at different ``n``
+are not comparable with each other, only systems at one ``n``.
+
 Each system sweeps ``rates`` (or its own ``system_rates[system]``) in ascending order;
 ``stop_past_bound`` ends a system's sweep at its first rate past ``latency_bound``, and
 ``max_wall_s`` starts no new run after that many seconds (both noted in the outputs).
@@ -42,14 +50,15 @@ number), and each row reports ``unwarmed_shapes``, the shapes met that were not.
 
 Outputs
 -------
-Table ``request_rate`` (one row per workload, system, block size, preemption mode and
-rate): normalized latency, TTFT and time-per-output-token p50/p99, preemptions, batch.
+Table ``request_rate`` (one row per workload, system, block size, preemption mode, samples
+per request and rate): normalized latency, TTFT and time-per-output-token p50/p99,
+preemptions, batch.
 Table ``sustainable_rate``: each system's highest rate whose normalized latency stays
 within ``latency_bound`` (linear interpolation between the swept rates; ``censored`` when
 even the highest swept rate stays within it) and its ratio to every other system.
 Plots: normalized latency against rate, one line per system (one plot per workload, block
-size and preemption mode); with one rate and several block sizes (Figs. 18-19) against
-block size instead.
+size, preemption mode and samples per request); with one rate and several block sizes
+(Figs. 18-19) against block size instead.
 """
 
 from __future__ import annotations
@@ -183,6 +192,14 @@ def check_config(config: ConfigDict) -> None:
     v = config.get(field, 1)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f"--config.{field}={v!r} must be an int >= 1")
+  ns = tuple(config.get("num_samples", (1,)))
+  if not ns or not all(not isinstance(n, bool) and isinstance(n, int) and n >= 1 for n in ns):
+    raise ValueError(f"--config.num_samples={ns!r}: at least one value, each an int >= 1")
+  if max(ns) > config.max_num_seqs:
+    raise ValueError(
+      f"--config.num_samples={ns!r}: {max(ns)} samples can never be resident at once "
+      f"(max_num_seqs={config.max_num_seqs})"
+    )
   bad = [m for m in config.preemption_modes if m not in PREEMPTION_MODES]
   if not config.preemption_modes or bad:
     raise ValueError(
@@ -204,11 +221,13 @@ def check_config(config: ConfigDict) -> None:
   if config.max_seq_len < 2:
     raise ValueError(f"--config.max_seq_len={config.max_seq_len!r} must be >= 2")
   check_cost_config(config)
+  n = max(ns)
   for b in config.block_sizes:
-    if config.pool_tokens // b < -(-config.max_seq_len // b):
+    if config.pool_tokens // b < n * -(-config.max_seq_len // b):
       raise ValueError(
         f"--config.pool_tokens={config.pool_tokens} holds {config.pool_tokens // b} blocks of "
-        f"{b}, fewer than one max_seq_len={config.max_seq_len} request needs"
+        f"{b}, fewer than one max_seq_len={config.max_seq_len} request of {n} sample"
+        f"{'s' if n > 1 else ''} needs"
       )
 
 
@@ -236,12 +255,26 @@ def engine_config(config: ConfigDict, system: str, block_size: int, mode: str) -
   )
 
 
-def make_requests(lengths: np.ndarray, arrivals: np.ndarray, vocab: int, seed: int):
+def make_requests(
+  lengths: np.ndarray, arrivals: np.ndarray, vocab: int, seed: int, num_samples: int = 1
+):
+  """One request per (prompt length, output length) pair; ``num_samples > 1`` asks each for
+  that many samples at temperature 1 (greedy ones would all be the same)."""
   rng = np.random.default_rng(seed)
+  temperature = 1.0 if num_samples > 1 else 0.0
   reqs = []
   for i, ((p, o), t) in enumerate(zip(lengths, arrivals, strict=True)):
     prompt = rng.integers(1, vocab, size=int(p)).tolist()
-    reqs.append(Request(i, prompt, max_new_tokens=int(o), arrival_time=float(t)))
+    reqs.append(
+      Request(
+        i,
+        prompt,
+        max_new_tokens=int(o),
+        n=num_samples,
+        temperature=temperature,
+        arrival_time=float(t),
+      )
+    )
   return reqs
 
 
@@ -384,12 +417,13 @@ def run(config: ConfigDict) -> _outputs.Result:
     ``rate * trace_s`` (the same lengths in the same order at every rate)."""
     return lengths[: max(1, round(rate * trace_s))] if trace_s else lengths
 
-  # One sweep per (workload, block size, mode, system): its rates in ascending order.
+  # One sweep per (workload, block size, mode, samples, system): its rates ascending.
   sweeps = [
-    (label, lengths, system, bs, mode)
+    (label, lengths, system, bs, mode, n)
     for label, lengths in traces
     for bs in config.block_sizes
     for mode in config.preemption_modes
+    for n in config.get("num_samples", (1,))
     for system in config.systems
   ]
   progress = Progress(
@@ -399,15 +433,15 @@ def run(config: ConfigDict) -> _outputs.Result:
   rows, skipped = [], []
   t_start = time.perf_counter()
   budget = config.get("max_wall_s", 0.0)
-  for label, all_lengths, system, bs, mode in sweeps:
+  for label, all_lengths, system, bs, mode, n in sweeps:
     for i, rate in enumerate(rates_of(config, system)):
       lengths = trace(all_lengths, rate)
       if budget and time.perf_counter() - t_start > budget:
-        skipped.append((label, system, bs, mode, rate, "time budget"))
+        skipped.append((label, system, bs, mode, n, rate, "time budget"))
         progress.update(len(lengths))
         continue
       arrivals = poisson_arrivals(rate, len(lengths), np.random.default_rng(config.seed))
-      requests = make_requests(lengths, arrivals, vocab, config.seed)
+      requests = make_requests(lengths, arrivals, vocab, config.seed, n)
       engine = make(engine_config(config, system, bs, mode), requests)
       metrics, totals = serve(engine, requests, progress)
       rows.append(
@@ -416,6 +450,7 @@ def run(config: ConfigDict) -> _outputs.Result:
           "system": system,
           "block_size": bs,
           "preemption_mode": mode,
+          "num_samples": n,
           "rate": rate,
           "clock": config.clock,
           **summarize(metrics, config.warmup_s),
@@ -435,7 +470,7 @@ def run(config: ConfigDict) -> _outputs.Result:
       ):
         # Past the bound: the crossing is bracketed, and higher rates only queue longer.
         rest = rates_of(config, system)[i + 1 :]
-        skipped += [(label, system, bs, mode, r, "past the bound") for r in rest]
+        skipped += [(label, system, bs, mode, n, r, "past the bound") for r in rest]
         progress.update(sum(len(trace(all_lengths, r)) for r in rest))
         break
   progress.done()
@@ -453,6 +488,7 @@ ROW_COLUMNS = [
   _outputs.Column("system"),
   _outputs.Column("block_size", "block"),
   _outputs.Column("preemption_mode", "preemption"),
+  _outputs.Column("num_samples", "n"),
   _outputs.Column("rate", "rate (req/s)", ".3g"),
   _outputs.Column("normalized_latency", "norm. latency (s/token)", ".4f"),
   _outputs.Column("ttft_p50", "TTFT p50 (s)", ".3f"),
@@ -465,21 +501,22 @@ ROW_COLUMNS = [
 ]
 
 
+def _key(r) -> tuple:
+  """A sweep's rows share it: (workload, block size, preemption mode, samples)."""
+  return (r["workload"], r["block_size"], r["preemption_mode"], r.get("num_samples", 1))
+
+
 def _groups(rows):
-  keys = []
-  for r in rows:
-    k = (r["workload"], r["block_size"], r["preemption_mode"])
-    if k not in keys:
-      keys.append(k)
-  return keys
+  return list(dict.fromkeys(_key(r) for r in rows))
 
 
 def sustainable_rows(rows: list[dict], bound: float, systems) -> list[dict]:
   out = []
-  for w, bs, mode in _groups(rows):
+  for key in _groups(rows):
+    w, bs, mode, n = key
     rates = {}
     for s in systems:
-      pts = [r for r in _select(rows, w, bs, mode) if r["system"] == s]
+      pts = [r for r in _select(rows, key) if r["system"] == s]
       # One rate says nothing about a crossing, unless it is already past the bound (a
       # sweep stopped there by stop_past_bound): then the rate is below the sweep, 0.
       if len({r["rate"] for r in pts}) < 2 and not (
@@ -494,6 +531,7 @@ def sustainable_rows(rows: list[dict], bound: float, systems) -> list[dict]:
         "workload": w,
         "block_size": bs,
         "preemption_mode": mode,
+        "num_samples": n,
         "system": s,
         "latency_bound": bound,
         "sustainable_rate": rate,
@@ -540,6 +578,7 @@ def _result(
           _outputs.Column("workload"),
           _outputs.Column("block_size", "block"),
           _outputs.Column("preemption_mode", "preemption"),
+          _outputs.Column("num_samples", "n"),
           _outputs.Column("system"),
           _outputs.Column("sustainable_rate", "rate at bound (req/s)", ".3g"),
           _outputs.Column("censored", "beyond sweep"),
@@ -565,11 +604,13 @@ def _result(
   ]
   if skipped:
     why = {}
-    for label, system, bs, mode, rate, reason in skipped:
-      why.setdefault((reason, label, system, bs, mode), []).append(f"{rate:g}")
-    for (reason, label, system, bs, mode), rates in why.items():
+    for label, system, bs, mode, n, rate, reason in skipped:
+      why.setdefault((reason, label, system, bs, mode, n), []).append(f"{rate:g}")
+    for (reason, label, system, bs, mode, n), rates in why.items():
+      samples = f", n={n}" if n > 1 else ""
       notes.append(
-        f"Not run ({reason}): {label}, {system}, block {bs}, {mode} at {', '.join(rates)} req/s."
+        f"Not run ({reason}): {label}, {system}, block {bs}, {mode}{samples} at "
+        f"{', '.join(rates)} req/s."
       )
   if config.clock == "simulated":
     notes.append(f"Simulated clock, step-cost model: {cost.as_dict()}.")
@@ -583,9 +624,8 @@ def _result(
   return _outputs.Result(tables, _plots(config, rows), notes)
 
 
-def _select(rows, w, bs, mode):
-  key = (w, bs, mode)
-  return [r for r in rows if (r["workload"], r["block_size"], r["preemption_mode"]) == key]
+def _select(rows, key):
+  return [r for r in rows if _key(r) == key]
 
 
 def _plots(config: ConfigDict, rows: list[dict]) -> list[_outputs.Plot]:
@@ -596,10 +636,13 @@ def _plots(config: ConfigDict, rows: list[dict]) -> list[_outputs.Plot]:
       sub = [r for r in rows if r["workload"] == w]
       plots.append(_outputs.Plot(f"latency_vs_block_size_{w}", _draw_block(sub)))
     return plots
-  for w, bs, mode in _groups(rows):
-    sub = _select(rows, w, bs, mode)
-    name = f"latency_vs_rate_{w}_bs{bs}_{mode}".replace(".", "_")
-    plots.append(_outputs.Plot(name, _draw_rate(sub, f"{w}, block {bs}, {mode}", config)))
+  for key in _groups(rows):
+    w, bs, mode, n = key
+    sub = _select(rows, key)
+    # n=1 keeps the names (and titles) of the plots from before num_samples.
+    name = f"latency_vs_rate_{w}_bs{bs}_{mode}" + (f"_n{n}" if n > 1 else "")
+    title = f"{w}, block {bs}, {mode}" + (f", n={n}" if n > 1 else "")
+    plots.append(_outputs.Plot(name.replace(".", "_"), _draw_rate(sub, title, config)))
   return plots
 
 
