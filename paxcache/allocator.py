@@ -913,8 +913,7 @@ class BlockAllocator:
       dev_of[hb] = dev_of[first]
     # One reference per table entry: acquire and take gave each distinct block one.
     refs = collections.Counter(dev_of[hb] for seq in seqs for hb in seq.host_blocks)
-    for b, count in refs.items():
-      pool.ref[b] += count - 1
+    pool.share(np.fromiter(refs, np.intp, len(refs)), np.fromiter(refs.values(), np.int32) - 1)
     for seq in seqs:
       row = seq.row
       self._table[row, : len(seq.host_blocks)] = [dev_of[hb] for hb in seq.host_blocks]

@@ -112,9 +112,10 @@ class BlockPool:
       self.filled_slots += self.fill.item(block)
     self.ref[block] += 1
 
-  def share(self, blocks: np.ndarray) -> None:
-    """One more reference on each of ``blocks`` (distinct, used): a fork."""
-    self.ref[blocks] += 1
+  def share(self, blocks: np.ndarray, counts: np.ndarray | int = 1) -> None:
+    """``counts`` more references on each of ``blocks`` (distinct, used): a fork, or a
+    group swapped in whose members share blocks again."""
+    self.ref[blocks] += counts
 
   def release(self, blocks: Iterable[int]) -> None:
     """Drops one reference on each of ``blocks``, in the order given.
